@@ -1,0 +1,115 @@
+// ecss-bench: the offload benchmark suite. `ecss-bench SUITE [options] [--json]`.
+// Each suite measures one capability against a reference measured in the same run and prints
+// a human table, or with --json a single JSON object on stdout.
+#include <algorithm>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "bench/ecss_bench/suite.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/device/arena_allocator.h"
+
+namespace ecss::bench {
+
+namespace {
+
+const std::vector<Suite>& Suites() {
+  static const std::vector<Suite> suites = {
+      {"device", "H2D/D2H GB/s through the simulated device's copy engines vs memcpy",
+       "  --sizes LIST            copy sizes, e.g. 64K,1M,16M,64M (default)\n"
+       "  --bytes-per-sample N    bytes copied per timed sample (default 536870912)\n"
+       "  --samples N             samples per size; the median is reported (default 5)\n",
+       RunDeviceSuite},
+  };
+  return suites;
+}
+
+void PrintUsage(std::ostream& out) {
+  out << "usage: ecss-bench SUITE [options] [--json]\n"
+         "       ecss-bench SUITE --help\n\nsuites:\n";
+  for (const Suite& suite : Suites()) out << "  " << suite.name << "\t" << suite.summary << "\n";
+}
+
+int Run(int argc, char** argv) {
+  if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "-h") {
+    PrintUsage(argc < 2 ? std::cerr : std::cout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string name = argv[1];
+  auto suite = std::find_if(Suites().begin(), Suites().end(),
+                            [&](const Suite& s) { return s.name == name; });
+  if (suite == Suites().end()) {
+    std::cerr << "ecss-bench: unknown suite '" << name << "'\n";
+    PrintUsage(std::cerr);
+    return 2;
+  }
+  StatusOr<BenchArgs> args = BenchArgs::Parse(std::vector<std::string>(argv + 2, argv + argc));
+  if (!args.ok()) {
+    std::cerr << "ecss-bench " << name << ": " << args.status() << "\n";
+    return 2;
+  }
+  if (args->help()) {
+    std::cout << "ecss-bench " << name << ": " << suite->summary << "\noptions:\n"
+              << suite->options << "  --json                  print one JSON object\n";
+    return 0;
+  }
+
+  const MachineInfo machine = DescribeMachine();
+  JsonWriter json;
+  json.BeginObject()
+      .Field("suite", name)
+      .Key("machine")
+      .BeginObject()
+      .Field("cores", static_cast<uint64_t>(machine.cores))
+      .Field("cpu_model", machine.cpu_model)
+      .Field("memory_bytes", machine.memory_bytes)
+      .EndObject();
+  std::ostringstream table;
+  Status status = suite->run(*args, json, table);
+  if (!status.ok()) {
+    std::cerr << "ecss-bench " << name << ": " << status << "\n";
+    return status.code() == StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  json.EndObject();
+  if (args->json()) {
+    std::cout << json.str() << "\n";
+  } else {
+    std::cout << "machine: " << machine.cpu_model << ", " << machine.cores << " cores, "
+              << HumanBytes(machine.memory_bytes) << "\n"
+              << table.str();
+  }
+  return 0;
+}
+
+}  // namespace
+
+MachineInfo DescribeMachine() {
+  MachineInfo info;
+  info.cores = std::thread::hardware_concurrency();
+  info.memory_bytes = PhysicalMemoryBytes();
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      auto colon = line.find(':');
+      if (colon != std::string::npos) info.cpu_model = line.substr(colon + 2);
+      break;
+    }
+  }
+  if (info.cpu_model.empty()) info.cpu_model = "unknown";
+  return info;
+}
+
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t mid = values.size() / 2;
+  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
+}
+
+}  // namespace ecss::bench
+
+int main(int argc, char** argv) { return ecss::bench::Run(argc, argv); }

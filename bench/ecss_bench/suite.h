@@ -1,0 +1,36 @@
+// An ecss-bench suite: one capability measured against a reference taken in the same run
+// (DESIGN.md section 9). A suite reads its options from BenchArgs, adds its figures to the
+// open JSON object (main() has already written "suite" and "machine"), and writes a human
+// table. Suites run on the calling thread and block until done.
+#pragma once
+
+#include <ostream>
+#include <string>
+
+#include "bench/ecss_bench/bench_args.h"
+#include "runtime/base/json_writer.h"
+
+namespace ecss::bench {
+
+struct Suite {
+  std::string name;
+  std::string summary;  // one line for `ecss-bench --help`
+  std::string options;  // the suite's options with their defaults, for `ecss-bench SUITE --help`
+  Status (*run)(BenchArgs& args, JsonWriter& json, std::ostream& table);
+};
+
+// Machine description written into every report.
+struct MachineInfo {
+  unsigned cores = 0;
+  std::string cpu_model;
+  uint64_t memory_bytes = 0;
+};
+MachineInfo DescribeMachine();
+
+// Median of a small sample (copies it).
+double Median(std::vector<double> values);
+
+// The suites. Each lives in its own file.
+Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+
+}  // namespace ecss::bench

@@ -1,0 +1,48 @@
+# Finds every third-party dependency in one place. Each is a real library from the system
+# (Debian packages, or the CUDA toolkit); nothing is vendored. scripts/install-deps.sh installs
+# the Debian ones.
+
+list(APPEND CMAKE_MODULE_PATH "${CMAKE_CURRENT_LIST_DIR}")
+
+find_package(Threads REQUIRED)
+find_package(TBB CONFIG REQUIRED)          # optimizer/ task arenas
+find_package(Liburing REQUIRED)            # offload/io NVMe engine
+
+if(ECSS_JEMALLOC)
+  find_package(Jemalloc REQUIRED)          # host-tier allocator (runtime/device/host_allocator)
+endif()
+
+if(ECSS_BUILD_TESTS)
+  find_package(GTest CONFIG REQUIRED)
+  find_package(nlohmann_json CONFIG REQUIRED)  # tests parse the JSON the project writes
+endif()
+if(ECSS_BUILD_BENCH)
+  find_package(benchmark CONFIG REQUIRED)
+endif()
+
+# CUDA: ECSS_CUDA=AUTO builds the CUDA backend when the toolkit is found, ON requires it,
+# OFF never builds it. NCCL is looked for beside the toolkit.
+set(ECSS_HAVE_CUDA OFF)
+set(ECSS_HAVE_NCCL OFF)
+if(NOT ECSS_CUDA STREQUAL "OFF")
+  if(NOT DEFINED CUDAToolkit_ROOT AND EXISTS "/usr/local/cuda")
+    set(CUDAToolkit_ROOT "/usr/local/cuda")
+  endif()
+  if(ECSS_CUDA STREQUAL "ON")
+    find_package(CUDAToolkit REQUIRED)
+  else()
+    find_package(CUDAToolkit QUIET)
+  endif()
+  if(CUDAToolkit_FOUND)
+    set(ECSS_HAVE_CUDA ON)
+    find_package(NCCL QUIET)
+    if(NCCL_FOUND)
+      set(ECSS_HAVE_NCCL ON)
+    elseif(ECSS_CUDA STREQUAL "ON")
+      message(FATAL_ERROR "ECSS_CUDA=ON but NCCL was not found (set NCCL_ROOT)")
+    endif()
+  endif()
+endif()
+
+message(STATUS "ECSS: CUDA backend ${ECSS_HAVE_CUDA} (toolkit ${CUDAToolkit_VERSION}), "
+               "NCCL ${ECSS_HAVE_NCCL}, jemalloc ${ECSS_JEMALLOC}, sanitize '${ECSS_SANITIZE}'")

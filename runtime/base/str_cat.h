@@ -1,0 +1,22 @@
+// StrCat: builds a string from any values that have an ostream operator<<.
+// Used for error messages and logs, where readability beats the last nanosecond.
+// Thread-safe (no shared state); never blocks.
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+namespace ecss {
+
+template <typename... Args>
+std::string StrCat(const Args&... args) {
+  std::ostringstream out;
+  (out << ... << args);
+  return out.str();
+}
+
+// "1.50 GiB", "512 B": a byte count for humans, exact below 1 KiB.
+std::string HumanBytes(uint64_t bytes);
+
+}  // namespace ecss

@@ -1,0 +1,96 @@
+#include "runtime/device/arena_allocator.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "runtime/base/logging.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+uint64_t PhysicalMemoryBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  if (pages <= 0 || page_size <= 0) return 0;
+  return static_cast<uint64_t>(pages) * static_cast<uint64_t>(page_size);
+}
+
+Status CheckCapacityFitsMachine(uint64_t capacity_bytes, std::string_view what) {
+  if (capacity_bytes == 0) return InvalidArgumentError(StrCat(what, ": capacity must be > 0"));
+  const uint64_t physical = PhysicalMemoryBytes();
+  if (physical != 0 && capacity_bytes > physical) {
+    return InvalidArgumentError(StrCat(what, ": capacity ", HumanBytes(capacity_bytes),
+                                       " exceeds this machine's memory of ", HumanBytes(physical)));
+  }
+  return Status::Ok();
+}
+
+StatusOr<MappedRegion> MapRegion(const ArenaOptions& options) {
+  ECSS_RETURN_IF_ERROR(CheckCapacityFitsMachine(options.capacity_bytes, options.name));
+  const auto page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  if (options.alignment == 0 || (options.alignment & (options.alignment - 1)) != 0 ||
+      options.alignment > page) {
+    return InvalidArgumentError(StrCat(options.name, ": alignment ", options.alignment,
+                                       " must be a power of two no larger than the page (", page,
+                                       ")"));
+  }
+  MappedRegion region;
+  // Usable capacity is what was asked for, rounded up to the alignment so that every block
+  // keeps it; the mapping is whole pages.
+  region.capacity_bytes =
+      (options.capacity_bytes + options.alignment - 1) & ~uint64_t{options.alignment - 1};
+  region.bytes = (region.capacity_bytes + page - 1) & ~uint64_t{page - 1};
+  int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  if (options.populate) flags |= MAP_POPULATE;
+  region.base = ::mmap(nullptr, region.bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
+  if (region.base == MAP_FAILED) {
+    return ErrnoError(errno, StrCat(options.name, ": cannot map ", HumanBytes(region.bytes)));
+  }
+  if (options.lock_pages) {
+    region.locked = ::mlock(region.base, region.bytes) == 0;
+    if (!region.locked) {
+      ECSS_LOG(Warning) << options.name << ": mlock of " << HumanBytes(region.bytes)
+                        << " failed (errno " << errno
+                        << "); pages stay pageable (raise RLIMIT_MEMLOCK to lock them)";
+    }
+  }
+  return region;
+}
+
+StatusOr<std::unique_ptr<ArenaAllocator>> ArenaAllocator::Create(const ArenaOptions& options) {
+  ECSS_ASSIGN_OR_RETURN(MappedRegion region, MapRegion(options));
+  return std::unique_ptr<ArenaAllocator>(new ArenaAllocator(options, region));
+}
+
+ArenaAllocator::ArenaAllocator(const ArenaOptions& options, const MappedRegion& region)
+    : Allocator(options.name, options.device, region.capacity_bytes, options.alignment),
+      region_(region.base),
+      region_bytes_(region.bytes),
+      pages_locked_(region.locked),
+      ranges_(region.capacity_bytes, options.alignment) {}
+
+ArenaAllocator::~ArenaAllocator() {
+  ReleaseAllForShutdown();
+  if (pages_locked_) ::munlock(region_, region_bytes_);
+  ::munmap(region_, region_bytes_);
+}
+
+bool ArenaAllocator::ContainsAddress(const void* ptr) const {
+  const auto address = reinterpret_cast<uintptr_t>(ptr);
+  const auto start = reinterpret_cast<uintptr_t>(region_);
+  return address >= start && address < start + region_bytes_;
+}
+
+StatusOr<void*> ArenaAllocator::DoAllocate(size_t bytes) {
+  std::optional<uint64_t> offset = ranges_.Allocate(bytes);
+  if (!offset) return ResourceExhaustedError("no free block is large enough (fragmentation)");
+  return static_cast<void*>(static_cast<char*>(region_) + *offset);
+}
+
+void ArenaAllocator::DoFree(void* ptr, size_t bytes) {
+  ranges_.Free(static_cast<uint64_t>(static_cast<char*>(ptr) - static_cast<char*>(region_)), bytes);
+}
+
+}  // namespace ecss

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The project's test command (the README's, and exactly what CI runs). On a fresh Debian
+# machine it installs what is missing, then:
+#   1. configures the release preset and checks formatting and clang-tidy (scripts/lint.sh);
+#   2. builds it (the CUDA backend too, when a toolkit is present) and runs every test not
+#      labelled gpu;
+#   3. installs it and builds and runs a separate project against it with find_package(ecss);
+#   4. builds the asan (address+undefined) preset and runs every test under it;
+#   5. builds the tsan preset and runs the device and conformance tests under it.
+# `scripts/test.sh --quick` stops after step 2 (for the edit-build-test loop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=0
+if [ "${1:-}" = "--quick" ]; then quick=1; fi
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "release: configure, lint, build, test"
+cmake --preset release
+scripts/lint.sh
+cmake --build --preset release
+ctest --preset release
+if [ "$quick" = 1 ]; then exit 0; fi
+
+step "install and build a find_package(ecss) consumer"
+rm -rf build/release/install build/consumer
+cmake --install build/release --prefix build/release/install
+cmake -S tests/install_consumer -B build/consumer -G Ninja \
+  -DCMAKE_PREFIX_PATH="$PWD/build/release/install"
+cmake --build build/consumer
+build/consumer/ecss_consumer
+
+step "asan: address + undefined behaviour sanitizers, all tests"
+cmake --preset asan
+cmake --build --preset asan
+ctest --preset asan
+
+step "tsan: thread sanitizer, device and conformance tests"
+cmake --preset tsan
+cmake --build --preset tsan
+# Death tests fork, which ThreadSanitizer does not support in a threaded process.
+ctest --preset tsan -L "device|conformance" -E DeathTest
