@@ -23,6 +23,21 @@ const std::vector<Suite>& Suites() {
        "  --bytes-per-sample N    bytes copied per timed sample (default 536870912)\n"
        "  --samples N             samples per size; the median is reported (default 5)\n",
        RunDeviceSuite},
+      {"router", "RRE routing-plan building, token-layer routings/s on one core",
+       "  --layers N              RRE layers per plan (default 4)\n"
+       "  --tokens N              tokens per micro-batch (default 65536)\n"
+       "  --seq-len N             tokens per sample (default 2048)\n"
+       "  --vocab N               vocabulary size (default 50257)\n"
+       "  --domains N             domains in the model (default 40)\n"
+       "  --experts-per-domain N  group size (default 8)\n"
+       "  --domains-per-batch N   domains the batch's samples come from (default 4)\n"
+       "  --iterations N          timed builds; the median is reported (default 30)\n",
+       RunRouterSuite},
+      {"router-imbalance", "per-domain expert load on real text: uniform vs frequency-aware RRE",
+       "  --vocab N                 tokenizer vocabulary (default 16384)\n"
+       "  --experts-per-domain N    group size (default 16)\n"
+       "  --max-bytes-per-domain N  corpus bytes read per domain (default 4194304)\n",
+       RunRouterImbalanceSuite},
   };
   return suites;
 }

@@ -32,5 +32,7 @@ double Median(std::vector<double> values);
 
 // The suites. Each lives in its own file.
 Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunRouterSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench
