@@ -38,6 +38,11 @@ const std::vector<Suite>& Suites() {
        "  --experts-per-domain N    group size (default 16)\n"
        "  --max-bytes-per-domain N  corpus bytes read per domain (default 4194304)\n",
        RunRouterImbalanceSuite},
+      {"optimizer", "fused CPU AdamW updates/s vs the memory roofline and an unfused loop",
+       "  --params N    fp32 parameters updated (default 67108864)\n"
+       "  --samples N   timed passes per variant; the median is reported (default 5)\n"
+       "  --states S    where master and moments live: host (nvme needs the offload tier)\n",
+       RunOptimizerSuite},
   };
   return suites;
 }

@@ -34,5 +34,6 @@ double Median(std::vector<double> values);
 Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench

@@ -1,0 +1,277 @@
+#include "optimizer/cpu_optimizer.h"
+
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+#include <tbb/task_group.h>
+
+#include <algorithm>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+
+#include "optimizer/parallel_update.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+namespace {
+
+struct ExpertState {
+  ExpertArrays arrays;
+  uint64_t version = 0;         // GUARDED_BY(Impl::mutex)
+  uint64_t submitted_step = 0;  // GUARDED_BY(Impl::mutex)
+  uint64_t processed_step = 0;  // GUARDED_BY(Impl::mutex)
+  uint64_t error_step = 0;      // GUARDED_BY(Impl::mutex)
+  Status error;                 // GUARDED_BY(Impl::mutex): of error_step
+};
+
+struct Pending {
+  uint32_t expert;
+  const void* grad;
+  DType dtype;
+  std::optional<double> sum_of_squares;
+};
+
+}  // namespace
+
+struct CpuOptimizer::Impl {
+  // No slot is reserved for the driving thread: it hands work over and leaves, so updates run
+  // on the arena's own workers (with one reserved slot, a one-thread arena would run nothing
+  // until someone waited in it).
+  Impl(const CpuOptimizerOptions& o, SimdIsa simd)
+      : options(o), isa(simd), arena(o.threads, /*reserved_for_masters=*/0) {}
+
+  bool deferred() const { return options.max_grad_norm > 0 || options.skip_step_on_nonfinite; }
+
+  // Runs in the arena: checks the gradient when asked, then updates in chunks.
+  void RunUpdate(uint32_t e, Pending work, uint64_t step, float clip_coefficient,
+                 bool check_finite) {
+    ExpertState& expert = experts[e];
+    const size_t n = expert.arrays.size;
+    if (check_finite) {
+      const double sum = work.sum_of_squares ? *work.sum_of_squares
+                                             : optimizer_internal::ParallelSumOfSquares(
+                                                   isa, work.grad, work.dtype, n);
+      if (!std::isfinite(sum)) {
+        Finish(e, step, false,
+               FailedPreconditionError(
+                   StrCat("expert ", e, " step ", step,
+                          ": gradient has NaN or Inf; the expert was not updated")));
+        return;
+      }
+    }
+    uint64_t version;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      version = expert.version + 1;
+    }
+    const UpdateScalars scalars = MakeUpdateScalars(
+        options.kind, options.groups[expert.arrays.group], version, grad_scale, clip_coefficient);
+    const ParamArrays arrays{expert.arrays.master,
+                             work.grad,
+                             work.dtype,
+                             expert.arrays.state0,
+                             expert.arrays.state1,
+                             expert.arrays.compute_copy,
+                             n};
+    optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements);
+    Finish(e, step, true, Status::Ok());
+  }
+
+  void Finish(uint32_t e, uint64_t step, bool updated, Status error) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ExpertState& expert = experts[e];
+    if (updated) ++expert.version;
+    expert.processed_step = step;
+    if (!error.ok()) {
+      expert.error_step = step;
+      if (first_error.ok()) first_error = error;
+      expert.error = std::move(error);
+    }
+    cv.notify_all();
+  }
+
+  void Launch(uint32_t e, Pending work, uint64_t step, float clip_coefficient, bool check_finite) {
+    arena.execute([&] {
+      tasks.run([this, e, work, step, clip_coefficient, check_finite] {
+        RunUpdate(e, work, step, clip_coefficient, check_finite);
+      });
+    });
+  }
+
+  CpuOptimizerOptions options;
+  SimdIsa isa;
+  tbb::task_arena arena;
+  tbb::task_group tasks;
+  mutable std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<ExpertState> experts;  // stable addresses; appended by the driving thread only
+  uint64_t current_step = 0;
+  bool in_step = false;
+  float grad_scale = 1;
+  std::vector<Pending> pending;  // deferred mode: this step's submissions
+  Status first_error;            // GUARDED_BY(mutex)
+};
+
+StatusOr<std::unique_ptr<CpuOptimizer>> CpuOptimizer::Create(const CpuOptimizerOptions& options) {
+  if (options.groups.empty())
+    return InvalidArgumentError("optimizer needs at least one parameter group");
+  for (size_t g = 0; g < options.groups.size(); ++g) {
+    Status valid = ValidateHyperParams(options.kind, options.groups[g]);
+    if (!valid.ok()) return valid.Annotate(StrCat("parameter group ", g));
+  }
+  if (options.threads < 1) {
+    return InvalidArgumentError(StrCat("optimizer threads = ", options.threads, " must be >= 1"));
+  }
+  if (options.chunk_elements < 1024) {
+    return InvalidArgumentError(
+        StrCat("optimizer chunk_elements = ", options.chunk_elements, " must be >= 1024"));
+  }
+  if (!(options.max_grad_norm >= 0) || !std::isfinite(options.max_grad_norm)) {
+    return InvalidArgumentError("optimizer max_grad_norm must be finite and >= 0");
+  }
+  const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
+  if (!SimdIsaSupported(isa)) {
+    return InvalidArgumentError(StrCat("this CPU cannot run the ", SimdIsaName(isa), " path"));
+  }
+  return std::unique_ptr<CpuOptimizer>(new CpuOptimizer(std::make_unique<Impl>(options, isa)));
+}
+
+CpuOptimizer::CpuOptimizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+CpuOptimizer::~CpuOptimizer() { Synchronize().IgnoreError(); }
+
+StatusOr<uint32_t> CpuOptimizer::RegisterExpert(const ExpertArrays& arrays) {
+  const uint32_t id = static_cast<uint32_t>(impl_->experts.size());
+  if (arrays.master == nullptr || arrays.state0 == nullptr || arrays.size == 0) {
+    return InvalidArgumentError(
+        StrCat("expert ", id, ": master and state arrays and a size are required"));
+  }
+  if (StateArrays(impl_->options.kind) == 2 && arrays.state1 == nullptr) {
+    return InvalidArgumentError(StrCat("expert ", id, ": ", OptimizerKindName(impl_->options.kind),
+                                       " needs a second state array"));
+  }
+  if (arrays.group >= impl_->options.groups.size()) {
+    return InvalidArgumentError(StrCat("expert ", id, ": parameter group ", arrays.group, " of ",
+                                       impl_->options.groups.size()));
+  }
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  ExpertState state;
+  state.arrays = arrays;
+  impl_->experts.push_back(std::move(state));
+  return id;
+}
+
+Status CpuOptimizer::BeginStep(float grad_scale) {
+  if (impl_->in_step)
+    return FailedPreconditionError(StrCat("step ", impl_->current_step, " was not finished"));
+  if (!(grad_scale > 0) || !std::isfinite(grad_scale)) {
+    return InvalidArgumentError(StrCat("grad_scale = ", grad_scale, " must be finite and > 0"));
+  }
+  impl_->in_step = true;
+  impl_->grad_scale = grad_scale;
+  ++impl_->current_step;
+  impl_->pending.clear();
+  return Status::Ok();
+}
+
+Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dtype,
+                                    std::optional<double> sum_of_squares) {
+  if (!impl_->in_step)
+    return FailedPreconditionError("SubmitGradient outside a step (call BeginStep)");
+  if (expert >= impl_->experts.size()) {
+    return InvalidArgumentError(
+        StrCat("unknown expert ", expert, " (", impl_->experts.size(), " registered)"));
+  }
+  if (grad == nullptr) return InvalidArgumentError(StrCat("expert ", expert, ": null gradient"));
+  if (dtype == DType::kF16) {
+    return InvalidArgumentError(StrCat("expert ", expert, ": gradients are f32 or bf16, not f16"));
+  }
+  const uint64_t step = impl_->current_step;
+  {
+    std::unique_lock<std::mutex> lock(impl_->mutex);
+    ExpertState& state = impl_->experts[expert];
+    if (state.submitted_step == step) {
+      return FailedPreconditionError(
+          StrCat("expert ", expert, " was already submitted in step ", step));
+    }
+    // One update per expert at a time: wait for the previous one.
+    impl_->cv.wait(lock, [&] { return state.processed_step >= state.submitted_step; });
+    state.submitted_step = step;
+  }
+  Pending work{expert, grad, dtype, sum_of_squares};
+  if (impl_->deferred()) {
+    impl_->pending.push_back(work);
+  } else {
+    impl_->Launch(expert, work, step, 1.0f, /*check_finite=*/true);
+  }
+  return Status::Ok();
+}
+
+StatusOr<StepReport> CpuOptimizer::FinishStep() {
+  if (!impl_->in_step) return FailedPreconditionError("FinishStep without BeginStep");
+  impl_->in_step = false;
+  StepReport report;
+  report.step = impl_->current_step;
+  std::vector<Pending>& pending = impl_->pending;
+  report.experts_submitted = static_cast<uint32_t>(pending.size());
+  if (!impl_->deferred()) return report;
+
+  std::sort(pending.begin(), pending.end(),
+            [](const Pending& a, const Pending& b) { return a.expert < b.expert; });
+  impl_->arena.execute([&] {
+    tbb::parallel_for(size_t{0}, pending.size(), [&](size_t i) {
+      Pending& p = pending[i];
+      if (!p.sum_of_squares)
+        p.sum_of_squares = optimizer_internal::ParallelSumOfSquares(
+            impl_->isa, p.grad, p.dtype, impl_->experts[p.expert].arrays.size);
+    });
+  });
+  double total = 0;
+  for (const Pending& p : pending) total += *p.sum_of_squares;  // fixed (expert) order
+  report.global_norm = std::sqrt(total) / impl_->grad_scale;
+  if (!std::isfinite(total) && impl_->options.skip_step_on_nonfinite) {
+    report.skipped = true;
+    for (const Pending& p : pending) impl_->Finish(p.expert, report.step, false, Status::Ok());
+    return report;
+  }
+  if (impl_->options.max_grad_norm > 0 && std::isfinite(report.global_norm)) {
+    report.clip_coefficient = static_cast<float>(
+        std::min(1.0, impl_->options.max_grad_norm / (report.global_norm + 1e-6)));
+  }
+  for (const Pending& p : pending) {
+    impl_->Launch(p.expert, p, report.step, report.clip_coefficient, /*check_finite=*/true);
+  }
+  return report;
+}
+
+Status CpuOptimizer::WaitForExpert(uint32_t expert, uint64_t step) {
+  if (expert >= impl_->experts.size())
+    return InvalidArgumentError(StrCat("unknown expert ", expert));
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  ExpertState& state = impl_->experts[expert];
+  if (state.submitted_step < step) return Status::Ok();  // not submitted in that step
+  if (impl_->in_step && step == impl_->current_step && impl_->deferred()) {
+    return FailedPreconditionError(StrCat("expert ", expert, " step ", step,
+                                          " cannot finish before FinishStep (deferred updates)"));
+  }
+  impl_->cv.wait(lock, [&] { return state.processed_step >= step; });
+  return state.error_step == step ? state.error : Status::Ok();
+}
+
+Status CpuOptimizer::Synchronize() {
+  impl_->arena.execute([&] { impl_->tasks.wait(); });
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->first_error;
+}
+
+uint64_t CpuOptimizer::version(uint32_t expert) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return expert < impl_->experts.size() ? impl_->experts[expert].version : 0;
+}
+
+uint64_t CpuOptimizer::current_step() const { return impl_->current_step; }
+SimdIsa CpuOptimizer::isa() const { return impl_->isa; }
+
+}  // namespace ecss

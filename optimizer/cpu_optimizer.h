@@ -1,0 +1,104 @@
+// CpuOptimizer: updates experts on the CPU, each as soon as it can be, in a dedicated TBB
+// arena, while the device works on the next step (DESIGN.md sections 3 and 7).
+//
+// Protocol per step: BeginStep(grad_scale); SubmitGradient(expert, grad) as each expert's
+// gradient becomes complete (after the last micro-batch); FinishStep() when no more will come.
+// An update runs in the arena, split into chunks of `chunk_elements` (tasks of different
+// experts interleave, so many small experts batch naturally). Each expert has a version (the
+// updates it received: its own step count for bias correction) and a processed step; anyone
+// can WaitForExpert(e, step) - the engine's fetch of step t+1 waits on exactly that.
+//
+// When updates start: with clipping (max_grad_norm > 0) or skip_step_on_nonfinite, an update
+// needs the whole step's gradients (the global norm; whether any gradient overflowed), so
+// updates start at FinishStep, as in every loss-scaled or clipped trainer. With both off, an
+// update starts at SubmitGradient. A non-finite gradient never reaches the weights: with
+// skip_step_on_nonfinite the whole step is skipped for every expert (loss-scaling overflow:
+// no expert updated, versions unchanged); without it that expert alone is left unchanged and
+// the error is reported by WaitForExpert and Synchronize.
+//
+// Determinism: updates are element-wise and the gradient norm is summed in fixed blocks and a
+// fixed order, so results are bit-identical for any thread count, chunk size and SIMD path.
+// Thread-safe: the protocol calls come from one driving thread; WaitForExpert from any.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "optimizer/optimizer_config.h"
+#include "optimizer/update_kernels.h"
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+struct CpuOptimizerOptions {
+  OptimizerKind kind = OptimizerKind::kAdamW;
+  std::vector<HyperParams> groups = {HyperParams{}};  // parameter groups, by index
+  int threads = 1;  // the arena's worker threads (>= 1); leave cores for I/O. TBB's worker pool
+                    // (cores - 1 by default) caps it.
+  size_t chunk_elements = 64 * 1024;   // per task: ~2 MiB of traffic, about an L2 (>= 1024)
+  std::optional<SimdIsa> isa;          // default: the best the CPU runs
+  float max_grad_norm = 0;             // > 0: clip the global gradient norm to this
+  bool skip_step_on_nonfinite = true;  // loss-scaling semantics (see above)
+};
+
+// One expert's arrays, owned by the caller (host or pinned tier) and valid while registered.
+struct ExpertArrays {
+  float* master = nullptr;
+  float* state0 = nullptr;
+  float* state1 = nullptr;           // Adam(W) only
+  BFloat16* compute_copy = nullptr;  // optional
+  size_t size = 0;
+  uint32_t group = 0;  // index into CpuOptimizerOptions::groups
+};
+
+struct StepReport {
+  uint64_t step = 0;
+  double global_norm = 0;  // of the unscaled gradients (deferred mode; 0 otherwise)
+  float clip_coefficient = 1;
+  bool skipped = false;  // a non-finite gradient skipped the whole step
+  uint32_t experts_submitted = 0;
+};
+
+class CpuOptimizer {
+ public:
+  // InvalidArgument naming the field for bad hyper-parameters, threads < 1, a tiny chunk size,
+  // or an instruction set this CPU lacks.
+  static StatusOr<std::unique_ptr<CpuOptimizer>> Create(const CpuOptimizerOptions& options);
+  ~CpuOptimizer();  // waits for every update in flight
+
+  // Returns the expert's id. InvalidArgument for null arrays, zero size, a missing state
+  // array for the kind, or an unknown group.
+  StatusOr<uint32_t> RegisterExpert(const ExpertArrays& arrays);
+
+  // Starts step t+1. grad_scale: the loss scale the gradients carry (> 0).
+  Status BeginStep(float grad_scale = 1.0f);
+  // The expert's gradient for this step is complete. `grad` (f32 or bf16, `size` elements)
+  // must stay valid until WaitForExpert(expert, step) returns. sum_of_squares: the gradient's
+  // sum of squares if the caller has it (the device computes it), else it is computed here.
+  // Blocks until the expert's previous update finished. FailedPrecondition for a second
+  // submission of one expert in a step, or outside a step.
+  Status SubmitGradient(uint32_t expert, const void* grad, DType dtype,
+                        std::optional<double> sum_of_squares = std::nullopt);
+  // Ends the step's submissions; in deferred mode computes the norm and starts the updates.
+  // Does not wait for them.
+  StatusOr<StepReport> FinishStep();
+
+  // Blocks until the expert's update for `step` finished or was skipped (immediately if the
+  // expert was not submitted in that step). Returns that update's error, if any.
+  Status WaitForExpert(uint32_t expert, uint64_t step);
+  // Waits for every update submitted so far; returns the first error.
+  Status Synchronize();
+
+  uint64_t version(uint32_t expert) const;  // updates received (the bias-correction step)
+  uint64_t current_step() const;
+  SimdIsa isa() const;
+
+ private:
+  struct Impl;
+  explicit CpuOptimizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ecss

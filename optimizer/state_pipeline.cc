@@ -1,0 +1,278 @@
+#include "optimizer/state_pipeline.h"
+
+#include <tbb/task_arena.h>
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <thread>
+
+#include "optimizer/parallel_update.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+// ---- InMemoryStateTier ------------------------------------------------------------------
+
+uint32_t InMemoryStateTier::AddExpert(std::vector<float> master) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Entry entry;
+  const size_t n = master.size();
+  entry.master = std::move(master);
+  entry.state0.assign(n, 0.0f);
+  if (StateArrays(kind_) == 2) entry.state1.assign(n, 0.0f);
+  experts_.push_back(std::move(entry));
+  return static_cast<uint32_t>(experts_.size() - 1);
+}
+
+StatusOr<size_t> InMemoryStateTier::ExpertSize(uint32_t expert) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (expert >= experts_.size()) {
+    return NotFoundError(
+        StrCat("state tier has no expert ", expert, " (", experts_.size(), " stored)"));
+  }
+  return experts_[expert].master.size();
+}
+
+Status InMemoryStateTier::Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (expert >= experts_.size()) return NotFoundError(StrCat("state tier has no expert ", expert));
+  const Entry& e = experts_[expert];
+  if (slot.size != e.master.size())
+    return InvalidArgumentError(StrCat("expert ", expert, ": slot size mismatch"));
+  std::memcpy(slot.master, e.master.data(), slot.size * 4);
+  std::memcpy(slot.state0, e.state0.data(), slot.size * 4);
+  if (!e.state1.empty()) std::memcpy(slot.state1, e.state1.data(), slot.size * 4);
+  *update_count = e.updates;
+  ++loads_;
+  return Status::Ok();
+}
+
+Status InMemoryStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (expert >= experts_.size()) return NotFoundError(StrCat("state tier has no expert ", expert));
+  Entry& e = experts_[expert];
+  if (slot.size != e.master.size())
+    return InvalidArgumentError(StrCat("expert ", expert, ": slot size mismatch"));
+  std::memcpy(e.master.data(), slot.master, slot.size * 4);
+  std::memcpy(e.state0.data(), slot.state0, slot.size * 4);
+  if (!e.state1.empty()) std::memcpy(e.state1.data(), slot.state1, slot.size * 4);
+  e.updates = update_count;
+  ++stores_;
+  return Status::Ok();
+}
+
+std::vector<float> InMemoryStateTier::master(uint32_t expert) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return experts_.at(expert).master;
+}
+
+std::vector<float> InMemoryStateTier::state(uint32_t expert, int index) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return index == 0 ? experts_.at(expert).state0 : experts_.at(expert).state1;
+}
+
+uint64_t InMemoryStateTier::update_count(uint32_t expert) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return experts_.at(expert).updates;
+}
+
+uint64_t InMemoryStateTier::loads() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return loads_;
+}
+
+uint64_t InMemoryStateTier::stores() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stores_;
+}
+
+// ---- The pipeline -----------------------------------------------------------------------
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A blocking FIFO between pipeline stages.
+template <typename T>
+class Channel {
+ public:
+  void Push(T value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    items_.push_back(std::move(value));
+    cv_.notify_one();
+  }
+  T Pop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return !items_.empty(); });
+    T value = std::move(items_.front());
+    items_.pop_front();
+    return value;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<T> items_;
+};
+
+// One expert travelling through the stages. index < 0 marks the end of the work.
+struct Token {
+  int64_t index = -1;
+  int slot = -1;
+  uint64_t update_count = 0;
+  bool update = false;  // false: loaded nothing usable, or skipped: do not store
+  Status status;
+};
+
+double Since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+struct StateStreamingUpdater::Impl {
+  Impl(const StreamingOptions& o, SimdIsa simd, StateTier* t)
+      : options(o), isa(simd), tier(t), arena(o.threads, /*reserved_for_masters=*/0) {}
+
+  StreamingOptions options;
+  SimdIsa isa;
+  StateTier* tier;
+  tbb::task_arena arena;
+  std::vector<Buffer> buffers;  // per slot: master, state0[, state1] back to back
+  std::vector<StateSlot> slots;
+};
+
+StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
+    const StreamingOptions& options, StateTier* tier, Allocator* staging) {
+  ECSS_RETURN_IF_ERROR(ValidateHyperParams(options.kind, options.params));
+  if (tier == nullptr || staging == nullptr)
+    return InvalidArgumentError("state tier and staging are required");
+  if (options.threads < 1 || options.buffers < 2 || options.chunk_elements < 1024 ||
+      options.max_expert_elements == 0) {
+    return InvalidArgumentError(StrCat("streaming options need threads >= 1 (", options.threads,
+                                       "), buffers >= 2 (", options.buffers,
+                                       "), chunk_elements >= 1024 (", options.chunk_elements,
+                                       ") and max_expert_elements > 0"));
+  }
+  const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
+  if (!SimdIsaSupported(isa))
+    return InvalidArgumentError(StrCat("this CPU cannot run ", SimdIsaName(isa)));
+  auto impl = std::make_unique<Impl>(options, isa, tier);
+  const int arrays = 1 + StateArrays(options.kind);
+  const size_t n = options.max_expert_elements;
+  for (int b = 0; b < options.buffers; ++b) {
+    StatusOr<Buffer> buffer = staging->Allocate(n * 4 * arrays, MemoryTag::kStaging);
+    if (!buffer.ok()) return buffer.status().Annotate(StrCat("state streaming slot ", b));
+    float* base = buffer->as<float>();
+    impl->slots.push_back(StateSlot{base, base + n, arrays == 3 ? base + 2 * n : nullptr, 0});
+    impl->buffers.push_back(std::move(*buffer));
+  }
+  return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
+}
+
+StateStreamingUpdater::StateStreamingUpdater(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+StateStreamingUpdater::~StateStreamingUpdater() = default;
+
+StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedGradient>& work,
+                                                     float grad_scale, float clip_coefficient) {
+  if (!(grad_scale > 0) || !std::isfinite(grad_scale) || !(clip_coefficient > 0)) {
+    return InvalidArgumentError("grad_scale and clip_coefficient must be finite and > 0");
+  }
+  Impl& impl = *impl_;
+  for (const StreamedGradient& g : work) {
+    ECSS_ASSIGN_OR_RETURN(size_t size, impl.tier->ExpertSize(g.expert));
+    if (size > impl.options.max_expert_elements) {
+      return InvalidArgumentError(StrCat("expert ", g.expert, " has ", size,
+                                         " elements; the slots hold ",
+                                         impl.options.max_expert_elements));
+    }
+    if (g.grad == nullptr || g.dtype == DType::kF16) {
+      return InvalidArgumentError(
+          StrCat("expert ", g.expert, ": gradient must be non-null f32 or bf16"));
+    }
+  }
+  StreamingReport report;
+  const Clock::time_point start = Clock::now();
+  Channel<int> free_slots;
+  Channel<Token> loaded;
+  Channel<Token> updated;
+  for (int s = 0; s < static_cast<int>(impl.slots.size()); ++s) free_slots.Push(s);
+  Status first_error;  // written by the store stage only, which every token passes last
+
+  std::thread loader([&] {
+    for (size_t i = 0; i < work.size(); ++i) {
+      Token token;
+      token.index = static_cast<int64_t>(i);
+      token.slot = free_slots.Pop();
+      const Clock::time_point t0 = Clock::now();
+      StateSlot& slot = impl.slots[token.slot];
+      slot.size = *impl.tier->ExpertSize(work[i].expert);
+      token.status = impl.tier->Load(work[i].expert, slot, &token.update_count);
+      token.update = token.status.ok();
+      report.load_seconds += Since(t0);
+      loaded.Push(std::move(token));
+    }
+    loaded.Push(Token{});
+  });
+  std::thread storer([&] {
+    while (true) {
+      Token token = updated.Pop();
+      if (token.index < 0) return;
+      if (token.update) {
+        const Clock::time_point t0 = Clock::now();
+        token.status =
+            impl.tier->Store(work[token.index].expert, impl.slots[token.slot], token.update_count)
+                .Annotate(StrCat("storing expert ", work[token.index].expert));
+        report.store_seconds += Since(t0);
+      }
+      free_slots.Push(token.slot);
+      if (!token.status.ok() && first_error.ok()) first_error = std::move(token.status);
+    }
+  });
+
+  // The calling thread drives the update stage in the arena.
+  while (true) {
+    Token token = loaded.Pop();
+    if (token.index < 0) break;
+    const StreamedGradient& g = work[token.index];
+    if (token.update) {
+      const Clock::time_point t0 = Clock::now();
+      const StateSlot& slot = impl.slots[token.slot];
+      double sum = 0;
+      impl.arena.execute([&] {
+        sum = optimizer_internal::ParallelSumOfSquares(impl.isa, g.grad, g.dtype, slot.size);
+      });
+      if (!std::isfinite(sum)) {
+        token.update = false;
+        ++report.skipped_nonfinite;
+      } else {
+        token.update_count += 1;
+        const UpdateScalars scalars =
+            MakeUpdateScalars(impl.options.kind, impl.options.params, token.update_count,
+                              grad_scale, clip_coefficient);
+        const ParamArrays arrays{slot.master, g.grad,         g.dtype,  slot.state0,
+                                 slot.state1, g.compute_copy, slot.size};
+        impl.arena.execute([&] {
+          optimizer_internal::ParallelUpdate(impl.isa, scalars, arrays,
+                                             impl.options.chunk_elements);
+        });
+        ++report.updated;
+      }
+      report.update_seconds += Since(t0);
+    } else {
+      token.status = token.status.Annotate(StrCat("loading expert ", g.expert));
+    }
+    updated.Push(std::move(token));
+  }
+  updated.Push(Token{});
+  loader.join();
+  storer.join();
+  report.wall_seconds = Since(start);
+  if (!first_error.ok()) return first_error;
+  return report;
+}
+
+}  // namespace ecss

@@ -1,0 +1,122 @@
+// State streaming: when master weights and optimizer states live off-memory (NVMe, through
+// offload/'s tier moves), updates run as a pipeline of three stages on their own threads,
+//   load (tier -> staging slot)  ->  update (the TBB arena)  ->  store (slot -> tier)
+// with `buffers` staging slots (2: double-buffered), so that one expert's I/O overlaps
+// another's update. StateTier is the interface offload/ implements; InMemoryStateTier is the
+// reference implementation the pipeline is tested against.
+// Data safety: an expert whose load fails, or whose gradient is not finite, is neither updated
+// nor stored (its tier copy stays as it was); a failed store leaves the tier's previous copy.
+// Every failure is reported with the expert; the other experts proceed.
+// Thread-safety: Run is called from one thread at a time and blocks until the pipeline drains.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "optimizer/optimizer_config.h"
+#include "optimizer/update_kernels.h"
+#include "runtime/device/allocator.h"
+
+namespace ecss {
+
+// A staging slot: room for one expert's master and state arrays.
+struct StateSlot {
+  float* master = nullptr;
+  float* state0 = nullptr;
+  float* state1 = nullptr;  // null for one-state optimizers
+  size_t size = 0;          // elements of the expert currently in the slot
+};
+
+class StateTier {
+ public:
+  virtual ~StateTier() = default;
+  // NotFound for an unknown expert.
+  virtual StatusOr<size_t> ExpertSize(uint32_t expert) const = 0;
+  // Fills the slot (slot.size elements) and the expert's update count. Blocking; thread-safe
+  // for distinct experts.
+  virtual Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) = 0;
+  virtual Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) = 0;
+};
+
+// States kept in host vectors: the reference tier.
+class InMemoryStateTier final : public StateTier {
+ public:
+  explicit InMemoryStateTier(OptimizerKind kind) : kind_(kind) {}
+  // Adds an expert with these master weights and zeroed states; returns its id.
+  uint32_t AddExpert(std::vector<float> master);
+
+  StatusOr<size_t> ExpertSize(uint32_t expert) const override;
+  Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
+  Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override;
+
+  // Copies of an expert's arrays and count (for checks).
+  std::vector<float> master(uint32_t expert) const;
+  std::vector<float> state(uint32_t expert, int index) const;
+  uint64_t update_count(uint32_t expert) const;
+  uint64_t loads() const;
+  uint64_t stores() const;
+
+ private:
+  struct Entry {
+    std::vector<float> master, state0, state1;
+    uint64_t updates = 0;
+  };
+  const OptimizerKind kind_;
+  mutable std::mutex mutex_;
+  std::vector<Entry> experts_;  // GUARDED_BY(mutex_)
+  uint64_t loads_ = 0;          // GUARDED_BY(mutex_)
+  uint64_t stores_ = 0;         // GUARDED_BY(mutex_)
+};
+
+struct StreamingOptions {
+  OptimizerKind kind = OptimizerKind::kAdamW;
+  HyperParams params;
+  int threads = 1;                    // update arena threads (>= 1)
+  size_t chunk_elements = 64 * 1024;  // per update task (>= 1024)
+  int buffers = 2;                    // staging slots (>= 2)
+  size_t max_expert_elements = 0;     // slot capacity (> 0)
+  std::optional<SimdIsa> isa;         // default: the best the CPU runs
+};
+
+// One expert's gradient for the pipeline. compute_copy (optional) receives the new bf16 copy.
+struct StreamedGradient {
+  uint32_t expert = 0;
+  const void* grad = nullptr;
+  DType dtype = DType::kF32;
+  BFloat16* compute_copy = nullptr;
+};
+
+struct StreamingReport {
+  size_t updated = 0;
+  size_t skipped_nonfinite = 0;
+  double load_seconds = 0;  // busy time of each stage
+  double update_seconds = 0;
+  double store_seconds = 0;
+  double wall_seconds = 0;
+};
+
+class StateStreamingUpdater {
+ public:
+  // Carves buffers x (1 + state arrays) x max_expert_elements floats from `staging` (the
+  // pinned pool). InvalidArgument for bad options; ResourceExhausted when staging is too small.
+  // REQUIRES: tier and staging outlive the updater.
+  static StatusOr<std::unique_ptr<StateStreamingUpdater>> Create(const StreamingOptions& options,
+                                                                 StateTier* tier,
+                                                                 Allocator* staging);
+  ~StateStreamingUpdater();
+
+  // Streams every gradient's expert through load -> update -> store, in order. Returns the
+  // report, or the first error (after the pipeline drained; other experts were processed).
+  StatusOr<StreamingReport> Run(const std::vector<StreamedGradient>& work, float grad_scale,
+                                float clip_coefficient);
+
+ private:
+  struct Impl;
+  explicit StateStreamingUpdater(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ecss

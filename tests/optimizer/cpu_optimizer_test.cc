@@ -1,0 +1,244 @@
+#include "optimizer/cpu_optimizer.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "runtime/base/random.h"
+
+namespace ecss {
+namespace {
+
+struct Expert {
+  std::vector<float> master, m, v;
+  std::vector<BFloat16> copy;
+  explicit Expert(size_t n, uint64_t seed) : master(n), m(n, 0), v(n, 0), copy(n) {
+    CounterRng rng(seed, 1);
+    for (float& x : master) x = rng.UniformFloat() - 0.5f;
+  }
+  ExpertArrays Arrays(uint32_t group = 0) {
+    return ExpertArrays{master.data(), m.data(), v.data(), copy.data(), master.size(), group};
+  }
+  bool operator==(const Expert& o) const {
+    return master == o.master && m == o.m && v == o.v &&
+           std::memcmp(copy.data(), o.copy.data(), copy.size() * 2) == 0;
+  }
+};
+
+std::vector<float> Gradient(size_t n, uint64_t step, uint32_t expert) {
+  CounterRng rng(step * 1000 + expert, 2);
+  std::vector<float> g(n);
+  for (float& x : g) x = 4 * (rng.UniformFloat() - 0.5f);
+  return g;
+}
+
+const std::vector<size_t> kSizes = {1, 1000, 70000, 200000, 3, 65536};
+
+// Which experts a step touches: not all, so that step counts differ between experts.
+bool Touched(uint64_t step, uint32_t expert) { return (step + expert) % 3 != 0; }
+
+std::vector<Expert> Train(CpuOptimizerOptions options, int steps) {
+  std::vector<Expert> experts;
+  for (uint32_t e = 0; e < kSizes.size(); ++e) experts.emplace_back(kSizes[e], e);
+  auto optimizer = CpuOptimizer::Create(options);
+  EXPECT_TRUE(optimizer.ok()) << optimizer.status();
+  for (Expert& expert : experts) EXPECT_TRUE((*optimizer)->RegisterExpert(expert.Arrays()).ok());
+  std::vector<std::vector<float>> grads(kSizes.size());
+  for (int step = 1; step <= steps; ++step) {
+    EXPECT_TRUE((*optimizer)->BeginStep(2.0f).ok());
+    for (uint32_t e = 0; e < kSizes.size(); ++e) {
+      if (!Touched(step, e)) continue;
+      EXPECT_TRUE((*optimizer)->WaitForExpert(e, step - 1).ok());  // before reusing its buffer
+      grads[e] = Gradient(kSizes[e], step, e);
+      EXPECT_TRUE((*optimizer)->SubmitGradient(e, grads[e].data(), DType::kF32).ok());
+    }
+    EXPECT_TRUE((*optimizer)->FinishStep().ok());
+  }
+  EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  return experts;
+}
+
+TEST(CpuOptimizerTest, BitIdenticalForAnyThreadsChunksPathsAndModes) {
+  CpuOptimizerOptions base;
+  base.groups[0].weight_decay = 0.01f;
+  base.max_grad_norm = 5.0f;
+  const std::vector<Expert> reference = Train(base, 5);
+  for (int threads : {1, 2}) {
+    for (size_t chunk : {size_t{1024}, size_t{4096 + 16}, size_t{1} << 20}) {
+      CpuOptimizerOptions options = base;
+      options.threads = threads;
+      options.chunk_elements = chunk;
+      EXPECT_TRUE(Train(options, 5) == reference) << threads << " threads, chunk " << chunk;
+    }
+  }
+  CpuOptimizerOptions scalar = base;
+  scalar.isa = SimdIsa::kScalar;
+  scalar.threads = 2;
+  EXPECT_TRUE(Train(scalar, 5) == reference) << "scalar path";
+}
+
+TEST(CpuOptimizerTest, UntouchedExpertsKeepTheirOwnStepCount) {
+  CpuOptimizerOptions options;
+  options.skip_step_on_nonfinite = false;  // immediate mode
+  auto optimizer = *CpuOptimizer::Create(options);
+  Expert a(5000, 1), b(5000, 2), b_alone(5000, 2);
+  const uint32_t ia = *optimizer->RegisterExpert(a.Arrays());
+  const uint32_t ib = *optimizer->RegisterExpert(b.Arrays());
+  std::vector<std::vector<float>> grads;
+  for (uint64_t step = 1; step <= 3; ++step) {
+    ASSERT_TRUE(optimizer->BeginStep().ok());
+    grads.push_back(Gradient(5000, step, 0));
+    ASSERT_TRUE(optimizer->SubmitGradient(ia, grads.back().data(), DType::kF32).ok());
+    if (step != 2) {
+      grads.push_back(Gradient(5000, step, 1));
+      ASSERT_TRUE(optimizer->SubmitGradient(ib, grads.back().data(), DType::kF32).ok());
+    }
+    ASSERT_TRUE(optimizer->FinishStep().ok());
+    ASSERT_TRUE(optimizer->WaitForExpert(ia, step).ok());
+    ASSERT_TRUE(optimizer->WaitForExpert(ib, step).ok());
+  }
+  EXPECT_EQ(optimizer->version(ia), 3u);
+  EXPECT_EQ(optimizer->version(ib), 2u);
+  // b equals an expert updated twice with the same gradients: bias correction at t = 1, 2.
+  auto alone = *CpuOptimizer::Create(options);
+  const uint32_t id = *alone->RegisterExpert(b_alone.Arrays());
+  for (uint64_t step : {1u, 3u}) {
+    std::vector<float> g = Gradient(5000, step, 1);
+    ASSERT_TRUE(alone->BeginStep().ok());
+    ASSERT_TRUE(alone->SubmitGradient(id, g.data(), DType::kF32).ok());
+    ASSERT_TRUE(alone->FinishStep().ok());
+    ASSERT_TRUE(alone->Synchronize().ok());
+  }
+  EXPECT_TRUE(b == b_alone);
+}
+
+TEST(CpuOptimizerTest, OverflowSkipsTheWholeStep) {
+  CpuOptimizerOptions options;  // skip_step_on_nonfinite by default
+  auto optimizer = *CpuOptimizer::Create(options);
+  Expert a(3000, 1), b(3000, 2);
+  const Expert a0 = a, b0 = b;
+  ASSERT_TRUE(optimizer->RegisterExpert(a.Arrays()).ok());
+  ASSERT_TRUE(optimizer->RegisterExpert(b.Arrays()).ok());
+  std::vector<float> ga = Gradient(3000, 1, 0), gb = Gradient(3000, 1, 1);
+  gb[1234] = std::numeric_limits<float>::infinity();
+  ASSERT_TRUE(optimizer->BeginStep(65536.0f).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(0, ga.data(), DType::kF32).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(1, gb.data(), DType::kF32).ok());
+  StatusOr<StepReport> report = optimizer->FinishStep();
+  ASSERT_TRUE(report.ok());
+  EXPECT_TRUE(report->skipped);
+  ASSERT_TRUE(optimizer->Synchronize().ok());
+  EXPECT_TRUE(a == a0 && b == b0) << "nothing changed";
+  EXPECT_EQ(optimizer->version(0), 0u);
+  EXPECT_TRUE(optimizer->WaitForExpert(0, 1).ok()) << "the fence still passes";
+  // The next step proceeds normally.
+  gb[1234] = 0;
+  ASSERT_TRUE(optimizer->BeginStep(1.0f).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(1, gb.data(), DType::kF32).ok());
+  ASSERT_FALSE(optimizer->FinishStep()->skipped);
+  ASSERT_TRUE(optimizer->Synchronize().ok());
+  EXPECT_EQ(optimizer->version(1), 1u);
+  EXPECT_FALSE(b == b0);
+}
+
+TEST(CpuOptimizerTest, NonFiniteGradientNeverReachesTheWeightsInImmediateMode) {
+  CpuOptimizerOptions options;
+  options.skip_step_on_nonfinite = false;
+  auto optimizer = *CpuOptimizer::Create(options);
+  Expert a(3000, 1), b(3000, 2);
+  const Expert b0 = b;
+  ASSERT_TRUE(optimizer->RegisterExpert(a.Arrays()).ok());
+  ASSERT_TRUE(optimizer->RegisterExpert(b.Arrays()).ok());
+  std::vector<float> ga = Gradient(3000, 1, 0), gb = Gradient(3000, 1, 1);
+  gb[7] = std::nanf("");
+  ASSERT_TRUE(optimizer->BeginStep().ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(0, ga.data(), DType::kF32).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(1, gb.data(), DType::kF32).ok());
+  ASSERT_TRUE(optimizer->FinishStep().ok());
+  EXPECT_TRUE(optimizer->WaitForExpert(0, 1).ok());
+  Status bad = optimizer->WaitForExpert(1, 1);
+  EXPECT_EQ(bad.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(bad.message().find("expert 1 step 1"), std::string_view::npos) << bad;
+  EXPECT_TRUE(b == b0);
+  EXPECT_EQ(optimizer->version(0), 1u);
+  EXPECT_EQ(optimizer->version(1), 0u);
+  EXPECT_EQ(optimizer->Synchronize().code(), StatusCode::kFailedPrecondition);
+}
+
+TEST(CpuOptimizerTest, GlobalNormClipping) {
+  CpuOptimizerOptions options;
+  options.max_grad_norm = 1.0f;
+  auto optimizer = *CpuOptimizer::Create(options);
+  Expert a(1000, 1), b(2000, 2);
+  ASSERT_TRUE(optimizer->RegisterExpert(a.Arrays()).ok());
+  ASSERT_TRUE(optimizer->RegisterExpert(b.Arrays()).ok());
+  std::vector<float> ga = Gradient(1000, 1, 0), gb = Gradient(2000, 1, 1);
+  double expected = 0;
+  for (float g : ga) expected += double{g} * g;
+  for (float g : gb) expected += double{g} * g;
+  expected = std::sqrt(expected) / 4.0;
+  ASSERT_TRUE(optimizer->BeginStep(4.0f).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(1, gb.data(), DType::kF32).ok());
+  ASSERT_TRUE(optimizer->SubmitGradient(0, ga.data(), DType::kF32).ok());
+  StatusOr<StepReport> report = optimizer->FinishStep();
+  ASSERT_TRUE(report.ok());
+  EXPECT_NEAR(report->global_norm, expected, 1e-9 * expected);
+  EXPECT_FLOAT_EQ(report->clip_coefficient, static_cast<float>(1.0 / (expected + 1e-6)));
+  ASSERT_TRUE(optimizer->Synchronize().ok());
+  // The same update done by hand with that coefficient.
+  Expert manual(1000, 1);
+  UpdateRange(
+      DetectSimdIsa(),
+      MakeUpdateScalars(OptimizerKind::kAdamW, HyperParams{}, 1, 4.0f, report->clip_coefficient),
+      ParamArrays{manual.master.data(), ga.data(), DType::kF32, manual.m.data(), manual.v.data(),
+                  manual.copy.data(), 1000},
+      0, 1000);
+  EXPECT_TRUE(a == manual);
+}
+
+TEST(CpuOptimizerTest, BadInputIsRefusedAndChangesNothing) {
+  CpuOptimizerOptions options;
+  options.threads = 0;
+  EXPECT_EQ(CpuOptimizer::Create(options).status().code(), StatusCode::kInvalidArgument);
+  options = CpuOptimizerOptions{};
+  options.chunk_elements = 10;
+  EXPECT_EQ(CpuOptimizer::Create(options).status().code(), StatusCode::kInvalidArgument);
+  options = CpuOptimizerOptions{};
+  options.groups[0].lr = -1;
+  Status lr = CpuOptimizer::Create(options).status();
+  EXPECT_NE(lr.message().find("parameter group 0"), std::string_view::npos) << lr;
+
+  auto optimizer = *CpuOptimizer::Create(CpuOptimizerOptions{});
+  Expert a(100, 1);
+  ExpertArrays missing_v = a.Arrays();
+  missing_v.state1 = nullptr;
+  EXPECT_EQ(optimizer->RegisterExpert(missing_v).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(optimizer->RegisterExpert(a.Arrays(3)).status().code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(optimizer->RegisterExpert(a.Arrays()).ok());
+  std::vector<float> g(100, 1.0f);
+  EXPECT_EQ(optimizer->SubmitGradient(0, g.data(), DType::kF32).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(optimizer->FinishStep().status().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(optimizer->BeginStep(0.0f).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(optimizer->BeginStep().ok());
+  EXPECT_EQ(optimizer->BeginStep().code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(optimizer->SubmitGradient(5, g.data(), DType::kF32).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(optimizer->SubmitGradient(0, nullptr, DType::kF32).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(optimizer->SubmitGradient(0, g.data(), DType::kF16).code(),
+            StatusCode::kInvalidArgument);
+  ASSERT_TRUE(optimizer->SubmitGradient(0, g.data(), DType::kF32).ok());
+  EXPECT_EQ(optimizer->SubmitGradient(0, g.data(), DType::kF32).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(optimizer->WaitForExpert(0, 1).code(), StatusCode::kFailedPrecondition)
+      << "deferred updates cannot finish before FinishStep";
+  ASSERT_TRUE(optimizer->FinishStep().ok());
+  EXPECT_TRUE(optimizer->WaitForExpert(0, 1).ok());
+  EXPECT_EQ(optimizer->version(0), 1u);
+}
+
+}  // namespace
+}  // namespace ecss

@@ -1,0 +1,173 @@
+#include "optimizer/state_pipeline.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "optimizer/cpu_optimizer.h"
+#include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/device/host_allocator.h"
+
+namespace ecss {
+namespace {
+
+std::vector<float> Values(size_t n, uint64_t seed, float scale) {
+  CounterRng rng(seed, 3);
+  std::vector<float> v(n);
+  for (float& x : v) x = scale * (rng.UniformFloat() - 0.5f);
+  return v;
+}
+
+const std::vector<size_t> kSizes = {5000, 1, 70000, 1234, 65536};
+
+std::unique_ptr<HostAllocator> Staging(uint64_t bytes) {
+  HostAllocatorOptions options;
+  options.capacity_bytes = bytes;
+  return std::move(HostAllocator::Create(options)).value();
+}
+
+// A tier that fails chosen operations, to show failures lose nothing.
+class FailingTier : public StateTier {
+ public:
+  explicit FailingTier(InMemoryStateTier* inner) : inner_(inner) {}
+  StatusOr<size_t> ExpertSize(uint32_t e) const override { return inner_->ExpertSize(e); }
+  Status Load(uint32_t e, const StateSlot& s, uint64_t* c) override {
+    if (e == fail_load) return DataLossError(StrCat("expert ", e, " master: checksum mismatch"));
+    return inner_->Load(e, s, c);
+  }
+  Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
+    if (e == fail_store) return ResourceExhaustedError("no space left on device");
+    return inner_->Store(e, s, c);
+  }
+  uint32_t fail_load = UINT32_MAX;
+  uint32_t fail_store = UINT32_MAX;
+
+ private:
+  InMemoryStateTier* inner_;
+};
+
+TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
+  for (int buffers : {2, 3}) {
+    for (int threads : {1, 2}) {
+      InMemoryStateTier tier(OptimizerKind::kAdamW);
+      // The same experts held in memory by CpuOptimizer, as the reference.
+      std::vector<std::vector<float>> master, m, v;
+      for (uint32_t e = 0; e < kSizes.size(); ++e) {
+        tier.AddExpert(Values(kSizes[e], e, 1.0f));
+        master.push_back(Values(kSizes[e], e, 1.0f));
+        m.emplace_back(kSizes[e], 0.0f);
+        v.emplace_back(kSizes[e], 0.0f);
+      }
+      CpuOptimizerOptions reference_options;
+      reference_options.skip_step_on_nonfinite = false;
+      auto reference = *CpuOptimizer::Create(reference_options);
+      for (uint32_t e = 0; e < kSizes.size(); ++e) {
+        ASSERT_TRUE(reference
+                        ->RegisterExpert(
+                            {master[e].data(), m[e].data(), v[e].data(), nullptr, kSizes[e], 0})
+                        .ok());
+      }
+      auto staging = Staging(uint64_t{64} << 20);
+      StreamingOptions options;
+      options.buffers = buffers;
+      options.threads = threads;
+      options.max_expert_elements = 70000;
+      auto updater = StateStreamingUpdater::Create(options, &tier, staging.get());
+      ASSERT_TRUE(updater.ok()) << updater.status();
+      std::vector<BFloat16> copy(70000);
+      for (uint64_t step = 1; step <= 3; ++step) {
+        std::vector<std::vector<float>> grads;
+        std::vector<StreamedGradient> work;
+        ASSERT_TRUE(reference->BeginStep(2.0f).ok());
+        for (uint32_t e = 0; e < kSizes.size(); ++e) {
+          if ((e + step) % 4 == 0) continue;  // not every expert every step
+          grads.push_back(Values(kSizes[e], 100 * step + e, 3.0f));
+          work.push_back({e, grads.back().data(), DType::kF32, e == 2 ? copy.data() : nullptr});
+          ASSERT_TRUE(reference->SubmitGradient(e, grads.back().data(), DType::kF32).ok());
+        }
+        ASSERT_TRUE(reference->FinishStep().ok());
+        ASSERT_TRUE(reference->Synchronize().ok());
+        StatusOr<StreamingReport> report = (*updater)->Run(work, 2.0f, 1.0f);
+        ASSERT_TRUE(report.ok()) << report.status();
+        EXPECT_EQ(report->updated, work.size());
+      }
+      for (uint32_t e = 0; e < kSizes.size(); ++e) {
+        EXPECT_EQ(tier.master(e), master[e]) << "expert " << e << " buffers " << buffers;
+        EXPECT_EQ(tier.state(e, 0), m[e]);
+        EXPECT_EQ(tier.state(e, 1), v[e]);
+        EXPECT_EQ(tier.update_count(e), reference->version(e));
+      }
+      for (size_t i = 0; i < kSizes[2]; ++i)
+        ASSERT_EQ(copy[i].bits, FloatToBf16(master[2][i]).bits);
+    }
+  }
+}
+
+TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
+  InMemoryStateTier tier(OptimizerKind::kAdamW);
+  for (uint32_t e = 0; e < 4; ++e) tier.AddExpert(Values(1000, e, 1.0f));
+  FailingTier failing(&tier);
+  failing.fail_load = 1;
+  failing.fail_store = 2;
+  auto staging = Staging(uint64_t{8} << 20);
+  StreamingOptions options;
+  options.max_expert_elements = 1000;
+  auto updater = *StateStreamingUpdater::Create(options, &failing, staging.get());
+  std::vector<std::vector<float>> grads;
+  std::vector<StreamedGradient> work;
+  for (uint32_t e = 0; e < 4; ++e) {
+    grads.push_back(Values(1000, 50 + e, 1.0f));
+    work.push_back({e, grads.back().data(), DType::kF32, nullptr});
+  }
+  grads[3][10] = std::nanf("");
+  std::vector<std::vector<float>> before;
+  for (uint32_t e = 0; e < 4; ++e) before.push_back(tier.master(e));
+  StatusOr<StreamingReport> report = updater->Run(work, 1.0f, 1.0f);
+  ASSERT_FALSE(report.ok());
+  EXPECT_EQ(report.status().code(), StatusCode::kDataLoss) << "the first failure (expert 1's load)";
+  EXPECT_NE(report.status().message().find("loading expert 1"), std::string_view::npos)
+      << report.status();
+  EXPECT_NE(tier.master(0), before[0]) << "expert 0 was updated";
+  EXPECT_EQ(tier.master(1), before[1]) << "failed load: untouched";
+  EXPECT_EQ(tier.master(2), before[2]) << "failed store: the previous copy stays";
+  EXPECT_EQ(tier.master(3), before[3]) << "non-finite gradient: skipped";
+  EXPECT_EQ(tier.update_count(3), 0u);
+  // The updater stays usable.
+  failing.fail_load = failing.fail_store = UINT32_MAX;
+  grads[3][10] = 0;
+  StatusOr<StreamingReport> again = updater->Run(work, 1.0f, 1.0f);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->updated, 4u);
+}
+
+TEST(StateStreamingTest, BadInput) {
+  InMemoryStateTier tier(OptimizerKind::kAdamW);
+  tier.AddExpert(Values(5000, 1, 1.0f));
+  auto staging = Staging(uint64_t{1} << 20);
+  StreamingOptions options;
+  options.max_expert_elements = 4096;
+  options.buffers = 1;
+  EXPECT_EQ(StateStreamingUpdater::Create(options, &tier, staging.get()).status().code(),
+            StatusCode::kInvalidArgument);
+  options.buffers = 2;
+  options.max_expert_elements = 1 << 20;  // 2 x 12 MiB > 1 MiB of staging
+  EXPECT_EQ(StateStreamingUpdater::Create(options, &tier, staging.get()).status().code(),
+            StatusCode::kResourceExhausted);
+  options.max_expert_elements = 4096;
+  auto updater = *StateStreamingUpdater::Create(options, &tier, staging.get());
+  std::vector<float> grad(5000, 0.1f);
+  Status too_big = updater->Run({{0, grad.data(), DType::kF32, nullptr}}, 1.0f, 1.0f).status();
+  EXPECT_EQ(too_big.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(too_big.message().find("expert 0 has 5000 elements"), std::string_view::npos)
+      << too_big;
+  EXPECT_EQ(updater->Run({{7, grad.data(), DType::kF32, nullptr}}, 1.0f, 1.0f).status().code(),
+            StatusCode::kNotFound);
+  EXPECT_EQ(updater->Run({}, 0.0f, 1.0f).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(tier.loads(), 0u) << "rejected before any I/O";
+}
+
+}  // namespace
+}  // namespace ecss
