@@ -14,7 +14,10 @@ endif()
 
 if(ECSS_BUILD_TESTS)
   find_package(GTest CONFIG REQUIRED)
-  find_package(nlohmann_json CONFIG REQUIRED)  # tests parse the JSON the project writes
+endif()
+if(ECSS_BUILD_TESTS OR ECSS_BUILD_BENCH)
+  # Tests parse the JSON the project writes; ecss-bench parses fio's.
+  find_package(nlohmann_json CONFIG REQUIRED)
 endif()
 if(ECSS_BUILD_BENCH)
   find_package(benchmark CONFIG REQUIRED)

@@ -10,6 +10,7 @@ packages=(
   libtbb-dev liburing-dev libjemalloc-dev
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   clang-format clang-tidy
+  fio
 )
 
 missing=()

@@ -6,7 +6,7 @@
 #      labelled gpu;
 #   3. installs it and builds and runs a separate project against it with find_package(ecss);
 #   4. builds the asan (address+undefined) preset and runs every test under it;
-#   5. builds the tsan preset and runs the device, conformance and router tests under it.
+#   5. builds the tsan preset and runs the device, conformance, router and offload tests under it.
 # `scripts/test.sh --quick` stops after step 2 (for the edit-build-test loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,10 +38,10 @@ cmake --preset asan
 cmake --build --preset asan
 ctest --preset asan
 
-step "tsan: thread sanitizer, device, conformance and router tests"
+step "tsan: thread sanitizer, device, conformance, router and offload tests"
 cmake --preset tsan
 cmake --build --preset tsan
 # Death tests fork, which ThreadSanitizer does not support in a threaded process. The optimizer
 # is left out: Debian's oneTBB is not built with ThreadSanitizer, so every task hand-off inside
 # libtbb looks like a race (tests/README.md); asan covers it.
-ctest --preset tsan -L "device|conformance|router" -E DeathTest
+ctest --preset tsan -L "device|conformance|router|offload" -E DeathTest

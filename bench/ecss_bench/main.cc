@@ -43,6 +43,15 @@ const std::vector<Suite>& Suites() {
        "  --samples N   timed passes per variant; the median is reported (default 5)\n"
        "  --states S    where master and moments live: host (nvme needs the offload tier)\n",
        RunOptimizerSuite},
+      {"nvme", "read/write GB/s of 1 MiB blocks through the io_uring engine vs fio",
+       "  --dir DIR            directory of the test files (default .)\n"
+       "  --file-size N        bytes per test file (default 1073741824)\n"
+       "  --samples N          runs per pattern, each of ECSS and fio; medians (default 3)\n"
+       "  --block-size N       bytes per request (default 1048576)\n"
+       "  --queue-depth N      requests in flight (default 32)\n"
+       "  --engine E           uring, posix or memory (default uring)\n"
+       "  --fio auto|yes|no    run fio as the reference (default auto: when installed)\n",
+       RunNvmeSuite},
   };
   return suites;
 }

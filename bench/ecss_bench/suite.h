@@ -35,5 +35,6 @@ Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench

@@ -1,0 +1,208 @@
+// `ecss-bench nvme --dir DIR`: sequential and random reads and writes of whole blocks through
+// an IoEngine (io_uring by default: O_DIRECT, registered file and buffers, batched
+// submission), against fio with the same file, block size, queue depth and --direct=1
+// --ioengine=io_uring, run by this suite in the same run when fio is installed.
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <iomanip>
+#include <memory>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/ecss_bench/suite.h"
+#include "offload/io/io_engines.h"
+#include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/device/pinned_pool.h"
+
+namespace ecss::bench {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Pattern {
+  const char* name;  // fio's --rw
+  IoOp op;
+  bool random;
+};
+constexpr std::array<Pattern, 4> kPatterns = {{{"write", IoOp::kWrite, false},
+                                               {"read", IoOp::kRead, false},
+                                               {"randread", IoOp::kRead, true},
+                                               {"randwrite", IoOp::kWrite, true}}};
+
+// Moves every block of the file once, keeping `depth` requests in flight. Returns GB/s.
+StatusOr<double> RunPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
+                            uint64_t blocks, size_t block, uint8_t* buffers) {
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+  if (pattern.random) {
+    CounterRng rng(7, 7);
+    for (uint64_t i = blocks - 1; i > 0; --i) {
+      std::swap(order[i], order[rng.Uniform(static_cast<uint32_t>(i + 1))]);
+    }
+  }
+  const uint32_t depth = engine.queue_depth();
+  std::vector<uint32_t> free_slots;
+  for (uint32_t s = 0; s < depth; ++s) free_slots.push_back(s);
+  uint64_t next = 0, done = 0;
+  std::vector<IoCompletion> completions(depth);
+  const Clock::time_point start = Clock::now();
+  while (done < blocks) {
+    while (next < blocks && !free_slots.empty()) {
+      const uint32_t slot = free_slots.back();
+      const Status submitted =
+          engine.Submit({pattern.op, file, order[next] * block,
+                         buffers + static_cast<size_t>(slot) * block, block, slot});
+      if (!submitted.ok()) {
+        if (submitted.retryable()) break;
+        return submitted;
+      }
+      free_slots.pop_back();
+      ++next;
+    }
+    const size_t n = engine.Poll(completions.data(), completions.size(), std::chrono::seconds(10));
+    for (size_t i = 0; i < n; ++i) {
+      if (!completions[i].status.ok()) return completions[i].status;
+      free_slots.push_back(static_cast<uint32_t>(completions[i].user_data));
+      ++done;
+    }
+  }
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return static_cast<double>(blocks * block) / seconds / 1e9;
+}
+
+bool HaveFio() {
+  return ::access("/usr/bin/fio", X_OK) == 0 || ::access("/usr/local/bin/fio", X_OK) == 0;
+}
+
+// fio's bandwidth for one pattern in GB/s, or a Status saying why there is none.
+StatusOr<double> RunFio(const std::string& path, const Pattern& pattern, uint64_t file_bytes,
+                        size_t block, uint32_t depth) {
+  const std::string command =
+      StrCat("fio --name=ecss --filename=", path, " --size=", file_bytes, " --bs=", block,
+             " --iodepth=", depth, " --rw=", pattern.name,
+             " --direct=1 --ioengine=io_uring --numjobs=1 --output-format=json 2>/dev/null");
+  std::unique_ptr<FILE, int (*)(FILE*)> pipe(::popen(command.c_str(), "r"), ::pclose);
+  if (!pipe) return UnavailableError("cannot start fio");
+  std::string output;
+  char chunk[4096];
+  size_t n;
+  while ((n = std::fread(chunk, 1, sizeof(chunk), pipe.get())) > 0) output.append(chunk, n);
+  const auto json = nlohmann::json::parse(output, nullptr, /*allow_exceptions=*/false);
+  if (json.is_discarded() || !json.contains("jobs") || json["jobs"].empty()) {
+    return UnavailableError("fio printed no JSON result");
+  }
+  const auto& job = json["jobs"][0][pattern.op == IoOp::kRead ? "read" : "write"];
+  return job.value("bw_bytes", 0.0) / 1e9;
+}
+
+}  // namespace
+
+Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
+  ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
+  ECSS_ASSIGN_OR_RETURN(uint64_t file_bytes, args.Uint("file-size", uint64_t{1} << 30));
+  ECSS_ASSIGN_OR_RETURN(uint64_t block, args.Uint("block-size", uint64_t{1} << 20));
+  ECSS_ASSIGN_OR_RETURN(uint64_t depth, args.Uint("queue-depth", 32));
+  ECSS_ASSIGN_OR_RETURN(std::string engine_name, args.String("engine", "uring"));
+  ECSS_ASSIGN_OR_RETURN(std::string with_fio, args.String("fio", "auto"));
+  ECSS_ASSIGN_OR_RETURN(uint64_t samples, args.Uint("samples", 3));
+  ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
+  ECSS_ASSIGN_OR_RETURN(IoEngineKind kind, ParseIoEngineKind(engine_name));
+  if (block == 0 || block % 4096 != 0 || file_bytes < block || file_bytes % block != 0 ||
+      depth == 0 || depth > 1024 || samples == 0) {
+    return InvalidArgumentError(
+        "need --block-size a multiple of 4096, --file-size a multiple of it, 1 <= --queue-depth <= "
+        "1024");
+  }
+  IoEngineOptions options;
+  options.queue_depth = static_cast<uint32_t>(depth);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(kind, options));
+  PinnedPoolOptions pool_options;
+  pool_options.name = "nvme bench buffers";
+  pool_options.capacity_bytes = depth * block;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
+  ECSS_ASSIGN_OR_RETURN(Buffer buffers, pool->Allocate(depth * block, MemoryTag::kStaging));
+  std::memset(buffers.data(), 0x5a, buffers.size());
+  const bool registered = kind == IoEngineKind::kUring &&
+                          RegisterIoBuffers(*engine, pool->region(), pool->region_bytes()).ok();
+  const std::string path = dir + "/ecss-nvme-bench.dat";
+  StatusOr<IoFileId> file = engine->Open(path, OpenMode::kCreate);
+  if (!file.ok()) return file.status().Annotate(StrCat("--dir ", dir));
+  ECSS_RETURN_IF_ERROR(engine->Allocate(*file, file_bytes));
+  // Lay the file out once, untimed, as fio does before it measures: later writes then
+  // overwrite written blocks instead of converting unwritten extents.
+  ECSS_RETURN_IF_ERROR(
+      RunPattern(*engine, *file, kPatterns[0], file_bytes / block, block, buffers.as<uint8_t>())
+          .status());
+  const bool run_fio = with_fio == "yes" || (with_fio == "auto" && HaveFio());
+
+  json.Field("engine", engine->name())
+      .Field("dir", dir)
+      .Field("file_bytes", file_bytes)
+      .Field("block_bytes", block)
+      .Field("queue_depth", depth)
+      .Field("registered_buffers", registered)
+      .Field("samples", samples)
+      .Field("reference",
+             run_fio ? "fio --direct=1 --ioengine=io_uring, same file size, block size and queue "
+                       "depth, same directory, same run"
+                     : "fio not installed: no reference measured")
+      .Key("patterns")
+      .BeginArray();
+  table << "nvme suite: " << engine->name() << ", " << HumanBytes(file_bytes) << " file in " << dir
+        << ", " << HumanBytes(block) << " blocks, queue depth " << depth << ", median of "
+        << samples << "\n"
+        << std::left << std::setw(11) << "pattern" << std::right << std::setw(12) << "ecss GB/s"
+        << std::setw(12) << "fio GB/s" << std::setw(10) << "ratio"
+        << "\n"
+        << std::fixed << std::setprecision(3);
+  double read_gbps = 0, write_gbps = 0;
+  for (const Pattern& pattern : kPatterns) {
+    std::vector<double> ecss_samples, fio_samples;
+    Status fio_status;
+    for (uint64_t s = 0; s < samples; ++s) {
+      ECSS_ASSIGN_OR_RETURN(double sample, RunPattern(*engine, *file, pattern, file_bytes / block,
+                                                      block, buffers.as<uint8_t>()));
+      ecss_samples.push_back(sample);
+      if (run_fio) {
+        StatusOr<double> fio = RunFio(dir + "/ecss-fio-bench.dat", pattern, file_bytes, block,
+                                      static_cast<uint32_t>(depth));
+        if (fio.ok() && *fio > 0)
+          fio_samples.push_back(*fio);
+        else
+          fio_status = fio.ok() ? UnavailableError("fio reported no bandwidth") : fio.status();
+      }
+    }
+    const double gbps = Median(ecss_samples);
+    if (std::string_view(pattern.name) == "read") read_gbps = gbps;
+    if (std::string_view(pattern.name) == "write") write_gbps = gbps;
+    json.BeginObject().Field("rw", pattern.name).Field("gbps", gbps);
+    table << std::left << std::setw(11) << pattern.name << std::right << std::setw(12) << gbps;
+    if (run_fio) {
+      if (!fio_samples.empty()) {
+        const double fio = Median(fio_samples);
+        json.Field("fio_gbps", fio).Field("vs_fio", gbps / fio);
+        table << std::setw(12) << fio << std::setw(10) << gbps / fio;
+      } else {
+        json.Field("fio_error", std::string(fio_status.message()));
+        table << std::setw(12) << "-" << std::setw(10) << "-";
+      }
+    }
+    json.EndObject();
+    table << "\n";
+  }
+  json.EndArray().Field("read_gbps", read_gbps).Field("write_gbps", write_gbps);
+  engine->Close(*file).IgnoreError();
+  ::unlink(path.c_str());
+  if (run_fio) ::unlink((dir + "/ecss-fio-bench.dat").c_str());
+  return Status::Ok();
+}
+
+}  // namespace ecss::bench

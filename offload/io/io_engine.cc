@@ -1,0 +1,93 @@
+#include "offload/io/io_engine.h"
+
+#include "offload/io/io_engines.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+Status IoEngine::Submit(const IoRequest& request) {
+  ECSS_RETURN_IF_ERROR(CheckFile(request.file));
+  const size_t align = alignment();
+  if (request.buffer == nullptr || request.bytes == 0) {
+    return InvalidArgumentError(
+        StrCat(name(), ": request ", request.user_data, " has no buffer or no bytes"));
+  }
+  if (reinterpret_cast<uintptr_t>(request.buffer) % align != 0 || request.offset % align != 0 ||
+      request.bytes % align != 0) {
+    return InvalidArgumentError(StrCat(name(), ": request ", request.user_data, " (", request.bytes,
+                                       " bytes at offset ", request.offset, ", buffer ",
+                                       request.buffer, ") is not aligned to ", align, " bytes"));
+  }
+  if (in_flight_ >= queue_depth()) {
+    return UnavailableError(StrCat(name(), ": queue full (", queue_depth(), " in flight)"))
+        .WithRetryable(true);
+  }
+  ECSS_RETURN_IF_ERROR(DoSubmit(request));
+  ++in_flight_;
+  return Status::Ok();
+}
+
+size_t IoEngine::Poll(IoCompletion* out, size_t max, std::chrono::microseconds wait) {
+  if (max == 0 || in_flight_ == 0) return 0;
+  const size_t n = DoPoll(out, max, wait);
+  in_flight_ -= n;
+  return n;
+}
+
+namespace {
+Status Transfer(IoEngine& engine, IoOp op, IoFileId file, uint64_t offset, void* buffer,
+                size_t bytes) {
+  if (engine.in_flight() != 0) {
+    return FailedPreconditionError(StrCat(engine.name(), ": synchronous transfer while ",
+                                          engine.in_flight(), " requests are in flight"));
+  }
+  ECSS_RETURN_IF_ERROR(engine.Submit(IoRequest{op, file, offset, buffer, bytes, 0}));
+  IoCompletion completion;
+  while (engine.Poll(&completion, 1, std::chrono::seconds(1)) == 0) {
+  }
+  return completion.status;
+}
+}  // namespace
+
+Status ReadAt(IoEngine& engine, IoFileId file, uint64_t offset, void* buffer, size_t bytes) {
+  return Transfer(engine, IoOp::kRead, file, offset, buffer, bytes);
+}
+
+Status WriteAt(IoEngine& engine, IoFileId file, uint64_t offset, const void* buffer, size_t bytes) {
+  return Transfer(engine, IoOp::kWrite, file, offset, const_cast<void*>(buffer), bytes);
+}
+
+std::string_view IoEngineKindName(IoEngineKind kind) {
+  switch (kind) {
+    case IoEngineKind::kUring:
+      return "uring";
+    case IoEngineKind::kPosix:
+      return "posix";
+    case IoEngineKind::kMemory:
+      return "memory";
+  }
+  return "invalid";
+}
+
+StatusOr<IoEngineKind> ParseIoEngineKind(std::string_view name) {
+  for (IoEngineKind kind : {IoEngineKind::kUring, IoEngineKind::kPosix, IoEngineKind::kMemory}) {
+    if (IoEngineKindName(kind) == name) return kind;
+  }
+  return InvalidArgumentError(StrCat("unknown io engine '", name, "' (uring, posix, memory)"));
+}
+
+StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
+                                                   const IoEngineOptions& options) {
+  if (options.queue_depth == 0) return InvalidArgumentError("io engine queue_depth must be >= 1");
+  switch (kind) {
+    case IoEngineKind::kUring:
+      return CreateUringIoEngine(options);
+    case IoEngineKind::kPosix:
+      return CreatePosixIoEngine(options);
+    case IoEngineKind::kMemory:
+      return CreateMemoryIoEngine(options.queue_depth);
+  }
+  return InvalidArgumentError("unknown io engine kind");
+}
+
+}  // namespace ecss

@@ -1,0 +1,108 @@
+// IoEngine: every byte ECSS moves to or from storage goes through this interface (LevelDB's
+// Env, RocksDB's async reads), so tests swap in an in-memory or fault-injecting engine.
+//   Submit  never blocks: a full queue is Unavailable + retryable ("busy"), not a wait.
+//   Poll    collects completions, waiting up to a timeout.
+//   Cancel  best effort; a cancelled request still completes, with Cancelled.
+// Alignment: buffer address, offset and length must be multiples of alignment() (4 KiB for
+// the O_DIRECT engines, 1 for memory), checked at Submit (InvalidArgument).
+// Short transfers and EINTR/EAGAIN are handled inside the engines: a completion is either the
+// whole request, or an error. A read that reaches the end of the file completes with
+// OutOfRange and the bytes it did transfer.
+// Implementations: uring (io_uring_engine.h), posix (pread/pwrite on worker threads), memory,
+// and the fault-injection wrapper. Thread-compatible: one thread drives an engine (DESIGN.md
+// section 7: one submit/complete loop per engine).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+enum class IoOp : uint8_t { kRead, kWrite };
+
+using IoFileId = uint32_t;
+
+struct IoRequest {
+  IoOp op = IoOp::kRead;
+  IoFileId file = 0;
+  uint64_t offset = 0;
+  void* buffer = nullptr;
+  size_t bytes = 0;
+  uint64_t user_data = 0;  // returned in the completion; unique among requests in flight
+};
+
+struct IoCompletion {
+  uint64_t user_data = 0;
+  Status status;
+  size_t bytes = 0;  // transferred
+};
+
+enum class OpenMode : uint8_t {
+  kRead,       // existing file, read-only
+  kReadWrite,  // existing file
+  kCreate,     // create or truncate, read-write
+};
+
+class IoEngine {
+ public:
+  virtual ~IoEngine() = default;
+
+  virtual std::string_view name() const = 0;
+  virtual size_t alignment() const = 0;
+  virtual uint32_t queue_depth() const = 0;
+
+  // NotFound, PermissionDenied, ... naming the path.
+  virtual StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) = 0;
+  // REQUIRES: no request on the file in flight.
+  virtual Status Close(IoFileId file) = 0;
+  virtual StatusOr<uint64_t> FileSize(IoFileId file) = 0;
+  // Reserves `bytes` on the device (fallocate), so that running out of space is reported now,
+  // not in the middle of a write: ResourceExhausted when the disk is full.
+  virtual Status Allocate(IoFileId file, uint64_t bytes) = 0;
+  // Durability of completed writes (fdatasync).
+  virtual Status Sync(IoFileId file) = 0;
+
+  // Checks the request (file, alignment, in-flight user_data) and queues it.
+  Status Submit(const IoRequest& request);
+  // Up to `max` completions into `out`, waiting up to `wait` for the first one.
+  size_t Poll(IoCompletion* out, size_t max, std::chrono::microseconds wait);
+  Status Cancel(uint64_t user_data) { return DoCancel(user_data); }
+  size_t in_flight() const { return in_flight_; }
+
+ protected:
+  virtual Status CheckFile(IoFileId file) const = 0;
+  virtual Status DoSubmit(const IoRequest& request) = 0;
+  virtual size_t DoPoll(IoCompletion* out, size_t max, std::chrono::microseconds wait) = 0;
+  virtual Status DoCancel(uint64_t user_data) = 0;
+
+ private:
+  size_t in_flight_ = 0;
+};
+
+// Synchronous helpers on top of Submit/Poll, for code that has nothing else to do meanwhile.
+// They return the request's final status. FailedPrecondition when other requests are in
+// flight (their completions would be taken).
+Status ReadAt(IoEngine& engine, IoFileId file, uint64_t offset, void* buffer, size_t bytes);
+Status WriteAt(IoEngine& engine, IoFileId file, uint64_t offset, const void* buffer, size_t bytes);
+
+enum class IoEngineKind : uint8_t { kUring, kPosix, kMemory };
+std::string_view IoEngineKindName(IoEngineKind kind);
+StatusOr<IoEngineKind> ParseIoEngineKind(std::string_view name);
+
+struct IoEngineOptions {
+  uint32_t queue_depth = 32;   // requests in flight at most (>= 1)
+  bool direct = true;          // O_DIRECT for the file engines (bypass the page cache)
+  uint32_t posix_threads = 4;  // worker threads of the posix engine
+};
+
+// Unavailable when the kind cannot run here (e.g. io_uring disabled by the kernel): callers
+// fall back to kPosix.
+StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
+                                                   const IoEngineOptions& options);
+
+}  // namespace ecss
