@@ -162,12 +162,15 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
     return InvalidArgumentError(StrCat("this CPU cannot run ", SimdIsaName(isa)));
   auto impl = std::make_unique<Impl>(options, isa, tier);
   const int arrays = 1 + StateArrays(options.kind);
-  const size_t n = options.max_expert_elements;
+  // Each array starts on a 4 KiB boundary and has room for a whole number of 4 KiB blocks, so
+  // that O_DIRECT tiers can read into and write from the slot directly.
+  const size_t stride = (options.max_expert_elements * 4 + 4095) / 4096 * 1024;  // floats
   for (int b = 0; b < options.buffers; ++b) {
-    StatusOr<Buffer> buffer = staging->Allocate(n * 4 * arrays, MemoryTag::kStaging);
+    StatusOr<Buffer> buffer = staging->Allocate(stride * 4 * arrays, MemoryTag::kStaging);
     if (!buffer.ok()) return buffer.status().Annotate(StrCat("state streaming slot ", b));
     float* base = buffer->as<float>();
-    impl->slots.push_back(StateSlot{base, base + n, arrays == 3 ? base + 2 * n : nullptr, 0});
+    impl->slots.push_back(
+        StateSlot{base, base + stride, arrays == 3 ? base + 2 * stride : nullptr, 0});
     impl->buffers.push_back(std::move(*buffer));
   }
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));

@@ -100,8 +100,9 @@ struct StreamingReport {
 
 class StateStreamingUpdater {
  public:
-  // Carves buffers x (1 + state arrays) x max_expert_elements floats from `staging` (the
-  // pinned pool). InvalidArgument for bad options; ResourceExhausted when staging is too small.
+  // Carves buffers x (1 + state arrays) arrays of max_expert_elements floats, each rounded up
+  // to 4 KiB, from `staging` (the pinned pool; with its 4 KiB alignment every array is
+  // O_DIRECT-ready). InvalidArgument for bad options; ResourceExhausted when staging is too small.
   // REQUIRES: tier and staging outlive the updater.
   static StatusOr<std::unique_ptr<StateStreamingUpdater>> Create(const StreamingOptions& options,
                                                                  StateTier* tier,

@@ -41,7 +41,10 @@ const std::vector<Suite>& Suites() {
       {"optimizer", "fused CPU AdamW updates/s vs the memory roofline and an unfused loop",
        "  --params N    fp32 parameters updated (default 67108864)\n"
        "  --samples N   timed passes per variant; the median is reported (default 5)\n"
-       "  --states S    where master and moments live: host (nvme needs the offload tier)\n",
+       "  --states S    where master and moments live: host or nvme (default host)\n"
+       "  --dir DIR     nvme: directory of the state file (default .)\n"
+       "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
+       "  --buffers N   nvme: staging slots of the pipeline (default 2)\n",
        RunOptimizerSuite},
       {"nvme", "read/write GB/s of 1 MiB blocks through the io_uring engine vs fio",
        "  --dir DIR            directory of the test files (default .)\n"

@@ -27,19 +27,16 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-struct Pattern {
-  const char* name;  // fio's --rw
-  IoOp op;
-  bool random;
-};
 constexpr std::array<Pattern, 4> kPatterns = {{{"write", IoOp::kWrite, false},
                                                {"read", IoOp::kRead, false},
                                                {"randread", IoOp::kRead, true},
                                                {"randwrite", IoOp::kWrite, true}}};
 
+}  // namespace
+
 // Moves every block of the file once, keeping `depth` requests in flight. Returns GB/s.
-StatusOr<double> RunPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
-                            uint64_t blocks, size_t block, uint8_t* buffers) {
+StatusOr<double> RunIoPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
+                              uint64_t blocks, size_t block, uint8_t* buffers) {
   std::vector<uint64_t> order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
   if (pattern.random) {
@@ -77,6 +74,8 @@ StatusOr<double> RunPattern(IoEngine& engine, IoFileId file, const Pattern& patt
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   return static_cast<double>(blocks * block) / seconds / 1e9;
 }
+
+namespace {
 
 bool HaveFio() {
   return ::access("/usr/bin/fio", X_OK) == 0 || ::access("/usr/local/bin/fio", X_OK) == 0;
@@ -139,7 +138,7 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   // Lay the file out once, untimed, as fio does before it measures: later writes then
   // overwrite written blocks instead of converting unwritten extents.
   ECSS_RETURN_IF_ERROR(
-      RunPattern(*engine, *file, kPatterns[0], file_bytes / block, block, buffers.as<uint8_t>())
+      RunIoPattern(*engine, *file, kPatterns[0], file_bytes / block, block, buffers.as<uint8_t>())
           .status());
   const bool run_fio = with_fio == "yes" || (with_fio == "auto" && HaveFio());
 
@@ -168,8 +167,8 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     std::vector<double> ecss_samples, fio_samples;
     Status fio_status;
     for (uint64_t s = 0; s < samples; ++s) {
-      ECSS_ASSIGN_OR_RETURN(double sample, RunPattern(*engine, *file, pattern, file_bytes / block,
-                                                      block, buffers.as<uint8_t>()));
+      ECSS_ASSIGN_OR_RETURN(double sample, RunIoPattern(*engine, *file, pattern, file_bytes / block,
+                                                        block, buffers.as<uint8_t>()));
       ecss_samples.push_back(sample);
       if (run_fio) {
         StatusOr<double> fio = RunFio(dir + "/ecss-fio-bench.dat", pattern, file_bytes, block,

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bench/ecss_bench/bench_args.h"
+#include "offload/io/io_engine.h"
 #include "runtime/base/json_writer.h"
 
 namespace ecss::bench {
@@ -29,6 +30,16 @@ MachineInfo DescribeMachine();
 
 // Median of a small sample (copies it).
 double Median(std::vector<double> values);
+
+// One storage access pattern (fio's --rw name).
+struct Pattern {
+  const char* name;
+  IoOp op;
+  bool random;
+};
+// Moves every block of `file` once through `engine`, its queue kept full; returns GB/s.
+StatusOr<double> RunIoPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
+                              uint64_t blocks, size_t block, uint8_t* buffers);
 
 // The suites. Each lives in its own file.
 Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);

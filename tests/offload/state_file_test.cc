@@ -1,0 +1,160 @@
+#include "offload/state_file.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "offload/io/io_engines.h"
+
+namespace ecss {
+namespace {
+
+struct Arrays {
+  explicit Arrays(uint64_t elements, float seed) {
+    for (int a = 0; a < 3; ++a) {
+      data[a] = static_cast<float*>(std::aligned_alloc(4096, StateArrayBytes(elements)));
+      for (uint64_t i = 0; i < elements; ++i) data[a][i] = seed + a * 1000 + static_cast<float>(i);
+    }
+  }
+  ~Arrays() {
+    for (float* d : data) std::free(d);
+  }
+  Arrays(const Arrays&) = delete;
+  Arrays& operator=(const Arrays&) = delete;
+  float* data[3];
+};
+
+class StateFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = ::testing::TempDir() + "/ecss_state_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::create_directories(root_ + "/a");
+    std::filesystem::create_directories(root_ + "/b");
+    IoEngineOptions io;
+    io.queue_depth = 8;
+    engine_ = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), FaultOptions{});
+    options_.dirs = {root_ + "/a", root_ + "/b"};
+    options_.arrays = 3;
+    options_.max_expert_elements = 5000;
+    options_.experts = 5;
+  }
+  void TearDown() override {
+    engine_.reset();
+    std::filesystem::remove_all(root_);
+  }
+  std::string root_;
+  std::unique_ptr<FaultInjectionIoEngine> engine_;
+  StateFileOptions options_;
+};
+
+TEST_F(StateFileTest, StoreLoadAndReopenAcrossStripedDirectories) {
+  {
+    auto file = ExpertStateFile::Create(engine_.get(), options_);
+    ASSERT_TRUE(file.ok()) << file.status();
+    for (uint32_t e = 0; e < 5; ++e) {
+      Arrays arrays(1000 + e, static_cast<float>(e));
+      ASSERT_TRUE((*file)->Store(e, arrays.data, 1000 + e, 10 + e).ok());
+    }
+  }
+  auto file = ExpertStateFile::Open(engine_.get(), options_);
+  ASSERT_TRUE(file.ok()) << file.status();
+  for (uint32_t e = 0; e < 5; ++e) {
+    Arrays expected(1000 + e, static_cast<float>(e)), got(1000 + e, -1.0f);
+    uint64_t count = 0;
+    ASSERT_TRUE((*file)->Load(e, got.data, 1000 + e, &count).ok());
+    EXPECT_EQ(count, 10u + e);
+    for (int a = 0; a < 3; ++a)
+      ASSERT_EQ(std::memcmp(got.data[a], expected.data[a], (1000 + e) * 4), 0);
+  }
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/a/ecss-states-0.bin"));
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/b/ecss-states-1.bin"));
+}
+
+TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays arrays(3000, 1.0f);
+  ASSERT_TRUE(file->Store(2, arrays.data, 3000, 1).ok());
+  // Flip one bit of the master array of expert 2 (directory a, second slot) on disk.
+  const uint64_t master_offset = file->slot_bytes() + 4096;
+  const std::string path = root_ + "/a/ecss-states-0.bin";
+  {
+    FILE* raw = std::fopen(path.c_str(), "r+b");
+    ASSERT_NE(raw, nullptr);
+    std::fseek(raw, static_cast<long>(master_offset + 100), SEEK_SET);
+    const int byte = std::fgetc(raw);
+    std::fseek(raw, static_cast<long>(master_offset + 100), SEEK_SET);
+    std::fputc(byte ^ 0x04, raw);
+    std::fclose(raw);
+  }
+  Arrays got(3000, 0.0f);
+  uint64_t count = 0;
+  Status loaded = file->Load(2, got.data, 3000, &count);
+  EXPECT_EQ(loaded.code(), StatusCode::kDataLoss);
+  EXPECT_NE(loaded.message().find("expert 2"), std::string_view::npos) << loaded;
+  EXPECT_NE(loaded.message().find("master checksum mismatch"), std::string_view::npos) << loaded;
+  // A slot never stored has no header; a wrong element count is refused.
+  EXPECT_NE(file->Load(4, got.data, 3000, &count).message().find("no state header"),
+            std::string_view::npos);
+  ASSERT_TRUE(file->Store(2, arrays.data, 3000, 1).ok());
+  EXPECT_EQ(file->Load(2, got.data, 2999, &count).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(file->Load(7, got.data, 3000, &count).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(file->Load(2, got.data, 6000, &count).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(file->Load(2, got.data, 3000, &count).ok()) << "the store stays usable";
+}
+
+TEST_F(StateFileTest, TornStoreIsDetectedNotUsed) {
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays old_states(4096, 1.0f), new_states(4096, 2.0f);
+  ASSERT_TRUE(file->Store(1, old_states.data, 4096, 1).ok());
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 1;  // the next request: array 0 of the store
+  faults.torn_writes = true;
+  engine_->set_options(faults);
+  Status torn = file->Store(1, new_states.data, 4096, 2);
+  EXPECT_FALSE(torn.ok());
+  EXPECT_NE(torn.message().find("storing expert 1"), std::string_view::npos) << torn;
+  engine_->set_options(FaultOptions{});
+  Arrays got(4096, 0.0f);
+  uint64_t count = 0;
+  Status loaded = file->Load(1, got.data, 4096, &count);
+  EXPECT_EQ(loaded.code(), StatusCode::kDataLoss) << "half-new data is never returned as good";
+}
+
+TEST_F(StateFileTest, BadDirectoriesAndFullDisksAreClearErrors) {
+  StateFileOptions missing = options_;
+  missing.dirs = {root_ + "/does-not-exist"};
+  Status not_found = ExpertStateFile::Create(engine_.get(), missing).status();
+  EXPECT_EQ(not_found.code(), StatusCode::kNotFound);
+  EXPECT_NE(not_found.message().find("does-not-exist"), std::string_view::npos) << not_found;
+  FaultOptions full;
+  full.enospc_after_bytes = 4096;
+  engine_->set_options(full);
+  Status no_space = ExpertStateFile::Create(engine_.get(), options_).status();
+  EXPECT_EQ(no_space.code(), StatusCode::kResourceExhausted) << no_space;
+  engine_->set_options(FaultOptions{});
+  ASSERT_TRUE(ExpertStateFile::Create(engine_.get(), options_).ok());
+  StateFileOptions bigger = options_;
+  bigger.experts = 50;
+  EXPECT_EQ(ExpertStateFile::Open(engine_.get(), bigger).status().code(),
+            StatusCode::kFailedPrecondition);
+  if (::geteuid() != 0) {  // root writes anywhere
+    std::filesystem::create_directories(root_ + "/ro");
+    ::chmod((root_ + "/ro").c_str(), 0500);
+    StateFileOptions read_only = options_;
+    read_only.dirs = {root_ + "/ro"};
+    EXPECT_EQ(ExpertStateFile::Create(engine_.get(), read_only).status().code(),
+              StatusCode::kPermissionDenied);
+  }
+}
+
+}  // namespace
+}  // namespace ecss
