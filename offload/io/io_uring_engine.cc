@@ -20,7 +20,7 @@ namespace {
 constexpr uint64_t kCancelTag = ~uint64_t{0};
 constexpr unsigned kRegisteredFiles = 256;
 
-class UringEngine final : public IoEngine {
+class UringEngine final : public io_internal::FileBackedEngine {
  public:
   static StatusOr<std::unique_ptr<UringEngine>> Create(const IoEngineOptions& options) {
     std::unique_ptr<UringEngine> engine(new UringEngine(options));
@@ -54,13 +54,6 @@ class UringEngine final : public IoEngine {
   std::string_view name() const override { return "uring"; }
   size_t alignment() const override { return 4096; }
   uint32_t queue_depth() const override { return static_cast<uint32_t>(slots_.size()); }
-  StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) override {
-    return files_.Open(path, mode);
-  }
-  Status Close(IoFileId file) override { return files_.Close(file); }
-  StatusOr<uint64_t> FileSize(IoFileId file) override { return files_.Size(file); }
-  Status Allocate(IoFileId file, uint64_t bytes) override { return files_.Allocate(file, bytes); }
-  Status Sync(IoFileId file) override { return files_.Sync(file); }
 
   Status RegisterBuffer(void* base, size_t bytes) {
     if (buffer_registered_) io_uring_unregister_buffers(&ring_);
@@ -74,11 +67,7 @@ class UringEngine final : public IoEngine {
     return Status::Ok();
   }
 
-  bool fixed_files() const { return fixed_files_; }
-
  protected:
-  Status CheckFile(IoFileId file) const override { return files_.Check(file, "uring"); }
-
   Status DoSubmit(const IoRequest& request) override {
     for (size_t i = 0; i < slots_.size(); ++i) {
       if (slots_[i].used) continue;
@@ -136,7 +125,7 @@ class UringEngine final : public IoEngine {
   };
 
   explicit UringEngine(const IoEngineOptions& options)
-      : files_(options.direct), slots_(std::max(1u, options.queue_depth)) {}
+      : FileBackedEngine(options.direct), slots_(std::max(1u, options.queue_depth)) {}
 
   size_t Outstanding() const {
     size_t used = 0;
@@ -226,7 +215,6 @@ class UringEngine final : public IoEngine {
   bool fixed_files_ = false;
   bool buffer_registered_ = false;
   iovec buffer_{};
-  io_internal::PosixFiles files_;
   std::vector<Slot> slots_;
   unsigned pending_submit_ = 0;
 };

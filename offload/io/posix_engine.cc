@@ -17,10 +17,10 @@ namespace ecss {
 
 namespace {
 
-class PosixEngine final : public IoEngine {
+class PosixEngine final : public io_internal::FileBackedEngine {
  public:
   explicit PosixEngine(const IoEngineOptions& options)
-      : queue_depth_(options.queue_depth), files_(options.direct) {
+      : FileBackedEngine(options.direct), queue_depth_(options.queue_depth) {
     for (uint32_t i = 0; i < std::max(1u, options.posix_threads); ++i) {
       workers_.emplace_back([this] { Work(); });
     }
@@ -38,17 +38,8 @@ class PosixEngine final : public IoEngine {
   std::string_view name() const override { return "posix"; }
   size_t alignment() const override { return 4096; }
   uint32_t queue_depth() const override { return queue_depth_; }
-  StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) override {
-    return files_.Open(path, mode);
-  }
-  Status Close(IoFileId file) override { return files_.Close(file); }
-  StatusOr<uint64_t> FileSize(IoFileId file) override { return files_.Size(file); }
-  Status Allocate(IoFileId file, uint64_t bytes) override { return files_.Allocate(file, bytes); }
-  Status Sync(IoFileId file) override { return files_.Sync(file); }
 
  protected:
-  Status CheckFile(IoFileId file) const override { return files_.Check(file, "posix"); }
-
   Status DoSubmit(const IoRequest& request) override {
     Job job{request, files_.fd(request.file), files_.path(request.file)};
     std::lock_guard<std::mutex> lock(mutex_);
@@ -128,7 +119,6 @@ class PosixEngine final : public IoEngine {
   }
 
   const uint32_t queue_depth_;
-  io_internal::PosixFiles files_;
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Job> queue_;  // GUARDED_BY(mutex_)

@@ -1,7 +1,7 @@
-// Internal to offload/io: the open files of the file-backed engines (posix, uring). Opens with
-// O_DIRECT when asked, falling back to buffered I/O where the filesystem refuses it (tmpfs),
-// and answers size, allocation and sync. Not thread-safe: the engine's driving thread opens
-// and closes; workers only read the fd of an open file.
+// Internal to offload/io: the open files of the file-backed engines (posix, uring), and their
+// common base. Opens with O_DIRECT when asked, falling back to buffered I/O where the
+// filesystem refuses it (tmpfs), and answers size, allocation and sync. Not thread-safe: the
+// engine's driving thread opens and closes; workers only read the fd of an open file.
 #pragma once
 
 #include <functional>
@@ -39,6 +39,24 @@ class PosixFiles {
   const bool direct_;
   std::vector<File> files_;
   std::function<void(IoFileId, int)> listener_;
+};
+
+// The base of the file-backed engines: file operations go to the shared PosixFiles.
+class FileBackedEngine : public IoEngine {
+ public:
+  StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) override {
+    return files_.Open(path, mode);
+  }
+  Status Close(IoFileId file) override { return files_.Close(file); }
+  StatusOr<uint64_t> FileSize(IoFileId file) override { return files_.Size(file); }
+  Status Allocate(IoFileId file, uint64_t bytes) override { return files_.Allocate(file, bytes); }
+  Status Sync(IoFileId file) override { return files_.Sync(file); }
+
+ protected:
+  explicit FileBackedEngine(bool direct) : files_(direct) {}
+  Status CheckFile(IoFileId file) const override { return files_.Check(file, name()); }
+
+  PosixFiles files_;
 };
 
 }  // namespace ecss::io_internal
