@@ -55,6 +55,13 @@ const std::vector<Suite>& Suites() {
        "  --engine E           uring, posix or memory (default uring)\n"
        "  --fio auto|yes|no    run fio as the reference (default auto: when installed)\n",
        RunNvmeSuite},
+      {"cache", "device cache hit rate and bytes moved: Belady vs LRU on real routing plans",
+       "  --layers N             RRE layers (default 4)\n"
+       "  --experts-per-domain N group size (default 16)\n"
+       "  --steps N              training steps replayed (default 20)\n"
+       "  --budget-percent N     device slots as a share of all experts (default 25)\n"
+       "  --expert-bytes N       bytes per expert copy (default 65536)\n",
+       RunCacheSuite},
   };
   return suites;
 }

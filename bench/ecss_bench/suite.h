@@ -47,5 +47,6 @@ Status RunRouterSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench

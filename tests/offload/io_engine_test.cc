@@ -210,7 +210,9 @@ INSTANTIATE_TEST_SUITE_P(
                           return std::unique_ptr<IoEngine>(std::make_unique<FaultInjectionIoEngine>(
                               CreatePosixIoEngine(Options()), none));
                         }}),
-    [](const ::testing::TestParamInfo<EngineUnderTest>& info) { return info.param.name; });
+    [](const ::testing::TestParamInfo<EngineUnderTest>& param_info) {
+      return param_info.param.name;
+    });
 
 // ---- Fault injection -----------------------------------------------------------------------
 
