@@ -7,6 +7,7 @@ list(APPEND CMAKE_MODULE_PATH "${CMAKE_CURRENT_LIST_DIR}")
 find_package(Threads REQUIRED)
 find_package(TBB CONFIG REQUIRED)          # optimizer/ task arenas
 find_package(Liburing REQUIRED)            # offload/io NVMe engine
+find_package(OpenBLAS REQUIRED)            # kernels/cpu GEMMs
 
 if(ECSS_JEMALLOC)
   find_package(Jemalloc REQUIRED)          # host-tier allocator (runtime/device/host_allocator)
@@ -38,6 +39,17 @@ if(NOT ECSS_CUDA STREQUAL "OFF")
   endif()
   if(CUDAToolkit_FOUND)
     set(ECSS_HAVE_CUDA ON)
+    # kernels/cuda is compiled by nvcc; default architectures: A100 and H100.
+    if(NOT DEFINED CMAKE_CUDA_COMPILER)
+      set(CMAKE_CUDA_COMPILER "${CUDAToolkit_NVCC_EXECUTABLE}")
+    endif()
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)
+    endif()
+    if(ECSS_CCACHE AND NOT CMAKE_CUDA_COMPILER_LAUNCHER)
+      set(CMAKE_CUDA_COMPILER_LAUNCHER ${ECSS_CCACHE})
+    endif()
+    enable_language(CUDA)
     find_package(NCCL QUIET)
     if(NCCL_FOUND)
       set(ECSS_HAVE_NCCL ON)

@@ -195,6 +195,22 @@ LayerPlan RoutingPlan::LayerAt(const void* base, uint32_t index) {
   return plan;
 }
 
+LayerPlan RoutingPlan::DeviceLayer(uint32_t index, const void* device_base) const {
+  const LayerPlan host = layer(index);
+  const auto* host_words = storage_.data();
+  const auto* device_words = static_cast<const uint32_t*>(device_base);
+  auto rebase = [&](const void* ptr) {
+    return device_words + (static_cast<const uint32_t*>(ptr) - host_words);
+  };
+  LayerPlan plan = host;
+  plan.active_experts = rebase(host.active_experts);
+  plan.expert_offsets = rebase(host.expert_offsets);
+  plan.permutation = rebase(host.permutation);
+  plan.inverse = rebase(host.inverse);
+  plan.combine_weights = reinterpret_cast<const float*>(rebase(host.combine_weights));
+  return plan;
+}
+
 std::vector<ExpertAccess> StepAccessSequence(const std::vector<RoutingPlan>& micro_batches) {
   std::vector<ExpertAccess> sequence;
   for (uint32_t m = 0; m < micro_batches.size(); ++m) {

@@ -3,7 +3,7 @@
 // per layer, the active experts, the stable permutation that sorts token slots by expert, its
 // inverse, per-expert offsets and the combine weights. All of it lives in one contiguous,
 // relocatable buffer (offsets, not pointers), so the CUDA side copies a plan in one transfer
-// and views it with LayerAt(device_copy, layer).
+// and views it with DeviceLayer(layer, device_copy).
 // Also: the step's expert access sequence (forward layers 0..L-1, backward L-1..0, per
 // micro-batch) that the prefetcher and the device cache plan with.
 // Thread-compatible; building allocates, views never do. C++17 (nvcc sees it).
@@ -65,9 +65,13 @@ class RoutingPlan {
   // The whole plan as bytes, for one transfer.
   const void* data() const { return storage_.data(); }
   size_t bytes() const { return storage_.size() * sizeof(uint32_t); }
-  // A view of layer `index` of a plan copied to `base` (host or device memory), valid as long
-  // as the copy is. REQUIRES: base holds bytes() bytes copied from data().
+  // A view of layer `index` of a plan copied to host memory at `base`, valid as long as the
+  // copy is. REQUIRES: base holds bytes() bytes copied from data(). (It reads the copy, so it
+  // cannot be given device memory: use DeviceLayer.)
   static LayerPlan LayerAt(const void* base, uint32_t index);
+  // Layer `index` with its arrays pointing into a copy of the whole plan at `device_base` (any
+  // memory, never read here): the view device code uses after one transfer of data().
+  LayerPlan DeviceLayer(uint32_t index, const void* device_base) const;
 
  private:
   explicit RoutingPlan(std::vector<uint32_t> storage) : storage_(std::move(storage)) {}

@@ -7,7 +7,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache pkg-config git
-  libtbb-dev liburing-dev libjemalloc-dev
+  libtbb-dev liburing-dev libjemalloc-dev libopenblas-dev
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   clang-format clang-tidy
   fio

@@ -62,6 +62,16 @@ const std::vector<Suite>& Suites() {
        "  --budget-percent N     device slots as a share of all experts (default 25)\n"
        "  --expert-bytes N       bytes per expert copy (default 65536)\n",
        RunCacheSuite},
+      {"kernels", "grouped expert FFN forward+backward GFLOPS (CPU, fp32 and bf16) vs BLAS sgemm",
+       "  --d-model N            model width (default 1024)\n"
+       "  --d-ff N               FFN width (default 4096)\n"
+       "  --experts N            active experts (default 8)\n"
+       "  --tokens-per-expert N  rows per expert (default 512)\n"
+       "  --activation A         gelu or swiglu (default gelu)\n"
+       "  --threads N            CPU threads for both sides; 0 = all (default 0)\n"
+       "  --samples N            timed runs; the median is reported (default 3)\n"
+       "  --profile NAME         device profile for the modelled time (default h100-sxm)\n",
+       RunKernelsSuite},
   };
   return suites;
 }

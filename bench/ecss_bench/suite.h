@@ -48,5 +48,6 @@ Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& 
 Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunKernelsSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench

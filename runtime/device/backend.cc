@@ -159,6 +159,15 @@ Status Backend::DoLaunchKernel(const StreamPtr&, KernelTask&&) {
   return UnimplementedError("this backend does not run host kernels");
 }
 
+StatusOr<void*> Backend::NativeStream(Stream stream) {
+  ECSS_ASSIGN_OR_RETURN(StreamPtr impl, streams_.Get(stream));
+  return DoNativeStream(*impl);
+}
+
+StatusOr<void*> Backend::DoNativeStream(StreamImpl&) {
+  return UnimplementedError(StrCat(capabilities_.name, " backend has no native streams"));
+}
+
 Status Backend::RecordEvent(Event event, Stream stream) {
   ECSS_ASSIGN_OR_RETURN(EventPtr event_impl, events_.Get(event));
   ECSS_ASSIGN_OR_RETURN(StreamPtr stream_impl, streams_.Get(stream));

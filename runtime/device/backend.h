@@ -98,6 +98,9 @@ class Backend {
   Status LaunchHostFunction(Stream stream, std::string name, std::function<Status()> fn);
   // Unimplemented on backends without host_kernels.
   Status LaunchKernel(Stream stream, KernelTask task);
+  // The backend's own handle of `stream` (a cudaStream_t on CUDA), for kernels/ to launch
+  // device code on; Unimplemented on backends that have none (sim).
+  StatusOr<void*> NativeStream(Stream stream);
   // The event completes when the work enqueued on `stream` before this call has completed.
   Status RecordEvent(Event event, Stream stream);
   // Work enqueued on `stream` after this call waits for the event's latest recording (as of
@@ -144,6 +147,7 @@ class Backend {
   virtual Status DoLaunchHostFunction(const StreamPtr& stream, std::string name,
                                       std::function<Status()> fn) = 0;
   virtual Status DoLaunchKernel(const StreamPtr& stream, KernelTask&& task);
+  virtual StatusOr<void*> DoNativeStream(StreamImpl& stream);
   virtual Status DoRecordEvent(const EventPtr& event, const StreamPtr& stream) = 0;
   virtual Status DoWaitEvent(const StreamPtr& stream, const EventPtr& event) = 0;
   virtual Status DoSynchronizeStream(StreamImpl& stream) = 0;

@@ -92,6 +92,13 @@ TEST(RoutingPlanTest, PlanIsOneRelocatableBuffer) {
     ASSERT_EQ(0, std::memcmp(a.permutation, b.permutation, a.rows() * sizeof(uint32_t)));
     ASSERT_EQ(0, std::memcmp(a.active_experts, b.active_experts, a.num_active * sizeof(uint32_t)));
     ASSERT_NE(static_cast<const void*>(a.permutation), static_cast<const void*>(b.permutation));
+    // The device view points into the copy without reading it, and agrees with LayerAt's.
+    const LayerPlan c = plan->DeviceLayer(layer, copy.data());
+    EXPECT_EQ(c.permutation, b.permutation);
+    EXPECT_EQ(c.inverse, b.inverse);
+    EXPECT_EQ(c.expert_offsets, b.expert_offsets);
+    EXPECT_EQ(c.combine_weights, b.combine_weights);
+    EXPECT_EQ(c.num_active, a.num_active);
   }
 }
 

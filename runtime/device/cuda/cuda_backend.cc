@@ -223,6 +223,10 @@ class CudaBackend final : public Backend {
     return Status::Ok();
   }
 
+  StatusOr<void*> DoNativeStream(StreamImpl& impl) override {
+    return static_cast<void*>(static_cast<CudaStream&>(impl).stream);
+  }
+
   Status DoRecordEvent(const EventPtr& event_impl, const StreamPtr& stream_impl) override {
     auto& event = static_cast<CudaEvent&>(*event_impl);
     auto stream = std::static_pointer_cast<CudaStream>(stream_impl);
