@@ -161,6 +161,22 @@ Status DeviceCache::ReleaseSlot(uint32_t index, const Stream* used_on) {
   return Status::Ok();
 }
 
+void DeviceCache::SetPolicy(std::unique_ptr<EvictionPolicy> policy) { policy_ = std::move(policy); }
+
+Status DeviceCache::Invalidate(ExpertKey key) {
+  auto found = where_.find(key);
+  if (found == where_.end()) return Status::Ok();
+  Slot& slot = slots_[found->second];
+  if (slot.leases > 0) {
+    return FailedPreconditionError(StrCat("device cache: expert (", key >> 32, ", ",
+                                          key & 0xFFFFFFFFu, ") is leased; cannot invalidate"));
+  }
+  // The slot keeps its last_use event, so the next copy into it still waits for that kernel.
+  slot.occupied = false;
+  where_.erase(found);
+  return Status::Ok();
+}
+
 Residency DeviceCache::residency(ExpertKey key) {
   auto found = where_.find(key);
   if (found == where_.end()) return Residency::kAbsent;

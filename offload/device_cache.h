@@ -95,6 +95,11 @@ class DeviceCache {
   // leased.
   StatusOr<Lease> Acquire(ExpertKey key, const void* host_weights, Stream copy_stream,
                           uint64_t position);
+  // Drops `key`'s device copy (its host weights changed: an update). No-op when absent;
+  // FailedPrecondition while leased. A later Acquire copies it again.
+  Status Invalidate(ExpertKey key);
+  // Replaces the policy (the engine gives Belady each step's sequence; positions restart).
+  void SetPolicy(std::unique_ptr<EvictionPolicy> policy);
   Residency residency(ExpertKey key);
   const CacheStats& stats() const { return stats_; }
   uint32_t slots() const { return static_cast<uint32_t>(slots_.size()); }

@@ -5,6 +5,7 @@
 #include <tbb/task_group.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -47,6 +48,7 @@ struct CpuOptimizer::Impl {
   // Runs in the arena: checks the gradient when asked, then updates in chunks.
   void RunUpdate(uint32_t e, Pending work, uint64_t step, float clip_coefficient,
                  bool check_finite) {
+    BusyScope busy(*this);
     ExpertState& expert = experts[e];
     const size_t n = expert.arrays.size;
     if (check_finite) {
@@ -79,6 +81,23 @@ struct CpuOptimizer::Impl {
     Finish(e, step, true, Status::Ok());
   }
 
+  // Busy time: the union of the intervals in which at least one update runs.
+  struct BusyScope {
+    explicit BusyScope(Impl& owner) : impl(owner) {
+      std::lock_guard<std::mutex> lock(impl.busy_mutex);
+      if (impl.running++ == 0) impl.busy_since = std::chrono::steady_clock::now();
+    }
+    ~BusyScope() {
+      std::lock_guard<std::mutex> lock(impl.busy_mutex);
+      if (--impl.running == 0) {
+        impl.busy_seconds +=
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - impl.busy_since)
+                .count();
+      }
+    }
+    Impl& impl;
+  };
+
   void Finish(uint32_t e, uint64_t step, bool updated, Status error) {
     std::lock_guard<std::mutex> lock(mutex);
     ExpertState& expert = experts[e];
@@ -99,6 +118,11 @@ struct CpuOptimizer::Impl {
       });
     });
   }
+
+  std::mutex busy_mutex;
+  int running = 0;                                   // GUARDED_BY(busy_mutex)
+  std::chrono::steady_clock::time_point busy_since;  // GUARDED_BY(busy_mutex)
+  double busy_seconds = 0;                           // GUARDED_BY(busy_mutex)
 
   CpuOptimizerOptions options;
   SimdIsa isa;
@@ -273,5 +297,10 @@ uint64_t CpuOptimizer::version(uint32_t expert) const {
 
 uint64_t CpuOptimizer::current_step() const { return impl_->current_step; }
 SimdIsa CpuOptimizer::isa() const { return impl_->isa; }
+
+double CpuOptimizer::busy_seconds() const {
+  std::lock_guard<std::mutex> lock(impl_->busy_mutex);
+  return impl_->busy_seconds;
+}
 
 }  // namespace ecss

@@ -92,6 +92,9 @@ class CpuOptimizer {
   Status Synchronize();
 
   uint64_t version(uint32_t expert) const;  // updates received (the bias-correction step)
+  // Seconds in which at least one update was running, since creation (the optimizer as a
+  // resource: what overlap efficiency compares with the step time).
+  double busy_seconds() const;
   uint64_t current_step() const;
   SimdIsa isa() const;
 

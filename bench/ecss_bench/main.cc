@@ -72,6 +72,23 @@ const std::vector<Suite>& Suites() {
        "  --samples N            timed runs; the median is reported (default 3)\n"
        "  --profile NAME         device profile for the modelled time (default h100-sxm)\n",
        RunKernelsSuite},
+      {"step", "whole training steps (timed sim + real CPU optimizer): ecss, no-overlap or naive",
+       "  --strategy S           ecss, no-overlap or naive (default ecss)\n"
+       "  --layers N             sparse layers (default 4)\n"
+       "  --d-model N            (default 512)\n"
+       "  --d-ff N               (default 1024)\n"
+       "  --domains N            (default 40)\n"
+       "  --experts-per-domain N (default 2)\n"
+       "  --domains-per-step N   domains each step's samples come from (default 4)\n"
+       "  --samples N            samples per step (default 8)\n"
+       "  --seq-len N            tokens per sample (default 256)\n"
+       "  --steps N              steps run (default 6)\n"
+       "  --warmup N             first steps not measured (default 2)\n"
+       "  --optimizer-threads N  CPU optimizer threads (default 1)\n"
+       "  --device-mib N         the session's device budget (default 768)\n"
+       "  --profile NAME         device profile for kernel time and link bandwidth "
+       "(default h100-sxm)\n",
+       RunStepSuite},
   };
   return suites;
 }

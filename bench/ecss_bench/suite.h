@@ -49,5 +49,6 @@ Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table)
 Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunKernelsSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
+Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 
 }  // namespace ecss::bench

@@ -10,6 +10,7 @@ ArenaOptions ToArenaOptions(const PinnedPoolOptions& options) {
   arena.capacity_bytes = options.capacity_bytes;
   arena.alignment = options.alignment;
   arena.lock_pages = options.lock_pages;
+  arena.populate = options.populate;
   return arena;
 }
 }  // namespace

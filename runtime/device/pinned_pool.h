@@ -19,6 +19,9 @@ struct PinnedPoolOptions {
   uint64_t capacity_bytes = 0;  // the budget; > 0 and at most the machine's memory
   size_t alignment = 4096;      // of every block; 4 KiB keeps blocks O_DIRECT-capable
   bool lock_pages = true;       // mlock; when refused the pool still works, unlocked
+  // Fault every page in at creation, as cudaHostAlloc does: a first copy into fresh pinned
+  // memory then never pays page faults (they cost more than the copy on a VM).
+  bool populate = true;
 };
 
 // How a backend registers host memory for DMA. Either function may be empty.

@@ -1,0 +1,327 @@
+// train_moe_lm: trains a small multi-domain causal language model whose sparse layers are RRE
+// experts run by an ECSS session, on real text found on this machine (C headers, Python
+// sources, licence texts, documentation, CMake files; an embedded corpus where missing).
+//
+// Model: next-token prediction from the current token. Embedding E [vocab, d] (dense, owned by
+// this loop) -> L residual sparse layers x += MoE_l(x), each token routed by its domain's RRE
+// table -> logits = x O (dense, [d, vocab]) -> softmax cross-entropy. The loop owns E and O and
+// updates them with its own CpuOptimizer; the session owns the experts. The simulated device
+// runs in real mode with a device budget smaller than the experts, so experts stream in and
+// out every step. Per step it prints loss, tokens/s, bytes streamed, cache hit rate and
+// stalls; at the end the corpus's unigram entropy next to the final loss (both in nats), and
+// it writes a Chrome trace.
+//
+// Usage: train_moe_lm [--steps N] [--layers N] [--d-model N] [--d-ff N] [--experts N]
+//                     [--vocab N] [--device-kib N] [--dtype f32|bf16] [--strategy S]
+//                     [--trace FILE] [--print-every N]
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/base/trace.h"
+#include "runtime/device/sim/sim_backend.h"
+#include "runtime/engine/session.h"
+#include "tools/text/corpus.h"
+#include "tools/text/tokenizer.h"
+
+namespace ecss {
+namespace {
+
+struct Options {
+  int steps = 300;
+  uint32_t layers = 2;
+  uint32_t d_model = 64;
+  uint32_t d_ff = 128;
+  uint32_t experts = 4;  // per domain and layer
+  uint32_t vocab = 2048;
+  uint64_t device_bytes = 3712 << 10;  // the cache holds about half of the experts
+  DType dtype = DType::kBF16;
+  Strategy strategy = Strategy::kEcss;
+  std::string trace_path = "train_moe_lm.trace.json";
+  int print_every = 20;
+};
+
+StatusOr<Options> Parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (i + 1 >= argc) return InvalidArgumentError(StrCat("option ", arg, " needs a value"));
+    const std::string value = argv[++i];
+    if (arg == "--trace") {
+      o.trace_path = value;
+      continue;
+    }
+    if (arg == "--dtype") {
+      ECSS_ASSIGN_OR_RETURN(o.dtype, ParseDType(value));
+      continue;
+    }
+    if (arg == "--strategy") {
+      ECSS_ASSIGN_OR_RETURN(o.strategy, ParseStrategy(value));
+      continue;
+    }
+    char* end = nullptr;
+    const unsigned long long number = std::strtoull(value.c_str(), &end, 10);
+    if (end == value.c_str() || *end != '\0' || number == 0) {
+      return InvalidArgumentError(StrCat(arg, " = '", value, "' must be an integer > 0"));
+    }
+    if (arg == "--steps") {
+      o.steps = static_cast<int>(number);
+    } else if (arg == "--layers") {
+      o.layers = static_cast<uint32_t>(number);
+    } else if (arg == "--d-model") {
+      o.d_model = static_cast<uint32_t>(number);
+    } else if (arg == "--d-ff") {
+      o.d_ff = static_cast<uint32_t>(number);
+    } else if (arg == "--experts") {
+      o.experts = static_cast<uint32_t>(number);
+    } else if (arg == "--vocab") {
+      o.vocab = static_cast<uint32_t>(number);
+    } else if (arg == "--device-kib") {
+      o.device_bytes = number << 10;
+    } else if (arg == "--print-every") {
+      o.print_every = static_cast<int>(number);
+    } else {
+      return InvalidArgumentError(StrCat("unknown option ", arg));
+    }
+  }
+  return o;
+}
+
+constexpr uint32_t kSamples = 8, kSeq = 64, kDomainsPerStep = 4;
+
+// Host copies of device activations in the model's dtype.
+std::vector<char> Encode(const std::vector<float>& v, DType dtype) {
+  std::vector<char> out(v.size() * DTypeSize(dtype));
+  if (dtype == DType::kF32) {
+    std::memcpy(out.data(), v.data(), out.size());
+  } else {
+    ConvertF32ToBf16(v.data(), reinterpret_cast<BFloat16*>(out.data()), v.size());
+  }
+  return out;
+}
+void Decode(const std::vector<char>& bytes, DType dtype, std::vector<float>* v) {
+  if (dtype == DType::kF32) {
+    std::memcpy(v->data(), bytes.data(), bytes.size());
+  } else {
+    ConvertBf16ToF32(reinterpret_cast<const BFloat16*>(bytes.data()), v->data(), v->size());
+  }
+}
+
+Status Train(const Options& o) {
+  // ---- Data: real text, one domain per kind of file --------------------------------------
+  text::CorpusOptions corpus_options;
+  corpus_options.max_bytes_per_domain = uint64_t{1} << 20;
+  const std::vector<text::CorpusDomain> corpus = text::LoadMachineCorpus(corpus_options);
+  std::vector<std::string_view> texts;
+  texts.reserve(corpus.size());
+  for (const auto& d : corpus) texts.push_back(d.text);
+  ECSS_ASSIGN_OR_RETURN(text::WordTokenizer tokenizer, text::WordTokenizer::Train(texts, o.vocab));
+  const uint32_t vocab = tokenizer.vocab_size();
+  std::vector<std::vector<uint32_t>> tokens;
+  std::vector<uint32_t> all_tokens;
+  ModelSpec model;
+  for (const auto& d : corpus) {
+    tokens.push_back(tokenizer.Encode(d.text));
+    all_tokens.insert(all_tokens.end(), tokens.back().begin(), tokens.back().end());
+    model.domains.push_back({d.name, o.experts});
+    std::printf("domain %-10s %8zu tokens (%zu files%s)\n", d.name.c_str(), tokens.back().size(),
+                d.files, d.files == 0 ? ": embedded fallback" : "");
+  }
+  const double unigram_entropy = text::UnigramEntropy(all_tokens, vocab);
+
+  // ---- Session: experts streamed through a small simulated device ------------------------
+  TraceRecorder trace("train_moe_lm");
+  SimOptions sim_options;
+  sim_options.device_memory_bytes = o.device_bytes + (uint64_t{8} << 20);  // + the loop's own
+  sim_options.h2d_bandwidth_gbps = 25;
+  sim_options.d2h_bandwidth_gbps = 25;
+  sim_options.trace = &trace;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create(sim_options));
+  model.layers = o.layers;
+  model.d_model = o.d_model;
+  model.d_ff = o.d_ff;
+  model.activation = Activation::kGelu;
+  model.dtype = o.dtype;
+  model.vocab = vocab;
+  model.seed = 7;
+  model.init_scale = 0.5f / std::sqrt(static_cast<float>(o.d_model));
+  SessionOptions session_options;
+  session_options.model = model;
+  session_options.strategy = o.strategy;
+  session_options.device_budget_bytes = o.device_bytes;
+  session_options.max_tokens_per_micro_batch = kSamples * kSeq;
+  session_options.optimizer.groups[0].lr = 3e-3f;
+  session_options.optimizer.skip_step_on_nonfinite = false;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, session_options));
+  uint64_t expert_total = 0;
+  for (uint32_t l = 0; l < o.layers; ++l) expert_total += session->experts_in_layer(l);
+  std::printf(
+      "%u sparse layers x %zu domains x %u experts = %llu experts of %llu params (%s); "
+      "device cache: %u slots (%.0f%% of the experts)\n",
+      o.layers, corpus.size(), o.experts, static_cast<unsigned long long>(expert_total),
+      static_cast<unsigned long long>(session->expert_params()),
+      std::string(DTypeName(o.dtype)).c_str(), session->cache_slots(),
+      100.0 * session->cache_slots() / static_cast<double>(expert_total));
+
+  // ---- Dense parameters, owned by the loop ----------------------------------------------
+  const uint32_t d = o.d_model;
+  const uint64_t T = uint64_t{kSamples} * kSeq;
+  std::vector<float> emb(uint64_t{vocab} * d), out(uint64_t{d} * vocab);
+  std::vector<float> emb_m(emb.size()), emb_v(emb.size()), out_m(out.size()), out_v(out.size());
+  CounterRng rng(3, 0);
+  for (float& w : emb) w = (rng.UniformFloat() * 2 - 1) * 0.5f;
+  for (float& w : out) w = (rng.UniformFloat() * 2 - 1) / std::sqrt(static_cast<float>(d));
+  CpuOptimizerOptions dense_options;
+  dense_options.groups[0].lr = 1e-2f;
+  dense_options.skip_step_on_nonfinite = false;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CpuOptimizer> dense, CpuOptimizer::Create(dense_options));
+  ECSS_ASSIGN_OR_RETURN(
+      uint32_t emb_id,
+      dense->RegisterExpert({emb.data(), emb_m.data(), emb_v.data(), nullptr, emb.size(), 0}));
+  ECSS_ASSIGN_OR_RETURN(
+      uint32_t out_id,
+      dense->RegisterExpert({out.data(), out_m.data(), out_v.data(), nullptr, out.size(), 0}));
+
+  const uint64_t act_bytes = T * d * DTypeSize(o.dtype);
+  ECSS_ASSIGN_OR_RETURN(Buffer dev_in,
+                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+  ECSS_ASSIGN_OR_RETURN(Buffer dev_out,
+                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+  const Stream stream = session->compute_stream();
+  // Moves host activations through one sparse-layer call and back.
+  std::vector<char> staging(act_bytes);
+  auto through = [&](const std::vector<float>& in, std::vector<float>* result,
+                     auto call) -> Status {
+    staging = Encode(in, o.dtype);
+    ECSS_RETURN_IF_ERROR(
+        sim->CopyAsync(stream, dev_in.data(), staging.data(), act_bytes, CopyKind::kHostToDevice));
+    ECSS_RETURN_IF_ERROR(call(dev_in.data(), dev_out.data()));
+    ECSS_RETURN_IF_ERROR(
+        sim->CopyAsync(stream, staging.data(), dev_out.data(), act_bytes, CopyKind::kDeviceToHost));
+    ECSS_RETURN_IF_ERROR(sim->SynchronizeStream(stream));
+    result->resize(in.size());
+    Decode(staging, o.dtype, result);
+    return Status::Ok();
+  };
+
+  std::vector<size_t> cursor(corpus.size(), 0);
+  std::vector<uint32_t> ids(T), domains(kSamples);
+  std::vector<std::vector<float>> xs(o.layers + 1, std::vector<float>(T * d));
+  std::vector<float> y, logits(T * vocab), g(T * d), dx, d_emb(emb.size()), d_out(out.size());
+  std::vector<double> losses;
+  double fetch_bytes = 0;
+  std::printf("%6s %9s %10s %12s %9s %9s\n", "step", "loss", "tokens/s", "streamed", "hit rate",
+              "stalls");
+  for (int step = 0; step < o.steps; ++step) {
+    // Samples from 4 of the domains, rotating, each domain's text read in order.
+    const auto num_domains = static_cast<uint32_t>(corpus.size());
+    for (uint32_t s = 0; s < kSamples; ++s) {
+      const uint32_t dom = (static_cast<uint32_t>(step) + s % kDomainsPerStep) % num_domains;
+      domains[s] = dom;
+      const auto& src = tokens[dom];
+      for (uint32_t p = 0; p < kSeq; ++p) ids[s * kSeq + p] = src[cursor[dom]++ % src.size()];
+    }
+    ECSS_RETURN_IF_ERROR(
+        session->BeginStep({MicroBatch{ids.data(), kSamples, kSeq, domains.data()}}));
+    for (uint64_t t = 0; t < T; ++t) std::copy_n(&emb[uint64_t{ids[t]} * d], d, &xs[0][t * d]);
+    for (uint32_t l = 0; l < o.layers; ++l) {
+      ECSS_RETURN_IF_ERROR(
+          through(xs[l], &y, [&](void* in, void* res) { return session->Forward(0, l, in, res); }));
+      for (uint64_t i = 0; i < T * d; ++i) xs[l + 1][i] = xs[l][i] + y[i];
+    }
+    // logits = x_L O; loss over positions that have a next token.
+    const std::vector<float>& x_last = xs[o.layers];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(T),
+                static_cast<int>(vocab), static_cast<int>(d), 1.0f, x_last.data(),
+                static_cast<int>(d), out.data(), static_cast<int>(vocab), 0.0f, logits.data(),
+                static_cast<int>(vocab));
+    double loss = 0;
+    const double predicted = static_cast<double>(kSamples) * (kSeq - 1);
+    for (uint64_t t = 0; t < T; ++t) {
+      float* row = &logits[t * vocab];
+      if (t % kSeq == kSeq - 1) {  // no next token: no loss, no gradient
+        std::fill_n(row, vocab, 0.0f);
+        continue;
+      }
+      const float peak = *std::max_element(row, row + vocab);
+      double sum = 0;
+      for (uint32_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v] - peak));
+      const uint32_t target = ids[t + 1];
+      loss += std::log(sum) - (row[target] - peak);
+      for (uint32_t v = 0; v < vocab; ++v) {
+        row[v] = static_cast<float>(std::exp(static_cast<double>(row[v] - peak)) / sum / predicted);
+      }
+      row[target] -= static_cast<float>(1.0 / predicted);
+    }
+    loss /= predicted;
+    losses.push_back(loss);
+    // dO = x_L^T dlogits; g = dlogits O^T.
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(d),
+                static_cast<int>(vocab), static_cast<int>(T), 1.0f, x_last.data(),
+                static_cast<int>(d), logits.data(), static_cast<int>(vocab), 0.0f, d_out.data(),
+                static_cast<int>(vocab));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(T), static_cast<int>(d),
+                static_cast<int>(vocab), 1.0f, logits.data(), static_cast<int>(vocab), out.data(),
+                static_cast<int>(vocab), 0.0f, g.data(), static_cast<int>(d));
+    for (uint32_t l = o.layers; l-- > 0;) {
+      ECSS_RETURN_IF_ERROR(
+          through(g, &dx, [&](void* in, void* res) { return session->Backward(0, l, in, res); }));
+      for (uint64_t i = 0; i < T * d; ++i) g[i] += dx[i];
+    }
+    std::fill(d_emb.begin(), d_emb.end(), 0.0f);
+    for (uint64_t t = 0; t < T; ++t) {
+      for (uint32_t c = 0; c < d; ++c) d_emb[uint64_t{ids[t]} * d + c] += g[t * d + c];
+    }
+    ECSS_ASSIGN_OR_RETURN(StepStats stats, session->EndStep());
+    ECSS_RETURN_IF_ERROR(dense->BeginStep());
+    ECSS_RETURN_IF_ERROR(dense->SubmitGradient(emb_id, d_emb.data(), DType::kF32));
+    ECSS_RETURN_IF_ERROR(dense->SubmitGradient(out_id, d_out.data(), DType::kF32));
+    ECSS_RETURN_IF_ERROR(dense->FinishStep().status());
+    ECSS_RETURN_IF_ERROR(dense->Synchronize());
+    fetch_bytes += static_cast<double>(stats.expert_fetch_bytes);
+    if (step % o.print_every == 0 || step + 1 == o.steps) {
+      std::printf("%6d %9.4f %10.0f %10.2f MiB %9.2f %7.2f ms\n", step, loss, stats.tokens_per_s,
+                  static_cast<double>(stats.expert_fetch_bytes) / (1 << 20), stats.hit_rate,
+                  stats.stalls.total() * 1e3);
+    }
+  }
+  ECSS_RETURN_IF_ERROR(session->Synchronize());
+  const size_t tail = std::max<size_t>(1, losses.size() / 10);
+  double final_loss = 0;
+  for (size_t i = losses.size() - tail; i < losses.size(); ++i) final_loss += losses[i];
+  final_loss /= static_cast<double>(tail);
+  std::printf(
+      "\nunigram entropy of the corpus: %.4f nats/token\n"
+      "first loss: %.4f, mean loss of the last %zu steps: %.4f nats/token (%.2f nats "
+      "below the unigram entropy)\n"
+      "expert bytes streamed to the device: %.1f MiB in %d steps\n",
+      unigram_entropy, losses.front(), tail, final_loss, unigram_entropy - final_loss,
+      fetch_bytes / (1 << 20), o.steps);
+  ECSS_RETURN_IF_ERROR(trace.WriteJson(o.trace_path));
+  std::printf("trace: %s\n", o.trace_path.c_str());
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace ecss
+
+int main(int argc, char** argv) {
+  ecss::StatusOr<ecss::Options> options = ecss::Parse(argc, argv);
+  if (!options.ok()) {
+    std::fprintf(stderr, "train_moe_lm: %s\n", options.status().ToString().c_str());
+    return 2;
+  }
+  const ecss::Status status = ecss::Train(*options);
+  if (!status.ok()) {
+    std::fprintf(stderr, "train_moe_lm: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,825 @@
+#include "runtime/engine/session.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <optional>
+
+#include "kernels/kernel_runner.h"
+#include "offload/device_cache.h"
+#include "router/rre_router.h"
+#include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/base/trace.h"
+#include "runtime/device/pinned_pool.h"
+#include "runtime/device/sim/sim_backend.h"
+
+namespace ecss {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// Adds a stall to `counter` for the lifetime of the scope.
+class StallTimer {
+ public:
+  explicit StallTimer(double* counter) : counter_(counter), start_(Clock::now()) {}
+  ~StallTimer() { *counter_ += Since(start_); }
+  StallTimer(const StallTimer&) = delete;
+  StallTimer& operator=(const StallTimer&) = delete;
+
+ private:
+  double* counter_;
+  Clock::time_point start_;
+};
+
+// One expert: its optimizer id, its arrays, and what the current step did with it.
+struct Expert {
+  uint32_t id = 0;  // in the CpuOptimizer
+  // fp32 master weights: in `weights` itself when the compute dtype is f32 (the device copies
+  // what the optimizer updates), else in host memory with `weights` as the bf16 copy.
+  float* master = nullptr;
+  std::vector<float> master_storage;
+  std::vector<float> state0, state1;
+  Buffer weights;                 // pinned, compute dtype
+  uint64_t expected_version = 0;  // the optimizer version once its last update is done
+  Buffer grad;                    // pinned fp32 accumulator, allocated on first use
+  uint64_t updated_in_step = 0;   // 0: never submitted
+  bool touched = false;           // has a gradient in the current step
+};
+
+// A sparse layer of one micro-batch as the kernels see it.
+struct LayerWork {
+  std::vector<uint32_t> experts;  // global expert ids within the layer (the grouped FFN's groups)
+  std::vector<uint32_t> offsets;  // [experts + 1] rows of each
+  TokenPermutation device_perm;   // arrays in the device copy of the plan
+  uint64_t first_position = 0;    // of the forward accesses in the step's sequence
+  uint64_t backward_position = 0;
+  bool forwarded = false, backwarded = false;
+};
+
+struct MicroBatchWork {
+  std::vector<uint32_t> token_ids, domain_ids;
+  MicroBatch batch;
+  std::optional<RoutingPlan> plan;
+  Buffer device_plan;
+  std::vector<LayerWork> layers;
+};
+
+uint64_t AlignUp(uint64_t bytes, uint64_t alignment) {
+  return (bytes + alignment - 1) / alignment * alignment;
+}
+
+}  // namespace
+
+std::string_view StrategyName(Strategy strategy) {
+  switch (strategy) {
+    case Strategy::kEcss:
+      return "ecss";
+    case Strategy::kNoOverlap:
+      return "no-overlap";
+    case Strategy::kNaive:
+      return "naive";
+  }
+  return "?";
+}
+
+StatusOr<Strategy> ParseStrategy(std::string_view name) {
+  for (Strategy s : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    if (StrategyName(s) == name) return s;
+  }
+  return InvalidArgumentError(StrCat("unknown strategy '", name, "' (ecss, no-overlap, naive)"));
+}
+
+struct Session::Impl {
+  Impl(Backend& b, const SessionOptions& o) : backend(b), options(o) {}
+
+  Backend& backend;
+  SessionOptions options;
+  std::optional<RreRouter> router;
+  std::unique_ptr<KernelRunner> kernels;
+  std::unique_ptr<CpuOptimizer> optimizer;
+  std::unique_ptr<PinnedHostPool> pinned;
+  std::unique_ptr<DeviceCache> cache;
+  OwnedStream compute, h2d, d2h;
+  OwnedEvent dw_ready, dw_free;
+  std::vector<OwnedEvent> layer_grads_done;  // per layer
+  std::vector<std::vector<Expert>> experts;  // [layer][expert]
+  uint64_t params = 0;                       // per expert
+  uint64_t expert_bytes = 0;                 // compute weights of one expert
+  uint32_t max_rows = 0;
+  uint32_t max_groups = 0;
+
+  // Device buffers sized at creation.
+  std::vector<Buffer> saved_x;  // [micro-batch * layers + layer]: the permuted forward input
+  Buffer perm_a, perm_b, workspace, dw;
+  uint64_t workspace_bytes = 0;
+  Buffer grad_tmp;  // pinned: later micro-batches' gradients before they are added
+
+  // The step.
+  bool in_step = false;
+  uint64_t step = 0;
+  std::vector<MicroBatchWork> micro;
+  std::vector<ExpertKey> sequence;
+  std::deque<std::pair<uint64_t, Lease>> held;  // prefetched leases by position
+  uint64_t next_fetch = 0;                      // next position to acquire
+  std::deque<uint32_t> pending_layers;          // gradients complete once d2h passes
+  StallStats stalls;
+  Clock::time_point last_end;
+  bool has_last_end = false;
+  CopyStats copies_at_begin;
+  CacheStats cache_at_begin;
+  SimEngineStats engines_at_begin;
+  double optimizer_busy_at_begin = 0;
+  uint64_t gradient_bytes = 0;
+  uint32_t submitted = 0;
+
+  SimBackend* sim() const { return dynamic_cast<SimBackend*>(&backend); }
+  uint32_t d_in() const {
+    return options.model.activation == Activation::kSwiGlu ? 2 * options.model.d_ff
+                                                           : options.model.d_ff;
+  }
+  uint64_t elem() const { return DTypeSize(options.model.dtype); }
+
+  Status CreateAll();
+  Status InitExperts();
+  Status BuildStep(const std::vector<MicroBatch>& batches);
+  Status Fetch(uint64_t position, Lease* out);
+  Status Prefetch();
+  StatusOr<std::vector<Lease>> LeasesFor(uint64_t first, size_t count);
+  Status ReleaseAll(std::vector<Lease>& leases);
+  Status StageSync(Stream stream);
+  Status SubmitLayer(uint32_t layer);
+  Status SubmitReady(bool wait);
+  Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
+  // The expert's last submitted update has not finished (or was skipped: then its fence
+  // wait returns at once).
+  bool UpdatePending(const Expert& expert) const {
+    return expert.updated_in_step > 0 && optimizer->version(expert.id) < expert.expected_version;
+  }
+};
+
+// ---- Creation -------------------------------------------------------------------------------
+
+Status Session::Impl::CreateAll() {
+  const ModelSpec& m = options.model;
+  if (m.layers == 0 || m.d_model == 0 || m.d_ff == 0 || m.vocab == 0 || m.domains.empty()) {
+    return InvalidArgumentError(
+        "model spec: layers, d_model, d_ff, vocab and at least one domain are required");
+  }
+  if (m.dtype != DType::kF32 && m.dtype != DType::kBF16) {
+    return InvalidArgumentError(
+        StrCat("model spec: dtype ", DTypeName(m.dtype), " is not supported (f32 or bf16)"));
+  }
+  if (options.max_tokens_per_micro_batch == 0 || options.max_micro_batches == 0) {
+    return InvalidArgumentError(
+        "session: max_tokens_per_micro_batch and max_micro_batches "
+        "must be > 0");
+  }
+  if (options.device_budget_bytes == 0 ||
+      options.device_budget_bytes > backend.capabilities().device_memory_bytes) {
+    return InvalidArgumentError(
+        StrCat("session: device_budget_bytes ", options.device_budget_bytes, " must be in (0, ",
+               backend.capabilities().device_memory_bytes, "] (the backend's device memory)"));
+  }
+  ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(m.layers));
+  for (uint32_t d = 0; d < m.domains.size(); ++d) {
+    if (m.domains[d].experts == 0) {
+      return InvalidArgumentError(
+          StrCat("model spec: domain '", m.domains[d].name, "' has 0 experts"));
+    }
+    ECSS_RETURN_IF_ERROR(map.AddDomainUniform(m.domains[d].name, d, m.domains[d].experts));
+  }
+  ECSS_ASSIGN_OR_RETURN(RreRouter built, RreRouter::Create(map, {m.vocab, m.seed, m.builder}));
+  router.emplace(std::move(built));
+
+  KernelRunnerOptions kernel_options;
+  kernel_options.cpu.threads = options.kernel_threads;
+  ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, kernel_options));
+  ECSS_ASSIGN_OR_RETURN(optimizer, CpuOptimizer::Create(options.optimizer));
+  ECSS_ASSIGN_OR_RETURN(compute, CreateOwnedStream(backend, "compute"));
+  ECSS_ASSIGN_OR_RETURN(h2d, CreateOwnedStream(backend, "h2d experts"));
+  ECSS_ASSIGN_OR_RETURN(d2h, CreateOwnedStream(backend, "d2h gradients"));
+  ECSS_ASSIGN_OR_RETURN(dw_ready, CreateOwnedEvent(backend));
+  ECSS_ASSIGN_OR_RETURN(dw_free, CreateOwnedEvent(backend));
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    ECSS_ASSIGN_OR_RETURN(OwnedEvent event, CreateOwnedEvent(backend));
+    layer_grads_done.push_back(std::move(event));
+  }
+
+  params = uint64_t{m.d_model} * d_in() + uint64_t{m.d_ff} * m.d_model;
+  expert_bytes = params * elem();
+  max_rows = options.max_tokens_per_micro_batch;  // RRE: one expert per token and layer
+  uint32_t widest_layer = 0, widest_group = 0;
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    widest_layer = std::max(widest_layer, router->domains().experts_in_layer(l));
+  }
+  for (const DomainSpec& d : m.domains) widest_group = std::max(widest_group, d.experts);
+  max_groups =
+      options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_layer, max_rows);
+  if (options.max_active_experts_per_layer > 0 && options.strategy != Strategy::kNaive) {
+    max_groups = std::min(max_groups, options.max_active_experts_per_layer);
+  }
+
+  // Pinned host memory: every expert's compute weights, gradient accumulators, and the
+  // staging of later micro-batches' gradients.
+  const uint64_t experts_total = [&] {
+    uint64_t n = 0;
+    for (uint32_t l = 0; l < m.layers; ++l) n += router->domains().experts_in_layer(l);
+    return n;
+  }();
+  const uint64_t per_expert_pinned = AlignUp(expert_bytes, 4096) + AlignUp(params * 4, 4096);
+  // (weights in the compute dtype, which for f32 are the master weights; the gradient buffer)
+  const uint64_t pinned_needed =
+      experts_total * per_expert_pinned + AlignUp(uint64_t{max_groups} * params * 4, 4096);
+  const uint64_t pinned_budget =
+      options.pinned_budget_bytes == 0 ? pinned_needed : options.pinned_budget_bytes;
+  if (pinned_budget < pinned_needed) {
+    return ResourceExhaustedError(StrCat("session: pinned budget ", HumanBytes(pinned_budget),
+                                         " is below the ", HumanBytes(pinned_needed),
+                                         " needed (compute weights and gradient buffers of ",
+                                         experts_total, " experts)"));
+  }
+  PinnedPoolOptions pool_options;
+  pool_options.name = "session pinned";
+  pool_options.capacity_bytes = pinned_budget;
+  pool_options.lock_pages = false;
+  ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
+  ECSS_RETURN_IF_ERROR(InitExperts());
+  ECSS_ASSIGN_OR_RETURN(grad_tmp,
+                        pinned->Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
+
+  // Device memory: what a step keeps and works in, then the expert cache in what is left.
+  Allocator& device = backend.device_memory();
+  const uint64_t used_before = device.stats().used_bytes;
+  const uint64_t act_bytes = uint64_t{max_rows} * m.d_model * elem();
+  for (uint32_t i = 0; i < options.max_micro_batches * m.layers; ++i) {
+    ECSS_ASSIGN_OR_RETURN(Buffer b, device.Allocate(act_bytes, MemoryTag::kActivations));
+    saved_x.push_back(std::move(b));
+  }
+  ECSS_ASSIGN_OR_RETURN(perm_a, device.Allocate(act_bytes, MemoryTag::kActivations));
+  ECSS_ASSIGN_OR_RETURN(perm_b, device.Allocate(act_bytes, MemoryTag::kActivations));
+  GroupedFfnProblem sizing;
+  sizing.d_model = m.d_model;
+  sizing.d_ff = m.d_ff;
+  sizing.activation = m.activation;
+  sizing.dtype = m.dtype;
+  sizing.saved = SavedActivation::kRecompute;
+  sizing.rows = max_rows;
+  workspace_bytes = std::max(kernels->FfnForwardWorkspaceBytes(sizing),
+                             kernels->FfnBackwardWorkspaceBytes(sizing));
+  ECSS_ASSIGN_OR_RETURN(
+      workspace, device.Allocate(std::max<uint64_t>(workspace_bytes, 256), MemoryTag::kWorkspace));
+  ECSS_ASSIGN_OR_RETURN(dw,
+                        device.Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
+  // The plans of a step: a few words per token and expert, with room for alignment.
+  const uint64_t plan_reserve =
+      uint64_t{options.max_micro_batches} *
+      AlignUp((uint64_t{m.layers} * (3ull * max_rows + 2ull * widest_layer + 16) + 8) * 4, 4096);
+  const uint64_t fixed = device.stats().used_bytes - used_before + plan_reserve;
+  const uint64_t slot_bytes = AlignUp(expert_bytes, 256);
+  const uint64_t left =
+      options.device_budget_bytes > fixed ? options.device_budget_bytes - fixed : 0;
+  const auto slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot_bytes, experts_total));
+  const uint32_t needed =
+      options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_group, max_rows);
+  if (slots < needed) {
+    return ResourceExhaustedError(
+        StrCat("session: device budget ", HumanBytes(options.device_budget_bytes),
+               " leaves room for ", slots, " expert slots after ", HumanBytes(fixed),
+               " of activations and workspace; one layer's active experts need at least ", needed,
+               " slots: ", HumanBytes(fixed + needed * slot_bytes), " in all"));
+  }
+  ECSS_ASSIGN_OR_RETURN(cache,
+                        DeviceCache::Create(backend, {expert_bytes, slots}, MakeLruPolicy()));
+  return Status::Ok();
+}
+
+Status Session::Impl::InitExperts() {
+  const ModelSpec& m = options.model;
+  const float in_scale =
+      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
+  const float out_scale =
+      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
+  const uint64_t in_elems = uint64_t{m.d_model} * d_in();
+  const bool two_states = options.optimizer.kind == OptimizerKind::kAdamW ||
+                          options.optimizer.kind == OptimizerKind::kAdam;
+  experts.resize(m.layers);
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    experts[l].resize(router->domains().experts_in_layer(l));
+    for (uint32_t e = 0; e < experts[l].size(); ++e) {
+      Expert& x = experts[l][e];
+      ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
+      if (m.dtype == DType::kF32) {
+        x.master = static_cast<float*>(x.weights.data());
+      } else {
+        x.master_storage.resize(params);
+        x.master = x.master_storage.data();
+      }
+      CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
+      for (uint64_t i = 0; i < params; ++i) {
+        const float scale = i < in_elems ? in_scale : out_scale;
+        x.master[i] = (rng.UniformFloat() * 2 - 1) * scale;
+      }
+      x.state0.assign(params, 0.0f);
+      if (two_states) x.state1.assign(params, 0.0f);
+      ExpertArrays arrays;
+      arrays.master = x.master;
+      arrays.state0 = x.state0.data();
+      arrays.state1 = two_states ? x.state1.data() : nullptr;
+      arrays.size = params;
+      if (m.dtype == DType::kBF16) {
+        ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);
+        arrays.compute_copy = static_cast<BFloat16*>(x.weights.data());
+      }
+      ECSS_ASSIGN_OR_RETURN(x.id, optimizer->RegisterExpert(arrays));
+    }
+  }
+  return Status::Ok();
+}
+
+// ---- A step ----------------------------------------------------------------------------------
+
+Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
+  if (batches.empty() || batches.size() > options.max_micro_batches) {
+    return InvalidArgumentError(StrCat("BeginStep: ", batches.size(),
+                                       " micro-batches; the session takes 1 to ",
+                                       options.max_micro_batches));
+  }
+  micro.clear();
+  micro.resize(batches.size());
+  sequence.clear();
+  const uint32_t layers = options.model.layers;
+  for (uint32_t b = 0; b < batches.size(); ++b) {
+    const MicroBatch& in = batches[b];
+    const uint64_t tokens = uint64_t{in.batch_size} * in.seq_len;
+    if (tokens == 0 || tokens > options.max_tokens_per_micro_batch || in.token_ids == nullptr ||
+        in.domain_ids == nullptr) {
+      return InvalidArgumentError(StrCat("BeginStep: micro-batch ", b, " has ", tokens,
+                                         " tokens (1 to ", options.max_tokens_per_micro_batch,
+                                         ") or null arrays"));
+    }
+    MicroBatchWork& w = micro[b];
+    w.token_ids.assign(in.token_ids, in.token_ids + tokens);
+    w.domain_ids.assign(in.domain_ids, in.domain_ids + in.batch_size);
+    w.batch = {w.token_ids.data(), in.batch_size, in.seq_len, w.domain_ids.data()};
+    StatusOr<RoutingPlan> plan = RoutingPlan::BuildRre(*router, w.batch);
+    if (!plan.ok()) return plan.status().Annotate(StrCat("micro-batch ", b));
+    w.plan.emplace(std::move(plan).value());
+    ECSS_ASSIGN_OR_RETURN(w.device_plan,
+                          backend.device_memory().Allocate(w.plan->bytes(), MemoryTag::kOther));
+    ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
+                                           w.plan->bytes(), CopyKind::kHostToDevice));
+    w.layers.resize(layers);
+    for (uint32_t l = 0; l < layers; ++l) {
+      const LayerPlan lp = w.plan->layer(l);
+      const LayerPlan dp = w.plan->DeviceLayer(l, w.device_plan.data());
+      LayerWork& lw = w.layers[l];
+      lw.device_perm = {dp.num_tokens, dp.k, dp.permutation, dp.inverse, dp.combine_weights};
+      if (options.strategy == Strategy::kNaive) {
+        // Every expert of the layer, the unrouted ones with no rows.
+        const uint32_t n = router->domains().experts_in_layer(l);
+        lw.offsets.assign(1, 0);
+        uint32_t a = 0;
+        for (uint32_t e = 0; e < n; ++e) {
+          lw.experts.push_back(e);
+          const uint32_t count = a < lp.num_active && lp.active_experts[a] == e ? lp.count(a++) : 0;
+          lw.offsets.push_back(lw.offsets.back() + count);
+        }
+      } else {
+        lw.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
+        lw.offsets.assign(lp.expert_offsets, lp.expert_offsets + lp.num_active + 1);
+      }
+      if (lw.experts.size() > max_groups) {
+        return ResourceExhaustedError(StrCat("BeginStep: micro-batch ", b, " layer ", l,
+                                             " activates ", lw.experts.size(),
+                                             " experts; the session was sized for ", max_groups,
+                                             " (SessionOptions.max_active_experts_per_layer)"));
+      }
+      if (lw.experts.size() > cache->slots()) {
+        return ResourceExhaustedError(
+            StrCat("BeginStep: micro-batch ", b, " layer ", l, " activates ", lw.experts.size(),
+                   " experts but the device cache holds ", cache->slots(), " (",
+                   HumanBytes(lw.experts.size() * expert_bytes), " of expert weights needed)"));
+      }
+    }
+  }
+  // The step's access sequence: per micro-batch, forward 0..L-1 then backward L-1..0.
+  for (MicroBatchWork& w : micro) {
+    for (uint32_t l = 0; l < layers; ++l) {
+      w.layers[l].first_position = sequence.size();
+      for (uint32_t e : w.layers[l].experts) sequence.push_back(MakeExpertKey(l, e));
+    }
+    for (uint32_t l = layers; l-- > 0;) {
+      w.layers[l].backward_position = sequence.size();
+      for (uint32_t e : w.layers[l].experts) sequence.push_back(MakeExpertKey(l, e));
+    }
+  }
+  return Status::Ok();
+}
+
+// Leases the expert at `position` of the step's sequence, fetching it if absent: first waits
+// for the expert's previous update (its version fence).
+Status Session::Impl::Fetch(uint64_t position, Lease* out) {
+  const ExpertKey key = sequence[position];
+  const auto layer = static_cast<uint32_t>(key >> 32);
+  const auto index = static_cast<uint32_t>(key & 0xFFFFFFFFu);
+  Expert& expert = experts[layer][index];
+  if (cache->residency(key) == Residency::kAbsent && UpdatePending(expert)) {
+    StallTimer timer(&stalls.update_fence_seconds);
+    ECSS_RETURN_IF_ERROR(optimizer->WaitForExpert(expert.id, expert.updated_in_step));
+  }
+  ECSS_ASSIGN_OR_RETURN(*out, cache->Acquire(key, expert.weights.data(), h2d.get(), position));
+  return Status::Ok();
+}
+
+// ecss: lease ahead of use, in sequence order, while the window and free slots allow.
+Status Session::Impl::Prefetch() {
+  if (options.strategy != Strategy::kEcss) return Status::Ok();
+  const uint64_t window =
+      options.prefetch_window_experts == 0 ? cache->slots() : options.prefetch_window_experts;
+  while (next_fetch < sequence.size() && held.size() < std::min<uint64_t>(window, cache->slots())) {
+    // Never block the driver here: an expert whose update is still running is fetched when
+    // it is used (LeasesFor waits on its fence then).
+    const ExpertKey key = sequence[next_fetch];
+    const Expert& expert = experts[key >> 32][key & 0xFFFFFFFFu];
+    if (cache->residency(key) == Residency::kAbsent && UpdatePending(expert)) break;
+    Lease lease;
+    ECSS_RETURN_IF_ERROR(Fetch(next_fetch, &lease));
+    held.emplace_back(next_fetch, std::move(lease));
+    ++next_fetch;
+  }
+  return Status::Ok();
+}
+
+// The leases of positions [first, first + count): from the prefetched ones, fetching the rest.
+StatusOr<std::vector<Lease>> Session::Impl::LeasesFor(uint64_t first, size_t count) {
+  std::vector<Lease> leases(count);
+  while (!held.empty() && held.front().first < first + count) {
+    const uint64_t position = held.front().first;
+    // A position before `first` was skipped by an out-of-order call: its lease was never used
+    // by a kernel, so it is released without a stream.
+    if (position >= first) leases[position - first] = std::move(held.front().second);
+    held.pop_front();
+  }
+  next_fetch = std::max(next_fetch, first);
+  for (size_t i = 0; i < count; ++i) {
+    if (leases[i].weights() != nullptr) continue;
+    ECSS_RETURN_IF_ERROR(Fetch(first + i, &leases[i]));
+    next_fetch = std::max(next_fetch, first + i + 1);
+  }
+  if (options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(StageSync(h2d.get()));
+  for (const Lease& lease : leases) {
+    ECSS_RETURN_IF_ERROR(backend.WaitEvent(compute.get(), lease.ready()));
+  }
+  return leases;
+}
+
+Status Session::Impl::ReleaseAll(std::vector<Lease>& leases) {
+  for (Lease& lease : leases) ECSS_RETURN_IF_ERROR(lease.Release(compute.get()));
+  return Status::Ok();
+}
+
+Status Session::Impl::StageSync(Stream stream) {
+  StallTimer timer(&stalls.stage_sync_seconds);
+  return backend.SynchronizeStream(stream);
+}
+
+// Layer `layer`'s gradients are in host memory: hand them to the optimizer and drop the
+// experts' device copies (their weights are about to change).
+Status Session::Impl::SubmitLayer(uint32_t layer) {
+  for (uint32_t e = 0; e < experts[layer].size(); ++e) {
+    Expert& expert = experts[layer][e];
+    if (!expert.touched) continue;
+    expert.touched = false;
+    ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
+    expert.expected_version = optimizer->version(expert.id) + 1;
+    ECSS_RETURN_IF_ERROR(optimizer->SubmitGradient(expert.id, expert.grad.data(), DType::kF32));
+    expert.updated_in_step = optimizer->current_step();
+    ++submitted;
+  }
+  return Status::Ok();
+}
+
+// Submits the layers whose gradient copies completed (all of them when `wait`).
+Status Session::Impl::SubmitReady(bool wait) {
+  while (!pending_layers.empty()) {
+    const uint32_t layer = pending_layers.front();
+    Event done = layer_grads_done[layer].get();
+    if (wait) {
+      StallTimer timer(&stalls.gradient_copy_seconds);
+      ECSS_RETURN_IF_ERROR(backend.SynchronizeEvent(done));
+    } else {
+      ECSS_ASSIGN_OR_RETURN(bool ready, backend.QueryEvent(done));
+      if (!ready) return Status::Ok();
+    }
+    pending_layers.pop_front();
+    ECSS_RETURN_IF_ERROR(SubmitLayer(layer));
+  }
+  return Status::Ok();
+}
+
+Status Session::Impl::CheckActivation(const void* ptr, uint32_t micro_batch,
+                                      const char* what) const {
+  const uint64_t bytes =
+      uint64_t{micro[micro_batch].plan->num_tokens()} * options.model.d_model * elem();
+  return backend.device_memory().CheckRange(ptr, bytes, what);
+}
+
+// ---- Session ---------------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend,
+                                                   const SessionOptions& options) {
+  auto impl = std::make_unique<Impl>(backend, options);
+  ECSS_RETURN_IF_ERROR(impl->CreateAll());
+  return std::unique_ptr<Session>(new Session(std::move(impl)));
+}
+
+Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+Session::~Session() {
+  if (impl_ == nullptr) return;
+  impl_->held.clear();
+  impl_->backend.SynchronizeAll().IgnoreError();  // the leases' streams, before the cache goes
+  impl_->optimizer->Synchronize().IgnoreError();
+}
+
+Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
+  Impl& s = *impl_;
+  if (s.in_step) return FailedPreconditionError("BeginStep: the previous step was not ended");
+  if (!s.has_last_end) {
+    s.last_end = Clock::now();
+    s.has_last_end = true;
+  }
+  Status built = s.BuildStep(micro_batches);
+  if (!built.ok()) {
+    s.micro.clear();  // frees the plans' device copies
+    return built;
+  }
+  ECSS_RETURN_IF_ERROR(s.optimizer->BeginStep(loss_scale));
+  s.in_step = true;
+  ++s.step;
+  s.stalls = {};
+  s.copies_at_begin = s.backend.copy_stats();
+  s.cache_at_begin = s.cache->stats();
+  if (SimBackend* sim = s.sim()) s.engines_at_begin = sim->engine_stats();
+  s.optimizer_busy_at_begin = s.optimizer->busy_seconds();
+  s.gradient_bytes = 0;
+  s.submitted = 0;
+  s.held.clear();
+  s.next_fetch = 0;
+  s.cache->SetPolicy(MakeBeladyPolicy(s.sequence));
+  return s.Prefetch();
+}
+
+Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y) {
+  Impl& s = *impl_;
+  if (!s.in_step) return FailedPreconditionError("Forward outside a step (call BeginStep)");
+  if (micro_batch >= s.micro.size() || layer >= s.options.model.layers) {
+    return InvalidArgumentError(StrCat("Forward: micro-batch ", micro_batch, " layer ", layer,
+                                       " out of range (", s.micro.size(), " micro-batches, ",
+                                       s.options.model.layers, " layers)"));
+  }
+  MicroBatchWork& w = s.micro[micro_batch];
+  LayerWork& lw = w.layers[layer];
+  if (lw.forwarded) {
+    return FailedPreconditionError(StrCat("Forward: micro-batch ", micro_batch, " layer ", layer,
+                                          " already ran forward in this step"));
+  }
+  ECSS_RETURN_IF_ERROR(s.CheckActivation(x, micro_batch, "Forward input"));
+  ECSS_RETURN_IF_ERROR(s.CheckActivation(y, micro_batch, "Forward output"));
+  const ModelSpec& m = s.options.model;
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases,
+                        s.LeasesFor(lw.first_position, lw.experts.size()));
+  std::vector<const void*> w_in, w_out;
+  for (const Lease& lease : leases) {
+    w_in.push_back(lease.weights());
+    w_out.push_back(static_cast<char*>(lease.weights()) +
+                    uint64_t{m.d_model} * s.d_in() * s.elem());
+  }
+  void* saved = s.saved_x[micro_batch * m.layers + layer].data();
+  const Stream c = s.compute.get();
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->Permute(c, lw.device_perm, {m.d_model, m.dtype, false}, x, saved));
+  GroupedFfnProblem p;
+  p.d_model = m.d_model;
+  p.d_ff = m.d_ff;
+  p.activation = m.activation;
+  p.dtype = m.dtype;
+  p.saved = SavedActivation::kRecompute;
+  p.num_groups = static_cast<uint32_t>(lw.experts.size());
+  p.group_offsets = lw.offsets.data();
+  p.rows = lw.offsets.back();
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->FfnForward(c, p, {saved, w_in.data(), w_out.data(), s.perm_a.data(), nullptr},
+                            {s.workspace.data(), s.workspace_bytes}));
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->Combine(c, lw.device_perm, {m.d_model, m.dtype, true}, s.perm_a.data(), y));
+  ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
+  lw.forwarded = true;
+  if (s.options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(s.StageSync(c));
+  ECSS_RETURN_IF_ERROR(s.SubmitReady(false));
+  return s.Prefetch();
+}
+
+Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx) {
+  Impl& s = *impl_;
+  if (!s.in_step) return FailedPreconditionError("Backward outside a step (call BeginStep)");
+  if (micro_batch >= s.micro.size() || layer >= s.options.model.layers) {
+    return InvalidArgumentError(
+        StrCat("Backward: micro-batch ", micro_batch, " layer ", layer, " out of range"));
+  }
+  MicroBatchWork& w = s.micro[micro_batch];
+  LayerWork& lw = w.layers[layer];
+  if (!lw.forwarded) {
+    return FailedPreconditionError(StrCat("Backward: micro-batch ", micro_batch, " layer ", layer,
+                                          " has not run forward in this step"));
+  }
+  if (lw.backwarded) {
+    return FailedPreconditionError(StrCat("Backward: micro-batch ", micro_batch, " layer ", layer,
+                                          " already ran backward in this step"));
+  }
+  // Gradients accumulate in micro-batch order, which keeps the sum deterministic.
+  if (micro_batch > 0 && !s.micro[micro_batch - 1].layers[layer].backwarded) {
+    return FailedPreconditionError(StrCat("Backward: micro-batch ", micro_batch, " layer ", layer,
+                                          " before micro-batch ", micro_batch - 1,
+                                          "'s backward of that layer"));
+  }
+  ECSS_RETURN_IF_ERROR(s.CheckActivation(dy, micro_batch, "Backward output gradient"));
+  ECSS_RETURN_IF_ERROR(s.CheckActivation(dx, micro_batch, "Backward input gradient"));
+  const ModelSpec& m = s.options.model;
+  const Stream c = s.compute.get();
+  // dy_perm = dy of each row's token, scaled by the row's combine weight.
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->Permute(c, lw.device_perm, {m.d_model, m.dtype, true}, dy, s.perm_a.data()));
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases,
+                        s.LeasesFor(lw.backward_position, lw.experts.size()));
+  std::vector<const void*> w_in, w_out;
+  std::vector<float*> dw_in, dw_out;
+  const uint64_t in_elems = uint64_t{m.d_model} * s.d_in();
+  for (size_t i = 0; i < leases.size(); ++i) {
+    w_in.push_back(leases[i].weights());
+    w_out.push_back(static_cast<char*>(leases[i].weights()) + in_elems * s.elem());
+    float* base = static_cast<float*>(s.dw.data()) + i * s.params;
+    dw_in.push_back(base);
+    dw_out.push_back(base + in_elems);
+  }
+  // The gradient region is reused: wait until the previous copies out of it finished.
+  ECSS_RETURN_IF_ERROR(s.backend.WaitEvent(c, s.dw_free.get()));
+  GroupedFfnProblem p;
+  p.d_model = m.d_model;
+  p.d_ff = m.d_ff;
+  p.activation = m.activation;
+  p.dtype = m.dtype;
+  p.saved = SavedActivation::kRecompute;
+  p.num_groups = static_cast<uint32_t>(lw.experts.size());
+  p.group_offsets = lw.offsets.data();
+  p.rows = lw.offsets.back();
+  const void* saved = s.saved_x[micro_batch * m.layers + layer].data();
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->FfnBackward(c, p,
+                             {saved, w_in.data(), w_out.data(), nullptr, s.perm_a.data(),
+                              s.perm_b.data(), dw_in.data(), dw_out.data(), false},
+                             {s.workspace.data(), s.workspace_bytes}));
+  ECSS_RETURN_IF_ERROR(
+      s.kernels->Combine(c, lw.device_perm, {m.d_model, m.dtype, false}, s.perm_b.data(), dx));
+  ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
+  lw.backwarded = true;
+
+  // Gradients to pinned memory: the first micro-batch that touches an expert copies into its
+  // accumulator; later ones copy to staging and add, in micro-batch order.
+  const Stream d = s.d2h.get();
+  ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_ready.get(), c));
+  ECSS_RETURN_IF_ERROR(s.backend.WaitEvent(d, s.dw_ready.get()));
+  const uint64_t grad_bytes = s.params * 4;
+  std::vector<std::pair<float*, const float*>> adds;
+  for (size_t i = 0; i < lw.experts.size(); ++i) {
+    Expert& expert = s.experts[layer][lw.experts[i]];
+    if (!expert.grad) {
+      ECSS_ASSIGN_OR_RETURN(expert.grad, s.pinned->Allocate(grad_bytes, MemoryTag::kGradients));
+    }
+    const void* src = static_cast<const float*>(s.dw.data()) + i * s.params;
+    if (!expert.touched) {
+      ECSS_RETURN_IF_ERROR(
+          s.backend.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
+      expert.touched = true;
+    } else {
+      float* staging = static_cast<float*>(s.grad_tmp.data()) + i * s.params;
+      ECSS_RETURN_IF_ERROR(
+          s.backend.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
+      adds.emplace_back(static_cast<float*>(expert.grad.data()), staging);
+    }
+    s.gradient_bytes += grad_bytes;
+  }
+  if (!adds.empty()) {
+    const uint64_t n = s.params;
+    ECSS_RETURN_IF_ERROR(s.backend.LaunchHostFunction(d, "accumulate gradients", [adds, n] {
+      for (const auto& [acc, add] : adds) {
+        for (uint64_t i = 0; i < n; ++i) acc[i] += add[i];
+      }
+      return Status::Ok();
+    }));
+  }
+  ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_free.get(), d));
+  // The last micro-batch's backward of a layer completes its experts' gradients.
+  if (micro_batch + 1 == s.micro.size()) {
+    ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.layer_grads_done[layer].get(), d));
+    s.pending_layers.push_back(layer);
+  }
+  if (s.options.strategy != Strategy::kEcss) {
+    ECSS_RETURN_IF_ERROR(s.StageSync(c));
+    ECSS_RETURN_IF_ERROR(s.StageSync(d));
+  }
+  ECSS_RETURN_IF_ERROR(s.SubmitReady(false));
+  return s.Prefetch();
+}
+
+StatusOr<StepStats> Session::EndStep() {
+  Impl& s = *impl_;
+  if (!s.in_step) return FailedPreconditionError("EndStep: no step is open (BeginStep first)");
+  for (uint32_t b = 0; b < s.micro.size(); ++b) {
+    for (uint32_t l = 0; l < s.options.model.layers; ++l) {
+      if (!s.micro[b].layers[l].backwarded) {
+        return FailedPreconditionError(StrCat("EndStep: micro-batch ", b, " layer ", l,
+                                              " has not run backward; the step stays open"));
+      }
+    }
+  }
+  ECSS_RETURN_IF_ERROR(s.SubmitReady(true));
+  ECSS_ASSIGN_OR_RETURN(StepReport report, s.optimizer->FinishStep());
+  {
+    StallTimer timer(&s.stalls.stage_sync_seconds);
+    ECSS_RETURN_IF_ERROR(s.backend.SynchronizeStream(s.compute.get()));
+  }
+  if (s.options.strategy != Strategy::kEcss) {
+    StallTimer timer(&s.stalls.optimizer_seconds);
+    ECSS_RETURN_IF_ERROR(s.optimizer->Synchronize());
+  }
+  s.held.clear();
+  uint64_t tokens = 0;
+  for (const MicroBatchWork& w : s.micro) tokens += w.token_ids.size();
+  s.micro.clear();  // the plans' device copies: compute has passed them
+  s.in_step = false;
+
+  StepStats stats;
+  stats.step = s.step;
+  stats.tokens = tokens;
+  const Clock::time_point now = Clock::now();
+  stats.seconds = std::chrono::duration<double>(now - s.last_end).count();
+  s.last_end = now;
+  stats.tokens_per_s = stats.seconds > 0 ? static_cast<double>(tokens) / stats.seconds : 0;
+  const CopyStats copies = s.backend.copy_stats();
+  stats.h2d_bytes = copies.bytes[0] - s.copies_at_begin.bytes[0];
+  stats.d2h_bytes = copies.bytes[1] - s.copies_at_begin.bytes[1];
+  const CacheStats& cache = s.cache->stats();
+  stats.expert_fetch_bytes = cache.bytes_moved - s.cache_at_begin.bytes_moved;
+  stats.gradient_bytes = s.gradient_bytes;
+  stats.cache_hits = cache.hits - s.cache_at_begin.hits;
+  stats.cache_misses = cache.misses - s.cache_at_begin.misses;
+  const uint64_t accesses = stats.cache_hits + stats.cache_misses;
+  stats.hit_rate = accesses ? static_cast<double>(stats.cache_hits) / accesses : 0;
+  stats.stalls = s.stalls;
+  stats.stall_fraction = stats.seconds > 0 ? s.stalls.total() / stats.seconds : 0;
+  if (SimBackend* sim = s.sim()) {
+    const SimEngineStats e = sim->engine_stats();
+    stats.compute_busy_seconds = e.compute_busy_seconds - s.engines_at_begin.compute_busy_seconds;
+    stats.h2d_busy_seconds = e.h2d_busy_seconds - s.engines_at_begin.h2d_busy_seconds;
+    stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
+  }
+  stats.optimizer_busy_seconds = s.optimizer->busy_seconds() - s.optimizer_busy_at_begin;
+  const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,
+                                   stats.d2h_busy_seconds, stats.optimizer_busy_seconds});
+  stats.overlap_efficiency = stats.seconds > 0 ? std::min(1.0, busiest / stats.seconds) : 0;
+  stats.updated_experts = s.submitted;
+  stats.updated_params = uint64_t{s.submitted} * s.params;
+  stats.optimizer = report;
+  return stats;
+}
+
+Status Session::Synchronize() {
+  ECSS_RETURN_IF_ERROR(impl_->backend.SynchronizeAll());
+  return impl_->optimizer->Synchronize();
+}
+
+Stream Session::compute_stream() const { return impl_->compute.get(); }
+
+StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) const {
+  if (layer >= impl_->experts.size() || expert >= impl_->experts[layer].size()) {
+    return InvalidArgumentError(StrCat("MasterWeights: no expert (", layer, ", ", expert, ")"));
+  }
+  const Expert& x = impl_->experts[layer][expert];
+  return std::vector<float>(x.master, x.master + impl_->params);
+}
+
+uint32_t Session::experts_in_layer(uint32_t layer) const {
+  return layer < impl_->experts.size() ? static_cast<uint32_t>(impl_->experts[layer].size()) : 0;
+}
+uint32_t Session::cache_slots() const { return impl_->cache->slots(); }
+uint64_t Session::expert_params() const { return impl_->params; }
+
+}  // namespace ecss

@@ -1,0 +1,156 @@
+// Session: the training-loop API of ECSS (DESIGN.md section 3). A loop creates one session
+// for its sparse layers, then per step: BeginStep(micro-batches) routes every micro-batch (RRE:
+// the step's expert accesses are known now), Forward and Backward per micro-batch and sparse
+// layer move activations through the experts on the device, EndStep submits the last
+// gradients and returns the step's statistics. The loop owns its dense layers and its
+// activations (device memory of the session's backend); the session owns the experts: their
+// fp32 master weights and optimizer moments in host memory, their compute weights in pinned
+// host memory, a device cache of them within the device budget, and their CPU updates.
+//
+// Inside a step, for every sparse layer call: the experts the plan activates are leased from
+// the device cache (fetched ahead of use, Belady eviction on the step's known sequence), the
+// tokens are permuted, one grouped FFN runs, the outputs are combined; backward copies each
+// expert's weight gradient to pinned memory, accumulated over micro-batches in order, and the
+// expert's CPU update starts as soon as its gradient is complete. The next step's fetch of an
+// expert waits only for that expert's update (its version fence).
+//
+// Strategies (one engine, a setting): ecss (routed experts only, fetches ahead, updates
+// overlapped with the next step), no-overlap (the same traffic, every stage waits for the
+// previous), naive (every expert's weights to the device, every gradient back, every expert
+// updated, every step: plain heterogeneous training).
+//
+// Determinism: kernels, gradient accumulation and updates are deterministic, so every
+// strategy, budget and thread count gives bit-identical weights (touched experts only for
+// ecss and no-overlap; every expert for naive).
+// Thread-compatible: one thread drives a session. Calls enqueue on the session's streams and
+// return; Forward's output and Backward's input gradient are ready when compute_stream() has
+// passed them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/expert_ops.h"
+#include "optimizer/cpu_optimizer.h"
+#include "router/routing_plan.h"
+#include "runtime/device/backend.h"
+
+namespace ecss {
+
+struct DomainSpec {
+  std::string name;
+  uint32_t experts = 0;  // experts of the domain's group in every sparse layer
+};
+
+struct ModelSpec {
+  uint32_t layers = 0;  // sparse layers
+  uint32_t d_model = 0;
+  uint32_t d_ff = 0;
+  Activation activation = Activation::kGelu;
+  DType dtype = DType::kBF16;       // compute weights and activations: bf16 or f32
+  std::vector<DomainSpec> domains;  // domain id = index
+  uint32_t vocab = 0;
+  uint64_t seed = 1;  // expert initialisation and RRE tables
+  TableBuilder builder = TableBuilder::kRreUniform;
+  float init_scale = 0;  // weights ~ U(-s, s); 0: 1/sqrt(fan-in)
+};
+
+enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive };
+std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
+StatusOr<Strategy> ParseStrategy(std::string_view name);
+
+struct SessionOptions {
+  ModelSpec model;
+  Strategy strategy = Strategy::kEcss;
+  // Device bytes the session may use (activations it keeps, workspaces, the expert cache);
+  // at most the backend's device memory.
+  uint64_t device_budget_bytes = 0;
+  // Pinned host bytes: every expert's compute weights and gradient buffers. 0 = exactly what
+  // the model needs.
+  uint64_t pinned_budget_bytes = 0;
+  uint32_t max_tokens_per_micro_batch = 0;  // sizes the activation buffers
+  uint32_t max_micro_batches = 1;
+  // The most experts one layer of a micro-batch may activate: sizes the device gradient
+  // region (this many experts' fp32 gradients). 0 = every expert of the widest layer (naive
+  // always needs that); a step that activates more is refused by BeginStep.
+  uint32_t max_active_experts_per_layer = 0;
+  // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
+  uint32_t prefetch_window_experts = 0;
+  CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
+  int kernel_threads = 0;         // the sim's real-mode kernels; 0 = all cores
+};
+
+// Time the driving thread waited, by cause.
+struct StallStats {
+  double update_fence_seconds = 0;   // a fetch waited for the expert's previous update
+  double gradient_copy_seconds = 0;  // waiting for gradients to reach host memory
+  double stage_sync_seconds = 0;     // no-overlap / naive: a stage waiting for the previous
+  double optimizer_seconds = 0;      // no-overlap / naive: EndStep waiting for the updates
+  double total() const {
+    return update_fence_seconds + gradient_copy_seconds + stage_sync_seconds + optimizer_seconds;
+  }
+};
+
+struct StepStats {
+  uint64_t step = 0;
+  uint64_t tokens = 0;
+  double seconds = 0;  // since the previous EndStep returned (the first: since BeginStep)
+  double tokens_per_s = 0;
+  uint64_t h2d_bytes = 0;  // every host-to-device byte of the backend in this step
+  uint64_t d2h_bytes = 0;
+  uint64_t expert_fetch_bytes = 0;  // of which expert weights
+  uint64_t gradient_bytes = 0;      // of which expert gradients
+  uint64_t cache_hits = 0, cache_misses = 0;
+  double hit_rate = 0;
+  StallStats stalls;
+  double stall_fraction = 0;  // stalls.total() / seconds
+  // Busy seconds of each resource in this step; overlap efficiency = the busiest / seconds.
+  double compute_busy_seconds = 0, h2d_busy_seconds = 0, d2h_busy_seconds = 0;
+  double optimizer_busy_seconds = 0;
+  double overlap_efficiency = 0;
+  uint32_t updated_experts = 0;
+  uint64_t updated_params = 0;
+  StepReport optimizer;  // norm, clipping, skipped
+};
+
+class Session {
+ public:
+  // InvalidArgument naming a bad spec or option; ResourceExhausted naming the bytes needed
+  // when the device budget cannot hold one layer's experts for a step, or a host budget is too
+  // small. `backend` must outlive the session.
+  static StatusOr<std::unique_ptr<Session>> Create(Backend& backend, const SessionOptions& options);
+  ~Session();  // waits for the updates in flight
+
+  // Routes the micro-batches (InvalidArgument naming a token id out of the vocabulary,
+  // NotFound naming an unknown domain; ResourceExhausted when a layer activates more experts
+  // than the device cache holds) and starts fetching. FailedPrecondition inside a step.
+  // The micro-batches' arrays are copied.
+  Status BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale = 1.0f);
+  // x, y: device [tokens, d_model] of the model's dtype (tokens of that micro-batch). Each
+  // (micro-batch, layer) once per step.
+  Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y);
+  // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward.
+  Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
+  // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
+  StatusOr<StepStats> EndStep();
+  // Waits for every update in flight; returns the first optimizer error.
+  Status Synchronize();
+
+  // The stream the session computes on: the loop orders its own device work against it.
+  Stream compute_stream() const;
+  // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out
+  // (d_ff x d_model)] row-major.
+  StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert) const;
+  uint32_t experts_in_layer(uint32_t layer) const;
+  uint32_t cache_slots() const;
+  uint64_t expert_params() const;  // parameters per expert
+
+ private:
+  struct Impl;
+  explicit Session(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ecss

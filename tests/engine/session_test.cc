@@ -1,0 +1,493 @@
+#include "runtime/engine/session.h"
+
+#include <cstring>
+#include <map>
+
+#include <gtest/gtest.h>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "router/rre_router.h"
+#include "runtime/base/random.h"
+#include "runtime/device/sim/sim_backend.h"
+
+namespace ecss {
+namespace {
+
+constexpr uint32_t kBatch = 2, kSeq = 8, kVocab = 64;
+
+ModelSpec SmallModel(DType dtype) {
+  ModelSpec m;
+  m.layers = 2;
+  m.d_model = 16;
+  m.d_ff = 24;
+  m.activation = Activation::kGelu;
+  m.dtype = dtype;
+  m.domains = {{"c", 2}, {"python", 3}, {"docs", 2}};
+  m.vocab = kVocab;
+  m.seed = 5;
+  return m;
+}
+
+// The batches of every step: deterministic tokens and domains.
+struct Batch {
+  std::vector<uint32_t> tokens, domains;
+  MicroBatch view() const { return {tokens.data(), kBatch, kSeq, domains.data()}; }
+};
+std::vector<std::vector<Batch>> MakeSteps(int steps, int micro_batches) {
+  CounterRng rng(11, 0);
+  std::vector<std::vector<Batch>> out(steps);
+  for (auto& step : out) {
+    for (int m = 0; m < micro_batches; ++m) {
+      Batch b;
+      for (uint32_t i = 0; i < kBatch * kSeq; ++i) b.tokens.push_back(rng.Uniform(kVocab));
+      for (uint32_t i = 0; i < kBatch; ++i) b.domains.push_back(rng.Uniform(3));
+      step.push_back(std::move(b));
+    }
+  }
+  return out;
+}
+
+float RoundTo(DType dtype, float v) {
+  return dtype == DType::kBF16 ? Bf16ToFloat(FloatToBf16(v)) : v;
+}
+
+// The loop both trainers share: a fixed embedding, residual sparse layers, loss 0.5 |x_L|^2.
+// `forward(mb, layer, x) -> y` and `backward(mb, layer, dy) -> dx` are the sparse layers.
+template <typename Fwd, typename Bwd>
+void RunLoop(const std::vector<Batch>& step, uint32_t layers, uint32_t d_model, DType dtype,
+             Fwd forward, Bwd backward) {
+  for (uint32_t mb = 0; mb < step.size(); ++mb) {
+    const auto tokens = static_cast<uint32_t>(step[mb].tokens.size());
+    std::vector<float> x(tokens * d_model);
+    for (uint32_t t = 0; t < tokens; ++t) {
+      for (uint32_t c = 0; c < d_model; ++c) {
+        x[t * d_model + c] =
+            RoundTo(dtype, 0.1f * static_cast<float>((step[mb].tokens[t] * 7 + c * 3) % 17) - 0.8f);
+      }
+    }
+    for (uint32_t l = 0; l < layers; ++l) {
+      const std::vector<float> y = forward(mb, l, x);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = RoundTo(dtype, x[i] + y[i]);
+    }
+    std::vector<float> g = x;
+    for (uint32_t l = layers; l-- > 0;) {
+      const std::vector<float> dx = backward(mb, l, g);
+      for (size_t i = 0; i < g.size(); ++i) g[i] = RoundTo(dtype, g[i] + dx[i]);
+    }
+  }
+}
+
+std::vector<char> ToDevice(const std::vector<float>& v, DType dtype) {
+  std::vector<char> out(v.size() * DTypeSize(dtype));
+  if (dtype == DType::kF32) {
+    std::memcpy(out.data(), v.data(), out.size());
+  } else {
+    ConvertF32ToBf16(v.data(), reinterpret_cast<BFloat16*>(out.data()), v.size());
+  }
+  return out;
+}
+std::vector<float> FromDevice(const std::vector<char>& bytes, DType dtype) {
+  std::vector<float> out(bytes.size() / DTypeSize(dtype));
+  if (dtype == DType::kF32) {
+    std::memcpy(out.data(), bytes.data(), bytes.size());
+  } else {
+    ConvertBf16ToF32(reinterpret_cast<const BFloat16*>(bytes.data()), out.data(), out.size());
+  }
+  return out;
+}
+
+using Weights = std::vector<std::vector<std::vector<float>>>;  // [layer][expert][param]
+
+struct RunConfig {
+  DType dtype = DType::kF32;
+  Strategy strategy = Strategy::kEcss;
+  uint64_t device_budget = 0;  // 0: roomy
+  int optimizer_threads = 1;
+  int micro_batches = 1;
+  int steps = 3;
+};
+
+SessionOptions OptionsFor(const RunConfig& c) {
+  SessionOptions o;
+  o.model = SmallModel(c.dtype);
+  o.strategy = c.strategy;
+  o.device_budget_bytes = c.device_budget ? c.device_budget : 8 << 20;
+  o.max_tokens_per_micro_batch = kBatch * kSeq;
+  o.max_micro_batches = 2;
+  o.optimizer.threads = c.optimizer_threads;
+  o.optimizer.groups[0].lr = 0.05f;
+  o.kernel_threads = 2;
+  return o;
+}
+
+// Trains through a session on the simulated device; returns every expert's master weights.
+Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats = nullptr) {
+  SimOptions sim_options;
+  sim_options.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(sim_options);
+  EXPECT_TRUE(sim.ok());
+  auto session = Session::Create(**sim, OptionsFor(c));
+  EXPECT_TRUE(session.ok()) << session.status();
+  Session& s = **session;
+  Backend& b = **sim;
+  const SessionOptions o = OptionsFor(c);
+  const uint32_t d = o.model.d_model;
+  const uint64_t bytes = uint64_t{kBatch} * kSeq * d * DTypeSize(c.dtype);
+  auto in = b.device_memory().Allocate(bytes, MemoryTag::kActivations);
+  auto out = b.device_memory().Allocate(bytes, MemoryTag::kActivations);
+  EXPECT_TRUE(in.ok() && out.ok());
+  const Stream stream = s.compute_stream();
+  auto through = [&](std::vector<float> host, auto call) {
+    std::vector<char> dev = ToDevice(host, c.dtype);
+    EXPECT_TRUE(
+        b.CopyAsync(stream, in->data(), dev.data(), dev.size(), CopyKind::kHostToDevice).ok());
+    Status status = call(in->data(), out->data());
+    EXPECT_TRUE(status.ok()) << status;
+    EXPECT_TRUE(
+        b.CopyAsync(stream, dev.data(), out->data(), dev.size(), CopyKind::kDeviceToHost).ok());
+    EXPECT_TRUE(b.SynchronizeStream(stream).ok());
+    return FromDevice(dev, c.dtype);
+  };
+  for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
+    std::vector<MicroBatch> views;
+    for (const Batch& mb : step) views.push_back(mb.view());
+    Status begun = s.BeginStep(views);
+    EXPECT_TRUE(begun.ok()) << begun;
+    RunLoop(
+        step, o.model.layers, d, c.dtype,
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+          return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+        },
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
+          return through(dy, [&](void* i, void* o2) { return s.Backward(mb, l, i, o2); });
+        });
+    auto ended = s.EndStep();
+    EXPECT_TRUE(ended.ok()) << ended.status();
+    if (stats && ended.ok()) stats->push_back(*ended);
+  }
+  EXPECT_TRUE(s.Synchronize().ok());
+  Weights w(o.model.layers);
+  for (uint32_t l = 0; l < o.model.layers; ++l) {
+    for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) w[l].push_back(*s.MasterWeights(l, e));
+  }
+  return w;
+}
+
+// The same training with everything resident in host memory and no offload: the CPU kernels
+// called directly, the plans from the same router, the same optimizer rule.
+Weights TrainReference(const RunConfig& c, const Weights& initial) {
+  const SessionOptions o = OptionsFor(c);
+  const ModelSpec& m = o.model;
+  const bool naive = c.strategy == Strategy::kNaive;
+  auto map = DomainMap::Create(m.layers);
+  for (uint32_t i = 0; i < m.domains.size(); ++i) {
+    EXPECT_TRUE(map->AddDomainUniform(m.domains[i].name, i, m.domains[i].experts).ok());
+  }
+  auto router = RreRouter::Create(*map, {m.vocab, m.seed, m.builder});
+  EXPECT_TRUE(router.ok());
+  auto kernels = CpuKernels::Create({1, 256});
+  auto optimizer = CpuOptimizer::Create(o.optimizer);
+  Weights master = initial;
+  const uint32_t d_in = m.d_ff, d = m.d_model;
+  const uint64_t n = master[0][0].size(), in_elems = uint64_t{d} * d_in;
+  std::vector<std::vector<std::vector<float>>> s0(m.layers), s1(m.layers), grads(m.layers);
+  std::vector<std::vector<std::vector<BFloat16>>> copy(m.layers);
+  std::vector<std::vector<uint32_t>> ids(m.layers);
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    for (uint32_t e = 0; e < master[l].size(); ++e) {
+      s0[l].emplace_back(n, 0.0f);
+      s1[l].emplace_back(n, 0.0f);
+      grads[l].emplace_back(n, 0.0f);
+      copy[l].emplace_back(n);
+      ConvertF32ToBf16(master[l][e].data(), copy[l][e].data(), n);
+    }
+    for (uint32_t e = 0; e < master[l].size(); ++e) {
+      ExpertArrays a{master[l][e].data(),
+                     s0[l][e].data(),
+                     s1[l][e].data(),
+                     m.dtype == DType::kBF16 ? copy[l][e].data() : nullptr,
+                     n,
+                     0};
+      ids[l].push_back(*(*optimizer)->RegisterExpert(a));
+    }
+  }
+  auto weights_of = [&](uint32_t l, uint32_t e) -> const void* {
+    return m.dtype == DType::kF32 ? static_cast<const void*>(master[l][e].data())
+                                  : copy[l][e].data();
+  };
+  for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
+    std::vector<RoutingPlan> plans;
+    for (const Batch& b : step) plans.push_back(*RoutingPlan::BuildRre(*router, b.view()));
+    std::vector<std::vector<bool>> touched(m.layers);
+    for (uint32_t l = 0; l < m.layers; ++l) touched[l].assign(master[l].size(), false);
+    std::vector<std::vector<char>> saved(step.size() * m.layers);
+    auto groups_of = [&](uint32_t mb, uint32_t l, std::vector<uint32_t>* experts,
+                         std::vector<uint32_t>* offsets) {
+      const LayerPlan lp = plans[mb].layer(l);
+      offsets->assign(1, 0);
+      uint32_t a = 0;
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        const bool active = a < lp.num_active && lp.active_experts[a] == e;
+        if (!active && !naive) continue;
+        experts->push_back(e);
+        offsets->push_back(offsets->back() + (active ? lp.count(a++) : 0));
+      }
+    };
+    EXPECT_TRUE((*optimizer)->BeginStep(1.0f).ok());
+    RunLoop(
+        step, m.layers, d, c.dtype,
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+          const LayerPlan lp = plans[mb].layer(l);
+          const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
+                                      lp.combine_weights};
+          std::vector<uint32_t> experts, offsets;
+          groups_of(mb, l, &experts, &offsets);
+          const std::vector<char> xd = ToDevice(x, c.dtype);
+          std::vector<char>& xp = saved[mb * m.layers + l];
+          xp.resize(xd.size());
+          EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, false}, xd.data(), xp.data()).ok());
+          std::vector<const void*> w_in, w_out;
+          for (uint32_t e : experts) {
+            w_in.push_back(weights_of(l, e));
+            w_out.push_back(static_cast<const char*>(weights_of(l, e)) +
+                            in_elems * DTypeSize(c.dtype));
+          }
+          GroupedFfnProblem p{d,
+                              m.d_ff,
+                              m.activation,
+                              c.dtype,
+                              SavedActivation::kRecompute,
+                              static_cast<uint32_t>(experts.size()),
+                              offsets.data(),
+                              offsets.back()};
+          std::vector<char> yp(xd.size()), y(xd.size());
+          std::vector<char> ws((*kernels)->FfnForwardWorkspaceBytes(p) + 256);
+          void* aligned = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
+          EXPECT_TRUE((*kernels)
+                          ->FfnForward(p,
+                                       {xp.data(), w_in.data(), w_out.data(), yp.data(), nullptr},
+                                       {aligned, ws.size() - 256})
+                          .ok());
+          EXPECT_TRUE((*kernels)->Combine(perm, {d, c.dtype, true}, yp.data(), y.data()).ok());
+          return FromDevice(y, c.dtype);
+        },
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
+          const LayerPlan lp = plans[mb].layer(l);
+          const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
+                                      lp.combine_weights};
+          std::vector<uint32_t> experts, offsets;
+          groups_of(mb, l, &experts, &offsets);
+          const std::vector<char> dyd = ToDevice(dy, c.dtype);
+          std::vector<char> dyp(dyd.size()), dxp(dyd.size()), dx(dyd.size());
+          EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, true}, dyd.data(), dyp.data()).ok());
+          std::vector<const void*> w_in, w_out;
+          std::vector<std::vector<float>> dw(experts.size(), std::vector<float>(n));
+          std::vector<float*> dw_in, dw_out;
+          for (size_t i = 0; i < experts.size(); ++i) {
+            w_in.push_back(weights_of(l, experts[i]));
+            w_out.push_back(static_cast<const char*>(weights_of(l, experts[i])) +
+                            in_elems * DTypeSize(c.dtype));
+            dw_in.push_back(dw[i].data());
+            dw_out.push_back(dw[i].data() + in_elems);
+          }
+          GroupedFfnProblem p{d,
+                              m.d_ff,
+                              m.activation,
+                              c.dtype,
+                              SavedActivation::kRecompute,
+                              static_cast<uint32_t>(experts.size()),
+                              offsets.data(),
+                              offsets.back()};
+          std::vector<char> ws((*kernels)->FfnBackwardWorkspaceBytes(p) + 256);
+          void* aligned = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
+          EXPECT_TRUE((*kernels)
+                          ->FfnBackward(
+                              p,
+                              {saved[mb * m.layers + l].data(), w_in.data(), w_out.data(), nullptr,
+                               dyp.data(), dxp.data(), dw_in.data(), dw_out.data(), false},
+                              {aligned, ws.size() - 256})
+                          .ok());
+          EXPECT_TRUE((*kernels)->Combine(perm, {d, c.dtype, false}, dxp.data(), dx.data()).ok());
+          for (size_t i = 0; i < experts.size(); ++i) {
+            std::vector<float>& g = grads[l][experts[i]];
+            if (!touched[l][experts[i]]) {
+              g = dw[i];
+              touched[l][experts[i]] = true;
+            } else {
+              for (uint64_t k = 0; k < n; ++k) g[k] += dw[i][k];
+            }
+          }
+          return FromDevice(dx, c.dtype);
+        });
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        if (touched[l][e]) {
+          EXPECT_TRUE(
+              (*optimizer)->SubmitGradient(ids[l][e], grads[l][e].data(), DType::kF32).ok());
+        }
+      }
+    }
+    EXPECT_TRUE((*optimizer)->FinishStep().ok());
+    EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  }
+  return master;
+}
+
+Weights InitialWeights(const RunConfig& c) {
+  RunConfig none = c;
+  none.steps = 0;
+  return TrainSession(none);
+}
+
+void ExpectBitIdentical(const Weights& a, const Weights& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t l = 0; l < a.size(); ++l) {
+    ASSERT_EQ(a[l].size(), b[l].size());
+    for (size_t e = 0; e < a[l].size(); ++e) {
+      ASSERT_EQ(0, std::memcmp(a[l][e].data(), b[l][e].data(), a[l][e].size() * 4))
+          << "layer " << l << " expert " << e;
+    }
+  }
+}
+
+TEST(SessionTest, EveryStrategyMatchesTheResidentReferenceBitForBit) {
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+      for (int micro_batches : {1, 2}) {
+        SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " " << StrategyName(strategy)
+                                          << " micro-batches " << micro_batches);
+        RunConfig c;
+        c.dtype = dtype;
+        c.strategy = strategy;
+        c.micro_batches = micro_batches;
+        const Weights initial = InitialWeights(c);
+        const Weights trained = TrainSession(c);
+        ExpectBitIdentical(trained, TrainReference(c, initial));
+        // Something was trained.
+        bool changed = false;
+        for (size_t l = 0; l < initial.size(); ++l) {
+          for (size_t e = 0; e < initial[l].size(); ++e) changed |= initial[l][e] != trained[l][e];
+        }
+        EXPECT_TRUE(changed);
+      }
+    }
+  }
+}
+
+TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {
+  RunConfig roomy;
+  roomy.micro_batches = 2;
+  roomy.steps = 4;
+  const Weights want = TrainSession(roomy);
+  RunConfig tight = roomy;
+  // The smallest budget the session accepts: find it by asking.
+  uint64_t budget = 64 << 10;
+  for (;; budget += 16 << 10) {
+    SimOptions so;
+    so.device_memory_bytes = 16 << 20;
+    auto sim = SimBackend::Create(so);
+    SessionOptions o = OptionsFor(tight);
+    o.device_budget_bytes = budget;
+    auto created = Session::Create(**sim, o);
+    if (created.ok()) break;
+    ASSERT_EQ(created.status().code(), StatusCode::kResourceExhausted) << created.status();
+  }
+  tight.device_budget = budget;
+  tight.optimizer_threads = 2;
+  std::vector<StepStats> stats;
+  ExpectBitIdentical(TrainSession(tight, &stats), want);
+  // The tight budget really streamed: experts were fetched more than once.
+  uint64_t misses = 0;
+  for (const StepStats& s : stats) misses += s.cache_misses;
+  EXPECT_GT(misses, 0u);
+  EXPECT_GT(stats.back().updated_experts, 0u);
+}
+
+TEST(SessionTest, StatisticsAddUp) {
+  RunConfig c;
+  c.steps = 3;
+  std::vector<StepStats> stats;
+  TrainSession(c, &stats);
+  ASSERT_EQ(stats.size(), 3u);
+  for (const StepStats& s : stats) {
+    EXPECT_EQ(s.tokens, kBatch * kSeq);
+    EXPECT_GT(s.tokens_per_s, 0);
+    EXPECT_EQ(s.expert_fetch_bytes, s.cache_misses * (16 * 24 * 2) * 4);  // f32 weights
+    EXPECT_GT(s.cache_hits + s.cache_misses, 0u);
+    EXPECT_GE(s.h2d_bytes, s.expert_fetch_bytes);
+    EXPECT_GE(s.d2h_bytes, s.gradient_bytes);
+    EXPECT_EQ(s.updated_params, uint64_t{s.updated_experts} * (16 * 24 * 2));
+    EXPECT_GE(s.overlap_efficiency, 0);
+    EXPECT_LE(s.overlap_efficiency, 1);
+  }
+  // naive moves every expert and updates every expert.
+  RunConfig n = c;
+  n.strategy = Strategy::kNaive;
+  std::vector<StepStats> naive;
+  TrainSession(n, &naive);
+  EXPECT_EQ(naive.back().updated_experts, 2u * 7u);
+  EXPECT_GT(naive.back().gradient_bytes, stats.back().gradient_bytes);
+}
+
+TEST(SessionTest, BadInputIsRefusedAndTheSessionStaysUsable) {
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  RunConfig c;
+  SessionOptions o = OptionsFor(c);
+  auto session = Session::Create(**sim, o);
+  ASSERT_TRUE(session.ok());
+  Session& s = **session;
+  std::vector<Batch> step = MakeSteps(1, 1)[0];
+  Batch bad_token = step[0];
+  bad_token.tokens[3] = kVocab + 5;
+  EXPECT_EQ(s.BeginStep({bad_token.view()}).code(), StatusCode::kInvalidArgument);
+  Batch bad_domain = step[0];
+  bad_domain.domains[1] = 9;
+  EXPECT_EQ(s.BeginStep({bad_domain.view()}).code(), StatusCode::kNotFound);
+  EXPECT_EQ(s.EndStep().status().code(), StatusCode::kFailedPrecondition);  // no step
+  ASSERT_TRUE(s.BeginStep({step[0].view()}).ok());
+  EXPECT_EQ(s.BeginStep({step[0].view()}).code(), StatusCode::kFailedPrecondition);
+  auto x = (*sim)->device_memory().Allocate(kBatch * kSeq * 16 * 4, MemoryTag::kActivations);
+  auto y = (*sim)->device_memory().Allocate(kBatch * kSeq * 16 * 4, MemoryTag::kActivations);
+  ASSERT_TRUE(x.ok() && y.ok());
+  ASSERT_TRUE((*sim)->MemsetAsync(s.compute_stream(), x->data(), 0, x->size()).ok());
+  std::vector<float> host(kBatch * kSeq * 16);
+  EXPECT_EQ(s.Forward(0, 0, host.data(), y->data()).code(),
+            StatusCode::kOutOfRange);  // host memory
+  auto small = (*sim)->device_memory().Allocate(64, MemoryTag::kActivations);
+  EXPECT_EQ(s.Forward(0, 0, small->data(), y->data()).code(), StatusCode::kOutOfRange);  // shape
+  EXPECT_EQ(s.Backward(0, 0, x->data(), y->data()).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Forward(0, 7, x->data(), y->data()).code(), StatusCode::kInvalidArgument);
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x->data(), y->data()).ok());
+  EXPECT_EQ(s.Forward(0, 0, x->data(), y->data()).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.EndStep().status().code(), StatusCode::kFailedPrecondition);  // backward missing
+  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x->data(), y->data()).ok());
+  auto stats = s.EndStep();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(s.EndStep().status().code(), StatusCode::kFailedPrecondition);  // ended twice
+  // Still usable.
+  ASSERT_TRUE(s.BeginStep({step[0].view()}).ok());
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x->data(), y->data()).ok());
+  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x->data(), y->data()).ok());
+  EXPECT_TRUE(s.EndStep().ok());
+  EXPECT_TRUE(s.Synchronize().ok());
+}
+
+TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  RunConfig c;
+  SessionOptions o = OptionsFor(c);
+  o.device_budget_bytes = 20 << 10;
+  auto session = Session::Create(**sim, o);
+  ASSERT_EQ(session.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(session.status().message().find("need at least"), std::string::npos)
+      << session.status();
+  o.model.vocab = 0;
+  EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ecss
