@@ -159,6 +159,7 @@ Status Train(const Options& o) {
   session_options.max_tokens_per_micro_batch = kSamples * kSeq;
   session_options.optimizer.groups[0].lr = 3e-3f;
   session_options.optimizer.skip_step_on_nonfinite = false;
+  session_options.trace = &trace;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, session_options));
   uint64_t expert_total = 0;
   for (uint32_t l = 0; l < o.layers; ++l) expert_total += session->experts_in_layer(l);

@@ -49,6 +49,11 @@ struct CpuOptimizer::Impl {
   void RunUpdate(uint32_t e, Pending work, uint64_t step, float clip_coefficient,
                  bool check_finite) {
     BusyScope busy(*this);
+    TraceRecorder* trace = options.trace;
+    const int lane = trace == nullptr ? 0
+                                      : trace->Lane(StrCat("optimizer thread ",
+                                                           tbb::this_task_arena::current_thread_index()));
+    TraceScope scope(trace, lane, "update", "optimizer", {{"expert", e}});
     ExpertState& expert = experts[e];
     const size_t n = expert.arrays.size;
     if (check_finite) {

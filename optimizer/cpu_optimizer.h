@@ -29,6 +29,7 @@
 #include "optimizer/optimizer_config.h"
 #include "optimizer/update_kernels.h"
 #include "runtime/base/status.h"
+#include "runtime/base/trace.h"
 
 namespace ecss {
 
@@ -41,6 +42,9 @@ struct CpuOptimizerOptions {
   std::optional<SimdIsa> isa;          // default: the best the CPU runs
   float max_grad_norm = 0;             // > 0: clip the global gradient norm to this
   bool skip_step_on_nonfinite = true;  // loss-scaling semantics (see above)
+  // Optional, not owned, must outlive the optimizer: one event per expert update on the lane
+  // "optimizer thread N" of the arena thread that started it.
+  TraceRecorder* trace = nullptr;
 };
 
 // One expert's arrays, owned by the caller (host or pinned tier) and valid while registered.

@@ -87,7 +87,9 @@ const std::vector<Suite>& Suites() {
        "  --optimizer-threads N  CPU optimizer threads (default 1)\n"
        "  --device-mib N         the session's device budget (default 768)\n"
        "  --profile NAME         device profile for kernel time and link bandwidth "
-       "(default h100-sxm)\n",
+       "(default h100-sxm)\n"
+       "  --states S             master weights and moments: host or nvme (default host)\n"
+       "  --dir DIR              nvme: directory of the state files (default .)\n",
        RunStepSuite},
   };
   return suites;

@@ -22,6 +22,7 @@
 #include "offload/state_file.h"
 #include "optimizer/cpu_optimizer.h"
 #include "optimizer/state_pipeline.h"
+#include "runtime/engine/file_state_tier.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
@@ -109,31 +110,6 @@ double TimeSplit(size_t n, unsigned threads, Fn&& fn) {
   }
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
-
-// optimizer/'s StateTier over offload/'s state file: loads through one engine and file handle,
-// stores through another, so that the pipeline's load and store stages run concurrently.
-class FileStateTier final : public StateTier {
- public:
-  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, std::vector<size_t> sizes)
-      : reader_(reader), writer_(writer), sizes_(std::move(sizes)) {}
-  StatusOr<size_t> ExpertSize(uint32_t expert) const override {
-    if (expert >= sizes_.size()) return NotFoundError(StrCat("no expert ", expert));
-    return sizes_[expert];
-  }
-  Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override {
-    float* arrays[3] = {slot.master, slot.state0, slot.state1};
-    return reader_->Load(expert, arrays, slot.size, update_count);
-  }
-  Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override {
-    const float* arrays[3] = {slot.master, slot.state0, slot.state1};
-    return writer_->Store(expert, arrays, slot.size, update_count);
-  }
-
- private:
-  ExpertStateFile* reader_;
-  ExpertStateFile* writer_;
-  std::vector<size_t> sizes_;
-};
 
 // --states nvme: master and moments on NVMe, streamed through double-buffered pinned staging
 // (load -> update -> store). The bound is the NVMe bandwidth measured in the same run: each

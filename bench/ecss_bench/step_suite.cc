@@ -2,7 +2,8 @@
 // timed mode (kernels take the cost model's time on a device profile; copies are paced at the
 // profile's host-link bandwidth) with the real CPU optimizer, for a model proportioned like
 // PanGu-Sigma and scaled to this machine: 40 domains, each step's samples from 4 of them,
-// about 300M expert parameters. One strategy per run; `naive` is the reference the target is
+// about 300M expert parameters, master weights and moments in host memory or on NVMe
+// (--states). One strategy per run; `naive` is the reference the target is
 // stated against (ecss >= 6.3x naive tokens/s), and overlap efficiency compares the busiest
 // resource with the step time (ecss >= 0.9).
 #include <iomanip>
@@ -32,7 +33,12 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(uint64_t threads, args.Uint("optimizer-threads", 1));
   ECSS_ASSIGN_OR_RETURN(uint64_t device_mib, args.Uint("device-mib", 768));
   ECSS_ASSIGN_OR_RETURN(std::string profile_name, args.String("profile", "h100-sxm"));
+  ECSS_ASSIGN_OR_RETURN(std::string states, args.String("states", "host"));
+  ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
+  if (states != "host" && states != "nvme") {
+    return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
+  }
   ECSS_ASSIGN_OR_RETURN(Strategy strategy, ParseStrategy(strategy_name));
   ECSS_ASSIGN_OR_RETURN(DeviceProfile profile, FindDeviceProfile(profile_name));
   if (layers == 0 || d_model == 0 || d_ff == 0 || domains == 0 || experts == 0 || per_step == 0 ||
@@ -66,6 +72,10 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   options.optimizer.threads = static_cast<int>(threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
+  if (states == "nvme") {
+    options.states = StatesPlacement::kNvme;
+    options.nvme_dirs = {dir};
+  }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, options));
   uint64_t total_experts = 0;
   for (uint32_t l = 0; l < layers; ++l) total_experts += session->experts_in_layer(l);
@@ -80,7 +90,8 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   std::vector<uint32_t> ids(tokens), sample_domains(samples);
   CounterRng rng(17, 0);
   double seconds = 0, compute = 0, h2d = 0, d2h = 0, optimizer = 0, stalls = 0;
-  uint64_t measured_tokens = 0, h2d_bytes = 0, d2h_bytes = 0, updated = 0, hits = 0, misses = 0;
+  uint64_t measured_tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
+  uint64_t hits = 0, misses = 0;
   for (uint64_t step = 0; step < steps; ++step) {
     // Each step's samples come from `per_step` distinct domains, chosen at random.
     std::vector<uint32_t> chosen;
@@ -110,6 +121,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     measured_tokens += s.tokens;
     h2d_bytes += s.h2d_bytes;
     d2h_bytes += s.d2h_bytes;
+    nvme_bytes += s.nvme_bytes;
     updated += s.updated_params;
     hits += s.cache_hits;
     misses += s.cache_misses;
@@ -129,7 +141,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("experts", total_experts)
       .Field("expert_params", expert_params)
       .Field("tokens_per_step", tokens)
-      .Field("states_placement", "host")
+      .Field("states_placement", states)
       .Field("optimizer_threads", threads)
       .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
       .Field("step_seconds", seconds / measured)
@@ -138,7 +150,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("stall_fraction", stalls / seconds)
       .Field("h2d_bytes", static_cast<uint64_t>(static_cast<double>(h2d_bytes) / measured))
       .Field("d2h_bytes", static_cast<uint64_t>(static_cast<double>(d2h_bytes) / measured))
-      .Field("nvme_bytes", uint64_t{0})
+      .Field("nvme_bytes", static_cast<uint64_t>(static_cast<double>(nvme_bytes) / measured))
       .Field("updated_params", static_cast<uint64_t>(static_cast<double>(updated) / measured))
       .Field("hit_rate", hits + misses ? static_cast<double>(hits) / (hits + misses) : 0.0)
       .Key("busy_seconds_per_step")
@@ -159,7 +171,8 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
         << seconds / measured << " s  overlap " << busiest / seconds << " (" << busiest_name
         << ")  stalls " << stalls / seconds << "\n"
         << "  per step: h2d " << HumanBytes(static_cast<uint64_t>(h2d_bytes / measured)) << ", d2h "
-        << HumanBytes(static_cast<uint64_t>(d2h_bytes / measured)) << ", updated "
+        << HumanBytes(static_cast<uint64_t>(d2h_bytes / measured)) << ", nvme "
+        << HumanBytes(static_cast<uint64_t>(nvme_bytes / measured)) << ", updated "
         << static_cast<uint64_t>(updated / measured) << " params\n";
   return Status::Ok();
 }

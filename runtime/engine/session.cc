@@ -9,7 +9,10 @@
 
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
+#include "offload/prefetcher.h"
+#include "offload/state_file.h"
 #include "router/rre_router.h"
+#include "runtime/engine/expert_updater.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
@@ -40,17 +43,16 @@ class StallTimer {
 
 // One expert: its optimizer id, its arrays, and what the current step did with it.
 struct Expert {
-  uint32_t id = 0;  // in the CpuOptimizer
-  // fp32 master weights: in `weights` itself when the compute dtype is f32 (the device copies
-  // what the optimizer updates), else in host memory with `weights` as the bf16 copy.
+  uint32_t id = 0;  // in the ExpertUpdater
+  // States in host memory: fp32 master weights in `weights` itself when the compute dtype is
+  // f32 (the device copies what the optimizer updates), else in master_storage with `weights`
+  // as the bf16 copy. States on NVMe: in the updater's files.
   float* master = nullptr;
   std::vector<float> master_storage;
   std::vector<float> state0, state1;
-  Buffer weights;                 // pinned, compute dtype
-  uint64_t expected_version = 0;  // the optimizer version once its last update is done
-  Buffer grad;                    // pinned fp32 accumulator, allocated on first use
-  uint64_t updated_in_step = 0;   // 0: never submitted
-  bool touched = false;           // has a gradient in the current step
+  Buffer weights;        // pinned, compute dtype
+  Buffer grad;           // pinned fp32 accumulator, allocated on first use
+  bool touched = false;  // has a gradient in the current step
 };
 
 // A sparse layer of one micro-batch as the kernels see it.
@@ -103,9 +105,12 @@ struct Session::Impl {
   SessionOptions options;
   std::optional<RreRouter> router;
   std::unique_ptr<KernelRunner> kernels;
-  std::unique_ptr<CpuOptimizer> optimizer;
+  // Declared before what is carved from it (the updater's staging, the experts' buffers),
+  // so that it is destroyed after them.
   std::unique_ptr<PinnedHostPool> pinned;
+  std::unique_ptr<ExpertUpdater> updater;
   std::unique_ptr<DeviceCache> cache;
+  std::unique_ptr<Prefetcher> prefetcher;
   OwnedStream compute, h2d, d2h;
   OwnedEvent dw_ready, dw_free;
   std::vector<OwnedEvent> layer_grads_done;  // per layer
@@ -126,8 +131,6 @@ struct Session::Impl {
   uint64_t step = 0;
   std::vector<MicroBatchWork> micro;
   std::vector<ExpertKey> sequence;
-  std::deque<std::pair<uint64_t, Lease>> held;  // prefetched leases by position
-  uint64_t next_fetch = 0;                      // next position to acquire
   std::deque<uint32_t> pending_layers;          // gradients complete once d2h passes
   StallStats stalls;
   Clock::time_point last_end;
@@ -136,6 +139,7 @@ struct Session::Impl {
   CacheStats cache_at_begin;
   SimEngineStats engines_at_begin;
   double optimizer_busy_at_begin = 0;
+  uint64_t nvme_at_begin = 0;
   uint64_t gradient_bytes = 0;
   uint32_t submitted = 0;
 
@@ -149,7 +153,6 @@ struct Session::Impl {
   Status CreateAll();
   Status InitExperts();
   Status BuildStep(const std::vector<MicroBatch>& batches);
-  Status Fetch(uint64_t position, Lease* out);
   Status Prefetch();
   StatusOr<std::vector<Lease>> LeasesFor(uint64_t first, size_t count);
   Status ReleaseAll(std::vector<Lease>& leases);
@@ -157,11 +160,6 @@ struct Session::Impl {
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
-  // The expert's last submitted update has not finished (or was skipped: then its fence
-  // wait returns at once).
-  bool UpdatePending(const Expert& expert) const {
-    return expert.updated_in_step > 0 && optimizer->version(expert.id) < expert.expected_version;
-  }
 };
 
 // ---- Creation -------------------------------------------------------------------------------
@@ -176,6 +174,7 @@ Status Session::Impl::CreateAll() {
     return InvalidArgumentError(
         StrCat("model spec: dtype ", DTypeName(m.dtype), " is not supported (f32 or bf16)"));
   }
+  if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
   if (options.max_tokens_per_micro_batch == 0 || options.max_micro_batches == 0) {
     return InvalidArgumentError(
         "session: max_tokens_per_micro_batch and max_micro_batches "
@@ -201,7 +200,6 @@ Status Session::Impl::CreateAll() {
   KernelRunnerOptions kernel_options;
   kernel_options.cpu.threads = options.kernel_threads;
   ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, kernel_options));
-  ECSS_ASSIGN_OR_RETURN(optimizer, CpuOptimizer::Create(options.optimizer));
   ECSS_ASSIGN_OR_RETURN(compute, CreateOwnedStream(backend, "compute"));
   ECSS_ASSIGN_OR_RETURN(h2d, CreateOwnedStream(backend, "h2d experts"));
   ECSS_ASSIGN_OR_RETURN(d2h, CreateOwnedStream(backend, "d2h gradients"));
@@ -235,8 +233,25 @@ Status Session::Impl::CreateAll() {
   }();
   const uint64_t per_expert_pinned = AlignUp(expert_bytes, 4096) + AlignUp(params * 4, 4096);
   // (weights in the compute dtype, which for f32 are the master weights; the gradient buffer)
-  const uint64_t pinned_needed =
-      experts_total * per_expert_pinned + AlignUp(uint64_t{max_groups} * params * 4, 4096);
+  const bool on_nvme = options.states == StatesPlacement::kNvme;
+  if (on_nvme && m.dtype != DType::kBF16) {
+    return InvalidArgumentError("session: states on NVMe need the bf16 dtype (the pinned "
+                                "compute weights are the optimizer's bf16 copy)");
+  }
+  NvmeUpdaterOptions nvme;
+  nvme.dirs = options.nvme_dirs;
+  nvme.optimizer = options.optimizer;
+  nvme.expert_elements = params;
+  nvme.experts = static_cast<uint32_t>(experts_total);
+  nvme.open_existing = options.resume_states;
+  if (options.resume_states && !on_nvme) {
+    return InvalidArgumentError("session: resume_states needs states on NVMe");
+  }
+  // Staging for the streaming pipeline, plus one expert's states for initialisation and reads.
+  const uint64_t nvme_pinned =
+      on_nvme ? NvmeUpdater::StagingBytes(nvme) + 3 * StateArrayBytes(params) : 0;
+  const uint64_t pinned_needed = experts_total * per_expert_pinned +
+                                 AlignUp(uint64_t{max_groups} * params * 4, 4096) + nvme_pinned;
   const uint64_t pinned_budget =
       options.pinned_budget_bytes == 0 ? pinned_needed : options.pinned_budget_bytes;
   if (pinned_budget < pinned_needed) {
@@ -250,6 +265,11 @@ Status Session::Impl::CreateAll() {
   pool_options.capacity_bytes = pinned_budget;
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
+  if (on_nvme) {
+    ECSS_ASSIGN_OR_RETURN(updater, NvmeUpdater::Create(nvme, pinned.get()));
+  } else {
+    ECSS_ASSIGN_OR_RETURN(updater, HostUpdater::Create(options.optimizer));
+  }
   ECSS_RETURN_IF_ERROR(InitExperts());
   ECSS_ASSIGN_OR_RETURN(grad_tmp,
                         pinned->Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
@@ -297,6 +317,19 @@ Status Session::Impl::CreateAll() {
   }
   ECSS_ASSIGN_OR_RETURN(cache,
                         DeviceCache::Create(backend, {expert_bytes, slots}, MakeLruPolicy()));
+  PrefetcherHooks hooks;
+  auto expert_of = [this](ExpertKey key) -> Expert& {
+    return experts[key >> 32][key & 0xFFFFFFFFu];
+  };
+  hooks.host_weights = [expert_of](ExpertKey key) -> const void* {
+    return expert_of(key).weights.data();
+  };
+  hooks.fence_pending = [this, expert_of](ExpertKey key) {
+    return updater->Pending(expert_of(key).id);
+  };
+  hooks.wait_fence = [this, expert_of](ExpertKey key) { return updater->Wait(expert_of(key).id); };
+  prefetcher = std::make_unique<Prefetcher>(*cache, h2d.get(), std::move(hooks),
+                                            options.prefetch_window_experts);
   return Status::Ok();
 }
 
@@ -309,13 +342,29 @@ Status Session::Impl::InitExperts() {
   const uint64_t in_elems = uint64_t{m.d_model} * d_in();
   const bool two_states = options.optimizer.kind == OptimizerKind::kAdamW ||
                           options.optimizer.kind == OptimizerKind::kAdam;
+  auto* host = dynamic_cast<HostUpdater*>(updater.get());
+  auto* nvme = dynamic_cast<NvmeUpdater*>(updater.get());
+  uint32_t flat = 0;
+  std::vector<float> initial;  // states on NVMe: the master before it goes to its file
   experts.resize(m.layers);
   for (uint32_t l = 0; l < m.layers; ++l) {
     experts[l].resize(router->domains().experts_in_layer(l));
     for (uint32_t e = 0; e < experts[l].size(); ++e) {
       Expert& x = experts[l][e];
       ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
-      if (m.dtype == DType::kF32) {
+      if (nvme != nullptr && options.resume_states) {
+        Status resumed = nvme->Resume(flat, static_cast<BFloat16*>(x.weights.data()));
+        if (!resumed.ok()) {
+          return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
+                                         options.nvme_dirs[0], " (files of another model?)"));
+        }
+        x.id = flat++;
+        continue;
+      }
+      if (nvme != nullptr) {
+        initial.resize(params);
+        x.master = initial.data();
+      } else if (m.dtype == DType::kF32) {
         x.master = static_cast<float*>(x.weights.data());
       } else {
         x.master_storage.resize(params);
@@ -325,6 +374,14 @@ Status Session::Impl::InitExperts() {
       for (uint64_t i = 0; i < params; ++i) {
         const float scale = i < in_elems ? in_scale : out_scale;
         x.master[i] = (rng.UniformFloat() * 2 - 1) * scale;
+      }
+      if (nvme != nullptr) {
+        ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);
+        ECSS_RETURN_IF_ERROR(
+            nvme->Initialize(flat, x.master, static_cast<BFloat16*>(x.weights.data())));
+        x.id = flat++;
+        x.master = nullptr;
+        continue;
       }
       x.state0.assign(params, 0.0f);
       if (two_states) x.state1.assign(params, 0.0f);
@@ -337,7 +394,8 @@ Status Session::Impl::InitExperts() {
         ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);
         arrays.compute_copy = static_cast<BFloat16*>(x.weights.data());
       }
-      ECSS_ASSIGN_OR_RETURN(x.id, optimizer->RegisterExpert(arrays));
+      ECSS_ASSIGN_OR_RETURN(x.id, host->Register(arrays));
+      ++flat;
     }
   }
   return Status::Ok();
@@ -423,56 +481,15 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   return Status::Ok();
 }
 
-// Leases the expert at `position` of the step's sequence, fetching it if absent: first waits
-// for the expert's previous update (its version fence).
-Status Session::Impl::Fetch(uint64_t position, Lease* out) {
-  const ExpertKey key = sequence[position];
-  const auto layer = static_cast<uint32_t>(key >> 32);
-  const auto index = static_cast<uint32_t>(key & 0xFFFFFFFFu);
-  Expert& expert = experts[layer][index];
-  if (cache->residency(key) == Residency::kAbsent && UpdatePending(expert)) {
-    StallTimer timer(&stalls.update_fence_seconds);
-    ECSS_RETURN_IF_ERROR(optimizer->WaitForExpert(expert.id, expert.updated_in_step));
-  }
-  ECSS_ASSIGN_OR_RETURN(*out, cache->Acquire(key, expert.weights.data(), h2d.get(), position));
-  return Status::Ok();
-}
-
 // ecss: lease ahead of use, in sequence order, while the window and free slots allow.
 Status Session::Impl::Prefetch() {
   if (options.strategy != Strategy::kEcss) return Status::Ok();
-  const uint64_t window =
-      options.prefetch_window_experts == 0 ? cache->slots() : options.prefetch_window_experts;
-  while (next_fetch < sequence.size() && held.size() < std::min<uint64_t>(window, cache->slots())) {
-    // Never block the driver here: an expert whose update is still running is fetched when
-    // it is used (LeasesFor waits on its fence then).
-    const ExpertKey key = sequence[next_fetch];
-    const Expert& expert = experts[key >> 32][key & 0xFFFFFFFFu];
-    if (cache->residency(key) == Residency::kAbsent && UpdatePending(expert)) break;
-    Lease lease;
-    ECSS_RETURN_IF_ERROR(Fetch(next_fetch, &lease));
-    held.emplace_back(next_fetch, std::move(lease));
-    ++next_fetch;
-  }
-  return Status::Ok();
+  return prefetcher->Advance();
 }
 
-// The leases of positions [first, first + count): from the prefetched ones, fetching the rest.
+// The leases of positions [first, first + count), compute waiting for their copies.
 StatusOr<std::vector<Lease>> Session::Impl::LeasesFor(uint64_t first, size_t count) {
-  std::vector<Lease> leases(count);
-  while (!held.empty() && held.front().first < first + count) {
-    const uint64_t position = held.front().first;
-    // A position before `first` was skipped by an out-of-order call: its lease was never used
-    // by a kernel, so it is released without a stream.
-    if (position >= first) leases[position - first] = std::move(held.front().second);
-    held.pop_front();
-  }
-  next_fetch = std::max(next_fetch, first);
-  for (size_t i = 0; i < count; ++i) {
-    if (leases[i].weights() != nullptr) continue;
-    ECSS_RETURN_IF_ERROR(Fetch(first + i, &leases[i]));
-    next_fetch = std::max(next_fetch, first + i + 1);
-  }
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, prefetcher->Take(first, count));
   if (options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(StageSync(h2d.get()));
   for (const Lease& lease : leases) {
     ECSS_RETURN_IF_ERROR(backend.WaitEvent(compute.get(), lease.ready()));
@@ -498,12 +515,10 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
     if (!expert.touched) continue;
     expert.touched = false;
     ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
-    expert.expected_version = optimizer->version(expert.id) + 1;
-    ECSS_RETURN_IF_ERROR(optimizer->SubmitGradient(expert.id, expert.grad.data(), DType::kF32));
-    expert.updated_in_step = optimizer->current_step();
+    ECSS_RETURN_IF_ERROR(updater->Submit(expert.id, static_cast<const float*>(expert.grad.data())));
     ++submitted;
   }
-  return Status::Ok();
+  return updater->Flush();
 }
 
 // Submits the layers whose gradient copies completed (all of them when `wait`).
@@ -544,9 +559,9 @@ Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Session::~Session() {
   if (impl_ == nullptr) return;
-  impl_->held.clear();
+  impl_->prefetcher->Clear();
   impl_->backend.SynchronizeAll().IgnoreError();  // the leases' streams, before the cache goes
-  impl_->optimizer->Synchronize().IgnoreError();
+  impl_->updater->Synchronize().IgnoreError();
 }
 
 Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
@@ -561,19 +576,18 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
     s.micro.clear();  // frees the plans' device copies
     return built;
   }
-  ECSS_RETURN_IF_ERROR(s.optimizer->BeginStep(loss_scale));
+  ECSS_RETURN_IF_ERROR(s.updater->BeginStep(loss_scale));
   s.in_step = true;
   ++s.step;
   s.stalls = {};
   s.copies_at_begin = s.backend.copy_stats();
   s.cache_at_begin = s.cache->stats();
   if (SimBackend* sim = s.sim()) s.engines_at_begin = sim->engine_stats();
-  s.optimizer_busy_at_begin = s.optimizer->busy_seconds();
+  s.optimizer_busy_at_begin = s.updater->busy_seconds();
+  s.nvme_at_begin = s.updater->nvme_bytes();
   s.gradient_bytes = 0;
   s.submitted = 0;
-  s.held.clear();
-  s.next_fetch = 0;
-  s.cache->SetPolicy(MakeBeladyPolicy(s.sequence));
+  s.prefetcher->BeginStep(s.sequence);
   return s.Prefetch();
 }
 
@@ -751,16 +765,17 @@ StatusOr<StepStats> Session::EndStep() {
     }
   }
   ECSS_RETURN_IF_ERROR(s.SubmitReady(true));
-  ECSS_ASSIGN_OR_RETURN(StepReport report, s.optimizer->FinishStep());
+  ECSS_ASSIGN_OR_RETURN(StepReport report, s.updater->FinishStep());
   {
     StallTimer timer(&s.stalls.stage_sync_seconds);
     ECSS_RETURN_IF_ERROR(s.backend.SynchronizeStream(s.compute.get()));
   }
   if (s.options.strategy != Strategy::kEcss) {
     StallTimer timer(&s.stalls.optimizer_seconds);
-    ECSS_RETURN_IF_ERROR(s.optimizer->Synchronize());
+    ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
   }
-  s.held.clear();
+  s.stalls.update_fence_seconds = s.prefetcher->stall_seconds();
+  s.prefetcher->Clear();
   uint64_t tokens = 0;
   for (const MicroBatchWork& w : s.micro) tokens += w.token_ids.size();
   s.micro.clear();  // the plans' device copies: compute has passed them
@@ -784,6 +799,7 @@ StatusOr<StepStats> Session::EndStep() {
   const uint64_t accesses = stats.cache_hits + stats.cache_misses;
   stats.hit_rate = accesses ? static_cast<double>(stats.cache_hits) / accesses : 0;
   stats.stalls = s.stalls;
+  stats.stall_records = s.prefetcher->stalls();
   stats.stall_fraction = stats.seconds > 0 ? s.stalls.total() / stats.seconds : 0;
   if (SimBackend* sim = s.sim()) {
     const SimEngineStats e = sim->engine_stats();
@@ -791,7 +807,8 @@ StatusOr<StepStats> Session::EndStep() {
     stats.h2d_busy_seconds = e.h2d_busy_seconds - s.engines_at_begin.h2d_busy_seconds;
     stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
   }
-  stats.optimizer_busy_seconds = s.optimizer->busy_seconds() - s.optimizer_busy_at_begin;
+  stats.optimizer_busy_seconds = s.updater->busy_seconds() - s.optimizer_busy_at_begin;
+  stats.nvme_bytes = s.updater->nvme_bytes() - s.nvme_at_begin;
   const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,
                                    stats.d2h_busy_seconds, stats.optimizer_busy_seconds});
   stats.overlap_efficiency = stats.seconds > 0 ? std::min(1.0, busiest / stats.seconds) : 0;
@@ -803,17 +820,16 @@ StatusOr<StepStats> Session::EndStep() {
 
 Status Session::Synchronize() {
   ECSS_RETURN_IF_ERROR(impl_->backend.SynchronizeAll());
-  return impl_->optimizer->Synchronize();
+  return impl_->updater->Synchronize();
 }
 
 Stream Session::compute_stream() const { return impl_->compute.get(); }
 
-StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) const {
+StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) {
   if (layer >= impl_->experts.size() || expert >= impl_->experts[layer].size()) {
     return InvalidArgumentError(StrCat("MasterWeights: no expert (", layer, ", ", expert, ")"));
   }
-  const Expert& x = impl_->experts[layer][expert];
-  return std::vector<float>(x.master, x.master + impl_->params);
+  return impl_->updater->Master(impl_->experts[layer][expert].id);
 }
 
 uint32_t Session::experts_in_layer(uint32_t layer) const {

@@ -4,7 +4,7 @@
 // layer move activations through the experts on the device, EndStep submits the last
 // gradients and returns the step's statistics. The loop owns its dense layers and its
 // activations (device memory of the session's backend); the session owns the experts: their
-// fp32 master weights and optimizer moments in host memory, their compute weights in pinned
+// fp32 master weights and optimizer moments in host memory or on NVMe, their compute weights in pinned
 // host memory, a device cache of them within the device budget, and their CPU updates.
 //
 // Inside a step, for every sparse layer call: the experts the plan activates are leased from
@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "kernels/expert_ops.h"
+#include "offload/prefetcher.h"
 #include "optimizer/cpu_optimizer.h"
 #include "router/routing_plan.h"
 #include "runtime/device/backend.h"
@@ -58,6 +59,12 @@ struct ModelSpec {
 };
 
 enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive };
+
+// Where the experts' fp32 master weights and optimizer moments live.
+enum class StatesPlacement : uint8_t {
+  kHost,  // host memory, updated in place by the CPU optimizer
+  kNvme,  // NVMe files (striped over nvme_dirs), streamed through pinned staging per update
+};
 std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
 StatusOr<Strategy> ParseStrategy(std::string_view name);
 
@@ -78,8 +85,19 @@ struct SessionOptions {
   uint32_t max_active_experts_per_layer = 0;
   // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
   uint32_t prefetch_window_experts = 0;
+  StatesPlacement states = StatesPlacement::kHost;
+  // kNvme: one or more directories for the state files (created, space reserved up front).
+  // Needs dtype bf16 (the pinned weights are the bf16 copy) and no clipping.
+  std::vector<std::string> nvme_dirs;
+  // kNvme: open the state files an earlier session of the same model left in nvme_dirs
+  // (after its Synchronize) instead of creating them: the experts continue from the master
+  // weights, moments and update counts stored there. Files of another model are refused.
+  bool resume_states = false;
   CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
   int kernel_threads = 0;         // the sim's real-mode kernels; 0 = all cores
+  // Optional, not owned, must outlive the session: the optimizer threads' and the NVMe state
+  // streaming's lanes (give the sim backend the same recorder for the device lanes).
+  TraceRecorder* trace = nullptr;
 };
 
 // Time the driving thread waited, by cause.
@@ -102,10 +120,12 @@ struct StepStats {
   uint64_t d2h_bytes = 0;
   uint64_t expert_fetch_bytes = 0;  // of which expert weights
   uint64_t gradient_bytes = 0;      // of which expert gradients
+  uint64_t nvme_bytes = 0;          // master and moments read + written (states on NVMe)
   uint64_t cache_hits = 0, cache_misses = 0;
   double hit_rate = 0;
   StallStats stalls;
-  double stall_fraction = 0;  // stalls.total() / seconds
+  std::vector<StallRecord> stall_records;  // every fetch that waited: who, on what, how long
+  double stall_fraction = 0;               // stalls.total() / seconds
   // Busy seconds of each resource in this step; overlap efficiency = the busiest / seconds.
   double compute_busy_seconds = 0, h2d_busy_seconds = 0, d2h_busy_seconds = 0;
   double optimizer_busy_seconds = 0;
@@ -142,7 +162,7 @@ class Session {
   Stream compute_stream() const;
   // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out
   // (d_ff x d_model)] row-major.
-  StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert) const;
+  StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert);
   uint32_t experts_in_layer(uint32_t layer) const;
   uint32_t cache_slots() const;
   uint64_t expert_params() const;  // parameters per expert

@@ -1,9 +1,11 @@
 #include "runtime/engine/session.h"
 
 #include <cstring>
+#include <filesystem>
 #include <map>
 
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "router/rre_router.h"
@@ -105,6 +107,9 @@ struct RunConfig {
   int optimizer_threads = 1;
   int micro_batches = 1;
   int steps = 3;
+  int first_step = 0;    // the steps trained are [first_step, first_step + steps)
+  std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
+  bool resume = false;   // open the state files in nvme_dir instead of creating them
 };
 
 SessionOptions OptionsFor(const RunConfig& c) {
@@ -117,6 +122,11 @@ SessionOptions OptionsFor(const RunConfig& c) {
   o.optimizer.threads = c.optimizer_threads;
   o.optimizer.groups[0].lr = 0.05f;
   o.kernel_threads = 2;
+  if (!c.nvme_dir.empty()) {
+    o.states = StatesPlacement::kNvme;
+    o.nvme_dirs = {c.nvme_dir};
+    o.resume_states = c.resume;
+  }
   return o;
 }
 
@@ -148,7 +158,9 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats = nullptr
     EXPECT_TRUE(b.SynchronizeStream(stream).ok());
     return FromDevice(dev, c.dtype);
   };
-  for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
+  const auto all_steps = MakeSteps(c.first_step + c.steps, c.micro_batches);
+  for (int index = c.first_step; index < c.first_step + c.steps; ++index) {
+    const auto& step = all_steps[index];
     std::vector<MicroBatch> views;
     for (const Batch& mb : step) views.push_back(mb.view());
     Status begun = s.BeginStep(views);
@@ -374,6 +386,68 @@ TEST(SessionTest, EveryStrategyMatchesTheResidentReferenceBitForBit) {
   }
 }
 
+// Master weights and moments on NVMe, streamed through pinned staging by the optimizer's
+// pipeline: the same bits as the resident reference, and the files hold them.
+TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
+  char dir_template[] = "/tmp/ecss_session_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNaive}) {
+    RunConfig c;
+    c.dtype = DType::kBF16;
+    c.strategy = strategy;
+    c.micro_batches = 2;
+    c.nvme_dir = dir_template;
+    std::vector<StepStats> stats;
+    const Weights trained = TrainSession(c, &stats);
+    RunConfig host = c;
+    host.nvme_dir.clear();
+    ExpectBitIdentical(trained, TrainReference(host, InitialWeights(host)));
+    // Every update read and wrote master, m and v: 24 bytes per parameter.
+    EXPECT_EQ(stats.back().nvme_bytes, stats.back().updated_params * 24);
+  }
+  std::filesystem::remove_all(dir_template);
+}
+
+// A session closed after its Synchronize and a new one resuming from its state files train on
+// exactly as one session would have.
+TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
+  char dir_template[] = "/tmp/ecss_resume_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  RunConfig straight;
+  straight.dtype = DType::kBF16;
+  straight.steps = 4;
+  straight.nvme_dir = std::string(dir_template) + "/straight";
+  std::filesystem::create_directory(straight.nvme_dir);
+  const Weights want = TrainSession(straight);
+
+  RunConfig first = straight;
+  first.nvme_dir = std::string(dir_template) + "/split";
+  std::filesystem::create_directory(first.nvme_dir);
+  first.steps = 2;
+  const Weights halfway = TrainSession(first);
+  RunConfig second = first;
+  second.first_step = 2;
+  second.resume = true;
+  // Reopened before training: every expert as it was written.
+  RunConfig reopened = second;
+  reopened.steps = 0;
+  ExpectBitIdentical(TrainSession(reopened), halfway);
+  ExpectBitIdentical(TrainSession(second), want);
+
+  // Files of another model are refused, and left as they were.
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  SessionOptions other = OptionsFor(second);
+  other.model.d_ff = 40;
+  auto refused = Session::Create(**sim, other);
+  EXPECT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("another model"), std::string::npos)
+      << refused.status();
+  ExpectBitIdentical(TrainSession(reopened), want);
+  std::filesystem::remove_all(dir_template);
+}
+
 TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {
   RunConfig roomy;
   roomy.micro_batches = 2;
@@ -487,6 +561,17 @@ TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
       << session.status();
   o.model.vocab = 0;
   EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
+  // States on NVMe: a missing directory, and a dtype the placement cannot serve.
+  SessionOptions nvme = OptionsFor(c);
+  nvme.model.dtype = DType::kBF16;
+  nvme.states = StatesPlacement::kNvme;
+  nvme.nvme_dirs = {"/nonexistent/ecss"};
+  EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kNotFound);
+  nvme.nvme_dirs = {};
+  EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kInvalidArgument);
+  nvme.nvme_dirs = {"/tmp"};
+  nvme.model.dtype = DType::kF32;
+  EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

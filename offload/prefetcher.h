@@ -1,0 +1,82 @@
+// Prefetcher: brings a step's experts to the device ahead of use. Given the step's expert
+// access sequence (router/'s StepAccessSequence, as ExpertKeys), it leases experts from the
+// DeviceCache in sequence order, so that their host-to-device copies run while the device
+// computes earlier positions. The window is bounded by the device budget (the cache's slots:
+// it never holds more leases than slots) and by `window_experts`. Compute weights live in
+// pinned host memory, so no NVMe read precedes a fetch.
+//
+// Fences: an expert whose host weights are being rewritten (its update runs) is not fetched
+// ahead: prefetching stops at it, never blocking. Take() fetches what is missing, waiting on
+// such a fence, and records every wait as a StallRecord (who waited, on what, how long).
+// The cache's eviction policy is set to Belady over the step's sequence.
+// Not thread-safe: the step's driving thread calls everything (like DeviceCache).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <string_view>
+#include <vector>
+
+#include "offload/device_cache.h"
+
+namespace ecss {
+
+enum class StallCause : uint8_t {
+  kUpdateFence,  // a fetch waited for the expert's update to finish rewriting its weights
+};
+std::string_view StallCauseName(StallCause cause);  // "update_fence"
+
+struct StallRecord {
+  uint64_t position = 0;  // in the step's sequence
+  ExpertKey key = 0;      // who: (layer, expert)
+  StallCause cause = StallCause::kUpdateFence;
+  double seconds = 0;
+};
+
+struct PrefetcherHooks {
+  // The expert's host weights (what a miss copies from).
+  std::function<const void*(ExpertKey)> host_weights;
+  // True while the expert's host weights are being rewritten.
+  std::function<bool(ExpertKey)> fence_pending;
+  // Blocks until they are not.
+  std::function<Status(ExpertKey)> wait_fence;
+};
+
+class Prefetcher {
+ public:
+  // `cache` must outlive the prefetcher; copies go to `copy_stream`. window_experts: 0 = the
+  // cache's slots.
+  Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks hooks,
+             uint32_t window_experts);
+  ~Prefetcher();
+
+  // Starts a step: drops leases still held, sets the cache's policy to Belady over `sequence`.
+  void BeginStep(std::vector<ExpertKey> sequence);
+  // Leases ahead, in order, while the window and the cache allow; never blocks.
+  Status Advance();
+  // The leases of positions [first, first + count), prefetched or fetched now (waiting on
+  // fences, recorded as stalls). Positions before `first` still held were skipped by the
+  // caller: their leases are dropped unused. The caller waits on each lease's ready() event.
+  StatusOr<std::vector<Lease>> Take(uint64_t first, size_t count);
+  // Drops every held lease (their kernels, if any, were never enqueued).
+  void Clear();
+
+  size_t held() const { return held_.size(); }
+  const std::vector<StallRecord>& stalls() const { return stalls_; }  // since BeginStep
+  double stall_seconds() const;
+
+ private:
+  Status Fetch(uint64_t position, Lease* out);
+
+  DeviceCache& cache_;
+  const Stream copy_stream_;
+  const PrefetcherHooks hooks_;
+  const uint32_t window_;
+  std::vector<ExpertKey> sequence_;
+  std::deque<std::pair<uint64_t, Lease>> held_;  // by position, ascending
+  uint64_t next_ = 0;                            // next position to lease ahead
+  std::vector<StallRecord> stalls_;
+};
+
+}  // namespace ecss

@@ -1,0 +1,317 @@
+#include "runtime/engine/expert_updater.h"
+
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+
+#include "offload/io/io_engine.h"
+#include "offload/state_file.h"
+#include "optimizer/state_pipeline.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/base/trace.h"
+#include "runtime/engine/file_state_tier.h"
+
+namespace ecss {
+
+// ---- HostUpdater ----------------------------------------------------------------------------
+
+StatusOr<std::unique_ptr<HostUpdater>> HostUpdater::Create(const CpuOptimizerOptions& options) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CpuOptimizer> optimizer, CpuOptimizer::Create(options));
+  return std::unique_ptr<HostUpdater>(new HostUpdater(std::move(optimizer)));
+}
+
+StatusOr<uint32_t> HostUpdater::Register(const ExpertArrays& arrays) {
+  ECSS_ASSIGN_OR_RETURN(uint32_t id, optimizer_->RegisterExpert(arrays));
+  if (id != entries_.size()) return InternalError("HostUpdater: ids out of order");
+  entries_.push_back({arrays, 0, 0});
+  return id;
+}
+
+Status HostUpdater::BeginStep(float loss_scale) { return optimizer_->BeginStep(loss_scale); }
+
+Status HostUpdater::Submit(uint32_t id, const float* grad) {
+  Entry& entry = entries_[id];
+  entry.expected_version = optimizer_->version(id) + 1;
+  ECSS_RETURN_IF_ERROR(optimizer_->SubmitGradient(id, grad, DType::kF32));
+  entry.submitted_step = optimizer_->current_step();
+  return Status::Ok();
+}
+
+StatusOr<StepReport> HostUpdater::FinishStep() { return optimizer_->FinishStep(); }
+
+// A skipped update never raises the version; Wait then returns at once, so the fence holds.
+bool HostUpdater::Pending(uint32_t id) const {
+  const Entry& entry = entries_[id];
+  return entry.submitted_step > 0 && optimizer_->version(id) < entry.expected_version;
+}
+
+Status HostUpdater::Wait(uint32_t id) {
+  const Entry& entry = entries_[id];
+  if (entry.submitted_step == 0) return Status::Ok();
+  return optimizer_->WaitForExpert(id, entry.submitted_step);
+}
+
+Status HostUpdater::Synchronize() { return optimizer_->Synchronize(); }
+double HostUpdater::busy_seconds() const { return optimizer_->busy_seconds(); }
+
+StatusOr<std::vector<float>> HostUpdater::Master(uint32_t id) {
+  const ExpertArrays& a = entries_[id].arrays;
+  return std::vector<float>(a.master, a.master + a.size);
+}
+
+// ---- NvmeUpdater ----------------------------------------------------------------------------
+
+namespace {
+
+// Arrays in an expert's state file: the master weights and the optimizer's states.
+uint32_t FileArrays(OptimizerKind kind) { return 1 + static_cast<uint32_t>(StateArrays(kind)); }
+
+StatusOr<std::unique_ptr<IoEngine>> CreateFileEngine() {
+  IoEngineOptions options;
+  options.queue_depth = 8;
+  StatusOr<std::unique_ptr<IoEngine>> engine = CreateIoEngine(IoEngineKind::kUring, options);
+  if (engine.ok() || engine.status().code() != StatusCode::kUnavailable) return engine;
+  return CreateIoEngine(IoEngineKind::kPosix, options);  // io_uring disabled here
+}
+
+}  // namespace
+
+struct NvmeUpdater::Impl {
+  NvmeUpdaterOptions options;
+  std::unique_ptr<IoEngine> load_io, store_io;
+  std::unique_ptr<ExpertStateFile> reader, writer;
+  std::unique_ptr<FileStateTier> tier;
+  std::unique_ptr<StateStreamingUpdater> updater;
+  Allocator* staging = nullptr;
+  std::vector<BFloat16*> compute_copies;
+
+  // The batch being collected by the driving thread.
+  std::vector<StreamedGradient> batch;
+  float loss_scale = 1;
+  uint64_t step = 0;
+  uint32_t submitted = 0;
+
+  // Shared with the worker.
+  mutable std::mutex mutex;
+  std::condition_variable cv;
+  struct Job {
+    std::vector<StreamedGradient> work;
+    float loss_scale;
+    uint64_t step;
+  };
+  std::deque<Job> jobs;                 // GUARDED_BY(mutex)
+  bool running = false;                 // GUARDED_BY(mutex): a job is being processed
+  bool stop = false;                    // GUARDED_BY(mutex)
+  std::vector<uint64_t> submitted_step;  // GUARDED_BY(mutex), per expert
+  std::vector<uint64_t> done_step;       // GUARDED_BY(mutex), per expert
+  Status first_error;                    // GUARDED_BY(mutex)
+  double busy = 0;                       // GUARDED_BY(mutex)
+  uint64_t bytes = 0;                    // GUARDED_BY(mutex)
+  std::thread worker;
+
+  void Work() {
+    std::unique_lock<std::mutex> lock(mutex);
+    for (;;) {
+      cv.wait(lock, [&] { return stop || !jobs.empty(); });
+      if (jobs.empty()) return;
+      Job job = std::move(jobs.front());
+      jobs.pop_front();
+      running = true;
+      lock.unlock();
+      const auto start = std::chrono::steady_clock::now();
+      TraceRecorder* trace = options.optimizer.trace;
+      TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0,
+                       "load-update-store", "nvme",
+                       {{"experts", static_cast<double>(job.work.size())}});
+      StatusOr<StreamingReport> report = updater->Run(job.work, job.loss_scale, 1.0f);
+      const double seconds =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      lock.lock();
+      running = false;
+      busy += seconds;
+      // Each update reads and writes every state array once.
+      bytes += 2ull * FileArrays(options.optimizer.kind) * 4 * options.expert_elements *
+               (report.ok() ? report->updated : 0);
+      if (!report.ok() && first_error.ok()) first_error = report.status();
+      for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
+      cv.notify_all();
+    }
+  }
+};
+
+uint64_t NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options) {
+  return static_cast<uint64_t>(options.staging_buffers) * FileArrays(options.optimizer.kind) *
+         StateArrayBytes(options.expert_elements);
+}
+
+StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,
+                                                           Allocator* staging) {
+  if (options.dirs.empty()) {
+    return InvalidArgumentError("states on NVMe need at least one directory (nvme_dirs)");
+  }
+  if (options.optimizer.max_grad_norm > 0) {
+    return InvalidArgumentError(
+        "states on NVMe: gradient clipping (max_grad_norm > 0) is not supported: it needs the "
+        "whole step's norm before any update starts");
+  }
+  if (options.optimizer.groups.size() != 1) {
+    return InvalidArgumentError("states on NVMe: one parameter group only");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  impl->staging = staging;
+  ECSS_ASSIGN_OR_RETURN(impl->load_io, CreateFileEngine());
+  ECSS_ASSIGN_OR_RETURN(impl->store_io, CreateFileEngine());
+  StateFileOptions layout;
+  layout.dirs = options.dirs;
+  layout.arrays = FileArrays(options.optimizer.kind);
+  layout.max_expert_elements = options.expert_elements;
+  layout.experts = options.experts;
+  if (options.open_existing) {
+    ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Open(impl->store_io.get(), layout));
+  } else {
+    ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Create(impl->store_io.get(), layout));
+  }
+  ECSS_ASSIGN_OR_RETURN(impl->reader, ExpertStateFile::Open(impl->load_io.get(), layout));
+  impl->tier = std::make_unique<FileStateTier>(
+      impl->reader.get(), impl->writer.get(),
+      std::vector<size_t>(options.experts, options.expert_elements));
+  StreamingOptions streaming;
+  streaming.kind = options.optimizer.kind;
+  streaming.params = options.optimizer.groups[0];
+  streaming.threads = options.optimizer.threads;
+  streaming.chunk_elements = options.optimizer.chunk_elements;
+  streaming.buffers = options.staging_buffers;
+  streaming.max_expert_elements = options.expert_elements;
+  streaming.isa = options.optimizer.isa;
+  ECSS_ASSIGN_OR_RETURN(impl->updater,
+                        StateStreamingUpdater::Create(streaming, impl->tier.get(), staging));
+  impl->compute_copies.assign(options.experts, nullptr);
+  impl->submitted_step.assign(options.experts, 0);
+  impl->done_step.assign(options.experts, 0);
+  Impl* raw = impl.get();
+  impl->worker = std::thread([raw] { raw->Work(); });
+  return std::unique_ptr<NvmeUpdater>(new NvmeUpdater(std::move(impl)));
+}
+
+NvmeUpdater::NvmeUpdater(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+NvmeUpdater::~NvmeUpdater() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->stop = true;
+  }
+  impl_->cv.notify_all();
+  impl_->worker.join();  // finishes the queued jobs first
+}
+
+Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compute_copy) {
+  Impl& s = *impl_;
+  const uint32_t arrays = FileArrays(s.options.optimizer.kind);
+  const uint64_t block = StateArrayBytes(s.options.expert_elements);
+  ECSS_ASSIGN_OR_RETURN(Buffer init, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
+  std::memset(init.data(), 0, arrays * block);
+  std::memcpy(init.data(), master, s.options.expert_elements * 4);
+  const float* pointers[3];
+  for (uint32_t a = 0; a < arrays; ++a) {
+    pointers[a] = reinterpret_cast<const float*>(static_cast<char*>(init.data()) + a * block);
+  }
+  s.compute_copies[id] = compute_copy;
+  return s.writer->Store(id, pointers, s.options.expert_elements, 0);
+}
+
+Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
+  Impl& s = *impl_;
+  ECSS_ASSIGN_OR_RETURN(std::vector<float> master, Master(id));
+  ConvertF32ToBf16(master.data(), compute_copy, master.size());
+  s.compute_copies[id] = compute_copy;
+  return Status::Ok();
+}
+
+Status NvmeUpdater::BeginStep(float loss_scale) {
+  Impl& s = *impl_;
+  if (!(loss_scale > 0)) return InvalidArgumentError("loss scale must be > 0");
+  s.loss_scale = loss_scale;
+  ++s.step;
+  s.submitted = 0;
+  return Status::Ok();
+}
+
+Status NvmeUpdater::Submit(uint32_t id, const float* grad) {
+  Impl& s = *impl_;
+  s.batch.push_back({id, grad, DType::kF32, s.compute_copies[id]});
+  std::lock_guard<std::mutex> lock(s.mutex);
+  s.submitted_step[id] = s.step;
+  ++s.submitted;
+  return Status::Ok();
+}
+
+Status NvmeUpdater::Flush() {
+  Impl& s = *impl_;
+  if (s.batch.empty()) return Status::Ok();
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.jobs.push_back({std::move(s.batch), s.loss_scale, s.step});
+  }
+  s.batch.clear();
+  s.cv.notify_all();
+  return Status::Ok();
+}
+
+StatusOr<StepReport> NvmeUpdater::FinishStep() {
+  ECSS_RETURN_IF_ERROR(Flush());
+  StepReport report;
+  report.step = impl_->step;
+  report.experts_submitted = impl_->submitted;
+  return report;
+}
+
+bool NvmeUpdater::Pending(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->done_step[id] < impl_->submitted_step[id];
+}
+
+Status NvmeUpdater::Wait(uint32_t id) {
+  Impl& s = *impl_;
+  std::unique_lock<std::mutex> lock(s.mutex);
+  s.cv.wait(lock, [&] { return s.done_step[id] >= s.submitted_step[id]; });
+  return Status::Ok();
+}
+
+Status NvmeUpdater::Synchronize() {
+  Impl& s = *impl_;
+  ECSS_RETURN_IF_ERROR(Flush());
+  std::unique_lock<std::mutex> lock(s.mutex);
+  s.cv.wait(lock, [&] { return s.jobs.empty() && !s.running; });
+  ECSS_RETURN_IF_ERROR(s.first_error);
+  return s.writer->Sync();  // the worker is idle: the writer is ours
+}
+
+double NvmeUpdater::busy_seconds() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->busy;
+}
+
+uint64_t NvmeUpdater::nvme_bytes() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->bytes;
+}
+
+StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
+  Impl& s = *impl_;
+  ECSS_RETURN_IF_ERROR(Synchronize());  // the worker is idle: the reader is ours
+  const uint32_t arrays = FileArrays(s.options.optimizer.kind);
+  const uint64_t block = StateArrayBytes(s.options.expert_elements);
+  ECSS_ASSIGN_OR_RETURN(Buffer buffer, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
+  float* pointers[3];
+  for (uint32_t a = 0; a < arrays; ++a) {
+    pointers[a] = reinterpret_cast<float*>(static_cast<char*>(buffer.data()) + a * block);
+  }
+  uint64_t updates = 0;
+  ECSS_RETURN_IF_ERROR(s.reader->Load(id, pointers, s.options.expert_elements, &updates));
+  return std::vector<float>(pointers[0], pointers[0] + s.options.expert_elements);
+}
+
+}  // namespace ecss

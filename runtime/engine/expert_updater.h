@@ -1,0 +1,117 @@
+// ExpertUpdater: how the session updates experts whose gradients are complete, wherever their
+// master weights and moments live (internal to runtime/engine).
+//  - HostUpdater: states in host memory, CpuOptimizer (per-expert tasks in its TBB arena).
+//  - NvmeUpdater: states on NVMe (offload/state_file.h, striped over directories), streamed
+//    load -> update -> store through pinned staging (optimizer/state_pipeline.h) by a worker
+//    thread, one batch per sparse layer.
+// Both write each updated expert's bf16 compute copy into the pinned weights the device cache
+// fetches from, and give the per-expert fence (Pending/Wait) the next step's fetch waits on.
+// Thread-compatible: the session's driving thread calls everything.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "optimizer/cpu_optimizer.h"
+#include "runtime/base/dtype.h"
+#include "runtime/device/allocator.h"
+
+namespace ecss {
+
+class ExpertUpdater {
+ public:
+  virtual ~ExpertUpdater() = default;
+  virtual Status BeginStep(float loss_scale) = 0;
+  // Expert `id`'s gradient (fp32, valid until its update finished) is complete.
+  virtual Status Submit(uint32_t id, const float* grad) = 0;
+  // The submissions so far may start (NvmeUpdater batches them per layer).
+  virtual Status Flush() = 0;
+  virtual StatusOr<StepReport> FinishStep() = 0;
+  // True while the expert's latest submitted update has not finished.
+  virtual bool Pending(uint32_t id) const = 0;
+  virtual Status Wait(uint32_t id) = 0;
+  virtual Status Synchronize() = 0;
+  virtual double busy_seconds() const = 0;
+  virtual uint64_t nvme_bytes() const = 0;  // read + written since creation
+  // After Synchronize: the expert's fp32 master weights.
+  virtual StatusOr<std::vector<float>> Master(uint32_t id) = 0;
+};
+
+// States in host memory. Register in id order.
+class HostUpdater final : public ExpertUpdater {
+ public:
+  static StatusOr<std::unique_ptr<HostUpdater>> Create(const CpuOptimizerOptions& options);
+  StatusOr<uint32_t> Register(const ExpertArrays& arrays);
+
+  Status BeginStep(float loss_scale) override;
+  Status Submit(uint32_t id, const float* grad) override;
+  Status Flush() override { return Status::Ok(); }
+  StatusOr<StepReport> FinishStep() override;
+  bool Pending(uint32_t id) const override;
+  Status Wait(uint32_t id) override;
+  Status Synchronize() override;
+  double busy_seconds() const override;
+  uint64_t nvme_bytes() const override { return 0; }
+  StatusOr<std::vector<float>> Master(uint32_t id) override;
+
+ private:
+  explicit HostUpdater(std::unique_ptr<CpuOptimizer> optimizer)
+      : optimizer_(std::move(optimizer)) {}
+  std::unique_ptr<CpuOptimizer> optimizer_;
+  struct Entry {
+    ExpertArrays arrays;
+    uint64_t submitted_step = 0;
+    uint64_t expected_version = 0;
+  };
+  std::vector<Entry> entries_;
+};
+
+struct NvmeUpdaterOptions {
+  std::vector<std::string> dirs;
+  CpuOptimizerOptions optimizer;  // kind, groups[0], threads; no clipping
+  uint64_t expert_elements = 0;   // every expert's size
+  uint32_t experts = 0;
+  int staging_buffers = 2;
+  // Open the state files an earlier session of the same model wrote, instead of creating
+  // (truncating) them.
+  bool open_existing = false;
+};
+
+class NvmeUpdater final : public ExpertUpdater {
+ public:
+  // Creates the state files (space reserved up front: ResourceExhausted on a full disk;
+  // NotFound / PermissionDenied naming a bad directory) and the staging slots in `staging`.
+  static StatusOr<std::unique_ptr<NvmeUpdater>> Create(const NvmeUpdaterOptions& options,
+                                                       Allocator* staging);
+  // Waits for the updates, then makes the files durable (fdatasync).
+  ~NvmeUpdater() override;
+  // Writes expert `id`'s initial master weights (moments zero); before any step.
+  // `compute_copy` receives the bf16 copy of each update.
+  Status Initialize(uint32_t id, const float* master, BFloat16* compute_copy);
+  // Opened files: reads expert `id`'s master weights and writes their bf16 copy into
+  // `compute_copy` (which receives every later update too). An expert the files do not hold
+  // as this layout expects is an error naming it.
+  Status Resume(uint32_t id, BFloat16* compute_copy);
+  // Bytes of pinned staging Create takes.
+  static uint64_t StagingBytes(const NvmeUpdaterOptions& options);
+
+  Status BeginStep(float loss_scale) override;
+  Status Submit(uint32_t id, const float* grad) override;
+  Status Flush() override;
+  StatusOr<StepReport> FinishStep() override;
+  bool Pending(uint32_t id) const override;
+  Status Wait(uint32_t id) override;
+  Status Synchronize() override;
+  double busy_seconds() const override;
+  uint64_t nvme_bytes() const override;
+  StatusOr<std::vector<float>> Master(uint32_t id) override;
+
+ private:
+  struct Impl;
+  explicit NvmeUpdater(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ecss

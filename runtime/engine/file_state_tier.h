@@ -1,0 +1,34 @@
+// FileStateTier: the tier moves of master weights and moments between NVMe and pinned staging,
+// as the optimizer's streaming pipeline (optimizer/state_pipeline.h) asks for them: an
+// ExpertStateFile (offload/state_file.h) seen as a StateTier. Loads and stores go through two
+// handles of the same files, because the pipeline's load and store stages run on different
+// threads and a handle drives its IoEngine from one thread at a time. It lives in the engine
+// because it joins two folders that do not depend on each other.
+// Thread-safety: Load from one thread and Store from another at a time, as the pipeline does.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "offload/state_file.h"
+#include "optimizer/state_pipeline.h"
+
+namespace ecss {
+
+class FileStateTier final : public StateTier {
+ public:
+  // `sizes[e]` is expert e's element count. reader and writer must outlive the tier.
+  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, std::vector<size_t> sizes)
+      : reader_(reader), writer_(writer), sizes_(std::move(sizes)) {}
+
+  StatusOr<size_t> ExpertSize(uint32_t expert) const override;
+  Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
+  Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override;
+
+ private:
+  ExpertStateFile* reader_;
+  ExpertStateFile* writer_;
+  std::vector<size_t> sizes_;
+};
+
+}  // namespace ecss
