@@ -96,24 +96,6 @@ StatusOr<Options> Parse(int argc, char** argv) {
 
 constexpr uint32_t kSamples = 8, kSeq = 64, kDomainsPerStep = 4;
 
-// Host copies of device activations in the model's dtype.
-std::vector<char> Encode(const std::vector<float>& v, DType dtype) {
-  std::vector<char> out(v.size() * DTypeSize(dtype));
-  if (dtype == DType::kF32) {
-    std::memcpy(out.data(), v.data(), out.size());
-  } else {
-    ConvertF32ToBf16(v.data(), reinterpret_cast<BFloat16*>(out.data()), v.size());
-  }
-  return out;
-}
-void Decode(const std::vector<char>& bytes, DType dtype, std::vector<float>* v) {
-  if (dtype == DType::kF32) {
-    std::memcpy(v->data(), bytes.data(), bytes.size());
-  } else {
-    ConvertBf16ToF32(reinterpret_cast<const BFloat16*>(bytes.data()), v->data(), v->size());
-  }
-}
-
 Status Train(const Options& o) {
   // ---- Data: real text, one domain per kind of file --------------------------------------
   text::CorpusOptions corpus_options;
@@ -200,7 +182,7 @@ Status Train(const Options& o) {
   std::vector<char> staging(act_bytes);
   auto through = [&](const std::vector<float>& in, std::vector<float>* result,
                      auto call) -> Status {
-    staging = Encode(in, o.dtype);
+    ConvertFromF32(in.data(), staging.data(), o.dtype, in.size());
     ECSS_RETURN_IF_ERROR(
         sim->CopyAsync(stream, dev_in.data(), staging.data(), act_bytes, CopyKind::kHostToDevice));
     ECSS_RETURN_IF_ERROR(call(dev_in.data(), dev_out.data()));
@@ -208,7 +190,7 @@ Status Train(const Options& o) {
         sim->CopyAsync(stream, staging.data(), dev_out.data(), act_bytes, CopyKind::kDeviceToHost));
     ECSS_RETURN_IF_ERROR(sim->SynchronizeStream(stream));
     result->resize(in.size());
-    Decode(staging, o.dtype, result);
+    ConvertToF32(staging.data(), o.dtype, result->data(), in.size());
     return Status::Ok();
   };
 

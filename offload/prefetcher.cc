@@ -48,7 +48,8 @@ Status Prefetcher::Fetch(uint64_t position, Lease* out) {
          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()});
     ECSS_RETURN_IF_ERROR(waited);
   }
-  ECSS_ASSIGN_OR_RETURN(*out, cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, position));
+  ECSS_ASSIGN_OR_RETURN(*out,
+                        cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, position));
   return Status::Ok();
 }
 

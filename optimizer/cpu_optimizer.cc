@@ -50,9 +50,10 @@ struct CpuOptimizer::Impl {
                  bool check_finite) {
     BusyScope busy(*this);
     TraceRecorder* trace = options.trace;
-    const int lane = trace == nullptr ? 0
-                                      : trace->Lane(StrCat("optimizer thread ",
-                                                           tbb::this_task_arena::current_thread_index()));
+    const int lane = trace == nullptr
+                         ? 0
+                         : trace->Lane(StrCat("optimizer thread ",
+                                              tbb::this_task_arena::current_thread_index()));
     TraceScope scope(trace, lane, "update", "optimizer", {{"expert", e}});
     ExpertState& expert = experts[e];
     const size_t n = expert.arrays.size;

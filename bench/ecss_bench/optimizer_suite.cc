@@ -22,10 +22,10 @@
 #include "offload/state_file.h"
 #include "optimizer/cpu_optimizer.h"
 #include "optimizer/state_pipeline.h"
-#include "runtime/engine/file_state_tier.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
+#include "runtime/engine/file_state_tier.h"
 
 namespace ecss::bench {
 

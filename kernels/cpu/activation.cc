@@ -6,7 +6,9 @@
 #include <cstdint>
 
 // Each loop is compiled for three ISAs; the dynamic loader picks one (GCC target_clones).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Not under sanitizers: the ifunc resolvers run before ThreadSanitizer's runtime is up and
+// crash the process at load.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ECSS_SANITIZED)
 #define ECSS_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ECSS_SIMD_CLONES

@@ -377,19 +377,11 @@ namespace {
 constexpr uint32_t kChunk = 256;
 
 void LoadChunk(const void* src, DType dtype, uint64_t offset, uint32_t count, float* out) {
-  if (dtype == DType::kF32) {
-    std::memcpy(out, static_cast<const float*>(src) + offset, count * sizeof(float));
-  } else {
-    ConvertBf16ToF32(static_cast<const BFloat16*>(src) + offset, out, count);
-  }
+  ConvertToF32(static_cast<const char*>(src) + offset * DTypeSize(dtype), dtype, out, count);
 }
 
 void StoreChunk(const float* in, DType dtype, uint64_t offset, uint32_t count, void* dst) {
-  if (dtype == DType::kF32) {
-    std::memcpy(static_cast<float*>(dst) + offset, in, count * sizeof(float));
-  } else {
-    ConvertF32ToBf16(in, static_cast<BFloat16*>(dst) + offset, count);
-  }
+  ConvertFromF32(in, static_cast<char*>(dst) + offset * DTypeSize(dtype), dtype, count);
 }
 
 }  // namespace

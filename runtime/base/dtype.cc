@@ -1,5 +1,7 @@
 #include "runtime/base/dtype.h"
 
+#include <cstring>
+
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -92,6 +94,34 @@ void ConvertF32ToF16(const float* src, Float16* dst, size_t n) {
 
 void ConvertF16ToF32(const Float16* src, float* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = HalfToFloat(src[i]);
+}
+
+void ConvertToF32(const void* src, DType src_dtype, float* dst, size_t n) {
+  switch (src_dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case DType::kBF16:
+      ConvertBf16ToF32(static_cast<const BFloat16*>(src), dst, n);
+      return;
+    case DType::kF16:
+      ConvertF16ToF32(static_cast<const Float16*>(src), dst, n);
+      return;
+  }
+}
+
+void ConvertFromF32(const float* src, void* dst, DType dst_dtype, size_t n) {
+  switch (dst_dtype) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    case DType::kBF16:
+      ConvertF32ToBf16(src, static_cast<BFloat16*>(dst), n);
+      return;
+    case DType::kF16:
+      ConvertF32ToF16(src, static_cast<Float16*>(dst), n);
+      return;
+  }
 }
 
 }  // namespace ecss

@@ -69,5 +69,8 @@ void ConvertF32ToBf16(const float* src, BFloat16* dst, size_t n);
 void ConvertBf16ToF32(const BFloat16* src, float* dst, size_t n);
 void ConvertF32ToF16(const float* src, Float16* dst, size_t n);
 void ConvertF16ToF32(const Float16* src, float* dst, size_t n);
+// n elements of any dtype to or from fp32 (f32 is a copy), e.g. activations at a boundary.
+void ConvertToF32(const void* src, DType src_dtype, float* dst, size_t n);
+void ConvertFromF32(const float* src, void* dst, DType dst_dtype, size_t n);
 
 }  // namespace ecss

@@ -101,9 +101,9 @@ struct NvmeUpdater::Impl {
     float loss_scale;
     uint64_t step;
   };
-  std::deque<Job> jobs;                 // GUARDED_BY(mutex)
-  bool running = false;                 // GUARDED_BY(mutex): a job is being processed
-  bool stop = false;                    // GUARDED_BY(mutex)
+  std::deque<Job> jobs;                  // GUARDED_BY(mutex)
+  bool running = false;                  // GUARDED_BY(mutex): a job is being processed
+  bool stop = false;                     // GUARDED_BY(mutex)
   std::vector<uint64_t> submitted_step;  // GUARDED_BY(mutex), per expert
   std::vector<uint64_t> done_step;       // GUARDED_BY(mutex), per expert
   Status first_error;                    // GUARDED_BY(mutex)
@@ -122,8 +122,7 @@ struct NvmeUpdater::Impl {
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
       TraceRecorder* trace = options.optimizer.trace;
-      TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0,
-                       "load-update-store", "nvme",
+      TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0, "load-update-store", "nvme",
                        {{"experts", static_cast<double>(job.work.size())}});
       StatusOr<StreamingReport> report = updater->Run(job.work, job.loss_scale, 1.0f);
       const double seconds =

@@ -12,12 +12,12 @@
 #include "offload/prefetcher.h"
 #include "offload/state_file.h"
 #include "router/rre_router.h"
-#include "runtime/engine/expert_updater.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/pinned_pool.h"
 #include "runtime/device/sim/sim_backend.h"
+#include "runtime/engine/expert_updater.h"
 
 namespace ecss {
 namespace {
@@ -131,7 +131,7 @@ struct Session::Impl {
   uint64_t step = 0;
   std::vector<MicroBatchWork> micro;
   std::vector<ExpertKey> sequence;
-  std::deque<uint32_t> pending_layers;          // gradients complete once d2h passes
+  std::deque<uint32_t> pending_layers;  // gradients complete once d2h passes
   StallStats stalls;
   Clock::time_point last_end;
   bool has_last_end = false;
@@ -160,6 +160,19 @@ struct Session::Impl {
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
+  // The grouped FFN of one layer of one micro-batch (activations recomputed in backward).
+  GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
+    GroupedFfnProblem p;
+    p.d_model = options.model.d_model;
+    p.d_ff = options.model.d_ff;
+    p.activation = options.model.activation;
+    p.dtype = options.model.dtype;
+    p.saved = SavedActivation::kRecompute;
+    p.num_groups = static_cast<uint32_t>(lw.experts.size());
+    p.group_offsets = lw.offsets.data();
+    p.rows = lw.offsets.back();
+    return p;
+  }
 };
 
 // ---- Creation -------------------------------------------------------------------------------
@@ -235,8 +248,9 @@ Status Session::Impl::CreateAll() {
   // (weights in the compute dtype, which for f32 are the master weights; the gradient buffer)
   const bool on_nvme = options.states == StatesPlacement::kNvme;
   if (on_nvme && m.dtype != DType::kBF16) {
-    return InvalidArgumentError("session: states on NVMe need the bf16 dtype (the pinned "
-                                "compute weights are the optimizer's bf16 copy)");
+    return InvalidArgumentError(
+        "session: states on NVMe need the bf16 dtype (the pinned "
+        "compute weights are the optimizer's bf16 copy)");
   }
   NvmeUpdaterOptions nvme;
   nvme.dirs = options.nvme_dirs;
@@ -620,15 +634,7 @@ Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, voi
   const Stream c = s.compute.get();
   ECSS_RETURN_IF_ERROR(
       s.kernels->Permute(c, lw.device_perm, {m.d_model, m.dtype, false}, x, saved));
-  GroupedFfnProblem p;
-  p.d_model = m.d_model;
-  p.d_ff = m.d_ff;
-  p.activation = m.activation;
-  p.dtype = m.dtype;
-  p.saved = SavedActivation::kRecompute;
-  p.num_groups = static_cast<uint32_t>(lw.experts.size());
-  p.group_offsets = lw.offsets.data();
-  p.rows = lw.offsets.back();
+  const GroupedFfnProblem p = s.ProblemFor(lw);
   ECSS_RETURN_IF_ERROR(
       s.kernels->FfnForward(c, p, {saved, w_in.data(), w_out.data(), s.perm_a.data(), nullptr},
                             {s.workspace.data(), s.workspace_bytes}));
@@ -685,15 +691,7 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   }
   // The gradient region is reused: wait until the previous copies out of it finished.
   ECSS_RETURN_IF_ERROR(s.backend.WaitEvent(c, s.dw_free.get()));
-  GroupedFfnProblem p;
-  p.d_model = m.d_model;
-  p.d_ff = m.d_ff;
-  p.activation = m.activation;
-  p.dtype = m.dtype;
-  p.saved = SavedActivation::kRecompute;
-  p.num_groups = static_cast<uint32_t>(lw.experts.size());
-  p.group_offsets = lw.offsets.data();
-  p.rows = lw.offsets.back();
+  const GroupedFfnProblem p = s.ProblemFor(lw);
   const void* saved = s.saved_x[micro_batch * m.layers + layer].data();
   ECSS_RETURN_IF_ERROR(
       s.kernels->FfnBackward(c, p,

@@ -4,8 +4,8 @@
 // layer move activations through the experts on the device, EndStep submits the last
 // gradients and returns the step's statistics. The loop owns its dense layers and its
 // activations (device memory of the session's backend); the session owns the experts: their
-// fp32 master weights and optimizer moments in host memory or on NVMe, their compute weights in pinned
-// host memory, a device cache of them within the device budget, and their CPU updates.
+// fp32 master weights and optimizer moments in host memory or on NVMe, their compute weights in
+// pinned host memory, a device cache of them within the device budget, and their CPU updates.
 //
 // Inside a step, for every sparse layer call: the experts the plan activates are leased from
 // the device cache (fetched ahead of use, Belady eviction on the step's known sequence), the

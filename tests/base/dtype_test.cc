@@ -172,5 +172,21 @@ TEST(DTypeTest, BulkConversionsMatchScalar) {
   }
 }
 
+TEST(DTypeTest, AnyDtypeToAndFromF32MatchesTheElementConversions) {
+  const std::vector<float> values = {0.0f, -1.5f, 3.14159f, 1e-20f, 65504.0f, -2.5e5f};
+  for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint8_t> packed(values.size() * DTypeSize(dtype));
+    ConvertFromF32(values.data(), packed.data(), dtype, values.size());
+    std::vector<float> back(values.size());
+    ConvertToF32(packed.data(), dtype, back.data(), values.size());
+    for (size_t i = 0; i < values.size(); ++i) {
+      float want = values[i];
+      if (dtype == DType::kBF16) want = Bf16ToFloat(FloatToBf16(values[i]));
+      if (dtype == DType::kF16) want = HalfToFloat(FloatToHalf(values[i]));
+      EXPECT_EQ(back[i], want) << DTypeName(dtype) << " " << values[i];
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ecss

@@ -1,11 +1,12 @@
 #include "runtime/engine/session.h"
 
+#include <stdlib.h>
+
 #include <cstring>
 #include <filesystem>
 #include <map>
 
 #include <gtest/gtest.h>
-#include <stdlib.h>
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "router/rre_router.h"
@@ -81,20 +82,12 @@ void RunLoop(const std::vector<Batch>& step, uint32_t layers, uint32_t d_model, 
 
 std::vector<char> ToDevice(const std::vector<float>& v, DType dtype) {
   std::vector<char> out(v.size() * DTypeSize(dtype));
-  if (dtype == DType::kF32) {
-    std::memcpy(out.data(), v.data(), out.size());
-  } else {
-    ConvertF32ToBf16(v.data(), reinterpret_cast<BFloat16*>(out.data()), v.size());
-  }
+  ConvertFromF32(v.data(), out.data(), dtype, v.size());
   return out;
 }
 std::vector<float> FromDevice(const std::vector<char>& bytes, DType dtype) {
   std::vector<float> out(bytes.size() / DTypeSize(dtype));
-  if (dtype == DType::kF32) {
-    std::memcpy(out.data(), bytes.data(), bytes.size());
-  } else {
-    ConvertBf16ToF32(reinterpret_cast<const BFloat16*>(bytes.data()), out.data(), out.size());
-  }
+  ConvertToF32(bytes.data(), dtype, out.data(), out.size());
   return out;
 }
 
@@ -110,6 +103,7 @@ struct RunConfig {
   int first_step = 0;    // the steps trained are [first_step, first_step + steps)
   std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
   bool resume = false;   // open the state files in nvme_dir instead of creating them
+  float max_grad_norm = 0;
 };
 
 SessionOptions OptionsFor(const RunConfig& c) {
@@ -121,6 +115,7 @@ SessionOptions OptionsFor(const RunConfig& c) {
   o.max_micro_batches = 2;
   o.optimizer.threads = c.optimizer_threads;
   o.optimizer.groups[0].lr = 0.05f;
+  o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
   if (!c.nvme_dir.empty()) {
     o.states = StatesPlacement::kNvme;
@@ -446,6 +441,21 @@ TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
       << refused.status();
   ExpectBitIdentical(TrainSession(reopened), want);
   std::filesystem::remove_all(dir_template);
+}
+
+// Global-norm clipping: updates wait for the step's norm (EndStep), still the same bits.
+TEST(SessionTest, ClippingMatchesTheResidentReference) {
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNaive}) {
+    RunConfig c;
+    c.strategy = strategy;
+    c.micro_batches = 2;
+    c.max_grad_norm = 0.01f;  // small enough to clip every step
+    std::vector<StepStats> stats;
+    const Weights trained = TrainSession(c, &stats);
+    ExpectBitIdentical(trained, TrainReference(c, InitialWeights(c)));
+    EXPECT_LT(stats.back().optimizer.clip_coefficient, 1.0f);
+    EXPECT_GT(stats.back().optimizer.global_norm, 0.01);
+  }
 }
 
 TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {

@@ -41,24 +41,16 @@ inline GroupedFfnProblem ProblemFor(const ReferenceFfn& ref, DType dtype, SavedA
   return p;
 }
 
-// Converts a reference's fp32 data to the element type of `dtype` (bytes).
+// A reference's fp32 data in the element type of `dtype` (bytes), and back.
 inline std::vector<char> AsBytes(const std::vector<float>& values, DType dtype) {
   std::vector<char> bytes(values.size() * DTypeSize(dtype));
-  if (dtype == DType::kF32) {
-    std::memcpy(bytes.data(), values.data(), bytes.size());
-  } else {
-    ConvertF32ToBf16(values.data(), reinterpret_cast<BFloat16*>(bytes.data()), values.size());
-  }
+  ConvertFromF32(values.data(), bytes.data(), dtype, values.size());
   return bytes;
 }
 
 inline std::vector<float> FromBytes(const std::vector<char>& bytes, DType dtype) {
   std::vector<float> values(bytes.size() / DTypeSize(dtype));
-  if (dtype == DType::kF32) {
-    std::memcpy(values.data(), bytes.data(), bytes.size());
-  } else {
-    ConvertBf16ToF32(reinterpret_cast<const BFloat16*>(bytes.data()), values.data(), values.size());
-  }
+  ConvertToF32(bytes.data(), dtype, values.data(), values.size());
   return values;
 }
 

@@ -1,13 +1,13 @@
 #include "offload/prefetcher.h"
 
-#include <gtest/gtest.h>
-
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
 #include <vector>
+
+#include <gtest/gtest.h>
 
 #include "runtime/device/sim/sim_backend.h"
 
