@@ -397,8 +397,19 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
     RunConfig host = c;
     host.nvme_dir.clear();
     ExpectBitIdentical(trained, TrainReference(host, InitialWeights(host)));
-    // Every update read and wrote master, m and v: 24 bytes per parameter.
-    EXPECT_EQ(stats.back().nvme_bytes, stats.back().updated_params * 24);
+    // Every update reads and writes master, m and v: 24 bytes per parameter. naive's EndStep
+    // waits for the step's updates, so its count is exact per step; ecss's updates run on into
+    // the next step, so a step's count is whatever finished during it.
+    uint64_t bytes = 0, updated = 0;
+    for (const StepStats& step : stats) {
+      bytes += step.nvme_bytes;
+      updated += step.updated_params;
+      if (strategy == Strategy::kNaive) {
+        EXPECT_EQ(step.nvme_bytes, step.updated_params * 24);
+        EXPECT_GT(step.nvme_bytes, 0u);
+      }
+    }
+    EXPECT_LE(bytes, updated * 24);
   }
   std::filesystem::remove_all(dir_template);
 }

@@ -109,9 +109,9 @@ TEST_F(PrefetcherTest, NeverWaitsAheadAndRecordsTheFenceItWaitedOn) {
   auto first = prefetcher_->Take(0, 2);
   ASSERT_TRUE(first.ok());
   Use(*first, {0, 1});
-  // The update finishes on another thread while Take waits for it.
+  // The update finishes on another thread once Take is waiting for it.
   std::thread updater([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    while (fences_.waits.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
     fences_.Release(2);
   });
   auto rest = prefetcher_->Take(2, 2);
