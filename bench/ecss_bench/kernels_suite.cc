@@ -5,6 +5,7 @@
 // the cost model's time for the same problem on a device profile.
 #include <cblas.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -108,79 +109,96 @@ Status RunKernelsSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   }
   const double flops = FfnForwardGemmFlops(p) + FfnBackwardGemmFlops(p);
 
-  std::vector<DtypeResult> results;
+  // The inputs of each dtype (bf16 converted once, outside the timing).
+  struct Variant {
+    DType dtype;
+    HostArray x, dy;
+    std::vector<HostArray> w_in, w_out;
+    std::vector<const void*> w_in_ptr, w_out_ptr;
+  };
+  std::vector<float*> dw_in_ptr, dw_out_ptr;
+  for (uint64_t g = 0; g < experts; ++g) {
+    dw_in_ptr.push_back(dw_in[g].as<float>());
+    dw_out_ptr.push_back(dw_out[g].as<float>());
+  }
+  std::vector<Variant> variants;
+  for (DType dtype : {DType::kF32, DType::kBF16}) {
+    const uint64_t e = DTypeSize(dtype);
+    Variant v{dtype, HostArray(rows * d_model * e), HostArray(rows * d_model * e), {}, {}, {}, {}};
+    ConvertFromF32(x.as<float>(), v.x.data.get(), dtype, rows * d_model);
+    ConvertFromF32(dy.as<float>(), v.dy.data.get(), dtype, rows * d_model);
+    for (uint64_t g = 0; g < experts; ++g) {
+      v.w_in.emplace_back(in_elems * e);
+      v.w_out.emplace_back(out_elems * e);
+      ConvertFromF32(w_in[g].as<float>(), v.w_in.back().data.get(), dtype, in_elems);
+      ConvertFromF32(w_out[g].as<float>(), v.w_out.back().data.get(), dtype, out_elems);
+    }
+    for (uint64_t g = 0; g < experts; ++g) {
+      v.w_in_ptr.push_back(v.w_in[g].data.get());
+      v.w_out_ptr.push_back(v.w_out[g].data.get());
+    }
+    variants.push_back(std::move(v));
+  }
+  uint64_t ws_bytes = 0;
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     p.dtype = dtype;
-    // bf16 copies of the inputs (converted once, outside the timing).
-    HostArray xb(rows * d_model * 2), dyb(rows * d_model * 2);
-    std::vector<HostArray> w_in_b, w_out_b;
-    std::vector<const void*> w_in_ptr, w_out_ptr;
-    std::vector<float*> dw_in_ptr, dw_out_ptr;
-    for (uint64_t g = 0; g < experts; ++g) {
-      if (dtype == DType::kBF16) {
-        w_in_b.emplace_back(in_elems * 2);
-        w_out_b.emplace_back(out_elems * 2);
-        ConvertF32ToBf16(w_in[g].as<float>(), w_in_b.back().as<BFloat16>(), in_elems);
-        ConvertF32ToBf16(w_out[g].as<float>(), w_out_b.back().as<BFloat16>(), out_elems);
-        w_in_ptr.push_back(w_in_b.back().data.get());
-        w_out_ptr.push_back(w_out_b.back().data.get());
-      } else {
-        w_in_ptr.push_back(w_in[g].data.get());
-        w_out_ptr.push_back(w_out[g].data.get());
-      }
-      dw_in_ptr.push_back(dw_in[g].as<float>());
-      dw_out_ptr.push_back(dw_out[g].as<float>());
-    }
-    const void* x_in = x.data.get();
-    const void* dy_in = dy.data.get();
-    if (dtype == DType::kBF16) {
-      ConvertF32ToBf16(x.as<float>(), xb.as<BFloat16>(), rows * d_model);
-      ConvertF32ToBf16(dy.as<float>(), dyb.as<BFloat16>(), rows * d_model);
-      x_in = xb.data.get();
-      dy_in = dyb.data.get();
-    }
-    const uint64_t ws_bytes =
-        std::max(kernels->FfnForwardWorkspaceBytes(p), kernels->FfnBackwardWorkspaceBytes(p));
-    HostArray ws(ws_bytes);
-    std::vector<double> times;
-    for (uint64_t s = 0; s <= samples; ++s) {  // the first run warms up and is not counted
-      const auto start = std::chrono::steady_clock::now();
-      ECSS_RETURN_IF_ERROR(kernels->FfnForward(
-          p, {x_in, w_in_ptr.data(), w_out_ptr.data(), y.data.get(), saved.as<float>()},
-          {ws.data.get(), ws_bytes}));
-      ECSS_RETURN_IF_ERROR(
-          kernels->FfnBackward(p,
-                               {x_in, w_in_ptr.data(), w_out_ptr.data(), saved.as<float>(), dy_in,
-                                dx.data.get(), dw_in_ptr.data(), dw_out_ptr.data()},
-                               {ws.data.get(), ws_bytes}));
-      if (s > 0) times.push_back(Seconds(start));
-    }
-    const double seconds = Median(times);
-    results.push_back(
-        {dtype, seconds, flops / seconds * 1e-9,
-         ModeledSeconds(FfnForwardCost(p), profile) + ModeledSeconds(FfnBackwardCost(p), profile)});
+    ws_bytes = std::max<uint64_t>(
+        {ws_bytes, kernels->FfnForwardWorkspaceBytes(p), kernels->FfnBackwardWorkspaceBytes(p)});
   }
+  HostArray ws(ws_bytes);
+  auto run_grouped = [&](const Variant& v) -> Status {
+    p.dtype = v.dtype;
+    ECSS_RETURN_IF_ERROR(kernels->FfnForward(
+        p, {v.x.data.get(), v.w_in_ptr.data(), v.w_out_ptr.data(), y.data.get(), saved.as<float>()},
+        {ws.data.get(), ws_bytes}));
+    return kernels->FfnBackward(
+        p,
+        {v.x.data.get(), v.w_in_ptr.data(), v.w_out_ptr.data(), saved.as<float>(), v.dy.data.get(),
+         dx.data.get(), dw_in_ptr.data(), dw_out_ptr.data()},
+        {ws.data.get(), ws_bytes});
+  };
 
   // The reference: OpenBLAS's own threading on one big sgemm of the same M, N, K, repeated to
-  // the same FLOPs. (CpuKernels keeps OpenBLAS single-threaded; restore that afterwards.)
-  openblas_set_num_threads(static_cast<int>(threads));
+  // the same FLOPs. (CpuKernels keeps OpenBLAS single-threaded; the reference sets it to
+  // `threads` for its own calls.)
   const double gemm_flops = 2.0 * static_cast<double>(rows) * d_model * d_ff;
   const auto repeats = static_cast<uint64_t>(std::max(1.0, std::round(flops / gemm_flops)));
   HostArray big_b(d_model * d_ff * 4), big_c(rows * d_ff * 4);
   Fill(big_b.as<float>(), d_model * d_ff, 7, scale);
-  std::vector<double> blas_times;
-  for (uint64_t s = 0; s <= samples; ++s) {
-    const auto start = std::chrono::steady_clock::now();
+  auto run_blas = [&] {
+    openblas_set_num_threads(static_cast<int>(threads));
     for (uint64_t r = 0; r < repeats; ++r) {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(rows),
                   static_cast<blasint>(d_ff), static_cast<blasint>(d_model), 1.0f, x.as<float>(),
                   static_cast<blasint>(d_model), big_b.as<float>(), static_cast<blasint>(d_ff),
                   0.0f, big_c.as<float>(), static_cast<blasint>(d_ff));
     }
+    openblas_set_num_threads(1);
+  };
+
+  // Samples interleave the variants and the reference, so that a machine whose speed drifts
+  // (shared VMs do) slows all of them alike; the first round warms up and is not counted.
+  std::vector<std::vector<double>> times(variants.size());
+  std::vector<double> blas_times;
+  for (uint64_t s = 0; s <= samples; ++s) {
+    for (size_t v = 0; v < variants.size(); ++v) {
+      const auto start = std::chrono::steady_clock::now();
+      ECSS_RETURN_IF_ERROR(run_grouped(variants[v]));
+      if (s > 0) times[v].push_back(Seconds(start));
+    }
+    const auto start = std::chrono::steady_clock::now();
+    run_blas();
     if (s > 0) blas_times.push_back(Seconds(start));
   }
-  openblas_set_num_threads(1);
   const double blas_gflops = gemm_flops * static_cast<double>(repeats) / Median(blas_times) * 1e-9;
+  std::vector<DtypeResult> results;
+  for (size_t v = 0; v < variants.size(); ++v) {
+    p.dtype = variants[v].dtype;
+    const double seconds = Median(times[v]);
+    results.push_back(
+        {p.dtype, seconds, flops / seconds * 1e-9,
+         ModeledSeconds(FfnForwardCost(p), profile) + ModeledSeconds(FfnBackwardCost(p), profile)});
+  }
 
   json.Field("d_model", d_model)
       .Field("d_ff", d_ff)

@@ -39,8 +39,8 @@ void Sgemm(bool trans_a, bool trans_b, uint32_t m, uint32_t n, uint32_t k, const
               static_cast<blasint>(ldb), beta, c, static_cast<blasint>(ldc));
 }
 
-// A block of a weight matrix as sgemm reads it: fp32 weights in place; bf16 weights widened
-// into `scratch` (contiguous, so its leading dimension is the block's width).
+// A block of a weight matrix as sgemm reads it: contiguous fp32 in `scratch` (its leading
+// dimension is the block's width), or the fp32 weights in place where they are contiguous.
 struct Block {
   const float* data;
   uint32_t ld;
@@ -49,10 +49,11 @@ struct Block {
 // Columns [c0, c0 + cols) of a [rows, ld] matrix.
 Block ColumnBlock(const void* w, DType dtype, uint32_t rows, uint32_t ld, uint32_t c0,
                   uint32_t cols, float* scratch) {
-  if (dtype == DType::kF32) return {static_cast<const float*>(w) + c0, ld};
-  const auto* src = static_cast<const BFloat16*>(w);
+  // fp32 is gathered too: sgemm reading a narrow block of a wide matrix in place (a row
+  // stride of 16 KiB and more) ran 25% slower than on the contiguous copy.
   for (uint32_t r = 0; r < rows; ++r) {
-    ConvertBf16ToF32(src + uint64_t{r} * ld + c0, scratch + uint64_t{r} * cols, cols);
+    ConvertToF32(static_cast<const char*>(w) + (uint64_t{r} * ld + c0) * DTypeSize(dtype), dtype,
+                 scratch + uint64_t{r} * cols, cols);
   }
   return {scratch, cols};
 }
@@ -128,12 +129,10 @@ struct CpuKernels::Impl {
     b.a = carve.Take(rows * p.d_ff);
     if (backward) b.dh = carve.Take(rows * p.d_in());
     b.out = bf16 ? carve.Take(rows * p.d_model) : static_cast<float*>(out);
-    if (bf16) {
-      // The widest weight block a tile converts: two column blocks of W_in (both SwiGLU
-      // halves), a column block of W_out, or a row block of W_out or W_in.
-      b.scratch_floats = uint64_t{tile()} * std::max({2u * p.d_model, p.d_ff, p.d_in()});
-      b.scratch = carve.Take(b.scratch_floats * slots());
-    }
+    // The widest weight block a tile gathers: two column blocks of W_in (both SwiGLU halves),
+    // a column block of W_out, or (bf16) a row block of W_out or W_in.
+    b.scratch_floats = uint64_t{tile()} * std::max({2u * p.d_model, p.d_ff, p.d_in()});
+    b.scratch = carve.Take(b.scratch_floats * slots());
     b.bytes = carve.used();
     return b;
   }
