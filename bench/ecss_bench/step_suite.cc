@@ -145,7 +145,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("optimizer_threads", threads)
       .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
       .Field("step_seconds", seconds / measured)
-      .Field("overlap_efficiency", busiest / seconds)
+      .Field("overlap_efficiency", std::min(1.0, busiest / seconds))
       .Field("busiest_resource", busiest_name)
       .Field("stall_fraction", stalls / seconds)
       .Field("h2d_bytes", static_cast<uint64_t>(static_cast<double>(h2d_bytes) / measured))

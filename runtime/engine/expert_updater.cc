@@ -53,6 +53,16 @@ Status HostUpdater::Wait(uint32_t id) {
   return optimizer_->WaitForExpert(id, entry.submitted_step);
 }
 
+Status HostUpdater::WaitForStep(uint64_t step) {
+  for (uint32_t id = 0; id < entries_.size(); ++id) {
+    const Entry& entry = entries_[id];
+    if (entry.submitted_step > 0 && entry.submitted_step <= step) {
+      ECSS_RETURN_IF_ERROR(optimizer_->WaitForExpert(id, entry.submitted_step));
+    }
+  }
+  return Status::Ok();
+}
+
 Status HostUpdater::Synchronize() { return optimizer_->Synchronize(); }
 double HostUpdater::busy_seconds() const { return optimizer_->busy_seconds(); }
 
@@ -103,6 +113,7 @@ struct NvmeUpdater::Impl {
   };
   std::deque<Job> jobs;                  // GUARDED_BY(mutex)
   bool running = false;                  // GUARDED_BY(mutex): a job is being processed
+  uint64_t running_step = 0;             // GUARDED_BY(mutex): that job's step
   bool stop = false;                     // GUARDED_BY(mutex)
   std::vector<uint64_t> submitted_step;  // GUARDED_BY(mutex), per expert
   std::vector<uint64_t> done_step;       // GUARDED_BY(mutex), per expert
@@ -119,6 +130,7 @@ struct NvmeUpdater::Impl {
       Job job = std::move(jobs.front());
       jobs.pop_front();
       running = true;
+      running_step = job.step;
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
       TraceRecorder* trace = options.optimizer.trace;
@@ -265,6 +277,18 @@ StatusOr<StepReport> NvmeUpdater::FinishStep() {
   report.step = impl_->step;
   report.experts_submitted = impl_->submitted;
   return report;
+}
+
+Status NvmeUpdater::WaitForStep(uint64_t step) {
+  Impl& s = *impl_;
+  ECSS_RETURN_IF_ERROR(Flush());
+  std::unique_lock<std::mutex> lock(s.mutex);
+  // Jobs run in submission order, so step's are done once neither the running job nor the
+  // next queued one belongs to it or an earlier step.
+  s.cv.wait(lock, [&] {
+    return (!s.running || s.running_step > step) && (s.jobs.empty() || s.jobs.front().step > step);
+  });
+  return Status::Ok();
 }
 
 bool NvmeUpdater::Pending(uint32_t id) const {

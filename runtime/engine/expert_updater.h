@@ -32,6 +32,9 @@ class ExpertUpdater {
   // True while the expert's latest submitted update has not finished.
   virtual bool Pending(uint32_t id) const = 0;
   virtual Status Wait(uint32_t id) = 0;
+  // Blocks until every update submitted in steps <= `step` has finished (backpressure: the
+  // session lets one step's updates overlap the next step, never more).
+  virtual Status WaitForStep(uint64_t step) = 0;
   virtual Status Synchronize() = 0;
   virtual double busy_seconds() const = 0;
   virtual uint64_t nvme_bytes() const = 0;  // read + written since creation
@@ -51,6 +54,7 @@ class HostUpdater final : public ExpertUpdater {
   StatusOr<StepReport> FinishStep() override;
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
+  Status WaitForStep(uint64_t step) override;
   Status Synchronize() override;
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override { return 0; }
@@ -103,6 +107,7 @@ class NvmeUpdater final : public ExpertUpdater {
   StatusOr<StepReport> FinishStep() override;
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
+  Status WaitForStep(uint64_t step) override;
   Status Synchronize() override;
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override;

@@ -160,6 +160,15 @@ struct Session::Impl {
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
+  // Counters at the start of a step's window (the previous EndStep's return), so that a
+  // step's statistics cover exactly the time its `seconds` measures.
+  void Snapshot() {
+    copies_at_begin = backend.copy_stats();
+    cache_at_begin = cache->stats();
+    if (SimBackend* device = sim()) engines_at_begin = device->engine_stats();
+    optimizer_busy_at_begin = updater->busy_seconds();
+    nvme_at_begin = updater->nvme_bytes();
+  }
   // The grouped FFN of one layer of one micro-batch (activations recomputed in backward).
   GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
     GroupedFfnProblem p;
@@ -584,6 +593,7 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
   if (!s.has_last_end) {
     s.last_end = Clock::now();
     s.has_last_end = true;
+    s.Snapshot();
   }
   Status built = s.BuildStep(micro_batches);
   if (!built.ok()) {
@@ -594,11 +604,11 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
   s.in_step = true;
   ++s.step;
   s.stalls = {};
-  s.copies_at_begin = s.backend.copy_stats();
-  s.cache_at_begin = s.cache->stats();
-  if (SimBackend* sim = s.sim()) s.engines_at_begin = sim->engine_stats();
-  s.optimizer_busy_at_begin = s.updater->busy_seconds();
-  s.nvme_at_begin = s.updater->nvme_bytes();
+  if (s.step >= 3) {
+    // Step t's device work may overlap step t-1's updates, not step t-2's.
+    StallTimer timer(&s.stalls.update_backlog_seconds);
+    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.step - 2));
+  }
   s.gradient_bytes = 0;
   s.submitted = 0;
   s.prefetcher->BeginStep(s.sequence);
@@ -813,6 +823,7 @@ StatusOr<StepStats> Session::EndStep() {
   stats.updated_experts = s.submitted;
   stats.updated_params = uint64_t{s.submitted} * s.params;
   stats.optimizer = report;
+  s.Snapshot();
   return stats;
 }
 

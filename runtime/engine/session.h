@@ -106,8 +106,12 @@ struct StallStats {
   double gradient_copy_seconds = 0;  // waiting for gradients to reach host memory
   double stage_sync_seconds = 0;     // no-overlap / naive: a stage waiting for the previous
   double optimizer_seconds = 0;      // no-overlap / naive: EndStep waiting for the updates
+  // ecss: BeginStep waiting for the step before last's updates (one step of overlap at most,
+  // so that a slower optimizer shows in the step time instead of a growing backlog)
+  double update_backlog_seconds = 0;
   double total() const {
-    return update_fence_seconds + gradient_copy_seconds + stage_sync_seconds + optimizer_seconds;
+    return update_fence_seconds + gradient_copy_seconds + stage_sync_seconds + optimizer_seconds +
+           update_backlog_seconds;
   }
 };
 
