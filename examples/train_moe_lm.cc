@@ -41,7 +41,7 @@ struct Options {
   uint32_t d_ff = 128;
   uint32_t experts = 4;  // per domain and layer
   uint32_t vocab = 2048;
-  uint64_t device_bytes = 3712 << 10;  // the cache holds about half of the experts
+  uint64_t device_bytes = 3584 << 10;  // the cache holds about half of the experts
   DType dtype = DType::kBF16;
   Strategy strategy = Strategy::kEcss;
   std::string trace_path = "train_moe_lm.trace.json";

@@ -131,7 +131,9 @@ struct CpuKernels::Impl {
     b.out = bf16 ? carve.Take(rows * p.d_model) : static_cast<float*>(out);
     // The widest weight block a tile gathers: two column blocks of W_in (both SwiGLU halves),
     // a column block of W_out, or (bf16) a row block of W_out or W_in.
-    b.scratch_floats = uint64_t{tile()} * std::max({2u * p.d_model, p.d_ff, p.d_in()});
+    // (a tile is never wider than the widest matrix it cuts)
+    const uint32_t widest_tile = std::min(tile(), std::max(p.d_model, p.d_in()));
+    b.scratch_floats = uint64_t{widest_tile} * std::max({2u * p.d_model, p.d_ff, p.d_in()});
     b.scratch = carve.Take(b.scratch_floats * slots());
     b.bytes = carve.used();
     return b;
