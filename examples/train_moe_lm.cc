@@ -101,19 +101,16 @@ Status Train(const Options& o) {
   text::CorpusOptions corpus_options;
   corpus_options.max_bytes_per_domain = uint64_t{1} << 20;
   const std::vector<text::CorpusDomain> corpus = text::LoadMachineCorpus(corpus_options);
-  std::vector<std::string_view> texts;
-  texts.reserve(corpus.size());
-  for (const auto& d : corpus) texts.push_back(d.text);
-  ECSS_ASSIGN_OR_RETURN(text::WordTokenizer tokenizer, text::WordTokenizer::Train(texts, o.vocab));
-  const uint32_t vocab = tokenizer.vocab_size();
-  std::vector<std::vector<uint32_t>> tokens;
+  ECSS_ASSIGN_OR_RETURN(text::TokenizedCorpus tokenized, text::TokenizeCorpus(corpus, o.vocab));
+  const uint32_t vocab = tokenized.tokenizer.vocab_size();
+  const std::vector<std::vector<uint32_t>>& tokens = tokenized.tokens;
   std::vector<uint32_t> all_tokens;
   ModelSpec model;
-  for (const auto& d : corpus) {
-    tokens.push_back(tokenizer.Encode(d.text));
-    all_tokens.insert(all_tokens.end(), tokens.back().begin(), tokens.back().end());
+  for (size_t i = 0; i < corpus.size(); ++i) {
+    const text::CorpusDomain& d = corpus[i];
+    all_tokens.insert(all_tokens.end(), tokens[i].begin(), tokens[i].end());
     model.domains.push_back({d.name, o.experts});
-    std::printf("domain %-10s %8zu tokens (%zu files%s)\n", d.name.c_str(), tokens.back().size(),
+    std::printf("domain %-10s %8zu tokens (%zu files%s)\n", d.name.c_str(), tokens[i].size(),
                 d.files, d.files == 0 ? ": embedded fallback" : "");
   }
   const double unigram_entropy = text::UnigramEntropy(all_tokens, vocab);

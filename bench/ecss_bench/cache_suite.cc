@@ -32,18 +32,14 @@ Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   text::CorpusOptions corpus_options;
   corpus_options.max_bytes_per_domain = uint64_t{1} << 20;
   const std::vector<text::CorpusDomain> corpus = text::LoadMachineCorpus(corpus_options);
-  std::vector<std::string_view> texts;
-  texts.reserve(corpus.size());
-  for (const auto& d : corpus) texts.push_back(d.text);
-  ECSS_ASSIGN_OR_RETURN(text::WordTokenizer tokenizer, text::WordTokenizer::Train(texts, 8192));
-  std::vector<std::vector<uint32_t>> tokens;
+  ECSS_ASSIGN_OR_RETURN(text::TokenizedCorpus tokenized, text::TokenizeCorpus(corpus, 8192));
+  const std::vector<std::vector<uint32_t>>& tokens = tokenized.tokens;
   ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(static_cast<uint32_t>(layers)));
   for (uint32_t d = 0; d < corpus.size(); ++d) {
-    tokens.push_back(tokenizer.Encode(corpus[d].text));
     ECSS_RETURN_IF_ERROR(map.AddDomainUniform(corpus[d].name, d, static_cast<uint32_t>(group)));
   }
-  ECSS_ASSIGN_OR_RETURN(RreRouter router, RreRouter::Create(map, {tokenizer.vocab_size(), 3,
-                                                                  TableBuilder::kRreUniform}));
+  ECSS_ASSIGN_OR_RETURN(RreRouter router, RreRouter::Create(map, {tokenized.tokenizer.vocab_size(),
+                                                                  3, TableBuilder::kRreUniform}));
 
   // Each step: 2 micro-batches of 8 samples x 256 tokens, samples from 4 of the domains (the
   // subset rotates every step), reading each domain's text in order.

@@ -116,18 +116,16 @@ Status RunRouterImbalanceSuite(BenchArgs& args, JsonWriter& json, std::ostream& 
   text::CorpusOptions corpus_options;
   corpus_options.max_bytes_per_domain = max_bytes;
   const std::vector<text::CorpusDomain> corpus = text::LoadMachineCorpus(corpus_options);
-  std::vector<std::string_view> texts;
-  texts.reserve(corpus.size());
-  for (const auto& domain : corpus) texts.push_back(domain.text);
-  ECSS_ASSIGN_OR_RETURN(text::WordTokenizer tokenizer,
-                        text::WordTokenizer::Train(texts, static_cast<uint32_t>(vocab)));
+  ECSS_ASSIGN_OR_RETURN(text::TokenizedCorpus tokenized,
+                        text::TokenizeCorpus(corpus, static_cast<uint32_t>(vocab)));
+  const text::WordTokenizer& tokenizer = tokenized.tokenizer;
 
   ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(1));
   DomainFrequencies train_frequencies;
   std::vector<std::vector<uint32_t>> held_out(corpus.size());
   for (uint32_t d = 0; d < corpus.size(); ++d) {
     ECSS_RETURN_IF_ERROR(map.AddDomainUniform(corpus[d].name, d, static_cast<uint32_t>(group)));
-    std::vector<uint32_t> ids = tokenizer.Encode(corpus[d].text);
+    const std::vector<uint32_t>& ids = tokenized.tokens[d];
     const size_t half = ids.size() / 2;
     train_frequencies[d] = text::TokenFrequencies(
         std::vector<uint32_t>(ids.begin(), ids.begin() + static_cast<long>(half)),

@@ -77,18 +77,12 @@ void ExpectMatches(const std::vector<float>& got, const std::vector<float>& want
 
 // The grouped FFN through the runner, forward and backward, against CpuKernels directly.
 TEST_P(KernelConformanceTest, GroupedFfnMatchesCpu) {
-  auto runner = KernelRunner::Create(*backend_);
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  auto stream = CreateOwnedStream(*backend_, "compute");
-  ASSERT_TRUE(stream.ok());
-  auto cpu = CpuKernels::Create();
-  ASSERT_TRUE(cpu.ok());
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     for (Activation act : {Activation::kGelu, Activation::kSwiGlu}) {
       SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " " << ActivationName(act));
       const ReferenceFfn ref = MakeReference(48, 80, act, {13, 0, 1, 70}, dtype == DType::kBF16);
       const GroupedFfnProblem p = ProblemFor(ref, dtype, SavedActivation::kKeep);
-      DeviceData dev(*backend_, stream->get());
+      DeviceData dev(*backend_, stream_.get());
       std::vector<char> x = AsBytes(ref.x, dtype), dy = AsBytes(ref.dy, dtype);
       void* d_x = dev.Upload(x.data(), x.size());
       void* d_dy = dev.Upload(dy.data(), dy.size());
@@ -106,16 +100,16 @@ TEST_P(KernelConformanceTest, GroupedFfnMatchesCpu) {
         dw_in.push_back(static_cast<float*>(dev.Zeros(ref.w_in[g].size() * 4)));
         dw_out.push_back(static_cast<float*>(dev.Zeros(ref.w_out[g].size() * 4)));
       }
-      void* ws_f = dev.Zeros((*runner)->FfnForwardWorkspaceBytes(p));
-      void* ws_b = dev.Zeros((*runner)->FfnBackwardWorkspaceBytes(p));
-      ASSERT_TRUE((*runner)
-                      ->FfnForward(stream->get(), p, {d_x, w_in.data(), w_out.data(), d_y, d_saved},
-                                   {ws_f, (*runner)->FfnForwardWorkspaceBytes(p)})
+      void* ws_f = dev.Zeros(runner_->FfnForwardWorkspaceBytes(p));
+      void* ws_b = dev.Zeros(runner_->FfnBackwardWorkspaceBytes(p));
+      ASSERT_TRUE(runner_
+                      ->FfnForward(stream_.get(), p, {d_x, w_in.data(), w_out.data(), d_y, d_saved},
+                                   {ws_f, runner_->FfnForwardWorkspaceBytes(p)})
                       .ok());
-      Status status = (*runner)->FfnBackward(
-          stream->get(), p,
+      Status status = runner_->FfnBackward(
+          stream_.get(), p,
           {d_x, w_in.data(), w_out.data(), d_saved, d_dy, d_dx, dw_in.data(), dw_out.data()},
-          {ws_b, (*runner)->FfnBackwardWorkspaceBytes(p)});
+          {ws_b, runner_->FfnBackwardWorkspaceBytes(p)});
       ASSERT_TRUE(status.ok()) << status;
 
       // The same on the CPU directly, with host buffers.
@@ -134,15 +128,12 @@ TEST_P(KernelConformanceTest, GroupedFfnMatchesCpu) {
         hdw_in.push_back(cdw_in[g].data());
         hdw_out.push_back(cdw_out[g].data());
       }
-      AlignedBuffer wf((*cpu)->FfnForwardWorkspaceBytes(p)),
-          wb((*cpu)->FfnBackwardWorkspaceBytes(p));
-      ASSERT_TRUE((*cpu)
-                      ->FfnForward(p,
+      AlignedBuffer wf(cpu_->FfnForwardWorkspaceBytes(p)), wb(cpu_->FfnBackwardWorkspaceBytes(p));
+      ASSERT_TRUE(cpu_->FfnForward(p,
                                    {x.data(), hw_in.data(), hw_out.data(), y.data(), saved.data()},
                                    {wf.data.get(), wf.size})
                       .ok());
-      ASSERT_TRUE((*cpu)
-                      ->FfnBackward(p,
+      ASSERT_TRUE(cpu_->FfnBackward(p,
                                     {x.data(), hw_in.data(), hw_out.data(), saved.data(), dy.data(),
                                      dx.data(), hdw_in.data(), hdw_out.data()},
                                     {wb.data.get(), wb.size})
@@ -164,12 +155,6 @@ TEST_P(KernelConformanceTest, GroupedFfnMatchesCpu) {
 // Permute, combine, casts and sums of squares through the runner, from a real routing plan
 // copied to the device in one transfer.
 TEST_P(KernelConformanceTest, RowOpsCastsAndNormsMatchCpu) {
-  auto runner = KernelRunner::Create(*backend_);
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  auto stream = CreateOwnedStream(*backend_, "compute");
-  ASSERT_TRUE(stream.ok());
-  auto cpu = CpuKernels::Create();
-  ASSERT_TRUE(cpu.ok());
   const uint32_t tokens = 29, k = 2, width = 40;
   std::vector<uint32_t> choice(tokens * k);
   std::vector<float> weights(tokens * k);
@@ -179,7 +164,7 @@ TEST_P(KernelConformanceTest, RowOpsCastsAndNormsMatchCpu) {
   }
   auto plan = RoutingPlan::FromAssignments(0, 6, tokens, k, choice.data(), weights.data());
   ASSERT_TRUE(plan.ok());
-  DeviceData dev(*backend_, stream->get());
+  DeviceData dev(*backend_, stream_.get());
   void* d_plan = dev.Upload(plan->data(), plan->bytes());
   const LayerPlan host = plan->layer(0);
   const LayerPlan on_device = plan->DeviceLayer(0, d_plan);
@@ -192,46 +177,42 @@ TEST_P(KernelConformanceTest, RowOpsCastsAndNormsMatchCpu) {
   auto* d_perm = static_cast<float*>(dev.Zeros(tokens * k * width * 4));
   auto* d_out = static_cast<float*>(dev.Zeros(tokens * width * 4));
   const RowsOp scaled{width, DType::kF32, true};
-  ASSERT_TRUE((*runner)->Permute(stream->get(), dev_perm, scaled, d_x, d_perm).ok());
-  ASSERT_TRUE((*runner)->Combine(stream->get(), dev_perm, scaled, d_perm, d_out).ok());
+  ASSERT_TRUE(runner_->Permute(stream_.get(), dev_perm, scaled, d_x, d_perm).ok());
+  ASSERT_TRUE(runner_->Combine(stream_.get(), dev_perm, scaled, d_perm, d_out).ok());
   std::vector<float> perm(tokens * k * width), out(tokens * width);
-  ASSERT_TRUE((*cpu)->Permute(host_perm, scaled, x.data(), perm.data()).ok());
-  ASSERT_TRUE((*cpu)->Combine(host_perm, scaled, perm.data(), out.data()).ok());
+  ASSERT_TRUE(cpu_->Permute(host_perm, scaled, x.data(), perm.data()).ok());
+  ASSERT_TRUE(cpu_->Combine(host_perm, scaled, perm.data(), out.data()).ok());
   const double tol = Tolerance(DType::kF32) == 0 ? 0 : 1e-6;
   ExpectMatches(dev.Download<float>(d_perm, perm.size()), perm, tol, "permute");
   ExpectMatches(dev.Download<float>(d_out, out.size()), out, tol, "combine");
 
   auto* d_b = static_cast<BFloat16*>(dev.Zeros(x.size() * 2));
-  ASSERT_TRUE((*runner)->Cast(stream->get(), d_x, DType::kF32, d_b, DType::kBF16, x.size()).ok());
+  ASSERT_TRUE(runner_->Cast(stream_.get(), d_x, DType::kF32, d_b, DType::kBF16, x.size()).ok());
   const std::vector<BFloat16> cast = dev.Download<BFloat16>(d_b, x.size());
   for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(cast[i].bits, FloatToBf16(x[i]).bits);
 
   const float* grads[] = {d_x, d_perm};
   const uint64_t counts[] = {x.size(), perm.size()};
   auto* d_sums = static_cast<double*>(dev.Zeros(16));
-  ASSERT_TRUE((*runner)->SumOfSquares(stream->get(), {2, grads, counts, d_sums}).ok());
+  ASSERT_TRUE(runner_->SumOfSquares(stream_.get(), {2, grads, counts, d_sums}).ok());
   const std::vector<double> sums = dev.Download<double>(d_sums, 2);
   const float* host_grads[] = {x.data(), perm.data()};
   double want[2];
-  ASSERT_TRUE((*cpu)->SumOfSquares({2, host_grads, counts, want}).ok());
+  ASSERT_TRUE(cpu_->SumOfSquares({2, host_grads, counts, want}).ok());
   EXPECT_NEAR(sums[0], want[0], 1e-12 * want[0]);
   EXPECT_NEAR(sums[1], want[1], 1e-12 * want[1]);
 }
 
 // Operands outside the backend's device memory are refused before anything is enqueued.
 TEST_P(KernelConformanceTest, RefusesOperandsOutsideDeviceMemory) {
-  auto runner = KernelRunner::Create(*backend_);
-  ASSERT_TRUE(runner.ok()) << runner.status();
-  auto stream = CreateOwnedStream(*backend_, "compute");
-  ASSERT_TRUE(stream.ok());
-  DeviceData dev(*backend_, stream->get());
+  DeviceData dev(*backend_, stream_.get());
   std::vector<float> host(64);
   auto* d_a = static_cast<float*>(dev.Zeros(256));
-  EXPECT_EQ((*runner)->Cast(stream->get(), host.data(), DType::kF32, d_a, DType::kBF16, 64).code(),
+  EXPECT_EQ(runner_->Cast(stream_.get(), host.data(), DType::kF32, d_a, DType::kBF16, 64).code(),
             StatusCode::kOutOfRange);
-  EXPECT_EQ((*runner)->Cast(stream->get(), d_a, DType::kF32, d_a, DType::kBF16, 65).code(),
+  EXPECT_EQ(runner_->Cast(stream_.get(), d_a, DType::kF32, d_a, DType::kBF16, 65).code(),
             StatusCode::kOutOfRange);
-  EXPECT_TRUE(backend_->SynchronizeStream(stream->get()).ok());
+  EXPECT_TRUE(backend_->SynchronizeStream(stream_.get()).ok());
 }
 
 }  // namespace

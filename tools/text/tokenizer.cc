@@ -108,4 +108,16 @@ double UnigramEntropy(const std::vector<uint32_t>& tokens, uint32_t vocab_size) 
   return entropy;
 }
 
+StatusOr<TokenizedCorpus> TokenizeCorpus(const std::vector<CorpusDomain>& corpus,
+                                         uint32_t vocab_size) {
+  std::vector<std::string_view> texts;
+  texts.reserve(corpus.size());
+  for (const CorpusDomain& domain : corpus) texts.push_back(domain.text);
+  ECSS_ASSIGN_OR_RETURN(WordTokenizer tokenizer, WordTokenizer::Train(texts, vocab_size));
+  TokenizedCorpus out{std::move(tokenizer), {}};
+  out.tokens.reserve(corpus.size());
+  for (const CorpusDomain& domain : corpus) out.tokens.push_back(out.tokenizer.Encode(domain.text));
+  return out;
+}
+
 }  // namespace ecss::text

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "runtime/base/status.h"
+#include "tools/text/corpus.h"
 
 namespace ecss::text {
 
@@ -33,6 +34,15 @@ class WordTokenizer {
 };
 
 // Unigram frequencies of `tokens` over a vocabulary of `vocab_size`.
+// A tokenizer trained on every domain of `corpus`, and each domain's text encoded with it
+// (tokens[d] is corpus[d]'s), as benchmarks and examples start from.
+struct TokenizedCorpus {
+  WordTokenizer tokenizer;
+  std::vector<std::vector<uint32_t>> tokens;
+};
+StatusOr<TokenizedCorpus> TokenizeCorpus(const std::vector<CorpusDomain>& corpus,
+                                         uint32_t vocab_size);
+
 std::vector<double> TokenFrequencies(const std::vector<uint32_t>& tokens, uint32_t vocab_size);
 // Shannon entropy, in nats, of the unigram distribution of `tokens`.
 double UnigramEntropy(const std::vector<uint32_t>& tokens, uint32_t vocab_size);
