@@ -9,16 +9,19 @@ std::string_view StallCauseName(StallCause cause) {
   switch (cause) {
     case StallCause::kUpdateFence:
       return "update_fence";
+    case StallCause::kNvmeRead:
+      return "nvme_read";
   }
   return "?";
 }
 
 Prefetcher::Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks hooks,
-                       uint32_t window_experts)
+                       uint32_t window_experts, WeightStager* stager)
     : cache_(cache),
       copy_stream_(copy_stream),
       hooks_(std::move(hooks)),
-      window_(window_experts == 0 ? cache.slots() : std::min(window_experts, cache.slots())) {}
+      window_(window_experts == 0 ? cache.slots() : std::min(window_experts, cache.slots())),
+      stager_(stager) {}
 
 Prefetcher::~Prefetcher() = default;
 
@@ -26,11 +29,28 @@ void Prefetcher::BeginStep(std::vector<ExpertKey> sequence) {
   Clear();
   sequence_ = std::move(sequence);
   next_ = 0;
+  stage_next_ = 0;
   stalls_.clear();
   cache_.SetPolicy(MakeBeladyPolicy(sequence_));
 }
 
-void Prefetcher::Clear() { held_.clear(); }
+void Prefetcher::Clear() {
+  held_.clear();
+  if (stager_ != nullptr) stager_->Clear();
+}
+
+bool Prefetcher::NeedsCopy(ExpertKey key) { return cache_.residency(key) == Residency::kAbsent; }
+
+Status Prefetcher::AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out) {
+  StatusOr<Lease> lease = cache_.Acquire(key, block, copy_stream_, position);
+  if (!lease.ok()) {
+    stager_->Drop(key);
+    return lease.status();
+  }
+  *out = std::move(*lease);
+  // The copy is queued on copy_stream_ now: the block is reused once the stream passed it.
+  return stager_->Release(key, copy_stream_);
+}
 
 double Prefetcher::stall_seconds() const {
   double total = 0;
@@ -48,8 +68,40 @@ Status Prefetcher::Fetch(uint64_t position, Lease* out) {
          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()});
     ECSS_RETURN_IF_ERROR(waited);
   }
-  ECSS_ASSIGN_OR_RETURN(*out,
-                        cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, position));
+  if (stager_ == nullptr) {
+    ECSS_ASSIGN_OR_RETURN(*out,
+                          cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, position));
+    return Status::Ok();
+  }
+  if (!NeedsCopy(key)) {
+    stager_->Drop(key);  // staged while it was evicted, or not needed after all
+    ECSS_ASSIGN_OR_RETURN(*out, cache_.Acquire(key, nullptr, copy_stream_, position));
+    return Status::Ok();
+  }
+  const bool waits = !stager_->Ready(key);
+  const auto start = std::chrono::steady_clock::now();
+  StatusOr<const void*> block = stager_->Wait(key);
+  if (waits) {
+    stalls_.push_back(
+        {position, key, StallCause::kNvmeRead,
+         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()});
+  }
+  ECSS_RETURN_IF_ERROR(block.status());
+  return AcquireStaged(key, *block, position, out);
+}
+
+Status Prefetcher::StageAhead() {
+  stage_next_ = std::max(stage_next_, next_);
+  while (stage_next_ < sequence_.size()) {
+    const ExpertKey key = sequence_[stage_next_];
+    if (NeedsCopy(key)) {
+      // An expert being updated gets new weights: reading them now would stage the old ones.
+      if (hooks_.fence_pending(key)) break;
+      ECSS_ASSIGN_OR_RETURN(bool started, stager_->TryStart(key));
+      if (!started) break;  // every block is taken: the pinned budget bounds the window
+    }
+    ++stage_next_;
+  }
   return Status::Ok();
 }
 
@@ -60,11 +112,18 @@ Status Prefetcher::Advance() {
     const ExpertKey key = sequence_[next_];
     if (cache_.residency(key) == Residency::kAbsent && hooks_.fence_pending(key)) break;
     Lease lease;
-    ECSS_RETURN_IF_ERROR(Fetch(next_, &lease));
+    if (stager_ != nullptr && NeedsCopy(key)) {
+      // Never wait on NVMe here: lease once the weights are staged.
+      if (!stager_->Ready(key)) break;
+      ECSS_ASSIGN_OR_RETURN(const void* block, stager_->Wait(key));
+      ECSS_RETURN_IF_ERROR(AcquireStaged(key, block, next_, &lease));
+    } else {
+      ECSS_RETURN_IF_ERROR(Fetch(next_, &lease));
+    }
     held_.emplace_back(next_, std::move(lease));
     ++next_;
   }
-  return Status::Ok();
+  return stager_ != nullptr ? StageAhead() : Status::Ok();
 }
 
 StatusOr<std::vector<Lease>> Prefetcher::Take(uint64_t first, size_t count) {

@@ -2,8 +2,12 @@
 // access sequence (router/'s StepAccessSequence, as ExpertKeys), it leases experts from the
 // DeviceCache in sequence order, so that their host-to-device copies run while the device
 // computes earlier positions. The window is bounded by the device budget (the cache's slots:
-// it never holds more leases than slots) and by `window_experts`. Compute weights live in
-// pinned host memory, so no NVMe read precedes a fetch.
+// it never holds more leases than slots) and by `window_experts`.
+//
+// Compute weights live in pinned host memory (hooks.host_weights), or on NVMe behind a
+// WeightStager: then every expert the cache will have to copy is first read NVMe -> pinned,
+// ahead of the lease window, in a window bounded by the stager's blocks (the pinned budget);
+// a block goes to one host-to-device copy and is reused after it.
 //
 // Fences: an expert whose host weights are being rewritten (its update runs) is not fetched
 // ahead: prefetching stops at it, never blocking. Take() fetches what is missing, waiting on
@@ -19,13 +23,15 @@
 #include <vector>
 
 #include "offload/device_cache.h"
+#include "offload/weight_stager.h"
 
 namespace ecss {
 
 enum class StallCause : uint8_t {
   kUpdateFence,  // a fetch waited for the expert's update to finish rewriting its weights
+  kNvmeRead,     // a fetch waited for the expert's weights to be read from NVMe
 };
-std::string_view StallCauseName(StallCause cause);  // "update_fence"
+std::string_view StallCauseName(StallCause cause);  // "update_fence", "nvme_read"
 
 struct StallRecord {
   uint64_t position = 0;  // in the step's sequence
@@ -35,7 +41,7 @@ struct StallRecord {
 };
 
 struct PrefetcherHooks {
-  // The expert's host weights (what a miss copies from).
+  // The expert's host weights (what a miss copies from); unused with a WeightStager.
   std::function<const void*(ExpertKey)> host_weights;
   // True while the expert's host weights are being rewritten.
   std::function<bool(ExpertKey)> fence_pending;
@@ -45,15 +51,16 @@ struct PrefetcherHooks {
 
 class Prefetcher {
  public:
-  // `cache` must outlive the prefetcher; copies go to `copy_stream`. window_experts: 0 = the
-  // cache's slots.
-  Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks hooks,
-             uint32_t window_experts);
+  // `cache` (and `stager`, when given) must outlive the prefetcher; copies go to
+  // `copy_stream`. window_experts: 0 = the cache's slots.
+  Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks hooks, uint32_t window_experts,
+             WeightStager* stager = nullptr);
   ~Prefetcher();
 
   // Starts a step: drops leases still held, sets the cache's policy to Belady over `sequence`.
   void BeginStep(std::vector<ExpertKey> sequence);
-  // Leases ahead, in order, while the window and the cache allow; never blocks.
+  // Leases ahead, in order, while the window and the cache allow, and stages from NVMe
+  // ahead of that while the stager's blocks allow; never blocks.
   Status Advance();
   // The leases of positions [first, first + count), prefetched or fetched now (waiting on
   // fences, recorded as stalls). Positions before `first` still held were skipped by the
@@ -68,14 +75,21 @@ class Prefetcher {
 
  private:
   Status Fetch(uint64_t position, Lease* out);
+  // True when `key`'s lease would copy it (it is not on the device).
+  bool NeedsCopy(ExpertKey key);
+  // Leases `key` from the staged block and hands the block to its copy.
+  Status AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out);
+  Status StageAhead();
 
   DeviceCache& cache_;
   const Stream copy_stream_;
   const PrefetcherHooks hooks_;
   const uint32_t window_;
+  WeightStager* const stager_;
   std::vector<ExpertKey> sequence_;
   std::deque<std::pair<uint64_t, Lease>> held_;  // by position, ascending
   uint64_t next_ = 0;                            // next position to lease ahead
+  uint64_t stage_next_ = 0;                      // next position to stage ahead
   std::vector<StallRecord> stalls_;
 };
 

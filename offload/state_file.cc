@@ -11,20 +11,9 @@ namespace ecss {
 namespace {
 
 constexpr char kMagic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 2: element size and sequence number in the header
 constexpr uint32_t kHeaderBytes = 4096;
 constexpr uint32_t kMaxArrays = 8;
-
-struct Header {
-  char magic[8];
-  uint32_t version;
-  uint32_t expert;
-  uint64_t elements;
-  uint64_t update_count;
-  uint32_t arrays;
-  uint32_t array_crc[kMaxArrays];
-  uint32_t header_crc;  // of every byte before it
-};
 
 // Submits every request, then waits for all of them (also after a failure, so that nothing is
 // left in flight); returns the first error.
@@ -55,11 +44,27 @@ Status RunAll(IoEngine& engine, std::vector<IoRequest>& requests) {
 
 }  // namespace
 
+struct ExpertStateFile::Header {
+  char magic[8];
+  uint32_t version;
+  uint32_t expert;
+  uint64_t elements;
+  uint64_t update_count;
+  uint64_t sequence;  // versions of this expert stored so far (shadow: the newest wins)
+  uint32_t arrays;
+  uint32_t element_bytes;
+  uint32_t array_crc[kMaxArrays];
+  uint32_t header_crc;  // of every byte before it
+};
+
 ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& options)
     : engine_(engine),
       options_(options),
-      slot_bytes_(kHeaderBytes + options.arrays * StateArrayBytes(options.max_expert_elements)),
-      header_(std::aligned_alloc(4096, kHeaderBytes)) {}
+      slot_bytes_(kHeaderBytes + options.arrays * StateBlockBytes(options.max_expert_elements *
+                                                                  options.element_bytes)),
+      header_(std::aligned_alloc(4096, kHeaderBytes)),
+      newest_sequence_(options.experts, UINT64_MAX),
+      newest_copy_(options.experts, 0) {}
 
 ExpertStateFile::~ExpertStateFile() {
   for (IoFileId file : files_) engine_->Close(file).IgnoreError();
@@ -67,16 +72,21 @@ ExpertStateFile::~ExpertStateFile() {
 }
 
 std::string ExpertStateFile::PathOf(size_t dir) const {
-  return StrCat(options_.dirs[dir], "/ecss-states-", dir, ".bin");
+  return StrCat(options_.dirs[dir], "/", options_.name, "-", dir, ".bin");
+}
+
+uint64_t ExpertStateFile::ArrayOffset(uint32_t a) const {
+  return kHeaderBytes + a * StateBlockBytes(options_.max_expert_elements * options_.element_bytes);
 }
 
 namespace {
 Status CheckOptions(IoEngine* engine, const StateFileOptions& o) {
   if (engine == nullptr) return InvalidArgumentError("state file needs an io engine");
   if (o.dirs.empty() || o.arrays == 0 || o.arrays > kMaxArrays || o.max_expert_elements == 0 ||
-      o.experts == 0) {
-    return InvalidArgumentError(StrCat("state file needs directories, 1-", kMaxArrays,
-                                       " arrays, experts and max_expert_elements > 0"));
+      o.experts == 0 || (o.element_bytes != 2 && o.element_bytes != 4) || o.name.empty()) {
+    return InvalidArgumentError(StrCat("state file needs directories, a name, 1-", kMaxArrays,
+                                       " arrays of 2- or 4-byte elements, experts and "
+                                       "max_expert_elements > 0"));
   }
   return Status::Ok();
 }
@@ -91,7 +101,7 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->PathOf(d), OpenMode::kCreate));
     file->files_.push_back(id);
     const uint64_t experts_here = (options.experts + dirs - 1 - d) / dirs;
-    Status reserved = engine->Allocate(id, experts_here * file->slot_bytes_);
+    Status reserved = engine->Allocate(id, experts_here * file->copies() * file->slot_bytes_);
     if (!reserved.ok()) return reserved.Annotate(StrCat("state file '", file->PathOf(d), "'"));
   }
   return file;
@@ -107,10 +117,10 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
     file->files_.push_back(id);
     ECSS_ASSIGN_OR_RETURN(uint64_t size, engine->FileSize(id));
     const uint64_t experts_here = (options.experts + dirs - 1 - d) / dirs;
-    if (size < experts_here * file->slot_bytes_) {
+    if (size < experts_here * file->copies() * file->slot_bytes_) {
       return FailedPreconditionError(
           StrCat("state file '", file->PathOf(d), "' has ", size, " bytes; this layout needs ",
-                 experts_here * file->slot_bytes_, " (made for another model?)"));
+                 experts_here * file->copies() * file->slot_bytes_, " (made for another model?)"));
     }
   }
   return file;
@@ -133,25 +143,67 @@ Status ExpertStateFile::CheckExpert(uint32_t expert, uint64_t elements) const {
   return Status::Ok();
 }
 
-Status ExpertStateFile::Store(uint32_t expert, const float* const* arrays, uint64_t elements,
+Status ExpertStateFile::ReadHeader(uint32_t expert, uint32_t copy, Header* header, bool* valid,
+                                   std::string* why) {
+  const IoFileId file = files_[expert % options_.dirs.size()];
+  Status read = ReadAt(*engine_, file, OffsetOf(expert, copy), header_, kHeaderBytes);
+  if (!read.ok()) return read.Annotate(StrCat("reading expert ", expert, " header"));
+  std::memcpy(header, header_, sizeof(*header));
+  *valid = false;
+  if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
+    *why = "no state header (never stored, or overwritten)";
+  } else if (Crc32c(header, offsetof(Header, header_crc)) != header->header_crc) {
+    *why = "header checksum mismatch";
+  } else if (header->version != kVersion || header->expert != expert ||
+             header->arrays != options_.arrays || header->element_bytes != options_.element_bytes) {
+    *why =
+        StrCat("header describes expert ", header->expert, " with ", header->arrays, " arrays of ",
+               header->element_bytes, "-byte elements (format ", header->version, ")");
+  } else {
+    *valid = true;
+  }
+  return Status::Ok();
+}
+
+Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64_t elements,
                               uint64_t update_count) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const IoFileId file = files_[expert % options_.dirs.size()];
-  const uint64_t base = OffsetOf(expert);
-  const uint64_t array_bytes = StateArrayBytes(elements);
+  uint64_t sequence = 1;
+  uint32_t copy = 0;
+  if (options_.shadow) {
+    if (newest_sequence_[expert] == UINT64_MAX) {  // learn which copy is newest
+      newest_sequence_[expert] = 0;
+      for (uint32_t c = 0; c < 2; ++c) {
+        Header seen;
+        bool valid = false;
+        std::string why;
+        ECSS_RETURN_IF_ERROR(ReadHeader(expert, c, &seen, &valid, &why));
+        if (valid && seen.sequence > newest_sequence_[expert]) {
+          newest_sequence_[expert] = seen.sequence;
+          newest_copy_[expert] = static_cast<uint8_t>(c);
+        }
+      }
+    }
+    sequence = newest_sequence_[expert] + 1;
+    copy = newest_sequence_[expert] == 0 ? 0 : 1 - newest_copy_[expert];
+  }
+  const uint64_t base = OffsetOf(expert, copy);
+  const uint64_t bytes = elements * options_.element_bytes;
   Header header{};
   std::memcpy(header.magic, kMagic, sizeof(kMagic));
   header.version = kVersion;
   header.expert = expert;
   header.elements = elements;
   header.update_count = update_count;
+  header.sequence = sequence;
   header.arrays = options_.arrays;
+  header.element_bytes = options_.element_bytes;
   std::vector<IoRequest> requests;
   for (uint32_t a = 0; a < options_.arrays; ++a) {
-    header.array_crc[a] = Crc32c(arrays[a], elements * 4);
-    requests.push_back({IoOp::kWrite, file,
-                        base + kHeaderBytes + a * StateArrayBytes(options_.max_expert_elements),
-                        const_cast<float*>(arrays[a]), static_cast<size_t>(array_bytes), 0});
+    header.array_crc[a] = Crc32c(arrays[a], bytes);
+    requests.push_back({IoOp::kWrite, file, base + ArrayOffset(a), const_cast<void*>(arrays[a]),
+                        static_cast<size_t>(StateBlockBytes(bytes)), 0});
   }
   Status written = RunAll(*engine_, requests);
   if (!written.ok()) return written.Annotate(StrCat("storing expert ", expert, " states"));
@@ -159,43 +211,58 @@ Status ExpertStateFile::Store(uint32_t expert, const float* const* arrays, uint6
   std::memset(header_, 0, kHeaderBytes);
   std::memcpy(header_, &header, sizeof(header));
   Status committed = WriteAt(*engine_, file, base, header_, kHeaderBytes);
-  return committed.Annotate(StrCat("storing expert ", expert, " header"));
+  if (!committed.ok()) return committed.Annotate(StrCat("storing expert ", expert, " header"));
+  if (options_.shadow) {
+    newest_sequence_[expert] = sequence;
+    newest_copy_[expert] = static_cast<uint8_t>(copy);
+  }
+  return Status::Ok();
 }
 
-Status ExpertStateFile::Load(uint32_t expert, float* const* arrays, uint64_t elements,
+Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
                              uint64_t* update_count) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const size_t dir = expert % options_.dirs.size();
   const IoFileId file = files_[dir];
-  const uint64_t base = OffsetOf(expert);
-  std::vector<IoRequest> requests = {{IoOp::kRead, file, base, header_, kHeaderBytes, 0}};
+  // The newest copy whose header is intact (a store writes its header last, so an intact
+  // header means its arrays were written completely; their checksums still decide).
+  Header header{};
+  bool found = false;
+  std::string why;
+  uint32_t copy = 0;
+  for (uint32_t c = 0; c < copies(); ++c) {
+    Header seen;
+    bool valid = false;
+    std::string reason;
+    ECSS_RETURN_IF_ERROR(ReadHeader(expert, c, &seen, &valid, &reason));
+    if (!valid) {
+      if (why.empty()) why = reason;
+    } else if (!found || seen.sequence > header.sequence) {
+      header = seen;
+      copy = c;
+      found = true;
+    }
+  }
+  const uint64_t base = OffsetOf(expert, copy);
+  const std::string where = StrCat("expert ", expert, " in '", PathOf(dir), "' at offset ", base);
+  if (!found) return DataLossError(StrCat(where, ": ", why));
+  if (header.elements != elements) {
+    return DataLossError(
+        StrCat(where, ": stored with ", header.elements, " elements, read as ", elements));
+  }
+  const uint64_t bytes = elements * options_.element_bytes;
+  std::vector<IoRequest> requests;
   for (uint32_t a = 0; a < options_.arrays; ++a) {
-    requests.push_back({IoOp::kRead, file,
-                        base + kHeaderBytes + a * StateArrayBytes(options_.max_expert_elements),
-                        arrays[a], static_cast<size_t>(StateArrayBytes(elements)), 0});
+    requests.push_back({IoOp::kRead, file, base + ArrayOffset(a), arrays[a],
+                        static_cast<size_t>(StateBlockBytes(bytes)), 0});
   }
   Status read = RunAll(*engine_, requests);
   if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
-  Header header;
-  std::memcpy(&header, header_, sizeof(header));
-  const std::string where = StrCat("expert ", expert, " in '", PathOf(dir), "' at offset ", base);
-  if (std::memcmp(header.magic, kMagic, sizeof(kMagic)) != 0) {
-    return DataLossError(StrCat(where, ": no state header (never stored, or overwritten)"));
-  }
-  if (Crc32c(&header, offsetof(Header, header_crc)) != header.header_crc) {
-    return DataLossError(StrCat(where, ": header checksum mismatch"));
-  }
-  if (header.version != kVersion || header.expert != expert || header.arrays != options_.arrays ||
-      header.elements != elements) {
-    return DataLossError(StrCat(where, ": header describes expert ", header.expert, " with ",
-                                header.elements, " elements in ", header.arrays, " arrays (format ",
-                                header.version, ")"));
-  }
-  static constexpr const char* kArrayNames[] = {"master",  "state 0", "state 1", "state 2",
-                                                "state 3", "state 4", "state 5", "state 6"};
   for (uint32_t a = 0; a < options_.arrays; ++a) {
-    if (Crc32c(arrays[a], elements * 4) != header.array_crc[a]) {
-      return DataLossError(StrCat(where, ": ", kArrayNames[a], " checksum mismatch"));
+    if (Crc32c(arrays[a], bytes) != header.array_crc[a]) {
+      const std::string name =
+          a < options_.array_names.size() ? options_.array_names[a] : StrCat("array ", a);
+      return DataLossError(StrCat(where, ": ", name, " checksum mismatch"));
     }
   }
   *update_count = header.update_count;

@@ -1,14 +1,18 @@
-// ExpertStateFile: the NVMe home of experts' fp32 state arrays (master weights and optimizer
-// moments), which the CPU optimizer streams through staging slots. Experts are striped over
-// one or more directories (expert e lives in directory e % dirs, like several drives), each in
-// a fixed-size slot of its file:
-//   [4 KiB header: magic, version, expert, elements, arrays, update count, CRC-32C of each
-//    array, CRC of the header] [array 0, padded to 4 KiB] [array 1] ...
+// ExpertStateFile: the NVMe home of experts' state arrays (fp32 master weights and optimizer
+// moments, which the CPU optimizer streams through staging slots; bf16 or fp32 compute
+// weights; gradients). Experts are striped over one or more directories (expert e lives in
+// directory e % dirs, like several drives), each in a fixed-size slot of its file:
+//   [4 KiB header: magic, version, expert, elements, arrays, update count, sequence, CRC-32C
+//    of each array, CRC of the header] [array 0, padded to 4 KiB] [array 1] ...
 // Every load verifies both checksums: a mismatch is DataLoss naming the expert, the array and
 // the file, and the data is never handed out as good. A store writes the arrays, then the
 // header: a store cut short leaves a slot whose checksums do not match (detected, not used).
-// Array buffers must be 4 KiB aligned and hold the element count rounded up to 4 KiB (the
+// With `shadow`, every expert has two slots and a store goes to the one not holding the newest
+// version, so a failed or torn store leaves the previous version readable (twice the space).
+// Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
+// A file may have one writing and one reading handle (two objects), as the optimizer's
+// load and store stages do: loads never cache which shadow slot is newest.
 #pragma once
 
 #include <cstdint>
@@ -25,11 +29,17 @@ struct StateFileOptions {
   std::vector<std::string> dirs;  // one or more directories; expert e goes to dirs[e % dirs]
   uint32_t arrays = 3;            // state arrays per expert (AdamW: master, m, v)
   uint64_t max_expert_elements = 0;
-  uint32_t experts = 0;  // expert ids are [0, experts)
+  uint32_t experts = 0;                  // expert ids are [0, experts)
+  uint32_t element_bytes = 4;            // 4 (fp32) or 2 (bf16)
+  std::string name = "ecss-states";      // files are DIR/NAME-<dir index>.bin
+  bool shadow = false;                   // two slots per expert (see above)
+  std::vector<std::string> array_names;  // for errors; default "array <i>"
 };
 
-// Bytes an array of `elements` fp32 values occupies on disk and in a staging slot.
-inline uint64_t StateArrayBytes(uint64_t elements) { return (elements * 4 + 4095) / 4096 * 4096; }
+// Bytes `bytes` of state occupy on disk and in a staging slot (rounded up to 4 KiB).
+inline uint64_t StateBlockBytes(uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; }
+// The same for an array of `elements` fp32 values.
+inline uint64_t StateArrayBytes(uint64_t elements) { return StateBlockBytes(elements * 4); }
 
 class ExpertStateFile {
  public:
@@ -45,28 +55,40 @@ class ExpertStateFile {
   ~ExpertStateFile();
 
   // Writes `elements` values of each array, then the header. arrays[i] is 4 KiB aligned.
-  Status Store(uint32_t expert, const float* const* arrays, uint64_t elements,
+  Status Store(uint32_t expert, const void* const* arrays, uint64_t elements,
                uint64_t update_count);
-  // Reads and verifies. elements must be what was stored (InvalidArgument otherwise).
-  Status Load(uint32_t expert, float* const* arrays, uint64_t elements, uint64_t* update_count);
+  // Reads and verifies (with shadow: the newest version whose header is intact). elements
+  // must be what was stored (DataLoss naming both otherwise).
+  Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
 
-  uint64_t slot_bytes() const { return slot_bytes_; }
+  uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
   const StateFileOptions& options() const { return options_; }
 
  private:
   ExpertStateFile(IoEngine* engine, const StateFileOptions& options);
+  struct Header;
   Status CheckExpert(uint32_t expert, uint64_t elements) const;
   std::string PathOf(size_t dir) const;
-  uint64_t OffsetOf(uint32_t expert) const { return (expert / options_.dirs.size()) * slot_bytes_; }
+  uint32_t copies() const { return options_.shadow ? 2 : 1; }
+  uint64_t OffsetOf(uint32_t expert, uint32_t copy) const {
+    return ((expert / options_.dirs.size()) * copies() + copy) * slot_bytes_;
+  }
+  uint64_t ArrayOffset(uint32_t a) const;
+  // Reads the header of `copy` into *header; false (with *why) when it is not a valid one.
+  Status ReadHeader(uint32_t expert, uint32_t copy, Header* header, bool* valid, std::string* why);
 
   IoEngine* engine_;
   StateFileOptions options_;
   uint64_t slot_bytes_;
   std::vector<IoFileId> files_;
   void* header_ = nullptr;  // one aligned 4 KiB header buffer
+  // shadow: per expert, the newest version's sequence number and copy as this handle last
+  // wrote or saw it (UINT64_MAX: not known yet).
+  std::vector<uint64_t> newest_sequence_;
+  std::vector<uint8_t> newest_copy_;
 };
 
 }  // namespace ecss

@@ -239,6 +239,26 @@ Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dty
   return Status::Ok();
 }
 
+double GradientSumOfSquares(const CpuOptimizerOptions& options, const void* grad, DType dtype,
+                            size_t n) {
+  return optimizer_internal::ParallelSumOfSquares(options.isa.value_or(DetectSimdIsa()), grad,
+                                                  dtype, n);
+}
+
+StepReport GlobalNormReport(const CpuOptimizerOptions& options,
+                            const std::vector<double>& sums_in_expert_order, float grad_scale) {
+  StepReport report;
+  double total = 0;
+  for (double sum : sums_in_expert_order) total += sum;  // in the order given: deterministic
+  report.global_norm = std::sqrt(total) / grad_scale;
+  report.skipped = !std::isfinite(total) && options.skip_step_on_nonfinite;
+  if (!report.skipped && options.max_grad_norm > 0 && std::isfinite(report.global_norm)) {
+    report.clip_coefficient =
+        static_cast<float>(std::min(1.0, options.max_grad_norm / (report.global_norm + 1e-6)));
+  }
+  return report;
+}
+
 StatusOr<StepReport> CpuOptimizer::FinishStep() {
   if (!impl_->in_step) return FailedPreconditionError("FinishStep without BeginStep");
   impl_->in_step = false;
@@ -258,17 +278,16 @@ StatusOr<StepReport> CpuOptimizer::FinishStep() {
             impl_->isa, p.grad, p.dtype, impl_->experts[p.expert].arrays.size);
     });
   });
-  double total = 0;
-  for (const Pending& p : pending) total += *p.sum_of_squares;  // fixed (expert) order
-  report.global_norm = std::sqrt(total) / impl_->grad_scale;
-  if (!std::isfinite(total) && impl_->options.skip_step_on_nonfinite) {
+  std::vector<double> sums;
+  sums.reserve(pending.size());
+  for (const Pending& p : pending) sums.push_back(*p.sum_of_squares);
+  const StepReport norm = GlobalNormReport(impl_->options, sums, impl_->grad_scale);
+  report.global_norm = norm.global_norm;
+  report.clip_coefficient = norm.clip_coefficient;
+  if (norm.skipped) {
     report.skipped = true;
     for (const Pending& p : pending) impl_->Finish(p.expert, report.step, false, Status::Ok());
     return report;
-  }
-  if (impl_->options.max_grad_norm > 0 && std::isfinite(report.global_norm)) {
-    report.clip_coefficient = static_cast<float>(
-        std::min(1.0, impl_->options.max_grad_norm / (report.global_norm + 1e-6)));
   }
   for (const Pending& p : pending) {
     impl_->Launch(p.expert, p, report.step, report.clip_coefficient, /*check_finite=*/true);

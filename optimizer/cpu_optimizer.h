@@ -65,6 +65,17 @@ struct StepReport {
   uint32_t experts_submitted = 0;
 };
 
+// Global-norm clipping exactly as CpuOptimizer::FinishStep decides it, for updaters that
+// stream states instead of holding them (states on NVMe): the sum of squares of one
+// gradient (over fixed blocks: independent of threads), and the step's report from the
+// experts' sums added in the order given (expert order, as FinishStep adds them): the norm
+// of the unscaled gradients, the clip coefficient min(1, max_grad_norm / (norm + 1e-6)), and
+// whether a non-finite sum skips the step (skip_step_on_nonfinite).
+double GradientSumOfSquares(const CpuOptimizerOptions& options, const void* grad, DType dtype,
+                            size_t n);
+StepReport GlobalNormReport(const CpuOptimizerOptions& options,
+                            const std::vector<double>& sums_in_expert_order, float grad_scale);
+
 class CpuOptimizer {
  public:
   // InvalidArgument naming the field for bad hyper-parameters, threads < 1, a tiny chunk size,

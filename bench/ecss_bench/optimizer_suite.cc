@@ -156,8 +156,9 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
     for (uint64_t i = 0; i < expert_elements; ++i)
       init_arrays[a][i] = a == 0 ? 0.01f * static_cast<float>(i % 97) : 0.0f;
   }
+  const void* const stored[3] = {init_arrays[0], init_arrays[1], init_arrays[2]};
   for (uint32_t e = 0; e < experts; ++e)
-    ECSS_RETURN_IF_ERROR(writer->Store(e, init_arrays, expert_elements, 0));
+    ECSS_RETURN_IF_ERROR(writer->Store(e, stored, expert_elements, 0));
   ECSS_RETURN_IF_ERROR(writer->Sync());
   init.Reset();
   // The bound, measured now in the same directory with blocks of one array: reads of the

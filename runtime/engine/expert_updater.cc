@@ -1,5 +1,6 @@
 #include "runtime/engine/expert_updater.h"
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -110,7 +111,11 @@ struct NvmeUpdater::Impl {
     std::vector<StreamedGradient> work;
     float loss_scale;
     uint64_t step;
+    float clip_coefficient;
   };
+  // Clipping needs the step's global norm before any update: the step's gradients are held
+  // until FinishStep.
+  bool deferred() const { return options.optimizer.max_grad_norm > 0; }
   std::deque<Job> jobs;                  // GUARDED_BY(mutex)
   bool running = false;                  // GUARDED_BY(mutex): a job is being processed
   uint64_t running_step = 0;             // GUARDED_BY(mutex): that job's step
@@ -136,7 +141,8 @@ struct NvmeUpdater::Impl {
       TraceRecorder* trace = options.optimizer.trace;
       TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0, "load-update-store", "nvme",
                        {{"experts", static_cast<double>(job.work.size())}});
-      StatusOr<StreamingReport> report = updater->Run(job.work, job.loss_scale, 1.0f);
+      StatusOr<StreamingReport> report =
+          updater->Run(job.work, job.loss_scale, job.clip_coefficient);
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       lock.lock();
@@ -162,11 +168,6 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   if (options.dirs.empty()) {
     return InvalidArgumentError("states on NVMe need at least one directory (nvme_dirs)");
   }
-  if (options.optimizer.max_grad_norm > 0) {
-    return InvalidArgumentError(
-        "states on NVMe: gradient clipping (max_grad_norm > 0) is not supported: it needs the "
-        "whole step's norm before any update starts");
-  }
   if (options.optimizer.groups.size() != 1) {
     return InvalidArgumentError("states on NVMe: one parameter group only");
   }
@@ -180,6 +181,7 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   layout.arrays = FileArrays(options.optimizer.kind);
   layout.max_expert_elements = options.expert_elements;
   layout.experts = options.experts;
+  layout.array_names = {"master", "moment 1", "moment 2"};
   if (options.open_existing) {
     ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Open(impl->store_io.get(), layout));
   } else {
@@ -225,10 +227,8 @@ Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compu
   ECSS_ASSIGN_OR_RETURN(Buffer init, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
   std::memset(init.data(), 0, arrays * block);
   std::memcpy(init.data(), master, s.options.expert_elements * 4);
-  const float* pointers[3];
-  for (uint32_t a = 0; a < arrays; ++a) {
-    pointers[a] = reinterpret_cast<const float*>(static_cast<char*>(init.data()) + a * block);
-  }
+  const void* pointers[3];
+  for (uint32_t a = 0; a < arrays; ++a) pointers[a] = static_cast<char*>(init.data()) + a * block;
   s.compute_copies[id] = compute_copy;
   return s.writer->Store(id, pointers, s.options.expert_elements, 0);
 }
@@ -261,10 +261,16 @@ Status NvmeUpdater::Submit(uint32_t id, const float* grad) {
 
 Status NvmeUpdater::Flush() {
   Impl& s = *impl_;
+  if (s.deferred()) return Status::Ok();  // FinishStep starts the step's updates
+  return Start(1.0f);
+}
+
+Status NvmeUpdater::Start(float clip_coefficient) {
+  Impl& s = *impl_;
   if (s.batch.empty()) return Status::Ok();
   {
     std::lock_guard<std::mutex> lock(s.mutex);
-    s.jobs.push_back({std::move(s.batch), s.loss_scale, s.step});
+    s.jobs.push_back({std::move(s.batch), s.loss_scale, s.step, clip_coefficient});
   }
   s.batch.clear();
   s.cv.notify_all();
@@ -272,10 +278,36 @@ Status NvmeUpdater::Flush() {
 }
 
 StatusOr<StepReport> NvmeUpdater::FinishStep() {
-  ECSS_RETURN_IF_ERROR(Flush());
+  Impl& s = *impl_;
   StepReport report;
-  report.step = impl_->step;
-  report.experts_submitted = impl_->submitted;
+  report.step = s.step;
+  report.experts_submitted = s.submitted;
+  if (!s.deferred()) {
+    ECSS_RETURN_IF_ERROR(Start(1.0f));
+    return report;
+  }
+  // The norm as CpuOptimizer computes it: per-expert sums added in expert order.
+  std::sort(
+      s.batch.begin(), s.batch.end(),
+      [](const StreamedGradient& a, const StreamedGradient& b) { return a.expert < b.expert; });
+  std::vector<double> sums;
+  sums.reserve(s.batch.size());
+  for (const StreamedGradient& g : s.batch) {
+    sums.push_back(
+        GradientSumOfSquares(s.options.optimizer, g.grad, g.dtype, s.options.expert_elements));
+  }
+  const StepReport norm = GlobalNormReport(s.options.optimizer, sums, s.loss_scale);
+  report.global_norm = norm.global_norm;
+  report.clip_coefficient = norm.clip_coefficient;
+  if (norm.skipped) {  // a non-finite gradient: no expert is updated this step
+    report.skipped = true;
+    std::lock_guard<std::mutex> lock(s.mutex);
+    for (const StreamedGradient& g : s.batch) s.done_step[g.expert] = s.step;
+    s.batch.clear();
+    s.cv.notify_all();
+    return report;
+  }
+  ECSS_RETURN_IF_ERROR(Start(report.clip_coefficient));
   return report;
 }
 
@@ -328,13 +360,12 @@ StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
   const uint32_t arrays = FileArrays(s.options.optimizer.kind);
   const uint64_t block = StateArrayBytes(s.options.expert_elements);
   ECSS_ASSIGN_OR_RETURN(Buffer buffer, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
-  float* pointers[3];
-  for (uint32_t a = 0; a < arrays; ++a) {
-    pointers[a] = reinterpret_cast<float*>(static_cast<char*>(buffer.data()) + a * block);
-  }
+  void* pointers[3];
+  for (uint32_t a = 0; a < arrays; ++a) pointers[a] = static_cast<char*>(buffer.data()) + a * block;
   uint64_t updates = 0;
   ECSS_RETURN_IF_ERROR(s.reader->Load(id, pointers, s.options.expert_elements, &updates));
-  return std::vector<float>(pointers[0], pointers[0] + s.options.expert_elements);
+  const float* master = buffer.as<float>();
+  return std::vector<float>(master, master + s.options.expert_elements);
 }
 
 }  // namespace ecss

@@ -74,8 +74,10 @@ class HostUpdater final : public ExpertUpdater {
 
 struct NvmeUpdaterOptions {
   std::vector<std::string> dirs;
-  CpuOptimizerOptions optimizer;  // kind, groups[0], threads; no clipping
-  uint64_t expert_elements = 0;   // every expert's size
+  // kind, groups[0], threads; with clipping (max_grad_norm > 0) the step's updates start at
+  // FinishStep, after the global norm, instead of per layer at Flush.
+  CpuOptimizerOptions optimizer;
+  uint64_t expert_elements = 0;  // every expert's size
   uint32_t experts = 0;
   int staging_buffers = 2;
   // Open the state files an earlier session of the same model wrote, instead of creating
@@ -116,6 +118,7 @@ class NvmeUpdater final : public ExpertUpdater {
  private:
   struct Impl;
   explicit NvmeUpdater(std::unique_ptr<Impl> impl);
+  Status Start(float clip_coefficient);  // queues the batch collected so far
   std::unique_ptr<Impl> impl_;
 };
 

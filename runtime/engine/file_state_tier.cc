@@ -10,12 +10,12 @@ StatusOr<size_t> FileStateTier::ExpertSize(uint32_t expert) const {
 }
 
 Status FileStateTier::Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) {
-  float* arrays[3] = {slot.master, slot.state0, slot.state1};
+  void* arrays[3] = {slot.master, slot.state0, slot.state1};
   return reader_->Load(expert, arrays, slot.size, update_count);
 }
 
 Status FileStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) {
-  const float* arrays[3] = {slot.master, slot.state0, slot.state1};
+  const void* arrays[3] = {slot.master, slot.state0, slot.state1};
   return writer_->Store(expert, arrays, slot.size, update_count);
 }
 

@@ -87,7 +87,8 @@ struct SessionOptions {
   uint32_t prefetch_window_experts = 0;
   StatesPlacement states = StatesPlacement::kHost;
   // kNvme: one or more directories for the state files (created, space reserved up front).
-  // Needs dtype bf16 (the pinned weights are the bf16 copy) and no clipping.
+  // Needs dtype bf16 (the pinned weights are the bf16 copy). With clipping the step's
+  // updates start at EndStep (after the global norm) instead of per layer.
   std::vector<std::string> nvme_dirs;
   // kNvme: open the state files an earlier session of the same model left in nvme_dirs
   // (after its Synchronize) instead of creating them: the experts continue from the master

@@ -454,19 +454,31 @@ TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
   std::filesystem::remove_all(dir_template);
 }
 
-// Global-norm clipping: updates wait for the step's norm (EndStep), still the same bits.
+// Global-norm clipping: updates wait for the step's norm (EndStep), still the same bits,
+// with the states in host memory or on NVMe.
 TEST(SessionTest, ClippingMatchesTheResidentReference) {
-  for (Strategy strategy : {Strategy::kEcss, Strategy::kNaive}) {
-    RunConfig c;
-    c.strategy = strategy;
-    c.micro_batches = 2;
-    c.max_grad_norm = 0.01f;  // small enough to clip every step
-    std::vector<StepStats> stats;
-    const Weights trained = TrainSession(c, &stats);
-    ExpectBitIdentical(trained, TrainReference(c, InitialWeights(c)));
-    EXPECT_LT(stats.back().optimizer.clip_coefficient, 1.0f);
-    EXPECT_GT(stats.back().optimizer.global_norm, 0.01);
+  char dir_template[] = "/tmp/ecss_session_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  for (bool nvme : {false, true}) {
+    for (Strategy strategy : {Strategy::kEcss, Strategy::kNaive}) {
+      RunConfig c;
+      c.strategy = strategy;
+      c.micro_batches = 2;
+      c.max_grad_norm = 0.01f;  // small enough to clip every step
+      if (nvme) {
+        c.dtype = DType::kBF16;
+        c.nvme_dir = dir_template;
+      }
+      std::vector<StepStats> stats;
+      const Weights trained = TrainSession(c, &stats);
+      RunConfig reference = c;
+      reference.nvme_dir.clear();
+      ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
+      EXPECT_LT(stats.back().optimizer.clip_coefficient, 1.0f) << "nvme " << nvme;
+      EXPECT_GT(stats.back().optimizer.global_norm, 0.01);
+    }
   }
+  std::filesystem::remove_all(dir_template);
 }
 
 TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {

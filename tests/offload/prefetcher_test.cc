@@ -3,12 +3,15 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdio>
+#include <filesystem>
 #include <mutex>
 #include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "offload/io/io_engines.h"
 #include "runtime/device/sim/sim_backend.h"
 
 namespace ecss {
@@ -138,6 +141,119 @@ TEST_F(PrefetcherTest, SkippedPositionsAreDroppedAndTheBudgetHolds) {
   // Every byte in device memory belongs to the cache's slots: the budget was never exceeded.
   EXPECT_LE(sim_->device_memory().stats().peak_used_bytes, kSlots * kExpertBytes);
   EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
+// Compute weights on NVMe: an ExpertStore keeps them, a WeightStager reads them into pinned
+// blocks ahead of the lease window.
+class StagedPrefetcherTest : public PrefetcherTest {
+ protected:
+  static constexpr uint32_t kBlocks = 2;
+  void SetUp() override {
+    PrefetcherTest::SetUp();
+    root_ = ::testing::TempDir() + "/ecss_staged_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(root_);
+    std::filesystem::create_directories(root_);
+    io_ = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine({}), FaultOptions{});
+    ExpertStoreOptions options;
+    options.layout = {1, 8, kExpertBytes / 2, DType::kBF16, 2};
+    options.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme};
+    options.dirs = {root_};
+    // The staging block of the largest state (the moments) plus kBlocks weight blocks.
+    options.pinned_budget_bytes = 4 * kExpertBytes + kBlocks * kExpertBytes;
+    store_ = std::move(ExpertStore::Create(*sim_, *io_, options)).value();
+    for (uint32_t e = 0; e < 8; ++e) {
+      ASSERT_TRUE(store_->Write(ExpertState::kWeights, 0, e, host_[e].data()).ok());
+    }
+    stager_ = std::move(WeightStager::Create(*store_, 0)).value();
+    PrefetcherHooks hooks;
+    hooks.fence_pending = [this](ExpertKey key) { return fences_.Pending(key); };
+    hooks.wait_fence = [this](ExpertKey key) { return fences_.Wait(key); };
+    prefetcher_ =
+        std::make_unique<Prefetcher>(*cache_, copy_.get(), std::move(hooks), 0, stager_.get());
+  }
+  void TearDown() override {
+    prefetcher_.reset();
+    stager_.reset();
+    store_.reset();
+    io_.reset();
+    std::filesystem::remove_all(root_);
+  }
+  void WaitStaged(ExpertKey key) {
+    while (!stager_->Ready(key)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+
+  std::string root_;
+  std::unique_ptr<FaultInjectionIoEngine> io_;
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<WeightStager> stager_;
+};
+
+TEST_F(StagedPrefetcherTest, ReadsAheadFromNvmeWithinThePinnedBudget) {
+  EXPECT_EQ(stager_->slots(), kBlocks) << "what the pinned budget leaves";
+  const std::vector<ExpertKey> sequence = {0, 1, 2, 3, 4, 5, 6, 7, 0, 5};
+  prefetcher_->BeginStep(sequence);
+  ASSERT_TRUE(prefetcher_->Advance().ok());
+  EXPECT_EQ(prefetcher_->held(), 0u) << "nothing is leased before its weights are staged";
+  EXPECT_TRUE(stager_->Started(0) && stager_->Started(1));
+  EXPECT_FALSE(stager_->Started(2)) << "two blocks: the window stops at the pinned budget";
+  WaitStaged(0);
+  WaitStaged(1);
+  ASSERT_TRUE(prefetcher_->Advance().ok());
+  EXPECT_EQ(prefetcher_->held(), 2u);
+  for (uint64_t p = 0; p < sequence.size(); ++p) {
+    auto leases = prefetcher_->Take(p, 1);
+    ASSERT_TRUE(leases.ok()) << leases.status();
+    Use(*leases, {sequence[p]});
+    ASSERT_TRUE(prefetcher_->Advance().ok());
+  }
+  for (const StallRecord& stall : prefetcher_->stalls()) {
+    EXPECT_EQ(stall.cause, StallCause::kNvmeRead);
+  }
+  // Every miss read its expert from NVMe once; hits read nothing.
+  EXPECT_EQ(stager_->bytes_read(), cache_->stats().misses * kExpertBytes);
+  EXPECT_LE(store_->pinned_pool().stats().peak_used_bytes, store_->pinned_pool().capacity_bytes());
+  EXPECT_LE(sim_->device_memory().stats().peak_used_bytes, kSlots * kExpertBytes);
+  EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
+TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
+  // Flip a byte of expert 3's newest weights (its second shadow slot: the zeros of creation
+  // are in the first).
+  const uint64_t slot = 4096 + kExpertBytes;
+  const uint64_t at = (3 * 2 + 1) * slot + 4096 + 5;
+  FILE* raw = std::fopen((root_ + "/ecss-store-weights-0.bin").c_str(), "r+b");
+  ASSERT_NE(raw, nullptr);
+  std::fseek(raw, static_cast<long>(at), SEEK_SET);
+  const int byte = std::fgetc(raw);
+  std::fseek(raw, static_cast<long>(at), SEEK_SET);
+  std::fputc(byte ^ 1, raw);
+  std::fclose(raw);
+  prefetcher_->BeginStep({2, 3, 4});
+  ASSERT_TRUE(prefetcher_->Advance().ok());
+  auto first = prefetcher_->Take(0, 1);
+  ASSERT_TRUE(first.ok()) << first.status();
+  Use(*first, {2});
+  auto bad = prefetcher_->Take(1, 1);
+  EXPECT_EQ(bad.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(bad.status().message().find("layer 0 expert 3 weights"), std::string_view::npos)
+      << bad.status();
+  // The block was freed and the step goes on.
+  auto last = prefetcher_->Take(2, 1);
+  ASSERT_TRUE(last.ok()) << last.status();
+  Use(*last, {4});
+}
+
+TEST_F(StagedPrefetcherTest, TheStagerNeedsWeightsOnNvmeAndABlockOfBudget) {
+  Status none = WeightStager::Create(*store_, 0).status();  // the fixture's took every block
+  EXPECT_EQ(none.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(none.message().find("one staging block needs 16384"), std::string_view::npos) << none;
+  std::filesystem::create_directories(root_ + "/pinned");
+  ExpertStoreOptions options;
+  options.layout = {1, 2, 64, DType::kBF16, 0};
+  options.dirs = {root_ + "/pinned"};
+  auto pinned = std::move(ExpertStore::Create(*sim_, *io_, options)).value();
+  EXPECT_EQ(WeightStager::Create(*pinned, 1).status().code(), StatusCode::kFailedPrecondition);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@ struct Arrays {
   explicit Arrays(uint64_t elements, float seed) {
     for (int a = 0; a < 3; ++a) {
       data[a] = static_cast<float*>(std::aligned_alloc(4096, StateArrayBytes(elements)));
+      raw[a] = data[a];
       for (uint64_t i = 0; i < elements; ++i) data[a][i] = seed + a * 1000 + static_cast<float>(i);
     }
   }
@@ -30,6 +31,7 @@ struct Arrays {
   Arrays(const Arrays&) = delete;
   Arrays& operator=(const Arrays&) = delete;
   float* data[3];
+  void* raw[3];  // the same arrays, as the file takes them
 };
 
 class StateFileTest : public ::testing::Test {
@@ -46,6 +48,7 @@ class StateFileTest : public ::testing::Test {
     options_.arrays = 3;
     options_.max_expert_elements = 5000;
     options_.experts = 5;
+    options_.array_names = {"master", "moment 1", "moment 2"};
   }
   void TearDown() override {
     engine_.reset();
@@ -62,7 +65,7 @@ TEST_F(StateFileTest, StoreLoadAndReopenAcrossStripedDirectories) {
     ASSERT_TRUE(file.ok()) << file.status();
     for (uint32_t e = 0; e < 5; ++e) {
       Arrays arrays(1000 + e, static_cast<float>(e));
-      ASSERT_TRUE((*file)->Store(e, arrays.data, 1000 + e, 10 + e).ok());
+      ASSERT_TRUE((*file)->Store(e, arrays.raw, 1000 + e, 10 + e).ok());
     }
   }
   auto file = ExpertStateFile::Open(engine_.get(), options_);
@@ -70,7 +73,7 @@ TEST_F(StateFileTest, StoreLoadAndReopenAcrossStripedDirectories) {
   for (uint32_t e = 0; e < 5; ++e) {
     Arrays expected(1000 + e, static_cast<float>(e)), got(1000 + e, -1.0f);
     uint64_t count = 0;
-    ASSERT_TRUE((*file)->Load(e, got.data, 1000 + e, &count).ok());
+    ASSERT_TRUE((*file)->Load(e, got.raw, 1000 + e, &count).ok());
     EXPECT_EQ(count, 10u + e);
     for (int a = 0; a < 3; ++a)
       ASSERT_EQ(std::memcmp(got.data[a], expected.data[a], (1000 + e) * 4), 0);
@@ -82,7 +85,7 @@ TEST_F(StateFileTest, StoreLoadAndReopenAcrossStripedDirectories) {
 TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   auto file = *ExpertStateFile::Create(engine_.get(), options_);
   Arrays arrays(3000, 1.0f);
-  ASSERT_TRUE(file->Store(2, arrays.data, 3000, 1).ok());
+  ASSERT_TRUE(file->Store(2, arrays.raw, 3000, 1).ok());
   // Flip one bit of the master array of expert 2 (directory a, second slot) on disk.
   const uint64_t master_offset = file->slot_bytes() + 4096;
   const std::string path = root_ + "/a/ecss-states-0.bin";
@@ -97,35 +100,35 @@ TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   }
   Arrays got(3000, 0.0f);
   uint64_t count = 0;
-  Status loaded = file->Load(2, got.data, 3000, &count);
+  Status loaded = file->Load(2, got.raw, 3000, &count);
   EXPECT_EQ(loaded.code(), StatusCode::kDataLoss);
   EXPECT_NE(loaded.message().find("expert 2"), std::string_view::npos) << loaded;
   EXPECT_NE(loaded.message().find("master checksum mismatch"), std::string_view::npos) << loaded;
   // A slot never stored has no header; a wrong element count is refused.
-  EXPECT_NE(file->Load(4, got.data, 3000, &count).message().find("no state header"),
+  EXPECT_NE(file->Load(4, got.raw, 3000, &count).message().find("no state header"),
             std::string_view::npos);
-  ASSERT_TRUE(file->Store(2, arrays.data, 3000, 1).ok());
-  EXPECT_EQ(file->Load(2, got.data, 2999, &count).code(), StatusCode::kDataLoss);
-  EXPECT_EQ(file->Load(7, got.data, 3000, &count).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(file->Load(2, got.data, 6000, &count).code(), StatusCode::kInvalidArgument);
-  EXPECT_TRUE(file->Load(2, got.data, 3000, &count).ok()) << "the store stays usable";
+  ASSERT_TRUE(file->Store(2, arrays.raw, 3000, 1).ok());
+  EXPECT_EQ(file->Load(2, got.raw, 2999, &count).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(file->Load(7, got.raw, 3000, &count).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(file->Load(2, got.raw, 6000, &count).code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(file->Load(2, got.raw, 3000, &count).ok()) << "the store stays usable";
 }
 
 TEST_F(StateFileTest, TornStoreIsDetectedNotUsed) {
   auto file = *ExpertStateFile::Create(engine_.get(), options_);
   Arrays old_states(4096, 1.0f), new_states(4096, 2.0f);
-  ASSERT_TRUE(file->Store(1, old_states.data, 4096, 1).ok());
+  ASSERT_TRUE(file->Store(1, old_states.raw, 4096, 1).ok());
   FaultOptions faults;
   faults.fail_nth = engine_->counters().requests + 1;  // the next request: array 0 of the store
   faults.torn_writes = true;
   engine_->set_options(faults);
-  Status torn = file->Store(1, new_states.data, 4096, 2);
+  Status torn = file->Store(1, new_states.raw, 4096, 2);
   EXPECT_FALSE(torn.ok());
   EXPECT_NE(torn.message().find("storing expert 1"), std::string_view::npos) << torn;
   engine_->set_options(FaultOptions{});
   Arrays got(4096, 0.0f);
   uint64_t count = 0;
-  Status loaded = file->Load(1, got.data, 4096, &count);
+  Status loaded = file->Load(1, got.raw, 4096, &count);
   EXPECT_EQ(loaded.code(), StatusCode::kDataLoss) << "half-new data is never returned as good";
 }
 
@@ -154,6 +157,38 @@ TEST_F(StateFileTest, BadDirectoriesAndFullDisksAreClearErrors) {
     EXPECT_EQ(ExpertStateFile::Create(engine_.get(), read_only).status().code(),
               StatusCode::kPermissionDenied);
   }
+}
+
+TEST_F(StateFileTest, ShadowSlotsKeepThePreviousVersionThroughFailedStores) {
+  options_.shadow = true;
+  options_.element_bytes = 2;  // bf16-sized elements: the layout only cares about bytes
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v1(2000, 1.0f), v2(2000, 2.0f), v3(2000, 3.0f), got(2000, 0.0f);
+  ASSERT_TRUE(file->Store(3, v1.raw, 4000, 1).ok());
+  ASSERT_TRUE(file->Store(3, v2.raw, 4000, 2).ok());
+  uint64_t count = 0;
+  // A torn store and a failed one: each leaves version 2 readable, never a mix.
+  for (bool torn : {true, false}) {
+    FaultOptions faults;
+    faults.fail_nth = engine_->counters().requests + (torn ? 1 : 4);  // an array / the header
+    faults.torn_writes = torn;
+    engine_->set_options(faults);
+    EXPECT_FALSE(file->Store(3, v3.raw, 4000, 3).ok());
+    engine_->set_options(FaultOptions{});
+    ASSERT_TRUE(file->Load(3, got.raw, 4000, &count).ok()) << "torn=" << torn;
+    EXPECT_EQ(count, 2u);
+    for (int a = 0; a < 3; ++a) ASSERT_EQ(std::memcmp(got.data[a], v2.data[a], 8000), 0);
+  }
+  // The store stays usable, and a second handle (as after a reopen) finds the newest version.
+  ASSERT_TRUE(file->Store(3, v3.raw, 4000, 3).ok());
+  auto reopened = *ExpertStateFile::Open(engine_.get(), options_);
+  ASSERT_TRUE(reopened->Load(3, got.raw, 4000, &count).ok());
+  EXPECT_EQ(count, 3u);
+  EXPECT_EQ(std::memcmp(got.data[1], v3.data[1], 8000), 0);
+  ASSERT_TRUE(reopened->Store(3, v1.raw, 4000, 4).ok());
+  ASSERT_TRUE(file->Load(3, got.raw, 4000, &count).ok());
+  EXPECT_EQ(count, 4u);
+  EXPECT_EQ(std::memcmp(got.data[2], v1.data[2], 8000), 0);
 }
 
 }  // namespace

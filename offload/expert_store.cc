@@ -1,0 +1,558 @@
+#include "offload/expert_store.h"
+
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+
+#include "runtime/base/checksum.h"
+#include "runtime/base/file_util.h"
+#include "runtime/base/logging.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+namespace {
+
+constexpr uint32_t kFormat = 1;
+constexpr char kManifestName[] = "ecss-store.manifest";
+constexpr char kManifestMagic[] = "ecss-expert-store";
+constexpr ExpertState kStates[kExpertStates] = {ExpertState::kWeights, ExpertState::kMaster,
+                                                ExpertState::kMoments, ExpertState::kGradient};
+constexpr MemoryTag kTags[kExpertStates] = {MemoryTag::kExpertWeights, MemoryTag::kMasterWeights,
+                                            MemoryTag::kOptimizerMoments, MemoryTag::kGradients};
+constexpr uint64_t kDeviceAlignment = 256;
+
+std::string ManifestPath(const ExpertStoreOptions& options) {
+  return StrCat(options.dirs[0], "/", kManifestName);
+}
+
+uint64_t RoundUp(uint64_t value, uint64_t to) { return (value + to - 1) / to * to; }
+
+// What a manifest says. Its text is one "key value" per line, then "crc <hex>" of the rest.
+struct Manifest {
+  uint32_t format = 0;
+  ExpertStoreLayout layout;
+  uint32_t dirs = 0;
+  std::array<Tier, kExpertStates> placement{};
+  bool closed = false;
+};
+
+std::string FormatManifest(const Manifest& m) {
+  std::string text =
+      StrCat(kManifestMagic, "\nformat ", m.format, "\nlayers ", m.layout.layers,
+             "\nexperts_per_layer ", m.layout.experts_per_layer, "\nparams_per_expert ",
+             m.layout.params_per_expert, "\nweights_dtype ", DTypeName(m.layout.weights_dtype),
+             "\nmoments ", m.layout.moments, "\ndirs ", m.dirs, "\nplacement");
+  for (ExpertState state : kStates) {
+    text +=
+        StrCat(" ", ExpertStateName(state), "=", TierName(m.placement[static_cast<int>(state)]));
+  }
+  text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
+  char crc[16];
+  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
+  return StrCat(text, "crc ", crc, "\n");
+}
+
+StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& text) {
+  const size_t crc_at = text.rfind("crc ");
+  const Status damaged = DataLossError(StrCat("expert store manifest '", path, "' is damaged"));
+  if (text.rfind(kManifestMagic, 0) != 0) {
+    return DataLossError(StrCat("'", path, "' is not an expert store manifest"));
+  }
+  if (crc_at == std::string::npos) return damaged;
+  char crc[16];
+  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), crc_at));
+  if (text.compare(crc_at + 4, 8, crc) != 0) return damaged.Annotate("checksum mismatch");
+  Manifest m;
+  std::istringstream in(text.substr(0, crc_at));
+  std::string line;
+  std::getline(in, line);  // the magic
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    fields >> key;
+    if (key == "format") {
+      fields >> m.format;
+    } else if (key == "layers") {
+      fields >> m.layout.layers;
+    } else if (key == "experts_per_layer") {
+      fields >> m.layout.experts_per_layer;
+    } else if (key == "params_per_expert") {
+      fields >> m.layout.params_per_expert;
+    } else if (key == "weights_dtype") {
+      std::string name;
+      fields >> name;
+      ECSS_ASSIGN_OR_RETURN(m.layout.weights_dtype, ParseDType(name));
+    } else if (key == "moments") {
+      fields >> m.layout.moments;
+    } else if (key == "dirs") {
+      fields >> m.dirs;
+    } else if (key == "placement") {
+      std::string entry;
+      for (ExpertState state : kStates) {
+        fields >> entry;
+        const std::string prefix = StrCat(ExpertStateName(state), "=");
+        if (entry.rfind(prefix, 0) != 0) return damaged.Annotate(StrCat("placement: ", entry));
+        ECSS_ASSIGN_OR_RETURN(m.placement[static_cast<int>(state)],
+                              ParseTier(entry.substr(prefix.size())));
+      }
+    } else if (key == "state") {
+      std::string value;
+      fields >> value;
+      m.closed = value == "closed";
+    }
+    if (fields.fail()) return damaged.Annotate(StrCat("line '", line, "'"));
+  }
+  return m;
+}
+
+Status CheckDirectory(const std::string& dir) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(dir, error)) {
+    return NotFoundError(StrCat("expert store directory '", dir, "' does not exist"));
+  }
+  if (::access(dir.c_str(), W_OK) != 0) {
+    return PermissionDeniedError(StrCat("expert store directory '", dir, "' is not writable"));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::string_view ExpertStateName(ExpertState state) {
+  switch (state) {
+    case ExpertState::kWeights:
+      return "weights";
+    case ExpertState::kMaster:
+      return "master";
+    case ExpertState::kMoments:
+      return "moments";
+    case ExpertState::kGradient:
+      return "gradient";
+  }
+  return "?";
+}
+
+std::string_view TierName(Tier tier) {
+  switch (tier) {
+    case Tier::kDevice:
+      return "device";
+    case Tier::kPinned:
+      return "pinned";
+    case Tier::kNvme:
+      return "nvme";
+  }
+  return "?";
+}
+
+StatusOr<Tier> ParseTier(std::string_view name) {
+  for (Tier tier : {Tier::kDevice, Tier::kPinned, Tier::kNvme}) {
+    if (TierName(tier) == name) return tier;
+  }
+  return InvalidArgumentError(StrCat("unknown tier '", name, "' (device, pinned or nvme)"));
+}
+
+uint64_t ExpertStore::StateBytes(ExpertState state) const {
+  const ExpertStoreLayout& l = options_.layout;
+  switch (state) {
+    case ExpertState::kWeights:
+      return l.params_per_expert * DTypeSize(l.weights_dtype);
+    case ExpertState::kMoments:
+      return l.params_per_expert * 4 * l.moments;
+    case ExpertState::kMaster:
+    case ExpertState::kGradient:
+      return l.params_per_expert * 4;
+  }
+  return 0;
+}
+
+bool ExpertStore::HasState(ExpertState state) const { return StateBytes(state) > 0; }
+
+Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& options) {
+  const ExpertStoreLayout& l = options.layout;
+  if (l.layers == 0 || l.experts_per_layer == 0 || l.params_per_expert == 0) {
+    return InvalidArgumentError(
+        "expert store needs layers, experts_per_layer and "
+        "params_per_expert > 0");
+  }
+  if (l.weights_dtype != DType::kBF16 && l.weights_dtype != DType::kF32) {
+    return InvalidArgumentError(
+        StrCat("expert store: compute weights are bf16 or f32, not ", DTypeName(l.weights_dtype)));
+  }
+  if (uint64_t{l.layers} * l.experts_per_layer > UINT32_MAX) {
+    return InvalidArgumentError("expert store: more than 2^32 experts");
+  }
+  if (options.dirs.empty()) return InvalidArgumentError("expert store needs a directory");
+  for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(CheckDirectory(dir));
+  if (options.device_budget_bytes > backend.device_memory().capacity_bytes()) {
+    return InvalidArgumentError(StrCat(
+        "expert store: device budget ", HumanBytes(options.device_budget_bytes),
+        " is more than the device's ", HumanBytes(backend.device_memory().capacity_bytes())));
+  }
+  return Status::Ok();
+}
+
+StateFileOptions ExpertStore::FileOptions(ExpertState state) const {
+  StateFileOptions file;
+  file.dirs = options_.dirs;
+  file.arrays = 1;
+  file.element_bytes = state == ExpertState::kWeights
+                           ? static_cast<uint32_t>(DTypeSize(options_.layout.weights_dtype))
+                           : 4;
+  file.max_expert_elements = StateBytes(state) / file.element_bytes;
+  file.experts = experts();
+  file.name = StrCat("ecss-store-", ExpertStateName(state));
+  file.shadow = true;
+  file.array_names = {std::string(ExpertStateName(state))};
+  return file;
+}
+
+// Budgets first (nothing touched yet), then the memory of the device and pinned tiers.
+Status ExpertStore::Allocate() {
+  uint64_t device_one = 0, pinned_one = 0, staging = 0;
+  for (ExpertState state : kStates) {
+    if (!HasState(state)) continue;
+    staging = std::max(staging, BlockBytes(state));
+    if (placement(state) == Tier::kDevice)
+      device_one += RoundUp(StateBytes(state), kDeviceAlignment);
+    if (placement(state) == Tier::kPinned) pinned_one += BlockBytes(state);
+  }
+  const uint64_t n = experts();
+  auto refuse = [&](std::string_view tier, uint64_t budget, uint64_t one, uint64_t fixed) {
+    return ResourceExhaustedError(StrCat(
+        "expert store: the ", tier, " budget (", HumanBytes(budget), ", ", budget, " bytes) ",
+        budget < one + fixed ? "holds no expert" : "cannot hold every expert", ": one expert's ",
+        tier, " states need ", one, " bytes, all ", n, " experts ", one * n + fixed, " bytes"));
+  };
+  if (device_one * n > options_.device_budget_bytes) {
+    return refuse("device", options_.device_budget_bytes, device_one, 0);
+  }
+  const uint64_t pinned_needed = pinned_one * n + staging;
+  if (options_.pinned_budget_bytes == 0) options_.pinned_budget_bytes = pinned_needed;
+  if (pinned_needed > options_.pinned_budget_bytes) {
+    return refuse("pinned", options_.pinned_budget_bytes, pinned_one, staging);
+  }
+  PinnedPoolOptions pool;
+  pool.name = "expert store";
+  pool.capacity_bytes = options_.pinned_budget_bytes;
+  ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool));
+  ECSS_ASSIGN_OR_RETURN(staging_, pinned_->Allocate(staging, MemoryTag::kStaging));
+  for (ExpertState state : kStates) {
+    if (!HasState(state) || placement(state) == Tier::kNvme) continue;
+    Region& region = regions_[Index(state)];
+    const bool device = placement(state) == Tier::kDevice;
+    region.stride = device ? RoundUp(StateBytes(state), kDeviceAlignment) : BlockBytes(state);
+    Allocator& memory = device ? backend_.device_memory() : static_cast<Allocator&>(*pinned_);
+    ECSS_ASSIGN_OR_RETURN(region.memory, memory.Allocate(region.stride * n, kTags[Index(state)]));
+    if (device) {
+      ECSS_RETURN_IF_ERROR(
+          backend_.MemsetAsync(stream_.get(), region.memory.data(), 0, region.memory.size()));
+    } else {
+      std::memset(region.memory.data(), 0, region.memory.size());
+    }
+  }
+  return backend_.SynchronizeStream(stream_.get());
+}
+
+Status ExpertStore::OpenFiles(bool create) {
+  for (ExpertState state : kStates) {
+    if (!HasState(state)) continue;
+    StateFileOptions file = FileOptions(state);
+    auto opened = create ? ExpertStateFile::Create(&io_, file) : ExpertStateFile::Open(&io_, file);
+    if (!opened.ok()) {
+      return opened.status().Annotate(StrCat("expert store ", ExpertStateName(state), " file"));
+    }
+    files_[Index(state)] = std::move(*opened);
+  }
+  return Status::Ok();
+}
+
+Status ExpertStore::WriteManifest(bool closed) {
+  Manifest m;
+  m.format = kFormat;
+  m.layout = options_.layout;
+  m.dirs = static_cast<uint32_t>(options_.dirs.size());
+  m.placement = options_.placement;
+  m.closed = closed;
+  return WriteFileAtomically(ManifestPath(options_), FormatManifest(m))
+      .Annotate("writing the expert store manifest");
+}
+
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend, IoEngine& io,
+                                                           const ExpertStoreOptions& options) {
+  ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
+  std::error_code error;
+  if (std::filesystem::exists(ManifestPath(options), error)) {
+    return AlreadyExistsError(
+        StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
+  }
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, io, options));
+  ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
+  ECSS_RETURN_IF_ERROR(store->Allocate());
+  // From here on files exist: remove them when creation fails.
+  auto made = [&] {
+    Status status = store->OpenFiles(/*create=*/true);
+    if (!status.ok()) return status;
+    // Every state of every expert starts as zeros with a valid header, so that any expert can
+    // be read (and a tier change at Open finds every expert) before the caller wrote it.
+    std::memset(store->staging_.data(), 0, store->staging_.size());
+    for (ExpertState state : kStates) {
+      if (!store->HasState(state)) continue;
+      for (uint32_t id = 0; id < store->experts(); ++id) {
+        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, id, store->staging_.data()));
+      }
+      ECSS_RETURN_IF_ERROR(store->files_[Index(state)]->Sync());
+    }
+    return store->WriteManifest(/*closed=*/false);
+  }();
+  if (!made.ok()) {
+    store->closed_ = true;  // nothing to flush
+    for (auto& file : store->files_) file.reset();
+    for (ExpertState state : kStates) {
+      for (size_t d = 0; d < options.dirs.size(); ++d) {
+        std::filesystem::remove(
+            StrCat(options.dirs[d], "/ecss-store-", ExpertStateName(state), "-", d, ".bin"), error);
+      }
+    }
+    return made;
+  }
+  return store;
+}
+
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend, IoEngine& io,
+                                                         const ExpertStoreOptions& options) {
+  ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
+  const std::string path = ManifestPath(options);
+  std::error_code error;
+  if (!std::filesystem::exists(path, error)) {
+    return NotFoundError(
+        StrCat("no expert store in '", options.dirs[0], "' (no ", kManifestName, ")"));
+  }
+  ECSS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  ECSS_ASSIGN_OR_RETURN(Manifest m, ParseManifest(path, text));
+  if (m.format != kFormat) {
+    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
+                                          "' has format version ", m.format,
+                                          "; this build reads version ", kFormat));
+  }
+  const ExpertStoreLayout& want = options.layout;
+  auto differs = [&](std::string_view field, auto stored, auto expected) {
+    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
+                                          "' was made for another model: ", field, " ", stored,
+                                          " there, ", expected, " here"));
+  };
+  if (m.layout.layers != want.layers) return differs("layers", m.layout.layers, want.layers);
+  if (m.layout.experts_per_layer != want.experts_per_layer) {
+    return differs("experts_per_layer", m.layout.experts_per_layer, want.experts_per_layer);
+  }
+  if (m.layout.params_per_expert != want.params_per_expert) {
+    return differs("params_per_expert", m.layout.params_per_expert, want.params_per_expert);
+  }
+  if (m.layout.weights_dtype != want.weights_dtype) {
+    return differs("weights_dtype", DTypeName(m.layout.weights_dtype),
+                   DTypeName(want.weights_dtype));
+  }
+  if (m.layout.moments != want.moments) return differs("moments", m.layout.moments, want.moments);
+  if (m.dirs != options.dirs.size()) return differs("directories", m.dirs, options.dirs.size());
+  if (!m.closed) {
+    std::string lost;
+    for (ExpertState state : kStates) {
+      const bool exists = state != ExpertState::kMoments || m.layout.moments > 0;
+      if (exists && m.placement[static_cast<int>(state)] != Tier::kNvme) {
+        lost += StrCat(lost.empty() ? "" : ", ", ExpertStateName(state), " (",
+                       TierName(m.placement[static_cast<int>(state)]), ")");
+      }
+    }
+    if (!lost.empty()) {
+      return DataLossError(StrCat("expert store in '", options.dirs[0],
+                                  "' was not closed; these states lived in memory and their "
+                                  "latest values are lost: ",
+                                  lost));
+    }
+  }
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, io, options));
+  ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
+  auto opened = [&] {
+    ECSS_RETURN_IF_ERROR(store->Allocate());
+    ECSS_RETURN_IF_ERROR(store->OpenFiles(/*create=*/false));
+    for (ExpertState state : kStates) ECSS_RETURN_IF_ERROR(store->LoadTier(state));
+    return store->WriteManifest(/*closed=*/false);
+  }();
+  if (!opened.ok()) {
+    store->closed_ = true;  // the files are as they were: nothing to flush
+    return opened;
+  }
+  return store;
+}
+
+ExpertStore::~ExpertStore() {
+  if (closed_) return;
+  Status closed = Close();
+  if (!closed.ok()) ECSS_LOG(Error) << "closing the expert store: " << closed;
+}
+
+std::string ExpertStore::Name(ExpertState state, uint32_t layer, uint32_t expert) const {
+  return StrCat("layer ", layer, " expert ", expert, " ", ExpertStateName(state));
+}
+
+Status ExpertStore::Check(ExpertState state, uint32_t layer, uint32_t expert) const {
+  if (closed_) return FailedPreconditionError("the expert store is closed");
+  if (static_cast<size_t>(state) >= kExpertStates || !HasState(state)) {
+    return InvalidArgumentError(StrCat("this expert store has no state ", static_cast<int>(state),
+                                       " (", ExpertStateName(state), ")"));
+  }
+  if (layer >= options_.layout.layers || expert >= options_.layout.experts_per_layer) {
+    return InvalidArgumentError(StrCat("expert store: no layer ", layer, " expert ", expert, " (",
+                                       options_.layout.layers, " layers of ",
+                                       options_.layout.experts_per_layer, " experts)"));
+  }
+  return Status::Ok();
+}
+
+void* ExpertStore::MemoryOf(ExpertState state, uint32_t id) const {
+  const Region& region = regions_[Index(state)];
+  return static_cast<char*>(region.memory.data()) + id * region.stride;
+}
+
+Status ExpertStore::StoreToFile(ExpertState state, uint32_t id, const void* block) {
+  const void* arrays[1] = {block};
+  return files_[Index(state)]->Store(id, arrays,
+                                     StateBytes(state) / FileOptions(state).element_bytes, 0);
+}
+
+Status ExpertStore::LoadFromFile(ExpertState state, uint32_t id, void* block) {
+  void* arrays[1] = {block};
+  uint64_t updates = 0;
+  return files_[Index(state)]->Load(id, arrays,
+                                    StateBytes(state) / FileOptions(state).element_bytes, &updates);
+}
+
+Status ExpertStore::LoadTier(ExpertState state) {
+  if (!HasState(state) || placement(state) == Tier::kNvme) return Status::Ok();
+  const uint32_t per_layer = options_.layout.experts_per_layer;
+  for (uint32_t id = 0; id < experts(); ++id) {
+    const bool device = placement(state) == Tier::kDevice;
+    void* block = device ? staging_.data() : MemoryOf(state, id);
+    Status loaded = LoadFromFile(state, id, block);
+    if (!loaded.ok()) return loaded.Annotate(Name(state, id / per_layer, id % per_layer));
+    if (device) {
+      ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, id), block,
+                                              StateBytes(state), CopyKind::kHostToDevice));
+      ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
+    }
+  }
+  return Status::Ok();
+}
+
+Status ExpertStore::Write(ExpertState state, uint32_t layer, uint32_t expert, const void* src) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+  const uint32_t id = Id(layer, expert);
+  const uint64_t bytes = StateBytes(state);
+  Status written;
+  switch (placement(state)) {
+    case Tier::kDevice:
+      written = backend_.CopyAsync(stream_.get(), MemoryOf(state, id), src, bytes,
+                                   CopyKind::kHostToDevice);
+      if (written.ok()) written = backend_.SynchronizeStream(stream_.get());
+      break;
+    case Tier::kPinned:
+      std::memcpy(MemoryOf(state, id), src, bytes);
+      break;
+    case Tier::kNvme:
+      std::memcpy(staging_.data(), src, bytes);
+      std::memset(static_cast<char*>(staging_.data()) + bytes, 0, BlockBytes(state) - bytes);
+      written = StoreToFile(state, id, staging_.data());
+      break;
+  }
+  return written.Annotate(StrCat("writing ", Name(state, layer, expert)));
+}
+
+Status ExpertStore::Read(ExpertState state, uint32_t layer, uint32_t expert, void* dst) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+  const uint32_t id = Id(layer, expert);
+  const uint64_t bytes = StateBytes(state);
+  Status read;
+  switch (placement(state)) {
+    case Tier::kDevice:
+      read = backend_.CopyAsync(stream_.get(), dst, MemoryOf(state, id), bytes,
+                                CopyKind::kDeviceToHost);
+      if (read.ok()) read = backend_.SynchronizeStream(stream_.get());
+      break;
+    case Tier::kPinned:
+      std::memcpy(dst, MemoryOf(state, id), bytes);
+      break;
+    case Tier::kNvme:
+      read = LoadFromFile(state, id, staging_.data());
+      if (read.ok()) std::memcpy(dst, staging_.data(), bytes);
+      break;
+  }
+  return read.Annotate(StrCat("reading ", Name(state, layer, expert)));
+}
+
+Status ExpertStore::ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block) {
+  if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
+    return InvalidArgumentError("ExpertStore::ReadBlock needs a 4 KiB-aligned block");
+  }
+  if (placement(state) != Tier::kNvme) return Read(state, layer, expert, block);
+  std::lock_guard<std::mutex> lock(mutex_);
+  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+  return LoadFromFile(state, Id(layer, expert), block)
+      .Annotate(StrCat("reading ", Name(state, layer, expert)));
+}
+
+StatusOr<void*> ExpertStore::Resident(ExpertState state, uint32_t layer, uint32_t expert) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+  if (placement(state) == Tier::kNvme) {
+    return FailedPreconditionError(
+        StrCat(Name(state, layer, expert), " lives on NVMe: it has no resident copy"));
+  }
+  return MemoryOf(state, Id(layer, expert));
+}
+
+Status ExpertStore::FlushLocked() {
+  const uint32_t per_layer = options_.layout.experts_per_layer;
+  for (ExpertState state : kStates) {
+    if (!HasState(state)) continue;
+    const Tier tier = placement(state);
+    for (uint32_t id = 0; id < experts() && tier != Tier::kNvme; ++id) {
+      const void* block = MemoryOf(state, id);
+      if (tier == Tier::kDevice) {
+        ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), staging_.data(), block,
+                                                StateBytes(state), CopyKind::kDeviceToHost));
+        ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
+        block = staging_.data();
+      }
+      Status stored = StoreToFile(state, id, block);
+      if (!stored.ok()) {
+        return stored.Annotate(StrCat("flushing ", Name(state, id / per_layer, id % per_layer)));
+      }
+    }
+    ECSS_RETURN_IF_ERROR(files_[Index(state)]->Sync());
+  }
+  return Status::Ok();
+}
+
+Status ExpertStore::Flush() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) return FailedPreconditionError("the expert store is closed");
+  return FlushLocked();
+}
+
+Status ExpertStore::Close() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (closed_) return FailedPreconditionError("the expert store is closed");
+  ECSS_RETURN_IF_ERROR(FlushLocked());
+  ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/true));
+  closed_ = true;
+  for (auto& file : files_) file.reset();
+  for (Region& region : regions_) region.memory.Reset();
+  staging_.Reset();
+  return Status::Ok();
+}
+
+}  // namespace ecss

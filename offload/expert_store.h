@@ -1,0 +1,150 @@
+// ExpertStore: every expert's states, each on the tier the configuration places it on.
+//
+// An expert has four states (DESIGN.md section 6): compute weights (bf16 or fp32), fp32
+// master weights, fp32 optimizer moments (`moments` arrays of the expert's size, AdamW: 2)
+// and an fp32 gradient accumulator. Each state is placed on one tier for all experts:
+//   device  one region of the backend's device memory, within device_budget_bytes;
+//   pinned  one region of a pinned host pool, within pinned_budget_bytes;
+//   nvme    an ExpertStateFile (offload/state_file.h) striped over `dirs`.
+// Every state also has its file in `dirs` (DIR/ecss-store-<state>-<i>.bin), with two shadow
+// slots per expert and a CRC-32C per block verified on every read: for an nvme state it is the
+// state's home; for a device or pinned state it is where Flush and Close put it, and where
+// Open takes it from. So a store can be closed and reopened as a whole, with the same or
+// another placement, and a failed or torn write never destroys the previous version.
+//
+// The manifest (DIR0/ecss-store.manifest, replaced atomically) names the format version, the
+// model's layout and whether the store was closed. Open refuses, before writing anything:
+// a directory without a store (NotFound), another format version or model (FailedPrecondition
+// naming both values), a damaged manifest (DataLoss), and a store that was not closed while
+// some of its states lived only in memory (DataLoss naming them; nvme states never need it).
+// Create refuses a directory that already holds a store (AlreadyExists) and budgets that
+// cannot hold the placement (ResourceExhausted naming the bytes one expert and all experts
+// need), before touching the disk. Missing or read-only directories are NotFound /
+// PermissionDenied; a disk too small is ResourceExhausted at Create (space is reserved and
+// every state zero-initialised there), and the files Create made are removed again.
+//
+// Errors of a read or write name the layer, the expert and the state. The store stays usable
+// after one. Thread-safe: concurrent reads and writes are serialised by one lock (they share
+// the staging block and the device copy stream).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "offload/io/io_engine.h"
+#include "offload/state_file.h"
+#include "runtime/base/dtype.h"
+#include "runtime/device/backend.h"
+#include "runtime/device/pinned_pool.h"
+
+namespace ecss {
+
+enum class ExpertState : uint8_t { kWeights, kMaster, kMoments, kGradient };
+inline constexpr int kExpertStates = 4;
+std::string_view ExpertStateName(ExpertState state);  // "weights", "master", ...
+
+enum class Tier : uint8_t { kDevice, kPinned, kNvme };
+std::string_view TierName(Tier tier);  // "device", "pinned", "nvme"
+StatusOr<Tier> ParseTier(std::string_view name);
+
+// What identifies a model's experts; a store opens only for the layout it was made for.
+struct ExpertStoreLayout {
+  uint32_t layers = 0;
+  uint32_t experts_per_layer = 0;
+  uint64_t params_per_expert = 0;
+  DType weights_dtype = DType::kBF16;  // bf16 or f32
+  uint32_t moments = 2;                // fp32 moment arrays per expert (0: no moments state)
+};
+
+struct ExpertStoreOptions {
+  ExpertStoreLayout layout;
+  // Tier of each state, indexed by ExpertState.
+  std::array<Tier, kExpertStates> placement = {Tier::kPinned, Tier::kPinned, Tier::kPinned,
+                                               Tier::kPinned};
+  std::vector<std::string> dirs;     // one or more existing directories (striped, like drives)
+  uint64_t device_budget_bytes = 0;  // device-tier states; at most the backend's memory
+  // Pinned-tier states plus one staging block (the largest state of one expert), plus what
+  // users of pinned_pool() carve out (the weight stager's slots). 0 = exactly the store's own.
+  uint64_t pinned_budget_bytes = 0;
+};
+
+class ExpertStore {
+ public:
+  static StatusOr<std::unique_ptr<ExpertStore>> Create(Backend& backend, IoEngine& io,
+                                                       const ExpertStoreOptions& options);
+  // Opens the store in options.dirs; options.layout must be the one it was made with;
+  // options.placement may differ (states move tiers at open).
+  static StatusOr<std::unique_ptr<ExpertStore>> Open(Backend& backend, IoEngine& io,
+                                                     const ExpertStoreOptions& options);
+  // Closes the store if Close was not called (logging an error Close returns).
+  ~ExpertStore();
+
+  // Writes durably every state held in memory (each expert into its file's shadow slot, then
+  // fdatasync of every file).
+  Status Flush();
+  // Flush, then the manifest records a clean close. Nothing else may be called afterwards.
+  Status Close();
+
+  // One expert's state from / to host memory (any alignment): StateBytes(state) bytes.
+  Status Write(ExpertState state, uint32_t layer, uint32_t expert, const void* src);
+  Status Read(ExpertState state, uint32_t layer, uint32_t expert, void* dst);
+  // As Read into a 4 KiB-aligned host block of BlockBytes(state): an nvme state is read
+  // straight into it, without the staging copy (the weight stager's path).
+  Status ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block);
+  // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
+  // stays valid until Close; the caller orders its accesses against Write.
+  StatusOr<void*> Resident(ExpertState state, uint32_t layer, uint32_t expert);
+
+  uint64_t StateBytes(ExpertState state) const;
+  uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
+  Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
+  const ExpertStoreLayout& layout() const { return options_.layout; }
+  // The pool the pinned tier lives in; what is left of its budget is for the caller.
+  PinnedHostPool& pinned_pool() { return *pinned_; }
+  Backend& backend() { return backend_; }
+
+ private:
+  struct Region {  // one memory-tier state of every expert
+    Buffer memory;
+    uint64_t stride = 0;
+  };
+  ExpertStore(Backend& backend, IoEngine& io, const ExpertStoreOptions& options)
+      : backend_(backend), io_(io), options_(options) {}
+  static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
+  static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
+  StateFileOptions FileOptions(ExpertState state) const;
+  bool HasState(ExpertState state) const;
+  Status Allocate();
+  Status OpenFiles(bool create);
+  Status WriteManifest(bool closed);
+  Status Check(ExpertState state, uint32_t layer, uint32_t expert) const;
+  std::string Name(ExpertState state, uint32_t layer, uint32_t expert) const;
+  uint32_t Id(uint32_t layer, uint32_t expert) const {
+    return layer * options_.layout.experts_per_layer + expert;
+  }
+  uint32_t experts() const { return options_.layout.layers * options_.layout.experts_per_layer; }
+  void* MemoryOf(ExpertState state, uint32_t id) const;
+  // Moves one expert's state between its file and memory (through staging for the device).
+  Status StoreToFile(ExpertState state, uint32_t id, const void* block);
+  Status LoadFromFile(ExpertState state, uint32_t id, void* block);
+  Status LoadTier(ExpertState state);
+  Status FlushLocked();
+
+  Backend& backend_;
+  IoEngine& io_;
+  ExpertStoreOptions options_;
+  std::mutex mutex_;
+  bool closed_ = false;
+  std::unique_ptr<PinnedHostPool> pinned_;
+  Buffer staging_;  // one block of the largest state
+  OwnedStream stream_;
+  std::array<Region, kExpertStates> regions_;
+  std::array<std::unique_ptr<ExpertStateFile>, kExpertStates> files_;
+};
+
+}  // namespace ecss

@@ -1,0 +1,380 @@
+#include "offload/expert_store.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "offload/io/io_engines.h"
+#include "runtime/base/checksum.h"
+#include "runtime/device/sim/sim_backend.h"
+
+namespace ecss {
+namespace {
+
+constexpr ExpertState kAll[] = {ExpertState::kWeights, ExpertState::kMaster, ExpertState::kMoments,
+                                ExpertState::kGradient};
+
+bool Contains(const Status& status, std::string_view text) {
+  return status.message().find(text) != std::string_view::npos;
+}
+
+class ExpertStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = ::testing::TempDir() + "/ecss_store_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(root_);
+    std::filesystem::create_directories(root_ + "/a");
+    std::filesystem::create_directories(root_ + "/b");
+    SimOptions sim;
+    sim.device_memory_bytes = 1 << 20;
+    sim_ = std::move(SimBackend::Create(sim)).value();
+    IoEngineOptions io;
+    io.queue_depth = 8;
+    io_ = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), FaultOptions{});
+    options_.layout = {2, 3, 1000, DType::kBF16, 2};
+    options_.placement = {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kPinned};
+    options_.dirs = {root_ + "/a", root_ + "/b"};
+    options_.device_budget_bytes = 64 << 10;
+  }
+  void TearDown() override {
+    io_.reset();
+    std::filesystem::remove_all(root_);
+  }
+
+  // The bytes a test writes for (state, layer, expert, version): every value distinct.
+  std::vector<uint8_t> Pattern(const ExpertStore& store, ExpertState state, uint32_t layer,
+                               uint32_t expert, uint32_t version) const {
+    std::vector<uint8_t> bytes(store.StateBytes(state));
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      bytes[i] = static_cast<uint8_t>(i * 7 + static_cast<int>(state) * 31 + layer * 13 +
+                                      expert * 5 + version * 101);
+    }
+    return bytes;
+  }
+  void WriteAll(ExpertStore& store, uint32_t version) {
+    for (ExpertState state : kAll) {
+      for (uint32_t l = 0; l < 2; ++l) {
+        for (uint32_t e = 0; e < 3; ++e) {
+          std::vector<uint8_t> bytes = Pattern(store, state, l, e, version);
+          ASSERT_TRUE(store.Write(state, l, e, bytes.data()).ok());
+        }
+      }
+    }
+  }
+  void ExpectAll(ExpertStore& store, uint32_t version) {
+    for (ExpertState state : kAll) {
+      for (uint32_t l = 0; l < 2; ++l) {
+        for (uint32_t e = 0; e < 3; ++e) {
+          std::vector<uint8_t> got(store.StateBytes(state));
+          Status read = store.Read(state, l, e, got.data());
+          ASSERT_TRUE(read.ok()) << read;
+          ASSERT_EQ(got, Pattern(store, state, l, e, version))
+              << ExpertStateName(state) << " layer " << l << " expert " << e;
+        }
+      }
+    }
+  }
+  std::string ManifestText() const {
+    std::ifstream in(root_ + "/a/ecss-store.manifest");
+    std::stringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+  // Replaces `from` with `to` in the manifest and seals it with a valid checksum again.
+  void RewriteManifest(const std::string& from, const std::string& to) {
+    std::string text = ManifestText();
+    text = text.substr(0, text.rfind("crc "));
+    text.replace(text.find(from), from.size(), to);
+    char crc[16];
+    std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
+    std::ofstream(root_ + "/a/ecss-store.manifest") << text << "crc " << crc << "\n";
+  }
+
+  std::string root_;
+  std::unique_ptr<SimBackend> sim_;
+  std::unique_ptr<FaultInjectionIoEngine> io_;
+  ExpertStoreOptions options_;
+};
+
+TEST_F(ExpertStoreTest, EveryTierRoundTripsAndReopensWithAnyPlacement) {
+  {
+    auto store = ExpertStore::Create(*sim_, *io_, options_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    EXPECT_EQ((*store)->StateBytes(ExpertState::kWeights), 2000u);
+    EXPECT_EQ((*store)->StateBytes(ExpertState::kMoments), 8000u);
+    // A fresh store reads as zeros everywhere.
+    std::vector<uint8_t> got((*store)->StateBytes(ExpertState::kMoments), 1);
+    ASSERT_TRUE((*store)->Read(ExpertState::kMoments, 1, 2, got.data()).ok());
+    EXPECT_EQ(got, std::vector<uint8_t>(got.size(), 0));
+    WriteAll(**store, 1);
+    ExpectAll(**store, 1);
+    auto device = (*store)->Resident(ExpertState::kWeights, 1, 1);
+    ASSERT_TRUE(device.ok());
+    EXPECT_TRUE(sim_->device_memory().ContainsAddress(*device));
+    EXPECT_EQ((*store)->Resident(ExpertState::kMoments, 0, 0).status().code(),
+              StatusCode::kFailedPrecondition);
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/b/ecss-store-weights-1.bin"));
+  // Every state moves tier at reopen and is found as it was written.
+  for (auto placement :
+       {std::array<Tier, 4>{Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme},
+        std::array<Tier, 4>{Tier::kPinned, Tier::kDevice, Tier::kPinned, Tier::kDevice}}) {
+    options_.placement = placement;
+    auto store = ExpertStore::Open(*sim_, *io_, options_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    ExpectAll(**store, 1);
+    ASSERT_TRUE((*store)->Close().ok());
+  }
+  EXPECT_NE(ManifestText().find("state closed"), std::string::npos);
+}
+
+TEST_F(ExpertStoreTest, InjectedFaultsNameTheExpertAndStateAndNeverCorrupt) {
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kPinned};
+  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  WriteAll(*store, 1);
+  std::vector<uint8_t> got(store->StateBytes(ExpertState::kMaster));
+  // A failed write (EIO on its array; a torn one; EIO on its header): the previous version
+  // stays readable.
+  const std::vector<uint8_t> v2 = Pattern(*store, ExpertState::kMaster, 1, 2, 2);
+  for (int mode = 0; mode < 3; ++mode) {
+    FaultOptions faults;
+    faults.fail_nth = io_->counters().requests + (mode == 2 ? 2 : 1);
+    faults.torn_writes = mode == 1;
+    io_->set_options(faults);
+    Status written = store->Write(ExpertState::kMaster, 1, 2, v2.data());
+    io_->set_options(FaultOptions{});
+    EXPECT_FALSE(written.ok());
+    EXPECT_TRUE(Contains(written, "layer 1 expert 2 master")) << written;
+    ASSERT_TRUE(store->Read(ExpertState::kMaster, 1, 2, got.data()).ok());
+    EXPECT_EQ(got, Pattern(*store, ExpertState::kMaster, 1, 2, 1)) << "mode " << mode;
+  }
+  // A failed read names what it read; the store stays usable.
+  FaultOptions faults;
+  faults.fail_nth = io_->counters().requests + 1;
+  io_->set_options(faults);
+  Status read = store->Read(ExpertState::kWeights, 0, 1, got.data());
+  EXPECT_FALSE(read.ok());
+  EXPECT_TRUE(Contains(read, "layer 0 expert 1 weights")) << read;
+  io_->set_options(FaultOptions{});
+  ASSERT_TRUE(store->Write(ExpertState::kMaster, 1, 2, v2.data()).ok());
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, 1, 2, got.data()).ok());
+  EXPECT_EQ(got, v2);
+  // Random failures and split reads: every operation either succeeds with the right bytes or
+  // fails with an error; a reader never sees another version's bytes.
+  faults = FaultOptions{};
+  faults.fail_one_in = 5;
+  faults.split_reads = true;
+  faults.torn_writes = true;
+  faults.seed = 7;
+  io_->set_options(faults);
+  std::vector<uint32_t> version(6, 1);  // of each (layer, expert)'s moments, as last written
+  uint32_t failures = 0;
+  for (uint32_t round = 0; round < 60; ++round) {
+    const uint32_t l = round % 2, e = (round / 2) % 3, key = l * 3 + e;
+    const uint32_t next = version[key] + 1;
+    std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMoments, l, e, next);
+    if (store->Write(ExpertState::kMoments, l, e, bytes.data()).ok()) {
+      version[key] = next;
+    } else {
+      ++failures;
+    }
+    std::vector<uint8_t> seen(store->StateBytes(ExpertState::kMoments));
+    Status status = store->Read(ExpertState::kMoments, l, e, seen.data());
+    if (status.ok()) {
+      EXPECT_EQ(seen, Pattern(*store, ExpertState::kMoments, l, e, version[key])) << round;
+    } else {
+      ++failures;
+      EXPECT_TRUE(Contains(status, "moments")) << status;
+    }
+  }
+  io_->set_options(FaultOptions{});
+  EXPECT_GT(failures, 0u);
+  EXPECT_GT(io_->counters().torn_writes, 0u);
+}
+
+TEST_F(ExpertStoreTest, CorruptionOnDiskIsDataLossNamingLayerExpertAndState) {
+  options_.placement = {Tier::kPinned, Tier::kPinned, Tier::kNvme, Tier::kPinned};
+  options_.dirs = {root_ + "/a"};
+  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMoments, 0, 1, 3);
+  ASSERT_TRUE(store->Write(ExpertState::kMoments, 0, 1, bytes.data()).ok());
+  // Expert 1's slots start after expert 0's two; the newest version is in its second slot
+  // (the zeros written at creation are in the first).
+  const uint64_t slot = 4096 + StateBlockBytes(8000);
+  const uint64_t at = (2 + 1) * slot + 4096 + 77;
+  {
+    FILE* raw = std::fopen((root_ + "/a/ecss-store-moments-0.bin").c_str(), "r+b");
+    ASSERT_NE(raw, nullptr);
+    std::fseek(raw, static_cast<long>(at), SEEK_SET);
+    const int byte = std::fgetc(raw);
+    std::fseek(raw, static_cast<long>(at), SEEK_SET);
+    std::fputc(byte ^ 0x10, raw);
+    std::fclose(raw);
+  }
+  std::vector<uint8_t> got(bytes.size());
+  Status read = store->Read(ExpertState::kMoments, 0, 1, got.data());
+  EXPECT_EQ(read.code(), StatusCode::kDataLoss) << read;
+  EXPECT_TRUE(Contains(read, "layer 0 expert 1 moments")) << read;
+  EXPECT_TRUE(Contains(read, "checksum mismatch")) << read;
+  // Rewriting the expert repairs it.
+  ASSERT_TRUE(store->Write(ExpertState::kMoments, 0, 1, bytes.data()).ok());
+  ASSERT_TRUE(store->Read(ExpertState::kMoments, 0, 1, got.data()).ok());
+  EXPECT_EQ(got, bytes);
+}
+
+TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataIntact) {
+  {
+    auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+    WriteAll(*store, 4);
+  }  // the destructor closes
+  // A second store over the first is refused.
+  Status again = ExpertStore::Create(*sim_, *io_, options_).status();
+  EXPECT_EQ(again.code(), StatusCode::kAlreadyExists) << again;
+  // Missing and read-only directories.
+  ExpertStoreOptions missing = options_;
+  missing.dirs = {root_ + "/a", root_ + "/nope"};
+  Status not_found = ExpertStore::Open(*sim_, *io_, missing).status();
+  EXPECT_EQ(not_found.code(), StatusCode::kNotFound);
+  EXPECT_TRUE(Contains(not_found, "/nope")) << not_found;
+  ExpertStoreOptions empty = options_;
+  std::filesystem::create_directories(root_ + "/c");
+  empty.dirs = {root_ + "/c"};
+  EXPECT_EQ(ExpertStore::Open(*sim_, *io_, empty).status().code(), StatusCode::kNotFound);
+  if (::geteuid() != 0) {  // root writes anywhere
+    std::filesystem::create_directories(root_ + "/ro");
+    ::chmod((root_ + "/ro").c_str(), 0500);
+    ExpertStoreOptions read_only = options_;
+    read_only.dirs = {root_ + "/ro"};
+    EXPECT_EQ(ExpertStore::Create(*sim_, *io_, read_only).status().code(),
+              StatusCode::kPermissionDenied);
+  }
+  // A full disk: refused at creation, and nothing is left behind.
+  FaultOptions full;
+  full.enospc_after_bytes = 64 << 10;
+  io_->set_options(full);
+  Status no_space = ExpertStore::Create(*sim_, *io_, empty).status();
+  io_->set_options(FaultOptions{});
+  EXPECT_EQ(no_space.code(), StatusCode::kResourceExhausted) << no_space;
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/c"));
+  // Another model, another format version, a damaged manifest.
+  ExpertStoreOptions other = options_;
+  other.layout.params_per_expert = 999;
+  Status model = ExpertStore::Open(*sim_, *io_, other).status();
+  EXPECT_EQ(model.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(model, "params_per_expert 1000 there, 999 here")) << model;
+  other = options_;
+  other.layout.weights_dtype = DType::kF32;
+  EXPECT_TRUE(Contains(ExpertStore::Open(*sim_, *io_, other).status(), "weights_dtype bf16"));
+  const std::string manifest = ManifestText();
+  RewriteManifest("format 1", "format 9");
+  Status format = ExpertStore::Open(*sim_, *io_, options_).status();
+  EXPECT_EQ(format.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(format, "format version 9")) << format;
+  std::ofstream(root_ + "/a/ecss-store.manifest")
+      << manifest.substr(0, 40) << "x" << manifest.substr(41);
+  EXPECT_EQ(ExpertStore::Open(*sim_, *io_, options_).status().code(), StatusCode::kDataLoss);
+  std::ofstream(root_ + "/a/ecss-store.manifest") << manifest;
+  // Budgets below one expert, or below all of them: refused, with the bytes needed.
+  ExpertStoreOptions small = options_;
+  small.device_budget_bytes = 1000;
+  Status device = ExpertStore::Open(*sim_, *io_, small).status();
+  EXPECT_EQ(device.code(), StatusCode::kResourceExhausted);
+  EXPECT_TRUE(Contains(device, "holds no expert")) << device;
+  EXPECT_TRUE(Contains(device, "need 2048 bytes")) << device;
+  small = options_;
+  small.pinned_budget_bytes = 30000;
+  Status pinned = ExpertStore::Open(*sim_, *io_, small).status();
+  EXPECT_EQ(pinned.code(), StatusCode::kResourceExhausted);
+  EXPECT_TRUE(Contains(pinned, "cannot hold every expert")) << pinned;
+  EXPECT_EQ(ExpertStore::Create(*sim_, *io_, small).status().code(), StatusCode::kAlreadyExists);
+  // After all of that the store opens and holds what was written.
+  auto store = ExpertStore::Open(*sim_, *io_, options_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ExpectAll(**store, 4);
+}
+
+TEST_F(ExpertStoreTest, AStoreNotClosedIsRefusedOnlyWhenStatesLivedInMemory) {
+  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  WriteAll(*store, 2);
+  // While it is open (as after a crash), its manifest says so.
+  Status unclean = ExpertStore::Open(*sim_, *io_, options_).status();
+  EXPECT_EQ(unclean.code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(Contains(unclean, "weights (device), master (pinned), gradient (pinned)")) << unclean;
+  ASSERT_TRUE(store->Close().ok());
+  EXPECT_EQ(store->Write(ExpertState::kMaster, 0, 0, nullptr).code(),
+            StatusCode::kFailedPrecondition);
+  // With every state on NVMe nothing lives only in memory: an unclosed store opens.
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme};
+  auto first = std::move(ExpertStore::Open(*sim_, *io_, options_)).value();
+  auto second = ExpertStore::Open(*sim_, *io_, options_);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ExpectAll(**second, 2);
+}
+
+TEST_F(ExpertStoreTest, BadArgumentsAreClearErrors) {
+  options_.layout.moments = 0;  // SGD: no moments state
+  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  std::vector<uint8_t> buffer(4000);
+  EXPECT_EQ(store->Read(ExpertState::kMoments, 0, 0, buffer.data()).code(),
+            StatusCode::kInvalidArgument);
+  Status layer = store->Read(ExpertState::kMaster, 2, 0, buffer.data());
+  EXPECT_EQ(layer.code(), StatusCode::kInvalidArgument);
+  EXPECT_TRUE(Contains(layer, "no layer 2 expert 0")) << layer;
+  EXPECT_EQ(store->Write(ExpertState::kGradient, 0, 3, buffer.data()).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(store->ReadBlock(ExpertState::kMaster, 0, 0, buffer.data() + 1).code(),
+            StatusCode::kInvalidArgument);
+  ExpertStoreOptions bad = options_;
+  bad.layout.experts_per_layer = 0;
+  EXPECT_EQ(ExpertStore::Create(*sim_, *io_, bad).status().code(), StatusCode::kInvalidArgument);
+  bad = options_;
+  bad.device_budget_bytes = 2 << 20;
+  EXPECT_TRUE(Contains(ExpertStore::Create(*sim_, *io_, bad).status(), "more than the device"));
+  EXPECT_EQ(ParseTier("ssd").status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST_F(ExpertStoreTest, ConcurrentReadersAndWritersStayWithinBudget) {
+  options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kDevice};
+  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  WriteAll(*store, 1);
+  std::atomic<int> errors{0};
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {
+      // Thread t owns expert t of every layer: it writes versions and reads them back.
+      for (uint32_t round = 2; round < 12; ++round) {
+        for (ExpertState state : kAll) {
+          for (uint32_t l = 0; l < 2; ++l) {
+            std::vector<uint8_t> bytes = Pattern(*store, state, l, t, round);
+            std::vector<uint8_t> got(bytes.size());
+            if (!store->Write(state, l, t, bytes.data()).ok() ||
+                !store->Read(state, l, t, got.data()).ok() || got != bytes) {
+              ++errors;
+            }
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(errors.load(), 0);
+  ExpectAll(*store, 11);
+  EXPECT_LE(store->pinned_pool().stats().peak_used_bytes, store->pinned_pool().capacity_bytes());
+  EXPECT_LE(sim_->device_memory().stats().peak_used_bytes, options_.device_budget_bytes);
+}
+
+}  // namespace
+}  // namespace ecss
