@@ -31,7 +31,27 @@ void Prefetcher::BeginStep(std::vector<ExpertKey> sequence) {
   next_ = 0;
   stage_next_ = 0;
   stalls_.clear();
+  reactive_ = false;
+  cache_base_ = 0;
   cache_.SetPolicy(MakeBeladyPolicy(sequence_));
+}
+
+void Prefetcher::BeginReactiveStep() {
+  Clear();
+  // LRU needs recency across steps: one policy, and positions that keep increasing.
+  if (!reactive_) cache_.SetPolicy(MakeLruPolicy());
+  if (reactive_) cache_base_ += sequence_.size();
+  reactive_ = true;
+  sequence_.clear();
+  next_ = 0;
+  stage_next_ = 0;
+  stalls_.clear();
+}
+
+uint64_t Prefetcher::Append(const std::vector<ExpertKey>& keys) {
+  const uint64_t first = sequence_.size();
+  sequence_.insert(sequence_.end(), keys.begin(), keys.end());
+  return first;
 }
 
 void Prefetcher::Clear() {
@@ -42,7 +62,7 @@ void Prefetcher::Clear() {
 bool Prefetcher::NeedsCopy(ExpertKey key) { return cache_.residency(key) == Residency::kAbsent; }
 
 Status Prefetcher::AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out) {
-  StatusOr<Lease> lease = cache_.Acquire(key, block, copy_stream_, position);
+  StatusOr<Lease> lease = cache_.Acquire(key, block, copy_stream_, cache_base_ + position);
   if (!lease.ok()) {
     stager_->Drop(key);
     return lease.status();
@@ -69,13 +89,13 @@ Status Prefetcher::Fetch(uint64_t position, Lease* out) {
     ECSS_RETURN_IF_ERROR(waited);
   }
   if (stager_ == nullptr) {
-    ECSS_ASSIGN_OR_RETURN(*out,
-                          cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, position));
+    ECSS_ASSIGN_OR_RETURN(
+        *out, cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, cache_base_ + position));
     return Status::Ok();
   }
   if (!NeedsCopy(key)) {
     stager_->Drop(key);  // staged while it was evicted, or not needed after all
-    ECSS_ASSIGN_OR_RETURN(*out, cache_.Acquire(key, nullptr, copy_stream_, position));
+    ECSS_ASSIGN_OR_RETURN(*out, cache_.Acquire(key, nullptr, copy_stream_, cache_base_ + position));
     return Status::Ok();
   }
   const bool waits = !stager_->Ready(key);

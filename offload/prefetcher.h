@@ -59,6 +59,11 @@ class Prefetcher {
 
   // Starts a step: drops leases still held, sets the cache's policy to Belady over `sequence`.
   void BeginStep(std::vector<ExpertKey> sequence);
+  // Starts a step whose accesses are not known ahead (learned gates: a layer's experts are
+  // known once its gate ran): an empty sequence that Append extends, and LRU eviction.
+  void BeginReactiveStep();
+  // Appends accesses (reactive steps); returns the position of the first.
+  uint64_t Append(const std::vector<ExpertKey>& keys);
   // Leases ahead, in order, while the window and the cache allow, and stages from NVMe
   // ahead of that while the stager's blocks allow; never blocks.
   Status Advance();
@@ -90,6 +95,8 @@ class Prefetcher {
   std::deque<std::pair<uint64_t, Lease>> held_;  // by position, ascending
   uint64_t next_ = 0;                            // next position to lease ahead
   uint64_t stage_next_ = 0;                      // next position to stage ahead
+  bool reactive_ = false;                        // the step began with BeginReactiveStep
+  uint64_t cache_base_ = 0;  // reactive: added to positions, so LRU's clock never restarts
   std::vector<StallRecord> stalls_;
 };
 

@@ -6,6 +6,12 @@
 // (--states). One strategy per run; `naive` is the reference the target is
 // stated against (ecss >= 6.3x naive tokens/s), and overlap efficiency compares the busiest
 // resource with the step time (ecss >= 0.9).
+// --routing gate replaces RRE with a learned gate's reactive routing: every token picks
+// --gate-k experts of the whole layer at Forward (timed mode has no activations to run a real
+// gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
+// PanGu-Sigma's RRE is measured against: nothing can be fetched ahead, and the experts a step
+// touches are not confined to its domains.
+#include <algorithm>
 #include <iomanip>
 #include <vector>
 
@@ -35,9 +41,18 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string profile_name, args.String("profile", "h100-sxm"));
   ECSS_ASSIGN_OR_RETURN(std::string states, args.String("states", "host"));
   ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
+  ECSS_ASSIGN_OR_RETURN(std::string routing, args.String("routing", "rre"));
+  ECSS_ASSIGN_OR_RETURN(uint64_t gate_k, args.Uint("gate-k", 2));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (states != "host" && states != "nvme") {
     return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
+  }
+  if (routing != "rre" && routing != "gate") {
+    return InvalidArgumentError(StrCat("--routing '", routing, "': rre or gate"));
+  }
+  const bool gated = routing == "gate";
+  if (gated && (gate_k == 0 || gate_k > domains * experts)) {
+    return InvalidArgumentError(StrCat("--gate-k ", gate_k, ": 1 to the experts of a layer"));
   }
   ECSS_ASSIGN_OR_RETURN(Strategy strategy, ParseStrategy(strategy_name));
   ECSS_ASSIGN_OR_RETURN(DeviceProfile profile, FindDeviceProfile(profile_name));
@@ -69,6 +84,11 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   options.device_budget_bytes = device_mib << 20;
   options.max_tokens_per_micro_batch = static_cast<uint32_t>(samples * seq);
   options.max_active_experts_per_layer = static_cast<uint32_t>(per_step * experts);
+  if (gated) {
+    options.routing = Routing::kLearnedGate;
+    options.gate_k = static_cast<uint32_t>(gate_k);
+    options.max_active_experts_per_layer = static_cast<uint32_t>(domains * experts);
+  }
   options.optimizer.threads = static_cast<int>(threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
@@ -87,7 +107,9 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                         sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   ECSS_ASSIGN_OR_RETURN(Buffer b,
                         sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
-  std::vector<uint32_t> ids(tokens), sample_domains(samples);
+  std::vector<uint32_t> ids(tokens), sample_domains(samples), picks(tokens * gate_k);
+  std::vector<float> pick_weights(tokens * gate_k, 1.0f / static_cast<float>(gate_k));
+  const auto layer_experts = static_cast<uint32_t>(domains * experts);
   CounterRng rng(17, 0);
   double seconds = 0, compute = 0, h2d = 0, d2h = 0, optimizer = 0, stalls = 0;
   uint64_t measured_tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
@@ -105,7 +127,21 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
         session->BeginStep({MicroBatch{ids.data(), static_cast<uint32_t>(samples),
                                        static_cast<uint32_t>(seq), sample_domains.data()}}));
     for (uint32_t l = 0; l < layers; ++l) {
-      ECSS_RETURN_IF_ERROR(session->Forward(0, l, a.data(), b.data()));
+      if (!gated) {
+        ECSS_RETURN_IF_ERROR(session->Forward(0, l, a.data(), b.data()));
+        continue;
+      }
+      for (uint64_t t = 0; t < tokens; ++t) {  // gate_k distinct experts per token
+        uint32_t* token_picks = &picks[t * gate_k];
+        for (uint64_t j = 0; j < gate_k; ++j) {
+          do {
+            token_picks[j] = rng.Uniform(layer_experts);
+          } while (std::find(token_picks, token_picks + j, token_picks[j]) != token_picks + j);
+        }
+      }
+      ECSS_RETURN_IF_ERROR(
+          session->Forward(0, l, a.data(), b.data(),
+                           {picks.data(), pick_weights.data(), static_cast<uint32_t>(gate_k)}));
     }
     for (uint32_t l = static_cast<uint32_t>(layers); l-- > 0;) {
       ECSS_RETURN_IF_ERROR(session->Backward(0, l, b.data(), a.data()));
@@ -134,6 +170,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                              : busiest == d2h     ? "d2h"
                                                   : "compute";
   json.Field("strategy", StrategyName(strategy))
+      .Field("routing", gated ? "gate (reactive)" : "rre")
       .Field("profile", profile.name)
       .Field("layers", layers)
       .Field("domains", domains)
@@ -163,9 +200,10 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("reference",
              "run the suite with --strategy naive in the same session for the "
              "tokens/s ratio; overlap efficiency is measured within this run");
-  table << "step suite: " << StrategyName(strategy) << ", " << total_experts << " experts, "
-        << expert_params / 1000000 << "M expert params, " << domains << " domains (" << per_step
-        << " per step), " << tokens << " tokens/step, timed " << profile.name << "\n"
+  table << "step suite: " << StrategyName(strategy) << (gated ? " with a reactive gate" : "")
+        << ", " << total_experts << " experts, " << expert_params / 1000000 << "M expert params, "
+        << domains << " domains (" << per_step << " per step), " << tokens << " tokens/step, timed "
+        << profile.name << "\n"
         << std::fixed << std::setprecision(3) << "  tokens/s " << std::setprecision(0)
         << static_cast<double>(measured_tokens) / seconds << std::setprecision(3) << "  step "
         << seconds / measured << " s  overlap " << busiest / seconds << " (" << busiest_name

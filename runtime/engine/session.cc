@@ -63,10 +63,14 @@ struct LayerWork {
   uint64_t first_position = 0;    // of the forward accesses in the step's sequence
   uint64_t backward_position = 0;
   bool forwarded = false, backwarded = false;
+  // Learned gates: the layer's own plan, made at Forward from the gate's choices.
+  std::optional<RoutingPlan> plan;
+  Buffer device_plan;
 };
 
 struct MicroBatchWork {
   std::vector<uint32_t> token_ids, domain_ids;
+  uint32_t num_tokens = 0;
   MicroBatch batch;
   std::optional<RoutingPlan> plan;
   Buffer device_plan;
@@ -149,10 +153,15 @@ struct Session::Impl {
                                                            : options.model.d_ff;
   }
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
+  bool gated() const { return options.routing == Routing::kLearnedGate; }
 
   Status CreateAll();
   Status InitExperts();
   Status BuildStep(const std::vector<MicroBatch>& batches);
+  Status FillLayer(uint32_t b, const LayerPlan& lp, const LayerPlan& dp, LayerWork& lw) const;
+  Status RouteGated(uint32_t micro_batch, uint32_t layer, const GateChoices& gate);
+  Status RunForward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+                    const GateChoices* gate, void* choice_outputs);
   Status Prefetch();
   StatusOr<std::vector<Lease>> LeasesFor(uint64_t first, size_t count);
   Status ReleaseAll(std::vector<Lease>& leases);
@@ -234,11 +243,19 @@ Status Session::Impl::CreateAll() {
 
   params = uint64_t{m.d_model} * d_in() + uint64_t{m.d_ff} * m.d_model;
   expert_bytes = params * elem();
-  max_rows = options.max_tokens_per_micro_batch;  // RRE: one expert per token and layer
   uint32_t widest_layer = 0, widest_group = 0;
   for (uint32_t l = 0; l < m.layers; ++l) {
     widest_layer = std::max(widest_layer, router->domains().experts_in_layer(l));
   }
+  if (gated() && (options.gate_k == 0 || options.gate_k > widest_layer)) {
+    return InvalidArgumentError(StrCat("session: gate_k ", options.gate_k, " must be in [1, ",
+                                       widest_layer, "] (the experts of a layer)"));
+  }
+  // RRE: one expert per token and layer; a learned gate: gate_k.
+  const uint64_t rows =
+      uint64_t{options.max_tokens_per_micro_batch} * (gated() ? options.gate_k : 1);
+  if (rows > UINT32_MAX) return InvalidArgumentError("session: too many rows per micro-batch");
+  max_rows = static_cast<uint32_t>(rows);
   for (const DomainSpec& d : m.domains) widest_group = std::max(widest_group, d.experts);
   max_groups =
       options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_layer, max_rows);
@@ -321,16 +338,23 @@ Status Session::Impl::CreateAll() {
   ECSS_ASSIGN_OR_RETURN(dw,
                         device.Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
   // The plans of a step: a few words per token and expert, with room for alignment.
+  // (A learned gate's plans are one per layer.)
   const uint64_t plan_reserve =
-      uint64_t{options.max_micro_batches} *
-      AlignUp((uint64_t{m.layers} * (3ull * max_rows + 2ull * widest_layer + 16) + 8) * 4, 4096);
+      gated()
+          ? uint64_t{options.max_micro_batches} * m.layers *
+                AlignUp((3ull * max_rows + 2ull * widest_layer + 24) * 4, 4096)
+          : uint64_t{options.max_micro_batches} *
+                AlignUp((uint64_t{m.layers} * (3ull * max_rows + 2ull * widest_layer + 16) + 8) * 4,
+                        4096);
   const uint64_t fixed = device.stats().used_bytes - used_before + plan_reserve;
   const uint64_t slot_bytes = AlignUp(expert_bytes, 256);
   const uint64_t left =
       options.device_budget_bytes > fixed ? options.device_budget_bytes - fixed : 0;
   const auto slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot_bytes, experts_total));
-  const uint32_t needed =
-      options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_group, max_rows);
+  // A learned gate may pick any experts of a layer: room for as many as a layer may activate.
+  const uint32_t needed = options.strategy == Strategy::kNaive ? widest_layer
+                          : gated()                            ? max_groups
+                                                               : std::min(widest_group, max_rows);
   if (slots < needed) {
     return ResourceExhaustedError(
         StrCat("session: device budget ", HumanBytes(options.device_budget_bytes),
@@ -426,6 +450,41 @@ Status Session::Impl::InitExperts() {
 
 // ---- A step ----------------------------------------------------------------------------------
 
+// The layer's groups (the routed experts; naive: every expert, unrouted ones with no rows)
+// and device permutation from its plan (`lp` on the host, `dp` its device copy).
+Status Session::Impl::FillLayer(uint32_t b, const LayerPlan& lp, const LayerPlan& dp,
+                                LayerWork& lw) const {
+  const uint32_t l = lp.layer;
+  lw.device_perm = {dp.num_tokens, dp.k, dp.permutation, dp.inverse, dp.combine_weights};
+  lw.experts.clear();
+  if (options.strategy == Strategy::kNaive) {
+    const uint32_t n = router->domains().experts_in_layer(l);
+    lw.offsets.assign(1, 0);
+    uint32_t a = 0;
+    for (uint32_t e = 0; e < n; ++e) {
+      lw.experts.push_back(e);
+      const uint32_t count = a < lp.num_active && lp.active_experts[a] == e ? lp.count(a++) : 0;
+      lw.offsets.push_back(lw.offsets.back() + count);
+    }
+  } else {
+    lw.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
+    lw.offsets.assign(lp.expert_offsets, lp.expert_offsets + lp.num_active + 1);
+  }
+  if (lw.experts.size() > max_groups) {
+    return ResourceExhaustedError(StrCat("micro-batch ", b, " layer ", l, " activates ",
+                                         lw.experts.size(), " experts; the session was sized for ",
+                                         max_groups,
+                                         " (SessionOptions.max_active_experts_per_layer)"));
+  }
+  if (lw.experts.size() > cache->slots()) {
+    return ResourceExhaustedError(
+        StrCat("micro-batch ", b, " layer ", l, " activates ", lw.experts.size(),
+               " experts but the device cache holds ", cache->slots(), " (",
+               HumanBytes(lw.experts.size() * expert_bytes), " of expert weights needed)"));
+  }
+  return Status::Ok();
+}
+
 Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   if (batches.empty() || batches.size() > options.max_micro_batches) {
     return InvalidArgumentError(StrCat("BeginStep: ", batches.size(),
@@ -439,13 +498,16 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   for (uint32_t b = 0; b < batches.size(); ++b) {
     const MicroBatch& in = batches[b];
     const uint64_t tokens = uint64_t{in.batch_size} * in.seq_len;
-    if (tokens == 0 || tokens > options.max_tokens_per_micro_batch || in.token_ids == nullptr ||
-        in.domain_ids == nullptr) {
+    if (tokens == 0 || tokens > options.max_tokens_per_micro_batch ||
+        (!gated() && (in.token_ids == nullptr || in.domain_ids == nullptr))) {
       return InvalidArgumentError(StrCat("BeginStep: micro-batch ", b, " has ", tokens,
                                          " tokens (1 to ", options.max_tokens_per_micro_batch,
                                          ") or null arrays"));
     }
     MicroBatchWork& w = micro[b];
+    w.num_tokens = static_cast<uint32_t>(tokens);
+    w.layers.resize(layers);
+    if (gated()) continue;  // routed layer by layer, as the gates run
     w.token_ids.assign(in.token_ids, in.token_ids + tokens);
     w.domain_ids.assign(in.domain_ids, in.domain_ids + in.batch_size);
     w.batch = {w.token_ids.data(), in.batch_size, in.seq_len, w.domain_ids.data()};
@@ -456,40 +518,13 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
                           backend.device_memory().Allocate(w.plan->bytes(), MemoryTag::kOther));
     ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
                                            w.plan->bytes(), CopyKind::kHostToDevice));
-    w.layers.resize(layers);
     for (uint32_t l = 0; l < layers; ++l) {
-      const LayerPlan lp = w.plan->layer(l);
-      const LayerPlan dp = w.plan->DeviceLayer(l, w.device_plan.data());
-      LayerWork& lw = w.layers[l];
-      lw.device_perm = {dp.num_tokens, dp.k, dp.permutation, dp.inverse, dp.combine_weights};
-      if (options.strategy == Strategy::kNaive) {
-        // Every expert of the layer, the unrouted ones with no rows.
-        const uint32_t n = router->domains().experts_in_layer(l);
-        lw.offsets.assign(1, 0);
-        uint32_t a = 0;
-        for (uint32_t e = 0; e < n; ++e) {
-          lw.experts.push_back(e);
-          const uint32_t count = a < lp.num_active && lp.active_experts[a] == e ? lp.count(a++) : 0;
-          lw.offsets.push_back(lw.offsets.back() + count);
-        }
-      } else {
-        lw.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
-        lw.offsets.assign(lp.expert_offsets, lp.expert_offsets + lp.num_active + 1);
-      }
-      if (lw.experts.size() > max_groups) {
-        return ResourceExhaustedError(StrCat("BeginStep: micro-batch ", b, " layer ", l,
-                                             " activates ", lw.experts.size(),
-                                             " experts; the session was sized for ", max_groups,
-                                             " (SessionOptions.max_active_experts_per_layer)"));
-      }
-      if (lw.experts.size() > cache->slots()) {
-        return ResourceExhaustedError(
-            StrCat("BeginStep: micro-batch ", b, " layer ", l, " activates ", lw.experts.size(),
-                   " experts but the device cache holds ", cache->slots(), " (",
-                   HumanBytes(lw.experts.size() * expert_bytes), " of expert weights needed)"));
-      }
+      Status filled =
+          FillLayer(b, w.plan->layer(l), w.plan->DeviceLayer(l, w.device_plan.data()), w.layers[l]);
+      if (!filled.ok()) return filled.Annotate("BeginStep");
     }
   }
+  if (gated()) return Status::Ok();
   // The step's access sequence: per micro-batch, forward 0..L-1 then backward L-1..0.
   for (MicroBatchWork& w : micro) {
     for (uint32_t l = 0; l < layers; ++l) {
@@ -564,8 +599,7 @@ Status Session::Impl::SubmitReady(bool wait) {
 
 Status Session::Impl::CheckActivation(const void* ptr, uint32_t micro_batch,
                                       const char* what) const {
-  const uint64_t bytes =
-      uint64_t{micro[micro_batch].plan->num_tokens()} * options.model.d_model * elem();
+  const uint64_t bytes = uint64_t{micro[micro_batch].num_tokens} * options.model.d_model * elem();
   return backend.device_memory().CheckRange(ptr, bytes, what);
 }
 
@@ -611,12 +645,70 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
   }
   s.gradient_bytes = 0;
   s.submitted = 0;
+  if (s.gated()) {
+    s.prefetcher->BeginReactiveStep();
+    return Status::Ok();
+  }
   s.prefetcher->BeginStep(s.sequence);
   return s.Prefetch();
 }
 
 Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y) {
-  Impl& s = *impl_;
+  if (impl_->gated()) {
+    return FailedPreconditionError(
+        "Forward: this session routes with a learned gate; pass the gate's choices");
+  }
+  return impl_->RunForward(micro_batch, layer, x, y, nullptr, nullptr);
+}
+
+Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+                        const GateChoices& gate, void* choice_outputs) {
+  if (!impl_->gated()) {
+    return FailedPreconditionError(
+        "Forward: this session routes with RRE tables; gate choices are for Routing::kLearnedGate");
+  }
+  return impl_->RunForward(micro_batch, layer, x, y, &gate, choice_outputs);
+}
+
+// The layer's plan from the gate's choices, uploaded; its experts join the step's sequence.
+Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const GateChoices& gate) {
+  MicroBatchWork& w = micro[micro_batch];
+  LayerWork& lw = w.layers[layer];
+  const auto where = [&] { return StrCat("Forward: micro-batch ", micro_batch, " layer ", layer); };
+  if (gate.experts == nullptr || gate.weights == nullptr || gate.k != options.gate_k) {
+    return InvalidArgumentError(StrCat(where(), ": gate choices need experts and weights with k = ",
+                                       options.gate_k, " (got k = ", gate.k, ")"));
+  }
+  const uint64_t slots = uint64_t{w.num_tokens} * gate.k;
+  for (uint64_t i = 0; i < slots; ++i) {
+    if (!std::isfinite(gate.weights[i])) {
+      return InvalidArgumentError(StrCat(where(), ": token ", i / gate.k, " choice ", i % gate.k,
+                                         " has a non-finite weight"));
+    }
+  }
+  StatusOr<RoutingPlan> plan =
+      RoutingPlan::FromAssignments(layer, router->domains().experts_in_layer(layer), w.num_tokens,
+                                   gate.k, gate.experts, gate.weights);
+  if (!plan.ok()) return plan.status().Annotate(where());
+  ECSS_ASSIGN_OR_RETURN(Buffer device_plan,
+                        backend.device_memory().Allocate(plan->bytes(), MemoryTag::kOther));
+  ECSS_RETURN_IF_ERROR(
+      FillLayer(micro_batch, plan->layer(0), plan->DeviceLayer(0, device_plan.data()), lw)
+          .Annotate(where()));
+  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan.data(), plan->data(),
+                                         plan->bytes(), CopyKind::kHostToDevice));
+  lw.plan.emplace(std::move(plan).value());
+  lw.device_plan = std::move(device_plan);
+  std::vector<ExpertKey> keys;
+  keys.reserve(lw.experts.size());
+  for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
+  lw.first_position = prefetcher->Append(keys);
+  return Status::Ok();
+}
+
+Status Session::Impl::RunForward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+                                 const GateChoices* gate, void* choice_outputs) {
+  Impl& s = *this;
   if (!s.in_step) return FailedPreconditionError("Forward outside a step (call BeginStep)");
   if (micro_batch >= s.micro.size() || layer >= s.options.model.layers) {
     return InvalidArgumentError(StrCat("Forward: micro-batch ", micro_batch, " layer ", layer,
@@ -631,6 +723,15 @@ Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, voi
   }
   ECSS_RETURN_IF_ERROR(s.CheckActivation(x, micro_batch, "Forward input"));
   ECSS_RETURN_IF_ERROR(s.CheckActivation(y, micro_batch, "Forward output"));
+  if (gate != nullptr) {
+    if (choice_outputs != nullptr) {
+      ECSS_RETURN_IF_ERROR(s.backend.device_memory().CheckRange(
+          choice_outputs,
+          uint64_t{w.num_tokens} * s.options.gate_k * s.options.model.d_model * s.elem(),
+          "Forward choice outputs"));
+    }
+    ECSS_RETURN_IF_ERROR(s.RouteGated(micro_batch, layer, *gate));
+  }
   const ModelSpec& m = s.options.model;
   ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases,
                         s.LeasesFor(lw.first_position, lw.experts.size()));
@@ -650,6 +751,13 @@ Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, voi
                             {s.workspace.data(), s.workspace_bytes}));
   ECSS_RETURN_IF_ERROR(
       s.kernels->Combine(c, lw.device_perm, {m.d_model, m.dtype, true}, s.perm_a.data(), y));
+  if (choice_outputs != nullptr) {
+    // Each slot's row, unweighted: a combine over one choice per "token" (= slot).
+    const TokenPermutation slots{lw.device_perm.rows(), 1, lw.device_perm.row_to_slot,
+                                 lw.device_perm.slot_to_row, lw.device_perm.row_weights};
+    ECSS_RETURN_IF_ERROR(
+        s.kernels->Combine(c, slots, {m.d_model, m.dtype, false}, s.perm_a.data(), choice_outputs));
+  }
   ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
   lw.forwarded = true;
   if (s.options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(s.StageSync(c));
@@ -682,6 +790,12 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   }
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dy, micro_batch, "Backward output gradient"));
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dx, micro_batch, "Backward input gradient"));
+  if (s.gated()) {  // reactive: the layer's experts are fetched now, again if evicted
+    std::vector<ExpertKey> keys;
+    keys.reserve(lw.experts.size());
+    for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
+    lw.backward_position = s.prefetcher->Append(keys);
+  }
   const ModelSpec& m = s.options.model;
   const Stream c = s.compute.get();
   // dy_perm = dy of each row's token, scaled by the row's combine weight.
@@ -785,7 +899,7 @@ StatusOr<StepStats> Session::EndStep() {
   s.stalls.update_fence_seconds = s.prefetcher->stall_seconds();
   s.prefetcher->Clear();
   uint64_t tokens = 0;
-  for (const MicroBatchWork& w : s.micro) tokens += w.token_ids.size();
+  for (const MicroBatchWork& w : s.micro) tokens += w.num_tokens;
   s.micro.clear();  // the plans' device copies: compute has passed them
   s.in_step = false;
 

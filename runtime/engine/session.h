@@ -65,12 +65,25 @@ enum class StatesPlacement : uint8_t {
   kHost,  // host memory, updated in place by the CPU optimizer
   kNvme,  // NVMe files (striped over nvme_dirs), streamed through pinned staging per update
 };
+// How a sparse layer's tokens choose their experts.
+enum class Routing : uint8_t {
+  // Random Routed Experts: fixed token id -> expert tables per domain. The step's expert
+  // accesses are known at BeginStep: fetched ahead, evicted by exact next use (Belady).
+  kRre,
+  // A learned gate the loop runs on the layer's input (router/gates.h, or its own), handing
+  // its top-k choices to Forward. Reactive: a layer's experts are known, and fetched, only
+  // once its gate has run; nothing is fetched ahead; eviction is LRU (the baseline RRE is
+  // measured against).
+  kLearnedGate,
+};
 std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
 StatusOr<Strategy> ParseStrategy(std::string_view name);
 
 struct SessionOptions {
   ModelSpec model;
   Strategy strategy = Strategy::kEcss;
+  Routing routing = Routing::kRre;
+  uint32_t gate_k = 2;  // kLearnedGate: experts per token (sizes the row buffers)
   // Device bytes the session may use (activations it keeps, workspaces, the expert cache);
   // at most the backend's device memory.
   uint64_t device_budget_bytes = 0;
@@ -140,6 +153,14 @@ struct StepStats {
   StepReport optimizer;  // norm, clipping, skipped
 };
 
+// A learned gate's choices for one micro-batch's layer: host arrays [tokens, k], k distinct
+// experts of the layer per token (ascending or not) and their combine weights.
+struct GateChoices {
+  const uint32_t* experts = nullptr;
+  const float* weights = nullptr;
+  uint32_t k = 0;
+};
+
 class Session {
  public:
   // InvalidArgument naming a bad spec or option; ResourceExhausted naming the bytes needed
@@ -151,11 +172,20 @@ class Session {
   // Routes the micro-batches (InvalidArgument naming a token id out of the vocabulary,
   // NotFound naming an unknown domain; ResourceExhausted when a layer activates more experts
   // than the device cache holds) and starts fetching. FailedPrecondition inside a step.
-  // The micro-batches' arrays are copied.
+  // The micro-batches' arrays are copied. With a learned gate only the token counts are used
+  // (domain_ids may be null); routing comes with each Forward.
   Status BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale = 1.0f);
   // x, y: device [tokens, d_model] of the model's dtype (tokens of that micro-batch). Each
-  // (micro-batch, layer) once per step.
+  // (micro-batch, layer) once per step. RRE routing only.
   Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y);
+  // Routing::kLearnedGate: the gate's choices route this layer (InvalidArgument naming a bad
+  // expert, a repeated choice, a non-finite weight or k != gate_k; ResourceExhausted when
+  // they activate more experts than the session was sized for). Its experts are fetched now.
+  // choice_outputs (optional, device [tokens * k, d_model]): each choice's unweighted expert
+  // output, slot = token * k + choice, from which the loop computes its gate's gradient
+  // (dLoss/dweight[t][j] = dot(dy[t], choice_outputs[t * k + j])).
+  Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+                 const GateChoices& gate, void* choice_outputs = nullptr);
   // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward.
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).

@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -9,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include "kernels/cpu/cpu_kernels.h"
+#include "router/gates.h"
 #include "router/rre_router.h"
 #include "runtime/base/random.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -104,7 +106,24 @@ struct RunConfig {
   std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
   bool resume = false;   // open the state files in nvme_dir instead of creating them
   float max_grad_norm = 0;
+  bool gated = false;  // a learned gate (fixed, the same in both trainers) routes every layer
 };
+
+constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
+
+// The gate both trainers run on a layer's input: a fixed top-2 softmax gate.
+GateOutput RunGate(const std::vector<float>& x, uint32_t layer) {
+  GateOptions options;
+  options.d_model = 16;
+  options.num_experts = kExpertsPerLayer;
+  options.k = kGateK;
+  options.seed = 100 + layer;
+  options.init_scale = 0.5f;
+  const TopKGate gate = *TopKGate::Create(options);
+  GateOutput out;
+  EXPECT_TRUE(gate.Forward(x.data(), static_cast<uint32_t>(x.size() / 16), &out).ok());
+  return out;
+}
 
 SessionOptions OptionsFor(const RunConfig& c) {
   SessionOptions o;
@@ -117,6 +136,10 @@ SessionOptions OptionsFor(const RunConfig& c) {
   o.optimizer.groups[0].lr = 0.05f;
   o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
+  if (c.gated) {
+    o.routing = Routing::kLearnedGate;
+    o.gate_k = kGateK;
+  }
   if (!c.nvme_dir.empty()) {
     o.states = StatesPlacement::kNvme;
     o.nvme_dirs = {c.nvme_dir};
@@ -163,7 +186,13 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats = nullptr
     RunLoop(
         step, o.model.layers, d, c.dtype,
         [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
-          return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+          if (!c.gated) {
+            return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+          }
+          const GateOutput gate = RunGate(x, l);
+          return through(x, [&](void* i, void* o2) {
+            return s.Forward(mb, l, i, o2, {gate.experts.data(), gate.weights.data(), kGateK});
+          });
         },
         [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
           return through(dy, [&](void* i, void* o2) { return s.Backward(mb, l, i, o2); });
@@ -224,13 +253,20 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
   };
   for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
     std::vector<RoutingPlan> plans;
-    for (const Batch& b : step) plans.push_back(*RoutingPlan::BuildRre(*router, b.view()));
+    if (!c.gated) {
+      for (const Batch& b : step) plans.push_back(*RoutingPlan::BuildRre(*router, b.view()));
+    }
+    // With a learned gate, each layer's plan comes from the gate run on its input.
+    std::map<uint32_t, RoutingPlan> gated_plans;
+    auto plan_of = [&](uint32_t mb, uint32_t l) {
+      return c.gated ? gated_plans.at(mb * m.layers + l).layer(0) : plans[mb].layer(l);
+    };
     std::vector<std::vector<bool>> touched(m.layers);
     for (uint32_t l = 0; l < m.layers; ++l) touched[l].assign(master[l].size(), false);
     std::vector<std::vector<char>> saved(step.size() * m.layers);
     auto groups_of = [&](uint32_t mb, uint32_t l, std::vector<uint32_t>* experts,
                          std::vector<uint32_t>* offsets) {
-      const LayerPlan lp = plans[mb].layer(l);
+      const LayerPlan lp = plan_of(mb, l);
       offsets->assign(1, 0);
       uint32_t a = 0;
       for (uint32_t e = 0; e < master[l].size(); ++e) {
@@ -244,14 +280,21 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
     RunLoop(
         step, m.layers, d, c.dtype,
         [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
-          const LayerPlan lp = plans[mb].layer(l);
+          if (c.gated) {
+            const GateOutput gate = RunGate(x, l);
+            gated_plans.insert_or_assign(
+                mb * m.layers + l,
+                *RoutingPlan::FromAssignments(l, kExpertsPerLayer, gate.num_tokens, kGateK,
+                                              gate.experts.data(), gate.weights.data()));
+          }
+          const LayerPlan lp = plan_of(mb, l);
           const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
                                       lp.combine_weights};
           std::vector<uint32_t> experts, offsets;
           groups_of(mb, l, &experts, &offsets);
           const std::vector<char> xd = ToDevice(x, c.dtype);
           std::vector<char>& xp = saved[mb * m.layers + l];
-          xp.resize(xd.size());
+          xp.resize(xd.size() * lp.k);  // one row per (token, choice)
           EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, false}, xd.data(), xp.data()).ok());
           std::vector<const void*> w_in, w_out;
           for (uint32_t e : experts) {
@@ -267,7 +310,7 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
                               static_cast<uint32_t>(experts.size()),
                               offsets.data(),
                               offsets.back()};
-          std::vector<char> yp(xd.size()), y(xd.size());
+          std::vector<char> yp(xd.size() * lp.k), y(xd.size());
           std::vector<char> ws((*kernels)->FfnForwardWorkspaceBytes(p) + 256);
           void* aligned = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
           EXPECT_TRUE((*kernels)
@@ -279,13 +322,13 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
           return FromDevice(y, c.dtype);
         },
         [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
-          const LayerPlan lp = plans[mb].layer(l);
+          const LayerPlan lp = plan_of(mb, l);
           const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
                                       lp.combine_weights};
           std::vector<uint32_t> experts, offsets;
           groups_of(mb, l, &experts, &offsets);
           const std::vector<char> dyd = ToDevice(dy, c.dtype);
-          std::vector<char> dyp(dyd.size()), dxp(dyd.size()), dx(dyd.size());
+          std::vector<char> dyp(dyd.size() * lp.k), dxp(dyd.size() * lp.k), dx(dyd.size());
           EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, true}, dyd.data(), dyp.data()).ok());
           std::vector<const void*> w_in, w_out;
           std::vector<std::vector<float>> dw(experts.size(), std::vector<float>(n));
@@ -479,6 +522,112 @@ TEST(SessionTest, ClippingMatchesTheResidentReference) {
     }
   }
   std::filesystem::remove_all(dir_template);
+}
+
+// Learned gates route reactively (each layer's experts fetched once its gate ran, LRU),
+// and training still matches the resident reference bit for bit.
+TEST(SessionTest, LearnedGatesRouteReactivelyAndMatchTheResidentReference) {
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      RunConfig c;
+      c.gated = true;
+      c.strategy = strategy;
+      c.dtype = dtype;
+      c.micro_batches = 2;
+      std::vector<StepStats> stats;
+      const Weights trained = TrainSession(c, &stats);
+      ExpectBitIdentical(trained, TrainReference(c, InitialWeights(c)));
+      ASSERT_EQ(stats.size(), 3u);
+      EXPECT_EQ(stats[0].tokens, 2u * kBatch * kSeq);
+      EXPECT_GT(stats.back().cache_misses, 0u);
+      EXPECT_GT(stats.back().updated_experts, 0u);
+    }
+  }
+}
+
+TEST(SessionTest, LearnedGateChoicesAreCheckedAndTheirOutputsCombineToTheLayerOutput) {
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  RunConfig c;
+  c.gated = true;
+  auto session = Session::Create(**sim, OptionsFor(c));
+  ASSERT_TRUE(session.ok()) << session.status();
+  Session& s = **session;
+  Backend& b = **sim;
+  const uint32_t tokens = kBatch * kSeq;
+  MicroBatch counts{nullptr, kBatch, kSeq, nullptr};  // a gate needs only the token count
+  ASSERT_TRUE(s.BeginStep({counts}).ok());
+  std::vector<float> x(tokens * 16);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0.05f * static_cast<float>(i % 23) - 0.5f;
+  auto xd = b.device_memory().Allocate(x.size() * 4, MemoryTag::kActivations);
+  auto yd = b.device_memory().Allocate(x.size() * 4, MemoryTag::kActivations);
+  auto choices = b.device_memory().Allocate(x.size() * 4 * kGateK, MemoryTag::kActivations);
+  ASSERT_TRUE(xd.ok() && yd.ok() && choices.ok());
+  ASSERT_TRUE(
+      b.CopyAsync(s.compute_stream(), xd->data(), x.data(), x.size() * 4, CopyKind::kHostToDevice)
+          .ok());
+  GateOutput gate = RunGate(x, 0);
+  const GateChoices good{gate.experts.data(), gate.weights.data(), kGateK};
+  // Bad choices are refused naming what was wrong, and the layer can still run.
+  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data()).code(), StatusCode::kFailedPrecondition);
+  GateChoices wrong_k = good;
+  wrong_k.k = 1;
+  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data(), wrong_k).code(), StatusCode::kInvalidArgument);
+  std::vector<uint32_t> experts = gate.experts;
+  experts[5] = kExpertsPerLayer;
+  Status out_of_layer = s.Forward(0, 0, xd->data(), yd->data(), {experts.data(), good.weights, 2});
+  EXPECT_EQ(out_of_layer.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(out_of_layer.message().find("layer 0"), std::string_view::npos) << out_of_layer;
+  experts = gate.experts;
+  experts[1] = experts[0];
+  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data(), {experts.data(), good.weights, 2}).code(),
+            StatusCode::kInvalidArgument);
+  std::vector<float> weights = gate.weights;
+  weights[3] = std::nanf("");
+  Status nan = s.Forward(0, 0, xd->data(), yd->data(), {good.experts, weights.data(), 2});
+  EXPECT_EQ(nan.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(nan.message().find("token 1 choice 1"), std::string_view::npos) << nan;
+  ASSERT_TRUE(s.Forward(0, 0, xd->data(), yd->data(), good, choices->data()).ok());
+  std::vector<float> y(x.size()), per_choice(x.size() * kGateK);
+  ASSERT_TRUE(
+      b.CopyAsync(s.compute_stream(), y.data(), yd->data(), y.size() * 4, CopyKind::kDeviceToHost)
+          .ok());
+  ASSERT_TRUE(b.CopyAsync(s.compute_stream(), per_choice.data(), choices->data(),
+                          per_choice.size() * 4, CopyKind::kDeviceToHost)
+                  .ok());
+  ASSERT_TRUE(b.SynchronizeStream(s.compute_stream()).ok());
+  // y[t] = sum over choices of weight * that choice's output.
+  for (uint32_t t = 0; t < tokens; ++t) {
+    for (uint32_t d = 0; d < 16; ++d) {
+      float want = 0;
+      for (uint32_t j = 0; j < kGateK; ++j) {
+        want += gate.weights[t * kGateK + j] * per_choice[(t * kGateK + j) * 16 + d];
+      }
+      ASSERT_NEAR(y[t * 16 + d], want, 1e-5f * (1 + std::fabs(want))) << t << " " << d;
+    }
+  }
+  EXPECT_NE(y, std::vector<float>(y.size(), 0.0f));
+  // The rest of the step runs as usual.
+  const GateOutput gate1 = RunGate(x, 1);
+  ASSERT_TRUE(
+      s.Forward(0, 1, xd->data(), yd->data(), {gate1.experts.data(), gate1.weights.data(), 2})
+          .ok());
+  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, xd->data(), yd->data()).ok());
+  auto stats = s.EndStep();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->tokens, tokens);
+  EXPECT_TRUE(s.Synchronize().ok());
+  // An RRE session refuses gate choices; a bad gate_k is refused at creation.
+  RunConfig rre;
+  auto plain = Session::Create(**sim, OptionsFor(rre));
+  ASSERT_TRUE(plain.ok());
+  ASSERT_TRUE((*plain)->BeginStep({MakeSteps(1, 1)[0][0].view()}).ok());
+  EXPECT_EQ((*plain)->Forward(0, 0, xd->data(), yd->data(), good).code(),
+            StatusCode::kFailedPrecondition);
+  SessionOptions bad_k = OptionsFor(c);
+  bad_k.gate_k = 8;
+  EXPECT_EQ(Session::Create(**sim, bad_k).status().code(), StatusCode::kInvalidArgument);
 }
 
 TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {
