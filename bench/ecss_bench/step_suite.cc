@@ -10,7 +10,8 @@
 // --gate-k experts of the whole layer at Forward (timed mode has no activations to run a real
 // gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
 // PanGu-Sigma's RRE is measured against: nothing can be fetched ahead, and the experts a step
-// touches are not confined to its domains.
+// touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
+// update (DPU; it changes the math, see session.h).
 #include <algorithm>
 #include <iomanip>
 #include <vector>
@@ -43,6 +44,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
   ECSS_ASSIGN_OR_RETURN(std::string routing, args.String("routing", "rre"));
   ECSS_ASSIGN_OR_RETURN(uint64_t gate_k, args.Uint("gate-k", 2));
+  ECSS_ASSIGN_OR_RETURN(uint64_t delayed, args.Uint("delayed-update", 0));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (states != "host" && states != "nvme") {
     return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
@@ -92,6 +94,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   options.optimizer.threads = static_cast<int>(threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
+  options.delayed_update = delayed != 0;
   if (states == "nvme") {
     options.states = StatesPlacement::kNvme;
     options.nvme_dirs = {dir};
@@ -171,6 +174,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                                                   : "compute";
   json.Field("strategy", StrategyName(strategy))
       .Field("routing", gated ? "gate (reactive)" : "rre")
+      .Field("delayed_update", delayed != 0)
       .Field("profile", profile.name)
       .Field("layers", layers)
       .Field("domains", domains)

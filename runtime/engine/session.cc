@@ -51,6 +51,7 @@ struct Expert {
   std::vector<float> master_storage;
   std::vector<float> state0, state1;
   Buffer weights;        // pinned, compute dtype
+  Buffer front;          // delayed update: what the device copies (weights as last published)
   Buffer grad;           // pinned fp32 accumulator, allocated on first use
   bool touched = false;  // has a gradient in the current step
 };
@@ -147,6 +148,17 @@ struct Session::Impl {
   uint64_t gradient_bytes = 0;
   uint32_t submitted = 0;
 
+  // Delayed update (DPU): the gradients of the step before (layer, expert), held until the
+  // next BeginStep; the experts whose update started at the last BeginStep (published at the
+  // next); the loss scale of the held gradients; the updater's step count; the report of the
+  // update started in this step; time Backward waited for an update to release a gradient
+  // buffer.
+  std::vector<std::pair<uint32_t, uint32_t>> held, started;
+  float held_loss_scale = 1;
+  uint64_t updater_steps = 0;
+  StepReport started_report;
+  double gradient_fence_seconds = 0;
+
   SimBackend* sim() const { return dynamic_cast<SimBackend*>(&backend); }
   uint32_t d_in() const {
     return options.model.activation == Activation::kSwiGlu ? 2 * options.model.d_ff
@@ -154,6 +166,9 @@ struct Session::Impl {
   }
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
   bool gated() const { return options.routing == Routing::kLearnedGate; }
+  bool delayed() const { return options.delayed_update; }
+  Status Publish();
+  Status StartHeldUpdate();
 
   Status CreateAll();
   Status InitExperts();
@@ -270,8 +285,10 @@ Status Session::Impl::CreateAll() {
     for (uint32_t l = 0; l < m.layers; ++l) n += router->domains().experts_in_layer(l);
     return n;
   }();
-  const uint64_t per_expert_pinned = AlignUp(expert_bytes, 4096) + AlignUp(params * 4, 4096);
-  // (weights in the compute dtype, which for f32 are the master weights; the gradient buffer)
+  const uint64_t per_expert_pinned =
+      AlignUp(expert_bytes, 4096) * (delayed() ? 2 : 1) + AlignUp(params * 4, 4096);
+  // (weights in the compute dtype, which for f32 are the master weights, and with the delayed
+  // update their published copy; the gradient buffer)
   const bool on_nvme = options.states == StatesPlacement::kNvme;
   if (on_nvme && m.dtype != DType::kBF16) {
     return InvalidArgumentError(
@@ -368,11 +385,12 @@ Status Session::Impl::CreateAll() {
   auto expert_of = [this](ExpertKey key) -> Expert& {
     return experts[key >> 32][key & 0xFFFFFFFFu];
   };
-  hooks.host_weights = [expert_of](ExpertKey key) -> const void* {
-    return expert_of(key).weights.data();
+  hooks.host_weights = [this, expert_of](ExpertKey key) -> const void* {
+    return delayed() ? expert_of(key).front.data() : expert_of(key).weights.data();
   };
+  // The delayed update never rewrites what fetches read during a step: no fence to wait on.
   hooks.fence_pending = [this, expert_of](ExpertKey key) {
-    return updater->Pending(expert_of(key).id);
+    return !delayed() && updater->Pending(expert_of(key).id);
   };
   hooks.wait_fence = [this, expert_of](ExpertKey key) { return updater->Wait(expert_of(key).id); };
   prefetcher = std::make_unique<Prefetcher>(*cache, h2d.get(), std::move(hooks),
@@ -445,6 +463,45 @@ Status Session::Impl::InitExperts() {
       ++flat;
     }
   }
+  if (delayed()) {  // the first published weights: the initial ones
+    for (std::vector<Expert>& layer : experts) {
+      for (Expert& x : layer) {
+        ECSS_ASSIGN_OR_RETURN(x.front, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
+        std::memcpy(x.front.data(), x.weights.data(), expert_bytes);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// Delayed update: the update started at the previous BeginStep has finished (the caller
+// waited); its experts' weights become what the device fetches. Nothing reads the published
+// copies now: the step's copies out of them completed (h2d is synchronised first).
+Status Session::Impl::Publish() {
+  ECSS_RETURN_IF_ERROR(backend.SynchronizeStream(h2d.get()));
+  for (const auto& [layer, e] : started) {
+    Expert& x = experts[layer][e];
+    std::memcpy(x.front.data(), x.weights.data(), expert_bytes);
+    ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
+  }
+  started.clear();
+  return Status::Ok();
+}
+
+// Delayed update: starts the update of the held gradients (the step before's).
+Status Session::Impl::StartHeldUpdate() {
+  started_report = StepReport{};
+  if (held.empty()) return Status::Ok();
+  ECSS_RETURN_IF_ERROR(updater->BeginStep(held_loss_scale));
+  ++updater_steps;
+  for (const auto& [layer, e] : held) {
+    const Expert& x = experts[layer][e];
+    ECSS_RETURN_IF_ERROR(updater->Submit(x.id, static_cast<const float*>(x.grad.data())));
+  }
+  submitted = static_cast<uint32_t>(held.size());
+  ECSS_ASSIGN_OR_RETURN(started_report, updater->FinishStep());
+  started = std::move(held);
+  held.clear();
   return Status::Ok();
 }
 
@@ -572,6 +629,10 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
     Expert& expert = experts[layer][e];
     if (!expert.touched) continue;
     expert.touched = false;
+    if (delayed()) {  // held until the next BeginStep
+      held.emplace_back(layer, e);
+      continue;
+    }
     ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
     ECSS_RETURN_IF_ERROR(updater->Submit(expert.id, static_cast<const float*>(expert.grad.data())));
     ++submitted;
@@ -634,17 +695,35 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
     s.micro.clear();  // frees the plans' device copies
     return built;
   }
-  ECSS_RETURN_IF_ERROR(s.updater->BeginStep(loss_scale));
+  if (!(loss_scale > 0) || !std::isfinite(loss_scale)) {
+    s.micro.clear();
+    return InvalidArgumentError(StrCat("BeginStep: loss scale ", loss_scale, " must be > 0"));
+  }
+  s.stalls = {};
+  s.gradient_bytes = 0;
+  s.submitted = 0;
+  s.gradient_fence_seconds = 0;
+  if (s.delayed()) {
+    // The update started at the previous BeginStep finishes, its weights are published, and
+    // the update of the previous step's gradients starts: it overlaps this whole step.
+    {
+      StallTimer timer(&s.stalls.update_backlog_seconds);
+      ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+    }
+    ECSS_RETURN_IF_ERROR(s.Publish());
+    ECSS_RETURN_IF_ERROR(s.StartHeldUpdate());
+    s.held_loss_scale = loss_scale;
+  } else {
+    ECSS_RETURN_IF_ERROR(s.updater->BeginStep(loss_scale));
+    ++s.updater_steps;
+  }
   s.in_step = true;
   ++s.step;
-  s.stalls = {};
-  if (s.step >= 3) {
+  if (!s.delayed() && s.step >= 3) {
     // Step t's device work may overlap step t-1's updates, not step t-2's.
     StallTimer timer(&s.stalls.update_backlog_seconds);
     ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.step - 2));
   }
-  s.gradient_bytes = 0;
-  s.submitted = 0;
   if (s.gated()) {
     s.prefetcher->BeginReactiveStep();
     return Status::Ok();
@@ -840,6 +919,11 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
       ECSS_ASSIGN_OR_RETURN(expert.grad, s.pinned->Allocate(grad_bytes, MemoryTag::kGradients));
     }
     const void* src = static_cast<const float*>(s.dw.data()) + i * s.params;
+    if (!expert.touched && s.delayed() && s.updater->Pending(expert.id)) {
+      // The update started at BeginStep may still read this buffer (the previous gradient).
+      StallTimer timer(&s.gradient_fence_seconds);
+      ECSS_RETURN_IF_ERROR(s.updater->Wait(expert.id));
+    }
     if (!expert.touched) {
       ECSS_RETURN_IF_ERROR(
           s.backend.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
@@ -887,7 +971,10 @@ StatusOr<StepStats> Session::EndStep() {
     }
   }
   ECSS_RETURN_IF_ERROR(s.SubmitReady(true));
-  ECSS_ASSIGN_OR_RETURN(StepReport report, s.updater->FinishStep());
+  StepReport report = s.started_report;  // delayed: the update BeginStep started
+  if (!s.delayed()) {
+    ECSS_ASSIGN_OR_RETURN(report, s.updater->FinishStep());
+  }
   {
     StallTimer timer(&s.stalls.stage_sync_seconds);
     ECSS_RETURN_IF_ERROR(s.backend.SynchronizeStream(s.compute.get()));
@@ -896,7 +983,7 @@ StatusOr<StepStats> Session::EndStep() {
     StallTimer timer(&s.stalls.optimizer_seconds);
     ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
   }
-  s.stalls.update_fence_seconds = s.prefetcher->stall_seconds();
+  s.stalls.update_fence_seconds = s.prefetcher->stall_seconds() + s.gradient_fence_seconds;
   s.prefetcher->Clear();
   uint64_t tokens = 0;
   for (const MicroBatchWork& w : s.micro) tokens += w.num_tokens;
@@ -942,8 +1029,16 @@ StatusOr<StepStats> Session::EndStep() {
 }
 
 Status Session::Synchronize() {
-  ECSS_RETURN_IF_ERROR(impl_->backend.SynchronizeAll());
-  return impl_->updater->Synchronize();
+  Impl& s = *impl_;
+  ECSS_RETURN_IF_ERROR(s.backend.SynchronizeAll());
+  if (s.delayed() && !s.in_step) {  // drain: start the held update, publish everything
+    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+    ECSS_RETURN_IF_ERROR(s.Publish());
+    ECSS_RETURN_IF_ERROR(s.StartHeldUpdate());
+    ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
+    return s.Publish();
+  }
+  return s.updater->Synchronize();
 }
 
 Stream Session::compute_stream() const { return impl_->compute.get(); }

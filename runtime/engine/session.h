@@ -108,7 +108,17 @@ struct SessionOptions {
   // weights, moments and update counts stored there. Files of another model are refused.
   bool resume_states = false;
   CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
-  int kernel_threads = 0;         // the sim's real-mode kernels; 0 = all cores
+  // ZeRO-Offload's one-step delayed parameter update (DPU), opt-in. It CHANGES THE MATH: step
+  // t computes with the weights after the updates of step t-2, not t-1. The update of step
+  // t's gradients starts at BeginStep(t+1) and overlaps all of step t+1 without any fetch
+  // waiting for it; its result is published at BeginStep(t+2). The device copies from a
+  // second pinned copy of every expert's compute weights (one more compute-dtype array per
+  // expert), so an update never tears what a fetch reads. Synchronize outside a step applies
+  // the held update (its weights are published at once). StepStats.optimizer and
+  // updated_* then describe the update started in that step (of the previous step's
+  // gradients).
+  bool delayed_update = false;
+  int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores
   // Optional, not owned, must outlive the session: the optimizer threads' and the NVMe state
   // streaming's lanes (give the sim backend the same recorder for the device lanes).
   TraceRecorder* trace = nullptr;
@@ -190,7 +200,8 @@ class Session {
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
   StatusOr<StepStats> EndStep();
-  // Waits for every update in flight; returns the first optimizer error.
+  // Waits for every update in flight; returns the first optimizer error. With delayed_update
+  // and outside a step it first starts the held update and publishes its result.
   Status Synchronize();
 
   // The stream the session computes on: the loop orders its own device work against it.

@@ -106,7 +106,8 @@ struct RunConfig {
   std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
   bool resume = false;   // open the state files in nvme_dir instead of creating them
   float max_grad_norm = 0;
-  bool gated = false;  // a learned gate (fixed, the same in both trainers) routes every layer
+  bool gated = false;    // a learned gate (fixed, the same in both trainers) routes every layer
+  bool delayed = false;  // the one-step delayed update (DPU)
 };
 
 constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
@@ -136,6 +137,7 @@ SessionOptions OptionsFor(const RunConfig& c) {
   o.optimizer.groups[0].lr = 0.05f;
   o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
+  o.delayed_update = c.delayed;
   if (c.gated) {
     o.routing = Routing::kLearnedGate;
     o.gate_k = kGateK;
@@ -247,11 +249,44 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
       ids[l].push_back(*(*optimizer)->RegisterExpert(a));
     }
   }
-  auto weights_of = [&](uint32_t l, uint32_t e) -> const void* {
+  auto current_of = [&](uint32_t l, uint32_t e) -> const void* {
     return m.dtype == DType::kF32 ? static_cast<const void*>(master[l][e].data())
                                   : copy[l][e].data();
   };
+  // The delayed update (DPU): a step computes with the weights as they were before the
+  // previous step's update was applied (`front`, snapshotted at each step's start).
+  std::vector<std::vector<std::vector<char>>> front(m.layers);
+  auto snapshot = [&] {
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      front[l].resize(master[l].size());
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        const auto* bytes = static_cast<const char*>(current_of(l, e));
+        front[l][e].assign(bytes, bytes + n * DTypeSize(m.dtype));
+      }
+    }
+  };
+  auto weights_of = [&](uint32_t l, uint32_t e) -> const void* {
+    return c.delayed ? static_cast<const void*>(front[l][e].data()) : current_of(l, e);
+  };
+  auto apply = [&](const std::vector<std::vector<bool>>& touched) {
+    EXPECT_TRUE((*optimizer)->BeginStep(1.0f).ok());
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        if (touched[l][e]) {
+          EXPECT_TRUE(
+              (*optimizer)->SubmitGradient(ids[l][e], grads[l][e].data(), DType::kF32).ok());
+        }
+      }
+    }
+    EXPECT_TRUE((*optimizer)->FinishStep().ok());
+    EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  };
+  std::vector<std::vector<bool>> held;  // DPU: the previous step's touched experts
   for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
+    if (c.delayed) {
+      snapshot();
+      if (!held.empty()) apply(held);
+    }
     std::vector<RoutingPlan> plans;
     if (!c.gated) {
       for (const Batch& b : step) plans.push_back(*RoutingPlan::BuildRre(*router, b.view()));
@@ -276,7 +311,6 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
         offsets->push_back(offsets->back() + (active ? lp.count(a++) : 0));
       }
     };
-    EXPECT_TRUE((*optimizer)->BeginStep(1.0f).ok());
     RunLoop(
         step, m.layers, d, c.dtype,
         [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
@@ -369,17 +403,13 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
           }
           return FromDevice(dx, c.dtype);
         });
-    for (uint32_t l = 0; l < m.layers; ++l) {
-      for (uint32_t e = 0; e < master[l].size(); ++e) {
-        if (touched[l][e]) {
-          EXPECT_TRUE(
-              (*optimizer)->SubmitGradient(ids[l][e], grads[l][e].data(), DType::kF32).ok());
-        }
-      }
+    if (c.delayed) {
+      held = touched;
+    } else {
+      apply(touched);
     }
-    EXPECT_TRUE((*optimizer)->FinishStep().ok());
-    EXPECT_TRUE((*optimizer)->Synchronize().ok());
   }
+  if (!held.empty()) apply(held);  // the session's Synchronize applies the held update
   return master;
 }
 
@@ -628,6 +658,44 @@ TEST(SessionTest, LearnedGateChoicesAreCheckedAndTheirOutputsCombineToTheLayerOu
   SessionOptions bad_k = OptionsFor(c);
   bad_k.gate_k = 8;
   EXPECT_EQ(Session::Create(**sim, bad_k).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The one-step delayed update changes the math, exactly as documented: bit-identical to a
+// resident trainer that computes each step with the weights from before the previous step's
+// update, and different from the undelayed run.
+TEST(SessionTest, DelayedUpdateMatchesADelayedResidentReference) {
+  char dir_template[] = "/tmp/ecss_session_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (int variant = 0; variant < 4; ++variant) {
+      RunConfig c;
+      c.delayed = true;
+      c.strategy = strategy;
+      c.micro_batches = 2;
+      c.steps = 4;
+      c.dtype = variant == 1 ? DType::kF32 : DType::kBF16;
+      c.max_grad_norm = variant == 2 ? 0.01f : 0.0f;
+      if (variant == 3) c.nvme_dir = dir_template;
+      std::vector<StepStats> stats;
+      const Weights trained = TrainSession(c, &stats);
+      RunConfig reference = c;
+      reference.nvme_dir.clear();
+      ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
+      // Step 1 starts no update (nothing is held yet); later steps start the one before's.
+      ASSERT_EQ(stats.size(), 4u);
+      EXPECT_EQ(stats[0].updated_experts, 0u);
+      EXPECT_GT(stats[1].updated_experts, 0u);
+      if (variant == 2) EXPECT_LT(stats[2].optimizer.clip_coefficient, 1.0f);
+      if (strategy == Strategy::kEcss && variant == 0) {
+        RunConfig undelayed = c;
+        undelayed.delayed = false;
+        const Weights plain = TrainSession(undelayed);
+        EXPECT_NE(0, std::memcmp(plain[0][0].data(), trained[0][0].data(), plain[0][0].size() * 4))
+            << "the delayed update changes the math";
+      }
+    }
+  }
+  std::filesystem::remove_all(dir_template);
 }
 
 TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {
