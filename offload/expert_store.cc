@@ -143,15 +143,17 @@ std::string_view TierName(Tier tier) {
       return "pinned";
     case Tier::kNvme:
       return "nvme";
+    case Tier::kNone:
+      return "none";
   }
   return "?";
 }
 
 StatusOr<Tier> ParseTier(std::string_view name) {
-  for (Tier tier : {Tier::kDevice, Tier::kPinned, Tier::kNvme}) {
+  for (Tier tier : {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kNone}) {
     if (TierName(tier) == name) return tier;
   }
-  return InvalidArgumentError(StrCat("unknown tier '", name, "' (device, pinned or nvme)"));
+  return InvalidArgumentError(StrCat("unknown tier '", name, "' (device, pinned, nvme or none)"));
 }
 
 uint64_t ExpertStore::StateBytes(ExpertState state) const {
@@ -168,7 +170,9 @@ uint64_t ExpertStore::StateBytes(ExpertState state) const {
   return 0;
 }
 
-bool ExpertStore::HasState(ExpertState state) const { return StateBytes(state) > 0; }
+bool ExpertStore::HasState(ExpertState state) const {
+  return StateBytes(state) > 0 && placement(state) != Tier::kNone;
+}
 
 Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& options) {
   const ExpertStoreLayout& l = options.layout;
@@ -356,11 +360,21 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend, IoEng
   }
   if (m.layout.moments != want.moments) return differs("moments", m.layout.moments, want.moments);
   if (m.dirs != options.dirs.size()) return differs("directories", m.dirs, options.dirs.size());
+  for (ExpertState state : kStates) {
+    const int i = static_cast<int>(state);
+    if (m.placement[i] == Tier::kNone && options.placement[i] != Tier::kNone) {
+      return FailedPreconditionError(StrCat(
+          "expert store in '", options.dirs[0], "' was made without the ", ExpertStateName(state),
+          " state; it cannot be placed on ", TierName(options.placement[i]), " now"));
+    }
+  }
   if (!m.closed) {
     std::string lost;
     for (ExpertState state : kStates) {
-      const bool exists = state != ExpertState::kMoments || m.layout.moments > 0;
-      if (exists && m.placement[static_cast<int>(state)] != Tier::kNvme) {
+      const Tier tier = m.placement[static_cast<int>(state)];
+      const bool exists =
+          (state != ExpertState::kMoments || m.layout.moments > 0) && tier != Tier::kNone;
+      if (exists && tier != Tier::kNvme) {
         lost += StrCat(lost.empty() ? "" : ", ", ExpertStateName(state), " (",
                        TierName(m.placement[static_cast<int>(state)]), ")");
       }
@@ -502,6 +516,18 @@ Status ExpertStore::ReadBlock(ExpertState state, uint32_t layer, uint32_t expert
   ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
   return LoadFromFile(state, Id(layer, expert), block)
       .Annotate(StrCat("reading ", Name(state, layer, expert)));
+}
+
+Status ExpertStore::WriteBlock(ExpertState state, uint32_t layer, uint32_t expert,
+                               const void* block) {
+  if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
+    return InvalidArgumentError("ExpertStore::WriteBlock needs a 4 KiB-aligned block");
+  }
+  if (placement(state) != Tier::kNvme) return Write(state, layer, expert, block);
+  std::lock_guard<std::mutex> lock(mutex_);
+  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+  return StoreToFile(state, Id(layer, expert), block)
+      .Annotate(StrCat("writing ", Name(state, layer, expert)));
 }
 
 StatusOr<void*> ExpertStore::Resident(ExpertState state, uint32_t layer, uint32_t expert) {

@@ -48,8 +48,10 @@ enum class ExpertState : uint8_t { kWeights, kMaster, kMoments, kGradient };
 inline constexpr int kExpertStates = 4;
 std::string_view ExpertStateName(ExpertState state);  // "weights", "master", ...
 
-enum class Tier : uint8_t { kDevice, kPinned, kNvme };
-std::string_view TierName(Tier tier);  // "device", "pinned", "nvme"
+// kNone: the store does not keep that state (its owner keeps it elsewhere, as the session
+// does with gradients).
+enum class Tier : uint8_t { kDevice, kPinned, kNvme, kNone };
+std::string_view TierName(Tier tier);  // "device", "pinned", "nvme", "none"
 StatusOr<Tier> ParseTier(std::string_view name);
 
 // What identifies a model's experts; a store opens only for the layout it was made for.
@@ -93,9 +95,11 @@ class ExpertStore {
   // One expert's state from / to host memory (any alignment): StateBytes(state) bytes.
   Status Write(ExpertState state, uint32_t layer, uint32_t expert, const void* src);
   Status Read(ExpertState state, uint32_t layer, uint32_t expert, void* dst);
-  // As Read into a 4 KiB-aligned host block of BlockBytes(state): an nvme state is read
-  // straight into it, without the staging copy (the weight stager's path).
+  // As Read / Write from a 4 KiB-aligned host block of BlockBytes(state): an nvme state goes
+  // straight between it and the file, without the staging copy (the weight stager's and the
+  // optimizer pipeline's path).
   Status ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block);
+  Status WriteBlock(ExpertState state, uint32_t layer, uint32_t expert, const void* block);
   // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
   // stays valid until Close; the caller orders its accesses against Write.
   StatusOr<void*> Resident(ExpertState state, uint32_t layer, uint32_t expert);

@@ -165,12 +165,17 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
   // Each array starts on a 4 KiB boundary and has room for a whole number of 4 KiB blocks, so
   // that O_DIRECT tiers can read into and write from the slot directly.
   const size_t stride = (options.max_expert_elements * 4 + 4095) / 4096 * 1024;  // floats
+  const size_t compute_bytes =
+      options.stage_compute_copy ? (options.max_expert_elements * 2 + 4095) / 4096 * 4096 : 0;
   for (int b = 0; b < options.buffers; ++b) {
-    StatusOr<Buffer> buffer = staging->Allocate(stride * 4 * arrays, MemoryTag::kStaging);
+    StatusOr<Buffer> buffer =
+        staging->Allocate(stride * 4 * arrays + compute_bytes, MemoryTag::kStaging);
     if (!buffer.ok()) return buffer.status().Annotate(StrCat("state streaming slot ", b));
     float* base = buffer->as<float>();
+    auto* compute =
+        options.stage_compute_copy ? reinterpret_cast<BFloat16*>(base + stride * arrays) : nullptr;
     impl->slots.push_back(
-        StateSlot{base, base + stride, arrays == 3 ? base + 2 * stride : nullptr, 0});
+        StateSlot{base, base + stride, arrays == 3 ? base + 2 * stride : nullptr, compute, 0});
     impl->buffers.push_back(std::move(*buffer));
   }
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
@@ -256,8 +261,9 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
         const UpdateScalars scalars =
             MakeUpdateScalars(impl.options.kind, impl.options.params, token.update_count,
                               grad_scale, clip_coefficient);
-        const ParamArrays arrays{slot.master, g.grad,         g.dtype,  slot.state0,
-                                 slot.state1, g.compute_copy, slot.size};
+        BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
+        const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
+                                 slot.state1, compute, slot.size};
         impl.arena.execute([&] {
           optimizer_internal::ParallelUpdate(impl.isa, scalars, arrays,
                                              impl.options.chunk_elements);

@@ -22,12 +22,14 @@
 
 namespace ecss {
 
-// A staging slot: room for one expert's master and state arrays.
+// A staging slot: room for one expert's master and state arrays, and (with
+// StreamingOptions::stage_compute_copy) the new bf16 compute copy, which the tier stores.
 struct StateSlot {
   float* master = nullptr;
   float* state0 = nullptr;
-  float* state1 = nullptr;  // null for one-state optimizers
-  size_t size = 0;          // elements of the expert currently in the slot
+  float* state1 = nullptr;      // null for one-state optimizers
+  BFloat16* compute = nullptr;  // null unless stage_compute_copy
+  size_t size = 0;              // elements of the expert currently in the slot
 };
 
 class StateTier {
@@ -78,10 +80,14 @@ struct StreamingOptions {
   size_t chunk_elements = 64 * 1024;  // per update task (>= 1024)
   int buffers = 2;                    // staging slots (>= 2)
   size_t max_expert_elements = 0;     // slot capacity (> 0)
-  std::optional<SimdIsa> isa;         // default: the best the CPU runs
+  // Each slot also holds the new bf16 compute copy (StateSlot::compute) of an update whose
+  // gradient gives no compute_copy: for tiers that store the compute weights themselves.
+  bool stage_compute_copy = false;
+  std::optional<SimdIsa> isa;  // default: the best the CPU runs
 };
 
-// One expert's gradient for the pipeline. compute_copy (optional) receives the new bf16 copy.
+// One expert's gradient for the pipeline. compute_copy (optional) receives the new bf16 copy
+// (else the slot's compute array does, when the slots stage one).
 struct StreamedGradient {
   uint32_t expert = 0;
   const void* grad = nullptr;

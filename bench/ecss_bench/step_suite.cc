@@ -11,7 +11,9 @@
 // gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
 // PanGu-Sigma's RRE is measured against: nothing can be fetched ahead, and the experts a step
 // touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
-// update (DPU; it changes the math, see session.h).
+// update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
+// the compute weights on NVMe as well: every fetch reads them into pinned staging first. The
+// directory must not hold an earlier run's weight store.
 #include <algorithm>
 #include <iomanip>
 #include <vector>
@@ -45,9 +47,14 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string routing, args.String("routing", "rre"));
   ECSS_ASSIGN_OR_RETURN(uint64_t gate_k, args.Uint("gate-k", 2));
   ECSS_ASSIGN_OR_RETURN(uint64_t delayed, args.Uint("delayed-update", 0));
+  ECSS_ASSIGN_OR_RETURN(std::string weights, args.String("weights", "pinned"));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (states != "host" && states != "nvme") {
     return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
+  }
+  if (weights != "pinned" && (weights != "nvme" || states != "nvme")) {
+    return InvalidArgumentError(
+        StrCat("--weights '", weights, "': pinned, or nvme (with --states nvme)"));
   }
   if (routing != "rre" && routing != "gate") {
     return InvalidArgumentError(StrCat("--routing '", routing, "': rre or gate"));
@@ -98,6 +105,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   if (states == "nvme") {
     options.states = StatesPlacement::kNvme;
     options.nvme_dirs = {dir};
+    if (weights == "nvme") options.weights = WeightsPlacement::kNvme;
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, options));
   uint64_t total_experts = 0;
@@ -183,6 +191,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("expert_params", expert_params)
       .Field("tokens_per_step", tokens)
       .Field("states_placement", states)
+      .Field("weights_placement", weights)
       .Field("optimizer_threads", threads)
       .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
       .Field("step_seconds", seconds / measured)

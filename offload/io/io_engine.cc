@@ -90,4 +90,10 @@ StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
   return InvalidArgumentError("unknown io engine kind");
 }
 
+StatusOr<std::unique_ptr<IoEngine>> CreateFileIoEngine(const IoEngineOptions& options) {
+  StatusOr<std::unique_ptr<IoEngine>> engine = CreateIoEngine(IoEngineKind::kUring, options);
+  if (engine.ok() || engine.status().code() != StatusCode::kUnavailable) return engine;
+  return CreateIoEngine(IoEngineKind::kPosix, options);  // io_uring disabled here
+}
+
 }  // namespace ecss

@@ -104,5 +104,7 @@ struct IoEngineOptions {
 // fall back to kPosix.
 StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
                                                    const IoEngineOptions& options);
+// The engine for real files: io_uring where the kernel allows it, else posix.
+StatusOr<std::unique_ptr<IoEngine>> CreateFileIoEngine(const IoEngineOptions& options);
 
 }  // namespace ecss

@@ -82,9 +82,7 @@ uint32_t FileArrays(OptimizerKind kind) { return 1 + static_cast<uint32_t>(State
 StatusOr<std::unique_ptr<IoEngine>> CreateFileEngine() {
   IoEngineOptions options;
   options.queue_depth = 8;
-  StatusOr<std::unique_ptr<IoEngine>> engine = CreateIoEngine(IoEngineKind::kUring, options);
-  if (engine.ok() || engine.status().code() != StatusCode::kUnavailable) return engine;
-  return CreateIoEngine(IoEngineKind::kPosix, options);  // io_uring disabled here
+  return CreateFileIoEngine(options);
 }
 
 }  // namespace
@@ -148,9 +146,10 @@ struct NvmeUpdater::Impl {
       lock.lock();
       running = false;
       busy += seconds;
-      // Each update reads and writes every state array once.
-      bytes += 2ull * FileArrays(options.optimizer.kind) * 4 * options.expert_elements *
-               (report.ok() ? report->updated : 0);
+      // Each update reads and writes every state array once, and writes the bf16 weights
+      // when they live on NVMe.
+      bytes += (2ull * FileArrays(options.optimizer.kind) * 4 + (options.weights ? 2 : 0)) *
+               options.expert_elements * (report.ok() ? report->updated : 0);
       if (!report.ok() && first_error.ok()) first_error = report.status();
       for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
       cv.notify_all();
@@ -158,9 +157,10 @@ struct NvmeUpdater::Impl {
   }
 };
 
-uint64_t NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options) {
-  return static_cast<uint64_t>(options.staging_buffers) * FileArrays(options.optimizer.kind) *
-         StateArrayBytes(options.expert_elements);
+uint64_t NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme) {
+  const uint64_t compute = weights_on_nvme ? StateBlockBytes(options.expert_elements * 2) : 0;
+  return static_cast<uint64_t>(options.staging_buffers) *
+         (FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements) + compute);
 }
 
 StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,
@@ -190,7 +190,7 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   ECSS_ASSIGN_OR_RETURN(impl->reader, ExpertStateFile::Open(impl->load_io.get(), layout));
   impl->tier = std::make_unique<FileStateTier>(
       impl->reader.get(), impl->writer.get(),
-      std::vector<size_t>(options.experts, options.expert_elements));
+      std::vector<size_t>(options.experts, options.expert_elements), options.weights);
   StreamingOptions streaming;
   streaming.kind = options.optimizer.kind;
   streaming.params = options.optimizer.groups[0];
@@ -199,6 +199,7 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   streaming.buffers = options.staging_buffers;
   streaming.max_expert_elements = options.expert_elements;
   streaming.isa = options.optimizer.isa;
+  streaming.stage_compute_copy = options.weights != nullptr;
   ECSS_ASSIGN_OR_RETURN(impl->updater,
                         StateStreamingUpdater::Create(streaming, impl->tier.get(), staging));
   impl->compute_copies.assign(options.experts, nullptr);
@@ -230,15 +231,30 @@ Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compu
   const void* pointers[3];
   for (uint32_t a = 0; a < arrays; ++a) pointers[a] = static_cast<char*>(init.data()) + a * block;
   s.compute_copies[id] = compute_copy;
-  return s.writer->Store(id, pointers, s.options.expert_elements, 0);
+  ECSS_RETURN_IF_ERROR(s.writer->Store(id, pointers, s.options.expert_elements, 0));
+  return WriteWeights(id, master);
 }
 
 Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   Impl& s = *impl_;
   ECSS_ASSIGN_OR_RETURN(std::vector<float> master, Master(id));
-  ConvertF32ToBf16(master.data(), compute_copy, master.size());
   s.compute_copies[id] = compute_copy;
-  return Status::Ok();
+  // The weights follow from the master (they are rewritten even when on NVMe: a crash
+  // between an update's master and weights stores leaves them one version behind).
+  return WriteWeights(id, master.data());
+}
+
+Status NvmeUpdater::WriteWeights(uint32_t id, const float* master) {
+  Impl& s = *impl_;
+  if (s.options.weights == nullptr) {
+    ConvertF32ToBf16(master, s.compute_copies[id], s.options.expert_elements);
+    return Status::Ok();
+  }
+  std::vector<BFloat16> weights(s.options.expert_elements);
+  ConvertF32ToBf16(master, weights.data(), weights.size());
+  const uint32_t per_layer = s.options.weights->layout().experts_per_layer;
+  return s.options.weights->Write(ExpertState::kWeights, id / per_layer, id % per_layer,
+                                  weights.data());
 }
 
 Status NvmeUpdater::BeginStep(float loss_scale) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "offload/expert_store.h"
 #include "optimizer/cpu_optimizer.h"
 #include "runtime/base/dtype.h"
 #include "runtime/device/allocator.h"
@@ -83,6 +84,9 @@ struct NvmeUpdaterOptions {
   // Open the state files an earlier session of the same model wrote, instead of creating
   // (truncating) them.
   bool open_existing = false;
+  // Compute weights on NVMe: each update's bf16 copy goes into this store (through the
+  // pipeline's slots) instead of a compute_copy in memory. Not owned; outlives the updater.
+  ExpertStore* weights = nullptr;
 };
 
 class NvmeUpdater final : public ExpertUpdater {
@@ -94,14 +98,15 @@ class NvmeUpdater final : public ExpertUpdater {
   // Waits for the updates, then makes the files durable (fdatasync).
   ~NvmeUpdater() override;
   // Writes expert `id`'s initial master weights (moments zero); before any step.
-  // `compute_copy` receives the bf16 copy of each update.
+  // `compute_copy` receives the bf16 copy of each update (null with a weight store).
   Status Initialize(uint32_t id, const float* master, BFloat16* compute_copy);
   // Opened files: reads expert `id`'s master weights and writes their bf16 copy into
-  // `compute_copy` (which receives every later update too). An expert the files do not hold
-  // as this layout expects is an error naming it.
+  // `compute_copy` or the weight store (which receive every later update too). An expert the files
+  // do not hold as this layout expects is an error naming it.
   Status Resume(uint32_t id, BFloat16* compute_copy);
-  // Bytes of pinned staging Create takes.
-  static uint64_t StagingBytes(const NvmeUpdaterOptions& options);
+  // Bytes of pinned staging Create takes (with a weight store: `weights_on_nvme`, which the
+  // caller can size before it creates the store).
+  static uint64_t StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
 
   Status BeginStep(float loss_scale) override;
   Status Submit(uint32_t id, const float* grad) override;
@@ -119,6 +124,8 @@ class NvmeUpdater final : public ExpertUpdater {
   struct Impl;
   explicit NvmeUpdater(std::unique_ptr<Impl> impl);
   Status Start(float clip_coefficient);  // queues the batch collected so far
+  // Expert `id`'s bf16 weights from its master: into its compute copy, or the weight store.
+  Status WriteWeights(uint32_t id, const float* master);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -16,7 +16,11 @@ Status FileStateTier::Load(uint32_t expert, const StateSlot& slot, uint64_t* upd
 
 Status FileStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) {
   const void* arrays[3] = {slot.master, slot.state0, slot.state1};
-  return writer_->Store(expert, arrays, slot.size, update_count);
+  ECSS_RETURN_IF_ERROR(writer_->Store(expert, arrays, slot.size, update_count));
+  if (weights_ == nullptr) return Status::Ok();
+  const uint32_t per_layer = weights_->layout().experts_per_layer;
+  return weights_->WriteBlock(ExpertState::kWeights, expert / per_layer, expert % per_layer,
+                              slot.compute);
 }
 
 }  // namespace ecss

@@ -4,12 +4,16 @@
 // handles of the same files, because the pipeline's load and store stages run on different
 // threads and a handle drives its IoEngine from one thread at a time. It lives in the engine
 // because it joins two folders that do not depend on each other.
+// With a weight store (compute weights on NVMe), Store also writes the slot's new bf16
+// compute copy into it, after the master and moments: expert id = layer * experts per layer
+// + expert.
 // Thread-safety: Load from one thread and Store from another at a time, as the pipeline does.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "offload/expert_store.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
 
@@ -18,8 +22,9 @@ namespace ecss {
 class FileStateTier final : public StateTier {
  public:
   // `sizes[e]` is expert e's element count. reader and writer must outlive the tier.
-  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, std::vector<size_t> sizes)
-      : reader_(reader), writer_(writer), sizes_(std::move(sizes)) {}
+  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, std::vector<size_t> sizes,
+                ExpertStore* weights = nullptr)
+      : reader_(reader), writer_(writer), sizes_(std::move(sizes)), weights_(weights) {}
 
   StatusOr<size_t> ExpertSize(uint32_t expert) const override;
   Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
@@ -29,6 +34,7 @@ class FileStateTier final : public StateTier {
   ExpertStateFile* reader_;
   ExpertStateFile* writer_;
   std::vector<size_t> sizes_;
+  ExpertStore* weights_;
 };
 
 }  // namespace ecss

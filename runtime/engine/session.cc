@@ -9,8 +9,10 @@
 
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
+#include "offload/expert_store.h"
 #include "offload/prefetcher.h"
 #include "offload/state_file.h"
+#include "offload/weight_stager.h"
 #include "router/rre_router.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
@@ -112,6 +114,11 @@ struct Session::Impl {
   std::unique_ptr<KernelRunner> kernels;
   // Declared before what is carved from it (the updater's staging, the experts' buffers),
   // so that it is destroyed after them.
+  // Weights on NVMe: their store (and its engine) and the NVMe -> pinned stage, declared
+  // before what uses them (the updater writes the store; the prefetcher reads the stager).
+  std::unique_ptr<IoEngine> weight_io;
+  std::unique_ptr<ExpertStore> weight_store;
+  std::unique_ptr<WeightStager> stager;
   std::unique_ptr<PinnedHostPool> pinned;
   std::unique_ptr<ExpertUpdater> updater;
   std::unique_ptr<DeviceCache> cache;
@@ -167,6 +174,12 @@ struct Session::Impl {
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
   bool gated() const { return options.routing == Routing::kLearnedGate; }
   bool delayed() const { return options.delayed_update; }
+  bool weights_on_nvme() const { return options.weights == WeightsPlacement::kNvme; }
+  // NVMe bytes since creation: states read and written, weights written and staged.
+  uint64_t nvme_bytes() const {
+    return updater->nvme_bytes() + (stager != nullptr ? stager->bytes_read() : 0);
+  }
+  Status CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes);
   Status Publish();
   Status StartHeldUpdate();
 
@@ -191,7 +204,7 @@ struct Session::Impl {
     cache_at_begin = cache->stats();
     if (SimBackend* device = sim()) engines_at_begin = device->engine_stats();
     optimizer_busy_at_begin = updater->busy_seconds();
-    nvme_at_begin = updater->nvme_bytes();
+    nvme_at_begin = nvme_bytes();
   }
   // The grouped FFN of one layer of one micro-batch (activations recomputed in backward).
   GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
@@ -285,11 +298,23 @@ Status Session::Impl::CreateAll() {
     for (uint32_t l = 0; l < m.layers; ++l) n += router->domains().experts_in_layer(l);
     return n;
   }();
-  const uint64_t per_expert_pinned =
-      AlignUp(expert_bytes, 4096) * (delayed() ? 2 : 1) + AlignUp(params * 4, 4096);
+  const uint64_t per_expert_pinned = AlignUp(expert_bytes, 4096) * (weights_on_nvme() ? 0
+                                                                    : delayed()       ? 2
+                                                                                      : 1) +
+                                     AlignUp(params * 4, 4096);
   // (weights in the compute dtype, which for f32 are the master weights, and with the delayed
   // update their published copy; the gradient buffer)
   const bool on_nvme = options.states == StatesPlacement::kNvme;
+  if (weights_on_nvme() && (!on_nvme || delayed())) {
+    return InvalidArgumentError(
+        "session: weights on NVMe need the states on NVMe too (the update streams them and "
+        "writes the new weights), and do not combine with delayed_update");
+  }
+  // Weights on NVMe: the store's staging block and the NVMe -> pinned window's blocks.
+  const uint32_t staging_blocks =
+      options.weight_staging_blocks > 0 ? options.weight_staging_blocks : max_groups;
+  const uint64_t weight_pinned =
+      weights_on_nvme() ? StateBlockBytes(expert_bytes) * (1ull + staging_blocks) : 0;
   if (on_nvme && m.dtype != DType::kBF16) {
     return InvalidArgumentError(
         "session: states on NVMe need the bf16 dtype (the pinned "
@@ -306,9 +331,11 @@ Status Session::Impl::CreateAll() {
   }
   // Staging for the streaming pipeline, plus one expert's states for initialisation and reads.
   const uint64_t nvme_pinned =
-      on_nvme ? NvmeUpdater::StagingBytes(nvme) + 3 * StateArrayBytes(params) : 0;
+      on_nvme ? NvmeUpdater::StagingBytes(nvme, weights_on_nvme()) + 3 * StateArrayBytes(params)
+              : 0;
   const uint64_t pinned_needed = experts_total * per_expert_pinned +
-                                 AlignUp(uint64_t{max_groups} * params * 4, 4096) + nvme_pinned;
+                                 AlignUp(uint64_t{max_groups} * params * 4, 4096) + nvme_pinned +
+                                 weight_pinned;
   const uint64_t pinned_budget =
       options.pinned_budget_bytes == 0 ? pinned_needed : options.pinned_budget_bytes;
   if (pinned_budget < pinned_needed) {
@@ -319,9 +346,13 @@ Status Session::Impl::CreateAll() {
   }
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
-  pool_options.capacity_bytes = pinned_budget;
+  pool_options.capacity_bytes = pinned_budget - weight_pinned;
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
+  if (weights_on_nvme()) {
+    ECSS_RETURN_IF_ERROR(CreateWeightStore(staging_blocks, weight_pinned));
+    nvme.weights = weight_store.get();
+  }
   if (on_nvme) {
     ECSS_ASSIGN_OR_RETURN(updater, NvmeUpdater::Create(nvme, pinned.get()));
   } else {
@@ -394,7 +425,28 @@ Status Session::Impl::CreateAll() {
   };
   hooks.wait_fence = [this, expert_of](ExpertKey key) { return updater->Wait(expert_of(key).id); };
   prefetcher = std::make_unique<Prefetcher>(*cache, h2d.get(), std::move(hooks),
-                                            options.prefetch_window_experts);
+                                            options.prefetch_window_experts, stager.get());
+  return Status::Ok();
+}
+
+// Weights on NVMe: their store in nvme_dirs (created, or opened with resume_states) with the
+// pinned budget `pinned_bytes`, and the stager's blocks from it.
+Status Session::Impl::CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes) {
+  ExpertStoreOptions store;
+  store.layout = {options.model.layers, router->domains().experts_in_layer(0), params, DType::kBF16,
+                  0};
+  store.placement = {Tier::kNvme, Tier::kNone, Tier::kNone, Tier::kNone};
+  store.dirs = options.nvme_dirs;
+  store.pinned_budget_bytes = pinned_bytes;
+  IoEngineOptions io;
+  io.queue_depth = 8;
+  ECSS_ASSIGN_OR_RETURN(weight_io, CreateFileIoEngine(io));
+  if (options.resume_states) {
+    ECSS_ASSIGN_OR_RETURN(weight_store, ExpertStore::Open(backend, *weight_io, store));
+  } else {
+    ECSS_ASSIGN_OR_RETURN(weight_store, ExpertStore::Create(backend, *weight_io, store));
+  }
+  ECSS_ASSIGN_OR_RETURN(stager, WeightStager::Create(*weight_store, blocks));
   return Status::Ok();
 }
 
@@ -416,9 +468,12 @@ Status Session::Impl::InitExperts() {
     experts[l].resize(router->domains().experts_in_layer(l));
     for (uint32_t e = 0; e < experts[l].size(); ++e) {
       Expert& x = experts[l][e];
-      ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
+      if (!weights_on_nvme()) {
+        ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
+      }
+      auto* compute_copy = static_cast<BFloat16*>(x.weights.data());  // null: in the store
       if (nvme != nullptr && options.resume_states) {
-        Status resumed = nvme->Resume(flat, static_cast<BFloat16*>(x.weights.data()));
+        Status resumed = nvme->Resume(flat, compute_copy);
         if (!resumed.ok()) {
           return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
                                          options.nvme_dirs[0], " (files of another model?)"));
@@ -441,9 +496,7 @@ Status Session::Impl::InitExperts() {
         x.master[i] = (rng.UniformFloat() * 2 - 1) * scale;
       }
       if (nvme != nullptr) {
-        ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);
-        ECSS_RETURN_IF_ERROR(
-            nvme->Initialize(flat, x.master, static_cast<BFloat16*>(x.weights.data())));
+        ECSS_RETURN_IF_ERROR(nvme->Initialize(flat, x.master, compute_copy));
         x.id = flat++;
         x.master = nullptr;
         continue;
@@ -1017,7 +1070,7 @@ StatusOr<StepStats> Session::EndStep() {
     stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
   }
   stats.optimizer_busy_seconds = s.updater->busy_seconds() - s.optimizer_busy_at_begin;
-  stats.nvme_bytes = s.updater->nvme_bytes() - s.nvme_at_begin;
+  stats.nvme_bytes = s.nvme_bytes() - s.nvme_at_begin;
   const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,
                                    stats.d2h_busy_seconds, stats.optimizer_busy_seconds});
   stats.overlap_efficiency = stats.seconds > 0 ? std::min(1.0, busiest / stats.seconds) : 0;

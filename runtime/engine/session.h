@@ -76,6 +76,14 @@ enum class Routing : uint8_t {
   // measured against).
   kLearnedGate,
 };
+// Where the experts' compute weights (what the device fetches) live.
+enum class WeightsPlacement : uint8_t {
+  kPinned,  // pinned host memory, updated in place by the optimizer
+  // NVMe, in an ExpertStore (offload/expert_store.h) in nvme_dirs: fetches read them into
+  // pinned staging blocks first (offload/weight_stager.h), ahead of use within the pinned
+  // budget; each update writes the new bf16 copy there. Needs states on NVMe.
+  kNvme,
+};
 std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
 StatusOr<Strategy> ParseStrategy(std::string_view name);
 
@@ -99,6 +107,11 @@ struct SessionOptions {
   // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
   uint32_t prefetch_window_experts = 0;
   StatesPlacement states = StatesPlacement::kHost;
+  WeightsPlacement weights = WeightsPlacement::kPinned;
+  // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the
+  // device (the NVMe -> pinned window); 0 = the device cache's slots. Counted in the pinned
+  // budget.
+  uint32_t weight_staging_blocks = 0;
   // kNvme: one or more directories for the state files (created, space reserved up front).
   // Needs dtype bf16 (the pinned weights are the bf16 copy). With clipping the step's
   // updates start at EndStep (after the global norm) instead of per layer.
@@ -106,6 +119,8 @@ struct SessionOptions {
   // kNvme: open the state files an earlier session of the same model left in nvme_dirs
   // (after its Synchronize) instead of creating them: the experts continue from the master
   // weights, moments and update counts stored there. Files of another model are refused.
+  // With weights on NVMe their store is opened too (a new session refuses a directory that
+  // holds one: resume it or remove it).
   bool resume_states = false;
   CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
   // ZeRO-Offload's one-step delayed parameter update (DPU), opt-in. It CHANGES THE MATH: step

@@ -13,6 +13,7 @@
 #include "router/gates.h"
 #include "router/rre_router.h"
 #include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 
 namespace ecss {
@@ -108,6 +109,8 @@ struct RunConfig {
   float max_grad_norm = 0;
   bool gated = false;    // a learned gate (fixed, the same in both trainers) routes every layer
   bool delayed = false;  // the one-step delayed update (DPU)
+  bool nvme_weights = false;  // compute weights on NVMe too (in nvme_dir)
+  uint32_t staging_blocks = 0;
 };
 
 constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
@@ -146,6 +149,10 @@ SessionOptions OptionsFor(const RunConfig& c) {
     o.states = StatesPlacement::kNvme;
     o.nvme_dirs = {c.nvme_dir};
     o.resume_states = c.resume;
+    if (c.nvme_weights) {
+      o.weights = WeightsPlacement::kNvme;
+      o.weight_staging_blocks = c.staging_blocks;
+    }
   }
   return o;
 }
@@ -490,40 +497,94 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
 // A session closed after its Synchronize and a new one resuming from its state files train on
 // exactly as one session would have.
 TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
-  char dir_template[] = "/tmp/ecss_resume_XXXXXX";
+  for (bool nvme_weights : {false, true}) {
+    char dir_template[] = "/tmp/ecss_resume_XXXXXX";
+    ASSERT_NE(mkdtemp(dir_template), nullptr);
+    RunConfig straight;
+    straight.nvme_weights = nvme_weights;
+    straight.dtype = DType::kBF16;
+    straight.steps = 4;
+    straight.nvme_dir = std::string(dir_template) + "/straight";
+    std::filesystem::create_directory(straight.nvme_dir);
+    const Weights want = TrainSession(straight);
+
+    RunConfig first = straight;
+    first.nvme_dir = std::string(dir_template) + "/split";
+    std::filesystem::create_directory(first.nvme_dir);
+    first.steps = 2;
+    const Weights halfway = TrainSession(first);
+    RunConfig second = first;
+    second.first_step = 2;
+    second.resume = true;
+    // Reopened before training: every expert as it was written.
+    RunConfig reopened = second;
+    reopened.steps = 0;
+    ExpectBitIdentical(TrainSession(reopened), halfway);
+    ExpectBitIdentical(TrainSession(second), want);
+
+    // Files of another model are refused, and left as they were.
+    SimOptions so;
+    so.device_memory_bytes = 16 << 20;
+    auto sim = SimBackend::Create(so);
+    SessionOptions other = OptionsFor(second);
+    other.model.d_ff = 40;
+    auto refused = Session::Create(**sim, other);
+    EXPECT_FALSE(refused.ok());
+    EXPECT_NE(refused.status().message().find("another model"), std::string::npos)
+        << refused.status();
+    ExpectBitIdentical(TrainSession(reopened), want);
+    std::filesystem::remove_all(dir_template);
+  }
+}
+
+// Compute weights on NVMe too: every fetch reads them NVMe -> pinned staging -> device, each
+// update writes them back; still the resident reference's bits, within the budgets.
+TEST(SessionTest, WeightsOnNvmeStreamThroughPinnedStagingAndMatchTheReference) {
+  char dir_template[] = "/tmp/ecss_weights_XXXXXX";
   ASSERT_NE(mkdtemp(dir_template), nullptr);
-  RunConfig straight;
-  straight.dtype = DType::kBF16;
-  straight.steps = 4;
-  straight.nvme_dir = std::string(dir_template) + "/straight";
-  std::filesystem::create_directory(straight.nvme_dir);
-  const Weights want = TrainSession(straight);
-
-  RunConfig first = straight;
-  first.nvme_dir = std::string(dir_template) + "/split";
-  std::filesystem::create_directory(first.nvme_dir);
-  first.steps = 2;
-  const Weights halfway = TrainSession(first);
-  RunConfig second = first;
-  second.first_step = 2;
-  second.resume = true;
-  // Reopened before training: every expert as it was written.
-  RunConfig reopened = second;
-  reopened.steps = 0;
-  ExpectBitIdentical(TrainSession(reopened), halfway);
-  ExpectBitIdentical(TrainSession(second), want);
-
-  // Files of another model are refused, and left as they were.
+  int run = 0;
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (uint32_t blocks : {1u, 0u}) {
+      RunConfig c;
+      c.dtype = DType::kBF16;
+      c.strategy = strategy;
+      c.micro_batches = 2;
+      c.nvme_weights = true;
+      c.staging_blocks = blocks;
+      c.nvme_dir = StrCat(dir_template, "/", run++);
+      std::filesystem::create_directory(c.nvme_dir);
+      std::vector<StepStats> stats;
+      const Weights trained = TrainSession(c, &stats);
+      RunConfig host = c;
+      host.nvme_dir.clear();
+      ExpectBitIdentical(trained, TrainReference(host, InitialWeights(host)));
+      EXPECT_TRUE(std::filesystem::exists(c.nvme_dir + "/ecss-store.manifest"));
+      // Per update: master, m, v read and written and the bf16 weights written (26 bytes per
+      // parameter); per miss: the expert's weights read (2 bytes per parameter). naive's
+      // EndStep waits for its updates, so its count is exact.
+      const uint64_t params = 16 * 24 * 2;
+      for (const StepStats& step : stats) {
+        EXPECT_GT(step.cache_misses, 0u);
+        if (strategy == Strategy::kNaive) {
+          EXPECT_EQ(step.nvme_bytes, step.updated_params * 26 + step.cache_misses * params * 2);
+        }
+      }
+    }
+  }
+  // A directory that holds a weight store is not overwritten by a new session; weights on
+  // NVMe need the states there too.
   SimOptions so;
   so.device_memory_bytes = 16 << 20;
   auto sim = SimBackend::Create(so);
-  SessionOptions other = OptionsFor(second);
-  other.model.d_ff = 40;
-  auto refused = Session::Create(**sim, other);
-  EXPECT_FALSE(refused.ok());
-  EXPECT_NE(refused.status().message().find("another model"), std::string::npos)
-      << refused.status();
-  ExpectBitIdentical(TrainSession(reopened), want);
+  RunConfig again;
+  again.dtype = DType::kBF16;
+  again.nvme_weights = true;
+  again.nvme_dir = StrCat(dir_template, "/0");
+  Status exists = Session::Create(**sim, OptionsFor(again)).status();
+  EXPECT_EQ(exists.code(), StatusCode::kAlreadyExists) << exists;
+  SessionOptions host_states = OptionsFor(again);
+  host_states.states = StatesPlacement::kHost;
+  EXPECT_EQ(Session::Create(**sim, host_states).status().code(), StatusCode::kInvalidArgument);
   std::filesystem::remove_all(dir_template);
 }
 

@@ -346,6 +346,32 @@ TEST_F(ExpertStoreTest, BadArgumentsAreClearErrors) {
   EXPECT_EQ(ParseTier("ssd").status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST_F(ExpertStoreTest, AStateItDoesNotKeepHasNoFileAndCannotAppearLater) {
+  options_.placement = {Tier::kNvme, Tier::kNone, Tier::kNone, Tier::kNone};
+  {
+    auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+    std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kWeights, 1, 1, 1);
+    alignas(4096) static uint8_t block[4096];
+    std::memcpy(block, bytes.data(), bytes.size());
+    ASSERT_TRUE(store->WriteBlock(ExpertState::kWeights, 1, 1, block).ok());
+    std::vector<uint8_t> got(bytes.size());
+    ASSERT_TRUE(store->Read(ExpertState::kWeights, 1, 1, got.data()).ok());
+    EXPECT_EQ(got, bytes);
+    EXPECT_EQ(store->Read(ExpertState::kMaster, 0, 0, got.data()).code(),
+              StatusCode::kInvalidArgument);
+    EXPECT_EQ(store->WriteBlock(ExpertState::kWeights, 0, 0, block + 1).code(),
+              StatusCode::kInvalidArgument);
+  }
+  EXPECT_FALSE(std::filesystem::exists(root_ + "/a/ecss-store-master-0.bin"));
+  // Not closed with only NVMe states: it reopens; a state it never kept cannot be placed now.
+  ExpertStoreOptions more = options_;
+  more.placement[static_cast<int>(ExpertState::kGradient)] = Tier::kPinned;
+  Status refused = ExpertStore::Open(*sim_, *io_, more).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(refused, "without the gradient state")) << refused;
+  EXPECT_TRUE(ExpertStore::Open(*sim_, *io_, options_).ok());
+}
+
 TEST_F(ExpertStoreTest, ConcurrentReadersAndWritersStayWithinBudget) {
   options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kDevice};
   auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
