@@ -11,9 +11,14 @@
 // stalls; at the end the corpus's unigram entropy next to the final loss (both in nats), and
 // it writes a Chrome trace.
 //
+// --routing gate replaces RRE with learned top-2 softmax gates (router/gates.h), one per
+// sparse layer, trained by this loop with the Switch auxiliary loss: the session then routes
+// reactively (each layer's experts are fetched once its gate ran) and returns each choice's
+// output, from which the loop computes its gates' gradients.
+//
 // Usage: train_moe_lm [--steps N] [--layers N] [--d-model N] [--d-ff N] [--experts N]
 //                     [--vocab N] [--device-kib N] [--dtype f32|bf16] [--strategy S]
-//                     [--trace FILE] [--print-every N]
+//                     [--routing rre|gate] [--trace FILE] [--print-every N]
 #include <cblas.h>
 
 #include <algorithm>
@@ -23,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "router/gates.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
@@ -41,9 +47,12 @@ struct Options {
   uint32_t d_ff = 128;
   uint32_t experts = 4;  // per domain and layer
   uint32_t vocab = 2048;
-  uint64_t device_bytes = 3584 << 10;  // the cache holds about half of the experts
+  // The cache holds about half of the experts (RRE: 3.5 MiB), or about two thirds with gates
+  // (5 MiB: their rows are twice as many, and so are the activation buffers).
+  uint64_t device_bytes = 0;
   DType dtype = DType::kBF16;
   Strategy strategy = Strategy::kEcss;
+  bool gated = false;  // learned gates instead of RRE
   std::string trace_path = "train_moe_lm.trace.json";
   int print_every = 20;
 };
@@ -64,6 +73,13 @@ StatusOr<Options> Parse(int argc, char** argv) {
     }
     if (arg == "--strategy") {
       ECSS_ASSIGN_OR_RETURN(o.strategy, ParseStrategy(value));
+      continue;
+    }
+    if (arg == "--routing") {
+      if (value != "rre" && value != "gate") {
+        return InvalidArgumentError(StrCat("--routing '", value, "': rre or gate"));
+      }
+      o.gated = value == "gate";
       continue;
     }
     char* end = nullptr;
@@ -91,10 +107,13 @@ StatusOr<Options> Parse(int argc, char** argv) {
       return InvalidArgumentError(StrCat("unknown option ", arg));
     }
   }
+  if (o.device_bytes == 0) o.device_bytes = static_cast<uint64_t>(o.gated ? 5120 : 3584) << 10;
   return o;
 }
 
 constexpr uint32_t kSamples = 8, kSeq = 64, kDomainsPerStep = 4;
+constexpr uint32_t kGateK = 2;
+constexpr float kAuxLossWeight = 0.01f;
 
 Status Train(const Options& o) {
   // ---- Data: real text, one domain per kind of file --------------------------------------
@@ -139,6 +158,10 @@ Status Train(const Options& o) {
   session_options.optimizer.groups[0].lr = 3e-3f;
   session_options.optimizer.skip_step_on_nonfinite = false;
   session_options.trace = &trace;
+  if (o.gated) {
+    session_options.routing = Routing::kLearnedGate;
+    session_options.gate_k = kGateK;
+  }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, session_options));
   uint64_t expert_total = 0;
   for (uint32_t l = 0; l < o.layers; ++l) expert_total += session->experts_in_layer(l);
@@ -168,6 +191,31 @@ Status Train(const Options& o) {
   ECSS_ASSIGN_OR_RETURN(
       uint32_t out_id,
       dense->RegisterExpert({out.data(), out_m.data(), out_v.data(), nullptr, out.size(), 0}));
+  // Learned gates (--routing gate): one per sparse layer, dense parameters of this loop.
+  std::vector<TopKGate> gates;
+  std::vector<std::vector<float>> gate_m, gate_v, d_gate;
+  std::vector<uint32_t> gate_ids;
+  if (o.gated) {
+    for (uint32_t l = 0; l < o.layers; ++l) {
+      GateOptions gate_options;
+      gate_options.d_model = o.d_model;
+      gate_options.num_experts = session->experts_in_layer(l);
+      gate_options.k = kGateK;
+      gate_options.seed = 11 + l;
+      ECSS_ASSIGN_OR_RETURN(TopKGate gate, TopKGate::Create(gate_options));
+      gates.push_back(std::move(gate));
+    }
+    for (TopKGate& gate : gates) {  // registered once the vector no longer moves
+      const size_t n = gate.weight().size();
+      gate_m.emplace_back(n, 0.0f);
+      gate_v.emplace_back(n, 0.0f);
+      d_gate.emplace_back(n, 0.0f);
+      ECSS_ASSIGN_OR_RETURN(uint32_t id,
+                            dense->RegisterExpert({gate.weight().data(), gate_m.back().data(),
+                                                   gate_v.back().data(), nullptr, n, 0}));
+      gate_ids.push_back(id);
+    }
+  }
 
   const uint64_t act_bytes = T * d * DTypeSize(o.dtype);
   ECSS_ASSIGN_OR_RETURN(Buffer dev_in,
@@ -175,6 +223,13 @@ Status Train(const Options& o) {
   ECSS_ASSIGN_OR_RETURN(Buffer dev_out,
                         sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   const Stream stream = session->compute_stream();
+  Buffer dev_choices;  // each choice's expert output, for the gates' gradients
+  std::vector<char> choice_staging;
+  if (o.gated) {
+    ECSS_ASSIGN_OR_RETURN(
+        dev_choices, sim->device_memory().Allocate(act_bytes * kGateK, MemoryTag::kActivations));
+    choice_staging.resize(act_bytes * kGateK);
+  }
   // Moves host activations through one sparse-layer call and back.
   std::vector<char> staging(act_bytes);
   auto through = [&](const std::vector<float>& in, std::vector<float>* result,
@@ -196,6 +251,9 @@ Status Train(const Options& o) {
   std::vector<std::vector<float>> xs(o.layers + 1, std::vector<float>(T * d));
   std::vector<float> y, logits(T * vocab), g(T * d), dx, d_emb(emb.size()), d_out(out.size());
   std::vector<double> losses;
+  std::vector<GateOutput> routed(o.layers);
+  std::vector<std::vector<float>> choice_out(o.layers);
+  std::vector<float> d_weights(T * kGateK), d_hidden(T * d);
   double fetch_bytes = 0;
   std::printf("%6s %9s %10s %12s %9s %9s\n", "step", "loss", "tokens/s", "streamed", "hit rate",
               "stalls");
@@ -211,9 +269,27 @@ Status Train(const Options& o) {
     ECSS_RETURN_IF_ERROR(
         session->BeginStep({MicroBatch{ids.data(), kSamples, kSeq, domains.data()}}));
     for (uint64_t t = 0; t < T; ++t) std::copy_n(&emb[uint64_t{ids[t]} * d], d, &xs[0][t * d]);
+    double aux_loss = 0;
     for (uint32_t l = 0; l < o.layers; ++l) {
-      ECSS_RETURN_IF_ERROR(
-          through(xs[l], &y, [&](void* in, void* res) { return session->Forward(0, l, in, res); }));
+      if (!o.gated) {
+        ECSS_RETURN_IF_ERROR(through(
+            xs[l], &y, [&](void* in, void* res) { return session->Forward(0, l, in, res); }));
+      } else {
+        // The gate runs on the layer's input; the session fetches the experts it chose.
+        ECSS_RETURN_IF_ERROR(gates[l].Forward(xs[l].data(), static_cast<uint32_t>(T), &routed[l]));
+        aux_loss += routed[l].aux_loss;
+        auto routed_forward = [&](void* in, void* res) -> Status {
+          Status forward = session->Forward(
+              0, l, in, res, {routed[l].experts.data(), routed[l].weights.data(), kGateK},
+              dev_choices.data());
+          if (!forward.ok()) return forward;
+          return sim->CopyAsync(stream, choice_staging.data(), dev_choices.data(),
+                                choice_staging.size(), CopyKind::kDeviceToHost);
+        };
+        ECSS_RETURN_IF_ERROR(through(xs[l], &y, routed_forward));
+        choice_out[l].resize(T * kGateK * d);
+        ConvertToF32(choice_staging.data(), o.dtype, choice_out[l].data(), choice_out[l].size());
+      }
       for (uint64_t i = 0; i < T * d; ++i) xs[l + 1][i] = xs[l][i] + y[i];
     }
     // logits = x_L O; loss over positions that have a next token.
@@ -241,7 +317,7 @@ Status Train(const Options& o) {
       row[target] -= static_cast<float>(1.0 / predicted);
     }
     loss /= predicted;
-    losses.push_back(loss);
+    losses.push_back(loss);  // the language-model loss (the gates' auxiliary loss apart)
     // dO = x_L^T dlogits; g = dlogits O^T.
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(d),
                 static_cast<int>(vocab), static_cast<int>(T), 1.0f, x_last.data(),
@@ -253,6 +329,20 @@ Status Train(const Options& o) {
     for (uint32_t l = o.layers; l-- > 0;) {
       ECSS_RETURN_IF_ERROR(
           through(g, &dx, [&](void* in, void* res) { return session->Backward(0, l, in, res); }));
+      if (o.gated) {
+        // dLoss/dweight of each choice = dy . that choice's output; the gate turns it (and the
+        // auxiliary loss) into its weight gradient and one more input gradient.
+        for (uint64_t slot = 0; slot < T * kGateK; ++slot) {
+          const uint64_t t = slot / kGateK;
+          double dot = 0;
+          for (uint32_t c = 0; c < d; ++c) dot += g[t * d + c] * choice_out[l][slot * d + c];
+          d_weights[slot] = static_cast<float>(dot);
+        }
+        std::fill(d_gate[l].begin(), d_gate[l].end(), 0.0f);
+        ECSS_RETURN_IF_ERROR(gates[l].Backward(xs[l].data(), routed[l], d_weights.data(),
+                                               kAuxLossWeight, d_hidden.data(), d_gate[l].data()));
+        for (uint64_t i = 0; i < T * d; ++i) dx[i] += d_hidden[i];
+      }
       for (uint64_t i = 0; i < T * d; ++i) g[i] += dx[i];
     }
     std::fill(d_emb.begin(), d_emb.end(), 0.0f);
@@ -263,13 +353,18 @@ Status Train(const Options& o) {
     ECSS_RETURN_IF_ERROR(dense->BeginStep());
     ECSS_RETURN_IF_ERROR(dense->SubmitGradient(emb_id, d_emb.data(), DType::kF32));
     ECSS_RETURN_IF_ERROR(dense->SubmitGradient(out_id, d_out.data(), DType::kF32));
+    for (size_t l = 0; l < gate_ids.size(); ++l) {
+      ECSS_RETURN_IF_ERROR(dense->SubmitGradient(gate_ids[l], d_gate[l].data(), DType::kF32));
+    }
     ECSS_RETURN_IF_ERROR(dense->FinishStep().status());
     ECSS_RETURN_IF_ERROR(dense->Synchronize());
     fetch_bytes += static_cast<double>(stats.expert_fetch_bytes);
     if (step % o.print_every == 0 || step + 1 == o.steps) {
-      std::printf("%6d %9.4f %10.0f %10.2f MiB %9.2f %7.2f ms\n", step, loss, stats.tokens_per_s,
+      std::printf("%6d %9.4f %10.0f %10.2f MiB %9.2f %7.2f ms", step, loss, stats.tokens_per_s,
                   static_cast<double>(stats.expert_fetch_bytes) / (1 << 20), stats.hit_rate,
                   stats.stalls.total() * 1e3);
+      if (o.gated) std::printf("  (gate aux loss %.3f)", aux_loss / o.layers);
+      std::printf("\n");
     }
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
