@@ -17,6 +17,7 @@
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
+#include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "runtime/engine/expert_updater.h"
@@ -47,11 +48,11 @@ class StallTimer {
 struct Expert {
   uint32_t id = 0;  // in the ExpertUpdater
   // States in host memory: fp32 master weights in `weights` itself when the compute dtype is
-  // f32 (the device copies what the optimizer updates), else in master_storage with `weights`
+  // f32 (the device copies what the optimizer updates), else in host_master with `weights`
   // as the bf16 copy. States on NVMe: in the updater's files.
   float* master = nullptr;
-  std::vector<float> master_storage;
-  std::vector<float> state0, state1;
+  Buffer host_master;    // states in host memory, bf16: the fp32 master (HostAllocator)
+  Buffer host_moments;   // states in host memory: the optimizer's state arrays, one after another
   Buffer weights;        // pinned, compute dtype
   Buffer front;          // delayed update: what the device copies (weights as last published)
   Buffer grad;           // pinned fp32 accumulator, allocated on first use
@@ -120,6 +121,7 @@ struct Session::Impl {
   std::unique_ptr<ExpertStore> weight_store;
   std::unique_ptr<WeightStager> stager;
   std::unique_ptr<PinnedHostPool> pinned;
+  std::unique_ptr<HostAllocator> host_memory;  // states in host memory, within host_budget_bytes
   std::unique_ptr<ExpertUpdater> updater;
   std::unique_ptr<DeviceCache> cache;
   std::unique_ptr<Prefetcher> prefetcher;
@@ -344,6 +346,25 @@ Status Session::Impl::CreateAll() {
                                          " needed (compute weights and gradient buffers of ",
                                          experts_total, " experts)"));
   }
+  // Host memory: the states in host memory (bf16: the fp32 master; every kind: its moments).
+  const uint64_t host_needed = on_nvme ? 0
+                                       : experts_total * params * 4 *
+                                             ((m.dtype == DType::kBF16 ? 1 : 0) +
+                                              std::max(1, StateArrays(options.optimizer.kind)));
+  const uint64_t host_budget =
+      options.host_budget_bytes == 0 ? host_needed : options.host_budget_bytes;
+  if (host_budget < host_needed) {
+    return ResourceExhaustedError(StrCat(
+        "session: host budget ", HumanBytes(host_budget), " is below the ", HumanBytes(host_needed),
+        " (", host_needed, " bytes) the master weights and moments of ", experts_total,
+        " experts need in host memory (or place them on NVMe)"));
+  }
+  if (host_needed > 0) {
+    HostAllocatorOptions host_options;
+    host_options.name = "session host states";
+    host_options.capacity_bytes = host_budget;
+    ECSS_ASSIGN_OR_RETURN(host_memory, HostAllocator::Create(host_options));
+  }
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
   pool_options.capacity_bytes = pinned_budget - weight_pinned;
@@ -457,8 +478,7 @@ Status Session::Impl::InitExperts() {
   const float out_scale =
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint64_t in_elems = uint64_t{m.d_model} * d_in();
-  const bool two_states = options.optimizer.kind == OptimizerKind::kAdamW ||
-                          options.optimizer.kind == OptimizerKind::kAdam;
+  const size_t moment_arrays = std::max<size_t>(1, StateArrays(options.optimizer.kind));
   auto* host = dynamic_cast<HostUpdater*>(updater.get());
   auto* nvme = dynamic_cast<NvmeUpdater*>(updater.get());
   uint32_t flat = 0;
@@ -487,8 +507,9 @@ Status Session::Impl::InitExperts() {
       } else if (m.dtype == DType::kF32) {
         x.master = static_cast<float*>(x.weights.data());
       } else {
-        x.master_storage.resize(params);
-        x.master = x.master_storage.data();
+        ECSS_ASSIGN_OR_RETURN(x.host_master,
+                              host_memory->Allocate(params * 4, MemoryTag::kMasterWeights));
+        x.master = x.host_master.as<float>();
       }
       CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
       for (uint64_t i = 0; i < params; ++i) {
@@ -501,12 +522,13 @@ Status Session::Impl::InitExperts() {
         x.master = nullptr;
         continue;
       }
-      x.state0.assign(params, 0.0f);
-      if (two_states) x.state1.assign(params, 0.0f);
+      ECSS_ASSIGN_OR_RETURN(x.host_moments, host_memory->Allocate(moment_arrays * params * 4,
+                                                                  MemoryTag::kOptimizerMoments));
+      std::memset(x.host_moments.data(), 0, x.host_moments.size());
       ExpertArrays arrays;
       arrays.master = x.master;
-      arrays.state0 = x.state0.data();
-      arrays.state1 = two_states ? x.state1.data() : nullptr;
+      arrays.state0 = x.host_moments.as<float>();
+      arrays.state1 = moment_arrays == 2 ? x.host_moments.as<float>() + params : nullptr;
       arrays.size = params;
       if (m.dtype == DType::kBF16) {
         ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);

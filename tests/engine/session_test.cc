@@ -746,7 +746,9 @@ TEST(SessionTest, DelayedUpdateMatchesADelayedResidentReference) {
       ASSERT_EQ(stats.size(), 4u);
       EXPECT_EQ(stats[0].updated_experts, 0u);
       EXPECT_GT(stats[1].updated_experts, 0u);
-      if (variant == 2) EXPECT_LT(stats[2].optimizer.clip_coefficient, 1.0f);
+      if (variant == 2) {
+        EXPECT_LT(stats[2].optimizer.clip_coefficient, 1.0f);
+      }
       if (strategy == Strategy::kEcss && variant == 0) {
         RunConfig undelayed = c;
         undelayed.delayed = false;
@@ -872,6 +874,14 @@ TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
       << session.status();
   o.model.vocab = 0;
   EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
+  // Host memory for master and moments: 14 experts x 768 params x (f32 AdamW: m and v) x 4 B.
+  SessionOptions host = OptionsFor(c);
+  host.host_budget_bytes = 14 * 768 * 2 * 4 - 1;
+  Status short_host = Session::Create(**sim, host).status();
+  EXPECT_EQ(short_host.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(short_host.message().find("86016 bytes"), std::string::npos) << short_host;
+  host.host_budget_bytes += 1;
+  EXPECT_TRUE(Session::Create(**sim, host).ok());
   // States on NVMe: a missing directory, and a dtype the placement cannot serve.
   SessionOptions nvme = OptionsFor(c);
   nvme.model.dtype = DType::kBF16;
