@@ -480,6 +480,8 @@ Status ExpertStore::Write(ExpertState state, uint32_t layer, uint32_t expert, co
       std::memset(static_cast<char*>(staging_.data()) + bytes, 0, BlockBytes(state) - bytes);
       written = StoreToFile(state, id, staging_.data());
       break;
+    case Tier::kNone:  // refused by Check
+      break;
   }
   return written.Annotate(StrCat("writing ", Name(state, layer, expert)));
 }
@@ -503,31 +505,36 @@ Status ExpertStore::Read(ExpertState state, uint32_t layer, uint32_t expert, voi
       read = LoadFromFile(state, id, staging_.data());
       if (read.ok()) std::memcpy(dst, staging_.data(), bytes);
       break;
+    case Tier::kNone:  // refused by Check
+      break;
   }
   return read.Annotate(StrCat("reading ", Name(state, layer, expert)));
 }
 
 Status ExpertStore::ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block) {
-  if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
-    return InvalidArgumentError("ExpertStore::ReadBlock needs a 4 KiB-aligned block");
-  }
-  if (placement(state) != Tier::kNvme) return Read(state, layer, expert, block);
-  std::lock_guard<std::mutex> lock(mutex_);
-  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
-  return LoadFromFile(state, Id(layer, expert), block)
-      .Annotate(StrCat("reading ", Name(state, layer, expert)));
+  return BlockIo(/*write=*/false, state, layer, expert, block);
 }
 
 Status ExpertStore::WriteBlock(ExpertState state, uint32_t layer, uint32_t expert,
                                const void* block) {
+  return BlockIo(/*write=*/true, state, layer, expert, const_cast<void*>(block));
+}
+
+// An nvme state straight between the caller's aligned block and the file; others as Read and
+// Write.
+Status ExpertStore::BlockIo(bool write, ExpertState state, uint32_t layer, uint32_t expert,
+                            void* block) {
   if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
-    return InvalidArgumentError("ExpertStore::WriteBlock needs a 4 KiB-aligned block");
+    return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
   }
-  if (placement(state) != Tier::kNvme) return Write(state, layer, expert, block);
+  if (placement(state) != Tier::kNvme) {
+    return write ? Write(state, layer, expert, block) : Read(state, layer, expert, block);
+  }
   std::lock_guard<std::mutex> lock(mutex_);
   ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
-  return StoreToFile(state, Id(layer, expert), block)
-      .Annotate(StrCat("writing ", Name(state, layer, expert)));
+  const uint32_t id = Id(layer, expert);
+  Status done = write ? StoreToFile(state, id, block) : LoadFromFile(state, id, block);
+  return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, layer, expert)));
 }
 
 StatusOr<void*> ExpertStore::Resident(ExpertState state, uint32_t layer, uint32_t expert) {

@@ -137,6 +137,7 @@ class ExpertStore {
   Status StoreToFile(ExpertState state, uint32_t id, const void* block);
   Status LoadFromFile(ExpertState state, uint32_t id, void* block);
   Status LoadTier(ExpertState state);
+  Status BlockIo(bool write, ExpertState state, uint32_t layer, uint32_t expert, void* block);
   Status FlushLocked();
 
   Backend& backend_;

@@ -437,6 +437,15 @@ void ExpectBitIdentical(const Weights& a, const Weights& b) {
   }
 }
 
+// A run against its resident reference (where the states or weights live does not change the
+// math, so the reference keeps everything in memory).
+void ExpectMatchesReference(const RunConfig& c, const Weights& trained) {
+  RunConfig reference = c;
+  reference.nvme_dir.clear();
+  reference.nvme_weights = false;
+  ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
+}
+
 TEST(SessionTest, EveryStrategyMatchesTheResidentReferenceBitForBit) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
@@ -474,9 +483,7 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
     c.nvme_dir = dir_template;
     std::vector<StepStats> stats;
     const Weights trained = TrainSession(c, &stats);
-    RunConfig host = c;
-    host.nvme_dir.clear();
-    ExpectBitIdentical(trained, TrainReference(host, InitialWeights(host)));
+    ExpectMatchesReference(c, trained);
     // Every update reads and writes master, m and v: 24 bytes per parameter. naive's EndStep
     // waits for the step's updates, so its count is exact per step; ecss's updates run on into
     // the next step, so a step's count is whatever finished during it.
@@ -555,9 +562,7 @@ TEST(SessionTest, WeightsOnNvmeStreamThroughPinnedStagingAndMatchTheReference) {
       std::filesystem::create_directory(c.nvme_dir);
       std::vector<StepStats> stats;
       const Weights trained = TrainSession(c, &stats);
-      RunConfig host = c;
-      host.nvme_dir.clear();
-      ExpectBitIdentical(trained, TrainReference(host, InitialWeights(host)));
+      ExpectMatchesReference(c, trained);
       EXPECT_TRUE(std::filesystem::exists(c.nvme_dir + "/ecss-store.manifest"));
       // Per update: master, m, v read and written and the bf16 weights written (26 bytes per
       // parameter); per miss: the expert's weights read (2 bytes per parameter). naive's
@@ -605,9 +610,7 @@ TEST(SessionTest, ClippingMatchesTheResidentReference) {
       }
       std::vector<StepStats> stats;
       const Weights trained = TrainSession(c, &stats);
-      RunConfig reference = c;
-      reference.nvme_dir.clear();
-      ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
+      ExpectMatchesReference(c, trained);
       EXPECT_LT(stats.back().optimizer.clip_coefficient, 1.0f) << "nvme " << nvme;
       EXPECT_GT(stats.back().optimizer.global_norm, 0.01);
     }
@@ -627,7 +630,7 @@ TEST(SessionTest, LearnedGatesRouteReactivelyAndMatchTheResidentReference) {
       c.micro_batches = 2;
       std::vector<StepStats> stats;
       const Weights trained = TrainSession(c, &stats);
-      ExpectBitIdentical(trained, TrainReference(c, InitialWeights(c)));
+      ExpectMatchesReference(c, trained);
       ASSERT_EQ(stats.size(), 3u);
       EXPECT_EQ(stats[0].tokens, 2u * kBatch * kSeq);
       EXPECT_GT(stats.back().cache_misses, 0u);
@@ -739,9 +742,7 @@ TEST(SessionTest, DelayedUpdateMatchesADelayedResidentReference) {
       if (variant == 3) c.nvme_dir = dir_template;
       std::vector<StepStats> stats;
       const Weights trained = TrainSession(c, &stats);
-      RunConfig reference = c;
-      reference.nvme_dir.clear();
-      ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
+      ExpectMatchesReference(c, trained);
       // Step 1 starts no update (nothing is held yet); later steps start the one before's.
       ASSERT_EQ(stats.size(), 4u);
       EXPECT_EQ(stats[0].updated_experts, 0u);

@@ -18,6 +18,7 @@
 #include "offload/io/io_engines.h"
 #include "runtime/base/checksum.h"
 #include "runtime/device/sim/sim_backend.h"
+#include "tests/offload/flip_byte.h"
 
 namespace ecss {
 namespace {
@@ -215,15 +216,7 @@ TEST_F(ExpertStoreTest, CorruptionOnDiskIsDataLossNamingLayerExpertAndState) {
   // (the zeros written at creation are in the first).
   const uint64_t slot = 4096 + StateBlockBytes(8000);
   const uint64_t at = (2 + 1) * slot + 4096 + 77;
-  {
-    FILE* raw = std::fopen((root_ + "/a/ecss-store-moments-0.bin").c_str(), "r+b");
-    ASSERT_NE(raw, nullptr);
-    std::fseek(raw, static_cast<long>(at), SEEK_SET);
-    const int byte = std::fgetc(raw);
-    std::fseek(raw, static_cast<long>(at), SEEK_SET);
-    std::fputc(byte ^ 0x10, raw);
-    std::fclose(raw);
-  }
+  ASSERT_TRUE(FlipByte(root_ + "/a/ecss-store-moments-0.bin", at, 0x10));
   std::vector<uint8_t> got(bytes.size());
   Status read = store->Read(ExpertState::kMoments, 0, 1, got.data());
   EXPECT_EQ(read.code(), StatusCode::kDataLoss) << read;

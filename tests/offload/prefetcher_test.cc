@@ -13,6 +13,7 @@
 
 #include "offload/io/io_engines.h"
 #include "runtime/device/sim/sim_backend.h"
+#include "tests/offload/flip_byte.h"
 
 namespace ecss {
 namespace {
@@ -222,13 +223,7 @@ TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
   // are in the first).
   const uint64_t slot = 4096 + kExpertBytes;
   const uint64_t at = (3 * 2 + 1) * slot + 4096 + 5;
-  FILE* raw = std::fopen((root_ + "/ecss-store-weights-0.bin").c_str(), "r+b");
-  ASSERT_NE(raw, nullptr);
-  std::fseek(raw, static_cast<long>(at), SEEK_SET);
-  const int byte = std::fgetc(raw);
-  std::fseek(raw, static_cast<long>(at), SEEK_SET);
-  std::fputc(byte ^ 1, raw);
-  std::fclose(raw);
+  ASSERT_TRUE(FlipByte(root_ + "/ecss-store-weights-0.bin", at, 1));
   prefetcher_->BeginStep({2, 3, 4});
   ASSERT_TRUE(prefetcher_->Advance().ok());
   auto first = prefetcher_->Take(0, 1);

@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "offload/io/io_engines.h"
+#include "tests/offload/flip_byte.h"
 
 namespace ecss {
 namespace {
@@ -88,16 +89,7 @@ TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   ASSERT_TRUE(file->Store(2, arrays.raw, 3000, 1).ok());
   // Flip one bit of the master array of expert 2 (directory a, second slot) on disk.
   const uint64_t master_offset = file->slot_bytes() + 4096;
-  const std::string path = root_ + "/a/ecss-states-0.bin";
-  {
-    FILE* raw = std::fopen(path.c_str(), "r+b");
-    ASSERT_NE(raw, nullptr);
-    std::fseek(raw, static_cast<long>(master_offset + 100), SEEK_SET);
-    const int byte = std::fgetc(raw);
-    std::fseek(raw, static_cast<long>(master_offset + 100), SEEK_SET);
-    std::fputc(byte ^ 0x04, raw);
-    std::fclose(raw);
-  }
+  ASSERT_TRUE(FlipByte(root_ + "/a/ecss-states-0.bin", master_offset + 100, 0x04));
   Arrays got(3000, 0.0f);
   uint64_t count = 0;
   Status loaded = file->Load(2, got.raw, 3000, &count);
