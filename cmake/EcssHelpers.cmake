@@ -2,6 +2,9 @@
 # as include directory (installed as include/ecss), warnings, and membership in the export set.
 
 set(ECSS_WARNINGS -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wimplicit-fallthrough)
+if(ECSS_WERROR)
+  list(APPEND ECSS_WARNINGS -Werror)
+endif()
 
 # ecss_add_library(NAME SOURCES ... [PUBLIC_DEPS ...] [PRIVATE_DEPS ...])
 # Creates the static library ecss_NAME with alias ecss::NAME.

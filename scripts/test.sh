@@ -18,8 +18,8 @@ step() { printf '\n=== %s ===\n' "$*"; }
 step "dependencies"
 scripts/install-deps.sh
 
-step "release: configure, lint, build, test"
-cmake --preset release
+step "release: configure, lint, build (warnings are errors), test"
+cmake --preset release -DECSS_WERROR=ON
 scripts/lint.sh
 cmake --build --preset release
 ctest --preset release

@@ -79,7 +79,9 @@ TEST_P(TopKGateGradientTest, MatchesFiniteDifferences) {
   for (uint32_t t = 0; t < kTokens; ++t) {
     EXPECT_GE(out.probs[t * kExperts + out.experts[t * 2]],
               out.probs[t * kExperts + out.experts[t * 2 + 1]]);
-    if (GetParam()) EXPECT_NEAR(out.weights[t * 2] + out.weights[t * 2 + 1], 1.0f, 1e-6);
+    if (GetParam()) {
+      EXPECT_NEAR(out.weights[t * 2] + out.weights[t * 2 + 1], 1.0f, 1e-6);
+    }
   }
 }
 

@@ -44,12 +44,16 @@ void CheckLayerInvariants(const LayerPlan& plan, const std::vector<uint32_t>& ex
   std::vector<int> routed(plan.num_tokens, 0);
   for (uint32_t a = 0; a < plan.num_active; ++a) {
     ASSERT_GT(plan.count(a), 0u) << "active experts have rows";
-    if (a > 0) ASSERT_LT(plan.active_experts[a - 1], plan.active_experts[a]);
+    if (a > 0) {
+      ASSERT_LT(plan.active_experts[a - 1], plan.active_experts[a]);
+    }
     for (uint32_t row = plan.expert_offsets[a]; row < plan.expert_offsets[a + 1]; ++row) {
       const uint32_t slot = plan.permutation[row];
       ASSERT_EQ(expert_of_slot[slot], plan.active_experts[a]) << "rows are sorted by expert";
       ASSERT_EQ(plan.inverse[slot], row) << "inverse inverts";
-      if (row > plan.expert_offsets[a]) ASSERT_LT(plan.permutation[row - 1], slot) << "stable";
+      if (row > plan.expert_offsets[a]) {
+        ASSERT_LT(plan.permutation[row - 1], slot) << "stable";
+      }
       ++routed[slot / plan.k];
     }
   }
