@@ -27,7 +27,8 @@ mapfile -t tidy_files < <(git ls-files -co --exclude-standard \
   'bench/*.cc' 'examples/*.cc' |
   while read -r file; do grep -q "\"file\": \".*/$file\"" "$build_dir/compile_commands.json" && echo "$file"; done)
 echo "lint: clang-tidy on ${#tidy_files[@]} files"
-output=$(run-clang-tidy -p "$build_dir" -quiet -j 2 "${tidy_files[@]}" 2>&1) || true
+# The build may treat warnings as errors (ECSS_WERROR); clang-tidy judges code by its own checks.
+output=$(run-clang-tidy -p "$build_dir" -quiet -j 2 -extra-arg=-Wno-error "${tidy_files[@]}" 2>&1) || true
 if echo "$output" | grep -E "(error|warning):" >/dev/null; then
   echo "$output" | grep -E "(error|warning):" -A3 | sort -u >&2
   echo "lint: clang-tidy found problems" >&2
