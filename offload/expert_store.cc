@@ -202,9 +202,7 @@ StateFileOptions ExpertStore::FileOptions(ExpertState state) const {
   StateFileOptions file;
   file.dirs = options_.dirs;
   file.arrays = 1;
-  file.element_bytes = state == ExpertState::kWeights
-                           ? static_cast<uint32_t>(DTypeSize(options_.layout.weights_dtype))
-                           : 4;
+  file.element_bytes = ElementBytes(state);
   file.max_expert_elements = StateBytes(state) / file.element_bytes;
   file.experts = experts();
   file.name = StrCat("ecss-store-", ExpertStateName(state));
@@ -439,8 +437,7 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t id, const void* bloc
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t id, void* block) {
   void* arrays[1] = {block};
   uint64_t updates = 0;
-  return files_[Index(state)]->Load(id, arrays,
-                                    StateBytes(state) / FileOptions(state).element_bytes, &updates);
+  return files_[Index(state)]->Load(id, arrays, StateBytes(state) / ElementBytes(state), &updates);
 }
 
 Status ExpertStore::LoadTier(ExpertState state) {

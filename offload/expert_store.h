@@ -122,6 +122,12 @@ class ExpertStore {
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
   StateFileOptions FileOptions(ExpertState state) const;
+  // Bytes of one element of the state's file arrays: the weights' dtype, else fp32.
+  uint32_t ElementBytes(ExpertState state) const {
+    return state == ExpertState::kWeights
+               ? static_cast<uint32_t>(DTypeSize(options_.layout.weights_dtype))
+               : 4;
+  }
   bool HasState(ExpertState state) const;
   Status Allocate();
   Status OpenFiles(bool create);

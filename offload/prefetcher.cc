@@ -25,27 +25,30 @@ Prefetcher::Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks h
 
 Prefetcher::~Prefetcher() = default;
 
-void Prefetcher::BeginStep(std::vector<ExpertKey> sequence) {
+void Prefetcher::StartStep(std::vector<ExpertKey> sequence) {
   Clear();
   sequence_ = std::move(sequence);
   next_ = 0;
   stage_next_ = 0;
   stalls_.clear();
+}
+
+void Prefetcher::BeginStep(std::vector<ExpertKey> sequence) {
+  StartStep(std::move(sequence));
   reactive_ = false;
   cache_base_ = 0;
   cache_.SetPolicy(MakeBeladyPolicy(sequence_));
 }
 
 void Prefetcher::BeginReactiveStep() {
-  Clear();
   // LRU needs recency across steps: one policy, and positions that keep increasing.
-  if (!reactive_) cache_.SetPolicy(MakeLruPolicy());
-  if (reactive_) cache_base_ += sequence_.size();
+  if (reactive_) {
+    cache_base_ += sequence_.size();
+  } else {
+    cache_.SetPolicy(MakeLruPolicy());
+  }
   reactive_ = true;
-  sequence_.clear();
-  next_ = 0;
-  stage_next_ = 0;
-  stalls_.clear();
+  StartStep({});
 }
 
 uint64_t Prefetcher::Append(const std::vector<ExpertKey>& keys) {

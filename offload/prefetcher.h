@@ -79,6 +79,8 @@ class Prefetcher {
   double stall_seconds() const;
 
  private:
+  // Drops what the last step held and starts over at position 0 of `sequence`.
+  void StartStep(std::vector<ExpertKey> sequence);
   Status Fetch(uint64_t position, Lease* out);
   // True when `key`'s lease would copy it (it is not on the device).
   bool NeedsCopy(ExpertKey key);

@@ -81,6 +81,14 @@ struct MicroBatchWork {
   std::vector<LayerWork> layers;
 };
 
+// The cache keys of a layer's experts, in the grouped FFN's order.
+std::vector<ExpertKey> LayerKeys(uint32_t layer, const LayerWork& lw) {
+  std::vector<ExpertKey> keys;
+  keys.reserve(lw.experts.size());
+  for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
+  return keys;
+}
+
 uint64_t AlignUp(uint64_t bytes, uint64_t alignment) {
   return (bytes + alignment - 1) / alignment * alignment;
 }
@@ -661,11 +669,13 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   for (MicroBatchWork& w : micro) {
     for (uint32_t l = 0; l < layers; ++l) {
       w.layers[l].first_position = sequence.size();
-      for (uint32_t e : w.layers[l].experts) sequence.push_back(MakeExpertKey(l, e));
+      const std::vector<ExpertKey> keys = LayerKeys(l, w.layers[l]);
+      sequence.insert(sequence.end(), keys.begin(), keys.end());
     }
     for (uint32_t l = layers; l-- > 0;) {
       w.layers[l].backward_position = sequence.size();
-      for (uint32_t e : w.layers[l].experts) sequence.push_back(MakeExpertKey(l, e));
+      const std::vector<ExpertKey> keys = LayerKeys(l, w.layers[l]);
+      sequence.insert(sequence.end(), keys.begin(), keys.end());
     }
   }
   return Status::Ok();
@@ -853,10 +863,7 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
                                          plan->bytes(), CopyKind::kHostToDevice));
   lw.plan.emplace(std::move(plan).value());
   lw.device_plan = std::move(device_plan);
-  std::vector<ExpertKey> keys;
-  keys.reserve(lw.experts.size());
-  for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
-  lw.first_position = prefetcher->Append(keys);
+  lw.first_position = prefetcher->Append(LayerKeys(layer, lw));
   return Status::Ok();
 }
 
@@ -945,10 +952,7 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dy, micro_batch, "Backward output gradient"));
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dx, micro_batch, "Backward input gradient"));
   if (s.gated()) {  // reactive: the layer's experts are fetched now, again if evicted
-    std::vector<ExpertKey> keys;
-    keys.reserve(lw.experts.size());
-    for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
-    lw.backward_position = s.prefetcher->Append(keys);
+    lw.backward_position = s.prefetcher->Append(LayerKeys(layer, lw));
   }
   const ModelSpec& m = s.options.model;
   const Stream c = s.compute.get();
