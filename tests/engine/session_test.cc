@@ -590,6 +590,12 @@ TEST(SessionTest, WeightsOnNvmeStreamThroughPinnedStagingAndMatchTheReference) {
   SessionOptions host_states = OptionsFor(again);
   host_states.states = StatesPlacement::kHost;
   EXPECT_EQ(Session::Create(**sim, host_states).status().code(), StatusCode::kInvalidArgument);
+  SessionOptions delayed = OptionsFor(again);
+  delayed.nvme_dirs = {StrCat(dir_template, "/unused")};
+  delayed.delayed_update = true;
+  Status no_front = Session::Create(**sim, delayed).status();
+  EXPECT_EQ(no_front.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(no_front.message().find("delayed_update"), std::string::npos) << no_front;
   std::filesystem::remove_all(dir_template);
 }
 
