@@ -28,12 +28,12 @@
 #include <string>
 #include <vector>
 
+#include "engine/session.h"
 #include "router/gates.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/sim/sim_backend.h"
-#include "runtime/engine/session.h"
 #include "tools/text/corpus.h"
 #include "tools/text/tokenizer.h"
 

@@ -23,7 +23,7 @@ fi
 # Library and tool sources; tests follow gtest's naming, not ours. CUDA sources are checked
 # only when this build compiled them.
 mapfile -t tidy_files < <(git ls-files -co --exclude-standard \
-  'runtime/*.cc' 'router/*.cc' 'kernels/*.cc' 'offload/*.cc' 'optimizer/*.cc' 'tools/*.cc' \
+  'runtime/*.cc' 'engine/*.cc' 'router/*.cc' 'kernels/*.cc' 'offload/*.cc' 'optimizer/*.cc' 'tools/*.cc' \
   'bench/*.cc' 'examples/*.cc' |
   while read -r file; do grep -q "\"file\": \".*/$file\"" "$build_dir/compile_commands.json" && echo "$file"; done)
 echo "lint: clang-tidy on ${#tidy_files[@]} files"

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
+#include "engine/file_state_tier.h"
 #include "offload/io/io_engines.h"
 #include "offload/state_file.h"
 #include "optimizer/cpu_optimizer.h"
@@ -25,7 +26,6 @@
 #include "runtime/base/str_cat.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
-#include "runtime/engine/file_state_tier.h"
 
 namespace ecss::bench {
 

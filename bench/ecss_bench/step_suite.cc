@@ -19,11 +19,11 @@
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
+#include "engine/session.h"
 #include "kernels/cost_model.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
-#include "runtime/engine/session.h"
 
 namespace ecss::bench {
 

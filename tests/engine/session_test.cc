@@ -1,4 +1,4 @@
-#include "runtime/engine/session.h"
+#include "engine/session.h"
 
 #include <stdlib.h>
 

@@ -1,4 +1,4 @@
-#include "runtime/engine/expert_updater.h"
+#include "engine/expert_updater.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,12 +7,12 @@
 #include <mutex>
 #include <thread>
 
+#include "engine/file_state_tier.h"
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
-#include "runtime/engine/file_state_tier.h"
 
 namespace ecss {
 

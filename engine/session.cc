@@ -1,4 +1,4 @@
-#include "runtime/engine/session.h"
+#include "engine/session.h"
 
 #include <algorithm>
 #include <chrono>
@@ -7,6 +7,7 @@
 #include <deque>
 #include <optional>
 
+#include "engine/expert_updater.h"
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
 #include "offload/expert_store.h"
@@ -20,7 +21,6 @@
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
 #include "runtime/device/sim/sim_backend.h"
-#include "runtime/engine/expert_updater.h"
 
 namespace ecss {
 namespace {

@@ -1,5 +1,5 @@
 // ExpertUpdater: how the session updates experts whose gradients are complete, wherever their
-// master weights and moments live (internal to runtime/engine).
+// master weights and moments live (internal to engine).
 //  - HostUpdater: states in host memory, CpuOptimizer (per-expert tasks in its TBB arena).
 //  - NvmeUpdater: states on NVMe (offload/state_file.h, striped over directories), streamed
 //    load -> update -> store through pinned staging (optimizer/state_pipeline.h) by a worker

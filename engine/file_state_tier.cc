@@ -1,4 +1,4 @@
-#include "runtime/engine/file_state_tier.h"
+#include "engine/file_state_tier.h"
 
 #include "runtime/base/str_cat.h"
 
