@@ -11,6 +11,7 @@
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
+#include "runtime/base/logging.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 
@@ -51,14 +52,18 @@ bool HostUpdater::Pending(uint32_t id) const {
 Status HostUpdater::Wait(uint32_t id) {
   const Entry& entry = entries_[id];
   if (entry.submitted_step == 0) return Status::Ok();
-  return optimizer_->WaitForExpert(id, entry.submitted_step);
+  Status waited = optimizer_->WaitForExpert(id, entry.submitted_step);
+  // An update that ran and failed has passed its fence (the expert's arrays are as they
+  // were); its error reaches the session once, through TakeError.
+  if (optimizer_->processed_step(id) >= entry.submitted_step) return Status::Ok();
+  return waited;
 }
 
 Status HostUpdater::WaitForStep(uint64_t step) {
   for (uint32_t id = 0; id < entries_.size(); ++id) {
     const Entry& entry = entries_[id];
     if (entry.submitted_step > 0 && entry.submitted_step <= step) {
-      ECSS_RETURN_IF_ERROR(optimizer_->WaitForExpert(id, entry.submitted_step));
+      ECSS_RETURN_IF_ERROR(Wait(id));
     }
   }
   return Status::Ok();
@@ -79,13 +84,14 @@ namespace {
 // Arrays in an expert's state file: the master weights and the optimizer's states.
 uint32_t FileArrays(OptimizerKind kind) { return 1 + static_cast<uint32_t>(StateArrays(kind)); }
 
-StatusOr<std::unique_ptr<IoEngine>> CreateFileEngine() {
+}  // namespace
+
+StatusOr<std::unique_ptr<IoEngine>> CreateStateIoEngine(const IoEngineFactory& factory) {
+  if (factory) return factory();
   IoEngineOptions options;
   options.queue_depth = 8;
   return CreateFileIoEngine(options);
 }
-
-}  // namespace
 
 struct NvmeUpdater::Impl {
   NvmeUpdaterOptions options;
@@ -111,19 +117,31 @@ struct NvmeUpdater::Impl {
     uint64_t step;
     float clip_coefficient;
   };
-  // Clipping needs the step's global norm before any update: the step's gradients are held
-  // until FinishStep.
-  bool deferred() const { return options.optimizer.max_grad_norm > 0; }
+  // Clipping needs the step's global norm before any update, and skipping a step on a
+  // non-finite gradient needs every gradient checked first: the step's gradients are then
+  // held until FinishStep, as CpuOptimizer holds them.
+  bool deferred() const {
+    return options.optimizer.max_grad_norm > 0 || options.optimizer.skip_step_on_nonfinite;
+  }
   std::deque<Job> jobs;                  // GUARDED_BY(mutex)
   bool running = false;                  // GUARDED_BY(mutex): a job is being processed
   uint64_t running_step = 0;             // GUARDED_BY(mutex): that job's step
   bool stop = false;                     // GUARDED_BY(mutex)
   std::vector<uint64_t> submitted_step;  // GUARDED_BY(mutex), per expert
   std::vector<uint64_t> done_step;       // GUARDED_BY(mutex), per expert
-  Status first_error;                    // GUARDED_BY(mutex)
+  Status first_error;                    // GUARDED_BY(mutex): not reported yet
+  uint64_t more_errors = 0;              // GUARDED_BY(mutex): failures after first_error
   double busy = 0;                       // GUARDED_BY(mutex)
   uint64_t bytes = 0;                    // GUARDED_BY(mutex)
   std::thread worker;
+
+  void RecordError(Status error) {  // REQUIRES: mutex held
+    if (first_error.ok()) {
+      first_error = std::move(error);
+    } else {
+      ++more_errors;
+    }
+  }
 
   void Work() {
     std::unique_lock<std::mutex> lock(mutex);
@@ -150,7 +168,13 @@ struct NvmeUpdater::Impl {
       // when they live on NVMe.
       bytes += (2ull * FileArrays(options.optimizer.kind) * 4 + (options.weights ? 2 : 0)) *
                options.expert_elements * (report.ok() ? report->updated : 0);
-      if (!report.ok() && first_error.ok()) first_error = report.status();
+      if (!report.ok()) {
+        RecordError(report.status().Annotate(StrCat("update of step ", job.step)));
+      } else if (report->skipped_nonfinite > 0) {  // only without skip_step_on_nonfinite
+        RecordError(FailedPreconditionError(
+            StrCat("update of step ", job.step, ": ", report->skipped_nonfinite,
+                   " experts had a gradient with NaN or Inf and were not updated")));
+      }
       for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
       cv.notify_all();
     }
@@ -174,13 +198,13 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->staging = staging;
-  ECSS_ASSIGN_OR_RETURN(impl->load_io, CreateFileEngine());
-  ECSS_ASSIGN_OR_RETURN(impl->store_io, CreateFileEngine());
+  ECSS_ASSIGN_OR_RETURN(impl->load_io, CreateStateIoEngine(options.io_engines));
+  ECSS_ASSIGN_OR_RETURN(impl->store_io, CreateStateIoEngine(options.io_engines));
   StateFileOptions layout;
   layout.dirs = options.dirs;
   layout.arrays = FileArrays(options.optimizer.kind);
   layout.max_expert_elements = options.expert_elements;
-  layout.experts = options.experts;
+  layout.experts = options.experts.size();
   layout.array_names = {"master", "moment 1", "moment 2"};
   if (options.open_existing) {
     ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Open(impl->store_io.get(), layout));
@@ -188,9 +212,9 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
     ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Create(impl->store_io.get(), layout));
   }
   ECSS_ASSIGN_OR_RETURN(impl->reader, ExpertStateFile::Open(impl->load_io.get(), layout));
-  impl->tier = std::make_unique<FileStateTier>(
-      impl->reader.get(), impl->writer.get(),
-      std::vector<size_t>(options.experts, options.expert_elements), options.weights);
+  impl->tier =
+      std::make_unique<FileStateTier>(impl->reader.get(), impl->writer.get(), options.experts,
+                                      options.expert_elements, options.weights);
   StreamingOptions streaming;
   streaming.kind = options.optimizer.kind;
   streaming.params = options.optimizer.groups[0];
@@ -202,9 +226,9 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   streaming.stage_compute_copy = options.weights != nullptr;
   ECSS_ASSIGN_OR_RETURN(impl->updater,
                         StateStreamingUpdater::Create(streaming, impl->tier.get(), staging));
-  impl->compute_copies.assign(options.experts, nullptr);
-  impl->submitted_step.assign(options.experts, 0);
-  impl->done_step.assign(options.experts, 0);
+  impl->compute_copies.assign(options.experts.size(), nullptr);
+  impl->submitted_step.assign(options.experts.size(), 0);
+  impl->done_step.assign(options.experts.size(), 0);
   Impl* raw = impl.get();
   impl->worker = std::thread([raw] { raw->Work(); });
   return std::unique_ptr<NvmeUpdater>(new NvmeUpdater(std::move(impl)));
@@ -219,6 +243,9 @@ NvmeUpdater::~NvmeUpdater() {
   }
   impl_->cv.notify_all();
   impl_->worker.join();  // finishes the queued jobs first
+  // The worker is gone: the writer is ours.
+  Status synced = impl_->writer->Sync();
+  if (!synced.ok()) ECSS_LOG(Error) << "NVMe state files: " << synced;
 }
 
 Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compute_copy) {
@@ -252,8 +279,8 @@ Status NvmeUpdater::WriteWeights(uint32_t id, const float* master) {
   }
   std::vector<BFloat16> weights(s.options.expert_elements);
   ConvertF32ToBf16(master, weights.data(), weights.size());
-  const uint32_t per_layer = s.options.weights->layout().experts_per_layer;
-  return s.options.weights->Write(ExpertState::kWeights, id / per_layer, id % per_layer,
+  const ExpertId expert = s.options.experts.Id(id);
+  return s.options.weights->Write(ExpertState::kWeights, expert.layer, expert.expert,
                                   weights.data());
 }
 
@@ -351,12 +378,26 @@ Status NvmeUpdater::Wait(uint32_t id) {
   return Status::Ok();
 }
 
+Status NvmeUpdater::TakeError() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  Status error = std::move(s.first_error);
+  s.first_error = Status::Ok();
+  if (!error.ok() && s.more_errors > 0) {
+    error = error.Annotate(StrCat("first of ", s.more_errors + 1, " failed update batches"));
+  }
+  s.more_errors = 0;
+  return error;
+}
+
 Status NvmeUpdater::Synchronize() {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(Flush());
-  std::unique_lock<std::mutex> lock(s.mutex);
-  s.cv.wait(lock, [&] { return s.jobs.empty() && !s.running; });
-  ECSS_RETURN_IF_ERROR(s.first_error);
+  {
+    std::unique_lock<std::mutex> lock(s.mutex);
+    s.cv.wait(lock, [&] { return s.jobs.empty() && !s.running; });
+  }
+  ECSS_RETURN_IF_ERROR(TakeError());
   return s.writer->Sync();  // the worker is idle: the writer is ours
 }
 

@@ -6,15 +6,23 @@
 //    thread, one batch per sparse layer.
 // Both write each updated expert's bf16 compute copy into the pinned weights the device cache
 // fetches from, and give the per-expert fence (Pending/Wait) the next step's fetch waits on.
+// Both mean the same by the optimizer's options: with clipping or skip_step_on_nonfinite the
+// step's updates start at FinishStep (after the global norm), else as experts are submitted.
+// Errors: an update that fails (an I/O error, a damaged state block, a non-finite gradient
+// without skip_step_on_nonfinite) leaves the expert's states as they were, passes its fence,
+// and is reported once by TakeError (and Synchronize), naming the step and the expert.
 // Thread-compatible: the session's driving thread calls everything.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "engine/expert_index.h"
 #include "offload/expert_store.h"
+#include "offload/io/io_engine.h"
 #include "optimizer/cpu_optimizer.h"
 #include "runtime/base/dtype.h"
 #include "runtime/device/allocator.h"
@@ -36,6 +44,9 @@ class ExpertUpdater {
   // Blocks until every update submitted in steps <= `step` has finished (backpressure: the
   // session lets one step's updates overlap the next step, never more).
   virtual Status WaitForStep(uint64_t step) = 0;
+  // The first update failure not reported yet (then OK until another fails). Never blocks.
+  virtual Status TakeError() = 0;
+  // Waits for every update submitted so far; returns TakeError().
   virtual Status Synchronize() = 0;
   virtual double busy_seconds() const = 0;
   virtual uint64_t nvme_bytes() const = 0;  // read + written since creation
@@ -56,6 +67,7 @@ class HostUpdater final : public ExpertUpdater {
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
   Status WaitForStep(uint64_t step) override;
+  Status TakeError() override { return optimizer_->TakeError(); }
   Status Synchronize() override;
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override { return 0; }
@@ -73,14 +85,21 @@ class HostUpdater final : public ExpertUpdater {
   std::vector<Entry> entries_;
 };
 
+// Makes the IoEngines that NVMe files are read and written through (LevelDB's Env): the
+// default is CreateFileIoEngine (io_uring where the kernel allows it, else pread/pwrite);
+// tests wrap it in a FaultInjectionIoEngine.
+using IoEngineFactory = std::function<StatusOr<std::unique_ptr<IoEngine>>()>;
+StatusOr<std::unique_ptr<IoEngine>> CreateStateIoEngine(const IoEngineFactory& factory);
+
 struct NvmeUpdaterOptions {
   std::vector<std::string> dirs;
-  // kind, groups[0], threads; with clipping (max_grad_norm > 0) the step's updates start at
-  // FinishStep, after the global norm, instead of per layer at Flush.
+  // kind, groups[0], threads; with clipping (max_grad_norm > 0) or skip_step_on_nonfinite the
+  // step's updates start at FinishStep, after the global norm, instead of per layer at Flush.
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
-  uint32_t experts = 0;
+  ExpertIndex experts;           // ids are its dense indices
   int staging_buffers = 2;
+  IoEngineFactory io_engines;  // empty: CreateFileIoEngine
   // Open the state files an earlier session of the same model wrote, instead of creating
   // (truncating) them.
   bool open_existing = false;
@@ -95,7 +114,7 @@ class NvmeUpdater final : public ExpertUpdater {
   // NotFound / PermissionDenied naming a bad directory) and the staging slots in `staging`.
   static StatusOr<std::unique_ptr<NvmeUpdater>> Create(const NvmeUpdaterOptions& options,
                                                        Allocator* staging);
-  // Waits for the updates, then makes the files durable (fdatasync).
+  // Waits for the updates, then makes the files durable (fdatasync; a failure is logged).
   ~NvmeUpdater() override;
   // Writes expert `id`'s initial master weights (moments zero); before any step.
   // `compute_copy` receives the bf16 copy of each update (null with a weight store).
@@ -115,6 +134,8 @@ class NvmeUpdater final : public ExpertUpdater {
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
   Status WaitForStep(uint64_t step) override;
+  Status TakeError() override;
+  // Also makes the files durable (fdatasync).
   Status Synchronize() override;
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override;

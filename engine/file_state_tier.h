@@ -5,14 +5,15 @@
 // threads and a handle drives its IoEngine from one thread at a time. It lives in the engine
 // because it joins two folders that do not depend on each other.
 // With a weight store (compute weights on NVMe), Store also writes the slot's new bf16
-// compute copy into it, after the master and moments: expert id = layer * experts per layer
-// + expert.
+// compute copy into it, after the master and moments. Expert ids are `experts`' dense
+// indices; errors name the expert as (layer, expert).
 // Thread-safety: Load from one thread and Store from another at a time, as the pipeline does.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "engine/expert_index.h"
 #include "offload/expert_store.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
@@ -21,10 +22,14 @@ namespace ecss {
 
 class FileStateTier final : public StateTier {
  public:
-  // `sizes[e]` is expert e's element count. reader and writer must outlive the tier.
-  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, std::vector<size_t> sizes,
-                ExpertStore* weights = nullptr)
-      : reader_(reader), writer_(writer), sizes_(std::move(sizes)), weights_(weights) {}
+  // Every expert has `expert_elements` elements. reader and writer must outlive the tier.
+  FileStateTier(ExpertStateFile* reader, ExpertStateFile* writer, ExpertIndex experts,
+                size_t expert_elements, ExpertStore* weights = nullptr)
+      : reader_(reader),
+        writer_(writer),
+        experts_(std::move(experts)),
+        expert_elements_(expert_elements),
+        weights_(weights) {}
 
   StatusOr<size_t> ExpertSize(uint32_t expert) const override;
   Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
@@ -33,7 +38,8 @@ class FileStateTier final : public StateTier {
  private:
   ExpertStateFile* reader_;
   ExpertStateFile* writer_;
-  std::vector<size_t> sizes_;
+  ExpertIndex experts_;
+  size_t expert_elements_;
   ExpertStore* weights_;
 };
 

@@ -195,6 +195,10 @@ struct Session::Impl {
 
   Status CreateAll();
   Status InitExperts();
+  Status StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale);
+  void DiscardStep();
+  Status TakeUpdateError();
+  Status FinishStepWork(StepReport* report);
   Status BuildStep(const std::vector<MicroBatch>& batches);
   Status FillLayer(uint32_t b, const LayerPlan& lp, const LayerPlan& dp, LayerWork& lw) const;
   Status RouteGated(uint32_t micro_batch, uint32_t layer, const GateChoices& gate);
@@ -281,7 +285,7 @@ Status Session::Impl::CreateAll() {
 
   params = uint64_t{m.d_model} * d_in() + uint64_t{m.d_ff} * m.d_model;
   expert_bytes = params * elem();
-  uint32_t widest_layer = 0, widest_group = 0;
+  uint32_t widest_layer = 0;
   for (uint32_t l = 0; l < m.layers; ++l) {
     widest_layer = std::max(widest_layer, router->domains().experts_in_layer(l));
   }
@@ -294,7 +298,6 @@ Status Session::Impl::CreateAll() {
       uint64_t{options.max_tokens_per_micro_batch} * (gated() ? options.gate_k : 1);
   if (rows > UINT32_MAX) return InvalidArgumentError("session: too many rows per micro-batch");
   max_rows = static_cast<uint32_t>(rows);
-  for (const DomainSpec& d : m.domains) widest_group = std::max(widest_group, d.experts);
   max_groups =
       options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_layer, max_rows);
   if (options.max_active_experts_per_layer > 0 && options.strategy != Strategy::kNaive) {
@@ -334,7 +337,12 @@ Status Session::Impl::CreateAll() {
   nvme.dirs = options.nvme_dirs;
   nvme.optimizer = options.optimizer;
   nvme.expert_elements = params;
-  nvme.experts = static_cast<uint32_t>(experts_total);
+  std::vector<uint32_t> experts_per_layer;
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    experts_per_layer.push_back(router->domains().experts_in_layer(l));
+  }
+  nvme.experts = ExpertIndex(std::move(experts_per_layer));
+  nvme.io_engines = options.io_engines;
   nvme.open_existing = options.resume_states;
   if (options.resume_states && !on_nvme) {
     return InvalidArgumentError("session: resume_states needs states on NVMe");
@@ -428,16 +436,17 @@ Status Session::Impl::CreateAll() {
   const uint64_t left =
       options.device_budget_bytes > fixed ? options.device_budget_bytes - fixed : 0;
   const auto slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot_bytes, experts_total));
-  // A learned gate may pick any experts of a layer: room for as many as a layer may activate.
-  const uint32_t needed = options.strategy == Strategy::kNaive ? widest_layer
-                          : gated()                            ? max_groups
-                                                               : std::min(widest_group, max_rows);
+  // Room for the most experts one layer may activate (max_active_experts_per_layer; naive:
+  // every expert of the widest layer), so that no step the session accepts by its options
+  // is refused later for want of slots.
+  const uint32_t needed = max_groups;
   if (slots < needed) {
     return ResourceExhaustedError(
         StrCat("session: device budget ", HumanBytes(options.device_budget_bytes),
                " leaves room for ", slots, " expert slots after ", HumanBytes(fixed),
                " of activations and workspace; one layer's active experts need at least ", needed,
-               " slots: ", HumanBytes(fixed + needed * slot_bytes), " in all"));
+               " slots (max_active_experts_per_layer): ", HumanBytes(fixed + needed * slot_bytes),
+               " in all"));
   }
   ECSS_ASSIGN_OR_RETURN(cache,
                         DeviceCache::Create(backend, {expert_bytes, slots}, MakeLruPolicy()));
@@ -467,9 +476,7 @@ Status Session::Impl::CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes) 
   store.placement = {Tier::kNvme, Tier::kNone, Tier::kNone, Tier::kNone};
   store.dirs = options.nvme_dirs;
   store.pinned_budget_bytes = pinned_bytes;
-  IoEngineOptions io;
-  io.queue_depth = 8;
-  ECSS_ASSIGN_OR_RETURN(weight_io, CreateFileIoEngine(io));
+  ECSS_ASSIGN_OR_RETURN(weight_io, CreateStateIoEngine(options.io_engines));
   if (options.resume_states) {
     ECSS_ASSIGN_OR_RETURN(weight_store, ExpertStore::Open(backend, *weight_io, store));
   } else {
@@ -656,8 +663,6 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
     w.plan.emplace(std::move(plan).value());
     ECSS_ASSIGN_OR_RETURN(w.device_plan,
                           backend.device_memory().Allocate(w.plan->bytes(), MemoryTag::kOther));
-    ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
-                                           w.plan->bytes(), CopyKind::kHostToDevice));
     for (uint32_t l = 0; l < layers; ++l) {
       Status filled =
           FillLayer(b, w.plan->layer(l), w.plan->DeviceLayer(l, w.device_plan.data()), w.layers[l]);
@@ -665,6 +670,12 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
     }
   }
   if (gated()) return Status::Ok();
+  // Every micro-batch routed: only now is anything enqueued, so a refused step leaves no
+  // copy in flight out of (or into) the buffers it frees.
+  for (MicroBatchWork& w : micro) {
+    ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
+                                           w.plan->bytes(), CopyKind::kHostToDevice));
+  }
   // The step's access sequence: per micro-batch, forward 0..L-1 then backward L-1..0.
   for (MicroBatchWork& w : micro) {
     for (uint32_t l = 0; l < layers; ++l) {
@@ -770,20 +781,43 @@ Session::~Session() {
 Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
   Impl& s = *impl_;
   if (s.in_step) return FailedPreconditionError("BeginStep: the previous step was not ended");
+  ECSS_RETURN_IF_ERROR(s.TakeUpdateError());
+  if (!(loss_scale > 0) || !std::isfinite(loss_scale)) {
+    return InvalidArgumentError(
+        StrCat("BeginStep: loss scale ", loss_scale, " must be finite and > 0"));
+  }
   if (!s.has_last_end) {
     s.last_end = Clock::now();
     s.has_last_end = true;
     s.Snapshot();
   }
-  Status built = s.BuildStep(micro_batches);
-  if (!built.ok()) {
-    s.micro.clear();  // frees the plans' device copies
-    return built;
+  Status begun = s.StartStep(micro_batches, loss_scale);
+  if (!begun.ok()) s.DiscardStep();
+  return begun;
+}
+
+// Drops a step that BeginStep refused: its plans' device copies may still be queued on the
+// compute stream, so the stream passes them before their buffers are freed.
+void Session::Impl::DiscardStep() {
+  backend.SynchronizeStream(compute.get()).IgnoreError();  // its error is the caller's
+  prefetcher->Clear();
+  if (in_step && !delayed()) {
+    // The optimizer's step began with no submissions: ending it updates nothing, and keeps
+    // its step count equal to the session's.
+    updater->FinishStep().status().IgnoreError();
   }
-  if (!(loss_scale > 0) || !std::isfinite(loss_scale)) {
-    s.micro.clear();
-    return InvalidArgumentError(StrCat("BeginStep: loss scale ", loss_scale, " must be > 0"));
-  }
+  micro.clear();
+  in_step = false;
+}
+
+// An update that failed since the last call, reported once with its step and expert.
+Status Session::Impl::TakeUpdateError() {
+  return updater->TakeError().Annotate("an expert update failed (its states are unchanged)");
+}
+
+Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
+  Impl& s = *this;
+  ECSS_RETURN_IF_ERROR(s.BuildStep(micro_batches));
   s.stalls = {};
   s.gradient_bytes = 0;
   s.submitted = 0;
@@ -1049,25 +1083,20 @@ StatusOr<StepStats> Session::EndStep() {
       }
     }
   }
-  ECSS_RETURN_IF_ERROR(s.SubmitReady(true));
+  // Whatever fails from here on, the step ends: its work is drained and the next BeginStep
+  // starts clean. The first failure (an update's too) is what EndStep returns.
   StepReport report = s.started_report;  // delayed: the update BeginStep started
-  if (!s.delayed()) {
-    ECSS_ASSIGN_OR_RETURN(report, s.updater->FinishStep());
-  }
-  {
-    StallTimer timer(&s.stalls.stage_sync_seconds);
-    ECSS_RETURN_IF_ERROR(s.backend.SynchronizeStream(s.compute.get()));
-  }
-  if (s.options.strategy != Strategy::kEcss) {
-    StallTimer timer(&s.stalls.optimizer_seconds);
-    ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
-  }
+  Status ended = s.FinishStepWork(&report);
   s.stalls.update_fence_seconds = s.prefetcher->stall_seconds() + s.gradient_fence_seconds;
   s.prefetcher->Clear();
   uint64_t tokens = 0;
   for (const MicroBatchWork& w : s.micro) tokens += w.num_tokens;
   s.micro.clear();  // the plans' device copies: compute has passed them
   s.in_step = false;
+  if (!ended.ok()) {
+    s.Snapshot();
+    return ended.Annotate(StrCat("EndStep of step ", s.step));
+  }
 
   StepStats stats;
   stats.step = s.step;
@@ -1107,6 +1136,41 @@ StatusOr<StepStats> Session::EndStep() {
   return stats;
 }
 
+// EndStep's work: the last gradients to the optimizer, the step's end for it, compute drained,
+// and (no-overlap, naive) the updates waited for. Runs every part even after a failure, so
+// that nothing of the step is left in flight; returns the first failure.
+Status Session::Impl::FinishStepWork(StepReport* report) {
+  Status first = SubmitReady(true);
+  if (!first.ok()) {
+    // The gradients of layers not submitted are dropped with the step.
+    for (uint32_t layer : pending_layers) {
+      for (Expert& expert : experts[layer]) expert.touched = false;
+    }
+    pending_layers.clear();
+  }
+  if (!delayed()) {
+    StatusOr<StepReport> finished = updater->FinishStep();
+    if (finished.ok()) {
+      *report = *finished;
+    } else if (first.ok()) {
+      first = finished.status();
+    }
+  }
+  {
+    StallTimer timer(&stalls.stage_sync_seconds);
+    Status synced = backend.SynchronizeStream(compute.get());
+    if (first.ok()) first = synced;
+  }
+  if (options.strategy != Strategy::kEcss) {
+    StallTimer timer(&stalls.optimizer_seconds);
+    Status updated = updater->Synchronize();
+    if (first.ok()) first = updated.Annotate("an expert update failed (its states are unchanged)");
+  } else if (first.ok()) {
+    first = TakeUpdateError();
+  }
+  return first;
+}
+
 Status Session::Synchronize() {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(s.backend.SynchronizeAll());
@@ -1117,7 +1181,7 @@ Status Session::Synchronize() {
     ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
     return s.Publish();
   }
-  return s.updater->Synchronize();
+  return s.updater->Synchronize().Annotate("an expert update failed (its states are unchanged)");
 }
 
 Stream Session::compute_stream() const { return impl_->compute.get(); }

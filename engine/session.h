@@ -28,11 +28,13 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels/expert_ops.h"
+#include "offload/io/io_engine.h"
 #include "offload/prefetcher.h"
 #include "optimizer/cpu_optimizer.h"
 #include "router/routing_plan.h"
@@ -106,8 +108,10 @@ struct SessionOptions {
   uint32_t max_tokens_per_micro_batch = 0;  // sizes the activation buffers
   uint32_t max_micro_batches = 1;
   // The most experts one layer of a micro-batch may activate: sizes the device gradient
-  // region (this many experts' fp32 gradients). 0 = every expert of the widest layer (naive
-  // always needs that); a step that activates more is refused by BeginStep.
+  // region (this many experts' fp32 gradients) and the least device cache Create accepts
+  // (a budget whose cache holds fewer slots is refused, naming the bytes needed). 0 = every
+  // expert of the widest layer, capped by the rows of a micro-batch (naive always needs every
+  // expert); a step that activates more is refused by BeginStep.
   uint32_t max_active_experts_per_layer = 0;
   // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
   uint32_t prefetch_window_experts = 0;
@@ -139,6 +143,10 @@ struct SessionOptions {
   // gradients).
   bool delayed_update = false;
   int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores
+  // Makes the IoEngines that every NVMe file of the session (states, weights) goes through;
+  // empty = io_uring where the kernel allows it, else pread/pwrite. Tests wrap it in a
+  // FaultInjectionIoEngine (offload/io/io_engines.h).
+  std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
   // Optional, not owned, must outlive the session: the optimizer threads' and the NVMe state
   // streaming's lanes (give the sim backend the same recorder for the device lanes).
   TraceRecorder* trace = nullptr;
@@ -199,6 +207,13 @@ class Session {
   static StatusOr<std::unique_ptr<Session>> Create(Backend& backend, const SessionOptions& options);
   ~Session();  // waits for the updates in flight
 
+  // Update failures: an expert update that fails in the background (an I/O error, a damaged
+  // state block, a non-finite gradient without skip_step_on_nonfinite) leaves that expert's
+  // states as they were and is returned once, naming the step and the expert, by the first
+  // BeginStep, EndStep or Synchronize after it was detected. The session stays usable: a
+  // BeginStep that returned it began no step (call it again); an EndStep that returned it
+  // ended the step.
+  //
   // Routes the micro-batches (InvalidArgument naming a token id out of the vocabulary,
   // NotFound naming an unknown domain; ResourceExhausted when a layer activates more experts
   // than the device cache holds) and starts fetching. FailedPrecondition inside a step.
@@ -219,6 +234,7 @@ class Session {
   // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward.
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
+  // Any other failure (an update's, see above) is returned after the step has ended.
   StatusOr<StepStats> EndStep();
   // Waits for every update in flight; returns the first optimizer error. With delayed_update
   // and outside a step it first starts the held update and publishes its result.

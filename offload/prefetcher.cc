@@ -136,7 +136,12 @@ Status Prefetcher::Advance() {
     if (cache_.residency(key) == Residency::kAbsent && hooks_.fence_pending(key)) break;
     Lease lease;
     if (stager_ != nullptr && NeedsCopy(key)) {
-      // Never wait on NVMe here: lease once the weights are staged.
+      // Never wait on NVMe here: lease once the weights are staged. (Staged once for an
+      // earlier position, then evicted: stage it again.)
+      if (!stager_->Started(key)) {
+        ECSS_ASSIGN_OR_RETURN(bool started, stager_->TryStart(key));
+        if (!started) break;
+      }
       if (!stager_->Ready(key)) break;
       ECSS_ASSIGN_OR_RETURN(const void* block, stager_->Wait(key));
       ECSS_RETURN_IF_ERROR(AcquireStaged(key, block, next_, &lease));
@@ -162,10 +167,38 @@ StatusOr<std::vector<Lease>> Prefetcher::Take(uint64_t first, size_t count) {
   next_ = std::max(next_, first);
   for (size_t i = 0; i < count; ++i) {
     if (leases[i].weights() != nullptr) continue;
-    ECSS_RETURN_IF_ERROR(Fetch(first + i, &leases[i]));
+    Status fetched = Fetch(first + i, &leases[i]);
+    while (fetched.code() == StatusCode::kResourceExhausted &&
+           YieldAhead(first + i, first + count)) {
+      fetched = Fetch(first + i, &leases[i]);
+    }
+    ECSS_RETURN_IF_ERROR(fetched);
     next_ = std::max(next_, first + i + 1);
   }
   return leases;
+}
+
+// Note [Work ahead yields]: slots leased and blocks staged ahead are speculative. When the
+// caller needs a position they did not cover (the caller went out of order, or an expert
+// staged for an earlier position was evicted before a later one), a full cache or a full
+// stager must not fail a valid step: what was taken for the farthest position after the need
+// is dropped, one at a time until the fetch fits, and redone later.
+bool Prefetcher::YieldAhead(uint64_t position, uint64_t end) {
+  if (!held_.empty() && held_.back().first >= end) {
+    next_ = std::min(next_, held_.back().first);
+    held_.pop_back();  // its lease goes back unused
+    return true;
+  }
+  if (stager_ == nullptr) return false;
+  const ExpertKey needed = sequence_[position];
+  for (uint64_t p = stage_next_; p-- > position + 1;) {
+    const ExpertKey key = sequence_[p];
+    if (key == needed || !stager_->Started(key)) continue;
+    stager_->Drop(key);
+    stage_next_ = std::min(stage_next_, p);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace ecss

@@ -69,7 +69,9 @@ class Prefetcher {
   Status Advance();
   // The leases of positions [first, first + count), prefetched or fetched now (waiting on
   // fences, recorded as stalls). Positions before `first` still held were skipped by the
-  // caller: their leases are dropped unused. The caller waits on each lease's ready() event.
+  // caller: their leases are dropped unused. Leases and staged blocks taken ahead for later
+  // positions yield when these need the room (Note [Work ahead yields] in the .cc), so any
+  // order of calls works within the budget. The caller waits on each lease's ready() event.
   StatusOr<std::vector<Lease>> Take(uint64_t first, size_t count);
   // Drops every held lease (their kernels, if any, were never enqueued).
   void Clear();
@@ -87,6 +89,9 @@ class Prefetcher {
   // Leases `key` from the staged block and hands the block to its copy.
   Status AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out);
   Status StageAhead();
+  // Drops the leases held for positions >= end and the blocks staged for positions after
+  // `position`, for a fetch at `position` that found no room. True when anything was dropped.
+  bool YieldAhead(uint64_t position, uint64_t end);
 
   DeviceCache& cache_;
   const Stream copy_stream_;

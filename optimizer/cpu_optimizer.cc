@@ -137,8 +137,8 @@ struct CpuOptimizer::Impl {
   mutable std::mutex mutex;
   std::condition_variable cv;
   std::deque<ExpertState> experts;  // stable addresses; appended by the driving thread only
-  uint64_t current_step = 0;
-  bool in_step = false;
+  uint64_t current_step = 0;        // GUARDED_BY(mutex): WaitForExpert reads it from any thread
+  bool in_step = false;             // GUARDED_BY(mutex)
   float grad_scale = 1;
   std::vector<Pending> pending;  // deferred mode: this step's submissions
   Status first_error;            // GUARDED_BY(mutex)
@@ -194,6 +194,7 @@ StatusOr<uint32_t> CpuOptimizer::RegisterExpert(const ExpertArrays& arrays) {
 }
 
 Status CpuOptimizer::BeginStep(float grad_scale) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
   if (impl_->in_step)
     return FailedPreconditionError(StrCat("step ", impl_->current_step, " was not finished"));
   if (!(grad_scale > 0) || !std::isfinite(grad_scale)) {
@@ -208,8 +209,13 @@ Status CpuOptimizer::BeginStep(float grad_scale) {
 
 Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dtype,
                                     std::optional<double> sum_of_squares) {
-  if (!impl_->in_step)
-    return FailedPreconditionError("SubmitGradient outside a step (call BeginStep)");
+  uint64_t step;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    if (!impl_->in_step)
+      return FailedPreconditionError("SubmitGradient outside a step (call BeginStep)");
+    step = impl_->current_step;
+  }
   if (expert >= impl_->experts.size()) {
     return InvalidArgumentError(
         StrCat("unknown expert ", expert, " (", impl_->experts.size(), " registered)"));
@@ -218,7 +224,6 @@ Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dty
   if (dtype == DType::kF16) {
     return InvalidArgumentError(StrCat("expert ", expert, ": gradients are f32 or bf16, not f16"));
   }
-  const uint64_t step = impl_->current_step;
   {
     std::unique_lock<std::mutex> lock(impl_->mutex);
     ExpertState& state = impl_->experts[expert];
@@ -260,10 +265,13 @@ StepReport GlobalNormReport(const CpuOptimizerOptions& options,
 }
 
 StatusOr<StepReport> CpuOptimizer::FinishStep() {
-  if (!impl_->in_step) return FailedPreconditionError("FinishStep without BeginStep");
-  impl_->in_step = false;
   StepReport report;
-  report.step = impl_->current_step;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    if (!impl_->in_step) return FailedPreconditionError("FinishStep without BeginStep");
+    impl_->in_step = false;
+    report.step = impl_->current_step;
+  }
   std::vector<Pending>& pending = impl_->pending;
   report.experts_submitted = static_cast<uint32_t>(pending.size());
   if (!impl_->deferred()) return report;
@@ -311,8 +319,14 @@ Status CpuOptimizer::WaitForExpert(uint32_t expert, uint64_t step) {
 
 Status CpuOptimizer::Synchronize() {
   impl_->arena.execute([&] { impl_->tasks.wait(); });
+  return TakeError();
+}
+
+Status CpuOptimizer::TakeError() {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->first_error;
+  Status error = std::move(impl_->first_error);
+  impl_->first_error = Status::Ok();
+  return error;
 }
 
 uint64_t CpuOptimizer::version(uint32_t expert) const {
@@ -320,7 +334,15 @@ uint64_t CpuOptimizer::version(uint32_t expert) const {
   return expert < impl_->experts.size() ? impl_->experts[expert].version : 0;
 }
 
-uint64_t CpuOptimizer::current_step() const { return impl_->current_step; }
+uint64_t CpuOptimizer::processed_step(uint32_t expert) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return expert < impl_->experts.size() ? impl_->experts[expert].processed_step : 0;
+}
+
+uint64_t CpuOptimizer::current_step() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->current_step;
+}
 SimdIsa CpuOptimizer::isa() const { return impl_->isa; }
 
 double CpuOptimizer::busy_seconds() const {

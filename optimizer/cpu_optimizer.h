@@ -103,10 +103,15 @@ class CpuOptimizer {
   // Blocks until the expert's update for `step` finished or was skipped (immediately if the
   // expert was not submitted in that step). Returns that update's error, if any.
   Status WaitForExpert(uint32_t expert, uint64_t step);
-  // Waits for every update submitted so far; returns the first error.
+  // Waits for every update submitted so far; returns TakeError().
   Status Synchronize();
-
+  // The first update error not reported yet (a non-finite gradient without
+  // skip_step_on_nonfinite), then OK until another update fails: each failure is reported
+  // once, so one bad step does not fail every later call. Does not wait.
+  Status TakeError();
   uint64_t version(uint32_t expert) const;  // updates received (the bias-correction step)
+  // The last step whose update of the expert finished, failed or was skipped.
+  uint64_t processed_step(uint32_t expert) const;
   // Seconds in which at least one update was running, since creation (the optimizer as a
   // resource: what overlap efficiency compares with the step time).
   double busy_seconds() const;

@@ -205,7 +205,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   const double write_gbps = Median(write_samples);
   io_buffers.Reset();
 
-  FileStateTier tier(reader.get(), writer.get(), std::vector<size_t>(experts, expert_elements));
+  FileStateTier tier(reader.get(), writer.get(), ExpertIndex({experts}), expert_elements);
   StreamingOptions options;
   options.buffers = static_cast<int>(buffers);
   options.max_expert_elements = expert_elements;

@@ -73,6 +73,14 @@ Status FaultInjectionIoEngine::Allocate(IoFileId file, uint64_t bytes) {
   return inner_->Allocate(file, bytes);
 }
 
+Status FaultInjectionIoEngine::Sync(IoFileId file) {
+  if (state_->options.fail_sync) {
+    ++state_->counters.injected_eio;
+    return ErrnoError(EIO, "injected: fdatasync failed");
+  }
+  return inner_->Sync(file);
+}
+
 Status FaultInjectionIoEngine::DoSubmit(const IoRequest& r) {
   State& s = *state_;
   const uint64_t index = ++s.counters.requests;

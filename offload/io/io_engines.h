@@ -29,6 +29,7 @@ struct FaultOptions {
   bool torn_writes = false;  // a failing write first writes half its data (a crash mid-write)
   bool split_reads = false;  // every read reaches the inner engine as two halves
   uint32_t latency_us = 0;   // completions are held at least this long after submission
+  bool fail_sync = false;    // Sync fails with EIO (fdatasync reporting a lost write-back)
   uint64_t seed = 1;         // for fail_one_in
 };
 
@@ -60,7 +61,7 @@ class FaultInjectionIoEngine final : public IoEngine {
   Status Close(IoFileId file) override { return inner_->Close(file); }
   StatusOr<uint64_t> FileSize(IoFileId file) override { return inner_->FileSize(file); }
   Status Allocate(IoFileId file, uint64_t bytes) override;
-  Status Sync(IoFileId file) override { return inner_->Sync(file); }
+  Status Sync(IoFileId file) override;
 
  protected:
   Status CheckFile(IoFileId file) const override;

@@ -1,7 +1,9 @@
 #include "optimizer/cpu_optimizer.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -238,6 +240,73 @@ TEST(CpuOptimizerTest, BadInputIsRefusedAndChangesNothing) {
   ASSERT_TRUE(optimizer->FinishStep().ok());
   EXPECT_TRUE(optimizer->WaitForExpert(0, 1).ok());
   EXPECT_EQ(optimizer->version(0), 1u);
+}
+
+// WaitForExpert may be called from any thread while the driving thread begins and finishes
+// steps (the session's fetches wait from the driving thread, its tests and tools from others):
+// the step state it reads is written under the same lock (ThreadSanitizer found the race), and
+// every wait returns once its step's update finished.
+TEST(CpuOptimizerTest, WaitForExpertFromAnotherThreadWhileStepsBeginAndFinish) {
+  for (bool deferred : {false, true}) {
+    CpuOptimizerOptions options;
+    options.skip_step_on_nonfinite = deferred;
+    auto optimizer = CpuOptimizer::Create(options);
+    ASSERT_TRUE(optimizer.ok());
+    Expert expert(4096, 3);
+    ASSERT_TRUE((*optimizer)->RegisterExpert(expert.Arrays()).ok());
+    constexpr uint64_t kSteps = 50;
+    std::atomic<uint64_t> submitted{0};
+    std::thread waiter([&] {
+      for (uint64_t step = 1; step <= kSteps; ++step) {
+        while (submitted.load() < step) std::this_thread::yield();
+        // Deferred updates cannot finish before FinishStep: that is the one refusal allowed.
+        Status waited;
+        do {
+          waited = (*optimizer)->WaitForExpert(0, step);
+        } while (waited.code() == StatusCode::kFailedPrecondition);
+        EXPECT_TRUE(waited.ok()) << waited;
+        EXPECT_GE((*optimizer)->version(0), step);
+        EXPECT_GE((*optimizer)->processed_step(0), step);
+      }
+    });
+    std::vector<float> grad = Gradient(4096, 1, 0);
+    for (uint64_t step = 1; step <= kSteps; ++step) {
+      ASSERT_TRUE((*optimizer)->BeginStep().ok());
+      ASSERT_TRUE((*optimizer)->SubmitGradient(0, grad.data(), DType::kF32).ok());
+      submitted.store(step);
+      ASSERT_TRUE((*optimizer)->FinishStep().ok());
+      EXPECT_EQ((*optimizer)->current_step(), step);
+      ASSERT_TRUE((*optimizer)->WaitForExpert(0, step).ok());  // before the buffer is reused
+    }
+    waiter.join();
+    EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  }
+}
+
+// An update's failure is reported once: one bad step does not fail every later Synchronize.
+TEST(CpuOptimizerTest, AnUpdateErrorIsReportedOnce) {
+  CpuOptimizerOptions options;
+  options.skip_step_on_nonfinite = false;
+  auto optimizer = CpuOptimizer::Create(options);
+  ASSERT_TRUE(optimizer.ok());
+  Expert expert(1000, 4);
+  ASSERT_TRUE((*optimizer)->RegisterExpert(expert.Arrays()).ok());
+  std::vector<float> bad = Gradient(1000, 1, 0);
+  bad[3] = INFINITY;
+  ASSERT_TRUE((*optimizer)->BeginStep().ok());
+  ASSERT_TRUE((*optimizer)->SubmitGradient(0, bad.data(), DType::kF32).ok());
+  ASSERT_TRUE((*optimizer)->FinishStep().ok());
+  const Status failed = (*optimizer)->Synchronize();
+  EXPECT_EQ(failed.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(failed.message().find("expert 0 step 1"), std::string_view::npos) << failed;
+  EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  EXPECT_TRUE((*optimizer)->TakeError().ok());
+  std::vector<float> good = Gradient(1000, 2, 0);
+  ASSERT_TRUE((*optimizer)->BeginStep().ok());
+  ASSERT_TRUE((*optimizer)->SubmitGradient(0, good.data(), DType::kF32).ok());
+  ASSERT_TRUE((*optimizer)->FinishStep().ok());
+  EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  EXPECT_EQ((*optimizer)->version(0), 1u);
 }
 
 }  // namespace
