@@ -1152,9 +1152,9 @@ TEST(SessionTest, OutOfOrderCallsWorkWithTheTightestCache) {
   }
 }
 
-// Weights on NVMe with one staging block and the tightest device budget: an expert staged for
-// an earlier position and evicted before a later one gets a block again, from blocks staged
-// ahead (it used to stop the step with "all N staging blocks are held"); same bits as ever.
+// Weights on NVMe with one or two staging blocks and the tightest device budget: every fetch
+// goes NVMe -> pinned -> device under both limits, and the bits are the reference's. (The
+// stager's yield itself is pinned down by StagedPrefetcherTest.BlocksStagedAheadYield...)
 TEST(SessionTest, WeightsOnNvmeWithOneStagingBlockAndTheTightestCacheMatchTheReference) {
   char dir_template[] = "/tmp/ecss_session_XXXXXX";
   ASSERT_NE(mkdtemp(dir_template), nullptr);

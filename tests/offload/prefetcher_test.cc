@@ -218,6 +218,30 @@ TEST_F(StagedPrefetcherTest, ReadsAheadFromNvmeWithinThePinnedBudget) {
   EXPECT_TRUE(sim_->SynchronizeAll().ok());
 }
 
+// Note [Work ahead yields]: expert 0 is on the device when staging passes its second use
+// (position 6), then evicted for expert 3; by then both blocks hold experts staged for later
+// positions. Its miss takes a block back from them instead of failing a valid step with "all
+// N staging blocks are held".
+TEST_F(StagedPrefetcherTest, BlocksStagedAheadYieldToAnEarlierMiss) {
+  const std::vector<ExpertKey> sequence = {0, 1, 2, 3, 1, 2, 0, 4, 5, 6};
+  prefetcher_->BeginStep(sequence);
+  for (uint64_t p = 0; p < sequence.size(); ++p) {
+    // Everything staged and copied that can be, before each use: the stager's blocks are as
+    // full as the window allows.
+    for (int round = 0; round < 4; ++round) {
+      ASSERT_TRUE(prefetcher_->Advance().ok());
+      ASSERT_TRUE(sim_->SynchronizeAll().ok());
+      for (uint64_t q = p; q < sequence.size(); ++q) {
+        if (stager_->Started(sequence[q])) WaitStaged(sequence[q]);
+      }
+    }
+    auto leases = prefetcher_->Take(p, 1);
+    ASSERT_TRUE(leases.ok()) << "position " << p << ": " << leases.status();
+    Use(*leases, {sequence[p]});
+  }
+  EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
 TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
   // Flip a byte of expert 3's newest weights (its second shadow slot: the zeros of creation
   // are in the first).
