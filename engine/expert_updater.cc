@@ -98,6 +98,7 @@ struct NvmeUpdater::Impl {
   std::unique_ptr<IoEngine> load_io, store_io;
   std::unique_ptr<ExpertStateFile> reader, writer;
   std::unique_ptr<FileStateTier> tier;
+  Buffer workspace;  // the pipeline's staging slots, in the caller's pinned memory
   std::unique_ptr<StateStreamingUpdater> updater;
   Allocator* staging = nullptr;
   std::vector<BFloat16*> compute_copies;
@@ -181,10 +182,32 @@ struct NvmeUpdater::Impl {
   }
 };
 
-uint64_t NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme) {
-  const uint64_t compute = weights_on_nvme ? StateBlockBytes(options.expert_elements * 2) : 0;
-  return static_cast<uint64_t>(options.staging_buffers) *
-         (FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements) + compute);
+namespace {
+
+// The streaming pipeline's options for these updater options. `stage_compute_copy`: the
+// compute weights live in a store on NVMe, and the slots stage their new bf16 copy.
+StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool stage_compute_copy) {
+  StreamingOptions streaming;
+  streaming.kind = options.optimizer.kind;
+  streaming.params = options.optimizer.groups.empty() ? HyperParams{} : options.optimizer.groups[0];
+  streaming.threads = options.optimizer.threads;
+  streaming.chunk_elements = options.optimizer.chunk_elements;
+  streaming.buffers = options.staging_buffers;
+  streaming.max_expert_elements = options.expert_elements;
+  streaming.isa = options.optimizer.isa;
+  streaming.stage_compute_copy = stage_compute_copy;
+  return streaming;
+}
+
+}  // namespace
+
+StatusOr<uint64_t> NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options,
+                                             bool weights_on_nvme) {
+  ECSS_ASSIGN_OR_RETURN(
+      const uint64_t pipeline,
+      StateStreamingUpdater::WorkspaceBytes(StreamingOptionsFor(options, weights_on_nvme)));
+  // Initialize and Master hold one expert's arrays at a time.
+  return pipeline + FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements);
 }
 
 StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,
@@ -215,17 +238,13 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   impl->tier =
       std::make_unique<FileStateTier>(impl->reader.get(), impl->writer.get(), options.experts,
                                       options.expert_elements, options.weights);
-  StreamingOptions streaming;
-  streaming.kind = options.optimizer.kind;
-  streaming.params = options.optimizer.groups[0];
-  streaming.threads = options.optimizer.threads;
-  streaming.chunk_elements = options.optimizer.chunk_elements;
-  streaming.buffers = options.staging_buffers;
-  streaming.max_expert_elements = options.expert_elements;
-  streaming.isa = options.optimizer.isa;
-  streaming.stage_compute_copy = options.weights != nullptr;
+  const StreamingOptions streaming = StreamingOptionsFor(options, options.weights != nullptr);
+  ECSS_ASSIGN_OR_RETURN(const uint64_t workspace_bytes,
+                        StateStreamingUpdater::WorkspaceBytes(streaming));
+  ECSS_ASSIGN_OR_RETURN(impl->workspace, staging->Allocate(workspace_bytes, MemoryTag::kStaging));
   ECSS_ASSIGN_OR_RETURN(impl->updater,
-                        StateStreamingUpdater::Create(streaming, impl->tier.get(), staging));
+                        StateStreamingUpdater::Create(streaming, impl->tier.get(),
+                                                      impl->workspace.data(), workspace_bytes));
   impl->compute_copies.assign(options.experts.size(), nullptr);
   impl->submitted_step.assign(options.experts.size(), 0);
   impl->done_step.assign(options.experts.size(), 0);

@@ -123,9 +123,10 @@ class NvmeUpdater final : public ExpertUpdater {
   // `compute_copy` or the weight store (which receive every later update too). An expert the files
   // do not hold as this layout expects is an error naming it.
   Status Resume(uint32_t id, BFloat16* compute_copy);
-  // Bytes of pinned staging Create takes (with a weight store: `weights_on_nvme`, which the
-  // caller can size before it creates the store).
-  static uint64_t StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
+  // Bytes of pinned staging the updater takes: the pipeline's slots (with a weight store:
+  // `weights_on_nvme`, which the caller can size before it creates the store) and one
+  // expert's arrays for Initialize and Master. InvalidArgument for bad optimizer options.
+  static StatusOr<uint64_t> StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
 
   Status BeginStep(float loss_scale) override;
   Status Submit(uint32_t id, const float* grad) override;

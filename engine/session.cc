@@ -20,7 +20,6 @@
 #include "runtime/base/trace.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
-#include "runtime/device/sim/sim_backend.h"
 
 namespace ecss {
 namespace {
@@ -159,7 +158,7 @@ struct Session::Impl {
   bool has_last_end = false;
   CopyStats copies_at_begin;
   CacheStats cache_at_begin;
-  SimEngineStats engines_at_begin;
+  EngineBusyTimes engines_at_begin;
   double optimizer_busy_at_begin = 0;
   uint64_t nvme_at_begin = 0;
   uint64_t gradient_bytes = 0;
@@ -176,7 +175,6 @@ struct Session::Impl {
   StepReport started_report;
   double gradient_fence_seconds = 0;
 
-  SimBackend* sim() const { return dynamic_cast<SimBackend*>(&backend); }
   uint32_t d_in() const {
     return options.model.activation == Activation::kSwiGlu ? 2 * options.model.d_ff
                                                            : options.model.d_ff;
@@ -194,7 +192,7 @@ struct Session::Impl {
   Status StartHeldUpdate();
 
   Status CreateAll();
-  Status InitExperts();
+  Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
   Status StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale);
   void DiscardStep();
   Status TakeUpdateError();
@@ -216,7 +214,7 @@ struct Session::Impl {
   void Snapshot() {
     copies_at_begin = backend.copy_stats();
     cache_at_begin = cache->stats();
-    if (SimBackend* device = sim()) engines_at_begin = device->engine_stats();
+    engines_at_begin = backend.busy_times();
     optimizer_busy_at_begin = updater->busy_seconds();
     nvme_at_begin = nvme_bytes();
   }
@@ -347,10 +345,10 @@ Status Session::Impl::CreateAll() {
   if (options.resume_states && !on_nvme) {
     return InvalidArgumentError("session: resume_states needs states on NVMe");
   }
-  // Staging for the streaming pipeline, plus one expert's states for initialisation and reads.
-  const uint64_t nvme_pinned =
-      on_nvme ? NvmeUpdater::StagingBytes(nvme, weights_on_nvme()) + 3 * StateArrayBytes(params)
-              : 0;
+  uint64_t nvme_pinned = 0;  // the streaming pipeline's staging and one expert's states
+  if (on_nvme) {
+    ECSS_ASSIGN_OR_RETURN(nvme_pinned, NvmeUpdater::StagingBytes(nvme, weights_on_nvme()));
+  }
   const uint64_t pinned_needed = experts_total * per_expert_pinned +
                                  AlignUp(uint64_t{max_groups} * params * 4, 4096) + nvme_pinned +
                                  weight_pinned;
@@ -391,11 +389,16 @@ Status Session::Impl::CreateAll() {
     nvme.weights = weight_store.get();
   }
   if (on_nvme) {
-    ECSS_ASSIGN_OR_RETURN(updater, NvmeUpdater::Create(nvme, pinned.get()));
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
+                          NvmeUpdater::Create(nvme, pinned.get()));
+    ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get()));
+    updater = std::move(streaming);
   } else {
-    ECSS_ASSIGN_OR_RETURN(updater, HostUpdater::Create(options.optimizer));
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostUpdater> host,
+                          HostUpdater::Create(options.optimizer));
+    ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr));
+    updater = std::move(host);
   }
-  ECSS_RETURN_IF_ERROR(InitExperts());
   ECSS_ASSIGN_OR_RETURN(grad_tmp,
                         pinned->Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
 
@@ -486,7 +489,8 @@ Status Session::Impl::CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes) 
   return Status::Ok();
 }
 
-Status Session::Impl::InitExperts() {
+// Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
+Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
   const ModelSpec& m = options.model;
   const float in_scale =
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
@@ -494,8 +498,6 @@ Status Session::Impl::InitExperts() {
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint64_t in_elems = uint64_t{m.d_model} * d_in();
   const size_t moment_arrays = std::max<size_t>(1, StateArrays(options.optimizer.kind));
-  auto* host = dynamic_cast<HostUpdater*>(updater.get());
-  auto* nvme = dynamic_cast<NvmeUpdater*>(updater.get());
   uint32_t flat = 0;
   std::vector<float> initial;  // states on NVMe: the master before it goes to its file
   experts.resize(m.layers);
@@ -1118,12 +1120,10 @@ StatusOr<StepStats> Session::EndStep() {
   stats.stalls = s.stalls;
   stats.stall_records = s.prefetcher->stalls();
   stats.stall_fraction = stats.seconds > 0 ? s.stalls.total() / stats.seconds : 0;
-  if (SimBackend* sim = s.sim()) {
-    const SimEngineStats e = sim->engine_stats();
-    stats.compute_busy_seconds = e.compute_busy_seconds - s.engines_at_begin.compute_busy_seconds;
-    stats.h2d_busy_seconds = e.h2d_busy_seconds - s.engines_at_begin.h2d_busy_seconds;
-    stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
-  }
+  const EngineBusyTimes e = s.backend.busy_times();  // all 0 where the backend keeps none
+  stats.compute_busy_seconds = e.compute_busy_seconds - s.engines_at_begin.compute_busy_seconds;
+  stats.h2d_busy_seconds = e.h2d_busy_seconds - s.engines_at_begin.h2d_busy_seconds;
+  stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
   stats.optimizer_busy_seconds = s.updater->busy_seconds() - s.optimizer_busy_at_begin;
   stats.nvme_bytes = s.nvme_bytes() - s.nvme_at_begin;
   const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,

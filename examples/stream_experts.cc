@@ -166,7 +166,7 @@ Status Run(const DemoOptions& options) {
     const std::vector<int> routed = RoutedExperts(step, options.experts);
     double* host_results = results.as<double>();
     for (int e : routed) host_results[e] = -1;
-    const SimEngineStats before = sim->engine_stats();
+    const EngineBusyTimes before = sim->busy_times();
     const Clock::time_point start = Clock::now();
     for (int e : routed) {
       // Reuse the slot only after its previous kernel finished reading it.
@@ -199,7 +199,7 @@ Status Run(const DemoOptions& options) {
     int correct = 0;
     for (int e : routed) correct += host_results[e] == expected[e] ? 1 : 0;
     const uint64_t streamed = routed.size() * options.expert_bytes;
-    const SimEngineStats after = sim->engine_stats();
+    const EngineBusyTimes after = sim->busy_times();
     const double busiest = std::max({after.h2d_busy_seconds - before.h2d_busy_seconds,
                                      after.compute_busy_seconds - before.compute_busy_seconds,
                                      after.d2h_busy_seconds - before.d2h_busy_seconds});
@@ -212,7 +212,7 @@ Status Run(const DemoOptions& options) {
     }
   }
 
-  const SimEngineStats engines = sim->engine_stats();
+  const EngineBusyTimes engines = sim->busy_times();
   std::printf("\nengines busy: H2D %.1f ms, compute %.1f ms, D2H %.1f ms\n",
               engines.h2d_busy_seconds * 1e3, engines.compute_busy_seconds * 1e3,
               engines.d2h_busy_seconds * 1e3);

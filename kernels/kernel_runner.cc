@@ -34,13 +34,13 @@ StatusOr<std::unique_ptr<KernelRunner>> KernelRunner::Create(Backend& backend,
   ECSS_RETURN_IF_ERROR(ValidateDeviceProfile(profile));
   std::unique_ptr<CpuKernels> cpu;
   std::unique_ptr<CudaKernels> cuda;
+  const Device device = backend.device();
   if (backend.capabilities().host_kernels) {
     ECSS_ASSIGN_OR_RETURN(cpu, CpuKernels::Create(options.cpu));
-  } else if (backend.capabilities().name == "cuda") {
-    ECSS_ASSIGN_OR_RETURN(cuda, CudaKernels::Create(options.cuda_device));
+  } else if (device.kind == DeviceKind::kCuda) {
+    ECSS_ASSIGN_OR_RETURN(cuda, CudaKernels::Create(device.index));
   } else {
-    return UnimplementedError(
-        StrCat("no expert kernels for backend '", backend.capabilities().name, "'"));
+    return UnimplementedError(StrCat("no expert kernels for device ", device.ToString()));
   }
   return std::unique_ptr<KernelRunner>(
       new KernelRunner(backend, std::move(profile), std::move(cpu), std::move(cuda)));

@@ -28,13 +28,13 @@ struct KernelRunnerOptions {
   // The device whose time the sim's timed mode models; empty name = "h100-sxm".
   DeviceProfile profile;
   CpuKernelOptions cpu;  // the sim's real-mode computation
-  int cuda_device = 0;   // CUDA backends: the device ordinal of the backend
 };
 
 class KernelRunner {
  public:
-  // `backend` must outlive the runner. InvalidArgument for a bad profile or CPU option;
-  // Unimplemented for a backend that neither runs host kernels nor is CUDA.
+  // `backend` must outlive the runner. The kernels follow the backend's device: host kernels
+  // where it runs them (the sim), cuBLAS and ours on a CUDA device (its index). InvalidArgument
+  // for a bad profile or CPU option; Unimplemented for a device with no kernels here.
   static StatusOr<std::unique_ptr<KernelRunner>> Create(Backend& backend,
                                                         const KernelRunnerOptions& options = {});
   ~KernelRunner();

@@ -141,15 +141,26 @@ struct StateStreamingUpdater::Impl {
   SimdIsa isa;
   StateTier* tier;
   tbb::task_arena arena;
-  std::vector<Buffer> buffers;  // per slot: master, state0[, state1] back to back
-  std::vector<StateSlot> slots;
+  std::vector<StateSlot> slots;  // carved from the caller's workspace
 };
 
-StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
-    const StreamingOptions& options, StateTier* tier, Allocator* staging) {
+namespace {
+
+// Each array starts on a 4 KiB boundary and has room for a whole number of 4 KiB blocks, so
+// that O_DIRECT tiers can read into and write from the slot directly.
+size_t ArrayStrideFloats(const StreamingOptions& options) {
+  return (options.max_expert_elements * 4 + 4095) / 4096 * 1024;
+}
+size_t ComputeCopyBytes(const StreamingOptions& options) {
+  return options.stage_compute_copy ? (options.max_expert_elements * 2 + 4095) / 4096 * 4096 : 0;
+}
+uint64_t SlotBytes(const StreamingOptions& options) {
+  return ArrayStrideFloats(options) * 4 * (1 + StateArrays(options.kind)) +
+         ComputeCopyBytes(options);
+}
+
+Status ValidateStreamingOptions(const StreamingOptions& options) {
   ECSS_RETURN_IF_ERROR(ValidateHyperParams(options.kind, options.params));
-  if (tier == nullptr || staging == nullptr)
-    return InvalidArgumentError("state tier and staging are required");
   if (options.threads < 1 || options.buffers < 2 || options.chunk_elements < 1024 ||
       options.max_expert_elements == 0) {
     return InvalidArgumentError(StrCat("streaming options need threads >= 1 (", options.threads,
@@ -160,23 +171,35 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
   const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
   if (!SimdIsaSupported(isa))
     return InvalidArgumentError(StrCat("this CPU cannot run ", SimdIsaName(isa)));
-  auto impl = std::make_unique<Impl>(options, isa, tier);
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<uint64_t> StateStreamingUpdater::WorkspaceBytes(const StreamingOptions& options) {
+  ECSS_RETURN_IF_ERROR(ValidateStreamingOptions(options));
+  return static_cast<uint64_t>(options.buffers) * SlotBytes(options);
+}
+
+StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
+    const StreamingOptions& options, StateTier* tier, void* workspace, uint64_t workspace_bytes) {
+  ECSS_ASSIGN_OR_RETURN(const uint64_t needed, WorkspaceBytes(options));
+  if (tier == nullptr) return InvalidArgumentError("state streaming: a state tier is required");
+  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 4096 != 0 ||
+      workspace_bytes < needed) {
+    return InvalidArgumentError(StrCat("state streaming: the workspace must be ", needed,
+                                       " bytes, 4 KiB aligned (got ", workspace_bytes, " bytes at ",
+                                       workspace, ")"));
+  }
+  auto impl = std::make_unique<Impl>(options, options.isa.value_or(DetectSimdIsa()), tier);
   const int arrays = 1 + StateArrays(options.kind);
-  // Each array starts on a 4 KiB boundary and has room for a whole number of 4 KiB blocks, so
-  // that O_DIRECT tiers can read into and write from the slot directly.
-  const size_t stride = (options.max_expert_elements * 4 + 4095) / 4096 * 1024;  // floats
-  const size_t compute_bytes =
-      options.stage_compute_copy ? (options.max_expert_elements * 2 + 4095) / 4096 * 4096 : 0;
+  const size_t stride = ArrayStrideFloats(options);
   for (int b = 0; b < options.buffers; ++b) {
-    StatusOr<Buffer> buffer =
-        staging->Allocate(stride * 4 * arrays + compute_bytes, MemoryTag::kStaging);
-    if (!buffer.ok()) return buffer.status().Annotate(StrCat("state streaming slot ", b));
-    float* base = buffer->as<float>();
+    float* base = reinterpret_cast<float*>(static_cast<char*>(workspace) + b * SlotBytes(options));
     auto* compute =
         options.stage_compute_copy ? reinterpret_cast<BFloat16*>(base + stride * arrays) : nullptr;
     impl->slots.push_back(
         StateSlot{base, base + stride, arrays == 3 ? base + 2 * stride : nullptr, compute, 0});
-    impl->buffers.push_back(std::move(*buffer));
   }
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
 }

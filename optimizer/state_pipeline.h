@@ -18,7 +18,6 @@
 
 #include "optimizer/optimizer_config.h"
 #include "optimizer/update_kernels.h"
-#include "runtime/device/allocator.h"
 
 namespace ecss {
 
@@ -106,13 +105,16 @@ struct StreamingReport {
 
 class StateStreamingUpdater {
  public:
-  // Carves buffers x (1 + state arrays) arrays of max_expert_elements floats, each rounded up
-  // to 4 KiB, from `staging` (the pinned pool; with its 4 KiB alignment every array is
-  // O_DIRECT-ready). InvalidArgument for bad options; ResourceExhausted when staging is too small.
-  // REQUIRES: tier and staging outlive the updater.
+  // The staging Create needs (can implement -> workspace size -> run): buffers x (1 + state
+  // arrays) arrays of max_expert_elements floats, each rounded up to 4 KiB, plus the bf16
+  // compute copy with stage_compute_copy. InvalidArgument for bad options.
+  static StatusOr<uint64_t> WorkspaceBytes(const StreamingOptions& options);
+  // Carves the slots from `workspace` (WorkspaceBytes(options) bytes, 4 KiB aligned: with the
+  // caller's pinned memory every array is O_DIRECT-ready). InvalidArgument for bad options or
+  // a null, misaligned or short workspace. REQUIRES: tier and workspace outlive the updater.
   static StatusOr<std::unique_ptr<StateStreamingUpdater>> Create(const StreamingOptions& options,
-                                                                 StateTier* tier,
-                                                                 Allocator* staging);
+                                                                 StateTier* tier, void* workspace,
+                                                                 uint64_t workspace_bytes);
   ~StateStreamingUpdater();
 
   // Streams every gradient's expert through load -> update -> store, in order. Returns the

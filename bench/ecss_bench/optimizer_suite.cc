@@ -210,8 +210,12 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   options.buffers = static_cast<int>(buffers);
   options.max_expert_elements = expert_elements;
   options.params.lr = 1e-4f;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<StateStreamingUpdater> updater,
-                        StateStreamingUpdater::Create(options, &tier, pool.get()));
+  ECSS_ASSIGN_OR_RETURN(const uint64_t workspace_bytes,
+                        StateStreamingUpdater::WorkspaceBytes(options));
+  ECSS_ASSIGN_OR_RETURN(Buffer workspace, pool->Allocate(workspace_bytes, MemoryTag::kStaging));
+  ECSS_ASSIGN_OR_RETURN(
+      std::unique_ptr<StateStreamingUpdater> updater,
+      StateStreamingUpdater::Create(options, &tier, workspace.data(), workspace_bytes));
   std::vector<StreamedGradient> work;
   for (uint32_t e = 0; e < experts; ++e) work.push_back({e, gradient.data(), DType::kF32, nullptr});
   ECSS_ASSIGN_OR_RETURN(StreamingReport report, updater->Run(work, 1024.0f, 0.9f));

@@ -61,6 +61,16 @@ struct BackendCapabilities {
   int nccl_version = 0;     // NCCL version when built with it; 0 elsewhere
 };
 
+// Busy time of the device's engines since the backend was created: the seconds in which each
+// ran work (a copy engine per direction; the compute engine). What the engine measures as its
+// resources' use. `measured` is false on a backend that does not keep them (then all are 0).
+struct EngineBusyTimes {
+  double h2d_busy_seconds = 0;
+  double d2h_busy_seconds = 0;
+  double compute_busy_seconds = 0;
+  bool measured = false;
+};
+
 // Bytes and copies enqueued, per direction.
 struct CopyStats {
   uint64_t bytes[3] = {0, 0, 0};  // indexed by CopyKind
@@ -121,6 +131,7 @@ class Backend {
   StatusOr<std::unique_ptr<PinnedHostPool>> CreatePinnedPool(const PinnedPoolOptions& options);
 
   CopyStats copy_stats() const;
+  EngineBusyTimes busy_times() const { return DoBusyTimes(); }
   TraceRecorder* trace() const { return trace_; }
 
  protected:
@@ -153,6 +164,7 @@ class Backend {
   virtual Status DoSynchronizeStream(StreamImpl& stream) = 0;
   virtual Status DoSynchronizeEvent(EventImpl& event) = 0;
   virtual bool DoQueryEvent(EventImpl& event) = 0;
+  virtual EngineBusyTimes DoBusyTimes() const { return {}; }
   // How this backend registers host memory for DMA (empty functions: nothing to do).
   virtual HostRegistration DoHostRegistration() { return {}; }
 

@@ -53,7 +53,7 @@ TEST(KernelRunnerTimedTest, TimedModeChargesTheCostModelAndSkipsTheNumbers) {
   EXPECT_GT(want, 0);
   EXPECT_NEAR((*runner)->modeled_seconds(), want, 1e-9);
   // The sim's compute engine was busy for at least the modelled time.
-  EXPECT_GE((*sim)->engine_stats().compute_busy_seconds, want * 0.999);
+  EXPECT_GE((*sim)->busy_times().compute_busy_seconds, want * 0.999);
   // Nothing was computed: y still holds the memset pattern.
   std::vector<uint8_t> host(y->size());
   ASSERT_TRUE(

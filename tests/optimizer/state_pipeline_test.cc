@@ -1,6 +1,7 @@
 #include "optimizer/state_pipeline.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -9,7 +10,6 @@
 #include "optimizer/cpu_optimizer.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
-#include "runtime/device/host_allocator.h"
 
 namespace ecss {
 namespace {
@@ -23,10 +23,21 @@ std::vector<float> Values(size_t n, uint64_t seed, float scale) {
 
 const std::vector<size_t> kSizes = {5000, 1, 70000, 1234, 65536};
 
-std::unique_ptr<HostAllocator> Staging(uint64_t bytes) {
-  HostAllocatorOptions options;
-  options.capacity_bytes = bytes;
-  return std::move(HostAllocator::Create(options)).value();
+// The caller-provided workspace an updater needs: 4 KiB aligned, as the pinned pool's is.
+struct Workspace {
+  explicit Workspace(uint64_t n)
+      : bytes(n), data(std::aligned_alloc(4096, (n + 4095) / 4096 * 4096)) {}
+  ~Workspace() { std::free(data); }
+  uint64_t bytes;
+  void* data;
+};
+
+StatusOr<std::unique_ptr<StateStreamingUpdater>> CreateUpdater(const StreamingOptions& options,
+                                                               StateTier* tier,
+                                                               std::unique_ptr<Workspace>* out) {
+  ECSS_ASSIGN_OR_RETURN(const uint64_t bytes, StateStreamingUpdater::WorkspaceBytes(options));
+  *out = std::make_unique<Workspace>(bytes);
+  return StateStreamingUpdater::Create(options, tier, (*out)->data, bytes);
 }
 
 // A tier that fails chosen operations, to show failures lose nothing.
@@ -70,12 +81,12 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
                             {master[e].data(), m[e].data(), v[e].data(), nullptr, kSizes[e], 0})
                         .ok());
       }
-      auto staging = Staging(uint64_t{64} << 20);
+      std::unique_ptr<Workspace> staging;
       StreamingOptions options;
       options.buffers = buffers;
       options.threads = threads;
       options.max_expert_elements = 70000;
-      auto updater = StateStreamingUpdater::Create(options, &tier, staging.get());
+      auto updater = CreateUpdater(options, &tier, &staging);
       ASSERT_TRUE(updater.ok()) << updater.status();
       std::vector<BFloat16> copy(70000);
       for (uint64_t step = 1; step <= 3; ++step) {
@@ -112,10 +123,10 @@ TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
   FailingTier failing(&tier);
   failing.fail_load = 1;
   failing.fail_store = 2;
-  auto staging = Staging(uint64_t{8} << 20);
+  std::unique_ptr<Workspace> staging;
   StreamingOptions options;
   options.max_expert_elements = 1000;
-  auto updater = *StateStreamingUpdater::Create(options, &failing, staging.get());
+  auto updater = *CreateUpdater(options, &failing, &staging);
   std::vector<std::vector<float>> grads;
   std::vector<StreamedGradient> work;
   for (uint32_t e = 0; e < 4; ++e) {
@@ -146,18 +157,32 @@ TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
 TEST(StateStreamingTest, BadInput) {
   InMemoryStateTier tier(OptimizerKind::kAdamW);
   tier.AddExpert(Values(5000, 1, 1.0f));
-  auto staging = Staging(uint64_t{1} << 20);
+  std::unique_ptr<Workspace> staging;
   StreamingOptions options;
   options.max_expert_elements = 4096;
   options.buffers = 1;
-  EXPECT_EQ(StateStreamingUpdater::Create(options, &tier, staging.get()).status().code(),
+  EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
             StatusCode::kInvalidArgument);
   options.buffers = 2;
-  options.max_expert_elements = 1 << 20;  // 2 x 12 MiB > 1 MiB of staging
-  EXPECT_EQ(StateStreamingUpdater::Create(options, &tier, staging.get()).status().code(),
-            StatusCode::kResourceExhausted);
-  options.max_expert_elements = 4096;
-  auto updater = *StateStreamingUpdater::Create(options, &tier, staging.get());
+  // 2 slots x (master, m, v) x 16 KiB.
+  EXPECT_EQ(*StateStreamingUpdater::WorkspaceBytes(options), 2u * 3 * 16384);
+  Workspace short_workspace(2 * 3 * 16384 - 4096);
+  const Status too_short =
+      StateStreamingUpdater::Create(options, &tier, short_workspace.data, short_workspace.bytes)
+          .status();
+  EXPECT_EQ(too_short.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(too_short.message().find("98304 bytes"), std::string_view::npos) << too_short;
+  Workspace roomy(2 * 3 * 16384 + 4096);
+  EXPECT_EQ(StateStreamingUpdater::Create(options, &tier, static_cast<char*>(roomy.data) + 64,
+                                          roomy.bytes - 64)
+                .status()
+                .code(),
+            StatusCode::kInvalidArgument)
+      << "misaligned";
+  EXPECT_EQ(
+      StateStreamingUpdater::Create(options, nullptr, roomy.data, roomy.bytes).status().code(),
+      StatusCode::kInvalidArgument);
+  auto updater = *CreateUpdater(options, &tier, &staging);
   std::vector<float> grad(5000, 0.1f);
   Status too_big = updater->Run({{0, grad.data(), DType::kF32, nullptr}}, 1.0f, 1.0f).status();
   EXPECT_EQ(too_big.code(), StatusCode::kInvalidArgument);

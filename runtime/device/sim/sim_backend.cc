@@ -267,11 +267,11 @@ SimBackend::SimBackend(const SimOptions& options, std::unique_ptr<ArenaAllocator
 
 SimBackend::~SimBackend() { ShutdownHandles(); }
 
-SimEngineStats SimBackend::engine_stats() const {
+EngineBusyTimes SimBackend::DoBusyTimes() const {
   auto seconds = [](const Engine& engine) {
     return static_cast<double>(engine.busy_ns.load(std::memory_order_relaxed)) * 1e-9;
   };
-  return SimEngineStats{seconds(*h2d_), seconds(*d2h_), seconds(*compute_)};
+  return EngineBusyTimes{seconds(*h2d_), seconds(*d2h_), seconds(*compute_), true};
 }
 
 StatusOr<Backend::StreamPtr> SimBackend::DoCreateStream(std::string_view name) {

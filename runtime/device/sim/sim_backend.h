@@ -29,13 +29,6 @@ struct SimOptions {
   TraceRecorder* trace = nullptr;  // optional, not owned; must outlive the backend
 };
 
-// Busy time of each simulated engine since creation.
-struct SimEngineStats {
-  double h2d_busy_seconds = 0;
-  double d2h_busy_seconds = 0;
-  double compute_busy_seconds = 0;
-};
-
 class SimBackend final : public Backend {
  public:
   // InvalidArgument naming the field for a zero or absurd capacity (above the machine's
@@ -44,9 +37,9 @@ class SimBackend final : public Backend {
   ~SimBackend() override;
 
   Allocator& device_memory() override { return *memory_; }
-  SimEngineStats engine_stats() const;
 
  private:
+  EngineBusyTimes DoBusyTimes() const override;  // each simulated engine's, measured
   class SimStream;
   class SimEvent;
   struct Engine;
