@@ -1,0 +1,523 @@
+#include "engine/step_plan.h"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+
+#include "runtime/base/json_writer.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+std::string_view OpKindName(OpKind kind) {
+  switch (kind) {
+    case OpKind::kPlanUpload:
+      return "plan_upload";
+    case OpKind::kStage:
+      return "stage";
+    case OpKind::kFetch:
+      return "fetch";
+    case OpKind::kEvict:
+      return "evict";
+    case OpKind::kForward:
+      return "forward";
+    case OpKind::kBackward:
+      return "backward";
+    case OpKind::kGradientCopy:
+      return "gradient_copy";
+    case OpKind::kAccumulate:
+      return "accumulate";
+    case OpKind::kStateRead:
+      return "state_read";
+    case OpKind::kUpdate:
+      return "update";
+    case OpKind::kStateWrite:
+      return "state_write";
+    case OpKind::kPublish:
+      return "publish";
+  }
+  return "?";
+}
+
+std::string_view PlanResourceName(PlanResource resource) {
+  switch (resource) {
+    case PlanResource::kH2d:
+      return "h2d";
+    case PlanResource::kD2h:
+      return "d2h";
+    case PlanResource::kCompute:
+      return "compute";
+    case PlanResource::kCpuOptimizer:
+      return "cpu_optimizer";
+    case PlanResource::kNvmeRead:
+      return "nvme_read";
+    case PlanResource::kNvmeWrite:
+      return "nvme_write";
+    case PlanResource::kNone:
+      return "none";
+  }
+  return "?";
+}
+
+// Note [Plan shapes]: the builder adds every op through Add(), which gives no-overlap and
+// naive their shape (each op waits, on the host, for the one issued before it) in one place;
+// naive's other difference (every expert in every access) is in Groups(). Nothing else in the
+// builder, and nothing in the executor, asks which strategy runs.
+class StepPlan::Builder {
+ public:
+  explicit Builder(StepPlan& plan)
+      : plan_(plan), c_(plan.cursor_), policy_(plan.policy_), model_(plan.model_) {}
+
+  uint32_t Add(PlanOp op) {
+    op.id = static_cast<uint32_t>(plan_.ops_.size());
+    if (policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 && c_.last_issued >= 0) {
+      op.deps.push_back(static_cast<uint32_t>(c_.last_issued));
+      op.host_waits = true;
+    }
+    std::sort(op.deps.begin(), op.deps.end());
+    op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
+    plan_.ops_.push_back(std::move(op));
+    const PlanOp& added = plan_.ops_.back();
+    if (added.step_offset == 0) c_.last_issued = added.id;
+    return added.id;
+  }
+
+  // The ops carried in from earlier steps that this step's edges name; with the delayed
+  // update, also the publication and the update of step t-1's gradients that start the step.
+  void AddCarried(uint64_t held_experts) {
+    PlanOp t2;
+    t2.kind = OpKind::kUpdate;
+    t2.resource = PlanResource::kCpuOptimizer;
+    t2.step_offset = -2;
+    const uint32_t before_last = Add(t2);
+    if (!policy_.delayed_update) {
+      // ecss: the step's device work overlaps step t-1's updates, not step t-2's; a fetch of
+      // an expert waits for that expert's update of step t-1.
+      PlanOp t1 = t2;
+      t1.step_offset = -1;
+      c_.step_gate = before_last;
+      c_.fetch_gate = Add(t1);
+      return;
+    }
+    // DPU: step t-2's updates finished and their weights are published (fetches read those);
+    // step t-1's held gradients start updating and overlap the whole step.
+    PlanOp publish;
+    publish.kind = OpKind::kPublish;
+    publish.deps = {before_last};
+    c_.step_gate = c_.fetch_gate = Add(publish);
+    PlanOp held;
+    held.kind = OpKind::kUpdate;
+    held.resource = PlanResource::kCpuOptimizer;
+    held.step_offset = -1;
+    held.bytes = held_experts * model_.params * UpdateBytesPerParam();
+    held.deps = {c_.step_gate};
+    Add(held);
+  }
+
+  void AddUpload(uint32_t micro_batch, int32_t layer, uint64_t bytes) {
+    if (bytes == 0) return;
+    PlanOp op;
+    op.kind = OpKind::kPlanUpload;
+    op.resource = PlanResource::kH2d;
+    op.micro_batch = static_cast<int32_t>(micro_batch);
+    op.layer = layer;
+    op.bytes = bytes;
+    op.deps = {c_.step_gate};
+    c_.upload[micro_batch] = Add(op);
+  }
+
+  // `plan_bytes` > 0: the layer's own routing plan is uploaded first (learned gates).
+  Status AddForward(uint32_t micro_batch, uint32_t layer, const LayerRoute& route,
+                    uint64_t plan_bytes = 0) {
+    ECSS_RETURN_IF_ERROR(Check(micro_batch, layer, route));
+    if (c_.groups.count({micro_batch, layer}) != 0) {
+      return InvalidArgumentError(StrCat("step plan: micro-batch ", micro_batch, " layer ", layer,
+                                         " has its forward already"));
+    }
+    LayerRoute groups = Groups(layer, route);
+    if (groups.experts.size() > policy_.cache_slots) {
+      return InvalidArgumentError(StrCat("step plan: micro-batch ", micro_batch, " layer ", layer,
+                                         " activates ", groups.experts.size(),
+                                         " experts; the device cache holds ", policy_.cache_slots));
+    }
+    AddUpload(micro_batch, static_cast<int32_t>(layer), plan_bytes);
+    ECSS_RETURN_IF_ERROR(AddCompute(OpKind::kForward, micro_batch, layer, groups));
+    c_.groups[{micro_batch, layer}] = std::move(groups);
+    return Status::Ok();
+  }
+
+  Status AddBackward(uint32_t micro_batch, uint32_t layer) {
+    auto found = c_.groups.find({micro_batch, layer});
+    if (found == c_.groups.end()) {
+      return InvalidArgumentError(StrCat("step plan: backward of micro-batch ", micro_batch,
+                                         " layer ", layer, " before its forward"));
+    }
+    const LayerRoute groups = found->second;
+    ECSS_RETURN_IF_ERROR(AddCompute(OpKind::kBackward, micro_batch, layer, groups));
+    PlanOp copy;
+    copy.kind = OpKind::kGradientCopy;
+    copy.resource = PlanResource::kD2h;
+    copy.micro_batch = static_cast<int32_t>(micro_batch);
+    copy.layer = static_cast<int32_t>(layer);
+    copy.experts = groups.experts;
+    copy.bytes = groups.experts.size() * model_.params * 4;
+    copy.deps = {static_cast<uint32_t>(c_.last_compute)};
+    auto previous = c_.gradient.find(layer);
+    if (previous != c_.gradient.end()) copy.deps.push_back(previous->second);
+    uint32_t done = Add(copy);
+    bool accumulates = false;
+    for (uint32_t e : groups.experts) accumulates |= !c_.touched[layer].insert(e).second;
+    if (accumulates) {  // a later micro-batch's gradients, added on the host in order
+      PlanOp add;
+      add.kind = OpKind::kAccumulate;
+      add.micro_batch = copy.micro_batch;
+      add.layer = copy.layer;
+      add.experts = groups.experts;
+      add.bytes = copy.bytes;
+      add.deps = {done};
+      done = Add(add);
+    }
+    c_.gradient[layer] = done;
+    if (micro_batch + 1 == plan_.micro_batches_ && !policy_.delayed_update &&
+        !policy_.deferred_updates) {
+      AddUpdate(layer, {done});
+    }
+    return Status::Ok();
+  }
+
+  // The updates that wait for every gradient of the step (the global norm), at its end.
+  void Finish() {
+    if (policy_.delayed_update || !policy_.deferred_updates || c_.finished) return;
+    c_.finished = true;
+    std::vector<uint32_t> all;
+    for (const auto& [layer, op] : c_.gradient) all.push_back(op);
+    for (const auto& [layer, op] : c_.gradient) AddUpdate(layer, all);
+  }
+
+ private:
+  Status Check(uint32_t micro_batch, uint32_t layer, const LayerRoute& route) const {
+    const auto where = [&] {
+      return StrCat("step plan: micro-batch ", micro_batch, " layer ", layer);
+    };
+    if (micro_batch >= plan_.micro_batches_ || layer >= model_.layers()) {
+      return InvalidArgumentError(StrCat(where(), ": out of range (", plan_.micro_batches_,
+                                         " micro-batches, ", model_.layers(), " layers)"));
+    }
+    if (route.rows.size() != route.experts.size()) {
+      return InvalidArgumentError(StrCat(where(), ": ", route.experts.size(), " experts but ",
+                                         route.rows.size(), " row counts"));
+    }
+    for (size_t i = 0; i < route.experts.size(); ++i) {
+      if (route.experts[i] >= model_.experts_per_layer[layer] ||
+          (i > 0 && route.experts[i] <= route.experts[i - 1])) {
+        return InvalidArgumentError(StrCat(where(), ": experts must be ascending and below ",
+                                           model_.experts_per_layer[layer], " (expert ",
+                                           route.experts[i], " at index ", i, ")"));
+      }
+    }
+    return Status::Ok();
+  }
+
+  // The grouped FFN's groups of a route: its experts, or (naive) every expert of the layer.
+  LayerRoute Groups(uint32_t layer, const LayerRoute& route) const {
+    if (policy_.strategy != PlanStrategy::kNaive) return route;
+    LayerRoute all;
+    size_t a = 0;
+    for (uint32_t e = 0; e < model_.experts_per_layer[layer]; ++e) {
+      const bool routed = a < route.experts.size() && route.experts[a] == e;
+      all.experts.push_back(e);
+      all.rows.push_back(routed ? route.rows[a++] : 0);
+    }
+    return all;
+  }
+
+  uint64_t UpdateBytesPerParam() const {
+    // Reads the gradient, the master and the moments; writes the master and the moments,
+    // and the compute copy when it is not the master itself.
+    return 4 + 2ull * model_.state_arrays * 4 + (model_.weight_bytes == 2 ? 2 : 0);
+  }
+
+  void AddUpdate(uint32_t layer, std::vector<uint32_t> deps) {
+    const std::set<uint32_t>& touched = c_.touched[layer];
+    if (touched.empty()) return;
+    const std::vector<uint32_t> experts(touched.begin(), touched.end());
+    const uint64_t elements = experts.size() * model_.params;
+    if (policy_.states_on_nvme) {
+      PlanOp read;
+      read.kind = OpKind::kStateRead;
+      read.resource = PlanResource::kNvmeRead;
+      read.layer = static_cast<int32_t>(layer);
+      read.experts = experts;
+      read.bytes = elements * model_.state_arrays * 4;
+      read.deps = deps;
+      deps = {Add(read)};
+    }
+    PlanOp update;
+    update.kind = OpKind::kUpdate;
+    update.resource = PlanResource::kCpuOptimizer;
+    update.layer = static_cast<int32_t>(layer);
+    update.experts = experts;
+    update.bytes = elements * UpdateBytesPerParam();
+    update.deps = std::move(deps);
+    const uint32_t id = Add(update);
+    if (policy_.states_on_nvme) {
+      PlanOp write;
+      write.kind = OpKind::kStateWrite;
+      write.resource = PlanResource::kNvmeWrite;
+      write.layer = static_cast<int32_t>(layer);
+      write.experts = experts;
+      write.bytes = elements * (model_.state_arrays * 4 + (policy_.weights_on_nvme ? 2 : 0));
+      write.deps = {id};
+      Add(write);
+    }
+  }
+
+  Status AddCompute(OpKind kind, uint32_t micro_batch, uint32_t layer, const LayerRoute& groups) {
+    std::vector<uint32_t> deps;
+    for (uint32_t e : groups.experts) deps.push_back(Access(layer, e, groups.experts));
+    auto upload = c_.upload.find(micro_batch);
+    if (upload != c_.upload.end()) deps.push_back(upload->second);
+    if (c_.last_compute >= 0) deps.push_back(static_cast<uint32_t>(c_.last_compute));
+    PlanOp op;
+    op.kind = kind;
+    op.resource = PlanResource::kCompute;
+    op.micro_batch = static_cast<int32_t>(micro_batch);
+    op.layer = static_cast<int32_t>(layer);
+    op.experts = groups.experts;
+    op.rows = groups.rows;
+    uint64_t rows = 0;
+    for (uint32_t r : groups.rows) rows += r;
+    // Forward: two GEMMs, a multiply-add per row and parameter. Backward recomputes the
+    // forward and computes dX and dW: three times that.
+    op.flops = 2.0 * static_cast<double>(rows) * static_cast<double>(model_.params) *
+               (kind == OpKind::kForward ? 1 : 3);
+    op.deps = std::move(deps);
+    c_.last_compute = Add(op);
+    for (uint32_t e : groups.experts)
+      c_.last_use[{layer, e}] = static_cast<uint32_t>(c_.last_compute);
+    return Status::Ok();
+  }
+
+  // One access of (layer, expert) by a compute op whose groups are `group`: the op it waits
+  // for (its fetch in this step, else what every fetch waits for), fetching and evicting as
+  // the device cache would.
+  uint32_t Access(uint32_t layer, uint32_t expert, const std::vector<uint32_t>& group) {
+    const uint64_t position = c_.positions++;
+    const Key key{layer, expert};
+    auto it = std::find(c_.resident.begin(), c_.resident.end(), key);
+    if (it != c_.resident.end()) {  // a hit: now the most recently used
+      c_.resident.erase(it);
+      c_.resident.push_back(key);
+      auto fetched = c_.last_fetch.find(key);
+      return fetched != c_.last_fetch.end() ? fetched->second : c_.fetch_gate;
+    }
+    if (c_.resident.size() >= policy_.cache_slots) {
+      const size_t victim = Victim(layer, group, position);
+      const Key gone = c_.resident[victim];
+      PlanOp evict;
+      evict.kind = OpKind::kEvict;
+      evict.layer = static_cast<int32_t>(gone.first);
+      evict.experts = {gone.second};
+      evict.position = position;
+      auto used = c_.last_use.find(gone);
+      if (used != c_.last_use.end()) evict.deps = {used->second};
+      Add(evict);
+      c_.last_fetch.erase(gone);
+      c_.resident.erase(c_.resident.begin() + static_cast<std::ptrdiff_t>(victim));
+    }
+    std::vector<uint32_t> deps = {c_.fetch_gate};
+    const uint64_t weight_bytes = model_.params * model_.weight_bytes;
+    if (policy_.weights_on_nvme) {
+      PlanOp stage;
+      stage.kind = OpKind::kStage;
+      stage.resource = PlanResource::kNvmeRead;
+      stage.layer = static_cast<int32_t>(layer);
+      stage.experts = {expert};
+      stage.position = position;
+      stage.bytes = weight_bytes;
+      stage.deps = {c_.fetch_gate};
+      deps = {Add(stage)};
+    }
+    PlanOp fetch;
+    fetch.kind = OpKind::kFetch;
+    fetch.resource = PlanResource::kH2d;
+    fetch.layer = static_cast<int32_t>(layer);
+    fetch.experts = {expert};
+    fetch.position = position;
+    fetch.bytes = weight_bytes;
+    fetch.deps = std::move(deps);
+    const uint32_t id = Add(fetch);
+    c_.last_fetch[key] = id;
+    c_.resident.push_back(key);
+    return id;
+  }
+
+  // The resident expert to evict for an access at `position`, among those outside the
+  // accessing group (whose leases are held): with the future known (RRE) the farthest next
+  // use, never-again first, ties to the lowest key, as offload/device_cache.cc's Belady
+  // decides; else (learned gates) the least recently used.
+  size_t Victim(uint32_t layer, const std::vector<uint32_t>& group, uint64_t position) const {
+    size_t best = c_.resident.size();
+    uint64_t best_next = 0;
+    for (size_t i = 0; i < c_.resident.size(); ++i) {
+      const Key& r = c_.resident[i];
+      if (r.first == layer && std::binary_search(group.begin(), group.end(), r.second)) continue;
+      if (c_.future.empty()) return i;
+      uint64_t next = std::numeric_limits<uint64_t>::max();
+      for (uint64_t p = position + 1; p < c_.future.size(); ++p) {
+        if (c_.future[p] == r) {
+          next = p;
+          break;
+        }
+      }
+      if (best == c_.resident.size() || next > best_next ||
+          (next == best_next && r < c_.resident[best])) {
+        best = i;
+        best_next = next;
+      }
+    }
+    return best;
+  }
+
+  StepPlan& plan_;
+  Cursor& c_;
+  const PlanPolicy& policy_;
+  const PlanModel& model_;
+};
+
+// ---- StepPlan -------------------------------------------------------------------------------
+
+std::vector<const PlanOp*> StepPlan::Find(OpKind kind, int32_t micro_batch, int32_t layer) const {
+  std::vector<const PlanOp*> found;
+  for (const PlanOp& op : ops_) {
+    if (op.kind == kind && (micro_batch < 0 || op.micro_batch == micro_batch) &&
+        (layer < 0 || op.layer == layer)) {
+      found.push_back(&op);
+    }
+  }
+  return found;
+}
+
+const PlanOp* StepPlan::Compute(OpKind kind, uint32_t micro_batch, uint32_t layer) const {
+  const std::vector<const PlanOp*> found =
+      Find(kind, static_cast<int32_t>(micro_batch), static_cast<int32_t>(layer));
+  return found.empty() ? nullptr : found.front();
+}
+
+std::vector<std::pair<uint32_t, uint32_t>> StepPlan::AccessSequence() const {
+  std::vector<std::pair<uint32_t, uint32_t>> sequence;
+  for (const PlanOp& op : ops_) {
+    if (op.kind != OpKind::kForward && op.kind != OpKind::kBackward) continue;
+    for (uint32_t e : op.experts) sequence.emplace_back(static_cast<uint32_t>(op.layer), e);
+  }
+  return sequence;
+}
+
+uint64_t StepPlan::Bytes(OpKind kind) const {
+  uint64_t bytes = 0;
+  for (const PlanOp& op : ops_) bytes += op.kind == kind && op.step_offset == 0 ? op.bytes : 0;
+  return bytes;
+}
+
+size_t StepPlan::Count(OpKind kind) const {
+  size_t count = 0;
+  for (const PlanOp& op : ops_) count += op.kind == kind && op.step_offset == 0 ? 1 : 0;
+  return count;
+}
+
+Status StepPlan::AppendForward(uint32_t micro_batch, uint32_t layer, const LayerRoute& route,
+                               uint64_t plan_bytes) {
+  return Builder(*this).AddForward(micro_batch, layer, route, plan_bytes);
+}
+
+Status StepPlan::AppendBackward(uint32_t micro_batch, uint32_t layer) {
+  return Builder(*this).AddBackward(micro_batch, layer);
+}
+
+void StepPlan::Finish() { Builder(*this).Finish(); }
+
+void StepPlan::WriteJson(JsonWriter& json) const {
+  json.BeginObject().Key("ops").BeginArray();
+  for (const PlanOp& op : ops_) {
+    json.BeginObject();
+    json.Field("id", uint64_t{op.id});
+    json.Field("kind", OpKindName(op.kind));
+    json.Field("resource", PlanResourceName(op.resource));
+    if (op.micro_batch >= 0) json.Field("micro_batch", int64_t{op.micro_batch});
+    if (op.layer >= 0) json.Field("layer", int64_t{op.layer});
+    if (op.step_offset != 0) json.Field("step_offset", int64_t{op.step_offset});
+    if (!op.experts.empty()) {
+      json.Key("experts").BeginArray();
+      for (uint32_t e : op.experts) json.Uint(e);
+      json.EndArray();
+    }
+    if (op.bytes > 0) json.Field("bytes", op.bytes);
+    if (op.flops > 0) json.Field("flops", op.flops);
+    json.Key("deps").BeginArray();
+    for (uint32_t d : op.deps) json.Uint(d);
+    json.EndArray();
+    if (op.host_waits) json.Field("host_waits", true);
+    if (op.start_s >= 0) json.Field("start_s", op.start_s);
+    if (op.end_s >= 0) json.Field("end_s", op.end_s);
+    json.EndObject();
+  }
+  json.EndArray().EndObject();
+}
+
+StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
+  const PlanModel& m = in.model;
+  if (m.layers() == 0 || m.params == 0 || in.policy.cache_slots == 0 || in.micro_batches.empty()) {
+    return InvalidArgumentError(
+        "step plan: layers, parameters per expert, cache slots and a micro-batch are required");
+  }
+  StepPlan plan;
+  plan.model_ = m;
+  plan.policy_ = in.policy;
+  plan.micro_batches_ = static_cast<uint32_t>(in.micro_batches.size());
+  plan.cursor_.resident = in.resident;
+  StepPlan::Builder builder(plan);
+  builder.AddCarried(in.held_experts);
+  if (in.policy.learned_gate) return plan;  // routed layer by layer: AppendForward
+  for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
+    if (in.micro_batches[b].layers.size() != m.layers()) {
+      return InvalidArgumentError(StrCat("step plan: micro-batch ", b, " routes ",
+                                         in.micro_batches[b].layers.size(), " layers of ",
+                                         m.layers()));
+    }
+  }
+  // RRE: the whole access sequence is known, so the cache evicts by next use (Belady).
+  for (const MicroBatchRoute& mb : in.micro_batches) {
+    for (uint32_t l = 0; l < m.layers(); ++l) {
+      for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
+    }
+    for (uint32_t l = m.layers(); l-- > 0;) {
+      for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
+    }
+  }
+  if (in.policy.strategy == PlanStrategy::kNaive) {  // naive accesses every expert
+    plan.cursor_.future.clear();
+    for (size_t b = 0; b < in.micro_batches.size(); ++b) {
+      for (uint32_t pass = 0; pass < 2; ++pass) {
+        for (uint32_t i = 0; i < m.layers(); ++i) {
+          const uint32_t l = pass == 0 ? i : m.layers() - 1 - i;
+          for (uint32_t e = 0; e < m.experts_per_layer[l]; ++e)
+            plan.cursor_.future.emplace_back(l, e);
+        }
+      }
+    }
+  }
+  for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
+    builder.AddUpload(b, -1, in.micro_batches[b].plan_bytes);
+  }
+  for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
+    const MicroBatchRoute& mb = in.micro_batches[b];
+    for (uint32_t l = 0; l < m.layers(); ++l) {
+      ECSS_RETURN_IF_ERROR(builder.AddForward(b, l, mb.layers[l]));
+    }
+    for (uint32_t l = m.layers(); l-- > 0;) ECSS_RETURN_IF_ERROR(builder.AddBackward(b, l));
+  }
+  builder.Finish();
+  return plan;
+}
+
+}  // namespace ecss

@@ -1,0 +1,199 @@
+// StepPlan: one training step as data (DESIGN.md section 3). BuildStepPlan is a pure function
+// (no device, no allocation beyond the plan) from the step's routing, the strategy, where the
+// states and weights live and the device cache's slots. The plan lists the step's operations:
+// plan uploads, NVMe -> pinned stages, host -> device fetches and the evictions that make room
+// for them (the cache simulated exactly: Belady over the step's known accesses, or LRU for
+// learned gates), forward and backward per (micro-batch, layer), gradient copies and their
+// accumulation, and per layer the optimizer update with its NVMe state reads and writes. Each
+// op names the resource it occupies, its bytes or FLOPs, and the ops it waits for.
+//
+// The strategies are shapes of the plan, not branches of the executor (Note [Plan shapes]):
+//  - ecss: the routed experts; a fetch waits only for its expert's update of step t-1 (a
+//    carried-in edge), so fetches run ahead of compute; the step waits for step t-2's updates.
+//  - no-overlap: the same operations, each waiting for the one issued before it to complete.
+//  - naive: every expert of every layer in every access, with no-overlap's edges.
+//  - delayed update (DPU): the step's gradients are updated in the next step's plan; this
+//    step's plan starts the updates of step t-1's gradients, and its fetches wait on t-2's.
+// Learned gates: a layer's routing is known at its Forward, so BuildStepPlan makes the plan
+// of the uploads only and AppendLayer adds a layer's part when its Forward runs.
+//
+// The executor fills start_s / end_s of the ops it ran (seconds since the step began) and
+// the plan is written as JSON (`ecss-bench step --dump-plan`). A value; thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+class JsonWriter;
+
+enum class PlanStrategy : uint8_t { kEcss, kNoOverlap, kNaive };
+
+enum class OpKind : uint8_t {
+  kPlanUpload,    // a micro-batch's routing plan, host -> device
+  kStage,         // an expert's compute weights NVMe -> a pinned staging block
+  kFetch,         // an expert's compute weights host -> a device cache slot
+  kEvict,         // a cache slot given up for a fetch (no transfer)
+  kForward,       // permute, grouped FFN, combine of one (micro-batch, layer)
+  kBackward,      // the same backward (the forward recomputed), dX and dW
+  kGradientCopy,  // the (micro-batch, layer)'s expert gradients device -> host
+  kAccumulate,    // a later micro-batch's gradients added to the accumulators
+  kStateRead,     // a layer's experts' master weights and moments NVMe -> staging
+  kUpdate,        // the CPU optimizer over a layer's experts
+  kStateWrite,    // their states (and weights on NVMe) back to NVMe
+  kPublish,       // delayed update: updated weights become what fetches read
+};
+std::string_view OpKindName(OpKind kind);  // "plan_upload", "fetch", ...
+
+enum class PlanResource : uint8_t {
+  kH2d,           // the host-to-device copy engine
+  kD2h,           // the device-to-host copy engine
+  kCompute,       // the device's compute
+  kCpuOptimizer,  // the CPU optimizer's threads
+  kNvmeRead,
+  kNvmeWrite,
+  kNone,  // bookkeeping (evictions, publishing): occupies no resource
+};
+std::string_view PlanResourceName(PlanResource resource);  // "h2d", "cpu_optimizer", ...
+inline constexpr int kPlanResources = 6;                   // all but kNone
+
+struct PlanOp {
+  uint32_t id = 0;  // index in StepPlan::ops
+  OpKind kind = OpKind::kFetch;
+  PlanResource resource = PlanResource::kNone;
+  int32_t micro_batch = -1;  // -1: not of one micro-batch
+  int32_t layer = -1;        // -1: not of one layer
+  // Updates only: 0 = of this step's gradients; -1, -2 = carried in from step t-1 / t-2
+  // (they ran before or during this step; listed so that edges can name them).
+  int32_t step_offset = 0;
+  std::vector<uint32_t> experts;  // within the layer (compute: the grouped FFN's groups)
+  std::vector<uint32_t> rows;     // compute: rows (token slots) of each group
+  uint64_t position = 0;          // fetch, evict, stage: the access position in the sequence
+  uint64_t bytes = 0;
+  double flops = 0;
+  std::vector<uint32_t> deps;  // ids of the ops this one waits for (always lower ids)
+  // The executor waits on the host for every dep to complete before issuing this op
+  // (no-overlap and naive); otherwise deps are met by stream order and events.
+  bool host_waits = false;
+  double start_s = -1, end_s = -1;  // filled by the executor; -1: not run (or not observed)
+};
+
+// The model as the plan needs it.
+struct PlanModel {
+  uint32_t d_model = 0;
+  uint32_t d_ff = 0;
+  uint32_t d_in = 0;          // W_in's columns: d_ff, or 2 d_ff for SwiGLU
+  uint64_t params = 0;        // per expert
+  uint32_t weight_bytes = 2;  // compute weights per parameter (bf16 2, f32 4)
+  uint32_t state_arrays = 3;  // fp32 arrays an update reads and writes (master,
+                              // moments)
+  std::vector<uint32_t> experts_per_layer;
+  uint32_t layers() const { return static_cast<uint32_t>(experts_per_layer.size()); }
+};
+
+struct PlanPolicy {
+  PlanStrategy strategy = PlanStrategy::kEcss;
+  bool learned_gate = false;     // reactive routing: AppendLayer, LRU
+  bool delayed_update = false;   // DPU
+  bool deferred_updates = true;  // clipping or skip_step_on_nonfinite: updates wait for every
+                                 // gradient of the step (the global norm)
+  bool states_on_nvme = false;
+  bool weights_on_nvme = false;
+  uint32_t cache_slots = 0;  // > 0
+};
+
+// One layer of one micro-batch as the router planned it: active experts ascending, rows of each.
+struct LayerRoute {
+  std::vector<uint32_t> experts;
+  std::vector<uint32_t> rows;
+};
+
+struct MicroBatchRoute {
+  uint32_t tokens = 0;
+  uint64_t plan_bytes = 0;         // its routing plan's upload (0: uploaded per layer, gates)
+  std::vector<LayerRoute> layers;  // [layer]; empty with learned gates (AppendLayer)
+};
+
+struct StepPlanInputs {
+  PlanModel model;
+  PlanPolicy policy;
+  std::vector<MicroBatchRoute> micro_batches;
+  // (layer, expert) resident in the device cache when the step begins, least recently used
+  // first.
+  std::vector<std::pair<uint32_t, uint32_t>> resident;
+  // Delayed update: experts whose held gradients (of step t-1) this step starts updating.
+  uint64_t held_experts = 0;
+};
+
+class StepPlan {
+ public:
+  const std::vector<PlanOp>& ops() const { return ops_; }
+  std::vector<PlanOp>& mutable_ops() { return ops_; }  // the executor's record
+  const PlanPolicy& policy() const { return policy_; }
+  // Ops of one kind (and, >= 0, of one micro-batch / layer), in plan order.
+  std::vector<const PlanOp*> Find(OpKind kind, int32_t micro_batch = -1, int32_t layer = -1) const;
+  // The compute op of (micro-batch, layer) in one direction; null when not planned yet.
+  const PlanOp* Compute(OpKind kind, uint32_t micro_batch, uint32_t layer) const;
+  // The access sequence the cache and the prefetcher follow: per compute op in plan order,
+  // its experts as (layer, expert).
+  std::vector<std::pair<uint32_t, uint32_t>> AccessSequence() const;
+  // Bytes over ops of `kind` (this step's: step_offset 0).
+  uint64_t Bytes(OpKind kind) const;
+  size_t Count(OpKind kind) const;
+  // Whether fetches run ahead of compute (ecss), or are issued when their layer runs.
+  bool fetches_ahead() const { return policy_.strategy == PlanStrategy::kEcss; }
+
+  // Learned gates, as the loop's calls come: a layer's forward once its gate routed it (its
+  // plan's upload, its fetches, its compute), its backward (fetches again, compute, gradient
+  // copies, and the layer's update once its last micro-batch is done), and, at EndStep, the
+  // updates that wait for the whole step. InvalidArgument naming a layer out of range, a
+  // forward given twice or a backward before its forward.
+  Status AppendForward(uint32_t micro_batch, uint32_t layer, const LayerRoute& route,
+                       uint64_t plan_bytes);
+  Status AppendBackward(uint32_t micro_batch, uint32_t layer);
+  void Finish();
+
+  // {"ops": [{"id", "kind", "resource", "micro_batch", "layer", "experts", "bytes", "flops",
+  //  "deps": [...], "start_s", "end_s"}, ...]}, fields that do not apply omitted.
+  void WriteJson(JsonWriter& json) const;
+
+ private:
+  friend StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& inputs);
+  class Builder;
+  using Key = std::pair<uint32_t, uint32_t>;  // (layer, expert)
+  // Where the builder stands, so that the Append calls continue it.
+  struct Cursor {
+    int64_t last_issued = -1;   // the last op of this step (no-overlap's edges)
+    int64_t last_compute = -1;  // the compute stream's order
+    uint32_t step_gate = 0;     // what the step's first ops wait for
+    uint32_t fetch_gate = 0;    // what every fetch waits for
+    bool finished = false;
+    std::map<uint32_t, uint32_t> upload;             // micro-batch -> its plan upload
+    std::map<uint32_t, uint32_t> gradient;           // layer -> its last gradient op so far
+    std::map<uint32_t, std::set<uint32_t>> touched;  // layer -> experts with a gradient
+    std::map<Key, LayerRoute> groups;                // (micro-batch, layer) -> its groups
+    std::map<Key, uint32_t> last_fetch, last_use;    // (layer, expert) -> op
+    std::vector<Key> resident;                       // the cache, least recently used first
+    std::vector<Key> future;                         // RRE: the whole access sequence
+    uint64_t positions = 0;
+  };
+  PlanModel model_;
+  PlanPolicy policy_;
+  uint32_t micro_batches_ = 0;
+  std::vector<PlanOp> ops_;
+  Cursor cursor_;
+};
+
+// InvalidArgument naming what is inconsistent (a layer's experts not ascending, an expert
+// outside its layer, rows and experts of different lengths, no cache slots, a layer whose
+// experts exceed the cache's slots).
+StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& inputs);
+
+}  // namespace ecss

@@ -1,0 +1,291 @@
+// The step plan alone: built without a device, checked against hand-computed ops, bytes and
+// edges for every strategy, placement and routing.
+#include "engine/step_plan.h"
+
+#include <gtest/gtest.h>
+
+#include "runtime/base/json_writer.h"
+
+namespace ecss {
+namespace {
+
+// Two sparse layers of four experts, 100 parameters each (bf16 weights, AdamW).
+PlanModel Model() {
+  PlanModel m;
+  m.d_model = 5;
+  m.d_ff = 10;
+  m.d_in = 10;
+  m.params = 100;
+  m.weight_bytes = 2;
+  m.state_arrays = 3;
+  m.experts_per_layer = {4, 4};
+  return m;
+}
+
+// One micro-batch of 8 tokens: layer 0 routes 5 rows to expert 0 and 3 to expert 2; layer 1
+// routes all 8 to expert 1.
+MicroBatchRoute Batch() {
+  MicroBatchRoute b;
+  b.tokens = 8;
+  b.plan_bytes = 256;
+  b.layers = {{{0, 2}, {5, 3}}, {{1}, {8}}};
+  return b;
+}
+
+StepPlan Build(PlanPolicy policy, std::vector<MicroBatchRoute> batches = {Batch()}) {
+  StepPlanInputs in;
+  in.model = Model();
+  in.policy = policy;
+  in.micro_batches = std::move(batches);
+  auto plan = BuildStepPlan(in);
+  EXPECT_TRUE(plan.ok()) << plan.status();
+  return std::move(plan).value();
+}
+
+PlanPolicy Policy(PlanStrategy strategy, uint32_t slots = 4) {
+  PlanPolicy p;
+  p.strategy = strategy;
+  p.cache_slots = slots;
+  return p;
+}
+
+std::vector<uint32_t> Deps(const StepPlan& plan, uint32_t id) { return plan.ops()[id].deps; }
+
+TEST(StepPlanTest, EcssListsTheRoutedExpertsWithTheirEdges) {
+  const StepPlan plan = Build(Policy(PlanStrategy::kEcss));
+  const auto& ops = plan.ops();
+  ASSERT_EQ(ops.size(), 14u);
+  // 0, 1: step t-2's and t-1's updates (carried in); 2: the plan's upload.
+  EXPECT_EQ(ops[0].step_offset, -2);
+  EXPECT_EQ(ops[1].step_offset, -1);
+  EXPECT_EQ(ops[2].kind, OpKind::kPlanUpload);
+  EXPECT_EQ(ops[2].bytes, 256u);
+  EXPECT_EQ(Deps(plan, 2), std::vector<uint32_t>({0}));  // the step waits for t-2 only
+  // Forward of layer 0: its two experts fetched (each waiting for its update of t-1 only).
+  EXPECT_EQ(ops[3].kind, OpKind::kFetch);
+  EXPECT_EQ(ops[3].experts, std::vector<uint32_t>({0}));
+  EXPECT_EQ(ops[3].bytes, 200u);
+  EXPECT_EQ(Deps(plan, 3), std::vector<uint32_t>({1}));
+  EXPECT_EQ(ops[4].experts, std::vector<uint32_t>({2}));
+  EXPECT_EQ(ops[5].kind, OpKind::kForward);
+  EXPECT_EQ(ops[5].resource, PlanResource::kCompute);
+  EXPECT_EQ(ops[5].flops, 2.0 * 8 * 100);
+  EXPECT_EQ(ops[5].rows, std::vector<uint32_t>({5, 3}));
+  EXPECT_EQ(Deps(plan, 5), std::vector<uint32_t>({2, 3, 4}));
+  // Layer 1: one fetch, its forward after layer 0's.
+  EXPECT_EQ(ops[6].kind, OpKind::kFetch);
+  EXPECT_EQ(Deps(plan, 7), std::vector<uint32_t>({2, 5, 6}));
+  // Backward of layer 1 (a hit: it waits for the fetch of op 6), its gradient copy.
+  EXPECT_EQ(ops[8].kind, OpKind::kBackward);
+  EXPECT_EQ(ops[8].flops, 3 * 2.0 * 8 * 100);
+  EXPECT_EQ(Deps(plan, 8), std::vector<uint32_t>({2, 6, 7}));
+  EXPECT_EQ(ops[9].kind, OpKind::kGradientCopy);
+  EXPECT_EQ(ops[9].resource, PlanResource::kD2h);
+  EXPECT_EQ(ops[9].bytes, 400u);
+  EXPECT_EQ(ops[10].kind, OpKind::kBackward);
+  EXPECT_EQ(ops[11].bytes, 800u);
+  // The updates wait for every gradient (the global norm: clipping or the overflow skip).
+  EXPECT_EQ(ops[12].kind, OpKind::kUpdate);
+  EXPECT_EQ(ops[12].layer, 0);
+  EXPECT_EQ(ops[12].experts, std::vector<uint32_t>({0, 2}));
+  EXPECT_EQ(ops[12].bytes, 2u * 100 * 30);  // 30 B per parameter: AdamW with a bf16 copy
+  EXPECT_EQ(Deps(plan, 12), std::vector<uint32_t>({9, 11}));
+  EXPECT_EQ(ops[13].layer, 1);
+  EXPECT_EQ(plan.Count(OpKind::kFetch), 3u);
+  EXPECT_EQ(plan.Bytes(OpKind::kFetch), 600u);
+  EXPECT_EQ(plan.Count(OpKind::kEvict), 0u);
+  for (const PlanOp& op : ops) EXPECT_FALSE(op.host_waits) << op.id;
+  EXPECT_TRUE(plan.fetches_ahead());
+  const std::vector<std::pair<uint32_t, uint32_t>> sequence = {{0, 0}, {0, 2}, {1, 1},
+                                                               {1, 1}, {0, 0}, {0, 2}};
+  EXPECT_EQ(plan.AccessSequence(), sequence);
+}
+
+TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
+  PlanPolicy policy = Policy(PlanStrategy::kEcss);
+  policy.deferred_updates = false;
+  const StepPlan plan = Build(policy);
+  const auto& ops = plan.ops();
+  ASSERT_EQ(ops.size(), 14u);
+  EXPECT_EQ(ops[10].kind, OpKind::kUpdate);
+  EXPECT_EQ(ops[10].layer, 1);
+  EXPECT_EQ(Deps(plan, 10), std::vector<uint32_t>({9}));
+  EXPECT_EQ(ops[13].kind, OpKind::kUpdate);
+  EXPECT_EQ(Deps(plan, 13), std::vector<uint32_t>({12}));
+}
+
+TEST(StepPlanTest, NoOverlapIsTheSameOpsEachWaitingForThePrevious) {
+  const StepPlan ecss = Build(Policy(PlanStrategy::kEcss));
+  const StepPlan serial = Build(Policy(PlanStrategy::kNoOverlap));
+  ASSERT_EQ(serial.ops().size(), ecss.ops().size());
+  for (size_t i = 0; i < serial.ops().size(); ++i) {
+    const PlanOp& op = serial.ops()[i];
+    EXPECT_EQ(op.kind, ecss.ops()[i].kind);
+    EXPECT_EQ(op.bytes, ecss.ops()[i].bytes);
+    if (op.step_offset != 0 || i == 2) continue;  // carried ops; the first of the step
+    EXPECT_TRUE(op.host_waits) << i;
+    EXPECT_EQ(op.deps.back(), i - 1) << i;
+  }
+  EXPECT_FALSE(serial.fetches_ahead());
+}
+
+TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
+  const StepPlan roomy = Build(Policy(PlanStrategy::kNaive, 8));
+  EXPECT_EQ(roomy.Count(OpKind::kFetch), 8u);
+  EXPECT_EQ(roomy.Count(OpKind::kEvict), 0u);
+  EXPECT_EQ(roomy.Bytes(OpKind::kGradientCopy), 8u * 400);
+  const PlanOp* forward = roomy.Compute(OpKind::kForward, 0, 0);
+  ASSERT_NE(forward, nullptr);
+  EXPECT_EQ(forward->experts, std::vector<uint32_t>({0, 1, 2, 3}));
+  EXPECT_EQ(forward->rows, std::vector<uint32_t>({5, 0, 3, 0}));
+  EXPECT_EQ(roomy.Bytes(OpKind::kUpdate), 8u * 100 * 30);
+  // Four slots: layer 1's forward evicts layer 0, whose backward fetches it again.
+  const StepPlan tight = Build(Policy(PlanStrategy::kNaive, 4));
+  EXPECT_EQ(tight.Count(OpKind::kFetch), 12u);
+  EXPECT_EQ(tight.Count(OpKind::kEvict), 8u);
+  EXPECT_EQ(tight.Bytes(OpKind::kFetch), 12u * 200);
+}
+
+// Two slots: layer 1's forward evicts the layer-0 expert used last (Belady: expert 2, used
+// after expert 0 in the backward); layer 0's backward then evicts layer 1's expert (never used
+// again) to fetch expert 2 again. Each eviction waits for the victim's last use.
+TEST(StepPlanTest, TheCacheEvictsByNextUse) {
+  const StepPlan plan = Build(Policy(PlanStrategy::kEcss, 2));
+  const std::vector<const PlanOp*> evicts = plan.Find(OpKind::kEvict);
+  ASSERT_EQ(evicts.size(), 2u);
+  EXPECT_EQ(evicts[0]->layer, 0);
+  EXPECT_EQ(evicts[0]->experts, std::vector<uint32_t>({2}));
+  EXPECT_EQ(evicts[0]->deps, std::vector<uint32_t>({plan.Compute(OpKind::kForward, 0, 0)->id}));
+  EXPECT_EQ(evicts[1]->layer, 1);
+  EXPECT_EQ(evicts[1]->deps, std::vector<uint32_t>({plan.Compute(OpKind::kBackward, 0, 1)->id}));
+  EXPECT_EQ(plan.Count(OpKind::kFetch), 4u);
+  // A layer wider than the cache cannot be planned.
+  const StatusOr<StepPlan> too_wide = [] {
+    StepPlanInputs in;
+    in.model = Model();
+    in.policy = Policy(PlanStrategy::kNaive, 3);
+    in.micro_batches = {Batch()};
+    return BuildStepPlan(in);
+  }();
+  EXPECT_EQ(too_wide.status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(StepPlanTest, StatesAndWeightsOnNvmeAddTheirReadsAndWrites) {
+  PlanPolicy policy = Policy(PlanStrategy::kEcss);
+  policy.states_on_nvme = true;
+  policy.weights_on_nvme = true;
+  const StepPlan plan = Build(policy);
+  EXPECT_EQ(plan.Count(OpKind::kStage), 3u);  // one per fetch
+  EXPECT_EQ(plan.Bytes(OpKind::kStage), 600u);
+  for (const PlanOp* fetch : plan.Find(OpKind::kFetch)) {
+    ASSERT_EQ(fetch->deps.size(), 1u);
+    EXPECT_EQ(plan.ops()[fetch->deps[0]].kind, OpKind::kStage);
+  }
+  // Per update: master and moments read (12 B / param), then written with the bf16 weights.
+  EXPECT_EQ(plan.Bytes(OpKind::kStateRead), 3u * 100 * 12);
+  EXPECT_EQ(plan.Bytes(OpKind::kStateWrite), 3u * 100 * 14);
+  for (const PlanOp* update : plan.Find(OpKind::kUpdate)) {
+    if (update->step_offset != 0) continue;
+    EXPECT_EQ(plan.ops()[update->deps[0]].kind, OpKind::kStateRead);
+    EXPECT_EQ(plan.ops()[update->id + 1].kind, OpKind::kStateWrite);
+    EXPECT_EQ(plan.ops()[update->id + 1].deps, std::vector<uint32_t>({update->id}));
+  }
+}
+
+// Two micro-batches: the second's gradients are added to the first's on the host, in order.
+TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
+  const StepPlan plan = Build(Policy(PlanStrategy::kEcss), {Batch(), Batch()});
+  EXPECT_EQ(plan.Count(OpKind::kPlanUpload), 2u);
+  EXPECT_EQ(plan.Count(OpKind::kGradientCopy), 4u);
+  const std::vector<const PlanOp*> adds = plan.Find(OpKind::kAccumulate);
+  ASSERT_EQ(adds.size(), 2u);
+  EXPECT_EQ(adds[0]->micro_batch, 1);
+  EXPECT_EQ(plan.Count(OpKind::kUpdate), 2u);
+  EXPECT_EQ(plan.Count(OpKind::kFetch), 3u) << "the second micro-batch hits";
+}
+
+// The delayed update: the step begins by publishing step t-2's update and starting step
+// t-1's (the held gradients); its own gradients are not updated in its plan.
+TEST(StepPlanTest, TheDelayedUpdateShiftsUpdatesByOneStep) {
+  StepPlanInputs in;
+  in.model = Model();
+  in.policy = Policy(PlanStrategy::kEcss);
+  in.policy.delayed_update = true;
+  in.micro_batches = {Batch()};
+  in.held_experts = 3;
+  const StatusOr<StepPlan> plan = BuildStepPlan(in);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const auto& ops = plan->ops();
+  EXPECT_EQ(ops[1].kind, OpKind::kPublish);
+  EXPECT_EQ(ops[1].deps, std::vector<uint32_t>({0}));
+  EXPECT_EQ(ops[2].kind, OpKind::kUpdate);
+  EXPECT_EQ(ops[2].step_offset, -1);
+  EXPECT_EQ(ops[2].bytes, 3u * 100 * 30);
+  EXPECT_EQ(plan->Count(OpKind::kUpdate), 0u) << "this step's gradients wait for the next";
+  for (const PlanOp* fetch : plan->Find(OpKind::kFetch)) {
+    EXPECT_EQ(fetch->deps, std::vector<uint32_t>({1})) << "fetches read what was published";
+  }
+}
+
+// Learned gates: layers are appended as their gates run; eviction is LRU.
+TEST(StepPlanTest, LearnedGatesAppendLayersAsTheyAreRouted) {
+  PlanPolicy policy = Policy(PlanStrategy::kEcss, 2);
+  policy.learned_gate = true;
+  MicroBatchRoute batch;
+  batch.tokens = 8;
+  StatusOr<StepPlan> built = [&] {
+    StepPlanInputs in;
+    in.model = Model();
+    in.policy = policy;
+    in.micro_batches = {batch};
+    in.resident = {{1, 3}, {0, 1}};  // (1, 3) least recently used
+    return BuildStepPlan(in);
+  }();
+  ASSERT_TRUE(built.ok()) << built.status();
+  StepPlan& plan = *built;
+  EXPECT_EQ(plan.ops().size(), 2u) << "only the carried updates before any gate ran";
+  EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
+  ASSERT_TRUE(plan.AppendForward(0, 0, {{1, 2}, {4, 4}}, 64).ok());
+  EXPECT_EQ(plan.AppendForward(0, 0, {{1, 2}, {4, 4}}, 64).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(plan.AppendForward(0, 2, {{1}, {8}}, 64).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(plan.AppendForward(0, 1, {{3, 1}, {4, 4}}, 64).code(), StatusCode::kInvalidArgument)
+      << "not ascending";
+  EXPECT_EQ(plan.Count(OpKind::kPlanUpload), 1u);
+  // (0, 1) was resident: a hit; (0, 2) evicts the least recently used, (1, 3).
+  const std::vector<const PlanOp*> evicts = plan.Find(OpKind::kEvict);
+  ASSERT_EQ(evicts.size(), 1u);
+  EXPECT_EQ(evicts[0]->layer, 1);
+  EXPECT_EQ(evicts[0]->experts, std::vector<uint32_t>({3}));
+  ASSERT_TRUE(plan.AppendForward(0, 1, {{0}, {8}}, 64).ok());
+  ASSERT_TRUE(plan.AppendBackward(0, 1).ok());
+  ASSERT_TRUE(plan.AppendBackward(0, 0).ok());
+  EXPECT_EQ(plan.Count(OpKind::kUpdate), 0u) << "deferred: at the step's end";
+  plan.Finish();
+  plan.Finish();  // once
+  EXPECT_EQ(plan.Count(OpKind::kUpdate), 2u);
+  // Forward: (0, 1) hits, (0, 2) evicts (1, 3); (1, 0) evicts (0, 1). Backward: (1, 0) hits;
+  // (0, 1) evicts (1, 0), not (0, 2), whose lease its layer holds; (0, 2) hits.
+  EXPECT_EQ(plan.Count(OpKind::kFetch), 3u);
+  const std::vector<const PlanOp*> all_evicts = plan.Find(OpKind::kEvict);
+  ASSERT_EQ(all_evicts.size(), 3u);
+  EXPECT_EQ(all_evicts[2]->layer, 1);
+  EXPECT_EQ(all_evicts[2]->experts, std::vector<uint32_t>({0}));
+}
+
+TEST(StepPlanTest, WritesTheDocumentedJson) {
+  StepPlan plan = Build(Policy(PlanStrategy::kNoOverlap));
+  plan.mutable_ops()[5].start_s = 0.25;
+  plan.mutable_ops()[5].end_s = 0.5;
+  JsonWriter json;
+  plan.WriteJson(json);
+  ASSERT_TRUE(json.complete());
+  const std::string& s = json.str();
+  EXPECT_NE(s.find("\"kind\":\"forward\""), std::string::npos) << s;
+  EXPECT_NE(s.find("\"resource\":\"compute\""), std::string::npos);
+  EXPECT_NE(s.find("\"start_s\":0.25"), std::string::npos);
+  EXPECT_NE(s.find("\"host_waits\":true"), std::string::npos);
+  EXPECT_NE(s.find("\"step_offset\":-2"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace ecss
