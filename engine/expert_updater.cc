@@ -178,6 +178,14 @@ struct NvmeUpdater::Impl {
       }
       for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
       cv.notify_all();
+      if (options.optimizer.on_update) {
+        lock.unlock();
+        const auto end = std::chrono::steady_clock::now();
+        for (const StreamedGradient& g : job.work) {
+          options.optimizer.on_update(g.expert, job.step, start, end);
+        }
+        lock.lock();
+      }
     }
   }
 };

@@ -8,6 +8,8 @@
 #include <optional>
 
 #include "engine/expert_updater.h"
+#include "engine/plan_recorder.h"
+#include "engine/step_plan.h"
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
 #include "offload/expert_store.h"
@@ -119,6 +121,9 @@ struct Session::Impl {
   Backend& backend;
   SessionOptions options;
   std::optional<RreRouter> router;
+  ExpertIndex index;  // (layer, expert) <-> the updater's ids
+  // Declared before the updater, whose threads report to it until it is destroyed.
+  PlanRecorder recorder;
   std::unique_ptr<KernelRunner> kernels;
   // Declared before what is carved from it (the updater's staging, the experts' buffers),
   // so that it is destroyed after them.
@@ -152,7 +157,13 @@ struct Session::Impl {
   uint64_t step = 0;
   std::vector<MicroBatchWork> micro;
   std::vector<ExpertKey> sequence;
-  std::deque<uint32_t> pending_layers;  // gradients complete once d2h passes
+  // The step's plan (learned gates: growing as layers are routed), what of it was issued on
+  // which stream (for its host-wait edges), and when its ops ran.
+  std::optional<StepPlan> plan;
+  std::map<uint32_t, Stream> issued_on;
+  std::map<uint64_t, uint32_t> fetch_at;  // sequence position -> the plan's fetch there
+  uint64_t recording = 0;                 // the step whose ops are being recorded
+  std::deque<uint32_t> pending_layers;    // gradients complete once d2h passes
   StallStats stalls;
   Clock::time_point last_end;
   bool has_last_end = false;
@@ -198,14 +209,27 @@ struct Session::Impl {
   Status TakeUpdateError();
   Status FinishStepWork(StepReport* report);
   Status BuildStep(const std::vector<MicroBatch>& batches);
-  Status FillLayer(uint32_t b, const LayerPlan& lp, const LayerPlan& dp, LayerWork& lw) const;
+  Status CheckWidth(uint32_t b, uint32_t layer, size_t width) const;
+  void FillLayer(const LayerPlan& dp, const PlanOp& forward, LayerWork& lw) const;
   Status RouteGated(uint32_t micro_batch, uint32_t layer, const GateChoices& gate);
   Status RunForward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
                     const GateChoices* gate, void* choice_outputs);
   Status Prefetch();
-  StatusOr<std::vector<Lease>> LeasesFor(uint64_t first, size_t count);
+  StatusOr<std::vector<Lease>> LeasesFor(const PlanOp& op, uint64_t first);
   Status ReleaseAll(std::vector<Lease>& leases);
   Status StageSync(Stream stream);
+  // The plan, from the step's routing (RRE: every micro-batch, built at BeginStep).
+  StatusOr<StepPlan> BuildPlan() const;
+  void IndexFetches();
+  // Issues op `id` on `stream`: recorded now, ended when the stream passes what was enqueued.
+  Status Record(uint32_t id, Stream stream);
+  // The plan's edges the host waits on before issuing `op` (no-overlap, naive).
+  Status HostWait(const PlanOp& op);
+  // Before an access's leases: the host waits of its fetches (and of the compute op itself).
+  Status HostWaitAccess(const PlanOp& compute);
+  const PlanOp& ComputeOp(OpKind kind, uint32_t micro_batch, uint32_t layer) const {
+    return *plan->Compute(kind, micro_batch, layer);
+  }
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
@@ -246,6 +270,11 @@ Status Session::Impl::CreateAll() {
         StrCat("model spec: dtype ", DTypeName(m.dtype), " is not supported (f32 or bf16)"));
   }
   if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
+  // When each expert's update ran, for the executed plans.
+  options.optimizer.on_update = [this](uint32_t id, uint64_t updater_step, Clock::time_point start,
+                                       Clock::time_point end) {
+    recorder.UpdateRan(updater_step, index.Id(id).layer, start, end);
+  };
   if (options.max_tokens_per_micro_batch == 0 || options.max_micro_batches == 0) {
     return InvalidArgumentError(
         "session: max_tokens_per_micro_batch and max_micro_batches "
@@ -267,6 +296,11 @@ Status Session::Impl::CreateAll() {
   }
   ECSS_ASSIGN_OR_RETURN(RreRouter built, RreRouter::Create(map, {m.vocab, m.seed, m.builder}));
   router.emplace(std::move(built));
+  std::vector<uint32_t> experts_per_layer;
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    experts_per_layer.push_back(router->domains().experts_in_layer(l));
+  }
+  index = ExpertIndex(std::move(experts_per_layer));
 
   KernelRunnerOptions kernel_options;
   kernel_options.cpu.threads = options.kernel_threads;
@@ -335,11 +369,7 @@ Status Session::Impl::CreateAll() {
   nvme.dirs = options.nvme_dirs;
   nvme.optimizer = options.optimizer;
   nvme.expert_elements = params;
-  std::vector<uint32_t> experts_per_layer;
-  for (uint32_t l = 0; l < m.layers; ++l) {
-    experts_per_layer.push_back(router->domains().experts_in_layer(l));
-  }
-  nvme.experts = ExpertIndex(std::move(experts_per_layer));
+  nvme.experts = index;
   nvme.io_engines = options.io_engines;
   nvme.open_existing = options.resume_states;
   if (options.resume_states && !on_nvme) {
@@ -455,7 +485,7 @@ Status Session::Impl::CreateAll() {
                         DeviceCache::Create(backend, {expert_bytes, slots}, MakeLruPolicy()));
   PrefetcherHooks hooks;
   auto expert_of = [this](ExpertKey key) -> Expert& {
-    return experts[key >> 32][key & 0xFFFFFFFFu];
+    return experts[LayerOf(key)][ExpertOf(key)];
   };
   hooks.host_weights = [this, expert_of](ExpertKey key) -> const void* {
     return delayed() ? expert_of(key).front.data() : expert_of(key).weights.data();
@@ -465,6 +495,11 @@ Status Session::Impl::CreateAll() {
     return !delayed() && updater->Pending(expert_of(key).id);
   };
   hooks.wait_fence = [this, expert_of](ExpertKey key) { return updater->Wait(expert_of(key).id); };
+  // The plan's fetch at that position was issued; its end is when h2d passes the copy.
+  hooks.on_copy = [this](uint64_t position) {
+    auto fetch = fetch_at.find(position);
+    if (fetch != fetch_at.end()) Record(fetch->second, h2d.get()).IgnoreError();
+  };
   prefetcher = std::make_unique<Prefetcher>(*cache, h2d.get(), std::move(hooks),
                                             options.prefetch_window_experts, stager.get());
   return Status::Ok();
@@ -599,39 +634,73 @@ Status Session::Impl::StartHeldUpdate() {
 
 // ---- A step ----------------------------------------------------------------------------------
 
-// The layer's groups (the routed experts; naive: every expert, unrouted ones with no rows)
-// and device permutation from its plan (`lp` on the host, `dp` its device copy).
-Status Session::Impl::FillLayer(uint32_t b, const LayerPlan& lp, const LayerPlan& dp,
-                                LayerWork& lw) const {
-  const uint32_t l = lp.layer;
-  lw.device_perm = {dp.num_tokens, dp.k, dp.permutation, dp.inverse, dp.combine_weights};
-  lw.experts.clear();
-  if (options.strategy == Strategy::kNaive) {
-    const uint32_t n = router->domains().experts_in_layer(l);
-    lw.offsets.assign(1, 0);
-    uint32_t a = 0;
-    for (uint32_t e = 0; e < n; ++e) {
-      lw.experts.push_back(e);
-      const uint32_t count = a < lp.num_active && lp.active_experts[a] == e ? lp.count(a++) : 0;
-      lw.offsets.push_back(lw.offsets.back() + count);
-    }
-  } else {
-    lw.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
-    lw.offsets.assign(lp.expert_offsets, lp.expert_offsets + lp.num_active + 1);
-  }
-  if (lw.experts.size() > max_groups) {
-    return ResourceExhaustedError(StrCat("micro-batch ", b, " layer ", l, " activates ",
-                                         lw.experts.size(), " experts; the session was sized for ",
-                                         max_groups,
+// A layer of micro-batch `b` whose plan has `width` groups fits the session's gradient
+// region (the plan itself refuses more than the device cache holds).
+Status Session::Impl::CheckWidth(uint32_t b, uint32_t layer, size_t width) const {
+  if (width > max_groups) {
+    return ResourceExhaustedError(StrCat("micro-batch ", b, " layer ", layer, " activates ", width,
+                                         " experts; the session was sized for ", max_groups,
                                          " (SessionOptions.max_active_experts_per_layer)"));
   }
-  if (lw.experts.size() > cache->slots()) {
-    return ResourceExhaustedError(
-        StrCat("micro-batch ", b, " layer ", l, " activates ", lw.experts.size(),
-               " experts but the device cache holds ", cache->slots(), " (",
-               HumanBytes(lw.experts.size() * expert_bytes), " of expert weights needed)"));
-  }
   return Status::Ok();
+}
+
+// The layer's groups as the plan's forward op has them (the routed experts; naive: every
+// expert, unrouted ones with no rows) and its device permutation (`dp`, the plan's copy).
+void Session::Impl::FillLayer(const LayerPlan& dp, const PlanOp& forward, LayerWork& lw) const {
+  lw.device_perm = {dp.num_tokens, dp.k, dp.permutation, dp.inverse, dp.combine_weights};
+  lw.experts = forward.experts;
+  lw.offsets.assign(1, 0);
+  for (uint32_t rows : forward.rows) lw.offsets.push_back(lw.offsets.back() + rows);
+}
+
+LayerRoute RouteOf(const LayerPlan& lp) {
+  LayerRoute route;
+  route.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
+  for (uint32_t a = 0; a < lp.num_active; ++a) route.rows.push_back(lp.count(a));
+  return route;
+}
+
+StatusOr<StepPlan> Session::Impl::BuildPlan() const {
+  const ModelSpec& m = options.model;
+  StepPlanInputs in;
+  in.model.d_model = m.d_model;
+  in.model.d_ff = m.d_ff;
+  in.model.d_in = d_in();
+  in.model.params = params;
+  in.model.weight_bytes = static_cast<uint32_t>(elem());
+  in.model.state_arrays = 1 + static_cast<uint32_t>(StateArrays(options.optimizer.kind));
+  for (uint32_t l = 0; l < m.layers; ++l)
+    in.model.experts_per_layer.push_back(index.experts_in_layer(l));
+  PlanPolicy& p = in.policy;
+  p.strategy = options.strategy == Strategy::kEcss        ? PlanStrategy::kEcss
+               : options.strategy == Strategy::kNoOverlap ? PlanStrategy::kNoOverlap
+                                                          : PlanStrategy::kNaive;
+  p.learned_gate = gated();
+  p.delayed_update = delayed();
+  p.deferred_updates =
+      options.optimizer.max_grad_norm > 0 || options.optimizer.skip_step_on_nonfinite;
+  p.states_on_nvme = options.states == StatesPlacement::kNvme;
+  p.weights_on_nvme = weights_on_nvme();
+  p.cache_slots = cache->slots();
+  for (const MicroBatchWork& w : micro) {
+    MicroBatchRoute route;
+    route.tokens = w.num_tokens;
+    if (w.plan) {
+      route.plan_bytes = w.plan->bytes();
+      for (uint32_t l = 0; l < m.layers; ++l) route.layers.push_back(RouteOf(w.plan->layer(l)));
+    }
+    in.micro_batches.push_back(std::move(route));
+  }
+  for (ExpertKey key : cache->ResidentKeys()) in.resident.emplace_back(LayerOf(key), ExpertOf(key));
+  in.held_experts = held.size();
+  return BuildStepPlan(in);
+}
+
+// Which of the plan's fetches is at each access position (what the prefetcher reports).
+void Session::Impl::IndexFetches() {
+  fetch_at.clear();
+  for (const PlanOp* fetch : plan->Find(OpKind::kFetch)) fetch_at[fetch->position] = fetch->id;
 }
 
 Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
@@ -660,50 +729,63 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
     w.token_ids.assign(in.token_ids, in.token_ids + tokens);
     w.domain_ids.assign(in.domain_ids, in.domain_ids + in.batch_size);
     w.batch = {w.token_ids.data(), in.batch_size, in.seq_len, w.domain_ids.data()};
-    StatusOr<RoutingPlan> plan = RoutingPlan::BuildRre(*router, w.batch);
-    if (!plan.ok()) return plan.status().Annotate(StrCat("micro-batch ", b));
-    w.plan.emplace(std::move(plan).value());
+    StatusOr<RoutingPlan> routed = RoutingPlan::BuildRre(*router, w.batch);
+    if (!routed.ok()) return routed.status().Annotate(StrCat("micro-batch ", b));
+    w.plan.emplace(std::move(routed).value());
     ECSS_ASSIGN_OR_RETURN(w.device_plan,
                           backend.device_memory().Allocate(w.plan->bytes(), MemoryTag::kOther));
-    for (uint32_t l = 0; l < layers; ++l) {
-      Status filled =
-          FillLayer(b, w.plan->layer(l), w.plan->DeviceLayer(l, w.device_plan.data()), w.layers[l]);
-      if (!filled.ok()) return filled.Annotate("BeginStep");
-    }
+  }
+  StatusOr<StepPlan> built = BuildPlan();
+  if (!built.ok()) return built.status().Annotate("BeginStep");
+  plan.emplace(std::move(built).value());
+  issued_on.clear();
+  for (const PlanOp* forward : plan->Find(OpKind::kForward)) {
+    ECSS_RETURN_IF_ERROR(CheckWidth(static_cast<uint32_t>(forward->micro_batch),
+                                    static_cast<uint32_t>(forward->layer), forward->experts.size())
+                             .Annotate("BeginStep"));
   }
   if (gated()) return Status::Ok();
+  // The step's access sequence (per micro-batch, forward 0..L-1 then backward L-1..0) and
+  // each layer's groups, as the plan has them.
+  for (uint32_t b = 0; b < micro.size(); ++b) {
+    for (uint32_t l = 0; l < layers; ++l) {
+      FillLayer(micro[b].plan->DeviceLayer(l, micro[b].device_plan.data()),
+                ComputeOp(OpKind::kForward, b, l), micro[b].layers[l]);
+    }
+  }
+  for (const PlanOp& op : plan->ops()) {
+    if (op.kind != OpKind::kForward && op.kind != OpKind::kBackward) continue;
+    LayerWork& lw =
+        micro[static_cast<uint32_t>(op.micro_batch)].layers[static_cast<uint32_t>(op.layer)];
+    (op.kind == OpKind::kForward ? lw.first_position : lw.backward_position) = sequence.size();
+    for (uint32_t e : op.experts)
+      sequence.push_back(MakeExpertKey(static_cast<uint32_t>(op.layer), e));
+  }
+  IndexFetches();
   // Every micro-batch routed: only now is anything enqueued, so a refused step leaves no
   // copy in flight out of (or into) the buffers it frees.
-  for (MicroBatchWork& w : micro) {
+  for (const PlanOp* upload : plan->Find(OpKind::kPlanUpload)) {
+    MicroBatchWork& w = micro[static_cast<uint32_t>(upload->micro_batch)];
     ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
                                            w.plan->bytes(), CopyKind::kHostToDevice));
-  }
-  // The step's access sequence: per micro-batch, forward 0..L-1 then backward L-1..0.
-  for (MicroBatchWork& w : micro) {
-    for (uint32_t l = 0; l < layers; ++l) {
-      w.layers[l].first_position = sequence.size();
-      const std::vector<ExpertKey> keys = LayerKeys(l, w.layers[l]);
-      sequence.insert(sequence.end(), keys.begin(), keys.end());
-    }
-    for (uint32_t l = layers; l-- > 0;) {
-      w.layers[l].backward_position = sequence.size();
-      const std::vector<ExpertKey> keys = LayerKeys(l, w.layers[l]);
-      sequence.insert(sequence.end(), keys.begin(), keys.end());
-    }
+    ECSS_RETURN_IF_ERROR(Record(upload->id, compute.get()));
   }
   return Status::Ok();
 }
 
-// ecss: lease ahead of use, in sequence order, while the window and free slots allow.
+// Where the plan lets fetches run ahead of compute (ecss): lease ahead of use, in sequence
+// order, while the window and free slots allow.
 Status Session::Impl::Prefetch() {
-  if (options.strategy != Strategy::kEcss) return Status::Ok();
+  if (!plan->fetches_ahead()) return Status::Ok();
   return prefetcher->Advance();
 }
 
-// The leases of positions [first, first + count), compute waiting for their copies.
-StatusOr<std::vector<Lease>> Session::Impl::LeasesFor(uint64_t first, size_t count) {
-  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, prefetcher->Take(first, count));
-  if (options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(StageSync(h2d.get()));
+// The leases of compute op `op`'s access, at positions [first, first + its experts), after
+// the host waits its fetches and it have in the plan; compute waits for their copies.
+StatusOr<std::vector<Lease>> Session::Impl::LeasesFor(const PlanOp& op, uint64_t first) {
+  ECSS_RETURN_IF_ERROR(HostWaitAccess(op));
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, prefetcher->Take(first, op.experts.size()));
+  ECSS_RETURN_IF_ERROR(HostWait(op));
   for (const Lease& lease : leases) {
     ECSS_RETURN_IF_ERROR(backend.WaitEvent(compute.get(), lease.ready()));
   }
@@ -734,6 +816,11 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
     ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
     ECSS_RETURN_IF_ERROR(updater->Submit(expert.id, static_cast<const float*>(expert.grad.data())));
     ++submitted;
+  }
+  if (!plan->policy().deferred_updates) {  // the layer's update starts now
+    for (const PlanOp* update : plan->Find(OpKind::kUpdate, -1, static_cast<int32_t>(layer))) {
+      if (update->step_offset == 0) recorder.Issued(recording, update->id);
+    }
   }
   return updater->Flush();
 }
@@ -819,7 +906,10 @@ Status Session::Impl::TakeUpdateError() {
 
 Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
   Impl& s = *this;
+  s.recording = s.step + 1;
+  s.recorder.BeginStep(s.recording, Clock::now());
   ECSS_RETURN_IF_ERROR(s.BuildStep(micro_batches));
+  s.recorder.SetPlan(s.recording, *s.plan);
   s.stalls = {};
   s.gradient_bytes = 0;
   s.submitted = 0;
@@ -834,9 +924,16 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
     ECSS_RETURN_IF_ERROR(s.Publish());
     ECSS_RETURN_IF_ERROR(s.StartHeldUpdate());
     s.held_loss_scale = loss_scale;
+    if (!s.started.empty()) {  // the plan's held update (step_offset -1) runs now
+      s.recorder.MapUpdaterStep(s.updater_steps, s.recording, -1);
+      for (const PlanOp* held_update : s.plan->Find(OpKind::kUpdate)) {
+        if (held_update->step_offset == -1) s.recorder.Issued(s.recording, held_update->id);
+      }
+    }
   } else {
     ECSS_RETURN_IF_ERROR(s.updater->BeginStep(loss_scale));
     ++s.updater_steps;
+    s.recorder.MapUpdaterStep(s.updater_steps, s.recording, 0);
   }
   s.in_step = true;
   ++s.step;
@@ -886,20 +983,60 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
                                          " has a non-finite weight"));
     }
   }
-  StatusOr<RoutingPlan> plan =
-      RoutingPlan::FromAssignments(layer, router->domains().experts_in_layer(layer), w.num_tokens,
-                                   gate.k, gate.experts, gate.weights);
-  if (!plan.ok()) return plan.status().Annotate(where());
+  StatusOr<RoutingPlan> routed = RoutingPlan::FromAssignments(
+      layer, index.experts_in_layer(layer), w.num_tokens, gate.k, gate.experts, gate.weights);
+  if (!routed.ok()) return routed.status().Annotate(where());
+  const LayerRoute route = RouteOf(routed->layer(0));
+  ECSS_RETURN_IF_ERROR(CheckWidth(micro_batch, layer, plan->Width(layer, route)).Annotate(where()));
   ECSS_ASSIGN_OR_RETURN(Buffer device_plan,
-                        backend.device_memory().Allocate(plan->bytes(), MemoryTag::kOther));
-  ECSS_RETURN_IF_ERROR(
-      FillLayer(micro_batch, plan->layer(0), plan->DeviceLayer(0, device_plan.data()), lw)
-          .Annotate(where()));
-  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan.data(), plan->data(),
-                                         plan->bytes(), CopyKind::kHostToDevice));
-  lw.plan.emplace(std::move(plan).value());
+                        backend.device_memory().Allocate(routed->bytes(), MemoryTag::kOther));
+  Status appended = plan->AppendForward(micro_batch, layer, route, routed->bytes());
+  if (!appended.ok()) return appended.Annotate(where());
+  recorder.SetPlan(recording, *plan);
+  IndexFetches();
+  const PlanOp& forward = ComputeOp(OpKind::kForward, micro_batch, layer);
+  FillLayer(routed->DeviceLayer(0, device_plan.data()), forward, lw);
+  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan.data(), routed->data(),
+                                         routed->bytes(), CopyKind::kHostToDevice));
+  const std::vector<const PlanOp*> uploads = plan->Find(
+      OpKind::kPlanUpload, static_cast<int32_t>(micro_batch), static_cast<int32_t>(layer));
+  if (!uploads.empty()) ECSS_RETURN_IF_ERROR(Record(uploads.back()->id, compute.get()));
+  lw.plan.emplace(std::move(routed).value());
   lw.device_plan = std::move(device_plan);
   lw.first_position = prefetcher->Append(LayerKeys(layer, lw));
+  return Status::Ok();
+}
+
+Status Session::Impl::Record(uint32_t id, Stream stream) {
+  issued_on[id] = stream;
+  recorder.Issued(recording, id);
+  PlanRecorder* r = &recorder;
+  const uint64_t s = recording;
+  return backend.LaunchHostFunction(stream, "plan op", [r, s, id] {
+    r->Ended(s, id);
+    return Status::Ok();
+  });
+}
+
+Status Session::Impl::HostWait(const PlanOp& op) {
+  if (!op.host_waits) return Status::Ok();
+  std::vector<Stream> streams;
+  for (uint32_t dep : op.deps) {
+    auto issued = issued_on.find(dep);
+    if (issued == issued_on.end()) continue;  // not on a stream (or not issued: a hit)
+    if (std::find(streams.begin(), streams.end(), issued->second) == streams.end()) {
+      streams.push_back(issued->second);
+    }
+  }
+  for (Stream stream : streams) ECSS_RETURN_IF_ERROR(StageSync(stream));
+  return Status::Ok();
+}
+
+Status Session::Impl::HostWaitAccess(const PlanOp& compute_op) {
+  for (uint32_t dep : compute_op.deps) {
+    const PlanOp& op = plan->ops()[dep];
+    if (op.kind == OpKind::kFetch || op.kind == OpKind::kStage) ECSS_RETURN_IF_ERROR(HostWait(op));
+  }
   return Status::Ok();
 }
 
@@ -930,8 +1067,8 @@ Status Session::Impl::RunForward(uint32_t micro_batch, uint32_t layer, const voi
     ECSS_RETURN_IF_ERROR(s.RouteGated(micro_batch, layer, *gate));
   }
   const ModelSpec& m = s.options.model;
-  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases,
-                        s.LeasesFor(lw.first_position, lw.experts.size()));
+  const PlanOp& op = s.ComputeOp(OpKind::kForward, micro_batch, layer);
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, s.LeasesFor(op, lw.first_position));
   std::vector<const void*> w_in, w_out;
   for (const Lease& lease : leases) {
     w_in.push_back(lease.weights());
@@ -955,9 +1092,9 @@ Status Session::Impl::RunForward(uint32_t micro_batch, uint32_t layer, const voi
     ECSS_RETURN_IF_ERROR(
         s.kernels->Combine(c, slots, {m.d_model, m.dtype, false}, s.perm_a.data(), choice_outputs));
   }
+  ECSS_RETURN_IF_ERROR(s.Record(op.id, c));
   ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
   lw.forwarded = true;
-  if (s.options.strategy != Strategy::kEcss) ECSS_RETURN_IF_ERROR(s.StageSync(c));
   ECSS_RETURN_IF_ERROR(s.SubmitReady(false));
   return s.Prefetch();
 }
@@ -988,15 +1125,18 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dy, micro_batch, "Backward output gradient"));
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dx, micro_batch, "Backward input gradient"));
   if (s.gated()) {  // reactive: the layer's experts are fetched now, again if evicted
+    ECSS_RETURN_IF_ERROR(s.plan->AppendBackward(micro_batch, layer));
+    s.recorder.SetPlan(s.recording, *s.plan);
+    s.IndexFetches();
     lw.backward_position = s.prefetcher->Append(LayerKeys(layer, lw));
   }
   const ModelSpec& m = s.options.model;
   const Stream c = s.compute.get();
+  const PlanOp& op = s.ComputeOp(OpKind::kBackward, micro_batch, layer);
   // dy_perm = dy of each row's token, scaled by the row's combine weight.
   ECSS_RETURN_IF_ERROR(
       s.kernels->Permute(c, lw.device_perm, {m.d_model, m.dtype, true}, dy, s.perm_a.data()));
-  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases,
-                        s.LeasesFor(lw.backward_position, lw.experts.size()));
+  ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, s.LeasesFor(op, lw.backward_position));
   std::vector<const void*> w_in, w_out;
   std::vector<float*> dw_in, dw_out;
   const uint64_t in_elems = uint64_t{m.d_model} * s.d_in();
@@ -1018,12 +1158,16 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
                              {s.workspace.data(), s.workspace_bytes}));
   ECSS_RETURN_IF_ERROR(
       s.kernels->Combine(c, lw.device_perm, {m.d_model, m.dtype, false}, s.perm_b.data(), dx));
+  ECSS_RETURN_IF_ERROR(s.Record(op.id, c));
   ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
   lw.backwarded = true;
 
   // Gradients to pinned memory: the first micro-batch that touches an expert copies into its
   // accumulator; later ones copy to staging and add, in micro-batch order.
   const Stream d = s.d2h.get();
+  const auto mb = static_cast<int32_t>(micro_batch);
+  const PlanOp& copy_op = *s.plan->Find(OpKind::kGradientCopy, mb, static_cast<int32_t>(layer))[0];
+  ECSS_RETURN_IF_ERROR(s.HostWait(copy_op));
   ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_ready.get(), c));
   ECSS_RETURN_IF_ERROR(s.backend.WaitEvent(d, s.dw_ready.get()));
   const uint64_t grad_bytes = s.params * 4;
@@ -1051,6 +1195,7 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
     }
     s.gradient_bytes += grad_bytes;
   }
+  ECSS_RETURN_IF_ERROR(s.Record(copy_op.id, d));
   if (!adds.empty()) {
     const uint64_t n = s.params;
     ECSS_RETURN_IF_ERROR(s.backend.LaunchHostFunction(d, "accumulate gradients", [adds, n] {
@@ -1059,16 +1204,15 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
       }
       return Status::Ok();
     }));
+    const std::vector<const PlanOp*> add_op =
+        s.plan->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
+    if (!add_op.empty()) ECSS_RETURN_IF_ERROR(s.Record(add_op[0]->id, d));
   }
   ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_free.get(), d));
   // The last micro-batch's backward of a layer completes its experts' gradients.
   if (micro_batch + 1 == s.micro.size()) {
     ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.layer_grads_done[layer].get(), d));
     s.pending_layers.push_back(layer);
-  }
-  if (s.options.strategy != Strategy::kEcss) {
-    ECSS_RETURN_IF_ERROR(s.StageSync(c));
-    ECSS_RETURN_IF_ERROR(s.StageSync(d));
   }
   ECSS_RETURN_IF_ERROR(s.SubmitReady(false));
   return s.Prefetch();
@@ -1148,7 +1292,14 @@ Status Session::Impl::FinishStepWork(StepReport* report) {
     }
     pending_layers.clear();
   }
+  plan->Finish();  // learned gates: the updates that wait for the whole step
+  recorder.SetPlan(recording, *plan);
   if (!delayed()) {
+    for (const PlanOp* update : plan->Find(OpKind::kUpdate)) {
+      if (update->step_offset == 0 && plan->policy().deferred_updates) {
+        recorder.Issued(recording, update->id);  // they start now, after the global norm
+      }
+    }
     StatusOr<StepReport> finished = updater->FinishStep();
     if (finished.ok()) {
       *report = *finished;
@@ -1161,7 +1312,7 @@ Status Session::Impl::FinishStepWork(StepReport* report) {
     Status synced = backend.SynchronizeStream(compute.get());
     if (first.ok()) first = synced;
   }
-  if (options.strategy != Strategy::kEcss) {
+  if (plan->step_waits_for_updates()) {
     StallTimer timer(&stalls.optimizer_seconds);
     Status updated = updater->Synchronize();
     if (first.ok()) first = updated.Annotate("an expert update failed (its states are unchanged)");
@@ -1191,6 +1342,10 @@ StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t exp
     return InvalidArgumentError(StrCat("MasterWeights: no expert (", layer, ", ", expert, ")"));
   }
   return impl_->updater->Master(impl_->experts[layer][expert].id);
+}
+
+StatusOr<StepPlan> Session::ExecutedPlan(uint64_t step) const {
+  return impl_->recorder.ExecutedPlan(step);
 }
 
 uint32_t Session::experts_in_layer(uint32_t layer) const {

@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/step_plan.h"
 #include "kernels/expert_ops.h"
 #include "offload/io/io_engine.h"
 #include "offload/prefetcher.h"
@@ -245,6 +246,13 @@ class Session {
   // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out
   // (d_ff x d_model)] row-major.
   StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert);
+  // The plan step `step` (StepStats::step) ran, as it ran: every op with its resource, bytes
+  // or FLOPs and edges, and start_s / end_s (seconds since its BeginStep) for the ops the
+  // session saw run; updates still running have none yet (Synchronize first for all). The
+  // last few steps are kept (NotFound for older ones). The plan's fetches are the cache's for
+  // calls in the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0); other
+  // orders work, and fetch again what their order evicted, which the plan does not list.
+  StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
   uint32_t experts_in_layer(uint32_t layer) const;
   uint32_t cache_slots() const;
   uint64_t expert_params() const;  // parameters per expert

@@ -60,9 +60,19 @@ std::string_view PlanResourceName(PlanResource resource) {
 }
 
 // Note [Plan shapes]: the builder adds every op through Add(), which gives no-overlap and
-// naive their shape (each op waits, on the host, for the one issued before it) in one place;
-// naive's other difference (every expert in every access) is in Groups(). Nothing else in the
-// builder, and nothing in the executor, asks which strategy runs.
+// naive their shape in one place: each op of the step's device-side work (uploads, stages,
+// fetches, compute, gradient copies) waits, on the host, for the one issued before it. The
+// updates are not in that chain: they overlap the rest of the step and the step's end waits
+// for them (StepPlan::step_waits_for_updates). Naive's other difference (every expert in
+// every access) is in Groups(). Nothing else in the builder, and nothing in the executor,
+// asks which strategy runs.
+namespace {
+bool DeviceSide(OpKind kind) {
+  return kind != OpKind::kStateRead && kind != OpKind::kUpdate && kind != OpKind::kStateWrite &&
+         kind != OpKind::kPublish;
+}
+}  // namespace
+
 class StepPlan::Builder {
  public:
   explicit Builder(StepPlan& plan)
@@ -70,16 +80,18 @@ class StepPlan::Builder {
 
   uint32_t Add(PlanOp op) {
     op.id = static_cast<uint32_t>(plan_.ops_.size());
-    if (policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 && c_.last_issued >= 0) {
+    const bool chained =
+        policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 && DeviceSide(op.kind);
+    if (chained && c_.last_issued >= 0) {
       op.deps.push_back(static_cast<uint32_t>(c_.last_issued));
       op.host_waits = true;
     }
     std::sort(op.deps.begin(), op.deps.end());
     op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
     plan_.ops_.push_back(std::move(op));
-    const PlanOp& added = plan_.ops_.back();
-    if (added.step_offset == 0) c_.last_issued = added.id;
-    return added.id;
+    const uint32_t id = plan_.ops_.back().id;
+    if (chained) c_.last_issued = id;
+    return id;
   }
 
   // The ops carried in from earlier steps that this step's edges name; with the delayed
@@ -136,9 +148,11 @@ class StepPlan::Builder {
     }
     LayerRoute groups = Groups(layer, route);
     if (groups.experts.size() > policy_.cache_slots) {
-      return InvalidArgumentError(StrCat("step plan: micro-batch ", micro_batch, " layer ", layer,
-                                         " activates ", groups.experts.size(),
-                                         " experts; the device cache holds ", policy_.cache_slots));
+      return ResourceExhaustedError(
+          StrCat("micro-batch ", micro_batch, " layer ", layer, " activates ",
+                 groups.experts.size(), " experts but the device cache holds ", policy_.cache_slots,
+                 " (", HumanBytes(groups.experts.size() * model_.params * model_.weight_bytes),
+                 " of expert weights needed)"));
     }
     AddUpload(micro_batch, static_cast<int32_t>(layer), plan_bytes);
     ECSS_RETURN_IF_ERROR(AddCompute(OpKind::kForward, micro_batch, layer, groups));
@@ -194,6 +208,19 @@ class StepPlan::Builder {
     for (const auto& [layer, op] : c_.gradient) AddUpdate(layer, all);
   }
 
+  // The grouped FFN's groups of a route: its experts, or (naive) every expert of the layer.
+  LayerRoute Groups(uint32_t layer, const LayerRoute& route) const {
+    if (policy_.strategy != PlanStrategy::kNaive) return route;
+    LayerRoute all;
+    size_t a = 0;
+    for (uint32_t e = 0; e < model_.experts_per_layer[layer]; ++e) {
+      const bool routed = a < route.experts.size() && route.experts[a] == e;
+      all.experts.push_back(e);
+      all.rows.push_back(routed ? route.rows[a++] : 0);
+    }
+    return all;
+  }
+
  private:
   Status Check(uint32_t micro_batch, uint32_t layer, const LayerRoute& route) const {
     const auto where = [&] {
@@ -216,19 +243,6 @@ class StepPlan::Builder {
       }
     }
     return Status::Ok();
-  }
-
-  // The grouped FFN's groups of a route: its experts, or (naive) every expert of the layer.
-  LayerRoute Groups(uint32_t layer, const LayerRoute& route) const {
-    if (policy_.strategy != PlanStrategy::kNaive) return route;
-    LayerRoute all;
-    size_t a = 0;
-    for (uint32_t e = 0; e < model_.experts_per_layer[layer]; ++e) {
-      const bool routed = a < route.experts.size() && route.experts[a] == e;
-      all.experts.push_back(e);
-      all.rows.push_back(routed ? route.rows[a++] : 0);
-    }
-    return all;
   }
 
   uint64_t UpdateBytesPerParam() const {
@@ -411,6 +425,12 @@ std::vector<std::pair<uint32_t, uint32_t>> StepPlan::AccessSequence() const {
     for (uint32_t e : op.experts) sequence.emplace_back(static_cast<uint32_t>(op.layer), e);
   }
   return sequence;
+}
+
+uint32_t StepPlan::Width(uint32_t layer, const LayerRoute& route) const {
+  if (layer >= model_.layers()) return 0;
+  return static_cast<uint32_t>(
+      Builder(const_cast<StepPlan&>(*this)).Groups(layer, route).experts.size());
 }
 
 uint64_t StepPlan::Bytes(OpKind kind) const {

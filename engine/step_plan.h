@@ -144,11 +144,16 @@ class StepPlan {
   // The access sequence the cache and the prefetcher follow: per compute op in plan order,
   // its experts as (layer, expert).
   std::vector<std::pair<uint32_t, uint32_t>> AccessSequence() const;
+  // The groups a layer routed so gets in this plan's shape (naive: every expert of the layer).
+  uint32_t Width(uint32_t layer, const LayerRoute& route) const;
   // Bytes over ops of `kind` (this step's: step_offset 0).
   uint64_t Bytes(OpKind kind) const;
   size_t Count(OpKind kind) const;
-  // Whether fetches run ahead of compute (ecss), or are issued when their layer runs.
+  // Whether fetches run ahead of compute (ecss), or each waits for the op before it.
   bool fetches_ahead() const { return policy_.strategy == PlanStrategy::kEcss; }
+  // Whether the step ends only once its updates finished (no-overlap, naive), or they
+  // overlap the next step (ecss: the step after waits for them, the carried-in edges).
+  bool step_waits_for_updates() const { return policy_.strategy != PlanStrategy::kEcss; }
 
   // Learned gates, as the loop's calls come: a layer's forward once its gate routed it (its
   // plan's upload, its fetches, its compute), its backward (fetches again, compute, gradient
@@ -170,7 +175,7 @@ class StepPlan {
   using Key = std::pair<uint32_t, uint32_t>;  // (layer, expert)
   // Where the builder stands, so that the Append calls continue it.
   struct Cursor {
-    int64_t last_issued = -1;   // the last op of this step (no-overlap's edges)
+    int64_t last_issued = -1;   // the last device-side op (no-overlap's chain)
     int64_t last_compute = -1;  // the compute stream's order
     uint32_t step_gate = 0;     // what the step's first ops wait for
     uint32_t fetch_gate = 0;    // what every fetch waits for
@@ -192,8 +197,9 @@ class StepPlan {
 };
 
 // InvalidArgument naming what is inconsistent (a layer's experts not ascending, an expert
-// outside its layer, rows and experts of different lengths, no cache slots, a layer whose
-// experts exceed the cache's slots).
+// outside its layer, rows and experts of different lengths, no cache slots);
+// ResourceExhausted naming the micro-batch, layer and bytes for a layer whose experts exceed
+// the cache's slots.
 StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& inputs);
 
 }  // namespace ecss

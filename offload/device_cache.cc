@@ -95,6 +95,14 @@ DeviceCache::~DeviceCache() {
   }
 }
 
+std::vector<ExpertKey> DeviceCache::ResidentKeys() const {
+  std::vector<ExpertKey> keys;
+  for (const Slot& slot : slots_) {
+    if (slot.occupied) keys.push_back(slot.key);
+  }
+  return keys;
+}
+
 StatusOr<Lease> DeviceCache::Acquire(ExpertKey key, const void* host_weights, Stream copy_stream,
                                      uint64_t position) {
   policy_->OnAccess(key, position);
@@ -168,8 +176,8 @@ Status DeviceCache::Invalidate(ExpertKey key) {
   if (found == where_.end()) return Status::Ok();
   Slot& slot = slots_[found->second];
   if (slot.leases > 0) {
-    return FailedPreconditionError(StrCat("device cache: expert (", key >> 32, ", ",
-                                          key & 0xFFFFFFFFu, ") is leased; cannot invalidate"));
+    return FailedPreconditionError(StrCat("device cache: expert (", LayerOf(key), ", ",
+                                          ExpertOf(key), ") is leased; cannot invalidate"));
   }
   // The slot keeps its last_use event, so the next copy into it still waits for that kernel.
   slot.occupied = false;

@@ -22,6 +22,8 @@ using ExpertKey = uint64_t;
 inline ExpertKey MakeExpertKey(uint32_t layer, uint32_t expert) {
   return (uint64_t{layer} << 32) | expert;
 }
+inline uint32_t LayerOf(ExpertKey key) { return static_cast<uint32_t>(key >> 32); }
+inline uint32_t ExpertOf(ExpertKey key) { return static_cast<uint32_t>(key); }
 
 class EvictionPolicy {
  public:
@@ -101,6 +103,8 @@ class DeviceCache {
   // Replaces the policy (the engine gives Belady each step's sequence; positions restart).
   void SetPolicy(std::unique_ptr<EvictionPolicy> policy);
   Residency residency(ExpertKey key);
+  // The experts whose weights are on the device, in slot order.
+  std::vector<ExpertKey> ResidentKeys() const;
   const CacheStats& stats() const { return stats_; }
   uint32_t slots() const { return static_cast<uint32_t>(slots_.size()); }
 

@@ -71,6 +71,7 @@ Status Prefetcher::AcquireStaged(ExpertKey key, const void* block, uint64_t posi
     return lease.status();
   }
   *out = std::move(*lease);
+  if (hooks_.on_copy) hooks_.on_copy(position);
   // The copy is queued on copy_stream_ now: the block is reused once the stream passed it.
   return stager_->Release(key, copy_stream_);
 }
@@ -92,8 +93,10 @@ Status Prefetcher::Fetch(uint64_t position, Lease* out) {
     ECSS_RETURN_IF_ERROR(waited);
   }
   if (stager_ == nullptr) {
+    const bool miss = NeedsCopy(key);
     ECSS_ASSIGN_OR_RETURN(
         *out, cache_.Acquire(key, hooks_.host_weights(key), copy_stream_, cache_base_ + position));
+    if (miss && hooks_.on_copy) hooks_.on_copy(position);
     return Status::Ok();
   }
   if (!NeedsCopy(key)) {

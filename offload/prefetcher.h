@@ -47,6 +47,9 @@ struct PrefetcherHooks {
   std::function<bool(ExpertKey)> fence_pending;
   // Blocks until they are not.
   std::function<Status(ExpertKey)> wait_fence;
+  // Optional: a miss's copy for sequence position `position` was just enqueued on the copy
+  // stream (the caller may enqueue work after it there, e.g. to see when it ended).
+  std::function<void(uint64_t position)> on_copy;
 };
 
 class Prefetcher {

@@ -4,11 +4,6 @@
 
 namespace ecss {
 
-namespace {
-uint32_t LayerOf(ExpertKey key) { return static_cast<uint32_t>(key >> 32); }
-uint32_t ExpertOf(ExpertKey key) { return static_cast<uint32_t>(key); }
-}  // namespace
-
 StatusOr<std::unique_ptr<WeightStager>> WeightStager::Create(ExpertStore& store,
                                                              uint32_t max_slots) {
   if (store.placement(ExpertState::kWeights) != Tier::kNvme) {

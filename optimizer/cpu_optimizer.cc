@@ -49,6 +49,18 @@ struct CpuOptimizer::Impl {
   void RunUpdate(uint32_t e, Pending work, uint64_t step, float clip_coefficient,
                  bool check_finite) {
     BusyScope busy(*this);
+    const auto start = std::chrono::steady_clock::now();
+    struct Observed {  // reports the update to options.on_update however it ends
+      ~Observed() {
+        if (impl.options.on_update) {
+          impl.options.on_update(e, step, start, std::chrono::steady_clock::now());
+        }
+      }
+      Impl& impl;
+      uint32_t e;
+      uint64_t step;
+      std::chrono::steady_clock::time_point start;
+    } observed{*this, e, step, start};
     TraceRecorder* trace = options.trace;
     const int lane = trace == nullptr
                          ? 0

@@ -21,7 +21,9 @@
 // Thread-safe: the protocol calls come from one driving thread; WaitForExpert from any.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -32,6 +34,10 @@
 #include "runtime/base/trace.h"
 
 namespace ecss {
+
+using UpdateObserver =
+    std::function<void(uint32_t expert, uint64_t step, std::chrono::steady_clock::time_point start,
+                       std::chrono::steady_clock::time_point end)>;
 
 struct CpuOptimizerOptions {
   OptimizerKind kind = OptimizerKind::kAdamW;
@@ -45,6 +51,9 @@ struct CpuOptimizerOptions {
   // Optional, not owned, must outlive the optimizer: one event per expert update on the lane
   // "optimizer thread N" of the arena thread that started it.
   TraceRecorder* trace = nullptr;
+  // Optional: called on the optimizer thread once an expert's update of `step` ran (or was
+  // found non-finite), with when it started and ended. Must be cheap and thread-safe.
+  UpdateObserver on_update;
 };
 
 // One expert's arrays, owned by the caller (host or pinned tier) and valid while registered.

@@ -1177,5 +1177,66 @@ TEST(SessionTest, WeightsOnNvmeWithOneStagingBlockAndTheTightestCacheMatchTheRef
   std::filesystem::remove_all(dir_template);
 }
 
+// The session runs the step's plan: what the plan predicts the cache does (its fetches) is
+// what the cache did, every device op of the plan was seen to run, and each update ran after
+// the gradients it waits for had reached host memory. For every strategy, tight and roomy
+// caches, one and two micro-batches.
+TEST(SessionTest, TheExecutedPlanIsWhatRan) {
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (bool tight : {false, true}) {
+      for (int micro_batches : {1, 2}) {
+        SCOPED_TRACE(::testing::Message() << StrategyName(strategy) << (tight ? " tight" : " roomy")
+                                          << " micro-batches " << micro_batches);
+        RunConfig c;
+        c.strategy = strategy;
+        SessionOptions o = OptionsFor(c);
+        if (tight) o.device_budget_bytes = TightestDeviceBudget(o);
+        Driven d = Driven::Create(o);
+        const auto steps = MakeSteps(3, micro_batches);
+        std::vector<StepStats> stats;
+        for (const auto& step : steps) {
+          std::vector<MicroBatch> views;
+          for (const Batch& b : step) views.push_back(b.view());
+          ASSERT_TRUE(d.session->BeginStep(views).ok());
+          for (uint32_t mb = 0; mb < step.size(); ++mb) {  // the step's order
+            for (uint32_t l = 0; l < 2; ++l) {
+              ASSERT_TRUE(d.session->Forward(mb, l, d.x.data(), d.y.data()).ok());
+            }
+            for (uint32_t l = 2; l-- > 0;) {
+              ASSERT_TRUE(d.session->Backward(mb, l, d.x.data(), d.y.data()).ok());
+            }
+          }
+          auto ended = d.session->EndStep();
+          ASSERT_TRUE(ended.ok()) << ended.status();
+          stats.push_back(*ended);
+        }
+        ASSERT_TRUE(d.session->Synchronize().ok());
+        for (const StepStats& st : stats) {
+          auto plan = d.session->ExecutedPlan(st.step);
+          ASSERT_TRUE(plan.ok()) << plan.status();
+          EXPECT_EQ(plan->Count(OpKind::kFetch), st.cache_misses) << "step " << st.step;
+          EXPECT_EQ(plan->Bytes(OpKind::kFetch), st.expert_fetch_bytes) << "step " << st.step;
+          EXPECT_EQ(plan->Bytes(OpKind::kGradientCopy), st.gradient_bytes) << "step " << st.step;
+          for (const PlanOp& op : plan->ops()) {
+            const bool device = op.resource == PlanResource::kH2d ||
+                                op.resource == PlanResource::kD2h ||
+                                op.resource == PlanResource::kCompute;
+            if (device || (op.kind == OpKind::kUpdate && op.step_offset == 0)) {
+              ASSERT_GE(op.end_s, 0) << OpKindName(op.kind) << " " << op.id << " never ran";
+              EXPECT_LE(op.start_s, op.end_s) << op.id;
+            }
+            if (op.kind == OpKind::kUpdate && op.step_offset == 0) {
+              for (uint32_t dep : op.deps) {
+                EXPECT_LE(plan->ops()[dep].end_s, op.start_s) << "update " << op.id;
+              }
+            }
+          }
+        }
+        EXPECT_EQ(d.session->ExecutedPlan(99).status().code(), StatusCode::kNotFound);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace ecss

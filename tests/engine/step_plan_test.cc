@@ -114,19 +114,34 @@ TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
   EXPECT_EQ(Deps(plan, 13), std::vector<uint32_t>({12}));
 }
 
+// No-overlap: the same ops; each device-side op waits on the host for the one before it, and
+// the step's end waits for the updates (which still overlap the rest of the step).
 TEST(StepPlanTest, NoOverlapIsTheSameOpsEachWaitingForThePrevious) {
-  const StepPlan ecss = Build(Policy(PlanStrategy::kEcss));
-  const StepPlan serial = Build(Policy(PlanStrategy::kNoOverlap));
+  PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
+  policy.deferred_updates = false;
+  const StepPlan serial = Build(policy);
+  policy.strategy = PlanStrategy::kEcss;
+  const StepPlan ecss = Build(policy);
   ASSERT_EQ(serial.ops().size(), ecss.ops().size());
+  int64_t previous = -1;
   for (size_t i = 0; i < serial.ops().size(); ++i) {
     const PlanOp& op = serial.ops()[i];
     EXPECT_EQ(op.kind, ecss.ops()[i].kind);
     EXPECT_EQ(op.bytes, ecss.ops()[i].bytes);
-    if (op.step_offset != 0 || i == 2) continue;  // carried ops; the first of the step
-    EXPECT_TRUE(op.host_waits) << i;
-    EXPECT_EQ(op.deps.back(), i - 1) << i;
+    if (op.step_offset != 0) continue;  // carried in
+    if (op.kind == OpKind::kUpdate) {
+      EXPECT_FALSE(op.host_waits) << i;
+      continue;
+    }
+    if (previous >= 0) {
+      EXPECT_TRUE(op.host_waits) << i;
+      EXPECT_EQ(op.deps.back(), previous) << i;
+    }
+    previous = static_cast<int64_t>(i);
   }
   EXPECT_FALSE(serial.fetches_ahead());
+  EXPECT_TRUE(serial.step_waits_for_updates());
+  EXPECT_FALSE(ecss.step_waits_for_updates());
 }
 
 TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
@@ -167,7 +182,7 @@ TEST(StepPlanTest, TheCacheEvictsByNextUse) {
     in.micro_batches = {Batch()};
     return BuildStepPlan(in);
   }();
-  EXPECT_EQ(too_wide.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(too_wide.status().code(), StatusCode::kResourceExhausted);
 }
 
 TEST(StepPlanTest, StatesAndWeightsOnNvmeAddTheirReadsAndWrites) {

@@ -1,0 +1,105 @@
+#include "engine/plan_recorder.h"
+
+#include <algorithm>
+
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+PlanRecorder::Record* PlanRecorder::Find(uint64_t step) {
+  for (auto& [number, record] : steps_) {
+    if (number == step) return &record;
+  }
+  return nullptr;
+}
+
+void PlanRecorder::BeginStep(uint64_t step, Clock::time_point begin) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) {  // a step begun again after a refused BeginStep
+    *record = Record{};
+    record->begin = begin;
+    return;
+  }
+  steps_.emplace_back(step, Record{});
+  steps_.back().second.begin = begin;
+  while (steps_.size() > kKeptSteps) steps_.pop_front();
+}
+
+void PlanRecorder::SetPlan(uint64_t step, const StepPlan& plan) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) record->plan = plan;
+}
+
+void PlanRecorder::Issued(uint64_t step, uint32_t op) {
+  const Clock::time_point now = Clock::now();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) record->issued.emplace(op, now);
+}
+
+void PlanRecorder::Ended(uint64_t step, uint32_t op) {
+  const Clock::time_point now = Clock::now();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) record->ended[op] = now;
+}
+
+void PlanRecorder::MapUpdaterStep(uint64_t updater_step, uint64_t step, int32_t step_offset) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  updater_steps_[updater_step] = {step, step_offset};
+  while (updater_steps_.size() > 2 * kKeptSteps) updater_steps_.erase(updater_steps_.begin());
+}
+
+void PlanRecorder::UpdateRan(uint64_t updater_step, uint32_t layer, Clock::time_point start,
+                             Clock::time_point end) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto mapped = updater_steps_.find(updater_step);
+  if (mapped == updater_steps_.end()) return;
+  const auto [step, step_offset] = mapped->second;
+  Record* record = Find(step);
+  if (record == nullptr) return;
+  for (const PlanOp& op : record->plan.ops()) {
+    const bool this_layer = op.layer < 0 || op.layer == static_cast<int32_t>(layer);
+    if (op.kind != OpKind::kUpdate || op.step_offset != step_offset || !this_layer) continue;
+    auto started = record->started.find(op.id);
+    if (started == record->started.end() || start < started->second) {
+      record->started[op.id] = start;
+    }
+    auto ended = record->ended.find(op.id);
+    if (ended == record->ended.end() || end > ended->second) record->ended[op.id] = end;
+    return;
+  }
+}
+
+StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Record* record = const_cast<PlanRecorder*>(this)->Find(step);
+  if (record == nullptr) {
+    return NotFoundError(
+        StrCat("no executed plan of step ", step, " (the last ", kKeptSteps, " steps are kept)"));
+  }
+  StepPlan plan = record->plan;
+  const auto seconds = [&](Clock::time_point t) {
+    return std::max(0.0, std::chrono::duration<double>(t - record->begin).count());
+  };
+  std::map<PlanResource, double> stream_free;  // device ops run in order per resource
+  for (PlanOp& op : plan.mutable_ops()) {
+    auto ended = record->ended.find(op.id);
+    if (ended == record->ended.end()) continue;
+    op.end_s = seconds(ended->second);
+    auto started = record->started.find(op.id);
+    if (started != record->started.end()) {
+      op.start_s = seconds(started->second);
+    } else {
+      auto issued = record->issued.find(op.id);
+      double start = issued != record->issued.end() ? seconds(issued->second) : 0.0;
+      for (uint32_t dep : op.deps) start = std::max(start, std::max(0.0, plan.ops()[dep].end_s));
+      if (op.resource != PlanResource::kNone) start = std::max(start, stream_free[op.resource]);
+      op.start_s = std::min(start, op.end_s);
+    }
+    if (op.resource != PlanResource::kNone) {
+      stream_free[op.resource] = std::max(stream_free[op.resource], op.end_s);
+    }
+  }
+  return plan;
+}
+
+}  // namespace ecss

@@ -1,0 +1,56 @@
+// PlanRecorder: when the ops of the engine's step plans ran, as the executor observes them,
+// so that an executed plan (StepPlan with start_s / end_s) can be written after its step. The
+// driving thread stamps an op's issue; the thread that sees it end (a stream's worker through
+// a host function, an optimizer thread) stamps its end. An op starts when it was issued, its
+// deps had ended and (device ops) the op before it on its stream had ended: stream order,
+// which is how a device schedules it. Thread-safe.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <mutex>
+
+#include "engine/step_plan.h"
+
+namespace ecss {
+
+class PlanRecorder {
+ public:
+  using Clock = std::chrono::steady_clock;
+  // Plans kept for ExecutedPlan after their step (a long run keeps no more than this).
+  static constexpr size_t kKeptSteps = 8;
+
+  // A step begins: its plan (updates of it that end later are stamped onto it until it is
+  // dropped, kKeptSteps steps on).
+  void BeginStep(uint64_t step, Clock::time_point begin);
+  // The current step's plan so far (learned gates append to it during the step).
+  void SetPlan(uint64_t step, const StepPlan& plan);
+  void Issued(uint64_t step, uint32_t op);
+  void Ended(uint64_t step, uint32_t op);
+  // The optimizer's step `updater_step` updates the gradients of `step`'s plan's update ops
+  // with this step_offset (0; the delayed update: -1, the held gradients of the step before).
+  void MapUpdaterStep(uint64_t updater_step, uint64_t step, int32_t step_offset);
+  // An optimizer update of one expert of `layer` in `updater_step` ran in [start, end]: the
+  // plan's update op of that layer widens to cover it. Called from optimizer threads.
+  void UpdateRan(uint64_t updater_step, uint32_t layer, Clock::time_point start,
+                 Clock::time_point end);
+  // The plan of `step` with every observed time, in seconds since it began; NotFound when the
+  // step is older than the kept ones or did not run.
+  StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
+
+ private:
+  struct Record {
+    StepPlan plan;
+    Clock::time_point begin;
+    std::map<uint32_t, Clock::time_point> issued, ended, started;
+  };
+  Record* Find(uint64_t step);  // REQUIRES: mutex_ held
+  mutable std::mutex mutex_;
+  std::deque<std::pair<uint64_t, Record>> steps_;  // GUARDED_BY(mutex_), oldest first
+  // GUARDED_BY(mutex_): updater step -> (step, step_offset), for the kept steps.
+  std::map<uint64_t, std::pair<uint64_t, int32_t>> updater_steps_;
+};
+
+}  // namespace ecss
