@@ -89,7 +89,13 @@ const std::vector<Suite>& Suites() {
        "  --profile NAME         device profile for kernel time and link bandwidth "
        "(default h100-sxm)\n"
        "  --states S             master weights and moments: host or nvme (default host)\n"
-       "  --dir DIR              nvme: directory of the state files (default .)\n",
+       "  --weights W            compute weights: pinned, or nvme with --states nvme "
+       "(default pinned)\n"
+       "  --dir DIR              nvme: directory of the state files (default .)\n"
+       "  --routing R            rre, or gate: a learned gate's reactive routing (default rre)\n"
+       "  --gate-k N             gate: experts per token (default 2)\n"
+       "  --delayed-update 0|1   the one-step delayed update, DPU (default 0)\n"
+       "  --dump-plan FILE       write the executed plan of the first measured step as JSON\n",
        RunStepSuite},
   };
   return suites;

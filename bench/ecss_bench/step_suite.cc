@@ -13,7 +13,9 @@
 // touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
 // the compute weights on NVMe as well: every fetch reads them into pinned staging first. The
-// directory must not hold an earlier run's weight store.
+// directory must not hold an earlier run's weight store. --dump-plan FILE writes the plan the
+// session executed for the first measured step, with when each op ran (session.h,
+// ExecutedPlan; written after the run's last Synchronize, so its updates have ended).
 #include <algorithm>
 #include <iomanip>
 #include <vector>
@@ -21,6 +23,8 @@
 #include "bench/ecss_bench/suite.h"
 #include "engine/session.h"
 #include "kernels/cost_model.h"
+#include "runtime/base/file_util.h"
+#include "runtime/base/json_writer.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -48,6 +52,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(uint64_t gate_k, args.Uint("gate-k", 2));
   ECSS_ASSIGN_OR_RETURN(uint64_t delayed, args.Uint("delayed-update", 0));
   ECSS_ASSIGN_OR_RETURN(std::string weights, args.String("weights", "pinned"));
+  ECSS_ASSIGN_OR_RETURN(std::string dump_plan, args.String("dump-plan", ""));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (states != "host" && states != "nvme") {
     return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
@@ -174,6 +179,13 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     misses += s.cache_misses;
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
+  if (!dump_plan.empty()) {
+    ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(warmup + 1));
+    JsonWriter plan_json;
+    plan.WriteJson(plan_json);
+    ECSS_RETURN_IF_ERROR(WriteFileAtomically(dump_plan, plan_json.str() + "\n")
+                             .Annotate(StrCat("--dump-plan ", dump_plan)));
+  }
   const double measured = static_cast<double>(steps - warmup);
   const double busiest = std::max({compute, h2d, d2h, optimizer});
   const char* busiest_name = busiest == optimizer ? "optimizer"
