@@ -1,0 +1,214 @@
+#include "tests/engine/reference_trainer.h"
+
+#include <cstring>
+#include <map>
+
+#include "kernels/cpu/cpu_kernels.h"
+#include "router/rre_router.h"
+
+namespace ecss::engine_test {
+
+Weights TrainReference(const RunConfig& c, const Weights& initial) {
+  const SessionOptions o = OptionsFor(c);
+  const ModelSpec& m = o.model;
+  const bool naive = c.strategy == Strategy::kNaive;
+  auto map = DomainMap::Create(m.layers);
+  for (uint32_t i = 0; i < m.domains.size(); ++i) {
+    EXPECT_TRUE(map->AddDomainUniform(m.domains[i].name, i, m.domains[i].experts).ok());
+  }
+  auto router = RreRouter::Create(*map, {m.vocab, m.seed, m.builder});
+  EXPECT_TRUE(router.ok());
+  auto kernels = CpuKernels::Create({1, 256});
+  auto optimizer = CpuOptimizer::Create(o.optimizer);
+  Weights master = initial;
+  const uint32_t d_in = m.d_ff, d = m.d_model;
+  const uint64_t n = master[0][0].size(), in_elems = uint64_t{d} * d_in;
+  std::vector<std::vector<std::vector<float>>> s0(m.layers), s1(m.layers), grads(m.layers);
+  std::vector<std::vector<std::vector<BFloat16>>> copy(m.layers);
+  std::vector<std::vector<uint32_t>> ids(m.layers);
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    for (uint32_t e = 0; e < master[l].size(); ++e) {
+      s0[l].emplace_back(n, 0.0f);
+      s1[l].emplace_back(n, 0.0f);
+      grads[l].emplace_back(n, 0.0f);
+      copy[l].emplace_back(n);
+      ConvertF32ToBf16(master[l][e].data(), copy[l][e].data(), n);
+    }
+    for (uint32_t e = 0; e < master[l].size(); ++e) {
+      ExpertArrays a{master[l][e].data(),
+                     s0[l][e].data(),
+                     s1[l][e].data(),
+                     m.dtype == DType::kBF16 ? copy[l][e].data() : nullptr,
+                     n,
+                     0};
+      ids[l].push_back(*(*optimizer)->RegisterExpert(a));
+    }
+  }
+  auto current_of = [&](uint32_t l, uint32_t e) -> const void* {
+    return m.dtype == DType::kF32 ? static_cast<const void*>(master[l][e].data())
+                                  : copy[l][e].data();
+  };
+  // The delayed update (DPU): a step computes with the weights as they were before the
+  // previous step's update was applied (`front`, snapshotted at each step's start).
+  std::vector<std::vector<std::vector<char>>> front(m.layers);
+  auto snapshot = [&] {
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      front[l].resize(master[l].size());
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        const auto* bytes = static_cast<const char*>(current_of(l, e));
+        front[l][e].assign(bytes, bytes + n * DTypeSize(m.dtype));
+      }
+    }
+  };
+  auto weights_of = [&](uint32_t l, uint32_t e) -> const void* {
+    return c.delayed ? static_cast<const void*>(front[l][e].data()) : current_of(l, e);
+  };
+  auto apply = [&](const std::vector<std::vector<bool>>& touched) {
+    EXPECT_TRUE((*optimizer)->BeginStep(1.0f).ok());
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        if (touched[l][e]) {
+          EXPECT_TRUE(
+              (*optimizer)->SubmitGradient(ids[l][e], grads[l][e].data(), DType::kF32).ok());
+        }
+      }
+    }
+    EXPECT_TRUE((*optimizer)->FinishStep().ok());
+    EXPECT_TRUE((*optimizer)->Synchronize().ok());
+  };
+  std::vector<std::vector<bool>> held;  // DPU: the previous step's touched experts
+  int index = -1;
+  for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
+    ++index;
+    if (c.delayed) {
+      snapshot();
+      if (!held.empty()) apply(held);
+    }
+    std::vector<RoutingPlan> plans;
+    if (!c.gated) {
+      for (const Batch& b : step) plans.push_back(*RoutingPlan::BuildRre(*router, b.view()));
+    }
+    // With a learned gate, each layer's plan comes from the gate run on its input.
+    std::map<uint32_t, RoutingPlan> gated_plans;
+    auto plan_of = [&](uint32_t mb, uint32_t l) {
+      return c.gated ? gated_plans.at(mb * m.layers + l).layer(0) : plans[mb].layer(l);
+    };
+    std::vector<std::vector<bool>> touched(m.layers);
+    for (uint32_t l = 0; l < m.layers; ++l) touched[l].assign(master[l].size(), false);
+    std::vector<std::vector<char>> saved(step.size() * m.layers);
+    auto groups_of = [&](uint32_t mb, uint32_t l, std::vector<uint32_t>* experts,
+                         std::vector<uint32_t>* offsets) {
+      const LayerPlan lp = plan_of(mb, l);
+      offsets->assign(1, 0);
+      uint32_t a = 0;
+      for (uint32_t e = 0; e < master[l].size(); ++e) {
+        const bool active = a < lp.num_active && lp.active_experts[a] == e;
+        if (!active && !naive) continue;
+        experts->push_back(e);
+        offsets->push_back(offsets->back() + (active ? lp.count(a++) : 0));
+      }
+    };
+    RunLoop(
+        step, m.layers, d, c.dtype,
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+          if (c.gated) {
+            const GateOutput gate = RunGate(x, l);
+            gated_plans.insert_or_assign(
+                mb * m.layers + l,
+                *RoutingPlan::FromAssignments(l, kExpertsPerLayer, gate.num_tokens, kGateK,
+                                              gate.experts.data(), gate.weights.data()));
+          }
+          const LayerPlan lp = plan_of(mb, l);
+          const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
+                                      lp.combine_weights};
+          std::vector<uint32_t> experts, offsets;
+          groups_of(mb, l, &experts, &offsets);
+          const std::vector<char> xd = ToDevice(x, c.dtype);
+          std::vector<char>& xp = saved[mb * m.layers + l];
+          xp.resize(xd.size() * lp.k);  // one row per (token, choice)
+          EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, false}, xd.data(), xp.data()).ok());
+          std::vector<const void*> w_in, w_out;
+          for (uint32_t e : experts) {
+            w_in.push_back(weights_of(l, e));
+            w_out.push_back(static_cast<const char*>(weights_of(l, e)) +
+                            in_elems * DTypeSize(c.dtype));
+          }
+          GroupedFfnProblem p{d,
+                              m.d_ff,
+                              m.activation,
+                              c.dtype,
+                              SavedActivation::kRecompute,
+                              static_cast<uint32_t>(experts.size()),
+                              offsets.data(),
+                              offsets.back()};
+          std::vector<char> yp(xd.size() * lp.k), y(xd.size());
+          std::vector<char> ws((*kernels)->FfnForwardWorkspaceBytes(p) + 256);
+          void* aligned = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
+          EXPECT_TRUE((*kernels)
+                          ->FfnForward(p,
+                                       {xp.data(), w_in.data(), w_out.data(), yp.data(), nullptr},
+                                       {aligned, ws.size() - 256})
+                          .ok());
+          EXPECT_TRUE((*kernels)->Combine(perm, {d, c.dtype, true}, yp.data(), y.data()).ok());
+          return FromDevice(y, c.dtype);
+        },
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
+          const LayerPlan lp = plan_of(mb, l);
+          const TokenPermutation perm{lp.num_tokens, lp.k, lp.permutation, lp.inverse,
+                                      lp.combine_weights};
+          std::vector<uint32_t> experts, offsets;
+          groups_of(mb, l, &experts, &offsets);
+          const std::vector<char> dyd = ToDevice(dy, c.dtype);
+          std::vector<char> dyp(dyd.size() * lp.k), dxp(dyd.size() * lp.k), dx(dyd.size());
+          EXPECT_TRUE((*kernels)->Permute(perm, {d, c.dtype, true}, dyd.data(), dyp.data()).ok());
+          std::vector<const void*> w_in, w_out;
+          std::vector<std::vector<float>> dw(experts.size(), std::vector<float>(n));
+          std::vector<float*> dw_in, dw_out;
+          for (size_t i = 0; i < experts.size(); ++i) {
+            w_in.push_back(weights_of(l, experts[i]));
+            w_out.push_back(static_cast<const char*>(weights_of(l, experts[i])) +
+                            in_elems * DTypeSize(c.dtype));
+            dw_in.push_back(dw[i].data());
+            dw_out.push_back(dw[i].data() + in_elems);
+          }
+          GroupedFfnProblem p{d,
+                              m.d_ff,
+                              m.activation,
+                              c.dtype,
+                              SavedActivation::kRecompute,
+                              static_cast<uint32_t>(experts.size()),
+                              offsets.data(),
+                              offsets.back()};
+          std::vector<char> ws((*kernels)->FfnBackwardWorkspaceBytes(p) + 256);
+          void* aligned = ws.data() + (256 - reinterpret_cast<uintptr_t>(ws.data()) % 256) % 256;
+          EXPECT_TRUE((*kernels)
+                          ->FfnBackward(
+                              p,
+                              {saved[mb * m.layers + l].data(), w_in.data(), w_out.data(), nullptr,
+                               dyp.data(), dxp.data(), dw_in.data(), dw_out.data(), false},
+                              {aligned, ws.size() - 256})
+                          .ok());
+          EXPECT_TRUE((*kernels)->Combine(perm, {d, c.dtype, false}, dxp.data(), dx.data()).ok());
+          for (size_t i = 0; i < experts.size(); ++i) {
+            std::vector<float>& g = grads[l][experts[i]];
+            if (!touched[l][experts[i]]) {
+              g = dw[i];
+              touched[l][experts[i]] = true;
+            } else {
+              for (uint64_t k = 0; k < n; ++k) g[k] += dw[i][k];
+            }
+          }
+          return FromDevice(dx, c.dtype);
+        },
+        index == c.poison_step);
+    if (c.delayed) {
+      held = touched;
+    } else {
+      apply(touched);
+    }
+  }
+  if (!held.empty()) apply(held);  // the session's Synchronize applies the held update
+  return master;
+}
+
+}  // namespace ecss::engine_test
