@@ -23,12 +23,17 @@ function(ecss_add_library name)
   set_property(GLOBAL APPEND PROPERTY ECSS_LIBRARY_TARGETS ${target})
 endfunction()
 
-# ecss_install_headers(DIR): installs the headers of DIR (relative to the repository root),
-# keeping their paths, under include/ecss.
+# ecss_install_headers(DIR HEADERS h...): installs the public headers of DIR (paths relative
+# to DIR), keeping their paths, under include/ecss. Internal headers are listed nowhere and
+# never installed; tests/install_consumer builds against what is, so a public header that
+# includes an internal one fails CI.
 function(ecss_install_headers dir)
-  install(DIRECTORY ${PROJECT_SOURCE_DIR}/${dir}/
-          DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/ecss/${dir}
-          FILES_MATCHING PATTERN "*.h")
+  cmake_parse_arguments(ARG "" "" "HEADERS" ${ARGN})
+  foreach(header ${ARG_HEADERS})
+    get_filename_component(subdir ${header} DIRECTORY)
+    install(FILES ${PROJECT_SOURCE_DIR}/${dir}/${header}
+            DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/ecss/${dir}/${subdir})
+  endforeach()
 endfunction()
 
 # ecss_add_test(NAME SOURCES ... [LIBS ...] LABEL label)

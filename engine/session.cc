@@ -13,6 +13,7 @@
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
 #include "offload/expert_store.h"
+#include "offload/io/io_engine.h"
 #include "offload/prefetcher.h"
 #include "offload/state_file.h"
 #include "offload/weight_stager.h"
@@ -20,6 +21,7 @@
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
+#include "runtime/device/backend.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
 

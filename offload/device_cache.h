@@ -13,17 +13,10 @@
 #include <unordered_map>
 #include <vector>
 
+#include "offload/expert_key.h"
 #include "runtime/device/backend.h"
 
 namespace ecss {
-
-// (layer, expert) packed: the unit the cache holds.
-using ExpertKey = uint64_t;
-inline ExpertKey MakeExpertKey(uint32_t layer, uint32_t expert) {
-  return (uint64_t{layer} << 32) | expert;
-}
-inline uint32_t LayerOf(ExpertKey key) { return static_cast<uint32_t>(key >> 32); }
-inline uint32_t ExpertOf(ExpertKey key) { return static_cast<uint32_t>(key); }
 
 class EvictionPolicy {
  public:

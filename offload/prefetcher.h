@@ -23,22 +23,10 @@
 #include <vector>
 
 #include "offload/device_cache.h"
+#include "offload/stall_record.h"
 #include "offload/weight_stager.h"
 
 namespace ecss {
-
-enum class StallCause : uint8_t {
-  kUpdateFence,  // a fetch waited for the expert's update to finish rewriting its weights
-  kNvmeRead,     // a fetch waited for the expert's weights to be read from NVMe
-};
-std::string_view StallCauseName(StallCause cause);  // "update_fence", "nvme_read"
-
-struct StallRecord {
-  uint64_t position = 0;  // in the step's sequence
-  ExpertKey key = 0;      // who: (layer, expert)
-  StallCause cause = StallCause::kUpdateFence;
-  double seconds = 0;
-};
 
 struct PrefetcherHooks {
   // The expert's host weights (what a miss copies from); unused with a WeightStager.

@@ -1,0 +1,53 @@
+// StepStats: what Session::EndStep reports of a step (engine/session.h): its time and
+// tokens, the bytes each direction and tier moved, the cache's hits, the stalls by cause, each
+// resource's busy time and the optimizer's report. A plain value.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "offload/stall_record.h"
+#include "optimizer/cpu_optimizer.h"
+
+namespace ecss {
+
+// Time the driving thread waited, by cause.
+struct StallStats {
+  double update_fence_seconds = 0;   // a fetch waited for the expert's previous update
+  double gradient_copy_seconds = 0;  // waiting for gradients to reach host memory
+  double stage_sync_seconds = 0;     // no-overlap / naive: a stage waiting for the previous
+  double optimizer_seconds = 0;      // no-overlap / naive: EndStep waiting for the updates
+  // ecss: BeginStep waiting for the step before last's updates (one step of overlap at most,
+  // so that a slower optimizer shows in the step time instead of a growing backlog)
+  double update_backlog_seconds = 0;
+  double total() const {
+    return update_fence_seconds + gradient_copy_seconds + stage_sync_seconds + optimizer_seconds +
+           update_backlog_seconds;
+  }
+};
+
+struct StepStats {
+  uint64_t step = 0;
+  uint64_t tokens = 0;
+  double seconds = 0;  // since the previous EndStep returned (the first: since BeginStep)
+  double tokens_per_s = 0;
+  uint64_t h2d_bytes = 0;  // every host-to-device byte of the backend in this step
+  uint64_t d2h_bytes = 0;
+  uint64_t expert_fetch_bytes = 0;  // of which expert weights
+  uint64_t gradient_bytes = 0;      // of which expert gradients
+  uint64_t nvme_bytes = 0;          // master and moments read + written (states on NVMe)
+  uint64_t cache_hits = 0, cache_misses = 0;
+  double hit_rate = 0;
+  StallStats stalls;
+  std::vector<StallRecord> stall_records;  // every fetch that waited: who, on what, how long
+  double stall_fraction = 0;               // stalls.total() / seconds
+  // Busy seconds of each resource in this step; overlap efficiency = the busiest / seconds.
+  double compute_busy_seconds = 0, h2d_busy_seconds = 0, d2h_busy_seconds = 0;
+  double optimizer_busy_seconds = 0;
+  double overlap_efficiency = 0;
+  uint32_t updated_experts = 0;
+  uint64_t updated_params = 0;
+  StepReport optimizer;  // norm, clipping, skipped
+};
+
+}  // namespace ecss
