@@ -209,13 +209,24 @@ StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool sta
 
 }  // namespace
 
-StatusOr<uint64_t> NvmeUpdater::StagingBytes(const NvmeUpdaterOptions& options,
-                                             bool weights_on_nvme) {
-  ECSS_ASSIGN_OR_RETURN(
-      const uint64_t pipeline,
-      StateStreamingUpdater::WorkspaceBytes(StreamingOptionsFor(options, weights_on_nvme)));
-  // Initialize and Master hold one expert's arrays at a time.
-  return pipeline + FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements);
+NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params) {
+  NvmeUpdaterOptions nvme;
+  nvme.dirs = options.nvme_dirs;
+  nvme.optimizer = options.optimizer;
+  nvme.expert_elements = params;
+  nvme.experts = ExpertIndex(options.ExpertsPerLayer());
+  nvme.io_engines = options.io_engines;
+  nvme.open_existing = options.resume_states;
+  return nvme;
+}
+
+StatusOr<uint64_t> NvmeUpdater::PipelineBytes(const NvmeUpdaterOptions& options,
+                                              bool weights_on_nvme) {
+  return StateStreamingUpdater::WorkspaceBytes(StreamingOptionsFor(options, weights_on_nvme));
+}
+
+uint64_t NvmeUpdater::ScratchBytes(const NvmeUpdaterOptions& options) {
+  return FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements);
 }
 
 StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "engine/expert_index.h"
+#include "engine/session_options.h"
 #include "offload/expert_store.h"
 #include "offload/io/io_engine.h"
 #include "optimizer/cpu_optimizer.h"
@@ -108,6 +109,10 @@ struct NvmeUpdaterOptions {
   ExpertStore* weights = nullptr;
 };
 
+// The NVMe updater of a session with these options and `params` parameters per expert (its
+// directories, optimizer, experts and I/O engines; not its weight store).
+NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params);
+
 class NvmeUpdater final : public ExpertUpdater {
  public:
   // Creates the state files (space reserved up front: ResourceExhausted on a full disk;
@@ -123,10 +128,12 @@ class NvmeUpdater final : public ExpertUpdater {
   // `compute_copy` or the weight store (which receive every later update too). An expert the files
   // do not hold as this layout expects is an error naming it.
   Status Resume(uint32_t id, BFloat16* compute_copy);
-  // Bytes of pinned staging the updater takes: the pipeline's slots (with a weight store:
-  // `weights_on_nvme`, which the caller can size before it creates the store) and one
-  // expert's arrays for Initialize and Master. InvalidArgument for bad optimizer options.
-  static StatusOr<uint64_t> StagingBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
+  // The pinned staging the updater takes from `staging`: the pipeline's slots, one block
+  // (with a weight store they also stage the bf16 copy: `weights_on_nvme`, which the caller
+  // can size before it creates the store; InvalidArgument for bad optimizer options) ...
+  static StatusOr<uint64_t> PipelineBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
+  // ... and one expert's arrays, a block Initialize and Master hold while they run.
+  static uint64_t ScratchBytes(const NvmeUpdaterOptions& options);
 
   Status BeginStep(float loss_scale) override;
   Status Submit(uint32_t id, const float* grad) override;

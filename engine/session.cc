@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "engine/expert_updater.h"
+#include "engine/memory_plan.h"
 #include "engine/plan_recorder.h"
 #include "engine/step_plan.h"
 #include "kernels/kernel_runner.h"
@@ -58,7 +59,7 @@ struct Expert {
   Buffer host_moments;   // states in host memory: the optimizer's state arrays, one after another
   Buffer weights;        // pinned, compute dtype
   Buffer front;          // delayed update: what the device copies (weights as last published)
-  Buffer grad;           // pinned fp32 accumulator, allocated on first use
+  Buffer grad;           // pinned fp32 gradient accumulator
   bool touched = false;  // has a gradient in the current step
 };
 
@@ -70,9 +71,10 @@ struct LayerWork {
   uint64_t first_position = 0;    // of the forward accesses in the step's sequence
   uint64_t backward_position = 0;
   bool forwarded = false, backwarded = false;
-  // Learned gates: the layer's own plan, made at Forward from the gate's choices.
+  // Learned gates: the layer's own plan, made at Forward from the gate's choices, and its
+  // device copy (in the session's plan region).
   std::optional<RoutingPlan> plan;
-  Buffer device_plan;
+  void* device_plan = nullptr;
 };
 
 struct MicroBatchWork {
@@ -80,7 +82,7 @@ struct MicroBatchWork {
   uint32_t num_tokens = 0;
   MicroBatch batch;
   std::optional<RoutingPlan> plan;
-  Buffer device_plan;
+  void* device_plan = nullptr;  // its device copy, in the session's plan region
   std::vector<LayerWork> layers;
 };
 
@@ -92,9 +94,6 @@ std::vector<ExpertKey> LayerKeys(uint32_t layer, const LayerWork& lw) {
   return keys;
 }
 
-uint64_t AlignUp(uint64_t bytes, uint64_t alignment) {
-  return (bytes + alignment - 1) / alignment * alignment;
-}
 
 }  // namespace
 
@@ -143,6 +142,7 @@ struct Session::Impl {
   OwnedEvent dw_ready, dw_free;
   std::vector<OwnedEvent> layer_grads_done;  // per layer
   std::vector<std::vector<Expert>> experts;  // [layer][expert]
+  MemoryPlan memory;                         // every byte the session allocates
   uint64_t params = 0;                       // per expert
   uint64_t expert_bytes = 0;                 // compute weights of one expert
   uint32_t max_rows = 0;
@@ -151,6 +151,7 @@ struct Session::Impl {
   // Device buffers sized at creation.
   std::vector<Buffer> saved_x;  // [micro-batch * layers + layer]: the permuted forward input
   Buffer perm_a, perm_b, workspace, dw;
+  Buffer plans;  // the step's routing plans (MemoryPlan::plan_slots of plan_slot_bytes)
   uint64_t workspace_bytes = 0;
   Buffer grad_tmp;  // pinned: later micro-batches' gradients before they are added
 
@@ -205,6 +206,12 @@ struct Session::Impl {
   Status StartHeldUpdate();
 
   Status CreateAll();
+  Status CreateRouter();
+  uint64_t FfnWorkspaceBytes(uint32_t rows) const;
+  Status CreateStreams();
+  Status CreateExperts();
+  Status CreateDeviceBuffers();
+  Status CreateCache();
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
   Status StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale);
   void DiscardStep();
@@ -212,6 +219,7 @@ struct Session::Impl {
   Status FinishStepWork(StepReport* report);
   Status BuildStep(const std::vector<MicroBatch>& batches);
   Status CheckWidth(uint32_t b, uint32_t layer, size_t width) const;
+  StatusOr<void*> PlanSlot(uint32_t slot, uint64_t bytes) const;
   void FillLayer(const LayerPlan& dp, const PlanOp& forward, LayerWork& lw) const;
   Status RouteGated(uint32_t micro_batch, uint32_t layer, const GateChoices& gate);
   Status RunForward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
@@ -262,14 +270,12 @@ struct Session::Impl {
 // ---- Creation -------------------------------------------------------------------------------
 
 Status Session::Impl::CreateAll() {
-  const ModelSpec& m = options.model;
-  if (m.layers == 0 || m.d_model == 0 || m.d_ff == 0 || m.vocab == 0 || m.domains.empty()) {
-    return InvalidArgumentError(
-        "model spec: layers, d_model, d_ff, vocab and at least one domain are required");
-  }
-  if (m.dtype != DType::kF32 && m.dtype != DType::kBF16) {
-    return InvalidArgumentError(
-        StrCat("model spec: dtype ", DTypeName(m.dtype), " is not supported (f32 or bf16)"));
+  ECSS_RETURN_IF_ERROR(options.Validate());
+  const BackendCapabilities& caps = backend.capabilities();
+  if (options.device_budget_bytes == 0 || options.device_budget_bytes > caps.device_memory_bytes) {
+    return InvalidArgumentError(StrCat("session: device_budget_bytes ", options.device_budget_bytes,
+                                       " must be in (0, ", caps.device_memory_bytes,
+                                       "] (the backend's device memory)"));
   }
   if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
   // When each expert's update ran, for the executed plans.
@@ -277,150 +283,90 @@ Status Session::Impl::CreateAll() {
                                        Clock::time_point end) {
     recorder.UpdateRan(updater_step, index.Id(id).layer, start, end);
   };
-  if (options.max_tokens_per_micro_batch == 0 || options.max_micro_batches == 0) {
-    return InvalidArgumentError(
-        "session: max_tokens_per_micro_batch and max_micro_batches "
-        "must be > 0");
-  }
-  if (options.device_budget_bytes == 0 ||
-      options.device_budget_bytes > backend.capabilities().device_memory_bytes) {
-    return InvalidArgumentError(
-        StrCat("session: device_budget_bytes ", options.device_budget_bytes, " must be in (0, ",
-               backend.capabilities().device_memory_bytes, "] (the backend's device memory)"));
-  }
+  ECSS_RETURN_IF_ERROR(CreateRouter());
+  KernelRunnerOptions kernel_options;
+  kernel_options.cpu.threads = options.kernel_threads;
+  ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, kernel_options));
+  ECSS_ASSIGN_OR_RETURN(memory, PlanMemory(options, DeviceMemoryRules::Of(caps),
+                                           FfnWorkspaceBytes(MaxRows(options))));
+  params = memory.params;
+  expert_bytes = memory.expert_bytes;
+  max_rows = memory.max_rows;
+  max_groups = memory.max_groups;
+  ECSS_RETURN_IF_ERROR(CreateStreams());
+  ECSS_RETURN_IF_ERROR(CreateExperts());
+  ECSS_RETURN_IF_ERROR(CreateDeviceBuffers());
+  return CreateCache();
+}
+
+// The RRE tables (and the domain map, with every domain's group in every layer).
+Status Session::Impl::CreateRouter() {
+  const ModelSpec& m = options.model;
   ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(m.layers));
   for (uint32_t d = 0; d < m.domains.size(); ++d) {
-    if (m.domains[d].experts == 0) {
-      return InvalidArgumentError(
-          StrCat("model spec: domain '", m.domains[d].name, "' has 0 experts"));
-    }
     ECSS_RETURN_IF_ERROR(map.AddDomainUniform(m.domains[d].name, d, m.domains[d].experts));
   }
   ECSS_ASSIGN_OR_RETURN(RreRouter built, RreRouter::Create(map, {m.vocab, m.seed, m.builder}));
   router.emplace(std::move(built));
-  std::vector<uint32_t> experts_per_layer;
-  for (uint32_t l = 0; l < m.layers; ++l) {
-    experts_per_layer.push_back(router->domains().experts_in_layer(l));
-  }
-  index = ExpertIndex(std::move(experts_per_layer));
+  index = ExpertIndex(options.ExpertsPerLayer());
+  return Status::Ok();
+}
 
-  KernelRunnerOptions kernel_options;
-  kernel_options.cpu.threads = options.kernel_threads;
-  ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, kernel_options));
+// The grouped FFN's scratch for a micro-batch layer of `rows` rows, forward or backward.
+uint64_t Session::Impl::FfnWorkspaceBytes(uint32_t rows) const {
+  GroupedFfnProblem sizing;
+  sizing.d_model = options.model.d_model;
+  sizing.d_ff = options.model.d_ff;
+  sizing.activation = options.model.activation;
+  sizing.dtype = options.model.dtype;
+  sizing.saved = SavedActivation::kRecompute;
+  sizing.rows = rows;
+  return std::max(kernels->FfnForwardWorkspaceBytes(sizing),
+                  kernels->FfnBackwardWorkspaceBytes(sizing));
+}
+
+Status Session::Impl::CreateStreams() {
   ECSS_ASSIGN_OR_RETURN(compute, CreateOwnedStream(backend, "compute"));
   ECSS_ASSIGN_OR_RETURN(h2d, CreateOwnedStream(backend, "h2d experts"));
   ECSS_ASSIGN_OR_RETURN(d2h, CreateOwnedStream(backend, "d2h gradients"));
   ECSS_ASSIGN_OR_RETURN(dw_ready, CreateOwnedEvent(backend));
   ECSS_ASSIGN_OR_RETURN(dw_free, CreateOwnedEvent(backend));
-  for (uint32_t l = 0; l < m.layers; ++l) {
+  for (uint32_t l = 0; l < options.model.layers; ++l) {
     ECSS_ASSIGN_OR_RETURN(OwnedEvent event, CreateOwnedEvent(backend));
     layer_grads_done.push_back(std::move(event));
   }
+  return Status::Ok();
+}
 
-  params = uint64_t{m.d_model} * d_in() + uint64_t{m.d_ff} * m.d_model;
-  expert_bytes = params * elem();
-  uint32_t widest_layer = 0;
-  for (uint32_t l = 0; l < m.layers; ++l) {
-    widest_layer = std::max(widest_layer, router->domains().experts_in_layer(l));
-  }
-  if (gated() && (options.gate_k == 0 || options.gate_k > widest_layer)) {
-    return InvalidArgumentError(StrCat("session: gate_k ", options.gate_k, " must be in [1, ",
-                                       widest_layer, "] (the experts of a layer)"));
-  }
-  // RRE: one expert per token and layer; a learned gate: gate_k.
-  const uint64_t rows =
-      uint64_t{options.max_tokens_per_micro_batch} * (gated() ? options.gate_k : 1);
-  if (rows > UINT32_MAX) return InvalidArgumentError("session: too many rows per micro-batch");
-  max_rows = static_cast<uint32_t>(rows);
-  max_groups =
-      options.strategy == Strategy::kNaive ? widest_layer : std::min(widest_layer, max_rows);
-  if (options.max_active_experts_per_layer > 0 && options.strategy != Strategy::kNaive) {
-    max_groups = std::min(max_groups, options.max_active_experts_per_layer);
-  }
-
-  // Pinned host memory: every expert's compute weights, gradient accumulators, and the
-  // staging of later micro-batches' gradients.
-  const uint64_t experts_total = [&] {
-    uint64_t n = 0;
-    for (uint32_t l = 0; l < m.layers; ++l) n += router->domains().experts_in_layer(l);
-    return n;
-  }();
-  const uint64_t per_expert_pinned = AlignUp(expert_bytes, 4096) * (weights_on_nvme() ? 0
-                                                                    : delayed()       ? 2
-                                                                                      : 1) +
-                                     AlignUp(params * 4, 4096);
-  // (weights in the compute dtype, which for f32 are the master weights, and with the delayed
-  // update their published copy; the gradient buffer)
-  const bool on_nvme = options.states == StatesPlacement::kNvme;
-  if (weights_on_nvme() && (!on_nvme || delayed())) {
-    return InvalidArgumentError(
-        "session: weights on NVMe need the states on NVMe too (the update streams them and "
-        "writes the new weights), and do not combine with delayed_update");
-  }
-  // Weights on NVMe: the store's staging block and the NVMe -> pinned window's blocks.
-  const uint32_t staging_blocks =
-      options.weight_staging_blocks > 0 ? options.weight_staging_blocks : max_groups;
-  const uint64_t weight_pinned =
-      weights_on_nvme() ? StateBlockBytes(expert_bytes) * (1ull + staging_blocks) : 0;
-  if (on_nvme && m.dtype != DType::kBF16) {
-    return InvalidArgumentError(
-        "session: states on NVMe need the bf16 dtype (the pinned "
-        "compute weights are the optimizer's bf16 copy)");
-  }
-  NvmeUpdaterOptions nvme;
-  nvme.dirs = options.nvme_dirs;
-  nvme.optimizer = options.optimizer;
-  nvme.expert_elements = params;
-  nvme.experts = index;
-  nvme.io_engines = options.io_engines;
-  nvme.open_existing = options.resume_states;
-  if (options.resume_states && !on_nvme) {
-    return InvalidArgumentError("session: resume_states needs states on NVMe");
-  }
-  uint64_t nvme_pinned = 0;  // the streaming pipeline's staging and one expert's states
-  if (on_nvme) {
-    ECSS_ASSIGN_OR_RETURN(nvme_pinned, NvmeUpdater::StagingBytes(nvme, weights_on_nvme()));
-  }
-  const uint64_t pinned_needed = experts_total * per_expert_pinned +
-                                 AlignUp(uint64_t{max_groups} * params * 4, 4096) + nvme_pinned +
-                                 weight_pinned;
-  const uint64_t pinned_budget =
-      options.pinned_budget_bytes == 0 ? pinned_needed : options.pinned_budget_bytes;
-  if (pinned_budget < pinned_needed) {
-    return ResourceExhaustedError(StrCat("session: pinned budget ", HumanBytes(pinned_budget),
-                                         " is below the ", HumanBytes(pinned_needed),
-                                         " needed (compute weights and gradient buffers of ",
-                                         experts_total, " experts)"));
-  }
-  // Host memory: the states in host memory (bf16: the fp32 master; every kind: its moments).
-  const uint64_t host_needed = on_nvme ? 0
-                                       : experts_total * params * 4 *
-                                             ((m.dtype == DType::kBF16 ? 1 : 0) +
-                                              std::max(1, StateArrays(options.optimizer.kind)));
-  const uint64_t host_budget =
-      options.host_budget_bytes == 0 ? host_needed : options.host_budget_bytes;
-  if (host_budget < host_needed) {
-    return ResourceExhaustedError(StrCat(
-        "session: host budget ", HumanBytes(host_budget), " is below the ", HumanBytes(host_needed),
-        " (", host_needed, " bytes) the master weights and moments of ", experts_total,
-        " experts need in host memory (or place them on NVMe)"));
-  }
-  if (host_needed > 0) {
+// The host side, as the memory plan sizes it: the pinned pool, the host states' allocator,
+// the weight store (weights on NVMe), the updater and every expert's arrays.
+Status Session::Impl::CreateExperts() {
+  const uint64_t host_bytes = memory.Total(MemoryTier::kHost);
+  if (host_bytes > 0) {
     HostAllocatorOptions host_options;
     host_options.name = "session host states";
-    host_options.capacity_bytes = host_budget;
+    host_options.capacity_bytes =
+        options.host_budget_bytes == 0 ? host_bytes : options.host_budget_bytes;
     ECSS_ASSIGN_OR_RETURN(host_memory, HostAllocator::Create(host_options));
   }
+  // The weight store's pool holds its staging block and the stager's; the session's the rest.
+  uint64_t store_bytes = 0;
+  for (const char* what : {"weight store staging", "weight staging blocks"}) {
+    if (const MemoryItem* item = memory.Find(what)) store_bytes += item->total();
+  }
+  const uint64_t pinned_bytes = memory.Total(MemoryTier::kPinned);
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
-  pool_options.capacity_bytes = pinned_budget - weight_pinned;
+  pool_options.capacity_bytes =
+      (options.pinned_budget_bytes == 0 ? pinned_bytes : options.pinned_budget_bytes) - store_bytes;
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
+  NvmeUpdaterOptions nvme = NvmeOptionsFor(options, params);
   if (weights_on_nvme()) {
-    ECSS_RETURN_IF_ERROR(CreateWeightStore(staging_blocks, weight_pinned));
+    ECSS_RETURN_IF_ERROR(CreateWeightStore(memory.weight_staging_blocks, store_bytes));
     nvme.weights = weight_store.get();
   }
-  if (on_nvme) {
+  if (options.states == StatesPlacement::kNvme) {
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
                           NvmeUpdater::Create(nvme, pinned.get()));
     ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get()));
@@ -433,58 +379,32 @@ Status Session::Impl::CreateAll() {
   }
   ECSS_ASSIGN_OR_RETURN(grad_tmp,
                         pinned->Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
+  return Status::Ok();
+}
 
-  // Device memory: what a step keeps and works in, then the expert cache in what is left.
+// Device memory: what a step keeps and works in, as the memory plan lists it.
+Status Session::Impl::CreateDeviceBuffers() {
   Allocator& device = backend.device_memory();
-  const uint64_t used_before = device.stats().used_bytes;
-  const uint64_t act_bytes = uint64_t{max_rows} * m.d_model * elem();
-  for (uint32_t i = 0; i < options.max_micro_batches * m.layers; ++i) {
-    ECSS_ASSIGN_OR_RETURN(Buffer b, device.Allocate(act_bytes, MemoryTag::kActivations));
+  for (uint32_t i = 0; i < options.max_micro_batches * options.model.layers; ++i) {
+    ECSS_ASSIGN_OR_RETURN(Buffer b,
+                          device.Allocate(memory.activation_bytes, MemoryTag::kActivations));
     saved_x.push_back(std::move(b));
   }
-  ECSS_ASSIGN_OR_RETURN(perm_a, device.Allocate(act_bytes, MemoryTag::kActivations));
-  ECSS_ASSIGN_OR_RETURN(perm_b, device.Allocate(act_bytes, MemoryTag::kActivations));
-  GroupedFfnProblem sizing;
-  sizing.d_model = m.d_model;
-  sizing.d_ff = m.d_ff;
-  sizing.activation = m.activation;
-  sizing.dtype = m.dtype;
-  sizing.saved = SavedActivation::kRecompute;
-  sizing.rows = max_rows;
-  workspace_bytes = std::max(kernels->FfnForwardWorkspaceBytes(sizing),
-                             kernels->FfnBackwardWorkspaceBytes(sizing));
-  ECSS_ASSIGN_OR_RETURN(
-      workspace, device.Allocate(std::max<uint64_t>(workspace_bytes, 256), MemoryTag::kWorkspace));
+  ECSS_ASSIGN_OR_RETURN(perm_a, device.Allocate(memory.activation_bytes, MemoryTag::kActivations));
+  ECSS_ASSIGN_OR_RETURN(perm_b, device.Allocate(memory.activation_bytes, MemoryTag::kActivations));
+  workspace_bytes = memory.workspace_bytes;
+  ECSS_ASSIGN_OR_RETURN(workspace, device.Allocate(workspace_bytes, MemoryTag::kWorkspace));
   ECSS_ASSIGN_OR_RETURN(dw,
                         device.Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
-  // The plans of a step: a few words per token and expert, with room for alignment.
-  // (A learned gate's plans are one per layer.)
-  const uint64_t plan_reserve =
-      gated()
-          ? uint64_t{options.max_micro_batches} * m.layers *
-                AlignUp((3ull * max_rows + 2ull * widest_layer + 24) * 4, 4096)
-          : uint64_t{options.max_micro_batches} *
-                AlignUp((uint64_t{m.layers} * (3ull * max_rows + 2ull * widest_layer + 16) + 8) * 4,
-                        4096);
-  const uint64_t fixed = device.stats().used_bytes - used_before + plan_reserve;
-  const uint64_t slot_bytes = AlignUp(expert_bytes, 256);
-  const uint64_t left =
-      options.device_budget_bytes > fixed ? options.device_budget_bytes - fixed : 0;
-  const auto slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot_bytes, experts_total));
-  // Room for the most experts one layer may activate (max_active_experts_per_layer; naive:
-  // every expert of the widest layer), so that no step the session accepts by its options
-  // is refused later for want of slots.
-  const uint32_t needed = max_groups;
-  if (slots < needed) {
-    return ResourceExhaustedError(
-        StrCat("session: device budget ", HumanBytes(options.device_budget_bytes),
-               " leaves room for ", slots, " expert slots after ", HumanBytes(fixed),
-               " of activations and workspace; one layer's active experts need at least ", needed,
-               " slots (max_active_experts_per_layer): ", HumanBytes(fixed + needed * slot_bytes),
-               " in all"));
-  }
-  ECSS_ASSIGN_OR_RETURN(cache,
-                        DeviceCache::Create(backend, {expert_bytes, slots}, MakeLruPolicy()));
+  ECSS_ASSIGN_OR_RETURN(plans, device.Allocate(uint64_t{memory.plan_slots} * memory.plan_slot_bytes,
+                                               MemoryTag::kOther));
+  return Status::Ok();
+}
+
+// The expert cache in the slots the memory plan left, and the prefetcher over it.
+Status Session::Impl::CreateCache() {
+  ECSS_ASSIGN_OR_RETURN(
+      cache, DeviceCache::Create(backend, {expert_bytes, memory.cache_slots}, MakeLruPolicy()));
   PrefetcherHooks hooks;
   auto expert_of = [this](ExpertKey key) -> Expert& {
     return experts[LayerOf(key)][ExpertOf(key)];
@@ -545,6 +465,7 @@ Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
       if (!weights_on_nvme()) {
         ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
       }
+      ECSS_ASSIGN_OR_RETURN(x.grad, pinned->Allocate(params * 4, MemoryTag::kGradients));
       auto* compute_copy = static_cast<BFloat16*>(x.weights.data());  // null: in the store
       if (nvme != nullptr && options.resume_states) {
         Status resumed = nvme->Resume(flat, compute_copy);
@@ -638,6 +559,18 @@ Status Session::Impl::StartHeldUpdate() {
 
 // A layer of micro-batch `b` whose plan has `width` groups fits the session's gradient
 // region (the plan itself refuses more than the device cache holds).
+// The device room of routing plan `slot` (a micro-batch's; with gates a micro-batch layer's)
+// in the plan region the memory plan sized. Compute passes a plan's copy before the same slot
+// is written again (one stream orders both), so a slot needs no fence.
+StatusOr<void*> Session::Impl::PlanSlot(uint32_t slot, uint64_t bytes) const {
+  if (slot >= memory.plan_slots || bytes > memory.plan_slot_bytes) {
+    return InternalError(StrCat("routing plan ", slot, " of ", bytes, " bytes does not fit the ",
+                                memory.plan_slots, " slots of ", memory.plan_slot_bytes,
+                                " bytes the memory plan reserved"));
+  }
+  return static_cast<char*>(plans.data()) + uint64_t{slot} * memory.plan_slot_bytes;
+}
+
 Status Session::Impl::CheckWidth(uint32_t b, uint32_t layer, size_t width) const {
   if (width > max_groups) {
     return ResourceExhaustedError(StrCat("micro-batch ", b, " layer ", layer, " activates ", width,
@@ -734,8 +667,7 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
     StatusOr<RoutingPlan> routed = RoutingPlan::BuildRre(*router, w.batch);
     if (!routed.ok()) return routed.status().Annotate(StrCat("micro-batch ", b));
     w.plan.emplace(std::move(routed).value());
-    ECSS_ASSIGN_OR_RETURN(w.device_plan,
-                          backend.device_memory().Allocate(w.plan->bytes(), MemoryTag::kOther));
+    ECSS_ASSIGN_OR_RETURN(w.device_plan, PlanSlot(b, w.plan->bytes()));
   }
   StatusOr<StepPlan> built = BuildPlan();
   if (!built.ok()) return built.status().Annotate("BeginStep");
@@ -751,7 +683,7 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   // each layer's groups, as the plan has them.
   for (uint32_t b = 0; b < micro.size(); ++b) {
     for (uint32_t l = 0; l < layers; ++l) {
-      FillLayer(micro[b].plan->DeviceLayer(l, micro[b].device_plan.data()),
+      FillLayer(micro[b].plan->DeviceLayer(l, micro[b].device_plan),
                 ComputeOp(OpKind::kForward, b, l), micro[b].layers[l]);
     }
   }
@@ -768,7 +700,7 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   // copy in flight out of (or into) the buffers it frees.
   for (const PlanOp* upload : plan->Find(OpKind::kPlanUpload)) {
     MicroBatchWork& w = micro[static_cast<uint32_t>(upload->micro_batch)];
-    ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan.data(), w.plan->data(),
+    ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan, w.plan->data(),
                                            w.plan->bytes(), CopyKind::kHostToDevice));
     ECSS_RETURN_IF_ERROR(Record(upload->id, compute.get()));
   }
@@ -990,21 +922,21 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
   if (!routed.ok()) return routed.status().Annotate(where());
   const LayerRoute route = RouteOf(routed->layer(0));
   ECSS_RETURN_IF_ERROR(CheckWidth(micro_batch, layer, plan->Width(layer, route)).Annotate(where()));
-  ECSS_ASSIGN_OR_RETURN(Buffer device_plan,
-                        backend.device_memory().Allocate(routed->bytes(), MemoryTag::kOther));
+  ECSS_ASSIGN_OR_RETURN(void* device_plan,
+                        PlanSlot(micro_batch * options.model.layers + layer, routed->bytes()));
   Status appended = plan->AppendForward(micro_batch, layer, route, routed->bytes());
   if (!appended.ok()) return appended.Annotate(where());
   recorder.SetPlan(recording, *plan);
   IndexFetches();
   const PlanOp& forward = ComputeOp(OpKind::kForward, micro_batch, layer);
-  FillLayer(routed->DeviceLayer(0, device_plan.data()), forward, lw);
-  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan.data(), routed->data(),
+  FillLayer(routed->DeviceLayer(0, device_plan), forward, lw);
+  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan, routed->data(),
                                          routed->bytes(), CopyKind::kHostToDevice));
   const std::vector<const PlanOp*> uploads = plan->Find(
       OpKind::kPlanUpload, static_cast<int32_t>(micro_batch), static_cast<int32_t>(layer));
   if (!uploads.empty()) ECSS_RETURN_IF_ERROR(Record(uploads.back()->id, compute.get()));
   lw.plan.emplace(std::move(routed).value());
-  lw.device_plan = std::move(device_plan);
+  lw.device_plan = device_plan;
   lw.first_position = prefetcher->Append(LayerKeys(layer, lw));
   return Status::Ok();
 }
@@ -1176,9 +1108,6 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   std::vector<std::pair<float*, const float*>> adds;
   for (size_t i = 0; i < lw.experts.size(); ++i) {
     Expert& expert = s.experts[layer][lw.experts[i]];
-    if (!expert.grad) {
-      ECSS_ASSIGN_OR_RETURN(expert.grad, s.pinned->Allocate(grad_bytes, MemoryTag::kGradients));
-    }
     const void* src = static_cast<const float*>(s.dw.data()) + i * s.params;
     if (!expert.touched && s.delayed() && s.updater->Pending(expert.id)) {
       // The update started at BeginStep may still read this buffer (the previous gradient).
@@ -1348,6 +1277,18 @@ StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t exp
 
 StatusOr<StepPlan> Session::ExecutedPlan(uint64_t step) const {
   return impl_->recorder.ExecutedPlan(step);
+}
+
+const MemoryPlan& Session::memory_plan() const { return impl_->memory; }
+
+Session::HostMemoryPeaks Session::host_memory_peaks() const {
+  HostMemoryPeaks peaks;
+  peaks.pinned_bytes = impl_->pinned->stats().peak_used_bytes;
+  if (impl_->weight_store != nullptr) {
+    peaks.pinned_bytes += impl_->weight_store->pinned_pool().stats().peak_used_bytes;
+  }
+  if (impl_->host_memory != nullptr) peaks.host_bytes = impl_->host_memory->stats().peak_used_bytes;
+  return peaks;
 }
 
 uint32_t Session::experts_in_layer(uint32_t layer) const {

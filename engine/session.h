@@ -31,6 +31,7 @@
 #include <memory>
 #include <vector>
 
+#include "engine/memory_plan.h"
 #include "engine/session_options.h"
 #include "engine/step_plan.h"
 #include "engine/step_stats.h"
@@ -102,6 +103,15 @@ class Session {
   // calls in the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0); other
   // orders work, and fetch again what their order evicted, which the plan does not list.
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
+  // Every byte the session allocates, by tier and purpose (engine/memory_plan.h).
+  const MemoryPlan& memory_plan() const;
+  // The peaks its own pinned pools (with weights on NVMe, the weight store's too) and its host
+  // states' allocator reached; the device's is the backend allocator's.
+  struct HostMemoryPeaks {
+    uint64_t pinned_bytes = 0;
+    uint64_t host_bytes = 0;
+  };
+  HostMemoryPeaks host_memory_peaks() const;
   uint32_t experts_in_layer(uint32_t layer) const;
   uint32_t cache_slots() const;
   uint64_t expert_params() const;  // parameters per expert

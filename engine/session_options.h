@@ -129,6 +129,15 @@ struct SessionOptions {
   // Optional, not owned, must outlive the session: the optimizer threads' and the NVMe state
   // streaming's lanes (give the sim backend the same recorder for the device lanes).
   TraceRecorder* trace = nullptr;
+
+  // Every cross-field rule of the options, in one place: InvalidArgument naming the field
+  // (the model's sizes, dtype and domains; the micro-batch sizes; gate_k; the placements and
+  // what they need: bf16, nvme_dirs, states on NVMe for weights on NVMe, no delayed update
+  // with weights on NVMe; resume_states with states on NVMe). Session::Create calls it; the
+  // budgets are checked against the memory plan (engine/memory_plan.h).
+  Status Validate() const;
+  // Experts of each sparse layer (every layer holds every domain's group).
+  std::vector<uint32_t> ExpertsPerLayer() const;
 };
 
 }  // namespace ecss

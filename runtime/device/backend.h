@@ -55,6 +55,12 @@ struct BackendCapabilities {
   uint64_t device_memory_bytes = 0;  // the hard budget of device_memory()
   bool host_kernels = false;         // LaunchKernel accepts KernelTasks
   KernelMode kernel_mode = KernelMode::kReal;
+  // How device_memory() reserves a block: a multiple of device_alignment_bytes, and blocks of
+  // at least device_large_block_bytes (0: no such rule) rounded up to
+  // device_large_granularity_bytes (CUDA's caching allocator: 512 B; 1 MiB and up to 2 MiB).
+  uint64_t device_alignment_bytes = 256;
+  uint64_t device_large_block_bytes = 0;
+  uint64_t device_large_granularity_bytes = 0;
   double h2d_bandwidth_gbps = 0;  // modelled copy bandwidth; 0 = unthrottled / not modelled
   double d2h_bandwidth_gbps = 0;
   int runtime_version = 0;  // CUDA runtime version; 0 elsewhere

@@ -5,8 +5,72 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "router/rre_router.h"
+#include "runtime/device/sim/sim_backend.h"
 
 namespace ecss::engine_test {
+
+Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
+                     const std::function<void(Session&)>& after) {
+  SimOptions sim_options;
+  sim_options.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(sim_options);
+  EXPECT_TRUE(sim.ok());
+  auto session = Session::Create(**sim, OptionsFor(c));
+  EXPECT_TRUE(session.ok()) << session.status();
+  Session& s = **session;
+  Backend& b = **sim;
+  const SessionOptions o = OptionsFor(c);
+  const uint32_t d = o.model.d_model;
+  const uint64_t bytes = uint64_t{kBatch} * kSeq * d * DTypeSize(c.dtype);
+  auto in = b.device_memory().Allocate(bytes, MemoryTag::kActivations);
+  auto out = b.device_memory().Allocate(bytes, MemoryTag::kActivations);
+  EXPECT_TRUE(in.ok() && out.ok());
+  const Stream stream = s.compute_stream();
+  auto through = [&](std::vector<float> host, auto call) {
+    std::vector<char> dev = ToDevice(host, c.dtype);
+    EXPECT_TRUE(
+        b.CopyAsync(stream, in->data(), dev.data(), dev.size(), CopyKind::kHostToDevice).ok());
+    Status status = call(in->data(), out->data());
+    EXPECT_TRUE(status.ok()) << status;
+    EXPECT_TRUE(
+        b.CopyAsync(stream, dev.data(), out->data(), dev.size(), CopyKind::kDeviceToHost).ok());
+    EXPECT_TRUE(b.SynchronizeStream(stream).ok());
+    return FromDevice(dev, c.dtype);
+  };
+  const auto all_steps = MakeSteps(c.first_step + c.steps, c.micro_batches);
+  for (int index = c.first_step; index < c.first_step + c.steps; ++index) {
+    const auto& step = all_steps[index];
+    std::vector<MicroBatch> views;
+    for (const Batch& mb : step) views.push_back(mb.view());
+    Status begun = s.BeginStep(views);
+    EXPECT_TRUE(begun.ok()) << begun;
+    RunLoop(
+        step, o.model.layers, d, c.dtype,
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+          if (!c.gated) {
+            return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+          }
+          const GateOutput gate = RunGate(x, l);
+          return through(x, [&](void* i, void* o2) {
+            return s.Forward(mb, l, i, o2, {gate.experts.data(), gate.weights.data(), kGateK});
+          });
+        },
+        [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
+          return through(dy, [&](void* i, void* o2) { return s.Backward(mb, l, i, o2); });
+        },
+        index == c.poison_step);
+    auto ended = s.EndStep();
+    EXPECT_TRUE(ended.ok()) << ended.status();
+    if (stats && ended.ok()) stats->push_back(*ended);
+  }
+  EXPECT_TRUE(s.Synchronize().ok());
+  Weights w(o.model.layers);
+  for (uint32_t l = 0; l < o.model.layers; ++l) {
+    for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) w[l].push_back(*s.MasterWeights(l, e));
+  }
+  if (after) after(s);
+  return w;
+}
 
 Weights TrainReference(const RunConfig& c, const Weights& initial) {
   const SessionOptions o = OptionsFor(c);

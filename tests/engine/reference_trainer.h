@@ -166,6 +166,11 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   return o;
 }
 
+// Trains through a session on the simulated device; returns every expert's master weights
+// (read after the last step's Synchronize), and calls `after` with the session then.
+Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats = nullptr,
+                     const std::function<void(Session&)>& after = {});
+
 // The same training as a session's with everything resident in host memory and no offload:
 // the CPU kernels called directly, the plans from the same router, the same optimizer rule,
 // starting from `initial` (the session's initial master weights).

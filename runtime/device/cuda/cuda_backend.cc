@@ -95,13 +95,19 @@ class CudaCachingAllocator final : public Allocator {
   }
 
  private:
-  // Small blocks round to 512 B, large ones to 2 MiB, so that freed blocks are reusable.
+  // Small blocks round to 512 B, large ones to 2 MiB, so that freed blocks are reusable
+  // (the backend's capabilities say so, for the engine's memory plan).
   static uint64_t SizeClass(uint64_t bytes) {
-    constexpr uint64_t kLarge = uint64_t{1} << 20;
-    const uint64_t granule = bytes < kLarge ? 512 : (uint64_t{2} << 20);
+    const uint64_t granule = bytes < kLargeBlock ? kSmallGranule : kLargeGranule;
     return (bytes + granule - 1) / granule * granule;
   }
 
+ public:
+  static constexpr uint64_t kSmallGranule = 512;
+  static constexpr uint64_t kLargeBlock = uint64_t{1} << 20;
+  static constexpr uint64_t kLargeGranule = uint64_t{2} << 20;
+
+ private:
   void ReleaseCache() {
     cudaSetDevice(device_);
     for (const auto& [size, ptr] : cache_) {
@@ -309,6 +315,9 @@ StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaOptions& options)
   caps.device = Device::Cuda(options.device);
   caps.device_memory_bytes = options.device_memory_bytes;
   caps.host_kernels = false;
+  caps.device_alignment_bytes = CudaCachingAllocator::kSmallGranule;
+  caps.device_large_block_bytes = CudaCachingAllocator::kLargeBlock;
+  caps.device_large_granularity_bytes = CudaCachingAllocator::kLargeGranule;
   cudaRuntimeGetVersion(&caps.runtime_version);
 #if ECSS_HAVE_NCCL
   ncclGetVersion(&caps.nccl_version);

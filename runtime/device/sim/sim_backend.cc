@@ -16,6 +16,9 @@
 
 namespace ecss {
 
+// Every block of the simulated device's memory: cudaMalloc's alignment guarantee.
+constexpr size_t kSimAlignment = 256;
+
 using Clock = std::chrono::steady_clock;
 
 // A resource that serialises the work given to it (a copy engine, the compute units) and
@@ -230,7 +233,7 @@ StatusOr<std::unique_ptr<SimBackend>> SimBackend::Create(const SimOptions& optio
   arena.name = StrCat("sim:", options.device_index, " device memory");
   arena.device = Device::Sim(options.device_index);
   arena.capacity_bytes = options.device_memory_bytes;
-  arena.alignment = 256;  // cudaMalloc's guarantee
+  arena.alignment = kSimAlignment;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ArenaAllocator> memory, ArenaAllocator::Create(arena));
   return std::unique_ptr<SimBackend>(new SimBackend(options, std::move(memory)));
 }
@@ -248,6 +251,7 @@ BackendCapabilities SimCapabilities(const SimOptions& options, uint64_t capacity
   caps.device = Device::Sim(options.device_index);
   caps.device_memory_bytes = capacity;
   caps.host_kernels = true;
+  caps.device_alignment_bytes = kSimAlignment;  // an arena: no other rounding
   caps.kernel_mode = options.kernel_mode;
   caps.h2d_bandwidth_gbps = options.h2d_bandwidth_gbps;
   caps.d2h_bandwidth_gbps = options.d2h_bandwidth_gbps;

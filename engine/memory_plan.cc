@@ -1,0 +1,245 @@
+#include "engine/memory_plan.h"
+
+#include <algorithm>
+
+#include "engine/expert_updater.h"
+#include "offload/state_file.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/device/backend.h"
+
+namespace ecss {
+namespace {
+
+uint64_t AlignUp(uint64_t bytes, uint64_t alignment) {
+  return (bytes + alignment - 1) / alignment * alignment;
+}
+
+constexpr uint64_t kPinnedAlignment = 4096;  // PinnedPoolOptions' default
+constexpr uint64_t kHostAlignment = 64;      // HostAllocatorOptions' default
+
+uint64_t Reserved(MemoryTier tier, const DeviceMemoryRules& device, uint64_t bytes) {
+  switch (tier) {
+    case MemoryTier::kDevice:
+      return device.Block(bytes);
+    case MemoryTier::kPinned:
+      return AlignUp(bytes, kPinnedAlignment);
+    case MemoryTier::kHost:
+      return AlignUp(bytes, kHostAlignment);
+  }
+  return bytes;
+}
+
+// Words of a routing plan of `layers` layers, at most `rows` rows and `experts` active
+// experts each (router/routing_plan.cc: a 2-word preamble, an 8-word directory entry per
+// layer, then per layer its active experts, their offsets and three words per row).
+uint64_t PlanWords(uint64_t layers, uint64_t rows, uint64_t experts) {
+  return 2 + layers * (8 + experts + (experts + 1) + 3 * rows);
+}
+
+class Planner {
+ public:
+  Planner(const SessionOptions& o, const DeviceMemoryRules& device) : o_(o), device_(device) {}
+
+  void Add(std::string what, MemoryTier tier, MemoryTag tag, uint64_t count, uint64_t bytes) {
+    if (count == 0 || bytes == 0) return;
+    plan_.items.push_back(
+        {std::move(what), tier, tag, count, bytes, Reserved(tier, device_, bytes)});
+  }
+
+  StatusOr<MemoryPlan> Run(uint64_t ffn_workspace_bytes) {
+    const ModelSpec& m = o_.model;
+    const bool gated = o_.routing == Routing::kLearnedGate;
+    const bool naive = o_.strategy == Strategy::kNaive;
+    const uint32_t d_in = m.activation == Activation::kSwiGlu ? 2 * m.d_ff : m.d_ff;
+    const std::vector<uint32_t> per_layer = o_.ExpertsPerLayer();
+    const uint32_t widest = *std::max_element(per_layer.begin(), per_layer.end());
+    uint64_t experts = 0;
+    for (uint32_t n : per_layer) experts += n;
+    MemoryPlan& p = plan_;
+    p.params = uint64_t{m.d_model} * d_in + uint64_t{m.d_ff} * m.d_model;
+    p.expert_bytes = p.params * DTypeSize(m.dtype);
+    p.max_rows = MaxRows(o_);
+    p.max_groups = naive ? widest : std::min(widest, p.max_rows);
+    if (o_.max_active_experts_per_layer > 0 && !naive) {
+      p.max_groups = std::min(p.max_groups, o_.max_active_experts_per_layer);
+    }
+    const uint64_t gradient_bytes = p.params * 4;
+    const bool states_on_nvme = o_.states == StatesPlacement::kNvme;
+    const bool weights_on_nvme = o_.weights == WeightsPlacement::kNvme;
+
+    // Pinned host memory: compute weights (f32: the master weights themselves; with the
+    // delayed update also their published copy), gradient accumulators, the staging of later
+    // micro-batches' gradients, the NVMe states' staging.
+    if (!weights_on_nvme) {
+      Add("expert compute weights", MemoryTier::kPinned, MemoryTag::kExpertWeights, experts,
+          p.expert_bytes);
+      if (o_.delayed_update) {
+        Add("published compute weights (delayed update)", MemoryTier::kPinned,
+            MemoryTag::kExpertWeights, experts, p.expert_bytes);
+      }
+    }
+    Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, experts,
+        gradient_bytes);
+    Add("gradient staging", MemoryTier::kPinned, MemoryTag::kGradients, 1,
+        p.max_groups * gradient_bytes);
+    if (states_on_nvme) {
+      const NvmeUpdaterOptions nvme = NvmeOptionsFor(o_, p.params);
+      ECSS_ASSIGN_OR_RETURN(const uint64_t pipeline,
+                            NvmeUpdater::PipelineBytes(nvme, weights_on_nvme));
+      Add("state streaming slots", MemoryTier::kPinned, MemoryTag::kStaging, 1, pipeline);
+      Add("state scratch", MemoryTier::kPinned, MemoryTag::kStaging, 1,
+          NvmeUpdater::ScratchBytes(nvme));
+    }
+    if (weights_on_nvme) {  // the weight store's own pool: its staging block and the window
+      p.weight_staging_blocks =
+          o_.weight_staging_blocks > 0 ? o_.weight_staging_blocks : p.max_groups;
+      Add("weight store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1,
+          StateBlockBytes(p.expert_bytes));
+      Add("weight staging blocks", MemoryTier::kPinned, MemoryTag::kStaging,
+          p.weight_staging_blocks, StateBlockBytes(p.expert_bytes));
+    }
+    // Pageable host memory: the states in host memory (bf16: the fp32 master; every kind: its
+    // moments, one array at least).
+    if (!states_on_nvme) {
+      if (m.dtype == DType::kBF16) {
+        Add("master weights", MemoryTier::kHost, MemoryTag::kMasterWeights, experts,
+            gradient_bytes);
+      }
+      Add("optimizer moments", MemoryTier::kHost, MemoryTag::kOptimizerMoments, experts,
+          std::max(1, StateArrays(o_.optimizer.kind)) * gradient_bytes);
+    }
+    // Device memory: what a step keeps and works in, then the cache in what is left.
+    p.activation_bytes = uint64_t{p.max_rows} * m.d_model * DTypeSize(m.dtype);
+    p.workspace_bytes = std::max<uint64_t>(ffn_workspace_bytes, 256);
+    Add("saved activations", MemoryTier::kDevice, MemoryTag::kActivations,
+        uint64_t{o_.max_micro_batches} * m.layers, p.activation_bytes);
+    Add("permuted activations", MemoryTier::kDevice, MemoryTag::kActivations, 2,
+        p.activation_bytes);
+    Add("kernel workspace", MemoryTier::kDevice, MemoryTag::kWorkspace, 1, p.workspace_bytes);
+    Add("gradient region", MemoryTier::kDevice, MemoryTag::kGradients, 1,
+        p.max_groups * gradient_bytes);
+    // One routing plan per micro-batch (RRE: every layer), or per micro-batch layer (gates).
+    const uint64_t plan_layers = gated ? 1 : m.layers;
+    p.plan_slots = o_.max_micro_batches * (gated ? m.layers : 1);
+    p.plan_slot_bytes =
+        AlignUp(PlanWords(plan_layers, p.max_rows, std::min(widest, p.max_rows)) * 4,
+                device_.alignment_bytes);
+    Add("routing plans", MemoryTier::kDevice, MemoryTag::kOther, 1,
+        uint64_t{p.plan_slots} * p.plan_slot_bytes);
+    ECSS_RETURN_IF_ERROR(PlanCache(experts));
+    ECSS_RETURN_IF_ERROR(
+        CheckBudget(MemoryTier::kPinned, o_.pinned_budget_bytes, "pinned_budget_bytes", experts));
+    ECSS_RETURN_IF_ERROR(
+        CheckBudget(MemoryTier::kHost, o_.host_budget_bytes, "host_budget_bytes", experts));
+    return plan_;
+  }
+
+ private:
+  // The expert cache: every slot the device budget leaves room for, at least max_groups (so
+  // that no step the options accept is refused later for want of slots), at most every expert.
+  Status PlanCache(uint64_t experts) {
+    MemoryPlan& p = plan_;
+    const uint64_t fixed = p.Total(MemoryTier::kDevice);
+    const uint64_t slot = device_.Block(p.expert_bytes);
+    const uint64_t left = o_.device_budget_bytes > fixed ? o_.device_budget_bytes - fixed : 0;
+    p.cache_slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot, experts));
+    if (p.cache_slots < p.max_groups) {
+      return ResourceExhaustedError(StrCat(
+          "session: device budget ", HumanBytes(o_.device_budget_bytes), " leaves room for ",
+          p.cache_slots, " expert slots after ", HumanBytes(fixed),
+          " of activations and workspace; one layer's active experts need at least ", p.max_groups,
+          " slots (max_active_experts_per_layer): ", HumanBytes(fixed + p.max_groups * slot),
+          " in all"));
+    }
+    Add("expert cache slots", MemoryTier::kDevice, MemoryTag::kExpertWeights, p.cache_slots,
+        p.expert_bytes);
+    return Status::Ok();
+  }
+
+  // A budget of 0 means exactly what the plan needs.
+  Status CheckBudget(MemoryTier tier, uint64_t budget, std::string_view field, uint64_t experts) {
+    const uint64_t needed = plan_.Total(tier);
+    if (budget == 0 || budget >= needed) return Status::Ok();
+    return ResourceExhaustedError(
+        StrCat("session: ", field, " ", HumanBytes(budget), " is below the ", HumanBytes(needed),
+               " (", needed, " bytes) that the ", MemoryTierName(tier), " memory of ", experts,
+               " experts needs (",
+               tier == MemoryTier::kHost ? "their master weights and moments; or "
+                                           "place them on NVMe"
+                                         : "compute weights, gradients, staging",
+               ")"));
+  }
+
+  const SessionOptions& o_;
+  const DeviceMemoryRules& device_;
+  MemoryPlan plan_;
+};
+
+}  // namespace
+
+std::string_view MemoryTierName(MemoryTier tier) {
+  switch (tier) {
+    case MemoryTier::kDevice:
+      return "device";
+    case MemoryTier::kPinned:
+      return "pinned";
+    case MemoryTier::kHost:
+      return "host";
+  }
+  return "?";
+}
+
+uint64_t DeviceMemoryRules::Block(uint64_t bytes) const {
+  if (large_block_bytes > 0 && bytes >= large_block_bytes && large_granularity_bytes > 0) {
+    return AlignUp(bytes, large_granularity_bytes);
+  }
+  return AlignUp(bytes, alignment_bytes);
+}
+
+DeviceMemoryRules DeviceMemoryRules::Of(const BackendCapabilities& capabilities) {
+  return {capabilities.device_alignment_bytes, capabilities.device_large_block_bytes,
+          capabilities.device_large_granularity_bytes};
+}
+
+uint64_t MemoryPlan::Total(MemoryTier tier) const {
+  uint64_t total = 0;
+  for (const MemoryItem& item : items) total += item.tier == tier ? item.total() : 0;
+  return total;
+}
+
+const MemoryItem* MemoryPlan::Find(std::string_view what) const {
+  for (const MemoryItem& item : items) {
+    if (item.what == what) return &item;
+  }
+  return nullptr;
+}
+
+std::string MemoryPlan::Summary() const {
+  std::string out;
+  for (MemoryTier tier : {MemoryTier::kDevice, MemoryTier::kPinned, MemoryTier::kHost}) {
+    if (Total(tier) == 0) continue;
+    if (!out.empty()) out += "; ";
+    out += StrCat(MemoryTierName(tier), " ", HumanBytes(Total(tier)), ":");
+    bool first = true;
+    for (const MemoryItem& item : items) {
+      if (item.tier != tier) continue;
+      out +=
+          StrCat(first ? " " : ", ", item.what, " ", item.count, " x ", HumanBytes(item.reserved));
+      first = false;
+    }
+  }
+  return out;
+}
+
+uint32_t MaxRows(const SessionOptions& options) {
+  return options.max_tokens_per_micro_batch *
+         (options.routing == Routing::kLearnedGate ? options.gate_k : 1);
+}
+
+StatusOr<MemoryPlan> PlanMemory(const SessionOptions& options, const DeviceMemoryRules& device,
+                                uint64_t ffn_workspace_bytes) {
+  ECSS_RETURN_IF_ERROR(options.Validate());
+  return Planner(options, device).Run(ffn_workspace_bytes);
+}
+
+}  // namespace ecss

@@ -1,0 +1,170 @@
+// The memory plan alone (no device), and held against what a session allocates: for several
+// configurations, the allocators' peaks equal the plan's totals to the byte.
+#include "engine/memory_plan.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "engine/session.h"
+#include "runtime/device/sim/sim_backend.h"
+#include "tests/engine/reference_trainer.h"
+
+namespace ecss {
+namespace {
+
+using namespace engine_test;  // NOLINT(google-build-using-namespace): the shared harness
+
+constexpr uint64_t kMiB = uint64_t{1} << 20;
+
+// A model whose experts are 1.5 MiB of bf16 weights: d_model 512 x d_ff 768, two matrices.
+SessionOptions BigExperts() {
+  SessionOptions o;
+  o.model.layers = 1;
+  o.model.d_model = 512;
+  o.model.d_ff = 768;
+  o.model.dtype = DType::kBF16;
+  o.model.domains = {{"a", 4}, {"b", 4}};
+  o.model.vocab = 100;
+  o.max_tokens_per_micro_batch = 64;
+  o.max_active_experts_per_layer = 4;
+  o.device_budget_bytes = 40 * kMiB;
+  return o;
+}
+
+// CUDA's caching allocator rounds blocks of 1 MiB and more up to 2 MiB: the same budget holds
+// fewer 1.5 MiB slots than on the sim's 256-byte arena, and a budget sized on the sim's rule
+// is refused (naming the bytes) instead of failing on the GPU.
+TEST(MemoryPlanTest, SlotsAreSizedAsTheDeviceReservesThem) {
+  const DeviceMemoryRules sim{256, 0, 0};
+  const DeviceMemoryRules cuda{512, kMiB, 2 * kMiB};
+  EXPECT_EQ(sim.Block(1536 * 1024), 1536u * 1024);
+  EXPECT_EQ(cuda.Block(1536 * 1024), 2 * kMiB);
+  EXPECT_EQ(cuda.Block(1000), 1024u);
+  SessionOptions o = BigExperts();
+  o.model.domains = {{"a", 16}, {"b", 16}};  // more experts than either cache holds
+  auto on_sim = PlanMemory(o, sim, 4096);
+  auto on_cuda = PlanMemory(o, cuda, 4096);
+  ASSERT_TRUE(on_sim.ok() && on_cuda.ok()) << on_sim.status() << on_cuda.status();
+  EXPECT_EQ(on_sim->expert_bytes, 1536u * 1024);
+  EXPECT_GT(on_sim->cache_slots, on_cuda->cache_slots);
+  EXPECT_LE(on_cuda->Total(MemoryTier::kDevice), o.device_budget_bytes);
+  EXPECT_LE(on_sim->Total(MemoryTier::kDevice), o.device_budget_bytes);
+  EXPECT_EQ(on_cuda->Find("expert cache slots")->reserved, 2 * kMiB);
+  // The least budget the sim accepts for 4 slots falls short on CUDA.
+  o.device_budget_bytes = on_sim->Total(MemoryTier::kDevice) -
+                          (on_sim->cache_slots - 4) * on_sim->Find("expert cache slots")->reserved;
+  EXPECT_EQ(PlanMemory(o, sim, 4096)->cache_slots, 4u);
+  const Status refused = PlanMemory(o, cuda, 4096).status();
+  EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.message().find("need at least 4 slots"), std::string_view::npos) << refused;
+}
+
+TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
+  SessionOptions o = BigExperts();
+  auto plan = PlanMemory(o, {}, 4096);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  // Pinned: 8 experts' weights and gradients (fp32), the staging of 4 experts' gradients.
+  EXPECT_EQ(plan->Find("expert compute weights")->total(), 8u * 1536 * 1024);
+  EXPECT_EQ(plan->Find("gradient accumulators")->total(), 8u * 3 * kMiB);
+  EXPECT_EQ(plan->Find("gradient staging")->total(), 4u * 3 * kMiB);
+  // Host: bf16 weights keep an fp32 master, AdamW two moments.
+  EXPECT_EQ(plan->Find("master weights")->total(), 8u * 3 * kMiB);
+  EXPECT_EQ(plan->Find("optimizer moments")->total(), 8u * 6 * kMiB);
+  EXPECT_EQ(plan->Find("gradient region")->total(), 4u * 3 * kMiB);
+  EXPECT_NE(plan->Summary().find("device"), std::string::npos);
+  o.pinned_budget_bytes = plan->Total(MemoryTier::kPinned) - 1;
+  const Status pinned = PlanMemory(o, {}, 4096).status();
+  EXPECT_EQ(pinned.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(pinned.message().find("pinned_budget_bytes"), std::string_view::npos) << pinned;
+  o.pinned_budget_bytes = 0;
+  o.states = StatesPlacement::kNvme;
+  o.nvme_dirs = {"/tmp"};
+  plan = PlanMemory(o, {}, 4096);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->Total(MemoryTier::kHost), 0u) << "the states live on NVMe";
+  EXPECT_NE(plan->Find("state streaming slots"), nullptr);
+  o.model.dtype = DType::kF32;  // Validate's rules hold first
+  EXPECT_EQ(PlanMemory(o, {}, 4096).status().code(), StatusCode::kInvalidArgument);
+}
+
+// Every configuration allocates exactly its plan: the device allocator's peak is the plan's
+// device total (plus the two activation buffers the loop allocated), the session's pinned
+// pools and host allocator peak at the plan's pinned and host totals.
+TEST(MemoryPlanTest, ASessionAllocatesExactlyItsPlan) {
+  char dir[] = "/tmp/ecss_memory_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  struct Case {
+    const char* name;
+    RunConfig config;
+  };
+  std::vector<Case> cases;
+  RunConfig c;
+  cases.push_back({"f32 host states", c});
+  c.dtype = DType::kBF16;
+  c.micro_batches = 2;
+  cases.push_back({"bf16, two micro-batches", c});
+  c.delayed = true;
+  cases.push_back({"delayed update", c});
+  c.delayed = false;
+  c.strategy = Strategy::kNaive;
+  cases.push_back({"naive", c});
+  c.strategy = Strategy::kEcss;
+  c.gated = true;
+  cases.push_back({"learned gate", c});
+  c.gated = false;
+  c.nvme_dir = dir;
+  cases.push_back({"states on NVMe", c});
+  c.nvme_weights = true;
+  c.staging_blocks = 3;
+  cases.push_back({"weights on NVMe", c});
+  for (const Case& k : cases) {
+    SCOPED_TRACE(k.name);
+    SimOptions so;
+    so.device_memory_bytes = 16 << 20;
+    auto sim = SimBackend::Create(so);
+    ASSERT_TRUE(sim.ok());
+    const SessionOptions o = OptionsFor(k.config);
+    auto session = Session::Create(**sim, o);
+    ASSERT_TRUE(session.ok()) << session.status();
+    const MemoryPlan& plan = (*session)->memory_plan();
+    // The session's own device allocations, before the loop allocates anything.
+    EXPECT_EQ((*sim)->device_memory().stats().peak_used_bytes, plan.Total(MemoryTier::kDevice))
+        << plan.Summary();
+    for (int tag = 0; tag < kNumMemoryTags; ++tag) {
+      uint64_t planned = 0;
+      for (const MemoryItem& item : plan.items) {
+        if (item.tier == MemoryTier::kDevice && static_cast<int>(item.tag) == tag) {
+          planned += item.total();
+        }
+      }
+      EXPECT_EQ((*sim)->device_memory().accounting().Usage(static_cast<MemoryTag>(tag)).peak_bytes,
+                planned)
+          << MemoryTagName(static_cast<MemoryTag>(tag));
+    }
+    (*session).reset();
+    // Trained (naive touches every expert), its master weights read back: every pinned and
+    // host allocation the plan lists has been live at once.
+    if (!k.config.nvme_dir.empty()) {
+      std::filesystem::remove_all(dir);
+      std::filesystem::create_directory(dir);
+    }
+    TrainSession(k.config, nullptr, [](Session& s) {
+      const Session::HostMemoryPeaks peaks = s.host_memory_peaks();
+      EXPECT_EQ(peaks.pinned_bytes, s.memory_plan().Total(MemoryTier::kPinned))
+          << s.memory_plan().Summary();
+      EXPECT_EQ(peaks.host_bytes, s.memory_plan().Total(MemoryTier::kHost));
+    });
+    if (!k.config.nvme_dir.empty()) {
+      std::filesystem::remove_all(dir);
+      std::filesystem::create_directory(dir);
+    }
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ecss
