@@ -106,6 +106,7 @@ struct NvmeUpdater::Impl {
   // The batch being collected by the driving thread.
   std::vector<StreamedGradient> batch;
   float loss_scale = 1;
+  HyperParams step_params;  // as the step began
   uint64_t step = 0;
   uint32_t submitted = 0;
 
@@ -117,6 +118,7 @@ struct NvmeUpdater::Impl {
     float loss_scale;
     uint64_t step;
     float clip_coefficient;
+    HyperParams params;
   };
   // Clipping needs the step's global norm before any update, and skipping a step on a
   // non-finite gradient needs every gradient checked first: the step's gradients are then
@@ -159,7 +161,7 @@ struct NvmeUpdater::Impl {
       TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0, "load-update-store", "nvme",
                        {{"experts", static_cast<double>(job.work.size())}});
       StatusOr<StreamingReport> report =
-          updater->Run(job.work, job.loss_scale, job.clip_coefficient);
+          updater->Run(job.work, job.loss_scale, job.clip_coefficient, &job.params);
       const double seconds =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
       lock.lock();
@@ -328,6 +330,13 @@ Status NvmeUpdater::BeginStep(float loss_scale) {
   s.loss_scale = loss_scale;
   ++s.step;
   s.submitted = 0;
+  s.step_params = s.options.optimizer.groups[0];
+  return Status::Ok();
+}
+
+Status NvmeUpdater::SetHyperParams(const HyperParams& params) {
+  ECSS_RETURN_IF_ERROR(ValidateHyperParams(impl_->options.optimizer.kind, params));
+  impl_->options.optimizer.groups[0] = params;  // the worker reads each job's own copy
   return Status::Ok();
 }
 
@@ -351,7 +360,7 @@ Status NvmeUpdater::Start(float clip_coefficient) {
   if (s.batch.empty()) return Status::Ok();
   {
     std::lock_guard<std::mutex> lock(s.mutex);
-    s.jobs.push_back({std::move(s.batch), s.loss_scale, s.step, clip_coefficient});
+    s.jobs.push_back({std::move(s.batch), s.loss_scale, s.step, clip_coefficient, s.step_params});
   }
   s.batch.clear();
   s.cv.notify_all();

@@ -34,6 +34,9 @@ class ExpertUpdater {
  public:
   virtual ~ExpertUpdater() = default;
   virtual Status BeginStep(float loss_scale) = 0;
+  // The hyper-parameters of the steps that begin after this call (InvalidArgument naming the
+  // field); the updates of steps already begun keep theirs.
+  virtual Status SetHyperParams(const HyperParams& params) = 0;
   // Expert `id`'s gradient (fp32, valid until its update finished) is complete.
   virtual Status Submit(uint32_t id, const float* grad) = 0;
   // The submissions so far may start (NvmeUpdater batches them per layer).
@@ -62,6 +65,9 @@ class HostUpdater final : public ExpertUpdater {
   StatusOr<uint32_t> Register(const ExpertArrays& arrays);
 
   Status BeginStep(float loss_scale) override;
+  Status SetHyperParams(const HyperParams& params) override {
+    return optimizer_->SetHyperParams(0, params);
+  }
   Status Submit(uint32_t id, const float* grad) override;
   Status Flush() override { return Status::Ok(); }
   StatusOr<StepReport> FinishStep() override;
@@ -136,6 +142,7 @@ class NvmeUpdater final : public ExpertUpdater {
   static uint64_t ScratchBytes(const NvmeUpdaterOptions& options);
 
   Status BeginStep(float loss_scale) override;
+  Status SetHyperParams(const HyperParams& params) override;
   Status Submit(uint32_t id, const float* grad) override;
   Status Flush() override;
   StatusOr<StepReport> FinishStep() override;

@@ -1266,6 +1266,13 @@ Status Session::Synchronize() {
   return s.updater->Synchronize().Annotate("an expert update failed (its states are unchanged)");
 }
 
+Status Session::SetHyperParams(const HyperParams& params) {
+  if (impl_->in_step) {
+    return FailedPreconditionError("SetHyperParams inside a step (call it between steps)");
+  }
+  return impl_->updater->SetHyperParams(params);
+}
+
 Stream Session::compute_stream() const { return impl_->compute.get(); }
 
 StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) {

@@ -90,6 +90,12 @@ class Session {
   // Waits for every update in flight; returns the first optimizer error. With delayed_update
   // and outside a step it first starts the held update and publishes its result.
   Status Synchronize();
+  // The optimizer's hyper-parameters (learning rate and the rest) for the updates of the
+  // steps that begin after this call, so that a schedule works: updates already started keep
+  // theirs (with delayed_update, the update a BeginStep starts is of the step before's
+  // gradients, with the hyper-parameters in force at that BeginStep). InvalidArgument naming
+  // the field; FailedPrecondition inside a step.
+  Status SetHyperParams(const HyperParams& params);
 
   // The stream the session computes on: the loop orders its own device work against it.
   Stream compute_stream() const;

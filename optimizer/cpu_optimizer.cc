@@ -32,6 +32,7 @@ struct Pending {
   const void* grad;
   DType dtype;
   std::optional<double> sum_of_squares;
+  HyperParams params;  // of the expert's group, as the step began
 };
 
 }  // namespace
@@ -86,8 +87,8 @@ struct CpuOptimizer::Impl {
       std::lock_guard<std::mutex> lock(mutex);
       version = expert.version + 1;
     }
-    const UpdateScalars scalars = MakeUpdateScalars(
-        options.kind, options.groups[expert.arrays.group], version, grad_scale, clip_coefficient);
+    const UpdateScalars scalars =
+        MakeUpdateScalars(options.kind, work.params, version, grad_scale, clip_coefficient);
     const ParamArrays arrays{expert.arrays.master,
                              work.grad,
                              work.dtype,
@@ -152,6 +153,7 @@ struct CpuOptimizer::Impl {
   uint64_t current_step = 0;        // GUARDED_BY(mutex): WaitForExpert reads it from any thread
   bool in_step = false;             // GUARDED_BY(mutex)
   float grad_scale = 1;
+  std::vector<HyperParams> step_groups;  // the groups' hyper-parameters as the step began
   std::vector<Pending> pending;  // deferred mode: this step's submissions
   Status first_error;            // GUARDED_BY(mutex)
 };
@@ -216,6 +218,19 @@ Status CpuOptimizer::BeginStep(float grad_scale) {
   impl_->grad_scale = grad_scale;
   ++impl_->current_step;
   impl_->pending.clear();
+  impl_->step_groups = impl_->options.groups;  // this step's updates use these
+  return Status::Ok();
+}
+
+Status CpuOptimizer::SetHyperParams(uint32_t group, const HyperParams& params) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  if (group >= impl_->options.groups.size()) {
+    return InvalidArgumentError(StrCat("parameter group ", group, " of ",
+                                       impl_->options.groups.size()));
+  }
+  ECSS_RETURN_IF_ERROR(ValidateHyperParams(impl_->options.kind, params)
+                           .Annotate(StrCat("parameter group ", group)));
+  impl_->options.groups[group] = params;
   return Status::Ok();
 }
 
@@ -247,7 +262,8 @@ Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dty
     impl_->cv.wait(lock, [&] { return state.processed_step >= state.submitted_step; });
     state.submitted_step = step;
   }
-  Pending work{expert, grad, dtype, sum_of_squares};
+  Pending work{expert, grad, dtype, sum_of_squares,
+               impl_->step_groups[impl_->experts[expert].arrays.group]};
   if (impl_->deferred()) {
     impl_->pending.push_back(work);
   } else {

@@ -98,6 +98,9 @@ class CpuOptimizer {
 
   // Starts step t+1. grad_scale: the loss scale the gradients carry (> 0).
   Status BeginStep(float grad_scale = 1.0f);
+  // The hyper-parameters of `group` for the steps that begin after this call (a schedule);
+  // updates of steps already begun keep theirs. InvalidArgument naming the group or field.
+  Status SetHyperParams(uint32_t group, const HyperParams& params);
   // The expert's gradient for this step is complete. `grad` (f32 or bf16, `size` elements)
   // must stay valid until WaitForExpert(expert, step) returns. sum_of_squares: the gradient's
   // sum of squares if the caller has it (the device computes it), else it is computed here.

@@ -208,11 +208,14 @@ StateStreamingUpdater::StateStreamingUpdater(std::unique_ptr<Impl> impl) : impl_
 StateStreamingUpdater::~StateStreamingUpdater() = default;
 
 StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedGradient>& work,
-                                                     float grad_scale, float clip_coefficient) {
+                                                     float grad_scale, float clip_coefficient,
+                                                     const HyperParams* params) {
   if (!(grad_scale > 0) || !std::isfinite(grad_scale) || !(clip_coefficient > 0)) {
     return InvalidArgumentError("grad_scale and clip_coefficient must be finite and > 0");
   }
   Impl& impl = *impl_;
+  const HyperParams& hyper = params != nullptr ? *params : impl.options.params;
+  if (params != nullptr) ECSS_RETURN_IF_ERROR(ValidateHyperParams(impl.options.kind, *params));
   for (const StreamedGradient& g : work) {
     ECSS_ASSIGN_OR_RETURN(size_t size, impl.tier->ExpertSize(g.expert));
     if (size > impl.options.max_expert_elements) {
@@ -282,7 +285,7 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       } else {
         token.update_count += 1;
         const UpdateScalars scalars =
-            MakeUpdateScalars(impl.options.kind, impl.options.params, token.update_count,
+            MakeUpdateScalars(impl.options.kind, hyper, token.update_count,
                               grad_scale, clip_coefficient);
         BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
         const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,

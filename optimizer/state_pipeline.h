@@ -117,10 +117,11 @@ class StateStreamingUpdater {
                                                                  uint64_t workspace_bytes);
   ~StateStreamingUpdater();
 
-  // Streams every gradient's expert through load -> update -> store, in order. Returns the
-  // report, or the first error (after the pipeline drained; other experts were processed).
+  // Streams every gradient's expert through load -> update -> store, in order, with `params`
+  // (default: the options'; a schedule passes each step's). Returns the report, or the first
+  // error (after the pipeline drained; other experts were processed).
   StatusOr<StreamingReport> Run(const std::vector<StreamedGradient>& work, float grad_scale,
-                                float clip_coefficient);
+                                float clip_coefficient, const HyperParams* params = nullptr);
 
  private:
   struct Impl;

@@ -42,6 +42,11 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
     const auto& step = all_steps[index];
     std::vector<MicroBatch> views;
     for (const Batch& mb : step) views.push_back(mb.view());
+    if (!c.lr_schedule.empty()) {
+      HyperParams p = o.optimizer.groups[0];
+      p.lr = c.lr_schedule[static_cast<size_t>(index)];
+      EXPECT_TRUE(s.SetHyperParams(p).ok());
+    }
     Status begun = s.BeginStep(views);
     EXPECT_TRUE(begun.ok()) << begun;
     RunLoop(
@@ -144,6 +149,11 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
   int index = -1;
   for (const auto& step : MakeSteps(c.steps, c.micro_batches)) {
     ++index;
+    if (!c.lr_schedule.empty()) {
+      HyperParams p = o.optimizer.groups[0];
+      p.lr = c.lr_schedule[static_cast<size_t>(index)];
+      EXPECT_TRUE((*optimizer)->SetHyperParams(0, p).ok());
+    }
     if (c.delayed) {
       snapshot();
       if (!held.empty()) apply(held);

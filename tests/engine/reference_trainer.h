@@ -117,6 +117,7 @@ struct RunConfig {
   uint32_t staging_blocks = 0;
   bool immediate = false;  // skip_step_on_nonfinite off: updates start as gradients complete
   int poison_step = -1;    // this step's loss gradient holds a NaN
+  std::vector<float> lr_schedule;  // non-empty: step i's learning rate (SetHyperParams)
   std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
 };
 

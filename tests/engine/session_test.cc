@@ -828,5 +828,37 @@ TEST(SessionTest, TheExecutedPlanIsWhatRan) {
   }
 }
 
+// A learning-rate schedule (SetHyperParams between steps) trains exactly as the reference
+// optimizer following the same schedule, wherever the states live, with the delayed update
+// too; hyper-parameters are refused inside a step and when invalid.
+TEST(SessionTest, AScheduleOfHyperParametersMatchesTheReference) {
+  char dir_template[] = "/tmp/ecss_session_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  for (bool nvme : {false, true}) {
+    for (bool delayed : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << (nvme ? "nvme" : "host") << (delayed ? " delayed" : ""));
+      RunConfig c;
+      c.dtype = DType::kBF16;
+      c.steps = 4;
+      c.delayed = delayed;
+      c.lr_schedule = {0.05f, 0.02f, 0.1f, 0.01f};
+      if (nvme) c.nvme_dir = dir_template;
+      const Weights scheduled = TrainSession(c);
+      ExpectMatchesReference(c, scheduled);
+      RunConfig constant = c;
+      constant.lr_schedule.clear();
+      EXPECT_NE(scheduled, TrainSession(constant)) << "the schedule changed nothing";
+    }
+  }
+  std::filesystem::remove_all(dir_template);
+  Driven d = Driven::Create(OptionsFor(RunConfig{}));
+  HyperParams bad;
+  bad.lr = -1;
+  EXPECT_EQ(d.session->SetHyperParams(bad).code(), StatusCode::kInvalidArgument);
+  const std::vector<Batch> step = MakeSteps(1, 1)[0];
+  ASSERT_TRUE(d.session->BeginStep({step[0].view()}).ok());
+  EXPECT_EQ(d.session->SetHyperParams(HyperParams{}).code(), StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace ecss
