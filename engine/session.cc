@@ -94,7 +94,6 @@ std::vector<ExpertKey> LayerKeys(uint32_t layer, const LayerWork& lw) {
   return keys;
 }
 
-
 }  // namespace
 
 std::string_view StrategyName(Strategy strategy) {
@@ -166,6 +165,7 @@ struct Session::Impl {
   std::map<uint32_t, Stream> issued_on;
   std::map<uint64_t, uint32_t> fetch_at;  // sequence position -> the plan's fetch there
   uint64_t recording = 0;                 // the step whose ops are being recorded
+  bool evaluating = false;                // the step is an evaluation: Forward only
   std::deque<uint32_t> pending_layers;    // gradients complete once d2h passes
   StallStats stalls;
   Clock::time_point last_end;
@@ -618,6 +618,7 @@ StatusOr<StepPlan> Session::Impl::BuildPlan() const {
   p.states_on_nvme = options.states == StatesPlacement::kNvme;
   p.weights_on_nvme = weights_on_nvme();
   p.cache_slots = cache->slots();
+  p.evaluation = evaluating;
   for (const MicroBatchWork& w : micro) {
     MicroBatchRoute route;
     route.tokens = w.num_tokens;
@@ -801,6 +802,13 @@ Session::~Session() {
   impl_->updater->Synchronize().IgnoreError();
 }
 
+Status Session::BeginEvaluation(const std::vector<MicroBatch>& micro_batches) {
+  impl_->evaluating = true;
+  Status begun = BeginStep(micro_batches, 1.0f);
+  if (!begun.ok() && !impl_->in_step) impl_->evaluating = false;
+  return begun;
+}
+
 Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
   Impl& s = *impl_;
   if (s.in_step) return FailedPreconditionError("BeginStep: the previous step was not ended");
@@ -824,13 +832,14 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
 void Session::Impl::DiscardStep() {
   backend.SynchronizeStream(compute.get()).IgnoreError();  // its error is the caller's
   prefetcher->Clear();
-  if (in_step && !delayed()) {
+  if (in_step && !delayed() && !evaluating) {
     // The optimizer's step began with no submissions: ending it updates nothing, and keeps
     // its step count equal to the session's.
     updater->FinishStep().status().IgnoreError();
   }
   micro.clear();
   in_step = false;
+  evaluating = false;
 }
 
 // An update that failed since the last call, reported once with its step and expert.
@@ -848,7 +857,17 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
   s.gradient_bytes = 0;
   s.submitted = 0;
   s.gradient_fence_seconds = 0;
-  if (s.delayed()) {
+  if (s.evaluating) {  // forward only: the updater's steps go on untouched
+    if (s.delayed()) {
+      // The weights the next training step computes with: the update in flight finishes
+      // and is published, as that BeginStep would (which then has nothing to publish).
+      StallTimer timer(&s.stalls.update_backlog_seconds);
+      ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+      ECSS_RETURN_IF_ERROR(s.Publish());
+    }
+    s.in_step = true;
+    ++s.step;
+  } else if (s.delayed()) {
     // The update started at the previous BeginStep finishes, its weights are published, and
     // the update of the previous step's gradients starts: it overlaps this whole step.
     {
@@ -869,12 +888,14 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
     ++s.updater_steps;
     s.recorder.MapUpdaterStep(s.updater_steps, s.recording, 0);
   }
-  s.in_step = true;
-  ++s.step;
-  if (!s.delayed() && s.step >= 3) {
+  if (!s.evaluating) {
+    s.in_step = true;
+    ++s.step;
+  }
+  if (!s.evaluating && !s.delayed() && s.updater_steps >= 3) {
     // Step t's device work may overlap step t-1's updates, not step t-2's.
     StallTimer timer(&s.stalls.update_backlog_seconds);
-    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.step - 2));
+    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps - 2));
   }
   if (s.gated()) {
     s.prefetcher->BeginReactiveStep();
@@ -1036,6 +1057,10 @@ Status Session::Impl::RunForward(uint32_t micro_batch, uint32_t layer, const voi
 Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx) {
   Impl& s = *impl_;
   if (!s.in_step) return FailedPreconditionError("Backward outside a step (call BeginStep)");
+  if (s.evaluating) {
+    return FailedPreconditionError(
+        "Backward in an evaluation step (BeginEvaluation runs Forward only)");
+  }
   if (micro_batch >= s.micro.size() || layer >= s.options.model.layers) {
     return InvalidArgumentError(
         StrCat("Backward: micro-batch ", micro_batch, " layer ", layer, " out of range"));
@@ -1154,9 +1179,11 @@ StatusOr<StepStats> Session::EndStep() {
   if (!s.in_step) return FailedPreconditionError("EndStep: no step is open (BeginStep first)");
   for (uint32_t b = 0; b < s.micro.size(); ++b) {
     for (uint32_t l = 0; l < s.options.model.layers; ++l) {
-      if (!s.micro[b].layers[l].backwarded) {
-        return FailedPreconditionError(StrCat("EndStep: micro-batch ", b, " layer ", l,
-                                              " has not run backward; the step stays open"));
+      const LayerWork& lw = s.micro[b].layers[l];
+      if (!(s.evaluating ? lw.forwarded : lw.backwarded)) {
+        return FailedPreconditionError(
+            StrCat("EndStep: micro-batch ", b, " layer ", l, " has not run ",
+                   s.evaluating ? "forward" : "backward", "; the step stays open"));
       }
     }
   }
@@ -1170,6 +1197,7 @@ StatusOr<StepStats> Session::EndStep() {
   for (const MicroBatchWork& w : s.micro) tokens += w.num_tokens;
   s.micro.clear();  // the plans' device copies: compute has passed them
   s.in_step = false;
+  s.evaluating = false;
   if (!ended.ok()) {
     s.Snapshot();
     return ended.Annotate(StrCat("EndStep of step ", s.step));
@@ -1225,7 +1253,7 @@ Status Session::Impl::FinishStepWork(StepReport* report) {
   }
   plan->Finish();  // learned gates: the updates that wait for the whole step
   recorder.SetPlan(recording, *plan);
-  if (!delayed()) {
+  if (!delayed() && !evaluating) {
     for (const PlanOp* update : plan->Find(OpKind::kUpdate)) {
       if (update->step_offset == 0 && plan->policy().deferred_updates) {
         recorder.Issued(recording, update->id);  // they start now, after the global norm

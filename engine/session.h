@@ -82,7 +82,13 @@ class Session {
   // (dLoss/dweight[t][j] = dot(dy[t], choice_outputs[t * k + j])).
   Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
                  const GateChoices& gate, void* choice_outputs = nullptr);
-  // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward.
+  // An evaluation step (validation loss, checking a model against another): Forward only,
+  // with the weights the next training step computes with (with delayed_update the update in
+  // flight finishes and is published first), and no backward, gradient or update; EndStep
+  // requires every Forward. Errors as BeginStep's.
+  Status BeginEvaluation(const std::vector<MicroBatch>& micro_batches);
+  // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward; not in an
+  // evaluation step (FailedPrecondition).
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
   // Any other failure (an update's, see above) is returned after the step has ended.

@@ -97,6 +97,14 @@ class StepPlan::Builder {
   // The ops carried in from earlier steps that this step's edges name; with the delayed
   // update, also the publication and the update of step t-1's gradients that start the step.
   void AddCarried(uint64_t held_experts) {
+    if (policy_.evaluation) {  // its fetches wait for the experts' last updates, nothing else
+      PlanOp last;
+      last.kind = OpKind::kUpdate;
+      last.resource = PlanResource::kCpuOptimizer;
+      last.step_offset = -1;
+      c_.step_gate = c_.fetch_gate = Add(last);
+      return;
+    }
     PlanOp t2;
     t2.kind = OpKind::kUpdate;
     t2.resource = PlanResource::kCpuOptimizer;
@@ -161,6 +169,9 @@ class StepPlan::Builder {
   }
 
   Status AddBackward(uint32_t micro_batch, uint32_t layer) {
+    if (policy_.evaluation) {
+      return InvalidArgumentError("step plan: an evaluation step has no backward");
+    }
     auto found = c_.groups.find({micro_batch, layer});
     if (found == c_.groups.end()) {
       return InvalidArgumentError(StrCat("step plan: backward of micro-batch ", micro_batch,
@@ -201,7 +212,9 @@ class StepPlan::Builder {
 
   // The updates that wait for every gradient of the step (the global norm), at its end.
   void Finish() {
-    if (policy_.delayed_update || !policy_.deferred_updates || c_.finished) return;
+    if (policy_.evaluation || policy_.delayed_update || !policy_.deferred_updates || c_.finished) {
+      return;
+    }
     c_.finished = true;
     std::vector<uint32_t> all;
     for (const auto& [layer, op] : c_.gradient) all.push_back(op);
@@ -510,6 +523,7 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
     for (uint32_t l = 0; l < m.layers(); ++l) {
       for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
     }
+    if (in.policy.evaluation) continue;
     for (uint32_t l = m.layers(); l-- > 0;) {
       for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
     }
@@ -517,7 +531,7 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
   if (in.policy.strategy == PlanStrategy::kNaive) {  // naive accesses every expert
     plan.cursor_.future.clear();
     for (size_t b = 0; b < in.micro_batches.size(); ++b) {
-      for (uint32_t pass = 0; pass < 2; ++pass) {
+      for (uint32_t pass = 0; pass < (in.policy.evaluation ? 1u : 2u); ++pass) {
         for (uint32_t i = 0; i < m.layers(); ++i) {
           const uint32_t l = pass == 0 ? i : m.layers() - 1 - i;
           for (uint32_t e = 0; e < m.experts_per_layer[l]; ++e)
@@ -534,6 +548,7 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
     for (uint32_t l = 0; l < m.layers(); ++l) {
       ECSS_RETURN_IF_ERROR(builder.AddForward(b, l, mb.layers[l]));
     }
+    if (in.policy.evaluation) continue;
     for (uint32_t l = m.layers(); l-- > 0;) ECSS_RETURN_IF_ERROR(builder.AddBackward(b, l));
   }
   builder.Finish();

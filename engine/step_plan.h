@@ -107,6 +107,9 @@ struct PlanPolicy {
   bool states_on_nvme = false;
   bool weights_on_nvme = false;
   uint32_t cache_slots = 0;  // > 0
+  // An evaluation step: forward only (no backward, no gradients, no updates, no carried
+  // updates started), for validation loss and comparing models.
+  bool evaluation = false;
 };
 
 // One layer of one micro-batch as the router planned it: active experts ascending, rows of each.
@@ -153,7 +156,9 @@ class StepPlan {
   bool fetches_ahead() const { return policy_.strategy == PlanStrategy::kEcss; }
   // Whether the step ends only once its updates finished (no-overlap, naive), or they
   // overlap the next step (ecss: the step after waits for them, the carried-in edges).
-  bool step_waits_for_updates() const { return policy_.strategy != PlanStrategy::kEcss; }
+  bool step_waits_for_updates() const {
+    return policy_.strategy != PlanStrategy::kEcss && !policy_.evaluation;
+  }
 
   // Learned gates, as the loop's calls come: a layer's forward once its gate routed it (its
   // plan's upload, its fetches, its compute), its backward (fetches again, compute, gradient

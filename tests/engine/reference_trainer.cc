@@ -47,18 +47,44 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
       p.lr = c.lr_schedule[static_cast<size_t>(index)];
       EXPECT_TRUE(s.SetHyperParams(p).ok());
     }
+    auto forward = [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+      if (!c.gated) {
+        return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+      }
+      const GateOutput gate = RunGate(x, l);
+      return through(x, [&](void* i, void* o2) {
+        return s.Forward(mb, l, i, o2, {gate.experts.data(), gate.weights.data(), kGateK});
+      });
+    };
+    std::vector<std::vector<float>> evaluated;  // the evaluation's outputs, in call order
+    if (c.evaluate) {
+      EXPECT_TRUE(s.BeginEvaluation(views).ok());
+      RunLoop(
+          step, o.model.layers, d, c.dtype,
+          [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
+            evaluated.push_back(forward(mb, l, x));
+            return evaluated.back();
+          },
+          [&](uint32_t, uint32_t, const std::vector<float>& dy) {
+            return std::vector<float>(dy.size(), 0.0f);  // no backward in an evaluation
+          });
+      auto evaluation = s.EndStep();
+      EXPECT_TRUE(evaluation.ok()) << evaluation.status();
+      if (evaluation.ok()) {
+        EXPECT_EQ(evaluation->updated_experts, 0u);
+      }
+    }
     Status begun = s.BeginStep(views);
     EXPECT_TRUE(begun.ok()) << begun;
+    size_t call = 0;
     RunLoop(
         step, o.model.layers, d, c.dtype,
         [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
-          if (!c.gated) {
-            return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+          std::vector<float> y = forward(mb, l, x);
+          if (c.evaluate) {
+            EXPECT_EQ(y, evaluated[call++]) << "micro-batch " << mb << " layer " << l;
           }
-          const GateOutput gate = RunGate(x, l);
-          return through(x, [&](void* i, void* o2) {
-            return s.Forward(mb, l, i, o2, {gate.experts.data(), gate.weights.data(), kGateK});
-          });
+          return y;
         },
         [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
           return through(dy, [&](void* i, void* o2) { return s.Backward(mb, l, i, o2); });

@@ -118,6 +118,9 @@ struct RunConfig {
   bool immediate = false;  // skip_step_on_nonfinite off: updates start as gradients complete
   int poison_step = -1;    // this step's loss gradient holds a NaN
   std::vector<float> lr_schedule;  // non-empty: step i's learning rate (SetHyperParams)
+  // Each step's batch is first evaluated (BeginEvaluation, Forward only); its outputs must
+  // equal the training step's forward outputs.
+  bool evaluate = false;
   std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
 };
 

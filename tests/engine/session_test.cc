@@ -860,5 +860,37 @@ TEST(SessionTest, AScheduleOfHyperParametersMatchesTheReference) {
   EXPECT_EQ(d.session->SetHyperParams(HyperParams{}).code(), StatusCode::kFailedPrecondition);
 }
 
+// An evaluation step runs Forward only: its outputs are the training forward's bit for bit,
+// and it changes nothing (the weights still match the reference), for every strategy, RRE and
+// learned gates, and the delayed update; Backward in it is refused.
+TEST(SessionTest, AnEvaluationStepComputesTheForwardAndChangesNothing) {
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      SCOPED_TRACE(::testing::Message() << StrategyName(strategy) << " variant " << variant);
+      RunConfig c;
+      c.dtype = DType::kBF16;
+      c.strategy = strategy;
+      c.micro_batches = 2;
+      c.evaluate = true;
+      c.gated = variant == 1;
+      c.delayed = variant == 2;
+      ExpectMatchesReference(c, TrainSession(c));
+    }
+  }
+  Driven d = Driven::Create(OptionsFor(RunConfig{}));
+  const std::vector<Batch> step = MakeSteps(1, 1)[0];
+  ASSERT_TRUE(d.session->BeginEvaluation({step[0].view()}).ok());
+  ASSERT_TRUE(d.session->Forward(0, 0, d.x.data(), d.y.data()).ok());
+  EXPECT_EQ(d.session->Backward(0, 0, d.x.data(), d.y.data()).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(d.session->EndStep().status().code(), StatusCode::kFailedPrecondition)
+      << "layer 1 has not run forward";
+  ASSERT_TRUE(d.session->Forward(0, 1, d.x.data(), d.y.data()).ok());
+  auto ended = d.session->EndStep();
+  ASSERT_TRUE(ended.ok()) << ended.status();
+  EXPECT_EQ(ended->updated_experts, 0u);
+  EXPECT_TRUE(d.Step(step).ok()) << "training goes on";
+}
+
 }  // namespace
 }  // namespace ecss

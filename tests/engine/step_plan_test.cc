@@ -302,5 +302,22 @@ TEST(StepPlanTest, WritesTheDocumentedJson) {
   EXPECT_NE(s.find("\"step_offset\":-2"), std::string::npos);
 }
 
+// An evaluation step: uploads, fetches and forwards only; its fetches wait for the experts'
+// last updates; it has no backward (refused) and never waits for updates at its end.
+TEST(StepPlanTest, AnEvaluationIsForwardOnly) {
+  PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
+  policy.evaluation = true;
+  StepPlan plan = Build(policy);
+  EXPECT_EQ(plan.Count(OpKind::kForward), 2u);
+  EXPECT_EQ(plan.Count(OpKind::kBackward), 0u);
+  EXPECT_EQ(plan.Count(OpKind::kGradientCopy), 0u);
+  EXPECT_EQ(plan.Count(OpKind::kUpdate), 0u);
+  EXPECT_EQ(plan.Count(OpKind::kFetch), 3u);
+  EXPECT_FALSE(plan.step_waits_for_updates());
+  EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
+  const std::vector<std::pair<uint32_t, uint32_t>> sequence = {{0, 0}, {0, 2}, {1, 1}};
+  EXPECT_EQ(plan.AccessSequence(), sequence);
+}
+
 }  // namespace
 }  // namespace ecss
