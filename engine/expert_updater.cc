@@ -162,8 +162,14 @@ struct NvmeUpdater::Impl {
                        {{"experts", static_cast<double>(job.work.size())}});
       StatusOr<StreamingReport> report =
           updater->Run(job.work, job.loss_scale, job.clip_coefficient, &job.params);
-      const double seconds =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      const auto end = std::chrono::steady_clock::now();
+      const double seconds = std::chrono::duration<double>(end - start).count();
+      // Reported before the job counts as done, so that whoever waited for it sees its times.
+      if (options.optimizer.on_update) {
+        for (const StreamedGradient& g : job.work) {
+          options.optimizer.on_update(g.expert, job.step, start, end);
+        }
+      }
       lock.lock();
       running = false;
       busy += seconds;
@@ -180,14 +186,6 @@ struct NvmeUpdater::Impl {
       }
       for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
       cv.notify_all();
-      if (options.optimizer.on_update) {
-        lock.unlock();
-        const auto end = std::chrono::steady_clock::now();
-        for (const StreamedGradient& g : job.work) {
-          options.optimizer.on_update(g.expert, job.step, start, end);
-        }
-        lock.lock();
-      }
     }
   }
 };
@@ -399,6 +397,15 @@ StatusOr<StepReport> NvmeUpdater::FinishStep() {
   }
   ECSS_RETURN_IF_ERROR(Start(report.clip_coefficient));
   return report;
+}
+
+Status NvmeUpdater::AbortStep() {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  for (const StreamedGradient& g : s.batch) s.done_step[g.expert] = s.step;
+  s.batch.clear();
+  s.cv.notify_all();
+  return Status::Ok();
 }
 
 Status NvmeUpdater::WaitForStep(uint64_t step) {

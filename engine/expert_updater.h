@@ -42,6 +42,8 @@ class ExpertUpdater {
   // The submissions so far may start (NvmeUpdater batches them per layer).
   virtual Status Flush() = 0;
   virtual StatusOr<StepReport> FinishStep() = 0;
+  // Ends the step without the updates it still holds back (CpuOptimizer::AbortStep).
+  virtual Status AbortStep() = 0;
   // True while the expert's latest submitted update has not finished.
   virtual bool Pending(uint32_t id) const = 0;
   virtual Status Wait(uint32_t id) = 0;
@@ -71,6 +73,7 @@ class HostUpdater final : public ExpertUpdater {
   Status Submit(uint32_t id, const float* grad) override;
   Status Flush() override { return Status::Ok(); }
   StatusOr<StepReport> FinishStep() override;
+  Status AbortStep() override { return optimizer_->AbortStep(); }
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
   Status WaitForStep(uint64_t step) override;
@@ -146,6 +149,7 @@ class NvmeUpdater final : public ExpertUpdater {
   Status Submit(uint32_t id, const float* grad) override;
   Status Flush() override;
   StatusOr<StepReport> FinishStep() override;
+  Status AbortStep() override;
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
   Status WaitForStep(uint64_t step) override;

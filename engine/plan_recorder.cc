@@ -56,16 +56,10 @@ void PlanRecorder::UpdateRan(uint64_t updater_step, uint32_t layer, Clock::time_
   const auto [step, step_offset] = mapped->second;
   Record* record = Find(step);
   if (record == nullptr) return;
-  for (const PlanOp& op : record->plan.ops()) {
-    const bool this_layer = op.layer < 0 || op.layer == static_cast<int32_t>(layer);
-    if (op.kind != OpKind::kUpdate || op.step_offset != step_offset || !this_layer) continue;
-    auto started = record->started.find(op.id);
-    if (started == record->started.end() || start < started->second) {
-      record->started[op.id] = start;
-    }
-    auto ended = record->ended.find(op.id);
-    if (ended == record->ended.end() || end > ended->second) record->ended[op.id] = end;
-    return;
+  auto [window, added] = record->updates.try_emplace({step_offset, layer}, Window{start, end});
+  if (!added) {
+    window->second.start = std::min(window->second.start, start);
+    window->second.end = std::max(window->second.end, end);
   }
 }
 
@@ -82,19 +76,32 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
   };
   std::map<PlanResource, double> stream_free;  // device ops run in order per resource
   for (PlanOp& op : plan.mutable_ops()) {
+    if (op.kind == OpKind::kUpdate) {  // the union of its experts' update windows
+      bool ran = false;
+      Window whole{};
+      for (const auto& [key, window] : record->updates) {
+        if (key.first != op.step_offset || (op.layer >= 0 && key.second != uint32_t(op.layer))) {
+          continue;
+        }
+        whole = ran ? Window{std::min(whole.start, window.start), std::max(whole.end, window.end)}
+                    : window;
+        ran = true;
+      }
+      if (ran) {
+        op.start_s = seconds(whole.start);
+        op.end_s = seconds(whole.end);
+      }
+      continue;
+    }
+    auto issued = record->issued.find(op.id);
+    if (issued != record->issued.end()) op.issued_s = seconds(issued->second);
     auto ended = record->ended.find(op.id);
     if (ended == record->ended.end()) continue;
     op.end_s = seconds(ended->second);
-    auto started = record->started.find(op.id);
-    if (started != record->started.end()) {
-      op.start_s = seconds(started->second);
-    } else {
-      auto issued = record->issued.find(op.id);
-      double start = issued != record->issued.end() ? seconds(issued->second) : 0.0;
-      for (uint32_t dep : op.deps) start = std::max(start, std::max(0.0, plan.ops()[dep].end_s));
-      if (op.resource != PlanResource::kNone) start = std::max(start, stream_free[op.resource]);
-      op.start_s = std::min(start, op.end_s);
-    }
+    double start = std::max(0.0, op.issued_s);
+    for (uint32_t dep : op.deps) start = std::max(start, std::max(0.0, plan.ops()[dep].end_s));
+    if (op.resource != PlanResource::kNone) start = std::max(start, stream_free[op.resource]);
+    op.start_s = std::min(start, op.end_s);
     if (op.resource != PlanResource::kNone) {
       stream_free[op.resource] = std::max(stream_free[op.resource], op.end_s);
     }

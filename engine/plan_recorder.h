@@ -25,7 +25,7 @@ class PlanRecorder {
   // A step begins: its plan (updates of it that end later are stamped onto it until it is
   // dropped, kKeptSteps steps on).
   void BeginStep(uint64_t step, Clock::time_point begin);
-  // The current step's plan so far (learned gates append to it during the step).
+  // The step's plan, once it is whole (at EndStep).
   void SetPlan(uint64_t step, const StepPlan& plan);
   void Issued(uint64_t step, uint32_t op);
   void Ended(uint64_t step, uint32_t op);
@@ -41,10 +41,16 @@ class PlanRecorder {
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
 
  private:
+  struct Window {
+    Clock::time_point start, end;
+  };
   struct Record {
     StepPlan plan;
     Clock::time_point begin;
-    std::map<uint32_t, Clock::time_point> issued, ended, started;
+    std::map<uint32_t, Clock::time_point> issued, ended;
+    // (step_offset, layer) -> when its experts' updates ran, matched to the plan's update ops
+    // when it is read (the plan may not list them yet when they run: learned gates).
+    std::map<std::pair<int32_t, uint32_t>, Window> updates;
   };
   Record* Find(uint64_t step);  // REQUIRES: mutex_ held
   mutable std::mutex mutex_;

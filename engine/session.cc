@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <optional>
+#include <set>
 
 #include "engine/expert_updater.h"
 #include "engine/memory_plan.h"
@@ -125,13 +127,13 @@ struct Session::Impl {
   // Declared before the updater, whose threads report to it until it is destroyed.
   PlanRecorder recorder;
   std::unique_ptr<KernelRunner> kernels;
-  // Declared before what is carved from it (the updater's staging, the experts' buffers),
-  // so that it is destroyed after them.
   // Weights on NVMe: their store (and its engine) and the NVMe -> pinned stage, declared
   // before what uses them (the updater writes the store; the prefetcher reads the stager).
   std::unique_ptr<IoEngine> weight_io;
   std::unique_ptr<ExpertStore> weight_store;
   std::unique_ptr<WeightStager> stager;
+  // Declared before what is carved from it (the updater's staging, the experts' buffers),
+  // so that it is destroyed after them.
   std::unique_ptr<PinnedHostPool> pinned;
   std::unique_ptr<HostAllocator> host_memory;  // states in host memory, within host_budget_bytes
   std::unique_ptr<ExpertUpdater> updater;
@@ -165,8 +167,10 @@ struct Session::Impl {
   std::map<uint32_t, Stream> issued_on;
   std::map<uint64_t, uint32_t> fetch_at;  // sequence position -> the plan's fetch there
   uint64_t recording = 0;                 // the step whose ops are being recorded
-  bool evaluating = false;                // the step is an evaluation: Forward only
-  std::deque<uint32_t> pending_layers;    // gradients complete once d2h passes
+  // The cache's contents after the last step's plan, least recently used first.
+  std::vector<std::pair<uint32_t, uint32_t>> last_resident;
+  bool evaluating = false;              // the step is an evaluation: Forward only
+  std::deque<uint32_t> pending_layers;  // gradients complete once d2h passes
   StallStats stalls;
   Clock::time_point last_end;
   bool has_last_end = false;
@@ -240,6 +244,7 @@ struct Session::Impl {
   const PlanOp& ComputeOp(OpKind kind, uint32_t micro_batch, uint32_t layer) const {
     return *plan->Compute(kind, micro_batch, layer);
   }
+  Status CopyGradients(uint32_t micro_batch, uint32_t layer, const LayerWork& lw);
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
@@ -278,11 +283,14 @@ Status Session::Impl::CreateAll() {
                                        "] (the backend's device memory)"));
   }
   if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
-  // When each expert's update ran, for the executed plans.
-  options.optimizer.on_update = [this](uint32_t id, uint64_t updater_step, Clock::time_point start,
-                                       Clock::time_point end) {
-    recorder.UpdateRan(updater_step, index.Id(id).layer, start, end);
-  };
+  if (options.record_op_times) {  // when each expert's update ran, for the executed plans
+    options.optimizer.on_update = [this, user = options.optimizer.on_update](
+                                      uint32_t id, uint64_t updater_step, Clock::time_point start,
+                                      Clock::time_point end) {
+      recorder.UpdateRan(updater_step, index.Id(id).layer, start, end);
+      if (user) user(id, updater_step, start, end);
+    };
+  }
   ECSS_RETURN_IF_ERROR(CreateRouter());
   KernelRunnerOptions kernel_options;
   kernel_options.cpu.threads = options.kernel_threads;
@@ -546,7 +554,11 @@ Status Session::Impl::StartHeldUpdate() {
   ++updater_steps;
   for (const auto& [layer, e] : held) {
     const Expert& x = experts[layer][e];
-    ECSS_RETURN_IF_ERROR(updater->Submit(x.id, static_cast<const float*>(x.grad.data())));
+    Status submitted_one = updater->Submit(x.id, static_cast<const float*>(x.grad.data()));
+    if (!submitted_one.ok()) {
+      updater->AbortStep().IgnoreError();  // the held gradients stay held: BeginStep retries
+      return submitted_one;
+    }
   }
   submitted = static_cast<uint32_t>(held.size());
   ECSS_ASSIGN_OR_RETURN(started_report, updater->FinishStep());
@@ -628,7 +640,24 @@ StatusOr<StepPlan> Session::Impl::BuildPlan() const {
     }
     in.micro_batches.push_back(std::move(route));
   }
-  for (ExpertKey key : cache->ResidentKeys()) in.resident.emplace_back(LayerOf(key), ExpertOf(key));
+  // What the cache holds as the step begins, least recently used first (the last plan knows
+  // the order), less what publishing the delayed update is about to drop.
+  std::vector<ExpertKey> resident = cache->ResidentKeys();
+  auto held_now = [&](std::pair<uint32_t, uint32_t> key) {
+    const ExpertKey packed = MakeExpertKey(key.first, key.second);
+    if (std::find(resident.begin(), resident.end(), packed) == resident.end()) return false;
+    return !delayed() || std::find(started.begin(), started.end(), key) == started.end();
+  };
+  for (const auto& key : last_resident) {
+    if (held_now(key)) in.resident.push_back(key);
+  }
+  for (ExpertKey packed : resident) {
+    const std::pair<uint32_t, uint32_t> key{LayerOf(packed), ExpertOf(packed)};
+    if (held_now(key) &&
+        std::find(in.resident.begin(), in.resident.end(), key) == in.resident.end()) {
+      in.resident.push_back(key);
+    }
+  }
   in.held_experts = held.size();
   return BuildStepPlan(in);
 }
@@ -700,6 +729,7 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
   // Every micro-batch routed: only now is anything enqueued, so a refused step leaves no
   // copy in flight out of (or into) the buffers it frees.
   for (const PlanOp* upload : plan->Find(OpKind::kPlanUpload)) {
+    ECSS_RETURN_IF_ERROR(HostWait(*upload));
     MicroBatchWork& w = micro[static_cast<uint32_t>(upload->micro_batch)];
     ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), w.device_plan, w.plan->data(),
                                            w.plan->bytes(), CopyKind::kHostToDevice));
@@ -803,6 +833,9 @@ Session::~Session() {
 }
 
 Status Session::BeginEvaluation(const std::vector<MicroBatch>& micro_batches) {
+  if (impl_->in_step) {
+    return FailedPreconditionError("BeginEvaluation: the previous step was not ended");
+  }
   impl_->evaluating = true;
   Status begun = BeginStep(micro_batches, 1.0f);
   if (!begun.ok() && !impl_->in_step) impl_->evaluating = false;
@@ -947,14 +980,14 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
                         PlanSlot(micro_batch * options.model.layers + layer, routed->bytes()));
   Status appended = plan->AppendForward(micro_batch, layer, route, routed->bytes());
   if (!appended.ok()) return appended.Annotate(where());
-  recorder.SetPlan(recording, *plan);
   IndexFetches();
   const PlanOp& forward = ComputeOp(OpKind::kForward, micro_batch, layer);
   FillLayer(routed->DeviceLayer(0, device_plan), forward, lw);
-  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan, routed->data(),
-                                         routed->bytes(), CopyKind::kHostToDevice));
   const std::vector<const PlanOp*> uploads = plan->Find(
       OpKind::kPlanUpload, static_cast<int32_t>(micro_batch), static_cast<int32_t>(layer));
+  if (!uploads.empty()) ECSS_RETURN_IF_ERROR(HostWait(*uploads.back()));
+  ECSS_RETURN_IF_ERROR(backend.CopyAsync(compute.get(), device_plan, routed->data(),
+                                         routed->bytes(), CopyKind::kHostToDevice));
   if (!uploads.empty()) ECSS_RETURN_IF_ERROR(Record(uploads.back()->id, compute.get()));
   lw.plan.emplace(std::move(routed).value());
   lw.device_plan = device_plan;
@@ -964,6 +997,7 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
 
 Status Session::Impl::Record(uint32_t id, Stream stream) {
   issued_on[id] = stream;
+  if (!options.record_op_times) return Status::Ok();
   recorder.Issued(recording, id);
   PlanRecorder* r = &recorder;
   const uint64_t s = recording;
@@ -975,10 +1009,22 @@ Status Session::Impl::Record(uint32_t id, Stream stream) {
 
 Status Session::Impl::HostWait(const PlanOp& op) {
   if (!op.host_waits) return Status::Ok();
+  // The streams of the deps; a dep that ran on no stream (an NVMe stage, a fetch the cache
+  // did not need) stands for what it waited for in turn.
   std::vector<Stream> streams;
-  for (uint32_t dep : op.deps) {
+  std::vector<uint32_t> todo = op.deps;
+  std::set<uint32_t> seen;
+  while (!todo.empty()) {
+    const uint32_t dep = todo.back();
+    todo.pop_back();
+    if (!seen.insert(dep).second) continue;
     auto issued = issued_on.find(dep);
-    if (issued == issued_on.end()) continue;  // not on a stream (or not issued: a hit)
+    if (issued == issued_on.end()) {
+      const PlanOp& unissued = plan->ops()[dep];
+      if (unissued.step_offset == 0)
+        todo.insert(todo.end(), unissued.deps.begin(), unissued.deps.end());
+      continue;
+    }
     if (std::find(streams.begin(), streams.end(), issued->second) == streams.end()) {
       streams.push_back(issued->second);
     }
@@ -1054,6 +1100,54 @@ Status Session::Impl::RunForward(uint32_t micro_batch, uint32_t layer, const voi
   return s.Prefetch();
 }
 
+// The layer's expert gradients (in the gradient region) to pinned memory: the first
+// micro-batch that touches an expert copies into its accumulator; later ones copy to staging
+// and are added on the host, in micro-batch order, which keeps the sum deterministic.
+Status Session::Impl::CopyGradients(uint32_t micro_batch, uint32_t layer, const LayerWork& lw) {
+  const Stream d = d2h.get();
+  const Stream c = compute.get();
+  const auto mb = static_cast<int32_t>(micro_batch);
+  const PlanOp& copy_op = *plan->Find(OpKind::kGradientCopy, mb, static_cast<int32_t>(layer))[0];
+  ECSS_RETURN_IF_ERROR(HostWait(copy_op));
+  ECSS_RETURN_IF_ERROR(backend.RecordEvent(dw_ready.get(), c));
+  ECSS_RETURN_IF_ERROR(backend.WaitEvent(d, dw_ready.get()));
+  const uint64_t grad_bytes = params * 4;
+  std::vector<std::pair<float*, const float*>> adds;
+  for (size_t i = 0; i < lw.experts.size(); ++i) {
+    Expert& expert = experts[layer][lw.experts[i]];
+    const void* src = static_cast<const float*>(dw.data()) + i * params;
+    if (!expert.touched && delayed() && updater->Pending(expert.id)) {
+      // The update started at BeginStep may still read this buffer (the previous gradient).
+      StallTimer timer(&gradient_fence_seconds);
+      ECSS_RETURN_IF_ERROR(updater->Wait(expert.id));
+    }
+    if (!expert.touched) {
+      ECSS_RETURN_IF_ERROR(
+          backend.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
+      expert.touched = true;
+    } else {
+      float* staging = static_cast<float*>(grad_tmp.data()) + i * params;
+      ECSS_RETURN_IF_ERROR(backend.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
+      adds.emplace_back(static_cast<float*>(expert.grad.data()), staging);
+    }
+    gradient_bytes += grad_bytes;
+  }
+  ECSS_RETURN_IF_ERROR(Record(copy_op.id, d));
+  if (!adds.empty()) {
+    const uint64_t n = params;
+    ECSS_RETURN_IF_ERROR(backend.LaunchHostFunction(d, "accumulate gradients", [adds, n] {
+      for (const auto& [acc, add] : adds) {
+        for (uint64_t i = 0; i < n; ++i) acc[i] += add[i];
+      }
+      return Status::Ok();
+    }));
+    const std::vector<const PlanOp*> add_op =
+        plan->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
+    if (!add_op.empty()) ECSS_RETURN_IF_ERROR(Record(add_op[0]->id, d));
+  }
+  return Status::Ok();
+}
+
 Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx) {
   Impl& s = *impl_;
   if (!s.in_step) return FailedPreconditionError("Backward outside a step (call BeginStep)");
@@ -1085,7 +1179,6 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   ECSS_RETURN_IF_ERROR(s.CheckActivation(dx, micro_batch, "Backward input gradient"));
   if (s.gated()) {  // reactive: the layer's experts are fetched now, again if evicted
     ECSS_RETURN_IF_ERROR(s.plan->AppendBackward(micro_batch, layer));
-    s.recorder.SetPlan(s.recording, *s.plan);
     s.IndexFetches();
     lw.backward_position = s.prefetcher->Append(LayerKeys(layer, lw));
   }
@@ -1121,49 +1214,8 @@ Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, v
   ECSS_RETURN_IF_ERROR(s.ReleaseAll(leases));
   lw.backwarded = true;
 
-  // Gradients to pinned memory: the first micro-batch that touches an expert copies into its
-  // accumulator; later ones copy to staging and add, in micro-batch order.
+  ECSS_RETURN_IF_ERROR(s.CopyGradients(micro_batch, layer, lw));
   const Stream d = s.d2h.get();
-  const auto mb = static_cast<int32_t>(micro_batch);
-  const PlanOp& copy_op = *s.plan->Find(OpKind::kGradientCopy, mb, static_cast<int32_t>(layer))[0];
-  ECSS_RETURN_IF_ERROR(s.HostWait(copy_op));
-  ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_ready.get(), c));
-  ECSS_RETURN_IF_ERROR(s.backend.WaitEvent(d, s.dw_ready.get()));
-  const uint64_t grad_bytes = s.params * 4;
-  std::vector<std::pair<float*, const float*>> adds;
-  for (size_t i = 0; i < lw.experts.size(); ++i) {
-    Expert& expert = s.experts[layer][lw.experts[i]];
-    const void* src = static_cast<const float*>(s.dw.data()) + i * s.params;
-    if (!expert.touched && s.delayed() && s.updater->Pending(expert.id)) {
-      // The update started at BeginStep may still read this buffer (the previous gradient).
-      StallTimer timer(&s.gradient_fence_seconds);
-      ECSS_RETURN_IF_ERROR(s.updater->Wait(expert.id));
-    }
-    if (!expert.touched) {
-      ECSS_RETURN_IF_ERROR(
-          s.backend.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
-      expert.touched = true;
-    } else {
-      float* staging = static_cast<float*>(s.grad_tmp.data()) + i * s.params;
-      ECSS_RETURN_IF_ERROR(
-          s.backend.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
-      adds.emplace_back(static_cast<float*>(expert.grad.data()), staging);
-    }
-    s.gradient_bytes += grad_bytes;
-  }
-  ECSS_RETURN_IF_ERROR(s.Record(copy_op.id, d));
-  if (!adds.empty()) {
-    const uint64_t n = s.params;
-    ECSS_RETURN_IF_ERROR(s.backend.LaunchHostFunction(d, "accumulate gradients", [adds, n] {
-      for (const auto& [acc, add] : adds) {
-        for (uint64_t i = 0; i < n; ++i) acc[i] += add[i];
-      }
-      return Status::Ok();
-    }));
-    const std::vector<const PlanOp*> add_op =
-        s.plan->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
-    if (!add_op.empty()) ECSS_RETURN_IF_ERROR(s.Record(add_op[0]->id, d));
-  }
   ECSS_RETURN_IF_ERROR(s.backend.RecordEvent(s.dw_free.get(), d));
   // The last micro-batch's backward of a layer completes its experts' gradients.
   if (micro_batch + 1 == s.micro.size()) {
@@ -1196,6 +1248,7 @@ StatusOr<StepStats> Session::EndStep() {
   uint64_t tokens = 0;
   for (const MicroBatchWork& w : s.micro) tokens += w.num_tokens;
   s.micro.clear();  // the plans' device copies: compute has passed them
+  s.last_resident = s.plan->ResidentAfter();
   s.in_step = false;
   s.evaluating = false;
   if (!ended.ok()) {
@@ -1244,16 +1297,17 @@ StatusOr<StepStats> Session::EndStep() {
 // that nothing of the step is left in flight; returns the first failure.
 Status Session::Impl::FinishStepWork(StepReport* report) {
   Status first = SubmitReady(true);
-  if (!first.ok()) {
-    // The gradients of layers not submitted are dropped with the step.
-    for (uint32_t layer : pending_layers) {
-      for (Expert& expert : experts[layer]) expert.touched = false;
-    }
-    pending_layers.clear();
-  }
   plan->Finish();  // learned gates: the updates that wait for the whole step
   recorder.SetPlan(recording, *plan);
-  if (!delayed() && !evaluating) {
+  if (!first.ok()) {
+    // The gradients not submitted are dropped with the step, and what the optimizer holds
+    // back is not applied with a norm of part of the step.
+    for (std::vector<Expert>& layer : experts) {
+      for (Expert& expert : layer) expert.touched = false;
+    }
+    pending_layers.clear();
+    if (!delayed() && !evaluating) updater->AbortStep().IgnoreError();
+  } else if (!delayed() && !evaluating) {
     for (const PlanOp* update : plan->Find(OpKind::kUpdate)) {
       if (update->step_offset == 0 && plan->policy().deferred_updates) {
         recorder.Issued(recording, update->id);  // they start now, after the global norm

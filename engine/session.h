@@ -109,11 +109,13 @@ class Session {
   // (d_ff x d_model)] row-major.
   StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert);
   // The plan step `step` (StepStats::step) ran, as it ran: every op with its resource, bytes
-  // or FLOPs and edges, and start_s / end_s (seconds since its BeginStep) for the ops the
-  // session saw run; updates still running have none yet (Synchronize first for all). The
+  // or FLOPs and edges, and (with SessionOptions::record_op_times) start_s / end_s (seconds
+  // since its BeginStep) of the ops it saw run; updates still running have none yet
+  // (Synchronize first for all). The
   // last few steps are kept (NotFound for older ones). The plan's fetches are the cache's for
-  // calls in the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0); other
-  // orders work, and fetch again what their order evicted, which the plan does not list.
+  // calls in the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0) unless
+  // ecss fills the cache: its leases taken ahead pin slots, so the cache may evict (and fetch
+  // again) what the plan kept; other orders work too, and fetch again what they evicted.
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
   // Every byte the session allocates, by tier and purpose (engine/memory_plan.h).
   const MemoryPlan& memory_plan() const;

@@ -53,6 +53,12 @@ Status SessionOptions::Validate() const {
   if (states_on_nvme && nvme_dirs.empty()) {
     return InvalidArgumentError("session: states on NVMe need at least one directory (nvme_dirs)");
   }
+  if (states_on_nvme && optimizer.groups.size() != 1) {
+    return InvalidArgumentError(
+        StrCat("session: states on NVMe take one optimizer parameter "
+               "group (optimizer.groups has ",
+               optimizer.groups.size(), ")"));
+  }
   if (resume_states && !states_on_nvme) {
     return InvalidArgumentError("session: resume_states needs states on NVMe");
   }

@@ -97,8 +97,8 @@ struct SessionOptions {
   StatesPlacement states = StatesPlacement::kHost;
   WeightsPlacement weights = WeightsPlacement::kPinned;
   // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the
-  // device (the NVMe -> pinned window); 0 = the device cache's slots. Counted in the pinned
-  // budget.
+  // device (the NVMe -> pinned window); 0 = max_active_experts_per_layer (one layer's
+  // experts). Counted in the pinned budget.
   uint32_t weight_staging_blocks = 0;
   // kNvme: one or more directories for the state files (created, space reserved up front).
   // Needs dtype bf16 (the pinned weights are the bf16 copy). With clipping the step's
@@ -122,6 +122,10 @@ struct SessionOptions {
   // gradients).
   bool delayed_update = false;
   int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores
+  // Record when each op of each step's plan ran (Session::ExecutedPlan's start_s / end_s):
+  // a host callback per device op (on CUDA a cudaLaunchHostFunc each) and a timestamp per
+  // update, so it is off by default; the plans themselves are kept either way.
+  bool record_op_times = false;
   // Makes the IoEngines that every NVMe file of the session (states, weights) goes through;
   // empty = io_uring where the kernel allows it, else pread/pwrite. Tests wrap it in a
   // FaultInjectionIoEngine (offload/io/io_engines.h).

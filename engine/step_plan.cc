@@ -4,6 +4,7 @@
 #include <limits>
 #include <map>
 
+#include "offload/device_cache.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
 
@@ -80,18 +81,34 @@ class StepPlan::Builder {
 
   uint32_t Add(PlanOp op) {
     op.id = static_cast<uint32_t>(plan_.ops_.size());
-    const bool chained =
-        policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 && DeviceSide(op.kind);
-    if (chained && c_.last_issued >= 0) {
-      op.deps.push_back(static_cast<uint32_t>(c_.last_issued));
+    const bool chained = policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 &&
+                         DeviceSide(op.kind) && op.resource != PlanResource::kNone;
+    if (chained && !c_.chain_tail.empty()) {
+      op.deps.insert(op.deps.end(), c_.chain_tail.begin(), c_.chain_tail.end());
       op.host_waits = true;
     }
     std::sort(op.deps.begin(), op.deps.end());
     op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
     plan_.ops_.push_back(std::move(op));
     const uint32_t id = plan_.ops_.back().id;
-    if (chained) c_.last_issued = id;
+    if (chained && c_.stage_open) {
+      c_.stage_ops.push_back(id);
+    } else if (chained) {
+      c_.chain_tail = {id};
+    }
     return id;
+  }
+
+  // A stage of the chain: its ops wait for the stage before, not for each other, and the op
+  // after it waits for all of them (an access's fetches are issued together, then its compute
+  // waits for every one).
+  void OpenStage() {
+    c_.stage_open = true;
+    c_.stage_ops.clear();
+  }
+  void CloseStage() {
+    c_.stage_open = false;
+    if (!c_.stage_ops.empty()) c_.chain_tail = c_.stage_ops;
   }
 
   // The ops carried in from earlier steps that this step's edges name; with the delayed
@@ -131,7 +148,7 @@ class StepPlan::Builder {
     held.step_offset = -1;
     held.bytes = held_experts * model_.params * UpdateBytesPerParam();
     held.deps = {c_.step_gate};
-    Add(held);
+    c_.held_update = Add(held);
   }
 
   void AddUpload(uint32_t micro_batch, int32_t layer, uint64_t bytes) {
@@ -188,7 +205,12 @@ class StepPlan::Builder {
     copy.bytes = groups.experts.size() * model_.params * 4;
     copy.deps = {static_cast<uint32_t>(c_.last_compute)};
     auto previous = c_.gradient.find(layer);
-    if (previous != c_.gradient.end()) copy.deps.push_back(previous->second);
+    if (previous != c_.gradient.end()) {
+      copy.deps.push_back(previous->second);
+    } else if (c_.held_update >= 0) {
+      // The delayed update: the held update of step t-1 reads these gradient buffers.
+      copy.deps.push_back(static_cast<uint32_t>(c_.held_update));
+    }
     uint32_t done = Add(copy);
     bool accumulates = false;
     for (uint32_t e : groups.experts) accumulates |= !c_.touched[layer].insert(e).second;
@@ -234,7 +256,6 @@ class StepPlan::Builder {
     return all;
   }
 
- private:
   Status Check(uint32_t micro_batch, uint32_t layer, const LayerRoute& route) const {
     const auto where = [&] {
       return StrCat("step plan: micro-batch ", micro_batch, " layer ", layer);
@@ -258,6 +279,7 @@ class StepPlan::Builder {
     return Status::Ok();
   }
 
+ private:
   uint64_t UpdateBytesPerParam() const {
     // Reads the gradient, the master and the moments; writes the master and the moments,
     // and the compute copy when it is not the master itself.
@@ -301,7 +323,9 @@ class StepPlan::Builder {
 
   Status AddCompute(OpKind kind, uint32_t micro_batch, uint32_t layer, const LayerRoute& groups) {
     std::vector<uint32_t> deps;
+    OpenStage();
     for (uint32_t e : groups.experts) deps.push_back(Access(layer, e, groups.experts));
+    CloseStage();
     auto upload = c_.upload.find(micro_batch);
     if (upload != c_.upload.end()) deps.push_back(upload->second);
     if (c_.last_compute >= 0) deps.push_back(static_cast<uint32_t>(c_.last_compute));
@@ -338,6 +362,7 @@ class StepPlan::Builder {
       auto fetched = c_.last_fetch.find(key);
       return fetched != c_.last_fetch.end() ? fetched->second : c_.fetch_gate;
     }
+    std::vector<uint32_t> deps = {c_.fetch_gate};
     if (c_.resident.size() >= policy_.cache_slots) {
       const size_t victim = Victim(layer, group, position);
       const Key gone = c_.resident[victim];
@@ -348,11 +373,10 @@ class StepPlan::Builder {
       evict.position = position;
       auto used = c_.last_use.find(gone);
       if (used != c_.last_use.end()) evict.deps = {used->second};
-      Add(evict);
+      deps.push_back(Add(evict));  // the slot is written once its last reader is done
       c_.last_fetch.erase(gone);
       c_.resident.erase(c_.resident.begin() + static_cast<std::ptrdiff_t>(victim));
     }
-    std::vector<uint32_t> deps = {c_.fetch_gate};
     const uint64_t weight_bytes = model_.params * model_.weight_bytes;
     if (policy_.weights_on_nvme) {
       PlanOp stage;
@@ -363,7 +387,8 @@ class StepPlan::Builder {
       stage.position = position;
       stage.bytes = weight_bytes;
       stage.deps = {c_.fetch_gate};
-      deps = {Add(stage)};
+      deps.push_back(Add(stage));
+      deps.erase(deps.begin());  // the stage waits for the gate; the fetch for the stage
     }
     PlanOp fetch;
     fetch.kind = OpKind::kFetch;
@@ -380,30 +405,22 @@ class StepPlan::Builder {
   }
 
   // The resident expert to evict for an access at `position`, among those outside the
-  // accessing group (whose leases are held): with the future known (RRE) the farthest next
-  // use, never-again first, ties to the lowest key, as offload/device_cache.cc's Belady
-  // decides; else (learned gates) the least recently used.
+  // accessing group (whose leases are held), as the device cache decides: its Belady policy
+  // with the step's sequence known (RRE), else the least recently used.
   size_t Victim(uint32_t layer, const std::vector<uint32_t>& group, uint64_t position) const {
-    size_t best = c_.resident.size();
-    uint64_t best_next = 0;
-    for (size_t i = 0; i < c_.resident.size(); ++i) {
-      const Key& r = c_.resident[i];
+    std::vector<ExpertKey> candidates;
+    for (const Key& r : c_.resident) {
       if (r.first == layer && std::binary_search(group.begin(), group.end(), r.second)) continue;
-      if (c_.future.empty()) return i;
-      uint64_t next = std::numeric_limits<uint64_t>::max();
-      for (uint64_t p = position + 1; p < c_.future.size(); ++p) {
-        if (c_.future[p] == r) {
-          next = p;
-          break;
-        }
+      if (c_.belady == nullptr) {  // LRU: `resident` is least recently used first
+        return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), r) -
+                                   c_.resident.begin());
       }
-      if (best == c_.resident.size() || next > best_next ||
-          (next == best_next && r < c_.resident[best])) {
-        best = i;
-        best_next = next;
-      }
+      candidates.push_back(MakeExpertKey(r.first, r.second));
     }
-    return best;
+    const ExpertKey victim = c_.belady->ChooseVictim(candidates, position);
+    const Key key{LayerOf(victim), ExpertOf(victim)};
+    return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), key) -
+                               c_.resident.begin());
   }
 
   StepPlan& plan_;
@@ -490,6 +507,7 @@ void StepPlan::WriteJson(JsonWriter& json) const {
     for (uint32_t d : op.deps) json.Uint(d);
     json.EndArray();
     if (op.host_waits) json.Field("host_waits", true);
+    if (op.issued_s >= 0) json.Field("issued_s", op.issued_s);
     if (op.start_s >= 0) json.Field("start_s", op.start_s);
     if (op.end_s >= 0) json.Field("end_s", op.end_s);
     json.EndObject();
@@ -518,28 +536,24 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
                                          m.layers()));
     }
   }
-  // RRE: the whole access sequence is known, so the cache evicts by next use (Belady).
-  for (const MicroBatchRoute& mb : in.micro_batches) {
+  // RRE: the whole access sequence is known (per micro-batch, forward 0..L-1, then backward
+  // L-1..0 unless evaluating), so the cache evicts by next use (Belady).
+  for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
     for (uint32_t l = 0; l < m.layers(); ++l) {
-      for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
-    }
-    if (in.policy.evaluation) continue;
-    for (uint32_t l = m.layers(); l-- > 0;) {
-      for (uint32_t e : mb.layers[l].experts) plan.cursor_.future.emplace_back(l, e);
+      ECSS_RETURN_IF_ERROR(builder.Check(b, l, in.micro_batches[b].layers[l]));
     }
   }
-  if (in.policy.strategy == PlanStrategy::kNaive) {  // naive accesses every expert
-    plan.cursor_.future.clear();
-    for (size_t b = 0; b < in.micro_batches.size(); ++b) {
-      for (uint32_t pass = 0; pass < (in.policy.evaluation ? 1u : 2u); ++pass) {
-        for (uint32_t i = 0; i < m.layers(); ++i) {
-          const uint32_t l = pass == 0 ? i : m.layers() - 1 - i;
-          for (uint32_t e = 0; e < m.experts_per_layer[l]; ++e)
-            plan.cursor_.future.emplace_back(l, e);
-        }
+  std::vector<ExpertKey> sequence;
+  for (const MicroBatchRoute& mb : in.micro_batches) {
+    const uint32_t passes = in.policy.evaluation ? 1 : 2;
+    for (uint32_t i = 0; i < passes * m.layers(); ++i) {
+      const uint32_t l = i < m.layers() ? i : 2 * m.layers() - 1 - i;
+      for (uint32_t e : builder.Groups(l, mb.layers[l]).experts) {
+        sequence.push_back(MakeExpertKey(l, e));
       }
     }
   }
+  plan.cursor_.belady = MakeBeladyPolicy(sequence);
   for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
     builder.AddUpload(b, -1, in.micro_batches[b].plan_bytes);
   }

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <string_view>
@@ -32,6 +33,7 @@
 
 namespace ecss {
 
+class EvictionPolicy;
 class JsonWriter;
 
 enum class PlanStrategy : uint8_t { kEcss, kNoOverlap, kNaive };
@@ -82,7 +84,9 @@ struct PlanOp {
   // The executor waits on the host for every dep to complete before issuing this op
   // (no-overlap and naive); otherwise deps are met by stream order and events.
   bool host_waits = false;
-  double start_s = -1, end_s = -1;  // filled by the executor; -1: not run (or not observed)
+  // Filled by the executor (-1: not run, or not observed): when the host issued the op, and
+  // when it started and ended.
+  double issued_s = -1, start_s = -1, end_s = -1;
 };
 
 // The model as the plan needs it.
@@ -149,6 +153,11 @@ class StepPlan {
   std::vector<std::pair<uint32_t, uint32_t>> AccessSequence() const;
   // The groups a layer routed so gets in this plan's shape (naive: every expert of the layer).
   uint32_t Width(uint32_t layer, const LayerRoute& route) const;
+  // The device cache's contents after the plan's accesses, least recently used first (the
+  // next step's StepPlanInputs::resident, less what was invalidated meanwhile).
+  const std::vector<std::pair<uint32_t, uint32_t>>& ResidentAfter() const {
+    return cursor_.resident;
+  }
   // Bytes over ops of `kind` (this step's: step_offset 0).
   uint64_t Bytes(OpKind kind) const;
   size_t Count(OpKind kind) const;
@@ -180,8 +189,13 @@ class StepPlan {
   using Key = std::pair<uint32_t, uint32_t>;  // (layer, expert)
   // Where the builder stands, so that the Append calls continue it.
   struct Cursor {
-    int64_t last_issued = -1;   // the last device-side op (no-overlap's chain)
+    // No-overlap's chain: the ops the next device-side op waits for (the last stage), and,
+    // while a stage of several ops is open (an access's fetches), its ops so far.
+    std::vector<uint32_t> chain_tail;
+    bool stage_open = false;
+    std::vector<uint32_t> stage_ops;
     int64_t last_compute = -1;  // the compute stream's order
+    int64_t held_update = -1;   // the delayed update's update of step t-1's gradients
     uint32_t step_gate = 0;     // what the step's first ops wait for
     uint32_t fetch_gate = 0;    // what every fetch waits for
     bool finished = false;
@@ -191,7 +205,9 @@ class StepPlan {
     std::map<Key, LayerRoute> groups;                // (micro-batch, layer) -> its groups
     std::map<Key, uint32_t> last_fetch, last_use;    // (layer, expert) -> op
     std::vector<Key> resident;                       // the cache, least recently used first
-    std::vector<Key> future;                         // RRE: the whole access sequence
+    // RRE: the device cache's own Belady policy over the step's sequence (stateless, so
+    // copies of the plan share it); null with learned gates (LRU: `resident`'s order).
+    std::shared_ptr<EvictionPolicy> belady;
     uint64_t positions = 0;
   };
   PlanModel model_;

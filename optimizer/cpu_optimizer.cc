@@ -33,6 +33,7 @@ struct Pending {
   DType dtype;
   std::optional<double> sum_of_squares;
   HyperParams params;  // of the expert's group, as the step began
+  float grad_scale;    // the step's loss scale (the next BeginStep may change it meanwhile)
 };
 
 }  // namespace
@@ -51,17 +52,10 @@ struct CpuOptimizer::Impl {
                  bool check_finite) {
     BusyScope busy(*this);
     const auto start = std::chrono::steady_clock::now();
-    struct Observed {  // reports the update to options.on_update however it ends
-      ~Observed() {
-        if (impl.options.on_update) {
-          impl.options.on_update(e, step, start, std::chrono::steady_clock::now());
-        }
-      }
-      Impl& impl;
-      uint32_t e;
-      uint64_t step;
-      std::chrono::steady_clock::time_point start;
-    } observed{*this, e, step, start};
+    // Reported before Finish releases the fence, so whoever waited for it sees its times.
+    auto observe = [&] {
+      if (options.on_update) options.on_update(e, step, start, std::chrono::steady_clock::now());
+    };
     TraceRecorder* trace = options.trace;
     const int lane = trace == nullptr
                          ? 0
@@ -75,6 +69,7 @@ struct CpuOptimizer::Impl {
                                              : optimizer_internal::ParallelSumOfSquares(
                                                    isa, work.grad, work.dtype, n);
       if (!std::isfinite(sum)) {
+        observe();
         Finish(e, step, false,
                FailedPreconditionError(
                    StrCat("expert ", e, " step ", step,
@@ -88,7 +83,7 @@ struct CpuOptimizer::Impl {
       version = expert.version + 1;
     }
     const UpdateScalars scalars =
-        MakeUpdateScalars(options.kind, work.params, version, grad_scale, clip_coefficient);
+        MakeUpdateScalars(options.kind, work.params, version, work.grad_scale, clip_coefficient);
     const ParamArrays arrays{expert.arrays.master,
                              work.grad,
                              work.dtype,
@@ -97,6 +92,7 @@ struct CpuOptimizer::Impl {
                              expert.arrays.compute_copy,
                              n};
     optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements);
+    observe();
     Finish(e, step, true, Status::Ok());
   }
 
@@ -152,10 +148,10 @@ struct CpuOptimizer::Impl {
   std::deque<ExpertState> experts;  // stable addresses; appended by the driving thread only
   uint64_t current_step = 0;        // GUARDED_BY(mutex): WaitForExpert reads it from any thread
   bool in_step = false;             // GUARDED_BY(mutex)
-  float grad_scale = 1;
+  float grad_scale = 1;             // of the current step; each pending update keeps its own
   std::vector<HyperParams> step_groups;  // the groups' hyper-parameters as the step began
-  std::vector<Pending> pending;  // deferred mode: this step's submissions
-  Status first_error;            // GUARDED_BY(mutex)
+  std::vector<Pending> pending;          // deferred mode: this step's submissions
+  Status first_error;                    // GUARDED_BY(mutex)
 };
 
 StatusOr<std::unique_ptr<CpuOptimizer>> CpuOptimizer::Create(const CpuOptimizerOptions& options) {
@@ -225,11 +221,11 @@ Status CpuOptimizer::BeginStep(float grad_scale) {
 Status CpuOptimizer::SetHyperParams(uint32_t group, const HyperParams& params) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   if (group >= impl_->options.groups.size()) {
-    return InvalidArgumentError(StrCat("parameter group ", group, " of ",
-                                       impl_->options.groups.size()));
+    return InvalidArgumentError(
+        StrCat("parameter group ", group, " of ", impl_->options.groups.size()));
   }
-  ECSS_RETURN_IF_ERROR(ValidateHyperParams(impl_->options.kind, params)
-                           .Annotate(StrCat("parameter group ", group)));
+  ECSS_RETURN_IF_ERROR(
+      ValidateHyperParams(impl_->options.kind, params).Annotate(StrCat("parameter group ", group)));
   impl_->options.groups[group] = params;
   return Status::Ok();
 }
@@ -262,8 +258,12 @@ Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dty
     impl_->cv.wait(lock, [&] { return state.processed_step >= state.submitted_step; });
     state.submitted_step = step;
   }
-  Pending work{expert, grad, dtype, sum_of_squares,
-               impl_->step_groups[impl_->experts[expert].arrays.group]};
+  Pending work{expert,
+               grad,
+               dtype,
+               sum_of_squares,
+               impl_->step_groups[impl_->experts[expert].arrays.group],
+               impl_->grad_scale};
   if (impl_->deferred()) {
     impl_->pending.push_back(work);
   } else {
@@ -329,6 +329,19 @@ StatusOr<StepReport> CpuOptimizer::FinishStep() {
     impl_->Launch(p.expert, p, report.step, report.clip_coefficient, /*check_finite=*/true);
   }
   return report;
+}
+
+Status CpuOptimizer::AbortStep() {
+  uint64_t step;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    if (!impl_->in_step) return FailedPreconditionError("AbortStep without BeginStep");
+    impl_->in_step = false;
+    step = impl_->current_step;
+  }
+  for (const Pending& p : impl_->pending) impl_->Finish(p.expert, step, false, Status::Ok());
+  impl_->pending.clear();
+  return Status::Ok();
 }
 
 Status CpuOptimizer::WaitForExpert(uint32_t expert, uint64_t step) {

@@ -111,6 +111,10 @@ class CpuOptimizer {
   // Ends the step's submissions; in deferred mode computes the norm and starts the updates.
   // Does not wait for them.
   StatusOr<StepReport> FinishStep();
+  // Ends the step without its held-back updates (deferred mode: every submission is skipped,
+  // as an overflow skips it; updates already started run on), for a step whose gradients
+  // could not all be submitted. FailedPrecondition outside a step.
+  Status AbortStep();
 
   // Blocks until the expert's update for `step` finished or was skipped (immediately if the
   // expert was not submitted in that step). Returns that update's error, if any.

@@ -148,11 +148,13 @@ namespace {
 
 // Each array starts on a 4 KiB boundary and has room for a whole number of 4 KiB blocks, so
 // that O_DIRECT tiers can read into and write from the slot directly.
+constexpr size_t kBlockBytes = 4096;
+size_t Blocks(size_t bytes) { return (bytes + kBlockBytes - 1) / kBlockBytes; }
 size_t ArrayStrideFloats(const StreamingOptions& options) {
-  return (options.max_expert_elements * 4 + 4095) / 4096 * 1024;
+  return Blocks(options.max_expert_elements * sizeof(float)) * kBlockBytes / sizeof(float);
 }
 size_t ComputeCopyBytes(const StreamingOptions& options) {
-  return options.stage_compute_copy ? (options.max_expert_elements * 2 + 4095) / 4096 * 4096 : 0;
+  return options.stage_compute_copy ? Blocks(options.max_expert_elements * 2) * kBlockBytes : 0;
 }
 uint64_t SlotBytes(const StreamingOptions& options) {
   return ArrayStrideFloats(options) * 4 * (1 + StateArrays(options.kind)) +
@@ -185,7 +187,7 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
     const StreamingOptions& options, StateTier* tier, void* workspace, uint64_t workspace_bytes) {
   ECSS_ASSIGN_OR_RETURN(const uint64_t needed, WorkspaceBytes(options));
   if (tier == nullptr) return InvalidArgumentError("state streaming: a state tier is required");
-  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 4096 != 0 ||
+  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % kBlockBytes != 0 ||
       workspace_bytes < needed) {
     return InvalidArgumentError(StrCat("state streaming: the workspace must be ", needed,
                                        " bytes, 4 KiB aligned (got ", workspace_bytes, " bytes at ",
@@ -284,9 +286,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
         ++report.skipped_nonfinite;
       } else {
         token.update_count += 1;
-        const UpdateScalars scalars =
-            MakeUpdateScalars(impl.options.kind, hyper, token.update_count,
-                              grad_scale, clip_coefficient);
+        const UpdateScalars scalars = MakeUpdateScalars(
+            impl.options.kind, hyper, token.update_count, grad_scale, clip_coefficient);
         BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
         const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
                                  slot.state1, compute, slot.size};

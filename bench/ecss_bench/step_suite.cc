@@ -106,6 +106,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   options.optimizer.threads = static_cast<int>(threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
+  options.record_op_times = !dump_plan.empty();
   options.delayed_update = delayed != 0;
   if (states == "nvme") {
     options.states = StatesPlacement::kNvme;

@@ -74,7 +74,8 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
         EXPECT_EQ(evaluation->updated_experts, 0u);
       }
     }
-    Status begun = s.BeginStep(views);
+    Status begun = s.BeginStep(
+        views, c.loss_scales.empty() ? 1.0f : c.loss_scales[static_cast<size_t>(index)]);
     EXPECT_TRUE(begun.ok()) << begun;
     size_t call = 0;
     RunLoop(
@@ -158,8 +159,11 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
   auto weights_of = [&](uint32_t l, uint32_t e) -> const void* {
     return c.delayed ? static_cast<const void*>(front[l][e].data()) : current_of(l, e);
   };
-  auto apply = [&](const std::vector<std::vector<bool>>& touched) {
-    EXPECT_TRUE((*optimizer)->BeginStep(1.0f).ok());
+  auto scale_of = [&](int step) {
+    return c.loss_scales.empty() ? 1.0f : c.loss_scales[static_cast<size_t>(step)];
+  };
+  auto apply = [&](const std::vector<std::vector<bool>>& touched, float loss_scale) {
+    EXPECT_TRUE((*optimizer)->BeginStep(loss_scale).ok());
     for (uint32_t l = 0; l < m.layers; ++l) {
       for (uint32_t e = 0; e < master[l].size(); ++e) {
         if (touched[l][e]) {
@@ -182,7 +186,7 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
     }
     if (c.delayed) {
       snapshot();
-      if (!held.empty()) apply(held);
+      if (!held.empty()) apply(held, scale_of(index - 1));
     }
     std::vector<RoutingPlan> plans;
     if (!c.gated) {
@@ -304,10 +308,10 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
     if (c.delayed) {
       held = touched;
     } else {
-      apply(touched);
+      apply(touched, scale_of(index));
     }
   }
-  if (!held.empty()) apply(held);  // the session's Synchronize applies the held update
+  if (!held.empty()) apply(held, scale_of(index));  // the session's Synchronize applies it
   return master;
 }
 

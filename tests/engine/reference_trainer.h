@@ -118,6 +118,7 @@ struct RunConfig {
   bool immediate = false;  // skip_step_on_nonfinite off: updates start as gradients complete
   int poison_step = -1;    // this step's loss gradient holds a NaN
   std::vector<float> lr_schedule;  // non-empty: step i's learning rate (SetHyperParams)
+  std::vector<float> loss_scales;  // non-empty: step i's loss scale (the gradients carry it)
   // Each step's batch is first evaluated (BeginEvaluation, Forward only); its outputs must
   // equal the training step's forward outputs.
   bool evaluate = false;
@@ -154,6 +155,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.delayed_update = c.delayed;
   o.optimizer.skip_step_on_nonfinite = !c.immediate;
   o.io_engines = c.io_engines;
+  o.record_op_times = true;
   if (c.gated) {
     o.routing = Routing::kLearnedGate;
     o.gate_k = kGateK;

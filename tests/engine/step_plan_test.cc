@@ -114,31 +114,30 @@ TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
   EXPECT_EQ(Deps(plan, 13), std::vector<uint32_t>({12}));
 }
 
-// No-overlap: the same ops; each device-side op waits on the host for the one before it, and
-// the step's end waits for the updates (which still overlap the rest of the step).
-TEST(StepPlanTest, NoOverlapIsTheSameOpsEachWaitingForThePrevious) {
+// No-overlap: the same ops; each device-side stage waits on the host for the stage before it
+// (an access's fetches are one stage: issued together, then its compute waits for all of
+// them), and the step's end waits for the updates (which still overlap the rest of the step).
+TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
   policy.deferred_updates = false;
   const StepPlan serial = Build(policy);
   policy.strategy = PlanStrategy::kEcss;
   const StepPlan ecss = Build(policy);
   ASSERT_EQ(serial.ops().size(), ecss.ops().size());
-  int64_t previous = -1;
-  for (size_t i = 0; i < serial.ops().size(); ++i) {
-    const PlanOp& op = serial.ops()[i];
-    EXPECT_EQ(op.kind, ecss.ops()[i].kind);
-    EXPECT_EQ(op.bytes, ecss.ops()[i].bytes);
-    if (op.step_offset != 0) continue;  // carried in
-    if (op.kind == OpKind::kUpdate) {
-      EXPECT_FALSE(op.host_waits) << i;
-      continue;
-    }
-    if (previous >= 0) {
-      EXPECT_TRUE(op.host_waits) << i;
-      EXPECT_EQ(op.deps.back(), previous) << i;
-    }
-    previous = static_cast<int64_t>(i);
+  const auto& ops = serial.ops();
+  for (size_t i = 0; i < ops.size(); ++i) {
+    EXPECT_EQ(ops[i].kind, ecss.ops()[i].kind);
+    EXPECT_EQ(ops[i].bytes, ecss.ops()[i].bytes);
+    const bool chained = ops[i].step_offset == 0 && ops[i].kind != OpKind::kUpdate && i > 2;
+    EXPECT_EQ(ops[i].host_waits, chained) << i;
   }
+  // Layer 0's two fetches (ops 3 and 4) both wait for the upload (op 2), not for each other;
+  // its forward (op 5) waits for both.
+  EXPECT_EQ(ops[3].deps, std::vector<uint32_t>({1, 2}));
+  EXPECT_EQ(ops[4].deps, std::vector<uint32_t>({1, 2}));
+  EXPECT_EQ(ops[5].deps, std::vector<uint32_t>({2, 3, 4}));
+  // Layer 1's fetch (op 6) waits for that forward.
+  EXPECT_EQ(ops[6].deps, std::vector<uint32_t>({1, 5}));
   EXPECT_FALSE(serial.fetches_ahead());
   EXPECT_TRUE(serial.step_waits_for_updates());
   EXPECT_FALSE(ecss.step_waits_for_updates());
