@@ -80,7 +80,8 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
       bool ran = false;
       Window whole{};
       for (const auto& [key, window] : record->updates) {
-        if (key.first != op.step_offset || (op.layer >= 0 && key.second != uint32_t(op.layer))) {
+        if (key.first != op.step_offset ||
+            (op.layer >= 0 && key.second != static_cast<uint32_t>(op.layer))) {
           continue;
         }
         whole = ran ? Window{std::min(whole.start, window.start), std::max(whole.end, window.end)}

@@ -257,14 +257,20 @@ struct Session::Impl {
     optimizer_busy_at_begin = updater->busy_seconds();
     nvme_at_begin = nvme_bytes();
   }
-  // The grouped FFN of one layer of one micro-batch (activations recomputed in backward).
-  GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
+  // The grouped FFN of the model (activations recomputed in backward) over `rows` rows.
+  GroupedFfnProblem FfnProblem(uint32_t rows) const {
     GroupedFfnProblem p;
     p.d_model = options.model.d_model;
     p.d_ff = options.model.d_ff;
     p.activation = options.model.activation;
     p.dtype = options.model.dtype;
     p.saved = SavedActivation::kRecompute;
+    p.rows = rows;
+    return p;
+  }
+  // The grouped FFN of one layer of one micro-batch.
+  GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
+    GroupedFfnProblem p = FfnProblem(lw.offsets.back());
     p.num_groups = static_cast<uint32_t>(lw.experts.size());
     p.group_offsets = lw.offsets.data();
     p.rows = lw.offsets.back();
@@ -322,13 +328,7 @@ Status Session::Impl::CreateRouter() {
 
 // The grouped FFN's scratch for a micro-batch layer of `rows` rows, forward or backward.
 uint64_t Session::Impl::FfnWorkspaceBytes(uint32_t rows) const {
-  GroupedFfnProblem sizing;
-  sizing.d_model = options.model.d_model;
-  sizing.d_ff = options.model.d_ff;
-  sizing.activation = options.model.activation;
-  sizing.dtype = options.model.dtype;
-  sizing.saved = SavedActivation::kRecompute;
-  sizing.rows = rows;
+  const GroupedFfnProblem sizing = FfnProblem(rows);
   return std::max(kernels->FfnForwardWorkspaceBytes(sizing),
                   kernels->FfnBackwardWorkspaceBytes(sizing));
 }

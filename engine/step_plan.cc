@@ -377,26 +377,24 @@ class StepPlan::Builder {
       c_.last_fetch.erase(gone);
       c_.resident.erase(c_.resident.begin() + static_cast<std::ptrdiff_t>(victim));
     }
-    const uint64_t weight_bytes = model_.params * model_.weight_bytes;
+    // An expert's compute weights moving for this access: NVMe -> pinned, host -> device.
+    auto weights_move = [&](OpKind kind, PlanResource resource) {
+      PlanOp op;
+      op.kind = kind;
+      op.resource = resource;
+      op.layer = static_cast<int32_t>(layer);
+      op.experts = {expert};
+      op.position = position;
+      op.bytes = model_.params * model_.weight_bytes;
+      return op;
+    };
     if (policy_.weights_on_nvme) {
-      PlanOp stage;
-      stage.kind = OpKind::kStage;
-      stage.resource = PlanResource::kNvmeRead;
-      stage.layer = static_cast<int32_t>(layer);
-      stage.experts = {expert};
-      stage.position = position;
-      stage.bytes = weight_bytes;
+      PlanOp stage = weights_move(OpKind::kStage, PlanResource::kNvmeRead);
       stage.deps = {c_.fetch_gate};
       deps.push_back(Add(stage));
       deps.erase(deps.begin());  // the stage waits for the gate; the fetch for the stage
     }
-    PlanOp fetch;
-    fetch.kind = OpKind::kFetch;
-    fetch.resource = PlanResource::kH2d;
-    fetch.layer = static_cast<int32_t>(layer);
-    fetch.experts = {expert};
-    fetch.position = position;
-    fetch.bytes = weight_bytes;
+    PlanOp fetch = weights_move(OpKind::kFetch, PlanResource::kH2d);
     fetch.deps = std::move(deps);
     const uint32_t id = Add(fetch);
     c_.last_fetch[key] = id;
