@@ -61,8 +61,9 @@ std::string_view PlanResourceName(PlanResource resource) {
 }
 
 // Note [Plan shapes]: the builder adds every op through Add(), which gives no-overlap and
-// naive their shape in one place: each op of the step's device-side work (uploads, stages,
-// fetches, compute, gradient copies) waits, on the host, for the one issued before it. The
+// naive their shape in one place: the step's device-side work runs in stages (an upload; an
+// access's stages and fetches; a forward; a backward with its gradient copies, which it
+// orders on the device), and each stage waits, on the host, for the one before it. The
 // updates are not in that chain: they overlap the rest of the step and the step's end waits
 // for them (StepPlan::step_waits_for_updates). Naive's other difference (every expert in
 // every access) is in Groups(). Nothing else in the builder, and nothing in the executor,
@@ -79,11 +80,14 @@ class StepPlan::Builder {
   explicit Builder(StepPlan& plan)
       : plan_(plan), c_(plan.cursor_), policy_(plan.policy_), model_(plan.model_) {}
 
-  uint32_t Add(PlanOp op) {
+  // `joins`: the op belongs to the stage of the op before it (a layer's gradient copies join
+  // its backward: ordered after it on the device, not by the host), and the next op waits for
+  // the whole stage.
+  uint32_t Add(PlanOp op, bool joins = false) {
     op.id = static_cast<uint32_t>(plan_.ops_.size());
     const bool chained = policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 &&
                          DeviceSide(op.kind) && op.resource != PlanResource::kNone;
-    if (chained && !c_.chain_tail.empty()) {
+    if (chained && !joins && !c_.chain_tail.empty()) {
       op.deps.insert(op.deps.end(), c_.chain_tail.begin(), c_.chain_tail.end());
       op.host_waits = true;
     }
@@ -91,7 +95,9 @@ class StepPlan::Builder {
     op.deps.erase(std::unique(op.deps.begin(), op.deps.end()), op.deps.end());
     plan_.ops_.push_back(std::move(op));
     const uint32_t id = plan_.ops_.back().id;
-    if (chained && c_.stage_open) {
+    if (chained && joins) {
+      c_.chain_tail.push_back(id);
+    } else if (chained && c_.stage_open) {
       c_.stage_ops.push_back(id);
     } else if (chained) {
       c_.chain_tail = {id};
@@ -211,7 +217,7 @@ class StepPlan::Builder {
       // The delayed update: the held update of step t-1 reads these gradient buffers.
       copy.deps.push_back(static_cast<uint32_t>(c_.held_update));
     }
-    uint32_t done = Add(copy);
+    uint32_t done = Add(copy, /*joins=*/true);
     bool accumulates = false;
     for (uint32_t e : groups.experts) accumulates |= !c_.touched[layer].insert(e).second;
     if (accumulates) {  // a later micro-batch's gradients, added on the host in order

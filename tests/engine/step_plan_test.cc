@@ -2,6 +2,8 @@
 // edges for every strategy, placement and routing.
 #include "engine/step_plan.h"
 
+#include <algorithm>
+
 #include <gtest/gtest.h>
 
 #include "runtime/base/json_writer.h"
@@ -128,7 +130,9 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   for (size_t i = 0; i < ops.size(); ++i) {
     EXPECT_EQ(ops[i].kind, ecss.ops()[i].kind);
     EXPECT_EQ(ops[i].bytes, ecss.ops()[i].bytes);
-    const bool chained = ops[i].step_offset == 0 && ops[i].kind != OpKind::kUpdate && i > 2;
+    // Gradient copies join their backward's stage (ordered on the device).
+    const bool chained = ops[i].step_offset == 0 && ops[i].kind != OpKind::kUpdate &&
+                         ops[i].kind != OpKind::kGradientCopy && i > 2;
     EXPECT_EQ(ops[i].host_waits, chained) << i;
   }
   // Layer 0's two fetches (ops 3 and 4) both wait for the upload (op 2), not for each other;
@@ -138,6 +142,14 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   EXPECT_EQ(ops[5].deps, std::vector<uint32_t>({2, 3, 4}));
   // Layer 1's fetch (op 6) waits for that forward.
   EXPECT_EQ(ops[6].deps, std::vector<uint32_t>({1, 5}));
+  // Layer 1's backward (op 8) and its gradient copy (op 9) are one stage; layer 0's backward
+  // (op 11, all hits) waits for both, and its copy (op 12) does not wait on the host.
+  EXPECT_EQ(ops[9].kind, OpKind::kGradientCopy);
+  EXPECT_EQ(ops[9].deps, std::vector<uint32_t>({8}));
+  EXPECT_EQ(ops[11].kind, OpKind::kBackward);
+  EXPECT_TRUE(ops[11].host_waits);
+  EXPECT_TRUE(std::count(ops[11].deps.begin(), ops[11].deps.end(), 8u) == 1 &&
+              std::count(ops[11].deps.begin(), ops[11].deps.end(), 9u) == 1);
   EXPECT_FALSE(serial.fetches_ahead());
   EXPECT_TRUE(serial.step_waits_for_updates());
   EXPECT_FALSE(ecss.step_waits_for_updates());
