@@ -248,6 +248,7 @@ struct Session::Impl {
   Status SubmitLayer(uint32_t layer);
   Status SubmitReady(bool wait);
   Status CheckActivation(const void* ptr, uint32_t micro_batch, const char* what) const;
+  Status CheckView(uint32_t micro_batch, const TensorView& view, const char* what) const;
   // Counters at the start of a step's window (the previous EndStep's return), so that a
   // step's statistics cover exactly the time its `seconds` measures.
   void Snapshot() {
@@ -936,6 +937,40 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
   }
   s.prefetcher->BeginStep(s.sequence);
   return s.Prefetch();
+}
+
+// A typed activation of micro-batch `micro_batch`: the model's dtype, [tokens, d_model], on
+// this session's device.
+Status Session::Impl::CheckView(uint32_t micro_batch, const TensorView& view,
+                                const char* what) const {
+  if (!in_step) return FailedPreconditionError(StrCat(what, ": outside a step (call BeginStep)"));
+  if (micro_batch >= micro.size()) {
+    return InvalidArgumentError(StrCat(what, ": micro-batch ", micro_batch, " out of range (",
+                                       micro.size(), " micro-batches)"));
+  }
+  const Shape want{static_cast<int64_t>(micro[micro_batch].num_tokens),
+                   static_cast<int64_t>(options.model.d_model)};
+  if (view.dtype != options.model.dtype || view.shape != want || view.device != backend.device()) {
+    return InvalidArgumentError(StrCat(what, " of micro-batch ", micro_batch, ": ",
+                                       view.ToString(), " given, ", DTypeName(options.model.dtype),
+                                       want.ToString(), "@", backend.device().ToString(),
+                                       " expected"));
+  }
+  return Status::Ok();
+}
+
+Status Session::Forward(uint32_t micro_batch, uint32_t layer, const TensorView& x,
+                        const TensorView& y) {
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, x, "Forward input"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, y, "Forward output"));
+  return Forward(micro_batch, layer, x.data, y.data);
+}
+
+Status Session::Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy,
+                         const TensorView& dx) {
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, dy, "Backward output gradient"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, dx, "Backward input gradient"));
+  return Backward(micro_batch, layer, dy.data, dx.data);
 }
 
 Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y) {

@@ -36,6 +36,7 @@
 #include "engine/step_plan.h"
 #include "engine/step_stats.h"
 #include "router/routing_plan.h"
+#include "runtime/base/tensor.h"
 #include "runtime/device/handles.h"
 
 namespace ecss {
@@ -74,6 +75,11 @@ class Session {
   // x, y: device [tokens, d_model] of the model's dtype (tokens of that micro-batch). Each
   // (micro-batch, layer) once per step. RRE routing only.
   Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y);
+  // The same with typed views, checked before anything is read: each must be of the model's
+  // dtype, shaped [tokens of the micro-batch, d_model] and on this session's device
+  // (InvalidArgument naming the tensor, what was given and what is expected); the ranges are
+  // then checked against device memory as above. RRE routing only.
+  Status Forward(uint32_t micro_batch, uint32_t layer, const TensorView& x, const TensorView& y);
   // Routing::kLearnedGate: the gate's choices route this layer (InvalidArgument naming a bad
   // expert, a repeated choice, a non-finite weight or k != gate_k; ResourceExhausted when
   // they activate more experts than the session was sized for). Its experts are fetched now.
@@ -90,6 +96,9 @@ class Session {
   // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward; not in an
   // evaluation step (FailedPrecondition).
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
+  // The same with typed views, checked as Forward's are.
+  Status Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy,
+                  const TensorView& dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
   // Any other failure (an update's, see above) is returned after the step has ended.
   StatusOr<StepStats> EndStep();

@@ -949,5 +949,62 @@ TEST(SessionTest, ChangingLossScalesMatchTheReference) {
   std::filesystem::remove_all(dir_template);
 }
 
+// Typed views are checked against the layer before anything is read (a wrong dtype, shape or
+// device is InvalidArgument naming what was given and what was expected), and a step driven
+// with them trains exactly as one driven with pointers.
+TEST(SessionTest, TypedActivationsAreCheckedAndTrainAsPointersDo) {
+  RunConfig c;  // f32
+  Driven typed = Driven::Create(OptionsFor(c));
+  Driven untyped = Driven::Create(OptionsFor(c));
+  const std::vector<Batch> step = MakeSteps(1, 1)[0];
+  Session& s = *typed.session;
+  const Device device = typed.sim->device();
+  const int64_t tokens = kBatch * kSeq;
+  // The same non-zero activations in both (gradients then move the weights).
+  std::vector<float> pattern(tokens * 16);
+  for (size_t i = 0; i < pattern.size(); ++i)
+    pattern[i] = 0.01f * static_cast<float>(i % 37) - 0.2f;
+  for (Driven* d : {&typed, &untyped}) {
+    const Stream stream = d->session->compute_stream();
+    ASSERT_TRUE(d->sim
+                    ->CopyAsync(stream, d->x.data(), pattern.data(), pattern.size() * 4,
+                                CopyKind::kHostToDevice)
+                    .ok());
+    ASSERT_TRUE(d->sim->SynchronizeStream(stream).ok());
+  }
+  std::vector<std::vector<float>> before;
+  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e) before.push_back(*s.MasterWeights(0, e));
+  const TensorView x{typed.x.data(), DType::kF32, Shape{tokens, 16}, device};
+  const TensorView y{typed.y.data(), DType::kF32, Shape{tokens, 16}, device};
+  EXPECT_EQ(s.Forward(0, 0, x, y).code(), StatusCode::kFailedPrecondition) << "outside a step";
+  ASSERT_TRUE(s.BeginStep({step[0].view()}).ok());
+  const TensorView bf16{typed.x.data(), DType::kBF16, Shape{tokens, 16}, device};
+  const Status wrong_dtype = s.Forward(0, 0, bf16, y);
+  EXPECT_EQ(wrong_dtype.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(wrong_dtype.message().find("bf16[16, 16]"), std::string_view::npos) << wrong_dtype;
+  EXPECT_NE(wrong_dtype.message().find("f32[16, 16]"), std::string_view::npos) << wrong_dtype;
+  const TensorView short_x{typed.x.data(), DType::kF32, Shape{tokens - 1, 16}, device};
+  EXPECT_EQ(s.Forward(0, 0, short_x, y).code(), StatusCode::kInvalidArgument);
+  std::vector<float> host(tokens * 16);
+  const TensorView on_host{host.data(), DType::kF32, Shape{tokens, 16}, Device{}};
+  EXPECT_EQ(s.Forward(0, 0, on_host, y).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.Forward(1, 0, x, y).code(), StatusCode::kInvalidArgument) << "micro-batch 1";
+  // Nothing ran: the step goes on, typed, and trains as the pointer-driven one does.
+  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x, y).ok());
+  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x, y).ok());
+  ASSERT_TRUE(s.EndStep().ok());
+  ASSERT_TRUE(untyped.Step(step).ok());
+  ASSERT_TRUE(s.Synchronize().ok());
+  ASSERT_TRUE(untyped.session->Synchronize().ok());
+  bool moved = false;
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) {
+      EXPECT_EQ(*s.MasterWeights(l, e), *untyped.session->MasterWeights(l, e)) << l << " " << e;
+    }
+  }
+  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e) moved |= *s.MasterWeights(0, e) != before[e];
+  EXPECT_TRUE(moved) << "the step trained something";
+}
+
 }  // namespace
 }  // namespace ecss
