@@ -951,10 +951,9 @@ Status Session::Impl::CheckView(uint32_t micro_batch, const TensorView& view,
   const Shape want{static_cast<int64_t>(micro[micro_batch].num_tokens),
                    static_cast<int64_t>(options.model.d_model)};
   if (view.dtype != options.model.dtype || view.shape != want || view.device != backend.device()) {
-    return InvalidArgumentError(StrCat(what, " of micro-batch ", micro_batch, ": ",
-                                       view.ToString(), " given, ", DTypeName(options.model.dtype),
-                                       want.ToString(), "@", backend.device().ToString(),
-                                       " expected"));
+    return InvalidArgumentError(StrCat(what, " of micro-batch ", micro_batch, ": ", view.ToString(),
+                                       " given, ", DTypeName(options.model.dtype), want.ToString(),
+                                       "@", backend.device().ToString(), " expected"));
   }
   return Status::Ok();
 }

@@ -97,8 +97,7 @@ class Session {
   // evaluation step (FailedPrecondition).
   Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
   // The same with typed views, checked as Forward's are.
-  Status Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy,
-                  const TensorView& dx);
+  Status Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy, const TensorView& dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
   // Any other failure (an update's, see above) is returned after the step has ended.
   StatusOr<StepStats> EndStep();
