@@ -297,31 +297,27 @@ class StepPlan::Builder {
     if (touched.empty()) return;
     const std::vector<uint32_t> experts(touched.begin(), touched.end());
     const uint64_t elements = experts.size() * model_.params;
+    // One of the layer's update ops, over its touched experts.
+    auto layer_op = [&](OpKind kind, PlanResource resource, uint64_t bytes_per_param) {
+      PlanOp op;
+      op.kind = kind;
+      op.resource = resource;
+      op.layer = static_cast<int32_t>(layer);
+      op.experts = experts;
+      op.bytes = elements * bytes_per_param;
+      return op;
+    };
     if (policy_.states_on_nvme) {
-      PlanOp read;
-      read.kind = OpKind::kStateRead;
-      read.resource = PlanResource::kNvmeRead;
-      read.layer = static_cast<int32_t>(layer);
-      read.experts = experts;
-      read.bytes = elements * model_.state_arrays * 4;
+      PlanOp read = layer_op(OpKind::kStateRead, PlanResource::kNvmeRead, model_.state_arrays * 4);
       read.deps = deps;
       deps = {Add(read)};
     }
-    PlanOp update;
-    update.kind = OpKind::kUpdate;
-    update.resource = PlanResource::kCpuOptimizer;
-    update.layer = static_cast<int32_t>(layer);
-    update.experts = experts;
-    update.bytes = elements * UpdateBytesPerParam();
+    PlanOp update = layer_op(OpKind::kUpdate, PlanResource::kCpuOptimizer, UpdateBytesPerParam());
     update.deps = std::move(deps);
     const uint32_t id = Add(update);
     if (policy_.states_on_nvme) {
-      PlanOp write;
-      write.kind = OpKind::kStateWrite;
-      write.resource = PlanResource::kNvmeWrite;
-      write.layer = static_cast<int32_t>(layer);
-      write.experts = experts;
-      write.bytes = elements * (model_.state_arrays * 4 + (policy_.weights_on_nvme ? 2 : 0));
+      PlanOp write = layer_op(OpKind::kStateWrite, PlanResource::kNvmeWrite,
+                              model_.state_arrays * 4 + (policy_.weights_on_nvme ? 2 : 0));
       write.deps = {id};
       Add(write);
     }
