@@ -7,7 +7,7 @@
 #include <mutex>
 #include <thread>
 
-#include "engine/file_state_tier.h"
+#include "engine/store_state_tier.h"
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
@@ -86,18 +86,9 @@ uint32_t FileArrays(OptimizerKind kind) { return 1 + static_cast<uint32_t>(State
 
 }  // namespace
 
-StatusOr<std::unique_ptr<IoEngine>> CreateStateIoEngine(const IoEngineFactory& factory) {
-  if (factory) return factory();
-  IoEngineOptions options;
-  options.queue_depth = 8;
-  return CreateFileIoEngine(options);
-}
-
 struct NvmeUpdater::Impl {
   NvmeUpdaterOptions options;
-  std::unique_ptr<IoEngine> load_io, store_io;
-  std::unique_ptr<ExpertStateFile> reader, writer;
-  std::unique_ptr<FileStateTier> tier;
+  std::unique_ptr<StoreStateTier> tier;
   Buffer workspace;  // the pipeline's staging slots, in the caller's pinned memory
   std::unique_ptr<StateStreamingUpdater> updater;
   Allocator* staging = nullptr;
@@ -138,6 +129,11 @@ struct NvmeUpdater::Impl {
   uint64_t bytes = 0;                    // GUARDED_BY(mutex)
   std::thread worker;
 
+  bool weights_in_store() const {
+    return options.store->placement(ExpertState::kWeights) == Tier::kNvme;
+  }
+  ExpertId Id(uint32_t id) const { return options.store->index().Id(id); }
+
   void RecordError(Status error) {  // REQUIRES: mutex held
     if (first_error.ok()) {
       first_error = std::move(error);
@@ -175,7 +171,7 @@ struct NvmeUpdater::Impl {
       busy += seconds;
       // Each update reads and writes every state array once, and writes the bf16 weights
       // when they live on NVMe.
-      bytes += (2ull * FileArrays(options.optimizer.kind) * 4 + (options.weights ? 2 : 0)) *
+      bytes += (2ull * FileArrays(options.optimizer.kind) * 4 + (weights_in_store() ? 2 : 0)) *
                options.expert_elements * (report.ok() ? report->updated : 0);
       if (!report.ok()) {
         RecordError(report.status().Annotate(StrCat("update of step ", job.step)));
@@ -211,12 +207,8 @@ StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool sta
 
 NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params) {
   NvmeUpdaterOptions nvme;
-  nvme.dirs = options.nvme_dirs;
   nvme.optimizer = options.optimizer;
   nvme.expert_elements = params;
-  nvme.experts = ExpertIndex(options.ExpertsPerLayer());
-  nvme.io_engines = options.io_engines;
-  nvme.open_existing = options.resume_states;
   return nvme;
 }
 
@@ -226,13 +218,21 @@ StatusOr<uint64_t> NvmeUpdater::PipelineBytes(const NvmeUpdaterOptions& options,
 }
 
 uint64_t NvmeUpdater::ScratchBytes(const NvmeUpdaterOptions& options) {
-  return FileArrays(options.optimizer.kind) * StateArrayBytes(options.expert_elements);
+  return StateArrayBytes(options.expert_elements) +
+         StateBlockBytes(options.expert_elements * 4 * StateArrays(options.optimizer.kind));
 }
 
 StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,
                                                            Allocator* staging) {
-  if (options.dirs.empty()) {
-    return InvalidArgumentError("states on NVMe need at least one directory (nvme_dirs)");
+  ExpertStore* store = options.store;
+  const uint32_t moments = static_cast<uint32_t>(StateArrays(options.optimizer.kind));
+  if (store == nullptr || store->placement(ExpertState::kMaster) != Tier::kNvme ||
+      (moments > 0 && store->placement(ExpertState::kMoments) != Tier::kNvme) ||
+      store->layout().moments != moments ||
+      store->layout().params_per_expert != options.expert_elements) {
+    return InvalidArgumentError(
+        StrCat("states on NVMe need a store that keeps the master weights and ", moments,
+               " moment arrays of ", options.expert_elements, " parameters per expert on NVMe"));
   }
   if (options.optimizer.groups.size() != 1) {
     return InvalidArgumentError("states on NVMe: one parameter group only");
@@ -240,33 +240,18 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   impl->staging = staging;
-  ECSS_ASSIGN_OR_RETURN(impl->load_io, CreateStateIoEngine(options.io_engines));
-  ECSS_ASSIGN_OR_RETURN(impl->store_io, CreateStateIoEngine(options.io_engines));
-  StateFileOptions layout;
-  layout.dirs = options.dirs;
-  layout.arrays = FileArrays(options.optimizer.kind);
-  layout.max_expert_elements = options.expert_elements;
-  layout.experts = options.experts.size();
-  layout.array_names = {"master", "moment 1", "moment 2"};
-  if (options.open_existing) {
-    ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Open(impl->store_io.get(), layout));
-  } else {
-    ECSS_ASSIGN_OR_RETURN(impl->writer, ExpertStateFile::Create(impl->store_io.get(), layout));
-  }
-  ECSS_ASSIGN_OR_RETURN(impl->reader, ExpertStateFile::Open(impl->load_io.get(), layout));
-  impl->tier =
-      std::make_unique<FileStateTier>(impl->reader.get(), impl->writer.get(), options.experts,
-                                      options.expert_elements, options.weights);
-  const StreamingOptions streaming = StreamingOptionsFor(options, options.weights != nullptr);
+  impl->tier = std::make_unique<StoreStateTier>(store);
+  const StreamingOptions streaming = StreamingOptionsFor(options, impl->weights_in_store());
   ECSS_ASSIGN_OR_RETURN(const uint64_t workspace_bytes,
                         StateStreamingUpdater::WorkspaceBytes(streaming));
   ECSS_ASSIGN_OR_RETURN(impl->workspace, staging->Allocate(workspace_bytes, MemoryTag::kStaging));
   ECSS_ASSIGN_OR_RETURN(impl->updater,
                         StateStreamingUpdater::Create(streaming, impl->tier.get(),
                                                       impl->workspace.data(), workspace_bytes));
-  impl->compute_copies.assign(options.experts.size(), nullptr);
-  impl->submitted_step.assign(options.experts.size(), 0);
-  impl->done_step.assign(options.experts.size(), 0);
+  const uint32_t experts = store->index().size();
+  impl->compute_copies.assign(experts, nullptr);
+  impl->submitted_step.assign(experts, 0);
+  impl->done_step.assign(experts, 0);
   Impl* raw = impl.get();
   impl->worker = std::thread([raw] { raw->Work(); });
   return std::unique_ptr<NvmeUpdater>(new NvmeUpdater(std::move(impl)));
@@ -281,22 +266,14 @@ NvmeUpdater::~NvmeUpdater() {
   }
   impl_->cv.notify_all();
   impl_->worker.join();  // finishes the queued jobs first
-  // The worker is gone: the writer is ours.
-  Status synced = impl_->writer->Sync();
-  if (!synced.ok()) ECSS_LOG(Error) << "NVMe state files: " << synced;
+  Status synced = impl_->options.store->Flush();
+  if (!synced.ok()) ECSS_LOG(Error) << "NVMe states: " << synced;
 }
 
 Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compute_copy) {
   Impl& s = *impl_;
-  const uint32_t arrays = FileArrays(s.options.optimizer.kind);
-  const uint64_t block = StateArrayBytes(s.options.expert_elements);
-  ECSS_ASSIGN_OR_RETURN(Buffer init, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
-  std::memset(init.data(), 0, arrays * block);
-  std::memcpy(init.data(), master, s.options.expert_elements * 4);
-  const void* pointers[3];
-  for (uint32_t a = 0; a < arrays; ++a) pointers[a] = static_cast<char*>(init.data()) + a * block;
   s.compute_copies[id] = compute_copy;
-  ECSS_RETURN_IF_ERROR(s.writer->Store(id, pointers, s.options.expert_elements, 0));
+  ECSS_RETURN_IF_ERROR(s.options.store->Write(ExpertState::kMaster, s.Id(id), master));
   return WriteWeights(id, master);
 }
 
@@ -311,15 +288,13 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
 
 Status NvmeUpdater::WriteWeights(uint32_t id, const float* master) {
   Impl& s = *impl_;
-  if (s.options.weights == nullptr) {
+  if (!s.weights_in_store()) {
     ConvertF32ToBf16(master, s.compute_copies[id], s.options.expert_elements);
     return Status::Ok();
   }
   std::vector<BFloat16> weights(s.options.expert_elements);
   ConvertF32ToBf16(master, weights.data(), weights.size());
-  const ExpertId expert = s.options.experts.Id(id);
-  return s.options.weights->Write(ExpertState::kWeights, expert.layer, expert.expert,
-                                  weights.data());
+  return s.options.store->Write(ExpertState::kWeights, s.Id(id), weights.data());
 }
 
 Status NvmeUpdater::BeginStep(float loss_scale) {
@@ -452,7 +427,7 @@ Status NvmeUpdater::Synchronize() {
     s.cv.wait(lock, [&] { return s.jobs.empty() && !s.running; });
   }
   ECSS_RETURN_IF_ERROR(TakeError());
-  return s.writer->Sync();  // the worker is idle: the writer is ours
+  return s.options.store->Flush();
 }
 
 double NvmeUpdater::busy_seconds() const {
@@ -467,14 +442,16 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
   Impl& s = *impl_;
-  ECSS_RETURN_IF_ERROR(Synchronize());  // the worker is idle: the reader is ours
-  const uint32_t arrays = FileArrays(s.options.optimizer.kind);
-  const uint64_t block = StateArrayBytes(s.options.expert_elements);
-  ECSS_ASSIGN_OR_RETURN(Buffer buffer, s.staging->Allocate(arrays * block, MemoryTag::kStaging));
-  void* pointers[3];
-  for (uint32_t a = 0; a < arrays; ++a) pointers[a] = static_cast<char*>(buffer.data()) + a * block;
-  uint64_t updates = 0;
-  ECSS_RETURN_IF_ERROR(s.reader->Load(id, pointers, s.options.expert_elements, &updates));
+  ECSS_RETURN_IF_ERROR(Synchronize());
+  // The master as of the version the moments have too (ExpertStore::ReadStates).
+  const uint64_t master_block = StateArrayBytes(s.options.expert_elements);
+  ECSS_ASSIGN_OR_RETURN(Buffer buffer,
+                        s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
+  void* blocks[2] = {buffer.data(), static_cast<char*>(buffer.data()) + master_block};
+  std::vector<ExpertState> states = {ExpertState::kMaster};
+  if (s.options.store->layout().moments > 0) states.push_back(ExpertState::kMoments);
+  uint64_t version = 0;
+  ECSS_RETURN_IF_ERROR(s.options.store->ReadStates(s.Id(id), states, blocks, &version));
   const float* master = buffer.as<float>();
   return std::vector<float>(master, master + s.options.expert_elements);
 }

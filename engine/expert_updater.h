@@ -1,7 +1,7 @@
 // ExpertUpdater: how the session updates experts whose gradients are complete, wherever their
 // master weights and moments live (internal to engine).
 //  - HostUpdater: states in host memory, CpuOptimizer (per-expert tasks in its TBB arena).
-//  - NvmeUpdater: states on NVMe (offload/state_file.h, striped over directories), streamed
+//  - NvmeUpdater: states on NVMe, in the session's ExpertStore (offload/expert_store.h), streamed
 //    load -> update -> store through pinned staging (optimizer/state_pipeline.h) by a worker
 //    thread, one batch per sparse layer.
 // Both write each updated expert's bf16 compute copy into the pinned weights the device cache
@@ -20,10 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "engine/expert_index.h"
 #include "engine/session_options.h"
 #include "offload/expert_store.h"
-#include "offload/io/io_engine.h"
 #include "optimizer/cpu_optimizer.h"
 #include "runtime/base/dtype.h"
 #include "runtime/device/allocator.h"
@@ -95,47 +93,37 @@ class HostUpdater final : public ExpertUpdater {
   std::vector<Entry> entries_;
 };
 
-// Makes the IoEngines that NVMe files are read and written through (LevelDB's Env): the
-// default is CreateFileIoEngine (io_uring where the kernel allows it, else pread/pwrite);
-// tests wrap it in a FaultInjectionIoEngine.
-using IoEngineFactory = std::function<StatusOr<std::unique_ptr<IoEngine>>()>;
-StatusOr<std::unique_ptr<IoEngine>> CreateStateIoEngine(const IoEngineFactory& factory);
-
 struct NvmeUpdaterOptions {
-  std::vector<std::string> dirs;
   // kind, groups[0], threads; with clipping (max_grad_norm > 0) or skip_step_on_nonfinite the
   // step's updates start at FinishStep, after the global norm, instead of per layer at Flush.
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
-  ExpertIndex experts;           // ids are its dense indices
   int staging_buffers = 2;
-  IoEngineFactory io_engines;  // empty: CreateFileIoEngine
-  // Open the state files an earlier session of the same model wrote, instead of creating
-  // (truncating) them.
-  bool open_existing = false;
-  // Compute weights on NVMe: each update's bf16 copy goes into this store (through the
-  // pipeline's slots) instead of a compute_copy in memory. Not owned; outlives the updater.
-  ExpertStore* weights = nullptr;
+  // Where every expert's master weights and moments live, on NVMe; when it keeps the compute
+  // weights on NVMe too, each update's bf16 copy goes there (through the pipeline's slots)
+  // instead of into a compute copy in memory. Ids are its index's. Not owned; outlives the
+  // updater. PipelineBytes and ScratchBytes do not need it.
+  ExpertStore* store = nullptr;
 };
 
 // The NVMe updater of a session with these options and `params` parameters per expert (its
-// directories, optimizer, experts and I/O engines; not its weight store).
+// optimizer and sizes; not its store).
 NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params);
 
 class NvmeUpdater final : public ExpertUpdater {
  public:
-  // Creates the state files (space reserved up front: ResourceExhausted on a full disk;
-  // NotFound / PermissionDenied naming a bad directory) and the staging slots in `staging`.
+  // The staging slots in `staging`; InvalidArgument when the store does not keep master
+  // weights (and moments, when the optimizer has them) on NVMe.
   static StatusOr<std::unique_ptr<NvmeUpdater>> Create(const NvmeUpdaterOptions& options,
                                                        Allocator* staging);
-  // Waits for the updates, then makes the files durable (fdatasync; a failure is logged).
+  // Waits for the updates, then makes the store durable (ExpertStore::Flush; a failure is
+  // logged).
   ~NvmeUpdater() override;
-  // Writes expert `id`'s initial master weights (moments zero); before any step.
-  // `compute_copy` receives the bf16 copy of each update (null with a weight store).
+  // Writes expert `id`'s initial master weights (the store's moments start at zero); before
+  // any step. `compute_copy` receives the bf16 copy of each update (null: the store has it).
   Status Initialize(uint32_t id, const float* master, BFloat16* compute_copy);
-  // Opened files: reads expert `id`'s master weights and writes their bf16 copy into
-  // `compute_copy` or the weight store (which receive every later update too). An expert the files
-  // do not hold as this layout expects is an error naming it.
+  // An opened store: reads expert `id`'s master weights and writes their bf16 copy into
+  // `compute_copy` or the store (which receive every later update too).
   Status Resume(uint32_t id, BFloat16* compute_copy);
   // The pinned staging the updater takes from `staging`: the pipeline's slots, one block
   // (with a weight store they also stage the bf16 copy: `weights_on_nvme`, which the caller
@@ -154,7 +142,7 @@ class NvmeUpdater final : public ExpertUpdater {
   Status Wait(uint32_t id) override;
   Status WaitForStep(uint64_t step) override;
   Status TakeError() override;
-  // Also makes the files durable (fdatasync).
+  // Also makes the store durable (ExpertStore::Flush).
   Status Synchronize() override;
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override;

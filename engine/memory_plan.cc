@@ -90,11 +90,20 @@ class Planner {
       Add("state scratch", MemoryTier::kPinned, MemoryTag::kStaging, 1,
           NvmeUpdater::ScratchBytes(nvme));
     }
-    if (weights_on_nvme) {  // the weight store's own pool: its staging block and the window
+    // The store's own pool (states or weights on NVMe): its staging block, the largest state
+    // it keeps, and the stager's window.
+    uint64_t store_block = 0;
+    if (states_on_nvme) {
+      store_block = std::max(StateBlockBytes(gradient_bytes),
+                             StateBlockBytes(gradient_bytes * StateArrays(o_.optimizer.kind)));
+    }
+    if (weights_on_nvme) store_block = std::max(store_block, StateBlockBytes(p.expert_bytes));
+    if (store_block > 0) {
+      Add("store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1, store_block);
+    }
+    if (weights_on_nvme) {
       p.weight_staging_blocks =
           o_.weight_staging_blocks > 0 ? o_.weight_staging_blocks : p.max_groups;
-      Add("weight store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1,
-          StateBlockBytes(p.expert_bytes));
       Add("weight staging blocks", MemoryTier::kPinned, MemoryTag::kStaging,
           p.weight_staging_blocks, StateBlockBytes(p.expert_bytes));
     }

@@ -89,10 +89,10 @@ struct MicroBatchWork {
 };
 
 // The cache keys of a layer's experts, in the grouped FFN's order.
-std::vector<ExpertKey> LayerKeys(uint32_t layer, const LayerWork& lw) {
-  std::vector<ExpertKey> keys;
+std::vector<ExpertId> LayerKeys(uint32_t layer, const LayerWork& lw) {
+  std::vector<ExpertId> keys;
   keys.reserve(lw.experts.size());
-  for (uint32_t e : lw.experts) keys.push_back(MakeExpertKey(layer, e));
+  for (uint32_t e : lw.experts) keys.push_back(ExpertId{layer, e});
   return keys;
 }
 
@@ -127,10 +127,10 @@ struct Session::Impl {
   // Declared before the updater, whose threads report to it until it is destroyed.
   PlanRecorder recorder;
   std::unique_ptr<KernelRunner> kernels;
-  // Weights on NVMe: their store (and its engine) and the NVMe -> pinned stage, declared
-  // before what uses them (the updater writes the store; the prefetcher reads the stager).
-  std::unique_ptr<IoEngine> weight_io;
-  std::unique_ptr<ExpertStore> weight_store;
+  // States or weights on NVMe: the store that holds them and, weights on NVMe, the NVMe ->
+  // pinned stage, declared before what uses them (the updater reads and writes the store; the
+  // prefetcher reads the stager).
+  std::unique_ptr<ExpertStore> store;
   std::unique_ptr<WeightStager> stager;
   // Declared before what is carved from it (the updater's staging, the experts' buffers),
   // so that it is destroyed after them.
@@ -160,7 +160,7 @@ struct Session::Impl {
   bool in_step = false;
   uint64_t step = 0;
   std::vector<MicroBatchWork> micro;
-  std::vector<ExpertKey> sequence;
+  std::vector<ExpertId> sequence;
   // The step's plan (learned gates: growing as layers are routed), what of it was issued on
   // which stream (for its host-wait edges), and when its ops ran.
   std::optional<StepPlan> plan;
@@ -168,7 +168,7 @@ struct Session::Impl {
   std::map<uint64_t, uint32_t> fetch_at;  // sequence position -> the plan's fetch there
   uint64_t recording = 0;                 // the step whose ops are being recorded
   // The cache's contents after the last step's plan, least recently used first.
-  std::vector<std::pair<uint32_t, uint32_t>> last_resident;
+  std::vector<ExpertId> last_resident;
   bool evaluating = false;              // the step is an evaluation: Forward only
   std::deque<uint32_t> pending_layers;  // gradients complete once d2h passes
   StallStats stalls;
@@ -187,7 +187,7 @@ struct Session::Impl {
   // next); the loss scale of the held gradients; the updater's step count; the report of the
   // update started in this step; time Backward waited for an update to release a gradient
   // buffer.
-  std::vector<std::pair<uint32_t, uint32_t>> held, started;
+  std::vector<ExpertId> held, started;
   float held_loss_scale = 1;
   uint64_t updater_steps = 0;
   StepReport started_report;
@@ -205,7 +205,7 @@ struct Session::Impl {
   uint64_t nvme_bytes() const {
     return updater->nvme_bytes() + (stager != nullptr ? stager->bytes_read() : 0);
   }
-  Status CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes);
+  Status CreateStore(uint64_t pinned_bytes);
   Status Publish();
   Status StartHeldUpdate();
 
@@ -358,9 +358,9 @@ Status Session::Impl::CreateExperts() {
         options.host_budget_bytes == 0 ? host_bytes : options.host_budget_bytes;
     ECSS_ASSIGN_OR_RETURN(host_memory, HostAllocator::Create(host_options));
   }
-  // The weight store's pool holds its staging block and the stager's; the session's the rest.
+  // The store's pool holds its staging block and the stager's; the session's the rest.
   uint64_t store_bytes = 0;
-  for (const char* what : {"weight store staging", "weight staging blocks"}) {
+  for (const char* what : {"store staging", "weight staging blocks"}) {
     if (const MemoryItem* item = memory.Find(what)) store_bytes += item->total();
   }
   const uint64_t pinned_bytes = memory.Total(MemoryTier::kPinned);
@@ -371,9 +371,12 @@ Status Session::Impl::CreateExperts() {
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
   NvmeUpdaterOptions nvme = NvmeOptionsFor(options, params);
+  if (store_bytes > 0) {
+    ECSS_RETURN_IF_ERROR(CreateStore(store_bytes));
+    nvme.store = store.get();
+  }
   if (weights_on_nvme()) {
-    ECSS_RETURN_IF_ERROR(CreateWeightStore(memory.weight_staging_blocks, store_bytes));
-    nvme.weights = weight_store.get();
+    ECSS_ASSIGN_OR_RETURN(stager, WeightStager::Create(*store, memory.weight_staging_blocks));
   }
   if (options.states == StatesPlacement::kNvme) {
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
@@ -415,17 +418,15 @@ Status Session::Impl::CreateCache() {
   ECSS_ASSIGN_OR_RETURN(
       cache, DeviceCache::Create(backend, {expert_bytes, memory.cache_slots}, MakeLruPolicy()));
   PrefetcherHooks hooks;
-  auto expert_of = [this](ExpertKey key) -> Expert& {
-    return experts[LayerOf(key)][ExpertOf(key)];
-  };
-  hooks.host_weights = [this, expert_of](ExpertKey key) -> const void* {
+  auto expert_of = [this](ExpertId key) -> Expert& { return experts[key.layer][key.expert]; };
+  hooks.host_weights = [this, expert_of](ExpertId key) -> const void* {
     return delayed() ? expert_of(key).front.data() : expert_of(key).weights.data();
   };
   // The delayed update never rewrites what fetches read during a step: no fence to wait on.
-  hooks.fence_pending = [this, expert_of](ExpertKey key) {
+  hooks.fence_pending = [this, expert_of](ExpertId key) {
     return !delayed() && updater->Pending(expert_of(key).id);
   };
-  hooks.wait_fence = [this, expert_of](ExpertKey key) { return updater->Wait(expert_of(key).id); };
+  hooks.wait_fence = [this, expert_of](ExpertId key) { return updater->Wait(expert_of(key).id); };
   // The plan's fetch at that position was issued; its end is when h2d passes the copy.
   hooks.on_copy = [this](uint64_t position) {
     auto fetch = fetch_at.find(position);
@@ -436,22 +437,27 @@ Status Session::Impl::CreateCache() {
   return Status::Ok();
 }
 
-// Weights on NVMe: their store in nvme_dirs (created, or opened with resume_states) with the
-// pinned budget `pinned_bytes`, and the stager's blocks from it.
-Status Session::Impl::CreateWeightStore(uint32_t blocks, uint64_t pinned_bytes) {
-  ExpertStoreOptions store;
-  store.layout = {options.model.layers, router->domains().experts_in_layer(0), params, DType::kBF16,
-                  0};
-  store.placement = {Tier::kNvme, Tier::kNone, Tier::kNone, Tier::kNone};
-  store.dirs = options.nvme_dirs;
-  store.pinned_budget_bytes = pinned_bytes;
-  ECSS_ASSIGN_OR_RETURN(weight_io, CreateStateIoEngine(options.io_engines));
-  if (options.resume_states) {
-    ECSS_ASSIGN_OR_RETURN(weight_store, ExpertStore::Open(backend, *weight_io, store));
-  } else {
-    ECSS_ASSIGN_OR_RETURN(weight_store, ExpertStore::Create(backend, *weight_io, store));
+// States or weights on NVMe: the store in nvme_dirs (created, or opened with resume_states)
+// that keeps them, with the pinned budget `pinned_bytes`.
+Status Session::Impl::CreateStore(uint64_t pinned_bytes) {
+  ExpertStoreOptions o;
+  const bool states = options.states == StatesPlacement::kNvme;
+  const Tier state_tier = states ? Tier::kNvme : Tier::kNone;
+  o.layout.experts_per_layer = options.ExpertsPerLayer();
+  o.layout.params_per_expert = params;
+  o.layout.weights_dtype = options.model.dtype;
+  o.layout.moments = states ? static_cast<uint32_t>(StateArrays(options.optimizer.kind)) : 0;
+  o.placement = {weights_on_nvme() ? Tier::kNvme : Tier::kNone, state_tier, state_tier,
+                 Tier::kNone};
+  o.dirs = options.nvme_dirs;
+  o.pinned_budget_bytes = pinned_bytes;
+  o.io_engines = options.io_engines;
+  auto made =
+      options.resume_states ? ExpertStore::Open(backend, o) : ExpertStore::Create(backend, o);
+  if (made.status().code() == StatusCode::kAlreadyExists) {
+    return made.status().Annotate("to train on from it, set resume_states");
   }
-  ECSS_ASSIGN_OR_RETURN(stager, WeightStager::Create(*weight_store, blocks));
+  ECSS_ASSIGN_OR_RETURN(store, std::move(made));
   return Status::Ok();
 }
 
@@ -541,7 +547,7 @@ Status Session::Impl::Publish() {
   for (const auto& [layer, e] : started) {
     Expert& x = experts[layer][e];
     std::memcpy(x.front.data(), x.weights.data(), expert_bytes);
-    ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
+    ECSS_RETURN_IF_ERROR(cache->Invalidate(ExpertId{layer, e}));
   }
   started.clear();
   return Status::Ok();
@@ -643,17 +649,15 @@ StatusOr<StepPlan> Session::Impl::BuildPlan() const {
   }
   // What the cache holds as the step begins, least recently used first (the last plan knows
   // the order), less what publishing the delayed update is about to drop.
-  std::vector<ExpertKey> resident = cache->ResidentKeys();
-  auto held_now = [&](std::pair<uint32_t, uint32_t> key) {
-    const ExpertKey packed = MakeExpertKey(key.first, key.second);
-    if (std::find(resident.begin(), resident.end(), packed) == resident.end()) return false;
+  std::vector<ExpertId> resident = cache->ResidentKeys();
+  auto held_now = [&](ExpertId key) {
+    if (std::find(resident.begin(), resident.end(), key) == resident.end()) return false;
     return !delayed() || std::find(started.begin(), started.end(), key) == started.end();
   };
   for (const auto& key : last_resident) {
     if (held_now(key)) in.resident.push_back(key);
   }
-  for (ExpertKey packed : resident) {
-    const std::pair<uint32_t, uint32_t> key{LayerOf(packed), ExpertOf(packed)};
+  for (ExpertId key : resident) {
     if (held_now(key) &&
         std::find(in.resident.begin(), in.resident.end(), key) == in.resident.end()) {
       in.resident.push_back(key);
@@ -723,8 +727,7 @@ Status Session::Impl::BuildStep(const std::vector<MicroBatch>& batches) {
     LayerWork& lw =
         micro[static_cast<uint32_t>(op.micro_batch)].layers[static_cast<uint32_t>(op.layer)];
     (op.kind == OpKind::kForward ? lw.first_position : lw.backward_position) = sequence.size();
-    for (uint32_t e : op.experts)
-      sequence.push_back(MakeExpertKey(static_cast<uint32_t>(op.layer), e));
+    for (uint32_t e : op.experts) sequence.push_back(ExpertId{static_cast<uint32_t>(op.layer), e});
   }
   IndexFetches();
   // Every micro-batch routed: only now is anything enqueued, so a refused step leaves no
@@ -776,10 +779,10 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
     if (!expert.touched) continue;
     expert.touched = false;
     if (delayed()) {  // held until the next BeginStep
-      held.emplace_back(layer, e);
+      held.push_back({layer, e});
       continue;
     }
-    ECSS_RETURN_IF_ERROR(cache->Invalidate(MakeExpertKey(layer, e)));
+    ECSS_RETURN_IF_ERROR(cache->Invalidate(ExpertId{layer, e}));
     ECSS_RETURN_IF_ERROR(updater->Submit(expert.id, static_cast<const float*>(expert.grad.data())));
     ++submitted;
   }
@@ -1407,8 +1410,8 @@ const MemoryPlan& Session::memory_plan() const { return impl_->memory; }
 Session::HostMemoryPeaks Session::host_memory_peaks() const {
   HostMemoryPeaks peaks;
   peaks.pinned_bytes = impl_->pinned->stats().peak_used_bytes;
-  if (impl_->weight_store != nullptr) {
-    peaks.pinned_bytes += impl_->weight_store->pinned_pool().stats().peak_used_bytes;
+  if (impl_->store != nullptr) {
+    peaks.pinned_bytes += impl_->store->pinned_pool().stats().peak_used_bytes;
   }
   if (impl_->host_memory != nullptr) peaks.host_bytes = impl_->host_memory->stats().peak_used_bytes;
   return peaks;

@@ -100,15 +100,18 @@ struct SessionOptions {
   // device (the NVMe -> pinned window); 0 = max_active_experts_per_layer (one layer's
   // experts). Counted in the pinned budget.
   uint32_t weight_staging_blocks = 0;
-  // kNvme: one or more directories for the state files (created, space reserved up front).
-  // Needs dtype bf16 (the pinned weights are the bf16 copy). With clipping the step's
-  // updates start at EndStep (after the global norm) instead of per layer.
+  // kNvme: one or more directories (striped) for the expert store that holds what lives on
+  // NVMe (offload/expert_store.h: master weights and moments, and the compute weights with
+  // WeightsPlacement::kNvme), created with its space reserved up front. A directory that
+  // already holds a store is refused (AlreadyExists): resume it or remove it. Needs dtype
+  // bf16 (the pinned weights are the bf16 copy). With clipping the step's updates start at
+  // EndStep (after the global norm) instead of per layer.
   std::vector<std::string> nvme_dirs;
-  // kNvme: open the state files an earlier session of the same model left in nvme_dirs
-  // (after its Synchronize) instead of creating them: the experts continue from the master
-  // weights, moments and update counts stored there. Files of another model are refused.
-  // With weights on NVMe their store is opened too (a new session refuses a directory that
-  // holds one: resume it or remove it).
+  // kNvme: open the store an earlier session of the same model left in nvme_dirs (after its
+  // Synchronize) instead of creating one: the experts continue from the master weights,
+  // moments and update counts stored there. A store of another model or format version is
+  // refused naming the difference, and so are the state files of builds before the store
+  // (ecss-states-*.bin), which are not migrated.
   bool resume_states = false;
   CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
   // ZeRO-Offload's one-step delayed parameter update (DPU), opt-in. It CHANGES THE MATH: step

@@ -356,7 +356,7 @@ class StepPlan::Builder {
   // the device cache would.
   uint32_t Access(uint32_t layer, uint32_t expert, const std::vector<uint32_t>& group) {
     const uint64_t position = c_.positions++;
-    const Key key{layer, expert};
+    const ExpertId key{layer, expert};
     auto it = std::find(c_.resident.begin(), c_.resident.end(), key);
     if (it != c_.resident.end()) {  // a hit: now the most recently used
       c_.resident.erase(it);
@@ -367,11 +367,11 @@ class StepPlan::Builder {
     std::vector<uint32_t> deps = {c_.fetch_gate};
     if (c_.resident.size() >= policy_.cache_slots) {
       const size_t victim = Victim(layer, group, position);
-      const Key gone = c_.resident[victim];
+      const ExpertId gone = c_.resident[victim];
       PlanOp evict;
       evict.kind = OpKind::kEvict;
-      evict.layer = static_cast<int32_t>(gone.first);
-      evict.experts = {gone.second};
+      evict.layer = static_cast<int32_t>(gone.layer);
+      evict.experts = {gone.expert};
       evict.position = position;
       auto used = c_.last_use.find(gone);
       if (used != c_.last_use.end()) evict.deps = {used->second};
@@ -408,18 +408,17 @@ class StepPlan::Builder {
   // accessing group (whose leases are held), as the device cache decides: its Belady policy
   // with the step's sequence known (RRE), else the least recently used.
   size_t Victim(uint32_t layer, const std::vector<uint32_t>& group, uint64_t position) const {
-    std::vector<ExpertKey> candidates;
-    for (const Key& r : c_.resident) {
-      if (r.first == layer && std::binary_search(group.begin(), group.end(), r.second)) continue;
+    std::vector<ExpertId> candidates;
+    for (const ExpertId& r : c_.resident) {
+      if (r.layer == layer && std::binary_search(group.begin(), group.end(), r.expert)) continue;
       if (c_.belady == nullptr) {  // LRU: `resident` is least recently used first
         return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), r) -
                                    c_.resident.begin());
       }
-      candidates.push_back(MakeExpertKey(r.first, r.second));
+      candidates.push_back(r);
     }
-    const ExpertKey victim = c_.belady->ChooseVictim(candidates, position);
-    const Key key{LayerOf(victim), ExpertOf(victim)};
-    return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), key) -
+    const ExpertId victim = c_.belady->ChooseVictim(candidates, position);
+    return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), victim) -
                                c_.resident.begin());
   }
 
@@ -448,11 +447,11 @@ const PlanOp* StepPlan::Compute(OpKind kind, uint32_t micro_batch, uint32_t laye
   return found.empty() ? nullptr : found.front();
 }
 
-std::vector<std::pair<uint32_t, uint32_t>> StepPlan::AccessSequence() const {
-  std::vector<std::pair<uint32_t, uint32_t>> sequence;
+std::vector<ExpertId> StepPlan::AccessSequence() const {
+  std::vector<ExpertId> sequence;
   for (const PlanOp& op : ops_) {
     if (op.kind != OpKind::kForward && op.kind != OpKind::kBackward) continue;
-    for (uint32_t e : op.experts) sequence.emplace_back(static_cast<uint32_t>(op.layer), e);
+    for (uint32_t e : op.experts) sequence.push_back({static_cast<uint32_t>(op.layer), e});
   }
   return sequence;
 }
@@ -543,13 +542,13 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
       ECSS_RETURN_IF_ERROR(builder.Check(b, l, in.micro_batches[b].layers[l]));
     }
   }
-  std::vector<ExpertKey> sequence;
+  std::vector<ExpertId> sequence;
   for (const MicroBatchRoute& mb : in.micro_batches) {
     const uint32_t passes = in.policy.evaluation ? 1 : 2;
     for (uint32_t i = 0; i < passes * m.layers(); ++i) {
       const uint32_t l = i < m.layers() ? i : 2 * m.layers() - 1 - i;
       for (uint32_t e : builder.Groups(l, mb.layers[l]).experts) {
-        sequence.push_back(MakeExpertKey(l, e));
+        sequence.push_back(ExpertId{l, e});
       }
     }
   }

@@ -27,8 +27,10 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
+#include "offload/expert_index.h"
 #include "runtime/base/status.h"
 
 namespace ecss {
@@ -134,7 +136,7 @@ struct StepPlanInputs {
   std::vector<MicroBatchRoute> micro_batches;
   // (layer, expert) resident in the device cache when the step begins, least recently used
   // first.
-  std::vector<std::pair<uint32_t, uint32_t>> resident;
+  std::vector<ExpertId> resident;
   // Delayed update: experts whose held gradients (of step t-1) this step starts updating.
   uint64_t held_experts = 0;
 };
@@ -150,14 +152,12 @@ class StepPlan {
   const PlanOp* Compute(OpKind kind, uint32_t micro_batch, uint32_t layer) const;
   // The access sequence the cache and the prefetcher follow: per compute op in plan order,
   // its experts as (layer, expert).
-  std::vector<std::pair<uint32_t, uint32_t>> AccessSequence() const;
+  std::vector<ExpertId> AccessSequence() const;
   // The groups a layer routed so gets in this plan's shape (naive: every expert of the layer).
   uint32_t Width(uint32_t layer, const LayerRoute& route) const;
   // The device cache's contents after the plan's accesses, least recently used first (the
   // next step's StepPlanInputs::resident, less what was invalidated meanwhile).
-  const std::vector<std::pair<uint32_t, uint32_t>>& ResidentAfter() const {
-    return cursor_.resident;
-  }
+  const std::vector<ExpertId>& ResidentAfter() const { return cursor_.resident; }
   // Bytes over ops of `kind` (this step's: step_offset 0).
   uint64_t Bytes(OpKind kind) const;
   size_t Count(OpKind kind) const;
@@ -186,7 +186,6 @@ class StepPlan {
  private:
   friend StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& inputs);
   class Builder;
-  using Key = std::pair<uint32_t, uint32_t>;  // (layer, expert)
   // Where the builder stands, so that the Append calls continue it.
   struct Cursor {
     // No-overlap's chain: the ops the next device-side op waits for (the last stage), and,
@@ -202,9 +201,10 @@ class StepPlan {
     std::map<uint32_t, uint32_t> upload;             // micro-batch -> its plan upload
     std::map<uint32_t, uint32_t> gradient;           // layer -> its last gradient op so far
     std::map<uint32_t, std::set<uint32_t>> touched;  // layer -> experts with a gradient
-    std::map<Key, LayerRoute> groups;                // (micro-batch, layer) -> its groups
-    std::map<Key, uint32_t> last_fetch, last_use;    // (layer, expert) -> op
-    std::vector<Key> resident;                       // the cache, least recently used first
+    std::map<std::pair<uint32_t, uint32_t>, LayerRoute>
+        groups;  // (micro-batch, layer) -> its groups
+    std::map<ExpertId, uint32_t> last_fetch, last_use;
+    std::vector<ExpertId> resident;  // the cache, least recently used first
     // RRE: the device cache's own Belady policy over the step's sequence (stateless, so
     // copies of the plan share it); null with learned gates (LRU: `resident`'s order).
     std::shared_ptr<EvictionPolicy> belady;

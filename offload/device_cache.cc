@@ -13,15 +13,15 @@ namespace {
 
 class BeladyPolicy final : public EvictionPolicy {
  public:
-  BeladyPolicy(const std::vector<ExpertKey>& sequence, uint64_t lookahead) : lookahead_(lookahead) {
+  BeladyPolicy(const std::vector<ExpertId>& sequence, uint64_t lookahead) : lookahead_(lookahead) {
     for (uint64_t position = 0; position < sequence.size(); ++position)
       uses_[sequence[position]].push_back(position);
   }
-  void OnAccess(ExpertKey, uint64_t) override {}
-  ExpertKey ChooseVictim(const std::vector<ExpertKey>& candidates, uint64_t position) override {
-    ExpertKey victim = candidates.front();
+  void OnAccess(ExpertId, uint64_t) override {}
+  ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t position) override {
+    ExpertId victim = candidates.front();
     uint64_t farthest = 0;
-    for (ExpertKey key : candidates) {
+    for (ExpertId key : candidates) {
       const uint64_t next = NextUse(key, position);
       if (next > farthest || (next == farthest && key < victim)) {
         farthest = next;
@@ -32,7 +32,7 @@ class BeladyPolicy final : public EvictionPolicy {
   }
 
  private:
-  uint64_t NextUse(ExpertKey key, uint64_t position) const {
+  uint64_t NextUse(ExpertId key, uint64_t position) const {
     auto it = uses_.find(key);
     if (it == uses_.end()) return std::numeric_limits<uint64_t>::max();
     auto next = std::upper_bound(it->second.begin(), it->second.end(), position);
@@ -41,26 +41,26 @@ class BeladyPolicy final : public EvictionPolicy {
     return *next;
   }
   uint64_t lookahead_;
-  std::unordered_map<ExpertKey, std::vector<uint64_t>> uses_;
+  std::unordered_map<ExpertId, std::vector<uint64_t>> uses_;
 };
 
 class LruPolicy final : public EvictionPolicy {
  public:
-  void OnAccess(ExpertKey key, uint64_t position) override { last_[key] = position; }
-  ExpertKey ChooseVictim(const std::vector<ExpertKey>& candidates, uint64_t) override {
-    return *std::min_element(candidates.begin(), candidates.end(), [&](ExpertKey a, ExpertKey b) {
+  void OnAccess(ExpertId key, uint64_t position) override { last_[key] = position; }
+  ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t) override {
+    return *std::min_element(candidates.begin(), candidates.end(), [&](ExpertId a, ExpertId b) {
       const uint64_t la = last_[a], lb = last_[b];
       return la != lb ? la < lb : a < b;
     });
   }
 
  private:
-  std::unordered_map<ExpertKey, uint64_t> last_;
+  std::unordered_map<ExpertId, uint64_t> last_;
 };
 
 }  // namespace
 
-std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertKey>& sequence,
+std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertId>& sequence,
                                                  uint64_t lookahead) {
   return std::make_unique<BeladyPolicy>(sequence, lookahead);
 }
@@ -95,15 +95,15 @@ DeviceCache::~DeviceCache() {
   }
 }
 
-std::vector<ExpertKey> DeviceCache::ResidentKeys() const {
-  std::vector<ExpertKey> keys;
+std::vector<ExpertId> DeviceCache::ResidentKeys() const {
+  std::vector<ExpertId> keys;
   for (const Slot& slot : slots_) {
     if (slot.occupied) keys.push_back(slot.key);
   }
   return keys;
 }
 
-StatusOr<Lease> DeviceCache::Acquire(ExpertKey key, const void* host_weights, Stream copy_stream,
+StatusOr<Lease> DeviceCache::Acquire(ExpertId key, const void* host_weights, Stream copy_stream,
                                      uint64_t position) {
   policy_->OnAccess(key, position);
   uint32_t index;
@@ -115,7 +115,7 @@ StatusOr<Lease> DeviceCache::Acquire(ExpertKey key, const void* host_weights, St
     if (host_weights == nullptr)
       return InvalidArgumentError("device cache: a miss needs the host weights");
     // A free slot, or the policy's victim among those not leased.
-    std::vector<ExpertKey> candidates;
+    std::vector<ExpertId> candidates;
     int free_slot = -1;
     for (uint32_t s = 0; s < slots_.size(); ++s) {
       if (!slots_[s].occupied) {
@@ -130,7 +130,7 @@ StatusOr<Lease> DeviceCache::Acquire(ExpertKey key, const void* host_weights, St
             StrCat("device cache: all ", slots_.size(),
                    " slots are leased; release a lease before acquiring more"));
       }
-      const ExpertKey victim = policy_->ChooseVictim(candidates, position);
+      const ExpertId victim = policy_->ChooseVictim(candidates, position);
       free_slot = static_cast<int>(where_.at(victim));
       where_.erase(victim);
       ++stats_.evictions;
@@ -171,13 +171,13 @@ Status DeviceCache::ReleaseSlot(uint32_t index, const Stream* used_on) {
 
 void DeviceCache::SetPolicy(std::unique_ptr<EvictionPolicy> policy) { policy_ = std::move(policy); }
 
-Status DeviceCache::Invalidate(ExpertKey key) {
+Status DeviceCache::Invalidate(ExpertId key) {
   auto found = where_.find(key);
   if (found == where_.end()) return Status::Ok();
   Slot& slot = slots_[found->second];
   if (slot.leases > 0) {
-    return FailedPreconditionError(StrCat("device cache: expert (", LayerOf(key), ", ",
-                                          ExpertOf(key), ") is leased; cannot invalidate"));
+    return FailedPreconditionError(StrCat("device cache: expert (", key.layer, ", ", key.expert,
+                                          ") is leased; cannot invalidate"));
   }
   // The slot keeps its last_use event, so the next copy into it still waits for that kernel.
   slot.occupied = false;
@@ -185,7 +185,7 @@ Status DeviceCache::Invalidate(ExpertKey key) {
   return Status::Ok();
 }
 
-Residency DeviceCache::residency(ExpertKey key) {
+Residency DeviceCache::residency(ExpertId key) {
   auto found = where_.find(key);
   if (found == where_.end()) return Residency::kAbsent;
   const Slot& slot = slots_[found->second];

@@ -13,7 +13,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "offload/expert_key.h"
+#include "offload/expert_index.h"
 #include "runtime/device/backend.h"
 
 namespace ecss {
@@ -22,15 +22,15 @@ class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
   // `key` is used at access `position` (positions increase along the step).
-  virtual void OnAccess(ExpertKey key, uint64_t position) = 0;
+  virtual void OnAccess(ExpertId key, uint64_t position) = 0;
   // One of `candidates` (resident, not leased; never empty) to evict before `position`.
-  virtual ExpertKey ChooseVictim(const std::vector<ExpertKey>& candidates, uint64_t position) = 0;
+  virtual ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t position) = 0;
 };
 
 // Evicts the candidate whose next use is farthest (or never): optimal for a known sequence.
 // Uses further than `lookahead` positions ahead count as never (what the runtime knows: RRE
 // gives the current step's sequence, not the whole run's).
-std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertKey>& sequence,
+std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertId>& sequence,
                                                  uint64_t lookahead = UINT64_MAX);
 // Evicts the least recently used candidate.
 std::unique_ptr<EvictionPolicy> MakeLruPolicy();
@@ -88,16 +88,16 @@ class DeviceCache {
   // Makes `key` resident (enqueuing its copy from `host_weights` on `copy_stream` when absent,
   // after any evicted occupant's last use) and leases it. ResourceExhausted when every slot is
   // leased.
-  StatusOr<Lease> Acquire(ExpertKey key, const void* host_weights, Stream copy_stream,
+  StatusOr<Lease> Acquire(ExpertId key, const void* host_weights, Stream copy_stream,
                           uint64_t position);
   // Drops `key`'s device copy (its host weights changed: an update). No-op when absent;
   // FailedPrecondition while leased. A later Acquire copies it again.
-  Status Invalidate(ExpertKey key);
+  Status Invalidate(ExpertId key);
   // Replaces the policy (the engine gives Belady each step's sequence; positions restart).
   void SetPolicy(std::unique_ptr<EvictionPolicy> policy);
-  Residency residency(ExpertKey key);
+  Residency residency(ExpertId key);
   // The experts whose weights are on the device, in slot order.
-  std::vector<ExpertKey> ResidentKeys() const;
+  std::vector<ExpertId> ResidentKeys() const;
   const CacheStats& stats() const { return stats_; }
   uint32_t slots() const { return static_cast<uint32_t>(slots_.size()); }
 
@@ -105,7 +105,7 @@ class DeviceCache {
   friend class Lease;
   struct Slot {
     Buffer memory;
-    ExpertKey key = 0;
+    ExpertId key;
     bool occupied = false;
     uint32_t leases = 0;
     OwnedEvent ready;     // recorded after the slot's H2D copy
@@ -120,7 +120,7 @@ class DeviceCache {
   Options options_;
   std::unique_ptr<EvictionPolicy> policy_;
   std::vector<Slot> slots_;
-  std::unordered_map<ExpertKey, uint32_t> where_;  // resident key -> slot
+  std::unordered_map<ExpertId, uint32_t> where_;  // resident key -> slot
   CacheStats stats_;
 };
 

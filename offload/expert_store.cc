@@ -2,9 +2,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <functional>
 #include <sstream>
+#include <thread>
 
 #include "runtime/base/checksum.h"
 #include "runtime/base/file_util.h"
@@ -15,7 +19,10 @@ namespace ecss {
 
 namespace {
 
-constexpr uint32_t kFormat = 1;
+// 2: per-layer expert counts, optimizer states (versions in the files' headers).
+constexpr uint32_t kFormat = 2;
+// The NVMe state files that sessions kept master weights and moments in before the store did.
+constexpr char kLegacyStateFile[] = "ecss-states-0.bin";
 constexpr char kManifestName[] = "ecss-store.manifest";
 constexpr char kManifestMagic[] = "ecss-expert-store";
 constexpr ExpertState kStates[kExpertStates] = {ExpertState::kWeights, ExpertState::kMaster,
@@ -40,11 +47,11 @@ struct Manifest {
 };
 
 std::string FormatManifest(const Manifest& m) {
-  std::string text =
-      StrCat(kManifestMagic, "\nformat ", m.format, "\nlayers ", m.layout.layers,
-             "\nexperts_per_layer ", m.layout.experts_per_layer, "\nparams_per_expert ",
-             m.layout.params_per_expert, "\nweights_dtype ", DTypeName(m.layout.weights_dtype),
-             "\nmoments ", m.layout.moments, "\ndirs ", m.dirs, "\nplacement");
+  std::string text = StrCat(kManifestMagic, "\nformat ", m.format, "\nexperts_per_layer");
+  for (uint32_t n : m.layout.experts_per_layer) text += StrCat(" ", n);
+  text += StrCat("\nparams_per_expert ", m.layout.params_per_expert, "\nweights_dtype ",
+                 DTypeName(m.layout.weights_dtype), "\nmoments ", m.layout.moments, "\ndirs ",
+                 m.dirs, "\nplacement");
   for (ExpertState state : kStates) {
     text +=
         StrCat(" ", ExpertStateName(state), "=", TierName(m.placement[static_cast<int>(state)]));
@@ -75,10 +82,11 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
     fields >> key;
     if (key == "format") {
       fields >> m.format;
-    } else if (key == "layers") {
-      fields >> m.layout.layers;
+      if (m.format != kFormat) return m;  // the caller names the version; its keys may differ
     } else if (key == "experts_per_layer") {
-      fields >> m.layout.experts_per_layer;
+      uint32_t n = 0;
+      while (fields >> n) m.layout.experts_per_layer.push_back(n);
+      fields.clear();
     } else if (key == "params_per_expert") {
       fields >> m.layout.params_per_expert;
     } else if (key == "weights_dtype") {
@@ -106,6 +114,18 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
     if (fields.fail()) return damaged.Annotate(StrCat("line '", line, "'"));
   }
   return m;
+}
+
+// "state-file format version N" as the header of `path`'s first slot says, for errors.
+std::string StateFileFormat(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char head[12] = {};
+  uint32_t version = 0;
+  if (!in.read(head, sizeof(head)) || std::memcmp(head, "ECSSST", 6) != 0) {
+    return "an unknown state-file format";
+  }
+  std::memcpy(&version, head + 8, sizeof(version));
+  return StrCat("state-file format version ", version);
 }
 
 Status CheckDirectory(const std::string& dir) {
@@ -176,16 +196,17 @@ bool ExpertStore::HasState(ExpertState state) const {
 
 Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& options) {
   const ExpertStoreLayout& l = options.layout;
-  if (l.layers == 0 || l.experts_per_layer == 0 || l.params_per_expert == 0) {
+  uint64_t experts = 0;
+  for (uint32_t n : l.experts_per_layer) experts += n;
+  if (experts == 0 || l.params_per_expert == 0) {
     return InvalidArgumentError(
-        "expert store needs layers, experts_per_layer and "
-        "params_per_expert > 0");
+        "expert store needs a layer with experts (experts_per_layer) and params_per_expert > 0");
   }
   if (l.weights_dtype != DType::kBF16 && l.weights_dtype != DType::kF32) {
     return InvalidArgumentError(
         StrCat("expert store: compute weights are bf16 or f32, not ", DTypeName(l.weights_dtype)));
   }
-  if (uint64_t{l.layers} * l.experts_per_layer > UINT32_MAX) {
+  if (experts > UINT32_MAX) {
     return InvalidArgumentError("expert store: more than 2^32 experts");
   }
   if (options.dirs.empty()) return InvalidArgumentError("expert store needs a directory");
@@ -203,8 +224,8 @@ StateFileOptions ExpertStore::FileOptions(ExpertState state) const {
   file.dirs = options_.dirs;
   file.arrays = 1;
   file.element_bytes = ElementBytes(state);
-  file.max_expert_elements = StateBytes(state) / file.element_bytes;
-  file.experts = experts();
+  file.max_expert_elements = Elements(state);
+  file.experts = index_.size();
   file.name = StrCat("ecss-store-", ExpertStateName(state));
   file.shadow = true;
   file.array_names = {std::string(ExpertStateName(state))};
@@ -221,7 +242,7 @@ Status ExpertStore::Allocate() {
       device_one += RoundUp(StateBytes(state), kDeviceAlignment);
     if (placement(state) == Tier::kPinned) pinned_one += BlockBytes(state);
   }
-  const uint64_t n = experts();
+  const uint64_t n = index_.size();
   auto refuse = [&](std::string_view tier, uint64_t budget, uint64_t one, uint64_t fixed) {
     return ResourceExhaustedError(StrCat(
         "expert store: the ", tier, " budget (", HumanBytes(budget), ", ", budget, " bytes) ",
@@ -248,6 +269,7 @@ Status ExpertStore::Allocate() {
     region.stride = device ? RoundUp(StateBytes(state), kDeviceAlignment) : BlockBytes(state);
     Allocator& memory = device ? backend_.device_memory() : static_cast<Allocator&>(*pinned_);
     ECSS_ASSIGN_OR_RETURN(region.memory, memory.Allocate(region.stride * n, kTags[Index(state)]));
+    region.versions.assign(n, 0);
     if (device) {
       ECSS_RETURN_IF_ERROR(
           backend_.MemsetAsync(stream_.get(), region.memory.data(), 0, region.memory.size()));
@@ -258,15 +280,23 @@ Status ExpertStore::Allocate() {
   return backend_.SynchronizeStream(stream_.get());
 }
 
+// Each state's writing handle (which creates the files) and reading handle.
 Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
     if (!HasState(state)) continue;
-    StateFileOptions file = FileOptions(state);
-    auto opened = create ? ExpertStateFile::Create(&io_, file) : ExpertStateFile::Open(&io_, file);
-    if (!opened.ok()) {
-      return opened.status().Annotate(StrCat("expert store ", ExpertStateName(state), " file"));
-    }
-    files_[Index(state)] = std::move(*opened);
+    Files& files = files_[Index(state)];
+    const StateFileOptions file = FileOptions(state);
+    auto opened = [&]() -> Status {
+      ECSS_ASSIGN_OR_RETURN(files.write_io, CreateIoEngine(options_.io_engines));
+      ECSS_ASSIGN_OR_RETURN(files.read_io, CreateIoEngine(options_.io_engines));
+      ECSS_ASSIGN_OR_RETURN(files.writer, create
+                                              ? ExpertStateFile::Create(files.write_io.get(), file)
+                                              : ExpertStateFile::Open(files.write_io.get(), file));
+      ECSS_ASSIGN_OR_RETURN(files.reader, ExpertStateFile::Open(files.read_io.get(), file));
+      return Status::Ok();
+    }();
+    if (!opened.ok())
+      return opened.Annotate(StrCat("expert store ", ExpertStateName(state), " file"));
   }
   return Status::Ok();
 }
@@ -282,7 +312,7 @@ Status ExpertStore::WriteManifest(bool closed) {
       .Annotate("writing the expert store manifest");
 }
 
-StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend, IoEngine& io,
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
                                                            const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   std::error_code error;
@@ -290,7 +320,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend, IoE
     return AlreadyExistsError(
         StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
   }
-  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, io, options));
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, options));
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   ECSS_RETURN_IF_ERROR(store->Allocate());
   // From here on files exist: remove them when creation fails.
@@ -302,16 +332,16 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend, IoE
     std::memset(store->staging_.data(), 0, store->staging_.size());
     for (ExpertState state : kStates) {
       if (!store->HasState(state)) continue;
-      for (uint32_t id = 0; id < store->experts(); ++id) {
-        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, id, store->staging_.data()));
+      for (uint32_t flat = 0; flat < store->index_.size(); ++flat) {
+        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, flat, store->staging_.data(), 0));
       }
-      ECSS_RETURN_IF_ERROR(store->files_[Index(state)]->Sync());
+      ECSS_RETURN_IF_ERROR(store->files_[Index(state)].writer->Sync());
     }
     return store->WriteManifest(/*closed=*/false);
   }();
   if (!made.ok()) {
     store->closed_ = true;  // nothing to flush
-    for (auto& file : store->files_) file.reset();
+    for (Files& files : store->files_) files.reader.reset(), files.writer.reset();
     for (ExpertState state : kStates) {
       for (size_t d = 0; d < options.dirs.size(); ++d) {
         std::filesystem::remove(
@@ -323,12 +353,22 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend, IoE
   return store;
 }
 
-StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend, IoEngine& io,
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
                                                          const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   const std::string path = ManifestPath(options);
   std::error_code error;
   if (!std::filesystem::exists(path, error)) {
+    const std::string legacy = StrCat(options.dirs[0], "/", kLegacyStateFile);
+    if (std::filesystem::exists(legacy, error)) {
+      return FailedPreconditionError(
+          StrCat("'", options.dirs[0], "' holds NVMe state files of ", StateFileFormat(legacy),
+                 " (ecss-states-*.bin), written before master weights and moments moved into the "
+                 "expert store (format ",
+                 kFormat,
+                 "); this build does not read or migrate them: resume with the build that "
+                 "wrote them, or start a new store in an empty directory"));
+    }
     return NotFoundError(
         StrCat("no expert store in '", options.dirs[0], "' (no ", kManifestName, ")"));
   }
@@ -345,9 +385,14 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend, IoEng
                                           "' was made for another model: ", field, " ", stored,
                                           " there, ", expected, " here"));
   };
-  if (m.layout.layers != want.layers) return differs("layers", m.layout.layers, want.layers);
+  auto counts = [](const std::vector<uint32_t>& per_layer) {
+    std::string list = StrCat(per_layer.size(), " layers (");
+    for (size_t l = 0; l < per_layer.size(); ++l) list += StrCat(l ? " " : "", per_layer[l]);
+    return list + " experts)";
+  };
   if (m.layout.experts_per_layer != want.experts_per_layer) {
-    return differs("experts_per_layer", m.layout.experts_per_layer, want.experts_per_layer);
+    return differs("experts_per_layer", counts(m.layout.experts_per_layer),
+                   counts(want.experts_per_layer));
   }
   if (m.layout.params_per_expert != want.params_per_expert) {
     return differs("params_per_expert", m.layout.params_per_expert, want.params_per_expert);
@@ -384,7 +429,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend, IoEng
                                   lost));
     }
   }
-  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, io, options));
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, options));
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
     ECSS_RETURN_IF_ERROR(store->Allocate());
@@ -405,51 +450,55 @@ ExpertStore::~ExpertStore() {
   if (!closed.ok()) ECSS_LOG(Error) << "closing the expert store: " << closed;
 }
 
-std::string ExpertStore::Name(ExpertState state, uint32_t layer, uint32_t expert) const {
-  return StrCat("layer ", layer, " expert ", expert, " ", ExpertStateName(state));
+std::string ExpertStore::Name(ExpertState state, ExpertId id) const {
+  return StrCat("layer ", id.layer, " expert ", id.expert, " ", ExpertStateName(state));
 }
 
-Status ExpertStore::Check(ExpertState state, uint32_t layer, uint32_t expert) const {
+Status ExpertStore::Check(ExpertState state, ExpertId id) const {
   if (closed_) return FailedPreconditionError("the expert store is closed");
   if (static_cast<size_t>(state) >= kExpertStates || !HasState(state)) {
     return InvalidArgumentError(StrCat("this expert store has no state ", static_cast<int>(state),
                                        " (", ExpertStateName(state), ")"));
   }
-  if (layer >= options_.layout.layers || expert >= options_.layout.experts_per_layer) {
-    return InvalidArgumentError(StrCat("expert store: no layer ", layer, " expert ", expert, " (",
-                                       options_.layout.layers, " layers of ",
-                                       options_.layout.experts_per_layer, " experts)"));
+  if (!index_.Contains(id)) {
+    return InvalidArgumentError(StrCat("expert store: no layer ", id.layer, " expert ", id.expert,
+                                       " (", index_.layers(), " layers; that one has ",
+                                       index_.experts_in_layer(id.layer), " experts)"));
   }
   return Status::Ok();
 }
 
-void* ExpertStore::MemoryOf(ExpertState state, uint32_t id) const {
+void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
   const Region& region = regions_[Index(state)];
-  return static_cast<char*>(region.memory.data()) + id * region.stride;
+  return static_cast<char*>(region.memory.data()) + flat * region.stride;
 }
 
-Status ExpertStore::StoreToFile(ExpertState state, uint32_t id, const void* block) {
+Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
+                                uint64_t version) {
+  Files& files = files_[Index(state)];
+  std::lock_guard<std::mutex> lock(files.write_mutex);
   const void* arrays[1] = {block};
-  return files_[Index(state)]->Store(id, arrays,
-                                     StateBytes(state) / FileOptions(state).element_bytes, 0);
+  return files.writer->Store(flat, arrays, Elements(state), version);
 }
 
-Status ExpertStore::LoadFromFile(ExpertState state, uint32_t id, void* block) {
+Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
+                                 const uint64_t* want) {
+  Files& files = files_[Index(state)];
+  std::lock_guard<std::mutex> lock(files.read_mutex);
   void* arrays[1] = {block};
-  uint64_t updates = 0;
-  return files_[Index(state)]->Load(id, arrays, StateBytes(state) / ElementBytes(state), &updates);
+  return files.reader->Load(flat, arrays, Elements(state), version, want);
 }
 
 Status ExpertStore::LoadTier(ExpertState state) {
   if (!HasState(state) || placement(state) == Tier::kNvme) return Status::Ok();
-  const uint32_t per_layer = options_.layout.experts_per_layer;
-  for (uint32_t id = 0; id < experts(); ++id) {
+  Region& region = regions_[Index(state)];
+  for (uint32_t flat = 0; flat < index_.size(); ++flat) {
     const bool device = placement(state) == Tier::kDevice;
-    void* block = device ? staging_.data() : MemoryOf(state, id);
-    Status loaded = LoadFromFile(state, id, block);
-    if (!loaded.ok()) return loaded.Annotate(Name(state, id / per_layer, id % per_layer));
+    void* block = device ? staging_.data() : MemoryOf(state, flat);
+    Status loaded = LoadFromFile(state, flat, block, &region.versions[flat]);
+    if (!loaded.ok()) return loaded.Annotate(Name(state, index_.Id(flat)));
     if (device) {
-      ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, id), block,
+      ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, flat), block,
                                               StateBytes(state), CopyKind::kHostToDevice));
       ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
     }
@@ -457,129 +506,199 @@ Status ExpertStore::LoadTier(ExpertState state) {
   return Status::Ok();
 }
 
-Status ExpertStore::Write(ExpertState state, uint32_t layer, uint32_t expert, const void* src) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
-  const uint32_t id = Id(layer, expert);
+Status ExpertStore::Write(ExpertState state, ExpertId id, const void* src, uint64_t version) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
+  const uint32_t flat = index_.Flat(id);
   const uint64_t bytes = StateBytes(state);
   Status written;
   switch (placement(state)) {
-    case Tier::kDevice:
-      written = backend_.CopyAsync(stream_.get(), MemoryOf(state, id), src, bytes,
+    case Tier::kDevice: {
+      std::lock_guard<std::mutex> lock(staging_mutex_);
+      written = backend_.CopyAsync(stream_.get(), MemoryOf(state, flat), src, bytes,
                                    CopyKind::kHostToDevice);
       if (written.ok()) written = backend_.SynchronizeStream(stream_.get());
       break;
+    }
     case Tier::kPinned:
-      std::memcpy(MemoryOf(state, id), src, bytes);
+      std::memcpy(MemoryOf(state, flat), src, bytes);
       break;
-    case Tier::kNvme:
+    case Tier::kNvme: {
+      std::lock_guard<std::mutex> lock(staging_mutex_);
       std::memcpy(staging_.data(), src, bytes);
       std::memset(static_cast<char*>(staging_.data()) + bytes, 0, BlockBytes(state) - bytes);
-      written = StoreToFile(state, id, staging_.data());
+      written = StoreToFile(state, flat, staging_.data(), version);
       break;
+    }
     case Tier::kNone:  // refused by Check
       break;
   }
-  return written.Annotate(StrCat("writing ", Name(state, layer, expert)));
+  if (written.ok() && placement(state) != Tier::kNvme) {
+    regions_[Index(state)].versions[flat] = version;
+  }
+  return written.Annotate(StrCat("writing ", Name(state, id)));
 }
 
-Status ExpertStore::Read(ExpertState state, uint32_t layer, uint32_t expert, void* dst) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
-  const uint32_t id = Id(layer, expert);
+Status ExpertStore::Read(ExpertState state, ExpertId id, void* dst) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
+  const uint32_t flat = index_.Flat(id);
   const uint64_t bytes = StateBytes(state);
   Status read;
   switch (placement(state)) {
-    case Tier::kDevice:
-      read = backend_.CopyAsync(stream_.get(), dst, MemoryOf(state, id), bytes,
+    case Tier::kDevice: {
+      std::lock_guard<std::mutex> lock(staging_mutex_);
+      read = backend_.CopyAsync(stream_.get(), dst, MemoryOf(state, flat), bytes,
                                 CopyKind::kDeviceToHost);
       if (read.ok()) read = backend_.SynchronizeStream(stream_.get());
       break;
+    }
     case Tier::kPinned:
-      std::memcpy(dst, MemoryOf(state, id), bytes);
+      std::memcpy(dst, MemoryOf(state, flat), bytes);
       break;
-    case Tier::kNvme:
-      read = LoadFromFile(state, id, staging_.data());
+    case Tier::kNvme: {
+      std::lock_guard<std::mutex> lock(staging_mutex_);
+      uint64_t version = 0;
+      read = LoadFromFile(state, flat, staging_.data(), &version);
       if (read.ok()) std::memcpy(dst, staging_.data(), bytes);
       break;
+    }
     case Tier::kNone:  // refused by Check
       break;
   }
-  return read.Annotate(StrCat("reading ", Name(state, layer, expert)));
+  return read.Annotate(StrCat("reading ", Name(state, id)));
 }
 
-Status ExpertStore::ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block) {
-  return BlockIo(/*write=*/false, state, layer, expert, block);
+Status ExpertStore::ReadBlock(ExpertState state, ExpertId id, void* block, uint64_t* version) {
+  return BlockIo(/*write=*/false, state, id, block, version);
 }
 
-Status ExpertStore::WriteBlock(ExpertState state, uint32_t layer, uint32_t expert,
-                               const void* block) {
-  return BlockIo(/*write=*/true, state, layer, expert, const_cast<void*>(block));
+Status ExpertStore::WriteBlock(ExpertState state, ExpertId id, const void* block,
+                               uint64_t version) {
+  return BlockIo(/*write=*/true, state, id, const_cast<void*>(block), &version);
 }
 
 // An nvme state straight between the caller's aligned block and the file; others as Read and
-// Write.
-Status ExpertStore::BlockIo(bool write, ExpertState state, uint32_t layer, uint32_t expert,
-                            void* block) {
+// Write. `version`: written (write), or read (when not null).
+Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* block,
+                            uint64_t* version) {
   if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
     return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
   }
   if (placement(state) != Tier::kNvme) {
-    return write ? Write(state, layer, expert, block) : Read(state, layer, expert, block);
+    if (write) return Write(state, id, block, *version);
+    ECSS_RETURN_IF_ERROR(Read(state, id, block));
+    std::shared_lock<std::shared_mutex> open(lifecycle_);
+    if (version != nullptr) *version = regions_[Index(state)].versions[index_.Flat(id)];
+    return Status::Ok();
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
-  const uint32_t id = Id(layer, expert);
-  Status done = write ? StoreToFile(state, id, block) : LoadFromFile(state, id, block);
-  return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, layer, expert)));
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
+  const uint32_t flat = index_.Flat(id);
+  uint64_t read_version = 0;
+  Status done = write ? StoreToFile(state, flat, block, *version)
+                      : LoadFromFile(state, flat, block, version ? version : &read_version);
+  return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, id)));
 }
 
-StatusOr<void*> ExpertStore::Resident(ExpertState state, uint32_t layer, uint32_t expert) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ECSS_RETURN_IF_ERROR(Check(state, layer, expert));
+namespace {
+
+// Runs io(i) for every i < n, i > 0 on a thread each and 0 on the calling thread; the first
+// error by index.
+Status RunConcurrently(size_t n, const std::function<Status(size_t)>& io) {
+  std::vector<Status> done(n);
+  std::vector<std::thread> threads;
+  for (size_t i = 1; i < n; ++i) threads.emplace_back([&, i] { done[i] = io(i); });
+  if (n > 0) done[0] = io(0);
+  for (std::thread& thread : threads) thread.join();
+  for (Status& status : done) ECSS_RETURN_IF_ERROR(status);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ExpertStore::WriteStates(ExpertId id, const std::vector<ExpertState>& states,
+                                const void* const* blocks, uint64_t version) {
+  return RunConcurrently(states.size(),
+                         [&](size_t i) { return WriteBlock(states[i], id, blocks[i], version); });
+}
+
+Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& states,
+                               void* const* blocks, uint64_t* version) {
+  std::vector<uint64_t> versions(states.size());
+  ECSS_RETURN_IF_ERROR(RunConcurrently(
+      states.size(), [&](size_t i) { return ReadBlock(states[i], id, blocks[i], &versions[i]); }));
+  const uint64_t oldest = states.empty() ? 0 : *std::min_element(versions.begin(), versions.end());
+  for (size_t i = 0; i < states.size(); ++i) {
+    if (versions[i] == oldest) continue;
+    // Written ahead of the others by an update that did not finish: its previous version.
+    Status older = placement(states[i]) != Tier::kNvme
+                       ? DataLossError(StrCat("it is in ", TierName(placement(states[i])),
+                                              " memory, which keeps one version"))
+                       : Status::Ok();
+    if (older.ok()) {
+      std::shared_lock<std::shared_mutex> open(lifecycle_);
+      ECSS_RETURN_IF_ERROR(Check(states[i], id));
+      uint64_t read = 0;
+      older = LoadFromFile(states[i], index_.Flat(id), blocks[i], &read, &oldest);
+    }
+    if (!older.ok()) {
+      return older.Annotate(StrCat("reading ", Name(states[i], id), " at version ", oldest,
+                                   " (it holds ", versions[i], "), as the expert's other states"));
+    }
+  }
+  *version = oldest;
+  return Status::Ok();
+}
+
+StatusOr<void*> ExpertStore::Resident(ExpertState state, ExpertId id) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
   if (placement(state) == Tier::kNvme) {
     return FailedPreconditionError(
-        StrCat(Name(state, layer, expert), " lives on NVMe: it has no resident copy"));
+        StrCat(Name(state, id), " lives on NVMe: it has no resident copy"));
   }
-  return MemoryOf(state, Id(layer, expert));
+  return MemoryOf(state, index_.Flat(id));
 }
 
+// REQUIRES: lifecycle_ held exclusively (no access in progress).
 Status ExpertStore::FlushLocked() {
-  const uint32_t per_layer = options_.layout.experts_per_layer;
   for (ExpertState state : kStates) {
     if (!HasState(state)) continue;
     const Tier tier = placement(state);
-    for (uint32_t id = 0; id < experts() && tier != Tier::kNvme; ++id) {
-      const void* block = MemoryOf(state, id);
+    const Region& region = regions_[Index(state)];
+    for (uint32_t flat = 0; flat < index_.size() && tier != Tier::kNvme; ++flat) {
+      const void* block = MemoryOf(state, flat);
       if (tier == Tier::kDevice) {
         ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), staging_.data(), block,
                                                 StateBytes(state), CopyKind::kDeviceToHost));
         ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
         block = staging_.data();
       }
-      Status stored = StoreToFile(state, id, block);
-      if (!stored.ok()) {
-        return stored.Annotate(StrCat("flushing ", Name(state, id / per_layer, id % per_layer)));
-      }
+      Status stored = StoreToFile(state, flat, block, region.versions[flat]);
+      if (!stored.ok()) return stored.Annotate(StrCat("flushing ", Name(state, index_.Id(flat))));
     }
-    ECSS_RETURN_IF_ERROR(files_[Index(state)]->Sync());
+    ECSS_RETURN_IF_ERROR(files_[Index(state)].writer->Sync());
   }
   return Status::Ok();
 }
 
 Status ExpertStore::Flush() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
   return FlushLocked();
 }
 
 Status ExpertStore::Close() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
   ECSS_RETURN_IF_ERROR(FlushLocked());
   ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/true));
   closed_ = true;
-  for (auto& file : files_) file.reset();
+  for (Files& files : files_) {
+    files.reader.reset();
+    files.writer.reset();
+  }
   for (Region& region : regions_) region.memory.Reset();
   staging_.Reset();
   return Status::Ok();

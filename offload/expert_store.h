@@ -23,19 +23,33 @@
 // PermissionDenied; a disk too small is ResourceExhausted at Create (space is reserved and
 // every state zero-initialised there), and the files Create made are removed again.
 //
+// Versions: every write of an expert's state carries a version (the optimizer's update count),
+// kept in the state file's header (memory tiers: beside the memory, written at Flush). An
+// update writes several states one after another, so a crash between them leaves the first
+// ones a version ahead; ReadStates reads states as of one version, from the shadow slot that
+// still holds it.
+//
 // Errors of a read or write name the layer, the expert and the state. The store stays usable
-// after one. Thread-safe: concurrent reads and writes are serialised by one lock (they share
-// the staging block and the device copy stream).
+// after one. Thread-safe, and the locks are per state and direction: a read of one state
+// never waits for a write of another or for a read of another state (the weight stager reads
+// weights while the optimizer pipeline reads and writes masters and moments), because every
+// nvme state has a reading and a writing handle, each with its own IoEngine. What goes
+// through the one staging block (Read and Write of an nvme state, device states) takes turns.
+// A read of an expert's state that overlaps two writes of that state may see DataLoss: the
+// caller orders accesses to one expert (the engine's fences do). Flush and Close wait for
+// every access in progress.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "offload/expert_index.h"
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "runtime/base/dtype.h"
@@ -56,8 +70,7 @@ StatusOr<Tier> ParseTier(std::string_view name);
 
 // What identifies a model's experts; a store opens only for the layout it was made for.
 struct ExpertStoreLayout {
-  uint32_t layers = 0;
-  uint32_t experts_per_layer = 0;
+  std::vector<uint32_t> experts_per_layer;  // one entry per layer (layers may differ)
   uint64_t params_per_expert = 0;
   DType weights_dtype = DType::kBF16;  // bf16 or f32
   uint32_t moments = 2;                // fp32 moment arrays per expert (0: no moments state)
@@ -73,41 +86,58 @@ struct ExpertStoreOptions {
   // Pinned-tier states plus one staging block (the largest state of one expert), plus what
   // users of pinned_pool() carve out (the weight stager's slots). 0 = exactly the store's own.
   uint64_t pinned_budget_bytes = 0;
+  IoEngineFactory io_engines;  // empty: CreateIoEngine's default
 };
 
 class ExpertStore {
  public:
-  static StatusOr<std::unique_ptr<ExpertStore>> Create(Backend& backend, IoEngine& io,
+  static StatusOr<std::unique_ptr<ExpertStore>> Create(Backend& backend,
                                                        const ExpertStoreOptions& options);
   // Opens the store in options.dirs; options.layout must be the one it was made with;
-  // options.placement may differ (states move tiers at open).
-  static StatusOr<std::unique_ptr<ExpertStore>> Open(Backend& backend, IoEngine& io,
+  // options.placement may differ (states move tiers at open). A store of another format
+  // version is refused naming it, and so are the NVMe state files sessions wrote before the
+  // store held optimizer states (ecss-states-*.bin): they are not migrated.
+  static StatusOr<std::unique_ptr<ExpertStore>> Open(Backend& backend,
                                                      const ExpertStoreOptions& options);
   // Closes the store if Close was not called (logging an error Close returns).
   ~ExpertStore();
 
-  // Writes durably every state held in memory (each expert into its file's shadow slot, then
-  // fdatasync of every file).
+  // Writes durably every state held in memory (each expert into its file's shadow slot), then
+  // fdatasync of every file.
   Status Flush();
   // Flush, then the manifest records a clean close. Nothing else may be called afterwards.
   Status Close();
 
   // One expert's state from / to host memory (any alignment): StateBytes(state) bytes.
-  Status Write(ExpertState state, uint32_t layer, uint32_t expert, const void* src);
-  Status Read(ExpertState state, uint32_t layer, uint32_t expert, void* dst);
+  Status Write(ExpertState state, ExpertId id, const void* src, uint64_t version = 0);
+  Status Read(ExpertState state, ExpertId id, void* dst);
   // As Read / Write from a 4 KiB-aligned host block of BlockBytes(state): an nvme state goes
   // straight between it and the file, without the staging copy (the weight stager's and the
-  // optimizer pipeline's path).
-  Status ReadBlock(ExpertState state, uint32_t layer, uint32_t expert, void* block);
-  Status WriteBlock(ExpertState state, uint32_t layer, uint32_t expert, const void* block);
+  // optimizer pipeline's path). ReadBlock gives the version read when asked.
+  Status ReadBlock(ExpertState state, ExpertId id, void* block, uint64_t* version = nullptr);
+  Status WriteBlock(ExpertState state, ExpertId id, const void* block, uint64_t version = 0);
+  // Reads `states` of expert `id` into `blocks` (one each, as ReadBlock) as of one version,
+  // the newest that all of them hold: an nvme state written ahead of the others by an update
+  // cut short is read from the shadow slot that keeps the older version. DataLoss naming the
+  // versions when there is none.
+  Status ReadStates(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
+                    uint64_t* version);
+  // Writes `states` of expert `id` from `blocks` (as WriteBlock) as `version`. ReadStates and
+  // WriteStates move their states at once (each state has its own handles: the first on the
+  // calling thread, the others on a thread each), so an update's I/O keeps several requests
+  // in flight as one file's would. A crash may leave any of them written: ReadStates finds
+  // the version all hold.
+  Status WriteStates(ExpertId id, const std::vector<ExpertState>& states, const void* const* blocks,
+                     uint64_t version);
   // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
   // stays valid until Close; the caller orders its accesses against Write.
-  StatusOr<void*> Resident(ExpertState state, uint32_t layer, uint32_t expert);
+  StatusOr<void*> Resident(ExpertState state, ExpertId id);
 
   uint64_t StateBytes(ExpertState state) const;
   uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
   Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
   const ExpertStoreLayout& layout() const { return options_.layout; }
+  const ExpertIndex& index() const { return index_; }  // the layout's experts
   // The pool the pinned tier lives in; what is left of its budget is for the caller.
   PinnedHostPool& pinned_pool() { return *pinned_; }
   Backend& backend() { return backend_; }
@@ -116,9 +146,16 @@ class ExpertStore {
   struct Region {  // one memory-tier state of every expert
     Buffer memory;
     uint64_t stride = 0;
+    std::vector<uint64_t> versions;  // per expert, written to the file at Flush
   };
-  ExpertStore(Backend& backend, IoEngine& io, const ExpertStoreOptions& options)
-      : backend_(backend), io_(io), options_(options) {}
+  // An nvme state's two handles of its files: reads and writes do not take turns.
+  struct Files {
+    std::unique_ptr<IoEngine> read_io, write_io;
+    std::unique_ptr<ExpertStateFile> reader, writer;
+    std::mutex read_mutex, write_mutex;
+  };
+  ExpertStore(Backend& backend, const ExpertStoreOptions& options)
+      : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
   StateFileOptions FileOptions(ExpertState state) const;
@@ -128,34 +165,35 @@ class ExpertStore {
                ? static_cast<uint32_t>(DTypeSize(options_.layout.weights_dtype))
                : 4;
   }
+  uint64_t Elements(ExpertState state) const { return StateBytes(state) / ElementBytes(state); }
   bool HasState(ExpertState state) const;
   Status Allocate();
   Status OpenFiles(bool create);
   Status WriteManifest(bool closed);
-  Status Check(ExpertState state, uint32_t layer, uint32_t expert) const;
-  std::string Name(ExpertState state, uint32_t layer, uint32_t expert) const;
-  uint32_t Id(uint32_t layer, uint32_t expert) const {
-    return layer * options_.layout.experts_per_layer + expert;
-  }
-  uint32_t experts() const { return options_.layout.layers * options_.layout.experts_per_layer; }
-  void* MemoryOf(ExpertState state, uint32_t id) const;
-  // Moves one expert's state between its file and memory (through staging for the device).
-  Status StoreToFile(ExpertState state, uint32_t id, const void* block);
-  Status LoadFromFile(ExpertState state, uint32_t id, void* block);
+  Status Check(ExpertState state, ExpertId id) const;
+  std::string Name(ExpertState state, ExpertId id) const;
+  void* MemoryOf(ExpertState state, uint32_t flat) const;
+  // One expert's state between its file and a block (`want`: that version).
+  Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version);
+  Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
+                      const uint64_t* want = nullptr);
   Status LoadTier(ExpertState state);
-  Status BlockIo(bool write, ExpertState state, uint32_t layer, uint32_t expert, void* block);
+  Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version);
   Status FlushLocked();
 
   Backend& backend_;
-  IoEngine& io_;
   ExpertStoreOptions options_;
-  std::mutex mutex_;
-  bool closed_ = false;
+  const ExpertIndex index_;
+  // Shared by every access, exclusive for Flush and Close.
+  std::shared_mutex lifecycle_;
+  bool closed_ = false;  // GUARDED_BY(lifecycle_)
+  // The staging block and the copy stream (Read and Write of nvme states, device states).
+  std::mutex staging_mutex_;
   std::unique_ptr<PinnedHostPool> pinned_;
   Buffer staging_;  // one block of the largest state
   OwnedStream stream_;
   std::array<Region, kExpertStates> regions_;
-  std::array<std::unique_ptr<ExpertStateFile>, kExpertStates> files_;
+  std::array<Files, kExpertStates> files_;
 };
 
 }  // namespace ecss

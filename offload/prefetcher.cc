@@ -25,7 +25,7 @@ Prefetcher::Prefetcher(DeviceCache& cache, Stream copy_stream, PrefetcherHooks h
 
 Prefetcher::~Prefetcher() = default;
 
-void Prefetcher::StartStep(std::vector<ExpertKey> sequence) {
+void Prefetcher::StartStep(std::vector<ExpertId> sequence) {
   Clear();
   sequence_ = std::move(sequence);
   next_ = 0;
@@ -33,7 +33,7 @@ void Prefetcher::StartStep(std::vector<ExpertKey> sequence) {
   stalls_.clear();
 }
 
-void Prefetcher::BeginStep(std::vector<ExpertKey> sequence) {
+void Prefetcher::BeginStep(std::vector<ExpertId> sequence) {
   StartStep(std::move(sequence));
   reactive_ = false;
   cache_base_ = 0;
@@ -51,7 +51,7 @@ void Prefetcher::BeginReactiveStep() {
   StartStep({});
 }
 
-uint64_t Prefetcher::Append(const std::vector<ExpertKey>& keys) {
+uint64_t Prefetcher::Append(const std::vector<ExpertId>& keys) {
   const uint64_t first = sequence_.size();
   sequence_.insert(sequence_.end(), keys.begin(), keys.end());
   return first;
@@ -62,9 +62,9 @@ void Prefetcher::Clear() {
   if (stager_ != nullptr) stager_->Clear();
 }
 
-bool Prefetcher::NeedsCopy(ExpertKey key) { return cache_.residency(key) == Residency::kAbsent; }
+bool Prefetcher::NeedsCopy(ExpertId key) { return cache_.residency(key) == Residency::kAbsent; }
 
-Status Prefetcher::AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out) {
+Status Prefetcher::AcquireStaged(ExpertId key, const void* block, uint64_t position, Lease* out) {
   StatusOr<Lease> lease = cache_.Acquire(key, block, copy_stream_, cache_base_ + position);
   if (!lease.ok()) {
     stager_->Drop(key);
@@ -83,7 +83,7 @@ double Prefetcher::stall_seconds() const {
 }
 
 Status Prefetcher::Fetch(uint64_t position, Lease* out) {
-  const ExpertKey key = sequence_[position];
+  const ExpertId key = sequence_[position];
   if (cache_.residency(key) == Residency::kAbsent && hooks_.fence_pending(key)) {
     const auto start = std::chrono::steady_clock::now();
     Status waited = hooks_.wait_fence(key);
@@ -119,7 +119,7 @@ Status Prefetcher::Fetch(uint64_t position, Lease* out) {
 Status Prefetcher::StageAhead() {
   stage_next_ = std::max(stage_next_, next_);
   while (stage_next_ < sequence_.size()) {
-    const ExpertKey key = sequence_[stage_next_];
+    const ExpertId key = sequence_[stage_next_];
     if (NeedsCopy(key)) {
       // An expert being updated gets new weights: reading them now would stage the old ones.
       if (hooks_.fence_pending(key)) break;
@@ -135,7 +135,7 @@ Status Prefetcher::Advance() {
   // Held leases never exceed the slots, so an Acquire always finds an unleased slot: a
   // key held twice shares one slot, which only leaves more free.
   while (next_ < sequence_.size() && held_.size() < window_) {
-    const ExpertKey key = sequence_[next_];
+    const ExpertId key = sequence_[next_];
     if (cache_.residency(key) == Residency::kAbsent && hooks_.fence_pending(key)) break;
     Lease lease;
     if (stager_ != nullptr && NeedsCopy(key)) {
@@ -193,9 +193,9 @@ bool Prefetcher::YieldAhead(uint64_t position, uint64_t end) {
     return true;
   }
   if (stager_ == nullptr) return false;
-  const ExpertKey needed = sequence_[position];
+  const ExpertId needed = sequence_[position];
   for (uint64_t p = stage_next_; p-- > position + 1;) {
-    const ExpertKey key = sequence_[p];
+    const ExpertId key = sequence_[p];
     if (key == needed || !stager_->Started(key)) continue;
     stager_->Drop(key);
     stage_next_ = std::min(stage_next_, p);

@@ -1,5 +1,5 @@
 // Prefetcher: brings a step's experts to the device ahead of use. Given the step's expert
-// access sequence (router/'s StepAccessSequence, as ExpertKeys), it leases experts from the
+// access sequence (router/'s StepAccessSequence, as ExpertIds), it leases experts from the
 // DeviceCache in sequence order, so that their host-to-device copies run while the device
 // computes earlier positions. The window is bounded by the device budget (the cache's slots:
 // it never holds more leases than slots) and by `window_experts`.
@@ -30,11 +30,11 @@ namespace ecss {
 
 struct PrefetcherHooks {
   // The expert's host weights (what a miss copies from); unused with a WeightStager.
-  std::function<const void*(ExpertKey)> host_weights;
+  std::function<const void*(ExpertId)> host_weights;
   // True while the expert's host weights are being rewritten.
-  std::function<bool(ExpertKey)> fence_pending;
+  std::function<bool(ExpertId)> fence_pending;
   // Blocks until they are not.
-  std::function<Status(ExpertKey)> wait_fence;
+  std::function<Status(ExpertId)> wait_fence;
   // Optional: a miss's copy for sequence position `position` was just enqueued on the copy
   // stream (the caller may enqueue work after it there, e.g. to see when it ended).
   std::function<void(uint64_t position)> on_copy;
@@ -49,12 +49,12 @@ class Prefetcher {
   ~Prefetcher();
 
   // Starts a step: drops leases still held, sets the cache's policy to Belady over `sequence`.
-  void BeginStep(std::vector<ExpertKey> sequence);
+  void BeginStep(std::vector<ExpertId> sequence);
   // Starts a step whose accesses are not known ahead (learned gates: a layer's experts are
   // known once its gate ran): an empty sequence that Append extends, and LRU eviction.
   void BeginReactiveStep();
   // Appends accesses (reactive steps); returns the position of the first.
-  uint64_t Append(const std::vector<ExpertKey>& keys);
+  uint64_t Append(const std::vector<ExpertId>& keys);
   // Leases ahead, in order, while the window and the cache allow, and stages from NVMe
   // ahead of that while the stager's blocks allow; never blocks.
   Status Advance();
@@ -73,12 +73,12 @@ class Prefetcher {
 
  private:
   // Drops what the last step held and starts over at position 0 of `sequence`.
-  void StartStep(std::vector<ExpertKey> sequence);
+  void StartStep(std::vector<ExpertId> sequence);
   Status Fetch(uint64_t position, Lease* out);
   // True when `key`'s lease would copy it (it is not on the device).
-  bool NeedsCopy(ExpertKey key);
+  bool NeedsCopy(ExpertId key);
   // Leases `key` from the staged block and hands the block to its copy.
-  Status AcquireStaged(ExpertKey key, const void* block, uint64_t position, Lease* out);
+  Status AcquireStaged(ExpertId key, const void* block, uint64_t position, Lease* out);
   Status StageAhead();
   // Drops the leases held for positions >= end and the blocks staged for positions after
   // `position`, for a fetch at `position` that found no room. True when anything was dropped.
@@ -89,7 +89,7 @@ class Prefetcher {
   const PrefetcherHooks hooks_;
   const uint32_t window_;
   WeightStager* const stager_;
-  std::vector<ExpertKey> sequence_;
+  std::vector<ExpertId> sequence_;
   std::deque<std::pair<uint64_t, Lease>> held_;  // by position, ascending
   uint64_t next_ = 0;                            // next position to lease ahead
   uint64_t stage_next_ = 0;                      // next position to stage ahead

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "offload/expert_key.h"
+#include "offload/expert_index.h"
 
 namespace ecss {
 
@@ -17,7 +17,7 @@ std::string_view StallCauseName(StallCause cause);  // "update_fence", "nvme_rea
 
 struct StallRecord {
   uint64_t position = 0;  // in the step's sequence
-  ExpertKey key = 0;      // who: (layer, expert)
+  ExpertId key;           // who: (layer, expert)
   StallCause cause = StallCause::kUpdateFence;
   double seconds = 0;
 };

@@ -62,7 +62,7 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
       options_(options),
       slot_bytes_(kHeaderBytes + options.arrays * StateBlockBytes(options.max_expert_elements *
                                                                   options.element_bytes)),
-      header_(std::aligned_alloc(4096, kHeaderBytes)),
+      header_(std::aligned_alloc(4096, 2 * kHeaderBytes)),
       newest_sequence_(options.experts, UINT64_MAX),
       newest_copy_(options.experts, 0) {}
 
@@ -143,24 +143,33 @@ Status ExpertStateFile::CheckExpert(uint32_t expert, uint64_t elements) const {
   return Status::Ok();
 }
 
-Status ExpertStateFile::ReadHeader(uint32_t expert, uint32_t copy, Header* header, bool* valid,
-                                   std::string* why) {
+Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, bool* valid,
+                                    std::string* why) {
   const IoFileId file = files_[expert % options_.dirs.size()];
-  Status read = ReadAt(*engine_, file, OffsetOf(expert, copy), header_, kHeaderBytes);
+  std::vector<IoRequest> requests;  // every copy's header at once: one round trip
+  for (uint32_t c = 0; c < copies(); ++c) {
+    requests.push_back({IoOp::kRead, file, OffsetOf(expert, c),
+                        static_cast<char*>(header_) + c * kHeaderBytes, kHeaderBytes, 0});
+  }
+  Status read = RunAll(*engine_, requests);
   if (!read.ok()) return read.Annotate(StrCat("reading expert ", expert, " header"));
-  std::memcpy(header, header_, sizeof(*header));
-  *valid = false;
-  if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
-    *why = "no state header (never stored, or overwritten)";
-  } else if (Crc32c(header, offsetof(Header, header_crc)) != header->header_crc) {
-    *why = "header checksum mismatch";
-  } else if (header->version != kVersion || header->expert != expert ||
-             header->arrays != options_.arrays || header->element_bytes != options_.element_bytes) {
-    *why =
-        StrCat("header describes expert ", header->expert, " with ", header->arrays, " arrays of ",
-               header->element_bytes, "-byte elements (format ", header->version, ")");
-  } else {
-    *valid = true;
+  for (uint32_t c = 0; c < copies(); ++c) {
+    Header* header = &headers[c];
+    std::memcpy(header, static_cast<char*>(header_) + c * kHeaderBytes, sizeof(*header));
+    valid[c] = false;
+    if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
+      why[c] = "no state header (never stored, or overwritten)";
+    } else if (Crc32c(header, offsetof(Header, header_crc)) != header->header_crc) {
+      why[c] = "header checksum mismatch";
+    } else if (header->version != kVersion || header->expert != expert ||
+               header->arrays != options_.arrays ||
+               header->element_bytes != options_.element_bytes) {
+      why[c] = StrCat("header describes expert ", header->expert, " with ", header->arrays,
+                      " arrays of ", header->element_bytes, "-byte elements (format ",
+                      header->version, ")");
+    } else {
+      valid[c] = true;
+    }
   }
   return Status::Ok();
 }
@@ -174,13 +183,13 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   if (options_.shadow) {
     if (newest_sequence_[expert] == UINT64_MAX) {  // learn which copy is newest
       newest_sequence_[expert] = 0;
+      Header seen[2];
+      bool valid[2];
+      std::string why[2];
+      ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, valid, why));
       for (uint32_t c = 0; c < 2; ++c) {
-        Header seen;
-        bool valid = false;
-        std::string why;
-        ECSS_RETURN_IF_ERROR(ReadHeader(expert, c, &seen, &valid, &why));
-        if (valid && seen.sequence > newest_sequence_[expert]) {
-          newest_sequence_[expert] = seen.sequence;
+        if (valid[c] && seen[c].sequence > newest_sequence_[expert]) {
+          newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
         }
       }
@@ -220,7 +229,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
 }
 
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
-                             uint64_t* update_count) {
+                             uint64_t* update_count, const uint64_t* want) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const size_t dir = expert % options_.dirs.size();
   const IoFileId file = files_[dir];
@@ -230,21 +239,26 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   bool found = false;
   std::string why;
   uint32_t copy = 0;
+  Header seen[2];
+  bool valid[2];
+  std::string reason[2];
+  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, valid, reason));
   for (uint32_t c = 0; c < copies(); ++c) {
-    Header seen;
-    bool valid = false;
-    std::string reason;
-    ECSS_RETURN_IF_ERROR(ReadHeader(expert, c, &seen, &valid, &reason));
-    if (!valid) {
-      if (why.empty()) why = reason;
-    } else if (!found || seen.sequence > header.sequence) {
-      header = seen;
+    if (!valid[c]) {
+      if (why.empty()) why = reason[c];
+    } else if (want != nullptr && seen[c].update_count != *want) {
+      if (why.empty()) why = StrCat("update count ", seen[c].update_count, ", not ", *want);
+    } else if (!found || seen[c].sequence > header.sequence) {
+      header = seen[c];
       copy = c;
       found = true;
     }
   }
   const uint64_t base = OffsetOf(expert, copy);
   const std::string where = StrCat("expert ", expert, " in '", PathOf(dir), "' at offset ", base);
+  if (!found && want != nullptr) {
+    return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));
+  }
   if (!found) return DataLossError(StrCat(where, ": ", why));
   if (header.elements != elements) {
     return DataLossError(

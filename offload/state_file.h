@@ -58,8 +58,11 @@ class ExpertStateFile {
   Status Store(uint32_t expert, const void* const* arrays, uint64_t elements,
                uint64_t update_count);
   // Reads and verifies (with shadow: the newest version whose header is intact). elements
-  // must be what was stored (DataLoss naming both otherwise).
-  Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count);
+  // must be what was stored (DataLoss naming both otherwise). With `want`, the version whose
+  // update count is *want instead (shadow: the previous one may still be there; DataLoss
+  // naming the count when no intact copy holds it).
+  Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
+              const uint64_t* want = nullptr);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
@@ -77,14 +80,15 @@ class ExpertStateFile {
     return ((expert / options_.dirs.size()) * copies() + copy) * slot_bytes_;
   }
   uint64_t ArrayOffset(uint32_t a) const;
-  // Reads the header of `copy` into *header; false (with *why) when it is not a valid one.
-  Status ReadHeader(uint32_t expert, uint32_t copy, Header* header, bool* valid, std::string* why);
+  // Reads the header of every copy (one round trip) into headers[copy]; valid[copy] false
+  // (with why[copy]) when it is not a valid one.
+  Status ReadHeaders(uint32_t expert, Header* headers, bool* valid, std::string* why);
 
   IoEngine* engine_;
   StateFileOptions options_;
   uint64_t slot_bytes_;
   std::vector<IoFileId> files_;
-  void* header_ = nullptr;  // one aligned 4 KiB header buffer
+  void* header_ = nullptr;  // an aligned 4 KiB header buffer per copy
   // shadow: per expert, the newest version's sequence number and copy as this handle last
   // wrote or saw it (UINT64_MAX: not known yet).
   std::vector<uint64_t> newest_sequence_;

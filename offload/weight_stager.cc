@@ -53,10 +53,10 @@ void WeightStager::Work() {
     if (stop_) return;
     Slot& slot = slots_[queue_.front()];
     queue_.pop_front();
-    const ExpertKey key = slot.key;
+    const ExpertId key = slot.key;
     lock.unlock();
     Status read =
-        store_.ReadBlock(ExpertState::kWeights, LayerOf(key), ExpertOf(key), slot.block.data());
+        store_.ReadBlock(ExpertState::kWeights, {key.layer, key.expert}, slot.block.data());
     lock.lock();
     if (read.ok()) bytes_read_ += store_.StateBytes(ExpertState::kWeights);
     if (slot.dropped) {
@@ -87,7 +87,7 @@ int WeightStager::FreeSlot() {
   return -1;
 }
 
-void WeightStager::StartLocked(ExpertKey key, int slot) {
+void WeightStager::StartLocked(ExpertId key, int slot) {
   slots_[slot].state = SlotState::kReading;
   slots_[slot].key = key;
   slots_[slot].status = Status::Ok();
@@ -96,7 +96,7 @@ void WeightStager::StartLocked(ExpertKey key, int slot) {
   cv_.notify_all();
 }
 
-StatusOr<bool> WeightStager::TryStart(ExpertKey key) {
+StatusOr<bool> WeightStager::TryStart(ExpertId key) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (where_.count(key) != 0) return true;
   const int slot = FreeSlot();
@@ -105,18 +105,18 @@ StatusOr<bool> WeightStager::TryStart(ExpertKey key) {
   return true;
 }
 
-bool WeightStager::Started(ExpertKey key) {
+bool WeightStager::Started(ExpertId key) {
   std::lock_guard<std::mutex> lock(mutex_);
   return where_.count(key) != 0;
 }
 
-bool WeightStager::Ready(ExpertKey key) {
+bool WeightStager::Ready(ExpertId key) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = where_.find(key);
   return it != where_.end() && slots_[it->second].state == SlotState::kReady;
 }
 
-StatusOr<const void*> WeightStager::Wait(ExpertKey key) {
+StatusOr<const void*> WeightStager::Wait(ExpertId key) {
   std::unique_lock<std::mutex> lock(mutex_);
   while (where_.count(key) == 0) {
     const int slot = FreeSlot();
@@ -145,7 +145,7 @@ StatusOr<const void*> WeightStager::Wait(ExpertKey key) {
     if (!reading) {
       return ResourceExhaustedError(StrCat("weight stager: all ", slots_.size(),
                                            " staging blocks are held; none frees for layer ",
-                                           LayerOf(key), " expert ", ExpertOf(key)));
+                                           key.layer, " expert ", key.expert));
     }
     cv_.wait(lock);
   }
@@ -162,12 +162,12 @@ StatusOr<const void*> WeightStager::Wait(ExpertKey key) {
   return static_cast<const void*>(slot.block.data());
 }
 
-Status WeightStager::Release(ExpertKey key, Stream stream) {
+Status WeightStager::Release(ExpertId key, Stream stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = where_.find(key);
   if (it == where_.end() || slots_[it->second].state != SlotState::kReady) {
-    return FailedPreconditionError(StrCat("weight stager: layer ", LayerOf(key), " expert ",
-                                          ExpertOf(key), " has no staged block to release"));
+    return FailedPreconditionError(StrCat("weight stager: layer ", key.layer, " expert ",
+                                          key.expert, " has no staged block to release"));
   }
   Slot& slot = slots_[it->second];
   ECSS_RETURN_IF_ERROR(backend_.RecordEvent(slot.copied.get(), stream));
@@ -177,7 +177,7 @@ Status WeightStager::Release(ExpertKey key, Stream stream) {
   return Status::Ok();
 }
 
-void WeightStager::Drop(ExpertKey key) {
+void WeightStager::Drop(ExpertId key) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = where_.find(key);
   if (it == where_.end()) return;
@@ -192,12 +192,12 @@ void WeightStager::Drop(ExpertKey key) {
 }
 
 void WeightStager::Clear() {
-  std::vector<ExpertKey> keys;
+  std::vector<ExpertId> keys;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     for (const auto& [key, slot] : where_) keys.push_back(key);
   }
-  for (ExpertKey key : keys) Drop(key);
+  for (ExpertId key : keys) Drop(key);
 }
 
 uint64_t WeightStager::bytes_read() const {

@@ -35,17 +35,17 @@ class WeightStager {
 
   // Starts reading `key`'s weights into a free block; never blocks. True when the key is
   // being read or ready now (also when it already was); false when every block is taken.
-  StatusOr<bool> TryStart(ExpertKey key);
-  bool Started(ExpertKey key);  // being read or ready
-  bool Ready(ExpertKey key);    // its read finished (successfully or not)
+  StatusOr<bool> TryStart(ExpertId key);
+  bool Started(ExpertId key);  // being read or ready
+  bool Ready(ExpertId key);    // its read finished (successfully or not)
   // Starts the read if needed (waiting for a released block's copy to pass) and waits for
   // it. Returns the block, or the read's error (naming layer, expert and state; the block is
   // freed). ResourceExhausted when every block is held ready and none was released.
-  StatusOr<const void*> Wait(ExpertKey key);
+  StatusOr<const void*> Wait(ExpertId key);
   // The block's copy was enqueued on `stream`; the block is reused once the stream passed it.
-  Status Release(ExpertKey key, Stream stream);
+  Status Release(ExpertId key, Stream stream);
   // Frees `key`'s block without a copy (a read in progress is discarded when it ends).
-  void Drop(ExpertKey key);
+  void Drop(ExpertId key);
   // Drops every block not released.
   void Clear();
 
@@ -58,7 +58,7 @@ class WeightStager {
     Buffer block;
     OwnedEvent copied;  // recorded after the block's copy
     SlotState state = SlotState::kFree;
-    ExpertKey key = 0;
+    ExpertId key;
     Status status;
     bool dropped = false;   // reading, but no longer wanted
     uint64_t released = 0;  // order of release, to wait for the oldest copy first
@@ -67,15 +67,15 @@ class WeightStager {
   void Work();
   // A free block, reclaiming released ones whose copy passed; -1 when none. Lock held.
   int FreeSlot();
-  void StartLocked(ExpertKey key, int slot);
+  void StartLocked(ExpertId key, int slot);
 
   ExpertStore& store_;
   Backend& backend_ = store_.backend();
   std::vector<Slot> slots_;
   mutable std::mutex mutex_;
   std::condition_variable cv_;
-  std::unordered_map<ExpertKey, int> where_;  // key -> slot (reading or ready)
-  std::deque<int> queue_;                     // slots to read, in order
+  std::unordered_map<ExpertId, int> where_;  // key -> slot (reading or ready)
+  std::deque<int> queue_;                    // slots to read, in order
   uint64_t releases_ = 0;
   uint64_t bytes_read_ = 0;
   bool stop_ = false;

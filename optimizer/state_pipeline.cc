@@ -156,9 +156,14 @@ size_t ArrayStrideFloats(const StreamingOptions& options) {
 size_t ComputeCopyBytes(const StreamingOptions& options) {
   return options.stage_compute_copy ? Blocks(options.max_expert_elements * 2) * kBlockBytes : 0;
 }
+// The moments one after another in one block (state1 = state0 + max_expert_elements), as
+// stores keep them.
+size_t MomentsBytes(const StreamingOptions& options) {
+  return Blocks(options.max_expert_elements * sizeof(float) * StateArrays(options.kind)) *
+         kBlockBytes;
+}
 uint64_t SlotBytes(const StreamingOptions& options) {
-  return ArrayStrideFloats(options) * 4 * (1 + StateArrays(options.kind)) +
-         ComputeCopyBytes(options);
+  return ArrayStrideFloats(options) * 4 + MomentsBytes(options) + ComputeCopyBytes(options);
 }
 
 Status ValidateStreamingOptions(const StreamingOptions& options) {
@@ -194,14 +199,16 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
                                        workspace, ")"));
   }
   auto impl = std::make_unique<Impl>(options, options.isa.value_or(DetectSimdIsa()), tier);
-  const int arrays = 1 + StateArrays(options.kind);
   const size_t stride = ArrayStrideFloats(options);
   for (int b = 0; b < options.buffers; ++b) {
-    float* base = reinterpret_cast<float*>(static_cast<char*>(workspace) + b * SlotBytes(options));
-    auto* compute =
-        options.stage_compute_copy ? reinterpret_cast<BFloat16*>(base + stride * arrays) : nullptr;
-    impl->slots.push_back(
-        StateSlot{base, base + stride, arrays == 3 ? base + 2 * stride : nullptr, compute, 0});
+    char* base = static_cast<char*>(workspace) + b * SlotBytes(options);
+    float* master = reinterpret_cast<float*>(base);
+    float* state0 = master + stride;
+    float* state1 = StateArrays(options.kind) == 2 ? state0 + options.max_expert_elements : nullptr;
+    auto* compute = options.stage_compute_copy
+                        ? reinterpret_cast<BFloat16*>(base + stride * 4 + MomentsBytes(options))
+                        : nullptr;
+    impl->slots.push_back(StateSlot{master, state0, state1, compute, 0});
   }
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
 }

@@ -23,6 +23,8 @@ namespace ecss {
 
 // A staging slot: room for one expert's master and state arrays, and (with
 // StreamingOptions::stage_compute_copy) the new bf16 compute copy, which the tier stores.
+// master, the state arrays (together, state1 right after state0's max_expert_elements) and
+// the compute copy each start on a 4 KiB boundary.
 struct StateSlot {
   float* master = nullptr;
   float* state0 = nullptr;
@@ -105,9 +107,9 @@ struct StreamingReport {
 
 class StateStreamingUpdater {
  public:
-  // The staging Create needs (can implement -> workspace size -> run): buffers x (1 + state
-  // arrays) arrays of max_expert_elements floats, each rounded up to 4 KiB, plus the bf16
-  // compute copy with stage_compute_copy. InvalidArgument for bad options.
+  // The staging Create needs (can implement -> workspace size -> run): per buffer, the master
+  // and the state arrays of max_expert_elements floats each, plus the bf16 compute copy with
+  // stage_compute_copy, as laid out in StateSlot. InvalidArgument for bad options.
   static StatusOr<uint64_t> WorkspaceBytes(const StreamingOptions& options);
   // Carves the slots from `workspace` (WorkspaceBytes(options) bytes, 4 KiB aligned: with the
   // caller's pinned memory every array is O_DIRECT-ready). InvalidArgument for bad options or

@@ -47,7 +47,7 @@ Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   const auto domains = static_cast<uint32_t>(corpus.size());
   const uint32_t per_step = std::min<uint32_t>(4, domains);
   std::vector<size_t> cursor(domains, 0);
-  std::vector<ExpertKey> sequence;
+  std::vector<ExpertId> sequence;
   uint64_t longest_step = 0;
   for (uint64_t step = 0; step < steps; ++step) {
     std::vector<RoutingPlan> plans;
@@ -66,7 +66,7 @@ Status RunCacheSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     }
     const std::vector<ExpertAccess> accesses = StepAccessSequence(plans);
     longest_step = std::max<uint64_t>(longest_step, accesses.size());
-    for (const ExpertAccess& a : accesses) sequence.push_back(MakeExpertKey(a.layer, a.expert));
+    for (const ExpertAccess& a : accesses) sequence.push_back(ExpertId{a.layer, a.expert});
   }
 
   uint64_t total_experts = 0;

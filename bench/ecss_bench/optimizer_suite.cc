@@ -18,7 +18,8 @@
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
-#include "engine/file_state_tier.h"
+#include "engine/store_state_tier.h"
+#include "offload/expert_store.h"
 #include "offload/io/io_engines.h"
 #include "offload/state_file.h"
 #include "optimizer/cpu_optimizer.h"
@@ -26,6 +27,7 @@
 #include "runtime/base/str_cat.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
+#include "runtime/device/sim/sim_backend.h"
 
 namespace ecss::bench {
 
@@ -129,47 +131,48 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
                         CreateIoEngine(IoEngineKind::kUring, io));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> store_engine,
                         CreateIoEngine(IoEngineKind::kUring, io));
-  StateFileOptions layout;
-  layout.dirs = {dir};
-  layout.arrays = 3;
-  layout.max_expert_elements = expert_elements;
-  layout.experts = experts;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStateFile> writer,
-                        ExpertStateFile::Create(store_engine.get(), layout));
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStateFile> reader,
-                        ExpertStateFile::Open(load_engine.get(), layout));
+  // The states live where a session keeps them: an expert store (its staging in the sim's
+  // pinned memory), in a directory of its own that the run removes again.
+  ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, "ecss-bench-states"));
+  const std::string& store_dir = scratch_dir.path();
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create({}));
+  ExpertStoreOptions store_options;
+  store_options.layout.experts_per_layer = {experts};
+  store_options.layout.params_per_expert = expert_elements;
+  store_options.layout.weights_dtype = DType::kBF16;
+  store_options.layout.moments = 2;
+  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  store_options.dirs = {store_dir};
+  store_options.io_engines = [io] { return CreateIoEngine(IoEngineKind::kUring, io); };
+  // Creating it writes every expert's states once (zeros), laying out the files, untimed.
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store,
+                        ExpertStore::Create(*sim, store_options));
 
   PinnedPoolOptions pool_options;
   pool_options.name = "state staging";
   const size_t block = StateArrayBytes(expert_elements);
-  // Staging slots, initial states, the gradient, and one buffer per request in flight for the
-  // bandwidth measurement.
+  // Staging slots, the initial master, the gradient, and one buffer per request in flight for
+  // the bandwidth measurement.
   pool_options.capacity_bytes =
-      (buffers * 3 + 3 + io.queue_depth) * block + expert_elements * 4 + 4096;
+      (buffers * 3 + 1 + io.queue_depth) * block + expert_elements * 4 + 4096;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
-  // Initial states, written untimed (this also lays out the file).
-  ECSS_ASSIGN_OR_RETURN(Buffer init,
-                        pool->Allocate(3 * StateArrayBytes(expert_elements), MemoryTag::kStaging));
-  float* init_arrays[3];
-  for (int a = 0; a < 3; ++a) {
-    init_arrays[a] = init.as<float>() + a * StateArrayBytes(expert_elements) / 4;
-    for (uint64_t i = 0; i < expert_elements; ++i)
-      init_arrays[a][i] = a == 0 ? 0.01f * static_cast<float>(i % 97) : 0.0f;
+  {
+    std::vector<float> master(expert_elements);
+    for (uint64_t i = 0; i < expert_elements; ++i) master[i] = 0.01f * static_cast<float>(i % 97);
+    for (uint32_t e = 0; e < experts; ++e) {
+      ECSS_RETURN_IF_ERROR(store->Write(ExpertState::kMaster, {0, e}, master.data()));
+    }
+    ECSS_RETURN_IF_ERROR(store->Flush());
   }
-  const void* const stored[3] = {init_arrays[0], init_arrays[1], init_arrays[2]};
-  for (uint32_t e = 0; e < experts; ++e)
-    ECSS_RETURN_IF_ERROR(writer->Store(e, stored, expert_elements, 0));
-  ECSS_RETURN_IF_ERROR(writer->Sync());
-  init.Reset();
   // The bound, measured now in the same directory with blocks of one array: reads of the
-  // state file itself, writes of a scratch file of the same size (rewriting the state file
-  // would break its checksums).
-  const uint64_t blocks = static_cast<uint64_t>(experts) * 3;
+  // master's file itself (two shadow slots per expert), writes of a scratch file of the same
+  // size (rewriting the state file would break its checksums).
+  const uint64_t blocks = static_cast<uint64_t>(experts) * 2;
   ECSS_ASSIGN_OR_RETURN(Buffer io_buffers,
                         pool->Allocate(io.queue_depth * block, MemoryTag::kStaging));
   std::memset(io_buffers.data(), 0, io_buffers.size());
   ECSS_ASSIGN_OR_RETURN(IoFileId state_file,
-                        load_engine->Open(dir + "/ecss-states-0.bin", OpenMode::kRead));
+                        load_engine->Open(store_dir + "/ecss-store-master-0.bin", OpenMode::kRead));
   std::vector<double> read_samples;
   for (int s = 0; s < 2; ++s) {
     // Each expert's slot holds a header block too: read whole array-sized blocks of the file.
@@ -205,7 +208,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   const double write_gbps = Median(write_samples);
   io_buffers.Reset();
 
-  FileStateTier tier(reader.get(), writer.get(), ExpertIndex({experts}), expert_elements);
+  StoreStateTier tier(store.get());
   StreamingOptions options;
   options.buffers = static_cast<int>(buffers);
   options.max_expert_elements = expert_elements;

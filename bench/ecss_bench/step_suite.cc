@@ -18,6 +18,7 @@
 // ExecutedPlan; written after the run's last Synchronize, so its updates have ended).
 #include <algorithm>
 #include <iomanip>
+#include <optional>
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
@@ -108,9 +109,12 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   options.optimizer.skip_step_on_nonfinite = false;
   options.record_op_times = !dump_plan.empty();
   options.delayed_update = delayed != 0;
+  std::optional<ScratchDir> store_dir;  // the session's expert store, removed after the run
   if (states == "nvme") {
+    ECSS_ASSIGN_OR_RETURN(ScratchDir made, ScratchDir::Create(dir, "ecss-bench-store"));
+    store_dir.emplace(std::move(made));
     options.states = StatesPlacement::kNvme;
-    options.nvme_dirs = {dir};
+    options.nvme_dirs = {store_dir->path()};
     if (weights == "nvme") options.weights = WeightsPlacement::kNvme;
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, options));

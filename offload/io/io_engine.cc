@@ -96,4 +96,11 @@ StatusOr<std::unique_ptr<IoEngine>> CreateFileIoEngine(const IoEngineOptions& op
   return CreateIoEngine(IoEngineKind::kPosix, options);  // io_uring disabled here
 }
 
+StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(const IoEngineFactory& factory) {
+  if (factory) return factory();
+  IoEngineOptions options;
+  options.queue_depth = 8;
+  return CreateFileIoEngine(options);
+}
+
 }  // namespace ecss

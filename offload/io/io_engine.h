@@ -15,6 +15,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -106,5 +107,11 @@ StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
                                                    const IoEngineOptions& options);
 // The engine for real files: io_uring where the kernel allows it, else posix.
 StatusOr<std::unique_ptr<IoEngine>> CreateFileIoEngine(const IoEngineOptions& options);
+
+// Makes the IoEngines that a component's NVMe files are read and written through (LevelDB's
+// Env): tests pass one that wraps CreateFileIoEngine in a FaultInjectionIoEngine.
+using IoEngineFactory = std::function<StatusOr<std::unique_ptr<IoEngine>>()>;
+// factory() when given, else CreateFileIoEngine with a queue depth of 8.
+StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(const IoEngineFactory& factory);
 
 }  // namespace ecss

@@ -10,9 +10,10 @@
 
 #include <gtest/gtest.h>
 
-#include "engine/expert_index.h"
+#include "offload/expert_index.h"
 #include "offload/io/io_engines.h"
 #include "runtime/base/logging.h"
+#include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 
 namespace ecss {
@@ -33,8 +34,8 @@ TEST(ExpertIndexTest, LayersMayHaveDifferentExpertCounts) {
   EXPECT_TRUE(index.Contains({2, 2}));
 }
 
-// ~NvmeUpdater makes the state files durable, and a failed fdatasync is not silent.
-TEST(NvmeUpdaterTest, DestructionSyncsTheStateFilesAndLogsAFailure) {
+// ~NvmeUpdater makes the store's files durable, and a failed fdatasync is not silent.
+TEST(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
   char dir[] = "/tmp/ecss_updater_XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
   auto sim = SimBackend::Create({});
@@ -44,11 +45,10 @@ TEST(NvmeUpdaterTest, DestructionSyncsTheStateFilesAndLogsAFailure) {
   auto pool = (*sim)->CreatePinnedPool(pool_options);
   ASSERT_TRUE(pool.ok());
   std::vector<FaultInjectionIoEngine*> engines;
-  NvmeUpdaterOptions options;
-  options.dirs = {dir};
-  options.expert_elements = 1024;
-  options.experts = ExpertIndex({2, 3});
-  options.io_engines = [&engines]() -> StatusOr<std::unique_ptr<IoEngine>> {
+  ExpertStoreOptions store_options;
+  store_options.layout = {{2, 3}, 1024, DType::kBF16, 2};
+  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  store_options.io_engines = [&engines]() -> StatusOr<std::unique_ptr<IoEngine>> {
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> inner, CreateFileIoEngine({}));
     auto engine = std::make_unique<FaultInjectionIoEngine>(std::move(inner), FaultOptions{});
     engines.push_back(engine.get());
@@ -61,29 +61,68 @@ TEST(NvmeUpdaterTest, DestructionSyncsTheStateFilesAndLogsAFailure) {
     if (level >= LogLevel::kError) errors.emplace_back(message);
   });
   for (bool fail_sync : {false, true}) {
+    store_options.dirs = {StrCat(dir, "/", fail_sync)};
+    std::filesystem::create_directory(store_options.dirs[0]);
+    engines.clear();
+    auto store = ExpertStore::Create(**sim, store_options);
+    ASSERT_TRUE(store.ok()) << store.status();
+    NvmeUpdaterOptions options;
+    options.expert_elements = 1024;
+    options.store = store->get();
     {
       auto updater = NvmeUpdater::Create(options, pool->get());
       ASSERT_TRUE(updater.ok()) << updater.status();
       std::vector<float> master(1024, 0.25f);
       std::vector<BFloat16> copy(1024);
-      for (uint32_t id = 0; id < options.experts.size(); ++id) {
+      for (uint32_t id = 0; id < 5; ++id) {
         ASSERT_TRUE((*updater)->Initialize(id, master.data(), copy.data()).ok());
       }
-      ASSERT_EQ(engines.size(), 2u);  // loads, then stores: the store side syncs
+      ASSERT_EQ(engines.size(), 4u);  // master and moments, each a writing and a reading one
       FaultOptions faults;
       faults.fail_sync = fail_sync;
-      engines[1]->set_options(faults);
+      for (FaultInjectionIoEngine* engine : engines) engine->set_options(faults);
     }
-    engines.clear();
-    std::lock_guard<std::mutex> lock(mutex);
-    if (fail_sync) {
-      ASSERT_EQ(errors.size(), 1u);
-      EXPECT_NE(errors[0].find("fdatasync"), std::string::npos) << errors[0];
-    } else {
-      EXPECT_TRUE(errors.empty());
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (fail_sync) {
+        ASSERT_EQ(errors.size(), 1u);
+        EXPECT_NE(errors[0].find("fdatasync"), std::string::npos) << errors[0];
+      } else {
+        EXPECT_TRUE(errors.empty());
+      }
     }
+    for (FaultInjectionIoEngine* engine : engines) engine->set_options(FaultOptions{});
+    ASSERT_TRUE((*store)->Close().ok());
   }
   SetLogSink({});
+  std::filesystem::remove_all(dir);
+}
+
+// An NvmeUpdater needs a store that keeps its optimizer's states on NVMe.
+TEST(NvmeUpdaterTest, RefusesAStoreWithoutItsStatesOnNvme) {
+  char dir[] = "/tmp/ecss_updater_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  auto sim = SimBackend::Create({});
+  ASSERT_TRUE(sim.ok());
+  PinnedPoolOptions pool_options;
+  pool_options.capacity_bytes = 4 << 20;
+  auto pool = (*sim)->CreatePinnedPool(pool_options);
+  ASSERT_TRUE(pool.ok());
+  ExpertStoreOptions store_options;
+  store_options.layout = {{2}, 1024, DType::kBF16, 2};
+  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kPinned, Tier::kNone};
+  store_options.dirs = {dir};
+  auto store = ExpertStore::Create(**sim, store_options);
+  ASSERT_TRUE(store.ok()) << store.status();
+  NvmeUpdaterOptions options;
+  options.expert_elements = 1024;
+  EXPECT_EQ(NvmeUpdater::Create(options, pool->get()).status().code(),
+            StatusCode::kInvalidArgument);  // no store
+  options.store = store->get();
+  Status refused = NvmeUpdater::Create(options, pool->get()).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("on NVMe"), std::string_view::npos) << refused;
+  store->reset();
   std::filesystem::remove_all(dir);
 }
 

@@ -1,6 +1,7 @@
 #include "tests/engine/reference_trainer.h"
 
 #include <cstring>
+#include <filesystem>
 #include <map>
 
 #include "kernels/cpu/cpu_kernels.h"
@@ -15,6 +16,16 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
   sim_options.device_memory_bytes = 16 << 20;
   auto sim = SimBackend::Create(sim_options);
   EXPECT_TRUE(sim.ok());
+  if (!c.resume && !c.nvme_dir.empty()) {
+    // A new run: the store an earlier run left there goes, as a user would remove it (a
+    // session refuses to overwrite one).
+    std::error_code error;
+    for (const auto& entry : std::filesystem::directory_iterator(c.nvme_dir, error)) {
+      if (entry.path().filename().string().rfind("ecss-store", 0) == 0) {
+        std::filesystem::remove(entry.path(), error);
+      }
+    }
+  }
   auto session = Session::Create(**sim, OptionsFor(c));
   EXPECT_TRUE(session.ok()) << session.status();
   Session& s = **session;

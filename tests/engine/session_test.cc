@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <thread>
 
@@ -147,6 +148,35 @@ TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
     ExpectBitIdentical(TrainSession(reopened), want);
     std::filesystem::remove_all(dir_template);
   }
+}
+
+// The state files of builds before the expert store are refused by name, not read as
+// something else and not overwritten.
+TEST(SessionTest, ResumingFromStateFilesOfAnEarlierFormatIsRefused) {
+  char dir[] = "/tmp/ecss_legacy_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string legacy = StrCat(dir, "/ecss-states-0.bin");
+  {
+    std::ofstream out(legacy, std::ios::binary);
+    const char magic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
+    const uint32_t version = 2;
+    out.write(magic, sizeof(magic));
+    out.write(reinterpret_cast<const char*>(&version), sizeof(version));
+    out << std::string(4084, '\0');
+  }
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  c.nvme_dir = dir;
+  c.resume = true;
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  Status refused = Session::Create(**sim, OptionsFor(c)).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_NE(refused.message().find("state-file format version 2"), std::string::npos) << refused;
+  EXPECT_EQ(std::filesystem::file_size(legacy), 4096u);
+  EXPECT_FALSE(std::filesystem::exists(StrCat(dir, "/ecss-store.manifest")));
+  std::filesystem::remove_all(dir);
 }
 
 // Compute weights on NVMe too: every fetch reads them NVMe -> pinned staging -> device, each
@@ -678,7 +708,8 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
       c.dtype = DType::kBF16;
       c.strategy = strategy;
       c.immediate = immediate;
-      c.nvme_dir = dir_template;
+      c.nvme_dir = StrCat(dir_template, "/", StrategyName(strategy), immediate);
+      std::filesystem::create_directory(c.nvme_dir);
       c.io_engines = [&engines]() -> StatusOr<std::unique_ptr<IoEngine>> {
         IoEngineOptions io;
         io.queue_depth = 8;
@@ -688,14 +719,16 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
         return std::unique_ptr<IoEngine>(std::move(engine));
       };
       Driven d = Driven::Create(OptionsFor(c));
-      ASSERT_EQ(engines.size(), 2u);  // the updater's loads, then its stores
+      // The store's master and moments files, each a writing and a reading engine.
+      ASSERT_EQ(engines.size(), 4u);
+      FaultInjectionIoEngine* master_reads = engines[1];
       const auto steps = MakeSteps(4, 1);
       ASSERT_TRUE(d.Step(steps[0]).ok());
       ASSERT_TRUE(d.session->Synchronize().ok());
       const std::vector<float> before = *d.session->MasterWeights(0, 0);
       FaultOptions fail_reads;
       fail_reads.fail_one_in = 1;
-      engines[0]->set_options(fail_reads);
+      master_reads->set_options(fail_reads);
       // Step 2's updates fail; the error comes from its EndStep or, at the latest, Synchronize
       // (with immediate updates each layer's batch fails on its own: each is reported once).
       const Status step2 = d.Step(steps[1]);
@@ -705,12 +738,13 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
         if (failure.ok()) continue;
         EXPECT_EQ(failure.sys_errno(), EIO) << failure;
         EXPECT_NE(failure.message().find("step 2"), std::string_view::npos) << failure;
-        EXPECT_NE(failure.message().find("expert ("), std::string_view::npos) << failure;
+        EXPECT_NE(failure.message().find(" expert "), std::string_view::npos) << failure;
+        EXPECT_NE(failure.message().find("master"), std::string_view::npos) << failure;
       }
       if (strategy != Strategy::kEcss) {
         EXPECT_FALSE(step2.ok()) << "EndStep waits for updates";
       }
-      engines[0]->set_options(FaultOptions{});
+      master_reads->set_options(FaultOptions{});
       // Reported once; nothing was half-applied; the session trains on.
       EXPECT_TRUE(d.session->Synchronize().ok());
       EXPECT_EQ(*d.session->MasterWeights(0, 0), before);

@@ -98,8 +98,7 @@ TEST(StepPlanTest, EcssListsTheRoutedExpertsWithTheirEdges) {
   EXPECT_EQ(plan.Count(OpKind::kEvict), 0u);
   for (const PlanOp& op : ops) EXPECT_FALSE(op.host_waits) << op.id;
   EXPECT_TRUE(plan.fetches_ahead());
-  const std::vector<std::pair<uint32_t, uint32_t>> sequence = {{0, 0}, {0, 2}, {1, 1},
-                                                               {1, 1}, {0, 0}, {0, 2}};
+  const std::vector<ExpertId> sequence = {{0, 0}, {0, 2}, {1, 1}, {1, 1}, {0, 0}, {0, 2}};
   EXPECT_EQ(plan.AccessSequence(), sequence);
 }
 
@@ -326,7 +325,7 @@ TEST(StepPlanTest, AnEvaluationIsForwardOnly) {
   EXPECT_EQ(plan.Count(OpKind::kFetch), 3u);
   EXPECT_FALSE(plan.step_waits_for_updates());
   EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
-  const std::vector<std::pair<uint32_t, uint32_t>> sequence = {{0, 0}, {0, 2}, {1, 1}};
+  const std::vector<ExpertId> sequence = {{0, 0}, {0, 2}, {1, 1}};
   EXPECT_EQ(plan.AccessSequence(), sequence);
 }
 

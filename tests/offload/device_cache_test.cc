@@ -31,11 +31,11 @@ class DeviceCacheTest : public ::testing::Test {
 };
 
 uint64_t BytesMoved(Backend& backend, std::unique_ptr<EvictionPolicy> policy,
-                    const std::vector<ExpertKey>& sequence,
+                    const std::vector<ExpertId>& sequence,
                     const std::vector<std::vector<uint8_t>>& host, Stream copy, Stream compute) {
   auto cache = *DeviceCache::Create(backend, {kExpertBytes, 2}, std::move(policy));
   for (uint64_t p = 0; p < sequence.size(); ++p) {
-    StatusOr<Lease> lease = cache->Acquire(sequence[p], host[sequence[p]].data(), copy, p);
+    StatusOr<Lease> lease = cache->Acquire(sequence[p], host[sequence[p].expert].data(), copy, p);
     EXPECT_TRUE(lease.ok()) << lease.status();
     EXPECT_TRUE(lease->Release(compute).ok());
   }
@@ -45,9 +45,9 @@ uint64_t BytesMoved(Backend& backend, std::unique_ptr<EvictionPolicy> policy,
 
 TEST_F(DeviceCacheTest, BeladyMovesFewerBytesThanLruOnALoop) {
   // A loop over three experts with room for two: LRU misses every access, Belady does not.
-  std::vector<ExpertKey> sequence;
+  std::vector<ExpertId> sequence;
   for (int round = 0; round < 10; ++round) {
-    for (uint32_t e : {0u, 1u, 2u}) sequence.push_back(e);
+    for (uint32_t e : {0u, 1u, 2u}) sequence.push_back({0, e});
   }
   const uint64_t lru =
       BytesMoved(*sim_, MakeLruPolicy(), sequence, host_, copy_.get(), compute_.get());
@@ -61,10 +61,10 @@ TEST_F(DeviceCacheTest, BeladyMovesFewerBytesThanLruOnALoop) {
 
 TEST_F(DeviceCacheTest, WeightsArriveAndSlotsWaitForTheirLastUse) {
   auto cache = *DeviceCache::Create(*sim_, {kExpertBytes, 1}, MakeLruPolicy());
-  EXPECT_EQ(cache->residency(0), Residency::kAbsent);
-  StatusOr<Lease> first = cache->Acquire(0, host_[0].data(), copy_.get(), 0);
+  EXPECT_EQ(cache->residency({0, 0}), Residency::kAbsent);
+  StatusOr<Lease> first = cache->Acquire({0, 0}, host_[0].data(), copy_.get(), 0);
   ASSERT_TRUE(first.ok());
-  EXPECT_EQ(cache->residency(0), Residency::kLeased);
+  EXPECT_EQ(cache->residency({0, 0}), Residency::kLeased);
   // A kernel reads the weights slowly on the compute stream, after their copy.
   ASSERT_TRUE(sim_->WaitEvent(compute_.get(), first->ready()).ok());
   std::atomic<int> seen{-1};
@@ -78,12 +78,12 @@ TEST_F(DeviceCacheTest, WeightsArriveAndSlotsWaitForTheirLastUse) {
                   .ok());
   ASSERT_TRUE(first->Release(compute_.get()).ok());
   // The only slot goes to expert 1 at once; its copy must wait for the kernel.
-  StatusOr<Lease> second = cache->Acquire(1, host_[1].data(), copy_.get(), 1);
+  StatusOr<Lease> second = cache->Acquire({0, 1}, host_[1].data(), copy_.get(), 1);
   ASSERT_TRUE(second.ok());
   ASSERT_TRUE(sim_->SynchronizeAll().ok());
   EXPECT_EQ(seen.load(), 1) << "the kernel saw expert 0's weights, not expert 1's";
   EXPECT_EQ(static_cast<const uint8_t*>(second->weights())[0], 2);
-  EXPECT_EQ(cache->residency(0), Residency::kAbsent);
+  EXPECT_EQ(cache->residency({0, 0}), Residency::kAbsent);
   EXPECT_EQ(cache->stats().evictions, 1u);
 }
 
@@ -94,18 +94,18 @@ TEST_F(DeviceCacheTest, BudgetsAndLeasesAreEnforced) {
   EXPECT_EQ(DeviceCache::Create(*sim_, {0, 1}, MakeLruPolicy()).status().code(),
             StatusCode::kInvalidArgument);
   auto cache = *DeviceCache::Create(*sim_, {kExpertBytes, 2}, MakeLruPolicy());
-  StatusOr<Lease> a = cache->Acquire(0, host_[0].data(), copy_.get(), 0);
-  StatusOr<Lease> b = cache->Acquire(1, host_[1].data(), copy_.get(), 1);
+  StatusOr<Lease> a = cache->Acquire({0, 0}, host_[0].data(), copy_.get(), 0);
+  StatusOr<Lease> b = cache->Acquire({0, 1}, host_[1].data(), copy_.get(), 1);
   ASSERT_TRUE(a.ok() && b.ok());
-  EXPECT_EQ(cache->Acquire(2, host_[2].data(), copy_.get(), 2).status().code(),
+  EXPECT_EQ(cache->Acquire({0, 2}, host_[2].data(), copy_.get(), 2).status().code(),
             StatusCode::kResourceExhausted);
-  StatusOr<Lease> again = cache->Acquire(0, nullptr, copy_.get(), 3);
+  StatusOr<Lease> again = cache->Acquire({0, 0}, nullptr, copy_.get(), 3);
   ASSERT_TRUE(again.ok()) << "a hit needs no host weights";
   EXPECT_EQ(cache->stats().hits, 1u);
   *a = Lease();  // released by destruction
   *again = Lease();
-  EXPECT_TRUE(cache->Acquire(2, host_[2].data(), copy_.get(), 4).ok()) << "room again";
-  EXPECT_EQ(cache->Acquire(3, nullptr, copy_.get(), 5).status().code(),
+  EXPECT_TRUE(cache->Acquire({0, 2}, host_[2].data(), copy_.get(), 4).ok()) << "room again";
+  EXPECT_EQ(cache->Acquire({0, 3}, nullptr, copy_.get(), 5).status().code(),
             StatusCode::kInvalidArgument);
   EXPECT_TRUE(sim_->SynchronizeAll().ok());
 }

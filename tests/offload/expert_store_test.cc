@@ -5,10 +5,12 @@
 
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <thread>
 #include <vector>
@@ -41,17 +43,44 @@ class ExpertStoreTest : public ::testing::Test {
     SimOptions sim;
     sim.device_memory_bytes = 1 << 20;
     sim_ = std::move(SimBackend::Create(sim)).value();
-    IoEngineOptions io;
-    io.queue_depth = 8;
-    io_ = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), FaultOptions{});
-    options_.layout = {2, 3, 1000, DType::kBF16, 2};
+    // Every engine a store makes (two per state file) injects the fixture's faults.
+    options_.io_engines = [this]() -> StatusOr<std::unique_ptr<IoEngine>> {
+      IoEngineOptions io;
+      io.queue_depth = 8;
+      auto engine = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), faults_);
+      std::lock_guard<std::mutex> lock(engines_mutex_);
+      engines_.push_back(engine.get());
+      return std::unique_ptr<IoEngine>(std::move(engine));
+    };
+    options_.layout = {{3, 3}, 1000, DType::kBF16, 2};
     options_.placement = {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kPinned};
     options_.dirs = {root_ + "/a", root_ + "/b"};
     options_.device_budget_bytes = 64 << 10;
   }
-  void TearDown() override {
-    io_.reset();
-    std::filesystem::remove_all(root_);
+  void TearDown() override { std::filesystem::remove_all(root_); }
+
+  // The engines of the store made last (a new Create or Open forgets the earlier ones).
+  StatusOr<std::unique_ptr<ExpertStore>> Make(bool create, const ExpertStoreOptions& options) {
+    {
+      std::lock_guard<std::mutex> lock(engines_mutex_);
+      engines_.clear();
+    }
+    return create ? ExpertStore::Create(*sim_, options) : ExpertStore::Open(*sim_, options);
+  }
+  // `faults` on every engine from now on; with `nth` > 0, each engine's nth next request fails.
+  void SetFaults(FaultOptions faults, uint64_t nth = 0) {
+    std::lock_guard<std::mutex> lock(engines_mutex_);
+    faults_ = faults;
+    for (FaultInjectionIoEngine* engine : engines_) {
+      if (nth > 0) faults.fail_nth = engine->counters().requests + nth;
+      engine->set_options(faults);
+    }
+  }
+  uint64_t TornWrites() {
+    std::lock_guard<std::mutex> lock(engines_mutex_);
+    uint64_t torn = 0;
+    for (FaultInjectionIoEngine* engine : engines_) torn += engine->counters().torn_writes;
+    return torn;
   }
 
   // The bytes a test writes for (state, layer, expert, version): every value distinct.
@@ -69,7 +98,7 @@ class ExpertStoreTest : public ::testing::Test {
       for (uint32_t l = 0; l < 2; ++l) {
         for (uint32_t e = 0; e < 3; ++e) {
           std::vector<uint8_t> bytes = Pattern(store, state, l, e, version);
-          ASSERT_TRUE(store.Write(state, l, e, bytes.data()).ok());
+          ASSERT_TRUE(store.Write(state, {l, e}, bytes.data()).ok());
         }
       }
     }
@@ -79,7 +108,7 @@ class ExpertStoreTest : public ::testing::Test {
       for (uint32_t l = 0; l < 2; ++l) {
         for (uint32_t e = 0; e < 3; ++e) {
           std::vector<uint8_t> got(store.StateBytes(state));
-          Status read = store.Read(state, l, e, got.data());
+          Status read = store.Read(state, {l, e}, got.data());
           ASSERT_TRUE(read.ok()) << read;
           ASSERT_EQ(got, Pattern(store, state, l, e, version))
               << ExpertStateName(state) << " layer " << l << " expert " << e;
@@ -105,26 +134,28 @@ class ExpertStoreTest : public ::testing::Test {
 
   std::string root_;
   std::unique_ptr<SimBackend> sim_;
-  std::unique_ptr<FaultInjectionIoEngine> io_;
+  std::mutex engines_mutex_;
+  std::vector<FaultInjectionIoEngine*> engines_;  // GUARDED_BY(engines_mutex_)
+  FaultOptions faults_;                           // GUARDED_BY(engines_mutex_)
   ExpertStoreOptions options_;
 };
 
 TEST_F(ExpertStoreTest, EveryTierRoundTripsAndReopensWithAnyPlacement) {
   {
-    auto store = ExpertStore::Create(*sim_, *io_, options_);
+    auto store = Make(true, options_);
     ASSERT_TRUE(store.ok()) << store.status();
     EXPECT_EQ((*store)->StateBytes(ExpertState::kWeights), 2000u);
     EXPECT_EQ((*store)->StateBytes(ExpertState::kMoments), 8000u);
     // A fresh store reads as zeros everywhere.
     std::vector<uint8_t> got((*store)->StateBytes(ExpertState::kMoments), 1);
-    ASSERT_TRUE((*store)->Read(ExpertState::kMoments, 1, 2, got.data()).ok());
+    ASSERT_TRUE((*store)->Read(ExpertState::kMoments, {1, 2}, got.data()).ok());
     EXPECT_EQ(got, std::vector<uint8_t>(got.size(), 0));
     WriteAll(**store, 1);
     ExpectAll(**store, 1);
-    auto device = (*store)->Resident(ExpertState::kWeights, 1, 1);
+    auto device = (*store)->Resident(ExpertState::kWeights, {1, 1});
     ASSERT_TRUE(device.ok());
     EXPECT_TRUE(sim_->device_memory().ContainsAddress(*device));
-    EXPECT_EQ((*store)->Resident(ExpertState::kMoments, 0, 0).status().code(),
+    EXPECT_EQ((*store)->Resident(ExpertState::kMoments, {0, 0}).status().code(),
               StatusCode::kFailedPrecondition);
     ASSERT_TRUE((*store)->Close().ok());
   }
@@ -134,7 +165,7 @@ TEST_F(ExpertStoreTest, EveryTierRoundTripsAndReopensWithAnyPlacement) {
        {std::array<Tier, 4>{Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme},
         std::array<Tier, 4>{Tier::kPinned, Tier::kDevice, Tier::kPinned, Tier::kDevice}}) {
     options_.placement = placement;
-    auto store = ExpertStore::Open(*sim_, *io_, options_);
+    auto store = Make(false, options_);
     ASSERT_TRUE(store.ok()) << store.status();
     ExpectAll(**store, 1);
     ASSERT_TRUE((*store)->Close().ok());
@@ -144,7 +175,7 @@ TEST_F(ExpertStoreTest, EveryTierRoundTripsAndReopensWithAnyPlacement) {
 
 TEST_F(ExpertStoreTest, InjectedFaultsNameTheExpertAndStateAndNeverCorrupt) {
   options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kPinned};
-  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 1);
   std::vector<uint8_t> got(store->StateBytes(ExpertState::kMaster));
   // A failed write (EIO on its array; a torn one; EIO on its header): the previous version
@@ -152,26 +183,24 @@ TEST_F(ExpertStoreTest, InjectedFaultsNameTheExpertAndStateAndNeverCorrupt) {
   const std::vector<uint8_t> v2 = Pattern(*store, ExpertState::kMaster, 1, 2, 2);
   for (int mode = 0; mode < 3; ++mode) {
     FaultOptions faults;
-    faults.fail_nth = io_->counters().requests + (mode == 2 ? 2 : 1);
     faults.torn_writes = mode == 1;
-    io_->set_options(faults);
-    Status written = store->Write(ExpertState::kMaster, 1, 2, v2.data());
-    io_->set_options(FaultOptions{});
+    SetFaults(faults, mode == 2 ? 2 : 1);
+    Status written = store->Write(ExpertState::kMaster, {1, 2}, v2.data());
+    SetFaults(FaultOptions{});
     EXPECT_FALSE(written.ok());
     EXPECT_TRUE(Contains(written, "layer 1 expert 2 master")) << written;
-    ASSERT_TRUE(store->Read(ExpertState::kMaster, 1, 2, got.data()).ok());
+    ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 2}, got.data()).ok());
     EXPECT_EQ(got, Pattern(*store, ExpertState::kMaster, 1, 2, 1)) << "mode " << mode;
   }
   // A failed read names what it read; the store stays usable.
   FaultOptions faults;
-  faults.fail_nth = io_->counters().requests + 1;
-  io_->set_options(faults);
-  Status read = store->Read(ExpertState::kWeights, 0, 1, got.data());
+  SetFaults(faults, 1);
+  Status read = store->Read(ExpertState::kWeights, {0, 1}, got.data());
   EXPECT_FALSE(read.ok());
   EXPECT_TRUE(Contains(read, "layer 0 expert 1 weights")) << read;
-  io_->set_options(FaultOptions{});
-  ASSERT_TRUE(store->Write(ExpertState::kMaster, 1, 2, v2.data()).ok());
-  ASSERT_TRUE(store->Read(ExpertState::kMaster, 1, 2, got.data()).ok());
+  SetFaults(FaultOptions{});
+  ASSERT_TRUE(store->Write(ExpertState::kMaster, {1, 2}, v2.data()).ok());
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 2}, got.data()).ok());
   EXPECT_EQ(got, v2);
   // Random failures and split reads: every operation either succeeds with the right bytes or
   // fails with an error; a reader never sees another version's bytes.
@@ -180,20 +209,20 @@ TEST_F(ExpertStoreTest, InjectedFaultsNameTheExpertAndStateAndNeverCorrupt) {
   faults.split_reads = true;
   faults.torn_writes = true;
   faults.seed = 7;
-  io_->set_options(faults);
+  SetFaults(faults);
   std::vector<uint32_t> version(6, 1);  // of each (layer, expert)'s moments, as last written
   uint32_t failures = 0;
   for (uint32_t round = 0; round < 60; ++round) {
     const uint32_t l = round % 2, e = (round / 2) % 3, key = l * 3 + e;
     const uint32_t next = version[key] + 1;
     std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMoments, l, e, next);
-    if (store->Write(ExpertState::kMoments, l, e, bytes.data()).ok()) {
+    if (store->Write(ExpertState::kMoments, {l, e}, bytes.data()).ok()) {
       version[key] = next;
     } else {
       ++failures;
     }
     std::vector<uint8_t> seen(store->StateBytes(ExpertState::kMoments));
-    Status status = store->Read(ExpertState::kMoments, l, e, seen.data());
+    Status status = store->Read(ExpertState::kMoments, {l, e}, seen.data());
     if (status.ok()) {
       EXPECT_EQ(seen, Pattern(*store, ExpertState::kMoments, l, e, version[key])) << round;
     } else {
@@ -201,173 +230,172 @@ TEST_F(ExpertStoreTest, InjectedFaultsNameTheExpertAndStateAndNeverCorrupt) {
       EXPECT_TRUE(Contains(status, "moments")) << status;
     }
   }
-  io_->set_options(FaultOptions{});
+  SetFaults(FaultOptions{});
   EXPECT_GT(failures, 0u);
-  EXPECT_GT(io_->counters().torn_writes, 0u);
+  EXPECT_GT(TornWrites(), 0u);
 }
 
 TEST_F(ExpertStoreTest, CorruptionOnDiskIsDataLossNamingLayerExpertAndState) {
   options_.placement = {Tier::kPinned, Tier::kPinned, Tier::kNvme, Tier::kPinned};
   options_.dirs = {root_ + "/a"};
-  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  auto store = std::move(Make(true, options_)).value();
   std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMoments, 0, 1, 3);
-  ASSERT_TRUE(store->Write(ExpertState::kMoments, 0, 1, bytes.data()).ok());
+  ASSERT_TRUE(store->Write(ExpertState::kMoments, {0, 1}, bytes.data()).ok());
   // Expert 1's slots start after expert 0's two; the newest version is in its second slot
   // (the zeros written at creation are in the first).
   const uint64_t slot = 4096 + StateBlockBytes(8000);
   const uint64_t at = (2 + 1) * slot + 4096 + 77;
   ASSERT_TRUE(FlipByte(root_ + "/a/ecss-store-moments-0.bin", at, 0x10));
   std::vector<uint8_t> got(bytes.size());
-  Status read = store->Read(ExpertState::kMoments, 0, 1, got.data());
+  Status read = store->Read(ExpertState::kMoments, {0, 1}, got.data());
   EXPECT_EQ(read.code(), StatusCode::kDataLoss) << read;
   EXPECT_TRUE(Contains(read, "layer 0 expert 1 moments")) << read;
   EXPECT_TRUE(Contains(read, "checksum mismatch")) << read;
   // Rewriting the expert repairs it.
-  ASSERT_TRUE(store->Write(ExpertState::kMoments, 0, 1, bytes.data()).ok());
-  ASSERT_TRUE(store->Read(ExpertState::kMoments, 0, 1, got.data()).ok());
+  ASSERT_TRUE(store->Write(ExpertState::kMoments, {0, 1}, bytes.data()).ok());
+  ASSERT_TRUE(store->Read(ExpertState::kMoments, {0, 1}, got.data()).ok());
   EXPECT_EQ(got, bytes);
 }
 
 TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataIntact) {
   {
-    auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+    auto store = std::move(Make(true, options_)).value();
     WriteAll(*store, 4);
   }  // the destructor closes
   // A second store over the first is refused.
-  Status again = ExpertStore::Create(*sim_, *io_, options_).status();
+  Status again = Make(true, options_).status();
   EXPECT_EQ(again.code(), StatusCode::kAlreadyExists) << again;
   // Missing and read-only directories.
   ExpertStoreOptions missing = options_;
   missing.dirs = {root_ + "/a", root_ + "/nope"};
-  Status not_found = ExpertStore::Open(*sim_, *io_, missing).status();
+  Status not_found = Make(false, missing).status();
   EXPECT_EQ(not_found.code(), StatusCode::kNotFound);
   EXPECT_TRUE(Contains(not_found, "/nope")) << not_found;
   ExpertStoreOptions empty = options_;
   std::filesystem::create_directories(root_ + "/c");
   empty.dirs = {root_ + "/c"};
-  EXPECT_EQ(ExpertStore::Open(*sim_, *io_, empty).status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(Make(false, empty).status().code(), StatusCode::kNotFound);
   if (::geteuid() != 0) {  // root writes anywhere
     std::filesystem::create_directories(root_ + "/ro");
     ::chmod((root_ + "/ro").c_str(), 0500);
     ExpertStoreOptions read_only = options_;
     read_only.dirs = {root_ + "/ro"};
-    EXPECT_EQ(ExpertStore::Create(*sim_, *io_, read_only).status().code(),
-              StatusCode::kPermissionDenied);
+    EXPECT_EQ(Make(true, read_only).status().code(), StatusCode::kPermissionDenied);
   }
   // A full disk: refused at creation, and nothing is left behind.
   FaultOptions full;
   full.enospc_after_bytes = 64 << 10;
-  io_->set_options(full);
-  Status no_space = ExpertStore::Create(*sim_, *io_, empty).status();
-  io_->set_options(FaultOptions{});
+  SetFaults(full);
+  Status no_space = Make(true, empty).status();
+  SetFaults(FaultOptions{});
   EXPECT_EQ(no_space.code(), StatusCode::kResourceExhausted) << no_space;
   EXPECT_TRUE(std::filesystem::is_empty(root_ + "/c"));
   // Another model, another format version, a damaged manifest.
   ExpertStoreOptions other = options_;
   other.layout.params_per_expert = 999;
-  Status model = ExpertStore::Open(*sim_, *io_, other).status();
+  Status model = Make(false, other).status();
   EXPECT_EQ(model.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(model, "params_per_expert 1000 there, 999 here")) << model;
   other = options_;
   other.layout.weights_dtype = DType::kF32;
-  EXPECT_TRUE(Contains(ExpertStore::Open(*sim_, *io_, other).status(), "weights_dtype bf16"));
+  EXPECT_TRUE(Contains(Make(false, other).status(), "weights_dtype bf16"));
   const std::string manifest = ManifestText();
-  RewriteManifest("format 1", "format 9");
-  Status format = ExpertStore::Open(*sim_, *io_, options_).status();
+  RewriteManifest("format 2", "format 9");
+  Status format = Make(false, options_).status();
   EXPECT_EQ(format.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(format, "format version 9")) << format;
   std::ofstream(root_ + "/a/ecss-store.manifest")
       << manifest.substr(0, 40) << "x" << manifest.substr(41);
-  EXPECT_EQ(ExpertStore::Open(*sim_, *io_, options_).status().code(), StatusCode::kDataLoss);
+  EXPECT_EQ(Make(false, options_).status().code(), StatusCode::kDataLoss);
   std::ofstream(root_ + "/a/ecss-store.manifest") << manifest;
   // Budgets below one expert, or below all of them: refused, with the bytes needed.
   ExpertStoreOptions small = options_;
   small.device_budget_bytes = 1000;
-  Status device = ExpertStore::Open(*sim_, *io_, small).status();
+  Status device = Make(false, small).status();
   EXPECT_EQ(device.code(), StatusCode::kResourceExhausted);
   EXPECT_TRUE(Contains(device, "holds no expert")) << device;
   EXPECT_TRUE(Contains(device, "need 2048 bytes")) << device;
   small = options_;
   small.pinned_budget_bytes = 30000;
-  Status pinned = ExpertStore::Open(*sim_, *io_, small).status();
+  Status pinned = Make(false, small).status();
   EXPECT_EQ(pinned.code(), StatusCode::kResourceExhausted);
   EXPECT_TRUE(Contains(pinned, "cannot hold every expert")) << pinned;
-  EXPECT_EQ(ExpertStore::Create(*sim_, *io_, small).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(Make(true, small).status().code(), StatusCode::kAlreadyExists);
   // After all of that the store opens and holds what was written.
-  auto store = ExpertStore::Open(*sim_, *io_, options_);
+  auto store = Make(false, options_);
   ASSERT_TRUE(store.ok()) << store.status();
   ExpectAll(**store, 4);
 }
 
 TEST_F(ExpertStoreTest, AStoreNotClosedIsRefusedOnlyWhenStatesLivedInMemory) {
-  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 2);
   // While it is open (as after a crash), its manifest says so.
-  Status unclean = ExpertStore::Open(*sim_, *io_, options_).status();
+  Status unclean = Make(false, options_).status();
   EXPECT_EQ(unclean.code(), StatusCode::kDataLoss);
   EXPECT_TRUE(Contains(unclean, "weights (device), master (pinned), gradient (pinned)")) << unclean;
   ASSERT_TRUE(store->Close().ok());
-  EXPECT_EQ(store->Write(ExpertState::kMaster, 0, 0, nullptr).code(),
+  EXPECT_EQ(store->Write(ExpertState::kMaster, {0, 0}, nullptr).code(),
             StatusCode::kFailedPrecondition);
   // With every state on NVMe nothing lives only in memory: an unclosed store opens.
   options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme};
-  auto first = std::move(ExpertStore::Open(*sim_, *io_, options_)).value();
-  auto second = ExpertStore::Open(*sim_, *io_, options_);
+  auto first = std::move(Make(false, options_)).value();
+  auto second = Make(false, options_);
   ASSERT_TRUE(second.ok()) << second.status();
   ExpectAll(**second, 2);
 }
 
 TEST_F(ExpertStoreTest, BadArgumentsAreClearErrors) {
   options_.layout.moments = 0;  // SGD: no moments state
-  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  auto store = std::move(Make(true, options_)).value();
   std::vector<uint8_t> buffer(4000);
-  EXPECT_EQ(store->Read(ExpertState::kMoments, 0, 0, buffer.data()).code(),
+  EXPECT_EQ(store->Read(ExpertState::kMoments, {0, 0}, buffer.data()).code(),
             StatusCode::kInvalidArgument);
-  Status layer = store->Read(ExpertState::kMaster, 2, 0, buffer.data());
+  Status layer = store->Read(ExpertState::kMaster, {2, 0}, buffer.data());
   EXPECT_EQ(layer.code(), StatusCode::kInvalidArgument);
   EXPECT_TRUE(Contains(layer, "no layer 2 expert 0")) << layer;
-  EXPECT_EQ(store->Write(ExpertState::kGradient, 0, 3, buffer.data()).code(),
+  EXPECT_EQ(store->Write(ExpertState::kGradient, {0, 3}, buffer.data()).code(),
             StatusCode::kInvalidArgument);
-  EXPECT_EQ(store->ReadBlock(ExpertState::kMaster, 0, 0, buffer.data() + 1).code(),
+  EXPECT_EQ(store->ReadBlock(ExpertState::kMaster, {0, 0}, buffer.data() + 1).code(),
             StatusCode::kInvalidArgument);
   ExpertStoreOptions bad = options_;
-  bad.layout.experts_per_layer = 0;
-  EXPECT_EQ(ExpertStore::Create(*sim_, *io_, bad).status().code(), StatusCode::kInvalidArgument);
+  bad.layout.experts_per_layer = {0, 0};
+  EXPECT_EQ(Make(true, bad).status().code(), StatusCode::kInvalidArgument);
   bad = options_;
   bad.device_budget_bytes = 2 << 20;
-  EXPECT_TRUE(Contains(ExpertStore::Create(*sim_, *io_, bad).status(), "more than the device"));
+  EXPECT_TRUE(Contains(Make(true, bad).status(), "more than the device"));
   EXPECT_EQ(ParseTier("ssd").status().code(), StatusCode::kInvalidArgument);
 }
 
 TEST_F(ExpertStoreTest, AStateItDoesNotKeepHasNoFileAndCannotAppearLater) {
   options_.placement = {Tier::kNvme, Tier::kNone, Tier::kNone, Tier::kNone};
   {
-    auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+    auto store = std::move(Make(true, options_)).value();
     std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kWeights, 1, 1, 1);
     alignas(4096) static uint8_t block[4096];
     std::memcpy(block, bytes.data(), bytes.size());
-    ASSERT_TRUE(store->WriteBlock(ExpertState::kWeights, 1, 1, block).ok());
+    ASSERT_TRUE(store->WriteBlock(ExpertState::kWeights, {1, 1}, block).ok());
     std::vector<uint8_t> got(bytes.size());
-    ASSERT_TRUE(store->Read(ExpertState::kWeights, 1, 1, got.data()).ok());
+    ASSERT_TRUE(store->Read(ExpertState::kWeights, {1, 1}, got.data()).ok());
     EXPECT_EQ(got, bytes);
-    EXPECT_EQ(store->Read(ExpertState::kMaster, 0, 0, got.data()).code(),
+    EXPECT_EQ(store->Read(ExpertState::kMaster, {0, 0}, got.data()).code(),
               StatusCode::kInvalidArgument);
-    EXPECT_EQ(store->WriteBlock(ExpertState::kWeights, 0, 0, block + 1).code(),
+    EXPECT_EQ(store->WriteBlock(ExpertState::kWeights, {0, 0}, block + 1).code(),
               StatusCode::kInvalidArgument);
   }
   EXPECT_FALSE(std::filesystem::exists(root_ + "/a/ecss-store-master-0.bin"));
   // Not closed with only NVMe states: it reopens; a state it never kept cannot be placed now.
   ExpertStoreOptions more = options_;
   more.placement[static_cast<int>(ExpertState::kGradient)] = Tier::kPinned;
-  Status refused = ExpertStore::Open(*sim_, *io_, more).status();
+  Status refused = Make(false, more).status();
   EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(refused, "without the gradient state")) << refused;
-  EXPECT_TRUE(ExpertStore::Open(*sim_, *io_, options_).ok());
+  EXPECT_TRUE(Make(false, options_).ok());
 }
 
 TEST_F(ExpertStoreTest, ConcurrentReadersAndWritersStayWithinBudget) {
   options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kDevice};
-  auto store = std::move(ExpertStore::Create(*sim_, *io_, options_)).value();
+  auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 1);
   std::atomic<int> errors{0};
   std::vector<std::thread> threads;
@@ -379,8 +407,8 @@ TEST_F(ExpertStoreTest, ConcurrentReadersAndWritersStayWithinBudget) {
           for (uint32_t l = 0; l < 2; ++l) {
             std::vector<uint8_t> bytes = Pattern(*store, state, l, t, round);
             std::vector<uint8_t> got(bytes.size());
-            if (!store->Write(state, l, t, bytes.data()).ok() ||
-                !store->Read(state, l, t, got.data()).ok() || got != bytes) {
+            if (!store->Write(state, {l, t}, bytes.data()).ok() ||
+                !store->Read(state, {l, t}, got.data()).ok() || got != bytes) {
               ++errors;
             }
           }
@@ -393,6 +421,189 @@ TEST_F(ExpertStoreTest, ConcurrentReadersAndWritersStayWithinBudget) {
   ExpectAll(*store, 11);
   EXPECT_LE(store->pinned_pool().stats().peak_used_bytes, store->pinned_pool().capacity_bytes());
   EXPECT_LE(sim_->device_memory().stats().peak_used_bytes, options_.device_budget_bytes);
+}
+
+// An update writes the master, then the moments: a crash between them leaves the master a
+// version ahead, and ReadStates reads both as of the version they share.
+TEST_F(ExpertStoreTest, ReadStatesReadsAnUpdateCutShortAsThePreviousVersion) {
+  options_.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  auto store = std::move(Make(true, options_)).value();
+  const ExpertId id{1, 2};
+  const uint64_t master_block = store->BlockBytes(ExpertState::kMaster);
+  const uint64_t moments_block = store->BlockBytes(ExpertState::kMoments);
+  auto block = [](uint64_t bytes) {
+    return std::unique_ptr<uint8_t, decltype(&std::free)>(
+        static_cast<uint8_t*>(std::aligned_alloc(4096, bytes)), &std::free);
+  };
+  auto master = block(master_block), moments = block(moments_block);
+  auto fill = [&](uint32_t version) {
+    std::vector<uint8_t> m = Pattern(*store, ExpertState::kMaster, 1, 2, version);
+    std::vector<uint8_t> k = Pattern(*store, ExpertState::kMoments, 1, 2, version);
+    std::memcpy(master.get(), m.data(), m.size());
+    std::memcpy(moments.get(), k.data(), k.size());
+  };
+  auto read = [&](uint64_t* version) {
+    void* blocks[2] = {master.get(), moments.get()};
+    return store->ReadStates(id, {ExpertState::kMaster, ExpertState::kMoments}, blocks, version);
+  };
+  auto expect = [&](uint32_t version) {
+    EXPECT_EQ(std::memcmp(master.get(), Pattern(*store, ExpertState::kMaster, 1, 2, version).data(),
+                          store->StateBytes(ExpertState::kMaster)),
+              0);
+    EXPECT_EQ(
+        std::memcmp(moments.get(), Pattern(*store, ExpertState::kMoments, 1, 2, version).data(),
+                    store->StateBytes(ExpertState::kMoments)),
+        0);
+  };
+  fill(1);
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMaster, id, master.get(), 1).ok());
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMoments, id, moments.get(), 1).ok());
+  fill(2);
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMaster, id, master.get(), 2).ok());
+  // The crash: the moments of version 2 were never written.
+  uint64_t version = 0;
+  ASSERT_TRUE(read(&version).ok());
+  EXPECT_EQ(version, 1u);
+  expect(1);
+  uint64_t alone = 0;
+  ASSERT_TRUE(store->ReadBlock(ExpertState::kMaster, id, master.get(), &alone).ok());
+  EXPECT_EQ(alone, 2u) << "read alone, the master is its newest version";
+  // The update finished: both at version 2.
+  fill(2);
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMoments, id, moments.get(), 2).ok());
+  ASSERT_TRUE(read(&version).ok());
+  EXPECT_EQ(version, 2u);
+  expect(2);
+  // Two master versions ahead of the moments: the shadow slots no longer hold a shared one.
+  fill(3);
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMaster, id, master.get(), 3).ok());
+  ASSERT_TRUE(store->WriteBlock(ExpertState::kMaster, id, master.get(), 4).ok());
+  Status lost = read(&version);
+  EXPECT_EQ(lost.code(), StatusCode::kDataLoss) << lost;
+  EXPECT_TRUE(Contains(lost, "layer 1 expert 2 master at version 2 (it holds 4)")) << lost;
+}
+
+TEST_F(ExpertStoreTest, LayersMayHaveDifferentExpertCounts) {
+  options_.layout.experts_per_layer = {2, 0, 3};
+  options_.placement = {Tier::kNvme, Tier::kPinned, Tier::kNone, Tier::kNone};
+  {
+    auto store = std::move(Make(true, options_)).value();
+    EXPECT_EQ(store->index().size(), 5u);
+    for (ExpertId id : {ExpertId{0, 1}, ExpertId{2, 2}}) {
+      std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMaster, id.layer, id.expert, 1);
+      ASSERT_TRUE(store->Write(ExpertState::kMaster, id, bytes.data()).ok());
+    }
+    std::vector<uint8_t> got(store->StateBytes(ExpertState::kMaster));
+    Status none = store->Read(ExpertState::kMaster, {1, 0}, got.data());
+    EXPECT_EQ(none.code(), StatusCode::kInvalidArgument);
+    EXPECT_TRUE(Contains(none, "no layer 1 expert 0 (3 layers; that one has 0 experts)")) << none;
+    EXPECT_EQ(store->Read(ExpertState::kMaster, {2, 3}, got.data()).code(),
+              StatusCode::kInvalidArgument);
+    ASSERT_TRUE(store->Close().ok());
+  }
+  EXPECT_NE(ManifestText().find("experts_per_layer 2 0 3\n"), std::string::npos);
+  auto store = Make(false, options_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::vector<uint8_t> got((*store)->StateBytes(ExpertState::kMaster));
+  ASSERT_TRUE((*store)->Read(ExpertState::kMaster, {2, 2}, got.data()).ok());
+  EXPECT_EQ(got, Pattern(**store, ExpertState::kMaster, 2, 2, 1));
+  store->reset();
+  ExpertStoreOptions other = options_;
+  other.layout.experts_per_layer = {3, 0, 2};
+  Status refused = Make(false, other).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(refused, "3 layers (2 0 3 experts) there, 3 layers (3 0 2 experts) here"))
+      << refused;
+}
+
+// Stores of format 1 and the state files sessions kept before the store are refused, naming
+// their version; nothing is written over them.
+TEST_F(ExpertStoreTest, EarlierFormatsAreRefusedNamingTheirVersion) {
+  { ASSERT_TRUE(Make(true, options_).ok()); }
+  RewriteManifest("format 2", "format 1");
+  const std::string before = ManifestText();
+  Status old_store = Make(false, options_).status();
+  EXPECT_EQ(old_store.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(old_store, "has format version 1; this build reads version 2")) << old_store;
+  EXPECT_EQ(ManifestText(), before);
+  // A directory with the session's older state files (ecss-states-<i>.bin) and no store.
+  std::filesystem::create_directories(root_ + "/legacy");
+  {
+    std::ofstream legacy(root_ + "/legacy/ecss-states-0.bin", std::ios::binary);
+    const char magic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
+    const uint32_t version = 2;
+    legacy.write(magic, sizeof(magic));
+    legacy.write(reinterpret_cast<const char*>(&version), sizeof(version));
+    legacy << std::string(4084, '\0');
+  }
+  ExpertStoreOptions legacy = options_;
+  legacy.dirs = {root_ + "/legacy"};
+  Status refused = Make(false, legacy).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(Contains(refused, "state-file format version 2")) << refused;
+  EXPECT_TRUE(Contains(refused, "does not read or migrate them")) << refused;
+  EXPECT_EQ(std::filesystem::file_size(root_ + "/legacy/ecss-states-0.bin"), 4096u);
+}
+
+// The weight stager reads weights while the optimizer pipeline loads and stores masters and
+// moments: each state and direction has its own handle and lock, and every read sees a whole
+// version.
+TEST_F(ExpertStoreTest, ReadsAndWritesOfDifferentStatesRunAtOnce) {
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kPinned};
+  auto store = std::move(Make(true, options_)).value();
+  WriteAll(*store, 1);
+  std::atomic<int> errors{0};
+  auto block_of = [&](ExpertState state) {
+    return std::unique_ptr<uint8_t, decltype(&std::free)>(
+        static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))), &std::free);
+  };
+  std::thread stager([&] {  // weights of layer 0, read over and over
+    auto block = block_of(ExpertState::kWeights);
+    for (int round = 0; round < 30; ++round) {
+      const uint32_t e = round % 3;
+      if (!store->ReadBlock(ExpertState::kWeights, {0, e}, block.get()).ok() ||
+          std::memcmp(block.get(), Pattern(*store, ExpertState::kWeights, 0, e, 1).data(),
+                      store->StateBytes(ExpertState::kWeights)) != 0) {
+        ++errors;
+      }
+    }
+  });
+  std::thread writer([&] {  // masters and moments of layer 1, new versions
+    for (ExpertState state : {ExpertState::kMaster, ExpertState::kMoments}) {
+      auto block = block_of(state);
+      for (uint32_t version = 2; version < 8; ++version) {
+        for (uint32_t e = 0; e < 3; ++e) {
+          std::vector<uint8_t> bytes = Pattern(*store, state, 1, e, version);
+          std::memcpy(block.get(), bytes.data(), bytes.size());
+          if (!store->WriteBlock(state, {1, e}, block.get(), version).ok()) ++errors;
+        }
+      }
+    }
+  });
+  std::thread loader([&] {  // masters of layer 0, read as the pipeline's load stage does
+    auto block = block_of(ExpertState::kMaster);
+    for (int round = 0; round < 30; ++round) {
+      const uint32_t e = round % 3;
+      uint64_t version = 9;
+      if (!store->ReadBlock(ExpertState::kMaster, {0, e}, block.get(), &version).ok() ||
+          version != 0 ||
+          std::memcmp(block.get(), Pattern(*store, ExpertState::kMaster, 0, e, 1).data(),
+                      store->StateBytes(ExpertState::kMaster)) != 0) {
+        ++errors;
+      }
+    }
+  });
+  stager.join();
+  writer.join();
+  loader.join();
+  EXPECT_EQ(errors.load(), 0);
+  for (uint32_t e = 0; e < 3; ++e) {
+    for (ExpertState state : {ExpertState::kMaster, ExpertState::kMoments}) {
+      std::vector<uint8_t> got(store->StateBytes(state));
+      ASSERT_TRUE(store->Read(state, {1, e}, got.data()).ok());
+      EXPECT_EQ(got, Pattern(*store, state, 1, e, 7));
+    }
+  }
 }
 
 }  // namespace

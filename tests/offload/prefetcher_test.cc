@@ -18,6 +18,13 @@
 namespace ecss {
 namespace {
 
+// Experts of layer 0.
+std::vector<ExpertId> Keys(std::initializer_list<uint32_t> experts) {
+  std::vector<ExpertId> keys;
+  for (uint32_t e : experts) keys.push_back({0, e});
+  return keys;
+}
+
 constexpr uint64_t kExpertBytes = 16 * 1024;
 constexpr uint32_t kSlots = 3;
 
@@ -28,20 +35,20 @@ struct Fences {
   std::vector<bool> pending = std::vector<bool>(8, false);
   std::atomic<int> waits{0};
 
-  bool Pending(ExpertKey key) {
+  bool Pending(ExpertId key) {
     std::lock_guard<std::mutex> lock(mutex);
-    return pending[key];
+    return pending[key.expert];
   }
-  Status Wait(ExpertKey key) {
+  Status Wait(ExpertId key) {
     ++waits;
     std::unique_lock<std::mutex> lock(mutex);
-    cv.wait(lock, [&] { return !pending[key]; });
+    cv.wait(lock, [&] { return !pending[key.expert]; });
     return Status::Ok();
   }
-  void Release(ExpertKey key) {
+  void Release(ExpertId key) {
     {
       std::lock_guard<std::mutex> lock(mutex);
-      pending[key] = false;
+      pending[key.expert] = false;
     }
     cv.notify_all();
   }
@@ -58,14 +65,14 @@ class PrefetcherTest : public ::testing::Test {
     for (uint32_t e = 0; e < 8; ++e) host_.emplace_back(kExpertBytes, static_cast<uint8_t>(e + 1));
     cache_ = std::move(DeviceCache::Create(*sim_, {kExpertBytes, kSlots}, MakeLruPolicy())).value();
     PrefetcherHooks hooks;
-    hooks.host_weights = [this](ExpertKey key) -> const void* { return host_[key].data(); };
-    hooks.fence_pending = [this](ExpertKey key) { return fences_.Pending(key); };
-    hooks.wait_fence = [this](ExpertKey key) { return fences_.Wait(key); };
+    hooks.host_weights = [this](ExpertId key) -> const void* { return host_[key.expert].data(); };
+    hooks.fence_pending = [this](ExpertId key) { return fences_.Pending(key); };
+    hooks.wait_fence = [this](ExpertId key) { return fences_.Wait(key); };
     prefetcher_ = std::make_unique<Prefetcher>(*cache_, copy_.get(), std::move(hooks), 0);
   }
 
   // Uses the leases as a kernel would: waits for their copies, checks the bytes, releases.
-  void Use(std::vector<Lease>& leases, const std::vector<ExpertKey>& keys) {
+  void Use(std::vector<Lease>& leases, const std::vector<ExpertId>& keys) {
     for (size_t i = 0; i < leases.size(); ++i) {
       ASSERT_TRUE(sim_->WaitEvent(compute_.get(), leases[i].ready()).ok());
       std::vector<uint8_t> got(kExpertBytes);
@@ -73,7 +80,7 @@ class PrefetcherTest : public ::testing::Test {
                                   CopyKind::kDeviceToHost)
                       .ok());
       ASSERT_TRUE(sim_->SynchronizeStream(compute_.get()).ok());
-      EXPECT_EQ(got, host_[keys[i]]) << "position " << i;
+      EXPECT_EQ(got, host_[keys[i].expert]) << "position " << i;
       ASSERT_TRUE(leases[i].Release(compute_.get()).ok());
     }
   }
@@ -87,7 +94,7 @@ class PrefetcherTest : public ::testing::Test {
 };
 
 TEST_F(PrefetcherTest, LeasesAheadWithinTheDeviceBudgetAndHandsOverInOrder) {
-  const std::vector<ExpertKey> sequence = {0, 1, 2, 3, 4, 0, 5};
+  const std::vector<ExpertId> sequence = Keys({0, 1, 2, 3, 4, 0, 5});
   prefetcher_->BeginStep(sequence);
   ASSERT_TRUE(prefetcher_->Advance().ok());
   EXPECT_EQ(prefetcher_->held(), kSlots);  // never more than the slots
@@ -106,25 +113,25 @@ TEST_F(PrefetcherTest, LeasesAheadWithinTheDeviceBudgetAndHandsOverInOrder) {
 
 TEST_F(PrefetcherTest, NeverWaitsAheadAndRecordsTheFenceItWaitedOn) {
   fences_.pending[2] = true;  // expert 2's update is still running
-  prefetcher_->BeginStep({0, 1, 2, 3});
+  prefetcher_->BeginStep(Keys({0, 1, 2, 3}));
   ASSERT_TRUE(prefetcher_->Advance().ok());
   EXPECT_EQ(prefetcher_->held(), 2u) << "stops before the fenced expert";
   EXPECT_EQ(fences_.waits.load(), 0);
   auto first = prefetcher_->Take(0, 2);
   ASSERT_TRUE(first.ok());
-  Use(*first, {0, 1});
+  Use(*first, Keys({0, 1}));
   // The update finishes on another thread once Take is waiting for it.
   std::thread updater([&] {
     while (fences_.waits.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    fences_.Release(2);
+    fences_.Release({0, 2});
   });
   auto rest = prefetcher_->Take(2, 2);
   updater.join();
   ASSERT_TRUE(rest.ok()) << rest.status();
-  Use(*rest, {2, 3});
+  Use(*rest, Keys({2, 3}));
   ASSERT_EQ(prefetcher_->stalls().size(), 1u);
   const StallRecord& stall = prefetcher_->stalls()[0];
-  EXPECT_EQ(stall.key, 2u);
+  EXPECT_TRUE(stall.key == (ExpertId{0, 2}));
   EXPECT_EQ(stall.position, 2u);
   EXPECT_EQ(stall.cause, StallCause::kUpdateFence);
   EXPECT_GT(stall.seconds, 0);
@@ -132,12 +139,12 @@ TEST_F(PrefetcherTest, NeverWaitsAheadAndRecordsTheFenceItWaitedOn) {
 }
 
 TEST_F(PrefetcherTest, SkippedPositionsAreDroppedAndTheBudgetHolds) {
-  prefetcher_->BeginStep({0, 1, 2, 3, 4, 5});
+  prefetcher_->BeginStep(Keys({0, 1, 2, 3, 4, 5}));
   ASSERT_TRUE(prefetcher_->Advance().ok());
   // The caller jumps ahead: positions 0..2 were leased but are never used.
   auto leases = prefetcher_->Take(3, 3);
   ASSERT_TRUE(leases.ok()) << leases.status();
-  Use(*leases, {3, 4, 5});
+  Use(*leases, Keys({3, 4, 5}));
   EXPECT_EQ(prefetcher_->held(), 0u);
   // Every byte in device memory belongs to the cache's slots: the budget was never exceeded.
   EXPECT_LE(sim_->device_memory().stats().peak_used_bytes, kSlots * kExpertBytes);
@@ -155,21 +162,20 @@ class StagedPrefetcherTest : public PrefetcherTest {
             ::testing::UnitTest::GetInstance()->current_test_info()->name();
     std::filesystem::remove_all(root_);
     std::filesystem::create_directories(root_);
-    io_ = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine({}), FaultOptions{});
     ExpertStoreOptions options;
-    options.layout = {1, 8, kExpertBytes / 2, DType::kBF16, 2};
+    options.layout = {{8}, kExpertBytes / 2, DType::kBF16, 2};
     options.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme};
     options.dirs = {root_};
     // The staging block of the largest state (the moments) plus kBlocks weight blocks.
     options.pinned_budget_bytes = 4 * kExpertBytes + kBlocks * kExpertBytes;
-    store_ = std::move(ExpertStore::Create(*sim_, *io_, options)).value();
+    store_ = std::move(ExpertStore::Create(*sim_, options)).value();
     for (uint32_t e = 0; e < 8; ++e) {
-      ASSERT_TRUE(store_->Write(ExpertState::kWeights, 0, e, host_[e].data()).ok());
+      ASSERT_TRUE(store_->Write(ExpertState::kWeights, {0, e}, host_[e].data()).ok());
     }
     stager_ = std::move(WeightStager::Create(*store_, 0)).value();
     PrefetcherHooks hooks;
-    hooks.fence_pending = [this](ExpertKey key) { return fences_.Pending(key); };
-    hooks.wait_fence = [this](ExpertKey key) { return fences_.Wait(key); };
+    hooks.fence_pending = [this](ExpertId key) { return fences_.Pending(key); };
+    hooks.wait_fence = [this](ExpertId key) { return fences_.Wait(key); };
     prefetcher_ =
         std::make_unique<Prefetcher>(*cache_, copy_.get(), std::move(hooks), 0, stager_.get());
   }
@@ -177,29 +183,27 @@ class StagedPrefetcherTest : public PrefetcherTest {
     prefetcher_.reset();
     stager_.reset();
     store_.reset();
-    io_.reset();
     std::filesystem::remove_all(root_);
   }
-  void WaitStaged(ExpertKey key) {
+  void WaitStaged(ExpertId key) {
     while (!stager_->Ready(key)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
 
   std::string root_;
-  std::unique_ptr<FaultInjectionIoEngine> io_;
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<WeightStager> stager_;
 };
 
 TEST_F(StagedPrefetcherTest, ReadsAheadFromNvmeWithinThePinnedBudget) {
   EXPECT_EQ(stager_->slots(), kBlocks) << "what the pinned budget leaves";
-  const std::vector<ExpertKey> sequence = {0, 1, 2, 3, 4, 5, 6, 7, 0, 5};
+  const std::vector<ExpertId> sequence = Keys({0, 1, 2, 3, 4, 5, 6, 7, 0, 5});
   prefetcher_->BeginStep(sequence);
   ASSERT_TRUE(prefetcher_->Advance().ok());
   EXPECT_EQ(prefetcher_->held(), 0u) << "nothing is leased before its weights are staged";
-  EXPECT_TRUE(stager_->Started(0) && stager_->Started(1));
-  EXPECT_FALSE(stager_->Started(2)) << "two blocks: the window stops at the pinned budget";
-  WaitStaged(0);
-  WaitStaged(1);
+  EXPECT_TRUE(stager_->Started({0, 0}) && stager_->Started({0, 1}));
+  EXPECT_FALSE(stager_->Started({0, 2})) << "two blocks: the window stops at the pinned budget";
+  WaitStaged({0, 0});
+  WaitStaged({0, 1});
   ASSERT_TRUE(prefetcher_->Advance().ok());
   EXPECT_EQ(prefetcher_->held(), 2u);
   for (uint64_t p = 0; p < sequence.size(); ++p) {
@@ -223,7 +227,7 @@ TEST_F(StagedPrefetcherTest, ReadsAheadFromNvmeWithinThePinnedBudget) {
 // positions. Its miss takes a block back from them instead of failing a valid step with "all
 // N staging blocks are held".
 TEST_F(StagedPrefetcherTest, BlocksStagedAheadYieldToAnEarlierMiss) {
-  const std::vector<ExpertKey> sequence = {0, 1, 2, 3, 1, 2, 0, 4, 5, 6};
+  const std::vector<ExpertId> sequence = Keys({0, 1, 2, 3, 1, 2, 0, 4, 5, 6});
   prefetcher_->BeginStep(sequence);
   for (uint64_t p = 0; p < sequence.size(); ++p) {
     // Everything staged and copied that can be, before each use: the stager's blocks are as
@@ -248,11 +252,11 @@ TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
   const uint64_t slot = 4096 + kExpertBytes;
   const uint64_t at = (3 * 2 + 1) * slot + 4096 + 5;
   ASSERT_TRUE(FlipByte(root_ + "/ecss-store-weights-0.bin", at, 1));
-  prefetcher_->BeginStep({2, 3, 4});
+  prefetcher_->BeginStep(Keys({2, 3, 4}));
   ASSERT_TRUE(prefetcher_->Advance().ok());
   auto first = prefetcher_->Take(0, 1);
   ASSERT_TRUE(first.ok()) << first.status();
-  Use(*first, {2});
+  Use(*first, Keys({2}));
   auto bad = prefetcher_->Take(1, 1);
   EXPECT_EQ(bad.status().code(), StatusCode::kDataLoss);
   EXPECT_NE(bad.status().message().find("layer 0 expert 3 weights"), std::string_view::npos)
@@ -260,7 +264,7 @@ TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
   // The block was freed and the step goes on.
   auto last = prefetcher_->Take(2, 1);
   ASSERT_TRUE(last.ok()) << last.status();
-  Use(*last, {4});
+  Use(*last, Keys({4}));
 }
 
 TEST_F(StagedPrefetcherTest, TheStagerNeedsWeightsOnNvmeAndABlockOfBudget) {
@@ -269,9 +273,9 @@ TEST_F(StagedPrefetcherTest, TheStagerNeedsWeightsOnNvmeAndABlockOfBudget) {
   EXPECT_NE(none.message().find("one staging block needs 16384"), std::string_view::npos) << none;
   std::filesystem::create_directories(root_ + "/pinned");
   ExpertStoreOptions options;
-  options.layout = {1, 2, 64, DType::kBF16, 0};
+  options.layout = {{2}, 64, DType::kBF16, 0};
   options.dirs = {root_ + "/pinned"};
-  auto pinned = std::move(ExpertStore::Create(*sim_, *io_, options)).value();
+  auto pinned = std::move(ExpertStore::Create(*sim_, options)).value();
   EXPECT_EQ(WeightStager::Create(*pinned, 1).status().code(), StatusCode::kFailedPrecondition);
 }
 

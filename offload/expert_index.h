@@ -1,20 +1,27 @@
 // ExpertIndex: the one mapping between an expert's identity, (layer, expert), and the dense
-// index that the engine's per-expert tables (the updater's entries, the state files' slots)
-// use: layer-major, and layers may have different expert counts. Nothing else in engine/
-// computes `layer * experts_per_layer`. Immutable after construction; thread-safe.
+// index that per-expert tables (the store's files and regions, the updater's entries) use:
+// layer-major, and layers may have different expert counts. Nothing else computes
+// `layer * experts_per_layer`. Immutable after construction; thread-safe.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
 namespace ecss {
 
+// Who an expert is: the unit the store, the device cache, the prefetcher, the stager and the
+// plans key their tables by. Ordered layer-major; hashable.
 struct ExpertId {
   uint32_t layer = 0;
   uint32_t expert = 0;  // within the layer
   friend bool operator==(ExpertId a, ExpertId b) {
     return a.layer == b.layer && a.expert == b.expert;
+  }
+  friend bool operator!=(ExpertId a, ExpertId b) { return !(a == b); }
+  friend bool operator<(ExpertId a, ExpertId b) {
+    return a.layer != b.layer ? a.layer < b.layer : a.expert < b.expert;
   }
 };
 
@@ -43,3 +50,10 @@ class ExpertIndex {
 };
 
 }  // namespace ecss
+
+template <>
+struct std::hash<ecss::ExpertId> {
+  size_t operator()(ecss::ExpertId id) const noexcept {
+    return std::hash<uint64_t>()((uint64_t{id.layer} << 32) | id.expert);
+  }
+};

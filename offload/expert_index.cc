@@ -1,4 +1,4 @@
-#include "engine/expert_index.h"
+#include "offload/expert_index.h"
 
 #include <algorithm>
 

@@ -1,0 +1,34 @@
+// StoreStateTier: the tier moves of master weights and moments between an ExpertStore and the
+// pinned staging slots of the optimizer's streaming pipeline (optimizer/state_pipeline.h). A
+// load reads the master and the moments as of one version (ExpertStore::ReadStates); a store
+// writes them with the expert's new update count, and, when the store keeps the compute
+// weights on NVMe, the slot's new bf16 copy (ExpertStore::WriteStates). It lives in the engine
+// because it joins two folders that do not depend on each other. Expert ids are `experts`' dense
+// indices; errors name the expert as (layer, expert). Thread-safety: as the pipeline uses it (loads
+// on one thread, stores on another); the store lets them run at once.
+#pragma once
+
+#include <cstdint>
+
+#include "offload/expert_index.h"
+#include "offload/expert_store.h"
+#include "optimizer/state_pipeline.h"
+
+namespace ecss {
+
+class StoreStateTier final : public StateTier {
+ public:
+  // REQUIRES: the store keeps master weights (and moments, when the optimizer has them) and
+  // outlives the tier.
+  explicit StoreStateTier(ExpertStore* store) : store_(store) {}
+
+  StatusOr<size_t> ExpertSize(uint32_t expert) const override;
+  Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
+  Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override;
+
+ private:
+  bool has_moments() const { return store_->layout().moments > 0; }
+  ExpertStore* store_;
+};
+
+}  // namespace ecss
