@@ -212,6 +212,27 @@ NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params
   return nvme;
 }
 
+ExpertStoreOptions StoreOptionsFor(const SessionOptions& options, uint64_t params) {
+  const bool states = options.states == StatesPlacement::kNvme;
+  const bool weights = options.weights == WeightsPlacement::kNvme;
+  const auto arrays = static_cast<uint32_t>(StateArrays(options.optimizer.kind));
+  ExpertStoreOptions store;
+  store.layout.experts_per_layer = options.ExpertsPerLayer();
+  store.layout.params_per_expert = params;
+  store.layout.weights_dtype = options.model.dtype;
+  store.layout.moments = states ? arrays : std::max(1u, arrays);
+  const Tier master = states                                ? Tier::kNvme
+                      : options.model.dtype == DType::kBF16 ? Tier::kHost
+                                                            : Tier::kNone;
+  store.placement = {weights ? Tier::kNvme : Tier::kPinned, master,
+                     states ? Tier::kNvme : Tier::kHost, Tier::kNone};
+  if (states) store.dirs = options.nvme_dirs;
+  store.durable_memory_states = false;
+  store.lock_pinned_pages = false;  // as the session's own pool
+  store.io_engines = options.io_engines;
+  return store;
+}
+
 StatusOr<uint64_t> NvmeUpdater::PipelineBytes(const NvmeUpdaterOptions& options,
                                               bool weights_on_nvme) {
   return StateStreamingUpdater::WorkspaceBytes(StreamingOptionsFor(options, weights_on_nvme));

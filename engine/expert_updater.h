@@ -110,6 +110,14 @@ struct NvmeUpdaterOptions {
 // optimizer and sizes; not its store).
 NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params);
 
+// The expert store of a session with these options, the one owner of every expert's compute
+// weights (pinned, or NVMe), master weights (NVMe; else host memory, or with f32 weights the
+// weights themselves: not kept) and moments (NVMe or host; host: one array at least). Its
+// memory states are not durable (the session re-derives the weights from the master at
+// resume); without NVMe it needs no directory. Gradients stay with the session (a step's
+// accumulators). Budgets are left at 0 (exactly what it needs).
+ExpertStoreOptions StoreOptionsFor(const SessionOptions& options, uint64_t params);
+
 class NvmeUpdater final : public ExpertUpdater {
  public:
   // The staging slots in `staging`; InvalidArgument when the store does not keep master

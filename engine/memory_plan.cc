@@ -40,10 +40,11 @@ class Planner {
  public:
   Planner(const SessionOptions& o, const DeviceMemoryRules& device) : o_(o), device_(device) {}
 
-  void Add(std::string what, MemoryTier tier, MemoryTag tag, uint64_t count, uint64_t bytes) {
+  void Add(std::string what, MemoryTier tier, MemoryTag tag, uint64_t count, uint64_t bytes,
+           bool in_store = false) {
     if (count == 0 || bytes == 0) return;
     plan_.items.push_back(
-        {std::move(what), tier, tag, count, bytes, Reserved(tier, device_, bytes)});
+        {std::move(what), tier, tag, count, bytes, Reserved(tier, device_, bytes), in_store});
   }
 
   StatusOr<MemoryPlan> Run(uint64_t ffn_workspace_bytes) {
@@ -67,16 +68,29 @@ class Planner {
     const bool states_on_nvme = o_.states == StatesPlacement::kNvme;
     const bool weights_on_nvme = o_.weights == WeightsPlacement::kNvme;
 
-    // Pinned host memory: compute weights (f32: the master weights themselves; with the
-    // delayed update also their published copy), gradient accumulators, the staging of later
-    // micro-batches' gradients, the NVMe states' staging.
-    if (!weights_on_nvme) {
-      Add("expert compute weights", MemoryTier::kPinned, MemoryTag::kExpertWeights, experts,
-          p.expert_bytes);
-      if (o_.delayed_update) {
-        Add("published compute weights (delayed update)", MemoryTier::kPinned,
-            MemoryTag::kExpertWeights, experts, p.expert_bytes);
-      }
+    // The expert store: every expert's compute weights (pinned, unless on NVMe), master
+    // weights (bf16 in host memory; f32: the compute weights themselves) and moments (host,
+    // one array at least), each one region; its staging block; the stager's window.
+    const ExpertStoreOptions store = StoreOptionsFor(o_, p.params);
+    Add("expert compute weights", MemoryTier::kPinned, MemoryTag::kExpertWeights, 1,
+        ExpertStore::RegionBytes(store, ExpertState::kWeights), true);
+    Add("master weights", MemoryTier::kHost, MemoryTag::kMasterWeights, 1,
+        ExpertStore::RegionBytes(store, ExpertState::kMaster), true);
+    Add("optimizer moments", MemoryTier::kHost, MemoryTag::kOptimizerMoments, 1,
+        ExpertStore::RegionBytes(store, ExpertState::kMoments), true);
+    Add("store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1,
+        ExpertStore::StagingBytes(store), true);
+    if (weights_on_nvme) {
+      p.weight_staging_blocks =
+          o_.weight_staging_blocks > 0 ? o_.weight_staging_blocks : p.max_groups;
+      Add("weight staging blocks", MemoryTier::kPinned, MemoryTag::kStaging,
+          p.weight_staging_blocks, StateBlockBytes(p.expert_bytes), true);
+    }
+    // The session's pinned memory: the delayed update's published weights, the gradient
+    // accumulators, the staging of later micro-batches' gradients, the NVMe states' staging.
+    if (o_.delayed_update) {
+      Add("published compute weights (delayed update)", MemoryTier::kPinned,
+          MemoryTag::kExpertWeights, experts, p.expert_bytes);
     }
     Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, experts,
         gradient_bytes);
@@ -89,33 +103,6 @@ class Planner {
       Add("state streaming slots", MemoryTier::kPinned, MemoryTag::kStaging, 1, pipeline);
       Add("state scratch", MemoryTier::kPinned, MemoryTag::kStaging, 1,
           NvmeUpdater::ScratchBytes(nvme));
-    }
-    // The store's own pool (states or weights on NVMe): its staging block, the largest state
-    // it keeps, and the stager's window.
-    uint64_t store_block = 0;
-    if (states_on_nvme) {
-      store_block = std::max(StateBlockBytes(gradient_bytes),
-                             StateBlockBytes(gradient_bytes * StateArrays(o_.optimizer.kind)));
-    }
-    if (weights_on_nvme) store_block = std::max(store_block, StateBlockBytes(p.expert_bytes));
-    if (store_block > 0) {
-      Add("store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1, store_block);
-    }
-    if (weights_on_nvme) {
-      p.weight_staging_blocks =
-          o_.weight_staging_blocks > 0 ? o_.weight_staging_blocks : p.max_groups;
-      Add("weight staging blocks", MemoryTier::kPinned, MemoryTag::kStaging,
-          p.weight_staging_blocks, StateBlockBytes(p.expert_bytes));
-    }
-    // Pageable host memory: the states in host memory (bf16: the fp32 master; every kind: its
-    // moments, one array at least).
-    if (!states_on_nvme) {
-      if (m.dtype == DType::kBF16) {
-        Add("master weights", MemoryTier::kHost, MemoryTag::kMasterWeights, experts,
-            gradient_bytes);
-      }
-      Add("optimizer moments", MemoryTier::kHost, MemoryTag::kOptimizerMoments, experts,
-          std::max(1, StateArrays(o_.optimizer.kind)) * gradient_bytes);
     }
     // Device memory: what a step keeps and works in, then the cache in what is left.
     p.activation_bytes = uint64_t{p.max_rows} * m.d_model * DTypeSize(m.dtype);
@@ -213,6 +200,13 @@ DeviceMemoryRules DeviceMemoryRules::Of(const BackendCapabilities& capabilities)
 uint64_t MemoryPlan::Total(MemoryTier tier) const {
   uint64_t total = 0;
   for (const MemoryItem& item : items) total += item.tier == tier ? item.total() : 0;
+  return total;
+}
+
+uint64_t MemoryPlan::StoreTotal(MemoryTier tier) const {
+  uint64_t total = 0;
+  for (const MemoryItem& item : items)
+    total += item.tier == tier && item.in_store ? item.total() : 0;
   return total;
 }
 

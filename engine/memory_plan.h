@@ -46,6 +46,9 @@ struct MemoryItem {
   uint64_t count = 0;     // allocations
   uint64_t bytes = 0;     // each, as requested
   uint64_t reserved = 0;  // each, as the tier's allocator rounds it
+  // In the expert store's own pools (every expert's compute weights, master weights and
+  // moments, each one region), not the session's.
+  bool in_store = false;
   uint64_t total() const { return count * reserved; }
 };
 
@@ -63,6 +66,7 @@ struct MemoryPlan {
   std::vector<MemoryItem> items;
 
   uint64_t Total(MemoryTier tier) const;
+  uint64_t StoreTotal(MemoryTier tier) const;           // of the items in_store
   const MemoryItem* Find(std::string_view what) const;  // null when not planned
   // "device 300.00 MiB: expert cache slots 40 x 7.50 MiB, ...; pinned ...; host ..."
   std::string Summary() const;

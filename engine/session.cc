@@ -50,19 +50,14 @@ class StallTimer {
   Clock::time_point start_;
 };
 
-// One expert: its optimizer id, its arrays, and what the current step did with it.
+// One expert as the session uses it: its optimizer id, where its weights are, its gradient,
+// and what the current step did with it. Its states live in the session's ExpertStore.
 struct Expert {
-  uint32_t id = 0;  // in the ExpertUpdater
-  // States in host memory: fp32 master weights in `weights` itself when the compute dtype is
-  // f32 (the device copies what the optimizer updates), else in host_master with `weights`
-  // as the bf16 copy. States on NVMe: in the updater's files.
-  float* master = nullptr;
-  Buffer host_master;    // states in host memory, bf16: the fp32 master (HostAllocator)
-  Buffer host_moments;   // states in host memory: the optimizer's state arrays, one after another
-  Buffer weights;        // pinned, compute dtype
-  Buffer front;          // delayed update: what the device copies (weights as last published)
-  Buffer grad;           // pinned fp32 gradient accumulator
-  bool touched = false;  // has a gradient in the current step
+  uint32_t id = 0;          // in the ExpertUpdater (the store's dense index)
+  void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
+  Buffer front;             // delayed update: what the device copies (weights as last published)
+  Buffer grad;              // pinned fp32 gradient accumulator
+  bool touched = false;     // has a gradient in the current step
 };
 
 // A sparse layer of one micro-batch as the kernels see it.
@@ -127,15 +122,14 @@ struct Session::Impl {
   // Declared before the updater, whose threads report to it until it is destroyed.
   PlanRecorder recorder;
   std::unique_ptr<KernelRunner> kernels;
-  // States or weights on NVMe: the store that holds them and, weights on NVMe, the NVMe ->
-  // pinned stage, declared before what uses them (the updater reads and writes the store; the
-  // prefetcher reads the stager).
+  // Every expert's compute weights, master weights and moments (StoreOptionsFor) and,
+  // weights on NVMe, the NVMe -> pinned stage, declared before what uses them (the updater
+  // reads and writes the store; the prefetcher reads the stager).
   std::unique_ptr<ExpertStore> store;
   std::unique_ptr<WeightStager> stager;
   // Declared before what is carved from it (the updater's staging, the experts' buffers),
   // so that it is destroyed after them.
   std::unique_ptr<PinnedHostPool> pinned;
-  std::unique_ptr<HostAllocator> host_memory;  // states in host memory, within host_budget_bytes
   std::unique_ptr<ExpertUpdater> updater;
   std::unique_ptr<DeviceCache> cache;
   std::unique_ptr<Prefetcher> prefetcher;
@@ -347,34 +341,21 @@ Status Session::Impl::CreateStreams() {
   return Status::Ok();
 }
 
-// The host side, as the memory plan sizes it: the pinned pool, the host states' allocator,
-// the weight store (weights on NVMe), the updater and every expert's arrays.
+// The host side, as the memory plan sizes it: the expert store (with its own pinned and host
+// pools), the session's pinned pool, the updater and every expert's gradient.
 Status Session::Impl::CreateExperts() {
-  const uint64_t host_bytes = memory.Total(MemoryTier::kHost);
-  if (host_bytes > 0) {
-    HostAllocatorOptions host_options;
-    host_options.name = "session host states";
-    host_options.capacity_bytes =
-        options.host_budget_bytes == 0 ? host_bytes : options.host_budget_bytes;
-    ECSS_ASSIGN_OR_RETURN(host_memory, HostAllocator::Create(host_options));
-  }
-  // The store's pool holds its staging block and the stager's; the session's the rest.
-  uint64_t store_bytes = 0;
-  for (const char* what : {"store staging", "weight staging blocks"}) {
-    if (const MemoryItem* item = memory.Find(what)) store_bytes += item->total();
-  }
+  const uint64_t store_pinned = memory.StoreTotal(MemoryTier::kPinned);
+  ECSS_RETURN_IF_ERROR(CreateStore(store_pinned));
   const uint64_t pinned_bytes = memory.Total(MemoryTier::kPinned);
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
   pool_options.capacity_bytes =
-      (options.pinned_budget_bytes == 0 ? pinned_bytes : options.pinned_budget_bytes) - store_bytes;
+      (options.pinned_budget_bytes == 0 ? pinned_bytes : options.pinned_budget_bytes) -
+      store_pinned;
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
   NvmeUpdaterOptions nvme = NvmeOptionsFor(options, params);
-  if (store_bytes > 0) {
-    ECSS_RETURN_IF_ERROR(CreateStore(store_bytes));
-    nvme.store = store.get();
-  }
+  nvme.store = store.get();
   if (weights_on_nvme()) {
     ECSS_ASSIGN_OR_RETURN(stager, WeightStager::Create(*store, memory.weight_staging_blocks));
   }
@@ -420,7 +401,7 @@ Status Session::Impl::CreateCache() {
   PrefetcherHooks hooks;
   auto expert_of = [this](ExpertId key) -> Expert& { return experts[key.layer][key.expert]; };
   hooks.host_weights = [this, expert_of](ExpertId key) -> const void* {
-    return delayed() ? expert_of(key).front.data() : expert_of(key).weights.data();
+    return delayed() ? expert_of(key).front.data() : expert_of(key).weights;
   };
   // The delayed update never rewrites what fetches read during a step: no fence to wait on.
   hooks.fence_pending = [this, expert_of](ExpertId key) {
@@ -437,21 +418,12 @@ Status Session::Impl::CreateCache() {
   return Status::Ok();
 }
 
-// States or weights on NVMe: the store in nvme_dirs (created, or opened with resume_states)
-// that keeps them, with the pinned budget `pinned_bytes`.
+// The expert store (StoreOptionsFor): in nvme_dirs with states on NVMe (created, or opened
+// with resume_states), else in memory only; `pinned_bytes` of pinned memory, the host budget.
 Status Session::Impl::CreateStore(uint64_t pinned_bytes) {
-  ExpertStoreOptions o;
-  const bool states = options.states == StatesPlacement::kNvme;
-  const Tier state_tier = states ? Tier::kNvme : Tier::kNone;
-  o.layout.experts_per_layer = options.ExpertsPerLayer();
-  o.layout.params_per_expert = params;
-  o.layout.weights_dtype = options.model.dtype;
-  o.layout.moments = states ? static_cast<uint32_t>(StateArrays(options.optimizer.kind)) : 0;
-  o.placement = {weights_on_nvme() ? Tier::kNvme : Tier::kNone, state_tier, state_tier,
-                 Tier::kNone};
-  o.dirs = options.nvme_dirs;
+  ExpertStoreOptions o = StoreOptionsFor(options, params);
   o.pinned_budget_bytes = pinned_bytes;
-  o.io_engines = options.io_engines;
+  o.host_budget_bytes = options.host_budget_bytes;
   auto made =
       options.resume_states ? ExpertStore::Open(backend, o) : ExpertStore::Create(backend, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
@@ -461,7 +433,9 @@ Status Session::Impl::CreateStore(uint64_t pinned_bytes) {
   return Status::Ok();
 }
 
-// Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
+// Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given. Each
+// expert's master is drawn from its own counter-based stream, so any placement starts from the
+// same weights.
 Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
   const ModelSpec& m = options.model;
   const float in_scale =
@@ -469,70 +443,66 @@ Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
   const float out_scale =
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint64_t in_elems = uint64_t{m.d_model} * d_in();
-  const size_t moment_arrays = std::max<size_t>(1, StateArrays(options.optimizer.kind));
-  uint32_t flat = 0;
-  std::vector<float> initial;  // states on NVMe: the master before it goes to its file
+  const uint32_t moment_arrays = store->layout().moments;
+  std::vector<float> initial(nvme != nullptr ? params : 0);  // on its way to the NVMe master
   experts.resize(m.layers);
   for (uint32_t l = 0; l < m.layers; ++l) {
-    experts[l].resize(router->domains().experts_in_layer(l));
+    experts[l].resize(index.experts_in_layer(l));
     for (uint32_t e = 0; e < experts[l].size(); ++e) {
       Expert& x = experts[l][e];
+      const ExpertId id{l, e};
+      x.id = index.Flat(id);
       if (!weights_on_nvme()) {
-        ECSS_ASSIGN_OR_RETURN(x.weights, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
+        ECSS_ASSIGN_OR_RETURN(x.weights, store->Resident(ExpertState::kWeights, id));
       }
       ECSS_ASSIGN_OR_RETURN(x.grad, pinned->Allocate(params * 4, MemoryTag::kGradients));
-      auto* compute_copy = static_cast<BFloat16*>(x.weights.data());  // null: in the store
+      auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
       if (nvme != nullptr && options.resume_states) {
-        Status resumed = nvme->Resume(flat, compute_copy);
+        Status resumed = nvme->Resume(x.id, compute_copy);
         if (!resumed.ok()) {
           return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
                                          options.nvme_dirs[0], " (files of another model?)"));
         }
-        x.id = flat++;
         continue;
       }
-      if (nvme != nullptr) {
-        initial.resize(params);
-        x.master = initial.data();
-      } else if (m.dtype == DType::kF32) {
-        x.master = static_cast<float*>(x.weights.data());
-      } else {
-        ECSS_ASSIGN_OR_RETURN(x.host_master,
-                              host_memory->Allocate(params * 4, MemoryTag::kMasterWeights));
-        x.master = x.host_master.as<float>();
+      // f32: the compute weights are the master weights (the device copies what the
+      // optimizer updates).
+      float* master = initial.data();
+      if (nvme == nullptr) {
+        ECSS_ASSIGN_OR_RETURN(
+            void* resident,
+            store->Resident(m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
+                            id));
+        master = static_cast<float*>(resident);
       }
       CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
       for (uint64_t i = 0; i < params; ++i) {
         const float scale = i < in_elems ? in_scale : out_scale;
-        x.master[i] = (rng.UniformFloat() * 2 - 1) * scale;
+        master[i] = (rng.UniformFloat() * 2 - 1) * scale;
       }
       if (nvme != nullptr) {
-        ECSS_RETURN_IF_ERROR(nvme->Initialize(flat, x.master, compute_copy));
-        x.id = flat++;
-        x.master = nullptr;
+        ECSS_RETURN_IF_ERROR(nvme->Initialize(x.id, master, compute_copy));
         continue;
       }
-      ECSS_ASSIGN_OR_RETURN(x.host_moments, host_memory->Allocate(moment_arrays * params * 4,
-                                                                  MemoryTag::kOptimizerMoments));
-      std::memset(x.host_moments.data(), 0, x.host_moments.size());
+      ECSS_ASSIGN_OR_RETURN(void* moments, store->Resident(ExpertState::kMoments, id));
       ExpertArrays arrays;
-      arrays.master = x.master;
-      arrays.state0 = x.host_moments.as<float>();
-      arrays.state1 = moment_arrays == 2 ? x.host_moments.as<float>() + params : nullptr;
+      arrays.master = master;
+      arrays.state0 = static_cast<float*>(moments);  // zeros: the store starts them so
+      arrays.state1 = moment_arrays == 2 ? arrays.state0 + params : nullptr;
       arrays.size = params;
       if (m.dtype == DType::kBF16) {
-        ConvertF32ToBf16(x.master, static_cast<BFloat16*>(x.weights.data()), params);
-        arrays.compute_copy = static_cast<BFloat16*>(x.weights.data());
+        ConvertF32ToBf16(master, compute_copy, params);
+        arrays.compute_copy = compute_copy;
       }
-      ECSS_ASSIGN_OR_RETURN(x.id, host->Register(arrays));
-      ++flat;
+      ECSS_ASSIGN_OR_RETURN(const uint32_t registered, host->Register(arrays));
+      if (registered != x.id) return InternalError("host updater ids out of order");
     }
   }
   if (delayed()) {  // the first published weights: the initial ones
     for (std::vector<Expert>& layer : experts) {
       for (Expert& x : layer) {
         ECSS_ASSIGN_OR_RETURN(x.front, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
-        std::memcpy(x.front.data(), x.weights.data(), expert_bytes);
+        std::memcpy(x.front.data(), x.weights, expert_bytes);
       }
     }
   }
@@ -546,7 +516,7 @@ Status Session::Impl::Publish() {
   ECSS_RETURN_IF_ERROR(backend.SynchronizeStream(h2d.get()));
   for (const auto& [layer, e] : started) {
     Expert& x = experts[layer][e];
-    std::memcpy(x.front.data(), x.weights.data(), expert_bytes);
+    std::memcpy(x.front.data(), x.weights, expert_bytes);
     ECSS_RETURN_IF_ERROR(cache->Invalidate(ExpertId{layer, e}));
   }
   started.clear();
@@ -1410,10 +1380,12 @@ const MemoryPlan& Session::memory_plan() const { return impl_->memory; }
 Session::HostMemoryPeaks Session::host_memory_peaks() const {
   HostMemoryPeaks peaks;
   peaks.pinned_bytes = impl_->pinned->stats().peak_used_bytes;
-  if (impl_->store != nullptr) {
-    peaks.pinned_bytes += impl_->store->pinned_pool().stats().peak_used_bytes;
+  const ExpertStore& store = *impl_->store;
+  if (store.pinned_memory() != nullptr) {
+    peaks.pinned_bytes += store.pinned_memory()->stats().peak_used_bytes;
   }
-  if (impl_->host_memory != nullptr) peaks.host_bytes = impl_->host_memory->stats().peak_used_bytes;
+  if (store.host_memory() != nullptr)
+    peaks.host_bytes = store.host_memory()->stats().peak_used_bytes;
   return peaks;
 }
 

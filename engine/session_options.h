@@ -76,13 +76,13 @@ struct SessionOptions {
   // Device bytes the session may use (activations it keeps, workspaces, the expert cache);
   // at most the backend's device memory.
   uint64_t device_budget_bytes = 0;
-  // Pinned host bytes: every expert's compute weights and gradient buffers. 0 = exactly what
-  // the model needs.
+  // Pinned host bytes: every expert's compute weights (in the expert store) and gradient
+  // buffers, and the staging the placements need. 0 = exactly what the model needs.
   uint64_t pinned_budget_bytes = 0;
   // Pageable host bytes for the states in host memory (StatesPlacement::kHost): the fp32
   // master weights (bf16 models; f32 ones keep them in the pinned weights) and the optimizer's
-  // moments, from a HostAllocator (jemalloc arena) with this budget. 0 = exactly what the
-  // model needs; less is refused at creation with the bytes needed.
+  // moments, the expert store's host tier (a HostAllocator with this budget). 0 = exactly
+  // what the model needs; less is refused at creation with the bytes needed.
   uint64_t host_budget_bytes = 0;
   uint32_t max_tokens_per_micro_batch = 0;  // sizes the activation buffers
   uint32_t max_micro_batches = 1;

@@ -43,6 +43,7 @@ struct Manifest {
   ExpertStoreLayout layout;
   uint32_t dirs = 0;
   std::array<Tier, kExpertStates> placement{};
+  bool durable_memory_states = true;
   bool closed = false;
 };
 
@@ -56,6 +57,7 @@ std::string FormatManifest(const Manifest& m) {
     text +=
         StrCat(" ", ExpertStateName(state), "=", TierName(m.placement[static_cast<int>(state)]));
   }
+  text += StrCat("\nmemory_states ", m.durable_memory_states ? "durable" : "volatile");
   text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
   char crc[16];
   std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
@@ -106,6 +108,10 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
         ECSS_ASSIGN_OR_RETURN(m.placement[static_cast<int>(state)],
                               ParseTier(entry.substr(prefix.size())));
       }
+    } else if (key == "memory_states") {
+      std::string value;
+      fields >> value;
+      m.durable_memory_states = value == "durable";
     } else if (key == "state") {
       std::string value;
       fields >> value;
@@ -161,6 +167,8 @@ std::string_view TierName(Tier tier) {
       return "device";
     case Tier::kPinned:
       return "pinned";
+    case Tier::kHost:
+      return "host";
     case Tier::kNvme:
       return "nvme";
     case Tier::kNone:
@@ -170,14 +178,17 @@ std::string_view TierName(Tier tier) {
 }
 
 StatusOr<Tier> ParseTier(std::string_view name) {
-  for (Tier tier : {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kNone}) {
+  for (Tier tier : {Tier::kDevice, Tier::kPinned, Tier::kHost, Tier::kNvme, Tier::kNone}) {
     if (TierName(tier) == name) return tier;
   }
-  return InvalidArgumentError(StrCat("unknown tier '", name, "' (device, pinned, nvme or none)"));
+  return InvalidArgumentError(
+      StrCat("unknown tier '", name, "' (device, pinned, host, nvme or none)"));
 }
 
-uint64_t ExpertStore::StateBytes(ExpertState state) const {
-  const ExpertStoreLayout& l = options_.layout;
+uint64_t ExpertStore::StateBytes(ExpertState state) const { return StateBytes(options_, state); }
+
+uint64_t ExpertStore::StateBytes(const ExpertStoreOptions& options, ExpertState state) {
+  const ExpertStoreLayout& l = options.layout;
   switch (state) {
     case ExpertState::kWeights:
       return l.params_per_expert * DTypeSize(l.weights_dtype);
@@ -190,8 +201,51 @@ uint64_t ExpertStore::StateBytes(ExpertState state) const {
   return 0;
 }
 
-bool ExpertStore::HasState(ExpertState state) const {
-  return StateBytes(state) > 0 && placement(state) != Tier::kNone;
+bool ExpertStore::HasState(const ExpertStoreOptions& options, ExpertState state) {
+  return StateBytes(options, state) > 0 && options.placement[Index(state)] != Tier::kNone;
+}
+
+bool ExpertStore::HasFile(const ExpertStoreOptions& options, ExpertState state) {
+  return HasState(options, state) &&
+         (options.placement[Index(state)] == Tier::kNvme || options.durable_memory_states);
+}
+
+// Durable memory states move between their region and their file with O_DIRECT: 4 KiB
+// blocks. Others need only the host allocator's 64 B (the device's 256 B).
+uint64_t ExpertStore::Stride(const ExpertStoreOptions& options, ExpertState state) {
+  const uint64_t bytes = StateBytes(options, state);
+  switch (options.placement[Index(state)]) {
+    case Tier::kDevice:
+      return RoundUp(bytes, kDeviceAlignment);
+    case Tier::kPinned:
+    case Tier::kHost:
+      return options.durable_memory_states ? StateBlockBytes(bytes) : RoundUp(bytes, 64);
+    case Tier::kNvme:
+    case Tier::kNone:
+      return 0;
+  }
+  return 0;
+}
+
+uint64_t ExpertStore::RegionBytes(const ExpertStoreOptions& options, ExpertState state) {
+  if (!HasState(options, state)) return 0;
+  uint64_t experts = 0;
+  for (uint32_t n : options.layout.experts_per_layer) experts += n;
+  return Stride(options, state) * experts;
+}
+
+// Read and Write of nvme states go through it, and device states on their way to and from
+// their files.
+uint64_t ExpertStore::StagingBytes(const ExpertStoreOptions& options) {
+  uint64_t staging = 0;
+  for (ExpertState state : kStates) {
+    const Tier tier = options.placement[Index(state)];
+    if (HasState(options, state) &&
+        (tier == Tier::kNvme || (tier == Tier::kDevice && HasFile(options, state)))) {
+      staging = std::max(staging, StateBlockBytes(StateBytes(options, state)));
+    }
+  }
+  return staging;
 }
 
 Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& options) {
@@ -209,7 +263,12 @@ Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& opt
   if (experts > UINT32_MAX) {
     return InvalidArgumentError("expert store: more than 2^32 experts");
   }
-  if (options.dirs.empty()) return InvalidArgumentError("expert store needs a directory");
+  bool files = false;
+  for (ExpertState state : kStates) files |= HasFile(options, state);
+  if (files && options.dirs.empty()) {
+    return InvalidArgumentError(
+        "expert store needs a directory (nvme states, or durable memory states, have files)");
+  }
   for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(CheckDirectory(dir));
   if (options.device_budget_bytes > backend.device_memory().capacity_bytes()) {
     return InvalidArgumentError(StrCat(
@@ -232,45 +291,72 @@ StateFileOptions ExpertStore::FileOptions(ExpertState state) const {
   return file;
 }
 
-// Budgets first (nothing touched yet), then the memory of the device and pinned tiers.
+// Budgets first (nothing touched yet), then the memory of the device, pinned and host tiers.
 Status ExpertStore::Allocate() {
-  uint64_t device_one = 0, pinned_one = 0, staging = 0;
+  uint64_t device = 0, pinned = 0, host = 0;
   for (ExpertState state : kStates) {
-    if (!HasState(state)) continue;
-    staging = std::max(staging, BlockBytes(state));
-    if (placement(state) == Tier::kDevice)
-      device_one += RoundUp(StateBytes(state), kDeviceAlignment);
-    if (placement(state) == Tier::kPinned) pinned_one += BlockBytes(state);
+    const uint64_t region = RegionBytes(options_, state);
+    if (placement(state) == Tier::kDevice) device += region;
+    if (placement(state) == Tier::kPinned) pinned += region;
+    if (placement(state) == Tier::kHost) host += region;
   }
+  const uint64_t staging = StagingBytes(options_);
   const uint64_t n = index_.size();
-  auto refuse = [&](std::string_view tier, uint64_t budget, uint64_t one, uint64_t fixed) {
+  auto refuse = [&](std::string_view tier, uint64_t budget, uint64_t all, uint64_t fixed) {
+    const uint64_t one = all / n;
     return ResourceExhaustedError(StrCat(
         "expert store: the ", tier, " budget (", HumanBytes(budget), ", ", budget, " bytes) ",
         budget < one + fixed ? "holds no expert" : "cannot hold every expert", ": one expert's ",
-        tier, " states need ", one, " bytes, all ", n, " experts ", one * n + fixed, " bytes"));
+        tier, " states need ", one, " bytes, all ", n, " experts ", all + fixed, " bytes"));
   };
-  if (device_one * n > options_.device_budget_bytes) {
-    return refuse("device", options_.device_budget_bytes, device_one, 0);
+  if (device > options_.device_budget_bytes) {
+    return refuse("device", options_.device_budget_bytes, device, 0);
   }
-  const uint64_t pinned_needed = pinned_one * n + staging;
-  if (options_.pinned_budget_bytes == 0) options_.pinned_budget_bytes = pinned_needed;
-  if (pinned_needed > options_.pinned_budget_bytes) {
-    return refuse("pinned", options_.pinned_budget_bytes, pinned_one, staging);
+  if (options_.pinned_budget_bytes == 0) options_.pinned_budget_bytes = pinned + staging;
+  if (pinned + staging > options_.pinned_budget_bytes) {
+    return refuse("pinned", options_.pinned_budget_bytes, pinned, staging);
   }
-  PinnedPoolOptions pool;
-  pool.name = "expert store";
-  pool.capacity_bytes = options_.pinned_budget_bytes;
-  ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool));
-  ECSS_ASSIGN_OR_RETURN(staging_, pinned_->Allocate(staging, MemoryTag::kStaging));
+  if (options_.host_budget_bytes == 0) options_.host_budget_bytes = host;
+  if (host > options_.host_budget_bytes) {
+    return refuse("host", options_.host_budget_bytes, host, 0);
+  }
+  if (options_.pinned_budget_bytes > 0) {
+    PinnedPoolOptions pool;
+    pool.name = "expert store";
+    pool.capacity_bytes = options_.pinned_budget_bytes;
+    pool.lock_pages = options_.lock_pinned_pages;
+    ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool));
+  }
+  if (host > 0) {
+    HostAllocatorOptions host_options;
+    host_options.name = "expert store host states";
+    host_options.capacity_bytes = options_.host_budget_bytes;
+    host_options.alignment = options_.durable_memory_states ? 4096 : 64;
+    ECSS_ASSIGN_OR_RETURN(host_, HostAllocator::Create(host_options));
+  }
+  if (staging > 0) {
+    ECSS_ASSIGN_OR_RETURN(staging_, pinned_->Allocate(staging, MemoryTag::kStaging));
+  }
   for (ExpertState state : kStates) {
-    if (!HasState(state) || placement(state) == Tier::kNvme) continue;
+    if (RegionBytes(options_, state) == 0) continue;
     Region& region = regions_[Index(state)];
-    const bool device = placement(state) == Tier::kDevice;
-    region.stride = device ? RoundUp(StateBytes(state), kDeviceAlignment) : BlockBytes(state);
-    Allocator& memory = device ? backend_.device_memory() : static_cast<Allocator&>(*pinned_);
-    ECSS_ASSIGN_OR_RETURN(region.memory, memory.Allocate(region.stride * n, kTags[Index(state)]));
+    region.stride = Stride(options_, state);
+    Allocator* memory = nullptr;
+    switch (placement(state)) {
+      case Tier::kDevice:
+        memory = &backend_.device_memory();
+        break;
+      case Tier::kPinned:
+        memory = pinned_.get();
+        break;
+      default:
+        memory = host_.get();
+        break;
+    }
+    ECSS_ASSIGN_OR_RETURN(region.memory,
+                          memory->Allocate(RegionBytes(options_, state), kTags[Index(state)]));
     region.versions.assign(n, 0);
-    if (device) {
+    if (placement(state) == Tier::kDevice) {
       ECSS_RETURN_IF_ERROR(
           backend_.MemsetAsync(stream_.get(), region.memory.data(), 0, region.memory.size()));
     } else {
@@ -283,7 +369,7 @@ Status ExpertStore::Allocate() {
 // Each state's writing handle (which creates the files) and reading handle.
 Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
-    if (!HasState(state)) continue;
+    if (!HasFile(state)) continue;
     Files& files = files_[Index(state)];
     const StateFileOptions file = FileOptions(state);
     auto opened = [&]() -> Status {
@@ -307,6 +393,7 @@ Status ExpertStore::WriteManifest(bool closed) {
   m.layout = options_.layout;
   m.dirs = static_cast<uint32_t>(options_.dirs.size());
   m.placement = options_.placement;
+  m.durable_memory_states = options_.durable_memory_states;
   m.closed = closed;
   return WriteFileAtomically(ManifestPath(options_), FormatManifest(m))
       .Annotate("writing the expert store manifest");
@@ -316,7 +403,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
                                                            const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   std::error_code error;
-  if (std::filesystem::exists(ManifestPath(options), error)) {
+  if (!options.dirs.empty() && std::filesystem::exists(ManifestPath(options), error)) {
     return AlreadyExistsError(
         StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
   }
@@ -329,11 +416,21 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
     if (!status.ok()) return status;
     // Every state of every expert starts as zeros with a valid header, so that any expert can
     // be read (and a tier change at Open finds every expert) before the caller wrote it.
-    std::memset(store->staging_.data(), 0, store->staging_.size());
+    uint64_t block_bytes = 0;
     for (ExpertState state : kStates) {
-      if (!store->HasState(state)) continue;
+      if (store->HasFile(state)) block_bytes = std::max(block_bytes, store->BlockBytes(state));
+    }
+    if (block_bytes == 0) {  // memory states only, not durable: nothing on disk
+      return options.dirs.empty() ? Status::Ok() : store->WriteManifest(/*closed=*/false);
+    }
+    std::unique_ptr<void, decltype(&std::free)> zeros(std::aligned_alloc(4096, block_bytes),
+                                                      &std::free);
+    if (zeros == nullptr) return ResourceExhaustedError("expert store: no memory for a block");
+    std::memset(zeros.get(), 0, block_bytes);
+    for (ExpertState state : kStates) {
+      if (!store->HasFile(state)) continue;
       for (uint32_t flat = 0; flat < store->index_.size(); ++flat) {
-        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, flat, store->staging_.data(), 0));
+        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, flat, zeros.get(), 0));
       }
       ECSS_RETURN_IF_ERROR(store->files_[Index(state)].writer->Sync());
     }
@@ -356,6 +453,8 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
 StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
                                                          const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
+  if (options.dirs.empty())
+    return InvalidArgumentError("opening an expert store needs its directory");
   const std::string path = ManifestPath(options);
   std::error_code error;
   if (!std::filesystem::exists(path, error)) {
@@ -403,6 +502,9 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   }
   if (m.layout.moments != want.moments) return differs("moments", m.layout.moments, want.moments);
   if (m.dirs != options.dirs.size()) return differs("directories", m.dirs, options.dirs.size());
+  ExpertStoreOptions made = options;  // as the manifest says it was made
+  made.placement = m.placement;
+  made.durable_memory_states = m.durable_memory_states;
   for (ExpertState state : kStates) {
     const int i = static_cast<int>(state);
     if (m.placement[i] == Tier::kNone && options.placement[i] != Tier::kNone) {
@@ -410,14 +512,18 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
           "expert store in '", options.dirs[0], "' was made without the ", ExpertStateName(state),
           " state; it cannot be placed on ", TierName(options.placement[i]), " now"));
     }
+    if (HasFile(options, state) && !HasFile(made, state)) {
+      return FailedPreconditionError(StrCat(
+          "expert store in '", options.dirs[0], "' kept its ", ExpertStateName(state), " state in ",
+          TierName(m.placement[i]), " memory only (not durable); it has no file to place on ",
+          TierName(options.placement[i]), " now"));
+    }
   }
   if (!m.closed) {
     std::string lost;
     for (ExpertState state : kStates) {
       const Tier tier = m.placement[static_cast<int>(state)];
-      const bool exists =
-          (state != ExpertState::kMoments || m.layout.moments > 0) && tier != Tier::kNone;
-      if (exists && tier != Tier::kNvme) {
+      if (HasFile(made, state) && tier != Tier::kNvme) {
         lost += StrCat(lost.empty() ? "" : ", ", ExpertStateName(state), " (",
                        TierName(m.placement[static_cast<int>(state)]), ")");
       }
@@ -490,7 +596,8 @@ Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, 
 }
 
 Status ExpertStore::LoadTier(ExpertState state) {
-  if (!HasState(state) || placement(state) == Tier::kNvme) return Status::Ok();
+  // A state without a file (not durable) starts at zero.
+  if (!HasFile(state) || placement(state) == Tier::kNvme) return Status::Ok();
   Region& region = regions_[Index(state)];
   for (uint32_t flat = 0; flat < index_.size(); ++flat) {
     const bool device = placement(state) == Tier::kDevice;
@@ -521,6 +628,7 @@ Status ExpertStore::Write(ExpertState state, ExpertId id, const void* src, uint6
       break;
     }
     case Tier::kPinned:
+    case Tier::kHost:
       std::memcpy(MemoryOf(state, flat), src, bytes);
       break;
     case Tier::kNvme: {
@@ -554,6 +662,7 @@ Status ExpertStore::Read(ExpertState state, ExpertId id, void* dst) {
       break;
     }
     case Tier::kPinned:
+    case Tier::kHost:
       std::memcpy(dst, MemoryOf(state, flat), bytes);
       break;
     case Tier::kNvme: {
@@ -664,7 +773,7 @@ StatusOr<void*> ExpertStore::Resident(ExpertState state, ExpertId id) {
 // REQUIRES: lifecycle_ held exclusively (no access in progress).
 Status ExpertStore::FlushLocked() {
   for (ExpertState state : kStates) {
-    if (!HasState(state)) continue;
+    if (!HasFile(state)) continue;
     const Tier tier = placement(state);
     const Region& region = regions_[Index(state)];
     for (uint32_t flat = 0; flat < index_.size() && tier != Tier::kNvme; ++flat) {
@@ -693,7 +802,7 @@ Status ExpertStore::Close() {
   std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
   ECSS_RETURN_IF_ERROR(FlushLocked());
-  ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/true));
+  if (!options_.dirs.empty()) ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/true));
   closed_ = true;
   for (Files& files : files_) {
     files.reader.reset();

@@ -5,12 +5,16 @@
 // and an fp32 gradient accumulator. Each state is placed on one tier for all experts:
 //   device  one region of the backend's device memory, within device_budget_bytes;
 //   pinned  one region of a pinned host pool, within pinned_budget_bytes;
+//   host    one region of pageable host memory, within host_budget_bytes;
 //   nvme    an ExpertStateFile (offload/state_file.h) striped over `dirs`.
 // Every state also has its file in `dirs` (DIR/ecss-store-<state>-<i>.bin), with two shadow
 // slots per expert and a CRC-32C per block verified on every read: for an nvme state it is the
-// state's home; for a device or pinned state it is where Flush and Close put it, and where
-// Open takes it from. So a store can be closed and reopened as a whole, with the same or
-// another placement, and a failed or torn write never destroys the previous version.
+// state's home; for a memory state it is where Flush and Close put it, and where Open takes it
+// from. So a store can be closed and reopened as a whole, with the same or another placement,
+// and a failed or torn write never destroys the previous version. With
+// durable_memory_states = false, memory states have no file instead: they are never flushed,
+// a reopened store starts them at zero, and a store without nvme states needs no directory
+// (the session's choice: its compute weights follow from the master weights).
 //
 // The manifest (DIR0/ecss-store.manifest, replaced atomically) names the format version, the
 // model's layout and whether the store was closed. Open refuses, before writing anything:
@@ -54,6 +58,7 @@
 #include "offload/state_file.h"
 #include "runtime/base/dtype.h"
 #include "runtime/device/backend.h"
+#include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
 
 namespace ecss {
@@ -64,8 +69,8 @@ std::string_view ExpertStateName(ExpertState state);  // "weights", "master", ..
 
 // kNone: the store does not keep that state (its owner keeps it elsewhere, as the session
 // does with gradients).
-enum class Tier : uint8_t { kDevice, kPinned, kNvme, kNone };
-std::string_view TierName(Tier tier);  // "device", "pinned", "nvme", "none"
+enum class Tier : uint8_t { kDevice, kPinned, kHost, kNvme, kNone };
+std::string_view TierName(Tier tier);  // "device", "pinned", "host", "nvme", "none"
 StatusOr<Tier> ParseTier(std::string_view name);
 
 // What identifies a model's experts; a store opens only for the layout it was made for.
@@ -81,11 +86,17 @@ struct ExpertStoreOptions {
   // Tier of each state, indexed by ExpertState.
   std::array<Tier, kExpertStates> placement = {Tier::kPinned, Tier::kPinned, Tier::kPinned,
                                                Tier::kPinned};
-  std::vector<std::string> dirs;     // one or more existing directories (striped, like drives)
+  // One or more existing directories (striped, like drives); may be empty when no state
+  // needs a file (none on nvme, and memory states not durable).
+  std::vector<std::string> dirs;
   uint64_t device_budget_bytes = 0;  // device-tier states; at most the backend's memory
-  // Pinned-tier states plus one staging block (the largest state of one expert), plus what
-  // users of pinned_pool() carve out (the weight stager's slots). 0 = exactly the store's own.
+  // Pinned-tier states plus the staging block (StagingBytes), plus what users of
+  // pinned_pool() carve out (the weight stager's slots). 0 = exactly the store's own.
   uint64_t pinned_budget_bytes = 0;
+  uint64_t host_budget_bytes = 0;  // host-tier states; 0 = exactly what they need
+  bool lock_pinned_pages = true;   // PinnedPoolOptions::lock_pages of the pinned tier's pool
+  // Memory states have a file, written by Flush and Close and read by Open (see above).
+  bool durable_memory_states = true;
   IoEngineFactory io_engines;  // empty: CreateIoEngine's default
 };
 
@@ -134,12 +145,20 @@ class ExpertStore {
   StatusOr<void*> Resident(ExpertState state, ExpertId id);
 
   uint64_t StateBytes(ExpertState state) const;
+  // What a store with these options allocates (the memory plan's figures): the region of a
+  // memory state (0 for nvme or none) and the staging block (0 when nothing needs it).
+  static uint64_t RegionBytes(const ExpertStoreOptions& options, ExpertState state);
+  static uint64_t StagingBytes(const ExpertStoreOptions& options);
   uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
   Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
   const ExpertStoreLayout& layout() const { return options_.layout; }
   const ExpertIndex& index() const { return index_; }  // the layout's experts
   // The pool the pinned tier lives in; what is left of its budget is for the caller.
+  // REQUIRES: a pinned budget (pinned_memory() is not null).
   PinnedHostPool& pinned_pool() { return *pinned_; }
+  const PinnedHostPool* pinned_memory() const { return pinned_.get(); }
+  // The host tier's allocator (null without host states).
+  const Allocator* host_memory() const { return host_.get(); }
   Backend& backend() { return backend_; }
 
  private:
@@ -166,7 +185,13 @@ class ExpertStore {
                : 4;
   }
   uint64_t Elements(ExpertState state) const { return StateBytes(state) / ElementBytes(state); }
-  bool HasState(ExpertState state) const;
+  bool HasState(ExpertState state) const { return HasState(options_, state); }
+  static bool HasState(const ExpertStoreOptions& options, ExpertState state);
+  // Whether the state has a file: on nvme, or a durable memory state.
+  static bool HasFile(const ExpertStoreOptions& options, ExpertState state);
+  bool HasFile(ExpertState state) const { return HasFile(options_, state); }
+  static uint64_t StateBytes(const ExpertStoreOptions& options, ExpertState state);
+  static uint64_t Stride(const ExpertStoreOptions& options, ExpertState state);
   Status Allocate();
   Status OpenFiles(bool create);
   Status WriteManifest(bool closed);
@@ -190,6 +215,7 @@ class ExpertStore {
   // The staging block and the copy stream (Read and Write of nvme states, device states).
   std::mutex staging_mutex_;
   std::unique_ptr<PinnedHostPool> pinned_;
+  std::unique_ptr<HostAllocator> host_;
   Buffer staging_;  // one block of the largest state
   OwnedStream stream_;
   std::array<Region, kExpertStates> regions_;

@@ -34,16 +34,25 @@ TEST(ExpertIndexTest, LayersMayHaveDifferentExpertCounts) {
   EXPECT_TRUE(index.Contains({2, 2}));
 }
 
+// A directory of its own, a sim and a pinned pool for the updater's staging.
+class NvmeUpdaterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_NE(mkdtemp(dir_), nullptr);
+    sim_ = std::move(SimBackend::Create({})).value();
+    PinnedPoolOptions pool_options;
+    pool_options.capacity_bytes = 4 << 20;
+    pool_ = std::move(sim_->CreatePinnedPool(pool_options)).value();
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  char dir_[32] = "/tmp/ecss_updater_XXXXXX";
+  std::unique_ptr<SimBackend> sim_;
+  std::unique_ptr<PinnedHostPool> pool_;
+};
+
 // ~NvmeUpdater makes the store's files durable, and a failed fdatasync is not silent.
-TEST(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
-  char dir[] = "/tmp/ecss_updater_XXXXXX";
-  ASSERT_NE(mkdtemp(dir), nullptr);
-  auto sim = SimBackend::Create({});
-  ASSERT_TRUE(sim.ok());
-  PinnedPoolOptions pool_options;
-  pool_options.capacity_bytes = 4 << 20;
-  auto pool = (*sim)->CreatePinnedPool(pool_options);
-  ASSERT_TRUE(pool.ok());
+TEST_F(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
   std::vector<FaultInjectionIoEngine*> engines;
   ExpertStoreOptions store_options;
   store_options.layout = {{2, 3}, 1024, DType::kBF16, 2};
@@ -61,16 +70,16 @@ TEST(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
     if (level >= LogLevel::kError) errors.emplace_back(message);
   });
   for (bool fail_sync : {false, true}) {
-    store_options.dirs = {StrCat(dir, "/", fail_sync)};
+    store_options.dirs = {StrCat(dir_, "/", fail_sync)};
     std::filesystem::create_directory(store_options.dirs[0]);
     engines.clear();
-    auto store = ExpertStore::Create(**sim, store_options);
+    auto store = ExpertStore::Create(*sim_, store_options);
     ASSERT_TRUE(store.ok()) << store.status();
     NvmeUpdaterOptions options;
     options.expert_elements = 1024;
     options.store = store->get();
     {
-      auto updater = NvmeUpdater::Create(options, pool->get());
+      auto updater = NvmeUpdater::Create(options, pool_.get());
       ASSERT_TRUE(updater.ok()) << updater.status();
       std::vector<float> master(1024, 0.25f);
       std::vector<BFloat16> copy(1024);
@@ -95,35 +104,25 @@ TEST(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
     ASSERT_TRUE((*store)->Close().ok());
   }
   SetLogSink({});
-  std::filesystem::remove_all(dir);
 }
 
 // An NvmeUpdater needs a store that keeps its optimizer's states on NVMe.
-TEST(NvmeUpdaterTest, RefusesAStoreWithoutItsStatesOnNvme) {
-  char dir[] = "/tmp/ecss_updater_XXXXXX";
-  ASSERT_NE(mkdtemp(dir), nullptr);
-  auto sim = SimBackend::Create({});
-  ASSERT_TRUE(sim.ok());
-  PinnedPoolOptions pool_options;
-  pool_options.capacity_bytes = 4 << 20;
-  auto pool = (*sim)->CreatePinnedPool(pool_options);
-  ASSERT_TRUE(pool.ok());
+TEST_F(NvmeUpdaterTest, RefusesAStoreWithoutItsStatesOnNvme) {
   ExpertStoreOptions store_options;
   store_options.layout = {{2}, 1024, DType::kBF16, 2};
   store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kPinned, Tier::kNone};
-  store_options.dirs = {dir};
-  auto store = ExpertStore::Create(**sim, store_options);
+  store_options.dirs = {dir_};
+  auto store = ExpertStore::Create(*sim_, store_options);
   ASSERT_TRUE(store.ok()) << store.status();
   NvmeUpdaterOptions options;
   options.expert_elements = 1024;
-  EXPECT_EQ(NvmeUpdater::Create(options, pool->get()).status().code(),
+  EXPECT_EQ(NvmeUpdater::Create(options, pool_.get()).status().code(),
             StatusCode::kInvalidArgument);  // no store
   options.store = store->get();
-  Status refused = NvmeUpdater::Create(options, pool->get()).status();
+  Status refused = NvmeUpdater::Create(options, pool_.get()).status();
   EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("on NVMe"), std::string_view::npos) << refused;
   store->reset();
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -163,7 +163,8 @@ TEST_F(ExpertStoreTest, EveryTierRoundTripsAndReopensWithAnyPlacement) {
   // Every state moves tier at reopen and is found as it was written.
   for (auto placement :
        {std::array<Tier, 4>{Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme},
-        std::array<Tier, 4>{Tier::kPinned, Tier::kDevice, Tier::kPinned, Tier::kDevice}}) {
+        std::array<Tier, 4>{Tier::kPinned, Tier::kDevice, Tier::kPinned, Tier::kDevice},
+        std::array<Tier, 4>{Tier::kHost, Tier::kHost, Tier::kNvme, Tier::kHost}}) {
     options_.placement = placement;
     auto store = Make(false, options_);
     ASSERT_TRUE(store.ok()) << store.status();
@@ -604,6 +605,83 @@ TEST_F(ExpertStoreTest, ReadsAndWritesOfDifferentStatesRunAtOnce) {
       EXPECT_EQ(got, Pattern(*store, state, 1, e, 7));
     }
   }
+}
+
+// Memory states that are not durable have no file: a store without nvme states needs no
+// directory and puts nothing on disk (the session's store with states in host memory).
+TEST_F(ExpertStoreTest, AMemoryOnlyStoreKeepsEveryStateInMemory) {
+  options_.dirs.clear();
+  options_.durable_memory_states = false;
+  options_.placement = {Tier::kPinned, Tier::kHost, Tier::kHost, Tier::kNone};
+  auto store = Make(true, options_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ExpertStore& s = **store;
+  for (ExpertState state : {ExpertState::kWeights, ExpertState::kMaster, ExpertState::kMoments}) {
+    for (uint32_t l = 0; l < 2; ++l) {
+      for (uint32_t e = 0; e < 3; ++e) {
+        std::vector<uint8_t> bytes = Pattern(s, state, l, e, 1);
+        ASSERT_TRUE(s.Write(state, {l, e}, bytes.data()).ok());
+      }
+    }
+  }
+  std::vector<uint8_t> got(s.StateBytes(ExpertState::kMoments));
+  ASSERT_TRUE(s.Read(ExpertState::kMoments, {1, 2}, got.data()).ok());
+  EXPECT_EQ(got, Pattern(s, ExpertState::kMoments, 1, 2, 1));
+  // Resident host memory, the regions as RegionBytes says, nothing staged, nothing on disk.
+  auto master = s.Resident(ExpertState::kMaster, {0, 1});
+  ASSERT_TRUE(master.ok());
+  EXPECT_EQ(std::memcmp(*master, Pattern(s, ExpertState::kMaster, 0, 1, 1).data(), 4000), 0);
+  ASSERT_NE(s.host_memory(), nullptr);
+  EXPECT_EQ(s.host_memory()->stats().peak_used_bytes,
+            ExpertStore::RegionBytes(options_, ExpertState::kMaster) +
+                ExpertStore::RegionBytes(options_, ExpertState::kMoments));
+  EXPECT_EQ(ExpertStore::RegionBytes(options_, ExpertState::kMaster), 6u * 4032);
+  EXPECT_EQ(ExpertStore::StagingBytes(options_), 0u);
+  EXPECT_TRUE(s.Flush().ok());
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/a"));
+  ASSERT_TRUE(s.Close().ok());
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/a"));
+  // An nvme state needs a directory; opening always does.
+  options_.placement[static_cast<int>(ExpertState::kMoments)] = Tier::kNvme;
+  EXPECT_EQ(Make(true, options_).status().code(), StatusCode::kInvalidArgument);
+  options_.placement[static_cast<int>(ExpertState::kMoments)] = Tier::kHost;
+  EXPECT_EQ(Make(false, options_).status().code(), StatusCode::kInvalidArgument);
+  // A budget below the host regions is refused with the bytes they need.
+  options_.host_budget_bytes = 1000;
+  Status small = Make(true, options_).status();
+  EXPECT_EQ(small.code(), StatusCode::kResourceExhausted) << small;
+  EXPECT_TRUE(Contains(small, "host budget")) << small;
+}
+
+// With nvme states beside memory states that are not durable, an unclosed store reopens (the
+// memory states were never meant to outlive it: they start at zero), and a memory state that
+// had no file cannot move to NVMe.
+TEST_F(ExpertStoreTest, MemoryStatesThatAreNotDurableStartAtZeroAndHaveNoFile) {
+  options_.durable_memory_states = false;
+  options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  {
+    auto store = std::move(Make(true, options_)).value();
+    std::vector<uint8_t> weights = Pattern(*store, ExpertState::kWeights, 1, 1, 1);
+    std::vector<uint8_t> master = Pattern(*store, ExpertState::kMaster, 1, 1, 1);
+    ASSERT_TRUE(store->Write(ExpertState::kWeights, {1, 1}, weights.data()).ok());
+    ASSERT_TRUE(store->Write(ExpertState::kMaster, {1, 1}, master.data()).ok());
+    EXPECT_FALSE(std::filesystem::exists(root_ + "/a/ecss-store-weights-0.bin"));
+    EXPECT_NE(ManifestText().find("memory_states volatile"), std::string::npos);
+    // Not closed: still opens.
+    auto again = Make(false, options_);
+    ASSERT_TRUE(again.ok()) << again.status();
+    std::vector<uint8_t> got(weights.size(), 1);
+    ASSERT_TRUE((*again)->Read(ExpertState::kWeights, {1, 1}, got.data()).ok());
+    EXPECT_EQ(got, std::vector<uint8_t>(got.size(), 0)) << "not durable: zeros";
+    std::vector<uint8_t> got_master(master.size());
+    ASSERT_TRUE((*again)->Read(ExpertState::kMaster, {1, 1}, got_master.data()).ok());
+    EXPECT_EQ(got_master, master);
+  }
+  ExpertStoreOptions weights_on_nvme = options_;
+  weights_on_nvme.placement[static_cast<int>(ExpertState::kWeights)] = Tier::kNvme;
+  Status refused = Make(false, weights_on_nvme).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_TRUE(Contains(refused, "weights state in pinned memory only")) << refused;
 }
 
 }  // namespace
