@@ -65,6 +65,19 @@ enum class WeightsPlacement : uint8_t {
   // budget; each update writes the new bf16 copy there. Needs states on NVMe.
   kNvme,
 };
+// The combinations a session accepts (SessionOptions::Validate refuses the rest, naming the
+// field), and what DeepSpeed calls the closest configuration (ZeRO stage 3,
+// zero_optimization.offload_optimizer.device / offload_param.device). The device holds only
+// the expert cache in every one; gradients accumulate in pinned host memory.
+//   states   weights  DeepSpeed
+//   kHost    kPinned  offload_optimizer cpu, offload_param cpu (ZeRO-Offload's CPU update;
+//                     with a device budget that holds every expert, ZeRO-Offload itself)
+//   kNvme    kPinned  offload_optimizer nvme, offload_param cpu
+//   kNvme    kNvme    offload_optimizer nvme, offload_param nvme (ZeRO-Infinity); not with
+//                     delayed_update
+//   kHost    kNvme    refused: the update that writes NVMe weights streams the states
+// Every expert's compute weights, master weights (bf16 models; f32 ones update the weights
+// in place) and moments then live in one expert store (offload/expert_store.h) on those tiers.
 std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
 StatusOr<Strategy> ParseStrategy(std::string_view name);
 

@@ -6,7 +6,8 @@
 #      labelled gpu;
 #   3. installs it and builds and runs a separate project against it with find_package(ecss);
 #   4. builds the asan (address+undefined) preset and runs every test under it;
-#   5. builds the tsan preset and runs the device, conformance, router and offload tests under it.
+#   5. builds the tsan preset and runs the device, conformance, router, offload and engine tests
+#      under it (the engine's with oneTBB's reports suppressed, tests/tsan-tbb.supp).
 # `scripts/test.sh --quick` stops after step 2 (for the edit-build-test loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,3 +46,7 @@ cmake --build --preset tsan
 # is left out: Debian's oneTBB is not built with ThreadSanitizer, so every task hand-off inside
 # libtbb looks like a race (tests/README.md); asan covers it.
 ctest --preset tsan -L "device|conformance|router|offload" -E DeathTest
+# The engine's tests too, with every report that passes through oneTBB suppressed
+# (tests/tsan-tbb.supp): its own threads (the NVMe updater's worker, the stager, the sim's
+# streams) against the session's are still checked.
+ctest --preset tsan-engine -L engine -E DeathTest

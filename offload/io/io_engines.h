@@ -42,7 +42,7 @@ struct FaultCounters {
 
 // Wraps `inner` and injects the faults of `options`. The faults are real: a torn write leaves
 // the first half written; an injected error leaves the request's buffer unread or unwritten.
-class FaultInjectionIoEngine final : public IoEngine {
+class FaultInjectionIoEngine : public IoEngine {
  public:
   FaultInjectionIoEngine(std::unique_ptr<IoEngine> inner, const FaultOptions& options);
   ~FaultInjectionIoEngine() override;

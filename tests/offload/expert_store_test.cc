@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -32,6 +33,53 @@ bool Contains(const Status& status, std::string_view text) {
   return status.message().find(text) != std::string_view::npos;
 }
 
+// Live fault-injecting engines: each removes itself when the store that owns it goes.
+class EngineRegistry {
+ public:
+  void Add(FaultInjectionIoEngine* engine) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engine->set_options(faults_);
+    engines_.push_back(engine);
+  }
+  void Remove(FaultInjectionIoEngine* engine) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    engines_.erase(std::find(engines_.begin(), engines_.end(), engine));
+  }
+  // `faults` on every engine from now on; with `nth` > 0, each live engine's nth next request
+  // fails.
+  void SetFaults(FaultOptions faults, uint64_t nth) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    faults_ = faults;
+    for (FaultInjectionIoEngine* engine : engines_) {
+      if (nth > 0) faults.fail_nth = engine->counters().requests + nth;
+      engine->set_options(faults);
+    }
+  }
+  uint64_t TornWrites() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    uint64_t torn = 0;
+    for (FaultInjectionIoEngine* engine : engines_) torn += engine->counters().torn_writes;
+    return torn;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<FaultInjectionIoEngine*> engines_;  // GUARDED_BY(mutex_)
+  FaultOptions faults_;                           // GUARDED_BY(mutex_)
+};
+
+class TrackedEngine final : public FaultInjectionIoEngine {
+ public:
+  TrackedEngine(std::unique_ptr<IoEngine> inner, EngineRegistry* registry)
+      : FaultInjectionIoEngine(std::move(inner), FaultOptions{}), registry_(registry) {
+    registry_->Add(this);
+  }
+  ~TrackedEngine() override { registry_->Remove(this); }
+
+ private:
+  EngineRegistry* registry_;
+};
+
 class ExpertStoreTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -47,10 +95,8 @@ class ExpertStoreTest : public ::testing::Test {
     options_.io_engines = [this]() -> StatusOr<std::unique_ptr<IoEngine>> {
       IoEngineOptions io;
       io.queue_depth = 8;
-      auto engine = std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), faults_);
-      std::lock_guard<std::mutex> lock(engines_mutex_);
-      engines_.push_back(engine.get());
-      return std::unique_ptr<IoEngine>(std::move(engine));
+      return std::unique_ptr<IoEngine>(
+          std::make_unique<TrackedEngine>(CreatePosixIoEngine(io), &engines_));
     };
     options_.layout = {{3, 3}, 1000, DType::kBF16, 2};
     options_.placement = {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kPinned};
@@ -59,29 +105,11 @@ class ExpertStoreTest : public ::testing::Test {
   }
   void TearDown() override { std::filesystem::remove_all(root_); }
 
-  // The engines of the store made last (a new Create or Open forgets the earlier ones).
   StatusOr<std::unique_ptr<ExpertStore>> Make(bool create, const ExpertStoreOptions& options) {
-    {
-      std::lock_guard<std::mutex> lock(engines_mutex_);
-      engines_.clear();
-    }
     return create ? ExpertStore::Create(*sim_, options) : ExpertStore::Open(*sim_, options);
   }
-  // `faults` on every engine from now on; with `nth` > 0, each engine's nth next request fails.
-  void SetFaults(FaultOptions faults, uint64_t nth = 0) {
-    std::lock_guard<std::mutex> lock(engines_mutex_);
-    faults_ = faults;
-    for (FaultInjectionIoEngine* engine : engines_) {
-      if (nth > 0) faults.fail_nth = engine->counters().requests + nth;
-      engine->set_options(faults);
-    }
-  }
-  uint64_t TornWrites() {
-    std::lock_guard<std::mutex> lock(engines_mutex_);
-    uint64_t torn = 0;
-    for (FaultInjectionIoEngine* engine : engines_) torn += engine->counters().torn_writes;
-    return torn;
-  }
+  void SetFaults(FaultOptions faults, uint64_t nth = 0) { engines_.SetFaults(faults, nth); }
+  uint64_t TornWrites() { return engines_.TornWrites(); }
 
   // The bytes a test writes for (state, layer, expert, version): every value distinct.
   std::vector<uint8_t> Pattern(const ExpertStore& store, ExpertState state, uint32_t layer,
@@ -134,9 +162,7 @@ class ExpertStoreTest : public ::testing::Test {
 
   std::string root_;
   std::unique_ptr<SimBackend> sim_;
-  std::mutex engines_mutex_;
-  std::vector<FaultInjectionIoEngine*> engines_;  // GUARDED_BY(engines_mutex_)
-  FaultOptions faults_;                           // GUARDED_BY(engines_mutex_)
+  EngineRegistry engines_;  // outlives every store a test makes (declared before them)
   ExpertStoreOptions options_;
 };
 
