@@ -8,7 +8,6 @@
 #include <thread>
 
 #include "engine/store_state_tier.h"
-#include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "optimizer/state_pipeline.h"
 #include "runtime/base/logging.h"
@@ -81,7 +80,7 @@ StatusOr<std::vector<float>> HostUpdater::Master(uint32_t id) {
 
 namespace {
 
-// Arrays in an expert's state file: the master weights and the optimizer's states.
+// Arrays an update reads and writes: the master weights and the optimizer's states.
 uint32_t FileArrays(OptimizerKind kind) { return 1 + static_cast<uint32_t>(StateArrays(kind)); }
 
 }  // namespace
@@ -464,17 +463,16 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(Synchronize());
-  // The master as of the version the moments have too (ExpertStore::ReadStates).
-  const uint64_t master_block = StateArrayBytes(s.options.expert_elements);
+  // Loaded as the pipeline loads it: the master as of the version the moments have too.
   ECSS_ASSIGN_OR_RETURN(Buffer buffer,
                         s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
-  void* blocks[2] = {buffer.data(), static_cast<char*>(buffer.data()) + master_block};
-  std::vector<ExpertState> states = {ExpertState::kMaster};
-  if (s.options.store->layout().moments > 0) states.push_back(ExpertState::kMoments);
-  uint64_t version = 0;
-  ECSS_RETURN_IF_ERROR(s.options.store->ReadStates(s.Id(id), states, blocks, &version));
-  const float* master = buffer.as<float>();
-  return std::vector<float>(master, master + s.options.expert_elements);
+  StateSlot slot;
+  slot.master = buffer.as<float>();
+  slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
+  slot.size = s.options.expert_elements;
+  uint64_t updates = 0;
+  ECSS_RETURN_IF_ERROR(s.tier->Load(id, slot, &updates));
+  return std::vector<float>(slot.master, slot.master + slot.size);
 }
 
 }  // namespace ecss

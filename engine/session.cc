@@ -16,7 +16,6 @@
 #include "kernels/kernel_runner.h"
 #include "offload/device_cache.h"
 #include "offload/expert_store.h"
-#include "offload/io/io_engine.h"
 #include "offload/prefetcher.h"
 #include "offload/state_file.h"
 #include "offload/weight_stager.h"
@@ -25,7 +24,6 @@
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/backend.h"
-#include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
 
 namespace ecss {

@@ -55,8 +55,7 @@ void WeightStager::Work() {
     queue_.pop_front();
     const ExpertId key = slot.key;
     lock.unlock();
-    Status read =
-        store_.ReadBlock(ExpertState::kWeights, {key.layer, key.expert}, slot.block.data());
+    Status read = store_.ReadBlock(ExpertState::kWeights, key, slot.block.data());
     lock.lock();
     if (read.ok()) bytes_read_ += store_.StateBytes(ExpertState::kWeights);
     if (slot.dropped) {
