@@ -147,7 +147,7 @@ class Planner {
           " slots (max_active_experts_per_layer): ", HumanBytes(fixed + p.max_groups * slot),
           " in all"));
     }
-    Add("expert cache slots", MemoryTier::kDevice, MemoryTag::kExpertWeights, p.cache_slots,
+    Add(std::string(kCacheSlotsItem), MemoryTier::kDevice, MemoryTag::kExpertWeights, p.cache_slots,
         p.expert_bytes);
     return Status::Ok();
   }
@@ -208,6 +208,12 @@ uint64_t MemoryPlan::StoreTotal(MemoryTier tier) const {
   for (const MemoryItem& item : items)
     total += item.tier == tier && item.in_store ? item.total() : 0;
   return total;
+}
+
+uint64_t MemoryPlan::DeviceBudgetFor(uint32_t slots) const {
+  const MemoryItem* cache = Find(kCacheSlotsItem);
+  if (cache == nullptr) return Total(MemoryTier::kDevice);
+  return Total(MemoryTier::kDevice) - cache->total() + uint64_t{slots} * cache->reserved;
 }
 
 const MemoryItem* MemoryPlan::Find(std::string_view what) const {

@@ -52,6 +52,8 @@ struct MemoryItem {
   uint64_t total() const { return count * reserved; }
 };
 
+inline constexpr std::string_view kCacheSlotsItem = "expert cache slots";
+
 struct MemoryPlan {
   uint64_t params = 0;        // per expert
   uint64_t expert_bytes = 0;  // compute weights of one expert
@@ -68,6 +70,10 @@ struct MemoryPlan {
   uint64_t Total(MemoryTier tier) const;
   uint64_t StoreTotal(MemoryTier tier) const;           // of the items in_store
   const MemoryItem* Find(std::string_view what) const;  // null when not planned
+  // The device_budget_bytes whose plan has `slots` expert cache slots (at least
+  // max_active_experts_per_layer, at most every expert, for the same options otherwise):
+  // this plan's device items other than the cache, plus the slots.
+  uint64_t DeviceBudgetFor(uint32_t slots) const;
   // "device 300.00 MiB: expert cache slots 40 x 7.50 MiB, ...; pinned ...; host ..."
   std::string Summary() const;
 };

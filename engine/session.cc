@@ -89,6 +89,34 @@ std::vector<ExpertId> LayerKeys(uint32_t layer, const LayerWork& lw) {
   return keys;
 }
 
+// The grouped FFN of the model (activations recomputed in backward) over `rows` rows.
+GroupedFfnProblem FfnProblemOf(const SessionOptions& options, uint32_t rows) {
+  GroupedFfnProblem p;
+  p.d_model = options.model.d_model;
+  p.d_ff = options.model.d_ff;
+  p.activation = options.model.activation;
+  p.dtype = options.model.dtype;
+  p.saved = SavedActivation::kRecompute;
+  p.rows = rows;
+  return p;
+}
+
+KernelRunnerOptions KernelOptionsOf(const SessionOptions& options) {
+  KernelRunnerOptions kernel_options;
+  kernel_options.cpu.threads = options.kernel_threads;
+  return kernel_options;
+}
+
+// The session's memory plan on `kernels`' backend: its allocation rules and the grouped FFN's
+// scratch for a micro-batch layer of max_rows rows, forward or backward.
+StatusOr<MemoryPlan> PlanOn(const BackendCapabilities& caps, const KernelRunner& kernels,
+                            const SessionOptions& options) {
+  const GroupedFfnProblem sizing = FfnProblemOf(options, MaxRows(options));
+  return PlanMemory(options, DeviceMemoryRules::Of(caps),
+                    std::max(kernels.FfnForwardWorkspaceBytes(sizing),
+                             kernels.FfnBackwardWorkspaceBytes(sizing)));
+}
+
 }  // namespace
 
 std::string_view StrategyName(Strategy strategy) {
@@ -203,7 +231,6 @@ struct Session::Impl {
 
   Status CreateAll();
   Status CreateRouter();
-  uint64_t FfnWorkspaceBytes(uint32_t rows) const;
   Status CreateStreams();
   Status CreateExperts();
   Status CreateDeviceBuffers();
@@ -250,20 +277,9 @@ struct Session::Impl {
     optimizer_busy_at_begin = updater->busy_seconds();
     nvme_at_begin = nvme_bytes();
   }
-  // The grouped FFN of the model (activations recomputed in backward) over `rows` rows.
-  GroupedFfnProblem FfnProblem(uint32_t rows) const {
-    GroupedFfnProblem p;
-    p.d_model = options.model.d_model;
-    p.d_ff = options.model.d_ff;
-    p.activation = options.model.activation;
-    p.dtype = options.model.dtype;
-    p.saved = SavedActivation::kRecompute;
-    p.rows = rows;
-    return p;
-  }
   // The grouped FFN of one layer of one micro-batch.
   GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
-    GroupedFfnProblem p = FfnProblem(lw.offsets.back());
+    GroupedFfnProblem p = FfnProblemOf(options, lw.offsets.back());
     p.num_groups = static_cast<uint32_t>(lw.experts.size());
     p.group_offsets = lw.offsets.data();
     p.rows = lw.offsets.back();
@@ -291,11 +307,8 @@ Status Session::Impl::CreateAll() {
     };
   }
   ECSS_RETURN_IF_ERROR(CreateRouter());
-  KernelRunnerOptions kernel_options;
-  kernel_options.cpu.threads = options.kernel_threads;
-  ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, kernel_options));
-  ECSS_ASSIGN_OR_RETURN(memory, PlanMemory(options, DeviceMemoryRules::Of(caps),
-                                           FfnWorkspaceBytes(MaxRows(options))));
+  ECSS_ASSIGN_OR_RETURN(kernels, KernelRunner::Create(backend, KernelOptionsOf(options)));
+  ECSS_ASSIGN_OR_RETURN(memory, PlanOn(caps, *kernels, options));
   params = memory.params;
   expert_bytes = memory.expert_bytes;
   max_rows = memory.max_rows;
@@ -317,13 +330,6 @@ Status Session::Impl::CreateRouter() {
   router.emplace(std::move(built));
   index = ExpertIndex(options.ExpertsPerLayer());
   return Status::Ok();
-}
-
-// The grouped FFN's scratch for a micro-batch layer of `rows` rows, forward or backward.
-uint64_t Session::Impl::FfnWorkspaceBytes(uint32_t rows) const {
-  const GroupedFfnProblem sizing = FfnProblem(rows);
-  return std::max(kernels->FfnForwardWorkspaceBytes(sizing),
-                  kernels->FfnBackwardWorkspaceBytes(sizing));
 }
 
 Status Session::Impl::CreateStreams() {
@@ -787,6 +793,13 @@ Status Session::Impl::CheckActivation(const void* ptr, uint32_t micro_batch,
 }
 
 // ---- Session ---------------------------------------------------------------------------------
+
+StatusOr<MemoryPlan> Session::PlanMemoryOn(Backend& backend, const SessionOptions& options) {
+  ECSS_RETURN_IF_ERROR(options.Validate());
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<KernelRunner> kernels,
+                        KernelRunner::Create(backend, KernelOptionsOf(options)));
+  return PlanOn(backend.capabilities(), *kernels, options);
+}
 
 StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend,
                                                    const SessionOptions& options) {

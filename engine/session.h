@@ -57,6 +57,11 @@ class Session {
   // when the device budget cannot hold one layer's experts for a step, or a host budget is too
   // small. `backend` must outlive the session.
   static StatusOr<std::unique_ptr<Session>> Create(Backend& backend, const SessionOptions& options);
+  // The memory plan Create would allocate by on `backend` (its allocation rules and kernels'
+  // scratch), without allocating: to size device_budget_bytes before creating, e.g. with
+  // MemoryPlan::DeviceBudgetFor. The budget is not checked against the backend's memory.
+  // Create's errors otherwise.
+  static StatusOr<MemoryPlan> PlanMemoryOn(Backend& backend, const SessionOptions& options);
   ~Session();  // waits for the updates in flight
 
   // Update failures: an expert update that fails in the background (an I/O error, a damaged

@@ -5,20 +5,18 @@
 // Model: next-token prediction from the current token. Embedding E [vocab, d] (dense, owned by
 // this loop) -> L residual sparse layers x += MoE_l(x), each token routed by its domain's RRE
 // table -> logits = x O (dense, [d, vocab]) -> softmax cross-entropy. The loop owns E and O and
-// updates them with its own CpuOptimizer; the session owns the experts. The simulated device
-// runs in real mode with a device budget smaller than the experts, so experts stream in and
-// out every step. Per step it prints loss, tokens/s, bytes streamed, cache hit rate and
-// stalls; at the end the corpus's unigram entropy next to the final loss (both in nats), and
-// it writes a Chrome trace.
+// updates them with its own CpuOptimizer; the session owns the experts. The device (--device:
+// the simulated device running the real CPU kernels by default, or a GPU) has a budget smaller
+// than the experts, so experts stream in and out every step. Per step it prints loss, tokens/s,
+// bytes streamed, cache hit rate and stalls; at the end the corpus's unigram entropy next to the
+// final loss (both in nats), and it writes a Chrome trace.
 //
 // --routing gate replaces RRE with learned top-2 softmax gates (router/gates.h), one per
 // sparse layer, trained by this loop with the Switch auxiliary loss: the session then routes
 // reactively (each layer's experts are fetched once its gate ran) and returns each choice's
 // output, from which the loop computes its gates' gradients.
 //
-// Usage: train_moe_lm [--steps N] [--layers N] [--d-model N] [--d-ff N] [--experts N]
-//                     [--vocab N] [--device-kib N] [--dtype f32|bf16] [--strategy S]
-//                     [--routing rre|gate] [--trace FILE] [--print-every N]
+// Options: train_moe_lm --help.
 #include <cblas.h>
 
 #include <algorithm>
@@ -33,23 +31,43 @@
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
-#include "runtime/device/sim/sim_backend.h"
+#include "runtime/device/backend_factory.h"
 #include "tools/text/corpus.h"
 #include "tools/text/tokenizer.h"
 
 namespace ecss {
 namespace {
 
+constexpr const char* kUsage =
+    "usage: train_moe_lm [options]\n"
+    "  --device D        sim (real CPU kernels), cuda or cuda:N (default sim); not\n"
+    "                    sim-timed, whose kernels compute nothing to train on\n"
+    "  --steps N         training steps (default 300)\n"
+    "  --layers N        sparse layers (default 2)\n"
+    "  --d-model N       (default 64)\n"
+    "  --d-ff N          (default 128)\n"
+    "  --experts N       experts per domain and layer (default 4)\n"
+    "  --vocab N         tokenizer vocabulary (default 2048)\n"
+    "  --cache-experts N expert slots of the device cache; the session's device budget is\n"
+    "                    what a step works in plus these (default 60% of the experts, 70%\n"
+    "                    with --routing gate; at least one layer's experts)\n"
+    "  --dtype T         f32 or bf16 (default bf16)\n"
+    "  --strategy S      ecss, no-overlap or naive (default ecss)\n"
+    "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
+    "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
+    "  --print-every N   steps between progress lines (default 20)\n"
+    "  --help            this text\n";
+
 struct Options {
+  bool help = false;
+  std::string device = "sim";
   int steps = 300;
   uint32_t layers = 2;
   uint32_t d_model = 64;
   uint32_t d_ff = 128;
   uint32_t experts = 4;  // per domain and layer
   uint32_t vocab = 2048;
-  // The cache holds about half of the experts (RRE: 3.5 MiB), or about two thirds with gates
-  // (5 MiB: their rows are twice as many, and so are the activation buffers).
-  uint64_t device_bytes = 0;
+  uint32_t cache_experts = 0;  // 0: 60% of the experts, 70% with gates
   DType dtype = DType::kBF16;
   Strategy strategy = Strategy::kEcss;
   bool gated = false;  // learned gates instead of RRE
@@ -61,10 +79,24 @@ StatusOr<Options> Parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      o.help = true;
+      return o;
+    }
     if (i + 1 >= argc) return InvalidArgumentError(StrCat("option ", arg, " needs a value"));
     const std::string value = argv[++i];
     if (arg == "--trace") {
       o.trace_path = value;
+      continue;
+    }
+    if (arg == "--device") {
+      ECSS_ASSIGN_OR_RETURN(BackendOptions device, ParseDeviceSetting(value));
+      if (device.kind == BackendKind::kSim && device.sim.kernel_mode == KernelMode::kTimed) {
+        return InvalidArgumentError(
+            "--device sim-timed: its kernels compute nothing, so there is nothing to train; "
+            "use sim or cuda");
+      }
+      o.device = value;
       continue;
     }
     if (arg == "--dtype") {
@@ -99,15 +131,14 @@ StatusOr<Options> Parse(int argc, char** argv) {
       o.experts = static_cast<uint32_t>(number);
     } else if (arg == "--vocab") {
       o.vocab = static_cast<uint32_t>(number);
-    } else if (arg == "--device-kib") {
-      o.device_bytes = number << 10;
+    } else if (arg == "--cache-experts") {
+      o.cache_experts = static_cast<uint32_t>(number);
     } else if (arg == "--print-every") {
       o.print_every = static_cast<int>(number);
     } else {
-      return InvalidArgumentError(StrCat("unknown option ", arg));
+      return InvalidArgumentError(StrCat("unknown option ", arg, " (see --help)"));
     }
   }
-  if (o.device_bytes == 0) o.device_bytes = static_cast<uint64_t>(o.gated ? 5120 : 3584) << 10;
   return o;
 }
 
@@ -134,14 +165,24 @@ Status Train(const Options& o) {
   }
   const double unigram_entropy = text::UnigramEntropy(all_tokens, vocab);
 
-  // ---- Session: experts streamed through a small simulated device ------------------------
+  // ---- Session: experts streamed through a small device ----------------------------------
   TraceRecorder trace("train_moe_lm");
-  SimOptions sim_options;
-  sim_options.device_memory_bytes = o.device_bytes + (uint64_t{8} << 20);  // + the loop's own
-  sim_options.h2d_bandwidth_gbps = 25;
-  sim_options.d2h_bandwidth_gbps = 25;
-  sim_options.trace = &trace;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create(sim_options));
+  // The device holds the session's budget and this loop's buffers (8 MiB).
+  ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(o.device));
+  backend_options.sim.h2d_bandwidth_gbps = 25;
+  backend_options.sim.d2h_bandwidth_gbps = 25;
+  backend_options.sim.trace = &trace;
+  backend_options.cuda.trace = &trace;
+  auto make_device = [&](uint64_t bytes) -> StatusOr<std::unique_ptr<Backend>> {
+    backend_options.sim.device_memory_bytes = bytes;
+    backend_options.cuda.device_memory_bytes = bytes;
+    StatusOr<std::unique_ptr<Backend>> created = CreateBackend(backend_options);
+    if (!created.ok()) return created.status().Annotate(StrCat("--device ", o.device));
+    return created;
+  };
+  constexpr uint64_t kLoopBytes = uint64_t{8} << 20;
+  uint64_t device_bytes = uint64_t{64} << 20;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> device, make_device(device_bytes));
   model.layers = o.layers;
   model.d_model = o.d_model;
   model.d_ff = o.d_ff;
@@ -153,7 +194,6 @@ Status Train(const Options& o) {
   SessionOptions session_options;
   session_options.model = model;
   session_options.strategy = o.strategy;
-  session_options.device_budget_bytes = o.device_bytes;
   session_options.max_tokens_per_micro_batch = kSamples * kSeq;
   session_options.optimizer.groups[0].lr = 3e-3f;
   session_options.optimizer.skip_step_on_nonfinite = false;
@@ -162,7 +202,21 @@ Status Train(const Options& o) {
     session_options.routing = Routing::kLearnedGate;
     session_options.gate_k = kGateK;
   }
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, session_options));
+  const uint64_t experts = uint64_t{o.layers} * corpus.size() * o.experts;
+  const auto slots = static_cast<uint32_t>(
+      o.cache_experts ? o.cache_experts : (experts * (o.gated ? 70 : 60) + 99) / 100);
+  // The budget: what the session's plan needs beside the cache, plus the cache's slots (planned
+  // with room for every expert; the kernels' scratch is the device's own).
+  session_options.device_budget_bytes = uint64_t{1} << 50;
+  ECSS_ASSIGN_OR_RETURN(MemoryPlan plan, Session::PlanMemoryOn(*device, session_options));
+  session_options.device_budget_bytes = plan.DeviceBudgetFor(slots);
+  if (session_options.device_budget_bytes + kLoopBytes > device_bytes) {
+    device.reset();  // a larger model: a device that holds it
+    device_bytes = session_options.device_budget_bytes + kLoopBytes;
+    ECSS_ASSIGN_OR_RETURN(device, make_device(device_bytes));
+  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session,
+                        Session::Create(*device, session_options));
   uint64_t expert_total = 0;
   for (uint32_t l = 0; l < o.layers; ++l) expert_total += session->experts_in_layer(l);
   std::printf(
@@ -219,15 +273,15 @@ Status Train(const Options& o) {
 
   const uint64_t act_bytes = T * d * DTypeSize(o.dtype);
   ECSS_ASSIGN_OR_RETURN(Buffer dev_in,
-                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        device->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   ECSS_ASSIGN_OR_RETURN(Buffer dev_out,
-                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        device->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   const Stream stream = session->compute_stream();
   Buffer dev_choices;  // each choice's expert output, for the gates' gradients
   std::vector<char> choice_staging;
   if (o.gated) {
     ECSS_ASSIGN_OR_RETURN(
-        dev_choices, sim->device_memory().Allocate(act_bytes * kGateK, MemoryTag::kActivations));
+        dev_choices, device->device_memory().Allocate(act_bytes * kGateK, MemoryTag::kActivations));
     choice_staging.resize(act_bytes * kGateK);
   }
   // Moves host activations through one sparse-layer call and back.
@@ -235,12 +289,12 @@ Status Train(const Options& o) {
   auto through = [&](const std::vector<float>& in, std::vector<float>* result,
                      auto call) -> Status {
     ConvertFromF32(in.data(), staging.data(), o.dtype, in.size());
-    ECSS_RETURN_IF_ERROR(
-        sim->CopyAsync(stream, dev_in.data(), staging.data(), act_bytes, CopyKind::kHostToDevice));
+    ECSS_RETURN_IF_ERROR(device->CopyAsync(stream, dev_in.data(), staging.data(), act_bytes,
+                                           CopyKind::kHostToDevice));
     ECSS_RETURN_IF_ERROR(call(dev_in.data(), dev_out.data()));
-    ECSS_RETURN_IF_ERROR(
-        sim->CopyAsync(stream, staging.data(), dev_out.data(), act_bytes, CopyKind::kDeviceToHost));
-    ECSS_RETURN_IF_ERROR(sim->SynchronizeStream(stream));
+    ECSS_RETURN_IF_ERROR(device->CopyAsync(stream, staging.data(), dev_out.data(), act_bytes,
+                                           CopyKind::kDeviceToHost));
+    ECSS_RETURN_IF_ERROR(device->SynchronizeStream(stream));
     result->resize(in.size());
     ConvertToF32(staging.data(), o.dtype, result->data(), in.size());
     return Status::Ok();
@@ -283,8 +337,8 @@ Status Train(const Options& o) {
               0, l, in, res, {routed[l].experts.data(), routed[l].weights.data(), kGateK},
               dev_choices.data());
           if (!forward.ok()) return forward;
-          return sim->CopyAsync(stream, choice_staging.data(), dev_choices.data(),
-                                choice_staging.size(), CopyKind::kDeviceToHost);
+          return device->CopyAsync(stream, choice_staging.data(), dev_choices.data(),
+                                   choice_staging.size(), CopyKind::kDeviceToHost);
         };
         ECSS_RETURN_IF_ERROR(through(xs[l], &y, routed_forward));
         choice_out[l].resize(T * kGateK * d);
@@ -392,6 +446,10 @@ int main(int argc, char** argv) {
   if (!options.ok()) {
     std::fprintf(stderr, "train_moe_lm: %s\n", options.status().ToString().c_str());
     return 2;
+  }
+  if (options->help) {
+    std::fputs(ecss::kUsage, stdout);
+    return 0;
   }
   const ecss::Status status = ecss::Train(*options);
   if (!status.ok()) {

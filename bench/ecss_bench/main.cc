@@ -79,6 +79,8 @@ const std::vector<Suite>& Suites() {
        RunKernelsSuite},
       {"step", "whole training steps (timed sim + real CPU optimizer): ecss, no-overlap or naive",
        "  --strategy S           ecss, no-overlap or naive (default ecss)\n"
+       "  --device D             sim-timed, sim (real CPU kernels), cuda or cuda:N "
+       "(default sim-timed)\n"
        "  --layers N             sparse layers (default 4)\n"
        "  --d-model N            (default 512)\n"
        "  --d-ff N               (default 1024)\n"
@@ -91,7 +93,7 @@ const std::vector<Suite>& Suites() {
        "  --warmup N             first steps not measured (default 2)\n"
        "  --optimizer-threads N  CPU optimizer threads (default 1)\n"
        "  --device-mib N         the session's device budget (default 768)\n"
-       "  --profile NAME         device profile for kernel time and link bandwidth "
+       "  --profile NAME         the sim's device profile: kernel time and link bandwidth "
        "(default h100-sxm)\n"
        "  --states S             master weights and moments: host or nvme (default host)\n"
        "  --weights W            compute weights: pinned, or nvme with --states nvme "

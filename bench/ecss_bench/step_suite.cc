@@ -1,11 +1,12 @@
 // `ecss-bench step`: whole training steps through the session on the simulated device in
 // timed mode (kernels take the cost model's time on a device profile; copies are paced at the
-// profile's host-link bandwidth) with the real CPU optimizer, for a model proportioned like
-// PanGu-Sigma and scaled to this machine: 40 domains, each step's samples from 4 of them,
-// about 300M expert parameters, master weights and moments in host memory or on NVMe
-// (--states). One strategy per run; `naive` is the reference the target is
-// stated against (ecss >= 6.3x naive tokens/s), and overlap efficiency compares the busiest
-// resource with the step time (ecss >= 0.9).
+// profile's host-link bandwidth) with the real CPU optimizer, or on the device `--device`
+// names (sim: the real CPU kernels; cuda:N: a GPU, whose engines' busy times are not
+// recorded), for a model proportioned like PanGu-Sigma and scaled to this machine: 40
+// domains, each step's samples from 4 of them, about 300M expert parameters, master weights
+// and moments in host memory or on NVMe (--states). One strategy per run; `naive` is the
+// reference the target is stated against (ecss >= 6.3x naive tokens/s), and overlap
+// efficiency compares the busiest resource with the step time (ecss >= 0.9).
 // --routing gate replaces RRE with a learned gate's reactive routing: every token picks
 // --gate-k experts of the whole layer at Forward (timed mode has no activations to run a real
 // gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
@@ -28,12 +29,13 @@
 #include "runtime/base/json_writer.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
-#include "runtime/device/sim/sim_backend.h"
+#include "runtime/device/backend_factory.h"
 
 namespace ecss::bench {
 
 Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string strategy_name, args.String("strategy", "ecss"));
+  ECSS_ASSIGN_OR_RETURN(std::string device, args.String("device", "sim-timed"));
   ECSS_ASSIGN_OR_RETURN(uint64_t layers, args.Uint("layers", 4));
   ECSS_ASSIGN_OR_RETURN(uint64_t d_model, args.Uint("d-model", 512));
   ECSS_ASSIGN_OR_RETURN(uint64_t d_ff, args.Uint("d-ff", 1024));
@@ -79,12 +81,17 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
         "steps > warmup");
   }
 
-  SimOptions sim_options;
-  sim_options.kernel_mode = KernelMode::kTimed;
-  sim_options.h2d_bandwidth_gbps = profile.h2d_bandwidth_gbps;
-  sim_options.d2h_bandwidth_gbps = profile.d2h_bandwidth_gbps;
-  sim_options.device_memory_bytes = (device_mib << 20) + (uint64_t{64} << 20);
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create(sim_options));
+  ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(device));
+  backend_options.sim.h2d_bandwidth_gbps = profile.h2d_bandwidth_gbps;
+  backend_options.sim.d2h_bandwidth_gbps = profile.d2h_bandwidth_gbps;
+  const uint64_t device_bytes = (device_mib << 20) + (uint64_t{64} << 20);  // + activations
+  backend_options.sim.device_memory_bytes = device_bytes;
+  backend_options.cuda.device_memory_bytes = device_bytes;
+  StatusOr<std::unique_ptr<Backend>> created = CreateBackend(backend_options);
+  if (!created.ok()) return created.status().Annotate(StrCat("--device ", device));
+  std::unique_ptr<Backend> backend = *std::move(created);
+  const bool timed = backend_options.kind == BackendKind::kSim &&
+                     backend_options.sim.kernel_mode == KernelMode::kTimed;
 
   SessionOptions options;
   options.model.layers = static_cast<uint32_t>(layers);
@@ -117,7 +124,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     options.nvme_dirs = {store_dir->path()};
     if (weights == "nvme") options.weights = WeightsPlacement::kNvme;
   }
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*sim, options));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
   uint64_t total_experts = 0;
   for (uint32_t l = 0; l < layers; ++l) total_experts += session->experts_in_layer(l);
   const uint64_t expert_params = total_experts * session->expert_params();
@@ -125,9 +132,13 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   const uint64_t tokens = samples * seq;
   const uint64_t act_bytes = tokens * d_model * 2;
   ECSS_ASSIGN_OR_RETURN(Buffer a,
-                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        backend->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   ECSS_ASSIGN_OR_RETURN(Buffer b,
-                        sim->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        backend->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+  // Where kernels compute, they compute on zeros (the time of a matrix product does not depend
+  // on its values, and uninitialised memory could hold NaNs).
+  ECSS_RETURN_IF_ERROR(backend->MemsetAsync(session->compute_stream(), a.data(), 0, act_bytes));
+  ECSS_RETURN_IF_ERROR(backend->MemsetAsync(session->compute_stream(), b.data(), 0, act_bytes));
   std::vector<uint32_t> ids(tokens), sample_domains(samples), picks(tokens * gate_k);
   std::vector<float> pick_weights(tokens * gate_k, 1.0f / static_cast<float>(gate_k));
   const auto layer_experts = static_cast<uint32_t>(domains * experts);
@@ -200,7 +211,8 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   json.Field("strategy", StrategyName(strategy))
       .Field("routing", gated ? "gate (reactive)" : "rre")
       .Field("delayed_update", delayed != 0)
-      .Field("profile", profile.name)
+      .Field("device", device)
+      .Field("profile", timed ? profile.name : "")
       .Field("layers", layers)
       .Field("domains", domains)
       .Field("domains_per_step", per_step)
@@ -232,8 +244,8 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
              "tokens/s ratio; overlap efficiency is measured within this run");
   table << "step suite: " << StrategyName(strategy) << (gated ? " with a reactive gate" : "")
         << ", " << total_experts << " experts, " << expert_params / 1000000 << "M expert params, "
-        << domains << " domains (" << per_step << " per step), " << tokens << " tokens/step, timed "
-        << profile.name << "\n"
+        << domains << " domains (" << per_step << " per step), " << tokens << " tokens/step, "
+        << device << (timed ? StrCat(" ", profile.name) : "") << "\n"
         << std::fixed << std::setprecision(3) << "  tokens/s " << std::setprecision(0)
         << static_cast<double>(measured_tokens) / seconds << std::setprecision(3) << "  step "
         << seconds / measured << " s  overlap " << busiest / seconds << " (" << busiest_name

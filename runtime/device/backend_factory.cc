@@ -1,5 +1,7 @@
 #include "runtime/device/backend_factory.h"
 
+#include <charconv>
+
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -17,6 +19,30 @@ StatusOr<BackendKind> ParseBackendKind(std::string_view name) {
 StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
   if (options.kind == BackendKind::kCuda) return CreateCudaBackend(options.cuda);
   return CreateSimBackend(options.sim);
+}
+
+StatusOr<BackendOptions> ParseDeviceSetting(std::string_view setting) {
+  BackendOptions options;
+  if (setting == "sim") return options;
+  if (setting == "sim-timed") {
+    options.sim.kernel_mode = KernelMode::kTimed;
+    return options;
+  }
+  if (setting.substr(0, 4) == "cuda") {
+    options.kind = BackendKind::kCuda;
+    if (setting.size() == 4) return options;
+    const std::string_view ordinal = setting.substr(5);
+    int device = 0;
+    const auto [end, error] =
+        std::from_chars(ordinal.data(), ordinal.data() + ordinal.size(), device);
+    if (setting[4] == ':' && !ordinal.empty() && error == std::errc() &&
+        end == ordinal.data() + ordinal.size() && device >= 0) {
+      options.cuda.device = device;
+      return options;
+    }
+  }
+  return InvalidArgumentError(
+      StrCat("unknown device '", setting, "' (expected ", kDeviceSettingHelp, ")"));
 }
 
 #if !ECSS_HAVE_CUDA

@@ -24,4 +24,14 @@ struct BackendOptions {
 
 StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
 
+// The device setting every tool and example takes (`--device`), as backend options:
+//   sim        the simulated device running the real (CPU) kernels: results are computed;
+//   sim-timed  the simulated device in timed mode: kernels and copies take the modelled time
+//              and compute nothing (benchmarks of the schedule);
+//   cuda, cuda:N  CUDA device N (default 0).
+// Only the kind, the sim's kernel mode and the CUDA ordinal are set; budgets and the rest
+// stay the defaults for the caller to fill. InvalidArgument naming the setting otherwise.
+StatusOr<BackendOptions> ParseDeviceSetting(std::string_view setting);
+inline constexpr std::string_view kDeviceSettingHelp = "sim, sim-timed, cuda or cuda:N";
+
 }  // namespace ecss

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "runtime/base/str_cat.h"
+
 namespace ecss {
 namespace {
 
@@ -13,6 +15,31 @@ TEST(BackendFactoryTest, ParsesKindsAndModes) {
   EXPECT_NE(bad.status().message().find("rocm"), std::string_view::npos);
   EXPECT_EQ(*ParseKernelMode("timed"), KernelMode::kTimed);
   EXPECT_EQ(ParseKernelMode("fast").status().code(), StatusCode::kInvalidArgument);
+}
+
+TEST(BackendFactoryTest, ParsesDeviceSettings) {
+  StatusOr<BackendOptions> sim = ParseDeviceSetting("sim");
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  EXPECT_EQ(sim->kind, BackendKind::kSim);
+  EXPECT_EQ(sim->sim.kernel_mode, KernelMode::kReal);
+  StatusOr<BackendOptions> timed = ParseDeviceSetting("sim-timed");
+  ASSERT_TRUE(timed.ok()) << timed.status();
+  EXPECT_EQ(timed->kind, BackendKind::kSim);
+  EXPECT_EQ(timed->sim.kernel_mode, KernelMode::kTimed);
+  StatusOr<BackendOptions> cuda = ParseDeviceSetting("cuda");
+  ASSERT_TRUE(cuda.ok()) << cuda.status();
+  EXPECT_EQ(cuda->kind, BackendKind::kCuda);
+  EXPECT_EQ(cuda->cuda.device, 0);
+  StatusOr<BackendOptions> third = ParseDeviceSetting("cuda:3");
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->cuda.device, 3);
+  for (const char* bad : {"", "gpu", "cuda:", "cuda:-1", "cuda:1x", "cuda1", "cuda:99999999999",
+                          "sim:0", "simtimed"}) {
+    StatusOr<BackendOptions> refused = ParseDeviceSetting(bad);
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(refused.status().message().find(StrCat("'", bad, "'")), std::string_view::npos)
+        << refused.status();
+  }
 }
 
 TEST(BackendFactoryTest, CreatesSim) {

@@ -6,16 +6,18 @@
 
 #include "kernels/cpu/cpu_kernels.h"
 #include "router/rre_router.h"
-#include "runtime/device/sim/sim_backend.h"
+#include "runtime/device/backend_factory.h"
 
 namespace ecss::engine_test {
 
 Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
                      const std::function<void(Session&)>& after) {
-  SimOptions sim_options;
-  sim_options.device_memory_bytes = 16 << 20;
-  auto sim = SimBackend::Create(sim_options);
-  EXPECT_TRUE(sim.ok());
+  StatusOr<BackendOptions> backend_options = ParseDeviceSetting(c.device);
+  EXPECT_TRUE(backend_options.ok()) << backend_options.status();
+  backend_options->sim.device_memory_bytes = 16 << 20;
+  backend_options->cuda.device_memory_bytes = 16 << 20;
+  auto backend = CreateBackend(*backend_options);
+  EXPECT_TRUE(backend.ok()) << backend.status();
   if (!c.resume && !c.nvme_dir.empty()) {
     // A new run: the store an earlier run left there goes, as a user would remove it (a
     // session refuses to overwrite one).
@@ -26,10 +28,10 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
       }
     }
   }
-  auto session = Session::Create(**sim, OptionsFor(c));
+  auto session = Session::Create(**backend, OptionsFor(c));
   EXPECT_TRUE(session.ok()) << session.status();
   Session& s = **session;
-  Backend& b = **sim;
+  Backend& b = **backend;
   const SessionOptions o = OptionsFor(c);
   const uint32_t d = o.model.d_model;
   const uint64_t bytes = uint64_t{kBatch} * kSeq * d * DTypeSize(c.dtype);

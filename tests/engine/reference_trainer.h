@@ -101,6 +101,7 @@ inline std::vector<float> FromDevice(const std::vector<char>& bytes, DType dtype
 using Weights = std::vector<std::vector<std::vector<float>>>;  // [layer][expert][param]
 
 struct RunConfig {
+  std::string device = "sim";  // TrainSession's device (backend_factory.h's settings)
   DType dtype = DType::kF32;
   Strategy strategy = Strategy::kEcss;
   uint64_t device_budget = 0;  // 0: roomy
@@ -111,6 +112,7 @@ struct RunConfig {
   std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
   bool resume = false;   // open the state files in nvme_dir instead of creating them
   float max_grad_norm = 0;
+  float eps = HyperParams{}.eps;  // AdamW's
   bool gated = false;    // a learned gate (fixed, the same in both trainers) routes every layer
   bool delayed = false;  // the one-step delayed update (DPU)
   bool nvme_weights = false;  // compute weights on NVMe too (in nvme_dir)
@@ -150,6 +152,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.max_micro_batches = 2;
   o.optimizer.threads = c.optimizer_threads;
   o.optimizer.groups[0].lr = 0.05f;
+  o.optimizer.groups[0].eps = c.eps;
   o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
   o.delayed_update = c.delayed;
@@ -172,8 +175,8 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   return o;
 }
 
-// Trains through a session on the simulated device; returns every expert's master weights
-// (read after the last step's Synchronize), and calls `after` with the session then.
+// Trains through a session on `c.device` (the simulated device by default); returns every expert's
+// master weights (read after the last step's Synchronize), and calls `after` with the session then.
 Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats = nullptr,
                      const std::function<void(Session&)>& after = {});
 

@@ -537,6 +537,37 @@ TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
   EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kInvalidArgument);
 }
 
+// PlanMemoryOn is Create's plan without the allocations, and DeviceBudgetFor sizes a budget
+// for a given number of cache slots: a session created with it has exactly those slots.
+TEST(SessionTest, APlannedBudgetGivesTheSlotsAskedFor) {
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  SessionOptions o = OptionsFor(RunConfig{});
+  o.device_budget_bytes = uint64_t{1} << 50;  // beyond the device: planning does not allocate
+  StatusOr<MemoryPlan> roomy = Session::PlanMemoryOn(**sim, o);
+  ASSERT_TRUE(roomy.ok()) << roomy.status();
+  EXPECT_EQ(roomy->cache_slots, 14u);  // every expert
+  EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
+  for (uint32_t slots : {7u, 9u, 14u}) {
+    o.device_budget_bytes = roomy->DeviceBudgetFor(slots);
+    StatusOr<MemoryPlan> planned = Session::PlanMemoryOn(**sim, o);
+    ASSERT_TRUE(planned.ok()) << planned.status();
+    EXPECT_EQ(planned->cache_slots, slots);
+    EXPECT_EQ(planned->Total(MemoryTier::kDevice), o.device_budget_bytes);
+    auto session = Session::Create(**sim, o);
+    ASSERT_TRUE(session.ok()) << session.status();
+    EXPECT_EQ((*session)->cache_slots(), slots);
+    EXPECT_EQ((*session)->memory_plan().Summary(), planned->Summary());
+  }
+  // One slot fewer than a layer's experts: refused, naming the bytes needed.
+  o.device_budget_bytes = roomy->DeviceBudgetFor(6);
+  StatusOr<MemoryPlan> short_plan = Session::PlanMemoryOn(**sim, o);
+  EXPECT_EQ(short_plan.status().code(), StatusCode::kResourceExhausted);
+  o.model.vocab = 0;
+  EXPECT_EQ(Session::PlanMemoryOn(**sim, o).status().code(), StatusCode::kInvalidArgument);
+}
+
 // ---- Regressions: found trying the API as an adversarial user would -------------------------
 
 // A session on the simulated device with two device activation buffers, stepped call by call.

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# For a machine with a CUDA GPU: runs every gpu-labelled test (the backend and kernel
+# conformance suites on CUDA and the session trained on CUDA against the simulated device) and
+# the step bench on cuda:0, each strategy, host and NVMe states. About a minute on one H200.
+#
+# Usage: scripts/gpu-check.sh [BUILD_DIR]
+#   BUILD_DIR  a release build configured with CUDA (default build/release); it needs
+#              tests/*_cuda_tests (every gpu-labelled test executable is named so) and
+#              bench/ecss-bench. Set ECSS_GPU_CHECK_SCRATCH for the NVMe run's directory
+#              (default: a new directory under /tmp, removed at the end).
+# Exits non-zero at the first failure; a test that finds no device skips, and then the step
+# bench fails with the reason.
+set -euo pipefail
+build=${1:-build/release}
+tests=("$build"/tests/*_cuda_tests)
+if [ ! -x "${tests[0]}" ] || [ ! -x "$build/bench/ecss-bench" ]; then
+  echo "gpu-check: $build has no CUDA test executables or ecss-bench (configure with CUDA and build)" >&2
+  exit 2
+fi
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+fi
+for t in "${tests[@]}"; do
+  printf '\n=== %s ===\n' "$(basename "$t")"
+  "$t" --gtest_brief=1
+done
+scratch=${ECSS_GPU_CHECK_SCRATCH:-$(mktemp -d /tmp/ecss-gpu-check-XXXXXX)}
+trap '[ -z "${ECSS_GPU_CHECK_SCRATCH:-}" ] && rm -rf "$scratch"' EXIT
+for states in host nvme; do
+  placement=(--states host)
+  if [ "$states" = nvme ]; then placement=(--states nvme --weights nvme --dir "$scratch"); fi
+  for strategy in ecss no-overlap naive; do
+    printf '\n=== ecss-bench step --device cuda:0 --strategy %s %s ===\n' "$strategy" "${placement[*]}"
+    "$build/bench/ecss-bench" step --device cuda:0 --strategy "$strategy" --steps 8 --warmup 2 \
+      "${placement[@]}"
+  done
+done
