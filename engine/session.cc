@@ -9,7 +9,7 @@
 #include <optional>
 #include <set>
 
-#include "engine/expert_updater.h"
+#include "engine/expert_table.h"
 #include "engine/memory_plan.h"
 #include "engine/plan_recorder.h"
 #include "engine/step_plan.h"
@@ -46,16 +46,6 @@ class StallTimer {
  private:
   double* counter_;
   Clock::time_point start_;
-};
-
-// One expert as the session uses it: its optimizer id, where its weights are, its gradient,
-// and what the current step did with it. Its states live in the session's ExpertStore.
-struct Expert {
-  uint32_t id = 0;          // in the ExpertUpdater (the store's dense index)
-  void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
-  Buffer front;             // delayed update: what the device copies (weights as last published)
-  Buffer grad;              // pinned fp32 gradient accumulator
-  bool touched = false;     // has a gradient in the current step
 };
 
 // A sparse layer of one micro-batch as the kernels see it.
@@ -144,25 +134,17 @@ struct Session::Impl {
   Backend& backend;
   SessionOptions options;
   std::optional<RreRouter> router;
-  ExpertIndex index;  // (layer, expert) <-> the updater's ids
-  // Declared before the updater, whose threads report to it until it is destroyed.
+  // Declared before the table's updater, whose threads report to it until it is destroyed.
   PlanRecorder recorder;
   std::unique_ptr<KernelRunner> kernels;
-  // Every expert's compute weights, master weights and moments (StoreOptionsFor) and,
-  // weights on NVMe, the NVMe -> pinned stage, declared before what uses them (the updater
-  // reads and writes the store; the prefetcher reads the stager).
-  std::unique_ptr<ExpertStore> store;
-  std::unique_ptr<WeightStager> stager;
-  // Declared before what is carved from it (the updater's staging, the experts' buffers),
-  // so that it is destroyed after them.
-  std::unique_ptr<PinnedHostPool> pinned;
-  std::unique_ptr<ExpertUpdater> updater;
+  // Every expert and its states; declared before what uses it (the prefetcher reads its
+  // stager; the gradient staging is carved from its pinned pool).
+  std::unique_ptr<ExpertTable> table;
   std::unique_ptr<DeviceCache> cache;
   std::unique_ptr<Prefetcher> prefetcher;
   OwnedStream compute, h2d, d2h;
   OwnedEvent dw_ready, dw_free;
   std::vector<OwnedEvent> layer_grads_done;  // per layer
-  std::vector<std::vector<Expert>> experts;  // [layer][expert]
   MemoryPlan memory;                         // every byte the session allocates
   uint64_t params = 0;                       // per expert
   uint64_t expert_bytes = 0;                 // compute weights of one expert
@@ -220,22 +202,15 @@ struct Session::Impl {
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
   bool gated() const { return options.routing == Routing::kLearnedGate; }
   bool delayed() const { return options.delayed_update; }
-  bool weights_on_nvme() const { return options.weights == WeightsPlacement::kNvme; }
-  // NVMe bytes since creation: states read and written, weights written and staged.
-  uint64_t nvme_bytes() const {
-    return updater->nvme_bytes() + (stager != nullptr ? stager->bytes_read() : 0);
-  }
-  Status CreateStore(uint64_t pinned_bytes);
+  ExpertUpdater& updater() { return table->updater(); }
   Status Publish();
   Status StartHeldUpdate();
 
   Status CreateAll();
   Status CreateRouter();
   Status CreateStreams();
-  Status CreateExperts();
   Status CreateDeviceBuffers();
   Status CreateCache();
-  Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
   Status StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale);
   void DiscardStep();
   Status TakeUpdateError();
@@ -274,8 +249,8 @@ struct Session::Impl {
     copies_at_begin = backend.copy_stats();
     cache_at_begin = cache->stats();
     engines_at_begin = backend.busy_times();
-    optimizer_busy_at_begin = updater->busy_seconds();
-    nvme_at_begin = nvme_bytes();
+    optimizer_busy_at_begin = updater().busy_seconds();
+    nvme_at_begin = table->nvme_bytes();
   }
   // The grouped FFN of one layer of one micro-batch.
   GroupedFfnProblem ProblemFor(const LayerWork& lw) const {
@@ -302,7 +277,7 @@ Status Session::Impl::CreateAll() {
     options.optimizer.on_update = [this, user = options.optimizer.on_update](
                                       uint32_t id, uint64_t updater_step, Clock::time_point start,
                                       Clock::time_point end) {
-      recorder.UpdateRan(updater_step, index.Id(id).layer, start, end);
+      recorder.UpdateRan(updater_step, table->index().Id(id).layer, start, end);
       if (user) user(id, updater_step, start, end);
     };
   }
@@ -314,7 +289,7 @@ Status Session::Impl::CreateAll() {
   max_rows = memory.max_rows;
   max_groups = memory.max_groups;
   ECSS_RETURN_IF_ERROR(CreateStreams());
-  ECSS_RETURN_IF_ERROR(CreateExperts());
+  ECSS_ASSIGN_OR_RETURN(table, ExpertTable::Create(backend, options, memory));
   ECSS_RETURN_IF_ERROR(CreateDeviceBuffers());
   return CreateCache();
 }
@@ -328,7 +303,6 @@ Status Session::Impl::CreateRouter() {
   }
   ECSS_ASSIGN_OR_RETURN(RreRouter built, RreRouter::Create(map, {m.vocab, m.seed, m.builder}));
   router.emplace(std::move(built));
-  index = ExpertIndex(options.ExpertsPerLayer());
   return Status::Ok();
 }
 
@@ -342,40 +316,6 @@ Status Session::Impl::CreateStreams() {
     ECSS_ASSIGN_OR_RETURN(OwnedEvent event, CreateOwnedEvent(backend));
     layer_grads_done.push_back(std::move(event));
   }
-  return Status::Ok();
-}
-
-// The host side, as the memory plan sizes it: the expert store (with its own pinned and host
-// pools), the session's pinned pool, the updater and every expert's gradient.
-Status Session::Impl::CreateExperts() {
-  const uint64_t store_pinned = memory.StoreTotal(MemoryTier::kPinned);
-  ECSS_RETURN_IF_ERROR(CreateStore(store_pinned));
-  const uint64_t pinned_bytes = memory.Total(MemoryTier::kPinned);
-  PinnedPoolOptions pool_options;
-  pool_options.name = "session pinned";
-  pool_options.capacity_bytes =
-      (options.pinned_budget_bytes == 0 ? pinned_bytes : options.pinned_budget_bytes) -
-      store_pinned;
-  pool_options.lock_pages = false;
-  ECSS_ASSIGN_OR_RETURN(pinned, backend.CreatePinnedPool(pool_options));
-  NvmeUpdaterOptions nvme = NvmeOptionsFor(options, params);
-  nvme.store = store.get();
-  if (weights_on_nvme()) {
-    ECSS_ASSIGN_OR_RETURN(stager, WeightStager::Create(*store, memory.weight_staging_blocks));
-  }
-  if (options.states == StatesPlacement::kNvme) {
-    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
-                          NvmeUpdater::Create(nvme, pinned.get()));
-    ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get()));
-    updater = std::move(streaming);
-  } else {
-    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostUpdater> host,
-                          HostUpdater::Create(options.optimizer));
-    ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr));
-    updater = std::move(host);
-  }
-  ECSS_ASSIGN_OR_RETURN(grad_tmp,
-                        pinned->Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
   return Status::Ok();
 }
 
@@ -395,6 +335,8 @@ Status Session::Impl::CreateDeviceBuffers() {
                         device.Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
   ECSS_ASSIGN_OR_RETURN(plans, device.Allocate(uint64_t{memory.plan_slots} * memory.plan_slot_bytes,
                                                MemoryTag::kOther));
+  ECSS_ASSIGN_OR_RETURN(
+      grad_tmp, table->pinned().Allocate(uint64_t{max_groups} * params * 4, MemoryTag::kGradients));
   return Status::Ok();
 }
 
@@ -403,113 +345,19 @@ Status Session::Impl::CreateCache() {
   ECSS_ASSIGN_OR_RETURN(
       cache, DeviceCache::Create(backend, {expert_bytes, memory.cache_slots}, MakeLruPolicy()));
   PrefetcherHooks hooks;
-  auto expert_of = [this](ExpertId key) -> Expert& { return experts[key.layer][key.expert]; };
-  hooks.host_weights = [this, expert_of](ExpertId key) -> const void* {
-    return delayed() ? expert_of(key).front.data() : expert_of(key).weights;
-  };
+  hooks.host_weights = [this](ExpertId key) { return table->FetchSource(key); };
   // The delayed update never rewrites what fetches read during a step: no fence to wait on.
-  hooks.fence_pending = [this, expert_of](ExpertId key) {
-    return !delayed() && updater->Pending(expert_of(key).id);
+  hooks.fence_pending = [this](ExpertId key) {
+    return !delayed() && updater().Pending(table->at(key).id);
   };
-  hooks.wait_fence = [this, expert_of](ExpertId key) { return updater->Wait(expert_of(key).id); };
+  hooks.wait_fence = [this](ExpertId key) { return updater().Wait(table->at(key).id); };
   // The plan's fetch at that position was issued; its end is when h2d passes the copy.
   hooks.on_copy = [this](uint64_t position) {
     auto fetch = fetch_at.find(position);
     if (fetch != fetch_at.end()) Record(fetch->second, h2d.get()).IgnoreError();
   };
   prefetcher = std::make_unique<Prefetcher>(*cache, h2d.get(), std::move(hooks),
-                                            options.prefetch_window_experts, stager.get());
-  return Status::Ok();
-}
-
-// The expert store (StoreOptionsFor): in nvme_dirs with states on NVMe (created, or opened
-// with resume_states), else in memory only; `pinned_bytes` of pinned memory, the host budget.
-Status Session::Impl::CreateStore(uint64_t pinned_bytes) {
-  ExpertStoreOptions o = StoreOptionsFor(options, params);
-  o.pinned_budget_bytes = pinned_bytes;
-  o.host_budget_bytes = options.host_budget_bytes;
-  auto made =
-      options.resume_states ? ExpertStore::Open(backend, o) : ExpertStore::Create(backend, o);
-  if (made.status().code() == StatusCode::kAlreadyExists) {
-    return made.status().Annotate("to train on from it, set resume_states");
-  }
-  ECSS_ASSIGN_OR_RETURN(store, std::move(made));
-  return Status::Ok();
-}
-
-// Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given. Each
-// expert's master is drawn from its own counter-based stream, so any placement starts from the
-// same weights.
-Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
-  const ModelSpec& m = options.model;
-  const float in_scale =
-      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
-  const float out_scale =
-      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
-  const uint64_t in_elems = uint64_t{m.d_model} * d_in();
-  const uint32_t moment_arrays = store->layout().moments;
-  std::vector<float> initial(nvme != nullptr ? params : 0);  // on its way to the NVMe master
-  experts.resize(m.layers);
-  for (uint32_t l = 0; l < m.layers; ++l) {
-    experts[l].resize(index.experts_in_layer(l));
-    for (uint32_t e = 0; e < experts[l].size(); ++e) {
-      Expert& x = experts[l][e];
-      const ExpertId id{l, e};
-      x.id = index.Flat(id);
-      if (!weights_on_nvme()) {
-        ECSS_ASSIGN_OR_RETURN(x.weights, store->Resident(ExpertState::kWeights, id));
-      }
-      ECSS_ASSIGN_OR_RETURN(x.grad, pinned->Allocate(params * 4, MemoryTag::kGradients));
-      auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
-      if (nvme != nullptr && options.resume_states) {
-        Status resumed = nvme->Resume(x.id, compute_copy);
-        if (!resumed.ok()) {
-          return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
-                                         options.nvme_dirs[0], " (files of another model?)"));
-        }
-        continue;
-      }
-      // f32: the compute weights are the master weights (the device copies what the
-      // optimizer updates).
-      float* master = initial.data();
-      if (nvme == nullptr) {
-        ECSS_ASSIGN_OR_RETURN(
-            void* resident,
-            store->Resident(m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
-                            id));
-        master = static_cast<float*>(resident);
-      }
-      CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
-      for (uint64_t i = 0; i < params; ++i) {
-        const float scale = i < in_elems ? in_scale : out_scale;
-        master[i] = (rng.UniformFloat() * 2 - 1) * scale;
-      }
-      if (nvme != nullptr) {
-        ECSS_RETURN_IF_ERROR(nvme->Initialize(x.id, master, compute_copy));
-        continue;
-      }
-      ECSS_ASSIGN_OR_RETURN(void* moments, store->Resident(ExpertState::kMoments, id));
-      ExpertArrays arrays;
-      arrays.master = master;
-      arrays.state0 = static_cast<float*>(moments);  // zeros: the store starts them so
-      arrays.state1 = moment_arrays == 2 ? arrays.state0 + params : nullptr;
-      arrays.size = params;
-      if (m.dtype == DType::kBF16) {
-        ConvertF32ToBf16(master, compute_copy, params);
-        arrays.compute_copy = compute_copy;
-      }
-      ECSS_ASSIGN_OR_RETURN(const uint32_t registered, host->Register(arrays));
-      if (registered != x.id) return InternalError("host updater ids out of order");
-    }
-  }
-  if (delayed()) {  // the first published weights: the initial ones
-    for (std::vector<Expert>& layer : experts) {
-      for (Expert& x : layer) {
-        ECSS_ASSIGN_OR_RETURN(x.front, pinned->Allocate(expert_bytes, MemoryTag::kExpertWeights));
-        std::memcpy(x.front.data(), x.weights, expert_bytes);
-      }
-    }
-  }
+                                            options.prefetch_window_experts, table->stager());
   return Status::Ok();
 }
 
@@ -518,10 +366,9 @@ Status Session::Impl::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
 // copies now: the step's copies out of them completed (h2d is synchronised first).
 Status Session::Impl::Publish() {
   ECSS_RETURN_IF_ERROR(backend.SynchronizeStream(h2d.get()));
-  for (const auto& [layer, e] : started) {
-    Expert& x = experts[layer][e];
-    std::memcpy(x.front.data(), x.weights, expert_bytes);
-    ECSS_RETURN_IF_ERROR(cache->Invalidate(ExpertId{layer, e}));
+  for (ExpertId id : started) {
+    table->Publish(id);
+    ECSS_RETURN_IF_ERROR(cache->Invalidate(id));
   }
   started.clear();
   return Status::Ok();
@@ -531,18 +378,18 @@ Status Session::Impl::Publish() {
 Status Session::Impl::StartHeldUpdate() {
   started_report = StepReport{};
   if (held.empty()) return Status::Ok();
-  ECSS_RETURN_IF_ERROR(updater->BeginStep(held_loss_scale));
+  ECSS_RETURN_IF_ERROR(updater().BeginStep(held_loss_scale));
   ++updater_steps;
-  for (const auto& [layer, e] : held) {
-    const Expert& x = experts[layer][e];
-    Status submitted_one = updater->Submit(x.id, static_cast<const float*>(x.grad.data()));
+  for (ExpertId id : held) {
+    const ExpertTable::Entry& x = table->at(id);
+    Status submitted_one = updater().Submit(x.id, static_cast<const float*>(x.grad.data()));
     if (!submitted_one.ok()) {
-      updater->AbortStep().IgnoreError();  // the held gradients stay held: BeginStep retries
+      updater().AbortStep().IgnoreError();  // the held gradients stay held: BeginStep retries
       return submitted_one;
     }
   }
   submitted = static_cast<uint32_t>(held.size());
-  ECSS_ASSIGN_OR_RETURN(started_report, updater->FinishStep());
+  ECSS_ASSIGN_OR_RETURN(started_report, updater().FinishStep());
   started = std::move(held);
   held.clear();
   return Status::Ok();
@@ -599,7 +446,7 @@ StatusOr<StepPlan> Session::Impl::BuildPlan() const {
   in.model.weight_bytes = static_cast<uint32_t>(elem());
   in.model.state_arrays = 1 + static_cast<uint32_t>(StateArrays(options.optimizer.kind));
   for (uint32_t l = 0; l < m.layers; ++l)
-    in.model.experts_per_layer.push_back(index.experts_in_layer(l));
+    in.model.experts_per_layer.push_back(table->experts_in_layer(l));
   PlanPolicy& p = in.policy;
   p.strategy = options.strategy == Strategy::kEcss        ? PlanStrategy::kEcss
                : options.strategy == Strategy::kNoOverlap ? PlanStrategy::kNoOverlap
@@ -609,7 +456,7 @@ StatusOr<StepPlan> Session::Impl::BuildPlan() const {
   p.deferred_updates =
       options.optimizer.max_grad_norm > 0 || options.optimizer.skip_step_on_nonfinite;
   p.states_on_nvme = options.states == StatesPlacement::kNvme;
-  p.weights_on_nvme = weights_on_nvme();
+  p.weights_on_nvme = options.weights == WeightsPlacement::kNvme;
   p.cache_slots = cache->slots();
   p.evaluation = evaluating;
   for (const MicroBatchWork& w : micro) {
@@ -748,8 +595,8 @@ Status Session::Impl::StageSync(Stream stream) {
 // Layer `layer`'s gradients are in host memory: hand them to the optimizer and drop the
 // experts' device copies (their weights are about to change).
 Status Session::Impl::SubmitLayer(uint32_t layer) {
-  for (uint32_t e = 0; e < experts[layer].size(); ++e) {
-    Expert& expert = experts[layer][e];
+  for (uint32_t e = 0; e < table->experts_in_layer(layer); ++e) {
+    ExpertTable::Entry& expert = table->at({layer, e});
     if (!expert.touched) continue;
     expert.touched = false;
     if (delayed()) {  // held until the next BeginStep
@@ -757,7 +604,8 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
       continue;
     }
     ECSS_RETURN_IF_ERROR(cache->Invalidate(ExpertId{layer, e}));
-    ECSS_RETURN_IF_ERROR(updater->Submit(expert.id, static_cast<const float*>(expert.grad.data())));
+    ECSS_RETURN_IF_ERROR(
+        updater().Submit(expert.id, static_cast<const float*>(expert.grad.data())));
     ++submitted;
   }
   if (!plan->policy().deferred_updates) {  // the layer's update starts now
@@ -765,7 +613,7 @@ Status Session::Impl::SubmitLayer(uint32_t layer) {
       if (update->step_offset == 0) recorder.Issued(recording, update->id);
     }
   }
-  return updater->Flush();
+  return updater().Flush();
 }
 
 // Submits the layers whose gradient copies completed (all of them when `wait`).
@@ -814,7 +662,7 @@ Session::~Session() {
   if (impl_ == nullptr) return;
   impl_->prefetcher->Clear();
   impl_->backend.SynchronizeAll().IgnoreError();  // the leases' streams, before the cache goes
-  impl_->updater->Synchronize().IgnoreError();
+  impl_->updater().Synchronize().IgnoreError();
 }
 
 Status Session::BeginEvaluation(const std::vector<MicroBatch>& micro_batches) {
@@ -853,7 +701,7 @@ void Session::Impl::DiscardStep() {
   if (in_step && !delayed() && !evaluating) {
     // The optimizer's step began with no submissions: ending it updates nothing, and keeps
     // its step count equal to the session's.
-    updater->FinishStep().status().IgnoreError();
+    updater().FinishStep().status().IgnoreError();
   }
   micro.clear();
   in_step = false;
@@ -862,7 +710,7 @@ void Session::Impl::DiscardStep() {
 
 // An update that failed since the last call, reported once with its step and expert.
 Status Session::Impl::TakeUpdateError() {
-  return updater->TakeError().Annotate("an expert update failed (its states are unchanged)");
+  return updater().TakeError().Annotate("an expert update failed (its states are unchanged)");
 }
 
 Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
@@ -880,7 +728,7 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
       // The weights the next training step computes with: the update in flight finishes
       // and is published, as that BeginStep would (which then has nothing to publish).
       StallTimer timer(&s.stalls.update_backlog_seconds);
-      ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+      ECSS_RETURN_IF_ERROR(s.updater().WaitForStep(s.updater_steps));
       ECSS_RETURN_IF_ERROR(s.Publish());
     }
     s.in_step = true;
@@ -890,7 +738,7 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
     // the update of the previous step's gradients starts: it overlaps this whole step.
     {
       StallTimer timer(&s.stalls.update_backlog_seconds);
-      ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+      ECSS_RETURN_IF_ERROR(s.updater().WaitForStep(s.updater_steps));
     }
     ECSS_RETURN_IF_ERROR(s.Publish());
     ECSS_RETURN_IF_ERROR(s.StartHeldUpdate());
@@ -902,7 +750,7 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
       }
     }
   } else {
-    ECSS_RETURN_IF_ERROR(s.updater->BeginStep(loss_scale));
+    ECSS_RETURN_IF_ERROR(s.updater().BeginStep(loss_scale));
     ++s.updater_steps;
     s.recorder.MapUpdaterStep(s.updater_steps, s.recording, 0);
   }
@@ -913,7 +761,7 @@ Status Session::Impl::StartStep(const std::vector<MicroBatch>& micro_batches, fl
   if (!s.evaluating && !s.delayed() && s.updater_steps >= 3) {
     // Step t's device work may overlap step t-1's updates, not step t-2's.
     StallTimer timer(&s.stalls.update_backlog_seconds);
-    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps - 2));
+    ECSS_RETURN_IF_ERROR(s.updater().WaitForStep(s.updater_steps - 2));
   }
   if (s.gated()) {
     s.prefetcher->BeginReactiveStep();
@@ -990,7 +838,7 @@ Status Session::Impl::RouteGated(uint32_t micro_batch, uint32_t layer, const Gat
     }
   }
   StatusOr<RoutingPlan> routed = RoutingPlan::FromAssignments(
-      layer, index.experts_in_layer(layer), w.num_tokens, gate.k, gate.experts, gate.weights);
+      layer, table->experts_in_layer(layer), w.num_tokens, gate.k, gate.experts, gate.weights);
   if (!routed.ok()) return routed.status().Annotate(where());
   const LayerRoute route = RouteOf(routed->layer(0));
   ECSS_RETURN_IF_ERROR(CheckWidth(micro_batch, layer, plan->Width(layer, route)).Annotate(where()));
@@ -1132,12 +980,12 @@ Status Session::Impl::CopyGradients(uint32_t micro_batch, uint32_t layer, const 
   const uint64_t grad_bytes = params * 4;
   std::vector<std::pair<float*, const float*>> adds;
   for (size_t i = 0; i < lw.experts.size(); ++i) {
-    Expert& expert = experts[layer][lw.experts[i]];
+    ExpertTable::Entry& expert = table->at({layer, lw.experts[i]});
     const void* src = static_cast<const float*>(dw.data()) + i * params;
-    if (!expert.touched && delayed() && updater->Pending(expert.id)) {
+    if (!expert.touched && delayed() && updater().Pending(expert.id)) {
       // The update started at BeginStep may still read this buffer (the previous gradient).
       StallTimer timer(&gradient_fence_seconds);
-      ECSS_RETURN_IF_ERROR(updater->Wait(expert.id));
+      ECSS_RETURN_IF_ERROR(updater().Wait(expert.id));
     }
     if (!expert.touched) {
       ECSS_RETURN_IF_ERROR(
@@ -1298,8 +1146,8 @@ StatusOr<StepStats> Session::EndStep() {
   stats.compute_busy_seconds = e.compute_busy_seconds - s.engines_at_begin.compute_busy_seconds;
   stats.h2d_busy_seconds = e.h2d_busy_seconds - s.engines_at_begin.h2d_busy_seconds;
   stats.d2h_busy_seconds = e.d2h_busy_seconds - s.engines_at_begin.d2h_busy_seconds;
-  stats.optimizer_busy_seconds = s.updater->busy_seconds() - s.optimizer_busy_at_begin;
-  stats.nvme_bytes = s.nvme_bytes() - s.nvme_at_begin;
+  stats.optimizer_busy_seconds = s.updater().busy_seconds() - s.optimizer_busy_at_begin;
+  stats.nvme_bytes = s.table->nvme_bytes() - s.nvme_at_begin;
   const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,
                                    stats.d2h_busy_seconds, stats.optimizer_busy_seconds});
   stats.overlap_efficiency = stats.seconds > 0 ? std::min(1.0, busiest / stats.seconds) : 0;
@@ -1320,18 +1168,16 @@ Status Session::Impl::FinishStepWork(StepReport* report) {
   if (!first.ok()) {
     // The gradients not submitted are dropped with the step, and what the optimizer holds
     // back is not applied with a norm of part of the step.
-    for (std::vector<Expert>& layer : experts) {
-      for (Expert& expert : layer) expert.touched = false;
-    }
+    table->ClearTouched();
     pending_layers.clear();
-    if (!delayed() && !evaluating) updater->AbortStep().IgnoreError();
+    if (!delayed() && !evaluating) updater().AbortStep().IgnoreError();
   } else if (!delayed() && !evaluating) {
     for (const PlanOp* update : plan->Find(OpKind::kUpdate)) {
       if (update->step_offset == 0 && plan->policy().deferred_updates) {
         recorder.Issued(recording, update->id);  // they start now, after the global norm
       }
     }
-    StatusOr<StepReport> finished = updater->FinishStep();
+    StatusOr<StepReport> finished = updater().FinishStep();
     if (finished.ok()) {
       *report = *finished;
     } else if (first.ok()) {
@@ -1345,7 +1191,7 @@ Status Session::Impl::FinishStepWork(StepReport* report) {
   }
   if (plan->step_waits_for_updates()) {
     StallTimer timer(&stalls.optimizer_seconds);
-    Status updated = updater->Synchronize();
+    Status updated = updater().Synchronize();
     if (first.ok()) first = updated.Annotate("an expert update failed (its states are unchanged)");
   } else if (first.ok()) {
     first = TakeUpdateError();
@@ -1357,29 +1203,29 @@ Status Session::Synchronize() {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(s.backend.SynchronizeAll());
   if (s.delayed() && !s.in_step) {  // drain: start the held update, publish everything
-    ECSS_RETURN_IF_ERROR(s.updater->WaitForStep(s.updater_steps));
+    ECSS_RETURN_IF_ERROR(s.updater().WaitForStep(s.updater_steps));
     ECSS_RETURN_IF_ERROR(s.Publish());
     ECSS_RETURN_IF_ERROR(s.StartHeldUpdate());
-    ECSS_RETURN_IF_ERROR(s.updater->Synchronize());
+    ECSS_RETURN_IF_ERROR(s.updater().Synchronize());
     return s.Publish();
   }
-  return s.updater->Synchronize().Annotate("an expert update failed (its states are unchanged)");
+  return s.updater().Synchronize().Annotate("an expert update failed (its states are unchanged)");
 }
 
 Status Session::SetHyperParams(const HyperParams& params) {
   if (impl_->in_step) {
     return FailedPreconditionError("SetHyperParams inside a step (call it between steps)");
   }
-  return impl_->updater->SetHyperParams(params);
+  return impl_->updater().SetHyperParams(params);
 }
 
 Stream Session::compute_stream() const { return impl_->compute.get(); }
 
 StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) {
-  if (layer >= impl_->experts.size() || expert >= impl_->experts[layer].size()) {
+  if (expert >= impl_->table->experts_in_layer(layer)) {
     return InvalidArgumentError(StrCat("MasterWeights: no expert (", layer, ", ", expert, ")"));
   }
-  return impl_->updater->Master(impl_->experts[layer][expert].id);
+  return impl_->table->Master({layer, expert});
 }
 
 StatusOr<StepPlan> Session::ExecutedPlan(uint64_t step) const {
@@ -1389,19 +1235,11 @@ StatusOr<StepPlan> Session::ExecutedPlan(uint64_t step) const {
 const MemoryPlan& Session::memory_plan() const { return impl_->memory; }
 
 Session::HostMemoryPeaks Session::host_memory_peaks() const {
-  HostMemoryPeaks peaks;
-  peaks.pinned_bytes = impl_->pinned->stats().peak_used_bytes;
-  const ExpertStore& store = *impl_->store;
-  if (store.pinned_memory() != nullptr) {
-    peaks.pinned_bytes += store.pinned_memory()->stats().peak_used_bytes;
-  }
-  if (store.host_memory() != nullptr)
-    peaks.host_bytes = store.host_memory()->stats().peak_used_bytes;
-  return peaks;
+  return {impl_->table->pinned_peak_bytes(), impl_->table->host_peak_bytes()};
 }
 
 uint32_t Session::experts_in_layer(uint32_t layer) const {
-  return layer < impl_->experts.size() ? static_cast<uint32_t>(impl_->experts[layer].size()) : 0;
+  return impl_->table->experts_in_layer(layer);
 }
 uint32_t Session::cache_slots() const { return impl_->cache->slots(); }
 uint64_t Session::expert_params() const { return impl_->params; }

@@ -1,0 +1,183 @@
+#include "engine/expert_table.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "runtime/base/random.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+ExpertTable::ExpertTable(Backend& backend, const SessionOptions& options, const MemoryPlan& memory)
+    : backend_(backend),
+      options_(options),
+      params_(memory.params),
+      expert_bytes_(memory.expert_bytes),
+      index_(options.ExpertsPerLayer()) {}
+
+ExpertTable::~ExpertTable() = default;
+
+StatusOr<std::unique_ptr<ExpertTable>> ExpertTable::Create(Backend& backend,
+                                                           const SessionOptions& options,
+                                                           const MemoryPlan& memory) {
+  std::unique_ptr<ExpertTable> table(new ExpertTable(backend, options, memory));
+  ECSS_RETURN_IF_ERROR(table->CreateAll(memory));
+  return table;
+}
+
+// As the memory plan sizes it: the expert store (with its own pinned and host pools), the
+// session's pinned pool, the updater and every expert's gradient.
+Status ExpertTable::CreateAll(const MemoryPlan& memory) {
+  const uint64_t store_pinned = memory.StoreTotal(MemoryTier::kPinned);
+  ECSS_RETURN_IF_ERROR(CreateStore(store_pinned));
+  PinnedPoolOptions pool_options;
+  pool_options.name = "session pinned";
+  pool_options.capacity_bytes =
+      (options_.pinned_budget_bytes == 0 ? memory.Total(MemoryTier::kPinned)
+                                         : options_.pinned_budget_bytes) -
+      store_pinned;
+  pool_options.lock_pages = false;
+  ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool_options));
+  if (options_.weights == WeightsPlacement::kNvme) {
+    ECSS_ASSIGN_OR_RETURN(stager_, WeightStager::Create(*store_, memory.weight_staging_blocks));
+  }
+  if (options_.states == StatesPlacement::kNvme) {
+    NvmeUpdaterOptions nvme = NvmeOptionsFor(options_, params_);
+    nvme.store = store_.get();
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
+                          NvmeUpdater::Create(nvme, pinned_.get()));
+    ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get()));
+    updater_ = std::move(streaming);
+    return Status::Ok();
+  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostUpdater> host, HostUpdater::Create(options_.optimizer));
+  ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr));
+  updater_ = std::move(host);
+  return Status::Ok();
+}
+
+// The expert store (StoreOptionsFor): in nvme_dirs with states on NVMe (created, or opened
+// with resume_states), else in memory only; `pinned_bytes` of pinned memory, the host budget.
+Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
+  ExpertStoreOptions o = StoreOptionsFor(options_, params_);
+  o.pinned_budget_bytes = pinned_bytes;
+  o.host_budget_bytes = options_.host_budget_bytes;
+  auto made =
+      options_.resume_states ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
+  if (made.status().code() == StatusCode::kAlreadyExists) {
+    return made.status().Annotate("to train on from it, set resume_states");
+  }
+  ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
+  return Status::Ok();
+}
+
+Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
+  const ModelSpec& m = options_.model;
+  const float in_scale =
+      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
+  const float out_scale =
+      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
+  const uint32_t d_in = m.activation == Activation::kSwiGlu ? 2 * m.d_ff : m.d_ff;
+  const uint64_t in_elems = uint64_t{m.d_model} * d_in;
+  const uint32_t moment_arrays = store_->layout().moments;
+  const bool weights_on_nvme = options_.weights == WeightsPlacement::kNvme;
+  std::vector<float> initial(nvme != nullptr ? params_ : 0);  // on its way to the NVMe master
+  entries_.resize(m.layers);
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    entries_[l].resize(index_.experts_in_layer(l));
+    for (uint32_t e = 0; e < entries_[l].size(); ++e) {
+      Entry& x = entries_[l][e];
+      const ExpertId id{l, e};
+      x.id = index_.Flat(id);
+      if (!weights_on_nvme) {
+        ECSS_ASSIGN_OR_RETURN(x.weights, store_->Resident(ExpertState::kWeights, id));
+      }
+      ECSS_ASSIGN_OR_RETURN(x.grad, pinned_->Allocate(params_ * 4, MemoryTag::kGradients));
+      auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
+      if (nvme != nullptr && options_.resume_states) {
+        Status resumed = nvme->Resume(x.id, compute_copy);
+        if (!resumed.ok()) {
+          return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
+                                         options_.nvme_dirs[0], " (files of another model?)"));
+        }
+        continue;
+      }
+      // f32: the compute weights are the master weights (the device copies what the
+      // optimizer updates).
+      float* master = initial.data();
+      if (nvme == nullptr) {
+        ECSS_ASSIGN_OR_RETURN(
+            void* resident,
+            store_->Resident(m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
+                             id));
+        master = static_cast<float*>(resident);
+      }
+      CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
+      for (uint64_t i = 0; i < params_; ++i) {
+        const float scale = i < in_elems ? in_scale : out_scale;
+        master[i] = (rng.UniformFloat() * 2 - 1) * scale;
+      }
+      if (nvme != nullptr) {
+        ECSS_RETURN_IF_ERROR(nvme->Initialize(x.id, master, compute_copy));
+        continue;
+      }
+      ECSS_ASSIGN_OR_RETURN(void* moments, store_->Resident(ExpertState::kMoments, id));
+      ExpertArrays arrays;
+      arrays.master = master;
+      arrays.state0 = static_cast<float*>(moments);  // zeros: the store starts them so
+      arrays.state1 = moment_arrays == 2 ? arrays.state0 + params_ : nullptr;
+      arrays.size = params_;
+      if (m.dtype == DType::kBF16) {
+        ConvertF32ToBf16(master, compute_copy, params_);
+        arrays.compute_copy = compute_copy;
+      }
+      ECSS_ASSIGN_OR_RETURN(const uint32_t registered, host->Register(arrays));
+      if (registered != x.id) return InternalError("host updater ids out of order");
+    }
+  }
+  if (options_.delayed_update) {  // the first published weights: the initial ones
+    for (std::vector<Entry>& layer : entries_) {
+      for (Entry& x : layer) {
+        ECSS_ASSIGN_OR_RETURN(x.front, pinned_->Allocate(expert_bytes_, MemoryTag::kExpertWeights));
+        std::memcpy(x.front.data(), x.weights, expert_bytes_);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+uint32_t ExpertTable::experts_in_layer(uint32_t layer) const {
+  return layer < entries_.size() ? static_cast<uint32_t>(entries_[layer].size()) : 0;
+}
+
+const void* ExpertTable::FetchSource(ExpertId id) const {
+  const Entry& x = at(id);
+  return options_.delayed_update ? x.front.data() : x.weights;
+}
+
+void ExpertTable::Publish(ExpertId id) {
+  Entry& x = at(id);
+  std::memcpy(x.front.data(), x.weights, expert_bytes_);
+}
+
+void ExpertTable::ClearTouched() {
+  for (std::vector<Entry>& layer : entries_) {
+    for (Entry& x : layer) x.touched = false;
+  }
+}
+
+uint64_t ExpertTable::nvme_bytes() const {
+  return updater_->nvme_bytes() + (stager_ != nullptr ? stager_->bytes_read() : 0);
+}
+
+uint64_t ExpertTable::pinned_peak_bytes() const {
+  uint64_t peak = pinned_->stats().peak_used_bytes;
+  if (store_->pinned_memory() != nullptr) peak += store_->pinned_memory()->stats().peak_used_bytes;
+  return peak;
+}
+
+uint64_t ExpertTable::host_peak_bytes() const {
+  return store_->host_memory() != nullptr ? store_->host_memory()->stats().peak_used_bytes : 0;
+}
+
+}  // namespace ecss

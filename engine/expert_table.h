@@ -1,0 +1,97 @@
+// ExpertTable: every expert of a session, and the one owner of their state (internal to
+// engine). The expert store holds each expert's compute weights, master weights and moments
+// on the tiers their placement names (StoreOptionsFor); the updater applies the optimizer to
+// them; the table adds each expert's pinned fp32 gradient accumulator and, with the delayed
+// update, the published copy of its weights that the device fetches. Create sizes everything
+// as the session's memory plan lists it, and starts every expert from its own counter-based
+// stream (so that every placement starts from the same weights) or, with resume_states, from
+// the store's NVMe states.
+// Thread-compatible: the session's driving thread calls it; the updater's threads reach the
+// states through the store.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/expert_updater.h"
+#include "engine/memory_plan.h"
+#include "engine/session_options.h"
+#include "offload/expert_index.h"
+#include "offload/expert_store.h"
+#include "offload/weight_stager.h"
+#include "runtime/device/backend.h"
+#include "runtime/device/pinned_pool.h"
+
+namespace ecss {
+
+class ExpertTable {
+ public:
+  struct Entry {
+    uint32_t id = 0;          // the updater's id (the index's flat id)
+    void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
+    Buffer front;             // delayed update: what the device copies (weights as last published)
+    Buffer grad;              // pinned fp32 gradient accumulator
+    bool touched = false;     // has a gradient in the current step
+  };
+
+  // `options.optimizer` goes to the updater as it is (the caller sets its trace and
+  // on_update). AlreadyExists (naming resume_states) when the NVMe directory holds a store and
+  // resume_states is off; the store's and updater's errors otherwise.
+  static StatusOr<std::unique_ptr<ExpertTable>> Create(Backend& backend,
+                                                       const SessionOptions& options,
+                                                       const MemoryPlan& memory);
+  ~ExpertTable();
+  ExpertTable(const ExpertTable&) = delete;
+  ExpertTable& operator=(const ExpertTable&) = delete;
+
+  const ExpertIndex& index() const { return index_; }
+  uint32_t experts_in_layer(uint32_t layer) const;
+  Entry& at(ExpertId id) { return entries_[id.layer][id.expert]; }
+  const Entry& at(ExpertId id) const { return entries_[id.layer][id.expert]; }
+  // What the device fetches for `id`: its published copy with the delayed update, else the
+  // store's pinned weights; null where they live on NVMe (the stager reads them).
+  const void* FetchSource(ExpertId id) const;
+  // Delayed update: `id`'s updated weights become what the device fetches. Nothing may read
+  // its published copy meanwhile.
+  void Publish(ExpertId id);
+  // Drops every expert's gradient of the current step (a step that failed).
+  void ClearTouched();
+
+  ExpertUpdater& updater() { return *updater_; }
+  const ExpertUpdater& updater() const { return *updater_; }
+  WeightStager* stager() { return stager_.get(); }  // null unless the weights live on NVMe
+  // The session's pinned pool, beside the store's own: gradients, the updater's staging.
+  PinnedHostPool& pinned() { return *pinned_; }
+  // NVMe bytes the updates (states read and written, weights written) and the stager moved
+  // since creation; not the initial writes, nor Master's reads.
+  uint64_t nvme_bytes() const;
+  // After the updater's Synchronize: the expert's fp32 master weights.
+  StatusOr<std::vector<float>> Master(ExpertId id) { return updater_->Master(at(id).id); }
+  // The peaks of the pinned pools (the session's and the store's) and of the store's host
+  // memory.
+  uint64_t pinned_peak_bytes() const;
+  uint64_t host_peak_bytes() const;
+
+ private:
+  ExpertTable(Backend& backend, const SessionOptions& options, const MemoryPlan& memory);
+  Status CreateStore(uint64_t pinned_bytes);
+  Status CreateAll(const MemoryPlan& memory);
+  // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
+  Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
+
+  Backend& backend_;
+  const SessionOptions options_;
+  const uint64_t params_;        // per expert
+  const uint64_t expert_bytes_;  // compute weights of one expert
+  ExpertIndex index_;
+  // Declared before what uses them: the updater reads and writes the store, the stager reads
+  // it; the updater's staging and the entries' buffers are carved from the pinned pool.
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<WeightStager> stager_;
+  std::unique_ptr<PinnedHostPool> pinned_;
+  std::unique_ptr<ExpertUpdater> updater_;
+  std::vector<std::vector<Entry>> entries_;  // [layer][expert]
+};
+
+}  // namespace ecss
