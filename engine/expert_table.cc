@@ -71,7 +71,9 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   return Status::Ok();
 }
 
-Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
+// Expert `id`'s initial master weights, from its own counter-based stream: W_in ~ U(-s, s)
+// with s = 1/sqrt(d_model), W_out with 1/sqrt(d_ff), or both with the model's init_scale.
+void ExpertTable::DrawMaster(ExpertId id, float* master) const {
   const ModelSpec& m = options_.model;
   const float in_scale =
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
@@ -79,6 +81,15 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint32_t d_in = m.activation == Activation::kSwiGlu ? 2 * m.d_ff : m.d_ff;
   const uint64_t in_elems = uint64_t{m.d_model} * d_in;
+  CounterRng rng(m.seed, (uint64_t{id.layer} << 32) | id.expert);
+  for (uint64_t i = 0; i < params_; ++i) {
+    const float scale = i < in_elems ? in_scale : out_scale;
+    master[i] = (rng.UniformFloat() * 2 - 1) * scale;
+  }
+}
+
+Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
+  const ModelSpec& m = options_.model;
   const uint32_t moment_arrays = store_->layout().moments;
   const bool weights_on_nvme = options_.weights == WeightsPlacement::kNvme;
   std::vector<float> initial(nvme != nullptr ? params_ : 0);  // on its way to the NVMe master
@@ -112,11 +123,7 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
                              id));
         master = static_cast<float*>(resident);
       }
-      CounterRng rng(m.seed, (uint64_t{l} << 32) | e);
-      for (uint64_t i = 0; i < params_; ++i) {
-        const float scale = i < in_elems ? in_scale : out_scale;
-        master[i] = (rng.UniformFloat() * 2 - 1) * scale;
-      }
+      DrawMaster(id, master);
       if (nvme != nullptr) {
         ECSS_RETURN_IF_ERROR(nvme->Initialize(x.id, master, compute_copy));
         continue;

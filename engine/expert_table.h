@@ -79,6 +79,7 @@ class ExpertTable {
   Status CreateAll(const MemoryPlan& memory);
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
+  void DrawMaster(ExpertId id, float* master) const;
 
   Backend& backend_;
   const SessionOptions options_;
