@@ -43,14 +43,6 @@ namespace ecss {
 
 class Backend;
 
-// A learned gate's choices for one micro-batch's layer: host arrays [tokens, k], k distinct
-// experts of the layer per token (ascending or not) and their combine weights.
-struct GateChoices {
-  const uint32_t* experts = nullptr;
-  const float* weights = nullptr;
-  uint32_t k = 0;
-};
-
 class Session {
  public:
   // InvalidArgument naming a bad spec or option; ResourceExhausted naming the bytes needed

@@ -25,7 +25,7 @@
 #include "engine/expert_table.h"
 #include "engine/memory_plan.h"
 #include "engine/plan_recorder.h"
-#include "engine/session.h"
+#include "engine/session_options.h"
 #include "engine/step_plan.h"
 #include "engine/step_stats.h"
 #include "kernels/kernel_runner.h"

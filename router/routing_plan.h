@@ -26,6 +26,14 @@ struct MicroBatch {
   const uint32_t* domain_ids = nullptr;
 };
 
+// A learned gate's choices for one micro-batch's layer: host arrays [tokens, k], k distinct
+// experts of the layer per token (ascending or not) and their combine weights.
+struct GateChoices {
+  const uint32_t* experts = nullptr;
+  const float* weights = nullptr;
+  uint32_t k = 0;
+};
+
 // A view of one layer's plan. "Slots" are (token, choice) pairs, slot = token * k + choice;
 // "rows" are slots sorted by expert (stable: by slot within an expert).
 struct LayerPlan {
