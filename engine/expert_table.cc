@@ -15,7 +15,9 @@ ExpertTable::ExpertTable(Backend& backend, const SessionOptions& options, const 
       expert_bytes_(memory.expert_bytes),
       index_(options.ExpertsPerLayer()) {}
 
-ExpertTable::~ExpertTable() = default;
+ExpertTable::~ExpertTable() {
+  if (updater_ != nullptr) updater_->Synchronize().IgnoreError();  // reported by the session
+}
 
 StatusOr<std::unique_ptr<ExpertTable>> ExpertTable::Create(Backend& backend,
                                                            const SessionOptions& options,
@@ -33,15 +35,15 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
   pool_options.capacity_bytes =
-      (options_.pinned_budget_bytes == 0 ? memory.Total(MemoryTier::kPinned)
-                                         : options_.pinned_budget_bytes) -
+      (options_.budgets.pinned_bytes == 0 ? memory.Total(MemoryTier::kPinned)
+                                          : options_.budgets.pinned_bytes) -
       store_pinned;
   pool_options.lock_pages = false;
   ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool_options));
-  if (options_.weights == WeightsPlacement::kNvme) {
+  if (options_.placement.weights_on_nvme()) {
     ECSS_ASSIGN_OR_RETURN(stager_, WeightStager::Create(*store_, memory.weight_staging_blocks));
   }
-  if (options_.states == StatesPlacement::kNvme) {
+  if (options_.placement.states_on_nvme()) {
     NvmeUpdaterOptions nvme = NvmeOptionsFor(options_, params_);
     nvme.store = store_.get();
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
@@ -56,16 +58,17 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
   return Status::Ok();
 }
 
-// The expert store (StoreOptionsFor): in nvme_dirs with states on NVMe (created, or opened
-// with resume_states), else in memory only; `pinned_bytes` of pinned memory, the host budget.
+// The expert store (StoreOptionsFor): in placement.nvme_dirs with states on NVMe (created, or
+// opened with placement.resume), else in memory only; `pinned_bytes` of pinned memory, the host
+// budget.
 Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   ExpertStoreOptions o = StoreOptionsFor(options_, params_);
   o.pinned_budget_bytes = pinned_bytes;
-  o.host_budget_bytes = options_.host_budget_bytes;
+  o.host_budget_bytes = options_.budgets.host_bytes;
   auto made =
-      options_.resume_states ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
+      options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
-    return made.status().Annotate("to train on from it, set resume_states");
+    return made.status().Annotate("to train on from it, set placement.resume");
   }
   ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
   return Status::Ok();
@@ -91,7 +94,7 @@ void ExpertTable::DrawMaster(ExpertId id, float* master) const {
 Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
   const ModelSpec& m = options_.model;
   const uint32_t moment_arrays = store_->layout().moments;
-  const bool weights_on_nvme = options_.weights == WeightsPlacement::kNvme;
+  const bool weights_on_nvme = options_.placement.weights_on_nvme();
   std::vector<float> initial(nvme != nullptr ? params_ : 0);  // on its way to the NVMe master
   entries_.resize(m.layers);
   for (uint32_t l = 0; l < m.layers; ++l) {
@@ -105,11 +108,12 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
       }
       ECSS_ASSIGN_OR_RETURN(x.grad, pinned_->Allocate(params_ * 4, MemoryTag::kGradients));
       auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
-      if (nvme != nullptr && options_.resume_states) {
+      if (nvme != nullptr && options_.placement.resume) {
         Status resumed = nvme->Resume(x.id, compute_copy);
         if (!resumed.ok()) {
           return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
-                                         options_.nvme_dirs[0], " (files of another model?)"));
+                                         options_.placement.nvme_dirs[0],
+                                         " (files of another model?)"));
         }
         continue;
       }

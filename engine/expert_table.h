@@ -4,10 +4,10 @@
 // them; the table adds each expert's pinned fp32 gradient accumulator and, with the delayed
 // update, the published copy of its weights that the device fetches. Create sizes everything
 // as the session's memory plan lists it, and starts every expert from its own counter-based
-// stream (so that every placement starts from the same weights) or, with resume_states, from
+// stream (so that every placement starts from the same weights) or, with placement.resume, from
 // the store's NVMe states.
 // Thread-compatible: the session's driving thread calls it; the updater's threads reach the
-// states through the store.
+// states through the store, and read index() (an update's observer maps its id).
 #pragma once
 
 #include <cstdint>
@@ -36,12 +36,12 @@ class ExpertTable {
   };
 
   // `options.optimizer` goes to the updater as it is (the caller sets its trace and
-  // on_update). AlreadyExists (naming resume_states) when the NVMe directory holds a store and
-  // resume_states is off; the store's and updater's errors otherwise.
+  // on_update). AlreadyExists (naming placement.resume) when the NVMe directory holds a store and
+  // placement.resume is off; the store's and updater's errors otherwise.
   static StatusOr<std::unique_ptr<ExpertTable>> Create(Backend& backend,
                                                        const SessionOptions& options,
                                                        const MemoryPlan& memory);
-  ~ExpertTable();
+  ~ExpertTable();  // waits for the updates in flight (they read the gradients)
   ExpertTable(const ExpertTable&) = delete;
   ExpertTable& operator=(const ExpertTable&) = delete;
 
@@ -87,12 +87,13 @@ class ExpertTable {
   const uint64_t expert_bytes_;  // compute weights of one expert
   ExpertIndex index_;
   // Declared before what uses them: the updater reads and writes the store, the stager reads
-  // it; the updater's staging and the entries' buffers are carved from the pinned pool.
+  // it; the entries' buffers and the updater's staging are carved from the pinned pool; the
+  // updater reads the entries' gradients until its updates finish.
   std::unique_ptr<ExpertStore> store_;
   std::unique_ptr<WeightStager> stager_;
   std::unique_ptr<PinnedHostPool> pinned_;
-  std::unique_ptr<ExpertUpdater> updater_;
   std::vector<std::vector<Entry>> entries_;  // [layer][expert]
+  std::unique_ptr<ExpertUpdater> updater_;
 };
 
 }  // namespace ecss

@@ -212,23 +212,20 @@ NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params
 }
 
 ExpertStoreOptions StoreOptionsFor(const SessionOptions& options, uint64_t params) {
-  const bool states = options.states == StatesPlacement::kNvme;
-  const bool weights = options.weights == WeightsPlacement::kNvme;
+  const Placement& p = options.placement;
   const auto arrays = static_cast<uint32_t>(StateArrays(options.optimizer.kind));
   ExpertStoreOptions store;
   store.layout.experts_per_layer = options.ExpertsPerLayer();
   store.layout.params_per_expert = params;
   store.layout.weights_dtype = options.model.dtype;
-  store.layout.moments = states ? arrays : std::max(1u, arrays);
-  const Tier master = states                                ? Tier::kNvme
-                      : options.model.dtype == DType::kBF16 ? Tier::kHost
-                                                            : Tier::kNone;
-  store.placement = {weights ? Tier::kNvme : Tier::kPinned, master,
-                     states ? Tier::kNvme : Tier::kHost, Tier::kNone};
-  if (states) store.dirs = options.nvme_dirs;
+  store.layout.moments = p.states_on_nvme() ? arrays : std::max(1u, arrays);
+  // f32 models update their compute weights in place: those are the master.
+  const Tier master = options.model.dtype == DType::kF32 ? Tier::kNone : p.master;
+  store.placement = {p.weights, master, p.moments, Tier::kNone};  // gradients: the session's
+  if (p.states_on_nvme()) store.dirs = p.nvme_dirs;
   store.durable_memory_states = false;
   store.lock_pinned_pages = false;  // as the session's own pool
-  store.io_engines = options.io_engines;
+  store.io_engines = p.io_engines;
   return store;
 }
 

@@ -61,12 +61,12 @@ class Planner {
     p.expert_bytes = p.params * DTypeSize(m.dtype);
     p.max_rows = MaxRows(o_);
     p.max_groups = naive ? widest : std::min(widest, p.max_rows);
-    if (o_.max_active_experts_per_layer > 0 && !naive) {
-      p.max_groups = std::min(p.max_groups, o_.max_active_experts_per_layer);
+    if (o_.limits.max_active_experts_per_layer > 0 && !naive) {
+      p.max_groups = std::min(p.max_groups, o_.limits.max_active_experts_per_layer);
     }
     const uint64_t gradient_bytes = p.params * 4;
-    const bool states_on_nvme = o_.states == StatesPlacement::kNvme;
-    const bool weights_on_nvme = o_.weights == WeightsPlacement::kNvme;
+    const bool states_on_nvme = o_.placement.states_on_nvme();
+    const bool weights_on_nvme = o_.placement.weights_on_nvme();
 
     // The expert store: every expert's compute weights (pinned, unless on NVMe), master
     // weights (bf16 in host memory; f32: the compute weights themselves) and moments (host,
@@ -81,8 +81,9 @@ class Planner {
     Add("store staging", MemoryTier::kPinned, MemoryTag::kStaging, 1,
         ExpertStore::StagingBytes(store), true);
     if (weights_on_nvme) {
-      p.weight_staging_blocks =
-          o_.weight_staging_blocks > 0 ? o_.weight_staging_blocks : p.max_groups;
+      p.weight_staging_blocks = o_.placement.weight_staging_blocks > 0
+                                    ? o_.placement.weight_staging_blocks
+                                    : p.max_groups;
       Add("weight staging blocks", MemoryTier::kPinned, MemoryTag::kStaging,
           p.weight_staging_blocks, StateBlockBytes(p.expert_bytes), true);
     }
@@ -108,7 +109,7 @@ class Planner {
     p.activation_bytes = uint64_t{p.max_rows} * m.d_model * DTypeSize(m.dtype);
     p.workspace_bytes = std::max<uint64_t>(ffn_workspace_bytes, 256);
     Add("saved activations", MemoryTier::kDevice, MemoryTag::kActivations,
-        uint64_t{o_.max_micro_batches} * m.layers, p.activation_bytes);
+        uint64_t{o_.limits.max_micro_batches} * m.layers, p.activation_bytes);
     Add("permuted activations", MemoryTier::kDevice, MemoryTag::kActivations, 2,
         p.activation_bytes);
     Add("kernel workspace", MemoryTier::kDevice, MemoryTag::kWorkspace, 1, p.workspace_bytes);
@@ -116,7 +117,7 @@ class Planner {
         p.max_groups * gradient_bytes);
     // One routing plan per micro-batch (RRE: every layer), or per micro-batch layer (gates).
     const uint64_t plan_layers = gated ? 1 : m.layers;
-    p.plan_slots = o_.max_micro_batches * (gated ? m.layers : 1);
+    p.plan_slots = o_.limits.max_micro_batches * (gated ? m.layers : 1);
     p.plan_slot_bytes =
         AlignUp(PlanWords(plan_layers, p.max_rows, std::min(widest, p.max_rows)) * 4,
                 device_.alignment_bytes);
@@ -124,9 +125,9 @@ class Planner {
         uint64_t{p.plan_slots} * p.plan_slot_bytes);
     ECSS_RETURN_IF_ERROR(PlanCache(experts));
     ECSS_RETURN_IF_ERROR(
-        CheckBudget(MemoryTier::kPinned, o_.pinned_budget_bytes, "pinned_budget_bytes", experts));
+        CheckBudget(MemoryTier::kPinned, o_.budgets.pinned_bytes, "budgets.pinned_bytes", experts));
     ECSS_RETURN_IF_ERROR(
-        CheckBudget(MemoryTier::kHost, o_.host_budget_bytes, "host_budget_bytes", experts));
+        CheckBudget(MemoryTier::kHost, o_.budgets.host_bytes, "budgets.host_bytes", experts));
     return plan_;
   }
 
@@ -137,14 +138,14 @@ class Planner {
     MemoryPlan& p = plan_;
     const uint64_t fixed = p.Total(MemoryTier::kDevice);
     const uint64_t slot = device_.Block(p.expert_bytes);
-    const uint64_t left = o_.device_budget_bytes > fixed ? o_.device_budget_bytes - fixed : 0;
+    const uint64_t left = o_.budgets.device_bytes > fixed ? o_.budgets.device_bytes - fixed : 0;
     p.cache_slots = static_cast<uint32_t>(std::min<uint64_t>(left / slot, experts));
     if (p.cache_slots < p.max_groups) {
       return ResourceExhaustedError(StrCat(
-          "session: device budget ", HumanBytes(o_.device_budget_bytes), " leaves room for ",
+          "session: device budget ", HumanBytes(o_.budgets.device_bytes), " leaves room for ",
           p.cache_slots, " expert slots after ", HumanBytes(fixed),
           " of activations and workspace; one layer's active experts need at least ", p.max_groups,
-          " slots (max_active_experts_per_layer): ", HumanBytes(fixed + p.max_groups * slot),
+          " slots (limits.max_active_experts_per_layer): ", HumanBytes(fixed + p.max_groups * slot),
           " in all"));
     }
     Add(std::string(kCacheSlotsItem), MemoryTier::kDevice, MemoryTag::kExpertWeights, p.cache_slots,
@@ -241,7 +242,7 @@ std::string MemoryPlan::Summary() const {
 }
 
 uint32_t MaxRows(const SessionOptions& options) {
-  return options.max_tokens_per_micro_batch *
+  return options.limits.max_tokens_per_micro_batch *
          (options.routing == Routing::kLearnedGate ? options.gate_k : 1);
 }
 

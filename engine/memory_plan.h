@@ -70,7 +70,7 @@ struct MemoryPlan {
   uint64_t Total(MemoryTier tier) const;
   uint64_t StoreTotal(MemoryTier tier) const;           // of the items in_store
   const MemoryItem* Find(std::string_view what) const;  // null when not planned
-  // The device_budget_bytes whose plan has `slots` expert cache slots (at least
+  // The budgets.device_bytes whose plan has `slots` expert cache slots (at least
   // max_active_experts_per_layer, at most every expert, for the same options otherwise):
   // this plan's device items other than the cache, plus the slots.
   uint64_t DeviceBudgetFor(uint32_t slots) const;
@@ -85,8 +85,8 @@ uint32_t MaxRows(const SessionOptions& options);
 // REQUIRES: options.Validate() passed. `ffn_workspace_bytes`: the grouped FFN's scratch for a
 // micro-batch of max_rows rows, forward or backward (the kernels' own figure). The NVMe
 // states' staging comes from engine/expert_updater.h. ResourceExhausted naming the tier, the
-// bytes needed and what for when a budget (device_budget_bytes; pinned_budget_bytes and
-// host_budget_bytes unless 0 = exactly what is needed) is too small.
+// bytes needed and what for when a budget (budgets.device_bytes; budgets.pinned_bytes and
+// budgets.host_bytes unless 0 = exactly what is needed) is too small.
 StatusOr<MemoryPlan> PlanMemory(const SessionOptions& options, const DeviceMemoryRules& device,
                                 uint64_t ffn_workspace_bytes);
 

@@ -114,10 +114,11 @@ struct Session::Impl {
 Status Session::Impl::CreateAll() {
   ECSS_RETURN_IF_ERROR(options.Validate());
   const BackendCapabilities& caps = backend.capabilities();
-  if (options.device_budget_bytes == 0 || options.device_budget_bytes > caps.device_memory_bytes) {
-    return InvalidArgumentError(StrCat("session: device_budget_bytes ", options.device_budget_bytes,
-                                       " must be in (0, ", caps.device_memory_bytes,
-                                       "] (the backend's device memory)"));
+  if (options.budgets.device_bytes == 0 ||
+      options.budgets.device_bytes > caps.device_memory_bytes) {
+    return InvalidArgumentError(
+        StrCat("session: budgets.device_bytes ", options.budgets.device_bytes, " must be in (0, ",
+               caps.device_memory_bytes, "] (the backend's device memory)"));
   }
   if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
   if (options.record_op_times) {  // when each expert's update ran, for the executed plans
@@ -173,19 +174,19 @@ Session::~Session() = default;  // the executor waits for the device and the upd
 // ---- Checks ----------------------------------------------------------------------------------
 
 Status Session::Impl::CheckBatches(const std::vector<MicroBatch>& batches) const {
-  if (batches.empty() || batches.size() > options.max_micro_batches) {
+  if (batches.empty() || batches.size() > options.limits.max_micro_batches) {
     return InvalidArgumentError(StrCat("BeginStep: ", batches.size(),
                                        " micro-batches; the session takes 1 to ",
-                                       options.max_micro_batches));
+                                       options.limits.max_micro_batches));
   }
   for (uint32_t b = 0; b < batches.size(); ++b) {
     const MicroBatch& in = batches[b];
     const uint64_t tokens = uint64_t{in.batch_size} * in.seq_len;
-    if (tokens == 0 || tokens > options.max_tokens_per_micro_batch ||
+    if (tokens == 0 || tokens > options.limits.max_tokens_per_micro_batch ||
         (!gated() && (in.token_ids == nullptr || in.domain_ids == nullptr))) {
-      return InvalidArgumentError(StrCat("BeginStep: micro-batch ", b, " has ", tokens,
-                                         " tokens (1 to ", options.max_tokens_per_micro_batch,
-                                         ") or null arrays"));
+      return InvalidArgumentError(
+          StrCat("BeginStep: micro-batch ", b, " has ", tokens, " tokens (1 to ",
+                 options.limits.max_tokens_per_micro_batch, ") or null arrays"));
     }
   }
   return Status::Ok();
@@ -292,35 +293,35 @@ Status Session::Impl::Begin(const std::vector<MicroBatch>& micro_batches, float 
   return begun;
 }
 
-Status Session::Forward(uint32_t micro_batch, uint32_t layer, const TensorView& x,
+Status Session::Forward(MicroBatchIndex micro_batch, LayerIndex layer, const TensorView& x,
                         const TensorView& y) {
-  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, x, "Forward input"));
-  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, y, "Forward output"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch.value, x, "Forward input"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch.value, y, "Forward output"));
   return Forward(micro_batch, layer, x.data, y.data);
 }
 
-Status Session::Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy,
+Status Session::Backward(MicroBatchIndex micro_batch, LayerIndex layer, const TensorView& dy,
                          const TensorView& dx) {
-  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, dy, "Backward output gradient"));
-  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch, dx, "Backward input gradient"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch.value, dy, "Backward output gradient"));
+  ECSS_RETURN_IF_ERROR(impl_->CheckView(micro_batch.value, dx, "Backward input gradient"));
   return Backward(micro_batch, layer, dy.data, dx.data);
 }
 
-Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y) {
+Status Session::Forward(MicroBatchIndex micro_batch, LayerIndex layer, const void* x, void* y) {
   if (impl_->gated()) {
     return FailedPreconditionError(
         "Forward: this session routes with a learned gate; pass the gate's choices");
   }
-  return impl_->Forward(micro_batch, layer, x, y, nullptr, nullptr);
+  return impl_->Forward(micro_batch.value, layer.value, x, y, nullptr, nullptr);
 }
 
-Status Session::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+Status Session::Forward(MicroBatchIndex micro_batch, LayerIndex layer, const void* x, void* y,
                         const GateChoices& gate, void* choice_outputs) {
   if (!impl_->gated()) {
     return FailedPreconditionError(
         "Forward: this session routes with RRE tables; gate choices are for Routing::kLearnedGate");
   }
-  return impl_->Forward(micro_batch, layer, x, y, &gate, choice_outputs);
+  return impl_->Forward(micro_batch.value, layer.value, x, y, &gate, choice_outputs);
 }
 
 Status Session::Impl::Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
@@ -336,13 +337,15 @@ Status Session::Impl::Forward(uint32_t micro_batch, uint32_t layer, const void* 
   return executor->Forward(micro_batch, layer, x, y, gate, choice_outputs);
 }
 
-Status Session::Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx) {
+Status Session::Backward(MicroBatchIndex micro_batch_index, LayerIndex layer_index, const void* dy,
+                         void* dx) {
   Impl& s = *impl_;
-  ECSS_RETURN_IF_ERROR(s.CheckLayer("Backward", micro_batch, layer));
-  if (s.evaluating) {
+  const uint32_t micro_batch = micro_batch_index.value, layer = layer_index.value;
+  if (s.in_step && s.evaluating) {
     return FailedPreconditionError(
         "Backward in an evaluation step (BeginEvaluation runs Forward only)");
   }
+  ECSS_RETURN_IF_ERROR(s.CheckLayer("Backward", micro_batch, layer));
   const StepExecutor::LayerProgress done = s.executor->progress(micro_batch, layer);
   if (!done.forwarded) {
     return FailedPreconditionError(StrCat("Backward: micro-batch ", micro_batch, " layer ", layer,
@@ -442,11 +445,12 @@ Status Session::SetHyperParams(const HyperParams& params) {
 
 Stream Session::compute_stream() const { return impl_->executor->compute_stream(); }
 
-StatusOr<std::vector<float>> Session::MasterWeights(uint32_t layer, uint32_t expert) {
-  if (expert >= impl_->table->experts_in_layer(layer)) {
-    return InvalidArgumentError(StrCat("MasterWeights: no expert (", layer, ", ", expert, ")"));
+StatusOr<std::vector<float>> Session::MasterWeights(LayerIndex layer, uint32_t expert) {
+  if (expert >= impl_->table->experts_in_layer(layer.value)) {
+    return InvalidArgumentError(
+        StrCat("MasterWeights: no expert (", layer.value, ", ", expert, ")"));
   }
-  return impl_->table->Master({layer, expert});
+  return impl_->table->Master({layer.value, expert});
 }
 
 StatusOr<StepPlan> Session::ExecutedPlan(uint64_t step) const {

@@ -43,14 +43,25 @@ namespace ecss {
 
 class Backend;
 
+// The micro-batch of a step and the sparse layer a call is for: distinct types, so that the
+// two cannot be swapped by accident: Forward(MicroBatchIndex{0}, LayerIndex{l}, x, y).
+struct MicroBatchIndex {
+  constexpr explicit MicroBatchIndex(uint32_t v) : value(v) {}
+  uint32_t value;
+};
+struct LayerIndex {
+  constexpr explicit LayerIndex(uint32_t v) : value(v) {}
+  uint32_t value;
+};
+
 class Session {
  public:
   // InvalidArgument naming a bad spec or option; ResourceExhausted naming the bytes needed
   // when the device budget cannot hold one layer's experts for a step, or a host budget is too
   // small. `backend` must outlive the session.
   static StatusOr<std::unique_ptr<Session>> Create(Backend& backend, const SessionOptions& options);
-  // The memory plan Create would allocate by on `backend` (its allocation rules and kernels'
-  // scratch), without allocating: to size device_budget_bytes before creating, e.g. with
+  // The memory plan by which Create would allocate on `backend` (its allocation rules and
+  // kernels' scratch), without allocating: to size budgets.device_bytes before creating, e.g. with
   // MemoryPlan::DeviceBudgetFor. The budget is not checked against the backend's memory.
   // Create's errors otherwise.
   static StatusOr<MemoryPlan> PlanMemoryOn(Backend& backend, const SessionOptions& options);
@@ -71,19 +82,20 @@ class Session {
   Status BeginStep(const std::vector<MicroBatch>& micro_batches, float loss_scale = 1.0f);
   // x, y: device [tokens, d_model] of the model's dtype (tokens of that micro-batch). Each
   // (micro-batch, layer) once per step. RRE routing only.
-  Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y);
+  Status Forward(MicroBatchIndex micro_batch, LayerIndex layer, const void* x, void* y);
   // The same with typed views, checked before anything is read: each must be of the model's
   // dtype, shaped [tokens of the micro-batch, d_model] and on this session's device
   // (InvalidArgument naming the tensor, what was given and what is expected); the ranges are
   // then checked against device memory as above. RRE routing only.
-  Status Forward(uint32_t micro_batch, uint32_t layer, const TensorView& x, const TensorView& y);
+  Status Forward(MicroBatchIndex micro_batch, LayerIndex layer, const TensorView& x,
+                 const TensorView& y);
   // Routing::kLearnedGate: the gate's choices route this layer (InvalidArgument naming a bad
   // expert, a repeated choice, a non-finite weight or k != gate_k; ResourceExhausted when
   // they activate more experts than the session was sized for). Its experts are fetched now.
   // choice_outputs (optional, device [tokens * k, d_model]): each choice's unweighted expert
   // output, slot = token * k + choice, from which the loop computes its gate's gradient
   // (dLoss/dweight[t][j] = dot(dy[t], choice_outputs[t * k + j])).
-  Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
+  Status Forward(MicroBatchIndex micro_batch, LayerIndex layer, const void* x, void* y,
                  const GateChoices& gate, void* choice_outputs = nullptr);
   // An evaluation step (validation loss, checking a model against another): Forward only,
   // with the weights the next training step computes with (with delayed_update the update in
@@ -92,9 +104,10 @@ class Session {
   Status BeginEvaluation(const std::vector<MicroBatch>& micro_batches);
   // dy, dx: device [tokens, d_model]. Requires that (micro-batch, layer)'s Forward; not in an
   // evaluation step (FailedPrecondition).
-  Status Backward(uint32_t micro_batch, uint32_t layer, const void* dy, void* dx);
+  Status Backward(MicroBatchIndex micro_batch, LayerIndex layer, const void* dy, void* dx);
   // The same with typed views, checked as Forward's are.
-  Status Backward(uint32_t micro_batch, uint32_t layer, const TensorView& dy, const TensorView& dx);
+  Status Backward(MicroBatchIndex micro_batch, LayerIndex layer, const TensorView& dy,
+                  const TensorView& dx);
   // Requires every Backward of the step; FailedPrecondition otherwise (the step stays open).
   // Any other failure (an update's, see above) is returned after the step has ended.
   StatusOr<StepStats> EndStep();
@@ -112,7 +125,7 @@ class Session {
   Stream compute_stream() const;
   // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out
   // (d_ff x d_model)] row-major.
-  StatusOr<std::vector<float>> MasterWeights(uint32_t layer, uint32_t expert);
+  StatusOr<std::vector<float>> MasterWeights(LayerIndex layer, uint32_t expert);
   // The plan step `step` (StepStats::step) ran, as it ran: every op with its resource, bytes
   // or FLOPs and edges, and (with SessionOptions::record_op_times) start_s / end_s (seconds
   // since its BeginStep) of the ops it saw run; updates still running have none yet

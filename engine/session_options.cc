@@ -25,9 +25,9 @@ Status SessionOptions::Validate() const {
       return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has 0 experts"));
     }
   }
-  if (max_tokens_per_micro_batch == 0 || max_micro_batches == 0) {
+  if (limits.max_tokens_per_micro_batch == 0 || limits.max_micro_batches == 0) {
     return InvalidArgumentError(
-        "session: max_tokens_per_micro_batch and max_micro_batches must be > 0");
+        "session: limits.max_tokens_per_micro_batch and limits.max_micro_batches must be > 0");
   }
   const uint32_t layer_experts = ExpertsPerLayer()[0];
   if (routing == Routing::kLearnedGate && (gate_k == 0 || gate_k > layer_experts)) {
@@ -35,32 +35,61 @@ Status SessionOptions::Validate() const {
                                        layer_experts, "] (the experts of a layer)"));
   }
   const uint64_t rows =
-      uint64_t{max_tokens_per_micro_batch} * (routing == Routing::kLearnedGate ? gate_k : 1);
+      uint64_t{limits.max_tokens_per_micro_batch} * (routing == Routing::kLearnedGate ? gate_k : 1);
   if (rows > UINT32_MAX) {
-    return InvalidArgumentError("session: max_tokens_per_micro_batch x gate_k is too large");
+    return InvalidArgumentError("session: limits.max_tokens_per_micro_batch x gate_k is too large");
   }
-  const bool states_on_nvme = states == StatesPlacement::kNvme;
-  if (weights == WeightsPlacement::kNvme && (!states_on_nvme || delayed_update)) {
+  return ValidatePlacement();
+}
+
+// The placement table in session_options.h, rule by rule.
+Status SessionOptions::ValidatePlacement() const {
+  const Placement& p = placement;
+  const auto refuse = [](std::string_view field, Tier tier, std::string_view why) {
     return InvalidArgumentError(
-        "session: weights on NVMe need the states on NVMe too (the update streams them and "
-        "writes the new weights), and do not combine with delayed_update");
+        StrCat("session: placement.", field, " = ", TierName(tier), ": ", why));
+  };
+  if (p.gradients != Tier::kPinned) {
+    return refuse("gradients", p.gradients,
+                  "gradients accumulate in pinned memory (the device copies them there)");
   }
-  if (states_on_nvme && m.dtype != DType::kBF16) {
-    return InvalidArgumentError(
-        "session: states on NVMe need the bf16 dtype (the pinned compute weights are the "
-        "optimizer's bf16 copy)");
+  if (p.weights != Tier::kPinned && p.weights != Tier::kNvme) {
+    return refuse("weights", p.weights,
+                  "pinned or nvme (the device holds the expert cache; fetches copy from pinned "
+                  "memory)");
   }
-  if (states_on_nvme && nvme_dirs.empty()) {
-    return InvalidArgumentError("session: states on NVMe need at least one directory (nvme_dirs)");
+  if (p.master != Tier::kHost && p.master != Tier::kNvme) {
+    return refuse("master", p.master, "host or nvme");
+  }
+  if (p.moments != p.master) {
+    return refuse(
+        "moments", p.moments,
+        StrCat("with the master (", TierName(p.master), "): the optimizer streams them together"));
+  }
+  const bool states_on_nvme = p.states_on_nvme();
+  if (p.weights_on_nvme() && !states_on_nvme) {
+    return refuse("weights", p.weights,
+                  "needs the master and moments on NVMe too (the update streams them and "
+                  "writes the new weights)");
+  }
+  if (p.weights_on_nvme() && delayed_update) {
+    return refuse("weights", p.weights, "does not combine with delayed_update");
+  }
+  if (states_on_nvme && model.dtype != DType::kBF16) {
+    return refuse("master", p.master,
+                  "needs the bf16 dtype (the pinned compute weights are the optimizer's bf16 "
+                  "copy; f32 models update their weights in place)");
+  }
+  if (states_on_nvme && p.nvme_dirs.empty()) {
+    return refuse("master", p.master, "needs at least one directory (placement.nvme_dirs)");
   }
   if (states_on_nvme && optimizer.groups.size() != 1) {
-    return InvalidArgumentError(
-        StrCat("session: states on NVMe take one optimizer parameter "
-               "group (optimizer.groups has ",
-               optimizer.groups.size(), ")"));
+    return refuse("master", p.master,
+                  StrCat("takes one optimizer parameter group (optimizer.groups has ",
+                         optimizer.groups.size(), ")"));
   }
-  if (resume_states && !states_on_nvme) {
-    return InvalidArgumentError("session: resume_states needs states on NVMe");
+  if (p.resume && !states_on_nvme) {
+    return InvalidArgumentError("session: placement.resume needs the master and moments on NVMe");
   }
   return Status::Ok();
 }

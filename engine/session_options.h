@@ -1,6 +1,6 @@
-// SessionOptions: what a session is created from (engine/session.h): the model, the strategy,
-// the routing, where each state lives, the budgets and the optimizer. Every field documents
-// its default and unit. A plain value.
+// SessionOptions: what a session is created from (engine/session.h): the model, the strategy
+// and routing, the step limits, the budgets, where each state lives (Placement) and the
+// optimizer. Every field documents its default and unit. A plain value.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +15,7 @@
 #include "router/rre_router.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/status.h"
+#include "runtime/base/tier.h"
 
 namespace ecss {
 
@@ -41,11 +42,6 @@ struct ModelSpec {
 
 enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive };
 
-// Where the experts' fp32 master weights and optimizer moments live.
-enum class StatesPlacement : uint8_t {
-  kHost,  // host memory, updated in place by the CPU optimizer
-  kNvme,  // NVMe files (striped over nvme_dirs), streamed through pinned staging per update
-};
 // How a sparse layer's tokens choose their experts.
 enum class Routing : uint8_t {
   // Random Routed Experts: fixed token id -> expert tables per domain. The step's expert
@@ -57,47 +53,57 @@ enum class Routing : uint8_t {
   // measured against).
   kLearnedGate,
 };
-// Where the experts' compute weights (what the device fetches) live.
-enum class WeightsPlacement : uint8_t {
-  kPinned,  // pinned host memory, updated in place by the optimizer
-  // NVMe, in an ExpertStore (offload/expert_store.h) in nvme_dirs: fetches read them into
-  // pinned staging blocks first (offload/weight_stager.h), ahead of use within the pinned
-  // budget; each update writes the new bf16 copy there. Needs states on NVMe.
-  kNvme,
-};
-// The combinations a session accepts (SessionOptions::Validate refuses the rest, naming the
-// field), and what DeepSpeed calls the closest configuration (ZeRO stage 3,
-// zero_optimization.offload_optimizer.device / offload_param.device). The device holds only
-// the expert cache in every one; gradients accumulate in pinned host memory.
-//   states   weights  DeepSpeed
-//   kHost    kPinned  offload_optimizer cpu, offload_param cpu (ZeRO-Offload's CPU update;
-//                     with a device budget that holds every expert, ZeRO-Offload itself)
-//   kNvme    kPinned  offload_optimizer nvme, offload_param cpu
-//   kNvme    kNvme    offload_optimizer nvme, offload_param nvme (ZeRO-Infinity); not with
-//                     delayed_update
-//   kHost    kNvme    refused: the update that writes NVMe weights streams the states
-// Every expert's compute weights, master weights (bf16 models; f32 ones update the weights
-// in place) and moments then live in one expert store (offload/expert_store.h) on those tiers.
-std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
-StatusOr<Strategy> ParseStrategy(std::string_view name);
+// Where each state of every expert lives (Tier, runtime/base/tier.h), and what NVMe needs.
+// The combinations a session accepts (Validate refuses the rest, naming the field), and what
+// DeepSpeed calls the closest configuration (ZeRO stage 3, zero_optimization.offload_optimizer
+// .device / offload_param.device). The device holds only the expert cache in every one.
+//   weights  master  moments  gradients  DeepSpeed
+//   pinned   host    host     pinned     offload_optimizer cpu, offload_param cpu (ZeRO-Offload's
+//                                        CPU update; with a device budget that holds every
+//                                        expert, ZeRO-Offload itself)
+//   pinned   nvme    nvme     pinned     offload_optimizer nvme, offload_param cpu
+//   nvme     nvme    nvme     pinned     offload_optimizer nvme, offload_param nvme
+//                                        (ZeRO-Infinity); not with delayed_update
+// Refused: weights on the device (the device holds the cache, not the model) or in pageable
+// memory (fetches copy from pinned memory); master and moments apart (the optimizer streams
+// them together); master or moments on the device or pinned; weights on NVMe with the states
+// in memory (the update that writes NVMe weights streams the states); gradients anywhere but
+// pinned memory (the device copies them there as backward runs). NVMe states need bf16
+// compute weights; with f32 the compute weights are the master weights, in pinned memory.
+// Every expert's compute weights, master weights and moments live in one expert store
+// (offload/expert_store.h) on those tiers; the gradients are the session's.
+struct Placement {
+  Tier weights = Tier::kPinned;    // the compute weights the device fetches: pinned or nvme
+  Tier master = Tier::kHost;       // fp32 master weights (bf16 models): host or nvme
+  Tier moments = Tier::kHost;      // the optimizer's moments: with the master
+  Tier gradients = Tier::kPinned;  // fp32 gradient accumulators: pinned
+  // NVMe: one or more directories (striped) for the expert store that holds what lives on
+  // NVMe, created with its space reserved up front. A directory that already holds a store is
+  // refused (AlreadyExists): resume it or remove it. With clipping the step's updates start
+  // at EndStep (after the global norm) instead of per layer.
+  std::vector<std::string> nvme_dirs;
+  // Open the store an earlier session of the same model left in nvme_dirs (after its
+  // Synchronize) instead of creating one: the experts continue from the master weights,
+  // moments and update counts stored there. A store of another model or format version is
+  // refused naming the difference, and so are the state files of builds before the store
+  // (ecss-states-*.bin), which are not migrated.
+  bool resume = false;
+  // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the device
+  // (the NVMe -> pinned window, in the pinned budget); 0 = max_active_experts_per_layer.
+  uint32_t weight_staging_blocks = 0;
+  // Makes the IoEngines that every NVMe file of the session goes through; empty = io_uring
+  // where the kernel allows it, else pread/pwrite. Tests wrap it in a FaultInjectionIoEngine
+  // (offload/io/io_engines.h).
+  std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
 
-struct SessionOptions {
-  ModelSpec model;
-  Strategy strategy = Strategy::kEcss;
-  Routing routing = Routing::kRre;
-  uint32_t gate_k = 2;  // kLearnedGate: experts per token (sizes the row buffers)
-  // Device bytes the session may use (activations it keeps, workspaces, the expert cache);
-  // at most the backend's device memory.
-  uint64_t device_budget_bytes = 0;
-  // Pinned host bytes: every expert's compute weights (in the expert store) and gradient
-  // buffers, and the staging the placements need. 0 = exactly what the model needs.
-  uint64_t pinned_budget_bytes = 0;
-  // Pageable host bytes for the states in host memory (StatesPlacement::kHost): the fp32
-  // master weights (bf16 models; f32 ones keep them in the pinned weights) and the optimizer's
-  // moments, the expert store's host tier (a HostAllocator with this budget). 0 = exactly
-  // what the model needs; less is refused at creation with the bytes needed.
-  uint64_t host_budget_bytes = 0;
-  uint32_t max_tokens_per_micro_batch = 0;  // sizes the activation buffers
+  bool states_on_nvme() const { return master == Tier::kNvme; }
+  bool weights_on_nvme() const { return weights == Tier::kNvme; }
+};
+
+// How large a step may be: sizes the activation buffers, the routing plans and the gradient
+// region.
+struct StepLimits {
+  uint32_t max_tokens_per_micro_batch = 0;  // required
   uint32_t max_micro_batches = 1;
   // The most experts one layer of a micro-batch may activate: sizes the device gradient
   // region (this many experts' fp32 gradients) and the least device cache Create accepts
@@ -105,27 +111,35 @@ struct SessionOptions {
   // expert of the widest layer, capped by the rows of a micro-batch (naive always needs every
   // expert); a step that activates more is refused by BeginStep.
   uint32_t max_active_experts_per_layer = 0;
-  // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
-  uint32_t prefetch_window_experts = 0;
-  StatesPlacement states = StatesPlacement::kHost;
-  WeightsPlacement weights = WeightsPlacement::kPinned;
-  // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the
-  // device (the NVMe -> pinned window); 0 = max_active_experts_per_layer (one layer's
-  // experts). Counted in the pinned budget.
-  uint32_t weight_staging_blocks = 0;
-  // kNvme: one or more directories (striped) for the expert store that holds what lives on
-  // NVMe (offload/expert_store.h: master weights and moments, and the compute weights with
-  // WeightsPlacement::kNvme), created with its space reserved up front. A directory that
-  // already holds a store is refused (AlreadyExists): resume it or remove it. Needs dtype
-  // bf16 (the pinned weights are the bf16 copy). With clipping the step's updates start at
-  // EndStep (after the global norm) instead of per layer.
-  std::vector<std::string> nvme_dirs;
-  // kNvme: open the store an earlier session of the same model left in nvme_dirs (after its
-  // Synchronize) instead of creating one: the experts continue from the master weights,
-  // moments and update counts stored there. A store of another model or format version is
-  // refused naming the difference, and so are the state files of builds before the store
-  // (ecss-states-*.bin), which are not migrated.
-  bool resume_states = false;
+};
+
+// The memory a session may take, per tier, in bytes. Less than its memory plan needs is
+// refused at creation, naming the bytes needed (engine/memory_plan.h).
+struct Budgets {
+  // Required: what a step keeps and works in (activations, workspace, gradient region,
+  // routing plans) and the expert cache in the rest; at most the backend's device memory.
+  uint64_t device_bytes = 0;
+  // Every expert's pinned compute weights and gradients, and the staging the placement needs.
+  // 0 = exactly what the model needs.
+  uint64_t pinned_bytes = 0;
+  // Pageable host memory for states on Tier::kHost: the fp32 master weights (bf16 models) and
+  // the moments. 0 = exactly what the model needs.
+  uint64_t host_bytes = 0;
+};
+
+std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
+StatusOr<Strategy> ParseStrategy(std::string_view name);
+
+// What a session is created from: the model, how steps run, how large they may be, the
+// budgets, where each state lives and the optimizer. Defaults as documented per field.
+struct SessionOptions {
+  ModelSpec model;
+  Strategy strategy = Strategy::kEcss;
+  Routing routing = Routing::kRre;
+  uint32_t gate_k = 2;  // kLearnedGate: experts per token (sizes the row buffers)
+  StepLimits limits;
+  Budgets budgets;
+  Placement placement;
   CpuOptimizerOptions optimizer;  // threads, kind, hyper-parameters, clipping
   // ZeRO-Offload's one-step delayed parameter update (DPU), opt-in. It CHANGES THE MATH: step
   // t computes with the weights after the updates of step t-2, not t-1. The update of step
@@ -137,27 +151,28 @@ struct SessionOptions {
   // updated_* then describe the update started in that step (of the previous step's
   // gradients).
   bool delayed_update = false;
+  // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
+  uint32_t prefetch_window_experts = 0;
   int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores
   // Record when each op of each step's plan ran (Session::ExecutedPlan's start_s / end_s):
   // a host callback per device op (on CUDA a cudaLaunchHostFunc each) and a timestamp per
   // update, so it is off by default; the plans themselves are kept either way.
   bool record_op_times = false;
-  // Makes the IoEngines that every NVMe file of the session (states, weights) goes through;
-  // empty = io_uring where the kernel allows it, else pread/pwrite. Tests wrap it in a
-  // FaultInjectionIoEngine (offload/io/io_engines.h).
-  std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
   // Optional, not owned, must outlive the session: the optimizer threads' and the NVMe state
   // streaming's lanes (give the sim backend the same recorder for the device lanes).
   TraceRecorder* trace = nullptr;
 
   // Every cross-field rule of the options, in one place: InvalidArgument naming the field
-  // (the model's sizes, dtype and domains; the micro-batch sizes; gate_k; the placements and
-  // what they need: bf16, nvme_dirs, states on NVMe for weights on NVMe, no delayed update
-  // with weights on NVMe; resume_states with states on NVMe). Session::Create calls it; the
-  // budgets are checked against the memory plan (engine/memory_plan.h).
+  // (the model's sizes, dtype and domains; the step limits; gate_k; the placement and what it
+  // needs: bf16, nvme_dirs, no delayed update with weights on NVMe, resume with states on
+  // NVMe). Session::Create calls it; the budgets are checked against the memory plan
+  // (engine/memory_plan.h).
   Status Validate() const;
   // Experts of each sparse layer (every layer holds every domain's group).
   std::vector<uint32_t> ExpertsPerLayer() const;
+
+ private:
+  Status ValidatePlacement() const;
 };
 
 }  // namespace ecss

@@ -73,6 +73,9 @@ StatusOr<std::unique_ptr<StepExecutor>> StepExecutor::Create(
     Backend& backend, const SessionOptions& options, const MemoryPlan& memory,
     std::unique_ptr<KernelRunner> kernels, const RreRouter* router, ExpertTable& table,
     PlanRecorder& recorder) {
+  if ((router == nullptr) != (options.routing == Routing::kLearnedGate)) {
+    return InvalidArgumentError("step executor: RRE routing needs its router, a learned gate none");
+  }
   std::unique_ptr<StepExecutor> executor(
       new StepExecutor(backend, options, memory, std::move(kernels), router, table, recorder));
   ECSS_RETURN_IF_ERROR(executor->CreateStreams());
@@ -105,7 +108,7 @@ Status StepExecutor::CreateStreams() {
 Status StepExecutor::CreateDeviceBuffers() {
   Allocator& device = backend_.device_memory();
   const MemoryPlan& m = memory_;
-  for (uint32_t i = 0; i < options_.max_micro_batches * options_.model.layers; ++i) {
+  for (uint32_t i = 0; i < options_.limits.max_micro_batches * options_.model.layers; ++i) {
     ECSS_ASSIGN_OR_RETURN(Buffer b, device.Allocate(m.activation_bytes, MemoryTag::kActivations));
     saved_x_.push_back(std::move(b));
   }
@@ -253,7 +256,7 @@ Status StepExecutor::CheckWidth(uint32_t b, uint32_t layer, size_t width) const 
   if (width > memory_.max_groups) {
     return ResourceExhaustedError(StrCat("micro-batch ", b, " layer ", layer, " activates ", width,
                                          " experts; the session was sized for ", memory_.max_groups,
-                                         " (SessionOptions.max_active_experts_per_layer)"));
+                                         " (SessionOptions.limits.max_active_experts_per_layer)"));
   }
   return Status::Ok();
 }
@@ -286,8 +289,8 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   p.delayed_update = delayed();
   p.deferred_updates =
       options_.optimizer.max_grad_norm > 0 || options_.optimizer.skip_step_on_nonfinite;
-  p.states_on_nvme = options_.states == StatesPlacement::kNvme;
-  p.weights_on_nvme = options_.weights == WeightsPlacement::kNvme;
+  p.states_on_nvme = options_.placement.states_on_nvme();
+  p.weights_on_nvme = options_.placement.weights_on_nvme();
   p.cache_slots = cache_->slots();
   p.evaluation = evaluating_;
   for (const MicroBatchWork& w : micro_) {
@@ -333,7 +336,7 @@ Status StepExecutor::BuildStep(const std::vector<MicroBatch>& batches) {
   for (uint32_t b = 0; b < batches.size(); ++b) {
     const MicroBatch& in = batches[b];
     MicroBatchWork& w = micro_[b];
-    w.num_tokens = in.batch_size * in.seq_len;
+    w.num_tokens = static_cast<uint32_t>(uint64_t{in.batch_size} * in.seq_len);  // checked
     w.layers.resize(layers);
     if (gated()) continue;  // routed layer by layer, as the gates run
     w.token_ids.assign(in.token_ids, in.token_ids + w.num_tokens);

@@ -43,8 +43,10 @@ GroupedFfnProblem FfnProblemOf(const SessionOptions& options, uint32_t rows);
 class StepExecutor {
  public:
   // Allocates the device buffers the memory plan lists (activations, workspace, gradient
-  // region, routing plans, cache slots) and the pinned gradient staging. `router` (RRE; null
-  // with a learned gate), `table` and `recorder` outlive the executor.
+  // region, routing plans, cache slots) and the pinned gradient staging. `router`: the RRE
+  // tables, null exactly when options.routing is kLearnedGate (InvalidArgument otherwise).
+  // Held, not copied: `backend`, `options`, `memory`, `router`, `table` and `recorder` must
+  // outlive the executor (the session's members do).
   static StatusOr<std::unique_ptr<StepExecutor>> Create(Backend& backend,
                                                         const SessionOptions& options,
                                                         const MemoryPlan& memory,
@@ -138,7 +140,7 @@ class StepExecutor {
   Status CreateDeviceBuffers();
   Status CreateCache();
 
-  bool gated() const { return router_ == nullptr; }
+  bool gated() const { return options_.routing == Routing::kLearnedGate; }
   bool delayed() const { return options_.delayed_update; }
   ExpertUpdater& updater() { return table_.updater(); }
   uint32_t d_in() const;

@@ -167,7 +167,9 @@ Status Train(const Options& o) {
 
   // ---- Session: experts streamed through a small device ----------------------------------
   TraceRecorder trace("train_moe_lm");
-  // The device holds the session's budget and this loop's buffers (8 MiB).
+  // The device holds the session's budget and this loop's buffers: input and output
+  // activations and, with gates, each choice's output ([tokens, d_model] each, in 2 MiB
+  // blocks as a GPU's allocator may round them), plus room for alignment.
   ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(o.device));
   backend_options.sim.h2d_bandwidth_gbps = 25;
   backend_options.sim.d2h_bandwidth_gbps = 25;
@@ -180,7 +182,10 @@ Status Train(const Options& o) {
     if (!created.ok()) return created.status().Annotate(StrCat("--device ", o.device));
     return created;
   };
-  constexpr uint64_t kLoopBytes = uint64_t{8} << 20;
+  constexpr uint64_t kBlock = uint64_t{2} << 20;
+  const uint64_t act_block =
+      (uint64_t{kSamples} * kSeq * o.d_model * DTypeSize(o.dtype) + kBlock - 1) / kBlock * kBlock;
+  const uint64_t loop_bytes = act_block * (2 + kGateK) + (uint64_t{1} << 20);
   uint64_t device_bytes = uint64_t{64} << 20;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> device, make_device(device_bytes));
   model.layers = o.layers;
@@ -194,7 +199,7 @@ Status Train(const Options& o) {
   SessionOptions session_options;
   session_options.model = model;
   session_options.strategy = o.strategy;
-  session_options.max_tokens_per_micro_batch = kSamples * kSeq;
+  session_options.limits.max_tokens_per_micro_batch = kSamples * kSeq;
   session_options.optimizer.groups[0].lr = 3e-3f;
   session_options.optimizer.skip_step_on_nonfinite = false;
   session_options.trace = &trace;
@@ -203,16 +208,23 @@ Status Train(const Options& o) {
     session_options.gate_k = kGateK;
   }
   const uint64_t experts = uint64_t{o.layers} * corpus.size() * o.experts;
-  const auto slots = static_cast<uint32_t>(
-      o.cache_experts ? o.cache_experts : (experts * (o.gated ? 70 : 60) + 99) / 100);
   // The budget: what the session's plan needs beside the cache, plus the cache's slots (planned
-  // with room for every expert; the kernels' scratch is the device's own).
-  session_options.device_budget_bytes = uint64_t{1} << 50;
+  // with room for every expert; the kernels' scratch is the device's own). The default is at
+  // least one layer's experts, what a step needs.
+  session_options.budgets.device_bytes = uint64_t{1} << 50;
   ECSS_ASSIGN_OR_RETURN(MemoryPlan plan, Session::PlanMemoryOn(*device, session_options));
-  session_options.device_budget_bytes = plan.DeviceBudgetFor(slots);
-  if (session_options.device_budget_bytes + kLoopBytes > device_bytes) {
+  uint32_t slots = o.cache_experts;
+  if (slots == 0) {
+    slots = std::max(plan.max_groups,
+                     static_cast<uint32_t>((experts * (o.gated ? 70 : 60) + 99) / 100));
+  } else if (slots < plan.max_groups) {
+    return InvalidArgumentError(StrCat("--cache-experts ", slots, ": a step needs at least ",
+                                       plan.max_groups, " (one layer's experts)"));
+  }
+  session_options.budgets.device_bytes = plan.DeviceBudgetFor(slots);
+  if (session_options.budgets.device_bytes + loop_bytes > device_bytes) {
     device.reset();  // a larger model: a device that holds it
-    device_bytes = session_options.device_budget_bytes + kLoopBytes;
+    device_bytes = session_options.budgets.device_bytes + loop_bytes;
     ECSS_ASSIGN_OR_RETURN(device, make_device(device_bytes));
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session,
@@ -326,16 +338,17 @@ Status Train(const Options& o) {
     double aux_loss = 0;
     for (uint32_t l = 0; l < o.layers; ++l) {
       if (!o.gated) {
-        ECSS_RETURN_IF_ERROR(through(
-            xs[l], &y, [&](void* in, void* res) { return session->Forward(0, l, in, res); }));
+        ECSS_RETURN_IF_ERROR(through(xs[l], &y, [&](void* in, void* res) {
+          return session->Forward(MicroBatchIndex{0}, LayerIndex{l}, in, res);
+        }));
       } else {
         // The gate runs on the layer's input; the session fetches the experts it chose.
         ECSS_RETURN_IF_ERROR(gates[l].Forward(xs[l].data(), static_cast<uint32_t>(T), &routed[l]));
         aux_loss += routed[l].aux_loss;
         auto routed_forward = [&](void* in, void* res) -> Status {
           Status forward = session->Forward(
-              0, l, in, res, {routed[l].experts.data(), routed[l].weights.data(), kGateK},
-              dev_choices.data());
+              MicroBatchIndex{0}, LayerIndex{l}, in, res,
+              {routed[l].experts.data(), routed[l].weights.data(), kGateK}, dev_choices.data());
           if (!forward.ok()) return forward;
           return device->CopyAsync(stream, choice_staging.data(), dev_choices.data(),
                                    choice_staging.size(), CopyKind::kDeviceToHost);
@@ -381,8 +394,9 @@ Status Train(const Options& o) {
                 static_cast<int>(vocab), 1.0f, logits.data(), static_cast<int>(vocab), out.data(),
                 static_cast<int>(vocab), 0.0f, g.data(), static_cast<int>(d));
     for (uint32_t l = o.layers; l-- > 0;) {
-      ECSS_RETURN_IF_ERROR(
-          through(g, &dx, [&](void* in, void* res) { return session->Backward(0, l, in, res); }));
+      ECSS_RETURN_IF_ERROR(through(g, &dx, [&](void* in, void* res) {
+        return session->Backward(MicroBatchIndex{0}, LayerIndex{l}, in, res);
+      }));
       if (o.gated) {
         // dLoss/dweight of each choice = dy . that choice's output; the gate turns it (and the
         // auxiliary loss) into its weight gradient and one more input gradient.

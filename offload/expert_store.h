@@ -57,6 +57,7 @@
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "runtime/base/dtype.h"
+#include "runtime/base/tier.h"
 #include "runtime/device/backend.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
@@ -67,11 +68,8 @@ enum class ExpertState : uint8_t { kWeights, kMaster, kMoments, kGradient };
 inline constexpr int kExpertStates = 4;
 std::string_view ExpertStateName(ExpertState state);  // "weights", "master", ...
 
-// kNone: the store does not keep that state (its owner keeps it elsewhere, as the session
-// does with gradients).
-enum class Tier : uint8_t { kDevice, kPinned, kHost, kNvme, kNone };
-std::string_view TierName(Tier tier);  // "device", "pinned", "host", "nvme", "none"
-StatusOr<Tier> ParseTier(std::string_view name);
+// Each state's Tier (runtime/base/tier.h); kNone: the store does not keep that state (its owner
+// keeps it elsewhere, as the session does with gradients).
 
 // What identifies a model's experts; a store opens only for the layout it was made for.
 struct ExpertStoreLayout {

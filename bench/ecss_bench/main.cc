@@ -77,7 +77,8 @@ const std::vector<Suite>& Suites() {
        "  --samples N            timed runs; the median is reported (default 3)\n"
        "  --profile NAME         device profile for the modelled time (default h100-sxm)\n",
        RunKernelsSuite},
-      {"step", "whole training steps (timed sim + real CPU optimizer): ecss, no-overlap or naive",
+      {"step",
+       "whole training steps (timed sim or a GPU + real CPU optimizer): ecss, no-overlap or naive",
        "  --strategy S           ecss, no-overlap or naive (default ecss)\n"
        "  --device D             sim-timed, sim (real CPU kernels), cuda or cuda:N "
        "(default sim-timed)\n"
@@ -93,7 +94,8 @@ const std::vector<Suite>& Suites() {
        "  --warmup N             first steps not measured (default 2)\n"
        "  --optimizer-threads N  CPU optimizer threads (default 1)\n"
        "  --device-mib N         the session's device budget (default 768)\n"
-       "  --profile NAME         the sim's device profile: kernel time and link bandwidth "
+       "  --profile NAME         the sim's device profile: kernel time and link bandwidth; sim "
+       "only "
        "(default h100-sxm)\n"
        "  --states S             master weights and moments: host or nvme (default host)\n"
        "  --weights W            compute weights: pinned, or nvme with --states nvme "

@@ -1,5 +1,6 @@
 #include "runtime/device/backend_factory.h"
 
+#include <algorithm>
 #include <charconv>
 
 #include "runtime/base/str_cat.h"
@@ -35,7 +36,9 @@ StatusOr<BackendOptions> ParseDeviceSetting(std::string_view setting) {
     int device = 0;
     const auto [end, error] =
         std::from_chars(ordinal.data(), ordinal.data() + ordinal.size(), device);
-    if (setting[4] == ':' && !ordinal.empty() && error == std::errc() &&
+    const bool digits =
+        std::all_of(ordinal.begin(), ordinal.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (setting[4] == ':' && !ordinal.empty() && digits && error == std::errc() &&
         end == ordinal.data() + ordinal.size() && device >= 0) {
       options.cuda.device = device;
       return options;

@@ -1,5 +1,5 @@
 // One entry point that creates any backend from a kind and its options, so that tools, tests
-// and the engine choose a backend with a setting ("sim" or "cuda").
+// and the engine choose a backend with a setting (ParseDeviceSetting: sim, sim-timed, cuda:N).
 // Thread-safe; creation may block (CUDA initialisation).
 #pragma once
 

@@ -34,7 +34,7 @@ TEST(BackendFactoryTest, ParsesDeviceSettings) {
   ASSERT_TRUE(third.ok()) << third.status();
   EXPECT_EQ(third->cuda.device, 3);
   for (const char* bad : {"", "gpu", "cuda:", "cuda:-1", "cuda:1x", "cuda1", "cuda:99999999999",
-                          "sim:0", "simtimed"}) {
+                          "cuda:-0", "cuda:+1", "sim:0", "simtimed"}) {
     StatusOr<BackendOptions> refused = ParseDeviceSetting(bad);
     EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument) << bad;
     EXPECT_NE(refused.status().message().find(StrCat("'", bad, "'")), std::string_view::npos)

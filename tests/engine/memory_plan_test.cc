@@ -29,9 +29,9 @@ SessionOptions BigExperts() {
   o.model.dtype = DType::kBF16;
   o.model.domains = {{"a", 4}, {"b", 4}};
   o.model.vocab = 100;
-  o.max_tokens_per_micro_batch = 64;
-  o.max_active_experts_per_layer = 4;
-  o.device_budget_bytes = 40 * kMiB;
+  o.limits.max_tokens_per_micro_batch = 64;
+  o.limits.max_active_experts_per_layer = 4;
+  o.budgets.device_bytes = 40 * kMiB;
   return o;
 }
 
@@ -51,12 +51,12 @@ TEST(MemoryPlanTest, SlotsAreSizedAsTheDeviceReservesThem) {
   ASSERT_TRUE(on_sim.ok() && on_cuda.ok()) << on_sim.status() << on_cuda.status();
   EXPECT_EQ(on_sim->expert_bytes, 1536u * 1024);
   EXPECT_GT(on_sim->cache_slots, on_cuda->cache_slots);
-  EXPECT_LE(on_cuda->Total(MemoryTier::kDevice), o.device_budget_bytes);
-  EXPECT_LE(on_sim->Total(MemoryTier::kDevice), o.device_budget_bytes);
+  EXPECT_LE(on_cuda->Total(MemoryTier::kDevice), o.budgets.device_bytes);
+  EXPECT_LE(on_sim->Total(MemoryTier::kDevice), o.budgets.device_bytes);
   EXPECT_EQ(on_cuda->Find("expert cache slots")->reserved, 2 * kMiB);
   // The least budget the sim accepts for 4 slots falls short on CUDA.
-  o.device_budget_bytes = on_sim->Total(MemoryTier::kDevice) -
-                          (on_sim->cache_slots - 4) * on_sim->Find("expert cache slots")->reserved;
+  o.budgets.device_bytes = on_sim->Total(MemoryTier::kDevice) -
+                           (on_sim->cache_slots - 4) * on_sim->Find("expert cache slots")->reserved;
   EXPECT_EQ(PlanMemory(o, sim, 4096)->cache_slots, 4u);
   const Status refused = PlanMemory(o, cuda, 4096).status();
   EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted);
@@ -76,13 +76,13 @@ TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
   EXPECT_EQ(plan->Find("optimizer moments")->total(), 8u * 6 * kMiB);
   EXPECT_EQ(plan->Find("gradient region")->total(), 4u * 3 * kMiB);
   EXPECT_NE(plan->Summary().find("device"), std::string::npos);
-  o.pinned_budget_bytes = plan->Total(MemoryTier::kPinned) - 1;
+  o.budgets.pinned_bytes = plan->Total(MemoryTier::kPinned) - 1;
   const Status pinned = PlanMemory(o, {}, 4096).status();
   EXPECT_EQ(pinned.code(), StatusCode::kResourceExhausted);
-  EXPECT_NE(pinned.message().find("pinned_budget_bytes"), std::string_view::npos) << pinned;
-  o.pinned_budget_bytes = 0;
-  o.states = StatesPlacement::kNvme;
-  o.nvme_dirs = {"/tmp"};
+  EXPECT_NE(pinned.message().find("budgets.pinned_bytes"), std::string_view::npos) << pinned;
+  o.budgets.pinned_bytes = 0;
+  o.placement.master = o.placement.moments = Tier::kNvme;
+  o.placement.nvme_dirs = {"/tmp"};
   plan = PlanMemory(o, {}, 4096);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->Total(MemoryTier::kHost), 0u) << "the states live on NVMe";

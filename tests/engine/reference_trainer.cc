@@ -62,11 +62,14 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
     }
     auto forward = [&](uint32_t mb, uint32_t l, const std::vector<float>& x) {
       if (!c.gated) {
-        return through(x, [&](void* i, void* o2) { return s.Forward(mb, l, i, o2); });
+        return through(x, [&](void* i, void* o2) {
+          return s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, i, o2);
+        });
       }
       const GateOutput gate = RunGate(x, l);
       return through(x, [&](void* i, void* o2) {
-        return s.Forward(mb, l, i, o2, {gate.experts.data(), gate.weights.data(), kGateK});
+        return s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, i, o2,
+                         {gate.experts.data(), gate.weights.data(), kGateK});
       });
     };
     std::vector<std::vector<float>> evaluated;  // the evaluation's outputs, in call order
@@ -101,7 +104,9 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
           return y;
         },
         [&](uint32_t mb, uint32_t l, const std::vector<float>& dy) {
-          return through(dy, [&](void* i, void* o2) { return s.Backward(mb, l, i, o2); });
+          return through(dy, [&](void* i, void* o2) {
+            return s.Backward(MicroBatchIndex{mb}, LayerIndex{l}, i, o2);
+          });
         },
         index == c.poison_step);
     auto ended = s.EndStep();
@@ -111,7 +116,8 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
   EXPECT_TRUE(s.Synchronize().ok());
   Weights w(o.model.layers);
   for (uint32_t l = 0; l < o.model.layers; ++l) {
-    for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) w[l].push_back(*s.MasterWeights(l, e));
+    for (uint32_t e = 0; e < s.experts_in_layer(l); ++e)
+      w[l].push_back(*s.MasterWeights(LayerIndex{l}, e));
   }
   if (after) after(s);
   return w;

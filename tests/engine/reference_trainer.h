@@ -147,9 +147,9 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   SessionOptions o;
   o.model = SmallModel(c.dtype);
   o.strategy = c.strategy;
-  o.device_budget_bytes = c.device_budget ? c.device_budget : 8 << 20;
-  o.max_tokens_per_micro_batch = kBatch * kSeq;
-  o.max_micro_batches = 2;
+  o.budgets.device_bytes = c.device_budget ? c.device_budget : 8 << 20;
+  o.limits.max_tokens_per_micro_batch = kBatch * kSeq;
+  o.limits.max_micro_batches = 2;
   o.optimizer.threads = c.optimizer_threads;
   o.optimizer.groups[0].lr = 0.05f;
   o.optimizer.groups[0].eps = c.eps;
@@ -157,19 +157,19 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.kernel_threads = 2;
   o.delayed_update = c.delayed;
   o.optimizer.skip_step_on_nonfinite = !c.immediate;
-  o.io_engines = c.io_engines;
+  o.placement.io_engines = c.io_engines;
   o.record_op_times = true;
   if (c.gated) {
     o.routing = Routing::kLearnedGate;
     o.gate_k = kGateK;
   }
   if (!c.nvme_dir.empty()) {
-    o.states = StatesPlacement::kNvme;
-    o.nvme_dirs = {c.nvme_dir};
-    o.resume_states = c.resume;
+    o.placement.master = o.placement.moments = Tier::kNvme;
+    o.placement.nvme_dirs = {c.nvme_dir};
+    o.placement.resume = c.resume;
     if (c.nvme_weights) {
-      o.weights = WeightsPlacement::kNvme;
-      o.weight_staging_blocks = c.staging_blocks;
+      o.placement.weights = Tier::kNvme;
+      o.placement.weight_staging_blocks = c.staging_blocks;
     }
   }
   return o;

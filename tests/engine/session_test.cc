@@ -223,10 +223,10 @@ TEST(SessionTest, WeightsOnNvmeStreamThroughPinnedStagingAndMatchTheReference) {
   Status exists = Session::Create(**sim, OptionsFor(again)).status();
   EXPECT_EQ(exists.code(), StatusCode::kAlreadyExists) << exists;
   SessionOptions host_states = OptionsFor(again);
-  host_states.states = StatesPlacement::kHost;
+  host_states.placement.master = host_states.placement.moments = Tier::kHost;
   EXPECT_EQ(Session::Create(**sim, host_states).status().code(), StatusCode::kInvalidArgument);
   SessionOptions delayed = OptionsFor(again);
-  delayed.nvme_dirs = {StrCat(dir_template, "/unused")};
+  delayed.placement.nvme_dirs = {StrCat(dir_template, "/unused")};
   delayed.delayed_update = true;
   Status no_front = Session::Create(**sim, delayed).status();
   EXPECT_EQ(no_front.code(), StatusCode::kInvalidArgument);
@@ -305,25 +305,33 @@ TEST(SessionTest, LearnedGateChoicesAreCheckedAndTheirOutputsCombineToTheLayerOu
   GateOutput gate = RunGate(x, 0);
   const GateChoices good{gate.experts.data(), gate.weights.data(), kGateK};
   // Bad choices are refused naming what was wrong, and the layer can still run.
-  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data()).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data()).code(),
+            StatusCode::kFailedPrecondition);
   GateChoices wrong_k = good;
   wrong_k.k = 1;
-  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data(), wrong_k).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(), wrong_k).code(),
+            StatusCode::kInvalidArgument);
   std::vector<uint32_t> experts = gate.experts;
   experts[5] = kExpertsPerLayer;
-  Status out_of_layer = s.Forward(0, 0, xd->data(), yd->data(), {experts.data(), good.weights, 2});
+  Status out_of_layer = s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(),
+                                  {experts.data(), good.weights, 2});
   EXPECT_EQ(out_of_layer.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(out_of_layer.message().find("layer 0"), std::string_view::npos) << out_of_layer;
   experts = gate.experts;
   experts[1] = experts[0];
-  EXPECT_EQ(s.Forward(0, 0, xd->data(), yd->data(), {experts.data(), good.weights, 2}).code(),
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(),
+                      {experts.data(), good.weights, 2})
+                .code(),
             StatusCode::kInvalidArgument);
   std::vector<float> weights = gate.weights;
   weights[3] = std::nanf("");
-  Status nan = s.Forward(0, 0, xd->data(), yd->data(), {good.experts, weights.data(), 2});
+  Status nan = s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(),
+                         {good.experts, weights.data(), 2});
   EXPECT_EQ(nan.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(nan.message().find("token 1 choice 1"), std::string_view::npos) << nan;
-  ASSERT_TRUE(s.Forward(0, 0, xd->data(), yd->data(), good, choices->data()).ok());
+  ASSERT_TRUE(
+      s.Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(), good, choices->data())
+          .ok());
   std::vector<float> y(x.size()), per_choice(x.size() * kGateK);
   ASSERT_TRUE(
       b.CopyAsync(s.compute_stream(), y.data(), yd->data(), y.size() * 4, CopyKind::kDeviceToHost)
@@ -345,10 +353,11 @@ TEST(SessionTest, LearnedGateChoicesAreCheckedAndTheirOutputsCombineToTheLayerOu
   EXPECT_NE(y, std::vector<float>(y.size(), 0.0f));
   // The rest of the step runs as usual.
   const GateOutput gate1 = RunGate(x, 1);
-  ASSERT_TRUE(
-      s.Forward(0, 1, xd->data(), yd->data(), {gate1.experts.data(), gate1.weights.data(), 2})
-          .ok());
-  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, xd->data(), yd->data()).ok());
+  ASSERT_TRUE(s.Forward(MicroBatchIndex{0}, LayerIndex{1}, xd->data(), yd->data(),
+                        {gate1.experts.data(), gate1.weights.data(), 2})
+                  .ok());
+  for (uint32_t l = 2; l-- > 0;)
+    ASSERT_TRUE(s.Backward(MicroBatchIndex{0}, LayerIndex{l}, xd->data(), yd->data()).ok());
   auto stats = s.EndStep();
   ASSERT_TRUE(stats.ok()) << stats.status();
   EXPECT_EQ(stats->tokens, tokens);
@@ -358,8 +367,9 @@ TEST(SessionTest, LearnedGateChoicesAreCheckedAndTheirOutputsCombineToTheLayerOu
   auto plain = Session::Create(**sim, OptionsFor(rre));
   ASSERT_TRUE(plain.ok());
   ASSERT_TRUE((*plain)->BeginStep({MakeSteps(1, 1)[0][0].view()}).ok());
-  EXPECT_EQ((*plain)->Forward(0, 0, xd->data(), yd->data(), good).code(),
-            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(
+      (*plain)->Forward(MicroBatchIndex{0}, LayerIndex{0}, xd->data(), yd->data(), good).code(),
+      StatusCode::kFailedPrecondition);
   SessionOptions bad_k = OptionsFor(c);
   bad_k.gate_k = 8;
   EXPECT_EQ(Session::Create(**sim, bad_k).status().code(), StatusCode::kInvalidArgument);
@@ -416,7 +426,7 @@ TEST(SessionTest, BudgetsAndThreadCountsDoNotChangeTheWeights) {
     so.device_memory_bytes = 16 << 20;
     auto sim = SimBackend::Create(so);
     SessionOptions o = OptionsFor(tight);
-    o.device_budget_bytes = budget;
+    o.budgets.device_bytes = budget;
     auto created = Session::Create(**sim, o);
     if (created.ok()) break;
     ASSERT_EQ(created.status().code(), StatusCode::kResourceExhausted) << created.status();
@@ -482,23 +492,31 @@ TEST(SessionTest, BadInputIsRefusedAndTheSessionStaysUsable) {
   ASSERT_TRUE(x.ok() && y.ok());
   ASSERT_TRUE((*sim)->MemsetAsync(s.compute_stream(), x->data(), 0, x->size()).ok());
   std::vector<float> host(kBatch * kSeq * 16);
-  EXPECT_EQ(s.Forward(0, 0, host.data(), y->data()).code(),
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, host.data(), y->data()).code(),
             StatusCode::kOutOfRange);  // host memory
   auto small = (*sim)->device_memory().Allocate(64, MemoryTag::kActivations);
-  EXPECT_EQ(s.Forward(0, 0, small->data(), y->data()).code(), StatusCode::kOutOfRange);  // shape
-  EXPECT_EQ(s.Backward(0, 0, x->data(), y->data()).code(), StatusCode::kFailedPrecondition);
-  EXPECT_EQ(s.Forward(0, 7, x->data(), y->data()).code(), StatusCode::kInvalidArgument);
-  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x->data(), y->data()).ok());
-  EXPECT_EQ(s.Forward(0, 0, x->data(), y->data()).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, small->data(), y->data()).code(),
+            StatusCode::kOutOfRange);  // shape
+  EXPECT_EQ(s.Backward(MicroBatchIndex{0}, LayerIndex{0}, x->data(), y->data()).code(),
+            StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{7}, x->data(), y->data()).code(),
+            StatusCode::kInvalidArgument);
+  for (uint32_t l = 0; l < 2; ++l)
+    ASSERT_TRUE(s.Forward(MicroBatchIndex{0}, LayerIndex{l}, x->data(), y->data()).ok());
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, x->data(), y->data()).code(),
+            StatusCode::kFailedPrecondition);
   EXPECT_EQ(s.EndStep().status().code(), StatusCode::kFailedPrecondition);  // backward missing
-  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x->data(), y->data()).ok());
+  for (uint32_t l = 2; l-- > 0;)
+    ASSERT_TRUE(s.Backward(MicroBatchIndex{0}, LayerIndex{l}, x->data(), y->data()).ok());
   auto stats = s.EndStep();
   ASSERT_TRUE(stats.ok()) << stats.status();
   EXPECT_EQ(s.EndStep().status().code(), StatusCode::kFailedPrecondition);  // ended twice
   // Still usable.
   ASSERT_TRUE(s.BeginStep({step[0].view()}).ok());
-  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x->data(), y->data()).ok());
-  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x->data(), y->data()).ok());
+  for (uint32_t l = 0; l < 2; ++l)
+    ASSERT_TRUE(s.Forward(MicroBatchIndex{0}, LayerIndex{l}, x->data(), y->data()).ok());
+  for (uint32_t l = 2; l-- > 0;)
+    ASSERT_TRUE(s.Backward(MicroBatchIndex{0}, LayerIndex{l}, x->data(), y->data()).ok());
   EXPECT_TRUE(s.EndStep().ok());
   EXPECT_TRUE(s.Synchronize().ok());
 }
@@ -509,7 +527,7 @@ TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
   auto sim = SimBackend::Create(so);
   RunConfig c;
   SessionOptions o = OptionsFor(c);
-  o.device_budget_bytes = 20 << 10;
+  o.budgets.device_bytes = 20 << 10;
   auto session = Session::Create(**sim, o);
   ASSERT_EQ(session.status().code(), StatusCode::kResourceExhausted);
   EXPECT_NE(session.status().message().find("need at least"), std::string::npos)
@@ -518,23 +536,82 @@ TEST(SessionTest, TooSmallABudgetIsRefusedWithTheNumberNeeded) {
   EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
   // Host memory for master and moments: 14 experts x 768 params x (f32 AdamW: m and v) x 4 B.
   SessionOptions host = OptionsFor(c);
-  host.host_budget_bytes = 14 * 768 * 2 * 4 - 1;
+  host.budgets.host_bytes = 14 * 768 * 2 * 4 - 1;
   Status short_host = Session::Create(**sim, host).status();
   EXPECT_EQ(short_host.code(), StatusCode::kResourceExhausted);
   EXPECT_NE(short_host.message().find("86016 bytes"), std::string::npos) << short_host;
-  host.host_budget_bytes += 1;
+  host.budgets.host_bytes += 1;
   EXPECT_TRUE(Session::Create(**sim, host).ok());
   // States on NVMe: a missing directory, and a dtype the placement cannot serve.
   SessionOptions nvme = OptionsFor(c);
   nvme.model.dtype = DType::kBF16;
-  nvme.states = StatesPlacement::kNvme;
-  nvme.nvme_dirs = {"/nonexistent/ecss"};
+  nvme.placement.master = nvme.placement.moments = Tier::kNvme;
+  nvme.placement.nvme_dirs = {"/nonexistent/ecss"};
   EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kNotFound);
-  nvme.nvme_dirs = {};
+  nvme.placement.nvme_dirs = {};
   EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kInvalidArgument);
-  nvme.nvme_dirs = {"/tmp"};
+  nvme.placement.nvme_dirs = {"/tmp"};
   nvme.model.dtype = DType::kF32;
   EXPECT_EQ(Session::Create(**sim, nvme).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The placement table of session_options.h: the accepted rows pass, every refused one names
+// the field and the tier.
+TEST(SessionTest, EveryRefusedPlacementNamesItsField) {
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  const SessionOptions base = OptionsFor(c);
+  auto with = [&](Tier weights, Tier master, Tier moments, Tier gradients) {
+    SessionOptions o = base;
+    o.placement.weights = weights;
+    o.placement.master = master;
+    o.placement.moments = moments;
+    o.placement.gradients = gradients;
+    o.placement.nvme_dirs = {"/tmp"};
+    return o.Validate();
+  };
+  EXPECT_TRUE(with(Tier::kPinned, Tier::kHost, Tier::kHost, Tier::kPinned).ok());
+  EXPECT_TRUE(with(Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kPinned).ok());
+  EXPECT_TRUE(with(Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kPinned).ok());
+  const struct {
+    Tier weights, master, moments, gradients;
+    const char* named;
+  } refused[] = {
+      {Tier::kDevice, Tier::kHost, Tier::kHost, Tier::kPinned, "placement.weights = device"},
+      {Tier::kHost, Tier::kHost, Tier::kHost, Tier::kPinned, "placement.weights = host"},
+      {Tier::kNvme, Tier::kHost, Tier::kHost, Tier::kPinned, "placement.weights = nvme"},
+      {Tier::kPinned, Tier::kPinned, Tier::kPinned, Tier::kPinned, "placement.master = pinned"},
+      {Tier::kPinned, Tier::kDevice, Tier::kDevice, Tier::kPinned, "placement.master = device"},
+      {Tier::kPinned, Tier::kHost, Tier::kNvme, Tier::kPinned, "placement.moments = nvme"},
+      {Tier::kPinned, Tier::kNvme, Tier::kHost, Tier::kPinned, "placement.moments = host"},
+      {Tier::kPinned, Tier::kHost, Tier::kHost, Tier::kHost, "placement.gradients = host"},
+      {Tier::kPinned, Tier::kHost, Tier::kHost, Tier::kDevice, "placement.gradients = device"},
+  };
+  for (const auto& r : refused) {
+    const Status status = with(r.weights, r.master, r.moments, r.gradients);
+    EXPECT_EQ(status.code(), StatusCode::kInvalidArgument) << r.named;
+    EXPECT_NE(status.message().find(r.named), std::string_view::npos) << status;
+  }
+  // What NVMe needs: bf16, directories, no delayed update with NVMe weights; resume needs it.
+  SessionOptions f32 = base;
+  f32.model.dtype = DType::kF32;
+  f32.placement.master = f32.placement.moments = Tier::kNvme;
+  f32.placement.nvme_dirs = {"/tmp"};
+  EXPECT_NE(f32.Validate().message().find("bf16"), std::string_view::npos);
+  SessionOptions no_dirs = base;
+  no_dirs.placement.master = no_dirs.placement.moments = Tier::kNvme;
+  EXPECT_NE(no_dirs.Validate().message().find("placement.nvme_dirs"), std::string_view::npos);
+  SessionOptions delayed = base;
+  delayed.delayed_update = true;
+  delayed.placement.weights = delayed.placement.master = delayed.placement.moments = Tier::kNvme;
+  delayed.placement.nvme_dirs = {"/tmp"};
+  EXPECT_NE(delayed.Validate().message().find("delayed_update"), std::string_view::npos);
+  SessionOptions resume = base;
+  resume.placement.resume = true;
+  EXPECT_NE(resume.Validate().message().find("placement.resume"), std::string_view::npos);
+  SessionOptions limits = base;
+  limits.limits.max_micro_batches = 0;
+  EXPECT_NE(limits.Validate().message().find("limits.max_micro_batches"), std::string_view::npos);
 }
 
 // PlanMemoryOn is Create's plan without the allocations, and DeviceBudgetFor sizes a budget
@@ -544,24 +621,24 @@ TEST(SessionTest, APlannedBudgetGivesTheSlotsAskedFor) {
   so.device_memory_bytes = 16 << 20;
   auto sim = SimBackend::Create(so);
   SessionOptions o = OptionsFor(RunConfig{});
-  o.device_budget_bytes = uint64_t{1} << 50;  // beyond the device: planning does not allocate
+  o.budgets.device_bytes = uint64_t{1} << 50;  // beyond the device: planning does not allocate
   StatusOr<MemoryPlan> roomy = Session::PlanMemoryOn(**sim, o);
   ASSERT_TRUE(roomy.ok()) << roomy.status();
   EXPECT_EQ(roomy->cache_slots, 14u);  // every expert
   EXPECT_EQ(Session::Create(**sim, o).status().code(), StatusCode::kInvalidArgument);
   for (uint32_t slots : {7u, 9u, 14u}) {
-    o.device_budget_bytes = roomy->DeviceBudgetFor(slots);
+    o.budgets.device_bytes = roomy->DeviceBudgetFor(slots);
     StatusOr<MemoryPlan> planned = Session::PlanMemoryOn(**sim, o);
     ASSERT_TRUE(planned.ok()) << planned.status();
     EXPECT_EQ(planned->cache_slots, slots);
-    EXPECT_EQ(planned->Total(MemoryTier::kDevice), o.device_budget_bytes);
+    EXPECT_EQ(planned->Total(MemoryTier::kDevice), o.budgets.device_bytes);
     auto session = Session::Create(**sim, o);
     ASSERT_TRUE(session.ok()) << session.status();
     EXPECT_EQ((*session)->cache_slots(), slots);
     EXPECT_EQ((*session)->memory_plan().Summary(), planned->Summary());
   }
   // One slot fewer than a layer's experts: refused, naming the bytes needed.
-  o.device_budget_bytes = roomy->DeviceBudgetFor(6);
+  o.budgets.device_bytes = roomy->DeviceBudgetFor(6);
   StatusOr<MemoryPlan> short_plan = Session::PlanMemoryOn(**sim, o);
   EXPECT_EQ(short_plan.status().code(), StatusCode::kResourceExhausted);
   o.model.vocab = 0;
@@ -597,12 +674,14 @@ struct Driven {
     ECSS_RETURN_IF_ERROR(session->BeginStep(views));
     for (uint32_t mb = 0; mb < step.size(); ++mb) {
       for (uint32_t l : forward_order) {
-        ECSS_RETURN_IF_ERROR(session->Forward(mb, l, x.data(), y.data()));
+        ECSS_RETURN_IF_ERROR(
+            session->Forward(MicroBatchIndex{mb}, LayerIndex{l}, x.data(), y.data()));
       }
     }
     for (uint32_t mb = 0; mb < step.size(); ++mb) {
       for (auto l = forward_order.rbegin(); l != forward_order.rend(); ++l) {
-        ECSS_RETURN_IF_ERROR(session->Backward(mb, *l, x.data(), y.data()));
+        ECSS_RETURN_IF_ERROR(
+            session->Backward(MicroBatchIndex{mb}, LayerIndex{*l}, x.data(), y.data()));
       }
     }
     return session->EndStep().status();
@@ -613,16 +692,16 @@ struct Driven {
 // layer's active experts need).
 uint64_t TightestDeviceBudget(SessionOptions o) {
   // Where the states and weights live does not change the device's share.
-  o.states = StatesPlacement::kHost;
-  o.weights = WeightsPlacement::kPinned;
-  o.nvme_dirs.clear();
+  o.placement.master = o.placement.moments = Tier::kHost;
+  o.placement.weights = Tier::kPinned;
+  o.placement.nvme_dirs.clear();
   SimOptions so;
   so.device_memory_bytes = 16 << 20;
   auto sim = SimBackend::Create(so);
   uint64_t low = 1, high = 8 << 20;  // refused, accepted
   while (high - low > 256) {
-    o.device_budget_bytes = (low + high) / 2;
-    (Session::Create(**sim, o).ok() ? high : low) = o.device_budget_bytes;
+    o.budgets.device_bytes = (low + high) / 2;
+    (Session::Create(**sim, o).ok() ? high : low) = o.budgets.device_bytes;
   }
   return high;
 }
@@ -756,7 +835,7 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
       const auto steps = MakeSteps(4, 1);
       ASSERT_TRUE(d.Step(steps[0]).ok());
       ASSERT_TRUE(d.session->Synchronize().ok());
-      const std::vector<float> before = *d.session->MasterWeights(0, 0);
+      const std::vector<float> before = *d.session->MasterWeights(LayerIndex{0}, 0);
       FaultOptions fail_reads;
       fail_reads.fail_one_in = 1;
       master_reads->set_options(fail_reads);
@@ -778,7 +857,7 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
       master_reads->set_options(FaultOptions{});
       // Reported once; nothing was half-applied; the session trains on.
       EXPECT_TRUE(d.session->Synchronize().ok());
-      EXPECT_EQ(*d.session->MasterWeights(0, 0), before);
+      EXPECT_EQ(*d.session->MasterWeights(LayerIndex{0}, 0), before);
       EXPECT_TRUE(d.Step(steps[2]).ok());
       EXPECT_TRUE(d.Step(steps[3]).ok());
       EXPECT_TRUE(d.session->Synchronize().ok());
@@ -796,7 +875,7 @@ TEST(SessionTest, OutOfOrderCallsWorkWithTheTightestCache) {
     RunConfig c;
     c.strategy = strategy;
     SessionOptions o = OptionsFor(c);
-    o.device_budget_bytes = TightestDeviceBudget(o);
+    o.budgets.device_bytes = TightestDeviceBudget(o);
     Driven d = Driven::Create(o);
     const auto steps = MakeSteps(3, 2);
     for (const auto& step : steps) {
@@ -975,18 +1054,19 @@ TEST(SessionTest, AnEvaluationStepComputesTheForwardAndChangesNothing) {
   ASSERT_TRUE(d.session->BeginStep({step[0].view()}).ok());
   EXPECT_EQ(d.session->BeginEvaluation({step[0].view()}).code(), StatusCode::kFailedPrecondition);
   for (uint32_t l = 0; l < 2; ++l)
-    ASSERT_TRUE(d.session->Forward(0, l, d.x.data(), d.y.data()).ok());
+    ASSERT_TRUE(d.session->Forward(MicroBatchIndex{0}, LayerIndex{l}, d.x.data(), d.y.data()).ok());
   for (uint32_t l = 2; l-- > 0;) {
-    ASSERT_TRUE(d.session->Backward(0, l, d.x.data(), d.y.data()).ok());
+    ASSERT_TRUE(
+        d.session->Backward(MicroBatchIndex{0}, LayerIndex{l}, d.x.data(), d.y.data()).ok());
   }
   ASSERT_TRUE(d.session->EndStep().ok());
   ASSERT_TRUE(d.session->BeginEvaluation({step[0].view()}).ok());
-  ASSERT_TRUE(d.session->Forward(0, 0, d.x.data(), d.y.data()).ok());
-  EXPECT_EQ(d.session->Backward(0, 0, d.x.data(), d.y.data()).code(),
+  ASSERT_TRUE(d.session->Forward(MicroBatchIndex{0}, LayerIndex{0}, d.x.data(), d.y.data()).ok());
+  EXPECT_EQ(d.session->Backward(MicroBatchIndex{0}, LayerIndex{0}, d.x.data(), d.y.data()).code(),
             StatusCode::kFailedPrecondition);
   EXPECT_EQ(d.session->EndStep().status().code(), StatusCode::kFailedPrecondition)
       << "layer 1 has not run forward";
-  ASSERT_TRUE(d.session->Forward(0, 1, d.x.data(), d.y.data()).ok());
+  ASSERT_TRUE(d.session->Forward(MicroBatchIndex{0}, LayerIndex{1}, d.x.data(), d.y.data()).ok());
   auto ended = d.session->EndStep();
   ASSERT_TRUE(ended.ok()) << ended.status();
   EXPECT_EQ(ended->updated_experts, 0u);
@@ -1038,25 +1118,33 @@ TEST(SessionTest, TypedActivationsAreCheckedAndTrainAsPointersDo) {
     ASSERT_TRUE(d->sim->SynchronizeStream(stream).ok());
   }
   std::vector<std::vector<float>> before;
-  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e) before.push_back(*s.MasterWeights(0, e));
+  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e)
+    before.push_back(*s.MasterWeights(LayerIndex{0}, e));
   const TensorView x{typed.x.data(), DType::kF32, Shape{tokens, 16}, device};
   const TensorView y{typed.y.data(), DType::kF32, Shape{tokens, 16}, device};
-  EXPECT_EQ(s.Forward(0, 0, x, y).code(), StatusCode::kFailedPrecondition) << "outside a step";
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, x, y).code(),
+            StatusCode::kFailedPrecondition)
+      << "outside a step";
   ASSERT_TRUE(s.BeginStep({step[0].view()}).ok());
   const TensorView bf16{typed.x.data(), DType::kBF16, Shape{tokens, 16}, device};
-  const Status wrong_dtype = s.Forward(0, 0, bf16, y);
+  const Status wrong_dtype = s.Forward(MicroBatchIndex{0}, LayerIndex{0}, bf16, y);
   EXPECT_EQ(wrong_dtype.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(wrong_dtype.message().find("bf16[16, 16]"), std::string_view::npos) << wrong_dtype;
   EXPECT_NE(wrong_dtype.message().find("f32[16, 16]"), std::string_view::npos) << wrong_dtype;
   const TensorView short_x{typed.x.data(), DType::kF32, Shape{tokens - 1, 16}, device};
-  EXPECT_EQ(s.Forward(0, 0, short_x, y).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, short_x, y).code(),
+            StatusCode::kInvalidArgument);
   std::vector<float> host(tokens * 16);
   const TensorView on_host{host.data(), DType::kF32, Shape{tokens, 16}, Device{}};
-  EXPECT_EQ(s.Forward(0, 0, on_host, y).code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(s.Forward(1, 0, x, y).code(), StatusCode::kInvalidArgument) << "micro-batch 1";
+  EXPECT_EQ(s.Forward(MicroBatchIndex{0}, LayerIndex{0}, on_host, y).code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.Forward(MicroBatchIndex{1}, LayerIndex{0}, x, y).code(), StatusCode::kInvalidArgument)
+      << "micro-batch 1";
   // Nothing ran: the step goes on, typed, and trains as the pointer-driven one does.
-  for (uint32_t l = 0; l < 2; ++l) ASSERT_TRUE(s.Forward(0, l, x, y).ok());
-  for (uint32_t l = 2; l-- > 0;) ASSERT_TRUE(s.Backward(0, l, x, y).ok());
+  for (uint32_t l = 0; l < 2; ++l)
+    ASSERT_TRUE(s.Forward(MicroBatchIndex{0}, LayerIndex{l}, x, y).ok());
+  for (uint32_t l = 2; l-- > 0;)
+    ASSERT_TRUE(s.Backward(MicroBatchIndex{0}, LayerIndex{l}, x, y).ok());
   ASSERT_TRUE(s.EndStep().ok());
   ASSERT_TRUE(untyped.Step(step).ok());
   ASSERT_TRUE(s.Synchronize().ok());
@@ -1064,10 +1152,13 @@ TEST(SessionTest, TypedActivationsAreCheckedAndTrainAsPointersDo) {
   bool moved = false;
   for (uint32_t l = 0; l < 2; ++l) {
     for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) {
-      EXPECT_EQ(*s.MasterWeights(l, e), *untyped.session->MasterWeights(l, e)) << l << " " << e;
+      EXPECT_EQ(*s.MasterWeights(LayerIndex{l}, e),
+                *untyped.session->MasterWeights(LayerIndex{l}, e))
+          << l << " " << e;
     }
   }
-  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e) moved |= *s.MasterWeights(0, e) != before[e];
+  for (uint32_t e = 0; e < s.experts_in_layer(0); ++e)
+    moved |= *s.MasterWeights(LayerIndex{0}, e) != before[e];
   EXPECT_TRUE(moved) << "the step trained something";
 }
 

@@ -49,8 +49,8 @@ ecss::Status TrainOneStep() {
   options.model.dtype = ecss::DType::kF32;
   options.model.domains = {{"a", 2}, {"b", 2}};
   options.model.vocab = 32;
-  options.device_budget_bytes = 4 << 20;
-  options.max_tokens_per_micro_batch = 8;
+  options.budgets.device_bytes = 4 << 20;
+  options.limits.max_tokens_per_micro_batch = 8;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ecss::Session> session,
                         ecss::Session::Create(*sim, options));
   const std::vector<uint32_t> tokens = {1, 2, 3, 4, 5, 6, 7, 8};
@@ -61,8 +61,8 @@ ecss::Status TrainOneStep() {
                         sim->device_memory().Allocate(8 * 8 * 4, ecss::MemoryTag::kActivations));
   ECSS_RETURN_IF_ERROR(sim->MemsetAsync(session->compute_stream(), x.data(), 0, x.size()));
   ECSS_RETURN_IF_ERROR(session->BeginStep({{tokens.data(), 2, 4, domains.data()}}));
-  ECSS_RETURN_IF_ERROR(session->Forward(0, 0, x.data(), y.data()));
-  ECSS_RETURN_IF_ERROR(session->Backward(0, 0, y.data(), x.data()));
+  ECSS_RETURN_IF_ERROR(session->Forward(MicroBatchIndex{0}, LayerIndex{0}, x.data(), y.data()));
+  ECSS_RETURN_IF_ERROR(session->Backward(MicroBatchIndex{0}, LayerIndex{0}, y.data(), x.data()));
   ECSS_ASSIGN_OR_RETURN(ecss::StepStats stats, session->EndStep());
   ECSS_RETURN_IF_ERROR(session->Synchronize());
   ECSS_ASSIGN_OR_RETURN(ecss::StepPlan plan, session->ExecutedPlan(stats.step));
