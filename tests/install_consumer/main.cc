@@ -61,8 +61,10 @@ ecss::Status TrainOneStep() {
                         sim->device_memory().Allocate(8 * 8 * 4, ecss::MemoryTag::kActivations));
   ECSS_RETURN_IF_ERROR(sim->MemsetAsync(session->compute_stream(), x.data(), 0, x.size()));
   ECSS_RETURN_IF_ERROR(session->BeginStep({{tokens.data(), 2, 4, domains.data()}}));
-  ECSS_RETURN_IF_ERROR(session->Forward(MicroBatchIndex{0}, LayerIndex{0}, x.data(), y.data()));
-  ECSS_RETURN_IF_ERROR(session->Backward(MicroBatchIndex{0}, LayerIndex{0}, y.data(), x.data()));
+  ECSS_RETURN_IF_ERROR(
+      session->Forward(ecss::MicroBatchIndex{0}, ecss::LayerIndex{0}, x.data(), y.data()));
+  ECSS_RETURN_IF_ERROR(
+      session->Backward(ecss::MicroBatchIndex{0}, ecss::LayerIndex{0}, y.data(), x.data()));
   ECSS_ASSIGN_OR_RETURN(ecss::StepStats stats, session->EndStep());
   ECSS_RETURN_IF_ERROR(session->Synchronize());
   ECSS_ASSIGN_OR_RETURN(ecss::StepPlan plan, session->ExecutedPlan(stats.step));
