@@ -82,8 +82,7 @@ void ExpertTable::DrawMaster(ExpertId id, float* master) const {
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
   const float out_scale =
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
-  const uint32_t d_in = m.activation == Activation::kSwiGlu ? 2 * m.d_ff : m.d_ff;
-  const uint64_t in_elems = uint64_t{m.d_model} * d_in;
+  const uint64_t in_elems = uint64_t{m.d_model} * m.d_in();
   CounterRng rng(m.seed, (uint64_t{id.layer} << 32) | id.expert);
   for (uint64_t i = 0; i < params_; ++i) {
     const float scale = i < in_elems ? in_scale : out_scale;

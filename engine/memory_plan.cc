@@ -51,13 +51,12 @@ class Planner {
     const ModelSpec& m = o_.model;
     const bool gated = o_.routing == Routing::kLearnedGate;
     const bool naive = o_.strategy == Strategy::kNaive;
-    const uint32_t d_in = m.activation == Activation::kSwiGlu ? 2 * m.d_ff : m.d_ff;
     const std::vector<uint32_t> per_layer = o_.ExpertsPerLayer();
     const uint32_t widest = *std::max_element(per_layer.begin(), per_layer.end());
     uint64_t experts = 0;
     for (uint32_t n : per_layer) experts += n;
     MemoryPlan& p = plan_;
-    p.params = uint64_t{m.d_model} * d_in + uint64_t{m.d_ff} * m.d_model;
+    p.params = uint64_t{m.d_model} * m.d_in() + uint64_t{m.d_ff} * m.d_model;
     p.expert_bytes = p.params * DTypeSize(m.dtype);
     p.max_rows = MaxRows(o_);
     p.max_groups = naive ? widest : std::min(widest, p.max_rows);

@@ -38,6 +38,9 @@ struct ModelSpec {
   uint64_t seed = 1;  // expert initialisation and RRE tables
   TableBuilder builder = TableBuilder::kRreUniform;
   float init_scale = 0;  // weights ~ U(-s, s); 0: 1/sqrt(fan-in)
+
+  // W_in's columns: d_ff, or 2 d_ff for SwiGLU (its gate and up projections side by side).
+  uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
 };
 
 enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive };

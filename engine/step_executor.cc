@@ -146,11 +146,6 @@ Status StepExecutor::CreateCache() {
   return Status::Ok();
 }
 
-uint32_t StepExecutor::d_in() const {
-  return options_.model.activation == Activation::kSwiGlu ? 2 * options_.model.d_ff
-                                                          : options_.model.d_ff;
-}
-
 GroupedFfnProblem StepExecutor::ProblemFor(const LayerWork& lw) const {
   GroupedFfnProblem p = FfnProblemOf(options_, lw.offsets.back());
   p.num_groups = static_cast<uint32_t>(lw.experts.size());
@@ -275,7 +270,7 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   StepPlanInputs in;
   in.model.d_model = m.d_model;
   in.model.d_ff = m.d_ff;
-  in.model.d_in = d_in();
+  in.model.d_in = options_.model.d_in();
   in.model.params = memory_.params;
   in.model.weight_bytes = static_cast<uint32_t>(elem());
   in.model.state_arrays = 1 + static_cast<uint32_t>(StateArrays(options_.optimizer.kind));
@@ -504,7 +499,7 @@ Status StepExecutor::Forward(uint32_t micro_batch, uint32_t layer, const void* x
   std::vector<const void*> w_in, w_out;
   for (const Lease& lease : leases) {
     w_in.push_back(lease.weights());
-    w_out.push_back(static_cast<char*>(lease.weights()) + uint64_t{m.d_model} * d_in() * elem());
+    w_out.push_back(static_cast<char*>(lease.weights()) + uint64_t{m.d_model} * m.d_in() * elem());
   }
   void* saved = saved_x_[micro_batch * m.layers + layer].data();
   const Stream c = compute_.get();
@@ -545,7 +540,7 @@ Status StepExecutor::Backward(uint32_t micro_batch, uint32_t layer, const void* 
   ECSS_ASSIGN_OR_RETURN(std::vector<Lease> leases, LeasesFor(op, lw.backward_position));
   std::vector<const void*> w_in, w_out;
   std::vector<float*> dw_in, dw_out;
-  const uint64_t in_elems = uint64_t{m.d_model} * d_in();
+  const uint64_t in_elems = uint64_t{m.d_model} * m.d_in();
   for (size_t i = 0; i < leases.size(); ++i) {
     w_in.push_back(leases[i].weights());
     w_out.push_back(static_cast<char*>(leases[i].weights()) + in_elems * elem());

@@ -143,7 +143,6 @@ class StepExecutor {
   bool gated() const { return options_.routing == Routing::kLearnedGate; }
   bool delayed() const { return options_.delayed_update; }
   ExpertUpdater& updater() { return table_.updater(); }
-  uint32_t d_in() const;
   uint64_t elem() const { return DTypeSize(options_.model.dtype); }
 
   // Begin's parts: the routing and plan; the optimizer's side.

@@ -231,8 +231,13 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
       .Field("step_seconds", seconds / measured)
       .Field("overlap_efficiency", overlap)
-      .Field("busiest_resource", on_sim ? busiest_name : "")
-      .Field("stall_fraction", stalls / seconds)
+      .Key("busiest_resource");
+  if (on_sim) {
+    json.String(busiest_name);
+  } else {
+    json.Null();
+  }
+  json.Field("stall_fraction", stalls / seconds)
       .Field("h2d_bytes", static_cast<uint64_t>(static_cast<double>(h2d_bytes) / measured))
       .Field("d2h_bytes", static_cast<uint64_t>(static_cast<double>(d2h_bytes) / measured))
       .Field("nvme_bytes", static_cast<uint64_t>(static_cast<double>(nvme_bytes) / measured))
