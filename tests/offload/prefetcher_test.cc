@@ -185,8 +185,14 @@ class StagedPrefetcherTest : public PrefetcherTest {
     store_.reset();
     std::filesystem::remove_all(root_);
   }
+  // Until `key`'s block is read, or already taken by a lease (a fast read can finish inside
+  // the Advance that started it; its block is then released and the key no longer started).
   void WaitStaged(ExpertId key) {
-    while (!stager_->Ready(key)) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (stager_->Started(key) && !stager_->Ready(key)) {
+      ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "staging never finished";
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
   }
 
   std::string root_;
