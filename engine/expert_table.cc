@@ -38,7 +38,7 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
       (options_.budgets.pinned_bytes == 0 ? memory.Total(MemoryTier::kPinned)
                                           : options_.budgets.pinned_bytes) -
       store_pinned;
-  pool_options.lock_pages = false;
+  pool_options.lock_pages = options_.budgets.lock_pinned;
   ECSS_ASSIGN_OR_RETURN(pinned_, backend_.CreatePinnedPool(pool_options));
   if (options_.placement.weights_on_nvme()) {
     ECSS_ASSIGN_OR_RETURN(stager_, WeightStager::Create(*store_, memory.weight_staging_blocks));

@@ -224,7 +224,7 @@ ExpertStoreOptions StoreOptionsFor(const SessionOptions& options, uint64_t param
   store.placement = {p.weights, master, p.moments, Tier::kNone};  // gradients: the session's
   if (p.states_on_nvme()) store.dirs = p.nvme_dirs;
   store.durable_memory_states = false;
-  store.lock_pinned_pages = false;  // as the session's own pool
+  store.lock_pinned_pages = options.budgets.lock_pinned;  // as the session's own pool
   store.io_engines = p.io_engines;
   return store;
 }

@@ -23,6 +23,7 @@ using Clock = std::chrono::steady_clock;
 KernelRunnerOptions KernelOptionsOf(const SessionOptions& options) {
   KernelRunnerOptions kernel_options;
   kernel_options.cpu.threads = options.kernel_threads;
+  kernel_options.profile = options.device_profile;
   return kernel_options;
 }
 

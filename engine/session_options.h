@@ -16,6 +16,7 @@
 #include "runtime/base/dtype.h"
 #include "runtime/base/status.h"
 #include "runtime/base/tier.h"
+#include "runtime/device/device_profile.h"
 
 namespace ecss {
 
@@ -128,6 +129,13 @@ struct Budgets {
   // Pageable host memory for states on Tier::kHost: the fp32 master weights (bf16 models) and
   // the moments. 0 = exactly what the model needs.
   uint64_t host_bytes = 0;
+  // Pinned memory is faulted in at creation and page-locked (mlock) where the system allows:
+  // as root always, otherwise up to RLIMIT_MEMLOCK, beyond which it stays pageable and a
+  // warning says so. Locked pages are never swapped out, so a copy from them never waits for
+  // the disk (cudaHostAlloc's memory behaves so). false: faulted in but pageable, what an
+  // unprivileged process with a small memlock limit gets; under memory pressure the kernel
+  // may then page it out, and the copy that next touches it pays the fault.
+  bool lock_pinned = true;
 };
 
 std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
@@ -157,6 +165,10 @@ struct SessionOptions {
   // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
   uint32_t prefetch_window_experts = 0;
   int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores
+  // The device whose time the sim's timed mode charges the session's kernels (a built-in
+  // profile, runtime/device/device_profile.h); an empty name: h100-sxm. The sim's copy engines
+  // take their bandwidths from SimOptions: give both the same profile.
+  DeviceProfile device_profile;
   // Record when each op of each step's plan ran (Session::ExecutedPlan's start_s / end_s):
   // a host callback per device op (on CUDA a cudaLaunchHostFunc each) and a timestamp per
   // update, so it is off by default; the plans themselves are kept either way.

@@ -12,8 +12,10 @@
 
 namespace ecss {
 
+// A group without rows costs what the CUDA kernels spend on it: nothing in the forward; in the
+// backward, the zeroing of its weight gradients (nothing when accumulating into them).
 OpCost FfnForwardCost(const GroupedFfnProblem& problem);
-OpCost FfnBackwardCost(const GroupedFfnProblem& problem);
+OpCost FfnBackwardCost(const GroupedFfnProblem& problem, bool accumulate = false);
 // Permute or Combine of `rows` rows (rows = num_tokens * k).
 OpCost RowsOpCost(uint32_t rows, const RowsOp& op);
 OpCost CastCost(uint64_t count);

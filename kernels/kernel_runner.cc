@@ -149,7 +149,7 @@ Status KernelRunner::FfnBackward(Stream stream, const GroupedFfnProblem& problem
   a.dw_in = arrays->dw_in.data();
   a.dw_out = arrays->dw_out.data();
   const CpuKernels* cpu = cpu_.get();
-  return Enqueue(stream, "grouped_ffn_backward", FfnBackwardCost(p),
+  return Enqueue(stream, "grouped_ffn_backward", FfnBackwardCost(p, a.accumulate),
                  [cpu, p, a, workspace, arrays] { return cpu->FfnBackward(p, a, workspace); });
 }
 

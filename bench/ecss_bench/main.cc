@@ -16,6 +16,7 @@
 #include "bench/ecss_bench/suite.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/arena_allocator.h"
+#include "runtime/device/device_profile.h"
 
 namespace ecss::bench {
 
@@ -23,10 +24,18 @@ namespace {
 
 const std::vector<Suite>& Suites() {
   static const std::vector<Suite> suites = {
-      {"device", "H2D/D2H GB/s through the simulated device's copy engines vs memcpy",
+      {"device",
+       "H2D/D2H GB/s through the simulated device's copy engines vs memcpy; how closely "
+       "timed mode's wall clock follows the modelled time",
        "  --sizes LIST            copy sizes, e.g. 64K,1M,16M,64M (default)\n"
        "  --bytes-per-sample N    bytes copied per timed sample (default 536870912)\n"
-       "  --samples N             samples per size; the median is reported (default 5)\n",
+       "  --samples N             samples per size; the median is reported (default 5)\n"
+       "  --profile NAME          timed part: the link bandwidths and kernel speed "
+       "(default h100-sxm)\n"
+       "  --timed-rounds N        timed part: rounds of h2d, 2 kernels, d2h; 0 skips it "
+       "(default 400)\n"
+       "  --load-threads N        timed part: spinning threads of the loaded run "
+       "(default: the cores)\n",
        RunDeviceSuite},
       {"router", "RRE routing-plan building, token-layer routings/s on one core",
        "  --layers N              RRE layers per plan (default 4)\n"
@@ -137,6 +146,11 @@ int Run(int argc, char** argv) {
   if (args->help()) {
     std::cout << "ecss-bench " << name << ": " << suite->summary << "\noptions:\n"
               << suite->options << "  --json                  print one JSON object\n";
+    if (suite->options.find("--profile") != std::string::npos) {
+      std::cout << "device profiles (datasheet figures, runtime/device/device_profile.cc):";
+      for (const std::string& profile : DeviceProfileNames()) std::cout << " " << profile;
+      std::cout << "\n";
+    }
     return 0;
   }
 

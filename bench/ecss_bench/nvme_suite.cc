@@ -114,6 +114,9 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(uint64_t samples, args.Uint("samples", 3));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   ECSS_ASSIGN_OR_RETURN(IoEngineKind kind, ParseIoEngineKind(engine_name));
+  if (with_fio != "auto" && with_fio != "yes" && with_fio != "no") {
+    return InvalidArgumentError(StrCat("--fio ", with_fio, ": auto, yes or no"));
+  }
   if (block == 0 || block % 4096 != 0 || file_bytes < block || file_bytes % block != 0 ||
       depth == 0 || depth > 1024 || samples == 0) {
     return InvalidArgumentError(
@@ -152,7 +155,8 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("reference",
              run_fio ? "fio --direct=1 --ioengine=io_uring, same file size, block size and queue "
                        "depth, same directory, same run"
-                     : "fio not installed: no reference measured")
+             : with_fio == "no" ? "--fio no: no reference measured"
+                                : "fio not installed: no reference measured")
       .Key("patterns")
       .BeginArray();
   table << "nvme suite: " << engine->name() << ", " << HumanBytes(file_bytes) << " file in " << dir

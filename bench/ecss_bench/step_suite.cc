@@ -95,6 +95,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   const bool on_sim = backend_options.kind == BackendKind::kSim;
 
   SessionOptions options;
+  options.device_profile = profile;  // the kernels' modelled time, as the engines' bandwidth
   options.model.layers = static_cast<uint32_t>(layers);
   options.model.d_model = static_cast<uint32_t>(d_model);
   options.model.d_ff = static_cast<uint32_t>(d_ff);

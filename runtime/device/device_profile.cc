@@ -8,12 +8,23 @@
 namespace ecss {
 namespace {
 
-// Datasheet figures (dense). h2d/d2h: what a pinned cudaMemcpyAsync reaches on the host link
-// (PCIe 5 x16 ~ 55 GB/s, PCIe 4 x16 ~ 25 GB/s), not the link's raw rate.
+// Fields: name, fp32 TFLOPS, bf16 TFLOPS, memory GB/s, launch us, h2d GB/s, d2h GB/s, GEMM
+// efficiency. Arithmetic and memory are the vendor datasheets' dense figures (no sparsity).
+// h2d/d2h: what a pinned cudaMemcpyAsync reaches on the host link (PCIe 5 x16 ~ 55 GB/s,
+// PCIe 4 x16 ~ 25 GB/s), not the link's raw rate. Launch overhead and GEMM efficiency are not
+// datasheet figures: a typical launch of a small kernel, and the fraction of peak large cuBLAS
+// GEMMs reach.
 const DeviceProfile kProfiles[] = {
+    // NVIDIA H100 Tensor Core GPU datasheet, SXM5 column: FP32 67, BF16 989 (1,979 sparse),
+    // HBM3 3.35 TB/s; host link PCIe 5.0 x16.
     {"h100-sxm", 67, 989, 3350, 4, 55, 55, 0.7},
+    // NVIDIA H200 Tensor Core GPU datasheet, SXM column: FP32 67, BF16 989 (1,979 sparse),
+    // HBM3e 4.8 TB/s; host link PCIe 5.0 x16.
     {"h200-sxm", 67, 989, 4800, 4, 55, 55, 0.7},
+    // NVIDIA A100 Tensor Core GPU datasheet, 80GB SXM column: FP32 19.5, BF16 312 (624
+    // sparse), HBM2e 2,039 GB/s; host link PCIe 4.0 x16.
     {"a100-sxm", 19.5, 312, 2039, 5, 25, 25, 0.7},
+    // NVIDIA L40S datasheet: FP32 91.6, BF16 362 (733 sparse), GDDR6 864 GB/s; PCIe 4.0 x16.
     {"l40s", 91.6, 362, 864, 5, 25, 25, 0.7},
 };
 

@@ -3,13 +3,23 @@
 // through events, option validation, and its trace.
 #include "runtime/device/sim/sim_backend.h"
 
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <ctime>
+#include <map>
 #include <set>
 #include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+
+#include "runtime/base/str_cat.h"
+#include "runtime/device/pinned_pool.h"
 
 namespace ecss {
 namespace {
@@ -124,6 +134,179 @@ TEST(SimBackendTest, RealModeComputesTimedModeOnlyTakesTime) {
       EXPECT_FALSE(computed) << "timed mode skips the numbers";
       EXPECT_GE(SecondsSince(start), 0.02);
       EXPECT_GE(sim->busy_times().compute_busy_seconds, 0.02);
+    }
+  }
+}
+
+// Timed mode keeps the model's time, not the host's: every op's modelled duration is the
+// model's figure, it starts when it is ready and its engine is free, the engines' busy sums
+// are the sums of those durations, and no byte moves. None of this depends on how fast the
+// host is, so the assertions are exact.
+TEST(SimBackendTest, TimedModeKeepsTheModelsTimeExactly) {
+  SimOptions options;
+  options.device_memory_bytes = 64 * kMiB;
+  options.kernel_mode = KernelMode::kTimed;
+  options.h2d_bandwidth_gbps = 10;
+  options.d2h_bandwidth_gbps = 5;
+  options.copy_latency_us = 7;
+  auto sim = MakeSim(options);
+  StatusOr<OwnedStream> a = CreateOwnedStream(*sim, "a");
+  StatusOr<OwnedStream> b = CreateOwnedStream(*sim, "b");
+  StatusOr<OwnedEvent> a_done = CreateOwnedEvent(*sim);
+  StatusOr<Buffer> device = sim->device_memory().Allocate(16 * kMiB, MemoryTag::kOther);
+  ASSERT_TRUE(a.ok() && b.ok() && a_done.ok() && device.ok());
+  std::vector<uint8_t> host(16 * kMiB, 7);
+  bool computed = false;
+  auto kernel = [&computed](const char* name, double seconds) {
+    return KernelTask{name,
+                      [&computed] {
+                        computed = true;
+                        return Status::Ok();
+                      },
+                      seconds};
+  };
+  Stream sa = a->get(), sb = b->get();
+  ASSERT_TRUE(
+      sim->CopyAsync(sa, device->data(), host.data(), 8 * kMiB, CopyKind::kHostToDevice).ok());
+  ASSERT_TRUE(sim->LaunchKernel(sa, kernel("a.ffn", 0.003)).ok());
+  ASSERT_TRUE(sim->RecordEvent(a_done->get(), sa).ok());
+  ASSERT_TRUE(
+      sim->CopyAsync(sb, device->data(), host.data(), 4 * kMiB, CopyKind::kHostToDevice).ok());
+  ASSERT_TRUE(sim->LaunchKernel(sb, kernel("b.ffn", 0.001)).ok());
+  ASSERT_TRUE(sim->WaitEvent(sb, a_done->get()).ok());
+  ASSERT_TRUE(
+      sim->CopyAsync(sb, host.data(), device->data(), 2 * kMiB, CopyKind::kDeviceToHost).ok());
+  ASSERT_TRUE(
+      sim->CopyAsync(sa, host.data() + 2 * kMiB, device->data(), kMiB, CopyKind::kDeviceToHost)
+          .ok());
+  ASSERT_TRUE(sim->SynchronizeAll().ok());
+
+  EXPECT_FALSE(computed) << "timed kernels compute nothing";
+  EXPECT_EQ(std::count(host.begin(), host.end(), 7), static_cast<ptrdiff_t>(host.size()))
+      << "a timed device-to-host copy moved bytes";
+  EXPECT_EQ(std::count(device->as<uint8_t>(), device->as<uint8_t>() + 8 * kMiB, 0),
+            static_cast<ptrdiff_t>(8 * kMiB))
+      << "a timed host-to-device copy moved bytes";
+
+  auto copy_time = [&](double bytes, double gbps) {
+    return std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(7e-6 + bytes / (gbps * 1e9)));
+  };
+  auto kernel_time = [](double seconds) {
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+  };
+  std::vector<SimEngineOp> ops = sim->EngineOps();
+  ASSERT_EQ(ops.size(), 6u);
+  std::map<std::string, std::vector<SimEngineOp>> by_engine;
+  std::map<std::string, SimEngineOp> by_name;  // the ops are told apart by engine and bytes
+  for (const SimEngineOp& op : ops) {
+    by_engine[std::string(op.engine)].push_back(op);
+    by_name[StrCat(op.name, "/", op.bytes)] = op;
+  }
+  const double mib = static_cast<double>(kMiB);
+  EXPECT_EQ(by_name.at(StrCat("h2d/", 8 * mib)).modelled, copy_time(8 * mib, 10));
+  EXPECT_EQ(by_name.at(StrCat("h2d/", 4 * mib)).modelled, copy_time(4 * mib, 10));
+  EXPECT_EQ(by_name.at(StrCat("d2h/", 2 * mib)).modelled, copy_time(2 * mib, 5));
+  EXPECT_EQ(by_name.at(StrCat("d2h/", mib)).modelled, copy_time(mib, 5));
+  EXPECT_EQ(by_name.at("a.ffn/-1").modelled, kernel_time(0.003));
+  EXPECT_EQ(by_name.at("b.ffn/-1").modelled, kernel_time(0.001));
+
+  EngineBusyTimes busy = sim->busy_times();
+  for (auto& [engine, engine_ops] : by_engine) {
+    std::sort(engine_ops.begin(), engine_ops.end(),
+              [](const SimEngineOp& x, const SimEngineOp& y) { return x.start < y.start; });
+    int64_t busy_ns = 0;
+    for (size_t i = 0; i < engine_ops.size(); ++i) {
+      const SimEngineOp& op = engine_ops[i];
+      EXPECT_EQ(op.end - op.start, op.modelled) << engine << " " << op.name;
+      // It starts when it is ready and the engine is free, not when the host got to it.
+      const Clock::time_point free = i == 0 ? op.ready : engine_ops[i - 1].end;
+      EXPECT_EQ(op.start, std::max(op.ready, free)) << engine << " " << op.name;
+      EXPECT_GE(op.woke, op.end);
+      busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(op.modelled).count();
+    }
+    const double seconds = static_cast<double>(busy_ns) * 1e-9;
+    const double measured = engine == "H2D"   ? busy.h2d_busy_seconds
+                            : engine == "D2H" ? busy.d2h_busy_seconds
+                                              : busy.compute_busy_seconds;
+    EXPECT_EQ(measured, seconds) << engine;
+  }
+  // Stream order and the event, in modelled time.
+  EXPECT_GE(by_name.at("a.ffn/-1").ready, by_name.at(StrCat("h2d/", 8 * mib)).end);
+  EXPECT_GE(by_name.at("b.ffn/-1").ready, by_name.at(StrCat("h2d/", 4 * mib)).end);
+  EXPECT_GE(by_name.at(StrCat("d2h/", 2 * mib)).ready, by_name.at("a.ffn/-1").end);
+  EXPECT_GE(by_name.at(StrCat("d2h/", 2 * mib)).ready, by_name.at("b.ffn/-1").end);
+}
+
+// A timed op's engine thread sleeps until the op's modelled end: it takes no CPU from the
+// host's own work (the real optimizer, in a timed step).
+TEST(SimBackendTest, TimedOpsSleepInsteadOfWorking) {
+  SimOptions options;
+  options.device_memory_bytes = 64 * kMiB;
+  options.kernel_mode = KernelMode::kTimed;
+  options.h2d_bandwidth_gbps = 0.4;  // 64 MiB: 0.17 s
+  auto sim = MakeSim(options);
+  StatusOr<OwnedStream> stream = CreateOwnedStream(*sim, "s");
+  StatusOr<Buffer> device = sim->device_memory().Allocate(64 * kMiB, MemoryTag::kOther);
+  ASSERT_TRUE(stream.ok() && device.ok());
+  std::vector<uint8_t> host(64 * kMiB, 1);
+  auto cpu_seconds = [] {
+    timespec now{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &now);
+    return static_cast<double>(now.tv_sec) + 1e-9 * static_cast<double>(now.tv_nsec);
+  };
+  const double cpu_before = cpu_seconds();
+  ASSERT_TRUE(sim->CopyAsync(stream->get(), device->data(), host.data(), host.size(),
+                             CopyKind::kHostToDevice)
+                  .ok());
+  ASSERT_TRUE(
+      sim->LaunchKernel(stream->get(), KernelTask{"ffn", [] { return Status::Ok(); }, 0.2}).ok());
+  ASSERT_TRUE(sim->SynchronizeStream(stream->get()).ok());
+  const double modelled =
+      sim->busy_times().h2d_busy_seconds + sim->busy_times().compute_busy_seconds;
+  EXPECT_GT(modelled, 0.35);
+  // Sleeping threads, and no bytes moved: a memcpy of 64 MiB alone costs several times this,
+  // and a spin the whole modelled time.
+  EXPECT_LT(cpu_seconds() - cpu_before, 0.005);
+}
+
+// The pages of a region that are resident in memory, by mincore.
+size_t ResidentPages(const void* base, uint64_t bytes) {
+  const auto page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> resident((bytes + page - 1) / page);
+  EXPECT_EQ(::mincore(const_cast<void*>(base), bytes, resident.data()), 0) << errno;
+  return static_cast<size_t>(std::count_if(resident.begin(), resident.end(),
+                                           [](unsigned char flags) { return (flags & 1) != 0; }));
+}
+
+// Memory that behaves like the device's: the device arena and a pinned pool are resident as
+// soon as they exist (no step pays their page faults), and the pool is locked unless asked not
+// to be (as root the memlock limit does not apply).
+TEST(SimBackendTest, DeviceMemoryAndPinnedPoolsAreResidentAtCreation) {
+  SimOptions options;
+  options.device_memory_bytes = 48 * kMiB;
+  auto sim = MakeSim(options);
+  auto* arena = dynamic_cast<ArenaAllocator*>(&sim->device_memory());
+  ASSERT_NE(arena, nullptr);
+  const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  EXPECT_EQ(ResidentPages(arena->region(), arena->region_bytes()), arena->region_bytes() / page);
+
+  for (bool lock : {true, false}) {
+    PinnedPoolOptions pool_options;
+    pool_options.capacity_bytes = 24 * kMiB;
+    pool_options.lock_pages = lock;
+    StatusOr<std::unique_ptr<PinnedHostPool>> pool = sim->CreatePinnedPool(pool_options);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ(ResidentPages((*pool)->region(), (*pool)->region_bytes()),
+              (*pool)->region_bytes() / page);
+    rlimit limit{};
+    ASSERT_EQ(::getrlimit(RLIMIT_MEMLOCK, &limit), 0);
+    const bool may_lock = ::geteuid() == 0 || limit.rlim_cur == RLIM_INFINITY ||
+                          limit.rlim_cur >= (*pool)->region_bytes();
+    if (!lock) {
+      EXPECT_FALSE((*pool)->pages_locked());
+    } else if (may_lock) {
+      EXPECT_TRUE((*pool)->pages_locked());
     }
   }
 }

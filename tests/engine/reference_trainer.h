@@ -125,6 +125,7 @@ struct RunConfig {
   // equal the training step's forward outputs.
   bool evaluate = false;
   std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
+  std::string profile;  // non-empty: the session's device profile (timed kernels' time)
 };
 
 inline constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
@@ -155,6 +156,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.optimizer.groups[0].eps = c.eps;
   o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
+  if (!c.profile.empty()) o.device_profile = *FindDeviceProfile(c.profile);
   o.delayed_update = c.delayed;
   o.optimizer.skip_step_on_nonfinite = !c.immediate;
   o.placement.io_engines = c.io_engines;

@@ -468,6 +468,24 @@ TEST(SessionTest, StatisticsAddUp) {
   EXPECT_GT(naive.back().gradient_bytes, stats.back().gradient_bytes);
 }
 
+// The session's kernels take their modelled time on the session's device profile (as the
+// bench's copy engines take its link bandwidth): the same steps on an A100 profile keep the
+// compute engine busy longer than on an H100 one.
+TEST(SessionTest, TimedKernelsTakeTheSessionsDeviceProfile) {
+  RunConfig c;
+  c.device = "sim-timed";
+  c.steps = 2;
+  std::map<std::string, double> compute;
+  for (const char* profile : {"h100-sxm", "a100-sxm"}) {
+    c.profile = profile;
+    std::vector<StepStats> stats;
+    TrainSession(c, &stats);
+    for (const StepStats& s : stats) compute[profile] += s.compute_busy_seconds;
+  }
+  EXPECT_GT(compute["h100-sxm"], 0);
+  EXPECT_GT(compute["a100-sxm"], compute["h100-sxm"]);
+}
+
 TEST(SessionTest, BadInputIsRefusedAndTheSessionStaysUsable) {
   SimOptions so;
   so.device_memory_bytes = 16 << 20;

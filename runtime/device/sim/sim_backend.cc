@@ -1,5 +1,7 @@
 #include "runtime/device/sim/sim_backend.h"
 
+#include <sys/prctl.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -19,66 +21,98 @@ namespace ecss {
 // Every block of the simulated device's memory: cudaMalloc's alignment guarantee.
 constexpr size_t kSimAlignment = 256;
 
-using Clock = std::chrono::steady_clock;
+// The ops the engines ran, most recent last.
+struct SimBackend::OpLog {
+  void Add(SimEngineOp op) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (ops.size() == kKeptOps) ops.pop_front();
+    ops.push_back(std::move(op));
+  }
+  mutable std::mutex mutex;
+  std::deque<SimEngineOp> ops;  // GUARDED_BY(mutex)
+};
 
 // A resource that serialises the work given to it (a copy engine, the compute units) and
-// accounts its busy time.
+// accounts its busy time (see "Time" in the header).
 struct SimBackend::Engine {
-  Engine(std::string engine_name, double gbps, double latency_us, TraceRecorder* recorder)
+  Engine(std::string engine_name, double gbps, double latency_us, TraceRecorder* recorder,
+         OpLog* op_log)
       : name(std::move(engine_name)),
         bytes_per_second(gbps * 1e9),
-        latency(std::chrono::duration<double, std::micro>(latency_us)),
+        latency_seconds(latency_us * 1e-6),
         trace(recorder),
-        lane(recorder ? recorder->Lane(name) : 0) {}
+        lane(recorder ? recorder->Lane(name) : 0),
+        log(op_log) {}
 
   bool throttled() const { return bytes_per_second > 0; }
 
-  // Runs `work` holding the engine; the engine stays busy until at least `min_duration`
-  // after the start.
-  template <typename Work>
-  // `bytes` < 0: not a transfer.
-  Status Run(std::string_view op, Clock::duration min_duration, double bytes, Work&& work) {
-    std::lock_guard<std::mutex> lock(mutex);
-    const Clock::time_point start = Clock::now();
-    Status status = work();
-    if (min_duration > Clock::duration::zero()) std::this_thread::sleep_until(start + min_duration);
-    const Clock::time_point end = Clock::now();
-    busy_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(end - start).count(),
+  // Runs one op that is ready at `ready`; its end goes to `*end`. Without `work` the op is
+  // modelled: it holds the engine for exactly `modelled` from when it is ready and the engine
+  // is free, and the thread sleeps until then. With `work`, the work runs holding the engine,
+  // which stays busy for at least `modelled`. `bytes` < 0: not a transfer.
+  Status Run(std::string_view op, double bytes, Clock::time_point ready, Clock::duration modelled,
+             const std::function<Status()>* work, Clock::time_point* end) {
+    Clock::time_point start;
+    Status status;
+    if (work == nullptr) {
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        start = std::max(free_at, ready);
+        *end = start + modelled;
+        free_at = *end;
+      }
+      std::this_thread::sleep_until(*end);
+    } else {
+      std::lock_guard<std::mutex> lock(mutex);
+      start = std::max({free_at, ready, Clock::now()});
+      std::this_thread::sleep_until(start);
+      status = (*work)();
+      *end = std::max(start + modelled, Clock::now());
+      std::this_thread::sleep_until(*end);
+      free_at = *end;
+    }
+    const Clock::time_point woke = Clock::now();
+    busy_ns.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(*end - start).count(),
                       std::memory_order_relaxed);
     if (trace) {
       TraceRecorder::Args args;
       if (bytes >= 0) args.emplace_back("bytes", bytes);
-      trace->Complete(lane, op, name, start, end, std::move(args));
+      trace->Complete(lane, op, name, start, *end, std::move(args));
     }
+    log->Add({name, std::string(op), bytes, ready, start, *end, modelled, woke});
     return status;
   }
 
-  // The time a throttled engine needs for `bytes`.
+  // The time a throttled engine needs for `bytes`: latency + bytes / bandwidth.
   Clock::duration CopyTime(size_t bytes) const {
     if (!throttled()) return Clock::duration::zero();
-    const auto transfer =
-        std::chrono::duration<double>(static_cast<double>(bytes) / bytes_per_second);
-    return std::chrono::duration_cast<Clock::duration>(latency + transfer);
+    return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(
+        latency_seconds + static_cast<double>(bytes) / bytes_per_second));
   }
 
   const std::string name;
   const double bytes_per_second;  // 0: unthrottled
-  const std::chrono::duration<double, std::micro> latency;
+  const double latency_seconds;
   TraceRecorder* const trace;
   const int lane;
+  OpLog* const log;
   std::mutex mutex;
+  Clock::time_point free_at;  // GUARDED_BY(mutex): when the engine's last op ends
   std::atomic<int64_t> busy_ns{0};
 };
 
 // One in-order queue and the worker thread that drains it.
 class SimBackend::SimStream final : public StreamImpl {
  public:
+  // Runs the task, which became ready at `ready`; sets `*end` (ready on entry) to when it ended.
+  using Run = std::function<Status(Clock::time_point ready, Clock::time_point* end)>;
   struct Task {
     std::string name;
     std::string_view category;
-    std::function<Status()> run;
+    Run run;
     // Runs even after the stream failed (event records, which must propagate the failure).
     bool runs_after_error = false;
+    Clock::time_point enqueued{};  // set by Enqueue
   };
 
   SimStream(std::string_view stream_name, TraceRecorder* trace)
@@ -91,6 +125,7 @@ class SimBackend::SimStream final : public StreamImpl {
   Status Enqueue(Task task) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) return FailedPreconditionError(StrCat("stream '", name, "' is shutting down"));
+    task.enqueued = Clock::now();
     queue_.push_back(std::move(task));
     ++enqueued_;
     work_cv_.notify_one();
@@ -124,6 +159,9 @@ class SimBackend::SimStream final : public StreamImpl {
 
  private:
   void Work() {
+    // Sleeps end within 1 us of their deadline instead of Linux's default 50 us of slack: the
+    // worker wakes at an op's modelled end (see "Time" in the header).
+    ::prctl(PR_SET_TIMERSLACK, 1000UL, 0UL, 0UL, 0UL);
     while (true) {
       Task task;
       bool skip;
@@ -136,9 +174,12 @@ class SimBackend::SimStream final : public StreamImpl {
         skip = !error_.ok() && !task.runs_after_error;
       }
       if (!skip) {
-        const Clock::time_point start = Clock::now();
-        Status status = task.run();
-        if (trace_) trace_->Complete(lane_, task.name, task.category, start, Clock::now());
+        // Ready once enqueued and the previous op on the stream ended (modelled time).
+        const Clock::time_point ready = std::max(task.enqueued, ready_at_);
+        Clock::time_point end = ready;
+        Status status = task.run(ready, &end);
+        ready_at_ = std::max(ready, end);
+        if (trace_) trace_->Complete(lane_, task.name, task.category, ready, ready_at_);
         if (!status.ok()) {
           std::lock_guard<std::mutex> lock(mutex_);
           if (error_.ok()) error_ = status.Annotate(StrCat("stream '", name, "': ", task.name));
@@ -155,58 +196,64 @@ class SimBackend::SimStream final : public StreamImpl {
   std::mutex mutex_;
   std::condition_variable work_cv_;
   std::condition_variable done_cv_;
-  std::deque<Task> queue_;  // GUARDED_BY(mutex_)
-  uint64_t enqueued_ = 0;   // GUARDED_BY(mutex_)
-  uint64_t completed_ = 0;  // GUARDED_BY(mutex_)
-  bool stopping_ = false;   // GUARDED_BY(mutex_)
-  Status error_;            // GUARDED_BY(mutex_); written by the worker only
+  std::deque<Task> queue_;        // GUARDED_BY(mutex_)
+  uint64_t enqueued_ = 0;         // GUARDED_BY(mutex_)
+  uint64_t completed_ = 0;        // GUARDED_BY(mutex_)
+  bool stopping_ = false;         // GUARDED_BY(mutex_)
+  Status error_;                  // GUARDED_BY(mutex_); written by the worker only
+  Clock::time_point ready_at_{};  // the worker's own: when the stream's last op ended
   std::thread worker_;
 };
 
-// Recordings are numbered 1, 2, ... on the host when RecordEvent is called; a stream waiting
-// on the event waits for the recording that was latest when it called WaitEvent.
+// Each RecordEvent makes a recording, which the record task completes with its stream's
+// error and time; a stream waiting on the event waits for the recording that was latest when
+// it called WaitEvent, and is ready no earlier than that recording's time.
 class SimBackend::SimEvent final : public EventImpl {
  public:
-  uint64_t BeginRecord() {
+  struct Recording {
+    bool done = false;       // GUARDED_BY(SimEvent::mutex_)
+    Status error;            // GUARDED_BY(SimEvent::mutex_)
+    Clock::time_point at{};  // GUARDED_BY(SimEvent::mutex_)
+  };
+
+  std::shared_ptr<Recording> BeginRecord() {
     std::lock_guard<std::mutex> lock(mutex_);
-    ++recorded_;
-    pending_.push_back(recorded_);
-    return recorded_;
+    latest_ = std::make_shared<Recording>();
+    return latest_;
   }
 
-  void Complete(uint64_t recording, Status error) {
+  void Complete(Recording& recording, Status error, Clock::time_point at) {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::erase(pending_, recording);
-    if (!error.ok()) failed_[recording] = std::move(error);
+    recording.done = true;
+    recording.error = std::move(error);
+    recording.at = at;
     cv_.notify_all();
   }
 
-  uint64_t latest() {
+  // Null when never recorded.
+  std::shared_ptr<Recording> latest() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return recorded_;
+    return latest_;
   }
 
-  // Waits until `recording` completed; returns the error of the stream it was recorded on.
-  Status WaitFor(uint64_t recording) {
+  // Waits until `recording` completed; returns the error of the stream it was recorded on
+  // and (when asked) its time.
+  Status WaitFor(const Recording& recording, Clock::time_point* at = nullptr) {
     std::unique_lock<std::mutex> lock(mutex_);
-    cv_.wait(lock, [&] {
-      return std::find(pending_.begin(), pending_.end(), recording) == pending_.end();
-    });
-    auto failed = failed_.find(recording);
-    return failed == failed_.end() ? Status::Ok() : failed->second;
+    cv_.wait(lock, [&] { return recording.done; });
+    if (at != nullptr) *at = recording.at;
+    return recording.error;
   }
 
-  bool Done(uint64_t recording) {
+  bool Done(const Recording& recording) {
     std::lock_guard<std::mutex> lock(mutex_);
-    return std::find(pending_.begin(), pending_.end(), recording) == pending_.end();
+    return recording.done;
   }
 
  private:
   std::mutex mutex_;
   std::condition_variable cv_;
-  uint64_t recorded_ = 0;              // GUARDED_BY(mutex_)
-  std::vector<uint64_t> pending_;      // GUARDED_BY(mutex_): recorded, not yet completed
-  std::map<uint64_t, Status> failed_;  // GUARDED_BY(mutex_): recordings made after a failure
+  std::shared_ptr<Recording> latest_;  // GUARDED_BY(mutex_)
 };
 
 namespace {
@@ -234,6 +281,9 @@ StatusOr<std::unique_ptr<SimBackend>> SimBackend::Create(const SimOptions& optio
   arena.device = Device::Sim(options.device_index);
   arena.capacity_bytes = options.device_memory_bytes;
   arena.alignment = kSimAlignment;
+  // A GPU's memory is there when the context is: faulted in now, so that no copy or kernel
+  // of a step pays the host's page faults.
+  arena.populate = true;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ArenaAllocator> memory, ArenaAllocator::Create(arena));
   return std::unique_ptr<SimBackend>(new SimBackend(options, std::move(memory)));
 }
@@ -263,13 +313,19 @@ SimBackend::SimBackend(const SimOptions& options, std::unique_ptr<ArenaAllocator
     : Backend(SimCapabilities(options, memory->capacity_bytes()), options.trace),
       options_(options),
       memory_(std::move(memory)),
+      ops_(std::make_unique<OpLog>()),
       h2d_(std::make_unique<Engine>("H2D", options.h2d_bandwidth_gbps, options.copy_latency_us,
-                                    options.trace)),
+                                    options.trace, ops_.get())),
       d2h_(std::make_unique<Engine>("D2H", options.d2h_bandwidth_gbps, options.copy_latency_us,
-                                    options.trace)),
-      compute_(std::make_unique<Engine>("compute", 0, 0, options.trace)) {}
+                                    options.trace, ops_.get())),
+      compute_(std::make_unique<Engine>("compute", 0, 0, options.trace, ops_.get())) {}
 
 SimBackend::~SimBackend() { ShutdownHandles(); }
+
+std::vector<SimEngineOp> SimBackend::EngineOps() const {
+  std::lock_guard<std::mutex> lock(ops_->mutex);
+  return {ops_->ops.begin(), ops_->ops.end()};
+}
 
 EngineBusyTimes SimBackend::DoBusyTimes() const {
   auto seconds = [](const Engine& engine) {
@@ -292,22 +348,34 @@ StatusOr<Backend::EventPtr> SimBackend::DoCreateEvent() {
   return EventPtr(std::make_shared<SimEvent>());
 }
 
+namespace {
+
+// Host work on a stream's worker: it ends when it returns.
+SimBackend::Clock::time_point Now() { return std::chrono::steady_clock::now(); }
+
+}  // namespace
+
 Status SimBackend::DoCopy(const StreamPtr& stream, void* dst, const void* src, size_t bytes,
                           CopyKind kind) {
   Engine* engine = kind == CopyKind::kHostToDevice   ? h2d_.get()
                    : kind == CopyKind::kDeviceToHost ? d2h_.get()
                                                      : nullptr;
-  auto copy = [dst, src, bytes] {
-    std::memcpy(dst, src, bytes);
-    return Status::Ok();
-  };
-  std::function<Status()> run;
-  if (engine == nullptr) {
-    run = copy;  // device-to-device runs on the device itself, not a copy engine
+  const bool timed = options_.kernel_mode == KernelMode::kTimed;
+  SimStream::Run run;
+  if (engine == nullptr) {  // device-to-device runs on the device itself, not a copy engine
+    run = [dst, src, bytes, timed](Clock::time_point, Clock::time_point* end) {
+      if (!timed) std::memcpy(dst, src, bytes);
+      if (!timed) *end = Now();
+      return Status::Ok();
+    };
   } else {
-    run = [engine, bytes, copy, kind] {
-      return engine->Run(CopyKindName(kind), engine->CopyTime(bytes), static_cast<double>(bytes),
-                         copy);
+    run = [engine, dst, src, bytes, kind, timed](Clock::time_point ready, Clock::time_point* end) {
+      const std::function<Status()> copy = [dst, src, bytes] {
+        std::memcpy(dst, src, bytes);
+        return Status::Ok();
+      };
+      return engine->Run(CopyKindName(kind), static_cast<double>(bytes), ready,
+                         engine->CopyTime(bytes), timed ? nullptr : &copy, end);
     };
   }
   // Short literal names (no formatting on the hot path); the engine lane's event carries
@@ -317,28 +385,37 @@ Status SimBackend::DoCopy(const StreamPtr& stream, void* dst, const void* src, s
 }
 
 Status SimBackend::DoMemset(const StreamPtr& stream, void* dst, uint8_t value, size_t bytes) {
-  return static_cast<SimStream&>(*stream).Enqueue({"memset", "memset", [dst, value, bytes] {
-                                                     std::memset(dst, value, bytes);
-                                                     return Status::Ok();
-                                                   }});
+  const bool timed = options_.kernel_mode == KernelMode::kTimed;
+  return static_cast<SimStream&>(*stream).Enqueue(
+      {"memset", "memset", [dst, value, bytes, timed](Clock::time_point, Clock::time_point* end) {
+         if (timed) return Status::Ok();
+         std::memset(dst, value, bytes);
+         *end = Now();
+         return Status::Ok();
+       }});
 }
 
 Status SimBackend::DoLaunchHostFunction(const StreamPtr& stream, std::string name,
                                         std::function<Status()> fn) {
-  return static_cast<SimStream&>(*stream).Enqueue({std::move(name), "host", std::move(fn)});
+  return static_cast<SimStream&>(*stream).Enqueue(
+      {std::move(name), "host", [fn = std::move(fn)](Clock::time_point, Clock::time_point* end) {
+         Status status = fn();
+         *end = Now();
+         return status;
+       }});
 }
 
 Status SimBackend::DoLaunchKernel(const StreamPtr& stream, KernelTask&& task) {
   Engine* engine = compute_.get();
-  const KernelMode mode = options_.kernel_mode;
+  const bool timed = options_.kernel_mode == KernelMode::kTimed;
   std::string name = task.name;
-  auto run = [engine, mode, task = std::move(task)] {
-    if (mode == KernelMode::kReal) {
-      return engine->Run(task.name, Clock::duration::zero(), -1, task.compute);
-    }
-    const auto modeled = std::chrono::duration_cast<Clock::duration>(
-        std::chrono::duration<double>(task.modeled_seconds));
-    return engine->Run(task.name, modeled, -1, [] { return Status::Ok(); });
+  auto run = [engine, timed, task = std::move(task)](Clock::time_point ready,
+                                                     Clock::time_point* end) {
+    const Clock::duration modelled = timed
+                                         ? std::chrono::duration_cast<Clock::duration>(
+                                               std::chrono::duration<double>(task.modeled_seconds))
+                                         : Clock::duration::zero();
+    return engine->Run(task.name, -1, ready, modelled, timed ? nullptr : &task.compute, end);
   };
   return static_cast<SimStream&>(*stream).Enqueue({std::move(name), "kernel", std::move(run)});
 }
@@ -346,27 +423,31 @@ Status SimBackend::DoLaunchKernel(const StreamPtr& stream, KernelTask&& task) {
 Status SimBackend::DoRecordEvent(const EventPtr& event, const StreamPtr& stream) {
   auto sim_event = std::static_pointer_cast<SimEvent>(event);
   auto sim_stream = std::static_pointer_cast<SimStream>(stream);
-  const uint64_t recording = sim_event->BeginRecord();
+  std::shared_ptr<SimEvent::Recording> recording = sim_event->BeginRecord();
   // The task runs on the stream's own worker, so the stream outlives it: a raw pointer
   // (a shared_ptr here could make the worker destroy, and join, itself).
   SimStream* owner = sim_stream.get();
-  Status enqueued = sim_stream->Enqueue({"record event", "event",
-                                         [sim_event, owner, recording] {
-                                           sim_event->Complete(recording, owner->error());
-                                           return Status::Ok();
-                                         },
-                                         /*runs_after_error=*/true});
-  if (!enqueued.ok()) sim_event->Complete(recording, enqueued);
+  Status enqueued = sim_stream->Enqueue(
+      {"record event", "event",
+       [sim_event, owner, recording](Clock::time_point ready, Clock::time_point*) {
+         sim_event->Complete(*recording, owner->error(), ready);
+         return Status::Ok();
+       },
+       /*runs_after_error=*/true});
+  if (!enqueued.ok()) sim_event->Complete(*recording, enqueued, Now());
   return enqueued;
 }
 
 Status SimBackend::DoWaitEvent(const StreamPtr& stream, const EventPtr& event) {
   auto sim_event = std::static_pointer_cast<SimEvent>(event);
-  const uint64_t recording = sim_event->latest();
-  if (recording == 0) return Status::Ok();  // never recorded: nothing to wait for
+  std::shared_ptr<SimEvent::Recording> recording = sim_event->latest();
+  if (recording == nullptr) return Status::Ok();  // never recorded: nothing to wait for
   return static_cast<SimStream&>(*stream).Enqueue(
-      {"wait event", "event", [sim_event, recording] {
-         Status status = sim_event->WaitFor(recording);
+      {"wait event", "event",
+       [sim_event, recording](Clock::time_point ready, Clock::time_point* end) {
+         Clock::time_point recorded;
+         Status status = sim_event->WaitFor(*recording, &recorded);
+         *end = std::max(ready, recorded);
          return status.ok() ? status : status.Annotate("waited on an event recorded after it");
        }});
 }
@@ -376,16 +457,14 @@ Status SimBackend::DoSynchronizeStream(StreamImpl& stream) {
 }
 
 Status SimBackend::DoSynchronizeEvent(EventImpl& event) {
-  auto& sim_event = static_cast<SimEvent&>(event);
-  const uint64_t recording = sim_event.latest();
-  if (recording == 0) return Status::Ok();
-  return sim_event.WaitFor(recording);
+  std::shared_ptr<SimEvent::Recording> recording = static_cast<SimEvent&>(event).latest();
+  if (recording == nullptr) return Status::Ok();
+  return static_cast<SimEvent&>(event).WaitFor(*recording);
 }
 
 bool SimBackend::DoQueryEvent(EventImpl& event) {
-  auto& sim_event = static_cast<SimEvent&>(event);
-  const uint64_t recording = sim_event.latest();
-  return recording == 0 || sim_event.Done(recording);
+  std::shared_ptr<SimEvent::Recording> recording = static_cast<SimEvent&>(event).latest();
+  return recording == nullptr || static_cast<SimEvent&>(event).Done(*recording);
 }
 
 }  // namespace ecss

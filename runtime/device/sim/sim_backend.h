@@ -1,18 +1,33 @@
 // The simulated device: the same Backend interface as CUDA, on the host, so that every path of
 // the runtime is testable on a machine without a GPU (DESIGN.md section 5).
-//  - Device memory is an ArenaAllocator with a hard capacity: over-allocation returns
-//    ResourceExhausted and leaves the arena intact, as cudaMalloc would.
+//  - Device memory is an ArenaAllocator with a hard capacity, faulted in at creation (a GPU's
+//    memory is resident): over-allocation returns ResourceExhausted and leaves the arena
+//    intact, as cudaMalloc would.
 //  - Each stream is an in-order queue on its own worker thread; events order streams.
 //  - One H2D and one D2H copy engine, shared by all streams, each serialising its copies and
-//    modelling bandwidth and latency: a throttled copy of B bytes occupies its engine for at
-//    least latency + B / bandwidth (1 GB/s = 1e9 bytes/s). Unthrottled by default.
+//    modelling bandwidth and latency: a throttled copy of B bytes occupies its engine for
+//    latency + B / bandwidth (1 GB/s = 1e9 bytes/s). Unthrottled by default.
 //  - Kernels run on one compute engine shared by all streams, in `real` mode (the CPU
 //    computes the numbers) or `timed` mode (the engine is busy for the task's modelled time
 //    and the numbers are skipped).
+//  - Time. An op is ready when it was enqueued, the op before it on its stream ended and the
+//    events it waits for were recorded; its engine starts it when it is also free. A modelled
+//    op (timed mode's kernels and host<->device copies) then ends exactly its modelled
+//    duration later: it does no work (a timed copy moves no bytes, as a timed kernel computes
+//    nothing: timed mode's data does not matter), and the engine's thread sleeps until that
+//    end, taking no CPU from the host's own work. So in timed mode the device keeps the
+//    device's time, not the host's: every op's start and end, and each engine's busy time, are
+//    the model's figures (EngineOps), and the wall clock follows them as closely as the host
+//    wakes its threads (`ecss-bench device --timed`). Device-to-device copies and memsets are
+//    instantaneous and move nothing in timed mode. In real mode an op's work runs holding its
+//    engine, which stays busy for at least the modelled duration (throttled copies).
 // Thread-safe, like every Backend. Calls that enqueue never block; synchronise calls do.
 #pragma once
 
+#include <chrono>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "runtime/device/arena_allocator.h"
 #include "runtime/device/backend.h"
@@ -29,20 +44,40 @@ struct SimOptions {
   TraceRecorder* trace = nullptr;  // optional, not owned; must outlive the backend
 };
 
+// One op a simulated engine ran (see "Time" above). Times are on std::chrono::steady_clock.
+struct SimEngineOp {
+  using Clock = std::chrono::steady_clock;
+  std::string_view engine;  // "H2D", "D2H" or "compute"
+  std::string name;
+  double bytes = -1;        // a copy's bytes; -1 for a kernel
+  Clock::time_point ready;  // enqueued, its stream's previous op ended, its events recorded
+  Clock::time_point start;  // max(ready, the engine free); real work: not before the host got to it
+  Clock::time_point end;  // modelled: start + modelled exactly; real: when the work ended, if later
+  Clock::duration modelled{};  // latency + bytes / bandwidth, or the kernel's modelled seconds
+  Clock::time_point woke;      // when the engine's thread saw the end on the host's clock
+};
+
 class SimBackend final : public Backend {
  public:
+  using Clock = std::chrono::steady_clock;
+  // EngineOps keeps at most this many of the most recent ops.
+  static constexpr size_t kKeptOps = size_t{1} << 15;
+
   // InvalidArgument naming the field for a zero or absurd capacity (above the machine's
   // memory), or a negative or non-finite bandwidth or latency.
   static StatusOr<std::unique_ptr<SimBackend>> Create(const SimOptions& options);
   ~SimBackend() override;
 
   Allocator& device_memory() override { return *memory_; }
+  // The most recent ops of every engine (at most kKeptOps), in the order they ended.
+  std::vector<SimEngineOp> EngineOps() const;
 
  private:
-  EngineBusyTimes DoBusyTimes() const override;  // each simulated engine's, measured
+  EngineBusyTimes DoBusyTimes() const override;  // each engine's sum of end - start
   class SimStream;
   class SimEvent;
   struct Engine;
+  struct OpLog;
 
   SimBackend(const SimOptions& options, std::unique_ptr<ArenaAllocator> memory);
 
@@ -63,6 +98,7 @@ class SimBackend final : public Backend {
 
   const SimOptions options_;
   std::unique_ptr<ArenaAllocator> memory_;
+  std::unique_ptr<OpLog> ops_;
   std::unique_ptr<Engine> h2d_;
   std::unique_ptr<Engine> d2h_;
   std::unique_ptr<Engine> compute_;
