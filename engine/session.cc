@@ -3,12 +3,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "engine/expert_table.h"
 #include "engine/memory_plan.h"
 #include "engine/plan_recorder.h"
 #include "engine/step_executor.h"
+#include "engine/step_metrics.h"
 #include "engine/step_plan.h"
 #include "kernels/kernel_runner.h"
 #include "router/rre_router.h"
@@ -69,8 +72,12 @@ struct Session::Impl {
   SessionOptions options;
   std::optional<RreRouter> router;  // RRE routing only
   MemoryPlan memory;                // every byte the session allocates
-  // Declared before the table's updater, whose threads report to it until it is destroyed.
+  // Declared before the table's updater, whose threads report to them until it is destroyed:
+  // the executed plans, and when each expert update ran (the optimizer's busy time, for
+  // StepStats::metrics; taken by each step's statistics).
   PlanRecorder recorder;
+  std::mutex updates_mutex;
+  std::vector<BusyInterval> update_intervals;  // GUARDED_BY(updates_mutex)
   std::unique_ptr<ExpertTable> table;
   std::unique_ptr<StepExecutor> executor;  // uses the table: declared after it
 
@@ -108,6 +115,7 @@ struct Session::Impl {
   Status CheckGate(uint32_t micro_batch, uint32_t layer, const GateChoices& gate,
                    const void* choice_outputs) const;
   StepStats StatsOf(const StepExecutor::StepRecord& record);
+  StepMetrics MetricsOf(Clock::time_point begin, Clock::time_point end);
 };
 
 // ---- Creation -------------------------------------------------------------------------------
@@ -122,14 +130,20 @@ Status Session::Impl::CreateAll() {
                caps.device_memory_bytes, "] (the backend's device memory)"));
   }
   if (options.optimizer.trace == nullptr) options.optimizer.trace = options.trace;
-  if (options.record_op_times) {  // when each expert's update ran, for the executed plans
-    options.optimizer.on_update = [this, user = options.optimizer.on_update](
-                                      uint32_t id, uint64_t updater_step, Clock::time_point start,
-                                      Clock::time_point end) {
+  // When each expert's update ran: the optimizer's busy time, and (recording op times) the
+  // executed plans' update ops.
+  options.optimizer.on_update = [this, user = options.optimizer.on_update](
+                                    uint32_t id, uint64_t updater_step, Clock::time_point start,
+                                    Clock::time_point end) {
+    {
+      std::lock_guard<std::mutex> lock(updates_mutex);
+      update_intervals.push_back({start, end});
+    }
+    if (options.record_op_times) {
       recorder.UpdateRan(updater_step, table->index().Id(id).layer, start, end);
-      if (user) user(id, updater_step, start, end);
-    };
-  }
+    }
+    if (user) user(id, updater_step, start, end);
+  };
   ECSS_RETURN_IF_ERROR(CreateRouter());
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<KernelRunner> kernels,
                         KernelRunner::Create(backend, KernelOptionsOf(options)));
@@ -397,12 +411,33 @@ StatusOr<StepStats> Session::EndStep() {
 
 // The statistics of the step that just ended: its record, and the counters since the
 // previous EndStep returned.
+// The metrics of the step [begin, end]: the device engines' intervals where the backend keeps
+// them, and the optimizer's updates that ended by now (one still running counts in the next
+// step's window).
+StepMetrics Session::Impl::MetricsOf(Clock::time_point begin, Clock::time_point end) {
+  std::vector<ResourceBusy> resources;
+  if (backend.busy_times().measured) {
+    resources = {{"compute", {}}, {"h2d", {}}, {"d2h", {}}};
+    for (const EngineInterval& each : backend.engine_intervals(begin)) {
+      resources[static_cast<size_t>(each.engine)].intervals.push_back({each.start, each.end});
+    }
+  }
+  ResourceBusy optimizer{"optimizer", {}};
+  {
+    std::lock_guard<std::mutex> lock(updates_mutex);
+    optimizer.intervals.swap(update_intervals);
+  }
+  resources.push_back(std::move(optimizer));
+  return ComputeStepMetrics(begin, end, resources);
+}
+
 StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   StepStats stats;
   stats.step = step;
   stats.tokens = record.tokens;
   const Clock::time_point now = Clock::now();
-  stats.seconds = std::chrono::duration<double>(now - last_end).count();
+  const Clock::time_point begin = last_end;
+  stats.seconds = std::chrono::duration<double>(now - begin).count();
   last_end = now;
   stats.tokens_per_s = stats.seconds > 0 ? static_cast<double>(record.tokens) / stats.seconds : 0;
   const CopyStats copies = backend.copy_stats();
@@ -424,9 +459,7 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   stats.d2h_busy_seconds = e.d2h_busy_seconds - engines_at_begin.d2h_busy_seconds;
   stats.optimizer_busy_seconds = executor->optimizer_busy_seconds() - optimizer_busy_at_begin;
   stats.nvme_bytes = executor->nvme_bytes() - nvme_at_begin;
-  const double busiest = std::max({stats.compute_busy_seconds, stats.h2d_busy_seconds,
-                                   stats.d2h_busy_seconds, stats.optimizer_busy_seconds});
-  stats.overlap_efficiency = stats.seconds > 0 ? std::min(1.0, busiest / stats.seconds) : 0;
+  stats.metrics = MetricsOf(begin, now);
   stats.updated_experts = record.updated_experts;
   stats.updated_params = uint64_t{record.updated_experts} * memory.params;
   stats.optimizer = record.report;

@@ -1,11 +1,13 @@
 // StepStats: what Session::EndStep reports of a step (engine/session.h): its time and
 // tokens, the bytes each direction and tier moved, the cache's hits, the stalls by cause, each
-// resource's busy time and the optimizer's report. A plain value.
+// resource's busy and exposed time with the step's bound ratio and overlap fraction, and the
+// optimizer's report. A plain value.
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
+#include "engine/step_metrics.h"
 #include "offload/stall_record.h"
 #include "optimizer/cpu_optimizer.h"
 
@@ -41,10 +43,14 @@ struct StepStats {
   StallStats stalls;
   std::vector<StallRecord> stall_records;  // every fetch that waited: who, on what, how long
   double stall_fraction = 0;               // stalls.total() / seconds
-  // Busy seconds of each resource in this step; overlap efficiency = the busiest / seconds.
+  // Busy seconds of each resource in this step, as its counters advanced (the optimizer's:
+  // thread-seconds, summed over its threads).
   double compute_busy_seconds = 0, h2d_busy_seconds = 0, d2h_busy_seconds = 0;
   double optimizer_busy_seconds = 0;
-  double overlap_efficiency = 0;
+  // How the step used its resources, from when each was busy within it (engine/step_metrics.h):
+  // busy and exposed time per resource, bound_ratio, overlap_fraction. The device engines are
+  // listed where the backend keeps their times (the sim; not CUDA); the optimizer always.
+  StepMetrics metrics;
   uint32_t updated_experts = 0;
   uint64_t updated_params = 0;
   StepReport optimizer;  // norm, clipping, skipped

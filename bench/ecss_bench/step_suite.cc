@@ -6,7 +6,8 @@
 // scaled to this machine: 40 domains, each step's samples from 4 of them, about 300M expert
 // parameters, master weights and moments in host memory or on NVMe (--states). One strategy per
 // run; `naive` is the reference the target is stated against (ecss >= 6.3x naive tokens/s), and
-// overlap efficiency compares the busiest resource with the step time (ecss >= 0.9).
+// bound_ratio and overlap_fraction (engine/step_metrics.h) say how close a step came to its
+// bottleneck's speed.
 // --routing gate replaces RRE with a learned gate's reactive routing: every token picks
 // --gate-k experts of the whole layer at Forward (timed mode has no activations to run a real
 // gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
@@ -148,6 +149,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   double seconds = 0, compute = 0, h2d = 0, d2h = 0, optimizer = 0, stalls = 0;
   uint64_t measured_tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
   uint64_t hits = 0, misses = 0;
+  std::vector<StepMetrics> measured_metrics;
   for (uint64_t step = 0; step < steps; ++step) {
     // Each step's samples come from `per_step` distinct domains, chosen at random.
     std::vector<uint32_t> chosen;
@@ -184,6 +186,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     }
     ECSS_ASSIGN_OR_RETURN(StepStats s, session->EndStep());
     if (step < warmup) continue;
+    measured_metrics.push_back(s.metrics);
     seconds += s.seconds;
     compute += s.compute_busy_seconds;
     h2d += s.h2d_busy_seconds;
@@ -207,14 +210,9 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                              .Annotate(StrCat("--dump-plan ", dump_plan)));
   }
   const double measured = static_cast<double>(steps - warmup);
-  const double busiest = std::max({compute, h2d, d2h, optimizer});
-  const char* busiest_name = busiest == optimizer ? "optimizer"
-                             : busiest == h2d     ? "h2d"
-                             : busiest == d2h     ? "d2h"
-                                                  : "compute";
   // Where the device's engines keep no busy time (CUDA), what needs it is null, not 0.
   const double unknown = std::numeric_limits<double>::quiet_NaN();  // written as null
-  const double overlap = on_sim ? std::min(1.0, busiest / seconds) : unknown;
+  const StepMetrics metrics = SumStepMetrics(measured_metrics);
   json.Field("strategy", StrategyName(strategy))
       .Field("routing", gated ? "gate (reactive)" : "rre")
       .Field("delayed_update", delayed != 0)
@@ -231,13 +229,26 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("optimizer_threads", threads)
       .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
       .Field("step_seconds", seconds / measured)
-      .Field("overlap_efficiency", overlap)
-      .Key("busiest_resource");
+      .Field("bound_ratio", on_sim ? metrics.bound_ratio : unknown)
+      .Field("overlap_fraction",
+             on_sim && metrics.overlap_fraction ? *metrics.overlap_fraction : unknown)
+      .Field("overlap_denominator_seconds_per_step",
+             on_sim ? metrics.overlap_denominator_seconds / measured : unknown)
+      .Key("bottleneck");
   if (on_sim) {
-    json.String(busiest_name);
+    json.String(metrics.bottleneck);
   } else {
     json.Null();
   }
+  json.Key("resources").BeginObject();
+  for (const ResourceUse& use : metrics.resources) {
+    json.Key(use.name)
+        .BeginObject()
+        .Field("busy_seconds_per_step", use.busy_seconds / measured)
+        .Field("exposed_seconds_per_step", use.exposed_seconds / measured)
+        .EndObject();
+  }
+  json.EndObject();
   json.Field("stall_fraction", stalls / seconds)
       .Field("h2d_bytes", static_cast<uint64_t>(static_cast<double>(h2d_bytes) / measured))
       .Field("d2h_bytes", static_cast<uint64_t>(static_cast<double>(d2h_bytes) / measured))
@@ -253,18 +264,22 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .EndObject()
       .Field("reference",
              "run the suite with --strategy naive in the same session for the "
-             "tokens/s ratio; overlap efficiency is measured within this run");
+             "tokens/s ratio; bound_ratio (step time / busiest resource's busy time) and "
+             "overlap_fraction ((sum of busy - step time) / (sum of busy - busiest), null "
+             "under 5% of the step) are measured within this run, engine/step_metrics.h");
   table << "step suite: " << StrategyName(strategy) << (gated ? " with a reactive gate" : "")
         << ", " << total_experts << " experts, " << expert_params / 1000000 << "M expert params, "
         << domains << " domains (" << per_step << " per step), " << tokens << " tokens/step, "
         << device << (on_sim ? StrCat(" ", profile.name) : "") << "\n"
         << std::fixed << std::setprecision(3) << "  tokens/s " << std::setprecision(0)
         << static_cast<double>(measured_tokens) / seconds << std::setprecision(3) << "  step "
-        << seconds / measured << " s  overlap ";
+        << seconds / measured << " s  ";
   if (on_sim) {
-    table << busiest / seconds << " (" << busiest_name << ")";
+    table << "bound ratio " << metrics.bound_ratio << " (" << metrics.bottleneck
+          << ")  overlap fraction "
+          << (metrics.overlap_fraction ? StrCat(*metrics.overlap_fraction) : std::string("n/a"));
   } else {
-    table << "n/a (no engine times)";
+    table << "bound ratio n/a (no engine times)";
   }
   table << "  stalls " << stalls / seconds << "\n"
         << "  per step: h2d " << HumanBytes(static_cast<uint64_t>(h2d_bytes / measured)) << ", d2h "

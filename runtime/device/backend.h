@@ -14,11 +14,13 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "runtime/base/device_id.h"
 #include "runtime/base/status.h"
@@ -75,6 +77,13 @@ struct EngineBusyTimes {
   double d2h_busy_seconds = 0;
   double compute_busy_seconds = 0;
   bool measured = false;
+};
+
+// One stretch in which a device engine was busy (the sim's modelled time).
+enum class DeviceEngine : uint8_t { kCompute, kH2D, kD2H };
+struct EngineInterval {
+  DeviceEngine engine = DeviceEngine::kCompute;
+  std::chrono::steady_clock::time_point start, end;
 };
 
 // Bytes and copies enqueued, per direction.
@@ -138,6 +147,11 @@ class Backend {
 
   CopyStats copy_stats() const;
   EngineBusyTimes busy_times() const { return DoBusyTimes(); }
+  // When the engines were busy, for the stretches that ended after `since` (the sim keeps its
+  // most recent SimBackend::kKeptOps ops); empty where the backend keeps none (CUDA).
+  std::vector<EngineInterval> engine_intervals(std::chrono::steady_clock::time_point since) const {
+    return DoEngineIntervals(since);
+  }
   TraceRecorder* trace() const { return trace_; }
 
  protected:
@@ -171,6 +185,10 @@ class Backend {
   virtual Status DoSynchronizeEvent(EventImpl& event) = 0;
   virtual bool DoQueryEvent(EventImpl& event) = 0;
   virtual EngineBusyTimes DoBusyTimes() const { return {}; }
+  virtual std::vector<EngineInterval> DoEngineIntervals(
+      std::chrono::steady_clock::time_point /*since*/) const {
+    return {};
+  }
   // How this backend registers host memory for DMA (empty functions: nothing to do).
   virtual HostRegistration DoHostRegistration() { return {}; }
 

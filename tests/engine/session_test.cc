@@ -456,8 +456,20 @@ TEST(SessionTest, StatisticsAddUp) {
     EXPECT_GE(s.h2d_bytes, s.expert_fetch_bytes);
     EXPECT_GE(s.d2h_bytes, s.gradient_bytes);
     EXPECT_EQ(s.updated_params, uint64_t{s.updated_experts} * (16 * 24 * 2));
-    EXPECT_GE(s.overlap_efficiency, 0);
-    EXPECT_LE(s.overlap_efficiency, 1);
+    // The sim keeps its engines' intervals: every resource is listed, each busy no longer
+    // than the step and exposed no longer than busy, and the bottleneck bounds the step.
+    ASSERT_EQ(s.metrics.resources.size(), 4u);
+    double busiest = 0;
+    for (const ResourceUse& use : s.metrics.resources) {
+      EXPECT_GE(use.busy_seconds, 0) << use.name;
+      EXPECT_LE(use.busy_seconds, s.seconds + 1e-9) << use.name;
+      EXPECT_LE(use.exposed_seconds, use.busy_seconds + 1e-12) << use.name;
+      busiest = std::max(busiest, use.busy_seconds);
+    }
+    EXPECT_GT(busiest, 0);
+    EXPECT_NEAR(s.metrics.bound_ratio, s.seconds / busiest, 1e-9);
+    EXPECT_GE(s.metrics.bound_ratio, 1.0 - 1e-9);
+    EXPECT_DOUBLE_EQ(s.metrics.seconds, s.seconds);
   }
   // naive moves every expert and updates every expert.
   RunConfig n = c;

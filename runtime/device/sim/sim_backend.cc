@@ -327,6 +327,22 @@ std::vector<SimEngineOp> SimBackend::EngineOps() const {
   return {ops_->ops.begin(), ops_->ops.end()};
 }
 
+std::vector<EngineInterval> SimBackend::DoEngineIntervals(Clock::time_point since) const {
+  std::vector<EngineInterval> intervals;
+  std::lock_guard<std::mutex> lock(ops_->mutex);
+  // The log is in the order the engines' threads woke, which may differ from the order of
+  // the ops' ends by a thread's wake-up: stop a second before `since`.
+  for (auto op = ops_->ops.rbegin();
+       op != ops_->ops.rend() && op->end + std::chrono::seconds(1) > since; ++op) {
+    if (op->end <= since) continue;
+    const DeviceEngine engine = op->engine == h2d_->name   ? DeviceEngine::kH2D
+                                : op->engine == d2h_->name ? DeviceEngine::kD2H
+                                                           : DeviceEngine::kCompute;
+    intervals.push_back({engine, op->start, op->end});
+  }
+  return intervals;
+}
+
 EngineBusyTimes SimBackend::DoBusyTimes() const {
   auto seconds = [](const Engine& engine) {
     return static_cast<double>(engine.busy_ns.load(std::memory_order_relaxed)) * 1e-9;

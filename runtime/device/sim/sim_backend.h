@@ -74,6 +74,7 @@ class SimBackend final : public Backend {
 
  private:
   EngineBusyTimes DoBusyTimes() const override;  // each engine's sum of end - start
+  std::vector<EngineInterval> DoEngineIntervals(Clock::time_point since) const override;
   class SimStream;
   class SimEvent;
   struct Engine;

@@ -1,0 +1,108 @@
+#include "engine/step_metrics.h"
+
+#include <algorithm>
+
+namespace ecss {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+// The resource's intervals clipped to [begin, end], sorted and merged.
+std::vector<BusyInterval> Merged(std::vector<BusyInterval> intervals, Clock::time_point begin,
+                                 Clock::time_point end) {
+  std::vector<BusyInterval> merged;
+  std::sort(intervals.begin(), intervals.end(),
+            [](const BusyInterval& a, const BusyInterval& b) { return a.start < b.start; });
+  for (BusyInterval each : intervals) {
+    each.start = std::max(each.start, begin);
+    each.end = std::min(each.end, end);
+    if (each.end <= each.start) continue;
+    if (!merged.empty() && each.start <= merged.back().end) {
+      merged.back().end = std::max(merged.back().end, each.end);
+    } else {
+      merged.push_back(each);
+    }
+  }
+  return merged;
+}
+
+// The bottleneck, bound_ratio and overlap_fraction of `metrics`' seconds and busy times.
+void SetRatios(StepMetrics* metrics) {
+  double sum = 0, most = 0;
+  for (const ResourceUse& use : metrics->resources) {
+    sum += use.busy_seconds;
+    if (use.busy_seconds > most) {
+      most = use.busy_seconds;
+      metrics->bottleneck = use.name;
+    }
+  }
+  if (most <= 0) return;
+  metrics->bound_ratio = metrics->seconds / most;
+  metrics->overlap_denominator_seconds = sum - most;
+  if (metrics->overlap_denominator_seconds >= 0.05 * metrics->seconds) {
+    metrics->overlap_fraction = (sum - metrics->seconds) / metrics->overlap_denominator_seconds;
+  }
+}
+
+}  // namespace
+
+StepMetrics ComputeStepMetrics(Clock::time_point begin, Clock::time_point end,
+                               const std::vector<ResourceBusy>& resources) {
+  StepMetrics metrics;
+  metrics.seconds = Seconds(end - begin);
+  // Sweep the step's timeline: between two consecutive boundaries the set of busy resources
+  // is constant; a stretch where exactly one is busy is exposed time of that one.
+  struct Boundary {
+    Clock::time_point at;
+    int delta;  // +1 start, -1 end
+    size_t resource;
+  };
+  std::vector<Boundary> boundaries;
+  for (size_t r = 0; r < resources.size(); ++r) {
+    ResourceUse use;
+    use.name = resources[r].name;
+    for (const BusyInterval& each : Merged(resources[r].intervals, begin, end)) {
+      use.busy_seconds += Seconds(each.end - each.start);
+      boundaries.push_back({each.start, +1, r});
+      boundaries.push_back({each.end, -1, r});
+    }
+    metrics.resources.push_back(use);
+  }
+  std::sort(boundaries.begin(), boundaries.end(),
+            [](const Boundary& a, const Boundary& b) { return a.at < b.at; });
+  std::vector<int> busy(resources.size(), 0);
+  int busy_count = 0;
+  for (size_t i = 0; i < boundaries.size(); ++i) {
+    const Boundary& here = boundaries[i];
+    busy[here.resource] += here.delta;
+    busy_count += here.delta;
+    if (busy_count != 1 || i + 1 == boundaries.size()) continue;
+    const auto alone = static_cast<size_t>(
+        std::find_if(busy.begin(), busy.end(), [](int b) { return b > 0; }) - busy.begin());
+    metrics.resources[alone].exposed_seconds += Seconds(boundaries[i + 1].at - here.at);
+  }
+
+  SetRatios(&metrics);
+  return metrics;
+}
+
+StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps) {
+  StepMetrics total;
+  for (const StepMetrics& step : steps) {
+    total.seconds += step.seconds;
+    for (const ResourceUse& use : step.resources) {
+      auto same = std::find_if(total.resources.begin(), total.resources.end(),
+                               [&](const ResourceUse& r) { return r.name == use.name; });
+      if (same == total.resources.end()) same = total.resources.insert(same, {use.name, 0, 0});
+      same->busy_seconds += use.busy_seconds;
+      same->exposed_seconds += use.exposed_seconds;
+    }
+  }
+  SetRatios(&total);
+  return total;
+}
+
+}  // namespace ecss

@@ -1,0 +1,59 @@
+// StepMetrics: how one step used its resources, from when each was busy, and two figures that
+// say whether the step ran at its bottleneck's speed. A pure function of intervals, so the
+// figures are tested on constructed timelines.
+//
+// For each resource r (compute, h2d, d2h, optimizer): busy = the time within the step that r
+// was busy (overlapping intervals of r count once), exposed = the time within the step that r
+// was busy and no other resource was. For the step, with T its time, B_max the busiest
+// resource's busy time and B_sum the sum over resources:
+//   bound_ratio      = T / B_max: 1.0 = the step ran at its bottleneck's speed; 2.0 = it took
+//                      twice what its busiest resource needed.
+//   overlap_fraction = (B_sum - T) / (B_sum - B_max): 1.0 = every other resource's work was
+//                      hidden behind the bottleneck, 0.0 = nothing overlapped (the resources
+//                      took turns), below 0 when the step also had time in which no resource
+//                      was busy (host work between them). Absent when B_sum - B_max is under
+//                      5% of T: with so little besides the bottleneck, overlap cannot matter.
+// A run without overlap scores bound_ratio >= B_sum / B_max and overlap_fraction <= 0, however
+// busy its bottleneck is.
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ecss {
+
+struct BusyInterval {
+  std::chrono::steady_clock::time_point start, end;
+};
+
+struct ResourceBusy {
+  std::string name;                     // "compute", "h2d", "d2h", "optimizer"
+  std::vector<BusyInterval> intervals;  // any order, may overlap and reach outside the step
+};
+
+struct ResourceUse {
+  std::string name;
+  double busy_seconds = 0;
+  double exposed_seconds = 0;
+};
+
+struct StepMetrics {
+  double seconds = 0;                      // T
+  std::vector<ResourceUse> resources;      // in the order given
+  std::string bottleneck;                  // the busiest resource ("" when none was busy)
+  double bound_ratio = 0;                  // T / B_max; 0 when no resource was busy
+  std::optional<double> overlap_fraction;  // see above
+  double overlap_denominator_seconds = 0;  // B_sum - B_max
+};
+
+// The metrics of the step [begin, end] (begin <= end).
+StepMetrics ComputeStepMetrics(std::chrono::steady_clock::time_point begin,
+                               std::chrono::steady_clock::time_point end,
+                               const std::vector<ResourceBusy>& resources);
+// The metrics of consecutive steps as one stretch: times summed per resource (by name), the
+// ratios computed from the sums by the same rules.
+StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps);
+
+}  // namespace ecss
