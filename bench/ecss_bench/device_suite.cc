@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <ctime>
 #include <iomanip>
@@ -62,7 +63,7 @@ struct TimedResult {
 double Percentile(std::vector<double> values, double q) {
   if (values.empty()) return 0;
   std::sort(values.begin(), values.end());
-  const auto at = static_cast<size_t>(q * static_cast<double>(values.size() - 1) + 0.5);
+  const auto at = static_cast<size_t>(std::lround(q * static_cast<double>(values.size() - 1)));
   return values[std::min(at, values.size() - 1)];
 }
 
@@ -91,6 +92,7 @@ StatusOr<TimedResult> RunTimed(const DeviceProfile& profile, uint64_t rounds, in
 
   std::atomic<bool> stop{false};
   std::vector<std::thread> load;
+  load.reserve(static_cast<size_t>(load_threads));
   for (int t = 0; t < load_threads; ++t) {
     load.emplace_back([&stop] {
       volatile double x = 1;
