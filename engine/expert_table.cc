@@ -105,7 +105,8 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
       if (!weights_on_nvme) {
         ECSS_ASSIGN_OR_RETURN(x.weights, store_->Resident(ExpertState::kWeights, id));
       }
-      ECSS_ASSIGN_OR_RETURN(x.grad, pinned_->Allocate(params_ * 4, MemoryTag::kGradients));
+      ECSS_ASSIGN_OR_RETURN(x.grad, pinned_->Allocate(params_ * DTypeSize(options_.gradient_dtype),
+                                                      MemoryTag::kGradients));
       auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
       if (nvme != nullptr && options_.placement.resume) {
         Status resumed = nvme->Resume(x.id, compute_copy);

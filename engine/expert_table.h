@@ -1,7 +1,7 @@
 // ExpertTable: every expert of a session, and the one owner of their state (internal to
 // engine). The expert store holds each expert's compute weights, master weights and moments
 // on the tiers their placement names (StoreOptionsFor); the updater applies the optimizer to
-// them; the table adds each expert's pinned fp32 gradient accumulator and, with the delayed
+// them; the table adds each expert's pinned gradient accumulator and, with the delayed
 // update, the published copy of its weights that the device fetches. Create sizes everything
 // as the session's memory plan lists it, and starts every expert from its own counter-based
 // stream (so that every placement starts from the same weights) or, with placement.resume, from
@@ -31,7 +31,7 @@ class ExpertTable {
     uint32_t id = 0;          // the updater's id (the index's flat id)
     void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
     Buffer front;             // delayed update: what the device copies (weights as last published)
-    Buffer grad;              // pinned fp32 gradient accumulator
+    Buffer grad;              // pinned gradient accumulator (SessionOptions::gradient_dtype)
     bool touched = false;     // has a gradient in the current step
   };
 

@@ -32,10 +32,10 @@ StatusOr<uint32_t> HostUpdater::Register(const ExpertArrays& arrays) {
 
 Status HostUpdater::BeginStep(float loss_scale) { return optimizer_->BeginStep(loss_scale); }
 
-Status HostUpdater::Submit(uint32_t id, const float* grad) {
+Status HostUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
   Entry& entry = entries_[id];
   entry.expected_version = optimizer_->version(id) + 1;
-  ECSS_RETURN_IF_ERROR(optimizer_->SubmitGradient(id, grad, DType::kF32));
+  ECSS_RETURN_IF_ERROR(optimizer_->SubmitGradient(id, grad, dtype));
   entry.submitted_step = optimizer_->current_step();
   return Status::Ok();
 }
@@ -330,9 +330,9 @@ Status NvmeUpdater::SetHyperParams(const HyperParams& params) {
   return Status::Ok();
 }
 
-Status NvmeUpdater::Submit(uint32_t id, const float* grad) {
+Status NvmeUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
   Impl& s = *impl_;
-  s.batch.push_back({id, grad, DType::kF32, s.compute_copies[id]});
+  s.batch.push_back({id, grad, dtype, s.compute_copies[id]});
   std::lock_guard<std::mutex> lock(s.mutex);
   s.submitted_step[id] = s.step;
   ++s.submitted;

@@ -35,8 +35,8 @@ class ExpertUpdater {
   // The hyper-parameters of the steps that begin after this call (InvalidArgument naming the
   // field); the updates of steps already begun keep theirs.
   virtual Status SetHyperParams(const HyperParams& params) = 0;
-  // Expert `id`'s gradient (fp32, valid until its update finished) is complete.
-  virtual Status Submit(uint32_t id, const float* grad) = 0;
+  // Expert `id`'s gradient (f32 or bf16, valid until its update finished) is complete.
+  virtual Status Submit(uint32_t id, const void* grad, DType dtype) = 0;
   // The submissions so far may start (NvmeUpdater batches them per layer).
   virtual Status Flush() = 0;
   virtual StatusOr<StepReport> FinishStep() = 0;
@@ -68,7 +68,7 @@ class HostUpdater final : public ExpertUpdater {
   Status SetHyperParams(const HyperParams& params) override {
     return optimizer_->SetHyperParams(0, params);
   }
-  Status Submit(uint32_t id, const float* grad) override;
+  Status Submit(uint32_t id, const void* grad, DType dtype) override;
   Status Flush() override { return Status::Ok(); }
   StatusOr<StepReport> FinishStep() override;
   Status AbortStep() override { return optimizer_->AbortStep(); }
@@ -142,7 +142,7 @@ class NvmeUpdater final : public ExpertUpdater {
 
   Status BeginStep(float loss_scale) override;
   Status SetHyperParams(const HyperParams& params) override;
-  Status Submit(uint32_t id, const float* grad) override;
+  Status Submit(uint32_t id, const void* grad, DType dtype) override;
   Status Flush() override;
   StatusOr<StepReport> FinishStep() override;
   Status AbortStep() override;

@@ -50,7 +50,8 @@ class Planner {
   StatusOr<MemoryPlan> Run(uint64_t ffn_workspace_bytes) {
     const ModelSpec& m = o_.model;
     const bool gated = o_.routing == Routing::kLearnedGate;
-    const bool naive = o_.strategy == Strategy::kNaive;
+    // Every expert of a layer in every access.
+    const bool naive = o_.strategy == Strategy::kNaive || o_.strategy == Strategy::kZeroOffload;
     const std::vector<uint32_t> per_layer = o_.ExpertsPerLayer();
     const uint32_t widest = *std::max_element(per_layer.begin(), per_layer.end());
     uint64_t experts = 0;
@@ -63,7 +64,9 @@ class Planner {
     if (o_.limits.max_active_experts_per_layer > 0 && !naive) {
       p.max_groups = std::min(p.max_groups, o_.limits.max_active_experts_per_layer);
     }
+    // The kernels' fp32 gradients on the device; on the host, in the gradient dtype.
     const uint64_t gradient_bytes = p.params * 4;
+    const uint64_t host_gradient_bytes = p.params * DTypeSize(o_.gradient_dtype);
     const bool states_on_nvme = o_.placement.states_on_nvme();
     const bool weights_on_nvme = o_.placement.weights_on_nvme();
 
@@ -93,9 +96,9 @@ class Planner {
           MemoryTag::kExpertWeights, experts, p.expert_bytes);
     }
     Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, experts,
-        gradient_bytes);
+        host_gradient_bytes);
     Add("gradient staging", MemoryTier::kPinned, MemoryTag::kGradients, 1,
-        p.max_groups * gradient_bytes);
+        p.max_groups * host_gradient_bytes);
     if (states_on_nvme) {
       const NvmeUpdaterOptions nvme = NvmeOptionsFor(o_, p.params);
       ECSS_ASSIGN_OR_RETURN(const uint64_t pipeline,
@@ -114,6 +117,10 @@ class Planner {
     Add("kernel workspace", MemoryTier::kDevice, MemoryTag::kWorkspace, 1, p.workspace_bytes);
     Add("gradient region", MemoryTier::kDevice, MemoryTag::kGradients, 1,
         p.max_groups * gradient_bytes);
+    if (o_.gradient_dtype != DType::kF32) {  // the region's gradients cast for the copy out
+      Add("cast gradient region", MemoryTier::kDevice, MemoryTag::kGradients, 1,
+          p.max_groups * host_gradient_bytes);
+    }
     // One routing plan per micro-batch (RRE: every layer), or per micro-batch layer (gates).
     const uint64_t plan_layers = gated ? 1 : m.layers;
     p.plan_slots = o_.limits.max_micro_batches * (gated ? m.layers : 1);

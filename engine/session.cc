@@ -50,15 +50,19 @@ std::string_view StrategyName(Strategy strategy) {
       return "no-overlap";
     case Strategy::kNaive:
       return "naive";
+    case Strategy::kZeroOffload:
+      return "zero-offload";
   }
   return "?";
 }
 
 StatusOr<Strategy> ParseStrategy(std::string_view name) {
-  for (Strategy s : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+  for (Strategy s :
+       {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive, Strategy::kZeroOffload}) {
     if (StrategyName(s) == name) return s;
   }
-  return InvalidArgumentError(StrCat("unknown strategy '", name, "' (ecss, no-overlap, naive)"));
+  return InvalidArgumentError(
+      StrCat("unknown strategy '", name, "' (ecss, no-overlap, naive, zero-offload)"));
 }
 
 // The session: its options checked once, the expert table (every expert's state) and the

@@ -17,11 +17,15 @@
 // Strategies (one engine, a setting): ecss (routed experts only, fetches ahead, updates
 // overlapped with the next step), no-overlap (the same traffic, every stage waits for the
 // previous), naive (every expert's weights to the device, every gradient back, every expert
-// updated, every step: plain heterogeneous training).
+// updated, every step: plain heterogeneous training, every stage waiting for the previous),
+// zero-offload (what DeepSpeed ZeRO-Offload does with an MoE model, which it does not know to
+// be one: naive's traffic and updates, with the weights fetched ahead of use and each layer's
+// update started as its gradients arrive, overlapping the rest of the backward; the step
+// ends when its updates have).
 //
 // Determinism: kernels, gradient accumulation and updates are deterministic, so every
 // strategy, budget and thread count gives bit-identical weights (touched experts only for
-// ecss and no-overlap; every expert for naive).
+// ecss and no-overlap; every expert for naive and zero-offload, which match each other).
 // Thread-compatible: one thread drives a session. Calls enqueue on the session's streams and
 // return; Forward's output and Backward's input gradient are ready when compute_stream() has
 // passed them.

@@ -39,6 +39,10 @@ Status SessionOptions::Validate() const {
   if (rows > UINT32_MAX) {
     return InvalidArgumentError("session: limits.max_tokens_per_micro_batch x gate_k is too large");
   }
+  if (gradient_dtype != DType::kF32 && gradient_dtype != DType::kBF16) {
+    return InvalidArgumentError(StrCat("session: gradient_dtype ", DTypeName(gradient_dtype),
+                                       " is not supported (f32 or bf16)"));
+  }
   return ValidatePlacement();
 }
 

@@ -44,7 +44,8 @@ struct ModelSpec {
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
 };
 
-enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive };
+// How a step moves experts and overlaps its work (engine/session.h describes each).
+enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive, kZeroOffload };
 
 // How a sparse layer's tokens choose their experts.
 enum class Routing : uint8_t {
@@ -138,7 +139,8 @@ struct Budgets {
   bool lock_pinned = true;
 };
 
-std::string_view StrategyName(Strategy strategy);  // "ecss", "no-overlap", "naive"
+// "ecss", "no-overlap", "naive", "zero-offload"
+std::string_view StrategyName(Strategy strategy);
 StatusOr<Strategy> ParseStrategy(std::string_view name);
 
 // What a session is created from: the model, how steps run, how large they may be, the
@@ -162,6 +164,12 @@ struct SessionOptions {
   // updated_* then describe the update started in that step (of the previous step's
   // gradients).
   bool delayed_update = false;
+  // The dtype expert gradients leave the device in and the optimizer reads: kF32, or kBF16
+  // (DeepSpeed's 16-bit gradients: half the device-to-host bytes and half the optimizer's
+  // gradient reads, with a bf16 gradient's precision). kBF16 rounds each micro-batch's gradient
+  // on the device (to nearest even); a later micro-batch's is added to the accumulator on the
+  // host, in micro-batch order, each sum rounded to bf16 again.
+  DType gradient_dtype = DType::kF32;
   // Experts fetched ahead of use (ecss): 0 = as many as the device cache has free slots.
   uint32_t prefetch_window_experts = 0;
   int kernel_threads = 0;  // the sim's real-mode kernels; 0 = all cores

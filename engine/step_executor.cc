@@ -4,6 +4,7 @@
 #include <cmath>
 #include <set>
 
+#include "runtime/base/dtype.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -117,10 +118,14 @@ Status StepExecutor::CreateDeviceBuffers() {
   ECSS_ASSIGN_OR_RETURN(workspace_, device.Allocate(m.workspace_bytes, MemoryTag::kWorkspace));
   const uint64_t gradient_region = uint64_t{m.max_groups} * m.params * 4;
   ECSS_ASSIGN_OR_RETURN(dw_, device.Allocate(gradient_region, MemoryTag::kGradients));
+  const uint64_t host_region =
+      uint64_t{m.max_groups} * m.params * DTypeSize(options_.gradient_dtype);
+  if (options_.gradient_dtype != DType::kF32) {
+    ECSS_ASSIGN_OR_RETURN(dw_cast_, device.Allocate(host_region, MemoryTag::kGradients));
+  }
   ECSS_ASSIGN_OR_RETURN(
       plans_, device.Allocate(uint64_t{m.plan_slots} * m.plan_slot_bytes, MemoryTag::kOther));
-  ECSS_ASSIGN_OR_RETURN(grad_tmp_,
-                        table_.pinned().Allocate(gradient_region, MemoryTag::kGradients));
+  ECSS_ASSIGN_OR_RETURN(grad_tmp_, table_.pinned().Allocate(host_region, MemoryTag::kGradients));
   return Status::Ok();
 }
 
@@ -277,9 +282,20 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   for (uint32_t l = 0; l < m.layers; ++l)
     in.model.experts_per_layer.push_back(table_.experts_in_layer(l));
   PlanPolicy& p = in.policy;
-  p.strategy = options_.strategy == Strategy::kEcss        ? PlanStrategy::kEcss
-               : options_.strategy == Strategy::kNoOverlap ? PlanStrategy::kNoOverlap
-                                                           : PlanStrategy::kNaive;
+  switch (options_.strategy) {
+    case Strategy::kEcss:
+      p.strategy = PlanStrategy::kEcss;
+      break;
+    case Strategy::kNoOverlap:
+      p.strategy = PlanStrategy::kNoOverlap;
+      break;
+    case Strategy::kNaive:
+      p.strategy = PlanStrategy::kNaive;
+      break;
+    case Strategy::kZeroOffload:
+      p.strategy = PlanStrategy::kZeroOffload;
+      break;
+  }
   p.learned_gate = gated();
   p.delayed_update = delayed();
   p.deferred_updates =
@@ -575,6 +591,24 @@ Status StepExecutor::Backward(uint32_t micro_batch, uint32_t layer, const void* 
   return Prefetch();
 }
 
+namespace {
+
+// acc += add over `count` gradients of `dtype`; bf16 sums are rounded to bf16 again (to
+// nearest even), as SessionOptions::gradient_dtype documents.
+void AccumulateGradient(void* acc, const void* add, uint64_t count, DType dtype) {
+  if (dtype == DType::kF32) {
+    float* a = static_cast<float*>(acc);
+    const float* b = static_cast<const float*>(add);
+    for (uint64_t i = 0; i < count; ++i) a[i] += b[i];
+    return;
+  }
+  BFloat16* a = static_cast<BFloat16*>(acc);
+  const BFloat16* b = static_cast<const BFloat16*>(add);
+  for (uint64_t i = 0; i < count; ++i) a[i] = FloatToBf16(Bf16ToFloat(a[i]) + Bf16ToFloat(b[i]));
+}
+
+}  // namespace
+
 // The layer's expert gradients (in the gradient region) to pinned memory: the first
 // micro-batch that touches an expert copies into its accumulator; later ones copy to staging
 // and are added on the host, in micro-batch order, which keeps the sum deterministic.
@@ -584,14 +618,21 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
   const auto mb = static_cast<int32_t>(micro_batch);
   const PlanOp& copy_op = *plan_->Find(OpKind::kGradientCopy, mb, static_cast<int32_t>(layer))[0];
   ECSS_RETURN_IF_ERROR(HostWait(copy_op));
+  const uint64_t params = memory_.params;
+  const DType dtype = options_.gradient_dtype;
+  const uint64_t grad_bytes = params * DTypeSize(dtype);
+  const char* region = static_cast<const char*>(dw_.data());
+  if (dtype != DType::kF32) {  // one cast of the layer's gradients, behind its backward
+    ECSS_RETURN_IF_ERROR(kernels_->Cast(c, dw_.data(), DType::kF32, dw_cast_.data(), dtype,
+                                        uint64_t{params} * lw.experts.size()));
+    region = static_cast<const char*>(dw_cast_.data());
+  }
   ECSS_RETURN_IF_ERROR(backend_.RecordEvent(dw_ready_.get(), c));
   ECSS_RETURN_IF_ERROR(backend_.WaitEvent(d, dw_ready_.get()));
-  const uint64_t params = memory_.params;
-  const uint64_t grad_bytes = params * 4;
-  std::vector<std::pair<float*, const float*>> adds;
+  std::vector<std::pair<void*, const void*>> adds;
   for (size_t i = 0; i < lw.experts.size(); ++i) {
     ExpertTable::Entry& expert = table_.at({layer, lw.experts[i]});
-    const void* src = static_cast<const float*>(dw_.data()) + i * params;
+    const void* src = region + i * grad_bytes;
     if (!expert.touched && delayed() && updater().Pending(expert.id)) {
       // The update started at Begin may still read this buffer (the previous gradient).
       StallTimer timer(&gradient_fence_seconds_);
@@ -602,21 +643,20 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
           backend_.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
       expert.touched = true;
     } else {
-      float* staging = static_cast<float*>(grad_tmp_.data()) + i * params;
+      char* staging = static_cast<char*>(grad_tmp_.data()) + i * grad_bytes;
       ECSS_RETURN_IF_ERROR(
           backend_.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
-      adds.emplace_back(static_cast<float*>(expert.grad.data()), staging);
+      adds.emplace_back(expert.grad.data(), staging);
     }
     gradient_bytes_ += grad_bytes;
   }
   ECSS_RETURN_IF_ERROR(Record(copy_op.id, d));
   if (!adds.empty()) {
-    ECSS_RETURN_IF_ERROR(backend_.LaunchHostFunction(d, "accumulate gradients", [adds, params] {
-      for (const auto& [acc, add] : adds) {
-        for (uint64_t i = 0; i < params; ++i) acc[i] += add[i];
-      }
-      return Status::Ok();
-    }));
+    ECSS_RETURN_IF_ERROR(
+        backend_.LaunchHostFunction(d, "accumulate gradients", [adds, params, dtype] {
+          for (const auto& [acc, add] : adds) AccumulateGradient(acc, add, params, dtype);
+          return Status::Ok();
+        }));
     const std::vector<const PlanOp*> add_op =
         plan_->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
     if (!add_op.empty()) ECSS_RETURN_IF_ERROR(Record(add_op[0]->id, d));
@@ -638,8 +678,7 @@ Status StepExecutor::SubmitLayer(uint32_t layer) {
       continue;
     }
     ECSS_RETURN_IF_ERROR(cache_->Invalidate(ExpertId{layer, e}));
-    ECSS_RETURN_IF_ERROR(
-        updater().Submit(expert.id, static_cast<const float*>(expert.grad.data())));
+    ECSS_RETURN_IF_ERROR(updater().Submit(expert.id, expert.grad.data(), options_.gradient_dtype));
     ++submitted_;
   }
   if (!plan_->policy().deferred_updates) {  // the layer's update starts now
@@ -689,7 +728,7 @@ Status StepExecutor::StartHeldUpdate() {
   ++updater_steps_;
   for (ExpertId id : held_) {
     const ExpertTable::Entry& x = table_.at(id);
-    Status submitted_one = updater().Submit(x.id, static_cast<const float*>(x.grad.data()));
+    Status submitted_one = updater().Submit(x.id, x.grad.data(), options_.gradient_dtype);
     if (!submitted_one.ok()) {
       updater().AbortStep().IgnoreError();  // the held gradients stay held: Begin retries
       return submitted_one;

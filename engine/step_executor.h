@@ -196,6 +196,7 @@ class StepExecutor {
   // Device buffers sized at creation.
   std::vector<Buffer> saved_x_;  // [micro-batch * layers + layer]: the permuted forward input
   Buffer perm_a_, perm_b_, workspace_, dw_;
+  Buffer dw_cast_;   // bf16 gradients: the region's gradients cast for the copy out
   Buffer plans_;     // the step's routing plans (MemoryPlan::plan_slots of plan_slot_bytes)
   Buffer grad_tmp_;  // pinned: later micro-batches' gradients before they are added
 

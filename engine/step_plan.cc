@@ -61,13 +61,14 @@ std::string_view PlanResourceName(PlanResource resource) {
 }
 
 // Note [Plan shapes]: the builder adds every op through Add(), which gives no-overlap and
-// naive their shape in one place: the step's device-side work runs in stages (an upload; an
-// access's stages and fetches; a forward; a backward with its gradient copies, which it
-// orders on the device), and each stage waits, on the host, for the one before it. The
-// updates are not in that chain: they overlap the rest of the step and the step's end waits
-// for them (StepPlan::step_waits_for_updates). Naive's other difference (every expert in
-// every access) is in Groups(). Nothing else in the builder, and nothing in the executor,
-// asks which strategy runs.
+// naive (the chained strategies) their shape in one place: the step's device-side work runs in
+// stages (an upload; an access's stages and fetches; a forward; a backward with its gradient
+// copies, which it orders on the device), and each stage waits, on the host, for the one before it.
+// The updates are not in that chain: they overlap the rest of the step and the step's end waits for
+// them (StepPlan::step_waits_for_updates). Naive's and zero-offload's difference (every expert in
+// every access) is in Groups(); zero-offload is otherwise ecss's shape, except that its step waits
+// for its updates. Nothing else in the builder, and nothing in the executor, asks which strategy
+// runs.
 namespace {
 bool DeviceSide(OpKind kind) {
   return kind != OpKind::kStateRead && kind != OpKind::kUpdate && kind != OpKind::kStateWrite &&
@@ -85,7 +86,7 @@ class StepPlan::Builder {
   // the whole stage.
   uint32_t Add(PlanOp op, bool joins = false) {
     op.id = static_cast<uint32_t>(plan_.ops_.size());
-    const bool chained = policy_.strategy != PlanStrategy::kEcss && op.step_offset == 0 &&
+    const bool chained = StepPlan::Chained(policy_.strategy) && op.step_offset == 0 &&
                          DeviceSide(op.kind) && op.resource != PlanResource::kNone;
     if (chained && !joins && !c_.chain_tail.empty()) {
       op.deps.insert(op.deps.end(), c_.chain_tail.begin(), c_.chain_tail.end());
@@ -249,9 +250,10 @@ class StepPlan::Builder {
     for (const auto& [layer, op] : c_.gradient) AddUpdate(layer, all);
   }
 
-  // The grouped FFN's groups of a route: its experts, or (naive) every expert of the layer.
+  // The grouped FFN's groups of a route: its experts, or (naive, zero-offload) every expert of
+  // the layer.
   LayerRoute Groups(uint32_t layer, const LayerRoute& route) const {
-    if (policy_.strategy != PlanStrategy::kNaive) return route;
+    if (!StepPlan::EveryExpert(policy_.strategy)) return route;
     LayerRoute all;
     size_t a = 0;
     for (uint32_t e = 0; e < model_.experts_per_layer[layer]; ++e) {

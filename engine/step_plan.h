@@ -12,6 +12,9 @@
 //    carried-in edge), so fetches run ahead of compute; the step waits for step t-2's updates.
 //  - no-overlap: the same operations, each waiting for the one issued before it to complete.
 //  - naive: every expert of every layer in every access, with no-overlap's edges.
+//  - zero-offload: naive's accesses with ecss's edges within the step (fetches ahead, each
+//    layer's update as its gradients complete); the step waits for its own updates, as a
+//    trainer that does not know which experts the next step routes to must.
 //  - delayed update (DPU): the step's gradients are updated in the next step's plan; this
 //    step's plan starts the updates of step t-1's gradients, and its fetches wait on t-2's.
 // Learned gates: a layer's routing is known at its Forward, so BuildStepPlan makes the plan
@@ -38,7 +41,7 @@ namespace ecss {
 class EvictionPolicy;
 class JsonWriter;
 
-enum class PlanStrategy : uint8_t { kEcss, kNoOverlap, kNaive };
+enum class PlanStrategy : uint8_t { kEcss, kNoOverlap, kNaive, kZeroOffload };
 
 enum class OpKind : uint8_t {
   kPlanUpload,    // a micro-batch's routing plan, host -> device
@@ -153,7 +156,8 @@ class StepPlan {
   // The access sequence the cache and the prefetcher follow: per compute op in plan order,
   // its experts as (layer, expert).
   std::vector<ExpertId> AccessSequence() const;
-  // The groups a layer routed so gets in this plan's shape (naive: every expert of the layer).
+  // The groups a layer routed so gets in this plan's shape (naive, zero-offload: every expert
+  // of the layer).
   uint32_t Width(uint32_t layer, const LayerRoute& route) const;
   // The device cache's contents after the plan's accesses, least recently used first (the
   // next step's StepPlanInputs::resident, less what was invalidated meanwhile).
@@ -161,10 +165,18 @@ class StepPlan {
   // Bytes over ops of `kind` (this step's: step_offset 0).
   uint64_t Bytes(OpKind kind) const;
   size_t Count(OpKind kind) const;
-  // Whether fetches run ahead of compute (ecss), or each waits for the op before it.
-  bool fetches_ahead() const { return policy_.strategy == PlanStrategy::kEcss; }
-  // Whether the step ends only once its updates finished (no-overlap, naive), or they
-  // overlap the next step (ecss: the step after waits for them, the carried-in edges).
+  // Whether fetches run ahead of compute (ecss, zero-offload), or each stage waits on the host
+  // for the one before it (no-overlap, naive).
+  bool fetches_ahead() const { return !Chained(policy_.strategy); }
+  static bool Chained(PlanStrategy strategy) {
+    return strategy == PlanStrategy::kNoOverlap || strategy == PlanStrategy::kNaive;
+  }
+  // Whether every expert of a layer is in every access (naive, zero-offload).
+  static bool EveryExpert(PlanStrategy strategy) {
+    return strategy == PlanStrategy::kNaive || strategy == PlanStrategy::kZeroOffload;
+  }
+  // Whether the step ends only once its updates finished (all but ecss), or they overlap the
+  // next step (ecss: the step after waits for them, the carried-in edges).
   bool step_waits_for_updates() const {
     return policy_.strategy != PlanStrategy::kEcss && !policy_.evaluation;
   }

@@ -52,7 +52,7 @@ constexpr const char* kUsage =
     "                    what a step works in plus these (default 60% of the experts, 70%\n"
     "                    with --routing gate; at least one layer's experts)\n"
     "  --dtype T         f32 or bf16 (default bf16)\n"
-    "  --strategy S      ecss, no-overlap or naive (default ecss)\n"
+    "  --strategy S      ecss, zero-offload, no-overlap or naive (default ecss)\n"
     "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
     "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
     "  --print-every N   steps between progress lines (default 20)\n"

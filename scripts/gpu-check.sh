@@ -31,9 +31,7 @@ trap '[ -z "${ECSS_GPU_CHECK_SCRATCH:-}" ] && rm -rf "$scratch"' EXIT
 for states in host nvme; do
   placement=(--states host)
   if [ "$states" = nvme ]; then placement=(--states nvme --weights nvme --dir "$scratch"); fi
-  for strategy in ecss no-overlap naive; do
-    printf '\n=== ecss-bench step --device cuda:0 --strategy %s %s ===\n' "$strategy" "${placement[*]}"
-    "$build/bench/ecss-bench" step --device cuda:0 --strategy "$strategy" --steps 8 --warmup 2 \
-      "${placement[@]}"
-  done
+  printf '\n=== ecss-bench step --device cuda:0 --strategy all %s ===\n' "${placement[*]}"
+  "$build/bench/ecss-bench" step --device cuda:0 --strategy all --rounds 1 --steps 8 --warmup 2 \
+    "${placement[@]}"
 done

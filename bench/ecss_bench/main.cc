@@ -87,8 +87,12 @@ const std::vector<Suite>& Suites() {
        "  --profile NAME         device profile for the modelled time (default h100-sxm)\n",
        RunKernelsSuite},
       {"step",
-       "whole training steps (timed sim or a GPU + real CPU optimizer): ecss, no-overlap or naive",
-       "  --strategy S           ecss, no-overlap or naive (default ecss)\n"
+       "whole training steps (timed sim or a GPU + real CPU optimizer): ecss, zero-offload, "
+       "no-overlap, naive, or all of them interleaved",
+       "  --strategy S           ecss, zero-offload, no-overlap, naive, or all: every one "
+       "interleaved, with ecss's ratio to each (default ecss)\n"
+       "  --rounds N             runs of each strategy, interleaved (default 3 with all, "
+       "else 1)\n"
        "  --device D             sim-timed, sim (real CPU kernels), cuda or cuda:N "
        "(default sim-timed)\n"
        "  --layers N             sparse layers (default 4)\n"
@@ -97,23 +101,29 @@ const std::vector<Suite>& Suites() {
        "  --domains N            (default 40)\n"
        "  --experts-per-domain N (default 2)\n"
        "  --domains-per-step N   domains each step's samples come from (default 4)\n"
-       "  --samples N            samples per step (default 8)\n"
+       "  --samples N            samples per micro-batch (default 8)\n"
        "  --seq-len N            tokens per sample (default 256)\n"
+       "  --micro-batches N      micro-batches per step (default 1)\n"
        "  --steps N              steps run (default 6)\n"
        "  --warmup N             first steps not measured (default 2)\n"
        "  --optimizer-threads N  CPU optimizer threads (default 1)\n"
-       "  --device-mib N         the session's device budget (default 768)\n"
+       "  --cache-fraction F     the device's expert cache holds this share of the experts, "
+       "at least what a step needs (default 0.25)\n"
+       "  --device-mib N         the session's device budget instead (default: from "
+       "--cache-fraction)\n"
        "  --profile NAME         the sim's device profile: kernel time and link bandwidth; sim "
-       "only "
-       "(default h100-sxm)\n"
+       "only (default h100-sxm)\n"
        "  --states S             master weights and moments: host or nvme (default host)\n"
        "  --weights W            compute weights: pinned, or nvme with --states nvme "
        "(default pinned)\n"
-       "  --dir DIR              nvme: directory of the state files (default .)\n"
+       "  --dir DIR              nvme: where each run's store directory is made (default .)\n"
        "  --routing R            rre, or gate: a learned gate's reactive routing (default rre)\n"
        "  --gate-k N             gate: experts per token (default 2)\n"
        "  --delayed-update 0|1   the one-step delayed update, DPU (default 0)\n"
-       "  --dump-plan FILE       write the executed plan of the first measured step as JSON\n",
+       "  --gradient-dtype T     f32 or bf16: the gradients' dtype to the host and the optimizer "
+       "(default f32)\n"
+       "  --dump-plan FILE       write the executed plan of the first measured step as JSON "
+       "(one strategy)\n",
        RunStepSuite},
   };
   return suites;

@@ -1,32 +1,39 @@
 // `ecss-bench step`: whole training steps through the session on the simulated device in
-// timed mode (kernels take the cost model's time on a device profile; copies are paced at the
-// profile's host-link bandwidth) with the real CPU optimizer, or on the device `--device`
-// names (sim: the real CPU kernels; cuda:N: a GPU, whose engines' busy times are not
-// recorded, so the overlap figures are null there), for a model proportioned like PanGu-Sigma and
-// scaled to this machine: 40 domains, each step's samples from 4 of them, about 300M expert
-// parameters, master weights and moments in host memory or on NVMe (--states). One strategy per
-// run; `naive` is the reference the target is stated against (ecss >= 6.3x naive tokens/s), and
-// bound_ratio and overlap_fraction (engine/step_metrics.h) say how close a step came to its
-// bottleneck's speed.
+// timed mode (kernels take the cost model's time on a device profile; copies take the
+// profile's host-link bandwidth; the engines keep the device's time, not the host's) with the
+// real CPU optimizer, or on the device `--device` names (sim: the real CPU kernels; cuda:N: a
+// GPU, whose engines' busy times are not recorded, so the figures that need them are null
+// there), for a model proportioned like PanGu-Sigma and scaled to this machine: 40 domains,
+// each step's samples from 4 of them, about 300M expert parameters, master weights and moments
+// in host memory or on NVMe (--states). By default the device's expert cache holds a quarter
+// of the experts (--cache-fraction; --device-mib sets the budget instead), so experts are
+// streamed, not kept.
+// --strategy all runs ecss, zero-offload (what DeepSpeed ZeRO-Offload does with an MoE model:
+// the strongest thing a user could pick instead, built on the same engine), no-overlap and
+// naive interleaved in one process, --rounds times each, and reports each one's figures and
+// ecss's ratio to each (the median over rounds of the per-round ratio). bound_ratio and
+// overlap_fraction (engine/step_metrics.h) say how close a step came to its bottleneck's speed.
 // --routing gate replaces RRE with a learned gate's reactive routing: every token picks
 // --gate-k experts of the whole layer at Forward (timed mode has no activations to run a real
 // gate on, so the picks are pseudo-random, as an untrained gate's are), which is the baseline
 // PanGu-Sigma's RRE is measured against: nothing can be fetched ahead, and the experts a step
 // touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
-// the compute weights on NVMe as well: every fetch reads them into pinned staging first. The
-// directory must not hold an earlier run's weight store. --dump-plan FILE writes the plan the
-// session executed for the first measured step, with when each op ran (session.h,
-// ExecutedPlan; written after the run's last Synchronize, so its updates have ended).
+// the compute weights on NVMe as well: every fetch reads them into pinned staging first. Each
+// run's store lives in a directory of its own under --dir, removed after it. --dump-plan FILE
+// writes the plan the session executed for the first measured step, with when each op ran
+// (session.h, ExecutedPlan; written after the run's last Synchronize, so its updates have
+// ended; one strategy only).
 #include <algorithm>
 #include <iomanip>
 #include <limits>
+#include <map>
 #include <optional>
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
+#include "engine/memory_plan.h"
 #include "engine/session.h"
-#include "kernels/cost_model.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/random.h"
@@ -35,205 +42,298 @@
 
 namespace ecss::bench {
 
-Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
-  ECSS_ASSIGN_OR_RETURN(std::string strategy_name, args.String("strategy", "ecss"));
-  ECSS_ASSIGN_OR_RETURN(std::string device, args.String("device", "sim-timed"));
-  ECSS_ASSIGN_OR_RETURN(uint64_t layers, args.Uint("layers", 4));
-  ECSS_ASSIGN_OR_RETURN(uint64_t d_model, args.Uint("d-model", 512));
-  ECSS_ASSIGN_OR_RETURN(uint64_t d_ff, args.Uint("d-ff", 1024));
-  ECSS_ASSIGN_OR_RETURN(uint64_t domains, args.Uint("domains", 40));
-  ECSS_ASSIGN_OR_RETURN(uint64_t experts, args.Uint("experts-per-domain", 2));
-  ECSS_ASSIGN_OR_RETURN(uint64_t per_step, args.Uint("domains-per-step", 4));
-  ECSS_ASSIGN_OR_RETURN(uint64_t samples, args.Uint("samples", 8));
-  ECSS_ASSIGN_OR_RETURN(uint64_t seq, args.Uint("seq-len", 256));
-  ECSS_ASSIGN_OR_RETURN(uint64_t steps, args.Uint("steps", 6));
-  ECSS_ASSIGN_OR_RETURN(uint64_t warmup, args.Uint("warmup", 2));
-  ECSS_ASSIGN_OR_RETURN(uint64_t threads, args.Uint("optimizer-threads", 1));
-  ECSS_ASSIGN_OR_RETURN(uint64_t device_mib, args.Uint("device-mib", 768));
+namespace {
+
+struct StepConfig {
+  std::vector<Strategy> strategies;  // one, or every strategy with --strategy all
+  bool all = false;
+  std::string device;
+  DeviceProfile profile;
+  uint64_t layers = 0, d_model = 0, d_ff = 0, domains = 0, experts = 0, per_step = 0;
+  uint64_t samples = 0, seq = 0, micro_batches = 0, steps = 0, warmup = 0, threads = 0;
+  uint64_t rounds = 0;
+  uint64_t device_mib = 0;  // 0: the budget whose cache holds cache_fraction of the experts
+  double cache_fraction = 0;
+  std::string states, dir, weights, dump_plan;
+  bool gated = false;
+  uint64_t gate_k = 0;
+  bool delayed = false;
+  DType gradient_dtype = DType::kF32;
+
+  uint64_t tokens() const { return samples * seq; }  // per micro-batch
+  uint64_t measured_steps() const { return steps - warmup; }
+};
+
+StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
+  StepConfig c;
+  ECSS_ASSIGN_OR_RETURN(std::string strategy, args.String("strategy", "ecss"));
+  ECSS_ASSIGN_OR_RETURN(c.device, args.String("device", "sim-timed"));
+  ECSS_ASSIGN_OR_RETURN(c.layers, args.Uint("layers", 4));
+  ECSS_ASSIGN_OR_RETURN(c.d_model, args.Uint("d-model", 512));
+  ECSS_ASSIGN_OR_RETURN(c.d_ff, args.Uint("d-ff", 1024));
+  ECSS_ASSIGN_OR_RETURN(c.domains, args.Uint("domains", 40));
+  ECSS_ASSIGN_OR_RETURN(c.experts, args.Uint("experts-per-domain", 2));
+  ECSS_ASSIGN_OR_RETURN(c.per_step, args.Uint("domains-per-step", 4));
+  ECSS_ASSIGN_OR_RETURN(c.samples, args.Uint("samples", 8));
+  ECSS_ASSIGN_OR_RETURN(c.seq, args.Uint("seq-len", 256));
+  ECSS_ASSIGN_OR_RETURN(c.micro_batches, args.Uint("micro-batches", 1));
+  ECSS_ASSIGN_OR_RETURN(c.steps, args.Uint("steps", 6));
+  ECSS_ASSIGN_OR_RETURN(c.warmup, args.Uint("warmup", 2));
+  ECSS_ASSIGN_OR_RETURN(c.threads, args.Uint("optimizer-threads", 1));
+  ECSS_ASSIGN_OR_RETURN(c.device_mib, args.Uint("device-mib", 0));
+  ECSS_ASSIGN_OR_RETURN(c.cache_fraction, args.Double("cache-fraction", 0.25));
   ECSS_ASSIGN_OR_RETURN(std::string profile_name, args.String("profile", "h100-sxm"));
-  ECSS_ASSIGN_OR_RETURN(std::string states, args.String("states", "host"));
-  ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
+  ECSS_ASSIGN_OR_RETURN(c.states, args.String("states", "host"));
+  ECSS_ASSIGN_OR_RETURN(c.dir, args.String("dir", "."));
   ECSS_ASSIGN_OR_RETURN(std::string routing, args.String("routing", "rre"));
-  ECSS_ASSIGN_OR_RETURN(uint64_t gate_k, args.Uint("gate-k", 2));
+  ECSS_ASSIGN_OR_RETURN(c.gate_k, args.Uint("gate-k", 2));
   ECSS_ASSIGN_OR_RETURN(uint64_t delayed, args.Uint("delayed-update", 0));
-  ECSS_ASSIGN_OR_RETURN(std::string weights, args.String("weights", "pinned"));
-  ECSS_ASSIGN_OR_RETURN(std::string dump_plan, args.String("dump-plan", ""));
+  ECSS_ASSIGN_OR_RETURN(c.weights, args.String("weights", "pinned"));
+  ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
+  ECSS_ASSIGN_OR_RETURN(std::string gradients, args.String("gradient-dtype", "f32"));
+  c.all = strategy == "all";
+  ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
-  if (states != "host" && states != "nvme") {
-    return InvalidArgumentError(StrCat("--states '", states, "': host or nvme"));
+  if (c.all) {
+    c.strategies = {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap,
+                    Strategy::kNaive};
+  } else {
+    ECSS_ASSIGN_OR_RETURN(Strategy one, ParseStrategy(strategy));
+    c.strategies = {one};
   }
-  if (weights != "pinned" && (weights != "nvme" || states != "nvme")) {
+  if (c.states != "host" && c.states != "nvme") {
+    return InvalidArgumentError(StrCat("--states '", c.states, "': host or nvme"));
+  }
+  if (c.weights != "pinned" && (c.weights != "nvme" || c.states != "nvme")) {
     return InvalidArgumentError(
-        StrCat("--weights '", weights, "': pinned, or nvme (with --states nvme)"));
+        StrCat("--weights '", c.weights, "': pinned, or nvme (with --states nvme)"));
   }
   if (routing != "rre" && routing != "gate") {
     return InvalidArgumentError(StrCat("--routing '", routing, "': rre or gate"));
   }
-  const bool gated = routing == "gate";
-  if (gated && (gate_k == 0 || gate_k > domains * experts)) {
-    return InvalidArgumentError(StrCat("--gate-k ", gate_k, ": 1 to the experts of a layer"));
+  c.gated = routing == "gate";
+  if (c.gated && (c.gate_k == 0 || c.gate_k > c.domains * c.experts)) {
+    return InvalidArgumentError(StrCat("--gate-k ", c.gate_k, ": 1 to the experts of a layer"));
   }
-  ECSS_ASSIGN_OR_RETURN(Strategy strategy, ParseStrategy(strategy_name));
-  ECSS_ASSIGN_OR_RETURN(DeviceProfile profile, FindDeviceProfile(profile_name));
-  if (layers == 0 || d_model == 0 || d_ff == 0 || domains == 0 || experts == 0 || per_step == 0 ||
-      per_step > domains || samples == 0 || seq == 0 || steps <= warmup || threads == 0 ||
-      device_mib == 0) {
+  if (delayed > 1) return InvalidArgumentError("--delayed-update: 0 or 1");
+  if (gradients != "f32" && gradients != "bf16") {
+    return InvalidArgumentError(StrCat("--gradient-dtype '", gradients, "': f32 or bf16"));
+  }
+  c.gradient_dtype = gradients == "bf16" ? DType::kBF16 : DType::kF32;
+  c.delayed = delayed == 1;
+  ECSS_ASSIGN_OR_RETURN(c.profile, FindDeviceProfile(profile_name));
+  if (c.layers == 0 || c.d_model == 0 || c.d_ff == 0 || c.domains == 0 || c.experts == 0 ||
+      c.per_step == 0 || c.per_step > c.domains || c.samples == 0 || c.seq == 0 ||
+      c.micro_batches == 0 || c.steps <= c.warmup || c.threads == 0 || c.rounds == 0) {
     return InvalidArgumentError(
-        "need positive sizes, domains-per-step <= domains and "
+        "need positive sizes, micro-batches, rounds, domains-per-step <= domains and "
         "steps > warmup");
   }
+  if (!(c.cache_fraction > 0 && c.cache_fraction <= 1)) {
+    return InvalidArgumentError(StrCat("--cache-fraction ", c.cache_fraction, ": in (0, 1]"));
+  }
+  if (c.all && !c.dump_plan.empty()) {
+    return InvalidArgumentError("--dump-plan needs one strategy, not --strategy all");
+  }
+  return c;
+}
 
-  ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(device));
-  backend_options.sim.h2d_bandwidth_gbps = profile.h2d_bandwidth_gbps;
-  backend_options.sim.d2h_bandwidth_gbps = profile.d2h_bandwidth_gbps;
-  const uint64_t device_bytes = (device_mib << 20) + (uint64_t{64} << 20);  // + activations
-  backend_options.sim.device_memory_bytes = device_bytes;
-  backend_options.cuda.device_memory_bytes = device_bytes;
-  StatusOr<std::unique_ptr<Backend>> created = CreateBackend(backend_options);
-  if (!created.ok()) return created.status().Annotate(StrCat("--device ", device));
-  std::unique_ptr<Backend> backend = *std::move(created);
-  // Only the sim keeps its engines' busy times (and paces copies at the profile's bandwidth).
-  const bool on_sim = backend_options.kind == BackendKind::kSim;
-
+// The session's options for one strategy (the device budget still to set).
+SessionOptions OptionsFor(const StepConfig& c, Strategy strategy) {
   SessionOptions options;
-  options.device_profile = profile;  // the kernels' modelled time, as the engines' bandwidth
-  options.model.layers = static_cast<uint32_t>(layers);
-  options.model.d_model = static_cast<uint32_t>(d_model);
-  options.model.d_ff = static_cast<uint32_t>(d_ff);
+  options.device_profile = c.profile;  // the kernels' modelled time, as the engines' bandwidth
+  options.model.layers = static_cast<uint32_t>(c.layers);
+  options.model.d_model = static_cast<uint32_t>(c.d_model);
+  options.model.d_ff = static_cast<uint32_t>(c.d_ff);
   options.model.dtype = DType::kBF16;
   options.model.vocab = 50257;
-  for (uint64_t d = 0; d < domains; ++d) {
-    options.model.domains.push_back({StrCat("domain", d), static_cast<uint32_t>(experts)});
+  for (uint64_t d = 0; d < c.domains; ++d) {
+    options.model.domains.push_back({StrCat("domain", d), static_cast<uint32_t>(c.experts)});
   }
   options.strategy = strategy;
-  options.budgets.device_bytes = device_mib << 20;
-  options.limits.max_tokens_per_micro_batch = static_cast<uint32_t>(samples * seq);
-  options.limits.max_active_experts_per_layer = static_cast<uint32_t>(per_step * experts);
-  if (gated) {
+  options.limits.max_tokens_per_micro_batch = static_cast<uint32_t>(c.tokens());
+  options.limits.max_micro_batches = static_cast<uint32_t>(c.micro_batches);
+  options.limits.max_active_experts_per_layer = static_cast<uint32_t>(c.per_step * c.experts);
+  if (c.gated) {
     options.routing = Routing::kLearnedGate;
-    options.gate_k = static_cast<uint32_t>(gate_k);
-    options.limits.max_active_experts_per_layer = static_cast<uint32_t>(domains * experts);
+    options.gate_k = static_cast<uint32_t>(c.gate_k);
+    options.limits.max_active_experts_per_layer = static_cast<uint32_t>(c.domains * c.experts);
   }
-  options.optimizer.threads = static_cast<int>(threads);
+  options.optimizer.threads = static_cast<int>(c.threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
-  options.record_op_times = !dump_plan.empty();
-  options.delayed_update = delayed != 0;
-  std::optional<ScratchDir> store_dir;  // the session's expert store, removed after the run
-  if (states == "nvme") {
-    ECSS_ASSIGN_OR_RETURN(ScratchDir made, ScratchDir::Create(dir, "ecss-bench-store"));
-    store_dir.emplace(std::move(made));
+  options.record_op_times = !c.dump_plan.empty();
+  options.delayed_update = c.delayed;
+  options.gradient_dtype = c.gradient_dtype;
+  if (c.states == "nvme") {
     options.placement.master = options.placement.moments = Tier::kNvme;
-    options.placement.nvme_dirs = {store_dir->path()};
-    if (weights == "nvme") options.placement.weights = Tier::kNvme;
+    if (c.weights == "nvme") options.placement.weights = Tier::kNvme;
   }
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
-  uint64_t total_experts = 0;
-  for (uint32_t l = 0; l < layers; ++l) total_experts += session->experts_in_layer(l);
-  const uint64_t expert_params = total_experts * session->expert_params();
+  return options;
+}
 
-  const uint64_t tokens = samples * seq;
-  const uint64_t act_bytes = tokens * d_model * 2;
+// The device budget of a strategy's session: --device-mib, or the one whose expert cache holds
+// cache_fraction of the experts (at least what a step needs). Planned on `backend`'s rules.
+StatusOr<uint64_t> DeviceBudget(const StepConfig& c, Backend& backend, Strategy strategy) {
+  if (c.device_mib > 0) return c.device_mib << 20;
+  SessionOptions options = OptionsFor(c, strategy);
+  options.budgets.device_bytes = uint64_t{1} << 50;  // room for every expert: plan, then size
+  if (c.states == "nvme") options.placement.nvme_dirs = {c.dir};
+  ECSS_ASSIGN_OR_RETURN(MemoryPlan plan, Session::PlanMemoryOn(backend, options));
+  const uint64_t experts = c.layers * c.domains * c.experts;
+  const auto slots = static_cast<uint32_t>(std::max<uint64_t>(
+      plan.max_groups, static_cast<uint64_t>(c.cache_fraction * static_cast<double>(experts))));
+  return plan.DeviceBudgetFor(slots);
+}
+
+// What the measured steps of one or more runs of a strategy did, summed.
+struct StrategyRun {
+  Strategy strategy = Strategy::kEcss;
+  uint64_t experts = 0, expert_params = 0, cache_slots = 0, device_budget = 0;
+  uint64_t steps = 0, tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
+  uint64_t hits = 0, misses = 0;
+  double seconds = 0, stalls = 0;
+  std::vector<StepMetrics> metrics;
+
+  double tokens_per_s() const { return static_cast<double>(tokens) / seconds; }
+  void Add(const StrategyRun& other) {
+    steps += other.steps;
+    tokens += other.tokens;
+    h2d_bytes += other.h2d_bytes;
+    d2h_bytes += other.d2h_bytes;
+    nvme_bytes += other.nvme_bytes;
+    updated += other.updated;
+    hits += other.hits;
+    misses += other.misses;
+    seconds += other.seconds;
+    stalls += other.stalls;
+    metrics.insert(metrics.end(), other.metrics.begin(), other.metrics.end());
+  }
+};
+
+// One run of a strategy: a session of its own (its store in a directory of its own), warm-up
+// steps, then the measured ones.
+StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strategy strategy,
+                                  uint64_t device_budget) {
+  SessionOptions options = OptionsFor(c, strategy);
+  options.budgets.device_bytes = device_budget;
+  std::optional<ScratchDir> store_dir;  // the session's expert store, removed after the run
+  if (c.states == "nvme") {
+    ECSS_ASSIGN_OR_RETURN(ScratchDir made, ScratchDir::Create(c.dir, "ecss-bench-store"));
+    store_dir.emplace(std::move(made));
+    options.placement.nvme_dirs = {store_dir->path()};
+  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(backend, options));
+  StrategyRun run;
+  run.strategy = strategy;
+  run.device_budget = device_budget;
+  run.cache_slots = session->cache_slots();
+  for (uint32_t l = 0; l < c.layers; ++l) run.experts += session->experts_in_layer(l);
+  run.expert_params = run.experts * session->expert_params();
+
+  const uint64_t tokens = c.tokens();
+  const uint64_t act_bytes = tokens * c.d_model * 2;
   ECSS_ASSIGN_OR_RETURN(Buffer a,
-                        backend->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        backend.device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   ECSS_ASSIGN_OR_RETURN(Buffer b,
-                        backend->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
+                        backend.device_memory().Allocate(act_bytes, MemoryTag::kActivations));
   // Where kernels compute, they compute on zeros (the time of a matrix product does not depend
   // on its values, and uninitialised memory could hold NaNs).
-  ECSS_RETURN_IF_ERROR(backend->MemsetAsync(session->compute_stream(), a.data(), 0, act_bytes));
-  ECSS_RETURN_IF_ERROR(backend->MemsetAsync(session->compute_stream(), b.data(), 0, act_bytes));
-  std::vector<uint32_t> ids(tokens), sample_domains(samples), picks(tokens * gate_k);
-  std::vector<float> pick_weights(tokens * gate_k, 1.0f / static_cast<float>(gate_k));
-  const auto layer_experts = static_cast<uint32_t>(domains * experts);
-  CounterRng rng(17, 0);
-  double seconds = 0, compute = 0, h2d = 0, d2h = 0, optimizer = 0, stalls = 0;
-  uint64_t measured_tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
-  uint64_t hits = 0, misses = 0;
-  std::vector<StepMetrics> measured_metrics;
-  for (uint64_t step = 0; step < steps; ++step) {
+  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session->compute_stream(), a.data(), 0, act_bytes));
+  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session->compute_stream(), b.data(), 0, act_bytes));
+  const uint64_t mbs = c.micro_batches;
+  std::vector<std::vector<uint32_t>> ids(mbs, std::vector<uint32_t>(tokens));
+  std::vector<std::vector<uint32_t>> sample_domains(mbs, std::vector<uint32_t>(c.samples));
+  std::vector<uint32_t> picks(tokens * c.gate_k);
+  std::vector<float> pick_weights(tokens * c.gate_k, 1.0f / static_cast<float>(c.gate_k));
+  const auto layer_experts = static_cast<uint32_t>(c.domains * c.experts);
+  const auto layers = static_cast<uint32_t>(c.layers);
+  CounterRng rng(17, 0);  // every strategy sees the same steps
+  for (uint64_t step = 0; step < c.steps; ++step) {
     // Each step's samples come from `per_step` distinct domains, chosen at random.
     std::vector<uint32_t> chosen;
-    while (chosen.size() < per_step) {
-      const uint32_t d = rng.Uniform(static_cast<uint32_t>(domains));
+    while (chosen.size() < c.per_step) {
+      const uint32_t d = rng.Uniform(static_cast<uint32_t>(c.domains));
       if (std::find(chosen.begin(), chosen.end(), d) == chosen.end()) chosen.push_back(d);
     }
-    for (uint64_t s = 0; s < samples; ++s) sample_domains[s] = chosen[s % per_step];
-    for (uint32_t& id : ids) id = rng.Uniform(options.model.vocab);
-    ECSS_RETURN_IF_ERROR(
-        session->BeginStep({MicroBatch{ids.data(), static_cast<uint32_t>(samples),
-                                       static_cast<uint32_t>(seq), sample_domains.data()}}));
-    for (uint32_t l = 0; l < layers; ++l) {
-      if (!gated) {
-        ECSS_RETURN_IF_ERROR(
-            session->Forward(MicroBatchIndex{0}, LayerIndex{l}, a.data(), b.data()));
-        continue;
+    std::vector<MicroBatch> batches;
+    for (uint64_t m = 0; m < mbs; ++m) {
+      for (uint64_t s = 0; s < c.samples; ++s) {
+        sample_domains[m][s] = chosen[(m * c.samples + s) % c.per_step];
       }
-      for (uint64_t t = 0; t < tokens; ++t) {  // gate_k distinct experts per token
-        uint32_t* token_picks = &picks[t * gate_k];
-        for (uint64_t j = 0; j < gate_k; ++j) {
-          do {
-            token_picks[j] = rng.Uniform(layer_experts);
-          } while (std::find(token_picks, token_picks + j, token_picks[j]) != token_picks + j);
-        }
-      }
-      ECSS_RETURN_IF_ERROR(
-          session->Forward(MicroBatchIndex{0}, LayerIndex{l}, a.data(), b.data(),
-                           {picks.data(), pick_weights.data(), static_cast<uint32_t>(gate_k)}));
+      for (uint32_t& id : ids[m]) id = rng.Uniform(options.model.vocab);
+      batches.push_back({ids[m].data(), static_cast<uint32_t>(c.samples),
+                         static_cast<uint32_t>(c.seq), sample_domains[m].data()});
     }
-    for (uint32_t l = static_cast<uint32_t>(layers); l-- > 0;) {
-      ECSS_RETURN_IF_ERROR(
-          session->Backward(MicroBatchIndex{0}, LayerIndex{l}, b.data(), a.data()));
+    ECSS_RETURN_IF_ERROR(session->BeginStep(batches));
+    for (uint32_t m = 0; m < mbs; ++m) {
+      for (uint32_t l = 0; l < layers; ++l) {
+        if (!c.gated) {
+          ECSS_RETURN_IF_ERROR(
+              session->Forward(MicroBatchIndex{m}, LayerIndex{l}, a.data(), b.data()));
+          continue;
+        }
+        for (uint64_t t = 0; t < tokens; ++t) {  // gate_k distinct experts per token
+          uint32_t* token_picks = &picks[t * c.gate_k];
+          for (uint64_t j = 0; j < c.gate_k; ++j) {
+            do {
+              token_picks[j] = rng.Uniform(layer_experts);
+            } while (std::find(token_picks, token_picks + j, token_picks[j]) != token_picks + j);
+          }
+        }
+        ECSS_RETURN_IF_ERROR(
+            session->Forward(MicroBatchIndex{m}, LayerIndex{l}, a.data(), b.data(),
+                             {picks.data(), pick_weights.data(), static_cast<uint32_t>(c.gate_k)}));
+      }
+    }
+    for (uint32_t m = 0; m < mbs; ++m) {
+      for (uint32_t l = layers; l-- > 0;) {
+        ECSS_RETURN_IF_ERROR(
+            session->Backward(MicroBatchIndex{m}, LayerIndex{l}, b.data(), a.data()));
+      }
     }
     ECSS_ASSIGN_OR_RETURN(StepStats s, session->EndStep());
-    if (step < warmup) continue;
-    measured_metrics.push_back(s.metrics);
-    seconds += s.seconds;
-    compute += s.compute_busy_seconds;
-    h2d += s.h2d_busy_seconds;
-    d2h += s.d2h_busy_seconds;
-    optimizer += s.optimizer_busy_seconds;
-    stalls += s.stalls.total();
-    measured_tokens += s.tokens;
-    h2d_bytes += s.h2d_bytes;
-    d2h_bytes += s.d2h_bytes;
-    nvme_bytes += s.nvme_bytes;
-    updated += s.updated_params;
-    hits += s.cache_hits;
-    misses += s.cache_misses;
+    if (step < c.warmup) continue;
+    ++run.steps;
+    run.metrics.push_back(s.metrics);
+    run.seconds += s.seconds;
+    run.stalls += s.stalls.total();
+    run.tokens += s.tokens;
+    run.h2d_bytes += s.h2d_bytes;
+    run.d2h_bytes += s.d2h_bytes;
+    run.nvme_bytes += s.nvme_bytes;
+    run.updated += s.updated_params;
+    run.hits += s.cache_hits;
+    run.misses += s.cache_misses;
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
-  if (!dump_plan.empty()) {
-    ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(warmup + 1));
+  if (!c.dump_plan.empty()) {
+    ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
     JsonWriter plan_json;
     plan.WriteJson(plan_json);
-    ECSS_RETURN_IF_ERROR(WriteFileAtomically(dump_plan, plan_json.str() + "\n")
-                             .Annotate(StrCat("--dump-plan ", dump_plan)));
+    ECSS_RETURN_IF_ERROR(WriteFileAtomically(c.dump_plan, plan_json.str() + "\n")
+                             .Annotate(StrCat("--dump-plan ", c.dump_plan)));
   }
-  const double measured = static_cast<double>(steps - warmup);
-  // Where the device's engines keep no busy time (CUDA), what needs it is null, not 0.
+  return run;
+}
+
+// A run's figures, per measured step. Where the device's engines keep no busy time (CUDA),
+// what needs it is null, not 0.
+void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
   const double unknown = std::numeric_limits<double>::quiet_NaN();  // written as null
-  const StepMetrics metrics = SumStepMetrics(measured_metrics);
-  json.Field("strategy", StrategyName(strategy))
-      .Field("routing", gated ? "gate (reactive)" : "rre")
-      .Field("delayed_update", delayed != 0)
-      .Field("device", device)
-      .Field("profile", on_sim ? profile.name : "")
-      .Field("layers", layers)
-      .Field("domains", domains)
-      .Field("domains_per_step", per_step)
-      .Field("experts", total_experts)
-      .Field("expert_params", expert_params)
-      .Field("tokens_per_step", tokens)
-      .Field("states_placement", states)
-      .Field("weights_placement", weights)
-      .Field("optimizer_threads", threads)
-      .Field("tokens_per_s", static_cast<double>(measured_tokens) / seconds)
-      .Field("step_seconds", seconds / measured)
+  const double steps = static_cast<double>(run.steps);
+  const StepMetrics metrics = SumStepMetrics(run.metrics);
+  auto per_step = [&](uint64_t value) {
+    return static_cast<uint64_t>(static_cast<double>(value) / steps);
+  };
+  json.Field("strategy", StrategyName(run.strategy))
+      .Field("tokens_per_s", run.tokens_per_s())
+      .Field("step_seconds", run.seconds / steps)
       .Field("bound_ratio", on_sim ? metrics.bound_ratio : unknown)
       .Field("overlap_fraction",
              on_sim && metrics.overlap_fraction ? *metrics.overlap_fraction : unknown)
       .Field("overlap_denominator_seconds_per_step",
-             on_sim ? metrics.overlap_denominator_seconds / measured : unknown)
+             on_sim ? metrics.overlap_denominator_seconds / steps : unknown)
       .Key("bottleneck");
   if (on_sim) {
     json.String(metrics.bottleneck);
@@ -244,48 +344,154 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   for (const ResourceUse& use : metrics.resources) {
     json.Key(use.name)
         .BeginObject()
-        .Field("busy_seconds_per_step", use.busy_seconds / measured)
-        .Field("exposed_seconds_per_step", use.exposed_seconds / measured)
+        .Field("busy_seconds_per_step", use.busy_seconds / steps)
+        .Field("exposed_seconds_per_step", use.exposed_seconds / steps)
         .EndObject();
   }
-  json.EndObject();
-  json.Field("stall_fraction", stalls / seconds)
-      .Field("h2d_bytes", static_cast<uint64_t>(static_cast<double>(h2d_bytes) / measured))
-      .Field("d2h_bytes", static_cast<uint64_t>(static_cast<double>(d2h_bytes) / measured))
-      .Field("nvme_bytes", static_cast<uint64_t>(static_cast<double>(nvme_bytes) / measured))
-      .Field("updated_params", static_cast<uint64_t>(static_cast<double>(updated) / measured))
-      .Field("hit_rate", hits + misses ? static_cast<double>(hits) / (hits + misses) : 0.0)
-      .Key("busy_seconds_per_step")
-      .BeginObject()
-      .Field("compute", on_sim ? compute / measured : unknown)
-      .Field("h2d", on_sim ? h2d / measured : unknown)
-      .Field("d2h", on_sim ? d2h / measured : unknown)
-      .Field("optimizer", optimizer / measured)
-      .EndObject()
-      .Field("reference",
-             "run the suite with --strategy naive in the same session for the "
-             "tokens/s ratio; bound_ratio (step time / busiest resource's busy time) and "
-             "overlap_fraction ((sum of busy - step time) / (sum of busy - busiest), null "
-             "under 5% of the step) are measured within this run, engine/step_metrics.h");
-  table << "step suite: " << StrategyName(strategy) << (gated ? " with a reactive gate" : "")
-        << ", " << total_experts << " experts, " << expert_params / 1000000 << "M expert params, "
-        << domains << " domains (" << per_step << " per step), " << tokens << " tokens/step, "
-        << device << (on_sim ? StrCat(" ", profile.name) : "") << "\n"
-        << std::fixed << std::setprecision(3) << "  tokens/s " << std::setprecision(0)
-        << static_cast<double>(measured_tokens) / seconds << std::setprecision(3) << "  step "
-        << seconds / measured << " s  ";
+  json.EndObject()
+      .Field("stall_fraction", run.stalls / run.seconds)
+      .Field("h2d_bytes", per_step(run.h2d_bytes))
+      .Field("d2h_bytes", per_step(run.d2h_bytes))
+      .Field("nvme_bytes", per_step(run.nvme_bytes))
+      .Field("updated_params", per_step(run.updated))
+      .Field("hit_rate",
+             run.hits + run.misses ? static_cast<double>(run.hits) / (run.hits + run.misses) : 0.0)
+      .Field("cache_slots", run.cache_slots)
+      .Field("fraction_of_experts_on_device",
+             static_cast<double>(run.cache_slots) / static_cast<double>(run.experts))
+      .Field("device_budget_bytes", run.device_budget);
+}
+
+void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
+  const double steps = static_cast<double>(run.steps);
+  const StepMetrics metrics = SumStepMetrics(run.metrics);
+  table << "  " << std::left << std::setw(13) << StrategyName(run.strategy) << std::right
+        << std::fixed << std::setprecision(0) << std::setw(10) << run.tokens_per_s()
+        << std::setprecision(4) << std::setw(10) << run.seconds / steps << std::setprecision(3);
   if (on_sim) {
-    table << "bound ratio " << metrics.bound_ratio << " (" << metrics.bottleneck
-          << ")  overlap fraction "
-          << (metrics.overlap_fraction ? StrCat(*metrics.overlap_fraction) : std::string("n/a"));
+    table << std::setw(8) << metrics.bound_ratio << std::setw(10)
+          << (metrics.overlap_fraction ? StrCat(*metrics.overlap_fraction) : std::string("n/a"))
+          << "  " << std::left << std::setw(10) << metrics.bottleneck << std::right;
   } else {
-    table << "bound ratio n/a (no engine times)";
+    table << std::setw(8) << "n/a" << std::setw(10) << "n/a"
+          << "  " << std::left << std::setw(10) << "n/a" << std::right;
   }
-  table << "  stalls " << stalls / seconds << "\n"
-        << "  per step: h2d " << HumanBytes(static_cast<uint64_t>(h2d_bytes / measured)) << ", d2h "
-        << HumanBytes(static_cast<uint64_t>(d2h_bytes / measured)) << ", nvme "
-        << HumanBytes(static_cast<uint64_t>(nvme_bytes / measured)) << ", updated "
-        << static_cast<uint64_t>(updated / measured) << " params\n";
+  table << "  h2d " << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.h2d_bytes) / steps))
+        << ", d2h " << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.d2h_bytes) / steps))
+        << ", nvme "
+        << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.nvme_bytes) / steps)) << "\n";
+}
+
+}  // namespace
+
+Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
+  ECSS_ASSIGN_OR_RETURN(StepConfig c, ParseConfig(args));
+  ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(c.device));
+  backend_options.sim.h2d_bandwidth_gbps = c.profile.h2d_bandwidth_gbps;
+  backend_options.sim.d2h_bandwidth_gbps = c.profile.d2h_bandwidth_gbps;
+  // Only the sim keeps its engines' busy times (and paces copies at the profile's bandwidth).
+  const bool on_sim = backend_options.kind == BackendKind::kSim;
+  auto create = [&](uint64_t bytes) -> StatusOr<std::unique_ptr<Backend>> {
+    backend_options.sim.device_memory_bytes = bytes;
+    backend_options.cuda.device_memory_bytes = bytes;
+    StatusOr<std::unique_ptr<Backend>> created = CreateBackend(backend_options);
+    if (!created.ok()) return created.status().Annotate(StrCat("--device ", c.device));
+    return created;
+  };
+  // Each strategy's budget, planned on a small backend of the same kind (its allocation
+  // rules); then the backend that holds the largest and the activations.
+  std::map<Strategy, uint64_t> budgets;
+  uint64_t largest = 0;
+  {
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> probe, create(uint64_t{64} << 20));
+    for (Strategy strategy : c.strategies) {
+      ECSS_ASSIGN_OR_RETURN(budgets[strategy], DeviceBudget(c, *probe, strategy));
+      largest = std::max(largest, budgets[strategy]);
+    }
+  }
+  const uint64_t activations = 2 * c.tokens() * c.d_model * 2;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
+                        create(largest + activations + (uint64_t{16} << 20)));
+
+  // Interleaved: round r runs every strategy once, in turn.
+  std::map<Strategy, StrategyRun> runs;
+  std::map<Strategy, std::vector<double>> ratios;  // ecss / strategy, per round
+  for (uint64_t round = 0; round < c.rounds; ++round) {
+    std::map<Strategy, double> tokens_per_s;
+    for (Strategy strategy : c.strategies) {
+      ECSS_ASSIGN_OR_RETURN(StrategyRun run, RunStrategy(c, *backend, strategy, budgets[strategy]));
+      tokens_per_s[strategy] = run.tokens_per_s();
+      if (round == 0) {
+        runs[strategy] = run;
+      } else {
+        runs[strategy].Add(run);
+      }
+    }
+    if (c.all) {
+      for (Strategy strategy : c.strategies) {
+        ratios[strategy].push_back(tokens_per_s[Strategy::kEcss] / tokens_per_s[strategy]);
+      }
+    }
+  }
+
+  const StrategyRun& first = runs[c.strategies.front()];
+  json.Field("routing", c.gated ? "gate (reactive)" : "rre")
+      .Field("delayed_update", c.delayed)
+      .Field("device", c.device)
+      .Field("profile", on_sim ? c.profile.name : "")
+      .Field("layers", c.layers)
+      .Field("domains", c.domains)
+      .Field("domains_per_step", c.per_step)
+      .Field("experts", first.experts)
+      .Field("expert_params", first.expert_params)
+      .Field("micro_batches", c.micro_batches)
+      .Field("tokens_per_step", c.tokens() * c.micro_batches)
+      .Field("states_placement", c.states)
+      .Field("weights_placement", c.weights)
+      .Field("optimizer_threads", c.threads)
+      .Field("gradient_dtype", DTypeName(c.gradient_dtype))
+      .Field("rounds", c.rounds)
+      .Field("measured_steps_per_round", c.measured_steps());
+  if (!c.all) {
+    WriteFigures(json, first, on_sim);
+  } else {
+    json.Key("strategies").BeginArray();
+    for (Strategy strategy : c.strategies) {
+      json.BeginObject();
+      WriteFigures(json, runs[strategy], on_sim);
+      json.EndObject();
+    }
+    json.EndArray().Key("ecss_vs").BeginObject();
+    for (Strategy strategy : c.strategies) {
+      if (strategy != Strategy::kEcss) json.Field(StrategyName(strategy), Median(ratios[strategy]));
+    }
+    json.EndObject();
+  }
+  json.Field("reference",
+             c.all ? "every strategy interleaved in this process, round by round; ecss_vs: the "
+                     "median over rounds of ecss's tokens/s over the strategy's"
+                   : "run with --strategy all for every strategy interleaved and ecss's ratios");
+
+  table << "step suite: " << first.experts << " experts (" << first.cache_slots
+        << " fit the device cache), " << first.expert_params / 1000000 << "M expert params, "
+        << c.domains << " domains (" << c.per_step << " per step), " << c.tokens() * c.micro_batches
+        << " tokens/step in " << c.micro_batches << " micro-batch(es), " << c.device
+        << (on_sim ? StrCat(" ", c.profile.name) : "") << (c.gated ? ", reactive gate" : "")
+        << ", states " << c.states << ", " << c.rounds << " round(s)\n"
+        << "  " << std::left << std::setw(13) << "strategy" << std::right << std::setw(10)
+        << "tokens/s" << std::setw(10) << "step s" << std::setw(8) << "bound" << std::setw(10)
+        << "overlap"
+        << "  " << std::left << std::setw(10) << "bottleneck" << std::right << "  per step\n";
+  for (Strategy strategy : c.strategies) WriteRow(table, runs[strategy], on_sim);
+  if (c.all) {
+    table << "  ecss vs";
+    for (Strategy strategy : c.strategies) {
+      if (strategy == Strategy::kEcss) continue;
+      table << "  " << StrategyName(strategy) << " " << std::setprecision(2)
+            << Median(ratios[strategy]) << "x";
+    }
+    table << " (median over rounds)\n";
+  }
   return Status::Ok();
 }
 

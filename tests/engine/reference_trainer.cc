@@ -126,7 +126,8 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
 Weights TrainReference(const RunConfig& c, const Weights& initial) {
   const SessionOptions o = OptionsFor(c);
   const ModelSpec& m = o.model;
-  const bool naive = c.strategy == Strategy::kNaive;
+  // Every expert computed (with no rows when unrouted) and updated, every step.
+  const bool naive = c.strategy == Strategy::kNaive || c.strategy == Strategy::kZeroOffload;
   auto map = DomainMap::Create(m.layers);
   for (uint32_t i = 0; i < m.domains.size(); ++i) {
     EXPECT_TRUE(map->AddDomainUniform(m.domains[i].name, i, m.domains[i].experts).ok());
@@ -183,12 +184,19 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
   };
   auto apply = [&](const std::vector<std::vector<bool>>& touched, float loss_scale) {
     EXPECT_TRUE((*optimizer)->BeginStep(loss_scale).ok());
+    std::vector<std::vector<BFloat16>> bf16;  // bf16 gradients, alive until the updates end
+    bf16.reserve(m.layers * master[0].size());
     for (uint32_t l = 0; l < m.layers; ++l) {
       for (uint32_t e = 0; e < master[l].size(); ++e) {
-        if (touched[l][e]) {
+        if (!touched[l][e]) continue;
+        if (c.gradient_dtype == DType::kF32) {
           EXPECT_TRUE(
               (*optimizer)->SubmitGradient(ids[l][e], grads[l][e].data(), DType::kF32).ok());
+          continue;
         }
+        std::vector<BFloat16>& g = bf16.emplace_back(grads[l][e].size());
+        for (size_t k = 0; k < g.size(); ++k) g[k] = FloatToBf16(grads[l][e][k]);
+        EXPECT_TRUE((*optimizer)->SubmitGradient(ids[l][e], g.data(), DType::kBF16).ok());
       }
     }
     EXPECT_TRUE((*optimizer)->FinishStep().ok());
@@ -314,11 +322,15 @@ Weights TrainReference(const RunConfig& c, const Weights& initial) {
           EXPECT_TRUE((*kernels)->Combine(perm, {d, c.dtype, false}, dxp.data(), dx.data()).ok());
           for (size_t i = 0; i < experts.size(); ++i) {
             std::vector<float>& g = grads[l][experts[i]];
+            // As the session: each micro-batch's gradient rounded to the gradient dtype, and
+            // each sum of a later one rounded again.
+            const DType gd = c.gradient_dtype;
             if (!touched[l][experts[i]]) {
               g = dw[i];
+              for (uint64_t k = 0; k < n; ++k) g[k] = RoundTo(gd, g[k]);
               touched[l][experts[i]] = true;
             } else {
-              for (uint64_t k = 0; k < n; ++k) g[k] += dw[i][k];
+              for (uint64_t k = 0; k < n; ++k) g[k] = RoundTo(gd, g[k] + RoundTo(gd, dw[i][k]));
             }
           }
           return FromDevice(dx, c.dtype);

@@ -126,6 +126,7 @@ struct RunConfig {
   bool evaluate = false;
   std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
   std::string profile;  // non-empty: the session's device profile (timed kernels' time)
+  DType gradient_dtype = DType::kF32;
 };
 
 inline constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
@@ -157,6 +158,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.optimizer.max_grad_norm = c.max_grad_norm;
   o.kernel_threads = 2;
   if (!c.profile.empty()) o.device_profile = *FindDeviceProfile(c.profile);
+  o.gradient_dtype = c.gradient_dtype;
   o.delayed_update = c.delayed;
   o.optimizer.skip_step_on_nonfinite = !c.immediate;
   o.placement.io_engines = c.io_engines;

@@ -54,7 +54,8 @@ void ExpectMatchesReference(const RunConfig& c, const Weights& trained) {
 
 TEST(SessionTest, EveryStrategyMatchesTheResidentReferenceBitForBit) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
-    for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (Strategy strategy :
+         {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive, Strategy::kZeroOffload}) {
       for (int micro_batches : {1, 2}) {
         SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " " << StrategyName(strategy)
                                           << " micro-batches " << micro_batches);
@@ -105,6 +106,47 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
     EXPECT_LE(bytes, updated * 24);
   }
   std::filesystem::remove_all(dir_template);
+}
+
+// bf16 gradients (DeepSpeed's 16-bit gradients): the same bits as a reference that rounds
+// each micro-batch's gradient and each sum the same way, on every strategy and with states on
+// NVMe, and half the gradient bytes of fp32.
+TEST(SessionTest, Bf16GradientsMatchAReferenceThatRoundsTheSameWay) {
+  char dir_template[] = "/tmp/ecss_session_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap}) {
+    for (bool nvme : {false, true}) {
+      if (nvme && strategy == Strategy::kNoOverlap) continue;
+      SCOPED_TRACE(::testing::Message() << StrategyName(strategy) << (nvme ? " nvme" : ""));
+      RunConfig c;
+      c.dtype = DType::kBF16;
+      c.strategy = strategy;
+      c.micro_batches = 2;
+      c.gradient_dtype = DType::kBF16;
+      if (nvme) c.nvme_dir = dir_template;
+      std::vector<StepStats> bf16;
+      const Weights trained = TrainSession(c, &bf16);
+      ExpectMatchesReference(c, trained);
+      RunConfig f32 = c;
+      f32.gradient_dtype = DType::kF32;
+      std::vector<StepStats> full;
+      const Weights f32_trained = TrainSession(f32, &full);
+      ASSERT_EQ(bf16.size(), full.size());
+      for (size_t i = 0; i < bf16.size(); ++i) {
+        EXPECT_EQ(bf16[i].gradient_bytes * 2, full[i].gradient_bytes);
+        EXPECT_GT(bf16[i].gradient_bytes, 0u);
+      }
+      // The rounding is real: fp32 gradients train other weights.
+      EXPECT_NE(trained, f32_trained);
+    }
+  }
+  std::filesystem::remove_all(dir_template);
+  RunConfig bad;
+  SessionOptions o = OptionsFor(bad);
+  o.gradient_dtype = DType::kF16;
+  Status refused = o.Validate();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("gradient_dtype"), std::string_view::npos) << refused;
 }
 
 // A session closed after its Synchronize and a new one resuming from its state files train on

@@ -171,6 +171,25 @@ TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
   EXPECT_EQ(tight.Bytes(OpKind::kFetch), 12u * 200);
 }
 
+// Zero-offload: naive's accesses and updates, with ecss's edges: no stage waits on the host
+// for the one before it, so fetches run ahead; the step still waits for its own updates.
+TEST(StepPlanTest, ZeroOffloadMovesEveryExpertWithFetchesAhead) {
+  const StepPlan naive = Build(Policy(PlanStrategy::kNaive, 8));
+  const StepPlan zero = Build(Policy(PlanStrategy::kZeroOffload, 8));
+  for (OpKind kind : {OpKind::kFetch, OpKind::kGradientCopy, OpKind::kUpdate}) {
+    EXPECT_EQ(zero.Count(kind), naive.Count(kind)) << OpKindName(kind);
+    EXPECT_EQ(zero.Bytes(kind), naive.Bytes(kind)) << OpKindName(kind);
+  }
+  EXPECT_EQ(zero.Compute(OpKind::kForward, 0, 0)->experts, std::vector<uint32_t>({0, 1, 2, 3}));
+  EXPECT_TRUE(zero.fetches_ahead());
+  EXPECT_FALSE(naive.fetches_ahead());
+  EXPECT_TRUE(zero.step_waits_for_updates());
+  for (const PlanOp* op : zero.Find(OpKind::kFetch)) EXPECT_FALSE(op->host_waits);
+  size_t host_waits = 0;
+  for (const PlanOp* op : naive.Find(OpKind::kFetch)) host_waits += op->host_waits ? 1 : 0;
+  EXPECT_GT(host_waits, 0u);
+}
+
 // Two slots: layer 1's forward evicts the layer-0 expert used last (Belady: expert 2, used
 // after expert 0 in the backward); layer 0's backward then evicts layer 1's expert (never used
 // again) to fetch expert 2 again. Each eviction waits for the victim's last use.
