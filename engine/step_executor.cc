@@ -449,6 +449,11 @@ Status StepExecutor::HostWait(const PlanOp& op) {
     const uint32_t dep = todo.back();
     todo.pop_back();
     if (!seen.insert(dep).second) continue;
+    const PlanOp& dep_op = plan_->ops()[dep];
+    if (dep_op.kind == OpKind::kUpdate && dep_op.step_offset == 0) {
+      ECSS_RETURN_IF_ERROR(WaitUpdate(dep_op));  // a chained update: ran on no stream
+      continue;
+    }
     auto issued = issued_on_.find(dep);
     if (issued == issued_on_.end()) {
       const PlanOp& unissued = plan_->ops()[dep];
@@ -461,6 +466,17 @@ Status StepExecutor::HostWait(const PlanOp& op) {
     }
   }
   for (Stream stream : streams) ECSS_RETURN_IF_ERROR(StageSync(stream));
+  return Status::Ok();
+}
+
+// A chained update (no-overlap, naive with immediate updates): its layer's gradients go to
+// the optimizer now, and the host waits until every expert of it is updated.
+Status StepExecutor::WaitUpdate(const PlanOp& update) {
+  ECSS_RETURN_IF_ERROR(SubmitReady(/*wait=*/true));
+  StallTimer timer(&stalls_.stage_sync_seconds);
+  for (uint32_t e : update.experts) {
+    ECSS_RETURN_IF_ERROR(updater().Wait(table_.at({static_cast<uint32_t>(update.layer), e}).id));
+  }
   return Status::Ok();
 }
 

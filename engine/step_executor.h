@@ -170,6 +170,8 @@ class StepExecutor {
   Status Record(uint32_t id, Stream stream);
   // The plan's edges the host waits on before issuing `op` (no-overlap, naive).
   Status HostWait(const PlanOp& op);
+  // A chained update dep of such an edge: its layer submitted and every expert updated.
+  Status WaitUpdate(const PlanOp& update);
   // Before an access's leases: the host waits of its fetches (and of the compute op itself).
   Status HostWaitAccess(const PlanOp& compute);
   Status CopyGradients(uint32_t micro_batch, uint32_t layer, const LayerWork& lw);

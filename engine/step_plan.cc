@@ -61,14 +61,16 @@ std::string_view PlanResourceName(PlanResource resource) {
 }
 
 // Note [Plan shapes]: the builder adds every op through Add(), which gives no-overlap and
-// naive (the chained strategies) their shape in one place: the step's device-side work runs in
-// stages (an upload; an access's stages and fetches; a forward; a backward with its gradient
-// copies, which it orders on the device), and each stage waits, on the host, for the one before it.
-// The updates are not in that chain: they overlap the rest of the step and the step's end waits for
-// them (StepPlan::step_waits_for_updates). Naive's and zero-offload's difference (every expert in
-// every access) is in Groups(); zero-offload is otherwise ecss's shape, except that its step waits
-// for its updates. Nothing else in the builder, and nothing in the executor, asks which strategy
-// runs.
+// naive (the chained strategies) their shape in one place: the step's device-side work runs
+// in stages (an upload; an access's stages and fetches; a forward; a backward with its
+// gradient copies, which it orders on the device), and each stage waits, on the host, for the
+// one before it. A layer's update that starts in the backward (immediate updates) is a stage
+// too, so nothing overlaps the optimizer: the backward of the layer below waits for it.
+// Updates that wait for the whole step (the global norm) run at its end, and the step's end
+// waits for them (StepPlan::step_waits_for_updates). Naive's and zero-offload's difference
+// (every expert in every access) is in Groups(); zero-offload is otherwise ecss's shape,
+// except that its step waits for its updates. Nothing else in the builder, and nothing in the
+// executor, asks which strategy runs.
 namespace {
 bool DeviceSide(OpKind kind) {
   return kind != OpKind::kStateRead && kind != OpKind::kUpdate && kind != OpKind::kStateWrite &&
@@ -86,8 +88,13 @@ class StepPlan::Builder {
   // the whole stage.
   uint32_t Add(PlanOp op, bool joins = false) {
     op.id = static_cast<uint32_t>(plan_.ops_.size());
-    const bool chained = StepPlan::Chained(policy_.strategy) && op.step_offset == 0 &&
-                         DeviceSide(op.kind) && op.resource != PlanResource::kNone;
+    // A layer's update that starts during the backward (immediate updates) is a stage of the
+    // chain too: the device's next op waits for it, so nothing overlaps the optimizer.
+    const bool immediate_update =
+        op.kind == OpKind::kUpdate && !policy_.deferred_updates && !policy_.delayed_update;
+    const bool chained =
+        StepPlan::Chained(policy_.strategy) && op.step_offset == 0 &&
+        ((DeviceSide(op.kind) && op.resource != PlanResource::kNone) || immediate_update);
     if (chained && !joins && !c_.chain_tail.empty()) {
       op.deps.insert(op.deps.end(), c_.chain_tail.begin(), c_.chain_tail.end());
       op.host_waits = true;

@@ -830,7 +830,8 @@ TEST(SessionTest, ImmediateUpdatesMatchTheResidentReference) {
   char dir_template[] = "/tmp/ecss_session_XXXXXX";
   ASSERT_NE(mkdtemp(dir_template), nullptr);
   for (bool nvme : {false, true}) {
-    for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
+    for (Strategy strategy :
+         {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive, Strategy::kZeroOffload}) {
       SCOPED_TRACE(::testing::Message() << StrategyName(strategy) << (nvme ? " nvme" : " host"));
       RunConfig c;
       c.dtype = DType::kBF16;

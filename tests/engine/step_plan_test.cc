@@ -117,7 +117,8 @@ TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
 
 // No-overlap: the same ops; each device-side stage waits on the host for the stage before it
 // (an access's fetches are one stage: issued together, then its compute waits for all of
-// them), and the step's end waits for the updates (which still overlap the rest of the step).
+// them), a layer's update that starts in the backward is a stage too (nothing overlaps the
+// optimizer), and the step's end waits for the updates.
 TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
   policy.deferred_updates = false;
@@ -130,8 +131,7 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
     EXPECT_EQ(ops[i].kind, ecss.ops()[i].kind);
     EXPECT_EQ(ops[i].bytes, ecss.ops()[i].bytes);
     // Gradient copies join their backward's stage (ordered on the device).
-    const bool chained = ops[i].step_offset == 0 && ops[i].kind != OpKind::kUpdate &&
-                         ops[i].kind != OpKind::kGradientCopy && i > 2;
+    const bool chained = ops[i].step_offset == 0 && ops[i].kind != OpKind::kGradientCopy && i > 2;
     EXPECT_EQ(ops[i].host_waits, chained) << i;
   }
   // Layer 0's two fetches (ops 3 and 4) both wait for the upload (op 2), not for each other;
@@ -141,14 +141,20 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   EXPECT_EQ(ops[5].deps, std::vector<uint32_t>({2, 3, 4}));
   // Layer 1's fetch (op 6) waits for that forward.
   EXPECT_EQ(ops[6].deps, std::vector<uint32_t>({1, 5}));
-  // Layer 1's backward (op 8) and its gradient copy (op 9) are one stage; layer 0's backward
-  // (op 11, all hits) waits for both, and its copy (op 12) does not wait on the host.
+  // Layer 1's backward (op 8) and its gradient copy (op 9) are one stage; layer 1's update
+  // (op 10) waits for both, and layer 0's backward (op 11, all hits) waits for the update; its
+  // copy (op 12) does not wait on the host, and layer 0's update (op 13) waits for both.
   EXPECT_EQ(ops[9].kind, OpKind::kGradientCopy);
   EXPECT_EQ(ops[9].deps, std::vector<uint32_t>({8}));
+  EXPECT_EQ(ops[10].kind, OpKind::kUpdate);
+  EXPECT_TRUE(std::count(ops[10].deps.begin(), ops[10].deps.end(), 8u) == 1 &&
+              std::count(ops[10].deps.begin(), ops[10].deps.end(), 9u) == 1);
   EXPECT_EQ(ops[11].kind, OpKind::kBackward);
   EXPECT_TRUE(ops[11].host_waits);
-  EXPECT_TRUE(std::count(ops[11].deps.begin(), ops[11].deps.end(), 8u) == 1 &&
-              std::count(ops[11].deps.begin(), ops[11].deps.end(), 9u) == 1);
+  EXPECT_EQ(std::count(ops[11].deps.begin(), ops[11].deps.end(), 10u), 1);
+  EXPECT_EQ(ops[13].kind, OpKind::kUpdate);
+  EXPECT_TRUE(std::count(ops[13].deps.begin(), ops[13].deps.end(), 11u) == 1 &&
+              std::count(ops[13].deps.begin(), ops[13].deps.end(), 12u) == 1);
   EXPECT_FALSE(serial.fetches_ahead());
   EXPECT_TRUE(serial.step_waits_for_updates());
   EXPECT_FALSE(ecss.step_waits_for_updates());
