@@ -1,6 +1,8 @@
 #include "engine/step_metrics.h"
 
 #include <algorithm>
+#include <map>
+#include <set>
 
 namespace ecss {
 
@@ -87,6 +89,57 @@ StepMetrics ComputeStepMetrics(Clock::time_point begin, Clock::time_point end,
 
   SetRatios(&metrics);
   return metrics;
+}
+
+std::vector<PathShare> CriticalPath(const StepPlan& executed, double seconds) {
+  const std::vector<PlanOp>& ops = executed.ops();
+  // Ran, and ended by `by` within the step (an update carried in from the step before may
+  // have started before it: counted from the step's start).
+  auto observed = [&](const PlanOp& op, double by) {
+    return op.end_s >= 0 && op.end_s >= op.start_s && op.end_s <= by;
+  };
+  std::map<std::string, double> on_path;
+  auto count = [&](std::string_view kind, double time) {
+    if (time > 0) on_path[std::string(kind)] += time;
+  };
+  // The last op to end within the step.
+  const PlanOp* current = nullptr;
+  for (const PlanOp& op : ops) {
+    if (observed(op, seconds) && (current == nullptr || op.end_s > current->end_s)) current = &op;
+  }
+  double t = seconds;
+  std::set<uint32_t> visited;  // ops of zero length at one time must not loop
+  while (current != nullptr && visited.insert(current->id).second) {
+    count("host", t - current->end_s);
+    t = std::max(current->start_s, 0.0);
+    count(OpKindName(current->kind), current->end_s - t);
+    const PlanOp* before = nullptr;
+    for (uint32_t dep : current->deps) {
+      const PlanOp& op = ops[dep];
+      if (observed(op, t) && !visited.count(dep) &&
+          (before == nullptr || op.end_s > before->end_s)) {
+        before = &op;
+      }
+    }
+    if (before == nullptr) {  // stream order: the same resource's op that ended last before
+      for (const PlanOp& op : ops) {
+        if (!visited.count(op.id) && op.resource == current->resource &&
+            op.resource != PlanResource::kNone && observed(op, t) &&
+            (before == nullptr || op.end_s > before->end_s)) {
+          before = &op;
+        }
+      }
+    }
+    current = before;
+  }
+  count("host", t);
+  std::vector<PathShare> path;
+  for (const auto& [kind, time] : on_path) {
+    path.push_back({kind, time, seconds > 0 ? time / seconds : 0});
+  }
+  std::sort(path.begin(), path.end(),
+            [](const PathShare& a, const PathShare& b) { return a.seconds > b.seconds; });
+  return path;
 }
 
 StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps) {

@@ -23,7 +23,7 @@
 // run's store lives in a directory of its own under --dir, removed after it. --dump-plan FILE
 // writes the plan the session executed for the first measured step, with when each op ran
 // (session.h, ExecutedPlan; written after the run's last Synchronize, so its updates have
-// ended; one strategy only).
+// ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by op kind.
 #include <algorithm>
 #include <iomanip>
 #include <limits>
@@ -162,7 +162,7 @@ SessionOptions OptionsFor(const StepConfig& c, Strategy strategy) {
   options.optimizer.threads = static_cast<int>(c.threads);
   // Updates start as each gradient arrives (no clipping or overflow check needs the step).
   options.optimizer.skip_step_on_nonfinite = false;
-  options.record_op_times = !c.dump_plan.empty();
+  options.record_op_times = true;  // the executed plan: the critical path, --dump-plan
   options.delayed_update = c.delayed;
   options.gradient_dtype = c.gradient_dtype;
   if (c.states == "nvme") {
@@ -194,6 +194,7 @@ struct StrategyRun {
   uint64_t hits = 0, misses = 0;
   double seconds = 0, stalls = 0;
   std::vector<StepMetrics> metrics;
+  std::vector<PathShare> critical_path;  // of the first measured step of the first run
 
   double tokens_per_s() const { return static_cast<double>(tokens) / seconds; }
   void Add(const StrategyRun& other) {
@@ -307,8 +308,9 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     run.misses += s.cache_misses;
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
+  ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
+  run.critical_path = CriticalPath(plan, run.metrics.front().seconds);
   if (!c.dump_plan.empty()) {
-    ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
     JsonWriter plan_json;
     plan.WriteJson(plan_json);
     ECSS_RETURN_IF_ERROR(WriteFileAtomically(c.dump_plan, plan_json.str() + "\n")
@@ -359,7 +361,13 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
       .Field("cache_slots", run.cache_slots)
       .Field("fraction_of_experts_on_device",
              static_cast<double>(run.cache_slots) / static_cast<double>(run.experts))
-      .Field("device_budget_bytes", run.device_budget);
+      .Field("device_budget_bytes", run.device_budget)
+      .Key("critical_path")
+      .BeginArray();
+  for (const PathShare& each : run.critical_path) {
+    json.BeginObject().Field("kind", each.kind).Field("share", each.share).EndObject();
+  }
+  json.EndArray();
 }
 
 void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {

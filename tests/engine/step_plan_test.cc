@@ -3,9 +3,11 @@
 #include "engine/step_plan.h"
 
 #include <algorithm>
+#include <map>
 
 #include <gtest/gtest.h>
 
+#include "engine/step_metrics.h"
 #include "runtime/base/json_writer.h"
 
 namespace ecss {
@@ -158,6 +160,46 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
   EXPECT_FALSE(serial.fetches_ahead());
   EXPECT_TRUE(serial.step_waits_for_updates());
   EXPECT_FALSE(ecss.step_waits_for_updates());
+}
+
+// The critical path walks back from the op that ended last through the dependency that ended
+// last; the gaps are the host's.
+TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
+  StepPlan plan = Build(Policy(PlanStrategy::kEcss));
+  const uint32_t forward = plan.Compute(OpKind::kForward, 0, 0)->id;
+  uint32_t fetch = 0;
+  for (uint32_t dep : plan.ops()[forward].deps) {
+    if (plan.ops()[dep].kind == OpKind::kFetch) fetch = dep;
+  }
+  ASSERT_EQ(plan.ops()[fetch].kind, OpKind::kFetch);
+  plan.mutable_ops()[fetch].start_s = 0.1;
+  plan.mutable_ops()[fetch].end_s = 0.3;
+  plan.mutable_ops()[forward].start_s = 0.5;
+  plan.mutable_ops()[forward].end_s = 0.9;
+  const std::vector<PathShare> path = CriticalPath(plan, 1.0);
+  ASSERT_EQ(path.size(), 3u);
+  std::map<std::string, double> share;
+  for (const PathShare& each : path) share[each.kind] = each.share;
+  EXPECT_NEAR(share["forward"], 0.4, 1e-12);
+  EXPECT_NEAR(share["host"], 0.4, 1e-12);  // before the fetch, between, after the forward
+  EXPECT_NEAR(share["fetch"], 0.2, 1e-12);
+  EXPECT_EQ(path.back().kind, "fetch");  // largest first
+
+  // Every op observed, one after another with gaps: the shares add up to the step.
+  StepPlan all = Build(Policy(PlanStrategy::kNoOverlap));
+  const auto n = static_cast<double>(all.ops().size());
+  for (PlanOp& op : all.mutable_ops()) {
+    op.start_s = op.id;
+    op.end_s = op.id + 0.5;
+  }
+  double total = 0;
+  for (const PathShare& each : CriticalPath(all, n)) total += each.share;
+  EXPECT_NEAR(total, 1.0, 1e-12);
+  // Nothing observed: all host.
+  const std::vector<PathShare> none = CriticalPath(Build(Policy(PlanStrategy::kEcss)), 2.0);
+  ASSERT_EQ(none.size(), 1u);
+  EXPECT_EQ(none[0].kind, "host");
+  EXPECT_DOUBLE_EQ(none[0].share, 1.0);
 }
 
 TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
