@@ -7,8 +7,7 @@
 // Copies overlap compute because the three streams are ordered by events, not by each other.
 // Every result is checked against the host, and a Chrome trace shows the overlap.
 //
-// Usage: stream_experts [--experts N] [--expert-mib N] [--device-mib N] [--steps N]
-//                       [--h2d-gbps X] [--trace FILE]
+// Options: stream_experts --help.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -26,7 +25,19 @@
 namespace ecss {
 namespace {
 
+constexpr const char* kUsage =
+    "usage: stream_experts [options]\n"
+    "  --experts N       experts in the pinned host pool (default 32)\n"
+    "  --expert-mib X    MiB of weights per expert (default 8)\n"
+    "  --device-mib X    the simulated device's memory: the ring of slots (default 64)\n"
+    "  --steps N         steps streamed (default 4)\n"
+    "  --h2d-gbps X      the host-to-device link, GB/s (default 12, PCIe-like)\n"
+    "  --trace FILE      the Chrome trace (default stream_experts.trace.json)\n"
+    "  --help            this text\n"
+    "The device is the simulated one in real mode: the demo shows its copy engines' overlap.\n";
+
 struct DemoOptions {
+  bool help = false;
   int experts = 32;
   uint64_t expert_bytes = uint64_t{8} << 20;
   uint64_t device_bytes = uint64_t{64} << 20;
@@ -39,6 +50,10 @@ StatusOr<DemoOptions> ParseOptions(int argc, char** argv) {
   DemoOptions options;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
+    if (arg == "--help" || arg == "-h") {
+      options.help = true;
+      return options;
+    }
     if (i + 1 >= argc) return InvalidArgumentError(StrCat("option ", arg, " needs a value"));
     const char* value = argv[++i];
     char* end = nullptr;
@@ -60,7 +75,7 @@ StatusOr<DemoOptions> ParseOptions(int argc, char** argv) {
     else if (arg == "--h2d-gbps")
       options.h2d_gbps = number;
     else
-      return InvalidArgumentError(StrCat("unknown option ", arg));
+      return InvalidArgumentError(StrCat("unknown option ", arg, " (see --help)"));
   }
   options.expert_bytes = options.expert_bytes / sizeof(float) * sizeof(float);
   if (options.expert_bytes == 0) return InvalidArgumentError("--expert-mib is too small");
@@ -237,6 +252,10 @@ int main(int argc, char** argv) {
   if (!options.ok()) {
     std::fprintf(stderr, "stream_experts: %s\n", options.status().ToString().c_str());
     return 2;
+  }
+  if (options->help) {
+    std::fputs(ecss::kUsage, stdout);
+    return 0;
   }
   ecss::Status status = ecss::Run(*options);
   if (!status.ok()) {
