@@ -134,6 +134,7 @@ std::vector<PathShare> CriticalPath(const StepPlan& executed, double seconds) {
   }
   count("host", t);
   std::vector<PathShare> path;
+  path.reserve(on_path.size());
   for (const auto& [kind, time] : on_path) {
     path.push_back({kind, time, seconds > 0 ? time / seconds : 0});
   }
