@@ -30,6 +30,11 @@ void PlanRecorder::SetPlan(uint64_t step, const StepPlan& plan) {
   if (Record* record = Find(step)) record->plan = plan;
 }
 
+void PlanRecorder::EndStep(uint64_t step, Clock::time_point end) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) record->end = end;
+}
+
 void PlanRecorder::Issued(uint64_t step, uint32_t op) {
   const Clock::time_point now = Clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
@@ -74,6 +79,7 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
   const auto seconds = [&](Clock::time_point t) {
     return std::max(0.0, std::chrono::duration<double>(t - record->begin).count());
   };
+  if (record->end) plan.set_seconds(seconds(*record->end));
   std::map<PlanResource, double> stream_free;  // device ops run in order per resource
   for (PlanOp& op : plan.mutable_ops()) {
     if (op.kind == OpKind::kUpdate) {  // the union of its experts' update windows

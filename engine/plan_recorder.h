@@ -11,6 +11,7 @@
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 
 #include "engine/step_plan.h"
 
@@ -27,6 +28,8 @@ class PlanRecorder {
   void BeginStep(uint64_t step, Clock::time_point begin);
   // The step's plan, once it is whole (at EndStep).
   void SetPlan(uint64_t step, const StepPlan& plan);
+  // The step ended (EndStep): its executed plan's seconds().
+  void EndStep(uint64_t step, Clock::time_point end);
   void Issued(uint64_t step, uint32_t op);
   void Ended(uint64_t step, uint32_t op);
   // The optimizer's step `updater_step` updates the gradients of `step`'s plan's update ops
@@ -47,6 +50,7 @@ class PlanRecorder {
   struct Record {
     StepPlan plan;
     Clock::time_point begin;
+    std::optional<Clock::time_point> end;
     std::map<uint32_t, Clock::time_point> issued, ended;
     // (step_offset, layer) -> when its experts' updates ran, matched to the plan's update ops
     // when it is read (the plan may not list them yet when they run: learned gates).

@@ -413,8 +413,6 @@ StatusOr<StepStats> Session::EndStep() {
   return stats;
 }
 
-// The statistics of the step that just ended: its record, and the counters since the
-// previous EndStep returned.
 // The metrics of the step [begin, end]: the device engines' intervals where the backend keeps
 // them, and the optimizer's updates that ended by now (one still running counts in the next
 // step's window).
@@ -435,6 +433,8 @@ StepMetrics Session::Impl::MetricsOf(Clock::time_point begin, Clock::time_point 
   return ComputeStepMetrics(begin, end, resources);
 }
 
+// The statistics of the step that just ended: its record, and the counters since the
+// previous EndStep returned.
 StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   StepStats stats;
   stats.step = step;

@@ -278,6 +278,7 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   in.model.d_in = options_.model.d_in();
   in.model.params = memory_.params;
   in.model.weight_bytes = static_cast<uint32_t>(elem());
+  in.model.gradient_bytes = static_cast<uint32_t>(DTypeSize(options_.gradient_dtype));
   in.model.state_arrays = 1 + static_cast<uint32_t>(StateArrays(options_.optimizer.kind));
   for (uint32_t l = 0; l < m.layers; ++l)
     in.model.experts_per_layer.push_back(table_.experts_in_layer(l));
@@ -788,6 +789,7 @@ Status StepExecutor::FinishWork(StepReport* report) {
   Status first = SubmitReady(true);
   plan_->Finish();  // learned gates: the updates that wait for the whole step
   recorder_.SetPlan(recording_, *plan_);
+  recorder_.EndStep(recording_, Clock::now());
   if (!first.ok()) {
     // The gradients not submitted are dropped with the step, and what the optimizer holds
     // back is not applied with a norm of part of the step.

@@ -91,8 +91,13 @@ StepMetrics ComputeStepMetrics(Clock::time_point begin, Clock::time_point end,
   return metrics;
 }
 
-std::vector<PathShare> CriticalPath(const StepPlan& executed, double seconds) {
+std::vector<PathShare> CriticalPath(const StepPlan& executed) {
   const std::vector<PlanOp>& ops = executed.ops();
+  double seconds = executed.seconds();
+  if (seconds < 0) {  // not ended: up to its last op
+    seconds = 0;
+    for (const PlanOp& op : ops) seconds = std::max(seconds, op.end_s);
+  }
   // Ran, and ended by `by` within the step (an update carried in from the step before may
   // have started before it: counted from the step's start).
   auto observed = [&](const PlanOp& op, double by) {

@@ -58,19 +58,20 @@ StepMetrics ComputeStepMetrics(std::chrono::steady_clock::time_point begin,
 // ratios computed from the sums by the same rules.
 StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps);
 
-// The critical path of an executed step plan (StepPlan with start_s / end_s, from
-// Session::ExecutedPlan) of `seconds`: from the op that ended last within the step, back
+// The critical path of an executed step plan (StepPlan with start_s / end_s and seconds(),
+// from Session::ExecutedPlan; a plan without seconds() ends at its last op): from the op that
+// ended last within the step, back
 // through the dependency that ended last (or, without one, the op of the same resource that
 // ended last before it started: stream order), to the step's start (an update carried in
 // from the step before counts from there). Each op on the path counts
 // its run time; the gaps between them, and before the first and after the last, are "host"
-// (the driving thread issuing, or waiting). Shares of `seconds` by op kind, largest first;
+// (the driving thread issuing, or waiting). Shares of the step by op kind, largest first;
 // they add up to 1 when the ops were observed.
 struct PathShare {
   std::string kind;  // OpKindName, or "host"
   double seconds = 0;
   double share = 0;
 };
-std::vector<PathShare> CriticalPath(const StepPlan& executed, double seconds);
+std::vector<PathShare> CriticalPath(const StepPlan& executed);
 
 }  // namespace ecss

@@ -216,7 +216,7 @@ class StepPlan::Builder {
     copy.micro_batch = static_cast<int32_t>(micro_batch);
     copy.layer = static_cast<int32_t>(layer);
     copy.experts = groups.experts;
-    copy.bytes = groups.experts.size() * model_.params * 4;
+    copy.bytes = groups.experts.size() * model_.params * model_.gradient_bytes;
     copy.deps = {static_cast<uint32_t>(c_.last_compute)};
     auto previous = c_.gradient.find(layer);
     if (previous != c_.gradient.end()) {
@@ -298,7 +298,8 @@ class StepPlan::Builder {
   uint64_t UpdateBytesPerParam() const {
     // Reads the gradient, the master and the moments; writes the master and the moments,
     // and the compute copy when it is not the master itself.
-    return 4 + 2ull * model_.state_arrays * 4 + (model_.weight_bytes == 2 ? 2 : 0);
+    return model_.gradient_bytes + 2ull * model_.state_arrays * 4 +
+           (model_.weight_bytes == 2 ? 2 : 0);
   }
 
   void AddUpdate(uint32_t layer, std::vector<uint32_t> deps) {
@@ -495,7 +496,9 @@ Status StepPlan::AppendBackward(uint32_t micro_batch, uint32_t layer) {
 void StepPlan::Finish() { Builder(*this).Finish(); }
 
 void StepPlan::WriteJson(JsonWriter& json) const {
-  json.BeginObject().Key("ops").BeginArray();
+  json.BeginObject();
+  if (seconds_ >= 0) json.Field("seconds", seconds_);
+  json.Key("ops").BeginArray();
   for (const PlanOp& op : ops_) {
     json.BeginObject();
     json.Field("id", uint64_t{op.id});

@@ -98,11 +98,12 @@ struct PlanOp {
 struct PlanModel {
   uint32_t d_model = 0;
   uint32_t d_ff = 0;
-  uint32_t d_in = 0;          // W_in's columns: d_ff, or 2 d_ff for SwiGLU
-  uint64_t params = 0;        // per expert
-  uint32_t weight_bytes = 2;  // compute weights per parameter (bf16 2, f32 4)
-  uint32_t state_arrays = 3;  // fp32 arrays an update reads and writes (master,
-                              // moments)
+  uint32_t d_in = 0;            // W_in's columns: d_ff, or 2 d_ff for SwiGLU
+  uint64_t params = 0;          // per expert
+  uint32_t weight_bytes = 2;    // compute weights per parameter (bf16 2, f32 4)
+  uint32_t gradient_bytes = 4;  // a gradient per parameter on its way to the host (f32 4, bf16 2)
+  uint32_t state_arrays = 3;    // fp32 arrays an update reads and writes (master,
+                                // moments)
   std::vector<uint32_t> experts_per_layer;
   uint32_t layers() const { return static_cast<uint32_t>(experts_per_layer.size()); }
 };
@@ -148,6 +149,10 @@ class StepPlan {
  public:
   const std::vector<PlanOp>& ops() const { return ops_; }
   std::vector<PlanOp>& mutable_ops() { return ops_; }  // the executor's record
+  // An executed plan: the step's length on its ops' clock, from its begin to its EndStep
+  // (-1: not known, the step has not ended).
+  double seconds() const { return seconds_; }
+  void set_seconds(double seconds) { seconds_ = seconds; }
   const PlanPolicy& policy() const { return policy_; }
   // Ops of one kind (and, >= 0, of one micro-batch / layer), in plan order.
   std::vector<const PlanOp*> Find(OpKind kind, int32_t micro_batch = -1, int32_t layer = -1) const;
@@ -226,6 +231,7 @@ class StepPlan {
   PlanPolicy policy_;
   uint32_t micro_batches_ = 0;
   std::vector<PlanOp> ops_;
+  double seconds_ = -1;
   Cursor cursor_;
 };
 

@@ -309,7 +309,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
-  run.critical_path = CriticalPath(plan, run.metrics.front().seconds);
+  run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
     JsonWriter plan_json;
     plan.WriteJson(plan_json);

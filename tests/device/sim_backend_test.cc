@@ -197,10 +197,10 @@ TEST(SimBackendTest, TimedModeKeepsTheModelsTimeExactly) {
   };
   std::vector<SimEngineOp> ops = sim->EngineOps();
   ASSERT_EQ(ops.size(), 6u);
-  std::map<std::string, std::vector<SimEngineOp>> by_engine;
+  std::map<DeviceEngine, std::vector<SimEngineOp>> by_engine;
   std::map<std::string, SimEngineOp> by_name;  // the ops are told apart by engine and bytes
   for (const SimEngineOp& op : ops) {
-    by_engine[std::string(op.engine)].push_back(op);
+    by_engine[op.engine].push_back(op);
     by_name[StrCat(op.name, "/", op.bytes)] = op;
   }
   const double mib = static_cast<double>(kMiB);
@@ -218,18 +218,18 @@ TEST(SimBackendTest, TimedModeKeepsTheModelsTimeExactly) {
     int64_t busy_ns = 0;
     for (size_t i = 0; i < engine_ops.size(); ++i) {
       const SimEngineOp& op = engine_ops[i];
-      EXPECT_EQ(op.end - op.start, op.modelled) << engine << " " << op.name;
+      EXPECT_EQ(op.end - op.start, op.modelled) << op.name;
       // It starts when it is ready and the engine is free, not when the host got to it.
       const Clock::time_point free = i == 0 ? op.ready : engine_ops[i - 1].end;
-      EXPECT_EQ(op.start, std::max(op.ready, free)) << engine << " " << op.name;
+      EXPECT_EQ(op.start, std::max(op.ready, free)) << op.name;
       EXPECT_GE(op.woke, op.end);
       busy_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(op.modelled).count();
     }
     const double seconds = static_cast<double>(busy_ns) * 1e-9;
-    const double measured = engine == "H2D"   ? busy.h2d_busy_seconds
-                            : engine == "D2H" ? busy.d2h_busy_seconds
-                                              : busy.compute_busy_seconds;
-    EXPECT_EQ(measured, seconds) << engine;
+    const double measured = engine == DeviceEngine::kH2D   ? busy.h2d_busy_seconds
+                            : engine == DeviceEngine::kD2H ? busy.d2h_busy_seconds
+                                                           : busy.compute_busy_seconds;
+    EXPECT_EQ(measured, seconds) << static_cast<int>(engine);
   }
   // Stream order and the event, in modelled time.
   EXPECT_GE(by_name.at("a.ffn/-1").ready, by_name.at(StrCat("h2d/", 8 * mib)).end);

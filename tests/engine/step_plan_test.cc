@@ -176,7 +176,8 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
   plan.mutable_ops()[fetch].end_s = 0.3;
   plan.mutable_ops()[forward].start_s = 0.5;
   plan.mutable_ops()[forward].end_s = 0.9;
-  const std::vector<PathShare> path = CriticalPath(plan, 1.0);
+  plan.set_seconds(1.0);
+  const std::vector<PathShare> path = CriticalPath(plan);
   ASSERT_EQ(path.size(), 3u);
   std::map<std::string, double> share;
   for (const PathShare& each : path) share[each.kind] = each.share;
@@ -192,11 +193,14 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
     op.start_s = op.id;
     op.end_s = op.id + 0.5;
   }
+  all.set_seconds(n);
   double total = 0;
-  for (const PathShare& each : CriticalPath(all, n)) total += each.share;
+  for (const PathShare& each : CriticalPath(all)) total += each.share;
   EXPECT_NEAR(total, 1.0, 1e-12);
   // Nothing observed: all host.
-  const std::vector<PathShare> none = CriticalPath(Build(Policy(PlanStrategy::kEcss)), 2.0);
+  StepPlan unobserved = Build(Policy(PlanStrategy::kEcss));
+  unobserved.set_seconds(2.0);
+  const std::vector<PathShare> none = CriticalPath(unobserved);
   ASSERT_EQ(none.size(), 1u);
   EXPECT_EQ(none[0].kind, "host");
   EXPECT_DOUBLE_EQ(none[0].share, 1.0);
@@ -217,6 +221,24 @@ TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
   EXPECT_EQ(tight.Count(OpKind::kFetch), 12u);
   EXPECT_EQ(tight.Count(OpKind::kEvict), 8u);
   EXPECT_EQ(tight.Bytes(OpKind::kFetch), 12u * 200);
+}
+
+// bf16 gradients: the copies to the host and the updates' gradient reads are half as many
+// bytes.
+TEST(StepPlanTest, Bf16GradientsHalveTheGradientBytes) {
+  StepPlanInputs in;
+  in.model = Model();
+  in.policy = Policy(PlanStrategy::kEcss);
+  in.micro_batches = {Batch()};
+  const StatusOr<StepPlan> f32 = BuildStepPlan(in);
+  in.model.gradient_bytes = 2;
+  const StatusOr<StepPlan> bf16 = BuildStepPlan(in);
+  ASSERT_TRUE(f32.ok() && bf16.ok());
+  EXPECT_EQ(bf16->Bytes(OpKind::kGradientCopy) * 2, f32->Bytes(OpKind::kGradientCopy));
+  EXPECT_GT(bf16->Bytes(OpKind::kGradientCopy), 0u);
+  // Per parameter: the gradient read, master and moments read and written, the bf16 copy.
+  EXPECT_EQ(f32->Bytes(OpKind::kUpdate) - bf16->Bytes(OpKind::kUpdate),
+            f32->Bytes(OpKind::kUpdate) / (4 + 2 * 3 * 4 + 2) * 2);
 }
 
 // Zero-offload: naive's accesses and updates, with ecss's edges: no stage waits on the host

@@ -59,7 +59,7 @@ TEST(KernelRunnerTimedTest, TimedModeChargesTheCostModelAndSkipsTheNumbers) {
       std::chrono::duration_cast<SimBackend::Clock::duration>(std::chrono::duration<double>(want));
   std::vector<SimEngineOp> ops = (*sim)->EngineOps();
   ASSERT_EQ(ops.size(), 1u);
-  EXPECT_EQ(ops[0].engine, "compute");
+  EXPECT_EQ(ops[0].engine, DeviceEngine::kCompute);
   EXPECT_EQ(ops[0].end - ops[0].start, modelled);
   EXPECT_EQ((*sim)->busy_times().compute_busy_seconds,
             static_cast<double>(std::chrono::nanoseconds(modelled).count()) * 1e-9);

@@ -35,9 +35,10 @@ struct SimBackend::OpLog {
 // A resource that serialises the work given to it (a copy engine, the compute units) and
 // accounts its busy time (see "Time" in the header).
 struct SimBackend::Engine {
-  Engine(std::string engine_name, double gbps, double latency_us, TraceRecorder* recorder,
-         OpLog* op_log)
-      : name(std::move(engine_name)),
+  Engine(DeviceEngine engine_kind, std::string engine_name, double gbps, double latency_us,
+         TraceRecorder* recorder, OpLog* op_log)
+      : kind(engine_kind),
+        name(std::move(engine_name)),
         bytes_per_second(gbps * 1e9),
         latency_seconds(latency_us * 1e-6),
         trace(recorder),
@@ -79,7 +80,7 @@ struct SimBackend::Engine {
       if (bytes >= 0) args.emplace_back("bytes", bytes);
       trace->Complete(lane, op, name, start, *end, std::move(args));
     }
-    log->Add({name, std::string(op), bytes, ready, start, *end, modelled, woke});
+    log->Add({kind, std::string(op), bytes, ready, start, *end, modelled, woke});
     return status;
   }
 
@@ -90,6 +91,7 @@ struct SimBackend::Engine {
         latency_seconds + static_cast<double>(bytes) / bytes_per_second));
   }
 
+  const DeviceEngine kind;
   const std::string name;
   const double bytes_per_second;  // 0: unthrottled
   const double latency_seconds;
@@ -314,11 +316,12 @@ SimBackend::SimBackend(const SimOptions& options, std::unique_ptr<ArenaAllocator
       options_(options),
       memory_(std::move(memory)),
       ops_(std::make_unique<OpLog>()),
-      h2d_(std::make_unique<Engine>("H2D", options.h2d_bandwidth_gbps, options.copy_latency_us,
-                                    options.trace, ops_.get())),
-      d2h_(std::make_unique<Engine>("D2H", options.d2h_bandwidth_gbps, options.copy_latency_us,
-                                    options.trace, ops_.get())),
-      compute_(std::make_unique<Engine>("compute", 0, 0, options.trace, ops_.get())) {}
+      h2d_(std::make_unique<Engine>(DeviceEngine::kH2D, "H2D", options.h2d_bandwidth_gbps,
+                                    options.copy_latency_us, options.trace, ops_.get())),
+      d2h_(std::make_unique<Engine>(DeviceEngine::kD2H, "D2H", options.d2h_bandwidth_gbps,
+                                    options.copy_latency_us, options.trace, ops_.get())),
+      compute_(std::make_unique<Engine>(DeviceEngine::kCompute, "compute", 0, 0, options.trace,
+                                        ops_.get())) {}
 
 SimBackend::~SimBackend() { ShutdownHandles(); }
 
@@ -335,10 +338,7 @@ std::vector<EngineInterval> SimBackend::DoEngineIntervals(Clock::time_point sinc
   for (auto op = ops_->ops.rbegin();
        op != ops_->ops.rend() && op->end + std::chrono::seconds(1) > since; ++op) {
     if (op->end <= since) continue;
-    const DeviceEngine engine = op->engine == h2d_->name   ? DeviceEngine::kH2D
-                                : op->engine == d2h_->name ? DeviceEngine::kD2H
-                                                           : DeviceEngine::kCompute;
-    intervals.push_back({engine, op->start, op->end});
+    intervals.push_back({op->engine, op->start, op->end});
   }
   return intervals;
 }

@@ -47,7 +47,7 @@ struct SimOptions {
 // One op a simulated engine ran (see "Time" above). Times are on std::chrono::steady_clock.
 struct SimEngineOp {
   using Clock = std::chrono::steady_clock;
-  std::string_view engine;  // "H2D", "D2H" or "compute"
+  DeviceEngine engine = DeviceEngine::kCompute;
   std::string name;
   double bytes = -1;        // a copy's bytes; -1 for a kernel
   Clock::time_point ready;  // enqueued, its stream's previous op ended, its events recorded
