@@ -205,13 +205,23 @@ TEST_F(StagedPrefetcherTest, ReadsAheadFromNvmeWithinThePinnedBudget) {
   const std::vector<ExpertId> sequence = Keys({0, 1, 2, 3, 4, 5, 6, 7, 0, 5});
   prefetcher_->BeginStep(sequence);
   ASSERT_TRUE(prefetcher_->Advance().ok());
-  EXPECT_EQ(prefetcher_->held(), 0u) << "nothing is leased before its weights are staged";
-  EXPECT_TRUE(stager_->Started({0, 0}) && stager_->Started({0, 1}));
-  EXPECT_FALSE(stager_->Started({0, 2})) << "two blocks: the window stops at the pinned budget";
+  // A read can finish inside the Advance that started it, and is then leased at once (CI
+  // saw it under tsan), so these hold whatever the reads' timing.
+  EXPECT_LE(prefetcher_->held() * kExpertBytes, stager_->bytes_read())
+      << "nothing is leased before its weights are staged";
+  for (const ExpertId key : Keys({0, 1})) {
+    EXPECT_TRUE(stager_->Started(key) || cache_->residency(key) != Residency::kAbsent)
+        << "expert " << key.expert << " is neither being staged nor leased";
+  }
+  uint32_t staging = 0;
+  for (const ExpertId key : Keys({0, 1, 2, 3, 4, 5, 6, 7})) staging += stager_->Started(key);
+  EXPECT_LE(staging, kBlocks) << "two blocks: the window stops at the pinned budget";
   WaitStaged({0, 0});
   WaitStaged({0, 1});
   ASSERT_TRUE(prefetcher_->Advance().ok());
-  EXPECT_EQ(prefetcher_->held(), 2u);
+  EXPECT_GE(prefetcher_->held(), 2u);
+  EXPECT_NE(cache_->residency({0, 0}), Residency::kAbsent);
+  EXPECT_NE(cache_->residency({0, 1}), Residency::kAbsent);
   for (uint64_t p = 0; p < sequence.size(); ++p) {
     auto leases = prefetcher_->Take(p, 1);
     ASSERT_TRUE(leases.ok()) << leases.status();
