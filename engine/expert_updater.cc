@@ -58,15 +58,8 @@ Status HostUpdater::Wait(uint32_t id) {
   return waited;
 }
 
-Status HostUpdater::WaitForStep(uint64_t step) {
-  for (uint32_t id = 0; id < entries_.size(); ++id) {
-    const Entry& entry = entries_[id];
-    if (entry.submitted_step > 0 && entry.submitted_step <= step) {
-      ECSS_RETURN_IF_ERROR(Wait(id));
-    }
-  }
-  return Status::Ok();
-}
+// A failed update has passed its fence too; its error reaches the session through TakeError.
+Status HostUpdater::WaitForStep(uint64_t step) { return optimizer_->WaitForSteps(step); }
 
 Status HostUpdater::Synchronize() { return optimizer_->Synchronize(); }
 double HostUpdater::busy_seconds() const { return optimizer_->busy_seconds(); }
@@ -117,6 +110,7 @@ struct NvmeUpdater::Impl {
     return options.optimizer.max_grad_norm > 0 || options.optimizer.skip_step_on_nonfinite;
   }
   std::deque<Job> jobs;                  // GUARDED_BY(mutex)
+  size_t expedited = 0;                  // GUARDED_BY(mutex): jobs at the front Expedite made
   bool running = false;                  // GUARDED_BY(mutex): a job is being processed
   uint64_t running_step = 0;             // GUARDED_BY(mutex): that job's step
   bool stop = false;                     // GUARDED_BY(mutex)
@@ -148,10 +142,16 @@ struct NvmeUpdater::Impl {
       if (jobs.empty()) return;
       Job job = std::move(jobs.front());
       jobs.pop_front();
+      if (expedited > 0) --expedited;
       running = true;
       running_step = job.step;
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
+      if (options.optimizer.on_update_start) {
+        for (const StreamedGradient& g : job.work) {
+          options.optimizer.on_update_start(g.expert, job.step, start);
+        }
+      }
       TraceRecorder* trace = options.optimizer.trace;
       TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0, "load-update-store", "nvme",
                        {{"experts", static_cast<double>(job.work.size())}});
@@ -404,12 +404,50 @@ Status NvmeUpdater::WaitForStep(uint64_t step) {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(Flush());
   std::unique_lock<std::mutex> lock(s.mutex);
-  // Jobs run in submission order, so step's are done once neither the running job nor the
-  // next queued one belongs to it or an earlier step.
+  // Expedited jobs run ahead of earlier ones: every queued job is looked at.
   s.cv.wait(lock, [&] {
-    return (!s.running || s.running_step > step) && (s.jobs.empty() || s.jobs.front().step > step);
+    return (!s.running || s.running_step > step) &&
+           std::none_of(s.jobs.begin(), s.jobs.end(),
+                        [step](const Impl::Job& job) { return job.step <= step; });
   });
   return Status::Ok();
+}
+
+// The experts of `ids` leave their queued jobs (a layer's batch each) for new jobs behind the
+// ones expedited before, in the order given: consecutive ids from one job share a new job, so
+// the pipeline still streams them as a batch.
+uint32_t NvmeUpdater::Expedite(const std::vector<uint32_t>& ids) {
+  Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.mutex);
+  std::vector<Impl::Job> urgent;
+  size_t last_source = s.jobs.size();
+  uint32_t moved = 0;
+  for (const uint32_t id : ids) {
+    for (size_t j = s.expedited; j < s.jobs.size(); ++j) {
+      std::vector<StreamedGradient>& work = s.jobs[j].work;
+      auto it = std::find_if(work.begin(), work.end(),
+                             [id](const StreamedGradient& g) { return g.expert == id; });
+      if (it == work.end()) continue;
+      if (urgent.empty() || j != last_source) {
+        const Impl::Job& source = s.jobs[j];
+        urgent.push_back(
+            {{}, source.loss_scale, source.step, source.clip_coefficient, source.params});
+        last_source = j;
+      }
+      urgent.back().work.push_back(*it);
+      work.erase(it);
+      ++moved;
+      break;
+    }
+  }
+  if (moved == 0) return 0;
+  s.jobs.erase(std::remove_if(s.jobs.begin() + static_cast<std::ptrdiff_t>(s.expedited),
+                              s.jobs.end(), [](const Impl::Job& job) { return job.work.empty(); }),
+               s.jobs.end());
+  s.jobs.insert(s.jobs.begin() + static_cast<std::ptrdiff_t>(s.expedited),
+                std::make_move_iterator(urgent.begin()), std::make_move_iterator(urgent.end()));
+  s.expedited += urgent.size();
+  return moved;
 }
 
 bool NvmeUpdater::Pending(uint32_t id) const {

@@ -1,9 +1,10 @@
 // ExpertUpdater: how the session updates experts whose gradients are complete, wherever their
 // master weights and moments live (internal to engine).
-//  - HostUpdater: states in host memory, CpuOptimizer (per-expert tasks in its TBB arena).
+//  - HostUpdater: states in host memory, CpuOptimizer (per-expert updates from its run queue,
+//    in its TBB arena).
 //  - NvmeUpdater: states on NVMe, in the session's ExpertStore (offload/expert_store.h), streamed
 //    load -> update -> store through pinned staging (optimizer/state_pipeline.h) by a worker
-//    thread, one batch per sparse layer.
+//    thread, one batch per sparse layer (Expedite moves experts into batches of their own).
 // Both write each updated expert's bf16 compute copy into the pinned weights the device cache
 // fetches from, and give the per-expert fence (Pending/Wait) the next step's fetch waits on.
 // Both mean the same by the optimizer's options: with clipping or skip_step_on_nonfinite the
@@ -45,6 +46,10 @@ class ExpertUpdater {
   // True while the expert's latest submitted update has not finished.
   virtual bool Pending(uint32_t id) const = 0;
   virtual Status Wait(uint32_t id) = 0;
+  // Moves the submitted, not yet started updates of `ids` ahead of the others, in that order
+  // (CpuOptimizer::Expedite): the next step's fetches wait on them first. Returns how many
+  // moved. Never changes a result, only when an update runs.
+  virtual uint32_t Expedite(const std::vector<uint32_t>& ids) = 0;
   // Blocks until every update submitted in steps <= `step` has finished (backpressure: the
   // session lets one step's updates overlap the next step, never more).
   virtual Status WaitForStep(uint64_t step) = 0;
@@ -74,6 +79,7 @@ class HostUpdater final : public ExpertUpdater {
   Status AbortStep() override { return optimizer_->AbortStep(); }
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
+  uint32_t Expedite(const std::vector<uint32_t>& ids) override { return optimizer_->Expedite(ids); }
   Status WaitForStep(uint64_t step) override;
   Status TakeError() override { return optimizer_->TakeError(); }
   Status Synchronize() override;
@@ -148,6 +154,7 @@ class NvmeUpdater final : public ExpertUpdater {
   Status AbortStep() override;
   bool Pending(uint32_t id) const override;
   Status Wait(uint32_t id) override;
+  uint32_t Expedite(const std::vector<uint32_t>& ids) override;
   Status WaitForStep(uint64_t step) override;
   Status TakeError() override;
   // Also makes the store durable (ExpertStore::Flush).

@@ -80,8 +80,7 @@ struct Session::Impl {
   // the executed plans, and when each expert update ran (the optimizer's busy time, for
   // StepStats::metrics; taken by each step's statistics).
   PlanRecorder recorder;
-  std::mutex updates_mutex;
-  std::vector<BusyInterval> update_intervals;  // GUARDED_BY(updates_mutex)
+  UpdateIntervals update_intervals;
   std::unique_ptr<ExpertTable> table;
   std::unique_ptr<StepExecutor> executor;  // uses the table: declared after it
 
@@ -139,14 +138,17 @@ Status Session::Impl::CreateAll() {
   options.optimizer.on_update = [this, user = options.optimizer.on_update](
                                     uint32_t id, uint64_t updater_step, Clock::time_point start,
                                     Clock::time_point end) {
-    {
-      std::lock_guard<std::mutex> lock(updates_mutex);
-      update_intervals.push_back({start, end});
-    }
+    update_intervals.Ended(id, start, end);
     if (options.record_op_times) {
       recorder.UpdateRan(updater_step, table->index().Id(id).layer, start, end);
     }
     if (user) user(id, updater_step, start, end);
+  };
+  options.optimizer.on_update_start = [this, user = options.optimizer.on_update_start](
+                                          uint32_t id, uint64_t updater_step,
+                                          Clock::time_point start) {
+    update_intervals.Started(id, start);
+    if (user) user(id, updater_step, start);
   };
   ECSS_RETURN_IF_ERROR(CreateRouter());
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<KernelRunner> kernels,
@@ -414,8 +416,7 @@ StatusOr<StepStats> Session::EndStep() {
 }
 
 // The metrics of the step [begin, end]: the device engines' intervals where the backend keeps
-// them, and the optimizer's updates that ended by now (one still running counts in the next
-// step's window).
+// them, and the optimizer's updates in the window (UpdateIntervals).
 StepMetrics Session::Impl::MetricsOf(Clock::time_point begin, Clock::time_point end) {
   std::vector<ResourceBusy> resources;
   if (backend.busy_times().measured) {
@@ -424,12 +425,7 @@ StepMetrics Session::Impl::MetricsOf(Clock::time_point begin, Clock::time_point 
       resources[static_cast<size_t>(each.engine)].intervals.push_back({each.start, each.end});
     }
   }
-  ResourceBusy optimizer{"optimizer", {}};
-  {
-    std::lock_guard<std::mutex> lock(updates_mutex);
-    optimizer.intervals.swap(update_intervals);
-  }
-  resources.push_back(std::move(optimizer));
+  resources.push_back({"optimizer", update_intervals.Take(end)});
   return ComputeStepMetrics(begin, end, resources);
 }
 

@@ -188,8 +188,29 @@ Status StepExecutor::Begin(const std::vector<MicroBatch>& batches, float loss_sc
     prefetcher_->BeginReactiveStep();
     return Status::Ok();
   }
+  Expedite();
   prefetcher_->BeginStep(sequence_);
   return Prefetch();
+}
+
+// Note [Updates in fetch order]: the updates of step t-1 still queued when step t begins run
+// in the order step t first fetches their experts (forward: layer 0 first), ahead of the
+// others. As submitted they run in backward order (layer L-1 first; deferred updates: in
+// expert order from FinishStep), so a fetch of layer 0 that needs its expert's update waited
+// for nearly all of them, the prefetcher stops at the first fetch that waits, and the
+// optimizer ran dry during step t's device work. Routing is known before the step, so the
+// order is too.
+void StepExecutor::Expedite() {
+  std::vector<uint32_t> ids;
+  ids.reserve(sequence_.size());
+  std::vector<bool> named(table_.index().size(), false);
+  for (const ExpertId key : sequence_) {
+    const uint32_t id = table_.at(key).id;
+    if (named[id]) continue;  // its first use counts
+    named[id] = true;
+    ids.push_back(id);
+  }
+  updater().Expedite(ids);
 }
 
 // The optimizer's side of a step's beginning. An evaluation leaves the updater's steps alone

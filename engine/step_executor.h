@@ -147,6 +147,7 @@ class StepExecutor {
 
   // Begin's parts: the routing and plan; the optimizer's side.
   Status BuildStep(const std::vector<MicroBatch>& batches);
+  void Expedite();  // Note [Updates in fetch order]
   Status StartUpdates(float loss_scale);
   StatusOr<StepPlan> BuildPlan() const;
   void IndexFetches();

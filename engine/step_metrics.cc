@@ -164,4 +164,23 @@ StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps) {
   return total;
 }
 
+void UpdateIntervals::Started(uint32_t expert, Clock::time_point start) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  running_[expert] = start;
+}
+
+void UpdateIntervals::Ended(uint32_t expert, Clock::time_point start, Clock::time_point end) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  running_.erase(expert);
+  ended_.push_back({start, end});
+}
+
+std::vector<BusyInterval> UpdateIntervals::Take(Clock::time_point now) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<BusyInterval> taken;
+  taken.swap(ended_);
+  for (const auto& [expert, since] : running_) taken.push_back({since, std::max(since, now)});
+  return taken;
+}
+
 }  // namespace ecss

@@ -14,10 +14,12 @@
 //                      was busy (host work between them). Absent when B_sum - B_max is under
 //                      5% of T: with so little besides the bottleneck, overlap cannot matter.
 // A run without overlap scores bound_ratio >= B_sum / B_max and overlap_fraction <= 0, however
-// busy its bottleneck is.
+// busy its bottleneck is. UpdateIntervals collects the optimizer's intervals step by step.
 #pragma once
 
 #include <chrono>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -73,5 +75,23 @@ struct PathShare {
   double share = 0;
 };
 std::vector<PathShare> CriticalPath(const StepPlan& executed);
+
+// The optimizer's busy intervals as consecutive step windows need them: Take(now) gives the
+// updates that ended since the last Take and those still running, up to `now` (the next
+// window clips the rest of a running one to its start, so an update that crosses EndStep
+// counts in both steps, each for its own part). One update per expert at a time, as the
+// updaters run them. Thread-safe: optimizer threads report, the driving thread takes.
+class UpdateIntervals {
+ public:
+  using Clock = std::chrono::steady_clock;
+  void Started(uint32_t expert, Clock::time_point start);
+  void Ended(uint32_t expert, Clock::time_point start, Clock::time_point end);
+  std::vector<BusyInterval> Take(Clock::time_point now);
+
+ private:
+  std::mutex mutex_;
+  std::vector<BusyInterval> ended_;                // GUARDED_BY(mutex_)
+  std::map<uint32_t, Clock::time_point> running_;  // GUARDED_BY(mutex_): expert -> start
+};
 
 }  // namespace ecss

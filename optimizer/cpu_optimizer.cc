@@ -9,6 +9,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 
 #include "optimizer/parallel_update.h"
@@ -25,6 +26,7 @@ struct ExpertState {
   uint64_t processed_step = 0;  // GUARDED_BY(Impl::mutex)
   uint64_t error_step = 0;      // GUARDED_BY(Impl::mutex)
   Status error;                 // GUARDED_BY(Impl::mutex): of error_step
+  int waiters = 0;              // GUARDED_BY(Impl::mutex): threads waiting for its update
 };
 
 struct Pending {
@@ -39,11 +41,12 @@ struct Pending {
 }  // namespace
 
 struct CpuOptimizer::Impl {
-  // No slot is reserved for the driving thread: it hands work over and leaves, so updates run
-  // on the arena's own workers (with one reserved slot, a one-thread arena would run nothing
-  // until someone waited in it).
+  // `threads` worker slots, and one reserved for the driving thread: it enters to hand an
+  // update over and leaves at once. Without its own slot it could not enter while the
+  // workers held every slot, and task_arena::execute then blocks until a task finishes (up
+  // to an update per submission, in the middle of the backward).
   Impl(const CpuOptimizerOptions& o, SimdIsa simd)
-      : options(o), isa(simd), arena(o.threads, /*reserved_for_masters=*/0) {}
+      : options(o), isa(simd), arena(o.threads + 1, /*reserved_for_masters=*/1) {}
 
   bool deferred() const { return options.max_grad_norm > 0 || options.skip_step_on_nonfinite; }
 
@@ -52,6 +55,7 @@ struct CpuOptimizer::Impl {
                  bool check_finite) {
     BusyScope busy(*this);
     const auto start = std::chrono::steady_clock::now();
+    if (options.on_update_start) options.on_update_start(e, step, start);
     // Reported before Finish releases the fence, so whoever waited for it sees its times.
     auto observe = [&] {
       if (options.on_update) options.on_update(e, step, start, std::chrono::steady_clock::now());
@@ -113,25 +117,74 @@ struct CpuOptimizer::Impl {
     Impl& impl;
   };
 
+  // Wakes waiters only when this expert's update or the last of its step's finished: a
+  // wake-up is a cross-core interrupt, costly in a VM (tens of microseconds of the optimizer
+  // thread per update when every update woke the driving thread, waiting for another one).
   void Finish(uint32_t e, uint64_t step, bool updated, Status error) {
-    std::lock_guard<std::mutex> lock(mutex);
-    ExpertState& expert = experts[e];
-    if (updated) ++expert.version;
-    expert.processed_step = step;
-    if (!error.ok()) {
-      expert.error_step = step;
-      if (first_error.ok()) first_error = error;
-      expert.error = std::move(error);
+    bool wake = false;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      ExpertState& expert = experts[e];
+      if (updated) ++expert.version;
+      expert.processed_step = step;
+      if (!error.ok()) {
+        expert.error_step = step;
+        if (first_error.ok()) first_error = error;
+        expert.error = std::move(error);
+      }
+      wake = expert.waiters > 0;
+      auto left = outstanding.find(step);
+      if (left != outstanding.end() && --left->second == 0) {
+        outstanding.erase(left);
+        wake = wake || step_waiters > 0;
+      }
     }
-    cv.notify_all();
+    if (wake) cv.notify_all();
+  }
+  // Waits (lock held) until `done`, counted as a waiter of `expert` so that its Finish wakes.
+  template <typename Done>
+  void WaitFor(std::unique_lock<std::mutex>& lock, ExpertState& expert, Done done) {
+    ++expert.waiters;
+    cv.wait(lock, done);
+    --expert.waiters;
   }
 
+  // Note [The optimizer's run queue]: a launched update waits in `queued` (expedited ones
+  // first, each part in launch order) and each task the arena runs takes the queue's head,
+  // so updates start in an order this class chooses, not TBB's (its LIFO spawning ran a
+  // step's last submissions first), and Expedite can still move one that has not started.
+  // One task per launched update, taking one: every update runs exactly once, and a thread
+  // that picks a task up while it waits (outside the isolated parallel loops) runs one.
+  struct Queued {
+    uint32_t expert;
+    Pending work;
+    uint64_t step;
+    float clip_coefficient;
+    bool check_finite;
+  };
   void Launch(uint32_t e, Pending work, uint64_t step, float clip_coefficient, bool check_finite) {
-    arena.execute([&] {
-      tasks.run([this, e, work, step, clip_coefficient, check_finite] {
-        RunUpdate(e, work, step, clip_coefficient, check_finite);
-      });
-    });
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      queued.push_back({e, work, step, clip_coefficient, check_finite});
+    }
+    arena.execute([&] { tasks.run([this] { RunNext(); }); });
+  }
+  void RunNext() {
+    std::unique_lock<std::mutex> lock(mutex);
+    std::deque<Queued>& from = expedited.empty() ? queued : expedited;
+    const Queued next = from.front();
+    from.pop_front();
+    lock.unlock();
+    RunUpdate(next.expert, next.work, next.step, next.clip_coefficient, next.check_finite);
+  }
+  // Moves the expert's queued update behind the ones expedited before it. Lock held.
+  bool ExpediteLocked(uint32_t e) {
+    auto it =
+        std::find_if(queued.begin(), queued.end(), [e](const Queued& q) { return q.expert == e; });
+    if (it == queued.end()) return false;
+    expedited.push_back(*it);
+    queued.erase(it);
+    return true;
   }
 
   std::mutex busy_mutex;
@@ -151,7 +204,13 @@ struct CpuOptimizer::Impl {
   float grad_scale = 1;             // of the current step; each pending update keeps its own
   std::vector<HyperParams> step_groups;  // the groups' hyper-parameters as the step began
   std::vector<Pending> pending;          // deferred mode: this step's submissions
-  Status first_error;                    // GUARDED_BY(mutex)
+  // Submitted updates not finished, by step (an entry leaves at 0), and the threads waiting
+  // for steps in WaitForSteps.
+  std::map<uint64_t, uint32_t> outstanding;  // GUARDED_BY(mutex)
+  int step_waiters = 0;                      // GUARDED_BY(mutex)
+  std::deque<Queued> expedited;              // GUARDED_BY(mutex): launched, not started, urgent
+  std::deque<Queued> queued;                 // GUARDED_BY(mutex): launched, not started
+  Status first_error;                        // GUARDED_BY(mutex)
 };
 
 StatusOr<std::unique_ptr<CpuOptimizer>> CpuOptimizer::Create(const CpuOptimizerOptions& options) {
@@ -255,8 +314,9 @@ Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dty
           StrCat("expert ", expert, " was already submitted in step ", step));
     }
     // One update per expert at a time: wait for the previous one.
-    impl_->cv.wait(lock, [&] { return state.processed_step >= state.submitted_step; });
+    impl_->WaitFor(lock, state, [&] { return state.processed_step >= state.submitted_step; });
     state.submitted_step = step;
+    ++impl_->outstanding[step];
   }
   Pending work{expert,
                grad,
@@ -307,11 +367,14 @@ StatusOr<StepReport> CpuOptimizer::FinishStep() {
   std::sort(pending.begin(), pending.end(),
             [](const Pending& a, const Pending& b) { return a.expert < b.expert; });
   impl_->arena.execute([&] {
-    tbb::parallel_for(size_t{0}, pending.size(), [&](size_t i) {
-      Pending& p = pending[i];
-      if (!p.sum_of_squares)
-        p.sum_of_squares = optimizer_internal::ParallelSumOfSquares(
-            impl_->isa, p.grad, p.dtype, impl_->experts[p.expert].arrays.size);
+    // Isolated: the driving thread runs no queued update of the previous step meanwhile.
+    tbb::this_task_arena::isolate([&] {
+      tbb::parallel_for(size_t{0}, pending.size(), [&](size_t i) {
+        Pending& p = pending[i];
+        if (!p.sum_of_squares)
+          p.sum_of_squares = optimizer_internal::ParallelSumOfSquares(
+              impl_->isa, p.grad, p.dtype, impl_->experts[p.expert].arrays.size);
+      });
     });
   });
   std::vector<double> sums;
@@ -354,8 +417,28 @@ Status CpuOptimizer::WaitForExpert(uint32_t expert, uint64_t step) {
     return FailedPreconditionError(StrCat("expert ", expert, " step ", step,
                                           " cannot finish before FinishStep (deferred updates)"));
   }
-  impl_->cv.wait(lock, [&] { return state.processed_step >= step; });
+  impl_->WaitFor(lock, state, [&] { return state.processed_step >= step; });
   return state.error_step == step ? state.error : Status::Ok();
+}
+
+uint32_t CpuOptimizer::Expedite(const std::vector<uint32_t>& experts) {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  uint32_t moved = 0;
+  for (uint32_t e : experts) moved += impl_->ExpediteLocked(e);
+  return moved;
+}
+
+Status CpuOptimizer::WaitForSteps(uint64_t step) {
+  std::unique_lock<std::mutex> lock(impl_->mutex);
+  if (impl_->in_step && step >= impl_->current_step && impl_->deferred()) {
+    return FailedPreconditionError(StrCat("step ", impl_->current_step,
+                                          " cannot finish before FinishStep (deferred updates)"));
+  }
+  ++impl_->step_waiters;
+  impl_->cv.wait(
+      lock, [&] { return impl_->outstanding.empty() || impl_->outstanding.begin()->first > step; });
+  --impl_->step_waiters;
+  return Status::Ok();
 }
 
 Status CpuOptimizer::Synchronize() {

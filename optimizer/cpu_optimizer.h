@@ -18,7 +18,8 @@
 //
 // Determinism: updates are element-wise and the gradient norm is summed in fixed blocks and a
 // fixed order, so results are bit-identical for any thread count, chunk size and SIMD path.
-// Thread-safe: the protocol calls come from one driving thread; WaitForExpert from any.
+// Thread-safe: the protocol calls (and Expedite) come from one driving thread; WaitForExpert
+// and WaitForSteps from any.
 #pragma once
 
 #include <chrono>
@@ -39,6 +40,9 @@ using UpdateObserver =
     std::function<void(uint32_t expert, uint64_t step, std::chrono::steady_clock::time_point start,
                        std::chrono::steady_clock::time_point end)>;
 
+using UpdateStartObserver = std::function<void(uint32_t expert, uint64_t step,
+                                               std::chrono::steady_clock::time_point start)>;
+
 struct CpuOptimizerOptions {
   OptimizerKind kind = OptimizerKind::kAdamW;
   std::vector<HyperParams> groups = {HyperParams{}};  // parameter groups, by index
@@ -54,6 +58,9 @@ struct CpuOptimizerOptions {
   // Optional: called on the optimizer thread once an expert's update of `step` ran (or was
   // found non-finite), with when it started and ended. Must be cheap and thread-safe.
   UpdateObserver on_update;
+  // Optional: called on the optimizer thread as an expert's update of `step` starts (before
+  // on_update), so that an observer can count an update still running. Same rules.
+  UpdateStartObserver on_update_start;
 };
 
 // One expert's arrays, owned by the caller (host or pinned tier) and valid while registered.
@@ -119,6 +126,17 @@ class CpuOptimizer {
   // Blocks until the expert's update for `step` finished or was skipped (immediately if the
   // expert was not submitted in that step). Returns that update's error, if any.
   Status WaitForExpert(uint32_t expert, uint64_t step);
+  // Blocks until every update submitted in steps <= `step` finished or was skipped; their
+  // errors are TakeError's. One wake-up, not one per expert (each costs the optimizer
+  // thread a cross-core interrupt). FailedPrecondition for the current step before
+  // FinishStep in deferred mode.
+  Status WaitForSteps(uint64_t step);
+  // Updates start in the order they were launched (submitted; deferred: FinishStep's expert
+  // order). Expedite moves the launched, not yet started updates of `experts` ahead of every
+  // other, in the order given and behind those expedited before: the engine names the experts
+  // the next step fetches first. Returns how many moved (others already ran, are running, or
+  // were not launched). Results do not depend on the order: each update is its expert's own.
+  uint32_t Expedite(const std::vector<uint32_t>& experts);
   // Waits for every update submitted so far; returns TakeError().
   Status Synchronize();
   // The first update error not reported yet (a non-finite gradient without

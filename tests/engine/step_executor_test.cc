@@ -3,6 +3,10 @@
 // flight.
 #include "engine/step_executor.h"
 
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -25,7 +29,10 @@ using engine_test::RunConfig;
 // router, the expert table, the recorder, and the executor over them.
 class Harness {
  public:
-  explicit Harness(const RunConfig& c) : options_(OptionsFor(c)) {
+  // `adjust` changes the options before anything is built on them.
+  explicit Harness(const RunConfig& c, const std::function<void(SessionOptions&)>& adjust = nullptr)
+      : options_(OptionsFor(c)) {
+    if (adjust) adjust(options_);
     // As the session does: the updater reports when each expert's update ran.
     options_.optimizer.on_update = [this](uint32_t id, uint64_t updater_step,
                                           PlanRecorder::Clock::time_point start,
@@ -66,6 +73,7 @@ class Harness {
   void* a() { return activations_[0].data(); }
   void* b() { return activations_[1].data(); }
   uint32_t layers() const { return options_.model.layers; }
+  const ExpertIndex& index() const { return table_->index(); }
 
  private:
   SessionOptions options_;
@@ -160,6 +168,72 @@ TEST(StepExecutorTest, AnEvaluationUpdatesNothingAndADiscardedStepLeavesNothingI
   EXPECT_GT(trained.updated_experts, 0u);
   EXPECT_TRUE(x.Synchronize(false).ok());
   EXPECT_TRUE(x.TakeUpdateError().ok());
+}
+
+// Note [Updates in fetch order]: step 2 begins while step 1's updates wait behind the one
+// that runs; they then run in the order step 2 fetches their experts (forward: layer 0
+// first), not in the order step 1's backward submitted them (last layer first).
+TEST(StepExecutorTest, TheNextStepsFetchOrderIsTheOrderOfTheUpdatesItWaitsFor) {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool released = false;
+  std::vector<uint32_t> started;
+  RunConfig c;
+  c.immediate = true;
+  Harness h(c, [&](SessionOptions& options) {
+    options.optimizer.threads = 1;
+    options.optimizer.on_update_start = [&](uint32_t id, uint64_t, auto) {
+      std::unique_lock<std::mutex> lock(mutex);
+      started.push_back(id);
+      cv.wait(lock, [&] { return released; });  // the first update holds the thread
+    };
+  });
+  StepExecutor& x = h.executor();
+  const auto steps = MakeSteps(1, 1);
+  auto run_step = [&](uint64_t step, bool release_after_begin) {
+    bool opened = false;
+    ASSERT_TRUE(x.Begin(Views(steps[0]), 1.0f, false, step, &opened).ok());
+    if (release_after_begin) {
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        released = true;
+      }
+      cv.notify_all();
+    }
+    for (uint32_t l = 0; l < h.layers(); ++l) {
+      ASSERT_TRUE(x.Forward(0, l, h.a(), h.b(), nullptr, nullptr).ok());
+    }
+    for (uint32_t l = h.layers(); l-- > 0;) ASSERT_TRUE(x.Backward(0, l, h.b(), h.a()).ok());
+    StepExecutor::StepRecord record;
+    ASSERT_TRUE(x.Finish(&record).ok());
+  };
+  run_step(1, false);  // its updates queue behind the first, held
+  for (;;) {           // (the optimizer's thread may start after every submission)
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (!started.empty()) break;
+    }
+    std::this_thread::yield();
+  }
+  run_step(2, true);  // the same batch: step 2 fetches every expert step 1 updates
+  ASSERT_TRUE(x.Synchronize(false).ok());
+
+  StatusOr<StepPlan> plan = h.recorder().ExecutedPlan(2);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<uint32_t> fetch_order;  // step 2's forward order
+  for (const PlanOp* forward : plan->Find(OpKind::kForward)) {
+    for (uint32_t e : forward->experts) {
+      fetch_order.push_back(h.index().Flat({static_cast<uint32_t>(forward->layer), e}));
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  ASSERT_EQ(started.size(), 2 * fetch_order.size()) << "each step updates what it fetched";
+  EXPECT_NE(h.index().Id(started[0]).layer, 0u) << "step 1 submitted its last layer first";
+  std::vector<uint32_t> expected = {started[0]};  // it was running when step 2 began
+  for (uint32_t id : fetch_order) {
+    if (id != started[0]) expected.push_back(id);
+  }
+  EXPECT_EQ(std::vector<uint32_t>(started.begin(), started.begin() + expected.size()), expected);
 }
 
 }  // namespace

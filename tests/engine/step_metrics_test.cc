@@ -1,5 +1,6 @@
 // Step metrics on constructed timelines: busy and exposed time per resource, bound_ratio and
-// overlap_fraction, and that a run without overlap cannot score well on them.
+// overlap_fraction, and that a run without overlap cannot score well on them; the optimizer's
+// intervals as consecutive step windows take them.
 #include "engine/step_metrics.h"
 
 #include <gtest/gtest.h>
@@ -94,6 +95,24 @@ TEST(StepMetricsTest, SumsOfStepsUseTheSameRules) {
   EXPECT_NEAR(sum.bound_ratio, 0.2 / 0.16, 1e-12);
   ASSERT_TRUE(sum.overlap_fraction.has_value());
   EXPECT_NEAR(*sum.overlap_fraction, (0.24 - 0.2) / 0.08, 1e-12);
+}
+
+// An update that runs across EndStep counts in both windows, each for its own part; the
+// optimizer's busy time was short by a part-update per step when it counted only in the
+// window it ended in.
+TEST(StepMetricsTest, AnUpdateAcrossTheStepsEndCountsInEachStepForItsPart) {
+  UpdateIntervals updates;
+  updates.Started(3, Ms(0, 0).start);
+  updates.Ended(3, Ms(0, 4).start, Ms(0, 4).end);
+  updates.Started(5, Ms(4, 4).start);  // still running at the first window's end, 10 ms
+  const StepMetrics first =
+      ComputeStepMetrics(kT0, Ms(0, 10).end, {{"optimizer", updates.Take(Ms(0, 10).end)}});
+  EXPECT_NEAR(Use(first, "optimizer").busy_seconds, 0.010, 1e-9);
+  updates.Ended(5, Ms(4, 16).start, Ms(4, 16).end);
+  const StepMetrics second = ComputeStepMetrics(Ms(10, 10).start, Ms(10, 20).end,
+                                                {{"optimizer", updates.Take(Ms(0, 20).end)}});
+  EXPECT_NEAR(Use(second, "optimizer").busy_seconds, 0.006, 1e-9) << "16 - 10 ms";
+  EXPECT_TRUE(updates.Take(Ms(0, 30).end).empty()) << "each interval is taken once";
 }
 
 }  // namespace

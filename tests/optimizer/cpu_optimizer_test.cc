@@ -2,7 +2,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -307,6 +309,141 @@ TEST(CpuOptimizerTest, AnUpdateErrorIsReportedOnce) {
   ASSERT_TRUE((*optimizer)->FinishStep().ok());
   EXPECT_TRUE((*optimizer)->Synchronize().ok());
   EXPECT_EQ((*optimizer)->version(0), 1u);
+}
+
+// Holds the optimizer's one thread at the start of the first update until Release, and
+// records the order in which updates start.
+struct StartGate {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool released = false;
+  std::vector<uint32_t> started;
+
+  void Started(uint32_t expert) {
+    std::unique_lock<std::mutex> lock(mutex);
+    started.push_back(expert);
+    cv.wait(lock, [&] { return released; });
+  }
+  void Release() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      released = true;
+    }
+    cv.notify_all();
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(mutex);
+    return started.size();
+  }
+};
+
+// Note [The optimizer's run queue]: updates start in launch order, except that Expedite moves
+// queued ones ahead in the order it names them; running, finished and unknown experts do not
+// move. The order changes no result.
+TEST(CpuOptimizerTest, ExpeditedUpdatesStartFirstInTheOrderNamed) {
+  for (bool deferred : {false, true}) {
+    StartGate gate;
+    CpuOptimizerOptions options;
+    options.threads = 1;
+    options.skip_step_on_nonfinite = deferred;
+    options.on_update_start = [&](uint32_t e, uint64_t, auto) { gate.Started(e); };
+    auto optimizer = CpuOptimizer::Create(options);
+    ASSERT_TRUE(optimizer.ok());
+    std::vector<Expert> experts, reference;
+    for (uint32_t e = 0; e < 6; ++e) {
+      experts.emplace_back(5000, e);
+      reference.emplace_back(5000, e);
+      ASSERT_TRUE((*optimizer)->RegisterExpert(experts.back().Arrays()).ok());
+    }
+    std::vector<std::vector<float>> grads;
+    for (uint32_t e = 0; e < 6; ++e) grads.push_back(Gradient(5000, 1, e));
+    ASSERT_TRUE((*optimizer)->BeginStep().ok());
+    for (uint32_t e = 0; e < 6; ++e) {
+      ASSERT_TRUE((*optimizer)->SubmitGradient(e, grads[e].data(), DType::kF32).ok());
+      // Immediate mode: expert 0's update starts at its submission, and holds the thread.
+      while (!deferred && gate.count() == 0) std::this_thread::yield();
+    }
+    if (deferred) {
+      EXPECT_EQ((*optimizer)->Expedite({5}), 0u) << "deferred: not launched before FinishStep";
+      ASSERT_TRUE((*optimizer)->FinishStep().ok());
+      while (gate.count() == 0) std::this_thread::yield();
+    }
+    EXPECT_EQ((*optimizer)->Expedite({5}), 1u);
+    EXPECT_EQ((*optimizer)->Expedite({4, 0, 2, 9, 4}), 2u)
+        << "4 and 2 move, behind 5; the running update, an unknown expert and a repeat do not";
+    gate.Release();
+    // All started on the optimizer's thread before anyone else waits in the arena (a thread
+    // waiting there runs queued updates too, and the order of their starts would interleave).
+    while (gate.count() < 6) std::this_thread::yield();
+    if (!deferred) {
+      ASSERT_TRUE((*optimizer)->FinishStep().ok());
+    }
+    ASSERT_TRUE((*optimizer)->Synchronize().ok());
+    EXPECT_EQ(gate.started, (std::vector<uint32_t>{0, 5, 4, 2, 1, 3}));
+    EXPECT_EQ((*optimizer)->Expedite({0, 1}), 0u) << "nothing is queued";
+
+    // The same updates in launch order give the same bits.
+    CpuOptimizerOptions plain;
+    plain.skip_step_on_nonfinite = deferred;
+    auto in_order = CpuOptimizer::Create(plain);
+    ASSERT_TRUE(in_order.ok());
+    for (Expert& expert : reference) ASSERT_TRUE((*in_order)->RegisterExpert(expert.Arrays()).ok());
+    ASSERT_TRUE((*in_order)->BeginStep().ok());
+    for (uint32_t e = 0; e < 6; ++e) {
+      ASSERT_TRUE((*in_order)->SubmitGradient(e, grads[e].data(), DType::kF32).ok());
+    }
+    ASSERT_TRUE((*in_order)->FinishStep().ok());
+    ASSERT_TRUE((*in_order)->Synchronize().ok());
+    for (uint32_t e = 0; e < 6; ++e) {
+      EXPECT_TRUE(experts[e] == reference[e]) << "expert " << e;
+    }
+  }
+}
+
+// WaitForSteps returns once every update of the steps named finished (one wake-up, not one
+// per expert), and refuses the deferred step that FinishStep has not started.
+TEST(CpuOptimizerTest, WaitForStepsWaitsForEveryUpdateOfThoseSteps) {
+  StartGate gate;
+  CpuOptimizerOptions options;
+  options.threads = 1;
+  options.skip_step_on_nonfinite = false;
+  options.on_update_start = [&](uint32_t e, uint64_t, auto) { gate.Started(e); };
+  auto optimizer = CpuOptimizer::Create(options);
+  ASSERT_TRUE(optimizer.ok());
+  std::vector<Expert> experts;
+  for (uint32_t e = 0; e < 3; ++e) experts.emplace_back(3000, e);
+  for (Expert& expert : experts) ASSERT_TRUE((*optimizer)->RegisterExpert(expert.Arrays()).ok());
+  std::vector<float> grad = Gradient(3000, 1, 0);
+  ASSERT_TRUE((*optimizer)->BeginStep().ok());
+  for (uint32_t e = 0; e < 3; ++e) {
+    ASSERT_TRUE((*optimizer)->SubmitGradient(e, grad.data(), DType::kF32).ok());
+  }
+  ASSERT_TRUE((*optimizer)->FinishStep().ok());
+  EXPECT_TRUE((*optimizer)->WaitForSteps(0).ok()) << "no update of step 0: returns at once";
+  std::atomic<bool> waited{false};
+  std::thread waiter([&] {
+    EXPECT_TRUE((*optimizer)->WaitForSteps(1).ok());
+    waited = true;
+  });
+  while (gate.count() == 0) std::this_thread::yield();
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_FALSE(waited.load()) << "step 1's updates are held";
+  gate.Release();
+  waiter.join();
+  for (uint32_t e = 0; e < 3; ++e) {
+    EXPECT_EQ((*optimizer)->version(e), 1u) << "expert " << e;
+  }
+
+  CpuOptimizerOptions deferred_options;  // skip_step_on_nonfinite: updates wait for FinishStep
+  auto deferred = CpuOptimizer::Create(deferred_options);
+  ASSERT_TRUE(deferred.ok());
+  ASSERT_TRUE((*deferred)->RegisterExpert(experts[0].Arrays()).ok());
+  ASSERT_TRUE((*deferred)->BeginStep().ok());
+  ASSERT_TRUE((*deferred)->SubmitGradient(0, grad.data(), DType::kF32).ok());
+  EXPECT_EQ((*deferred)->WaitForSteps(1).code(), StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*deferred)->FinishStep().ok());
+  EXPECT_TRUE((*deferred)->WaitForSteps(1).ok());
+  EXPECT_EQ((*deferred)->version(0), 1u);
 }
 
 }  // namespace
