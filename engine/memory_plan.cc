@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "engine/expert_updater.h"
+#include "engine/step_plan.h"
 #include "offload/state_file.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/backend.h"
@@ -50,8 +51,7 @@ class Planner {
   StatusOr<MemoryPlan> Run(uint64_t ffn_workspace_bytes) {
     const ModelSpec& m = o_.model;
     const bool gated = o_.routing == Routing::kLearnedGate;
-    // Every expert of a layer in every access.
-    const bool naive = o_.strategy == Strategy::kNaive || o_.strategy == Strategy::kZeroOffload;
+    const bool naive = StepPlan::EveryExpert(o_.strategy);  // every expert in every access
     const std::vector<uint32_t> per_layer = o_.ExpertsPerLayer();
     const uint32_t widest = *std::max_element(per_layer.begin(), per_layer.end());
     uint64_t experts = 0;

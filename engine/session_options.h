@@ -10,6 +10,7 @@
 #include <string_view>
 #include <vector>
 
+#include "engine/step_plan.h"  // Strategy
 #include "kernels/expert_ops.h"
 #include "optimizer/cpu_optimizer.h"
 #include "router/rre_router.h"
@@ -43,9 +44,6 @@ struct ModelSpec {
   // W_in's columns: d_ff, or 2 d_ff for SwiGLU (its gate and up projections side by side).
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
 };
-
-// How a step moves experts and overlaps its work (engine/session.h describes each).
-enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive, kZeroOffload };
 
 // How a sparse layer's tokens choose their experts.
 enum class Routing : uint8_t {

@@ -304,20 +304,7 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   for (uint32_t l = 0; l < m.layers; ++l)
     in.model.experts_per_layer.push_back(table_.experts_in_layer(l));
   PlanPolicy& p = in.policy;
-  switch (options_.strategy) {
-    case Strategy::kEcss:
-      p.strategy = PlanStrategy::kEcss;
-      break;
-    case Strategy::kNoOverlap:
-      p.strategy = PlanStrategy::kNoOverlap;
-      break;
-    case Strategy::kNaive:
-      p.strategy = PlanStrategy::kNaive;
-      break;
-    case Strategy::kZeroOffload:
-      p.strategy = PlanStrategy::kZeroOffload;
-      break;
-  }
+  p.strategy = options_.strategy;
   p.learned_gate = gated();
   p.delayed_update = delayed();
   p.deferred_updates =

@@ -41,7 +41,8 @@ namespace ecss {
 class EvictionPolicy;
 class JsonWriter;
 
-enum class PlanStrategy : uint8_t { kEcss, kNoOverlap, kNaive, kZeroOffload };
+// How a step moves experts and overlaps its work (the strategies above; engine/session.h too).
+enum class Strategy : uint8_t { kEcss, kNoOverlap, kNaive, kZeroOffload };
 
 enum class OpKind : uint8_t {
   kPlanUpload,    // a micro-batch's routing plan, host -> device
@@ -109,7 +110,7 @@ struct PlanModel {
 };
 
 struct PlanPolicy {
-  PlanStrategy strategy = PlanStrategy::kEcss;
+  Strategy strategy = Strategy::kEcss;
   bool learned_gate = false;     // reactive routing: AppendLayer, LRU
   bool delayed_update = false;   // DPU
   bool deferred_updates = true;  // clipping or skip_step_on_nonfinite: updates wait for every
@@ -173,17 +174,17 @@ class StepPlan {
   // Whether fetches run ahead of compute (ecss, zero-offload), or each stage waits on the host
   // for the one before it (no-overlap, naive).
   bool fetches_ahead() const { return !Chained(policy_.strategy); }
-  static bool Chained(PlanStrategy strategy) {
-    return strategy == PlanStrategy::kNoOverlap || strategy == PlanStrategy::kNaive;
+  static bool Chained(Strategy strategy) {
+    return strategy == Strategy::kNoOverlap || strategy == Strategy::kNaive;
   }
   // Whether every expert of a layer is in every access (naive, zero-offload).
-  static bool EveryExpert(PlanStrategy strategy) {
-    return strategy == PlanStrategy::kNaive || strategy == PlanStrategy::kZeroOffload;
+  static bool EveryExpert(Strategy strategy) {
+    return strategy == Strategy::kNaive || strategy == Strategy::kZeroOffload;
   }
   // Whether the step ends only once its updates finished (all but ecss), or they overlap the
   // next step (ecss: the step after waits for them, the carried-in edges).
   bool step_waits_for_updates() const {
-    return policy_.strategy != PlanStrategy::kEcss && !policy_.evaluation;
+    return policy_.strategy != Strategy::kEcss && !policy_.evaluation;
   }
 
   // Learned gates, as the loop's calls come: a layer's forward once its gate routed it (its

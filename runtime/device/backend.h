@@ -147,8 +147,9 @@ class Backend {
 
   CopyStats copy_stats() const;
   EngineBusyTimes busy_times() const { return DoBusyTimes(); }
-  // When the engines were busy, for the stretches that ended after `since` (the sim keeps its
-  // most recent SimBackend::kKeptOps ops); empty where the backend keeps none (CUDA).
+  // When the engines were busy, for the stretches that ended after `since`; empty where the
+  // backend keeps none (CUDA). The sim keeps every op that ended after the last query's
+  // `since`, so querying step by step (each `since` at or after the one before) loses none.
   std::vector<EngineInterval> engine_intervals(std::chrono::steady_clock::time_point since) const {
     return DoEngineIntervals(since);
   }

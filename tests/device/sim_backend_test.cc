@@ -423,5 +423,37 @@ TEST(SimBackendTest, TraceHasOneLanePerStreamAndEngine) {
   EXPECT_TRUE(names.count("ffn"));
 }
 
+// The op log is bounded, except that a caller reading engine_intervals step by step loses no
+// op of its step however many the step has (StepMetrics were silently short past kKeptOps).
+TEST(SimBackendTest, EngineIntervalsKeepEveryOpSinceTheLastQuery) {
+  SimOptions options;
+  options.device_memory_bytes = kMiB;
+  auto sim = MakeSim(options);
+  StatusOr<OwnedStream> stream = CreateOwnedStream(*sim, "s");
+  StatusOr<Buffer> device = sim->device_memory().Allocate(64, MemoryTag::kOther);
+  ASSERT_TRUE(stream.ok() && device.ok());
+  std::vector<uint8_t> host(64, 1);
+  const size_t more = SimBackend::kKeptOps + 100;
+  auto copies = [&] {
+    for (size_t i = 0; i < more; ++i) {
+      ASSERT_TRUE(sim->CopyAsync(stream->get(), device->data(), host.data(), host.size(),
+                                 CopyKind::kHostToDevice)
+                      .ok());
+    }
+    ASSERT_TRUE(sim->SynchronizeStream(stream->get()).ok());
+  };
+  copies();  // nobody asked: the log keeps the last kKeptOps
+  EXPECT_EQ(sim->EngineOps().size(), SimBackend::kKeptOps);
+  const Clock::time_point since = Clock::now();
+  EXPECT_TRUE(sim->engine_intervals(since).empty());
+  copies();
+  const std::vector<EngineInterval> step = sim->engine_intervals(since);
+  EXPECT_EQ(step.size(), more) << "every op since the last query";
+  for (const EngineInterval& each : step) {
+    EXPECT_EQ(each.engine, DeviceEngine::kH2D);
+    EXPECT_GT(each.end, since);
+  }
+}
+
 }  // namespace
 }  // namespace ecss

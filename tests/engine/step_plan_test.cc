@@ -46,7 +46,7 @@ StepPlan Build(PlanPolicy policy, std::vector<MicroBatchRoute> batches = {Batch(
   return std::move(plan).value();
 }
 
-PlanPolicy Policy(PlanStrategy strategy, uint32_t slots = 4) {
+PlanPolicy Policy(Strategy strategy, uint32_t slots = 4) {
   PlanPolicy p;
   p.strategy = strategy;
   p.cache_slots = slots;
@@ -56,7 +56,7 @@ PlanPolicy Policy(PlanStrategy strategy, uint32_t slots = 4) {
 std::vector<uint32_t> Deps(const StepPlan& plan, uint32_t id) { return plan.ops()[id].deps; }
 
 TEST(StepPlanTest, EcssListsTheRoutedExpertsWithTheirEdges) {
-  const StepPlan plan = Build(Policy(PlanStrategy::kEcss));
+  const StepPlan plan = Build(Policy(Strategy::kEcss));
   const auto& ops = plan.ops();
   ASSERT_EQ(ops.size(), 14u);
   // 0, 1: step t-2's and t-1's updates (carried in); 2: the plan's upload.
@@ -105,7 +105,7 @@ TEST(StepPlanTest, EcssListsTheRoutedExpertsWithTheirEdges) {
 }
 
 TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
-  PlanPolicy policy = Policy(PlanStrategy::kEcss);
+  PlanPolicy policy = Policy(Strategy::kEcss);
   policy.deferred_updates = false;
   const StepPlan plan = Build(policy);
   const auto& ops = plan.ops();
@@ -122,10 +122,10 @@ TEST(StepPlanTest, ImmediateUpdatesFollowEachLayersLastGradient) {
 // them), a layer's update that starts in the backward is a stage too (nothing overlaps the
 // optimizer), and the step's end waits for the updates.
 TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
-  PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
+  PlanPolicy policy = Policy(Strategy::kNoOverlap);
   policy.deferred_updates = false;
   const StepPlan serial = Build(policy);
-  policy.strategy = PlanStrategy::kEcss;
+  policy.strategy = Strategy::kEcss;
   const StepPlan ecss = Build(policy);
   ASSERT_EQ(serial.ops().size(), ecss.ops().size());
   const auto& ops = serial.ops();
@@ -165,7 +165,7 @@ TEST(StepPlanTest, NoOverlapIsTheSameOpsEachStageWaitingForThePrevious) {
 // The critical path walks back from the op that ended last through the dependency that ended
 // last; the gaps are the host's.
 TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
-  StepPlan plan = Build(Policy(PlanStrategy::kEcss));
+  StepPlan plan = Build(Policy(Strategy::kEcss));
   const uint32_t forward = plan.Compute(OpKind::kForward, 0, 0)->id;
   uint32_t fetch = 0;
   for (uint32_t dep : plan.ops()[forward].deps) {
@@ -187,7 +187,7 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
   EXPECT_EQ(path.back().kind, "fetch");  // largest first
 
   // Every op observed, one after another with gaps: the shares add up to the step.
-  StepPlan all = Build(Policy(PlanStrategy::kNoOverlap));
+  StepPlan all = Build(Policy(Strategy::kNoOverlap));
   const auto n = static_cast<double>(all.ops().size());
   for (PlanOp& op : all.mutable_ops()) {
     op.start_s = op.id;
@@ -198,7 +198,7 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
   for (const PathShare& each : CriticalPath(all)) total += each.share;
   EXPECT_NEAR(total, 1.0, 1e-12);
   // Nothing observed: all host.
-  StepPlan unobserved = Build(Policy(PlanStrategy::kEcss));
+  StepPlan unobserved = Build(Policy(Strategy::kEcss));
   unobserved.set_seconds(2.0);
   const std::vector<PathShare> none = CriticalPath(unobserved);
   ASSERT_EQ(none.size(), 1u);
@@ -207,7 +207,7 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
 }
 
 TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
-  const StepPlan roomy = Build(Policy(PlanStrategy::kNaive, 8));
+  const StepPlan roomy = Build(Policy(Strategy::kNaive, 8));
   EXPECT_EQ(roomy.Count(OpKind::kFetch), 8u);
   EXPECT_EQ(roomy.Count(OpKind::kEvict), 0u);
   EXPECT_EQ(roomy.Bytes(OpKind::kGradientCopy), 8u * 400);
@@ -217,7 +217,7 @@ TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
   EXPECT_EQ(forward->rows, std::vector<uint32_t>({5, 0, 3, 0}));
   EXPECT_EQ(roomy.Bytes(OpKind::kUpdate), 8u * 100 * 30);
   // Four slots: layer 1's forward evicts layer 0, whose backward fetches it again.
-  const StepPlan tight = Build(Policy(PlanStrategy::kNaive, 4));
+  const StepPlan tight = Build(Policy(Strategy::kNaive, 4));
   EXPECT_EQ(tight.Count(OpKind::kFetch), 12u);
   EXPECT_EQ(tight.Count(OpKind::kEvict), 8u);
   EXPECT_EQ(tight.Bytes(OpKind::kFetch), 12u * 200);
@@ -228,7 +228,7 @@ TEST(StepPlanTest, NaiveMovesEveryExpertOfEveryLayer) {
 TEST(StepPlanTest, Bf16GradientsHalveTheGradientBytes) {
   StepPlanInputs in;
   in.model = Model();
-  in.policy = Policy(PlanStrategy::kEcss);
+  in.policy = Policy(Strategy::kEcss);
   in.micro_batches = {Batch()};
   const StatusOr<StepPlan> f32 = BuildStepPlan(in);
   in.model.gradient_bytes = 2;
@@ -244,8 +244,8 @@ TEST(StepPlanTest, Bf16GradientsHalveTheGradientBytes) {
 // Zero-offload: naive's accesses and updates, with ecss's edges: no stage waits on the host
 // for the one before it, so fetches run ahead; the step still waits for its own updates.
 TEST(StepPlanTest, ZeroOffloadMovesEveryExpertWithFetchesAhead) {
-  const StepPlan naive = Build(Policy(PlanStrategy::kNaive, 8));
-  const StepPlan zero = Build(Policy(PlanStrategy::kZeroOffload, 8));
+  const StepPlan naive = Build(Policy(Strategy::kNaive, 8));
+  const StepPlan zero = Build(Policy(Strategy::kZeroOffload, 8));
   for (OpKind kind : {OpKind::kFetch, OpKind::kGradientCopy, OpKind::kUpdate}) {
     EXPECT_EQ(zero.Count(kind), naive.Count(kind)) << OpKindName(kind);
     EXPECT_EQ(zero.Bytes(kind), naive.Bytes(kind)) << OpKindName(kind);
@@ -264,7 +264,7 @@ TEST(StepPlanTest, ZeroOffloadMovesEveryExpertWithFetchesAhead) {
 // after expert 0 in the backward); layer 0's backward then evicts layer 1's expert (never used
 // again) to fetch expert 2 again. Each eviction waits for the victim's last use.
 TEST(StepPlanTest, TheCacheEvictsByNextUse) {
-  const StepPlan plan = Build(Policy(PlanStrategy::kEcss, 2));
+  const StepPlan plan = Build(Policy(Strategy::kEcss, 2));
   const std::vector<const PlanOp*> evicts = plan.Find(OpKind::kEvict);
   ASSERT_EQ(evicts.size(), 2u);
   EXPECT_EQ(evicts[0]->layer, 0);
@@ -277,7 +277,7 @@ TEST(StepPlanTest, TheCacheEvictsByNextUse) {
   const StatusOr<StepPlan> too_wide = [] {
     StepPlanInputs in;
     in.model = Model();
-    in.policy = Policy(PlanStrategy::kNaive, 3);
+    in.policy = Policy(Strategy::kNaive, 3);
     in.micro_batches = {Batch()};
     return BuildStepPlan(in);
   }();
@@ -285,7 +285,7 @@ TEST(StepPlanTest, TheCacheEvictsByNextUse) {
 }
 
 TEST(StepPlanTest, StatesAndWeightsOnNvmeAddTheirReadsAndWrites) {
-  PlanPolicy policy = Policy(PlanStrategy::kEcss);
+  PlanPolicy policy = Policy(Strategy::kEcss);
   policy.states_on_nvme = true;
   policy.weights_on_nvme = true;
   const StepPlan plan = Build(policy);
@@ -308,7 +308,7 @@ TEST(StepPlanTest, StatesAndWeightsOnNvmeAddTheirReadsAndWrites) {
 
 // Two micro-batches: the second's gradients are added to the first's on the host, in order.
 TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
-  const StepPlan plan = Build(Policy(PlanStrategy::kEcss), {Batch(), Batch()});
+  const StepPlan plan = Build(Policy(Strategy::kEcss), {Batch(), Batch()});
   EXPECT_EQ(plan.Count(OpKind::kPlanUpload), 2u);
   EXPECT_EQ(plan.Count(OpKind::kGradientCopy), 4u);
   const std::vector<const PlanOp*> adds = plan.Find(OpKind::kAccumulate);
@@ -323,7 +323,7 @@ TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
 TEST(StepPlanTest, TheDelayedUpdateShiftsUpdatesByOneStep) {
   StepPlanInputs in;
   in.model = Model();
-  in.policy = Policy(PlanStrategy::kEcss);
+  in.policy = Policy(Strategy::kEcss);
   in.policy.delayed_update = true;
   in.micro_batches = {Batch()};
   in.held_experts = 3;
@@ -343,7 +343,7 @@ TEST(StepPlanTest, TheDelayedUpdateShiftsUpdatesByOneStep) {
 
 // Learned gates: layers are appended as their gates run; eviction is LRU.
 TEST(StepPlanTest, LearnedGatesAppendLayersAsTheyAreRouted) {
-  PlanPolicy policy = Policy(PlanStrategy::kEcss, 2);
+  PlanPolicy policy = Policy(Strategy::kEcss, 2);
   policy.learned_gate = true;
   MicroBatchRoute batch;
   batch.tokens = 8;
@@ -387,7 +387,7 @@ TEST(StepPlanTest, LearnedGatesAppendLayersAsTheyAreRouted) {
 }
 
 TEST(StepPlanTest, WritesTheDocumentedJson) {
-  StepPlan plan = Build(Policy(PlanStrategy::kNoOverlap));
+  StepPlan plan = Build(Policy(Strategy::kNoOverlap));
   plan.mutable_ops()[5].start_s = 0.25;
   plan.mutable_ops()[5].end_s = 0.5;
   JsonWriter json;
@@ -404,7 +404,7 @@ TEST(StepPlanTest, WritesTheDocumentedJson) {
 // An evaluation step: uploads, fetches and forwards only; its fetches wait for the experts'
 // last updates; it has no backward (refused) and never waits for updates at its end.
 TEST(StepPlanTest, AnEvaluationIsForwardOnly) {
-  PlanPolicy policy = Policy(PlanStrategy::kNoOverlap);
+  PlanPolicy policy = Policy(Strategy::kNoOverlap);
   policy.evaluation = true;
   StepPlan plan = Build(policy);
   EXPECT_EQ(plan.Count(OpKind::kForward), 2u);

@@ -21,15 +21,18 @@ namespace ecss {
 // Every block of the simulated device's memory: cudaMalloc's alignment guarantee.
 constexpr size_t kSimAlignment = 256;
 
-// The ops the engines ran, most recent last.
+// The ops the engines ran, most recent last: the last kKeptOps, and every op that ended
+// after the `since` of the last engine_intervals query (a caller that queries step by step,
+// each step from where the last began or later, loses none however many ops a step has).
 struct SimBackend::OpLog {
   void Add(SimEngineOp op) {
     std::lock_guard<std::mutex> lock(mutex);
-    if (ops.size() == kKeptOps) ops.pop_front();
+    if (ops.size() >= kKeptOps && ops.front().end <= keep_after) ops.pop_front();
     ops.push_back(std::move(op));
   }
   mutable std::mutex mutex;
-  std::deque<SimEngineOp> ops;  // GUARDED_BY(mutex)
+  std::deque<SimEngineOp> ops;                              // GUARDED_BY(mutex)
+  Clock::time_point keep_after = Clock::time_point::max();  // GUARDED_BY(mutex)
 };
 
 // A resource that serialises the work given to it (a copy engine, the compute units) and
@@ -333,6 +336,7 @@ std::vector<SimEngineOp> SimBackend::EngineOps() const {
 std::vector<EngineInterval> SimBackend::DoEngineIntervals(Clock::time_point since) const {
   std::vector<EngineInterval> intervals;
   std::lock_guard<std::mutex> lock(ops_->mutex);
+  ops_->keep_after = since;
   // The log is in the order the engines' threads woke, which may differ from the order of
   // the ops' ends by a thread's wake-up: stop a second before `since`.
   for (auto op = ops_->ops.rbegin();

@@ -60,7 +60,8 @@ struct SimEngineOp {
 class SimBackend final : public Backend {
  public:
   using Clock = std::chrono::steady_clock;
-  // EngineOps keeps at most this many of the most recent ops.
+  // EngineOps keeps this many of the most recent ops, and more while engine_intervals needs
+  // them (the ops that ended after the `since` of its last query).
   static constexpr size_t kKeptOps = size_t{1} << 15;
 
   // InvalidArgument naming the field for a zero or absurd capacity (above the machine's
@@ -69,7 +70,7 @@ class SimBackend final : public Backend {
   ~SimBackend() override;
 
   Allocator& device_memory() override { return *memory_; }
-  // The most recent ops of every engine (at most kKeptOps), in the order they ended.
+  // The most recent ops of every engine (kKeptOps, or more; see there), in the order they ended.
   std::vector<SimEngineOp> EngineOps() const;
 
  private:
