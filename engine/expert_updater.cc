@@ -110,7 +110,6 @@ struct NvmeUpdater::Impl {
     return options.optimizer.max_grad_norm > 0 || options.optimizer.skip_step_on_nonfinite;
   }
   std::deque<Job> jobs;                  // GUARDED_BY(mutex)
-  size_t expedited = 0;                  // GUARDED_BY(mutex): jobs at the front Expedite made
   bool running = false;                  // GUARDED_BY(mutex): a job is being processed
   uint64_t running_step = 0;             // GUARDED_BY(mutex): that job's step
   bool stop = false;                     // GUARDED_BY(mutex)
@@ -142,7 +141,6 @@ struct NvmeUpdater::Impl {
       if (jobs.empty()) return;
       Job job = std::move(jobs.front());
       jobs.pop_front();
-      if (expedited > 0) --expedited;
       running = true;
       running_step = job.step;
       lock.unlock();
@@ -404,50 +402,12 @@ Status NvmeUpdater::WaitForStep(uint64_t step) {
   Impl& s = *impl_;
   ECSS_RETURN_IF_ERROR(Flush());
   std::unique_lock<std::mutex> lock(s.mutex);
-  // Expedited jobs run ahead of earlier ones: every queued job is looked at.
+  // Jobs run in submission order, so step's are done once neither the running job nor the
+  // next queued one belongs to it or an earlier step.
   s.cv.wait(lock, [&] {
-    return (!s.running || s.running_step > step) &&
-           std::none_of(s.jobs.begin(), s.jobs.end(),
-                        [step](const Impl::Job& job) { return job.step <= step; });
+    return (!s.running || s.running_step > step) && (s.jobs.empty() || s.jobs.front().step > step);
   });
   return Status::Ok();
-}
-
-// The experts of `ids` leave their queued jobs (a layer's batch each) for new jobs behind the
-// ones expedited before, in the order given: consecutive ids from one job share a new job, so
-// the pipeline still streams them as a batch.
-uint32_t NvmeUpdater::Expedite(const std::vector<uint32_t>& ids) {
-  Impl& s = *impl_;
-  std::lock_guard<std::mutex> lock(s.mutex);
-  std::vector<Impl::Job> urgent;
-  size_t last_source = s.jobs.size();
-  uint32_t moved = 0;
-  for (const uint32_t id : ids) {
-    for (size_t j = s.expedited; j < s.jobs.size(); ++j) {
-      std::vector<StreamedGradient>& work = s.jobs[j].work;
-      auto it = std::find_if(work.begin(), work.end(),
-                             [id](const StreamedGradient& g) { return g.expert == id; });
-      if (it == work.end()) continue;
-      if (urgent.empty() || j != last_source) {
-        const Impl::Job& source = s.jobs[j];
-        urgent.push_back(
-            {{}, source.loss_scale, source.step, source.clip_coefficient, source.params});
-        last_source = j;
-      }
-      urgent.back().work.push_back(*it);
-      work.erase(it);
-      ++moved;
-      break;
-    }
-  }
-  if (moved == 0) return 0;
-  s.jobs.erase(std::remove_if(s.jobs.begin() + static_cast<std::ptrdiff_t>(s.expedited),
-                              s.jobs.end(), [](const Impl::Job& job) { return job.work.empty(); }),
-               s.jobs.end());
-  s.jobs.insert(s.jobs.begin() + static_cast<std::ptrdiff_t>(s.expedited),
-                std::make_move_iterator(urgent.begin()), std::make_move_iterator(urgent.end()));
-  s.expedited += urgent.size();
-  return moved;
 }
 
 bool NvmeUpdater::Pending(uint32_t id) const {

@@ -199,7 +199,7 @@ Status StepExecutor::Begin(const std::vector<MicroBatch>& batches, float loss_sc
 // expert order from FinishStep), so a fetch of layer 0 that needs its expert's update waited
 // for nearly all of them, the prefetcher stops at the first fetch that waits, and the
 // optimizer ran dry during step t's device work. Routing is known before the step, so the
-// order is too.
+// order is too. (The NVMe updater keeps its order: see NvmeUpdater::Expedite.)
 void StepExecutor::Expedite() {
   std::vector<uint32_t> ids;
   ids.reserve(sequence_.size());

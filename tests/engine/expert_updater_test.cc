@@ -1,5 +1,4 @@
-// The engine's internal pieces, alone: the expert index, the NVMe updater's durability and its
-// queue order.
+// The engine's internal pieces, alone: the expert index and the NVMe updater's durability.
 #include "engine/expert_updater.h"
 
 #include <stdlib.h>
@@ -126,73 +125,6 @@ TEST_F(NvmeUpdaterTest, RefusesAStoreWithoutItsStatesOnNvme) {
   EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("on NVMe"), std::string_view::npos) << refused;
   store->reset();
-}
-
-// Note [Updates in fetch order], on NVMe: the experts named leave their queued layer jobs for
-// jobs of their own, behind those expedited before, consecutive ones of one job together; the
-// job that runs is not touched, and WaitForStep still waits for every job of the step.
-TEST_F(NvmeUpdaterTest, ExpeditedExpertsLeaveTheirJobsInTheOrderNamed) {
-  ExpertStoreOptions store_options;
-  store_options.layout = {{6}, 1024, DType::kBF16, 2};
-  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
-  store_options.dirs = {dir_};
-  auto store = ExpertStore::Create(*sim_, store_options);
-  ASSERT_TRUE(store.ok()) << store.status();
-  std::mutex mutex;
-  std::condition_variable cv;
-  bool released = false;
-  std::vector<uint32_t> started;  // the experts of each job, as the job starts
-  NvmeUpdaterOptions options;
-  options.expert_elements = 1024;
-  options.store = store->get();
-  options.optimizer.skip_step_on_nonfinite = false;  // each Flush starts a job
-  options.optimizer.on_update_start = [&](uint32_t id, uint64_t, auto) {
-    std::unique_lock<std::mutex> lock(mutex);
-    started.push_back(id);
-    cv.wait(lock, [&] { return released; });  // the first job holds the worker
-  };
-  auto count = [&] {
-    std::lock_guard<std::mutex> lock(mutex);
-    return started.size();
-  };
-  auto updater = NvmeUpdater::Create(options, pool_.get());
-  ASSERT_TRUE(updater.ok()) << updater.status();
-  const std::vector<float> master(1024, 0.25f), grad(1024, 0.5f);
-  std::vector<std::vector<BFloat16>> copies(6, std::vector<BFloat16>(1024));
-  for (uint32_t id = 0; id < 6; ++id) {
-    ASSERT_TRUE((*updater)->Initialize(id, master.data(), copies[id].data()).ok());
-  }
-  ASSERT_TRUE((*updater)->BeginStep(1.0f).ok());
-  for (uint32_t id = 0; id < 6; ++id) {
-    ASSERT_TRUE((*updater)->Submit(id, grad.data(), DType::kF32).ok());
-    if (id % 2 == 0) continue;
-    ASSERT_TRUE((*updater)->Flush().ok());  // jobs {0, 1}, {2, 3}, {4, 5}
-    while (count() == 0) std::this_thread::yield();
-  }
-  EXPECT_EQ((*updater)->Expedite({5, 3, 2, 1}), 3u) << "1's job is running";
-  EXPECT_EQ((*updater)->Expedite({4}), 1u);
-  EXPECT_EQ((*updater)->Expedite({4, 9}), 0u);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    released = true;
-  }
-  cv.notify_all();
-  ASSERT_TRUE((*updater)->FinishStep().ok());
-  ASSERT_TRUE((*updater)->WaitForStep(1).ok());
-  for (uint32_t id = 0; id < 6; ++id) EXPECT_FALSE((*updater)->Pending(id)) << "expert " << id;
-  ASSERT_TRUE((*updater)->Synchronize().ok());
-  EXPECT_EQ(started, (std::vector<uint32_t>{0, 1, 5, 3, 2, 4}));
-  // The same gradient from the same master: every expert took the same one update.
-  auto first = (*updater)->Master(0);
-  ASSERT_TRUE(first.ok()) << first.status();
-  EXPECT_NE((*first)[0], 0.25f);
-  for (uint32_t id = 1; id < 6; ++id) {
-    auto each = (*updater)->Master(id);
-    ASSERT_TRUE(each.ok()) << each.status();
-    EXPECT_EQ(*each, *first) << "expert " << id;
-  }
-  updater->reset();
-  ASSERT_TRUE((*store)->Close().ok());
 }
 
 }  // namespace
