@@ -16,10 +16,9 @@ endif()
 if(ECSS_BUILD_TESTS)
   find_package(GTest CONFIG REQUIRED)
 endif()
-if(ECSS_BUILD_TESTS OR ECSS_BUILD_BENCH)
-  # Tests parse the JSON the project writes; ecss-bench parses fio's.
-  find_package(nlohmann_json CONFIG REQUIRED)
-endif()
+# ecss-plan reads its model, hardware and workload files; tests parse the JSON the project
+# writes; ecss-bench parses fio's.
+find_package(nlohmann_json CONFIG REQUIRED)
 if(ECSS_BUILD_BENCH)
   find_package(benchmark CONFIG REQUIRED)
 endif()

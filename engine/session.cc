@@ -164,12 +164,7 @@ Status Session::Impl::CreateAll() {
 // The RRE tables (and the domain map, with every domain's group in every layer).
 Status Session::Impl::CreateRouter() {
   if (gated()) return Status::Ok();
-  const ModelSpec& m = options.model;
-  ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(m.layers));
-  for (uint32_t d = 0; d < m.domains.size(); ++d) {
-    ECSS_RETURN_IF_ERROR(map.AddDomainUniform(m.domains[d].name, d, m.domains[d].experts));
-  }
-  ECSS_ASSIGN_OR_RETURN(RreRouter built, RreRouter::Create(map, {m.vocab, m.seed, m.builder}));
+  ECSS_ASSIGN_OR_RETURN(RreRouter built, RouterOf(options.model));
   router.emplace(std::move(built));
   return Status::Ok();
 }

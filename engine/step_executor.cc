@@ -37,25 +37,7 @@ std::vector<ExpertId> LayerKeys(uint32_t layer, const std::vector<uint32_t>& exp
   return keys;
 }
 
-LayerRoute RouteOf(const LayerPlan& lp) {
-  LayerRoute route;
-  route.experts.assign(lp.active_experts, lp.active_experts + lp.num_active);
-  for (uint32_t a = 0; a < lp.num_active; ++a) route.rows.push_back(lp.count(a));
-  return route;
-}
-
 }  // namespace
-
-GroupedFfnProblem FfnProblemOf(const SessionOptions& options, uint32_t rows) {
-  GroupedFfnProblem p;
-  p.d_model = options.model.d_model;
-  p.d_ff = options.model.d_ff;
-  p.activation = options.model.activation;
-  p.dtype = options.model.dtype;
-  p.saved = SavedActivation::kRecompute;
-  p.rows = rows;
-  return p;
-}
 
 // ---- Creation -------------------------------------------------------------------------------
 
@@ -292,34 +274,13 @@ void StepExecutor::FillLayer(const LayerPlan& dp, const PlanOp& forward, LayerWo
 }
 
 StatusOr<StepPlan> StepExecutor::BuildPlan() const {
-  const ModelSpec& m = options_.model;
   StepPlanInputs in;
-  in.model.d_model = m.d_model;
-  in.model.d_ff = m.d_ff;
-  in.model.d_in = options_.model.d_in();
-  in.model.params = memory_.params;
-  in.model.weight_bytes = static_cast<uint32_t>(elem());
-  in.model.gradient_bytes = static_cast<uint32_t>(DTypeSize(options_.gradient_dtype));
-  in.model.state_arrays = 1 + static_cast<uint32_t>(StateArrays(options_.optimizer.kind));
-  for (uint32_t l = 0; l < m.layers; ++l)
-    in.model.experts_per_layer.push_back(table_.experts_in_layer(l));
-  PlanPolicy& p = in.policy;
-  p.strategy = options_.strategy;
-  p.learned_gate = gated();
-  p.delayed_update = delayed();
-  p.deferred_updates =
-      options_.optimizer.max_grad_norm > 0 || options_.optimizer.skip_step_on_nonfinite;
-  p.states_on_nvme = options_.placement.states_on_nvme();
-  p.weights_on_nvme = options_.placement.weights_on_nvme();
-  p.cache_slots = cache_->slots();
-  p.evaluation = evaluating_;
+  in.model = PlanModelOf(options_, memory_);
+  in.policy = PlanPolicyOf(options_, cache_->slots(), evaluating_);
   for (const MicroBatchWork& w : micro_) {
     MicroBatchRoute route;
+    if (w.plan) route = RouteOf(*w.plan);
     route.tokens = w.num_tokens;
-    if (w.plan) {
-      route.plan_bytes = w.plan->bytes();
-      for (uint32_t l = 0; l < m.layers; ++l) route.layers.push_back(RouteOf(w.plan->layer(l)));
-    }
     in.micro_batches.push_back(std::move(route));
   }
   // What the cache holds as the step begins, least recently used first (the last plan knows

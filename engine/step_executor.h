@@ -24,6 +24,7 @@
 
 #include "engine/expert_table.h"
 #include "engine/memory_plan.h"
+#include "engine/plan_inputs.h"
 #include "engine/plan_recorder.h"
 #include "engine/session_options.h"
 #include "engine/step_plan.h"
@@ -36,9 +37,6 @@
 #include "runtime/device/backend.h"
 
 namespace ecss {
-
-// The grouped FFN of the model (activations recomputed in backward) over `rows` rows.
-GroupedFfnProblem FfnProblemOf(const SessionOptions& options, uint32_t rows);
 
 class StepExecutor {
  public:

@@ -210,6 +210,16 @@ uint64_t ExpertStore::RegionBytes(const ExpertStoreOptions& options, ExpertState
   return Stride(options, state) * experts;
 }
 
+uint64_t ExpertStore::DiskBytes(const ExpertStoreOptions& options) {
+  uint64_t bytes = 0;
+  for (ExpertState state : kStates) {
+    if (HasState(options, state) && HasFile(options, state)) {
+      bytes += ExpertStateFile::DiskBytes(FileOptions(options, state));
+    }
+  }
+  return bytes;
+}
+
 // Read and Write of nvme states go through it, and device states on their way to and from
 // their files.
 uint64_t ExpertStore::StagingBytes(const ExpertStoreOptions& options) {
@@ -254,13 +264,17 @@ Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& opt
   return Status::Ok();
 }
 
-StateFileOptions ExpertStore::FileOptions(ExpertState state) const {
+StateFileOptions ExpertStore::FileOptions(const ExpertStoreOptions& options, ExpertState state) {
   StateFileOptions file;
-  file.dirs = options_.dirs;
+  file.dirs = options.dirs;
   file.arrays = 1;
-  file.element_bytes = ElementBytes(state);
-  file.max_expert_elements = Elements(state);
-  file.experts = index_.size();
+  file.element_bytes = state == ExpertState::kWeights
+                           ? static_cast<uint32_t>(DTypeSize(options.layout.weights_dtype))
+                           : 4;
+  file.max_expert_elements = StateBytes(options, state) / file.element_bytes;
+  uint32_t experts = 0;
+  for (uint32_t n : options.layout.experts_per_layer) experts += n;
+  file.experts = experts;
   file.name = StrCat("ecss-store-", ExpertStateName(state));
   file.shadow = true;
   file.array_names = {std::string(ExpertStateName(state))};
@@ -347,7 +361,7 @@ Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
     if (!HasFile(state)) continue;
     Files& files = files_[Index(state)];
-    const StateFileOptions file = FileOptions(state);
+    const StateFileOptions file = FileOptions(options_, state);
     auto opened = [&]() -> Status {
       ECSS_ASSIGN_OR_RETURN(files.write_io, CreateIoEngine(options_.io_engines));
       ECSS_ASSIGN_OR_RETURN(files.read_io, CreateIoEngine(options_.io_engines));

@@ -147,6 +147,9 @@ class ExpertStore {
   // memory state (0 for nvme or none) and the staging block (0 when nothing needs it).
   static uint64_t RegionBytes(const ExpertStoreOptions& options, ExpertState state);
   static uint64_t StagingBytes(const ExpertStoreOptions& options);
+  // The bytes a store with these options keeps on disk: the files of its NVMe states and of
+  // its durable memory states, with their shadow slots.
+  static uint64_t DiskBytes(const ExpertStoreOptions& options);
   uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
   Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
   const ExpertStoreLayout& layout() const { return options_.layout; }
@@ -175,7 +178,7 @@ class ExpertStore {
       : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
-  StateFileOptions FileOptions(ExpertState state) const;
+  static StateFileOptions FileOptions(const ExpertStoreOptions& options, ExpertState state);
   // Bytes of one element of the state's file arrays: the weights' dtype, else fp32.
   uint32_t ElementBytes(ExpertState state) const {
     return state == ExpertState::kWeights

@@ -13,6 +13,12 @@ namespace {
 constexpr char kMagic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
 constexpr uint32_t kVersion = 2;  // 2: element size and sequence number in the header
 constexpr uint32_t kHeaderBytes = 4096;
+
+// One version of one expert: its header and its arrays, each padded to 4 KiB.
+uint64_t SlotBytes(const StateFileOptions& options) {
+  return kHeaderBytes +
+         options.arrays * StateBlockBytes(options.max_expert_elements * options.element_bytes);
+}
 constexpr uint32_t kMaxArrays = 8;
 
 // Submits every request, then waits for all of them (also after a failure, so that nothing is
@@ -60,8 +66,7 @@ struct ExpertStateFile::Header {
 ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& options)
     : engine_(engine),
       options_(options),
-      slot_bytes_(kHeaderBytes + options.arrays * StateBlockBytes(options.max_expert_elements *
-                                                                  options.element_bytes)),
+      slot_bytes_(SlotBytes(options)),
       header_(std::aligned_alloc(4096, 2 * kHeaderBytes)),
       newest_sequence_(options.experts, UINT64_MAX),
       newest_copy_(options.experts, 0) {}
@@ -91,6 +96,10 @@ Status CheckOptions(IoEngine* engine, const StateFileOptions& o) {
   return Status::Ok();
 }
 }  // namespace
+
+uint64_t ExpertStateFile::DiskBytes(const StateFileOptions& options) {
+  return uint64_t{options.experts} * (options.shadow ? 2 : 1) * SlotBytes(options);
+}
 
 StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     IoEngine* engine, const StateFileOptions& options) {

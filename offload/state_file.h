@@ -68,6 +68,8 @@ class ExpertStateFile {
   Status Sync();
 
   uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
+  // Bytes Create reserves on disk for `options`, all directories together (for sizing).
+  static uint64_t DiskBytes(const StateFileOptions& options);
   const StateFileOptions& options() const { return options_; }
 
  private:

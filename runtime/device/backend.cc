@@ -12,6 +12,17 @@ namespace {
 std::atomic<uint32_t> g_next_backend_uid{1};
 }  // namespace
 
+BackendCapabilities AllocationRulesOf(DeviceKind kind) {
+  BackendCapabilities caps;
+  caps.device_alignment_bytes = 256;
+  if (kind == DeviceKind::kCuda) {
+    caps.device_alignment_bytes = 512;
+    caps.device_large_block_bytes = uint64_t{1} << 20;
+    caps.device_large_granularity_bytes = uint64_t{2} << 20;
+  }
+  return caps;
+}
+
 std::string_view CopyKindName(CopyKind kind) {
   switch (kind) {
     case CopyKind::kHostToDevice:

@@ -69,6 +69,12 @@ struct BackendCapabilities {
   int nccl_version = 0;     // NCCL version when built with it; 0 elsewhere
 };
 
+// How each kind of device's memory reserves blocks: the device_* fields of its backend's
+// capabilities, the rest default. The sim's arena rounds to 256 B; CUDA's caching allocator to
+// 512 B, and blocks of 1 MiB or more to 2 MiB (what PyTorch's does). For planning a device this
+// machine does not have (tools/plan); the backends fill their capabilities from it.
+BackendCapabilities AllocationRulesOf(DeviceKind kind);
+
 // Busy time of the device's engines since the backend was created: the seconds in which each
 // ran work (a copy engine per direction; the compute engine). What the engine measures as its
 // resources' use. `measured` is false on a backend that does not keep them (then all are 0).

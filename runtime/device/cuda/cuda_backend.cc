@@ -103,9 +103,10 @@ class CudaCachingAllocator final : public Allocator {
   }
 
  public:
-  static constexpr uint64_t kSmallGranule = 512;
-  static constexpr uint64_t kLargeBlock = uint64_t{1} << 20;
-  static constexpr uint64_t kLargeGranule = uint64_t{2} << 20;
+  static inline const BackendCapabilities kRules = AllocationRulesOf(DeviceKind::kCuda);
+  static inline const uint64_t kSmallGranule = kRules.device_alignment_bytes;
+  static inline const uint64_t kLargeBlock = kRules.device_large_block_bytes;
+  static inline const uint64_t kLargeGranule = kRules.device_large_granularity_bytes;
 
  private:
   void ReleaseCache() {
@@ -309,15 +310,12 @@ StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaOptions& options)
   cudaDeviceProp properties{};
   ECSS_CUDA_RETURN_IF_ERROR(cudaGetDeviceProperties(&properties, options.device),
                             "cudaGetDeviceProperties");
-  BackendCapabilities caps;
+  BackendCapabilities caps = AllocationRulesOf(DeviceKind::kCuda);
   caps.name = "cuda";
   caps.device_name = properties.name;
   caps.device = Device::Cuda(options.device);
   caps.device_memory_bytes = options.device_memory_bytes;
   caps.host_kernels = false;
-  caps.device_alignment_bytes = CudaCachingAllocator::kSmallGranule;
-  caps.device_large_block_bytes = CudaCachingAllocator::kLargeBlock;
-  caps.device_large_granularity_bytes = CudaCachingAllocator::kLargeGranule;
   cudaRuntimeGetVersion(&caps.runtime_version);
 #if ECSS_HAVE_NCCL
   ncclGetVersion(&caps.nccl_version);

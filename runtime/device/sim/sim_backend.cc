@@ -18,9 +18,6 @@
 
 namespace ecss {
 
-// Every block of the simulated device's memory: cudaMalloc's alignment guarantee.
-constexpr size_t kSimAlignment = 256;
-
 // The ops the engines ran, most recent last: the last kKeptOps, and every op that ended
 // after the `since` of the last engine_intervals query (a caller that queries step by step,
 // each step from where the last began or later, loses none however many ops a step has).
@@ -285,7 +282,7 @@ StatusOr<std::unique_ptr<SimBackend>> SimBackend::Create(const SimOptions& optio
   arena.name = StrCat("sim:", options.device_index, " device memory");
   arena.device = Device::Sim(options.device_index);
   arena.capacity_bytes = options.device_memory_bytes;
-  arena.alignment = kSimAlignment;
+  arena.alignment = AllocationRulesOf(DeviceKind::kSim).device_alignment_bytes;  // cudaMalloc's
   // A GPU's memory is there when the context is: faulted in now, so that no copy or kernel
   // of a step pays the host's page faults.
   arena.populate = true;
@@ -300,13 +297,12 @@ StatusOr<std::unique_ptr<Backend>> CreateSimBackend(const SimOptions& options) {
 
 namespace {
 BackendCapabilities SimCapabilities(const SimOptions& options, uint64_t capacity) {
-  BackendCapabilities caps;
+  BackendCapabilities caps = AllocationRulesOf(DeviceKind::kSim);  // an arena: no other rounding
   caps.name = "sim";
   caps.device_name = "simulated device";
   caps.device = Device::Sim(options.device_index);
   caps.device_memory_bytes = capacity;
   caps.host_kernels = true;
-  caps.device_alignment_bytes = kSimAlignment;  // an arena: no other rounding
   caps.kernel_mode = options.kernel_mode;
   caps.h2d_bandwidth_gbps = options.h2d_bandwidth_gbps;
   caps.d2h_bandwidth_gbps = options.d2h_bandwidth_gbps;

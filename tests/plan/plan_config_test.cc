@@ -1,0 +1,133 @@
+// ecss-plan's inputs: every preset parses, and every bad input is refused naming its JSON path.
+#include "tools/plan/plan_config.h"
+
+#include <string>
+
+#include <gtest/gtest.h>
+
+namespace ecss::plan {
+namespace {
+
+constexpr const char* kModel = R"({"name": "m", "sparse_layers": 2, "d_model": 64, "d_ff": 128,
+  "routing": {"kind": "rre", "domains": [{"name": "a", "experts": 4}, {"name": "b", "experts": 2}]},
+  "vocab": 1000})";
+
+// The message of a refused model, with `from` replaced by `to` in kModel.
+std::string ModelError(const std::string& from, const std::string& to) {
+  std::string text = kModel;
+  const size_t at = text.find(from);
+  EXPECT_NE(at, std::string::npos) << from;
+  text.replace(at, from.size(), to);
+  StatusOr<ModelConfig> parsed = ParseModel(text);
+  EXPECT_FALSE(parsed.ok()) << text;
+  EXPECT_EQ(parsed.status().code(), StatusCode::kInvalidArgument) << parsed.status();
+  return parsed.ok() ? "" : std::string(parsed.status().message());
+}
+
+TEST(PlanConfigTest, EveryPresetParses) {
+  for (const Preset& p : Presets()) {
+    if (p.kind == "model") {
+      StatusOr<ModelConfig> m = LoadModel(p.name);
+      ASSERT_TRUE(m.ok()) << p.name << ": " << m.status();
+      EXPECT_GT(m->total_params(), 0u);
+    } else if (p.kind == "hardware") {
+      StatusOr<HardwareConfig> h = LoadHardware(p.name);
+      ASSERT_TRUE(h.ok()) << p.name << ": " << h.status();
+      EXPECT_GT(h->devices(), 0u);
+    }
+  }
+  // PanGu-Σ's published size: 1.085T parameters.
+  const StatusOr<ModelConfig> pangu = LoadModel("pangu-sigma");
+  ASSERT_TRUE(pangu.ok());
+  EXPECT_NEAR(static_cast<double>(pangu->total_params()) / 1e12, 1.085, 0.001);
+  EXPECT_EQ(pangu->experts_per_layer(), 640u);
+}
+
+TEST(PlanConfigTest, AModelParsesWithItsDefaults) {
+  StatusOr<ModelConfig> m = ParseModel(kModel);
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->experts_per_layer(), 6u);
+  EXPECT_EQ(m->expert_params(), 2u * 64 * 128);
+  EXPECT_EQ(m->dtype, DType::kBF16);
+  EXPECT_EQ(m->activation, Activation::kGelu);
+  EXPECT_EQ(m->domains.at(1).name, "b");
+}
+
+TEST(PlanConfigTest, BadModelsAreRefusedNamingTheField) {
+  EXPECT_EQ(ModelError(R"("experts": 2})", R"("experts": 0})"),
+            "model.routing.domains[1].experts: must be > 0 (got 0)");
+  EXPECT_EQ(ModelError(R"("d_model": 64)", R"("d_model": -64)"),
+            "model.d_model: must be > 0 (got -64)");
+  EXPECT_EQ(ModelError(R"("d_model": 64)", R"("d_modle": 64)"), "model.d_model: required");
+  EXPECT_EQ(ModelError(R"("vocab": 1000)", R"("vocab": 1000, "vocabulary": 5)"),
+            "model.vocabulary: unknown field");
+  EXPECT_EQ(ModelError(R"("d_ff": 128)", R"("d_ff": "128")"),
+            "model.d_ff: must be an integer, not a string (\"128\")");
+  EXPECT_EQ(ModelError(R"("d_ff": 128)", R"("d_ff": 12.5)"),
+            "model.d_ff: must be an integer, not a number (12.5)");
+  EXPECT_EQ(ModelError(R"("kind": "rre")", R"("kind": "hash")"),
+            "model.routing.kind: 'hash': rre or gate");
+  EXPECT_EQ(ModelError(R"("name": "a", )", R"("name": "a", "expert": 3, )"),
+            "model.routing.domains[0].expert: unknown field");
+  EXPECT_EQ(ModelError(R"("vocab": 1000})", R"("vocab": 1000, "activation": "relu"})"),
+            "model.activation: unknown activation 'relu' (gelu or swiglu)");
+  // Groups that do not add up to the layer's stated width.
+  EXPECT_EQ(ModelError(R"("kind": "rre", )", R"("kind": "rre", "experts_per_layer": 8, )"),
+            "model.routing.experts_per_layer: 8, but the domains' groups add up to 6");
+  EXPECT_EQ(ModelError(R"("vocab": 1000)", R"("vocab": 3)"),
+            "model.routing.domains[0].experts: 4 is more than the vocabulary (3 token ids)");
+  EXPECT_EQ(ParseModel("[1, 2]").status().message(), "model: must be an object, not an array");
+  EXPECT_EQ(ParseModel("{").status().message(), "model: not valid JSON");
+}
+
+TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
+  const std::string hardware = R"({"device": {"kind": "sim", "memory_gib": 4,
+      "profile": "h100-sxm"}, "host": {"memory_gib": 24, "optimizer_threads": 1,
+      "optimizer_params_per_s_per_thread": 1e8}})";
+  ASSERT_TRUE(ParseHardware(hardware).ok()) << ParseHardware(hardware).status();
+  auto error = [](const std::string& text) {
+    StatusOr<HardwareConfig> h = ParseHardware(text);
+    return h.ok() ? std::string() : std::string(h.status().message());
+  };
+  std::string no_memory = hardware;
+  no_memory.replace(no_memory.find(R"("memory_gib": 4,)"), 16, "");
+  EXPECT_EQ(error(no_memory), "hardware.device.memory_gib: required");
+  std::string bad_profile = hardware;
+  bad_profile.replace(bad_profile.find("h100-sxm"), 8, "h900");
+  EXPECT_NE(error(bad_profile).find("hardware.device.profile: "), std::string::npos)
+      << error(bad_profile);
+  std::string bad_kind = hardware;
+  bad_kind.replace(bad_kind.find(R"("sim")"), 5, R"("tpu")");
+  EXPECT_EQ(error(bad_kind), "hardware.device.kind: 'tpu': cuda or sim");
+  std::string two_nodes = hardware;
+  two_nodes.replace(1, 0, R"("nodes": 2, )");
+  EXPECT_EQ(error(two_nodes), "hardware.network_gbps: required with more than one node");
+  std::string nan_rate = hardware;
+  nan_rate.replace(nan_rate.find("1e8"), 3, "-1e8");
+  EXPECT_EQ(error(nan_rate),
+            "hardware.host.optimizer_params_per_s_per_thread: must be > 0 (got -100000000.0)");
+
+  auto workload_error = [](const std::string& text) {
+    StatusOr<WorkloadConfig> w = ParseWorkload(text);
+    return w.ok() ? std::string() : std::string(w.status().message());
+  };
+  EXPECT_EQ(workload_error(R"({"tokens_per_micro_batch": 100})"),
+            "workload.seq_len: 256 does not divide tokens_per_micro_batch (100)");
+  EXPECT_EQ(workload_error(R"({"tokens_per_micro_batch": 512, "strategy": "fast"})"),
+            "workload.strategy: unknown strategy 'fast' (ecss, no-overlap, naive, zero-offload)");
+  EXPECT_EQ(workload_error(R"({"tokens_per_micro_batch": 512, "placement": {"weights": "nvme"}})"),
+            "workload.placement.weights: nvme needs placement.states nvme too");
+  EXPECT_EQ(workload_error(R"({"tokens_per_micro_batch": 512, "placement": {"state": "nvme"}})"),
+            "workload.placement.state: unknown field");
+  EXPECT_EQ(workload_error(R"({"micro_batches": 2})"), "workload.tokens_per_micro_batch: required");
+}
+
+TEST(PlanConfigTest, AnUnknownPresetListsTheKnownOnes) {
+  StatusOr<ModelConfig> m = LoadModel("pangu");
+  ASSERT_EQ(m.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("pangu-sigma"), std::string_view::npos) << m.status();
+  EXPECT_EQ(LoadHardware("/no/such/file.json").status().code(), StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace ecss::plan

@@ -1,0 +1,240 @@
+// The planner against the engine: for small configurations, the step plans it builds equal
+// the plans a session on the simulated device executes for the same micro-batches, op for op;
+// its memory plan is the session's; and the simulator prices the device's work as the sim's
+// timed mode charges it. Then the simulator's invariants on the strategies' shapes.
+#include "tools/plan/planner.h"
+
+#include <stdlib.h>
+
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engine/plan_inputs.h"
+#include "engine/session.h"
+#include "runtime/device/sim/sim_backend.h"
+#include "tools/plan/step_simulator.h"
+
+namespace ecss::plan {
+namespace {
+
+constexpr const char* kHardware = R"({"name": "test", "device": {"kind": "sim",
+    "memory_gib": 1, "profile": "h100-sxm"}, "host": {"memory_gib": 8, "optimizer_threads": 1,
+    "optimizer_params_per_s_per_thread": 5e8}, "nvme": {"capacity_gib": 10, "read_gbps": 1.5,
+    "write_gbps": 1.0}})";
+
+struct Config {
+  std::string name;
+  std::string model;
+  std::string workload;
+};
+
+std::vector<Config> Configs() {
+  const std::string rre = R"({"sparse_layers": 3, "d_model": 64, "d_ff": 128,
+      "routing": {"kind": "rre", "domains": [{"name": "a", "experts": 4}, {"name": "b",
+      "experts": 3}, {"name": "c", "experts": 5}, {"name": "d", "experts": 4}]},
+      "vocab": 500})";
+  const std::string gate = R"({"sparse_layers": 2, "d_model": 64, "d_ff": 64,
+      "activation": "swiglu", "routing": {"kind": "gate", "experts": 12, "k": 2},
+      "vocab": 500, "gradient_dtype": "bf16"})";
+  return {
+      {"ecss_host_two_micro_batches", rre,
+       R"({"tokens_per_micro_batch": 128, "seq_len": 32, "micro_batches": 2,
+           "domains_per_step": 2, "device_budget_gib": 0.004})"},
+      {"no_overlap_states_and_weights_on_nvme", rre,
+       R"({"tokens_per_micro_batch": 64, "seq_len": 32, "domains_per_step": 3,
+           "strategy": "no-overlap", "placement": {"weights": "nvme", "states": "nvme"},
+           "device_budget_gib": 0.004})"},
+      {"learned_gate_zero_offload_bf16_gradients", gate,
+       R"({"tokens_per_micro_batch": 64, "seq_len": 64, "strategy": "zero-offload",
+           "device_budget_gib": 0.008})"},
+  };
+}
+
+class PlannerTest : public ::testing::TestWithParam<Config> {};
+
+// Op for op, the plans are the same: kinds, resources, micro-batches, layers, experts, rows,
+// access positions, bytes, FLOPs and edges.
+void ExpectSamePlan(const StepPlan& planned, const StepPlan& executed, uint64_t step) {
+  ASSERT_EQ(planned.ops().size(), executed.ops().size()) << "step " << step;
+  for (size_t i = 0; i < planned.ops().size(); ++i) {
+    const PlanOp& a = planned.ops()[i];
+    const PlanOp& b = executed.ops()[i];
+    SCOPED_TRACE(::testing::Message()
+                 << "step " << step << " op " << i << " " << OpKindName(a.kind));
+    EXPECT_EQ(a.kind, b.kind);
+    EXPECT_EQ(a.resource, b.resource);
+    EXPECT_EQ(a.micro_batch, b.micro_batch);
+    EXPECT_EQ(a.layer, b.layer);
+    EXPECT_EQ(a.step_offset, b.step_offset);
+    EXPECT_EQ(a.experts, b.experts);
+    EXPECT_EQ(a.rows, b.rows);
+    EXPECT_EQ(a.position, b.position);
+    EXPECT_EQ(a.bytes, b.bytes);
+    EXPECT_EQ(a.flops, b.flops);
+    EXPECT_EQ(a.deps, b.deps);
+    EXPECT_EQ(a.host_waits, b.host_waits);
+  }
+}
+
+TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
+  const Config& config = GetParam();
+  auto model = ParseModel(config.model);
+  auto hardware = ParseHardware(kHardware);
+  auto workload = ParseWorkload(config.workload);
+  ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok())
+      << model.status() << hardware.status() << workload.status();
+  auto shard = ShardFor(*model, *hardware, *workload);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto options = SessionOptionsFor(*shard, *model, *hardware, *workload, workload->strategy);
+  ASSERT_TRUE(options.ok()) << options.status();
+  char dir[] = "/tmp/ecss_plan_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  if (options->placement.states_on_nvme()) options->placement.nvme_dirs = {dir};
+  auto memory = PlanMemoryFor(*options, *hardware);
+  ASSERT_TRUE(memory.ok()) << memory.status();
+  constexpr uint32_t kSteps = 4;
+  StepSampler planner_sampler(*options, shard->domains_per_step, workload->seed);
+  auto plans = BuildStepPlans(*options, *memory, planner_sampler, kSteps);
+  ASSERT_TRUE(plans.ok()) << plans.status();
+
+  SimOptions sim;
+  sim.device_memory_bytes = options->budgets.device_bytes + (uint64_t{8} << 20);
+  sim.kernel_mode = KernelMode::kTimed;
+  sim.h2d_bandwidth_gbps = hardware->device.h2d_bandwidth_gbps;
+  sim.d2h_bandwidth_gbps = hardware->device.d2h_bandwidth_gbps;
+  auto backend = SimBackend::Create(sim);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  {
+    auto session = Session::Create(**backend, *options);
+    ASSERT_TRUE(session.ok()) << session.status();
+    Session& s = **session;
+    EXPECT_EQ(s.memory_plan().Summary(), memory->Summary());
+    const ModelSpec& m = options->model;
+    const uint64_t act =
+        uint64_t{options->limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);
+    auto x = (*backend)->device_memory().Allocate(act, MemoryTag::kActivations);
+    auto y = (*backend)->device_memory().Allocate(act, MemoryTag::kActivations);
+    ASSERT_TRUE(x.ok() && y.ok());
+    ASSERT_TRUE((*backend)->MemsetAsync(s.compute_stream(), x->data(), 0, act).ok());
+    StepSampler sampler(*options, shard->domains_per_step, workload->seed);
+    const bool gated = options->routing == Routing::kLearnedGate;
+    double compute = 0, h2d = 0, d2h = 0;  // as the simulator prices the executed plans
+    double kernels = 0, copies = 0;        // the sim's clock rounds each to a nanosecond
+    StatusOr<StepSimulator> simulator =
+        StepSimulator::Create(*options, {hardware->device, 0, 1e9, 1.5, 1.0, 0, 0});
+    ASSERT_TRUE(simulator.ok()) << simulator.status();
+    const EngineBusyTimes before = (*backend)->busy_times();
+    for (uint32_t step = 0; step < kSteps; ++step) {
+      const std::vector<MicroBatch>& batches = sampler.NextStep();
+      ASSERT_TRUE(s.BeginStep(batches).ok());
+      for (uint32_t mb = 0; mb < batches.size(); ++mb) {
+        for (uint32_t l = 0; l < m.layers; ++l) {
+          const Status forward =
+              gated ? s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x->data(), y->data(),
+                                sampler.NextGate())
+                    : s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x->data(), y->data());
+          ASSERT_TRUE(forward.ok()) << forward;
+        }
+      }
+      for (uint32_t mb = 0; mb < batches.size(); ++mb) {
+        for (uint32_t l = m.layers; l-- > 0;) {
+          ASSERT_TRUE(s.Backward(MicroBatchIndex{mb}, LayerIndex{l}, y->data(), x->data()).ok());
+        }
+      }
+      auto stats = s.EndStep();
+      ASSERT_TRUE(stats.ok()) << stats.status();
+      auto executed = s.ExecutedPlan(stats->step);
+      ASSERT_TRUE(executed.ok()) << executed.status();
+      ExpectSamePlan((*plans)[step], *executed, step);
+      StepPlan priced = *executed;
+      ASSERT_TRUE(simulator->Run(priced).ok());
+      for (const PlanOp& op : priced.ops()) {
+        const double seconds = op.end_s - op.start_s;
+        if (op.resource == PlanResource::kCompute) {
+          compute += seconds;
+          kernels += 4;
+        }
+        if (op.resource == PlanResource::kH2d) h2d += seconds;
+        if (op.resource == PlanResource::kD2h) d2h += seconds;
+        if (op.resource == PlanResource::kH2d || op.resource == PlanResource::kD2h) {
+          copies += std::max<double>(1, op.experts.size());
+        }
+      }
+    }
+    ASSERT_TRUE(s.Synchronize().ok());
+    // The sim's timed engines were busy exactly as long as the simulator priced the ops.
+    const EngineBusyTimes after = (*backend)->busy_times();
+    EXPECT_NEAR(after.compute_busy_seconds - before.compute_busy_seconds, compute, kernels * 1e-9);
+    EXPECT_NEAR(after.h2d_busy_seconds - before.h2d_busy_seconds, h2d, copies * 1e-9);
+    EXPECT_NEAR(after.d2h_busy_seconds - before.d2h_busy_seconds, d2h, copies * 1e-9);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, PlannerTest, ::testing::ValuesIn(Configs()),
+                         [](const ::testing::TestParamInfo<Config>& param) {
+                           return param.param.name;
+                         });
+
+// The strategies' shapes, in virtual time: no-overlap and naive run their resources in turn
+// (the step takes at least the sum of their busy times), ecss overlaps them and is faster
+// than no-overlap, which moves the same bytes, and than naive and zero-offload, which move
+// every expert.
+TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
+  auto model = ParseModel(R"({"sparse_layers": 4, "d_model": 256, "d_ff": 512,
+      "routing": {"kind": "rre", "domains": 16, "experts_per_domain": 2}, "vocab": 5000})");
+  auto hardware = ParseHardware(kHardware);
+  auto workload = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "domains_per_step": 2,
+      "device_budget_gib": 0.1})");
+  ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok());
+  auto report = Plan(*model, *hardware, *workload);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->feasible);
+  std::map<Strategy, const StrategyPrediction*> by;
+  for (const StrategyPrediction& p : report->predictions) {
+    ASSERT_TRUE(p.feasible) << StrategyName(p.strategy) << ": " << p.why_not;
+    by[p.strategy] = &p;
+  }
+  ASSERT_EQ(by.size(), 4u);
+  for (Strategy chained : {Strategy::kNoOverlap, Strategy::kNaive}) {
+    const StepMetrics& metrics = by[chained]->metrics;
+    double sum = 0;
+    for (const ResourceUse& use : metrics.resources) sum += use.busy_seconds;
+    EXPECT_GE(metrics.seconds, sum * (1 - 1e-9)) << StrategyName(chained);
+    ASSERT_TRUE(metrics.overlap_fraction.has_value());
+    EXPECT_LE(*metrics.overlap_fraction, 1e-9);
+  }
+  EXPECT_EQ(by[Strategy::kEcss]->h2d_bytes, by[Strategy::kNoOverlap]->h2d_bytes);
+  EXPECT_EQ(by[Strategy::kEcss]->updated_params, by[Strategy::kNoOverlap]->updated_params);
+  EXPECT_GT(by[Strategy::kNaive]->updated_params, by[Strategy::kEcss]->updated_params);
+  EXPECT_GT(by[Strategy::kEcss]->tokens_per_s, by[Strategy::kNoOverlap]->tokens_per_s);
+  EXPECT_GT(by[Strategy::kEcss]->tokens_per_s, by[Strategy::kZeroOffload]->tokens_per_s);
+  EXPECT_GT(by[Strategy::kZeroOffload]->tokens_per_s, by[Strategy::kNaive]->tokens_per_s);
+  EXPECT_LT(by[Strategy::kEcss]->metrics.bound_ratio,
+            by[Strategy::kNoOverlap]->metrics.bound_ratio);
+}
+
+// An infeasible configuration names the short budget and the change that fits.
+TEST(PlannerTest, AModelTooLargeForHostMemorySaysWhatWouldFit) {
+  auto model = ParseModel(R"({"sparse_layers": 8, "d_model": 1024, "d_ff": 4096,
+      "routing": {"kind": "rre", "domains": 40, "experts_per_domain": 4}, "vocab": 5000})");
+  auto hardware = ParseHardware(kHardware);  // 8 GiB of host memory, 10 GiB of NVMe
+  auto workload = ParseWorkload(R"({"tokens_per_micro_batch": 512})");
+  ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok());
+  // 1,280 experts of 8.4M parameters: 21.5 GB of compute weights alone.
+  auto report = Plan(*model, *hardware, *workload);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_FALSE(report->feasible);
+  ASSERT_FALSE(report->short_of.empty());
+  EXPECT_NE(report->short_of[0].find("memory"), std::string::npos) << report->short_of[0];
+  bool host_more = false;
+  for (const std::string& s : report->suggestions) host_more |= s.find("host memory +") == 0;
+  EXPECT_TRUE(host_more) << ::testing::PrintToString(report->suggestions);
+}
+
+}  // namespace
+}  // namespace ecss::plan

@@ -1,0 +1,94 @@
+// ecss-plan: will a model fit, where will each byte live, how fast will a step be and what
+// limits it, for a model, hardware and workload (JSON files or presets), before launching.
+// Exit codes: 0 fits, 3 does not fit (the table or JSON says what is short and what would
+// fit), 2 bad input (the message names the field's JSON path).
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <string_view>
+
+#include "runtime/base/json_writer.h"
+#include "runtime/base/str_cat.h"
+#include "tools/plan/plan_config.h"
+#include "tools/plan/planner.h"
+
+namespace {
+
+constexpr int kFits = 0, kBadInput = 2, kDoesNotFit = 3;
+
+constexpr std::string_view kUsage =
+    "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE|PRESET]\n"
+    "                 [--json] [--no-bars]\n"
+    "       ecss-plan --list-presets\n"
+    "Plans one training step of an ECSS session per device: where every byte lives (device,\n"
+    "pinned, host, NVMe) and whether it fits, then the engine's own step plan run in virtual\n"
+    "time for ecss, zero-offload, no-overlap and naive. Exit 0: fits; 3: does not fit; 2: bad\n"
+    "input. Without --workload: 2,048 tokens a micro-batch, 4 domains a step, ecss, states in\n"
+    "host memory. tools/plan/README.md describes the files' fields.\n";
+
+int BadInput(std::string_view message) {
+  std::cerr << "ecss-plan: " << message << "\n";
+  return kBadInput;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_arg, hardware_arg, workload_arg;
+  bool json = false, bars = isatty(STDOUT_FILENO) != 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      return kFits;
+    }
+    if (arg == "--list-presets") {
+      for (const ecss::plan::Preset& p : ecss::plan::Presets()) {
+        std::cout << p.kind << "\t" << p.name << "\t" << p.about << "\n";
+      }
+      return kFits;
+    }
+    bool ok = true;
+    if (arg == "--model") {
+      ok = value(&model_arg);
+    } else if (arg == "--hardware") {
+      ok = value(&hardware_arg);
+    } else if (arg == "--workload") {
+      ok = value(&workload_arg);
+    } else if (arg == "--json") {
+      json = true;
+    } else if (arg == "--no-bars") {
+      bars = false;
+    } else {
+      return BadInput(ecss::StrCat("unknown argument '", arg, "'\n", kUsage));
+    }
+    if (!ok) return BadInput(ecss::StrCat(arg, " needs a value\n", kUsage));
+  }
+  if (model_arg.empty() || hardware_arg.empty()) {
+    return BadInput(ecss::StrCat("--model and --hardware are required\n", kUsage));
+  }
+  auto model = ecss::plan::LoadModel(model_arg);
+  if (!model.ok()) return BadInput(model.status().ToString());
+  auto hardware = ecss::plan::LoadHardware(hardware_arg);
+  if (!hardware.ok()) return BadInput(hardware.status().ToString());
+  ecss::StatusOr<ecss::plan::WorkloadConfig> workload = ecss::plan::DefaultWorkloadFor(*model);
+  if (!workload_arg.empty()) workload = ecss::plan::LoadWorkload(workload_arg);
+  if (!workload.ok()) return BadInput(workload.status().ToString());
+  auto report = ecss::plan::Plan(*model, *hardware, *workload);
+  if (!report.ok()) return BadInput(report.status().ToString());
+  if (json) {
+    ecss::JsonWriter out;
+    ecss::plan::WriteJson(*report, out);
+    std::cout << out.str() << "\n";
+  } else {
+    std::cout << ecss::plan::Table(*report, bars);
+  }
+  return report->feasible ? kFits : kDoesNotFit;
+}

@@ -1,0 +1,105 @@
+// What ecss-plan plans: a model, the hardware it runs on and the workload of a step, read from
+// JSON files or built-in presets. Every size is checked, every field must be known: a bad
+// input is InvalidArgument naming its JSON path ("model.routing.domains[3].experts: must be
+// > 0"), an unknown preset NotFound listing the known ones. Plain values.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/session_options.h"
+#include "runtime/base/device_id.h"
+#include "runtime/base/status.h"
+#include "runtime/device/device_profile.h"
+
+namespace ecss::plan {
+
+struct ModelConfig {
+  std::string name;
+  uint32_t sparse_layers = 0;
+  uint32_t d_model = 0;
+  uint32_t d_ff = 0;
+  Activation activation = Activation::kGelu;
+  // RRE: the domains and their groups (experts per sparse layer). A learned gate: experts per
+  // layer, k per token, and the load-balance assumption "uniform" (each token takes k distinct
+  // experts uniformly at random: a perfectly balanced gate in expectation).
+  Routing routing = Routing::kRre;
+  std::vector<DomainSpec> domains;
+  uint32_t gate_experts = 0;
+  uint32_t gate_k = 0;
+  // Parameters outside the experts (attention, dense layers, embeddings). Simple model: they
+  // live on every device (compute weights, fp32 gradients, master weights and moments sharded
+  // over the data-parallel devices as ZeRO stage 1 does) and cost 6 FLOPs per parameter and
+  // token (forward 2, backward 4) on the device. The engine does not run them.
+  uint64_t dense_params = 0;
+  uint32_t vocab = 0;
+  DType dtype = DType::kBF16;
+  DType gradient_dtype = DType::kF32;
+  OptimizerKind optimizer = OptimizerKind::kAdamW;
+
+  uint32_t experts_per_layer() const;
+  uint64_t expert_params() const;  // one expert's
+  uint64_t total_params() const;   // every expert's and the dense ones
+};
+
+struct NvmeDrive {
+  double capacity_gib = 0;
+  double read_gbps = 0;
+  double write_gbps = 0;
+};
+
+struct HardwareConfig {
+  std::string name;
+  uint32_t nodes = 1;
+  uint32_t devices_per_node = 1;
+  DeviceKind device_kind = DeviceKind::kCuda;  // whose allocation rules apply (sim or cuda)
+  double device_memory_gib = 0;
+  DeviceProfile device;  // TFLOPS, memory bandwidth, launch overhead, H2D / D2H GB/s
+  double copy_latency_us = 0;
+  double host_memory_gib = 0;                    // per node
+  double pinned_limit_gib = 0;                   // per node; 0 = host_memory_gib
+  uint32_t optimizer_threads = 1;                // per node
+  double optimizer_params_per_s_per_thread = 0;  // one thread's AdamW parameter updates / s
+  std::vector<NvmeDrive> nvme;                   // per node
+  double network_gbps = 0;  // between nodes, per node and direction; 0 with one node
+
+  uint32_t devices() const { return nodes * devices_per_node; }
+};
+
+struct WorkloadConfig {
+  uint32_t tokens_per_micro_batch = 0;  // per device
+  uint32_t seq_len = 256;               // tokens of a sample; divides tokens_per_micro_batch
+  uint32_t micro_batches = 1;
+  uint32_t domains_per_step = 1;  // RRE: the domains a device's micro-batches sample from
+  Strategy strategy = Strategy::kEcss;
+  Tier weights = Tier::kPinned;          // pinned or nvme
+  Tier states = Tier::kHost;             // master weights and moments: host or nvme
+  double device_budget_gib = 0;          // 0: the device's memory less the dense part
+  uint32_t prefetch_window_experts = 0;  // 0: every free cache slot
+  uint32_t steps = 6;                    // simulated (the first two warm up the cache)
+  uint64_t seed = 17;                    // sampled routing
+  uint32_t checkpoints_kept = 0;         // NVMe sizing: full copies of the states kept
+};
+
+// A file's path or a preset's name: a path when it ends in ".json" or names a file.
+StatusOr<ModelConfig> LoadModel(std::string_view file_or_preset);
+StatusOr<HardwareConfig> LoadHardware(std::string_view file_or_preset);
+StatusOr<WorkloadConfig> LoadWorkload(std::string_view file_or_preset);
+// The same from JSON text; `root` prefixes every error's path ("model").
+StatusOr<ModelConfig> ParseModel(std::string_view json, std::string_view root = "model");
+StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view root = "hardware");
+StatusOr<WorkloadConfig> ParseWorkload(std::string_view json, std::string_view root = "workload");
+
+// The presets: name and a line on where its figures come from.
+struct Preset {
+  std::string kind;  // "model", "hardware", "workload"
+  std::string name;
+  std::string about;
+};
+std::vector<Preset> Presets();
+// A model's own workload preset (its published batch shape), or the default workload.
+WorkloadConfig DefaultWorkloadFor(const ModelConfig& model);
+
+}  // namespace ecss::plan

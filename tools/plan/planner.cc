@@ -1,0 +1,725 @@
+#include "tools/plan/planner.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iomanip>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "engine/expert_updater.h"
+#include "engine/plan_inputs.h"
+#include "kernels/cpu/cpu_kernels.h"
+#include "optimizer/optimizer_config.h"
+#include "runtime/base/str_cat.h"
+#include "runtime/device/backend.h"
+#include "tools/plan/step_simulator.h"
+
+namespace ecss::plan {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+// Without a device budget in the workload, a device gives its session this fraction of its
+// memory, less the dense part: the rest is the runtime's context and the training loop's.
+constexpr double kDefaultDeviceShare = 0.9;
+constexpr uint32_t kWarmupSteps = 2;  // the cache fills and the overlap settles
+
+uint64_t Bytes(double gib) { return static_cast<uint64_t>(gib * kGiB); }
+uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
+
+// The grouped FFN's scratch for a micro-batch layer of max_rows rows, as the kernels size it.
+StatusOr<uint64_t> WorkspaceBytes(const SessionOptions& options) {
+  // The sim's kernels size their scratch by their threads (kernel_threads, 0 = every core).
+  CpuKernelOptions cpu;
+  cpu.threads = options.kernel_threads;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CpuKernels> kernels, CpuKernels::Create(cpu));
+  const GroupedFfnProblem sizing = FfnProblemOf(options, MaxRows(options));
+  return std::max(kernels->FfnForwardWorkspaceBytes(sizing),
+                  kernels->FfnBackwardWorkspaceBytes(sizing));
+}
+
+DeviceMemoryRules RulesOf(const HardwareConfig& hardware) {
+  return DeviceMemoryRules::Of(AllocationRulesOf(hardware.device_kind));
+}
+
+// The dense parameters on each device: split over the node's devices (tensor parallelism),
+// compute weights and fp32 gradients, and their master weights and moments sharded over all
+// devices (ZeRO stage 1).
+uint64_t DenseDeviceBytes(const ModelConfig& model, const HardwareConfig& hardware) {
+  const uint64_t p = model.dense_params;
+  const uint64_t states = p * 4 * (1 + static_cast<uint64_t>(StateArrays(model.optimizer)));
+  return CeilDiv(p * (DTypeSize(model.dtype) + 4), hardware.devices_per_node) +
+         CeilDiv(states, hardware.devices());
+}
+
+// What the session's store keeps on NVMe, and a checkpoint of its states.
+uint64_t NvmeBytes(const SessionOptions& options, const MemoryPlan& memory, uint32_t kept) {
+  const uint64_t disk = ExpertStore::DiskBytes(StoreOptionsFor(options, memory.params));
+  uint64_t experts = 0;
+  for (uint32_t n : options.ExpertsPerLayer()) experts += n;
+  const uint64_t checkpoint = experts * memory.params * 4 *
+                              (1 + static_cast<uint64_t>(StateArrays(options.optimizer.kind)));
+  return disk + uint64_t{kept} * checkpoint;
+}
+
+struct Fit {
+  std::optional<MemoryPlan> memory;  // with the device budget, when the cache fits
+  uint64_t dense = 0;                // the dense part's device bytes
+  uint64_t device_needed = 0;        // the least device budget (max_groups cache slots)
+  uint64_t device_budget = 0;
+  uint64_t pinned = 0, host = 0, nvme = 0;  // per device
+  std::vector<std::string> short_of;
+};
+
+uint64_t DeviceBudget(const ModelConfig& model, const HardwareConfig& hardware,
+                      const WorkloadConfig& workload) {
+  if (workload.device_budget_gib > 0) return Bytes(workload.device_budget_gib);
+  const auto share = static_cast<uint64_t>(kDefaultDeviceShare * hardware.device_memory_gib * kGiB);
+  const uint64_t dense = DenseDeviceBytes(model, hardware);
+  return share > dense ? share - dense : 0;
+}
+
+// Whether the session of `options` fits the device's share of the hardware, per tier.
+StatusOr<Fit> Assess(SessionOptions options, const ModelConfig& model,
+                     const HardwareConfig& hardware, const WorkloadConfig& workload) {
+  Fit fit;
+  fit.dense = DenseDeviceBytes(model, hardware);
+  ECSS_ASSIGN_OR_RETURN(const uint64_t workspace, WorkspaceBytes(options));
+  const DeviceMemoryRules rules = RulesOf(hardware);
+  fit.device_budget = options.budgets.device_bytes;
+  options.budgets.device_bytes = uint64_t{1} << 62;  // room for every expert: the fixed part
+  ECSS_ASSIGN_OR_RETURN(const MemoryPlan unbounded, PlanMemory(options, rules, workspace));
+  fit.device_needed = unbounded.DeviceBudgetFor(unbounded.max_groups);
+  const uint32_t per_node = hardware.devices_per_node;
+  if (fit.device_budget < fit.device_needed) {
+    fit.short_of.push_back(
+        StrCat("device memory: the session needs a device budget of at least ",
+               HumanBytes(fit.device_needed), ", has ", HumanBytes(fit.device_budget), " (",
+               HumanBytes(Bytes(hardware.device_memory_gib)), " of device memory, ",
+               HumanBytes(fit.dense), " of it the dense part)"));
+  } else {
+    options.budgets.device_bytes = fit.device_budget;
+    ECSS_ASSIGN_OR_RETURN(MemoryPlan bounded, PlanMemory(options, rules, workspace));
+    fit.memory = std::move(bounded);
+  }
+  const MemoryPlan& m = fit.memory ? *fit.memory : unbounded;
+  fit.pinned = m.Total(MemoryTier::kPinned);
+  fit.host = m.Total(MemoryTier::kHost);
+  fit.nvme =
+      options.placement.states_on_nvme() ? NvmeBytes(options, m, workload.checkpoints_kept) : 0;
+  const uint64_t pinned_node = fit.pinned * per_node,
+                 host_node = (fit.pinned + fit.host) * per_node;
+  if (pinned_node > Bytes(hardware.pinned_limit_gib)) {
+    fit.short_of.push_back(StrCat("pinned memory: ", HumanBytes(pinned_node),
+                                  " per node, the limit is ",
+                                  HumanBytes(Bytes(hardware.pinned_limit_gib))));
+  }
+  if (host_node > Bytes(hardware.host_memory_gib)) {
+    fit.short_of.push_back(StrCat("host memory: ", HumanBytes(host_node), " per node, has ",
+                                  HumanBytes(Bytes(hardware.host_memory_gib))));
+  }
+  double nvme_capacity = 0;
+  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  if (fit.nvme * per_node > Bytes(nvme_capacity)) {
+    fit.short_of.push_back(StrCat("NVMe: ", HumanBytes(fit.nvme * per_node), " per node, has ",
+                                  HumanBytes(Bytes(nvme_capacity))));
+  }
+  return fit;
+}
+
+// The device's share of the node's optimizer threads and NVMe drives; the device's rates.
+ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
+                       const WorkloadConfig& workload, uint32_t layers) {
+  ResourceRates rates;
+  rates.device = hardware.device;
+  rates.copy_latency_us = hardware.copy_latency_us;
+  const double threads =
+      std::max(1.0, static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node);
+  rates.optimizer_params_per_s = hardware.optimizer_params_per_s_per_thread * threads;
+  for (const NvmeDrive& d : hardware.nvme) {
+    rates.nvme_read_gbps += d.read_gbps / hardware.devices_per_node;
+    rates.nvme_write_gbps += d.write_gbps / hardware.devices_per_node;
+  }
+  // The dense part: 2 FLOPs per parameter and token forward, 4 backward, spread over the
+  // sparse layers' compute ops at the GEMM rate of the model's dtype.
+  const double tflops = model.dtype == DType::kBF16 ? hardware.device.peak_tflops_bf16
+                                                    : hardware.device.peak_tflops_f32;
+  const double flops_per_s = tflops * 1e12 * hardware.device.gemm_efficiency;
+  const double per_op = static_cast<double>(model.dense_params) / hardware.devices_per_node *
+                        workload.tokens_per_micro_batch / layers / flops_per_s;
+  rates.dense_forward_seconds = 2 * per_op;
+  rates.dense_backward_seconds = 4 * per_op;
+  return rates;
+}
+
+}  // namespace
+
+// ---- Shards and options -----------------------------------------------------------------------
+
+StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& hardware,
+                               const WorkloadConfig& workload) {
+  DeviceShard shard;
+  ModelSpec& m = shard.model;
+  m.layers = model.sparse_layers;
+  m.d_model = model.d_model;
+  m.d_ff = model.d_ff;
+  m.activation = model.activation;
+  m.dtype = model.dtype;
+  m.vocab = model.vocab;
+  m.seed = workload.seed;
+  const uint32_t devices = hardware.devices();
+  if (model.routing == Routing::kLearnedGate) {
+    const auto experts = static_cast<uint32_t>(CeilDiv(model.gate_experts, devices));
+    m.domains = {{"experts", experts}};
+    shard.gate_k = std::min(model.gate_k, experts);
+    shard.how = devices == 1 ? StrCat("all ", experts, " experts of each layer")
+                             : StrCat(experts, " of each layer's ", model.gate_experts,
+                                      " experts (the busiest of ", devices, " devices)");
+    return shard;
+  }
+  const auto domains = static_cast<uint32_t>(model.domains.size());
+  if (devices <= domains) {  // whole domains: the largest first onto the least loaded device
+    std::vector<uint32_t> order(domains);
+    for (uint32_t d = 0; d < domains; ++d) order[d] = d;
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+      return model.domains[a].experts > model.domains[b].experts;
+    });
+    std::vector<uint64_t> load(devices, 0);
+    std::vector<std::vector<uint32_t>> held(devices);
+    for (uint32_t d : order) {
+      const auto least =
+          static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      load[least] += model.domains[d].experts;
+      held[least].push_back(d);
+    }
+    const auto busiest =
+        static_cast<size_t>(std::max_element(load.begin(), load.end()) - load.begin());
+    std::sort(held[busiest].begin(), held[busiest].end());
+    for (uint32_t d : held[busiest]) m.domains.push_back(model.domains[d]);
+    shard.domains_per_step =
+        std::min<uint32_t>(workload.domains_per_step, static_cast<uint32_t>(m.domains.size()));
+    shard.how = devices == 1 ? StrCat("all ", domains, " domains")
+                             : StrCat(m.domains.size(), " of ", domains,
+                                      " domains (the busiest of ", devices, " devices)");
+    return shard;
+  }
+  // Each domain's group over devices / domains devices (at least one expert each).
+  const uint32_t per_domain = devices / domains;
+  uint32_t widest = 0;
+  size_t which = 0;
+  for (size_t d = 0; d < domains; ++d) {
+    const auto share = static_cast<uint32_t>(CeilDiv(model.domains[d].experts, per_domain));
+    if (share > widest) {
+      widest = share;
+      which = d;
+    }
+  }
+  m.domains = {{model.domains[which].name, widest}};
+  shard.domains_per_step = 1;
+  shard.how = StrCat(widest, " of ", model.domains[which].name, "'s ", model.domains[which].experts,
+                     " experts (each domain over ", per_domain, " devices)");
+  return shard;
+}
+
+StatusOr<SessionOptions> SessionOptionsFor(const DeviceShard& shard, const ModelConfig& model,
+                                           const HardwareConfig& hardware,
+                                           const WorkloadConfig& workload, Strategy strategy) {
+  SessionOptions o;
+  o.model = shard.model;
+  o.strategy = strategy;
+  o.device_profile = hardware.device;
+  o.gradient_dtype = model.gradient_dtype;
+  o.optimizer.kind = model.optimizer;
+  o.optimizer.threads = static_cast<int>(
+      std::max<uint32_t>(1, hardware.optimizer_threads / hardware.devices_per_node));
+  o.optimizer.skip_step_on_nonfinite = false;  // updates start as each layer's gradients arrive
+  o.limits.max_tokens_per_micro_batch = workload.tokens_per_micro_batch;
+  o.limits.max_micro_batches = workload.micro_batches;
+  if (model.routing == Routing::kLearnedGate) {
+    o.routing = Routing::kLearnedGate;
+    o.gate_k = shard.gate_k;
+  } else {  // the largest groups a step's domains may bring
+    std::vector<uint32_t> sizes;
+    for (const DomainSpec& d : shard.model.domains) sizes.push_back(d.experts);
+    std::sort(sizes.rbegin(), sizes.rend());
+    uint32_t most = 0;
+    for (uint32_t i = 0; i < shard.domains_per_step && i < sizes.size(); ++i) most += sizes[i];
+    o.limits.max_active_experts_per_layer = most;
+  }
+  o.prefetch_window_experts = workload.prefetch_window_experts;
+  o.placement.weights = workload.weights;
+  o.placement.master = o.placement.moments = workload.states;
+  if (workload.states == Tier::kNvme) o.placement.nvme_dirs = {"<nvme>"};  // never created
+  o.budgets.device_bytes = DeviceBudget(model, hardware, workload);
+  ECSS_RETURN_IF_ERROR(o.Validate().Annotate("the device's session"));
+  return o;
+}
+
+StatusOr<MemoryPlan> PlanMemoryFor(const SessionOptions& options, const HardwareConfig& hardware) {
+  ECSS_ASSIGN_OR_RETURN(const uint64_t workspace, WorkspaceBytes(options));
+  return PlanMemory(options, RulesOf(hardware), workspace);
+}
+
+// ---- Sampling and plans -----------------------------------------------------------------------
+
+StepSampler::StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint64_t seed)
+    : options_(options), domains_per_step_(domains_per_step), rng_(seed, 0) {
+  const uint32_t tokens = options.limits.max_tokens_per_micro_batch;
+  seq_len_ = std::min<uint32_t>(256, tokens);
+  while (tokens % seq_len_ != 0) --seq_len_;
+  samples_ = tokens / seq_len_;
+  const uint32_t mbs = options.limits.max_micro_batches;
+  ids_.assign(mbs, std::vector<uint32_t>(tokens));
+  domains_.assign(mbs, std::vector<uint32_t>(samples_));
+  picks_.resize(uint64_t{tokens} * std::max(1u, options.gate_k));
+  pick_weights_.assign(picks_.size(), 1.0f / static_cast<float>(std::max(1u, options.gate_k)));
+}
+
+const std::vector<MicroBatch>& StepSampler::NextStep() {
+  const auto domains = static_cast<uint32_t>(options_.model.domains.size());
+  std::vector<uint32_t> chosen;
+  while (chosen.size() < std::min(domains_per_step_, domains)) {
+    const uint32_t d = rng_.Uniform(domains);
+    if (std::find(chosen.begin(), chosen.end(), d) == chosen.end()) chosen.push_back(d);
+  }
+  batches_.clear();
+  for (size_t m = 0; m < ids_.size(); ++m) {
+    for (uint32_t s = 0; s < samples_; ++s) {
+      domains_[m][s] = chosen[(m * samples_ + s) % chosen.size()];
+    }
+    for (uint32_t& id : ids_[m]) id = rng_.Uniform(options_.model.vocab);
+    batches_.push_back({ids_[m].data(), samples_, seq_len_, domains_[m].data()});
+  }
+  return batches_;
+}
+
+GateChoices StepSampler::NextGate() {
+  const uint32_t k = options_.gate_k;
+  const uint32_t experts = options_.model.domains.at(0).experts;
+  for (size_t t = 0; t < picks_.size() / k; ++t) {  // k distinct experts per token
+    uint32_t* token = &picks_[t * k];
+    for (uint32_t j = 0; j < k; ++j) {
+      do {
+        token[j] = rng_.Uniform(experts);
+      } while (std::find(token, token + j, token[j]) != token + j);
+    }
+  }
+  return {picks_.data(), pick_weights_.data(), k};
+}
+
+StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
+                                               const MemoryPlan& memory, StepSampler& sampler,
+                                               uint32_t steps) {
+  const bool gated = options.routing == Routing::kLearnedGate;
+  std::optional<RreRouter> router;
+  if (!gated) {
+    ECSS_ASSIGN_OR_RETURN(RreRouter made, RouterOf(options.model));
+    router.emplace(std::move(made));
+  }
+  std::vector<StepPlan> plans;
+  std::vector<ExpertId> resident;
+  uint64_t held = 0;
+  std::set<ExpertId> published;  // delayed update: the experts whose update the step publishes
+  const uint32_t layers = options.model.layers;
+  for (uint32_t s = 0; s < steps; ++s) {
+    const std::vector<MicroBatch>& batches = sampler.NextStep();
+    StepPlanInputs in;
+    in.model = PlanModelOf(options, memory);
+    in.policy = PlanPolicyOf(options, memory.cache_slots, false);
+    for (const MicroBatch& batch : batches) {
+      MicroBatchRoute route;
+      if (router) {
+        ECSS_ASSIGN_OR_RETURN(const RoutingPlan routed, RoutingPlan::BuildRre(*router, batch));
+        route = RouteOf(routed);
+      }
+      route.tokens = batch.batch_size * batch.seq_len;
+      in.micro_batches.push_back(std::move(route));
+    }
+    in.resident = resident;
+    in.held_experts = options.delayed_update ? held : 0;
+    ECSS_ASSIGN_OR_RETURN(StepPlan plan, BuildStepPlan(in));
+    if (gated) {
+      const uint32_t experts = options.model.domains.at(0).experts;
+      for (uint32_t m = 0; m < batches.size(); ++m) {
+        const uint32_t tokens = batches[m].batch_size * batches[m].seq_len;
+        for (uint32_t l = 0; l < layers; ++l) {
+          const GateChoices gate = sampler.NextGate();
+          ECSS_ASSIGN_OR_RETURN(
+              const RoutingPlan routed,
+              RoutingPlan::FromAssignments(l, experts, tokens, gate.k, gate.experts, gate.weights));
+          ECSS_RETURN_IF_ERROR(plan.AppendForward(m, l, RouteOf(routed.layer(0)), routed.bytes()));
+        }
+      }
+      for (uint32_t m = 0; m < batches.size(); ++m) {
+        for (uint32_t l = layers; l-- > 0;) ECSS_RETURN_IF_ERROR(plan.AppendBackward(m, l));
+      }
+      plan.Finish();
+    }
+    std::set<ExpertId> touched;  // experts with gradients: their device copies go stale
+    for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
+      for (uint32_t e : copy->experts) touched.insert({static_cast<uint32_t>(copy->layer), e});
+    }
+    held = touched.size();
+    // An updated expert's device copy is dropped: at its update (ecss and the rest), or when
+    // the next step publishes it (delayed update: the update this step started).
+    const std::set<ExpertId>& dropped = options.delayed_update ? published : touched;
+    resident.clear();
+    for (const ExpertId& key : plan.ResidentAfter()) {
+      if (dropped.count(key) == 0) resident.push_back(key);
+    }
+    published = std::move(touched);
+    plans.push_back(std::move(plan));
+  }
+  return plans;
+}
+
+// ---- Plan -------------------------------------------------------------------------------------
+
+namespace {
+
+StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig& model,
+                                     const HardwareConfig& hardware, const WorkloadConfig& workload,
+                                     Strategy strategy) {
+  StrategyPrediction p;
+  p.strategy = strategy;
+  ECSS_ASSIGN_OR_RETURN(const SessionOptions options,
+                        SessionOptionsFor(shard, model, hardware, workload, strategy));
+  ECSS_ASSIGN_OR_RETURN(const Fit fit, Assess(options, model, hardware, workload));
+  if (!fit.memory) {
+    p.why_not = fit.short_of.at(0);
+    return p;
+  }
+  p.feasible = true;
+  p.cache_slots = fit.memory->cache_slots;
+  StepSampler sampler(options, shard.domains_per_step, workload.seed);
+  ECSS_ASSIGN_OR_RETURN(std::vector<StepPlan> plans,
+                        BuildStepPlans(options, *fit.memory, sampler, workload.steps));
+  const ResourceRates rates = RatesFor(hardware, model, workload, options.model.layers);
+  ECSS_ASSIGN_OR_RETURN(StepSimulator simulator, StepSimulator::Create(options, rates));
+  std::vector<StepMetrics> steady;
+  double seconds = 0;
+  for (size_t s = 0; s < plans.size(); ++s) {
+    ECSS_ASSIGN_OR_RETURN(const SimulatedStep step, simulator.Run(plans[s]));
+    if (s < kWarmupSteps) continue;
+    steady.push_back(step.metrics);
+    seconds += step.seconds;
+    for (size_t r = 0; r < kPlanResources; ++r) p.busy_per_step[r] += step.busy[r];
+    const StepPlan& plan = plans[s];
+    p.h2d_bytes += plan.Bytes(OpKind::kFetch) + plan.Bytes(OpKind::kPlanUpload);
+    p.d2h_bytes += plan.Bytes(OpKind::kGradientCopy);
+    p.nvme_bytes += plan.Bytes(OpKind::kStage) + plan.Bytes(OpKind::kStateRead) +
+                    plan.Bytes(OpKind::kStateWrite);
+    for (const PlanOp* update : plan.Find(OpKind::kUpdate)) {
+      if (update->step_offset == 0) p.updated_params += update->experts.size() * fit.memory->params;
+    }
+  }
+  const auto n = static_cast<double>(steady.size());
+  p.metrics = SumStepMetrics(steady);
+  p.step_seconds = seconds / n;
+  for (double& busy : p.busy_per_step) busy /= n;
+  p.h2d_bytes = static_cast<uint64_t>(static_cast<double>(p.h2d_bytes) / n);
+  p.d2h_bytes = static_cast<uint64_t>(static_cast<double>(p.d2h_bytes) / n);
+  p.nvme_bytes = static_cast<uint64_t>(static_cast<double>(p.nvme_bytes) / n);
+  p.updated_params = static_cast<uint64_t>(static_cast<double>(p.updated_params) / n);
+  const double tokens =
+      static_cast<double>(workload.tokens_per_micro_batch) * workload.micro_batches;
+  p.device_tokens_per_s = tokens / p.step_seconds;
+  p.tokens_per_s = p.device_tokens_per_s * hardware.devices();
+  p.dense_compute_seconds = (rates.dense_forward_seconds + rates.dense_backward_seconds) *
+                            options.model.layers * workload.micro_batches;
+  return p;
+}
+
+// The smallest changes of placement or budget that make an infeasible configuration fit.
+StatusOr<std::vector<std::string>> Suggest(const DeviceShard& shard, const ModelConfig& model,
+                                           const HardwareConfig& hardware,
+                                           const WorkloadConfig& workload, const Fit& fit) {
+  std::vector<std::string> out;
+  auto fits = [&](const WorkloadConfig& changed) -> StatusOr<bool> {
+    ECSS_ASSIGN_OR_RETURN(const SessionOptions o,
+                          SessionOptionsFor(shard, model, hardware, changed, changed.strategy));
+    ECSS_ASSIGN_OR_RETURN(const Fit f, Assess(o, model, hardware, changed));
+    return f.short_of.empty();
+  };
+  if (workload.states == Tier::kHost) {
+    WorkloadConfig changed = workload;
+    changed.states = Tier::kNvme;
+    ECSS_ASSIGN_OR_RETURN(const bool ok, fits(changed));
+    if (ok)
+      out.push_back("master weights and moments to NVMe (workload.placement.states \"nvme\")");
+  }
+  if (workload.weights == Tier::kPinned) {
+    WorkloadConfig changed = workload;
+    changed.states = changed.weights = Tier::kNvme;
+    ECSS_ASSIGN_OR_RETURN(const bool ok, fits(changed));
+    if (ok && out.empty()) {
+      out.push_back("states and weights to NVMe (workload.placement.states and .weights \"nvme\")");
+    }
+  }
+  const uint32_t per_node = hardware.devices_per_node;
+  if (fit.device_budget < fit.device_needed) {
+    const uint64_t memory = Bytes(hardware.device_memory_gib);
+    if (fit.device_needed + fit.dense <= memory) {
+      out.push_back(StrCat("device budget +", HumanBytes(fit.device_needed - fit.device_budget),
+                           " (workload.device_budget_gib ",
+                           std::ceil(static_cast<double>(fit.device_needed) / kGiB * 100) / 100,
+                           ")"));
+    } else {
+      out.push_back(StrCat("device memory +", HumanBytes(fit.device_needed + fit.dense - memory),
+                           " (a device of ",
+                           std::ceil(static_cast<double>(fit.device_needed + fit.dense) / kGiB),
+                           " GiB), or fewer tokens per micro-batch"));
+    }
+  }
+  const uint64_t host_node = (fit.pinned + fit.host) * per_node;
+  if (host_node > Bytes(hardware.host_memory_gib)) {
+    out.push_back(StrCat("host memory +", HumanBytes(host_node - Bytes(hardware.host_memory_gib)),
+                         " per node"));
+  }
+  if (fit.pinned * per_node > Bytes(hardware.pinned_limit_gib)) {
+    out.push_back(StrCat("pinned limit +",
+                         HumanBytes(fit.pinned * per_node - Bytes(hardware.pinned_limit_gib)),
+                         " per node"));
+  }
+  double nvme_capacity = 0;
+  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  if (fit.nvme * per_node > Bytes(nvme_capacity)) {
+    out.push_back(
+        StrCat("NVMe +", HumanBytes(fit.nvme * per_node - Bytes(nvme_capacity)), " per node"));
+  }
+  return out;
+}
+
+}  // namespace
+
+StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
+                          const WorkloadConfig& workload) {
+  const auto began = std::chrono::steady_clock::now();
+  PlanReport r;
+  r.model = model;
+  r.hardware = hardware;
+  r.workload = workload;
+  r.devices = hardware.devices();
+  ECSS_ASSIGN_OR_RETURN(r.shard, ShardFor(model, hardware, workload));
+  ECSS_ASSIGN_OR_RETURN(const SessionOptions options,
+                        SessionOptionsFor(r.shard, model, hardware, workload, workload.strategy));
+  ECSS_ASSIGN_OR_RETURN(const Fit fit, Assess(options, model, hardware, workload));
+  if (fit.memory) {
+    r.memory = *fit.memory;
+  } else {  // the plan with the least budget, to show what would be where
+    SessionOptions least = options;
+    least.budgets.device_bytes = fit.device_needed;
+    ECSS_ASSIGN_OR_RETURN(const uint64_t workspace, WorkspaceBytes(least));
+    ECSS_ASSIGN_OR_RETURN(r.memory, PlanMemory(least, RulesOf(hardware), workspace));
+  }
+  r.dense_device_bytes = DenseDeviceBytes(model, hardware);
+  r.nvme_bytes = fit.nvme;
+  const uint32_t per_node = hardware.devices_per_node;
+  double nvme_capacity = 0;
+  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  const uint64_t device_memory = Bytes(hardware.device_memory_gib);
+  r.tiers = {
+      {"device", r.memory.Total(MemoryTier::kDevice) + r.dense_device_bytes, device_memory,
+       (r.memory.Total(MemoryTier::kDevice) + r.dense_device_bytes) * per_node,
+       device_memory * per_node},
+      {"pinned", fit.pinned, Bytes(hardware.pinned_limit_gib) / per_node, fit.pinned * per_node,
+       Bytes(hardware.pinned_limit_gib)},
+      {"host", fit.host, Bytes(hardware.host_memory_gib) / per_node, fit.host * per_node,
+       Bytes(hardware.host_memory_gib)},
+      {"nvme", fit.nvme, Bytes(nvme_capacity) / per_node, fit.nvme * per_node,
+       Bytes(nvme_capacity)},
+  };
+  r.short_of = fit.short_of;
+  r.feasible = fit.short_of.empty();
+  if (!r.feasible) {
+    ECSS_ASSIGN_OR_RETURN(r.suggestions, Suggest(r.shard, model, hardware, workload, fit));
+  }
+  std::vector<Strategy> strategies = {workload.strategy};
+  for (Strategy s :
+       {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap, Strategy::kNaive}) {
+    if (s != workload.strategy) strategies.push_back(s);
+  }
+  for (Strategy s : strategies) {
+    ECSS_ASSIGN_OR_RETURN(StrategyPrediction p, Predict(r.shard, model, hardware, workload, s));
+    r.predictions.push_back(std::move(p));
+  }
+  r.plan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  return r;
+}
+
+// ---- Output -----------------------------------------------------------------------------------
+
+namespace {
+
+const StrategyPrediction* Find(const PlanReport& r, Strategy strategy) {
+  for (const StrategyPrediction& p : r.predictions) {
+    if (p.strategy == strategy && p.feasible) return &p;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+void WriteJson(const PlanReport& r, JsonWriter& json) {
+  json.BeginObject()
+      .Field("model", r.model.name)
+      .Field("hardware", r.hardware.name)
+      .Field("devices", uint64_t{r.devices})
+      .Field("total_params", r.model.total_params())
+      .Field("expert_params", r.model.expert_params())
+      .Field("device_share", r.shard.how)
+      .Field("strategy", StrategyName(r.workload.strategy))
+      .Field("feasible", r.feasible);
+  json.Key("short_of").BeginArray();
+  for (const std::string& s : r.short_of) json.String(s);
+  json.EndArray().Key("suggestions").BeginArray();
+  for (const std::string& s : r.suggestions) json.String(s);
+  json.EndArray().Key("placement").BeginObject();
+  json.Key("items").BeginArray();
+  for (const MemoryItem& item : r.memory.items) {
+    json.BeginObject()
+        .Field("what", item.what)
+        .Field("tier", MemoryTierName(item.tier))
+        .Field("count", item.count)
+        .Field("bytes", item.total())
+        .EndObject();
+  }
+  if (r.dense_device_bytes > 0) {
+    json.BeginObject()
+        .Field("what", "dense parameters (modelled)")
+        .Field("tier", "device")
+        .Field("count", uint64_t{1})
+        .Field("bytes", r.dense_device_bytes)
+        .EndObject();
+  }
+  if (r.nvme_bytes > 0) {
+    json.BeginObject()
+        .Field("what", "expert store files and checkpoints")
+        .Field("tier", "nvme")
+        .Field("count", uint64_t{1})
+        .Field("bytes", r.nvme_bytes)
+        .EndObject();
+  }
+  json.EndArray().Key("tiers").BeginObject();
+  for (const TierUse& t : r.tiers) {
+    json.Key(t.tier)
+        .BeginObject()
+        .Field("bytes_per_device", t.bytes)
+        .Field("budget_per_device", t.budget)
+        .Field("bytes_per_node", t.node_bytes)
+        .Field("budget_per_node", t.node_budget)
+        .EndObject();
+  }
+  json.EndObject().EndObject().Key("strategies").BeginArray();
+  const StrategyPrediction* ecss = Find(r, Strategy::kEcss);
+  for (const StrategyPrediction& p : r.predictions) {
+    json.BeginObject().Field("strategy", StrategyName(p.strategy)).Field("feasible", p.feasible);
+    if (!p.feasible) {
+      json.Field("why_not", p.why_not).EndObject();
+      continue;
+    }
+    json.Field("tokens_per_s", p.tokens_per_s)
+        .Field("device_tokens_per_s", p.device_tokens_per_s)
+        .Field("step_seconds", p.step_seconds)
+        .Field("bound_ratio", p.metrics.bound_ratio)
+        .Key("overlap_fraction");
+    if (p.metrics.overlap_fraction) {
+      json.Double(*p.metrics.overlap_fraction);
+    } else {
+      json.Null();
+    }
+    json.Field("bottleneck", p.metrics.bottleneck).Key("resources").BeginObject();
+    const double steps = p.step_seconds > 0 ? p.metrics.seconds / p.step_seconds : 1;
+    for (const ResourceUse& use : p.metrics.resources) {
+      json.Key(use.name)
+          .BeginObject()
+          .Field("busy_seconds_per_step", use.busy_seconds / steps)
+          .Field("exposed_seconds_per_step", use.exposed_seconds / steps)
+          .Field("utilisation", use.busy_seconds / p.metrics.seconds)
+          .EndObject();
+    }
+    json.EndObject().Key("plan_resources").BeginObject();
+    for (size_t i = 0; i < kPlanResources; ++i) {
+      json.Field(PlanResourceName(static_cast<PlanResource>(i)), p.busy_per_step[i]);
+    }
+    json.EndObject()
+        .Field("dense_compute_seconds_per_step", p.dense_compute_seconds)
+        .Field("h2d_bytes", p.h2d_bytes)
+        .Field("d2h_bytes", p.d2h_bytes)
+        .Field("nvme_bytes", p.nvme_bytes)
+        .Field("updated_params", p.updated_params)
+        .Field("cache_slots", uint64_t{p.cache_slots});
+    if (ecss != nullptr && p.strategy != Strategy::kEcss) {
+      json.Field("ecss_ratio", ecss->tokens_per_s / p.tokens_per_s);
+    }
+    json.EndObject();
+  }
+  json.EndArray().Field("plan_seconds", r.plan_seconds).EndObject();
+}
+
+std::string Table(const PlanReport& r, bool bars) {
+  std::ostringstream out;
+  out << "ecss-plan: " << r.model.name << " (" << std::setprecision(4)
+      << static_cast<double>(r.model.total_params()) / 1e9 << "B parameters) on " << r.hardware.name
+      << " (" << r.devices << " device" << (r.devices > 1 ? "s" : "") << "), strategy "
+      << StrategyName(r.workload.strategy) << "\n"
+      << "each device holds " << r.shard.how << "\n\n"
+      << (r.feasible ? "FITS" : "DOES NOT FIT") << "  (per device; per node x"
+      << r.hardware.devices_per_node << ")\n";
+  for (const TierUse& t : r.tiers) {
+    if (t.budget == 0 && t.bytes == 0) continue;
+    out << "  " << std::left << std::setw(7) << t.tier << std::right << std::setw(12)
+        << HumanBytes(t.bytes) << " of " << std::setw(12) << HumanBytes(t.budget);
+    if (bars && t.budget > 0) {
+      const double f = std::min(1.0, static_cast<double>(t.bytes) / static_cast<double>(t.budget));
+      const int filled = static_cast<int>(std::round(f * 30));
+      out << "  [" << std::string(filled, '#') << std::string(30 - filled, '.') << "]"
+          << (t.bytes > t.budget ? " OVER" : "");
+    }
+    out << "\n";
+  }
+  out << "\nwhere each byte lives (per device)\n";
+  for (const MemoryItem& item : r.memory.items) {
+    out << "  " << std::left << std::setw(7) << MemoryTierName(item.tier) << std::setw(44)
+        << item.what << std::right << std::setw(8) << item.count << " x " << std::setw(11)
+        << HumanBytes(item.reserved) << " = " << HumanBytes(item.total()) << "\n";
+  }
+  if (r.dense_device_bytes > 0) {
+    out << "  device " << std::left << std::setw(44) << "dense parameters (modelled)" << std::right
+        << std::setw(26) << "" << HumanBytes(r.dense_device_bytes) << "\n";
+  }
+  if (r.nvme_bytes > 0) {
+    out << "  nvme   " << std::left << std::setw(44) << "expert store files and checkpoints"
+        << std::right << std::setw(26) << "" << HumanBytes(r.nvme_bytes) << "\n";
+  }
+  for (const std::string& s : r.short_of) out << "  short: " << s << "\n";
+  for (const std::string& s : r.suggestions) out << "  would fit: " << s << "\n";
+  out << "\npredicted step (steady state, per device; the whole model's tokens/s)\n"
+      << "  strategy       tokens/s   step s   bound  overlap  bottleneck   vs ecss\n";
+  const StrategyPrediction* ecss = Find(r, Strategy::kEcss);
+  for (const StrategyPrediction& p : r.predictions) {
+    out << "  " << std::left << std::setw(13) << StrategyName(p.strategy) << std::right;
+    if (!p.feasible) {
+      out << "  does not fit: " << p.why_not << "\n";
+      continue;
+    }
+    out << std::fixed << std::setprecision(0) << std::setw(10) << p.tokens_per_s
+        << std::setprecision(4) << std::setw(9) << p.step_seconds << std::setprecision(3)
+        << std::setw(8) << p.metrics.bound_ratio << std::setw(9);
+    if (p.metrics.overlap_fraction) {
+      out << *p.metrics.overlap_fraction + 0.0;  // no "-0.000"
+    } else {
+      out << "n/a";
+    }
+    out << "  " << std::left << std::setw(11) << p.metrics.bottleneck << std::right;
+    if (ecss != nullptr && p.strategy != Strategy::kEcss) {
+      out << std::setprecision(2) << std::setw(8) << ecss->tokens_per_s / p.tokens_per_s << "x";
+    }
+    out << std::defaultfloat << "\n";
+  }
+  out << "\nplanned in " << std::setprecision(3) << r.plan_seconds << " s\n";
+  return out.str();
+}
+
+}  // namespace ecss::plan

@@ -1,0 +1,129 @@
+// The planner behind ecss-plan: for a model, hardware and workload, where every byte of one
+// device's session lives (the engine's own MemoryPlan, engine/memory_plan.h), whether it fits
+// and the smallest change that would, and how fast a step runs (the engine's own StepPlan,
+// built from sampled routing and run in virtual time by StepSimulator), for ecss and the
+// strategies a user could pick instead.
+//
+// Several devices: the engine plans one device's session; the planner gives each device its
+// share of the experts (expert parallelism: whole domains per device while there are at least
+// as many domains as devices, else each domain's group spread over devices / domains devices;
+// a learned gate's experts split evenly) and plans the busiest device. Each device trains on
+// its own micro-batches (data parallelism), so the model's tokens/s is the device's times the
+// devices. The all-to-all that would carry tokens to other devices' experts is not modelled
+// (the engine does not run it yet).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/memory_plan.h"
+#include "engine/session_options.h"
+#include "engine/step_metrics.h"
+#include "engine/step_plan.h"
+#include "router/routing_plan.h"
+#include "runtime/base/json_writer.h"
+#include "runtime/base/random.h"
+#include "tools/plan/plan_config.h"
+
+namespace ecss::plan {
+
+// One device's part of the model and what it trains on.
+struct DeviceShard {
+  ModelSpec model;                // its experts: the domains (or share of one) it holds
+  uint32_t gate_k = 0;            // learned gate: choices per token among its experts
+  uint32_t domains_per_step = 1;  // RRE: domains a step's samples come from
+  std::string how;                // "5 of 40 domains", "2 of domain0's 16 experts", ...
+};
+StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& hardware,
+                               const WorkloadConfig& workload);
+
+// The session options of the device's shard for `strategy` (budgets: the device's share of
+// the hardware; states on NVMe get a placeholder directory: nothing is created).
+StatusOr<SessionOptions> SessionOptionsFor(const DeviceShard& shard, const ModelConfig& model,
+                                           const HardwareConfig& hardware,
+                                           const WorkloadConfig& workload, Strategy strategy);
+
+// The session's memory plan on the hardware's device (its allocation rules, the kernels'
+// scratch): what Session::memory_plan() is for these options on such a device.
+StatusOr<MemoryPlan> PlanMemoryFor(const SessionOptions& options, const HardwareConfig& hardware);
+
+// The micro-batches of each step, as ecss-bench step makes them: the step's domains drawn at
+// random (distinct), samples of seq_len tokens dealt to them in turn, token ids uniform over
+// the vocabulary; with a learned gate, k distinct experts per token drawn at random (the
+// "uniform" load-balance assumption). Deterministic in the seed.
+class StepSampler {
+ public:
+  StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint64_t seed);
+  // The next step's micro-batches (valid until the next call).
+  const std::vector<MicroBatch>& NextStep();
+  // A learned gate's choices for the current step's (micro-batch, layer), drawn at the call.
+  GateChoices NextGate();
+
+ private:
+  SessionOptions options_;
+  uint32_t domains_per_step_;
+  uint32_t samples_ = 0, seq_len_ = 0;
+  CounterRng rng_;
+  std::vector<std::vector<uint32_t>> ids_, domains_;
+  std::vector<MicroBatch> batches_;
+  std::vector<uint32_t> picks_;
+  std::vector<float> pick_weights_;
+};
+
+// The plans of consecutive steps of a session with `options` and `memory` (its memory plan),
+// as its executor would build them from the sampler's micro-batches (and gate choices, forward
+// of every micro-batch's layers, then their backward, last layer first).
+StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
+                                               const MemoryPlan& memory, StepSampler& sampler,
+                                               uint32_t steps);
+
+struct TierUse {
+  std::string tier;     // "device", "pinned", "host", "nvme"
+  uint64_t bytes = 0;   // per device
+  uint64_t budget = 0;  // per device
+  uint64_t node_bytes = 0;
+  uint64_t node_budget = 0;
+};
+
+struct StrategyPrediction {
+  Strategy strategy = Strategy::kEcss;
+  bool feasible = false;
+  std::string why_not;  // when not feasible
+  uint32_t cache_slots = 0;
+  double step_seconds = 0;  // steady state, per device
+  double tokens_per_s = 0;  // every device together
+  double device_tokens_per_s = 0;
+  StepMetrics metrics;                                 // steady-state steps summed (step_metrics.h)
+  std::array<double, kPlanResources> busy_per_step{};  // per plan resource
+  double dense_compute_seconds = 0;                    // per step, inside the compute figures
+  uint64_t h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated_params = 0;  // per step
+};
+
+struct PlanReport {
+  ModelConfig model;
+  HardwareConfig hardware;
+  WorkloadConfig workload;
+  DeviceShard shard;
+  uint32_t devices = 1;
+  MemoryPlan memory;  // the workload's strategy's, per device
+  uint64_t dense_device_bytes = 0;
+  uint64_t nvme_bytes = 0;  // per device: the store's files and the checkpoints kept
+  std::vector<TierUse> tiers;
+  bool feasible = false;
+  std::vector<std::string> short_of;            // "host memory: 1.2 TiB needed per node, 768 GiB"
+  std::vector<std::string> suggestions;         // the smallest changes that fit
+  std::vector<StrategyPrediction> predictions;  // the workload's strategy first
+  double plan_seconds = 0;                      // what planning took here
+};
+
+StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
+                          const WorkloadConfig& workload);
+
+// The report as JSON (the step bench's field names where they mean the same) and as a table.
+void WriteJson(const PlanReport& report, JsonWriter& json);
+std::string Table(const PlanReport& report, bool bars);
+
+}  // namespace ecss::plan

@@ -1,0 +1,287 @@
+#include "tools/plan/step_simulator.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <set>
+
+#include "engine/plan_inputs.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss::plan {
+namespace {
+
+bool UpdateLike(OpKind kind) {
+  return kind == OpKind::kStateRead || kind == OpKind::kUpdate || kind == OpKind::kStateWrite;
+}
+
+size_t Index(PlanResource resource) { return static_cast<size_t>(resource); }
+
+std::chrono::steady_clock::time_point At(double seconds) {
+  return std::chrono::steady_clock::time_point() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+             std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
+
+StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
+                                              const ResourceRates& rates) {
+  ECSS_RETURN_IF_ERROR(options.Validate());
+  ECSS_RETURN_IF_ERROR(ValidateDeviceProfile(rates.device));
+  if (!(rates.optimizer_params_per_s > 0) || !std::isfinite(rates.optimizer_params_per_s)) {
+    return InvalidArgumentError(StrCat("step simulator: optimizer parameters/s must be > 0 (got ",
+                                       rates.optimizer_params_per_s, ")"));
+  }
+  if (!(rates.copy_latency_us >= 0)) {
+    return InvalidArgumentError("step simulator: copy latency must be >= 0");
+  }
+  if (options.placement.states_on_nvme() &&
+      !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
+    return InvalidArgumentError(
+        "step simulator: states on NVMe need NVMe read and write GB/s > 0 (hardware.nvme)");
+  }
+  return StepSimulator(options, rates);
+}
+
+double StepSimulator::CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const {
+  return copies * rates_.copy_latency_us * 1e-6 + static_cast<double>(bytes) / (gbps * 1e9);
+}
+
+double StepSimulator::ExpertParams() const {
+  const ModelSpec& m = options_.model;
+  return static_cast<double>(uint64_t{m.d_model} * m.d_in() + uint64_t{m.d_ff} * m.d_model);
+}
+
+double StepSimulator::Seconds(const PlanOp& op) const {
+  switch (op.kind) {
+    case OpKind::kPlanUpload:
+    case OpKind::kFetch:
+      return CopySeconds(op.bytes, 1, rates_.device.h2d_bandwidth_gbps);
+    case OpKind::kGradientCopy:  // one copy per expert
+      return CopySeconds(op.bytes, static_cast<uint32_t>(op.experts.size()),
+                         rates_.device.d2h_bandwidth_gbps);
+    case OpKind::kForward:
+      return ComputeOpSeconds(options_, op, rates_.device) + rates_.dense_forward_seconds;
+    case OpKind::kBackward:
+      return ComputeOpSeconds(options_, op, rates_.device) + rates_.dense_backward_seconds;
+    case OpKind::kStage:
+    case OpKind::kStateRead:
+      return static_cast<double>(op.bytes) / (rates_.nvme_read_gbps * 1e9);
+    case OpKind::kStateWrite:
+      return static_cast<double>(op.bytes) / (rates_.nvme_write_gbps * 1e9);
+    case OpKind::kUpdate:
+      return static_cast<double>(op.experts.size()) * ExpertParams() /
+             rates_.optimizer_params_per_s;
+    case OpKind::kEvict:
+    case OpKind::kAccumulate:  // host adds, on the driving thread (not modelled)
+    case OpKind::kPublish:
+      return 0;
+  }
+  return 0;
+}
+
+void StepSimulator::Occupy(PlanResource resource, double start, double end) {
+  if (resource == PlanResource::kNone || end <= start) return;
+  intervals_[Index(resource)].emplace_back(start, end);
+}
+
+// Note [Updates in fetch order] (engine/step_executor.cc): at BeginStep the optimizer runs the
+// previous step's updates that have not started in the order the new step fetches their
+// experts. Host states only: the NVMe updater keeps its order.
+void StepSimulator::Expedite(const StepPlan& plan, double begin) {
+  if (updates_.empty() || options_.placement.states_on_nvme() || options_.delayed_update ||
+      !plan.fetches_ahead()) {
+    return;
+  }
+  UpdateRecord& last = updates_.back();
+  std::map<ExpertId, size_t> order;
+  for (const PlanOp* fetch : plan.Find(OpKind::kFetch)) {
+    order.emplace(ExpertId{static_cast<uint32_t>(fetch->layer), fetch->experts.at(0)},
+                  order.size());
+  }
+  std::vector<size_t> waiting;  // queue positions of the updates not started by `begin`
+  double free = begin;
+  for (size_t i = 0; i < last.queue.size(); ++i) {
+    if (last.queue[i].second.start >= begin) {
+      waiting.push_back(i);
+    } else {
+      free = std::max(free, last.queue[i].second.end);
+    }
+  }
+  if (waiting.empty()) return;
+  auto rank = [&](size_t i) {
+    auto it = order.find(last.queue[i].first);
+    return it == order.end() ? order.size() : it->second;
+  };
+  std::stable_sort(waiting.begin(), waiting.end(),
+                   [&](size_t a, size_t b) { return rank(a) < rank(b); });
+  // Their intervals are the optimizer's last ones: rewrite them in the new order.
+  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
+  cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
+                           [&](const auto& interval) { return interval.first >= begin; }),
+            cpu.end());
+  for (size_t i : waiting) {
+    Task& task = last.queue[i].second;
+    task.start = std::max(task.ready, free);
+    task.end = task.start + task.seconds;
+    free = task.end;
+    last.expert_end[last.queue[i].first] = task.end;
+    cpu.emplace_back(task.start, task.end);
+  }
+  last.all_end = std::max(last.all_end, free);
+  free_[Index(PlanResource::kCpuOptimizer)] = free;
+}
+
+StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
+  const size_t step = steps_.size();
+  const double begin = clock_;
+  const PlanPolicy& policy = plan.policy();
+  Expedite(plan, begin);
+  // Only what can still reach into this step is kept.
+  for (auto& list : intervals_) {
+    list.erase(std::remove_if(list.begin(), list.end(),
+                              [&](const auto& interval) { return interval.second <= begin; }),
+               list.end());
+  }
+  // When the updates of the step `offset` steps back ended (with the delayed update, of that
+  // step's gradients, which the step after it ran).
+  auto updates_of = [&](int32_t offset) -> UpdateRecord* {
+    const auto index = static_cast<int64_t>(step) + offset;
+    return index >= 0 && index < static_cast<int64_t>(updates_.size()) ? &updates_[index] : nullptr;
+  };
+  // BeginStep waits for step t-2's updates before it issues anything.
+  double floor = begin;
+  if (UpdateRecord* two = updates_of(-2); two != nullptr && !policy.evaluation) {
+    floor = std::max(floor, two->all_end);
+  }
+  updates_.emplace_back();
+  const size_t mine = updates_.size() - 1;
+
+  std::vector<PlanOp>& ops = plan.mutable_ops();
+  std::vector<double> end(ops.size(), floor);
+  std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
+  int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
+  double device_end = floor, update_end = floor;
+  const bool states_on_nvme = policy.states_on_nvme;
+  for (PlanOp& op : ops) {
+    const bool held = policy.delayed_update && op.kind == OpKind::kUpdate && op.step_offset == -1;
+    if (op.step_offset < 0 && !held) {  // carried in: the updates of an earlier step
+      const UpdateRecord* earlier = updates_of(op.step_offset);
+      end[op.id] = std::max(floor, earlier != nullptr ? earlier->all_end : floor);
+      if (op.step_offset == -1 && !policy.delayed_update && !policy.evaluation) {
+        fetch_gate = op.id;
+      }
+      op.start_s = op.end_s = end[op.id] - begin;
+      continue;
+    }
+    // When a dependency lets this op (or its expert `e`'s part) start.
+    auto dep_end = [&](uint32_t dep, int64_t e) {
+      if (static_cast<int64_t>(dep) == fetch_gate && !op.experts.empty() &&
+          (op.kind == OpKind::kFetch || op.kind == OpKind::kStage)) {
+        const UpdateRecord* last = updates_of(-1);
+        if (last == nullptr) return floor;
+        auto it = last->expert_end.find({static_cast<uint32_t>(op.layer), op.experts[0]});
+        return it == last->expert_end.end() ? floor : std::max(floor, it->second);
+      }
+      auto per_expert = expert_end.find(dep);
+      if (e >= 0 && per_expert != expert_end.end()) {
+        auto it = per_expert->second.find(static_cast<uint32_t>(e));
+        if (it != per_expert->second.end()) return it->second;
+      }
+      return end[dep];
+    };
+    const double seconds =
+        held ? static_cast<double>(held_experts_) * ExpertParams() / rates_.optimizer_params_per_s
+             : Seconds(op);
+    const size_t r = Index(op.resource);
+    if (UpdateLike(op.kind) && op.step_offset == 0 && !op.experts.empty()) {
+      // One expert at a time; with states on NVMe, a pipeline of reads, updates and writes.
+      const double each = seconds / static_cast<double>(op.experts.size());
+      double first = -1, last = floor;
+      for (uint32_t e : op.experts) {
+        double ready = floor;
+        for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, e));
+        const double start = std::max(ready, free_[r]);
+        const double finish = start + each;
+        free_[r] = finish;
+        Occupy(op.resource, start, finish);
+        expert_end[op.id][e] = finish;
+        if (first < 0) first = start;
+        last = std::max(last, finish);
+        const bool final_part =
+            states_on_nvme ? op.kind == OpKind::kStateWrite : op.kind == OpKind::kUpdate;
+        if (final_part) {
+          const ExpertId key{static_cast<uint32_t>(op.layer), e};
+          updates_[mine].expert_end[key] = finish;
+          if (!states_on_nvme) updates_[mine].queue.push_back({key, {ready, start, finish, each}});
+        }
+      }
+      end[op.id] = last;
+      update_end = std::max(update_end, last);
+      op.start_s = first - begin;
+      op.end_s = last - begin;
+      continue;
+    }
+    double ready = floor;
+    for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1));
+    const double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
+    const double finish = start + seconds;
+    if (op.resource != PlanResource::kNone) {
+      free_[r] = finish;
+      Occupy(op.resource, start, finish);
+    }
+    end[op.id] = finish;
+    op.start_s = start - begin;
+    op.end_s = finish - begin;
+    if (held) {  // the update of step t-1's gradients
+      if (UpdateRecord* last = updates_of(-1); last != nullptr) last->all_end = finish;
+      update_end = std::max(update_end, finish);
+    } else if (op.kind != OpKind::kPublish) {
+      device_end = std::max(device_end, finish);
+    }
+  }
+  updates_[mine].all_end = policy.delayed_update ? floor : update_end;
+  if (policy.delayed_update) {  // the experts whose gradients the next step updates
+    std::map<uint32_t, std::set<uint32_t>> touched;
+    for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
+      touched[static_cast<uint32_t>(copy->layer)].insert(copy->experts.begin(),
+                                                         copy->experts.end());
+    }
+    held_experts_ = 0;
+    for (const auto& [layer, experts] : touched) held_experts_ += experts.size();
+  }
+  double finish = device_end;
+  if (plan.step_waits_for_updates()) finish = std::max(finish, update_end);
+  plan.set_seconds(finish - begin);
+  clock_ = finish;
+
+  SimulatedStep out;
+  out.begin_s = begin;
+  out.seconds = finish - begin;
+  for (size_t i = 0; i < kPlanResources; ++i) {
+    for (const auto& [start, stop] : intervals_[i]) {
+      out.busy[i] += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
+    }
+  }
+  // The bench's four resources (step_metrics.h): the optimizer's work includes its states'
+  // NVMe reads and writes, as the updaters report an update from its read to its write.
+  std::vector<ResourceBusy> resources = {
+      {"compute", {}}, {"h2d", {}}, {"d2h", {}}, {"optimizer", {}}};
+  auto add = [&](size_t to, PlanResource from) {
+    for (const auto& [start, stop] : intervals_[Index(from)]) {
+      resources[to].intervals.push_back({At(start), At(stop)});
+    }
+  };
+  add(0, PlanResource::kCompute);
+  add(1, PlanResource::kH2d);
+  add(2, PlanResource::kD2h);
+  add(3, PlanResource::kCpuOptimizer);
+  add(3, PlanResource::kNvmeRead);
+  add(3, PlanResource::kNvmeWrite);
+  out.metrics = ComputeStepMetrics(At(begin), At(finish), resources);
+  steps_.push_back(out);
+  return out;
+}
+
+}  // namespace ecss::plan

@@ -1,0 +1,97 @@
+// StepSimulator: runs the engine's step plans (engine/step_plan.h) in virtual time, a
+// discrete-event simulation with nothing of the model allocated. Each op occupies its plan
+// resource for a time priced from the hardware, the same cost model as the simulated device's
+// timed mode: compute ops the cost of the kernels the executor enqueues
+// (engine/plan_inputs.h ComputeOpSeconds), copies latency + bytes / bandwidth (one copy per
+// expert), the CPU optimizer params / (params/s of the session's threads), NVMe reads and
+// writes bytes / GB/s. An op starts once its dependencies ended and its resource is free;
+// each resource serves its ops in plan order (streams and queues are in order). Updates are
+// simulated per expert (a layer's update op is its experts' updates in turn, and with states
+// on NVMe each expert's read, update and write form a pipeline), and, as the engine's
+// optimizer does at BeginStep, the previous step's updates not yet started run in the new
+// step's fetch order (Note [Updates in fetch order], host states only).
+//
+// Steps follow each other: a step begins when the previous one's EndStep returned (its device
+// work done, and its updates for the strategies whose step waits for them); its carried-in
+// edges name the updates of the steps before, and a fetch waits only for its own expert's
+// update of step t-1. Thread-compatible.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/session_options.h"
+#include "engine/step_metrics.h"
+#include "engine/step_plan.h"
+#include "runtime/device/device_profile.h"
+
+namespace ecss::plan {
+
+// How fast each resource of one device's session works.
+struct ResourceRates {
+  DeviceProfile device;  // compute (the cost model) and the H2D / D2H bandwidth
+  double copy_latency_us = 0;
+  double optimizer_params_per_s = 0;  // the session's optimizer threads together, > 0
+  double nvme_read_gbps = 0;          // > 0 with states on NVMe
+  double nvme_write_gbps = 0;
+  // Device time added to each forward / backward compute op: the model's dense layers, which
+  // the engine does not run (the planner's simple model of them; 0 for the engine's own step).
+  double dense_forward_seconds = 0;
+  double dense_backward_seconds = 0;
+};
+
+struct SimulatedStep {
+  double begin_s = 0;   // on the simulator's clock
+  double seconds = 0;   // from its begin to its EndStep
+  StepMetrics metrics;  // per resource busy / exposed, bound ratio, overlap (step_metrics.h)
+  // Busy seconds per plan resource (h2d, d2h, compute, cpu_optimizer, nvme_read, nvme_write)
+  // within the step.
+  std::array<double, kPlanResources> busy{};
+};
+
+class StepSimulator {
+ public:
+  // InvalidArgument naming a rate that is not positive where the options need it.
+  static StatusOr<StepSimulator> Create(const SessionOptions& options, const ResourceRates& rates);
+
+  // Simulates the next step: fills each op's start_s / end_s (seconds since the step began;
+  // carried-in ops: when the updates they stand for ended, relative to it) and the plan's
+  // seconds(). The plan must be the next step's, built from this session's cache contents.
+  StatusOr<SimulatedStep> Run(StepPlan& plan);
+  const std::vector<SimulatedStep>& steps() const { return steps_; }
+
+ private:
+  StepSimulator(const SessionOptions& options, const ResourceRates& rates)
+      : options_(options), rates_(rates) {}
+
+  struct Task {  // one expert's part of an update op, or a whole op
+    double ready = 0, start = 0, end = 0, seconds = 0;
+  };
+  // Per step: when each expert's update (with its state write) ended, and when all did.
+  struct UpdateRecord {
+    std::map<ExpertId, double> expert_end;
+    double all_end = 0;
+    // The updates of the step, per expert in queue order (host states), for re-ordering.
+    std::vector<std::pair<ExpertId, Task>> queue;
+  };
+
+  double ExpertParams() const;
+  double Seconds(const PlanOp& op) const;
+  double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
+  void Expedite(const StepPlan& plan, double begin);
+  void Occupy(PlanResource resource, double start, double end);
+
+  SessionOptions options_;
+  ResourceRates rates_;
+  std::array<double, kPlanResources> free_{};  // when each resource is next free
+  std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
+  std::vector<UpdateRecord> updates_;  // per step
+  std::vector<SimulatedStep> steps_;
+  double clock_ = 0;           // when the next step begins
+  uint64_t held_experts_ = 0;  // delayed update: experts with gradients of the last step
+};
+
+}  // namespace ecss::plan
