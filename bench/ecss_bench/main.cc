@@ -123,7 +123,12 @@ const std::vector<Suite>& Suites() {
        "  --gradient-dtype T     f32 or bf16: the gradients' dtype to the host and the optimizer "
        "(default f32)\n"
        "  --dump-plan FILE       write the executed plan of the first measured step as JSON "
-       "(one strategy)\n",
+       "(one strategy)\n"
+       "  --model M --hardware H [--workload W]\n"
+       "                         ecss-plan's files or presets (tools/plan/README.md) instead of "
+       "the shape, placement and budget options above: the busiest device's share of the "
+       "model, its workload and budgets; with them only --strategy (default the workload's), "
+       "--rounds, --device, --steps, --warmup, --dir and --dump-plan are taken\n",
        RunStepSuite},
   };
   return suites;

@@ -36,9 +36,10 @@
 #include "engine/session.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
-#include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/backend_factory.h"
+#include "tools/plan/plan_config.h"
+#include "tools/plan/planner.h"
 
 namespace ecss::bench {
 
@@ -60,11 +61,93 @@ struct StepConfig {
   bool delayed = false;
   DType gradient_dtype = DType::kF32;
 
+  // --model/--hardware/--workload (tools/plan's files, ecss-plan's inputs): they define the
+  // model (the device's share of it), the workload, the placements and the budgets; the
+  // sessions' options are the planner's (plan::SessionOptionsFor).
+  struct Planned {
+    plan::ModelConfig model;
+    plan::HardwareConfig hardware;
+    plan::WorkloadConfig workload;
+    plan::DeviceShard shard;
+  };
+  std::optional<Planned> planned;
+  uint64_t seed = 17;          // the sampled steps
+  double copy_latency_us = 0;  // the sim's copy engines
+
   uint64_t tokens() const { return samples * seq; }  // per micro-batch
   uint64_t measured_steps() const { return steps - warmup; }
 };
 
+// The run's settings beside the planner's files: the strategy (default: the workload's; "all"),
+// the device and how long to run. Every other setting comes from the files.
+StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& model,
+                                        const std::string& hardware, const std::string& workload) {
+  if (model.empty() || hardware.empty()) {
+    return InvalidArgumentError("--model and --hardware go together (--workload is optional)");
+  }
+  StepConfig::Planned p;
+  ECSS_ASSIGN_OR_RETURN(p.model, plan::LoadModel(model));
+  ECSS_ASSIGN_OR_RETURN(p.hardware, plan::LoadHardware(hardware));
+  p.workload = plan::DefaultWorkloadFor(p.model);
+  if (!workload.empty()) {
+    ECSS_ASSIGN_OR_RETURN(p.workload, plan::LoadWorkload(workload));
+  }
+  ECSS_ASSIGN_OR_RETURN(p.shard, plan::ShardFor(p.model, p.hardware, p.workload));
+  StepConfig c;
+  ECSS_ASSIGN_OR_RETURN(std::string strategy,
+                        args.String("strategy", std::string(StrategyName(p.workload.strategy))));
+  ECSS_ASSIGN_OR_RETURN(c.device, args.String("device", "sim-timed"));
+  // As the planner simulates: 4 steps to warm up, then the workload's.
+  ECSS_ASSIGN_OR_RETURN(c.steps, args.Uint("steps", 4 + p.workload.steps));
+  ECSS_ASSIGN_OR_RETURN(c.warmup, args.Uint("warmup", 4));
+  ECSS_ASSIGN_OR_RETURN(c.dir, args.String("dir", "."));
+  ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
+  c.all = strategy == "all";
+  ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
+  // Anything else (--layers, --profile, ...) is the files' to say: refused as unknown.
+  ECSS_RETURN_IF_ERROR(args.CheckAllUsed().Annotate("with --model, the files give the shapes"));
+  if (c.all) {
+    c.strategies = {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap,
+                    Strategy::kNaive};
+  } else {
+    ECSS_ASSIGN_OR_RETURN(Strategy one, ParseStrategy(strategy));
+    c.strategies = {one};
+  }
+  if (c.steps <= c.warmup || c.rounds == 0) {
+    return InvalidArgumentError("need steps > warmup and rounds > 0");
+  }
+  if (c.all && !c.dump_plan.empty()) {
+    return InvalidArgumentError("--dump-plan needs one strategy, not --strategy all");
+  }
+  const plan::WorkloadConfig& w = p.workload;
+  c.profile = p.hardware.device;
+  c.layers = p.model.sparse_layers;
+  c.d_model = p.model.d_model;
+  c.d_ff = p.model.d_ff;
+  c.domains = p.shard.model.domains.size();
+  c.per_step = p.shard.domains_per_step;
+  c.seq = w.seq_len;
+  c.samples = w.tokens_per_micro_batch / w.seq_len;
+  c.micro_batches = w.micro_batches;
+  c.seed = w.seed;
+  c.states = w.states == Tier::kNvme ? "nvme" : "host";
+  c.weights = w.weights == Tier::kNvme ? "nvme" : "pinned";
+  c.gated = p.model.routing == Routing::kLearnedGate;
+  c.gate_k = p.shard.gate_k;
+  c.gradient_dtype = p.model.gradient_dtype;
+  c.threads = std::max<uint32_t>(1, p.hardware.optimizer_threads / p.hardware.devices_per_node);
+  c.copy_latency_us = p.hardware.copy_latency_us;
+  c.planned = std::move(p);
+  return c;
+}
+
 StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
+  ECSS_ASSIGN_OR_RETURN(std::string model, args.String("model", ""));
+  ECSS_ASSIGN_OR_RETURN(std::string hardware, args.String("hardware", ""));
+  ECSS_ASSIGN_OR_RETURN(std::string workload, args.String("workload", ""));
+  if (!model.empty() || !hardware.empty() || !workload.empty()) {
+    return ParsePlannedConfig(args, model, hardware, workload);
+  }
   StepConfig c;
   ECSS_ASSIGN_OR_RETURN(std::string strategy, args.String("strategy", "ecss"));
   ECSS_ASSIGN_OR_RETURN(c.device, args.String("device", "sim-timed"));
@@ -138,8 +221,16 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   return c;
 }
 
-// The session's options for one strategy (the device budget still to set).
-SessionOptions OptionsFor(const StepConfig& c, Strategy strategy) {
+// The session's options for one strategy (the device budget still to set, unless planned).
+StatusOr<SessionOptions> OptionsFor(const StepConfig& c, Strategy strategy) {
+  if (c.planned) {
+    const StepConfig::Planned& p = *c.planned;
+    ECSS_ASSIGN_OR_RETURN(
+        SessionOptions options,
+        plan::SessionOptionsFor(p.shard, p.model, p.hardware, p.workload, strategy));
+    options.record_op_times = true;
+    return options;
+  }
   SessionOptions options;
   options.device_profile = c.profile;  // the kernels' modelled time, as the engines' bandwidth
   options.model.layers = static_cast<uint32_t>(c.layers);
@@ -176,11 +267,13 @@ SessionOptions OptionsFor(const StepConfig& c, Strategy strategy) {
 // cache_fraction of the experts (at least what a step needs). Planned on `backend`'s rules.
 StatusOr<uint64_t> DeviceBudget(const StepConfig& c, Backend& backend, Strategy strategy) {
   if (c.device_mib > 0) return c.device_mib << 20;
-  SessionOptions options = OptionsFor(c, strategy);
-  options.budgets.device_bytes = uint64_t{1} << 50;  // room for every expert: plan, then size
+  ECSS_ASSIGN_OR_RETURN(SessionOptions options, OptionsFor(c, strategy));
+  if (c.planned) return options.budgets.device_bytes;  // the workload's
+  options.budgets.device_bytes = uint64_t{1} << 50;    // room for every expert: plan, then size
   if (c.states == "nvme") options.placement.nvme_dirs = {c.dir};
   ECSS_ASSIGN_OR_RETURN(MemoryPlan plan, Session::PlanMemoryOn(backend, options));
-  const uint64_t experts = c.layers * c.domains * c.experts;
+  uint64_t experts = 0;
+  for (uint32_t n : options.ExpertsPerLayer()) experts += n;
   const auto slots = static_cast<uint32_t>(std::max<uint64_t>(
       plan.max_groups, static_cast<uint64_t>(c.cache_fraction * static_cast<double>(experts))));
   return plan.DeviceBudgetFor(slots);
@@ -195,6 +288,9 @@ struct StrategyRun {
   double seconds = 0, stalls = 0;
   std::vector<StepMetrics> metrics;
   std::vector<PathShare> critical_path;  // of the first measured step of the first run
+  // The memory it took: the device memory the session holds (all of it allocated at
+  // creation) and its pinned and host allocators' peaks.
+  uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0;
 
   double tokens_per_s() const { return static_cast<double>(tokens) / seconds; }
   void Add(const StrategyRun& other) {
@@ -208,6 +304,9 @@ struct StrategyRun {
     misses += other.misses;
     seconds += other.seconds;
     stalls += other.stalls;
+    device_bytes = std::max(device_bytes, other.device_bytes);
+    pinned_peak_bytes = std::max(pinned_peak_bytes, other.pinned_peak_bytes);
+    host_peak_bytes = std::max(host_peak_bytes, other.host_peak_bytes);
     metrics.insert(metrics.end(), other.metrics.begin(), other.metrics.end());
   }
 };
@@ -216,7 +315,7 @@ struct StrategyRun {
 // steps, then the measured ones.
 StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strategy strategy,
                                   uint64_t device_budget) {
-  SessionOptions options = OptionsFor(c, strategy);
+  ECSS_ASSIGN_OR_RETURN(SessionOptions options, OptionsFor(c, strategy));
   options.budgets.device_bytes = device_budget;
   std::optional<ScratchDir> store_dir;  // the session's expert store, removed after the run
   if (c.states == "nvme") {
@@ -224,77 +323,26 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     store_dir.emplace(std::move(made));
     options.placement.nvme_dirs = {store_dir->path()};
   }
+  const uint64_t device_before = backend.device_memory().stats().used_bytes;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(backend, options));
   StrategyRun run;
   run.strategy = strategy;
   run.device_budget = device_budget;
   run.cache_slots = session->cache_slots();
+  run.device_bytes = backend.device_memory().stats().used_bytes - device_before;
   for (uint32_t l = 0; l < c.layers; ++l) run.experts += session->experts_in_layer(l);
   run.expert_params = run.experts * session->expert_params();
 
-  const uint64_t tokens = c.tokens();
-  const uint64_t act_bytes = tokens * c.d_model * 2;
-  ECSS_ASSIGN_OR_RETURN(Buffer a,
-                        backend.device_memory().Allocate(act_bytes, MemoryTag::kActivations));
-  ECSS_ASSIGN_OR_RETURN(Buffer b,
-                        backend.device_memory().Allocate(act_bytes, MemoryTag::kActivations));
-  // Where kernels compute, they compute on zeros (the time of a matrix product does not depend
-  // on its values, and uninitialised memory could hold NaNs).
-  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session->compute_stream(), a.data(), 0, act_bytes));
-  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session->compute_stream(), b.data(), 0, act_bytes));
-  const uint64_t mbs = c.micro_batches;
-  std::vector<std::vector<uint32_t>> ids(mbs, std::vector<uint32_t>(tokens));
-  std::vector<std::vector<uint32_t>> sample_domains(mbs, std::vector<uint32_t>(c.samples));
-  std::vector<uint32_t> picks(tokens * c.gate_k);
-  std::vector<float> pick_weights(tokens * c.gate_k, 1.0f / static_cast<float>(c.gate_k));
-  const auto layer_experts = static_cast<uint32_t>(c.domains * c.experts);
-  const auto layers = static_cast<uint32_t>(c.layers);
-  CounterRng rng(17, 0);  // every strategy sees the same steps
-  for (uint64_t step = 0; step < c.steps; ++step) {
-    // Each step's samples come from `per_step` distinct domains, chosen at random.
-    std::vector<uint32_t> chosen;
-    while (chosen.size() < c.per_step) {
-      const uint32_t d = rng.Uniform(static_cast<uint32_t>(c.domains));
-      if (std::find(chosen.begin(), chosen.end(), d) == chosen.end()) chosen.push_back(d);
-    }
-    std::vector<MicroBatch> batches;
-    for (uint64_t m = 0; m < mbs; ++m) {
-      for (uint64_t s = 0; s < c.samples; ++s) {
-        sample_domains[m][s] = chosen[(m * c.samples + s) % c.per_step];
-      }
-      for (uint32_t& id : ids[m]) id = rng.Uniform(options.model.vocab);
-      batches.push_back({ids[m].data(), static_cast<uint32_t>(c.samples),
-                         static_cast<uint32_t>(c.seq), sample_domains[m].data()});
-    }
-    ECSS_RETURN_IF_ERROR(session->BeginStep(batches));
-    for (uint32_t m = 0; m < mbs; ++m) {
-      for (uint32_t l = 0; l < layers; ++l) {
-        if (!c.gated) {
-          ECSS_RETURN_IF_ERROR(
-              session->Forward(MicroBatchIndex{m}, LayerIndex{l}, a.data(), b.data()));
-          continue;
-        }
-        for (uint64_t t = 0; t < tokens; ++t) {  // gate_k distinct experts per token
-          uint32_t* token_picks = &picks[t * c.gate_k];
-          for (uint64_t j = 0; j < c.gate_k; ++j) {
-            do {
-              token_picks[j] = rng.Uniform(layer_experts);
-            } while (std::find(token_picks, token_picks + j, token_picks[j]) != token_picks + j);
-          }
-        }
-        ECSS_RETURN_IF_ERROR(
-            session->Forward(MicroBatchIndex{m}, LayerIndex{l}, a.data(), b.data(),
-                             {picks.data(), pick_weights.data(), static_cast<uint32_t>(c.gate_k)}));
-      }
-    }
-    for (uint32_t m = 0; m < mbs; ++m) {
-      for (uint32_t l = layers; l-- > 0;) {
-        ECSS_RETURN_IF_ERROR(
-            session->Backward(MicroBatchIndex{m}, LayerIndex{l}, b.data(), a.data()));
-      }
-    }
-    ECSS_ASSIGN_OR_RETURN(StepStats s, session->EndStep());
-    if (step < c.warmup) continue;
+  // Every strategy sees the same steps, and so does the planner (the same sampler). Where
+  // kernels compute, they compute on zeros (the time of a matrix product does not depend on
+  // its values, and uninitialised memory could hold NaNs).
+  plan::StepSampler sampler(options, static_cast<uint32_t>(c.per_step),
+                            static_cast<uint32_t>(c.seq), c.seed);
+  ECSS_ASSIGN_OR_RETURN(
+      const std::vector<StepStats> stats,
+      plan::RunSampledSteps(*session, backend, options, sampler, static_cast<uint32_t>(c.steps)));
+  for (uint64_t step = c.warmup; step < stats.size(); ++step) {
+    const StepStats& s = stats[step];
     ++run.steps;
     run.metrics.push_back(s.metrics);
     run.seconds += s.seconds;
@@ -307,7 +355,8 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     run.hits += s.cache_hits;
     run.misses += s.cache_misses;
   }
-  ECSS_RETURN_IF_ERROR(session->Synchronize());
+  run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
+  run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
   run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
@@ -362,6 +411,12 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
       .Field("fraction_of_experts_on_device",
              static_cast<double>(run.cache_slots) / static_cast<double>(run.experts))
       .Field("device_budget_bytes", run.device_budget)
+      .Key("memory")
+      .BeginObject()
+      .Field("device_bytes", run.device_bytes)
+      .Field("pinned_bytes", run.pinned_peak_bytes)
+      .Field("host_bytes", run.host_peak_bytes)
+      .EndObject()
       .Key("critical_path")
       .BeginArray();
   for (const PathShare& each : run.critical_path) {
@@ -397,6 +452,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(c.device));
   backend_options.sim.h2d_bandwidth_gbps = c.profile.h2d_bandwidth_gbps;
   backend_options.sim.d2h_bandwidth_gbps = c.profile.d2h_bandwidth_gbps;
+  backend_options.sim.copy_latency_us = c.copy_latency_us;
   // Only the sim keeps its engines' busy times (and paces copies at the profile's bandwidth).
   const bool on_sim = backend_options.kind == BackendKind::kSim;
   auto create = [&](uint64_t bytes) -> StatusOr<std::unique_ptr<Backend>> {

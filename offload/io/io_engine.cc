@@ -1,6 +1,10 @@
 #include "offload/io/io_engine.h"
 
+#include <chrono>
+#include <vector>
+
 #include "offload/io/io_engines.h"
+#include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -101,6 +105,47 @@ StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(const IoEngineFactory& factor
   IoEngineOptions options;
   options.queue_depth = 8;
   return CreateFileIoEngine(options);
+}
+
+StatusOr<double> TransferGbps(IoEngine& engine, IoFileId file, IoOp op, bool random,
+                              uint64_t blocks, size_t block, uint8_t* buffers) {
+  std::vector<uint64_t> order(blocks);
+  for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
+  if (random) {
+    CounterRng rng(7, 7);
+    for (uint64_t i = blocks - 1; i > 0; --i) {
+      std::swap(order[i], order[rng.Uniform(static_cast<uint32_t>(i + 1))]);
+    }
+  }
+  const uint32_t depth = engine.queue_depth();
+  std::vector<uint32_t> free_slots;
+  for (uint32_t s = 0; s < depth; ++s) free_slots.push_back(s);
+  uint64_t next = 0, done = 0;
+  std::vector<IoCompletion> completions(depth);
+  const auto start = std::chrono::steady_clock::now();
+  while (done < blocks) {
+    while (next < blocks && !free_slots.empty()) {
+      const uint32_t slot = free_slots.back();
+      const Status submitted =
+          engine.Submit({op, file, order[next] * block, buffers + static_cast<size_t>(slot) * block,
+                         block, slot});
+      if (!submitted.ok()) {
+        if (submitted.retryable()) break;
+        return submitted;
+      }
+      free_slots.pop_back();
+      ++next;
+    }
+    const size_t n = engine.Poll(completions.data(), completions.size(), std::chrono::seconds(10));
+    for (size_t i = 0; i < n; ++i) {
+      if (!completions[i].status.ok()) return completions[i].status;
+      free_slots.push_back(static_cast<uint32_t>(completions[i].user_data));
+      ++done;
+    }
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return static_cast<double>(blocks * block) / seconds / 1e9;
 }
 
 }  // namespace ecss

@@ -91,6 +91,13 @@ class IoEngine {
 Status ReadAt(IoEngine& engine, IoFileId file, uint64_t offset, void* buffer, size_t bytes);
 Status WriteAt(IoEngine& engine, IoFileId file, uint64_t offset, const void* buffer, size_t bytes);
 
+// Moves `blocks` blocks of `block` bytes of the file once (in order, or in a fixed random
+// order), keeping the engine's queue depth of requests in flight from `buffers` (queue depth
+// x block bytes, aligned). Returns GB/s (10^9 bytes/s): the I/O engine's own speed, as the
+// bench's nvme suite and the planner's calibration measure it.
+StatusOr<double> TransferGbps(IoEngine& engine, IoFileId file, IoOp op, bool random,
+                              uint64_t blocks, size_t block, uint8_t* buffers);
+
 enum class IoEngineKind : uint8_t { kUring, kPosix, kMemory };
 std::string_view IoEngineKindName(IoEngineKind kind);
 StatusOr<IoEngineKind> ParseIoEngineKind(std::string_view name);

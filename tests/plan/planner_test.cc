@@ -97,7 +97,7 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
   auto memory = PlanMemoryFor(*options, *hardware);
   ASSERT_TRUE(memory.ok()) << memory.status();
   constexpr uint32_t kSteps = 4;
-  StepSampler planner_sampler(*options, shard->domains_per_step, workload->seed);
+  StepSampler planner_sampler(*options, shard->domains_per_step, workload->seq_len, workload->seed);
   auto plans = BuildStepPlans(*options, *memory, planner_sampler, kSteps);
   ASSERT_TRUE(plans.ok()) << plans.status();
 
@@ -113,41 +113,17 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
     ASSERT_TRUE(session.ok()) << session.status();
     Session& s = **session;
     EXPECT_EQ(s.memory_plan().Summary(), memory->Summary());
-    const ModelSpec& m = options->model;
-    const uint64_t act =
-        uint64_t{options->limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);
-    auto x = (*backend)->device_memory().Allocate(act, MemoryTag::kActivations);
-    auto y = (*backend)->device_memory().Allocate(act, MemoryTag::kActivations);
-    ASSERT_TRUE(x.ok() && y.ok());
-    ASSERT_TRUE((*backend)->MemsetAsync(s.compute_stream(), x->data(), 0, act).ok());
-    StepSampler sampler(*options, shard->domains_per_step, workload->seed);
-    const bool gated = options->routing == Routing::kLearnedGate;
+    StepSampler sampler(*options, shard->domains_per_step, workload->seq_len, workload->seed);
+    const EngineBusyTimes before = (*backend)->busy_times();
+    auto stats = RunSampledSteps(s, **backend, *options, sampler, kSteps);
+    ASSERT_TRUE(stats.ok()) << stats.status();
     double compute = 0, h2d = 0, d2h = 0;  // as the simulator prices the executed plans
     double kernels = 0, copies = 0;        // the sim's clock rounds each to a nanosecond
     StatusOr<StepSimulator> simulator =
         StepSimulator::Create(*options, {hardware->device, 0, 1e9, 1.5, 1.0, 0, 0});
     ASSERT_TRUE(simulator.ok()) << simulator.status();
-    const EngineBusyTimes before = (*backend)->busy_times();
     for (uint32_t step = 0; step < kSteps; ++step) {
-      const std::vector<MicroBatch>& batches = sampler.NextStep();
-      ASSERT_TRUE(s.BeginStep(batches).ok());
-      for (uint32_t mb = 0; mb < batches.size(); ++mb) {
-        for (uint32_t l = 0; l < m.layers; ++l) {
-          const Status forward =
-              gated ? s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x->data(), y->data(),
-                                sampler.NextGate())
-                    : s.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x->data(), y->data());
-          ASSERT_TRUE(forward.ok()) << forward;
-        }
-      }
-      for (uint32_t mb = 0; mb < batches.size(); ++mb) {
-        for (uint32_t l = m.layers; l-- > 0;) {
-          ASSERT_TRUE(s.Backward(MicroBatchIndex{mb}, LayerIndex{l}, y->data(), x->data()).ok());
-        }
-      }
-      auto stats = s.EndStep();
-      ASSERT_TRUE(stats.ok()) << stats.status();
-      auto executed = s.ExecutedPlan(stats->step);
+      auto executed = s.ExecutedPlan((*stats)[step].step);
       ASSERT_TRUE(executed.ok()) << executed.status();
       ExpectSamePlan((*plans)[step], *executed, step);
       StepPlan priced = *executed;
@@ -165,7 +141,6 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
         }
       }
     }
-    ASSERT_TRUE(s.Synchronize().ok());
     // The sim's timed engines were busy exactly as long as the simulator priced the ops.
     const EngineBusyTimes after = (*backend)->busy_times();
     EXPECT_NEAR(after.compute_busy_seconds - before.compute_busy_seconds, compute, kernels * 1e-9);

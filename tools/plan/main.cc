@@ -9,8 +9,10 @@
 #include <string>
 #include <string_view>
 
+#include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
+#include "tools/plan/calibrate.h"
 #include "tools/plan/plan_config.h"
 #include "tools/plan/planner.h"
 
@@ -22,11 +24,14 @@ constexpr std::string_view kUsage =
     "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE|PRESET]\n"
     "                 [--json] [--no-bars]\n"
     "       ecss-plan --list-presets\n"
+    "       ecss-plan --calibrate OUT.json [--hardware FILE|PRESET] [--dir DIR]\n"
     "Plans one training step of an ECSS session per device: where every byte lives (device,\n"
     "pinned, host, NVMe) and whether it fits, then the engine's own step plan run in virtual\n"
     "time for ecss, zero-offload, no-overlap and naive. Exit 0: fits; 3: does not fit; 2: bad\n"
     "input. Without --workload: 2,048 tokens a micro-batch, 4 domains a step, ecss, states in\n"
-    "host memory. tools/plan/README.md describes the files' fields.\n";
+    "host memory. --calibrate measures this machine's CPU optimizer and NVMe (in DIR, default\n"
+    ".) through the runtime's code and writes the base hardware (default this-machine) with\n"
+    "them. tools/plan/README.md describes the files' fields.\n";
 
 int BadInput(std::string_view message) {
   std::cerr << "ecss-plan: " << message << "\n";
@@ -36,7 +41,7 @@ int BadInput(std::string_view message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_arg, hardware_arg, workload_arg;
+  std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dir_arg = ".";
   bool json = false, bars = isatty(STDOUT_FILENO) != 0;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -62,6 +67,10 @@ int main(int argc, char** argv) {
       ok = value(&hardware_arg);
     } else if (arg == "--workload") {
       ok = value(&workload_arg);
+    } else if (arg == "--calibrate") {
+      ok = value(&calibrate_arg);
+    } else if (arg == "--dir") {
+      ok = value(&dir_arg);
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--no-bars") {
@@ -70,6 +79,19 @@ int main(int argc, char** argv) {
       return BadInput(ecss::StrCat("unknown argument '", arg, "'\n", kUsage));
     }
     if (!ok) return BadInput(ecss::StrCat(arg, " needs a value\n", kUsage));
+  }
+  if (!calibrate_arg.empty()) {
+    auto base = ecss::plan::LoadHardware(hardware_arg.empty() ? "this-machine" : hardware_arg);
+    if (!base.ok()) return BadInput(base.status().ToString());
+    ecss::plan::CalibrationOptions options;
+    options.dir = dir_arg;
+    auto measured = ecss::plan::Calibrate(*base, options);
+    if (!measured.ok()) return BadInput(measured.status().ToString());
+    const ecss::Status written =
+        ecss::WriteFileAtomically(calibrate_arg, ecss::plan::HardwareJson(*measured));
+    if (!written.ok()) return BadInput(written.ToString());
+    std::cout << ecss::plan::HardwareJson(*measured);
+    return kFits;
   }
   if (model_arg.empty() || hardware_arg.empty()) {
     return BadInput(ecss::StrCat("--model and --hardware are required\n", kUsage));

@@ -503,10 +503,6 @@ StatusOr<WorkloadConfig> ParseWorkload(std::string_view json, std::string_view r
                                        " does not divide tokens_per_micro_batch (",
                                        w.tokens_per_micro_batch, ")"));
   }
-  if (w.steps < 3) {
-    return InvalidArgumentError(
-        StrCat(root, ".steps: ", w.steps, " is too few (at least 3: two warm the cache up)"));
-  }
   return w;
 }
 

@@ -78,7 +78,7 @@ struct WorkloadConfig {
   Tier states = Tier::kHost;             // master weights and moments: host or nvme
   double device_budget_gib = 0;          // 0: the device's memory less the dense part
   uint32_t prefetch_window_experts = 0;  // 0: every free cache slot
-  uint32_t steps = 6;                    // simulated (the first two warm up the cache)
+  uint32_t steps = 6;                    // measured, after 4 simulated to warm up
   uint64_t seed = 17;                    // sampled routing
   uint32_t checkpoints_kept = 0;         // NVMe sizing: full copies of the states kept
 };

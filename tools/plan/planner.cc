@@ -23,7 +23,9 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Without a device budget in the workload, a device gives its session this fraction of its
 // memory, less the dense part: the rest is the runtime's context and the training loop's.
 constexpr double kDefaultDeviceShare = 0.9;
-constexpr uint32_t kWarmupSteps = 2;  // the cache fills and the overlap settles
+// Simulated before the measured ones: the cache fills and the optimizer's backlog (at most the
+// previous step's updates) reaches its steady state.
+constexpr uint32_t kWarmupSteps = 4;
 
 uint64_t Bytes(double gib) { return static_cast<uint64_t>(gib * kGiB); }
 uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }
@@ -263,11 +265,10 @@ StatusOr<MemoryPlan> PlanMemoryFor(const SessionOptions& options, const Hardware
 
 // ---- Sampling and plans -----------------------------------------------------------------------
 
-StepSampler::StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint64_t seed)
-    : options_(options), domains_per_step_(domains_per_step), rng_(seed, 0) {
+StepSampler::StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint32_t seq_len,
+                         uint64_t seed)
+    : options_(options), domains_per_step_(domains_per_step), seq_len_(seq_len), rng_(seed, 0) {
   const uint32_t tokens = options.limits.max_tokens_per_micro_batch;
-  seq_len_ = std::min<uint32_t>(256, tokens);
-  while (tokens % seq_len_ != 0) --seq_len_;
   samples_ = tokens / seq_len_;
   const uint32_t mbs = options.limits.max_micro_batches;
   ids_.assign(mbs, std::vector<uint32_t>(tokens));
@@ -296,8 +297,8 @@ const std::vector<MicroBatch>& StepSampler::NextStep() {
 
 GateChoices StepSampler::NextGate() {
   const uint32_t k = options_.gate_k;
-  const uint32_t experts = options_.model.domains.at(0).experts;
-  for (size_t t = 0; t < picks_.size() / k; ++t) {  // k distinct experts per token
+  const uint32_t experts = options_.ExpertsPerLayer().at(0);  // every layer holds every group
+  for (size_t t = 0; t < picks_.size() / k; ++t) {            // k distinct experts per token
     uint32_t* token = &picks_[t * k];
     for (uint32_t j = 0; j < k; ++j) {
       do {
@@ -340,7 +341,7 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
     in.held_experts = options.delayed_update ? held : 0;
     ECSS_ASSIGN_OR_RETURN(StepPlan plan, BuildStepPlan(in));
     if (gated) {
-      const uint32_t experts = options.model.domains.at(0).experts;
+      const uint32_t experts = options.ExpertsPerLayer().at(0);
       for (uint32_t m = 0; m < batches.size(); ++m) {
         const uint32_t tokens = batches[m].batch_size * batches[m].seq_len;
         for (uint32_t l = 0; l < layers; ++l) {
@@ -374,6 +375,42 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
   return plans;
 }
 
+StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
+                                                 const SessionOptions& options,
+                                                 StepSampler& sampler, uint32_t steps) {
+  const ModelSpec& m = options.model;
+  const uint64_t bytes =
+      uint64_t{options.limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);
+  ECSS_ASSIGN_OR_RETURN(Buffer x, backend.device_memory().Allocate(bytes, MemoryTag::kActivations));
+  ECSS_ASSIGN_OR_RETURN(Buffer y, backend.device_memory().Allocate(bytes, MemoryTag::kActivations));
+  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session.compute_stream(), x.data(), 0, bytes));
+  ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session.compute_stream(), y.data(), 0, bytes));
+  const bool gated = options.routing == Routing::kLearnedGate;
+  std::vector<StepStats> stats;
+  for (uint32_t step = 0; step < steps; ++step) {
+    const std::vector<MicroBatch>& batches = sampler.NextStep();
+    ECSS_RETURN_IF_ERROR(session.BeginStep(batches));
+    for (uint32_t mb = 0; mb < batches.size(); ++mb) {
+      for (uint32_t l = 0; l < m.layers; ++l) {
+        ECSS_RETURN_IF_ERROR(
+            gated ? session.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x.data(), y.data(),
+                                    sampler.NextGate())
+                  : session.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x.data(), y.data()));
+      }
+    }
+    for (uint32_t mb = 0; mb < batches.size(); ++mb) {
+      for (uint32_t l = m.layers; l-- > 0;) {
+        ECSS_RETURN_IF_ERROR(
+            session.Backward(MicroBatchIndex{mb}, LayerIndex{l}, y.data(), x.data()));
+      }
+    }
+    ECSS_ASSIGN_OR_RETURN(StepStats s, session.EndStep());
+    stats.push_back(std::move(s));
+  }
+  ECSS_RETURN_IF_ERROR(session.Synchronize());
+  return stats;
+}
+
 // ---- Plan -------------------------------------------------------------------------------------
 
 namespace {
@@ -392,9 +429,12 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   }
   p.feasible = true;
   p.cache_slots = fit.memory->cache_slots;
-  StepSampler sampler(options, shard.domains_per_step, workload.seed);
-  ECSS_ASSIGN_OR_RETURN(std::vector<StepPlan> plans,
-                        BuildStepPlans(options, *fit.memory, sampler, workload.steps));
+  p.device_bytes = fit.memory->Total(MemoryTier::kDevice);
+  p.pinned_bytes = fit.memory->Total(MemoryTier::kPinned);
+  p.host_bytes = fit.memory->Total(MemoryTier::kHost);
+  StepSampler sampler(options, shard.domains_per_step, workload.seq_len, workload.seed);
+  ECSS_ASSIGN_OR_RETURN(std::vector<StepPlan> plans, BuildStepPlans(options, *fit.memory, sampler,
+                                                                    kWarmupSteps + workload.steps));
   const ResourceRates rates = RatesFor(hardware, model, workload, options.model.layers);
   ECSS_ASSIGN_OR_RETURN(StepSimulator simulator, StepSimulator::Create(options, rates));
   std::vector<StepMetrics> steady;
@@ -649,7 +689,13 @@ void WriteJson(const PlanReport& r, JsonWriter& json) {
         .Field("d2h_bytes", p.d2h_bytes)
         .Field("nvme_bytes", p.nvme_bytes)
         .Field("updated_params", p.updated_params)
-        .Field("cache_slots", uint64_t{p.cache_slots});
+        .Field("cache_slots", uint64_t{p.cache_slots})
+        .Key("memory")
+        .BeginObject()
+        .Field("device_bytes", p.device_bytes)
+        .Field("pinned_bytes", p.pinned_bytes)
+        .Field("host_bytes", p.host_bytes)
+        .EndObject();
     if (ecss != nullptr && p.strategy != Strategy::kEcss) {
       json.Field("ecss_ratio", ecss->tokens_per_s / p.tokens_per_s);
     }

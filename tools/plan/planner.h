@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "engine/memory_plan.h"
+#include "engine/session.h"
 #include "engine/session_options.h"
 #include "engine/step_metrics.h"
 #include "engine/step_plan.h"
@@ -56,7 +57,9 @@ StatusOr<MemoryPlan> PlanMemoryFor(const SessionOptions& options, const Hardware
 // "uniform" load-balance assumption). Deterministic in the seed.
 class StepSampler {
  public:
-  StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint64_t seed);
+  // REQUIRES: seq_len divides options.limits.max_tokens_per_micro_batch.
+  StepSampler(const SessionOptions& options, uint32_t domains_per_step, uint32_t seq_len,
+              uint64_t seed);
   // The next step's micro-batches (valid until the next call).
   const std::vector<MicroBatch>& NextStep();
   // A learned gate's choices for the current step's (micro-batch, layer), drawn at the call.
@@ -80,6 +83,13 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
                                                const MemoryPlan& memory, StepSampler& sampler,
                                                uint32_t steps);
 
+// Runs `steps` steps of `session` on `backend` with the sampler's micro-batches (and gate
+// choices), as a training loop calls it: per micro-batch Forward of every layer, then
+// Backward of every layer, last first, on zero activations. Returns each step's stats.
+StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
+                                                 const SessionOptions& options,
+                                                 StepSampler& sampler, uint32_t steps);
+
 struct TierUse {
   std::string tier;     // "device", "pinned", "host", "nvme"
   uint64_t bytes = 0;   // per device
@@ -98,7 +108,8 @@ struct StrategyPrediction {
   double device_tokens_per_s = 0;
   StepMetrics metrics;                                 // steady-state steps summed (step_metrics.h)
   std::array<double, kPlanResources> busy_per_step{};  // per plan resource
-  double dense_compute_seconds = 0;                    // per step, inside the compute figures
+  uint64_t device_bytes = 0, pinned_bytes = 0, host_bytes = 0;  // the session's memory plan
+  double dense_compute_seconds = 0;  // per step, inside the compute figures
   uint64_t h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated_params = 0;  // per step
 };
 

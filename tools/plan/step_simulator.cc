@@ -86,9 +86,10 @@ void StepSimulator::Occupy(PlanResource resource, double start, double end) {
   intervals_[Index(resource)].emplace_back(start, end);
 }
 
-// Note [Updates in fetch order] (engine/step_executor.cc): at BeginStep the optimizer runs the
-// previous step's updates that have not started in the order the new step fetches their
-// experts. Host states only: the NVMe updater keeps its order.
+// Note [Updates in fetch order] (engine/step_executor.cc): at BeginStep, once step t-2's
+// updates are done (`begin`), the optimizer runs step t-1's updates that have not started in
+// the order the new step fetches their experts. Host states only: the NVMe updater keeps its
+// order.
 void StepSimulator::Expedite(const StepPlan& plan, double begin) {
   if (updates_.empty() || options_.placement.states_on_nvme() || options_.delayed_update ||
       !plan.fetches_ahead()) {
@@ -137,23 +138,24 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   const size_t step = steps_.size();
   const double begin = clock_;
   const PlanPolicy& policy = plan.policy();
-  Expedite(plan, begin);
-  // Only what can still reach into this step is kept.
-  for (auto& list : intervals_) {
-    list.erase(std::remove_if(list.begin(), list.end(),
-                              [&](const auto& interval) { return interval.second <= begin; }),
-               list.end());
-  }
   // When the updates of the step `offset` steps back ended (with the delayed update, of that
   // step's gradients, which the step after it ran).
   auto updates_of = [&](int32_t offset) -> UpdateRecord* {
     const auto index = static_cast<int64_t>(step) + offset;
     return index >= 0 && index < static_cast<int64_t>(updates_.size()) ? &updates_[index] : nullptr;
   };
-  // BeginStep waits for step t-2's updates before it issues anything.
+  // BeginStep waits for step t-2's updates before it issues anything, then re-orders step
+  // t-1's queued ones.
   double floor = begin;
   if (UpdateRecord* two = updates_of(-2); two != nullptr && !policy.evaluation) {
     floor = std::max(floor, two->all_end);
+  }
+  Expedite(plan, floor);
+  // Only what can still reach into this step is kept.
+  for (auto& list : intervals_) {
+    list.erase(std::remove_if(list.begin(), list.end(),
+                              [&](const auto& interval) { return interval.second <= begin; }),
+               list.end());
   }
   updates_.emplace_back();
   const size_t mine = updates_.size() - 1;

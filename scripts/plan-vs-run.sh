@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The planner against the runtime: each configuration of tools/plan/configs goes through
+# ecss-plan --json and ecss-bench step --json (the same model, hardware and workload files, the
+# simulated device in timed mode), and the table compares the predicted memory per tier with
+# the runtime's accounting (the device memory the session holds, its pinned and host
+# allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
+# differs by more than 1% or a step time by more than 5%.
+#   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR]
+# Without a hardware file it calibrates this machine first (ecss-plan --calibrate). DIR holds
+# the NVMe configurations' stores (default: a scratch directory under /tmp). Needs a release
+# build (build/release) and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=build/release
+hardware=""
+dir=""
+while (($#)); do
+  case "$1" in
+    --dir) dir="$2"; shift 2 ;;
+    *) hardware="$1"; shift ;;
+  esac
+done
+work=$(mktemp -d /tmp/ecss-plan-vs-run.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+dir=${dir:-$work}
+if [ -z "$hardware" ]; then
+  hardware="$work/this-machine.json"
+  "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
+fi
+configs=(
+  "small ecss-host"
+  "deep ecss-host-tight"
+  "small no-overlap-host"
+  "uneven zero-offload-host"
+  "small ecss-nvme-states"
+  "deep ecss-nvme-all-2mb"
+)
+for config in "${configs[@]}"; do
+  read -r model workload <<< "$config"
+  files=(--model "tools/plan/configs/$model.model.json" --hardware "$hardware"
+         --workload "tools/plan/configs/$workload.workload.json")
+  "$bin/tools/plan/ecss-plan" "${files[@]}" --json > "$work/$model.$workload.plan.json"
+  "$bin/bench/ecss-bench" step "${files[@]}" --steps 8 --warmup 3 --dir "$dir" --json \
+    > "$work/$model.$workload.run.json"
+done
+python3 - "$work" "${configs[@]}" <<'PY'
+import json, sys
+work, configs = sys.argv[1], sys.argv[2:]
+worst_memory, worst_time = 0.0, 0.0
+print(f"{'config':34s} {'tier':7s} {'planned':>14s} {'measured':>14s} {'diff':>8s}")
+rows = []
+for config in configs:
+    model, workload = config.split()
+    plan = json.load(open(f"{work}/{model}.{workload}.plan.json"))
+    run = json.load(open(f"{work}/{model}.{workload}.run.json"))
+    p = plan["strategies"][0]
+    assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
+    for tier in ("device", "pinned", "host"):
+        a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
+        diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
+        worst_memory = max(worst_memory, diff)
+        print(f"{model + ' ' + workload:34s} {tier:7s} {a:14d} {b:14d} {100 * diff:7.2f}%")
+    rows.append((config, p, run))
+print()
+print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s}  bottleneck (planned / measured)")
+for config, p, run in rows:
+    a, b = p["step_seconds"], run["step_seconds"]
+    diff = (a - b) / b
+    worst_time = max(worst_time, abs(diff))
+    print(f"{config:34s} {a:10.4f} {b:11.4f} {100 * diff:+7.1f}%  {p['bottleneck']} / {run['bottleneck']}")
+print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), "
+      f"worst step-time difference {100 * worst_time:.1f}% (limit 5%)")
+sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
+PY
