@@ -17,6 +17,12 @@ bool UpdateLike(OpKind kind) {
 
 size_t Index(PlanResource resource) { return static_cast<size_t>(resource); }
 
+// The queue an op waits in: its resource's, except that NVMe reads and writes share the drives
+// (a drive's bandwidth is shared by both directions: writes slow reads down and back).
+size_t Queue(PlanResource resource) {
+  return Index(resource == PlanResource::kNvmeWrite ? PlanResource::kNvmeRead : resource);
+}
+
 std::chrono::steady_clock::time_point At(double seconds) {
   return std::chrono::steady_clock::time_point() +
          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -196,7 +202,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     const double seconds =
         held ? static_cast<double>(held_experts_) * ExpertParams() / rates_.optimizer_params_per_s
              : Seconds(op);
-    const size_t r = Index(op.resource);
+    const size_t r = Queue(op.resource);
     if (UpdateLike(op.kind) && op.step_offset == 0 && !op.experts.empty()) {
       // One expert at a time; with states on NVMe, a pipeline of reads, updates and writes.
       const double each = seconds / static_cast<double>(op.experts.size());

@@ -5,7 +5,8 @@
 // (engine/plan_inputs.h ComputeOpSeconds), copies latency + bytes / bandwidth (one copy per
 // expert), the CPU optimizer params / (params/s of the session's threads), NVMe reads and
 // writes bytes / GB/s. An op starts once its dependencies ended and its resource is free;
-// each resource serves its ops in plan order (streams and queues are in order). Updates are
+// each resource serves its ops in plan order (streams and queues are in order); NVMe reads
+// and writes share one queue, the drives'. Updates are
 // simulated per expert (a layer's update op is its experts' updates in turn, and with states
 // on NVMe each expert's read, update and write form a pipeline), and, as the engine's
 // optimizer does at BeginStep, the previous step's updates not yet started run in the new
@@ -86,7 +87,7 @@ class StepSimulator {
 
   SessionOptions options_;
   ResourceRates rates_;
-  std::array<double, kPlanResources> free_{};  // when each resource is next free
+  std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
   std::vector<UpdateRecord> updates_;  // per step
   std::vector<SimulatedStep> steps_;
