@@ -213,3 +213,32 @@ TEST(PlannerTest, AModelTooLargeForHostMemorySaysWhatWouldFit) {
 
 }  // namespace
 }  // namespace ecss::plan
+
+namespace ecss::plan {
+namespace {
+
+// --optimize: a model whose states do not fit host memory gets them on NVMe, and says so.
+TEST(PlannerTest, OptimizeMovesTheStatesThatDoNotFitToNvme) {
+  auto model = LoadModel("bench-default");  // 320 experts of 1 Mi parameters: 3.75 GiB of states
+  std::string small_host = kHardware;
+  small_host.replace(small_host.find(R"("memory_gib": 8)"), 15, R"("memory_gib": 4)");
+  auto hardware = ParseHardware(small_host);
+  auto workload = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "domains_per_step": 2,
+      "device_budget_gib": 0.25})");
+  ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok()) << hardware.status();
+  auto given = Plan(*model, *hardware, *workload);
+  ASSERT_TRUE(given.ok()) << given.status();
+  EXPECT_FALSE(given->feasible);
+  auto best = Optimize(*model, *hardware, *workload);
+  ASSERT_TRUE(best.ok()) << best.status();
+  EXPECT_TRUE(best->feasible) << ::testing::PrintToString(best->optimized);
+  EXPECT_EQ(best->workload.states, Tier::kNvme);
+  EXPECT_EQ(best->workload.tokens_per_micro_batch * best->workload.micro_batches, 1024u);
+  ASSERT_GE(best->optimized.size(), 3u);
+  EXPECT_EQ(best->optimized[0].rfind("given:", 0), 0u);
+  EXPECT_NE(best->optimized[0].find("does not fit"), std::string::npos) << best->optimized[0];
+  EXPECT_EQ(best->optimized[1].rfind("chosen: weights", 0), 0u) << best->optimized[1];
+}
+
+}  // namespace
+}  // namespace ecss::plan

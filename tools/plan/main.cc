@@ -22,13 +22,15 @@ constexpr int kFits = 0, kBadInput = 2, kDoesNotFit = 3;
 
 constexpr std::string_view kUsage =
     "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE|PRESET]\n"
-    "                 [--json] [--no-bars]\n"
+    "                 [--optimize] [--json] [--no-bars]\n"
     "       ecss-plan --list-presets\n"
     "       ecss-plan --calibrate OUT.json [--hardware FILE|PRESET] [--dir DIR]\n"
     "Plans one training step of an ECSS session per device: where every byte lives (device,\n"
     "pinned, host, NVMe) and whether it fits, then the engine's own step plan run in virtual\n"
     "time for ecss, zero-offload, no-overlap and naive. Exit 0: fits; 3: does not fit; 2: bad\n"
-    "input. Without --workload: 2,048 tokens a micro-batch, 4 domains a step, ecss, states in\n"
+    "input. --optimize: the placement and micro-batch split of the step's tokens that run\n"
+    "fastest within the budgets, with the bottleneck before and after. Without --workload: 2,048 "
+    "tokens a micro-batch, 4 domains a step, ecss, states in\n"
     "host memory. --calibrate measures this machine's CPU optimizer and NVMe (in DIR, default\n"
     ".) through the runtime's code and writes the base hardware (default this-machine) with\n"
     "them. tools/plan/README.md describes the files' fields.\n";
@@ -42,7 +44,7 @@ int BadInput(std::string_view message) {
 
 int main(int argc, char** argv) {
   std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dir_arg = ".";
-  bool json = false, bars = isatty(STDOUT_FILENO) != 0;
+  bool json = false, optimize = false, bars = isatty(STDOUT_FILENO) != 0;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
       ok = value(&calibrate_arg);
     } else if (arg == "--dir") {
       ok = value(&dir_arg);
+    } else if (arg == "--optimize") {
+      optimize = true;
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--no-bars") {
@@ -103,7 +107,8 @@ int main(int argc, char** argv) {
   ecss::StatusOr<ecss::plan::WorkloadConfig> workload = ecss::plan::DefaultWorkloadFor(*model);
   if (!workload_arg.empty()) workload = ecss::plan::LoadWorkload(workload_arg);
   if (!workload.ok()) return BadInput(workload.status().ToString());
-  auto report = ecss::plan::Plan(*model, *hardware, *workload);
+  auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload)
+                         : ecss::plan::Plan(*model, *hardware, *workload);
   if (!report.ok()) return BadInput(report.status().ToString());
   if (json) {
     ecss::JsonWriter out;

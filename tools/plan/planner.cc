@@ -533,8 +533,12 @@ StatusOr<std::vector<std::string>> Suggest(const DeviceShard& shard, const Model
 
 }  // namespace
 
-StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
-                          const WorkloadConfig& workload) {
+namespace {
+
+// The report, with predictions for the workload's strategy and, unless `only_workloads`, the
+// other strategies.
+StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& hardware,
+                              const WorkloadConfig& workload, bool only_workloads) {
   const auto began = std::chrono::steady_clock::now();
   PlanReport r;
   r.model = model;
@@ -578,7 +582,7 @@ StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardwa
   std::vector<Strategy> strategies = {workload.strategy};
   for (Strategy s :
        {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap, Strategy::kNaive}) {
-    if (s != workload.strategy) strategies.push_back(s);
+    if (s != workload.strategy && !only_workloads) strategies.push_back(s);
   }
   for (Strategy s : strategies) {
     ECSS_ASSIGN_OR_RETURN(StrategyPrediction p, Predict(r.shard, model, hardware, workload, s));
@@ -586,6 +590,71 @@ StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardwa
   }
   r.plan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   return r;
+}
+
+}  // namespace
+
+StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
+                          const WorkloadConfig& workload) {
+  return PlanWith(model, hardware, workload, false);
+}
+
+namespace {
+
+std::string Describe(const WorkloadConfig& w) {
+  return StrCat("weights ", w.weights == Tier::kNvme ? "nvme" : "pinned", ", states ",
+                w.states == Tier::kNvme ? "nvme" : "host", ", ", w.micro_batches, " x ",
+                w.tokens_per_micro_batch, " tokens");
+}
+
+std::string Outcome(const PlanReport& r) {
+  const StrategyPrediction& p = r.predictions.front();
+  if (!r.feasible) return StrCat("does not fit (", r.short_of.front(), ")");
+  if (!p.feasible) return StrCat("does not fit (", p.why_not, ")");
+  return StrCat(static_cast<uint64_t>(p.tokens_per_s), " tokens/s, bottleneck ",
+                p.metrics.bottleneck);
+}
+
+}  // namespace
+
+StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& hardware,
+                              const WorkloadConfig& workload) {
+  const auto began = std::chrono::steady_clock::now();
+  ECSS_ASSIGN_OR_RETURN(PlanReport given, PlanWith(model, hardware, workload, true));
+  const uint64_t step_tokens = uint64_t{workload.tokens_per_micro_batch} * workload.micro_batches;
+  std::optional<PlanReport> best;  // a change must beat the given workload by 1% to be chosen
+  if (given.feasible && given.predictions.front().feasible) best = given;
+  std::vector<std::string> tried;
+  for (const auto& [weights, states] :
+       {std::pair{Tier::kPinned, Tier::kHost}, std::pair{Tier::kPinned, Tier::kNvme},
+        std::pair{Tier::kNvme, Tier::kNvme}}) {
+    if (states == Tier::kNvme && hardware.nvme.empty()) continue;
+    for (uint32_t split : {1u, 2u, 4u, 8u}) {
+      if (step_tokens % split != 0 || (step_tokens / split) % workload.seq_len != 0) continue;
+      WorkloadConfig w = workload;
+      w.weights = weights;
+      w.states = states;
+      w.micro_batches = split;
+      w.tokens_per_micro_batch = static_cast<uint32_t>(step_tokens / split);
+      ECSS_ASSIGN_OR_RETURN(PlanReport r, PlanWith(model, hardware, w, true));
+      tried.push_back(StrCat(Describe(w), ": ", Outcome(r)));
+      const StrategyPrediction& p = r.predictions.front();
+      if (!r.feasible || !p.feasible) continue;
+      if (!best || p.tokens_per_s > 1.01 * best->predictions.front().tokens_per_s) {
+        best = std::move(r);
+      }
+    }
+  }
+  // The chosen workload's whole report (every strategy).
+  ECSS_ASSIGN_OR_RETURN(PlanReport out, Plan(model, hardware, best ? best->workload : workload));
+  out.optimized.push_back(StrCat("given:  ", Describe(workload), ": ", Outcome(given)));
+  out.optimized.push_back(best ? StrCat("chosen: ", Describe(out.workload), ": ", Outcome(out))
+                               : "chosen: nothing tried fits");
+  out.optimized.push_back("prefetch window: every free cache slot (a smaller one never helps)");
+  for (const std::string& t : tried) out.optimized.push_back(StrCat("tried:  ", t));
+  out.plan_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
+  return out;
 }
 
 // ---- Output -----------------------------------------------------------------------------------
@@ -701,6 +770,8 @@ void WriteJson(const PlanReport& r, JsonWriter& json) {
     }
     json.EndObject();
   }
+  json.EndArray().Key("optimized").BeginArray();
+  for (const std::string& line : r.optimized) json.String(line);
   json.EndArray().Field("plan_seconds", r.plan_seconds).EndObject();
 }
 
@@ -764,6 +835,8 @@ std::string Table(const PlanReport& r, bool bars) {
     }
     out << std::defaultfloat << "\n";
   }
+  if (!r.optimized.empty()) out << "\n--optimize\n";
+  for (const std::string& line : r.optimized) out << "  " << line << "\n";
   out << "\nplanned in " << std::setprecision(3) << r.plan_seconds << " s\n";
   return out.str();
 }

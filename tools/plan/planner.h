@@ -128,10 +128,21 @@ struct PlanReport {
   std::vector<std::string> suggestions;         // the smallest changes that fit
   std::vector<StrategyPrediction> predictions;  // the workload's strategy first
   double plan_seconds = 0;                      // what planning took here
+  // --optimize: what was searched and why the workload is the one chosen (empty otherwise).
+  std::vector<std::string> optimized;
 };
 
 StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
                           const WorkloadConfig& workload);
+
+// --optimize: the workload's strategy with each placement (weights pinned or on NVMe, master
+// and moments in host memory or on NVMe) and micro-batch split (the step's tokens in 1, 2, 4
+// or 8 micro-batches, of whole samples) that fits, simulated; the report of the fastest, with
+// `optimized` saying what it changed and the bottleneck before and after. The prefetch window
+// is left at every free cache slot: in the model a smaller window never helps (it saves no
+// memory, the slots are the budget's).
+StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& hardware,
+                              const WorkloadConfig& workload);
 
 // The report as JSON (the step bench's field names where they mean the same) and as a table.
 void WriteJson(const PlanReport& report, JsonWriter& json);
