@@ -132,7 +132,8 @@ StatusOr<Fit> Assess(SessionOptions options, const ModelConfig& model,
 
 // The device's share of the node's optimizer threads and NVMe drives; the device's rates.
 ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
-                       const WorkloadConfig& workload, uint32_t layers) {
+                       const WorkloadConfig& workload, const DeviceShard& shard) {
+  const uint32_t layers = model.sparse_layers;
   ResourceRates rates;
   rates.device = hardware.device;
   rates.copy_latency_us = hardware.copy_latency_us;
@@ -152,6 +153,13 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
                         workload.tokens_per_micro_batch / layers / flops_per_s;
   rates.dense_forward_seconds = 2 * per_op;
   rates.dense_backward_seconds = 4 * per_op;
+  if (shard.remote_fraction > 0) {  // a compute op's rows out and back, at the device's share
+    const double rows =
+        static_cast<double>(workload.tokens_per_micro_batch) * std::max(1u, shard.gate_k);
+    const double bytes = rows * model.d_model * DTypeSize(model.dtype) * shard.remote_fraction;
+    rates.all_to_all_seconds =
+        2 * bytes / (hardware.network_gbps * 1e9 / hardware.devices_per_node);
+  }
   return rates;
 }
 
@@ -175,6 +183,9 @@ StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& h
     const auto experts = static_cast<uint32_t>(CeilDiv(model.gate_experts, devices));
     m.domains = {{"experts", experts}};
     shard.gate_k = std::min(model.gate_k, experts);
+    if (devices > hardware.devices_per_node) {
+      shard.remote_fraction = static_cast<double>(devices - hardware.devices_per_node) / devices;
+    }
     shard.how = devices == 1 ? StrCat("all ", experts, " experts of each layer")
                              : StrCat(experts, " of each layer's ", model.gate_experts,
                                       " experts (the busiest of ", devices, " devices)");
@@ -219,6 +230,10 @@ StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& h
   }
   m.domains = {{model.domains[which].name, widest}};
   shard.domains_per_step = 1;
+  if (per_domain > hardware.devices_per_node) {
+    shard.remote_fraction =
+        static_cast<double>(per_domain - hardware.devices_per_node) / per_domain;
+  }
   shard.how = StrCat(widest, " of ", model.domains[which].name, "'s ", model.domains[which].experts,
                      " experts (each domain over ", per_domain, " devices)");
   return shard;
@@ -435,7 +450,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   StepSampler sampler(options, shard.domains_per_step, workload.seq_len, workload.seed);
   ECSS_ASSIGN_OR_RETURN(std::vector<StepPlan> plans, BuildStepPlans(options, *fit.memory, sampler,
                                                                     kWarmupSteps + workload.steps));
-  const ResourceRates rates = RatesFor(hardware, model, workload, options.model.layers);
+  const ResourceRates rates = RatesFor(hardware, model, workload, shard);
   ECSS_ASSIGN_OR_RETURN(StepSimulator simulator, StepSimulator::Create(options, rates));
   std::vector<StepMetrics> steady;
   double seconds = 0;
@@ -445,6 +460,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
     steady.push_back(step.metrics);
     seconds += step.seconds;
     for (size_t r = 0; r < kPlanResources; ++r) p.busy_per_step[r] += step.busy[r];
+    p.network_seconds += step.network_busy;
     const StepPlan& plan = plans[s];
     p.h2d_bytes += plan.Bytes(OpKind::kFetch) + plan.Bytes(OpKind::kPlanUpload);
     p.d2h_bytes += plan.Bytes(OpKind::kGradientCopy);
@@ -458,6 +474,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   p.metrics = SumStepMetrics(steady);
   p.step_seconds = seconds / n;
   for (double& busy : p.busy_per_step) busy /= n;
+  p.network_seconds /= n;
   p.h2d_bytes = static_cast<uint64_t>(static_cast<double>(p.h2d_bytes) / n);
   p.d2h_bytes = static_cast<uint64_t>(static_cast<double>(p.d2h_bytes) / n);
   p.nvme_bytes = static_cast<uint64_t>(static_cast<double>(p.nvme_bytes) / n);
@@ -754,6 +771,7 @@ void WriteJson(const PlanReport& r, JsonWriter& json) {
     }
     json.EndObject()
         .Field("dense_compute_seconds_per_step", p.dense_compute_seconds)
+        .Field("network_seconds_per_step_modelled_only", p.network_seconds)
         .Field("h2d_bytes", p.h2d_bytes)
         .Field("d2h_bytes", p.d2h_bytes)
         .Field("nvme_bytes", p.nvme_bytes)
@@ -834,6 +852,18 @@ std::string Table(const PlanReport& r, bool bars) {
       out << std::setprecision(2) << std::setw(8) << ecss->tokens_per_s / p.tokens_per_s << "x";
     }
     out << std::defaultfloat << "\n";
+  }
+  if (r.shard.remote_fraction > 0) {
+    out << "  (the all-to-all between nodes, " << std::setprecision(3)
+        << 100 * r.shard.remote_fraction
+        << "% of each layer's tokens out and back, is modelled only: the engine does not run it";
+    for (const StrategyPrediction& p : r.predictions) {
+      if (p.feasible) {
+        out << "; " << StrategyName(p.strategy) << " " << p.network_seconds << " s a step";
+        break;
+      }
+    }
+    out << ")\n";
   }
   if (!r.optimized.empty()) out << "\n--optimize\n";
   for (const std::string& line : r.optimized) out << "  " << line << "\n";

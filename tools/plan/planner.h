@@ -9,8 +9,8 @@
 // as many domains as devices, else each domain's group spread over devices / domains devices;
 // a learned gate's experts split evenly) and plans the busiest device. Each device trains on
 // its own micro-batches (data parallelism), so the model's tokens/s is the device's times the
-// devices. The all-to-all that would carry tokens to other devices' experts is not modelled
-// (the engine does not run it yet).
+// devices. The all-to-all that carries tokens to other nodes' experts is added around each
+// compute op on the node's network, marked as modelled only (the engine does not run it yet).
 #pragma once
 
 #include <array>
@@ -37,6 +37,10 @@ struct DeviceShard {
   uint32_t gate_k = 0;            // learned gate: choices per token among its experts
   uint32_t domains_per_step = 1;  // RRE: domains a step's samples come from
   std::string how;                // "5 of 40 domains", "2 of domain0's 16 experts", ...
+  // Of a layer's token rows, the share the all-to-all exchanges with other nodes: RRE keeps
+  // tokens in their domain's group (none while a group fits in a node), a learned gate
+  // spreads them over every device.
+  double remote_fraction = 0;
 };
 StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& hardware,
                                const WorkloadConfig& workload);
@@ -110,6 +114,7 @@ struct StrategyPrediction {
   std::array<double, kPlanResources> busy_per_step{};  // per plan resource
   uint64_t device_bytes = 0, pinned_bytes = 0, host_bytes = 0;  // the session's memory plan
   double dense_compute_seconds = 0;  // per step, inside the compute figures
+  double network_seconds = 0;        // per step: the all-to-all between nodes (modelled only)
   uint64_t h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated_params = 0;  // per step
 };
 

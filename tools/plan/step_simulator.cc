@@ -87,6 +87,13 @@ double StepSimulator::Seconds(const PlanOp& op) const {
   return 0;
 }
 
+double StepSimulator::Exchange(double ready) {
+  const double start = std::max(ready, network_free_);
+  network_free_ = start + rates_.all_to_all_seconds / 2;
+  network_.emplace_back(start, network_free_);
+  return network_free_;
+}
+
 void StepSimulator::Occupy(PlanResource resource, double start, double end) {
   if (resource == PlanResource::kNone || end <= start) return;
   intervals_[Index(resource)].emplace_back(start, end);
@@ -158,11 +165,10 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   }
   Expedite(plan, floor);
   // Only what can still reach into this step is kept.
-  for (auto& list : intervals_) {
-    list.erase(std::remove_if(list.begin(), list.end(),
-                              [&](const auto& interval) { return interval.second <= begin; }),
-               list.end());
-  }
+  auto ended = [&](const std::pair<double, double>& interval) { return interval.second <= begin; };
+  for (auto& list : intervals_)
+    list.erase(std::remove_if(list.begin(), list.end(), ended), list.end());
+  network_.erase(std::remove_if(network_.begin(), network_.end(), ended), network_.end());
   updates_.emplace_back();
   const size_t mine = updates_.size() - 1;
 
@@ -233,13 +239,15 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     }
     double ready = floor;
     for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1));
+    const bool exchanges = rates_.all_to_all_seconds > 0 && op.resource == PlanResource::kCompute;
+    if (exchanges) ready = Exchange(ready);  // the tokens' dispatch to their experts' devices
     const double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
     const double finish = start + seconds;
     if (op.resource != PlanResource::kNone) {
       free_[r] = finish;
       Occupy(op.resource, start, finish);
     }
-    end[op.id] = finish;
+    end[op.id] = exchanges ? Exchange(finish) : finish;  // and the outputs' combine
     op.start_s = start - begin;
     op.end_s = finish - begin;
     if (held) {  // the update of step t-1's gradients
@@ -271,6 +279,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     for (const auto& [start, stop] : intervals_[i]) {
       out.busy[i] += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
     }
+  }
+  for (const auto& [start, stop] : network_) {
+    out.network_busy += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
   }
   // The bench's four resources (step_metrics.h): the optimizer's work includes its states'
   // NVMe reads and writes, as the updaters report an update from its read to its write.

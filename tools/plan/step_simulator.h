@@ -42,6 +42,10 @@ struct ResourceRates {
   // the engine does not run (the planner's simple model of them; 0 for the engine's own step).
   double dense_forward_seconds = 0;
   double dense_backward_seconds = 0;
+  // Several nodes: the expert-parallel all-to-all of each compute op's tokens between nodes,
+  // half before it (dispatch) and half after (combine), on the node's network (modelled only:
+  // the engine does not run it yet). 0: none.
+  double all_to_all_seconds = 0;
 };
 
 struct SimulatedStep {
@@ -51,6 +55,7 @@ struct SimulatedStep {
   // Busy seconds per plan resource (h2d, d2h, compute, cpu_optimizer, nvme_read, nvme_write)
   // within the step.
   std::array<double, kPlanResources> busy{};
+  double network_busy = 0;  // the all-to-all's (modelled only)
 };
 
 class StepSimulator {
@@ -84,11 +89,15 @@ class StepSimulator {
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
   void Occupy(PlanResource resource, double start, double end);
+  // Half of an all-to-all on the network from `ready`; returns when it ends.
+  double Exchange(double ready);
 
   SessionOptions options_;
   ResourceRates rates_;
   std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
+  double network_free_ = 0;  // the all-to-all's, modelled only
+  std::vector<std::pair<double, double>> network_;
   std::vector<UpdateRecord> updates_;  // per step
   std::vector<SimulatedStep> steps_;
   double clock_ = 0;           // when the next step begins
