@@ -122,6 +122,35 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   EXPECT_EQ(workload_error(R"({"micro_batches": 2})"), "workload.tokens_per_micro_batch: required");
 }
 
+// Sizes beyond what the planner can multiply in 64 bits, or beyond physics, are refused by
+// their path; so are duplicate names, and files that are not regular files.
+TEST(PlanConfigTest, SizesOutOfRangeAndOddFilesAreRefused) {
+  EXPECT_EQ(ModelError(R"("d_model": 64)", R"("d_model": 1000000000)"),
+            "model.d_model: must be at most 262144 (got 1000000000)");
+  EXPECT_EQ(ModelError(R"("experts": 2})", R"("experts": 70000})"),
+            "model.routing.domains[1].experts: must be at most 65535 (got 70000)");
+  EXPECT_EQ(
+      ModelError(R"("vocab": 1000})", R"("vocab": 1000, "dense_params": 1.8446744073709552e19})"),
+      "model.dense_params: must be at most 1e+15 (got 1.8446744073709552e+19)");
+  EXPECT_EQ(ModelError(R"({"name": "b", )", R"({"name": "a", )"),
+            "model.routing.domains[1].name: 'a' names an earlier domain too");
+  EXPECT_EQ(ModelError(R"("sparse_layers": 2, "d_model": 64, "d_ff": 128)",
+                       R"("sparse_layers": 4096, "d_model": 262144, "d_ff": 262144)"),
+            "model: 3.3777e+15 expert parameters; the planner takes up to 10^15");
+  StatusOr<WorkloadConfig> w = ParseWorkload(
+      R"({"tokens_per_micro_batch": 16777216, "seq_len": 256, "micro_batches": 1024})");
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.status().message(),
+            "workload: 1024 micro-batches of 16777216 tokens are more than 2^31 tokens a step");
+  StatusOr<HardwareConfig> h = ParseHardware(R"({"device": {"kind": "sim", "memory_gib": 4,
+      "profile": "h100-sxm", "gemm_efficiency": 1.5}, "host": {"memory_gib": 24,
+      "optimizer_threads": 1, "optimizer_params_per_s_per_thread": 1e-300}})");
+  ASSERT_FALSE(h.ok());
+  EXPECT_EQ(h.status().message(), "hardware.device.gemm_efficiency: must be at most 1 (got 1.5)");
+  EXPECT_EQ(LoadModel("/tmp").status().message(), "model file '/tmp': not a regular file");
+  EXPECT_EQ(LoadWorkload("ecss-host").status().code(), StatusCode::kNotFound);  // no presets
+}
+
 TEST(PlanConfigTest, AnUnknownPresetListsTheKnownOnes) {
   StatusOr<ModelConfig> m = LoadModel("pangu");
   ASSERT_EQ(m.status().code(), StatusCode::kNotFound);

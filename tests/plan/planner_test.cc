@@ -217,6 +217,37 @@ TEST(PlannerTest, AModelTooLargeForHostMemorySaysWhatWouldFit) {
 namespace ecss::plan {
 namespace {
 
+// A budget beyond the device's memory does not fit; more domains a step than the model has,
+// or states on NVMe without drives, are said so.
+TEST(PlannerTest, ImpossibleBudgetsAndPlacementsAreReported) {
+  auto model = LoadModel("bench-default");
+  auto hardware = ParseHardware(kHardware);  // 1 GiB of device memory
+  auto over = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "device_budget_gib": 2})");
+  ASSERT_TRUE(model.ok() && hardware.ok() && over.ok());
+  auto report = Plan(*model, *hardware, *over);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_FALSE(report->feasible);
+  ASSERT_FALSE(report->short_of.empty());
+  EXPECT_NE(report->short_of[0].find("exceed the device's 1.00 GiB"), std::string::npos)
+      << report->short_of[0];
+  auto many = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "domains_per_step": 41})");
+  ASSERT_TRUE(many.ok());
+  EXPECT_EQ(Plan(*model, *hardware, *many).status().message(),
+            "workload.domains_per_step: 41 is more than the model's 40 domains");
+  auto diskless = ParseHardware(R"({"device": {"kind": "sim", "memory_gib": 1,
+      "profile": "h100-sxm"}, "host": {"memory_gib": 8, "optimizer_threads": 1,
+      "optimizer_params_per_s_per_thread": 5e8}})");
+  ASSERT_TRUE(diskless.ok()) << diskless.status();
+  auto nvme = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "placement": {"states": "nvme"},
+      "device_budget_gib": 0.25})");
+  ASSERT_TRUE(nvme.ok());
+  report = Plan(*model, *diskless, *nvme);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_FALSE(report->feasible);
+  EXPECT_FALSE(report->predictions.front().feasible);
+  EXPECT_NE(report->predictions.front().why_not.find("no NVMe drives"), std::string::npos);
+}
+
 // --optimize: a model whose states do not fit host memory gets them on NVMe, and says so.
 TEST(PlannerTest, OptimizeMovesTheStatesThatDoNotFitToNvme) {
   auto model = LoadModel("bench-default");  // 320 experts of 1 Mi parameters: 3.75 GiB of states

@@ -1,8 +1,10 @@
 #include "tools/plan/calibrate.h"
 
-#include <sys/statvfs.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <memory>
@@ -74,6 +76,15 @@ struct NvmeRates {
 
 StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
   constexpr size_t kBlock = size_t{1} << 20;
+  struct statfs fs {};
+  if (statfs(o.dir.c_str(), &fs) != 0) {
+    return NotFoundError(
+        StrCat("calibrating NVMe: --dir '", o.dir, "' cannot be used (errno ", errno, ")"));
+  }
+  if (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
+    return InvalidArgumentError(
+        StrCat("calibrating NVMe: --dir '", o.dir, "' is in memory (tmpfs), not on a drive"));
+  }
   IoEngineOptions io;
   io.queue_depth = 32;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(io));
@@ -110,10 +121,7 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
   NvmeRates rates;
   rates.read_gbps = Median(reads);
   rates.write_gbps = Median(writes);
-  struct statvfs fs {};
-  if (statvfs(o.dir.c_str(), &fs) == 0) {
-    rates.capacity_gib = static_cast<double>(fs.f_blocks) * fs.f_frsize / (1024.0 * 1024 * 1024);
-  }
+  rates.capacity_gib = static_cast<double>(fs.f_blocks) * fs.f_bsize / (1024.0 * 1024 * 1024);
   return rates;
 }
 
@@ -122,7 +130,10 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options) {
   ECSS_ASSIGN_OR_RETURN(base.optimizer_params_per_s_per_thread, OptimizerParamsPerSecond(options));
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
-  base.nvme.assign(1, {nvme.capacity_gib, nvme.read_gbps, nvme.write_gbps});
+  // One drive measured: the base's drives (or this machine's one) get its speed.
+  const size_t drives = std::max<size_t>(1, base.nvme.size());
+  const double capacity = base.nvme.empty() ? nvme.capacity_gib : base.nvme[0].capacity_gib;
+  base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps});
   base.name += " (calibrated)";
   return base;
 }

@@ -21,7 +21,7 @@ namespace {
 constexpr int kFits = 0, kBadInput = 2, kDoesNotFit = 3;
 
 constexpr std::string_view kUsage =
-    "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE|PRESET]\n"
+    "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE]\n"
     "                 [--optimize] [--json] [--no-bars]\n"
     "       ecss-plan --list-presets\n"
     "       ecss-plan --calibrate OUT.json [--hardware FILE|PRESET] [--dir DIR]\n"
@@ -87,6 +87,11 @@ int main(int argc, char** argv) {
   if (!calibrate_arg.empty()) {
     auto base = ecss::plan::LoadHardware(hardware_arg.empty() ? "this-machine" : hardware_arg);
     if (!base.ok()) return BadInput(base.status().ToString());
+    // The output's directory must take a file before seconds of measuring.
+    const std::string probe = calibrate_arg + ".ecss-plan-probe";
+    const ecss::Status writable = ecss::WriteFileAtomically(probe, "");
+    if (!writable.ok()) return BadInput(ecss::StrCat("--calibrate: ", writable.ToString()));
+    std::remove(probe.c_str());
     ecss::plan::CalibrationOptions options;
     options.dir = dir_arg;
     auto measured = ecss::plan::Calibrate(*base, options);

@@ -1,6 +1,7 @@
 #include "tools/plan/plan_config.h"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <set>
@@ -24,6 +25,23 @@ std::string TypeName(const Json& j) {
                           : "null";
 }
 
+// What a field may hold, inclusive. The upper bounds keep every product of sizes the planner
+// forms inside 64 bits and every figure physical; the lower ones keep times finite.
+struct Range {
+  double min = 1;
+  double max = 1 << 20;
+};
+constexpr Range kCount{1, 1 << 20};          // layers, experts, devices, steps, ...
+constexpr Range kOptionalCount{0, 1 << 20};  // the same, 0 allowed
+constexpr Range kWidth{1, 1 << 18};          // d_model, d_ff
+constexpr Range kGroup{1, 65535};            // experts of a domain's group (router tables)
+constexpr Range kTokens{1, 1 << 24};         // tokens of a micro-batch, vocabulary
+constexpr Range kGib{1e-3, 1 << 30};         // memory and capacity, GiB (up to 1 EiB)
+constexpr Range kRate{1e-3, 1e9};            // GB/s, TFLOPS
+constexpr Range kOptionalRate{0, 1e9};
+constexpr Range kMicroseconds{0, 1e6};
+constexpr Range kFraction{1e-3, 1};
+
 // One JSON object being read: each field is read once, by name; Finish refuses the fields
 // nobody read (a misspelt or unknown one), naming its path.
 class Fields {
@@ -40,35 +58,26 @@ class Fields {
   std::string Path(std::string_view key) const { return StrCat(path_, ".", key); }
   bool Has(std::string_view key) const { return j_.contains(std::string(key)); }
 
-  // A number > 0 (or >= 0 with `zero_ok`), finite; absent: `*out` keeps its default unless
-  // required.
-  Status Number(std::string_view key, double* out, bool required, bool zero_ok = false) {
+  // A number in `range`, finite; absent: `*out` keeps its default unless required.
+  Status Number(std::string_view key, double* out, bool required, Range range) {
     const Json* v = Get(key);
     if (v == nullptr) return Missing(key, required);
     if (!v->is_number()) return Wrong(key, "a number", *v);
     const double x = v->get<double>();
-    if (!std::isfinite(x) || x < 0 || (!zero_ok && x == 0)) {
-      return InvalidArgumentError(
-          StrCat(Path(key), ": must be ", zero_ok ? ">= 0" : "> 0", " (got ", v->dump(), ")"));
-    }
+    ECSS_RETURN_IF_ERROR(Check(key, x, range, *v));
     *out = x;
     return Status::Ok();
   }
 
+  // A whole number in `range` (which T holds).
   template <typename T>
-  Status Integer(std::string_view key, T* out, bool required, bool zero_ok = false) {
+  Status Integer(std::string_view key, T* out, bool required, Range range) {
     const Json* v = Get(key);
     if (v == nullptr) return Missing(key, required);
     if (!v->is_number()) return Wrong(key, "an integer", *v);
     const double x = v->get<double>();
     if (v->is_number_float() && x != std::floor(x)) return Wrong(key, "an integer", *v);
-    if (x < 0 || (!zero_ok && x == 0)) {
-      return InvalidArgumentError(
-          StrCat(Path(key), ": must be ", zero_ok ? ">= 0" : "> 0", " (got ", v->dump(), ")"));
-    }
-    if (x > static_cast<double>(std::numeric_limits<T>::max())) {
-      return InvalidArgumentError(StrCat(Path(key), ": ", v->dump(), " is too large"));
-    }
+    ECSS_RETURN_IF_ERROR(Check(key, x, range, *v));
     *out = v->is_number_unsigned() ? static_cast<T>(v->get<uint64_t>()) : static_cast<T>(x);
     return Status::Ok();
   }
@@ -124,6 +133,22 @@ class Fields {
   Status Wrong(std::string_view key, std::string_view want, const Json& v) const {
     return InvalidArgumentError(
         StrCat(Path(key), ": must be ", want, ", not ", TypeName(v), " (", v.dump(), ")"));
+  }
+
+  Status Check(std::string_view key, double x, Range range, const Json& v) const {
+    if (!std::isfinite(x) || x < 0 || (range.min > 0 && x == 0)) {
+      return InvalidArgumentError(
+          StrCat(Path(key), ": must be ", range.min > 0 ? "> 0" : ">= 0", " (got ", v.dump(), ")"));
+    }
+    if (x < range.min) {
+      return InvalidArgumentError(
+          StrCat(Path(key), ": must be at least ", range.min, " (got ", v.dump(), ")"));
+    }
+    if (x > range.max) {
+      return InvalidArgumentError(
+          StrCat(Path(key), ": must be at most ", range.max, " (got ", v.dump(), ")"));
+    }
+    return Status::Ok();
   }
 
   const Json& j_;
@@ -269,17 +294,21 @@ Status UnknownPreset(std::string_view kind, std::string_view name) {
 // The JSON text of a file, or of a preset.
 StatusOr<std::string> TextOf(std::string_view kind, std::string_view file_or_preset) {
   const std::string path(file_or_preset);
-  std::ifstream in(path);
-  if (in) {
+  std::error_code error;
+  const std::filesystem::file_status status = std::filesystem::status(path, error);
+  if (!error && std::filesystem::exists(status)) {
+    if (!std::filesystem::is_regular_file(status)) {  // a directory, a fifo, a device
+      return InvalidArgumentError(StrCat(kind, " file '", path, "': not a regular file"));
+    }
+    std::ifstream in(path);
     std::stringstream text;
     text << in.rdbuf();
+    if (!in) return NotFoundError(StrCat(kind, " file '", path, "': cannot be read"));
     return text.str();
   }
-  const bool looks_like_file = path.find('/') != std::string::npos ||
+  const bool looks_like_file = kind == "workload" || path.find('/') != std::string::npos ||
                                (path.size() > 5 && path.substr(path.size() - 5) == ".json");
-  if (looks_like_file) {
-    return NotFoundError(StrCat(kind, " file '", path, "': cannot be read"));
-  }
+  if (looks_like_file) return NotFoundError(StrCat(kind, " file '", path, "': no such file"));
   const PresetText* preset = FindPreset(kind, file_or_preset);
   if (preset == nullptr) return UnknownPreset(kind, file_or_preset);
   return std::string(preset->json);
@@ -300,18 +329,31 @@ Status ReadRouting(const Json& j, const std::string& path, ModelConfig& m) {
         DomainSpec spec;
         spec.name = StrCat("domain", d);
         ECSS_RETURN_IF_ERROR(g.String("name", &spec.name, false));
-        ECSS_RETURN_IF_ERROR(g.Integer("experts", &spec.experts, true));
+        ECSS_RETURN_IF_ERROR(g.Integer("experts", &spec.experts, true, kGroup));
         ECSS_RETURN_IF_ERROR(g.Finish());
         m.domains.push_back(std::move(spec));
       }
     } else {  // "domains": N, "experts_per_domain": E
       uint32_t count = 0, experts = 0;
-      ECSS_RETURN_IF_ERROR(f.Integer("domains", &count, true));
-      ECSS_RETURN_IF_ERROR(f.Integer("experts_per_domain", &experts, true));
+      ECSS_RETURN_IF_ERROR(f.Integer("domains", &count, true, kCount));
+      ECSS_RETURN_IF_ERROR(f.Integer("experts_per_domain", &experts, true, kGroup));
       for (uint32_t d = 0; d < count; ++d) m.domains.push_back({StrCat("domain", d), experts});
     }
+    uint64_t width = 0;
+    std::set<std::string> names;
+    for (size_t d = 0; d < m.domains.size(); ++d) {
+      width += m.domains[d].experts;
+      if (!names.insert(m.domains[d].name).second) {
+        return InvalidArgumentError(StrCat(f.Path("domains"), "[", d, "].name: '",
+                                           m.domains[d].name, "' names an earlier domain too"));
+      }
+    }
+    if (width > kCount.max) {
+      return InvalidArgumentError(
+          StrCat(path, ": ", width, " experts per layer, at most ", kCount.max));
+    }
     uint32_t stated = 0;  // optional: the layer's width, checked against the groups
-    ECSS_RETURN_IF_ERROR(f.Integer("experts_per_layer", &stated, false));
+    ECSS_RETURN_IF_ERROR(f.Integer("experts_per_layer", &stated, false, kCount));
     if (stated != 0 && stated != m.experts_per_layer()) {
       return InvalidArgumentError(StrCat(f.Path("experts_per_layer"), ": ", stated,
                                          ", but the domains' groups add up to ",
@@ -319,8 +361,8 @@ Status ReadRouting(const Json& j, const std::string& path, ModelConfig& m) {
     }
   } else if (kind == "gate") {
     m.routing = Routing::kLearnedGate;
-    ECSS_RETURN_IF_ERROR(f.Integer("experts", &m.gate_experts, true));
-    ECSS_RETURN_IF_ERROR(f.Integer("k", &m.gate_k, true));
+    ECSS_RETURN_IF_ERROR(f.Integer("experts", &m.gate_experts, true, kGroup));
+    ECSS_RETURN_IF_ERROR(f.Integer("k", &m.gate_k, true, kCount));
     std::string balance = "uniform";
     ECSS_RETURN_IF_ERROR(f.String("load_balance", &balance, false));
     if (balance != "uniform") {
@@ -368,14 +410,14 @@ StatusOr<ModelConfig> ParseModel(std::string_view json, std::string_view root) {
   Fields f(j, std::string(root));
   ModelConfig m;
   ECSS_RETURN_IF_ERROR(f.String("name", &m.name, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("sparse_layers", &m.sparse_layers, true));
-  ECSS_RETURN_IF_ERROR(f.Integer("d_model", &m.d_model, true));
-  ECSS_RETURN_IF_ERROR(f.Integer("d_ff", &m.d_ff, true));
+  ECSS_RETURN_IF_ERROR(f.Integer("sparse_layers", &m.sparse_layers, true, {1, 4096}));
+  ECSS_RETURN_IF_ERROR(f.Integer("d_model", &m.d_model, true, kWidth));
+  ECSS_RETURN_IF_ERROR(f.Integer("d_ff", &m.d_ff, true, kWidth));
   ECSS_RETURN_IF_ERROR(f.Enum("activation", &m.activation, false, ParseActivation));
   ECSS_ASSIGN_OR_RETURN(const Json* routing, f.Child("routing", true));
   ECSS_RETURN_IF_ERROR(ReadRouting(*routing, f.Path("routing"), m));
-  ECSS_RETURN_IF_ERROR(f.Integer("dense_params", &m.dense_params, false, /*zero_ok=*/true));
-  ECSS_RETURN_IF_ERROR(f.Integer("vocab", &m.vocab, true));
+  ECSS_RETURN_IF_ERROR(f.Integer("dense_params", &m.dense_params, false, {0, 1e15}));
+  ECSS_RETURN_IF_ERROR(f.Integer("vocab", &m.vocab, true, kTokens));
   ECSS_RETURN_IF_ERROR(f.Enum("dtype", &m.dtype, false, ParseDType));
   ECSS_RETURN_IF_ERROR(f.Enum("gradient_dtype", &m.gradient_dtype, false, ParseDType));
   ECSS_RETURN_IF_ERROR(f.Enum("optimizer", &m.optimizer, false, ParseOptimizerKind));
@@ -393,6 +435,14 @@ StatusOr<ModelConfig> ParseModel(std::string_view json, std::string_view root) {
                                          " is more than the vocabulary (", m.vocab, " token ids)"));
     }
   }
+  // Every size the planner multiplies stays far inside 64 bits.
+  const double params = static_cast<double>(m.sparse_layers) * m.experts_per_layer() *
+                        static_cast<double>(m.expert_params());
+  if (params > 1e15) {
+    return InvalidArgumentError(StrCat(root, ": ", params,
+                                       " expert parameters; the planner takes "
+                                       "up to 10^15"));
+  }
   return m;
 }
 
@@ -401,13 +451,13 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
   Fields f(j, std::string(root));
   HardwareConfig h;
   ECSS_RETURN_IF_ERROR(f.String("name", &h.name, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("nodes", &h.nodes, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("devices_per_node", &h.devices_per_node, false));
+  ECSS_RETURN_IF_ERROR(f.Integer("nodes", &h.nodes, false, {1, 65536}));
+  ECSS_RETURN_IF_ERROR(f.Integer("devices_per_node", &h.devices_per_node, false, {1, 1024}));
   {
     ECSS_ASSIGN_OR_RETURN(const Json* device, f.Child("device", true));
     ECSS_ASSIGN_OR_RETURN(Fields d, Fields::Of(*device, f.Path("device")));
     ECSS_RETURN_IF_ERROR(d.Enum("kind", &h.device_kind, false, ParseDeviceKind));
-    ECSS_RETURN_IF_ERROR(d.Number("memory_gib", &h.device_memory_gib, true));
+    ECSS_RETURN_IF_ERROR(d.Number("memory_gib", &h.device_memory_gib, true, kGib));
     std::string profile;
     ECSS_RETURN_IF_ERROR(d.String("profile", &profile, false));
     if (!profile.empty()) {
@@ -422,27 +472,25 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     // Each figure is the profile's unless given; without a profile every one is required.
     const bool need = profile.empty();
     DeviceProfile& p = h.device;
-    ECSS_RETURN_IF_ERROR(d.Number("tflops_bf16", &p.peak_tflops_bf16, need));
-    ECSS_RETURN_IF_ERROR(d.Number("tflops_f32", &p.peak_tflops_f32, need));
-    ECSS_RETURN_IF_ERROR(d.Number("memory_bandwidth_gbps", &p.memory_bandwidth_gbps, need));
-    ECSS_RETURN_IF_ERROR(d.Number("launch_overhead_us", &p.launch_overhead_us, false, true));
-    ECSS_RETURN_IF_ERROR(d.Number("gemm_efficiency", &p.gemm_efficiency, false));
-    ECSS_RETURN_IF_ERROR(d.Number("h2d_gbps", &p.h2d_bandwidth_gbps, need));
-    ECSS_RETURN_IF_ERROR(d.Number("d2h_gbps", &p.d2h_bandwidth_gbps, need));
-    ECSS_RETURN_IF_ERROR(d.Number("copy_latency_us", &h.copy_latency_us, false, true));
+    ECSS_RETURN_IF_ERROR(d.Number("tflops_bf16", &p.peak_tflops_bf16, need, kRate));
+    ECSS_RETURN_IF_ERROR(d.Number("tflops_f32", &p.peak_tflops_f32, need, kRate));
+    ECSS_RETURN_IF_ERROR(d.Number("memory_bandwidth_gbps", &p.memory_bandwidth_gbps, need, kRate));
+    ECSS_RETURN_IF_ERROR(
+        d.Number("launch_overhead_us", &p.launch_overhead_us, false, kMicroseconds));
+    ECSS_RETURN_IF_ERROR(d.Number("gemm_efficiency", &p.gemm_efficiency, false, kFraction));
+    ECSS_RETURN_IF_ERROR(d.Number("h2d_gbps", &p.h2d_bandwidth_gbps, need, kRate));
+    ECSS_RETURN_IF_ERROR(d.Number("d2h_gbps", &p.d2h_bandwidth_gbps, need, kRate));
+    ECSS_RETURN_IF_ERROR(d.Number("copy_latency_us", &h.copy_latency_us, false, kMicroseconds));
     ECSS_RETURN_IF_ERROR(d.Finish());
-    if (p.gemm_efficiency > 1) {
-      return InvalidArgumentError(StrCat(d.Path("gemm_efficiency"), ": must be in (0, 1]"));
-    }
   }
   {
     ECSS_ASSIGN_OR_RETURN(const Json* host, f.Child("host", true));
     ECSS_ASSIGN_OR_RETURN(Fields o, Fields::Of(*host, f.Path("host")));
-    ECSS_RETURN_IF_ERROR(o.Number("memory_gib", &h.host_memory_gib, true));
-    ECSS_RETURN_IF_ERROR(o.Number("pinned_limit_gib", &h.pinned_limit_gib, false));
-    ECSS_RETURN_IF_ERROR(o.Integer("optimizer_threads", &h.optimizer_threads, true));
-    ECSS_RETURN_IF_ERROR(
-        o.Number("optimizer_params_per_s_per_thread", &h.optimizer_params_per_s_per_thread, true));
+    ECSS_RETURN_IF_ERROR(o.Number("memory_gib", &h.host_memory_gib, true, kGib));
+    ECSS_RETURN_IF_ERROR(o.Number("pinned_limit_gib", &h.pinned_limit_gib, false, kGib));
+    ECSS_RETURN_IF_ERROR(o.Integer("optimizer_threads", &h.optimizer_threads, true, kCount));
+    ECSS_RETURN_IF_ERROR(o.Number("optimizer_params_per_s_per_thread",
+                                  &h.optimizer_params_per_s_per_thread, true, {1, 1e13}));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {
@@ -456,14 +504,14 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_ASSIGN_OR_RETURN(Fields n, Fields::Of(*nvme, f.Path("nvme")));
     uint32_t drives = 1;
     NvmeDrive drive;
-    ECSS_RETURN_IF_ERROR(n.Integer("drives", &drives, false));
-    ECSS_RETURN_IF_ERROR(n.Number("capacity_gib", &drive.capacity_gib, true));
-    ECSS_RETURN_IF_ERROR(n.Number("read_gbps", &drive.read_gbps, true));
-    ECSS_RETURN_IF_ERROR(n.Number("write_gbps", &drive.write_gbps, true));
+    ECSS_RETURN_IF_ERROR(n.Integer("drives", &drives, false, {1, 1024}));
+    ECSS_RETURN_IF_ERROR(n.Number("capacity_gib", &drive.capacity_gib, true, kGib));
+    ECSS_RETURN_IF_ERROR(n.Number("read_gbps", &drive.read_gbps, true, kRate));
+    ECSS_RETURN_IF_ERROR(n.Number("write_gbps", &drive.write_gbps, true, kRate));
     ECSS_RETURN_IF_ERROR(n.Finish());
     h.nvme.assign(drives, drive);
   }
-  ECSS_RETURN_IF_ERROR(f.Number("network_gbps", &h.network_gbps, false, true));
+  ECSS_RETURN_IF_ERROR(f.Number("network_gbps", &h.network_gbps, false, kOptionalRate));
   ECSS_RETURN_IF_ERROR(f.Finish());
   if (h.nodes > 1 && h.network_gbps == 0) {
     return InvalidArgumentError(StrCat(root, ".network_gbps: required with more than one node"));
@@ -475,10 +523,11 @@ StatusOr<WorkloadConfig> ParseWorkload(std::string_view json, std::string_view r
   ECSS_ASSIGN_OR_RETURN(const Json j, Root(json, root));
   Fields f(j, std::string(root));
   WorkloadConfig w;
-  ECSS_RETURN_IF_ERROR(f.Integer("tokens_per_micro_batch", &w.tokens_per_micro_batch, true));
-  ECSS_RETURN_IF_ERROR(f.Integer("seq_len", &w.seq_len, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("micro_batches", &w.micro_batches, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("domains_per_step", &w.domains_per_step, false));
+  ECSS_RETURN_IF_ERROR(
+      f.Integer("tokens_per_micro_batch", &w.tokens_per_micro_batch, true, kTokens));
+  ECSS_RETURN_IF_ERROR(f.Integer("seq_len", &w.seq_len, false, kTokens));
+  ECSS_RETURN_IF_ERROR(f.Integer("micro_batches", &w.micro_batches, false, {1, 1024}));
+  ECSS_RETURN_IF_ERROR(f.Integer("domains_per_step", &w.domains_per_step, false, kCount));
   ECSS_RETURN_IF_ERROR(f.Enum("strategy", &w.strategy, false, ParseStrategy));
   ECSS_ASSIGN_OR_RETURN(const Json* placement, f.Child("placement", false));
   if (placement != nullptr) {
@@ -491,34 +540,51 @@ StatusOr<WorkloadConfig> ParseWorkload(std::string_view json, std::string_view r
           StrCat(p.Path("weights"), ": nvme needs placement.states nvme too"));
     }
   }
-  ECSS_RETURN_IF_ERROR(f.Number("device_budget_gib", &w.device_budget_gib, false, true));
+  ECSS_RETURN_IF_ERROR(f.Number("device_budget_gib", &w.device_budget_gib, false, {0, 1 << 30}));
   ECSS_RETURN_IF_ERROR(
-      f.Integer("prefetch_window_experts", &w.prefetch_window_experts, false, true));
-  ECSS_RETURN_IF_ERROR(f.Integer("steps", &w.steps, false));
-  ECSS_RETURN_IF_ERROR(f.Integer("seed", &w.seed, false, true));
-  ECSS_RETURN_IF_ERROR(f.Integer("checkpoints_kept", &w.checkpoints_kept, false, true));
+      f.Integer("prefetch_window_experts", &w.prefetch_window_experts, false, kOptionalCount));
+  ECSS_RETURN_IF_ERROR(f.Integer("steps", &w.steps, false, {1, 1000}));
+  ECSS_RETURN_IF_ERROR(f.Integer("seed", &w.seed, false, {0, 9e15}));
+  ECSS_RETURN_IF_ERROR(f.Integer("checkpoints_kept", &w.checkpoints_kept, false, {0, 1000}));
   ECSS_RETURN_IF_ERROR(f.Finish());
   if (w.tokens_per_micro_batch % w.seq_len != 0) {
     return InvalidArgumentError(StrCat(root, ".seq_len: ", w.seq_len,
                                        " does not divide tokens_per_micro_batch (",
                                        w.tokens_per_micro_batch, ")"));
   }
+  if (uint64_t{w.tokens_per_micro_batch} * w.micro_batches > (uint64_t{1} << 31)) {
+    return InvalidArgumentError(StrCat(root, ": ", w.micro_batches, " micro-batches of ",
+                                       w.tokens_per_micro_batch,
+                                       " tokens are more than 2^31 tokens a step"));
+  }
   return w;
 }
 
 StatusOr<ModelConfig> LoadModel(std::string_view file_or_preset) {
   ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("model", file_or_preset));
-  return ParseModel(text);
+  StatusOr<ModelConfig> parsed = ParseModel(text);
+  if (!parsed.ok() && FindPreset("model", file_or_preset) == nullptr) {
+    return parsed.status().Annotate(StrCat("model file '", file_or_preset, "'"));
+  }
+  return parsed;
 }
 
 StatusOr<HardwareConfig> LoadHardware(std::string_view file_or_preset) {
   ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("hardware", file_or_preset));
-  return ParseHardware(text);
+  StatusOr<HardwareConfig> parsed = ParseHardware(text);
+  if (!parsed.ok() && FindPreset("hardware", file_or_preset) == nullptr) {
+    return parsed.status().Annotate(StrCat("hardware file '", file_or_preset, "'"));
+  }
+  return parsed;
 }
 
 StatusOr<WorkloadConfig> LoadWorkload(std::string_view file_or_preset) {
   ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("workload", file_or_preset));
-  return ParseWorkload(text);
+  StatusOr<WorkloadConfig> parsed = ParseWorkload(text);
+  if (!parsed.ok() && FindPreset("workload", file_or_preset) == nullptr) {
+    return parsed.status().Annotate(StrCat("workload file '", file_or_preset, "'"));
+  }
+  return parsed;
 }
 
 std::vector<Preset> Presets() {

@@ -29,10 +29,11 @@ struct ModelConfig {
   std::vector<DomainSpec> domains;
   uint32_t gate_experts = 0;
   uint32_t gate_k = 0;
-  // Parameters outside the experts (attention, dense layers, embeddings). Simple model: they
-  // live on every device (compute weights, fp32 gradients, master weights and moments sharded
-  // over the data-parallel devices as ZeRO stage 1 does) and cost 6 FLOPs per parameter and
-  // token (forward 2, backward 4) on the device. The engine does not run them.
+  // Parameters outside the experts (attention, dense layers, embeddings). Simple model: split
+  // over a node's devices (tensor parallelism), compute weights and fp32 gradients, with their
+  // master weights and moments sharded over every device (ZeRO stage 1); 6 FLOPs per
+  // parameter and token (forward 2, backward 4) for the device's share. The engine does not
+  // run them.
   uint64_t dense_params = 0;
   uint32_t vocab = 0;
   DType dtype = DType::kBF16;
@@ -99,7 +100,8 @@ struct Preset {
   std::string about;
 };
 std::vector<Preset> Presets();
-// A model's own workload preset (its published batch shape), or the default workload.
+// The workload without a file: 2,048 tokens a micro-batch of 256-token samples, up to 4
+// domains a step, ecss, states in host memory.
 WorkloadConfig DefaultWorkloadFor(const ModelConfig& model);
 
 }  // namespace ecss::plan

@@ -105,6 +105,13 @@ StatusOr<Fit> Assess(SessionOptions options, const ModelConfig& model,
     ECSS_ASSIGN_OR_RETURN(MemoryPlan bounded, PlanMemory(options, rules, workspace));
     fit.memory = std::move(bounded);
   }
+  const uint64_t device_memory = Bytes(hardware.device_memory_gib);
+  if (fit.device_budget + fit.dense > device_memory) {
+    fit.short_of.push_back(StrCat("device memory: the session's budget ",
+                                  HumanBytes(fit.device_budget), " and the dense part ",
+                                  HumanBytes(fit.dense), " exceed the device's ",
+                                  HumanBytes(device_memory), " (workload.device_budget_gib)"));
+  }
   const MemoryPlan& m = fit.memory ? *fit.memory : unbounded;
   fit.pinned = m.Total(MemoryTier::kPinned);
   fit.host = m.Total(MemoryTier::kHost);
@@ -137,8 +144,10 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   ResourceRates rates;
   rates.device = hardware.device;
   rates.copy_latency_us = hardware.copy_latency_us;
+  // The node's optimizer threads shared evenly by its devices (fractions too: 1 thread for 8
+  // devices is an eighth of one each).
   const double threads =
-      std::max(1.0, static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node);
+      static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node;
   rates.optimizer_params_per_s = hardware.optimizer_params_per_s_per_thread * threads;
   for (const NvmeDrive& d : hardware.nvme) {
     rates.nvme_read_gbps += d.read_gbps / hardware.devices_per_node;
@@ -192,6 +201,10 @@ StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& h
     return shard;
   }
   const auto domains = static_cast<uint32_t>(model.domains.size());
+  if (workload.domains_per_step > domains) {
+    return InvalidArgumentError(StrCat("workload.domains_per_step: ", workload.domains_per_step,
+                                       " is more than the model's ", domains, " domains"));
+  }
   if (devices <= domains) {  // whole domains: the largest first onto the least loaded device
     std::vector<uint32_t> order(domains);
     for (uint32_t d = 0; d < domains; ++d) order[d] = d;
@@ -372,10 +385,7 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
       }
       plan.Finish();
     }
-    std::set<ExpertId> touched;  // experts with gradients: their device copies go stale
-    for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
-      for (uint32_t e : copy->experts) touched.insert({static_cast<uint32_t>(copy->layer), e});
-    }
+    std::set<ExpertId> touched = TouchedExperts(plan);  // their device copies go stale
     held = touched.size();
     // An updated expert's device copy is dropped: at its update (ecss and the rest), or when
     // the next step publishes it (delayed update: the update this step started).
@@ -440,6 +450,10 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   ECSS_ASSIGN_OR_RETURN(const Fit fit, Assess(options, model, hardware, workload));
   if (!fit.memory) {
     p.why_not = fit.short_of.at(0);
+    return p;
+  }
+  if (options.placement.states_on_nvme() && hardware.nvme.empty()) {
+    p.why_not = "states on NVMe, but the hardware has no NVMe drives (hardware.nvme)";
     return p;
   }
   p.feasible = true;
@@ -529,6 +543,12 @@ StatusOr<std::vector<std::string>> Suggest(const DeviceShard& shard, const Model
                            " GiB), or fewer tokens per micro-batch"));
     }
   }
+  const uint64_t device_memory = Bytes(hardware.device_memory_gib);
+  if (fit.device_budget + fit.dense > device_memory &&
+      fit.device_needed + fit.dense <= device_memory) {
+    out.push_back(StrCat("a device budget of at most ", HumanBytes(device_memory - fit.dense),
+                         " (workload.device_budget_gib)"));
+  }
   const uint64_t host_node = (fit.pinned + fit.host) * per_node;
   if (host_node > Bytes(hardware.host_memory_gib)) {
     out.push_back(StrCat("host memory +", HumanBytes(host_node - Bytes(hardware.host_memory_gib)),
@@ -586,8 +606,9 @@ StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& ha
        device_memory * per_node},
       {"pinned", fit.pinned, Bytes(hardware.pinned_limit_gib) / per_node, fit.pinned * per_node,
        Bytes(hardware.pinned_limit_gib)},
-      {"host", fit.host, Bytes(hardware.host_memory_gib) / per_node, fit.host * per_node,
-       Bytes(hardware.host_memory_gib)},
+      // Pinned memory is host memory too: the host row holds both.
+      {"host", fit.pinned + fit.host, Bytes(hardware.host_memory_gib) / per_node,
+       (fit.pinned + fit.host) * per_node, Bytes(hardware.host_memory_gib)},
       {"nvme", fit.nvme, Bytes(nvme_capacity) / per_node, fit.nvme * per_node,
        Bytes(nvme_capacity)},
   };
@@ -687,6 +708,62 @@ const StrategyPrediction* Find(const PlanReport& r, Strategy strategy) {
 
 }  // namespace
 
+namespace {
+
+// One strategy's prediction (the step bench's field names where they mean the same).
+void WritePrediction(JsonWriter& json, const StrategyPrediction& p,
+                     const StrategyPrediction* ecss) {
+  json.BeginObject().Field("strategy", StrategyName(p.strategy)).Field("feasible", p.feasible);
+  if (!p.feasible) {
+    json.Field("why_not", p.why_not).EndObject();
+    return;
+  }
+  json.Field("tokens_per_s", p.tokens_per_s)
+      .Field("device_tokens_per_s", p.device_tokens_per_s)
+      .Field("step_seconds", p.step_seconds)
+      .Field("bound_ratio", p.metrics.bound_ratio)
+      .Key("overlap_fraction");
+  if (p.metrics.overlap_fraction) {
+    json.Double(*p.metrics.overlap_fraction);
+  } else {
+    json.Null();
+  }
+  json.Field("bottleneck", p.metrics.bottleneck).Key("resources").BeginObject();
+  const double steps = p.step_seconds > 0 ? p.metrics.seconds / p.step_seconds : 1;
+  for (const ResourceUse& use : p.metrics.resources) {
+    json.Key(use.name)
+        .BeginObject()
+        .Field("busy_seconds_per_step", use.busy_seconds / steps)
+        .Field("exposed_seconds_per_step", use.exposed_seconds / steps)
+        .Field("utilisation", use.busy_seconds / p.metrics.seconds)
+        .EndObject();
+  }
+  json.EndObject().Key("plan_resources").BeginObject();
+  for (size_t i = 0; i < kPlanResources; ++i) {
+    json.Field(PlanResourceName(static_cast<PlanResource>(i)), p.busy_per_step[i]);
+  }
+  json.EndObject()
+      .Field("dense_compute_seconds_per_step", p.dense_compute_seconds)
+      .Field("network_seconds_per_step_modelled_only", p.network_seconds)
+      .Field("h2d_bytes", p.h2d_bytes)
+      .Field("d2h_bytes", p.d2h_bytes)
+      .Field("nvme_bytes", p.nvme_bytes)
+      .Field("updated_params", p.updated_params)
+      .Field("cache_slots", uint64_t{p.cache_slots})
+      .Key("memory")
+      .BeginObject()
+      .Field("device_bytes", p.device_bytes)
+      .Field("pinned_bytes", p.pinned_bytes)
+      .Field("host_bytes", p.host_bytes)
+      .EndObject();
+  if (ecss != nullptr && p.strategy != Strategy::kEcss) {
+    json.Field("ecss_ratio", ecss->tokens_per_s / p.tokens_per_s);
+  }
+  json.EndObject();
+}
+
+}  // namespace
+
 void WriteJson(const PlanReport& r, JsonWriter& json) {
   json.BeginObject()
       .Field("model", r.model.name)
@@ -739,55 +816,7 @@ void WriteJson(const PlanReport& r, JsonWriter& json) {
   }
   json.EndObject().EndObject().Key("strategies").BeginArray();
   const StrategyPrediction* ecss = Find(r, Strategy::kEcss);
-  for (const StrategyPrediction& p : r.predictions) {
-    json.BeginObject().Field("strategy", StrategyName(p.strategy)).Field("feasible", p.feasible);
-    if (!p.feasible) {
-      json.Field("why_not", p.why_not).EndObject();
-      continue;
-    }
-    json.Field("tokens_per_s", p.tokens_per_s)
-        .Field("device_tokens_per_s", p.device_tokens_per_s)
-        .Field("step_seconds", p.step_seconds)
-        .Field("bound_ratio", p.metrics.bound_ratio)
-        .Key("overlap_fraction");
-    if (p.metrics.overlap_fraction) {
-      json.Double(*p.metrics.overlap_fraction);
-    } else {
-      json.Null();
-    }
-    json.Field("bottleneck", p.metrics.bottleneck).Key("resources").BeginObject();
-    const double steps = p.step_seconds > 0 ? p.metrics.seconds / p.step_seconds : 1;
-    for (const ResourceUse& use : p.metrics.resources) {
-      json.Key(use.name)
-          .BeginObject()
-          .Field("busy_seconds_per_step", use.busy_seconds / steps)
-          .Field("exposed_seconds_per_step", use.exposed_seconds / steps)
-          .Field("utilisation", use.busy_seconds / p.metrics.seconds)
-          .EndObject();
-    }
-    json.EndObject().Key("plan_resources").BeginObject();
-    for (size_t i = 0; i < kPlanResources; ++i) {
-      json.Field(PlanResourceName(static_cast<PlanResource>(i)), p.busy_per_step[i]);
-    }
-    json.EndObject()
-        .Field("dense_compute_seconds_per_step", p.dense_compute_seconds)
-        .Field("network_seconds_per_step_modelled_only", p.network_seconds)
-        .Field("h2d_bytes", p.h2d_bytes)
-        .Field("d2h_bytes", p.d2h_bytes)
-        .Field("nvme_bytes", p.nvme_bytes)
-        .Field("updated_params", p.updated_params)
-        .Field("cache_slots", uint64_t{p.cache_slots})
-        .Key("memory")
-        .BeginObject()
-        .Field("device_bytes", p.device_bytes)
-        .Field("pinned_bytes", p.pinned_bytes)
-        .Field("host_bytes", p.host_bytes)
-        .EndObject();
-    if (ecss != nullptr && p.strategy != Strategy::kEcss) {
-      json.Field("ecss_ratio", ecss->tokens_per_s / p.tokens_per_s);
-    }
-    json.EndObject();
-  }
+  for (const StrategyPrediction& p : r.predictions) WritePrediction(json, p, ecss);
   json.EndArray().Key("optimized").BeginArray();
   for (const std::string& line : r.optimized) json.String(line);
   json.EndArray().Field("plan_seconds", r.plan_seconds).EndObject();

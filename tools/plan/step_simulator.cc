@@ -31,6 +31,14 @@ std::chrono::steady_clock::time_point At(double seconds) {
 
 }  // namespace
 
+std::set<ExpertId> TouchedExperts(const StepPlan& plan) {
+  std::set<ExpertId> touched;
+  for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
+    for (uint32_t e : copy->experts) touched.insert({static_cast<uint32_t>(copy->layer), e});
+  }
+  return touched;
+}
+
 StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
                                               const ResourceRates& rates) {
   ECSS_RETURN_IF_ERROR(options.Validate());
@@ -258,20 +266,22 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     }
   }
   updates_[mine].all_end = policy.delayed_update ? floor : update_end;
-  if (policy.delayed_update) {  // the experts whose gradients the next step updates
-    std::map<uint32_t, std::set<uint32_t>> touched;
-    for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
-      touched[static_cast<uint32_t>(copy->layer)].insert(copy->experts.begin(),
-                                                         copy->experts.end());
-    }
-    held_experts_ = 0;
-    for (const auto& [layer, experts] : touched) held_experts_ += experts.size();
-  }
+  if (policy.delayed_update) held_experts_ = TouchedExperts(plan).size();  // the next updates
   double finish = device_end;
   if (plan.step_waits_for_updates()) finish = std::max(finish, update_end);
   plan.set_seconds(finish - begin);
   clock_ = finish;
 
+  SimulatedStep out = Measure(begin, finish);
+  steps_.push_back(out);
+  return out;
+}
+
+// The step [begin, finish]: each resource's busy time within it, and the metrics of the
+// bench's four resources (step_metrics.h; the optimizer's work includes its states' NVMe
+// reads and writes, as the updaters report an update from its read to its write), with the
+// network when it is modelled.
+SimulatedStep StepSimulator::Measure(double begin, double finish) const {
   SimulatedStep out;
   out.begin_s = begin;
   out.seconds = finish - begin;
@@ -283,8 +293,6 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   for (const auto& [start, stop] : network_) {
     out.network_busy += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
   }
-  // The bench's four resources (step_metrics.h): the optimizer's work includes its states'
-  // NVMe reads and writes, as the updaters report an update from its read to its write.
   std::vector<ResourceBusy> resources = {
       {"compute", {}}, {"h2d", {}}, {"d2h", {}}, {"optimizer", {}}};
   auto add = [&](size_t to, PlanResource from) {
@@ -298,8 +306,13 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   add(3, PlanResource::kCpuOptimizer);
   add(3, PlanResource::kNvmeRead);
   add(3, PlanResource::kNvmeWrite);
+  if (rates_.all_to_all_seconds > 0) {  // modelled only, but it takes the step's time
+    resources.push_back({"network", {}});
+    for (const auto& [start, stop] : network_) {
+      resources.back().intervals.push_back({At(start), At(stop)});
+    }
+  }
   out.metrics = ComputeStepMetrics(At(begin), At(finish), resources);
-  steps_.push_back(out);
   return out;
 }
 

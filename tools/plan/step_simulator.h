@@ -21,6 +21,7 @@
 #include <array>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -58,6 +59,9 @@ struct SimulatedStep {
   double network_busy = 0;  // the all-to-all's (modelled only)
 };
 
+// The experts a step's plan gives gradients (its gradient copies'): the ones it updates.
+std::set<ExpertId> TouchedExperts(const StepPlan& plan);
+
 class StepSimulator {
  public:
   // InvalidArgument naming a rate that is not positive where the options need it.
@@ -85,6 +89,7 @@ class StepSimulator {
   };
 
   double ExpertParams() const;
+  SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
