@@ -122,7 +122,7 @@ const std::vector<Suite>& Suites() {
        "  --delayed-update 0|1   the one-step delayed update, DPU (default 0)\n"
        "  --gradient-dtype T     f32 or bf16: the gradients' dtype to the host and the optimizer "
        "(default f32)\n"
-       "  --dump-plan FILE       write the executed plan of the first measured step as JSON "
+       "  --dump-plan FILE       write the executed plan of the last step as JSON "
        "(one strategy)\n"
        "  --model M --hardware H [--workload W]\n"
        "                         ecss-plan's files or presets (tools/plan/README.md) instead of "

@@ -21,9 +21,10 @@
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
 // the compute weights on NVMe as well: every fetch reads them into pinned staging first. Each
 // run's store lives in a directory of its own under --dir, removed after it. --dump-plan FILE
-// writes the plan the session executed for the first measured step, with when each op ran
-// (session.h, ExecutedPlan; written after the run's last Synchronize, so its updates have
-// ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by op kind.
+// writes the plan the session executed for the last step (the session keeps the last few), with
+// when each op ran (session.h, ExecutedPlan; written after the run's last Synchronize, so its
+// updates have ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by
+// op kind.
 #include <algorithm>
 #include <iomanip>
 #include <limits>
@@ -287,7 +288,7 @@ struct StrategyRun {
   uint64_t hits = 0, misses = 0;
   double seconds = 0, stalls = 0;
   std::vector<StepMetrics> metrics;
-  std::vector<PathShare> critical_path;  // of the first measured step of the first run
+  std::vector<PathShare> critical_path;  // of the last step of the first run
   // The memory it took: the device memory the session holds (all of it allocated at
   // creation) and its pinned and host allocators' peaks.
   uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0;
@@ -357,7 +358,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   }
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
-  ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(c.warmup + 1));
+  ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats.back().step));
   run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
     JsonWriter plan_json;
