@@ -6,7 +6,9 @@
 # allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
 # differs by more than 1% or a step time by more than 5%.
 #   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR]
-# Without a hardware file it calibrates this machine first (ecss-plan --calibrate). DIR holds
+# Without a hardware file it calibrates this machine (ecss-plan --calibrate) right before each
+# configuration's run, so that the run and its prediction see the same machine: this VM's
+# optimizer speed drifts by up to half between minutes. DIR holds
 # the NVMe configurations' stores (default: a scratch directory under /tmp). Needs a release
 # build (build/release) and python3.
 set -euo pipefail
@@ -23,9 +25,10 @@ done
 work=$(mktemp -d /tmp/ecss-plan-vs-run.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 dir=${dir:-$work}
+calibrate=0
 if [ -z "$hardware" ]; then
+  calibrate=1
   hardware="$work/this-machine.json"
-  "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
 fi
 configs=(
   "small ecss-host"
@@ -37,6 +40,9 @@ configs=(
 )
 for config in "${configs[@]}"; do
   read -r model workload <<< "$config"
+  if [ "$calibrate" = 1 ]; then
+    "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
+  fi
   files=(--model "tools/plan/configs/$model.model.json" --hardware "$hardware"
          --workload "tools/plan/configs/$workload.workload.json")
   "$bin/tools/plan/ecss-plan" "${files[@]}" --json > "$work/$model.$workload.plan.json"
