@@ -57,7 +57,7 @@ class Planner {
     uint64_t experts = 0;
     for (uint32_t n : per_layer) experts += n;
     MemoryPlan& p = plan_;
-    p.params = uint64_t{m.d_model} * m.d_in() + uint64_t{m.d_ff} * m.d_model;
+    p.params = m.expert_params();
     p.expert_bytes = p.params * DTypeSize(m.dtype);
     p.max_rows = MaxRows(o_);
     p.max_groups = naive ? widest : std::min(widest, p.max_rows);

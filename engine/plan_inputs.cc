@@ -89,8 +89,7 @@ double ComputeOpSeconds(const SessionOptions& options, const PlanOp& op,
   seconds += ModeledSeconds(FfnBackwardCost(p), profile);
   seconds += ModeledSeconds(RowsOpCost(rows, {m.d_model, m.dtype, false}), profile);  // combine dx
   if (options.gradient_dtype != DType::kF32) {
-    const uint64_t params = uint64_t{m.d_model} * m.d_in() + uint64_t{m.d_ff} * m.d_model;
-    seconds += ModeledSeconds(CastCost(params * op.experts.size()), profile);
+    seconds += ModeledSeconds(CastCost(m.expert_params() * op.experts.size()), profile);
   }
   return seconds;
 }

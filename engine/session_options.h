@@ -43,6 +43,8 @@ struct ModelSpec {
 
   // W_in's columns: d_ff, or 2 d_ff for SwiGLU (its gate and up projections side by side).
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
+  // Parameters of one expert: W_in [d_model, d_in] and W_out [d_ff, d_model].
+  uint64_t expert_params() const { return uint64_t{d_model} * d_in() + uint64_t{d_ff} * d_model; }
 };
 
 // How a sparse layer's tokens choose their experts.

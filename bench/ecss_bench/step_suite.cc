@@ -79,6 +79,16 @@ struct StepConfig {
   uint64_t measured_steps() const { return steps - warmup; }
 };
 
+// --strategy: one, or "all" (every strategy, ecss first).
+StatusOr<std::vector<Strategy>> StrategiesOf(const std::string& name) {
+  if (name == "all") {
+    return std::vector<Strategy>{Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap,
+                                 Strategy::kNaive};
+  }
+  ECSS_ASSIGN_OR_RETURN(Strategy one, ParseStrategy(name));
+  return std::vector<Strategy>{one};
+}
+
 // The run's settings beside the planner's files: the strategy (default: the workload's; "all"),
 // the device and how long to run. Every other setting comes from the files.
 StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& model,
@@ -107,13 +117,7 @@ StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& mode
   ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   // Anything else (--layers, --profile, ...) is the files' to say: refused as unknown.
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed().Annotate("with --model, the files give the shapes"));
-  if (c.all) {
-    c.strategies = {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap,
-                    Strategy::kNaive};
-  } else {
-    ECSS_ASSIGN_OR_RETURN(Strategy one, ParseStrategy(strategy));
-    c.strategies = {one};
-  }
+  ECSS_ASSIGN_OR_RETURN(c.strategies, StrategiesOf(strategy));
   if (c.steps <= c.warmup || c.rounds == 0) {
     return InvalidArgumentError("need steps > warmup and rounds > 0");
   }
@@ -178,13 +182,7 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   c.all = strategy == "all";
   ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
-  if (c.all) {
-    c.strategies = {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap,
-                    Strategy::kNaive};
-  } else {
-    ECSS_ASSIGN_OR_RETURN(Strategy one, ParseStrategy(strategy));
-    c.strategies = {one};
-  }
+  ECSS_ASSIGN_OR_RETURN(c.strategies, StrategiesOf(strategy));
   if (c.states != "host" && c.states != "nvme") {
     return InvalidArgumentError(StrCat("--states '", c.states, "': host or nvme"));
   }

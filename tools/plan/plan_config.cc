@@ -389,6 +389,12 @@ StatusOr<Json> Root(std::string_view json, std::string_view root) {
 
 }  // namespace
 
+double HardwareConfig::nvme_capacity_gib() const {
+  double gib = 0;
+  for (const NvmeDrive& drive : nvme) gib += drive.capacity_gib;
+  return gib;
+}
+
 uint32_t ModelConfig::experts_per_layer() const {
   if (routing == Routing::kLearnedGate) return gate_experts;
   uint32_t n = 0;
@@ -560,31 +566,32 @@ StatusOr<WorkloadConfig> ParseWorkload(std::string_view json, std::string_view r
   return w;
 }
 
-StatusOr<ModelConfig> LoadModel(std::string_view file_or_preset) {
-  ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("model", file_or_preset));
-  StatusOr<ModelConfig> parsed = ParseModel(text);
-  if (!parsed.ok() && FindPreset("model", file_or_preset) == nullptr) {
-    return parsed.status().Annotate(StrCat("model file '", file_or_preset, "'"));
+namespace {
+
+// A file's or a preset's text parsed; a file's errors name the file.
+template <typename Config>
+StatusOr<Config> Load(std::string_view kind, std::string_view file_or_preset,
+                      StatusOr<Config> (*parse)(std::string_view, std::string_view)) {
+  ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf(kind, file_or_preset));
+  StatusOr<Config> parsed = parse(text, kind);
+  if (!parsed.ok() && FindPreset(kind, file_or_preset) == nullptr) {
+    return parsed.status().Annotate(StrCat(kind, " file '", file_or_preset, "'"));
   }
   return parsed;
+}
+
+}  // namespace
+
+StatusOr<ModelConfig> LoadModel(std::string_view file_or_preset) {
+  return Load("model", file_or_preset, &ParseModel);
 }
 
 StatusOr<HardwareConfig> LoadHardware(std::string_view file_or_preset) {
-  ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("hardware", file_or_preset));
-  StatusOr<HardwareConfig> parsed = ParseHardware(text);
-  if (!parsed.ok() && FindPreset("hardware", file_or_preset) == nullptr) {
-    return parsed.status().Annotate(StrCat("hardware file '", file_or_preset, "'"));
-  }
-  return parsed;
+  return Load("hardware", file_or_preset, &ParseHardware);
 }
 
 StatusOr<WorkloadConfig> LoadWorkload(std::string_view file_or_preset) {
-  ECSS_ASSIGN_OR_RETURN(const std::string text, TextOf("workload", file_or_preset));
-  StatusOr<WorkloadConfig> parsed = ParseWorkload(text);
-  if (!parsed.ok() && FindPreset("workload", file_or_preset) == nullptr) {
-    return parsed.status().Annotate(StrCat("workload file '", file_or_preset, "'"));
-  }
-  return parsed;
+  return Load("workload", file_or_preset, &ParseWorkload);
 }
 
 std::vector<Preset> Presets() {

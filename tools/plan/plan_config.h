@@ -67,6 +67,7 @@ struct HardwareConfig {
   double network_gbps = 0;  // between nodes, per node and direction; 0 with one node
 
   uint32_t devices() const { return nodes * devices_per_node; }
+  double nvme_capacity_gib() const;  // of a node's drives together
 };
 
 struct WorkloadConfig {

@@ -128,8 +128,7 @@ StatusOr<Fit> Assess(SessionOptions options, const ModelConfig& model,
     fit.short_of.push_back(StrCat("host memory: ", HumanBytes(host_node), " per node, has ",
                                   HumanBytes(Bytes(hardware.host_memory_gib))));
   }
-  double nvme_capacity = 0;
-  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  const double nvme_capacity = hardware.nvme_capacity_gib();
   if (fit.nvme * per_node > Bytes(nvme_capacity)) {
     fit.short_of.push_back(StrCat("NVMe: ", HumanBytes(fit.nvme * per_node), " per node, has ",
                                   HumanBytes(Bytes(nvme_capacity))));
@@ -559,8 +558,7 @@ StatusOr<std::vector<std::string>> Suggest(const DeviceShard& shard, const Model
                          HumanBytes(fit.pinned * per_node - Bytes(hardware.pinned_limit_gib)),
                          " per node"));
   }
-  double nvme_capacity = 0;
-  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  const double nvme_capacity = hardware.nvme_capacity_gib();
   if (fit.nvme * per_node > Bytes(nvme_capacity)) {
     out.push_back(
         StrCat("NVMe +", HumanBytes(fit.nvme * per_node - Bytes(nvme_capacity)), " per node"));
@@ -597,8 +595,7 @@ StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& ha
   r.dense_device_bytes = DenseDeviceBytes(model, hardware);
   r.nvme_bytes = fit.nvme;
   const uint32_t per_node = hardware.devices_per_node;
-  double nvme_capacity = 0;
-  for (const NvmeDrive& d : hardware.nvme) nvme_capacity += d.capacity_gib;
+  const double nvme_capacity = hardware.nvme_capacity_gib();
   const uint64_t device_memory = Bytes(hardware.device_memory_gib);
   r.tiers = {
       {"device", r.memory.Total(MemoryTier::kDevice) + r.dense_device_bytes, device_memory,

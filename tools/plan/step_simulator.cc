@@ -63,8 +63,7 @@ double StepSimulator::CopySeconds(uint64_t bytes, uint32_t copies, double gbps) 
 }
 
 double StepSimulator::ExpertParams() const {
-  const ModelSpec& m = options_.model;
-  return static_cast<double>(uint64_t{m.d_model} * m.d_in() + uint64_t{m.d_ff} * m.d_model);
+  return static_cast<double>(options_.model.expert_params());
 }
 
 double StepSimulator::Seconds(const PlanOp& op) const {
