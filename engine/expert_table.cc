@@ -13,6 +13,7 @@ ExpertTable::ExpertTable(Backend& backend, const SessionOptions& options, const 
       options_(options),
       params_(memory.params),
       expert_bytes_(memory.expert_bytes),
+      moment_arrays_(StoreOptionsFor(options, memory.params).layout.moments),
       index_(options.ExpertsPerLayer()) {}
 
 ExpertTable::~ExpertTable() {
@@ -48,12 +49,12 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
     nvme.store = store_.get();
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
                           NvmeUpdater::Create(nvme, pinned_.get()));
-    ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get()));
+    ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get(), memory.gradient_slots));
     updater_ = std::move(streaming);
     return Status::Ok();
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostUpdater> host, HostUpdater::Create(options_.optimizer));
-  ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr));
+  ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr, memory.gradient_slots));
   updater_ = std::move(host);
   return Status::Ok();
 }
@@ -63,6 +64,7 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
 // budget.
 Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   ExpertStoreOptions o = StoreOptionsFor(options_, params_);
+  o.initial = [this](ExpertState state, ExpertId id, void* dst) { Initial(state, id, dst); };
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
   auto made =
@@ -90,11 +92,46 @@ void ExpertTable::DrawMaster(ExpertId id, float* master) const {
   }
 }
 
-Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
+// What the store holds for `id` before its first write: the drawn master weights, the
+// compute weights their copy in the model's dtype (so every placement starts alike), zero
+// moments. Thread-safe (the store calls it from its readers' threads).
+void ExpertTable::Initial(ExpertState state, ExpertId id, void* dst) const {
+  switch (state) {
+    case ExpertState::kMaster:
+      DrawMaster(id, static_cast<float*>(dst));
+      return;
+    case ExpertState::kWeights:
+      if (options_.model.dtype == DType::kF32) {
+        DrawMaster(id, static_cast<float*>(dst));
+      } else {
+        std::vector<float> master(params_);
+        DrawMaster(id, master.data());
+        ConvertF32ToBf16(master.data(), static_cast<BFloat16*>(dst), params_);
+      }
+      return;
+    case ExpertState::kMoments:
+      std::memset(dst, 0, params_ * 4 * moment_arrays_);
+      return;
+    case ExpertState::kGradient:  // the store keeps none (StoreOptionsFor)
+      std::memset(dst, 0, params_ * 4);
+      return;
+  }
+}
+
+// The store starts every expert at its initial value (Initial): memory states at creation,
+// NVMe states as they are first read. Here each expert gets its gradient and is registered
+// with the updater.
+Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots) {
   const ModelSpec& m = options_.model;
   const uint32_t moment_arrays = store_->layout().moments;
   const bool weights_on_nvme = options_.placement.weights_on_nvme();
-  std::vector<float> initial(nvme != nullptr ? params_ : 0);  // on its way to the NVMe master
+  for (uint32_t i = 0; i < gradient_slots; ++i) {
+    ECSS_ASSIGN_OR_RETURN(
+        Buffer slot,
+        pinned_->Allocate(params_ * DTypeSize(options_.gradient_dtype), MemoryTag::kGradients));
+    free_gradients_.push_back(slot.data());
+    gradient_slots_.push_back(std::move(slot));
+  }
   entries_.resize(m.layers);
   for (uint32_t l = 0; l < m.layers; ++l) {
     entries_[l].resize(index_.experts_in_layer(l));
@@ -105,43 +142,30 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme) {
       if (!weights_on_nvme) {
         ECSS_ASSIGN_OR_RETURN(x.weights, store_->Resident(ExpertState::kWeights, id));
       }
-      ECSS_ASSIGN_OR_RETURN(x.grad, pinned_->Allocate(params_ * DTypeSize(options_.gradient_dtype),
-                                                      MemoryTag::kGradients));
       auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
-      if (nvme != nullptr && options_.placement.resume) {
-        Status resumed = nvme->Resume(x.id, compute_copy);
-        if (!resumed.ok()) {
-          return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
-                                         options_.placement.nvme_dirs[0],
-                                         " (files of another model?)"));
+      if (nvme != nullptr) {
+        Status attached = options_.placement.resume ? nvme->Resume(x.id, compute_copy)
+                                                    : nvme->Attach(x.id, compute_copy);
+        if (!attached.ok()) {
+          return attached.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
+                                          options_.placement.nvme_dirs[0],
+                                          " (files of another model?)"));
         }
         continue;
       }
       // f32: the compute weights are the master weights (the device copies what the
       // optimizer updates).
-      float* master = initial.data();
-      if (nvme == nullptr) {
-        ECSS_ASSIGN_OR_RETURN(
-            void* resident,
-            store_->Resident(m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
-                             id));
-        master = static_cast<float*>(resident);
-      }
-      DrawMaster(id, master);
-      if (nvme != nullptr) {
-        ECSS_RETURN_IF_ERROR(nvme->Initialize(x.id, master, compute_copy));
-        continue;
-      }
+      ECSS_ASSIGN_OR_RETURN(
+          void* master,
+          store_->Resident(m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
+                           id));
       ECSS_ASSIGN_OR_RETURN(void* moments, store_->Resident(ExpertState::kMoments, id));
       ExpertArrays arrays;
-      arrays.master = master;
-      arrays.state0 = static_cast<float*>(moments);  // zeros: the store starts them so
+      arrays.master = static_cast<float*>(master);
+      arrays.state0 = static_cast<float*>(moments);
       arrays.state1 = moment_arrays == 2 ? arrays.state0 + params_ : nullptr;
       arrays.size = params_;
-      if (m.dtype == DType::kBF16) {
-        ConvertF32ToBf16(master, compute_copy, params_);
-        arrays.compute_copy = compute_copy;
-      }
+      if (m.dtype == DType::kBF16) arrays.compute_copy = compute_copy;
       ECSS_ASSIGN_OR_RETURN(const uint32_t registered, host->Register(arrays));
       if (registered != x.id) return InternalError("host updater ids out of order");
     }
@@ -171,10 +195,75 @@ void ExpertTable::Publish(ExpertId id) {
   std::memcpy(x.front.data(), x.weights, expert_bytes_);
 }
 
-void ExpertTable::ClearTouched() {
-  for (std::vector<Entry>& layer : entries_) {
-    for (Entry& x : layer) x.touched = false;
+void ExpertTable::ClearTouched(uint64_t step) {
+  for (uint32_t l = 0; l < entries_.size(); ++l) {
+    for (uint32_t e = 0; e < entries_[l].size(); ++e) {
+      if (!entries_[l][e].touched) continue;
+      entries_[l][e].touched = false;
+      ReleaseGradient({l, e}, step);
+    }
   }
+}
+
+void ExpertTable::ReleaseGradient(ExpertId id, uint64_t step) {
+  Entry& x = at(id);
+  x.released = true;
+  x.released_at = step;
+  released_.emplace_back(id, step);
+  if (released_.size() > 2 * gradient_slots_.size()) {  // drop the stale entries
+    std::erase_if(released_, [this](const std::pair<ExpertId, uint64_t>& entry) {
+      const Entry& r = at(entry.first);
+      return !(r.grad != nullptr && r.released && r.released_at == entry.second);
+    });
+  }
+}
+
+StatusOr<void*> ExpertTable::TakeGradient(ExpertId id, uint64_t step) {
+  Entry& x = at(id);
+  if (x.grad != nullptr) {  // its own, from an earlier step: once its update is done with it
+    if (x.released) ECSS_RETURN_IF_ERROR(updater_->Wait(x.id));
+    x.released = false;
+    return x.grad;
+  }
+  // Whether `entry` of released_ still names a slot to give back.
+  auto live = [this](const std::pair<ExpertId, uint64_t>& entry) {
+    const Entry& r = at(entry.first);
+    return r.grad != nullptr && r.released && r.released_at == entry.second;
+  };
+  auto give_back = [this](Entry& r) {
+    free_gradients_.push_back(r.grad);
+    r.grad = nullptr;
+    r.released = false;
+  };
+  if (free_gradients_.empty()) {  // the slots whose updates finished
+    std::deque<std::pair<ExpertId, uint64_t>> still;
+    for (const auto& entry : released_) {
+      if (!live(entry)) continue;
+      Entry& r = at(entry.first);
+      if (updater_->Pending(r.id)) {
+        still.push_back(entry);
+      } else {
+        give_back(r);
+      }
+    }
+    released_.swap(still);
+  }
+  if (free_gradients_.empty()) {  // the oldest release of an earlier step: its update runs
+    if (released_.empty() || released_.front().second >= step) {
+      return ResourceExhaustedError(
+          StrCat("no gradient accumulator free for layer ", id.layer, " expert ", id.expert,
+                 ": all ", gradient_slots_.size(), " are held by step ", step,
+                 "'s experts and those it holds back (more than the session's limits allow)"));
+    }
+    Entry& r = at(released_.front().first);
+    released_.pop_front();
+    ECSS_RETURN_IF_ERROR(updater_->Wait(r.id));
+    give_back(r);
+  }
+  x.grad = free_gradients_.back();
+  free_gradients_.pop_back();
+  x.released = false;
+  return x.grad;
 }
 
 uint64_t ExpertTable::nvme_bytes() const {

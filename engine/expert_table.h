@@ -1,17 +1,23 @@
 // ExpertTable: every expert of a session, and the one owner of their state (internal to
 // engine). The expert store holds each expert's compute weights, master weights and moments
 // on the tiers their placement names (StoreOptionsFor); the updater applies the optimizer to
-// them; the table adds each expert's pinned gradient accumulator and, with the delayed
-// update, the published copy of its weights that the device fetches. Create sizes everything
-// as the session's memory plan lists it, and starts every expert from its own counter-based
-// stream (so that every placement starts from the same weights) or, with placement.resume, from
-// the store's NVMe states.
+// them; the table adds the pinned gradient accumulators and, with the delayed update, the
+// published copy of each expert's weights that the device fetches. Create sizes everything
+// as the session's memory plan lists it. Every expert starts from its own counter-based
+// stream (so that every placement starts from the same weights), which the store reads as
+// the initial value of an expert not written yet, or, with placement.resume, from the store's
+// NVMe states.
+// Gradient accumulators are the plan's gradient_slots, not one per expert: an expert takes one
+// at its first gradient of a step and gives it back once its update no longer reads it, so
+// host memory follows the experts a step activates, not the model's size.
 // Thread-compatible: the session's driving thread calls it; the updater's threads reach the
 // states through the store, and read index() (an update's observer maps its id).
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "engine/expert_updater.h"
@@ -31,8 +37,12 @@ class ExpertTable {
     uint32_t id = 0;          // the updater's id (the index's flat id)
     void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
     Buffer front;             // delayed update: what the device copies (weights as last published)
-    Buffer grad;              // pinned gradient accumulator (SessionOptions::gradient_dtype)
-    bool touched = false;     // has a gradient in the current step
+    // Its gradient accumulator (SessionOptions::gradient_dtype) while it holds one: from
+    // TakeGradient until its slot is reused after ReleaseGradient.
+    void* grad = nullptr;
+    bool touched = false;      // has a gradient in the current step
+    bool released = false;     // its step is done with grad (only the update may read it)
+    uint64_t released_at = 0;  // the step that released it
   };
 
   // `options.optimizer` goes to the updater as it is (the caller sets its trace and
@@ -55,8 +65,17 @@ class ExpertTable {
   // Delayed update: `id`'s updated weights become what the device fetches. Nothing may read
   // its published copy meanwhile.
   void Publish(ExpertId id);
-  // Drops every expert's gradient of the current step (a step that failed).
-  void ClearTouched();
+  // Drops every expert's gradient of the current step `step` (a step that failed).
+  void ClearTouched(uint64_t step);
+  // Expert `id`'s gradient accumulator for step `step` (steps count up): the one it still
+  // holds, else a free slot; when none is free, the slots of experts whose updates finished
+  // are reclaimed, waiting for the update of the one released first in an earlier step if
+  // need be. ResourceExhausted when every slot is in use by this step's experts and those it
+  // holds back (more than the memory plan's limits allow).
+  StatusOr<void*> TakeGradient(ExpertId id, uint64_t step);
+  // Step `step` is done with `id`'s gradient (submitted to the updater, or dropped): its slot
+  // is free again once no update reads it.
+  void ReleaseGradient(ExpertId id, uint64_t step);
 
   ExpertUpdater& updater() { return *updater_; }
   const ExpertUpdater& updater() const { return *updater_; }
@@ -78,13 +97,15 @@ class ExpertTable {
   Status CreateStore(uint64_t pinned_bytes);
   Status CreateAll(const MemoryPlan& memory);
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
-  Status InitExperts(HostUpdater* host, NvmeUpdater* nvme);
+  Status InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots);
   void DrawMaster(ExpertId id, float* master) const;
+  void Initial(ExpertState state, ExpertId id, void* dst) const;
 
   Backend& backend_;
   const SessionOptions options_;
-  const uint64_t params_;        // per expert
-  const uint64_t expert_bytes_;  // compute weights of one expert
+  const uint64_t params_;         // per expert
+  const uint64_t expert_bytes_;   // compute weights of one expert
+  const uint32_t moment_arrays_;  // the store's moments state, in arrays of params_
   ExpertIndex index_;
   // Declared before what uses them: the updater reads and writes the store, the stager reads
   // it; the entries' buffers and the updater's staging are carved from the pinned pool; the
@@ -93,6 +114,11 @@ class ExpertTable {
   std::unique_ptr<WeightStager> stager_;
   std::unique_ptr<PinnedHostPool> pinned_;
   std::vector<std::vector<Entry>> entries_;  // [layer][expert]
+  std::vector<Buffer> gradient_slots_;       // the plan's gradient_slots accumulators
+  std::vector<void*> free_gradients_;        // slots no expert holds
+  // Released gradients, oldest first, with the step that released them (an entry is stale
+  // when its expert took its slot again since).
+  std::deque<std::pair<ExpertId, uint64_t>> released_;
   std::unique_ptr<ExpertUpdater> updater_;
 };
 

@@ -224,6 +224,7 @@ ExpertStoreOptions StoreOptionsFor(const SessionOptions& options, uint64_t param
   store.durable_memory_states = false;
   store.lock_pinned_pages = options.budgets.lock_pinned;  // as the session's own pool
   store.io_engines = p.io_engines;
+  store.max_file_bytes = p.max_file_bytes;
   return store;
 }
 
@@ -285,23 +286,47 @@ NvmeUpdater::~NvmeUpdater() {
   if (!synced.ok()) ECSS_LOG(Error) << "NVMe states: " << synced;
 }
 
-Status NvmeUpdater::Initialize(uint32_t id, const float* master, BFloat16* compute_copy) {
-  Impl& s = *impl_;
-  s.compute_copies[id] = compute_copy;
-  ECSS_RETURN_IF_ERROR(s.options.store->Write(ExpertState::kMaster, s.Id(id), master));
-  return WriteWeights(id, master);
+Status NvmeUpdater::Attach(uint32_t id, BFloat16* compute_copy) {
+  impl_->compute_copies[id] = compute_copy;
+  return Status::Ok();
 }
 
 Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   Impl& s = *impl_;
-  ECSS_ASSIGN_OR_RETURN(std::vector<float> master, Master(id));
   s.compute_copies[id] = compute_copy;
-  // The weights follow from the master (they are rewritten even when on NVMe: a crash
-  // between an update's master and weights stores leaves them one version behind).
-  return WriteWeights(id, master.data());
+  ECSS_ASSIGN_OR_RETURN(Buffer scratch,
+                        s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
+  std::vector<float> master;
+  ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id, scratch, &master));
+  // The weights follow from the master. In memory they start at the initial ones; on NVMe a
+  // crash between an update's stores may leave them at another version than the master's.
+  // An expert never updated, with its weights as of that version, costs no write: resuming a
+  // store whose experts are mostly unwritten stays cheap.
+  uint64_t weights_version = 0;
+  if (s.weights_in_store()) {
+    ECSS_RETURN_IF_ERROR(s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), scratch.data(),
+                                                    &weights_version));
+  }
+  if (s.weights_in_store() ? weights_version == updates : updates == 0) return Status::Ok();
+  return WriteWeights(id, master.data(), updates);
 }
 
-Status NvmeUpdater::WriteWeights(uint32_t id, const float* master) {
+StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id, Buffer& scratch,
+                                           std::vector<float>* master) {
+  Impl& s = *impl_;
+  ECSS_RETURN_IF_ERROR(Synchronize());
+  // Loaded as the pipeline loads it: the master as of the version the moments have too.
+  StateSlot slot;
+  slot.master = scratch.as<float>();
+  slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
+  slot.size = s.options.expert_elements;
+  uint64_t updates = 0;
+  ECSS_RETURN_IF_ERROR(s.tier->Load(id, slot, &updates));
+  master->assign(slot.master, slot.master + slot.size);
+  return updates;
+}
+
+Status NvmeUpdater::WriteWeights(uint32_t id, const float* master, uint64_t version) {
   Impl& s = *impl_;
   if (!s.weights_in_store()) {
     ConvertF32ToBf16(master, s.compute_copies[id], s.options.expert_elements);
@@ -309,7 +334,7 @@ Status NvmeUpdater::WriteWeights(uint32_t id, const float* master) {
   }
   std::vector<BFloat16> weights(s.options.expert_elements);
   ConvertF32ToBf16(master, weights.data(), weights.size());
-  return s.options.store->Write(ExpertState::kWeights, s.Id(id), weights.data());
+  return s.options.store->Write(ExpertState::kWeights, s.Id(id), weights.data(), version);
 }
 
 Status NvmeUpdater::BeginStep(float loss_scale) {
@@ -456,18 +481,11 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 }
 
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
-  Impl& s = *impl_;
-  ECSS_RETURN_IF_ERROR(Synchronize());
-  // Loaded as the pipeline loads it: the master as of the version the moments have too.
-  ECSS_ASSIGN_OR_RETURN(Buffer buffer,
-                        s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
-  StateSlot slot;
-  slot.master = buffer.as<float>();
-  slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
-  slot.size = s.options.expert_elements;
-  uint64_t updates = 0;
-  ECSS_RETURN_IF_ERROR(s.tier->Load(id, slot, &updates));
-  return std::vector<float>(slot.master, slot.master + slot.size);
+  ECSS_ASSIGN_OR_RETURN(
+      Buffer scratch, impl_->staging->Allocate(ScratchBytes(impl_->options), MemoryTag::kStaging));
+  std::vector<float> master;
+  ECSS_RETURN_IF_ERROR(LoadMaster(id, scratch, &master).status());
+  return master;
 }
 
 }  // namespace ecss

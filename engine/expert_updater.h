@@ -133,9 +133,10 @@ class NvmeUpdater final : public ExpertUpdater {
   // Waits for the updates, then makes the store durable (ExpertStore::Flush; a failure is
   // logged).
   ~NvmeUpdater() override;
-  // Writes expert `id`'s initial master weights (the store's moments start at zero); before
-  // any step. `compute_copy` receives the bf16 copy of each update (null: the store has it).
-  Status Initialize(uint32_t id, const float* master, BFloat16* compute_copy);
+  // A new store: expert `id` starts from the store's initial values (nothing is written
+  // before its first update); before any step. `compute_copy` (which holds the initial bf16
+  // weights) receives the bf16 copy of each update (null: the store has it).
+  Status Attach(uint32_t id, BFloat16* compute_copy);
   // An opened store: reads expert `id`'s master weights and writes their bf16 copy into
   // `compute_copy` or the store (which receive every later update too).
   Status Resume(uint32_t id, BFloat16* compute_copy);
@@ -143,7 +144,7 @@ class NvmeUpdater final : public ExpertUpdater {
   // (with a weight store they also stage the bf16 copy: `weights_on_nvme`, which the caller
   // can size before it creates the store; InvalidArgument for bad optimizer options) ...
   static StatusOr<uint64_t> PipelineBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
-  // ... and one expert's arrays, a block Initialize and Master hold while they run.
+  // ... and one expert's arrays, a block Resume and Master hold while they run.
   static uint64_t ScratchBytes(const NvmeUpdaterOptions& options);
 
   Status BeginStep(float loss_scale) override;
@@ -171,8 +172,12 @@ class NvmeUpdater final : public ExpertUpdater {
   struct Impl;
   explicit NvmeUpdater(std::unique_ptr<Impl> impl);
   Status Start(float clip_coefficient);  // queues the batch collected so far
-  // Expert `id`'s bf16 weights from its master: into its compute copy, or the weight store.
-  Status WriteWeights(uint32_t id, const float* master);
+  // Expert `id`'s bf16 weights from its master (as of `version`): into its compute copy, or
+  // the weight store.
+  Status WriteWeights(uint32_t id, const float* master, uint64_t version);
+  // After Synchronize: expert `id`'s master (as of the version its moments hold too) via
+  // `scratch` (ScratchBytes); returns that version (its update count).
+  StatusOr<uint64_t> LoadMaster(uint32_t id, Buffer& scratch, std::vector<float>* master);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -95,7 +95,17 @@ class Planner {
       Add("published compute weights (delayed update)", MemoryTier::kPinned,
           MemoryTag::kExpertWeights, experts, p.expert_bytes);
     }
-    Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, experts,
+    // A step's experts with a gradient: in each layer, its experts or what its micro-batches
+    // may activate. Twice that where updates overlap the next step (ecss's updates of step
+    // t-1, the delayed update's held gradients): they still read theirs while step t
+    // accumulates.
+    uint64_t step_experts = 0;
+    for (uint32_t n : per_layer) {
+      step_experts += std::min<uint64_t>(n, uint64_t{o_.limits.max_micro_batches} * p.max_groups);
+    }
+    const bool overlap = o_.delayed_update || !StepPlan::StepWaitsForUpdates(o_.strategy);
+    p.gradient_slots = static_cast<uint32_t>(std::min(experts, (overlap ? 2 : 1) * step_experts));
+    Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, p.gradient_slots,
         host_gradient_bytes);
     Add("gradient staging", MemoryTier::kPinned, MemoryTag::kGradients, 1,
         p.max_groups * host_gradient_bytes);

@@ -83,10 +83,16 @@ struct Placement {
   Tier moments = Tier::kHost;      // the optimizer's moments: with the master
   Tier gradients = Tier::kPinned;  // fp32 gradient accumulators: pinned
   // NVMe: one or more directories (striped) for the expert store that holds what lives on
-  // NVMe, created with its space reserved up front. A directory that already holds a store is
-  // refused (AlreadyExists): resume it or remove it. With clipping the step's updates start
-  // at EndStep (after the global norm) instead of per layer.
+  // NVMe. It is created in constant time and space: an expert's states take disk space at
+  // their first update, and read as the expert's initial values until then; a full disk fails
+  // the update that needs the space (the session logs a warning at creation when the
+  // directories' free space is below the model's full size). A directory that already holds
+  // a store is refused (AlreadyExists): resume it or remove it. With clipping the step's
+  // updates start at EndStep (after the global norm) instead of per layer.
   std::vector<std::string> nvme_dirs;
+  // The largest state file in nvme_dirs: each state's files are split at it (0: 1 TiB, well
+  // under ext4's 16 TiB per file). A resumed store keeps the split it was made with.
+  uint64_t max_file_bytes = 0;
   // Open the store an earlier session of the same model left in nvme_dirs (after its
   // Synchronize) instead of creating one: the experts continue from the master weights,
   // moments and update counts stored there. A store of another model or format version is
@@ -124,7 +130,8 @@ struct Budgets {
   // Required: what a step keeps and works in (activations, workspace, gradient region,
   // routing plans) and the expert cache in the rest; at most the backend's device memory.
   uint64_t device_bytes = 0;
-  // Every expert's pinned compute weights and gradients, and the staging the placement needs.
+  // Every expert's pinned compute weights (unless on NVMe), the gradient accumulators of a
+  // step's experts (MemoryPlan::gradient_slots), and the staging the placement needs.
   // 0 = exactly what the model needs.
   uint64_t pinned_bytes = 0;
   // Pageable host memory for states on Tier::kHost: the fp32 master weights (bf16 models) and

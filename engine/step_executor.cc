@@ -625,14 +625,18 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
       ECSS_RETURN_IF_ERROR(updater().Wait(expert.id));
     }
     if (!expert.touched) {
+      {
+        StallTimer timer(&gradient_fence_seconds_);  // waits only when every slot is in use
+        ECSS_RETURN_IF_ERROR(table_.TakeGradient({layer, lw.experts[i]}, recording_).status());
+      }
       ECSS_RETURN_IF_ERROR(
-          backend_.CopyAsync(d, expert.grad.data(), src, grad_bytes, CopyKind::kDeviceToHost));
+          backend_.CopyAsync(d, expert.grad, src, grad_bytes, CopyKind::kDeviceToHost));
       expert.touched = true;
     } else {
       char* staging = static_cast<char*>(grad_tmp_.data()) + i * grad_bytes;
       ECSS_RETURN_IF_ERROR(
           backend_.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
-      adds.emplace_back(expert.grad.data(), staging);
+      adds.emplace_back(expert.grad, staging);
     }
     gradient_bytes_ += grad_bytes;
   }
@@ -664,7 +668,8 @@ Status StepExecutor::SubmitLayer(uint32_t layer) {
       continue;
     }
     ECSS_RETURN_IF_ERROR(cache_->Invalidate(ExpertId{layer, e}));
-    ECSS_RETURN_IF_ERROR(updater().Submit(expert.id, expert.grad.data(), options_.gradient_dtype));
+    ECSS_RETURN_IF_ERROR(updater().Submit(expert.id, expert.grad, options_.gradient_dtype));
+    table_.ReleaseGradient({layer, e}, recording_);
     ++submitted_;
   }
   if (!plan_->policy().deferred_updates) {  // the layer's update starts now
@@ -714,7 +719,7 @@ Status StepExecutor::StartHeldUpdate() {
   ++updater_steps_;
   for (ExpertId id : held_) {
     const ExpertTable::Entry& x = table_.at(id);
-    Status submitted_one = updater().Submit(x.id, x.grad.data(), options_.gradient_dtype);
+    Status submitted_one = updater().Submit(x.id, x.grad, options_.gradient_dtype);
     if (!submitted_one.ok()) {
       updater().AbortStep().IgnoreError();  // the held gradients stay held: Begin retries
       return submitted_one;
@@ -722,6 +727,7 @@ Status StepExecutor::StartHeldUpdate() {
   }
   submitted_ = static_cast<uint32_t>(held_.size());
   ECSS_ASSIGN_OR_RETURN(started_report_, updater().FinishStep());
+  for (ExpertId id : held_) table_.ReleaseGradient(id, recording_);
   started_ = std::move(held_);
   held_.clear();
   return Status::Ok();
@@ -762,7 +768,7 @@ Status StepExecutor::FinishWork(StepReport* report) {
   if (!first.ok()) {
     // The gradients not submitted are dropped with the step, and what the optimizer holds
     // back is not applied with a norm of part of the step.
-    table_.ClearTouched();
+    table_.ClearTouched(recording_);
     pending_layers_.clear();
     if (!delayed() && !evaluating_) updater().AbortStep().IgnoreError();
   } else if (!delayed() && !evaluating_) {

@@ -184,8 +184,9 @@ class StepPlan {
   // Whether the step ends only once its updates finished (all but ecss), or they overlap the
   // next step (ecss: the step after waits for them, the carried-in edges).
   bool step_waits_for_updates() const {
-    return policy_.strategy != Strategy::kEcss && !policy_.evaluation;
+    return StepWaitsForUpdates(policy_.strategy) && !policy_.evaluation;
   }
+  static bool StepWaitsForUpdates(Strategy strategy) { return strategy != Strategy::kEcss; }
 
   // Learned gates, as the loop's calls come: a layer's forward once its gate routed it (its
   // plan's upload, its fetches, its compute), its backward (fetches again, compute, gradient

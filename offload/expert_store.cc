@@ -20,7 +20,8 @@ namespace ecss {
 namespace {
 
 // 2: per-layer expert counts, optimizer states (versions in the files' headers).
-constexpr uint32_t kFormat = 2;
+// 3: sparse files (unwritten experts read as their initial values), split at max_file_bytes.
+constexpr uint32_t kFormat = 3;
 // The NVMe state files that sessions kept master weights and moments in before the store did.
 constexpr char kLegacyStateFile[] = "ecss-states-0.bin";
 constexpr char kManifestName[] = "ecss-store.manifest";
@@ -44,6 +45,7 @@ struct Manifest {
   uint32_t dirs = 0;
   std::array<Tier, kExpertStates> placement{};
   bool durable_memory_states = true;
+  uint64_t max_file_bytes = 0;
   bool closed = false;
 };
 
@@ -58,6 +60,7 @@ std::string FormatManifest(const Manifest& m) {
         StrCat(" ", ExpertStateName(state), "=", TierName(m.placement[static_cast<int>(state)]));
   }
   text += StrCat("\nmemory_states ", m.durable_memory_states ? "durable" : "volatile");
+  text += StrCat("\nmax_file_bytes ", m.max_file_bytes);
   text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
   char crc[16];
   std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
@@ -112,6 +115,8 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
       std::string value;
       fields >> value;
       m.durable_memory_states = value == "durable";
+    } else if (key == "max_file_bytes") {
+      fields >> m.max_file_bytes;
     } else if (key == "state") {
       std::string value;
       fields >> value;
@@ -278,6 +283,7 @@ StateFileOptions ExpertStore::FileOptions(const ExpertStoreOptions& options, Exp
   file.name = StrCat("ecss-store-", ExpertStateName(state));
   file.shadow = true;
   file.array_names = {std::string(ExpertStateName(state))};
+  file.max_file_bytes = options.max_file_bytes;
   return file;
 }
 
@@ -346,14 +352,51 @@ Status ExpertStore::Allocate() {
     ECSS_ASSIGN_OR_RETURN(region.memory,
                           memory->Allocate(RegionBytes(options_, state), kTags[Index(state)]));
     region.versions.assign(n, 0);
-    if (placement(state) == Tier::kDevice) {
-      ECSS_RETURN_IF_ERROR(
-          backend_.MemsetAsync(stream_.get(), region.memory.data(), 0, region.memory.size()));
-    } else {
-      std::memset(region.memory.data(), 0, region.memory.size());
-    }
   }
-  return backend_.SynchronizeStream(stream_.get());
+  return Status::Ok();
+}
+
+void ExpertStore::Initial(ExpertState state, ExpertId id, void* dst) const {
+  if (options_.initial) {
+    options_.initial(state, id, dst);
+  } else {
+    std::memset(dst, 0, StateBytes(state));
+  }
+}
+
+Status ExpertStore::InitRegion(ExpertState state) {
+  if (RegionBytes(options_, state) == 0) return Status::Ok();
+  if (placement(state) != Tier::kDevice) {
+    for (uint32_t flat = 0; flat < index_.size(); ++flat) {
+      Initial(state, index_.Id(flat), MemoryOf(state, flat));
+    }
+    return Status::Ok();
+  }
+  std::vector<char> host(StateBytes(state));
+  for (uint32_t flat = 0; flat < index_.size(); ++flat) {
+    Initial(state, index_.Id(flat), host.data());
+    ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, flat), host.data(),
+                                            host.size(), CopyKind::kHostToDevice));
+    ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
+  }
+  return Status::Ok();
+}
+
+void ExpertStore::WarnIfSpaceShort() const {
+  const uint64_t need = DiskBytes(options_);
+  uint64_t free = 0;
+  std::error_code error;
+  for (const std::string& dir : options_.dirs) {
+    const std::filesystem::space_info space = std::filesystem::space(dir, error);
+    if (error) return;  // the writes will report what is wrong
+    free += space.available;
+  }
+  if (free < need) {
+    ECSS_LOG(Warning) << "expert store in '" << options_.dirs[0] << "': its files take up to "
+                      << HumanBytes(need) << " once every expert is written, and its "
+                      << options_.dirs.size() << " directories have " << HumanBytes(free)
+                      << " free: training stops at the first write that does not fit";
+  }
 }
 
 // Each state's writing handle (which creates the files) and reading handle.
@@ -402,37 +445,19 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   ECSS_RETURN_IF_ERROR(store->Allocate());
   // From here on files exist: remove them when creation fails.
   auto made = [&] {
-    Status status = store->OpenFiles(/*create=*/true);
-    if (!status.ok()) return status;
-    // Every state of every expert starts as zeros with a valid header, so that any expert can
-    // be read (and a tier change at Open finds every expert) before the caller wrote it.
-    uint64_t block_bytes = 0;
-    for (ExpertState state : kStates) {
-      if (store->HasFile(state)) block_bytes = std::max(block_bytes, store->BlockBytes(state));
-    }
-    if (block_bytes == 0) {  // memory states only, not durable: nothing on disk
-      return options.dirs.empty() ? Status::Ok() : store->WriteManifest(/*closed=*/false);
-    }
-    std::unique_ptr<void, decltype(&std::free)> zeros(std::aligned_alloc(4096, block_bytes),
-                                                      &std::free);
-    if (zeros == nullptr) return ResourceExhaustedError("expert store: no memory for a block");
-    std::memset(zeros.get(), 0, block_bytes);
-    for (ExpertState state : kStates) {
-      if (!store->HasFile(state)) continue;
-      for (uint32_t flat = 0; flat < store->index_.size(); ++flat) {
-        ECSS_RETURN_IF_ERROR(store->StoreToFile(state, flat, zeros.get(), 0));
-      }
-      ECSS_RETURN_IF_ERROR(store->files_[Index(state)].writer->Sync());
-    }
+    for (ExpertState state : kStates) ECSS_RETURN_IF_ERROR(store->InitRegion(state));
+    ECSS_RETURN_IF_ERROR(store->OpenFiles(/*create=*/true));
+    if (options.dirs.empty()) return Status::Ok();  // nothing on disk
+    store->WarnIfSpaceShort();
     return store->WriteManifest(/*closed=*/false);
   }();
   if (!made.ok()) {
     store->closed_ = true;  // nothing to flush
     for (Files& files : store->files_) files.reader.reset(), files.writer.reset();
     for (ExpertState state : kStates) {
-      for (size_t d = 0; d < options.dirs.size(); ++d) {
-        std::filesystem::remove(
-            StrCat(options.dirs[d], "/ecss-store-", ExpertStateName(state), "-", d, ".bin"), error);
+      if (!HasFile(options, state)) continue;
+      for (const std::string& path : ExpertStateFile::Paths(FileOptions(options, state))) {
+        std::filesystem::remove(path, error);
       }
     }
     return made;
@@ -495,6 +520,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   ExpertStoreOptions made = options;  // as the manifest says it was made
   made.placement = m.placement;
   made.durable_memory_states = m.durable_memory_states;
+  made.max_file_bytes = m.max_file_bytes;
   for (ExpertState state : kStates) {
     const int i = static_cast<int>(state);
     if (m.placement[i] == Tier::kNone && options.placement[i] != Tier::kNone) {
@@ -525,12 +551,18 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
                                   lost));
     }
   }
-  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, options));
+  ExpertStoreOptions reopened = options;
+  reopened.max_file_bytes = m.max_file_bytes;  // the files are split as they were made
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, reopened));
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
     ECSS_RETURN_IF_ERROR(store->Allocate());
     ECSS_RETURN_IF_ERROR(store->OpenFiles(/*create=*/false));
-    for (ExpertState state : kStates) ECSS_RETURN_IF_ERROR(store->LoadTier(state));
+    for (ExpertState state : kStates) {
+      // A state without a file (not durable) starts at its initial value.
+      ECSS_RETURN_IF_ERROR(store->HasFile(state) ? store->LoadTier(state)
+                                                 : store->InitRegion(state));
+    }
     return store->WriteManifest(/*closed=*/false);
   }();
   if (!opened.ok()) {
@@ -580,14 +612,23 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                                  const uint64_t* want) {
   Files& files = files_[Index(state)];
-  std::lock_guard<std::mutex> lock(files.read_mutex);
-  void* arrays[1] = {block};
-  return files.reader->Load(flat, arrays, Elements(state), version, want);
+  Status loaded;
+  {
+    std::lock_guard<std::mutex> lock(files.read_mutex);
+    void* arrays[1] = {block};
+    loaded = files.reader->Load(flat, arrays, Elements(state), version, want);
+  }
+  if (loaded.code() != StatusCode::kNotFound) return loaded;
+  // Unwritten: its initial value, version 0 (the block's padding as a load leaves it: zeros).
+  Initial(state, index_.Id(flat), block);
+  std::memset(static_cast<char*>(block) + StateBytes(state), 0,
+              BlockBytes(state) - StateBytes(state));
+  *version = 0;
+  return Status::Ok();
 }
 
 Status ExpertStore::LoadTier(ExpertState state) {
-  // A state without a file (not durable) starts at zero.
-  if (!HasFile(state) || placement(state) == Tier::kNvme) return Status::Ok();
+  if (placement(state) == Tier::kNvme) return Status::Ok();
   Region& region = regions_[Index(state)];
   for (uint32_t flat = 0; flat < index_.size(); ++flat) {
     const bool device = placement(state) == Tier::kDevice;

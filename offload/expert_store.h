@@ -24,8 +24,15 @@
 // Create refuses a directory that already holds a store (AlreadyExists) and budgets that
 // cannot hold the placement (ResourceExhausted naming the bytes one expert and all experts
 // need), before touching the disk. Missing or read-only directories are NotFound /
-// PermissionDenied; a disk too small is ResourceExhausted at Create (space is reserved and
-// every state zero-initialised there), and the files Create made are removed again.
+// PermissionDenied. Create and Open take constant time and disk space for nvme states,
+// whatever the model's size: their files are sparse (offload/state_file.h).
+//
+// Unwritten experts: until its first write, an expert's state reads as its initial value,
+// which `initial` computes (zeros without one); nothing of it is on disk. Memory states start
+// from it at Create. A full disk is reported by the write that cannot be stored
+// (ResourceExhausted naming the layer, expert and state), and the version before it, initial
+// or written, stays readable; Create only warns (in the log) when the directories' free space
+// is below DiskBytes.
 //
 // Versions: every write of an expert's state carries a version (the optimizer's update count),
 // kept in the state file's header (memory tiers: beside the memory, written at Flush). An
@@ -46,6 +53,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -96,6 +104,13 @@ struct ExpertStoreOptions {
   // Memory states have a file, written by Flush and Close and read by Open (see above).
   bool durable_memory_states = true;
   IoEngineFactory io_engines;  // empty: CreateIoEngine's default
+  // Fills `dst` with StateBytes(state) bytes: expert `id`'s `state` before its first write.
+  // Called from any thread that reads an unwritten expert (so it must be thread-safe), and
+  // for every expert of the memory states at Create. Empty: zeros.
+  std::function<void(ExpertState state, ExpertId id, void* dst)> initial;
+  // The largest state file (StateFileOptions::max_file_bytes; 0: its default). Create records
+  // it in the manifest, and Open uses the recorded value.
+  uint64_t max_file_bytes = 0;
 };
 
 class ExpertStore {
@@ -147,8 +162,8 @@ class ExpertStore {
   // memory state (0 for nvme or none) and the staging block (0 when nothing needs it).
   static uint64_t RegionBytes(const ExpertStoreOptions& options, ExpertState state);
   static uint64_t StagingBytes(const ExpertStoreOptions& options);
-  // The bytes a store with these options keeps on disk: the files of its NVMe states and of
-  // its durable memory states, with their shadow slots.
+  // The bytes a store with these options keeps on disk once every expert is written: the
+  // files of its NVMe states and of its durable memory states, with their shadow slots.
   static uint64_t DiskBytes(const ExpertStoreOptions& options);
   uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
   Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
@@ -194,6 +209,12 @@ class ExpertStore {
   static uint64_t StateBytes(const ExpertStoreOptions& options, ExpertState state);
   static uint64_t Stride(const ExpertStoreOptions& options, ExpertState state);
   Status Allocate();
+  // Every expert of a memory state's region from `initial`.
+  Status InitRegion(ExpertState state);
+  // `id`'s initial `state` into `dst` (StateBytes of it).
+  void Initial(ExpertState state, ExpertId id, void* dst) const;
+  // Logs a warning when the directories have less free space than DiskBytes.
+  void WarnIfSpaceShort() const;
   Status OpenFiles(bool create);
   Status WriteManifest(bool closed);
   Status Check(ExpertState state, ExpertId id) const;

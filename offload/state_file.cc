@@ -1,5 +1,6 @@
 #include "offload/state_file.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -13,6 +14,7 @@ namespace {
 constexpr char kMagic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
 constexpr uint32_t kVersion = 2;  // 2: element size and sequence number in the header
 constexpr uint32_t kHeaderBytes = 4096;
+constexpr uint64_t kDefaultMaxFileBytes = uint64_t{1} << 40;
 
 // One version of one expert: its header and its arrays, each padded to 4 KiB.
 uint64_t SlotBytes(const StateFileOptions& options) {
@@ -20,6 +22,42 @@ uint64_t SlotBytes(const StateFileOptions& options) {
          options.arrays * StateBlockBytes(options.max_expert_elements * options.element_bytes);
 }
 constexpr uint32_t kMaxArrays = 8;
+
+uint32_t Copies(const StateFileOptions& options) { return options.shadow ? 2 : 1; }
+
+// Experts in one file of a directory: as many whole slots as max_file_bytes holds, one at least.
+uint32_t ExpertsPerFile(const StateFileOptions& options) {
+  const uint64_t max_bytes =
+      options.max_file_bytes > 0 ? options.max_file_bytes : kDefaultMaxFileBytes;
+  const uint64_t per_file = max_bytes / (Copies(options) * SlotBytes(options));
+  return static_cast<uint32_t>(std::clamp<uint64_t>(per_file, 1, options.experts));
+}
+
+// Experts directory `dir` holds (expert e lives in directory e % dirs).
+uint32_t ExpertsIn(const StateFileOptions& options, size_t dir) {
+  const size_t dirs = options.dirs.size();
+  return static_cast<uint32_t>((options.experts + dirs - 1 - dir) / dirs);
+}
+
+// Every file in order (each directory's parts), with its size.
+struct FileSpec {
+  std::string path;
+  uint64_t bytes = 0;
+};
+std::vector<FileSpec> FileSpecs(const StateFileOptions& options) {
+  const uint32_t per_file = ExpertsPerFile(options);
+  const uint64_t slot_bytes = Copies(options) * SlotBytes(options);
+  std::vector<FileSpec> files;
+  for (size_t d = 0; d < options.dirs.size(); ++d) {
+    const uint32_t here = ExpertsIn(options, d);
+    for (uint32_t first = 0, part = 0; first < here; first += per_file, ++part) {
+      const std::string suffix = part == 0 ? "" : StrCat("-part", part);
+      files.push_back({StrCat(options.dirs[d], "/", options.name, "-", d, suffix, ".bin"),
+                       std::min(per_file, here - first) * slot_bytes});
+    }
+  }
+  return files;
+}
 
 // Submits every request, then waits for all of them (also after a failure, so that nothing is
 // left in flight); returns the first error.
@@ -67,17 +105,31 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
     : engine_(engine),
       options_(options),
       slot_bytes_(SlotBytes(options)),
+      experts_per_file_(ExpertsPerFile(options)),
       header_(std::aligned_alloc(4096, 2 * kHeaderBytes)),
       newest_sequence_(options.experts, UINT64_MAX),
-      newest_copy_(options.experts, 0) {}
+      newest_copy_(options.experts, 0) {
+  for (const FileSpec& file : FileSpecs(options)) {
+    paths_.push_back(file.path);
+    file_bytes_.push_back(file.bytes);
+  }
+}
 
 ExpertStateFile::~ExpertStateFile() {
   for (IoFileId file : files_) engine_->Close(file).IgnoreError();
   std::free(header_);
 }
 
-std::string ExpertStateFile::PathOf(size_t dir) const {
-  return StrCat(options_.dirs[dir], "/", options_.name, "-", dir, ".bin");
+ExpertStateFile::Place ExpertStateFile::PlaceOf(uint32_t expert) const {
+  const size_t dirs = options_.dirs.size();
+  const size_t dir = expert % dirs;
+  const uint64_t local = expert / dirs;  // within its directory
+  size_t file = 0;
+  for (size_t d = 0; d < dir; ++d) {  // the files of the directories before it
+    file += (ExpertsIn(options_, d) + experts_per_file_ - 1) / experts_per_file_;
+  }
+  file += local / experts_per_file_;
+  return {file, (local % experts_per_file_) * copies() * slot_bytes_};
 }
 
 uint64_t ExpertStateFile::ArrayOffset(uint32_t a) const {
@@ -98,20 +150,24 @@ Status CheckOptions(IoEngine* engine, const StateFileOptions& o) {
 }  // namespace
 
 uint64_t ExpertStateFile::DiskBytes(const StateFileOptions& options) {
-  return uint64_t{options.experts} * (options.shadow ? 2 : 1) * SlotBytes(options);
+  return uint64_t{options.experts} * Copies(options) * SlotBytes(options);
+}
+
+std::vector<std::string> ExpertStateFile::Paths(const StateFileOptions& options) {
+  std::vector<std::string> paths;
+  for (FileSpec& file : FileSpecs(options)) paths.push_back(std::move(file.path));
+  return paths;
 }
 
 StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     IoEngine* engine, const StateFileOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(engine, options));
   std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options));
-  const size_t dirs = options.dirs.size();
-  for (size_t d = 0; d < dirs; ++d) {
-    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->PathOf(d), OpenMode::kCreate));
+  for (size_t i = 0; i < file->paths_.size(); ++i) {
+    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->paths_[i], OpenMode::kCreate));
     file->files_.push_back(id);
-    const uint64_t experts_here = (options.experts + dirs - 1 - d) / dirs;
-    Status reserved = engine->Allocate(id, experts_here * file->copies() * file->slot_bytes_);
-    if (!reserved.ok()) return reserved.Annotate(StrCat("state file '", file->PathOf(d), "'"));
+    Status sized = engine->Resize(id, file->file_bytes_[i]);
+    if (!sized.ok()) return sized.Annotate(StrCat("state file '", file->paths_[i], "'"));
   }
   return file;
 }
@@ -120,16 +176,14 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
                                                                  const StateFileOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(engine, options));
   std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options));
-  const size_t dirs = options.dirs.size();
-  for (size_t d = 0; d < dirs; ++d) {
-    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->PathOf(d), OpenMode::kReadWrite));
+  for (size_t i = 0; i < file->paths_.size(); ++i) {
+    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->paths_[i], OpenMode::kReadWrite));
     file->files_.push_back(id);
     ECSS_ASSIGN_OR_RETURN(uint64_t size, engine->FileSize(id));
-    const uint64_t experts_here = (options.experts + dirs - 1 - d) / dirs;
-    if (size < experts_here * file->copies() * file->slot_bytes_) {
-      return FailedPreconditionError(
-          StrCat("state file '", file->PathOf(d), "' has ", size, " bytes; this layout needs ",
-                 experts_here * file->copies() * file->slot_bytes_, " (made for another model?)"));
+    if (size < file->file_bytes_[i]) {
+      return FailedPreconditionError(StrCat("state file '", file->paths_[i], "' has ", size,
+                                            " bytes; this layout needs ", file->file_bytes_[i],
+                                            " (made for another model?)"));
     }
   }
   return file;
@@ -152,9 +206,9 @@ Status ExpertStateFile::CheckExpert(uint32_t expert, uint64_t elements) const {
   return Status::Ok();
 }
 
-Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, bool* valid,
+Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, Copy* state,
                                     std::string* why) {
-  const IoFileId file = files_[expert % options_.dirs.size()];
+  const IoFileId file = FileOf(expert);
   std::vector<IoRequest> requests;  // every copy's header at once: one round trip
   for (uint32_t c = 0; c < copies(); ++c) {
     requests.push_back({IoOp::kRead, file, OffsetOf(expert, c),
@@ -164,10 +218,15 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, bool* vali
   if (!read.ok()) return read.Annotate(StrCat("reading expert ", expert, " header"));
   for (uint32_t c = 0; c < copies(); ++c) {
     Header* header = &headers[c];
-    std::memcpy(header, static_cast<char*>(header_) + c * kHeaderBytes, sizeof(*header));
-    valid[c] = false;
-    if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
-      why[c] = "no state header (never stored, or overwritten)";
+    const char* raw = static_cast<const char*>(header_) + c * kHeaderBytes;
+    std::memcpy(header, raw, sizeof(*header));
+    state[c] = Copy::kDamaged;
+    // Every byte zero: what a sparse file reads where nothing was stored.
+    if (std::all_of(raw, raw + kHeaderBytes, [](char b) { return b == 0; })) {
+      state[c] = Copy::kUnwritten;
+      why[c] = "never stored";
+    } else if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
+      why[c] = "no state header (overwritten)";
     } else if (Crc32c(header, offsetof(Header, header_crc)) != header->header_crc) {
       why[c] = "header checksum mismatch";
     } else if (header->version != kVersion || header->expert != expert ||
@@ -177,7 +236,7 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, bool* vali
                       " arrays of ", header->element_bytes, "-byte elements (format ",
                       header->version, ")");
     } else {
-      valid[c] = true;
+      state[c] = Copy::kValid;
     }
   }
   return Status::Ok();
@@ -186,18 +245,18 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, bool* vali
 Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64_t elements,
                               uint64_t update_count) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
-  const IoFileId file = files_[expert % options_.dirs.size()];
+  const IoFileId file = FileOf(expert);
   uint64_t sequence = 1;
   uint32_t copy = 0;
   if (options_.shadow) {
     if (newest_sequence_[expert] == UINT64_MAX) {  // learn which copy is newest
       newest_sequence_[expert] = 0;
       Header seen[2];
-      bool valid[2];
+      Copy state[2];
       std::string why[2];
-      ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, valid, why));
+      ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
       for (uint32_t c = 0; c < 2; ++c) {
-        if (valid[c] && seen[c].sequence > newest_sequence_[expert]) {
+        if (state[c] == Copy::kValid && seen[c].sequence > newest_sequence_[expert]) {
           newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
         }
@@ -240,21 +299,22 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
                              uint64_t* update_count, const uint64_t* want) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
-  const size_t dir = expert % options_.dirs.size();
-  const IoFileId file = files_[dir];
+  const IoFileId file = FileOf(expert);
   // The newest copy whose header is intact (a store writes its header last, so an intact
   // header means its arrays were written completely; their checksums still decide).
   Header header{};
   bool found = false;
+  bool unwritten = false;  // some copy was never stored
   std::string why;
   uint32_t copy = 0;
   Header seen[2];
-  bool valid[2];
+  Copy state[2];
   std::string reason[2];
-  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, valid, reason));
+  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, reason));
   for (uint32_t c = 0; c < copies(); ++c) {
-    if (!valid[c]) {
-      if (why.empty()) why = reason[c];
+    unwritten |= state[c] == Copy::kUnwritten;
+    if (state[c] != Copy::kValid) {
+      if (why.empty() || state[c] == Copy::kDamaged) why = reason[c];
     } else if (want != nullptr && seen[c].update_count != *want) {
       if (why.empty()) why = StrCat("update count ", seen[c].update_count, ", not ", *want);
     } else if (!found || seen[c].sequence > header.sequence) {
@@ -264,7 +324,11 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
     }
   }
   const uint64_t base = OffsetOf(expert, copy);
-  const std::string where = StrCat("expert ", expert, " in '", PathOf(dir), "' at offset ", base);
+  const std::string where =
+      StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ", base);
+  if (!found && unwritten && (want == nullptr || *want == 0)) {
+    return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
+  }
   if (!found && want != nullptr) {
     return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));
   }

@@ -4,6 +4,13 @@
 // directory e % dirs, like several drives), each in a fixed-size slot of its file:
 //   [4 KiB header: magic, version, expert, elements, arrays, update count, sequence, CRC-32C
 //    of each array, CRC of the header] [array 0, padded to 4 KiB] [array 1] ...
+// A directory's experts are split over files of at most max_file_bytes (whole slots), so that
+// no file approaches a file system's limit (ext4: 16 TiB).
+// Files are sparse: Create only sets their sizes (constant time and space for any model), and
+// disk blocks are allocated as stores reach them, so a full disk is the failed store's error
+// (ResourceExhausted naming the expert), and the version before it stays readable. A slot
+// never stored (its header all zeros, as a sparse file reads) is "unwritten": Load says
+// NotFound, and the caller supplies the expert's initial value.
 // Every load verifies both checksums: a mismatch is DataLoss naming the expert, the array and
 // the file, and the data is never handed out as good. A store writes the arrays, then the
 // header: a store cut short leaves a slot whose checksums do not match (detected, not used).
@@ -34,6 +41,9 @@ struct StateFileOptions {
   std::string name = "ecss-states";      // files are DIR/NAME-<dir index>.bin
   bool shadow = false;                   // two slots per expert (see above)
   std::vector<std::string> array_names;  // for errors; default "array <i>"
+  // The largest file; a directory's experts go to as many files as that takes (0: 1 TiB).
+  // Files made with one value must be opened with the same.
+  uint64_t max_file_bytes = 0;
 };
 
 // Bytes `bytes` of state occupy on disk and in a staging slot (rounded up to 4 KiB).
@@ -43,8 +53,7 @@ inline uint64_t StateArrayBytes(uint64_t elements) { return StateBlockBytes(elem
 
 class ExpertStateFile {
  public:
-  // Creates (truncating) one file per directory and reserves its space up front, so that a
-  // full disk is reported now (ResourceExhausted), not half way through training.
+  // Creates (truncating) the files of every directory, sparse: every expert unwritten.
   // NotFound / PermissionDenied name a missing or read-only directory.
   static StatusOr<std::unique_ptr<ExpertStateFile>> Create(IoEngine* engine,
                                                            const StateFileOptions& options);
@@ -60,7 +69,10 @@ class ExpertStateFile {
   // Reads and verifies (with shadow: the newest version whose header is intact). elements
   // must be what was stored (DataLoss naming both otherwise). With `want`, the version whose
   // update count is *want instead (shadow: the previous one may still be there; DataLoss
-  // naming the count when no intact copy holds it).
+  // naming the count when no intact copy holds it). NotFound when the expert is unwritten:
+  // no copy was ever stored, or (shadow) the only one stored is damaged or is not *want, and
+  // the other copy was never stored (its first store was cut short); with `want`, only when
+  // *want is 0 (the initial version).
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
               const uint64_t* want = nullptr);
 
@@ -68,29 +80,45 @@ class ExpertStateFile {
   Status Sync();
 
   uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
-  // Bytes Create reserves on disk for `options`, all directories together (for sizing).
+  // Bytes on disk once every expert is stored (with shadow: both copies), all directories
+  // together (for sizing); Create itself writes none of them.
   static uint64_t DiskBytes(const StateFileOptions& options);
+  // The files Create makes for `options`, every directory's, in order.
+  static std::vector<std::string> Paths(const StateFileOptions& options);
   const StateFileOptions& options() const { return options_; }
 
  private:
   ExpertStateFile(IoEngine* engine, const StateFileOptions& options);
   struct Header;
+  // What a copy's header says: a valid version, never stored, or damaged.
+  enum class Copy : uint8_t { kValid, kUnwritten, kDamaged };
+  // Where one expert's slots are: its file (index into files_) and its first copy's offset.
+  struct Place {
+    size_t file = 0;
+    uint64_t offset = 0;
+  };
   Status CheckExpert(uint32_t expert, uint64_t elements) const;
-  std::string PathOf(size_t dir) const;
-  uint32_t copies() const { return options_.shadow ? 2 : 1; }
+  Place PlaceOf(uint32_t expert) const;
   uint64_t OffsetOf(uint32_t expert, uint32_t copy) const {
-    return ((expert / options_.dirs.size()) * copies() + copy) * slot_bytes_;
+    return PlaceOf(expert).offset + copy * slot_bytes_;
   }
+  IoFileId FileOf(uint32_t expert) const { return files_[PlaceOf(expert).file]; }
+  const std::string& PathOf(uint32_t expert) const { return paths_[PlaceOf(expert).file]; }
+  uint32_t copies() const { return options_.shadow ? 2 : 1; }
   uint64_t ArrayOffset(uint32_t a) const;
-  // Reads the header of every copy (one round trip) into headers[copy]; valid[copy] false
-  // (with why[copy]) when it is not a valid one.
-  Status ReadHeaders(uint32_t expert, Header* headers, bool* valid, std::string* why);
+  // Reads the header of every copy (one round trip) into headers[copy], with what it is
+  // (state[copy]) and why it is not valid (why[copy]).
+  Status ReadHeaders(uint32_t expert, Header* headers, Copy* state, std::string* why);
 
   IoEngine* engine_;
   StateFileOptions options_;
   uint64_t slot_bytes_;
+  uint32_t experts_per_file_;  // of one directory
+  // Every directory's files in order; a directory's experts fill its files one after another.
+  std::vector<std::string> paths_;
   std::vector<IoFileId> files_;
-  void* header_ = nullptr;  // an aligned 4 KiB header buffer per copy
+  std::vector<uint64_t> file_bytes_;  // each file's size
+  void* header_ = nullptr;            // an aligned 4 KiB header buffer per copy
   // shadow: per expert, the newest version's sequence number and copy as this handle last
   // wrote or saw it (UINT64_MAX: not known yet).
   std::vector<uint64_t> newest_sequence_;

@@ -26,10 +26,13 @@
 // updates have ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by
 // op kind.
 #include <algorithm>
+#include <cstdlib>
+#include <fstream>
 #include <iomanip>
 #include <limits>
 #include <map>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
@@ -278,6 +281,16 @@ StatusOr<uint64_t> DeviceBudget(const StepConfig& c, Backend& backend, Strategy 
   return plan.DeviceBudgetFor(slots);
 }
 
+// The process's peak resident set (VmHWM of /proc/self/status); 0 where there is none.
+uint64_t PeakRssBytes() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtoull(line.c_str() + 6, nullptr, 10) << 10;
+  }
+  return 0;
+}
+
 // What the measured steps of one or more runs of a strategy did, summed.
 struct StrategyRun {
   Strategy strategy = Strategy::kEcss;
@@ -288,8 +301,11 @@ struct StrategyRun {
   std::vector<StepMetrics> metrics;
   std::vector<PathShare> critical_path;  // of the last step of the first run
   // The memory it took: the device memory the session holds (all of it allocated at
-  // creation) and its pinned and host allocators' peaks.
-  uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0;
+  // creation) and its pinned and host allocators' peaks; the process's peak resident set
+  // (VmHWM) after it, which covers the runs before it too (the simulated device's memory is
+  // host memory).
+  uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0, peak_rss_bytes = 0;
+  uint64_t budgets_bytes() const { return device_bytes + pinned_peak_bytes + host_peak_bytes; }
 
   double tokens_per_s() const { return static_cast<double>(tokens) / seconds; }
   void Add(const StrategyRun& other) {
@@ -306,6 +322,7 @@ struct StrategyRun {
     device_bytes = std::max(device_bytes, other.device_bytes);
     pinned_peak_bytes = std::max(pinned_peak_bytes, other.pinned_peak_bytes);
     host_peak_bytes = std::max(host_peak_bytes, other.host_peak_bytes);
+    peak_rss_bytes = std::max(peak_rss_bytes, other.peak_rss_bytes);
     metrics.insert(metrics.end(), other.metrics.begin(), other.metrics.end());
   }
 };
@@ -356,6 +373,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   }
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
+  run.peak_rss_bytes = PeakRssBytes();
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats.back().step));
   run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
@@ -415,6 +433,7 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
       .Field("device_bytes", run.device_bytes)
       .Field("pinned_bytes", run.pinned_peak_bytes)
       .Field("host_bytes", run.host_peak_bytes)
+      .Field("peak_rss_bytes", run.peak_rss_bytes)
       .EndObject()
       .Key("critical_path")
       .BeginArray();
@@ -441,7 +460,9 @@ void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
   table << "  h2d " << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.h2d_bytes) / steps))
         << ", d2h " << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.d2h_bytes) / steps))
         << ", nvme "
-        << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.nvme_bytes) / steps)) << "\n";
+        << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.nvme_bytes) / steps))
+        << "; memory " << HumanBytes(run.budgets_bytes()) << ", peak RSS "
+        << HumanBytes(run.peak_rss_bytes) << "\n";
 }
 
 }  // namespace

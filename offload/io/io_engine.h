@@ -65,6 +65,9 @@ class IoEngine {
   // Reserves `bytes` on the device (fallocate), so that running out of space is reported now,
   // not in the middle of a write: ResourceExhausted when the disk is full.
   virtual Status Allocate(IoFileId file, uint64_t bytes) = 0;
+  // Sets the file's size (ftruncate) without reserving its blocks: a sparse file, whose
+  // unwritten parts read as zeros and take no space until written.
+  virtual Status Resize(IoFileId file, uint64_t bytes) = 0;
   // Durability of completed writes (fdatasync).
   virtual Status Sync(IoFileId file) = 0;
 

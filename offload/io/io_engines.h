@@ -61,6 +61,7 @@ class FaultInjectionIoEngine : public IoEngine {
   Status Close(IoFileId file) override { return inner_->Close(file); }
   StatusOr<uint64_t> FileSize(IoFileId file) override { return inner_->FileSize(file); }
   Status Allocate(IoFileId file, uint64_t bytes) override;
+  Status Resize(IoFileId file, uint64_t bytes) override { return inner_->Resize(file, bytes); }
   Status Sync(IoFileId file) override;
 
  protected:

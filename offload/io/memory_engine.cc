@@ -66,6 +66,13 @@ class MemoryEngine final : public IoEngine {
     return Status::Ok();
   }
 
+  Status Resize(IoFileId file, uint64_t bytes) override {
+    ECSS_RETURN_IF_ERROR(CheckFile(file));
+    std::lock_guard<std::mutex> lock(open_[file].file->mutex);
+    open_[file].file->bytes.resize(bytes, 0);
+    return Status::Ok();
+  }
+
   Status Sync(IoFileId file) override { return CheckFile(file); }
 
  protected:

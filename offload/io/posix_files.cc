@@ -75,6 +75,14 @@ Status PosixFiles::Allocate(IoFileId file, uint64_t bytes) {
   return Status::Ok();
 }
 
+Status PosixFiles::Resize(IoFileId file, uint64_t bytes) {
+  ECSS_RETURN_IF_ERROR(Check(file, "resize"));
+  if (::ftruncate(files_[file].fd, static_cast<off_t>(bytes)) != 0) {
+    return ErrnoError(errno, StrCat("cannot size '", files_[file].path, "' to ", bytes, " bytes"));
+  }
+  return Status::Ok();
+}
+
 Status PosixFiles::Sync(IoFileId file) {
   ECSS_RETURN_IF_ERROR(Check(file, "sync"));
   if (::fdatasync(files_[file].fd) != 0)

@@ -21,6 +21,7 @@ class PosixFiles {
   Status Close(IoFileId file);
   StatusOr<uint64_t> Size(IoFileId file) const;
   Status Allocate(IoFileId file, uint64_t bytes);
+  Status Resize(IoFileId file, uint64_t bytes);
   Status Sync(IoFileId file);
   Status Check(IoFileId file, std::string_view engine) const;
 
@@ -50,6 +51,7 @@ class FileBackedEngine : public IoEngine {
   Status Close(IoFileId file) override { return files_.Close(file); }
   StatusOr<uint64_t> FileSize(IoFileId file) override { return files_.Size(file); }
   Status Allocate(IoFileId file, uint64_t bytes) override { return files_.Allocate(file, bytes); }
+  Status Resize(IoFileId file, uint64_t bytes) override { return files_.Resize(file, bytes); }
   Status Sync(IoFileId file) override { return files_.Sync(file); }
 
  protected:

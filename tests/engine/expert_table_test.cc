@@ -4,6 +4,7 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <string>
@@ -101,9 +102,52 @@ TEST_F(ExpertTableTest, TheDelayedUpdateFetchesThePublishedCopy) {
   EXPECT_NE(0, std::memcmp(t.FetchSource(id), t.at(id).weights, bytes));
   t.Publish(id);
   EXPECT_EQ(0, std::memcmp(t.FetchSource(id), t.at(id).weights, bytes));
+  ASSERT_TRUE(t.TakeGradient(id, 1).ok());
   t.at(id).touched = true;
-  t.ClearTouched();
+  t.ClearTouched(1);
   EXPECT_FALSE(t.at(id).touched);
+  EXPECT_TRUE(t.at(id).released);
+}
+
+// Gradient accumulators are sized by the experts a step may activate (two steps' worth: one
+// step's updates overlap the next), not by the model: slots are taken at an expert's first
+// gradient, reused once released, and more than the limits allow is refused.
+TEST_F(ExpertTableTest, GradientAccumulatorsFollowTheStepsExpertsNotTheModels) {
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  SessionOptions o = OptionsFor(c);
+  o.limits.max_micro_batches = 1;
+  o.limits.max_active_experts_per_layer = 1;
+  auto made = Make(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  ExpertTable& t = **made;
+  EXPECT_EQ(plan_.gradient_slots, 4u) << "2 layers x 1 expert x 2 steps, of 14 experts";
+  ASSERT_NE(plan_.Find("gradient accumulators"), nullptr);
+  EXPECT_EQ(plan_.Find("gradient accumulators")->count, 4u);
+  const ExpertId taken[] = {{0, 0}, {0, 1}, {1, 0}, {1, 1}};
+  std::vector<void*> slots;
+  for (ExpertId id : taken) {
+    auto grad = t.TakeGradient(id, 1);
+    ASSERT_TRUE(grad.ok()) << grad.status();
+    EXPECT_EQ(*grad, t.at(id).grad);
+    EXPECT_EQ(std::count(slots.begin(), slots.end(), *grad), 0);
+    slots.push_back(*grad);
+  }
+  Status full = t.TakeGradient({1, 6}, 1).status();
+  EXPECT_EQ(full.code(), StatusCode::kResourceExhausted) << full;
+  EXPECT_NE(full.message().find("layer 1 expert 6"), std::string_view::npos) << full;
+  // Released in step 1 (no update reads them): step 2 reuses them; an expert that takes its
+  // gradient again gets its own slot back.
+  t.ReleaseGradient({0, 0}, 1);
+  t.ReleaseGradient({0, 1}, 1);
+  auto own = t.TakeGradient({0, 0}, 2);
+  ASSERT_TRUE(own.ok());
+  EXPECT_EQ(*own, slots[0]);
+  auto other = t.TakeGradient({1, 6}, 2);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_EQ(*other, slots[1]);
+  EXPECT_EQ(t.at({0, 1}).grad, nullptr);
+  EXPECT_EQ(t.TakeGradient({1, 5}, 2).status().code(), StatusCode::kResourceExhausted);
 }
 
 TEST_F(ExpertTableTest, AStoreLeftInTheDirectoryIsNotOverwritten) {

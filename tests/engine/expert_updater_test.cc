@@ -86,7 +86,9 @@ TEST_F(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
       std::vector<float> master(1024, 0.25f);
       std::vector<BFloat16> copy(1024);
       for (uint32_t id = 0; id < 5; ++id) {
-        ASSERT_TRUE((*updater)->Initialize(id, master.data(), copy.data()).ok());
+        ASSERT_TRUE(
+            (*store)->Write(ExpertState::kMaster, (*store)->index().Id(id), master.data()).ok());
+        ASSERT_TRUE((*updater)->Attach(id, copy.data()).ok());
       }
       ASSERT_EQ(engines.size(), 4u);  // master and moments, each a writing and a reading one
       FaultOptions faults;

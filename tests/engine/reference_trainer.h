@@ -127,6 +127,9 @@ struct RunConfig {
   std::function<StatusOr<std::unique_ptr<IoEngine>>()> io_engines;
   std::string profile;  // non-empty: the session's device profile (timed kernels' time)
   DType gradient_dtype = DType::kF32;
+  // Non-zero: limits.max_active_experts_per_layer, and max_micro_batches = micro_batches (the
+  // tightest limits: the fewest gradient accumulators and cache slots).
+  uint32_t max_active_experts = 0;
 };
 
 inline constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;
@@ -152,6 +155,10 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.budgets.device_bytes = c.device_budget ? c.device_budget : 8 << 20;
   o.limits.max_tokens_per_micro_batch = kBatch * kSeq;
   o.limits.max_micro_batches = 2;
+  if (c.max_active_experts > 0) {
+    o.limits.max_active_experts_per_layer = c.max_active_experts;
+    o.limits.max_micro_batches = static_cast<uint32_t>(c.micro_batches);
+  }
   o.optimizer.threads = c.optimizer_threads;
   o.optimizer.groups[0].lr = 0.05f;
   o.optimizer.groups[0].eps = c.eps;

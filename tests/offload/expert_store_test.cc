@@ -268,10 +268,9 @@ TEST_F(ExpertStoreTest, CorruptionOnDiskIsDataLossNamingLayerExpertAndState) {
   auto store = std::move(Make(true, options_)).value();
   std::vector<uint8_t> bytes = Pattern(*store, ExpertState::kMoments, 0, 1, 3);
   ASSERT_TRUE(store->Write(ExpertState::kMoments, {0, 1}, bytes.data()).ok());
-  // Expert 1's slots start after expert 0's two; the newest version is in its second slot
-  // (the zeros written at creation are in the first).
+  // Expert 1's slots start after expert 0's two; its first version is in its first slot.
   const uint64_t slot = 4096 + StateBlockBytes(8000);
-  const uint64_t at = (2 + 1) * slot + 4096 + 77;
+  const uint64_t at = 2 * slot + 4096 + 77;
   ASSERT_TRUE(FlipByte(root_ + "/a/ecss-store-moments-0.bin", at, 0x10));
   std::vector<uint8_t> got(bytes.size());
   Status read = store->Read(ExpertState::kMoments, {0, 1}, got.data());
@@ -309,14 +308,6 @@ TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataInta
     read_only.dirs = {root_ + "/ro"};
     EXPECT_EQ(Make(true, read_only).status().code(), StatusCode::kPermissionDenied);
   }
-  // A full disk: refused at creation, and nothing is left behind.
-  FaultOptions full;
-  full.enospc_after_bytes = 64 << 10;
-  SetFaults(full);
-  Status no_space = Make(true, empty).status();
-  SetFaults(FaultOptions{});
-  EXPECT_EQ(no_space.code(), StatusCode::kResourceExhausted) << no_space;
-  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/c"));
   // Another model, another format version, a damaged manifest.
   ExpertStoreOptions other = options_;
   other.layout.params_per_expert = 999;
@@ -327,7 +318,7 @@ TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataInta
   other.layout.weights_dtype = DType::kF32;
   EXPECT_TRUE(Contains(Make(false, other).status(), "weights_dtype bf16"));
   const std::string manifest = ManifestText();
-  RewriteManifest("format 2", "format 9");
+  RewriteManifest("format 3", "format 9");
   Status format = Make(false, options_).status();
   EXPECT_EQ(format.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(format, "format version 9")) << format;
@@ -543,15 +534,15 @@ TEST_F(ExpertStoreTest, LayersMayHaveDifferentExpertCounts) {
       << refused;
 }
 
-// Stores of format 1 and the state files sessions kept before the store are refused, naming
-// their version; nothing is written over them.
+// Stores of format 2 (zeros written at creation) and the state files sessions kept before the store
+// are refused, naming their version; nothing is written over them.
 TEST_F(ExpertStoreTest, EarlierFormatsAreRefusedNamingTheirVersion) {
   { ASSERT_TRUE(Make(true, options_).ok()); }
-  RewriteManifest("format 2", "format 1");
+  RewriteManifest("format 3", "format 2");
   const std::string before = ManifestText();
   Status old_store = Make(false, options_).status();
   EXPECT_EQ(old_store.code(), StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(Contains(old_store, "has format version 1; this build reads version 2")) << old_store;
+  EXPECT_TRUE(Contains(old_store, "has format version 2; this build reads version 3")) << old_store;
   EXPECT_EQ(ManifestText(), before);
   // A directory with the session's older state files (ecss-states-<i>.bin) and no store.
   std::filesystem::create_directories(root_ + "/legacy");
@@ -708,6 +699,143 @@ TEST_F(ExpertStoreTest, MemoryStatesThatAreNotDurableStartAtZeroAndHaveNoFile) {
   Status refused = Make(false, weights_on_nvme).status();
   EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
   EXPECT_TRUE(Contains(refused, "weights state in pinned memory only")) << refused;
+}
+
+// Before its first write, each state of each expert reads as `initial` says, on every tier:
+// memory states start from it, nvme states read it until a write materialises them; an
+// update cut short after its first state reads as the initial version of all of them.
+TEST_F(ExpertStoreTest, UnwrittenExpertsReadAsTheirInitialValueUntilWritten) {
+  // The fixture's layout: 1000 parameters, bf16 weights, two moment arrays.
+  auto initial = [](ExpertState state, ExpertId id) {
+    const size_t bytes = state == ExpertState::kWeights   ? 2000
+                         : state == ExpertState::kMoments ? 8000
+                                                          : 4000;
+    std::vector<uint8_t> v(bytes);
+    for (size_t i = 0; i < bytes; ++i) {
+      v[i] = static_cast<uint8_t>(i * 3 + static_cast<int>(state) * 17 + id.layer * 29 +
+                                  id.expert * 11 + 1);
+    }
+    return v;
+  };
+  std::atomic<int> calls{0};
+  options_.initial = [&](ExpertState state, ExpertId id, void* dst) {
+    ++calls;
+    const std::vector<uint8_t> v = initial(state, id);
+    std::memcpy(dst, v.data(), v.size());
+  };
+  options_.placement = {Tier::kDevice, Tier::kNvme, Tier::kNvme, Tier::kHost};
+  auto store = std::move(Make(true, options_)).value();
+  EXPECT_EQ(calls.load(), 12) << "the memory states (weights, gradient) of 6 experts at Create";
+  for (const auto& entry : std::filesystem::directory_iterator(root_ + "/a")) {
+    struct stat st {};
+    ASSERT_EQ(::stat(entry.path().c_str(), &st), 0);
+    if (entry.path().extension() == ".bin") {
+      EXPECT_EQ(st.st_blocks, 0) << entry.path() << " holds nothing yet";
+    }
+  }
+  for (ExpertState state : kAll) {
+    for (uint32_t e = 0; e < 3; ++e) {
+      std::vector<uint8_t> got(store->StateBytes(state));
+      ASSERT_TRUE(store->Read(state, {1, e}, got.data()).ok());
+      EXPECT_EQ(got, initial(state, {1, e})) << ExpertStateName(state) << " expert " << e;
+    }
+  }
+  // The first write materialises one state of one expert; the others stay initial.
+  std::vector<uint8_t> written = Pattern(*store, ExpertState::kMaster, 1, 2, 1);
+  ASSERT_TRUE(store->Write(ExpertState::kMaster, {1, 2}, written.data(), 1).ok());
+  std::vector<uint8_t> got(store->StateBytes(ExpertState::kMaster));
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 2}, got.data()).ok());
+  EXPECT_EQ(got, written);
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 1}, got.data()).ok());
+  EXPECT_EQ(got, initial(ExpertState::kMaster, {1, 1}));
+  // The master a version ahead of the unwritten moments (an update cut short): both are read
+  // as the initial version.
+  auto block = [](uint64_t bytes) {
+    return std::unique_ptr<void, decltype(&std::free)>(std::aligned_alloc(4096, bytes), &std::free);
+  };
+  auto master = block(store->BlockBytes(ExpertState::kMaster));
+  auto moments = block(store->BlockBytes(ExpertState::kMoments));
+  void* blocks[2] = {master.get(), moments.get()};
+  uint64_t version = 9;
+  ASSERT_TRUE(
+      store->ReadStates({1, 2}, {ExpertState::kMaster, ExpertState::kMoments}, blocks, &version)
+          .ok());
+  EXPECT_EQ(version, 0u);
+  EXPECT_EQ(std::memcmp(master.get(), initial(ExpertState::kMaster, {1, 2}).data(), 4000), 0);
+  EXPECT_EQ(std::memcmp(moments.get(), initial(ExpertState::kMoments, {1, 2}).data(), 8000), 0);
+  // Closed and reopened: written and unwritten experts read as before.
+  ASSERT_TRUE(store->Close().ok());
+  store = std::move(Make(false, options_)).value();
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 2}, got.data()).ok());
+  EXPECT_EQ(got, written);
+  ASSERT_TRUE(store->Read(ExpertState::kMaster, {0, 0}, got.data()).ok());
+  EXPECT_EQ(got, initial(ExpertState::kMaster, {0, 0}));
+}
+
+// No space is reserved up front: a full disk fails the write that needs the space, naming the
+// layer, expert and state, and the version before it (initial or written) stays readable.
+TEST_F(ExpertStoreTest, AFullDiskFailsTheWriteThatNeedsTheSpaceAndKeepsThePreviousVersion) {
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  auto store = std::move(Make(true, options_)).value();
+  std::vector<uint8_t> v1 = Pattern(*store, ExpertState::kMoments, 0, 1, 1);
+  std::vector<uint8_t> v2 = Pattern(*store, ExpertState::kMoments, 0, 1, 2);
+  std::vector<uint8_t> got(v1.size()), zeros(v1.size(), 0);
+  FaultOptions full;
+  full.enospc_after_bytes = 0;
+  SetFaults(full);
+  Status first = store->Write(ExpertState::kMoments, {0, 1}, v1.data(), 1);
+  SetFaults(FaultOptions{});
+  EXPECT_EQ(first.code(), StatusCode::kResourceExhausted) << first;
+  EXPECT_TRUE(Contains(first, "layer 0 expert 1 moments")) << first;
+  ASSERT_TRUE(store->Read(ExpertState::kMoments, {0, 1}, got.data()).ok());
+  EXPECT_EQ(got, zeros) << "still unwritten: its initial value";
+  ASSERT_TRUE(store->Write(ExpertState::kMoments, {0, 1}, v1.data(), 1).ok());
+  SetFaults(full);
+  EXPECT_EQ(store->Write(ExpertState::kMoments, {0, 1}, v2.data(), 2).code(),
+            StatusCode::kResourceExhausted);
+  SetFaults(FaultOptions{});
+  ASSERT_TRUE(store->Read(ExpertState::kMoments, {0, 1}, got.data()).ok());
+  EXPECT_EQ(got, v1);
+}
+
+// A store of about a trillion parameters (131,072 experts of 8 Mi parameters, every state on
+// NVMe) is created without writing its states: its files are split under the file size limit
+// and take no space until experts are written.
+TEST_F(ExpertStoreTest, ATrillionParameterStoreIsCreatedWithoutWritingItsStates) {
+  ExpertStoreOptions big;
+  big.layout = {std::vector<uint32_t>(64, 2048), uint64_t{8} << 20, DType::kBF16, 2};
+  big.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  big.dirs = {root_ + "/a"};
+  big.lock_pinned_pages = false;
+  uint64_t params = 0;
+  for (uint32_t n : big.layout.experts_per_layer)
+    params += uint64_t{n} * big.layout.params_per_expert;
+  ASSERT_GE(params, uint64_t{1} << 40);
+  auto store = ExpertStore::Create(*sim_, big);
+  ASSERT_TRUE(store.ok()) << store.status();
+  uint64_t size = 0, allocated = 0, files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(root_ + "/a")) {
+    struct stat st {};
+    ASSERT_EQ(::stat(entry.path().c_str(), &st), 0);
+    EXPECT_LT(static_cast<uint64_t>(st.st_size), uint64_t{16} << 40) << entry.path();
+    size += st.st_size;
+    allocated += uint64_t{512} * st.st_blocks;
+    ++files;
+  }
+  EXPECT_GT(files, 3u) << "split at 1 TiB per file";
+  EXPECT_GE(size, ExpertStore::DiskBytes(big));
+  EXPECT_LT(allocated, uint64_t{4} << 20) << "a few MiB at most: the manifest";
+  // An expert far into the files reads as zeros, and is written where its slot is.
+  const ExpertId last{63, 2047};
+  std::vector<uint8_t> weights((*store)->StateBytes(ExpertState::kWeights));
+  ASSERT_TRUE((*store)->Read(ExpertState::kWeights, last, weights.data()).ok());
+  EXPECT_TRUE(std::all_of(weights.begin(), weights.end(), [](uint8_t b) { return b == 0; }));
+  std::fill(weights.begin(), weights.end(), uint8_t{7});
+  ASSERT_TRUE((*store)->Write(ExpertState::kWeights, last, weights.data(), 1).ok());
+  std::vector<uint8_t> got(weights.size());
+  ASSERT_TRUE((*store)->Read(ExpertState::kWeights, last, got.data()).ok());
+  EXPECT_EQ(got, weights);
+  ASSERT_TRUE((*store)->Close().ok());
 }
 
 }  // namespace

@@ -263,10 +263,9 @@ TEST_F(StagedPrefetcherTest, BlocksStagedAheadYieldToAnEarlierMiss) {
 }
 
 TEST_F(StagedPrefetcherTest, ABadBlockOnNvmeIsAnErrorNeverStaged) {
-  // Flip a byte of expert 3's newest weights (its second shadow slot: the zeros of creation
-  // are in the first).
+  // Flip a byte of expert 3's weights (written once: its first shadow slot).
   const uint64_t slot = 4096 + kExpertBytes;
-  const uint64_t at = (3 * 2 + 1) * slot + 4096 + 5;
+  const uint64_t at = 3 * 2 * slot + 4096 + 5;
   ASSERT_TRUE(FlipByte(root_ + "/ecss-store-weights-0.bin", at, 1));
   prefetcher_->BeginStep(Keys({2, 3, 4}));
   ASSERT_TRUE(prefetcher_->Advance().ok());

@@ -96,9 +96,11 @@ TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   EXPECT_EQ(loaded.code(), StatusCode::kDataLoss);
   EXPECT_NE(loaded.message().find("expert 2"), std::string_view::npos) << loaded;
   EXPECT_NE(loaded.message().find("master checksum mismatch"), std::string_view::npos) << loaded;
-  // A slot never stored has no header; a wrong element count is refused.
-  EXPECT_NE(file->Load(4, got.raw, 3000, &count).message().find("no state header"),
-            std::string_view::npos);
+  // A slot never stored is unwritten (the caller knows its initial value); a wrong element
+  // count is refused.
+  Status unwritten = file->Load(4, got.raw, 3000, &count);
+  EXPECT_EQ(unwritten.code(), StatusCode::kNotFound) << unwritten;
+  EXPECT_NE(unwritten.message().find("unwritten"), std::string_view::npos) << unwritten;
   ASSERT_TRUE(file->Store(2, arrays.raw, 3000, 1).ok());
   EXPECT_EQ(file->Load(2, got.raw, 2999, &count).code(), StatusCode::kDataLoss);
   EXPECT_EQ(file->Load(7, got.raw, 3000, &count).code(), StatusCode::kInvalidArgument);
@@ -130,13 +132,28 @@ TEST_F(StateFileTest, BadDirectoriesAndFullDisksAreClearErrors) {
   Status not_found = ExpertStateFile::Create(engine_.get(), missing).status();
   EXPECT_EQ(not_found.code(), StatusCode::kNotFound);
   EXPECT_NE(not_found.message().find("does-not-exist"), std::string_view::npos) << not_found;
+  // A full disk is the failed store's error; the version before it stays readable (the
+  // first time: unwritten).
+  options_.shadow = true;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v1(3000, 1.0f), v2(3000, 2.0f), got(3000, 0.0f);
   FaultOptions full;
   full.enospc_after_bytes = 4096;
   engine_->set_options(full);
-  Status no_space = ExpertStateFile::Create(engine_.get(), options_).status();
+  Status no_space = file->Store(2, v1.raw, 3000, 1);
   EXPECT_EQ(no_space.code(), StatusCode::kResourceExhausted) << no_space;
+  EXPECT_NE(no_space.message().find("expert 2"), std::string_view::npos) << no_space;
   engine_->set_options(FaultOptions{});
-  ASSERT_TRUE(ExpertStateFile::Create(engine_.get(), options_).ok());
+  uint64_t count = 0;
+  EXPECT_EQ(file->Load(2, got.raw, 3000, &count).code(), StatusCode::kNotFound);
+  ASSERT_TRUE(file->Store(2, v1.raw, 3000, 1).ok());
+  engine_->set_options(full);
+  EXPECT_EQ(file->Store(2, v2.raw, 3000, 2).code(), StatusCode::kResourceExhausted);
+  engine_->set_options(FaultOptions{});
+  ASSERT_TRUE(file->Load(2, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 1u);
+  EXPECT_EQ(std::memcmp(got.data[0], v1.data[0], 12000), 0);
+  file.reset();
   StateFileOptions bigger = options_;
   bigger.experts = 50;
   EXPECT_EQ(ExpertStateFile::Open(engine_.get(), bigger).status().code(),
@@ -181,6 +198,77 @@ TEST_F(StateFileTest, ShadowSlotsKeepThePreviousVersionThroughFailedStores) {
   ASSERT_TRUE(file->Load(3, got.raw, 4000, &count).ok());
   EXPECT_EQ(count, 4u);
   EXPECT_EQ(std::memcmp(got.data[2], v1.data[2], 8000), 0);
+}
+
+// Create writes nothing but the files' sizes: any model takes constant time and no space up
+// front; the files are split at max_file_bytes, each holding whole slots.
+TEST_F(StateFileTest, FilesAreSparseAndSplitAtTheirMaximumSize) {
+  options_.shadow = true;
+  options_.experts = 9;  // directory a: experts 0 2 4 6 8; b: 1 3 5 7
+  const uint64_t pair = 2 * (4096 + 3 * StateArrayBytes(5000));  // one expert's two slots
+  options_.max_file_bytes = 2 * pair + 1;                        // two experts per file
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  const std::vector<std::string> paths = ExpertStateFile::Paths(options_);
+  ASSERT_EQ(paths.size(), 5u);  // a: 2 + 2 + 1 experts, b: 2 + 2
+  EXPECT_EQ(paths[0], root_ + "/a/ecss-states-0.bin");
+  EXPECT_EQ(paths[2], root_ + "/a/ecss-states-0-part2.bin");
+  EXPECT_EQ(paths[4], root_ + "/b/ecss-states-1-part1.bin");
+  uint64_t bytes = 0, blocks = 0;
+  for (const std::string& path : paths) {
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0) << path;
+    EXPECT_LE(static_cast<uint64_t>(st.st_size), options_.max_file_bytes) << path;
+    bytes += st.st_size;
+    blocks += st.st_blocks;
+  }
+  EXPECT_EQ(bytes, ExpertStateFile::DiskBytes(options_));
+  EXPECT_EQ(blocks, 0u) << "nothing written yet";
+  // Every expert round-trips through its file, and the split holds at Open.
+  for (uint32_t e = 0; e < 9; ++e) {
+    Arrays v(5000, static_cast<float>(e));
+    ASSERT_TRUE(file->Store(e, v.raw, 5000, e + 1).ok()) << e;
+  }
+  file.reset();
+  auto reopened = *ExpertStateFile::Open(engine_.get(), options_);
+  for (uint32_t e = 0; e < 9; ++e) {
+    Arrays want(5000, static_cast<float>(e)), got(5000, 0.0f);
+    uint64_t count = 0;
+    ASSERT_TRUE(reopened->Load(e, got.raw, 5000, &count).ok()) << e;
+    EXPECT_EQ(count, e + 1);
+    for (int a = 0; a < 3; ++a) ASSERT_EQ(std::memcmp(got.data[a], want.data[a], 20000), 0);
+  }
+  // Opened with another split, the files do not match.
+  StateFileOptions other = options_;
+  other.max_file_bytes = 0;
+  EXPECT_FALSE(ExpertStateFile::Open(engine_.get(), other).ok());
+}
+
+// Shadow copies of an expert never stored read as unwritten (NotFound), and so does one whose
+// first store was cut short (the other copy is still unwritten); a second version is kept.
+TEST_F(StateFileTest, AnUnwrittenExpertIsNotFoundUntilAStoreCompletes) {
+  options_.shadow = true;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v1(3000, 1.0f), v2(3000, 2.0f), got(3000, 0.0f);
+  uint64_t count = 0;
+  EXPECT_EQ(file->Load(1, got.raw, 3000, &count).code(), StatusCode::kNotFound);
+  FaultOptions faults;
+  // The two headers are read, then the third array's write is torn: no header is written.
+  faults.fail_nth = engine_->counters().requests + 5;
+  faults.torn_writes = true;
+  engine_->set_options(faults);
+  EXPECT_FALSE(file->Store(1, v1.raw, 3000, 1).ok());
+  engine_->set_options(FaultOptions{});
+  Status torn = file->Load(1, got.raw, 3000, &count);
+  EXPECT_EQ(torn.code(), StatusCode::kNotFound) << torn;
+  ASSERT_TRUE(file->Store(1, v1.raw, 3000, 1).ok());
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 1u);
+  const uint64_t zero = 0;
+  EXPECT_EQ(file->Load(1, got.raw, 3000, &count, &zero).code(), StatusCode::kNotFound)
+      << "version 0 is the initial one: still there beside version 1";
+  ASSERT_TRUE(file->Store(1, v2.raw, 3000, 2).ok());
+  EXPECT_EQ(file->Load(1, got.raw, 3000, &count, &zero).code(), StatusCode::kDataLoss)
+      << "two versions stored: the initial one is gone";
 }
 
 }  // namespace
