@@ -1,5 +1,6 @@
 #include "engine/expert_table.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -13,7 +14,6 @@ ExpertTable::ExpertTable(Backend& backend, const SessionOptions& options, const 
       options_(options),
       params_(memory.params),
       expert_bytes_(memory.expert_bytes),
-      moment_arrays_(StoreOptionsFor(options, memory.params).layout.moments),
       index_(options.ExpertsPerLayer()) {}
 
 ExpertTable::~ExpertTable() {
@@ -29,7 +29,7 @@ StatusOr<std::unique_ptr<ExpertTable>> ExpertTable::Create(Backend& backend,
 }
 
 // As the memory plan sizes it: the expert store (with its own pinned and host pools), the
-// session's pinned pool, the updater and every expert's gradient.
+// session's pinned pool, the updater and the gradient accumulators.
 Status ExpertTable::CreateAll(const MemoryPlan& memory) {
   const uint64_t store_pinned = memory.StoreTotal(MemoryTier::kPinned);
   ECSS_RETURN_IF_ERROR(CreateStore(store_pinned));
@@ -50,6 +50,9 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
                           NvmeUpdater::Create(nvme, pinned_.get()));
     ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get(), memory.gradient_slots));
+    if (options_.placement.write_initial_states && !options_.placement.resume) {
+      ECSS_RETURN_IF_ERROR(WriteInitialStates());
+    }
     updater_ = std::move(streaming);
     return Status::Ok();
   }
@@ -64,7 +67,13 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
 // budget.
 Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   ExpertStoreOptions o = StoreOptionsFor(options_, params_);
-  o.initial = [this](ExpertState state, ExpertId id, void* dst) { Initial(state, id, dst); };
+  o.initial = [this](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
+    Initial(state, id, dst, bytes);
+  };
+  const ModelSpec& m = options_.model;
+  o.initial_id = StrCat("uniform per expert from a counter rng, seed ", m.seed, ", scale ",
+                        m.init_scale > 0 ? StrCat(m.init_scale) : std::string("1/sqrt(fan-in)"),
+                        ", ", DTypeName(m.dtype), " weights, zero moments");
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
   auto made =
@@ -92,10 +101,10 @@ void ExpertTable::DrawMaster(ExpertId id, float* master) const {
   }
 }
 
-// What the store holds for `id` before its first write: the drawn master weights, the
-// compute weights their copy in the model's dtype (so every placement starts alike), zero
-// moments. Thread-safe (the store calls it from its readers' threads).
-void ExpertTable::Initial(ExpertState state, ExpertId id, void* dst) const {
+// What the store holds for `id` before its first write (`bytes` of it): the drawn master
+// weights, the compute weights their copy in the model's dtype (so every placement starts
+// alike), zero moments. Thread-safe (the store calls it from its readers' threads).
+void ExpertTable::Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const {
   switch (state) {
     case ExpertState::kMaster:
       DrawMaster(id, static_cast<float*>(dst));
@@ -104,16 +113,15 @@ void ExpertTable::Initial(ExpertState state, ExpertId id, void* dst) const {
       if (options_.model.dtype == DType::kF32) {
         DrawMaster(id, static_cast<float*>(dst));
       } else {
-        std::vector<float> master(params_);
+        thread_local std::vector<float> master;  // the readers' threads are few and long-lived
+        master.resize(params_);
         DrawMaster(id, master.data());
         ConvertF32ToBf16(master.data(), static_cast<BFloat16*>(dst), params_);
       }
       return;
     case ExpertState::kMoments:
-      std::memset(dst, 0, params_ * 4 * moment_arrays_);
-      return;
-    case ExpertState::kGradient:  // the store keeps none (StoreOptionsFor)
-      std::memset(dst, 0, params_ * 4);
+    case ExpertState::kGradient:
+      std::memset(dst, 0, bytes);
       return;
   }
 }
@@ -125,13 +133,10 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
   const ModelSpec& m = options_.model;
   const uint32_t moment_arrays = store_->layout().moments;
   const bool weights_on_nvme = options_.placement.weights_on_nvme();
-  for (uint32_t i = 0; i < gradient_slots; ++i) {
-    ECSS_ASSIGN_OR_RETURN(
-        Buffer slot,
-        pinned_->Allocate(params_ * DTypeSize(options_.gradient_dtype), MemoryTag::kGradients));
-    free_gradients_.push_back(slot.data());
-    gradient_slots_.push_back(std::move(slot));
-  }
+  ECSS_ASSIGN_OR_RETURN(
+      gradients_,
+      GradientPool::Create(*pinned_, gradient_slots, params_ * DTypeSize(options_.gradient_dtype),
+                           index_.size()));
   entries_.resize(m.layers);
   for (uint32_t l = 0; l < m.layers; ++l) {
     entries_[l].resize(index_.experts_in_layer(l));
@@ -143,13 +148,16 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
         ECSS_ASSIGN_OR_RETURN(x.weights, store_->Resident(ExpertState::kWeights, id));
       }
       auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
+      if (nvme != nullptr && !options_.placement.resume) {
+        ECSS_RETURN_IF_ERROR(nvme->Attach(x.id, compute_copy));
+        continue;
+      }
       if (nvme != nullptr) {
-        Status attached = options_.placement.resume ? nvme->Resume(x.id, compute_copy)
-                                                    : nvme->Attach(x.id, compute_copy);
-        if (!attached.ok()) {
-          return attached.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
-                                          options_.placement.nvme_dirs[0],
-                                          " (files of another model?)"));
+        Status resumed = nvme->Resume(x.id, compute_copy);
+        if (!resumed.ok()) {
+          return resumed.Annotate(StrCat("resuming expert (", l, ", ", e, ") from ",
+                                         options_.placement.nvme_dirs[0],
+                                         " (files of another model?)"));
         }
         continue;
       }
@@ -181,6 +189,25 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
   return Status::Ok();
 }
 
+// placement.write_initial_states: every expert's NVMe states, as they read unwritten, written
+// as version 0.
+Status ExpertTable::WriteInitialStates() {
+  std::vector<ExpertState> states;
+  for (ExpertState state : {ExpertState::kWeights, ExpertState::kMaster, ExpertState::kMoments}) {
+    if (store_->placement(state) == Tier::kNvme) states.push_back(state);
+  }
+  uint64_t largest = 0;
+  for (ExpertState state : states) largest = std::max(largest, store_->StateBytes(state));
+  std::vector<char> block(largest);
+  for (uint32_t flat = 0; flat < index_.size(); ++flat) {
+    for (ExpertState state : states) {
+      ECSS_RETURN_IF_ERROR(store_->Read(state, index_.Id(flat), block.data()));
+      ECSS_RETURN_IF_ERROR(store_->Write(state, index_.Id(flat), block.data(), 0));
+    }
+  }
+  return Status::Ok();
+}
+
 uint32_t ExpertTable::experts_in_layer(uint32_t layer) const {
   return layer < entries_.size() ? static_cast<uint32_t>(entries_[layer].size()) : 0;
 }
@@ -205,65 +232,12 @@ void ExpertTable::ClearTouched(uint64_t step) {
   }
 }
 
-void ExpertTable::ReleaseGradient(ExpertId id, uint64_t step) {
-  Entry& x = at(id);
-  x.released = true;
-  x.released_at = step;
-  released_.emplace_back(id, step);
-  if (released_.size() > 2 * gradient_slots_.size()) {  // drop the stale entries
-    std::erase_if(released_, [this](const std::pair<ExpertId, uint64_t>& entry) {
-      const Entry& r = at(entry.first);
-      return !(r.grad != nullptr && r.released && r.released_at == entry.second);
-    });
-  }
-}
-
 StatusOr<void*> ExpertTable::TakeGradient(ExpertId id, uint64_t step) {
-  Entry& x = at(id);
-  if (x.grad != nullptr) {  // its own, from an earlier step: once its update is done with it
-    if (x.released) ECSS_RETURN_IF_ERROR(updater_->Wait(x.id));
-    x.released = false;
-    return x.grad;
+  StatusOr<void*> slot = gradients_->Take(at(id).id, step, *updater_);
+  if (!slot.ok()) {
+    return slot.status().Annotate(StrCat("gradient of layer ", id.layer, " expert ", id.expert));
   }
-  // Whether `entry` of released_ still names a slot to give back.
-  auto live = [this](const std::pair<ExpertId, uint64_t>& entry) {
-    const Entry& r = at(entry.first);
-    return r.grad != nullptr && r.released && r.released_at == entry.second;
-  };
-  auto give_back = [this](Entry& r) {
-    free_gradients_.push_back(r.grad);
-    r.grad = nullptr;
-    r.released = false;
-  };
-  if (free_gradients_.empty()) {  // the slots whose updates finished
-    std::deque<std::pair<ExpertId, uint64_t>> still;
-    for (const auto& entry : released_) {
-      if (!live(entry)) continue;
-      Entry& r = at(entry.first);
-      if (updater_->Pending(r.id)) {
-        still.push_back(entry);
-      } else {
-        give_back(r);
-      }
-    }
-    released_.swap(still);
-  }
-  if (free_gradients_.empty()) {  // the oldest release of an earlier step: its update runs
-    if (released_.empty() || released_.front().second >= step) {
-      return ResourceExhaustedError(
-          StrCat("no gradient accumulator free for layer ", id.layer, " expert ", id.expert,
-                 ": all ", gradient_slots_.size(), " are held by step ", step,
-                 "'s experts and those it holds back (more than the session's limits allow)"));
-    }
-    Entry& r = at(released_.front().first);
-    released_.pop_front();
-    ECSS_RETURN_IF_ERROR(updater_->Wait(r.id));
-    give_back(r);
-  }
-  x.grad = free_gradients_.back();
-  free_gradients_.pop_back();
-  x.released = false;
-  return x.grad;
+  return slot;
 }
 
 uint64_t ExpertTable::nvme_bytes() const {

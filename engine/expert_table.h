@@ -15,12 +15,11 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
 #include <memory>
-#include <utility>
 #include <vector>
 
 #include "engine/expert_updater.h"
+#include "engine/gradient_pool.h"
 #include "engine/memory_plan.h"
 #include "engine/session_options.h"
 #include "offload/expert_index.h"
@@ -37,12 +36,7 @@ class ExpertTable {
     uint32_t id = 0;          // the updater's id (the index's flat id)
     void* weights = nullptr;  // the store's pinned compute weights (null: they live on NVMe)
     Buffer front;             // delayed update: what the device copies (weights as last published)
-    // Its gradient accumulator (SessionOptions::gradient_dtype) while it holds one: from
-    // TakeGradient until its slot is reused after ReleaseGradient.
-    void* grad = nullptr;
-    bool touched = false;      // has a gradient in the current step
-    bool released = false;     // its step is done with grad (only the update may read it)
-    uint64_t released_at = 0;  // the step that released it
+    bool touched = false;     // has a gradient in the current step
   };
 
   // `options.optimizer` goes to the updater as it is (the caller sets its trace and
@@ -67,15 +61,13 @@ class ExpertTable {
   void Publish(ExpertId id);
   // Drops every expert's gradient of the current step `step` (a step that failed).
   void ClearTouched(uint64_t step);
-  // Expert `id`'s gradient accumulator for step `step` (steps count up): the one it still
-  // holds, else a free slot; when none is free, the slots of experts whose updates finished
-  // are reclaimed, waiting for the update of the one released first in an earlier step if
-  // need be. ResourceExhausted when every slot is in use by this step's experts and those it
-  // holds back (more than the memory plan's limits allow).
+  // Expert `id`'s gradient accumulator (SessionOptions::gradient_dtype) for step `step`, and
+  // its release when the step is done with it (GradientPool::Take and Release); GradientOf
+  // is null while it holds none.
   StatusOr<void*> TakeGradient(ExpertId id, uint64_t step);
-  // Step `step` is done with `id`'s gradient (submitted to the updater, or dropped): its slot
-  // is free again once no update reads it.
-  void ReleaseGradient(ExpertId id, uint64_t step);
+  void ReleaseGradient(ExpertId id, uint64_t step) { gradients_->Release(at(id).id, step); }
+  void* GradientOf(ExpertId id) const { return gradients_->Of(at(id).id); }
+  const GradientPool& gradients() const { return *gradients_; }
 
   ExpertUpdater& updater() { return *updater_; }
   const ExpertUpdater& updater() const { return *updater_; }
@@ -85,6 +77,8 @@ class ExpertTable {
   // NVMe bytes the updates (states read and written, weights written) and the stager moved
   // since creation; not the initial writes, nor Master's reads.
   uint64_t nvme_bytes() const;
+  // The bytes the store's NVMe files read and wrote, as the I/O engines moved them.
+  ExpertStore::IoBytes nvme_io() const { return store_->io_bytes(); }
   // After the updater's Synchronize: the expert's fp32 master weights.
   StatusOr<std::vector<float>> Master(ExpertId id) { return updater_->Master(at(id).id); }
   // The peaks of the pinned pools (the session's and the store's) and of the store's host
@@ -99,13 +93,13 @@ class ExpertTable {
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots);
   void DrawMaster(ExpertId id, float* master) const;
-  void Initial(ExpertState state, ExpertId id, void* dst) const;
+  void Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const;
+  Status WriteInitialStates();
 
   Backend& backend_;
   const SessionOptions options_;
-  const uint64_t params_;         // per expert
-  const uint64_t expert_bytes_;   // compute weights of one expert
-  const uint32_t moment_arrays_;  // the store's moments state, in arrays of params_
+  const uint64_t params_;        // per expert
+  const uint64_t expert_bytes_;  // compute weights of one expert
   ExpertIndex index_;
   // Declared before what uses them: the updater reads and writes the store, the stager reads
   // it; the entries' buffers and the updater's staging are carved from the pinned pool; the
@@ -114,11 +108,7 @@ class ExpertTable {
   std::unique_ptr<WeightStager> stager_;
   std::unique_ptr<PinnedHostPool> pinned_;
   std::vector<std::vector<Entry>> entries_;  // [layer][expert]
-  std::vector<Buffer> gradient_slots_;       // the plan's gradient_slots accumulators
-  std::vector<void*> free_gradients_;        // slots no expert holds
-  // Released gradients, oldest first, with the step that released them (an entry is stale
-  // when its expert took its slot again since).
-  std::deque<std::pair<ExpertId, uint64_t>> released_;
+  std::unique_ptr<GradientPool> gradients_;  // the plan's gradient_slots accumulators
   std::unique_ptr<ExpertUpdater> updater_;
 };
 

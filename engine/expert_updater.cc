@@ -26,7 +26,7 @@ StatusOr<std::unique_ptr<HostUpdater>> HostUpdater::Create(const CpuOptimizerOpt
 StatusOr<uint32_t> HostUpdater::Register(const ExpertArrays& arrays) {
   ECSS_ASSIGN_OR_RETURN(uint32_t id, optimizer_->RegisterExpert(arrays));
   if (id != entries_.size()) return InternalError("HostUpdater: ids out of order");
-  entries_.push_back({arrays, 0, 0});
+  entries_.push_back({arrays, 0});
   return id;
 }
 
@@ -34,7 +34,6 @@ Status HostUpdater::BeginStep(float loss_scale) { return optimizer_->BeginStep(l
 
 Status HostUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
   Entry& entry = entries_[id];
-  entry.expected_version = optimizer_->version(id) + 1;
   ECSS_RETURN_IF_ERROR(optimizer_->SubmitGradient(id, grad, dtype));
   entry.submitted_step = optimizer_->current_step();
   return Status::Ok();
@@ -42,10 +41,11 @@ Status HostUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
 
 StatusOr<StepReport> HostUpdater::FinishStep() { return optimizer_->FinishStep(); }
 
-// A skipped update never raises the version; Wait then returns at once, so the fence holds.
+// An update that was skipped, failed or aborted has been processed too: nothing of it still
+// reads the gradient or rewrites the weights.
 bool HostUpdater::Pending(uint32_t id) const {
   const Entry& entry = entries_[id];
-  return entry.submitted_step > 0 && optimizer_->version(id) < entry.expected_version;
+  return entry.submitted_step > 0 && optimizer_->processed_step(id) < entry.submitted_step;
 }
 
 Status HostUpdater::Wait(uint32_t id) {
@@ -300,21 +300,25 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id, scratch, &master));
   // The weights follow from the master. In memory they start at the initial ones; on NVMe a
   // crash between an update's stores may leave them at another version than the master's.
-  // An expert never updated, with its weights as of that version, costs no write: resuming a
-  // store whose experts are mostly unwritten stays cheap.
-  uint64_t weights_version = 0;
+  // Weights as of the master's version cost no write: resuming a store whose experts are
+  // mostly unwritten stays cheap. Weights that do not read back (damaged) are derived data:
+  // they are rewritten from the master.
+  bool current = updates == 0;
   if (s.weights_in_store()) {
-    ECSS_RETURN_IF_ERROR(s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), scratch.data(),
-                                                    &weights_version));
+    uint64_t weights_version = 0;
+    Status read = s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), scratch.data(),
+                                             &weights_version);
+    if (!read.ok()) ECSS_LOG(Warning) << "rewriting weights from the master: " << read;
+    current = read.ok() && weights_version == updates;
   }
-  if (s.weights_in_store() ? weights_version == updates : updates == 0) return Status::Ok();
+  if (current) return Status::Ok();
   return WriteWeights(id, master.data(), updates);
 }
 
+// Nothing may update `id` meanwhile (Master synchronises first; Resume runs before any step).
 StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id, Buffer& scratch,
                                            std::vector<float>* master) {
   Impl& s = *impl_;
-  ECSS_RETURN_IF_ERROR(Synchronize());
   // Loaded as the pipeline loads it: the master as of the version the moments have too.
   StateSlot slot;
   slot.master = scratch.as<float>();
@@ -481,6 +485,7 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 }
 
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
+  ECSS_RETURN_IF_ERROR(Synchronize());
   ECSS_ASSIGN_OR_RETURN(
       Buffer scratch, impl_->staging->Allocate(ScratchBytes(impl_->options), MemoryTag::kStaging));
   std::vector<float> master;

@@ -94,7 +94,6 @@ class HostUpdater final : public ExpertUpdater {
   struct Entry {
     ExpertArrays arrays;
     uint64_t submitted_step = 0;
-    uint64_t expected_version = 0;
   };
   std::vector<Entry> entries_;
 };
@@ -137,8 +136,9 @@ class NvmeUpdater final : public ExpertUpdater {
   // before its first update); before any step. `compute_copy` (which holds the initial bf16
   // weights) receives the bf16 copy of each update (null: the store has it).
   Status Attach(uint32_t id, BFloat16* compute_copy);
-  // An opened store: reads expert `id`'s master weights and writes their bf16 copy into
-  // `compute_copy` or the store (which receive every later update too).
+  // An opened store: reads expert `id`'s master weights and, unless the weights are already
+  // as of the master's version, writes their bf16 copy into `compute_copy` or the store
+  // (which receive every later update too).
   Status Resume(uint32_t id, BFloat16* compute_copy);
   // The pinned staging the updater takes from `staging`: the pipeline's slots, one block
   // (with a weight store they also stage the bf16 copy: `weights_on_nvme`, which the caller
@@ -175,8 +175,8 @@ class NvmeUpdater final : public ExpertUpdater {
   // Expert `id`'s bf16 weights from its master (as of `version`): into its compute copy, or
   // the weight store.
   Status WriteWeights(uint32_t id, const float* master, uint64_t version);
-  // After Synchronize: expert `id`'s master (as of the version its moments hold too) via
-  // `scratch` (ScratchBytes); returns that version (its update count).
+  // Expert `id`'s master (as of the version its moments hold too) via `scratch`
+  // (ScratchBytes); returns that version (its update count).
   StatusOr<uint64_t> LoadMaster(uint32_t id, Buffer& scratch, std::vector<float>* master);
   std::unique_ptr<Impl> impl_;
 };

@@ -96,6 +96,7 @@ struct Session::Impl {
   EngineBusyTimes engines_at_begin;
   double optimizer_busy_at_begin = 0;
   uint64_t nvme_at_begin = 0;
+  ExpertStore::IoBytes nvme_io_at_begin;
 
   bool gated() const { return options.routing == Routing::kLearnedGate; }
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
@@ -107,6 +108,7 @@ struct Session::Impl {
     engines_at_begin = backend.busy_times();
     optimizer_busy_at_begin = executor->optimizer_busy_seconds();
     nvme_at_begin = executor->nvme_bytes();
+    nvme_io_at_begin = executor->nvme_io();
   }
   Status Begin(const std::vector<MicroBatch>& micro_batches, float loss_scale);
   Status Forward(uint32_t micro_batch, uint32_t layer, const void* x, void* y,
@@ -454,6 +456,9 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   stats.d2h_busy_seconds = e.d2h_busy_seconds - engines_at_begin.d2h_busy_seconds;
   stats.optimizer_busy_seconds = executor->optimizer_busy_seconds() - optimizer_busy_at_begin;
   stats.nvme_bytes = executor->nvme_bytes() - nvme_at_begin;
+  const ExpertStore::IoBytes io = executor->nvme_io();
+  stats.nvme_read_bytes = io.read - nvme_io_at_begin.read;
+  stats.nvme_written_bytes = io.written - nvme_io_at_begin.written;
   stats.metrics = MetricsOf(begin, now);
   stats.updated_experts = record.updated_experts;
   stats.updated_params = uint64_t{record.updated_experts} * memory.params;

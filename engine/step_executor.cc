@@ -625,18 +625,18 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
       ECSS_RETURN_IF_ERROR(updater().Wait(expert.id));
     }
     if (!expert.touched) {
+      void* grad = nullptr;
       {
         StallTimer timer(&gradient_fence_seconds_);  // waits only when every slot is in use
-        ECSS_RETURN_IF_ERROR(table_.TakeGradient({layer, lw.experts[i]}, recording_).status());
+        ECSS_ASSIGN_OR_RETURN(grad, table_.TakeGradient({layer, lw.experts[i]}, recording_));
       }
-      ECSS_RETURN_IF_ERROR(
-          backend_.CopyAsync(d, expert.grad, src, grad_bytes, CopyKind::kDeviceToHost));
-      expert.touched = true;
+      expert.touched = true;  // from here on a failed step releases it (ClearTouched)
+      ECSS_RETURN_IF_ERROR(backend_.CopyAsync(d, grad, src, grad_bytes, CopyKind::kDeviceToHost));
     } else {
       char* staging = static_cast<char*>(grad_tmp_.data()) + i * grad_bytes;
       ECSS_RETURN_IF_ERROR(
           backend_.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
-      adds.emplace_back(expert.grad, staging);
+      adds.emplace_back(table_.GradientOf({layer, lw.experts[i]}), staging);
     }
     gradient_bytes_ += grad_bytes;
   }
@@ -667,9 +667,13 @@ Status StepExecutor::SubmitLayer(uint32_t layer) {
       held_.push_back({layer, e});
       continue;
     }
-    ECSS_RETURN_IF_ERROR(cache_->Invalidate(ExpertId{layer, e}));
-    ECSS_RETURN_IF_ERROR(updater().Submit(expert.id, expert.grad, options_.gradient_dtype));
-    table_.ReleaseGradient({layer, e}, recording_);
+    Status submitted = cache_->Invalidate(ExpertId{layer, e});
+    if (submitted.ok()) {
+      submitted =
+          updater().Submit(expert.id, table_.GradientOf({layer, e}), options_.gradient_dtype);
+    }
+    table_.ReleaseGradient({layer, e}, recording_);  // submitted, or dropped with the step
+    ECSS_RETURN_IF_ERROR(submitted);
     ++submitted_;
   }
   if (!plan_->policy().deferred_updates) {  // the layer's update starts now
@@ -719,7 +723,7 @@ Status StepExecutor::StartHeldUpdate() {
   ++updater_steps_;
   for (ExpertId id : held_) {
     const ExpertTable::Entry& x = table_.at(id);
-    Status submitted_one = updater().Submit(x.id, x.grad, options_.gradient_dtype);
+    Status submitted_one = updater().Submit(x.id, table_.GradientOf(id), options_.gradient_dtype);
     if (!submitted_one.ok()) {
       updater().AbortStep().IgnoreError();  // the held gradients stay held: Begin retries
       return submitted_one;

@@ -107,6 +107,7 @@ class StepExecutor {
   // The optimizer's busy seconds and NVMe bytes since creation (the stats' counters).
   double optimizer_busy_seconds() const { return table_.updater().busy_seconds(); }
   uint64_t nvme_bytes() const { return table_.nvme_bytes(); }
+  ExpertStore::IoBytes nvme_io() const { return table_.nvme_io(); }
 
  private:
   // A sparse layer of one micro-batch as the kernels see it.

@@ -37,7 +37,12 @@ struct StepStats {
   uint64_t d2h_bytes = 0;
   uint64_t expert_fetch_bytes = 0;  // of which expert weights
   uint64_t gradient_bytes = 0;      // of which expert gradients
-  uint64_t nvme_bytes = 0;          // master and moments read + written (states on NVMe)
+  // NVMe: what the placement implies (each update reads and writes master and moments, and
+  // writes the bf16 weights when they live on NVMe; each fetch of NVMe weights reads them)...
+  uint64_t nvme_bytes = 0;
+  // ... and what the store's I/O engines read and wrote (headers and 4 KiB padding too). An
+  // update that runs on into the next step counts in the step it ran in.
+  uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;
   uint64_t cache_hits = 0, cache_misses = 0;
   double hit_rate = 0;
   StallStats stalls;

@@ -1,5 +1,6 @@
 #include "offload/expert_store.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -46,6 +48,7 @@ struct Manifest {
   std::array<Tier, kExpertStates> placement{};
   bool durable_memory_states = true;
   uint64_t max_file_bytes = 0;
+  std::string initial_id;
   bool closed = false;
 };
 
@@ -60,7 +63,7 @@ std::string FormatManifest(const Manifest& m) {
         StrCat(" ", ExpertStateName(state), "=", TierName(m.placement[static_cast<int>(state)]));
   }
   text += StrCat("\nmemory_states ", m.durable_memory_states ? "durable" : "volatile");
-  text += StrCat("\nmax_file_bytes ", m.max_file_bytes);
+  text += StrCat("\nmax_file_bytes ", m.max_file_bytes, "\ninitial ", m.initial_id);
   text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
   char crc[16];
   std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
@@ -117,6 +120,8 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
       m.durable_memory_states = value == "durable";
     } else if (key == "max_file_bytes") {
       fields >> m.max_file_bytes;
+    } else if (key == "initial") {
+      std::getline(fields >> std::ws, m.initial_id);
     } else if (key == "state") {
       std::string value;
       fields >> value;
@@ -137,6 +142,11 @@ std::string StateFileFormat(const std::string& path) {
   }
   std::memcpy(&version, head + 8, sizeof(version));
   return StrCat("state-file format version ", version);
+}
+
+// What the initial values are called in the manifest.
+std::string InitialId(const ExpertStoreOptions& options) {
+  return options.initial ? options.initial_id : "zeros";
 }
 
 Status CheckDirectory(const std::string& dir) {
@@ -254,6 +264,11 @@ Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& opt
   if (experts > UINT32_MAX) {
     return InvalidArgumentError("expert store: more than 2^32 experts");
   }
+  if (options.initial &&
+      (options.initial_id.empty() || options.initial_id.find('\n') != std::string::npos)) {
+    return InvalidArgumentError(
+        "expert store: `initial` needs initial_id, one line that names the initial values");
+  }
   bool files = false;
   for (ExpertState state : kStates) files |= HasFile(options, state);
   if (files && options.dirs.empty()) {
@@ -358,7 +373,7 @@ Status ExpertStore::Allocate() {
 
 void ExpertStore::Initial(ExpertState state, ExpertId id, void* dst) const {
   if (options_.initial) {
-    options_.initial(state, id, dst);
+    options_.initial(state, id, dst, StateBytes(state));
   } else {
     std::memset(dst, 0, StateBytes(state));
   }
@@ -385,10 +400,14 @@ Status ExpertStore::InitRegion(ExpertState state) {
 void ExpertStore::WarnIfSpaceShort() const {
   const uint64_t need = DiskBytes(options_);
   uint64_t free = 0;
+  std::set<dev_t> counted;  // directories on one file system share its space
   std::error_code error;
   for (const std::string& dir : options_.dirs) {
+    struct stat st {};
+    if (::stat(dir.c_str(), &st) != 0) return;  // the writes will report what is wrong
+    if (!counted.insert(st.st_dev).second) continue;
     const std::filesystem::space_info space = std::filesystem::space(dir, error);
-    if (error) return;  // the writes will report what is wrong
+    if (error) return;
     free += space.available;
   }
   if (free < need) {
@@ -427,6 +446,8 @@ Status ExpertStore::WriteManifest(bool closed) {
   m.dirs = static_cast<uint32_t>(options_.dirs.size());
   m.placement = options_.placement;
   m.durable_memory_states = options_.durable_memory_states;
+  m.max_file_bytes = options_.max_file_bytes;
+  m.initial_id = options_.initial_id;
   m.closed = closed;
   return WriteFileAtomically(ManifestPath(options_), FormatManifest(m))
       .Annotate("writing the expert store manifest");
@@ -440,7 +461,10 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
     return AlreadyExistsError(
         StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
   }
-  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, options));
+  ExpertStoreOptions recorded = options;  // as the manifest records it
+  if (recorded.max_file_bytes == 0) recorded.max_file_bytes = kDefaultMaxFileBytes;
+  recorded.initial_id = InitialId(options);
+  std::unique_ptr<ExpertStore> store(new ExpertStore(backend, recorded));
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   ECSS_RETURN_IF_ERROR(store->Allocate());
   // From here on files exist: remove them when creation fails.
@@ -517,6 +541,13 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   }
   if (m.layout.moments != want.moments) return differs("moments", m.layout.moments, want.moments);
   if (m.dirs != options.dirs.size()) return differs("directories", m.dirs, options.dirs.size());
+  const std::string initial_id = InitialId(options);
+  if (m.initial_id != initial_id) {
+    return FailedPreconditionError(
+        StrCat("expert store in '", options.dirs[0], "' was made with other initial values (\"",
+               m.initial_id, "\" there, \"", initial_id,
+               "\" here): its experts not written yet would read as something else"));
+  }
   ExpertStoreOptions made = options;  // as the manifest says it was made
   made.placement = m.placement;
   made.durable_memory_states = m.durable_memory_states;
@@ -553,6 +584,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   }
   ExpertStoreOptions reopened = options;
   reopened.max_file_bytes = m.max_file_bytes;  // the files are split as they were made
+  reopened.initial_id = initial_id;
   std::unique_ptr<ExpertStore> store(new ExpertStore(backend, reopened));
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
@@ -612,13 +644,14 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                                  const uint64_t* want) {
   Files& files = files_[Index(state)];
-  Status loaded;
+  bool unwritten = false;
   {
     std::lock_guard<std::mutex> lock(files.read_mutex);
     void* arrays[1] = {block};
-    loaded = files.reader->Load(flat, arrays, Elements(state), version, want);
+    ECSS_RETURN_IF_ERROR(
+        files.reader->Load(flat, arrays, Elements(state), version, want, &unwritten));
   }
-  if (loaded.code() != StatusCode::kNotFound) return loaded;
+  if (!unwritten) return Status::Ok();
   // Unwritten: its initial value, version 0 (the block's padding as a load leaves it: zeros).
   Initial(state, index_.Id(flat), block);
   std::memset(static_cast<char*>(block) + StateBytes(state), 0,
@@ -789,6 +822,18 @@ Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& stat
   }
   *version = oldest;
   return Status::Ok();
+}
+
+ExpertStore::IoBytes ExpertStore::io_bytes() const {
+  IoBytes bytes;
+  for (const Files& files : files_) {
+    for (const IoEngine* engine : {files.read_io.get(), files.write_io.get()}) {
+      if (engine == nullptr) continue;
+      bytes.read += engine->bytes_read();
+      bytes.written += engine->bytes_written();
+    }
+  }
+  return bytes;
 }
 
 StatusOr<void*> ExpertStore::Resident(ExpertState state, ExpertId id) {

@@ -7,17 +7,20 @@
 //   pinned  one region of a pinned host pool, within pinned_budget_bytes;
 //   host    one region of pageable host memory, within host_budget_bytes;
 //   nvme    an ExpertStateFile (offload/state_file.h) striped over `dirs`.
-// Every state also has its file in `dirs` (DIR/ecss-store-<state>-<i>.bin), with two shadow
+// Every state also has its file in `dirs` (DIR/ecss-store-<state>-<i>[-part<N>].bin, split at
+// max_file_bytes), with two shadow
 // slots per expert and a CRC-32C per block verified on every read: for an nvme state it is the
 // state's home; for a memory state it is where Flush and Close put it, and where Open takes it
 // from. So a store can be closed and reopened as a whole, with the same or another placement,
 // and a failed or torn write never destroys the previous version. With
 // durable_memory_states = false, memory states have no file instead: they are never flushed,
-// a reopened store starts them at zero, and a store without nvme states needs no directory
+// a reopened store starts them at their initial values, and a store without nvme states
+// needs no directory
 // (the session's choice: its compute weights follow from the master weights).
 //
 // The manifest (DIR0/ecss-store.manifest, replaced atomically) names the format version, the
-// model's layout and whether the store was closed. Open refuses, before writing anything:
+// model's layout, the initial values (initial_id), the file split and whether the store was
+// closed. Open refuses, before writing anything:
 // a directory without a store (NotFound), another format version or model (FailedPrecondition
 // naming both values), a damaged manifest (DataLoss), and a store that was not closed while
 // some of its states lived only in memory (DataLoss naming them; nvme states never need it).
@@ -104,12 +107,16 @@ struct ExpertStoreOptions {
   // Memory states have a file, written by Flush and Close and read by Open (see above).
   bool durable_memory_states = true;
   IoEngineFactory io_engines;  // empty: CreateIoEngine's default
-  // Fills `dst` with StateBytes(state) bytes: expert `id`'s `state` before its first write.
-  // Called from any thread that reads an unwritten expert (so it must be thread-safe), and
-  // for every expert of the memory states at Create. Empty: zeros.
-  std::function<void(ExpertState state, ExpertId id, void* dst)> initial;
-  // The largest state file (StateFileOptions::max_file_bytes; 0: its default). Create records
-  // it in the manifest, and Open uses the recorded value.
+  // Fills `dst` with `bytes` (StateBytes(state)): expert `id`'s `state` before its first
+  // write. Called from any thread that reads an unwritten expert (so it must be thread-safe),
+  // and for every expert of the memory states at Create and Open. Empty: zeros.
+  std::function<void(ExpertState state, ExpertId id, void* dst, uint64_t bytes)> initial;
+  // What `initial` computes, in words (its generator, seed and scales): the manifest records
+  // it, and Open refuses a store made with other initial values (its unwritten experts would
+  // read as something else). Required with `initial`; "zeros" without.
+  std::string initial_id;
+  // The largest state file (StateFileOptions::max_file_bytes; 0: kDefaultMaxFileBytes).
+  // Create records it in the manifest, and Open uses the recorded value.
   uint64_t max_file_bytes = 0;
 };
 
@@ -176,6 +183,12 @@ class ExpertStore {
   // The host tier's allocator (null without host states).
   const Allocator* host_memory() const { return host_.get(); }
   Backend& backend() { return backend_; }
+  // The bytes the store's files read and wrote since it was made or opened, as its IoEngines
+  // submitted them (headers and 4 KiB padding included). Thread-safe.
+  struct IoBytes {
+    uint64_t read = 0, written = 0;
+  };
+  IoBytes io_bytes() const;
 
  private:
   struct Region {  // one memory-tier state of every expert

@@ -14,7 +14,6 @@ namespace {
 constexpr char kMagic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
 constexpr uint32_t kVersion = 2;  // 2: element size and sequence number in the header
 constexpr uint32_t kHeaderBytes = 4096;
-constexpr uint64_t kDefaultMaxFileBytes = uint64_t{1} << 40;
 
 // One version of one expert: its header and its arrays, each padded to 4 KiB.
 uint64_t SlotBytes(const StateFileOptions& options) {
@@ -30,7 +29,7 @@ uint32_t ExpertsPerFile(const StateFileOptions& options) {
   const uint64_t max_bytes =
       options.max_file_bytes > 0 ? options.max_file_bytes : kDefaultMaxFileBytes;
   const uint64_t per_file = max_bytes / (Copies(options) * SlotBytes(options));
-  return static_cast<uint32_t>(std::clamp<uint64_t>(per_file, 1, options.experts));
+  return static_cast<uint32_t>(std::clamp<uint64_t>(per_file, 1, std::max(1u, options.experts)));
 }
 
 // Experts directory `dir` holds (expert e lives in directory e % dirs).
@@ -113,6 +112,11 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
     paths_.push_back(file.path);
     file_bytes_.push_back(file.bytes);
   }
+  size_t first = 0;
+  for (size_t d = 0; d < options.dirs.size(); ++d) {
+    first_file_.push_back(first);
+    first += (ExpertsIn(options, d) + experts_per_file_ - 1) / experts_per_file_;
+  }
 }
 
 ExpertStateFile::~ExpertStateFile() {
@@ -124,12 +128,8 @@ ExpertStateFile::Place ExpertStateFile::PlaceOf(uint32_t expert) const {
   const size_t dirs = options_.dirs.size();
   const size_t dir = expert % dirs;
   const uint64_t local = expert / dirs;  // within its directory
-  size_t file = 0;
-  for (size_t d = 0; d < dir; ++d) {  // the files of the directories before it
-    file += (ExpertsIn(options_, d) + experts_per_file_ - 1) / experts_per_file_;
-  }
-  file += local / experts_per_file_;
-  return {file, (local % experts_per_file_) * copies() * slot_bytes_};
+  return {first_file_[dir] + local / experts_per_file_,
+          (local % experts_per_file_) * copies() * slot_bytes_};
 }
 
 uint64_t ExpertStateFile::ArrayOffset(uint32_t a) const {
@@ -144,6 +144,12 @@ Status CheckOptions(IoEngine* engine, const StateFileOptions& o) {
     return InvalidArgumentError(StrCat("state file needs directories, a name, 1-", kMaxArrays,
                                        " arrays of 2- or 4-byte elements, experts and "
                                        "max_expert_elements > 0"));
+  }
+  const uint64_t expert_bytes = Copies(o) * SlotBytes(o);
+  if (o.max_file_bytes != 0 && o.max_file_bytes < expert_bytes) {
+    return InvalidArgumentError(StrCat("state file: max_file_bytes ", o.max_file_bytes,
+                                       " is less than one expert's slots (", expert_bytes,
+                                       " bytes)"));
   }
   return Status::Ok();
 }
@@ -206,7 +212,7 @@ Status ExpertStateFile::CheckExpert(uint32_t expert, uint64_t elements) const {
   return Status::Ok();
 }
 
-Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, Copy* state,
+Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, CopyState* state,
                                     std::string* why) {
   const IoFileId file = FileOf(expert);
   std::vector<IoRequest> requests;  // every copy's header at once: one round trip
@@ -220,10 +226,10 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, Copy* stat
     Header* header = &headers[c];
     const char* raw = static_cast<const char*>(header_) + c * kHeaderBytes;
     std::memcpy(header, raw, sizeof(*header));
-    state[c] = Copy::kDamaged;
+    state[c] = CopyState::kDamaged;
     // Every byte zero: what a sparse file reads where nothing was stored.
     if (std::all_of(raw, raw + kHeaderBytes, [](char b) { return b == 0; })) {
-      state[c] = Copy::kUnwritten;
+      state[c] = CopyState::kUnwritten;
       why[c] = "never stored";
     } else if (std::memcmp(header->magic, kMagic, sizeof(kMagic)) != 0) {
       why[c] = "no state header (overwritten)";
@@ -236,7 +242,7 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, Copy* stat
                       " arrays of ", header->element_bytes, "-byte elements (format ",
                       header->version, ")");
     } else {
-      state[c] = Copy::kValid;
+      state[c] = CopyState::kValid;
     }
   }
   return Status::Ok();
@@ -252,11 +258,11 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
     if (newest_sequence_[expert] == UINT64_MAX) {  // learn which copy is newest
       newest_sequence_[expert] = 0;
       Header seen[2];
-      Copy state[2];
+      CopyState state[2];
       std::string why[2];
       ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
       for (uint32_t c = 0; c < 2; ++c) {
-        if (state[c] == Copy::kValid && seen[c].sequence > newest_sequence_[expert]) {
+        if (state[c] == CopyState::kValid && seen[c].sequence > newest_sequence_[expert]) {
           newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
         }
@@ -297,7 +303,8 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
 }
 
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
-                             uint64_t* update_count, const uint64_t* want) {
+                             uint64_t* update_count, const uint64_t* want, bool* unwritten_out) {
+  if (unwritten_out != nullptr) *unwritten_out = false;
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const IoFileId file = FileOf(expert);
   // The newest copy whose header is intact (a store writes its header last, so an intact
@@ -308,13 +315,13 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   std::string why;
   uint32_t copy = 0;
   Header seen[2];
-  Copy state[2];
+  CopyState state[2];
   std::string reason[2];
   ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, reason));
   for (uint32_t c = 0; c < copies(); ++c) {
-    unwritten |= state[c] == Copy::kUnwritten;
-    if (state[c] != Copy::kValid) {
-      if (why.empty() || state[c] == Copy::kDamaged) why = reason[c];
+    unwritten |= state[c] == CopyState::kUnwritten;
+    if (state[c] != CopyState::kValid) {
+      if (why.empty() || state[c] == CopyState::kDamaged) why = reason[c];
     } else if (want != nullptr && seen[c].update_count != *want) {
       if (why.empty()) why = StrCat("update count ", seen[c].update_count, ", not ", *want);
     } else if (!found || seen[c].sequence > header.sequence) {
@@ -327,7 +334,9 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   const std::string where =
       StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ", base);
   if (!found && unwritten && (want == nullptr || *want == 0)) {
-    return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
+    if (unwritten_out == nullptr) return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
+    *unwritten_out = true;
+    return Status::Ok();
   }
   if (!found && want != nullptr) {
     return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));

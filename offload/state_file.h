@@ -9,8 +9,8 @@
 // Files are sparse: Create only sets their sizes (constant time and space for any model), and
 // disk blocks are allocated as stores reach them, so a full disk is the failed store's error
 // (ResourceExhausted naming the expert), and the version before it stays readable. A slot
-// never stored (its header all zeros, as a sparse file reads) is "unwritten": Load says
-// NotFound, and the caller supplies the expert's initial value.
+// never stored (its header all zeros, as a sparse file reads) is "unwritten": Load says so,
+// and the caller supplies the expert's initial value.
 // Every load verifies both checksums: a mismatch is DataLoss naming the expert, the array and
 // the file, and the data is never handed out as good. A store writes the arrays, then the
 // header: a store cut short leaves a slot whose checksums do not match (detected, not used).
@@ -36,15 +36,20 @@ struct StateFileOptions {
   std::vector<std::string> dirs;  // one or more directories; expert e goes to dirs[e % dirs]
   uint32_t arrays = 3;            // state arrays per expert (AdamW: master, m, v)
   uint64_t max_expert_elements = 0;
-  uint32_t experts = 0;                  // expert ids are [0, experts)
-  uint32_t element_bytes = 4;            // 4 (fp32) or 2 (bf16)
-  std::string name = "ecss-states";      // files are DIR/NAME-<dir index>.bin
+  uint32_t experts = 0;        // expert ids are [0, experts)
+  uint32_t element_bytes = 4;  // 4 (fp32) or 2 (bf16)
+  // Files are DIR/NAME-<dir index>.bin, and DIR/NAME-<dir index>-part<N>.bin past the first
+  // max_file_bytes of a directory.
+  std::string name = "ecss-states";
   bool shadow = false;                   // two slots per expert (see above)
   std::vector<std::string> array_names;  // for errors; default "array <i>"
-  // The largest file; a directory's experts go to as many files as that takes (0: 1 TiB).
-  // Files made with one value must be opened with the same.
+  // The largest file; a directory's experts go to as many files as that takes (0:
+  // kDefaultMaxFileBytes). At least one expert's slots (InvalidArgument otherwise). Files made
+  // with one value must be opened with the same.
   uint64_t max_file_bytes = 0;
 };
+
+inline constexpr uint64_t kDefaultMaxFileBytes = uint64_t{1} << 40;  // 1 TiB
 
 // Bytes `bytes` of state occupy on disk and in a staging slot (rounded up to 4 KiB).
 inline uint64_t StateBlockBytes(uint64_t bytes) { return (bytes + 4095) / 4096 * 4096; }
@@ -69,12 +74,13 @@ class ExpertStateFile {
   // Reads and verifies (with shadow: the newest version whose header is intact). elements
   // must be what was stored (DataLoss naming both otherwise). With `want`, the version whose
   // update count is *want instead (shadow: the previous one may still be there; DataLoss
-  // naming the count when no intact copy holds it). NotFound when the expert is unwritten:
-  // no copy was ever stored, or (shadow) the only one stored is damaged or is not *want, and
-  // the other copy was never stored (its first store was cut short); with `want`, only when
-  // *want is 0 (the initial version).
+  // naming the count when no intact copy holds it). The expert is unwritten when no copy was
+  // ever stored, or (shadow) the only one stored is damaged or is not *want and the other
+  // copy was never stored (its first store was cut short); with `want`, only when *want is 0
+  // (the initial version). Then *unwritten is set (the arrays and count are left alone) and
+  // Load returns OK; without `unwritten` that is NotFound.
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
-              const uint64_t* want = nullptr);
+              const uint64_t* want = nullptr, bool* unwritten = nullptr);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
@@ -91,7 +97,7 @@ class ExpertStateFile {
   ExpertStateFile(IoEngine* engine, const StateFileOptions& options);
   struct Header;
   // What a copy's header says: a valid version, never stored, or damaged.
-  enum class Copy : uint8_t { kValid, kUnwritten, kDamaged };
+  enum class CopyState : uint8_t { kValid, kUnwritten, kDamaged };
   // Where one expert's slots are: its file (index into files_) and its first copy's offset.
   struct Place {
     size_t file = 0;
@@ -108,12 +114,13 @@ class ExpertStateFile {
   uint64_t ArrayOffset(uint32_t a) const;
   // Reads the header of every copy (one round trip) into headers[copy], with what it is
   // (state[copy]) and why it is not valid (why[copy]).
-  Status ReadHeaders(uint32_t expert, Header* headers, Copy* state, std::string* why);
+  Status ReadHeaders(uint32_t expert, Header* headers, CopyState* state, std::string* why);
 
   IoEngine* engine_;
   StateFileOptions options_;
   uint64_t slot_bytes_;
-  uint32_t experts_per_file_;  // of one directory
+  uint32_t experts_per_file_;       // of one directory
+  std::vector<size_t> first_file_;  // per directory: the index of its first file in files_
   // Every directory's files in order; a directory's experts fill its files one after another.
   std::vector<std::string> paths_;
   std::vector<IoFileId> files_;

@@ -144,7 +144,6 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
   store_options.dirs = {store_dir};
   store_options.io_engines = [io] { return CreateIoEngine(IoEngineKind::kUring, io); };
-  // Creating it writes every expert's states once (zeros), laying out the files, untimed.
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store,
                         ExpertStore::Create(*sim, store_options));
 
@@ -156,11 +155,18 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   pool_options.capacity_bytes =
       (buffers * 3 + 1 + io.queue_depth) * block + expert_elements * 4 + 4096;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
+  // Every expert's master and moments, twice (untimed): both shadow slots are written, as
+  // after the first updates, so that every read below comes from the disk (a new store's
+  // files are sparse, and a hole reads without I/O).
   {
     std::vector<float> master(expert_elements);
+    const std::vector<float> moments(2 * expert_elements, 0.0f);
     for (uint64_t i = 0; i < expert_elements; ++i) master[i] = 0.01f * static_cast<float>(i % 97);
-    for (uint32_t e = 0; e < experts; ++e) {
-      ECSS_RETURN_IF_ERROR(store->Write(ExpertState::kMaster, {0, e}, master.data()));
+    for (uint64_t version : {1, 2}) {
+      for (uint32_t e = 0; e < experts; ++e) {
+        ECSS_RETURN_IF_ERROR(store->Write(ExpertState::kMaster, {0, e}, master.data(), version));
+        ECSS_RETURN_IF_ERROR(store->Write(ExpertState::kMoments, {0, e}, moments.data(), version));
+      }
     }
     ECSS_RETURN_IF_ERROR(store->Flush());
   }

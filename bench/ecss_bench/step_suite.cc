@@ -20,9 +20,12 @@
 // touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
 // the compute weights on NVMe as well: every fetch reads them into pinned staging first. Each
-// run's store lives in a directory of its own under --dir, removed after it. --dump-plan FILE
-// writes the plan the session executed for the last step (the session keeps the last few), with
-// when each op ran (session.h, ExecutedPlan; written after the run's last Synchronize, so its
+// run's store lives in a directory of its own under --dir, removed after it; its initial
+// states are written at creation (untimed), so that the measured steps read every state from
+// the disk as training past its first steps does (--initial-states unwritten: as a new
+// session leaves them, read as their initial values without I/O until first updated). --dump-plan
+// FILE writes the plan the session executed for the last step (the session keeps the last few),
+// with when each op ran (session.h, ExecutedPlan; written after the run's last Synchronize, so its
 // updates have ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by
 // op kind.
 #include <algorithm>
@@ -60,6 +63,7 @@ struct StepConfig {
   uint64_t device_mib = 0;  // 0: the budget whose cache holds cache_fraction of the experts
   double cache_fraction = 0;
   std::string states, dir, weights, dump_plan;
+  bool initial_states_written = true;  // --initial-states written (steady state) | unwritten
   bool gated = false;
   uint64_t gate_k = 0;
   bool delayed = false;
@@ -182,6 +186,7 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   ECSS_ASSIGN_OR_RETURN(c.weights, args.String("weights", "pinned"));
   ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
   ECSS_ASSIGN_OR_RETURN(std::string gradients, args.String("gradient-dtype", "f32"));
+  ECSS_ASSIGN_OR_RETURN(std::string initial_states, args.String("initial-states", "written"));
   c.all = strategy == "all";
   ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
@@ -196,6 +201,11 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   if (routing != "rre" && routing != "gate") {
     return InvalidArgumentError(StrCat("--routing '", routing, "': rre or gate"));
   }
+  if (initial_states != "written" && initial_states != "unwritten") {
+    return InvalidArgumentError(
+        StrCat("--initial-states '", initial_states, "': written or unwritten"));
+  }
+  c.initial_states_written = initial_states == "written";
   c.gated = routing == "gate";
   if (c.gated && (c.gate_k == 0 || c.gate_k > c.domains * c.experts)) {
     return InvalidArgumentError(StrCat("--gate-k ", c.gate_k, ": 1 to the experts of a layer"));
@@ -231,6 +241,8 @@ StatusOr<SessionOptions> OptionsFor(const StepConfig& c, Strategy strategy) {
         SessionOptions options,
         plan::SessionOptionsFor(p.shard, p.model, p.hardware, p.workload, strategy));
     options.record_op_times = true;
+    options.placement.write_initial_states =
+        options.placement.states_on_nvme() && c.initial_states_written;
     return options;
   }
   SessionOptions options;
@@ -261,6 +273,7 @@ StatusOr<SessionOptions> OptionsFor(const StepConfig& c, Strategy strategy) {
   if (c.states == "nvme") {
     options.placement.master = options.placement.moments = Tier::kNvme;
     if (c.weights == "nvme") options.placement.weights = Tier::kNvme;
+    options.placement.write_initial_states = c.initial_states_written;
   }
   return options;
 }

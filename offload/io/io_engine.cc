@@ -28,6 +28,8 @@ Status IoEngine::Submit(const IoRequest& request) {
   }
   ECSS_RETURN_IF_ERROR(DoSubmit(request));
   ++in_flight_;
+  (request.op == IoOp::kRead ? bytes_read_ : bytes_written_)
+      .fetch_add(request.bytes, std::memory_order_relaxed);
   return Status::Ok();
 }
 

@@ -13,6 +13,7 @@
 // section 7: one submit/complete loop per engine).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -77,6 +78,10 @@ class IoEngine {
   size_t Poll(IoCompletion* out, size_t max, std::chrono::microseconds wait);
   Status Cancel(uint64_t user_data) { return DoCancel(user_data); }
   size_t in_flight() const { return in_flight_; }
+  // Bytes of the reads and writes submitted so far (what went to the device, headers and
+  // padding included). Readable from any thread.
+  uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
+  uint64_t bytes_written() const { return bytes_written_.load(std::memory_order_relaxed); }
 
  protected:
   virtual Status CheckFile(IoFileId file) const = 0;
@@ -86,6 +91,7 @@ class IoEngine {
 
  private:
   size_t in_flight_ = 0;
+  std::atomic<uint64_t> bytes_read_{0}, bytes_written_{0};
 };
 
 // Synchronous helpers on top of Submit/Poll, for code that has nothing else to do meanwhile.

@@ -106,7 +106,7 @@ TEST_F(ExpertTableTest, TheDelayedUpdateFetchesThePublishedCopy) {
   t.at(id).touched = true;
   t.ClearTouched(1);
   EXPECT_FALSE(t.at(id).touched);
-  EXPECT_TRUE(t.at(id).released);
+  EXPECT_TRUE(t.gradients().released(t.at(id).id));
 }
 
 // Gradient accumulators are sized by the experts a step may activate (two steps' worth: one
@@ -129,7 +129,7 @@ TEST_F(ExpertTableTest, GradientAccumulatorsFollowTheStepsExpertsNotTheModels) {
   for (ExpertId id : taken) {
     auto grad = t.TakeGradient(id, 1);
     ASSERT_TRUE(grad.ok()) << grad.status();
-    EXPECT_EQ(*grad, t.at(id).grad);
+    EXPECT_EQ(*grad, t.GradientOf(id));
     EXPECT_EQ(std::count(slots.begin(), slots.end(), *grad), 0);
     slots.push_back(*grad);
   }
@@ -146,7 +146,7 @@ TEST_F(ExpertTableTest, GradientAccumulatorsFollowTheStepsExpertsNotTheModels) {
   auto other = t.TakeGradient({1, 6}, 2);
   ASSERT_TRUE(other.ok()) << other.status();
   EXPECT_EQ(*other, slots[1]);
-  EXPECT_EQ(t.at({0, 1}).grad, nullptr);
+  EXPECT_EQ(t.GradientOf({0, 1}), nullptr);
   EXPECT_EQ(t.TakeGradient({1, 5}, 2).status().code(), StatusCode::kResourceExhausted);
 }
 

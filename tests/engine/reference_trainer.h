@@ -108,9 +108,10 @@ struct RunConfig {
   int optimizer_threads = 1;
   int micro_batches = 1;
   int steps = 3;
-  int first_step = 0;    // the steps trained are [first_step, first_step + steps)
-  std::string nvme_dir;  // non-empty: master weights and moments on NVMe there
-  bool resume = false;   // open the state files in nvme_dir instead of creating them
+  int first_step = 0;                 // the steps trained are [first_step, first_step + steps)
+  std::string nvme_dir;               // non-empty: master weights and moments on NVMe there
+  bool resume = false;                // open the state files in nvme_dir instead of creating them
+  bool write_initial_states = false;  // placement.write_initial_states
   float max_grad_norm = 0;
   float eps = HyperParams{}.eps;  // AdamW's
   bool gated = false;    // a learned gate (fixed, the same in both trainers) routes every layer
@@ -178,6 +179,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
     o.placement.master = o.placement.moments = Tier::kNvme;
     o.placement.nvme_dirs = {c.nvme_dir};
     o.placement.resume = c.resume;
+    o.placement.write_initial_states = c.write_initial_states;
     if (c.nvme_weights) {
       o.placement.weights = Tier::kNvme;
       o.placement.weight_staging_blocks = c.staging_blocks;

@@ -718,12 +718,17 @@ TEST_F(ExpertStoreTest, UnwrittenExpertsReadAsTheirInitialValueUntilWritten) {
     return v;
   };
   std::atomic<int> calls{0};
-  options_.initial = [&](ExpertState state, ExpertId id, void* dst) {
+  options_.initial = [&](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
     ++calls;
     const std::vector<uint8_t> v = initial(state, id);
+    EXPECT_EQ(bytes, v.size());
     std::memcpy(dst, v.data(), v.size());
   };
   options_.placement = {Tier::kDevice, Tier::kNvme, Tier::kNvme, Tier::kHost};
+  // Initial values need a name (the manifest records it).
+  EXPECT_EQ(Make(true, options_).status().code(), StatusCode::kInvalidArgument);
+  options_.initial_id = "test pattern 1";
+  options_.max_file_bytes = 2 * (4096 + StateBlockBytes(8000));  // one expert per file
   auto store = std::move(Make(true, options_)).value();
   EXPECT_EQ(calls.load(), 12) << "the memory states (weights, gradient) of 6 experts at Create";
   for (const auto& entry : std::filesystem::directory_iterator(root_ + "/a")) {
@@ -763,8 +768,16 @@ TEST_F(ExpertStoreTest, UnwrittenExpertsReadAsTheirInitialValueUntilWritten) {
   EXPECT_EQ(version, 0u);
   EXPECT_EQ(std::memcmp(master.get(), initial(ExpertState::kMaster, {1, 2}).data(), 4000), 0);
   EXPECT_EQ(std::memcmp(moments.get(), initial(ExpertState::kMoments, {1, 2}).data(), 8000), 0);
-  // Closed and reopened: written and unwritten experts read as before.
+  // Closed and reopened: written and unwritten experts read as before, from files split as
+  // they were made (whatever max_file_bytes says now); other initial values are refused.
   ASSERT_TRUE(store->Close().ok());
+  EXPECT_TRUE(std::filesystem::exists(root_ + "/a/ecss-store-moments-0-part2.bin"));
+  ExpertStoreOptions other = options_;
+  other.initial_id = "test pattern 2";
+  Status refused = Make(false, other).status();
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_TRUE(Contains(refused, "other initial values")) << refused;
+  options_.max_file_bytes = 0;
   store = std::move(Make(false, options_)).value();
   ASSERT_TRUE(store->Read(ExpertState::kMaster, {1, 2}, got.data()).ok());
   EXPECT_EQ(got, written);

@@ -241,6 +241,11 @@ TEST_F(StateFileTest, FilesAreSparseAndSplitAtTheirMaximumSize) {
   StateFileOptions other = options_;
   other.max_file_bytes = 0;
   EXPECT_FALSE(ExpertStateFile::Open(engine_.get(), other).ok());
+  // A maximum below one expert's slots is refused, naming the field.
+  other.max_file_bytes = pair - 1;
+  Status small = ExpertStateFile::Create(engine_.get(), other).status();
+  EXPECT_EQ(small.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(small.message().find("max_file_bytes"), std::string_view::npos) << small;
 }
 
 // Shadow copies of an expert never stored read as unwritten (NotFound), and so does one whose
