@@ -74,6 +74,7 @@ class Planner {
     // weights (bf16 in host memory; f32: the compute weights themselves) and moments (host,
     // one array at least), each one region; its staging block; the stager's window.
     const ExpertStoreOptions store = StoreOptionsFor(o_, p.params);
+    p.nvme_bytes = ExpertStore::DiskBytes(store);
     Add("expert compute weights", MemoryTier::kPinned, MemoryTag::kExpertWeights, 1,
         ExpertStore::RegionBytes(store, ExpertState::kWeights), true);
     Add("master weights", MemoryTier::kHost, MemoryTag::kMasterWeights, 1,

@@ -65,6 +65,9 @@ struct MemoryPlan {
   uint64_t workspace_bytes = 0;        // the kernels' scratch
   uint64_t plan_slot_bytes = 0;        // one routing plan's room in the plan region
   uint32_t plan_slots = 0;             // micro-batches (RRE) or micro-batch layers (gates)
+  // The expert store's files in placement.nvme_dirs once every expert is written, shadow
+  // slots included (ExpertStore::DiskBytes): a new store takes none of it up front.
+  uint64_t nvme_bytes = 0;
   // Pinned gradient accumulators: the experts that may have a gradient in a step (two steps
   // where one step's updates overlap the next), at most every expert.
   uint32_t gradient_slots = 0;

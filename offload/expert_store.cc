@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <numeric>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -49,6 +50,7 @@ struct Manifest {
   bool durable_memory_states = true;
   uint64_t max_file_bytes = 0;
   std::string initial_id;
+  std::vector<std::pair<uint32_t, uint32_t>> shared;  // (expert, source), flat ids
   bool closed = false;
 };
 
@@ -64,6 +66,8 @@ std::string FormatManifest(const Manifest& m) {
   }
   text += StrCat("\nmemory_states ", m.durable_memory_states ? "durable" : "volatile");
   text += StrCat("\nmax_file_bytes ", m.max_file_bytes, "\ninitial ", m.initial_id);
+  text += "\nshared";
+  for (const auto& [expert, source] : m.shared) text += StrCat(" ", expert, ":", source);
   text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
   char crc[16];
   std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
@@ -120,6 +124,18 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
       m.durable_memory_states = value == "durable";
     } else if (key == "max_file_bytes") {
       fields >> m.max_file_bytes;
+    } else if (key == "shared") {
+      std::string pair;
+      while (fields >> pair) {
+        uint32_t expert = 0, source = 0;
+        char colon = 0;
+        std::istringstream parts(pair);
+        if (!(parts >> expert >> colon >> source) || colon != ':' || !parts.eof()) {
+          return damaged.Annotate(StrCat("shared: ", pair));
+        }
+        m.shared.emplace_back(expert, source);
+      }
+      fields.clear();
     } else if (key == "initial") {
       std::getline(fields >> std::ws, m.initial_id);
     } else if (key == "state") {
@@ -304,6 +320,8 @@ StateFileOptions ExpertStore::FileOptions(const ExpertStoreOptions& options, Exp
 
 // Budgets first (nothing touched yet), then the memory of the device, pinned and host tiers.
 Status ExpertStore::Allocate() {
+  source_.resize(index_.size());
+  std::iota(source_.begin(), source_.end(), 0u);
   uint64_t device = 0, pinned = 0, host = 0;
   for (ExpertState state : kStates) {
     const uint64_t region = RegionBytes(options_, state);
@@ -448,6 +466,9 @@ Status ExpertStore::WriteManifest(bool closed) {
   m.durable_memory_states = options_.durable_memory_states;
   m.max_file_bytes = options_.max_file_bytes;
   m.initial_id = options_.initial_id;
+  for (uint32_t flat = 0; flat < source_.size(); ++flat) {
+    if (source_[flat] != flat) m.shared.emplace_back(flat, source_[flat]);
+  }
   m.closed = closed;
   return WriteFileAtomically(ManifestPath(options_), FormatManifest(m))
       .Annotate("writing the expert store manifest");
@@ -589,11 +610,40 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
     ECSS_RETURN_IF_ERROR(store->Allocate());
+    const uint32_t n = store->index_.size();
+    for (const auto& [expert, source] : m.shared) {
+      if (expert >= n || source >= n || expert == source) {
+        return DataLossError(StrCat("expert store manifest '", path, "': shared ", expert, ":",
+                                    source, " names no pair of its ", n, " experts"));
+      }
+      store->source_[expert] = source;
+    }
+    for (const auto& [expert, source] : m.shared) {
+      if (store->source_[source] != source) {
+        return DataLossError(StrCat("expert store manifest '", path, "': expert ", source,
+                                    " is a source and shares another's storage"));
+      }
+    }
     ECSS_RETURN_IF_ERROR(store->OpenFiles(/*create=*/false));
+    for (ExpertState state : kStates) {  // who still reads its source's nvme states
+      if (!store->HasState(state) || store->placement(state) != Tier::kNvme) continue;
+      Files& files = store->files_[Index(state)];
+      for (const auto& [expert, source] : m.shared) {
+        ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(expert));
+        if (!written) files.unwritten_dependents[source].push_back(expert);
+      }
+    }
     for (ExpertState state : kStates) {
-      // A state without a file (not durable) starts at its initial value.
-      ECSS_RETURN_IF_ERROR(store->HasFile(state) ? store->LoadTier(state)
-                                                 : store->InitRegion(state));
+      // A state without a file (not durable) starts at its initial value (a shared expert's:
+      // its source's).
+      if (store->HasFile(state)) {
+        ECSS_RETURN_IF_ERROR(store->LoadTier(state));
+        continue;
+      }
+      ECSS_RETURN_IF_ERROR(store->InitRegion(state));
+      for (const auto& [expert, source] : m.shared) {
+        ECSS_RETURN_IF_ERROR(store->CopyRegion(state, source, expert));
+      }
     }
     return store->WriteManifest(/*closed=*/false);
   }();
@@ -637,6 +687,31 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
                                 uint64_t version) {
   Files& files = files_[Index(state)];
   std::lock_guard<std::mutex> lock(files.write_mutex);
+  auto dependents = files.unwritten_dependents.find(flat);
+  if (dependents != files.unwritten_dependents.end()) {
+    std::vector<uint32_t>& waiting = dependents->second;
+    // A source's first write since Share: the experts that still read this state of it get
+    // their own copy of what they read first (copy on write), so that they keep it.
+    std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
+                                                     &std::free);
+    if (copy == nullptr) return ResourceExhaustedError("expert store: no memory for a block");
+    uint64_t current = 0;
+    ECSS_RETURN_IF_ERROR(LoadFromFile(state, flat, copy.get(), &current));
+    while (!waiting.empty()) {
+      const void* arrays[1] = {copy.get()};
+      Status copied = files.writer->Store(waiting.back(), arrays, Elements(state), current);
+      if (!copied.ok()) {
+        return copied.Annotate(StrCat("giving ", Name(state, index_.Id(waiting.back())),
+                                      " its own copy before its source is written"));
+      }
+      waiting.pop_back();
+    }
+    files.unwritten_dependents.erase(dependents);
+  }
+  if (source_[flat] != flat) {
+    auto of_source = files.unwritten_dependents.find(source_[flat]);
+    if (of_source != files.unwritten_dependents.end()) std::erase(of_source->second, flat);
+  }
   const void* arrays[1] = {block};
   return files.writer->Store(flat, arrays, Elements(state), version);
 }
@@ -652,7 +727,13 @@ Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, 
         files.reader->Load(flat, arrays, Elements(state), version, want, &unwritten));
   }
   if (!unwritten) return Status::Ok();
-  // Unwritten: its initial value, version 0 (the block's padding as a load leaves it: zeros).
+  // Unwritten: what its source holds (a shared expert), else its initial value, version 0
+  // (the block's padding as a load leaves it: zeros).
+  if (source_[flat] != flat) return LoadFromFile(state, source_[flat], block, version, want);
+  if (want != nullptr && *want != 0) {
+    return DataLossError(StrCat(Name(state, index_.Id(flat)), ": no copy of version ", *want,
+                                " (it was never written)"));
+  }
   Initial(state, index_.Id(flat), block);
   std::memset(static_cast<char*>(block) + StateBytes(state), 0,
               BlockBytes(state) - StateBytes(state));
@@ -835,6 +916,68 @@ ExpertStore::IoBytes ExpertStore::io_bytes() const {
   }
   return bytes;
 }
+
+// REQUIRES: lifecycle_ held exclusively, or the store not yet handed out.
+Status ExpertStore::CopyRegion(ExpertState state, uint32_t from, uint32_t to) {
+  if (RegionBytes(options_, state) == 0) return Status::Ok();
+  Region& region = regions_[Index(state)];
+  if (placement(state) == Tier::kDevice) {
+    ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, to),
+                                            MemoryOf(state, from), StateBytes(state),
+                                            CopyKind::kDeviceToDevice));
+    ECSS_RETURN_IF_ERROR(backend_.SynchronizeStream(stream_.get()));
+  } else {
+    std::memcpy(MemoryOf(state, to), MemoryOf(state, from), StateBytes(state));
+  }
+  region.versions[to] = region.versions[from];
+  return Status::Ok();
+}
+
+Status ExpertStore::Share(ExpertId id, ExpertId source) {
+  std::unique_lock<std::shared_mutex> lock(lifecycle_);
+  if (closed_) return FailedPreconditionError("the expert store is closed");
+  for (ExpertId e : {id, source}) {
+    if (!index_.Contains(e)) {
+      return InvalidArgumentError(
+          StrCat("expert store: no layer ", e.layer, " expert ", e.expert, " to share"));
+    }
+  }
+  const uint32_t flat = index_.Flat(id);
+  const uint32_t from = source_[index_.Flat(source)];  // the storage `source` reads
+  const std::string what = StrCat("layer ", id.layer, " expert ", id.expert);
+  if (from == flat) return InvalidArgumentError(StrCat(what, " cannot share its own storage"));
+  if (std::count(source_.begin(), source_.end(), flat) > (source_[flat] == flat ? 1 : 0)) {
+    return FailedPreconditionError(StrCat(what, " is another expert's source"));
+  }
+  for (ExpertState state : kStates) {
+    if (!HasState(state) || placement(state) != Tier::kNvme) continue;
+    Files& files = files_[Index(state)];
+    std::lock_guard<std::mutex> read(files.read_mutex);
+    ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(flat));
+    if (written) {
+      return FailedPreconditionError(
+          StrCat(what, " already wrote its ", ExpertStateName(state), ": it has its own storage"));
+    }
+  }
+  const uint32_t before = source_[flat];
+  source_[flat] = from;
+  Status recorded = options_.dirs.empty() ? Status::Ok() : WriteManifest(/*closed=*/false);
+  if (!recorded.ok()) {
+    source_[flat] = before;
+    return recorded;
+  }
+  for (ExpertState state : kStates) {
+    if (!HasState(state)) continue;
+    if (placement(state) == Tier::kNvme) {
+      files_[Index(state)].unwritten_dependents[from].push_back(flat);
+    } else {
+      ECSS_RETURN_IF_ERROR(CopyRegion(state, from, flat));
+    }
+  }
+  return Status::Ok();
+}
+
+ExpertId ExpertStore::SourceOf(ExpertId id) const { return index_.Id(source_[index_.Flat(id)]); }
 
 StatusOr<void*> ExpertStore::Resident(ExpertState state, ExpertId id) {
   std::shared_lock<std::shared_mutex> open(lifecycle_);

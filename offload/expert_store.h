@@ -37,6 +37,14 @@
 // or written, stays readable; Create only warns (in the log) when the directories' free space
 // is below DiskBytes.
 //
+// Shared experts (Share): an expert may read another's values, as they were at Share, without
+// a copy of its own until it writes (M6's Pseudo-to-Real sharing: a deep model's layers start
+// as one shallow model's, and each copy becomes its own at its first update, with no writes
+// up front). Its nvme states read the source's storage until the expert writes them, or until
+// the source is about to write them: the expert then gets its own copy first (copy on write,
+// so a crash in between leaves both as they were). Its memory states are copied at Share. The
+// manifest records who shares whose storage.
+//
 // Versions: every write of an expert's state carries a version (the optimizer's update count),
 // kept in the state file's header (memory tiers: beside the memory, written at Flush). An
 // update writes several states one after another, so a crash between them leaves the first
@@ -62,6 +70,7 @@
 #include <shared_mutex>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "offload/expert_index.h"
@@ -160,6 +169,13 @@ class ExpertStore {
   // the version all hold.
   Status WriteStates(ExpertId id, const std::vector<ExpertState>& states, const void* const* blocks,
                      uint64_t version);
+  // Expert `id` holds what `source` holds now, without a copy on NVMe (see above; a source
+  // that shares another's names that one). FailedPrecondition when `id` already wrote an nvme
+  // state of its own or is some expert's source; InvalidArgument for an unknown expert or
+  // id == source. The manifest is rewritten before it returns.
+  Status Share(ExpertId id, ExpertId source);
+  // The expert whose storage `id` reads until it writes its own (itself when none).
+  ExpertId SourceOf(ExpertId id) const;
   // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
   // stays valid until Close; the caller orders its accesses against Write.
   StatusOr<void*> Resident(ExpertState state, ExpertId id);
@@ -201,6 +217,9 @@ class ExpertStore {
     std::unique_ptr<IoEngine> read_io, write_io;
     std::unique_ptr<ExpertStateFile> reader, writer;
     std::mutex read_mutex, write_mutex;
+    // Per source expert: the shared experts that still read its storage of this state (they
+    // get their own copy before its next write). GUARDED_BY(write_mutex)
+    std::unordered_map<uint32_t, std::vector<uint32_t>> unwritten_dependents;
   };
   ExpertStore(Backend& backend, const ExpertStoreOptions& options)
       : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
@@ -224,6 +243,8 @@ class ExpertStore {
   Status Allocate();
   // Every expert of a memory state's region from `initial`.
   Status InitRegion(ExpertState state);
+  // Expert `from`'s memory copy of `state` (and its version) into expert `to`'s.
+  Status CopyRegion(ExpertState state, uint32_t from, uint32_t to);
   // `id`'s initial `state` into `dst` (StateBytes of it).
   void Initial(ExpertState state, ExpertId id, void* dst) const;
   // Logs a warning when the directories have less free space than DiskBytes.
@@ -255,6 +276,9 @@ class ExpertStore {
   OwnedStream stream_;
   std::array<Region, kExpertStates> regions_;
   std::array<Files, kExpertStates> files_;
+  // Per expert: the flat id whose storage it reads until written (itself: none). Written
+  // under lifecycle_ held exclusively.
+  std::vector<uint32_t> source_;
 };
 
 }  // namespace ecss

@@ -302,6 +302,18 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   return Status::Ok();
 }
 
+StatusOr<bool> ExpertStateFile::Written(uint32_t expert) {
+  ECSS_RETURN_IF_ERROR(CheckExpert(expert, options_.max_expert_elements));
+  Header seen[2];
+  CopyState state[2];
+  std::string why[2];
+  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
+  for (uint32_t c = 0; c < copies(); ++c) {
+    if (state[c] != CopyState::kUnwritten) return true;
+  }
+  return false;
+}
+
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
                              uint64_t* update_count, const uint64_t* want, bool* unwritten_out) {
   if (unwritten_out != nullptr) *unwritten_out = false;
@@ -333,10 +345,12 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   const uint64_t base = OffsetOf(expert, copy);
   const std::string where =
       StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ", base);
-  if (!found && unwritten && (want == nullptr || *want == 0)) {
-    if (unwritten_out == nullptr) return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
+  if (!found && unwritten && unwritten_out != nullptr) {
     *unwritten_out = true;
     return Status::Ok();
+  }
+  if (!found && unwritten && (want == nullptr || *want == 0)) {
+    return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
   }
   if (!found && want != nullptr) {
     return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));

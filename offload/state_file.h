@@ -74,13 +74,16 @@ class ExpertStateFile {
   // Reads and verifies (with shadow: the newest version whose header is intact). elements
   // must be what was stored (DataLoss naming both otherwise). With `want`, the version whose
   // update count is *want instead (shadow: the previous one may still be there; DataLoss
-  // naming the count when no intact copy holds it). The expert is unwritten when no copy was
-  // ever stored, or (shadow) the only one stored is damaged or is not *want and the other
-  // copy was never stored (its first store was cut short); with `want`, only when *want is 0
-  // (the initial version). Then *unwritten is set (the arrays and count are left alone) and
-  // Load returns OK; without `unwritten` that is NotFound.
+  // naming the count when no intact copy holds it). The expert reads as unwritten when no
+  // copy qualifies and one was never stored: none ever was, or (shadow) the only one stored
+  // is damaged (its first store was cut short) or is not *want. With `unwritten`, Load then
+  // sets it and returns OK (the arrays and count left alone: the caller knows what an
+  // unwritten expert holds, at `want` too); without, that is NotFound, or DataLoss when *want
+  // is not 0 (the initial version).
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
               const uint64_t* want = nullptr, bool* unwritten = nullptr);
+  // Whether any copy of the expert was stored (intact or not): its headers only.
+  StatusOr<bool> Written(uint32_t expert);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();

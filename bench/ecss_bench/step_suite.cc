@@ -23,13 +23,19 @@
 // run's store lives in a directory of its own under --dir, removed after it; its initial
 // states are written at creation (untimed), so that the measured steps read every state from
 // the disk as training past its first steps does (--initial-states unwritten: as a new
-// session leaves them, read as their initial values without I/O until first updated). --dump-plan
+// session leaves them, read as their initial values without I/O until first updated). With
+// states on NVMe the suite first checks that --dir has room for the store at its full size,
+// measures the drive's read and write GB/s through the store's engine before and after every
+// run, and reports each run's NVMe bound (read bytes / read GB/s + written bytes / write GB/s,
+// the bytes the store's engines moved) and the fraction of it reached, and the bytes per
+// updated parameter, expected and moved. Every run reports its peak RSS beside its budgets. --dump-plan
 // FILE writes the plan the session executed for the last step (the session keeps the last few),
 // with when each op ran (session.h, ExecutedPlan; written after the run's last Synchronize, so its
 // updates have ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by
 // op kind.
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <limits>
@@ -41,6 +47,7 @@
 #include "bench/ecss_bench/suite.h"
 #include "engine/memory_plan.h"
 #include "engine/session.h"
+#include "offload/state_file.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
@@ -309,6 +316,7 @@ struct StrategyRun {
   Strategy strategy = Strategy::kEcss;
   uint64_t experts = 0, expert_params = 0, cache_slots = 0, device_budget = 0;
   uint64_t steps = 0, tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
+  uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;  // as the store's engines moved them
   uint64_t hits = 0, misses = 0;
   double seconds = 0, stalls = 0;
   std::vector<StepMetrics> metrics;
@@ -327,6 +335,8 @@ struct StrategyRun {
     h2d_bytes += other.h2d_bytes;
     d2h_bytes += other.d2h_bytes;
     nvme_bytes += other.nvme_bytes;
+    nvme_read_bytes += other.nvme_read_bytes;
+    nvme_written_bytes += other.nvme_written_bytes;
     updated += other.updated;
     hits += other.hits;
     misses += other.misses;
@@ -380,6 +390,8 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     run.h2d_bytes += s.h2d_bytes;
     run.d2h_bytes += s.d2h_bytes;
     run.nvme_bytes += s.nvme_bytes;
+    run.nvme_read_bytes += s.nvme_read_bytes;
+    run.nvme_written_bytes += s.nvme_written_bytes;
     run.updated += s.updated_params;
     run.hits += s.cache_hits;
     run.misses += s.cache_misses;
@@ -400,7 +412,49 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
 
 // A run's figures, per measured step. Where the device's engines keep no busy time (CUDA),
 // what needs it is null, not 0.
-void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
+// With states on NVMe: the NVMe bound of a step, read bytes / read GB/s + written bytes /
+// write GB/s (the bytes the store's engines moved, the rates measured through the same engine
+// in the same run), and the bytes per updated parameter, as the placement implies them and as
+// the engines moved them (headers and 4 KiB padding too).
+struct NvmeFigures {
+  double read_per_step = 0, written_per_step = 0, bound_seconds = 0, fraction = 0;
+  double expected_per_param = 0, moved_per_param = 0;
+};
+NvmeFigures NvmeFiguresOf(const StrategyRun& run, const NvmeRates& rates) {
+  const double steps = static_cast<double>(run.steps);
+  NvmeFigures f;
+  f.read_per_step = static_cast<double>(run.nvme_read_bytes) / steps;
+  f.written_per_step = static_cast<double>(run.nvme_written_bytes) / steps;
+  f.bound_seconds =
+      f.read_per_step / (rates.read_gbps * 1e9) + f.written_per_step / (rates.write_gbps * 1e9);
+  f.fraction = f.bound_seconds / (run.seconds / steps);
+  const double updated = static_cast<double>(std::max<uint64_t>(run.updated, 1));
+  f.expected_per_param = static_cast<double>(run.nvme_bytes) / updated;
+  f.moved_per_param = static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / updated;
+  return f;
+}
+
+void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const NvmeRates& rates) {
+  const NvmeFigures f = NvmeFiguresOf(run, rates);
+  json.Key("nvme")
+      .BeginObject()
+      .Field("read_gbps", rates.read_gbps)
+      .Field("write_gbps", rates.write_gbps)
+      .Field("read_bytes_per_step", f.read_per_step)
+      .Field("written_bytes_per_step", f.written_per_step)
+      .Field("bound_seconds_per_step", f.bound_seconds)
+      .Field("fraction_of_nvme_bound", f.fraction)
+      .Field("expected_bytes_per_updated_param", f.expected_per_param)
+      .Field("moved_bytes_per_updated_param", f.moved_per_param)
+      .Field("reference",
+             "bound = read bytes / read GB/s + written bytes / write GB/s, the bytes the store's "
+             "engines moved, the rates measured through the same engine in this run")
+      .EndObject();
+}
+
+void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
+                  const std::optional<NvmeRates>& rates) {
+  if (rates) WriteNvmeFigures(json, run, *rates);
   const double unknown = std::numeric_limits<double>::quiet_NaN();  // written as null
   const double steps = static_cast<double>(run.steps);
   const StepMetrics metrics = SumStepMetrics(run.metrics);
@@ -456,6 +510,16 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim) {
   json.EndArray();
 }
 
+void WriteNvmeRow(std::ostream& table, const StrategyRun& run, const NvmeRates& rates) {
+  const NvmeFigures f = NvmeFiguresOf(run, rates);
+  table << std::setprecision(2) << "  " << std::left << std::setw(13) << "" << std::right
+        << "nvme per step: " << HumanBytes(static_cast<uint64_t>(f.read_per_step)) << " read, "
+        << HumanBytes(static_cast<uint64_t>(f.written_per_step)) << " written; bound "
+        << f.bound_seconds << " s at " << rates.read_gbps << " / " << rates.write_gbps
+        << " GB/s: " << f.fraction << " of it; per updated parameter " << f.expected_per_param
+        << " B expected, " << f.moved_per_param << " B moved\n";
+}
+
 void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
   const double steps = static_cast<double>(run.steps);
   const StepMetrics metrics = SumStepMetrics(run.metrics);
@@ -509,6 +573,41 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   const uint64_t activations = 2 * c.tokens() * c.d_model * 2;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend,
                         create(largest + activations + (uint64_t{16} << 20)));
+  // States on NVMe: the store must fit --dir, and the drive's rates are measured around every
+  // run (the same engine, the store's requests: one state array each).
+  std::optional<NvmeRates> rates;
+  std::vector<double> read_gbps, write_gbps;
+  size_t rate_block = 0;
+  if (c.states == "nvme") {
+    uint64_t need = 0;
+    for (Strategy strategy : c.strategies) {
+      ECSS_ASSIGN_OR_RETURN(SessionOptions options, OptionsFor(c, strategy));
+      options.budgets.device_bytes = budgets[strategy];
+      options.placement.nvme_dirs = {c.dir};  // a directory of its own under it, in the run
+      ECSS_ASSIGN_OR_RETURN(const MemoryPlan plan, Session::PlanMemoryOn(*backend, options));
+      need = std::max(need, plan.nvme_bytes);
+      rate_block = StateArrayBytes(plan.params);
+    }
+    std::error_code error;
+    const std::filesystem::space_info space = std::filesystem::space(c.dir, error);
+    if (error) return NotFoundError(StrCat("--dir ", c.dir, ": ", error.message()));
+    if (space.available < need + (uint64_t{1} << 30)) {
+      return ResourceExhaustedError(
+          StrCat("--dir ", c.dir, " has ", HumanBytes(space.available),
+                 " free; a run's expert store takes ", HumanBytes(need),
+                 " once every expert is written (shadow slots included), and the rate "
+                 "measurement 1 GiB: choose a smaller model or another --dir"));
+    }
+  }
+  auto measure_rates = [&]() -> Status {
+    if (rate_block == 0) return Status::Ok();
+    ECSS_ASSIGN_OR_RETURN(const NvmeRates r,
+                          MeasureNvmeRates(c.dir, rate_block, uint64_t{1} << 30));
+    read_gbps.push_back(r.read_gbps);
+    write_gbps.push_back(r.write_gbps);
+    return Status::Ok();
+  };
+  ECSS_RETURN_IF_ERROR(measure_rates());
 
   // Interleaved: round r runs every strategy once, in turn.
   std::map<Strategy, StrategyRun> runs;
@@ -517,6 +616,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     std::map<Strategy, double> tokens_per_s;
     for (Strategy strategy : c.strategies) {
       ECSS_ASSIGN_OR_RETURN(StrategyRun run, RunStrategy(c, *backend, strategy, budgets[strategy]));
+      ECSS_RETURN_IF_ERROR(measure_rates());
       tokens_per_s[strategy] = run.tokens_per_s();
       if (round == 0) {
         runs[strategy] = run;
@@ -531,6 +631,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     }
   }
 
+  if (!read_gbps.empty()) rates = NvmeRates{Median(read_gbps), Median(write_gbps)};
   const StrategyRun& first = runs[c.strategies.front()];
   json.Field("routing", c.gated ? "gate (reactive)" : "rre")
       .Field("delayed_update", c.delayed)
@@ -550,12 +651,12 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("rounds", c.rounds)
       .Field("measured_steps_per_round", c.measured_steps());
   if (!c.all) {
-    WriteFigures(json, first, on_sim);
+    WriteFigures(json, first, on_sim, rates);
   } else {
     json.Key("strategies").BeginArray();
     for (Strategy strategy : c.strategies) {
       json.BeginObject();
-      WriteFigures(json, runs[strategy], on_sim);
+      WriteFigures(json, runs[strategy], on_sim, rates);
       json.EndObject();
     }
     json.EndArray().Key("ecss_vs").BeginObject();
@@ -579,7 +680,10 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
         << "tokens/s" << std::setw(10) << "step s" << std::setw(8) << "bound" << std::setw(10)
         << "overlap"
         << "  " << std::left << std::setw(10) << "bottleneck" << std::right << "  per step\n";
-  for (Strategy strategy : c.strategies) WriteRow(table, runs[strategy], on_sim);
+  for (Strategy strategy : c.strategies) {
+    WriteRow(table, runs[strategy], on_sim);
+    if (rates) WriteNvmeRow(table, runs[strategy], *rates);
+  }
   if (c.all) {
     table << "  ecss vs";
     for (Strategy strategy : c.strategies) {

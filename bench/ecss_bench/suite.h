@@ -56,6 +56,15 @@ struct Pattern {
 StatusOr<double> RunIoPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
                               uint64_t blocks, size_t block, uint8_t* buffers);
 
+// Sequential read and write GB/s of `block`-byte requests in `dir`, as the expert store moves
+// its states: through the engine it makes (CreateFileIoEngine, queue depth 8) on a scratch file
+// of `bytes` (laid out first, untimed; removed after), each the median of `samples` passes.
+struct NvmeRates {
+  double read_gbps = 0, write_gbps = 0;
+};
+StatusOr<NvmeRates> MeasureNvmeRates(const std::string& dir, size_t block, uint64_t bytes,
+                                     int samples = 2);
+
 // The suites. Each lives in its own file.
 Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);
 Status RunRouterSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);

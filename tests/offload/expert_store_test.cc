@@ -851,5 +851,72 @@ TEST_F(ExpertStoreTest, ATrillionParameterStoreIsCreatedWithoutWritingItsStates)
   ASSERT_TRUE((*store)->Close().ok());
 }
 
+// A shared expert holds its source's values as of Share, without a copy on NVMe until either
+// writes: its own writes go to its own slots, and a source's write first gives the experts
+// that still read it their own copy. Memory states are copied at Share. The manifest keeps the
+// sharing across Close and Open, and a crash between an update's writes reads as one version.
+TEST_F(ExpertStoreTest, ASharedExpertHoldsItsSourcesValuesUntilEitherWrites) {
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kPinned};
+  auto store = std::move(Make(true, options_)).value();
+  const ExpertId source{0, 0}, copy{1, 0};
+  auto read = [&](ExpertState state, ExpertId id) {
+    std::vector<uint8_t> got(store->StateBytes(state));
+    Status status = store->Read(state, id, got.data());
+    EXPECT_TRUE(status.ok()) << status;
+    return got;
+  };
+  auto write = [&](ExpertState state, ExpertId id, uint32_t pattern, uint64_t version) {
+    std::vector<uint8_t> bytes = Pattern(*store, state, id.layer, id.expert, pattern);
+    ASSERT_TRUE(store->Write(state, id, bytes.data(), version).ok());
+  };
+  for (ExpertState state : kAll) write(state, source, 3, 3);
+  write(ExpertState::kMaster, {0, 2}, 1, 1);
+  ASSERT_TRUE(store->Share(copy, source).ok());
+  EXPECT_EQ(store->SourceOf(copy), source);
+  for (ExpertState state : kAll) {
+    EXPECT_EQ(read(state, copy), Pattern(*store, state, 0, 0, 3)) << ExpertStateName(state);
+  }
+  // Refused: itself, a source sharing another's, an expert with a state of its own.
+  EXPECT_EQ(store->Share(source, source).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(store->Share(source, {0, 1}).code(), StatusCode::kFailedPrecondition);
+  Status written = store->Share({0, 2}, source);
+  EXPECT_EQ(written.code(), StatusCode::kFailedPrecondition) << written;
+  EXPECT_TRUE(Contains(written, "already wrote its master")) << written;
+  // The source writes its master: the copy keeps version 3. The copy writes its moments: the
+  // source keeps its own.
+  write(ExpertState::kMaster, source, 4, 4);
+  EXPECT_EQ(read(ExpertState::kMaster, source), Pattern(*store, ExpertState::kMaster, 0, 0, 4));
+  EXPECT_EQ(read(ExpertState::kMaster, copy), Pattern(*store, ExpertState::kMaster, 0, 0, 3));
+  write(ExpertState::kMoments, copy, 9, 4);
+  EXPECT_EQ(read(ExpertState::kMoments, copy), Pattern(*store, ExpertState::kMoments, 1, 0, 9));
+  EXPECT_EQ(read(ExpertState::kMoments, source), Pattern(*store, ExpertState::kMoments, 0, 0, 3));
+  // Another copy, whose update is cut short after its master: both read as the source's
+  // version.
+  const ExpertId cut{1, 1};
+  ASSERT_TRUE(store->Share(cut, source).ok());
+  write(ExpertState::kMaster, cut, 5, 4);
+  auto block = [](uint64_t bytes) {
+    return std::unique_ptr<void, decltype(&std::free)>(std::aligned_alloc(4096, bytes), &std::free);
+  };
+  auto master = block(store->BlockBytes(ExpertState::kMaster));
+  auto moments = block(store->BlockBytes(ExpertState::kMoments));
+  void* blocks[2] = {master.get(), moments.get()};
+  uint64_t version = 0;
+  ASSERT_TRUE(
+      store->ReadStates(cut, {ExpertState::kMaster, ExpertState::kMoments}, blocks, &version).ok());
+  EXPECT_EQ(version, 3u);
+  EXPECT_EQ(std::memcmp(master.get(), Pattern(*store, ExpertState::kMaster, 0, 0, 3).data(),
+                        store->StateBytes(ExpertState::kMaster)),
+            0);
+  // Closed and reopened: still shared; the source's next write still leaves the copy alone.
+  ASSERT_TRUE(store->Close().ok());
+  store = std::move(Make(false, options_)).value();
+  EXPECT_EQ(store->SourceOf(cut), source);
+  write(ExpertState::kWeights, source, 6, 5);
+  EXPECT_EQ(read(ExpertState::kWeights, cut), Pattern(*store, ExpertState::kWeights, 0, 0, 3));
+  EXPECT_EQ(read(ExpertState::kWeights, copy), Pattern(*store, ExpertState::kWeights, 0, 0, 3));
+  EXPECT_EQ(read(ExpertState::kGradient, copy), Pattern(*store, ExpertState::kGradient, 0, 0, 3));
+}
+
 }  // namespace
 }  // namespace ecss

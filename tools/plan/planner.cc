@@ -8,7 +8,6 @@
 #include <set>
 #include <sstream>
 
-#include "engine/expert_updater.h"
 #include "engine/plan_inputs.h"
 #include "kernels/cpu/cpu_kernels.h"
 #include "optimizer/optimizer_config.h"
@@ -57,7 +56,7 @@ uint64_t DenseDeviceBytes(const ModelConfig& model, const HardwareConfig& hardwa
 
 // What the session's store keeps on NVMe, and a checkpoint of its states.
 uint64_t NvmeBytes(const SessionOptions& options, const MemoryPlan& memory, uint32_t kept) {
-  const uint64_t disk = ExpertStore::DiskBytes(StoreOptionsFor(options, memory.params));
+  const uint64_t disk = memory.nvme_bytes;
   uint64_t experts = 0;
   for (uint32_t n : options.ExpertsPerLayer()) experts += n;
   const uint64_t checkpoint = experts * memory.params * 4 *
