@@ -6,6 +6,7 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 
 #include "engine/store_state_tier.h"
 #include "offload/state_file.h"
@@ -145,24 +146,62 @@ struct NvmeUpdater::Impl {
       running_step = job.step;
       lock.unlock();
       const auto start = std::chrono::steady_clock::now();
-      if (options.optimizer.on_update_start) {
-        for (const StreamedGradient& g : job.work) {
-          options.optimizer.on_update_start(g.expert, job.step, start);
+      // When each expert's batch entered the pipeline (the job's, or a later job's of the
+      // same step that joined it: the load stage adds those), its update's start; and every
+      // expert of the run.
+      std::mutex run_mutex;
+      std::unordered_map<uint32_t, std::chrono::steady_clock::time_point> started;
+      std::vector<uint32_t> streamed;
+      auto start_batch = [&](const std::vector<StreamedGradient>& joined, auto at) {
+        {
+          std::lock_guard<std::mutex> guard(run_mutex);
+          for (const StreamedGradient& g : joined) {
+            started[g.expert] = at;
+            streamed.push_back(g.expert);
+          }
         }
-      }
+        if (options.optimizer.on_update_start) {
+          for (const StreamedGradient& g : joined) {
+            options.optimizer.on_update_start(g.expert, job.step, at);
+          }
+        }
+      };
+      start_batch(job.work, start);
+      StreamingHooks hooks;
+      // The step's next layers' batches, queued meanwhile, join the run: the pipeline stays
+      // full across layers instead of draining after each.
+      hooks.more = [&](std::vector<StreamedGradient>* more) {
+        {
+          std::lock_guard<std::mutex> guard(mutex);
+          if (jobs.empty() || jobs.front().step != job.step) return false;
+          *more = std::move(jobs.front().work);
+          jobs.pop_front();
+        }
+        start_batch(*more, std::chrono::steady_clock::now());
+        return true;
+      };
+      // Each expert counts as done as soon as it is stored; its times are reported first, so
+      // that whoever waited for it sees them.
+      hooks.done = [&](uint32_t expert) {
+        if (options.optimizer.on_update) {
+          std::chrono::steady_clock::time_point at;
+          {
+            std::lock_guard<std::mutex> guard(run_mutex);
+            at = started[expert];
+          }
+          options.optimizer.on_update(expert, job.step, at, std::chrono::steady_clock::now());
+        }
+        std::lock_guard<std::mutex> guard(mutex);
+        done_step[expert] = job.step;
+        cv.notify_all();
+      };
       TraceRecorder* trace = options.optimizer.trace;
       TraceScope scope(trace, trace ? trace->Lane("nvme states") : 0, "load-update-store", "nvme",
                        {{"experts", static_cast<double>(job.work.size())}});
       StatusOr<StreamingReport> report =
-          updater->Run(job.work, job.loss_scale, job.clip_coefficient, &job.params);
+          updater->Run(job.work, job.loss_scale, job.clip_coefficient, &job.params, hooks);
       const auto end = std::chrono::steady_clock::now();
       const double seconds = std::chrono::duration<double>(end - start).count();
-      // Reported before the job counts as done, so that whoever waited for it sees its times.
-      if (options.optimizer.on_update) {
-        for (const StreamedGradient& g : job.work) {
-          options.optimizer.on_update(g.expert, job.step, start, end);
-        }
-      }
       lock.lock();
       running = false;
       busy += seconds;
@@ -177,7 +216,7 @@ struct NvmeUpdater::Impl {
             StrCat("update of step ", job.step, ": ", report->skipped_nonfinite,
                    " experts had a gradient with NaN or Inf and were not updated")));
       }
-      for (const StreamedGradient& g : job.work) done_step[g.expert] = job.step;
+      for (uint32_t expert : streamed) done_step[expert] = job.step;  // a run refused whole
       cv.notify_all();
     }
   }

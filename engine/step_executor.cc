@@ -731,7 +731,8 @@ Status StepExecutor::StartHeldUpdate() {
   }
   submitted_ = static_cast<uint32_t>(held_.size());
   ECSS_ASSIGN_OR_RETURN(started_report_, updater().FinishStep());
-  for (ExpertId id : held_) table_.ReleaseGradient(id, recording_);
+  // Released as the previous step's: their update has started, so a later Take may wait.
+  for (ExpertId id : held_) table_.ReleaseGradient(id, recording_ - 1);
   started_ = std::move(held_);
   held_.clear();
   return Status::Ok();

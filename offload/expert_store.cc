@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -24,7 +25,8 @@ namespace {
 
 // 2: per-layer expert counts, optimizer states (versions in the files' headers).
 // 3: sparse files (unwritten experts read as their initial values), split at max_file_bytes.
-constexpr uint32_t kFormat = 3;
+// 4: the initial values' name and shared experts in the manifest.
+constexpr uint32_t kFormat = 4;
 // The NVMe state files that sessions kept master weights and moments in before the store did.
 constexpr char kLegacyStateFile[] = "ecss-states-0.bin";
 constexpr char kManifestName[] = "ecss-store.manifest";
@@ -136,8 +138,8 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
         m.shared.emplace_back(expert, source);
       }
       fields.clear();
-    } else if (key == "initial") {
-      std::getline(fields >> std::ws, m.initial_id);
+    } else if (key == "initial") {  // the rest of the line
+      m.initial_id = line.size() > key.size() + 1 ? line.substr(key.size() + 1) : "";
     } else if (key == "state") {
       std::string value;
       fields >> value;
@@ -280,8 +282,10 @@ Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& opt
   if (experts > UINT32_MAX) {
     return InvalidArgumentError("expert store: more than 2^32 experts");
   }
-  if (options.initial &&
-      (options.initial_id.empty() || options.initial_id.find('\n') != std::string::npos)) {
+  const std::string& id = options.initial_id;
+  if (options.initial && (id.empty() || id.find('\n') != std::string::npos ||
+                          std::isspace(static_cast<unsigned char>(id.front())) ||
+                          std::isspace(static_cast<unsigned char>(id.back())))) {
     return InvalidArgumentError(
         "expert store: `initial` needs initial_id, one line that names the initial values");
   }
@@ -612,9 +616,10 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
     ECSS_RETURN_IF_ERROR(store->Allocate());
     const uint32_t n = store->index_.size();
     for (const auto& [expert, source] : m.shared) {
-      if (expert >= n || source >= n || expert == source) {
+      if (expert >= n || source >= n || expert == source || store->source_[expert] != expert) {
         return DataLossError(StrCat("expert store manifest '", path, "': shared ", expert, ":",
-                                    source, " names no pair of its ", n, " experts"));
+                                    source, " names no pair of its ", n,
+                                    " experts, or one named twice"));
       }
       store->source_[expert] = source;
     }
@@ -683,53 +688,79 @@ void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
   return static_cast<char*>(region.memory.data()) + flat * region.stride;
 }
 
+// One expert's state to its file. Shared experts (Share) first: before a source's write, the
+// experts that still read this state of it get their own copy of what they read; before a
+// shared expert's own first write, its source's version goes into its first slot, so that its
+// two slots hold what a crash between an update's writes must find. Both run under the
+// state's read lock too (no read of a dependent falls between its look at its own slot and
+// the source's write), and are made durable before the write they precede.
 Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
                                 uint64_t version) {
   Files& files = files_[Index(state)];
   std::lock_guard<std::mutex> lock(files.write_mutex);
+  const void* arrays[1] = {block};
   auto dependents = files.unwritten_dependents.find(flat);
-  if (dependents != files.unwritten_dependents.end()) {
+  const bool source = dependents != files.unwritten_dependents.end();
+  auto of_source = files.unwritten_dependents.end();
+  if (source_[flat] != flat) {
+    of_source = files.unwritten_dependents.find(source_[flat]);
+    if (of_source != files.unwritten_dependents.end() &&
+        std::find(of_source->second.begin(), of_source->second.end(), flat) ==
+            of_source->second.end()) {
+      of_source = files.unwritten_dependents.end();  // it has its own copy already
+    }
+  }
+  const bool shared = of_source != files.unwritten_dependents.end();
+  if (!source && !shared) return files.writer->Store(flat, arrays, Elements(state), version);
+
+  std::lock_guard<std::mutex> read(files.read_mutex);
+  const std::string what = Name(state, index_.Id(flat));
+  std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
+                                                   &std::free);
+  if (copy == nullptr) {
+    return ResourceExhaustedError(StrCat("writing ", what, ": no memory for a block"));
+  }
+  const void* copied[1] = {copy.get()};
+  uint64_t current = 0;
+  ECSS_RETURN_IF_ERROR(LoadLocked(state, shared ? source_[flat] : flat, copy.get(), &current));
+  if (source) {
     std::vector<uint32_t>& waiting = dependents->second;
-    // A source's first write since Share: the experts that still read this state of it get
-    // their own copy of what they read first (copy on write), so that they keep it.
-    std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
-                                                     &std::free);
-    if (copy == nullptr) return ResourceExhaustedError("expert store: no memory for a block");
-    uint64_t current = 0;
-    ECSS_RETURN_IF_ERROR(LoadFromFile(state, flat, copy.get(), &current));
     while (!waiting.empty()) {
-      const void* arrays[1] = {copy.get()};
-      Status copied = files.writer->Store(waiting.back(), arrays, Elements(state), current);
-      if (!copied.ok()) {
-        return copied.Annotate(StrCat("giving ", Name(state, index_.Id(waiting.back())),
-                                      " its own copy before its source is written"));
+      Status given = files.writer->Store(waiting.back(), copied, Elements(state), current);
+      if (!given.ok()) {
+        return given.Annotate(StrCat("giving ", Name(state, index_.Id(waiting.back())),
+                                     " its own copy before ", what, " is written"));
       }
       waiting.pop_back();
     }
     files.unwritten_dependents.erase(dependents);
   }
-  if (source_[flat] != flat) {
-    auto of_source = files.unwritten_dependents.find(source_[flat]);
-    if (of_source != files.unwritten_dependents.end()) std::erase(of_source->second, flat);
+  if (shared) {
+    ECSS_RETURN_IF_ERROR(files.writer->Store(flat, copied, Elements(state), current)
+                             .Annotate(StrCat("giving ", what, " its own copy")));
+    std::erase(of_source->second, flat);
+    if (of_source->second.empty()) files.unwritten_dependents.erase(of_source);
   }
-  const void* arrays[1] = {block};
+  ECSS_RETURN_IF_ERROR(files.writer->Sync());
   return files.writer->Store(flat, arrays, Elements(state), version);
 }
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                                  const uint64_t* want) {
-  Files& files = files_[Index(state)];
+  std::lock_guard<std::mutex> lock(files_[Index(state)].read_mutex);
+  return LoadLocked(state, flat, block, version, want);
+}
+
+Status ExpertStore::LoadLocked(ExpertState state, uint32_t flat, void* block, uint64_t* version,
+                               const uint64_t* want) {
   bool unwritten = false;
-  {
-    std::lock_guard<std::mutex> lock(files.read_mutex);
-    void* arrays[1] = {block};
-    ECSS_RETURN_IF_ERROR(
-        files.reader->Load(flat, arrays, Elements(state), version, want, &unwritten));
-  }
+  void* arrays[1] = {block};
+  ECSS_RETURN_IF_ERROR(
+      files_[Index(state)].reader->Load(flat, arrays, Elements(state), version, want, &unwritten));
   if (!unwritten) return Status::Ok();
   // Unwritten: what its source holds (a shared expert), else its initial value, version 0
   // (the block's padding as a load leaves it: zeros).
-  if (source_[flat] != flat) return LoadFromFile(state, source_[flat], block, version, want);
+  if (source_[flat] != flat) return LoadLocked(state, source_[flat], block, version, want);
   if (want != nullptr && *want != 0) {
     return DataLossError(StrCat(Name(state, index_.Id(flat)), ": no copy of version ", *want,
                                 " (it was never written)"));
@@ -943,10 +974,17 @@ Status ExpertStore::Share(ExpertId id, ExpertId source) {
     }
   }
   const uint32_t flat = index_.Flat(id);
-  const uint32_t from = source_[index_.Flat(source)];  // the storage `source` reads
+  const uint32_t from = index_.Flat(source);
   const std::string what = StrCat("layer ", id.layer, " expert ", id.expert);
   if (from == flat) return InvalidArgumentError(StrCat(what, " cannot share its own storage"));
-  if (std::count(source_.begin(), source_.end(), flat) > (source_[flat] == flat ? 1 : 0)) {
+  if (source_[flat] != flat) {
+    return FailedPreconditionError(StrCat(what, " already shares another expert's storage"));
+  }
+  if (source_[from] != from) {
+    return FailedPreconditionError(StrCat("layer ", source.layer, " expert ", source.expert,
+                                          " shares another expert's storage: share that one's"));
+  }
+  if (std::count(source_.begin(), source_.end(), flat) > 1) {
     return FailedPreconditionError(StrCat(what, " is another expert's source"));
   }
   for (ExpertState state : kStates) {
@@ -977,7 +1015,9 @@ Status ExpertStore::Share(ExpertId id, ExpertId source) {
   return Status::Ok();
 }
 
-ExpertId ExpertStore::SourceOf(ExpertId id) const { return index_.Id(source_[index_.Flat(id)]); }
+ExpertId ExpertStore::SourceOf(ExpertId id) const {
+  return index_.Contains(id) ? index_.Id(source_[index_.Flat(id)]) : id;
+}
 
 StatusOr<void*> ExpertStore::Resident(ExpertState state, ExpertId id) {
   std::shared_lock<std::shared_mutex> open(lifecycle_);

@@ -169,12 +169,15 @@ class ExpertStore {
   // the version all hold.
   Status WriteStates(ExpertId id, const std::vector<ExpertState>& states, const void* const* blocks,
                      uint64_t version);
-  // Expert `id` holds what `source` holds now, without a copy on NVMe (see above; a source
-  // that shares another's names that one). FailedPrecondition when `id` already wrote an nvme
-  // state of its own or is some expert's source; InvalidArgument for an unknown expert or
-  // id == source. The manifest is rewritten before it returns.
+  // Expert `id` holds what `source` holds now, without a copy on NVMe (see above). The
+  // source's states must be at one version (share after its last update finished: a
+  // session's Synchronize); the versions continue from the source's.
+  // FailedPrecondition when `id` already has an nvme state of its own, shares already or is
+  // some expert's source, or `source` shares another's; InvalidArgument for an unknown expert
+  // or id == source. The manifest is rewritten before it returns.
   Status Share(ExpertId id, ExpertId source);
-  // The expert whose storage `id` reads until it writes its own (itself when none).
+  // The expert whose storage `id` reads until it writes its own (itself when none). Not
+  // concurrently with Share.
   ExpertId SourceOf(ExpertId id) const;
   // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
   // stays valid until Close; the caller orders its accesses against Write.
@@ -218,7 +221,8 @@ class ExpertStore {
     std::unique_ptr<ExpertStateFile> reader, writer;
     std::mutex read_mutex, write_mutex;
     // Per source expert: the shared experts that still read its storage of this state (they
-    // get their own copy before its next write). GUARDED_BY(write_mutex)
+    // get their own copy before its next write). GUARDED_BY(write_mutex), or lifecycle_
+    // held exclusively (Share, Open).
     std::unordered_map<uint32_t, std::vector<uint32_t>> unwritten_dependents;
   };
   ExpertStore(Backend& backend, const ExpertStoreOptions& options)
@@ -258,6 +262,9 @@ class ExpertStore {
   Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                       const uint64_t* want = nullptr);
+  // REQUIRES: the state's read_mutex held.
+  Status LoadLocked(ExpertState state, uint32_t flat, void* block, uint64_t* version,
+                    const uint64_t* want = nullptr);
   Status LoadTier(ExpertState state);
   Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version);
   Status FlushLocked();

@@ -309,7 +309,7 @@ StatusOr<bool> ExpertStateFile::Written(uint32_t expert) {
   std::string why[2];
   ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
   for (uint32_t c = 0; c < copies(); ++c) {
-    if (state[c] != CopyState::kUnwritten) return true;
+    if (state[c] == CopyState::kValid) return true;
   }
   return false;
 }

@@ -82,7 +82,8 @@ class ExpertStateFile {
   // is not 0 (the initial version).
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
               const uint64_t* want = nullptr, bool* unwritten = nullptr);
-  // Whether any copy of the expert was stored (intact or not): its headers only.
+  // Whether a copy of the expert is intact, i.e. Load would not call it unwritten (its
+  // headers only).
   StatusOr<bool> Written(uint32_t expert);
 
   // Makes completed stores durable (fdatasync of every file).

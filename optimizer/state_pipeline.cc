@@ -120,7 +120,8 @@ class Channel {
 
 // One expert travelling through the stages. index < 0 marks the end of the work.
 struct Token {
-  int64_t index = -1;
+  int64_t index = -1;  // -1: the end of the work
+  StreamedGradient grad;
   int slot = -1;
   uint64_t update_count = 0;
   bool update = false;  // false: loaded nothing usable, or skipped: do not store
@@ -216,9 +217,24 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
 StateStreamingUpdater::StateStreamingUpdater(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 StateStreamingUpdater::~StateStreamingUpdater() = default;
 
+// Whether the slots can take `g`'s expert and its gradient is one the kernels read.
+Status CheckGradient(StateTier& tier, const StreamingOptions& options, const StreamedGradient& g) {
+  ECSS_ASSIGN_OR_RETURN(size_t size, tier.ExpertSize(g.expert));
+  if (size > options.max_expert_elements) {
+    return InvalidArgumentError(StrCat("expert ", g.expert, " has ", size,
+                                       " elements; the slots hold ", options.max_expert_elements));
+  }
+  if (g.grad == nullptr || g.dtype == DType::kF16) {
+    return InvalidArgumentError(
+        StrCat("expert ", g.expert, ": gradient must be non-null f32 or bf16"));
+  }
+  return Status::Ok();
+}
+
 StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedGradient>& work,
                                                      float grad_scale, float clip_coefficient,
-                                                     const HyperParams* params) {
+                                                     const HyperParams* params,
+                                                     const StreamingHooks& hooks) {
   if (!(grad_scale > 0) || !std::isfinite(grad_scale) || !(clip_coefficient > 0)) {
     return InvalidArgumentError("grad_scale and clip_coefficient must be finite and > 0");
   }
@@ -226,16 +242,7 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   const HyperParams& hyper = params != nullptr ? *params : impl.options.params;
   if (params != nullptr) ECSS_RETURN_IF_ERROR(ValidateHyperParams(impl.options.kind, *params));
   for (const StreamedGradient& g : work) {
-    ECSS_ASSIGN_OR_RETURN(size_t size, impl.tier->ExpertSize(g.expert));
-    if (size > impl.options.max_expert_elements) {
-      return InvalidArgumentError(StrCat("expert ", g.expert, " has ", size,
-                                         " elements; the slots hold ",
-                                         impl.options.max_expert_elements));
-    }
-    if (g.grad == nullptr || g.dtype == DType::kF16) {
-      return InvalidArgumentError(
-          StrCat("expert ", g.expert, ": gradient must be non-null f32 or bf16"));
-    }
+    ECSS_RETURN_IF_ERROR(CheckGradient(*impl.tier, impl.options, g));
   }
   StreamingReport report;
   const Clock::time_point start = Clock::now();
@@ -246,14 +253,26 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   Status first_error;  // written by the store stage only, which every token passes last
 
   std::thread loader([&] {
-    for (size_t i = 0; i < work.size(); ++i) {
+    std::vector<StreamedGradient> batch = work;
+    int64_t index = 0;
+    for (size_t i = 0;; ++i) {
+      if (i == batch.size()) {  // the end of the work so far: more, when the caller has it
+        std::vector<StreamedGradient> more;
+        if (!hooks.more || !hooks.more(&more) || more.empty()) break;
+        batch = std::move(more);
+        i = 0;
+      }
       Token token;
-      token.index = static_cast<int64_t>(i);
+      token.index = index++;
+      token.grad = batch[i];
       token.slot = free_slots.Pop();
       const Clock::time_point t0 = Clock::now();
-      StateSlot& slot = impl.slots[token.slot];
-      slot.size = *impl.tier->ExpertSize(work[i].expert);
-      token.status = impl.tier->Load(work[i].expert, slot, &token.update_count);
+      token.status = CheckGradient(*impl.tier, impl.options, token.grad);
+      if (token.status.ok()) {
+        StateSlot& slot = impl.slots[token.slot];
+        slot.size = *impl.tier->ExpertSize(token.grad.expert);
+        token.status = impl.tier->Load(token.grad.expert, slot, &token.update_count);
+      }
       token.update = token.status.ok();
       report.load_seconds += Since(t0);
       loaded.Push(std::move(token));
@@ -267,11 +286,12 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       if (token.update) {
         const Clock::time_point t0 = Clock::now();
         token.status =
-            impl.tier->Store(work[token.index].expert, impl.slots[token.slot], token.update_count)
-                .Annotate(StrCat("storing expert ", work[token.index].expert));
+            impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
+                .Annotate(StrCat("storing expert ", token.grad.expert));
         report.store_seconds += Since(t0);
       }
       free_slots.Push(token.slot);
+      if (hooks.done) hooks.done(token.grad.expert);
       if (!token.status.ok() && first_error.ok()) first_error = std::move(token.status);
     }
   });
@@ -280,7 +300,7 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   while (true) {
     Token token = loaded.Pop();
     if (token.index < 0) break;
-    const StreamedGradient& g = work[token.index];
+    const StreamedGradient& g = token.grad;
     if (token.update) {
       const Clock::time_point t0 = Clock::now();
       const StateSlot& slot = impl.slots[token.slot];

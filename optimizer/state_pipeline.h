@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -96,6 +97,19 @@ struct StreamedGradient {
   BFloat16* compute_copy = nullptr;
 };
 
+// Optional hooks of a Run, called from its stages' threads.
+struct StreamingHooks {
+  // The load stage, having reached the end of the work so far: appends gradients to stream
+  // next, in the same run (same scale, clip coefficient and hyper-parameters), and returns
+  // whether it did. So a caller whose work arrives in batches keeps one pipeline busy instead
+  // of draining it between batches. Each appended gradient is checked as Run's are; a bad one
+  // fails alone (reported in Run's result).
+  std::function<bool(std::vector<StreamedGradient>* more)> more;
+  // The store stage, after each expert's store (or its skip or failure): the expert's update
+  // is over.
+  std::function<void(uint32_t expert)> done;
+};
+
 struct StreamingReport {
   size_t updated = 0;
   size_t skipped_nonfinite = 0;
@@ -123,7 +137,8 @@ class StateStreamingUpdater {
   // (default: the options'; a schedule passes each step's). Returns the report, or the first
   // error (after the pipeline drained; other experts were processed).
   StatusOr<StreamingReport> Run(const std::vector<StreamedGradient>& work, float grad_scale,
-                                float clip_coefficient, const HyperParams* params = nullptr);
+                                float clip_coefficient, const HyperParams* params = nullptr,
+                                const StreamingHooks& hooks = {});
 
  private:
   struct Impl;

@@ -28,11 +28,11 @@
 // measures the drive's read and write GB/s through the store's engine before and after every
 // run, and reports each run's NVMe bound (read bytes / read GB/s + written bytes / write GB/s,
 // the bytes the store's engines moved) and the fraction of it reached, and the bytes per
-// updated parameter, expected and moved. Every run reports its peak RSS beside its budgets. --dump-plan
-// FILE writes the plan the session executed for the last step (the session keeps the last few),
-// with when each op ran (session.h, ExecutedPlan; written after the run's last Synchronize, so its
-// updates have ended; one strategy only). critical_path is that step's (engine/step_metrics.h), by
-// op kind.
+// updated parameter, expected and moved. Every run reports its peak RSS beside its budgets.
+// --dump-plan FILE writes the plan the session executed for the last step (the session keeps the
+// last few), with when each op ran (session.h, ExecutedPlan; written after the run's last
+// Synchronize, so its updates have ended; one strategy only). critical_path is that step's
+// (engine/step_metrics.h), by op kind.
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
@@ -48,6 +48,7 @@
 #include "engine/memory_plan.h"
 #include "engine/session.h"
 #include "offload/state_file.h"
+#include "optimizer/optimizer_config.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
@@ -317,6 +318,10 @@ struct StrategyRun {
   uint64_t experts = 0, expert_params = 0, cache_slots = 0, device_budget = 0;
   uint64_t steps = 0, tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
   uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;  // as the store's engines moved them
+  // What the placement makes an update and a fetch move on NVMe (0 with host states): per
+  // updated parameter, the optimizer's states read and written, the weights written; per
+  // expert fetched (a cache miss), its weights read.
+  uint64_t state_bytes_per_param = 0, weight_bytes_per_param = 0, fetch_bytes = 0;
   uint64_t hits = 0, misses = 0;
   double seconds = 0, stalls = 0;
   std::vector<StepMetrics> metrics;
@@ -371,6 +376,14 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   run.device_bytes = backend.device_memory().stats().used_bytes - device_before;
   for (uint32_t l = 0; l < c.layers; ++l) run.experts += session->experts_in_layer(l);
   run.expert_params = run.experts * session->expert_params();
+  if (options.placement.states_on_nvme()) {
+    run.state_bytes_per_param =
+        2 * 4 * (1 + static_cast<uint64_t>(StateArrays(options.optimizer.kind)));
+  }
+  if (options.placement.weights_on_nvme()) {
+    run.weight_bytes_per_param = DTypeSize(options.model.dtype);
+    run.fetch_bytes = session->expert_params() * run.weight_bytes_per_param;
+  }
 
   // Every strategy sees the same steps, and so does the planner (the same sampler). Where
   // kernels compute, they compute on zeros (the time of a matrix product does not depend on
@@ -410,27 +423,29 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   return run;
 }
 
-// A run's figures, per measured step. Where the device's engines keep no busy time (CUDA),
-// what needs it is null, not 0.
 // With states on NVMe: the NVMe bound of a step, read bytes / read GB/s + written bytes /
-// write GB/s (the bytes the store's engines moved, the rates measured through the same engine
-// in the same run), and the bytes per updated parameter, as the placement implies them and as
-// the engines moved them (headers and 4 KiB padding too).
+// write GB/s, where the bytes are what the placement requires of the step's updates and
+// fetches (so redundant I/O cannot raise the bound) and the rates are measured through the
+// same engine in the same run; the fraction of it a step reached; and the bytes per updated
+// parameter, required and as the store's engines moved them (headers and 4 KiB padding too;
+// an update running on into the next step counts there).
 struct NvmeFigures {
   double read_per_step = 0, written_per_step = 0, bound_seconds = 0, fraction = 0;
-  double expected_per_param = 0, moved_per_param = 0;
+  double required_per_param = 0, moved_per_param = 0;
 };
 NvmeFigures NvmeFiguresOf(const StrategyRun& run, const NvmeRates& rates) {
-  const double steps = static_cast<double>(run.steps);
+  const auto steps = static_cast<double>(run.steps);
+  const auto updated = static_cast<double>(run.updated);
+  const auto state = static_cast<double>(run.state_bytes_per_param) / 2;  // each way
   NvmeFigures f;
-  f.read_per_step = static_cast<double>(run.nvme_read_bytes) / steps;
-  f.written_per_step = static_cast<double>(run.nvme_written_bytes) / steps;
+  f.read_per_step = (updated * state + static_cast<double>(run.misses * run.fetch_bytes)) / steps;
+  f.written_per_step = updated * (state + static_cast<double>(run.weight_bytes_per_param)) / steps;
   f.bound_seconds =
       f.read_per_step / (rates.read_gbps * 1e9) + f.written_per_step / (rates.write_gbps * 1e9);
   f.fraction = f.bound_seconds / (run.seconds / steps);
-  const double updated = static_cast<double>(std::max<uint64_t>(run.updated, 1));
-  f.expected_per_param = static_cast<double>(run.nvme_bytes) / updated;
-  f.moved_per_param = static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / updated;
+  f.required_per_param = (f.read_per_step + f.written_per_step) * steps / std::max(updated, 1.0);
+  f.moved_per_param =
+      static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / std::max(updated, 1.0);
   return f;
 }
 
@@ -440,18 +455,25 @@ void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const NvmeRates&
       .BeginObject()
       .Field("read_gbps", rates.read_gbps)
       .Field("write_gbps", rates.write_gbps)
-      .Field("read_bytes_per_step", f.read_per_step)
-      .Field("written_bytes_per_step", f.written_per_step)
+      .Field("required_read_bytes_per_step", f.read_per_step)
+      .Field("required_written_bytes_per_step", f.written_per_step)
+      .Field("moved_read_bytes_per_step",
+             static_cast<double>(run.nvme_read_bytes) / static_cast<double>(run.steps))
+      .Field("moved_written_bytes_per_step",
+             static_cast<double>(run.nvme_written_bytes) / static_cast<double>(run.steps))
       .Field("bound_seconds_per_step", f.bound_seconds)
       .Field("fraction_of_nvme_bound", f.fraction)
-      .Field("expected_bytes_per_updated_param", f.expected_per_param)
+      .Field("required_bytes_per_updated_param", f.required_per_param)
       .Field("moved_bytes_per_updated_param", f.moved_per_param)
       .Field("reference",
-             "bound = read bytes / read GB/s + written bytes / write GB/s, the bytes the store's "
-             "engines moved, the rates measured through the same engine in this run")
+             "bound = read bytes / read GB/s + written bytes / write GB/s: the bytes the "
+             "placement requires of the step's updates and fetches, the rates measured through "
+             "the same engine in this run")
       .EndObject();
 }
 
+// A run's figures, per measured step. Where the device's engines keep no busy time (CUDA),
+// what needs it is null, not 0.
 void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
                   const std::optional<NvmeRates>& rates) {
   if (rates) WriteNvmeFigures(json, run, *rates);
@@ -516,8 +538,8 @@ void WriteNvmeRow(std::ostream& table, const StrategyRun& run, const NvmeRates& 
         << "nvme per step: " << HumanBytes(static_cast<uint64_t>(f.read_per_step)) << " read, "
         << HumanBytes(static_cast<uint64_t>(f.written_per_step)) << " written; bound "
         << f.bound_seconds << " s at " << rates.read_gbps << " / " << rates.write_gbps
-        << " GB/s: " << f.fraction << " of it; per updated parameter " << f.expected_per_param
-        << " B expected, " << f.moved_per_param << " B moved\n";
+        << " GB/s: " << f.fraction << " of it; per updated parameter " << f.required_per_param
+        << " B required, " << f.moved_per_param << " B moved\n";
 }
 
 void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {

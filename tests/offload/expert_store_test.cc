@@ -318,7 +318,7 @@ TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataInta
   other.layout.weights_dtype = DType::kF32;
   EXPECT_TRUE(Contains(Make(false, other).status(), "weights_dtype bf16"));
   const std::string manifest = ManifestText();
-  RewriteManifest("format 3", "format 9");
+  RewriteManifest("format 4", "format 9");
   Status format = Make(false, options_).status();
   EXPECT_EQ(format.code(), StatusCode::kFailedPrecondition);
   EXPECT_TRUE(Contains(format, "format version 9")) << format;
@@ -534,15 +534,15 @@ TEST_F(ExpertStoreTest, LayersMayHaveDifferentExpertCounts) {
       << refused;
 }
 
-// Stores of format 2 (zeros written at creation) and the state files sessions kept before the store
-// are refused, naming their version; nothing is written over them.
+// Stores of format 3 (no initial values or sharing in the manifest) and the state files sessions
+// kept before the store are refused, naming their version; nothing is written over them.
 TEST_F(ExpertStoreTest, EarlierFormatsAreRefusedNamingTheirVersion) {
   { ASSERT_TRUE(Make(true, options_).ok()); }
-  RewriteManifest("format 3", "format 2");
+  RewriteManifest("format 4", "format 3");
   const std::string before = ManifestText();
   Status old_store = Make(false, options_).status();
   EXPECT_EQ(old_store.code(), StatusCode::kFailedPrecondition);
-  EXPECT_TRUE(Contains(old_store, "has format version 2; this build reads version 3")) << old_store;
+  EXPECT_TRUE(Contains(old_store, "has format version 3; this build reads version 4")) << old_store;
   EXPECT_EQ(ManifestText(), before);
   // A directory with the session's older state files (ecss-states-<i>.bin) and no store.
   std::filesystem::create_directories(root_ + "/legacy");
@@ -876,9 +876,12 @@ TEST_F(ExpertStoreTest, ASharedExpertHoldsItsSourcesValuesUntilEitherWrites) {
   for (ExpertState state : kAll) {
     EXPECT_EQ(read(state, copy), Pattern(*store, state, 0, 0, 3)) << ExpertStateName(state);
   }
-  // Refused: itself, a source sharing another's, an expert with a state of its own.
+  // Refused: itself, a source sharing another's, an expert sharing already, sharing from one
+  // that shares, an expert with a state of its own.
   EXPECT_EQ(store->Share(source, source).code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(store->Share(source, {0, 1}).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store->Share(copy, {0, 1}).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store->Share({1, 2}, copy).code(), StatusCode::kFailedPrecondition);
   Status written = store->Share({0, 2}, source);
   EXPECT_EQ(written.code(), StatusCode::kFailedPrecondition) << written;
   EXPECT_TRUE(Contains(written, "already wrote its master")) << written;
@@ -890,10 +893,11 @@ TEST_F(ExpertStoreTest, ASharedExpertHoldsItsSourcesValuesUntilEitherWrites) {
   write(ExpertState::kMoments, copy, 9, 4);
   EXPECT_EQ(read(ExpertState::kMoments, copy), Pattern(*store, ExpertState::kMoments, 1, 0, 9));
   EXPECT_EQ(read(ExpertState::kMoments, source), Pattern(*store, ExpertState::kMoments, 0, 0, 3));
-  // Another copy, whose update is cut short after its master: both read as the source's
-  // version.
-  const ExpertId cut{1, 1};
-  ASSERT_TRUE(store->Share(cut, source).ok());
+  // Another copy, of a source at one version, whose update is cut short after its master:
+  // both read as the source's version.
+  const ExpertId cut{1, 1}, second{0, 1};
+  for (ExpertState state : kAll) write(state, second, 3, 3);
+  ASSERT_TRUE(store->Share(cut, second).ok());
   write(ExpertState::kMaster, cut, 5, 4);
   auto block = [](uint64_t bytes) {
     return std::unique_ptr<void, decltype(&std::free)>(std::aligned_alloc(4096, bytes), &std::free);
@@ -905,15 +909,22 @@ TEST_F(ExpertStoreTest, ASharedExpertHoldsItsSourcesValuesUntilEitherWrites) {
   ASSERT_TRUE(
       store->ReadStates(cut, {ExpertState::kMaster, ExpertState::kMoments}, blocks, &version).ok());
   EXPECT_EQ(version, 3u);
-  EXPECT_EQ(std::memcmp(master.get(), Pattern(*store, ExpertState::kMaster, 0, 0, 3).data(),
+  EXPECT_EQ(std::memcmp(master.get(), Pattern(*store, ExpertState::kMaster, 0, 1, 3).data(),
                         store->StateBytes(ExpertState::kMaster)),
             0);
+  // Its own first write kept the source's version beside it: the source may move on.
+  write(ExpertState::kMaster, second, 7, 4);
+  write(ExpertState::kMaster, second, 8, 5);
+  ASSERT_TRUE(
+      store->ReadStates(cut, {ExpertState::kMaster, ExpertState::kMoments}, blocks, &version).ok());
+  EXPECT_EQ(version, 3u);
   // Closed and reopened: still shared; the source's next write still leaves the copy alone.
   ASSERT_TRUE(store->Close().ok());
   store = std::move(Make(false, options_)).value();
-  EXPECT_EQ(store->SourceOf(cut), source);
+  EXPECT_EQ(store->SourceOf(cut), second);
+  write(ExpertState::kWeights, second, 6, 6);
+  EXPECT_EQ(read(ExpertState::kWeights, cut), Pattern(*store, ExpertState::kWeights, 0, 1, 3));
   write(ExpertState::kWeights, source, 6, 5);
-  EXPECT_EQ(read(ExpertState::kWeights, cut), Pattern(*store, ExpertState::kWeights, 0, 0, 3));
   EXPECT_EQ(read(ExpertState::kWeights, copy), Pattern(*store, ExpertState::kWeights, 0, 0, 3));
   EXPECT_EQ(read(ExpertState::kGradient, copy), Pattern(*store, ExpertState::kGradient, 0, 0, 3));
 }

@@ -101,9 +101,29 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
         }
         ASSERT_TRUE(reference->FinishStep().ok());
         ASSERT_TRUE(reference->Synchronize().ok());
-        StatusOr<StreamingReport> report = (*updater)->Run(work, 2.0f, 1.0f);
+        // From step 2 on, the work arrives in batches of one that join the run (the hooks'
+        // `more`), and each expert is reported done once stored, in order.
+        StreamingHooks hooks;
+        std::vector<StreamedGradient> first = work, later;
+        std::vector<uint32_t> done;
+        if (step > 1) {
+          first.assign(work.begin(), work.begin() + 1);
+          later.assign(work.begin() + 1, work.end());
+          hooks.more = [&](std::vector<StreamedGradient>* more) {
+            if (later.empty()) return false;
+            more->assign(later.begin(), later.begin() + 1);
+            later.erase(later.begin());
+            return true;
+          };
+          hooks.done = [&](uint32_t expert) { done.push_back(expert); };
+        }
+        StatusOr<StreamingReport> report = (*updater)->Run(first, 2.0f, 1.0f, nullptr, hooks);
         ASSERT_TRUE(report.ok()) << report.status();
         EXPECT_EQ(report->updated, work.size());
+        if (step > 1) {
+          ASSERT_EQ(done.size(), work.size());
+          for (size_t i = 0; i < work.size(); ++i) EXPECT_EQ(done[i], work[i].expert);
+        }
       }
       for (uint32_t e = 0; e < kSizes.size(); ++e) {
         EXPECT_EQ(tier.master(e), master[e]) << "expert " << e << " buffers " << buffers;
