@@ -318,6 +318,9 @@ struct StrategyRun {
   uint64_t experts = 0, expert_params = 0, cache_slots = 0, device_budget = 0;
   uint64_t steps = 0, tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
   uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;  // as the store's engines moved them
+  // The same over the measured steps but the first (which also counts the warm-up's updates,
+  // finished before it began), and the parameters those steps updated.
+  uint64_t moved_bytes = 0, moved_updated = 0;
   // What the placement makes an update and a fetch move on NVMe (0 with host states): per
   // updated parameter, the optimizer's states read and written, the weights written; per
   // expert fetched (a cache miss), its weights read.
@@ -342,6 +345,8 @@ struct StrategyRun {
     nvme_bytes += other.nvme_bytes;
     nvme_read_bytes += other.nvme_read_bytes;
     nvme_written_bytes += other.nvme_written_bytes;
+    moved_bytes += other.moved_bytes;
+    moved_updated += other.moved_updated;
     updated += other.updated;
     hits += other.hits;
     misses += other.misses;
@@ -390,14 +395,18 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   // its values, and uninitialised memory could hold NaNs).
   plan::StepSampler sampler(options, static_cast<uint32_t>(c.per_step),
                             static_cast<uint32_t>(c.seq), c.seed);
-  ECSS_ASSIGN_OR_RETURN(
-      const std::vector<StepStats> stats,
-      plan::RunSampledSteps(*session, backend, options, sampler, static_cast<uint32_t>(c.steps)));
+  // The measured steps' time: from the warm-up's updates finished to the last step's (a step
+  // whose updates run on into the next must not leave the last one's out, nor inherit the
+  // warm-up's).
+  plan::MeasuredWindow window;
+  window.warmup = static_cast<uint32_t>(c.warmup);
+  ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
+                        plan::RunSampledSteps(*session, backend, options, sampler,
+                                              static_cast<uint32_t>(c.steps), &window));
   for (uint64_t step = c.warmup; step < stats.size(); ++step) {
     const StepStats& s = stats[step];
     ++run.steps;
     run.metrics.push_back(s.metrics);
-    run.seconds += s.seconds;
     run.stalls += s.stalls.total();
     run.tokens += s.tokens;
     run.h2d_bytes += s.h2d_bytes;
@@ -405,10 +414,15 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     run.nvme_bytes += s.nvme_bytes;
     run.nvme_read_bytes += s.nvme_read_bytes;
     run.nvme_written_bytes += s.nvme_written_bytes;
+    if (step > c.warmup) {
+      run.moved_bytes += s.nvme_read_bytes + s.nvme_written_bytes;
+      run.moved_updated += s.updated_params;
+    }
     run.updated += s.updated_params;
     run.hits += s.cache_hits;
     run.misses += s.cache_misses;
   }
+  run.seconds = window.seconds;
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   run.peak_rss_bytes = PeakRssBytes();
@@ -428,7 +442,8 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
 // fetches (so redundant I/O cannot raise the bound) and the rates are measured through the
 // same engine in the same run; the fraction of it a step reached; and the bytes per updated
 // parameter, required and as the store's engines moved them (headers and 4 KiB padding too;
-// an update running on into the next step counts there).
+// an update running on into the next step counts there, so the first measured step, which
+// also counts the warm-up's, is left out).
 struct NvmeFigures {
   double read_per_step = 0, written_per_step = 0, bound_seconds = 0, fraction = 0;
   double required_per_param = 0, moved_per_param = 0;
@@ -445,7 +460,7 @@ NvmeFigures NvmeFiguresOf(const StrategyRun& run, const NvmeRates& rates) {
   f.fraction = f.bound_seconds / (run.seconds / steps);
   f.required_per_param = (f.read_per_step + f.written_per_step) * steps / std::max(updated, 1.0);
   f.moved_per_param =
-      static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / std::max(updated, 1.0);
+      static_cast<double>(run.moved_bytes) / std::max(static_cast<double>(run.moved_updated), 1.0);
   return f;
 }
 

@@ -400,7 +400,8 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
 
 StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
                                                  const SessionOptions& options,
-                                                 StepSampler& sampler, uint32_t steps) {
+                                                 StepSampler& sampler, uint32_t steps,
+                                                 MeasuredWindow* window) {
   const ModelSpec& m = options.model;
   const uint64_t bytes =
       uint64_t{options.limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);
@@ -410,7 +411,12 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
   ECSS_RETURN_IF_ERROR(backend.MemsetAsync(session.compute_stream(), y.data(), 0, bytes));
   const bool gated = options.routing == Routing::kLearnedGate;
   std::vector<StepStats> stats;
+  auto window_start = std::chrono::steady_clock::now();
   for (uint32_t step = 0; step < steps; ++step) {
+    if (window != nullptr && step == window->warmup) {
+      ECSS_RETURN_IF_ERROR(session.Synchronize());
+      window_start = std::chrono::steady_clock::now();
+    }
     const std::vector<MicroBatch>& batches = sampler.NextStep();
     ECSS_RETURN_IF_ERROR(session.BeginStep(batches));
     for (uint32_t mb = 0; mb < batches.size(); ++mb) {
@@ -431,6 +437,10 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
     stats.push_back(std::move(s));
   }
   ECSS_RETURN_IF_ERROR(session.Synchronize());
+  if (window != nullptr) {
+    window->seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
+  }
   return stats;
 }
 

@@ -89,10 +89,19 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
 
 // Runs `steps` steps of `session` on `backend` with the sampler's micro-batches (and gate
 // choices), as a training loop calls it: per micro-batch Forward of every layer, then
-// Backward of every layer, last first, on zero activations. Returns each step's stats.
+// Backward of every layer, last first, on zero activations, and waits for the updates.
+// Returns each step's stats. With `window`: after the first `warmup` steps it also waits for
+// their updates, and *window is the time from then until the last step's updates finished:
+// the measured steps' whole work, updates that run on past a step included (what an ecss
+// step leaves to the next is not left out of the last one's).
+struct MeasuredWindow {
+  uint32_t warmup = 0;
+  double seconds = 0;
+};
 StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
                                                  const SessionOptions& options,
-                                                 StepSampler& sampler, uint32_t steps);
+                                                 StepSampler& sampler, uint32_t steps,
+                                                 MeasuredWindow* window = nullptr);
 
 struct TierUse {
   std::string tier;     // "device", "pinned", "host", "nvme"
