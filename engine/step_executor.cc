@@ -730,7 +730,12 @@ Status StepExecutor::StartHeldUpdate() {
     }
   }
   submitted_ = static_cast<uint32_t>(held_.size());
-  ECSS_ASSIGN_OR_RETURN(started_report_, updater().FinishStep());
+  StatusOr<StepReport> finished = updater().FinishStep();
+  if (!finished.ok()) {
+    updater().AbortStep().IgnoreError();  // nothing of it applied: Begin retries them once
+    return finished.status();
+  }
+  started_report_ = *finished;
   // Released as the previous step's: their update has started, so a later Take may wait.
   for (ExpertId id : held_) table_.ReleaseGradient(id, recording_ - 1);
   started_ = std::move(held_);
