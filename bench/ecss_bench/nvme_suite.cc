@@ -113,6 +113,7 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string engine_name, args.String("engine", "uring"));
   ECSS_ASSIGN_OR_RETURN(std::string with_fio, args.String("fio", "auto"));
   ECSS_ASSIGN_OR_RETURN(uint64_t samples, args.Uint("samples", 3));
+  ECSS_ASSIGN_OR_RETURN(uint64_t fixed_buffers, args.Uint("fixed-buffers", 1));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   ECSS_ASSIGN_OR_RETURN(IoEngineKind kind, ParseIoEngineKind(engine_name));
   if (with_fio != "auto" && with_fio != "yes" && with_fio != "no") {
@@ -133,7 +134,7 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
   ECSS_ASSIGN_OR_RETURN(Buffer buffers, pool->Allocate(depth * block, MemoryTag::kStaging));
   std::memset(buffers.data(), 0x5a, buffers.size());
-  const bool registered = kind == IoEngineKind::kUring &&
+  const bool registered = kind == IoEngineKind::kUring && fixed_buffers != 0 &&
                           RegisterIoBuffers(*engine, pool->region(), pool->region_bytes()).ok();
   const std::string path = dir + "/ecss-nvme-bench.dat";
   StatusOr<IoFileId> file = engine->Open(path, OpenMode::kCreate);
