@@ -579,6 +579,33 @@ void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
         << HumanBytes(run.peak_rss_bytes) << "\n";
 }
 
+// States on NVMe: refuses a --dir without room for the largest run's store at its full size
+// (and the rate measurement's file); returns one state array's bytes (the store's requests).
+StatusOr<size_t> CheckNvmeRoom(const StepConfig& c, Backend& backend,
+                               const std::map<Strategy, uint64_t>& budgets) {
+  uint64_t need = 0;
+  size_t block = 0;
+  for (Strategy strategy : c.strategies) {
+    ECSS_ASSIGN_OR_RETURN(SessionOptions options, OptionsFor(c, strategy));
+    options.budgets.device_bytes = budgets.at(strategy);
+    options.placement.nvme_dirs = {c.dir};  // a directory of its own under it, in the run
+    ECSS_ASSIGN_OR_RETURN(const MemoryPlan plan, Session::PlanMemoryOn(backend, options));
+    need = std::max(need, plan.nvme_bytes);
+    block = StateArrayBytes(plan.params);
+  }
+  std::error_code error;
+  const std::filesystem::space_info space = std::filesystem::space(c.dir, error);
+  if (error) return NotFoundError(StrCat("--dir ", c.dir, ": ", error.message()));
+  if (space.available < need + (uint64_t{1} << 30)) {
+    return ResourceExhaustedError(
+        StrCat("--dir ", c.dir, " has ", HumanBytes(space.available),
+               " free; a run's expert store takes ", HumanBytes(need),
+               " once every expert is written (shadow slots included), and the rate "
+               "measurement 1 GiB: choose a smaller model or another --dir"));
+  }
+  return block;
+}
+
 }  // namespace
 
 Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
@@ -616,25 +643,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   std::vector<double> read_gbps, write_gbps;
   size_t rate_block = 0;
   if (c.states == "nvme") {
-    uint64_t need = 0;
-    for (Strategy strategy : c.strategies) {
-      ECSS_ASSIGN_OR_RETURN(SessionOptions options, OptionsFor(c, strategy));
-      options.budgets.device_bytes = budgets[strategy];
-      options.placement.nvme_dirs = {c.dir};  // a directory of its own under it, in the run
-      ECSS_ASSIGN_OR_RETURN(const MemoryPlan plan, Session::PlanMemoryOn(*backend, options));
-      need = std::max(need, plan.nvme_bytes);
-      rate_block = StateArrayBytes(plan.params);
-    }
-    std::error_code error;
-    const std::filesystem::space_info space = std::filesystem::space(c.dir, error);
-    if (error) return NotFoundError(StrCat("--dir ", c.dir, ": ", error.message()));
-    if (space.available < need + (uint64_t{1} << 30)) {
-      return ResourceExhaustedError(
-          StrCat("--dir ", c.dir, " has ", HumanBytes(space.available),
-                 " free; a run's expert store takes ", HumanBytes(need),
-                 " once every expert is written (shadow slots included), and the rate "
-                 "measurement 1 GiB: choose a smaller model or another --dir"));
-    }
+    ECSS_ASSIGN_OR_RETURN(rate_block, CheckNvmeRoom(c, *backend, budgets));
   }
   auto measure_rates = [&]() -> Status {
     if (rate_block == 0) return Status::Ok();
