@@ -230,13 +230,6 @@ ScratchDir::~ScratchDir() {
   std::filesystem::remove_all(path_, error);
 }
 
-double Median(std::vector<double> values) {
-  if (values.empty()) return 0;
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 ? values[mid] : (values[mid - 1] + values[mid]) / 2;
-}
-
 }  // namespace ecss::bench
 
 int main(int argc, char** argv) { return ecss::bench::Run(argc, argv); }

@@ -39,43 +39,6 @@ StatusOr<double> RunIoPattern(IoEngine& engine, IoFileId file, const Pattern& pa
   return TransferGbps(engine, file, pattern.op, pattern.random, blocks, block, buffers);
 }
 
-StatusOr<NvmeRates> MeasureNvmeRates(const std::string& dir, size_t block, uint64_t bytes,
-                                     int samples) {
-  IoEngineOptions io;
-  io.queue_depth = 8;  // the store's engines' (CreateIoEngine's default factory)
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(io));
-  PinnedPoolOptions pool_options;
-  pool_options.name = "nvme rate buffers";
-  pool_options.capacity_bytes = io.queue_depth * block;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
-  ECSS_ASSIGN_OR_RETURN(Buffer buffers,
-                        pool->Allocate(io.queue_depth * block, MemoryTag::kStaging));
-  std::memset(buffers.data(), 0x5a, buffers.size());
-  const std::string path = dir + "/ecss-bench-rates.dat";
-  StatusOr<IoFileId> file = engine->Open(path, OpenMode::kCreate);
-  if (!file.ok()) return file.status().Annotate(StrCat("measuring NVMe rates in ", dir));
-  const uint64_t blocks = std::max<uint64_t>(1, bytes / block);
-  auto measure = [&]() -> StatusOr<NvmeRates> {
-    ECSS_RETURN_IF_ERROR(engine->Allocate(*file, blocks * block));
-    ECSS_RETURN_IF_ERROR(
-        RunIoPattern(*engine, *file, kPatterns[0], blocks, block, buffers.as<uint8_t>()).status());
-    std::vector<double> reads, writes;
-    for (int s = 0; s < samples; ++s) {
-      ECSS_ASSIGN_OR_RETURN(double w, RunIoPattern(*engine, *file, kPatterns[0], blocks, block,
-                                                   buffers.as<uint8_t>()));
-      ECSS_ASSIGN_OR_RETURN(double r, RunIoPattern(*engine, *file, kPatterns[1], blocks, block,
-                                                   buffers.as<uint8_t>()));
-      writes.push_back(w);
-      reads.push_back(r);
-    }
-    return NvmeRates{Median(reads), Median(writes)};
-  };
-  StatusOr<NvmeRates> rates = measure();
-  engine->Close(*file).IgnoreError();
-  ::unlink(path.c_str());
-  return rates;
-}
-
 namespace {
 
 bool HaveFio() {

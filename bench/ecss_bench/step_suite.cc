@@ -448,7 +448,7 @@ struct NvmeFigures {
   double read_per_step = 0, written_per_step = 0, bound_seconds = 0, fraction = 0;
   double required_per_param = 0, moved_per_param = 0;
 };
-NvmeFigures NvmeFiguresOf(const StrategyRun& run, const NvmeRates& rates) {
+NvmeFigures NvmeFiguresOf(const StrategyRun& run, const SequentialRates& rates) {
   const auto steps = static_cast<double>(run.steps);
   const auto updated = static_cast<double>(run.updated);
   const auto state = static_cast<double>(run.state_bytes_per_param) / 2;  // each way
@@ -464,7 +464,7 @@ NvmeFigures NvmeFiguresOf(const StrategyRun& run, const NvmeRates& rates) {
   return f;
 }
 
-void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const NvmeRates& rates) {
+void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const SequentialRates& rates) {
   const NvmeFigures f = NvmeFiguresOf(run, rates);
   json.Key("nvme")
       .BeginObject()
@@ -490,7 +490,7 @@ void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const NvmeRates&
 // A run's figures, per measured step. Where the device's engines keep no busy time (CUDA),
 // what needs it is null, not 0.
 void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
-                  const std::optional<NvmeRates>& rates) {
+                  const std::optional<SequentialRates>& rates) {
   if (rates) WriteNvmeFigures(json, run, *rates);
   const double unknown = std::numeric_limits<double>::quiet_NaN();  // written as null
   const double steps = static_cast<double>(run.steps);
@@ -547,7 +547,7 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
   json.EndArray();
 }
 
-void WriteNvmeRow(std::ostream& table, const StrategyRun& run, const NvmeRates& rates) {
+void WriteNvmeRow(std::ostream& table, const StrategyRun& run, const SequentialRates& rates) {
   const NvmeFigures f = NvmeFiguresOf(run, rates);
   table << std::setprecision(2) << "  " << std::left << std::setw(13) << "" << std::right
         << "nvme per step: " << HumanBytes(static_cast<uint64_t>(f.read_per_step)) << " read, "
@@ -639,7 +639,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                         create(largest + activations + (uint64_t{16} << 20)));
   // States on NVMe: the store must fit --dir, and the drive's rates are measured around every
   // run (the same engine, the store's requests: one state array each).
-  std::optional<NvmeRates> rates;
+  std::optional<SequentialRates> rates;
   std::vector<double> read_gbps, write_gbps;
   size_t rate_block = 0;
   if (c.states == "nvme") {
@@ -647,8 +647,13 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   }
   auto measure_rates = [&]() -> Status {
     if (rate_block == 0) return Status::Ok();
-    ECSS_ASSIGN_OR_RETURN(const NvmeRates r,
-                          MeasureNvmeRates(c.dir, rate_block, uint64_t{1} << 30));
+    // Through the engine the store makes (CreateIoEngine's default factory: queue depth 8),
+    // in requests of one state array each.
+    IoEngineOptions io;
+    io.queue_depth = 8;
+    ECSS_ASSIGN_OR_RETURN(const SequentialRates r,
+                          MeasureSequentialRates(c.dir + "/ecss-bench-rates.dat", io, rate_block,
+                                                 uint64_t{1} << 30, 2));
     read_gbps.push_back(r.read_gbps);
     write_gbps.push_back(r.write_gbps);
     return Status::Ok();
@@ -677,7 +682,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     }
   }
 
-  if (!read_gbps.empty()) rates = NvmeRates{Median(read_gbps), Median(write_gbps)};
+  if (!read_gbps.empty()) rates = SequentialRates{Median(read_gbps), Median(write_gbps)};
   const StrategyRun& first = runs[c.strategies.front()];
   json.Field("routing", c.gated ? "gate (reactive)" : "rre")
       .Field("delayed_update", c.delayed)

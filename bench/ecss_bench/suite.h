@@ -10,6 +10,7 @@
 #include "bench/ecss_bench/bench_args.h"
 #include "offload/io/io_engine.h"
 #include "runtime/base/json_writer.h"
+#include "runtime/base/median.h"
 
 namespace ecss::bench {
 
@@ -27,9 +28,6 @@ struct MachineInfo {
   uint64_t memory_bytes = 0;
 };
 MachineInfo DescribeMachine();
-
-// Median of a small sample (copies it).
-double Median(std::vector<double> values);
 
 // A directory of the run's own under `parent` (PREFIX-XXXXXX), removed with everything in it
 // when the object goes: where a suite keeps an expert store, which never overwrites one.
@@ -55,15 +53,6 @@ struct Pattern {
 // Moves every block of `file` once through `engine`, its queue kept full; returns GB/s.
 StatusOr<double> RunIoPattern(IoEngine& engine, IoFileId file, const Pattern& pattern,
                               uint64_t blocks, size_t block, uint8_t* buffers);
-
-// Sequential read and write GB/s of `block`-byte requests in `dir`, as the expert store moves
-// its states: through the engine it makes (CreateFileIoEngine, queue depth 8) on a scratch file
-// of `bytes` (laid out first, untimed; removed after), each the median of `samples` passes.
-struct NvmeRates {
-  double read_gbps = 0, write_gbps = 0;
-};
-StatusOr<NvmeRates> MeasureNvmeRates(const std::string& dir, size_t block, uint64_t bytes,
-                                     int samples = 2);
 
 // The suites. Each lives in its own file.
 Status RunDeviceSuite(BenchArgs& args, JsonWriter& json, std::ostream& table);

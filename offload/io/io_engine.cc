@@ -1,9 +1,15 @@
 #include "offload/io/io_engine.h"
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 #include "offload/io/io_engines.h"
+#include "runtime/base/median.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 
@@ -148,6 +154,45 @@ StatusOr<double> TransferGbps(IoEngine& engine, IoFileId file, IoOp op, bool ran
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return static_cast<double>(blocks * block) / seconds / 1e9;
+}
+
+StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
+                                                 const IoEngineOptions& options, size_t block,
+                                                 uint64_t bytes, int passes) {
+  if (block == 0 || block % 4096 != 0 || passes < 1) {
+    return InvalidArgumentError("rate measurement: block a multiple of 4 KiB, passes >= 1");
+  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(options));
+  const size_t buffer_bytes = size_t{engine->queue_depth()} * block;
+  std::unique_ptr<void, decltype(&std::free)> buffers(std::aligned_alloc(4096, buffer_bytes),
+                                                      &std::free);
+  if (buffers == nullptr) return ResourceExhaustedError("rate measurement: no buffer memory");
+  std::memset(buffers.get(), 0x5a, buffer_bytes);
+  auto* data = static_cast<uint8_t*>(buffers.get());
+  ECSS_ASSIGN_OR_RETURN(IoFileId file, engine->Open(path, OpenMode::kCreate));
+  const uint64_t blocks = std::max<uint64_t>(1, bytes / block);
+  std::vector<double> reads, writes;
+  auto measure = [&]() -> Status {
+    ECSS_RETURN_IF_ERROR(engine->Allocate(file, blocks * block));
+    // Laid out once, untimed: later writes overwrite written blocks, as a store's do.
+    ECSS_RETURN_IF_ERROR(
+        TransferGbps(*engine, file, IoOp::kWrite, false, blocks, block, data).status());
+    for (int pass = 0; pass < passes; ++pass) {
+      ECSS_ASSIGN_OR_RETURN(double w,
+                            TransferGbps(*engine, file, IoOp::kWrite, false, blocks, block, data));
+      ECSS_RETURN_IF_ERROR(engine->Sync(file));
+      ECSS_ASSIGN_OR_RETURN(double r,
+                            TransferGbps(*engine, file, IoOp::kRead, false, blocks, block, data));
+      writes.push_back(w);
+      reads.push_back(r);
+    }
+    return Status::Ok();
+  }();
+  const Status closed = engine->Close(file);
+  ::unlink(path.c_str());
+  ECSS_RETURN_IF_ERROR(measure.Annotate(StrCat("measuring the drive's rates with '", path, "'")));
+  ECSS_RETURN_IF_ERROR(closed);
+  return SequentialRates{Median(reads), Median(writes)};
 }
 
 }  // namespace ecss

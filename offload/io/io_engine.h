@@ -107,6 +107,19 @@ Status WriteAt(IoEngine& engine, IoFileId file, uint64_t offset, const void* buf
 StatusOr<double> TransferGbps(IoEngine& engine, IoFileId file, IoOp op, bool random,
                               uint64_t blocks, size_t block, uint8_t* buffers);
 
+struct IoEngineOptions;
+
+// Sequential write and read GB/s of a drive: `bytes` in `block`-byte requests on a scratch file
+// at `path` (reserved and laid out first, untimed; removed after), through an engine that
+// CreateFileIoEngine(options) makes; each the median of `passes` (a write, its fdatasync,
+// then a read).
+struct SequentialRates {
+  double read_gbps = 0, write_gbps = 0;
+};
+StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
+                                                 const IoEngineOptions& options, size_t block,
+                                                 uint64_t bytes, int passes);
+
 enum class IoEngineKind : uint8_t { kUring, kPosix, kMemory };
 std::string_view IoEngineKindName(IoEngineKind kind);
 StatusOr<IoEngineKind> ParseIoEngineKind(std::string_view name);

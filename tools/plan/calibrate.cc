@@ -13,17 +13,11 @@
 #include "offload/io/io_engine.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
-#include "runtime/device/pinned_pool.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tools/plan/planner.h"
 
 namespace ecss::plan {
 namespace {
-
-double Median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  return values[values.size() / 2];
-}
 
 // The CPU optimizer as a session drives it: ecss steps of a model of `expert_params`-parameter
 // experts (AdamW, states in host memory) on the simulated device in timed mode, updated
@@ -75,7 +69,6 @@ struct NvmeRates {
 };
 
 StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
-  constexpr size_t kBlock = size_t{1} << 20;
   struct statfs fs {};
   if (statfs(o.dir.c_str(), &fs) != 0) {
     return NotFoundError(
@@ -87,40 +80,13 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
   }
   IoEngineOptions io;
   io.queue_depth = 32;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(io));
-  PinnedPoolOptions pool_options;
-  pool_options.name = "calibration buffers";
-  pool_options.capacity_bytes = io.queue_depth * kBlock;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
-  ECSS_ASSIGN_OR_RETURN(Buffer buffers,
-                        pool->Allocate(io.queue_depth * kBlock, MemoryTag::kStaging));
-  std::fill_n(buffers.as<uint8_t>(), buffers.size(), uint8_t{0x5a});
-  const std::string path = (std::filesystem::path(o.dir) / "ecss-plan-calibration.dat").string();
-  ECSS_ASSIGN_OR_RETURN(IoFileId file, engine->Open(path, OpenMode::kCreate));
-  const uint64_t blocks = o.nvme_bytes / kBlock;
-  std::vector<double> reads, writes;
-  Status status = engine->Allocate(file, blocks * kBlock);
-  for (int pass = 0; pass < 3 && status.ok(); ++pass) {
-    StatusOr<double> w =
-        TransferGbps(*engine, file, IoOp::kWrite, false, blocks, kBlock, buffers.as<uint8_t>());
-    if (w.ok()) status = engine->Sync(file);
-    StatusOr<double> r =
-        TransferGbps(*engine, file, IoOp::kRead, false, blocks, kBlock, buffers.as<uint8_t>());
-    if (!w.ok() || !r.ok()) {
-      status = w.ok() ? r.status() : w.status();
-      break;
-    }
-    writes.push_back(*w);
-    reads.push_back(*r);
-  }
-  const Status closed = engine->Close(file);
-  std::error_code ignored;
-  std::filesystem::remove(path, ignored);
-  ECSS_RETURN_IF_ERROR(status.Annotate(StrCat("calibrating NVMe in ", o.dir)));
-  ECSS_RETURN_IF_ERROR(closed);
+  ECSS_ASSIGN_OR_RETURN(
+      const SequentialRates measured,
+      MeasureSequentialRates((std::filesystem::path(o.dir) / "ecss-plan-calibration.dat").string(),
+                             io, size_t{1} << 20, o.nvme_bytes, 3));
   NvmeRates rates;
-  rates.read_gbps = Median(reads);
-  rates.write_gbps = Median(writes);
+  rates.read_gbps = measured.read_gbps;
+  rates.write_gbps = measured.write_gbps;
   rates.capacity_gib = static_cast<double>(fs.f_blocks) * fs.f_bsize / (1024.0 * 1024 * 1024);
   return rates;
 }
