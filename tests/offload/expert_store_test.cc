@@ -927,6 +927,18 @@ TEST_F(ExpertStoreTest, ASharedExpertHoldsItsSourcesValuesUntilEitherWrites) {
   write(ExpertState::kWeights, source, 6, 5);
   EXPECT_EQ(read(ExpertState::kWeights, copy), Pattern(*store, ExpertState::kWeights, 0, 0, 3));
   EXPECT_EQ(read(ExpertState::kGradient, copy), Pattern(*store, ExpertState::kGradient, 0, 0, 3));
+  // A manifest whose sharing names no pair of experts, a pair twice or a chain is DataLoss.
+  ASSERT_TRUE(store->Close().ok());
+  store.reset();
+  const std::string manifest = ManifestText();
+  for (const char* bad :
+       {"shared 3:0 4:1 99:0", "shared 3:0 4:1 3:2", "shared 3:0 4:1 2:4", "shared 3:0 4:1 5:x"}) {
+    RewriteManifest("shared 3:0 4:1", bad);
+    Status damaged = Make(false, options_).status();
+    EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << bad << ": " << damaged;
+    std::ofstream(root_ + "/a/ecss-store.manifest") << manifest;
+  }
+  EXPECT_TRUE(Make(false, options_).ok());
 }
 
 }  // namespace
