@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <numeric>
+#include <random>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -26,10 +28,12 @@ namespace {
 // 2: per-layer expert counts, optimizer states (versions in the files' headers).
 // 3: sparse files (unwritten experts read as their initial values), split at max_file_bytes.
 // 4: the initial values' name and shared experts in the manifest.
-constexpr uint32_t kFormat = 4;
+// 5: the store's id and generation, in the manifest and every state file's header.
+constexpr uint32_t kFormat = 5;
 // The NVMe state files that sessions kept master weights and moments in before the store did.
 constexpr char kLegacyStateFile[] = "ecss-states-0.bin";
 constexpr char kManifestName[] = "ecss-store.manifest";
+constexpr char kLockName[] = "ecss-store.lock";
 constexpr char kManifestMagic[] = "ecss-expert-store";
 constexpr ExpertState kStates[kExpertStates] = {ExpertState::kWeights, ExpertState::kMaster,
                                                 ExpertState::kMoments, ExpertState::kGradient};
@@ -41,11 +45,21 @@ std::string ManifestPath(const ExpertStoreOptions& options) {
   return StrCat(options.dirs[0], "/", kManifestName);
 }
 
+// The lock that says a store object owns the directory (FileLock), when it has one.
+StatusOr<std::unique_ptr<FileLock>> LockDirectory(const ExpertStoreOptions& options) {
+  if (options.dirs.empty()) return std::unique_ptr<FileLock>();
+  return FileLock::Acquire(StrCat(options.dirs[0], "/", kLockName),
+                           StrCat("the expert store in '", options.dirs[0], "'"));
+}
+
 uint64_t RoundUp(uint64_t value, uint64_t to) { return (value + to - 1) / to * to; }
 
 // What a manifest says. Its text is one "key value" per line, then "crc <hex>" of the rest.
 struct Manifest {
   uint32_t format = 0;
+  uint64_t store_id = 0;
+  uint64_t generation = 0;
+  uint64_t previous_generation = 0;  // StateFileOptions::previous_generation
   ExpertStoreLayout layout;
   uint32_t dirs = 0;
   std::array<Tier, kExpertStates> placement{};
@@ -57,7 +71,9 @@ struct Manifest {
 };
 
 std::string FormatManifest(const Manifest& m) {
-  std::string text = StrCat(kManifestMagic, "\nformat ", m.format, "\nexperts_per_layer");
+  std::string text =
+      StrCat(kManifestMagic, "\nformat ", m.format, "\nstore ", m.store_id, "\ngeneration ",
+             m.generation, "\nprevious_generation ", m.previous_generation, "\nexperts_per_layer");
   for (uint32_t n : m.layout.experts_per_layer) text += StrCat(" ", n);
   text += StrCat("\nparams_per_expert ", m.layout.params_per_expert, "\nweights_dtype ",
                  DTypeName(m.layout.weights_dtype), "\nmoments ", m.layout.moments, "\ndirs ",
@@ -76,76 +92,110 @@ std::string FormatManifest(const Manifest& m) {
   return StrCat(text, "crc ", crc, "\n");
 }
 
+// A whole token as a number no larger than `max` (digits only).
+bool ParseNumber(std::string_view token, uint64_t max, uint64_t* value) {
+  const char* end = token.data() + token.size();
+  auto [stop, error] = std::from_chars(token.data(), end, *value);
+  return !token.empty() && error == std::errc() && stop == end && *value <= max;
+}
+
+// Strict: every key of this format exactly once, in any order, each with exactly its values,
+// and nothing after the crc line; anything else is DataLoss naming the line. A manifest of
+// another format is returned with only `format` set (the caller names the version).
 StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& text) {
-  const size_t crc_at = text.rfind("crc ");
   const Status damaged = DataLossError(StrCat("expert store manifest '", path, "' is damaged"));
-  if (text.rfind(kManifestMagic, 0) != 0) {
+  if (text.rfind(StrCat(kManifestMagic, "\n"), 0) != 0) {
     return DataLossError(StrCat("'", path, "' is not an expert store manifest"));
   }
-  if (crc_at == std::string::npos) return damaged;
+  // The last line: "crc " and 8 hex digits of every byte before it.
+  const size_t crc_at = text.rfind("\ncrc ");
+  if (crc_at == std::string::npos || text.size() != crc_at + 14 || text.back() != '\n') {
+    return damaged.Annotate("its last line is not its checksum");
+  }
   char crc[16];
-  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), crc_at));
-  if (text.compare(crc_at + 4, 8, crc) != 0) return damaged.Annotate("checksum mismatch");
+  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), crc_at + 1));
+  if (text.compare(crc_at + 5, 8, crc) != 0) return damaged.Annotate("checksum mismatch");
   Manifest m;
-  std::istringstream in(text.substr(0, crc_at));
+  std::set<std::string> seen;
+  std::istringstream in(text.substr(0, crc_at + 1));
   std::string line;
   std::getline(in, line);  // the magic
   while (std::getline(in, line)) {
     std::istringstream fields(line);
-    std::string key;
+    std::string key, token;
     fields >> key;
+    std::vector<std::string> values;
+    while (fields >> token) values.push_back(token);
+    const Status bad = damaged.Annotate(StrCat("line '", line, "'"));
+    if (key.empty() || !seen.insert(key).second) return bad;  // blank, or a key twice
+    uint64_t number = 0;
+    auto one_number = [&](uint64_t max) {
+      return values.size() == 1 && ParseNumber(values[0], max, &number);
+    };
     if (key == "format") {
-      fields >> m.format;
-      if (m.format != kFormat) return m;  // the caller names the version; its keys may differ
+      if (!one_number(UINT32_MAX)) return bad;
+      m.format = static_cast<uint32_t>(number);
+      if (m.format != kFormat) return m;  // its keys may differ
+    } else if (key == "store" || key == "generation" || key == "previous_generation" ||
+               key == "params_per_expert" || key == "max_file_bytes") {
+      if (!one_number(UINT64_MAX)) return bad;
+      (key == "store"                 ? m.store_id
+       : key == "generation"          ? m.generation
+       : key == "previous_generation" ? m.previous_generation
+       : key == "params_per_expert"   ? m.layout.params_per_expert
+                                      : m.max_file_bytes) = number;
+    } else if (key == "moments" || key == "dirs") {
+      if (!one_number(UINT32_MAX)) return bad;
+      (key == "moments" ? m.layout.moments : m.dirs) = static_cast<uint32_t>(number);
     } else if (key == "experts_per_layer") {
-      uint32_t n = 0;
-      while (fields >> n) m.layout.experts_per_layer.push_back(n);
-      fields.clear();
-    } else if (key == "params_per_expert") {
-      fields >> m.layout.params_per_expert;
-    } else if (key == "weights_dtype") {
-      std::string name;
-      fields >> name;
-      ECSS_ASSIGN_OR_RETURN(m.layout.weights_dtype, ParseDType(name));
-    } else if (key == "moments") {
-      fields >> m.layout.moments;
-    } else if (key == "dirs") {
-      fields >> m.dirs;
-    } else if (key == "placement") {
-      std::string entry;
-      for (ExpertState state : kStates) {
-        fields >> entry;
-        const std::string prefix = StrCat(ExpertStateName(state), "=");
-        if (entry.rfind(prefix, 0) != 0) return damaged.Annotate(StrCat("placement: ", entry));
-        ECSS_ASSIGN_OR_RETURN(m.placement[static_cast<int>(state)],
-                              ParseTier(entry.substr(prefix.size())));
+      for (const std::string& value : values) {
+        if (!ParseNumber(value, UINT32_MAX, &number)) return bad;
+        m.layout.experts_per_layer.push_back(static_cast<uint32_t>(number));
       }
-    } else if (key == "memory_states") {
-      std::string value;
-      fields >> value;
-      m.durable_memory_states = value == "durable";
-    } else if (key == "max_file_bytes") {
-      fields >> m.max_file_bytes;
+    } else if (key == "weights_dtype") {
+      if (values.size() != 1) return bad;
+      StatusOr<DType> dtype = ParseDType(values[0]);
+      if (!dtype.ok()) return bad;
+      m.layout.weights_dtype = *dtype;
+    } else if (key == "placement") {
+      if (values.size() != kExpertStates) return bad;
+      for (ExpertState state : kStates) {
+        const std::string& entry = values[static_cast<int>(state)];
+        const std::string prefix = StrCat(ExpertStateName(state), "=");
+        StatusOr<Tier> tier = entry.rfind(prefix, 0) == 0 ? ParseTier(entry.substr(prefix.size()))
+                                                          : StatusOr<Tier>(bad);
+        if (!tier.ok()) return bad;
+        m.placement[static_cast<int>(state)] = *tier;
+      }
+    } else if (key == "memory_states" || key == "state") {
+      const char* yes = key == "state" ? "closed" : "durable";
+      const char* no = key == "state" ? "open" : "volatile";
+      if (values.size() != 1 || (values[0] != yes && values[0] != no)) return bad;
+      (key == "state" ? m.closed : m.durable_memory_states) = values[0] == yes;
     } else if (key == "shared") {
-      std::string pair;
-      while (fields >> pair) {
-        uint32_t expert = 0, source = 0;
-        char colon = 0;
-        std::istringstream parts(pair);
-        if (!(parts >> expert >> colon >> source) || colon != ':' || !parts.eof()) {
+      for (const std::string& pair : values) {
+        const std::string_view entry = pair;
+        const size_t colon = entry.find(':');
+        uint64_t expert = 0, source = 0;
+        if (colon == std::string::npos ||
+            !ParseNumber(entry.substr(0, colon), UINT32_MAX, &expert) ||
+            !ParseNumber(entry.substr(colon + 1), UINT32_MAX, &source)) {
           return damaged.Annotate(StrCat("shared: ", pair));
         }
-        m.shared.emplace_back(expert, source);
+        m.shared.emplace_back(static_cast<uint32_t>(expert), static_cast<uint32_t>(source));
       }
-      fields.clear();
     } else if (key == "initial") {  // the rest of the line
-      m.initial_id = line.size() > key.size() + 1 ? line.substr(key.size() + 1) : "";
-    } else if (key == "state") {
-      std::string value;
-      fields >> value;
-      m.closed = value == "closed";
+      if (values.empty()) return bad;
+      m.initial_id = line.substr(key.size() + 1);
+    } else {
+      return damaged.Annotate(StrCat("unknown key '", key, "'"));
     }
-    if (fields.fail()) return damaged.Annotate(StrCat("line '", line, "'"));
+  }
+  for (const char* key :
+       {"format", "store", "generation", "previous_generation", "experts_per_layer",
+        "params_per_expert", "weights_dtype", "moments", "dirs", "placement", "memory_states",
+        "max_file_bytes", "initial", "shared", "state"}) {
+    if (seen.count(key) == 0) return damaged.Annotate(StrCat("no '", key, "' line"));
   }
   return m;
 }
@@ -445,7 +495,10 @@ Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
     if (!HasFile(state)) continue;
     Files& files = files_[Index(state)];
-    const StateFileOptions file = FileOptions(options_, state);
+    StateFileOptions file = FileOptions(options_, state);
+    file.store_id = store_id_;
+    file.generation = generation_;
+    file.previous_generation = previous_generation_;
     auto opened = [&]() -> Status {
       ECSS_ASSIGN_OR_RETURN(files.write_io, CreateIoEngine(options_.io_engines));
       ECSS_ASSIGN_OR_RETURN(files.read_io, CreateIoEngine(options_.io_engines));
@@ -461,9 +514,27 @@ Status ExpertStore::OpenFiles(bool create) {
   return Status::Ok();
 }
 
+// The manifest first (files of the new generation, or still of the old ones, are then both
+// accepted), then every file's header, then the manifest again with the old ones no longer
+// accepted: a crash anywhere leaves a store that opens, and files copied back from an earlier
+// run never pass for this one.
+Status ExpertStore::NextGeneration() {
+  if (previous_generation_ == 0) previous_generation_ = generation_;
+  ++generation_;
+  ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/false));
+  for (Files& files : files_) {
+    if (files.writer != nullptr) ECSS_RETURN_IF_ERROR(files.writer->SetGeneration(generation_));
+  }
+  previous_generation_ = 0;
+  return WriteManifest(/*closed=*/false);
+}
+
 Status ExpertStore::WriteManifest(bool closed) {
   Manifest m;
   m.format = kFormat;
+  m.store_id = store_id_;
+  m.generation = generation_;
+  m.previous_generation = previous_generation_;
   m.layout = options_.layout;
   m.dirs = static_cast<uint32_t>(options_.dirs.size());
   m.placement = options_.placement;
@@ -481,6 +552,8 @@ Status ExpertStore::WriteManifest(bool closed) {
 StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
                                                            const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
+  if (!options.dirs.empty()) ECSS_RETURN_IF_ERROR(CheckDirectory(options.dirs[0]));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockDirectory(options));
   std::error_code error;
   if (!options.dirs.empty() && std::filesystem::exists(ManifestPath(options), error)) {
     return AlreadyExistsError(
@@ -490,6 +563,9 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   if (recorded.max_file_bytes == 0) recorded.max_file_bytes = kDefaultMaxFileBytes;
   recorded.initial_id = InitialId(options);
   std::unique_ptr<ExpertStore> store(new ExpertStore(backend, recorded));
+  store->lock_ = std::move(lock);
+  std::random_device entropy;
+  store->store_id_ = (uint64_t{entropy()} << 32 | entropy()) | 1;  // never 0
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   ECSS_RETURN_IF_ERROR(store->Allocate());
   // From here on files exist: remove them when creation fails.
@@ -519,6 +595,8 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   if (options.dirs.empty())
     return InvalidArgumentError("opening an expert store needs its directory");
+  ECSS_RETURN_IF_ERROR(CheckDirectory(options.dirs[0]));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockDirectory(options));
   const std::string path = ManifestPath(options);
   std::error_code error;
   if (!std::filesystem::exists(path, error)) {
@@ -611,6 +689,10 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   reopened.max_file_bytes = m.max_file_bytes;  // the files are split as they were made
   reopened.initial_id = initial_id;
   std::unique_ptr<ExpertStore> store(new ExpertStore(backend, reopened));
+  store->lock_ = std::move(lock);
+  store->store_id_ = m.store_id;
+  store->generation_ = m.generation;
+  store->previous_generation_ = m.previous_generation;
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
     ECSS_RETURN_IF_ERROR(store->Allocate());
@@ -650,7 +732,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
         ECSS_RETURN_IF_ERROR(store->CopyRegion(state, source, expert));
       }
     }
-    return store->WriteManifest(/*closed=*/false);
+    return store->NextGeneration();
   }();
   if (!opened.ok()) {
     store->closed_ = true;  // the files are as they were: nothing to flush
@@ -1069,6 +1151,7 @@ Status ExpertStore::Close() {
   }
   for (Region& region : regions_) region.memory.Reset();
   staging_.Reset();
+  lock_.reset();  // another owner may open the directory now
   return Status::Ok();
 }
 

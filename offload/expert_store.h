@@ -18,12 +18,20 @@
 // needs no directory
 // (the session's choice: its compute weights follow from the master weights).
 //
-// The manifest (DIR0/ecss-store.manifest, replaced atomically) names the format version, the
-// model's layout, the initial values (initial_id), the file split and whether the store was
-// closed. Open refuses, before writing anything:
+// The manifest (DIR0/ecss-store.manifest, replaced atomically, its directory synced) names the
+// format version, the store's random id and generation, the model's layout, the initial values
+// (initial_id), the file split and whether the store was closed; every state file's header
+// carries the id and generation too, and each Open moves both to the next generation. Open
+// refuses, before writing anything:
 // a directory without a store (NotFound), another format version or model (FailedPrecondition
-// naming both values), a damaged manifest (DataLoss), and a store that was not closed while
-// some of its states lived only in memory (DataLoss naming them; nvme states never need it).
+// naming both values), a damaged manifest (DataLoss: a wrong checksum, a missing, unknown,
+// repeated or malformed line, text after the checksum), a state file of another store, of an
+// earlier generation (an older copy put back) or under another file's name (DataLoss naming
+// the file), and a store that was not closed while some of its states lived only in memory
+// (DataLoss naming them; nvme states never need it).
+// One owner at a time: Create and Open lock the directory (DIR0/ecss-store.lock, FileLock)
+// until Close, so a second store object on it, in this process or another, fails with
+// FailedPrecondition naming the holder's pid; a crashed owner's lock is gone with it.
 // Create refuses a directory that already holds a store (AlreadyExists) and budgets that
 // cannot hold the placement (ResourceExhausted naming the bytes one expert and all experts
 // need), before touching the disk. Missing or read-only directories are NotFound /
@@ -77,6 +85,7 @@
 #include "offload/io/io_engine.h"
 #include "offload/state_file.h"
 #include "runtime/base/dtype.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/tier.h"
 #include "runtime/device/backend.h"
 #include "runtime/device/host_allocator.h"
@@ -255,6 +264,8 @@ class ExpertStore {
   void WarnIfSpaceShort() const;
   Status OpenFiles(bool create);
   Status WriteManifest(bool closed);
+  // Moves the manifest and every file to the next generation (StateFileOptions::generation).
+  Status NextGeneration();
   Status Check(ExpertState state, ExpertId id) const;
   std::string Name(ExpertState state, ExpertId id) const;
   void* MemoryOf(ExpertState state, uint32_t flat) const;
@@ -286,6 +297,12 @@ class ExpertStore {
   // Per expert: the flat id whose storage it reads until written (itself: none). Written
   // under lifecycle_ held exclusively.
   std::vector<uint32_t> source_;
+  // The directory's lock (null without directories), held from Create or Open until Close.
+  std::unique_ptr<FileLock> lock_;
+  // What ties the files to this store (StateFileOptions::store_id); set at Create and Open.
+  uint64_t store_id_ = 0;
+  uint64_t generation_ = 1;
+  uint64_t previous_generation_ = 0;
 };
 
 }  // namespace ecss

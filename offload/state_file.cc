@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 
 #include "runtime/base/checksum.h"
 #include "runtime/base/str_cat.h"
@@ -12,8 +13,11 @@ namespace ecss {
 namespace {
 
 constexpr char kMagic[8] = {'E', 'C', 'S', 'S', 'S', 'T', '0', '1'};
-constexpr uint32_t kVersion = 2;  // 2: element size and sequence number in the header
-constexpr uint32_t kHeaderBytes = 4096;
+constexpr char kFileMagic[8] = {'E', 'C', 'S', 'S', 'S', 'F', '0', '1'};
+// 2: element size and sequence number in the header. 3: a file header (store id, generation).
+constexpr uint32_t kVersion = 3;
+constexpr uint32_t kHeaderBytes = 4096;  // a slot's header, and a file's
+constexpr size_t kNameBytes = 64;        // of StateFileOptions::name in the file header
 
 // One version of one expert: its header and its arrays, each padded to 4 KiB.
 uint64_t SlotBytes(const StateFileOptions& options) {
@@ -28,7 +32,8 @@ uint32_t Copies(const StateFileOptions& options) { return options.shadow ? 2 : 1
 uint32_t ExpertsPerFile(const StateFileOptions& options) {
   const uint64_t max_bytes =
       options.max_file_bytes > 0 ? options.max_file_bytes : kDefaultMaxFileBytes;
-  const uint64_t per_file = max_bytes / (Copies(options) * SlotBytes(options));
+  const uint64_t per_file = (std::max<uint64_t>(max_bytes, kHeaderBytes) - kHeaderBytes) /
+                            (Copies(options) * SlotBytes(options));
   return static_cast<uint32_t>(std::clamp<uint64_t>(per_file, 1, std::max(1u, options.experts)));
 }
 
@@ -52,7 +57,7 @@ std::vector<FileSpec> FileSpecs(const StateFileOptions& options) {
     for (uint32_t first = 0, part = 0; first < here; first += per_file, ++part) {
       const std::string suffix = part == 0 ? "" : StrCat("-part", part);
       files.push_back({StrCat(options.dirs[d], "/", options.name, "-", d, suffix, ".bin"),
-                       std::min(per_file, here - first) * slot_bytes});
+                       kHeaderBytes + std::min(per_file, here - first) * slot_bytes});
     }
   }
   return files;
@@ -100,6 +105,16 @@ struct ExpertStateFile::Header {
   uint32_t header_crc;  // of every byte before it
 };
 
+struct ExpertStateFile::FileHeader {
+  char magic[8];
+  uint32_t version;
+  uint32_t file_index;    // among Paths()
+  char name[kNameBytes];  // StateFileOptions::name, zero-padded (truncated past 63 bytes)
+  uint64_t store_id;
+  uint64_t generation;
+  uint32_t header_crc;  // of every byte before it
+};
+
 ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& options)
     : engine_(engine),
       options_(options),
@@ -129,7 +144,7 @@ ExpertStateFile::Place ExpertStateFile::PlaceOf(uint32_t expert) const {
   const size_t dir = expert % dirs;
   const uint64_t local = expert / dirs;  // within its directory
   return {first_file_[dir] + local / experts_per_file_,
-          (local % experts_per_file_) * copies() * slot_bytes_};
+          kHeaderBytes + (local % experts_per_file_) * copies() * slot_bytes_};
 }
 
 uint64_t ExpertStateFile::ArrayOffset(uint32_t a) const {
@@ -145,18 +160,19 @@ Status CheckOptions(IoEngine* engine, const StateFileOptions& o) {
                                        " arrays of 2- or 4-byte elements, experts and "
                                        "max_expert_elements > 0"));
   }
-  const uint64_t expert_bytes = Copies(o) * SlotBytes(o);
+  const uint64_t expert_bytes = kHeaderBytes + Copies(o) * SlotBytes(o);
   if (o.max_file_bytes != 0 && o.max_file_bytes < expert_bytes) {
     return InvalidArgumentError(StrCat("state file: max_file_bytes ", o.max_file_bytes,
-                                       " is less than one expert's slots (", expert_bytes,
-                                       " bytes)"));
+                                       " is less than a file header and one expert's slots (",
+                                       expert_bytes, " bytes)"));
   }
   return Status::Ok();
 }
 }  // namespace
 
 uint64_t ExpertStateFile::DiskBytes(const StateFileOptions& options) {
-  return uint64_t{options.experts} * Copies(options) * SlotBytes(options);
+  return FileSpecs(options).size() * kHeaderBytes +
+         uint64_t{options.experts} * Copies(options) * SlotBytes(options);
 }
 
 std::vector<std::string> ExpertStateFile::Paths(const StateFileOptions& options) {
@@ -169,13 +185,83 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     IoEngine* engine, const StateFileOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(engine, options));
   std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options));
-  for (size_t i = 0; i < file->paths_.size(); ++i) {
-    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->paths_[i], OpenMode::kCreate));
-    file->files_.push_back(id);
-    Status sized = engine->Resize(id, file->file_bytes_[i]);
-    if (!sized.ok()) return sized.Annotate(StrCat("state file '", file->paths_[i], "'"));
+  Status made = [&] {
+    for (size_t i = 0; i < file->paths_.size(); ++i) {
+      ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->paths_[i], OpenMode::kCreate));
+      file->files_.push_back(id);
+      Status sized = engine->Resize(id, file->file_bytes_[i]);
+      if (sized.ok()) sized = file->WriteFileHeader(i, options.generation);
+      if (!sized.ok()) return sized.Annotate(StrCat("state file '", file->paths_[i], "'"));
+    }
+    return file->Sync();
+  }();
+  if (!made.ok()) {  // nothing of it stays behind
+    const std::vector<std::string> paths = file->paths_;
+    file.reset();
+    std::error_code error;
+    for (const std::string& path : paths) std::filesystem::remove(path, error);
+    return made;
   }
   return file;
+}
+
+Status ExpertStateFile::WriteFileHeader(size_t i, uint64_t generation) {
+  FileHeader header{};
+  std::memcpy(header.magic, kFileMagic, sizeof(kFileMagic));
+  header.version = kVersion;
+  header.file_index = static_cast<uint32_t>(i);
+  std::memcpy(header.name, options_.name.data(), std::min(options_.name.size(), kNameBytes - 1));
+  header.store_id = options_.store_id;
+  header.generation = generation;
+  header.header_crc = Crc32c(&header, offsetof(FileHeader, header_crc));
+  std::memset(header_, 0, kHeaderBytes);
+  std::memcpy(header_, &header, sizeof(header));
+  return WriteAt(*engine_, files_[i], 0, header_, kHeaderBytes)
+      .Annotate(StrCat("writing the file header of '", paths_[i], "'"));
+}
+
+Status ExpertStateFile::CheckFileHeader(size_t i) {
+  const std::string& path = paths_[i];
+  ECSS_RETURN_IF_ERROR(ReadAt(*engine_, files_[i], 0, header_, kHeaderBytes)
+                           .Annotate(StrCat("reading the file header of '", path, "'")));
+  FileHeader header{};
+  std::memcpy(&header, header_, sizeof(header));
+  const std::string file = StrCat("state file '", path, "'");
+  if (std::memcmp(header.magic, kFileMagic, sizeof(kFileMagic)) != 0) {
+    return DataLossError(StrCat(file, " has no state-file header (overwritten, or not made by ",
+                                "ExpertStateFile::Create)"));
+  }
+  if (Crc32c(&header, offsetof(FileHeader, header_crc)) != header.header_crc) {
+    return DataLossError(StrCat(file, ": file header checksum mismatch (damaged)"));
+  }
+  if (header.version != kVersion) {
+    return FailedPreconditionError(StrCat(file, " has state-file format version ", header.version,
+                                          "; this build reads version ", kVersion));
+  }
+  header.name[kNameBytes - 1] = 0;
+  const std::string name = options_.name.substr(0, kNameBytes - 1);
+  if (header.file_index != i || name != header.name) {
+    return DataLossError(StrCat(file, " holds file ", header.file_index, " of '", header.name,
+                                "', not file ", i, " of '", name, "': files renamed or swapped?"));
+  }
+  if (header.store_id != options_.store_id) {
+    return DataLossError(StrCat(file, " belongs to another store (id ", header.store_id,
+                                "; this store's is ", options_.store_id, ")"));
+  }
+  const uint64_t oldest =
+      options_.previous_generation != 0 ? options_.previous_generation : options_.generation;
+  if (header.generation < oldest || header.generation > options_.generation) {
+    return DataLossError(StrCat(
+        file, " is of generation ", header.generation, ", the store's is ", options_.generation,
+        header.generation < oldest ? ": an older copy of the file, from an earlier run?"
+                                   : ": newer than the store's manifest (an older manifest?)"));
+  }
+  return Status::Ok();
+}
+
+Status ExpertStateFile::SetGeneration(uint64_t generation) {
+  for (size_t i = 0; i < files_.size(); ++i) ECSS_RETURN_IF_ERROR(WriteFileHeader(i, generation));
+  return Sync();
 }
 
 StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engine,
@@ -191,6 +277,7 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
                                             " bytes; this layout needs ", file->file_bytes_[i],
                                             " (made for another model?)"));
     }
+    ECSS_RETURN_IF_ERROR(file->CheckFileHeader(i));
   }
   return file;
 }
@@ -309,7 +396,7 @@ StatusOr<bool> ExpertStateFile::Written(uint32_t expert) {
   std::string why[2];
   ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
   for (uint32_t c = 0; c < copies(); ++c) {
-    if (state[c] == CopyState::kValid) return true;
+    if (state[c] != CopyState::kUnwritten) return true;  // a damaged copy was stored once
   }
   return false;
 }
@@ -331,6 +418,10 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   std::string reason[2];
   ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, reason));
   for (uint32_t c = 0; c < copies(); ++c) {
+    if (state[c] == CopyState::kDamaged) {  // never a crash's doing (see the file comment)
+      return DataLossError(StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ",
+                                  OffsetOf(expert, c), ": ", reason[c], " (damaged slot header)"));
+    }
     unwritten |= state[c] == CopyState::kUnwritten;
     if (state[c] != CopyState::kValid) {
       if (why.empty() || state[c] == CopyState::kDamaged) why = reason[c];

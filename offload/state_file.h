@@ -5,7 +5,11 @@
 //   [4 KiB header: magic, version, expert, elements, arrays, update count, sequence, CRC-32C
 //    of each array, CRC of the header] [array 0, padded to 4 KiB] [array 1] ...
 // A directory's experts are split over files of at most max_file_bytes (whole slots), so that
-// no file approaches a file system's limit (ext4: 16 TiB).
+// no file approaches a file system's limit (ext4: 16 TiB). Every file starts with a 4 KiB file
+// header (magic, format version, the files' name and the file's index among them, the store's
+// id and generation, CRC-32C), which Open checks: a file of another store, an older copy of a
+// file (its generation is behind), files swapped or renamed, and a damaged file header are
+// DataLoss naming the file.
 // Files are sparse: Create only sets their sizes (constant time and space for any model), and
 // disk blocks are allocated as stores reach them, so a full disk is the failed store's error
 // (ResourceExhausted naming the expert), and the version before it stays readable. A slot
@@ -16,6 +20,10 @@
 // header: a store cut short leaves a slot whose checksums do not match (detected, not used).
 // With `shadow`, every expert has two slots and a store goes to the one not holding the newest
 // version, so a failed or torn store leaves the previous version readable (twice the space).
+// A slot header is one 4 KiB write, which storage does atomically (an NVMe drive's atomic
+// write unit is at least one 4 KiB block), so a crash leaves it old or new, never torn: a slot
+// header that is neither all zeros nor intact is damage, and Load reports it (DataLoss) rather
+// than falling back to the other copy, which would silently go back one version.
 // Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
 // A file may have one writing and one reading handle (two objects), as the optimizer's
@@ -47,6 +55,15 @@ struct StateFileOptions {
   // kDefaultMaxFileBytes). At least one expert's slots (InvalidArgument otherwise). Files made
   // with one value must be opened with the same.
   uint64_t max_file_bytes = 0;
+  // What ties the files to one store and its history (see above): Create writes both into
+  // every file header, and Open refuses files of another store_id or of a generation outside
+  // [previous_generation, generation] (previous_generation 0: generation only). A store moves
+  // to a new generation each time it opens (SetGeneration), so a file copied back from an
+  // earlier run is refused; the range covers files that a SetGeneration cut short by a crash
+  // did not reach.
+  uint64_t store_id = 0;
+  uint64_t generation = 1;
+  uint64_t previous_generation = 0;
 };
 
 inline constexpr uint64_t kDefaultMaxFileBytes = uint64_t{1} << 40;  // 1 TiB
@@ -71,27 +88,30 @@ class ExpertStateFile {
   // Writes `elements` values of each array, then the header. arrays[i] is 4 KiB aligned.
   Status Store(uint32_t expert, const void* const* arrays, uint64_t elements,
                uint64_t update_count);
-  // Reads and verifies (with shadow: the newest version whose header is intact). elements
-  // must be what was stored (DataLoss naming both otherwise). With `want`, the version whose
-  // update count is *want instead (shadow: the previous one may still be there; DataLoss
-  // naming the count when no intact copy holds it). The expert reads as unwritten when no
-  // copy qualifies and one was never stored: none ever was, or (shadow) the only one stored
-  // is damaged (its first store was cut short) or is not *want. With `unwritten`, Load then
+  // Reads and verifies (with shadow: the newest version). A damaged slot header, of either
+  // copy, is DataLoss naming the file, the expert and the offset. elements must be what was
+  // stored (DataLoss naming both otherwise). With `want`, the version whose update count is
+  // *want instead (shadow: the previous one may still be there; DataLoss naming the count when
+  // no intact copy holds it). The expert reads as unwritten when no copy qualifies and one was
+  // never stored: none ever was, or (shadow) the only one stored is not *want. With
+  // `unwritten`, Load then
   // sets it and returns OK (the arrays and count left alone: the caller knows what an
   // unwritten expert holds, at `want` too); without, that is NotFound, or DataLoss when *want
   // is not 0 (the initial version).
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
               const uint64_t* want = nullptr, bool* unwritten = nullptr);
-  // Whether a copy of the expert is intact, i.e. Load would not call it unwritten (its
-  // headers only).
+  // Whether a copy of the expert was ever stored (its headers only): one is intact, or
+  // damaged (Load then reports the damage).
   StatusOr<bool> Written(uint32_t expert);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
+  // Rewrites every file header with `generation` (the store id stays), then Sync.
+  Status SetGeneration(uint64_t generation);
 
   uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
   // Bytes on disk once every expert is stored (with shadow: both copies), all directories
-  // together (for sizing); Create itself writes none of them.
+  // together, file headers included (for sizing); Create itself writes only the headers.
   static uint64_t DiskBytes(const StateFileOptions& options);
   // The files Create makes for `options`, every directory's, in order.
   static std::vector<std::string> Paths(const StateFileOptions& options);
@@ -100,6 +120,11 @@ class ExpertStateFile {
  private:
   ExpertStateFile(IoEngine* engine, const StateFileOptions& options);
   struct Header;
+  struct FileHeader;
+  // Writes file i's header with the options' store id and `generation` (not synced).
+  Status WriteFileHeader(size_t i, uint64_t generation);
+  // Reads and checks file i's header (see StateFileOptions::store_id).
+  Status CheckFileHeader(size_t i);
   // What a copy's header says: a valid version, never stored, or damaged.
   enum class CopyState : uint8_t { kValid, kUnwritten, kDamaged };
   // Where one expert's slots are: its file (index into files_) and its first copy's offset.

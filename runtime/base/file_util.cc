@@ -1,9 +1,12 @@
 #include "runtime/base/file_util.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <filesystem>
 
 #include "runtime/base/str_cat.h"
 
@@ -57,7 +60,54 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
     ::unlink(temporary.c_str());
     return error;
   }
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  return SyncDirectory(dir.empty() ? "." : dir);
+}
+
+Status SyncDirectory(const std::string& dir) {
+  Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open directory '", dir, "'"));
+  if (::fsync(fd.get()) != 0) return ErrnoError(errno, StrCat("cannot sync directory '", dir, "'"));
   return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& path,
+                                                      std::string_view what) {
+  while (true) {
+    Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+    if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open lock file '", path, "'"));
+    if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK) {
+        return ErrnoError(errno, StrCat("cannot lock '", path, "'"));
+      }
+      // The holder writes its pid right after locking: empty means it has not yet.
+      StatusOr<std::string> holder = ReadFileToString(path);
+      std::string pid = holder.ok() ? *holder : "";
+      while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+      return FailedPreconditionError(StrCat(what, " is in use by process ",
+                                            pid.empty() ? "(pid not written yet)" : pid,
+                                            " (it holds '", path, "'); one owner at a time"));
+    }
+    // A releasing owner removes the file after we opened it: our lock is then on a file
+    // nobody else will see, so take the one now at the path.
+    struct stat held {
+    }, named{};
+    if (::fstat(fd.get(), &held) != 0 || ::stat(path.c_str(), &named) != 0 ||
+        held.st_dev != named.st_dev || held.st_ino != named.st_ino) {
+      continue;
+    }
+    const std::string pid = StrCat(::getpid(), "\n");
+    if (::ftruncate(fd.get(), 0) != 0 ||
+        ::pwrite(fd.get(), pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+      return ErrnoError(errno, StrCat("cannot write lock file '", path, "'"));
+    }
+    return std::unique_ptr<FileLock>(new FileLock(path, fd.release()));
+  }
+}
+
+FileLock::~FileLock() {
+  ::unlink(path_.c_str());  // before the unlock: a waiting Acquire then retries on a new file
+  ::close(fd_);
 }
 
 StatusOr<std::string> ReadFileToString(const std::string& path) {

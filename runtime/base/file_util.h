@@ -1,8 +1,12 @@
-// Small file helpers shared by everything that writes results (traces, bench reports).
+// Small file helpers shared by everything that writes results (traces, bench reports) and by
+// the stores that own a directory.
 // WriteFileAtomically never leaves a half-written file under `path`: it writes a temporary file
-// beside it, fsyncs it, and renames it over `path`. Blocking; thread-safe for distinct paths.
+// beside it, fsyncs it, renames it over `path` and fsyncs the directory, so that once it
+// returns the new contents survive a crash or power loss. Blocking; thread-safe for distinct
+// paths.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -12,5 +16,29 @@ namespace ecss {
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents);
 StatusOr<std::string> ReadFileToString(const std::string& path);
+// fsync of a directory: makes the creation, rename or removal of its entries durable.
+Status SyncDirectory(const std::string& dir);
+
+// An exclusive lock on a file (flock), held from Acquire until the object is destroyed: how a
+// store says that it owns its directory. The file holds the owner's pid, so that a second
+// owner's error names it, and is removed on release. The kernel drops the lock when its
+// process dies (kill -9 included), so a file left behind by a crash never blocks anyone. A
+// second Acquire of one path fails in the same process too (each Acquire is its own owner).
+// Local file systems only: flock is not reliable over every network file system.
+class FileLock {
+ public:
+  // FailedPrecondition naming `what`, the path and the holder's pid when another owner holds
+  // it; the errno's code when the file cannot be made.
+  static StatusOr<std::unique_ptr<FileLock>> Acquire(const std::string& path,
+                                                     std::string_view what);
+  ~FileLock();
+  FileLock(const FileLock&) = delete;
+  FileLock& operator=(const FileLock&) = delete;
+
+ private:
+  FileLock(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  std::string path_;
+  int fd_;
+};
 
 }  // namespace ecss

@@ -88,7 +88,7 @@ TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   Arrays arrays(3000, 1.0f);
   ASSERT_TRUE(file->Store(2, arrays.raw, 3000, 1).ok());
   // Flip one bit of the master array of expert 2 (directory a, second slot) on disk.
-  const uint64_t master_offset = file->slot_bytes() + 4096;
+  const uint64_t master_offset = 4096 + file->slot_bytes() + 4096;  // after the file header
   ASSERT_TRUE(FlipByte(root_ + "/a/ecss-states-0.bin", master_offset + 100, 0x04));
   Arrays got(3000, 0.0f);
   uint64_t count = 0;
@@ -206,7 +206,7 @@ TEST_F(StateFileTest, FilesAreSparseAndSplitAtTheirMaximumSize) {
   options_.shadow = true;
   options_.experts = 9;  // directory a: experts 0 2 4 6 8; b: 1 3 5 7
   const uint64_t pair = 2 * (4096 + 3 * StateArrayBytes(5000));  // one expert's two slots
-  options_.max_file_bytes = 2 * pair + 1;                        // two experts per file
+  options_.max_file_bytes = 4096 + 2 * pair + 1;  // a file header and two experts per file
   auto file = *ExpertStateFile::Create(engine_.get(), options_);
   const std::vector<std::string> paths = ExpertStateFile::Paths(options_);
   ASSERT_EQ(paths.size(), 5u);  // a: 2 + 2 + 1 experts, b: 2 + 2
@@ -222,7 +222,7 @@ TEST_F(StateFileTest, FilesAreSparseAndSplitAtTheirMaximumSize) {
     blocks += st.st_blocks;
   }
   EXPECT_EQ(bytes, ExpertStateFile::DiskBytes(options_));
-  EXPECT_EQ(blocks, 0u) << "nothing written yet";
+  EXPECT_LE(blocks * 512, paths.size() * 65536) << "nothing written yet but the file headers";
   // Every expert round-trips through its file, and the split holds at Open.
   for (uint32_t e = 0; e < 9; ++e) {
     Arrays v(5000, static_cast<float>(e));
@@ -241,8 +241,8 @@ TEST_F(StateFileTest, FilesAreSparseAndSplitAtTheirMaximumSize) {
   StateFileOptions other = options_;
   other.max_file_bytes = 0;
   EXPECT_FALSE(ExpertStateFile::Open(engine_.get(), other).ok());
-  // A maximum below one expert's slots is refused, naming the field.
-  other.max_file_bytes = pair - 1;
+  // A maximum below one expert's slots and the file header is refused, naming the field.
+  other.max_file_bytes = 4096 + pair - 1;
   Status small = ExpertStateFile::Create(engine_.get(), other).status();
   EXPECT_EQ(small.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(small.message().find("max_file_bytes"), std::string_view::npos) << small;
@@ -274,6 +274,113 @@ TEST_F(StateFileTest, AnUnwrittenExpertIsNotFoundUntilAStoreCompletes) {
   ASSERT_TRUE(file->Store(1, v2.raw, 3000, 2).ok());
   EXPECT_EQ(file->Load(1, got.raw, 3000, &count, &zero).code(), StatusCode::kDataLoss)
       << "two versions stored: the initial one is gone";
+}
+
+// A slot header is written whole (one 4 KiB block), so a crash leaves it old or new: one that
+// is neither is damage, and Load says so instead of going back to the other copy's version.
+TEST_F(StateFileTest, ADamagedSlotHeaderIsDataLossNotTheOlderVersion) {
+  options_.shadow = true;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v1(3000, 1.0f), v2(3000, 2.0f), got(3000, 0.0f);
+  ASSERT_TRUE(file->Store(2, v1.raw, 3000, 1).ok());
+  ASSERT_TRUE(file->Store(2, v2.raw, 3000, 2).ok());
+  // Expert 2 is directory a's second: after the file header and expert 0's two slots; its
+  // second copy holds version 2.
+  const std::string path = root_ + "/a/ecss-states-0.bin";
+  const uint64_t newest = 4096 + 2 * file->slot_bytes() + file->slot_bytes();
+  uint64_t count = 0;
+  for (uint64_t byte : {uint64_t{32}, uint64_t{0}}) {  // the sequence number, the magic
+    ASSERT_TRUE(FlipByte(path, newest + byte, 0x01));
+    Status loaded = file->Load(2, got.raw, 3000, &count);
+    EXPECT_EQ(loaded.code(), StatusCode::kDataLoss) << loaded;
+    EXPECT_NE(loaded.message().find("expert 2 in '" + path + "'"), std::string_view::npos)
+        << loaded;
+    EXPECT_NE(loaded.message().find("damaged slot header"), std::string_view::npos) << loaded;
+    EXPECT_EQ(*file->Written(2), true);
+    ASSERT_TRUE(FlipByte(path, newest + byte, 0x01));  // repaired
+    ASSERT_TRUE(file->Load(2, got.raw, 3000, &count).ok());
+    EXPECT_EQ(count, 2u);
+  }
+  // The older copy damaged: DataLoss too; a new version goes into the damaged slot (not the
+  // newest), after which both copies are intact again.
+  ASSERT_TRUE(FlipByte(path, newest - file->slot_bytes() + 32, 0x01));
+  EXPECT_EQ(file->Load(2, got.raw, 3000, &count).code(), StatusCode::kDataLoss);
+  ASSERT_TRUE(file->Store(2, v1.raw, 3000, 3).ok());
+  ASSERT_TRUE(file->Load(2, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 3u);
+  const uint64_t previous = 2;
+  ASSERT_TRUE(file->Load(2, got.raw, 3000, &count, &previous).ok());
+  EXPECT_EQ(std::memcmp(got.data[0], v2.data[0], 12000), 0);
+}
+
+// Every file starts with a header tying it to its store and generation: files of another
+// store, older copies, renamed or swapped files and damaged headers are refused at Open,
+// naming the file.
+TEST_F(StateFileTest, OpenRefusesFilesOfAnotherStoreOrGeneration) {
+  options_.store_id = 77;
+  options_.generation = 3;
+  options_.experts = 4;  // files of one size in both directories
+  const std::string a = root_ + "/a/ecss-states-0.bin", b = root_ + "/b/ecss-states-1.bin";
+  {
+    auto file = *ExpertStateFile::Create(engine_.get(), options_);
+    Arrays v(3000, 1.0f);
+    ASSERT_TRUE(file->Store(0, v.raw, 3000, 1).ok());
+  }
+  ASSERT_TRUE(ExpertStateFile::Open(engine_.get(), options_).ok());
+  auto refused = [&](const StateFileOptions& options, std::string_view why) {
+    Status opened = ExpertStateFile::Open(engine_.get(), options).status();
+    EXPECT_EQ(opened.code(), StatusCode::kDataLoss) << opened;
+    EXPECT_NE(opened.message().find(a), std::string_view::npos) << opened;
+    EXPECT_NE(opened.message().find(why), std::string_view::npos) << opened;
+  };
+  StateFileOptions other = options_;
+  other.store_id = 78;
+  refused(other, "belongs to another store (id 77; this store's is 78)");
+  other = options_;
+  other.generation = 4;
+  refused(other, "generation 3, the store's is 4: an older copy");
+  other.previous_generation = 3;  // a generation change cut short: both accepted
+  ASSERT_TRUE(ExpertStateFile::Open(engine_.get(), other).ok());
+  other = options_;
+  other.generation = 2;
+  refused(other, "newer than the store's manifest");
+  {
+    auto file = *ExpertStateFile::Open(engine_.get(), options_);
+    ASSERT_TRUE(file->SetGeneration(4).ok());
+  }
+  refused(options_, "newer than the store's manifest");
+  other = options_;
+  other.generation = 4;
+  ASSERT_TRUE(ExpertStateFile::Open(engine_.get(), other).ok());
+  // Files swapped between directories, a damaged header, a slot written over the header.
+  std::filesystem::rename(a, root_ + "/x");
+  std::filesystem::rename(b, a);
+  refused(other, "holds file 1 of 'ecss-states', not file 0");
+  std::filesystem::rename(a, b);
+  std::filesystem::rename(root_ + "/x", a);
+  ASSERT_TRUE(ExpertStateFile::Open(engine_.get(), other).ok());
+  ASSERT_TRUE(FlipByte(a, 90, 0x10));
+  refused(other, "file header checksum mismatch");
+  ASSERT_TRUE(FlipByte(a, 90, 0x10));
+  ASSERT_TRUE(FlipByte(a, 0, 0x10));
+  refused(other, "no state-file header");
+}
+
+// A Create that fails part way removes the files it made.
+TEST_F(StateFileTest, AFailedCreateLeavesNoFiles) {
+  options_.dirs = {root_ + "/a", root_ + "/missing"};
+  EXPECT_EQ(ExpertStateFile::Create(engine_.get(), options_).status().code(),
+            StatusCode::kNotFound);
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/a"));
+  // And one whose header write fails.
+  options_.dirs = {root_ + "/a", root_ + "/b"};
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 2;  // file b's header
+  engine_->set_options(faults);
+  EXPECT_FALSE(ExpertStateFile::Create(engine_.get(), options_).ok());
+  engine_->set_options(FaultOptions{});
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/a"));
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/b"));
 }
 
 }  // namespace
