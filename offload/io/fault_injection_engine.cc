@@ -25,6 +25,7 @@ struct FaultInjectionIoEngine::State {
     Status status;  // first error of a part
     Status forced;  // an injected error that replaces the result (torn writes)
     Clock::time_point submitted;
+    bool flip = false;  // Fault::kBitFlip: a bit of the data read is flipped on completion
   };
   struct Ready {
     IoCompletion completion;
@@ -39,6 +40,7 @@ struct FaultInjectionIoEngine::State {
   std::map<uint64_t, Outer> outers;        // by key
   std::map<uint64_t, uint64_t> inner_key;  // inner user_data -> outer key
   std::deque<Ready> ready;                 // completions waiting for their latency
+  std::vector<IoRequest> hung;             // Fault::kHang: until cancelled
 
   Clock::time_point Due(Clock::time_point submitted) const {
     return submitted + std::chrono::microseconds(options.latency_us);
@@ -84,8 +86,20 @@ Status FaultInjectionIoEngine::Sync(IoFileId file) {
 Status FaultInjectionIoEngine::DoSubmit(const IoRequest& r) {
   State& s = *state_;
   const uint64_t index = ++s.counters.requests;
-  const bool eio = s.options.fail_nth == index ||
-                   (s.options.fail_one_in > 0 && s.rng.Uniform(s.options.fail_one_in) == 0);
+  const bool picked = s.options.fail_nth == index ||
+                      (s.options.fail_one_in > 0 && s.rng.Uniform(s.options.fail_one_in) == 0);
+  const Fault fault = s.options.fault;
+  if (picked && fault == Fault::kHang) {
+    ++s.counters.hung;
+    s.hung.push_back(r);
+    return Status::Ok();
+  }
+  if (picked && fault == Fault::kLostWrite && r.op == IoOp::kWrite) {
+    ++s.counters.lost_writes;
+    s.ready.push_back({IoCompletion{r.user_data, Status::Ok(), r.bytes}, s.Due(Clock::now())});
+    return Status::Ok();
+  }
+  const bool eio = picked && fault == Fault::kEio;
   const bool enospc = r.op == IoOp::kWrite && s.written + r.bytes > s.options.enospc_after_bytes;
   const char* what = r.op == IoOp::kRead ? "read" : "write";
   Status injected;
@@ -98,7 +112,13 @@ Status FaultInjectionIoEngine::DoSubmit(const IoRequest& r) {
     injected =
         ErrnoError(ENOSPC, StrCat("injected: write of ", r.bytes, " bytes at offset ", r.offset));
   }
-  State::Outer outer{r, 0, 0, Status::Ok(), injected, Clock::now()};
+  State::Outer outer{r,
+                     0,
+                     0,
+                     Status::Ok(),
+                     injected,
+                     Clock::now(),
+                     picked && fault == Fault::kBitFlip && r.op == IoOp::kRead};
   const uint64_t key = s.next_key++;
   // The parts that really reach the inner engine.
   std::vector<std::pair<uint64_t, size_t>> parts;  // (offset into the request, bytes)
@@ -159,6 +179,12 @@ size_t FaultInjectionIoEngine::DoPoll(IoCompletion* out, size_t max,
       if (outer.status.ok() && !inner[i].status.ok()) outer.status = inner[i].status;
       if (--outer.parts_left > 0) continue;
       Status final_status = !outer.forced.ok() ? outer.forced : outer.status;
+      if (outer.flip && final_status.ok()) {  // one bit, somewhere in the data read
+        const uint64_t bit = s.rng.Uniform(
+            static_cast<uint32_t>(std::min<uint64_t>(outer.request.bytes * 8, UINT32_MAX)));
+        static_cast<uint8_t*>(outer.request.buffer)[bit / 8] ^= uint8_t{1} << (bit % 8);
+        ++s.counters.bit_flips;
+      }
       s.ready.push_back({IoCompletion{outer.request.user_data, std::move(final_status),
                                       outer.forced.ok() ? outer.bytes : 0},
                          s.Due(outer.submitted)});
@@ -173,11 +199,26 @@ size_t FaultInjectionIoEngine::DoPoll(IoCompletion* out, size_t max,
       s.ready.pop_front();
     }
     if (n > 0 || Clock::now() >= deadline) return n;
-    if (!s.ready.empty()) std::this_thread::sleep_until(std::min(deadline, s.ready.front().due));
+    if (!s.ready.empty()) {
+      std::this_thread::sleep_until(std::min(deadline, s.ready.front().due));
+    } else if (inner_->in_flight() == 0) {  // only hung requests: nothing can come before then
+      std::this_thread::sleep_until(deadline);
+    }
   }
 }
 
 Status FaultInjectionIoEngine::DoCancel(uint64_t user_data) {
+  std::vector<IoRequest>& hung = state_->hung;
+  for (auto it = hung.begin(); it != hung.end(); ++it) {
+    if (it->user_data != user_data) continue;
+    state_->ready.push_back(
+        {IoCompletion{
+             user_data,
+             CancelledError(StrCat("fault-injection: hung request ", user_data, " cancelled")), 0},
+         Clock::now()});
+    hung.erase(it);
+    return Status::Ok();
+  }
   for (const auto& [key, outer] : state_->outers) {
     if (outer.request.user_data == user_data) return inner_->Cancel(key << 1);
   }

@@ -32,8 +32,15 @@ Status IoEngine::Submit(const IoRequest& request) {
     return UnavailableError(StrCat(name(), ": queue full (", queue_depth(), " in flight)"))
         .WithRetryable(true);
   }
+  if (deadline_.count() > 0 && tracked_.count(request.user_data) != 0) {
+    return InvalidArgumentError(
+        StrCat(name(), ": request ", request.user_data, " is already in flight"));
+  }
   ECSS_RETURN_IF_ERROR(DoSubmit(request));
   ++in_flight_;
+  if (deadline_.count() > 0) {
+    tracked_[request.user_data] = {request, std::chrono::steady_clock::now() + deadline_, false};
+  }
   (request.op == IoOp::kRead ? bytes_read_ : bytes_written_)
       .fetch_add(request.bytes, std::memory_order_relaxed);
   return Status::Ok();
@@ -41,9 +48,53 @@ Status IoEngine::Submit(const IoRequest& request) {
 
 size_t IoEngine::Poll(IoCompletion* out, size_t max, std::chrono::microseconds wait) {
   if (max == 0 || in_flight_ == 0) return 0;
-  const size_t n = DoPoll(out, max, wait);
+  const size_t n =
+      deadline_.count() > 0 ? PollWithDeadline(out, max, wait) : DoPoll(out, max, wait);
   in_flight_ -= n;
   return n;
+}
+
+std::chrono::steady_clock::time_point IoEngine::CancelExpired() {
+  const auto now = std::chrono::steady_clock::now();
+  auto next = std::chrono::steady_clock::time_point::max();
+  for (auto& [user_data, tracked] : tracked_) {
+    if (tracked.cancelled) continue;
+    if (tracked.due > now) {
+      next = std::min(next, tracked.due);
+      continue;
+    }
+    // NotFound: past cancelling (running, or at the device); it completes as the kernel says.
+    // Busy: the cancel is retried at the next Poll.
+    const Status cancelled = DoCancel(user_data);
+    tracked.cancelled = cancelled.ok() || !cancelled.retryable();
+    if (!tracked.cancelled) next = now;
+  }
+  return next;
+}
+
+size_t IoEngine::PollWithDeadline(IoCompletion* out, size_t max, std::chrono::microseconds wait) {
+  using Clock = std::chrono::steady_clock;
+  const auto until = Clock::now() + wait;
+  while (true) {
+    const auto wake = std::min(until, CancelExpired());
+    const auto slice =
+        std::max(std::chrono::microseconds(0),
+                 std::chrono::duration_cast<std::chrono::microseconds>(wake - Clock::now()));
+    const size_t n = DoPoll(out, max, slice);
+    for (size_t i = 0; i < n; ++i) {
+      auto found = tracked_.find(out[i].user_data);
+      if (found == tracked_.end()) continue;
+      const Tracked& t = found->second;
+      if (t.cancelled && out[i].status.code() == StatusCode::kCancelled) {
+        out[i].status = DeadlineExceededError(StrCat(
+            name(), ": ", t.request.op == IoOp::kRead ? "read" : "write", " of ", t.request.bytes,
+            " bytes at offset ", t.request.offset, " of '", FilePath(t.request.file),
+            "' did not complete within ", deadline_.count() / 1000, " ms; cancelled"));
+      }
+      tracked_.erase(found);
+    }
+    if (n > 0 || Clock::now() >= until) return n;
+  }
 }
 
 namespace {
@@ -91,15 +142,24 @@ StatusOr<IoEngineKind> ParseIoEngineKind(std::string_view name) {
 StatusOr<std::unique_ptr<IoEngine>> CreateIoEngine(IoEngineKind kind,
                                                    const IoEngineOptions& options) {
   if (options.queue_depth == 0) return InvalidArgumentError("io engine queue_depth must be >= 1");
+  if (options.direct && options.max_transfer_bytes % 4096 != 0) {
+    return InvalidArgumentError(StrCat("io engine max_transfer_bytes ", options.max_transfer_bytes,
+                                       " is not a multiple of 4096 (O_DIRECT)"));
+  }
+  StatusOr<std::unique_ptr<IoEngine>> engine = InvalidArgumentError("unknown io engine kind");
   switch (kind) {
     case IoEngineKind::kUring:
-      return CreateUringIoEngine(options);
+      engine = CreateUringIoEngine(options);
+      break;
     case IoEngineKind::kPosix:
-      return CreatePosixIoEngine(options);
+      engine = CreatePosixIoEngine(options);
+      break;
     case IoEngineKind::kMemory:
-      return CreateMemoryIoEngine(options.queue_depth);
+      engine = CreateMemoryIoEngine(options.queue_depth);
+      break;
   }
-  return InvalidArgumentError("unknown io engine kind");
+  if (engine.ok()) (*engine)->set_request_deadline(options.request_deadline);
+  return engine;
 }
 
 StatusOr<std::unique_ptr<IoEngine>> CreateFileIoEngine(const IoEngineOptions& options) {

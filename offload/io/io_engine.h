@@ -3,6 +3,11 @@
 //   Submit  never blocks: a full queue is Unavailable + retryable ("busy"), not a wait.
 //   Poll    collects completions, waiting up to a timeout.
 //   Cancel  best effort; a cancelled request still completes, with Cancelled.
+// Deadline: with set_request_deadline, Poll cancels a request still in flight that long after
+// its Submit, and it completes with DeadlineExceeded naming the file, offset and deadline (a
+// hung device or a lost completion becomes an error instead of a wait without end). A request
+// the engine can no longer cancel (posix: already running on a worker; uring: already at the
+// device) still completes when the kernel returns it, with its real result.
 // Alignment: buffer address, offset and length must be multiples of alignment() (4 KiB for
 // the O_DIRECT engines, 1 for memory), checked at Submit (InvalidArgument).
 // Short transfers and EINTR/EAGAIN are handled inside the engines: a completion is either the
@@ -20,6 +25,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 
 #include "runtime/base/status.h"
 
@@ -60,6 +66,8 @@ class IoEngine {
 
   // NotFound, PermissionDenied, ... naming the path.
   virtual StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) = 0;
+  // The path `file` was opened with ("" for an unknown id), for errors.
+  virtual std::string FilePath(IoFileId file) const = 0;
   // REQUIRES: no request on the file in flight.
   virtual Status Close(IoFileId file) = 0;
   virtual StatusOr<uint64_t> FileSize(IoFileId file) = 0;
@@ -78,6 +86,11 @@ class IoEngine {
   size_t Poll(IoCompletion* out, size_t max, std::chrono::microseconds wait);
   Status Cancel(uint64_t user_data) { return DoCancel(user_data); }
   size_t in_flight() const { return in_flight_; }
+  // See "Deadline" above; zero (the default): none. Set while nothing is in flight.
+  void set_request_deadline(std::chrono::microseconds deadline) { deadline_ = deadline; }
+  // Reads and writes the kernel did only in part, whose rest the engine then issued (posix,
+  // uring; IoEngineOptions::max_transfer_bytes makes every large request one).
+  uint64_t short_transfers() const { return short_transfers_.load(std::memory_order_relaxed); }
   // Bytes of the reads and writes submitted so far (what went to the device, headers and
   // padding included). Readable from any thread.
   uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
@@ -88,9 +101,23 @@ class IoEngine {
   virtual Status DoSubmit(const IoRequest& request) = 0;
   virtual size_t DoPoll(IoCompletion* out, size_t max, std::chrono::microseconds wait) = 0;
   virtual Status DoCancel(uint64_t user_data) = 0;
+  void CountShortTransfer() { short_transfers_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
+  // What the deadline needs of a request in flight.
+  struct Tracked {
+    IoRequest request;
+    std::chrono::steady_clock::time_point due;
+    bool cancelled = false;
+  };
+  // Cancels the requests past their deadline; returns when the next one falls due.
+  std::chrono::steady_clock::time_point CancelExpired();
+  size_t PollWithDeadline(IoCompletion* out, size_t max, std::chrono::microseconds wait);
+
   size_t in_flight_ = 0;
+  std::chrono::microseconds deadline_{0};
+  std::unordered_map<uint64_t, Tracked> tracked_;  // by user_data, with a deadline only
+  std::atomic<uint64_t> short_transfers_{0};
   std::atomic<uint64_t> bytes_read_{0}, bytes_written_{0};
 };
 
@@ -128,6 +155,13 @@ struct IoEngineOptions {
   uint32_t queue_depth = 32;   // requests in flight at most (>= 1)
   bool direct = true;          // O_DIRECT for the file engines (bypass the page cache)
   uint32_t posix_threads = 4;  // worker threads of the posix engine
+  // IoEngine::set_request_deadline of the engine (0: none). No single request of a healthy
+  // drive takes minutes; one that does is reported rather than waited on for ever.
+  std::chrono::microseconds request_deadline = std::chrono::minutes(5);
+  // Each pread, pwrite or io_uring read or write moves at most this many bytes (0: the whole
+  // request; with O_DIRECT a multiple of 4096), so that every larger request completes through
+  // the engine's short-transfer path, as when the kernel cuts a transfer short. For tests.
+  uint32_t max_transfer_bytes = 0;
 };
 
 // Unavailable when the kind cannot run here (e.g. io_uring disabled by the kernel): callers

@@ -21,9 +21,21 @@ StatusOr<std::unique_ptr<IoEngine>> CreateUringIoEngine(const IoEngineOptions& o
 // requests inside them use fixed-buffer reads and writes. InvalidArgument for other engines.
 Status RegisterIoBuffers(IoEngine& engine, void* base, size_t bytes);
 
+// What happens to a request that FaultOptions::fail_nth or fail_one_in picks.
+enum class Fault : uint8_t {
+  kEio,        // fails with EIO (with torn_writes, a write first writes half its data)
+  kBitFlip,    // a read completes, with one bit of its data flipped (rot the drive missed);
+               // a write goes through unharmed
+  kLostWrite,  // a write completes as written, and nothing reaches the file; a read goes
+               // through
+  kHang,       // never completes, until cancelled (a hung device; see the deadline in
+               // io_engine.h)
+};
+
 struct FaultOptions {
-  uint64_t fail_nth = 0;     // the Nth request (1-based, reads and writes) fails with EIO; 0: never
-  uint32_t fail_one_in = 0;  // each request fails with EIO with probability 1/N; 0: never
+  uint64_t fail_nth = 0;  // the Nth request (1-based, reads and writes) suffers `fault`; 0: never
+  uint32_t fail_one_in = 0;  // each request suffers `fault` with probability 1/N; 0: never
+  Fault fault = Fault::kEio;
   uint64_t enospc_after_bytes =
       UINT64_MAX;            // writes past this many bytes in total fail with ENOSPC
   bool torn_writes = false;  // a failing write first writes half its data (a crash mid-write)
@@ -38,10 +50,14 @@ struct FaultCounters {
   uint64_t injected_eio = 0;
   uint64_t injected_enospc = 0;
   uint64_t torn_writes = 0;
+  uint64_t bit_flips = 0;
+  uint64_t lost_writes = 0;
+  uint64_t hung = 0;
 };
 
 // Wraps `inner` and injects the faults of `options`. The faults are real: a torn write leaves
-// the first half written; an injected error leaves the request's buffer unread or unwritten.
+// the first half written; an injected error leaves the request's buffer unread or unwritten;
+// a flipped bit is in the buffer the read hands back; a lost write never reaches the file.
 class FaultInjectionIoEngine : public IoEngine {
  public:
   FaultInjectionIoEngine(std::unique_ptr<IoEngine> inner, const FaultOptions& options);
@@ -58,6 +74,7 @@ class FaultInjectionIoEngine : public IoEngine {
   StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) override {
     return inner_->Open(path, mode);
   }
+  std::string FilePath(IoFileId file) const override { return inner_->FilePath(file); }
   Status Close(IoFileId file) override { return inner_->Close(file); }
   StatusOr<uint64_t> FileSize(IoFileId file) override { return inner_->FileSize(file); }
   Status Allocate(IoFileId file, uint64_t bytes) override;

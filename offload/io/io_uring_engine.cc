@@ -125,7 +125,11 @@ class UringEngine final : public io_internal::FileBackedEngine {
   };
 
   explicit UringEngine(const IoEngineOptions& options)
-      : FileBackedEngine(options.direct), slots_(std::max(1u, options.queue_depth)) {}
+      : FileBackedEngine(options.direct),
+        slots_(std::max(1u, options.queue_depth)),
+        max_transfer_bytes_(options.max_transfer_bytes) {
+    set_request_deadline(options.request_deadline);
+  }
 
   size_t Outstanding() const {
     size_t used = 0;
@@ -150,7 +154,8 @@ class UringEngine final : public io_internal::FileBackedEngine {
     io_uring_sqe* sqe = GetSqe();
     if (sqe == nullptr) return UnavailableError("uring: submission queue full").WithRetryable(true);
     char* buffer = static_cast<char*>(r.buffer) + slot.done;
-    const auto remaining = static_cast<unsigned>(r.bytes - slot.done);
+    auto remaining = static_cast<unsigned>(r.bytes - slot.done);
+    if (max_transfer_bytes_ > 0) remaining = std::min(remaining, max_transfer_bytes_);
     const uint64_t offset = r.offset + slot.done;
     const bool fixed_file = fixed_files_ && r.file < kRegisteredFiles;
     const int fd = fixed_file ? static_cast<int>(r.file) : files_.fd(r.file);
@@ -204,6 +209,7 @@ class UringEngine final : public io_internal::FileBackedEngine {
     }
     slot.done += static_cast<size_t>(result);
     if (slot.done < r.bytes) {  // a short transfer: continue with the rest
+      CountShortTransfer();
       if (Prepare(i).ok()) return std::nullopt;
       return finish(UnavailableError("uring: could not resubmit a short transfer"));
     }
@@ -216,6 +222,7 @@ class UringEngine final : public io_internal::FileBackedEngine {
   bool buffer_registered_ = false;
   iovec buffer_{};
   std::vector<Slot> slots_;
+  const unsigned max_transfer_bytes_;  // IoEngineOptions::max_transfer_bytes
   unsigned pending_submit_ = 0;
 };
 

@@ -31,6 +31,9 @@ class MemoryEngine final : public IoEngine {
   explicit MemoryEngine(uint32_t queue_depth) : queue_depth_(queue_depth) {}
 
   std::string_view name() const override { return "memory"; }
+  std::string FilePath(IoFileId file) const override {
+    return file < open_.size() ? open_[file].path : "";
+  }
   size_t alignment() const override { return 1; }
   uint32_t queue_depth() const override { return queue_depth_; }
 

@@ -20,7 +20,10 @@ namespace {
 class PosixEngine final : public io_internal::FileBackedEngine {
  public:
   explicit PosixEngine(const IoEngineOptions& options)
-      : FileBackedEngine(options.direct), queue_depth_(options.queue_depth) {
+      : FileBackedEngine(options.direct),
+        queue_depth_(options.queue_depth),
+        max_transfer_bytes_(options.max_transfer_bytes) {
+    set_request_deadline(options.request_deadline);
     for (uint32_t i = 0; i < std::max(1u, options.posix_threads); ++i) {
       workers_.emplace_back([this] { Work(); });
     }
@@ -72,15 +75,17 @@ class PosixEngine final : public io_internal::FileBackedEngine {
     std::string path;
   };
 
-  static IoCompletion Run(const Job& job) {
+  IoCompletion Run(const Job& job) {
     const IoRequest& r = job.request;
     size_t done = 0;
     auto* bytes = static_cast<char*>(r.buffer);
     while (done < r.bytes) {
+      if (done > 0) CountShortTransfer();
       const off_t offset = static_cast<off_t>(r.offset + done);
-      const ssize_t n = r.op == IoOp::kRead
-                            ? ::pread(job.fd, bytes + done, r.bytes - done, offset)
-                            : ::pwrite(job.fd, bytes + done, r.bytes - done, offset);
+      size_t length = r.bytes - done;
+      if (max_transfer_bytes_ > 0) length = std::min<size_t>(length, max_transfer_bytes_);
+      const ssize_t n = r.op == IoOp::kRead ? ::pread(job.fd, bytes + done, length, offset)
+                                            : ::pwrite(job.fd, bytes + done, length, offset);
       if (n < 0) {
         if (errno == EINTR || errno == EAGAIN) continue;
         return IoCompletion{
@@ -119,6 +124,7 @@ class PosixEngine final : public io_internal::FileBackedEngine {
   }
 
   const uint32_t queue_depth_;
+  const uint32_t max_transfer_bytes_;  // IoEngineOptions::max_transfer_bytes
   std::mutex mutex_;
   std::condition_variable cv_;
   std::deque<Job> queue_;  // GUARDED_BY(mutex_)

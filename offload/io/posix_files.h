@@ -49,6 +49,9 @@ class FileBackedEngine : public IoEngine {
     return files_.Open(path, mode);
   }
   Status Close(IoFileId file) override { return files_.Close(file); }
+  std::string FilePath(IoFileId file) const override {
+    return files_.Check(file, name()).ok() ? files_.path(file) : "";
+  }
   StatusOr<uint64_t> FileSize(IoFileId file) override { return files_.Size(file); }
   Status Allocate(IoFileId file, uint64_t bytes) override { return files_.Allocate(file, bytes); }
   Status Resize(IoFileId file, uint64_t bytes) override { return files_.Resize(file, bytes); }

@@ -3,6 +3,7 @@
 // stays usable.
 #include "offload/io/io_engine.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -310,6 +311,147 @@ TEST_F(FaultInjectionTest, LatencyIsALowerBound) {
   ASSERT_TRUE(WriteAt(*engine_, file_, 0, data.data, 4096).ok());
   EXPECT_GE(std::chrono::steady_clock::now() - start, std::chrono::microseconds(20000));
 }
+
+// ---- Every fault on every engine ------------------------------------------------------------
+
+// The fault-injection wrapper over each real engine (uring skips where the kernel refuses it),
+// and each engine's own short-transfer path.
+class FaultsOnEveryEngineTest : public ::testing::TestWithParam<IoEngineKind> {
+ protected:
+  void SetUp() override {
+    IoEngineOptions options = Options();
+    options.max_transfer_bytes = 4096;  // every larger request goes through the short path
+    StatusOr<std::unique_ptr<IoEngine>> inner = CreateIoEngine(GetParam(), options);
+    if (inner.status().code() == StatusCode::kUnavailable) GTEST_SKIP() << inner.status();
+    ASSERT_TRUE(inner.ok()) << inner.status();
+    engine_ = std::make_unique<FaultInjectionIoEngine>(std::move(inner).value(), FaultOptions{});
+    std::string test = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    for (char& c : test) c = c == '/' ? '_' : c;  // parameterised names contain '/'
+    path_ = ::testing::TempDir() + "/ecss_every_fault_" + test;
+    file_ = *engine_->Open(path_, OpenMode::kCreate);
+  }
+  void TearDown() override {
+    engine_.reset();
+    ::unlink(path_.c_str());
+  }
+  // The next request suffers `fault`.
+  void Next(Fault fault) {
+    FaultOptions options;
+    options.fault = fault;
+    options.fail_nth = engine_->counters().requests + 1;
+    engine_->set_options(options);
+  }
+  std::string path_;
+  std::unique_ptr<FaultInjectionIoEngine> engine_;
+  IoFileId file_ = 0;
+};
+
+TEST_P(FaultsOnEveryEngineTest, AFlippedBitIsInTheDataReadAndNowhereElse) {
+  AlignedBuffer data(4 * 4096), in(4 * 4096);
+  Fill(data.data, data.size, 3);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 0, data.data, data.size).ok());
+  Next(Fault::kBitFlip);
+  ASSERT_TRUE(ReadAt(*engine_, file_, 0, in.data, in.size).ok()) << "rot reads as success";
+  int bits = 0;
+  for (size_t i = 0; i < in.size; ++i) bits += __builtin_popcount(in.data[i] ^ data.data[i]);
+  EXPECT_EQ(bits, 1);
+  EXPECT_EQ(engine_->counters().bit_flips, 1u);
+  ASSERT_TRUE(ReadAt(*engine_, file_, 0, in.data, in.size).ok());
+  EXPECT_EQ(std::memcmp(in.data, data.data, in.size), 0) << "the file itself is intact";
+}
+
+TEST_P(FaultsOnEveryEngineTest, ALostWriteSucceedsAndLeavesTheOldData) {
+  AlignedBuffer old_data(2 * 4096), new_data(2 * 4096), in(2 * 4096);
+  Fill(old_data.data, old_data.size, 4);
+  Fill(new_data.data, new_data.size, 5);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 4096, old_data.data, old_data.size).ok());
+  Next(Fault::kLostWrite);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 4096, new_data.data, new_data.size).ok());
+  ASSERT_TRUE(ReadAt(*engine_, file_, 4096, in.data, in.size).ok());
+  EXPECT_EQ(std::memcmp(in.data, old_data.data, in.size), 0);
+  EXPECT_EQ(engine_->counters().lost_writes, 1u);
+}
+
+// A hung request fails with DeadlineExceeded naming the file and offset once the engine's
+// deadline passes (cancelled, so it never completes later), and the engine goes on.
+TEST_P(FaultsOnEveryEngineTest, AHungRequestFailsAtTheDeadlineNamingFileAndOffset) {
+  engine_->set_request_deadline(std::chrono::milliseconds(300));
+  AlignedBuffer data(2 * 4096), in(2 * 4096);
+  Fill(data.data, data.size, 6);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 0, data.data, data.size).ok()) << "in time: fine";
+  Next(Fault::kHang);
+  Status hung = ReadAt(*engine_, file_, 4096, in.data, 4096);
+  EXPECT_EQ(hung.code(), StatusCode::kDeadlineExceeded) << hung;
+  EXPECT_NE(hung.message().find("read of 4096 bytes at offset 4096 of '" + path_ + "'"),
+            std::string_view::npos)
+      << hung;
+  EXPECT_NE(hung.message().find("within 300 ms"), std::string_view::npos) << hung;
+  EXPECT_EQ(engine_->counters().hung, 1u);
+  EXPECT_EQ(engine_->in_flight(), 0u);
+  ASSERT_TRUE(ReadAt(*engine_, file_, 0, in.data, in.size).ok()) << "the engine stays usable";
+  EXPECT_EQ(std::memcmp(in.data, data.data, in.size), 0);
+}
+
+TEST_P(FaultsOnEveryEngineTest, AFailedSyncIsAnErrorAndTheNextOneWorks) {
+  AlignedBuffer data(4096);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 0, data.data, data.size).ok());
+  FaultOptions options;
+  options.fail_sync = true;
+  engine_->set_options(options);
+  Status failed = engine_->Sync(file_);
+  EXPECT_EQ(failed.sys_errno(), EIO) << failed;
+  engine_->set_options(FaultOptions{});
+  EXPECT_TRUE(engine_->Sync(file_).ok());
+}
+
+// Reads and writes in the middle of a file that the kernel moves 4 KiB at a time arrive whole,
+// through each engine's short-transfer path.
+TEST_P(FaultsOnEveryEngineTest, ShortTransfersMidFileCompleteWhole) {
+  AlignedBuffer data(64 * 4096), in(16 * 4096);
+  Fill(data.data, data.size, 7);
+  ASSERT_TRUE(WriteAt(*engine_, file_, 0, data.data, data.size).ok());
+  std::memset(in.data, 0, in.size);
+  ASSERT_TRUE(ReadAt(*engine_, file_, 20 * 4096, in.data, in.size).ok());
+  EXPECT_EQ(std::memcmp(in.data, data.data + 20 * 4096, in.size), 0);
+  if (GetParam() != IoEngineKind::kMemory) {  // no system calls to cut short
+    EXPECT_EQ(engine_->inner().short_transfers(), 63u + 15u) << "one per 4 KiB after the first";
+  }
+}
+
+// A request that really hangs inside io_uring (a read of an empty FIFO, which no data ever
+// reaches) is cancelled at the deadline through the ring: DeadlineExceeded, and the ring
+// goes on.
+TEST(IoEngineDeadlineTest, AReadHungInTheKernelIsCancelledThroughTheRing) {
+  IoEngineOptions options = Options();
+  options.direct = false;  // a FIFO has no O_DIRECT
+  options.request_deadline = std::chrono::milliseconds(200);
+  StatusOr<std::unique_ptr<IoEngine>> engine = CreateIoEngine(IoEngineKind::kUring, options);
+  if (engine.status().code() == StatusCode::kUnavailable) GTEST_SKIP() << engine.status();
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const std::string fifo = ::testing::TempDir() + "/ecss_hung_fifo";
+  ::unlink(fifo.c_str());
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const IoFileId file = *(*engine)->Open(fifo, OpenMode::kReadWrite);  // no writer waits
+  AlignedBuffer in(4096);
+  Status hung = ReadAt(**engine, file, 0, in.data, in.size);
+  EXPECT_EQ(hung.code(), StatusCode::kDeadlineExceeded) << hung;
+  EXPECT_NE(hung.message().find(fifo), std::string_view::npos) << hung;
+  EXPECT_EQ((*engine)->in_flight(), 0u);
+  ASSERT_TRUE((*engine)->Close(file).ok());
+  const std::string plain = fifo + ".bin";
+  const IoFileId next = *(*engine)->Open(plain, OpenMode::kCreate);
+  EXPECT_TRUE(WriteAt(**engine, next, 0, in.data, in.size).ok()) << "the ring goes on";
+  engine->reset();
+  ::unlink(fifo.c_str());
+  ::unlink(plain.c_str());
+}
+
+INSTANTIATE_TEST_SUITE_P(Engines, FaultsOnEveryEngineTest,
+                         ::testing::Values(IoEngineKind::kMemory, IoEngineKind::kPosix,
+                                           IoEngineKind::kUring),
+                         [](const ::testing::TestParamInfo<IoEngineKind>& param_info) {
+                           return std::string(IoEngineKindName(param_info.param));
+                         });
 
 TEST(IoEngineFactoryTest, Kinds) {
   EXPECT_EQ(*ParseIoEngineKind("uring"), IoEngineKind::kUring);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -381,6 +382,47 @@ TEST_F(StateFileTest, AFailedCreateLeavesNoFiles) {
   engine_->set_options(FaultOptions{});
   EXPECT_TRUE(std::filesystem::is_empty(root_ + "/a"));
   EXPECT_TRUE(std::filesystem::is_empty(root_ + "/b"));
+}
+
+// Faults the drive does not report: a flipped bit in a read and a lost array write are
+// DataLoss naming the expert and array, never data; a hung request fails at the engine's
+// deadline naming the file. The file stays usable after each.
+TEST_F(StateFileTest, SilentFaultsAreDataLossAndAHungRequestFailsAtItsDeadline) {
+  options_.shadow = true;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v1(3000, 1.0f), v2(3000, 2.0f), got(3000, 0.0f);
+  ASSERT_TRUE(file->Store(1, v1.raw, 3000, 1).ok());
+  uint64_t count = 0;
+  auto next = [&](Fault fault, uint64_t nth) {
+    FaultOptions faults;
+    faults.fault = fault;
+    faults.fail_nth = engine_->counters().requests + nth;
+    engine_->set_options(faults);
+  };
+  next(Fault::kBitFlip, 3);  // two slot headers, then master
+  Status flipped = file->Load(1, got.raw, 3000, &count);
+  EXPECT_EQ(flipped.code(), StatusCode::kDataLoss) << flipped;
+  EXPECT_NE(flipped.message().find("expert 1"), std::string_view::npos) << flipped;
+  EXPECT_NE(flipped.message().find("master checksum mismatch"), std::string_view::npos) << flipped;
+  // Store reads no header (it knows the newest copy): its first request is master.
+  next(Fault::kLostWrite, 2);  // moment 1 never reaches the disk
+  ASSERT_TRUE(file->Store(1, v2.raw, 3000, 2).ok()) << "a lost write looks like success";
+  engine_->set_options(FaultOptions{});
+  Status lost = file->Load(1, got.raw, 3000, &count);
+  EXPECT_EQ(lost.code(), StatusCode::kDataLoss) << lost;
+  EXPECT_NE(lost.message().find("moment 1 checksum mismatch"), std::string_view::npos) << lost;
+  const uint64_t previous = 1;
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count, &previous).ok()) << "version 1 is intact";
+  engine_->set_request_deadline(std::chrono::milliseconds(200));
+  next(Fault::kHang, 1);
+  Status hung = file->Load(1, got.raw, 3000, &count);
+  EXPECT_EQ(hung.code(), StatusCode::kDeadlineExceeded) << hung;
+  EXPECT_NE(hung.message().find(root_ + "/b/ecss-states-1.bin"), std::string_view::npos) << hung;
+  engine_->set_options(FaultOptions{});
+  ASSERT_TRUE(file->Store(1, v2.raw, 3000, 3).ok());
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 3u);
+  EXPECT_EQ(std::memcmp(got.raw[2], v2.raw[2], 12000), 0);
 }
 
 }  // namespace
