@@ -45,11 +45,19 @@ std::string ManifestPath(const ExpertStoreOptions& options) {
   return StrCat(options.dirs[0], "/", kManifestName);
 }
 
-// The lock that says a store object owns the directory (FileLock), when it has one.
-StatusOr<std::unique_ptr<FileLock>> LockDirectory(const ExpertStoreOptions& options) {
-  if (options.dirs.empty()) return std::unique_ptr<FileLock>();
-  return FileLock::Acquire(StrCat(options.dirs[0], "/", kLockName),
-                           StrCat("the expert store in '", options.dirs[0], "'"));
+// The locks that say a store object owns its directories (FileLock), one in each: state files
+// striped over several directories are named by the directory's index, so two stores sharing
+// any one of them would write the same files.
+StatusOr<std::vector<std::unique_ptr<FileLock>>> LockDirectories(
+    const ExpertStoreOptions& options) {
+  std::vector<std::unique_ptr<FileLock>> locks;
+  for (const std::string& dir : options.dirs) {
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock,
+                          FileLock::Acquire(StrCat(dir, "/", kLockName),
+                                            StrCat("expert store directory '", dir, "'")));
+    locks.push_back(std::move(lock));
+  }
+  return locks;
 }
 
 uint64_t RoundUp(uint64_t value, uint64_t to) { return (value + to - 1) / to * to; }
@@ -514,19 +522,19 @@ Status ExpertStore::OpenFiles(bool create) {
   return Status::Ok();
 }
 
-// The manifest first (files of the new generation, or still of the old ones, are then both
-// accepted), then every file's header, then the manifest again with the old ones no longer
-// accepted: a crash anywhere leaves a store that opens, and files copied back from an earlier
-// run never pass for this one.
-Status ExpertStore::NextGeneration() {
+// A manifest that accepts files of the new generation and of the old ones (written by
+// `accept_both`, otherwise as it was), then every file's header, then the manifest that
+// `closed` says, with the old ones no longer accepted: a crash or failure anywhere leaves a
+// store that opens as before, and files copied back from before never pass for this one.
+Status ExpertStore::NextGeneration(const std::function<Status()>& accept_both, bool closed) {
   if (previous_generation_ == 0) previous_generation_ = generation_;
   ++generation_;
-  ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/false));
+  ECSS_RETURN_IF_ERROR(accept_both());
   for (Files& files : files_) {
     if (files.writer != nullptr) ECSS_RETURN_IF_ERROR(files.writer->SetGeneration(generation_));
   }
   previous_generation_ = 0;
-  return WriteManifest(/*closed=*/false);
+  return WriteManifest(closed);
 }
 
 Status ExpertStore::WriteManifest(bool closed) {
@@ -552,18 +560,27 @@ Status ExpertStore::WriteManifest(bool closed) {
 StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
                                                            const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
-  if (!options.dirs.empty()) ECSS_RETURN_IF_ERROR(CheckDirectory(options.dirs[0]));
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockDirectory(options));
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
   std::error_code error;
   if (!options.dirs.empty() && std::filesystem::exists(ManifestPath(options), error)) {
     return AlreadyExistsError(
         StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
   }
+  for (ExpertState state : kStates) {  // another store's files, striped over a directory
+    if (!HasFile(options, state)) continue;
+    for (const std::string& path : ExpertStateFile::Paths(FileOptions(options, state))) {
+      if (std::filesystem::exists(path, error)) {
+        return AlreadyExistsError(StrCat("'", path,
+                                         "' exists: a file of another expert store (striped "
+                                         "over this directory?); open that store, or remove it"));
+      }
+    }
+  }
   ExpertStoreOptions recorded = options;  // as the manifest records it
   if (recorded.max_file_bytes == 0) recorded.max_file_bytes = kDefaultMaxFileBytes;
   recorded.initial_id = InitialId(options);
   std::unique_ptr<ExpertStore> store(new ExpertStore(backend, recorded));
-  store->lock_ = std::move(lock);
+  store->locks_ = std::move(locks);
   std::random_device entropy;
   store->store_id_ = (uint64_t{entropy()} << 32 | entropy()) | 1;  // never 0
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
@@ -577,7 +594,6 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
     return store->WriteManifest(/*closed=*/false);
   }();
   if (!made.ok()) {
-    store->closed_ = true;  // nothing to flush
     for (Files& files : store->files_) files.reader.reset(), files.writer.reset();
     for (ExpertState state : kStates) {
       if (!HasFile(options, state)) continue;
@@ -587,6 +603,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
     }
     return made;
   }
+  store->closed_ = false;
   return store;
 }
 
@@ -595,8 +612,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   if (options.dirs.empty())
     return InvalidArgumentError("opening an expert store needs its directory");
-  ECSS_RETURN_IF_ERROR(CheckDirectory(options.dirs[0]));
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockDirectory(options));
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
   const std::string path = ManifestPath(options);
   std::error_code error;
   if (!std::filesystem::exists(path, error)) {
@@ -689,7 +705,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   reopened.max_file_bytes = m.max_file_bytes;  // the files are split as they were made
   reopened.initial_id = initial_id;
   std::unique_ptr<ExpertStore> store(new ExpertStore(backend, reopened));
-  store->lock_ = std::move(lock);
+  store->locks_ = std::move(locks);
   store->store_id_ = m.store_id;
   store->generation_ = m.generation;
   store->previous_generation_ = m.previous_generation;
@@ -732,12 +748,20 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
         ECSS_RETURN_IF_ERROR(store->CopyRegion(state, source, expert));
       }
     }
-    return store->NextGeneration();
+    // The manifest as it was (closed or not, its placement), but for the generations: an Open
+    // cut short changes nothing else.
+    return store->NextGeneration(
+        [&] {
+          Manifest before = m;
+          before.generation = store->generation_;
+          before.previous_generation = store->previous_generation_;
+          return WriteFileAtomically(path, FormatManifest(before))
+              .Annotate("writing the expert store manifest");
+        },
+        /*closed=*/false);
   }();
-  if (!opened.ok()) {
-    store->closed_ = true;  // the files are as they were: nothing to flush
-    return opened;
-  }
+  if (!opened.ok()) return opened;  // the files are as they were: nothing to flush
+  store->closed_ = false;
   return store;
 }
 
@@ -1143,7 +1167,10 @@ Status ExpertStore::Close() {
   std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
   ECSS_RETURN_IF_ERROR(FlushLocked());
-  if (!options_.dirs.empty()) ECSS_RETURN_IF_ERROR(WriteManifest(/*closed=*/true));
+  if (!options_.dirs.empty()) {  // a copy of a file taken while open is now a generation behind
+    ECSS_RETURN_IF_ERROR(NextGeneration([&] { return WriteManifest(/*closed=*/false); },
+                                        /*closed=*/true));
+  }
   closed_ = true;
   for (Files& files : files_) {
     files.reader.reset();
@@ -1151,7 +1178,7 @@ Status ExpertStore::Close() {
   }
   for (Region& region : regions_) region.memory.Reset();
   staging_.Reset();
-  lock_.reset();  // another owner may open the directory now
+  locks_.clear();  // another owner may open the directories now
   return Status::Ok();
 }
 

@@ -21,22 +21,23 @@
 // The manifest (DIR0/ecss-store.manifest, replaced atomically, its directory synced) names the
 // format version, the store's random id and generation, the model's layout, the initial values
 // (initial_id), the file split and whether the store was closed; every state file's header
-// carries the id and generation too, and each Open moves both to the next generation. Open
-// refuses, before writing anything:
-// a directory without a store (NotFound), another format version or model (FailedPrecondition
-// naming both values), a damaged manifest (DataLoss: a wrong checksum, a missing, unknown,
-// repeated or malformed line, text after the checksum), a state file of another store, of an
-// earlier generation (an older copy put back) or under another file's name (DataLoss naming
-// the file), and a store that was not closed while some of its states lived only in memory
-// (DataLoss naming them; nvme states never need it).
-// One owner at a time: Create and Open lock the directory (DIR0/ecss-store.lock, FileLock)
-// until Close, so a second store object on it, in this process or another, fails with
-// FailedPrecondition naming the holder's pid; a crashed owner's lock is gone with it.
-// Create refuses a directory that already holds a store (AlreadyExists) and budgets that
-// cannot hold the placement (ResourceExhausted naming the bytes one expert and all experts
-// need), before touching the disk. Missing or read-only directories are NotFound /
-// PermissionDenied. Create and Open take constant time and disk space for nvme states,
-// whatever the model's size: their files are sparse (offload/state_file.h).
+// carries the id and generation too, and each Open and Close moves both to the next generation.
+// Open refuses, before writing anything: a directory without a store (NotFound), another format
+// version or model (FailedPrecondition naming both values), a damaged manifest (DataLoss: a wrong
+// checksum, a missing, unknown, repeated or malformed line, text after the checksum), a state file
+// of another store, of an earlier generation (an older copy put back) or under another file's name
+// (DataLoss naming the file), and a store that was not closed while some of its states lived only
+// in memory (DataLoss naming them; nvme states never need it). One owner at a time: Create and Open
+// lock each directory (DIR/ecss-store.lock, FileLock) until Close, so a second store object on any
+// of them, in this process or another, fails with FailedPrecondition naming the holder's pid; a
+// crashed owner's lock is gone with it. Create also refuses a directory that holds another store's
+// state files (AlreadyExists naming one). Close moves to the next generation too, so a copy of a
+// file taken while the store was open is refused at the next Open; a copy taken since the last
+// Open, put back after a crash, is not detected. Create refuses a directory that already holds a
+// store (AlreadyExists) and budgets that cannot hold the placement (ResourceExhausted naming the
+// bytes one expert and all experts need), before touching the disk. Missing or read-only
+// directories are NotFound / PermissionDenied. Create and Open take constant time and disk space
+// for nvme states, whatever the model's size: their files are sparse (offload/state_file.h).
 //
 // Unwritten experts: until its first write, an expert's state reads as its initial value,
 // which `initial` computes (zeros without one); nothing of it is on disk. Memory states start
@@ -265,7 +266,7 @@ class ExpertStore {
   Status OpenFiles(bool create);
   Status WriteManifest(bool closed);
   // Moves the manifest and every file to the next generation (StateFileOptions::generation).
-  Status NextGeneration();
+  Status NextGeneration(const std::function<Status()>& accept_both, bool closed);
   Status Check(ExpertState state, ExpertId id) const;
   std::string Name(ExpertState state, ExpertId id) const;
   void* MemoryOf(ExpertState state, uint32_t flat) const;
@@ -285,7 +286,9 @@ class ExpertStore {
   const ExpertIndex index_;
   // Shared by every access, exclusive for Flush and Close.
   std::shared_mutex lifecycle_;
-  bool closed_ = false;  // GUARDED_BY(lifecycle_)
+  // GUARDED_BY(lifecycle_). True until Create or Open succeeds: a store they give up on has
+  // nothing to flush.
+  bool closed_ = true;
   // The staging block and the copy stream (Read and Write of nvme states, device states).
   std::mutex staging_mutex_;
   std::unique_ptr<PinnedHostPool> pinned_;
@@ -297,8 +300,8 @@ class ExpertStore {
   // Per expert: the flat id whose storage it reads until written (itself: none). Written
   // under lifecycle_ held exclusively.
   std::vector<uint32_t> source_;
-  // The directory's lock (null without directories), held from Create or Open until Close.
-  std::unique_ptr<FileLock> lock_;
+  // Each directory's lock, held from Create or Open until Close.
+  std::vector<std::unique_ptr<FileLock>> locks_;
   // What ties the files to this store (StateFileOptions::store_id); set at Create and Open.
   uint64_t store_id_ = 0;
   uint64_t generation_ = 1;

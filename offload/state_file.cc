@@ -6,6 +6,7 @@
 #include <filesystem>
 
 #include "runtime/base/checksum.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -193,13 +194,16 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
       if (sized.ok()) sized = file->WriteFileHeader(i, options.generation);
       if (!sized.ok()) return sized.Annotate(StrCat("state file '", file->paths_[i], "'"));
     }
-    return file->Sync();
+    ECSS_RETURN_IF_ERROR(file->Sync());
+    for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(SyncDirectory(dir));
+    return Status::Ok();
   }();
-  if (!made.ok()) {  // nothing of it stays behind
-    const std::vector<std::string> paths = file->paths_;
+  if (!made.ok()) {  // nothing of it stays behind: the files it opened (and so made) go
+    const std::vector<std::string> made_paths(file->paths_.begin(),
+                                              file->paths_.begin() + file->files_.size());
     file.reset();
     std::error_code error;
-    for (const std::string& path : paths) std::filesystem::remove(path, error);
+    for (const std::string& path : made_paths) std::filesystem::remove(path, error);
     return made;
   }
   return file;
@@ -231,12 +235,12 @@ Status ExpertStateFile::CheckFileHeader(size_t i) {
     return DataLossError(StrCat(file, " has no state-file header (overwritten, or not made by ",
                                 "ExpertStateFile::Create)"));
   }
-  if (Crc32c(&header, offsetof(FileHeader, header_crc)) != header.header_crc) {
-    return DataLossError(StrCat(file, ": file header checksum mismatch (damaged)"));
-  }
-  if (header.version != kVersion) {
+  if (header.version != kVersion) {  // its fields may differ: before the checksum
     return FailedPreconditionError(StrCat(file, " has state-file format version ", header.version,
                                           "; this build reads version ", kVersion));
+  }
+  if (Crc32c(&header, offsetof(FileHeader, header_crc)) != header.header_crc) {
+    return DataLossError(StrCat(file, ": file header checksum mismatch (damaged)"));
   }
   header.name[kNameBytes - 1] = 0;
   const std::string name = options_.name.substr(0, kNameBytes - 1);
@@ -271,13 +275,13 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
   for (size_t i = 0; i < file->paths_.size(); ++i) {
     ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(file->paths_[i], OpenMode::kReadWrite));
     file->files_.push_back(id);
+    ECSS_RETURN_IF_ERROR(file->CheckFileHeader(i));  // first: it names a swapped file
     ECSS_ASSIGN_OR_RETURN(uint64_t size, engine->FileSize(id));
     if (size < file->file_bytes_[i]) {
       return FailedPreconditionError(StrCat("state file '", file->paths_[i], "' has ", size,
                                             " bytes; this layout needs ", file->file_bytes_[i],
                                             " (made for another model?)"));
     }
-    ECSS_RETURN_IF_ERROR(file->CheckFileHeader(i));
   }
   return file;
 }
@@ -360,6 +364,9 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   }
   const uint64_t base = OffsetOf(expert, copy);
   const uint64_t bytes = elements * options_.element_bytes;
+  // The header's fields fit in the first 512-byte sector of its 4 KiB block and the rest is
+  // zeros, old or new: a drive that writes one sector atomically never tears it.
+  static_assert(sizeof(Header) <= 512);
   Header header{};
   std::memcpy(header.magic, kMagic, sizeof(kMagic));
   header.version = kVersion;
@@ -423,8 +430,8 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
                                   OffsetOf(expert, c), ": ", reason[c], " (damaged slot header)"));
     }
     unwritten |= state[c] == CopyState::kUnwritten;
-    if (state[c] != CopyState::kValid) {
-      if (why.empty() || state[c] == CopyState::kDamaged) why = reason[c];
+    if (state[c] == CopyState::kUnwritten) {
+      if (why.empty()) why = reason[c];
     } else if (want != nullptr && seen[c].update_count != *want) {
       if (why.empty()) why = StrCat("update count ", seen[c].update_count, ", not ", *want);
     } else if (!found || seen[c].sequence > header.sequence) {
@@ -443,10 +450,9 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   if (!found && unwritten && (want == nullptr || *want == 0)) {
     return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
   }
-  if (!found && want != nullptr) {
+  if (!found) {  // every copy is intact and holds another update count
     return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));
   }
-  if (!found) return DataLossError(StrCat(where, ": ", why));
   if (header.elements != elements) {
     return DataLossError(
         StrCat(where, ": stored with ", header.elements, " elements, read as ", elements));

@@ -20,10 +20,11 @@
 // header: a store cut short leaves a slot whose checksums do not match (detected, not used).
 // With `shadow`, every expert has two slots and a store goes to the one not holding the newest
 // version, so a failed or torn store leaves the previous version readable (twice the space).
-// A slot header is one 4 KiB write, which storage does atomically (an NVMe drive's atomic
-// write unit is at least one 4 KiB block), so a crash leaves it old or new, never torn: a slot
-// header that is neither all zeros nor intact is damage, and Load reports it (DataLoss) rather
-// than falling back to the other copy, which would silently go back one version.
+// A slot header is one 4 KiB write whose fields fit in its first 512-byte sector (the rest is
+// zeros, before and after), and drives write at least a sector atomically, so a crash leaves
+// it old or new, never torn: a slot header that is neither all zeros nor intact is damage,
+// and Load reports it (DataLoss) rather than falling back to the other copy, which would
+// silently go back one version.
 // Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
 // A file may have one writing and one reading handle (two objects), as the optimizer's
@@ -52,8 +53,8 @@ struct StateFileOptions {
   bool shadow = false;                   // two slots per expert (see above)
   std::vector<std::string> array_names;  // for errors; default "array <i>"
   // The largest file; a directory's experts go to as many files as that takes (0:
-  // kDefaultMaxFileBytes). At least one expert's slots (InvalidArgument otherwise). Files made
-  // with one value must be opened with the same.
+  // kDefaultMaxFileBytes). At least a file header and one expert's slots (InvalidArgument
+  // otherwise). Files made with one value must be opened with the same.
   uint64_t max_file_bytes = 0;
   // What ties the files to one store and its history (see above): Create writes both into
   // every file header, and Open refuses files of another store_id or of a generation outside

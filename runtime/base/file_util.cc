@@ -67,7 +67,11 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
 Status SyncDirectory(const std::string& dir) {
   Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open directory '", dir, "'"));
-  if (::fsync(fd.get()) != 0) return ErrnoError(errno, StrCat("cannot sync directory '", dir, "'"));
+  // EINVAL: a file system that cannot sync directories (its entries are as durable as it makes
+  // them); not an error of the write that asked.
+  if (::fsync(fd.get()) != 0 && errno != EINVAL) {
+    return ErrnoError(errno, StrCat("cannot sync directory '", dir, "'"));
+  }
   return Status::Ok();
 }
 
@@ -106,7 +110,15 @@ StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& path,
 }
 
 FileLock::~FileLock() {
-  ::unlink(path_.c_str());  // before the unlock: a waiting Acquire then retries on a new file
+  // Removed before the unlock, so that an Acquire that opened this file and locks it after us
+  // sees it is gone and takes the one at the path; only while the path still names this file
+  // (someone may have removed it, and another owner made a new one).
+  struct stat held {
+  }, named{};
+  if (::fstat(fd_, &held) == 0 && ::stat(path_.c_str(), &named) == 0 &&
+      held.st_dev == named.st_dev && held.st_ino == named.st_ino) {
+    ::unlink(path_.c_str());
+  }
   ::close(fd_);
 }
 

@@ -78,5 +78,18 @@ TEST_F(FileUtilTest, ALockHasOneOwnerAndDiesWithItsProcess) {
   EXPECT_EQ(FileLock::Acquire(dir_ + "/missing/lock", "x").status().code(), StatusCode::kNotFound);
 }
 
+// A lock file removed behind its owner's back (a cleanup script): the owner's release leaves
+// the next owner's file alone, so that one stays exclusive.
+TEST_F(FileUtilTest, AReleaseNeverRemovesAnotherOwnersLockFile) {
+  const std::string path = dir_ + "/lock";
+  auto first = std::move(FileLock::Acquire(path, "x")).value();
+  std::filesystem::remove(path);
+  auto second = FileLock::Acquire(path, "x");
+  ASSERT_TRUE(second.ok()) << second.status();
+  first.reset();
+  EXPECT_TRUE(std::filesystem::exists(path));
+  EXPECT_EQ(FileLock::Acquire(path, "x").status().code(), StatusCode::kFailedPrecondition);
+}
+
 }  // namespace
 }  // namespace ecss

@@ -350,10 +350,9 @@ TEST_F(ExpertStoreTest, AStoreNotClosedIsRefusedOnlyWhenStatesLivedInMemory) {
   auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 2);
   // While it is open, its manifest says so: what a crash leaves.
-  const std::string open = ManifestText();
   ASSERT_TRUE(store->Close().ok());
   const std::string closed = ManifestText();
-  std::ofstream(root_ + "/a/ecss-store.manifest") << open;
+  RewriteManifest("state closed", "state open");
   Status unclean = Make(false, options_).status();
   EXPECT_EQ(unclean.code(), StatusCode::kDataLoss);
   EXPECT_TRUE(Contains(unclean, "weights (device), master (pinned), gradient (pinned)")) << unclean;
@@ -363,9 +362,8 @@ TEST_F(ExpertStoreTest, AStoreNotClosedIsRefusedOnlyWhenStatesLivedInMemory) {
   // With every state on NVMe nothing lives only in memory: an unclosed store opens.
   options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNvme};
   auto first = std::move(Make(false, options_)).value();
-  const std::string unclosed = ManifestText();
   ASSERT_TRUE(first->Close().ok());
-  std::ofstream(root_ + "/a/ecss-store.manifest") << unclosed;
+  RewriteManifest("state closed", "state open");
   auto second = Make(false, options_);
   ASSERT_TRUE(second.ok()) << second.status();
   ExpectAll(**second, 2);
@@ -693,9 +691,8 @@ TEST_F(ExpertStoreTest, MemoryStatesThatAreNotDurableStartAtZeroAndHaveNoFile) {
     EXPECT_FALSE(std::filesystem::exists(root_ + "/a/ecss-store-weights-0.bin"));
     EXPECT_NE(ManifestText().find("memory_states volatile"), std::string::npos);
     // Not closed (as after a crash): still opens.
-    const std::string unclosed = ManifestText();
     ASSERT_TRUE(store->Close().ok());
-    std::ofstream(root_ + "/a/ecss-store.manifest") << unclosed;
+    RewriteManifest("state closed", "state open");
     auto again = Make(false, options_);
     ASSERT_TRUE(again.ok()) << again.status();
     std::vector<uint8_t> got(weights.size(), 1);
@@ -987,16 +984,30 @@ TEST_F(ExpertStoreTest, AStateFileFromAnEarlierRunOrAnotherStoreIsRefused) {
     ASSERT_TRUE(store->Close().ok());
   }
   std::filesystem::copy_file(moments, saved);
+  const std::string during = root_ + "/during.bin";
   {
     auto store = std::move(Make(false, options_)).value();
     WriteAll(*store, 2);
+    ASSERT_TRUE(store->Flush().ok());
+    std::filesystem::copy_file(moments, during);  // a copy taken while the store is open
+    WriteAll(*store, 3);
     ASSERT_TRUE(store->Close().ok());
   }
-  std::filesystem::copy_file(saved, moments, std::filesystem::copy_options::overwrite_existing);
-  Status older = Make(false, options_).status();
-  EXPECT_EQ(older.code(), StatusCode::kDataLoss) << older;
-  EXPECT_TRUE(Contains(older, moments)) << older;
-  EXPECT_TRUE(Contains(older, "an older copy of the file")) << older;
+  const std::string current = root_ + "/current.bin";
+  std::filesystem::copy_file(moments, current);
+  for (const std::string& copy : {saved, during}) {
+    std::filesystem::copy_file(copy, moments, std::filesystem::copy_options::overwrite_existing);
+    Status older = Make(false, options_).status();
+    EXPECT_EQ(older.code(), StatusCode::kDataLoss) << older;
+    EXPECT_TRUE(Contains(older, moments)) << older;
+    EXPECT_TRUE(Contains(older, "an older copy of the file")) << older;
+  }
+  std::filesystem::copy_file(current, moments, std::filesystem::copy_options::overwrite_existing);
+  {
+    auto store = Make(false, options_);
+    ASSERT_TRUE(store.ok()) << store.status();
+    ExpectAll(**store, 3);
+  }
   // A file of another store with the same layout.
   ExpertStoreOptions other = options_;
   std::filesystem::create_directories(root_ + "/c");
@@ -1010,27 +1021,30 @@ TEST_F(ExpertStoreTest, AStateFileFromAnEarlierRunOrAnotherStoreIsRefused) {
   EXPECT_TRUE(Contains(foreign, "belongs to another store")) << foreign;
 }
 
-// An Open cut short between its two manifest writes leaves files of either generation: the
-// manifest then accepts both, and the next Open finishes the move.
+// An Open or Close cut short between its two manifest writes leaves files of either generation:
+// the manifest then accepts both, and the next Open finishes the move.
 TEST_F(ExpertStoreTest, AnOpenCutShortBetweenGenerationsStillOpens) {
   {
     auto store = std::move(Make(true, options_)).value();
     WriteAll(*store, 1);
     ASSERT_TRUE(store->Close().ok());
   }
-  ASSERT_NE(ManifestText().find("\ngeneration 1\n"), std::string::npos);
-  ASSERT_TRUE(Make(false, options_).ok());  // files and manifest at generation 2
-  RewriteManifest("generation 2\nprevious_generation 0", "generation 3\nprevious_generation 2");
+  // Create wrote generation 1, Close moved to 2.
+  const std::string two = "generation 2\nprevious_generation 0";
+  ASSERT_NE(ManifestText().find(two), std::string::npos) << ManifestText();
+  // As if an Open had written its first manifest and no file header yet.
+  RewriteManifest(two, "generation 3\nprevious_generation 2");
   {
-    auto store = Make(false, options_);
+    auto store = Make(false, options_);  // finishes the move: generation 4, Close 5
     ASSERT_TRUE(store.ok()) << store.status();
     ExpectAll(**store, 1);
   }
-  EXPECT_NE(ManifestText().find("\ngeneration 4\nprevious_generation 0\n"), std::string::npos);
-  RewriteManifest("generation 4\nprevious_generation 0", "generation 5\nprevious_generation 0");
+  const std::string five = "generation 5\nprevious_generation 0";
+  ASSERT_NE(ManifestText().find(five), std::string::npos) << ManifestText();
+  RewriteManifest(five, "generation 6\nprevious_generation 0");
   Status behind = Make(false, options_).status();
   EXPECT_EQ(behind.code(), StatusCode::kDataLoss) << behind;
-  EXPECT_TRUE(Contains(behind, "generation 4, the store's is 5")) << behind;
+  EXPECT_TRUE(Contains(behind, "generation 5, the store's is 6")) << behind;
 }
 
 // The manifest is read strictly: a line missing, repeated, unknown or malformed, or text after
@@ -1061,6 +1075,63 @@ TEST_F(ExpertStoreTest, TheManifestIsParsedStrictly) {
     damaged(to);
   }
   EXPECT_TRUE(Make(false, options_).ok()) << "the original still opens";
+}
+
+// Directories are locked one by one: a store striped over a directory another store uses is
+// refused while that one is open, and its files there are never truncated afterwards either.
+TEST_F(ExpertStoreTest, AStoreNeverSharesAStripedDirectoryWithAnother) {
+  auto first = std::move(Make(true, options_)).value();
+  WriteAll(*first, 1);
+  std::filesystem::create_directories(root_ + "/c");
+  ExpertStoreOptions other = options_;
+  other.dirs = {root_ + "/c", root_ + "/b"};
+  Status busy = Make(true, other).status();
+  EXPECT_EQ(busy.code(), StatusCode::kFailedPrecondition) << busy;
+  EXPECT_TRUE(Contains(busy, root_ + "/b")) << busy;
+  ASSERT_TRUE(first->Close().ok());
+  Status exists = Make(true, other).status();
+  EXPECT_EQ(exists.code(), StatusCode::kAlreadyExists) << exists;
+  EXPECT_TRUE(Contains(exists, root_ + "/b/ecss-store-")) << exists;
+  auto reopened = Make(false, options_);
+  ASSERT_TRUE(reopened.ok()) << reopened.status();
+  ExpectAll(**reopened, 1);
+}
+
+// A budget refused after the store object exists leaves nothing to close (no crash), and
+// writes nothing.
+TEST_F(ExpertStoreTest, ABudgetRefusedOnNvmeIsAnErrorNotACrash) {
+  options_.placement = {Tier::kNvme, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  options_.pinned_budget_bytes = 4096;
+  for (bool create : {true, false}) {
+    Status refused = Make(create, options_).status();
+    EXPECT_EQ(refused.code(), create ? StatusCode::kResourceExhausted : StatusCode::kNotFound)
+        << refused;
+  }
+  options_.pinned_budget_bytes = 0;
+  ASSERT_TRUE(Make(true, options_).ok());
+  options_.pinned_budget_bytes = 4096;
+  EXPECT_EQ(Make(false, options_).status().code(), StatusCode::kResourceExhausted);
+}
+
+// An Open that fails while moving to the next generation (here: fdatasync of the file headers)
+// changes nothing else: the store, closed with states in memory, still opens as closed.
+TEST_F(ExpertStoreTest, AnOpenThatFailsHalfWayLeavesTheStoreAsItWas) {
+  {
+    auto store = std::move(Make(true, options_)).value();  // master and gradient pinned
+    WriteAll(*store, 1);
+    ASSERT_TRUE(store->Close().ok());
+  }
+  FaultOptions faults;
+  faults.fail_sync = true;
+  SetFaults(faults);
+  Status failed = Make(false, options_).status();
+  EXPECT_FALSE(failed.ok());
+  EXPECT_EQ(failed.sys_errno(), EIO) << failed;
+  SetFaults(FaultOptions{});
+  EXPECT_NE(ManifestText().find("state closed"), std::string::npos) << ManifestText();
+  auto store = Make(false, options_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  ExpectAll(**store, 1);
 }
 
 }  // namespace
