@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cctype>
-#include <charconv>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,7 +12,6 @@
 #include <numeric>
 #include <random>
 #include <set>
-#include <sstream>
 #include <thread>
 
 #include "runtime/base/checksum.h"
@@ -95,16 +93,7 @@ std::string FormatManifest(const Manifest& m) {
   text += "\nshared";
   for (const auto& [expert, source] : m.shared) text += StrCat(" ", expert, ":", source);
   text += StrCat("\nstate ", m.closed ? "closed" : "open", "\n");
-  char crc[16];
-  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
-  return StrCat(text, "crc ", crc, "\n");
-}
-
-// A whole token as a number no larger than `max` (digits only).
-bool ParseNumber(std::string_view token, uint64_t max, uint64_t* value) {
-  const char* end = token.data() + token.size();
-  auto [stop, error] = std::from_chars(token.data(), end, *value);
-  return !token.empty() && error == std::errc() && stop == end && *value <= max;
+  return SealText(std::move(text));
 }
 
 // Strict: every key of this format exactly once, in any order, each with exactly its values,
@@ -115,30 +104,22 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
   if (text.rfind(StrCat(kManifestMagic, "\n"), 0) != 0) {
     return DataLossError(StrCat("'", path, "' is not an expert store manifest"));
   }
-  // The last line: "crc " and 8 hex digits of every byte before it.
-  const size_t crc_at = text.rfind("\ncrc ");
-  if (crc_at == std::string::npos || text.size() != crc_at + 14 || text.back() != '\n') {
-    return damaged.Annotate("its last line is not its checksum");
+  std::vector<SealedLine> lines;
+  if (!SealedLines(text, &lines)) {
+    return damaged.Annotate("checksum mismatch, or its last line is not its checksum");
   }
-  char crc[16];
-  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), crc_at + 1));
-  if (text.compare(crc_at + 5, 8, crc) != 0) return damaged.Annotate("checksum mismatch");
   Manifest m;
   std::set<std::string> seen;
-  std::istringstream in(text.substr(0, crc_at + 1));
-  std::string line;
-  std::getline(in, line);  // the magic
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string key, token;
-    fields >> key;
-    std::vector<std::string> values;
-    while (fields >> token) values.push_back(token);
+  for (const SealedLine& sealed : lines) {
+    const std::string& line = sealed.text;
+    if (sealed.fields.empty()) return damaged.Annotate("a blank line");
+    const std::string& key = sealed.fields[0];
+    const std::vector<std::string> values(sealed.fields.begin() + 1, sealed.fields.end());
     const Status bad = damaged.Annotate(StrCat("line '", line, "'"));
-    if (key.empty() || !seen.insert(key).second) return bad;  // blank, or a key twice
+    if (!seen.insert(key).second) return bad;  // a key twice
     uint64_t number = 0;
     auto one_number = [&](uint64_t max) {
-      return values.size() == 1 && ParseNumber(values[0], max, &number);
+      return values.size() == 1 && ParseUint(values[0], max, &number);
     };
     if (key == "format") {
       if (!one_number(UINT32_MAX)) return bad;
@@ -157,7 +138,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
       (key == "moments" ? m.layout.moments : m.dirs) = static_cast<uint32_t>(number);
     } else if (key == "experts_per_layer") {
       for (const std::string& value : values) {
-        if (!ParseNumber(value, UINT32_MAX, &number)) return bad;
+        if (!ParseUint(value, UINT32_MAX, &number)) return bad;
         m.layout.experts_per_layer.push_back(static_cast<uint32_t>(number));
       }
     } else if (key == "weights_dtype") {
@@ -185,9 +166,8 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& tex
         const std::string_view entry = pair;
         const size_t colon = entry.find(':');
         uint64_t expert = 0, source = 0;
-        if (colon == std::string::npos ||
-            !ParseNumber(entry.substr(0, colon), UINT32_MAX, &expert) ||
-            !ParseNumber(entry.substr(colon + 1), UINT32_MAX, &source)) {
+        if (colon == std::string::npos || !ParseUint(entry.substr(0, colon), UINT32_MAX, &expert) ||
+            !ParseUint(entry.substr(colon + 1), UINT32_MAX, &source)) {
           return damaged.Annotate(StrCat("shared: ", pair));
         }
         m.shared.emplace_back(static_cast<uint32_t>(expert), static_cast<uint32_t>(source));

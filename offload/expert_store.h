@@ -204,6 +204,8 @@ class ExpertStore {
   uint64_t BlockBytes(ExpertState state) const { return StateBlockBytes(StateBytes(state)); }
   Tier placement(ExpertState state) const { return options_.placement[Index(state)]; }
   const ExpertStoreLayout& layout() const { return options_.layout; }
+  // What the unwritten experts read as (ExpertStoreOptions::initial_id; "zeros" without).
+  const std::string& initial_id() const { return options_.initial_id; }
   const ExpertIndex& index() const { return index_; }  // the layout's experts
   // The pool the pinned tier lives in; what is left of its budget is for the caller.
   // REQUIRES: a pinned budget (pinned_memory() is not null).

@@ -1,7 +1,9 @@
 #include "runtime/base/checksum.h"
 
 #include <array>
+#include <cstdio>
 #include <cstring>
+#include <sstream>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -60,6 +62,39 @@ uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
   if (HasSse42()) return ~Crc32cHardware(bytes_in, bytes, crc);
 #endif
   return ~Crc32cTable(bytes_in, bytes, crc);
+}
+
+std::string SealText(std::string text) {
+  char crc[16];
+  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(text.data(), text.size()));
+  return text + "crc " + crc + "\n";
+}
+
+bool UnsealText(std::string_view sealed, std::string_view* text) {
+  constexpr size_t kLine = 13;  // "crc " + 8 hex digits + "\n"
+  if (sealed.size() < kLine + 1 || sealed.back() != '\n') return false;
+  const size_t at = sealed.size() - kLine;
+  if (sealed[at - 1] != '\n' || sealed.substr(at, 4) != "crc ") return false;
+  char crc[16];
+  std::snprintf(crc, sizeof(crc), "%08x", Crc32c(sealed.data(), at));
+  if (sealed.substr(at + 4, 8) != crc) return false;
+  *text = sealed.substr(0, at);
+  return true;
+}
+
+bool SealedLines(std::string_view sealed, std::vector<SealedLine>* lines) {
+  std::string_view text;
+  if (!UnsealText(sealed, &text)) return false;
+  std::istringstream in{std::string(text)};
+  std::string line;
+  std::getline(in, line);  // the magic
+  while (std::getline(in, line)) {
+    std::istringstream words(line);
+    SealedLine split{line, {}};
+    for (std::string word; words >> word;) split.fields.push_back(word);
+    lines->push_back(std::move(split));
+  }
+  return true;
 }
 
 }  // namespace ecss

@@ -5,10 +5,27 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
 
 namespace ecss {
 
 // Extends `crc` (the value returned for the data before, or 0 to start) over `data`.
 uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc = 0);
+
+// Text sealed with its checksum (the expert store's and checkpoints' manifests): `text` (ending
+// in a newline), then a last line "crc <8 hex digits>" of every byte before it.
+std::string SealText(std::string text);
+// The text before the crc line; false when the last line is not "crc" and the text's checksum
+// (a damaged or truncated file, or anything after the line).
+bool UnsealText(std::string_view sealed, std::string_view* text);
+// The lines of an unsealed text after its first (a file's magic), each split at whitespace
+// (fields[0] is the key; none for a blank line); false as UnsealText.
+struct SealedLine {
+  std::string text;
+  std::vector<std::string> fields;
+};
+bool SealedLines(std::string_view sealed, std::vector<SealedLine>* lines);
 
 }  // namespace ecss

@@ -1,5 +1,6 @@
 #include "runtime/base/str_cat.h"
 
+#include <charconv>
 #include <cstdio>
 
 namespace ecss {
@@ -16,6 +17,12 @@ std::string HumanBytes(uint64_t bytes) {
   char text[32];
   std::snprintf(text, sizeof(text), "%.2f %s", value, kUnits[unit]);
   return text;
+}
+
+bool ParseUint(std::string_view token, uint64_t max, uint64_t* value) {
+  const char* end = token.data() + token.size();
+  auto [stop, error] = std::from_chars(token.data(), end, *value);
+  return !token.empty() && error == std::errc() && stop == end && *value <= max;
 }
 
 }  // namespace ecss

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <string_view>
 
 namespace ecss {
 
@@ -18,5 +19,9 @@ std::string StrCat(const Args&... args) {
 
 // "1.50 GiB", "512 B": a byte count for humans, exact below 1 KiB.
 std::string HumanBytes(uint64_t bytes);
+
+// A whole token of decimal digits as a number no larger than `max`: false for anything else
+// (a sign, spaces, other characters, an empty token, overflow).
+bool ParseUint(std::string_view token, uint64_t max, uint64_t* value);
 
 }  // namespace ecss

@@ -1,0 +1,594 @@
+#include "offload/checkpoint.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <set>
+
+#include "runtime/base/checksum.h"
+#include "runtime/base/file_util.h"
+#include "runtime/base/logging.h"
+#include "runtime/base/str_cat.h"
+
+namespace ecss {
+
+namespace {
+
+constexpr char kMagic[] = "ecss-checkpoint";
+constexpr uint32_t kFormat = 1;
+constexpr char kManifestName[] = "checkpoint.manifest";
+constexpr char kExpertsName[] = "experts.bin";
+constexpr char kBlobsName[] = "blobs.bin";
+constexpr ExpertState kAllStates[] = {ExpertState::kWeights, ExpertState::kMaster,
+                                      ExpertState::kMoments, ExpertState::kGradient};
+
+// One expert as a checkpoint records it.
+struct ExpertRecord {
+  uint64_t version = 0;  // 0: initial (nothing stored)
+  std::string holder;    // the checkpoint whose experts.bin holds its blocks
+  uint64_t offset = 0;
+  std::vector<uint32_t> crcs;  // one per saved state
+};
+
+struct BlobRecord {
+  std::string name;
+  uint64_t offset = 0, bytes = 0;
+  uint32_t crc = 0;
+};
+
+struct Manifest {
+  uint64_t sequence = 0;
+  ExpertStoreLayout layout;
+  std::string initial_id;
+  std::vector<ExpertState> states;
+  std::vector<BlobRecord> blobs;
+  std::vector<ExpertRecord> experts;  // by flat id
+};
+
+std::string Hex(uint32_t value) {
+  char text[16];
+  std::snprintf(text, sizeof(text), "%08x", value);
+  return text;
+}
+
+bool ParseHex(std::string_view token, uint32_t* value) {
+  if (token.size() != 8) return false;
+  char* end = nullptr;
+  const std::string copy(token);
+  *value = static_cast<uint32_t>(std::strtoul(copy.c_str(), &end, 16));
+  return end == copy.c_str() + 8;
+}
+
+std::string FormatManifest(const Manifest& m) {
+  std::string text =
+      StrCat(kMagic, "\nformat ", kFormat, "\nsequence ", m.sequence, "\nexperts_per_layer");
+  for (uint32_t n : m.layout.experts_per_layer) text += StrCat(" ", n);
+  text += StrCat("\nparams_per_expert ", m.layout.params_per_expert, "\nweights_dtype ",
+                 DTypeName(m.layout.weights_dtype), "\nmoments ", m.layout.moments, "\ninitial ",
+                 m.initial_id, "\nstates");
+  for (ExpertState state : m.states) text += StrCat(" ", ExpertStateName(state));
+  text += "\n";
+  for (const BlobRecord& b : m.blobs) {
+    text += StrCat("blob ", b.name, " ", b.offset, " ", b.bytes, " ", Hex(b.crc), "\n");
+  }
+  for (size_t e = 0; e < m.experts.size(); ++e) {
+    const ExpertRecord& x = m.experts[e];
+    if (x.version == 0) {
+      text += StrCat("expert ", e, " initial\n");
+      continue;
+    }
+    text += StrCat("expert ", e, " ", x.version, " ", x.holder, " ", x.offset);
+    for (uint32_t crc : x.crcs) text += StrCat(" ", Hex(crc));
+    text += "\n";
+  }
+  return SealText(std::move(text));
+}
+
+// Strict, as the expert store's manifest: each header key once, experts in order, nothing
+// unknown.
+StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sealed) {
+  const Status damaged = DataLossError(StrCat("checkpoint manifest '", path, "' is damaged"));
+  if (sealed.rfind(StrCat(kMagic, "\n"), 0) != 0) {
+    return DataLossError(StrCat("'", path, "' is not a checkpoint manifest"));
+  }
+  std::vector<SealedLine> lines;
+  if (!SealedLines(sealed, &lines)) {
+    return damaged.Annotate("checksum mismatch, or its last line is not its checksum");
+  }
+  Manifest m;
+  std::set<std::string> seen, blob_names;
+  for (const SealedLine& sealed_line : lines) {
+    const std::string& line = sealed_line.text;
+    const std::string key = sealed_line.fields.empty() ? "" : sealed_line.fields[0];
+    const std::vector<std::string> v(sealed_line.fields.begin() + (key.empty() ? 0 : 1),
+                                     sealed_line.fields.end());
+    const Status bad = damaged.Annotate(StrCat("line '", line, "'"));
+    uint64_t n = 0;
+    if (key == "expert") {
+      ExpertRecord x;
+      if (v.size() < 2 || !ParseUint(v[0], UINT32_MAX, &n) || n != m.experts.size()) return bad;
+      if (v.size() == 2 && v[1] == "initial") {
+        m.experts.push_back(x);
+        continue;
+      }
+      if (v.size() != 4 + m.states.size() || !ParseUint(v[1], UINT64_MAX, &x.version) ||
+          x.version == 0 || !ParseUint(v[3], UINT64_MAX, &x.offset)) {
+        return bad;
+      }
+      x.holder = v[2];
+      for (size_t s = 0; s < m.states.size(); ++s) {
+        uint32_t crc = 0;
+        if (!ParseHex(v[4 + s], &crc)) return bad;
+        x.crcs.push_back(crc);
+      }
+      m.experts.push_back(std::move(x));
+      continue;
+    }
+    if (key == "blob") {
+      BlobRecord b;
+      if (v.size() != 4 || !blob_names.insert(v[0]).second ||
+          !ParseUint(v[1], UINT64_MAX, &b.offset) || !ParseUint(v[2], UINT64_MAX, &b.bytes) ||
+          !ParseHex(v[3], &b.crc)) {
+        return bad;
+      }
+      b.name = v[0];
+      m.blobs.push_back(std::move(b));
+      continue;
+    }
+    if (key.empty() || !seen.insert(key).second || !m.experts.empty()) return bad;
+    if (key == "format") {
+      if (v.size() != 1 || !ParseUint(v[0], UINT32_MAX, &n)) return bad;
+      if (n != kFormat) {
+        return FailedPreconditionError(StrCat("checkpoint '", path, "' has format version ", n,
+                                              "; this build reads version ", kFormat));
+      }
+    } else if (key == "sequence" || key == "params_per_expert" || key == "moments") {
+      if (v.size() != 1 || !ParseUint(v[0], UINT64_MAX, &n)) return bad;
+      if (key == "sequence") m.sequence = n;
+      if (key == "params_per_expert") m.layout.params_per_expert = n;
+      if (key == "moments") m.layout.moments = static_cast<uint32_t>(n);
+    } else if (key == "experts_per_layer") {
+      for (const std::string& count : v) {
+        if (!ParseUint(count, UINT32_MAX, &n)) return bad;
+        m.layout.experts_per_layer.push_back(static_cast<uint32_t>(n));
+      }
+    } else if (key == "weights_dtype") {
+      StatusOr<DType> dtype = v.size() == 1 ? ParseDType(v[0]) : StatusOr<DType>(bad);
+      if (!dtype.ok()) return bad;
+      m.layout.weights_dtype = *dtype;
+    } else if (key == "initial") {
+      if (v.empty()) return bad;
+      m.initial_id = line.substr(key.size() + 1);
+    } else if (key == "states") {
+      for (const std::string& name : v) {
+        auto state = std::find_if(std::begin(kAllStates), std::end(kAllStates),
+                                  [&](ExpertState s) { return ExpertStateName(s) == name; });
+        if (state == std::end(kAllStates)) return bad;
+        m.states.push_back(*state);
+      }
+    } else {
+      return damaged.Annotate(StrCat("unknown key '", key, "'"));
+    }
+  }
+  for (const char* key : {"format", "sequence", "experts_per_layer", "params_per_expert",
+                          "weights_dtype", "moments", "initial", "states"}) {
+    if (seen.count(key) == 0) return damaged.Annotate(StrCat("no '", key, "' line"));
+  }
+  uint64_t experts = 0;
+  for (uint32_t count : m.layout.experts_per_layer) experts += count;
+  if (m.experts.size() != experts) {
+    return damaged.Annotate(StrCat(m.experts.size(), " expert lines for ", experts, " experts"));
+  }
+  return m;
+}
+
+std::string Dir(const std::string& root, const std::string& name) {
+  return StrCat(root, "/", name);
+}
+
+bool IsPlainName(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." &&
+         name.find_first_of("/ \t\n") == std::string::npos;
+}
+
+StatusOr<Manifest> ReadManifest(const std::string& root, const std::string& name) {
+  const std::string path = StrCat(Dir(root, name), "/", kManifestName);
+  ECSS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  return ParseManifest(path, text);
+}
+
+// The checkpoints under a root: those whose manifest reads, by name, and those whose manifest
+// does not (damaged: logged, never used, and nothing is removed while one exists, since what
+// it refers to is unknown).
+struct Checkpoints {
+  std::map<std::string, Manifest> intact;
+  std::vector<std::string> damaged;
+};
+
+StatusOr<Checkpoints> ReadAll(const std::string& root) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(root, error)) {
+    return NotFoundError(StrCat("checkpoint root '", root, "' is not a directory"));
+  }
+  Checkpoints all;
+  for (const auto& entry : std::filesystem::directory_iterator(root, error)) {
+    const std::string name = entry.path().filename().string();
+    if (!entry.is_directory() ||
+        !std::filesystem::exists(StrCat(entry.path().string(), "/", kManifestName))) {
+      continue;
+    }
+    StatusOr<Manifest> m = ReadManifest(root, name);
+    if (m.ok()) {
+      all.intact[name] = std::move(m).value();
+    } else {
+      ECSS_LOG(Warning) << "checkpoint '" << name << "' is not used: " << m.status();
+      all.damaged.push_back(name);
+    }
+  }
+  if (error) return ErrnoError(error.value(), StrCat("listing checkpoint root '", root, "'"));
+  return all;
+}
+
+std::vector<std::string> BySequence(const std::map<std::string, Manifest>& all) {
+  std::vector<std::string> names;
+  names.reserve(all.size());
+  for (const auto& [name, m] : all) names.push_back(name);
+  std::sort(names.begin(), names.end(), [&](const std::string& a, const std::string& b) {
+    return all.at(a).sequence < all.at(b).sequence;
+  });
+  return names;
+}
+
+// Removes directories without a manifest whose data no manifest refers to: saves cut short,
+// and deleted checkpoints nothing needs any more.
+Status CollectGarbage(const std::string& root, const Checkpoints& checkpoints) {
+  if (!checkpoints.damaged.empty()) return Status::Ok();
+  const std::map<std::string, Manifest>& all = checkpoints.intact;
+  std::set<std::string> referenced;
+  for (const auto& [name, m] : all) {
+    for (const ExpertRecord& x : m.experts) {
+      if (x.version != 0) referenced.insert(x.holder);
+    }
+  }
+  std::error_code error;
+  // Only a directory holding nothing but a checkpoint's files (what a save cut short leaves):
+  // anything else under the root is the user's.
+  auto ours = [&](const std::filesystem::path& dir) {
+    for (const auto& file : std::filesystem::directory_iterator(dir, error)) {
+      const std::string f = file.path().filename().string();
+      if (f != kExpertsName && f != kBlobsName && f.rfind(StrCat(kBlobsName, ".tmp."), 0) != 0 &&
+          f.rfind(StrCat(kManifestName, ".tmp."), 0) != 0) {
+        return false;
+      }
+    }
+    return !error;
+  };
+  for (const auto& entry : std::filesystem::directory_iterator(root, error)) {
+    const std::string name = entry.path().filename().string();
+    if (!entry.is_directory() || all.count(name) != 0 || referenced.count(name) != 0) continue;
+    if (!ours(entry.path())) continue;
+    std::filesystem::remove_all(entry.path(), error);
+    if (error) return ErrnoError(error.value(), StrCat("removing '", entry.path().string(), "'"));
+  }
+  return SyncDirectory(root);
+}
+
+// The states the store keeps, in order.
+std::vector<ExpertState> SavedStates(const ExpertStore& store) {
+  std::vector<ExpertState> states;
+  for (ExpertState state : kAllStates) {
+    if (store.placement(state) != Tier::kNone) states.push_back(state);
+  }
+  return states;
+}
+
+// 4 KiB-aligned blocks, one per saved state, for `sets` experts at once.
+class BlockSets {
+ public:
+  BlockSets(const ExpertStore& store, const std::vector<ExpertState>& states, uint32_t sets) {
+    for (ExpertState state : states) bytes_.push_back(store.BlockBytes(state));
+    for (uint64_t b : bytes_) set_bytes_ += b;
+    memory_ = static_cast<uint8_t*>(std::aligned_alloc(4096, set_bytes_ * sets));
+    for (uint32_t s = 0; s < sets; ++s) {
+      std::vector<void*> blocks;
+      uint64_t at = s * set_bytes_;
+      for (uint64_t b : bytes_) {
+        blocks.push_back(memory_ + at);
+        at += b;
+      }
+      sets_.push_back(std::move(blocks));
+    }
+  }
+  ~BlockSets() { std::free(memory_); }
+  BlockSets(const BlockSets&) = delete;
+  BlockSets& operator=(const BlockSets&) = delete;
+  bool ok() const { return memory_ != nullptr; }
+  void* const* blocks(uint32_t set) const { return sets_[set].data(); }
+  const uint8_t* set_data(uint32_t set) const { return memory_ + set * set_bytes_; }
+  uint8_t* set_data(uint32_t set) { return memory_ + set * set_bytes_; }
+  uint64_t set_bytes() const { return set_bytes_; }
+  uint64_t block_bytes(size_t state) const { return bytes_[state]; }
+
+ private:
+  std::vector<uint64_t> bytes_;
+  uint64_t set_bytes_ = 0;
+  uint8_t* memory_ = nullptr;
+  std::vector<std::vector<void*>> sets_;
+};
+
+// Waits for every request in flight; the first error.
+Status Drain(IoEngine& engine, const std::string& path) {
+  Status first;
+  IoCompletion done[16];
+  while (engine.in_flight() > 0) {
+    const size_t n = engine.Poll(done, 16, std::chrono::seconds(1));
+    for (size_t i = 0; i < n; ++i) {
+      if (first.ok() && !done[i].status.ok()) first = done[i].status;
+    }
+  }
+  return first.Annotate(StrCat("writing '", path, "'"));
+}
+
+// Writes the blobs into DIR/blobs.bin (synced) and records them.
+Status WriteBlobs(const std::string& dir, const std::vector<CheckpointBlob>& blobs, Manifest* m,
+                  uint64_t* bytes) {
+  std::string data;
+  std::set<std::string> names;
+  for (const CheckpointBlob& blob : blobs) {
+    if (!IsPlainName(blob.name) || !names.insert(blob.name).second) {
+      return InvalidArgumentError(StrCat("checkpoint blob name '", blob.name,
+                                         "' is empty, repeated or has whitespace or '/'"));
+    }
+    m->blobs.push_back(
+        {blob.name, data.size(), blob.bytes.size(), Crc32c(blob.bytes.data(), blob.bytes.size())});
+    data += blob.bytes;
+  }
+  *bytes += data.size();
+  return WriteFileAtomically(StrCat(dir, "/", kBlobsName), data);
+}
+
+}  // namespace
+
+StatusOr<std::vector<std::string>> ListCheckpoints(const std::string& root) {
+  ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
+  return BySequence(all.intact);
+}
+
+StatusOr<std::string> LatestCheckpoint(const std::string& root) {
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::string> names, ListCheckpoints(root));
+  if (names.empty()) return NotFoundError(StrCat("no checkpoint in '", root, "'"));
+  return names.back();
+}
+
+StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
+                                         const std::string& name,
+                                         const CheckpointOptions& options) {
+  if (!IsPlainName(name)) {
+    return InvalidArgumentError(StrCat("checkpoint name '", name, "' is not a directory name"));
+  }
+  const std::string dir = Dir(root, name);
+  ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
+  ECSS_RETURN_IF_ERROR(CollectGarbage(root, all));  // a save of this name cut short too
+  std::error_code error;
+  if (std::filesystem::exists(dir, error)) {
+    return AlreadyExistsError(StrCat("checkpoint '", dir, "' exists"));
+  }
+  const std::vector<std::string> order = BySequence(all.intact);
+  const Manifest* newest = order.empty() ? nullptr : &all.intact.at(order.back());
+  const uint32_t experts = store.index().size();
+  Manifest m;
+  m.sequence = newest == nullptr ? 1 : newest->sequence + 1;
+  m.layout = store.layout();
+  m.initial_id = store.initial_id();
+  m.states = SavedStates(store);
+  CheckpointStats stats;
+  stats.sequence = m.sequence;
+  // Incremental when the newest checkpoint is of this store's model and its data would not
+  // spread over more than max_chain other checkpoints.
+  bool incremental = !options.full && newest != nullptr &&
+                     newest->layout.params_per_expert == m.layout.params_per_expert &&
+                     newest->layout.experts_per_layer == m.layout.experts_per_layer &&
+                     newest->states == m.states && newest->initial_id == m.initial_id;
+  if (incremental) {
+    std::set<std::string> holders;
+    for (const ExpertRecord& x : newest->experts) {
+      if (x.version != 0) holders.insert(x.holder);
+    }
+    incremental = holders.size() < std::max(1u, options.max_chain);
+  }
+  stats.full = !incremental;
+  if (!std::filesystem::create_directory(dir, error)) {
+    return ErrnoError(error.value(), StrCat("cannot create checkpoint directory '", dir, "'"));
+  }
+  ECSS_RETURN_IF_ERROR(SyncDirectory(root));
+  const std::string experts_path = StrCat(dir, "/", kExpertsName);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
+  ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(experts_path, OpenMode::kCreate));
+  uint64_t expert_bytes = 0;
+  for (ExpertState state : m.states) expert_bytes += store.BlockBytes(state);
+  const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
+      options.buffer_bytes / std::max<uint64_t>(expert_bytes, 1), 1, engine->queue_depth()));
+  BlockSets blocks(store, m.states, sets);
+  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
+  uint64_t offset = 0;
+  Status copied = [&] {
+    for (uint32_t flat = 0, set = 0; flat < experts; ++flat) {
+      const ExpertId id = store.index().Id(flat);
+      if (set == sets) {  // every set is in flight: let them land
+        ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));
+        set = 0;
+      }
+      ExpertRecord x;
+      Status read = store.ReadStates(id, m.states, blocks.blocks(set), &x.version);
+      if (!read.ok()) return read.Annotate("saving a checkpoint");
+      stats.full_bytes += x.version == 0 ? 0 : blocks.set_bytes();
+      if (x.version == 0) {
+        ++stats.experts_initial;
+      } else if (incremental && newest->experts[flat].version == x.version) {
+        x = newest->experts[flat];
+        ++stats.experts_referenced;
+      } else {
+        x.holder = name;
+        x.offset = offset;
+        for (size_t s = 0; s < m.states.size(); ++s) {
+          x.crcs.push_back(Crc32c(blocks.blocks(set)[s], store.StateBytes(m.states[s])));
+        }
+        while (true) {
+          Status submitted = engine->Submit(
+              {IoOp::kWrite, file, offset, blocks.set_data(set), blocks.set_bytes(), flat});
+          if (submitted.ok()) break;
+          if (!submitted.retryable()) {
+            return submitted.Annotate(StrCat("writing '", experts_path, "'"));
+          }
+          ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));  // a full queue
+        }
+        offset += blocks.set_bytes();
+        ++set;
+        ++stats.experts_copied;
+      }
+      m.experts.push_back(std::move(x));
+    }
+    ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));
+    return engine->Sync(file).Annotate(StrCat("syncing '", experts_path, "'"));
+  }();
+  Status closed = engine->Close(file);
+  if (copied.ok()) copied = closed;
+  if (copied.ok()) copied = WriteBlobs(dir, options.blobs, &m, &stats.bytes_written);
+  if (copied.ok()) {
+    const std::string manifest = FormatManifest(m);
+    stats.bytes_written += offset + manifest.size();
+    copied = WriteFileAtomically(StrCat(dir, "/", kManifestName), manifest);
+  }
+  if (!copied.ok()) {  // no manifest: the directory is no checkpoint; its files go
+    std::filesystem::remove_all(dir, error);
+    return copied.Annotate(StrCat("checkpoint '", dir, "'"));
+  }
+  return stats;
+}
+
+StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
+                                                        const std::string& name, ExpertStore& store,
+                                                        const IoEngineFactory& io_engines) {
+  std::error_code error;
+  if (!std::filesystem::exists(StrCat(Dir(root, name), "/", kManifestName), error)) {
+    std::string names;
+    StatusOr<std::vector<std::string>> listed = ListCheckpoints(root);
+    if (listed.ok()) {
+      for (const std::string& n : *listed) names += StrCat(names.empty() ? "" : ", ", n);
+    }
+    return NotFoundError(StrCat("no checkpoint '", name, "' in '", root,
+                                "' (there are: ", names.empty() ? "none" : names, ")"));
+  }
+  ECSS_ASSIGN_OR_RETURN(Manifest m, ReadManifest(root, name));
+  const ExpertStoreLayout& layout = store.layout();
+  auto differs = [&](std::string_view what, const std::string& there, const std::string& here) {
+    return FailedPreconditionError(StrCat("checkpoint '", Dir(root, name), "' is of another ", what,
+                                          ": ", there, " there, ", here, " here"));
+  };
+  auto counts = [](const std::vector<uint32_t>& per_layer) {
+    std::string list;
+    for (uint32_t n : per_layer) list += StrCat(list.empty() ? "" : " ", n);
+    return StrCat("experts_per_layer [", list, "]");
+  };
+  if (m.layout.experts_per_layer != layout.experts_per_layer) {
+    return differs("model", counts(m.layout.experts_per_layer), counts(layout.experts_per_layer));
+  }
+  if (m.layout.params_per_expert != layout.params_per_expert ||
+      m.layout.weights_dtype != layout.weights_dtype || m.layout.moments != layout.moments) {
+    return differs("model",
+                   StrCat("params_per_expert ", m.layout.params_per_expert, " ",
+                          DTypeName(m.layout.weights_dtype), " moments ", m.layout.moments),
+                   StrCat("params_per_expert ", layout.params_per_expert, " ",
+                          DTypeName(layout.weights_dtype), " moments ", layout.moments));
+  }
+  if (m.initial_id != store.initial_id()) {
+    return differs("initial values", m.initial_id, store.initial_id());
+  }
+  const std::vector<ExpertState> states = SavedStates(store);
+  if (m.states != states) {
+    auto names = [](const std::vector<ExpertState>& list) {
+      std::string text;
+      for (ExpertState s : list) text += StrCat(text.empty() ? "" : " ", ExpertStateName(s));
+      return text;
+    };
+    return differs("set of states", names(m.states), names(states));
+  }
+  // Blobs first: a damaged one fails before the store is touched.
+  std::vector<CheckpointBlob> blobs;
+  if (!m.blobs.empty()) {
+    const std::string path = StrCat(Dir(root, name), "/", kBlobsName);
+    ECSS_ASSIGN_OR_RETURN(std::string data, ReadFileToString(path));
+    for (const BlobRecord& b : m.blobs) {
+      if (b.offset + b.bytes > data.size() || Crc32c(data.data() + b.offset, b.bytes) != b.crc) {
+        return DataLossError(
+            StrCat("checkpoint blob '", b.name, "' in '", path, "' is damaged or truncated"));
+      }
+      blobs.push_back({b.name, data.substr(b.offset, b.bytes)});
+    }
+  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(io_engines));
+  std::map<std::string, std::pair<IoFileId, uint64_t>> files;  // holder -> (file, size)
+  BlockSets blocks(store, states, 1);
+  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
+  Status restored = [&] {
+    for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
+      const ExpertRecord& x = m.experts[flat];
+      const ExpertId id = store.index().Id(flat);
+      const std::string expert = StrCat("layer ", id.layer, " expert ", id.expert);
+      uint64_t version = 0;
+      ECSS_RETURN_IF_ERROR(store.ReadStates(id, states, blocks.blocks(0), &version));
+      if (version != 0) {
+        return FailedPreconditionError(StrCat("restoring a checkpoint needs a new store: ", expert,
+                                              " is already at version ", version));
+      }
+      if (x.version == 0) continue;  // stays unwritten
+      const std::string path = StrCat(Dir(root, x.holder), "/", kExpertsName);
+      if (files.count(x.holder) == 0) {
+        StatusOr<IoFileId> opened = engine->Open(path, OpenMode::kRead);
+        if (!opened.ok()) {
+          return DataLossError(StrCat("checkpoint data '", path, "' that ", expert,
+                                      " is in cannot be read: ", opened.status().message()));
+        }
+        ECSS_ASSIGN_OR_RETURN(const uint64_t size, engine->FileSize(*opened));
+        files[x.holder] = {*opened, size};
+      }
+      const auto [file, size] = files[x.holder];
+      if (x.offset + blocks.set_bytes() > size) {
+        return DataLossError(StrCat("checkpoint data '", path, "' is truncated: ", expert,
+                                    " is at offset ", x.offset, ", the file has ", size, " bytes"));
+      }
+      ECSS_RETURN_IF_ERROR(ReadAt(*engine, file, x.offset, blocks.set_data(0), blocks.set_bytes())
+                               .Annotate(StrCat("reading ", expert, " from '", path, "'")));
+      for (size_t s = 0; s < states.size(); ++s) {
+        if (Crc32c(blocks.blocks(0)[s], store.StateBytes(states[s])) != x.crcs[s]) {
+          return DataLossError(StrCat("checkpoint data '", path, "': ", expert, " ",
+                                      ExpertStateName(states[s]), " checksum mismatch"));
+        }
+      }
+      ECSS_RETURN_IF_ERROR(store.WriteStates(id, states, blocks.blocks(0), x.version));
+    }
+    return Status::Ok();
+  }();
+  for (const auto& [holder, file] : files) engine->Close(file.first).IgnoreError();
+  if (!restored.ok()) return restored.Annotate(StrCat("restoring '", Dir(root, name), "'"));
+  return blobs;
+}
+
+Status DeleteCheckpoint(const std::string& root, const std::string& name) {
+  const std::string manifest = StrCat(Dir(root, name), "/", kManifestName);
+  std::error_code error;
+  if (!IsPlainName(name) || !std::filesystem::exists(manifest, error)) {
+    return NotFoundError(StrCat("no checkpoint '", name, "' in '", root, "'"));
+  }
+  if (!std::filesystem::remove(manifest, error)) {
+    return ErrnoError(error.value(), StrCat("cannot remove '", manifest, "'"));
+  }
+  ECSS_RETURN_IF_ERROR(SyncDirectory(Dir(root, name)));
+  ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
+  return CollectGarbage(root, all);
+}
+
+}  // namespace ecss

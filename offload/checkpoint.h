@@ -1,0 +1,97 @@
+// Checkpoints of an expert store: every state of every expert copied into a directory of its
+// own, crash-consistently, streamed through an IoEngine (a checkpoint larger than memory
+// works), and read back into a new store with any placement.
+//
+// A run keeps its checkpoints under one root, each in ROOT/<name>/:
+//   experts.bin          the blocks of the experts this checkpoint copied (4 KiB-aligned)
+//   blobs.bin            the caller's named blobs (its dense weights, RNG, data position)
+//   checkpoint.manifest  written last (atomically, its directory synced): format, sequence,
+//                        the store's layout and initial values, the states saved, each blob's
+//                        place and CRC-32C, and one line per expert: "initial" (never
+//                        written: it stays unwritten when restored), or its version and where
+//                        its blocks are (a checkpoint's name, an offset, a CRC-32C per state).
+// A directory without a manifest is a save cut short (never read, removed by the next save)
+// or a deleted checkpoint whose data newer ones still refer to.
+//
+// Incremental: RRE updates only the routed experts, so between two checkpoints most experts
+// keep their version. A save copies only experts whose version differs from the newest
+// checkpoint's record and refers to the data that checkpoint points at for the rest (Meta's
+// Check-N-Run does this for embedding rows). It copies everything when asked (`full`), when
+// there is no earlier checkpoint, or when the new one would refer to the data of more than
+// `max_chain` other checkpoints, so that a chain never grows without bound. Deleting a
+// checkpoint keeps the data newer ones refer to (reference counts are the manifests' lines),
+// so deleting an old checkpoint never breaks a newer one.
+//
+// Crash consistency: the data and blobs are written and fdatasync'ed, then the manifest is
+// renamed into place and the directory synced; a crash at any point leaves every earlier
+// checkpoint loadable, and the new one either complete or absent.
+//
+// Errors name what is wrong: a damaged or truncated file is DataLoss naming the file and the
+// layer, expert and state (or blob); another model's checkpoint is FailedPrecondition naming
+// the difference; an unknown name is NotFound listing those that exist.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "offload/expert_store.h"
+#include "offload/io/io_engine.h"
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+// A named byte string the caller keeps with a checkpoint (names: no whitespace).
+struct CheckpointBlob {
+  std::string name;
+  std::string bytes;
+};
+
+struct CheckpointOptions {
+  std::vector<CheckpointBlob> blobs;
+  bool full = false;           // copy every written expert, even those an earlier one holds
+  uint32_t max_chain = 8;      // at most this many other checkpoints' data referred to
+  IoEngineFactory io_engines;  // empty: CreateIoEngine's default
+  // Host memory for the experts in flight (read from the store while earlier ones are
+  // written): what a save takes whatever the model's size; at least one expert's blocks.
+  uint64_t buffer_bytes = uint64_t{64} << 20;
+};
+
+struct CheckpointStats {
+  bool full = false;
+  uint64_t sequence = 0;
+  uint64_t experts_copied = 0;      // written into this checkpoint's experts.bin
+  uint64_t experts_referenced = 0;  // held by earlier checkpoints' data
+  uint64_t experts_initial = 0;     // never written: nothing to save
+  uint64_t bytes_written = 0;       // experts.bin, blobs.bin and the manifest
+  uint64_t full_bytes = 0;          // what a full checkpoint of the same experts writes
+};
+
+// Saves every expert of `store` (as of one version per expert: call it when no update is in
+// flight) into ROOT/<name>. AlreadyExists when that checkpoint exists; InvalidArgument for a
+// name that is not one plain directory name. Removes saves cut short first.
+StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
+                                         const std::string& name, const CheckpointOptions& options);
+
+// The complete checkpoints under `root`, oldest first (by sequence). One whose manifest is
+// damaged is left out, with a warning in the log naming it and why (so the newest may be an
+// older one; restoring the damaged one by name is DataLoss), and no save or delete removes any
+// data while one exists.
+StatusOr<std::vector<std::string>> ListCheckpoints(const std::string& root);
+// The newest complete checkpoint (NotFound when there is none).
+StatusOr<std::string> LatestCheckpoint(const std::string& root);
+
+// Writes every expert checkpoint ROOT/<name> holds into `store`, which must be made for the
+// same layout, states and initial values, with every expert unwritten (a new store; its
+// placement may differ); returns the blobs. Experts the checkpoint records as initial stay
+// unwritten. Every block is verified before it is written.
+StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
+                                                        const std::string& name, ExpertStore& store,
+                                                        const IoEngineFactory& io_engines = {});
+
+// Removes checkpoint `name`: its manifest, then its data unless a newer checkpoint refers to
+// it (then the data stays until the last one that does is deleted).
+Status DeleteCheckpoint(const std::string& root, const std::string& name);
+
+}  // namespace ecss

@@ -1,0 +1,260 @@
+#include "offload/checkpoint.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "runtime/base/str_cat.h"
+#include "runtime/device/sim/sim_backend.h"
+#include "tests/offload/flip_byte.h"
+
+namespace ecss {
+
+namespace {
+
+bool Contains(const Status& status, std::string_view text) {
+  return status.message().find(text) != std::string_view::npos;
+}
+
+constexpr uint32_t kExperts = 20;  // two layers of ten
+const std::vector<ExpertState> kSaved = {ExpertState::kWeights, ExpertState::kMaster,
+                                         ExpertState::kMoments};
+
+class CheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    root_ = ::testing::TempDir() + "/ecss_checkpoint_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(root_);
+    for (const char* dir : {"/store", "/other", "/ckpt"}) {
+      std::filesystem::create_directories(root_ + dir);
+    }
+    SimOptions sim;
+    sim.device_memory_bytes = 1 << 20;
+    sim_ = std::move(SimBackend::Create(sim)).value();
+    options_.layout = {{10, 10}, 1000, DType::kBF16, 2};
+    options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kNone};
+    options_.dirs = {root_ + "/store"};
+    options_.initial = [](ExpertState, ExpertId id, void* dst, uint64_t bytes) {
+      std::memset(dst, static_cast<int>(id.expert + 1), bytes);
+    };
+    options_.initial_id = "fill with expert + 1";
+    store_ = std::move(ExpertStore::Create(*sim_, options_)).value();
+  }
+  void TearDown() override {
+    store_.reset();
+    std::filesystem::remove_all(root_);
+  }
+  std::string ckpt() const { return root_ + "/ckpt"; }
+
+  static ExpertId Id(uint32_t flat) { return {flat / 10, flat % 10}; }
+  // Every byte depends on the state, the expert and the version.
+  static std::vector<uint8_t> Pattern(const ExpertStore& store, ExpertState state, uint32_t flat,
+                                      uint64_t version) {
+    std::vector<uint8_t> bytes(store.StateBytes(state));
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      bytes[i] =
+          static_cast<uint8_t>(i * 3 + static_cast<int>(state) * 11 + flat * 7 + version * 29);
+    }
+    return bytes;
+  }
+  void Update(uint32_t flat, uint64_t version) {
+    for (ExpertState state : kSaved) {
+      std::vector<uint8_t> bytes = Pattern(*store_, state, flat, version);
+      ASSERT_TRUE(store_->Write(state, Id(flat), bytes.data(), version).ok());
+    }
+  }
+  // A new store in /other with another placement, the checkpoint restored into it.
+  StatusOr<std::unique_ptr<ExpertStore>> Restored(const std::string& name,
+                                                  std::vector<CheckpointBlob>* blobs = nullptr) {
+    std::filesystem::remove_all(root_ + "/other");
+    std::filesystem::create_directories(root_ + "/other");
+    ExpertStoreOptions other = options_;
+    other.dirs = {root_ + "/other"};
+    other.placement = {Tier::kNvme, Tier::kHost, Tier::kPinned, Tier::kNone};
+    other.host_budget_bytes = 0;
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store, ExpertStore::Create(*sim_, other));
+    ECSS_ASSIGN_OR_RETURN(std::vector<CheckpointBlob> got, RestoreCheckpoint(ckpt(), name, *store));
+    if (blobs != nullptr) *blobs = std::move(got);
+    return store;
+  }
+  // Every expert of `store` at versions[flat] (0: its initial value).
+  void Expect(ExpertStore& store, const std::vector<uint64_t>& versions) {
+    for (uint32_t flat = 0; flat < kExperts; ++flat) {
+      for (ExpertState state : kSaved) {
+        std::vector<uint8_t> got(store.StateBytes(state));
+        ASSERT_TRUE(store.Read(state, Id(flat), got.data()).ok());
+        const std::vector<uint8_t> want =
+            versions[flat] == 0
+                ? std::vector<uint8_t>(got.size(), static_cast<uint8_t>(Id(flat).expert + 1))
+                : Pattern(store, state, flat, versions[flat]);
+        ASSERT_EQ(got, want) << "expert " << flat << " " << ExpertStateName(state);
+      }
+    }
+  }
+
+  std::string root_;
+  std::unique_ptr<SimBackend> sim_;
+  ExpertStoreOptions options_;
+  std::unique_ptr<ExpertStore> store_;
+};
+
+TEST_F(CheckpointTest, AFullCheckpointRestoresEveryExpertIntoAnotherPlacement) {
+  std::vector<uint64_t> versions(kExperts, 0);
+  for (uint32_t flat = 0; flat < kExperts; flat += 2) Update(flat, versions[flat] = 1);
+  Update(4, versions[4] = 2);
+  CheckpointOptions options;
+  options.blobs = {{"loop.dense", std::string("\0dense\xff", 7)}, {"loop.step", "42"}};
+  auto saved = SaveCheckpoint(*store_, ckpt(), "step-1", options);
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_TRUE(saved->full);
+  EXPECT_EQ(saved->experts_copied, 10u);
+  EXPECT_EQ(saved->experts_initial, 10u);
+  EXPECT_EQ(*LatestCheckpoint(ckpt()), "step-1");
+  Update(6, 7);  // after the save: not in it
+  std::vector<CheckpointBlob> blobs;
+  auto restored = Restored("step-1", &blobs);
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Expect(**restored, versions);
+  ASSERT_EQ(blobs.size(), 2u);
+  EXPECT_EQ(blobs[0].name, "loop.dense");
+  EXPECT_EQ(blobs[0].bytes, std::string("\0dense\xff", 7));
+  EXPECT_EQ(blobs[1].bytes, "42");
+  uint64_t version = 9;
+  std::vector<uint8_t> block((*restored)->BlockBytes(ExpertState::kMoments) + 4096);
+  void* aligned = block.data() + (4096 - reinterpret_cast<uintptr_t>(block.data()) % 4096) % 4096;
+  ASSERT_TRUE((*restored)->ReadBlock(ExpertState::kWeights, Id(4), aligned, &version).ok());
+  EXPECT_EQ(version, 2u) << "versions (the optimizer's update counts) are restored";
+  // The restored store is a new one: restoring again is refused.
+  Status twice = RestoreCheckpoint(ckpt(), "step-1", **restored).status();
+  EXPECT_EQ(twice.code(), StatusCode::kFailedPrecondition) << twice;
+  EXPECT_TRUE(Contains(twice, "needs a new store")) << twice;
+}
+
+// RRE updates a step's routed experts only: an incremental checkpoint after 10% of them changed
+// writes about 10% of a full one, and deleting the older checkpoint keeps what it refers to.
+TEST_F(CheckpointTest, AnIncrementalCheckpointWritesOnlyTheExpertsThatChanged) {
+  std::vector<uint64_t> versions(kExperts, 1);
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  auto full = SaveCheckpoint(*store_, ckpt(), "a", {});
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(full->experts_copied, kExperts);
+  Update(3, versions[3] = 2);
+  Update(15, versions[15] = 2);
+  auto delta = SaveCheckpoint(*store_, ckpt(), "b", {});
+  ASSERT_TRUE(delta.ok()) << delta.status();
+  EXPECT_FALSE(delta->full);
+  EXPECT_EQ(delta->experts_copied, 2u);
+  EXPECT_EQ(delta->experts_referenced, 18u);
+  EXPECT_EQ(delta->full_bytes, full->full_bytes);
+  const double fraction = static_cast<double>(delta->bytes_written) / full->bytes_written;
+  EXPECT_GT(fraction, 0.09);
+  EXPECT_LT(fraction, 0.12) << delta->bytes_written << " of " << full->bytes_written;
+  RecordProperty("incremental_bytes_fraction", StrCat(fraction));
+  EXPECT_EQ(*ListCheckpoints(ckpt()), (std::vector<std::string>{"a", "b"}));
+  ASSERT_TRUE(DeleteCheckpoint(ckpt(), "a").ok());
+  EXPECT_EQ(*ListCheckpoints(ckpt()), std::vector<std::string>{"b"});
+  EXPECT_TRUE(std::filesystem::exists(ckpt() + "/a/experts.bin")) << "b refers to it";
+  auto restored = Restored("b");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Expect(**restored, versions);
+  ASSERT_TRUE(DeleteCheckpoint(ckpt(), "b").ok());
+  EXPECT_TRUE(std::filesystem::is_empty(ckpt())) << "nothing refers to a's data any more";
+  EXPECT_EQ(DeleteCheckpoint(ckpt(), "b").code(), StatusCode::kNotFound);
+}
+
+// A chain of incremental checkpoints never refers to more than max_chain others: the next one
+// is full; `full` forces one.
+TEST_F(CheckpointTest, TheChainIsBounded) {
+  CheckpointOptions options;
+  options.max_chain = 2;
+  std::vector<bool> full;
+  for (int i = 0; i < 5; ++i) {
+    Update(static_cast<uint32_t>(i), 1);
+    auto saved = SaveCheckpoint(*store_, ckpt(), StrCat("c", i), options);
+    ASSERT_TRUE(saved.ok()) << saved.status();
+    full.push_back(saved->full);
+  }
+  EXPECT_EQ(full, (std::vector<bool>{true, false, true, false, true}));
+  options.full = true;
+  Update(9, 1);
+  EXPECT_TRUE(SaveCheckpoint(*store_, ckpt(), "forced", options)->full);
+}
+
+// Damage is refused naming the file and the expert and state (or blob), before anything wrong
+// reaches a store; other models, unknown names and stores not new are refused too.
+TEST_F(CheckpointTest, DamagedOrForeignCheckpointsAreRefusedNamingWhatIsWrong) {
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  CheckpointOptions options;
+  options.blobs = {{"loop.rng", "0123456789"}};
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", options).ok());
+  Update(0, 2);
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "b", options).ok());
+  const std::string data = ckpt() + "/a/experts.bin";
+  // Expert 1 (layer 0 expert 1) is a's second record; its master follows its weights block.
+  const uint64_t record = 4096 + 4096 + 8192;  // weights, master and moments blocks
+  ASSERT_TRUE(FlipByte(data, record + 4096 + 10, 0x08));
+  Status flipped = Restored("b").status();
+  EXPECT_EQ(flipped.code(), StatusCode::kDataLoss) << flipped;
+  EXPECT_TRUE(Contains(flipped, data)) << flipped;
+  EXPECT_TRUE(Contains(flipped, "layer 0 expert 1 master checksum mismatch")) << flipped;
+  ASSERT_TRUE(FlipByte(data, record + 4096 + 10, 0x08));
+  ASSERT_TRUE(Restored("b").ok());
+  std::filesystem::resize_file(data, 3 * record);
+  Status truncated = Restored("b").status();
+  EXPECT_EQ(truncated.code(), StatusCode::kDataLoss) << truncated;
+  EXPECT_TRUE(Contains(truncated, "truncated")) << truncated;
+  std::filesystem::remove(data);
+  Status missing = Restored("b").status();
+  EXPECT_EQ(missing.code(), StatusCode::kDataLoss) << missing;
+  EXPECT_TRUE(Contains(missing, data)) << missing;
+  // b's own files: its blob, its manifest.
+  ASSERT_TRUE(FlipByte(ckpt() + "/b/blobs.bin", 3, 0x01));
+  Status blob = Restored("b").status();
+  EXPECT_EQ(blob.code(), StatusCode::kDataLoss) << blob;
+  EXPECT_TRUE(Contains(blob, "blob 'loop.rng'")) << blob;
+  std::ofstream(ckpt() + "/b/checkpoint.manifest", std::ios::app) << "extra\n";
+  EXPECT_EQ(Restored("b").status().code(), StatusCode::kDataLoss);
+  Status unknown = Restored("c").status();
+  EXPECT_EQ(unknown.code(), StatusCode::kNotFound) << unknown;
+  EXPECT_TRUE(Contains(unknown, "there are: a")) << unknown;
+  EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), "a", {}).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), "../x", {}).status().code(),
+            StatusCode::kInvalidArgument);
+  // Another model's store.
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "c", {}).ok());
+  std::filesystem::remove_all(root_ + "/other");
+  std::filesystem::create_directories(root_ + "/other");
+  ExpertStoreOptions other = options_;
+  other.dirs = {root_ + "/other"};
+  other.layout.params_per_expert = 999;
+  auto foreign = std::move(ExpertStore::Create(*sim_, other)).value();
+  Status model = RestoreCheckpoint(ckpt(), "c", *foreign).status();
+  EXPECT_EQ(model.code(), StatusCode::kFailedPrecondition) << model;
+  EXPECT_TRUE(Contains(model, "params_per_expert 1000 bf16 moments 2 there")) << model;
+}
+
+// A save cut short (a directory without a manifest) is never listed, and the next save
+// removes it, even under the same name.
+TEST_F(CheckpointTest, ASaveCutShortIsIgnoredThenRemoved) {
+  Update(0, 1);
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", {}).ok());
+  std::filesystem::create_directories(ckpt() + "/b");
+  std::ofstream(ckpt() + "/b/experts.bin") << "half";
+  std::filesystem::create_directories(ckpt() + "/notes");
+  std::ofstream(ckpt() + "/notes/readme.txt") << "mine";
+  EXPECT_EQ(*LatestCheckpoint(ckpt()), "a");
+  auto saved = SaveCheckpoint(*store_, ckpt(), "b", {});
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(*LatestCheckpoint(ckpt()), "b");
+  EXPECT_TRUE(std::filesystem::exists(ckpt() + "/notes/readme.txt")) << "not a checkpoint's";
+}
+
+}  // namespace
+}  // namespace ecss
