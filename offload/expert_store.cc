@@ -200,6 +200,35 @@ std::string StateFileFormat(const std::string& path) {
   return StrCat("state-file format version ", version);
 }
 
+// The manifest of the store in options.dirs: NotFound without one (FailedPrecondition naming
+// the old state files of builds before the store), FailedPrecondition naming another format.
+StatusOr<Manifest> ReadManifest(const ExpertStoreOptions& options) {
+  const std::string path = ManifestPath(options);
+  std::error_code error;
+  if (!std::filesystem::exists(path, error)) {
+    const std::string legacy = StrCat(options.dirs[0], "/", kLegacyStateFile);
+    if (std::filesystem::exists(legacy, error)) {
+      return FailedPreconditionError(
+          StrCat("'", options.dirs[0], "' holds NVMe state files of ", StateFileFormat(legacy),
+                 " (ecss-states-*.bin), written before master weights and moments moved into the "
+                 "expert store (format ",
+                 kFormat,
+                 "); this build does not read or migrate them: resume with the build that "
+                 "wrote them, or start a new store in an empty directory"));
+    }
+    return NotFoundError(
+        StrCat("no expert store in '", options.dirs[0], "' (no ", kManifestName, ")"));
+  }
+  ECSS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
+  ECSS_ASSIGN_OR_RETURN(Manifest m, ParseManifest(path, text));
+  if (m.format != kFormat) {
+    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
+                                          "' has format version ", m.format,
+                                          "; this build reads version ", kFormat));
+  }
+  return m;
+}
+
 // What the initial values are called in the manifest.
 std::string InitialId(const ExpertStoreOptions& options) {
   return options.initial ? options.initial_id : "zeros";
@@ -587,38 +616,14 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   return store;
 }
 
-StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
-                                                         const ExpertStoreOptions& options) {
-  ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
-  if (options.dirs.empty())
-    return InvalidArgumentError("opening an expert store needs its directory");
-  ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
-  const std::string path = ManifestPath(options);
-  std::error_code error;
-  if (!std::filesystem::exists(path, error)) {
-    const std::string legacy = StrCat(options.dirs[0], "/", kLegacyStateFile);
-    if (std::filesystem::exists(legacy, error)) {
-      return FailedPreconditionError(
-          StrCat("'", options.dirs[0], "' holds NVMe state files of ", StateFileFormat(legacy),
-                 " (ecss-states-*.bin), written before master weights and moments moved into the "
-                 "expert store (format ",
-                 kFormat,
-                 "); this build does not read or migrate them: resume with the build that "
-                 "wrote them, or start a new store in an empty directory"));
-    }
-    return NotFoundError(
-        StrCat("no expert store in '", options.dirs[0], "' (no ", kManifestName, ")"));
-  }
-  ECSS_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  ECSS_ASSIGN_OR_RETURN(Manifest m, ParseManifest(path, text));
-  if (m.format != kFormat) {
-    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
-                                          "' has format version ", m.format,
-                                          "; this build reads version ", kFormat));
-  }
+// Whether a store made as `made` says (its manifest) opens with `options`: the same model and
+// initial values, each state where it can go, nothing lost by a close that never came.
+Status ExpertStore::CheckMadeFor(const ExpertStoreOptions& made, const ExpertStoreOptions& options,
+                                 bool closed) {
+  const std::string& dir = options.dirs[0];
   const ExpertStoreLayout& want = options.layout;
   auto differs = [&](std::string_view field, auto stored, auto expected) {
-    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
+    return FailedPreconditionError(StrCat("expert store in '", dir,
                                           "' was made for another model: ", field, " ", stored,
                                           " there, ", expected, " here"));
   };
@@ -627,60 +632,104 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
     for (size_t l = 0; l < per_layer.size(); ++l) list += StrCat(l ? " " : "", per_layer[l]);
     return list + " experts)";
   };
-  if (m.layout.experts_per_layer != want.experts_per_layer) {
-    return differs("experts_per_layer", counts(m.layout.experts_per_layer),
+  const ExpertStoreLayout& have = made.layout;
+  if (have.experts_per_layer != want.experts_per_layer) {
+    return differs("experts_per_layer", counts(have.experts_per_layer),
                    counts(want.experts_per_layer));
   }
-  if (m.layout.params_per_expert != want.params_per_expert) {
-    return differs("params_per_expert", m.layout.params_per_expert, want.params_per_expert);
+  if (have.params_per_expert != want.params_per_expert) {
+    return differs("params_per_expert", have.params_per_expert, want.params_per_expert);
   }
-  if (m.layout.weights_dtype != want.weights_dtype) {
-    return differs("weights_dtype", DTypeName(m.layout.weights_dtype),
-                   DTypeName(want.weights_dtype));
+  if (have.weights_dtype != want.weights_dtype) {
+    return differs("weights_dtype", DTypeName(have.weights_dtype), DTypeName(want.weights_dtype));
   }
-  if (m.layout.moments != want.moments) return differs("moments", m.layout.moments, want.moments);
-  if (m.dirs != options.dirs.size()) return differs("directories", m.dirs, options.dirs.size());
+  if (have.moments != want.moments) return differs("moments", have.moments, want.moments);
   const std::string initial_id = InitialId(options);
-  if (m.initial_id != initial_id) {
+  if (made.initial_id != initial_id) {
     return FailedPreconditionError(
-        StrCat("expert store in '", options.dirs[0], "' was made with other initial values (\"",
-               m.initial_id, "\" there, \"", initial_id,
+        StrCat("expert store in '", dir, "' was made with other initial values (\"",
+               made.initial_id, "\" there, \"", initial_id,
                "\" here): its experts not written yet would read as something else"));
   }
+  std::string lost;  // memory states of a store not closed
+  for (ExpertState state : kStates) {
+    const Tier tier = made.placement[Index(state)], now = options.placement[Index(state)];
+    if (tier == Tier::kNone && now != Tier::kNone) {
+      return FailedPreconditionError(
+          StrCat("expert store in '", dir, "' was made without the ", ExpertStateName(state),
+                 " state; it cannot be placed on ", TierName(now), " now"));
+    }
+    if (HasFile(options, state) && !HasFile(made, state)) {
+      return FailedPreconditionError(
+          StrCat("expert store in '", dir, "' kept its ", ExpertStateName(state), " state in ",
+                 TierName(tier), " memory only (not durable); it has no file to place on ",
+                 TierName(now), " now"));
+    }
+    if (!closed && HasFile(made, state) && tier != Tier::kNvme) {
+      lost += StrCat(lost.empty() ? "" : ", ", ExpertStateName(state), " (", TierName(tier), ")");
+    }
+  }
+  if (!lost.empty()) {
+    return DataLossError(StrCat("expert store in '", dir,
+                                "' was not closed; these states lived in memory and their "
+                                "latest values are lost: ",
+                                lost));
+  }
+  return Status::Ok();
+}
+
+// The manifest's sharing (expert, source pairs), checked; then, with the files open, which
+// experts still read their source's nvme states.
+Status ExpertStore::AdoptSharing(const std::vector<std::pair<uint32_t, uint32_t>>& shared,
+                                 const std::string& path) {
+  const uint32_t n = index_.size();
+  for (const auto& [expert, source] : shared) {
+    if (expert >= n || source >= n || expert == source || source_[expert] != expert) {
+      return DataLossError(StrCat("expert store manifest '", path, "': shared ", expert, ":",
+                                  source, " names no pair of its ", n,
+                                  " experts, or one named twice"));
+    }
+    source_[expert] = source;
+  }
+  for (const auto& [expert, source] : shared) {
+    if (source_[source] != source) {
+      return DataLossError(StrCat("expert store manifest '", path, "': expert ", source,
+                                  " is a source and shares another's storage"));
+    }
+  }
+  ECSS_RETURN_IF_ERROR(OpenFiles(/*create=*/false));
+  for (ExpertState state : kStates) {
+    if (!HasState(state) || placement(state) != Tier::kNvme) continue;
+    Files& files = files_[Index(state)];
+    for (const auto& [expert, source] : shared) {
+      ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(expert));
+      if (!written) files.unwritten_dependents[source].push_back(expert);
+    }
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
+                                                         const ExpertStoreOptions& options) {
+  ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
+  if (options.dirs.empty())
+    return InvalidArgumentError("opening an expert store needs its directory");
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
+  const std::string path = ManifestPath(options);
+  ECSS_ASSIGN_OR_RETURN(Manifest m, ReadManifest(options));
+  if (m.dirs != options.dirs.size()) {
+    return FailedPreconditionError(StrCat("expert store in '", options.dirs[0],
+                                          "' was made for another model: directories ", m.dirs,
+                                          " there, ", options.dirs.size(), " here"));
+  }
   ExpertStoreOptions made = options;  // as the manifest says it was made
+  made.layout = m.layout;
   made.placement = m.placement;
   made.durable_memory_states = m.durable_memory_states;
   made.max_file_bytes = m.max_file_bytes;
-  for (ExpertState state : kStates) {
-    const int i = static_cast<int>(state);
-    if (m.placement[i] == Tier::kNone && options.placement[i] != Tier::kNone) {
-      return FailedPreconditionError(StrCat(
-          "expert store in '", options.dirs[0], "' was made without the ", ExpertStateName(state),
-          " state; it cannot be placed on ", TierName(options.placement[i]), " now"));
-    }
-    if (HasFile(options, state) && !HasFile(made, state)) {
-      return FailedPreconditionError(StrCat(
-          "expert store in '", options.dirs[0], "' kept its ", ExpertStateName(state), " state in ",
-          TierName(m.placement[i]), " memory only (not durable); it has no file to place on ",
-          TierName(options.placement[i]), " now"));
-    }
-  }
-  if (!m.closed) {
-    std::string lost;
-    for (ExpertState state : kStates) {
-      const Tier tier = m.placement[static_cast<int>(state)];
-      if (HasFile(made, state) && tier != Tier::kNvme) {
-        lost += StrCat(lost.empty() ? "" : ", ", ExpertStateName(state), " (",
-                       TierName(m.placement[static_cast<int>(state)]), ")");
-      }
-    }
-    if (!lost.empty()) {
-      return DataLossError(StrCat("expert store in '", options.dirs[0],
-                                  "' was not closed; these states lived in memory and their "
-                                  "latest values are lost: ",
-                                  lost));
-    }
-  }
+  made.initial_id = m.initial_id;
+  ECSS_RETURN_IF_ERROR(CheckMadeFor(made, options, m.closed));
+  const std::string initial_id = InitialId(options);
   ExpertStoreOptions reopened = options;
   reopened.max_file_bytes = m.max_file_bytes;  // the files are split as they were made
   reopened.initial_id = initial_id;
@@ -692,30 +741,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   auto opened = [&] {
     ECSS_RETURN_IF_ERROR(store->Allocate());
-    const uint32_t n = store->index_.size();
-    for (const auto& [expert, source] : m.shared) {
-      if (expert >= n || source >= n || expert == source || store->source_[expert] != expert) {
-        return DataLossError(StrCat("expert store manifest '", path, "': shared ", expert, ":",
-                                    source, " names no pair of its ", n,
-                                    " experts, or one named twice"));
-      }
-      store->source_[expert] = source;
-    }
-    for (const auto& [expert, source] : m.shared) {
-      if (store->source_[source] != source) {
-        return DataLossError(StrCat("expert store manifest '", path, "': expert ", source,
-                                    " is a source and shares another's storage"));
-      }
-    }
-    ECSS_RETURN_IF_ERROR(store->OpenFiles(/*create=*/false));
-    for (ExpertState state : kStates) {  // who still reads its source's nvme states
-      if (!store->HasState(state) || store->placement(state) != Tier::kNvme) continue;
-      Files& files = store->files_[Index(state)];
-      for (const auto& [expert, source] : m.shared) {
-        ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(expert));
-        if (!written) files.unwritten_dependents[source].push_back(expert);
-      }
-    }
+    ECSS_RETURN_IF_ERROR(store->AdoptSharing(m.shared, path));
     for (ExpertState state : kStates) {
       // A state without a file (not durable) starts at its initial value (a shared expert's:
       // its source's).

@@ -241,6 +241,8 @@ class ExpertStore {
       : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
+  static Status CheckMadeFor(const ExpertStoreOptions& made, const ExpertStoreOptions& options,
+                             bool closed);
   static StateFileOptions FileOptions(const ExpertStoreOptions& options, ExpertState state);
   // Bytes of one element of the state's file arrays: the weights' dtype, else fp32.
   uint32_t ElementBytes(ExpertState state) const {
@@ -266,6 +268,9 @@ class ExpertStore {
   // Logs a warning when the directories have less free space than DiskBytes.
   void WarnIfSpaceShort() const;
   Status OpenFiles(bool create);
+  // Open: the manifest's shared pairs, checked, and the files opened.
+  Status AdoptSharing(const std::vector<std::pair<uint32_t, uint32_t>>& shared,
+                      const std::string& path);
   Status WriteManifest(bool closed);
   // Moves the manifest and every file to the next generation (StateFileOptions::generation).
   Status NextGeneration(const std::function<Status()>& accept_both, bool closed);
