@@ -41,6 +41,7 @@ struct BlobRecord {
 
 struct Manifest {
   uint64_t sequence = 0;
+  uint64_t store_id = 0;  // of the store saved (ExpertStore::store_id)
   ExpertStoreLayout layout;
   std::string initial_id;
   std::vector<ExpertState> states;
@@ -63,8 +64,8 @@ bool ParseHex(std::string_view token, uint32_t* value) {
 }
 
 std::string FormatManifest(const Manifest& m) {
-  std::string text =
-      StrCat(kMagic, "\nformat ", kFormat, "\nsequence ", m.sequence, "\nexperts_per_layer");
+  std::string text = StrCat(kMagic, "\nformat ", kFormat, "\nsequence ", m.sequence, "\nstore ",
+                            m.store_id, "\nexperts_per_layer");
   for (uint32_t n : m.layout.experts_per_layer) text += StrCat(" ", n);
   text += StrCat("\nparams_per_expert ", m.layout.params_per_expert, "\nweights_dtype ",
                  DTypeName(m.layout.weights_dtype), "\nmoments ", m.layout.moments, "\ninitial ",
@@ -145,9 +146,11 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
         return FailedPreconditionError(StrCat("checkpoint '", path, "' has format version ", n,
                                               "; this build reads version ", kFormat));
       }
-    } else if (key == "sequence" || key == "params_per_expert" || key == "moments") {
+    } else if (key == "sequence" || key == "store" || key == "params_per_expert" ||
+               key == "moments") {
       if (v.size() != 1 || !ParseUint(v[0], UINT64_MAX, &n)) return bad;
       if (key == "sequence") m.sequence = n;
+      if (key == "store") m.store_id = n;
       if (key == "params_per_expert") m.layout.params_per_expert = n;
       if (key == "moments") m.layout.moments = static_cast<uint32_t>(n);
     } else if (key == "experts_per_layer") {
@@ -173,7 +176,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
       return damaged.Annotate(StrCat("unknown key '", key, "'"));
     }
   }
-  for (const char* key : {"format", "sequence", "experts_per_layer", "params_per_expert",
+  for (const char* key : {"format", "sequence", "store", "experts_per_layer", "params_per_expert",
                           "weights_dtype", "moments", "initial", "states"}) {
     if (seen.count(key) == 0) return damaged.Annotate(StrCat("no '", key, "' line"));
   }
@@ -381,17 +384,17 @@ StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& 
   const uint32_t experts = store.index().size();
   Manifest m;
   m.sequence = newest == nullptr ? 1 : newest->sequence + 1;
+  m.store_id = store.store_id();
   m.layout = store.layout();
   m.initial_id = store.initial_id();
   m.states = SavedStates(store);
   CheckpointStats stats;
   stats.sequence = m.sequence;
-  // Incremental when the newest checkpoint is of this store's model and its data would not
-  // spread over more than max_chain other checkpoints.
-  bool incremental = !options.full && newest != nullptr &&
-                     newest->layout.params_per_expert == m.layout.params_per_expert &&
-                     newest->layout.experts_per_layer == m.layout.experts_per_layer &&
-                     newest->states == m.states && newest->initial_id == m.initial_id;
+  // Incremental when the newest checkpoint is of this store (where a version names one value:
+  // a store restored from an older checkpoint, or another run's, may reach the same version
+  // with other values) and its data would not spread over more than max_chain others.
+  bool incremental = !options.full && newest != nullptr && newest->store_id == m.store_id &&
+                     newest->states == m.states;
   if (incremental) {
     std::set<std::string> holders;
     for (const ExpertRecord& x : newest->experts) {

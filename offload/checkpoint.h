@@ -16,9 +16,12 @@
 // Incremental: RRE updates only the routed experts, so between two checkpoints most experts
 // keep their version. A save copies only experts whose version differs from the newest
 // checkpoint's record and refers to the data that checkpoint points at for the rest (Meta's
-// Check-N-Run does this for embedding rows). It copies everything when asked (`full`), when
-// there is no earlier checkpoint, or when the new one would refer to the data of more than
-// `max_chain` other checkpoints, so that a chain never grows without bound. Deleting a
+// Check-N-Run does this for embedding rows). Versions are compared only within one store
+// (ExpertStore::store_id, in the manifest): a store restored from a checkpoint, or another
+// run's, may reach a version with other values, so its first save copies everything. A save
+// also copies everything when asked (`full`), when there is no earlier checkpoint, or when the
+// new one would refer to the data of more than `max_chain` other checkpoints, so that a chain
+// never grows without bound. Deleting a
 // checkpoint keeps the data newer ones refer to (reference counts are the manifests' lines),
 // so deleting an old checkpoint never breaks a newer one.
 //

@@ -206,6 +206,9 @@ class ExpertStore {
   const ExpertStoreLayout& layout() const { return options_.layout; }
   // What the unwritten experts read as (ExpertStoreOptions::initial_id; "zeros" without).
   const std::string& initial_id() const { return options_.initial_id; }
+  // The store's random id, drawn at Create and kept in its manifest: within one store an
+  // expert's version names one value (a restored store is another store).
+  uint64_t store_id() const { return store_id_; }
   const ExpertIndex& index() const { return index_; }  // the layout's experts
   // The pool the pinned tier lives in; what is left of its budget is for the caller.
   // REQUIRES: a pinned budget (pinned_memory() is not null).

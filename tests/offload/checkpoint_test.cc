@@ -256,5 +256,30 @@ TEST_F(CheckpointTest, ASaveCutShortIsIgnoredThenRemoved) {
   EXPECT_TRUE(std::filesystem::exists(ckpt() + "/notes/readme.txt")) << "not a checkpoint's";
 }
 
+// Versions name values only within one store: a store restored from an older checkpoint that
+// reaches the newest one's versions with other values saves in full, never referring to data
+// it does not hold.
+TEST_F(CheckpointTest, ARestoredStoreSavesInFullNotByVersion) {
+  Update(0, 1);
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", {}).ok());
+  Update(0, 2);  // version 2 of expert 0: Pattern(.., 2)
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "b", {}).ok());
+  auto restored = Restored("a");  // back to version 1, in a new store
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  std::swap(store_, *restored);
+  for (ExpertState state : kSaved) {  // version 2 again, with other values
+    std::vector<uint8_t> bytes = Pattern(*store_, state, 0, 99);
+    ASSERT_TRUE(store_->Write(state, Id(0), bytes.data(), 2).ok());
+  }
+  auto saved = SaveCheckpoint(*store_, ckpt(), "c", {});
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_TRUE(saved->full);
+  restored = Restored("c");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  std::vector<uint8_t> got(store_->StateBytes(ExpertState::kMaster));
+  ASSERT_TRUE((*restored)->Read(ExpertState::kMaster, Id(0), got.data()).ok());
+  EXPECT_EQ(got, Pattern(*store_, ExpertState::kMaster, 0, 99));
+}
+
 }  // namespace
 }  // namespace ecss
