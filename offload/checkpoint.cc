@@ -57,10 +57,19 @@ std::string Hex(uint32_t value) {
 
 bool ParseHex(std::string_view token, uint32_t* value) {
   if (token.size() != 8) return false;
-  char* end = nullptr;
-  const std::string copy(token);
-  *value = static_cast<uint32_t>(std::strtoul(copy.c_str(), &end, 16));
-  return end == copy.c_str() + 8;
+  *value = 0;
+  for (char c : token) {
+    const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (digit < 0) return false;
+    *value = *value << 4 | static_cast<uint32_t>(digit);
+  }
+  return true;
+}
+
+// One directory or blob name: never a path (a manifest naming "../x" is damaged).
+bool IsPlainName(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." &&
+         name.find_first_of("/ \t\n") == std::string::npos;
 }
 
 std::string FormatManifest(const Manifest& m) {
@@ -120,6 +129,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
         return bad;
       }
       x.holder = v[2];
+      if (!IsPlainName(x.holder)) return bad;
       for (size_t s = 0; s < m.states.size(); ++s) {
         uint32_t crc = 0;
         if (!ParseHex(v[4 + s], &crc)) return bad;
@@ -136,6 +146,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
         return bad;
       }
       b.name = v[0];
+      if (!IsPlainName(b.name)) return bad;
       m.blobs.push_back(std::move(b));
       continue;
     }
@@ -190,11 +201,6 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
 
 std::string Dir(const std::string& root, const std::string& name) {
   return StrCat(root, "/", name);
-}
-
-bool IsPlainName(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." &&
-         name.find_first_of("/ \t\n") == std::string::npos;
 }
 
 StatusOr<Manifest> ReadManifest(const std::string& root, const std::string& name) {

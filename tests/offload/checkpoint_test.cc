@@ -4,12 +4,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "runtime/base/checksum.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/offload/flip_byte.h"
@@ -219,6 +221,22 @@ TEST_F(CheckpointTest, DamagedOrForeignCheckpointsAreRefusedNamingWhatIsWrong) {
   Status blob = Restored("b").status();
   EXPECT_EQ(blob.code(), StatusCode::kDataLoss) << blob;
   EXPECT_TRUE(Contains(blob, "blob 'loop.rng'")) << blob;
+  // A manifest whose (resealed) data reference is a path out of the root.
+  {
+    std::ifstream in(ckpt() + "/b/checkpoint.manifest");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string_view body;
+    ASSERT_TRUE(UnsealText(text, &body));
+    std::string edited(body);
+    const size_t at = edited.find(" a ");
+    ASSERT_NE(at, std::string::npos);
+    edited.replace(at, 3, " ../../a ");
+    std::ofstream(ckpt() + "/b/checkpoint.manifest") << SealText(edited);
+    Status traversal = Restored("b").status();
+    EXPECT_EQ(traversal.code(), StatusCode::kDataLoss) << traversal;
+    EXPECT_TRUE(Contains(traversal, "../../a")) << traversal;
+    std::ofstream(ckpt() + "/b/checkpoint.manifest") << text;
+  }
   std::ofstream(ckpt() + "/b/checkpoint.manifest", std::ios::app) << "extra\n";
   EXPECT_EQ(Restored("b").status().code(), StatusCode::kDataLoss);
   Status unknown = Restored("c").status();
