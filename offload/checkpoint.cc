@@ -69,7 +69,8 @@ bool ParseHex(std::string_view token, uint32_t* value) {
 // One directory or blob name: never a path (a manifest naming "../x" is damaged).
 bool IsPlainName(const std::string& name) {
   return !name.empty() && name != "." && name != ".." &&
-         name.find_first_of("/ \t\n") == std::string::npos;
+         std::all_of(name.begin(), name.end(),
+                     [](unsigned char c) { return c > ' ' && c != '/' && c != 0x7f; });
 }
 
 std::string FormatManifest(const Manifest& m) {
@@ -159,7 +160,9 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
       }
     } else if (key == "sequence" || key == "store" || key == "params_per_expert" ||
                key == "moments") {
-      if (v.size() != 1 || !ParseUint(v[0], UINT64_MAX, &n)) return bad;
+      if (v.size() != 1 || !ParseUint(v[0], key == "moments" ? UINT32_MAX : UINT64_MAX, &n)) {
+        return bad;
+      }
       if (key == "sequence") m.sequence = n;
       if (key == "store") m.store_id = n;
       if (key == "params_per_expert") m.layout.params_per_expert = n;
@@ -209,9 +212,27 @@ StatusOr<Manifest> ReadManifest(const std::string& root, const std::string& name
   return ParseManifest(path, text);
 }
 
+// The directories directly under `dir` (errors, e.g. a symlink loop, returned, never thrown).
+StatusOr<std::vector<std::filesystem::path>> Subdirectories(const std::string& dir) {
+  std::vector<std::filesystem::path> found;
+  std::error_code error;
+  for (auto it = std::filesystem::directory_iterator(dir, error);
+       !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    std::error_code type_error;
+    if (it->is_directory(type_error)) found.push_back(it->path());
+  }
+  if (error) return ErrnoError(error.value(), StrCat("listing '", dir, "'"));
+  return found;
+}
+
+bool Exists(const std::string& path) {
+  std::error_code error;
+  return std::filesystem::exists(path, error);
+}
+
 // The checkpoints under a root: those whose manifest reads, by name, and those whose manifest
-// does not (damaged: logged, never used, and nothing is removed while one exists, since what
-// it refers to is unknown).
+// is damaged (logged, never used, and nothing is removed while one exists, since what it
+// refers to is unknown). A manifest that cannot be read (an I/O error) is an error.
 struct Checkpoints {
   std::map<std::string, Manifest> intact;
   std::vector<std::string> damaged;
@@ -222,22 +243,22 @@ StatusOr<Checkpoints> ReadAll(const std::string& root) {
   if (!std::filesystem::is_directory(root, error)) {
     return NotFoundError(StrCat("checkpoint root '", root, "' is not a directory"));
   }
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::filesystem::path> dirs, Subdirectories(root));
   Checkpoints all;
-  for (const auto& entry : std::filesystem::directory_iterator(root, error)) {
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() ||
-        !std::filesystem::exists(StrCat(entry.path().string(), "/", kManifestName))) {
-      continue;
-    }
+  for (const std::filesystem::path& dir : dirs) {
+    const std::string name = dir.filename().string();
+    if (!Exists(StrCat(dir.string(), "/", kManifestName))) continue;
     StatusOr<Manifest> m = ReadManifest(root, name);
     if (m.ok()) {
       all.intact[name] = std::move(m).value();
-    } else {
+    } else if (m.status().code() == StatusCode::kDataLoss ||
+               m.status().code() == StatusCode::kFailedPrecondition) {
       ECSS_LOG(Warning) << "checkpoint '" << name << "' is not used: " << m.status();
       all.damaged.push_back(name);
+    } else {
+      return m.status();
     }
   }
-  if (error) return ErrnoError(error.value(), StrCat("listing checkpoint root '", root, "'"));
   return all;
 }
 
@@ -251,57 +272,84 @@ std::vector<std::string> BySequence(const std::map<std::string, Manifest>& all) 
   return names;
 }
 
+// Whether `dir` holds a checkpoint's files and nothing else (what a save cut short, or a deleted
+// checkpoint, leaves): anything else under the root, an empty directory too, is the user's.
+bool HoldsOnlyCheckpointFiles(const std::filesystem::path& dir) {
+  std::error_code error;
+  bool any = false;
+  for (auto it = std::filesystem::directory_iterator(dir, error);
+       !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    const std::string f = it->path().filename().string();
+    if (f != kExpertsName && f != kBlobsName && f.rfind(StrCat(kBlobsName, ".tmp."), 0) != 0 &&
+        f.rfind(StrCat(kManifestName, ".tmp."), 0) != 0) {
+      return false;
+    }
+    any = true;
+  }
+  return any && !error;
+}
+
 // Removes directories without a manifest whose data no manifest refers to: saves cut short,
-// and deleted checkpoints nothing needs any more.
+// and deleted checkpoints nothing needs any more. REQUIRES: the root's lock.
 Status CollectGarbage(const std::string& root, const Checkpoints& checkpoints) {
   if (!checkpoints.damaged.empty()) return Status::Ok();
-  const std::map<std::string, Manifest>& all = checkpoints.intact;
   std::set<std::string> referenced;
-  for (const auto& [name, m] : all) {
+  for (const auto& [name, m] : checkpoints.intact) {
     for (const ExpertRecord& x : m.experts) {
       if (x.version != 0) referenced.insert(x.holder);
     }
   }
-  std::error_code error;
-  // Only a directory holding nothing but a checkpoint's files (what a save cut short leaves):
-  // anything else under the root is the user's.
-  auto ours = [&](const std::filesystem::path& dir) {
-    for (const auto& file : std::filesystem::directory_iterator(dir, error)) {
-      const std::string f = file.path().filename().string();
-      if (f != kExpertsName && f != kBlobsName && f.rfind(StrCat(kBlobsName, ".tmp."), 0) != 0 &&
-          f.rfind(StrCat(kManifestName, ".tmp."), 0) != 0) {
-        return false;
-      }
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::filesystem::path> dirs, Subdirectories(root));
+  for (const std::filesystem::path& dir : dirs) {
+    const std::string name = dir.filename().string();
+    if (checkpoints.intact.count(name) != 0 || referenced.count(name) != 0 ||
+        !HoldsOnlyCheckpointFiles(dir)) {
+      continue;
     }
-    return !error;
-  };
-  for (const auto& entry : std::filesystem::directory_iterator(root, error)) {
-    const std::string name = entry.path().filename().string();
-    if (!entry.is_directory() || all.count(name) != 0 || referenced.count(name) != 0) continue;
-    if (!ours(entry.path())) continue;
-    std::filesystem::remove_all(entry.path(), error);
-    if (error) return ErrnoError(error.value(), StrCat("removing '", entry.path().string(), "'"));
+    std::error_code error;
+    std::filesystem::remove_all(dir, error);
+    if (error) return ErrnoError(error.value(), StrCat("removing '", dir.string(), "'"));
   }
   return SyncDirectory(root);
 }
 
-// The states the store keeps, in order.
-std::vector<ExpertState> SavedStates(const ExpertStore& store) {
+// One writer per root: Save and Delete hold ROOT/checkpoints.lock.
+StatusOr<std::unique_ptr<FileLock>> LockRoot(const std::string& root) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(root, error)) {
+    return NotFoundError(StrCat("checkpoint root '", root, "' is not a directory"));
+  }
+  return FileLock::Acquire(StrCat(root, "/checkpoints.lock"),
+                           StrCat("checkpoint root '", root, "'"));
+}
+
+// The states a checkpoint of `store` saves: options.states (each one the store keeps), or
+// every state the store keeps.
+StatusOr<std::vector<ExpertState>> StatesToSave(const ExpertStore& store,
+                                                const std::vector<ExpertState>& asked) {
   std::vector<ExpertState> states;
   for (ExpertState state : kAllStates) {
-    if (store.placement(state) != Tier::kNone) states.push_back(state);
+    const bool wanted =
+        asked.empty() || std::find(asked.begin(), asked.end(), state) != asked.end();
+    if (!wanted || (asked.empty() && store.placement(state) == Tier::kNone)) continue;
+    if (store.placement(state) == Tier::kNone) {
+      return InvalidArgumentError(
+          StrCat("checkpoint: the store keeps no ", ExpertStateName(state), " state to save"));
+    }
+    states.push_back(state);
   }
+  if (states.empty()) return InvalidArgumentError("checkpoint: no state to save");
   return states;
 }
 
-// 4 KiB-aligned blocks, one per saved state, for `sets` experts at once.
+// 4 KiB-aligned blocks, one per saved state, for `sets` experts at once, contiguous per set.
 class BlockSets {
  public:
   BlockSets(const ExpertStore& store, const std::vector<ExpertState>& states, uint32_t sets) {
     for (ExpertState state : states) bytes_.push_back(store.BlockBytes(state));
     for (uint64_t b : bytes_) set_bytes_ += b;
     memory_ = static_cast<uint8_t*>(std::aligned_alloc(4096, set_bytes_ * sets));
-    for (uint32_t s = 0; s < sets; ++s) {
+    for (uint32_t s = 0; s < sets && memory_ != nullptr; ++s) {
       std::vector<void*> blocks;
       uint64_t at = s * set_bytes_;
       for (uint64_t b : bytes_) {
@@ -315,11 +363,10 @@ class BlockSets {
   BlockSets(const BlockSets&) = delete;
   BlockSets& operator=(const BlockSets&) = delete;
   bool ok() const { return memory_ != nullptr; }
+  uint32_t sets() const { return static_cast<uint32_t>(sets_.size()); }
   void* const* blocks(uint32_t set) const { return sets_[set].data(); }
-  const uint8_t* set_data(uint32_t set) const { return memory_ + set * set_bytes_; }
   uint8_t* set_data(uint32_t set) { return memory_ + set * set_bytes_; }
   uint64_t set_bytes() const { return set_bytes_; }
-  uint64_t block_bytes(size_t state) const { return bytes_[state]; }
 
  private:
   std::vector<uint64_t> bytes_;
@@ -349,7 +396,7 @@ Status WriteBlobs(const std::string& dir, const std::vector<CheckpointBlob>& blo
   for (const CheckpointBlob& blob : blobs) {
     if (!IsPlainName(blob.name) || !names.insert(blob.name).second) {
       return InvalidArgumentError(StrCat("checkpoint blob name '", blob.name,
-                                         "' is empty, repeated or has whitespace or '/'"));
+                                         "' is empty, repeated, a path or has whitespace"));
     }
     m->blobs.push_back(
         {blob.name, data.size(), blob.bytes.size(), Crc32c(blob.bytes.data(), blob.bytes.size())});
@@ -357,6 +404,98 @@ Status WriteBlobs(const std::string& dir, const std::vector<CheckpointBlob>& blo
   }
   *bytes += data.size();
   return WriteFileAtomically(StrCat(dir, "/", kBlobsName), data);
+}
+
+// A checkpoint's experts.bin being written: each expert read from the store into a free set of
+// blocks and written at the file's end, several sets in flight.
+class ExpertsWriter {
+ public:
+  ExpertsWriter(IoEngine& engine, IoFileId file, std::string path, BlockSets& blocks)
+      : engine_(engine), file_(file), path_(std::move(path)), blocks_(blocks) {}
+  // Waits for whatever is in flight (also after an error: no buffer is freed under a write).
+  ~ExpertsWriter() { Drain(engine_, path_).IgnoreError(); }
+  // The next free set (waiting for the sets in flight when none is).
+  StatusOr<uint32_t> NextSet() {
+    if (next_ == blocks_.sets()) {
+      ECSS_RETURN_IF_ERROR(Drain(engine_, path_));
+      next_ = 0;
+    }
+    return next_;
+  }
+  // Queues the set NextSet gave, filled, as the next record; returns its offset.
+  StatusOr<uint64_t> Append(uint64_t user_data) {
+    const uint64_t at = offset_;
+    while (true) {
+      Status submitted = engine_.Submit(
+          {IoOp::kWrite, file_, at, blocks_.set_data(next_), blocks_.set_bytes(), user_data});
+      if (submitted.ok()) break;
+      if (!submitted.retryable()) return submitted.Annotate(StrCat("writing '", path_, "'"));
+      ECSS_RETURN_IF_ERROR(Drain(engine_, path_));  // a full queue
+    }
+    offset_ += blocks_.set_bytes();
+    ++next_;
+    return at;
+  }
+  Status Finish() {
+    ECSS_RETURN_IF_ERROR(Drain(engine_, path_));
+    return engine_.Sync(file_).Annotate(StrCat("syncing '", path_, "'"));
+  }
+  uint64_t bytes() const { return offset_; }
+
+ private:
+  IoEngine& engine_;
+  const IoFileId file_;
+  const std::string path_;
+  BlockSets& blocks_;
+  uint32_t next_ = 0;
+  uint64_t offset_ = 0;
+};
+
+// Copies the store's experts into DIR/experts.bin and records every expert in `m`: those the
+// newest checkpoint of this store holds at their version by reference (with `newest`).
+Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string& name,
+                   const Manifest* newest, const CheckpointOptions& options, Manifest* m,
+                   CheckpointStats* stats) {
+  const std::string path = StrCat(dir, "/", kExpertsName);
+  uint64_t expert_bytes = 0;
+  for (ExpertState state : m->states) expert_bytes += store.BlockBytes(state);
+  // Declared before the engine and the writer: freed after every write that uses it.
+  std::unique_ptr<BlockSets> blocks;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
+  const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
+      options.buffer_bytes / std::max<uint64_t>(expert_bytes, 1), 1, engine->queue_depth()));
+  blocks = std::make_unique<BlockSets>(store, m->states, sets);
+  if (!blocks->ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
+  ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(path, OpenMode::kCreate));
+  Status copied = [&] {
+    ExpertsWriter writer(*engine, file, path, *blocks);
+    for (uint32_t flat = 0; flat < store.index().size(); ++flat) {
+      ECSS_ASSIGN_OR_RETURN(const uint32_t set, writer.NextSet());
+      ExpertRecord x;
+      ECSS_RETURN_IF_ERROR(
+          store.ReadStates(store.index().Id(flat), m->states, blocks->blocks(set), &x.version));
+      stats->full_bytes += x.version == 0 ? 0 : blocks->set_bytes();
+      if (x.version == 0) {
+        ++stats->experts_initial;
+      } else if (newest != nullptr && newest->experts[flat].version == x.version) {
+        x = newest->experts[flat];
+        ++stats->experts_referenced;
+      } else {
+        x.holder = name;
+        for (size_t s = 0; s < m->states.size(); ++s) {
+          x.crcs.push_back(Crc32c(blocks->blocks(set)[s], store.StateBytes(m->states[s])));
+        }
+        ECSS_ASSIGN_OR_RETURN(x.offset, writer.Append(flat));
+        ++stats->experts_copied;
+      }
+      m->experts.push_back(std::move(x));
+    }
+    ECSS_RETURN_IF_ERROR(writer.Finish());
+    stats->bytes_written += writer.bytes();
+    return Status::Ok();
+  }();
+  Status closed = engine->Close(file);
+  return copied.ok() ? closed : copied.Annotate("saving a checkpoint");
 }
 
 }  // namespace
@@ -372,33 +511,49 @@ StatusOr<std::string> LatestCheckpoint(const std::string& root) {
   return names.back();
 }
 
+namespace {
+// NotFound naming the checkpoints that do exist.
+Status NoCheckpoint(const std::string& root, const std::string& name) {
+  std::string names;
+  StatusOr<std::vector<std::string>> listed = ListCheckpoints(root);
+  if (listed.ok()) {
+    for (const std::string& n : *listed) names += StrCat(names.empty() ? "" : ", ", n);
+  }
+  return NotFoundError(StrCat("no checkpoint '", name, "' in '", root,
+                              "' (there are: ", names.empty() ? "none" : names, ")"));
+}
+}  // namespace
+
 StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
                                          const std::string& name,
                                          const CheckpointOptions& options) {
   if (!IsPlainName(name)) {
     return InvalidArgumentError(StrCat("checkpoint name '", name, "' is not a directory name"));
   }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockRoot(root));
   const std::string dir = Dir(root, name);
   ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
   ECSS_RETURN_IF_ERROR(CollectGarbage(root, all));  // a save of this name cut short too
   std::error_code error;
-  if (std::filesystem::exists(dir, error)) {
-    return AlreadyExistsError(StrCat("checkpoint '", dir, "' exists"));
+  if (std::filesystem::is_empty(dir, error)) {  // a save cut short right after its mkdir
+    std::filesystem::remove(dir, error);
+  }
+  if (Exists(dir)) {
+    return AlreadyExistsError(StrCat("'", dir,
+                                     "' exists (a checkpoint, or the data of a deleted "
+                                     "one that newer checkpoints refer to)"));
   }
   const std::vector<std::string> order = BySequence(all.intact);
   const Manifest* newest = order.empty() ? nullptr : &all.intact.at(order.back());
-  const uint32_t experts = store.index().size();
   Manifest m;
   m.sequence = newest == nullptr ? 1 : newest->sequence + 1;
   m.store_id = store.store_id();
   m.layout = store.layout();
   m.initial_id = store.initial_id();
-  m.states = SavedStates(store);
-  CheckpointStats stats;
-  stats.sequence = m.sequence;
+  ECSS_ASSIGN_OR_RETURN(m.states, StatesToSave(store, options.states));
   // Incremental when the newest checkpoint is of this store (where a version names one value:
   // a store restored from an older checkpoint, or another run's, may reach the same version
-  // with other values) and its data would not spread over more than max_chain others.
+  // with other values) and the new one would refer to at most max_chain others.
   bool incremental = !options.full && newest != nullptr && newest->store_id == m.store_id &&
                      newest->states == m.states;
   if (incremental) {
@@ -406,154 +561,121 @@ StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& 
     for (const ExpertRecord& x : newest->experts) {
       if (x.version != 0) holders.insert(x.holder);
     }
-    incremental = holders.size() < std::max(1u, options.max_chain);
+    incremental = holders.size() <= options.max_chain;
   }
+  CheckpointStats stats;
+  stats.sequence = m.sequence;
   stats.full = !incremental;
   if (!std::filesystem::create_directory(dir, error)) {
-    return ErrnoError(error.value(), StrCat("cannot create checkpoint directory '", dir, "'"));
+    return error ? ErrnoError(error.value(), StrCat("cannot create '", dir, "'"))
+                 : AlreadyExistsError(StrCat("'", dir, "' exists"));
   }
-  ECSS_RETURN_IF_ERROR(SyncDirectory(root));
-  const std::string experts_path = StrCat(dir, "/", kExpertsName);
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
-  ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(experts_path, OpenMode::kCreate));
-  uint64_t expert_bytes = 0;
-  for (ExpertState state : m.states) expert_bytes += store.BlockBytes(state);
-  const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
-      options.buffer_bytes / std::max<uint64_t>(expert_bytes, 1), 1, engine->queue_depth()));
-  BlockSets blocks(store, m.states, sets);
-  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
-  uint64_t offset = 0;
-  Status copied = [&] {
-    for (uint32_t flat = 0, set = 0; flat < experts; ++flat) {
-      const ExpertId id = store.index().Id(flat);
-      if (set == sets) {  // every set is in flight: let them land
-        ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));
-        set = 0;
-      }
-      ExpertRecord x;
-      Status read = store.ReadStates(id, m.states, blocks.blocks(set), &x.version);
-      if (!read.ok()) return read.Annotate("saving a checkpoint");
-      stats.full_bytes += x.version == 0 ? 0 : blocks.set_bytes();
-      if (x.version == 0) {
-        ++stats.experts_initial;
-      } else if (incremental && newest->experts[flat].version == x.version) {
-        x = newest->experts[flat];
-        ++stats.experts_referenced;
-      } else {
-        x.holder = name;
-        x.offset = offset;
-        for (size_t s = 0; s < m.states.size(); ++s) {
-          x.crcs.push_back(Crc32c(blocks.blocks(set)[s], store.StateBytes(m.states[s])));
-        }
-        while (true) {
-          Status submitted = engine->Submit(
-              {IoOp::kWrite, file, offset, blocks.set_data(set), blocks.set_bytes(), flat});
-          if (submitted.ok()) break;
-          if (!submitted.retryable()) {
-            return submitted.Annotate(StrCat("writing '", experts_path, "'"));
-          }
-          ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));  // a full queue
-        }
-        offset += blocks.set_bytes();
-        ++set;
-        ++stats.experts_copied;
-      }
-      m.experts.push_back(std::move(x));
-    }
-    ECSS_RETURN_IF_ERROR(Drain(*engine, experts_path));
-    return engine->Sync(file).Annotate(StrCat("syncing '", experts_path, "'"));
-  }();
-  Status closed = engine->Close(file);
-  if (copied.ok()) copied = closed;
-  if (copied.ok()) copied = WriteBlobs(dir, options.blobs, &m, &stats.bytes_written);
-  if (copied.ok()) {
+  Status saved = SyncDirectory(root);
+  if (saved.ok()) {
+    saved = CopyExperts(store, dir, name, incremental ? newest : nullptr, options, &m, &stats);
+  }
+  if (saved.ok()) saved = WriteBlobs(dir, options.blobs, &m, &stats.bytes_written);
+  if (saved.ok()) {
     const std::string manifest = FormatManifest(m);
-    stats.bytes_written += offset + manifest.size();
-    copied = WriteFileAtomically(StrCat(dir, "/", kManifestName), manifest);
+    stats.bytes_written += manifest.size();
+    saved = WriteFileAtomically(StrCat(dir, "/", kManifestName), manifest);
   }
-  if (!copied.ok()) {  // no manifest: the directory is no checkpoint; its files go
+  if (!saved.ok()) {  // no manifest: the directory is no checkpoint; its files go
     std::filesystem::remove_all(dir, error);
-    return copied.Annotate(StrCat("checkpoint '", dir, "'"));
+    return saved.Annotate(StrCat("checkpoint '", dir, "'"));
   }
   return stats;
 }
 
-StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
-                                                        const std::string& name, ExpertStore& store,
-                                                        const IoEngineFactory& io_engines) {
-  std::error_code error;
-  if (!std::filesystem::exists(StrCat(Dir(root, name), "/", kManifestName), error)) {
-    std::string names;
-    StatusOr<std::vector<std::string>> listed = ListCheckpoints(root);
-    if (listed.ok()) {
-      for (const std::string& n : *listed) names += StrCat(names.empty() ? "" : ", ", n);
-    }
-    return NotFoundError(StrCat("no checkpoint '", name, "' in '", root,
-                                "' (there are: ", names.empty() ? "none" : names, ")"));
-  }
-  ECSS_ASSIGN_OR_RETURN(Manifest m, ReadManifest(root, name));
+namespace {
+
+// Whether checkpoint `m` (at `where`) restores into `store`: the same model, initial values
+// and states.
+Status CheckRestorable(const Manifest& m, const ExpertStore& store, const std::string& where) {
   const ExpertStoreLayout& layout = store.layout();
   auto differs = [&](std::string_view what, const std::string& there, const std::string& here) {
-    return FailedPreconditionError(StrCat("checkpoint '", Dir(root, name), "' is of another ", what,
-                                          ": ", there, " there, ", here, " here"));
+    return FailedPreconditionError(StrCat("checkpoint '", where, "' is of another ", what, ": ",
+                                          there, " there, ", here, " here"));
   };
-  auto counts = [](const std::vector<uint32_t>& per_layer) {
+  auto model = [](const ExpertStoreLayout& l) {
     std::string list;
-    for (uint32_t n : per_layer) list += StrCat(list.empty() ? "" : " ", n);
-    return StrCat("experts_per_layer [", list, "]");
+    for (uint32_t n : l.experts_per_layer) list += StrCat(list.empty() ? "" : " ", n);
+    return StrCat("experts_per_layer [", list, "] params_per_expert ", l.params_per_expert, " ",
+                  DTypeName(l.weights_dtype), " moments ", l.moments);
   };
-  if (m.layout.experts_per_layer != layout.experts_per_layer) {
-    return differs("model", counts(m.layout.experts_per_layer), counts(layout.experts_per_layer));
-  }
-  if (m.layout.params_per_expert != layout.params_per_expert ||
+  if (m.layout.experts_per_layer != layout.experts_per_layer ||
+      m.layout.params_per_expert != layout.params_per_expert ||
       m.layout.weights_dtype != layout.weights_dtype || m.layout.moments != layout.moments) {
-    return differs("model",
-                   StrCat("params_per_expert ", m.layout.params_per_expert, " ",
-                          DTypeName(m.layout.weights_dtype), " moments ", m.layout.moments),
-                   StrCat("params_per_expert ", layout.params_per_expert, " ",
-                          DTypeName(layout.weights_dtype), " moments ", layout.moments));
+    return differs("model", model(m.layout), model(layout));
   }
   if (m.initial_id != store.initial_id()) {
     return differs("initial values", m.initial_id, store.initial_id());
   }
-  const std::vector<ExpertState> states = SavedStates(store);
-  if (m.states != states) {
-    auto names = [](const std::vector<ExpertState>& list) {
-      std::string text;
-      for (ExpertState s : list) text += StrCat(text.empty() ? "" : " ", ExpertStateName(s));
-      return text;
-    };
-    return differs("set of states", names(m.states), names(states));
+  for (ExpertState state : m.states) {
+    if (store.placement(state) == Tier::kNone) {
+      return FailedPreconditionError(StrCat("checkpoint '", where, "' holds the ",
+                                            ExpertStateName(state),
+                                            " state, which this store does not keep"));
+    }
   }
-  // Blobs first: a damaged one fails before the store is touched.
+  return Status::Ok();
+}
+
+// The blobs of checkpoint `m` in `dir`, each verified.
+StatusOr<std::vector<CheckpointBlob>> ReadBlobs(const Manifest& m, const std::string& dir) {
   std::vector<CheckpointBlob> blobs;
-  if (!m.blobs.empty()) {
-    const std::string path = StrCat(Dir(root, name), "/", kBlobsName);
-    ECSS_ASSIGN_OR_RETURN(std::string data, ReadFileToString(path));
-    for (const BlobRecord& b : m.blobs) {
-      if (b.offset + b.bytes > data.size() || Crc32c(data.data() + b.offset, b.bytes) != b.crc) {
-        return DataLossError(
-            StrCat("checkpoint blob '", b.name, "' in '", path, "' is damaged or truncated"));
-      }
-      blobs.push_back({b.name, data.substr(b.offset, b.bytes)});
+  if (m.blobs.empty()) return blobs;
+  const std::string path = StrCat(dir, "/", kBlobsName);
+  StatusOr<std::string> data = ReadFileToString(path);
+  if (!data.ok()) {
+    return DataLossError(
+        StrCat("checkpoint blobs '", path, "' cannot be read: ", data.status().message()));
+  }
+  for (const BlobRecord& b : m.blobs) {
+    if (b.offset > data->size() || b.bytes > data->size() - b.offset ||
+        Crc32c(data->data() + b.offset, b.bytes) != b.crc) {
+      return DataLossError(
+          StrCat("checkpoint blob '", b.name, "' in '", path, "' is damaged or truncated"));
+    }
+    blobs.push_back({b.name, data->substr(b.offset, b.bytes)});
+  }
+  return blobs;
+}
+
+}  // namespace
+
+StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
+                                                        const std::string& name, ExpertStore& store,
+                                                        const IoEngineFactory& io_engines) {
+  if (!IsPlainName(name) || !Exists(StrCat(Dir(root, name), "/", kManifestName))) {
+    return NoCheckpoint(root, name);
+  }
+  const std::string where = Dir(root, name);
+  ECSS_ASSIGN_OR_RETURN(Manifest m, ReadManifest(root, name));
+  ECSS_RETURN_IF_ERROR(CheckRestorable(m, store, where));
+  // Blobs first, and the store checked new in full: a failure before any write leaves it
+  // untouched.
+  ECSS_ASSIGN_OR_RETURN(std::vector<CheckpointBlob> blobs, ReadBlobs(m, where));
+  BlockSets blocks(store, m.states, 1);  // before the engine: freed after its reads
+  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
+  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
+    uint64_t version = 0;
+    const ExpertId id = store.index().Id(flat);
+    ECSS_RETURN_IF_ERROR(store.ReadStates(id, m.states, blocks.blocks(0), &version));
+    if (version != 0) {
+      return FailedPreconditionError(StrCat("restoring a checkpoint needs a new store: layer ",
+                                            id.layer, " expert ", id.expert,
+                                            " is already at version ", version));
     }
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(io_engines));
   std::map<std::string, std::pair<IoFileId, uint64_t>> files;  // holder -> (file, size)
-  BlockSets blocks(store, states, 1);
-  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
   Status restored = [&] {
     for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
       const ExpertRecord& x = m.experts[flat];
+      if (x.version == 0) continue;  // stays unwritten
       const ExpertId id = store.index().Id(flat);
       const std::string expert = StrCat("layer ", id.layer, " expert ", id.expert);
-      uint64_t version = 0;
-      ECSS_RETURN_IF_ERROR(store.ReadStates(id, states, blocks.blocks(0), &version));
-      if (version != 0) {
-        return FailedPreconditionError(StrCat("restoring a checkpoint needs a new store: ", expert,
-                                              " is already at version ", version));
-      }
-      if (x.version == 0) continue;  // stays unwritten
       const std::string path = StrCat(Dir(root, x.holder), "/", kExpertsName);
       if (files.count(x.holder) == 0) {
         StatusOr<IoFileId> opened = engine->Open(path, OpenMode::kRead);
@@ -565,33 +687,34 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
         files[x.holder] = {*opened, size};
       }
       const auto [file, size] = files[x.holder];
-      if (x.offset + blocks.set_bytes() > size) {
+      if (x.offset > size || blocks.set_bytes() > size - x.offset) {
         return DataLossError(StrCat("checkpoint data '", path, "' is truncated: ", expert,
                                     " is at offset ", x.offset, ", the file has ", size, " bytes"));
       }
       ECSS_RETURN_IF_ERROR(ReadAt(*engine, file, x.offset, blocks.set_data(0), blocks.set_bytes())
                                .Annotate(StrCat("reading ", expert, " from '", path, "'")));
-      for (size_t s = 0; s < states.size(); ++s) {
-        if (Crc32c(blocks.blocks(0)[s], store.StateBytes(states[s])) != x.crcs[s]) {
+      for (size_t s = 0; s < m.states.size(); ++s) {
+        if (Crc32c(blocks.blocks(0)[s], store.StateBytes(m.states[s])) != x.crcs[s]) {
           return DataLossError(StrCat("checkpoint data '", path, "': ", expert, " ",
-                                      ExpertStateName(states[s]), " checksum mismatch"));
+                                      ExpertStateName(m.states[s]), " checksum mismatch"));
         }
       }
-      ECSS_RETURN_IF_ERROR(store.WriteStates(id, states, blocks.blocks(0), x.version));
+      ECSS_RETURN_IF_ERROR(store.WriteStates(id, m.states, blocks.blocks(0), x.version));
     }
     return Status::Ok();
   }();
   for (const auto& [holder, file] : files) engine->Close(file.first).IgnoreError();
-  if (!restored.ok()) return restored.Annotate(StrCat("restoring '", Dir(root, name), "'"));
+  if (!restored.ok()) return restored.Annotate(StrCat("restoring '", where, "'"));
   return blobs;
 }
 
 Status DeleteCheckpoint(const std::string& root, const std::string& name) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockRoot(root));
   const std::string manifest = StrCat(Dir(root, name), "/", kManifestName);
-  std::error_code error;
-  if (!IsPlainName(name) || !std::filesystem::exists(manifest, error)) {
-    return NotFoundError(StrCat("no checkpoint '", name, "' in '", root, "'"));
+  if (!IsPlainName(name) || !Exists(manifest)) {
+    return NoCheckpoint(root, name);
   }
+  std::error_code error;
   if (!std::filesystem::remove(manifest, error)) {
     return ErrnoError(error.value(), StrCat("cannot remove '", manifest, "'"));
   }

@@ -29,9 +29,16 @@
 // renamed into place and the directory synced; a crash at any point leaves every earlier
 // checkpoint loadable, and the new one either complete or absent.
 //
+// Versions: an expert whose states are at version 0 is recorded as initial (it reads as its
+// initial value): write versions from 1, as the optimizer's update counts are.
+//
 // Errors name what is wrong: a damaged or truncated file is DataLoss naming the file and the
 // layer, expert and state (or blob); another model's checkpoint is FailedPrecondition naming
 // the difference; an unknown name is NotFound listing those that exist.
+//
+// One writer per root: Save and Delete hold ROOT/checkpoints.lock (FileLock), so a second
+// process saving or deleting there fails naming the holder. List, Latest and Restore only
+// read. Every call blocks; distinct roots are independent.
 #pragma once
 
 #include <cstdint>
@@ -53,8 +60,12 @@ struct CheckpointBlob {
 
 struct CheckpointOptions {
   std::vector<CheckpointBlob> blobs;
-  bool full = false;           // copy every written expert, even those an earlier one holds
-  uint32_t max_chain = 8;      // at most this many other checkpoints' data referred to
+  // The states saved (each one the store keeps; InvalidArgument otherwise); empty: every state
+  // the store keeps. A session saves master weights and moments and derives the rest.
+  std::vector<ExpertState> states;
+  bool full = false;  // copy every written expert, even those an earlier one holds
+  // A checkpoint refers to the data of at most this many others (0: every save is full).
+  uint32_t max_chain = 8;
   IoEngineFactory io_engines;  // empty: CreateIoEngine's default
   // Host memory for the experts in flight (read from the store while earlier ones are
   // written): what a save takes whatever the model's size; at least one expert's blocks.
@@ -86,9 +97,12 @@ StatusOr<std::vector<std::string>> ListCheckpoints(const std::string& root);
 StatusOr<std::string> LatestCheckpoint(const std::string& root);
 
 // Writes every expert checkpoint ROOT/<name> holds into `store`, which must be made for the
-// same layout, states and initial values, with every expert unwritten (a new store; its
-// placement may differ); returns the blobs. Experts the checkpoint records as initial stay
-// unwritten. Every block is verified before it is written.
+// same layout and initial values, keep the states saved, and have every expert unwritten (a
+// new store; its placement may differ); returns the blobs. Experts the checkpoint records as
+// initial stay unwritten. Everything that can be checked up front is (the model, the blobs,
+// that the store is new) before any write; each expert's blocks are verified before they are
+// written, so damage found part way leaves the store with the experts before it restored:
+// discard it.
 StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
                                                         const std::string& name, ExpertStore& store,
                                                         const IoEngineFactory& io_engines = {});

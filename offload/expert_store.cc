@@ -807,7 +807,7 @@ void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
 // state's read lock too (no read of a dependent falls between its look at its own slot and
 // the source's write), and are made durable before the write they precede.
 Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
-                                uint64_t version) {
+                                uint64_t version, bool supersede) {
   Files& files = files_[Index(state)];
   std::lock_guard<std::mutex> lock(files.write_mutex);
   const void* arrays[1] = {block};
@@ -823,7 +823,9 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
     }
   }
   const bool shared = of_source != files.unwritten_dependents.end();
-  if (!source && !shared) return files.writer->Store(flat, arrays, Elements(state), version);
+  if (!source && !shared) {
+    return files.writer->Store(flat, arrays, Elements(state), version, supersede);
+  }
 
   std::lock_guard<std::mutex> read(files.read_mutex);
   const std::string what = Name(state, index_.Id(flat));
@@ -854,7 +856,7 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
     if (of_source->second.empty()) files.unwritten_dependents.erase(of_source);
   }
   ECSS_RETURN_IF_ERROR(files.writer->Sync());
-  return files.writer->Store(flat, arrays, Elements(state), version);
+  return files.writer->Store(flat, arrays, Elements(state), version, supersede);
 }
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
@@ -978,7 +980,7 @@ Status ExpertStore::WriteBlock(ExpertState state, ExpertId id, const void* block
 // An nvme state straight between the caller's aligned block and the file; others as Read and
 // Write. `version`: written (write), or read (when not null).
 Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* block,
-                            uint64_t* version) {
+                            uint64_t* version, bool supersede) {
   if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
     return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
   }
@@ -993,7 +995,7 @@ Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* bl
   ECSS_RETURN_IF_ERROR(Check(state, id));
   const uint32_t flat = index_.Flat(id);
   uint64_t read_version = 0;
-  Status done = write ? StoreToFile(state, flat, block, *version)
+  Status done = write ? StoreToFile(state, flat, block, *version, supersede)
                       : LoadFromFile(state, flat, block, version ? version : &read_version);
   return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, id)));
 }
@@ -1016,8 +1018,11 @@ Status RunConcurrently(size_t n, const std::function<Status(size_t)>& io) {
 
 Status ExpertStore::WriteStates(ExpertId id, const std::vector<ExpertState>& states,
                                 const void* const* blocks, uint64_t version) {
-  return RunConcurrently(states.size(),
-                         [&](size_t i) { return WriteBlock(states[i], id, blocks[i], version); });
+  return RunConcurrently(states.size(), [&](size_t i) {
+    uint64_t v = version;
+    return BlockIo(/*write=*/true, states[i], id, const_cast<void*>(blocks[i]), &v,
+                   /*supersede=*/true);
+  });
 }
 
 Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& states,

@@ -176,7 +176,10 @@ class ExpertStore {
   // WriteStates move their states at once (each state has its own handles: the first on the
   // calling thread, the others on a thread each), so an update's I/O keeps several requests
   // in flight as one file's would. A crash may leave any of them written: ReadStates finds
-  // the version all hold.
+  // the version all hold, and the next WriteStates of that version replaces what was written
+  // ahead, not the version before it (ExpertStateFile::Store's supersede), so a second crash
+  // finds it too. (Write and WriteBlock keep the newest copy instead: a failed rewrite of the
+  // same version leaves it readable.)
   Status WriteStates(ExpertId id, const std::vector<ExpertState>& states, const void* const* blocks,
                      uint64_t version);
   // Expert `id` holds what `source` holds now, without a copy on NVMe (see above). The
@@ -281,14 +284,17 @@ class ExpertStore {
   std::string Name(ExpertState state, ExpertId id) const;
   void* MemoryOf(ExpertState state, uint32_t flat) const;
   // One expert's state between its file and a block (`want`: that version).
-  Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version);
+  // `supersede`: ExpertStateFile::Store's (WriteStates: an update's states).
+  Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version,
+                     bool supersede = false);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                       const uint64_t* want = nullptr);
   // REQUIRES: the state's read_mutex held.
   Status LoadLocked(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                     const uint64_t* want = nullptr);
   Status LoadTier(ExpertState state);
-  Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version);
+  Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version,
+                 bool supersede = false);
   Status FlushLocked();
 
   Backend& backend_;

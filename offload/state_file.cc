@@ -123,7 +123,8 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
       experts_per_file_(ExpertsPerFile(options)),
       header_(std::aligned_alloc(4096, 2 * kHeaderBytes)),
       newest_sequence_(options.experts, UINT64_MAX),
-      newest_copy_(options.experts, 0) {
+      newest_copy_(options.experts, 0),
+      newest_count_(options.experts, 0) {
   for (const FileSpec& file : FileSpecs(options)) {
     paths_.push_back(file.path);
     file_bytes_.push_back(file.bytes);
@@ -340,7 +341,7 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, CopyState*
 }
 
 Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64_t elements,
-                              uint64_t update_count) {
+                              uint64_t update_count, bool supersede) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const IoFileId file = FileOf(expert);
   uint64_t sequence = 1;
@@ -356,11 +357,24 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
         if (state[c] == CopyState::kValid && seen[c].sequence > newest_sequence_[expert]) {
           newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
+          newest_count_[expert] = seen[c].update_count;
         }
       }
     }
     sequence = newest_sequence_[expert] + 1;
     copy = newest_sequence_[expert] == 0 ? 0 : 1 - newest_copy_[expert];
+    if (supersede && newest_sequence_[expert] > 0 && newest_count_[expert] >= update_count) {
+      // Written ahead: retract it (its header zeroed, the copy before it the newest again), and
+      // store into its slot. Until the new header lands, reads find the copy before.
+      copy = newest_copy_[expert];
+      newest_sequence_[expert] = UINT64_MAX;  // learnt again should this store fail
+      std::memset(header_, 0, kHeaderBytes);
+      Status retracted = WriteAt(*engine_, file, OffsetOf(expert, copy), header_, kHeaderBytes);
+      if (!retracted.ok()) {
+        return retracted.Annotate(
+            StrCat("retracting expert ", expert, " update count ", update_count, " written ahead"));
+      }
+    }
   }
   const uint64_t base = OffsetOf(expert, copy);
   const uint64_t bytes = elements * options_.element_bytes;
@@ -392,6 +406,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   if (options_.shadow) {
     newest_sequence_[expert] = sequence;
     newest_copy_[expert] = static_cast<uint8_t>(copy);
+    newest_count_[expert] = update_count;
   }
   return Status::Ok();
 }

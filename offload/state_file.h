@@ -87,8 +87,14 @@ class ExpertStateFile {
   ~ExpertStateFile();
 
   // Writes `elements` values of each array, then the header. arrays[i] is 4 KiB aligned.
-  Status Store(uint32_t expert, const void* const* arrays, uint64_t elements,
-               uint64_t update_count);
+  // With shadow, a store goes to the copy not holding the newest version (a failed store
+  // leaves the newest readable). With `supersede` (an update's store, which follows the
+  // version the expert's states all hold), a newest copy already at update_count or later was
+  // written ahead of the other states by an update cut short: it is retracted (its header
+  // zeroed) and replaced instead, so the copy before it, which the other states match, is
+  // kept, and a crash while it is replaced leaves the expert readable as of that version.
+  Status Store(uint32_t expert, const void* const* arrays, uint64_t elements, uint64_t update_count,
+               bool supersede = false);
   // Reads and verifies (with shadow: the newest version). A damaged slot header, of either
   // copy, is DataLoss naming the file, the expert and the offset. elements must be what was
   // stored (DataLoss naming both otherwise). With `want`, the version whose update count is
@@ -160,6 +166,7 @@ class ExpertStateFile {
   // wrote or saw it (UINT64_MAX: not known yet).
   std::vector<uint64_t> newest_sequence_;
   std::vector<uint8_t> newest_copy_;
+  std::vector<uint64_t> newest_count_;  // its update count
 };
 
 }  // namespace ecss

@@ -11,7 +11,9 @@
 
 #include <gtest/gtest.h>
 
+#include "offload/io/io_engines.h"
 #include "runtime/base/checksum.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/offload/flip_byte.h"
@@ -183,7 +185,7 @@ TEST_F(CheckpointTest, TheChainIsBounded) {
     ASSERT_TRUE(saved.ok()) << saved.status();
     full.push_back(saved->full);
   }
-  EXPECT_EQ(full, (std::vector<bool>{true, false, true, false, true}));
+  EXPECT_EQ(full, (std::vector<bool>{true, false, false, true, false}));
   options.full = true;
   Update(9, 1);
   EXPECT_TRUE(SaveCheckpoint(*store_, ckpt(), "forced", options)->full);
@@ -297,6 +299,84 @@ TEST_F(CheckpointTest, ARestoredStoreSavesInFullNotByVersion) {
   std::vector<uint8_t> got(store_->StateBytes(ExpertState::kMaster));
   ASSERT_TRUE((*restored)->Read(ExpertState::kMaster, Id(0), got.data()).ok());
   EXPECT_EQ(got, Pattern(*store_, ExpertState::kMaster, 0, 99));
+}
+
+// What a hostile caller or file can do: names that are no plain names, a second writer on the
+// root, a failing disk part way through a save, a crafted blob offset, a restore into a store
+// that is not new. Each is a clear error and changes nothing it should not.
+TEST_F(CheckpointTest, HostileNamesWritersDisksAndManifestsAreRefused) {
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  for (const char* bad : {"step\v1", "a/b", "..", "", "tab\tname"}) {
+    EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), bad, {}).status().code(),
+              StatusCode::kInvalidArgument)
+        << bad;
+  }
+  CheckpointOptions blob;
+  blob.blobs = {{"rng\rstate", "x"}};
+  EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), "a", blob).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_TRUE(ListCheckpoints(ckpt())->empty()) << "a refused save leaves nothing";
+  {  // another writer holds the root
+    auto held = std::move(FileLock::Acquire(ckpt() + "/checkpoints.lock", "x")).value();
+    Status busy = SaveCheckpoint(*store_, ckpt(), "a", {}).status();
+    EXPECT_EQ(busy.code(), StatusCode::kFailedPrecondition) << busy;
+    EXPECT_TRUE(Contains(busy, "in use by process")) << busy;
+  }
+  // A write that fails part way: an error, nothing left behind, and the next save works.
+  CheckpointOptions failing;
+  failing.io_engines = []() -> StatusOr<std::unique_ptr<IoEngine>> {
+    IoEngineOptions io;
+    io.queue_depth = 8;
+    FaultOptions faults;
+    faults.fail_nth = 5;
+    return std::unique_ptr<IoEngine>(
+        std::make_unique<FaultInjectionIoEngine>(CreatePosixIoEngine(io), faults));
+  };
+  failing.buffer_bytes = 1;  // one expert in flight at a time
+  Status failed = SaveCheckpoint(*store_, ckpt(), "a", failing).status();
+  EXPECT_FALSE(failed.ok());
+  EXPECT_FALSE(std::filesystem::exists(ckpt() + "/a"));
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", {}).ok());
+  // A user's empty directory under the root is left alone.
+  std::filesystem::create_directories(ckpt() + "/tensorboard");
+  Update(2, 2);
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "b", {}).ok());
+  EXPECT_TRUE(std::filesystem::exists(ckpt() + "/tensorboard"));
+  // A crafted (resealed) blob record whose offset and length wrap around.
+  {
+    CheckpointOptions with_blob;
+    with_blob.blobs = {{"rng", "0123"}};
+    Update(3, 2);
+    ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "c", with_blob).ok());
+    std::ifstream in(ckpt() + "/c/checkpoint.manifest");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string_view body;
+    ASSERT_TRUE(UnsealText(text, &body));
+    std::string edited(body);
+    const size_t at = edited.find("blob rng 0 4 ");
+    ASSERT_NE(at, std::string::npos);
+    edited.replace(at, 13, "blob rng 18446744069414584320 4294967297 ");
+    std::ofstream(ckpt() + "/c/checkpoint.manifest") << SealText(edited);
+    Status wrapped = Restored("c").status();
+    EXPECT_EQ(wrapped.code(), StatusCode::kDataLoss) << wrapped;
+    std::ofstream(ckpt() + "/c/checkpoint.manifest") << text;
+  }
+  // A store that is not new is refused before anything is written into it.
+  std::filesystem::remove_all(root_ + "/other");
+  std::filesystem::create_directories(root_ + "/other");
+  ExpertStoreOptions other = options_;
+  other.dirs = {root_ + "/other"};
+  auto used = std::move(ExpertStore::Create(*sim_, other)).value();
+  std::vector<uint8_t> bytes = Pattern(*used, ExpertState::kMaster, 19, 5);
+  for (ExpertState state : kSaved) {
+    bytes = Pattern(*used, state, 19, 5);
+    ASSERT_TRUE(used->Write(state, Id(19), bytes.data(), 5).ok());
+  }
+  Status not_new = RestoreCheckpoint(ckpt(), "c", *used).status();
+  EXPECT_EQ(not_new.code(), StatusCode::kFailedPrecondition) << not_new;
+  std::vector<uint8_t> got(used->StateBytes(ExpertState::kMaster));
+  ASSERT_TRUE(used->Read(ExpertState::kMaster, Id(0), got.data()).ok());
+  EXPECT_EQ(got, std::vector<uint8_t>(got.size(), 1)) << "expert 0 left at its initial value";
 }
 
 }  // namespace

@@ -425,5 +425,33 @@ TEST_F(StateFileTest, SilentFaultsAreDataLossAndAHungRequestFailsAtItsDeadline) 
   EXPECT_EQ(std::memcmp(got.raw[2], v2.raw[2], 12000), 0);
 }
 
+// An update cut short leaves one state a version ahead of the others; writing that version
+// again as an update (supersede) replaces the copy written ahead, never the version before it,
+// which the other states still match: a second crash mid-write leaves it readable.
+TEST_F(StateFileTest, RewritingAVersionWrittenAheadKeepsTheVersionBefore) {
+  options_.shadow = true;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays v4(3000, 4.0f), ahead(3000, 5.0f), again(3000, 6.0f), got(3000, 0.0f);
+  ASSERT_TRUE(file->Store(1, v4.raw, 3000, 4).ok());
+  ASSERT_TRUE(file->Store(1, ahead.raw, 3000, 5).ok());  // the others stayed at 4
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 2;  // the retraction, then array 0: torn
+  faults.torn_writes = true;
+  engine_->set_options(faults);
+  EXPECT_FALSE(file->Store(1, again.raw, 3000, 5, /*supersede=*/true).ok());
+  engine_->set_options(FaultOptions{});
+  uint64_t count = 0;
+  const uint64_t four = 4;
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count, &four).ok()) << "version 4 is kept";
+  EXPECT_EQ(std::memcmp(got.data[0], v4.data[0], 12000), 0);
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 4u) << "the copy written ahead is retracted";
+  ASSERT_TRUE(file->Store(1, again.raw, 3000, 5, /*supersede=*/true).ok());
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 5u);
+  EXPECT_EQ(std::memcmp(got.data[2], again.data[2], 12000), 0);
+  ASSERT_TRUE(file->Load(1, got.raw, 3000, &count, &four).ok());
+}
+
 }  // namespace
 }  // namespace ecss
