@@ -6,6 +6,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 
 #include "runtime/base/checksum.h"
@@ -451,6 +452,19 @@ class ExpertsWriter {
   uint64_t offset_ = 0;
 };
 
+// The version every state of `states` of expert `id` is at (headers only), or nullopt when they
+// differ (an update cut short: ReadStates finds the version they all hold).
+StatusOr<std::optional<uint64_t>> AgreedVersion(ExpertStore& store, ExpertId id,
+                                                const std::vector<ExpertState>& states) {
+  std::optional<uint64_t> agreed;
+  for (ExpertState state : states) {
+    ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id));
+    if (agreed.has_value() && *agreed != version) return std::optional<uint64_t>();
+    agreed = version;
+  }
+  return agreed;
+}
+
 // Copies the store's experts into DIR/experts.bin and records every expert in `m`: those the
 // newest checkpoint of this store holds at their version by reference (with `newest`).
 Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string& name,
@@ -470,10 +484,20 @@ Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string
   Status copied = [&] {
     ExpertsWriter writer(*engine, file, path, *blocks);
     for (uint32_t flat = 0; flat < store.index().size(); ++flat) {
-      ECSS_ASSIGN_OR_RETURN(const uint32_t set, writer.NextSet());
+      const ExpertId id = store.index().Id(flat);
+      // The versions first (headers only): an expert still initial, or at the version the
+      // newest checkpoint holds, is not read at all.
+      ECSS_ASSIGN_OR_RETURN(const std::optional<uint64_t> known,
+                            AgreedVersion(store, id, m->states));
       ExpertRecord x;
-      ECSS_RETURN_IF_ERROR(
-          store.ReadStates(store.index().Id(flat), m->states, blocks->blocks(set), &x.version));
+      uint32_t set = 0;
+      if (known.has_value() &&
+          (*known == 0 || (newest != nullptr && newest->experts[flat].version == *known))) {
+        x.version = *known;
+      } else {
+        ECSS_ASSIGN_OR_RETURN(set, writer.NextSet());
+        ECSS_RETURN_IF_ERROR(store.ReadStates(id, m->states, blocks->blocks(set), &x.version));
+      }
       stats->full_bytes += x.version == 0 ? 0 : blocks->set_bytes();
       if (x.version == 0) {
         ++stats->experts_initial;

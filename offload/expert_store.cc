@@ -886,6 +886,22 @@ Status ExpertStore::LoadLocked(ExpertState state, uint32_t flat, void* block, ui
   return Status::Ok();
 }
 
+StatusOr<uint64_t> ExpertStore::Version(ExpertState state, ExpertId id) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
+  uint32_t flat = index_.Flat(id);
+  if (placement(state) != Tier::kNvme) return regions_[Index(state)].versions[flat];
+  Files& files = files_[Index(state)];
+  std::lock_guard<std::mutex> lock(files.read_mutex);
+  while (true) {  // an unwritten shared expert reads its source's
+    StatusOr<std::optional<uint64_t>> count = files.reader->NewestCount(flat);
+    if (!count.ok()) return count.status().Annotate(StrCat("reading ", Name(state, id)));
+    if (count->has_value()) return **count;
+    if (source_[flat] == flat) return uint64_t{0};
+    flat = source_[flat];
+  }
+}
+
 Status ExpertStore::LoadTier(ExpertState state) {
   if (placement(state) == Tier::kNvme) return Status::Ok();
   Region& region = regions_[Index(state)];

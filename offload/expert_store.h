@@ -172,6 +172,9 @@ class ExpertStore {
   // versions when there is none.
   Status ReadStates(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
                     uint64_t* version);
+  // The version Read of `state` would give (its newest), without reading the state: for an
+  // nvme state its headers only.
+  StatusOr<uint64_t> Version(ExpertState state, ExpertId id);
   // Writes `states` of expert `id` from `blocks` (as WriteBlock) as `version`. ReadStates and
   // WriteStates move their states at once (each state has its own handles: the first on the
   // calling thread, the others on a thread each), so an update's I/O keeps several requests

@@ -423,6 +423,27 @@ StatusOr<bool> ExpertStateFile::Written(uint32_t expert) {
   return false;
 }
 
+StatusOr<std::optional<uint64_t>> ExpertStateFile::NewestCount(uint32_t expert) {
+  ECSS_RETURN_IF_ERROR(CheckExpert(expert, options_.max_expert_elements));
+  Header seen[2];
+  CopyState state[2];
+  std::string why[2];
+  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
+  std::optional<uint64_t> count;
+  uint64_t sequence = 0;
+  for (uint32_t c = 0; c < copies(); ++c) {
+    if (state[c] == CopyState::kDamaged) {
+      return DataLossError(StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ",
+                                  OffsetOf(expert, c), ": ", why[c], " (damaged slot header)"));
+    }
+    if (state[c] == CopyState::kValid && (!count || seen[c].sequence > sequence)) {
+      count = seen[c].update_count;
+      sequence = seen[c].sequence;
+    }
+  }
+  return count;
+}
+
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
                              uint64_t* update_count, const uint64_t* want, bool* unwritten_out) {
   if (unwritten_out != nullptr) *unwritten_out = false;

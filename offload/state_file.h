@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -110,6 +111,9 @@ class ExpertStateFile {
   // Whether a copy of the expert was ever stored (its headers only): one is intact, or
   // damaged (Load then reports the damage).
   StatusOr<bool> Written(uint32_t expert);
+  // The update count Load would return (its headers only): nullopt when unwritten; DataLoss as
+  // Load for a damaged header.
+  StatusOr<std::optional<uint64_t>> NewestCount(uint32_t expert);
 
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
