@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
@@ -50,7 +51,7 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<NvmeUpdater> streaming,
                           NvmeUpdater::Create(nvme, pinned_.get()));
     ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get(), memory.gradient_slots));
-    if (options_.placement.write_initial_states && !options_.placement.resume) {
+    if (options_.placement.write_initial_states && !resuming()) {
       ECSS_RETURN_IF_ERROR(WriteInitialStates());
     }
     updater_ = std::move(streaming);
@@ -76,12 +77,32 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
                         ", ", DTypeName(m.dtype), " weights, zero moments");
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
+  // resume_from: ROOT/NAME (a trailing separator or not), checked before a store is made.
+  std::filesystem::path from = std::filesystem::path(options_.placement.resume_from);
+  if (!from.has_filename()) from = from.parent_path();
+  if (!options_.placement.resume_from.empty()) {
+    StatusOr<std::vector<std::string>> saved = ListCheckpoints(from.parent_path().string());
+    if (!saved.ok()) return saved.status().Annotate("placement.resume_from");
+    if (std::find(saved->begin(), saved->end(), from.filename().string()) == saved->end()) {
+      std::string names;
+      for (const std::string& n : *saved) names += StrCat(names.empty() ? "" : ", ", n);
+      return NotFoundError(StrCat("placement.resume_from: no checkpoint '",
+                                  from.filename().string(), "' in '", from.parent_path().string(),
+                                  "' (there are: ", names.empty() ? "none" : names, ")"));
+    }
+  }
   auto made =
       options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
     return made.status().Annotate("to train on from it, set placement.resume");
   }
   ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
+  if (options_.placement.resume_from.empty()) return Status::Ok();
+  StatusOr<std::vector<CheckpointBlob>> restored =
+      RestoreCheckpoint(from.parent_path().string(), from.filename().string(), *store_,
+                        options_.placement.io_engines);
+  if (!restored.ok()) return restored.status().Annotate("placement.resume_from");
+  loop_state_ = std::move(restored).value();
   return Status::Ok();
 }
 
@@ -148,7 +169,7 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
         ECSS_ASSIGN_OR_RETURN(x.weights, store_->Resident(ExpertState::kWeights, id));
       }
       auto* compute_copy = static_cast<BFloat16*>(x.weights);  // null: in the store
-      if (nvme != nullptr && !options_.placement.resume) {
+      if (nvme != nullptr && !resuming()) {
         ECSS_RETURN_IF_ERROR(nvme->Attach(x.id, compute_copy));
         continue;
       }

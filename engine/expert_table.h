@@ -22,6 +22,7 @@
 #include "engine/gradient_pool.h"
 #include "engine/memory_plan.h"
 #include "engine/session_options.h"
+#include "offload/checkpoint.h"
 #include "offload/expert_index.h"
 #include "offload/expert_store.h"
 #include "offload/weight_stager.h"
@@ -81,6 +82,9 @@ class ExpertTable {
   ExpertStore::IoBytes nvme_io() const { return store_->io_bytes(); }
   // After the updater's Synchronize: the expert's fp32 master weights.
   StatusOr<std::vector<float>> Master(ExpertId id) { return updater_->Master(at(id).id); }
+  ExpertStore& store() { return *store_; }
+  // What the checkpoint of placement.resume_from held for the training loop (empty without).
+  const std::vector<CheckpointBlob>& loop_state() const { return loop_state_; }
   // The peaks of the pinned pools (the session's and the store's) and of the store's host
   // memory.
   uint64_t pinned_peak_bytes() const;
@@ -95,6 +99,10 @@ class ExpertTable {
   void DrawMaster(ExpertId id, float* master) const;
   void Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const;
   Status WriteInitialStates();
+  // Whether the experts continue from stored states (placement.resume or resume_from).
+  bool resuming() const {
+    return options_.placement.resume || !options_.placement.resume_from.empty();
+  }
 
   Backend& backend_;
   const SessionOptions options_;
@@ -110,6 +118,7 @@ class ExpertTable {
   std::vector<std::vector<Entry>> entries_;  // [layer][expert]
   std::unique_ptr<GradientPool> gradients_;  // the plan's gradient_slots accumulators
   std::unique_ptr<ExpertUpdater> updater_;
+  std::vector<CheckpointBlob> loop_state_;
 };
 
 }  // namespace ecss

@@ -468,6 +468,32 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
 
 Status Session::Synchronize() { return impl_->executor->Synchronize(impl_->in_step); }
 
+StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const std::string& name,
+                                                  const std::vector<CheckpointBlob>& loop_state) {
+  Impl& s = *impl_;
+  if (s.in_step)
+    return FailedPreconditionError("SaveCheckpoint inside a step (call it between steps)");
+  if (s.options.delayed_update) {
+    return FailedPreconditionError(
+        "SaveCheckpoint with delayed_update: its held gradients are not saved yet");
+  }
+  if (!s.options.placement.states_on_nvme()) {
+    return FailedPreconditionError(
+        "SaveCheckpoint needs the master and moments on NVMe (placement.master, moments): "
+        "states in host memory are updated in place and carry no versions yet");
+  }
+  ECSS_RETURN_IF_ERROR(Synchronize());
+  CheckpointOptions options;
+  options.blobs = loop_state;
+  options.states = {ExpertState::kMaster, ExpertState::kMoments};
+  options.io_engines = s.options.placement.io_engines;
+  return ecss::SaveCheckpoint(s.table->store(), root, name, options);
+}
+
+const std::vector<CheckpointBlob>& Session::loop_state() const {
+  return impl_->table->loop_state();
+}
+
 Status Session::SetHyperParams(const HyperParams& params) {
   if (impl_->in_step) {
     return FailedPreconditionError("SetHyperParams inside a step (call it between steps)");

@@ -33,12 +33,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "engine/memory_plan.h"
 #include "engine/session_options.h"
 #include "engine/step_plan.h"
 #include "engine/step_stats.h"
+#include "offload/checkpoint.h"
 #include "router/routing_plan.h"
 #include "runtime/base/tensor.h"
 #include "runtime/device/handles.h"
@@ -127,6 +129,18 @@ class Session {
 
   // The stream the session computes on: the loop orders its own device work against it.
   Stream compute_stream() const;
+  // Saves every expert's master weights and moments, with `loop_state` (what the training
+  // loop owns: its dense weights and optimizer, RNG, data position, as named blobs), as
+  // checkpoint ROOT/NAME (offload/checkpoint.h: crash-consistent, durable when it returns,
+  // incremental over the newest checkpoint of this session's store). Between steps; it waits
+  // for the updates in flight first. A session with placement.resume_from = ROOT/NAME trains
+  // on from it bit for bit. FailedPrecondition inside a step, with delayed_update (its held
+  // gradients are not saved yet) and with the master and moments in host memory (not yet:
+  // their updates in place carry no versions); the checkpoint's errors otherwise.
+  StatusOr<CheckpointStats> SaveCheckpoint(const std::string& root, const std::string& name,
+                                           const std::vector<CheckpointBlob>& loop_state = {});
+  // The loop state of the checkpoint the session resumed from (empty otherwise).
+  const std::vector<CheckpointBlob>& loop_state() const;
   // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out
   // (d_ff x d_model)] row-major.
   StatusOr<std::vector<float>> MasterWeights(LayerIndex layer, uint32_t expert);

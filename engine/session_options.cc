@@ -95,6 +95,10 @@ Status SessionOptions::ValidatePlacement() const {
   if (p.resume && !states_on_nvme) {
     return InvalidArgumentError("session: placement.resume needs the master and moments on NVMe");
   }
+  if (!p.resume_from.empty() && (!states_on_nvme || p.resume)) {
+    return InvalidArgumentError(
+        "session: placement.resume_from needs the master and moments on NVMe, and not resume");
+  }
   return Status::Ok();
 }
 

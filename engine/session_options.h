@@ -104,6 +104,12 @@ struct Placement {
   // refused naming the difference, and so are the state files of builds before the store
   // (ecss-states-*.bin), which are not migrated.
   bool resume = false;
+  // Start from a checkpoint Session::SaveCheckpoint wrote (its directory, ROOT/NAME): a new
+  // store is made in nvme_dirs (which must hold none) and the checkpoint's master weights and
+  // moments restored into it; the compute weights follow from them, and training continues
+  // as with `resume`, bit for bit as if never stopped. Needs the master and moments on NVMe;
+  // not with `resume`. The checkpoint's loop state is Session::loop_state().
+  std::string resume_from;
   // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the device
   // (the NVMe -> pinned window, in the pinned budget); 0 = max_active_experts_per_layer.
   uint32_t weight_staging_blocks = 0;

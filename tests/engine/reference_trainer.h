@@ -111,6 +111,7 @@ struct RunConfig {
   int first_step = 0;                 // the steps trained are [first_step, first_step + steps)
   std::string nvme_dir;               // non-empty: master weights and moments on NVMe there
   bool resume = false;                // open the state files in nvme_dir instead of creating them
+  std::string resume_from;            // placement.resume_from (a checkpoint's directory)
   bool write_initial_states = false;  // placement.write_initial_states
   float max_grad_norm = 0;
   float eps = HyperParams{}.eps;  // AdamW's
@@ -179,6 +180,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
     o.placement.master = o.placement.moments = Tier::kNvme;
     o.placement.nvme_dirs = {c.nvme_dir};
     o.placement.resume = c.resume;
+    o.placement.resume_from = c.resume_from;
     o.placement.write_initial_states = c.write_initial_states;
     if (c.nvme_weights) {
       o.placement.weights = Tier::kNvme;

@@ -280,6 +280,74 @@ TEST(SessionTest, ResumingFromStateFilesContinuesBitForBit) {
   }
 }
 
+// N steps, a checkpoint, a new session resumed from it in another directory (with the
+// compute weights placed elsewhere too), M steps: the same bits as N + M steps straight, for
+// every strategy; the loop's state comes back; a second checkpoint is incremental.
+TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
+  char dir[] = "/tmp/ecss_checkpoint_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string root = StrCat(dir, "/checkpoints");
+  std::filesystem::create_directory(root);
+  for (Strategy strategy :
+       {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive, Strategy::kZeroOffload}) {
+    const std::string name(StrategyName(strategy));
+    RunConfig straight;
+    straight.strategy = strategy;
+    straight.dtype = DType::kBF16;
+    straight.micro_batches = 2;
+    straight.steps = 4;
+    straight.nvme_dir = StrCat(dir, "/straight");
+    std::filesystem::create_directories(straight.nvme_dir);
+    const Weights want = TrainSession(straight);
+
+    RunConfig first = straight;
+    first.steps = 2;
+    first.nvme_dir = StrCat(dir, "/first-", name);
+    std::filesystem::create_directories(first.nvme_dir);
+    TrainSession(first, nullptr, [&](Session& s) {
+      auto saved = s.SaveCheckpoint(root, name, {{"loop.position", "2"}});
+      ASSERT_TRUE(saved.ok()) << saved.status();
+      EXPECT_TRUE(saved->full);
+      auto again = s.SaveCheckpoint(root, name + "-again", {});
+      ASSERT_TRUE(again.ok()) << again.status();
+      EXPECT_FALSE(again->full);
+      EXPECT_EQ(again->experts_copied, 0u) << "nothing changed since";
+    });
+    RunConfig second = first;
+    second.first_step = 2;
+    second.nvme_dir = StrCat(dir, "/second-", name);
+    second.nvme_weights = strategy == Strategy::kEcss;  // states move tiers at resume
+    second.resume_from = StrCat(root, "/", name, "/");
+    std::filesystem::create_directories(second.nvme_dir);
+    std::string position;
+    const Weights resumed = TrainSession(second, nullptr, [&](Session& s) {
+      ASSERT_EQ(s.loop_state().size(), 1u);
+      position = s.loop_state()[0].bytes;
+    });
+    EXPECT_EQ(position, "2");
+    ExpectBitIdentical(resumed, want);
+  }
+  // What SaveCheckpoint and resume_from refuse.
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  RunConfig host;
+  host.dtype = DType::kBF16;
+  auto in_memory = std::move(Session::Create(**sim, OptionsFor(host))).value();
+  EXPECT_EQ(in_memory->SaveCheckpoint(root, "x").status().code(), StatusCode::kFailedPrecondition);
+  RunConfig missing = host;
+  missing.nvme_dir = StrCat(dir, "/missing");
+  std::filesystem::create_directories(missing.nvme_dir);
+  missing.resume_from = StrCat(root, "/nothing");
+  Status unknown = Session::Create(**sim, OptionsFor(missing)).status();
+  EXPECT_EQ(unknown.code(), StatusCode::kNotFound) << unknown;
+  EXPECT_NE(unknown.message().find("ecss"), std::string::npos) << "lists what exists: " << unknown;
+  SessionOptions no_nvme = OptionsFor(host);
+  no_nvme.placement.resume_from = StrCat(root, "/ecss");
+  EXPECT_EQ(no_nvme.Validate().code(), StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
 // The state files of builds before the expert store are refused by name, not read as
 // something else and not overwritten.
 TEST(SessionTest, ResumingFromStateFilesOfAnEarlierFormatIsRefused) {
