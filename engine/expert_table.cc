@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "runtime/base/logging.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 
@@ -25,8 +26,17 @@ StatusOr<std::unique_ptr<ExpertTable>> ExpertTable::Create(Backend& backend,
                                                            const SessionOptions& options,
                                                            const MemoryPlan& memory) {
   std::unique_ptr<ExpertTable> table(new ExpertTable(backend, options, memory));
-  ECSS_RETURN_IF_ERROR(table->CreateAll(memory));
-  return table;
+  Status made = table->CreateAll(memory);
+  if (made.ok()) return table;
+  // A store made for resume_from (restored in part, or not at all) goes with the failure: a
+  // retry then starts over, never from a store that only looks like the checkpoint.
+  const bool remove = table->store_ != nullptr && !options.placement.resume_from.empty();
+  table.reset();
+  if (remove) {
+    Status removed = ExpertStore::Remove(StoreOptionsFor(options, memory.params));
+    if (!removed.ok()) ECSS_LOG(Error) << "removing the store resume_from made: " << removed;
+  }
+  return made;
 }
 
 // As the memory plan sizes it: the expert store (with its own pinned and host pools), the
@@ -77,27 +87,18 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
                         ", ", DTypeName(m.dtype), " weights, zero moments");
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
-  // resume_from: ROOT/NAME (a trailing separator or not), checked before a store is made.
-  std::filesystem::path from = std::filesystem::path(options_.placement.resume_from);
-  if (!from.has_filename()) from = from.parent_path();
-  if (!options_.placement.resume_from.empty()) {
-    StatusOr<std::vector<std::string>> saved = ListCheckpoints(from.parent_path().string());
-    if (!saved.ok()) return saved.status().Annotate("placement.resume_from");
-    if (std::find(saved->begin(), saved->end(), from.filename().string()) == saved->end()) {
-      std::string names;
-      for (const std::string& n : *saved) names += StrCat(names.empty() ? "" : ", ", n);
-      return NotFoundError(StrCat("placement.resume_from: no checkpoint '",
-                                  from.filename().string(), "' in '", from.parent_path().string(),
-                                  "' (there are: ", names.empty() ? "none" : names, ")"));
-    }
-  }
   auto made =
       options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
-    return made.status().Annotate("to train on from it, set placement.resume");
+    return made.status().Annotate(options_.placement.resume_from.empty()
+                                      ? "to train on from it, set placement.resume"
+                                      : "resume_from restores into a new store: remove it");
   }
   ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
   if (options_.placement.resume_from.empty()) return Status::Ok();
+  // ROOT/NAME, a trailing separator or not. On failure Create removes the store.
+  std::filesystem::path from = std::filesystem::path(options_.placement.resume_from);
+  if (!from.has_filename()) from = from.parent_path();
   StatusOr<std::vector<CheckpointBlob>> restored =
       RestoreCheckpoint(from.parent_path().string(), from.filename().string(), *store_,
                         options_.placement.io_engines);

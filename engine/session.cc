@@ -471,8 +471,9 @@ Status Session::Synchronize() { return impl_->executor->Synchronize(impl_->in_st
 StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const std::string& name,
                                                   const std::vector<CheckpointBlob>& loop_state) {
   Impl& s = *impl_;
-  if (s.in_step)
+  if (s.in_step) {
     return FailedPreconditionError("SaveCheckpoint inside a step (call it between steps)");
+  }
   if (s.options.delayed_update) {
     return FailedPreconditionError(
         "SaveCheckpoint with delayed_update: its held gradients are not saved yet");

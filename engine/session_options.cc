@@ -95,9 +95,15 @@ Status SessionOptions::ValidatePlacement() const {
   if (p.resume && !states_on_nvme) {
     return InvalidArgumentError("session: placement.resume needs the master and moments on NVMe");
   }
-  if (!p.resume_from.empty() && (!states_on_nvme || p.resume)) {
+  if (!p.resume_from.empty() && !states_on_nvme) {
     return InvalidArgumentError(
-        "session: placement.resume_from needs the master and moments on NVMe, and not resume");
+        "session: placement.resume_from needs the master and moments on NVMe");
+  }
+  if (!p.resume_from.empty() && (p.resume || p.write_initial_states)) {
+    return InvalidArgumentError(
+        StrCat("session: placement.resume_from makes a new store from the "
+               "checkpoint; not with ",
+               p.resume ? "resume" : "write_initial_states"));
   }
   return Status::Ok();
 }

@@ -108,7 +108,11 @@ struct Placement {
   // store is made in nvme_dirs (which must hold none) and the checkpoint's master weights and
   // moments restored into it; the compute weights follow from them, and training continues
   // as with `resume`, bit for bit as if never stopped. Needs the master and moments on NVMe;
-  // not with `resume`. The checkpoint's loop state is Session::loop_state().
+  // not with `resume` or `write_initial_states`. The checkpoint's loop state is
+  // Session::loop_state(). A Create that fails removes the store it made, so a retry starts
+  // over. The checkpoint records the model and initial values, which must match, but not the
+  // optimizer kind, routing tables or hyper-parameters: resume with the same options, and call
+  // SetHyperParams again before the first step if the loop changed them.
   std::string resume_from;
   // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the device
   // (the NVMe -> pinned window, in the pinned budget); 0 = max_active_experts_per_layer.

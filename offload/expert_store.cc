@@ -771,6 +771,21 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
   return store;
 }
 
+Status ExpertStore::Remove(const ExpertStoreOptions& options) {
+  if (options.dirs.empty()) return Status::Ok();
+  ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
+  std::error_code error;
+  std::filesystem::remove(ManifestPath(options), error);  // first: the rest is no store then
+  ECSS_RETURN_IF_ERROR(SyncDirectory(options.dirs[0]));
+  for (ExpertState state : kStates) {
+    if (!HasFile(options, state)) continue;
+    for (const std::string& path : ExpertStateFile::Paths(FileOptions(options, state))) {
+      std::filesystem::remove(path, error);
+    }
+  }
+  return Status::Ok();
+}
+
 ExpertStore::~ExpertStore() {
   if (closed_) return;
   Status closed = Close();

@@ -149,6 +149,9 @@ class ExpertStore {
   // store held optimizer states (ecss-states-*.bin): they are not migrated.
   static StatusOr<std::unique_ptr<ExpertStore>> Open(Backend& backend,
                                                      const ExpertStoreOptions& options);
+  // Removes the store in options.dirs (its manifest and files), as a user would: for one a
+  // failed start made. FailedPrecondition naming the holder while another owner has it open.
+  static Status Remove(const ExpertStoreOptions& options);
   // Closes the store if Close was not called (logging an error Close returns).
   ~ExpertStore();
 

@@ -316,7 +316,7 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
     RunConfig second = first;
     second.first_step = 2;
     second.nvme_dir = StrCat(dir, "/second-", name);
-    second.nvme_weights = strategy == Strategy::kEcss;  // states move tiers at resume
+    second.nvme_weights = strategy == Strategy::kEcss;  // compute weights move to NVMe
     second.resume_from = StrCat(root, "/", name, "/");
     std::filesystem::create_directories(second.nvme_dir);
     std::string position;
@@ -342,6 +342,17 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
   Status unknown = Session::Create(**sim, OptionsFor(missing)).status();
   EXPECT_EQ(unknown.code(), StatusCode::kNotFound) << unknown;
   EXPECT_NE(unknown.message().find("ecss"), std::string::npos) << "lists what exists: " << unknown;
+  EXPECT_FALSE(std::filesystem::exists(missing.nvme_dir + "/ecss-store.manifest"))
+      << "the store it made is removed";
+  // Another model's checkpoint: refused, and the store it made removed, so the fix (the
+  // right checkpoint) works at once.
+  missing.resume_from = StrCat(root, "/ecss");
+  SessionOptions other_model = OptionsFor(missing);
+  other_model.model.seed += 1;
+  Status foreign = Session::Create(**sim, other_model).status();
+  EXPECT_EQ(foreign.code(), StatusCode::kFailedPrecondition) << foreign;
+  EXPECT_FALSE(std::filesystem::exists(missing.nvme_dir + "/ecss-store.manifest"));
+  EXPECT_TRUE(Session::Create(**sim, OptionsFor(missing)).ok());
   SessionOptions no_nvme = OptionsFor(host);
   no_nvme.placement.resume_from = StrCat(root, "/ecss");
   EXPECT_EQ(no_nvme.Validate().code(), StatusCode::kInvalidArgument);
