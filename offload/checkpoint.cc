@@ -682,14 +682,15 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
   ECSS_ASSIGN_OR_RETURN(std::vector<CheckpointBlob> blobs, ReadBlobs(m, where));
   BlockSets blocks(store, m.states, 1);  // before the engine: freed after its reads
   if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
-  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
-    uint64_t version = 0;
+  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {  // headers only, no state read
     const ExpertId id = store.index().Id(flat);
-    ECSS_RETURN_IF_ERROR(store.ReadStates(id, m.states, blocks.blocks(0), &version));
-    if (version != 0) {
-      return FailedPreconditionError(StrCat("restoring a checkpoint needs a new store: layer ",
-                                            id.layer, " expert ", id.expert,
-                                            " is already at version ", version));
+    for (ExpertState state : m.states) {
+      ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id));
+      if (version != 0) {
+        return FailedPreconditionError(
+            StrCat("restoring a checkpoint needs a new store: layer ", id.layer, " expert ",
+                   id.expert, " ", ExpertStateName(state), " is already at version ", version));
+      }
     }
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(io_engines));

@@ -56,6 +56,22 @@ class CheckpointTest : public ::testing::Test {
     std::filesystem::remove_all(root_);
   }
   std::string ckpt() const { return root_ + "/ckpt"; }
+  // Replaces `from` with `to` in checkpoint `name`'s manifest and seals it again (a crafted
+  // file, not damage); returns the manifest as it was.
+  std::string EditManifest(const std::string& name, const std::string& from,
+                           const std::string& to) {
+    const std::string path = ckpt() + "/" + name + "/checkpoint.manifest";
+    std::ifstream in(path);
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::string_view body;
+    EXPECT_TRUE(UnsealText(text, &body));
+    std::string edited(body);
+    const size_t at = edited.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) edited.replace(at, from.size(), to);
+    std::ofstream(path) << SealText(edited);
+    return text;
+  }
 
   static ExpertId Id(uint32_t flat) { return {flat / 10, flat % 10}; }
   // Every byte depends on the state, the expert and the version.
@@ -231,15 +247,7 @@ TEST_F(CheckpointTest, DamagedOrForeignCheckpointsAreRefusedNamingWhatIsWrong) {
   EXPECT_TRUE(Contains(blob, "blob 'loop.rng'")) << blob;
   // A manifest whose (resealed) data reference is a path out of the root.
   {
-    std::ifstream in(ckpt() + "/b/checkpoint.manifest");
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::string_view body;
-    ASSERT_TRUE(UnsealText(text, &body));
-    std::string edited(body);
-    const size_t at = edited.find(" a ");
-    ASSERT_NE(at, std::string::npos);
-    edited.replace(at, 3, " ../../a ");
-    std::ofstream(ckpt() + "/b/checkpoint.manifest") << SealText(edited);
+    const std::string text = EditManifest("b", " a ", " ../../a ");
     Status traversal = Restored("b").status();
     EXPECT_EQ(traversal.code(), StatusCode::kDataLoss) << traversal;
     EXPECT_TRUE(Contains(traversal, "../../a")) << traversal;
@@ -354,15 +362,8 @@ TEST_F(CheckpointTest, HostileNamesWritersDisksAndManifestsAreRefused) {
     with_blob.blobs = {{"rng", "0123"}};
     Update(3, 2);
     ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "c", with_blob).ok());
-    std::ifstream in(ckpt() + "/c/checkpoint.manifest");
-    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::string_view body;
-    ASSERT_TRUE(UnsealText(text, &body));
-    std::string edited(body);
-    const size_t at = edited.find("blob rng 0 4 ");
-    ASSERT_NE(at, std::string::npos);
-    edited.replace(at, 13, "blob rng 18446744069414584320 4294967297 ");
-    std::ofstream(ckpt() + "/c/checkpoint.manifest") << SealText(edited);
+    const std::string text =
+        EditManifest("c", "blob rng 0 4 ", "blob rng 18446744069414584320 4294967297 ");
     Status wrapped = Restored("c").status();
     EXPECT_EQ(wrapped.code(), StatusCode::kDataLoss) << wrapped;
     std::ofstream(ckpt() + "/c/checkpoint.manifest") << text;
