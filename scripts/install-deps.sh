@@ -11,6 +11,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
   clang-format clang-tidy
   fio
+  python3-dev pybind11-dev libdlpack-dev python3-numpy python3-pytest python3-torch
 )
 
 missing=()

@@ -24,7 +24,7 @@ fi
 # only when this build compiled them.
 mapfile -t tidy_files < <(git ls-files -co --exclude-standard \
   'runtime/*.cc' 'engine/*.cc' 'router/*.cc' 'kernels/*.cc' 'offload/*.cc' 'optimizer/*.cc' 'tools/*.cc' \
-  'bench/*.cc' 'examples/*.cc' |
+  'bench/*.cc' 'examples/*.cc' 'python/*.cc' |
   while read -r file; do grep -q "\"file\": \".*/$file\"" "$build_dir/compile_commands.json" && echo "$file"; done)
 echo "lint: clang-tidy on ${#tidy_files[@]} files"
 # The build may treat warnings as errors (ECSS_WERROR); clang-tidy judges code by its own checks.

@@ -2,9 +2,10 @@
 # The project's test command (the README's, and exactly what CI runs). On a fresh Debian
 # machine it installs what is missing, then:
 #   1. configures the release preset and checks formatting and clang-tidy (scripts/lint.sh);
-#   2. builds it (the CUDA backend too, when a toolkit is present) and runs every test not
-#      labelled gpu;
-#   3. installs it and builds and runs a separate project against it with find_package(ecss);
+#   2. builds it (the CUDA backend and the Python module too, when present) and runs every test
+#      not labelled gpu (the Python tests with pytest among them);
+#   3. installs it and builds and runs a separate project against it with find_package(ecss),
+#      and installs the Python module into a scratch root and imports it from there;
 #   4. builds the asan (address+undefined) preset and runs every test under it;
 #   5. builds the tsan preset and runs the device, conformance, router, offload and engine tests
 #      under it (the engine's with oneTBB's reports suppressed, tests/tsan-tbb.supp).
@@ -33,6 +34,15 @@ cmake -S tests/install_consumer -B build/consumer -G Ninja \
   -DCMAKE_PREFIX_PATH="$PWD/build/release/install"
 cmake --build build/consumer
 build/consumer/ecss_consumer
+# The Python module as scripts/install-python.sh installs it, into a scratch root, imported
+# from outside the tree.
+if [ -f build/release/python/ecss/__init__.py ]; then
+  rm -rf build/python-install
+  DESTDIR="$PWD/build/python-install" cmake --install build/release --component python
+  site=$(grep '^ECSS_PYTHON_INSTALL_DIR:' build/release/CMakeCache.txt | cut -d= -f2-)
+  (cd / && PYTHONPATH="$OLDPWD/build/python-install$site" /usr/bin/python3 -c \
+    "import ecss.torch, ecss; print('python: installed module imports from', ecss.__file__)")
+fi
 
 step "asan: address + undefined behaviour sanitizers, all tests"
 cmake --preset asan

@@ -1,0 +1,257 @@
+"""ECSS in a PyTorch training loop: RRE MoE layers whose experts an ECSS session owns.
+
+One ``Experts`` object holds the session that every ``RREMoE`` layer of a model runs through:
+the experts' weights and optimizer state live with the session (host memory or NVMe), are
+streamed to its device for the step's routed tokens, and are updated by its CPU optimizer;
+the rest of the model is ordinary torch and trains with any torch optimizer.
+
+    experts = ecss.torch.Experts(model_spec, max_tokens_per_micro_batch=512)
+    moe = [ecss.torch.RREMoE(experts, layer) for layer in range(model_spec.layers)]
+    with experts.step([(tokens, domains) for tokens, domains in micro_batches]) as step:
+        for tokens, domains in micro_batches:
+            loss = model(tokens, domains)   # calls moe[l](hidden, tokens, domains)
+            loss.backward()
+    print(step.stats.to_dict())
+
+The session routes the whole step when it begins (RRE: each token's expert is a table lookup),
+so a step takes every micro-batch's token and domain ids up front. A layer's forward finds its
+micro-batch among them by its token ids. Tensors: CPU, contiguous, of the model's dtype
+(float32 or bfloat16); they are copied to the session's device and back (counted in the step's
+``tensor_h2d_bytes`` / ``tensor_d2h_bytes``). CUDA tensors in place are not supported yet.
+"""
+
+import contextlib
+import time
+
+import torch
+
+import ecss
+
+
+def _raise(cls, message):
+    error = cls(message)
+    error.code = {
+        ecss.InvalidArgument: "INVALID_ARGUMENT",
+        ecss.FailedPrecondition: "FAILED_PRECONDITION",
+    }[cls]
+    error.message = message
+    raise error
+
+
+def _ids(value, name):
+    tensor = torch.as_tensor(value)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
+        _raise(ecss.InvalidArgument, f"{name} must hold integers, got {tensor.dtype}")
+    return tensor.detach().to("cpu", torch.int64)
+
+
+class Step:
+    """An open step (or evaluation step): its micro-batches, and which layers ran on each."""
+
+    def __init__(self, micro_batches, evaluation):
+        self.micro_batches = micro_batches  # [(tokens int64 [batch, seq], domains int64 [batch])]
+        self.evaluation = evaluation
+        self.forwarded = set()  # (micro_batch, layer)
+        self.stats = None  # ecss.StepStats once the step has ended
+        # Seconds inside this module's forward and backward (as Python sees them), and once
+        # the step has ended, those less the time below the binding (stats.call_seconds: the
+        # session's calls and the tensor copies): what the binding and the torch glue cost.
+        self.python_seconds = 0.0
+        self.overhead_seconds = None
+
+    def find(self, layer, token_ids, domain_ids):
+        """The index of the first micro-batch with these ids not yet through `layer`."""
+        tokens = _ids(token_ids, "token_ids")
+        domains = None if domain_ids is None else _ids(domain_ids, "domain_ids")
+        for index, (step_tokens, step_domains) in enumerate(self.micro_batches):
+            if (index, layer) in self.forwarded:
+                continue
+            if step_tokens.shape != tokens.reshape(step_tokens.shape[0], -1).shape:
+                continue
+            if not torch.equal(step_tokens, tokens.reshape(step_tokens.shape)):
+                continue
+            if domains is not None and not torch.equal(
+                step_domains, domains.reshape(-1).expand_as(step_domains)
+            ):
+                continue
+            return index
+        _raise(
+            ecss.InvalidArgument,
+            f"layer {layer}: token_ids {tuple(tokens.shape)} are not those of a micro-batch of "
+            f"this step that has not yet run through the layer (a step runs each micro-batch "
+            f"through each layer once)",
+        )
+
+
+class Experts:
+    """The ECSS session behind a model's RREMoE layers, and its steps.
+
+    model: ecss.ModelSpec. max_tokens_per_micro_batch, max_micro_batches: the step limits.
+    cache_experts: expert slots of the device cache (default: every expert, at least one
+    layer's active experts); the device budget is what a step works in plus these.
+    optimizer: ecss.OptimizerOptions (default AdamW, lr 1e-3). Any other keyword is a field
+    of ecss.SessionOptions (strategy, placement, gradient_dtype, ...). device: 'sim' (the
+    simulated device running the real CPU kernels) or 'cuda[:N]'. trace: record a Chrome
+    trace of the device and the optimizer (session.write_trace(path)).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_tokens_per_micro_batch,
+        max_micro_batches=1,
+        cache_experts=None,
+        optimizer=None,
+        device="sim",
+        trace=False,
+        **session_fields,
+    ):
+        options = ecss.SessionOptions(**session_fields)
+        options.model = model
+        options.limits = ecss.StepLimits(
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            max_micro_batches=max_micro_batches,
+        )
+        if optimizer is not None:
+            options.optimizer = optimizer
+        # Size the device: the session's budget for the cache asked, and the two activation
+        # buffers CPU tensors are staged through.
+        # (The plan does not check the device's memory: a small device plans it.)
+        plan = ecss.Session.plan_memory(ecss.Device(device, memory_bytes=1 << 20), options)
+        slots = plan.cache_slots if cache_experts is None else cache_experts
+        options.budgets.device_bytes = plan.device_budget_for(slots)
+        memory = options.budgets.device_bytes + 2 * plan.activation_bytes + (1 << 20)
+        self.device = ecss.Device(device, memory_bytes=memory, trace=trace)
+        self.session = ecss.Session(self.device, options)
+        self.model = model
+        self._step = None
+        self.last_stats = None
+
+    def _begin(self, micro_batches, evaluation, loss_scale):
+        if self._step is not None:
+            _raise(
+                ecss.FailedPrecondition,
+                "a step is open: end it first (every micro-batch through every layer's forward, "
+                "and backward for a training step, then end_step())",
+            )
+        owned = []
+        for index, pair in enumerate(micro_batches):
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                _raise(
+                    ecss.InvalidArgument,
+                    f"micro_batches[{index}] must be a pair (token_ids, domain_ids)",
+                )
+            tokens = _ids(pair[0], f"micro_batches[{index}].token_ids")
+            if tokens.dim() == 1:
+                tokens = tokens.reshape(1, -1)
+            domains = _ids(pair[1], f"micro_batches[{index}].domain_ids").reshape(-1)
+            if domains.numel() == 1:
+                domains = domains.expand(tokens.shape[0])
+            owned.append((tokens, domains.contiguous()))
+        arrays = [(tokens.numpy(), domains.numpy()) for tokens, domains in owned]
+        if evaluation:
+            self.session.begin_evaluation(arrays)
+        else:
+            self.session.begin_step(arrays, loss_scale)
+        self._step = Step(owned, evaluation)
+        return self._step
+
+    def end_step(self):
+        """Ends the open step (after its forwards and, training, its backwards): its stats."""
+        if self._step is None:
+            _raise(ecss.FailedPrecondition, "no step is open")
+        stats = self.session.end_step()
+        self._step.stats = stats
+        self._step.overhead_seconds = max(0.0, self._step.python_seconds - stats.call_seconds)
+        self.last_stats = stats
+        self._step = None
+        return stats
+
+    @contextlib.contextmanager
+    def step(self, micro_batches, loss_scale=1.0):
+        """A training step over `micro_batches`, [(token_ids [batch, seq], domain_ids [batch])].
+
+        Ends the step when the block exits normally. When it raises, the step stays open, so
+        that nothing half-done is updated: finish its calls and call end_step(), or discard
+        the Experts.
+        """
+        step = self._begin(micro_batches, evaluation=False, loss_scale=loss_scale)
+        yield step
+        self.end_step()
+
+    @contextlib.contextmanager
+    def evaluation(self, micro_batches):
+        """An evaluation step: forward only, with the weights the next step computes with."""
+        step = self._begin(micro_batches, evaluation=True, loss_scale=1.0)
+        with torch.no_grad():
+            yield step
+        self.end_step()
+
+    def run_forward(self, layer, hidden, token_ids, domain_ids):
+        start = time.perf_counter()
+        if self._step is None:
+            _raise(
+                ecss.FailedPrecondition,
+                f"RREMoE layer {layer}: forward outside a step (use `with experts.step(...)`)",
+            )
+        if not isinstance(hidden, torch.Tensor):
+            _raise(
+                ecss.InvalidArgument,
+                f"RREMoE layer {layer}: hidden must be a torch tensor, got {type(hidden).__name__}",
+            )
+        micro_batch = self._step.find(layer, token_ids, domain_ids)
+        if self._step.evaluation:
+            x = hidden.detach().contiguous()
+            y = torch.empty_like(x)
+            self.session.forward(micro_batch, layer, x, y)
+        else:
+            y = _MoEFunction.apply(hidden, self, layer, micro_batch)
+        self._step.forwarded.add((micro_batch, layer))
+        self._step.python_seconds += time.perf_counter() - start
+        return y
+
+
+class _MoEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, experts, layer, micro_batch):
+        x = hidden.detach().contiguous()
+        y = torch.empty_like(x)
+        experts.session.forward(micro_batch, layer, x, y)
+        ctx.experts, ctx.layer, ctx.micro_batch = experts, layer, micro_batch
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        start = time.perf_counter()
+        dy = dy.contiguous()
+        dx = torch.empty_like(dy)
+        ctx.experts.session.backward(ctx.micro_batch, ctx.layer, dy, dx)
+        step = ctx.experts._step
+        if step is not None:
+            step.python_seconds += time.perf_counter() - start
+        return dx, None, None, None
+
+
+class RREMoE(torch.nn.Module):
+    """Sparse layer `layer` of an Experts session: y[t] = FFN_e(x[t]), e the RRE table's
+    expert for (layer, domain, token id). forward(hidden [tokens, d] or [batch, seq, d],
+    token_ids [batch, seq], domain_ids [batch] or None) -> y shaped as hidden. The layer adds
+    no residual: the model does. Its expert weights are not torch parameters: the session
+    updates them (at the step's end, with the session's optimizer)."""
+
+    def __init__(self, experts, layer):
+        super().__init__()
+        if not 0 <= layer < experts.model.layers:
+            _raise(
+                ecss.InvalidArgument,
+                f"layer {layer} is not a sparse layer of the model (it has {experts.model.layers})",
+            )
+        self.experts = experts
+        self.layer = layer
+
+    def forward(self, hidden, token_ids, domain_ids=None):
+        return self.experts.run_forward(self.layer, hidden, token_ids, domain_ids)
+
+    def extra_repr(self):
+        return f"layer={self.layer}"

@@ -1,0 +1,240 @@
+"""The ecss module over numpy arrays: options, errors (one class per status code, carrying the
+code), the step's calls out of order, NaN, statistics, RRE tables and checkpoints."""
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+import ecss
+
+D_MODEL, D_FF, VOCAB, SEQ = 8, 16, 32, 4
+
+
+def options(**fields):
+    model = ecss.ModelSpec(
+        layers=1,
+        d_model=D_MODEL,
+        d_ff=D_FF,
+        domains=[ecss.DomainSpec("a", 3), ecss.DomainSpec("b", 2)],
+        vocab=VOCAB,
+        dtype="f32",
+    )
+    o = ecss.SessionOptions(model=model, **fields)
+    o.limits = ecss.StepLimits(max_tokens_per_micro_batch=2 * SEQ, max_micro_batches=2)
+    o.optimizer = ecss.OptimizerOptions(groups=[ecss.HyperParams(lr=1e-2)], threads=1)
+    return o
+
+
+def session(o=None, device=None):
+    o = o or options()
+    device = device or ecss.Device("sim", memory_bytes=16 << 20)
+    o.budgets.device_bytes = ecss.Session.plan_memory(device, o).device_budget_for(5)
+    return ecss.Session(device, o)
+
+
+TOKENS = np.arange(2 * SEQ).reshape(2, SEQ)
+DOMAINS = np.array([0, 1])
+
+
+def train_step(s, x=None):
+    """One step of one micro-batch: forward, backward with dy = 1; returns its stats."""
+    x = np.ones((2 * SEQ, D_MODEL), np.float32) if x is None else x
+    s.begin_step([(TOKENS, DOMAINS)])
+    y, dx = np.empty_like(x), np.empty_like(x)
+    s.forward(0, 0, x, y)
+    s.backward(0, 0, np.ones_like(x), dx)
+    return s.end_step()
+
+
+def test_each_status_code_has_its_class_with_the_code():
+    assert issubclass(ecss.InvalidArgument, ecss.Error)
+    assert issubclass(ecss.Error, RuntimeError)
+    with pytest.raises(ecss.InvalidArgument) as raised:
+        ecss.ModelSpec(d_modl=4)
+    assert raised.value.code == "INVALID_ARGUMENT"
+    assert "d_modl" in raised.value.message
+    with pytest.raises(ecss.InvalidArgument, match="strategy"):
+        ecss.SessionOptions(strategy="fastest")
+
+
+def test_invalid_options_name_the_field():
+    o = options()
+    o.model.d_model = 0
+    with pytest.raises(ecss.InvalidArgument, match="d_model"):
+        o.validate()
+
+
+def test_a_budget_too_small_is_resource_exhausted_naming_the_bytes():
+    o = options()
+    device = ecss.Device("sim", memory_bytes=16 << 20)
+    o.budgets.device_bytes = 1024
+    with pytest.raises(ecss.ResourceExhausted, match="device budget"):
+        ecss.Session(device, o)
+    # A device that holds the budget but not the binding's staging buffers.
+    o.budgets.device_bytes = 0  # plan_memory then plans as if unbounded
+    o.budgets.device_bytes = ecss.Session.plan_memory(device, o).device_budget_for(5)
+    small = ecss.Device("sim", memory_bytes=o.budgets.device_bytes + 256)
+    with pytest.raises(ecss.ResourceExhausted, match="staging"):
+        ecss.Session(small, o)
+
+
+def test_calls_out_of_order_raise_and_the_session_stays_usable():
+    s = session()
+    x = np.ones((2 * SEQ, D_MODEL), np.float32)
+    with pytest.raises(ecss.FailedPrecondition, match="outside a step"):
+        s.forward(0, 0, x, np.empty_like(x))
+    with pytest.raises(ecss.FailedPrecondition):
+        s.end_step()
+    s.begin_step([(TOKENS, DOMAINS)])
+    with pytest.raises(ecss.FailedPrecondition):
+        s.begin_step([(TOKENS, DOMAINS)])
+    with pytest.raises(ecss.FailedPrecondition):
+        s.backward(0, 0, x, np.empty_like(x))  # before its forward
+    s.forward(0, 0, x, np.empty_like(x))
+    with pytest.raises(ecss.FailedPrecondition, match="backward"):
+        s.end_step()  # the step stays open
+    s.backward(0, 0, x, np.empty_like(x))
+    assert s.end_step().step == 1
+    assert train_step(s).step == 2
+
+
+def test_bad_tensors_raise_before_anything_runs():
+    s = session()
+    s.begin_step([(TOKENS, DOMAINS)])
+    good = np.ones((2 * SEQ, D_MODEL), np.float32)
+    for bad, message in [
+        (good.astype(np.float64), "float64"),
+        (good.astype(np.int32), "int32"),
+        (np.ones((2 * SEQ + 1, D_MODEL), np.float32), str(2 * SEQ + 1)),
+        (np.ones((4 * SEQ, D_MODEL), np.float32), "at most"),
+        (np.ones(2 * SEQ * D_MODEL, np.float32), "dimensions"),
+        (np.asfortranarray(np.ones((2 * SEQ, D_MODEL), np.float32)), "contiguous"),
+        ("x", "tensor"),
+    ]:
+        with pytest.raises(ecss.InvalidArgument, match=message):
+            s.forward(0, 0, bad, np.empty_like(good))
+    with pytest.raises(ecss.InvalidArgument, match="must match"):
+        s.forward(0, 0, good, np.empty((2 * SEQ, D_MODEL - 1), np.float32))
+    s.forward(0, 0, good, np.empty_like(good))
+    s.backward(0, 0, good, np.empty_like(good))
+    assert s.end_step().step == 1
+
+
+def test_bad_micro_batches_raise():
+    s = session()
+    for micro_batches, error, message in [
+        ([(TOKENS.astype(np.float32), DOMAINS)], ecss.InvalidArgument, "integers"),
+        ([(TOKENS - 1, DOMAINS)], ecss.InvalidArgument, "not a valid id"),
+        ([(TOKENS + VOCAB, DOMAINS)], ecss.InvalidArgument, "vocabulary"),
+        ([(TOKENS, np.array([0, 7]))], ecss.NotFound, "7"),
+        ([(TOKENS, np.array([0, 1, 0]))], ecss.InvalidArgument, "domain ids"),
+        ([TOKENS], ecss.InvalidArgument, "pair"),
+        ([(TOKENS, DOMAINS)] * 3, ecss.InvalidArgument, "micro"),
+    ]:
+        with pytest.raises(error, match=message):
+            s.begin_step(micro_batches)
+    assert train_step(s).step == 1
+
+
+def test_a_nan_gradient_skips_the_update_and_keeps_the_weights():
+    s = session()
+    before = s.master_weights(0, 0).copy()
+    x = np.ones((2 * SEQ, D_MODEL), np.float32)
+    x[0, 0] = np.nan
+    stats = train_step(s, x)
+    assert stats.skipped
+    s.synchronize()
+    np.testing.assert_array_equal(s.master_weights(0, 0), before)
+    assert not train_step(s).skipped
+
+
+def test_stats_count_the_tensors_copied():
+    stats = train_step(session())
+    d = stats.to_dict()
+    tensor_bytes = 2 * 2 * SEQ * D_MODEL * 4  # x and dy in; y and dx out
+    assert d["tensor_h2d_bytes"] == tensor_bytes and d["tensor_d2h_bytes"] == tensor_bytes
+    assert d["h2d_bytes"] >= d["tensor_h2d_bytes"] + d["expert_fetch_bytes"]
+    assert d["tokens"] == 2 * SEQ and stats.tokens == 2 * SEQ
+    assert d["updated_experts"] > 0
+    with pytest.raises(AttributeError):
+        stats.no_such_field
+
+
+def test_rre_tables_route_as_the_session():
+    o = options()
+    tables = ecss.RreTables(o.model)
+    route = tables.route(0, TOKENS, DOMAINS)
+    assert route.shape == (2 * SEQ,)
+    assert all(r < 3 for r in route[:SEQ]) and all(3 <= r < 5 for r in route[SEQ:])
+    assert [d["name"] for d in tables.domains()] == ["a", "b"]
+    with pytest.raises(ecss.InvalidArgument):
+        tables.route(1, TOKENS, DOMAINS)  # the model has one layer
+
+
+def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
+    with tempfile.TemporaryDirectory() as tmp:
+        o = options()
+        os.mkdir(tmp + "/a")
+        os.mkdir(tmp + "/b")
+        os.mkdir(tmp + "/ckpt")
+        o.placement = ecss.Placement(master="nvme", moments="nvme", nvme_dirs=[tmp + "/a"])
+        o.model.dtype = "bf16"
+        s = session(o)
+        x = np.ones((2 * SEQ, D_MODEL), np.float32)
+        with pytest.raises(ecss.InvalidArgument, match="f32"):
+            train_step(s, x)  # a bf16 model takes bf16 tensors (from torch)
+        # The session stays usable: the open step ends with bf16 tensors (from torch).
+        torch = pytest.importorskip("torch")
+        xb = torch.ones(2 * SEQ, D_MODEL, dtype=torch.bfloat16)
+        s.forward(0, 0, xb, torch.empty_like(xb))
+        s.backward(0, 0, xb, torch.empty_like(xb))
+        s.end_step()
+        with pytest.raises(ecss.InvalidArgument, match="bytes"):
+            s.save_checkpoint(tmp + "/ckpt", "one", {"loop": "not bytes"})
+        s.save_checkpoint(tmp + "/ckpt", "one", {"loop": b"\x00state"})
+        with pytest.raises(ecss.AlreadyExists):
+            s.save_checkpoint(tmp + "/ckpt", "one")
+        weights = s.master_weights(0, 1).copy()
+        del s
+        o.placement.nvme_dirs = [tmp + "/b"]
+        o.placement.resume_from = tmp + "/ckpt/one"
+        resumed = session(o)
+        assert resumed.loop_state == {"loop": b"\x00state"}
+        np.testing.assert_array_equal(resumed.master_weights(0, 1), weights)
+
+
+def test_a_read_only_array_is_refused_clearly():
+    s = session()
+    s.begin_step([(TOKENS, DOMAINS)])
+    x = np.ones((2 * SEQ, D_MODEL), np.float32)
+    x.setflags(write=False)
+    with pytest.raises(ecss.InvalidArgument, match="DLPack"):
+        s.forward(0, 0, x, np.empty_like(x))
+
+
+def test_calls_from_several_threads_take_turns():
+    import threading
+
+    s = session()
+    s.begin_step([(TOKENS, DOMAINS), (TOKENS, DOMAINS)])
+    x = np.ones((2 * SEQ, D_MODEL), np.float32)
+    outputs = [np.empty_like(x), np.empty_like(x)]
+    errors = []
+
+    def run(mb):
+        try:
+            s.forward(mb, 0, x, outputs[mb])
+            s.backward(mb, 0, x, np.empty_like(x))
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(mb,)) for mb in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # the same tokens and weights
+    assert s.end_step().tokens == 4 * SEQ
