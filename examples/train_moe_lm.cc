@@ -11,6 +11,12 @@
 // bytes streamed, cache hit rate and stalls; at the end the corpus's unigram entropy next to the
 // final loss (both in nats), and it writes a Chrome trace.
 //
+// --checkpoint-dir DIR keeps the experts' master weights and moments on NVMe in DIR/run-<pid>
+// (removed at the end) and saves a checkpoint DIR/step-N every --checkpoint-every N steps,
+// with this loop's own state (embedding, output projection, their optimizer states, the data
+// position, the losses so far) as its blobs; --resume continues from the newest one, bit for
+// bit as if never stopped.
+//
 // --routing gate replaces RRE with learned top-2 softmax gates (router/gates.h), one per
 // sparse layer, trained by this loop with the Switch auxiliary loss: the session then routes
 // reactively (each layer's experts are fetched once its gate ran) and returns each choice's
@@ -18,12 +24,17 @@
 //
 // Options: train_moe_lm --help.
 #include <cblas.h>
+#include <signal.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/session.h"
@@ -56,6 +67,10 @@ constexpr const char* kUsage =
     "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
     "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
     "  --print-every N   steps between progress lines (default 20)\n"
+    "  --checkpoint-dir DIR  master weights and moments on NVMe under DIR, and checkpoints\n"
+    "                    DIR/step-N (RRE routing only)\n"
+    "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
+    "  --resume          continue from the newest checkpoint in --checkpoint-dir\n"
     "  --help            this text\n";
 
 struct Options {
@@ -73,6 +88,9 @@ struct Options {
   bool gated = false;  // learned gates instead of RRE
   std::string trace_path = "train_moe_lm.trace.json";
   int print_every = 20;
+  std::string checkpoint_dir;  // empty: no checkpoints, states in host memory
+  int checkpoint_every = 0;    // 0: at the end only
+  bool resume = false;
 };
 
 StatusOr<Options> Parse(int argc, char** argv) {
@@ -83,10 +101,18 @@ StatusOr<Options> Parse(int argc, char** argv) {
       o.help = true;
       return o;
     }
+    if (arg == "--resume") {
+      o.resume = true;
+      continue;
+    }
     if (i + 1 >= argc) return InvalidArgumentError(StrCat("option ", arg, " needs a value"));
     const std::string value = argv[++i];
     if (arg == "--trace") {
       o.trace_path = value;
+      continue;
+    }
+    if (arg == "--checkpoint-dir") {
+      o.checkpoint_dir = value;
       continue;
     }
     if (arg == "--device") {
@@ -135,11 +161,61 @@ StatusOr<Options> Parse(int argc, char** argv) {
       o.cache_experts = static_cast<uint32_t>(number);
     } else if (arg == "--print-every") {
       o.print_every = static_cast<int>(number);
+    } else if (arg == "--checkpoint-every") {
+      o.checkpoint_every = static_cast<int>(number);
     } else {
       return InvalidArgumentError(StrCat("unknown option ", arg, " (see --help)"));
     }
   }
+  if ((o.resume || o.checkpoint_every > 0) && o.checkpoint_dir.empty()) {
+    return InvalidArgumentError("--resume and --checkpoint-every need --checkpoint-dir");
+  }
+  if (!o.checkpoint_dir.empty() && o.gated) {
+    return InvalidArgumentError(
+        "--checkpoint-dir with --routing gate: the gates' state is not saved yet");
+  }
   return o;
+}
+
+// ---- Checkpoints: this loop's own state as blobs ------------------------------------------
+
+// Appends the bytes of `values` to `out`.
+template <typename T>
+void Pack(const std::vector<T>& values, std::string* out) {
+  const uint64_t count = values.size();
+  out->append(reinterpret_cast<const char*>(&count), sizeof(count));
+  out->append(reinterpret_cast<const char*>(values.data()), count * sizeof(T));
+}
+// Reads what Pack wrote into `values`, whose size must match unless `any_size`.
+template <typename T>
+Status Unpack(std::string_view* in, std::vector<T>* values, std::string_view what,
+              bool any_size = false) {
+  uint64_t count = 0;
+  if (in->size() < sizeof(count)) return DataLossError(StrCat("loop state: ", what, " is missing"));
+  std::memcpy(&count, in->data(), sizeof(count));
+  in->remove_prefix(sizeof(count));
+  if ((!any_size && count != values->size()) || in->size() < count * sizeof(T)) {
+    return InvalidArgumentError(StrCat("loop state: ", what, " holds ", count, " values, this run ",
+                                       values->size(), ": another model's checkpoint?"));
+  }
+  values->resize(count);
+  std::memcpy(values->data(), in->data(), count * sizeof(T));
+  in->remove_prefix(count * sizeof(T));
+  return Status::Ok();
+}
+
+// Removes the store directories DIR/run-<pid> whose process is gone (a run killed before it
+// removed its own); a live run's is left alone.
+void RemoveStaleRunDirectories(const std::string& dir) {
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("run-", 0) != 0) continue;
+    const long pid = std::strtol(name.c_str() + 4, nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+      std::filesystem::remove_all(entry.path(), error);
+    }
+  }
 }
 
 constexpr uint32_t kSamples = 8, kSeq = 64, kDomainsPerStep = 4;
@@ -207,6 +283,30 @@ Status Train(const Options& o) {
     session_options.routing = Routing::kLearnedGate;
     session_options.gate_k = kGateK;
   }
+  std::string run_dir;  // the session's store (checkpoints hold what survives the run)
+  if (!o.checkpoint_dir.empty()) {
+    std::error_code error;
+    std::filesystem::create_directories(o.checkpoint_dir, error);
+    if (error) return InvalidArgumentError(StrCat("--checkpoint-dir: ", error.message()));
+    RemoveStaleRunDirectories(o.checkpoint_dir);
+    StatusOr<std::vector<std::string>> earlier = ListCheckpoints(o.checkpoint_dir);
+    if (!o.resume && earlier.ok() && !earlier->empty()) {
+      return AlreadyExistsError(StrCat("--checkpoint-dir ", o.checkpoint_dir,
+                                       " holds checkpoints of an earlier run: --resume from them, "
+                                       "or give another directory"));
+    }
+    run_dir = StrCat(o.checkpoint_dir, "/run-", ::getpid());
+    std::filesystem::create_directories(run_dir, error);
+    if (error) return InvalidArgumentError(StrCat(run_dir, ": ", error.message()));
+    session_options.placement.master = Tier::kNvme;
+    session_options.placement.moments = Tier::kNvme;
+    session_options.placement.nvme_dirs = {run_dir};
+    if (o.resume) {
+      ECSS_ASSIGN_OR_RETURN(const std::string newest, LatestCheckpoint(o.checkpoint_dir));
+      session_options.placement.resume_from = StrCat(o.checkpoint_dir, "/", newest);
+      std::printf("resuming from %s\n", session_options.placement.resume_from.c_str());
+    }
+  }
   const uint64_t experts = uint64_t{o.layers} * corpus.size() * o.experts;
   // The budget: what the session's plan needs beside the cache, plus the cache's slots (planned
   // with room for every expert; the kernels' scratch is the device's own). The default is at
@@ -247,16 +347,43 @@ Status Train(const Options& o) {
   CounterRng rng(3, 0);
   for (float& w : emb) w = (rng.UniformFloat() * 2 - 1) * 0.5f;
   for (float& w : out) w = (rng.UniformFloat() * 2 - 1) / std::sqrt(static_cast<float>(d));
+  // The loop's state a checkpoint carries: the dense weights and moments, then where the data
+  // stands, the dense optimizer's update count and the losses so far.
+  std::vector<size_t> cursor(corpus.size(), 0);
+  std::vector<double> losses;
+  std::vector<uint64_t> counters = {0, 0};  // the next step, the dense updates so far
+  const std::vector<std::vector<float>*> dense_arrays = {&emb,   &out,   &emb_m,
+                                                         &emb_v, &out_m, &out_v};
+  auto loop_state = [&] {
+    std::vector<CheckpointBlob> blobs = {{"dense", ""}, {"loop", ""}};
+    for (const std::vector<float>* a : dense_arrays) Pack(*a, &blobs[0].bytes);
+    Pack(counters, &blobs[1].bytes);
+    Pack(cursor, &blobs[1].bytes);
+    Pack(losses, &blobs[1].bytes);
+    return blobs;
+  };
+  if (o.resume) {
+    const std::vector<CheckpointBlob>& blobs = session->loop_state();
+    if (blobs.size() != 2 || blobs[0].name != "dense" || blobs[1].name != "loop") {
+      return InvalidArgumentError("the checkpoint holds no train_moe_lm loop state");
+    }
+    std::string_view in = blobs[0].bytes;
+    for (std::vector<float>* a : dense_arrays) ECSS_RETURN_IF_ERROR(Unpack(&in, a, "dense"));
+    in = blobs[1].bytes;
+    ECSS_RETURN_IF_ERROR(Unpack(&in, &counters, "counters"));
+    ECSS_RETURN_IF_ERROR(Unpack(&in, &cursor, "data position"));
+    ECSS_RETURN_IF_ERROR(Unpack(&in, &losses, "losses", /*any_size=*/true));
+  }
   CpuOptimizerOptions dense_options;
   dense_options.groups[0].lr = 1e-2f;
   dense_options.skip_step_on_nonfinite = false;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CpuOptimizer> dense, CpuOptimizer::Create(dense_options));
-  ECSS_ASSIGN_OR_RETURN(
-      uint32_t emb_id,
-      dense->RegisterExpert({emb.data(), emb_m.data(), emb_v.data(), nullptr, emb.size(), 0}));
-  ECSS_ASSIGN_OR_RETURN(
-      uint32_t out_id,
-      dense->RegisterExpert({out.data(), out_m.data(), out_v.data(), nullptr, out.size(), 0}));
+  ECSS_ASSIGN_OR_RETURN(uint32_t emb_id,
+                        dense->RegisterExpert({emb.data(), emb_m.data(), emb_v.data(), nullptr,
+                                               emb.size(), 0, counters[1]}));
+  ECSS_ASSIGN_OR_RETURN(uint32_t out_id,
+                        dense->RegisterExpert({out.data(), out_m.data(), out_v.data(), nullptr,
+                                               out.size(), 0, counters[1]}));
   // Learned gates (--routing gate): one per sparse layer, dense parameters of this loop.
   std::vector<TopKGate> gates;
   std::vector<std::vector<float>> gate_m, gate_v, d_gate;
@@ -312,18 +439,16 @@ Status Train(const Options& o) {
     return Status::Ok();
   };
 
-  std::vector<size_t> cursor(corpus.size(), 0);
   std::vector<uint32_t> ids(T), domains(kSamples);
   std::vector<std::vector<float>> xs(o.layers + 1, std::vector<float>(T * d));
   std::vector<float> y, logits(T * vocab), g(T * d), dx, d_emb(emb.size()), d_out(out.size());
-  std::vector<double> losses;
   std::vector<GateOutput> routed(o.layers);
   std::vector<std::vector<float>> choice_out(o.layers);
   std::vector<float> d_weights(T * kGateK), d_hidden(T * d);
   double fetch_bytes = 0;
   std::printf("%6s %9s %10s %12s %9s %9s\n", "step", "loss", "tokens/s", "streamed", "hit rate",
               "stalls");
-  for (int step = 0; step < o.steps; ++step) {
+  for (int step = static_cast<int>(counters[0]); step < o.steps; ++step) {
     // Samples from 4 of the domains, rotating, each domain's text read in order.
     const auto num_domains = static_cast<uint32_t>(corpus.size());
     for (uint32_t s = 0; s < kSamples; ++s) {
@@ -426,6 +551,7 @@ Status Train(const Options& o) {
     }
     ECSS_RETURN_IF_ERROR(dense->FinishStep().status());
     ECSS_RETURN_IF_ERROR(dense->Synchronize());
+    counters = {static_cast<uint64_t>(step) + 1, dense->version(emb_id)};
     fetch_bytes += static_cast<double>(stats.expert_fetch_bytes);
     if (step % o.print_every == 0 || step + 1 == o.steps) {
       std::printf("%6d %9.4f %10.0f %10.2f MiB %9.2f %7.2f ms", step, loss, stats.tokens_per_s,
@@ -433,6 +559,20 @@ Status Train(const Options& o) {
                   stats.stalls.total() * 1e3);
       if (o.gated) std::printf("  (gate aux loss %.3f)", aux_loss / o.layers);
       std::printf("\n");
+    }
+    const bool last = step + 1 == o.steps;
+    if (!o.checkpoint_dir.empty() &&
+        (last || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0))) {
+      const std::string name = StrCat("step-", step + 1);
+      ECSS_ASSIGN_OR_RETURN(CheckpointStats saved,
+                            session->SaveCheckpoint(o.checkpoint_dir, name, loop_state()));
+      std::printf(
+          "checkpoint %s/%s: %.2f MiB written with the loop state (%s: %llu experts copied, "
+          "%llu held by earlier checkpoints)\n",
+          o.checkpoint_dir.c_str(), name.c_str(),
+          static_cast<double>(saved.bytes_written) / (1 << 20), saved.full ? "full" : "incremental",
+          static_cast<unsigned long long>(saved.experts_copied),
+          static_cast<unsigned long long>(saved.experts_referenced));
     }
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
@@ -444,11 +584,17 @@ Status Train(const Options& o) {
       "\nunigram entropy of the corpus: %.4f nats/token\n"
       "first loss: %.4f, mean loss of the last %zu steps: %.4f nats/token (%.2f nats "
       "below the unigram entropy)\n"
+      "last loss: %.9g (all its digits: a resumed run ends with the same)\n"
       "expert bytes streamed to the device: %.1f MiB in %d steps\n",
       unigram_entropy, losses.front(), tail, final_loss, unigram_entropy - final_loss,
-      fetch_bytes / (1 << 20), o.steps);
+      losses.back(), fetch_bytes / (1 << 20), o.steps);
   ECSS_RETURN_IF_ERROR(trace.WriteJson(o.trace_path));
   std::printf("trace: %s\n", o.trace_path.c_str());
+  if (!run_dir.empty()) {
+    session.reset();  // closes the store; the checkpoints hold what survives the run
+    std::error_code error;
+    std::filesystem::remove_all(run_dir, error);
+  }
   return Status::Ok();
 }
 

@@ -258,6 +258,7 @@ StatusOr<uint32_t> CpuOptimizer::RegisterExpert(const ExpertArrays& arrays) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   ExpertState state;
   state.arrays = arrays;
+  state.version = arrays.updates;
   impl_->experts.push_back(std::move(state));
   return id;
 }

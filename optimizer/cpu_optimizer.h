@@ -71,6 +71,9 @@ struct ExpertArrays {
   BFloat16* compute_copy = nullptr;  // optional
   size_t size = 0;
   uint32_t group = 0;  // index into CpuOptimizerOptions::groups
+  // Updates the states already hold: a resumed expert's version (its bias-correction step),
+  // so that the next update is the one after them.
+  uint64_t updates = 0;
 };
 
 struct StepReport {

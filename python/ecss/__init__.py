@@ -40,6 +40,8 @@ from ecss._ecss import (  # noqa: F401  (the public surface)
     Unavailable,
     Unimplemented,
     Unknown,
+    plan,
+    plan_presets,
 )
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -23,6 +23,8 @@
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/backend_factory.h"
+#include "tools/plan/plan_config.h"
+#include "tools/plan/planner.h"
 
 namespace ecss::python {
 namespace {
@@ -598,6 +600,39 @@ void BindSession(py::module_& m) {
       .def("domains", &PyRreTables::Domains);
 }
 
+// ecss-plan's entry point (tools/plan): the report as ecss-plan --json writes it, as a dict.
+py::dict PlanReportOf(const std::string& model, const std::string& hardware,
+                      const std::string& workload, bool optimize) {
+  std::string json;
+  {
+    py::gil_scoped_release release;
+    const plan::ModelConfig m = ValueOrThrow(plan::LoadModel(model));
+    const plan::HardwareConfig h = ValueOrThrow(plan::LoadHardware(hardware));
+    const plan::WorkloadConfig w =
+        workload.empty() ? plan::DefaultWorkloadFor(m) : ValueOrThrow(plan::LoadWorkload(workload));
+    const plan::PlanReport report =
+        ValueOrThrow(optimize ? plan::Optimize(m, h, w) : plan::Plan(m, h, w));
+    JsonWriter out;
+    plan::WriteJson(report, out);
+    json = out.str();
+  }
+  return py::module_::import("json").attr("loads")(json);
+}
+
+void BindPlanner(py::module_& m) {
+  m.def("plan", &PlanReportOf, "model"_a, "hardware"_a, "workload"_a = "", "optimize"_a = false,
+        "ecss-plan (tools/plan): where every byte of MODEL lives on HARDWARE, whether it fits, "
+        "and each strategy's predicted step; each argument a preset name or a JSON file "
+        "(workload '' = the default for the model). Returns ecss-plan --json's report.");
+  m.def("plan_presets", [] {
+    py::list presets;
+    for (const plan::Preset& p : plan::Presets()) {
+      presets.append(py::dict("kind"_a = p.kind, "name"_a = p.name, "about"_a = p.about));
+    }
+    return presets;
+  });
+}
+
 }  // namespace
 }  // namespace ecss::python
 
@@ -606,4 +641,5 @@ PYBIND11_MODULE(_ecss, m) {
   ecss::python::RegisterErrors(m);
   ecss::python::BindOptions(m);
   ecss::python::BindSession(m);
+  ecss::python::BindPlanner(m);
 }

@@ -238,3 +238,15 @@ def test_calls_from_several_threads_take_turns():
     assert not errors
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the same tokens and weights
     assert s.end_step().tokens == 4 * SEQ
+
+
+def test_the_planner_reports_as_ecss_plan_json_does():
+    kinds = {p["kind"] for p in ecss.plan_presets()}
+    assert {"model", "hardware"} <= kinds
+    report = ecss.plan("pangu-sigma", "910x512")
+    assert report["feasible"] and not report["short_of"]
+    strategies = [s["strategy"] for s in report["strategies"]]
+    assert strategies[0] == "ecss" and "zero-offload" in strategies
+    assert all(s["tokens_per_s"] > 0 for s in report["strategies"])
+    with pytest.raises(ecss.NotFound, match="nope"):
+        ecss.plan("nope", "910x512")

@@ -83,6 +83,42 @@ TEST(CpuOptimizerTest, BitIdenticalForAnyThreadsChunksPathsAndModes) {
   EXPECT_TRUE(Train(scalar, 5) == reference) << "scalar path";
 }
 
+// A resumed expert (its states copied out after two updates and registered again with
+// updates = 2) takes its third and fourth updates as if never stopped: its bias correction
+// continues at t = 3.
+TEST(CpuOptimizerTest, AnExpertRegisteredWithItsUpdatesContinuesBitForBit) {
+  CpuOptimizerOptions options;
+  options.skip_step_on_nonfinite = false;
+  auto train = [&](CpuOptimizer& optimizer, uint32_t id, uint64_t first, uint64_t last) {
+    for (uint64_t step = first; step <= last; ++step) {
+      ASSERT_TRUE(optimizer.BeginStep().ok());
+      const std::vector<float> grad = Gradient(3000, step, 0);
+      ASSERT_TRUE(optimizer.SubmitGradient(id, grad.data(), DType::kF32).ok());
+      ASSERT_TRUE(optimizer.FinishStep().ok());
+      ASSERT_TRUE(optimizer.Synchronize().ok());
+    }
+  };
+  Expert straight(3000, 4), stopped(3000, 4);
+  auto once = *CpuOptimizer::Create(options);
+  train(*once, *once->RegisterExpert(straight.Arrays()), 1, 4);
+  auto before = *CpuOptimizer::Create(options);
+  train(*before, *before->RegisterExpert(stopped.Arrays()), 1, 2);
+  Expert resumed = stopped;  // what a checkpoint holds
+  ExpertArrays arrays = resumed.Arrays();
+  arrays.updates = before->version(0);
+  auto after = *CpuOptimizer::Create(options);
+  const uint32_t id = *after->RegisterExpert(arrays);
+  EXPECT_EQ(after->version(id), 2u);
+  train(*after, id, 3, 4);
+  EXPECT_EQ(after->version(id), 4u);
+  EXPECT_TRUE(resumed == straight);
+  // Registered as new instead (updates = 0), the same states diverge: the step count matters.
+  Expert restarted = stopped;
+  auto fresh = *CpuOptimizer::Create(options);
+  train(*fresh, *fresh->RegisterExpert(restarted.Arrays()), 3, 4);
+  EXPECT_FALSE(restarted.master == straight.master);
+}
+
 TEST(CpuOptimizerTest, UntouchedExpertsKeepTheirOwnStepCount) {
   CpuOptimizerOptions options;
   options.skip_step_on_nonfinite = false;  // immediate mode

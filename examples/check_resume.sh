@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# train_moe_lm's checkpoints resume bit for bit: 12 steps straight against 6 steps, a checkpoint,
+# and a --resume to 12, in a scratch directory. The per-step losses and the last loss (all its
+# digits) must be equal. Usage: check_resume.sh TRAIN_MOE_LM SCRATCH_DIR
+set -euo pipefail
+program=$(realpath "$1")
+scratch=$2
+rm -rf "$scratch"
+mkdir -p "$scratch"
+cd "$scratch"
+run() { "$program" --print-every 1 --trace trace.json "$@"; }
+# Each step's loss (step, loss columns), then the last loss with all its digits.
+losses() { grep -hE '^ +[0-9]+ ' "$@" | awk '{print $1, $2}'; grep -h '^last loss' "${@: -1}"; }
+
+run --steps 12 --checkpoint-dir straight --checkpoint-every 6 > straight.txt
+run --steps 6 --checkpoint-dir stopped --checkpoint-every 6 > first.txt
+run --steps 12 --checkpoint-dir stopped --resume > resumed.txt
+grep -q "resuming from stopped/step-6" resumed.txt
+# A fresh run into a directory of checkpoints is refused, not silently mixed with them.
+if run --steps 1 --checkpoint-dir stopped > refused.txt 2>&1; then
+  echo "check_resume: a fresh run into a directory of checkpoints was not refused" >&2
+  exit 1
+fi
+grep -q "ALREADY_EXISTS" refused.txt
+losses straight.txt > a.txt
+losses first.txt resumed.txt > b.txt
+if ! diff a.txt b.txt; then
+  echo "check_resume: the resumed run differs from the straight one" >&2
+  exit 1
+fi
+echo "check_resume: 6 + 6 resumed steps equal 12 straight ones ($(grep -c . a.txt) lines)"
+# No run directories are left behind.
+test -z "$(ls -d straight/run-* stopped/run-* 2>/dev/null)"
