@@ -52,6 +52,14 @@ Status ValidateHyperParams(OptimizerKind kind, const HyperParams& p) {
   ECSS_RETURN_IF_ERROR(non_negative(p.lr, "lr"));
   ECSS_RETURN_IF_ERROR(non_negative(p.weight_decay, "weight_decay"));
   ECSS_RETURN_IF_ERROR(non_negative(p.eps, "eps"));
+  // Adam(W) and Adagrad divide by sqrt(state) + eps: with eps = 0 an element whose gradients
+  // have all been zero is 0 / 0, a NaN weight that no non-finite check sees coming.
+  if ((kind == OptimizerKind::kAdamW || kind == OptimizerKind::kAdam ||
+       kind == OptimizerKind::kAdagrad) &&
+      !(p.eps > 0)) {
+    return InvalidArgumentError(StrCat("optimizer eps = ", p.eps, " must be > 0 for ",
+                                       OptimizerKindName(kind), " (it divides by sqrt(v) + eps)"));
+  }
   if (kind == OptimizerKind::kAdamW || kind == OptimizerKind::kAdam ||
       kind == OptimizerKind::kLion) {
     ECSS_RETURN_IF_ERROR(unit(p.beta1, "beta1"));

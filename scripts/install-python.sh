@@ -10,14 +10,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-/usr/bin/python3}
-python=$(command -v "$python")
+if ! python=$(command -v "$python"); then
+  echo "install-python: no interpreter '${1:-/usr/bin/python3}'" >&2
+  exit 2
+fi
 
 scripts/install-deps.sh
-cmake --preset release -DECSS_PYTHON=ON -DECSS_PYTHON_EXECUTABLE="$python" \
-  -UECSS_PYTHON_INSTALL_DIR -UPython_EXECUTABLE
+cmake --preset release -DECSS_PYTHON=ON -DECSS_PYTHON_EXECUTABLE="$python"
 cmake --build --preset release --target ecss_python
 sudo=()
-site=$(grep '^ECSS_PYTHON_INSTALL_DIR:' build/release/CMakeCache.txt | cut -d= -f2-)
+site=$(cat build/release/python/install_dir.txt)
 if [ ! -w "$(dirname "$site")" ] && [ "$(id -u)" -ne 0 ]; then
   sudo=(sudo)
 fi

@@ -21,7 +21,9 @@ step "dependencies"
 scripts/install-deps.sh
 
 step "release: configure, lint, build (warnings are errors), test"
-cmake --preset release -DECSS_WERROR=ON
+# The Python module is required here (ON, for Debian's interpreter), so that CI cannot lose it
+# silently.
+cmake --preset release -DECSS_WERROR=ON -DECSS_PYTHON=ON -DECSS_PYTHON_EXECUTABLE=/usr/bin/python3
 scripts/lint.sh
 cmake --build --preset release
 ctest --preset release
@@ -36,13 +38,11 @@ cmake --build build/consumer
 build/consumer/ecss_consumer
 # The Python module as scripts/install-python.sh installs it, into a scratch root, imported
 # from outside the tree.
-if [ -f build/release/python/ecss/__init__.py ]; then
-  rm -rf build/python-install
-  DESTDIR="$PWD/build/python-install" cmake --install build/release --component python
-  site=$(grep '^ECSS_PYTHON_INSTALL_DIR:' build/release/CMakeCache.txt | cut -d= -f2-)
-  (cd / && PYTHONPATH="$OLDPWD/build/python-install$site" /usr/bin/python3 -c \
-    "import ecss.torch, ecss; print('python: installed module imports from', ecss.__file__)")
-fi
+rm -rf build/python-install
+DESTDIR="$PWD/build/python-install" cmake --install build/release --component python
+site=$(cat build/release/python/install_dir.txt)
+(cd / && PYTHONPATH="$OLDPWD/build/python-install$site" /usr/bin/python3 -c \
+  "import ecss.torch, ecss; print('python: installed module imports from', ecss.__file__)")
 
 step "asan: address + undefined behaviour sanitizers, all tests"
 cmake --preset asan

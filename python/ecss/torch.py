@@ -23,26 +23,33 @@ micro-batch among them by its token ids. Tensors: CPU, contiguous, of the model'
 import contextlib
 import time
 
+import numpy as np
 import torch
 
 import ecss
 
 
 def _raise(cls, message):
+    """Raises ecss error class `cls` (its `code` is the class's) as the binding's carry it."""
     error = cls(message)
-    error.code = {
-        ecss.InvalidArgument: "INVALID_ARGUMENT",
-        ecss.FailedPrecondition: "FAILED_PRECONDITION",
-    }[cls]
     error.message = message
     raise error
 
 
 def _ids(value, name):
+    """Token or domain ids as a CPU int64 tensor; the binding checks their range."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "u":
+        if value.size and int(value.max()) > 0xFFFFFFFF:
+            _raise(ecss.InvalidArgument, f"{name} holds {int(value.max())}: ids are below 2^32")
+        value = value.astype(np.int64)
     tensor = torch.as_tensor(value)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
         _raise(ecss.InvalidArgument, f"{name} must hold integers, got {tensor.dtype}")
     return tensor.detach().to("cpu", torch.int64)
+
+
+def _torch_dtype(name):
+    return {"f32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 class Step:
@@ -52,6 +59,7 @@ class Step:
         self.micro_batches = micro_batches  # [(tokens int64 [batch, seq], domains int64 [batch])]
         self.evaluation = evaluation
         self.forwarded = set()  # (micro_batch, layer)
+        self.backwarded = set()
         self.stats = None  # ecss.StepStats once the step has ended
         # Seconds inside this module's forward and backward (as Python sees them), and once
         # the step has ended, those less the time below the binding (stats.call_seconds: the
@@ -62,18 +70,17 @@ class Step:
     def find(self, layer, token_ids, domain_ids):
         """The index of the first micro-batch with these ids not yet through `layer`."""
         tokens = _ids(token_ids, "token_ids")
-        domains = None if domain_ids is None else _ids(domain_ids, "domain_ids")
+        domains = None if domain_ids is None else _ids(domain_ids, "domain_ids").reshape(-1)
         for index, (step_tokens, step_domains) in enumerate(self.micro_batches):
-            if (index, layer) in self.forwarded:
-                continue
-            if step_tokens.shape != tokens.reshape(step_tokens.shape[0], -1).shape:
+            if (index, layer) in self.forwarded or tokens.numel() != step_tokens.numel():
                 continue
             if not torch.equal(step_tokens, tokens.reshape(step_tokens.shape)):
                 continue
-            if domains is not None and not torch.equal(
-                step_domains, domains.reshape(-1).expand_as(step_domains)
-            ):
-                continue
+            if domains is not None:
+                if domains.numel() == 1:
+                    domains = domains.expand(step_domains.shape)
+                if not torch.equal(step_domains, domains):
+                    continue
             return index
         _raise(
             ecss.InvalidArgument,
@@ -107,6 +114,15 @@ class Experts:
         trace=False,
         **session_fields,
     ):
+        if device.startswith("sim-timed"):
+            _raise(
+                ecss.InvalidArgument,
+                "device 'sim-timed': its kernels compute nothing (they take the modelled time), "
+                "so there is nothing to train; use 'sim' or 'cuda'",
+            )
+        for field in ("model", "limits"):
+            if field in session_fields:
+                _raise(ecss.InvalidArgument, f"Experts sets SessionOptions.{field} itself")
         options = ecss.SessionOptions(**session_fields)
         options.model = model
         options.limits = ecss.StepLimits(
@@ -118,10 +134,11 @@ class Experts:
         # Size the device: the session's budget for the cache asked, and the two activation
         # buffers CPU tensors are staged through.
         # (The plan does not check the device's memory: a small device plans it.)
-        plan = ecss.Session.plan_memory(ecss.Device(device, memory_bytes=1 << 20), options)
+        planning = ecss.Device(device, memory_bytes=1 << 20)
+        plan = ecss.Session.plan_memory(planning, options)
         slots = plan.cache_slots if cache_experts is None else cache_experts
         options.budgets.device_bytes = plan.device_budget_for(slots)
-        memory = options.budgets.device_bytes + 2 * plan.activation_bytes + (1 << 20)
+        memory = ecss.Session.device_memory_for(planning, options)
         self.device = ecss.Device(device, memory_bytes=memory, trace=trace)
         self.session = ecss.Session(self.device, options)
         self.model = model
@@ -157,10 +174,29 @@ class Experts:
         self._step = Step(owned, evaluation)
         return self._step
 
-    def end_step(self):
-        """Ends the open step (after its forwards and, training, its backwards): its stats."""
+    def end_step(self, zero_missing_gradients=False):
+        """Ends the open step (after its forwards and, training, its backwards): its stats.
+
+        A layer output that never reached the loss gets no backward, and the step cannot end:
+        FailedPrecondition names each (micro-batch, layer). zero_missing_gradients=True gives
+        each of those a zero output gradient first (what an unused output's gradient is).
+        """
         if self._step is None:
             _raise(ecss.FailedPrecondition, "no step is open")
+        step = self._step
+        missing = sorted(step.forwarded - step.backwarded) if not step.evaluation else []
+        if missing and not zero_missing_gradients:
+            _raise(
+                ecss.FailedPrecondition,
+                f"(micro-batch, layer) {missing} ran forward but not backward: call backward "
+                f"on the loss, or end_step(zero_missing_gradients=True) if those outputs did "
+                f"not reach it",
+            )
+        for micro_batch, layer in missing:
+            rows = step.micro_batches[micro_batch][0].numel()
+            zeros = torch.zeros(rows, self.model.d_model, dtype=_torch_dtype(self.model.dtype))
+            self.session.backward(micro_batch, layer, zeros, torch.empty_like(zeros))
+            step.backwarded.add((micro_batch, layer))
         stats = self.session.end_step()
         self._step.stats = stats
         self._step.overhead_seconds = max(0.0, self._step.python_seconds - stats.call_seconds)
@@ -200,13 +236,26 @@ class Experts:
                 ecss.InvalidArgument,
                 f"RREMoE layer {layer}: hidden must be a torch tensor, got {type(hidden).__name__}",
             )
+        if not self._step.evaluation and not (hidden.requires_grad and torch.is_grad_enabled()):
+            _raise(
+                ecss.InvalidArgument,
+                f"RREMoE layer {layer}: in a training step the hidden states must require grad "
+                f"(the layer's backward gives the experts their gradients); for forward only, "
+                f"use `with experts.evaluation(...)`",
+            )
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) != tuple(torch.as_tensor(token_ids).shape):
+            _raise(
+                ecss.InvalidArgument,
+                f"RREMoE layer {layer}: hidden is {tuple(hidden.shape)} but token_ids "
+                f"{tuple(torch.as_tensor(token_ids).shape)}: [batch, seq, d_model], batch first",
+            )
         micro_batch = self._step.find(layer, token_ids, domain_ids)
         if self._step.evaluation:
             x = hidden.detach().contiguous()
             y = torch.empty_like(x)
             self.session.forward(micro_batch, layer, x, y)
         else:
-            y = _MoEFunction.apply(hidden, self, layer, micro_batch)
+            y = _MoEFunction.apply(hidden, self, self._step, layer, micro_batch)
         self._step.forwarded.add((micro_batch, layer))
         self._step.python_seconds += time.perf_counter() - start
         return y
@@ -214,23 +263,27 @@ class Experts:
 
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, experts, layer, micro_batch):
+    def forward(ctx, hidden, experts, step, layer, micro_batch):
         x = hidden.detach().contiguous()
         y = torch.empty_like(x)
         experts.session.forward(micro_batch, layer, x, y)
-        ctx.experts, ctx.layer, ctx.micro_batch = experts, layer, micro_batch
+        ctx.experts, ctx.step, ctx.layer, ctx.micro_batch = experts, step, layer, micro_batch
         return y
 
     @staticmethod
     def backward(ctx, dy):
         start = time.perf_counter()
+        if ctx.step is not ctx.experts._step:  # a graph kept from an ended step
+            _raise(
+                ecss.FailedPrecondition,
+                f"RREMoE layer {ctx.layer}: backward of a forward from a step that has ended",
+            )
         dy = dy.contiguous()
         dx = torch.empty_like(dy)
         ctx.experts.session.backward(ctx.micro_batch, ctx.layer, dy, dx)
-        step = ctx.experts._step
-        if step is not None:
-            step.python_seconds += time.perf_counter() - start
-        return dx, None, None, None
+        ctx.step.backwarded.add((ctx.micro_batch, ctx.layer))
+        ctx.step.python_seconds += time.perf_counter() - start
+        return dx, None, None, None, None
 
 
 class RREMoE(torch.nn.Module):

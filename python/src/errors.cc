@@ -45,6 +45,7 @@ void RegisterErrors(py::module_& module) {
     std::string name = ClassName(StatusCodeName(static_cast<StatusCode>(code)));
     std::string qualified = "ecss." + name;
     PyObject* cls = PyErr_NewException(qualified.c_str(), base, nullptr);
+    py::handle(cls).attr("code") = std::string(StatusCodeName(static_cast<StatusCode>(code)));
     module.add_object(name.c_str(), py::handle(cls));
     Classes()[code] = cls;
   }

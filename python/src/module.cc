@@ -43,14 +43,28 @@ void KeywordInit(py::class_<T>& cls, const char* type_name) {
   cls.def(py::init([type_name](const py::kwargs& kwargs) {
     py::object object = py::cast(T{});
     for (const auto& [key, value] : kwargs) {
+      const std::string field = py::str(key);
       if (!py::hasattr(object, key)) {
-        ThrowIfError(InvalidArgumentError(
-            StrCat(type_name, " has no field '", std::string(py::str(key)), "'")));
+        ThrowIfError(InvalidArgumentError(StrCat(type_name, " has no field '", field, "'")));
       }
-      object.attr(key) = value;
+      try {
+        object.attr(key) = value;
+      } catch (py::error_already_set& error) {  // a value of the wrong type, a read-only field
+        ThrowIfError(InvalidArgumentError(
+            StrCat(type_name, ".", field, ": ", std::string(py::str(error.value())))));
+      }
     }
     return object.cast<T>();
   }));
+}
+
+// A list field, read as a copy and written whole: `spec.domains = [...]` (an element read from
+// it is the caller's own: changing it or appending to the list changes no spec).
+template <typename T, typename V>
+void ListField(py::class_<T>& cls, const char* field, std::vector<V> T::*member) {
+  cls.def_property(
+      field, [member](const T& t) { return t.*member; },
+      [member](T& t, std::vector<V> value) { t.*member = std::move(value); });
 }
 
 // A field of enum type E, read and written as its name ("bf16", "gelu", "nvme").
@@ -77,11 +91,11 @@ void BindOptions(py::module_& m) {
   model.def_readwrite("layers", &ModelSpec::layers)
       .def_readwrite("d_model", &ModelSpec::d_model)
       .def_readwrite("d_ff", &ModelSpec::d_ff)
-      .def_readwrite("domains", &ModelSpec::domains)
       .def_readwrite("vocab", &ModelSpec::vocab)
       .def_readwrite("seed", &ModelSpec::seed)
       .def_readwrite("init_scale", &ModelSpec::init_scale)
       .def_property_readonly("expert_params", &ModelSpec::expert_params);
+  ListField(model, "domains", &ModelSpec::domains);
   EnumField(model, "activation", &ModelSpec::activation, ActivationName, ParseActivation);
   EnumField(model, "dtype", &ModelSpec::dtype, DTypeName, ParseDType);
   EnumField(model, "builder", &ModelSpec::builder, TableBuilderName, ParseTableBuilder);
@@ -105,8 +119,8 @@ void BindOptions(py::module_& m) {
   EnumField(placement, "master", &Placement::master, TierName, ParseTier);
   EnumField(placement, "moments", &Placement::moments, TierName, ParseTier);
   EnumField(placement, "gradients", &Placement::gradients, TierName, ParseTier);
-  placement.def_readwrite("nvme_dirs", &Placement::nvme_dirs)
-      .def_readwrite("max_file_bytes", &Placement::max_file_bytes)
+  ListField(placement, "nvme_dirs", &Placement::nvme_dirs);
+  placement.def_readwrite("max_file_bytes", &Placement::max_file_bytes)
       .def_readwrite("write_initial_states", &Placement::write_initial_states)
       .def_readwrite("resume", &Placement::resume)
       .def_readwrite("resume_from", &Placement::resume_from)
@@ -125,8 +139,8 @@ void BindOptions(py::module_& m) {
   py::class_<CpuOptimizerOptions> optimizer(m, "OptimizerOptions");
   KeywordInit(optimizer, "OptimizerOptions");
   EnumField(optimizer, "kind", &CpuOptimizerOptions::kind, OptimizerKindName, ParseOptimizerKind);
-  optimizer.def_readwrite("groups", &CpuOptimizerOptions::groups)
-      .def_readwrite("threads", &CpuOptimizerOptions::threads)
+  ListField(optimizer, "groups", &CpuOptimizerOptions::groups);
+  optimizer.def_readwrite("threads", &CpuOptimizerOptions::threads)
       .def_readwrite("max_grad_norm", &CpuOptimizerOptions::max_grad_norm)
       .def_readwrite("skip_step_on_nonfinite", &CpuOptimizerOptions::skip_step_on_nonfinite);
 
@@ -199,20 +213,24 @@ py::dict StatsDict(const PyStepStats& p) {
   }
   py::object overlap =
       s.metrics.overlap_fraction ? py::cast(*s.metrics.overlap_fraction) : py::object(py::none());
-  return py::dict("step"_a = s.step, "tokens"_a = s.tokens, "seconds"_a = s.seconds,
-                  "tokens_per_s"_a = s.tokens_per_s, "h2d_bytes"_a = s.h2d_bytes,
-                  "d2h_bytes"_a = s.d2h_bytes, "expert_fetch_bytes"_a = s.expert_fetch_bytes,
-                  "gradient_bytes"_a = s.gradient_bytes, "tensor_h2d_bytes"_a = p.tensor_h2d_bytes,
-                  "tensor_d2h_bytes"_a = p.tensor_d2h_bytes, "call_seconds"_a = p.call_seconds,
-                  "nvme_bytes"_a = s.nvme_bytes, "nvme_read_bytes"_a = s.nvme_read_bytes,
-                  "nvme_written_bytes"_a = s.nvme_written_bytes, "cache_hits"_a = s.cache_hits,
-                  "cache_misses"_a = s.cache_misses, "hit_rate"_a = s.hit_rate, "stalls"_a = stalls,
-                  "stall_fraction"_a = s.stall_fraction, "bottleneck"_a = s.metrics.bottleneck,
-                  "bound_ratio"_a = s.metrics.bound_ratio, "overlap_fraction"_a = overlap,
-                  "resources"_a = resources, "updated_experts"_a = s.updated_experts,
-                  "updated_params"_a = s.updated_params, "global_norm"_a = s.optimizer.global_norm,
-                  "clip_coefficient"_a = s.optimizer.clip_coefficient,
-                  "skipped"_a = s.optimizer.skipped);
+  return py::dict(
+      "step"_a = s.step, "tokens"_a = s.tokens, "seconds"_a = s.seconds,
+      "tokens_per_s"_a = s.tokens_per_s, "h2d_bytes"_a = s.h2d_bytes, "d2h_bytes"_a = s.d2h_bytes,
+      "expert_fetch_bytes"_a = s.expert_fetch_bytes, "gradient_bytes"_a = s.gradient_bytes,
+      "tensor_h2d_bytes"_a = p.tensor_h2d_bytes, "tensor_d2h_bytes"_a = p.tensor_d2h_bytes,
+      "call_seconds"_a = p.call_seconds, "nvme_bytes"_a = s.nvme_bytes,
+      "nvme_read_bytes"_a = s.nvme_read_bytes, "nvme_written_bytes"_a = s.nvme_written_bytes,
+      "cache_hits"_a = s.cache_hits, "cache_misses"_a = s.cache_misses, "hit_rate"_a = s.hit_rate,
+      "stalls"_a = stalls, "stall_fraction"_a = s.stall_fraction,
+      "bottleneck"_a = s.metrics.bottleneck, "bound_ratio"_a = s.metrics.bound_ratio,
+      "overlap_fraction"_a = overlap, "resources"_a = resources,
+      "updated_experts"_a = s.updated_experts, "updated_params"_a = s.updated_params,
+      "global_norm"_a = s.optimizer.global_norm,
+      "clip_coefficient"_a = s.optimizer.clip_coefficient, "skipped"_a = s.optimizer.skipped,
+      "compute_busy_seconds"_a = s.compute_busy_seconds, "h2d_busy_seconds"_a = s.h2d_busy_seconds,
+      "d2h_busy_seconds"_a = s.d2h_busy_seconds,
+      "optimizer_busy_seconds"_a = s.optimizer_busy_seconds,
+      "stall_records"_a = s.stall_records.size());
 }
 
 // ---- Micro-batches --------------------------------------------------------------------------
@@ -231,22 +249,23 @@ std::vector<uint32_t> ToIds(const py::handle& object, const std::string& name,
     ThrowIfError(InvalidArgumentError(
         StrCat(name, " must hold integers, got dtype ", std::string(py::str(array.dtype())))));
   }
-  auto wide = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(array);
-  if (kind == 'u' && array.dtype().itemsize() == 8) {  // uint64 beyond int64: check as unsigned
-    wide = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(
-        array.attr("astype")("int64"));
-  }
   shape->assign(array.shape(), array.shape() + array.ndim());
-  std::vector<uint32_t> ids(static_cast<size_t>(wide.size()));
-  const int64_t* data = wide.data();
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (data[i] < 0 || data[i] > int64_t{0xffffffff}) {
-      ThrowIfError(InvalidArgumentError(
-          StrCat(name, "[", i, "] = ", data[i], " is not a valid id (0 .. 2^32 - 1)")));
+  // Unsigned arrays read as uint64 and signed as int64, so that no value wraps before the check.
+  auto convert = [&](auto typed) {
+    std::vector<uint32_t> ids(static_cast<size_t>(typed.size()));
+    const auto* data = typed.data();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (data[i] < 0 || static_cast<uint64_t>(data[i]) > uint64_t{0xffffffff}) {
+        ThrowIfError(InvalidArgumentError(
+            StrCat(name, "[", i, "] = ", data[i], " is not a valid id (0 .. 2^32 - 1)")));
+      }
+      ids[i] = static_cast<uint32_t>(data[i]);
     }
-    ids[i] = static_cast<uint32_t>(data[i]);
-  }
-  return ids;
+    return ids;
+  };
+  constexpr int kFlags = py::array::c_style | py::array::forcecast;
+  if (kind == 'u') return convert(py::array_t<uint64_t, kFlags>::ensure(array));
+  return convert(py::array_t<int64_t, kFlags>::ensure(array));
 }
 
 // A micro-batch's ids, owned: token_ids [batch, seq] (or [seq]: one sample) and a domain id
@@ -258,6 +277,33 @@ struct OwnedMicroBatch {
   MicroBatch view() const { return {tokens.data(), batch, seq, domains.data()}; }
 };
 
+// `where` names the ids in errors ("micro_batches[2]").
+OwnedMicroBatch ToMicroBatch(const py::handle& token_ids, const py::handle& domain_ids,
+                             const std::string& where) {
+  OwnedMicroBatch mb;
+  std::vector<py::ssize_t> shape;
+  mb.tokens = ToIds(token_ids, where + ".token_ids", &shape);
+  if (shape.size() == 1) shape.insert(shape.begin(), 1);
+  if (shape.size() != 2) {
+    ThrowIfError(InvalidArgumentError(
+        StrCat(where, ".token_ids has ", shape.size(), " dimensions; expected [batch, seq]")));
+  }
+  if (shape[0] > py::ssize_t{0xffffffff} || shape[1] > py::ssize_t{0xffffffff}) {
+    ThrowIfError(InvalidArgumentError(StrCat(where, ".token_ids is [", shape[0], ", ", shape[1],
+                                             "]: more than 2^32 - 1 in a dimension")));
+  }
+  mb.batch = static_cast<uint32_t>(shape[0]);
+  mb.seq = static_cast<uint32_t>(shape[1]);
+  std::vector<py::ssize_t> domain_shape;
+  mb.domains = ToIds(domain_ids, where + ".domain_ids", &domain_shape);
+  if (mb.domains.size() == 1 && mb.batch > 1) mb.domains.assign(mb.batch, mb.domains[0]);
+  if (mb.domains.size() != mb.batch) {
+    ThrowIfError(InvalidArgumentError(
+        StrCat(where, " has ", mb.batch, " samples but ", mb.domains.size(), " domain ids")));
+  }
+  return mb;
+}
+
 std::vector<OwnedMicroBatch> ToMicroBatches(const py::sequence& micro_batches) {
   std::vector<OwnedMicroBatch> out;
   for (size_t i = 0; i < micro_batches.size(); ++i) {
@@ -268,24 +314,7 @@ std::vector<OwnedMicroBatch> ToMicroBatches(const py::sequence& micro_batches) {
       ThrowIfError(InvalidArgumentError(
           StrCat(where, " must be a pair (token_ids [batch, seq], domain_ids [batch])")));
     }
-    OwnedMicroBatch mb;
-    std::vector<py::ssize_t> shape;
-    mb.tokens = ToIds(item[py::int_(0)], where + ".token_ids", &shape);
-    if (shape.size() == 1) shape.insert(shape.begin(), 1);
-    if (shape.size() != 2) {
-      ThrowIfError(InvalidArgumentError(
-          StrCat(where, ".token_ids has ", shape.size(), " dimensions; expected [batch, seq]")));
-    }
-    mb.batch = static_cast<uint32_t>(shape[0]);
-    mb.seq = static_cast<uint32_t>(shape[1]);
-    std::vector<py::ssize_t> domain_shape;
-    mb.domains = ToIds(item[py::int_(1)], where + ".domain_ids", &domain_shape);
-    if (mb.domains.size() == 1 && mb.batch > 1) mb.domains.assign(mb.batch, mb.domains[0]);
-    if (mb.domains.size() != mb.batch) {
-      ThrowIfError(InvalidArgumentError(
-          StrCat(where, " has ", mb.batch, " samples but ", mb.domains.size(), " domain ids")));
-    }
-    out.push_back(std::move(mb));
+    out.push_back(ToMicroBatch(item[py::int_(0)], item[py::int_(1)], where));
   }
   return out;
 }
@@ -298,6 +327,19 @@ std::vector<MicroBatch> Views(const std::vector<OwnedMicroBatch>& owned) {
 }
 
 // ---- Session --------------------------------------------------------------------------------
+
+// The device memory a Session of `options` takes on `device`: its budget (budgets.device_bytes;
+// 0 = the plan's, every expert cached) and the two staging buffers, each a micro-batch's
+// activations as the device's allocator reserves it, that CPU tensors are copied through.
+uint64_t DeviceMemoryFor(const PyDevice& device, SessionOptions options) {
+  if (options.budgets.device_bytes == 0) options.budgets.device_bytes = uint64_t{1} << 50;
+  const MemoryPlan plan = ValueOrThrow(Session::PlanMemoryOn(*device.backend, options));
+  const uint64_t budget = options.budgets.device_bytes == (uint64_t{1} << 50)
+                              ? plan.DeviceBudgetFor(plan.cache_slots)
+                              : options.budgets.device_bytes;
+  const DeviceMemoryRules rules = DeviceMemoryRules::Of(device.backend->capabilities());
+  return budget + 2 * rules.Block(plan.activation_bytes);
+}
 
 class PySession {
  public:
@@ -318,7 +360,8 @@ class PySession {
             "the device holds the session's budget (", options_.budgets.device_bytes,
             " bytes) but not the two staging buffers of ", bytes,
             " bytes each that CPU tensors are copied through: give the Device memory_bytes >= ",
-            options_.budgets.device_bytes + 2 * bytes + 4096, " (", made.status().message(), ")")));
+            DeviceMemoryFor(*device_, options_), " (Session.device_memory_for; ",
+            made.status().message(), ")")));
       }
       *buffer = std::move(made).value();
     }
@@ -334,68 +377,27 @@ class PySession {
     py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
     ThrowIfError(session_->BeginStep(Views(owned), loss_scale));
-    tensor_h2d_ = tensor_d2h_ = 0;
-    call_seconds_ = 0;
+    Began(owned);
   }
   void BeginEvaluation(const py::sequence& micro_batches) {
     std::vector<OwnedMicroBatch> owned = ToMicroBatches(micro_batches);
     py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
     ThrowIfError(session_->BeginEvaluation(Views(owned)));
-    tensor_h2d_ = tensor_d2h_ = 0;
-    call_seconds_ = 0;
+    Began(owned);
   }
 
-  // forward: in = x, out = y; backward: in = dy, out = dx.
-  void Run(bool forward, uint32_t micro_batch, uint32_t layer, const py::handle& in_object,
-           const py::handle& out_object) {
-    const char* in_name = forward ? "x" : "dy";
-    const char* out_name = forward ? "y" : "dx";
-    TensorArg in = ValueOrThrow(ImportTensor(in_object, in_name));
-    TensorArg out = ValueOrThrow(ImportTensor(out_object, out_name));
-    for (const TensorArg* t : {&in, &out}) {
-      if (!t->on_host) {
-        ThrowIfError(UnimplementedError(StrCat(
-            t == &in ? in_name : out_name, " is on ", t->device,
-            ": this build takes CPU tensors (copied to the session's device); device tensors "
-            "in place are not supported yet")));
-      }
-      if (t->bytes() > in_.size()) {
-        ThrowIfError(
-            InvalidArgumentError(StrCat(t == &in ? in_name : out_name, " is ", t->Describe(),
-                                        ": more than a micro-batch of at most ",
-                                        options_.limits.max_tokens_per_micro_batch, " tokens")));
-      }
-    }
-    if (in.rows != out.rows || in.cols != out.cols || in.dtype != out.dtype) {
-      ThrowIfError(InvalidArgumentError(StrCat(out_name, " is ", out.Describe(), " but ", in_name,
-                                               " is ", in.Describe(), ": they must match")));
-    }
-    Backend& backend = *device_->backend;
-    const Device device = backend.device();
-    const TensorView in_view{in_.data(), in.dtype, Shape{in.rows, in.cols}, device};
-    const TensorView out_view{out_.data(), out.dtype, Shape{out.rows, out.cols}, device};
-    py::gil_scoped_release release;
-    const std::lock_guard<std::mutex> lock(mutex_);
-    const auto start = std::chrono::steady_clock::now();
-    const Stream stream = session_->compute_stream();
-    // The input is staged before the session checks the call (stream order needs it first); a
-    // refused call leaves only that copy behind, into the binding's own buffer.
-    const MicroBatchIndex mb{micro_batch};
-    const LayerIndex l{layer};
-    ThrowIfError(
-        backend.CopyAsync(stream, in_.data(), in.data, in.bytes(), CopyKind::kHostToDevice));
-    ThrowIfError(forward ? session_->Forward(mb, l, in_view, out_view)
-                         : session_->Backward(mb, l, in_view, out_view));
-    ThrowIfError(
-        backend.CopyAsync(stream, out.data, out_.data(), out.bytes(), CopyKind::kDeviceToHost));
-    ThrowIfError(backend.SynchronizeStream(stream));
-    tensor_h2d_ += in.bytes();
-    tensor_d2h_ += out.bytes();
-    call_seconds_ +=
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  void Forward(uint32_t micro_batch, uint32_t layer, const py::handle& x, const py::handle& y) {
+    StageAndCall({"x", "y"}, micro_batch, x, y, [&](const TensorView& in, const TensorView& out) {
+      return session_->Forward(MicroBatchIndex{micro_batch}, LayerIndex{layer}, in, out);
+    });
   }
-
+  void Backward(uint32_t micro_batch, uint32_t layer, const py::handle& dy, const py::handle& dx) {
+    StageAndCall(
+        {"dy", "dx"}, micro_batch, dy, dx, [&](const TensorView& in, const TensorView& out) {
+          return session_->Backward(MicroBatchIndex{micro_batch}, LayerIndex{layer}, in, out);
+        });
+  }
   PyStepStats EndStep() {
     py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
@@ -412,6 +414,7 @@ class PySession {
     ThrowIfError(session_->Synchronize());
   }
   void SetHyperParams(const HyperParams& params) {
+    py::gil_scoped_release release;
     const std::lock_guard<std::mutex> lock(mutex_);
     ThrowIfError(session_->SetHyperParams(params));
   }
@@ -466,13 +469,101 @@ class PySession {
   }
 
   const Session& session() const { return *session_; }
-  const SessionOptions& options() const { return options_; }
+  SessionOptions options() const { return options_; }
 
  private:
+  // A step began: its micro-batches' shapes, and its counters from zero.
+  void Began(const std::vector<OwnedMicroBatch>& owned) {
+    step_shapes_.clear();
+    for (const OwnedMicroBatch& mb : owned) step_shapes_.emplace_back(mb.batch, mb.seq);
+    tensor_h2d_ = tensor_d2h_ = 0;
+    call_seconds_ = 0;
+  }
+
+  struct Names {
+    const char* in;   // "x" or "dy"
+    const char* out;  // "y" or "dx"
+  };
+
+  // What a forward or backward call's tensors must be, checked before a byte is staged: on the
+  // host, of the model's dtype and width, alike, and (inside a step) shaped as the micro-batch.
+  void CheckTensors(Names names, uint32_t micro_batch, const TensorArg& in,
+                    const TensorArg& out) const {
+    const ModelSpec& model = options_.model;
+    for (const auto& [t, name] : {std::pair{&in, names.in}, std::pair{&out, names.out}}) {
+      if (!t->on_host) {
+        ThrowIfError(UnimplementedError(
+            StrCat(name, " is on ", t->device,
+                   ": this build takes CPU tensors (copied to the session's device); device "
+                   "tensors in place are not supported yet")));
+      }
+      if (t->dtype != model.dtype || t->cols != model.d_model) {
+        ThrowIfError(
+            InvalidArgumentError(StrCat(name, " is ", t->Describe(), "; the model takes ",
+                                        DTypeName(model.dtype), "[tokens, ", model.d_model, "]")));
+      }
+      if (t->bytes() > in_.size()) {
+        ThrowIfError(InvalidArgumentError(
+            StrCat(name, " is ", t->Describe(), ": more than a micro-batch of at most ",
+                   options_.limits.max_tokens_per_micro_batch, " tokens")));
+      }
+    }
+    if (in.shape != out.shape) {
+      ThrowIfError(InvalidArgumentError(StrCat(names.out, " is ", out.Describe(), " but ", names.in,
+                                               " is ", in.Describe(), ": they must match")));
+    }
+    if (micro_batch < step_shapes_.size()) {
+      const auto [batch, seq] = step_shapes_[micro_batch];
+      const bool three_d = in.shape.size() == 3;
+      if (in.rows != int64_t{batch} * seq ||
+          (three_d && (in.shape[0] != batch || in.shape[1] != seq))) {
+        ThrowIfError(InvalidArgumentError(
+            StrCat(names.in, " is ", in.Describe(), " but micro-batch ", micro_batch, " is ", batch,
+                   " x ", seq, " tokens: [", int64_t{batch} * seq, ", ", model.d_model, "] or [",
+                   batch, ", ", seq, ", ", model.d_model, "] (batch first)")));
+      }
+    }
+  }
+
+  // Stages `in` to the device, makes the session's call on it, copies the result into `out`
+  // and waits. Every exit after the first copy waits for the stream, so that no queued copy
+  // outlives the caller's tensors (a refused call among them).
+  template <typename CallFn>
+  void StageAndCall(Names names, uint32_t micro_batch, const py::handle& in_object,
+                    const py::handle& out_object, CallFn call) {
+    const TensorArg in = ValueOrThrow(ImportTensor(in_object, names.in));
+    const TensorArg out = ValueOrThrow(ImportTensor(out_object, names.out));
+    CheckTensors(names, micro_batch, in, out);
+    Backend& backend = *device_->backend;
+    const Device device = backend.device();
+    const TensorView in_view{in_.data(), in.dtype, Shape{in.rows, in.cols}, device};
+    const TensorView out_view{out_.data(), out.dtype, Shape{out.rows, out.cols}, device};
+    py::gil_scoped_release release;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto start = std::chrono::steady_clock::now();
+    const Stream stream = session_->compute_stream();
+    ThrowIfError(
+        backend.CopyAsync(stream, in_.data(), in.data, in.bytes(), CopyKind::kHostToDevice));
+    struct WaitOnExit {
+      Backend& backend;
+      Stream stream;
+      ~WaitOnExit() { backend.SynchronizeStream(stream).IgnoreError(); }
+    } wait{backend, stream};
+    ThrowIfError(call(in_view, out_view));
+    ThrowIfError(
+        backend.CopyAsync(stream, out.data, out_.data(), out.bytes(), CopyKind::kDeviceToHost));
+    ThrowIfError(backend.SynchronizeStream(stream));
+    tensor_h2d_ += in.bytes();
+    tensor_d2h_ += out.bytes();
+    call_seconds_ +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
   std::shared_ptr<PyDevice> device_;  // first: outlives the buffers and the session
   SessionOptions options_;
   Buffer in_, out_;
   std::unique_ptr<Session> session_;
+  std::vector<std::pair<uint32_t, uint32_t>> step_shapes_;  // [batch, seq] per micro-batch
   uint64_t tensor_h2d_ = 0, tensor_d2h_ = 0;
   double call_seconds_ = 0;
   // A session is driven by one thread; the calls of several Python threads (the GIL released
@@ -486,12 +577,7 @@ class PyRreTables {
   explicit PyRreTables(const ModelSpec& model) : router_(ValueOrThrow(RouterOf(model))) {}
   py::array_t<uint32_t> Route(uint32_t layer, const py::handle& token_ids,
                               const py::handle& domain_ids) const {
-    py::list pair;
-    pair.append(token_ids);
-    pair.append(domain_ids);
-    py::list one;
-    one.append(pair);
-    OwnedMicroBatch mb = std::move(ToMicroBatches(one)[0]);
+    const OwnedMicroBatch mb = ToMicroBatch(token_ids, domain_ids, "route");
     py::array_t<uint32_t> experts(static_cast<py::ssize_t>(mb.tokens.size()));
     uint32_t* out = experts.mutable_data();
     for (uint32_t b = 0; b < mb.batch; ++b) {
@@ -565,19 +651,16 @@ void BindSession(py::module_& m) {
             return ValueOrThrow(Session::PlanMemoryOn(*device.backend, options));
           },
           "device"_a, "options"_a)
+      .def_static(
+          "device_memory_for",
+          [](const PyDevice& device, const SessionOptions& options) {
+            return DeviceMemoryFor(device, options);
+          },
+          "device"_a, "options"_a)
       .def("begin_step", &PySession::BeginStep, "micro_batches"_a, "loss_scale"_a = 1.0f)
       .def("begin_evaluation", &PySession::BeginEvaluation, "micro_batches"_a)
-      .def(
-          "forward",
-          [](PySession& s, uint32_t mb, uint32_t layer, const py::handle& x, const py::handle& y) {
-            s.Run(true, mb, layer, x, y);
-          },
-          "micro_batch"_a, "layer"_a, "x"_a, "y"_a)
-      .def(
-          "backward",
-          [](PySession& s, uint32_t mb, uint32_t layer, const py::handle& dy,
-             const py::handle& dx) { s.Run(false, mb, layer, dy, dx); },
-          "micro_batch"_a, "layer"_a, "dy"_a, "dx"_a)
+      .def("forward", &PySession::Forward, "micro_batch"_a, "layer"_a, "x"_a, "y"_a)
+      .def("backward", &PySession::Backward, "micro_batch"_a, "layer"_a, "dy"_a, "dx"_a)
       .def("end_step", &PySession::EndStep)
       .def("synchronize", &PySession::Synchronize)
       .def("set_hyper_params", &PySession::SetHyperParams, "params"_a)

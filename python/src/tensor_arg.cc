@@ -36,7 +36,9 @@ std::string DTypeDescription(const DLDataType& type) {
 }  // namespace
 
 std::string TensorArg::Describe() const {
-  return StrCat(DTypeName(dtype), "[", rows, ", ", cols, "] on ", device);
+  std::string dims;
+  for (int64_t dim : shape) dims += StrCat(dims.empty() ? "" : ", ", dim);
+  return StrCat(DTypeName(dtype), "[", dims, "] on ", device);
 }
 
 StatusOr<TensorArg> ImportTensor(const py::handle& object, const std::string& name) {
@@ -50,7 +52,7 @@ StatusOr<TensorArg> ImportTensor(const py::handle& object, const std::string& na
     arg.capsule = object.attr("__dlpack__")();
   } catch (py::error_already_set& error) {  // e.g. numpy's read-only arrays
     return InvalidArgumentError(
-        StrCat(name, " cannot be exported through DLPack: ", std::string(error.what())));
+        StrCat(name, " cannot be exported through DLPack: ", std::string(py::str(error.value()))));
   }
   if (!PyCapsule_IsValid(arg.capsule.ptr(), kCapsuleName)) {
     return InvalidArgumentError(StrCat(name, ": __dlpack__ did not return a DLPack capsule"));
@@ -68,19 +70,26 @@ StatusOr<TensorArg> ImportTensor(const py::handle& object, const std::string& na
     return InvalidArgumentError(StrCat(name, " is ", DTypeDescription(t.dtype),
                                        "; ECSS takes float32 or bfloat16 activations"));
   }
-  if (t.ndim == 2) {
-    arg.rows = t.shape[0];
-    arg.cols = t.shape[1];
-  } else if (t.ndim == 3) {
-    arg.rows = t.shape[0] * t.shape[1];
-    arg.cols = t.shape[2];
-  } else {
+  if (t.ndim != 2 && t.ndim != 3) {
     return InvalidArgumentError(StrCat(name, " has ", t.ndim,
                                        " dimensions; expected [tokens, d_model] or "
                                        "[batch, seq, d_model]"));
   }
-  // Row-major contiguity: strides (in elements) null, or each the product of the sizes after.
-  if (t.strides != nullptr) {
+  arg.shape.assign(t.shape, t.shape + t.ndim);
+  constexpr int64_t kMaxDim = int64_t{1} << 32;
+  int64_t elements = 1;
+  for (int64_t dim : arg.shape) {
+    if (dim < 0 || dim >= kMaxDim || __builtin_mul_overflow(elements, dim, &elements) ||
+        elements >= kMaxDim) {
+      return InvalidArgumentError(StrCat(name, " is too large: 2^32 elements or more"));
+    }
+  }
+  arg.cols = arg.shape.back();
+  arg.rows = arg.cols == 0 ? 0 : elements / arg.cols;
+  if (t.ndim == 3) arg.rows = arg.shape[0] * arg.shape[1];
+  // Row-major contiguity: strides (in elements) null, or each the product of the sizes after
+  // (a tensor without elements has nothing to lay out).
+  if (t.strides != nullptr && elements > 0) {
     int64_t expected = 1;
     for (int d = t.ndim - 1; d >= 0; --d) {
       if (t.shape[d] != 1 && t.strides[d] != expected) {

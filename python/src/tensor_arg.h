@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "runtime/base/dtype.h"
 #include "runtime/base/status.h"
@@ -17,15 +18,17 @@ struct TensorArg {
   pybind11::object capsule;  // keeps the producer's memory alive while the view is used
   void* data = nullptr;
   DType dtype = DType::kF32;
-  int64_t rows = 0, cols = 0;
-  bool on_host = true;  // DLPack kDLCPU (or pinned host memory)
-  std::string device;   // "cpu", "cuda:0", ... for messages
+  std::vector<int64_t> shape;  // as given: [tokens, d] or [batch, seq, d]
+  int64_t rows = 0, cols = 0;  // as a matrix: [tokens, d]
+  bool on_host = true;         // DLPack kDLCPU (or pinned host memory)
+  std::string device;          // "cpu", "cuda:0", ... for messages
   size_t bytes() const { return static_cast<size_t>(rows * cols) * DTypeSize(dtype); }
   std::string Describe() const;  // "f32[12, 64] on cpu"
 };
 
-// InvalidArgument naming `name` when `object` has no __dlpack__, its dtype is neither f32 nor
-// bf16, it is not 2-D (a 3-D [batch, seq, d] is taken as [batch * seq, d]), or it is not
+// InvalidArgument naming `name` when `object` has no __dlpack__ (or refuses to export), its
+// dtype is neither f32 nor bf16, it is not 2-D (a 3-D [batch, seq, d] is taken as
+// [batch * seq, d]), a dimension or the element count is 2^32 or more, or it is not
 // contiguous row-major.
 StatusOr<TensorArg> ImportTensor(const pybind11::handle& object, const std::string& name);
 

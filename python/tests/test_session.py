@@ -116,7 +116,9 @@ def test_bad_tensors_raise_before_anything_runs():
         with pytest.raises(ecss.InvalidArgument, match=message):
             s.forward(0, 0, bad, np.empty_like(good))
     with pytest.raises(ecss.InvalidArgument, match="must match"):
-        s.forward(0, 0, good, np.empty((2 * SEQ, D_MODEL - 1), np.float32))
+        s.forward(0, 0, good, np.empty((SEQ, D_MODEL), np.float32))
+    with pytest.raises(ecss.InvalidArgument, match="batch first"):
+        s.forward(0, 0, good.reshape(SEQ, 2, D_MODEL), good.reshape(SEQ, 2, D_MODEL).copy())
     s.forward(0, 0, good, np.empty_like(good))
     s.backward(0, 0, good, np.empty_like(good))
     assert s.end_step().step == 1
@@ -127,6 +129,7 @@ def test_bad_micro_batches_raise():
     for micro_batches, error, message in [
         ([(TOKENS.astype(np.float32), DOMAINS)], ecss.InvalidArgument, "integers"),
         ([(TOKENS - 1, DOMAINS)], ecss.InvalidArgument, "not a valid id"),
+        ([(TOKENS.astype(np.uint64) + 2**63, DOMAINS)], ecss.InvalidArgument, str(2**63)),
         ([(TOKENS + VOCAB, DOMAINS)], ecss.InvalidArgument, "vocabulary"),
         ([(TOKENS, np.array([0, 7]))], ecss.NotFound, "7"),
         ([(TOKENS, np.array([0, 1, 0]))], ecss.InvalidArgument, "domain ids"),
@@ -226,7 +229,6 @@ def test_calls_from_several_threads_take_turns():
     def run(mb):
         try:
             s.forward(mb, 0, x, outputs[mb])
-            s.backward(mb, 0, x, np.empty_like(x))
         except Exception as e:  # noqa: BLE001  (reported below)
             errors.append(e)
 
@@ -237,6 +239,8 @@ def test_calls_from_several_threads_take_turns():
         t.join()
     assert not errors
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the same tokens and weights
+    for mb in range(2):  # backward goes in micro-batch order (gradients add up in that order)
+        s.backward(mb, 0, x, np.empty_like(x))
     assert s.end_step().tokens == 4 * SEQ
 
 
@@ -250,3 +254,44 @@ def test_the_planner_reports_as_ecss_plan_json_does():
     assert all(s["tokens_per_s"] > 0 for s in report["strategies"])
     with pytest.raises(ecss.NotFound, match="nope"):
         ecss.plan("nope", "910x512")
+
+
+def test_refused_calls_never_leave_a_copy_reading_freed_memory():
+    # A refused forward queued its input's copy before the session refused it; the binding
+    # must wait for that copy before the caller's array can be freed (it crashed otherwise).
+    o = options()
+    o.limits.max_tokens_per_micro_batch = 4096
+    o.model.d_model = 256
+    s = session(o, ecss.Device("sim", memory_bytes=64 << 20))
+    for _ in range(10):
+        x = np.ones((4096, 256), np.float32)
+        with pytest.raises(ecss.FailedPrecondition):
+            s.forward(0, 0, x, np.empty_like(x))  # no step open
+        del x
+
+
+def test_options_fields_name_bad_values_and_lists_are_copies():
+    with pytest.raises(ecss.InvalidArgument, match="ModelSpec.d_model"):
+        ecss.ModelSpec(d_model=-1)
+    m = ecss.ModelSpec(domains=[ecss.DomainSpec("a", 2)])
+    first = m.domains[0]
+    m.domains = [ecss.DomainSpec("b", 3)] * 8  # the old element is the caller's own copy
+    first.name = "c" * 1000
+    assert first.name == "c" * 1000 and m.domains[0].name == "b"
+    m.domains[0].experts = 99  # a copy: the spec is unchanged
+    assert m.domains[0].experts == 3
+    o = options()
+    o.optimizer.groups = [ecss.HyperParams(lr=0.5)]
+    assert o.optimizer.groups[0].lr == 0.5
+    assert ecss.InvalidArgument.code == "INVALID_ARGUMENT"
+
+
+def test_zero_eps_is_refused():
+    o = options()
+    o.optimizer.groups = [ecss.HyperParams(eps=0.0)]
+    with pytest.raises(ecss.InvalidArgument, match="eps"):
+        session(o)
+    s = session()
+    with pytest.raises(ecss.InvalidArgument, match="eps"):
+        s.set_hyper_params(ecss.HyperParams(eps=0.0))
+    assert train_step(s).step == 1

@@ -243,6 +243,8 @@ def test_end_before_backward_raises_and_the_step_stays_open():
         (torch.zeros(SEQ + 1, D_MODEL), ecss.InvalidArgument, str(SEQ + 1)),
         (torch.zeros(SEQ, D_MODEL + 1), ecss.InvalidArgument, str(D_MODEL + 1)),
         (torch.zeros(D_MODEL, SEQ).t(), ecss.InvalidArgument, "contiguous"),
+        (torch.zeros(SEQ, 1, D_MODEL), ecss.InvalidArgument, "batch first"),
+        (torch.zeros(SEQ, D_MODEL), ecss.InvalidArgument, "require grad"),
         (np.zeros((SEQ, D_MODEL), dtype=np.float32).tolist(), ecss.InvalidArgument, "tensor"),
     ],
 )
@@ -255,7 +257,8 @@ def test_bad_hidden_states_raise_and_the_step_goes_on(hidden, error, message):
             if isinstance(hidden, torch.Tensor) and not hidden.is_contiguous():
                 experts.session.forward(0, 0, hidden, torch.empty(SEQ, D_MODEL))
             else:
-                moe[0](hidden, tokens, domains)
+                wants_grad = message != "require grad" and isinstance(hidden, torch.Tensor)
+                moe[0](hidden.requires_grad_() if wants_grad else hidden, tokens, domains)
         h = torch.zeros(SEQ, D_MODEL, requires_grad=True)
         moe[1](moe[0](h, tokens, domains), tokens, domains).sum().backward()
     assert experts.last_stats.step == 1
@@ -275,7 +278,7 @@ def test_bad_token_ids_raise_and_the_session_stays_usable():
     with experts.step(simple_batch()):
         tokens, domains = simple_batch()[0]
         with pytest.raises(ecss.InvalidArgument, match="not those of a micro-batch"):
-            moe(torch.zeros(SEQ, D_MODEL), tokens + 1, domains)
+            moe(torch.zeros(SEQ, D_MODEL, requires_grad=True), tokens + 1, domains)
         h = torch.zeros(SEQ, D_MODEL, requires_grad=True)
         et.RREMoE(experts, 1)(moe(h, tokens, domains), tokens, domains).sum().backward()
     assert experts.last_stats.step == 1
@@ -288,6 +291,7 @@ def test_a_layer_outside_the_model_is_refused():
 
 def test_a_bf16_model_trains_with_bfloat16_tensors():
     experts = make_experts(dtype="bf16")
+    before = [expert_weights(experts, 0, e) for e in range(7)]
     model = Dense(torch.nn.ModuleList([et.RREMoE(experts, l) for l in range(LAYERS)]))
     model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
@@ -304,3 +308,59 @@ def test_a_bf16_model_trains_with_bfloat16_tensors():
         optimizer.step()
         losses.append(total)
     assert losses[-1] < 0.8 * losses[0]
+    # The experts trained too: the session updated the routed ones.
+    experts.session.synchronize()
+    moved = [
+        not torch.equal(expert_weights(experts, 0, e)[0], before[e][0]) for e in range(7)
+    ]
+    assert sum(moved) >= 2
+
+
+def test_a_graph_kept_from_an_ended_step_cannot_backward_into_the_next():
+    experts = make_experts()
+    moe = [et.RREMoE(experts, l) for l in range(LAYERS)]
+    tokens, domains = simple_batch()[0]
+    with experts.step(simple_batch()):
+        h = torch.zeros(SEQ, D_MODEL, requires_grad=True)
+        out = moe[1](moe[0](h, tokens, domains), tokens, domains).sum()
+        out.backward(retain_graph=True)
+    with experts.step(simple_batch()):
+        with pytest.raises(ecss.FailedPrecondition, match="ended"):
+            out.backward()
+        h = torch.zeros(SEQ, D_MODEL, requires_grad=True)
+        moe[1](moe[0](h, tokens, domains), tokens, domains).sum().backward()
+    assert experts.last_stats.step == 2
+
+
+def test_an_output_that_never_reaches_the_loss_ends_with_zero_gradients_only_when_asked():
+    experts = make_experts()
+    moe = [et.RREMoE(experts, l) for l in range(LAYERS)]
+    tokens, domains = simple_batch()[0]
+    with pytest.raises(ecss.FailedPrecondition, match=r"\(0, 1\)"):
+        with experts.step(simple_batch()):
+            h = torch.zeros(SEQ, D_MODEL, requires_grad=True)
+            first = moe[0](h, tokens, domains)
+            moe[1](first, tokens, domains)  # unused
+            first.sum().backward()
+    assert experts.end_step(zero_missing_gradients=True).step == 1
+
+
+def test_micro_batches_of_different_sizes_each_find_their_own():
+    experts = make_experts()
+    moe = [et.RREMoE(experts, l) for l in range(LAYERS)]
+    small = (torch.arange(3).reshape(1, 3), torch.tensor([1]))
+    large = (torch.arange(2 * SEQ).reshape(2, SEQ) % VOCAB, torch.tensor([0, 1]))
+    with experts.step([large, small]):
+        for tokens, domains in (large, small):  # backward goes in micro-batch order
+            h = torch.ones(tokens.numel(), D_MODEL, requires_grad=True)
+            moe[1](moe[0](h, tokens, domains), tokens, domains).sum().backward()
+        with pytest.raises(ecss.InvalidArgument, match="not those of a micro-batch"):
+            moe[0](torch.ones(3, D_MODEL, requires_grad=True), small[0], small[1])
+    assert experts.last_stats.tokens == 2 * SEQ + 3
+
+
+def test_a_timed_device_is_refused_for_training():
+    with pytest.raises(ecss.InvalidArgument, match="sim-timed"):
+        et.Experts(model_spec(), max_tokens_per_micro_batch=8, device="sim-timed")
+    with pytest.raises(ecss.InvalidArgument, match="limits"):
+        et.Experts(model_spec(), max_tokens_per_micro_batch=8, limits=ecss.StepLimits())

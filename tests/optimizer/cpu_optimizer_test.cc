@@ -119,6 +119,27 @@ TEST(CpuOptimizerTest, AnExpertRegisteredWithItsUpdatesContinuesBitForBit) {
   EXPECT_FALSE(restarted.master == straight.master);
 }
 
+// eps = 0 divides 0 by 0 for an element whose gradients were all zero: refused for the kinds
+// that divide by sqrt(state) + eps, at creation and when set later.
+TEST(CpuOptimizerTest, ZeroEpsIsRefusedWhereItDividesByZero) {
+  CpuOptimizerOptions options;
+  for (OptimizerKind kind :
+       {OptimizerKind::kAdamW, OptimizerKind::kAdam, OptimizerKind::kAdagrad}) {
+    options.kind = kind;
+    options.groups[0].eps = 0;
+    StatusOr<std::unique_ptr<CpuOptimizer>> made = CpuOptimizer::Create(options);
+    ASSERT_FALSE(made.ok()) << OptimizerKindName(kind);
+    EXPECT_EQ(made.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_NE(made.status().ToString().find("eps"), std::string::npos);
+    options.groups[0].eps = 1e-8f;
+    std::unique_ptr<CpuOptimizer> optimizer = *CpuOptimizer::Create(options);
+    options.groups[0].eps = 0;
+    EXPECT_EQ(optimizer->SetHyperParams(0, options.groups[0]).code(), StatusCode::kInvalidArgument);
+  }
+  options.kind = OptimizerKind::kSgdMomentum;  // no eps in its update
+  EXPECT_TRUE(CpuOptimizer::Create(options).ok());
+}
+
 TEST(CpuOptimizerTest, UntouchedExpertsKeepTheirOwnStepCount) {
   CpuOptimizerOptions options;
   options.skip_step_on_nonfinite = false;  // immediate mode
