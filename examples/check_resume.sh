@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # train_moe_lm's checkpoints resume bit for bit: 12 steps straight against 6 steps, a checkpoint,
-# and a --resume to 12, in a scratch directory. The per-step losses and the last loss (all its
-# digits) must be equal. Usage: check_resume.sh TRAIN_MOE_LM SCRATCH_DIR
+# and a --resume to 12; and a run stopped by SIGTERM (a checkpoint at the end of its step) and
+# resumed against a straight run of the same length; in a scratch directory. The per-step
+# losses and the last loss (all its digits) must be equal.
+# Usage: check_resume.sh TRAIN_MOE_LM SCRATCH_DIR
 set -euo pipefail
 program=$(realpath "$1")
 scratch=$2
@@ -29,5 +31,28 @@ if ! diff a.txt b.txt; then
   exit 1
 fi
 echo "check_resume: 6 + 6 resumed steps equal 12 straight ones ($(grep -c . a.txt) lines)"
+# SIGTERM mid-run: a checkpoint at the end of that step, exit 0; resumed, it continues as a
+# straight run of the same length would.
+"$program" --print-every 1 --trace trace.json --steps 1000000 --checkpoint-dir signalled \
+  > signalled.txt 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+  grep -qE '^ +2 ' signalled.txt && break
+  sleep 0.1
+done
+kill -TERM "$pid"
+wait "$pid"
+grep -q "stopped by signal 15 after step" signalled.txt
+stopped_at=$(sed -n 's/^stopped by signal 15 after step \([0-9]*\);.*/\1/p' signalled.txt)
+total=$((stopped_at + 3))
+run --steps "$total" --checkpoint-dir signalled --resume > signalled_resumed.txt
+run --steps "$total" > signalled_straight.txt
+losses signalled_straight.txt > c.txt
+losses signalled.txt signalled_resumed.txt > d.txt
+if ! diff c.txt d.txt; then
+  echo "check_resume: the run resumed after SIGTERM differs from the straight one" >&2
+  exit 1
+fi
+echo "check_resume: SIGTERM after step $stopped_at, resumed to $total: equal to a straight run"
 # No run directories are left behind.
-test -z "$(ls -d straight/run-* stopped/run-* 2>/dev/null)"
+test -z "$(ls -d straight/run-* stopped/run-* signalled/run-* 2>/dev/null)"

@@ -40,6 +40,7 @@
 #include "engine/session.h"
 #include "router/gates.h"
 #include "runtime/base/random.h"
+#include "runtime/base/stop_request.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/backend_factory.h"
@@ -71,6 +72,8 @@ constexpr const char* kUsage =
     "                    DIR/step-N (RRE routing only)\n"
     "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
     "  --resume          continue from the newest checkpoint in --checkpoint-dir\n"
+    "                    (with --checkpoint-dir, SIGTERM or Ctrl-C saves one at the end of\n"
+    "                    the step and exits; a second one ends it at once)\n"
     "  --help            this text\n";
 
 struct Options {
@@ -298,6 +301,8 @@ Status Train(const Options& o) {
     run_dir = StrCat(o.checkpoint_dir, "/run-", ::getpid());
     std::filesystem::create_directories(run_dir, error);
     if (error) return InvalidArgumentError(StrCat(run_dir, ": ", error.message()));
+    // SIGTERM (a scheduler's notice) or Ctrl-C: a checkpoint at the next step's end, then exit.
+    ECSS_RETURN_IF_ERROR(StopRequest::Install({SIGTERM, SIGINT}));
     session_options.placement.master = Tier::kNvme;
     session_options.placement.moments = Tier::kNvme;
     session_options.placement.nvme_dirs = {run_dir};
@@ -559,10 +564,13 @@ Status Train(const Options& o) {
                   stats.stalls.total() * 1e3);
       if (o.gated) std::printf("  (gate aux loss %.3f)", aux_loss / o.layers);
       std::printf("\n");
+      std::fflush(stdout);  // a log being followed (tail -f) shows each step as it ends
     }
     const bool last = step + 1 == o.steps;
+    const int stop_signal = StopRequest::requested();
     if (!o.checkpoint_dir.empty() &&
-        (last || (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0))) {
+        (last || stop_signal != 0 ||
+         (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0))) {
       const std::string name = StrCat("step-", step + 1);
       ECSS_ASSIGN_OR_RETURN(CheckpointStats saved,
                             session->SaveCheckpoint(o.checkpoint_dir, name, loop_state()));
@@ -573,6 +581,11 @@ Status Train(const Options& o) {
           static_cast<double>(saved.bytes_written) / (1 << 20), saved.full ? "full" : "incremental",
           static_cast<unsigned long long>(saved.experts_copied),
           static_cast<unsigned long long>(saved.experts_referenced));
+      if (stop_signal != 0) {
+        std::printf("stopped by signal %d after step %d; continue with --resume\n", stop_signal,
+                    step);
+        break;
+      }
     }
   }
   ECSS_RETURN_IF_ERROR(session->Synchronize());
@@ -585,9 +598,9 @@ Status Train(const Options& o) {
       "first loss: %.4f, mean loss of the last %zu steps: %.4f nats/token (%.2f nats "
       "below the unigram entropy)\n"
       "last loss: %.9g (all its digits: a resumed run ends with the same)\n"
-      "expert bytes streamed to the device: %.1f MiB in %d steps\n",
+      "expert bytes streamed to the device in this run: %.1f MiB (%d steps in all)\n",
       unigram_entropy, losses.front(), tail, final_loss, unigram_entropy - final_loss,
-      losses.back(), fetch_bytes / (1 << 20), o.steps);
+      losses.back(), fetch_bytes / (1 << 20), static_cast<int>(losses.size()));
   ECSS_RETURN_IF_ERROR(trace.WriteJson(o.trace_path));
   std::printf("trace: %s\n", o.trace_path.c_str());
   if (!run_dir.empty()) {
