@@ -20,9 +20,22 @@ Status SessionOptions::Validate() const {
     return InvalidArgumentError(
         StrCat("model spec: dtype ", DTypeName(m.dtype), " is not supported (f32 or bf16)"));
   }
+  // Bounds far above any model trained (PanGu-Sigma: d_model 5120, d_ff 20480, 40 domains), so
+  // that every size derived from them (an expert's parameters and bytes, a layer's experts, the
+  // RRE tables' 16-bit local ids) is exact in its type instead of wrapping.
+  constexpr uint32_t kMaxWidth = uint32_t{1} << 20, kMaxLayers = uint32_t{1} << 16;
+  constexpr uint32_t kMaxGroup = uint32_t{1} << 16, kMaxDomains = uint32_t{1} << 12;
+  if (m.d_model > kMaxWidth || m.d_ff > kMaxWidth || m.layers > kMaxLayers ||
+      m.domains.size() > kMaxDomains) {
+    return InvalidArgumentError(StrCat(
+        "model spec: layers ", m.layers, ", d_model ", m.d_model, ", d_ff ", m.d_ff, ", ",
+        m.domains.size(), " domains: at most ", kMaxLayers, " layers, ", kMaxWidth,
+        " for d_model and d_ff, ", kMaxDomains, " domains"));
+  }
   for (const DomainSpec& d : m.domains) {
-    if (d.experts == 0) {
-      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has 0 experts"));
+    if (d.experts == 0 || d.experts > kMaxGroup) {
+      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has ", d.experts,
+                                         " experts (1 .. ", kMaxGroup, ")"));
     }
   }
   if (limits.max_tokens_per_micro_batch == 0 || limits.max_micro_batches == 0) {

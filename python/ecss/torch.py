@@ -42,7 +42,10 @@ def _ids(value, name):
         if value.size and int(value.max()) > 0xFFFFFFFF:
             _raise(ecss.InvalidArgument, f"{name} holds {int(value.max())}: ids are below 2^32")
         value = value.astype(np.int64)
-    tensor = torch.as_tensor(value)
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, RuntimeError, ValueError) as error:
+        _raise(ecss.InvalidArgument, f"{name} is not an array of integers ({error})")
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
         _raise(ecss.InvalidArgument, f"{name} must hold integers, got {tensor.dtype}")
     return tensor.detach().to("cpu", torch.int64)
@@ -60,6 +63,7 @@ class Step:
         self.evaluation = evaluation
         self.forwarded = set()  # (micro_batch, layer)
         self.backwarded = set()
+        self.refused = set()  # backward calls the session refused (their gradient is lost)
         self.stats = None  # ecss.StepStats once the step has ended
         # Seconds inside this module's forward and backward (as Python sees them), and once
         # the step has ended, those less the time below the binding (stats.call_seconds: the
@@ -114,6 +118,8 @@ class Experts:
         trace=False,
         **session_fields,
     ):
+        if not isinstance(device, str):
+            _raise(ecss.InvalidArgument, f"device must be a name ('sim', 'cuda:0'), got {device!r}")
         if device.startswith("sim-timed"):
             _raise(
                 ecss.InvalidArgument,
@@ -123,6 +129,11 @@ class Experts:
         for field in ("model", "limits"):
             if field in session_fields:
                 _raise(ecss.InvalidArgument, f"Experts sets SessionOptions.{field} itself")
+        if "budgets" in session_fields and session_fields["budgets"].device_bytes:
+            _raise(
+                ecss.InvalidArgument,
+                "Experts sizes budgets.device_bytes from cache_experts; leave it 0",
+            )
         options = ecss.SessionOptions(**session_fields)
         options.model = model
         options.limits = ecss.StepLimits(
@@ -184,6 +195,14 @@ class Experts:
         if self._step is None:
             _raise(ecss.FailedPrecondition, "no step is open")
         step = self._step
+        if step.refused:
+            _raise(
+                ecss.FailedPrecondition,
+                f"the session refused the backward of (micro-batch, layer) "
+                f"{sorted(step.refused)} (backward runs per micro-batch, in micro-batch order): "
+                f"their gradients are lost and this step cannot end with them; discard this "
+                f"Experts or resume it from a checkpoint",
+            )
         missing = sorted(step.forwarded - step.backwarded) if not step.evaluation else []
         if missing and not zero_missing_gradients:
             _raise(
@@ -193,16 +212,30 @@ class Experts:
                 f"not reach it",
             )
         for micro_batch, layer in missing:
-            rows = step.micro_batches[micro_batch][0].numel()
-            zeros = torch.zeros(rows, self.model.d_model, dtype=_torch_dtype(self.model.dtype))
-            self.session.backward(micro_batch, layer, zeros, torch.empty_like(zeros))
-            step.backwarded.add((micro_batch, layer))
+            self.zero_gradient(micro_batch, layer)
         stats = self.session.end_step()
         self._step.stats = stats
         self._step.overhead_seconds = max(0.0, self._step.python_seconds - stats.call_seconds)
         self.last_stats = stats
         self._step = None
         return stats
+
+    def zero_gradient(self, micro_batch, layer):
+        """Gives (micro_batch, layer) of the open training step, whose forward ran, a zero output
+        gradient: for an output that does not reach the loss, before a later micro-batch's
+        backward of that layer needs it done (backward goes in micro-batch order)."""
+        step = self._step
+        if step is None or step.evaluation or (micro_batch, layer) not in step.forwarded:
+            _raise(
+                ecss.FailedPrecondition,
+                f"zero_gradient({micro_batch}, {layer}): not a forward of the open training step",
+            )
+        if (micro_batch, layer) in step.backwarded:
+            _raise(ecss.FailedPrecondition, f"({micro_batch}, {layer}) already ran backward")
+        rows = step.micro_batches[micro_batch][0].numel()
+        zeros = torch.zeros(rows, self.model.d_model, dtype=_torch_dtype(self.model.dtype))
+        self.session.backward(micro_batch, layer, zeros, torch.empty_like(zeros))
+        step.backwarded.add((micro_batch, layer))
 
     @contextlib.contextmanager
     def step(self, micro_batches, loss_scale=1.0):
@@ -243,11 +276,13 @@ class Experts:
                 f"(the layer's backward gives the experts their gradients); for forward only, "
                 f"use `with experts.evaluation(...)`",
             )
-        if hidden.dim() == 3 and tuple(hidden.shape[:2]) != tuple(torch.as_tensor(token_ids).shape):
+        tokens = _ids(token_ids, "token_ids")
+        token_shape = tuple(tokens.shape) if tokens.dim() == 2 else (1, tokens.numel())
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) != token_shape:
             _raise(
                 ecss.InvalidArgument,
                 f"RREMoE layer {layer}: hidden is {tuple(hidden.shape)} but token_ids "
-                f"{tuple(torch.as_tensor(token_ids).shape)}: [batch, seq, d_model], batch first",
+                f"{tuple(tokens.shape)}: [batch, seq, d_model], batch first",
             )
         micro_batch = self._step.find(layer, token_ids, domain_ids)
         if self._step.evaluation:
@@ -280,7 +315,11 @@ class _MoEFunction(torch.autograd.Function):
             )
         dy = dy.contiguous()
         dx = torch.empty_like(dy)
-        ctx.experts.session.backward(ctx.micro_batch, ctx.layer, dy, dx)
+        try:
+            ctx.experts.session.backward(ctx.micro_batch, ctx.layer, dy, dx)
+        except ecss.Error:
+            ctx.step.refused.add((ctx.micro_batch, ctx.layer))
+            raise
         ctx.step.backwarded.add((ctx.micro_batch, ctx.layer))
         ctx.step.python_seconds += time.perf_counter() - start
         return dx, None, None, None, None

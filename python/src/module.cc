@@ -403,6 +403,7 @@ class PySession {
     const std::lock_guard<std::mutex> lock(mutex_);
     PyStepStats stats;
     stats.stats = ValueOrThrow(session_->EndStep());
+    step_shapes_.clear();  // outside a step, the session itself refuses the calls
     stats.tensor_h2d_bytes = tensor_h2d_;
     stats.tensor_d2h_bytes = tensor_d2h_;
     stats.call_seconds = call_seconds_;

@@ -364,3 +364,38 @@ def test_a_timed_device_is_refused_for_training():
         et.Experts(model_spec(), max_tokens_per_micro_batch=8, device="sim-timed")
     with pytest.raises(ecss.InvalidArgument, match="limits"):
         et.Experts(model_spec(), max_tokens_per_micro_batch=8, limits=ecss.StepLimits())
+
+
+def test_an_unused_output_is_zeroed_before_a_later_micro_batch_needs_it():
+    experts = make_experts()
+    moe = [et.RREMoE(experts, l) for l in range(LAYERS)]
+    micro_batches = next(batches(1))
+    with experts.step(micro_batches):
+        for index, (tokens, domains) in enumerate(micro_batches):
+            h = torch.ones(tokens.numel(), D_MODEL, requires_grad=True)
+            first = moe[0](h, tokens, domains)
+            if index == 0:  # micro-batch 0 skips layer 1's output entirely
+                moe[1](first, tokens, domains)
+                experts.zero_gradient(0, 1)
+                first.sum().backward()
+            else:
+                moe[1](first, tokens, domains).sum().backward()
+    assert experts.last_stats.step == 1
+    with pytest.raises(ecss.FailedPrecondition):
+        experts.zero_gradient(0, 0)  # no step open
+
+
+def test_a_backward_the_session_refused_is_never_zeroed():
+    experts = make_experts()
+    moe = [et.RREMoE(experts, l) for l in range(LAYERS)]
+    micro_batches = next(batches(1))
+    with pytest.raises(ecss.FailedPrecondition, match="micro-batch 0"):
+        with experts.step(micro_batches):
+            losses = []
+            for tokens, domains in micro_batches:
+                h = torch.ones(tokens.numel(), D_MODEL, requires_grad=True)
+                losses.append(moe[1](moe[0](h, tokens, domains), tokens, domains).sum())
+            # One backward over the summed losses runs micro-batch 1 first: refused.
+            (losses[0] + losses[1] * 2).backward()
+    with pytest.raises(ecss.FailedPrecondition, match="refused"):
+        experts.end_step(zero_missing_gradients=True)

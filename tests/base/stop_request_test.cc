@@ -1,9 +1,10 @@
 #include "runtime/base/stop_request.h"
 
-#include <gtest/gtest.h>
 #include <signal.h>
 
 #include <cstdlib>
+
+#include <gtest/gtest.h>
 
 namespace ecss {
 namespace {

@@ -851,6 +851,16 @@ TEST(SessionTest, EveryRefusedPlacementNamesItsField) {
   SessionOptions limits = base;
   limits.limits.max_micro_batches = 0;
   EXPECT_NE(limits.Validate().message().find("limits.max_micro_batches"), std::string_view::npos);
+  // Sizes whose products would wrap (an expert of 2^63 parameters planned as a few bytes).
+  SessionOptions wide = base;
+  wide.model.d_model = wide.model.d_ff = uint32_t{1} << 31;
+  EXPECT_NE(wide.Validate().message().find("d_model"), std::string_view::npos);
+  SessionOptions deep = base;
+  deep.model.layers = UINT32_MAX;
+  EXPECT_EQ(deep.Validate().code(), StatusCode::kInvalidArgument);
+  SessionOptions big_group = base;
+  big_group.model.domains[0].experts = 70000;  // the RRE tables hold 16-bit local ids
+  EXPECT_NE(big_group.Validate().message().find("70000 experts"), std::string_view::npos);
 }
 
 // PlanMemoryOn is Create's plan without the allocations, and DeviceBudgetFor sizes a budget
