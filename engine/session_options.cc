@@ -27,10 +27,10 @@ Status SessionOptions::Validate() const {
   constexpr uint32_t kMaxGroup = uint32_t{1} << 16, kMaxDomains = uint32_t{1} << 12;
   if (m.d_model > kMaxWidth || m.d_ff > kMaxWidth || m.layers > kMaxLayers ||
       m.domains.size() > kMaxDomains) {
-    return InvalidArgumentError(StrCat(
-        "model spec: layers ", m.layers, ", d_model ", m.d_model, ", d_ff ", m.d_ff, ", ",
-        m.domains.size(), " domains: at most ", kMaxLayers, " layers, ", kMaxWidth,
-        " for d_model and d_ff, ", kMaxDomains, " domains"));
+    return InvalidArgumentError(StrCat("model spec: layers ", m.layers, ", d_model ", m.d_model,
+                                       ", d_ff ", m.d_ff, ", ", m.domains.size(),
+                                       " domains: at most ", kMaxLayers, " layers, ", kMaxWidth,
+                                       " for d_model and d_ff, ", kMaxDomains, " domains"));
   }
   for (const DomainSpec& d : m.domains) {
     if (d.experts == 0 || d.experts > kMaxGroup) {
