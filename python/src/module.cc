@@ -49,7 +49,8 @@ void KeywordInit(py::class_<T>& cls, const char* type_name) {
       }
       try {
         object.attr(key) = value;
-      } catch (py::error_already_set& error) {  // a value of the wrong type, a read-only field
+      } catch (py::error_already_set& error) {       // a value of the wrong type, a read-only field
+        if (!error.matches(PyExc_Exception)) throw;  // KeyboardInterrupt and the like
         ThrowIfError(InvalidArgumentError(
             StrCat(type_name, ".", field, ": ", std::string(py::str(error.value())))));
       }

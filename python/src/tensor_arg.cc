@@ -51,6 +51,8 @@ StatusOr<TensorArg> ImportTensor(const py::handle& object, const std::string& na
   try {
     arg.capsule = object.attr("__dlpack__")();
   } catch (py::error_already_set& error) {  // e.g. numpy's read-only arrays
+    // KeyboardInterrupt and the like are not about the tensor: they go on as they are.
+    if (!error.matches(PyExc_Exception)) throw;
     return InvalidArgumentError(
         StrCat(name, " cannot be exported through DLPack: ", std::string(py::str(error.value()))));
   }
