@@ -69,6 +69,7 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostUpdater> host, HostUpdater::Create(options_.optimizer));
   ECSS_RETURN_IF_ERROR(InitExperts(host.get(), nullptr, memory.gradient_slots));
+  host_ = host.get();
   updater_ = std::move(host);
   return Status::Ok();
 }
@@ -196,6 +197,10 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
       arrays.state1 = moment_arrays == 2 ? arrays.state0 + params_ : nullptr;
       arrays.size = params_;
       if (m.dtype == DType::kBF16) arrays.compute_copy = compute_copy;
+      if (resuming()) {  // restored from a checkpoint: the update count and compute weights
+        ECSS_ASSIGN_OR_RETURN(arrays.updates, store_->Version(CheckpointStates()[0], id));
+        if (m.dtype == DType::kBF16) ConvertF32ToBf16(arrays.master, compute_copy, params_);
+      }
       ECSS_ASSIGN_OR_RETURN(const uint32_t registered, host->Register(arrays));
       if (registered != x.id) return InternalError("host updater ids out of order");
     }
@@ -225,6 +230,22 @@ Status ExpertTable::WriteInitialStates() {
     for (ExpertState state : states) {
       ECSS_RETURN_IF_ERROR(store_->Read(state, index_.Id(flat), block.data()));
       ECSS_RETURN_IF_ERROR(store_->Write(state, index_.Id(flat), block.data(), 0));
+    }
+  }
+  return Status::Ok();
+}
+
+std::vector<ExpertState> ExpertTable::CheckpointStates() const {
+  return {options_.model.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
+          ExpertState::kMoments};
+}
+
+Status ExpertTable::RecordHostVersions() {
+  if (host_ == nullptr) return Status::Ok();
+  for (uint32_t flat = 0; flat < index_.size(); ++flat) {
+    const uint64_t version = host_->version(flat);
+    for (ExpertState state : CheckpointStates()) {
+      ECSS_RETURN_IF_ERROR(store_->SetResidentVersion(state, index_.Id(flat), version));
     }
   }
   return Status::Ok();

@@ -83,6 +83,13 @@ class ExpertTable {
   // After the updater's Synchronize: the expert's fp32 master weights.
   StatusOr<std::vector<float>> Master(ExpertId id) { return updater_->Master(at(id).id); }
   ExpertStore& store() { return *store_; }
+  // The states a checkpoint of the session saves (the rest follows from them): the master
+  // weights (f32 models: the compute weights, which are the master) and the moments.
+  std::vector<ExpertState> CheckpointStates() const;
+  // States in host memory, after the updater's Synchronize: the store's versions of them set
+  // to the update counts of their in-place updates, so that Version and checkpoints see them.
+  // Nothing to do with the states on NVMe (their writes carry their versions).
+  Status RecordHostVersions();
   // What the checkpoint of placement.resume_from held for the training loop (empty without).
   const std::vector<CheckpointBlob>& loop_state() const { return loop_state_; }
   // The peaks of the pinned pools (the session's and the store's) and of the store's host
@@ -118,6 +125,7 @@ class ExpertTable {
   std::vector<std::vector<Entry>> entries_;  // [layer][expert]
   std::unique_ptr<GradientPool> gradients_;  // the plan's gradient_slots accumulators
   std::unique_ptr<ExpertUpdater> updater_;
+  HostUpdater* host_ = nullptr;  // updater_ when the states live in host memory
   std::vector<CheckpointBlob> loop_state_;
 };
 

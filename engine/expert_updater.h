@@ -86,6 +86,9 @@ class HostUpdater final : public ExpertUpdater {
   double busy_seconds() const override;
   uint64_t nvme_bytes() const override { return 0; }
   StatusOr<std::vector<float>> Master(uint32_t id) override;
+  // The updates expert `id` received (its optimizer's version): after Synchronize, the version
+  // of its states, which it updates in place.
+  uint64_t version(uint32_t id) const { return optimizer_->version(id); }
 
  private:
   explicit HostUpdater(std::unique_ptr<CpuOptimizer> optimizer)

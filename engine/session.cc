@@ -478,15 +478,11 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
     return FailedPreconditionError(
         "SaveCheckpoint with delayed_update: its held gradients are not saved yet");
   }
-  if (!s.options.placement.states_on_nvme()) {
-    return FailedPreconditionError(
-        "SaveCheckpoint needs the master and moments on NVMe (placement.master, moments): "
-        "states in host memory are updated in place and carry no versions yet");
-  }
   ECSS_RETURN_IF_ERROR(Synchronize());
+  ECSS_RETURN_IF_ERROR(s.table->RecordHostVersions());
   CheckpointOptions options;
   options.blobs = loop_state;
-  options.states = {ExpertState::kMaster, ExpertState::kMoments};
+  options.states = s.table->CheckpointStates();
   options.io_engines = s.options.placement.io_engines;
   return ecss::SaveCheckpoint(s.table->store(), root, name, options);
 }

@@ -135,10 +135,11 @@ class Session {
   // incremental over the newest checkpoint of this session's store). Between steps; it waits
   // for the updates in flight first. A session with placement.resume_from = ROOT/NAME trains
   // on from it bit for bit (see placement.resume_from for what the loop re-establishes: its
-  // hyper-parameters). FailedPrecondition inside a step, with delayed_update (its held
-  // gradients are not saved yet) and with the master and moments in host memory (not yet:
-  // their updates in place carry no versions); an update failure Synchronize collects; the
-  // checkpoint's errors otherwise. Its reads count in the next step's statistics.
+  // hyper-parameters). Any placement: master and moments on NVMe are read from their
+  // files; in host memory, their versions are the optimizer's update counts of their updates
+  // in place. FailedPrecondition inside a step and with delayed_update (its held gradients
+  // are not saved yet); an update failure Synchronize collects; the checkpoint's errors
+  // otherwise. Its reads count in the next step's statistics.
   StatusOr<CheckpointStats> SaveCheckpoint(const std::string& root, const std::string& name,
                                            const std::vector<CheckpointBlob>& loop_state = {});
   // The loop state of the checkpoint the session resumed from (empty otherwise).

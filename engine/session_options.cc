@@ -108,10 +108,6 @@ Status SessionOptions::ValidatePlacement() const {
   if (p.resume && !states_on_nvme) {
     return InvalidArgumentError("session: placement.resume needs the master and moments on NVMe");
   }
-  if (!p.resume_from.empty() && !states_on_nvme) {
-    return InvalidArgumentError(
-        "session: placement.resume_from needs the master and moments on NVMe");
-  }
   if (!p.resume_from.empty() && (p.resume || p.write_initial_states)) {
     return InvalidArgumentError(
         StrCat("session: placement.resume_from makes a new store from the "

@@ -105,10 +105,11 @@ struct Placement {
   // (ecss-states-*.bin), which are not migrated.
   bool resume = false;
   // Start from a checkpoint Session::SaveCheckpoint wrote (its directory, ROOT/NAME): a new
-  // store is made in nvme_dirs (which must hold none) and the checkpoint's master weights and
-  // moments restored into it; the compute weights follow from them, and training continues
-  // as with `resume`, bit for bit as if never stopped. Needs the master and moments on NVMe;
-  // not with `resume` or `write_initial_states`. The checkpoint's loop state is
+  // store is made (in nvme_dirs, which must hold none, when states live on NVMe; else in
+  // memory) and the checkpoint's master weights and moments restored into it; the compute
+  // weights and update counts follow from them, and training continues as with `resume`, bit
+  // for bit as if never stopped, in any placement (the checkpoint's and this session's may
+  // differ). Not with `resume` or `write_initial_states`. The checkpoint's loop state is
   // Session::loop_state(). A Create that fails removes the store it made, so a retry starts
   // over. The checkpoint records the model and initial values, which must match, but not the
   // optimizer kind, routing tables or hyper-parameters: resume with the same options, and call

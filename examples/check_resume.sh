@@ -54,5 +54,3 @@ if ! diff c.txt d.txt; then
   exit 1
 fi
 echo "check_resume: SIGTERM after step $stopped_at, resumed to $total: equal to a straight run"
-# No run directories are left behind.
-test -z "$(ls -d straight/run-* stopped/run-* signalled/run-* 2>/dev/null)"

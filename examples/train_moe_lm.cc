@@ -11,9 +11,9 @@
 // bytes streamed, cache hit rate and stalls; at the end the corpus's unigram entropy next to the
 // final loss (both in nats), and it writes a Chrome trace.
 //
-// --checkpoint-dir DIR keeps the experts' master weights and moments on NVMe in DIR/run-<pid>
-// (removed at the end) and saves a checkpoint DIR/step-N every --checkpoint-every N steps,
-// with this loop's own state (embedding, output projection, their optimizer states, the data
+// --checkpoint-dir DIR saves a checkpoint DIR/step-N every --checkpoint-every N steps, at the
+// end, and when SIGTERM or Ctrl-C asks (at the end of that step, then exiting), with this
+// loop's own state (embedding, output projection, their optimizer states, the data
 // position, the losses so far) as its blobs; --resume continues from the newest one, bit for
 // bit as if never stopped.
 //
@@ -27,7 +27,6 @@
 #include <signal.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -68,8 +67,7 @@ constexpr const char* kUsage =
     "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
     "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
     "  --print-every N   steps between progress lines (default 20)\n"
-    "  --checkpoint-dir DIR  master weights and moments on NVMe under DIR, and checkpoints\n"
-    "                    DIR/step-N (RRE routing only)\n"
+    "  --checkpoint-dir DIR  checkpoints DIR/step-N (RRE routing only)\n"
     "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
     "  --resume          continue from the newest checkpoint in --checkpoint-dir\n"
     "                    (with --checkpoint-dir, SIGTERM or Ctrl-C saves one at the end of\n"
@@ -91,7 +89,7 @@ struct Options {
   bool gated = false;  // learned gates instead of RRE
   std::string trace_path = "train_moe_lm.trace.json";
   int print_every = 20;
-  std::string checkpoint_dir;  // empty: no checkpoints, states in host memory
+  std::string checkpoint_dir;  // empty: no checkpoints
   int checkpoint_every = 0;    // 0: at the end only
   bool resume = false;
 };
@@ -207,20 +205,6 @@ Status Unpack(std::string_view* in, std::vector<T>* values, std::string_view wha
   return Status::Ok();
 }
 
-// Removes the store directories DIR/run-<pid> whose process is gone (a run killed before it
-// removed its own); a live run's is left alone.
-void RemoveStaleRunDirectories(const std::string& dir) {
-  std::error_code error;
-  for (const auto& entry : std::filesystem::directory_iterator(dir, error)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind("run-", 0) != 0) continue;
-    const long pid = std::strtol(name.c_str() + 4, nullptr, 10);
-    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
-      std::filesystem::remove_all(entry.path(), error);
-    }
-  }
-}
-
 constexpr uint32_t kSamples = 8, kSeq = 64, kDomainsPerStep = 4;
 constexpr uint32_t kGateK = 2;
 constexpr float kAuxLossWeight = 0.01f;
@@ -286,26 +270,18 @@ Status Train(const Options& o) {
     session_options.routing = Routing::kLearnedGate;
     session_options.gate_k = kGateK;
   }
-  std::string run_dir;  // the session's store (checkpoints hold what survives the run)
   if (!o.checkpoint_dir.empty()) {
     std::error_code error;
     std::filesystem::create_directories(o.checkpoint_dir, error);
     if (error) return InvalidArgumentError(StrCat("--checkpoint-dir: ", error.message()));
-    RemoveStaleRunDirectories(o.checkpoint_dir);
     StatusOr<std::vector<std::string>> earlier = ListCheckpoints(o.checkpoint_dir);
     if (!o.resume && earlier.ok() && !earlier->empty()) {
       return AlreadyExistsError(StrCat("--checkpoint-dir ", o.checkpoint_dir,
                                        " holds checkpoints of an earlier run: --resume from them, "
                                        "or give another directory"));
     }
-    run_dir = StrCat(o.checkpoint_dir, "/run-", ::getpid());
-    std::filesystem::create_directories(run_dir, error);
-    if (error) return InvalidArgumentError(StrCat(run_dir, ": ", error.message()));
     // SIGTERM (a scheduler's notice) or Ctrl-C: a checkpoint at the next step's end, then exit.
     ECSS_RETURN_IF_ERROR(StopRequest::Install({SIGTERM, SIGINT}));
-    session_options.placement.master = Tier::kNvme;
-    session_options.placement.moments = Tier::kNvme;
-    session_options.placement.nvme_dirs = {run_dir};
     if (o.resume) {
       ECSS_ASSIGN_OR_RETURN(const std::string newest, LatestCheckpoint(o.checkpoint_dir));
       session_options.placement.resume_from = StrCat(o.checkpoint_dir, "/", newest);
@@ -603,11 +579,6 @@ Status Train(const Options& o) {
       losses.back(), fetch_bytes / (1 << 20), static_cast<int>(losses.size()));
   ECSS_RETURN_IF_ERROR(trace.WriteJson(o.trace_path));
   std::printf("trace: %s\n", o.trace_path.c_str());
-  if (!run_dir.empty()) {
-    session.reset();  // closes the store; the checkpoints hold what survives the run
-    std::error_code error;
-    std::filesystem::remove_all(run_dir, error);
-  }
   return Status::Ok();
 }
 

@@ -968,6 +968,17 @@ Status ExpertStore::Write(ExpertState state, ExpertId id, const void* src, uint6
   return written.Annotate(StrCat("writing ", Name(state, id)));
 }
 
+Status ExpertStore::SetResidentVersion(ExpertState state, ExpertId id, uint64_t version) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  ECSS_RETURN_IF_ERROR(Check(state, id));
+  if (placement(state) == Tier::kNvme) {
+    return FailedPreconditionError(
+        StrCat(Name(state, id), " lives on NVMe: its writes carry their versions"));
+  }
+  regions_[Index(state)].versions[index_.Flat(id)] = version;
+  return Status::Ok();
+}
+
 Status ExpertStore::Read(ExpertState state, ExpertId id, void* dst) {
   std::shared_lock<std::shared_mutex> open(lifecycle_);
   ECSS_RETURN_IF_ERROR(Check(state, id));

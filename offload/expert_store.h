@@ -201,6 +201,10 @@ class ExpertStore {
   // The expert's copy in device or pinned memory (FailedPrecondition for an nvme state). It
   // stays valid until Close; the caller orders its accesses against Write.
   StatusOr<void*> Resident(ExpertState state, ExpertId id);
+  // The version of a resident state its owner changed in place through Resident's pointer
+  // (the host optimizer's updates): what Version, Flush and the checkpoints then see.
+  // FailedPrecondition for an nvme state (its writes carry their versions).
+  Status SetResidentVersion(ExpertState state, ExpertId id, uint64_t version);
 
   uint64_t StateBytes(ExpertState state) const;
   // What a store with these options allocates (the memory plan's figures): the region of a

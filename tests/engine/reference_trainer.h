@@ -176,11 +176,11 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
     o.routing = Routing::kLearnedGate;
     o.gate_k = kGateK;
   }
+  o.placement.resume_from = c.resume_from;  // any placement
   if (!c.nvme_dir.empty()) {
     o.placement.master = o.placement.moments = Tier::kNvme;
     o.placement.nvme_dirs = {c.nvme_dir};
     o.placement.resume = c.resume;
-    o.placement.resume_from = c.resume_from;
     o.placement.write_initial_states = c.write_initial_states;
     if (c.nvme_weights) {
       o.placement.weights = Tier::kNvme;
