@@ -32,15 +32,29 @@ Status SessionOptions::Validate() const {
                                        " domains: at most ", kMaxLayers, " layers, ", kMaxWidth,
                                        " for d_model and d_ff, ", kMaxDomains, " domains"));
   }
+  uint64_t layer_total = 0;
   for (const DomainSpec& d : m.domains) {
     if (d.experts == 0 || d.experts > kMaxGroup) {
       return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has ", d.experts,
                                          " experts (1 .. ", kMaxGroup, ")"));
     }
+    layer_total += d.experts;
+  }
+  // ... and together: experts are numbered in 32 bits, and every state of every expert (at
+  // most 16 bytes a parameter: bf16 weights, fp32 master and two moments) must count in 64.
+  const uint64_t experts = layer_total * m.layers;
+  uint64_t state_bytes = 0;
+  if (experts > UINT32_MAX ||
+      __builtin_mul_overflow(m.expert_params(), experts * 16, &state_bytes)) {
+    return InvalidArgumentError(StrCat("model spec: ", experts, " experts of ", m.expert_params(),
+                                       " parameters: more than 2^32 experts or 2^64 bytes"));
   }
   if (limits.max_tokens_per_micro_batch == 0 || limits.max_micro_batches == 0) {
     return InvalidArgumentError(
         "session: limits.max_tokens_per_micro_batch and limits.max_micro_batches must be > 0");
+  }
+  if (uint64_t{limits.max_micro_batches} * m.layers > UINT32_MAX) {
+    return InvalidArgumentError("session: limits.max_micro_batches x layers is too large");
   }
   const uint32_t layer_experts = ExpertsPerLayer()[0];
   if (routing == Routing::kLearnedGate && (gate_k == 0 || gate_k > layer_experts)) {

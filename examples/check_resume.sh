@@ -36,12 +36,28 @@ echo "check_resume: 6 + 6 resumed steps equal 12 straight ones ($(grep -c . a.tx
 "$program" --print-every 1 --trace trace.json --steps 1000000 --checkpoint-dir signalled \
   > signalled.txt 2>&1 &
 pid=$!
-for _ in $(seq 1 600); do
-  grep -qE '^ +2 ' signalled.txt && break
+trap 'kill -KILL "$pid" 2>/dev/null || true' EXIT  # never leave the long run behind
+# A step line proves the stop handler is installed (before the first step); a loaded machine
+# may take long to get there.
+for _ in $(seq 1 6000); do
+  grep -qE '^ +0 ' signalled.txt && break
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "check_resume: the run to be signalled ended early:" >&2
+    cat signalled.txt >&2
+    exit 1
+  fi
   sleep 0.1
 done
+if ! grep -qE '^ +0 ' signalled.txt; then
+  echo "check_resume: no step within 600 s" >&2
+  exit 1
+fi
 kill -TERM "$pid"
-wait "$pid"
+if ! wait "$pid"; then
+  echo "check_resume: the signalled run did not exit 0:" >&2
+  tail -5 signalled.txt >&2
+  exit 1
+fi
 grep -q "stopped by signal 15 after step" signalled.txt
 stopped_at=$(sed -n 's/^stopped by signal 15 after step \([0-9]*\);.*/\1/p' signalled.txt)
 total=$((stopped_at + 3))

@@ -195,7 +195,7 @@ Status Unpack(std::string_view* in, std::vector<T>* values, std::string_view wha
   if (in->size() < sizeof(count)) return DataLossError(StrCat("loop state: ", what, " is missing"));
   std::memcpy(&count, in->data(), sizeof(count));
   in->remove_prefix(sizeof(count));
-  if ((!any_size && count != values->size()) || in->size() < count * sizeof(T)) {
+  if ((!any_size && count != values->size()) || count > in->size() / sizeof(T)) {
     return InvalidArgumentError(StrCat("loop state: ", what, " holds ", count, " values, this run ",
                                        values->size(), ": another model's checkpoint?"));
   }
@@ -354,6 +354,10 @@ Status Train(const Options& o) {
     ECSS_RETURN_IF_ERROR(Unpack(&in, &counters, "counters"));
     ECSS_RETURN_IF_ERROR(Unpack(&in, &cursor, "data position"));
     ECSS_RETURN_IF_ERROR(Unpack(&in, &losses, "losses", /*any_size=*/true));
+    if (!in.empty() || losses.size() != counters[0]) {
+      return DataLossError(StrCat("loop state: ", in.size(), " bytes left over, ", losses.size(),
+                                  " losses for ", counters[0], " steps"));
+    }
   }
   CpuOptimizerOptions dense_options;
   dense_options.groups[0].lr = 1e-2f;

@@ -975,7 +975,14 @@ Status ExpertStore::SetResidentVersion(ExpertState state, ExpertId id, uint64_t 
     return FailedPreconditionError(
         StrCat(Name(state, id), " lives on NVMe: its writes carry their versions"));
   }
-  regions_[Index(state)].versions[index_.Flat(id)] = version;
+  const uint32_t flat = index_.Flat(id);
+  uint64_t& current = regions_[Index(state)].versions[flat];
+  if (source_[flat] != flat || version < current) {
+    return FailedPreconditionError(StrCat(
+        Name(state, id), ": version ", version, " in place of ", current,
+        source_[flat] != flat ? " (it shares another expert's storage)" : " (versions only grow)"));
+  }
+  current = version;
   return Status::Ok();
 }
 

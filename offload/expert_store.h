@@ -203,7 +203,9 @@ class ExpertStore {
   StatusOr<void*> Resident(ExpertState state, ExpertId id);
   // The version of a resident state its owner changed in place through Resident's pointer
   // (the host optimizer's updates): what Version, Flush and the checkpoints then see.
-  // FailedPrecondition for an nvme state (its writes carry their versions).
+  // FailedPrecondition for an nvme state (its writes carry their versions), a version below
+  // the state's, or an expert that shares another's storage. REQUIRES: nothing else reads or
+  // writes that state of that expert meanwhile.
   Status SetResidentVersion(ExpertState state, ExpertId id, uint64_t version);
 
   uint64_t StateBytes(ExpertState state) const;

@@ -13,8 +13,15 @@ namespace {
 std::atomic<int> requested_signal{0};
 static_assert(std::atomic<int>::is_always_lock_free, "the handler must not take a lock");
 
+// The first signal is recorded; a second one, of any installed kind, has its default effect
+// (the first's handler is already reset by SA_RESETHAND; another's is reset here). signal and
+// raise are async-signal-safe.
 extern "C" void RecordStopSignal(int signal) {
-  requested_signal.store(signal, std::memory_order_relaxed);
+  int none = 0;
+  if (!requested_signal.compare_exchange_strong(none, signal, std::memory_order_relaxed)) {
+    ::signal(signal, SIG_DFL);
+    ::raise(signal);
+  }
 }
 
 }  // namespace

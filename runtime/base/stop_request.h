@@ -3,9 +3,9 @@
 // before preemption, or a user's Ctrl-C, should mean for a run that takes months.
 //
 // Install(signals) sets handlers that only record which signal came (async-signal-safe: a
-// lock-free atomic store); the loop polls requested() between steps. Each handler is
-// one-shot: the signal's default action is back in place after the first, so a second
-// SIGTERM or Ctrl-C ends the process as usual when the loop does not stop in time.
+// lock-free atomic store); the loop polls requested() between steps. Only the first signal
+// is a request: after it, a second one of any installed kind has its default effect, so a
+// second SIGTERM or Ctrl-C ends the process as usual when the loop does not stop in time.
 // Process-wide, as signals are. Thread-safe.
 #pragma once
 

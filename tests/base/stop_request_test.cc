@@ -27,9 +27,23 @@ TEST(StopRequestTest, ASignalIsRecordedAndNotFatal) {
 
 // The handler is one-shot: a second signal has its default effect (here: termination), so a
 // loop that does not stop in time is still ended by a second SIGTERM.
+TEST(StopRequestDeathTest, ASecondSignalOfAnotherKindHasItsDefaultEffect) {
+  EXPECT_EXIT(
+      {
+        StopRequest::Clear();
+        if (!StopRequest::Install({SIGUSR1, SIGUSR2}).ok()) std::_Exit(3);
+        raise(SIGUSR1);
+        if (StopRequest::requested() != SIGUSR1) std::_Exit(4);
+        raise(SIGUSR2);
+        std::_Exit(5);
+      },
+      testing::KilledBySignal(SIGUSR2), "");
+}
+
 TEST(StopRequestDeathTest, TheSecondSignalHasItsDefaultEffect) {
   EXPECT_EXIT(
       {
+        StopRequest::Clear();
         if (!StopRequest::Install({SIGUSR2}).ok()) std::_Exit(3);
         raise(SIGUSR2);
         if (StopRequest::requested() != SIGUSR2) std::_Exit(4);

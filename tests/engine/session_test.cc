@@ -873,6 +873,15 @@ TEST(SessionTest, EveryRefusedPlacementNamesItsField) {
   SessionOptions deep = base;
   deep.model.layers = UINT32_MAX;
   EXPECT_EQ(deep.Validate().code(), StatusCode::kInvalidArgument);
+  SessionOptions huge = base;  // each size within its bound, their product not
+  huge.model.d_model = huge.model.d_ff = uint32_t{1} << 20;
+  huge.model.layers = 64;
+  huge.model.domains = {{"all", 65536}};
+  EXPECT_NE(huge.Validate().message().find("2^64 bytes"), std::string_view::npos);
+  SessionOptions many = base;
+  many.model.layers = 65536;
+  many.model.domains = {{"a", 65536}, {"b", 65536}};
+  EXPECT_NE(many.Validate().message().find("2^32 experts"), std::string_view::npos);
   SessionOptions big_group = base;
   big_group.model.domains[0].experts = 70000;  // the RRE tables hold 16-bit local ids
   EXPECT_NE(big_group.Validate().message().find("70000 experts"), std::string_view::npos);
