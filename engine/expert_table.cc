@@ -104,7 +104,14 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
       RestoreCheckpoint(from.parent_path().string(), from.filename().string(), *store_,
                         options_.placement.io_engines);
   if (!restored.ok()) return restored.status().Annotate("placement.resume_from");
-  loop_state_ = std::move(restored).value();
+  for (CheckpointBlob& blob : *restored) {
+    if (blob.name == kOptimizerBlob && blob.bytes != OptimizerKindName(options_.optimizer.kind)) {
+      return FailedPreconditionError(StrCat("placement.resume_from: the checkpoint's moments are ",
+                                            blob.bytes, "'s; this session's optimizer is ",
+                                            OptimizerKindName(options_.optimizer.kind)));
+    }
+    if (blob.name.rfind(kSessionBlobPrefix, 0) != 0) loop_state_.push_back(std::move(blob));
+  }
   return Status::Ok();
 }
 

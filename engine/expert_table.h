@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string_view>
 #include <vector>
 
 #include "engine/expert_updater.h"
@@ -30,6 +31,11 @@
 #include "runtime/device/pinned_pool.h"
 
 namespace ecss {
+
+// The session's own blobs in a checkpoint (the loop's may not start so): the optimizer kind
+// whose moments it holds.
+inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
+inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
 
 class ExpertTable {
  public:

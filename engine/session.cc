@@ -478,10 +478,20 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
     return FailedPreconditionError(
         "SaveCheckpoint with delayed_update: its held gradients are not saved yet");
   }
+  for (const CheckpointBlob& blob : loop_state) {
+    if (blob.name.rfind(kSessionBlobPrefix, 0) == 0) {
+      return InvalidArgumentError(StrCat("SaveCheckpoint: loop state '", blob.name,
+                                         "': names starting with '", kSessionBlobPrefix,
+                                         "' are the session's own"));
+    }
+  }
   ECSS_RETURN_IF_ERROR(Synchronize());
   ECSS_RETURN_IF_ERROR(s.table->RecordHostVersions());
   CheckpointOptions options;
   options.blobs = loop_state;
+  // What the moments mean: resuming them with another optimizer would be silently wrong.
+  options.blobs.push_back(
+      {std::string(kOptimizerBlob), std::string(OptimizerKindName(s.options.optimizer.kind))});
   options.states = s.table->CheckpointStates();
   options.io_engines = s.options.placement.io_engines;
   return ecss::SaveCheckpoint(s.table->store(), root, name, options);

@@ -129,8 +129,9 @@ class Session {
 
   // The stream the session computes on: the loop orders its own device work against it.
   Stream compute_stream() const;
-  // Saves every expert's master weights and moments, with `loop_state` (what the training
-  // loop owns: its dense weights and optimizer, RNG, data position, as named blobs), as
+  // Saves every expert's master weights and moments and the optimizer kind they belong to
+  // (a resume with another is refused), with `loop_state` (what the training loop owns: its
+  // dense weights and optimizer, RNG, data position, as named blobs; not named "ecss.*"), as
   // checkpoint ROOT/NAME (offload/checkpoint.h: crash-consistent, durable when it returns,
   // incremental over the newest checkpoint of this session's store). Between steps; it waits
   // for the updates in flight first. A session with placement.resume_from = ROOT/NAME trains

@@ -353,6 +353,19 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
   auto sim = SimBackend::Create(so);
   RunConfig host;
   host.dtype = DType::kBF16;
+  // The moments of one optimizer are not resumed by another (Adam's two moments would load).
+  RunConfig other_kind = host;
+  other_kind.resume_from = StrCat(root, "/ecss-host-bf16");
+  SessionOptions adam = OptionsFor(other_kind);
+  adam.optimizer.kind = OptimizerKind::kAdam;
+  Status kind = Session::Create(**sim, adam).status();
+  EXPECT_EQ(kind.code(), StatusCode::kFailedPrecondition) << kind;
+  EXPECT_NE(kind.message().find("adamw"), std::string::npos) << kind;
+  {
+    auto session = std::move(Session::Create(**sim, OptionsFor(host))).value();
+    EXPECT_EQ(session->SaveCheckpoint(root, "reserved", {{"ecss.mine", "x"}}).status().code(),
+              StatusCode::kInvalidArgument);
+  }
   RunConfig missing = host;
   missing.nvme_dir = StrCat(dir, "/missing");
   std::filesystem::create_directories(missing.nvme_dir);
