@@ -13,6 +13,13 @@ cd "$scratch"
 run() { "$program" --print-every 1 --trace trace.json "$@"; }
 # Each step's loss (step, loss columns), then the last loss with all its digits.
 losses() { grep -hE '^ +[0-9]+ ' "$@" | awk '{print $1, $2}'; grep -h '^last loss' "${@: -1}"; }
+fail() { echo "check_resume: $*" >&2; exit 1; }
+# The losses of STRAIGHT against those of the pieces that continued each other (in order).
+expect_same() {
+  local straight=$1 what=$2
+  shift 2
+  diff <(losses "$straight") <(losses "$@") || fail "$what differs from the straight run"
+}
 
 run --steps 12 --checkpoint-dir straight --checkpoint-every 6 > straight.txt
 run --steps 6 --checkpoint-dir stopped --checkpoint-every 6 > first.txt
@@ -20,17 +27,11 @@ run --steps 12 --checkpoint-dir stopped --resume > resumed.txt
 grep -q "resuming from stopped/step-6" resumed.txt
 # A fresh run into a directory of checkpoints is refused, not silently mixed with them.
 if run --steps 1 --checkpoint-dir stopped > refused.txt 2>&1; then
-  echo "check_resume: a fresh run into a directory of checkpoints was not refused" >&2
-  exit 1
+  fail "a fresh run into a directory of checkpoints was not refused"
 fi
 grep -q "ALREADY_EXISTS" refused.txt
-losses straight.txt > a.txt
-losses first.txt resumed.txt > b.txt
-if ! diff a.txt b.txt; then
-  echo "check_resume: the resumed run differs from the straight one" >&2
-  exit 1
-fi
-echo "check_resume: 6 + 6 resumed steps equal 12 straight ones ($(grep -c . a.txt) lines)"
+expect_same straight.txt "the resumed run" first.txt resumed.txt
+echo "check_resume: 6 + 6 resumed steps equal 12 straight ones"
 # SIGTERM mid-run: a checkpoint at the end of that step, exit 0; resumed, it continues as a
 # straight run of the same length would.
 "$program" --print-every 1 --trace trace.json --steps 1000000 --checkpoint-dir signalled \
@@ -41,32 +42,17 @@ trap 'kill -KILL "$pid" 2>/dev/null || true' EXIT  # never leave the long run be
 # may take long to get there.
 for _ in $(seq 1 6000); do
   grep -qE '^ +0 ' signalled.txt && break
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "check_resume: the run to be signalled ended early:" >&2
-    cat signalled.txt >&2
-    exit 1
-  fi
+  kill -0 "$pid" 2>/dev/null || fail "the run to be signalled ended early: $(cat signalled.txt)"
   sleep 0.1
 done
-if ! grep -qE '^ +0 ' signalled.txt; then
-  echo "check_resume: no step within 600 s" >&2
-  exit 1
-fi
+grep -qE '^ +0 ' signalled.txt || fail "no step within 600 s"
 kill -TERM "$pid"
-if ! wait "$pid"; then
-  echo "check_resume: the signalled run did not exit 0:" >&2
-  tail -5 signalled.txt >&2
-  exit 1
-fi
+wait "$pid" || fail "the signalled run did not exit 0: $(tail -5 signalled.txt)"
 grep -q "stopped by signal 15 after step" signalled.txt
 stopped_at=$(sed -n 's/^stopped by signal 15 after step \([0-9]*\);.*/\1/p' signalled.txt)
 total=$((stopped_at + 3))
 run --steps "$total" --checkpoint-dir signalled --resume > signalled_resumed.txt
 run --steps "$total" > signalled_straight.txt
-losses signalled_straight.txt > c.txt
-losses signalled.txt signalled_resumed.txt > d.txt
-if ! diff c.txt d.txt; then
-  echo "check_resume: the run resumed after SIGTERM differs from the straight one" >&2
-  exit 1
-fi
+expect_same signalled_straight.txt "the run resumed after SIGTERM" signalled.txt \
+  signalled_resumed.txt
 echo "check_resume: SIGTERM after step $stopped_at, resumed to $total: equal to a straight run"
