@@ -127,6 +127,14 @@ struct NvmeUpdater::Impl {
   }
   ExpertId Id(uint32_t id) const { return options.store->index().Id(id); }
 
+  // An expert's fence only moves forward. A job ends after the next step has begun, and
+  // that step may already have settled one of the job's experts (skipped or aborted it): the
+  // job's own end must not take the expert back to its step, or the next wait for it never
+  // returns. REQUIRES: mutex held.
+  void MarkDone(uint32_t expert, uint64_t at_step) {
+    done_step[expert] = std::max(done_step[expert], at_step);
+  }
+
   void RecordError(Status error) {  // REQUIRES: mutex held
     if (first_error.ok()) {
       first_error = std::move(error);
@@ -192,7 +200,7 @@ struct NvmeUpdater::Impl {
           options.optimizer.on_update(expert, job.step, at, std::chrono::steady_clock::now());
         }
         std::lock_guard<std::mutex> guard(mutex);
-        done_step[expert] = job.step;
+        MarkDone(expert, job.step);
         cv.notify_all();
       };
       TraceRecorder* trace = options.optimizer.trace;
@@ -216,7 +224,7 @@ struct NvmeUpdater::Impl {
             StrCat("update of step ", job.step, ": ", report->skipped_nonfinite,
                    " experts had a gradient with NaN or Inf and were not updated")));
       }
-      for (uint32_t expert : streamed) done_step[expert] = job.step;  // a run refused whole
+      for (uint32_t expert : streamed) MarkDone(expert, job.step);  // a run refused whole
       cv.notify_all();
     }
   }
@@ -448,7 +456,7 @@ StatusOr<StepReport> NvmeUpdater::FinishStep() {
   if (norm.skipped) {  // a non-finite gradient: no expert is updated this step
     report.skipped = true;
     std::lock_guard<std::mutex> lock(s.mutex);
-    for (const StreamedGradient& g : s.batch) s.done_step[g.expert] = s.step;
+    for (const StreamedGradient& g : s.batch) s.MarkDone(g.expert, s.step);
     s.batch.clear();
     s.cv.notify_all();
     return report;
@@ -460,7 +468,7 @@ StatusOr<StepReport> NvmeUpdater::FinishStep() {
 Status NvmeUpdater::AbortStep() {
   Impl& s = *impl_;
   std::lock_guard<std::mutex> lock(s.mutex);
-  for (const StreamedGradient& g : s.batch) s.done_step[g.expert] = s.step;
+  for (const StreamedGradient& g : s.batch) s.MarkDone(g.expert, s.step);
   s.batch.clear();
   s.cv.notify_all();
   return Status::Ok();
