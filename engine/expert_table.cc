@@ -1,12 +1,11 @@
 #include "engine/expert_table.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <filesystem>
 
+#include "engine/checkpoint_record.h"
 #include "runtime/base/logging.h"
-#include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -82,10 +81,7 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   o.initial = [this](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
     Initial(state, id, dst, bytes);
   };
-  const ModelSpec& m = options_.model;
-  o.initial_id = StrCat("uniform per expert from a counter rng, seed ", m.seed, ", scale ",
-                        m.init_scale > 0 ? StrCat(m.init_scale) : std::string("1/sqrt(fan-in)"),
-                        ", ", DTypeName(m.dtype), " weights, zero moments");
+  o.initial_id = InitialValuesId(options_.model);
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
   auto made =
@@ -97,38 +93,24 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
   }
   ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
   if (options_.placement.resume_from.empty()) return Status::Ok();
-  // ROOT/NAME, a trailing separator or not. On failure Create removes the store.
-  std::filesystem::path from = std::filesystem::path(options_.placement.resume_from);
-  if (!from.has_filename()) from = from.parent_path();
+  // On failure Create removes the store. The session's records are checked before anything
+  // is restored: a checkpoint of another model or optimizer writes nothing.
+  const auto [root, name] = SplitCheckpointPath(options_.placement.resume_from);
+  {
+    StatusOr<std::unique_ptr<CheckpointReader>> reader =
+        CheckpointReader::Open(root, name, options_.placement.io_engines);
+    if (!reader.ok()) return reader.status().Annotate("placement.resume_from");
+    ECSS_RETURN_IF_ERROR(
+        CheckSessionRecords((*reader)->blobs(), options_)
+            .Annotate(StrCat("placement.resume_from '", options_.placement.resume_from, "'")));
+  }
   StatusOr<std::vector<CheckpointBlob>> restored =
-      RestoreCheckpoint(from.parent_path().string(), from.filename().string(), *store_,
-                        options_.placement.io_engines);
+      RestoreCheckpoint(root, name, *store_, options_.placement.io_engines);
   if (!restored.ok()) return restored.status().Annotate("placement.resume_from");
   for (CheckpointBlob& blob : *restored) {
-    if (blob.name == kOptimizerBlob && blob.bytes != OptimizerKindName(options_.optimizer.kind)) {
-      return FailedPreconditionError(StrCat("placement.resume_from: the checkpoint's moments are ",
-                                            blob.bytes, "'s; this session's optimizer is ",
-                                            OptimizerKindName(options_.optimizer.kind)));
-    }
     if (blob.name.rfind(kSessionBlobPrefix, 0) != 0) loop_state_.push_back(std::move(blob));
   }
   return Status::Ok();
-}
-
-// Expert `id`'s initial master weights, from its own counter-based stream: W_in ~ U(-s, s)
-// with s = 1/sqrt(d_model), W_out with 1/sqrt(d_ff), or both with the model's init_scale.
-void ExpertTable::DrawMaster(ExpertId id, float* master) const {
-  const ModelSpec& m = options_.model;
-  const float in_scale =
-      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_model));
-  const float out_scale =
-      m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
-  const uint64_t in_elems = uint64_t{m.d_model} * m.d_in();
-  CounterRng rng(m.seed, (uint64_t{id.layer} << 32) | id.expert);
-  for (uint64_t i = 0; i < params_; ++i) {
-    const float scale = i < in_elems ? in_scale : out_scale;
-    master[i] = (rng.UniformFloat() * 2 - 1) * scale;
-  }
 }
 
 // What the store holds for `id` before its first write (`bytes` of it): the drawn master
@@ -137,15 +119,15 @@ void ExpertTable::DrawMaster(ExpertId id, float* master) const {
 void ExpertTable::Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const {
   switch (state) {
     case ExpertState::kMaster:
-      DrawMaster(id, static_cast<float*>(dst));
+      DrawInitialMaster(options_.model, id.layer, id.expert, static_cast<float*>(dst));
       return;
     case ExpertState::kWeights:
       if (options_.model.dtype == DType::kF32) {
-        DrawMaster(id, static_cast<float*>(dst));
+        DrawInitialMaster(options_.model, id.layer, id.expert, static_cast<float*>(dst));
       } else {
         thread_local std::vector<float> master;  // the readers' threads are few and long-lived
         master.resize(params_);
-        DrawMaster(id, master.data());
+        DrawInitialMaster(options_.model, id.layer, id.expert, master.data());
         ConvertF32ToBf16(master.data(), static_cast<BFloat16*>(dst), params_);
       }
       return;

@@ -32,11 +32,6 @@
 
 namespace ecss {
 
-// The session's own blobs in a checkpoint (the loop's may not start so): the optimizer kind
-// whose moments it holds.
-inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
-inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
-
 class ExpertTable {
  public:
   struct Entry {
@@ -109,7 +104,6 @@ class ExpertTable {
   Status CreateAll(const MemoryPlan& memory);
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots);
-  void DrawMaster(ExpertId id, float* master) const;
   void Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const;
   Status WriteInitialStates();
   // Whether the experts continue from stored states (placement.resume or resume_from).

@@ -7,6 +7,7 @@
 #include <optional>
 #include <vector>
 
+#include "engine/checkpoint_record.h"
 #include "engine/expert_table.h"
 #include "engine/memory_plan.h"
 #include "engine/plan_recorder.h"
@@ -492,6 +493,8 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
   // What the moments mean: resuming them with another optimizer would be silently wrong.
   options.blobs.push_back(
       {std::string(kOptimizerBlob), std::string(OptimizerKindName(s.options.optimizer.kind))});
+  // What the experts are (ids, sizes, initial values): checked at resume, read by ecss-extract.
+  options.blobs.push_back({std::string(kModelBlob), FormatModelRecord(s.options.model)});
   options.states = s.table->CheckpointStates();
   options.io_engines = s.options.placement.io_engines;
   return ecss::SaveCheckpoint(s.table->store(), root, name, options);

@@ -1,5 +1,7 @@
 #include "engine/session_options.h"
 
+#include <set>
+
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -33,7 +35,16 @@ Status SessionOptions::Validate() const {
                                        " for d_model and d_ff, ", kMaxDomains, " domains"));
   }
   uint64_t layer_total = 0;
+  std::set<std::string_view> names;
   for (const DomainSpec& d : m.domains) {
+    // Names are the keys of a domain in checkpoints (one line each) and in ecss-extract.
+    if (d.name.empty() || d.name.find_first_of("\n\r") != std::string::npos) {
+      return InvalidArgumentError(
+          StrCat("model spec: domain name '", d.name, "' is empty or holds a line break"));
+    }
+    if (!names.insert(d.name).second) {
+      return InvalidArgumentError(StrCat("model spec: two domains are named '", d.name, "'"));
+    }
     if (d.experts == 0 || d.experts > kMaxGroup) {
       return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has ", d.experts,
                                          " experts (1 .. ", kMaxGroup, ")"));

@@ -204,7 +204,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
 }
 
 std::string Dir(const std::string& root, const std::string& name) {
-  return StrCat(root, "/", name);
+  return root.empty() ? name : StrCat(root, "/", name);  // "": the working directory
 }
 
 StatusOr<Manifest> ReadManifest(const std::string& root, const std::string& name) {
@@ -346,8 +346,11 @@ StatusOr<std::vector<ExpertState>> StatesToSave(const ExpertStore& store,
 // 4 KiB-aligned blocks, one per saved state, for `sets` experts at once, contiguous per set.
 class BlockSets {
  public:
-  BlockSets(const ExpertStore& store, const std::vector<ExpertState>& states, uint32_t sets) {
-    for (ExpertState state : states) bytes_.push_back(store.BlockBytes(state));
+  BlockSets(const ExpertStoreLayout& layout, const std::vector<ExpertState>& states,
+            uint32_t sets) {
+    for (ExpertState state : states) {
+      bytes_.push_back(StateBlockBytes(ExpertStore::StateBytes(layout, state)));
+    }
     for (uint64_t b : bytes_) set_bytes_ += b;
     memory_ = static_cast<uint8_t*>(std::aligned_alloc(4096, set_bytes_ * sets));
     for (uint32_t s = 0; s < sets && memory_ != nullptr; ++s) {
@@ -478,7 +481,7 @@ Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
   const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
       options.buffer_bytes / std::max<uint64_t>(expert_bytes, 1), 1, engine->queue_depth()));
-  blocks = std::make_unique<BlockSets>(store, m->states, sets);
+  blocks = std::make_unique<BlockSets>(store.layout(), m->states, sets);
   if (!blocks->ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
   ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(path, OpenMode::kCreate));
   Status copied = [&] {
@@ -668,21 +671,120 @@ StatusOr<std::vector<CheckpointBlob>> ReadBlobs(const Manifest& m, const std::st
 
 }  // namespace
 
-StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
-                                                        const std::string& name, ExpertStore& store,
-                                                        const IoEngineFactory& io_engines) {
+std::pair<std::string, std::string> SplitCheckpointPath(const std::string& path) {
+  std::filesystem::path from(path);
+  if (!from.has_filename()) from = from.parent_path();
+  return {from.parent_path().string(), from.filename().string()};
+}
+
+struct CheckpointReader::Impl {
+  Impl(Manifest manifest, const std::string& checkpoints, const std::string& name)
+      : m(std::move(manifest)),
+        root(checkpoints),
+        where(Dir(root, name)),
+        index(m.layout.experts_per_layer) {}
+  ~Impl() {
+    for (const auto& [holder, file] : files) engine->Close(file.first).IgnoreError();
+  }
+  const Manifest m;
+  const std::string root;
+  const std::string where;
+  const ExpertIndex index;
+  std::vector<CheckpointBlob> blobs;
+  std::unique_ptr<BlockSets> blocks;  // at the first Read; before the engine: freed after it
+  std::unique_ptr<IoEngine> engine;
+  std::map<std::string, std::pair<IoFileId, uint64_t>> files;  // holder -> (file, size)
+};
+
+StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::Open(
+    const std::string& root, const std::string& name, const IoEngineFactory& io_engines) {
   if (!IsPlainName(name) || !Exists(StrCat(Dir(root, name), "/", kManifestName))) {
     return NoCheckpoint(root, name);
   }
-  const std::string where = Dir(root, name);
   ECSS_ASSIGN_OR_RETURN(Manifest m, ReadManifest(root, name));
-  ECSS_RETURN_IF_ERROR(CheckRestorable(m, store, where));
-  // Blobs first, and the store checked new in full: a failure before any write leaves it
-  // untouched.
-  ECSS_ASSIGN_OR_RETURN(std::vector<CheckpointBlob> blobs, ReadBlobs(m, where));
-  BlockSets blocks(store, m.states, 1);  // before the engine: freed after its reads
-  if (!blocks.ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
-  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {  // headers only, no state read
+  auto impl = std::make_unique<Impl>(std::move(m), root, name);
+  ECSS_ASSIGN_OR_RETURN(impl->blobs, ReadBlobs(impl->m, impl->where));
+  ECSS_ASSIGN_OR_RETURN(impl->engine, CreateIoEngine(io_engines));
+  return std::unique_ptr<CheckpointReader>(new CheckpointReader(std::move(impl)));
+}
+
+CheckpointReader::CheckpointReader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+CheckpointReader::~CheckpointReader() = default;
+
+const std::string& CheckpointReader::where() const { return impl_->where; }
+const ExpertStoreLayout& CheckpointReader::layout() const { return impl_->m.layout; }
+const std::string& CheckpointReader::initial_id() const { return impl_->m.initial_id; }
+const std::vector<ExpertState>& CheckpointReader::states() const { return impl_->m.states; }
+const std::vector<CheckpointBlob>& CheckpointReader::blobs() const { return impl_->blobs; }
+const ExpertIndex& CheckpointReader::index() const { return impl_->index; }
+uint64_t CheckpointReader::version(uint32_t flat) const {
+  return flat < impl_->m.experts.size() ? impl_->m.experts[flat].version : 0;
+}
+void* const* CheckpointReader::blocks() const { return impl_->blocks->blocks(0); }
+
+Status CheckpointReader::Read(uint32_t flat) {
+  Impl& s = *impl_;
+  if (flat >= s.m.experts.size()) {
+    return OutOfRangeError(StrCat("checkpoint '", s.where, "': no expert ", flat, " (",
+                                  s.m.experts.size(), " experts)"));
+  }
+  const ExpertRecord& x = s.m.experts[flat];
+  const ExpertId id = s.index.Id(flat);
+  const std::string expert = StrCat("layer ", id.layer, " expert ", id.expert);
+  if (x.version == 0) {
+    return FailedPreconditionError(
+        StrCat("checkpoint '", s.where, "': ", expert, " was never written (its initial value)"));
+  }
+  const std::string path = StrCat(Dir(s.root, x.holder), "/", kExpertsName);
+  if (s.blocks == nullptr) {
+    auto blocks = std::make_unique<BlockSets>(s.m.layout, s.m.states, 1);
+    if (!blocks->ok()) {
+      return ResourceExhaustedError(
+          StrCat("checkpoint '", s.where, "': no memory for one expert's blocks"));
+    }
+    s.blocks = std::move(blocks);
+  }
+  if (s.files.count(x.holder) == 0) {
+    StatusOr<IoFileId> opened = s.engine->Open(path, OpenMode::kRead);
+    if (!opened.ok()) {
+      return DataLossError(StrCat("checkpoint data '", path, "' that ", expert,
+                                  " is in cannot be read: ", opened.status().message()));
+    }
+    StatusOr<uint64_t> size = s.engine->FileSize(*opened);
+    if (!size.ok()) {
+      s.engine->Close(*opened).IgnoreError();
+      return size.status().Annotate(StrCat("checkpoint data '", path, "'"));
+    }
+    s.files[x.holder] = {*opened, *size};
+  }
+  const auto [file, size] = s.files[x.holder];
+  if (x.offset > size || s.blocks->set_bytes() > size - x.offset) {
+    return DataLossError(StrCat("checkpoint data '", path, "' is truncated: ", expert,
+                                " is at offset ", x.offset, ", the file has ", size, " bytes"));
+  }
+  ECSS_RETURN_IF_ERROR(
+      ReadAt(*s.engine, file, x.offset, s.blocks->set_data(0), s.blocks->set_bytes())
+          .Annotate(StrCat("reading ", expert, " from '", path, "'")));
+  for (size_t i = 0; i < s.m.states.size(); ++i) {
+    const uint64_t bytes = ExpertStore::StateBytes(s.m.layout, s.m.states[i]);
+    if (Crc32c(s.blocks->blocks(0)[i], bytes) != x.crcs[i]) {
+      return DataLossError(StrCat("checkpoint data '", path, "': ", expert, " ",
+                                  ExpertStateName(s.m.states[i]), " checksum mismatch"));
+    }
+  }
+  return Status::Ok();
+}
+
+StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
+                                                        const std::string& name, ExpertStore& store,
+                                                        const IoEngineFactory& io_engines) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name, io_engines));
+  const Manifest& m = reader->impl_->m;
+  ECSS_RETURN_IF_ERROR(CheckRestorable(m, store, reader->where()));
+  // The store checked new in full (headers only, no state read): a failure before any write
+  // leaves it untouched.
+  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
     const ExpertId id = store.index().Id(flat);
     for (ExpertState state : m.states) {
       ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id));
@@ -693,44 +795,16 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
       }
     }
   }
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(io_engines));
-  std::map<std::string, std::pair<IoFileId, uint64_t>> files;  // holder -> (file, size)
-  Status restored = [&] {
-    for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
-      const ExpertRecord& x = m.experts[flat];
-      if (x.version == 0) continue;  // stays unwritten
-      const ExpertId id = store.index().Id(flat);
-      const std::string expert = StrCat("layer ", id.layer, " expert ", id.expert);
-      const std::string path = StrCat(Dir(root, x.holder), "/", kExpertsName);
-      if (files.count(x.holder) == 0) {
-        StatusOr<IoFileId> opened = engine->Open(path, OpenMode::kRead);
-        if (!opened.ok()) {
-          return DataLossError(StrCat("checkpoint data '", path, "' that ", expert,
-                                      " is in cannot be read: ", opened.status().message()));
-        }
-        ECSS_ASSIGN_OR_RETURN(const uint64_t size, engine->FileSize(*opened));
-        files[x.holder] = {*opened, size};
-      }
-      const auto [file, size] = files[x.holder];
-      if (x.offset > size || blocks.set_bytes() > size - x.offset) {
-        return DataLossError(StrCat("checkpoint data '", path, "' is truncated: ", expert,
-                                    " is at offset ", x.offset, ", the file has ", size, " bytes"));
-      }
-      ECSS_RETURN_IF_ERROR(ReadAt(*engine, file, x.offset, blocks.set_data(0), blocks.set_bytes())
-                               .Annotate(StrCat("reading ", expert, " from '", path, "'")));
-      for (size_t s = 0; s < m.states.size(); ++s) {
-        if (Crc32c(blocks.blocks(0)[s], store.StateBytes(m.states[s])) != x.crcs[s]) {
-          return DataLossError(StrCat("checkpoint data '", path, "': ", expert, " ",
-                                      ExpertStateName(m.states[s]), " checksum mismatch"));
-        }
-      }
-      ECSS_RETURN_IF_ERROR(store.WriteStates(id, m.states, blocks.blocks(0), x.version));
+  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
+    if (m.experts[flat].version == 0) continue;  // stays unwritten
+    Status restored = reader->Read(flat);
+    if (restored.ok()) {
+      restored = store.WriteStates(store.index().Id(flat), m.states, reader->blocks(),
+                                   m.experts[flat].version);
     }
-    return Status::Ok();
-  }();
-  for (const auto& [holder, file] : files) engine->Close(file.first).IgnoreError();
-  if (!restored.ok()) return restored.Annotate(StrCat("restoring '", where, "'"));
-  return blobs;
+    if (!restored.ok()) return restored.Annotate(StrCat("restoring '", reader->where(), "'"));
+  }
+  return reader->blobs();
 }
 
 Status DeleteCheckpoint(const std::string& root, const std::string& name) {

@@ -42,6 +42,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -106,6 +107,50 @@ StatusOr<std::string> LatestCheckpoint(const std::string& root);
 StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
                                                         const std::string& name, ExpertStore& store,
                                                         const IoEngineFactory& io_engines = {});
+
+// A checkpoint's directory ROOT/NAME (a trailing separator or not; NAME alone is in the
+// working directory, ROOT "") as {ROOT, NAME}, what the calls below take.
+std::pair<std::string, std::string> SplitCheckpointPath(const std::string& path);
+
+// One checkpoint read expert by expert, without a store (what ecss-extract reads): its layout,
+// initial values, states and blobs, and each expert's saved states, verified against their
+// CRC-32C. It holds one expert's blocks at a time, so a checkpoint larger than memory reads.
+// Not thread-safe.
+class CheckpointReader {
+ public:
+  // NotFound listing the checkpoints that exist; DataLoss for a damaged manifest or blob.
+  static StatusOr<std::unique_ptr<CheckpointReader>> Open(const std::string& root,
+                                                          const std::string& name,
+                                                          const IoEngineFactory& io_engines = {});
+  ~CheckpointReader();
+  CheckpointReader(const CheckpointReader&) = delete;
+  CheckpointReader& operator=(const CheckpointReader&) = delete;
+
+  const std::string& where() const;  // ROOT/NAME
+  const ExpertStoreLayout& layout() const;
+  const ExpertIndex& index() const;  // the layout's experts: flat id <-> (layer, expert)
+  const std::string& initial_id() const;
+  const std::vector<ExpertState>& states() const;  // those saved, in blocks()' order
+  const std::vector<CheckpointBlob>& blobs() const;
+  // The expert's saved version; 0: never written, so nothing is saved (it is its initial
+  // value, which only the model that made the store computes).
+  uint64_t version(uint32_t flat) const;
+  // Reads expert `flat`'s saved states into blocks(), each verified: OutOfRange for an
+  // unknown id, FailedPrecondition for an expert never written, DataLoss naming the file,
+  // layer, expert and state for a missing, truncated or damaged block.
+  Status Read(uint32_t flat);
+  // After Read: one 4 KiB-aligned block per saved state (ExpertStore::StateBytes of the
+  // layout's valid), until the next Read.
+  void* const* blocks() const;
+
+ private:
+  struct Impl;
+  explicit CheckpointReader(std::unique_ptr<Impl> impl);
+  friend StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string&,
+                                                                 const std::string&, ExpertStore&,
+                                                                 const IoEngineFactory&);
+  std::unique_ptr<Impl> impl_;
+};
 
 // Removes checkpoint `name`: its manifest, then its data unless a newer checkpoint refers to
 // it (then the data stays until the last one that does is deleted).

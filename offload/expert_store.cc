@@ -261,10 +261,11 @@ std::string_view ExpertStateName(ExpertState state) {
   return "?";
 }
 
-uint64_t ExpertStore::StateBytes(ExpertState state) const { return StateBytes(options_, state); }
+uint64_t ExpertStore::StateBytes(ExpertState state) const {
+  return StateBytes(options_.layout, state);
+}
 
-uint64_t ExpertStore::StateBytes(const ExpertStoreOptions& options, ExpertState state) {
-  const ExpertStoreLayout& l = options.layout;
+uint64_t ExpertStore::StateBytes(const ExpertStoreLayout& l, ExpertState state) {
   switch (state) {
     case ExpertState::kWeights:
       return l.params_per_expert * DTypeSize(l.weights_dtype);
@@ -278,7 +279,7 @@ uint64_t ExpertStore::StateBytes(const ExpertStoreOptions& options, ExpertState 
 }
 
 bool ExpertStore::HasState(const ExpertStoreOptions& options, ExpertState state) {
-  return StateBytes(options, state) > 0 && options.placement[Index(state)] != Tier::kNone;
+  return StateBytes(options.layout, state) > 0 && options.placement[Index(state)] != Tier::kNone;
 }
 
 bool ExpertStore::HasFile(const ExpertStoreOptions& options, ExpertState state) {
@@ -289,7 +290,7 @@ bool ExpertStore::HasFile(const ExpertStoreOptions& options, ExpertState state) 
 // Durable memory states move between their region and their file with O_DIRECT: 4 KiB
 // blocks. Others need only the host allocator's 64 B (the device's 256 B).
 uint64_t ExpertStore::Stride(const ExpertStoreOptions& options, ExpertState state) {
-  const uint64_t bytes = StateBytes(options, state);
+  const uint64_t bytes = StateBytes(options.layout, state);
   switch (options.placement[Index(state)]) {
     case Tier::kDevice:
       return RoundUp(bytes, kDeviceAlignment);
@@ -328,7 +329,7 @@ uint64_t ExpertStore::StagingBytes(const ExpertStoreOptions& options) {
     const Tier tier = options.placement[Index(state)];
     if (HasState(options, state) &&
         (tier == Tier::kNvme || (tier == Tier::kDevice && HasFile(options, state)))) {
-      staging = std::max(staging, StateBlockBytes(StateBytes(options, state)));
+      staging = std::max(staging, StateBlockBytes(StateBytes(options.layout, state)));
     }
   }
   return staging;
@@ -378,7 +379,7 @@ StateFileOptions ExpertStore::FileOptions(const ExpertStoreOptions& options, Exp
   file.element_bytes = state == ExpertState::kWeights
                            ? static_cast<uint32_t>(DTypeSize(options.layout.weights_dtype))
                            : 4;
-  file.max_expert_elements = StateBytes(options, state) / file.element_bytes;
+  file.max_expert_elements = StateBytes(options.layout, state) / file.element_bytes;
   uint32_t experts = 0;
   for (uint32_t n : options.layout.experts_per_layer) experts += n;
   file.experts = experts;

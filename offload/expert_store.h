@@ -209,6 +209,9 @@ class ExpertStore {
   Status SetResidentVersion(ExpertState state, ExpertId id, uint64_t version);
 
   uint64_t StateBytes(ExpertState state) const;
+  // What one expert's `state` takes in a store of this layout (0: a state without data, such
+  // as moments for an optimizer that keeps none).
+  static uint64_t StateBytes(const ExpertStoreLayout& layout, ExpertState state);
   // What a store with these options allocates (the memory plan's figures): the region of a
   // memory state (0 for nvme or none) and the staging block (0 when nothing needs it).
   static uint64_t RegionBytes(const ExpertStoreOptions& options, ExpertState state);
@@ -274,7 +277,6 @@ class ExpertStore {
   // Whether the state has a file: on nvme, or a durable memory state.
   static bool HasFile(const ExpertStoreOptions& options, ExpertState state);
   bool HasFile(ExpertState state) const { return HasFile(options_, state); }
-  static uint64_t StateBytes(const ExpertStoreOptions& options, ExpertState state);
   static uint64_t Stride(const ExpertStoreOptions& options, ExpertState state);
   Status Allocate();
   // Every expert of a memory state's region from `initial`.

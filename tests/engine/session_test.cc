@@ -383,6 +383,20 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
   Status foreign = Session::Create(**sim, other_model).status();
   EXPECT_EQ(foreign.code(), StatusCode::kFailedPrecondition) << foreign;
   EXPECT_FALSE(std::filesystem::exists(missing.nvme_dir + "/ecss-store.manifest"));
+  // Models the store's layout cannot tell apart (a GeLU expert has 2 d_model d_ff parameters
+  // either way round; a renamed domain has as many experts): the model the checkpoint records
+  // names the field.
+  SessionOptions swapped = OptionsFor(missing);
+  std::swap(swapped.model.d_model, swapped.model.d_ff);
+  SessionOptions renamed = OptionsFor(missing);
+  renamed.model.domains[0].name += "-renamed";
+  for (const auto& [options, field] :
+       {std::pair{swapped, "d_model"}, std::pair{renamed, "domains"}}) {
+    Status refused = Session::Create(**sim, options).status();
+    EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+    EXPECT_NE(refused.message().find(field), std::string::npos) << refused;
+    EXPECT_FALSE(std::filesystem::exists(missing.nvme_dir + "/ecss-store.manifest"));
+  }
   EXPECT_TRUE(Session::Create(**sim, OptionsFor(missing)).ok());
   std::filesystem::remove_all(dir);
 }

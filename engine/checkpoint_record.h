@@ -1,0 +1,51 @@
+// What a session records about itself in a checkpoint, besides the experts' states: blobs whose
+// names start with "ecss." (the loop's may not), read back at resume and by ecss-extract.
+//   ecss.optimizer  the optimizer kind whose moments the checkpoint holds ("adamw", ...)
+//   ecss.model      the model (FormatModelRecord): what the expert ids, sizes and initial
+//                   values mean, so a resume with another model is refused naming the field,
+//                   and a tool can read the checkpoint without the loop's options
+// Also the experts' initial values (DrawInitialMaster), which the store reproduces for
+// experts never written, and so must a reader of a checkpoint, which records them as initial.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/session_options.h"
+#include "offload/checkpoint.h"
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
+inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
+inline constexpr std::string_view kModelBlob = "ecss.model";
+
+// Every ModelSpec field, one "key value" line each ("domain EXPERTS NAME" per domain, in id
+// order; init_scale as its bit pattern, so it reads back exactly). REQUIRES: model.Validate'd
+// (domain names hold no line break: Validate refuses them).
+std::string FormatModelRecord(const ModelSpec& model);
+// The inverse, strict: DataLoss naming the line for anything FormatModelRecord does not write
+// (an unknown or repeated key, a bad number, a missing field).
+StatusOr<ModelSpec> ParseModelRecord(std::string_view text);
+// OK when `saved` and `here` are the same model; else FailedPrecondition naming the first field
+// that differs and both values.
+Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here);
+
+// Whether a checkpoint with these blobs resumes into a session with these options: its
+// optimizer kind and model (when recorded: checkpoints of builds before a record lack it) are
+// the session's. FailedPrecondition naming what differs; DataLoss for a damaged record.
+Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs, const SessionOptions& options);
+
+// What the store's unwritten experts read as (ExpertStoreOptions::initial_id), in words: a
+// checkpoint records it, and a reader that draws them (DrawInitialMaster) checks it.
+std::string InitialValuesId(const ModelSpec& model);
+
+// Expert (layer, expert)'s initial fp32 master weights (ModelSpec::expert_params of them),
+// from its own counter-based stream: W_in ~ U(-s, s) with s = init_scale or 1/sqrt(d_model),
+// then W_out with init_scale or 1/sqrt(d_ff). The same on every platform and build.
+void DrawInitialMaster(const ModelSpec& model, uint32_t layer, uint32_t expert, float* master);
+
+}  // namespace ecss

@@ -1,0 +1,87 @@
+// The session's records in a checkpoint: the model record reads back exactly, strictly, and
+// names what differs.
+#include "engine/checkpoint_record.h"
+
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+namespace ecss {
+namespace {
+
+ModelSpec AModel() {
+  ModelSpec m;
+  m.layers = 3;
+  m.d_model = 48;
+  m.d_ff = 80;
+  m.activation = Activation::kSwiGlu;
+  m.dtype = DType::kF32;
+  m.vocab = 500;
+  m.seed = (uint64_t{1} << 63) + 7;
+  m.builder = TableBuilder::kHashBalanced;
+  m.init_scale = 0.1f;  // not exact in decimal
+  m.domains = {{"en", 4}, {"source code", 2}, {"zh", 3}};
+  return m;
+}
+
+TEST(CheckpointRecordTest, TheModelReadsBackExactly) {
+  const ModelSpec m = AModel();
+  const std::string text = FormatModelRecord(m);
+  auto parsed = ParseModelRecord(text);
+  ASSERT_TRUE(parsed.ok()) << parsed.status() << "\n" << text;
+  EXPECT_TRUE(CheckSameModel(*parsed, m).ok());
+  EXPECT_EQ(FormatModelRecord(*parsed), text);
+  EXPECT_EQ(parsed->domains[1].name, "source code");
+  EXPECT_EQ(parsed->init_scale, 0.1f);
+}
+
+TEST(CheckpointRecordTest, ARecordIsParsedStrictly) {
+  const std::string good = FormatModelRecord(AModel());
+  const std::vector<std::string> damaged = {
+      good + "colour blue\n",                                        // an unknown key
+      good + "layers 3\n",                                           // a repeated key
+      good.substr(0, good.size() - 1),                               // no final line end
+      "d_model 48\n",                                                // fields missing
+      std::string(good).replace(0, 8, "layers x"),                   // not a number
+      good + "domain many zh2\n",                                    // a domain without a count
+      good + "domain 4 en\n",                                        // a domain named twice
+      std::string(good).replace(good.find("d_ff 80"), 7, "d_ff 0"),  // not a valid model
+  };
+  for (const std::string& text : damaged) {
+    Status status = ParseModelRecord(text).status();
+    EXPECT_EQ(status.code(), StatusCode::kDataLoss) << text;
+  }
+}
+
+TEST(CheckpointRecordTest, ADifferentModelIsNamedByItsField) {
+  const ModelSpec m = AModel();
+  auto differs = [&](auto change, std::string_view field) {
+    ModelSpec other = m;
+    change(other);
+    Status status = CheckSameModel(m, other);
+    EXPECT_EQ(status.code(), StatusCode::kFailedPrecondition) << field;
+    EXPECT_NE(status.message().find(field), std::string::npos) << status;
+  };
+  differs([](ModelSpec& o) { o.d_model = 80; }, "d_model");
+  differs([](ModelSpec& o) { o.activation = Activation::kGelu; }, "activation");
+  differs([](ModelSpec& o) { o.init_scale = 0.2f; }, "init_scale");
+  differs([](ModelSpec& o) { o.domains.pop_back(); }, "domains");
+  differs([](ModelSpec& o) { std::swap(o.domains[0], o.domains[2]); }, "domains");
+}
+
+// What unwritten experts are: the same values for the same (seed, layer, expert), another
+// stream for another expert.
+TEST(CheckpointRecordTest, InitialMastersAreAFunctionOfTheExpert) {
+  const ModelSpec m = AModel();
+  std::vector<float> a(m.expert_params()), b(m.expert_params()), c(m.expert_params());
+  DrawInitialMaster(m, 1, 2, a.data());
+  DrawInitialMaster(m, 1, 2, b.data());
+  DrawInitialMaster(m, 2, 1, c.data());
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  for (float x : a) EXPECT_LE(std::abs(x), 0.1f);
+}
+
+}  // namespace
+}  // namespace ecss

@@ -1,0 +1,247 @@
+// ecss-extract: a domain's sub-model cut out of a session's checkpoint, bit for bit, read back
+// by an independent reader (tests/tools/read_safetensors.py, standard library only).
+#include "tools/extract/extract.h"
+
+#include <stdlib.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "engine/plan_inputs.h"
+#include "runtime/base/dtype.h"
+#include "runtime/base/str_cat.h"
+#include "tests/engine/reference_trainer.h"
+#include "tools/extract/safetensors.h"
+
+namespace ecss {
+namespace {
+
+using engine_test::RunConfig;
+using engine_test::SmallModel;
+using engine_test::TrainSession;
+
+// The independent reader's view of `path`: name -> {dtype, shape, bits}.
+nlohmann::json ReadWithPython(const std::string& path) {
+  const std::string command =
+      StrCat("'", ECSS_TEST_PYTHON3, "' '", ECSS_TEST_SAFETENSORS_READER, "' '", path, "'");
+  std::FILE* pipe = popen(command.c_str(), "r");
+  if (pipe == nullptr) return nullptr;
+  std::string output;
+  char buffer[65536];
+  for (size_t n; (n = std::fread(buffer, 1, sizeof buffer, pipe)) > 0;) output.append(buffer, n);
+  const int status = pclose(pipe);
+  EXPECT_EQ(status, 0) << command;
+  return nlohmann::json::parse(output, nullptr, false);
+}
+
+class ExtractTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_NE(mkdtemp(dir_), nullptr);
+    root_ = StrCat(dir_, "/checkpoints");
+    std::filesystem::create_directory(root_);
+    // One step of a bf16 model (domains c: 2 experts, python: 3, docs: 2; 2 layers) in host
+    // memory: some experts updated, some never (they stay their initial values).
+    RunConfig c;
+    c.dtype = DType::kBF16;
+    c.steps = 1;
+    TrainSession(c, nullptr, [&](Session& s) {
+      ASSERT_TRUE(s.SaveCheckpoint(root_, "step2", {}).ok());
+      for (uint32_t l = 0; l < 2; ++l) {
+        for (uint32_t e = 0; e < 7; ++e) {
+          masters_[{l, e}] = std::move(s.MasterWeights(LayerIndex(l), e)).value();
+        }
+      }
+    });
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  ExtractOptions Options(std::vector<std::string> domains) const {
+    ExtractOptions o;
+    o.checkpoint = StrCat(root_, "/step2");
+    o.domains = std::move(domains);
+    o.out = StrCat(dir_, "/out.safetensors");
+    return o;
+  }
+
+  char dir_[32] = "/tmp/ecss_extract_XXXXXX";
+  std::string root_;
+  std::map<std::pair<uint32_t, uint32_t>, std::vector<float>> masters_;  // (layer, expert)
+};
+
+// docs and c kept (named in any order: the file keeps the model's order, c then docs);
+// python absent. Weights, moments, update counts and routes as the full model has them.
+TEST_F(ExtractTest, TheKeptDomainsExpertsAndRoutesAreTheFullModels) {
+  ExtractOptions o = Options({"docs", "c"});
+  o.with_optimizer_state = true;
+  o.verify = true;
+  std::vector<uint64_t> progress;  // extracting, then verifying: 1..8 each
+  o.progress = [&](uint64_t done, uint64_t of) {
+    EXPECT_EQ(of, 8u);
+    progress.push_back(done);
+  };
+  auto report = ExtractToSafetensors(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  ASSERT_EQ(report->model.domains.size(), 2u);
+  EXPECT_EQ(report->model.domains[0].name, "c");
+  EXPECT_EQ(report->model.domains[1].name, "docs");
+  EXPECT_EQ(report->experts, 8u);  // 4 a layer
+  EXPECT_EQ(progress, (std::vector<uint64_t>{1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8}));
+  EXPECT_GT(report->initial, 0u);
+  EXPECT_LT(report->initial, 8u);
+
+  // Sizes as the spec predicts: per expert its master and AdamW's two moments, per layer the
+  // update counts and a [2, vocab] routing table; 6 tensors an expert and 2 a layer.
+  const ModelSpec m = SmallModel(DType::kBF16);
+  const uint64_t data = 8 * m.expert_params() * 4 * 3 + 2 * (4 * 8 + 2 * m.vocab * 4);
+  auto header = ReadSafetensorsHeader(o.out);
+  ASSERT_TRUE(header.ok()) << header.status();
+  EXPECT_EQ(std::filesystem::file_size(o.out), header->data_start + data);
+  EXPECT_EQ(report->file_bytes, header->data_start + data);
+  EXPECT_EQ(header->tensors.size(), 8u * 6 + 2 * 2);
+  EXPECT_EQ(header->metadata.at("domains"), "c\ndocs");
+
+  // Read by the independent reader: every expert's weights are the full model's expert's,
+  // renumbered (c's 0-1 stay, docs' 5-6 become 2-3); python's experts are absent.
+  const nlohmann::json file = ReadWithPython(o.out);
+  ASSERT_TRUE(file.is_object());
+  auto router = RouterOf(m);
+  ASSERT_TRUE(router.ok());
+  const uint64_t in_elements = uint64_t{m.d_model} * m.d_in();
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t j = 0; j < 4; ++j) {
+      const uint32_t full = j < 2 ? j : j + 3;
+      const std::vector<float>& master = masters_.at({l, full});
+      const std::string name = StrCat("layers.", l, ".experts.", j);
+      const auto w_in = file.at(name + ".w_in").at("bits").get<std::vector<uint32_t>>();
+      const auto w_out = file.at(name + ".w_out").at("bits").get<std::vector<uint32_t>>();
+      ASSERT_EQ(w_in.size(), in_elements);
+      ASSERT_EQ(w_in.size() + w_out.size(), master.size());
+      for (uint64_t i = 0; i < master.size(); ++i) {
+        const uint32_t bits = i < in_elements ? w_in[i] : w_out[i - in_elements];
+        ASSERT_EQ(bits, FloatBits(master[i])) << name << " element " << i;
+      }
+      EXPECT_EQ(file.at(name + ".w_in.exp_avg").at("shape"),
+                nlohmann::json::array({m.d_model, m.d_in()}));
+    }
+    EXPECT_FALSE(file.contains(StrCat("layers.", l, ".experts.4.w_in")));
+    const auto routing = file.at(StrCat("layers.", l, ".routing")).at("bits");
+    ASSERT_EQ(routing.size(), 2u * m.vocab);
+    for (uint32_t row = 0; row < 2; ++row) {
+      const uint32_t domain = row == 0 ? 0 : 2;
+      for (uint32_t t = 0; t < m.vocab; ++t) {
+        const uint32_t full = router->Route(l, domain, t).value();
+        EXPECT_EQ(routing[row * m.vocab + t].get<uint32_t>(), full < 2 ? full : full - 3)
+            << "layer " << l << " domain " << domain << " token " << t;
+      }
+    }
+    // Update counts: 0 for an expert never updated, else the one step trained.
+    for (uint64_t updates : file.at(StrCat("layers.", l, ".updates")).at("bits")) {
+      EXPECT_LE(updates, 1u);
+    }
+  }
+}
+
+// Bad requests are refused naming what is wrong, and leave no file behind.
+TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
+  ExtractOptions o = Options({"rust"});
+  Status unknown = ExtractToSafetensors(o).status();
+  EXPECT_EQ(unknown.code(), StatusCode::kNotFound) << unknown;
+  EXPECT_NE(unknown.message().find("c, python, docs"), std::string::npos) << unknown;
+  EXPECT_EQ(ExtractToSafetensors(Options({"c", "c"})).status().code(),
+            StatusCode::kInvalidArgument);
+  o = Options({"python"});
+  o.checkpoint = StrCat(root_, "/step3");
+  EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kNotFound);
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+
+  // An existing file is replaced only when asked.
+  o = Options({"python"});
+  ASSERT_TRUE(ExtractToSafetensors(o).ok());
+  EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kAlreadyExists);
+  o.overwrite = true;
+  EXPECT_TRUE(ExtractToSafetensors(o).ok());
+
+  // A damaged checkpoint: DataLoss naming the expert and state; the old file stays whole and
+  // no partial file is left.
+  const std::string experts = StrCat(root_, "/step2/experts.bin");
+  {
+    std::fstream f(experts, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(100);
+    char byte = 0;
+    f.read(&byte, 1);
+    f.seekp(100);
+    byte = static_cast<char>(byte ^ 0x10);
+    f.write(&byte, 1);
+  }
+  const uint64_t before = std::filesystem::file_size(o.out);
+  o.domains = {"c", "python", "docs"};
+  Status damaged = ExtractToSafetensors(o).status();
+  EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << damaged;
+  EXPECT_NE(damaged.message().find("checksum mismatch"), std::string::npos) << damaged;
+  EXPECT_NE(damaged.message().find("expert"), std::string::npos) << damaged;
+  EXPECT_EQ(std::filesystem::file_size(o.out), before);
+  EXPECT_FALSE(std::filesystem::exists(o.out + ".partial"));
+}
+
+// A damaged or hostile header is DataLoss naming the file, never a crash or a huge allocation.
+TEST(SafetensorsTest, AMalformedHeaderIsDataLoss) {
+  char dir[] = "/tmp/ecss_safetensors_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  auto file = [&](const std::string& json, uint64_t length, uint64_t data) {
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(length >> (8 * i));
+    return bytes + json + std::string(data, '\0');
+  };
+  auto header = [&](const std::string& json, uint64_t data) {
+    return file(json, json.size(), data);
+  };
+  const std::vector<std::string> damaged = {
+      "abc",                                                       // shorter than the length
+      file("{}", 1000, 0),                                         // a length past the end
+      file("{}", uint64_t{1} << 62, 0),                            // a huge length
+      header("[1, 2]", 0),                                         // not an object
+      header("{\"a\": 5}", 0),                                     // an entry not an object
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1]}}", 4),  // no offsets
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [\"0\", 4]}}", 4),
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [-1], \"data_offsets\": [0, 4]}}", 4),
+      header("{\"a\": {\"dtype\": \"Q7\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4),
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 4]}}", 4),
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}}", 8),
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 12),
+      header("{\"a\": {\"dtype\": \"U8\", \"shape\": [4294967296, 4294967296], "
+             "\"data_offsets\": [0, 0]}}",
+             0),
+      header("{\"__metadata__\": {\"k\": 1}}", 0),
+  };
+  for (size_t i = 0; i < damaged.size(); ++i) {
+    const std::string path = StrCat(dir, "/", i, ".safetensors");
+    std::ofstream(path, std::ios::binary) << damaged[i];
+    Status status = ReadSafetensorsHeader(path).status();
+    EXPECT_EQ(status.code(), StatusCode::kDataLoss) << i << ": " << status;
+    EXPECT_NE(status.message().find(path), std::string::npos) << status;
+  }
+  // What the format allows: an empty tensor beside others, and metadata.
+  const std::string path = StrCat(dir, "/good.safetensors");
+  std::ofstream(path, std::ios::binary) << header(
+      "{\"e\": {\"dtype\": \"F32\", \"shape\": [0], \"data_offsets\": [0, 0]}, "
+      "\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}, "
+      "\"__metadata__\": {\"k\": \"v\"}}",
+      4);
+  auto good = ReadSafetensorsHeader(path);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_EQ(good->tensors.size(), 2u);
+  EXPECT_EQ(good->metadata.at("k"), "v");
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ecss

@@ -1,0 +1,335 @@
+#include "tools/extract/extract.h"
+
+#include <algorithm>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+
+#include "engine/checkpoint_record.h"
+#include "engine/plan_inputs.h"
+#include "offload/checkpoint.h"
+#include "optimizer/optimizer_config.h"
+#include "runtime/base/str_cat.h"
+#include "tools/extract/safetensors.h"
+
+namespace ecss {
+
+namespace {
+
+constexpr char kFormat[] = "ecss-extract 1";
+
+// What is extracted, and how the numbers map.
+struct Plan {
+  ModelSpec full, sub;
+  std::string optimizer;       // the checkpoint's kind; empty when it does not say
+  std::vector<uint32_t> kept;  // domain ids (= their index in full.domains), in that order
+  std::vector<uint32_t> old_first, new_first;  // per kept domain: its group's first expert
+  size_t master_state = 0;                     // of the checkpoint's saved states
+  std::optional<size_t> moments_state;
+  std::vector<std::string> moment_names;  // with_optimizer_state: one per moment array
+};
+
+std::vector<std::string> MomentNames(OptimizerKind kind) {
+  switch (kind) {
+    case OptimizerKind::kAdamW:
+    case OptimizerKind::kAdam:
+      return {"exp_avg", "exp_avg_sq"};
+    case OptimizerKind::kLion:
+      return {"exp_avg"};
+    case OptimizerKind::kAdagrad:
+      return {"sum"};
+    case OptimizerKind::kSgdMomentum:
+      return {"momentum_buffer"};
+  }
+  return {};
+}
+
+StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
+  Plan plan;
+  const CheckpointBlob* model = nullptr;
+  for (const CheckpointBlob& blob : reader.blobs()) {
+    if (blob.name == kModelBlob) model = &blob;
+    if (blob.name == kOptimizerBlob) plan.optimizer = blob.bytes;
+  }
+  if (model == nullptr) {
+    return FailedPreconditionError(StrCat("checkpoint '", reader.where(),
+                                          "' does not record its model (saved by a build before "
+                                          "the model record): it cannot be extracted"));
+  }
+  ECSS_ASSIGN_OR_RETURN(plan.full, ParseModelRecord(model->bytes));
+  const ModelSpec& m = plan.full;
+  // The record and the layout must agree, or ids and sizes would be read as something else.
+  const std::vector<uint32_t> layer(m.layers, [&] {
+    uint32_t n = 0;
+    for (const DomainSpec& d : m.domains) n += d.experts;
+    return n;
+  }());
+  const ExpertStoreLayout& layout = reader.layout();
+  if (layout.experts_per_layer != layer || layout.params_per_expert != m.expert_params() ||
+      layout.weights_dtype != m.dtype) {
+    return DataLossError(StrCat("checkpoint '", reader.where(),
+                                "': its model record does not match its experts' layout"));
+  }
+  // Experts never written are drawn here as the session drew them: only if the checkpoint's
+  // initial values are the ones DrawInitialMaster draws.
+  if (reader.initial_id() != InitialValuesId(m)) {
+    return FailedPreconditionError(StrCat("checkpoint '", reader.where(), "': initial values '",
+                                          reader.initial_id(), "', this build draws '",
+                                          InitialValuesId(m), "'"));
+  }
+  if (options.domains.empty()) return InvalidArgumentError("no domain to extract");
+  std::set<uint32_t> chosen;
+  for (const std::string& name : options.domains) {
+    auto found = std::find_if(m.domains.begin(), m.domains.end(),
+                              [&](const DomainSpec& d) { return d.name == name; });
+    if (found == m.domains.end()) {
+      std::string known;
+      for (const DomainSpec& d : m.domains) known += StrCat(known.empty() ? "" : ", ", d.name);
+      return NotFoundError(
+          StrCat("no domain '", name, "' in checkpoint '", reader.where(), "'; it has: ", known));
+    }
+    if (!chosen.insert(static_cast<uint32_t>(found - m.domains.begin())).second) {
+      return InvalidArgumentError(StrCat("domain '", name, "' is named twice"));
+    }
+  }
+  plan.sub = m;
+  plan.sub.domains.clear();
+  uint32_t old_first = 0, new_first = 0;
+  for (uint32_t d = 0; d < m.domains.size(); ++d) {
+    if (chosen.count(d) != 0) {
+      plan.kept.push_back(d);
+      plan.old_first.push_back(old_first);
+      plan.new_first.push_back(new_first);
+      plan.sub.domains.push_back(m.domains[d]);
+      new_first += m.domains[d].experts;
+    }
+    old_first += m.domains[d].experts;
+  }
+  const std::vector<ExpertState>& states = reader.states();
+  auto index_of = [&](ExpertState state) -> std::optional<size_t> {
+    auto it = std::find(states.begin(), states.end(), state);
+    if (it == states.end()) return std::nullopt;
+    return static_cast<size_t>(it - states.begin());
+  };
+  // A bf16 model's checkpoint holds the fp32 master; an f32 model's weights are the master.
+  std::optional<size_t> master = index_of(ExpertState::kMaster);
+  if (!master && m.dtype == DType::kF32) master = index_of(ExpertState::kWeights);
+  if (!master) {
+    return FailedPreconditionError(
+        StrCat("checkpoint '", reader.where(), "' holds no master weights"));
+  }
+  plan.master_state = *master;
+  if (ExpertStore::StateBytes(layout, states[*master]) != m.expert_params() * 4) {
+    return DataLossError(StrCat("checkpoint '", reader.where(), "': master weights of ",
+                                ExpertStore::StateBytes(layout, states[*master]), " bytes"));
+  }
+  plan.moments_state = index_of(ExpertState::kMoments);
+  if (options.with_optimizer_state) {
+    StatusOr<OptimizerKind> kind = ParseOptimizerKind(plan.optimizer);
+    if (!kind.ok() || !plan.moments_state) {
+      return FailedPreconditionError(
+          StrCat("checkpoint '", reader.where(), "' does not record its optimizer's states"));
+    }
+    plan.moment_names = MomentNames(*kind);
+    if (plan.moment_names.size() > reader.layout().moments) {
+      return DataLossError(StrCat("checkpoint '", reader.where(), "': ", plan.optimizer,
+                                  " moments, ", reader.layout().moments, " arrays saved"));
+    }
+  }
+  return plan;
+}
+
+// Each tensor of the file in order, with its bytes when `reader` is given (else data is null:
+// the declarations alone). `visit(tensor, data)`.
+template <typename Visit>
+Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& options,
+            Visit visit) {
+  const ModelSpec& m = plan.full;
+  const uint64_t params = m.expert_params();
+  const uint64_t in_elements = uint64_t{m.d_model} * m.d_in();
+  const std::vector<uint64_t> in_shape = {m.d_model, m.d_in()};
+  const std::vector<uint64_t> out_shape = {m.d_ff, m.d_model};
+  uint32_t per_layer = 0;
+  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
+  const uint64_t total = uint64_t{per_layer} * m.layers;
+  std::vector<float> master(reader != nullptr ? params : 0);
+  std::vector<float> moments(reader != nullptr ? params * plan.moment_names.size() : 0);
+  std::unique_ptr<RreRouter> router;
+  if (reader != nullptr) {
+    ECSS_ASSIGN_OR_RETURN(RreRouter made, RouterOf(m));
+    router = std::make_unique<RreRouter>(std::move(made));
+  }
+  uint64_t done = 0;
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    std::vector<int64_t> updates;
+    for (size_t k = 0; k < plan.kept.size(); ++k) {
+      for (uint32_t e = 0; e < m.domains[plan.kept[k]].experts; ++e) {
+        const std::string name = StrCat("layers.", l, ".experts.", plan.new_first[k] + e);
+        uint64_t version = 0;
+        if (reader != nullptr) {
+          const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
+          version = reader->version(flat);
+          if (version == 0) {
+            DrawInitialMaster(m, l, plan.old_first[k] + e, master.data());
+            std::fill(moments.begin(), moments.end(), 0.0f);
+          } else {
+            ECSS_RETURN_IF_ERROR(reader->Read(flat));
+            std::memcpy(master.data(), reader->blocks()[plan.master_state], params * 4);
+            if (!moments.empty()) {
+              std::memcpy(moments.data(), reader->blocks()[*plan.moments_state],
+                          moments.size() * 4);
+            }
+          }
+        }
+        updates.push_back(static_cast<int64_t>(version));
+        auto at = [&](const std::vector<float>& v, uint64_t offset) -> const void* {
+          return reader != nullptr ? v.data() + offset : nullptr;
+        };
+        ECSS_RETURN_IF_ERROR(visit({name + ".w_in", "F32", in_shape}, at(master, 0)));
+        ECSS_RETURN_IF_ERROR(visit({name + ".w_out", "F32", out_shape}, at(master, in_elements)));
+        for (size_t a = 0; a < plan.moment_names.size(); ++a) {
+          const std::string& state = plan.moment_names[a];
+          ECSS_RETURN_IF_ERROR(
+              visit({StrCat(name, ".w_in.", state), "F32", in_shape}, at(moments, a * params)));
+          ECSS_RETURN_IF_ERROR(visit({StrCat(name, ".w_out.", state), "F32", out_shape},
+                                     at(moments, a * params + in_elements)));
+        }
+        if (reader != nullptr && options.progress) options.progress(++done, total);
+      }
+    }
+    if (options.with_optimizer_state) {
+      ECSS_RETURN_IF_ERROR(visit({StrCat("layers.", l, ".updates"), "I64", {per_layer}},
+                                 reader != nullptr ? updates.data() : nullptr));
+    }
+    std::vector<int32_t> routing;
+    if (reader != nullptr) {
+      routing.resize(plan.kept.size() * uint64_t{m.vocab});
+      for (size_t k = 0; k < plan.kept.size(); ++k) {
+        const uint16_t* table = router->LocalTable(l, plan.kept[k]);
+        for (uint32_t t = 0; t < m.vocab; ++t) {
+          routing[k * m.vocab + t] = static_cast<int32_t>(plan.new_first[k] + table[t]);
+        }
+      }
+    }
+    ECSS_RETURN_IF_ERROR(
+        visit({StrCat("layers.", l, ".routing"), "I32", {plan.kept.size(), m.vocab}},
+              reader != nullptr ? routing.data() : nullptr));
+  }
+  return Status::Ok();
+}
+
+std::map<std::string, std::string> Metadata(const Plan& plan, const ExtractOptions& options) {
+  std::string domains;
+  for (const DomainSpec& d : plan.sub.domains)
+    domains += StrCat(domains.empty() ? "" : "\n", d.name);
+  return {{"format", kFormat},
+          {"model", FormatModelRecord(plan.sub)},
+          {"domains", domains},
+          {"source_checkpoint", options.checkpoint},
+          {"optimizer", plan.optimizer}};
+}
+
+// The file at `path` read back: every tensor the walk yields is in the header with its dtype
+// and shape, and its bytes in the file are the walk's; and, apart from the walk, every routing
+// row sends each token to the renumbered expert the full model's router names.
+Status Verify(const Plan& plan, CheckpointReader& reader, const ExtractOptions& options,
+              const std::string& path) {
+  ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
+  std::map<std::string, const SafetensorsTensor*> by_name;
+  for (const SafetensorsTensor& t : header.tensors) by_name[t.name] = &t;
+  if (header.metadata != Metadata(plan, options)) {
+    return DataLossError(StrCat("verify: '", path, "' metadata differs"));
+  }
+  ECSS_ASSIGN_OR_RETURN(const RreRouter router, RouterOf(plan.full));
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes;
+  size_t seen = 0;
+  uint32_t routing_layer = 0;
+  auto check = [&](const SafetensorsTensor& want, const void* data) -> Status {
+    auto it = by_name.find(want.name);
+    if (it == by_name.end() || it->second->dtype != want.dtype || it->second->shape != want.shape) {
+      return DataLossError(
+          StrCat("verify: tensor '", want.name, "' missing or misdeclared in '", path, "'"));
+    }
+    ++seen;
+    ECSS_ASSIGN_OR_RETURN(const uint64_t size, SafetensorsTensorBytes(want));
+    bytes.resize(size);
+    in.seekg(static_cast<std::streamoff>(header.data_start + it->second->begin));
+    if (!in.read(bytes.data(), static_cast<std::streamsize>(bytes.size())) ||
+        std::memcmp(bytes.data(), data, bytes.size()) != 0) {
+      return DataLossError(StrCat("verify: tensor '", want.name, "' in '", path, "' differs"));
+    }
+    // The walk yields each layer's routing table after its experts, in layer order.
+    if (want.name != StrCat("layers.", routing_layer, ".routing")) return Status::Ok();
+    const uint32_t layer = routing_layer++;
+    std::vector<int32_t> rows(bytes.size() / 4);
+    std::memcpy(rows.data(), bytes.data(), bytes.size());
+    for (size_t k = 0; k < plan.kept.size(); ++k) {
+      for (uint32_t t = 0; t < plan.full.vocab; ++t) {
+        ECSS_ASSIGN_OR_RETURN(const uint32_t full, router.Route(layer, plan.kept[k], t));
+        if (static_cast<uint32_t>(rows[k * plan.full.vocab + t]) !=
+            full - plan.old_first[k] + plan.new_first[k]) {
+          return DataLossError(StrCat("verify: layer ", layer, " domain '",
+                                      plan.sub.domains[k].name, "' token ", t,
+                                      " is routed elsewhere than in the full model"));
+        }
+      }
+    }
+    return Status::Ok();
+  };
+  ECSS_RETURN_IF_ERROR(Walk(plan, &reader, options, check));
+  if (routing_layer != plan.full.layers) {
+    return InternalError(StrCat("verify: checked ", routing_layer, " layers' routes of ",
+                                plan.full.layers));
+  }
+  if (seen != header.tensors.size()) {
+    return DataLossError(StrCat("verify: '", path, "' holds ", header.tensors.size(), " tensors, ",
+                                seen, " expected"));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
+  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
+  std::vector<SafetensorsTensor> tensors;
+  ECSS_RETURN_IF_ERROR(Walk(plan, nullptr, options, [&](const SafetensorsTensor& t, const void*) {
+    tensors.push_back(t);
+    return Status::Ok();
+  }));
+  ExtractReport report;
+  report.model = plan.sub;
+  report.tensors = tensors.size();
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsWriter> writer,
+                        SafetensorsWriter::Create(options.out, std::move(tensors),
+                                                  Metadata(plan, options), options.overwrite));
+  ECSS_RETURN_IF_ERROR(
+      Walk(plan, reader.get(), options, [&](const SafetensorsTensor& t, const void* data) {
+        ECSS_ASSIGN_OR_RETURN(const uint64_t bytes, SafetensorsTensorBytes(t));
+        return writer->Append(data, bytes);
+      }));
+  // Verified before it takes its name: a file that fails replaces nothing.
+  ECSS_RETURN_IF_ERROR(writer->Finish([&](const std::string& partial) {
+    return options.verify ? Verify(plan, *reader, options, partial) : Status::Ok();
+  }));
+  report.verified = options.verify;
+  report.file_bytes = writer->file_bytes();
+  for (uint32_t l = 0; l < plan.full.layers; ++l) {
+    for (size_t k = 0; k < plan.kept.size(); ++k) {
+      for (uint32_t e = 0; e < plan.full.domains[plan.kept[k]].experts; ++e) {
+        ++report.experts;
+        report.initial += reader->version(reader->index().Flat({l, plan.old_first[k] + e})) == 0;
+      }
+    }
+  }
+  return report;
+}
+
+}  // namespace ecss

@@ -1,0 +1,64 @@
+// ecss-extract's library: a domain's sub-model cut out of a session's checkpoint, as a
+// safetensors file (tools/extract/safetensors.h). PanGu-Sigma's promise: every sparse layer
+// keeps only the chosen domains' expert groups, renumbered, with routing tables rewritten to
+// the new numbers, so the sub-model routes every token of those domains to the very expert,
+// with the very weights, that the full model does.
+//
+// The file's tensors (layer l, expert j of the extracted layer: the kept domains' groups in
+// the full model's domain order, each group in its own order):
+//   layers.{l}.experts.{j}.w_in    F32 [d_model, d_in]  fp32 master weights (d_in = d_ff, or
+//                                                        2 d_ff for SwiGLU: gate | up columns)
+//   layers.{l}.experts.{j}.w_out   F32 [d_ff, d_model]
+//   with_optimizer_state, per w_in and w_out: .exp_avg and .exp_avg_sq (Adam, AdamW), .exp_avg
+//   (Lion), .sum (Adagrad), .momentum_buffer (SGD with momentum), F32 of the same shape,
+//   and layers.{l}.updates I64 [experts]: each expert's update count (Adam's bias correction).
+//   layers.{l}.routing             I32 [domains, vocab]  row d: the extracted expert each token
+//                                                        id of kept domain d goes to
+// __metadata__: format "ecss-extract 1", the sub-model ("model": the checkpoint's model
+// record with only the kept domains), the kept domains in row order, the source checkpoint
+// and the optimizer kind. The bf16 compute weights a bf16 model runs with are the master
+// weights rounded to nearest even. Experts never updated hold their initial values, drawn as
+// the session draws them.
+//
+// Streaming: one expert's states in memory at a time, so an extraction larger than memory
+// works. Thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "engine/session_options.h"
+#include "runtime/base/status.h"
+
+namespace ecss {
+
+struct ExtractOptions {
+  std::string checkpoint;            // ROOT/NAME, as Session::SaveCheckpoint wrote it
+  std::vector<std::string> domains;  // the names to keep (any order; at least one)
+  std::string out;                   // the safetensors file
+  bool with_optimizer_state = false;
+  bool overwrite = false;  // replace `out` if it exists (else AlreadyExists)
+  // Reads the written file back through its header and checks every tensor bit for bit
+  // against the checkpoint (each expert read again, CRC-verified) and the full model's routes.
+  bool verify = false;
+  // After each expert written (and again while verifying): done of total.
+  std::function<void(uint64_t done, uint64_t total)> progress;
+};
+
+struct ExtractReport {
+  ModelSpec model;       // the sub-model (the kept domains, in the full model's order)
+  uint64_t experts = 0;  // extracted, every layer
+  uint64_t initial = 0;  // of them never updated (their initial values)
+  uint64_t tensors = 0;
+  uint64_t file_bytes = 0;  // header and data
+  bool verified = false;
+};
+
+// NotFound for a checkpoint or domain that does not exist (listing those that do);
+// FailedPrecondition for a checkpoint without the model record (saved before it existed);
+// DataLoss for a damaged checkpoint (naming the file, layer, expert and state).
+StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options);
+
+}  // namespace ecss

@@ -1,0 +1,116 @@
+// ecss-extract: a domain's sub-model cut out of a session's checkpoint, as a safetensors file
+// (tools/extract/extract.h says what it holds). Exit codes: 0 written (and verified with
+// --verify), 1 failed (the message names what), 2 bad arguments.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <string_view>
+
+#include "runtime/base/str_cat.h"
+#include "tools/extract/extract.h"
+
+namespace {
+
+constexpr std::string_view kUsage =
+    "usage: ecss-extract --checkpoint DIR --domains NAME[,NAME...] --out FILE\n"
+    "                    [--format safetensors] [--with-optimizer-state] [--verify] [--force]\n"
+    "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
+    "(ROOT/NAME as Session::SaveCheckpoint wrote it), renumbered in the model's domain order,\n"
+    "with each layer's routing table rewritten to the new numbers, and writes them as one\n"
+    "safetensors file (tools/extract/README.md names its tensors). --with-optimizer-state adds\n"
+    "the optimizer's moments and update counts. --verify reads the file back and checks every\n"
+    "tensor bit for bit against the checkpoint and the model's routes. --force replaces FILE.\n"
+    "Exit 0: written; 1: failed; 2: bad arguments.\n";
+
+int BadArguments(std::string_view message) {
+  std::cerr << "ecss-extract: " << message << "\n" << kUsage;
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  ecss::ExtractOptions options;
+  std::string domains, format = "safetensors";
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view arg = argv[i];
+    auto value = [&](std::string* out) {
+      if (i + 1 >= argc) return false;
+      *out = argv[++i];
+      return true;
+    };
+    if (arg == "--help" || arg == "-h") {
+      std::cout << kUsage;
+      return 0;
+    }
+    if (arg == "--checkpoint") {
+      if (!value(&options.checkpoint)) return BadArguments("--checkpoint needs a directory");
+    } else if (arg == "--domains") {
+      if (!value(&domains)) return BadArguments("--domains needs a list of names");
+    } else if (arg == "--out") {
+      if (!value(&options.out)) return BadArguments("--out needs a file");
+    } else if (arg == "--format") {
+      if (!value(&format)) return BadArguments("--format needs a name");
+    } else if (arg == "--with-optimizer-state") {
+      options.with_optimizer_state = true;
+    } else if (arg == "--verify") {
+      options.verify = true;
+    } else if (arg == "--force") {
+      options.overwrite = true;
+    } else {
+      return BadArguments(ecss::StrCat("unknown argument '", arg, "'"));
+    }
+  }
+  if (options.checkpoint.empty() || domains.empty() || options.out.empty()) {
+    return BadArguments("--checkpoint, --domains and --out are required");
+  }
+  if (format != "safetensors") {
+    return BadArguments(ecss::StrCat("--format '", format,
+                                     "': only safetensors is written (a checkpoint the library "
+                                     "loads is not yet)"));
+  }
+  for (size_t start = 0; start <= domains.size();) {
+    const size_t comma = std::min(domains.find(',', start), domains.size());
+    options.domains.push_back(domains.substr(start, comma - start));
+    start = comma + 1;
+  }
+  // A bar redrawn in place on a terminal; otherwise a plain line at every tenth.
+  const bool terminal = isatty(STDERR_FILENO) != 0;
+  int last_tenth = -1;
+  const char* stage = "extracting";
+  options.progress = [&](uint64_t done, uint64_t total) {
+    const int tenth = static_cast<int>(done * 10 / total);
+    if (terminal) {
+      const int width = 30, filled = static_cast<int>(done * width / total);
+      std::fprintf(stderr, "\r%s [%s%s] %llu/%llu experts", stage, std::string(filled, '#').c_str(),
+                   std::string(width - filled, ' ').c_str(), static_cast<unsigned long long>(done),
+                   static_cast<unsigned long long>(total));
+      if (done == total) std::fputc('\n', stderr);
+    } else if (tenth != last_tenth) {
+      std::fprintf(stderr, "%s: %llu/%llu experts\n", stage, static_cast<unsigned long long>(done),
+                   static_cast<unsigned long long>(total));
+    }
+    last_tenth = tenth;
+    if (done == total) {
+      stage = "verifying";
+      last_tenth = -1;
+    }
+  };
+  ecss::StatusOr<ecss::ExtractReport> report = ecss::ExtractToSafetensors(options);
+  if (!report.ok()) {
+    std::cerr << "ecss-extract: " << report.status() << "\n";
+    return 1;
+  }
+  std::string kept;
+  for (const ecss::DomainSpec& d : report->model.domains) {
+    kept += ecss::StrCat(kept.empty() ? "" : ", ", d.name, " (", d.experts, " experts a layer)");
+  }
+  std::cout << "wrote " << options.out << ": " << kept << "; " << report->experts
+            << " experts over " << report->model.layers << " layers (" << report->initial
+            << " never updated), " << report->tensors << " tensors, " << report->file_bytes
+            << " bytes" << (report->verified ? "; verified" : "") << "\n";
+  return 0;
+}
