@@ -17,10 +17,16 @@ bool ParseNumber(std::string_view text, T* value) {
   return error == std::errc() && end == text.data() + text.size();
 }
 
+// name:experts, with the id and initial values' key where they are not the defaults.
 std::string Domains(const ModelSpec& m) {
   std::string list;
-  for (const DomainSpec& d : m.domains)
-    list += StrCat(list.empty() ? "" : ", ", d.name, ":", d.experts);
+  uint32_t first = 0;
+  for (size_t d = 0; d < m.domains.size(); ++d) {
+    list += StrCat(list.empty() ? "" : ", ", m.domains[d].name, ":", m.domains[d].experts);
+    if (m.DomainId(d) != d) list += StrCat(" id ", m.DomainId(d));
+    if (m.InitialKey(first) != first) list += StrCat(" drawn from expert ", m.InitialKey(first));
+    first += m.domains[d].experts;
+  }
   return StrCat("[", list, "]");
 }
 
@@ -32,7 +38,12 @@ std::string FormatModelRecord(const ModelSpec& m) {
              ActivationName(m.activation), "\ndtype ", DTypeName(m.dtype), "\nvocab ", m.vocab,
              "\nseed ", m.seed, "\nbuilder ", TableBuilderName(m.builder), "\ninit_scale_bits ",
              FloatBits(m.init_scale), "\n");
-  for (const DomainSpec& d : m.domains) text += StrCat("domain ", d.experts, " ", d.name, "\n");
+  uint32_t first = 0;
+  for (size_t d = 0; d < m.domains.size(); ++d) {
+    text += StrCat("domain ", m.domains[d].experts, " ", m.DomainId(d), " ", m.InitialKey(first),
+                   " ", m.domains[d].name, "\n");
+    first += m.domains[d].experts;
+  }
   return text;
 }
 
@@ -82,11 +93,19 @@ StatusOr<ModelSpec> ParseModelRecord(std::string_view text) {
       uint32_t bits = 0;
       ok = ParseNumber(value, &bits);
       m.init_scale = BitsToFloat(bits);
-    } else if (key == "domain") {
-      const size_t split = value.find(' ');
+    } else if (key == "domain") {  // EXPERTS ID KEY NAME
       DomainSpec d;
-      ok = split != std::string_view::npos && ParseNumber(value.substr(0, split), &d.experts);
-      if (ok) d.name = std::string(value.substr(split + 1));
+      uint32_t numbers[3] = {};
+      std::string_view rest = value;
+      for (uint32_t& n : numbers) {
+        const size_t split = rest.find(' ');
+        ok = ok && split != std::string_view::npos && ParseNumber(rest.substr(0, split), &n);
+        rest.remove_prefix(ok ? split + 1 : rest.size());
+      }
+      d.experts = numbers[0];
+      d.id = numbers[1];
+      d.source_first_expert = numbers[2];
+      d.name = std::string(rest);
       m.domains.push_back(std::move(d));
     } else {
       ok = false;
@@ -131,12 +150,35 @@ Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here) {
                    StrCat(here.init_scale, " (bits ", FloatBits(here.init_scale), ")"));
   }
   bool same_domains = saved.domains.size() == here.domains.size();
+  uint32_t first = 0;
   for (size_t d = 0; same_domains && d < saved.domains.size(); ++d) {
     same_domains = saved.domains[d].name == here.domains[d].name &&
-                   saved.domains[d].experts == here.domains[d].experts;
+                   saved.domains[d].experts == here.domains[d].experts &&
+                   saved.DomainId(d) == here.DomainId(d) &&
+                   saved.InitialKey(first) == here.InitialKey(first);
+    first += saved.domains[d].experts;
   }
   if (!same_domains) return differs("domains", Domains(saved), Domains(here));
   return Status::Ok();
+}
+
+StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader) {
+  for (const CheckpointBlob& blob : reader.blobs()) {
+    if (blob.name != kModelBlob) continue;
+    StatusOr<ModelSpec> model = ParseModelRecord(blob.bytes);
+    if (!model.ok()) return model.status().Annotate(StrCat("checkpoint '", reader.where(), "'"));
+    return model;
+  }
+  return FailedPreconditionError(StrCat("checkpoint '", reader.where(),
+                                        "' does not record its model (saved by a build before "
+                                        "the model record)"));
+}
+
+StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint) {
+  const auto [root, name] = SplitCheckpointPath(checkpoint);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name));
+  return CheckpointModel(*reader);
 }
 
 Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
@@ -156,9 +198,19 @@ Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
 }
 
 std::string InitialValuesId(const ModelSpec& m) {
-  return StrCat("uniform per expert from a counter rng, seed ", m.seed, ", scale ",
-                m.init_scale > 0 ? StrCat(m.init_scale) : std::string("1/sqrt(fan-in)"), ", ",
-                DTypeName(m.dtype), " weights, zero moments");
+  std::string id = StrCat("uniform per expert from a counter rng, seed ", m.seed, ", scale ",
+                          m.init_scale > 0 ? StrCat(m.init_scale) : std::string("1/sqrt(fan-in)"),
+                          ", ", DTypeName(m.dtype), " weights, zero moments");
+  // A sub-model's groups drawn as experts of the model they came from.
+  uint32_t first = 0;
+  for (const DomainSpec& d : m.domains) {
+    if (m.InitialKey(first) != first) {
+      id += StrCat("; experts ", first, "-", first + d.experts - 1, " drawn as ",
+                   m.InitialKey(first), "-", m.InitialKey(first) + d.experts - 1);
+    }
+    first += d.experts;
+  }
+  return id;
 }
 
 void DrawInitialMaster(const ModelSpec& m, uint32_t layer, uint32_t expert, float* master) {
@@ -168,7 +220,7 @@ void DrawInitialMaster(const ModelSpec& m, uint32_t layer, uint32_t expert, floa
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint64_t in_elems = uint64_t{m.d_model} * m.d_in();
   const uint64_t params = m.expert_params();
-  CounterRng rng(m.seed, (uint64_t{layer} << 32) | expert);
+  CounterRng rng(m.seed, (uint64_t{layer} << 32) | m.InitialKey(expert));
   for (uint64_t i = 0; i < params; ++i) {
     const float scale = i < in_elems ? in_scale : out_scale;
     master[i] = (rng.UniformFloat() * 2 - 1) * scale;

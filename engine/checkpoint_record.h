@@ -23,8 +23,9 @@ inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
 inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
 inline constexpr std::string_view kModelBlob = "ecss.model";
 
-// Every ModelSpec field, one "key value" line each ("domain EXPERTS NAME" per domain, in id
-// order; init_scale as its bit pattern, so it reads back exactly). REQUIRES: model.Validate'd
+// Every ModelSpec field, one "key value" line each ("domain EXPERTS ID KEY NAME" per domain,
+// in order, with its id and its initial values' key resolved; init_scale as its bit pattern,
+// so it reads back exactly). REQUIRES: model.Validate'd
 // (domain names hold no line break: Validate refuses them).
 std::string FormatModelRecord(const ModelSpec& model);
 // The inverse, strict: DataLoss naming the line for anything FormatModelRecord does not write
@@ -33,6 +34,14 @@ StatusOr<ModelSpec> ParseModelRecord(std::string_view text);
 // OK when `saved` and `here` are the same model; else FailedPrecondition naming the first field
 // that differs and both values.
 Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here);
+
+// The model checkpoint ROOT/NAME was saved from (its ecss.model record): what a session that
+// resumes it (placement.resume_from) is created with, e.g. a sub-model ecss-extract wrote.
+// NotFound for no checkpoint there; FailedPrecondition for a checkpoint saved before the
+// record; DataLoss for a damaged one.
+StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint);
+// The same, of a checkpoint being read.
+StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader);
 
 // Whether a checkpoint with these blobs resumes into a session with these options: its
 // optimizer kind and model (when recorded: checkpoints of builds before a record lack it) are
@@ -44,8 +53,9 @@ Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs, const Sessi
 std::string InitialValuesId(const ModelSpec& model);
 
 // Expert (layer, expert)'s initial fp32 master weights (ModelSpec::expert_params of them),
-// from its own counter-based stream: W_in ~ U(-s, s) with s = init_scale or 1/sqrt(d_model),
-// then W_out with init_scale or 1/sqrt(d_ff). The same on every platform and build.
+// from the counter-based stream of (layer, ModelSpec::InitialKey(expert)): W_in ~ U(-s, s) with s =
+// init_scale or 1/sqrt(d_model), then W_out with init_scale or 1/sqrt(d_ff). The same on every
+// platform and build.
 void DrawInitialMaster(const ModelSpec& model, uint32_t layer, uint32_t expert, float* master);
 
 }  // namespace ecss

@@ -52,7 +52,8 @@ MicroBatchRoute RouteOf(const RoutingPlan& plan) {
 StatusOr<RreRouter> RouterOf(const ModelSpec& model) {
   ECSS_ASSIGN_OR_RETURN(DomainMap map, DomainMap::Create(model.layers));
   for (uint32_t d = 0; d < model.domains.size(); ++d) {
-    ECSS_RETURN_IF_ERROR(map.AddDomainUniform(model.domains[d].name, d, model.domains[d].experts));
+    ECSS_RETURN_IF_ERROR(
+        map.AddDomainUniform(model.domains[d].name, model.DomainId(d), model.domains[d].experts));
   }
   return RreRouter::Create(map, {model.vocab, model.seed, model.builder});
 }

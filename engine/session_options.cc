@@ -12,6 +12,15 @@ std::vector<uint32_t> SessionOptions::ExpertsPerLayer() const {
   return std::vector<uint32_t>(model.layers, experts);
 }
 
+uint32_t ModelSpec::InitialKey(uint32_t expert) const {
+  uint32_t first = 0;
+  for (const DomainSpec& d : domains) {
+    if (expert - first < d.experts) return d.source_first_expert.value_or(first) + (expert - first);
+    first += d.experts;
+  }
+  return expert;
+}
+
 Status SessionOptions::Validate() const {
   const ModelSpec& m = model;
   if (m.layers == 0 || m.d_model == 0 || m.d_ff == 0 || m.vocab == 0 || m.domains.empty()) {
@@ -36,6 +45,7 @@ Status SessionOptions::Validate() const {
   }
   uint64_t layer_total = 0;
   std::set<std::string_view> names;
+  std::set<uint32_t> ids;
   for (const DomainSpec& d : m.domains) {
     // Names are the keys of a domain in checkpoints (one line each) and in ecss-extract.
     if (d.name.empty() || d.name.find_first_of("\n\r") != std::string::npos) {
@@ -44,6 +54,15 @@ Status SessionOptions::Validate() const {
     }
     if (!names.insert(d.name).second) {
       return InvalidArgumentError(StrCat("model spec: two domains are named '", d.name, "'"));
+    }
+    if (!ids.insert(m.DomainId(ids.size())).second) {
+      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has id ",
+                                         m.DomainId(ids.size()),
+                                         ", another domain's (an unset id is the domain's index)"));
+    }
+    if (d.source_first_expert && uint64_t{*d.source_first_expert} + d.experts > UINT32_MAX) {
+      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' source_first_expert ",
+                                         *d.source_first_expert, " + its experts exceed 32 bits"));
     }
     if (d.experts == 0 || d.experts > kMaxGroup) {
       return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has ", d.experts,

@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "engine/step_plan.h"  // Strategy
@@ -25,8 +27,20 @@ class IoEngine;
 class TraceRecorder;
 
 struct DomainSpec {
+  DomainSpec() = default;
+  DomainSpec(std::string domain_name, uint32_t group_experts)  // {"code", 8}
+      : name(std::move(domain_name)), experts(group_experts) {}
+
   std::string name;
   uint32_t experts = 0;  // experts of the domain's group in every sparse layer
+  // The domain's id: what a micro-batch's domain_ids name it by, and its routing tables' key
+  // (router/rre_router.h). Unset: its index in ModelSpec::domains. A sub-model ecss-extract
+  // cut out keeps the ids of the model it came from, so its tokens route as they did there.
+  std::optional<uint32_t> id;
+  // The key of the group's experts' initial values: the index its first expert had in the
+  // model it came from (a sub-model's experts never updated are what they were there).
+  // Unset: the group's own first expert index.
+  std::optional<uint32_t> source_first_expert;
 };
 
 struct ModelSpec {
@@ -45,6 +59,13 @@ struct ModelSpec {
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
   // Parameters of one expert: W_in [d_model, d_in] and W_out [d_ff, d_model].
   uint64_t expert_params() const { return uint64_t{d_model} * d_in() + uint64_t{d_ff} * d_model; }
+  // Domain `index`'s id (DomainSpec::id, or the index).
+  uint32_t DomainId(size_t index) const {
+    return domains[index].id.value_or(static_cast<uint32_t>(index));
+  }
+  // The key of expert `expert`'s (of a sparse layer) initial values: its index, or where its
+  // group has a source_first_expert, the index it had there. REQUIRES: expert < the layer's.
+  uint32_t InitialKey(uint32_t expert) const;
 };
 
 // How a sparse layer's tokens choose their experts.

@@ -40,6 +40,7 @@ from ecss._ecss import (  # noqa: F401  (the public surface)
     Unavailable,
     Unimplemented,
     Unknown,
+    checkpoint_model,
     plan,
     plan_presets,
 )

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/checkpoint_record.h"
 #include "engine/memory_plan.h"
 #include "engine/plan_inputs.h"
 #include "engine/session.h"
@@ -79,12 +80,19 @@ void EnumField(py::class_<T>& cls, const char* field, E T::*member, NameFn name,
 void BindOptions(py::module_& m) {
   py::class_<DomainSpec> domain(m, "DomainSpec", "A domain and its experts per sparse layer.");
   domain
-      .def(py::init([](std::string name, uint32_t experts) {
-             return DomainSpec{std::move(name), experts};
+      .def(py::init([](std::string name, uint32_t experts, std::optional<uint32_t> id,
+                       std::optional<uint32_t> source_first_expert) {
+             DomainSpec d{std::move(name), experts};
+             d.id = id;
+             d.source_first_expert = source_first_expert;
+             return d;
            }),
-           "name"_a, "experts"_a)
+           "name"_a, "experts"_a, "id"_a = py::none(), "source_first_expert"_a = py::none())
       .def_readwrite("name", &DomainSpec::name)
-      .def_readwrite("experts", &DomainSpec::experts);
+      .def_readwrite("experts", &DomainSpec::experts)
+      .def_readwrite("id", &DomainSpec::id, "routing key and sample id; None: the index")
+      .def_readwrite("source_first_expert", &DomainSpec::source_first_expert,
+                     "initial values' key of the first expert (a sub-model's); None: its own");
 
   py::class_<ModelSpec> model(m, "ModelSpec",
                               "The sparse layers' shape (engine/session_options.h).");
@@ -705,6 +713,15 @@ py::dict PlanReportOf(const std::string& model, const std::string& hardware,
 }
 
 void BindPlanner(py::module_& m) {
+  m.def(
+      "checkpoint_model",
+      [](const std::string& checkpoint) {
+        py::gil_scoped_release release;
+        return ValueOrThrow(CheckpointModel(checkpoint));
+      },
+      "checkpoint"_a,
+      "The ModelSpec checkpoint ROOT/NAME was saved from (a sub-model ecss-extract wrote, too): "
+      "what a session resuming it is created with.");
   m.def("plan", &PlanReportOf, "model"_a, "hardware"_a, "workload"_a = "", "optimize"_a = false,
         "ecss-plan (tools/plan): where every byte of MODEL lives on HARDWARE, whether it fits, "
         "and each strategy's predicted step; each argument a preset name or a JSON file "

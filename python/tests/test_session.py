@@ -181,6 +181,7 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         o = options()
         os.mkdir(tmp + "/a")
         os.mkdir(tmp + "/b")
+        os.mkdir(tmp + "/c")
         os.mkdir(tmp + "/ckpt")
         o.placement = ecss.Placement(master="nvme", moments="nvme", nvme_dirs=[tmp + "/a"])
         o.model.dtype = "bf16"
@@ -206,6 +207,19 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         resumed = session(o)
         assert resumed.loop_state == {"loop": b"\x00state"}
         np.testing.assert_array_equal(resumed.master_weights(0, 1), weights)
+        del resumed  # closes its store before the directory goes
+        # The checkpoint records its model; another one's is refused naming the field.
+        saved = ecss.checkpoint_model(tmp + "/ckpt/one")
+        assert [(d.name, d.experts, d.id) for d in saved.domains] == [
+            (d.name, d.experts, i) for i, d in enumerate(o.model.domains)
+        ]
+        assert (saved.d_model, saved.d_ff, saved.dtype) == (o.model.d_model, o.model.d_ff, "bf16")
+        with pytest.raises(ecss.NotFound):
+            ecss.checkpoint_model(tmp + "/ckpt/two")
+        o.model.domains = [ecss.DomainSpec("b", 2, id=0), ecss.DomainSpec("a", 3, id=1)]
+        o.placement.nvme_dirs = [tmp + "/c"]
+        with pytest.raises(ecss.FailedPrecondition, match="domains"):
+            session(o)
 
 
 def test_a_read_only_array_is_refused_clearly():

@@ -22,6 +22,8 @@ ModelSpec AModel() {
   m.builder = TableBuilder::kHashBalanced;
   m.init_scale = 0.1f;  // not exact in decimal
   m.domains = {{"en", 4}, {"source code", 2}, {"zh", 3}};
+  m.domains[2].id = 7;  // as a sub-model's: the ids and initial values of the model it came from
+  m.domains[2].source_first_expert = 11;
   return m;
 }
 
@@ -34,6 +36,10 @@ TEST(CheckpointRecordTest, TheModelReadsBackExactly) {
   EXPECT_EQ(FormatModelRecord(*parsed), text);
   EXPECT_EQ(parsed->domains[1].name, "source code");
   EXPECT_EQ(parsed->init_scale, 0.1f);
+  EXPECT_EQ(parsed->DomainId(1), 1u);
+  EXPECT_EQ(parsed->DomainId(2), 7u);
+  EXPECT_EQ(parsed->InitialKey(3), 3u);
+  EXPECT_EQ(parsed->InitialKey(7), 12u);
 }
 
 TEST(CheckpointRecordTest, ARecordIsParsedStrictly) {
@@ -45,7 +51,9 @@ TEST(CheckpointRecordTest, ARecordIsParsedStrictly) {
       "d_model 48\n",                                                // fields missing
       std::string(good).replace(0, 8, "layers x"),                   // not a number
       good + "domain many zh2\n",                                    // a domain without a count
-      good + "domain 4 en\n",                                        // a domain named twice
+      good + "domain 4 8 0 en\n",                                    // a domain named twice
+      good + "domain 4 1 0 de\n",                                    // an id taken
+      good + "domain 4 9 de\n",                                      // no initial values' key
       std::string(good).replace(good.find("d_ff 80"), 7, "d_ff 0"),  // not a valid model
   };
   for (const std::string& text : damaged) {
@@ -68,6 +76,8 @@ TEST(CheckpointRecordTest, ADifferentModelIsNamedByItsField) {
   differs([](ModelSpec& o) { o.init_scale = 0.2f; }, "init_scale");
   differs([](ModelSpec& o) { o.domains.pop_back(); }, "domains");
   differs([](ModelSpec& o) { std::swap(o.domains[0], o.domains[2]); }, "domains");
+  differs([](ModelSpec& o) { o.domains[2].id.reset(); }, "domains");
+  differs([](ModelSpec& o) { o.domains[1].source_first_expert = 0; }, "domains");
 }
 
 // What unwritten experts are: the same values for the same (seed, layer, expert), another
@@ -80,6 +90,14 @@ TEST(CheckpointRecordTest, InitialMastersAreAFunctionOfTheExpert) {
   DrawInitialMaster(m, 2, 1, c.data());
   EXPECT_EQ(a, b);
   EXPECT_NE(a, c);
+  // A group with a source_first_expert draws as the experts it names did.
+  ModelSpec plain = m;
+  plain.domains[2].source_first_expert.reset();
+  std::vector<float> moved(m.expert_params()), there(m.expert_params());
+  DrawInitialMaster(m, 1, 6, moved.data());       // zh's first expert, keyed 11
+  DrawInitialMaster(plain, 1, 11, there.data());  // (a layer's index need not exist to draw)
+  EXPECT_EQ(moved, there);
+  EXPECT_NE(InitialValuesId(m), InitialValuesId(plain));
   for (float x : a) EXPECT_LE(std::abs(x), 0.1f);
 }
 

@@ -17,6 +17,7 @@
 #include "engine/plan_inputs.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/str_cat.h"
+#include "runtime/device/sim/sim_backend.h"
 #include "tests/engine/reference_trainer.h"
 #include "tools/extract/safetensors.h"
 
@@ -148,6 +149,70 @@ TEST_F(ExtractTest, TheKeptDomainsExpertsAndRoutesAreTheFullModels) {
       EXPECT_LE(updates, 1u);
     }
   }
+}
+
+// --format ecss: a checkpoint of the sub-model that a session loads. --verify runs both models'
+// evaluation step on the same held-out inputs (bit-identical outputs in every layer); the
+// sub-model keeps the full model's domain ids, so its tokens route as they did; its experts
+// are the full model's (never-updated ones included, drawn under their old numbers); and it
+// trains on.
+TEST_F(ExtractTest, TheSubModelCheckpointLoadsAndComputesAsTheFullModel) {
+  ExtractOptions o = Options({"docs", "python"});
+  o.out = StrCat(dir_, "/sub/docs-python");
+  o.verify = true;
+  auto report = ExtractToCheckpoint(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  EXPECT_EQ(report->experts, 10u);  // (3 + 2) a layer
+  EXPECT_GT(report->initial, 0u);
+  const ModelSpec& sub = report->model;
+  ASSERT_EQ(sub.domains.size(), 2u);
+  EXPECT_EQ(sub.domains[0].name, "python");
+  EXPECT_EQ(sub.DomainId(0), 1u);
+  EXPECT_EQ(sub.DomainId(1), 2u);
+  EXPECT_EQ(sub.InitialKey(0), 2u);  // python's first expert was expert 2
+  EXPECT_EQ(sub.InitialKey(3), 5u);  // docs' first, expert 5
+
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  SessionOptions options = engine_test::OptionsFor(c);
+  options.model = sub;
+  options.placement.resume_from = o.out;
+  auto sim = SimBackend::Create({});
+  ASSERT_TRUE(sim.ok());
+  {
+    auto session = Session::Create(**sim, options);
+    ASSERT_TRUE(session.ok()) << session.status();
+    for (uint32_t l = 0; l < 2; ++l) {
+      for (uint32_t j = 0; j < 5; ++j) {
+        auto master = (*session)->MasterWeights(LayerIndex(l), j);
+        ASSERT_TRUE(master.ok()) << master.status();
+        EXPECT_EQ(*master, masters_.at({l, j + 2})) << "layer " << l << " expert " << j;
+      }
+    }
+    // It trains: a step of python and docs samples (ids 1 and 2, as in the full model).
+    const std::vector<uint32_t> tokens(engine_test::kBatch * engine_test::kSeq, 7);
+    const std::vector<uint32_t> domains = {1, 2};
+    ASSERT_TRUE((*session)
+                    ->BeginEvaluation({MicroBatch{tokens.data(), engine_test::kBatch,
+                                                  engine_test::kSeq, domains.data()}})
+                    .ok());
+  }
+  // Another model's options do not load it: the record names the domains.
+  options.model = SmallModel(DType::kBF16);
+  Status other = Session::Create(**sim, options).status();
+  EXPECT_EQ(other.code(), StatusCode::kFailedPrecondition) << other;
+
+  // A checkpoint there is replaced only when asked; a sub-model of the sub-model works too.
+  EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kAlreadyExists);
+  ExtractOptions again = o;
+  again.checkpoint = o.out;
+  again.domains = {"docs"};
+  again.out = StrCat(dir_, "/sub/docs");
+  auto docs = ExtractToCheckpoint(again);
+  ASSERT_TRUE(docs.ok()) << docs.status();
+  EXPECT_EQ(docs->model.InitialKey(0), 5u);
+  EXPECT_TRUE(docs->verified);
 }
 
 // Bad requests are refused naming what is wrong, and leave no file behind.

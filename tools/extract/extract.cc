@@ -1,7 +1,10 @@
 #include "tools/extract/extract.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -10,9 +13,12 @@
 
 #include "engine/checkpoint_record.h"
 #include "engine/plan_inputs.h"
+#include "engine/session.h"
 #include "offload/checkpoint.h"
 #include "optimizer/optimizer_config.h"
+#include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
+#include "runtime/device/sim/sim_backend.h"
 #include "tools/extract/safetensors.h"
 
 namespace ecss {
@@ -25,7 +31,7 @@ constexpr char kFormat[] = "ecss-extract 1";
 struct Plan {
   ModelSpec full, sub;
   std::string optimizer;       // the checkpoint's kind; empty when it does not say
-  std::vector<uint32_t> kept;  // domain ids (= their index in full.domains), in that order
+  std::vector<uint32_t> kept;  // the domains' indices in full.domains, in that order
   std::vector<uint32_t> old_first, new_first;  // per kept domain: its group's first expert
   size_t master_state = 0;                     // of the checkpoint's saved states
   std::optional<size_t> moments_state;
@@ -49,17 +55,10 @@ std::vector<std::string> MomentNames(OptimizerKind kind) {
 
 StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
   Plan plan;
-  const CheckpointBlob* model = nullptr;
   for (const CheckpointBlob& blob : reader.blobs()) {
-    if (blob.name == kModelBlob) model = &blob;
     if (blob.name == kOptimizerBlob) plan.optimizer = blob.bytes;
   }
-  if (model == nullptr) {
-    return FailedPreconditionError(StrCat("checkpoint '", reader.where(),
-                                          "' does not record its model (saved by a build before "
-                                          "the model record): it cannot be extracted"));
-  }
-  ECSS_ASSIGN_OR_RETURN(plan.full, ParseModelRecord(model->bytes));
+  ECSS_ASSIGN_OR_RETURN(plan.full, CheckpointModel(reader));
   const ModelSpec& m = plan.full;
   // The record and the layout must agree, or ids and sizes would be read as something else.
   const std::vector<uint32_t> layer(m.layers, [&] {
@@ -103,7 +102,10 @@ StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& r
       plan.kept.push_back(d);
       plan.old_first.push_back(old_first);
       plan.new_first.push_back(new_first);
-      plan.sub.domains.push_back(m.domains[d]);
+      DomainSpec kept = m.domains[d];
+      kept.id = m.DomainId(d);  // routes and sample ids as in the full model
+      kept.source_first_expert = m.InitialKey(old_first);  // unwritten experts as there
+      plan.sub.domains.push_back(std::move(kept));
       new_first += m.domains[d].experts;
     }
     old_first += m.domains[d].experts;
@@ -208,7 +210,9 @@ Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& op
     if (reader != nullptr) {
       routing.resize(plan.kept.size() * uint64_t{m.vocab});
       for (size_t k = 0; k < plan.kept.size(); ++k) {
-        const uint16_t* table = router->LocalTable(l, plan.kept[k]);
+        ECSS_ASSIGN_OR_RETURN(const size_t index,
+                              router->domains().IndexOf(m.DomainId(plan.kept[k])));
+        const uint16_t* table = router->LocalTable(l, index);
         for (uint32_t t = 0; t < m.vocab; ++t) {
           routing[k * m.vocab + t] = static_cast<int32_t>(plan.new_first[k] + table[t]);
         }
@@ -269,7 +273,8 @@ Status Verify(const Plan& plan, CheckpointReader& reader, const ExtractOptions& 
     std::memcpy(rows.data(), bytes.data(), bytes.size());
     for (size_t k = 0; k < plan.kept.size(); ++k) {
       for (uint32_t t = 0; t < plan.full.vocab; ++t) {
-        ECSS_ASSIGN_OR_RETURN(const uint32_t full, router.Route(layer, plan.kept[k], t));
+        ECSS_ASSIGN_OR_RETURN(const uint32_t full,
+                              router.Route(layer, plan.full.DomainId(plan.kept[k]), t));
         if (static_cast<uint32_t>(rows[k * plan.full.vocab + t]) !=
             full - plan.old_first[k] + plan.new_first[k]) {
           return DataLossError(StrCat("verify: layer ", layer, " domain '",
@@ -282,12 +287,92 @@ Status Verify(const Plan& plan, CheckpointReader& reader, const ExtractOptions& 
   };
   ECSS_RETURN_IF_ERROR(Walk(plan, &reader, options, check));
   if (routing_layer != plan.full.layers) {
-    return InternalError(StrCat("verify: checked ", routing_layer, " layers' routes of ",
-                                plan.full.layers));
+    return InternalError(
+        StrCat("verify: checked ", routing_layer, " layers' routes of ", plan.full.layers));
   }
   if (seen != header.tensors.size()) {
     return DataLossError(StrCat("verify: '", path, "' holds ", header.tensors.size(), " tensors, ",
                                 seen, " expected"));
+  }
+  return Status::Ok();
+}
+
+// ---- --format ecss: a checkpoint of the sub-model, and its check by evaluation ----------
+
+// Evaluation-step outputs of every sparse layer for fixed held-out inputs of the sub-model's
+// domains (the same inputs whichever model runs them): each layer's y for the same x.
+constexpr uint32_t kVerifySamples = 4, kVerifySeq = 32;
+
+StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& model,
+                                                           const ModelSpec& inputs_of,
+                                                           const std::string& checkpoint,
+                                                           OptimizerKind kind) {
+  SessionOptions options;
+  options.model = model;
+  options.optimizer.kind = kind;
+  options.limits.max_tokens_per_micro_batch = kVerifySamples * kVerifySeq;
+  options.placement.resume_from = checkpoint;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> planner, SimBackend::Create({}));
+  options.budgets.device_bytes = uint64_t{1} << 50;
+  ECSS_ASSIGN_OR_RETURN(const MemoryPlan plan, Session::PlanMemoryOn(*planner, options));
+  options.budgets.device_bytes = plan.DeviceBudgetFor(plan.cache_slots);
+  SimOptions sim;
+  sim.device_memory_bytes = options.budgets.device_bytes + 4 * plan.activation_bytes + (8 << 20);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create(sim));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
+  // Held-out inputs: token ids and activations from a stream of their own, the samples' domains
+  // in turn from the kept ones.
+  const uint32_t tokens = kVerifySamples * kVerifySeq;
+  CounterRng rng(0x5eedu, 0);
+  std::vector<uint32_t> token_ids(tokens), domain_ids(kVerifySamples);
+  for (uint32_t& t : token_ids) t = rng.Uniform(model.vocab);
+  for (uint32_t s = 0; s < kVerifySamples; ++s) {
+    domain_ids[s] = inputs_of.DomainId(s % inputs_of.domains.size());
+  }
+  std::vector<float> x(uint64_t{tokens} * model.d_model);
+  for (float& v : x) v = rng.UniformFloat() * 2 - 1;
+  const uint64_t bytes = x.size() * DTypeSize(model.dtype);
+  std::vector<char> host(bytes);
+  if (model.dtype == DType::kBF16) {
+    ConvertF32ToBf16(x.data(), reinterpret_cast<BFloat16*>(host.data()), x.size());
+  } else {
+    std::memcpy(host.data(), x.data(), bytes);
+  }
+  ECSS_ASSIGN_OR_RETURN(Buffer in,
+                        backend->device_memory().Allocate(bytes, MemoryTag::kActivations));
+  ECSS_ASSIGN_OR_RETURN(Buffer out,
+                        backend->device_memory().Allocate(bytes, MemoryTag::kActivations));
+  const Stream stream = session->compute_stream();
+  ECSS_RETURN_IF_ERROR(
+      backend->CopyAsync(stream, in.data(), host.data(), bytes, CopyKind::kHostToDevice));
+  ECSS_RETURN_IF_ERROR(session->BeginEvaluation(
+      {MicroBatch{token_ids.data(), kVerifySamples, kVerifySeq, domain_ids.data()}}));
+  std::vector<std::vector<char>> outputs;
+  for (uint32_t l = 0; l < model.layers; ++l) {
+    ECSS_RETURN_IF_ERROR(
+        session->Forward(MicroBatchIndex(0), LayerIndex(l), in.data(), out.data()));
+    outputs.emplace_back(bytes);
+    ECSS_RETURN_IF_ERROR(backend->CopyAsync(stream, outputs.back().data(), out.data(), bytes,
+                                            CopyKind::kDeviceToHost));
+  }
+  ECSS_RETURN_IF_ERROR(backend->SynchronizeStream(stream));
+  ECSS_RETURN_IF_ERROR(session->EndStep().status());
+  return outputs;
+}
+
+// The full and the extracted model through the session's evaluation step on the same held-out
+// inputs of the kept domains: every sparse layer's outputs bit-identical.
+Status VerifyByEvaluation(const Plan& plan, const ExtractOptions& options) {
+  StatusOr<OptimizerKind> kind = ParseOptimizerKind(plan.optimizer);
+  if (!kind.ok()) kind = OptimizerKind::kAdamW;  // a checkpoint that does not say: the default
+  ECSS_ASSIGN_OR_RETURN(const auto full,
+                        EvaluationOutputs(plan.full, plan.sub, options.checkpoint, *kind));
+  ECSS_ASSIGN_OR_RETURN(const auto sub, EvaluationOutputs(plan.sub, plan.sub, options.out, *kind));
+  for (uint32_t l = 0; l < plan.full.layers; ++l) {
+    if (full[l] != sub[l]) {
+      return DataLossError(StrCat("verify: layer ", l, "'s outputs of '", options.out,
+                                  "' differ from '", options.checkpoint, "''s on the same inputs"));
+    }
   }
   return Status::Ok();
 }
@@ -328,6 +413,104 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
         report.initial += reader->version(reader->index().Flat({l, plan.old_first[k] + e})) == 0;
       }
     }
+  }
+  return report;
+}
+
+StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
+  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
+  const std::pair<std::string, std::string> out = SplitCheckpointPath(options.out);
+  const std::string out_root = out.first.empty() ? "." : out.first;
+  const std::string& out_name = out.second;
+  std::error_code error;
+  std::filesystem::create_directories(out_root, error);
+  if (error) return ErrnoError(error.value(), StrCat("creating '", out_root, "'"));
+  if (std::filesystem::exists(StrCat(out_root, "/", out_name), error)) {
+    if (!options.overwrite) {
+      return AlreadyExistsError(StrCat("'", options.out, "' exists (--force replaces it)"));
+    }
+    ECSS_RETURN_IF_ERROR(DeleteCheckpoint(out_root, out_name));
+  }
+  // The sub-model's experts go through a store of their own (master and moments on NVMe in a
+  // scratch directory beside the output, so a model larger than memory extracts; an f32
+  // model's weights are its master, kept in memory), which the checkpoint writer then copies.
+  ExpertStoreOptions store_options;
+  uint32_t per_layer = 0;
+  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
+  store_options.layout = reader->layout();
+  store_options.layout.experts_per_layer.assign(plan.sub.layers, per_layer);
+  const Tier tier = plan.full.dtype == DType::kBF16 ? Tier::kNvme : Tier::kHost;
+  store_options.placement = {Tier::kNone, Tier::kNone, Tier::kNone, Tier::kNone};
+  for (ExpertState state : reader->states()) {
+    store_options.placement[static_cast<size_t>(state)] = tier;
+  }
+  store_options.durable_memory_states = false;
+  const std::string scratch = StrCat(out_root, "/.", out_name, ".extract-", ::getpid());
+  if (tier == Tier::kNvme) {
+    std::filesystem::create_directory(scratch, error);
+    if (error) return ErrnoError(error.value(), StrCat("creating '", scratch, "'"));
+    store_options.dirs = {scratch};
+  }
+  const ModelSpec sub = plan.sub;
+  store_options.initial = [sub](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
+    if (state == ExpertState::kMoments || state == ExpertState::kGradient) {
+      std::memset(dst, 0, bytes);
+    } else {
+      DrawInitialMaster(sub, id.layer, id.expert, static_cast<float*>(dst));
+    }
+  };
+  store_options.initial_id = InitialValuesId(plan.sub);
+  ExtractReport report;
+  report.model = plan.sub;
+  Status made = [&]() -> Status {
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create({}));
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store,
+                          ExpertStore::Create(*backend, store_options));
+    const uint64_t total = uint64_t{per_layer} * plan.full.layers;
+    for (uint32_t l = 0; l < plan.full.layers; ++l) {
+      for (size_t k = 0; k < plan.kept.size(); ++k) {
+        for (uint32_t e = 0; e < plan.full.domains[plan.kept[k]].experts; ++e) {
+          const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
+          const uint64_t version = reader->version(flat);
+          ++report.experts;
+          if (version == 0) {
+            ++report.initial;  // stays unwritten: the sub-model draws what the full model did
+          } else {
+            ECSS_RETURN_IF_ERROR(reader->Read(flat));
+            ECSS_RETURN_IF_ERROR(store->WriteStates({l, plan.new_first[k] + e}, reader->states(),
+                                                    reader->blocks(), version));
+          }
+          if (options.progress) options.progress(report.experts, total);
+        }
+      }
+    }
+    CheckpointOptions save;
+    for (const CheckpointBlob& blob : reader->blobs()) {
+      save.blobs.push_back(
+          blob.name == kModelBlob ? CheckpointBlob{blob.name, FormatModelRecord(plan.sub)} : blob);
+    }
+    save.states = reader->states();
+    save.full = true;
+    ECSS_ASSIGN_OR_RETURN(const CheckpointStats stats,
+                          SaveCheckpoint(*store, out_root, out_name, save));
+    report.file_bytes = stats.bytes_written;
+    return store->Close();
+  }();
+  std::filesystem::remove_all(scratch, error);
+  if (!made.ok()) {
+    DeleteCheckpoint(out_root, out_name).IgnoreError();
+    return made;
+  }
+  if (options.verify) {
+    Status verified = VerifyByEvaluation(plan, options);
+    if (!verified.ok()) {
+      DeleteCheckpoint(out_root, out_name).IgnoreError();
+      return verified;
+    }
+    report.verified = true;
   }
   return report;
 }

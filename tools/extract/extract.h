@@ -48,13 +48,26 @@ struct ExtractOptions {
 };
 
 struct ExtractReport {
-  ModelSpec model;       // the sub-model (the kept domains, in the full model's order)
-  uint64_t experts = 0;  // extracted, every layer
-  uint64_t initial = 0;  // of them never updated (their initial values)
-  uint64_t tensors = 0;
-  uint64_t file_bytes = 0;  // header and data
+  ModelSpec model;          // the sub-model (the kept domains, in the full model's order)
+  uint64_t experts = 0;     // extracted, every layer
+  uint64_t initial = 0;     // of them never updated (their initial values)
+  uint64_t tensors = 0;     // safetensors
+  uint64_t file_bytes = 0;  // safetensors: header and data; ecss: the checkpoint's bytes
   bool verified = false;
 };
+
+// The same sub-model as a checkpoint the library loads (--format ecss): `out` is ROOT/NAME of
+// a checkpoint (offload/checkpoint.h) whose model record is the sub-model's, with the kept
+// domains' ids (so tokens route as in the full model, and micro-batches name domains by the
+// same ids) and their experts' initial values' keys (so experts never updated stay what they
+// were: they stay unwritten). A session created with that model (ExtractReport::model) and
+// placement.resume_from = `out` trains or evaluates it; the loop's blobs are copied.
+// --verify runs the full and the extracted model through the session's evaluation step on the
+// same held-out inputs of the kept domains and requires every sparse layer's outputs to be
+// bit-identical (both models are restored with their states in host memory for it). A
+// failure removes the new checkpoint. Errors as ExtractToSafetensors'; `overwrite` deletes an
+// existing checkpoint `out` first.
+StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options);
 
 // NotFound for a checkpoint or domain that does not exist (listing those that do);
 // FailedPrecondition for a checkpoint without the model record (saved before it existed);

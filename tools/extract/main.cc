@@ -9,6 +9,7 @@
 #include <string>
 #include <string_view>
 
+#include "engine/checkpoint_record.h"
 #include "runtime/base/str_cat.h"
 #include "tools/extract/extract.h"
 
@@ -16,13 +17,17 @@ namespace {
 
 constexpr std::string_view kUsage =
     "usage: ecss-extract --checkpoint DIR --domains NAME[,NAME...] --out FILE\n"
-    "                    [--format safetensors] [--with-optimizer-state] [--verify] [--force]\n"
+    "                    [--format safetensors|ecss] [--with-optimizer-state] [--verify]\n"
+    "                    [--force]\n"
     "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
     "(ROOT/NAME as Session::SaveCheckpoint wrote it), renumbered in the model's domain order,\n"
-    "with each layer's routing table rewritten to the new numbers, and writes them as one\n"
-    "safetensors file (tools/extract/README.md names its tensors). --with-optimizer-state adds\n"
-    "the optimizer's moments and update counts. --verify reads the file back and checks every\n"
-    "tensor bit for bit against the checkpoint and the model's routes. --force replaces FILE.\n"
+    "with each layer's routing table rewritten to the new numbers. safetensors (the default):\n"
+    "one file (tools/extract/README.md names its tensors); --with-optimizer-state adds the\n"
+    "optimizer's moments and update counts; --verify reads the file back and checks every\n"
+    "tensor bit for bit against the checkpoint and the model's routes. ecss: FILE is ROOT/NAME\n"
+    "of a checkpoint of the sub-model that a session loads (placement.resume_from, with the\n"
+    "model this prints); --verify runs both models' evaluation step on the same held-out\n"
+    "inputs and requires bit-identical outputs. --force replaces FILE.\n"
     "Exit 0: written; 1: failed; 2: bad arguments.\n";
 
 int BadArguments(std::string_view message) {
@@ -67,10 +72,8 @@ int main(int argc, char** argv) {
   if (options.checkpoint.empty() || domains.empty() || options.out.empty()) {
     return BadArguments("--checkpoint, --domains and --out are required");
   }
-  if (format != "safetensors") {
-    return BadArguments(ecss::StrCat("--format '", format,
-                                     "': only safetensors is written (a checkpoint the library "
-                                     "loads is not yet)"));
+  if (format != "safetensors" && format != "ecss") {
+    return BadArguments(ecss::StrCat("--format '", format, "': safetensors or ecss"));
   }
   for (size_t start = 0; start <= domains.size();) {
     const size_t comma = std::min(domains.find(',', start), domains.size());
@@ -99,7 +102,8 @@ int main(int argc, char** argv) {
       last_tenth = -1;
     }
   };
-  ecss::StatusOr<ecss::ExtractReport> report = ecss::ExtractToSafetensors(options);
+  ecss::StatusOr<ecss::ExtractReport> report =
+      format == "ecss" ? ecss::ExtractToCheckpoint(options) : ecss::ExtractToSafetensors(options);
   if (!report.ok()) {
     std::cerr << "ecss-extract: " << report.status() << "\n";
     return 1;
@@ -110,7 +114,13 @@ int main(int argc, char** argv) {
   }
   std::cout << "wrote " << options.out << ": " << kept << "; " << report->experts
             << " experts over " << report->model.layers << " layers (" << report->initial
-            << " never updated), " << report->tensors << " tensors, " << report->file_bytes
-            << " bytes" << (report->verified ? "; verified" : "") << "\n";
+            << " never updated), "
+            << (format == "ecss" ? "a checkpoint of " : ecss::StrCat(report->tensors, " tensors, "))
+            << report->file_bytes << " bytes"
+            << (report->verified ? format == "ecss" ? "; verified by evaluation" : "; verified"
+                                 : "")
+            << "\n";
+  // What a session that loads the sub-model is created with (its options' model).
+  if (format == "ecss") std::cout << "model:\n" << ecss::FormatModelRecord(report->model);
   return 0;
 }
