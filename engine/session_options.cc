@@ -55,11 +55,14 @@ Status SessionOptions::Validate() const {
     if (!names.insert(d.name).second) {
       return InvalidArgumentError(StrCat("model spec: two domains are named '", d.name, "'"));
     }
-    if (!ids.insert(m.DomainId(ids.size())).second) {
-      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has id ",
-                                         m.DomainId(ids.size()),
-                                         ", another domain's (an unset id is the domain's index)"));
+    // Ascending, so that a router's domains (sorted by id) are in the spec's order.
+    const uint32_t id = m.DomainId(ids.size());
+    if (!ids.empty() && id <= *ids.rbegin()) {
+      return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' has id ", id,
+                                         ": ids must ascend in the domains' order (an unset id "
+                                         "is the domain's index)"));
     }
+    ids.insert(id);
     if (d.source_first_expert && uint64_t{*d.source_first_expert} + d.experts > UINT32_MAX) {
       return InvalidArgumentError(StrCat("model spec: domain '", d.name, "' source_first_expert ",
                                          *d.source_first_expert, " + its experts exceed 32 bits"));

@@ -34,7 +34,8 @@ struct DomainSpec {
   std::string name;
   uint32_t experts = 0;  // experts of the domain's group in every sparse layer
   // The domain's id: what a micro-batch's domain_ids name it by, and its routing tables' key
-  // (router/rre_router.h). Unset: its index in ModelSpec::domains. A sub-model ecss-extract
+  // (router/rre_router.h); ids ascend in the domains' order. Unset: its index in
+  // ModelSpec::domains. A sub-model ecss-extract
   // cut out keeps the ids of the model it came from, so its tokens route as they did there.
   std::optional<uint32_t> id;
   // The key of the group's experts' initial values: the index its first expert had in the

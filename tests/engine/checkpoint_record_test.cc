@@ -52,7 +52,7 @@ TEST(CheckpointRecordTest, ARecordIsParsedStrictly) {
       std::string(good).replace(0, 8, "layers x"),                   // not a number
       good + "domain many zh2\n",                                    // a domain without a count
       good + "domain 4 8 0 en\n",                                    // a domain named twice
-      good + "domain 4 1 0 de\n",                                    // an id taken
+      good + "domain 4 7 0 de\n",                                    // an id taken
       good + "domain 4 9 de\n",                                      // no initial values' key
       std::string(good).replace(good.find("d_ff 80"), 7, "d_ff 0"),  // not a valid model
   };

@@ -208,11 +208,71 @@ TEST_F(ExtractTest, TheSubModelCheckpointLoadsAndComputesAsTheFullModel) {
   ExtractOptions again = o;
   again.checkpoint = o.out;
   again.domains = {"docs"};
-  again.out = StrCat(dir_, "/sub/docs");
+  again.out = StrCat(dir_, "/sub-of-sub/docs");
   auto docs = ExtractToCheckpoint(again);
   ASSERT_TRUE(docs.ok()) << docs.status();
   EXPECT_EQ(docs->model.InitialKey(0), 5u);
   EXPECT_TRUE(docs->verified);
+}
+
+// Surgery: a domain added as a copy of another. Every old domain computes bit for bit as
+// before (verified by the evaluation step), the new group holds the source group's experts,
+// and the grown model extracts again.
+TEST_F(ExtractTest, AnAddedDomainCopiesItsSourceAndLeavesTheOthersAsTheyWere) {
+  AddDomainOptions o;
+  o.checkpoint = StrCat(root_, "/step2");
+  o.name = "rust";
+  o.copy_of = "python";
+  o.out = StrCat(dir_, "/grown/rust");
+  o.verify = true;
+  auto report = AddDomain(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  const ModelSpec& grown = report->model;
+  ASSERT_EQ(grown.domains.size(), 4u);
+  EXPECT_EQ(grown.domains[3].name, "rust");
+  EXPECT_EQ(grown.domains[3].experts, 3u);
+  EXPECT_EQ(grown.DomainId(3), 3u);
+  EXPECT_EQ(grown.InitialKey(7), 2u);  // drawn as python's first expert
+
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  SessionOptions options = engine_test::OptionsFor(c);
+  options.model = grown;
+  options.placement.resume_from = o.out;
+  auto sim = SimBackend::Create({});
+  ASSERT_TRUE(sim.ok());
+  {
+    auto session = Session::Create(**sim, options);
+    ASSERT_TRUE(session.ok()) << session.status();
+    for (uint32_t l = 0; l < 2; ++l) {
+      for (uint32_t e = 0; e < 10; ++e) {
+        auto master = (*session)->MasterWeights(LayerIndex(l), e);
+        ASSERT_TRUE(master.ok()) << master.status();
+        EXPECT_EQ(*master, masters_.at({l, e < 7 ? e : e - 5})) << "layer " << l << " expert " << e;
+      }
+    }
+  }
+  // The grown model is a model like any other: its new domain extracts, verified.
+  ExtractOptions rust = Options({"rust"});
+  rust.checkpoint = o.out;
+  rust.out = StrCat(dir_, "/rust-only/rust");
+  rust.verify = true;
+  auto extracted = ExtractToCheckpoint(rust);
+  ASSERT_TRUE(extracted.ok()) << extracted.status();
+  EXPECT_EQ(extracted->model.DomainId(0), 3u);
+
+  // Refused: a name the model has, a source it has not, an existing output.
+  AddDomainOptions bad = o;
+  bad.name = "docs";
+  EXPECT_EQ(AddDomain(bad).status().code(), StatusCode::kAlreadyExists);
+  bad = o;
+  bad.copy_of = "go";
+  Status unknown = AddDomain(bad).status();
+  EXPECT_EQ(unknown.code(), StatusCode::kNotFound) << unknown;
+  EXPECT_NE(unknown.message().find("c, python, docs"), std::string::npos) << unknown;
+  EXPECT_EQ(AddDomain(o).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_TRUE(std::filesystem::exists(o.out + "/checkpoint.manifest")) << "left as it was";
 }
 
 // Bad requests are refused naming what is wrong, and leave no file behind.
@@ -227,6 +287,19 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   o.checkpoint = StrCat(root_, "/step3");
   EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kNotFound);
   EXPECT_FALSE(std::filesystem::exists(o.out));
+
+  // A checkpoint is not written beside the run's own (it would become the run's newest).
+  o = Options({"python"});
+  o.out = StrCat(root_, "/python-only");
+  Status beside = ExtractToCheckpoint(o).status();
+  EXPECT_EQ(beside.code(), StatusCode::kInvalidArgument) << beside;
+  EXPECT_FALSE(std::filesystem::exists(o.out));
+  // Domain ids ascend in the spec's order.
+  SessionOptions descending;
+  descending.model = SmallModel(DType::kBF16);
+  descending.model.domains[0].id = 5;
+  descending.limits.max_tokens_per_micro_batch = 1;
+  EXPECT_EQ(descending.Validate().code(), StatusCode::kInvalidArgument);
 
   // An existing file is replaced only when asked.
   o = Options({"python"});

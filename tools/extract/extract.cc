@@ -53,11 +53,17 @@ std::vector<std::string> MomentNames(OptimizerKind kind) {
   return {};
 }
 
+// The optimizer kind whose moments the checkpoint holds ("" when it does not say).
+std::string OptimizerOf(const CheckpointReader& reader) {
+  for (const CheckpointBlob& blob : reader.blobs()) {
+    if (blob.name == kOptimizerBlob) return blob.bytes;
+  }
+  return "";
+}
+
 StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
   Plan plan;
-  for (const CheckpointBlob& blob : reader.blobs()) {
-    if (blob.name == kOptimizerBlob) plan.optimizer = blob.bytes;
-  }
+  plan.optimizer = OptimizerOf(reader);
   ECSS_ASSIGN_OR_RETURN(plan.full, CheckpointModel(reader));
   const ModelSpec& m = plan.full;
   // The record and the layout must agree, or ids and sizes would be read as something else.
@@ -299,18 +305,20 @@ Status Verify(const Plan& plan, CheckpointReader& reader, const ExtractOptions& 
 
 // ---- --format ecss: a checkpoint of the sub-model, and its check by evaluation ----------
 
-// Evaluation-step outputs of every sparse layer for fixed held-out inputs of the sub-model's
-// domains (the same inputs whichever model runs them): each layer's y for the same x.
-constexpr uint32_t kVerifySamples = 4, kVerifySeq = 32;
-
+// Evaluation-step outputs of every sparse layer for fixed held-out inputs of the domains of
+// `inputs_of` (the same inputs whichever model runs them): one micro-batch per domain, one
+// sample of every token id of the vocabulary in a shuffled order, so every expert a domain's
+// tokens can reach in any layer computes; each layer's y for its own x.
 StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& model,
                                                            const ModelSpec& inputs_of,
                                                            const std::string& checkpoint,
                                                            OptimizerKind kind) {
+  const uint32_t domains = static_cast<uint32_t>(inputs_of.domains.size());
   SessionOptions options;
   options.model = model;
   options.optimizer.kind = kind;
-  options.limits.max_tokens_per_micro_batch = kVerifySamples * kVerifySeq;
+  options.limits.max_tokens_per_micro_batch = model.vocab;
+  options.limits.max_micro_batches = domains;
   options.placement.resume_from = checkpoint;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> planner, SimBackend::Create({}));
   options.budgets.device_bytes = uint64_t{1} << 50;
@@ -320,62 +328,216 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
   sim.device_memory_bytes = options.budgets.device_bytes + 4 * plan.activation_bytes + (8 << 20);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create(sim));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
-  // Held-out inputs: token ids and activations from a stream of their own, the samples' domains
-  // in turn from the kept ones.
-  const uint32_t tokens = kVerifySamples * kVerifySeq;
+  // Held-out inputs from a stream of their own: a shuffled vocabulary per domain, and
+  // activations in [-1, 1).
   CounterRng rng(0x5eedu, 0);
-  std::vector<uint32_t> token_ids(tokens), domain_ids(kVerifySamples);
-  for (uint32_t& t : token_ids) t = rng.Uniform(model.vocab);
-  for (uint32_t s = 0; s < kVerifySamples; ++s) {
-    domain_ids[s] = inputs_of.DomainId(s % inputs_of.domains.size());
+  std::vector<std::vector<uint32_t>> token_ids(domains);
+  std::vector<uint32_t> domain_ids(domains);
+  std::vector<MicroBatch> batches;
+  for (uint32_t d = 0; d < domains; ++d) {
+    token_ids[d].resize(model.vocab);
+    for (uint32_t t = 0; t < model.vocab; ++t) token_ids[d][t] = t;
+    for (uint32_t t = model.vocab - 1; t > 0; --t) {
+      std::swap(token_ids[d][t], token_ids[d][rng.Uniform(t + 1)]);
+    }
+    domain_ids[d] = inputs_of.DomainId(d);
+    batches.push_back({token_ids[d].data(), 1, model.vocab, &domain_ids[d]});
   }
-  std::vector<float> x(uint64_t{tokens} * model.d_model);
-  for (float& v : x) v = rng.UniformFloat() * 2 - 1;
+  std::vector<float> x(uint64_t{model.vocab} * model.d_model);
   const uint64_t bytes = x.size() * DTypeSize(model.dtype);
   std::vector<char> host(bytes);
-  if (model.dtype == DType::kBF16) {
-    ConvertF32ToBf16(x.data(), reinterpret_cast<BFloat16*>(host.data()), x.size());
-  } else {
-    std::memcpy(host.data(), x.data(), bytes);
-  }
   ECSS_ASSIGN_OR_RETURN(Buffer in,
                         backend->device_memory().Allocate(bytes, MemoryTag::kActivations));
   ECSS_ASSIGN_OR_RETURN(Buffer out,
                         backend->device_memory().Allocate(bytes, MemoryTag::kActivations));
   const Stream stream = session->compute_stream();
-  ECSS_RETURN_IF_ERROR(
-      backend->CopyAsync(stream, in.data(), host.data(), bytes, CopyKind::kHostToDevice));
-  ECSS_RETURN_IF_ERROR(session->BeginEvaluation(
-      {MicroBatch{token_ids.data(), kVerifySamples, kVerifySeq, domain_ids.data()}}));
+  ECSS_RETURN_IF_ERROR(session->BeginEvaluation(batches));
   std::vector<std::vector<char>> outputs;
-  for (uint32_t l = 0; l < model.layers; ++l) {
-    ECSS_RETURN_IF_ERROR(
-        session->Forward(MicroBatchIndex(0), LayerIndex(l), in.data(), out.data()));
-    outputs.emplace_back(bytes);
-    ECSS_RETURN_IF_ERROR(backend->CopyAsync(stream, outputs.back().data(), out.data(), bytes,
-                                            CopyKind::kDeviceToHost));
+  for (uint32_t d = 0; d < domains; ++d) {
+    for (uint32_t l = 0; l < model.layers; ++l) {
+      for (float& v : x) v = rng.UniformFloat() * 2 - 1;
+      if (model.dtype == DType::kBF16) {
+        ConvertF32ToBf16(x.data(), reinterpret_cast<BFloat16*>(host.data()), x.size());
+      } else {
+        std::memcpy(host.data(), x.data(), bytes);
+      }
+      ECSS_RETURN_IF_ERROR(
+          backend->CopyAsync(stream, in.data(), host.data(), bytes, CopyKind::kHostToDevice));
+      ECSS_RETURN_IF_ERROR(
+          session->Forward(MicroBatchIndex(d), LayerIndex(l), in.data(), out.data()));
+      outputs.emplace_back(bytes);
+      ECSS_RETURN_IF_ERROR(backend->CopyAsync(stream, outputs.back().data(), out.data(), bytes,
+                                              CopyKind::kDeviceToHost));
+      ECSS_RETURN_IF_ERROR(backend->SynchronizeStream(stream));  // before `host` changes
+    }
   }
-  ECSS_RETURN_IF_ERROR(backend->SynchronizeStream(stream));
   ECSS_RETURN_IF_ERROR(session->EndStep().status());
   return outputs;
 }
 
-// The full and the extracted model through the session's evaluation step on the same held-out
-// inputs of the kept domains: every sparse layer's outputs bit-identical.
-Status VerifyByEvaluation(const Plan& plan, const ExtractOptions& options) {
-  StatusOr<OptimizerKind> kind = ParseOptimizerKind(plan.optimizer);
-  if (!kind.ok()) kind = OptimizerKind::kAdamW;  // a checkpoint that does not say: the default
-  ECSS_ASSIGN_OR_RETURN(const auto full,
-                        EvaluationOutputs(plan.full, plan.sub, options.checkpoint, *kind));
-  ECSS_ASSIGN_OR_RETURN(const auto sub, EvaluationOutputs(plan.sub, plan.sub, options.out, *kind));
-  for (uint32_t l = 0; l < plan.full.layers; ++l) {
-    if (full[l] != sub[l]) {
-      return DataLossError(StrCat("verify: layer ", l, "'s outputs of '", options.out,
-                                  "' differ from '", options.checkpoint, "''s on the same inputs"));
+// Every expert of checkpoint `out` holds, at the same version, what `from(expert)` of the
+// source holds (blocks compared byte for byte): weights, moments and update counts.
+Status CompareExperts(CheckpointReader& source, const std::string& out,
+                      const std::function<uint32_t(ExpertId)>& from) {
+  const auto [root, name] = SplitCheckpointPath(out);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
+                        CheckpointReader::Open(root, name));
+  std::vector<std::vector<char>> want;
+  for (uint32_t flat = 0; flat < written->index().size(); ++flat) {
+    const ExpertId id = written->index().Id(flat);
+    const uint32_t source_flat = from(id);
+    const uint64_t version = written->version(flat);
+    if (version != source.version(source_flat)) {
+      return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " of '", out,
+                                  "' is at version ", version, ", its source at ",
+                                  source.version(source_flat)));
+    }
+    if (version == 0) continue;
+    ECSS_RETURN_IF_ERROR(source.Read(source_flat));
+    want.clear();
+    for (size_t s = 0; s < source.states().size(); ++s) {
+      const uint64_t bytes = ExpertStore::StateBytes(source.layout(), source.states()[s]);
+      const char* block = static_cast<const char*>(source.blocks()[s]);
+      want.emplace_back(block, block + bytes);
+    }
+    ECSS_RETURN_IF_ERROR(written->Read(flat));
+    for (size_t s = 0; s < want.size(); ++s) {
+      if (std::memcmp(written->blocks()[s], want[s].data(), want[s].size()) != 0) {
+        return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " ",
+                                    ExpertStateName(source.states()[s]), " of '", out,
+                                    "' differs from its source's"));
+      }
     }
   }
   return Status::Ok();
 }
+
+// The full and the extracted model through the session's evaluation step on the same held-out
+// inputs of the kept domains: every sparse layer's outputs bit-identical.
+Status VerifyByEvaluation(const Plan& plan, CheckpointReader& reader,
+                          const ExtractOptions& options) {
+  ECSS_RETURN_IF_ERROR(CompareExperts(reader, options.out, [&](ExpertId id) {
+    size_t k = 0;
+    while (k + 1 < plan.kept.size() && id.expert >= plan.new_first[k + 1]) ++k;
+    return reader.index().Flat({id.layer, plan.old_first[k] + (id.expert - plan.new_first[k])});
+  }));
+  ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(plan.optimizer));
+  ECSS_ASSIGN_OR_RETURN(const auto full,
+                        EvaluationOutputs(plan.full, plan.sub, options.checkpoint, kind));
+  ECSS_ASSIGN_OR_RETURN(const auto sub, EvaluationOutputs(plan.sub, plan.sub, options.out, kind));
+  if (full != sub) {
+    return DataLossError(StrCat("verify: the outputs of '", options.out, "' differ from those of '",
+                                options.checkpoint, "' on the same inputs"));
+  }
+  return Status::Ok();
+}
+
+// A new checkpoint ROOT/NAME of `model`, written expert by expert through a scratch expert
+// store beside it (ROOT/.NAME.extract-PID: master and moments on NVMe for a bf16 model, so a
+// model larger than memory goes through; an f32 model's weights are its master, in memory),
+// which SaveCheckpoint then copies. Experts not written stay unwritten: they read as their
+// initial values (the model's InitialKey). Removes the scratch store when destroyed; the
+// checkpoint exists once Finish returns (a save cut short is collected by the next save), and
+// Discard removes it (a failed verify). Nothing else there is ever removed.
+class CheckpointBuilder {
+ public:
+  // `source` (the checkpoint read) must live under another root: a checkpoint written beside
+  // a run's would become the run's newest (LatestCheckpoint), and replacing one there could
+  // take data the run's checkpoints refer to.
+  static StatusOr<std::unique_ptr<CheckpointBuilder>> Create(const std::string& out, bool overwrite,
+                                                             const ModelSpec& model,
+                                                             const CheckpointReader& source) {
+    const std::pair<std::string, std::string> path = SplitCheckpointPath(out);
+    auto builder = std::unique_ptr<CheckpointBuilder>(new CheckpointBuilder(
+        path.first.empty() ? "." : path.first, path.second, model, source.states()));
+    CheckpointBuilder& b = *builder;
+    std::error_code error;
+    std::filesystem::create_directories(b.root_, error);
+    if (error) return ErrnoError(error.value(), StrCat("creating '", b.root_, "'"));
+    const std::filesystem::path source_root = std::filesystem::path(source.where()).parent_path();
+    if (std::filesystem::equivalent(b.root_, source_root.empty() ? "." : source_root, error)) {
+      return InvalidArgumentError(StrCat("'", out, "' is in the root of checkpoint '",
+                                         source.where(),
+                                         "': write it under another directory (it would be that "
+                                         "run's newest checkpoint)"));
+    }
+    if (std::filesystem::exists(StrCat(b.root_, "/", b.name_), error)) {
+      if (!overwrite) return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
+      ECSS_RETURN_IF_ERROR(DeleteCheckpoint(b.root_, b.name_));
+    }
+    ExpertStoreOptions o;
+    uint32_t per_layer = 0;
+    for (const DomainSpec& d : model.domains) per_layer += d.experts;
+    o.layout = source.layout();
+    o.layout.experts_per_layer.assign(model.layers, per_layer);
+    const Tier tier = model.dtype == DType::kBF16 ? Tier::kNvme : Tier::kHost;
+    o.placement = {Tier::kNone, Tier::kNone, Tier::kNone, Tier::kNone};
+    for (ExpertState state : source.states()) o.placement[static_cast<size_t>(state)] = tier;
+    o.durable_memory_states = false;
+    b.scratch_ = StrCat(b.root_, "/.", b.name_, ".extract-", ::getpid());
+    if (tier == Tier::kNvme) {
+      std::filesystem::create_directory(b.scratch_, error);
+      if (error) return ErrnoError(error.value(), StrCat("creating '", b.scratch_, "'"));
+      o.dirs = {b.scratch_};
+    }
+    o.initial = [model](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
+      if (state == ExpertState::kMoments || state == ExpertState::kGradient) {
+        std::memset(dst, 0, bytes);
+      } else {
+        DrawInitialMaster(model, id.layer, id.expert, static_cast<float*>(dst));
+      }
+    };
+    o.initial_id = InitialValuesId(model);
+    ECSS_ASSIGN_OR_RETURN(b.backend_, SimBackend::Create({}));
+    ECSS_ASSIGN_OR_RETURN(b.store_, ExpertStore::Create(*b.backend_, o));
+    return builder;
+  }
+  ~CheckpointBuilder() {
+    if (store_ != nullptr) store_->Close().IgnoreError();
+    store_.reset();
+    std::error_code error;
+    if (!scratch_.empty()) std::filesystem::remove_all(scratch_, error);
+  }
+  CheckpointBuilder(const CheckpointBuilder&) = delete;
+  CheckpointBuilder& operator=(const CheckpointBuilder&) = delete;
+
+  // Expert `id`'s states (the constructor's, in order; 4 KiB-aligned blocks) at `version`.
+  Status Write(ExpertId id, const void* const* blocks, uint64_t version) {
+    return store_->WriteStates(id, states_, blocks, version);
+  }
+  // Saves the checkpoint with `blobs` (the model record replaced by this model's); its bytes.
+  StatusOr<uint64_t> Finish(const std::vector<CheckpointBlob>& blobs) {
+    CheckpointOptions save;
+    for (const CheckpointBlob& blob : blobs) {
+      if (blob.name != kModelBlob) save.blobs.push_back(blob);
+    }
+    save.blobs.push_back({std::string(kModelBlob), FormatModelRecord(model_)});
+    save.states = states_;
+    save.full = true;
+    ECSS_ASSIGN_OR_RETURN(const CheckpointStats stats, SaveCheckpoint(*store_, root_, name_, save));
+    finished_ = true;
+    return stats.bytes_written;
+  }
+  void Discard() {
+    if (finished_) DeleteCheckpoint(root_, name_).IgnoreError();
+  }
+
+ private:
+  CheckpointBuilder(std::string root, std::string name, ModelSpec model,
+                    std::vector<ExpertState> states)
+      : root_(std::move(root)),
+        name_(std::move(name)),
+        model_(std::move(model)),
+        states_(std::move(states)) {}
+
+  const std::string root_, name_;
+  const ModelSpec model_;
+  const std::vector<ExpertState> states_;
+  std::string scratch_;
+  std::unique_ptr<SimBackend> backend_;  // the store's (it allocates nothing on it)
+  std::unique_ptr<ExpertStore> store_;
+  bool finished_ = false;
+};
 
 }  // namespace
 
@@ -422,92 +584,122 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::Open(root, name));
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
-  const std::pair<std::string, std::string> out = SplitCheckpointPath(options.out);
-  const std::string out_root = out.first.empty() ? "." : out.first;
-  const std::string& out_name = out.second;
-  std::error_code error;
-  std::filesystem::create_directories(out_root, error);
-  if (error) return ErrnoError(error.value(), StrCat("creating '", out_root, "'"));
-  if (std::filesystem::exists(StrCat(out_root, "/", out_name), error)) {
-    if (!options.overwrite) {
-      return AlreadyExistsError(StrCat("'", options.out, "' exists (--force replaces it)"));
-    }
-    ECSS_RETURN_IF_ERROR(DeleteCheckpoint(out_root, out_name));
-  }
-  // The sub-model's experts go through a store of their own (master and moments on NVMe in a
-  // scratch directory beside the output, so a model larger than memory extracts; an f32
-  // model's weights are its master, kept in memory), which the checkpoint writer then copies.
-  ExpertStoreOptions store_options;
-  uint32_t per_layer = 0;
-  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
-  store_options.layout = reader->layout();
-  store_options.layout.experts_per_layer.assign(plan.sub.layers, per_layer);
-  const Tier tier = plan.full.dtype == DType::kBF16 ? Tier::kNvme : Tier::kHost;
-  store_options.placement = {Tier::kNone, Tier::kNone, Tier::kNone, Tier::kNone};
-  for (ExpertState state : reader->states()) {
-    store_options.placement[static_cast<size_t>(state)] = tier;
-  }
-  store_options.durable_memory_states = false;
-  const std::string scratch = StrCat(out_root, "/.", out_name, ".extract-", ::getpid());
-  if (tier == Tier::kNvme) {
-    std::filesystem::create_directory(scratch, error);
-    if (error) return ErrnoError(error.value(), StrCat("creating '", scratch, "'"));
-    store_options.dirs = {scratch};
-  }
-  const ModelSpec sub = plan.sub;
-  store_options.initial = [sub](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
-    if (state == ExpertState::kMoments || state == ExpertState::kGradient) {
-      std::memset(dst, 0, bytes);
-    } else {
-      DrawInitialMaster(sub, id.layer, id.expert, static_cast<float*>(dst));
-    }
-  };
-  store_options.initial_id = InitialValuesId(plan.sub);
+  ECSS_ASSIGN_OR_RETURN(
+      std::unique_ptr<CheckpointBuilder> builder,
+      CheckpointBuilder::Create(options.out, options.overwrite, plan.sub, *reader));
   ExtractReport report;
   report.model = plan.sub;
-  Status made = [&]() -> Status {
-    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create({}));
-    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ExpertStore> store,
-                          ExpertStore::Create(*backend, store_options));
-    const uint64_t total = uint64_t{per_layer} * plan.full.layers;
-    for (uint32_t l = 0; l < plan.full.layers; ++l) {
-      for (size_t k = 0; k < plan.kept.size(); ++k) {
-        for (uint32_t e = 0; e < plan.full.domains[plan.kept[k]].experts; ++e) {
-          const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
-          const uint64_t version = reader->version(flat);
-          ++report.experts;
-          if (version == 0) {
-            ++report.initial;  // stays unwritten: the sub-model draws what the full model did
-          } else {
-            ECSS_RETURN_IF_ERROR(reader->Read(flat));
-            ECSS_RETURN_IF_ERROR(store->WriteStates({l, plan.new_first[k] + e}, reader->states(),
-                                                    reader->blocks(), version));
-          }
-          if (options.progress) options.progress(report.experts, total);
+  uint32_t per_layer = 0;
+  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
+  const uint64_t total = uint64_t{per_layer} * plan.full.layers;
+  for (uint32_t l = 0; l < plan.full.layers; ++l) {
+    for (size_t k = 0; k < plan.kept.size(); ++k) {
+      for (uint32_t e = 0; e < plan.full.domains[plan.kept[k]].experts; ++e) {
+        const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
+        const uint64_t version = reader->version(flat);
+        ++report.experts;
+        if (version == 0) {
+          ++report.initial;  // stays unwritten: the sub-model draws what the full model did
+        } else {
+          ECSS_RETURN_IF_ERROR(reader->Read(flat));
+          ECSS_RETURN_IF_ERROR(
+              builder->Write({l, plan.new_first[k] + e}, reader->blocks(), version));
         }
+        if (options.progress) options.progress(report.experts, total);
       }
     }
-    CheckpointOptions save;
-    for (const CheckpointBlob& blob : reader->blobs()) {
-      save.blobs.push_back(
-          blob.name == kModelBlob ? CheckpointBlob{blob.name, FormatModelRecord(plan.sub)} : blob);
-    }
-    save.states = reader->states();
-    save.full = true;
-    ECSS_ASSIGN_OR_RETURN(const CheckpointStats stats,
-                          SaveCheckpoint(*store, out_root, out_name, save));
-    report.file_bytes = stats.bytes_written;
-    return store->Close();
-  }();
-  std::filesystem::remove_all(scratch, error);
-  if (!made.ok()) {
-    DeleteCheckpoint(out_root, out_name).IgnoreError();
-    return made;
   }
+  ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
   if (options.verify) {
-    Status verified = VerifyByEvaluation(plan, options);
+    Status verified = VerifyByEvaluation(plan, *reader, options);
     if (!verified.ok()) {
-      DeleteCheckpoint(out_root, out_name).IgnoreError();
+      builder->Discard();
+      return verified;
+    }
+    report.verified = true;
+  }
+  return report;
+}
+
+StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
+  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(const ModelSpec full, CheckpointModel(*reader));
+  // The source group, and where every group starts; the new group goes after all of them, so
+  // no expert of the model moves and no domain's tables change (they are keyed on its id).
+  std::optional<size_t> source;
+  uint32_t source_first = 0, first = 0, next_id = 0;
+  for (size_t d = 0; d < full.domains.size(); ++d) {
+    if (full.domains[d].name == options.name) {
+      return AlreadyExistsError(StrCat("checkpoint '", options.checkpoint, "' has a domain '",
+                                       options.name, "' already"));
+    }
+    if (full.domains[d].name == options.copy_of) {
+      source = d;
+      source_first = first;
+    }
+    first += full.domains[d].experts;
+    next_id = std::max(next_id, full.DomainId(d) + 1);
+  }
+  if (!source) {
+    std::string known;
+    for (const DomainSpec& d : full.domains) known += StrCat(known.empty() ? "" : ", ", d.name);
+    return NotFoundError(StrCat("no domain '", options.copy_of, "' to copy in checkpoint '",
+                                options.checkpoint, "'; it has: ", known));
+  }
+  ModelSpec grown = full;
+  DomainSpec added{options.name, full.domains[*source].experts};
+  added.id = next_id;
+  // Experts the source never updated stay unwritten here too, drawn as the source's were.
+  added.source_first_expert = full.InitialKey(source_first);
+  grown.domains.push_back(added);
+  ECSS_RETURN_IF_ERROR([&] {
+    SessionOptions check;
+    check.model = grown;
+    check.limits.max_tokens_per_micro_batch = 1;
+    return check.Validate();
+  }());
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
+                        CheckpointBuilder::Create(options.out, options.overwrite, grown, *reader));
+  ExtractReport report;
+  report.model = grown;
+  for (uint32_t l = 0; l < full.layers; ++l) {
+    // Every expert as it is, then the source group's again as the new group's.
+    for (uint32_t e = 0; e < first + added.experts; ++e) {
+      const uint32_t from = e < first ? e : source_first + (e - first);
+      const uint32_t flat = reader->index().Flat({l, from});
+      const uint64_t version = reader->version(flat);
+      ++report.experts;
+      if (version == 0) {
+        ++report.initial;
+        continue;
+      }
+      ECSS_RETURN_IF_ERROR(reader->Read(flat));
+      ECSS_RETURN_IF_ERROR(builder->Write({l, e}, reader->blocks(), version));
+    }
+  }
+  ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
+  if (options.verify) {
+    Status verified = [&]() -> Status {
+      // Every expert as its source (the new group's, the copied group's), and every old domain
+      // computing as before on the same inputs.
+      ECSS_RETURN_IF_ERROR(CompareExperts(*reader, options.out, [&](ExpertId id) {
+        return reader->index().Flat(
+            {id.layer, id.expert < first ? id.expert : source_first + (id.expert - first)});
+      }));
+      ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(OptimizerOf(*reader)));
+      ECSS_ASSIGN_OR_RETURN(const auto before,
+                            EvaluationOutputs(full, full, options.checkpoint, kind));
+      ECSS_ASSIGN_OR_RETURN(const auto after, EvaluationOutputs(grown, full, options.out, kind));
+      if (before != after) {
+        return DataLossError(StrCat("verify: the old domains' outputs of '", options.out,
+                                    "' differ from those of '", options.checkpoint, "'"));
+      }
+      return Status::Ok();
+    }();
+    if (!verified.ok()) {
+      builder->Discard();
       return verified;
     }
     report.verified = true;

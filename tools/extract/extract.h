@@ -1,5 +1,6 @@
 // ecss-extract's library: a domain's sub-model cut out of a session's checkpoint, as a
-// safetensors file (tools/extract/safetensors.h). PanGu-Sigma's promise: every sparse layer
+// safetensors file (tools/extract/safetensors.h) or as a checkpoint the library loads; and
+// model surgery on checkpoints (AddDomain). PanGu-Sigma's promise: every sparse layer
 // keeps only the chosen domains' expert groups, renumbered, with routing tables rewritten to
 // the new numbers, so the sub-model routes every token of those domains to the very expert,
 // with the very weights, that the full model does.
@@ -68,6 +69,24 @@ struct ExtractReport {
 // failure removes the new checkpoint. Errors as ExtractToSafetensors'; `overwrite` deletes an
 // existing checkpoint `out` first.
 StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options);
+
+// Model surgery: a domain added to a checkpoint's model, as a new checkpoint `out`. The new
+// group (as many experts as `copy_of`'s, in every layer) starts as a copy of `copy_of`'s
+// experts, each with its weights, moments and update count (one never updated stays unwritten,
+// drawn as its source was), and goes after every existing group, with a new id (one above the
+// highest), so no other expert moves and no other domain's routes change: every old domain
+// computes bit for bit as before. The new domain's tokens route by tables of its own (RRE
+// tables are keyed on the domain's id). `verify` runs the evaluation step of the old and the
+// new model on the same inputs of the old domains and requires bit-identical outputs.
+struct AddDomainOptions {
+  std::string checkpoint;  // ROOT/NAME
+  std::string name;        // the new domain's (AlreadyExists if the model has it)
+  std::string copy_of;     // an existing domain (NotFound listing them otherwise)
+  std::string out;         // ROOT/NAME of the new checkpoint (AlreadyExists unless overwrite)
+  bool overwrite = false;
+  bool verify = false;
+};
+StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options);
 
 // NotFound for a checkpoint or domain that does not exist (listing those that do);
 // FailedPrecondition for a checkpoint without the model record (saved before it existed);

@@ -19,6 +19,8 @@ constexpr std::string_view kUsage =
     "usage: ecss-extract --checkpoint DIR --domains NAME[,NAME...] --out FILE\n"
     "                    [--format safetensors|ecss] [--with-optimizer-state] [--verify]\n"
     "                    [--force]\n"
+    "       ecss-extract --checkpoint DIR --add-domain NAME --copy-of DOMAIN --out DIR\n"
+    "                    [--verify] [--force]\n"
     "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
     "(ROOT/NAME as Session::SaveCheckpoint wrote it), renumbered in the model's domain order,\n"
     "with each layer's routing table rewritten to the new numbers. safetensors (the default):\n"
@@ -28,6 +30,10 @@ constexpr std::string_view kUsage =
     "of a checkpoint of the sub-model that a session loads (placement.resume_from, with the\n"
     "model this prints); --verify runs both models' evaluation step on the same held-out\n"
     "inputs and requires bit-identical outputs. --force replaces FILE.\n"
+    "--add-domain: model surgery, a new domain whose experts start as copies of DOMAIN's\n"
+    "(weights, moments, update counts), written as checkpoint DIR; the old domains compute\n"
+    "as before (--verify checks it through the evaluation step). To remove a domain, extract\n"
+    "the others with --format ecss.\n"
     "Exit 0: written; 1: failed; 2: bad arguments.\n";
 
 int BadArguments(std::string_view message) {
@@ -39,7 +45,7 @@ int BadArguments(std::string_view message) {
 
 int main(int argc, char** argv) {
   ecss::ExtractOptions options;
-  std::string domains, format = "safetensors";
+  std::string domains, format = "safetensors", add_domain, copy_of;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -59,6 +65,10 @@ int main(int argc, char** argv) {
       if (!value(&options.out)) return BadArguments("--out needs a file");
     } else if (arg == "--format") {
       if (!value(&format)) return BadArguments("--format needs a name");
+    } else if (arg == "--add-domain") {
+      if (!value(&add_domain)) return BadArguments("--add-domain needs a name");
+    } else if (arg == "--copy-of") {
+      if (!value(&copy_of)) return BadArguments("--copy-of needs a domain");
     } else if (arg == "--with-optimizer-state") {
       options.with_optimizer_state = true;
     } else if (arg == "--verify") {
@@ -68,6 +78,23 @@ int main(int argc, char** argv) {
     } else {
       return BadArguments(ecss::StrCat("unknown argument '", arg, "'"));
     }
+  }
+  if (!add_domain.empty()) {
+    if (options.checkpoint.empty() || copy_of.empty() || options.out.empty() || !domains.empty()) {
+      return BadArguments("--add-domain takes --checkpoint, --copy-of and --out (no --domains)");
+    }
+    ecss::AddDomainOptions add{options.checkpoint, add_domain,        copy_of,
+                               options.out,        options.overwrite, options.verify};
+    ecss::StatusOr<ecss::ExtractReport> grown = ecss::AddDomain(add);
+    if (!grown.ok()) {
+      std::cerr << "ecss-extract: " << grown.status() << "\n";
+      return 1;
+    }
+    std::cout << "wrote " << options.out << ": domain '" << add_domain << "' added as a copy of '"
+              << copy_of << "'; " << grown->file_bytes << " bytes"
+              << (grown->verified ? "; the old domains verified by evaluation" : "") << "\nmodel:\n"
+              << ecss::FormatModelRecord(grown->model);
+    return 0;
   }
   if (options.checkpoint.empty() || domains.empty() || options.out.empty()) {
     return BadArguments("--checkpoint, --domains and --out are required");
