@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -70,6 +71,31 @@ class ExtractTest : public ::testing::Test {
     o.domains = std::move(domains);
     o.out = StrCat(dir_, "/out.safetensors");
     return o;
+  }
+
+  // A session of `model` resumed from `checkpoint` (the trained model's limits and budgets):
+  // expert e of every layer holds the master weights expert source(e) of the trained model
+  // had; then `then` runs on it.
+  void ExpectMasters(const ModelSpec& model, const std::string& checkpoint,
+                     const std::function<uint32_t(uint32_t)>& source,
+                     const std::function<void(Session&)>& then = {}) {
+    RunConfig c;
+    c.dtype = DType::kBF16;
+    SessionOptions options = engine_test::OptionsFor(c);
+    options.model = model;
+    options.placement.resume_from = checkpoint;
+    auto sim = SimBackend::Create({});
+    ASSERT_TRUE(sim.ok());
+    auto session = Session::Create(**sim, options);
+    ASSERT_TRUE(session.ok()) << session.status();
+    for (uint32_t l = 0; l < model.layers; ++l) {
+      for (uint32_t e = 0; e < (*session)->experts_in_layer(l); ++e) {
+        auto master = (*session)->MasterWeights(LayerIndex(l), e);
+        ASSERT_TRUE(master.ok()) << master.status();
+        EXPECT_EQ(*master, masters_.at({l, source(e)})) << "layer " << l << " expert " << e;
+      }
+    }
+    if (then) then(**session);
   }
 
   char dir_[32] = "/tmp/ecss_extract_XXXXXX";
@@ -173,31 +199,23 @@ TEST_F(ExtractTest, TheSubModelCheckpointLoadsAndComputesAsTheFullModel) {
   EXPECT_EQ(sub.InitialKey(0), 2u);  // python's first expert was expert 2
   EXPECT_EQ(sub.InitialKey(3), 5u);  // docs' first, expert 5
 
+  ExpectMasters(
+      sub, o.out, [](uint32_t e) { return e + 2; },
+      [](Session& session) {
+        // Its samples are named by the full model's domain ids (python 1, docs 2).
+        const std::vector<uint32_t> tokens(engine_test::kBatch * engine_test::kSeq, 7);
+        const std::vector<uint32_t> domains = {1, 2};
+        EXPECT_TRUE(session
+                        .BeginEvaluation({MicroBatch{tokens.data(), engine_test::kBatch,
+                                                     engine_test::kSeq, domains.data()}})
+                        .ok());
+      });
   RunConfig c;
   c.dtype = DType::kBF16;
   SessionOptions options = engine_test::OptionsFor(c);
-  options.model = sub;
   options.placement.resume_from = o.out;
   auto sim = SimBackend::Create({});
   ASSERT_TRUE(sim.ok());
-  {
-    auto session = Session::Create(**sim, options);
-    ASSERT_TRUE(session.ok()) << session.status();
-    for (uint32_t l = 0; l < 2; ++l) {
-      for (uint32_t j = 0; j < 5; ++j) {
-        auto master = (*session)->MasterWeights(LayerIndex(l), j);
-        ASSERT_TRUE(master.ok()) << master.status();
-        EXPECT_EQ(*master, masters_.at({l, j + 2})) << "layer " << l << " expert " << j;
-      }
-    }
-    // It trains: a step of python and docs samples (ids 1 and 2, as in the full model).
-    const std::vector<uint32_t> tokens(engine_test::kBatch * engine_test::kSeq, 7);
-    const std::vector<uint32_t> domains = {1, 2};
-    ASSERT_TRUE((*session)
-                    ->BeginEvaluation({MicroBatch{tokens.data(), engine_test::kBatch,
-                                                  engine_test::kSeq, domains.data()}})
-                    .ok());
-  }
   // Another model's options do not load it: the record names the domains.
   options.model = SmallModel(DType::kBF16);
   Status other = Session::Create(**sim, options).status();
@@ -235,24 +253,7 @@ TEST_F(ExtractTest, AnAddedDomainCopiesItsSourceAndLeavesTheOthersAsTheyWere) {
   EXPECT_EQ(grown.DomainId(3), 3u);
   EXPECT_EQ(grown.InitialKey(7), 2u);  // drawn as python's first expert
 
-  RunConfig c;
-  c.dtype = DType::kBF16;
-  SessionOptions options = engine_test::OptionsFor(c);
-  options.model = grown;
-  options.placement.resume_from = o.out;
-  auto sim = SimBackend::Create({});
-  ASSERT_TRUE(sim.ok());
-  {
-    auto session = Session::Create(**sim, options);
-    ASSERT_TRUE(session.ok()) << session.status();
-    for (uint32_t l = 0; l < 2; ++l) {
-      for (uint32_t e = 0; e < 10; ++e) {
-        auto master = (*session)->MasterWeights(LayerIndex(l), e);
-        ASSERT_TRUE(master.ok()) << master.status();
-        EXPECT_EQ(*master, masters_.at({l, e < 7 ? e : e - 5})) << "layer " << l << " expert " << e;
-      }
-    }
-  }
+  ExpectMasters(grown, o.out, [](uint32_t e) { return e < 7 ? e : e - 5; });
   // The grown model is a model like any other: its new domain extracts, verified.
   ExtractOptions rust = Options({"rust"});
   rust.checkpoint = o.out;
