@@ -1,12 +1,14 @@
 #include "runtime/base/file_util.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <filesystem>
+#include <string>
 
 #include "runtime/base/str_cat.h"
 
@@ -62,6 +64,31 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   }
   const std::string dir = std::filesystem::path(path).parent_path().string();
   return SyncDirectory(dir.empty() ? "." : dir);
+}
+
+void RemoveLeftoversOfDeadProcesses(const std::string& dir, std::string_view prefix) {
+  std::error_code error;
+  for (auto it = std::filesystem::directory_iterator(dir, error);
+       !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
+    const std::string digits = name.substr(prefix.size());
+    if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(digits));
+    if (pid <= 0 || pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    std::error_code ignored;
+    std::filesystem::remove_all(it->path(), ignored);
+  }
+}
+
+bool IsWithin(const std::string& path, const std::string& dir) {
+  std::error_code error;
+  const std::filesystem::path p = std::filesystem::weakly_canonical(path, error);
+  if (error) return false;
+  const std::filesystem::path d = std::filesystem::weakly_canonical(dir, error);
+  if (error) return false;
+  const std::filesystem::path relative = p.lexically_relative(d);
+  return !relative.empty() && *relative.begin() != "..";
 }
 
 Status SyncDirectory(const std::string& dir) {

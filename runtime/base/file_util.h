@@ -19,6 +19,15 @@ StatusOr<std::string> ReadFileToString(const std::string& path);
 // fsync of a directory: makes the creation, rename or removal of its entries durable.
 Status SyncDirectory(const std::string& dir);
 
+// Removes what crashed writers left in `dir`: every entry named PREFIX + PID (a file or a
+// directory, with its contents) whose process no longer exists on this machine. Best effort:
+// what cannot be removed stays. A writer names its temporary files so (PREFIX, getpid()).
+void RemoveLeftoversOfDeadProcesses(const std::string& dir, std::string_view prefix);
+
+// Whether `path` is `dir` or lies under it, with symlinks and ".." resolved as far as the
+// paths exist.
+bool IsWithin(const std::string& path, const std::string& dir);
+
 // An exclusive lock on a file (flock), held from Acquire until the object is destroyed: how a
 // store says that it owns its directory. The file holds the owner's pid, so that a second
 // owner's error names it, and is removed on release. The kernel drops the lock when its

@@ -3,6 +3,7 @@
 #include "tools/extract/extract.h"
 
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -289,6 +290,24 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kNotFound);
   EXPECT_FALSE(std::filesystem::exists(o.out));
 
+  // Never inside the checkpoint read, never over anything but a regular file.
+  o = Options({"python"});
+  o.out = StrCat(root_, "/step2/experts.bin");
+  o.overwrite = true;
+  EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kInvalidArgument);
+  o.out = StrCat(dir_, "/a-directory");
+  std::filesystem::create_directory(o.out);
+  EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kAlreadyExists);
+  EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kAlreadyExists)
+      << "not a checkpoint";
+  EXPECT_TRUE(std::filesystem::is_directory(o.out));
+  // Nor into a root holding a training run's checkpoints (a copy of this run's).
+  std::filesystem::create_directories(StrCat(dir_, "/run2"));
+  std::filesystem::copy(StrCat(root_, "/step2"), StrCat(dir_, "/run2/step2"));
+  o.out = StrCat(dir_, "/run2/python");
+  EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(std::filesystem::exists(o.out));
   // A checkpoint is not written beside the run's own (it would become the run's newest).
   o = Options({"python"});
   o.out = StrCat(root_, "/python-only");
@@ -309,8 +328,24 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   o.overwrite = true;
   EXPECT_TRUE(ExtractToSafetensors(o).ok());
 
+  // What crashed runs left (a scratch store, a partial file) goes with the next run there;
+  // a checkpoint output replaced with --force.
+  ExtractOptions sub = Options({"python"});
+  sub.out = StrCat(dir_, "/subs/python");
+  ASSERT_TRUE(ExtractToCheckpoint(sub).ok());
+  const std::string stale = StrCat(dir_, "/subs/.python.extract-999999999");
+  const std::string partial = o.out + ".partial-999999999";
+  std::filesystem::create_directory(stale);
+  std::ofstream(partial) << "half";
+  sub.overwrite = true;
+  ASSERT_TRUE(ExtractToCheckpoint(sub).ok());
+  ASSERT_TRUE(ExtractToSafetensors(o).ok());
+  EXPECT_FALSE(std::filesystem::exists(stale));
+  EXPECT_FALSE(std::filesystem::exists(partial));
+
   // A damaged checkpoint: DataLoss naming the expert and state; the old file stays whole and
-  // no partial file is left.
+  // no partial file is left; a checkpoint output to be replaced stays too (the source is read
+  // in full before it goes).
   const std::string experts = StrCat(root_, "/step2/experts.bin");
   {
     std::fstream f(experts, std::ios::in | std::ios::out | std::ios::binary);
@@ -328,7 +363,13 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   EXPECT_NE(damaged.message().find("checksum mismatch"), std::string::npos) << damaged;
   EXPECT_NE(damaged.message().find("expert"), std::string::npos) << damaged;
   EXPECT_EQ(std::filesystem::file_size(o.out), before);
-  EXPECT_FALSE(std::filesystem::exists(o.out + ".partial"));
+  EXPECT_FALSE(std::filesystem::exists(o.out + ".partial-" + std::to_string(getpid())));
+  sub.domains = {"c", "python", "docs"};
+  EXPECT_EQ(ExtractToCheckpoint(sub).status().code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(std::filesystem::exists(sub.out + "/checkpoint.manifest"));
+  // A new domain's name cannot have a comma (--domains could not name it).
+  AddDomainOptions comma{StrCat(root_, "/step2"), "a,b", "c", StrCat(dir_, "/comma/x")};
+  EXPECT_EQ(AddDomain(comma).status().code(), StatusCode::kInvalidArgument);
 }
 
 // A damaged or hostile header is DataLoss naming the file, never a crash or a huge allocation.

@@ -16,6 +16,7 @@
 #include "engine/session.h"
 #include "offload/checkpoint.h"
 #include "optimizer/optimizer_config.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -26,6 +27,8 @@ namespace ecss {
 namespace {
 
 constexpr char kFormat[] = "ecss-extract 1";
+// In a root of this tool's checkpoint outputs (CheckpointBuilder).
+constexpr char kOutputsMarker[] = ".ecss-extract-outputs";
 
 // What is extracted, and how the numbers map.
 struct Plan {
@@ -451,6 +454,10 @@ class CheckpointBuilder {
     auto builder = std::unique_ptr<CheckpointBuilder>(new CheckpointBuilder(
         path.first.empty() ? "." : path.first, path.second, model, source.states()));
     CheckpointBuilder& b = *builder;
+    if (IsWithin(out, source.where())) {
+      return InvalidArgumentError(
+          StrCat("'", out, "' is inside the checkpoint '", source.where(), "' it is read from"));
+    }
     std::error_code error;
     std::filesystem::create_directories(b.root_, error);
     if (error) return ErrnoError(error.value(), StrCat("creating '", b.root_, "'"));
@@ -461,10 +468,26 @@ class CheckpointBuilder {
                                          "': write it under another directory (it would be that "
                                          "run's newest checkpoint)"));
     }
-    if (std::filesystem::exists(StrCat(b.root_, "/", b.name_), error)) {
-      if (!overwrite) return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
-      ECSS_RETURN_IF_ERROR(DeleteCheckpoint(b.root_, b.name_));
+    // A root of this tool's outputs (marked so), or a new one: never a training run's, whose
+    // newest checkpoint this would become.
+    const std::string marker = StrCat(b.root_, "/", kOutputsMarker);
+    ECSS_ASSIGN_OR_RETURN(const std::vector<std::string> there, ListCheckpoints(b.root_));
+    if (!there.empty() && !std::filesystem::exists(marker, error)) {
+      return InvalidArgumentError(StrCat("'", b.root_,
+                                         "' holds checkpoints ecss-extract did not "
+                                         "write (a training run's?): write under another "
+                                         "directory"));
     }
+    ECSS_RETURN_IF_ERROR(WriteFileAtomically(marker, "checkpoints written by ecss-extract\n"));
+    const std::string target = StrCat(b.root_, "/", b.name_);
+    if (std::filesystem::exists(target, error)) {
+      if (!std::filesystem::exists(StrCat(target, "/checkpoint.manifest"), error)) {
+        return AlreadyExistsError(StrCat("'", out, "' exists and is not a checkpoint"));
+      }
+      if (!overwrite) return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
+      b.replace_ = true;  // deleted by Finish, once every expert was read and checked
+    }
+    RemoveLeftoversOfDeadProcesses(b.root_, StrCat(".", b.name_, ".extract-"));
     ExpertStoreOptions o;
     uint32_t per_layer = 0;
     for (const DomainSpec& d : model.domains) per_layer += d.experts;
@@ -514,6 +537,7 @@ class CheckpointBuilder {
     save.blobs.push_back({std::string(kModelBlob), FormatModelRecord(model_)});
     save.states = states_;
     save.full = true;
+    if (replace_) ECSS_RETURN_IF_ERROR(DeleteCheckpoint(root_, name_));
     ECSS_ASSIGN_OR_RETURN(const CheckpointStats stats, SaveCheckpoint(*store_, root_, name_, save));
     finished_ = true;
     return stats.bytes_written;
@@ -536,6 +560,7 @@ class CheckpointBuilder {
   std::string scratch_;
   std::unique_ptr<SimBackend> backend_;  // the store's (it allocates nothing on it)
   std::unique_ptr<ExpertStore> store_;
+  bool replace_ = false;  // an existing checkpoint of that name goes (overwrite)
   bool finished_ = false;
 };
 
@@ -545,6 +570,10 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
   const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::Open(root, name));
+  if (IsWithin(options.out, reader->where())) {
+    return InvalidArgumentError(StrCat("'", options.out, "' is inside the checkpoint '",
+                                       reader->where(), "' it is read from"));
+  }
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
   std::vector<SafetensorsTensor> tensors;
   ECSS_RETURN_IF_ERROR(Walk(plan, nullptr, options, [&](const SafetensorsTensor& t, const void*) {
@@ -630,6 +659,10 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   // no expert of the model moves and no domain's tables change (they are keyed on its id).
   std::optional<size_t> source;
   uint32_t source_first = 0, first = 0, next_id = 0;
+  if (options.name.find(',') != std::string::npos) {
+    return InvalidArgumentError(StrCat("domain name '", options.name,
+                                       "' has a comma: ecss-extract --domains could not name it"));
+  }
   for (size_t d = 0; d < full.domains.size(); ++d) {
     if (full.domains[d].name == options.name) {
       return AlreadyExistsError(StrCat("checkpoint '", options.checkpoint, "' has a domain '",

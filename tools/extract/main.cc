@@ -46,6 +46,7 @@ int BadArguments(std::string_view message) {
 int main(int argc, char** argv) {
   ecss::ExtractOptions options;
   std::string domains, format = "safetensors", add_domain, copy_of;
+  bool format_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -65,6 +66,7 @@ int main(int argc, char** argv) {
       if (!value(&options.out)) return BadArguments("--out needs a file");
     } else if (arg == "--format") {
       if (!value(&format)) return BadArguments("--format needs a name");
+      format_given = true;
     } else if (arg == "--add-domain") {
       if (!value(&add_domain)) return BadArguments("--add-domain needs a name");
     } else if (arg == "--copy-of") {
@@ -79,9 +81,18 @@ int main(int argc, char** argv) {
       return BadArguments(ecss::StrCat("unknown argument '", arg, "'"));
     }
   }
-  if (!add_domain.empty()) {
-    if (options.checkpoint.empty() || copy_of.empty() || options.out.empty() || !domains.empty()) {
-      return BadArguments("--add-domain takes --checkpoint, --copy-of and --out (no --domains)");
+  const bool surgery = !add_domain.empty() || !copy_of.empty();
+  if (surgery) {
+    if (add_domain.empty() || copy_of.empty() || options.checkpoint.empty() ||
+        options.out.empty()) {
+      return BadArguments(
+          "--add-domain NAME and --copy-of DOMAIN go together, with --checkpoint "
+          "and --out");
+    }
+    if (!domains.empty() || format_given || options.with_optimizer_state) {
+      return BadArguments(
+          "--add-domain writes a checkpoint: no --domains, --format or "
+          "--with-optimizer-state");
     }
     ecss::AddDomainOptions add{options.checkpoint, add_domain,        copy_of,
                                options.out,        options.overwrite, options.verify};

@@ -73,12 +73,21 @@ StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::string json = header.dump();
   json.append((8 - json.size() % 8) % 8, ' ');  // the data starts 8-byte aligned
+  // Only a regular file is ever replaced (never a directory or a device node).
   std::error_code error;
-  if (!overwrite && std::filesystem::exists(path, error)) {
-    return AlreadyExistsError(StrCat("'", path, "' exists (--force replaces it)"));
+  const std::filesystem::path where = std::filesystem::path(path).parent_path();
+  RemoveLeftoversOfDeadProcesses(
+      where.empty() ? "." : where.string(),
+      StrCat(std::filesystem::path(path).filename().string(), ".partial-"));
+  const std::filesystem::file_status status = std::filesystem::symlink_status(path, error);
+  if (std::filesystem::exists(status)) {
+    if (!std::filesystem::is_regular_file(status)) {
+      return AlreadyExistsError(StrCat("'", path, "' exists and is not a regular file"));
+    }
+    if (!overwrite) return AlreadyExistsError(StrCat("'", path, "' exists (--force replaces it)"));
   }
   std::unique_ptr<SafetensorsWriter> writer(
-      new SafetensorsWriter(path, nullptr, 8 + json.size(), offset));
+      new SafetensorsWriter(path, nullptr, 8 + json.size(), offset, overwrite));
   const std::string partial = writer->partial();
   writer->file_ = std::fopen(partial.c_str(), "wb");
   if (writer->file_ == nullptr) return FileError("cannot create", partial);
@@ -121,9 +130,16 @@ Status SafetensorsWriter::Finish(const std::function<Status(const std::string&)>
   file_ = nullptr;
   Status done = closed != 0 ? FileError("cannot close", partial()) : Status::Ok();
   if (done.ok() && check) done = check(partial());
-  if (done.ok() && std::rename(partial().c_str(), path_.c_str()) != 0) {
+  // Without overwrite the name is taken only if still free (link fails on an existing
+  // name: another writer that finished meanwhile keeps its file).
+  if (done.ok() && overwrite_ && std::rename(partial().c_str(), path_.c_str()) != 0) {
     done = FileError("cannot rename into", path_);
   }
+  if (done.ok() && !overwrite_ && ::link(partial().c_str(), path_.c_str()) != 0) {
+    done = errno == EEXIST ? AlreadyExistsError(StrCat("'", path_, "' appeared meanwhile"))
+                           : FileError("cannot link into", path_);
+  }
+  if (done.ok() && !overwrite_) std::remove(partial().c_str());
   if (!done.ok()) {
     std::remove(partial().c_str());
     return done;

@@ -39,9 +39,10 @@ StatusOr<uint64_t> SafetensorsTensorBytes(const SafetensorsTensor& tensor);
 
 class SafetensorsWriter {
  public:
-  // Declares every tensor, in file order, and opens the partial file (AlreadyExists when PATH
-  // exists and not `overwrite`). InvalidArgument for an empty, repeated or "__metadata__" name
-  // or an unknown dtype.
+  // Declares every tensor, in file order, and opens the partial file. AlreadyExists when PATH
+  // exists and not `overwrite`, or is anything but a regular file (a directory, a device), or
+  // (without `overwrite`) when it appeared meanwhile: Finish never replaces it then.
+  // InvalidArgument for an empty, repeated or "__metadata__" name or an unknown dtype.
   static StatusOr<std::unique_ptr<SafetensorsWriter>> Create(
       const std::string& path, std::vector<SafetensorsTensor> tensors,
       const std::map<std::string, std::string>& metadata, bool overwrite);
@@ -58,14 +59,20 @@ class SafetensorsWriter {
   uint64_t file_bytes() const { return header_bytes_ + data_bytes_; }
 
  private:
-  SafetensorsWriter(std::string path, std::FILE* file, uint64_t header_bytes, uint64_t data_bytes)
-      : path_(std::move(path)), file_(file), header_bytes_(header_bytes), data_bytes_(data_bytes) {}
+  SafetensorsWriter(std::string path, std::FILE* file, uint64_t header_bytes, uint64_t data_bytes,
+                    bool overwrite)
+      : path_(std::move(path)),
+        file_(file),
+        header_bytes_(header_bytes),
+        data_bytes_(data_bytes),
+        overwrite_(overwrite) {}
   std::string partial() const;
 
   const std::string path_;
   std::FILE* file_;
   const uint64_t header_bytes_;  // the length field and the JSON
   const uint64_t data_bytes_;
+  const bool overwrite_;
   uint64_t written_ = 0;  // of the data
 };
 
