@@ -1,7 +1,6 @@
 #include "runtime/base/file_util.h"
 
 #include <fcntl.h>
-#include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -66,27 +65,45 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   return SyncDirectory(dir.empty() ? "." : dir);
 }
 
-void RemoveLeftoversOfDeadProcesses(const std::string& dir, std::string_view prefix) {
+namespace {
+
+// Whether `path` can be locked exclusively now (nobody holds it); false if it cannot be opened.
+bool Unlocked(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  return fd.get() >= 0 && ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0;
+}
+
+}  // namespace
+
+void RemoveUnlockedLeftovers(const std::string& dir, std::string_view prefix,
+                             std::string_view lock_name) {
   std::error_code error;
   for (auto it = std::filesystem::directory_iterator(dir, error);
        !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
     const std::string name = it->path().filename().string();
-    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0) continue;
-    const std::string digits = name.substr(prefix.size());
-    if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) continue;
-    const pid_t pid = static_cast<pid_t>(std::stol(digits));
-    if (pid <= 0 || pid == ::getpid() || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    if (name.size() <= prefix.size() || name.compare(0, prefix.size(), prefix) != 0 ||
+        name.find_first_not_of("0123456789", prefix.size()) != std::string::npos) {
+      continue;
+    }
     std::error_code ignored;
-    std::filesystem::remove_all(it->path(), ignored);
+    const std::filesystem::file_status status = it->symlink_status(ignored);
+    bool stale = false;
+    if (std::filesystem::is_regular_file(status)) {
+      stale = Unlocked(it->path().string());
+    } else if (std::filesystem::is_directory(status)) {
+      const std::filesystem::path lock = it->path() / std::string(lock_name);
+      stale = !std::filesystem::exists(lock, ignored) || Unlocked(lock.string());
+    }
+    if (stale) std::filesystem::remove_all(it->path(), ignored);
   }
 }
 
 bool IsWithin(const std::string& path, const std::string& dir) {
   std::error_code error;
   const std::filesystem::path p = std::filesystem::weakly_canonical(path, error);
-  if (error) return false;
+  if (error) return true;
   const std::filesystem::path d = std::filesystem::weakly_canonical(dir, error);
-  if (error) return false;
+  if (error) return true;
   const std::filesystem::path relative = p.lexically_relative(d);
   return !relative.empty() && *relative.begin() != "..";
 }

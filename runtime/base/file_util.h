@@ -19,13 +19,17 @@ StatusOr<std::string> ReadFileToString(const std::string& path);
 // fsync of a directory: makes the creation, rename or removal of its entries durable.
 Status SyncDirectory(const std::string& dir);
 
-// Removes what crashed writers left in `dir`: every entry named PREFIX + PID (a file or a
-// directory, with its contents) whose process no longer exists on this machine. Best effort:
-// what cannot be removed stays. A writer names its temporary files so (PREFIX, getpid()).
-void RemoveLeftoversOfDeadProcesses(const std::string& dir, std::string_view prefix);
+// Removes what crashed writers left in `dir`: entries named PREFIX + digits (a writer names
+// its temporary file or directory so, PREFIX + getpid()) that no live writer holds. A writer
+// holds a file by an exclusive flock on it, a directory by one on its `lock_name` file
+// (FileLock); an entry whose lock can be taken now (the kernel drops a dead process's locks),
+// or a directory without that file, is removed. Liveness by lock, not by pid, so it holds
+// across pid namespaces and for a pid reused. Best effort: what cannot be removed stays.
+void RemoveUnlockedLeftovers(const std::string& dir, std::string_view prefix,
+                             std::string_view lock_name);
 
 // Whether `path` is `dir` or lies under it, with symlinks and ".." resolved as far as the
-// paths exist.
+// paths exist (true when they cannot be resolved: callers refuse then).
 bool IsWithin(const std::string& path, const std::string& dir);
 
 // An exclusive lock on a file (flock), held from Acquire until the object is destroyed: how a

@@ -2,7 +2,9 @@
 // by an independent reader (tests/tools/read_safetensors.py, standard library only).
 #include "tools/extract/extract.h"
 
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -308,6 +310,11 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   o.out = StrCat(dir_, "/run2/python");
   EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kInvalidArgument);
   EXPECT_FALSE(std::filesystem::exists(o.out));
+  // ... nor into any checkpoint's directory, the source's or another one's.
+  o.out = StrCat(dir_, "/run2/step2/sub/python.safetensors");
+  EXPECT_EQ(ExtractToSafetensors(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(ExtractToCheckpoint(o).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_FALSE(std::filesystem::exists(StrCat(dir_, "/run2/step2/sub")));
   // A checkpoint is not written beside the run's own (it would become the run's newest).
   o = Options({"python"});
   o.out = StrCat(root_, "/python-only");
@@ -339,9 +346,16 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   std::ofstream(partial) << "half";
   sub.overwrite = true;
   ASSERT_TRUE(ExtractToCheckpoint(sub).ok());
+  // ... but not a live writer's (it holds a lock on its file), whatever its pid.
+  const std::string live = o.out + ".partial-1";
+  const int held = ::open(live.c_str(), O_WRONLY | O_CREAT, 0644);
+  ASSERT_GE(held, 0);
+  ASSERT_EQ(::flock(held, LOCK_EX), 0);
   ASSERT_TRUE(ExtractToSafetensors(o).ok());
   EXPECT_FALSE(std::filesystem::exists(stale));
   EXPECT_FALSE(std::filesystem::exists(partial));
+  EXPECT_TRUE(std::filesystem::exists(live));
+  ::close(held);
 
   // A damaged checkpoint: DataLoss naming the expert and state; the old file stays whole and
   // no partial file is left; a checkpoint output to be replaced stays too (the source is read

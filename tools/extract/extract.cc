@@ -435,6 +435,29 @@ Status VerifyByEvaluation(const Plan& plan, CheckpointReader& reader,
   return Status::Ok();
 }
 
+// Where an output may go: never inside a checkpoint's directory (one holding a manifest, at
+// any depth above it), nor inside a directory of the source's root (a deleted checkpoint's
+// data newer ones still read): writing there could replace data checkpoints refer to.
+Status CheckOutputPlace(const std::string& out, const CheckpointReader& source) {
+  std::error_code error;
+  const std::filesystem::path path = std::filesystem::weakly_canonical(out, error);
+  if (error) return ErrnoError(error.value(), StrCat("resolving '", out, "'"));
+  for (std::filesystem::path p = path.parent_path(); p != p.parent_path(); p = p.parent_path()) {
+    if (std::filesystem::exists(p / "checkpoint.manifest", error)) {
+      return InvalidArgumentError(
+          StrCat("'", out, "' is inside checkpoint '", p.string(), "': write it elsewhere"));
+    }
+  }
+  const std::filesystem::path source_root =
+      std::filesystem::weakly_canonical(std::filesystem::path(source.where()).parent_path(), error);
+  if (IsWithin(out, source.where()) ||
+      (IsWithin(out, source_root.string()) && path.parent_path() != source_root)) {
+    return InvalidArgumentError(StrCat("'", out, "' is inside the checkpoints of '", source.where(),
+                                       "': write it elsewhere"));
+  }
+  return Status::Ok();
+}
+
 // A new checkpoint ROOT/NAME of `model`, written expert by expert through a scratch expert
 // store beside it (ROOT/.NAME.extract-PID: master and moments on NVMe for a bf16 model, so a
 // model larger than memory goes through; an f32 model's weights are its master, in memory),
@@ -454,10 +477,7 @@ class CheckpointBuilder {
     auto builder = std::unique_ptr<CheckpointBuilder>(new CheckpointBuilder(
         path.first.empty() ? "." : path.first, path.second, model, source.states()));
     CheckpointBuilder& b = *builder;
-    if (IsWithin(out, source.where())) {
-      return InvalidArgumentError(
-          StrCat("'", out, "' is inside the checkpoint '", source.where(), "' it is read from"));
-    }
+    ECSS_RETURN_IF_ERROR(CheckOutputPlace(out, source));
     std::error_code error;
     std::filesystem::create_directories(b.root_, error);
     if (error) return ErrnoError(error.value(), StrCat("creating '", b.root_, "'"));
@@ -468,26 +488,36 @@ class CheckpointBuilder {
                                          "': write it under another directory (it would be that "
                                          "run's newest checkpoint)"));
     }
-    // A root of this tool's outputs (marked so), or a new one: never a training run's, whose
-    // newest checkpoint this would become.
-    const std::string marker = StrCat(b.root_, "/", kOutputsMarker);
-    ECSS_ASSIGN_OR_RETURN(const std::vector<std::string> there, ListCheckpoints(b.root_));
-    if (!there.empty() && !std::filesystem::exists(marker, error)) {
-      return InvalidArgumentError(StrCat("'", b.root_,
-                                         "' holds checkpoints ecss-extract did not "
-                                         "write (a training run's?): write under another "
-                                         "directory"));
+    // A root of this tool's outputs (marked so by Finish), or one without checkpoints: never a
+    // training run's, whose newest checkpoint this would become.
+    if (!std::filesystem::exists(StrCat(b.root_, "/", kOutputsMarker), error)) {
+      for (auto it = std::filesystem::directory_iterator(b.root_, error);
+           !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+        if (std::filesystem::exists(it->path() / "checkpoint.manifest", error)) {
+          return InvalidArgumentError(StrCat("'", b.root_,
+                                             "' holds checkpoints ecss-extract did not write (a "
+                                             "training run's?): write under another directory"));
+        }
+      }
     }
-    ECSS_RETURN_IF_ERROR(WriteFileAtomically(marker, "checkpoints written by ecss-extract\n"));
     const std::string target = StrCat(b.root_, "/", b.name_);
     if (std::filesystem::exists(target, error)) {
+      // Only a checkpoint, and nothing else there, is ever replaced.
+      for (auto it = std::filesystem::directory_iterator(target, error);
+           !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+        const std::string f = it->path().filename().string();
+        if (f != "checkpoint.manifest" && f != "experts.bin" && f != "blobs.bin") {
+          return AlreadyExistsError(
+              StrCat("'", out, "' exists and holds more than a checkpoint ('", f, "')"));
+        }
+      }
       if (!std::filesystem::exists(StrCat(target, "/checkpoint.manifest"), error)) {
         return AlreadyExistsError(StrCat("'", out, "' exists and is not a checkpoint"));
       }
       if (!overwrite) return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
       b.replace_ = true;  // deleted by Finish, once every expert was read and checked
     }
-    RemoveLeftoversOfDeadProcesses(b.root_, StrCat(".", b.name_, ".extract-"));
+    RemoveUnlockedLeftovers(b.root_, StrCat(".", b.name_, ".extract-"), "ecss-store.lock");
     ExpertStoreOptions o;
     uint32_t per_layer = 0;
     for (const DomainSpec& d : model.domains) per_layer += d.experts;
@@ -537,7 +567,12 @@ class CheckpointBuilder {
     save.blobs.push_back({std::string(kModelBlob), FormatModelRecord(model_)});
     save.states = states_;
     save.full = true;
-    if (replace_) ECSS_RETURN_IF_ERROR(DeleteCheckpoint(root_, name_));
+    ECSS_RETURN_IF_ERROR(
+        WriteFileAtomically(StrCat(root_, "/", kOutputsMarker), "checkpoints of ecss-extract\n"));
+    if (replace_) {
+      Status deleted = DeleteCheckpoint(root_, name_);
+      if (!deleted.ok() && deleted.code() != StatusCode::kNotFound) return deleted;
+    }
     ECSS_ASSIGN_OR_RETURN(const CheckpointStats stats, SaveCheckpoint(*store_, root_, name_, save));
     finished_ = true;
     return stats.bytes_written;
@@ -570,10 +605,8 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
   const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::Open(root, name));
-  if (IsWithin(options.out, reader->where())) {
-    return InvalidArgumentError(StrCat("'", options.out, "' is inside the checkpoint '",
-                                       reader->where(), "' it is read from"));
-  }
+  ECSS_RETURN_IF_ERROR(CheckOutputPlace(options.out, *reader));
+
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
   std::vector<SafetensorsTensor> tensors;
   ECSS_RETURN_IF_ERROR(Walk(plan, nullptr, options, [&](const SafetensorsTensor& t, const void*) {

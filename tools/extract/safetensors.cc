@@ -1,9 +1,12 @@
 #include "tools/extract/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -76,9 +79,8 @@ StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   // Only a regular file is ever replaced (never a directory or a device node).
   std::error_code error;
   const std::filesystem::path where = std::filesystem::path(path).parent_path();
-  RemoveLeftoversOfDeadProcesses(
-      where.empty() ? "." : where.string(),
-      StrCat(std::filesystem::path(path).filename().string(), ".partial-"));
+  RemoveUnlockedLeftovers(where.empty() ? "." : where.string(),
+                          StrCat(std::filesystem::path(path).filename().string(), ".partial-"), "");
   const std::filesystem::file_status status = std::filesystem::symlink_status(path, error);
   if (std::filesystem::exists(status)) {
     if (!std::filesystem::is_regular_file(status)) {
@@ -88,9 +90,19 @@ StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Create(
   }
   std::unique_ptr<SafetensorsWriter> writer(
       new SafetensorsWriter(path, nullptr, 8 + json.size(), offset, overwrite));
+  // A new file (never through a link left at that name), locked while this writer lives so
+  // that no other run takes it for a crashed one's.
   const std::string partial = writer->partial();
-  writer->file_ = std::fopen(partial.c_str(), "wb");
-  if (writer->file_ == nullptr) return FileError("cannot create", partial);
+  ::unlink(partial.c_str());  // this pid's own leftover, if a crashed run had it
+  const int fd =
+      ::open(partial.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0) return FileError("cannot create", partial);
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0 || (writer->file_ = ::fdopen(fd, "wb")) == nullptr) {
+    const Status failed = FileError("cannot lock or open", partial);
+    ::close(fd);
+    ::unlink(partial.c_str());
+    return failed;
+  }
   std::FILE* file = writer->file_;
   uint8_t length[8];
   for (int i = 0; i < 8; ++i) length[i] = static_cast<uint8_t>(json.size() >> (8 * i));
@@ -126,26 +138,42 @@ Status SafetensorsWriter::Finish(const std::function<Status(const std::string&)>
   }
   if (std::fflush(file_) != 0) return FileError("cannot write", partial());
   if (::fdatasync(fileno(file_)) != 0) return FileError("cannot sync", partial());
+  // Checked and named while still open, so its lock keeps other runs' cleanup off it.
+  Status done = check ? check(partial()) : Status::Ok();
+  if (done.ok()) done = Place();
   const int closed = std::fclose(file_);
   file_ = nullptr;
-  Status done = closed != 0 ? FileError("cannot close", partial()) : Status::Ok();
-  if (done.ok() && check) done = check(partial());
-  // Without overwrite the name is taken only if still free (link fails on an existing
-  // name: another writer that finished meanwhile keeps its file).
-  if (done.ok() && overwrite_ && std::rename(partial().c_str(), path_.c_str()) != 0) {
-    done = FileError("cannot rename into", path_);
-  }
-  if (done.ok() && !overwrite_ && ::link(partial().c_str(), path_.c_str()) != 0) {
-    done = errno == EEXIST ? AlreadyExistsError(StrCat("'", path_, "' appeared meanwhile"))
-                           : FileError("cannot link into", path_);
-  }
-  if (done.ok() && !overwrite_) std::remove(partial().c_str());
+  if (done.ok() && closed != 0) done = FileError("cannot close", path_);
   if (!done.ok()) {
     std::remove(partial().c_str());
     return done;
   }
   const std::filesystem::path dir = std::filesystem::path(path_).parent_path();
   return SyncDirectory(dir.empty() ? "." : dir.string());
+}
+
+// The partial file takes its name: replacing a regular file there with overwrite; else only
+// while the name is free (another writer that finished meanwhile keeps its file).
+Status SafetensorsWriter::Place() {
+  const std::string from = partial();
+  if (overwrite_) {
+    return std::rename(from.c_str(), path_.c_str()) == 0 ? Status::Ok()
+                                                         : FileError("cannot rename into", path_);
+  }
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, path_.c_str(), RENAME_NOREPLACE) == 0) {
+    return Status::Ok();
+  }
+  if (errno != EINVAL && errno != ENOSYS) {
+    return errno == EEXIST ? AlreadyExistsError(StrCat("'", path_, "' appeared meanwhile"))
+                           : FileError("cannot rename into", path_);
+  }
+  // A file system without RENAME_NOREPLACE: a hard link to the name, then the partial name goes.
+  if (::link(from.c_str(), path_.c_str()) != 0) {
+    return errno == EEXIST ? AlreadyExistsError(StrCat("'", path_, "' appeared meanwhile"))
+                           : FileError("cannot link into", path_);
+  }
+  ::unlink(from.c_str());
+  return Status::Ok();
 }
 
 StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {

@@ -67,6 +67,7 @@ class SafetensorsWriter {
         data_bytes_(data_bytes),
         overwrite_(overwrite) {}
   std::string partial() const;
+  Status Place();
 
   const std::string path_;
   std::FILE* file_;
