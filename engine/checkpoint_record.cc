@@ -32,6 +32,13 @@ std::string Domains(const ModelSpec& m) {
 
 }  // namespace
 
+Status ValidateModel(const ModelSpec& model) {
+  SessionOptions options;  // the model's rules, with limits that pass their own
+  options.model = model;
+  options.limits.max_tokens_per_micro_batch = 1;
+  return options.Validate();
+}
+
 std::string FormatModelRecord(const ModelSpec& m) {
   std::string text =
       StrCat("layers ", m.layers, "\nd_model ", m.d_model, "\nd_ff ", m.d_ff, "\nactivation ",
@@ -116,12 +123,7 @@ StatusOr<ModelSpec> ParseModelRecord(std::string_view text) {
                                "builder", "init_scale_bits"}) {
     if (seen.count(key) == 0) return DataLossError(StrCat("model record: no ", key));
   }
-  Status valid = [&] {
-    SessionOptions options;
-    options.model = m;
-    options.limits.max_tokens_per_micro_batch = 1;
-    return options.Validate();
-  }();
+  Status valid = ValidateModel(m);
   if (!valid.ok()) return DataLossError(StrCat("model record: ", valid.message()));
   return m;
 }

@@ -23,6 +23,9 @@ inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
 inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
 inline constexpr std::string_view kModelBlob = "ecss.model";
 
+// SessionOptions::Validate's rules for the model alone (InvalidArgument naming the field).
+Status ValidateModel(const ModelSpec& model);
+
 // Every ModelSpec field, one "key value" line each ("domain EXPERTS ID KEY NAME" per domain,
 // in order, with its id and its initial values' key resolved; init_scale as its bit pattern,
 // so it reads back exactly). REQUIRES: model.Validate'd

@@ -6,10 +6,14 @@
 
 namespace ecss {
 
-std::vector<uint32_t> SessionOptions::ExpertsPerLayer() const {
+uint32_t ModelSpec::experts_per_layer() const {
   uint32_t experts = 0;
-  for (const DomainSpec& d : model.domains) experts += d.experts;
-  return std::vector<uint32_t>(model.layers, experts);
+  for (const DomainSpec& d : domains) experts += d.experts;
+  return experts;
+}
+
+std::vector<uint32_t> SessionOptions::ExpertsPerLayer() const {
+  return std::vector<uint32_t>(model.layers, model.experts_per_layer());
 }
 
 uint32_t ModelSpec::InitialKey(uint32_t expert) const {

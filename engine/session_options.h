@@ -60,6 +60,8 @@ struct ModelSpec {
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
   // Parameters of one expert: W_in [d_model, d_in] and W_out [d_ff, d_model].
   uint64_t expert_params() const { return uint64_t{d_model} * d_in() + uint64_t{d_ff} * d_model; }
+  // Experts of every sparse layer: the domains' groups together.
+  uint32_t experts_per_layer() const;
   // Domain `index`'s id (DomainSpec::id, or the index).
   uint32_t DomainId(size_t index) const {
     return domains[index].id.value_or(static_cast<uint32_t>(index));

@@ -70,11 +70,7 @@ StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& r
   ECSS_ASSIGN_OR_RETURN(plan.full, CheckpointModel(reader));
   const ModelSpec& m = plan.full;
   // The record and the layout must agree, or ids and sizes would be read as something else.
-  const std::vector<uint32_t> layer(m.layers, [&] {
-    uint32_t n = 0;
-    for (const DomainSpec& d : m.domains) n += d.experts;
-    return n;
-  }());
+  const std::vector<uint32_t> layer(m.layers, m.experts_per_layer());
   const ExpertStoreLayout& layout = reader.layout();
   if (layout.experts_per_layer != layer || layout.params_per_expert != m.expert_params() ||
       layout.weights_dtype != m.dtype) {
@@ -163,8 +159,7 @@ Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& op
   const uint64_t in_elements = uint64_t{m.d_model} * m.d_in();
   const std::vector<uint64_t> in_shape = {m.d_model, m.d_in()};
   const std::vector<uint64_t> out_shape = {m.d_ff, m.d_model};
-  uint32_t per_layer = 0;
-  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
+  const uint32_t per_layer = plan.sub.experts_per_layer();
   const uint64_t total = uint64_t{per_layer} * m.layers;
   std::vector<float> master(reader != nullptr ? params : 0);
   std::vector<float> moments(reader != nullptr ? params * plan.moment_names.size() : 0);
@@ -519,8 +514,7 @@ class CheckpointBuilder {
     }
     RemoveUnlockedLeftovers(b.root_, StrCat(".", b.name_, ".extract-"), "ecss-store.lock");
     ExpertStoreOptions o;
-    uint32_t per_layer = 0;
-    for (const DomainSpec& d : model.domains) per_layer += d.experts;
+    const uint32_t per_layer = model.experts_per_layer();
     o.layout = source.layout();
     o.layout.experts_per_layer.assign(model.layers, per_layer);
     const Tier tier = model.dtype == DType::kBF16 ? Tier::kNvme : Tier::kHost;
@@ -651,8 +645,7 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
       CheckpointBuilder::Create(options.out, options.overwrite, plan.sub, *reader));
   ExtractReport report;
   report.model = plan.sub;
-  uint32_t per_layer = 0;
-  for (const DomainSpec& d : plan.sub.domains) per_layer += d.experts;
+  const uint32_t per_layer = plan.sub.experts_per_layer();
   const uint64_t total = uint64_t{per_layer} * plan.full.layers;
   for (uint32_t l = 0; l < plan.full.layers; ++l) {
     for (size_t k = 0; k < plan.kept.size(); ++k) {
@@ -720,12 +713,7 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   // Experts the source never updated stay unwritten here too, drawn as the source's were.
   added.source_first_expert = full.InitialKey(source_first);
   grown.domains.push_back(added);
-  ECSS_RETURN_IF_ERROR([&] {
-    SessionOptions check;
-    check.model = grown;
-    check.limits.max_tokens_per_micro_batch = 1;
-    return check.Validate();
-  }());
+  ECSS_RETURN_IF_ERROR(ValidateModel(grown));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
                         CheckpointBuilder::Create(options.out, options.overwrite, grown, *reader));
   ExtractReport report;
