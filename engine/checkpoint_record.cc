@@ -17,6 +17,52 @@ bool ParseNumber(std::string_view text, T* value) {
   return error == std::errc() && end == text.data() + text.size();
 }
 
+bool ParseFloatBits(std::string_view text, float* value) {
+  uint32_t bits = 0;
+  if (!ParseNumber(text, &bits)) return false;
+  *value = BitsToFloat(bits);
+  return true;
+}
+
+// A value by its name, through the enum's own parser.
+template <typename T, typename Parse>
+bool ParseNamed(std::string_view text, Parse parse, T* value) {
+  StatusOr<T> parsed = parse(text);
+  if (parsed.ok()) *value = *parsed;
+  return parsed.ok();
+}
+
+// Calls field(key, value) for each "key value" line of record `what`'s `text`, in order (a
+// key with no value gets ""); DataLoss naming the record and the line for a line without its
+// end, a key repeated (but `repeatable`) or one `field` refuses (returns false), and naming
+// the key for one of `required` missing.
+template <typename Field>
+Status ParseRecord(std::string_view what, std::string_view text, std::string_view repeatable,
+                   std::initializer_list<std::string_view> required, Field field) {
+  std::set<std::string, std::less<>> seen;
+  size_t line_number = 0;
+  while (!text.empty()) {
+    ++line_number;
+    const size_t end = text.find('\n');
+    if (end == std::string_view::npos) {
+      return DataLossError(StrCat(what, " record line ", line_number, ": no line end"));
+    }
+    const std::string_view line = text.substr(0, end);
+    text.remove_prefix(end + 1);
+    const size_t space = line.find(' ');
+    const std::string_view key = line.substr(0, space);
+    const std::string_view value = space == std::string_view::npos ? "" : line.substr(space + 1);
+    const bool repeated = key != repeatable && !seen.insert(std::string(key)).second;
+    if (repeated || !field(key, value)) {
+      return DataLossError(StrCat(what, " record line ", line_number, ": '", line, "'"));
+    }
+  }
+  for (std::string_view key : required) {
+    if (seen.count(key) == 0) return DataLossError(StrCat(what, " record: no ", key));
+  }
+  return Status::Ok();
+}
+
 // name:experts, with the id and initial values' key where they are not the defaults.
 std::string Domains(const ModelSpec& m) {
   std::string list;
@@ -56,76 +102,99 @@ std::string FormatModelRecord(const ModelSpec& m) {
 
 StatusOr<ModelSpec> ParseModelRecord(std::string_view text) {
   ModelSpec m;
-  std::set<std::string, std::less<>> seen;
-  size_t line_number = 0;
-  while (!text.empty()) {
-    ++line_number;
-    const size_t end = text.find('\n');
-    if (end == std::string_view::npos) {
-      return DataLossError(StrCat("model record line ", line_number, ": no line end"));
-    }
-    const std::string_view line = text.substr(0, end);
-    text.remove_prefix(end + 1);
-    const size_t space = line.find(' ');
-    const std::string_view key = line.substr(0, space);
-    const std::string_view value = space == std::string_view::npos ? "" : line.substr(space + 1);
-    auto bad = [&] {
-      return DataLossError(StrCat("model record line ", line_number, ": '", line, "'"));
-    };
-    if (key != "domain" && !seen.insert(std::string(key)).second) return bad();
-    bool ok = true;
-    if (key == "layers") {
-      ok = ParseNumber(value, &m.layers);
-    } else if (key == "d_model") {
-      ok = ParseNumber(value, &m.d_model);
-    } else if (key == "d_ff") {
-      ok = ParseNumber(value, &m.d_ff);
-    } else if (key == "activation") {
-      StatusOr<Activation> a = ParseActivation(value);
-      ok = a.ok();
-      if (ok) m.activation = *a;
-    } else if (key == "dtype") {
-      StatusOr<DType> d = ParseDType(value);
-      ok = d.ok();
-      if (ok) m.dtype = *d;
-    } else if (key == "vocab") {
-      ok = ParseNumber(value, &m.vocab);
-    } else if (key == "seed") {
-      ok = ParseNumber(value, &m.seed);
-    } else if (key == "builder") {
-      StatusOr<TableBuilder> b = ParseTableBuilder(value);
-      ok = b.ok();
-      if (ok) m.builder = *b;
-    } else if (key == "init_scale_bits") {
-      uint32_t bits = 0;
-      ok = ParseNumber(value, &bits);
-      m.init_scale = BitsToFloat(bits);
-    } else if (key == "domain") {  // EXPERTS ID KEY NAME
-      DomainSpec d;
-      uint32_t numbers[3] = {};
-      std::string_view rest = value;
-      for (uint32_t& n : numbers) {
-        const size_t split = rest.find(' ');
-        ok = ok && split != std::string_view::npos && ParseNumber(rest.substr(0, split), &n);
-        rest.remove_prefix(ok ? split + 1 : rest.size());
-      }
-      d.experts = numbers[0];
-      d.id = numbers[1];
-      d.source_first_expert = numbers[2];
-      d.name = std::string(rest);
-      m.domains.push_back(std::move(d));
-    } else {
-      ok = false;
-    }
-    if (!ok) return bad();
-  }
-  for (std::string_view key : {"layers", "d_model", "d_ff", "activation", "dtype", "vocab", "seed",
-                               "builder", "init_scale_bits"}) {
-    if (seen.count(key) == 0) return DataLossError(StrCat("model record: no ", key));
-  }
+  ECSS_RETURN_IF_ERROR(ParseRecord("model", text, "domain",
+                                   {"layers", "d_model", "d_ff", "activation", "dtype", "vocab",
+                                    "seed", "builder", "init_scale_bits"},
+                                   [&m](std::string_view key, std::string_view value) {
+                                     if (key == "layers") return ParseNumber(value, &m.layers);
+                                     if (key == "d_model") return ParseNumber(value, &m.d_model);
+                                     if (key == "d_ff") return ParseNumber(value, &m.d_ff);
+                                     if (key == "activation")
+                                       return ParseNamed(value, ParseActivation, &m.activation);
+                                     if (key == "dtype")
+                                       return ParseNamed(value, ParseDType, &m.dtype);
+                                     if (key == "vocab") return ParseNumber(value, &m.vocab);
+                                     if (key == "seed") return ParseNumber(value, &m.seed);
+                                     if (key == "builder")
+                                       return ParseNamed(value, ParseTableBuilder, &m.builder);
+                                     if (key == "init_scale_bits")
+                                       return ParseFloatBits(value, &m.init_scale);
+                                     if (key != "domain") return false;
+                                     // EXPERTS ID KEY NAME
+                                     DomainSpec d;
+                                     uint32_t numbers[3] = {};
+                                     std::string_view rest = value;
+                                     for (uint32_t& n : numbers) {
+                                       const size_t split = rest.find(' ');
+                                       if (split == std::string_view::npos ||
+                                           !ParseNumber(rest.substr(0, split), &n)) {
+                                         return false;
+                                       }
+                                       rest.remove_prefix(split + 1);
+                                     }
+                                     d.experts = numbers[0];
+                                     d.id = numbers[1];
+                                     d.source_first_expert = numbers[2];
+                                     d.name = std::string(rest);
+                                     m.domains.push_back(std::move(d));
+                                     return true;
+                                   }));
   Status valid = ValidateModel(m);
   if (!valid.ok()) return DataLossError(StrCat("model record: ", valid.message()));
   return m;
+}
+
+std::string FormatSessionRecord(const SessionRecord& r) {
+  const HyperParams& h = r.hyper_params;
+  std::string text =
+      StrCat("steps ", r.steps, "\nlr_bits ", FloatBits(h.lr), "\nbeta1_bits ", FloatBits(h.beta1),
+             "\nbeta2_bits ", FloatBits(h.beta2), "\neps_bits ", FloatBits(h.eps),
+             "\nweight_decay_bits ", FloatBits(h.weight_decay), "\nmomentum_bits ",
+             FloatBits(h.momentum), "\nnesterov ", h.nesterov ? 1 : 0, "\nheld_loss_scale_bits ",
+             FloatBits(r.held_loss_scale), "\ngradient_dtype ", DTypeName(r.gradient_dtype), "\n");
+  for (ExpertId id : r.held) text += StrCat("held ", id.layer, " ", id.expert, "\n");
+  return text;
+}
+
+StatusOr<SessionRecord> ParseSessionRecord(std::string_view text) {
+  SessionRecord r;
+  HyperParams& h = r.hyper_params;
+  ECSS_RETURN_IF_ERROR(ParseRecord(
+      "session", text, "held",
+      {"steps", "lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits",
+       "momentum_bits", "nesterov", "held_loss_scale_bits", "gradient_dtype"},
+      [&](std::string_view key, std::string_view value) {
+        if (key == "steps") return ParseNumber(value, &r.steps);
+        if (key == "lr_bits") return ParseFloatBits(value, &h.lr);
+        if (key == "beta1_bits") return ParseFloatBits(value, &h.beta1);
+        if (key == "beta2_bits") return ParseFloatBits(value, &h.beta2);
+        if (key == "eps_bits") return ParseFloatBits(value, &h.eps);
+        if (key == "weight_decay_bits") return ParseFloatBits(value, &h.weight_decay);
+        if (key == "momentum_bits") return ParseFloatBits(value, &h.momentum);
+        if (key == "nesterov") {
+          h.nesterov = value == "1";
+          return value == "0" || value == "1";
+        }
+        if (key == "held_loss_scale_bits") return ParseFloatBits(value, &r.held_loss_scale);
+        if (key == "gradient_dtype") return ParseNamed(value, ParseDType, &r.gradient_dtype);
+        if (key != "held") return false;  // LAYER EXPERT
+        const size_t split = value.find(' ');
+        ExpertId id;
+        if (split == std::string_view::npos || !ParseNumber(value.substr(0, split), &id.layer) ||
+            !ParseNumber(value.substr(split + 1), &id.expert)) {
+          return false;
+        }
+        r.held.push_back(id);
+        return true;
+      }));
+  if (!(r.held_loss_scale > 0) || !std::isfinite(r.held_loss_scale)) {
+    return DataLossError(StrCat("session record: held loss scale ", r.held_loss_scale));
+  }
+  return r;
+}
+
+uint64_t HeldGradientBytes(const SessionRecord& record, const ModelSpec& model) {
+  return record.held.size() * model.expert_params() * DTypeSize(record.gradient_dtype);
 }
 
 Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here) {
@@ -165,9 +234,8 @@ Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here) {
 }
 
 StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader) {
-  for (const CheckpointBlob& blob : reader.blobs()) {
-    if (blob.name != kModelBlob) continue;
-    StatusOr<ModelSpec> model = ParseModelRecord(blob.bytes);
+  if (const CheckpointBlob* blob = FindBlob(reader.blobs(), kModelBlob); blob != nullptr) {
+    StatusOr<ModelSpec> model = ParseModelRecord(blob->bytes);
     if (!model.ok()) return model.status().Annotate(StrCat("checkpoint '", reader.where(), "'"));
     return model;
   }
@@ -185,16 +253,53 @@ StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint) {
 
 Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
                            const SessionOptions& options) {
-  for (const CheckpointBlob& blob : blobs) {
-    if (blob.name == kOptimizerBlob && blob.bytes != OptimizerKindName(options.optimizer.kind)) {
-      return FailedPreconditionError(StrCat("the checkpoint's moments are ", blob.bytes,
-                                            "'s; this session's optimizer is ",
-                                            OptimizerKindName(options.optimizer.kind)));
+  const CheckpointBlob* kind = FindBlob(blobs, kOptimizerBlob);
+  if (kind != nullptr && kind->bytes != OptimizerKindName(options.optimizer.kind)) {
+    return FailedPreconditionError(StrCat("the checkpoint's moments are ", kind->bytes,
+                                          "'s; this session's optimizer is ",
+                                          OptimizerKindName(options.optimizer.kind)));
+  }
+  if (const CheckpointBlob* model = FindBlob(blobs, kModelBlob); model != nullptr) {
+    ECSS_ASSIGN_OR_RETURN(const ModelSpec saved, ParseModelRecord(model->bytes));
+    ECSS_RETURN_IF_ERROR(CheckSameModel(saved, options.model));
+  }
+  const CheckpointBlob* session = FindBlob(blobs, kSessionBlob);
+  const CheckpointBlob* held = FindBlob(blobs, kHeldGradientsBlob);
+  if (session == nullptr) {
+    if (held == nullptr) return Status::Ok();  // a build before the session record
+    return DataLossError(StrCat(kHeldGradientsBlob, " without ", kSessionBlob));
+  }
+  ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+  Status valid = ValidateHyperParams(options.optimizer.kind, record.hyper_params);
+  if (!valid.ok()) return DataLossError(StrCat("session record: ", valid.message()));
+  if (record.held.empty()) {
+    if (held == nullptr || held->bytes.empty()) return Status::Ok();
+    return DataLossError(
+        StrCat(kHeldGradientsBlob, ": ", held->bytes.size(), " bytes for no held expert"));
+  }
+  if (!options.delayed_update) {
+    return FailedPreconditionError(
+        StrCat("the checkpoint holds the delayed update's gradients of ", record.held.size(),
+               " experts for the next step's update: resume it with delayed_update"));
+  }
+  if (record.gradient_dtype != options.gradient_dtype) {
+    return FailedPreconditionError(
+        StrCat("the checkpoint's held gradients are ", DTypeName(record.gradient_dtype),
+               "; this session's gradient_dtype is ", DTypeName(options.gradient_dtype)));
+  }
+  std::set<ExpertId> distinct;
+  for (ExpertId id : record.held) {
+    if (id.layer >= options.model.layers || id.expert >= options.model.experts_per_layer() ||
+        !distinct.insert(id).second) {
+      return DataLossError(StrCat("session record: held expert (", id.layer, ", ", id.expert,
+                                  ") is not one expert of the model once"));
     }
-    if (blob.name == kModelBlob) {
-      ECSS_ASSIGN_OR_RETURN(const ModelSpec saved, ParseModelRecord(blob.bytes));
-      ECSS_RETURN_IF_ERROR(CheckSameModel(saved, options.model));
-    }
+  }
+  const uint64_t want = HeldGradientBytes(record, options.model);
+  if (held == nullptr || held->bytes.size() != want) {
+    return DataLossError(StrCat(kHeldGradientsBlob, ": ", held == nullptr ? 0 : held->bytes.size(),
+                                " bytes, not the ", want, " of ", record.held.size(),
+                                " held experts' gradients"));
   }
   return Status::Ok();
 }

@@ -4,6 +4,11 @@
 //   ecss.model      the model (FormatModelRecord): what the expert ids, sizes and initial
 //                   values mean, so a resume with another model is refused naming the field,
 //                   and a tool can read the checkpoint without the loop's options
+//   ecss.session    the session at the step boundary (FormatSessionRecord): steps begun,
+//                   hyper-parameters in force, and the delayed update's held experts
+//   ecss.held_gradients
+//                   those experts' gradient accumulators, in the record's order, each
+//                   ModelSpec::expert_params() values of the record's gradient dtype
 // Also the experts' initial values (DrawInitialMaster), which the store reproduces for
 // experts never written, and so must a reader of a checkpoint, which records them as initial.
 #pragma once
@@ -15,6 +20,7 @@
 
 #include "engine/session_options.h"
 #include "offload/checkpoint.h"
+#include "offload/expert_index.h"
 #include "runtime/base/status.h"
 
 namespace ecss {
@@ -22,6 +28,28 @@ namespace ecss {
 inline constexpr std::string_view kSessionBlobPrefix = "ecss.";
 inline constexpr std::string_view kOptimizerBlob = "ecss.optimizer";
 inline constexpr std::string_view kModelBlob = "ecss.model";
+inline constexpr std::string_view kSessionBlob = "ecss.session";
+inline constexpr std::string_view kHeldGradientsBlob = "ecss.held_gradients";
+
+// What a session is at a step boundary besides its experts' states: what a resume restores
+// so that training goes on as if never stopped.
+struct SessionRecord {
+  uint64_t steps = 0;        // steps begun (evaluations included): the next is steps + 1
+  HyperParams hyper_params;  // in force for the updates the next steps start
+  // Delayed update: the experts whose gradients of the last step are held for the next
+  // BeginStep's update (in submission order), the loss scale those gradients carry, and the
+  // dtype of their accumulators (SessionOptions::gradient_dtype).
+  std::vector<ExpertId> held;
+  float held_loss_scale = 1;
+  DType gradient_dtype = DType::kF32;
+};
+// One "key value" line per field (floats as their bit patterns, "held LAYER EXPERT" per held
+// expert, in order).
+std::string FormatSessionRecord(const SessionRecord& record);
+// The inverse, strict as ParseModelRecord.
+StatusOr<SessionRecord> ParseSessionRecord(std::string_view text);
+// The held gradients' bytes: held.size() * expert_params * the gradient dtype's size.
+uint64_t HeldGradientBytes(const SessionRecord& record, const ModelSpec& model);
 
 // SessionOptions::Validate's rules for the model alone (InvalidArgument naming the field).
 Status ValidateModel(const ModelSpec& model);
@@ -48,7 +76,9 @@ StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader);
 
 // Whether a checkpoint with these blobs resumes into a session with these options: its
 // optimizer kind and model (when recorded: checkpoints of builds before a record lack it) are
-// the session's. FailedPrecondition naming what differs; DataLoss for a damaged record.
+// the session's; its hyper-parameters are valid for that optimizer; held gradients need
+// delayed_update and the same gradient_dtype, and name experts of the model, their blob of
+// exactly their size. FailedPrecondition naming what differs; DataLoss for a damaged record.
 Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs, const SessionOptions& options);
 
 // What the store's unwritten experts read as (ExpertStoreOptions::initial_id), in words: a

@@ -42,7 +42,7 @@ StatusOr<std::unique_ptr<ExpertTable>> ExpertTable::Create(Backend& backend,
 // session's pinned pool, the updater and the gradient accumulators.
 Status ExpertTable::CreateAll(const MemoryPlan& memory) {
   const uint64_t store_pinned = memory.StoreTotal(MemoryTier::kPinned);
-  ECSS_RETURN_IF_ERROR(CreateStore(store_pinned));
+  ECSS_RETURN_IF_ERROR(CreateStore(store_pinned, memory.gradient_slots));
   PinnedPoolOptions pool_options;
   pool_options.name = "session pinned";
   pool_options.capacity_bytes =
@@ -75,8 +75,9 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
 
 // The expert store (StoreOptionsFor): in placement.nvme_dirs with states on NVMe (created, or
 // opened with placement.resume), else in memory only; `pinned_bytes` of pinned memory, the host
-// budget.
-Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
+// budget. With resume_from, the checkpoint restored into it once its records fit the session
+// (with its held gradients in `gradient_slots` accumulators).
+Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) {
   ExpertStoreOptions o = StoreOptionsFor(options_, params_);
   o.initial = [this](ExpertState state, ExpertId id, void* dst, uint64_t bytes) {
     Initial(state, id, dst, bytes);
@@ -100,15 +101,25 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes) {
     StatusOr<std::unique_ptr<CheckpointReader>> reader =
         CheckpointReader::Open(root, name, options_.placement.io_engines);
     if (!reader.ok()) return reader.status().Annotate("placement.resume_from");
-    ECSS_RETURN_IF_ERROR(
-        CheckSessionRecords((*reader)->blobs(), options_)
-            .Annotate(StrCat("placement.resume_from '", options_.placement.resume_from, "'")));
+    const std::string where =
+        StrCat("placement.resume_from '", options_.placement.resume_from, "'");
+    ECSS_RETURN_IF_ERROR(CheckSessionRecords((*reader)->blobs(), options_).Annotate(where));
+    // The held gradients' accumulators (the session restores them): every slot is free now.
+    if (const CheckpointBlob* session = FindBlob((*reader)->blobs(), kSessionBlob)) {
+      ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+      if (record.held.size() > gradient_slots) {
+        return ResourceExhaustedError(
+            StrCat(where, ": ", record.held.size(), " held gradients, ", gradient_slots,
+                   " gradient accumulators (limits.max_active_experts_per_layer sizes them)"));
+      }
+    }
   }
   StatusOr<std::vector<CheckpointBlob>> restored =
       RestoreCheckpoint(root, name, *store_, options_.placement.io_engines);
   if (!restored.ok()) return restored.status().Annotate("placement.resume_from");
   for (CheckpointBlob& blob : *restored) {
-    if (blob.name.rfind(kSessionBlobPrefix, 0) != 0) loop_state_.push_back(std::move(blob));
+    const bool sessions = blob.name.rfind(kSessionBlobPrefix, 0) == 0;
+    (sessions ? session_records_ : loop_state_).push_back(std::move(blob));
   }
   return Status::Ok();
 }

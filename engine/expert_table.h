@@ -93,6 +93,9 @@ class ExpertTable {
   Status RecordHostVersions();
   // What the checkpoint of placement.resume_from held for the training loop (empty without).
   const std::vector<CheckpointBlob>& loop_state() const { return loop_state_; }
+  // The session's own records of that checkpoint (engine/checkpoint_record.h), checked
+  // (CheckSessionRecords), handed over once.
+  std::vector<CheckpointBlob> TakeSessionRecords() { return std::move(session_records_); }
   // The peaks of the pinned pools (the session's and the store's) and of the store's host
   // memory.
   uint64_t pinned_peak_bytes() const;
@@ -100,7 +103,7 @@ class ExpertTable {
 
  private:
   ExpertTable(Backend& backend, const SessionOptions& options, const MemoryPlan& memory);
-  Status CreateStore(uint64_t pinned_bytes);
+  Status CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots);
   Status CreateAll(const MemoryPlan& memory);
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots);
@@ -127,6 +130,7 @@ class ExpertTable {
   std::unique_ptr<ExpertUpdater> updater_;
   HostUpdater* host_ = nullptr;  // updater_ when the states live in host memory
   std::vector<CheckpointBlob> loop_state_;
+  std::vector<CheckpointBlob> session_records_;
 };
 
 }  // namespace ecss

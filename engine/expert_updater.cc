@@ -404,6 +404,8 @@ Status NvmeUpdater::SetHyperParams(const HyperParams& params) {
   return Status::Ok();
 }
 
+HyperParams NvmeUpdater::hyper_params() const { return impl_->options.optimizer.groups[0]; }
+
 Status NvmeUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
   Impl& s = *impl_;
   s.batch.push_back({id, grad, dtype, s.compute_copies[id]});

@@ -36,6 +36,8 @@ class ExpertUpdater {
   // The hyper-parameters of the steps that begin after this call (InvalidArgument naming the
   // field); the updates of steps already begun keep theirs.
   virtual Status SetHyperParams(const HyperParams& params) = 0;
+  // Those in force now: what a checkpoint records.
+  virtual HyperParams hyper_params() const = 0;
   // Expert `id`'s gradient (f32 or bf16, valid until its update finished) is complete.
   virtual Status Submit(uint32_t id, const void* grad, DType dtype) = 0;
   // The submissions so far may start (NvmeUpdater batches them per layer).
@@ -73,6 +75,7 @@ class HostUpdater final : public ExpertUpdater {
   Status SetHyperParams(const HyperParams& params) override {
     return optimizer_->SetHyperParams(0, params);
   }
+  HyperParams hyper_params() const override { return optimizer_->hyper_params(0); }
   Status Submit(uint32_t id, const void* grad, DType dtype) override;
   Status Flush() override { return Status::Ok(); }
   StatusOr<StepReport> FinishStep() override;
@@ -152,6 +155,7 @@ class NvmeUpdater final : public ExpertUpdater {
 
   Status BeginStep(float loss_scale) override;
   Status SetHyperParams(const HyperParams& params) override;
+  HyperParams hyper_params() const override;
   Status Submit(uint32_t id, const void* grad, DType dtype) override;
   Status Flush() override;
   StatusOr<StepReport> FinishStep() override;

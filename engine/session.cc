@@ -103,6 +103,7 @@ struct Session::Impl {
   uint64_t elem() const { return DTypeSize(options.model.dtype); }
   Status CreateAll();
   Status CreateRouter();
+  Status ResumeRecords();
   void Snapshot() {
     copies_at_begin = backend.copy_stats();
     cache_at_begin = executor->cache().stats();
@@ -161,7 +162,22 @@ Status Session::Impl::CreateAll() {
   ECSS_ASSIGN_OR_RETURN(executor,
                         StepExecutor::Create(backend, options, memory, std::move(kernels),
                                              router ? &*router : nullptr, *table, recorder));
-  return Status::Ok();
+  return ResumeRecords();
+}
+
+// placement.resume_from: the session as it was at the save (its records were checked before
+// anything was restored): its step count, hyper-parameters and held gradients.
+Status Session::Impl::ResumeRecords() {
+  const std::vector<CheckpointBlob> records = table->TakeSessionRecords();
+  const CheckpointBlob* session = FindBlob(records, kSessionBlob);
+  if (session == nullptr) return Status::Ok();  // a checkpoint of a build before the record
+  ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+  step = record.steps;
+  ECSS_RETURN_IF_ERROR(table->updater().SetHyperParams(record.hyper_params));
+  if (record.held.empty()) return Status::Ok();
+  const CheckpointBlob* held = FindBlob(records, kHeldGradientsBlob);
+  return executor->RestoreHeld(record.held, record.held_loss_scale, held->bytes, step)
+      .Annotate("placement.resume_from: the delayed update's held gradients");
 }
 
 // The RRE tables (and the domain map, with every domain's group in every layer).
@@ -475,10 +491,6 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
   if (s.in_step) {
     return FailedPreconditionError("SaveCheckpoint inside a step (call it between steps)");
   }
-  if (s.options.delayed_update) {
-    return FailedPreconditionError(
-        "SaveCheckpoint with delayed_update: its held gradients are not saved yet");
-  }
   for (const CheckpointBlob& blob : loop_state) {
     if (blob.name.rfind(kSessionBlobPrefix, 0) == 0) {
       return InvalidArgumentError(StrCat("SaveCheckpoint: loop state '", blob.name,
@@ -486,10 +498,28 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
                                          "' are the session's own"));
     }
   }
-  ECSS_RETURN_IF_ERROR(Synchronize());
+  // Not Synchronize: with the delayed update that would start the held update, which the
+  // training that goes on after the save must start at its next BeginStep, as it would have.
+  ECSS_RETURN_IF_ERROR(s.executor->Quiesce());
   ECSS_RETURN_IF_ERROR(s.table->RecordHostVersions());
   CheckpointOptions options;
   options.blobs = loop_state;
+  SessionRecord record;
+  record.steps = s.step;
+  record.hyper_params = s.table->updater().hyper_params();
+  record.held = s.executor->held();
+  record.held_loss_scale = s.executor->held_loss_scale();
+  record.gradient_dtype = s.options.gradient_dtype;
+  options.blobs.push_back({std::string(kSessionBlob), FormatSessionRecord(record)});
+  if (!record.held.empty()) {
+    std::string& held = options.blobs.emplace_back().bytes;
+    options.blobs.back().name = kHeldGradientsBlob;
+    const uint64_t bytes = s.memory.params * DTypeSize(record.gradient_dtype);
+    held.reserve(record.held.size() * bytes);
+    for (ExpertId id : record.held) {
+      held.append(static_cast<const char*>(s.table->GradientOf(id)), bytes);
+    }
+  }
   // What the moments mean: resuming them with another optimizer would be silently wrong.
   options.blobs.push_back(
       {std::string(kOptimizerBlob), std::string(OptimizerKindName(s.options.optimizer.kind))});

@@ -130,17 +130,19 @@ class Session {
   // The stream the session computes on: the loop orders its own device work against it.
   Stream compute_stream() const;
   // Saves every expert's master weights and moments and the optimizer kind they belong to
-  // (a resume with another is refused), with `loop_state` (what the training loop owns: its
-  // dense weights and optimizer, RNG, data position, as named blobs; not named "ecss.*"), as
-  // checkpoint ROOT/NAME (offload/checkpoint.h: crash-consistent, durable when it returns,
-  // incremental over the newest checkpoint of this session's store). Between steps; it waits
-  // for the updates in flight first. A session with placement.resume_from = ROOT/NAME trains
-  // on from it bit for bit (see placement.resume_from for what the loop re-establishes: its
-  // hyper-parameters). Any placement: master and moments on NVMe are read from their
-  // files; in host memory, their versions are the optimizer's update counts of their updates
-  // in place. FailedPrecondition inside a step and with delayed_update (its held gradients
-  // are not saved yet); an update failure Synchronize collects; the checkpoint's errors
-  // otherwise. Its reads count in the next step's statistics.
+  // (a resume with another is refused), the session's step count and hyper-parameters in
+  // force, with the delayed update the last step's held gradients (and their loss scale), and
+  // `loop_state` (what the training loop owns: its dense weights and optimizer, RNG, data
+  // position, as named blobs; not named "ecss.*"), as checkpoint ROOT/NAME
+  // (offload/checkpoint.h: crash-consistent, durable when it returns, incremental over the
+  // newest checkpoint of this session's store; engine/checkpoint_record.h for the session's
+  // records). Between steps; it waits for the updates in flight first (unlike Synchronize it
+  // leaves the held gradients held, so the run goes on exactly as if no save had been taken).
+  // A session with placement.resume_from = ROOT/NAME trains on from it bit for bit. Any
+  // placement: master and moments on NVMe are read from their files; in host memory, their
+  // versions are the optimizer's update counts of their updates in place. FailedPrecondition
+  // inside a step; an update failure; the checkpoint's errors otherwise. Its reads count in
+  // the next step's statistics.
   StatusOr<CheckpointStats> SaveCheckpoint(const std::string& root, const std::string& name,
                                            const std::vector<CheckpointBlob>& loop_state = {});
   // The loop state of the checkpoint the session resumed from (empty otherwise).

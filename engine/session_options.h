@@ -135,9 +135,13 @@ struct Placement {
   // for bit as if never stopped, in any placement (the checkpoint's and this session's may
   // differ). Not with `resume` or `write_initial_states`. The checkpoint's loop state is
   // Session::loop_state(). A Create that fails removes the store it made, so a retry starts
-  // over. The checkpoint records the model and initial values, which must match, but not the
-  // optimizer kind, routing tables or hyper-parameters: resume with the same options, and call
-  // SetHyperParams again before the first step if the loop changed them.
+  // over. The checkpoint records the model, its initial values and the optimizer kind, which
+  // must match (FailedPrecondition naming what differs); the session continues its step count
+  // (StepStats::step) and the hyper-parameters in force at the save, which replace
+  // optimizer.groups[0] (SetHyperParams after Create changes them). A checkpoint with the
+  // delayed update's held gradients needs delayed_update and the same gradient_dtype; their
+  // update runs at the first BeginStep, as it would have. A learned gate's routing is the
+  // loop's (its loop state).
   std::string resume_from;
   // Weights on NVMe: pinned blocks the weights are read into ahead of their copy to the device
   // (the NVMe -> pinned window, in the pinned budget); 0 = max_active_experts_per_layer.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <set>
 
 #include "runtime/base/dtype.h"
@@ -740,6 +741,27 @@ Status StepExecutor::StartHeldUpdate() {
   for (ExpertId id : held_) table_.ReleaseGradient(id, recording_ - 1);
   started_ = std::move(held_);
   held_.clear();
+  return Status::Ok();
+}
+
+Status StepExecutor::Quiesce() {
+  ECSS_RETURN_IF_ERROR(backend_.SynchronizeAll());
+  if (delayed()) {
+    ECSS_RETURN_IF_ERROR(updater().WaitForStep(updater_steps_));
+    ECSS_RETURN_IF_ERROR(Publish());
+  }
+  return updater().Synchronize().Annotate("an expert update failed (its states are unchanged)");
+}
+
+Status StepExecutor::RestoreHeld(const std::vector<ExpertId>& held, float loss_scale,
+                                 std::string_view gradients, uint64_t step) {
+  const uint64_t bytes = memory_.params * DTypeSize(options_.gradient_dtype);
+  for (size_t i = 0; i < held.size(); ++i) {
+    ECSS_ASSIGN_OR_RETURN(void* grad, table_.TakeGradient(held[i], step));
+    std::memcpy(grad, gradients.data() + i * bytes, bytes);
+  }
+  held_ = held;
+  held_loss_scale_ = loss_scale;
   return Status::Ok();
 }
 

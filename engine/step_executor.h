@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "engine/expert_table.h"
@@ -99,6 +100,20 @@ class StepExecutor {
   // Waits for the device and every update (with the delayed update outside a step: starts
   // the held one and publishes everything).
   Status Synchronize(bool in_step);
+  // Between steps, for a checkpoint: waits for the device and every update started (with the
+  // delayed update, publishes them) but keeps the held gradients held, so that the next Begin
+  // goes on as if nothing had happened.
+  Status Quiesce();
+  // The delayed update's held experts (the last step's, for the next Begin's update), in
+  // submission order, and the loss scale their gradients carry; their accumulators are
+  // ExpertTable::GradientOf.
+  const std::vector<ExpertId>& held() const { return held_; }
+  float held_loss_scale() const { return held_loss_scale_; }
+  // A checkpoint's held experts (before the first step): each takes an accumulator as step
+  // `step`'s, filled from `gradients` (held.size() consecutive accumulators' bytes).
+  // ResourceExhausted when the accumulators run short (MemoryPlan::gradient_slots).
+  Status RestoreHeld(const std::vector<ExpertId>& held, float loss_scale,
+                     std::string_view gradients, uint64_t step);
   // An update that failed since the last call, reported once with its step and expert.
   Status TakeUpdateError();
 

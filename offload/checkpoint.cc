@@ -16,6 +16,13 @@
 
 namespace ecss {
 
+const CheckpointBlob* FindBlob(const std::vector<CheckpointBlob>& blobs, std::string_view name) {
+  for (const CheckpointBlob& blob : blobs) {
+    if (blob.name == name) return &blob;
+  }
+  return nullptr;
+}
+
 namespace {
 
 constexpr char kMagic[] = "ecss-checkpoint";

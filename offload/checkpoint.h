@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -58,6 +59,8 @@ struct CheckpointBlob {
   std::string name;
   std::string bytes;
 };
+// The blob named `name` in `blobs`, or null.
+const CheckpointBlob* FindBlob(const std::vector<CheckpointBlob>& blobs, std::string_view name);
 
 struct CheckpointOptions {
   std::vector<CheckpointBlob> blobs;

@@ -290,6 +290,11 @@ Status CpuOptimizer::SetHyperParams(uint32_t group, const HyperParams& params) {
   return Status::Ok();
 }
 
+HyperParams CpuOptimizer::hyper_params(uint32_t group) const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->options.groups.at(group);
+}
+
 Status CpuOptimizer::SubmitGradient(uint32_t expert, const void* grad, DType dtype,
                                     std::optional<double> sum_of_squares) {
   uint64_t step;

@@ -111,6 +111,9 @@ class CpuOptimizer {
   // The hyper-parameters of `group` for the steps that begin after this call (a schedule);
   // updates of steps already begun keep theirs. InvalidArgument naming the group or field.
   Status SetHyperParams(uint32_t group, const HyperParams& params);
+  // What `group` has in force now (the last SetHyperParams, else the options'). REQUIRES: a
+  // group of the options.
+  HyperParams hyper_params(uint32_t group) const;
   // The expert's gradient for this step is complete. `grad` (f32 or bf16, `size` elements)
   // must stay valid until WaitForExpert(expert, step) returns. sum_of_squares: the gradient's
   // sum of squares if the caller has it (the device computes it), else it is computed here.

@@ -62,6 +62,67 @@ TEST(CheckpointRecordTest, ARecordIsParsedStrictly) {
   }
 }
 
+// The session record (step count, hyper-parameters, held experts) reads back to the bit and
+// is as strict; CheckSessionRecords refuses held gradients that do not fit the session.
+TEST(CheckpointRecordTest, TheSessionRecordReadsBackExactlyAndStrictly) {
+  SessionRecord r;
+  r.steps = (uint64_t{1} << 40) + 3;
+  r.hyper_params.lr = 0.1f;
+  r.hyper_params.beta2 = 0.95f;
+  r.hyper_params.nesterov = true;
+  r.held = {{2, 1}, {0, 8}};
+  r.held_loss_scale = 1024;
+  r.gradient_dtype = DType::kBF16;
+  const std::string good = FormatSessionRecord(r);
+  auto parsed = ParseSessionRecord(good);
+  ASSERT_TRUE(parsed.ok()) << parsed.status() << "\n" << good;
+  EXPECT_EQ(FormatSessionRecord(*parsed), good);
+  EXPECT_EQ(parsed->hyper_params.lr, 0.1f);
+  EXPECT_TRUE(parsed->held == r.held);
+  EXPECT_EQ(parsed->steps, r.steps);
+  std::vector<std::string> damaged = {
+      good + "colour blue\n",           // an unknown key
+      good + "steps 3\n",               // a repeated key
+      good.substr(0, good.size() - 1),  // no final line end
+      "steps 3\n",                      // fields missing
+      good + "held 1\n",                // a held expert without its id
+      std::string(good).replace(good.find("nesterov 1"), 10, "nesterov 2"),
+      std::string(good).replace(good.find("gradient_dtype bf16"), 19, "gradient_dtype f64"),
+  };
+  SessionRecord unscaled = r;
+  unscaled.held_loss_scale = 0;
+  damaged.push_back(FormatSessionRecord(unscaled));
+  for (const std::string& text : damaged) {
+    EXPECT_EQ(ParseSessionRecord(text).status().code(), StatusCode::kDataLoss) << text;
+  }
+
+  SessionOptions options;
+  options.model = AModel();
+  options.delayed_update = true;
+  options.gradient_dtype = DType::kBF16;
+  const uint64_t bytes = HeldGradientBytes(r, options.model);
+  EXPECT_EQ(bytes, 2 * options.model.expert_params() * 2);
+  auto blobs = [&](const SessionRecord& record, uint64_t held_bytes) {
+    return std::vector<CheckpointBlob>{{"ecss.session", FormatSessionRecord(record)},
+                                       {"ecss.held_gradients", std::string(held_bytes, '\0')}};
+  };
+  EXPECT_TRUE(CheckSessionRecords(blobs(r, bytes), options).ok());
+  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes - 1), options).code(), StatusCode::kDataLoss);
+  SessionRecord outside = r;
+  outside.held.push_back({3, 0});  // the model has 3 layers
+  EXPECT_EQ(CheckSessionRecords(blobs(outside, bytes), options).code(), StatusCode::kDataLoss);
+  SessionRecord twice = r;
+  twice.held.push_back({2, 1});
+  EXPECT_EQ(CheckSessionRecords(blobs(twice, bytes), options).code(), StatusCode::kDataLoss);
+  SessionRecord bad_lr = r;
+  bad_lr.hyper_params.lr = -1;
+  EXPECT_EQ(CheckSessionRecords(blobs(bad_lr, bytes), options).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(CheckSessionRecords({{"ecss.held_gradients", "x"}}, options).code(),
+            StatusCode::kDataLoss);
+  options.delayed_update = false;
+  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes), options).code(), StatusCode::kFailedPrecondition);
+}
+
 TEST(CheckpointRecordTest, ADifferentModelIsNamedByItsField) {
   const ModelSpec m = AModel();
   auto differs = [&](auto change, std::string_view field) {

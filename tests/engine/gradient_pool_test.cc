@@ -33,6 +33,7 @@ class FakeUpdater final : public ExpertUpdater {
   }
   Status BeginStep(float) override { return Status::Ok(); }
   Status SetHyperParams(const HyperParams&) override { return Status::Ok(); }
+  HyperParams hyper_params() const override { return {}; }
   Status Flush() override { return Status::Ok(); }
   StatusOr<StepReport> FinishStep() override { return StepReport{}; }
   Status AbortStep() override { return Status::Ok(); }

@@ -112,6 +112,7 @@ Weights TrainSession(const RunConfig& c, std::vector<StepStats>* stats,
     auto ended = s.EndStep();
     EXPECT_TRUE(ended.ok()) << ended.status();
     if (stats && ended.ok()) stats->push_back(*ended);
+    if (c.after_step) c.after_step(s, index);
   }
   EXPECT_TRUE(s.Synchronize().ok());
   Weights w(o.model.layers);

@@ -132,6 +132,8 @@ struct RunConfig {
   // Non-zero: limits.max_active_experts_per_layer, and max_micro_batches = micro_batches (the
   // tightest limits: the fewest gradient accumulators and cache slots).
   uint32_t max_active_experts = 0;
+  // Called after each step's EndStep with the step's index (TrainSession only).
+  std::function<void(Session&, int)> after_step;
 };
 
 inline constexpr uint32_t kGateK = 2, kExpertsPerLayer = 7;

@@ -401,6 +401,92 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
   std::filesystem::remove_all(dir);
 }
 
+// The delayed update holds each step's gradients for the next BeginStep's update: a
+// checkpoint between two steps saves them (and the loss scale they carry, the session's step
+// count and the hyper-parameters in force), so that neither the run that saved nor a run
+// resumed from the save strays from the straight run by a bit; resume needs the same
+// delayed update and gradient dtype.
+TEST(SessionTest, ACheckpointKeepsTheDelayedUpdatesHeldGradientsAndHyperParameters) {
+  char dir[] = "/tmp/ecss_delayed_checkpoint_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string root = StrCat(dir, "/checkpoints");
+  std::filesystem::create_directory(root);
+  for (const bool nvme : {false, true}) {
+    const std::string name = nvme ? "nvme" : "host";
+    RunConfig straight;
+    straight.dtype = DType::kBF16;
+    straight.delayed = true;
+    straight.micro_batches = 2;
+    straight.steps = 5;
+    // The last learning rate set before the save is in force after it (the options say 1e-3).
+    straight.lr_schedule = {1e-2f, 4e-3f, 4e-3f, 4e-3f, 4e-3f};
+    straight.loss_scales = {1, 4, 2, 8, 1};
+    auto dir_of = [&](const std::string& run) {
+      if (!nvme) return std::string();
+      const std::string d = StrCat(dir, "/", run, "-", name);
+      std::filesystem::create_directories(d);
+      return d;
+    };
+    straight.nvme_dir = dir_of("straight");
+    std::vector<StepStats> straight_stats;
+    const Weights want = TrainSession(straight, &straight_stats);
+
+    RunConfig saving = straight;
+    saving.nvme_dir = dir_of("saving");
+    saving.after_step = [&](Session& s, int index) {
+      if (index != 1) return;
+      auto saved = s.SaveCheckpoint(root, name, {});
+      ASSERT_TRUE(saved.ok()) << name << ": " << saved.status();
+    };
+    ExpectBitIdentical(TrainSession(saving), want);  // the save changes nothing
+
+    auto reader = CheckpointReader::Open(root, name);
+    ASSERT_TRUE(reader.ok()) << reader.status();
+    const CheckpointBlob* held = FindBlob((*reader)->blobs(), "ecss.held_gradients");
+    ASSERT_NE(held, nullptr) << name << ": step 2's gradients are held at the save";
+    EXPECT_GT(held->bytes.size(), 0u);
+
+    RunConfig resumed = straight;
+    resumed.first_step = 2;
+    resumed.steps = 3;
+    resumed.lr_schedule.clear();  // the checkpoint's learning rate, not the options'
+    resumed.nvme_dir = dir_of("resumed");
+    resumed.resume_from = StrCat(root, "/", name);
+    std::vector<StepStats> resumed_stats;
+    ExpectBitIdentical(TrainSession(resumed, &resumed_stats), want);
+    ASSERT_EQ(resumed_stats.size(), 3u);
+    EXPECT_EQ(resumed_stats[0].step, straight_stats[2].step) << "the step count goes on";
+    EXPECT_EQ(resumed_stats[0].updated_experts, straight_stats[2].updated_experts)
+        << "the held update runs at the first BeginStep";
+
+    // The held gradients need the delayed update, and accumulators of their dtype.
+    SimOptions so;
+    so.device_memory_bytes = 16 << 20;
+    auto sim = SimBackend::Create(so);
+    RunConfig other = resumed;
+    other.nvme_dir = dir_of("refused");
+    SessionOptions not_delayed = OptionsFor(other);
+    not_delayed.delayed_update = false;
+    Status refused = Session::Create(**sim, not_delayed).status();
+    EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+    EXPECT_NE(refused.message().find("delayed_update"), std::string::npos) << refused;
+    SessionOptions bf16_gradients = OptionsFor(other);
+    bf16_gradients.gradient_dtype = DType::kBF16;
+    refused = Session::Create(**sim, bf16_gradients).status();
+    EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+    EXPECT_NE(refused.message().find("bf16"), std::string::npos) << refused;
+    // Too few accumulators for them: refused before anything is restored.
+    SessionOptions few = OptionsFor(other);
+    few.limits.max_active_experts_per_layer = 1;
+    few.limits.max_tokens_per_micro_batch = 1;
+    refused = Session::Create(**sim, few).status();
+    EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted) << refused;
+    EXPECT_NE(refused.message().find("held gradients"), std::string::npos) << refused;
+    EXPECT_TRUE(Session::Create(**sim, OptionsFor(other)).ok()) << "the store each made is gone";
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // The state files of builds before the expert store are refused by name, not read as
 // something else and not overwritten.
 TEST(SessionTest, ResumingFromStateFilesOfAnEarlierFormatIsRefused) {

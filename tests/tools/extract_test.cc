@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "engine/checkpoint_record.h"
 #include "engine/plan_inputs.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/str_cat.h"
@@ -234,6 +235,61 @@ TEST_F(ExtractTest, TheSubModelCheckpointLoadsAndComputesAsTheFullModel) {
   ASSERT_TRUE(docs.ok()) << docs.status();
   EXPECT_EQ(docs->model.InitialKey(0), 5u);
   EXPECT_TRUE(docs->verified);
+}
+
+// A checkpoint of the delayed update holds the last step's gradients for the next update: a
+// sub-model keeps those of its experts, renumbered as they are, and resumes with them.
+TEST_F(ExtractTest, TheDelayedUpdatesHeldGradientsGoWithTheirExperts) {
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  c.steps = 2;
+  c.delayed = true;
+  c.after_step = [&](Session& s, int index) {
+    if (index == 1) {
+      ASSERT_TRUE(s.SaveCheckpoint(root_, "delayed", {}).ok());
+    }
+  };
+  TrainSession(c);
+  ExtractOptions o = Options({"python", "docs"});
+  o.checkpoint = StrCat(root_, "/delayed");
+  o.out = StrCat(dir_, "/sub/delayed");
+  o.verify = true;  // its evaluation sessions resume with the delayed update
+  auto report = ExtractToCheckpoint(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+
+  auto held_of = [](const std::string& checkpoint) {
+    const auto [root, name] = SplitCheckpointPath(checkpoint);
+    auto reader = CheckpointReader::Open(root, name);
+    EXPECT_TRUE(reader.ok()) << reader.status();
+    const CheckpointBlob* session = FindBlob((*reader)->blobs(), "ecss.session");
+    const CheckpointBlob* gradients = FindBlob((*reader)->blobs(), "ecss.held_gradients");
+    EXPECT_NE(session, nullptr);
+    auto record = ParseSessionRecord(session->bytes);
+    EXPECT_TRUE(record.ok()) << record.status();
+    return std::pair{record->held, gradients == nullptr ? std::string() : gradients->bytes};
+  };
+  const auto [full_held, full_gradients] = held_of(o.checkpoint);
+  const auto [sub_held, sub_gradients] = held_of(o.out);
+  const uint64_t bytes = report->model.expert_params() * 4;
+  std::vector<ExpertId> want;
+  std::string want_gradients;
+  for (size_t i = 0; i < full_held.size(); ++i) {
+    if (full_held[i].expert < 2) continue;  // c's experts (0, 1) are left out
+    want.push_back(ExpertId{full_held[i].layer, full_held[i].expert - 2});
+    want_gradients += full_gradients.substr(i * bytes, bytes);
+  }
+  ASSERT_FALSE(want.empty()) << "the test needs held experts of the kept domains";
+  ASSERT_LT(want.size(), full_held.size()) << "and of the one left out";
+  EXPECT_TRUE(sub_held == want);
+  EXPECT_TRUE(sub_gradients == want_gradients);
+
+  SessionOptions options = engine_test::OptionsFor(c);
+  options.model = report->model;
+  options.placement.resume_from = o.out;
+  auto sim = SimBackend::Create({});
+  ASSERT_TRUE(sim.ok());
+  EXPECT_TRUE(Session::Create(**sim, options).ok());
 }
 
 // Surgery: a domain added as a copy of another. Every old domain computes bit for bit as

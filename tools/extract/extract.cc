@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -58,10 +59,41 @@ std::vector<std::string> MomentNames(OptimizerKind kind) {
 
 // The optimizer kind whose moments the checkpoint holds ("" when it does not say).
 std::string OptimizerOf(const CheckpointReader& reader) {
-  for (const CheckpointBlob& blob : reader.blobs()) {
-    if (blob.name == kOptimizerBlob) return blob.bytes;
+  const CheckpointBlob* blob = FindBlob(reader.blobs(), kOptimizerBlob);
+  return blob != nullptr ? blob->bytes : "";
+}
+
+// `blobs` with the session's records rewritten for a model whose experts are `renumber`ed
+// (the new id, or none for an expert left out): the delayed update's held experts that stay,
+// with their gradients, in their order. DataLoss for a damaged record.
+StatusOr<std::vector<CheckpointBlob>> RenumberSessionRecords(
+    const std::vector<CheckpointBlob>& blobs, const ModelSpec& model,
+    const std::function<std::optional<ExpertId>(ExpertId)>& renumber) {
+  const CheckpointBlob* session = FindBlob(blobs, kSessionBlob);
+  if (session == nullptr) return blobs;
+  ECSS_ASSIGN_OR_RETURN(SessionRecord record, ParseSessionRecord(session->bytes));
+  const CheckpointBlob* gradients = FindBlob(blobs, kHeldGradientsBlob);
+  const uint64_t bytes = model.expert_params() * DTypeSize(record.gradient_dtype);
+  if (record.held.size() * bytes != (gradients == nullptr ? 0 : gradients->bytes.size())) {
+    return DataLossError(StrCat(kHeldGradientsBlob, ": not the size of ", record.held.size(),
+                                " held experts' gradients"));
   }
-  return "";
+  std::vector<ExpertId> held;
+  std::string kept;
+  for (size_t i = 0; i < record.held.size(); ++i) {
+    const std::optional<ExpertId> id = renumber(record.held[i]);
+    if (!id) continue;
+    held.push_back(*id);
+    kept.append(gradients->bytes, i * bytes, bytes);
+  }
+  record.held = std::move(held);
+  std::vector<CheckpointBlob> out;
+  for (const CheckpointBlob& blob : blobs) {
+    if (blob.name != kSessionBlob && blob.name != kHeldGradientsBlob) out.push_back(blob);
+  }
+  out.push_back({std::string(kSessionBlob), FormatSessionRecord(record)});
+  if (!kept.empty()) out.push_back({std::string(kHeldGradientsBlob), std::move(kept)});
+  return out;
 }
 
 StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
@@ -318,6 +350,18 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
   options.limits.max_tokens_per_micro_batch = model.vocab;
   options.limits.max_micro_batches = domains;
   options.placement.resume_from = checkpoint;
+  {
+    // A checkpoint with the delayed update's held gradients resumes only into a session with
+    // it; an evaluation computes with the published weights and leaves them held.
+    const auto [root, name] = SplitCheckpointPath(checkpoint);
+    ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                          CheckpointReader::Open(root, name));
+    if (const CheckpointBlob* session = FindBlob(reader->blobs(), kSessionBlob)) {
+      ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+      options.delayed_update = !record.held.empty();
+      options.gradient_dtype = record.gradient_dtype;
+    }
+  }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> planner, SimBackend::Create({}));
   options.budgets.device_bytes = uint64_t{1} << 50;
   ECSS_ASSIGN_OR_RETURN(const MemoryPlan plan, Session::PlanMemoryOn(*planner, options));
@@ -664,7 +708,21 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
       }
     }
   }
-  ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
+  // The kept experts' held gradients, renumbered as the experts are.
+  ECSS_ASSIGN_OR_RETURN(
+      const std::vector<CheckpointBlob> blobs,
+      RenumberSessionRecords(
+          reader->blobs(), plan.full, [&plan](ExpertId id) -> std::optional<ExpertId> {
+            for (size_t k = 0; k < plan.kept.size(); ++k) {
+              const uint32_t first = plan.old_first[k];
+              if (id.expert >= first &&
+                  id.expert - first < plan.full.domains[plan.kept[k]].experts) {
+                return ExpertId{id.layer, plan.new_first[k] + (id.expert - first)};
+              }
+            }
+            return std::nullopt;
+          }));
+  ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(blobs));
   if (options.verify) {
     Status verified = VerifyByEvaluation(plan, *reader, options);
     if (!verified.ok()) {
