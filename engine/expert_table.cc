@@ -85,12 +85,16 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) 
   o.initial_id = InitialValuesId(options_.model);
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
+  if (options_.placement.overwrite) {
+    ECSS_RETURN_IF_ERROR(ExpertStore::Remove(o).Annotate("placement.overwrite"));
+  }
   auto made =
       options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
-    return made.status().Annotate(options_.placement.resume_from.empty()
-                                      ? "to train on from it, set placement.resume"
-                                      : "resume_from restores into a new store: remove it");
+    return made.status().Annotate(
+        options_.placement.resume_from.empty()
+            ? "to train on from it, set placement.resume; to replace it, placement.overwrite"
+            : "resume_from restores into a new store: remove it, or set placement.overwrite");
   }
   ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
   if (options_.placement.resume_from.empty()) return Status::Ok();

@@ -159,6 +159,10 @@ Status SessionOptions::ValidatePlacement() const {
   if (p.resume && !states_on_nvme) {
     return InvalidArgumentError("session: placement.resume needs the master and moments on NVMe");
   }
+  if (p.overwrite && p.resume) {
+    return InvalidArgumentError(
+        "session: placement.overwrite replaces the store placement.resume would train on from");
+  }
   if (!p.resume_from.empty() && (p.resume || p.write_initial_states)) {
     return InvalidArgumentError(
         StrCat("session: placement.resume_from makes a new store from the "

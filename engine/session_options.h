@@ -128,6 +128,12 @@ struct Placement {
   // refused naming the difference, and so are the state files of builds before the store
   // (ecss-states-*.bin), which are not migrated.
   bool resume = false;
+  // A new store (not `resume`) replaces the one an earlier session left in nvme_dirs instead
+  // of refusing it (AlreadyExists): that store's manifest and the state files this session's
+  // store would use are removed first, under the directories' lock (FailedPrecondition naming
+  // the holder's pid while another session or store has them open). That run's states are
+  // lost.
+  bool overwrite = false;
   // Start from a checkpoint Session::SaveCheckpoint wrote (its directory, ROOT/NAME): a new
   // store is made (in nvme_dirs, which must hold none, when states live on NVMe; else in
   // memory) and the checkpoint's master weights and moments restored into it; the compute

@@ -132,6 +132,7 @@ void BindOptions(py::module_& m) {
   placement.def_readwrite("max_file_bytes", &Placement::max_file_bytes)
       .def_readwrite("write_initial_states", &Placement::write_initial_states)
       .def_readwrite("resume", &Placement::resume)
+      .def_readwrite("overwrite", &Placement::overwrite)
       .def_readwrite("resume_from", &Placement::resume_from)
       .def_readwrite("weight_staging_blocks", &Placement::weight_staging_blocks);
 

@@ -571,6 +571,54 @@ TEST(SessionTest, WeightsOnNvmeStreamThroughPinnedStagingAndMatchTheReference) {
   std::filesystem::remove_all(dir_template);
 }
 
+// A new session never truncates an earlier run's store unless told to (placement.overwrite),
+// and never one another owner has open; overwritten, it starts from the initial values.
+TEST(SessionTest, AnEarlierRunsStoreIsReplacedOnlyWhenAsked) {
+  char dir[] = "/tmp/ecss_overwrite_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  c.nvme_dir = dir;
+  c.steps = 2;
+  const Weights trained = TrainSession(c);
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  auto masters_of = [](Session& s) {
+    Weights w(2);
+    for (uint32_t l = 0; l < 2; ++l) {
+      for (uint32_t e = 0; e < s.experts_in_layer(l); ++e) {
+        w[l].push_back(*s.MasterWeights(LayerIndex{l}, e));
+      }
+    }
+    return w;
+  };
+  Status refused = Session::Create(**sim, OptionsFor(c)).status();
+  EXPECT_EQ(refused.code(), StatusCode::kAlreadyExists) << refused;
+  EXPECT_NE(refused.message().find("placement.overwrite"), std::string::npos) << refused;
+  SessionOptions overwrite = OptionsFor(c);
+  overwrite.placement.overwrite = true;
+  {
+    RunConfig reopened = c;
+    reopened.resume = true;
+    auto holder = Session::Create(**sim, OptionsFor(reopened));
+    ASSERT_TRUE(holder.ok()) << holder.status();
+    Status held = Session::Create(**sim, overwrite).status();
+    EXPECT_EQ(held.code(), StatusCode::kFailedPrecondition) << held;
+    EXPECT_NE(held.message().find(std::to_string(getpid())), std::string::npos) << held;
+    ExpectBitIdentical(masters_of(**holder), trained);  // the open store is untouched
+  }
+  SessionOptions both = overwrite;
+  both.placement.resume = true;
+  EXPECT_EQ(Session::Create(**sim, both).status().code(), StatusCode::kInvalidArgument);
+  {
+    auto fresh = Session::Create(**sim, overwrite);
+    ASSERT_TRUE(fresh.ok()) << fresh.status();
+    ExpectBitIdentical(masters_of(**fresh), InitialWeights(c));
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // Global-norm clipping: updates wait for the step's norm (EndStep), still the same bits,
 // with the states in host memory or on NVMe.
 TEST(SessionTest, ClippingMatchesTheResidentReference) {

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -292,6 +294,112 @@ TEST_F(ExtractTest, TheDelayedUpdatesHeldGradientsGoWithTheirExperts) {
   EXPECT_TRUE(Session::Create(**sim, options).ok());
 }
 
+// A file written with the optimizer's state imports back as a checkpoint equal, expert for
+// expert and byte for byte, to the sub-model checkpoint ecss-extract writes directly; a
+// session resumes it. A damaged or foreign file is refused naming what is wrong, and leaves
+// no checkpoint.
+TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
+  ExtractOptions o = Options({"c", "docs"});
+  o.with_optimizer_state = true;
+  ASSERT_TRUE(ExtractToSafetensors(o).ok());
+  ExtractOptions direct = o;
+  direct.out = StrCat(dir_, "/direct/sub");
+  ASSERT_TRUE(ExtractToCheckpoint(direct).ok());
+
+  ImportOptions import;
+  import.file = o.out;
+  import.out = StrCat(dir_, "/imported/sub");
+  import.verify = true;
+  auto report = ImportSafetensors(import);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  EXPECT_EQ(report->experts, 8u);
+  EXPECT_GT(report->initial, 0u);
+  auto model = CheckpointModel(import.out);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(FormatModelRecord(*model), FormatModelRecord(report->model));
+  {
+    auto want = CheckpointReader::Open(StrCat(dir_, "/direct"), "sub");
+    auto got = CheckpointReader::Open(StrCat(dir_, "/imported"), "sub");
+    ASSERT_TRUE(want.ok() && got.ok());
+    ASSERT_EQ((*got)->index().size(), (*want)->index().size());
+    EXPECT_TRUE((*got)->states() == (*want)->states());
+    EXPECT_EQ(FindBlob((*got)->blobs(), "ecss.optimizer")->bytes, "adamw");
+    for (uint32_t flat = 0; flat < (*want)->index().size(); ++flat) {
+      ASSERT_EQ((*got)->version(flat), (*want)->version(flat)) << "expert " << flat;
+      if ((*want)->version(flat) == 0) continue;
+      ASSERT_TRUE((*want)->Read(flat).ok() && (*got)->Read(flat).ok());
+      for (size_t k = 0; k < (*want)->states().size(); ++k) {
+        const uint64_t bytes = ExpertStore::StateBytes((*want)->layout(), (*want)->states()[k]);
+        EXPECT_EQ(std::memcmp((*got)->blocks()[k], (*want)->blocks()[k], bytes), 0)
+            << "expert " << flat << " state " << k;
+      }
+    }
+  }
+  ExpectMasters(report->model, import.out, [](uint32_t e) { return e < 2 ? e : e + 3; });
+  EXPECT_EQ(ImportSafetensors(import).status().code(), StatusCode::kAlreadyExists);
+
+  // Refused, leaving no checkpoint.
+  auto refused = [&](const std::string& file, StatusCode code, const std::string& names) {
+    ImportOptions bad = import;
+    bad.file = file;
+    bad.out = StrCat(dir_, "/refused/sub");
+    Status status = ImportSafetensors(bad).status();
+    EXPECT_EQ(status.code(), code) << status;
+    EXPECT_NE(status.message().find(names), std::string::npos) << status;
+    EXPECT_FALSE(std::filesystem::exists(bad.out + "/checkpoint.manifest"));
+  };
+  ExtractOptions weights_only = Options({"python"});
+  weights_only.out = StrCat(dir_, "/weights-only.safetensors");
+  ASSERT_TRUE(ExtractToSafetensors(weights_only).ok());
+  refused(weights_only.out, StatusCode::kFailedPrecondition, "optimizer state");
+  auto header = ReadSafetensorsHeader(o.out);
+  ASSERT_TRUE(header.ok());
+  // A copy of the file with byte `at` of a tensor's data changed.
+  auto damaged = [&](const std::string& tensor, const std::string& copy, uint64_t at = 1) {
+    std::filesystem::copy_file(o.out, copy);
+    for (const SafetensorsTensor& t : header->tensors) {
+      if (t.name != tensor) continue;
+      std::fstream f(copy, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekp(static_cast<std::streamoff>(header->data_start + t.begin + at));
+      f.put('\xda');
+    }
+    return copy;
+  };
+  // An expert never updated and one that was (as the checkpoint says): each damaged.
+  auto reader = CheckpointReader::Open(StrCat(dir_, "/direct"), "sub");
+  ASSERT_TRUE(reader.ok());
+  std::optional<ExpertId> initial, updated;
+  for (uint32_t flat = 0; flat < (*reader)->index().size(); ++flat) {
+    ((*reader)->version(flat) == 0 ? initial : updated) = (*reader)->index().Id(flat);
+  }
+  ASSERT_TRUE(initial && updated);
+  refused(damaged(StrCat("layers.", initial->layer, ".experts.", initial->expert, ".w_in"),
+                  StrCat(dir_, "/initial")),
+          StatusCode::kDataLoss, StrCat("layer ", initial->layer, " expert ", initial->expert));
+  refused(damaged("layers.1.routing", StrCat(dir_, "/routing")), StatusCode::kDataLoss,
+          "layers.1.routing");
+  refused(damaged("layers.0.updates", StrCat(dir_, "/updates"), 7), StatusCode::kDataLoss,
+          "layers.0.updates");  // a negative count
+  std::filesystem::copy_file(o.out, StrCat(dir_, "/short"));
+  std::filesystem::resize_file(StrCat(dir_, "/short"), std::filesystem::file_size(o.out) - 1);
+  refused(StrCat(dir_, "/short"), StatusCode::kDataLoss, "short");
+  {
+    auto writer =
+        SafetensorsWriter::Create(StrCat(dir_, "/foreign"), {}, {{"format", "other"}}, false);
+    ASSERT_TRUE(writer.ok());
+    ASSERT_TRUE((*writer)->Finish().ok());
+  }
+  refused(StrCat(dir_, "/foreign"), StatusCode::kFailedPrecondition, "format is 'other'");
+  // A weight of an updated expert changed: the file is consistent, and imports as it says
+  // (verify compares with the file); the bytes are the user's.
+  ImportOptions edited = import;
+  edited.file = damaged(StrCat("layers.", updated->layer, ".experts.", updated->expert, ".w_in"),
+                        StrCat(dir_, "/edited"));
+  edited.out = StrCat(dir_, "/edited-import/sub");
+  EXPECT_TRUE(ImportSafetensors(edited).ok());
+}
+
 // Surgery: a domain added as a copy of another. Every old domain computes bit for bit as
 // before (verified by the evaluation step), the new group holds the source group's experts,
 // and the grown model extracts again.
@@ -490,6 +598,12 @@ TEST(SafetensorsTest, AMalformedHeaderIsDataLoss) {
   ASSERT_TRUE(good.ok()) << good.status();
   EXPECT_EQ(good->tensors.size(), 2u);
   EXPECT_EQ(good->metadata.at("k"), "v");
+  // Not a regular file: refused before it is opened (a FIFO would wait for a writer).
+  const std::string fifo = StrCat(dir, "/fifo");
+  ASSERT_EQ(mkfifo(fifo.c_str(), 0600), 0);
+  for (const std::string& odd : {fifo, std::string(dir), std::string("/dev/zero")}) {
+    EXPECT_EQ(ReadSafetensorsHeader(odd).status().code(), StatusCode::kInvalidArgument) << odd;
+  }
   std::filesystem::remove_all(dir);
 }
 

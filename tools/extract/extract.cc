@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -13,10 +16,13 @@
 #include <set>
 
 #include "engine/checkpoint_record.h"
+#include "engine/expert_updater.h"
 #include "engine/plan_inputs.h"
 #include "engine/session.h"
 #include "offload/checkpoint.h"
+#include "offload/state_file.h"
 #include "optimizer/optimizer_config.h"
+#include "runtime/base/dtype.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
@@ -475,9 +481,10 @@ Status VerifyByEvaluation(const Plan& plan, CheckpointReader& reader,
 }
 
 // Where an output may go: never inside a checkpoint's directory (one holding a manifest, at
-// any depth above it), nor inside a directory of the source's root (a deleted checkpoint's
-// data newer ones still read): writing there could replace data checkpoints refer to.
-Status CheckOutputPlace(const std::string& out, const CheckpointReader& source) {
+// any depth above it), nor inside a directory of the root of the checkpoint `source` read, if
+// any (a deleted checkpoint's data newer ones still read): writing there could replace data
+// checkpoints refer to.
+Status CheckOutputPlace(const std::string& out, const std::string& source) {
   std::error_code error;
   const std::filesystem::path path = std::filesystem::weakly_canonical(out, error);
   if (error) return ErrnoError(error.value(), StrCat("resolving '", out, "'"));
@@ -487,12 +494,13 @@ Status CheckOutputPlace(const std::string& out, const CheckpointReader& source) 
           StrCat("'", out, "' is inside checkpoint '", p.string(), "': write it elsewhere"));
     }
   }
+  if (source.empty()) return Status::Ok();
   const std::filesystem::path source_root =
-      std::filesystem::weakly_canonical(std::filesystem::path(source.where()).parent_path(), error);
-  if (IsWithin(out, source.where()) ||
+      std::filesystem::weakly_canonical(std::filesystem::path(source).parent_path(), error);
+  if (IsWithin(out, source) ||
       (IsWithin(out, source_root.string()) && path.parent_path() != source_root)) {
-    return InvalidArgumentError(StrCat("'", out, "' is inside the checkpoints of '", source.where(),
-                                       "': write it elsewhere"));
+    return InvalidArgumentError(
+        StrCat("'", out, "' is inside the checkpoints of '", source, "': write it elsewhere"));
   }
   return Status::Ok();
 }
@@ -506,24 +514,27 @@ Status CheckOutputPlace(const std::string& out, const CheckpointReader& source) 
 // Discard removes it (a failed verify). Nothing else there is ever removed.
 class CheckpointBuilder {
  public:
-  // `source` (the checkpoint read) must live under another root: a checkpoint written beside
-  // a run's would become the run's newest (LatestCheckpoint), and replacing one there could
-  // take data the run's checkpoints refer to.
+  // `states` of `layout` (its experts per layer are the model's), as `source` (the checkpoint
+  // read, if any: ROOT/NAME) holds them. `source` must live under another root: a checkpoint
+  // written beside a run's would become the run's newest (LatestCheckpoint), and replacing one
+  // there could take data the run's checkpoints refer to.
   static StatusOr<std::unique_ptr<CheckpointBuilder>> Create(const std::string& out, bool overwrite,
                                                              const ModelSpec& model,
-                                                             const CheckpointReader& source) {
+                                                             const ExpertStoreLayout& layout,
+                                                             const std::vector<ExpertState>& states,
+                                                             const std::string& source) {
     const std::pair<std::string, std::string> path = SplitCheckpointPath(out);
-    auto builder = std::unique_ptr<CheckpointBuilder>(new CheckpointBuilder(
-        path.first.empty() ? "." : path.first, path.second, model, source.states()));
+    auto builder = std::unique_ptr<CheckpointBuilder>(
+        new CheckpointBuilder(path.first.empty() ? "." : path.first, path.second, model, states));
     CheckpointBuilder& b = *builder;
     ECSS_RETURN_IF_ERROR(CheckOutputPlace(out, source));
     std::error_code error;
     std::filesystem::create_directories(b.root_, error);
     if (error) return ErrnoError(error.value(), StrCat("creating '", b.root_, "'"));
-    const std::filesystem::path source_root = std::filesystem::path(source.where()).parent_path();
-    if (std::filesystem::equivalent(b.root_, source_root.empty() ? "." : source_root, error)) {
-      return InvalidArgumentError(StrCat("'", out, "' is in the root of checkpoint '",
-                                         source.where(),
+    const std::filesystem::path source_root = std::filesystem::path(source).parent_path();
+    if (!source.empty() &&
+        std::filesystem::equivalent(b.root_, source_root.empty() ? "." : source_root, error)) {
+      return InvalidArgumentError(StrCat("'", out, "' is in the root of checkpoint '", source,
                                          "': write it under another directory (it would be that "
                                          "run's newest checkpoint)"));
     }
@@ -559,11 +570,11 @@ class CheckpointBuilder {
     RemoveUnlockedLeftovers(b.root_, StrCat(".", b.name_, ".extract-"), "ecss-store.lock");
     ExpertStoreOptions o;
     const uint32_t per_layer = model.experts_per_layer();
-    o.layout = source.layout();
+    o.layout = layout;
     o.layout.experts_per_layer.assign(model.layers, per_layer);
     const Tier tier = model.dtype == DType::kBF16 ? Tier::kNvme : Tier::kHost;
     o.placement = {Tier::kNone, Tier::kNone, Tier::kNone, Tier::kNone};
-    for (ExpertState state : source.states()) o.placement[static_cast<size_t>(state)] = tier;
+    for (ExpertState state : states) o.placement[static_cast<size_t>(state)] = tier;
     o.durable_memory_states = false;
     b.scratch_ = StrCat(b.root_, "/.", b.name_, ".extract-", ::getpid());
     if (tier == Tier::kNvme) {
@@ -643,7 +654,7 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
   const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::Open(root, name));
-  ECSS_RETURN_IF_ERROR(CheckOutputPlace(options.out, *reader));
+  ECSS_RETURN_IF_ERROR(CheckOutputPlace(options.out, reader->where()));
 
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
   std::vector<SafetensorsTensor> tensors;
@@ -686,7 +697,8 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
   ECSS_ASSIGN_OR_RETURN(
       std::unique_ptr<CheckpointBuilder> builder,
-      CheckpointBuilder::Create(options.out, options.overwrite, plan.sub, *reader));
+      CheckpointBuilder::Create(options.out, options.overwrite, plan.sub, reader->layout(),
+                                reader->states(), reader->where()));
   ExtractReport report;
   report.model = plan.sub;
   const uint32_t per_layer = plan.sub.experts_per_layer();
@@ -772,8 +784,10 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   added.source_first_expert = full.InitialKey(source_first);
   grown.domains.push_back(added);
   ECSS_RETURN_IF_ERROR(ValidateModel(grown));
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
-                        CheckpointBuilder::Create(options.out, options.overwrite, grown, *reader));
+  ECSS_ASSIGN_OR_RETURN(
+      std::unique_ptr<CheckpointBuilder> builder,
+      CheckpointBuilder::Create(options.out, options.overwrite, grown, reader->layout(),
+                                reader->states(), reader->where()));
   ExtractReport report;
   report.model = grown;
   for (uint32_t l = 0; l < full.layers; ++l) {
@@ -809,6 +823,240 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
                                     "' differ from those of '", options.checkpoint, "'"));
       }
       return Status::Ok();
+    }();
+    if (!verified.ok()) {
+      builder->Discard();
+      return verified;
+    }
+    report.verified = true;
+  }
+  return report;
+}
+
+// ---- Import ----------------------------------------------------------------------------------
+
+namespace {
+
+// A file ecss-extract wrote with the optimizer's state, checked against what its model
+// implies, read expert by expert.
+class ImportedFile {
+ public:
+  static StatusOr<std::unique_ptr<ImportedFile>> Open(const std::string& path) {
+    ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
+    auto file = std::unique_ptr<ImportedFile>(new ImportedFile(path, std::move(header)));
+    ECSS_RETURN_IF_ERROR(file->Check());
+    return file;
+  }
+  const Plan& plan() const { return plan_; }
+  const ModelSpec& model() const { return plan_.sub; }
+  OptimizerKind kind() const { return kind_; }
+
+  // Every expert, layer by layer (each layer's routing table checked against the model's
+  // router first): expert(id, version, master, moments), with the expert's fp32 master
+  // weights (w_in then w_out) and its moment arrays one after another.
+  Status ForEachExpert(
+      const std::function<Status(ExpertId, uint64_t, const float*, const float*)>& expert) {
+    const ModelSpec& m = model();
+    const uint64_t params = m.expert_params();
+    const uint64_t in_elements = uint64_t{m.d_model} * m.d_in();
+    const uint32_t per_layer = m.experts_per_layer();
+    std::vector<float> master(params), moments(params * plan_.moment_names.size());
+    ECSS_ASSIGN_OR_RETURN(const RreRouter router, RouterOf(m));
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      std::vector<int64_t> updates(per_layer);
+      ECSS_RETURN_IF_ERROR(Read(StrCat("layers.", l, ".updates"), updates.data()));
+      std::vector<int32_t> routing(m.domains.size() * uint64_t{m.vocab});
+      ECSS_RETURN_IF_ERROR(Read(StrCat("layers.", l, ".routing"), routing.data()));
+      for (uint32_t d = 0; d < m.domains.size(); ++d) {
+        ECSS_ASSIGN_OR_RETURN(const size_t index, router.domains().IndexOf(m.DomainId(d)));
+        const uint16_t* table = router.LocalTable(l, index);
+        for (uint32_t t = 0; t < m.vocab; ++t) {
+          if (routing[d * uint64_t{m.vocab} + t] !=
+              static_cast<int32_t>(plan_.new_first[d] + table[t])) {
+            return DataLossError(StrCat("'", path_, "': layers.", l, ".routing row ", d, " (",
+                                        m.domains[d].name, ") sends token ", t,
+                                        " elsewhere than the model's router"));
+          }
+        }
+      }
+      for (uint32_t e = 0; e < per_layer; ++e) {
+        const std::string name = StrCat("layers.", l, ".experts.", e);
+        ECSS_RETURN_IF_ERROR(Read(name + ".w_in", master.data()));
+        ECSS_RETURN_IF_ERROR(Read(name + ".w_out", master.data() + in_elements));
+        for (size_t a = 0; a < plan_.moment_names.size(); ++a) {
+          const std::string& state = plan_.moment_names[a];
+          ECSS_RETURN_IF_ERROR(Read(StrCat(name, ".w_in.", state), moments.data() + a * params));
+          ECSS_RETURN_IF_ERROR(
+              Read(StrCat(name, ".w_out.", state), moments.data() + a * params + in_elements));
+        }
+        if (updates[e] < 0) {
+          return DataLossError(StrCat("'", path_, "': layers.", l, ".updates gives expert ", e, " ",
+                                      updates[e], " updates"));
+        }
+        ECSS_RETURN_IF_ERROR(
+            expert({l, e}, static_cast<uint64_t>(updates[e]), master.data(), moments.data()));
+      }
+    }
+    return Status::Ok();
+  }
+
+ private:
+  ImportedFile(std::string path, SafetensorsHeader header)
+      : path_(std::move(path)), header_(std::move(header)), in_(path_, std::ios::binary) {}
+
+  // The metadata says what the file is; its tensors must be exactly those its model implies.
+  Status Check() {
+    auto meta = [&](const char* key) {
+      auto it = header_.metadata.find(key);
+      return it == header_.metadata.end() ? std::string() : it->second;
+    };
+    if (meta("format") != kFormat) {
+      return FailedPreconditionError(StrCat("'", path_, "' is not a file of ", kFormat,
+                                            " (its metadata's format is '", meta("format"), "')"));
+    }
+    StatusOr<ModelSpec> model = ParseModelRecord(meta("model"));
+    if (!model.ok()) return model.status().Annotate(StrCat("'", path_, "' metadata"));
+    StatusOr<OptimizerKind> kind = ParseOptimizerKind(meta("optimizer"));
+    if (!kind.ok()) {
+      return FailedPreconditionError(StrCat("'", path_, "' does not name its optimizer ('",
+                                            meta("optimizer"), "'): its moments mean nothing"));
+    }
+    kind_ = *kind;
+    plan_.full = plan_.sub = *model;
+    plan_.optimizer = meta("optimizer");
+    plan_.moment_names = MomentNames(kind_);
+    uint32_t first = 0;
+    for (uint32_t d = 0; d < model->domains.size(); ++d) {
+      plan_.kept.push_back(d);
+      plan_.old_first.push_back(first);
+      plan_.new_first.push_back(first);
+      first += model->domains[d].experts;
+    }
+    for (const SafetensorsTensor& t : header_.tensors) by_name_[t.name] = &t;
+    if (by_name_.count("layers.0.updates") == 0) {
+      return FailedPreconditionError(
+          StrCat("'", path_,
+                 "' holds no optimizer state (written without --with-optimizer-state): without "
+                 "the moments and update counts the model cannot train on exactly"));
+    }
+    ExtractOptions with_state;
+    with_state.with_optimizer_state = true;
+    size_t expected = 0;
+    ECSS_RETURN_IF_ERROR(
+        Walk(plan_, nullptr, with_state, [&](const SafetensorsTensor& want, const void*) {
+          ++expected;
+          auto it = by_name_.find(want.name);
+          if (it == by_name_.end()) {
+            return DataLossError(StrCat("'", path_, "' has no tensor '", want.name, "'"));
+          }
+          if (it->second->dtype != want.dtype || it->second->shape != want.shape) {
+            return DataLossError(StrCat("'", path_, "': tensor '", want.name, "' is ",
+                                        it->second->dtype, " of another shape, not ", want.dtype,
+                                        " as its model implies"));
+          }
+          return Status::Ok();
+        }));
+    if (header_.tensors.size() != expected) {
+      return DataLossError(StrCat("'", path_, "' holds ", header_.tensors.size(),
+                                  " tensors; its model implies ", expected));
+    }
+    if (!in_) return ErrnoError(errno, StrCat("opening '", path_, "'"));
+    return Status::Ok();
+  }
+
+  Status Read(const std::string& name, void* dst) {
+    const SafetensorsTensor& t = *by_name_.at(name);
+    in_.seekg(static_cast<std::streamoff>(header_.data_start + t.begin));
+    if (!in_.read(static_cast<char*>(dst), static_cast<std::streamsize>(t.end - t.begin))) {
+      return DataLossError(StrCat("'", path_, "': tensor '", name, "' cut short"));
+    }
+    return Status::Ok();
+  }
+
+  const std::string path_;
+  const SafetensorsHeader header_;
+  std::ifstream in_;
+  std::map<std::string, const SafetensorsTensor*> by_name_;
+  Plan plan_;
+  OptimizerKind kind_ = OptimizerKind::kAdamW;
+};
+
+}  // namespace
+
+StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> file, ImportedFile::Open(options.file));
+  const ModelSpec& m = file->model();
+  // The states and layout a session with its states in host memory saves.
+  SessionOptions session;
+  session.model = m;
+  session.optimizer.kind = file->kind();
+  const ExpertStoreLayout layout = StoreOptionsFor(session, m.expert_params()).layout;
+  const std::vector<ExpertState> states = {
+      m.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster, ExpertState::kMoments};
+  ECSS_ASSIGN_OR_RETURN(
+      std::unique_ptr<CheckpointBuilder> builder,
+      CheckpointBuilder::Create(options.out, options.overwrite, m, layout, states, ""));
+  const uint64_t params = m.expert_params();
+  const uint64_t master_bytes = params * 4;
+  const uint64_t moment_bytes = params * 4 * file->plan().moment_names.size();
+  using Block = std::unique_ptr<void, decltype(&std::free)>;
+  auto block = [](uint64_t bytes) {
+    return Block(std::aligned_alloc(4096, StateBlockBytes(bytes)), &std::free);
+  };
+  const std::array<Block, 2> blocks = {block(ExpertStore::StateBytes(layout, states[0])),
+                                       block(ExpertStore::StateBytes(layout, states[1]))};
+  std::memset(blocks[1].get(), 0, StateBlockBytes(ExpertStore::StateBytes(layout, states[1])));
+  const void* const pointers[] = {blocks[0].get(), blocks[1].get()};
+  std::vector<float> initial(params);
+  ExtractReport report;
+  report.model = m;
+  const uint64_t total = uint64_t{m.experts_per_layer()} * m.layers;
+  ECSS_RETURN_IF_ERROR(file->ForEachExpert([&](ExpertId id, uint64_t version, const float* master,
+                                               const float* moments) -> Status {
+    ++report.experts;
+    if (options.progress) options.progress(report.experts, total);
+    if (version != 0) {
+      std::memcpy(blocks[0].get(), master, master_bytes);
+      std::memcpy(blocks[1].get(), moments, moment_bytes);
+      return builder->Write(id, pointers, version);
+    }
+    // Never updated: it stays unwritten, which reads as its initial values, so it must
+    // hold exactly those.
+    ++report.initial;
+    DrawInitialMaster(m, id.layer, id.expert, initial.data());
+    const bool zero_moments =
+        std::all_of(moments, moments + moment_bytes / 4, [](float v) { return FloatBits(v) == 0; });
+    if (std::memcmp(initial.data(), master, master_bytes) != 0 || !zero_moments) {
+      return DataLossError(StrCat("'", options.file, "': layer ", id.layer, " expert ", id.expert,
+                                  " has no update but weights or moments other than its "
+                                  "initial values"));
+    }
+    return Status::Ok();
+  }));
+  ECSS_ASSIGN_OR_RETURN(report.file_bytes,
+                        builder->Finish({{std::string(kOptimizerBlob),
+                                          std::string(OptimizerKindName(file->kind()))}}));
+  if (options.verify) {
+    Status verified = [&]() -> Status {
+      const auto [root, name] = SplitCheckpointPath(options.out);
+      ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
+                            CheckpointReader::Open(root, name));
+      ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> again, ImportedFile::Open(options.file));
+      return again->ForEachExpert([&](ExpertId id, uint64_t version, const float* master,
+                                      const float* moments) -> Status {
+        const uint32_t flat = written->index().Flat(id);
+        bool same = written->version(flat) == version;
+        if (same && version != 0) {
+          ECSS_RETURN_IF_ERROR(written->Read(flat));
+          same = std::memcmp(written->blocks()[0], master, master_bytes) == 0 &&
+                 std::memcmp(written->blocks()[1], moments, moment_bytes) == 0;
+        }
+        if (!same) {
+          return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " of '",
+                                      options.out, "' differs from '", options.file, "'"));
+        }
+        return Status::Ok();
+      });
     }();
     if (!verified.ok()) {
       builder->Discard();

@@ -1,9 +1,9 @@
 // ecss-extract's library: a domain's sub-model cut out of a session's checkpoint, as a
 // safetensors file (tools/extract/safetensors.h) or as a checkpoint the library loads; and
-// model surgery on checkpoints (AddDomain). PanGu-Sigma's promise: every sparse layer
-// keeps only the chosen domains' expert groups, renumbered, with routing tables rewritten to
-// the new numbers, so the sub-model routes every token of those domains to the very expert,
-// with the very weights, that the full model does.
+// model surgery on checkpoints (AddDomain); and such a file imported back (ImportSafetensors).
+// PanGu-Sigma's promise: every sparse layer keeps only the chosen domains' expert groups,
+// renumbered, with routing tables rewritten to the new numbers, so the sub-model routes every token
+// of those domains to the very expert, with the very weights, that the full model does.
 //
 // The file's tensors (layer l, expert j of the extracted layer: the kept domains' groups in
 // the full model's domain order, each group in its own order):
@@ -87,6 +87,28 @@ struct AddDomainOptions {
   bool verify = false;
 };
 StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options);
+
+// A safetensors file ecss-extract wrote with the optimizer's state, imported back as a
+// checkpoint ROOT/NAME (`out`) of the model its metadata records, which a session resumes
+// (placement.resume_from) bit for bit as from the checkpoint it was extracted from: each
+// expert's master weights, moments and update count (its version). The file is checked as
+// strictly as it was written: its format, model record and optimizer; every tensor the model
+// implies present with its dtype and shape, and no other; each layer's routing table the
+// model's router's; an expert never updated (count 0) holding exactly its initial values
+// (it stays unwritten, and reads as them). The checkpoint holds no loop state and no session
+// record (the file has neither): a resumed session starts its step count at 0 with the
+// hyper-parameters of its options. `verify` reads every expert of the checkpoint back and
+// compares it with the file. FailedPrecondition for a file without the optimizer's state or
+// not written by ecss-extract; DataLoss naming the tensor for a damaged one; AlreadyExists
+// for an existing `out` unless `overwrite`; the output places ExtractToCheckpoint refuses.
+struct ImportOptions {
+  std::string file;  // the safetensors file
+  std::string out;   // ROOT/NAME of the checkpoint
+  bool overwrite = false;
+  bool verify = false;
+  std::function<void(uint64_t done, uint64_t total)> progress;  // after each expert
+};
+StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options);
 
 // NotFound for a checkpoint or domain that does not exist (listing those that do);
 // FailedPrecondition for a checkpoint without the model record (saved before it existed);

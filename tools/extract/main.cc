@@ -21,6 +21,7 @@ constexpr std::string_view kUsage =
     "                    [--force]\n"
     "       ecss-extract --checkpoint DIR --add-domain NAME --copy-of DOMAIN --out DIR\n"
     "                    [--verify] [--force]\n"
+    "       ecss-extract --import FILE --out DIR [--verify] [--force]\n"
     "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
     "(ROOT/NAME as Session::SaveCheckpoint wrote it), renumbered in the model's domain order,\n"
     "with each layer's routing table rewritten to the new numbers. safetensors (the default):\n"
@@ -34,6 +35,8 @@ constexpr std::string_view kUsage =
     "(weights, moments, update counts), written as checkpoint DIR; the old domains compute\n"
     "as before (--verify checks it through the evaluation step). To remove a domain, extract\n"
     "the others with --format ecss.\n"
+    "--import: a safetensors FILE this tool wrote with --with-optimizer-state, back into a\n"
+    "checkpoint DIR of its model that a session resumes (--verify compares it with FILE).\n"
     "Exit 0: written; 1: failed; 2: bad arguments.\n";
 
 int BadArguments(std::string_view message) {
@@ -45,7 +48,7 @@ int BadArguments(std::string_view message) {
 
 int main(int argc, char** argv) {
   ecss::ExtractOptions options;
-  std::string domains, format = "safetensors", add_domain, copy_of;
+  std::string domains, format = "safetensors", add_domain, copy_of, import;
   bool format_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -71,6 +74,8 @@ int main(int argc, char** argv) {
       if (!value(&add_domain)) return BadArguments("--add-domain needs a name");
     } else if (arg == "--copy-of") {
       if (!value(&copy_of)) return BadArguments("--copy-of needs a domain");
+    } else if (arg == "--import") {
+      if (!value(&import)) return BadArguments("--import needs a file");
     } else if (arg == "--with-optimizer-state") {
       options.with_optimizer_state = true;
     } else if (arg == "--verify") {
@@ -80,6 +85,47 @@ int main(int argc, char** argv) {
     } else {
       return BadArguments(ecss::StrCat("unknown argument '", arg, "'"));
     }
+  }
+  // A bar redrawn in place on a terminal; otherwise a plain line at every tenth.
+  const bool terminal = isatty(STDERR_FILENO) != 0;
+  int last_tenth = -1;
+  const char* stage = import.empty() ? "extracting" : "importing";
+  auto progress = [&](uint64_t done, uint64_t total) {
+    const int tenth = static_cast<int>(done * 10 / total);
+    if (terminal) {
+      const int width = 30, filled = static_cast<int>(done * width / total);
+      std::fprintf(stderr, "\r%s [%s%s] %llu/%llu experts", stage, std::string(filled, '#').c_str(),
+                   std::string(width - filled, ' ').c_str(), static_cast<unsigned long long>(done),
+                   static_cast<unsigned long long>(total));
+      if (done == total) std::fputc('\n', stderr);
+    } else if (tenth != last_tenth) {
+      std::fprintf(stderr, "%s: %llu/%llu experts\n", stage, static_cast<unsigned long long>(done),
+                   static_cast<unsigned long long>(total));
+    }
+    last_tenth = tenth;
+    if (done == total) {
+      stage = "verifying";
+      last_tenth = -1;
+    }
+  };
+  if (!import.empty()) {
+    if (options.out.empty() || !options.checkpoint.empty() || !domains.empty() || format_given ||
+        options.with_optimizer_state || !add_domain.empty() || !copy_of.empty()) {
+      return BadArguments("--import FILE takes --out DIR, and --verify and --force only");
+    }
+    ecss::ImportOptions import_options{import, options.out, options.overwrite, options.verify,
+                                       progress};
+    ecss::StatusOr<ecss::ExtractReport> imported = ecss::ImportSafetensors(import_options);
+    if (!imported.ok()) {
+      std::cerr << "ecss-extract: " << imported.status() << "\n";
+      return 1;
+    }
+    std::cout << "wrote " << options.out << ": " << imported->experts << " experts ("
+              << imported->initial << " never updated), a checkpoint of " << imported->file_bytes
+              << " bytes" << (imported->verified ? "; verified against the file" : "")
+              << "\nmodel:\n"
+              << ecss::FormatModelRecord(imported->model);
+    return 0;
   }
   const bool surgery = !add_domain.empty() || !copy_of.empty();
   if (surgery) {
@@ -113,33 +159,12 @@ int main(int argc, char** argv) {
   if (format != "safetensors" && format != "ecss") {
     return BadArguments(ecss::StrCat("--format '", format, "': safetensors or ecss"));
   }
+  options.progress = progress;
   for (size_t start = 0; start <= domains.size();) {
     const size_t comma = std::min(domains.find(',', start), domains.size());
     options.domains.push_back(domains.substr(start, comma - start));
     start = comma + 1;
   }
-  // A bar redrawn in place on a terminal; otherwise a plain line at every tenth.
-  const bool terminal = isatty(STDERR_FILENO) != 0;
-  int last_tenth = -1;
-  const char* stage = "extracting";
-  options.progress = [&](uint64_t done, uint64_t total) {
-    const int tenth = static_cast<int>(done * 10 / total);
-    if (terminal) {
-      const int width = 30, filled = static_cast<int>(done * width / total);
-      std::fprintf(stderr, "\r%s [%s%s] %llu/%llu experts", stage, std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), static_cast<unsigned long long>(done),
-                   static_cast<unsigned long long>(total));
-      if (done == total) std::fputc('\n', stderr);
-    } else if (tenth != last_tenth) {
-      std::fprintf(stderr, "%s: %llu/%llu experts\n", stage, static_cast<unsigned long long>(done),
-                   static_cast<unsigned long long>(total));
-    }
-    last_tenth = tenth;
-    if (done == total) {
-      stage = "verifying";
-      last_tenth = -1;
-    }
-  };
   ecss::StatusOr<ecss::ExtractReport> report =
       format == "ecss" ? ecss::ExtractToCheckpoint(options) : ecss::ExtractToSafetensors(options);
   if (!report.ok()) {

@@ -180,9 +180,15 @@ StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
   auto damaged = [&](std::string_view what) {
     return DataLossError(StrCat("safetensors file '", path, "': ", what));
   };
+  // Only a regular file: opening a FIFO would wait for a writer, a device never ends.
+  std::error_code error;
+  const std::filesystem::file_status status = std::filesystem::status(path, error);
+  if (error) return ErrnoError(error.value(), StrCat("cannot open '", path, "'"));
+  if (!std::filesystem::is_regular_file(status)) {
+    return InvalidArgumentError(StrCat("'", path, "' is not a regular file"));
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) return FileError("cannot open", path);
-  std::error_code error;
   const uint64_t size = std::filesystem::file_size(path, error);
   uint8_t length_bytes[8];
   if (error || !in.read(reinterpret_cast<char*>(length_bytes), 8)) {
