@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# kill -9 at random points of a train_moe_lm run that checkpoints every step (inside steps and
+# inside saves), ROUNDS times (default 50). Each time the newest durable checkpoint must load
+# (its checks pass: model, session records, every block's CRC) and the run resumed from it must
+# end as the uninterrupted run does: every step it prints has the straight run's loss for that
+# step, and the last loss is equal in all its digits. A kill before the first checkpoint finds
+# none (NOT_FOUND) and the run starts over in the same directory.
+# Usage: kill_resume.sh TRAIN_MOE_LM SCRATCH_DIR [ROUNDS]
+set -euo pipefail
+program=$(realpath "$1")
+scratch=$2
+rounds=${3:-50}
+steps=10
+rm -rf "$scratch"
+mkdir -p "$scratch"
+cd "$scratch"
+run() { "$program" --print-every 1 --trace trace.json --steps "$steps" "$@"; }
+losses() { { grep -hE '^ +[0-9]+ ' "$1" || true; } | awk '{print $1, $2}'; }
+fail() { echo "kill_resume: $*" >&2; exit 1; }
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+run > straight.txt
+losses straight.txt > straight.losses
+[ "$(wc -l < straight.losses)" -eq "$steps" ] || fail "the straight run printed no step losses"
+straight_last=$(grep '^last loss' straight.txt)
+# A checkpointing run in the background, its output in FILE; $pid is the program itself (exec),
+# not a subshell around it. Returns once it printed its first step (or ended).
+pid=
+trap '[ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null || true' EXIT
+start_checkpointing() {
+  (exec "$program" --print-every 1 --trace trace.json --steps "$steps" --checkpoint-dir "$1" \
+    --checkpoint-every 1 > "$2" 2>&1) &
+  pid=$!
+  for _ in $(seq 1 60000); do
+    grep -qE '^ +0 ' "$2" && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.01
+  done
+}
+# The kills land uniformly over a checkpointing run's steps and saves after its first step.
+start_checkpointing timing timing.txt
+first_ms=$(now_ms)
+wait "$pid"
+window_ms=$((($(now_ms) - first_ms) * 85 / 100 + 1))  # not its exit
+
+landed=0
+from_checkpoint=0
+for round in $(seq 1 "$rounds"); do
+  dir=run-$round
+  start_checkpointing "$dir" "killed-$round.txt"
+  delay_ms=$((RANDOM * 32768 + RANDOM))
+  delay_ms=$((delay_ms % window_ms))
+  sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
+  if kill -KILL "$pid" 2>/dev/null; then landed=$((landed + 1)); fi
+  wait "$pid" 2>/dev/null || true
+  pid=
+  if run --checkpoint-dir "$dir" --resume > "resumed-$round.txt" 2>&1; then
+    from=$(sed -n 's/^resuming from .*step-\([0-9]*\)$/\1/p' "resumed-$round.txt")
+    [ -n "$from" ] || fail "round $round: resumed from what? $(head -3 "resumed-$round.txt")"
+    from_checkpoint=$((from_checkpoint + 1))
+  else
+    grep -q "NOT_FOUND: no checkpoint" "resumed-$round.txt" ||
+      fail "round $round: the resume failed: $(tail -3 "resumed-$round.txt")"
+    from=0
+    run --checkpoint-dir "$dir" > "resumed-$round.txt" 2>&1 ||
+      fail "round $round: starting over failed: $(tail -3 "resumed-$round.txt")"
+  fi
+  losses "resumed-$round.txt" > resumed.losses
+  [ "$(wc -l < resumed.losses)" -eq $((steps - from)) ] ||
+    fail "round $round: resumed from step $from, it printed $(wc -l < resumed.losses) steps"
+  # Each printed step's loss is the straight run's (grep -x: whole lines, -F: no patterns).
+  grep -vxFf straight.losses resumed.losses > /dev/null &&
+    fail "round $round (from step $from): $(grep -vxFf straight.losses resumed.losses | head -1)" \
+      "differs from the straight run's"
+  [ "$(grep '^last loss' "resumed-$round.txt")" = "$straight_last" ] ||
+    fail "round $round: the last loss differs"
+  rm -rf "$dir"
+done
+# Nearly every kill lands in a live run; most find a checkpoint to resume from (a kill before
+# the first save finds none).
+[ "$landed" -ge $((rounds * 9 / 10)) ] || fail "only $landed of $rounds kills landed in a live run"
+[ "$from_checkpoint" -ge $((rounds / 2)) ] ||
+  fail "only $from_checkpoint of $rounds rounds resumed from a checkpoint"
+echo "kill_resume: $landed kill -9s of $rounds rounds; $from_checkpoint resumed from their newest" \
+  "checkpoint, the rest started over; every one ended as the straight run"
