@@ -33,6 +33,24 @@ Weights InitialWeights(const RunConfig& c) {
   return TrainSession(none);
 }
 
+// The smallest device budget a session of `o` accepts (its cache then holds just what one
+// layer's active experts need).
+uint64_t TightestDeviceBudget(SessionOptions o) {
+  // Where the states and weights live does not change the device's share.
+  o.placement.master = o.placement.moments = Tier::kHost;
+  o.placement.weights = Tier::kPinned;
+  o.placement.nvme_dirs.clear();
+  SimOptions so;
+  so.device_memory_bytes = 16 << 20;
+  auto sim = SimBackend::Create(so);
+  uint64_t low = 1, high = 8 << 20;  // refused, accepted
+  while (high - low > 256) {
+    o.budgets.device_bytes = (low + high) / 2;
+    (Session::Create(**sim, o).ok() ? high : low) = o.budgets.device_bytes;
+  }
+  return high;
+}
+
 void ExpectBitIdentical(const Weights& a, const Weights& b) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t l = 0; l < a.size(); ++l) {
@@ -346,6 +364,15 @@ TEST(SessionTest, ACheckpointResumesBitForBitOnEveryStrategy) {
     });
     EXPECT_EQ(position, "2");
     ExpectBitIdentical(resumed, want);
+    if (name != "ecss-nvme-bf16") continue;
+    // States on NVMe resumed into host memory, with another thread count and the tightest
+    // device budget (the cache streams): the same bits.
+    RunConfig elsewhere = second;
+    elsewhere.nvme_dir.clear();
+    elsewhere.nvme_weights = false;
+    elsewhere.optimizer_threads = 2;
+    elsewhere.device_budget = TightestDeviceBudget(OptionsFor(elsewhere));
+    ExpectBitIdentical(TrainSession(elsewhere), want);
   }
   // What SaveCheckpoint and resume_from refuse.
   SimOptions so;
@@ -1122,23 +1149,6 @@ struct Driven {
   }
 };
 
-// The smallest device budget a session of `o` accepts (its cache then holds just what one
-// layer's active experts need).
-uint64_t TightestDeviceBudget(SessionOptions o) {
-  // Where the states and weights live does not change the device's share.
-  o.placement.master = o.placement.moments = Tier::kHost;
-  o.placement.weights = Tier::kPinned;
-  o.placement.nvme_dirs.clear();
-  SimOptions so;
-  so.device_memory_bytes = 16 << 20;
-  auto sim = SimBackend::Create(so);
-  uint64_t low = 1, high = 8 << 20;  // refused, accepted
-  while (high - low > 256) {
-    o.budgets.device_bytes = (low + high) / 2;
-    (Session::Create(**sim, o).ok() ? high : low) = o.budgets.device_bytes;
-  }
-  return high;
-}
 
 // A refused BeginStep (a bad loss scale; a bad token in micro-batch 1 after micro-batch 0 was
 // routed) enqueues nothing, so it frees nothing that a queued copy still reads or writes:
