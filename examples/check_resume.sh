@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# train_moe_lm's checkpoints resume bit for bit: 12 steps straight against 6 steps, a checkpoint,
-# and a --resume to 12; and a run stopped by SIGTERM (a checkpoint at the end of its step) and
-# resumed against a straight run of the same length; in a scratch directory. The per-step
-# losses and the last loss (all its digits) must be equal.
+# train_moe_lm's checkpoints resume bit for bit: 12 steps straight against 6 steps, a
+# checkpoint, and a --resume to 12 (with RRE and with learned gates); and a run stopped by
+# SIGTERM (a checkpoint at the end of its step) and resumed against a straight run of the same
+# length; in a scratch directory. The per-step losses and the last loss (all its digits) must
+# be equal.
 # Usage: check_resume.sh TRAIN_MOE_LM SCRATCH_DIR
 set -euo pipefail
 program=$(realpath "$1")
@@ -32,6 +33,17 @@ fi
 grep -q "ALREADY_EXISTS" refused.txt
 expect_same straight.txt "the resumed run" first.txt resumed.txt
 echo "check_resume: 6 + 6 resumed steps equal 12 straight ones"
+# Learned gates: the gates and their moments are the loop's state; a resume with the other
+# routing is refused.
+run --routing gate --steps 12 > gate_straight.txt
+run --routing gate --steps 6 --checkpoint-dir gated > gate_first.txt
+if run --steps 12 --checkpoint-dir gated --resume > gate_refused.txt 2>&1; then
+  fail "a gate run's checkpoint resumed with RRE routing"
+fi
+grep -q "trained with --routing gate" gate_refused.txt
+run --routing gate --steps 12 --checkpoint-dir gated --resume > gate_resumed.txt
+expect_same gate_straight.txt "the resumed gate run" gate_first.txt gate_resumed.txt
+echo "check_resume: the same with learned gates"
 # SIGTERM mid-run: a checkpoint at the end of that step, exit 0; resumed, it continues as a
 # straight run of the same length would.
 "$program" --print-every 1 --trace trace.json --steps 1000000 --checkpoint-dir signalled \

@@ -13,8 +13,8 @@
 //
 // --checkpoint-dir DIR saves a checkpoint DIR/step-N every --checkpoint-every N steps, at the
 // end, and when SIGTERM or Ctrl-C asks (at the end of that step, then exiting), with this
-// loop's own state (embedding, output projection, their optimizer states, the data
-// position, the losses so far) as its blobs; --resume continues from the newest one, bit for
+// loop's own state (embedding, output projection, the gates, their optimizer states, the
+// data position, the losses so far) as its blobs; --resume continues from the newest one, bit for
 // bit as if never stopped.
 //
 // --routing gate replaces RRE with learned top-2 softmax gates (router/gates.h), one per
@@ -67,7 +67,7 @@ constexpr const char* kUsage =
     "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
     "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
     "  --print-every N   steps between progress lines (default 20)\n"
-    "  --checkpoint-dir DIR  checkpoints DIR/step-N (RRE routing only)\n"
+    "  --checkpoint-dir DIR  checkpoints DIR/step-N (with the gates' state: --routing gate)\n"
     "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
     "  --resume          continue from the newest checkpoint in --checkpoint-dir\n"
     "                    (with --checkpoint-dir, SIGTERM or Ctrl-C saves one at the end of\n"
@@ -170,10 +170,6 @@ StatusOr<Options> Parse(int argc, char** argv) {
   }
   if ((o.resume || o.checkpoint_every > 0) && o.checkpoint_dir.empty()) {
     return InvalidArgumentError("--resume and --checkpoint-every need --checkpoint-dir");
-  }
-  if (!o.checkpoint_dir.empty() && o.gated) {
-    return InvalidArgumentError(
-        "--checkpoint-dir with --routing gate: the gates' state is not saved yet");
   }
   return o;
 }
@@ -328,15 +324,37 @@ Status Train(const Options& o) {
   CounterRng rng(3, 0);
   for (float& w : emb) w = (rng.UniformFloat() * 2 - 1) * 0.5f;
   for (float& w : out) w = (rng.UniformFloat() * 2 - 1) / std::sqrt(static_cast<float>(d));
+  // Learned gates (--routing gate): one per sparse layer, dense parameters of this loop.
+  std::vector<TopKGate> gates;
+  std::vector<std::vector<float>> gate_m, gate_v, d_gate;
+  std::vector<uint32_t> gate_ids;
+  if (o.gated) {
+    for (uint32_t l = 0; l < o.layers; ++l) {
+      GateOptions gate_options;
+      gate_options.d_model = o.d_model;
+      gate_options.num_experts = session->experts_in_layer(l);
+      gate_options.k = kGateK;
+      gate_options.seed = 11 + l;
+      ECSS_ASSIGN_OR_RETURN(TopKGate gate, TopKGate::Create(gate_options));
+      const size_t n = gate.weight().size();
+      gates.push_back(std::move(gate));
+      gate_m.emplace_back(n, 0.0f);
+      gate_v.emplace_back(n, 0.0f);
+      d_gate.emplace_back(n, 0.0f);
+    }
+  }
   // The loop's state a checkpoint carries: the dense weights and moments, then where the data
   // stands, the dense optimizer's update count and the losses so far.
   std::vector<size_t> cursor(corpus.size(), 0);
   std::vector<double> losses;
   std::vector<uint64_t> counters = {0, 0};  // the next step, the dense updates so far
-  const std::vector<std::vector<float>*> dense_arrays = {&emb,   &out,   &emb_m,
-                                                         &emb_v, &out_m, &out_v};
+  std::vector<std::vector<float>*> dense_arrays = {&emb, &out, &emb_m, &emb_v, &out_m, &out_v};
+  for (size_t l = 0; l < gates.size(); ++l) {
+    dense_arrays.insert(dense_arrays.end(), {&gates[l].weight(), &gate_m[l], &gate_v[l]});
+  }
+  const std::string routing = o.gated ? "gate" : "rre";  // what the dense state holds
   auto loop_state = [&] {
-    std::vector<CheckpointBlob> blobs = {{"dense", ""}, {"loop", ""}};
+    std::vector<CheckpointBlob> blobs = {{"dense", ""}, {"loop", ""}, {"routing", routing}};
     for (const std::vector<float>* a : dense_arrays) Pack(*a, &blobs[0].bytes);
     Pack(counters, &blobs[1].bytes);
     Pack(cursor, &blobs[1].bytes);
@@ -345,8 +363,13 @@ Status Train(const Options& o) {
   };
   if (o.resume) {
     const std::vector<CheckpointBlob>& blobs = session->loop_state();
-    if (blobs.size() != 2 || blobs[0].name != "dense" || blobs[1].name != "loop") {
+    if (blobs.size() != 3 || blobs[0].name != "dense" || blobs[1].name != "loop" ||
+        blobs[2].name != "routing") {
       return InvalidArgumentError("the checkpoint holds no train_moe_lm loop state");
+    }
+    if (blobs[2].bytes != routing) {
+      return InvalidArgumentError(StrCat("the checkpoint was trained with --routing ",
+                                         blobs[2].bytes, ", this run has ", routing));
     }
     std::string_view in = blobs[0].bytes;
     for (std::vector<float>* a : dense_arrays) ECSS_RETURN_IF_ERROR(Unpack(&in, a, "dense"));
@@ -369,32 +392,13 @@ Status Train(const Options& o) {
   ECSS_ASSIGN_OR_RETURN(uint32_t out_id,
                         dense->RegisterExpert({out.data(), out_m.data(), out_v.data(), nullptr,
                                                out.size(), 0, counters[1]}));
-  // Learned gates (--routing gate): one per sparse layer, dense parameters of this loop.
-  std::vector<TopKGate> gates;
-  std::vector<std::vector<float>> gate_m, gate_v, d_gate;
-  std::vector<uint32_t> gate_ids;
-  if (o.gated) {
-    for (uint32_t l = 0; l < o.layers; ++l) {
-      GateOptions gate_options;
-      gate_options.d_model = o.d_model;
-      gate_options.num_experts = session->experts_in_layer(l);
-      gate_options.k = kGateK;
-      gate_options.seed = 11 + l;
-      ECSS_ASSIGN_OR_RETURN(TopKGate gate, TopKGate::Create(gate_options));
-      gates.push_back(std::move(gate));
-    }
-    for (TopKGate& gate : gates) {  // registered once the vector no longer moves
-      const size_t n = gate.weight().size();
-      gate_m.emplace_back(n, 0.0f);
-      gate_v.emplace_back(n, 0.0f);
-      d_gate.emplace_back(n, 0.0f);
-      ECSS_ASSIGN_OR_RETURN(uint32_t id,
-                            dense->RegisterExpert({gate.weight().data(), gate_m.back().data(),
-                                                   gate_v.back().data(), nullptr, n, 0}));
-      gate_ids.push_back(id);
-    }
+  for (size_t l = 0; l < gates.size(); ++l) {  // updated every step, as the embedding
+    ECSS_ASSIGN_OR_RETURN(
+        uint32_t id,
+        dense->RegisterExpert({gates[l].weight().data(), gate_m[l].data(), gate_v[l].data(),
+                               nullptr, gate_m[l].size(), 0, counters[1]}));
+    gate_ids.push_back(id);
   }
-
   const uint64_t act_bytes = T * d * DTypeSize(o.dtype);
   ECSS_ASSIGN_OR_RETURN(Buffer dev_in,
                         device->device_memory().Allocate(act_bytes, MemoryTag::kActivations));
