@@ -91,6 +91,7 @@ std::string FormatModelRecord(const ModelSpec& m) {
              ActivationName(m.activation), "\ndtype ", DTypeName(m.dtype), "\nvocab ", m.vocab,
              "\nseed ", m.seed, "\nbuilder ", TableBuilderName(m.builder), "\ninit_scale_bits ",
              FloatBits(m.init_scale), "\n");
+  if (m.initial_layers != 0) text += StrCat("initial_layers ", m.initial_layers, "\n");
   uint32_t first = 0;
   for (size_t d = 0; d < m.domains.size(); ++d) {
     text += StrCat("domain ", m.domains[d].experts, " ", m.DomainId(d), " ", m.InitialKey(first),
@@ -102,43 +103,40 @@ std::string FormatModelRecord(const ModelSpec& m) {
 
 StatusOr<ModelSpec> ParseModelRecord(std::string_view text) {
   ModelSpec m;
+  auto field = [&m](std::string_view key, std::string_view value) {
+    if (key == "layers") return ParseNumber(value, &m.layers);
+    if (key == "d_model") return ParseNumber(value, &m.d_model);
+    if (key == "d_ff") return ParseNumber(value, &m.d_ff);
+    if (key == "activation") return ParseNamed(value, ParseActivation, &m.activation);
+    if (key == "dtype") return ParseNamed(value, ParseDType, &m.dtype);
+    if (key == "vocab") return ParseNumber(value, &m.vocab);
+    if (key == "seed") return ParseNumber(value, &m.seed);
+    if (key == "builder") return ParseNamed(value, ParseTableBuilder, &m.builder);
+    if (key == "init_scale_bits") return ParseFloatBits(value, &m.init_scale);
+    if (key == "initial_layers") return ParseNumber(value, &m.initial_layers);  // when not 0
+    if (key != "domain") return false;
+    // EXPERTS ID KEY NAME
+    DomainSpec d;
+    uint32_t numbers[3] = {};
+    std::string_view rest = value;
+    for (uint32_t& n : numbers) {
+      const size_t split = rest.find(' ');
+      if (split == std::string_view::npos || !ParseNumber(rest.substr(0, split), &n)) {
+        return false;
+      }
+      rest.remove_prefix(split + 1);
+    }
+    d.experts = numbers[0];
+    d.id = numbers[1];
+    d.source_first_expert = numbers[2];
+    d.name = std::string(rest);
+    m.domains.push_back(std::move(d));
+    return true;
+  };
   ECSS_RETURN_IF_ERROR(ParseRecord("model", text, "domain",
                                    {"layers", "d_model", "d_ff", "activation", "dtype", "vocab",
                                     "seed", "builder", "init_scale_bits"},
-                                   [&m](std::string_view key, std::string_view value) {
-                                     if (key == "layers") return ParseNumber(value, &m.layers);
-                                     if (key == "d_model") return ParseNumber(value, &m.d_model);
-                                     if (key == "d_ff") return ParseNumber(value, &m.d_ff);
-                                     if (key == "activation")
-                                       return ParseNamed(value, ParseActivation, &m.activation);
-                                     if (key == "dtype")
-                                       return ParseNamed(value, ParseDType, &m.dtype);
-                                     if (key == "vocab") return ParseNumber(value, &m.vocab);
-                                     if (key == "seed") return ParseNumber(value, &m.seed);
-                                     if (key == "builder")
-                                       return ParseNamed(value, ParseTableBuilder, &m.builder);
-                                     if (key == "init_scale_bits")
-                                       return ParseFloatBits(value, &m.init_scale);
-                                     if (key != "domain") return false;
-                                     // EXPERTS ID KEY NAME
-                                     DomainSpec d;
-                                     uint32_t numbers[3] = {};
-                                     std::string_view rest = value;
-                                     for (uint32_t& n : numbers) {
-                                       const size_t split = rest.find(' ');
-                                       if (split == std::string_view::npos ||
-                                           !ParseNumber(rest.substr(0, split), &n)) {
-                                         return false;
-                                       }
-                                       rest.remove_prefix(split + 1);
-                                     }
-                                     d.experts = numbers[0];
-                                     d.id = numbers[1];
-                                     d.source_first_expert = numbers[2];
-                                     d.name = std::string(rest);
-                                     m.domains.push_back(std::move(d));
-                                     return true;
-                                   }));
+                                   field));
   Status valid = ValidateModel(m);
   if (!valid.ok()) return DataLossError(StrCat("model record: ", valid.message()));
   return m;
@@ -214,6 +212,9 @@ Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here) {
   if (saved.seed != here.seed) return differs("seed", saved.seed, here.seed);
   if (saved.builder != here.builder) {
     return differs("builder", TableBuilderName(saved.builder), TableBuilderName(here.builder));
+  }
+  if (saved.initial_layers != here.initial_layers) {
+    return differs("initial_layers", saved.initial_layers, here.initial_layers);
   }
   if (FloatBits(saved.init_scale) != FloatBits(here.init_scale)) {
     return differs("init_scale",
@@ -308,6 +309,7 @@ std::string InitialValuesId(const ModelSpec& m) {
   std::string id = StrCat("uniform per expert from a counter rng, seed ", m.seed, ", scale ",
                           m.init_scale > 0 ? StrCat(m.init_scale) : std::string("1/sqrt(fan-in)"),
                           ", ", DTypeName(m.dtype), " weights, zero moments");
+  if (m.initial_layers != 0) id += StrCat("; layer l drawn as layer l % ", m.initial_layers);
   // A sub-model's groups drawn as experts of the model they came from.
   uint32_t first = 0;
   for (const DomainSpec& d : m.domains) {
@@ -327,7 +329,7 @@ void DrawInitialMaster(const ModelSpec& m, uint32_t layer, uint32_t expert, floa
       m.init_scale > 0 ? m.init_scale : 1.0f / std::sqrt(static_cast<float>(m.d_ff));
   const uint64_t in_elems = uint64_t{m.d_model} * m.d_in();
   const uint64_t params = m.expert_params();
-  CounterRng rng(m.seed, (uint64_t{layer} << 32) | m.InitialKey(expert));
+  CounterRng rng(m.seed, (uint64_t{m.InitialLayer(layer)} << 32) | m.InitialKey(expert));
   for (uint64_t i = 0; i < params; ++i) {
     const float scale = i < in_elems ? in_scale : out_scale;
     master[i] = (rng.UniformFloat() * 2 - 1) * scale;

@@ -56,8 +56,8 @@ Status ValidateModel(const ModelSpec& model);
 
 // Every ModelSpec field, one "key value" line each ("domain EXPERTS ID KEY NAME" per domain,
 // in order, with its id and its initial values' key resolved; init_scale as its bit pattern,
-// so it reads back exactly). REQUIRES: model.Validate'd
-// (domain names hold no line break: Validate refuses them).
+// so it reads back exactly; initial_layers only when not 0, as records before it had none).
+// REQUIRES: model.Validate'd (domain names hold no line break: Validate refuses them).
 std::string FormatModelRecord(const ModelSpec& model);
 // The inverse, strict: DataLoss naming the line for anything FormatModelRecord does not write
 // (an unknown or repeated key, a bad number, a missing field).
@@ -86,9 +86,9 @@ Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs, const Sessi
 std::string InitialValuesId(const ModelSpec& model);
 
 // Expert (layer, expert)'s initial fp32 master weights (ModelSpec::expert_params of them),
-// from the counter-based stream of (layer, ModelSpec::InitialKey(expert)): W_in ~ U(-s, s) with s =
-// init_scale or 1/sqrt(d_model), then W_out with init_scale or 1/sqrt(d_ff). The same on every
-// platform and build.
+// from the counter-based stream of (ModelSpec::InitialLayer(layer),
+// ModelSpec::InitialKey(expert)): W_in ~ U(-s, s) with s = init_scale or 1/sqrt(d_model), then
+// W_out with init_scale or 1/sqrt(d_ff). The same on every platform and build.
 void DrawInitialMaster(const ModelSpec& model, uint32_t layer, uint32_t expert, float* master);
 
 }  // namespace ecss

@@ -47,6 +47,10 @@ Status SessionOptions::Validate() const {
                                        " domains: at most ", kMaxLayers, " layers, ", kMaxWidth,
                                        " for d_model and d_ff, ", kMaxDomains, " domains"));
   }
+  if (m.initial_layers > m.layers) {
+    return InvalidArgumentError(StrCat("model spec: initial_layers ", m.initial_layers,
+                                       " beyond its ", m.layers, " layers"));
+  }
   uint64_t layer_total = 0;
   std::set<std::string_view> names;
   std::set<uint32_t> ids;

@@ -55,6 +55,10 @@ struct ModelSpec {
   uint64_t seed = 1;  // expert initialisation and RRE tables
   TableBuilder builder = TableBuilder::kRreUniform;
   float init_scale = 0;  // weights ~ U(-s, s); 0: 1/sqrt(fan-in)
+  // The layers whose initial values the model's layers repeat: layer l's experts start as
+  // layer l % initial_layers's would (a deep model grown from a shallow one, M6's
+  // Pseudo-to-Real: ecss-extract --repeat-layers). 0: every layer its own.
+  uint32_t initial_layers = 0;
 
   // W_in's columns: d_ff, or 2 d_ff for SwiGLU (its gate and up projections side by side).
   uint32_t d_in() const { return activation == Activation::kSwiGlu ? 2 * d_ff : d_ff; }
@@ -69,6 +73,10 @@ struct ModelSpec {
   // The key of expert `expert`'s (of a sparse layer) initial values: its index, or where its
   // group has a source_first_expert, the index it had there. REQUIRES: expert < the layer's.
   uint32_t InitialKey(uint32_t expert) const;
+  // The layer whose initial values layer `layer` starts with (initial_layers).
+  uint32_t InitialLayer(uint32_t layer) const {
+    return initial_layers == 0 ? layer : layer % initial_layers;
+  }
 };
 
 // How a sparse layer's tokens choose their experts.

@@ -501,6 +501,19 @@ Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string
                             AgreedVersion(store, id, m->states));
       ExpertRecord x;
       uint32_t set = 0;
+      // An expert that still reads the storage of one saved before it (ExpertStore::Share, not
+      // written since) is saved as that one is: the same blocks, stored once.
+      const uint32_t source = store.index().Flat(store.SourceOf(id));
+      const bool shares = source < flat && known.has_value() && *known != 0 &&
+                          m->experts[source].version == *known &&
+                          std::all_of(m->states.begin(), m->states.end(), [&](ExpertState state) {
+                            return store.ReadsSourceStorage(id, state);
+                          });
+      if (shares) {
+        m->experts.push_back(m->experts[source]);
+        ++stats->experts_shared;
+        continue;
+      }
       if (known.has_value() &&
           (*known == 0 || (newest != nullptr && newest->experts[flat].version == *known))) {
         x.version = *known;
@@ -802,14 +815,31 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
       }
     }
   }
+  // Experts saved as one (the same blocks: shared storage when saved, or a deep model grown
+  // from a shallow one) share the storage of the first of them again, without a write.
+  std::map<std::pair<std::string, uint64_t>, uint32_t> restored_at;  // (holder, offset) -> flat
+  std::vector<std::pair<ExpertId, ExpertId>> shared;
   for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
-    if (m.experts[flat].version == 0) continue;  // stays unwritten
+    const ExpertRecord& x = m.experts[flat];
+    if (x.version == 0) continue;  // stays unwritten
+    const auto [first, added] = restored_at.insert({{x.holder, x.offset}, flat});
+    if (!added) {
+      const ExpertRecord& y = m.experts[first->second];
+      if (y.version != x.version || y.crcs != x.crcs) {
+        return DataLossError(StrCat("checkpoint '", reader->where(), "': experts ", first->second,
+                                    " and ", flat, " name the same blocks as different versions"));
+      }
+      shared.emplace_back(store.index().Id(flat), store.index().Id(first->second));
+      continue;
+    }
     Status restored = reader->Read(flat);
     if (restored.ok()) {
-      restored = store.WriteStates(store.index().Id(flat), m.states, reader->blocks(),
-                                   m.experts[flat].version);
+      restored = store.WriteStates(store.index().Id(flat), m.states, reader->blocks(), x.version);
     }
     if (!restored.ok()) return restored.Annotate(StrCat("restoring '", reader->where(), "'"));
+  }
+  if (!shared.empty()) {
+    ECSS_RETURN_IF_ERROR(store.Share(shared).Annotate(StrCat("restoring '", reader->where(), "'")));
   }
   return reader->blobs();
 }

@@ -25,6 +25,11 @@
 // checkpoint keeps the data newer ones refer to (reference counts are the manifests' lines),
 // so deleting an old checkpoint never breaks a newer one.
 //
+// Shared experts (ExpertStore::Share, M6's Pseudo-to-Real): an expert that still reads the
+// storage of one saved before it is recorded with that one's blocks (stored once), and a
+// restore makes every expert whose record names blocks an earlier one restored share that
+// one's storage (no write; each gets its own copy at its first update, as the store does).
+//
 // Crash consistency: the data and blobs are written and fdatasync'ed, then the manifest is
 // renamed into place and the directory synced; a crash at any point leaves every earlier
 // checkpoint loadable, and the new one either complete or absent.
@@ -82,6 +87,7 @@ struct CheckpointStats {
   uint64_t experts_copied = 0;      // written into this checkpoint's experts.bin
   uint64_t experts_referenced = 0;  // held by earlier checkpoints' data
   uint64_t experts_initial = 0;     // never written: nothing to save
+  uint64_t experts_shared = 0;      // reading an earlier expert's storage: saved as that one
   uint64_t bytes_written = 0;       // experts.bin, blobs.bin and the manifest
   uint64_t full_bytes = 0;          // what a full checkpoint of the same experts writes
 };

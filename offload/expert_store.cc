@@ -1131,55 +1131,85 @@ Status ExpertStore::CopyRegion(ExpertState state, uint32_t from, uint32_t to) {
   return Status::Ok();
 }
 
-Status ExpertStore::Share(ExpertId id, ExpertId source) {
+Status ExpertStore::Share(ExpertId id, ExpertId source) { return Share({{id, source}}); }
+
+Status ExpertStore::Share(const std::vector<std::pair<ExpertId, ExpertId>>& pairs) {
   std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
-  for (ExpertId e : {id, source}) {
-    if (!index_.Contains(e)) {
-      return InvalidArgumentError(
-          StrCat("expert store: no layer ", e.layer, " expert ", e.expert, " to share"));
+  // Each pair checked against the sharing the pairs before it make; nothing is shared unless
+  // every pair may be.
+  std::vector<uint32_t> sources = source_;
+  std::vector<uint32_t> is_source(index_.size(), 0);  // experts others read
+  for (uint32_t flat = 0; flat < sources.size(); ++flat) {
+    if (sources[flat] != flat) ++is_source[sources[flat]];
+  }
+  for (const auto& [id, source] : pairs) {
+    for (ExpertId e : {id, source}) {
+      if (!index_.Contains(e)) {
+        return InvalidArgumentError(
+            StrCat("expert store: no layer ", e.layer, " expert ", e.expert, " to share"));
+      }
     }
-  }
-  const uint32_t flat = index_.Flat(id);
-  const uint32_t from = index_.Flat(source);
-  const std::string what = StrCat("layer ", id.layer, " expert ", id.expert);
-  if (from == flat) return InvalidArgumentError(StrCat(what, " cannot share its own storage"));
-  if (source_[flat] != flat) {
-    return FailedPreconditionError(StrCat(what, " already shares another expert's storage"));
-  }
-  if (source_[from] != from) {
-    return FailedPreconditionError(StrCat("layer ", source.layer, " expert ", source.expert,
-                                          " shares another expert's storage: share that one's"));
-  }
-  if (std::count(source_.begin(), source_.end(), flat) > 1) {
-    return FailedPreconditionError(StrCat(what, " is another expert's source"));
-  }
-  for (ExpertState state : kStates) {
-    if (!HasState(state) || placement(state) != Tier::kNvme) continue;
-    Files& files = files_[Index(state)];
-    std::lock_guard<std::mutex> read(files.read_mutex);
-    ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(flat));
-    if (written) {
-      return FailedPreconditionError(
-          StrCat(what, " already wrote its ", ExpertStateName(state), ": it has its own storage"));
+    const uint32_t flat = index_.Flat(id);
+    const uint32_t from = index_.Flat(source);
+    const std::string what = StrCat("layer ", id.layer, " expert ", id.expert);
+    if (from == flat) return InvalidArgumentError(StrCat(what, " cannot share its own storage"));
+    if (sources[flat] != flat) {
+      return FailedPreconditionError(StrCat(what, " already shares another expert's storage"));
     }
+    if (sources[from] != from) {
+      return FailedPreconditionError(StrCat("layer ", source.layer, " expert ", source.expert,
+                                            " shares another expert's storage: share that one's"));
+    }
+    if (is_source[flat] > 0) {
+      return FailedPreconditionError(StrCat(what, " is another expert's source"));
+    }
+    for (ExpertState state : kStates) {
+      if (!HasState(state) || placement(state) != Tier::kNvme) continue;
+      Files& files = files_[Index(state)];
+      std::lock_guard<std::mutex> read(files.read_mutex);
+      ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(flat));
+      if (written) {
+        return FailedPreconditionError(StrCat(what, " already wrote its ", ExpertStateName(state),
+                                              ": it has its own storage"));
+      }
+    }
+    sources[flat] = from;
+    ++is_source[from];
   }
-  const uint32_t before = source_[flat];
-  source_[flat] = from;
+  std::swap(source_, sources);
   Status recorded = options_.dirs.empty() ? Status::Ok() : WriteManifest(/*closed=*/false);
   if (!recorded.ok()) {
-    source_[flat] = before;
+    std::swap(source_, sources);
     return recorded;
   }
-  for (ExpertState state : kStates) {
-    if (!HasState(state)) continue;
-    if (placement(state) == Tier::kNvme) {
-      files_[Index(state)].unwritten_dependents[from].push_back(flat);
-    } else {
-      ECSS_RETURN_IF_ERROR(CopyRegion(state, from, flat));
+  for (const auto& [id, source] : pairs) {
+    const uint32_t flat = index_.Flat(id);
+    const uint32_t from = index_.Flat(source);
+    for (ExpertState state : kStates) {
+      if (!HasState(state)) continue;
+      if (placement(state) == Tier::kNvme) {
+        files_[Index(state)].unwritten_dependents[from].push_back(flat);
+      } else {
+        ECSS_RETURN_IF_ERROR(CopyRegion(state, from, flat));
+      }
     }
   }
   return Status::Ok();
+}
+
+bool ExpertStore::ReadsSourceStorage(ExpertId id, ExpertState state) {
+  std::shared_lock<std::shared_mutex> open(lifecycle_);
+  if (closed_ || !index_.Contains(id) || !HasState(state) || placement(state) != Tier::kNvme) {
+    return false;
+  }
+  const uint32_t flat = index_.Flat(id);
+  if (source_[flat] == flat) return false;
+  Files& files = files_[Index(state)];
+  std::lock_guard<std::mutex> write(files.write_mutex);
+  auto it = files.unwritten_dependents.find(source_[flat]);
+  return it != files.unwritten_dependents.end() &&
+         std::find(it->second.begin(), it->second.end(), flat) != it->second.end();
 }
 
 ExpertId ExpertStore::SourceOf(ExpertId id) const {

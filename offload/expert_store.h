@@ -80,6 +80,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "offload/expert_index.h"
@@ -195,6 +196,13 @@ class ExpertStore {
   // some expert's source, or `source` shares another's; InvalidArgument for an unknown expert
   // or id == source. The manifest is rewritten before it returns.
   Status Share(ExpertId id, ExpertId source);
+  // Each (id, source) pair as Share(id, source) would, in order, with one manifest write for
+  // them all (a deep model grown from a shallow one shares thousands); nothing is shared when
+  // a pair is refused (Share's errors, naming it).
+  Status Share(const std::vector<std::pair<ExpertId, ExpertId>>& pairs);
+  // Whether `id` still reads its source's storage of nvme state `state` (it has no copy of its
+  // own yet): a checkpoint then stores the two once.
+  bool ReadsSourceStorage(ExpertId id, ExpertState state);
   // The expert whose storage `id` reads until it writes its own (itself when none). Not
   // concurrently with Share.
   ExpertId SourceOf(ExpertId id) const;

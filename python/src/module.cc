@@ -103,6 +103,7 @@ void BindOptions(py::module_& m) {
       .def_readwrite("vocab", &ModelSpec::vocab)
       .def_readwrite("seed", &ModelSpec::seed)
       .def_readwrite("init_scale", &ModelSpec::init_scale)
+      .def_readwrite("initial_layers", &ModelSpec::initial_layers)
       .def_property_readonly("expert_params", &ModelSpec::expert_params);
   ListField(model, "domains", &ModelSpec::domains);
   EnumField(model, "activation", &ModelSpec::activation, ActivationName, ParseActivation);

@@ -160,6 +160,27 @@ TEST(CheckpointRecordTest, InitialMastersAreAFunctionOfTheExpert) {
   EXPECT_EQ(moved, there);
   EXPECT_NE(InitialValuesId(m), InitialValuesId(plain));
   for (float x : a) EXPECT_LE(std::abs(x), 0.1f);
+  // A model grown from a shallow one (initial_layers) repeats the shallow one's layers.
+  ModelSpec deep = m;
+  deep.layers = 6;
+  deep.initial_layers = 2;
+  std::vector<float> shallow(m.expert_params()), repeated(m.expert_params());
+  DrawInitialMaster(m, 1, 4, shallow.data());
+  DrawInitialMaster(deep, 5, 4, repeated.data());  // layer 5 draws as layer 1
+  EXPECT_EQ(shallow, repeated);
+  DrawInitialMaster(deep, 4, 4, repeated.data());
+  EXPECT_NE(shallow, repeated);
+  EXPECT_NE(InitialValuesId(deep), InitialValuesId(m));
+  auto parsed = ParseModelRecord(FormatModelRecord(deep));
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->initial_layers, 2u);
+  ModelSpec repeats_another = deep;
+  repeats_another.initial_layers = 3;
+  Status differs = CheckSameModel(repeats_another, deep);
+  EXPECT_EQ(differs.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(differs.message().find("initial_layers"), std::string::npos) << differs;
+  deep.initial_layers = 7;  // beyond its layers
+  EXPECT_EQ(ParseModelRecord(FormatModelRecord(deep)).status().code(), StatusCode::kDataLoss);
 }
 
 }  // namespace

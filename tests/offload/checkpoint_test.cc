@@ -195,6 +195,65 @@ TEST_F(CheckpointTest, AnIncrementalCheckpointWritesOnlyTheExpertsThatChanged) {
   EXPECT_EQ(DeleteCheckpoint(ckpt(), "b").code(), StatusCode::kNotFound);
 }
 
+// M6's Pseudo-to-Real: layer 1's experts share layer 0's storage (no copies). A checkpoint
+// stores each shared pair once, a restore shares them again without writing them, and the first
+// write of either side of a pair leaves the other as it was.
+TEST_F(CheckpointTest, SharedExpertsAreSavedOnceAndRestoredShared) {
+  for (uint32_t e = 0; e < 10; ++e) Update(e, 3);
+  std::vector<std::pair<ExpertId, ExpertId>> pairs;
+  for (uint32_t e = 0; e < 10; ++e) pairs.emplace_back(ExpertId{1, e}, ExpertId{0, e});
+  ASSERT_TRUE(store_->Share(pairs).ok());
+  EXPECT_EQ(store_->Share(pairs).code(), StatusCode::kFailedPrecondition) << "shares already";
+  CheckpointOptions nvme_states;  // master and moments, as a session saves them
+  nvme_states.states = {ExpertState::kMaster, ExpertState::kMoments};
+  auto saved = SaveCheckpoint(*store_, ckpt(), "deep", nvme_states);
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(saved->experts_copied, 10u);
+  EXPECT_EQ(saved->experts_shared, 10u);
+
+  std::filesystem::create_directories(root_ + "/other");
+  ExpertStoreOptions other = options_;
+  other.dirs = {root_ + "/other"};
+  auto store = std::move(ExpertStore::Create(*sim_, other)).value();
+  const uint64_t written_before = store->io_bytes().written;
+  ASSERT_TRUE(RestoreCheckpoint(ckpt(), "deep", *store).ok());
+  // Layer 0's ten experts: a master and moments block and a slot header each per state.
+  const uint64_t one_expert =
+      store->BlockBytes(ExpertState::kMaster) + store->BlockBytes(ExpertState::kMoments) + 2 * 4096;
+  EXPECT_LE(store->io_bytes().written - written_before, 10 * one_expert) << "no write for layer 1";
+  auto read = [&](ExpertState state, ExpertId id) {
+    std::vector<uint8_t> got(store->StateBytes(state));
+    EXPECT_TRUE(store->Read(state, id, got.data()).ok());
+    return got;
+  };
+  for (uint32_t e = 0; e < 10; ++e) {
+    EXPECT_TRUE(store->ReadsSourceStorage({1, e}, ExpertState::kMaster)) << e;
+    EXPECT_EQ(store->SourceOf({1, e}), (ExpertId{0, e}));
+    EXPECT_EQ(read(ExpertState::kMaster, {1, e}), Pattern(*store, ExpertState::kMaster, e, 3));
+  }
+  // Delinked by its own first update: layer 1's expert 4 moves on, layer 0's stays.
+  for (ExpertState state : nvme_states.states) {
+    std::vector<uint8_t> bytes = Pattern(*store, state, 14, 4);
+    ASSERT_TRUE(store->Write(state, {1, 4}, bytes.data(), 4).ok());
+  }
+  EXPECT_FALSE(store->ReadsSourceStorage({1, 4}, ExpertState::kMaster));
+  EXPECT_EQ(read(ExpertState::kMaster, {1, 4}), Pattern(*store, ExpertState::kMaster, 14, 4));
+  EXPECT_EQ(read(ExpertState::kMaster, {0, 4}), Pattern(*store, ExpertState::kMaster, 4, 3));
+  // Delinked by its source's update: layer 0's expert 5 moves on, layer 1's copy stays.
+  for (ExpertState state : nvme_states.states) {
+    std::vector<uint8_t> bytes = Pattern(*store, state, 5, 4);
+    ASSERT_TRUE(store->Write(state, {0, 5}, bytes.data(), 4).ok());
+  }
+  EXPECT_EQ(read(ExpertState::kMaster, {1, 5}), Pattern(*store, ExpertState::kMaster, 5, 3));
+  EXPECT_EQ(read(ExpertState::kMoments, {1, 5}), Pattern(*store, ExpertState::kMoments, 5, 3));
+  // Saved again: the two delinked pairs are four experts of their own, the other eight pairs
+  // stored once each.
+  auto again = SaveCheckpoint(*store, ckpt(), "delinked", nvme_states);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->experts_shared, 8u);
+  EXPECT_EQ(again->experts_copied, 12u);
+}
+
 // A chain of incremental checkpoints never refers to more than max_chain others: the next one
 // is full; `full` forces one.
 TEST_F(CheckpointTest, TheChainIsBounded) {
