@@ -185,6 +185,9 @@ StatusOr<SessionRecord> ParseSessionRecord(std::string_view text) {
         r.held.push_back(id);
         return true;
       }));
+  if (r.steps > (uint64_t{1} << 62)) {  // far beyond any run; StepStats::step must not wrap
+    return DataLossError(StrCat("session record: ", r.steps, " steps"));
+  }
   if (!(r.held_loss_scale > 0) || !std::isfinite(r.held_loss_scale)) {
     return DataLossError(StrCat("session record: held loss scale ", r.held_loss_scale));
   }
@@ -254,6 +257,13 @@ StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint) {
 
 Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
                            const SessionOptions& options) {
+  for (const CheckpointBlob& blob : blobs) {
+    if (blob.name.rfind(kSessionBlobPrefix, 0) == 0 && blob.name != kOptimizerBlob &&
+        blob.name != kModelBlob && blob.name != kSessionBlob && blob.name != kHeldGradientsBlob) {
+      return FailedPreconditionError(StrCat("the checkpoint holds a session record '", blob.name,
+                                            "' this build does not know (a newer build's?)"));
+    }
+  }
   const CheckpointBlob* kind = FindBlob(blobs, kOptimizerBlob);
   if (kind != nullptr && kind->bytes != OptimizerKindName(options.optimizer.kind)) {
     return FailedPreconditionError(StrCat("the checkpoint's moments are ", kind->bytes,

@@ -85,23 +85,10 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) 
   o.initial_id = InitialValuesId(options_.model);
   o.pinned_budget_bytes = pinned_bytes;
   o.host_budget_bytes = options_.budgets.host_bytes;
-  if (options_.placement.overwrite) {
-    ECSS_RETURN_IF_ERROR(ExpertStore::Remove(o).Annotate("placement.overwrite"));
-  }
-  auto made =
-      options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
-  if (made.status().code() == StatusCode::kAlreadyExists) {
-    return made.status().Annotate(
-        options_.placement.resume_from.empty()
-            ? "to train on from it, set placement.resume; to replace it, placement.overwrite"
-            : "resume_from restores into a new store: remove it, or set placement.overwrite");
-  }
-  ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
-  if (options_.placement.resume_from.empty()) return Status::Ok();
-  // On failure Create removes the store. The session's records are checked before anything
-  // is restored: a checkpoint of another model or optimizer writes nothing.
+  // resume_from: the checkpoint's records are checked before anything is made or removed (a
+  // checkpoint that does not exist, or of another model or optimizer, changes nothing).
   const auto [root, name] = SplitCheckpointPath(options_.placement.resume_from);
-  {
+  if (!options_.placement.resume_from.empty()) {
     StatusOr<std::unique_ptr<CheckpointReader>> reader =
         CheckpointReader::Open(root, name, options_.placement.io_engines);
     if (!reader.ok()) return reader.status().Annotate("placement.resume_from");
@@ -118,6 +105,20 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) 
       }
     }
   }
+  if (options_.placement.overwrite) {
+    ECSS_RETURN_IF_ERROR(ExpertStore::Remove(o).Annotate("placement.overwrite"));
+  }
+  auto made =
+      options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
+  if (made.status().code() == StatusCode::kAlreadyExists) {
+    return made.status().Annotate(
+        options_.placement.resume_from.empty()
+            ? "to train on from it, set placement.resume; to replace it, placement.overwrite"
+            : "resume_from restores into a new store: remove it, or set placement.overwrite");
+  }
+  ECSS_ASSIGN_OR_RETURN(store_, std::move(made));
+  if (options_.placement.resume_from.empty()) return Status::Ok();
+  // On failure Create removes the store.
   StatusOr<std::vector<CheckpointBlob>> restored =
       RestoreCheckpoint(root, name, *store_, options_.placement.io_engines);
   if (!restored.ok()) return restored.status().Annotate("placement.resume_from");

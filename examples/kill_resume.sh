@@ -4,7 +4,7 @@
 # (its checks pass: model, session records, every block's CRC) and the run resumed from it must
 # end as the uninterrupted run does: every step it prints has the straight run's loss for that
 # step, and the last loss is equal in all its digits. A kill before the first checkpoint finds
-# none (NOT_FOUND) and the run starts over in the same directory.
+# none, and --resume starts the run over in the same directory.
 # Usage: kill_resume.sh TRAIN_MOE_LM SCRATCH_DIR [ROUNDS]
 set -euo pipefail
 program=$(realpath "$1")
@@ -54,16 +54,15 @@ for round in $(seq 1 "$rounds"); do
   if kill -KILL "$pid" 2>/dev/null; then landed=$((landed + 1)); fi
   wait "$pid" 2>/dev/null || true
   pid=
-  if run --checkpoint-dir "$dir" --resume > "resumed-$round.txt" 2>&1; then
-    from=$(sed -n 's/^resuming from .*step-\([0-9]*\)$/\1/p' "resumed-$round.txt")
-    [ -n "$from" ] || fail "round $round: resumed from what? $(head -3 "resumed-$round.txt")"
+  run --checkpoint-dir "$dir" --resume > "resumed-$round.txt" 2>&1 ||
+    fail "round $round: the resume failed: $(tail -3 "resumed-$round.txt")"
+  from=$(sed -n 's/^resuming from .*step-\([0-9]*\)$/\1/p' "resumed-$round.txt")
+  if [ -n "$from" ]; then
     from_checkpoint=$((from_checkpoint + 1))
   else
-    grep -q "NOT_FOUND: no checkpoint" "resumed-$round.txt" ||
-      fail "round $round: the resume failed: $(tail -3 "resumed-$round.txt")"
+    grep -q "^no checkpoint in $dir yet" "resumed-$round.txt" ||
+      fail "round $round: resumed from what? $(head -3 "resumed-$round.txt")"
     from=0
-    run --checkpoint-dir "$dir" > "resumed-$round.txt" 2>&1 ||
-      fail "round $round: starting over failed: $(tail -3 "resumed-$round.txt")"
   fi
   losses "resumed-$round.txt" > resumed.losses
   [ "$(wc -l < resumed.losses)" -eq $((steps - from)) ] ||

@@ -69,7 +69,8 @@ constexpr const char* kUsage =
     "  --print-every N   steps between progress lines (default 20)\n"
     "  --checkpoint-dir DIR  checkpoints DIR/step-N (with the gates' state: --routing gate)\n"
     "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
-    "  --resume          continue from the newest checkpoint in --checkpoint-dir\n"
+    "  --resume          continue from the newest checkpoint in --checkpoint-dir (none\n"
+    "                    yet: start at step 0)\n"
     "                    (with --checkpoint-dir, SIGTERM or Ctrl-C saves one at the end of\n"
     "                    the step and exits; a second one ends it at once)\n"
     "  --help            this text\n";
@@ -279,9 +280,16 @@ Status Train(const Options& o) {
     // SIGTERM (a scheduler's notice) or Ctrl-C: a checkpoint at the next step's end, then exit.
     ECSS_RETURN_IF_ERROR(StopRequest::Install({SIGTERM, SIGINT}));
     if (o.resume) {
-      ECSS_ASSIGN_OR_RETURN(const std::string newest, LatestCheckpoint(o.checkpoint_dir));
-      session_options.placement.resume_from = StrCat(o.checkpoint_dir, "/", newest);
-      std::printf("resuming from %s\n", session_options.placement.resume_from.c_str());
+      StatusOr<std::string> newest = LatestCheckpoint(o.checkpoint_dir);
+      if (newest.ok()) {
+        session_options.placement.resume_from = StrCat(o.checkpoint_dir, "/", *newest);
+        std::printf("resuming from %s\n", session_options.placement.resume_from.c_str());
+      } else if (newest.status().code() == StatusCode::kNotFound) {
+        // A run stopped before its first checkpoint: a requeued job starts it again.
+        std::printf("no checkpoint in %s yet: starting at step 0\n", o.checkpoint_dir.c_str());
+      } else {
+        return newest.status();
+      }
     }
   }
   const uint64_t experts = uint64_t{o.layers} * corpus.size() * o.experts;
@@ -361,7 +369,7 @@ Status Train(const Options& o) {
     Pack(losses, &blobs[1].bytes);
     return blobs;
   };
-  if (o.resume) {
+  if (!session_options.placement.resume_from.empty()) {
     const std::vector<CheckpointBlob>& blobs = session->loop_state();
     if (blobs.size() != 3 || blobs[0].name != "dense" || blobs[1].name != "loop" ||
         blobs[2].name != "routing") {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -520,6 +521,13 @@ Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string
       } else {
         ECSS_ASSIGN_OR_RETURN(set, writer.NextSet());
         ECSS_RETURN_IF_ERROR(store.ReadStates(id, m->states, blocks->blocks(set), &x.version));
+        // The blocks' padding zeroed, not whatever the set held before: equal stores save
+        // equal files.
+        for (size_t s = 0; s < m->states.size(); ++s) {
+          const uint64_t used = store.StateBytes(m->states[s]);
+          std::memset(static_cast<char*>(blocks->blocks(set)[s]) + used, 0,
+                      store.BlockBytes(m->states[s]) - used);
+        }
       }
       stats->full_bytes += x.version == 0 ? 0 : blocks->set_bytes();
       if (x.version == 0) {

@@ -567,10 +567,27 @@ Status ExpertStore::WriteManifest(bool closed) {
       .Annotate("writing the expert store manifest");
 }
 
+// A store's manifest lives in its first directory: one in any other of `options.dirs` is
+// another store's (striped over these directories in another order, or over fewer), whose
+// files this store would mix with its own. AlreadyExists naming it.
+Status ExpertStore::CheckNoOtherManifest(const ExpertStoreOptions& options) {
+  std::error_code error;
+  for (size_t i = 1; i < options.dirs.size(); ++i) {
+    const std::string path = StrCat(options.dirs[i], "/", kManifestName);
+    if (std::filesystem::exists(path, error)) {
+      return AlreadyExistsError(StrCat("'", options.dirs[i],
+                                       "' holds another expert store (its first directory): "
+                                       "open that store, or remove it"));
+    }
+  }
+  return Status::Ok();
+}
+
 StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
                                                            const ExpertStoreOptions& options) {
   ECSS_RETURN_IF_ERROR(CheckOptions(backend, options));
   ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
+  ECSS_RETURN_IF_ERROR(CheckNoOtherManifest(options));
   std::error_code error;
   if (!options.dirs.empty() && std::filesystem::exists(ManifestPath(options), error)) {
     return AlreadyExistsError(
@@ -775,6 +792,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Open(Backend& backend,
 Status ExpertStore::Remove(const ExpertStoreOptions& options) {
   if (options.dirs.empty()) return Status::Ok();
   ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
+  ECSS_RETURN_IF_ERROR(CheckNoOtherManifest(options));
   std::error_code error;
   std::filesystem::remove(ManifestPath(options), error);  // first: the rest is no store then
   ECSS_RETURN_IF_ERROR(SyncDirectory(options.dirs[0]));

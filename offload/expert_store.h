@@ -31,7 +31,8 @@
 // lock each directory (DIR/ecss-store.lock, FileLock) until Close, so a second store object on any
 // of them, in this process or another, fails with FailedPrecondition naming the holder's pid; a
 // crashed owner's lock is gone with it. Create also refuses a directory that holds another store's
-// state files (AlreadyExists naming one). Close moves to the next generation too, so a copy of a
+// state files or manifest (AlreadyExists naming it: a store striped over the same directories in
+// another order). Close moves to the next generation too, so a copy of a
 // file taken while the store was open is refused at the next Open; a copy taken since the last
 // Open, put back after a crash, is not detected. Create refuses a directory that already holds a
 // store (AlreadyExists) and budgets that cannot hold the placement (ResourceExhausted naming the
@@ -150,8 +151,11 @@ class ExpertStore {
   // store held optimizer states (ecss-states-*.bin): they are not migrated.
   static StatusOr<std::unique_ptr<ExpertStore>> Open(Backend& backend,
                                                      const ExpertStoreOptions& options);
-  // Removes the store in options.dirs (its manifest and files), as a user would: for one a
-  // failed start made. FailedPrecondition naming the holder while another owner has it open.
+  // Removes the store in options.dirs (its manifest and the files this store's options name),
+  // as a user would: for one a failed start made, or one a session replaces.
+  // FailedPrecondition naming the holder while another owner has it open; AlreadyExists when
+  // another of the directories holds a store's manifest (one striped in another order:
+  // remove that one by its own options).
   static Status Remove(const ExpertStoreOptions& options);
   // Closes the store if Close was not called (logging an error Close returns).
   ~ExpertStore();
@@ -270,6 +274,7 @@ class ExpertStore {
       : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
+  static Status CheckNoOtherManifest(const ExpertStoreOptions& options);
   static Status CheckMadeFor(const ExpertStoreOptions& made, const ExpertStoreOptions& options,
                              bool closed);
   static StateFileOptions FileOptions(const ExpertStoreOptions& options, ExpertState state);

@@ -92,6 +92,9 @@ TEST(CheckpointRecordTest, TheSessionRecordReadsBackExactlyAndStrictly) {
   SessionRecord unscaled = r;
   unscaled.held_loss_scale = 0;
   damaged.push_back(FormatSessionRecord(unscaled));
+  SessionRecord endless = r;
+  endless.steps = UINT64_MAX;
+  damaged.push_back(FormatSessionRecord(endless));
   for (const std::string& text : damaged) {
     EXPECT_EQ(ParseSessionRecord(text).status().code(), StatusCode::kDataLoss) << text;
   }
@@ -119,6 +122,11 @@ TEST(CheckpointRecordTest, TheSessionRecordReadsBackExactlyAndStrictly) {
   EXPECT_EQ(CheckSessionRecords(blobs(bad_lr, bytes), options).code(), StatusCode::kDataLoss);
   EXPECT_EQ(CheckSessionRecords({{"ecss.held_gradients", "x"}}, options).code(),
             StatusCode::kDataLoss);
+  std::vector<CheckpointBlob> newer = blobs(r, bytes);
+  newer.push_back({"ecss.rng", "x"});  // a record a later build might add
+  Status unknown = CheckSessionRecords(newer, options);
+  EXPECT_EQ(unknown.code(), StatusCode::kFailedPrecondition) << unknown;
+  EXPECT_NE(unknown.message().find("ecss.rng"), std::string::npos) << unknown;
   options.delayed_update = false;
   EXPECT_EQ(CheckSessionRecords(blobs(r, bytes), options).code(), StatusCode::kFailedPrecondition);
 }

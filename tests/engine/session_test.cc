@@ -638,6 +638,17 @@ TEST(SessionTest, AnEarlierRunsStoreIsReplacedOnlyWhenAsked) {
   SessionOptions both = overwrite;
   both.placement.resume = true;
   EXPECT_EQ(Session::Create(**sim, both).status().code(), StatusCode::kInvalidArgument);
+  // A resume_from that fails its checks (none there) removes nothing.
+  SessionOptions from_nothing = overwrite;
+  from_nothing.placement.resume_from = StrCat(dir, "/no-checkpoints/none");
+  EXPECT_EQ(Session::Create(**sim, from_nothing).status().code(), StatusCode::kNotFound);
+  {
+    RunConfig reopened = c;
+    reopened.resume = true;
+    auto kept = Session::Create(**sim, OptionsFor(reopened));
+    ASSERT_TRUE(kept.ok()) << kept.status();
+    ExpectBitIdentical(masters_of(**kept), trained);
+  }
   {
     auto fresh = Session::Create(**sim, overwrite);
     ASSERT_TRUE(fresh.ok()) << fresh.status();
@@ -1148,7 +1159,6 @@ struct Driven {
     return session->EndStep().status();
   }
 };
-
 
 // A refused BeginStep (a bad loss scale; a bad token in micro-batch 1 after micro-batch 0 was
 // routed) enqueues nothing, so it frees nothing that a queued copy still reads or writes:

@@ -157,6 +157,27 @@ TEST_F(CheckpointTest, AFullCheckpointRestoresEveryExpertIntoAnotherPlacement) {
   EXPECT_TRUE(Contains(twice, "needs a new store")) << twice;
 }
 
+// A block's bytes past its state (4 KiB alignment) are zeros, not what the buffers held before:
+// equal stores save equal files.
+TEST_F(CheckpointTest, ABlocksPaddingIsZeros) {
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", {}).ok());
+  std::ifstream in(ckpt() + "/a/experts.bin", std::ios::binary);
+  const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t set_bytes = 0;
+  for (ExpertState state : kSaved) set_bytes += store_->BlockBytes(state);
+  ASSERT_EQ(data.size(), kExperts * set_bytes);
+  for (uint64_t set = 0; set < kExperts; ++set) {
+    uint64_t at = set * set_bytes;
+    for (ExpertState state : kSaved) {
+      for (uint64_t i = store_->StateBytes(state); i < store_->BlockBytes(state); ++i) {
+        ASSERT_EQ(data[at + i], 0) << "expert " << set << " " << ExpertStateName(state);
+      }
+      at += store_->BlockBytes(state);
+    }
+  }
+}
+
 // RRE updates a step's routed experts only: an incremental checkpoint after 10% of them changed
 // writes about 10% of a full one, and deleting the older checkpoint keeps what it refers to.
 TEST_F(CheckpointTest, AnIncrementalCheckpointWritesOnlyTheExpertsThatChanged) {

@@ -1092,6 +1092,14 @@ TEST_F(ExpertStoreTest, AStoreNeverSharesAStripedDirectoryWithAnother) {
   Status exists = Make(true, other).status();
   EXPECT_EQ(exists.code(), StatusCode::kAlreadyExists) << exists;
   EXPECT_TRUE(Contains(exists, root_ + "/b/ecss-store-")) << exists;
+  // The same directories in the other order: the manifest in the second one is the first
+  // store's, whose files the new one would mix with its own (neither created nor removed).
+  ExpertStoreOptions reversed = options_;
+  std::reverse(reversed.dirs.begin(), reversed.dirs.end());
+  Status swapped = Make(true, reversed).status();
+  EXPECT_EQ(swapped.code(), StatusCode::kAlreadyExists) << swapped;
+  EXPECT_TRUE(Contains(swapped, "another expert store")) << swapped;
+  EXPECT_EQ(ExpertStore::Remove(reversed).code(), StatusCode::kAlreadyExists);
   auto reopened = Make(false, options_);
   ASSERT_TRUE(reopened.ok()) << reopened.status();
   ExpectAll(**reopened, 1);

@@ -23,6 +23,7 @@
 #include "engine/checkpoint_record.h"
 #include "engine/plan_inputs.h"
 #include "runtime/base/dtype.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/engine/reference_trainer.h"
@@ -355,14 +356,15 @@ TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
   refused(weights_only.out, StatusCode::kFailedPrecondition, "optimizer state");
   auto header = ReadSafetensorsHeader(o.out);
   ASSERT_TRUE(header.ok());
-  // A copy of the file with byte `at` of a tensor's data changed.
-  auto damaged = [&](const std::string& tensor, const std::string& copy, uint64_t at = 1) {
+  // A copy of the file with `bytes` written at byte `at` of a tensor's data.
+  auto damaged = [&](const std::string& tensor, const std::string& copy, uint64_t at = 1,
+                     const std::string& bytes = "\xda") {
     std::filesystem::copy_file(o.out, copy);
     for (const SafetensorsTensor& t : header->tensors) {
       if (t.name != tensor) continue;
       std::fstream f(copy, std::ios::in | std::ios::out | std::ios::binary);
       f.seekp(static_cast<std::streamoff>(header->data_start + t.begin + at));
-      f.put('\xda');
+      f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     }
     return copy;
   };
@@ -381,6 +383,22 @@ TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
           "layers.1.routing");
   refused(damaged("layers.0.updates", StrCat(dir_, "/updates"), 7), StatusCode::kDataLoss,
           "layers.0.updates");  // a negative count
+  // Values no training produces: a NaN weight, a negative second moment.
+  const std::string updated_name =
+      StrCat("layers.", updated->layer, ".experts.", updated->expert, ".w_out");
+  refused(damaged(updated_name, StrCat(dir_, "/nan"), 0, std::string(4, '\xff')),
+          StatusCode::kDataLoss, updated_name);
+  refused(damaged(updated_name + ".exp_avg_sq", StrCat(dir_, "/negative"), 3, "\xbf"),
+          StatusCode::kDataLoss, updated_name + ".exp_avg_sq");
+  {  // The metadata's domains swapped (the same length, so the header stays well formed).
+    std::ifstream in(o.out, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t at = bytes.find("c\\ndocs");
+    ASSERT_NE(at, std::string::npos);
+    bytes.replace(at, 7, "docs\\nc");
+    std::ofstream(StrCat(dir_, "/swapped"), std::ios::binary) << bytes;
+  }
+  refused(StrCat(dir_, "/swapped"), StatusCode::kDataLoss, "domains");
   std::filesystem::copy_file(o.out, StrCat(dir_, "/short"));
   std::filesystem::resize_file(StrCat(dir_, "/short"), std::filesystem::file_size(o.out) - 1);
   refused(StrCat(dir_, "/short"), StatusCode::kDataLoss, "short");
@@ -398,6 +416,26 @@ TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
                         StrCat(dir_, "/edited"));
   edited.out = StrCat(dir_, "/edited-import/sub");
   EXPECT_TRUE(ImportSafetensors(edited).ok());
+
+  // A killed run's leftovers, its save's data without a manifest and its scratch store, are
+  // taken by the next run writing that name; a live writer of the name is refused.
+  ImportOptions again = import;
+  again.out = StrCat(dir_, "/cut/sub");
+  std::filesystem::create_directories(again.out);
+  std::ofstream(again.out + "/experts.bin") << "cut short";
+  const std::string scratch = StrCat(dir_, "/cut/.sub.extract-999999");
+  std::filesystem::create_directories(scratch);
+  auto resumed = ImportSafetensors(again);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  EXPECT_FALSE(std::filesystem::exists(scratch));
+  {
+    auto writer = FileLock::Acquire(StrCat(dir_, "/cut/.sub.extract.lock"), "another writer");
+    ASSERT_TRUE(writer.ok());
+    again.overwrite = true;
+    Status busy = ImportSafetensors(again).status();
+    EXPECT_EQ(busy.code(), StatusCode::kFailedPrecondition) << busy;
+    EXPECT_NE(busy.message().find(std::to_string(getpid())), std::string::npos) << busy;
+  }
 }
 
 // Surgery: a domain added as a copy of another. Every old domain computes bit for bit as

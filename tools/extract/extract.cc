@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -228,6 +230,10 @@ Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& op
             }
           }
         }
+        if (version > static_cast<uint64_t>(INT64_MAX)) {
+          return OutOfRangeError(StrCat("layer ", l, " expert ", plan.old_first[k] + e, ": ",
+                                        version, " updates do not fit the file's I64 counts"));
+        }
         updates.push_back(static_cast<int64_t>(version));
         auto at = [&](const std::vector<float>& v, uint64_t offset) -> const void* {
           return reader != nullptr ? v.data() + offset : nullptr;
@@ -267,13 +273,17 @@ Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& op
   return Status::Ok();
 }
 
+// The metadata's "domains": the routing tables' rows' names, one a line.
+std::string DomainNames(const ModelSpec& model) {
+  std::string names;
+  for (const DomainSpec& d : model.domains) names += StrCat(names.empty() ? "" : "\n", d.name);
+  return names;
+}
+
 std::map<std::string, std::string> Metadata(const Plan& plan, const ExtractOptions& options) {
-  std::string domains;
-  for (const DomainSpec& d : plan.sub.domains)
-    domains += StrCat(domains.empty() ? "" : "\n", d.name);
   return {{"format", kFormat},
           {"model", FormatModelRecord(plan.sub)},
-          {"domains", domains},
+          {"domains", DomainNames(plan.sub)},
           {"source_checkpoint", options.checkpoint},
           {"optimizer", plan.optimizer}};
 }
@@ -550,6 +560,11 @@ class CheckpointBuilder {
         }
       }
     }
+    // One writer of a name at a time: a second one would take the first's scratch store for a
+    // dead run's.
+    ECSS_ASSIGN_OR_RETURN(b.name_lock_,
+                          FileLock::Acquire(StrCat(b.root_, "/.", b.name_, ".extract.lock"),
+                                            StrCat("ecss-extract writing '", out, "'")));
     const std::string target = StrCat(b.root_, "/", b.name_);
     if (std::filesystem::exists(target, error)) {
       // Only a checkpoint, and nothing else there, is ever replaced.
@@ -561,11 +576,15 @@ class CheckpointBuilder {
               StrCat("'", out, "' exists and holds more than a checkpoint ('", f, "')"));
         }
       }
-      if (!std::filesystem::exists(StrCat(target, "/checkpoint.manifest"), error)) {
+      if (std::filesystem::exists(StrCat(target, "/checkpoint.manifest"), error)) {
+        if (!overwrite) {
+          return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
+        }
+        b.replace_ = true;  // deleted by Finish, once every expert was read and checked
+      } else if (!std::filesystem::exists(StrCat(target, "/experts.bin"), error)) {
         return AlreadyExistsError(StrCat("'", out, "' exists and is not a checkpoint"));
       }
-      if (!overwrite) return AlreadyExistsError(StrCat("'", out, "' exists (--force replaces it)"));
-      b.replace_ = true;  // deleted by Finish, once every expert was read and checked
+      // Else a save cut short (a killed run's data without its manifest): the save collects it.
     }
     RemoveUnlockedLeftovers(b.root_, StrCat(".", b.name_, ".extract-"), "ecss-store.lock");
     ExpertStoreOptions o;
@@ -641,6 +660,7 @@ class CheckpointBuilder {
   const std::string root_, name_;
   const ModelSpec model_;
   const std::vector<ExpertState> states_;
+  std::unique_ptr<FileLock> name_lock_;  // ROOT/.NAME.extract.lock, while this writes NAME
   std::string scratch_;
   std::unique_ptr<SimBackend> backend_;  // the store's (it allocates nothing on it)
   std::unique_ptr<ExpertStore> store_;
@@ -889,6 +909,28 @@ class ImportedFile {
           ECSS_RETURN_IF_ERROR(
               Read(StrCat(name, ".w_out.", state), moments.data() + a * params + in_elements));
         }
+        // Values no training produces: a damaged or hand-made file.
+        auto check = [&](const float* values, uint64_t count, const std::string& tensor,
+                         bool non_negative) -> Status {
+          for (uint64_t i = 0; i < count; ++i) {
+            if (!std::isfinite(values[i]) || (non_negative && values[i] < 0)) {
+              return DataLossError(
+                  StrCat("'", path_, "': tensor '", tensor, "' holds ", values[i], " at ", i));
+            }
+          }
+          return Status::Ok();
+        };
+        ECSS_RETURN_IF_ERROR(check(master.data(), in_elements, name + ".w_in", false));
+        ECSS_RETURN_IF_ERROR(
+            check(master.data() + in_elements, params - in_elements, name + ".w_out", false));
+        for (size_t a = 0; a < plan_.moment_names.size(); ++a) {
+          const std::string& state = plan_.moment_names[a];
+          const bool squares = state == "exp_avg_sq" || state == "sum";  // sums of squares
+          const float* moment = moments.data() + a * params;
+          ECSS_RETURN_IF_ERROR(check(moment, in_elements, StrCat(name, ".w_in.", state), squares));
+          ECSS_RETURN_IF_ERROR(check(moment + in_elements, params - in_elements,
+                                     StrCat(name, ".w_out.", state), squares));
+        }
         if (updates[e] < 0) {
           return DataLossError(StrCat("'", path_, "': layers.", l, ".updates gives expert ", e, " ",
                                       updates[e], " updates"));
@@ -920,6 +962,10 @@ class ImportedFile {
     if (!kind.ok()) {
       return FailedPreconditionError(StrCat("'", path_, "' does not name its optimizer ('",
                                             meta("optimizer"), "'): its moments mean nothing"));
+    }
+    if (meta("domains") != DomainNames(*model)) {
+      return DataLossError(StrCat("'", path_, "': the metadata's domains ('", meta("domains"),
+                                  "') are not its model's"));
     }
     kind_ = *kind;
     plan_.full = plan_.sub = *model;
