@@ -438,6 +438,107 @@ TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
   }
 }
 
+// Surgery, M6's Pseudo-to-Real: the 2-layer model grown to 4 layers, layer l starting as layer
+// l % 2. The deep checkpoint stores no expert twice; a session resumes it (states on NVMe,
+// where the copies share their sources' storage) with every expert its source's; after one
+// step, an expert updated in one layer has left its copies in the other layers as they were.
+TEST_F(ExtractTest, ADeepModelGrownFromAShallowOneDelinksAtTheFirstUpdate) {
+  RepeatLayersOptions o;
+  o.checkpoint = StrCat(root_, "/step2");
+  o.times = 2;
+  o.out = StrCat(dir_, "/deep/d");
+  o.verify = true;
+  auto report = RepeatLayers(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  EXPECT_EQ(report->model.layers, 4u);
+  EXPECT_EQ(report->model.initial_layers, 2u);
+  EXPECT_EQ(report->experts, 28u);
+  EXPECT_EQ(std::filesystem::file_size(StrCat(dir_, "/deep/d/experts.bin")),
+            std::filesystem::file_size(StrCat(root_, "/step2/experts.bin")))
+      << "the copies are stored once, with their sources";
+  EXPECT_EQ(
+      RepeatLayers({o.checkpoint, 1, StrCat(dir_, "/deep/one"), false, false}).status().code(),
+      StatusCode::kInvalidArgument);
+
+  RunConfig c;
+  c.dtype = DType::kBF16;
+  c.nvme_dir = StrCat(dir_, "/deep-store");
+  std::filesystem::create_directories(c.nvme_dir);
+  SessionOptions options = engine_test::OptionsFor(c);
+  options.model = report->model;
+  options.placement.resume_from = o.out;
+  auto sim = SimBackend::Create({});
+  ASSERT_TRUE(sim.ok());
+  auto made = Session::Create(**sim, options);
+  ASSERT_TRUE(made.ok()) << made.status();
+  Session& session = **made;
+  auto masters = [&] {
+    std::map<std::pair<uint32_t, uint32_t>, std::vector<float>> all;
+    for (uint32_t l = 0; l < 4; ++l) {
+      for (uint32_t e = 0; e < 7; ++e) all[{l, e}] = *session.MasterWeights(LayerIndex(l), e);
+    }
+    return all;
+  };
+  const auto before = masters();
+  for (const auto& [id, master] : before) {
+    EXPECT_EQ(master, masters_.at({id.first % 2, id.second})) << id.first << " " << id.second;
+  }
+  // One training step of one python token that layers 0 and 2 send to different experts.
+  auto router = RouterOf(report->model);
+  ASSERT_TRUE(router.ok());
+  std::vector<uint32_t> token = {0};
+  while (token[0] < report->model.vocab &&
+         *router->Route(0, 1, token[0]) == *router->Route(2, 1, token[0])) {
+    ++token[0];
+  }
+  ASSERT_LT(token[0], report->model.vocab);
+  const std::vector<uint32_t> python = {1};
+  const MicroBatch batch{token.data(), 1, 1, python.data()};
+  Backend& b = **sim;
+  const uint64_t elements = 16;
+  const std::vector<BFloat16> ones(elements, FloatToBf16(0.25f));
+  auto in = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+  auto out = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+  ASSERT_TRUE(in.ok() && out.ok());
+  ASSERT_TRUE(b.CopyAsync(session.compute_stream(), in->data(), ones.data(), elements * 2,
+                          CopyKind::kHostToDevice)
+                  .ok());
+  ASSERT_TRUE(session.BeginStep({batch}).ok());
+  for (uint32_t l = 0; l < 4; ++l) {
+    ASSERT_TRUE(session.Forward(MicroBatchIndex(0), LayerIndex(l), in->data(), out->data()).ok());
+  }
+  for (uint32_t l = 4; l-- > 0;) {
+    ASSERT_TRUE(session.Backward(MicroBatchIndex(0), LayerIndex(l), in->data(), out->data()).ok());
+  }
+  auto stats = session.EndStep();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_GT(stats->updated_experts, 0u);
+  ASSERT_TRUE(session.Synchronize().ok());
+  const auto after = masters();
+  // Pairs of copies (l, e) and (l + 2, e) where one was updated and the other was not: the
+  // updated one moved, the other is still the shallow model's.
+  int delinked = 0;
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t e = 0; e < 7; ++e) {
+      const bool low = after.at({l, e}) != before.at({l, e});
+      const bool high = after.at({l + 2, e}) != before.at({l + 2, e});
+      if (low == high) continue;
+      ++delinked;
+      const uint32_t unchanged = low ? l + 2 : l;
+      EXPECT_EQ(after.at({unchanged, e}), masters_.at({l, e}))
+          << "layer " << unchanged << " expert " << e << " moved with its copy";
+    }
+  }
+  EXPECT_GT(delinked, 0) << "the step updated some expert in one layer of a pair only";
+  // The session's own checkpoint stores the copies still shared once too.
+  std::filesystem::create_directories(StrCat(dir_, "/deep-run"));
+  auto saved = session.SaveCheckpoint(StrCat(dir_, "/deep-run"), "after", {});
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_GT(saved->experts_shared, 0u);
+  EXPECT_LT(saved->experts_shared, 14u) << "the delinked ones are their own";
+}
+
 // Surgery: a domain added as a copy of another. Every old domain computes bit for bit as
 // before (verified by the evaluation step), the new group holds the source group's experts,
 // and the grown model extracts again.

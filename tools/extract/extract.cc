@@ -626,6 +626,11 @@ class CheckpointBuilder {
   Status Write(ExpertId id, const void* const* blocks, uint64_t version) {
     return store_->WriteStates(id, states_, blocks, version);
   }
+  // Each pair's first expert holds what its second one holds (ExpertStore::Share): the
+  // checkpoint stores the two once when the states live on NVMe (a bf16 model's).
+  Status Share(const std::vector<std::pair<ExpertId, ExpertId>>& pairs) {
+    return store_->Share(pairs);
+  }
   // Saves the checkpoint with `blobs` (the model record replaced by this model's); its bytes.
   StatusOr<uint64_t> Finish(const std::vector<CheckpointBlob>& blobs) {
     CheckpointOptions save;
@@ -1104,6 +1109,70 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
         return Status::Ok();
       });
     }();
+    if (!verified.ok()) {
+      builder->Discard();
+      return verified;
+    }
+    report.verified = true;
+  }
+  return report;
+}
+
+// ---- Pseudo-to-Real ----------------------------------------------------------------------------
+
+StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options) {
+  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
+                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(const ModelSpec shallow, CheckpointModel(*reader));
+  if (options.times < 2) {
+    return InvalidArgumentError(StrCat("--repeat-layers ", options.times, ": at least 2"));
+  }
+  // Layer l of the deep model draws as shallow layer l % L would, which draws as layer
+  // l % L % s when the shallow model repeats its own first s: the same as l % s iff s divides L.
+  const uint32_t layers = shallow.layers;
+  if (shallow.initial_layers != 0 && layers % shallow.initial_layers != 0) {
+    return InvalidArgumentError(StrCat("checkpoint '", options.checkpoint, "': its ", layers,
+                                       " layers repeat its first ", shallow.initial_layers,
+                                       " unevenly: it cannot be repeated again"));
+  }
+  if (uint64_t{layers} * options.times > UINT32_MAX) {
+    return InvalidArgumentError(StrCat("--repeat-layers ", options.times, ": too many layers"));
+  }
+  ModelSpec deep = shallow;
+  deep.layers = layers * options.times;
+  deep.initial_layers = shallow.initial_layers != 0 ? shallow.initial_layers : layers;
+  ECSS_RETURN_IF_ERROR(ValidateModel(deep));
+  ECSS_ASSIGN_OR_RETURN(
+      std::unique_ptr<CheckpointBuilder> builder,
+      CheckpointBuilder::Create(options.out, options.overwrite, deep, reader->layout(),
+                                reader->states(), reader->where()));
+  ExtractReport report;
+  report.model = deep;
+  // The shallow model's experts as they are; every deeper copy shares its source's storage.
+  std::vector<std::pair<ExpertId, ExpertId>> shared;
+  for (uint32_t flat = 0; flat < reader->index().size(); ++flat) {
+    const ExpertId id = reader->index().Id(flat);
+    const uint64_t version = reader->version(flat);
+    report.experts += options.times;
+    if (version == 0) {
+      report.initial += options.times;  // unwritten: each copy draws as its shallow layer
+      continue;
+    }
+    ECSS_RETURN_IF_ERROR(reader->Read(flat));
+    ECSS_RETURN_IF_ERROR(builder->Write(id, reader->blocks(), version));
+    for (uint32_t k = 1; k < options.times; ++k) {
+      shared.emplace_back(ExpertId{id.layer + k * layers, id.expert}, id);
+    }
+  }
+  ECSS_RETURN_IF_ERROR(builder->Share(shared));
+  // The loop's blobs and the session's records as they are: held gradients stay with the
+  // shallow layers' experts, whose ids do not change.
+  ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
+  if (options.verify) {
+    Status verified = CompareExperts(*reader, options.out, [&](ExpertId id) {
+      return reader->index().Flat({id.layer % layers, id.expert});
+    });
     if (!verified.ok()) {
       builder->Discard();
       return verified;

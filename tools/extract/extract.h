@@ -1,6 +1,7 @@
 // ecss-extract's library: a domain's sub-model cut out of a session's checkpoint, as a
 // safetensors file (tools/extract/safetensors.h) or as a checkpoint the library loads; and
-// model surgery on checkpoints (AddDomain); and such a file imported back (ImportSafetensors).
+// model surgery on checkpoints (AddDomain, RepeatLayers); and such a file imported back
+// (ImportSafetensors).
 // PanGu-Sigma's promise: every sparse layer keeps only the chosen domains' expert groups,
 // renumbered, with routing tables rewritten to the new numbers, so the sub-model routes every token
 // of those domains to the very expert, with the very weights, that the full model does.
@@ -87,6 +88,25 @@ struct AddDomainOptions {
   bool verify = false;
 };
 StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options);
+
+// Model surgery, M6's Pseudo-to-Real: a deep model grown from a shallow one, as checkpoint
+// `out` of a model of `times` x the layers whose layer l starts as the shallow model's layer
+// l % layers. No expert is copied: each deeper copy shares its shallow source's storage, so
+// the checkpoint stores it once (a bf16 model's; an f32 model's copies are stored each) and a
+// session restores it without writing it; each copy becomes its own at its first update
+// (delinking), leaving the others as they were. Experts never updated stay unwritten and draw
+// as their shallow layer's did (ModelSpec::initial_layers). The loop's blobs and the
+// session's records are kept (the deep model's dense part is the loop's to grow). `verify`
+// compares every expert of `out` with its source, version and bytes. Errors as
+// ExtractToCheckpoint's; InvalidArgument for times < 2.
+struct RepeatLayersOptions {
+  std::string checkpoint;  // ROOT/NAME of the shallow model
+  uint32_t times = 0;
+  std::string out;  // ROOT/NAME of the deep model's checkpoint
+  bool overwrite = false;
+  bool verify = false;
+};
+StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options);
 
 // A safetensors file ecss-extract wrote with the optimizer's state, imported back as a
 // checkpoint ROOT/NAME (`out`) of the model its metadata records, which a session resumes

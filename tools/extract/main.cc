@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -21,6 +22,7 @@ constexpr std::string_view kUsage =
     "                    [--force]\n"
     "       ecss-extract --checkpoint DIR --add-domain NAME --copy-of DOMAIN --out DIR\n"
     "                    [--verify] [--force]\n"
+    "       ecss-extract --checkpoint DIR --repeat-layers K --out DIR [--verify] [--force]\n"
     "       ecss-extract --import FILE --out DIR [--verify] [--force]\n"
     "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
     "(ROOT/NAME as Session::SaveCheckpoint wrote it), renumbered in the model's domain order,\n"
@@ -35,6 +37,9 @@ constexpr std::string_view kUsage =
     "(weights, moments, update counts), written as checkpoint DIR; the old domains compute\n"
     "as before (--verify checks it through the evaluation step). To remove a domain, extract\n"
     "the others with --format ecss.\n"
+    "--repeat-layers: model surgery, M6's Pseudo-to-Real: a model of K x the layers whose\n"
+    "layer l starts as layer l % layers, each copy sharing its source's storage until its\n"
+    "first update (--verify compares every expert with its source).\n"
     "--import: a safetensors FILE this tool wrote with --with-optimizer-state, back into a\n"
     "checkpoint DIR of its model that a session resumes (--verify compares it with FILE).\n"
     "Exit 0: written; 1: failed; 2: bad arguments.\n";
@@ -48,7 +53,7 @@ int BadArguments(std::string_view message) {
 
 int main(int argc, char** argv) {
   ecss::ExtractOptions options;
-  std::string domains, format = "safetensors", add_domain, copy_of, import;
+  std::string domains, format = "safetensors", add_domain, copy_of, import, repeat;
   bool format_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -74,6 +79,8 @@ int main(int argc, char** argv) {
       if (!value(&add_domain)) return BadArguments("--add-domain needs a name");
     } else if (arg == "--copy-of") {
       if (!value(&copy_of)) return BadArguments("--copy-of needs a domain");
+    } else if (arg == "--repeat-layers") {
+      if (!value(&repeat)) return BadArguments("--repeat-layers needs a count");
     } else if (arg == "--import") {
       if (!value(&import)) return BadArguments("--import needs a file");
     } else if (arg == "--with-optimizer-state") {
@@ -125,6 +132,32 @@ int main(int argc, char** argv) {
               << " bytes" << (imported->verified ? "; verified against the file" : "")
               << "\nmodel:\n"
               << ecss::FormatModelRecord(imported->model);
+    return 0;
+  }
+  if (!repeat.empty()) {
+    uint32_t times = 0;
+    const auto [end, error] = std::from_chars(repeat.data(), repeat.data() + repeat.size(), times);
+    if (error != std::errc() || end != repeat.data() + repeat.size() || times < 2) {
+      return BadArguments(ecss::StrCat("--repeat-layers '", repeat, "': a count of 2 or more"));
+    }
+    if (options.checkpoint.empty() || options.out.empty() || !domains.empty() || format_given ||
+        options.with_optimizer_state || !add_domain.empty() || !copy_of.empty()) {
+      return BadArguments(
+          "--repeat-layers K takes --checkpoint and --out, and --verify and --force only");
+    }
+    ecss::RepeatLayersOptions deepen{options.checkpoint, times, options.out, options.overwrite,
+                                     options.verify};
+    ecss::StatusOr<ecss::ExtractReport> deep = ecss::RepeatLayers(deepen);
+    if (!deep.ok()) {
+      std::cerr << "ecss-extract: " << deep.status() << "\n";
+      return 1;
+    }
+    std::cout << "wrote " << options.out << ": " << deep->model.layers << " layers, "
+              << deep->experts << " experts (" << deep->initial
+              << " never updated), a checkpoint of " << deep->file_bytes << " bytes"
+              << (deep->verified ? "; every expert verified against its source" : "")
+              << "\nmodel:\n"
+              << ecss::FormatModelRecord(deep->model);
     return 0;
   }
   const bool surgery = !add_domain.empty() || !copy_of.empty();
