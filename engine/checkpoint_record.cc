@@ -195,7 +195,27 @@ StatusOr<SessionRecord> ParseSessionRecord(std::string_view text) {
 }
 
 uint64_t HeldGradientBytes(const SessionRecord& record, const ModelSpec& model) {
-  return record.held.size() * model.expert_params() * DTypeSize(record.gradient_dtype);
+  return model.expert_params() * DTypeSize(record.gradient_dtype);
+}
+
+StatusOr<std::optional<SessionState>> SessionStateOf(const std::vector<CheckpointBlob>& blobs,
+                                                     const ModelSpec& model) {
+  const CheckpointBlob* session = FindBlob(blobs, kSessionBlob);
+  const CheckpointBlob* held = FindBlob(blobs, kHeldGradientsBlob);
+  if (session == nullptr) {
+    if (held == nullptr) return std::optional<SessionState>();
+    return DataLossError(StrCat(kHeldGradientsBlob, " without ", kSessionBlob));
+  }
+  SessionState state;
+  ECSS_ASSIGN_OR_RETURN(state.record, ParseSessionRecord(session->bytes));
+  if (held != nullptr) state.held_gradients = held->bytes;
+  const uint64_t want = state.record.held.size() * HeldGradientBytes(state.record, model);
+  if (state.held_gradients.size() != want) {
+    return DataLossError(StrCat(kHeldGradientsBlob, ": ", state.held_gradients.size(),
+                                " bytes, not the ", want, " of ", state.record.held.size(),
+                                " held experts' gradients"));
+  }
+  return std::optional<SessionState>(std::move(state));
 }
 
 Status CheckSameModel(const ModelSpec& saved, const ModelSpec& here) {
@@ -255,8 +275,8 @@ StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint) {
   return CheckpointModel(*reader);
 }
 
-Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
-                           const SessionOptions& options) {
+StatusOr<std::optional<SessionState>> CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
+                                                          const SessionOptions& options) {
   for (const CheckpointBlob& blob : blobs) {
     if (blob.name.rfind(kSessionBlobPrefix, 0) == 0 && blob.name != kOptimizerBlob &&
         blob.name != kModelBlob && blob.name != kSessionBlob && blob.name != kHeldGradientsBlob) {
@@ -274,20 +294,12 @@ Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
     ECSS_ASSIGN_OR_RETURN(const ModelSpec saved, ParseModelRecord(model->bytes));
     ECSS_RETURN_IF_ERROR(CheckSameModel(saved, options.model));
   }
-  const CheckpointBlob* session = FindBlob(blobs, kSessionBlob);
-  const CheckpointBlob* held = FindBlob(blobs, kHeldGradientsBlob);
-  if (session == nullptr) {
-    if (held == nullptr) return Status::Ok();  // a build before the session record
-    return DataLossError(StrCat(kHeldGradientsBlob, " without ", kSessionBlob));
-  }
-  ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+  ECSS_ASSIGN_OR_RETURN(std::optional<SessionState> state, SessionStateOf(blobs, options.model));
+  if (!state) return state;  // a build before the session record
+  const SessionRecord& record = state->record;
   Status valid = ValidateHyperParams(options.optimizer.kind, record.hyper_params);
   if (!valid.ok()) return DataLossError(StrCat("session record: ", valid.message()));
-  if (record.held.empty()) {
-    if (held == nullptr || held->bytes.empty()) return Status::Ok();
-    return DataLossError(
-        StrCat(kHeldGradientsBlob, ": ", held->bytes.size(), " bytes for no held expert"));
-  }
+  if (record.held.empty()) return state;
   if (!options.delayed_update) {
     return FailedPreconditionError(
         StrCat("the checkpoint holds the delayed update's gradients of ", record.held.size(),
@@ -306,13 +318,7 @@ Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
                                   ") is not one expert of the model once"));
     }
   }
-  const uint64_t want = HeldGradientBytes(record, options.model);
-  if (held == nullptr || held->bytes.size() != want) {
-    return DataLossError(StrCat(kHeldGradientsBlob, ": ", held == nullptr ? 0 : held->bytes.size(),
-                                " bytes, not the ", want, " of ", record.held.size(),
-                                " held experts' gradients"));
-  }
-  return Status::Ok();
+  return state;
 }
 
 std::string InitialValuesId(const ModelSpec& m) {

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -48,8 +49,18 @@ struct SessionRecord {
 std::string FormatSessionRecord(const SessionRecord& record);
 // The inverse, strict as ParseModelRecord.
 StatusOr<SessionRecord> ParseSessionRecord(std::string_view text);
-// The held gradients' bytes: held.size() * expert_params * the gradient dtype's size.
+// One held expert's gradient bytes: expert_params of the record's gradient dtype.
 uint64_t HeldGradientBytes(const SessionRecord& record, const ModelSpec& model);
+
+// A checkpoint's session record with the held gradients it names.
+struct SessionState {
+  SessionRecord record;
+  std::string held_gradients;  // record.held.size() x HeldGradientBytes, in record.held's order
+};
+// The session state `blobs` hold, if any (checkpoints of builds before the record hold none).
+// DataLoss for a damaged record, or held gradients not of its size (or without a record).
+StatusOr<std::optional<SessionState>> SessionStateOf(const std::vector<CheckpointBlob>& blobs,
+                                                     const ModelSpec& model);
 
 // SessionOptions::Validate's rules for the model alone (InvalidArgument naming the field).
 Status ValidateModel(const ModelSpec& model);
@@ -79,7 +90,9 @@ StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader);
 // the session's; its hyper-parameters are valid for that optimizer; held gradients need
 // delayed_update and the same gradient_dtype, and name experts of the model, their blob of
 // exactly their size. FailedPrecondition naming what differs; DataLoss for a damaged record.
-Status CheckSessionRecords(const std::vector<CheckpointBlob>& blobs, const SessionOptions& options);
+// Returns the session state to resume (SessionStateOf).
+StatusOr<std::optional<SessionState>> CheckSessionRecords(const std::vector<CheckpointBlob>& blobs,
+                                                          const SessionOptions& options);
 
 // What the store's unwritten experts read as (ExpertStoreOptions::initial_id), in words: a
 // checkpoint records it, and a reader that draws them (DrawInitialMaster) checks it.

@@ -94,20 +94,17 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) 
     if (!reader.ok()) return reader.status().Annotate("placement.resume_from");
     const std::string where =
         StrCat("placement.resume_from '", options_.placement.resume_from, "'");
-    ECSS_RETURN_IF_ERROR(CheckSessionRecords((*reader)->blobs(), options_).Annotate(where));
+    StatusOr<std::optional<SessionState>> state = CheckSessionRecords((*reader)->blobs(), options_);
+    if (!state.ok()) return state.status().Annotate(where);
+    resumed_ = std::move(*state);
     // The held gradients' accumulators (the session restores them): every slot is free now.
-    if (const CheckpointBlob* session = FindBlob((*reader)->blobs(), kSessionBlob)) {
-      ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
-      if (record.held.size() > gradient_slots) {
-        return ResourceExhaustedError(
-            StrCat(where, ": ", record.held.size(), " held gradients, ", gradient_slots,
-                   " gradient accumulators (limits.max_active_experts_per_layer sizes them)"));
-      }
+    if (resumed_ && resumed_->record.held.size() > gradient_slots) {
+      return ResourceExhaustedError(
+          StrCat(where, ": ", resumed_->record.held.size(), " held gradients, ", gradient_slots,
+                 " gradient accumulators (limits.max_active_experts_per_layer sizes them)"));
     }
   }
-  if (options_.placement.overwrite) {
-    ECSS_RETURN_IF_ERROR(ExpertStore::Remove(o).Annotate("placement.overwrite"));
-  }
+  o.replace_existing = options_.placement.overwrite;
   auto made =
       options_.placement.resume ? ExpertStore::Open(backend_, o) : ExpertStore::Create(backend_, o);
   if (made.status().code() == StatusCode::kAlreadyExists) {
@@ -122,9 +119,8 @@ Status ExpertTable::CreateStore(uint64_t pinned_bytes, uint32_t gradient_slots) 
   StatusOr<std::vector<CheckpointBlob>> restored =
       RestoreCheckpoint(root, name, *store_, options_.placement.io_engines);
   if (!restored.ok()) return restored.status().Annotate("placement.resume_from");
-  for (CheckpointBlob& blob : *restored) {
-    const bool sessions = blob.name.rfind(kSessionBlobPrefix, 0) == 0;
-    (sessions ? session_records_ : loop_state_).push_back(std::move(blob));
+  for (CheckpointBlob& blob : *restored) {  // the session's own were read above
+    if (blob.name.rfind(kSessionBlobPrefix, 0) != 0) loop_state_.push_back(std::move(blob));
   }
   return Status::Ok();
 }

@@ -16,9 +16,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string_view>
 #include <vector>
 
+#include "engine/checkpoint_record.h"
 #include "engine/expert_updater.h"
 #include "engine/gradient_pool.h"
 #include "engine/memory_plan.h"
@@ -93,9 +95,9 @@ class ExpertTable {
   Status RecordHostVersions();
   // What the checkpoint of placement.resume_from held for the training loop (empty without).
   const std::vector<CheckpointBlob>& loop_state() const { return loop_state_; }
-  // The session's own records of that checkpoint (engine/checkpoint_record.h), checked
-  // (CheckSessionRecords), handed over once.
-  std::vector<CheckpointBlob> TakeSessionRecords() { return std::move(session_records_); }
+  // The session state of that checkpoint (engine/checkpoint_record.h: its step count,
+  // hyper-parameters and held gradients), checked against the options, handed over once.
+  std::optional<SessionState> TakeResumedSession() { return std::move(resumed_); }
   // The peaks of the pinned pools (the session's and the store's) and of the store's host
   // memory.
   uint64_t pinned_peak_bytes() const;
@@ -130,7 +132,7 @@ class ExpertTable {
   std::unique_ptr<ExpertUpdater> updater_;
   HostUpdater* host_ = nullptr;  // updater_ when the states live in host memory
   std::vector<CheckpointBlob> loop_state_;
-  std::vector<CheckpointBlob> session_records_;
+  std::optional<SessionState> resumed_;
 };
 
 }  // namespace ecss

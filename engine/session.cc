@@ -168,15 +168,13 @@ Status Session::Impl::CreateAll() {
 // placement.resume_from: the session as it was at the save (its records were checked before
 // anything was restored): its step count, hyper-parameters and held gradients.
 Status Session::Impl::ResumeRecords() {
-  const std::vector<CheckpointBlob> records = table->TakeSessionRecords();
-  const CheckpointBlob* session = FindBlob(records, kSessionBlob);
-  if (session == nullptr) return Status::Ok();  // a checkpoint of a build before the record
-  ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
+  std::optional<SessionState> resumed = table->TakeResumedSession();
+  if (!resumed) return Status::Ok();  // none, or a checkpoint of a build before the record
+  const SessionRecord& record = resumed->record;
   step = record.steps;
   ECSS_RETURN_IF_ERROR(table->updater().SetHyperParams(record.hyper_params));
   if (record.held.empty()) return Status::Ok();
-  const CheckpointBlob* held = FindBlob(records, kHeldGradientsBlob);
-  return executor->RestoreHeld(record.held, record.held_loss_scale, held->bytes, step)
+  return executor->RestoreHeld(record.held, record.held_loss_scale, resumed->held_gradients, step)
       .Annotate("placement.resume_from: the delayed update's held gradients");
 }
 
@@ -514,7 +512,7 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
   if (!record.held.empty()) {
     std::string& held = options.blobs.emplace_back().bytes;
     options.blobs.back().name = kHeldGradientsBlob;
-    const uint64_t bytes = s.memory.params * DTypeSize(record.gradient_dtype);
+    const uint64_t bytes = HeldGradientBytes(record, s.options.model);
     held.reserve(record.held.size() * bytes);
     for (ExpertId id : record.held) {
       held.append(static_cast<const char*>(s.table->GradientOf(id)), bytes);

@@ -138,9 +138,10 @@ struct Placement {
   bool resume = false;
   // A new store (not `resume`) replaces the one an earlier session left in nvme_dirs instead
   // of refusing it (AlreadyExists): that store's manifest and the state files this session's
-  // store would use are removed first, under the directories' lock (FailedPrecondition naming
-  // the holder's pid while another session or store has them open). That run's states are
-  // lost.
+  // store would use are removed once every check passed (resume_from's records, the
+  // budgets), under the directories' lock (FailedPrecondition naming the holder's pid while
+  // another session or store has them open). That run's states are lost, also when a block of
+  // resume_from's checkpoint is then found damaged.
   bool overwrite = false;
   // Start from a checkpoint Session::SaveCheckpoint wrote (its directory, ROOT/NAME): a new
   // store is made (in nvme_dirs, which must hold none, when states live on NVMe; else in

@@ -803,6 +803,10 @@ Status StepExecutor::FinishWork(StepReport* report) {
     table_.ClearTouched(recording_);
     pending_layers_.clear();
     if (!delayed() && !evaluating_) updater().AbortStep().IgnoreError();
+    // The delayed update holds the layers submitted so far: dropped too, never applied (or
+    // saved) as a whole step's.
+    for (ExpertId id : held_) table_.ReleaseGradient(id, recording_);
+    held_.clear();
   } else if (!delayed() && !evaluating_) {
     for (const PlanOp* update : plan_->Find(OpKind::kUpdate)) {
       if (update->step_offset == 0 && plan_->policy().deferred_updates) {

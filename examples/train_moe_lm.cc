@@ -371,13 +371,15 @@ Status Train(const Options& o) {
   };
   if (!session_options.placement.resume_from.empty()) {
     const std::vector<CheckpointBlob>& blobs = session->loop_state();
-    if (blobs.size() != 3 || blobs[0].name != "dense" || blobs[1].name != "loop" ||
-        blobs[2].name != "routing") {
+    if (blobs.size() < 2 || blobs.size() > 3 || blobs[0].name != "dense" ||
+        blobs[1].name != "loop" || (blobs.size() == 3 && blobs[2].name != "routing")) {
       return InvalidArgumentError("the checkpoint holds no train_moe_lm loop state");
     }
-    if (blobs[2].bytes != routing) {
-      return InvalidArgumentError(StrCat("the checkpoint was trained with --routing ",
-                                         blobs[2].bytes, ", this run has ", routing));
+    // Checkpoints of builds before gate checkpoints have no "routing": they are RRE runs'.
+    const std::string saved = blobs.size() == 3 ? blobs[2].bytes : "rre";
+    if (saved != routing) {
+      return InvalidArgumentError(
+          StrCat("the checkpoint was trained with --routing ", saved, ", this run has ", routing));
     }
     std::string_view in = blobs[0].bytes;
     for (std::vector<float>* a : dense_arrays) ECSS_RETURN_IF_ERROR(Unpack(&in, a, "dense"));

@@ -834,8 +834,11 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
     if (!added) {
       const ExpertRecord& y = m.experts[first->second];
       if (y.version != x.version || y.crcs != x.crcs) {
-        return DataLossError(StrCat("checkpoint '", reader->where(), "': experts ", first->second,
-                                    " and ", flat, " name the same blocks as different versions"));
+        const ExpertId a = store.index().Id(first->second), b = store.index().Id(flat);
+        return DataLossError(StrCat("checkpoint '", reader->where(), "': layer ", a.layer,
+                                    " expert ", a.expert, " (version ", y.version, ") and layer ",
+                                    b.layer, " expert ", b.expert, " (version ", x.version,
+                                    ") name the same blocks"));
       }
       shared.emplace_back(store.index().Id(flat), store.index().Id(first->second));
       continue;

@@ -589,12 +589,13 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
   ECSS_RETURN_IF_ERROR(CheckNoOtherManifest(options));
   std::error_code error;
-  if (!options.dirs.empty() && std::filesystem::exists(ManifestPath(options), error)) {
+  if (!options.replace_existing && !options.dirs.empty() &&
+      std::filesystem::exists(ManifestPath(options), error)) {
     return AlreadyExistsError(
         StrCat("'", options.dirs[0], "' already holds an expert store: open it, or remove it"));
   }
   for (ExpertState state : kStates) {  // another store's files, striped over a directory
-    if (!HasFile(options, state)) continue;
+    if (options.replace_existing || !HasFile(options, state)) continue;
     for (const std::string& path : ExpertStateFile::Paths(FileOptions(options, state))) {
       if (std::filesystem::exists(path, error)) {
         return AlreadyExistsError(StrCat("'", path,
@@ -612,6 +613,10 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   store->store_id_ = (uint64_t{entropy()} << 32 | entropy()) | 1;  // never 0
   ECSS_ASSIGN_OR_RETURN(store->stream_, CreateOwnedStream(backend, "expert store"));
   ECSS_RETURN_IF_ERROR(store->Allocate());
+  // Every check passed, the directories still locked: the store replaced goes now.
+  if (options.replace_existing && !options.dirs.empty()) {
+    ECSS_RETURN_IF_ERROR(RemoveFiles(options));
+  }
   // From here on files exist: remove them when creation fails.
   auto made = [&] {
     for (ExpertState state : kStates) ECSS_RETURN_IF_ERROR(store->InitRegion(state));
@@ -622,12 +627,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
   }();
   if (!made.ok()) {
     for (Files& files : store->files_) files.reader.reset(), files.writer.reset();
-    for (ExpertState state : kStates) {
-      if (!HasFile(options, state)) continue;
-      for (const std::string& path : ExpertStateFile::Paths(FileOptions(options, state))) {
-        std::filesystem::remove(path, error);
-      }
-    }
+    if (!options.dirs.empty()) RemoveFiles(options).IgnoreError();  // made's error is the one
     return made;
   }
   store->closed_ = false;
@@ -793,6 +793,11 @@ Status ExpertStore::Remove(const ExpertStoreOptions& options) {
   if (options.dirs.empty()) return Status::Ok();
   ECSS_ASSIGN_OR_RETURN(std::vector<std::unique_ptr<FileLock>> locks, LockDirectories(options));
   ECSS_RETURN_IF_ERROR(CheckNoOtherManifest(options));
+  return RemoveFiles(options);
+}
+
+// REQUIRES: options.dirs locked, not empty.
+Status ExpertStore::RemoveFiles(const ExpertStoreOptions& options) {
   std::error_code error;
   std::filesystem::remove(ManifestPath(options), error);  // first: the rest is no store then
   ECSS_RETURN_IF_ERROR(SyncDirectory(options.dirs[0]));
@@ -1154,6 +1159,11 @@ Status ExpertStore::Share(ExpertId id, ExpertId source) { return Share({{id, sou
 Status ExpertStore::Share(const std::vector<std::pair<ExpertId, ExpertId>>& pairs) {
   std::unique_lock<std::shared_mutex> lock(lifecycle_);
   if (closed_) return FailedPreconditionError("the expert store is closed");
+  // Without nvme states there is no storage to share: the memory copies are the experts' own
+  // (their owner updates them in place, and records their versions: SetResidentVersion).
+  const bool on_nvme = std::any_of(std::begin(kStates), std::end(kStates), [&](ExpertState state) {
+    return HasState(state) && placement(state) == Tier::kNvme;
+  });
   // Each pair checked against the sharing the pairs before it make; nothing is shared unless
   // every pair may be.
   std::vector<uint32_t> sources = source_;
@@ -1194,6 +1204,16 @@ Status ExpertStore::Share(const std::vector<std::pair<ExpertId, ExpertId>>& pair
     }
     sources[flat] = from;
     ++is_source[from];
+  }
+  if (!on_nvme) {
+    for (const auto& [id, source] : pairs) {
+      for (ExpertState state : kStates) {
+        if (HasState(state)) {
+          ECSS_RETURN_IF_ERROR(CopyRegion(state, index_.Flat(source), index_.Flat(id)));
+        }
+      }
+    }
+    return Status::Ok();
   }
   std::swap(source_, sources);
   Status recorded = options_.dirs.empty() ? Status::Ok() : WriteManifest(/*closed=*/false);

@@ -139,6 +139,11 @@ struct ExpertStoreOptions {
   // The largest state file (StateFileOptions::max_file_bytes; 0: kDefaultMaxFileBytes).
   // Create records it in the manifest, and Open uses the recorded value.
   uint64_t max_file_bytes = 0;
+  // Create replaces a store already in `dirs` (its manifest in dirs[0] and the state files
+  // these options name) instead of refusing it: removed once every check passed and the
+  // memory is allocated, under the directories' locks. A store striped over them in another
+  // order is still refused.
+  bool replace_existing = false;
 };
 
 class ExpertStore {
@@ -198,7 +203,8 @@ class ExpertStore {
   // session's Synchronize); the versions continue from the source's.
   // FailedPrecondition when `id` already has an nvme state of its own, shares already or is
   // some expert's source, or `source` shares another's; InvalidArgument for an unknown expert
-  // or id == source. The manifest is rewritten before it returns.
+  // or id == source. The manifest is rewritten before it returns. A store without nvme states
+  // has no storage to share: its memory states are copied and nothing is recorded.
   Status Share(ExpertId id, ExpertId source);
   // Each (id, source) pair as Share(id, source) would, in order, with one manifest write for
   // them all (a deep model grown from a shallow one shares thousands); nothing is shared when
@@ -275,6 +281,7 @@ class ExpertStore {
   static size_t Index(ExpertState state) { return static_cast<size_t>(state); }
   static Status CheckOptions(Backend& backend, const ExpertStoreOptions& options);
   static Status CheckNoOtherManifest(const ExpertStoreOptions& options);
+  static Status RemoveFiles(const ExpertStoreOptions& options);
   static Status CheckMadeFor(const ExpertStoreOptions& made, const ExpertStoreOptions& options,
                              bool closed);
   static StateFileOptions FileOptions(const ExpertStoreOptions& options, ExpertState state);

@@ -103,32 +103,41 @@ TEST(CheckpointRecordTest, TheSessionRecordReadsBackExactlyAndStrictly) {
   options.model = AModel();
   options.delayed_update = true;
   options.gradient_dtype = DType::kBF16;
-  const uint64_t bytes = HeldGradientBytes(r, options.model);
+  const uint64_t bytes = r.held.size() * HeldGradientBytes(r, options.model);
   EXPECT_EQ(bytes, 2 * options.model.expert_params() * 2);
   auto blobs = [&](const SessionRecord& record, uint64_t held_bytes) {
     return std::vector<CheckpointBlob>{{"ecss.session", FormatSessionRecord(record)},
                                        {"ecss.held_gradients", std::string(held_bytes, '\0')}};
   };
-  EXPECT_TRUE(CheckSessionRecords(blobs(r, bytes), options).ok());
-  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes - 1), options).code(), StatusCode::kDataLoss);
+  auto state = CheckSessionRecords(blobs(r, bytes), options);
+  ASSERT_TRUE(state.ok()) << state.status();
+  ASSERT_TRUE(state->has_value());
+  EXPECT_TRUE((*state)->record.held == r.held);
+  EXPECT_EQ((*state)->held_gradients.size(), bytes);
+  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes - 1), options).status().code(),
+            StatusCode::kDataLoss);
   SessionRecord outside = r;
   outside.held.push_back({3, 0});  // the model has 3 layers
-  EXPECT_EQ(CheckSessionRecords(blobs(outside, bytes), options).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(CheckSessionRecords(blobs(outside, bytes), options).status().code(),
+            StatusCode::kDataLoss);
   SessionRecord twice = r;
   twice.held.push_back({2, 1});
-  EXPECT_EQ(CheckSessionRecords(blobs(twice, bytes), options).code(), StatusCode::kDataLoss);
+  EXPECT_EQ(CheckSessionRecords(blobs(twice, bytes), options).status().code(),
+            StatusCode::kDataLoss);
   SessionRecord bad_lr = r;
   bad_lr.hyper_params.lr = -1;
-  EXPECT_EQ(CheckSessionRecords(blobs(bad_lr, bytes), options).code(), StatusCode::kDataLoss);
-  EXPECT_EQ(CheckSessionRecords({{"ecss.held_gradients", "x"}}, options).code(),
+  EXPECT_EQ(CheckSessionRecords(blobs(bad_lr, bytes), options).status().code(),
+            StatusCode::kDataLoss);
+  EXPECT_EQ(CheckSessionRecords({{"ecss.held_gradients", "x"}}, options).status().code(),
             StatusCode::kDataLoss);
   std::vector<CheckpointBlob> newer = blobs(r, bytes);
   newer.push_back({"ecss.rng", "x"});  // a record a later build might add
-  Status unknown = CheckSessionRecords(newer, options);
+  Status unknown = CheckSessionRecords(newer, options).status();
   EXPECT_EQ(unknown.code(), StatusCode::kFailedPrecondition) << unknown;
   EXPECT_NE(unknown.message().find("ecss.rng"), std::string::npos) << unknown;
   options.delayed_update = false;
-  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes), options).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CheckSessionRecords(blobs(r, bytes), options).status().code(),
+            StatusCode::kFailedPrecondition);
 }
 
 TEST(CheckpointRecordTest, ADifferentModelIsNamedByItsField) {

@@ -509,7 +509,8 @@ TEST(SessionTest, ACheckpointKeepsTheDelayedUpdatesHeldGradientsAndHyperParamete
     refused = Session::Create(**sim, few).status();
     EXPECT_EQ(refused.code(), StatusCode::kResourceExhausted) << refused;
     EXPECT_NE(refused.message().find("held gradients"), std::string::npos) << refused;
-    EXPECT_TRUE(Session::Create(**sim, OptionsFor(other)).ok()) << "the store each made is gone";
+    EXPECT_TRUE(Session::Create(**sim, OptionsFor(other)).ok())
+        << "each refusal came before anything was made";
   }
   std::filesystem::remove_all(dir);
 }
@@ -607,7 +608,11 @@ TEST(SessionTest, AnEarlierRunsStoreIsReplacedOnlyWhenAsked) {
   c.dtype = DType::kBF16;
   c.nvme_dir = dir;
   c.steps = 2;
-  const Weights trained = TrainSession(c);
+  const std::string checkpoints = StrCat(dir, "/checkpoints");
+  std::filesystem::create_directory(checkpoints);
+  const Weights trained = TrainSession(c, nullptr, [&](Session& s) {
+    ASSERT_TRUE(s.SaveCheckpoint(checkpoints, "adamw", {}).ok());
+  });
   SimOptions so;
   so.device_memory_bytes = 16 << 20;
   auto sim = SimBackend::Create(so);
@@ -638,10 +643,18 @@ TEST(SessionTest, AnEarlierRunsStoreIsReplacedOnlyWhenAsked) {
   SessionOptions both = overwrite;
   both.placement.resume = true;
   EXPECT_EQ(Session::Create(**sim, both).status().code(), StatusCode::kInvalidArgument);
-  // A resume_from that fails its checks (none there) removes nothing.
+  // A resume_from that fails its checks (none there; another optimizer's moments) removes
+  // nothing, and neither does a budget refused.
   SessionOptions from_nothing = overwrite;
   from_nothing.placement.resume_from = StrCat(dir, "/no-checkpoints/none");
   EXPECT_EQ(Session::Create(**sim, from_nothing).status().code(), StatusCode::kNotFound);
+  SessionOptions from_adam = overwrite;
+  from_adam.placement.resume_from = StrCat(checkpoints, "/adamw");
+  from_adam.optimizer.kind = OptimizerKind::kAdam;
+  EXPECT_EQ(Session::Create(**sim, from_adam).status().code(), StatusCode::kFailedPrecondition);
+  SessionOptions short_pinned = overwrite;
+  short_pinned.budgets.pinned_bytes = 4096;
+  EXPECT_EQ(Session::Create(**sim, short_pinned).status().code(), StatusCode::kResourceExhausted);
   {
     RunConfig reopened = c;
     reopened.resume = true;

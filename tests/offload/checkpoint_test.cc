@@ -161,6 +161,23 @@ TEST_F(CheckpointTest, AFullCheckpointRestoresEveryExpertIntoAnotherPlacement) {
 // equal stores save equal files.
 TEST_F(CheckpointTest, ABlocksPaddingIsZeros) {
   for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  // Master and moments written again with 0xab past their bytes (what a caller's block may
+  // hold), which the state files keep.
+  const std::vector<ExpertState> nvme = {ExpertState::kMaster, ExpertState::kMoments};
+  std::vector<std::unique_ptr<void, decltype(&std::free)>> blocks;
+  std::vector<void*> pointers;
+  for (ExpertState state : nvme) {
+    blocks.emplace_back(std::aligned_alloc(4096, store_->BlockBytes(state)), &std::free);
+    pointers.push_back(blocks.back().get());
+  }
+  for (uint32_t flat = 0; flat < kExperts; ++flat) {
+    for (size_t s = 0; s < nvme.size(); ++s) {
+      std::memset(pointers[s], 0xab, store_->BlockBytes(nvme[s]));
+      const std::vector<uint8_t> bytes = Pattern(*store_, nvme[s], flat, 2);
+      std::memcpy(pointers[s], bytes.data(), bytes.size());
+    }
+    ASSERT_TRUE(store_->WriteStates(Id(flat), nvme, pointers.data(), 2).ok());
+  }
   ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "a", {}).ok());
   std::ifstream in(ckpt() + "/a/experts.bin", std::ios::binary);
   const std::string data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -220,17 +237,23 @@ TEST_F(CheckpointTest, AnIncrementalCheckpointWritesOnlyTheExpertsThatChanged) {
 // stores each shared pair once, a restore shares them again without writing them, and the first
 // write of either side of a pair leaves the other as it was.
 TEST_F(CheckpointTest, SharedExpertsAreSavedOnceAndRestoredShared) {
-  for (uint32_t e = 0; e < 10; ++e) Update(e, 3);
+  for (uint32_t e = 0; e < 9; ++e) Update(e, 3);
+  Update(19, 3);
+  // A batch refused at a later pair shares nothing.
+  Status refused = store_->Share({{{1, 5}, {0, 5}}, {{0, 5}, {0, 6}}});
+  EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+  EXPECT_EQ(store_->SourceOf({1, 5}), (ExpertId{1, 5}));
   std::vector<std::pair<ExpertId, ExpertId>> pairs;
-  for (uint32_t e = 0; e < 10; ++e) pairs.emplace_back(ExpertId{1, e}, ExpertId{0, e});
+  for (uint32_t e = 0; e < 9; ++e) pairs.emplace_back(ExpertId{1, e}, ExpertId{0, e});
+  pairs.emplace_back(ExpertId{0, 9}, ExpertId{1, 9});  // a source after its sharer
   ASSERT_TRUE(store_->Share(pairs).ok());
   EXPECT_EQ(store_->Share(pairs).code(), StatusCode::kFailedPrecondition) << "shares already";
   CheckpointOptions nvme_states;  // master and moments, as a session saves them
   nvme_states.states = {ExpertState::kMaster, ExpertState::kMoments};
   auto saved = SaveCheckpoint(*store_, ckpt(), "deep", nvme_states);
   ASSERT_TRUE(saved.ok()) << saved.status();
-  EXPECT_EQ(saved->experts_copied, 10u);
-  EXPECT_EQ(saved->experts_shared, 10u);
+  EXPECT_EQ(saved->experts_copied, 11u) << "layer 0's nine, and both of the pair saved in reverse";
+  EXPECT_EQ(saved->experts_shared, 9u);
 
   std::filesystem::create_directories(root_ + "/other");
   ExpertStoreOptions other = options_;
@@ -238,20 +261,22 @@ TEST_F(CheckpointTest, SharedExpertsAreSavedOnceAndRestoredShared) {
   auto store = std::move(ExpertStore::Create(*sim_, other)).value();
   const uint64_t written_before = store->io_bytes().written;
   ASSERT_TRUE(RestoreCheckpoint(ckpt(), "deep", *store).ok());
-  // Layer 0's ten experts: a master and moments block and a slot header each per state.
+  // Eleven experts: a master and moments block and a slot header each per state.
   const uint64_t one_expert =
       store->BlockBytes(ExpertState::kMaster) + store->BlockBytes(ExpertState::kMoments) + 2 * 4096;
-  EXPECT_LE(store->io_bytes().written - written_before, 10 * one_expert) << "no write for layer 1";
+  EXPECT_LE(store->io_bytes().written - written_before, 11 * one_expert) << "none for the nine";
   auto read = [&](ExpertState state, ExpertId id) {
     std::vector<uint8_t> got(store->StateBytes(state));
     EXPECT_TRUE(store->Read(state, id, got.data()).ok());
     return got;
   };
-  for (uint32_t e = 0; e < 10; ++e) {
+  for (uint32_t e = 0; e < 9; ++e) {
     EXPECT_TRUE(store->ReadsSourceStorage({1, e}, ExpertState::kMaster)) << e;
     EXPECT_EQ(store->SourceOf({1, e}), (ExpertId{0, e}));
     EXPECT_EQ(read(ExpertState::kMaster, {1, e}), Pattern(*store, ExpertState::kMaster, e, 3));
   }
+  EXPECT_FALSE(store->ReadsSourceStorage({0, 9}, ExpertState::kMaster)) << "saved as its own";
+  EXPECT_EQ(read(ExpertState::kMaster, {0, 9}), Pattern(*store, ExpertState::kMaster, 19, 3));
   // Delinked by its own first update: layer 1's expert 4 moves on, layer 0's stays.
   for (ExpertState state : nvme_states.states) {
     std::vector<uint8_t> bytes = Pattern(*store, state, 14, 4);
@@ -267,12 +292,18 @@ TEST_F(CheckpointTest, SharedExpertsAreSavedOnceAndRestoredShared) {
   }
   EXPECT_EQ(read(ExpertState::kMaster, {1, 5}), Pattern(*store, ExpertState::kMaster, 5, 3));
   EXPECT_EQ(read(ExpertState::kMoments, {1, 5}), Pattern(*store, ExpertState::kMoments, 5, 3));
-  // Saved again: the two delinked pairs are four experts of their own, the other eight pairs
+  // Saved again: the two delinked pairs are four experts of their own, the other seven pairs
   // stored once each.
   auto again = SaveCheckpoint(*store, ckpt(), "delinked", nvme_states);
   ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(again->experts_shared, 8u);
-  EXPECT_EQ(again->experts_copied, 12u);
+  EXPECT_EQ(again->experts_shared, 7u);
+  EXPECT_EQ(again->experts_copied, 13u);
+  store.reset();
+  // Two records naming the same blocks at different versions: damage, named.
+  EditManifest("deep", "expert 10 3 deep", "expert 10 4 deep");
+  Status damaged = Restored("deep").status();
+  EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << damaged;
+  EXPECT_TRUE(Contains(damaged, "layer 1 expert 0 (version 4)")) << damaged;
 }
 
 // A chain of incremental checkpoints never refers to more than max_chain others: the next one

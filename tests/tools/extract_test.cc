@@ -537,6 +537,21 @@ TEST_F(ExtractTest, ADeepModelGrownFromAShallowOneDelinksAtTheFirstUpdate) {
   ASSERT_TRUE(saved.ok()) << saved.status();
   EXPECT_GT(saved->experts_shared, 0u);
   EXPECT_LT(saved->experts_shared, 14u) << "the delinked ones are their own";
+  // In host memory there is no storage to share: each copy is its own from the start, and the
+  // session saves and trains as any other.
+  RunConfig host_states = c;
+  host_states.nvme_dir.clear();
+  SessionOptions host = engine_test::OptionsFor(host_states);
+  host.model = report->model;
+  host.placement.resume_from = o.out;
+  auto in_memory = Session::Create(**sim, host);
+  ASSERT_TRUE(in_memory.ok()) << in_memory.status();
+  for (uint32_t l = 0; l < 4; ++l) {
+    EXPECT_EQ(*(*in_memory)->MasterWeights(LayerIndex(l), 3), masters_.at({l % 2, 3}));
+  }
+  auto host_saved = (*in_memory)->SaveCheckpoint(StrCat(dir_, "/deep-run"), "host", {});
+  ASSERT_TRUE(host_saved.ok()) << host_saved.status();
+  EXPECT_EQ(host_saved->experts_shared, 0u);
 }
 
 // Surgery: a domain added as a copy of another. Every old domain computes bit for bit as

@@ -45,7 +45,22 @@ struct Plan {
   std::string optimizer;       // the checkpoint's kind; empty when it does not say
   std::vector<uint32_t> kept;  // the domains' indices in full.domains, in that order
   std::vector<uint32_t> old_first, new_first;  // per kept domain: its group's first expert
-  size_t master_state = 0;                     // of the checkpoint's saved states
+  // A full model's expert in the sub-model (none for one of a domain left out), and back.
+  std::optional<ExpertId> SubOf(ExpertId full_id) const {
+    for (size_t k = 0; k < kept.size(); ++k) {
+      if (full_id.expert >= old_first[k] &&
+          full_id.expert - old_first[k] < full.domains[kept[k]].experts) {
+        return ExpertId{full_id.layer, new_first[k] + (full_id.expert - old_first[k])};
+      }
+    }
+    return std::nullopt;
+  }
+  ExpertId FullOf(ExpertId sub_id) const {
+    size_t k = 0;
+    while (k + 1 < kept.size() && sub_id.expert >= new_first[k + 1]) ++k;
+    return {sub_id.layer, old_first[k] + (sub_id.expert - new_first[k])};
+  }
+  size_t master_state = 0;  // of the checkpoint's saved states
   std::optional<size_t> moments_state;
   std::vector<std::string> moment_names;  // with_optimizer_state: one per moment array
 };
@@ -77,22 +92,17 @@ std::string OptimizerOf(const CheckpointReader& reader) {
 StatusOr<std::vector<CheckpointBlob>> RenumberSessionRecords(
     const std::vector<CheckpointBlob>& blobs, const ModelSpec& model,
     const std::function<std::optional<ExpertId>(ExpertId)>& renumber) {
-  const CheckpointBlob* session = FindBlob(blobs, kSessionBlob);
-  if (session == nullptr) return blobs;
-  ECSS_ASSIGN_OR_RETURN(SessionRecord record, ParseSessionRecord(session->bytes));
-  const CheckpointBlob* gradients = FindBlob(blobs, kHeldGradientsBlob);
-  const uint64_t bytes = model.expert_params() * DTypeSize(record.gradient_dtype);
-  if (record.held.size() * bytes != (gradients == nullptr ? 0 : gradients->bytes.size())) {
-    return DataLossError(StrCat(kHeldGradientsBlob, ": not the size of ", record.held.size(),
-                                " held experts' gradients"));
-  }
+  ECSS_ASSIGN_OR_RETURN(std::optional<SessionState> state, SessionStateOf(blobs, model));
+  if (!state) return blobs;
+  SessionRecord& record = state->record;
+  const uint64_t bytes = HeldGradientBytes(record, model);
   std::vector<ExpertId> held;
   std::string kept;
   for (size_t i = 0; i < record.held.size(); ++i) {
     const std::optional<ExpertId> id = renumber(record.held[i]);
     if (!id) continue;
     held.push_back(*id);
-    kept.append(gradients->bytes, i * bytes, bytes);
+    kept.append(state->held_gradients, i * bytes, bytes);
   }
   record.held = std::move(held);
   std::vector<CheckpointBlob> out;
@@ -372,10 +382,11 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
     const auto [root, name] = SplitCheckpointPath(checkpoint);
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                           CheckpointReader::Open(root, name));
-    if (const CheckpointBlob* session = FindBlob(reader->blobs(), kSessionBlob)) {
-      ECSS_ASSIGN_OR_RETURN(const SessionRecord record, ParseSessionRecord(session->bytes));
-      options.delayed_update = !record.held.empty();
-      options.gradient_dtype = record.gradient_dtype;
+    ECSS_ASSIGN_OR_RETURN(const std::optional<SessionState> state,
+                          SessionStateOf(reader->blobs(), model));
+    if (state) {
+      options.delayed_update = !state->record.held.empty();
+      options.gradient_dtype = state->record.gradient_dtype;
     }
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> planner, SimBackend::Create({}));
@@ -474,11 +485,8 @@ Status CompareExperts(CheckpointReader& source, const std::string& out,
 // inputs of the kept domains: every sparse layer's outputs bit-identical.
 Status VerifyByEvaluation(const Plan& plan, CheckpointReader& reader,
                           const ExtractOptions& options) {
-  ECSS_RETURN_IF_ERROR(CompareExperts(reader, options.out, [&](ExpertId id) {
-    size_t k = 0;
-    while (k + 1 < plan.kept.size() && id.expert >= plan.new_first[k + 1]) ++k;
-    return reader.index().Flat({id.layer, plan.old_first[k] + (id.expert - plan.new_first[k])});
-  }));
+  ECSS_RETURN_IF_ERROR(CompareExperts(
+      reader, options.out, [&](ExpertId id) { return reader.index().Flat(plan.FullOf(id)); }));
   ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(plan.optimizer));
   ECSS_ASSIGN_OR_RETURN(const auto full,
                         EvaluationOutputs(plan.full, plan.sub, options.checkpoint, kind));
@@ -746,19 +754,9 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
     }
   }
   // The kept experts' held gradients, renumbered as the experts are.
-  ECSS_ASSIGN_OR_RETURN(
-      const std::vector<CheckpointBlob> blobs,
-      RenumberSessionRecords(
-          reader->blobs(), plan.full, [&plan](ExpertId id) -> std::optional<ExpertId> {
-            for (size_t k = 0; k < plan.kept.size(); ++k) {
-              const uint32_t first = plan.old_first[k];
-              if (id.expert >= first &&
-                  id.expert - first < plan.full.domains[plan.kept[k]].experts) {
-                return ExpertId{id.layer, plan.new_first[k] + (id.expert - first)};
-              }
-            }
-            return std::nullopt;
-          }));
+  ECSS_ASSIGN_OR_RETURN(const std::vector<CheckpointBlob> blobs,
+                        RenumberSessionRecords(reader->blobs(), plan.full,
+                                               [&plan](ExpertId id) { return plan.SubOf(id); }));
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(blobs));
   if (options.verify) {
     Status verified = VerifyByEvaluation(plan, *reader, options);
@@ -869,6 +867,7 @@ class ImportedFile {
   static StatusOr<std::unique_ptr<ImportedFile>> Open(const std::string& path) {
     ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
     auto file = std::unique_ptr<ImportedFile>(new ImportedFile(path, std::move(header)));
+    if (!file->in_) return ErrnoError(errno, StrCat("opening '", path, "'"));
     ECSS_RETURN_IF_ERROR(file->Check());
     return file;
   }
@@ -1011,7 +1010,6 @@ class ImportedFile {
       return DataLossError(StrCat("'", path_, "' holds ", header_.tensors.size(),
                                   " tensors; its model implies ", expected));
     }
-    if (!in_) return ErrnoError(errno, StrCat("opening '", path_, "'"));
     return Status::Ok();
   }
 
@@ -1033,6 +1031,32 @@ class ImportedFile {
 };
 
 }  // namespace
+
+// Every expert of the checkpoint `options.out` as the file has it: version, master weights
+// and moments.
+Status VerifyImport(const ImportOptions& options) {
+  const auto [root, name] = SplitCheckpointPath(options.out);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
+                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> file, ImportedFile::Open(options.file));
+  const uint64_t master_bytes = file->model().expert_params() * 4;
+  const uint64_t moment_bytes = master_bytes * file->plan().moment_names.size();
+  return file->ForEachExpert(
+      [&](ExpertId id, uint64_t version, const float* master, const float* moments) -> Status {
+        const uint32_t flat = written->index().Flat(id);
+        bool same = written->version(flat) == version;
+        if (same && version != 0) {
+          ECSS_RETURN_IF_ERROR(written->Read(flat));
+          same = std::memcmp(written->blocks()[0], master, master_bytes) == 0 &&
+                 std::memcmp(written->blocks()[1], moments, moment_bytes) == 0;
+        }
+        if (!same) {
+          return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " of '",
+                                      options.out, "' differs from '", options.file, "'"));
+        }
+        return Status::Ok();
+      });
+}
 
 StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> file, ImportedFile::Open(options.file));
@@ -1056,7 +1080,9 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
   };
   const std::array<Block, 2> blocks = {block(ExpertStore::StateBytes(layout, states[0])),
                                        block(ExpertStore::StateBytes(layout, states[1]))};
-  std::memset(blocks[1].get(), 0, StateBlockBytes(ExpertStore::StateBytes(layout, states[1])));
+  for (size_t i = 0; i < blocks.size(); ++i) {  // padding too: nothing of the heap's is stored
+    std::memset(blocks[i].get(), 0, StateBlockBytes(ExpertStore::StateBytes(layout, states[i])));
+  }
   const void* const pointers[] = {blocks[0].get(), blocks[1].get()};
   std::vector<float> initial(params);
   ExtractReport report;
@@ -1088,27 +1114,7 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
                         builder->Finish({{std::string(kOptimizerBlob),
                                           std::string(OptimizerKindName(file->kind()))}}));
   if (options.verify) {
-    Status verified = [&]() -> Status {
-      const auto [root, name] = SplitCheckpointPath(options.out);
-      ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
-                            CheckpointReader::Open(root, name));
-      ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> again, ImportedFile::Open(options.file));
-      return again->ForEachExpert([&](ExpertId id, uint64_t version, const float* master,
-                                      const float* moments) -> Status {
-        const uint32_t flat = written->index().Flat(id);
-        bool same = written->version(flat) == version;
-        if (same && version != 0) {
-          ECSS_RETURN_IF_ERROR(written->Read(flat));
-          same = std::memcmp(written->blocks()[0], master, master_bytes) == 0 &&
-                 std::memcmp(written->blocks()[1], moments, moment_bytes) == 0;
-        }
-        if (!same) {
-          return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " of '",
-                                      options.out, "' differs from '", options.file, "'"));
-        }
-        return Status::Ok();
-      });
-    }();
+    Status verified = VerifyImport(options);
     if (!verified.ok()) {
       builder->Discard();
       return verified;

@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
+#include <functional>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "engine/checkpoint_record.h"
 #include "runtime/base/str_cat.h"
@@ -49,12 +52,147 @@ int BadArguments(std::string_view message) {
   return 2;
 }
 
+// What the command line asked for.
+struct Args {
+  ecss::ExtractOptions options;  // --checkpoint, --out, --with-optimizer-state, --verify, --force
+  std::string domains, format = "safetensors", add_domain, copy_of, import, repeat;
+  bool format_given = false;
+};
+
+// A bar redrawn in place on a terminal; otherwise a plain line at every tenth. Its stage
+// becomes "verifying" once the first pass is done.
+std::function<void(uint64_t, uint64_t)> ProgressBar(const char* first_stage) {
+  struct State {
+    bool terminal = isatty(STDERR_FILENO) != 0;
+    int last_tenth = -1;
+    const char* stage;
+  };
+  auto state = std::make_shared<State>();
+  state->stage = first_stage;
+  return [state](uint64_t done, uint64_t total) {
+    const int tenth = static_cast<int>(done * 10 / total);
+    const auto shown = static_cast<unsigned long long>(done);
+    const auto of = static_cast<unsigned long long>(total);
+    if (state->terminal) {
+      const int width = 30, filled = static_cast<int>(done * width / total);
+      std::fprintf(stderr, "\r%s [%s%s] %llu/%llu experts", state->stage,
+                   std::string(filled, '#').c_str(), std::string(width - filled, ' ').c_str(),
+                   shown, of);
+      if (done == total) std::fputc('\n', stderr);
+    } else if (tenth != state->last_tenth) {
+      std::fprintf(stderr, "%s: %llu/%llu experts\n", state->stage, shown, of);
+    }
+    state->last_tenth = tenth;
+    if (done == total) {
+      state->stage = "verifying";
+      state->last_tenth = -1;
+    }
+  };
+}
+
+int Failed(const ecss::Status& status) {
+  std::cerr << "ecss-extract: " << status << "\n";
+  return 1;
+}
+
+int Import(const Args& a) {
+  const ecss::ExtractOptions& o = a.options;
+  if (o.out.empty() || !o.checkpoint.empty() || !a.domains.empty() || a.format_given ||
+      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty() || !a.repeat.empty()) {
+    return BadArguments("--import FILE takes --out DIR, and --verify and --force only");
+  }
+  ecss::StatusOr<ecss::ExtractReport> imported =
+      ecss::ImportSafetensors({a.import, o.out, o.overwrite, o.verify, ProgressBar("importing")});
+  if (!imported.ok()) return Failed(imported.status());
+  std::cout << "wrote " << o.out << ": " << imported->experts << " experts (" << imported->initial
+            << " never updated), a checkpoint of " << imported->file_bytes << " bytes"
+            << (imported->verified ? "; verified against the file" : "") << "\nmodel:\n"
+            << ecss::FormatModelRecord(imported->model);
+  return 0;
+}
+
+int RepeatLayers(const Args& a) {
+  const ecss::ExtractOptions& o = a.options;
+  uint32_t times = 0;
+  const auto [end, error] =
+      std::from_chars(a.repeat.data(), a.repeat.data() + a.repeat.size(), times);
+  if (error != std::errc() || end != a.repeat.data() + a.repeat.size() || times < 2) {
+    return BadArguments(ecss::StrCat("--repeat-layers '", a.repeat, "': a count of 2 or more"));
+  }
+  if (o.checkpoint.empty() || o.out.empty() || !a.domains.empty() || a.format_given ||
+      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty()) {
+    return BadArguments(
+        "--repeat-layers K takes --checkpoint and --out, and --verify and --force only");
+  }
+  ecss::StatusOr<ecss::ExtractReport> deep =
+      ecss::RepeatLayers({o.checkpoint, times, o.out, o.overwrite, o.verify});
+  if (!deep.ok()) return Failed(deep.status());
+  std::cout << "wrote " << o.out << ": " << deep->model.layers << " layers, " << deep->experts
+            << " experts (" << deep->initial << " never updated), a checkpoint of "
+            << deep->file_bytes << " bytes"
+            << (deep->verified ? "; every expert verified against its source" : "") << "\nmodel:\n"
+            << ecss::FormatModelRecord(deep->model);
+  return 0;
+}
+
+int AddDomain(const Args& a) {
+  const ecss::ExtractOptions& o = a.options;
+  if (a.add_domain.empty() || a.copy_of.empty() || o.checkpoint.empty() || o.out.empty()) {
+    return BadArguments(
+        "--add-domain NAME and --copy-of DOMAIN go together, with --checkpoint and --out");
+  }
+  if (!a.domains.empty() || a.format_given || o.with_optimizer_state) {
+    return BadArguments(
+        "--add-domain writes a checkpoint: no --domains, --format or --with-optimizer-state");
+  }
+  ecss::StatusOr<ecss::ExtractReport> grown =
+      ecss::AddDomain({o.checkpoint, a.add_domain, a.copy_of, o.out, o.overwrite, o.verify});
+  if (!grown.ok()) return Failed(grown.status());
+  std::cout << "wrote " << o.out << ": domain '" << a.add_domain << "' added as a copy of '"
+            << a.copy_of << "'; " << grown->file_bytes << " bytes"
+            << (grown->verified ? "; the old domains verified by evaluation" : "") << "\nmodel:\n"
+            << ecss::FormatModelRecord(grown->model);
+  return 0;
+}
+
+int Extract(Args a) {
+  ecss::ExtractOptions& o = a.options;
+  if (o.checkpoint.empty() || a.domains.empty() || o.out.empty()) {
+    return BadArguments("--checkpoint, --domains and --out are required");
+  }
+  if (a.format != "safetensors" && a.format != "ecss") {
+    return BadArguments(ecss::StrCat("--format '", a.format, "': safetensors or ecss"));
+  }
+  for (size_t start = 0; start <= a.domains.size();) {
+    const size_t comma = std::min(a.domains.find(',', start), a.domains.size());
+    o.domains.push_back(a.domains.substr(start, comma - start));
+    start = comma + 1;
+  }
+  o.progress = ProgressBar("extracting");
+  const bool ecss_format = a.format == "ecss";
+  ecss::StatusOr<ecss::ExtractReport> report =
+      ecss_format ? ecss::ExtractToCheckpoint(o) : ecss::ExtractToSafetensors(o);
+  if (!report.ok()) return Failed(report.status());
+  std::string kept;
+  for (const ecss::DomainSpec& d : report->model.domains) {
+    kept += ecss::StrCat(kept.empty() ? "" : ", ", d.name, " (", d.experts, " experts a layer)");
+  }
+  std::cout << "wrote " << o.out << ": " << kept << "; " << report->experts << " experts over "
+            << report->model.layers << " layers (" << report->initial << " never updated), "
+            << (ecss_format ? "a checkpoint of " : ecss::StrCat(report->tensors, " tensors, "))
+            << report->file_bytes << " bytes"
+            << (report->verified ? ecss_format ? "; verified by evaluation" : "; verified" : "")
+            << "\n";
+  // What a session that loads the sub-model is created with (its options' model).
+  if (ecss_format) std::cout << "model:\n" << ecss::FormatModelRecord(report->model);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  ecss::ExtractOptions options;
-  std::string domains, format = "safetensors", add_domain, copy_of, import, repeat;
-  bool format_given = false;
+  Args a;
+  ecss::ExtractOptions& o = a.options;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -67,156 +205,34 @@ int main(int argc, char** argv) {
       return 0;
     }
     if (arg == "--checkpoint") {
-      if (!value(&options.checkpoint)) return BadArguments("--checkpoint needs a directory");
+      if (!value(&o.checkpoint)) return BadArguments("--checkpoint needs a directory");
     } else if (arg == "--domains") {
-      if (!value(&domains)) return BadArguments("--domains needs a list of names");
+      if (!value(&a.domains)) return BadArguments("--domains needs a list of names");
     } else if (arg == "--out") {
-      if (!value(&options.out)) return BadArguments("--out needs a file");
+      if (!value(&o.out)) return BadArguments("--out needs a file");
     } else if (arg == "--format") {
-      if (!value(&format)) return BadArguments("--format needs a name");
-      format_given = true;
+      if (!value(&a.format)) return BadArguments("--format needs a name");
+      a.format_given = true;
     } else if (arg == "--add-domain") {
-      if (!value(&add_domain)) return BadArguments("--add-domain needs a name");
+      if (!value(&a.add_domain)) return BadArguments("--add-domain needs a name");
     } else if (arg == "--copy-of") {
-      if (!value(&copy_of)) return BadArguments("--copy-of needs a domain");
+      if (!value(&a.copy_of)) return BadArguments("--copy-of needs a domain");
     } else if (arg == "--repeat-layers") {
-      if (!value(&repeat)) return BadArguments("--repeat-layers needs a count");
+      if (!value(&a.repeat)) return BadArguments("--repeat-layers needs a count");
     } else if (arg == "--import") {
-      if (!value(&import)) return BadArguments("--import needs a file");
+      if (!value(&a.import)) return BadArguments("--import needs a file");
     } else if (arg == "--with-optimizer-state") {
-      options.with_optimizer_state = true;
+      o.with_optimizer_state = true;
     } else if (arg == "--verify") {
-      options.verify = true;
+      o.verify = true;
     } else if (arg == "--force") {
-      options.overwrite = true;
+      o.overwrite = true;
     } else {
       return BadArguments(ecss::StrCat("unknown argument '", arg, "'"));
     }
   }
-  // A bar redrawn in place on a terminal; otherwise a plain line at every tenth.
-  const bool terminal = isatty(STDERR_FILENO) != 0;
-  int last_tenth = -1;
-  const char* stage = import.empty() ? "extracting" : "importing";
-  auto progress = [&](uint64_t done, uint64_t total) {
-    const int tenth = static_cast<int>(done * 10 / total);
-    if (terminal) {
-      const int width = 30, filled = static_cast<int>(done * width / total);
-      std::fprintf(stderr, "\r%s [%s%s] %llu/%llu experts", stage, std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(), static_cast<unsigned long long>(done),
-                   static_cast<unsigned long long>(total));
-      if (done == total) std::fputc('\n', stderr);
-    } else if (tenth != last_tenth) {
-      std::fprintf(stderr, "%s: %llu/%llu experts\n", stage, static_cast<unsigned long long>(done),
-                   static_cast<unsigned long long>(total));
-    }
-    last_tenth = tenth;
-    if (done == total) {
-      stage = "verifying";
-      last_tenth = -1;
-    }
-  };
-  if (!import.empty()) {
-    if (options.out.empty() || !options.checkpoint.empty() || !domains.empty() || format_given ||
-        options.with_optimizer_state || !add_domain.empty() || !copy_of.empty()) {
-      return BadArguments("--import FILE takes --out DIR, and --verify and --force only");
-    }
-    ecss::ImportOptions import_options{import, options.out, options.overwrite, options.verify,
-                                       progress};
-    ecss::StatusOr<ecss::ExtractReport> imported = ecss::ImportSafetensors(import_options);
-    if (!imported.ok()) {
-      std::cerr << "ecss-extract: " << imported.status() << "\n";
-      return 1;
-    }
-    std::cout << "wrote " << options.out << ": " << imported->experts << " experts ("
-              << imported->initial << " never updated), a checkpoint of " << imported->file_bytes
-              << " bytes" << (imported->verified ? "; verified against the file" : "")
-              << "\nmodel:\n"
-              << ecss::FormatModelRecord(imported->model);
-    return 0;
-  }
-  if (!repeat.empty()) {
-    uint32_t times = 0;
-    const auto [end, error] = std::from_chars(repeat.data(), repeat.data() + repeat.size(), times);
-    if (error != std::errc() || end != repeat.data() + repeat.size() || times < 2) {
-      return BadArguments(ecss::StrCat("--repeat-layers '", repeat, "': a count of 2 or more"));
-    }
-    if (options.checkpoint.empty() || options.out.empty() || !domains.empty() || format_given ||
-        options.with_optimizer_state || !add_domain.empty() || !copy_of.empty()) {
-      return BadArguments(
-          "--repeat-layers K takes --checkpoint and --out, and --verify and --force only");
-    }
-    ecss::RepeatLayersOptions deepen{options.checkpoint, times, options.out, options.overwrite,
-                                     options.verify};
-    ecss::StatusOr<ecss::ExtractReport> deep = ecss::RepeatLayers(deepen);
-    if (!deep.ok()) {
-      std::cerr << "ecss-extract: " << deep.status() << "\n";
-      return 1;
-    }
-    std::cout << "wrote " << options.out << ": " << deep->model.layers << " layers, "
-              << deep->experts << " experts (" << deep->initial
-              << " never updated), a checkpoint of " << deep->file_bytes << " bytes"
-              << (deep->verified ? "; every expert verified against its source" : "")
-              << "\nmodel:\n"
-              << ecss::FormatModelRecord(deep->model);
-    return 0;
-  }
-  const bool surgery = !add_domain.empty() || !copy_of.empty();
-  if (surgery) {
-    if (add_domain.empty() || copy_of.empty() || options.checkpoint.empty() ||
-        options.out.empty()) {
-      return BadArguments(
-          "--add-domain NAME and --copy-of DOMAIN go together, with --checkpoint "
-          "and --out");
-    }
-    if (!domains.empty() || format_given || options.with_optimizer_state) {
-      return BadArguments(
-          "--add-domain writes a checkpoint: no --domains, --format or "
-          "--with-optimizer-state");
-    }
-    ecss::AddDomainOptions add{options.checkpoint, add_domain,        copy_of,
-                               options.out,        options.overwrite, options.verify};
-    ecss::StatusOr<ecss::ExtractReport> grown = ecss::AddDomain(add);
-    if (!grown.ok()) {
-      std::cerr << "ecss-extract: " << grown.status() << "\n";
-      return 1;
-    }
-    std::cout << "wrote " << options.out << ": domain '" << add_domain << "' added as a copy of '"
-              << copy_of << "'; " << grown->file_bytes << " bytes"
-              << (grown->verified ? "; the old domains verified by evaluation" : "") << "\nmodel:\n"
-              << ecss::FormatModelRecord(grown->model);
-    return 0;
-  }
-  if (options.checkpoint.empty() || domains.empty() || options.out.empty()) {
-    return BadArguments("--checkpoint, --domains and --out are required");
-  }
-  if (format != "safetensors" && format != "ecss") {
-    return BadArguments(ecss::StrCat("--format '", format, "': safetensors or ecss"));
-  }
-  options.progress = progress;
-  for (size_t start = 0; start <= domains.size();) {
-    const size_t comma = std::min(domains.find(',', start), domains.size());
-    options.domains.push_back(domains.substr(start, comma - start));
-    start = comma + 1;
-  }
-  ecss::StatusOr<ecss::ExtractReport> report =
-      format == "ecss" ? ecss::ExtractToCheckpoint(options) : ecss::ExtractToSafetensors(options);
-  if (!report.ok()) {
-    std::cerr << "ecss-extract: " << report.status() << "\n";
-    return 1;
-  }
-  std::string kept;
-  for (const ecss::DomainSpec& d : report->model.domains) {
-    kept += ecss::StrCat(kept.empty() ? "" : ", ", d.name, " (", d.experts, " experts a layer)");
-  }
-  std::cout << "wrote " << options.out << ": " << kept << "; " << report->experts
-            << " experts over " << report->model.layers << " layers (" << report->initial
-            << " never updated), "
-            << (format == "ecss" ? "a checkpoint of " : ecss::StrCat(report->tensors, " tensors, "))
-            << report->file_bytes << " bytes"
-            << (report->verified ? format == "ecss" ? "; verified by evaluation" : "; verified"
-                                 : "")
-            << "\n";
-  // What a session that loads the sub-model is created with (its options' model).
-  if (format == "ecss") std::cout << "model:\n" << ecss::FormatModelRecord(report->model);
-  return 0;
+  if (!a.import.empty()) return Import(a);
+  if (!a.repeat.empty()) return RepeatLayers(a);
+  if (!a.add_domain.empty() || !a.copy_of.empty()) return AddDomain(a);
+  return Extract(std::move(a));
 }
