@@ -339,6 +339,19 @@ TEST_F(ExtractTest, AFileWithItsOptimizerStateImportsBackExactly) {
   }
   ExpectMasters(report->model, import.out, [](uint32_t e) { return e < 2 ? e : e + 3; });
   EXPECT_EQ(ImportSafetensors(import).status().code(), StatusCode::kAlreadyExists);
+  {  // Once a session saved its own checkpoint beside it, the root is a training run's.
+    RunConfig c;
+    c.dtype = DType::kBF16;
+    c.steps = 1;
+    TrainSession(c, nullptr, [&](Session& s) {
+      ASSERT_TRUE(s.SaveCheckpoint(StrCat(dir_, "/imported"), "trained", {}).ok());
+    });
+    ImportOptions beside = import;
+    beside.out = StrCat(dir_, "/imported/again");
+    Status refused = ImportSafetensors(beside).status();
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
+    EXPECT_NE(refused.message().find("'trained'"), std::string::npos) << refused;
+  }
 
   // Refused, leaving no checkpoint.
   auto refused = [&](const std::string& file, StatusCode code, const std::string& names) {
@@ -733,6 +746,10 @@ TEST(SafetensorsTest, AMalformedHeaderIsDataLoss) {
              "\"data_offsets\": [0, 0]}}",
              0),
       header("{\"__metadata__\": {\"k\": 1}}", 0),
+      header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}, "
+             "\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}",
+             4),                                                      // a tensor named twice
+      header("{\"__metadata__\": {\"k\": \"1\", \"k\": \"2\"}}", 0),  // a key twice
   };
   for (size_t i = 0; i < damaged.size(); ++i) {
     const std::string path = StrCat(dir, "/", i, ".safetensors");

@@ -38,6 +38,23 @@ namespace {
 constexpr char kFormat[] = "ecss-extract 1";
 // In a root of this tool's checkpoint outputs (CheckpointBuilder).
 constexpr char kOutputsMarker[] = ".ecss-extract-outputs";
+constexpr char kOutputsHeader[] = "checkpoints of ecss-extract\n";  // then a name a line
+
+// The checkpoints this tool wrote under `root`, as its outputs' marker lists them (none
+// without one, or with another first line).
+std::set<std::string> OutputsOf(const std::string& root) {
+  std::set<std::string> names;
+  StatusOr<std::string> marker = ReadFileToString(StrCat(root, "/", kOutputsMarker));
+  if (!marker.ok() || marker->rfind(kOutputsHeader, 0) != 0) return names;
+  std::string_view rest{*marker};
+  rest.remove_prefix(std::strlen(kOutputsHeader));
+  while (!rest.empty()) {
+    const size_t end = std::min(rest.find('\n'), rest.size());
+    if (end > 0) names.insert(std::string(rest.substr(0, end)));
+    rest.remove_prefix(std::min(end + 1, rest.size()));
+  }
+  return names;
+}
 
 // What is extracted, and how the numbers map.
 struct Plan {
@@ -556,16 +573,17 @@ class CheckpointBuilder {
                                          "': write it under another directory (it would be that "
                                          "run's newest checkpoint)"));
     }
-    // A root of this tool's outputs (marked so by Finish), or one without checkpoints: never a
-    // training run's, whose newest checkpoint this would become.
-    if (!std::filesystem::exists(StrCat(b.root_, "/", kOutputsMarker), error)) {
-      for (auto it = std::filesystem::directory_iterator(b.root_, error);
-           !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
-        if (std::filesystem::exists(it->path() / "checkpoint.manifest", error)) {
-          return InvalidArgumentError(StrCat("'", b.root_,
-                                             "' holds checkpoints ecss-extract did not write (a "
-                                             "training run's?): write under another directory"));
-        }
+    // A root of this tool's outputs only (Finish lists them in the marker): never a training
+    // run's, whose newest checkpoint this would become, even one a session saved beside ours.
+    const std::set<std::string> ours = OutputsOf(b.root_);
+    for (auto it = std::filesystem::directory_iterator(b.root_, error);
+         !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
+      if (std::filesystem::exists(it->path() / "checkpoint.manifest", error) &&
+          ours.count(it->path().filename().string()) == 0) {
+        return InvalidArgumentError(
+            StrCat("'", b.root_, "' holds checkpoint '", it->path().filename().string(),
+                   "', which ecss-extract did not write (a training run's?): write under "
+                   "another directory"));
       }
     }
     // One writer of a name at a time: a second one would take the first's scratch store for a
@@ -648,8 +666,11 @@ class CheckpointBuilder {
     save.blobs.push_back({std::string(kModelBlob), FormatModelRecord(model_)});
     save.states = states_;
     save.full = true;
-    ECSS_RETURN_IF_ERROR(
-        WriteFileAtomically(StrCat(root_, "/", kOutputsMarker), "checkpoints of ecss-extract\n"));
+    std::set<std::string> ours = OutputsOf(root_);
+    ours.insert(name_);
+    std::string marker = kOutputsHeader;
+    for (const std::string& name : ours) marker += StrCat(name, "\n");
+    ECSS_RETURN_IF_ERROR(WriteFileAtomically(StrCat(root_, "/", kOutputsMarker), marker));
     if (replace_) {
       Status deleted = DeleteCheckpoint(root_, name_);
       if (!deleted.ok() && deleted.code() != StatusCode::kNotFound) return deleted;

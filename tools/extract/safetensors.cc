@@ -10,6 +10,8 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -201,7 +203,21 @@ StatusOr<SafetensorsHeader> ReadSafetensorsHeader(const std::string& path) {
   }
   std::string json(length, '\0');
   if (!in.read(json.data(), static_cast<std::streamsize>(length))) return damaged("short header");
-  nlohmann::json header = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  // A key twice in one object would be read as its last value: refused, as JSON leaves open.
+  std::vector<std::set<std::string>> keys;  // of each object being parsed
+  bool repeated = false;
+  nlohmann::json::parser_callback_t unique_keys = [&](int, nlohmann::json::parse_event_t event,
+                                                      nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::object_start) keys.emplace_back();
+    if (event == nlohmann::json::parse_event_t::object_end && !keys.empty()) keys.pop_back();
+    if (event == nlohmann::json::parse_event_t::key && !keys.empty() &&
+        !keys.back().insert(parsed.get<std::string>()).second) {
+      repeated = true;
+    }
+    return true;
+  };
+  nlohmann::json header = nlohmann::json::parse(json, unique_keys, /*allow_exceptions=*/false);
+  if (repeated) return damaged("a key appears twice in one object of the header");
   if (!header.is_object()) return damaged("the header is not a JSON object");
   SafetensorsHeader out;
   out.data_start = 8 + length;
