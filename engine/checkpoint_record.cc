@@ -269,9 +269,8 @@ StatusOr<ModelSpec> CheckpointModel(const CheckpointReader& reader) {
 }
 
 StatusOr<ModelSpec> CheckpointModel(const std::string& checkpoint) {
-  const auto [root, name] = SplitCheckpointPath(checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(checkpoint));
   return CheckpointModel(*reader);
 }
 

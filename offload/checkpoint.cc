@@ -705,6 +705,12 @@ std::pair<std::string, std::string> SplitCheckpointPath(const std::string& path)
   return {from.parent_path().string(), from.filename().string()};
 }
 
+StatusOr<std::unique_ptr<CheckpointReader>> CheckpointReader::OpenPath(
+    const std::string& checkpoint, const IoEngineFactory& io_engines) {
+  const auto [root, name] = SplitCheckpointPath(checkpoint);
+  return Open(root, name, io_engines);
+}
+
 struct CheckpointReader::Impl {
   Impl(Manifest manifest, const std::string& checkpoints, const std::string& name)
       : m(std::move(manifest)),

@@ -131,6 +131,9 @@ class CheckpointReader {
   static StatusOr<std::unique_ptr<CheckpointReader>> Open(const std::string& root,
                                                           const std::string& name,
                                                           const IoEngineFactory& io_engines = {});
+  // The same, of checkpoint ROOT/NAME given as one path (SplitCheckpointPath).
+  static StatusOr<std::unique_ptr<CheckpointReader>> OpenPath(
+      const std::string& checkpoint, const IoEngineFactory& io_engines = {});
   ~CheckpointReader();
   CheckpointReader(const CheckpointReader&) = delete;
   CheckpointReader& operator=(const CheckpointReader&) = delete;

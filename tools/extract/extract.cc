@@ -396,9 +396,8 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
   {
     // A checkpoint with the delayed update's held gradients resumes only into a session with
     // it; an evaluation computes with the published weights and leaves them held.
-    const auto [root, name] = SplitCheckpointPath(checkpoint);
     ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                          CheckpointReader::Open(root, name));
+                          CheckpointReader::OpenPath(checkpoint));
     ECSS_ASSIGN_OR_RETURN(const std::optional<SessionState> state,
                           SessionStateOf(reader->blobs(), model));
     if (state) {
@@ -465,9 +464,7 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
 // source holds (blocks compared byte for byte): weights, moments and update counts.
 Status CompareExperts(CheckpointReader& source, const std::string& out,
                       const std::function<uint32_t(ExpertId)>& from) {
-  const auto [root, name] = SplitCheckpointPath(out);
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
-                        CheckpointReader::Open(root, name));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written, CheckpointReader::OpenPath(out));
   std::vector<std::vector<char>> want;
   for (uint32_t flat = 0; flat < written->index().size(); ++flat) {
     const ExpertId id = written->index().Id(flat);
@@ -546,7 +543,7 @@ Status CheckOutputPlace(const std::string& out, const std::string& source) {
 // which SaveCheckpoint then copies. Experts not written stay unwritten: they read as their
 // initial values (the model's InitialKey). Removes the scratch store when destroyed; the
 // checkpoint exists once Finish returns (a save cut short is collected by the next save), and
-// Discard removes it (a failed verify). Nothing else there is ever removed.
+// Verify removes it when its check fails. Nothing else there is ever removed.
 class CheckpointBuilder {
  public:
   // `states` of `layout` (its experts per layer are the model's), as `source` (the checkpoint
@@ -679,8 +676,16 @@ class CheckpointBuilder {
     finished_ = true;
     return stats.bytes_written;
   }
-  void Discard() {
-    if (finished_) DeleteCheckpoint(root_, name_).IgnoreError();
+  // The saved checkpoint `check`ed (--verify): removed when the check fails, else
+  // report->verified.
+  Status Verify(const std::function<Status()>& check, ExtractReport* report) {
+    Status verified = check();
+    if (!verified.ok()) {
+      if (finished_) DeleteCheckpoint(root_, name_).IgnoreError();
+      return verified;
+    }
+    report->verified = true;
+    return Status::Ok();
   }
 
  private:
@@ -705,9 +710,8 @@ class CheckpointBuilder {
 }  // namespace
 
 StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
-  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(options.checkpoint));
   ECSS_RETURN_IF_ERROR(CheckOutputPlace(options.out, reader->where()));
 
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
@@ -745,9 +749,8 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
 }
 
 StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
-  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(options.checkpoint));
   ECSS_ASSIGN_OR_RETURN(const Plan plan, MakePlan(options, *reader));
   ECSS_ASSIGN_OR_RETURN(
       std::unique_ptr<CheckpointBuilder> builder,
@@ -780,20 +783,15 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
                                                [&plan](ExpertId id) { return plan.SubOf(id); }));
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(blobs));
   if (options.verify) {
-    Status verified = VerifyByEvaluation(plan, *reader, options);
-    if (!verified.ok()) {
-      builder->Discard();
-      return verified;
-    }
-    report.verified = true;
+    ECSS_RETURN_IF_ERROR(
+        builder->Verify([&] { return VerifyByEvaluation(plan, *reader, options); }, &report));
   }
   return report;
 }
 
 StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
-  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(options.checkpoint));
   ECSS_ASSIGN_OR_RETURN(const ModelSpec full, CheckpointModel(*reader));
   // The source group, and where every group starts; the new group goes after all of them, so
   // no expert of the model moves and no domain's tables change (they are keyed on its id).
@@ -850,30 +848,24 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
     }
   }
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
-  if (options.verify) {
-    Status verified = [&]() -> Status {
-      // Every expert as its source (the new group's, the copied group's), and every old domain
-      // computing as before on the same inputs.
-      ECSS_RETURN_IF_ERROR(CompareExperts(*reader, options.out, [&](ExpertId id) {
-        return reader->index().Flat(
-            {id.layer, id.expert < first ? id.expert : source_first + (id.expert - first)});
-      }));
-      ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(OptimizerOf(*reader)));
-      ECSS_ASSIGN_OR_RETURN(const auto before,
-                            EvaluationOutputs(full, full, options.checkpoint, kind));
-      ECSS_ASSIGN_OR_RETURN(const auto after, EvaluationOutputs(grown, full, options.out, kind));
-      if (before != after) {
-        return DataLossError(StrCat("verify: the old domains' outputs of '", options.out,
-                                    "' differ from those of '", options.checkpoint, "'"));
-      }
-      return Status::Ok();
-    }();
-    if (!verified.ok()) {
-      builder->Discard();
-      return verified;
+  // Every expert as its source (the new group's, the copied group's), and every old domain
+  // computing as before on the same inputs.
+  auto check = [&]() -> Status {
+    ECSS_RETURN_IF_ERROR(CompareExperts(*reader, options.out, [&](ExpertId id) {
+      return reader->index().Flat(
+          {id.layer, id.expert < first ? id.expert : source_first + (id.expert - first)});
+    }));
+    ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(OptimizerOf(*reader)));
+    ECSS_ASSIGN_OR_RETURN(const auto before,
+                          EvaluationOutputs(full, full, options.checkpoint, kind));
+    ECSS_ASSIGN_OR_RETURN(const auto after, EvaluationOutputs(grown, full, options.out, kind));
+    if (before != after) {
+      return DataLossError(StrCat("verify: the old domains' outputs of '", options.out,
+                                  "' differ from those of '", options.checkpoint, "'"));
     }
-    report.verified = true;
-  }
+    return Status::Ok();
+  };
+  if (options.verify) ECSS_RETURN_IF_ERROR(builder->Verify(check, &report));
   return report;
 }
 
@@ -1056,9 +1048,8 @@ class ImportedFile {
 // Every expert of the checkpoint `options.out` as the file has it: version, master weights
 // and moments.
 Status VerifyImport(const ImportOptions& options) {
-  const auto [root, name] = SplitCheckpointPath(options.out);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(options.out));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ImportedFile> file, ImportedFile::Open(options.file));
   const uint64_t master_bytes = file->model().expert_params() * 4;
   const uint64_t moment_bytes = master_bytes * file->plan().moment_names.size();
@@ -1135,12 +1126,7 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
                         builder->Finish({{std::string(kOptimizerBlob),
                                           std::string(OptimizerKindName(file->kind()))}}));
   if (options.verify) {
-    Status verified = VerifyImport(options);
-    if (!verified.ok()) {
-      builder->Discard();
-      return verified;
-    }
-    report.verified = true;
+    ECSS_RETURN_IF_ERROR(builder->Verify([&] { return VerifyImport(options); }, &report));
   }
   return report;
 }
@@ -1148,9 +1134,8 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
 // ---- Pseudo-to-Real ----------------------------------------------------------------------------
 
 StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options) {
-  const auto [root, name] = SplitCheckpointPath(options.checkpoint);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
-                        CheckpointReader::Open(root, name));
+                        CheckpointReader::OpenPath(options.checkpoint));
   ECSS_ASSIGN_OR_RETURN(const ModelSpec shallow, CheckpointModel(*reader));
   if (options.times < 2) {
     return InvalidArgumentError(StrCat("--repeat-layers ", options.times, ": at least 2"));
@@ -1197,14 +1182,9 @@ StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options) {
   // shallow layers' experts, whose ids do not change.
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
   if (options.verify) {
-    Status verified = CompareExperts(*reader, options.out, [&](ExpertId id) {
-      return reader->index().Flat({id.layer % layers, id.expert});
-    });
-    if (!verified.ok()) {
-      builder->Discard();
-      return verified;
-    }
-    report.verified = true;
+    auto source = [&](ExpertId id) { return reader->index().Flat({id.layer % layers, id.expert}); };
+    ECSS_RETURN_IF_ERROR(
+        builder->Verify([&] { return CompareExperts(*reader, options.out, source); }, &report));
   }
   return report;
 }
