@@ -241,6 +241,16 @@ std::vector<ExpertState> ExpertTable::CheckpointStates() const {
           ExpertState::kMoments};
 }
 
+void ExpertTable::set_before_host_update(std::function<void(ExpertId)> hook) {
+  if (host_ == nullptr) return;
+  if (!hook) {
+    host_->set_before_update({});
+    return;
+  }
+  host_->set_before_update(
+      [this, hook = std::move(hook)](uint32_t flat) { hook(index_.Id(flat)); });
+}
+
 Status ExpertTable::RecordHostVersions() {
   if (host_ == nullptr) return Status::Ok();
   for (uint32_t flat = 0; flat < index_.size(); ++flat) {

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string_view>
@@ -73,6 +74,10 @@ class ExpertTable {
   void* GradientOf(ExpertId id) const { return gradients_->Of(at(id).id); }
   const GradientPool& gradients() const { return *gradients_; }
 
+  // Called on the driving thread before an update changes expert `id`'s states in host
+  // memory in place (never for states on NVMe, whose writes keep the version before): what a
+  // checkpoint taken during training copies first. Empty: nothing is called.
+  void set_before_host_update(std::function<void(ExpertId)> hook);
   ExpertUpdater& updater() { return *updater_; }
   const ExpertUpdater& updater() const { return *updater_; }
   WeightStager* stager() { return stager_.get(); }  // null unless the weights live on NVMe

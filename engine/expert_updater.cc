@@ -35,6 +35,7 @@ Status HostUpdater::BeginStep(float loss_scale) { return optimizer_->BeginStep(l
 
 Status HostUpdater::Submit(uint32_t id, const void* grad, DType dtype) {
   Entry& entry = entries_[id];
+  if (before_update_) before_update_(id);
   ECSS_RETURN_IF_ERROR(optimizer_->SubmitGradient(id, grad, dtype));
   entry.submitted_step = optimizer_->current_step();
   return Status::Ok();

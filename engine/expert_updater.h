@@ -92,11 +92,17 @@ class HostUpdater final : public ExpertUpdater {
   // The updates expert `id` received (its optimizer's version): after Synchronize, the version
   // of its states, which it updates in place.
   uint64_t version(uint32_t id) const { return optimizer_->version(id); }
+  // Called by Submit before the expert's update is queued (its arrays change after it
+  // returns). Empty: nothing is called.
+  void set_before_update(std::function<void(uint32_t id)> hook) {
+    before_update_ = std::move(hook);
+  }
 
  private:
   explicit HostUpdater(std::unique_ptr<CpuOptimizer> optimizer)
       : optimizer_(std::move(optimizer)) {}
   std::unique_ptr<CpuOptimizer> optimizer_;
+  std::function<void(uint32_t id)> before_update_;
   struct Entry {
     ExpertArrays arrays;
     uint64_t submitted_step = 0;

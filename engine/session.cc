@@ -16,6 +16,7 @@
 #include "engine/step_plan.h"
 #include "kernels/kernel_runner.h"
 #include "router/rre_router.h"
+#include "runtime/base/logging.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/backend.h"
 
@@ -84,6 +85,11 @@ struct Session::Impl {
   UpdateIntervals update_intervals;
   std::unique_ptr<ExpertTable> table;
   std::unique_ptr<StepExecutor> executor;  // uses the table: declared after it
+  // A save StartCheckpoint began whose result WaitForCheckpoint has not taken (it reads the
+  // table's store: declared after it), and the training steps begun since it began (refused
+  // ones too: a BeginStep may have started the delayed update before it failed).
+  std::unique_ptr<CheckpointSave> save;
+  uint32_t steps_since_save = 0;
 
   bool in_step = false;
   bool evaluating = false;  // the open step is an evaluation: Forward only
@@ -104,6 +110,13 @@ struct Session::Impl {
   Status CreateAll();
   Status CreateRouter();
   Status ResumeRecords();
+  // Waits until the save in progress is durable or failed, and stops preserving experts for
+  // it; its result (which stays for WaitForCheckpoint). REQUIRES: save.
+  StatusOr<CheckpointStats> FinishSave() {
+    StatusOr<CheckpointStats> saved = save->Wait();
+    table->set_before_host_update({});
+    return saved;
+  }
   void Snapshot() {
     copies_at_begin = backend.copy_stats();
     cache_at_begin = executor->cache().stats();
@@ -202,7 +215,11 @@ StatusOr<std::unique_ptr<Session>> Session::Create(Backend& backend,
 
 Session::Session(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
-Session::~Session() = default;  // the executor waits for the device and the updates
+Session::~Session() {  // then the executor waits for the device and the updates
+  if (impl_->save == nullptr) return;
+  StatusOr<CheckpointStats> saved = impl_->FinishSave();
+  if (!saved.ok()) ECSS_LOG(Error) << "a checkpoint no one waited for failed: " << saved.status();
+}
 
 // ---- Checks ----------------------------------------------------------------------------------
 
@@ -313,6 +330,12 @@ Status Session::BeginStep(const std::vector<MicroBatch>& micro_batches, float lo
 
 // Opens the step in the executor; a step it refused is dropped whole.
 Status Session::Impl::Begin(const std::vector<MicroBatch>& micro_batches, float loss_scale) {
+  // A save started before the previous training step reads the versions that step's updates
+  // left in place (memory: preserved; NVMe: the other shadow slot); this step's would
+  // overwrite them.
+  if (!evaluating && save != nullptr && steps_since_save++ > 0) {
+    FinishSave().status().IgnoreError();  // for WaitForCheckpoint
+  }
   bool opened = false;
   Status begun = executor->Begin(micro_batches, loss_scale, evaluating, step + 1, &opened);
   if (opened) ++step;
@@ -481,17 +504,40 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   return stats;
 }
 
-Status Session::Synchronize() { return impl_->executor->Synchronize(impl_->in_step); }
+Status Session::Synchronize() {
+  if (impl_->save != nullptr) {                  // with delayed_update it starts an update
+    impl_->FinishSave().status().IgnoreError();  // for WaitForCheckpoint
+  }
+  return impl_->executor->Synchronize(impl_->in_step);
+}
 
 StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const std::string& name,
                                                   const std::vector<CheckpointBlob>& loop_state) {
+  ECSS_RETURN_IF_ERROR(StartCheckpoint(root, name, loop_state));
+  return WaitForCheckpoint();
+}
+
+StatusOr<CheckpointStats> Session::WaitForCheckpoint() {
+  Impl& s = *impl_;
+  if (s.save == nullptr) return FailedPreconditionError("WaitForCheckpoint: no save was started");
+  StatusOr<CheckpointStats> saved = s.FinishSave();
+  s.save.reset();
+  return saved;
+}
+
+Status Session::StartCheckpoint(const std::string& root, const std::string& name,
+                                const std::vector<CheckpointBlob>& loop_state) {
   Impl& s = *impl_;
   if (s.in_step) {
-    return FailedPreconditionError("SaveCheckpoint inside a step (call it between steps)");
+    return FailedPreconditionError("saving a checkpoint inside a step (call it between steps)");
+  }
+  if (s.save != nullptr) {
+    return FailedPreconditionError(
+        "saving a checkpoint while the last one's result is not taken (WaitForCheckpoint)");
   }
   for (const CheckpointBlob& blob : loop_state) {
     if (blob.name.rfind(kSessionBlobPrefix, 0) == 0) {
-      return InvalidArgumentError(StrCat("SaveCheckpoint: loop state '", blob.name,
+      return InvalidArgumentError(StrCat("checkpoint loop state '", blob.name,
                                          "': names starting with '", kSessionBlobPrefix,
                                          "' are the session's own"));
     }
@@ -525,7 +571,13 @@ StatusOr<CheckpointStats> Session::SaveCheckpoint(const std::string& root, const
   options.blobs.push_back({std::string(kModelBlob), FormatModelRecord(s.options.model)});
   options.states = s.table->CheckpointStates();
   options.io_engines = s.options.placement.io_engines;
-  return ecss::SaveCheckpoint(s.table->store(), root, name, options);
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointSave> save,
+                        CheckpointSave::Begin(s.table->store(), root, name, std::move(options)));
+  ECSS_RETURN_IF_ERROR(save->Start());  // else the save is abandoned
+  s.save = std::move(save);
+  s.steps_since_save = 0;
+  s.table->set_before_host_update([save = s.save.get()](ExpertId id) { save->Preserve(id); });
+  return Status::Ok();
 }
 
 const std::vector<CheckpointBlob>& Session::loop_state() const {

@@ -71,7 +71,7 @@ class Session {
   // MemoryPlan::DeviceBudgetFor. The budget is not checked against the backend's memory.
   // Create's errors otherwise.
   static StatusOr<MemoryPlan> PlanMemoryOn(Backend& backend, const SessionOptions& options);
-  ~Session();  // waits for the updates in flight
+  ~Session();  // waits for a save StartCheckpoint began, then for the updates in flight
 
   // Update failures: an expert update that fails in the background (an I/O error, a damaged
   // state block, a non-finite gradient without skip_step_on_nonfinite) leaves that expert's
@@ -141,10 +141,30 @@ class Session {
   // A session with placement.resume_from = ROOT/NAME trains on from it bit for bit. Any
   // placement: master and moments on NVMe are read from their files; in host memory, their
   // versions are the optimizer's update counts of their updates in place. FailedPrecondition
-  // inside a step; an update failure; the checkpoint's errors otherwise. Its reads count in
-  // the next step's statistics.
+  // inside a step or while a save StartCheckpoint began is not taken; an update failure; the
+  // checkpoint's errors otherwise. Its reads count in the next step's statistics.
+  // StartCheckpoint then WaitForCheckpoint.
   StatusOr<CheckpointStats> SaveCheckpoint(const std::string& root, const std::string& name,
                                            const std::vector<CheckpointBlob>& loop_state = {});
+  // SaveCheckpoint in two parts, so that the save overlaps the next step. StartCheckpoint
+  // returns once every expert's version is fixed (it waits for the updates in flight, as
+  // SaveCheckpoint does, and reads only the NVMe states' headers); the experts are then copied
+  // on a thread of the save's own while the loop trains on. The checkpoint is durable when
+  // WaitForCheckpoint returns its figures, and at the latest before the second training step
+  // after it begins (evaluation steps do not count): that BeginStep waits for the save (so do
+  // Synchronize and the session's end), so a save started after step t is durable before step
+  // t+2. It holds the experts exactly as they were at StartCheckpoint: an expert whose states
+  // live in host memory is copied just before an update changes them (within the save's
+  // buffer; beyond it the update waits until the save has written that expert); an NVMe
+  // state keeps that version in its other shadow slot.
+  // FailedPrecondition inside a step, or while the result of an earlier save has not been
+  // taken by WaitForCheckpoint; SaveCheckpoint's errors otherwise.
+  Status StartCheckpoint(const std::string& root, const std::string& name,
+                         const std::vector<CheckpointBlob>& loop_state = {});
+  // Waits for the save StartCheckpoint started and returns its figures, or why it failed
+  // (nothing of it is then a checkpoint; earlier ones are intact). FailedPrecondition when no
+  // save was started.
+  StatusOr<CheckpointStats> WaitForCheckpoint();
   // The loop state of the checkpoint the session resumed from (empty otherwise).
   const std::vector<CheckpointBlob>& loop_state() const;
   // After Synchronize: the expert's fp32 master weights, [W_in (d_model x d_in) | W_out

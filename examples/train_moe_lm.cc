@@ -15,7 +15,8 @@
 // end, and when SIGTERM or Ctrl-C asks (at the end of that step, then exiting), with this
 // loop's own state (embedding, output projection, the gates, their optimizer states, the
 // data position, the losses so far) as its blobs; --resume continues from the newest one, bit for
-// bit as if never stopped.
+// bit as if never stopped. The periodic saves overlap the next step (Session::StartCheckpoint)
+// and are reported, durable, at its end; the last one and a signal's are taken whole.
 //
 // --routing gate replaces RRE with learned top-2 softmax gates (router/gates.h), one per
 // sparse layer, trained by this loop with the Switch auxiliary loss: the session then routes
@@ -447,6 +448,16 @@ Status Train(const Options& o) {
   double fetch_bytes = 0;
   std::printf("%6s %9s %10s %12s %9s %9s\n", "step", "loss", "tokens/s", "streamed", "hit rate",
               "stalls");
+  std::string saving;  // the checkpoint being saved while the next step trains
+  auto report_save = [&](const std::string& name, const CheckpointStats& saved) {
+    std::printf(
+        "checkpoint %s/%s: %.2f MiB written with the loop state (%s: %llu experts copied, "
+        "%llu held by earlier checkpoints)\n",
+        o.checkpoint_dir.c_str(), name.c_str(),
+        static_cast<double>(saved.bytes_written) / (1 << 20), saved.full ? "full" : "incremental",
+        static_cast<unsigned long long>(saved.experts_copied),
+        static_cast<unsigned long long>(saved.experts_referenced));
+  };
   for (int step = static_cast<int>(counters[0]); step < o.steps; ++step) {
     // Samples from 4 of the domains, rotating, each domain's text read in order.
     const auto num_domains = static_cast<uint32_t>(corpus.size());
@@ -560,21 +571,27 @@ Status Train(const Options& o) {
       std::printf("\n");
       std::fflush(stdout);  // a log being followed (tail -f) shows each step as it ends
     }
+    // A save started after the step before has copied its experts during this one: it is
+    // durable once taken (and before the next step begins in any case).
+    if (!saving.empty()) {
+      ECSS_ASSIGN_OR_RETURN(CheckpointStats saved, session->WaitForCheckpoint());
+      report_save(saving, saved);
+      saving.clear();
+    }
     const bool last = step + 1 == o.steps;
     const int stop_signal = StopRequest::requested();
     if (!o.checkpoint_dir.empty() &&
         (last || stop_signal != 0 ||
          (o.checkpoint_every > 0 && (step + 1) % o.checkpoint_every == 0))) {
       const std::string name = StrCat("step-", step + 1);
+      if (!last && stop_signal == 0) {  // overlapping the next step
+        ECSS_RETURN_IF_ERROR(session->StartCheckpoint(o.checkpoint_dir, name, loop_state()));
+        saving = name;
+        continue;
+      }
       ECSS_ASSIGN_OR_RETURN(CheckpointStats saved,
                             session->SaveCheckpoint(o.checkpoint_dir, name, loop_state()));
-      std::printf(
-          "checkpoint %s/%s: %.2f MiB written with the loop state (%s: %llu experts copied, "
-          "%llu held by earlier checkpoints)\n",
-          o.checkpoint_dir.c_str(), name.c_str(),
-          static_cast<double>(saved.bytes_written) / (1 << 20), saved.full ? "full" : "incremental",
-          static_cast<unsigned long long>(saved.experts_copied),
-          static_cast<unsigned long long>(saved.experts_referenced));
+      report_save(name, saved);
       if (stop_signal != 0) {
         std::printf("stopped by signal %d after step %d; continue with --resume\n", stop_signal,
                     step);

@@ -1,14 +1,19 @@
 #include "offload/checkpoint.h"
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
+#include <system_error>
+#include <thread>
 
 #include "runtime/base/checksum.h"
 #include "runtime/base/file_util.h"
@@ -300,6 +305,16 @@ bool HoldsOnlyCheckpointFiles(const std::filesystem::path& dir) {
 
 // Removes directories without a manifest whose data no manifest refers to: saves cut short,
 // and deleted checkpoints nothing needs any more. REQUIRES: the root's lock.
+// Removes directory `dir` of a save that did not finish, unless it now holds something no
+// save writes (or is no directory: someone replaced it), which stays.
+void RemoveUnfinished(const std::string& dir) {
+  std::error_code error;
+  if (!std::filesystem::is_directory(std::filesystem::symlink_status(dir, error))) return;
+  if (std::filesystem::is_empty(dir, error) || HoldsOnlyCheckpointFiles(dir)) {
+    std::filesystem::remove_all(dir, error);
+  }
+}
+
 Status CollectGarbage(const std::string& root, const Checkpoints& checkpoints) {
   if (!checkpoints.damaged.empty()) return Status::Ok();
   std::set<std::string> referenced;
@@ -400,16 +415,23 @@ Status Drain(IoEngine& engine, const std::string& path) {
   return first.Annotate(StrCat("writing '", path, "'"));
 }
 
-// Writes the blobs into DIR/blobs.bin (synced) and records them.
-Status WriteBlobs(const std::string& dir, const std::vector<CheckpointBlob>& blobs, Manifest* m,
-                  uint64_t* bytes) {
-  std::string data;
+// InvalidArgument naming a blob name that is empty, repeated, a path or has whitespace.
+Status CheckBlobNames(const std::vector<CheckpointBlob>& blobs) {
   std::set<std::string> names;
   for (const CheckpointBlob& blob : blobs) {
     if (!IsPlainName(blob.name) || !names.insert(blob.name).second) {
       return InvalidArgumentError(StrCat("checkpoint blob name '", blob.name,
                                          "' is empty, repeated, a path or has whitespace"));
     }
+  }
+  return Status::Ok();
+}
+
+// Writes the blobs (their names checked) into DIR/blobs.bin (synced) and records them.
+Status WriteBlobs(const std::string& dir, const std::vector<CheckpointBlob>& blobs, Manifest* m,
+                  uint64_t* bytes) {
+  std::string data;
+  for (const CheckpointBlob& blob : blobs) {
     m->blobs.push_back(
         {blob.name, data.size(), blob.bytes.size(), Crc32c(blob.bytes.data(), blob.bytes.size())});
     data += blob.bytes;
@@ -463,96 +485,6 @@ class ExpertsWriter {
   uint64_t offset_ = 0;
 };
 
-// The version every state of `states` of expert `id` is at (headers only), or nullopt when they
-// differ (an update cut short: ReadStates finds the version they all hold).
-StatusOr<std::optional<uint64_t>> AgreedVersion(ExpertStore& store, ExpertId id,
-                                                const std::vector<ExpertState>& states) {
-  std::optional<uint64_t> agreed;
-  for (ExpertState state : states) {
-    ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id));
-    if (agreed.has_value() && *agreed != version) return std::optional<uint64_t>();
-    agreed = version;
-  }
-  return agreed;
-}
-
-// Copies the store's experts into DIR/experts.bin and records every expert in `m`: those the
-// newest checkpoint of this store holds at their version by reference (with `newest`).
-Status CopyExperts(ExpertStore& store, const std::string& dir, const std::string& name,
-                   const Manifest* newest, const CheckpointOptions& options, Manifest* m,
-                   CheckpointStats* stats) {
-  const std::string path = StrCat(dir, "/", kExpertsName);
-  uint64_t expert_bytes = 0;
-  for (ExpertState state : m->states) expert_bytes += store.BlockBytes(state);
-  // Declared before the engine and the writer: freed after every write that uses it.
-  std::unique_ptr<BlockSets> blocks;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
-  const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
-      options.buffer_bytes / std::max<uint64_t>(expert_bytes, 1), 1, engine->queue_depth()));
-  blocks = std::make_unique<BlockSets>(store.layout(), m->states, sets);
-  if (!blocks->ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
-  ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(path, OpenMode::kCreate));
-  Status copied = [&] {
-    ExpertsWriter writer(*engine, file, path, *blocks);
-    for (uint32_t flat = 0; flat < store.index().size(); ++flat) {
-      const ExpertId id = store.index().Id(flat);
-      // The versions first (headers only): an expert still initial, or at the version the
-      // newest checkpoint holds, is not read at all.
-      ECSS_ASSIGN_OR_RETURN(const std::optional<uint64_t> known,
-                            AgreedVersion(store, id, m->states));
-      ExpertRecord x;
-      uint32_t set = 0;
-      // An expert that still reads the storage of one saved before it (ExpertStore::Share, not
-      // written since) is saved as that one is: the same blocks, stored once.
-      const uint32_t source = store.index().Flat(store.SourceOf(id));
-      const bool shares = source < flat && known.has_value() && *known != 0 &&
-                          m->experts[source].version == *known &&
-                          std::all_of(m->states.begin(), m->states.end(), [&](ExpertState state) {
-                            return store.ReadsSourceStorage(id, state);
-                          });
-      if (shares) {
-        m->experts.push_back(m->experts[source]);
-        ++stats->experts_shared;
-        continue;
-      }
-      if (known.has_value() &&
-          (*known == 0 || (newest != nullptr && newest->experts[flat].version == *known))) {
-        x.version = *known;
-      } else {
-        ECSS_ASSIGN_OR_RETURN(set, writer.NextSet());
-        ECSS_RETURN_IF_ERROR(store.ReadStates(id, m->states, blocks->blocks(set), &x.version));
-        // The blocks' padding zeroed, not whatever the set held before: equal stores save
-        // equal files.
-        for (size_t s = 0; s < m->states.size(); ++s) {
-          const uint64_t used = store.StateBytes(m->states[s]);
-          std::memset(static_cast<char*>(blocks->blocks(set)[s]) + used, 0,
-                      store.BlockBytes(m->states[s]) - used);
-        }
-      }
-      stats->full_bytes += x.version == 0 ? 0 : blocks->set_bytes();
-      if (x.version == 0) {
-        ++stats->experts_initial;
-      } else if (newest != nullptr && newest->experts[flat].version == x.version) {
-        x = newest->experts[flat];
-        ++stats->experts_referenced;
-      } else {
-        x.holder = name;
-        for (size_t s = 0; s < m->states.size(); ++s) {
-          x.crcs.push_back(Crc32c(blocks->blocks(set)[s], store.StateBytes(m->states[s])));
-        }
-        ECSS_ASSIGN_OR_RETURN(x.offset, writer.Append(flat));
-        ++stats->experts_copied;
-      }
-      m->experts.push_back(std::move(x));
-    }
-    ECSS_RETURN_IF_ERROR(writer.Finish());
-    stats->bytes_written += writer.bytes();
-    return Status::Ok();
-  }();
-  Status closed = engine->Close(file);
-  return copied.ok() ? closed : copied.Annotate("saving a checkpoint");
-}
-
 }  // namespace
 
 StatusOr<std::vector<std::string>> ListCheckpoints(const std::string& root) {
@@ -579,56 +511,211 @@ Status NoCheckpoint(const std::string& root, const std::string& name) {
 }
 }  // namespace
 
-StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
-                                         const std::string& name,
-                                         const CheckpointOptions& options) {
-  if (!IsPlainName(name)) {
-    return InvalidArgumentError(StrCat("checkpoint name '", name, "' is not a directory name"));
-  }
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<FileLock> lock, LockRoot(root));
-  const std::string dir = Dir(root, name);
-  ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
-  ECSS_RETURN_IF_ERROR(CollectGarbage(root, all));  // a save of this name cut short too
-  std::error_code error;
-  if (std::filesystem::is_empty(dir, error)) {  // a save cut short right after its mkdir
-    std::filesystem::remove(dir, error);
-  }
-  if (Exists(dir)) {
-    return AlreadyExistsError(StrCat("'", dir,
-                                     "' exists (a checkpoint, or the data of a deleted "
-                                     "one that newer checkpoints refer to)"));
-  }
-  const std::vector<std::string> order = BySequence(all.intact);
-  const Manifest* newest = order.empty() ? nullptr : &all.intact.at(order.back());
+// ---- Saving ---------------------------------------------------------------------------------
+
+struct CheckpointSave::Impl {
+  explicit Impl(ExpertStore& s) : store(s) {}
+
+  // Where an expert Begin chose to copy stands (the others are kCopied from the start).
+  enum class Copy : uint8_t {
+    kPending,
+    kReading,    // by the copy, or by Preserve
+    kPreserved,  // held in `preserved` until the copy writes it
+    kCopied,
+    kFailed,  // Preserve could not keep it: the save fails with preserve_error
+  };
+
+  ExpertStore& store;
+  std::string name;
+  std::string dir;
+  CheckpointOptions options;
+  std::unique_ptr<FileLock> lock;  // the root's, until the save is over
+  // Every expert's version (Begin); the copied ones' blocks once copied, the shared ones' then.
   Manifest m;
-  m.sequence = newest == nullptr ? 1 : newest->sequence + 1;
-  m.store_id = store.store_id();
-  m.layout = store.layout();
-  m.initial_id = store.initial_id();
-  ECSS_ASSIGN_OR_RETURN(m.states, StatesToSave(store, options.states));
-  // Incremental when the newest checkpoint is of this store (where a version names one value:
-  // a store restored from an older checkpoint, or another run's, may reach the same version
-  // with other values) and the new one would refer to at most max_chain others.
-  bool incremental = !options.full && newest != nullptr && newest->store_id == m.store_id &&
-                     newest->states == m.states;
-  if (incremental) {
-    std::set<std::string> holders;
-    for (const ExpertRecord& x : newest->experts) {
-      if (x.version != 0) holders.insert(x.holder);
-    }
-    incremental = holders.size() <= options.max_chain;
-  }
+  // The experts to copy, in the order a step's updates reach them (the backward's: the last
+  // layer first), so that the copy is ahead of the updates of the step it overlaps.
+  std::vector<uint32_t> to_copy;
+  std::vector<uint32_t> shares_with;  // per flat: the source whose record it takes, else itself
   CheckpointStats stats;
-  stats.sequence = m.sequence;
-  stats.full = !incremental;
-  if (!std::filesystem::create_directory(dir, error)) {
-    return error ? ErrnoError(error.value(), StrCat("cannot create '", dir, "'"))
-                 : AlreadyExistsError(StrCat("'", dir, "' exists"));
+  uint64_t set_bytes = 0;      // one expert's blocks
+  bool memory_states = false;  // a saved state lives in memory (Preserve has work)
+
+  std::mutex mutex;
+  std::condition_variable changed;  // an expert's Copy, `urgent` or `over` changed
+  // GUARDED_BY(mutex):
+  std::vector<Copy> copy;  // per flat
+  std::map<uint32_t, std::unique_ptr<BlockSets>> preserved;
+  uint64_t preserved_bytes = 0;  // at most options.buffer_bytes
+  std::deque<uint32_t> urgent;   // experts an update waits for: the copy takes them next
+  Status preserve_error;
+  bool started = false;  // the copy runs on `thread`
+  bool over = false;     // the copy ended (done or failed): nothing more to preserve
+
+  std::thread thread;
+  std::optional<StatusOr<CheckpointStats>> result;
+
+  Status DecideExperts(const Manifest* newest);
+  // The next expert to copy and its blocks if Preserve kept them; nullopt when none is left.
+  StatusOr<std::optional<uint32_t>> Next(size_t* next, std::unique_ptr<BlockSets>* kept);
+  Status CopyExperts();
+  StatusOr<CheckpointStats> Run();
+  void Finish() {  // Run, on the save's thread or inside Wait
+    result = Run();
+    lock.reset();
   }
-  Status saved = SyncDirectory(root);
-  if (saved.ok()) {
-    saved = CopyExperts(store, dir, name, incremental ? newest : nullptr, options, &m, &stats);
+};
+
+// Records every expert in `m` as of the version its states hold now (headers only): initial,
+// held by the newest checkpoint of this store (`newest`, when incremental), sharing the
+// blocks of one saved before it (ExpertStore::Share, not written since: stored once), or to
+// be copied.
+Status CheckpointSave::Impl::DecideExperts(const Manifest* newest) {
+  const ExpertIndex& index = store.index();
+  copy.assign(index.size(), Copy::kCopied);
+  shares_with.resize(index.size());
+  for (uint32_t flat = 0; flat < index.size(); ++flat) {
+    const ExpertId id = index.Id(flat);
+    shares_with[flat] = flat;
+    // States at different versions: an update cut short wrote some ahead; the version all of
+    // them hold is the oldest (ExpertStore::ReadStates).
+    uint64_t version = UINT64_MAX;
+    bool agreed = true;
+    for (ExpertState state : m.states) {
+      ECSS_ASSIGN_OR_RETURN(const uint64_t v, store.Version(state, id));
+      agreed &= version == UINT64_MAX || v == version;
+      version = std::min(version, v);
+    }
+    const uint32_t source = index.Flat(store.SourceOf(id));
+    const bool shares =
+        source < flat && agreed && version != 0 && m.experts[source].version == version &&
+        std::all_of(m.states.begin(), m.states.end(),
+                    [&](ExpertState state) { return store.ReadsSourceStorage(id, state); });
+    ExpertRecord x;
+    x.version = version;
+    if (shares) {
+      shares_with[flat] = source;
+      ++stats.experts_shared;
+    } else if (version == 0) {
+      ++stats.experts_initial;
+    } else if (newest != nullptr && newest->experts[flat].version == version) {
+      x = newest->experts[flat];
+      ++stats.experts_referenced;
+    } else {
+      to_copy.push_back(flat);
+      copy[flat] = Copy::kPending;
+    }
+    if (!shares && version != 0) stats.full_bytes += set_bytes;
+    m.experts.push_back(std::move(x));
   }
+  std::stable_sort(to_copy.begin(), to_copy.end(),
+                   [&](uint32_t a, uint32_t b) { return index.Id(a).layer > index.Id(b).layer; });
+  return Status::Ok();
+}
+
+StatusOr<std::optional<uint32_t>> CheckpointSave::Impl::Next(size_t* next,
+                                                             std::unique_ptr<BlockSets>* kept) {
+  std::unique_lock<std::mutex> guard(mutex);
+  while (true) {
+    uint32_t flat = 0;
+    if (!urgent.empty()) {  // an update waits for these
+      flat = urgent.front();
+      urgent.pop_front();
+    } else if (*next < to_copy.size()) {
+      flat = to_copy[(*next)++];
+    } else {
+      return std::optional<uint32_t>();
+    }
+    // Preserve is reading it: it is kept, or failed, in a moment.
+    changed.wait(guard, [&] { return copy[flat] != Copy::kReading; });
+    switch (copy[flat]) {
+      case Copy::kPending:
+        copy[flat] = Copy::kReading;
+        return std::optional<uint32_t>(flat);
+      case Copy::kPreserved:
+        *kept = std::move(preserved[flat]);
+        preserved.erase(flat);
+        preserved_bytes -= set_bytes;
+        copy[flat] = Copy::kCopied;
+        changed.notify_all();
+        return std::optional<uint32_t>(flat);
+      case Copy::kFailed:
+        return preserve_error;
+      case Copy::kReading:
+      case Copy::kCopied:  // taken already (urgent, then met again in order)
+        break;
+    }
+  }
+}
+
+// Copies the experts to copy into DIR/experts.bin, as of the versions DecideExperts saw: each
+// from the blocks Preserve kept, else read from the store at that version.
+Status CheckpointSave::Impl::CopyExperts() {
+  const std::string path = StrCat(dir, "/", kExpertsName);
+  // Declared before the engine and the writer: freed after every write that uses it.
+  std::unique_ptr<BlockSets> blocks;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateIoEngine(options.io_engines));
+  const auto sets = static_cast<uint32_t>(std::clamp<uint64_t>(
+      options.buffer_bytes / std::max<uint64_t>(set_bytes, 1), 1, engine->queue_depth()));
+  blocks = std::make_unique<BlockSets>(store.layout(), m.states, sets);
+  if (!blocks->ok()) return ResourceExhaustedError("checkpoint: no memory for its blocks");
+  ECSS_ASSIGN_OR_RETURN(const IoFileId file, engine->Open(path, OpenMode::kCreate));
+  Status copied = [&] {
+    ExpertsWriter writer(*engine, file, path, *blocks);
+    size_t next = 0;
+    while (true) {
+      std::unique_ptr<BlockSets> kept;
+      ECSS_ASSIGN_OR_RETURN(const std::optional<uint32_t> taken, Next(&next, &kept));
+      if (!taken.has_value()) break;
+      const uint32_t flat = *taken;
+      ExpertRecord& x = m.experts[flat];
+      ECSS_ASSIGN_OR_RETURN(const uint32_t set, writer.NextSet());
+      if (kept != nullptr) {
+        std::memcpy(blocks->set_data(set), kept->set_data(0), blocks->set_bytes());
+        ++stats.experts_preserved;
+      } else {
+        Status got =
+            store.ReadStatesAt(store.index().Id(flat), m.states, blocks->blocks(set), x.version);
+        {
+          std::lock_guard<std::mutex> guard(mutex);
+          copy[flat] = Copy::kCopied;
+        }
+        changed.notify_all();
+        ECSS_RETURN_IF_ERROR(got);
+      }
+      // The blocks' padding zeroed, not whatever the set held before: equal stores save equal
+      // files.
+      for (size_t s = 0; s < m.states.size(); ++s) {
+        const uint64_t used = store.StateBytes(m.states[s]);
+        std::memset(static_cast<char*>(blocks->blocks(set)[s]) + used, 0,
+                    store.BlockBytes(m.states[s]) - used);
+        x.crcs.push_back(Crc32c(blocks->blocks(set)[s], used));
+      }
+      x.holder = name;
+      ECSS_ASSIGN_OR_RETURN(x.offset, writer.Append(flat));
+      ++stats.experts_copied;
+    }
+    ECSS_RETURN_IF_ERROR(writer.Finish());
+    stats.bytes_written += writer.bytes();
+    return Status::Ok();
+  }();
+  Status closed = engine->Close(file);
+  if (!copied.ok()) return copied.Annotate("saving a checkpoint");
+  ECSS_RETURN_IF_ERROR(closed);
+  for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {  // sources come first
+    if (shares_with[flat] != flat) m.experts[flat] = m.experts[shares_with[flat]];
+  }
+  return Status::Ok();
+}
+
+StatusOr<CheckpointStats> CheckpointSave::Impl::Run() {
+  Status saved = CopyExperts();
+  {  // nothing more to preserve, whatever the outcome
+    std::lock_guard<std::mutex> guard(mutex);
+    over = true;
+    preserved.clear();
+    preserved_bytes = 0;
+  }
+  changed.notify_all();
   if (saved.ok()) saved = WriteBlobs(dir, options.blobs, &m, &stats.bytes_written);
   if (saved.ok()) {
     const std::string manifest = FormatManifest(m);
@@ -636,10 +723,161 @@ StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& 
     saved = WriteFileAtomically(StrCat(dir, "/", kManifestName), manifest);
   }
   if (!saved.ok()) {  // no manifest: the directory is no checkpoint; its files go
-    std::filesystem::remove_all(dir, error);
+    RemoveUnfinished(dir);
     return saved.Annotate(StrCat("checkpoint '", dir, "'"));
   }
   return stats;
+}
+
+StatusOr<std::unique_ptr<CheckpointSave>> CheckpointSave::Begin(ExpertStore& store,
+                                                                const std::string& root,
+                                                                const std::string& name,
+                                                                CheckpointOptions options) {
+  if (!IsPlainName(name)) {
+    return InvalidArgumentError(StrCat("checkpoint name '", name, "' is not a directory name"));
+  }
+  ECSS_RETURN_IF_ERROR(CheckBlobNames(options.blobs));
+  auto s = std::make_unique<Impl>(store);
+  s->name = name;
+  s->options = std::move(options);
+  ECSS_ASSIGN_OR_RETURN(s->lock, LockRoot(root));
+  std::error_code error;
+  // Absolute: the copy may run after the process changed its working directory.
+  s->dir = std::filesystem::absolute(Dir(root, name), error).string();
+  if (error) return ErrnoError(error.value(), StrCat("checkpoint root '", root, "'"));
+  ECSS_ASSIGN_OR_RETURN(Checkpoints all, ReadAll(root));
+  ECSS_RETURN_IF_ERROR(CollectGarbage(root, all));  // a save of this name cut short too
+  if (std::filesystem::is_empty(s->dir, error)) {   // a save cut short right after its mkdir
+    std::filesystem::remove(s->dir, error);
+  }
+  if (Exists(s->dir)) {
+    return AlreadyExistsError(StrCat("'", s->dir,
+                                     "' exists (a checkpoint, or the data of a deleted "
+                                     "one that newer checkpoints refer to)"));
+  }
+  const std::vector<std::string> order = BySequence(all.intact);
+  const Manifest* newest = order.empty() ? nullptr : &all.intact.at(order.back());
+  Manifest& m = s->m;
+  m.sequence = newest == nullptr ? 1 : newest->sequence + 1;
+  m.store_id = store.store_id();
+  m.layout = store.layout();
+  m.initial_id = store.initial_id();
+  ECSS_ASSIGN_OR_RETURN(m.states, StatesToSave(store, s->options.states));
+  for (ExpertState state : m.states) {
+    s->set_bytes += store.BlockBytes(state);
+    s->memory_states |= store.placement(state) != Tier::kNvme;
+  }
+  // Incremental when the newest checkpoint is of this store (where a version names one value:
+  // a store restored from an older checkpoint, or another run's, may reach the same version
+  // with other values) and the new one would refer to at most max_chain others.
+  bool incremental = !s->options.full && newest != nullptr && newest->store_id == m.store_id &&
+                     newest->states == m.states;
+  if (incremental) {
+    std::set<std::string> holders;
+    for (const ExpertRecord& x : newest->experts) {
+      if (x.version != 0) holders.insert(x.holder);
+    }
+    incremental = holders.size() <= s->options.max_chain;
+  }
+  s->stats.sequence = m.sequence;
+  s->stats.full = !incremental;
+  ECSS_RETURN_IF_ERROR(s->DecideExperts(incremental ? newest : nullptr)
+                           .Annotate(StrCat("checkpoint '", s->dir, "'")));
+  if (!std::filesystem::create_directory(s->dir, error)) {
+    return error ? ErrnoError(error.value(), StrCat("cannot create '", s->dir, "'"))
+                 : AlreadyExistsError(StrCat("'", s->dir, "' exists"));
+  }
+  Status synced = SyncDirectory(root);
+  if (!synced.ok()) {
+    RemoveUnfinished(s->dir);
+    return synced.Annotate(StrCat("checkpoint '", s->dir, "'"));
+  }
+  return std::unique_ptr<CheckpointSave>(new CheckpointSave(std::move(s)));
+}
+
+CheckpointSave::CheckpointSave(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+CheckpointSave::~CheckpointSave() {
+  Impl& s = *impl_;
+  if (s.thread.joinable()) {
+    s.thread.join();
+  } else if (!s.result.has_value()) {  // never run: abandoned, nothing of it is a checkpoint
+    RemoveUnfinished(s.dir);
+  }
+}
+
+Status CheckpointSave::Start() {
+  Impl& s = *impl_;
+  {
+    std::lock_guard<std::mutex> guard(s.mutex);
+    if (s.started || s.result.has_value()) return Status::Ok();
+    s.started = true;
+  }
+  try {
+    s.thread = std::thread([&s] { s.Finish(); });
+  } catch (const std::system_error& e) {
+    std::lock_guard<std::mutex> guard(s.mutex);
+    s.started = false;
+    return ResourceExhaustedError(StrCat("checkpoint: no thread for the save (", e.what(), ")"));
+  }
+  return Status::Ok();
+}
+
+void CheckpointSave::Preserve(ExpertId id) {
+  Impl& s = *impl_;
+  if (!s.memory_states) return;
+  const uint32_t flat = s.store.index().Flat(id);
+  std::unique_lock<std::mutex> guard(s.mutex);
+  s.changed.wait(guard, [&] { return s.over || s.copy[flat] != Impl::Copy::kReading; });
+  if (s.over || s.copy[flat] != Impl::Copy::kPending) return;
+  if (s.started && s.preserved_bytes + s.set_bytes > s.options.buffer_bytes) {
+    // No room to keep it: the copy takes it next, and the update waits for that.
+    s.urgent.push_back(flat);
+    s.changed.notify_all();
+    s.changed.wait(guard, [&] {
+      return s.over || s.copy[flat] == Impl::Copy::kCopied || s.copy[flat] == Impl::Copy::kFailed;
+    });
+    return;
+  }
+  s.copy[flat] = Impl::Copy::kReading;
+  s.preserved_bytes += s.set_bytes;
+  guard.unlock();
+  auto kept = std::make_unique<BlockSets>(s.store.layout(), s.m.states, 1);
+  Status got =
+      kept->ok() ? s.store.ReadStatesAt(id, s.m.states, kept->blocks(0), s.m.experts[flat].version)
+                 : ResourceExhaustedError("no memory for its blocks");
+  guard.lock();
+  if (got.ok() && !s.over) {
+    s.preserved[flat] = std::move(kept);
+    s.copy[flat] = Impl::Copy::kPreserved;
+  } else if (!got.ok()) {
+    s.preserved_bytes -= s.set_bytes;
+    s.copy[flat] = Impl::Copy::kFailed;
+    if (s.preserve_error.ok()) {
+      s.preserve_error =
+          got.Annotate(StrCat("keeping layer ", id.layer, " expert ", id.expert, " as of version ",
+                              s.m.experts[flat].version, " while it was updated"));
+    }
+  }
+  s.changed.notify_all();
+}
+
+StatusOr<CheckpointStats> CheckpointSave::Wait() {
+  Impl& s = *impl_;
+  if (s.thread.joinable()) {
+    s.thread.join();
+  } else if (!s.result.has_value()) {
+    s.Finish();
+  }
+  return *s.result;
+}
+
+StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
+                                         const std::string& name,
+                                         const CheckpointOptions& options) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointSave> save,
+                        CheckpointSave::Begin(store, root, name, options));
+  return save->Wait();
 }
 
 namespace {

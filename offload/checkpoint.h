@@ -43,7 +43,8 @@
 //
 // One writer per root: Save and Delete hold ROOT/checkpoints.lock (FileLock), so a second
 // process saving or deleting there fails naming the holder. List, Latest and Restore only
-// read. Every call blocks; distinct roots are independent.
+// read. Every call blocks but CheckpointSave's copy (which holds the lock until it ends);
+// distinct roots are independent.
 #pragma once
 
 #include <cstdint>
@@ -88,15 +89,63 @@ struct CheckpointStats {
   uint64_t experts_referenced = 0;  // held by earlier checkpoints' data
   uint64_t experts_initial = 0;     // never written: nothing to save
   uint64_t experts_shared = 0;      // reading an earlier expert's storage: saved as that one
-  uint64_t bytes_written = 0;       // experts.bin, blobs.bin and the manifest
-  uint64_t full_bytes = 0;          // what a full checkpoint of the same experts writes
+  // Copied ahead of an update that changed their memory states while the save ran
+  // (CheckpointSave::Preserve): held in memory until written.
+  uint64_t experts_preserved = 0;
+  uint64_t bytes_written = 0;  // experts.bin, blobs.bin and the manifest
+  uint64_t full_bytes = 0;     // what a full checkpoint of the same experts writes
 };
 
 // Saves every expert of `store` (as of one version per expert: call it when no update is in
 // flight) into ROOT/<name>. AlreadyExists when that checkpoint exists; InvalidArgument for a
-// name that is not one plain directory name. Removes saves cut short first.
+// name that is not one plain directory name. Removes saves cut short first. The same as
+// CheckpointSave::Begin, then Wait.
 StatusOr<CheckpointStats> SaveCheckpoint(ExpertStore& store, const std::string& root,
                                          const std::string& name, const CheckpointOptions& options);
+
+// A save in two parts, so that it can overlap training. Begin, called when no update is in
+// flight, takes the root's lock and fixes the version of every expert the checkpoint holds
+// (their headers only: no state is read); the experts are then copied, and the checkpoint made
+// durable, while the store goes on being updated: on a thread of the save's own after Start,
+// or inside Wait. The checkpoint holds exactly the versions Begin saw, if, until Wait returns:
+//  - each expert is written at most once more: an nvme state keeps the version before in its
+//    other shadow slot, which the save reads (ExpertStore::ReadStatesAt);
+//  - an expert whose memory states are about to change in place is handed to Preserve first
+//    (memory keeps one version, and nothing tells an in-place change from the version saved).
+// The copy goes in the order a step's updates reach experts (the last layer first). Preserve
+// keeps an expert's blocks (read on the calling thread) within buffer_bytes more; beyond it,
+// the copy takes that expert next and Preserve waits for it. So a save takes at most twice
+// buffer_bytes of memory, whatever the model's size. The store must outlive the save. Begin's
+// errors are SaveCheckpoint's up to the copy; the copy's come from Wait (nothing of the save
+// is then a checkpoint; earlier ones are intact). Start and Wait from one thread; Preserve
+// from any.
+class CheckpointSave {
+ public:
+  static StatusOr<std::unique_ptr<CheckpointSave>> Begin(ExpertStore& store,
+                                                         const std::string& root,
+                                                         const std::string& name,
+                                                         CheckpointOptions options);
+  // Waits for a copy Start began; a save never run is abandoned (its directory removed).
+  ~CheckpointSave();
+  CheckpointSave(const CheckpointSave&) = delete;
+  CheckpointSave& operator=(const CheckpointSave&) = delete;
+
+  // The copy on a thread of its own (at most once; Wait does it where Start was not called).
+  // ResourceExhausted when no thread can be made (the save is then still whole: Wait).
+  Status Start();
+  // Expert `id`'s memory states are about to change in place: keeps them if the save still
+  // needs them. Returns at once for an expert the save does not copy, has copied, or after it
+  // ended; a failure to keep them fails the save (Wait), never the caller.
+  void Preserve(ExpertId id);
+  // Waits for the copy and the manifest: the checkpoint is durable when this returns its
+  // figures. Returns the same each time.
+  StatusOr<CheckpointStats> Wait();
+
+ private:
+  struct Impl;
+  explicit CheckpointSave(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
 
 // The complete checkpoints under `root`, oldest first (by sequence). One whose manifest is
 // damaged is left out, with a warning in the log naming it and why (so the newest may be an

@@ -1126,6 +1126,36 @@ Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& stat
   return Status::Ok();
 }
 
+Status ExpertStore::ReadStatesAt(ExpertId id, const std::vector<ExpertState>& states,
+                                 void* const* blocks, uint64_t version) {
+  return RunConcurrently(states.size(), [&](size_t i) -> Status {
+    const ExpertState state = states[i];
+    if (placement(state) != Tier::kNvme) {
+      uint64_t held = 0;
+      ECSS_RETURN_IF_ERROR(ReadBlock(state, id, blocks[i], &held));
+      if (held == version) return Status::Ok();
+      return DataLossError(StrCat("reading ", Name(state, id), " at version ", version,
+                                  ": it is in ", TierName(placement(state)), " memory, at version ",
+                                  held, " (memory keeps one version)"));
+    }
+    if (reinterpret_cast<uintptr_t>(blocks[i]) % 4096 != 0) {
+      return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
+    }
+    std::shared_lock<std::shared_mutex> open(lifecycle_);
+    ECSS_RETURN_IF_ERROR(Check(state, id));
+    const uint32_t flat = index_.Flat(id);
+    uint64_t read = 0;
+    Status loaded = LoadFromFile(state, flat, blocks[i], &read, &version);
+    if (loaded.code() == StatusCode::kDataLoss) {
+      // The other slot's header read while it was being written may look torn: read again
+      // with no write of this state under way (damage stays damage).
+      std::lock_guard<std::mutex> no_write(files_[Index(state)].write_mutex);
+      loaded = LoadFromFile(state, flat, blocks[i], &read, &version);
+    }
+    return loaded.Annotate(StrCat("reading ", Name(state, id), " at version ", version));
+  });
+}
+
 ExpertStore::IoBytes ExpertStore::io_bytes() const {
   IoBytes bytes;
   for (const Files& files : files_) {

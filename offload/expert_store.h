@@ -185,6 +185,13 @@ class ExpertStore {
   // versions when there is none.
   Status ReadStates(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
                     uint64_t* version);
+  // Reads `states` of expert `id` into `blocks` as of `version` (at least 1): an nvme state
+  // from the shadow slot that holds it, while the other may be being written (what a
+  // checkpoint taken during training reads); a memory state only at the version the store
+  // records for it (an owner's change in place through Resident is not seen: see
+  // SetResidentVersion). DataLoss naming the state and both versions when none holds it.
+  Status ReadStatesAt(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
+                      uint64_t version);
   // The version Read of `state` would give (its newest), without reading the state: for an
   // nvme state its headers only.
   StatusOr<uint64_t> Version(ExpertState state, ExpertId id);

@@ -339,6 +339,32 @@ std::vector<MicroBatch> Views(const std::vector<OwnedMicroBatch>& owned) {
 
 // ---- Session --------------------------------------------------------------------------------
 
+// A checkpoint's loop state as blobs (each value bytes; InvalidArgument naming a key otherwise).
+std::vector<CheckpointBlob> BlobsOf(const py::dict& loop_state) {
+  std::vector<CheckpointBlob> blobs;
+  for (const auto& [key, value] : loop_state) {
+    if (!py::isinstance<py::str>(key)) {
+      ThrowIfError(InvalidArgumentError(
+          StrCat("loop_state key ", std::string(py::repr(key)), " must be a str")));
+    }
+    if (!py::isinstance<py::bytes>(value)) {
+      ThrowIfError(InvalidArgumentError(
+          StrCat("loop_state['", std::string(py::str(key)), "'] must be bytes")));
+    }
+    blobs.push_back(
+        {std::string(py::str(key)), std::string(py::reinterpret_borrow<py::bytes>(value))});
+  }
+  return blobs;
+}
+
+py::dict CheckpointDict(const CheckpointStats& s) {
+  return py::dict(
+      "full"_a = s.full, "sequence"_a = s.sequence, "experts_copied"_a = s.experts_copied,
+      "experts_referenced"_a = s.experts_referenced, "experts_initial"_a = s.experts_initial,
+      "experts_shared"_a = s.experts_shared, "experts_preserved"_a = s.experts_preserved,
+      "bytes_written"_a = s.bytes_written, "full_bytes"_a = s.full_bytes);
+}
+
 // The device memory a Session of `options` takes on `device`: its budget (budgets.device_bytes;
 // 0 = the plan's, every expert cached) and the two staging buffers, each a micro-batch's
 // activations as the device's allocator reserves it, that CPU tensors are copied through.
@@ -445,25 +471,30 @@ class PySession {
 
   py::dict SaveCheckpoint(const std::string& root, const std::string& name,
                           const py::dict& loop_state) {
-    std::vector<CheckpointBlob> blobs;
-    for (const auto& [key, value] : loop_state) {
-      if (!py::isinstance<py::bytes>(value)) {
-        ThrowIfError(InvalidArgumentError(
-            StrCat("loop_state['", std::string(py::str(key)), "'] must be bytes")));
-      }
-      blobs.push_back(
-          {std::string(py::str(key)), std::string(py::reinterpret_borrow<py::bytes>(value))});
-    }
+    const std::vector<CheckpointBlob> blobs = BlobsOf(loop_state);
     CheckpointStats s;
     {
       py::gil_scoped_release release;
       const std::lock_guard<std::mutex> lock(mutex_);
       s = ValueOrThrow(session_->SaveCheckpoint(root, name, blobs));
     }
-    return py::dict(
-        "full"_a = s.full, "sequence"_a = s.sequence, "experts_copied"_a = s.experts_copied,
-        "experts_referenced"_a = s.experts_referenced, "experts_initial"_a = s.experts_initial,
-        "bytes_written"_a = s.bytes_written, "full_bytes"_a = s.full_bytes);
+    return CheckpointDict(s);
+  }
+  void StartCheckpoint(const std::string& root, const std::string& name,
+                       const py::dict& loop_state) {
+    const std::vector<CheckpointBlob> blobs = BlobsOf(loop_state);
+    py::gil_scoped_release release;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    ThrowIfError(session_->StartCheckpoint(root, name, blobs));
+  }
+  py::dict WaitForCheckpoint() {
+    CheckpointStats s;
+    {
+      py::gil_scoped_release release;
+      const std::lock_guard<std::mutex> lock(mutex_);
+      s = ValueOrThrow(session_->WaitForCheckpoint());
+    }
+    return CheckpointDict(s);
   }
   py::dict LoopState() const {
     py::dict state;
@@ -679,6 +710,9 @@ void BindSession(py::module_& m) {
       .def("master_weights", &PySession::MasterWeights, "layer"_a, "expert"_a)
       .def("save_checkpoint", &PySession::SaveCheckpoint, "root"_a, "name"_a,
            "loop_state"_a = py::dict())
+      .def("start_checkpoint", &PySession::StartCheckpoint, "root"_a, "name"_a,
+           "loop_state"_a = py::dict())
+      .def("wait_for_checkpoint", &PySession::WaitForCheckpoint)
       .def_property_readonly("loop_state", &PySession::LoopState)
       .def("write_trace", &PySession::WriteTrace, "path"_a)
       .def_property_readonly("memory_plan",

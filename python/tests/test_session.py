@@ -197,9 +197,21 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         s.end_step()
         with pytest.raises(ecss.InvalidArgument, match="bytes"):
             s.save_checkpoint(tmp + "/ckpt", "one", {"loop": "not bytes"})
+        with pytest.raises(ecss.InvalidArgument, match="must be a str"):
+            s.save_checkpoint(tmp + "/ckpt", "one", {1: b"not named by a str"})
+        with pytest.raises(ecss.InvalidArgument, match="blob name"):
+            s.start_checkpoint(tmp + "/ckpt", "one", {"a b": b"x"})  # refused at once
+        assert not os.path.exists(tmp + "/ckpt/one")
         s.save_checkpoint(tmp + "/ckpt", "one", {"loop": b"\x00state"})
         with pytest.raises(ecss.AlreadyExists):
             s.save_checkpoint(tmp + "/ckpt", "one")
+        # A save overlapping the next step: one at a time, its result taken once.
+        s.start_checkpoint(tmp + "/ckpt", "two", {"loop": b"later"})
+        with pytest.raises(ecss.FailedPrecondition, match="WaitForCheckpoint"):
+            s.start_checkpoint(tmp + "/ckpt", "three")
+        assert s.wait_for_checkpoint()["sequence"] == 2
+        with pytest.raises(ecss.FailedPrecondition, match="no save"):
+            s.wait_for_checkpoint()
         weights = s.master_weights(0, 1).copy()
         del s
         o.placement.nvme_dirs = [tmp + "/b"]
@@ -215,7 +227,7 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         ]
         assert (saved.d_model, saved.d_ff, saved.dtype) == (o.model.d_model, o.model.d_ff, "bf16")
         with pytest.raises(ecss.NotFound):
-            ecss.checkpoint_model(tmp + "/ckpt/two")
+            ecss.checkpoint_model(tmp + "/ckpt/none")
         o.model.domains = [ecss.DomainSpec("b", 2, id=0), ecss.DomainSpec("a", 3, id=1)]
         o.placement.nvme_dirs = [tmp + "/c"]
         with pytest.raises(ecss.FailedPrecondition, match="domains"):

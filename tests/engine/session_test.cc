@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <thread>
 
@@ -511,6 +512,137 @@ TEST(SessionTest, ACheckpointKeepsTheDelayedUpdatesHeldGradientsAndHyperParamete
     EXPECT_NE(refused.message().find("held gradients"), std::string::npos) << refused;
     EXPECT_TRUE(Session::Create(**sim, OptionsFor(other)).ok())
         << "each refusal came before anything was made";
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// A file engine whose opening of a checkpoint's experts.bin waits for the test's go (so the
+// save copies nothing before the test has trained on), and then fails every request when
+// asked (a save that fails in the background).
+class HeldCheckpointEngine : public FaultInjectionIoEngine {
+ public:
+  HeldCheckpointEngine(std::unique_ptr<IoEngine> inner, std::shared_future<bool> go)
+      : FaultInjectionIoEngine(std::move(inner), FaultOptions{}), go_(std::move(go)) {}
+  StatusOr<IoFileId> Open(const std::string& path, OpenMode mode) override {
+    if (!path.ends_with("/experts.bin")) return FaultInjectionIoEngine::Open(path, mode);
+    // A test that stopped before its go fails instead of hanging at the session's end.
+    if (go_.wait_for(std::chrono::seconds(120)) != std::future_status::ready) {
+      return DeadlineExceededError("the test never let the save go on");
+    }
+    if (go_.get()) {
+      FaultOptions fail;
+      fail.fail_one_in = 1;
+      set_options(fail);
+    }
+    return FaultInjectionIoEngine::Open(path, mode);
+  }
+
+ private:
+  std::shared_future<bool> go_;
+};
+
+// A save started after step t copies its experts while step t+1 trains (their updates change
+// host states in place, or write NVMe states' other shadow slot) and is durable before step
+// t+2 begins; it holds step t's experts exactly: a session resumed from it trains on bit for
+// bit, and the run that saved does not stray. Evaluation steps in between, and with the
+// delayed update a Synchronize (which starts the next update: it waits for the save first),
+// change nothing of that. A save that fails in the background says so at WaitForCheckpoint
+// and changes nothing of the training. One save at a time.
+TEST(SessionTest, ASaveOverlappingTheNextStepHoldsTheStepItFollowed) {
+  char dir[] = "/tmp/ecss_overlapped_save_XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  const std::string root = StrCat(dir, "/checkpoints");
+  std::filesystem::create_directory(root);
+  for (const bool nvme : {false, true}) {
+    for (const bool delayed : {false, true}) {
+      const std::string name = StrCat(nvme ? "nvme" : "host", delayed ? "-delayed" : "");
+      SCOPED_TRACE(name);
+      auto dir_of = [&](const std::string& run) {
+        if (!nvme) return std::string();
+        const std::string d = StrCat(dir, "/", run, "-", name);
+        std::filesystem::create_directories(d);
+        return d;
+      };
+      RunConfig straight;
+      straight.dtype = DType::kBF16;
+      straight.delayed = delayed;
+      straight.micro_batches = 2;
+      straight.steps = 5;
+      straight.loss_scales = {1, 4, 2, 8, 1};
+      straight.nvme_dir = dir_of("straight");
+      const Weights want = TrainSession(straight);
+      // With the delayed update the saving run synchronizes after step index 2 (its held
+      // update then runs early: other weights than the straight run's).
+      RunConfig synced = straight;
+      synced.nvme_dir = dir_of("synced");
+      synced.after_step = [&](Session& s, int index) {
+        if (index == 2) {
+          ASSERT_TRUE(s.Synchronize().ok());
+        }
+      };
+      const Weights want_saving = delayed ? TrainSession(synced) : want;
+
+      for (const bool fail : {false, true}) {
+        std::promise<bool> go;
+        std::shared_future<bool> released = go.get_future().share();
+        RunConfig saving = straight;
+        saving.evaluate = true;
+        saving.nvme_dir = dir_of(fail ? "failing" : "saving");
+        saving.io_engines = [released]() -> StatusOr<std::unique_ptr<IoEngine>> {
+          ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> inner, CreateFileIoEngine({}));
+          return std::unique_ptr<IoEngine>(
+              std::make_unique<HeldCheckpointEngine>(std::move(inner), released));
+        };
+        const std::string saved_as = StrCat(name, fail ? "-failed" : "");
+        saving.after_step = [&](Session& s, int index) {
+          if (index == 1) {
+            ASSERT_TRUE(s.StartCheckpoint(root, saved_as).ok());
+            Status again = s.StartCheckpoint(root, "again");
+            EXPECT_EQ(again.code(), StatusCode::kFailedPrecondition) << again;
+            again = s.SaveCheckpoint(root, "again").status();
+            EXPECT_EQ(again.code(), StatusCode::kFailedPrecondition) << again;
+          }
+          if (index == 2) {
+            go.set_value(fail);  // step index 2 trained before the save read
+            if (delayed) {
+              ASSERT_TRUE(s.Synchronize().ok());
+            }
+          }
+          // Not waited for: the session's end finishes it.
+          if (index == 4 && !fail) {
+            ASSERT_TRUE(s.StartCheckpoint(root, name + "-at-end").ok());
+          }
+          if (index != 3) return;
+          StatusOr<CheckpointStats> saved = s.WaitForCheckpoint();
+          if (fail) {
+            EXPECT_EQ(saved.status().code(), StatusCode::kUnavailable) << saved.status();
+            EXPECT_NE(saved.status().message().find("experts.bin"), std::string::npos)
+                << saved.status();
+            EXPECT_FALSE(std::filesystem::exists(StrCat(root, "/", saved_as)));
+            return;
+          }
+          ASSERT_TRUE(saved.ok()) << saved.status();
+          EXPECT_GT(saved->experts_copied, 0u);
+          // Host states changed in place by step index 2's updates were copied first; NVMe
+          // states were read from the shadow slot their update did not write.
+          if (nvme) {
+            EXPECT_EQ(saved->experts_preserved, 0u);
+          } else {
+            EXPECT_GT(saved->experts_preserved, 0u);
+          }
+          EXPECT_EQ(s.WaitForCheckpoint().status().code(), StatusCode::kFailedPrecondition);
+        };
+        ExpectBitIdentical(TrainSession(saving), want_saving);  // the save changes nothing
+      }
+      EXPECT_TRUE(CheckpointReader::Open(root, name + "-at-end").ok());
+
+      RunConfig resumed = straight;
+      resumed.first_step = 2;
+      resumed.steps = 3;
+      resumed.nvme_dir = dir_of("resumed");
+      resumed.resume_from = StrCat(root, "/", name);
+      ExpectBitIdentical(TrainSession(resumed), want);
+    }
   }
   std::filesystem::remove_all(dir);
 }

@@ -157,6 +157,120 @@ TEST_F(CheckpointTest, AFullCheckpointRestoresEveryExpertIntoAnotherPlacement) {
   EXPECT_TRUE(Contains(twice, "needs a new store")) << twice;
 }
 
+// A save holds the versions its experts were at when it began, however the store is written
+// while it copies: an nvme state's version before stays in its other shadow slot, and memory
+// states handed to Preserve are copied before they change. A second write of an expert in
+// that time is more than a shadow slot keeps: the save fails naming the version, and saves
+// nothing else instead.
+TEST_F(CheckpointTest, ASaveHoldsTheVersionsItBeganAtWhileTheStoreIsWritten) {
+  std::vector<uint64_t> versions(kExperts, 0);
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, versions[flat] = 1);
+  auto save = CheckpointSave::Begin(*store_, ckpt(), "begun", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  for (uint32_t flat = 0; flat < kExperts; flat += 2) {
+    (*save)->Preserve(Id(flat));  // the weights are in pinned memory
+    Update(flat, 2);
+  }
+  auto saved = (*save)->Wait();  // the copy runs now, after every write
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(saved->experts_copied, kExperts);
+  EXPECT_EQ(saved->experts_preserved, kExperts / 2);
+  save->reset();
+  auto restored = Restored("begun");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Expect(**restored, versions);
+
+  // Expert 2 written twice while the save runs: preserved first, its copy is what is saved.
+  for (uint32_t flat = 0; flat < kExperts; flat += 2) versions[flat] = 2;
+  save = CheckpointSave::Begin(*store_, ckpt(), "twice", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  (*save)->Preserve(Id(2));
+  Update(2, 3);
+  Update(2, 4);
+  ASSERT_TRUE((*save)->Start().ok());
+  saved = (*save)->Wait();
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  save->reset();
+  restored = Restored("twice");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Expect(**restored, versions);
+
+  // Every expert updated while the copy runs, with room to keep one expert only: Preserve
+  // keeps what it can and otherwise waits for the copy to write that expert first.
+  versions[2] = 4;
+  CheckpointOptions small;
+  small.buffer_bytes = 1;
+  save = CheckpointSave::Begin(*store_, ckpt(), "small", small);
+  ASSERT_TRUE(save.ok()) << save.status();
+  ASSERT_TRUE((*save)->Start().ok());
+  for (uint32_t flat = 0; flat < kExperts; ++flat) {
+    (*save)->Preserve(Id(flat));
+    Update(flat, 5);
+  }
+  saved = (*save)->Wait();
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  save->reset();
+  restored = Restored("small");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  Expect(**restored, versions);
+
+  // A memory state changed without Preserve: the save fails naming it (the copy has not run).
+  save = CheckpointSave::Begin(*store_, ckpt(), "lost", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  Update(5, 6);
+  saved = (*save)->Wait();
+  EXPECT_EQ(saved.status().code(), StatusCode::kDataLoss) << saved.status();
+  EXPECT_TRUE(Contains(saved.status(), "at version 5")) << saved.status();
+  EXPECT_TRUE(Contains(saved.status(), "layer 0 expert 5")) << saved.status();
+  save->reset();
+  EXPECT_FALSE(std::filesystem::exists(ckpt() + "/lost"));
+  EXPECT_EQ(*LatestCheckpoint(ckpt()), "small");
+  // Its lock is gone with it: the next save proceeds. One never run leaves nothing.
+  save = CheckpointSave::Begin(*store_, ckpt(), "abandoned", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  save->reset();
+  EXPECT_FALSE(std::filesystem::exists(ckpt() + "/abandoned"));
+  EXPECT_TRUE(SaveCheckpoint(*store_, ckpt(), "after", {}).ok());
+}
+
+// A save's place is fixed when it begins (a relative root too, whatever the working directory
+// is when the copy writes); a bad blob name is refused then, before anything is made; a failed
+// save removes only what it made.
+TEST_F(CheckpointTest, ASaveWritesWhereItBeganAndRemovesOnlyWhatItMade) {
+  for (uint32_t flat = 0; flat < kExperts; ++flat) Update(flat, 1);
+  CheckpointOptions bad;
+  bad.blobs = {{"a b", "x"}};
+  Status refused = CheckpointSave::Begin(*store_, ckpt(), "bad", bad).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
+  EXPECT_FALSE(std::filesystem::exists(ckpt() + "/bad"));
+
+  const std::filesystem::path was = std::filesystem::current_path();
+  std::filesystem::current_path(root_);
+  auto save = CheckpointSave::Begin(*store_, "ckpt", "relative", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  std::filesystem::current_path(root_ + "/other");
+  std::filesystem::create_directory("ckpt");
+  ASSERT_TRUE((*save)->Start().ok());
+  auto saved = (*save)->Wait();
+  std::filesystem::current_path(was);
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(*LatestCheckpoint(ckpt()), "relative");
+  EXPECT_TRUE(std::filesystem::is_empty(root_ + "/other/ckpt"));
+
+  // Its directory replaced by someone's file while it ran: the save fails, the file stays.
+  save = CheckpointSave::Begin(*store_, ckpt(), "replaced", {});
+  ASSERT_TRUE(save.ok()) << save.status();
+  std::filesystem::remove(ckpt() + "/replaced");
+  std::ofstream(ckpt() + "/replaced") << "someone's";
+  saved = (*save)->Wait();
+  EXPECT_FALSE(saved.ok());
+  save->reset();
+  std::ifstream in(ckpt() + "/replaced");
+  std::string kept;
+  in >> kept;
+  EXPECT_EQ(kept, "someone's");
+}
+
 // A block's bytes past its state (4 KiB alignment) are zeros, not what the buffers held before:
 // equal stores save equal files.
 TEST_F(CheckpointTest, ABlocksPaddingIsZeros) {
@@ -334,13 +448,14 @@ TEST_F(CheckpointTest, DamagedOrForeignCheckpointsAreRefusedNamingWhatIsWrong) {
   Update(0, 2);
   ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "b", options).ok());
   const std::string data = ckpt() + "/a/experts.bin";
-  // Expert 1 (layer 0 expert 1) is a's second record; its master follows its weights block.
+  // a's second record is layer 1 expert 1's (a save copies the last layer first, as a step's
+  // updates reach experts); its master follows its weights block.
   const uint64_t record = 4096 + 4096 + 8192;  // weights, master and moments blocks
   ASSERT_TRUE(FlipByte(data, record + 4096 + 10, 0x08));
   Status flipped = Restored("b").status();
   EXPECT_EQ(flipped.code(), StatusCode::kDataLoss) << flipped;
   EXPECT_TRUE(Contains(flipped, data)) << flipped;
-  EXPECT_TRUE(Contains(flipped, "layer 0 expert 1 master checksum mismatch")) << flipped;
+  EXPECT_TRUE(Contains(flipped, "layer 1 expert 1 master checksum mismatch")) << flipped;
   ASSERT_TRUE(FlipByte(data, record + 4096 + 10, 0x08));
   ASSERT_TRUE(Restored("b").ok());
   std::filesystem::resize_file(data, 3 * record);
