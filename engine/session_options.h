@@ -128,7 +128,8 @@ struct Placement {
   // A new store writes every expert's initial NVMe states at creation instead of at their
   // first update: creation then takes time and disk space in proportion to the model (a full
   // disk is found at creation), and the first steps read states from the disk as every later
-  // one does (what a benchmark of steady-state training wants).
+  // one does (what a benchmark of steady-state training wants). The experts are then written
+  // (at version 0), so the session's first checkpoint stores each of them once.
   bool write_initial_states = false;
   // Open the store an earlier session of the same model left in nvme_dirs (after its
   // Synchronize) instead of creating one: the experts continue from the master weights,

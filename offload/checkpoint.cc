@@ -41,8 +41,8 @@ constexpr ExpertState kAllStates[] = {ExpertState::kWeights, ExpertState::kMaste
 
 // One expert as a checkpoint records it.
 struct ExpertRecord {
-  uint64_t version = 0;  // 0: initial (nothing stored)
-  std::string holder;    // the checkpoint whose experts.bin holds its blocks
+  uint64_t version = 0;
+  std::string holder;  // the checkpoint whose experts.bin holds its blocks; none: initial
   uint64_t offset = 0;
   std::vector<uint32_t> crcs;  // one per saved state
 };
@@ -101,7 +101,7 @@ std::string FormatManifest(const Manifest& m) {
   }
   for (size_t e = 0; e < m.experts.size(); ++e) {
     const ExpertRecord& x = m.experts[e];
-    if (x.version == 0) {
+    if (x.holder.empty()) {
       text += StrCat("expert ", e, " initial\n");
       continue;
     }
@@ -140,7 +140,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
         continue;
       }
       if (v.size() != 4 + m.states.size() || !ParseUint(v[1], UINT64_MAX, &x.version) ||
-          x.version == 0 || !ParseUint(v[3], UINT64_MAX, &x.offset)) {
+          !ParseUint(v[3], UINT64_MAX, &x.offset)) {
         return bad;
       }
       x.holder = v[2];
@@ -320,7 +320,7 @@ Status CollectGarbage(const std::string& root, const Checkpoints& checkpoints) {
   std::set<std::string> referenced;
   for (const auto& [name, m] : checkpoints.intact) {
     for (const ExpertRecord& x : m.experts) {
-      if (x.version != 0) referenced.insert(x.holder);
+      if (!x.holder.empty()) referenced.insert(x.holder);
     }
   }
   ECSS_ASSIGN_OR_RETURN(std::vector<std::filesystem::path> dirs, Subdirectories(root));
@@ -578,13 +578,19 @@ Status CheckpointSave::Impl::DecideExperts(const Manifest* newest) {
     shares_with[flat] = flat;
     // States at different versions: an update cut short wrote some ahead; the version all of
     // them hold is the oldest (ExpertStore::ReadStates).
-    uint64_t version = UINT64_MAX;
-    bool agreed = true;
+    std::vector<std::pair<uint64_t, bool>> held;  // each state's version, and if written
     for (ExpertState state : m.states) {
-      ECSS_ASSIGN_OR_RETURN(const uint64_t v, store.Version(state, id));
-      agreed &= version == UINT64_MAX || v == version;
-      version = std::min(version, v);
+      bool written = false;
+      ECSS_ASSIGN_OR_RETURN(const uint64_t v, store.Version(state, id, &written));
+      held.emplace_back(v, written);
     }
+    const uint64_t version = std::min_element(held.begin(), held.end())->first;
+    const bool agreed =
+        std::all_of(held.begin(), held.end(), [&](const auto& h) { return h.first == version; });
+    // Written as of that version (at 0 too: then not its initial value, but what its writer
+    // chose).
+    const bool written = std::any_of(held.begin(), held.end(),
+                                     [&](const auto& h) { return h.first == version && h.second; });
     const uint32_t source = index.Flat(store.SourceOf(id));
     const bool shares =
         source < flat && agreed && version != 0 && m.experts[source].version == version &&
@@ -595,16 +601,17 @@ Status CheckpointSave::Impl::DecideExperts(const Manifest* newest) {
     if (shares) {
       shares_with[flat] = source;
       ++stats.experts_shared;
-    } else if (version == 0) {
+    } else if (!written) {
       ++stats.experts_initial;
-    } else if (newest != nullptr && newest->experts[flat].version == version) {
+    } else if (newest != nullptr && !newest->experts[flat].holder.empty() &&
+               newest->experts[flat].version == version) {
       x = newest->experts[flat];
       ++stats.experts_referenced;
     } else {
       to_copy.push_back(flat);
       copy[flat] = Copy::kPending;
     }
-    if (!shares && version != 0) stats.full_bytes += set_bytes;
+    if (!shares && written) stats.full_bytes += set_bytes;
     m.experts.push_back(std::move(x));
   }
   std::stable_sort(to_copy.begin(), to_copy.end(),
@@ -775,7 +782,7 @@ StatusOr<std::unique_ptr<CheckpointSave>> CheckpointSave::Begin(ExpertStore& sto
   if (incremental) {
     std::set<std::string> holders;
     for (const ExpertRecord& x : newest->experts) {
-      if (x.version != 0) holders.insert(x.holder);
+      if (!x.holder.empty()) holders.insert(x.holder);
     }
     incremental = holders.size() <= s->options.max_chain;
   }
@@ -992,6 +999,9 @@ const ExpertIndex& CheckpointReader::index() const { return impl_->index; }
 uint64_t CheckpointReader::version(uint32_t flat) const {
   return flat < impl_->m.experts.size() ? impl_->m.experts[flat].version : 0;
 }
+bool CheckpointReader::written(uint32_t flat) const {
+  return flat < impl_->m.experts.size() && !impl_->m.experts[flat].holder.empty();
+}
 void* const* CheckpointReader::blocks() const { return impl_->blocks->blocks(0); }
 
 Status CheckpointReader::Read(uint32_t flat) {
@@ -1003,7 +1013,7 @@ Status CheckpointReader::Read(uint32_t flat) {
   const ExpertRecord& x = s.m.experts[flat];
   const ExpertId id = s.index.Id(flat);
   const std::string expert = StrCat("layer ", id.layer, " expert ", id.expert);
-  if (x.version == 0) {
+  if (x.holder.empty()) {
     return FailedPreconditionError(
         StrCat("checkpoint '", s.where, "': ", expert, " was never written (its initial value)"));
   }
@@ -1059,11 +1069,12 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
   for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
     const ExpertId id = store.index().Id(flat);
     for (ExpertState state : m.states) {
-      ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id));
-      if (version != 0) {
+      bool written = false;
+      ECSS_ASSIGN_OR_RETURN(const uint64_t version, store.Version(state, id, &written));
+      if (written) {
         return FailedPreconditionError(
             StrCat("restoring a checkpoint needs a new store: layer ", id.layer, " expert ",
-                   id.expert, " ", ExpertStateName(state), " is already at version ", version));
+                   id.expert, " ", ExpertStateName(state), " is written (version ", version, ")"));
       }
     }
   }
@@ -1073,7 +1084,7 @@ StatusOr<std::vector<CheckpointBlob>> RestoreCheckpoint(const std::string& root,
   std::vector<std::pair<ExpertId, ExpertId>> shared;
   for (uint32_t flat = 0; flat < m.experts.size(); ++flat) {
     const ExpertRecord& x = m.experts[flat];
-    if (x.version == 0) continue;  // stays unwritten
+    if (x.holder.empty()) continue;  // stays unwritten
     const auto [first, added] = restored_at.insert({{x.holder, x.offset}, flat});
     if (!added) {
       const ExpertRecord& y = m.experts[first->second];

@@ -34,8 +34,11 @@
 // renamed into place and the directory synced; a crash at any point leaves every earlier
 // checkpoint loadable, and the new one either complete or absent.
 //
-// Versions: an expert whose states are at version 0 is recorded as initial (it reads as its
-// initial value): write versions from 1, as the optimizer's update counts are.
+// Versions: an expert never written is recorded as initial (nothing stored: it reads as its
+// initial value); one written at version 0 (no update yet: e.g. grown from a dense FFN's
+// weights) is stored with its blocks, as every other written expert. The optimizer's update
+// counts are the versions. (A build before written-at-0 experts refuses a manifest that has
+// one, naming its line.)
 //
 // Errors name what is wrong: a damaged or truncated file is DataLoss naming the file and the
 // layer, expert and state (or blob); another model's checkpoint is FailedPrecondition naming
@@ -193,9 +196,12 @@ class CheckpointReader {
   const std::string& initial_id() const;
   const std::vector<ExpertState>& states() const;  // those saved, in blocks()' order
   const std::vector<CheckpointBlob>& blobs() const;
-  // The expert's saved version; 0: never written, so nothing is saved (it is its initial
-  // value, which only the model that made the store computes).
+  // The expert's saved version (its update count).
   uint64_t version(uint32_t flat) const;
+  // Whether its states are saved: false for an expert never written (nothing is saved: it is
+  // its initial value, which only the model that made the store computes); true at version 0
+  // too for one written without an update (ExpertStore::Version's `written`).
+  bool written(uint32_t flat) const;
   // Reads expert `flat`'s saved states into blocks(), each verified: OutOfRange for an
   // unknown id, FailedPrecondition for an expert never written, DataLoss naming the file,
   // layer, expert and state for a missing, truncated or damaged block.

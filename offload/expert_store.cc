@@ -457,6 +457,7 @@ Status ExpertStore::Allocate() {
     ECSS_ASSIGN_OR_RETURN(region.memory,
                           memory->Allocate(RegionBytes(options_, state), kTags[Index(state)]));
     region.versions.assign(n, 0);
+    region.written.assign(n, 0);
   }
   return Status::Ok();
 }
@@ -925,16 +926,21 @@ Status ExpertStore::LoadLocked(ExpertState state, uint32_t flat, void* block, ui
   return Status::Ok();
 }
 
-StatusOr<uint64_t> ExpertStore::Version(ExpertState state, ExpertId id) {
+StatusOr<uint64_t> ExpertStore::Version(ExpertState state, ExpertId id, bool* written) {
   std::shared_lock<std::shared_mutex> open(lifecycle_);
   ECSS_RETURN_IF_ERROR(Check(state, id));
   uint32_t flat = index_.Flat(id);
-  if (placement(state) != Tier::kNvme) return regions_[Index(state)].versions[flat];
+  if (placement(state) != Tier::kNvme) {
+    const Region& region = regions_[Index(state)];
+    if (written != nullptr) *written = region.written[flat] != 0 || region.versions[flat] != 0;
+    return region.versions[flat];
+  }
   Files& files = files_[Index(state)];
   std::lock_guard<std::mutex> lock(files.read_mutex);
   while (true) {  // an unwritten shared expert reads its source's
     StatusOr<std::optional<uint64_t>> count = files.reader->NewestCount(flat);
     if (!count.ok()) return count.status().Annotate(StrCat("reading ", Name(state, id)));
+    if (written != nullptr) *written = count->has_value();
     if (count->has_value()) return **count;
     if (source_[flat] == flat) return uint64_t{0};
     flat = source_[flat];
@@ -949,6 +955,9 @@ Status ExpertStore::LoadTier(ExpertState state) {
     void* block = device ? staging_.data() : MemoryOf(state, flat);
     Status loaded = LoadFromFile(state, flat, block, &region.versions[flat]);
     if (!loaded.ok()) return loaded.Annotate(Name(state, index_.Id(flat)));
+    StatusOr<bool> stored = files_[Index(state)].reader->Written(flat);
+    if (!stored.ok()) return stored.status().Annotate(Name(state, index_.Id(flat)));
+    region.written[flat] = *stored ? 1 : 0;
     if (device) {
       ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, flat), block,
                                               StateBytes(state), CopyKind::kHostToDevice));
@@ -988,6 +997,7 @@ Status ExpertStore::Write(ExpertState state, ExpertId id, const void* src, uint6
   }
   if (written.ok() && placement(state) != Tier::kNvme) {
     regions_[Index(state)].versions[flat] = version;
+    regions_[Index(state)].written[flat] = 1;
   }
   return written.Annotate(StrCat("writing ", Name(state, id)));
 }
@@ -1181,6 +1191,7 @@ Status ExpertStore::CopyRegion(ExpertState state, uint32_t from, uint32_t to) {
     std::memcpy(MemoryOf(state, to), MemoryOf(state, from), StateBytes(state));
   }
   region.versions[to] = region.versions[from];
+  region.written[to] = region.written[from];
   return Status::Ok();
 }
 
@@ -1301,6 +1312,8 @@ Status ExpertStore::FlushLocked() {
     const Tier tier = placement(state);
     const Region& region = regions_[Index(state)];
     for (uint32_t flat = 0; flat < index_.size() && tier != Tier::kNvme; ++flat) {
+      // Never written: its file reads as its initial value already.
+      if (region.written[flat] == 0 && region.versions[flat] == 0) continue;
       const void* block = MemoryOf(state, flat);
       if (tier == Tier::kDevice) {
         ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), staging_.data(), block,

@@ -193,8 +193,11 @@ class ExpertStore {
   Status ReadStatesAt(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
                       uint64_t version);
   // The version Read of `state` would give (its newest), without reading the state: for an
-  // nvme state its headers only.
-  StatusOr<uint64_t> Version(ExpertState state, ExpertId id);
+  // nvme state its headers only. With `written`, whether the state was ever written: version
+  // 0 is the initial value unless written (a state written at version 0 holds what its
+  // writer chose, e.g. a new domain's experts grown from a dense FFN's weights, with no
+  // update yet).
+  StatusOr<uint64_t> Version(ExpertState state, ExpertId id, bool* written = nullptr);
   // Writes `states` of expert `id` from `blocks` (as WriteBlock) as `version`. ReadStates and
   // WriteStates move their states at once (each state has its own handles: the first on the
   // calling thread, the others on a thread each), so an update's I/O keeps several requests
@@ -227,7 +230,8 @@ class ExpertStore {
   // stays valid until Close; the caller orders its accesses against Write.
   StatusOr<void*> Resident(ExpertState state, ExpertId id);
   // The version of a resident state its owner changed in place through Resident's pointer
-  // (the host optimizer's updates): what Version, Flush and the checkpoints then see.
+  // (the host optimizer's updates): what Version, Flush and the checkpoints then see. At
+  // version 0 a state stays what it was: unwritten (its initial value) unless written.
   // FailedPrecondition for an nvme state (its writes carry their versions), a version below
   // the state's, or an expert that shares another's storage. REQUIRES: nothing else reads or
   // writes that state of that expert meanwhile.
@@ -272,6 +276,9 @@ class ExpertStore {
     Buffer memory;
     uint64_t stride = 0;
     std::vector<uint64_t> versions;  // per expert, written to the file at Flush
+    // Per expert: 1 once written (Write, or loaded from its file), else it holds its initial
+    // value (which Flush does not store). Bytes, not bits: writers of distinct experts.
+    std::vector<uint8_t> written;
   };
   // An nvme state's two handles of its files: reads and writes do not take turns.
   struct Files {

@@ -271,6 +271,41 @@ TEST_F(CheckpointTest, ASaveWritesWhereItBeganAndRemovesOnlyWhatItMade) {
   EXPECT_EQ(kept, "someone's");
 }
 
+// An expert written at version 0 (what model surgery writes: a new group's experts from a
+// dense FFN's weights, no update yet) is saved with its blocks and restored written, not
+// taken for its initial value; one never written stays initial.
+TEST_F(CheckpointTest, AnExpertWrittenAtVersionZeroIsSavedAsWritten) {
+  Update(3, 0);
+  Update(4, 1);
+  auto saved = SaveCheckpoint(*store_, ckpt(), "a", {});
+  ASSERT_TRUE(saved.ok()) << saved.status();
+  EXPECT_EQ(saved->experts_copied, 2u);
+  EXPECT_EQ(saved->experts_initial, kExperts - 2);
+  auto again = SaveCheckpoint(*store_, ckpt(), "b", {});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->experts_referenced, 2u) << "unchanged: held by a";
+  auto reader = CheckpointReader::Open(ckpt(), "b");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  EXPECT_TRUE((*reader)->written(3));
+  EXPECT_EQ((*reader)->version(3), 0u);
+  EXPECT_FALSE((*reader)->written(5));
+  auto restored = Restored("b");
+  ASSERT_TRUE(restored.ok()) << restored.status();
+  for (ExpertState state : kSaved) {
+    std::vector<uint8_t> got((*restored)->StateBytes(state));
+    ASSERT_TRUE((*restored)->Read(state, Id(3), got.data()).ok());
+    EXPECT_EQ(got, Pattern(**restored, state, 3, 0)) << ExpertStateName(state);
+    bool written = false;
+    EXPECT_EQ(*(*restored)->Version(state, Id(3), &written), 0u);
+    EXPECT_TRUE(written) << ExpertStateName(state) << " (the restored store saves it again)";
+    EXPECT_EQ(*(*restored)->Version(state, Id(5), &written), 0u);
+    EXPECT_FALSE(written) << ExpertStateName(state);
+  }
+  // Restoring needs a new store: one with an expert written at 0 is not.
+  Status twice = RestoreCheckpoint(ckpt(), "b", **restored).status();
+  EXPECT_EQ(twice.code(), StatusCode::kFailedPrecondition) << twice;
+}
+
 // A block's bytes past its state (4 KiB alignment) are zeros, not what the buffers held before:
 // equal stores save equal files.
 TEST_F(CheckpointTest, ABlocksPaddingIsZeros) {

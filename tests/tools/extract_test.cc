@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +25,7 @@
 #include "engine/plan_inputs.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/file_util.h"
+#include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/engine/reference_trainer.h"
@@ -85,7 +87,7 @@ class ExtractTest : public ::testing::Test {
   // had; then `then` runs on it.
   void ExpectMasters(const ModelSpec& model, const std::string& checkpoint,
                      const std::function<uint32_t(uint32_t)>& source,
-                     const std::function<void(Session&)>& then = {}) {
+                     const std::function<void(Session&, Backend&)>& then = {}) {
     RunConfig c;
     c.dtype = DType::kBF16;
     SessionOptions options = engine_test::OptionsFor(c);
@@ -102,7 +104,7 @@ class ExtractTest : public ::testing::Test {
         EXPECT_EQ(*master, masters_.at({l, source(e)})) << "layer " << l << " expert " << e;
       }
     }
-    if (then) then(**session);
+    if (then) then(**session, **sim);
   }
 
   char dir_[32] = "/tmp/ecss_extract_XXXXXX";
@@ -208,7 +210,7 @@ TEST_F(ExtractTest, TheSubModelCheckpointLoadsAndComputesAsTheFullModel) {
 
   ExpectMasters(
       sub, o.out, [](uint32_t e) { return e + 2; },
-      [](Session& session) {
+      [](Session& session, Backend&) {
         // Its samples are named by the full model's domain ids (python 1, docs 2).
         const std::vector<uint32_t> tokens(engine_test::kBatch * engine_test::kSeq, 7);
         const std::vector<uint32_t> domains = {1, 2};
@@ -610,6 +612,142 @@ TEST_F(ExtractTest, AnAddedDomainCopiesItsSourceAndLeavesTheOthersAsTheyWere) {
   EXPECT_TRUE(std::filesystem::exists(o.out + "/checkpoint.manifest")) << "left as it was";
 }
 
+// Surgery: a domain grown from a dense FFN (as PanGu-Sigma grew from PanGu-alpha). Every new
+// expert starts as its layer's FFN with no update yet, so its first update is its optimizer's
+// first step (AdamW's bias correction of step 1 moves each weight by the learning rate, where
+// a second step's would move it by about 0.74 of it); the old domains compute as before; the
+// grown model extracts to safetensors and imports back with the new experts as they were.
+TEST_F(ExtractTest, ADomainGrownFromADenseFfnStartsAtItsOptimizersFirstStep) {
+  auto full = CheckpointModel(StrCat(root_, "/step2"));
+  ASSERT_TRUE(full.ok()) << full.status();
+  const ModelSpec& m = *full;
+  const std::string dense = StrCat(dir_, "/dense.safetensors");
+  std::vector<std::vector<float>> ffn(m.layers);  // per layer: w_in, then w_out
+  {
+    std::vector<SafetensorsTensor> tensors;
+    CounterRng rng(7, 0);
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      tensors.push_back({StrCat("layers.", l, ".w_in"), "F32", {m.d_model, m.d_in()}});
+      tensors.push_back({StrCat("layers.", l, ".w_out"), "F32", {m.d_ff, m.d_model}});
+      ffn[l].resize(m.expert_params());
+      for (float& v : ffn[l]) v = (rng.UniformFloat() * 2 - 1) * 0.3f;
+    }
+    tensors.push_back({"embedding", "F32", {2}});  // other tensors of the model: ignored
+    auto writer = SafetensorsWriter::Create(dense, tensors, {}, false);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      ASSERT_TRUE((*writer)->Append(ffn[l].data(), ffn[l].size() * 4).ok());
+    }
+    const float embedding[2] = {1, 2};
+    ASSERT_TRUE((*writer)->Append(embedding, sizeof embedding).ok());
+    ASSERT_TRUE((*writer)->Finish().ok());
+  }
+  AddDomainOptions o;
+  o.checkpoint = StrCat(root_, "/step2");
+  o.name = "rust";
+  o.dense_ffn = dense;
+  o.experts = 2;
+  o.out = StrCat(dir_, "/grown/rust");
+  o.verify = true;
+  auto report = AddDomain(o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(report->verified);
+  const ModelSpec& grown = report->model;
+  ASSERT_EQ(grown.domains.size(), 4u);
+  EXPECT_EQ(grown.domains[3].experts, 2u);
+  EXPECT_EQ(grown.DomainId(3), 3u);
+  auto reader = CheckpointReader::Open(StrCat(dir_, "/grown"), "rust");
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    for (uint32_t e = 7; e < 9; ++e) {
+      const uint32_t flat = (*reader)->index().Flat({l, e});
+      EXPECT_TRUE((*reader)->written(flat));
+      EXPECT_EQ((*reader)->version(flat), 0u);
+      masters_[{l, e}] = ffn[l];
+    }
+  }
+  ExpectMasters(
+      grown, o.out, [](uint32_t e) { return e; },
+      [&](Session& s, Backend& b) {
+        HyperParams params;
+        params.lr = 1e-3f;
+        params.weight_decay = 0;
+        ASSERT_TRUE(s.SetHyperParams(params).ok());
+        // One step of rust tokens.
+        std::vector<uint32_t> tokens = {1, 2, 3, 4};
+        const std::vector<uint32_t> rust = {3};
+        const MicroBatch batch{tokens.data(), 1, 4, rust.data()};
+        const uint64_t elements = 4 * uint64_t{m.d_model};
+        std::vector<BFloat16> x(elements);
+        CounterRng rng(11, 0);
+        for (BFloat16& v : x) v = FloatToBf16(rng.UniformFloat() * 2 - 1);
+        auto in = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+        auto out = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+        ASSERT_TRUE(in.ok() && out.ok());
+        ASSERT_TRUE(b.CopyAsync(s.compute_stream(), in->data(), x.data(), elements * 2,
+                                CopyKind::kHostToDevice)
+                        .ok());
+        ASSERT_TRUE(s.BeginStep({batch}).ok());
+        for (uint32_t l = 0; l < m.layers; ++l) {
+          ASSERT_TRUE(s.Forward(MicroBatchIndex(0), LayerIndex(l), in->data(), out->data()).ok());
+        }
+        for (uint32_t l = m.layers; l-- > 0;) {
+          ASSERT_TRUE(s.Backward(MicroBatchIndex(0), LayerIndex(l), in->data(), out->data()).ok());
+        }
+        ASSERT_TRUE(s.EndStep().ok());
+        ASSERT_TRUE(s.Synchronize().ok());
+        uint64_t moved = 0, by_lr = 0;
+        for (uint32_t l = 0; l < m.layers; ++l) {
+          for (uint32_t e = 7; e < 9; ++e) {
+            const std::vector<float> after = *s.MasterWeights(LayerIndex(l), e);
+            for (size_t i = 0; i < after.size(); ++i) {
+              const float step = std::fabs(after[i] - ffn[l][i]);
+              if (step == 0) continue;
+              ++moved;
+              by_lr += step > 0.98e-3f && step < 1.02e-3f;
+            }
+          }
+        }
+        EXPECT_GT(moved, 0u);
+        EXPECT_GE(by_lr, moved * 9 / 10) << "the first update is Adam's step 1";
+      });
+
+  // The grown model to safetensors with its optimizer state and back: the new experts stay
+  // written at no update (the file's metadata names them), the others as they were.
+  ExtractOptions file = Options({"c", "python", "docs", "rust"});
+  file.checkpoint = o.out;
+  file.with_optimizer_state = true;
+  file.out = StrCat(dir_, "/grown.safetensors");
+  file.verify = true;
+  ASSERT_TRUE(ExtractToSafetensors(file).ok());
+  auto header = ReadSafetensorsHeader(file.out);
+  ASSERT_TRUE(header.ok());
+  EXPECT_EQ(header->metadata.at("written_without_update"), "0.7 0.8 1.7 1.8");
+  ImportOptions back;
+  back.file = file.out;
+  back.out = StrCat(dir_, "/imported/rust");
+  back.verify = true;
+  auto imported = ImportSafetensors(back);
+  ASSERT_TRUE(imported.ok()) << imported.status();
+  ExpectMasters(grown, back.out, [](uint32_t e) { return e; });
+
+  // Refused: both sources, neither, no expert count, a file without a layer's FFN.
+  AddDomainOptions bad = o;
+  bad.out = StrCat(dir_, "/refused/rust");
+  bad.copy_of = "python";
+  EXPECT_EQ(AddDomain(bad).status().code(), StatusCode::kInvalidArgument);
+  bad = o;
+  bad.out = StrCat(dir_, "/refused/rust");
+  bad.experts = 0;
+  EXPECT_EQ(AddDomain(bad).status().code(), StatusCode::kInvalidArgument);
+  bad.experts = 2;
+  bad.dense_ffn = file.out;  // a file of experts, not of a dense FFN
+  Status missing = AddDomain(bad).status();
+  EXPECT_EQ(missing.code(), StatusCode::kDataLoss) << missing;
+  EXPECT_NE(missing.message().find("layers.0.w_in"), std::string::npos) << missing;
+  EXPECT_FALSE(std::filesystem::exists(bad.out));
+}
+
 // Bad requests are refused naming what is wrong, and leave no file behind.
 TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   ExtractOptions o = Options({"rust"});
@@ -713,7 +851,11 @@ TEST_F(ExtractTest, BadRequestsAreRefusedAndLeaveNothing) {
   EXPECT_EQ(ExtractToCheckpoint(sub).status().code(), StatusCode::kDataLoss);
   EXPECT_TRUE(std::filesystem::exists(sub.out + "/checkpoint.manifest"));
   // A new domain's name cannot have a comma (--domains could not name it).
-  AddDomainOptions comma{StrCat(root_, "/step2"), "a,b", "c", StrCat(dir_, "/comma/x")};
+  AddDomainOptions comma;
+  comma.checkpoint = StrCat(root_, "/step2");
+  comma.name = "a,b";
+  comma.copy_of = "c";
+  comma.out = StrCat(dir_, "/comma/x");
   EXPECT_EQ(AddDomain(comma).status().code(), StatusCode::kInvalidArgument);
 }
 

@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <set>
+#include <sstream>
 
 #include "engine/checkpoint_record.h"
 #include "engine/expert_updater.h"
@@ -80,7 +81,20 @@ struct Plan {
   size_t master_state = 0;  // of the checkpoint's saved states
   std::optional<size_t> moments_state;
   std::vector<std::string> moment_names;  // with_optimizer_state: one per moment array
+  // The sub-model's experts written without an update (a group grown from a dense FFN's
+  // weights): their values are not their initial ones. Ascending.
+  std::vector<ExpertId> written_without_update;
 };
+
+// The metadata's "written_without_update": "LAYER.EXPERT" of each such expert, ascending,
+// separated by spaces (absent when there is none).
+constexpr char kWrittenWithoutUpdate[] = "written_without_update";
+
+std::string FormatExpertList(const std::vector<ExpertId>& ids) {
+  std::string text;
+  for (const ExpertId& id : ids) text += StrCat(text.empty() ? "" : " ", id.layer, ".", id.expert);
+  return text;
+}
 
 std::vector<std::string> MomentNames(OptimizerKind kind) {
   switch (kind) {
@@ -213,6 +227,16 @@ StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& r
                                   " moments, ", reader.layout().moments, " arrays saved"));
     }
   }
+  for (uint32_t l = 0; l < m.layers; ++l) {
+    for (size_t k = 0; k < plan.kept.size(); ++k) {
+      for (uint32_t e = 0; e < m.domains[plan.kept[k]].experts; ++e) {
+        const uint32_t flat = reader.index().Flat({l, plan.old_first[k] + e});
+        if (reader.written(flat) && reader.version(flat) == 0) {
+          plan.written_without_update.push_back({l, plan.new_first[k] + e});
+        }
+      }
+    }
+  }
   return plan;
 }
 
@@ -245,7 +269,7 @@ Status Walk(const Plan& plan, CheckpointReader* reader, const ExtractOptions& op
         if (reader != nullptr) {
           const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
           version = reader->version(flat);
-          if (version == 0) {
+          if (!reader->written(flat)) {
             DrawInitialMaster(m, l, plan.old_first[k] + e, master.data());
             std::fill(moments.begin(), moments.end(), 0.0f);
           } else {
@@ -308,11 +332,15 @@ std::string DomainNames(const ModelSpec& model) {
 }
 
 std::map<std::string, std::string> Metadata(const Plan& plan, const ExtractOptions& options) {
-  return {{"format", kFormat},
-          {"model", FormatModelRecord(plan.sub)},
-          {"domains", DomainNames(plan.sub)},
-          {"source_checkpoint", options.checkpoint},
-          {"optimizer", plan.optimizer}};
+  std::map<std::string, std::string> metadata = {{"format", kFormat},
+                                                 {"model", FormatModelRecord(plan.sub)},
+                                                 {"domains", DomainNames(plan.sub)},
+                                                 {"source_checkpoint", options.checkpoint},
+                                                 {"optimizer", plan.optimizer}};
+  if (!plan.written_without_update.empty()) {
+    metadata[kWrittenWithoutUpdate] = FormatExpertList(plan.written_without_update);
+  }
+  return metadata;
 }
 
 // The file at `path` read back: every tensor the walk yields is in the header with its dtype
@@ -461,21 +489,26 @@ StatusOr<std::vector<std::vector<char>>> EvaluationOutputs(const ModelSpec& mode
 }
 
 // Every expert of checkpoint `out` holds, at the same version, what `from(expert)` of the
-// source holds (blocks compared byte for byte): weights, moments and update counts.
+// source holds (blocks compared byte for byte): weights, moments and update counts. An expert
+// `from` gives none for is left to the caller.
 Status CompareExperts(CheckpointReader& source, const std::string& out,
-                      const std::function<uint32_t(ExpertId)>& from) {
+                      const std::function<std::optional<uint32_t>(ExpertId)>& from) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written, CheckpointReader::OpenPath(out));
   std::vector<std::vector<char>> want;
   for (uint32_t flat = 0; flat < written->index().size(); ++flat) {
     const ExpertId id = written->index().Id(flat);
-    const uint32_t source_flat = from(id);
+    const std::optional<uint32_t> of = from(id);
+    if (!of.has_value()) continue;  // none in `source`: the caller checks it
+    const uint32_t source_flat = *of;
     const uint64_t version = written->version(flat);
-    if (version != source.version(source_flat)) {
-      return DataLossError(StrCat("verify: layer ", id.layer, " expert ", id.expert, " of '", out,
-                                  "' is at version ", version, ", its source at ",
-                                  source.version(source_flat)));
+    if (version != source.version(source_flat) ||
+        written->written(flat) != source.written(source_flat)) {
+      return DataLossError(StrCat(
+          "verify: layer ", id.layer, " expert ", id.expert, " of '", out, "' is at version ",
+          version, written->written(flat) ? "" : " (unwritten)", ", its source at ",
+          source.version(source_flat), source.written(source_flat) ? "" : " (unwritten)"));
     }
-    if (version == 0) continue;
+    if (!written->written(flat)) continue;
     ECSS_RETURN_IF_ERROR(source.Read(source_flat));
     want.clear();
     for (size_t s = 0; s < source.states().size(); ++s) {
@@ -741,7 +774,7 @@ StatusOr<ExtractReport> ExtractToSafetensors(const ExtractOptions& options) {
     for (size_t k = 0; k < plan.kept.size(); ++k) {
       for (uint32_t e = 0; e < plan.full.domains[plan.kept[k]].experts; ++e) {
         ++report.experts;
-        report.initial += reader->version(reader->index().Flat({l, plan.old_first[k] + e})) == 0;
+        report.initial += !reader->written(reader->index().Flat({l, plan.old_first[k] + e}));
       }
     }
   }
@@ -766,7 +799,7 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
         const uint32_t flat = reader->index().Flat({l, plan.old_first[k] + e});
         const uint64_t version = reader->version(flat);
         ++report.experts;
-        if (version == 0) {
+        if (!reader->written(flat)) {
           ++report.initial;  // stays unwritten: the sub-model draws what the full model did
         } else {
           ECSS_RETURN_IF_ERROR(reader->Read(flat));
@@ -789,10 +822,113 @@ StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options) {
   return report;
 }
 
+namespace {
+
+// A dense FFN's weights per sparse layer, from a safetensors file (AddDomainOptions::dense_ffn).
+class DenseFfn {
+ public:
+  // Every layer's tensors present, F32 of their shapes (DataLoss naming the one that is not).
+  static StatusOr<std::unique_ptr<DenseFfn>> Open(const std::string& path, const ModelSpec& m) {
+    ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
+    auto ffn = std::unique_ptr<DenseFfn>(new DenseFfn(path, std::move(header)));
+    if (!ffn->in_) return ErrnoError(errno, StrCat("opening '", path, "'"));
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      const std::pair<std::string, std::vector<uint64_t>> wanted[] = {
+          {StrCat("layers.", l, ".w_in"), {m.d_model, m.d_in()}},
+          {StrCat("layers.", l, ".w_out"), {m.d_ff, m.d_model}}};
+      for (const auto& want : wanted) {
+        auto it = std::find_if(ffn->header_.tensors.begin(), ffn->header_.tensors.end(),
+                               [&](const SafetensorsTensor& t) { return t.name == want.first; });
+        if (it == ffn->header_.tensors.end() || it->dtype != "F32" || it->shape != want.second) {
+          return DataLossError(StrCat("dense FFN '", path, "': no tensor '", want.first,
+                                      "' of F32 [", want.second[0], ", ", want.second[1], "]"));
+        }
+        ffn->tensors_.push_back(&*it);
+      }
+    }
+    return ffn;
+  }
+  // Layer `layer`'s FFN as an expert's fp32 master weights (w_in, then w_out), each value
+  // finite (DataLoss naming the tensor otherwise).
+  Status Read(uint32_t layer, float* master) {
+    auto* at = reinterpret_cast<char*>(master);
+    for (const SafetensorsTensor* t : {tensors_[2 * layer], tensors_[2 * layer + 1]}) {
+      const uint64_t bytes = t->end - t->begin;
+      in_.seekg(static_cast<std::streamoff>(header_.data_start + t->begin));
+      if (!in_.read(at, static_cast<std::streamsize>(bytes))) {
+        return DataLossError(StrCat("dense FFN '", path_, "': tensor '", t->name, "' cut short"));
+      }
+      const auto* values = reinterpret_cast<const float*>(at);
+      if (!std::all_of(values, values + bytes / 4, [](float v) { return std::isfinite(v); })) {
+        return DataLossError(StrCat("dense FFN '", path_, "': tensor '", t->name,
+                                    "' holds a value that is not finite"));
+      }
+      at += bytes;
+    }
+    return Status::Ok();
+  }
+
+ private:
+  DenseFfn(std::string path, SafetensorsHeader header)
+      : path_(std::move(path)), header_(std::move(header)), in_(path_, std::ios::binary) {}
+  const std::string path_;
+  const SafetensorsHeader header_;
+  std::ifstream in_;
+  std::vector<const SafetensorsTensor*> tensors_;  // per layer: w_in, w_out
+};
+
+// The group AddDomain grew from a dense FFN (experts `first` on, of checkpoint options.out),
+// read back: each expert written with no update, its master weights its layer's FFN as the
+// file holds it, every other state zeros.
+Status CompareDenseGroup(const AddDomainOptions& options, uint32_t first,
+                         const std::vector<ExpertState>& states, ExpertState master) {
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> written,
+                        CheckpointReader::OpenPath(options.out));
+  ECSS_ASSIGN_OR_RETURN(const ModelSpec model, CheckpointModel(*written));
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<DenseFfn> ffn, DenseFfn::Open(options.dense_ffn, model));
+  std::vector<float> want(model.expert_params());
+  for (uint32_t l = 0; l < model.layers; ++l) {
+    ECSS_RETURN_IF_ERROR(ffn->Read(l, want.data()));
+    for (uint32_t e = first; e < first + options.experts; ++e) {
+      const uint32_t flat = written->index().Flat({l, e});
+      const std::string what =
+          StrCat("verify: layer ", l, " expert ", e, " of '", options.out, "'");
+      if (!written->written(flat) || written->version(flat) != 0) {
+        return DataLossError(StrCat(what, " is not written at version 0"));
+      }
+      ECSS_RETURN_IF_ERROR(written->Read(flat));
+      for (size_t s = 0; s < states.size(); ++s) {
+        const uint64_t bytes = ExpertStore::StateBytes(written->layout(), states[s]);
+        const auto* got = static_cast<const char*>(written->blocks()[s]);
+        const bool same = states[s] == master
+                              ? std::memcmp(got, want.data(), bytes) == 0
+                              : std::all_of(got, got + bytes, [](char c) { return c == 0; });
+        if (!same) {
+          return DataLossError(StrCat(what, " ", ExpertStateName(states[s]), " is not ",
+                                      states[s] == master ? "the dense FFN's" : "zeros"));
+        }
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::OpenPath(options.checkpoint));
   ECSS_ASSIGN_OR_RETURN(const ModelSpec full, CheckpointModel(*reader));
+  const bool dense = !options.dense_ffn.empty();
+  if (dense == !options.copy_of.empty()) {
+    return InvalidArgumentError(
+        "a new domain starts as a copy of a domain or from a dense FFN: name one of the two");
+  }
+  if (dense != (options.experts > 0)) {
+    return InvalidArgumentError(
+        "a group grown from a dense FFN needs its number of experts (at least 1); a copy has "
+        "its source's");
+  }
   // The source group, and where every group starts; the new group goes after all of them, so
   // no expert of the model moves and no domain's tables change (they are keyed on its id).
   std::optional<size_t> source;
@@ -806,55 +942,86 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
       return AlreadyExistsError(StrCat("checkpoint '", options.checkpoint, "' has a domain '",
                                        options.name, "' already"));
     }
-    if (full.domains[d].name == options.copy_of) {
+    if (!dense && full.domains[d].name == options.copy_of) {
       source = d;
       source_first = first;
     }
     first += full.domains[d].experts;
     next_id = std::max(next_id, full.DomainId(d) + 1);
   }
-  if (!source) {
+  if (!dense && !source) {
     std::string known;
     for (const DomainSpec& d : full.domains) known += StrCat(known.empty() ? "" : ", ", d.name);
     return NotFoundError(StrCat("no domain '", options.copy_of, "' to copy in checkpoint '",
                                 options.checkpoint, "'; it has: ", known));
   }
   ModelSpec grown = full;
-  DomainSpec added{options.name, full.domains[*source].experts};
+  DomainSpec added{options.name, dense ? options.experts : full.domains[*source].experts};
   added.id = next_id;
-  // Experts the source never updated stay unwritten here too, drawn as the source's were.
-  added.source_first_expert = full.InitialKey(source_first);
+  // A copy's experts the source never updated stay unwritten here too, drawn as the source's
+  // were.
+  if (!dense) added.source_first_expert = full.InitialKey(source_first);
   grown.domains.push_back(added);
   ECSS_RETURN_IF_ERROR(ValidateModel(grown));
-  ECSS_ASSIGN_OR_RETURN(
-      std::unique_ptr<CheckpointBuilder> builder,
-      CheckpointBuilder::Create(options.out, options.overwrite, grown, reader->layout(),
-                                reader->states(), reader->where()));
+  std::unique_ptr<DenseFfn> ffn;
+  if (dense) {
+    ECSS_ASSIGN_OR_RETURN(ffn, DenseFfn::Open(options.dense_ffn, full));
+  }
+  // A dense group's expert: its layer's FFN as the master weights, every other state zeros.
+  const std::vector<ExpertState>& states = reader->states();
+  const auto master =
+      std::find(states.begin(), states.end(),
+                full.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster);
+  if (dense && master == states.end()) {
+    return FailedPreconditionError(
+        StrCat("checkpoint '", options.checkpoint, "' holds no master weights"));
+  }
+  using Block = std::unique_ptr<void, decltype(&std::free)>;
+  std::vector<Block> fresh;
+  std::vector<const void*> fresh_blocks;
+  for (ExpertState state : states) {
+    const uint64_t bytes = StateBlockBytes(ExpertStore::StateBytes(reader->layout(), state));
+    fresh.emplace_back(std::aligned_alloc(4096, bytes), &std::free);
+    if (fresh.back() == nullptr) return ResourceExhaustedError("no memory for one expert");
+    std::memset(fresh.back().get(), 0, bytes);
+    fresh_blocks.push_back(fresh.back().get());
+  }
+  auto* fresh_master = static_cast<float*>(fresh[master - states.begin()].get());
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
+                        CheckpointBuilder::Create(options.out, options.overwrite, grown,
+                                                  reader->layout(), states, reader->where()));
   ExtractReport report;
   report.model = grown;
   for (uint32_t l = 0; l < full.layers; ++l) {
-    // Every expert as it is, then the source group's again as the new group's.
+    if (dense) ECSS_RETURN_IF_ERROR(ffn->Read(l, fresh_master));
     for (uint32_t e = 0; e < first + added.experts; ++e) {
+      ++report.experts;
+      if (dense && e >= first) {  // written, with no update yet
+        ECSS_RETURN_IF_ERROR(builder->Write({l, e}, fresh_blocks.data(), 0));
+        continue;
+      }
+      // Every expert as it is, then the source group's again as the new group's.
       const uint32_t from = e < first ? e : source_first + (e - first);
       const uint32_t flat = reader->index().Flat({l, from});
-      const uint64_t version = reader->version(flat);
-      ++report.experts;
-      if (version == 0) {
+      if (!reader->written(flat)) {
         ++report.initial;
         continue;
       }
       ECSS_RETURN_IF_ERROR(reader->Read(flat));
-      ECSS_RETURN_IF_ERROR(builder->Write({l, e}, reader->blocks(), version));
+      ECSS_RETURN_IF_ERROR(builder->Write({l, e}, reader->blocks(), reader->version(flat)));
     }
   }
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
-  // Every expert as its source (the new group's, the copied group's), and every old domain
-  // computing as before on the same inputs.
+  // Every expert as its source (an old one, the copied group's, or the FFN), and every old
+  // domain computing as before on the same inputs.
   auto check = [&]() -> Status {
-    ECSS_RETURN_IF_ERROR(CompareExperts(*reader, options.out, [&](ExpertId id) {
-      return reader->index().Flat(
-          {id.layer, id.expert < first ? id.expert : source_first + (id.expert - first)});
-    }));
+    ECSS_RETURN_IF_ERROR(
+        CompareExperts(*reader, options.out, [&](ExpertId id) -> std::optional<uint32_t> {
+          if (id.expert >= first && dense) return std::nullopt;
+          return reader->index().Flat(
+              {id.layer, id.expert < first ? id.expert : source_first + (id.expert - first)});
+        }));
+    if (dense) ECSS_RETURN_IF_ERROR(CompareDenseGroup(options, first, states, *master));
     ECSS_ASSIGN_OR_RETURN(const OptimizerKind kind, ParseOptimizerKind(OptimizerOf(*reader)));
     ECSS_ASSIGN_OR_RETURN(const auto before,
                           EvaluationOutputs(full, full, options.checkpoint, kind));
@@ -985,6 +1152,33 @@ class ImportedFile {
                                   "') are not its model's"));
     }
     kind_ = *kind;
+    if (header_.metadata.count(kWrittenWithoutUpdate) != 0) {
+      const std::string& listed = header_.metadata.at(kWrittenWithoutUpdate);
+      std::istringstream tokens(listed);
+      std::string token;
+      while (tokens >> token) {
+        uint64_t layer = 0, expert = 0;
+        const std::string_view view = token;
+        const size_t dot = view.find('.');
+        if (dot == std::string_view::npos || !ParseUint(view.substr(0, dot), UINT32_MAX, &layer) ||
+            !ParseUint(view.substr(dot + 1), UINT32_MAX, &expert) || layer >= model->layers ||
+            expert >= model->experts_per_layer()) {
+          return DataLossError(StrCat("'", path_, "': the metadata's ", kWrittenWithoutUpdate,
+                                      " names '", token, "', no expert of its model"));
+        }
+        const ExpertId id{static_cast<uint32_t>(layer), static_cast<uint32_t>(expert)};
+        if (!plan_.written_without_update.empty() && !(plan_.written_without_update.back() < id)) {
+          return DataLossError(StrCat("'", path_, "': the metadata's ", kWrittenWithoutUpdate,
+                                      " is not ascending at '", token, "'"));
+        }
+        plan_.written_without_update.push_back(id);
+      }
+      if (plan_.written_without_update.empty() ||
+          FormatExpertList(plan_.written_without_update) != listed) {
+        return DataLossError(
+            StrCat("'", path_, "': the metadata's ", kWrittenWithoutUpdate, " is malformed"));
+      }
+    }
     plan_.full = plan_.sub = *model;
     plan_.optimizer = meta("optimizer");
     plan_.moment_names = MomentNames(kind_);
@@ -1057,7 +1251,7 @@ Status VerifyImport(const ImportOptions& options) {
       [&](ExpertId id, uint64_t version, const float* master, const float* moments) -> Status {
         const uint32_t flat = written->index().Flat(id);
         bool same = written->version(flat) == version;
-        if (same && version != 0) {
+        if (same && written->written(flat)) {  // else checked against its initial values
           ECSS_RETURN_IF_ERROR(written->Read(flat));
           same = std::memcmp(written->blocks()[0], master, master_bytes) == 0 &&
                  std::memcmp(written->blocks()[1], moments, moment_bytes) == 0;
@@ -1104,23 +1298,30 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
                                                const float* moments) -> Status {
     ++report.experts;
     if (options.progress) options.progress(report.experts, total);
-    if (version != 0) {
-      std::memcpy(blocks[0].get(), master, master_bytes);
-      std::memcpy(blocks[1].get(), moments, moment_bytes);
-      return builder->Write(id, pointers, version);
-    }
-    // Never updated: it stays unwritten, which reads as its initial values, so it must
-    // hold exactly those.
-    ++report.initial;
-    DrawInitialMaster(m, id.layer, id.expert, initial.data());
-    const bool zero_moments =
-        std::all_of(moments, moments + moment_bytes / 4, [](float v) { return FloatBits(v) == 0; });
-    if (std::memcmp(initial.data(), master, master_bytes) != 0 || !zero_moments) {
+    const std::vector<ExpertId>& listed = file->plan().written_without_update;
+    const bool without_update = std::binary_search(listed.begin(), listed.end(), id);
+    if (without_update && version != 0) {
       return DataLossError(StrCat("'", options.file, "': layer ", id.layer, " expert ", id.expert,
-                                  " has no update but weights or moments other than its "
-                                  "initial values"));
+                                  " has ", version, " updates but the metadata's ",
+                                  kWrittenWithoutUpdate, " names it"));
     }
-    return Status::Ok();
+    if (version == 0 && !without_update) {
+      // Never updated: it stays unwritten, which reads as its initial values, so it must
+      // hold exactly those.
+      ++report.initial;
+      DrawInitialMaster(m, id.layer, id.expert, initial.data());
+      const bool zero_moments = std::all_of(moments, moments + moment_bytes / 4,
+                                            [](float v) { return FloatBits(v) == 0; });
+      if (std::memcmp(initial.data(), master, master_bytes) != 0 || !zero_moments) {
+        return DataLossError(StrCat("'", options.file, "': layer ", id.layer, " expert ", id.expert,
+                                    " has no update but weights or moments other than its "
+                                    "initial values"));
+      }
+      return Status::Ok();
+    }
+    std::memcpy(blocks[0].get(), master, master_bytes);
+    std::memcpy(blocks[1].get(), moments, moment_bytes);
+    return builder->Write(id, pointers, version);
   }));
   ECSS_ASSIGN_OR_RETURN(report.file_bytes,
                         builder->Finish({{std::string(kOptimizerBlob),
@@ -1167,7 +1368,7 @@ StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options) {
     const ExpertId id = reader->index().Id(flat);
     const uint64_t version = reader->version(flat);
     report.experts += options.times;
-    if (version == 0) {
+    if (!reader->written(flat)) {
       report.initial += options.times;  // unwritten: each copy draws as its shallow layer
       continue;
     }

@@ -72,17 +72,28 @@ struct ExtractReport {
 StatusOr<ExtractReport> ExtractToCheckpoint(const ExtractOptions& options);
 
 // Model surgery: a domain added to a checkpoint's model, as a new checkpoint `out`. The new
-// group (as many experts as `copy_of`'s, in every layer) starts as a copy of `copy_of`'s
-// experts, each with its weights, moments and update count (one never updated stays unwritten,
-// drawn as its source was), and goes after every existing group, with a new id (one above the
-// highest), so no other expert moves and no other domain's routes change: every old domain
-// computes bit for bit as before. The new domain's tokens route by tables of its own (RRE
-// tables are keyed on the domain's id). `verify` runs the evaluation step of the old and the
-// new model on the same inputs of the old domains and requires bit-identical outputs.
+// group starts either
+//  - as a copy of domain `copy_of`'s group (as many experts), each with its weights, moments
+//    and update count (one never updated stays unwritten, drawn as its source was); or
+//  - from a dense FFN's weights, as PanGu-Sigma grew from PanGu-alpha: `experts` experts per
+//    layer, each with the FFN of its layer as master weights, zero moments and no update yet
+//    (written at version 0: its first update is its optimizer's first step). `dense_ffn` is a
+//    safetensors file holding, for every sparse layer l, `layers.{l}.w_in` F32 [d_model, d_in]
+//    and `layers.{l}.w_out` F32 [d_ff, d_model] (d_in = d_ff, or 2 d_ff for SwiGLU: gate
+//    columns, then up), the layout ecss-extract writes experts in; other tensors are ignored.
+//    A missing or misdeclared tensor is DataLoss naming it, and so is a non-finite value.
+// The new group goes after every existing group, with a new id (one above the highest), so no
+// other expert moves and no other domain's routes change: every old domain computes bit for
+// bit as before. The new domain's tokens route by tables of its own (RRE tables are keyed on
+// the domain's id). `verify` runs the evaluation step of the old and the new model on the same
+// inputs of the old domains and requires bit-identical outputs, and compares every expert of
+// `out` with its source (an old expert, or the FFN).
 struct AddDomainOptions {
   std::string checkpoint;  // ROOT/NAME
   std::string name;        // the new domain's (AlreadyExists if the model has it)
-  std::string copy_of;     // an existing domain (NotFound listing them otherwise)
+  std::string copy_of;     // an existing domain (NotFound listing them otherwise), or
+  std::string dense_ffn;   // the dense FFN's safetensors file (exactly one of the two)
+  uint32_t experts = 0;    // with dense_ffn: the new group's experts per layer (at least 1)
   std::string out;         // ROOT/NAME of the new checkpoint (AlreadyExists unless overwrite)
   bool overwrite = false;
   bool verify = false;
@@ -115,9 +126,10 @@ StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options);
 // strictly as it was written: its format, model record and optimizer; every tensor the model
 // implies present with its dtype and shape, and no other; each layer's routing table the
 // model's router's; an expert never updated (count 0) holding exactly its initial values
-// (it stays unwritten, and reads as them). The checkpoint holds no loop state and no session
-// record (the file has neither): a resumed session starts its step count at 0 with the
-// hyper-parameters of its options. `verify` reads every expert of the checkpoint back and
+// (it stays unwritten, and reads as them), unless the metadata's written_without_update
+// names it (a group grown from a dense FFN: written at version 0). The checkpoint holds no loop
+// state and no session record (the file has neither): a resumed session starts its step count at 0
+// with the hyper-parameters of its options. `verify` reads every expert of the checkpoint back and
 // compares it with the file. FailedPrecondition for a file without the optimizer's state or
 // not written by ecss-extract; DataLoss naming the tensor for a damaged one; AlreadyExists
 // for an existing `out` unless `overwrite`; the output places ExtractToCheckpoint refuses.

@@ -25,6 +25,8 @@ constexpr std::string_view kUsage =
     "                    [--force]\n"
     "       ecss-extract --checkpoint DIR --add-domain NAME --copy-of DOMAIN --out DIR\n"
     "                    [--verify] [--force]\n"
+    "       ecss-extract --checkpoint DIR --add-domain NAME --from-dense FILE --experts N\n"
+    "                    --out DIR [--verify] [--force]\n"
     "       ecss-extract --checkpoint DIR --repeat-layers K --out DIR [--verify] [--force]\n"
     "       ecss-extract --import FILE --out DIR [--verify] [--force]\n"
     "Keeps, in every sparse layer, only the named domains' expert groups of the checkpoint\n"
@@ -37,9 +39,11 @@ constexpr std::string_view kUsage =
     "model this prints); --verify runs both models' evaluation step on the same held-out\n"
     "inputs and requires bit-identical outputs. --force replaces FILE.\n"
     "--add-domain: model surgery, a new domain whose experts start as copies of DOMAIN's\n"
-    "(weights, moments, update counts), written as checkpoint DIR; the old domains compute\n"
-    "as before (--verify checks it through the evaluation step). To remove a domain, extract\n"
-    "the others with --format ecss.\n"
+    "(weights, moments, update counts), or N experts per layer each starting from the dense\n"
+    "FFN of its layer in safetensors FILE (layers.{l}.w_in, layers.{l}.w_out; zero moments,\n"
+    "no update yet), written as checkpoint DIR; the old domains compute as before (--verify\n"
+    "checks it through the evaluation step). To remove a domain, extract the others with\n"
+    "--format ecss.\n"
     "--repeat-layers: model surgery, M6's Pseudo-to-Real: a model of K x the layers whose\n"
     "layer l starts as layer l % layers, each copy sharing its source's storage until its\n"
     "first update (--verify compares every expert with its source).\n"
@@ -55,7 +59,7 @@ int BadArguments(std::string_view message) {
 // What the command line asked for.
 struct Args {
   ecss::ExtractOptions options;  // --checkpoint, --out, --with-optimizer-state, --verify, --force
-  std::string domains, format = "safetensors", add_domain, copy_of, import, repeat;
+  std::string domains, format = "safetensors", add_domain, copy_of, dense, experts, import, repeat;
   bool format_given = false;
 };
 
@@ -98,7 +102,8 @@ int Failed(const ecss::Status& status) {
 int Import(const Args& a) {
   const ecss::ExtractOptions& o = a.options;
   if (o.out.empty() || !o.checkpoint.empty() || !a.domains.empty() || a.format_given ||
-      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty() || !a.repeat.empty()) {
+      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty() || !a.dense.empty() ||
+      !a.experts.empty() || !a.repeat.empty()) {
     return BadArguments("--import FILE takes --out DIR, and --verify and --force only");
   }
   ecss::StatusOr<ecss::ExtractReport> imported =
@@ -120,7 +125,8 @@ int RepeatLayers(const Args& a) {
     return BadArguments(ecss::StrCat("--repeat-layers '", a.repeat, "': a count of 2 or more"));
   }
   if (o.checkpoint.empty() || o.out.empty() || !a.domains.empty() || a.format_given ||
-      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty()) {
+      o.with_optimizer_state || !a.add_domain.empty() || !a.copy_of.empty() || !a.dense.empty() ||
+      !a.experts.empty()) {
     return BadArguments(
         "--repeat-layers K takes --checkpoint and --out, and --verify and --force only");
   }
@@ -137,20 +143,41 @@ int RepeatLayers(const Args& a) {
 
 int AddDomain(const Args& a) {
   const ecss::ExtractOptions& o = a.options;
-  if (a.add_domain.empty() || a.copy_of.empty() || o.checkpoint.empty() || o.out.empty()) {
+  if (a.add_domain.empty() || a.copy_of.empty() == a.dense.empty() || o.checkpoint.empty() ||
+      o.out.empty()) {
     return BadArguments(
-        "--add-domain NAME and --copy-of DOMAIN go together, with --checkpoint and --out");
+        "--add-domain NAME goes with --copy-of DOMAIN or --from-dense FILE (one of them), "
+        "--checkpoint and --out");
+  }
+  uint64_t experts = 0;
+  if (a.dense.empty() != a.experts.empty() ||
+      (!a.experts.empty() && (!ecss::ParseUint(a.experts, UINT32_MAX, &experts) || experts == 0))) {
+    return BadArguments("--from-dense FILE needs --experts N (N >= 1), and only it");
   }
   if (!a.domains.empty() || a.format_given || o.with_optimizer_state) {
     return BadArguments(
         "--add-domain writes a checkpoint: no --domains, --format or --with-optimizer-state");
   }
-  ecss::StatusOr<ecss::ExtractReport> grown =
-      ecss::AddDomain({o.checkpoint, a.add_domain, a.copy_of, o.out, o.overwrite, o.verify});
+  ecss::AddDomainOptions add;
+  add.checkpoint = o.checkpoint;
+  add.name = a.add_domain;
+  add.copy_of = a.copy_of;
+  add.dense_ffn = a.dense;
+  add.experts = static_cast<uint32_t>(experts);
+  add.out = o.out;
+  add.overwrite = o.overwrite;
+  add.verify = o.verify;
+  ecss::StatusOr<ecss::ExtractReport> grown = ecss::AddDomain(add);
   if (!grown.ok()) return Failed(grown.status());
-  std::cout << "wrote " << o.out << ": domain '" << a.add_domain << "' added as a copy of '"
-            << a.copy_of << "'; " << grown->file_bytes << " bytes"
-            << (grown->verified ? "; the old domains verified by evaluation" : "") << "\nmodel:\n"
+  std::cout << "wrote " << o.out << ": domain '" << a.add_domain << "' added "
+            << (a.dense.empty() ? ecss::StrCat("as a copy of '", a.copy_of, "'")
+                                : ecss::StrCat("from the dense FFN of '", a.dense, "', ", experts,
+                                               " experts per layer"))
+            << "; " << grown->file_bytes << " bytes"
+            << (grown->verified ? "; every expert verified against its source, the old domains by "
+                                  "evaluation"
+                                : "")
+            << "\nmodel:\n"
             << ecss::FormatModelRecord(grown->model);
   return 0;
 }
@@ -217,6 +244,10 @@ int main(int argc, char** argv) {
       if (!value(&a.add_domain)) return BadArguments("--add-domain needs a name");
     } else if (arg == "--copy-of") {
       if (!value(&a.copy_of)) return BadArguments("--copy-of needs a domain");
+    } else if (arg == "--from-dense") {
+      if (!value(&a.dense)) return BadArguments("--from-dense needs a file");
+    } else if (arg == "--experts") {
+      if (!value(&a.experts)) return BadArguments("--experts needs a number");
     } else if (arg == "--repeat-layers") {
       if (!value(&a.repeat)) return BadArguments("--repeat-layers needs a count");
     } else if (arg == "--import") {
@@ -233,6 +264,8 @@ int main(int argc, char** argv) {
   }
   if (!a.import.empty()) return Import(a);
   if (!a.repeat.empty()) return RepeatLayers(a);
-  if (!a.add_domain.empty() || !a.copy_of.empty()) return AddDomain(a);
+  if (!a.add_domain.empty() || !a.copy_of.empty() || !a.dense.empty() || !a.experts.empty()) {
+    return AddDomain(a);
+  }
   return Extract(std::move(a));
 }
