@@ -346,18 +346,27 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
                         s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
   std::vector<float> master;
   ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id, scratch, &master));
-  // The weights follow from the master. In memory they start at the initial ones; on NVMe a
-  // crash between an update's stores may leave them at another version than the master's.
-  // Weights as of the master's version cost no write: resuming a store whose experts are
-  // mostly unwritten stays cheap. Weights that do not read back (damaged) are derived data:
-  // they are rewritten from the master.
-  bool current = updates == 0;
-  if (s.weights_in_store()) {
+  // The weights follow from the master. In memory they start at the initial ones, which an
+  // unwritten master's are; on NVMe a crash between an update's stores may leave them at
+  // another version than the master's. Weights as of the master's version cost no write:
+  // resuming a store whose experts are mostly unwritten stays cheap. Weights that do not read
+  // back (damaged) are derived data: they are rewritten from the master. So are those of a
+  // master written at version 0 (grown from a dense FFN): their version cannot tell them
+  // from the initial weights a shared expert's copy on write leaves at version 0.
+  bool master_written = false;
+  ECSS_RETURN_IF_ERROR(
+      s.options.store->Version(ExpertState::kMaster, s.Id(id), &master_written).status());
+  bool current = !master_written;
+  if (s.weights_in_store() && (updates != 0 || !master_written)) {
     uint64_t weights_version = 0;
+    bool weights_written = false;
     Status read = s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), scratch.data(),
                                              &weights_version);
+    if (read.ok()) {
+      read = s.options.store->Version(ExpertState::kWeights, s.Id(id), &weights_written).status();
+    }
     if (!read.ok()) ECSS_LOG(Warning) << "rewriting weights from the master: " << read;
-    current = read.ok() && weights_version == updates;
+    current = read.ok() && weights_version == updates && weights_written == master_written;
   }
   if (current) return Status::Ok();
   return WriteWeights(id, master.data(), updates);

@@ -32,7 +32,10 @@ const CheckpointBlob* FindBlob(const std::vector<CheckpointBlob>& blobs, std::st
 namespace {
 
 constexpr char kMagic[] = "ecss-checkpoint";
-constexpr uint32_t kFormat = 1;
+// The manifest's format: 1, or 2 when an expert written at version 0 is stored with its
+// blocks (format 1 has none, so a build that reads only 1 refuses it by its format, not as
+// damage).
+constexpr uint32_t kFormat = 1, kFormatWrittenAtZero = 2;
 constexpr char kManifestName[] = "checkpoint.manifest";
 constexpr char kExpertsName[] = "experts.bin";
 constexpr char kBlobsName[] = "blobs.bin";
@@ -88,8 +91,12 @@ bool IsPlainName(const std::string& name) {
 }
 
 std::string FormatManifest(const Manifest& m) {
-  std::string text = StrCat(kMagic, "\nformat ", kFormat, "\nsequence ", m.sequence, "\nstore ",
-                            m.store_id, "\nexperts_per_layer");
+  const bool at_zero = std::any_of(m.experts.begin(), m.experts.end(), [](const ExpertRecord& x) {
+    return x.version == 0 && !x.holder.empty();
+  });
+  std::string text =
+      StrCat(kMagic, "\nformat ", at_zero ? kFormatWrittenAtZero : kFormat, "\nsequence ",
+             m.sequence, "\nstore ", m.store_id, "\nexperts_per_layer");
   for (uint32_t n : m.layout.experts_per_layer) text += StrCat(" ", n);
   text += StrCat("\nparams_per_expert ", m.layout.params_per_expert, "\nweights_dtype ",
                  DTypeName(m.layout.weights_dtype), "\nmoments ", m.layout.moments, "\ninitial ",
@@ -124,6 +131,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
     return damaged.Annotate("checksum mismatch, or its last line is not its checksum");
   }
   Manifest m;
+  uint32_t format = 0;
   std::set<std::string> seen, blob_names;
   for (const SealedLine& sealed_line : lines) {
     const std::string& line = sealed_line.text;
@@ -140,6 +148,7 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
         continue;
       }
       if (v.size() != 4 + m.states.size() || !ParseUint(v[1], UINT64_MAX, &x.version) ||
+          (x.version == 0 && format != kFormatWrittenAtZero) ||
           !ParseUint(v[3], UINT64_MAX, &x.offset)) {
         return bad;
       }
@@ -168,10 +177,12 @@ StatusOr<Manifest> ParseManifest(const std::string& path, const std::string& sea
     if (key.empty() || !seen.insert(key).second || !m.experts.empty()) return bad;
     if (key == "format") {
       if (v.size() != 1 || !ParseUint(v[0], UINT32_MAX, &n)) return bad;
-      if (n != kFormat) {
+      if (n != kFormat && n != kFormatWrittenAtZero) {
         return FailedPreconditionError(StrCat("checkpoint '", path, "' has format version ", n,
-                                              "; this build reads version ", kFormat));
+                                              "; this build reads versions ", kFormat, " and ",
+                                              kFormatWrittenAtZero));
       }
+      format = static_cast<uint32_t>(n);
     } else if (key == "sequence" || key == "store" || key == "params_per_expert" ||
                key == "moments") {
       if (v.size() != 1 || !ParseUint(v[0], key == "moments" ? UINT32_MAX : UINT64_MAX, &n)) {
@@ -592,10 +603,14 @@ Status CheckpointSave::Impl::DecideExperts(const Manifest* newest) {
     const bool written = std::any_of(held.begin(), held.end(),
                                      [&](const auto& h) { return h.first == version && h.second; });
     const uint32_t source = index.Flat(store.SourceOf(id));
-    const bool shares =
-        source < flat && agreed && version != 0 && m.experts[source].version == version &&
-        std::all_of(m.states.begin(), m.states.end(),
-                    [&](ExpertState state) { return store.ReadsSourceStorage(id, state); });
+    // Its source saved before it, at this version, with blocks.
+    const bool source_stored =
+        source < flat && m.experts[source].version == version &&
+        (copy[source] == Copy::kPending || !m.experts[source].holder.empty());
+    const bool shares = source_stored && agreed && written &&
+                        std::all_of(m.states.begin(), m.states.end(), [&](ExpertState state) {
+                          return store.ReadsSourceStorage(id, state);
+                        });
     ExpertRecord x;
     x.version = version;
     if (shares) {

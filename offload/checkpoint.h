@@ -36,9 +36,9 @@
 //
 // Versions: an expert never written is recorded as initial (nothing stored: it reads as its
 // initial value); one written at version 0 (no update yet: e.g. grown from a dense FFN's
-// weights) is stored with its blocks, as every other written expert. The optimizer's update
-// counts are the versions. (A build before written-at-0 experts refuses a manifest that has
-// one, naming its line.)
+// weights) is stored with its blocks, as every other written expert, in a manifest of format
+// 2 (1 otherwise: a build that reads only format 1 refuses such a checkpoint by its format).
+// The optimizer's update counts are the versions.
 //
 // Errors name what is wrong: a damaged or truncated file is DataLoss naming the file and the
 // layer, expert and state (or blob); another model's checkpoint is FailedPrecondition naming

@@ -955,9 +955,14 @@ Status ExpertStore::LoadTier(ExpertState state) {
     void* block = device ? staging_.data() : MemoryOf(state, flat);
     Status loaded = LoadFromFile(state, flat, block, &region.versions[flat]);
     if (!loaded.ok()) return loaded.Annotate(Name(state, index_.Id(flat)));
-    StatusOr<bool> stored = files_[Index(state)].reader->Written(flat);
-    if (!stored.ok()) return stored.status().Annotate(Name(state, index_.Id(flat)));
-    region.written[flat] = *stored ? 1 : 0;
+    // Written when its file, or (unwritten and shared) its source's, holds a copy: what it
+    // was loaded from.
+    for (uint32_t at = flat;; at = source_[at]) {
+      StatusOr<bool> stored = files_[Index(state)].reader->Written(at);
+      if (!stored.ok()) return stored.status().Annotate(Name(state, index_.Id(at)));
+      region.written[flat] = *stored ? 1 : 0;
+      if (*stored || source_[at] == at) break;
+    }
     if (device) {
       ECSS_RETURN_IF_ERROR(backend_.CopyAsync(stream_.get(), MemoryOf(state, flat), block,
                                               StateBytes(state), CopyKind::kHostToDevice));

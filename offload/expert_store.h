@@ -165,8 +165,9 @@ class ExpertStore {
   // Closes the store if Close was not called (logging an error Close returns).
   ~ExpertStore();
 
-  // Writes durably every state held in memory (each expert into its file's shadow slot), then
-  // fdatasync of every file.
+  // Writes durably every state held in memory (each written expert into its file's shadow
+  // slot; one never written reads as its initial value from its file already), then fdatasync
+  // of every file.
   Status Flush();
   // Flush, then the manifest records a clean close. Nothing else may be called afterwards.
   Status Close();

@@ -304,6 +304,22 @@ TEST_F(CheckpointTest, AnExpertWrittenAtVersionZeroIsSavedAsWritten) {
   // Restoring needs a new store: one with an expert written at 0 is not.
   Status twice = RestoreCheckpoint(ckpt(), "b", **restored).status();
   EXPECT_EQ(twice.code(), StatusCode::kFailedPrecondition) << twice;
+  // Such a manifest is of format 2 (a build that reads format 1 only refuses it by that);
+  // a format 1 manifest with such a record is damaged, and format 3 is a later build's.
+  const std::string manifest = EditManifest("b", "format 2", "format 1");
+  Status old_format = Restored("b").status();
+  EXPECT_EQ(old_format.code(), StatusCode::kDataLoss) << old_format;
+  EditManifest("b", "format 1", "format 3");
+  Status later = Restored("b").status();
+  EXPECT_EQ(later.code(), StatusCode::kFailedPrecondition) << later;
+  EXPECT_TRUE(Contains(later, "format version 3")) << later;
+  std::ofstream(ckpt() + "/b/checkpoint.manifest") << manifest;
+  EXPECT_TRUE(Restored("b").ok());
+  Update(3, 1);  // no expert at version 0 written any more: format 1
+  ASSERT_TRUE(SaveCheckpoint(*store_, ckpt(), "c", {}).ok());
+  std::ifstream in(ckpt() + "/c/checkpoint.manifest");
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("\nformat 1\n"), std::string::npos) << text.substr(0, 40);
 }
 
 // A block's bytes past its state (4 KiB alignment) are zeros, not what the buffers held before:

@@ -712,6 +712,53 @@ TEST_F(ExtractTest, ADomainGrownFromADenseFfnStartsAtItsOptimizersFirstStep) {
         EXPECT_GE(by_lr, moved * 9 / 10) << "the first update is Adam's step 1";
       });
 
+  // Resumed with its states on NVMe (and its compute weights too), the grown model computes
+  // as in host memory: the new experts' compute weights are the FFN's, not drawn ones.
+  auto evaluate = [&](const std::string& nvme, bool nvme_weights) {
+    RunConfig c;
+    c.dtype = DType::kBF16;
+    c.nvme_dir = nvme;
+    c.nvme_weights = nvme_weights;
+    if (!nvme.empty()) std::filesystem::create_directories(nvme);
+    SessionOptions options = engine_test::OptionsFor(c);
+    options.model = grown;
+    options.placement.resume_from = o.out;
+    auto sim = SimBackend::Create({});
+    EXPECT_TRUE(sim.ok());
+    auto session = Session::Create(**sim, options);
+    EXPECT_TRUE(session.ok()) << session.status();
+    Session& s = **session;
+    Backend& b = **sim;
+    std::vector<uint32_t> tokens = {1, 2, 3, 4};
+    const std::vector<uint32_t> rust = {3};
+    const uint64_t elements = 4 * uint64_t{m.d_model};
+    std::vector<BFloat16> x(elements, FloatToBf16(0.5f));
+    auto in = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+    auto out = b.device_memory().Allocate(elements * 2, MemoryTag::kActivations);
+    EXPECT_TRUE(
+        b.CopyAsync(s.compute_stream(), in->data(), x.data(), elements * 2, CopyKind::kHostToDevice)
+            .ok());
+    EXPECT_TRUE(s.BeginEvaluation({MicroBatch{tokens.data(), 1, 4, rust.data()}}).ok());
+    std::vector<std::vector<BFloat16>> outputs;
+    for (uint32_t l = 0; l < m.layers; ++l) {
+      EXPECT_TRUE(s.Forward(MicroBatchIndex(0), LayerIndex(l), in->data(), out->data()).ok());
+      outputs.emplace_back(elements);
+      EXPECT_TRUE(b.CopyAsync(s.compute_stream(), outputs.back().data(), out->data(), elements * 2,
+                              CopyKind::kDeviceToHost)
+                      .ok());
+      EXPECT_TRUE(b.SynchronizeStream(s.compute_stream()).ok());
+    }
+    EXPECT_TRUE(s.EndStep().ok());
+    std::vector<uint16_t> bits;
+    for (const auto& layer : outputs) {
+      for (BFloat16 v : layer) bits.push_back(v.bits);
+    }
+    return bits;
+  };
+  const std::vector<uint16_t> in_memory = evaluate("", false);
+  EXPECT_EQ(evaluate(StrCat(dir_, "/nvme-states"), false), in_memory);
+  EXPECT_EQ(evaluate(StrCat(dir_, "/nvme-weights"), true), in_memory);
+
   // The grown model to safetensors with its optimizer state and back: the new experts stay
   // written at no update (the file's metadata names them), the others as they were.
   ExtractOptions file = Options({"c", "python", "docs", "rust"});
@@ -731,7 +778,32 @@ TEST_F(ExtractTest, ADomainGrownFromADenseFfnStartsAtItsOptimizersFirstStep) {
   ASSERT_TRUE(imported.ok()) << imported.status();
   ExpectMasters(grown, back.out, [](uint32_t e) { return e; });
 
-  // Refused: both sources, neither, no expert count, a file without a layer's FFN.
+  // The file's list of experts written without an update is checked: one with updates, one
+  // out of the model, one out of order are DataLoss naming the metadata.
+  {
+    std::ifstream in(file.out, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    for (const std::string& listed :
+         {std::string("0.7 0.8 1.7 1.3"), std::string("0.7 0.8 1.7 9.8"),
+          std::string("0.8 0.7 1.7 1.8")}) {
+      std::string edited = bytes;  // the same length: the header stays well formed
+      const size_t at = edited.find("0.7 0.8 1.7 1.8");
+      ASSERT_NE(at, std::string::npos);
+      edited.replace(at, listed.size(), listed);
+      const std::string path = StrCat(dir_, "/listed.safetensors");
+      std::ofstream(path, std::ios::binary | std::ios::trunc) << edited;
+      ImportOptions listed_back = back;
+      listed_back.file = path;
+      listed_back.out = StrCat(dir_, "/refused-import/rust");
+      Status refused = ImportSafetensors(listed_back).status();
+      EXPECT_EQ(refused.code(), StatusCode::kDataLoss) << listed << ": " << refused;
+      EXPECT_NE(refused.message().find("written_without_update"), std::string::npos) << refused;
+      EXPECT_FALSE(std::filesystem::exists(listed_back.out + "/checkpoint.manifest"));
+    }
+  }
+
+  // Refused: both sources, neither, no expert count, a file without a layer's FFN or with a
+  // value that is not finite.
   AddDomainOptions bad = o;
   bad.out = StrCat(dir_, "/refused/rust");
   bad.copy_of = "python";
@@ -745,7 +817,21 @@ TEST_F(ExtractTest, ADomainGrownFromADenseFfnStartsAtItsOptimizersFirstStep) {
   Status missing = AddDomain(bad).status();
   EXPECT_EQ(missing.code(), StatusCode::kDataLoss) << missing;
   EXPECT_NE(missing.message().find("layers.0.w_in"), std::string::npos) << missing;
-  EXPECT_FALSE(std::filesystem::exists(bad.out));
+  {
+    const std::string nan = StrCat(dir_, "/nan.safetensors");
+    std::filesystem::copy_file(dense, nan);
+    auto nan_header = ReadSafetensorsHeader(nan);
+    ASSERT_TRUE(nan_header.ok());
+    std::fstream f(nan, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(nan_header->data_start + 4 * 5));  // layers.0.w_in[5]
+    f.write("\xff\xff\xff\x7f", 4);
+    f.close();
+    bad.dense_ffn = nan;
+    Status not_finite = AddDomain(bad).status();
+    EXPECT_EQ(not_finite.code(), StatusCode::kDataLoss) << not_finite;
+    EXPECT_NE(not_finite.message().find("'layers.0.w_in'"), std::string::npos) << not_finite;
+  }
+  EXPECT_FALSE(std::filesystem::exists(bad.out + "/checkpoint.manifest"));
 }
 
 // Bad requests are refused naming what is wrong, and leave no file behind.

@@ -145,12 +145,10 @@ StatusOr<std::vector<CheckpointBlob>> RenumberSessionRecords(
   return out;
 }
 
-StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
-  Plan plan;
-  plan.optimizer = OptimizerOf(reader);
-  ECSS_ASSIGN_OR_RETURN(plan.full, CheckpointModel(reader));
-  const ModelSpec& m = plan.full;
-  // The record and the layout must agree, or ids and sizes would be read as something else.
+// The checkpoint's model record (CheckpointModel), which must agree with its experts' layout,
+// or ids and sizes would be read as something else (DataLoss).
+StatusOr<ModelSpec> ModelOf(const CheckpointReader& reader) {
+  ECSS_ASSIGN_OR_RETURN(ModelSpec m, CheckpointModel(reader));
   const std::vector<uint32_t> layer(m.layers, m.experts_per_layer());
   const ExpertStoreLayout& layout = reader.layout();
   if (layout.experts_per_layer != layer || layout.params_per_expert != m.expert_params() ||
@@ -158,6 +156,15 @@ StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& r
     return DataLossError(StrCat("checkpoint '", reader.where(),
                                 "': its model record does not match its experts' layout"));
   }
+  return m;
+}
+
+StatusOr<Plan> MakePlan(const ExtractOptions& options, const CheckpointReader& reader) {
+  Plan plan;
+  plan.optimizer = OptimizerOf(reader);
+  ECSS_ASSIGN_OR_RETURN(plan.full, ModelOf(reader));
+  const ModelSpec& m = plan.full;
+  const ExpertStoreLayout& layout = reader.layout();
   // Experts never written are drawn here as the session drew them: only if the checkpoint's
   // initial values are the ones DrawInitialMaster draws.
   if (reader.initial_id() != InitialValuesId(m)) {
@@ -839,9 +846,17 @@ class DenseFfn {
       for (const auto& want : wanted) {
         auto it = std::find_if(ffn->header_.tensors.begin(), ffn->header_.tensors.end(),
                                [&](const SafetensorsTensor& t) { return t.name == want.first; });
-        if (it == ffn->header_.tensors.end() || it->dtype != "F32" || it->shape != want.second) {
-          return DataLossError(StrCat("dense FFN '", path, "': no tensor '", want.first,
-                                      "' of F32 [", want.second[0], ", ", want.second[1], "]"));
+        const std::string shape = StrCat("F32 [", want.second[0], ", ", want.second[1], "]");
+        if (it == ffn->header_.tensors.end()) {
+          return DataLossError(
+              StrCat("dense FFN '", path, "': no tensor '", want.first, "' (", shape, ")"));
+        }
+        if (it->dtype != "F32" || it->shape != want.second) {
+          std::string dims;
+          for (uint64_t d : it->shape) dims += StrCat(dims.empty() ? "" : ", ", d);
+          return DataLossError(StrCat("dense FFN '", path, "': tensor '", want.first, "' is ",
+                                      it->dtype, " [", dims, "], not ", shape,
+                                      " as the model implies"));
         }
         ffn->tensors_.push_back(&*it);
       }
@@ -918,7 +933,7 @@ Status CompareDenseGroup(const AddDomainOptions& options, uint32_t first,
 StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::OpenPath(options.checkpoint));
-  ECSS_ASSIGN_OR_RETURN(const ModelSpec full, CheckpointModel(*reader));
+  ECSS_ASSIGN_OR_RETURN(const ModelSpec full, ModelOf(*reader));
   const bool dense = !options.dense_ffn.empty();
   if (dense == !options.copy_of.empty()) {
     return InvalidArgumentError(
@@ -979,25 +994,35 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
   using Block = std::unique_ptr<void, decltype(&std::free)>;
   std::vector<Block> fresh;
   std::vector<const void*> fresh_blocks;
-  for (ExpertState state : states) {
-    const uint64_t bytes = StateBlockBytes(ExpertStore::StateBytes(reader->layout(), state));
+  float* fresh_master = nullptr;
+  for (size_t i = 0; dense && i < states.size(); ++i) {
+    const uint64_t bytes = StateBlockBytes(ExpertStore::StateBytes(reader->layout(), states[i]));
     fresh.emplace_back(std::aligned_alloc(4096, bytes), &std::free);
     if (fresh.back() == nullptr) return ResourceExhaustedError("no memory for one expert");
     std::memset(fresh.back().get(), 0, bytes);
     fresh_blocks.push_back(fresh.back().get());
+    if (states.begin() + static_cast<std::ptrdiff_t>(i) == master) {
+      fresh_master = static_cast<float*>(fresh.back().get());
+    }
   }
-  auto* fresh_master = static_cast<float*>(fresh[master - states.begin()].get());
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
                         CheckpointBuilder::Create(options.out, options.overwrite, grown,
                                                   reader->layout(), states, reader->where()));
   ExtractReport report;
   report.model = grown;
+  // A dense group's experts of a layer are one value: the first is written (no update yet),
+  // the others share its storage until their first update (stored once with NVMe states).
+  std::vector<std::pair<ExpertId, ExpertId>> shared;
   for (uint32_t l = 0; l < full.layers; ++l) {
     if (dense) ECSS_RETURN_IF_ERROR(ffn->Read(l, fresh_master));
     for (uint32_t e = 0; e < first + added.experts; ++e) {
       ++report.experts;
-      if (dense && e >= first) {  // written, with no update yet
+      if (dense && e == first) {
         ECSS_RETURN_IF_ERROR(builder->Write({l, e}, fresh_blocks.data(), 0));
+        continue;
+      }
+      if (dense && e > first) {
+        shared.emplace_back(ExpertId{l, e}, ExpertId{l, first});
         continue;
       }
       // Every expert as it is, then the source group's again as the new group's.
@@ -1011,6 +1036,7 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
       ECSS_RETURN_IF_ERROR(builder->Write({l, e}, reader->blocks(), reader->version(flat)));
     }
   }
+  if (!shared.empty()) ECSS_RETURN_IF_ERROR(builder->Share(shared));
   ECSS_ASSIGN_OR_RETURN(report.file_bytes, builder->Finish(reader->blobs()));
   // Every expert as its source (an old one, the copied group's, or the FFN), and every old
   // domain computing as before on the same inputs.
@@ -1250,8 +1276,13 @@ Status VerifyImport(const ImportOptions& options) {
   return file->ForEachExpert(
       [&](ExpertId id, uint64_t version, const float* master, const float* moments) -> Status {
         const uint32_t flat = written->index().Flat(id);
-        bool same = written->version(flat) == version;
-        if (same && written->written(flat)) {  // else checked against its initial values
+        const std::vector<ExpertId>& listed = file->plan().written_without_update;
+        // Written unless never updated and not named by the metadata (then the import checked
+        // it holds its initial values).
+        bool same = written->version(flat) == version &&
+                    written->written(flat) ==
+                        (version != 0 || std::binary_search(listed.begin(), listed.end(), id));
+        if (same && written->written(flat)) {
           ECSS_RETURN_IF_ERROR(written->Read(flat));
           same = std::memcmp(written->blocks()[0], master, master_bytes) == 0 &&
                  std::memcmp(written->blocks()[1], moments, moment_bytes) == 0;
@@ -1337,7 +1368,7 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
 StatusOr<ExtractReport> RepeatLayers(const RepeatLayersOptions& options) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointReader> reader,
                         CheckpointReader::OpenPath(options.checkpoint));
-  ECSS_ASSIGN_OR_RETURN(const ModelSpec shallow, CheckpointModel(*reader));
+  ECSS_ASSIGN_OR_RETURN(const ModelSpec shallow, ModelOf(*reader));
   if (options.times < 2) {
     return InvalidArgumentError(StrCat("--repeat-layers ", options.times, ": at least 2"));
   }

@@ -19,7 +19,7 @@
 // __metadata__: format "ecss-extract 1", the sub-model ("model": the checkpoint's model
 // record with only the kept domains), the kept domains in row order, the source checkpoint
 // and the optimizer kind. The bf16 compute weights a bf16 model runs with are the master
-// weights rounded to nearest even. Experts never updated hold their initial values, drawn as
+// weights rounded to nearest even. Experts never written hold their initial values, drawn as
 // the session draws them.
 //
 // Streaming: one expert's states in memory at a time, so an extraction larger than memory
@@ -52,7 +52,7 @@ struct ExtractOptions {
 struct ExtractReport {
   ModelSpec model;          // the sub-model (the kept domains, in the full model's order)
   uint64_t experts = 0;     // extracted, every layer
-  uint64_t initial = 0;     // of them never updated (their initial values)
+  uint64_t initial = 0;     // of them never written (their initial values)
   uint64_t tensors = 0;     // safetensors
   uint64_t file_bytes = 0;  // safetensors: header and data; ecss: the checkpoint's bytes
   bool verified = false;
@@ -61,7 +61,7 @@ struct ExtractReport {
 // The same sub-model as a checkpoint the library loads (--format ecss): `out` is ROOT/NAME of
 // a checkpoint (offload/checkpoint.h) whose model record is the sub-model's, with the kept
 // domains' ids (so tokens route as in the full model, and micro-batches name domains by the
-// same ids) and their experts' initial values' keys (so experts never updated stay what they
+// same ids) and their experts' initial values' keys (so experts never written stay what they
 // were: they stay unwritten). A session created with that model (ExtractReport::model) and
 // placement.resume_from = `out` trains or evaluates it; the loop's blobs are copied.
 // --verify runs the full and the extracted model through the session's evaluation step on the
@@ -105,7 +105,7 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options);
 // l % layers. No expert is copied: each deeper copy shares its shallow source's storage, so
 // the checkpoint stores it once (a bf16 model's; an f32 model's copies are stored each) and a
 // session restores it without writing it; each copy becomes its own at its first update
-// (delinking), leaving the others as they were. Experts never updated stay unwritten and draw
+// (delinking), leaving the others as they were. Experts never written stay unwritten and draw
 // as their shallow layer's did (ModelSpec::initial_layers). The loop's blobs and the
 // session's records are kept (the deep model's dense part is the loop's to grow). `verify`
 // compares every expert of `out` with its source, version and bytes. Errors as

@@ -110,7 +110,7 @@ int Import(const Args& a) {
       ecss::ImportSafetensors({a.import, o.out, o.overwrite, o.verify, ProgressBar("importing")});
   if (!imported.ok()) return Failed(imported.status());
   std::cout << "wrote " << o.out << ": " << imported->experts << " experts (" << imported->initial
-            << " never updated), a checkpoint of " << imported->file_bytes << " bytes"
+            << " never written), a checkpoint of " << imported->file_bytes << " bytes"
             << (imported->verified ? "; verified against the file" : "") << "\nmodel:\n"
             << ecss::FormatModelRecord(imported->model);
   return 0;
@@ -134,7 +134,7 @@ int RepeatLayers(const Args& a) {
       ecss::RepeatLayers({o.checkpoint, times, o.out, o.overwrite, o.verify});
   if (!deep.ok()) return Failed(deep.status());
   std::cout << "wrote " << o.out << ": " << deep->model.layers << " layers, " << deep->experts
-            << " experts (" << deep->initial << " never updated), a checkpoint of "
+            << " experts (" << deep->initial << " never written), a checkpoint of "
             << deep->file_bytes << " bytes"
             << (deep->verified ? "; every expert verified against its source" : "") << "\nmodel:\n"
             << ecss::FormatModelRecord(deep->model);
@@ -205,7 +205,7 @@ int Extract(Args a) {
     kept += ecss::StrCat(kept.empty() ? "" : ", ", d.name, " (", d.experts, " experts a layer)");
   }
   std::cout << "wrote " << o.out << ": " << kept << "; " << report->experts << " experts over "
-            << report->model.layers << " layers (" << report->initial << " never updated), "
+            << report->model.layers << " layers (" << report->initial << " never written), "
             << (ecss_format ? "a checkpoint of " : ecss::StrCat(report->tensors, " tensors, "))
             << report->file_bytes << " bytes"
             << (report->verified ? ecss_format ? "; verified by evaluation" : "; verified" : "")
