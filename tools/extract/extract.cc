@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -143,6 +142,40 @@ StatusOr<std::vector<CheckpointBlob>> RenumberSessionRecords(
   out.push_back({std::string(kSessionBlob), FormatSessionRecord(record)});
   if (!kept.empty()) out.push_back({std::string(kHeldGradientsBlob), std::move(kept)});
   return out;
+}
+
+// One expert's blocks of `states` of `layout`: 4 KiB-aligned, zeroed padding included (nothing
+// of the heap's is ever stored).
+class ZeroedBlocks {
+ public:
+  static StatusOr<ZeroedBlocks> Make(const ExpertStoreLayout& layout,
+                                     const std::vector<ExpertState>& states) {
+    ZeroedBlocks made;
+    for (ExpertState state : states) {
+      const uint64_t bytes = StateBlockBytes(ExpertStore::StateBytes(layout, state));
+      made.blocks_.emplace_back(std::aligned_alloc(4096, bytes), &std::free);
+      if (made.blocks_.back() == nullptr) return ResourceExhaustedError("no memory for one expert");
+      std::memset(made.blocks_.back().get(), 0, bytes);
+      made.pointers_.push_back(made.blocks_.back().get());
+    }
+    return made;
+  }
+  void* block(size_t state) const { return blocks_[state].get(); }
+  const void* const* pointers() const { return pointers_.data(); }
+
+ private:
+  ZeroedBlocks() = default;
+  std::vector<std::unique_ptr<void, decltype(&std::free)>> blocks_;
+  std::vector<const void*> pointers_;
+};
+
+// Tensor `t`'s data from safetensors file `in` (its header `header`) into `dst`: false when the
+// file ends first.
+bool ReadTensorData(std::ifstream& in, const SafetensorsHeader& header, const SafetensorsTensor& t,
+                    void* dst) {
+  in.seekg(static_cast<std::streamoff>(header.data_start + t.begin));
+  return static_cast<bool>(
+      in.read(static_cast<char*>(dst), static_cast<std::streamsize>(t.end - t.begin)));
 }
 
 // The checkpoint's model record (CheckpointModel), which must agree with its experts' layout,
@@ -869,8 +902,7 @@ class DenseFfn {
     auto* at = reinterpret_cast<char*>(master);
     for (const SafetensorsTensor* t : {tensors_[2 * layer], tensors_[2 * layer + 1]}) {
       const uint64_t bytes = t->end - t->begin;
-      in_.seekg(static_cast<std::streamoff>(header_.data_start + t->begin));
-      if (!in_.read(at, static_cast<std::streamsize>(bytes))) {
+      if (!ReadTensorData(in_, header_, *t, at)) {
         return DataLossError(StrCat("dense FFN '", path_, "': tensor '", t->name, "' cut short"));
       }
       const auto* values = reinterpret_cast<const float*>(at);
@@ -991,19 +1023,11 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
     return FailedPreconditionError(
         StrCat("checkpoint '", options.checkpoint, "' holds no master weights"));
   }
-  using Block = std::unique_ptr<void, decltype(&std::free)>;
-  std::vector<Block> fresh;
-  std::vector<const void*> fresh_blocks;
+  std::optional<ZeroedBlocks> fresh;
   float* fresh_master = nullptr;
-  for (size_t i = 0; dense && i < states.size(); ++i) {
-    const uint64_t bytes = StateBlockBytes(ExpertStore::StateBytes(reader->layout(), states[i]));
-    fresh.emplace_back(std::aligned_alloc(4096, bytes), &std::free);
-    if (fresh.back() == nullptr) return ResourceExhaustedError("no memory for one expert");
-    std::memset(fresh.back().get(), 0, bytes);
-    fresh_blocks.push_back(fresh.back().get());
-    if (states.begin() + static_cast<std::ptrdiff_t>(i) == master) {
-      fresh_master = static_cast<float*>(fresh.back().get());
-    }
+  if (dense) {
+    ECSS_ASSIGN_OR_RETURN(fresh, ZeroedBlocks::Make(reader->layout(), states));
+    fresh_master = static_cast<float*>(fresh->block(master - states.begin()));
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<CheckpointBuilder> builder,
                         CheckpointBuilder::Create(options.out, options.overwrite, grown,
@@ -1018,7 +1042,7 @@ StatusOr<ExtractReport> AddDomain(const AddDomainOptions& options) {
     for (uint32_t e = 0; e < first + added.experts; ++e) {
       ++report.experts;
       if (dense && e == first) {
-        ECSS_RETURN_IF_ERROR(builder->Write({l, e}, fresh_blocks.data(), 0));
+        ECSS_RETURN_IF_ERROR(builder->Write({l, e}, fresh->pointers(), 0));
         continue;
       }
       if (dense && e > first) {
@@ -1247,9 +1271,7 @@ class ImportedFile {
   }
 
   Status Read(const std::string& name, void* dst) {
-    const SafetensorsTensor& t = *by_name_.at(name);
-    in_.seekg(static_cast<std::streamoff>(header_.data_start + t.begin));
-    if (!in_.read(static_cast<char*>(dst), static_cast<std::streamsize>(t.end - t.begin))) {
+    if (!ReadTensorData(in_, header_, *by_name_.at(name), dst)) {
       return DataLossError(StrCat("'", path_, "': tensor '", name, "' cut short"));
     }
     return Status::Ok();
@@ -1311,16 +1333,7 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
   const uint64_t params = m.expert_params();
   const uint64_t master_bytes = params * 4;
   const uint64_t moment_bytes = params * 4 * file->plan().moment_names.size();
-  using Block = std::unique_ptr<void, decltype(&std::free)>;
-  auto block = [](uint64_t bytes) {
-    return Block(std::aligned_alloc(4096, StateBlockBytes(bytes)), &std::free);
-  };
-  const std::array<Block, 2> blocks = {block(ExpertStore::StateBytes(layout, states[0])),
-                                       block(ExpertStore::StateBytes(layout, states[1]))};
-  for (size_t i = 0; i < blocks.size(); ++i) {  // padding too: nothing of the heap's is stored
-    std::memset(blocks[i].get(), 0, StateBlockBytes(ExpertStore::StateBytes(layout, states[i])));
-  }
-  const void* const pointers[] = {blocks[0].get(), blocks[1].get()};
+  ECSS_ASSIGN_OR_RETURN(const ZeroedBlocks blocks, ZeroedBlocks::Make(layout, states));
   std::vector<float> initial(params);
   ExtractReport report;
   report.model = m;
@@ -1350,9 +1363,9 @@ StatusOr<ExtractReport> ImportSafetensors(const ImportOptions& options) {
       }
       return Status::Ok();
     }
-    std::memcpy(blocks[0].get(), master, master_bytes);
-    std::memcpy(blocks[1].get(), moments, moment_bytes);
-    return builder->Write(id, pointers, version);
+    std::memcpy(blocks.block(0), master, master_bytes);
+    std::memcpy(blocks.block(1), moments, moment_bytes);
+    return builder->Write(id, blocks.pointers(), version);
   }));
   ECSS_ASSIGN_OR_RETURN(report.file_bytes,
                         builder->Finish({{std::string(kOptimizerBlob),
