@@ -91,6 +91,74 @@ Status RunAll(IoEngine& engine, std::vector<IoRequest>& requests) {
   return first;
 }
 
+// The pieces an array's transfer is cut into: one request each (the block layer's largest
+// request on common drives), so that checksums run beside the transfer.
+constexpr uint64_t kPieceBytes = uint64_t{4} << 20;
+
+// Moves `count` arrays between memory and the file (array a: `block_bytes` at offsets[a]) in
+// pieces of at most kPieceBytes, with crcs[a] set to the CRC-32C of array a's first
+// `checksummed` bytes (the rest of its block is padding), computed beside the transfer: a
+// write checksums a piece, submits it, and checksums the next while it is written; a read
+// checksums each piece once it and every piece before it have arrived. So a store or a load
+// takes its transfer plus one piece's checksum, not its transfer plus the whole expert's.
+// Waits for everything it submitted, also after a failure; returns the first error.
+Status TransferChecksummed(IoEngine& engine, IoOp op, IoFileId file, const uint64_t* offsets,
+                           void* const* arrays, uint32_t count, uint64_t block_bytes,
+                           uint64_t checksummed, uint32_t* crcs) {
+  struct Piece {
+    uint32_t array;
+    uint64_t start, bytes;
+  };
+  std::vector<Piece> pieces;
+  for (uint32_t a = 0; a < count; ++a) {
+    crcs[a] = 0;
+    for (uint64_t start = 0; start < block_bytes; start += kPieceBytes)
+      pieces.push_back({a, start, std::min(kPieceBytes, block_bytes - start)});
+  }
+  auto checksum = [&](const Piece& piece) {
+    if (piece.start >= checksummed) return;
+    crcs[piece.array] = Crc32c(static_cast<const char*>(arrays[piece.array]) + piece.start,
+                               std::min(piece.bytes, checksummed - piece.start), crcs[piece.array]);
+  };
+  Status first;
+  std::vector<bool> arrived(pieces.size(), false);
+  size_t checked = 0;  // reads: pieces checksummed, in order
+  IoCompletion completions[16];
+  auto reap = [&](std::chrono::microseconds wait) {
+    const size_t n = engine.Poll(completions, 16, wait);
+    for (size_t i = 0; i < n; ++i) {
+      if (first.ok() && !completions[i].status.ok()) first = completions[i].status;
+      arrived[completions[i].user_data] = true;
+    }
+    while (op == IoOp::kRead && first.ok() && checked < pieces.size() && arrived[checked])
+      checksum(pieces[checked++]);
+  };
+  for (size_t i = 0; i < pieces.size() && first.ok(); ++i) {
+    const Piece& piece = pieces[i];
+    if (op == IoOp::kWrite) checksum(piece);
+    const IoRequest request{op,
+                            file,
+                            offsets[piece.array] + piece.start,
+                            static_cast<char*>(arrays[piece.array]) + piece.start,
+                            static_cast<size_t>(piece.bytes),
+                            i};
+    while (true) {
+      Status submitted = engine.Submit(request);
+      if (submitted.ok()) break;
+      if (!submitted.retryable()) {
+        first = submitted;
+        break;
+      }
+      reap(std::chrono::milliseconds(10));  // a full queue: let something finish
+    }
+    // A write goes out at once, so that it runs while the next piece is checksummed; reads
+    // are all queued first and go out together.
+    if (op == IoOp::kWrite) reap(std::chrono::microseconds(0));
+  }
+  while (engine.in_flight() > 0) reap(std::chrono::seconds(10));
+  return first;
+}
+
 }  // namespace
 
 struct ExpertStateFile::Header {
@@ -390,13 +458,11 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   header.sequence = sequence;
   header.arrays = options_.arrays;
   header.element_bytes = options_.element_bytes;
-  std::vector<IoRequest> requests;
-  for (uint32_t a = 0; a < options_.arrays; ++a) {
-    header.array_crc[a] = Crc32c(arrays[a], bytes);
-    requests.push_back({IoOp::kWrite, file, base + ArrayOffset(a), const_cast<void*>(arrays[a]),
-                        static_cast<size_t>(StateBlockBytes(bytes)), 0});
-  }
-  Status written = RunAll(*engine_, requests);
+  uint64_t offsets[kMaxArrays];
+  for (uint32_t a = 0; a < options_.arrays; ++a) offsets[a] = base + ArrayOffset(a);
+  Status written =
+      TransferChecksummed(*engine_, IoOp::kWrite, file, offsets, const_cast<void* const*>(arrays),
+                          options_.arrays, StateBlockBytes(bytes), bytes, header.array_crc);
   if (!written.ok()) return written.Annotate(StrCat("storing expert ", expert, " states"));
   header.header_crc = Crc32c(&header, offsetof(Header, header_crc));
   std::memset(header_, 0, kHeaderBytes);
@@ -494,15 +560,14 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
         StrCat(where, ": stored with ", header.elements, " elements, read as ", elements));
   }
   const uint64_t bytes = elements * options_.element_bytes;
-  std::vector<IoRequest> requests;
-  for (uint32_t a = 0; a < options_.arrays; ++a) {
-    requests.push_back({IoOp::kRead, file, base + ArrayOffset(a), arrays[a],
-                        static_cast<size_t>(StateBlockBytes(bytes)), 0});
-  }
-  Status read = RunAll(*engine_, requests);
+  uint64_t offsets[kMaxArrays];
+  uint32_t crcs[kMaxArrays];
+  for (uint32_t a = 0; a < options_.arrays; ++a) offsets[a] = base + ArrayOffset(a);
+  Status read = TransferChecksummed(*engine_, IoOp::kRead, file, offsets, arrays, options_.arrays,
+                                    StateBlockBytes(bytes), bytes, crcs);
   if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
   for (uint32_t a = 0; a < options_.arrays; ++a) {
-    if (Crc32c(arrays[a], bytes) != header.array_crc[a]) {
+    if (crcs[a] != header.array_crc[a]) {
       const std::string name =
           a < options_.array_names.size() ? options_.array_names[a] : StrCat("array ", a);
       return DataLossError(StrCat(where, ": ", name, " checksum mismatch"));

@@ -1,7 +1,9 @@
 // `ecss-bench nvme --dir DIR`: sequential and random reads and writes of whole blocks through
 // an IoEngine (io_uring by default: O_DIRECT, registered file and buffers, batched
-// submission), against fio with the same file, block size, queue depth and --direct=1
-// --ioengine=io_uring, run by this suite in the same run when fio is installed.
+// submission, buffers in the pinned pool's huge-page-backed memory), against two fio runs
+// with the same file, block size, queue depth and --direct=1 --ioengine=io_uring: plain, and
+// with --fixedbufs --registerfiles (fio's fastest io_uring setup), run by this suite
+// interleaved with the engine's samples when fio is installed.
 #include <unistd.h>
 
 #include <algorithm>
@@ -45,13 +47,21 @@ bool HaveFio() {
   return ::access("/usr/bin/fio", X_OK) == 0 || ::access("/usr/local/bin/fio", X_OK) == 0;
 }
 
+// The two fio references: plain io_uring, and with registered buffers and files.
+struct FioReference {
+  const char* name;   // JSON key prefix and table column
+  const char* flags;  // added to fio's command line
+};
+constexpr std::array<FioReference, 2> kFioReferences = {
+    {{"fio", ""}, {"fio_registered", " --fixedbufs --registerfiles"}}};
+
 // fio's bandwidth for one pattern in GB/s, or a Status saying why there is none.
 StatusOr<double> RunFio(const std::string& path, const Pattern& pattern, uint64_t file_bytes,
-                        size_t block, uint32_t depth) {
+                        size_t block, uint32_t depth, const FioReference& reference) {
   const std::string command =
       StrCat("fio --name=ecss --filename=", path, " --size=", file_bytes, " --bs=", block,
-             " --iodepth=", depth, " --rw=", pattern.name,
-             " --direct=1 --ioengine=io_uring --numjobs=1 --output-format=json 2>/dev/null");
+             " --iodepth=", depth, " --rw=", pattern.name, " --direct=1 --ioengine=io_uring",
+             reference.flags, " --numjobs=1 --output-format=json 2>/dev/null");
   std::unique_ptr<FILE, int (*)(FILE*)> pipe(::popen(command.c_str(), "r"), ::pclose);
   if (!pipe) return UnavailableError("cannot start fio");
   std::string output;
@@ -118,8 +128,9 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("registered_buffers", registered)
       .Field("samples", samples)
       .Field("reference",
-             run_fio ? "fio --direct=1 --ioengine=io_uring, same file size, block size and queue "
-                       "depth, same directory, same run"
+             run_fio            ? "fio --direct=1 --ioengine=io_uring (fio_*) and with --fixedbufs "
+                                  "--registerfiles (fio_registered_*), same file size, block size and queue "
+                                  "depth, same directory, interleaved with the engine's samples"
              : with_fio == "no" ? "--fio no: no reference measured"
                                 : "fio not installed: no reference measured")
       .Key("patterns")
@@ -127,25 +138,28 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   table << "nvme suite: " << engine->name() << ", " << HumanBytes(file_bytes) << " file in " << dir
         << ", " << HumanBytes(block) << " blocks, queue depth " << depth << ", median of "
         << samples << "\n"
-        << std::left << std::setw(11) << "pattern" << std::right << std::setw(12) << "ecss GB/s"
-        << std::setw(12) << "fio GB/s" << std::setw(10) << "ratio"
-        << "\n"
-        << std::fixed << std::setprecision(3);
+        << std::left << std::setw(11) << "pattern" << std::right << std::setw(12) << "ecss GB/s";
+  if (run_fio) {
+    table << std::setw(12) << "fio GB/s" << std::setw(10) << "ratio" << std::setw(16)
+          << "fio fixed GB/s" << std::setw(10) << "ratio";
+  }
+  table << "\n" << std::fixed << std::setprecision(3);
   double read_gbps = 0, write_gbps = 0;
   for (const Pattern& pattern : kPatterns) {
-    std::vector<double> ecss_samples, fio_samples;
-    Status fio_status;
+    std::vector<double> ecss_samples;
+    std::array<std::vector<double>, kFioReferences.size()> fio_samples;
+    std::array<Status, kFioReferences.size()> fio_status;
     for (uint64_t s = 0; s < samples; ++s) {
       ECSS_ASSIGN_OR_RETURN(double sample, RunIoPattern(*engine, *file, pattern, file_bytes / block,
                                                         block, buffers.as<uint8_t>()));
       ecss_samples.push_back(sample);
-      if (run_fio) {
+      for (size_t r = 0; run_fio && r < kFioReferences.size(); ++r) {
         StatusOr<double> fio = RunFio(dir + "/ecss-fio-bench.dat", pattern, file_bytes, block,
-                                      static_cast<uint32_t>(depth));
+                                      static_cast<uint32_t>(depth), kFioReferences[r]);
         if (fio.ok() && *fio > 0)
-          fio_samples.push_back(*fio);
+          fio_samples[r].push_back(*fio);
         else
-          fio_status = fio.ok() ? UnavailableError("fio reported no bandwidth") : fio.status();
+          fio_status[r] = fio.ok() ? UnavailableError("fio reported no bandwidth") : fio.status();
       }
     }
     const double gbps = Median(ecss_samples);
@@ -153,14 +167,16 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     if (std::string_view(pattern.name) == "write") write_gbps = gbps;
     json.BeginObject().Field("rw", pattern.name).Field("gbps", gbps);
     table << std::left << std::setw(11) << pattern.name << std::right << std::setw(12) << gbps;
-    if (run_fio) {
-      if (!fio_samples.empty()) {
-        const double fio = Median(fio_samples);
-        json.Field("fio_gbps", fio).Field("vs_fio", gbps / fio);
-        table << std::setw(12) << fio << std::setw(10) << gbps / fio;
+    for (size_t r = 0; run_fio && r < kFioReferences.size(); ++r) {
+      const std::string key = kFioReferences[r].name;
+      const int width = r == 0 ? 12 : 16;
+      if (!fio_samples[r].empty()) {
+        const double fio = Median(fio_samples[r]);
+        json.Field(key + "_gbps", fio).Field("vs_" + key, gbps / fio);
+        table << std::setw(width) << fio << std::setw(10) << gbps / fio;
       } else {
-        json.Field("fio_error", std::string(fio_status.message()));
-        table << std::setw(12) << "-" << std::setw(10) << "-";
+        json.Field(key + "_error", std::string(fio_status[r].message()));
+        table << std::setw(width) << "-" << std::setw(10) << "-";
       }
     }
     json.EndObject();

@@ -12,6 +12,7 @@
 #include "runtime/base/median.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
+#include "runtime/device/arena_allocator.h"
 
 namespace ecss {
 
@@ -223,12 +224,17 @@ StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
     return InvalidArgumentError("rate measurement: block a multiple of 4 KiB, passes >= 1");
   }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(options));
-  const size_t buffer_bytes = size_t{engine->queue_depth()} * block;
-  std::unique_ptr<void, decltype(&std::free)> buffers(std::aligned_alloc(4096, buffer_bytes),
-                                                      &std::free);
-  if (buffers == nullptr) return ResourceExhaustedError("rate measurement: no buffer memory");
-  std::memset(buffers.get(), 0x5a, buffer_bytes);
-  auto* data = static_cast<uint8_t*>(buffers.get());
+  // The same kind of memory as the pinned pool's staging (huge-page-backed where the kernel
+  // allows), so the rates are what the store's own transfers can reach.
+  ArenaOptions arena;
+  arena.name = "rate measurement buffers";
+  arena.capacity_bytes = size_t{engine->queue_depth()} * block;
+  arena.alignment = 4096;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ArenaAllocator> memory, ArenaAllocator::Create(arena));
+  ECSS_ASSIGN_OR_RETURN(Buffer buffers,
+                        memory->Allocate(arena.capacity_bytes, MemoryTag::kStaging));
+  std::memset(buffers.data(), 0x5a, buffers.size());
+  auto* data = buffers.as<uint8_t>();
   ECSS_ASSIGN_OR_RETURN(IoFileId file, engine->Open(path, OpenMode::kCreate));
   const uint64_t blocks = std::max<uint64_t>(1, bytes / block);
   std::vector<double> reads, writes;

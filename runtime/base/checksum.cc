@@ -14,6 +14,7 @@ namespace ecss {
 namespace {
 
 constexpr uint32_t kPolynomial = 0x82F63B78u;  // reflected Castagnoli polynomial
+constexpr size_t kLanesFrom = 64 * 1024;       // buffers from here on run three lanes
 
 std::array<uint32_t, 256> MakeTable() {
   std::array<uint32_t, 256> table{};
@@ -29,6 +30,28 @@ uint32_t Crc32cTable(const uint8_t* data, size_t bytes, uint32_t crc) {
   static const std::array<uint32_t, 256> table = MakeTable();
   for (size_t i = 0; i < bytes; ++i) crc = table[(crc ^ data[i]) & 0xffu] ^ (crc >> 8);
   return crc;
+}
+
+// a(x)·b(x) mod P(x), with polynomials in the reflected order CRC-32C registers use (the top
+// bit is x^0).
+uint32_t MultiplyModP(uint32_t a, uint32_t b) {
+  uint32_t product = 0;
+  for (uint32_t bit = 0x80000000u; bit != 0; bit >>= 1) {
+    if ((a & bit) != 0) product ^= b;
+    b = (b & 1u) != 0 ? (b >> 1) ^ kPolynomial : b >> 1;
+  }
+  return product;
+}
+
+// x^(8·bytes) mod P(x): what appending `bytes` zero bytes multiplies a register by.
+uint32_t ShiftOperator(uint64_t bytes) {
+  uint32_t result = 0x80000000u;  // 1
+  uint32_t power = 0x00800000u;   // x^8, then squared: x^(8·2^k)
+  for (; bytes != 0; bytes >>= 1) {
+    if ((bytes & 1u) != 0) result = MultiplyModP(power, result);
+    power = MultiplyModP(power, power);
+  }
+  return result;
 }
 
 #if defined(__x86_64__)
@@ -47,6 +70,32 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHardware(const uint8_t* data, s
   return crc32;
 }
 
+// Three lanes of one buffer in one loop: the crc32 instruction's latency is three times its
+// issue rate, so one dependency chain leaves two thirds of the unit idle. The lanes are joined
+// with CombineCrc32c. Only worth its fixed cost (two ShiftOperator calls) on large buffers.
+__attribute__((target("sse4.2"))) uint32_t Crc32cHardwareLanes(const uint8_t* data, size_t bytes,
+                                                               uint32_t crc) {
+  const size_t lane = (bytes / 3) & ~size_t{7};
+  const uint8_t* a = data;
+  const uint8_t* b = data + lane;
+  const uint8_t* c = data + 2 * lane;
+  uint64_t ra = crc, rb = ~uint32_t{0}, rc = ~uint32_t{0};
+  for (size_t i = 0; i < lane; i += 8) {
+    uint64_t wa, wb, wc;
+    std::memcpy(&wa, a + i, 8);
+    std::memcpy(&wb, b + i, 8);
+    std::memcpy(&wc, c + i, 8);
+    ra = _mm_crc32_u64(ra, wa);
+    rb = _mm_crc32_u64(rb, wb);
+    rc = _mm_crc32_u64(rc, wc);
+  }
+  // Registers hold inverted CRCs (the caller inverts on the way in and out).
+  const uint32_t op = ShiftOperator(lane);
+  uint32_t joined = MultiplyModP(op, ~static_cast<uint32_t>(ra)) ^ ~static_cast<uint32_t>(rb);
+  joined = MultiplyModP(op, joined) ^ ~static_cast<uint32_t>(rc);
+  return Crc32cHardware(data + 3 * lane, bytes - 3 * lane, ~joined);
+}
+
 bool HasSse42() {
   static const bool has = __builtin_cpu_supports("sse4.2");
   return has;
@@ -59,7 +108,10 @@ uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
   const auto* bytes_in = static_cast<const uint8_t*>(data);
   crc = ~crc;
 #if defined(__x86_64__)
-  if (HasSse42()) return ~Crc32cHardware(bytes_in, bytes, crc);
+  if (HasSse42()) {
+    return ~(bytes >= kLanesFrom ? Crc32cHardwareLanes(bytes_in, bytes, crc)
+                                 : Crc32cHardware(bytes_in, bytes, crc));
+  }
 #endif
   return ~Crc32cTable(bytes_in, bytes, crc);
 }

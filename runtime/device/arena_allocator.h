@@ -19,6 +19,9 @@ struct ArenaOptions {
   size_t alignment = 256;       // of every block (power of two, at most the page size)
   bool populate = false;        // pre-fault the pages at creation (MAP_POPULATE)
   bool lock_pages = false;      // mlock the region; failure is reported by pages_locked()
+  // Ask for transparent huge pages (madvise) for a region of 2 MiB or more: DMA and O_DIRECT
+  // transfers then move physically contiguous runs. Advice only; the kernel may decline.
+  bool huge_pages = true;
 };
 
 // One mapped region, before an allocator owns it.

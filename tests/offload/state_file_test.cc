@@ -109,6 +109,47 @@ TEST_F(StateFileTest, CorruptionIsDataLossNamingExpertAndArray) {
   EXPECT_TRUE(file->Load(2, got.raw, 3000, &count).ok()) << "the store stays usable";
 }
 
+TEST_F(StateFileTest, ArraysOfSeveralPiecesRoundTripAndDamageInALaterPieceIsDataLoss) {
+  // Arrays larger than one transfer piece (4 MiB) move in pieces, checksummed beside the
+  // transfer: 2.6 M floats is three pieces, the last one partial, and the element count
+  // ends inside a 4 KiB block, so the checksum must stop where the data does.
+  constexpr uint64_t kElements = 2'600'001;
+  options_.max_expert_elements = kElements;
+  options_.experts = 2;
+  auto file = *ExpertStateFile::Create(engine_.get(), options_);
+  Arrays stored(kElements, 3.0f);
+  ASSERT_TRUE(file->Store(0, stored.raw, kElements, 7).ok());
+  Arrays got(kElements, 0.0f);
+  uint64_t count = 0;
+  ASSERT_TRUE(file->Load(0, got.raw, kElements, &count).ok());
+  EXPECT_EQ(count, 7u);
+  for (int a = 0; a < 3; ++a)
+    ASSERT_EQ(std::memcmp(got.data[a], stored.data[a], kElements * 4), 0) << a;
+  // One bit of the third piece of the last array (expert 0: directory a, after the file's
+  // header and the slot's).
+  const uint64_t block = StateArrayBytes(kElements);
+  const uint64_t last_array = 4096 + 4096 + 2 * block;
+  ASSERT_TRUE(FlipByte(root_ + "/a/ecss-states-0.bin", last_array + (uint64_t{8} << 20) + 100, 1));
+  Status loaded = file->Load(0, got.raw, kElements, &count);
+  EXPECT_EQ(loaded.code(), StatusCode::kDataLoss) << loaded;
+  EXPECT_NE(loaded.message().find("moment 2 checksum mismatch"), std::string_view::npos) << loaded;
+  // A failure in a middle piece of a store fails the store and leaves no new version.
+  ASSERT_TRUE(FlipByte(root_ + "/a/ecss-states-0.bin", last_array + (uint64_t{8} << 20) + 100, 1));
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 5;  // the second piece of array 1
+  engine_->set_options(faults);
+  Arrays newer(kElements, 4.0f);
+  EXPECT_FALSE(file->Store(0, newer.raw, kElements, 8).ok());
+  engine_->set_options(FaultOptions{});
+  Status after = file->Load(0, got.raw, kElements, &count);
+  if (after.ok()) {
+    EXPECT_EQ(count, 7u);
+    EXPECT_EQ(std::memcmp(got.data[1], stored.data[1], kElements * 4), 0);
+  } else {
+    EXPECT_EQ(after.code(), StatusCode::kDataLoss) << "never the half-written version as good";
+  }
+}
+
 TEST_F(StateFileTest, TornStoreIsDetectedNotUsed) {
   auto file = *ExpertStateFile::Create(engine_.get(), options_);
   Arrays old_states(4096, 1.0f), new_states(4096, 2.0f);
