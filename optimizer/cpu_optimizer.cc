@@ -448,6 +448,8 @@ Status CpuOptimizer::WaitForSteps(uint64_t step) {
 }
 
 Status CpuOptimizer::Synchronize() {
+  // The caller waits inside the arena, so it runs queued updates too: a step that waits for
+  // its updates gets one thread more (Note [The driving thread helps], tools/plan).
   impl_->arena.execute([&] { impl_->tasks.wait(); });
   return TakeError();
 }

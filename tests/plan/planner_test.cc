@@ -191,6 +191,19 @@ TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
   EXPECT_GT(by[Strategy::kZeroOffload]->tokens_per_s, by[Strategy::kNaive]->tokens_per_s);
   EXPECT_LT(by[Strategy::kEcss]->metrics.bound_ratio,
             by[Strategy::kNoOverlap]->metrics.bound_ratio);
+  // Note [The driving thread helps]: once a step's device work is done, a strategy whose step
+  // waits for its updates waits in the optimizer's arena and runs updates too. No-overlap's
+  // last layer's updates (every layer updates as many experts) are the ones after its device
+  // work: a quarter of them at two threads' rate (one optimizer thread), the rest at one.
+  // ecss's driving thread goes on to the next step and never helps.
+  const double one_thread = 5e8;
+  const StrategyPrediction& chained = *by[Strategy::kNoOverlap];
+  const auto cpu = static_cast<size_t>(PlanResource::kCpuOptimizer);
+  const auto updated = static_cast<double>(chained.updated_params);
+  EXPECT_NEAR(chained.busy_per_step[cpu],
+              updated * 3 / 4 / one_thread + updated / 4 / (2 * one_thread), 1e-9);
+  EXPECT_NEAR(by[Strategy::kEcss]->busy_per_step[cpu],
+              static_cast<double>(by[Strategy::kEcss]->updated_params) / one_thread, 1e-9);
 }
 
 // An infeasible configuration names the short budget and the change that fits.

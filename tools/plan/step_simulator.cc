@@ -154,6 +154,37 @@ void StepSimulator::Expedite(const StepPlan& plan, double begin) {
   free_[Index(PlanResource::kCpuOptimizer)] = free;
 }
 
+// Note [The driving thread helps] (optimizer/cpu_optimizer.cc Synchronize): a step that
+// waits for its updates, with host states, waits inside the optimizer's arena, so from its
+// device work's end (`from`) the driving thread runs queued updates too: the optimizer then
+// has one thread more. Re-times this step's updates that end after `from`; returns when the
+// last one ends.
+double StepSimulator::DrivingThreadHelps(UpdateRecord& record, double from) {
+  const double threads = std::max(1, options_.optimizer.threads);
+  const double speedup = (threads + 1) / threads;
+  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
+  cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
+                           [&](const auto& interval) { return interval.second > from; }),
+            cpu.end());
+  double free = from;
+  for (auto& [expert, task] : record.queue) {
+    if (task.end <= from) continue;
+    if (task.start < from) {  // under way: the rest of its work at the faster rate
+      cpu.emplace_back(task.start, from);
+      task.end = from + (task.end - from) / speedup;
+      cpu.emplace_back(from, task.end);
+    } else {
+      task.start = std::max(task.ready, free);
+      task.end = task.start + task.seconds / speedup;
+      cpu.emplace_back(task.start, task.end);
+    }
+    free = task.end;
+    record.expert_end[expert] = task.end;
+  }
+  free_[Index(PlanResource::kCpuOptimizer)] = std::max(from, free);
+  return free;
+}
+
 StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   const size_t step = steps_.size();
   const double begin = clock_;
@@ -263,6 +294,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     } else if (op.kind != OpKind::kPublish) {
       device_end = std::max(device_end, finish);
     }
+  }
+  if (plan.step_waits_for_updates() && !states_on_nvme && !policy.delayed_update) {
+    update_end = std::max(update_end, DrivingThreadHelps(updates_[mine], device_end));
   }
   updates_[mine].all_end = policy.delayed_update ? floor : update_end;
   if (policy.delayed_update) held_experts_ = TouchedExperts(plan).size();  // the next updates

@@ -10,7 +10,9 @@
 // simulated per expert (a layer's update op is its experts' updates in turn, and with states
 // on NVMe each expert's read, update and write form a pipeline), and, as the engine's
 // optimizer does at BeginStep, the previous step's updates not yet started run in the new
-// step's fetch order (Note [Updates in fetch order], host states only).
+// step's fetch order (Note [Updates in fetch order], host states only). A step that waits for
+// its updates (host states) has the driving thread's help once its device work is done
+// (Note [The driving thread helps]).
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
 // work done, and its updates for the strategies whose step waits for them); its carried-in
@@ -93,6 +95,7 @@ class StepSimulator {
   double Seconds(const PlanOp& op) const;
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
+  double DrivingThreadHelps(UpdateRecord& record, double from);
   void Occupy(PlanResource resource, double start, double end);
   // Half of an all-to-all on the network from `ready`; returns when it ends.
   double Exchange(double ready);
