@@ -84,6 +84,10 @@ struct NvmeUpdater::Impl {
   NvmeUpdaterOptions options;
   std::unique_ptr<StoreStateTier> tier;
   Buffer workspace;  // the pipeline's staging slots, in the caller's pinned memory
+  // Resume's and Master's block (ScratchBytes), held for the updater's life so that the
+  // session's pinned peak is its memory plan, and neither call can fail for want of room.
+  std::mutex scratch_mutex;
+  Buffer scratch;  // GUARDED_BY(scratch_mutex)
   std::unique_ptr<StateStreamingUpdater> updater;
   Allocator* staging = nullptr;
   std::vector<BFloat16*> compute_copies;
@@ -309,6 +313,8 @@ StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOpti
   ECSS_ASSIGN_OR_RETURN(const uint64_t workspace_bytes,
                         StateStreamingUpdater::WorkspaceBytes(streaming));
   ECSS_ASSIGN_OR_RETURN(impl->workspace, staging->Allocate(workspace_bytes, MemoryTag::kStaging));
+  ECSS_ASSIGN_OR_RETURN(impl->scratch,
+                        staging->Allocate(ScratchBytes(options), MemoryTag::kStaging));
   ECSS_ASSIGN_OR_RETURN(impl->updater,
                         StateStreamingUpdater::Create(streaming, impl->tier.get(),
                                                       impl->workspace.data(), workspace_bytes));
@@ -342,8 +348,8 @@ Status NvmeUpdater::Attach(uint32_t id, BFloat16* compute_copy) {
 Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   Impl& s = *impl_;
   s.compute_copies[id] = compute_copy;
-  ECSS_ASSIGN_OR_RETURN(Buffer scratch,
-                        s.staging->Allocate(ScratchBytes(s.options), MemoryTag::kStaging));
+  std::lock_guard<std::mutex> hold(s.scratch_mutex);
+  Buffer& scratch = s.scratch;
   std::vector<float> master;
   ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id, scratch, &master));
   // The weights follow from the master. In memory they start at the initial ones, which an
@@ -545,10 +551,9 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
   ECSS_RETURN_IF_ERROR(Synchronize());
-  ECSS_ASSIGN_OR_RETURN(
-      Buffer scratch, impl_->staging->Allocate(ScratchBytes(impl_->options), MemoryTag::kStaging));
+  std::lock_guard<std::mutex> hold(impl_->scratch_mutex);
   std::vector<float> master;
-  ECSS_RETURN_IF_ERROR(LoadMaster(id, scratch, &master).status());
+  ECSS_RETURN_IF_ERROR(LoadMaster(id, impl_->scratch, &master).status());
   return master;
 }
 

@@ -156,7 +156,7 @@ class NvmeUpdater final : public ExpertUpdater {
   // (with a weight store they also stage the bf16 copy: `weights_on_nvme`, which the caller
   // can size before it creates the store; InvalidArgument for bad optimizer options) ...
   static StatusOr<uint64_t> PipelineBytes(const NvmeUpdaterOptions& options, bool weights_on_nvme);
-  // ... and one expert's arrays, a block Resume and Master hold while they run.
+  // ... and one expert's arrays, a block it holds for its life, which Resume and Master use.
   static uint64_t ScratchBytes(const NvmeUpdaterOptions& options);
 
   Status BeginStep(float loss_scale) override;

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 
 #include "runtime/base/checksum.h"
 #include "runtime/base/file_util.h"
@@ -64,19 +65,45 @@ std::vector<FileSpec> FileSpecs(const StateFileOptions& options) {
   return files;
 }
 
+// What RunAll calls around its requests (either may be empty).
+struct RunHooks {
+  // Before request i is submitted; when set, each request is also sent at once, so that it
+  // runs while the next one is prepared.
+  std::function<void(size_t)> before_submit;
+  // Once request i and every request before it have completed, in order, while none failed.
+  std::function<void(size_t)> arrived;
+};
+
 // Submits every request, then waits for all of them (also after a failure, so that nothing is
-// left in flight); returns the first error.
-Status RunAll(IoEngine& engine, std::vector<IoRequest>& requests) {
+// left in flight); returns the first error. FailedPrecondition when the engine already has
+// requests in flight: their completions would be taken for these.
+Status RunAll(IoEngine& engine, std::vector<IoRequest>& requests, const RunHooks& hooks = {}) {
+  if (engine.in_flight() != 0) {
+    return FailedPreconditionError(
+        StrCat("state file: ", engine.in_flight(), " requests already in flight on its engine"));
+  }
   Status first;
+  std::vector<bool> done(requests.size(), false);
+  size_t in_order = 0;  // requests completed with every one before them
   IoCompletion completions[16];
   auto reap = [&](std::chrono::microseconds wait) {
     const size_t n = engine.Poll(completions, 16, wait);
     for (size_t i = 0; i < n; ++i) {
       if (first.ok() && !completions[i].status.ok()) first = completions[i].status;
+      if (completions[i].user_data >= done.size()) {
+        if (first.ok()) first = InternalError("state file: a completion of no request of ours");
+        continue;
+      }
+      done[completions[i].user_data] = true;
+    }
+    while (in_order < done.size() && done[in_order]) {
+      if (hooks.arrived && first.ok()) hooks.arrived(in_order);
+      ++in_order;
     }
   };
   for (size_t i = 0; i < requests.size() && first.ok(); ++i) {
     requests[i].user_data = i;
+    if (hooks.before_submit) hooks.before_submit(i);
     while (true) {
       Status submitted = engine.Submit(requests[i]);
       if (submitted.ok()) break;
@@ -86,77 +113,54 @@ Status RunAll(IoEngine& engine, std::vector<IoRequest>& requests) {
       }
       reap(std::chrono::milliseconds(10));  // a full queue: let something finish
     }
+    if (hooks.before_submit) reap(std::chrono::microseconds(0));
   }
   while (engine.in_flight() > 0) reap(std::chrono::seconds(10));
   return first;
 }
 
-// The pieces an array's transfer is cut into: one request each (the block layer's largest
-// request on common drives), so that checksums run beside the transfer.
+// An array's transfer is cut into pieces of this size so that its checksum runs beside the
+// transfer: a piece's checksum hides under the next piece's I/O.
 constexpr uint64_t kPieceBytes = uint64_t{4} << 20;
 
 // Moves `count` arrays between memory and the file (array a: `block_bytes` at offsets[a]) in
 // pieces of at most kPieceBytes, with crcs[a] set to the CRC-32C of array a's first
-// `checksummed` bytes (the rest of its block is padding), computed beside the transfer: a
-// write checksums a piece, submits it, and checksums the next while it is written; a read
+// `checksummed_bytes` (the rest of its block is padding), computed beside the transfer: a
+// write checksums a piece, sends it, and checksums the next while it is written; a read
 // checksums each piece once it and every piece before it have arrived. So a store or a load
 // takes its transfer plus one piece's checksum, not its transfer plus the whole expert's.
-// Waits for everything it submitted, also after a failure; returns the first error.
+// A write only reads `arrays`; a read fills them (Load's, which are writable). Errors as
+// RunAll's.
 Status TransferChecksummed(IoEngine& engine, IoOp op, IoFileId file, const uint64_t* offsets,
-                           void* const* arrays, uint32_t count, uint64_t block_bytes,
-                           uint64_t checksummed, uint32_t* crcs) {
+                           const void* const* arrays, uint32_t count, uint64_t block_bytes,
+                           uint64_t checksummed_bytes, uint32_t* crcs) {
   struct Piece {
     uint32_t array;
     uint64_t start, bytes;
   };
   std::vector<Piece> pieces;
+  std::vector<IoRequest> requests;
   for (uint32_t a = 0; a < count; ++a) {
     crcs[a] = 0;
-    for (uint64_t start = 0; start < block_bytes; start += kPieceBytes)
-      pieces.push_back({a, start, std::min(kPieceBytes, block_bytes - start)});
-  }
-  auto checksum = [&](const Piece& piece) {
-    if (piece.start >= checksummed) return;
-    crcs[piece.array] = Crc32c(static_cast<const char*>(arrays[piece.array]) + piece.start,
-                               std::min(piece.bytes, checksummed - piece.start), crcs[piece.array]);
-  };
-  Status first;
-  std::vector<bool> arrived(pieces.size(), false);
-  size_t checked = 0;  // reads: pieces checksummed, in order
-  IoCompletion completions[16];
-  auto reap = [&](std::chrono::microseconds wait) {
-    const size_t n = engine.Poll(completions, 16, wait);
-    for (size_t i = 0; i < n; ++i) {
-      if (first.ok() && !completions[i].status.ok()) first = completions[i].status;
-      arrived[completions[i].user_data] = true;
+    for (uint64_t start = 0; start < block_bytes; start += kPieceBytes) {
+      const Piece piece{a, start, std::min(kPieceBytes, block_bytes - start)};
+      pieces.push_back(piece);
+      // The request type is shared with reads; a write's buffer is only read.
+      requests.push_back({op, file, offsets[a] + start,
+                          const_cast<char*>(static_cast<const char*>(arrays[a])) + start,
+                          static_cast<size_t>(piece.bytes), 0});
     }
-    while (op == IoOp::kRead && first.ok() && checked < pieces.size() && arrived[checked])
-      checksum(pieces[checked++]);
-  };
-  for (size_t i = 0; i < pieces.size() && first.ok(); ++i) {
+  }
+  auto checksum = [&](size_t i) {
     const Piece& piece = pieces[i];
-    if (op == IoOp::kWrite) checksum(piece);
-    const IoRequest request{op,
-                            file,
-                            offsets[piece.array] + piece.start,
-                            static_cast<char*>(arrays[piece.array]) + piece.start,
-                            static_cast<size_t>(piece.bytes),
-                            i};
-    while (true) {
-      Status submitted = engine.Submit(request);
-      if (submitted.ok()) break;
-      if (!submitted.retryable()) {
-        first = submitted;
-        break;
-      }
-      reap(std::chrono::milliseconds(10));  // a full queue: let something finish
-    }
-    // A write goes out at once, so that it runs while the next piece is checksummed; reads
-    // are all queued first and go out together.
-    if (op == IoOp::kWrite) reap(std::chrono::microseconds(0));
-  }
-  while (engine.in_flight() > 0) reap(std::chrono::seconds(10));
-  return first;
+    if (piece.start >= checksummed_bytes) return;
+    crcs[piece.array] =
+        Crc32c(static_cast<const char*>(arrays[piece.array]) + piece.start,
+               std::min(piece.bytes, checksummed_bytes - piece.start), crcs[piece.array]);
+  };
+  RunHooks hooks;
+  (op == IoOp::kWrite ? hooks.before_submit : hooks.arrived) = checksum;
+  return RunAll(engine, requests, hooks);
 }
 
 }  // namespace
@@ -461,8 +465,8 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   uint64_t offsets[kMaxArrays];
   for (uint32_t a = 0; a < options_.arrays; ++a) offsets[a] = base + ArrayOffset(a);
   Status written =
-      TransferChecksummed(*engine_, IoOp::kWrite, file, offsets, const_cast<void* const*>(arrays),
-                          options_.arrays, StateBlockBytes(bytes), bytes, header.array_crc);
+      TransferChecksummed(*engine_, IoOp::kWrite, file, offsets, arrays, options_.arrays,
+                          StateBlockBytes(bytes), bytes, header.array_crc);
   if (!written.ok()) return written.Annotate(StrCat("storing expert ", expert, " states"));
   header.header_crc = Crc32c(&header, offsetof(Header, header_crc));
   std::memset(header_, 0, kHeaderBytes);

@@ -5,10 +5,12 @@
 # the runtime's accounting (the device memory the session holds, its pinned and host
 # allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
 # differs by more than 1% or a step time by more than 5%.
-#   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR]
+#   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N]
 # Without a hardware file it calibrates this machine (ecss-plan --calibrate) right before each
 # configuration's run, so that the run and its prediction see the same machine: this VM's
-# optimizer speed drifts by up to half between minutes. DIR holds
+# optimizer speed drifts by up to half between minutes. Each round runs every configuration
+# once (default 3 rounds); a configuration's step-time difference is the median of its rounds'
+# (each round's prediction against that round's run), its memory the worst round's. DIR holds
 # the NVMe configurations' stores (default: a scratch directory under /tmp). Needs a release
 # build (build/release) and python3.
 set -euo pipefail
@@ -16,9 +18,11 @@ cd "$(dirname "$0")/.."
 bin=build/release
 hardware=""
 dir=""
+rounds=3
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     *) hardware="$1"; shift ;;
   esac
 done
@@ -38,43 +42,56 @@ configs=(
   "small ecss-nvme-states"
   "deep ecss-nvme-all-2mb"
 )
-for config in "${configs[@]}"; do
-  read -r model workload <<< "$config"
-  if [ "$calibrate" = 1 ]; then
-    "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
-  fi
-  files=(--model "tools/plan/configs/$model.model.json" --hardware "$hardware"
-         --workload "tools/plan/configs/$workload.workload.json")
-  "$bin/tools/plan/ecss-plan" "${files[@]}" --json > "$work/$model.$workload.plan.json"
-  "$bin/bench/ecss-bench" step "${files[@]}" --steps 8 --warmup 3 --dir "$dir" --json \
-    > "$work/$model.$workload.run.json"
+for ((round = 0; round < rounds; ++round)); do
+  for config in "${configs[@]}"; do
+    read -r model workload <<< "$config"
+    if [ "$calibrate" = 1 ]; then
+      "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
+    fi
+    files=(--model "tools/plan/configs/$model.model.json" --hardware "$hardware"
+           --workload "tools/plan/configs/$workload.workload.json")
+    "$bin/tools/plan/ecss-plan" "${files[@]}" --json > "$work/$model.$workload.$round.plan.json"
+    "$bin/bench/ecss-bench" step "${files[@]}" --steps 8 --warmup 3 --dir "$dir" --json \
+      > "$work/$model.$workload.$round.run.json"
+  done
 done
-python3 - "$work" "${configs[@]}" <<'PY'
-import json, sys
-work, configs = sys.argv[1], sys.argv[2:]
+python3 - "$work" "$rounds" "${configs[@]}" <<'PY'
+import json, statistics, sys
+work, rounds, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 worst_memory, worst_time = 0.0, 0.0
 print(f"{'config':34s} {'tier':7s} {'planned':>14s} {'measured':>14s} {'diff':>8s}")
 rows = []
 for config in configs:
     model, workload = config.split()
-    plan = json.load(open(f"{work}/{model}.{workload}.plan.json"))
-    run = json.load(open(f"{work}/{model}.{workload}.run.json"))
-    p = plan["strategies"][0]
-    assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
+    runs = []
+    for r in range(rounds):
+        plan = json.load(open(f"{work}/{model}.{workload}.{r}.plan.json"))
+        run = json.load(open(f"{work}/{model}.{workload}.{r}.run.json"))
+        p = plan["strategies"][0]
+        assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
+        runs.append((p, run))
     for tier in ("device", "pinned", "host"):
-        a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
-        diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
-        worst_memory = max(worst_memory, diff)
-        print(f"{model + ' ' + workload:34s} {tier:7s} {a:14d} {b:14d} {100 * diff:7.2f}%")
-    rows.append((config, p, run))
+        worst = (0.0, 0, 0)
+        for p, run in runs:
+            a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
+            diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
+            worst = max(worst, (diff, a, b))
+        worst_memory = max(worst_memory, worst[0])
+        print(f"{model + ' ' + workload:34s} {tier:7s} {worst[1]:14d} {worst[2]:14d} {100 * worst[0]:7.2f}%")
+    rows.append((config, runs))
 print()
-print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s}  bottleneck (planned / measured)")
-for config, p, run in rows:
-    a, b = p["step_seconds"], run["step_seconds"]
-    diff = (a - b) / b
+print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s}  rounds' diffs; bottleneck (planned / measured)")
+for config, runs in rows:
+    diffs = [(p["step_seconds"] - run["step_seconds"]) / run["step_seconds"] for p, run in runs]
+    diff = statistics.median(diffs)
     worst_time = max(worst_time, abs(diff))
-    print(f"{config:34s} {a:10.4f} {b:11.4f} {100 * diff:+7.1f}%  {p['bottleneck']} / {run['bottleneck']}")
-print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), "
-      f"worst step-time difference {100 * worst_time:.1f}% (limit 5%)")
+    planned = statistics.median(p["step_seconds"] for p, _ in runs)
+    measured = statistics.median(run["step_seconds"] for _, run in runs)
+    each = " ".join(f"{100 * d:+.1f}%" for d in diffs)
+    p, run = runs[0]
+    print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}%  {each}; "
+          f"{p['bottleneck']} / {run['bottleneck']}")
+print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
+      f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
 PY

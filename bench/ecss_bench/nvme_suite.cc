@@ -49,11 +49,14 @@ bool HaveFio() {
 
 // The two fio references: plain io_uring, and with registered buffers and files.
 struct FioReference {
-  const char* name;   // JSON key prefix and table column
+  const char* name;   // JSON key prefix
+  const char* title;  // table column
+  int width;          // of the column
   const char* flags;  // added to fio's command line
 };
 constexpr std::array<FioReference, 2> kFioReferences = {
-    {{"fio", ""}, {"fio_registered", " --fixedbufs --registerfiles"}}};
+    {{"fio", "fio GB/s", 12, ""},
+     {"fio_registered", "fio reg. GB/s", 15, " --fixedbufs --registerfiles"}}};
 
 // fio's bandwidth for one pattern in GB/s, or a Status saying why there is none.
 StatusOr<double> RunFio(const std::string& path, const Pattern& pattern, uint64_t file_bytes,
@@ -120,6 +123,12 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
           .status());
   const bool run_fio = with_fio == "yes" || (with_fio == "auto" && HaveFio());
 
+  const char* reference =
+      run_fio ? "fio --direct=1 --ioengine=io_uring (fio_*) and with --fixedbufs --registerfiles "
+                "(fio_registered_*), same file size, block size and queue depth, same directory, "
+                "interleaved with the engine's samples"
+      : with_fio == "no" ? "--fio no: no reference measured"
+                         : "fio not installed: no reference measured";
   json.Field("engine", engine->name())
       .Field("dir", dir)
       .Field("file_bytes", file_bytes)
@@ -127,21 +136,16 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
       .Field("queue_depth", depth)
       .Field("registered_buffers", registered)
       .Field("samples", samples)
-      .Field("reference",
-             run_fio            ? "fio --direct=1 --ioengine=io_uring (fio_*) and with --fixedbufs "
-                                  "--registerfiles (fio_registered_*), same file size, block size and queue "
-                                  "depth, same directory, interleaved with the engine's samples"
-             : with_fio == "no" ? "--fio no: no reference measured"
-                                : "fio not installed: no reference measured")
+      .Field("reference", reference)
       .Key("patterns")
       .BeginArray();
   table << "nvme suite: " << engine->name() << ", " << HumanBytes(file_bytes) << " file in " << dir
         << ", " << HumanBytes(block) << " blocks, queue depth " << depth << ", median of "
         << samples << "\n"
         << std::left << std::setw(11) << "pattern" << std::right << std::setw(12) << "ecss GB/s";
-  if (run_fio) {
-    table << std::setw(12) << "fio GB/s" << std::setw(10) << "ratio" << std::setw(16)
-          << "fio fixed GB/s" << std::setw(10) << "ratio";
+  for (size_t r = 0; run_fio && r < kFioReferences.size(); ++r) {
+    table << std::setw(kFioReferences[r].width) << kFioReferences[r].title << std::setw(10)
+          << "ratio";
   }
   table << "\n" << std::fixed << std::setprecision(3);
   double read_gbps = 0, write_gbps = 0;
@@ -169,7 +173,7 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     table << std::left << std::setw(11) << pattern.name << std::right << std::setw(12) << gbps;
     for (size_t r = 0; run_fio && r < kFioReferences.size(); ++r) {
       const std::string key = kFioReferences[r].name;
-      const int width = r == 0 ? 12 : 16;
+      const int width = kFioReferences[r].width;
       if (!fio_samples[r].empty()) {
         const double fio = Median(fio_samples[r]);
         json.Field(key + "_gbps", fio).Field("vs_" + key, gbps / fio);

@@ -223,16 +223,19 @@ StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
   if (block == 0 || block % 4096 != 0 || passes < 1) {
     return InvalidArgumentError("rate measurement: block a multiple of 4 KiB, passes >= 1");
   }
+  // The buffers outlive the engine (declared first): it drains what is in flight as it goes.
+  std::unique_ptr<ArenaAllocator> memory;
+  Buffer buffers;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> engine, CreateFileIoEngine(options));
-  // The same kind of memory as the pinned pool's staging (huge-page-backed where the kernel
+  // The same kind of memory as the pinned pools' staging (huge-page-backed where the kernel
   // allows), so the rates are what the store's own transfers can reach.
   ArenaOptions arena;
   arena.name = "rate measurement buffers";
   arena.capacity_bytes = size_t{engine->queue_depth()} * block;
   arena.alignment = 4096;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<ArenaAllocator> memory, ArenaAllocator::Create(arena));
-  ECSS_ASSIGN_OR_RETURN(Buffer buffers,
-                        memory->Allocate(arena.capacity_bytes, MemoryTag::kStaging));
+  arena.huge_pages = true;
+  ECSS_ASSIGN_OR_RETURN(memory, ArenaAllocator::Create(arena));
+  ECSS_ASSIGN_OR_RETURN(buffers, memory->Allocate(arena.capacity_bytes, MemoryTag::kStaging));
   std::memset(buffers.data(), 0x5a, buffers.size());
   auto* data = buffers.as<uint8_t>();
   ECSS_ASSIGN_OR_RETURN(IoFileId file, engine->Open(path, OpenMode::kCreate));

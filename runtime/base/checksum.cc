@@ -14,7 +14,6 @@ namespace ecss {
 namespace {
 
 constexpr uint32_t kPolynomial = 0x82F63B78u;  // reflected Castagnoli polynomial
-constexpr size_t kLanesFrom = 64 * 1024;       // buffers from here on run three lanes
 
 std::array<uint32_t, 256> MakeTable() {
   std::array<uint32_t, 256> table{};
@@ -31,6 +30,9 @@ uint32_t Crc32cTable(const uint8_t* data, size_t bytes, uint32_t crc) {
   for (size_t i = 0; i < bytes; ++i) crc = table[(crc ^ data[i]) & 0xffu] ^ (crc >> 8);
   return crc;
 }
+
+#if defined(__x86_64__)
+constexpr size_t kLanesFromBytes = 64 * 1024;  // buffers from here on run three lanes
 
 // a(x)·b(x) mod P(x), with polynomials in the reflected order CRC-32C registers use (the top
 // bit is x^0).
@@ -54,7 +56,6 @@ uint32_t ShiftOperator(uint64_t bytes) {
   return result;
 }
 
-#if defined(__x86_64__)
 __attribute__((target("sse4.2"))) uint32_t Crc32cHardware(const uint8_t* data, size_t bytes,
                                                           uint32_t crc) {
   uint64_t crc64 = crc;
@@ -71,8 +72,8 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHardware(const uint8_t* data, s
 }
 
 // Three lanes of one buffer in one loop: the crc32 instruction's latency is three times its
-// issue rate, so one dependency chain leaves two thirds of the unit idle. The lanes are joined
-// with CombineCrc32c. Only worth its fixed cost (two ShiftOperator calls) on large buffers.
+// issue rate, so one dependency chain leaves two thirds of the unit idle. The lanes' CRCs are
+// joined by multiplying with ShiftOperator(lane): a fixed cost worth paying on large buffers.
 __attribute__((target("sse4.2"))) uint32_t Crc32cHardwareLanes(const uint8_t* data, size_t bytes,
                                                                uint32_t crc) {
   const size_t lane = (bytes / 3) & ~size_t{7};
@@ -109,8 +110,8 @@ uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
   crc = ~crc;
 #if defined(__x86_64__)
   if (HasSse42()) {
-    return ~(bytes >= kLanesFrom ? Crc32cHardwareLanes(bytes_in, bytes, crc)
-                                 : Crc32cHardware(bytes_in, bytes, crc));
+    return ~(bytes >= kLanesFromBytes ? Crc32cHardwareLanes(bytes_in, bytes, crc)
+                                      : Crc32cHardware(bytes_in, bytes, crc));
   }
 #endif
   return ~Crc32cTable(bytes_in, bytes, crc);

@@ -17,11 +17,12 @@ struct ArenaOptions {
   Device device = Device::Host();
   uint64_t capacity_bytes = 0;  // hard capacity; > 0 and at most the machine's memory
   size_t alignment = 256;       // of every block (power of two, at most the page size)
-  bool populate = false;        // pre-fault the pages at creation (MAP_POPULATE)
+  bool populate = false;        // pre-fault the pages at creation
   bool lock_pages = false;      // mlock the region; failure is reported by pages_locked()
-  // Ask for transparent huge pages (madvise) for a region of 2 MiB or more: DMA and O_DIRECT
-  // transfers then move physically contiguous runs. Advice only; the kernel may decline.
-  bool huge_pages = true;
+  // Ask for transparent huge pages (madvise; x86-64's 2 MiB) for a region of 2 MiB or more:
+  // O_DIRECT and DMA transfers then move physically contiguous runs. Advice only; the kernel
+  // may decline. The pinned pools' memory sets it (pinned_pool.h), device arenas do not.
+  bool huge_pages = false;
 };
 
 // One mapped region, before an allocator owns it.

@@ -11,6 +11,7 @@ ArenaOptions ToArenaOptions(const PinnedPoolOptions& options) {
   arena.alignment = options.alignment;
   arena.lock_pages = options.lock_pages;
   arena.populate = options.populate;
+  arena.huge_pages = true;  // staging for O_DIRECT and DMA: contiguous runs move faster
   return arena;
 }
 }  // namespace

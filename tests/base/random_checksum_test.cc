@@ -84,8 +84,8 @@ uint32_t BitwiseCrc32c(const uint8_t* data, size_t bytes, uint32_t crc) {
 
 TEST(Crc32cTest, LargeBuffersEqualTheBitwiseDefinitionAtEverySizeAndStart) {
   // Large buffers run as three interleaved lanes joined by polynomial arithmetic: sizes around
-  // where that starts, lane lengths that are and are not multiples of 8, odd tails, a nonzero
-  // starting value, and unaligned starts.
+  // where that starts, tails of several lengths after the lanes, a nonzero starting value, and
+  // unaligned starts.
   std::vector<uint8_t> data((1u << 20) + 64);
   CounterRng rng(11, 3);
   for (uint8_t& byte : data) byte = static_cast<uint8_t>(rng.Uniform(256));

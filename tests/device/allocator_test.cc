@@ -223,6 +223,32 @@ TEST(HostAllocatorTest, BudgetAndAccounting) {
   EXPECT_EQ(HostAllocator::Create(options).status().code(), StatusCode::kInvalidArgument);
 }
 
+TEST(PinnedPoolTest, ItsRegionStartsOnAHugePageAndHoldsItsWholeCapacity) {
+  // A pool's memory is asked for transparent huge pages (whole 2 MiB pages from a 2 MiB
+  // boundary); an arena that does not ask keeps the mapping mmap gave. Either way every byte
+  // of the capacity is usable and unmapped exactly once at destruction (ASan and the next
+  // mapping would see otherwise).
+  for (uint64_t capacity : {uint64_t{6} << 20, (uint64_t{5} << 20) + 4096}) {
+    PinnedPoolOptions options;
+    options.capacity_bytes = capacity;
+    options.populate = true;
+    auto pool = PinnedHostPool::Create(options);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    EXPECT_EQ(reinterpret_cast<uintptr_t>((*pool)->region()) % (uintptr_t{2} << 20), 0u);
+    auto all = (*pool)->Allocate(capacity, MemoryTag::kStaging);
+    ASSERT_TRUE(all.ok()) << all.status();
+    std::memset(all->data(), 0x3c, capacity);
+    EXPECT_EQ(all->as<uint8_t>()[capacity - 1], 0x3c);
+  }
+  ArenaOptions plain;
+  plain.capacity_bytes = uint64_t{4} << 20;
+  auto arena = ArenaAllocator::Create(plain);
+  ASSERT_TRUE(arena.ok()) << arena.status();
+  auto block = (*arena)->Allocate(plain.capacity_bytes, MemoryTag::kOther);
+  ASSERT_TRUE(block.ok());
+  std::memset(block->data(), 1, plain.capacity_bytes);
+}
+
 TEST(PinnedPoolTest, RegistersOnceAndUnregistersOnDestruction) {
   int registered = 0;
   int unregistered = 0;
