@@ -795,15 +795,17 @@ TEST_F(ExpertStoreTest, UnwrittenExpertsReadAsTheirInitialValueUntilWritten) {
   // written is not stored by Close (its file reads as its initial value) and stays unwritten.
   const std::vector<uint8_t> at_zero = Pattern(*store, ExpertState::kGradient, 0, 1, 0);
   ASSERT_TRUE(store->Write(ExpertState::kGradient, {0, 1}, at_zero.data(), 0).ok());
-  bool stored = false;
-  EXPECT_EQ(*store->Version(ExpertState::kGradient, {0, 1}, &stored), 0u);
-  EXPECT_TRUE(stored);
+  // Whether (state, id), at version 0, was written.
+  auto written_at_zero = [&](ExpertState state, ExpertId id) {
+    bool stored = false;
+    EXPECT_EQ(*store->Version(state, id, &stored), 0u);
+    return stored;
+  };
+  EXPECT_TRUE(written_at_zero(ExpertState::kGradient, {0, 1}));
   ASSERT_TRUE(store->Close().ok());
   store = std::move(Make(false, options_)).value();
-  EXPECT_EQ(*store->Version(ExpertState::kGradient, {0, 1}, &stored), 0u);
-  EXPECT_TRUE(stored);
-  EXPECT_EQ(*store->Version(ExpertState::kGradient, {0, 2}, &stored), 0u);
-  EXPECT_FALSE(stored);
+  EXPECT_TRUE(written_at_zero(ExpertState::kGradient, {0, 1}));
+  EXPECT_FALSE(written_at_zero(ExpertState::kGradient, {0, 2}));
   std::vector<uint8_t> gradient(store->StateBytes(ExpertState::kGradient));
   ASSERT_TRUE(store->Read(ExpertState::kGradient, {0, 1}, gradient.data()).ok());
   EXPECT_EQ(gradient, at_zero);
@@ -812,10 +814,8 @@ TEST_F(ExpertStoreTest, UnwrittenExpertsReadAsTheirInitialValueUntilWritten) {
   // An nvme state written at version 0 is written too.
   const std::vector<uint8_t> master_at_zero = Pattern(*store, ExpertState::kMaster, 0, 2, 0);
   ASSERT_TRUE(store->Write(ExpertState::kMaster, {0, 2}, master_at_zero.data(), 0).ok());
-  EXPECT_EQ(*store->Version(ExpertState::kMaster, {0, 2}, &stored), 0u);
-  EXPECT_TRUE(stored);
-  EXPECT_EQ(*store->Version(ExpertState::kMaster, {0, 0}, &stored), 0u);
-  EXPECT_FALSE(stored);
+  EXPECT_TRUE(written_at_zero(ExpertState::kMaster, {0, 2}));
+  EXPECT_FALSE(written_at_zero(ExpertState::kMaster, {0, 0}));
 }
 
 // No space is reserved up front: a full disk fails the write that needs the space, naming the

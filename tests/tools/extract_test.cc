@@ -81,6 +81,15 @@ class ExtractTest : public ::testing::Test {
     o.out = StrCat(dir_, "/out.safetensors");
     return o;
   }
+  // Surgery on the trained checkpoint: a domain "rust" into grown/rust, verified.
+  AddDomainOptions AddRust() const {
+    AddDomainOptions o;
+    o.checkpoint = StrCat(root_, "/step2");
+    o.name = "rust";
+    o.out = StrCat(dir_, "/grown/rust");
+    o.verify = true;
+    return o;
+  }
 
   // A session of `model` resumed from `checkpoint` (the trained model's limits and budgets):
   // expert e of every layer holds the master weights expert source(e) of the trained model
@@ -573,12 +582,8 @@ TEST_F(ExtractTest, ADeepModelGrownFromAShallowOneDelinksAtTheFirstUpdate) {
 // before (verified by the evaluation step), the new group holds the source group's experts,
 // and the grown model extracts again.
 TEST_F(ExtractTest, AnAddedDomainCopiesItsSourceAndLeavesTheOthersAsTheyWere) {
-  AddDomainOptions o;
-  o.checkpoint = StrCat(root_, "/step2");
-  o.name = "rust";
+  AddDomainOptions o = AddRust();
   o.copy_of = "python";
-  o.out = StrCat(dir_, "/grown/rust");
-  o.verify = true;
   auto report = AddDomain(o);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->verified);
@@ -642,13 +647,9 @@ TEST_F(ExtractTest, ADomainGrownFromADenseFfnStartsAtItsOptimizersFirstStep) {
     ASSERT_TRUE((*writer)->Append(embedding, sizeof embedding).ok());
     ASSERT_TRUE((*writer)->Finish().ok());
   }
-  AddDomainOptions o;
-  o.checkpoint = StrCat(root_, "/step2");
-  o.name = "rust";
+  AddDomainOptions o = AddRust();
   o.dense_ffn = dense;
   o.experts = 2;
-  o.out = StrCat(dir_, "/grown/rust");
-  o.verify = true;
   auto report = AddDomain(o);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->verified);

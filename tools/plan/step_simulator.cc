@@ -142,14 +142,7 @@ void StepSimulator::Expedite(const StepPlan& plan, double begin) {
   cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
                            [&](const auto& interval) { return interval.first >= begin; }),
             cpu.end());
-  for (size_t i : waiting) {
-    Task& task = last.queue[i].second;
-    task.start = std::max(task.ready, free);
-    task.end = task.start + task.seconds;
-    free = task.end;
-    last.expert_end[last.queue[i].first] = task.end;
-    cpu.emplace_back(task.start, task.end);
-  }
+  free = Requeue(last, waiting, free, /*speedup=*/1);
   last.all_end = std::max(last.all_end, free);
   free_[Index(PlanResource::kCpuOptimizer)] = free;
 }
@@ -159,6 +152,23 @@ void StepSimulator::Expedite(const StepPlan& plan, double begin) {
 // device work's end (`from`) the driving thread runs queued updates too: the optimizer then
 // has one thread more. Re-times this step's updates that end after `from`; returns when the
 // last one ends.
+// Runs the record's updates at these queue positions in turn from `free`, each as soon as it
+// is ready, at `speedup` times its rate, on the optimizer's timeline; returns when the last
+// ends.
+double StepSimulator::Requeue(UpdateRecord& record, const std::vector<size_t>& positions,
+                              double free, double speedup) {
+  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
+  for (size_t i : positions) {
+    Task& task = record.queue[i].second;
+    task.start = std::max(task.ready, free);
+    task.end = task.start + task.seconds / speedup;
+    free = task.end;
+    record.expert_end[record.queue[i].first] = task.end;
+    cpu.emplace_back(task.start, task.end);
+  }
+  return free;
+}
+
 double StepSimulator::DrivingThreadHelps(UpdateRecord& record, double from) {
   const double threads = std::max(1, options_.optimizer.threads);
   const double speedup = (threads + 1) / threads;
@@ -167,21 +177,22 @@ double StepSimulator::DrivingThreadHelps(UpdateRecord& record, double from) {
                            [&](const auto& interval) { return interval.second > from; }),
             cpu.end());
   double free = from;
-  for (auto& [expert, task] : record.queue) {
+  std::vector<size_t> waiting;  // queue positions of the updates not started by `from`
+  for (size_t i = 0; i < record.queue.size(); ++i) {
+    auto& [expert, task] = record.queue[i];
     if (task.end <= from) continue;
-    if (task.start < from) {  // under way: the rest of its work at the faster rate
+    if (task.start >= from) {
+      waiting.push_back(i);
+    } else {  // under way: the rest of its work at the faster rate
       cpu.emplace_back(task.start, from);
       task.end = from + (task.end - from) / speedup;
       cpu.emplace_back(from, task.end);
-    } else {
-      task.start = std::max(task.ready, free);
-      task.end = task.start + task.seconds / speedup;
-      cpu.emplace_back(task.start, task.end);
+      free = task.end;
+      record.expert_end[expert] = task.end;
     }
-    free = task.end;
-    record.expert_end[expert] = task.end;
   }
-  free_[Index(PlanResource::kCpuOptimizer)] = std::max(from, free);
+  free = Requeue(record, waiting, free, speedup);
+  free_[Index(PlanResource::kCpuOptimizer)] = free;
   return free;
 }
 

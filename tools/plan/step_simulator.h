@@ -95,6 +95,8 @@ class StepSimulator {
   double Seconds(const PlanOp& op) const;
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
+  double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
+                 double speedup);
   double DrivingThreadHelps(UpdateRecord& record, double from);
   void Occupy(PlanResource resource, double start, double end);
   // Half of an all-to-all on the network from `ready`; returns when it ends.
