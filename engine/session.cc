@@ -497,6 +497,7 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   const ExpertStore::IoBytes io = executor->nvme_io();
   stats.nvme_read_bytes = io.read - nvme_io_at_begin.read;
   stats.nvme_written_bytes = io.written - nvme_io_at_begin.written;
+  stats.nvme_fresh_written_bytes = io.written_fresh - nvme_io_at_begin.written_fresh;
   stats.metrics = MetricsOf(begin, now);
   stats.updated_experts = record.updated_experts;
   stats.updated_params = uint64_t{record.updated_experts} * memory.params;
@@ -612,6 +613,8 @@ const MemoryPlan& Session::memory_plan() const { return impl_->memory; }
 Session::HostMemoryPeaks Session::host_memory_peaks() const {
   return {impl_->table->pinned_peak_bytes(), impl_->table->host_peak_bytes()};
 }
+
+ExpertStore::IoBytes Session::nvme_io() const { return impl_->executor->nvme_io(); }
 
 uint32_t Session::experts_in_layer(uint32_t layer) const {
   return impl_->table->experts_in_layer(layer);

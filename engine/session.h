@@ -41,6 +41,7 @@
 #include "engine/step_plan.h"
 #include "engine/step_stats.h"
 #include "offload/checkpoint.h"
+#include "offload/expert_store.h"
 #include "router/routing_plan.h"
 #include "runtime/base/tensor.h"
 #include "runtime/device/handles.h"
@@ -188,6 +189,10 @@ class Session {
     uint64_t host_bytes = 0;
   };
   HostMemoryPeaks host_memory_peaks() const;
+  // The bytes the expert store's files read and wrote since the session began (all 0 without
+  // NVMe states): with Synchronize around a span of steps, exactly that span's I/O, where
+  // StepStats' per-step counts split an update running on into the next step by time.
+  ExpertStore::IoBytes nvme_io() const;
   uint32_t experts_in_layer(uint32_t layer) const;
   uint32_t cache_slots() const;
   uint64_t expert_params() const;  // parameters per expert

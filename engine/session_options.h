@@ -125,10 +125,11 @@ struct Placement {
   // The largest state file in nvme_dirs: each state's files are split at it (0: 1 TiB, well
   // under ext4's 16 TiB per file). A resumed store keeps the split it was made with.
   uint64_t max_file_bytes = 0;
-  // A new store writes every expert's initial NVMe states at creation instead of at their
-  // first update: creation then takes time and disk space in proportion to the model (a full
-  // disk is found at creation), and the first steps read states from the disk as every later
-  // one does (what a benchmark of steady-state training wants). The experts are then written
+  // A new store writes every expert's initial NVMe states at creation, into both shadow
+  // slots, instead of at their first update: creation then takes time (two writes of the
+  // model's states) and the store's whole disk space (a full disk is found at creation), and
+  // the first steps read states from the disk and overwrite them as every later one does
+  // (what a benchmark of steady-state training wants). The experts are then written
   // (at version 0), so the session's first checkpoint stores each of them once.
   bool write_initial_states = false;
   // Open the store an earlier session of the same model left in nvme_dirs (after its

@@ -1174,6 +1174,7 @@ Status ExpertStore::ReadStatesAt(ExpertId id, const std::vector<ExpertState>& st
 ExpertStore::IoBytes ExpertStore::io_bytes() const {
   IoBytes bytes;
   for (const Files& files : files_) {
+    if (files.writer != nullptr) bytes.written_fresh += files.writer->fresh_bytes_written();
     for (const IoEngine* engine : {files.read_io.get(), files.write_io.get()}) {
       if (engine == nullptr) continue;
       bytes.read += engine->bytes_read();

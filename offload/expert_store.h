@@ -269,6 +269,9 @@ class ExpertStore {
   // submitted them (headers and 4 KiB padding included). Thread-safe.
   struct IoBytes {
     uint64_t read = 0, written = 0;
+    // Of `written`, what went into slots never stored before (ExpertStateFile::
+    // fresh_bytes_written: the file system allocates as it writes).
+    uint64_t written_fresh = 0;
   };
   IoBytes io_bytes() const;
 

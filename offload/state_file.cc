@@ -196,7 +196,8 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
       header_(std::aligned_alloc(4096, 2 * kHeaderBytes)),
       newest_sequence_(options.experts, UINT64_MAX),
       newest_copy_(options.experts, 0),
-      newest_count_(options.experts, 0) {
+      newest_count_(options.experts, 0),
+      slots_stored_(options.experts, kSlotsUnknown) {
   for (const FileSpec& file : FileSpecs(options)) {
     paths_.push_back(file.path);
     file_bytes_.push_back(file.bytes);
@@ -271,6 +272,10 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(SyncDirectory(dir));
     return Status::Ok();
   }();
+  if (made.ok()) {  // every slot of new files is unwritten: no header to read before a store
+    std::fill(file->newest_sequence_.begin(), file->newest_sequence_.end(), 0);
+    std::fill(file->slots_stored_.begin(), file->slots_stored_.end(), 0);
+  }
   if (!made.ok()) {  // nothing of it stays behind: the files it opened (and so made) go
     const std::vector<std::string> made_paths(file->paths_.begin(),
                                               file->paths_.begin() + file->files_.size());
@@ -425,7 +430,9 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
       CopyState state[2];
       std::string why[2];
       ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
+      slots_stored_[expert] = 0;
       for (uint32_t c = 0; c < 2; ++c) {
+        if (state[c] != CopyState::kUnwritten) slots_stored_[expert] |= 1u << c;
         if (state[c] == CopyState::kValid && seen[c].sequence > newest_sequence_[expert]) {
           newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
@@ -477,6 +484,13 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
     newest_sequence_[expert] = sequence;
     newest_copy_[expert] = static_cast<uint8_t>(copy);
     newest_count_[expert] = update_count;
+  }
+  if (slots_stored_[expert] != kSlotsUnknown) {
+    if ((slots_stored_[expert] & (1u << copy)) == 0) {
+      fresh_bytes_written_.fetch_add(StateBlockBytes(bytes) * options_.arrays + kHeaderBytes,
+                                     std::memory_order_relaxed);
+    }
+    slots_stored_[expert] |= static_cast<uint8_t>(1u << copy);
   }
   return Status::Ok();
 }

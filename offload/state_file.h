@@ -31,6 +31,7 @@
 // load and store stages do: loads never cache which shadow slot is newest.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -121,6 +122,13 @@ class ExpertStateFile {
   Status SetGeneration(uint64_t generation);
 
   uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
+  // Bytes that stores wrote into slots never stored before (a sparse file's holes, where the
+  // file system allocates blocks as it writes: slower than overwriting on ext4), as far as
+  // this handle knows (made by Create, or a slot whose header it read). Readable from any
+  // thread.
+  uint64_t fresh_bytes_written() const {
+    return fresh_bytes_written_.load(std::memory_order_relaxed);
+  }
   // Bytes on disk once every expert is stored (with shadow: both copies), all directories
   // together, file headers included (for sizing); Create itself writes only the headers.
   static uint64_t DiskBytes(const StateFileOptions& options);
@@ -171,6 +179,11 @@ class ExpertStateFile {
   std::vector<uint64_t> newest_sequence_;
   std::vector<uint8_t> newest_copy_;
   std::vector<uint64_t> newest_count_;  // its update count
+  // Per expert, bit c: copy c's slot was stored (its header ever written), as this handle
+  // knows; kSlotsUnknown until it created the files or read the expert's headers.
+  static constexpr uint8_t kSlotsUnknown = 0xff;
+  std::vector<uint8_t> slots_stored_;
+  std::atomic<uint64_t> fresh_bytes_written_{0};
 };
 
 }  // namespace ecss

@@ -21,14 +21,17 @@
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
 // the compute weights on NVMe as well: every fetch reads them into pinned staging first. Each
 // run's store lives in a directory of its own under --dir, removed after it; its initial
-// states are written at creation (untimed), so that the measured steps read every state from
-// the disk as training past its first steps does (--initial-states unwritten: as a new
-// session leaves them, read as their initial values without I/O until first updated). With
+// states are written at creation (untimed) into both shadow slots, so that the measured steps
+// read every state from the disk and overwrite it as training past its first steps does
+// (--initial-states unwritten: as a new session leaves them, read as their initial values
+// without I/O until first updated, and first written into the files' holes). With
 // states on NVMe the suite first checks that --dir has room for the store at its full size,
 // measures the drive's read and write GB/s through the store's engine before and after every
 // run, and reports each run's NVMe bound (read bytes / read GB/s + written bytes / write GB/s,
 // the bytes the store's engines moved) and the fraction of it reached, and the bytes per
-// updated parameter, expected and moved. Every run reports its peak RSS beside its budgets.
+// updated parameter, expected and moved; where stores wrote into slots never stored before,
+// also the bound with those bytes at the drive's first-write rate. Every run reports its peak RSS
+// beside its budgets.
 // --dump-plan FILE writes the plan the session executed for the last step (the session keeps the
 // last few), with when each op ran (session.h, ExecutedPlan; written after the run's last
 // Synchronize, so its updates have ended; one strategy only). critical_path is that step's
@@ -317,10 +320,10 @@ struct StrategyRun {
   Strategy strategy = Strategy::kEcss;
   uint64_t experts = 0, expert_params = 0, cache_slots = 0, device_budget = 0;
   uint64_t steps = 0, tokens = 0, h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated = 0;
-  uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;  // as the store's engines moved them
-  // The same over the measured steps but the first (which also counts the warm-up's updates,
-  // finished before it began), and the parameters those steps updated.
-  uint64_t moved_bytes = 0, moved_updated = 0;
+  // What the store's engines moved in the measured window (MeasuredWindow::nvme: the measured
+  // steps' updates and fetches, whole), and of the writes, those into slots never stored
+  // before.
+  uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0, nvme_fresh_written_bytes = 0;
   // What the placement makes an update and a fetch move on NVMe (0 with host states): per
   // updated parameter, the optimizer's states read and written, the weights written; per
   // expert fetched (a cache miss), its weights read.
@@ -345,8 +348,7 @@ struct StrategyRun {
     nvme_bytes += other.nvme_bytes;
     nvme_read_bytes += other.nvme_read_bytes;
     nvme_written_bytes += other.nvme_written_bytes;
-    moved_bytes += other.moved_bytes;
-    moved_updated += other.moved_updated;
+    nvme_fresh_written_bytes += other.nvme_fresh_written_bytes;
     updated += other.updated;
     hits += other.hits;
     misses += other.misses;
@@ -412,17 +414,14 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     run.h2d_bytes += s.h2d_bytes;
     run.d2h_bytes += s.d2h_bytes;
     run.nvme_bytes += s.nvme_bytes;
-    run.nvme_read_bytes += s.nvme_read_bytes;
-    run.nvme_written_bytes += s.nvme_written_bytes;
-    if (step > c.warmup) {
-      run.moved_bytes += s.nvme_read_bytes + s.nvme_written_bytes;
-      run.moved_updated += s.updated_params;
-    }
     run.updated += s.updated_params;
     run.hits += s.cache_hits;
     run.misses += s.cache_misses;
   }
   run.seconds = window.seconds;
+  run.nvme_read_bytes = window.nvme.read;
+  run.nvme_written_bytes = window.nvme.written;
+  run.nvme_fresh_written_bytes = window.nvme.written_fresh;
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   run.peak_rss_bytes = PeakRssBytes();
@@ -441,12 +440,16 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
 // write GB/s, where the bytes are what the placement requires of the step's updates and
 // fetches (so redundant I/O cannot raise the bound) and the rates are measured through the
 // same engine in the same run; the fraction of it a step reached; and the bytes per updated
-// parameter, required and as the store's engines moved them (headers and 4 KiB padding too;
-// an update running on into the next step counts there, so the first measured step, which
-// also counts the warm-up's, is left out).
+// parameter, required and as the store's engines moved them in the measured window (headers
+// and 4 KiB padding too; the window begins and ends with every update finished, so it holds
+// the measured steps' updates whole, which per-step counts split by time). And the same bound with
+// the share of the written bytes that went into slots never stored before (a new store's first
+// writes) at the rate of such writes, which is lower on file systems that allocate as they write
+// (ext4): what the drive allows a run that is still filling its store.
 struct NvmeFigures {
   double read_per_step = 0, written_per_step = 0, bound_seconds = 0, fraction = 0;
   double required_per_param = 0, moved_per_param = 0;
+  double fresh_share = 0, fresh_bound_seconds = 0, fresh_fraction = 0;
 };
 NvmeFigures NvmeFiguresOf(const StrategyRun& run, const SequentialRates& rates) {
   const auto steps = static_cast<double>(run.steps);
@@ -460,7 +463,13 @@ NvmeFigures NvmeFiguresOf(const StrategyRun& run, const SequentialRates& rates) 
   f.fraction = f.bound_seconds / (run.seconds / steps);
   f.required_per_param = (f.read_per_step + f.written_per_step) * steps / std::max(updated, 1.0);
   f.moved_per_param =
-      static_cast<double>(run.moved_bytes) / std::max(static_cast<double>(run.moved_updated), 1.0);
+      static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / std::max(updated, 1.0);
+  f.fresh_share = static_cast<double>(run.nvme_fresh_written_bytes) /
+                  std::max(static_cast<double>(run.nvme_written_bytes), 1.0);
+  f.fresh_bound_seconds = f.read_per_step / (rates.read_gbps * 1e9) +
+                          f.written_per_step * (1 - f.fresh_share) / (rates.write_gbps * 1e9) +
+                          f.written_per_step * f.fresh_share / (rates.fresh_write_gbps * 1e9);
+  f.fresh_fraction = f.fresh_bound_seconds / (run.seconds / steps);
   return f;
 }
 
@@ -470,6 +479,7 @@ void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const Sequential
       .BeginObject()
       .Field("read_gbps", rates.read_gbps)
       .Field("write_gbps", rates.write_gbps)
+      .Field("fresh_write_gbps", rates.fresh_write_gbps)
       .Field("required_read_bytes_per_step", f.read_per_step)
       .Field("required_written_bytes_per_step", f.written_per_step)
       .Field("moved_read_bytes_per_step",
@@ -478,12 +488,17 @@ void WriteNvmeFigures(JsonWriter& json, const StrategyRun& run, const Sequential
              static_cast<double>(run.nvme_written_bytes) / static_cast<double>(run.steps))
       .Field("bound_seconds_per_step", f.bound_seconds)
       .Field("fraction_of_nvme_bound", f.fraction)
+      .Field("fresh_written_share", f.fresh_share)
+      .Field("fresh_bound_seconds_per_step", f.fresh_bound_seconds)
+      .Field("fraction_of_fresh_nvme_bound", f.fresh_fraction)
       .Field("required_bytes_per_updated_param", f.required_per_param)
       .Field("moved_bytes_per_updated_param", f.moved_per_param)
       .Field("reference",
              "bound = read bytes / read GB/s + written bytes / write GB/s: the bytes the "
              "placement requires of the step's updates and fetches, the rates measured through "
-             "the same engine in this run")
+             "the same engine in this run (write: an overwrite); fresh bound: the written bytes' "
+             "fresh_written_share (into slots never stored before) at fresh_write_gbps (a "
+             "sparse file's first write)")
       .EndObject();
 }
 
@@ -555,6 +570,12 @@ void WriteNvmeRow(std::ostream& table, const StrategyRun& run, const SequentialR
         << f.bound_seconds << " s at " << rates.read_gbps << " / " << rates.write_gbps
         << " GB/s: " << f.fraction << " of it; per updated parameter " << f.required_per_param
         << " B required, " << f.moved_per_param << " B moved\n";
+  if (f.fresh_share > 0) {
+    table << "  " << std::setw(13) << ""
+          << "of the writes " << f.fresh_share << " into slots never stored before, which write at "
+          << rates.fresh_write_gbps << " GB/s: bound " << f.fresh_bound_seconds << " s, "
+          << f.fresh_fraction << " of it\n";
+  }
 }
 
 void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
@@ -640,7 +661,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   // States on NVMe: the store must fit --dir, and the drive's rates are measured around every
   // run (the same engine, the store's requests: one state array each).
   std::optional<SequentialRates> rates;
-  std::vector<double> read_gbps, write_gbps;
+  std::vector<double> read_gbps, write_gbps, fresh_write_gbps;
   size_t rate_block = 0;
   if (c.states == "nvme") {
     ECSS_ASSIGN_OR_RETURN(rate_block, CheckNvmeRoom(c, *backend, budgets));
@@ -656,6 +677,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
                                                  uint64_t{1} << 30, 2));
     read_gbps.push_back(r.read_gbps);
     write_gbps.push_back(r.write_gbps);
+    fresh_write_gbps.push_back(r.fresh_write_gbps);
     return Status::Ok();
   };
   ECSS_RETURN_IF_ERROR(measure_rates());
@@ -682,7 +704,9 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     }
   }
 
-  if (!read_gbps.empty()) rates = SequentialRates{Median(read_gbps), Median(write_gbps)};
+  if (!read_gbps.empty()) {
+    rates = SequentialRates{Median(read_gbps), Median(write_gbps), Median(fresh_write_gbps)};
+  }
   const StrategyRun& first = runs[c.strategies.front()];
   json.Field("routing", c.gated ? "gate (reactive)" : "rre")
       .Field("delayed_update", c.delayed)

@@ -137,11 +137,14 @@ StatusOr<double> TransferGbps(IoEngine& engine, IoFileId file, IoOp op, bool ran
 struct IoEngineOptions;
 
 // Sequential write and read GB/s of a drive: `bytes` in `block`-byte requests on a scratch file
-// at `path` (reserved and laid out first, untimed; removed after), through an engine that
-// CreateFileIoEngine(options) makes; each the median of `passes` (a write, its fdatasync,
-// then a read).
+// at `path` (removed after), through an engine that CreateFileIoEngine(options) makes; each
+// the median of `passes`. A pass empties the file and sets its size (sparse, as a store's
+// files are made), writes it (fresh_write_gbps: the file system allocates as it goes),
+// writes it again (write_gbps: an overwrite, as every later store of an expert is), syncs,
+// and reads it.
 struct SequentialRates {
   double read_gbps = 0, write_gbps = 0;
+  double fresh_write_gbps = 0;
 };
 StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
                                                  const IoEngineOptions& options, size_t block,

@@ -109,7 +109,9 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
     c.micro_batches = 2;
     c.nvme_dir = dir_template;
     std::vector<StepStats> stats;
-    const Weights trained = TrainSession(c, &stats);
+    ExpertStore::IoBytes total;
+    const Weights trained =
+        TrainSession(c, &stats, [&](Session& session) { total = session.nvme_io(); });
     ExpectMatchesReference(c, trained);
     // Every update reads and writes master, m and v: 24 bytes per parameter. naive's EndStep
     // waits for the step's updates, so its count is exact per step; ecss's updates run on into
@@ -136,6 +138,12 @@ TEST(SessionTest, StatesOnNvmeMatchTheResidentReference) {
     }
     EXPECT_LE(bytes, updated * 24);
     EXPECT_GE(read + written, updated * 24) << "the engines moved at least the states";
+    // The session's totals hold every step's counts and what ran on after the last one (ecss:
+    // its updates; the store's flush). A new store's first writes are fresh.
+    EXPECT_GE(total.read, read);
+    EXPECT_GE(total.written, written);
+    EXPECT_GT(total.written_fresh, 0u);
+    EXPECT_LT(total.written_fresh, total.written) << "experts updated a third time overwrite";
   }
   std::filesystem::remove_all(dir_template);
 }
@@ -154,7 +162,8 @@ uint64_t StateFileBlocks(const std::string& dir) {
 
 // Lazy initialisation: a new session on NVMe writes no state, its unwritten experts read as
 // the same initial weights as in memory (bit for bit), and reading them writes nothing.
-// placement.write_initial_states writes them at creation instead, and trains the same.
+// placement.write_initial_states writes them at creation instead, into both shadow slots, and
+// trains the same, with every store of the steps an overwrite (no fresh bytes).
 TEST(SessionTest, ANewSessionOnNvmeWritesNoStateAndReadsTheInitialWeights) {
   char dir[] = "/tmp/ecss_lazy_XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
@@ -170,11 +179,18 @@ TEST(SessionTest, ANewSessionOnNvmeWritesNoStateAndReadsTheInitialWeights) {
     memory.nvme_weights = false;
     ExpectBitIdentical(InitialWeights(c), InitialWeights(memory));
     if (c.write_initial_states) {
-      // 14 experts' master, moments and weights, one slot each (a header block and the data).
-      EXPECT_GE(StateFileBlocks(c.nvme_dir), 14u * (3 * 4096 + 3 * 2048)) << c.nvme_dir;
+      // 14 experts' master, moments and weights, both slots each (a header block and the data).
+      EXPECT_GE(StateFileBlocks(c.nvme_dir), 2 * 14u * (3 * 4096 + 3 * 2048)) << c.nvme_dir;
       std::filesystem::remove_all(c.nvme_dir);
       std::filesystem::create_directory(c.nvme_dir);
-      ExpectMatchesReference(c, TrainSession(c));
+      std::vector<StepStats> stats;
+      ExpectMatchesReference(c, TrainSession(c, &stats));
+      uint64_t written = 0;
+      for (const StepStats& step : stats) {
+        written += step.nvme_written_bytes;
+        EXPECT_EQ(step.nvme_fresh_written_bytes, 0u) << "step " << step.step;
+      }
+      EXPECT_GT(written, 0u);
     } else {
       // Each file's 4 KiB header only (3 states, split in 2 files or fewer here).
       EXPECT_LE(StateFileBlocks(c.nvme_dir), 3u * 2 * 4096) << c.nvme_dir;

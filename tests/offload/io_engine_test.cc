@@ -453,6 +453,24 @@ INSTANTIATE_TEST_SUITE_P(Engines, FaultsOnEveryEngineTest,
                            return std::string(IoEngineKindName(param_info.param));
                          });
 
+// The drive's rates as the bench and the planner measure them: a first write into a sparse
+// file, an overwrite and a read, each positive; the scratch file is gone after; a block that
+// is not a multiple of 4 KiB is refused before anything is written.
+TEST(SequentialRatesTest, MeasuresFreshWritesOverwritesAndReadsAndLeavesNothing) {
+  const std::string path = ::testing::TempDir() + "/ecss_rates_test.dat";
+  IoEngineOptions options;
+  options.queue_depth = 4;
+  StatusOr<SequentialRates> rates = MeasureSequentialRates(path, options, 1 << 20, 8 << 20, 2);
+  ASSERT_TRUE(rates.ok()) << rates.status();
+  EXPECT_GT(rates->fresh_write_gbps, 0);
+  EXPECT_GT(rates->write_gbps, 0);
+  EXPECT_GT(rates->read_gbps, 0);
+  EXPECT_NE(::access(path.c_str(), F_OK), 0) << "the scratch file is removed";
+  EXPECT_EQ(MeasureSequentialRates(path, options, 1000, 8 << 20, 1).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_NE(::access(path.c_str(), F_OK), 0);
+}
+
 TEST(IoEngineFactoryTest, Kinds) {
   EXPECT_EQ(*ParseIoEngineKind("uring"), IoEngineKind::kUring);
   EXPECT_EQ(ParseIoEngineKind("aio").status().code(), StatusCode::kInvalidArgument);

@@ -412,10 +412,12 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
   const bool gated = options.routing == Routing::kLearnedGate;
   std::vector<StepStats> stats;
   auto window_start = std::chrono::steady_clock::now();
+  ExpertStore::IoBytes nvme_at_start;
   for (uint32_t step = 0; step < steps; ++step) {
     if (window != nullptr && step == window->warmup) {
       ECSS_RETURN_IF_ERROR(session.Synchronize());
       window_start = std::chrono::steady_clock::now();
+      nvme_at_start = session.nvme_io();
     }
     const std::vector<MicroBatch>& batches = sampler.NextStep();
     ECSS_RETURN_IF_ERROR(session.BeginStep(batches));
@@ -440,6 +442,9 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
   if (window != nullptr) {
     window->seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
+    const ExpertStore::IoBytes at_end = session.nvme_io();
+    window->nvme = {at_end.read - nvme_at_start.read, at_end.written - nvme_at_start.written,
+                    at_end.written_fresh - nvme_at_start.written_fresh};
   }
   return stats;
 }

@@ -97,6 +97,9 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
 struct MeasuredWindow {
   uint32_t warmup = 0;
   double seconds = 0;
+  // What the store's files moved in it (Session::nvme_io): the measured steps' updates and
+  // fetches, whole.
+  ExpertStore::IoBytes nvme;
 };
 StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
                                                  const SessionOptions& options,
