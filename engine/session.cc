@@ -494,10 +494,10 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   stats.d2h_busy_seconds = e.d2h_busy_seconds - engines_at_begin.d2h_busy_seconds;
   stats.optimizer_busy_seconds = executor->optimizer_busy_seconds() - optimizer_busy_at_begin;
   stats.nvme_bytes = executor->nvme_bytes() - nvme_at_begin;
-  const ExpertStore::IoBytes io = executor->nvme_io();
-  stats.nvme_read_bytes = io.read - nvme_io_at_begin.read;
-  stats.nvme_written_bytes = io.written - nvme_io_at_begin.written;
-  stats.nvme_fresh_written_bytes = io.written_fresh - nvme_io_at_begin.written_fresh;
+  const ExpertStore::IoBytes io = executor->nvme_io().Since(nvme_io_at_begin);
+  stats.nvme_read_bytes = io.read;
+  stats.nvme_written_bytes = io.written;
+  stats.nvme_fresh_written_bytes = io.fresh_written;
   stats.metrics = MetricsOf(begin, now);
   stats.updated_experts = record.updated_experts;
   stats.updated_params = uint64_t{record.updated_experts} * memory.params;

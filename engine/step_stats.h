@@ -44,7 +44,7 @@ struct StepStats {
   // update that runs on into the next step counts in the step it ran in.
   uint64_t nvme_read_bytes = 0, nvme_written_bytes = 0;
   // Of nvme_written_bytes, what went into slots never stored before (a new store's first
-  // writes, which the file system allocates as it goes: ExpertStore::IoBytes::written_fresh).
+  // writes, which the file system allocates as it goes: ExpertStore::IoBytes::fresh_written).
   uint64_t nvme_fresh_written_bytes = 0;
   uint64_t cache_hits = 0, cache_misses = 0;
   double hit_rate = 0;

@@ -850,6 +850,16 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
                                 uint64_t version, bool supersede) {
   Files& files = files_[Index(state)];
   std::lock_guard<std::mutex> lock(files.write_mutex);
+  const uint64_t fresh_before = files.writer->fresh_written_bytes();
+  Status stored = StoreLocked(state, flat, block, version, supersede);
+  files.fresh_written.fetch_add(files.writer->fresh_written_bytes() - fresh_before,
+                                std::memory_order_relaxed);
+  return stored;
+}
+
+Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* block,
+                                uint64_t version, bool supersede) {
+  Files& files = files_[Index(state)];
   const void* arrays[1] = {block};
   auto dependents = files.unwritten_dependents.find(flat);
   const bool source = dependents != files.unwritten_dependents.end();
@@ -1174,7 +1184,7 @@ Status ExpertStore::ReadStatesAt(ExpertId id, const std::vector<ExpertState>& st
 ExpertStore::IoBytes ExpertStore::io_bytes() const {
   IoBytes bytes;
   for (const Files& files : files_) {
-    if (files.writer != nullptr) bytes.written_fresh += files.writer->fresh_bytes_written();
+    bytes.fresh_written += files.fresh_written.load(std::memory_order_relaxed);
     for (const IoEngine* engine : {files.read_io.get(), files.write_io.get()}) {
       if (engine == nullptr) continue;
       bytes.read += engine->bytes_read();

@@ -73,6 +73,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -270,8 +271,12 @@ class ExpertStore {
   struct IoBytes {
     uint64_t read = 0, written = 0;
     // Of `written`, what went into slots never stored before (ExpertStateFile::
-    // fresh_bytes_written: the file system allocates as it writes).
-    uint64_t written_fresh = 0;
+    // fresh_written_bytes: the file system allocates as it writes).
+    uint64_t fresh_written = 0;
+    // What moved since `start` (an earlier reading).
+    IoBytes Since(const IoBytes& start) const {
+      return {read - start.read, written - start.written, fresh_written - start.fresh_written};
+    }
   };
   IoBytes io_bytes() const;
 
@@ -293,6 +298,9 @@ class ExpertStore {
     // get their own copy before its next write). GUARDED_BY(write_mutex), or lifecycle_
     // held exclusively (Share, Open).
     std::unordered_map<uint32_t, std::vector<uint32_t>> unwritten_dependents;
+    // The writer's fresh_written_bytes, kept here (io_bytes reads it while Close replaces the
+    // writer).
+    std::atomic<uint64_t> fresh_written{0};
   };
   ExpertStore(Backend& backend, const ExpertStoreOptions& options)
       : backend_(backend), options_(options), index_(options.layout.experts_per_layer) {}
@@ -339,6 +347,9 @@ class ExpertStore {
   // `supersede`: ExpertStateFile::Store's (WriteStates: an update's states).
   Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version,
                      bool supersede = false);
+  // REQUIRES: the state's write_mutex held.
+  Status StoreLocked(ExpertState state, uint32_t flat, const void* block, uint64_t version,
+                     bool supersede);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                       const uint64_t* want = nullptr);
   // REQUIRES: the state's read_mutex held.

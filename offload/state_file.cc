@@ -275,8 +275,7 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
   if (made.ok()) {  // every slot of new files is unwritten: no header to read before a store
     std::fill(file->newest_sequence_.begin(), file->newest_sequence_.end(), 0);
     std::fill(file->slots_stored_.begin(), file->slots_stored_.end(), 0);
-  }
-  if (!made.ok()) {  // nothing of it stays behind: the files it opened (and so made) go
+  } else {  // nothing of it stays behind: the files it opened (and so made) go
     const std::vector<std::string> made_paths(file->paths_.begin(),
                                               file->paths_.begin() + file->files_.size());
     file.reset();
@@ -425,14 +424,18 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   uint32_t copy = 0;
   if (options_.shadow) {
     if (newest_sequence_[expert] == UINT64_MAX) {  // learn which copy is newest
-      newest_sequence_[expert] = 0;
       Header seen[2];
       CopyState state[2];
       std::string why[2];
+      // Learnt only from headers read: a failed read leaves it unknown (taking sequence 0
+      // then would write sequence 1 over the newest copy, and the older one would outrank it).
       ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
+      newest_sequence_[expert] = 0;
       slots_stored_[expert] = 0;
       for (uint32_t c = 0; c < 2; ++c) {
-        if (state[c] != CopyState::kUnwritten) slots_stored_[expert] |= 1u << c;
+        if (state[c] != CopyState::kUnwritten) {
+          slots_stored_[expert] |= static_cast<uint8_t>(1u << c);
+        }
         if (state[c] == CopyState::kValid && seen[c].sequence > newest_sequence_[expert]) {
           newest_sequence_[expert] = seen[c].sequence;
           newest_copy_[expert] = static_cast<uint8_t>(c);
@@ -487,7 +490,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   }
   if (slots_stored_[expert] != kSlotsUnknown) {
     if ((slots_stored_[expert] & (1u << copy)) == 0) {
-      fresh_bytes_written_.fetch_add(StateBlockBytes(bytes) * options_.arrays + kHeaderBytes,
+      fresh_written_bytes_.fetch_add(StateBlockBytes(bytes) * options_.arrays + kHeaderBytes,
                                      std::memory_order_relaxed);
     }
     slots_stored_[expert] |= static_cast<uint8_t>(1u << copy);

@@ -124,10 +124,11 @@ class ExpertStateFile {
   uint64_t slot_bytes() const { return slot_bytes_; }  // one version of one expert
   // Bytes that stores wrote into slots never stored before (a sparse file's holes, where the
   // file system allocates blocks as it writes: slower than overwriting on ext4), as far as
-  // this handle knows (made by Create, or a slot whose header it read). Readable from any
-  // thread.
-  uint64_t fresh_bytes_written() const {
-    return fresh_bytes_written_.load(std::memory_order_relaxed);
+  // this handle knows: every slot of files it created, and with shadow slots an expert's
+  // slots once a store read their headers; a slot whose header is zero (a store cut short
+  // before it, a retracted one) counts again. Readable from any thread.
+  uint64_t fresh_written_bytes() const {
+    return fresh_written_bytes_.load(std::memory_order_relaxed);
   }
   // Bytes on disk once every expert is stored (with shadow: both copies), all directories
   // together, file headers included (for sizing); Create itself writes only the headers.
@@ -183,7 +184,7 @@ class ExpertStateFile {
   // knows; kSlotsUnknown until it created the files or read the expert's headers.
   static constexpr uint8_t kSlotsUnknown = 0xff;
   std::vector<uint8_t> slots_stored_;
-  std::atomic<uint64_t> fresh_bytes_written_{0};
+  std::atomic<uint64_t> fresh_written_bytes_{0};
 };
 
 }  // namespace ecss

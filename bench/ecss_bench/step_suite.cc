@@ -421,7 +421,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   run.seconds = window.seconds;
   run.nvme_read_bytes = window.nvme.read;
   run.nvme_written_bytes = window.nvme.written;
-  run.nvme_fresh_written_bytes = window.nvme.written_fresh;
+  run.nvme_fresh_written_bytes = window.nvme.fresh_written;
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   run.peak_rss_bytes = PeakRssBytes();
@@ -466,9 +466,11 @@ NvmeFigures NvmeFiguresOf(const StrategyRun& run, const SequentialRates& rates) 
       static_cast<double>(run.nvme_read_bytes + run.nvme_written_bytes) / std::max(updated, 1.0);
   f.fresh_share = static_cast<double>(run.nvme_fresh_written_bytes) /
                   std::max(static_cast<double>(run.nvme_written_bytes), 1.0);
-  f.fresh_bound_seconds = f.read_per_step / (rates.read_gbps * 1e9) +
-                          f.written_per_step * (1 - f.fresh_share) / (rates.write_gbps * 1e9) +
-                          f.written_per_step * f.fresh_share / (rates.fresh_write_gbps * 1e9);
+  f.fresh_bound_seconds = f.bound_seconds;
+  if (f.fresh_share > 0) {
+    f.fresh_bound_seconds += f.written_per_step * f.fresh_share *
+                             (1 / (rates.fresh_write_gbps * 1e9) - 1 / (rates.write_gbps * 1e9));
+  }
   f.fresh_fraction = f.fresh_bound_seconds / (run.seconds / steps);
   return f;
 }

@@ -166,21 +166,46 @@ TEST_F(StateFileTest, FreshBytesCountTheStoresIntoSlotsNeverStoredBefore) {
   const uint64_t store_bytes = 3 * 12288 + 4096;
   {
     auto file = *ExpertStateFile::Create(engine_.get(), options_);
-    EXPECT_EQ(file->fresh_bytes_written(), 0u);
+    EXPECT_EQ(file->fresh_written_bytes(), 0u);
     ASSERT_TRUE(file->Store(1, v.raw, 3000, 1).ok());
-    EXPECT_EQ(file->fresh_bytes_written(), store_bytes);
+    EXPECT_EQ(file->fresh_written_bytes(), store_bytes);
     ASSERT_TRUE(file->Store(1, v.raw, 3000, 2).ok());
-    EXPECT_EQ(file->fresh_bytes_written(), 2 * store_bytes) << "the second copy's first store";
+    EXPECT_EQ(file->fresh_written_bytes(), 2 * store_bytes) << "the second copy's first store";
     ASSERT_TRUE(file->Store(1, v.raw, 3000, 3).ok());
     ASSERT_TRUE(file->Store(1, v.raw, 3000, 4).ok());
-    EXPECT_EQ(file->fresh_bytes_written(), 2 * store_bytes) << "overwrites";
+    EXPECT_EQ(file->fresh_written_bytes(), 2 * store_bytes) << "overwrites";
     ASSERT_TRUE(file->Store(2, v.raw, 3000, 1).ok());
-    EXPECT_EQ(file->fresh_bytes_written(), 3 * store_bytes);
+    EXPECT_EQ(file->fresh_written_bytes(), 3 * store_bytes);
   }
   auto reopened = *ExpertStateFile::Open(engine_.get(), options_);
   ASSERT_TRUE(reopened->Store(1, v.raw, 3000, 5).ok());
   ASSERT_TRUE(reopened->Store(2, v.raw, 3000, 2).ok());
-  EXPECT_EQ(reopened->fresh_bytes_written(), store_bytes) << "expert 2's second copy only";
+  EXPECT_EQ(reopened->fresh_written_bytes(), store_bytes) << "expert 2's second copy only";
+}
+
+// A handle that opened the files learns which copy is newest from the headers before its first
+// store of an expert; when that read fails, the store fails, and the next one reads them
+// again (it must not take the expert for unwritten and write sequence 1 over the newest copy,
+// which the older copy would then outrank).
+TEST_F(StateFileTest, AFailedHeaderReadBeforeAStoreIsNotTakenForAnUnwrittenExpert) {
+  options_.shadow = true;
+  Arrays v(3000, 1.0f), v3(3000, 3.0f), got(3000, 0.0f);
+  {
+    auto file = *ExpertStateFile::Create(engine_.get(), options_);
+    ASSERT_TRUE(file->Store(1, v.raw, 3000, 1).ok());
+    ASSERT_TRUE(file->Store(1, v.raw, 3000, 2).ok());
+  }
+  auto reopened = *ExpertStateFile::Open(engine_.get(), options_);
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 1;  // a header read
+  engine_->set_options(faults);
+  EXPECT_FALSE(reopened->Store(1, v3.raw, 3000, 3).ok());
+  engine_->set_options(FaultOptions{});
+  ASSERT_TRUE(reopened->Store(1, v3.raw, 3000, 3).ok());
+  uint64_t count = 0;
+  ASSERT_TRUE(reopened->Load(1, got.raw, 3000, &count).ok());
+  EXPECT_EQ(count, 3u);
+  EXPECT_EQ(got.data[0][0], 3.0f);
 }
 
 TEST_F(StateFileTest, TornStoreIsDetectedNotUsed) {

@@ -442,9 +442,7 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
   if (window != nullptr) {
     window->seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - window_start).count();
-    const ExpertStore::IoBytes at_end = session.nvme_io();
-    window->nvme = {at_end.read - nvme_at_start.read, at_end.written - nvme_at_start.written,
-                    at_end.written_fresh - nvme_at_start.written_fresh};
+    window->nvme = session.nvme_io().Since(nvme_at_start);
   }
   return stats;
 }
