@@ -490,8 +490,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   }
   if (slots_stored_[expert] != kSlotsUnknown) {
     if ((slots_stored_[expert] & (1u << copy)) == 0) {
-      fresh_written_bytes_.fetch_add(StateBlockBytes(bytes) * options_.arrays + kHeaderBytes,
-                                     std::memory_order_relaxed);
+      fresh_written_bytes_ += StateBlockBytes(bytes) * options_.arrays + kHeaderBytes;
     }
     slots_stored_[expert] |= static_cast<uint8_t>(1u << copy);
   }

@@ -31,7 +31,6 @@
 // load and store stages do: loads never cache which shadow slot is newest.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -126,10 +125,9 @@ class ExpertStateFile {
   // file system allocates blocks as it writes: slower than overwriting on ext4), as far as
   // this handle knows: every slot of files it created, and with shadow slots an expert's
   // slots once a store read their headers; a slot whose header is zero (a store cut short
-  // before it, a retracted one) counts again. Readable from any thread.
-  uint64_t fresh_written_bytes() const {
-    return fresh_written_bytes_.load(std::memory_order_relaxed);
-  }
+  // before it, a retracted one) counts again. As Store, one thread at a time (ExpertStore keeps
+  // the total other threads read).
+  uint64_t fresh_written_bytes() const { return fresh_written_bytes_; }
   // Bytes on disk once every expert is stored (with shadow: both copies), all directories
   // together, file headers included (for sizing); Create itself writes only the headers.
   static uint64_t DiskBytes(const StateFileOptions& options);
@@ -184,7 +182,7 @@ class ExpertStateFile {
   // knows; kSlotsUnknown until it created the files or read the expert's headers.
   static constexpr uint8_t kSlotsUnknown = 0xff;
   std::vector<uint8_t> slots_stored_;
-  std::atomic<uint64_t> fresh_written_bytes_{0};
+  uint64_t fresh_written_bytes_ = 0;
 };
 
 }  // namespace ecss
