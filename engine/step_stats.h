@@ -52,7 +52,7 @@ struct StepStats {
   std::vector<StallRecord> stall_records;  // every fetch that waited: who, on what, how long
   double stall_fraction = 0;               // stalls.total() / seconds
   // Busy seconds of each resource in this step, as its counters advanced (the optimizer's:
-  // thread-seconds, summed over its threads).
+  // the time in which at least one of its threads ran an update, as an interval that ended).
   double compute_busy_seconds = 0, h2d_busy_seconds = 0, d2h_busy_seconds = 0;
   double optimizer_busy_seconds = 0;
   // How the step used its resources, from when each was busy within it (engine/step_metrics.h):

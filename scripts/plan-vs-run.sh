@@ -51,7 +51,7 @@ for ((round = 0; round < rounds; ++round)); do
     files=(--model "tools/plan/configs/$model.model.json" --hardware "$hardware"
            --workload "tools/plan/configs/$workload.workload.json")
     "$bin/tools/plan/ecss-plan" "${files[@]}" --json > "$work/$model.$workload.$round.plan.json"
-    "$bin/bench/ecss-bench" step "${files[@]}" --steps 8 --warmup 3 --dir "$dir" --json \
+    "$bin/bench/ecss-bench" step "${files[@]}" --steps 23 --warmup 3 --dir "$dir" --json \
       > "$work/$model.$workload.$round.run.json"
   done
 done

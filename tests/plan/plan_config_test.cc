@@ -106,6 +106,39 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   nan_rate.replace(nan_rate.find("1e8"), 3, "-1e8");
   EXPECT_EQ(error(nan_rate),
             "hardware.host.optimizer_params_per_s_per_thread: must be > 0 (got -100000000.0)");
+  // The optimizer's rate per thread count (what --calibrate writes) instead of one thread's:
+  // one of the two, each element a rate.
+  std::string by_threads = hardware;
+  by_threads.replace(by_threads.find(R"("optimizer_params_per_s_per_thread": 1e8)"), 40,
+                     R"("optimizer_params_per_s_by_threads": [1e8, 1.6e8])");
+  ASSERT_TRUE(ParseHardware(by_threads).ok()) << error(by_threads);
+  std::string both = by_threads;
+  both.replace(both.find(R"("optimizer_params_per_s_by_threads")"), 0,
+               R"("optimizer_params_per_s_per_thread": 1e8, )");
+  std::string neither = hardware;  // without the rate and the comma before it
+  const size_t rate = neither.find(R"("optimizer_params_per_s_per_thread": 1e8)");
+  const size_t comma = neither.rfind(',', rate);
+  neither.erase(comma, rate + 40 - comma);
+  std::string bad_element = by_threads;
+  bad_element.replace(bad_element.find("1.6e8"), 5, "0");
+  std::string not_a_list = by_threads;
+  not_a_list.replace(not_a_list.find("[1e8, 1.6e8]"), 12, "[]");
+  EXPECT_EQ(error(both),
+            "hardware.host.optimizer_params_per_s_per_thread: give it or "
+            "optimizer_params_per_s_by_threads, not both");
+  EXPECT_EQ(error(neither),
+            "hardware.host.optimizer_params_per_s_per_thread: required (or "
+            "optimizer_params_per_s_by_threads)");
+  EXPECT_EQ(error(bad_element),
+            "hardware.host.optimizer_params_per_s_by_threads[1]: must be > 0 (got 0)");
+  EXPECT_EQ(error(not_a_list),
+            "hardware.host.optimizer_params_per_s_by_threads: must be a non-empty array of "
+            "numbers, not an array ([])");
+  std::string bad_fraction = hardware;
+  bad_fraction.replace(bad_fraction.size() - 1, 0,
+                       R"(, "nvme": {"capacity_gib": 10, "read_gbps": 1, "write_gbps": 1,
+                             "session_fraction": 1.5})");
+  EXPECT_EQ(error(bad_fraction), "hardware.nvme.session_fraction: must be at most 1 (got 1.5)");
 
   auto workload_error = [](const std::string& text) {
     StatusOr<WorkloadConfig> w = ParseWorkload(text);
@@ -120,6 +153,22 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   EXPECT_EQ(workload_error(R"({"tokens_per_micro_batch": 512, "placement": {"state": "nvme"}})"),
             "workload.placement.state: unknown field");
   EXPECT_EQ(workload_error(R"({"micro_batches": 2})"), "workload.tokens_per_micro_batch: required");
+}
+
+// Measured per thread count: the counts measured as they are, fractions of a node's threads
+// between them, and beyond the last its per-thread rate; one thread's rate scales linearly.
+TEST(PlanConfigTest, TheOptimizersRateFollowsItsThreadCount) {
+  HardwareConfig h;
+  h.optimizer_params_per_s_per_thread = 5e8;
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(2), 1e9);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(0.5), 2.5e8);
+  h.optimizer_params_per_s_by_threads = {5e8, 8e8, 9e8};
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(1), 5e8);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(2), 8e8);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(2.5), 8.5e8);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(3), 9e8);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(6), 1.8e9);
+  EXPECT_DOUBLE_EQ(h.OptimizerParamsPerSecond(0.25), 1.25e8);
 }
 
 // Sizes beyond what the planner can multiply in 64 bits, or beyond physics, are refused by

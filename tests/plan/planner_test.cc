@@ -6,6 +6,7 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -120,7 +121,10 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
     double compute = 0, h2d = 0, d2h = 0;  // as the simulator prices the executed plans
     double kernels = 0, copies = 0;        // the sim's clock rounds each to a nanosecond
     StatusOr<StepSimulator> simulator =
-        StepSimulator::Create(*options, {hardware->device, 0, 1e9, 1.5, 1.0, 0, 0});
+        StepSimulator::Create(*options, {.device = hardware->device,
+                                         .optimizer_params_per_s = 1e9,
+                                         .nvme_read_gbps = 1.5,
+                                         .nvme_write_gbps = 1.0});
     ASSERT_TRUE(simulator.ok()) << simulator.status();
     for (uint32_t step = 0; step < kSteps; ++step) {
       auto executed = s.ExecutedPlan((*stats)[step].step);
@@ -204,6 +208,29 @@ TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
               updated * 3 / 4 / one_thread + updated / 4 / (2 * one_thread), 1e-9);
   EXPECT_NEAR(by[Strategy::kEcss]->busy_per_step[cpu],
               static_cast<double>(by[Strategy::kEcss]->updated_params) / one_thread, 1e-9);
+  // ...and the step ends when they do: nothing of no-overlap's overlaps, so its step is its
+  // resources' busy time.
+  double sum = 0;
+  for (const ResourceUse& use : chained.metrics.resources) sum += use.busy_seconds;
+  EXPECT_NEAR(chained.metrics.seconds, sum, 1e-9 * sum);
+
+  // Two threads measured at 1.6x one (a memory bus they share): the helped updates run at
+  // that rate.
+  std::string measured = kHardware;
+  measured.replace(measured.find(R"("optimizer_params_per_s_per_thread": 5e8)"), 40,
+                   R"("optimizer_params_per_s_by_threads": [5e8, 8e8])");
+  auto shared_bus = ParseHardware(measured);
+  ASSERT_TRUE(shared_bus.ok()) << shared_bus.status();
+  auto slower = Plan(*model, *shared_bus, *workload);
+  ASSERT_TRUE(slower.ok()) << slower.status();
+  auto found =
+      std::find_if(slower->predictions.begin(), slower->predictions.end(),
+                   [](const StrategyPrediction& p) { return p.strategy == Strategy::kNoOverlap; });
+  ASSERT_NE(found, slower->predictions.end());
+  EXPECT_EQ(found->updated_params, chained.updated_params);
+  EXPECT_NEAR(found->busy_per_step[cpu], updated * 3 / 4 / one_thread + updated / 4 / 8e8, 1e-9);
+  EXPECT_NEAR(found->step_seconds - chained.step_seconds,
+              updated / 4 / 8e8 - updated / 4 / (2 * one_thread), 1e-9);
 }
 
 // An infeasible configuration names the short budget and the change that fits.

@@ -1,16 +1,20 @@
 #include "tools/plan/calibrate.h"
 
 #include <linux/magic.h>
+#include <sys/stat.h>
 #include <sys/statfs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <filesystem>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "offload/io/io_engine.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -19,10 +23,22 @@
 namespace ecss::plan {
 namespace {
 
-// The CPU optimizer as a session drives it: ecss steps of a model of `expert_params`-parameter
-// experts (AdamW, states in host memory) on the simulated device in timed mode, updated
-// parameters over the optimizer's busy thread-seconds in the steps after the first two.
-StatusOr<double> OptimizerParamsPerSecond(const CalibrationOptions& o) {
+constexpr uint32_t kCalibrationWarmup = 2;  // steps before the measured ones
+
+// How a calibration session runs: its strategy and optimizer threads, its states in host
+// memory or in a store under `store_dir`.
+struct CalibrationRun {
+  Strategy strategy = Strategy::kEcss;
+  int threads = 1;
+  std::string store_dir;
+};
+
+// Steps of the calibration model (8 domains of 2 experts of `expert_params` parameters in 4
+// layers, AdamW) on the simulated device in timed mode: the steps' statistics and the window
+// after the first two.
+StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
+                                                     const CalibrationRun& run, uint32_t steps,
+                                                     MeasuredWindow& window) {
   ModelConfig model;
   model.name = "calibration";
   model.sparse_layers = 4;
@@ -42,9 +58,17 @@ StatusOr<double> OptimizerParamsPerSecond(const CalibrationOptions& o) {
   workload.tokens_per_micro_batch = 2048;
   workload.domains_per_step = 4;
   workload.device_budget_gib = 0.25;
+  if (!run.store_dir.empty()) workload.states = Tier::kNvme;
   ECSS_ASSIGN_OR_RETURN(const DeviceShard shard, ShardFor(model, hardware, workload));
-  ECSS_ASSIGN_OR_RETURN(const SessionOptions options,
-                        SessionOptionsFor(shard, model, hardware, workload, Strategy::kEcss));
+  ECSS_ASSIGN_OR_RETURN(SessionOptions options,
+                        SessionOptionsFor(shard, model, hardware, workload, run.strategy));
+  if (!run.store_dir.empty()) {
+    options.placement.nvme_dirs = {run.store_dir};
+    // As ecss-bench step does by default: every measured store overwrites, as in training
+    // (first writes into a sparse file's holes are slower).
+    options.placement.write_initial_states = true;
+  }
+  options.optimizer.threads = run.threads;
   SimOptions sim;
   sim.device_memory_bytes = options.budgets.device_bytes + (uint64_t{16} << 20);
   sim.kernel_mode = KernelMode::kTimed;
@@ -53,15 +77,66 @@ StatusOr<double> OptimizerParamsPerSecond(const CalibrationOptions& o) {
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create(sim));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
   StepSampler sampler(options, shard.domains_per_step, workload.seq_len, workload.seed);
+  window.warmup = kCalibrationWarmup;
+  return RunSampledSteps(*session, *backend, options, sampler, kCalibrationWarmup + steps, &window);
+}
+
+// The CPU optimizer as a session drives it with `threads` threads updating at once:
+// updated parameters over the optimizer's busy seconds in the measured steps, states in host
+// memory. One thread: ecss steps with one optimizer thread (the driving thread goes on to the
+// next step). More: zero-offload steps (every expert updated, the step waiting for its
+// updates) with threads - 1 optimizer threads and the driving thread helping once the device
+// work is done (Note [The driving thread helps], tools/plan/step_simulator.cc); the updates
+// that start before then, one layer's during a few milliseconds of device work, are a few
+// percent of the step's.
+StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads) {
+  CalibrationRun run;
+  if (threads > 1) {
+    run.strategy = Strategy::kZeroOffload;
+    run.threads = threads - 1;
+  }
+  MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
-                        RunSampledSteps(*session, *backend, options, sampler, o.steps + 2));
+                        RunCalibrationSteps(o, run, o.steps, window));
   double params = 0, busy = 0;
-  for (size_t s = 2; s < stats.size(); ++s) {
+  for (size_t s = window.warmup; s < stats.size(); ++s) {
     params += static_cast<double>(stats[s].updated_params);
     busy += stats[s].optimizer_busy_seconds;
   }
   if (!(busy > 0)) return InternalError("calibration: the optimizer did not run");
   return params / busy;
+}
+
+// The fraction of the drive's rates a session's NVMe state pipeline reaches: its bytes read
+// and written at `rates` over the measured steps' time, states in a store under o.dir (removed
+// after).
+StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gbps,
+                                     double write_gbps) {
+  // Named as RemoveUnlockedLeftovers expects, so that a killed calibration's store is removed
+  // by the next one (the store holds a lock on it while it lives).
+  constexpr std::string_view kPrefix = "ecss-plan-calibration.";
+  RemoveUnlockedLeftovers(o.dir, kPrefix, "ecss-store.lock");
+  const std::string made = StrCat(o.dir, "/", kPrefix, ::getpid());
+  if (::mkdir(made.c_str(), 0755) != 0) {
+    return ErrnoError(errno, StrCat("calibrating NVMe: making '", made, "'"));
+  }
+  struct Removed {
+    std::string path;
+    ~Removed() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  } store{made};
+  CalibrationRun run;
+  run.store_dir = store.path;
+  MeasuredWindow window;
+  ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, o.nvme_steps, window).status());
+  const double bound = static_cast<double>(window.nvme.read) / (read_gbps * 1e9) +
+                       static_cast<double>(window.nvme.written) / (write_gbps * 1e9);
+  if (!(window.seconds > 0 && bound > 0)) {
+    return InternalError("calibration: the NVMe state pipeline did not run");
+  }
+  return std::min(1.0, bound / window.seconds);
 }
 
 struct NvmeRates {
@@ -94,12 +169,22 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 }  // namespace
 
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options) {
-  ECSS_ASSIGN_OR_RETURN(base.optimizer_params_per_s_per_thread, OptimizerParamsPerSecond(options));
+  // 1 .. this machine's cores (at most max_threads) threads updating at once.
+  const int cores = static_cast<int>(
+      std::clamp(std::thread::hardware_concurrency(), 1u, std::max(1u, options.max_threads)));
+  base.optimizer_params_per_s_per_thread = 0;
+  base.optimizer_params_per_s_by_threads.clear();
+  for (int threads = 1; threads <= cores; ++threads) {
+    ECSS_ASSIGN_OR_RETURN(const double rate, MeasureOptimizerRate(options, threads));
+    base.optimizer_params_per_s_by_threads.push_back(rate);
+  }
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
   // One drive measured: the base's drives (or this machine's one) get its speed.
   const size_t drives = std::max<size_t>(1, base.nvme.size());
   const double capacity = base.nvme.empty() ? nvme.capacity_gib : base.nvme[0].capacity_gib;
-  base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps});
+  ECSS_ASSIGN_OR_RETURN(const double fraction,
+                        SessionNvmeFraction(options, nvme.read_gbps, nvme.write_gbps));
+  base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps, fraction});
   base.name += " (calibrated)";
   return base;
 }
@@ -128,9 +213,15 @@ std::string HardwareJson(const HardwareConfig& h) {
       .BeginObject()
       .Field("memory_gib", h.host_memory_gib)
       .Field("pinned_limit_gib", h.pinned_limit_gib)
-      .Field("optimizer_threads", uint64_t{h.optimizer_threads})
-      .Field("optimizer_params_per_s_per_thread", h.optimizer_params_per_s_per_thread)
-      .EndObject();
+      .Field("optimizer_threads", uint64_t{h.optimizer_threads});
+  if (h.optimizer_params_per_s_by_threads.empty()) {
+    json.Field("optimizer_params_per_s_per_thread", h.optimizer_params_per_s_per_thread);
+  } else {
+    json.Key("optimizer_params_per_s_by_threads").BeginArray();
+    for (double rate : h.optimizer_params_per_s_by_threads) json.Double(rate);
+    json.EndArray();
+  }
+  json.EndObject();
   if (!h.nvme.empty()) {  // alike drives, as the file describes them
     json.Key("nvme")
         .BeginObject()
@@ -138,6 +229,7 @@ std::string HardwareJson(const HardwareConfig& h) {
         .Field("capacity_gib", h.nvme[0].capacity_gib)
         .Field("read_gbps", h.nvme[0].read_gbps)
         .Field("write_gbps", h.nvme[0].write_gbps)
+        .Field("session_fraction", h.nvme[0].session_fraction)
         .EndObject();
   }
   json.Field("network_gbps", h.network_gbps).EndObject();

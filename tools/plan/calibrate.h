@@ -1,12 +1,20 @@
 // Calibration: this machine's figures measured through the runtime's own code, for a hardware
 // file (ecss-plan --calibrate) whose predictions then hold for this machine.
-//  - The CPU optimizer: a session's AdamW updates (ecss steps of a small model with states in
-//    host memory on the simulated device in timed mode, one optimizer thread), in parameters
-//    per second of the optimizer's busy time. Measured inside a session, not alone: on this
-//    machine the same updates ran 1.5x faster in isolation than beside the session's threads.
+//  - The CPU optimizer: a session's AdamW updates (steps of a small model with states in host
+//    memory on the simulated device in timed mode), in parameters per second of the
+//    optimizer's busy time, with 1 .. cores (at most max_threads) threads updating at once: one
+//    optimizer thread in ecss steps, or n - 1 and the driving thread's help in zero-offload
+//    steps, which wait for their updates (optimizer_params_per_s_by_threads). Measured inside
+//    a session, not alone: on this machine the same updates ran 1.5x faster in isolation than
+//    beside the session's threads, and two threads in a session updated 1.4-1.55x as fast as
+//    one, not 2x.
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
-//    the capacity is the directory's file system's.
+//    the capacity is the directory's file system's. Then the fraction of those rates a
+//    session's NVMe state pipeline reaches (ecss steps of the same model with states on NVMe:
+//    the bytes it moved at those rates over its time; session_fraction): a state's header
+//    round trip and the update between its read and its write cost it some of the drive's
+//    time.
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
 
@@ -21,11 +29,13 @@ namespace ecss::plan {
 struct CalibrationOptions {
   std::string dir = ".";                       // where the NVMe scratch file goes (removed after)
   uint64_t expert_params = uint64_t{1} << 20;  // d_model 512 x d_ff expert_params / 1024
-  uint32_t steps = 6;                          // measured, after two
+  uint32_t steps = 24;                         // measured, after two
   uint64_t nvme_bytes = uint64_t{512} << 20;
+  uint32_t nvme_steps = 6;   // the session's NVMe pipeline: measured, after two
+  uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
-// `base` with host.optimizer_params_per_s_per_thread and nvme measured here.
+// `base` with host.optimizer_params_per_s_by_threads and nvme measured here.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);

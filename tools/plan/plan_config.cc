@@ -105,6 +105,23 @@ class Fields {
     return Status::Ok();
   }
 
+  // A non-empty array of numbers in `range`; absent: `*out` is left as it is.
+  Status Numbers(std::string_view key, std::vector<double>* out, Range range) {
+    const Json* v = Get(key);
+    if (v == nullptr) return Status::Ok();
+    if (!v->is_array() || v->empty()) return Wrong(key, "a non-empty array of numbers", *v);
+    std::vector<double> values;
+    for (size_t i = 0; i < v->size(); ++i) {
+      const Json& x = (*v)[i];
+      const std::string element = StrCat(key, "[", i, "]");
+      if (!x.is_number()) return Wrong(element, "a number", x);
+      ECSS_RETURN_IF_ERROR(Check(element, x.get<double>(), range, x));
+      values.push_back(x.get<double>());
+    }
+    *out = std::move(values);
+    return Status::Ok();
+  }
+
   // A nested object or array (null when absent and not required).
   StatusOr<const Json*> Child(std::string_view key, bool required) {
     const Json* v = Get(key);
@@ -389,6 +406,16 @@ StatusOr<Json> Root(std::string_view json, std::string_view root) {
 
 }  // namespace
 
+double HardwareConfig::OptimizerParamsPerSecond(double threads) const {
+  const std::vector<double>& by = optimizer_params_per_s_by_threads;
+  if (by.empty()) return optimizer_params_per_s_per_thread * threads;
+  if (threads <= 1) return by[0] * threads;
+  const auto measured = static_cast<double>(by.size());
+  if (threads >= measured) return by.back() / measured * threads;
+  const auto below = static_cast<size_t>(threads);  // >= 1
+  return by[below - 1] + (threads - static_cast<double>(below)) * (by[below] - by[below - 1]);
+}
+
 double HardwareConfig::nvme_capacity_gib() const {
   double gib = 0;
   for (const NvmeDrive& drive : nvme) gib += drive.capacity_gib;
@@ -495,8 +522,18 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(o.Number("memory_gib", &h.host_memory_gib, true, kGib));
     ECSS_RETURN_IF_ERROR(o.Number("pinned_limit_gib", &h.pinned_limit_gib, false, kGib));
     ECSS_RETURN_IF_ERROR(o.Integer("optimizer_threads", &h.optimizer_threads, true, kCount));
+    constexpr Range kUpdates{1, 1e13};
+    const bool per_thread = o.Has("optimizer_params_per_s_per_thread");
+    if (per_thread == o.Has("optimizer_params_per_s_by_threads")) {
+      return InvalidArgumentError(
+          StrCat(o.Path("optimizer_params_per_s_per_thread"), ": ",
+                 per_thread ? "give it or optimizer_params_per_s_by_threads, not both"
+                            : "required (or optimizer_params_per_s_by_threads)"));
+    }
     ECSS_RETURN_IF_ERROR(o.Number("optimizer_params_per_s_per_thread",
-                                  &h.optimizer_params_per_s_per_thread, true, {1, 1e13}));
+                                  &h.optimizer_params_per_s_per_thread, false, kUpdates));
+    ECSS_RETURN_IF_ERROR(o.Numbers("optimizer_params_per_s_by_threads",
+                                   &h.optimizer_params_per_s_by_threads, kUpdates));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {
@@ -514,6 +551,7 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(n.Number("capacity_gib", &drive.capacity_gib, true, kGib));
     ECSS_RETURN_IF_ERROR(n.Number("read_gbps", &drive.read_gbps, true, kRate));
     ECSS_RETURN_IF_ERROR(n.Number("write_gbps", &drive.write_gbps, true, kRate));
+    ECSS_RETURN_IF_ERROR(n.Number("session_fraction", &drive.session_fraction, false, kFraction));
     ECSS_RETURN_IF_ERROR(n.Finish());
     h.nvme.assign(drives, drive);
   }

@@ -49,6 +49,9 @@ struct NvmeDrive {
   double capacity_gib = 0;
   double read_gbps = 0;
   double write_gbps = 0;
+  // The fraction of those rates a session's NVMe state pipeline reaches (--calibrate
+  // measures it; 1: all of them).
+  double session_fraction = 1;
 };
 
 struct HardwareConfig {
@@ -59,15 +62,22 @@ struct HardwareConfig {
   double device_memory_gib = 0;
   DeviceProfile device;  // TFLOPS, memory bandwidth, launch overhead, H2D / D2H GB/s
   double copy_latency_us = 0;
-  double host_memory_gib = 0;                    // per node
-  double pinned_limit_gib = 0;                   // per node; 0 = host_memory_gib
-  uint32_t optimizer_threads = 1;                // per node
-  double optimizer_params_per_s_per_thread = 0;  // one thread's AdamW parameter updates / s
-  std::vector<NvmeDrive> nvme;                   // per node
-  double network_gbps = 0;  // between nodes, per node and direction; 0 with one node
+  double host_memory_gib = 0;      // per node
+  double pinned_limit_gib = 0;     // per node; 0 = host_memory_gib
+  uint32_t optimizer_threads = 1;  // per node
+  // The CPU optimizer's AdamW parameter updates / s, one of the two: one thread's (n threads
+  // update n times as fast), or measured per thread count (`--calibrate`): element i is i + 1
+  // threads' together, counting a driving thread that helps (Note [The driving thread helps]).
+  double optimizer_params_per_s_per_thread = 0;
+  std::vector<double> optimizer_params_per_s_by_threads;
+  std::vector<NvmeDrive> nvme;  // per node
+  double network_gbps = 0;      // between nodes, per node and direction; 0 with one node
 
   uint32_t devices() const { return nodes * devices_per_node; }
   double nvme_capacity_gib() const;  // of a node's drives together
+  // Updates / s of `threads` (> 0; fractions for a node's threads shared by its devices):
+  // between two measured counts, interpolated; beyond the last, its per-thread rate.
+  double OptimizerParamsPerSecond(double threads) const;
 };
 
 struct WorkloadConfig {

@@ -146,10 +146,11 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   // devices is an eighth of one each).
   const double threads =
       static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node;
-  rates.optimizer_params_per_s = hardware.optimizer_params_per_s_per_thread * threads;
+  rates.optimizer_params_per_s = hardware.OptimizerParamsPerSecond(threads);
+  rates.optimizer_helped_params_per_s = hardware.OptimizerParamsPerSecond(threads + 1);
   for (const NvmeDrive& d : hardware.nvme) {
-    rates.nvme_read_gbps += d.read_gbps / hardware.devices_per_node;
-    rates.nvme_write_gbps += d.write_gbps / hardware.devices_per_node;
+    rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;
+    rates.nvme_write_gbps += d.write_gbps * d.session_fraction / hardware.devices_per_node;
   }
   // The dense part: 2 FLOPs per parameter and token forward, 4 backward, spread over the
   // sparse layers' compute ops at the GEMM rate of the model's dtype.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "engine/plan_inputs.h"
@@ -46,6 +47,12 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
   if (!(rates.optimizer_params_per_s > 0) || !std::isfinite(rates.optimizer_params_per_s)) {
     return InvalidArgumentError(StrCat("step simulator: optimizer parameters/s must be > 0 (got ",
                                        rates.optimizer_params_per_s, ")"));
+  }
+  if (!(rates.optimizer_helped_params_per_s >= 0) ||
+      !std::isfinite(rates.optimizer_helped_params_per_s)) {
+    return InvalidArgumentError(
+        StrCat("step simulator: optimizer parameters/s with the driving thread must be >= 0 (got ",
+               rates.optimizer_helped_params_per_s, ")"));
   }
   if (!(rates.copy_latency_us >= 0)) {
     return InvalidArgumentError("step simulator: copy latency must be >= 0");
@@ -147,11 +154,6 @@ void StepSimulator::Expedite(const StepPlan& plan, double begin) {
   free_[Index(PlanResource::kCpuOptimizer)] = free;
 }
 
-// Note [The driving thread helps] (optimizer/cpu_optimizer.cc Synchronize): a step that
-// waits for its updates, with host states, waits inside the optimizer's arena, so from its
-// device work's end (`from`) the driving thread runs queued updates too: the optimizer then
-// has one thread more. Re-times this step's updates that end after `from`; returns when the
-// last one ends.
 // Runs the record's updates at these queue positions in turn from `free`, each as soon as it
 // is ready, at `speedup` times its rate, on the optimizer's timeline; returns when the last
 // ends.
@@ -169,9 +171,20 @@ double StepSimulator::Requeue(UpdateRecord& record, const std::vector<size_t>& p
   return free;
 }
 
+// Note [The driving thread helps] (optimizer/cpu_optimizer.cc Synchronize): a step that
+// waits for its updates, with host states, waits inside the optimizer's arena, so from its
+// device work's end (`from`) the driving thread runs queued updates too: the optimizer then
+// has one thread more, at the rate the hardware gives that many threads (two threads that
+// share a memory bus update less than twice as fast as one). Re-times this step's updates
+// that end after `from`; returns when the last one ends (`from` when none does).
 double StepSimulator::DrivingThreadHelps(UpdateRecord& record, double from) {
   const double threads = std::max(1, options_.optimizer.threads);
-  const double speedup = (threads + 1) / threads;
+  // Never slower: a measured table may dip (this VM's rates drift), but a waiting thread that
+  // helps takes nothing away.
+  const double speedup =
+      rates_.optimizer_helped_params_per_s > 0
+          ? std::max(1.0, rates_.optimizer_helped_params_per_s / rates_.optimizer_params_per_s)
+          : (threads + 1) / threads;
   auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
   cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
                            [&](const auto& interval) { return interval.second > from; }),
@@ -307,7 +320,22 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     }
   }
   if (plan.step_waits_for_updates() && !states_on_nvme && !policy.delayed_update) {
-    update_end = std::max(update_end, DrivingThreadHelps(updates_[mine], device_end));
+    // Re-timed: the updates that ran on after the device work now end sooner, and so do
+    // their ops.
+    update_end = DrivingThreadHelps(updates_[mine], device_end);
+    std::map<ExpertId, const Task*> tasks;
+    for (const auto& [expert, task] : updates_[mine].queue) tasks[expert] = &task;
+    for (PlanOp& op : ops) {
+      if (op.kind != OpKind::kUpdate || op.step_offset != 0 || op.experts.empty()) continue;
+      double first = std::numeric_limits<double>::infinity(), last = floor;
+      for (uint32_t e : op.experts) {
+        const Task& task = *tasks.at({static_cast<uint32_t>(op.layer), e});
+        first = std::min(first, task.start);
+        last = std::max(last, task.end);
+      }
+      op.start_s = first - begin;
+      op.end_s = last - begin;
+    }
   }
   updates_[mine].all_end = policy.delayed_update ? floor : update_end;
   if (policy.delayed_update) held_experts_ = TouchedExperts(plan).size();  // the next updates

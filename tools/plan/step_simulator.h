@@ -39,7 +39,10 @@ struct ResourceRates {
   DeviceProfile device;  // compute (the cost model) and the H2D / D2H bandwidth
   double copy_latency_us = 0;
   double optimizer_params_per_s = 0;  // the session's optimizer threads together, > 0
-  double nvme_read_gbps = 0;          // > 0 with states on NVMe
+  // The same with the driving thread helping (Note [The driving thread helps]); 0: one thread
+  // more at the same rate per thread.
+  double optimizer_helped_params_per_s = 0;
+  double nvme_read_gbps = 0;  // > 0 with states on NVMe
   double nvme_write_gbps = 0;
   // Device time added to each forward / backward compute op: the model's dense layers, which
   // the engine does not run (the planner's simple model of them; 0 for the engine's own step).

@@ -1,0 +1,66 @@
+// Calibration through the runtime's own code (tools/plan/calibrate.h). Real NVMe I/O and
+// several sessions: labelled slow.
+#include "tools/plan/calibrate.h"
+
+#include <linux/magic.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace ecss::plan {
+namespace {
+
+// --calibrate measures through the runtime's code and writes a file that reads back as what it
+// measured: a rate per thread count up to this machine's cores, the drive's rates and the
+// fraction of them a session's NVMe pipeline reaches; its scratch files are gone after, and so
+// is what a killed calibration left.
+TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
+  const std::string dir = ::testing::TempDir() + "/ecss_calibrate_" + std::to_string(getpid());
+  std::filesystem::create_directories(dir);
+  struct statfs fs {};
+  ASSERT_EQ(statfs(dir.c_str(), &fs), 0);
+  if (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
+    std::filesystem::remove_all(dir);
+    GTEST_SKIP() << dir << " is in memory: NVMe cannot be measured";
+  }
+  // What a calibration killed mid-way left: its store's directory, its lock not held.
+  const std::string killed = dir + "/ecss-plan-calibration.999999999";
+  std::filesystem::create_directories(killed);
+  { std::ofstream(killed + "/experts.bin") << "left behind"; }
+  auto base = LoadHardware("this-machine");
+  ASSERT_TRUE(base.ok()) << base.status();
+  CalibrationOptions options;
+  options.dir = dir;
+  options.expert_params = uint64_t{1} << 18;
+  options.steps = 2;
+  options.nvme_bytes = uint64_t{32} << 20;
+  options.nvme_steps = 2;
+  options.max_threads = 2;
+  auto measured = Calibrate(*base, options);
+  ASSERT_TRUE(measured.ok()) << measured.status();
+  ASSERT_EQ(measured->optimizer_params_per_s_by_threads.size(),
+            std::min(2u, std::max(1u, std::thread::hardware_concurrency())));
+  for (double rate : measured->optimizer_params_per_s_by_threads) EXPECT_GT(rate, 0);
+  ASSERT_EQ(measured->nvme.size(), 1u);
+  EXPECT_GT(measured->nvme[0].read_gbps, 0);
+  EXPECT_GT(measured->nvme[0].session_fraction, 0);
+  EXPECT_LE(measured->nvme[0].session_fraction, 1);
+  auto back = ParseHardware(HardwareJson(*measured));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
+  EXPECT_EQ(back->optimizer_params_per_s_per_thread, 0);
+  EXPECT_EQ(back->nvme[0].session_fraction, measured->nvme[0].session_fraction);
+  const bool empty = std::filesystem::is_empty(dir);
+  std::filesystem::remove_all(dir);
+  EXPECT_TRUE(empty);
+}
+
+}  // namespace
+}  // namespace ecss::plan
