@@ -1,12 +1,7 @@
 // ecss-bench: the offload benchmark suite. `ecss-bench SUITE [options] [--json]`.
 // Each suite measures one capability against a reference measured in the same run and prints
 // a human table, or with --json a single JSON object on stdout.
-#include <stdlib.h>
-
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -217,21 +212,6 @@ MachineInfo DescribeMachine() {
   }
   if (info.cpu_model.empty()) info.cpu_model = "unknown";
   return info;
-}
-
-StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, const std::string& prefix) {
-  std::string path = StrCat(parent, "/", prefix, "-XXXXXX");
-  if (::mkdtemp(path.data()) == nullptr) {
-    return PermissionDeniedError(
-        StrCat("cannot make a directory in '", parent, "': ", std::strerror(errno)));
-  }
-  return ScratchDir(std::move(path));
-}
-
-ScratchDir::~ScratchDir() {
-  if (path_.empty()) return;
-  std::error_code error;
-  std::filesystem::remove_all(path_, error);
 }
 
 }  // namespace ecss::bench

@@ -24,6 +24,7 @@
 #include "offload/state_file.h"
 #include "optimizer/cpu_optimizer.h"
 #include "optimizer/state_pipeline.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/host_allocator.h"
 #include "runtime/device/pinned_pool.h"
@@ -133,7 +134,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
                         CreateIoEngine(IoEngineKind::kUring, io));
   // The states live where a session keeps them: an expert store (its staging in the sim's
   // pinned memory), in a directory of its own that the run removes again.
-  ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, "ecss-bench-states"));
+  ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, "ecss-bench-states."));
   const std::string& store_dir = scratch_dir.path();
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create({}));
   ExpertStoreOptions store_options;

@@ -20,7 +20,8 @@
 // touches are not confined to its domains. --delayed-update 1 turns on the one-step delayed
 // update (DPU; it changes the math, see session.h). --weights nvme (with --states nvme) keeps
 // the compute weights on NVMe as well: every fetch reads them into pinned staging first. Each
-// run's store lives in a directory of its own under --dir, removed after it; its initial
+// run's store lives in a directory of its own under --dir, removed after it (and by the next
+// run when the run is killed: ScratchDir); its initial
 // states are written at creation (untimed) into both shadow slots, so that the measured steps
 // read every state from the disk and overwrite it as training past its first steps does
 // (--initial-states unwritten: as a new session leaves them, read as their initial values
@@ -362,6 +363,9 @@ struct StrategyRun {
   }
 };
 
+// The directories the runs' stores live in: kStorePrefix + pid under --dir (ScratchDir).
+constexpr std::string_view kStorePrefix = "ecss-bench-store.";
+
 // One run of a strategy: a session of its own (its store in a directory of its own), warm-up
 // steps, then the measured ones.
 StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strategy strategy,
@@ -370,7 +374,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   options.budgets.device_bytes = device_budget;
   std::optional<ScratchDir> store_dir;  // the session's expert store, removed after the run
   if (c.states == "nvme") {
-    ECSS_ASSIGN_OR_RETURN(ScratchDir made, ScratchDir::Create(c.dir, "ecss-bench-store"));
+    ECSS_ASSIGN_OR_RETURN(ScratchDir made, ScratchDir::Create(c.dir, kStorePrefix));
     store_dir.emplace(std::move(made));
     options.placement.nvme_dirs = {store_dir->path()};
   }
@@ -616,6 +620,7 @@ StatusOr<size_t> CheckNvmeRoom(const StepConfig& c, Backend& backend,
     need = std::max(need, plan.nvme_bytes);
     block = StateArrayBytes(plan.params);
   }
+  ScratchDir::RemoveLeftovers(c.dir, kStorePrefix);  // a killed run's store is no one's
   std::error_code error;
   const std::filesystem::space_info space = std::filesystem::space(c.dir, error);
   if (error) return NotFoundError(StrCat("--dir ", c.dir, ": ", error.message()));

@@ -29,21 +29,6 @@ struct MachineInfo {
 };
 MachineInfo DescribeMachine();
 
-// A directory of the run's own under `parent` (PREFIX-XXXXXX), removed with everything in it
-// when the object goes: where a suite keeps an expert store, which never overwrites one.
-class ScratchDir {
- public:
-  static StatusOr<ScratchDir> Create(const std::string& parent, const std::string& prefix);
-  ScratchDir(ScratchDir&& other) noexcept : path_(std::move(other.path_)) { other.path_.clear(); }
-  ScratchDir& operator=(ScratchDir&&) = delete;
-  ~ScratchDir();
-  const std::string& path() const { return path_; }
-
- private:
-  explicit ScratchDir(std::string path) : path_(std::move(path)) {}
-  std::string path_;
-};
-
 // One storage access pattern (fio's --rw name).
 struct Pattern {
   const char* name;

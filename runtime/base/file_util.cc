@@ -166,6 +166,46 @@ FileLock::~FileLock() {
   ::close(fd_);
 }
 
+void ScratchDir::RemoveLeftovers(const std::string& parent, std::string_view prefix) {
+  RemoveUnlockedLeftovers(parent, prefix, kLockName);
+}
+
+StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_view prefix) {
+  RemoveLeftovers(parent, prefix);
+  const std::string path = StrCat(parent, "/", prefix, ::getpid());
+  // Made and locked under a name RemoveUnlockedLeftovers passes over (not PREFIX + digits),
+  // then renamed: another process's cleanup never sees it unlocked.
+  std::string made = StrCat(path, ".new-XXXXXX");
+  if (::mkdtemp(made.data()) == nullptr) {
+    return ErrnoError(errno, StrCat("cannot make a scratch directory in '", parent, "'"));
+  }
+  auto removed = [&](Status error) {
+    std::error_code ignored;
+    std::filesystem::remove_all(made, ignored);
+    return error;
+  };
+  StatusOr<std::unique_ptr<FileLock>> lock =
+      FileLock::Acquire(StrCat(made, "/", kLockName), StrCat("scratch directory '", path, "'"));
+  if (!lock.ok()) return removed(lock.status());
+  // rename replaces an empty directory, and one left by an earlier process of this pid is
+  // gone (RemoveUnlockedLeftovers above): what is there holds a lock file, this process's.
+  if (::rename(made.c_str(), path.c_str()) != 0) {
+    const int error = errno;
+    if (error == EEXIST || error == ENOTEMPTY) {
+      return removed(AlreadyExistsError(
+          StrCat("scratch directory '", path, "' is in use by this process (one at a time)")));
+    }
+    return removed(ErrnoError(error, StrCat("cannot rename '", made, "' to '", path, "'")));
+  }
+  return ScratchDir(path, std::move(*lock));
+}
+
+ScratchDir::~ScratchDir() {
+  if (path_.empty()) return;
+  std::error_code ignored;
+  std::filesystem::remove_all(path_, ignored);
+}
+
 StatusOr<std::string> ReadFileToString(const std::string& path) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open '", path, "'"));

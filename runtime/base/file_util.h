@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "runtime/base/status.h"
 
@@ -52,6 +53,32 @@ class FileLock {
   FileLock(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
   std::string path_;
   int fd_;
+};
+
+// A directory of the process's own, `parent/PREFIX<pid>`, removed with everything in it when
+// the object goes: where a benchmark or a calibration keeps a scratch expert store. While it
+// lives it holds a FileLock on its kScratchLock file, and Create first removes what killed
+// processes left under the same prefix (RemoveUnlockedLeftovers), so that a run killed mid-way
+// (a store can be tens of GB) costs the next run nothing and never a live run's directory: it
+// is made under another name and renamed once locked. One per prefix and process at a time
+// (AlreadyExists for a second).
+class ScratchDir {
+ public:
+  static constexpr std::string_view kLockName = "scratch.lock";
+  static StatusOr<ScratchDir> Create(const std::string& parent, std::string_view prefix);
+  // What Create removes first (for a caller that sizes the free space before it creates).
+  static void RemoveLeftovers(const std::string& parent, std::string_view prefix);
+  ScratchDir(ScratchDir&& other) noexcept
+      : path_(std::exchange(other.path_, {})), lock_(std::move(other.lock_)) {}
+  ScratchDir& operator=(ScratchDir&&) = delete;
+  ~ScratchDir();
+  const std::string& path() const { return path_; }
+
+ private:
+  ScratchDir(std::string path, std::unique_ptr<FileLock> lock)
+      : path_(std::move(path)), lock_(std::move(lock)) {}
+  std::string path_;                // empty once moved from
+  std::unique_ptr<FileLock> lock_;  // released after the directory is gone
 };
 
 }  // namespace ecss

@@ -6,6 +6,9 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <memory>
+#include <optional>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -26,6 +29,31 @@ class FileUtilTest : public ::testing::Test {
   void TearDown() override { std::filesystem::remove_all(dir_); }
   std::string dir_;
 };
+
+void KillChild(pid_t child) {
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+}
+
+// Forks a child that runs `take` (a lock's or a directory's Acquire) and then holds what it took
+// until KillChild; its pid, or -1 when `take` failed there.
+pid_t HoldInChild(const std::function<bool()>& take) {
+  int ready[2];
+  if (::pipe(ready) != 0) return -1;
+  const pid_t child = ::fork();
+  if (child == 0) {
+    const char byte = take() ? 'y' : 'n';
+    if (::write(ready[1], &byte, 1) != 1) ::_exit(1);
+    while (true) ::pause();
+  }
+  char byte = 0;
+  const bool held = child > 0 && ::read(ready[0], &byte, 1) == 1 && byte == 'y';
+  ::close(ready[0]);
+  ::close(ready[1]);
+  if (child > 0 && !held) KillChild(child);
+  return held ? child : -1;
+}
 
 TEST_F(FileUtilTest, AtomicWritesReplaceWholeFiles) {
   const std::string path = dir_ + "/f";
@@ -51,27 +79,17 @@ TEST_F(FileUtilTest, ALockHasOneOwnerAndDiesWithItsProcess) {
         << second;
   }
   EXPECT_FALSE(std::filesystem::exists(path)) << "released: removed";
-  int ready[2];
-  ASSERT_EQ(::pipe(ready), 0);
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {  // holds the lock until killed
+  std::unique_ptr<FileLock> in_child;
+  const pid_t child = HoldInChild([&] {
     auto lock = FileLock::Acquire(path, "x");
-    const char byte = lock.ok() ? 'y' : 'n';
-    if (::write(ready[1], &byte, 1) != 1) ::_exit(1);
-    while (true) ::pause();
-  }
-  char byte = 0;
-  ASSERT_EQ(::read(ready[0], &byte, 1), 1);
-  ASSERT_EQ(byte, 'y');
+    if (lock.ok()) in_child = std::move(*lock);
+    return lock.ok();
+  });
+  ASSERT_GT(child, 0);
   Status held = FileLock::Acquire(path, "the test directory").status();
   EXPECT_EQ(held.code(), StatusCode::kFailedPrecondition) << held;
   EXPECT_NE(held.message().find(StrCat("process ", child)), std::string_view::npos) << held;
-  ::kill(child, SIGKILL);
-  int status = 0;
-  ::waitpid(child, &status, 0);
-  ::close(ready[0]);
-  ::close(ready[1]);
+  KillChild(child);
   EXPECT_TRUE(std::filesystem::exists(path)) << "a killed owner leaves its file";
   auto after = FileLock::Acquire(path, "the test directory");
   EXPECT_TRUE(after.ok()) << after.status();
@@ -89,6 +107,57 @@ TEST_F(FileUtilTest, AReleaseNeverRemovesAnotherOwnersLockFile) {
   first.reset();
   EXPECT_TRUE(std::filesystem::exists(path));
   EXPECT_EQ(FileLock::Acquire(path, "x").status().code(), StatusCode::kFailedPrecondition);
+}
+
+// A scratch directory is its process's while it lives and gone after; one that a killed
+// process left is removed by the next Create under its prefix, one that a live process holds
+// never is.
+TEST_F(FileUtilTest, AScratchDirOutlivesNoOneButItsKilledOwner) {
+  const std::string mine = StrCat(dir_, "/scratch.", ::getpid());
+  {
+    auto made = ScratchDir::Create(dir_, "scratch.");
+    ASSERT_TRUE(made.ok()) << made.status();
+    EXPECT_EQ(made->path(), mine);
+    { std::ofstream(mine + "/experts.bin") << "states"; }
+    EXPECT_EQ(ScratchDir::Create(dir_, "scratch.").status().code(), StatusCode::kAlreadyExists);
+    EXPECT_TRUE(std::filesystem::exists(mine + "/experts.bin"))
+        << "a second Create removes nothing";
+    ScratchDir moved = std::move(*made);
+    EXPECT_EQ(moved.path(), mine);
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(dir_)) << "gone with its object, once";
+  // Two other processes' directories: one killed, one alive.
+  std::optional<ScratchDir> in_child;
+  pid_t children[2];
+  for (pid_t& child : children) {
+    child = HoldInChild([&] {
+      auto dir = ScratchDir::Create(dir_, "scratch.");
+      if (!dir.ok()) return false;
+      in_child.emplace(std::move(*dir));
+      std::ofstream(in_child->path() + "/experts.bin") << "states";
+      return true;
+    });
+    ASSERT_GT(child, 0);
+  }
+  KillChild(children[0]);
+  const std::string killed = StrCat(dir_, "/scratch.", children[0]);
+  const std::string alive = StrCat(dir_, "/scratch.", children[1]);
+  ASSERT_TRUE(std::filesystem::exists(killed + "/experts.bin")) << "a killed owner leaves it";
+  // Cleared before a caller sizes its free space, and by Create.
+  ScratchDir::RemoveLeftovers(dir_, "scratch.");
+  EXPECT_FALSE(std::filesystem::exists(killed));
+  EXPECT_TRUE(std::filesystem::exists(alive + "/experts.bin"));
+  {
+    auto made = ScratchDir::Create(dir_, "scratch.");
+    ASSERT_TRUE(made.ok()) << made.status();
+    EXPECT_TRUE(std::filesystem::exists(alive + "/experts.bin")) << "a live owner's stays";
+  }
+  KillChild(children[1]);
+  auto made = ScratchDir::Create(dir_, "scratch.");
+  ASSERT_TRUE(made.ok()) << made.status();
+  EXPECT_FALSE(std::filesystem::exists(alive));
+  EXPECT_EQ(ScratchDir::Create(dir_ + "/missing", "scratch.").status().code(),
+            StatusCode::kNotFound);
 }
 
 }  // namespace

@@ -112,23 +112,10 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads) 
 // after).
 StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gbps,
                                      double write_gbps) {
-  // Named as RemoveUnlockedLeftovers expects, so that a killed calibration's store is removed
-  // by the next one (the store holds a lock on it while it lives).
-  constexpr std::string_view kPrefix = "ecss-plan-calibration.";
-  RemoveUnlockedLeftovers(o.dir, kPrefix, "ecss-store.lock");
-  const std::string made = StrCat(o.dir, "/", kPrefix, ::getpid());
-  if (::mkdir(made.c_str(), 0755) != 0) {
-    return ErrnoError(errno, StrCat("calibrating NVMe: making '", made, "'"));
-  }
-  struct Removed {
-    std::string path;
-    ~Removed() {
-      std::error_code ignored;
-      std::filesystem::remove_all(path, ignored);
-    }
-  } store{made};
+  ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
+                        ScratchDir::Create(o.dir, "ecss-plan-calibration."));
   CalibrationRun run;
-  run.store_dir = store.path;
+  run.store_dir = store.path();
   MeasuredWindow window;
   ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, o.nvme_steps, window).status());
   const double bound = static_cast<double>(window.nvme.read) / (read_gbps * 1e9) +
