@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <set>
 
 #include "engine/plan_inputs.h"
@@ -290,7 +289,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
         if (final_part) {
           const ExpertId key{static_cast<uint32_t>(op.layer), e};
           updates_[mine].expert_end[key] = finish;
-          if (!states_on_nvme) updates_[mine].queue.push_back({key, {ready, start, finish, each}});
+          if (!states_on_nvme) {
+            updates_[mine].queue.push_back({key, {ready, start, finish, each, op.id}});
+          }
         }
       }
       end[op.id] = last;
@@ -323,18 +324,15 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     // Re-timed: the updates that ran on after the device work now end sooner, and so do
     // their ops.
     update_end = DrivingThreadHelps(updates_[mine], device_end);
-    std::map<ExpertId, const Task*> tasks;
-    for (const auto& [expert, task] : updates_[mine].queue) tasks[expert] = &task;
-    for (PlanOp& op : ops) {
-      if (op.kind != OpKind::kUpdate || op.step_offset != 0 || op.experts.empty()) continue;
-      double first = std::numeric_limits<double>::infinity(), last = floor;
-      for (uint32_t e : op.experts) {
-        const Task& task = *tasks.at({static_cast<uint32_t>(op.layer), e});
-        first = std::min(first, task.start);
-        last = std::max(last, task.end);
-      }
-      op.start_s = first - begin;
-      op.end_s = last - begin;
+    std::map<uint32_t, std::pair<double, double>> spans;  // update op -> its experts' first, last
+    for (const auto& [expert, task] : updates_[mine].queue) {
+      auto it = spans.try_emplace(task.op, task.start, task.end).first;
+      it->second.first = std::min(it->second.first, task.start);
+      it->second.second = std::max(it->second.second, task.end);
+    }
+    for (const auto& [id, span] : spans) {
+      ops[id].start_s = span.first - begin;
+      ops[id].end_s = span.second - begin;
     }
   }
   updates_[mine].all_end = policy.delayed_update ? floor : update_end;

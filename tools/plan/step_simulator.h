@@ -82,8 +82,9 @@ class StepSimulator {
   StepSimulator(const SessionOptions& options, const ResourceRates& rates)
       : options_(options), rates_(rates) {}
 
-  struct Task {  // one expert's part of an update op, or a whole op
+  struct Task {  // one expert's part of an update op (its id in the step's plan)
     double ready = 0, start = 0, end = 0, seconds = 0;
+    uint32_t op = 0;
   };
   // Per step: when each expert's update (with its state write) ended, and when all did.
   struct UpdateRecord {
