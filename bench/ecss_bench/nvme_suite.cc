@@ -10,7 +10,6 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <iomanip>
 #include <memory>
 #include <vector>
@@ -109,7 +108,9 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   pool_options.capacity_bytes = depth * block;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
   ECSS_ASSIGN_OR_RETURN(Buffer buffers, pool->Allocate(depth * block, MemoryTag::kStaging));
-  std::memset(buffers.data(), 0x5a, buffers.size());
+  // Pseudo-random, as fio's buffers are: the same data for both, and none that storage which
+  // compresses or deduplicates could move faster than model states.
+  CounterRng(1, 1).FillBytes(buffers.data(), buffers.size());
   const bool registered = kind == IoEngineKind::kUring && fixed_buffers != 0 &&
                           RegisterIoBuffers(*engine, pool->region(), pool->region_bytes()).ok();
   const std::string path = dir + "/ecss-nvme-bench.dat";

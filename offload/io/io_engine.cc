@@ -4,7 +4,6 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -236,7 +235,7 @@ StatusOr<SequentialRates> MeasureSequentialRates(const std::string& path,
   arena.huge_pages = true;
   ECSS_ASSIGN_OR_RETURN(memory, ArenaAllocator::Create(arena));
   ECSS_ASSIGN_OR_RETURN(buffers, memory->Allocate(arena.capacity_bytes, MemoryTag::kStaging));
-  std::memset(buffers.data(), 0x5a, buffers.size());
+  CounterRng(1, 1).FillBytes(buffers.data(), buffers.size());  // incompressible, as fio's
   auto* data = buffers.as<uint8_t>();
   ECSS_ASSIGN_OR_RETURN(IoFileId file, engine->Open(path, OpenMode::kCreate));
   const uint64_t blocks = std::max<uint64_t>(1, bytes / block);

@@ -1,5 +1,7 @@
 #include "runtime/base/random.h"
 
+#include <cstring>
+
 namespace ecss {
 
 namespace {
@@ -32,6 +34,18 @@ uint32_t CounterRng::Next32() {
     used_ = 0;
   }
   return buffer_[used_++];
+}
+
+void CounterRng::FillBytes(void* dst, size_t bytes) {
+  auto* out = static_cast<char*>(dst);
+  for (; bytes >= 4; bytes -= 4, out += 4) {
+    const uint32_t word = Next32();
+    std::memcpy(out, &word, 4);
+  }
+  if (bytes > 0) {
+    const uint32_t word = Next32();
+    std::memcpy(out, &word, bytes);
+  }
 }
 
 uint32_t CounterRng::Uniform(uint32_t bound) {

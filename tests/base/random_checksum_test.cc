@@ -37,6 +37,27 @@ TEST(CounterRngTest, ReproducibleAndStreamsDiffer) {
   EXPECT_EQ(pinned.Next32(), 0x6627e8d5u);
 }
 
+// FillBytes is the stream's words, little end first, the last one cut at the tail; what it
+// writes does not compress (no byte value is much more frequent than another).
+TEST(CounterRngTest, FillBytesIsTheStreamsWordsAndDoesNotCompress) {
+  std::vector<unsigned char> bytes(1 << 16 | 3);
+  CounterRng fill(5, 1), words(5, 1);
+  fill.FillBytes(bytes.data(), bytes.size());
+  for (size_t i = 0; i < bytes.size(); i += 4) {
+    const uint32_t word = words.Next32();
+    for (size_t b = 0; b < 4 && i + b < bytes.size(); ++b) {
+      ASSERT_EQ(bytes[i + b], static_cast<unsigned char>(word >> (8 * b))) << i + b;
+    }
+  }
+  std::vector<size_t> counts(256);
+  for (unsigned char byte : bytes) ++counts[byte];
+  const double expected = static_cast<double>(bytes.size()) / 256;
+  for (size_t count : counts) {
+    EXPECT_GT(count, expected * 0.7);
+    EXPECT_LT(count, expected * 1.3);
+  }
+}
+
 TEST(CounterRngTest, UniformIsInRangeAndUnbiased) {
   CounterRng rng(1, 2);
   std::map<uint32_t, int> counts;
