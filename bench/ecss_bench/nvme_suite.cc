@@ -108,8 +108,8 @@ Status RunNvmeSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   pool_options.capacity_bytes = depth * block;
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<PinnedHostPool> pool, PinnedHostPool::Create(pool_options));
   ECSS_ASSIGN_OR_RETURN(Buffer buffers, pool->Allocate(depth * block, MemoryTag::kStaging));
-  // Pseudo-random, as fio's buffers are: the same data for both, and none that storage which
-  // compresses or deduplicates could move faster than model states.
+  // Pseudo-random, as fio's buffers are: data that storage which compresses cannot move faster
+  // than model states.
   CounterRng(1, 1).FillBytes(buffers.data(), buffers.size());
   const bool registered = kind == IoEngineKind::kUring && fixed_buffers != 0 &&
                           RegisterIoBuffers(*engine, pool->region(), pool->region_bytes()).ok();

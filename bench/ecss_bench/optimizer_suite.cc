@@ -114,6 +114,9 @@ double TimeSplit(size_t n, unsigned threads, Fn&& fn) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// The directories the runs' states live in: kStatesPrefix + pid + digits under --dir (ScratchDir).
+constexpr std::string_view kStatesPrefix = "ecss-bench-states.";
+
 // --states nvme: master and moments on NVMe, streamed through double-buffered pinned staging
 // (load -> update -> store). The bound is the NVMe bandwidth measured in the same run: each
 // update reads 12 bytes and writes 12 (master, m, v), so bound = 1 / (12 / read + 12 / write).
@@ -134,7 +137,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
                         CreateIoEngine(IoEngineKind::kUring, io));
   // The states live where a session keeps them: an expert store (its staging in the sim's
   // pinned memory), in a directory of its own that the run removes again.
-  ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, "ecss-bench-states."));
+  ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, kStatesPrefix));
   const std::string& store_dir = scratch_dir.path();
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create({}));
   ExpertStoreOptions store_options;

@@ -363,7 +363,7 @@ struct StrategyRun {
   }
 };
 
-// The directories the runs' stores live in: kStorePrefix + pid under --dir (ScratchDir).
+// The directories the runs' stores live in: kStorePrefix + pid + digits under --dir (ScratchDir).
 constexpr std::string_view kStorePrefix = "ecss-bench-store.";
 
 // One run of a strategy: a session of its own (its store in a directory of its own), warm-up

@@ -141,8 +141,9 @@ struct IoEngineOptions;
 // the median of `passes`. A pass empties the file and sets its size (sparse, as a store's
 // files are made), writes it (fresh_write_gbps: the file system allocates as it goes),
 // writes it again (write_gbps: an overwrite, as every later store of an expert is), syncs,
-// and reads it. What it writes is pseudo-random, so storage that compresses or deduplicates
-// moves it as it moves model states.
+// and reads it. What it writes is pseudo-random, so storage that compresses moves it as it
+// moves model states (the same queue-depth blocks repeat: storage that deduplicates would
+// still be flattered).
 struct SequentialRates {
   double read_gbps = 0, write_gbps = 0;
   double fresh_write_gbps = 0;

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <filesystem>
+#include <random>
 #include <string>
 
 #include "runtime/base/str_cat.h"
@@ -172,10 +174,7 @@ void ScratchDir::RemoveLeftovers(const std::string& parent, std::string_view pre
 
 StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_view prefix) {
   RemoveLeftovers(parent, prefix);
-  const std::string path = StrCat(parent, "/", prefix, ::getpid());
-  // Made and locked under a name RemoveUnlockedLeftovers passes over (not PREFIX + digits),
-  // then renamed: another process's cleanup never sees it unlocked.
-  std::string made = StrCat(path, ".new-XXXXXX");
+  std::string made = StrCat(parent, "/", prefix, "new-XXXXXX");
   if (::mkdtemp(made.data()) == nullptr) {
     return ErrnoError(errno, StrCat("cannot make a scratch directory in '", parent, "'"));
   }
@@ -185,19 +184,24 @@ StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_v
     return error;
   };
   StatusOr<std::unique_ptr<FileLock>> lock =
-      FileLock::Acquire(StrCat(made, "/", kLockName), StrCat("scratch directory '", path, "'"));
+      FileLock::Acquire(StrCat(made, "/", kLockName), StrCat("scratch directory '", made, "'"));
   if (!lock.ok()) return removed(lock.status());
-  // rename replaces an empty directory, and one left by an earlier process of this pid is
-  // gone (RemoveUnlockedLeftovers above): what is there holds a lock file, this process's.
-  if (::rename(made.c_str(), path.c_str()) != 0) {
-    const int error = errno;
-    if (error == EEXIST || error == ENOTEMPTY) {
-      return removed(AlreadyExistsError(
-          StrCat("scratch directory '", path, "' is in use by this process (one at a time)")));
+  // The pid keeps names apart within a pid namespace, the random digits across them (two
+  // containers sharing a directory): a name taken is drawn again. A live directory holds its
+  // lock file, so rename, which replaces only an empty directory, never takes its place.
+  std::random_device draw;
+  for (int attempt = 0; attempt < 16; ++attempt) {
+    char digits[8];
+    std::snprintf(digits, sizeof(digits), "%06u", static_cast<unsigned>(draw() % 1000000));
+    std::string path = StrCat(parent, "/", prefix, ::getpid(), digits);
+    if (::rename(made.c_str(), path.c_str()) == 0)
+      return ScratchDir(std::move(path), std::move(*lock));
+    if (errno != EEXIST && errno != ENOTEMPTY) {
+      return removed(ErrnoError(errno, StrCat("cannot rename '", made, "' to '", path, "'")));
     }
-    return removed(ErrnoError(error, StrCat("cannot rename '", made, "' to '", path, "'")));
   }
-  return ScratchDir(path, std::move(*lock));
+  return removed(AlreadyExistsError(StrCat("scratch directory in '", parent, "': 16 names under '",
+                                           prefix, "' drawn, every one taken")));
 }
 
 ScratchDir::~ScratchDir() {

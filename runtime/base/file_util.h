@@ -55,13 +55,15 @@ class FileLock {
   int fd_;
 };
 
-// A directory of the process's own, `parent/PREFIX<pid>`, removed with everything in it when
-// the object goes: where a benchmark or a calibration keeps a scratch expert store. While it
-// lives it holds a FileLock on its kScratchLock file, and Create first removes what killed
-// processes left under the same prefix (RemoveUnlockedLeftovers), so that a run killed mid-way
-// (a store can be tens of GB) costs the next run nothing and never a live run's directory: it
-// is made under another name and renamed once locked. One per prefix and process at a time
-// (AlreadyExists for a second).
+// A directory of the process's own, `parent/PREFIX<pid><6 random digits>`, removed with
+// everything in it when the object goes: where a benchmark or a calibration keeps a scratch
+// expert store. While it lives it holds a FileLock on its kLockName file, and Create first
+// removes what killed processes left under the same prefix (RemoveUnlockedLeftovers), so that
+// a run killed mid-way (a store can be tens of GB) costs the next run nothing and never a live
+// run's directory: it is made under a name the cleanup passes over (PREFIX + "new-...") and
+// renamed once locked. A process killed between the two leaves that empty directory behind.
+// Create and the destructor block (the destructor removes the whole tree: seconds for tens of
+// GB); what the destructor cannot remove stays, for the next Create under the prefix.
 class ScratchDir {
  public:
   static constexpr std::string_view kLockName = "scratch.lock";
@@ -77,8 +79,10 @@ class ScratchDir {
  private:
   ScratchDir(std::string path, std::unique_ptr<FileLock> lock)
       : path_(std::move(path)), lock_(std::move(lock)) {}
-  std::string path_;                // empty once moved from
-  std::unique_ptr<FileLock> lock_;  // released after the directory is gone
+  std::string path_;  // empty once moved from
+  // Released after the tree is removed. Its path is the one before the rename, so its own
+  // release leaves the file alone (FileLock checks the path still names its file).
+  std::unique_ptr<FileLock> lock_;
 };
 
 }  // namespace ecss

@@ -1,7 +1,5 @@
 #include "runtime/base/random.h"
 
-#include <cstring>
-
 namespace ecss {
 
 namespace {
@@ -37,14 +35,12 @@ uint32_t CounterRng::Next32() {
 }
 
 void CounterRng::FillBytes(void* dst, size_t bytes) {
-  auto* out = static_cast<char*>(dst);
-  for (; bytes >= 4; bytes -= 4, out += 4) {
+  auto* out = static_cast<unsigned char*>(dst);
+  for (size_t i = 0; i < bytes; i += 4) {
     const uint32_t word = Next32();
-    std::memcpy(out, &word, 4);
-  }
-  if (bytes > 0) {
-    const uint32_t word = Next32();
-    std::memcpy(out, &word, bytes);
+    for (size_t b = 0; b < 4 && i + b < bytes; ++b) {
+      out[i + b] = static_cast<unsigned char>(word >> (8 * b));
+    }
   }
 }
 

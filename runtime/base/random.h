@@ -37,8 +37,9 @@ class CounterRng {
   uint32_t Uniform(uint32_t bound);
   // Uniform in [0, 1) with 24 bits of precision.
   float UniformFloat() { return static_cast<float>(Next32() >> 8) * (1.0f / 16777216.0f); }
-  // The stream's next `bytes` bytes into `dst`: data no storage layer can compress or
-  // deduplicate (what an I/O rate measurement writes, as fio does).
+  // The stream's next `bytes` bytes into `dst`, each word little end first (a tail takes a
+  // whole word): the same bytes on every platform, and data no storage layer can compress
+  // (what an I/O rate measurement writes, as fio does).
   void FillBytes(void* dst, size_t bytes);
 
  private:

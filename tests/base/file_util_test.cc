@@ -30,30 +30,48 @@ class FileUtilTest : public ::testing::Test {
   std::string dir_;
 };
 
-void KillChild(pid_t child) {
-  ::kill(child, SIGKILL);
-  int status = 0;
-  ::waitpid(child, &status, 0);
-}
-
-// Forks a child that runs `take` (a lock's or a directory's Acquire) and then holds what it took
-// until KillChild; its pid, or -1 when `take` failed there.
-pid_t HoldInChild(const std::function<bool()>& take) {
-  int ready[2];
-  if (::pipe(ready) != 0) return -1;
-  const pid_t child = ::fork();
-  if (child == 0) {
-    const char byte = take() ? 'y' : 'n';
-    if (::write(ready[1], &byte, 1) != 1) ::_exit(1);
-    while (true) ::pause();
+// A child process that runs `take` (a lock's or a directory's Acquire) and then holds what it
+// took until Kill or the object's end. `take` returns what it took (a path), empty on failure.
+class HeldByChild {
+ public:
+  explicit HeldByChild(const std::function<std::string()>& take) {
+    int pipe_ends[2];
+    if (::pipe(pipe_ends) != 0) return;
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      ::close(pipe_ends[0]);
+      const std::string taken = take();
+      if (::write(pipe_ends[1], taken.data(), taken.size()) != static_cast<ssize_t>(taken.size())) {
+        ::_exit(1);
+      }
+      ::close(pipe_ends[1]);
+      while (true) ::pause();
+    }
+    ::close(pipe_ends[1]);  // so that a child that dies early ends the read
+    char buffer[4096];
+    ssize_t n = 0;
+    while (pid_ > 0 && (n = ::read(pipe_ends[0], buffer, sizeof(buffer))) > 0) {
+      taken_.append(buffer, static_cast<size_t>(n));
+    }
+    ::close(pipe_ends[0]);
   }
-  char byte = 0;
-  const bool held = child > 0 && ::read(ready[0], &byte, 1) == 1 && byte == 'y';
-  ::close(ready[0]);
-  ::close(ready[1]);
-  if (child > 0 && !held) KillChild(child);
-  return held ? child : -1;
-}
+  HeldByChild(const HeldByChild&) = delete;
+  HeldByChild& operator=(const HeldByChild&) = delete;
+  ~HeldByChild() { Kill(); }
+  void Kill() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+    pid_ = -1;
+  }
+  pid_t pid() const { return pid_; }
+  const std::string& taken() const { return taken_; }  // empty when `take` failed
+
+ private:
+  pid_t pid_ = -1;
+  std::string taken_;
+};
 
 TEST_F(FileUtilTest, AtomicWritesReplaceWholeFiles) {
   const std::string path = dir_ + "/f";
@@ -80,16 +98,17 @@ TEST_F(FileUtilTest, ALockHasOneOwnerAndDiesWithItsProcess) {
   }
   EXPECT_FALSE(std::filesystem::exists(path)) << "released: removed";
   std::unique_ptr<FileLock> in_child;
-  const pid_t child = HoldInChild([&] {
+  HeldByChild child([&]() -> std::string {
     auto lock = FileLock::Acquire(path, "x");
-    if (lock.ok()) in_child = std::move(*lock);
-    return lock.ok();
+    if (!lock.ok()) return "";
+    in_child = std::move(*lock);
+    return path;
   });
-  ASSERT_GT(child, 0);
+  ASSERT_EQ(child.taken(), path);
   Status held = FileLock::Acquire(path, "the test directory").status();
   EXPECT_EQ(held.code(), StatusCode::kFailedPrecondition) << held;
-  EXPECT_NE(held.message().find(StrCat("process ", child)), std::string_view::npos) << held;
-  KillChild(child);
+  EXPECT_NE(held.message().find(StrCat("process ", child.pid())), std::string_view::npos) << held;
+  child.Kill();
   EXPECT_TRUE(std::filesystem::exists(path)) << "a killed owner leaves its file";
   auto after = FileLock::Acquire(path, "the test directory");
   EXPECT_TRUE(after.ok()) << after.status();
@@ -117,45 +136,54 @@ TEST_F(FileUtilTest, AScratchDirOutlivesNoOneButItsKilledOwner) {
   {
     auto made = ScratchDir::Create(dir_, "scratch.");
     ASSERT_TRUE(made.ok()) << made.status();
-    EXPECT_EQ(made->path(), mine);
-    { std::ofstream(mine + "/experts.bin") << "states"; }
-    EXPECT_EQ(ScratchDir::Create(dir_, "scratch.").status().code(), StatusCode::kAlreadyExists);
-    EXPECT_TRUE(std::filesystem::exists(mine + "/experts.bin"))
+    const std::string path = made->path();
+    ASSERT_EQ(path.rfind(mine, 0), 0u) << path;
+    EXPECT_EQ(path.size(), mine.size() + 6) << "the pid, then 6 random digits";
+    { std::ofstream(path + "/experts.bin") << "states"; }
+    auto second = ScratchDir::Create(dir_, "scratch.");
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_NE(second->path(), path);
+    EXPECT_TRUE(std::filesystem::exists(path + "/experts.bin"))
         << "a second Create removes nothing";
-    ScratchDir moved = std::move(*made);
-    EXPECT_EQ(moved.path(), mine);
+    std::optional<ScratchDir> moved;
+    {
+      ScratchDir source = std::move(*made);
+      moved.emplace(std::move(source));
+    }  // a moved-from object's end removes nothing
+    EXPECT_EQ(moved->path(), path);
+    EXPECT_TRUE(std::filesystem::exists(path + "/experts.bin"));
+    moved.reset();
+    EXPECT_FALSE(std::filesystem::exists(path));
   }
-  EXPECT_TRUE(std::filesystem::is_empty(dir_)) << "gone with its object, once";
+  EXPECT_TRUE(std::filesystem::is_empty(dir_)) << "gone with their objects";
   // Two other processes' directories: one killed, one alive.
   std::optional<ScratchDir> in_child;
-  pid_t children[2];
-  for (pid_t& child : children) {
-    child = HoldInChild([&] {
-      auto dir = ScratchDir::Create(dir_, "scratch.");
-      if (!dir.ok()) return false;
-      in_child.emplace(std::move(*dir));
-      std::ofstream(in_child->path() + "/experts.bin") << "states";
-      return true;
-    });
-    ASSERT_GT(child, 0);
-  }
-  KillChild(children[0]);
-  const std::string killed = StrCat(dir_, "/scratch.", children[0]);
-  const std::string alive = StrCat(dir_, "/scratch.", children[1]);
-  ASSERT_TRUE(std::filesystem::exists(killed + "/experts.bin")) << "a killed owner leaves it";
+  auto take = [&]() -> std::string {
+    auto dir = ScratchDir::Create(dir_, "scratch.");
+    if (!dir.ok()) return "";
+    in_child.emplace(std::move(*dir));
+    std::ofstream(in_child->path() + "/experts.bin") << "states";
+    return in_child->path();
+  };
+  HeldByChild killed(take), alive(take);
+  ASSERT_FALSE(killed.taken().empty());
+  ASSERT_FALSE(alive.taken().empty());
+  killed.Kill();
+  ASSERT_TRUE(std::filesystem::exists(killed.taken() + "/experts.bin"))
+      << "a killed owner leaves it";
   // Cleared before a caller sizes its free space, and by Create.
   ScratchDir::RemoveLeftovers(dir_, "scratch.");
-  EXPECT_FALSE(std::filesystem::exists(killed));
-  EXPECT_TRUE(std::filesystem::exists(alive + "/experts.bin"));
+  EXPECT_FALSE(std::filesystem::exists(killed.taken()));
+  EXPECT_TRUE(std::filesystem::exists(alive.taken() + "/experts.bin"));
   {
     auto made = ScratchDir::Create(dir_, "scratch.");
     ASSERT_TRUE(made.ok()) << made.status();
-    EXPECT_TRUE(std::filesystem::exists(alive + "/experts.bin")) << "a live owner's stays";
+    EXPECT_TRUE(std::filesystem::exists(alive.taken() + "/experts.bin")) << "a live owner's stays";
   }
-  KillChild(children[1]);
+  alive.Kill();
   auto made = ScratchDir::Create(dir_, "scratch.");
   ASSERT_TRUE(made.ok()) << made.status();
-  EXPECT_FALSE(std::filesystem::exists(alive));
+  EXPECT_FALSE(std::filesystem::exists(alive.taken()));
   EXPECT_EQ(ScratchDir::Create(dir_ + "/missing", "scratch.").status().code(),
             StatusCode::kNotFound);
 }

@@ -1,7 +1,6 @@
 #include "tools/plan/calibrate.h"
 
 #include <linux/magic.h>
-#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <unistd.h>
 
