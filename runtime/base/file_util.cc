@@ -176,7 +176,8 @@ StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_v
   RemoveLeftovers(parent, prefix);
   std::string made = StrCat(parent, "/", prefix, "new-XXXXXX");
   if (::mkdtemp(made.data()) == nullptr) {
-    return ErrnoError(errno, StrCat("cannot make a scratch directory in '", parent, "'"));
+    const int error = errno;
+    return ErrnoError(error, StrCat("cannot make a scratch directory in '", parent, "'"));
   }
   auto removed = [&](Status error) {
     std::error_code ignored;
@@ -194,10 +195,12 @@ StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_v
     char digits[8];
     std::snprintf(digits, sizeof(digits), "%06u", static_cast<unsigned>(draw() % 1000000));
     std::string path = StrCat(parent, "/", prefix, ::getpid(), digits);
-    if (::rename(made.c_str(), path.c_str()) == 0)
+    if (::rename(made.c_str(), path.c_str()) == 0) {
       return ScratchDir(std::move(path), std::move(*lock));
-    if (errno != EEXIST && errno != ENOTEMPTY) {
-      return removed(ErrnoError(errno, StrCat("cannot rename '", made, "' to '", path, "'")));
+    }
+    const int error = errno;  // before StrCat's allocations can change it
+    if (error != EEXIST && error != ENOTEMPTY) {
+      return removed(ErrnoError(error, StrCat("cannot rename '", made, "' to '", path, "'")));
     }
   }
   return removed(AlreadyExistsError(StrCat("scratch directory in '", parent, "': 16 names under '",
