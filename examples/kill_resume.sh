@@ -4,7 +4,8 @@
 # (its checks pass: model, session records, every block's CRC) and the run resumed from it must
 # end as the uninterrupted run does: every step it prints has the straight run's loss for that
 # step, and the last loss is equal in all its digits. A kill before the first checkpoint finds
-# none, and --resume starts the run over in the same directory.
+# none, and --resume starts the run over in the same directory. Rounds go on until ROUNDS kills
+# landed in a live run (at most twice as many rounds).
 # Usage: kill_resume.sh TRAIN_MOE_LM SCRATCH_DIR [ROUNDS]
 set -euo pipefail
 program=$(realpath "$1")
@@ -43,17 +44,31 @@ first_ms=$(now_ms)
 wait "$pid"
 window_ms=$((($(now_ms) - first_ms) * 85 / 100 + 1))  # not its exit
 
+# A kill that finds the run ended (its exit status is not SIGKILL's 137) still checks the
+# resume, but does not count; the window then shrinks by a quarter, since the machine runs
+# faster than it did for the timing run (ctest runs other tests beside this one).
 landed=0
 from_checkpoint=0
-for round in $(seq 1 "$rounds"); do
+round=0
+while [ "$landed" -lt "$rounds" ]; do
+  round=$((round + 1))
+  [ "$round" -le $((rounds * 2)) ] ||
+    fail "only $landed of $((round - 1)) kills landed in a live run (window ${window_ms} ms)"
   dir=run-$round
   start_checkpointing "$dir" "killed-$round.txt"
   delay_ms=$((RANDOM * 32768 + RANDOM))
   delay_ms=$((delay_ms % window_ms))
   sleep "$(printf '%d.%03d' $((delay_ms / 1000)) $((delay_ms % 1000)))"
-  if kill -KILL "$pid" 2>/dev/null; then landed=$((landed + 1)); fi
-  wait "$pid" 2>/dev/null || true
+  kill -KILL "$pid" 2>/dev/null || true
+  status=0
+  wait "$pid" 2>/dev/null || status=$?
   pid=
+  case $status in
+    137) landed=$((landed + 1)) ;;
+    0) window_ms=$((window_ms * 3 / 4 + 1)) ;;
+    *) fail "round $round: the checkpointing run failed by itself ($status):" \
+      "$(tail -3 "killed-$round.txt")" ;;
+  esac
   run --checkpoint-dir "$dir" --resume > "resumed-$round.txt" 2>&1 ||
     fail "round $round: the resume failed: $(tail -3 "resumed-$round.txt")"
   from=$(sed -n 's/^resuming from .*step-\([0-9]*\)$/\1/p' "resumed-$round.txt")
@@ -75,10 +90,8 @@ for round in $(seq 1 "$rounds"); do
     fail "round $round: the last loss differs"
   rm -rf "$dir"
 done
-# Nearly every kill lands in a live run; most find a checkpoint to resume from (a kill before
-# the first save finds none).
-[ "$landed" -ge $((rounds * 9 / 10)) ] || fail "only $landed of $rounds kills landed in a live run"
-[ "$from_checkpoint" -ge $((rounds / 2)) ] ||
-  fail "only $from_checkpoint of $rounds rounds resumed from a checkpoint"
-echo "kill_resume: $landed kill -9s of $rounds rounds; $from_checkpoint resumed from their newest" \
+# Most rounds find a checkpoint to resume from (a kill before the first save finds none).
+[ "$from_checkpoint" -ge $((round / 2)) ] ||
+  fail "only $from_checkpoint of $round rounds resumed from a checkpoint"
+echo "kill_resume: $landed kill -9s in $round rounds; $from_checkpoint resumed from their newest" \
   "checkpoint, the rest started over; every one ended as the straight run"
