@@ -237,7 +237,9 @@ std::string InitialId(const ExpertStoreOptions& options) {
 Status CheckDirectory(const std::string& dir) {
   std::error_code error;
   if (!std::filesystem::is_directory(dir, error)) {
-    return NotFoundError(StrCat("expert store directory '", dir, "' does not exist"));
+    return NotFoundError(
+        StrCat("expert store directory '", dir, "' ",
+               std::filesystem::exists(dir, error) ? "is not a directory" : "does not exist"));
   }
   if (::access(dir.c_str(), W_OK) != 0) {
     return PermissionDeniedError(StrCat("expert store directory '", dir, "' is not writable"));

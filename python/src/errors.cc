@@ -62,6 +62,9 @@ void RegisterErrors(py::module_& module) {
           if (!exception) return;  // the call set its own error
           exception.attr("code") = std::string(StatusCodeName(status.code()));
           exception.attr("message") = std::string(status.message());
+          // A failed system call's number, as OSError's errno (None for other errors).
+          exception.attr("errno") =
+              status.sys_errno() != 0 ? py::object(py::int_(status.sys_errno())) : py::none();
           PyErr_SetObject(cls, exception.ptr());
         }
       });

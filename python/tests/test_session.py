@@ -1,6 +1,7 @@
 """The ecss module over numpy arrays: options, errors (one class per status code, carrying the
 code), the step's calls out of order, NaN, statistics, RRE tables and checkpoints."""
 
+import errno
 import os
 import tempfile
 
@@ -55,6 +56,7 @@ def test_each_status_code_has_its_class_with_the_code():
         ecss.ModelSpec(d_modl=4)
     assert raised.value.code == "INVALID_ARGUMENT"
     assert "d_modl" in raised.value.message
+    assert raised.value.errno is None  # not a failed system call
     with pytest.raises(ecss.InvalidArgument, match="strategy"):
         ecss.SessionOptions(strategy="fastest")
 
@@ -202,6 +204,11 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         with pytest.raises(ecss.InvalidArgument, match="blob name"):
             s.start_checkpoint(tmp + "/ckpt", "one", {"a b": b"x"})  # refused at once
         assert not os.path.exists(tmp + "/ckpt/one")
+        # A failed system call's number comes as OSError's does (no lock file can go in /proc).
+        with pytest.raises(ecss.Error) as raised:
+            s.save_checkpoint("/proc", "one")
+        assert raised.value.errno in (errno.ENOENT, errno.EACCES)
+        assert raised.value.message.endswith(os.strerror(raised.value.errno))
         s.save_checkpoint(tmp + "/ckpt", "one", {"loop": b"\x00state"})
         with pytest.raises(ecss.AlreadyExists):
             s.save_checkpoint(tmp + "/ckpt", "one")

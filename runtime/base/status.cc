@@ -190,8 +190,7 @@ bool RetryableErrno(int sys_errno) {
 }  // namespace
 
 Status ErrnoError(int sys_errno, std::string_view context) {
-  return Status(CodeForErrno(sys_errno),
-                StrCat(context, ": ", std::strerror(sys_errno), " (errno ", sys_errno, ")"))
+  return Status(CodeForErrno(sys_errno), StrCat(context, ": ", std::strerror(sys_errno)))
       .WithErrno(sys_errno)
       .WithRetryable(RetryableErrno(sys_errno));
 }

@@ -110,7 +110,8 @@ Status DataLossError(std::string_view message);
 
 // A failed system call: maps `sys_errno` to a code (ENOENT -> NotFound, ENOSPC ->
 // ResourceExhausted, EACCES -> PermissionDenied, EIO -> Unavailable ...), marks EAGAIN, EINTR,
-// EBUSY and ETIMEDOUT retryable, and writes "context: strerror (errno N)".
+// EBUSY and ETIMEDOUT retryable, and writes "context: strerror"; the number is sys_errno(),
+// which ToString appends ("[errno N]").
 Status ErrnoError(int sys_errno, std::string_view context);
 
 namespace internal {

@@ -297,7 +297,14 @@ TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataInta
   missing.dirs = {root_ + "/a", root_ + "/nope"};
   Status not_found = Make(false, missing).status();
   EXPECT_EQ(not_found.code(), StatusCode::kNotFound);
-  EXPECT_TRUE(Contains(not_found, "/nope")) << not_found;
+  EXPECT_TRUE(Contains(not_found, "/nope' does not exist")) << not_found;
+  // A file where a directory belongs says so (not "does not exist").
+  { std::ofstream(root_ + "/file") << "x"; }
+  ExpertStoreOptions file = options_;
+  file.dirs = {root_ + "/file"};
+  Status not_a_directory = Make(true, file).status();
+  EXPECT_EQ(not_a_directory.code(), StatusCode::kNotFound);
+  EXPECT_TRUE(Contains(not_a_directory, "/file' is not a directory")) << not_a_directory;
   ExpertStoreOptions empty = options_;
   std::filesystem::create_directories(root_ + "/c");
   empty.dirs = {root_ + "/c"};
