@@ -5,6 +5,7 @@
 #include "engine/expert_updater.h"
 #include "engine/step_plan.h"
 #include "offload/state_file.h"
+#include "router/rre_router.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/backend.h"
 
@@ -26,6 +27,8 @@ uint64_t Reserved(MemoryTier tier, const DeviceMemoryRules& device, uint64_t byt
       return AlignUp(bytes, kPinnedAlignment);
     case MemoryTier::kHost:
       return AlignUp(bytes, kHostAlignment);
+    case MemoryTier::kHeap:
+      return bytes;  // as the owner's std::vector asks for it
   }
   return bytes;
 }
@@ -140,6 +143,12 @@ class Planner {
                 device_.alignment_bytes);
     Add("routing plans", MemoryTier::kDevice, MemoryTag::kOther, 1,
         uint64_t{p.plan_slots} * p.plan_slot_bytes);
+    // RRE routes by tables: one per domain, an expert index per token and sparse layer. They
+    // grow with domains x layers x vocabulary, not with the experts' size or number.
+    if (!gated) {
+      Add("RRE routing tables", MemoryTier::kHeap, MemoryTag::kOther, m.domains.size(),
+          RreRouter::DomainTableBytes(m.vocab, m.layers));
+    }
     ECSS_RETURN_IF_ERROR(PlanCache(experts));
     ECSS_RETURN_IF_ERROR(
         CheckBudget(MemoryTier::kPinned, o_.budgets.pinned_bytes, "budgets.pinned_bytes", experts));
@@ -199,6 +208,8 @@ std::string_view MemoryTierName(MemoryTier tier) {
       return "pinned";
     case MemoryTier::kHost:
       return "host";
+    case MemoryTier::kHeap:
+      return "heap";
   }
   return "?";
 }
@@ -243,7 +254,8 @@ const MemoryItem* MemoryPlan::Find(std::string_view what) const {
 
 std::string MemoryPlan::Summary() const {
   std::string out;
-  for (MemoryTier tier : {MemoryTier::kDevice, MemoryTier::kPinned, MemoryTier::kHost}) {
+  for (MemoryTier tier :
+       {MemoryTier::kDevice, MemoryTier::kPinned, MemoryTier::kHost, MemoryTier::kHeap}) {
     if (Total(tier) == 0) continue;
     if (!out.empty()) out += "; ";
     out += StrCat(MemoryTierName(tier), " ", HumanBytes(Total(tier)), ":");

@@ -27,8 +27,11 @@ namespace ecss {
 
 struct BackendCapabilities;
 
-enum class MemoryTier : uint8_t { kDevice, kPinned, kHost };
-std::string_view MemoryTierName(MemoryTier tier);  // "device", "pinned", "host"
+// kHeap: host memory outside the session's allocators, in the process heap of the object that
+// owns it (the RRE router's tables), so no budget bounds it; it is planned all the same, to
+// the byte, because it is resident memory all the same.
+enum class MemoryTier : uint8_t { kDevice, kPinned, kHost, kHeap };
+std::string_view MemoryTierName(MemoryTier tier);  // "device", "pinned", "host", "heap"
 
 // How a device reserves a block of `bytes`.
 struct DeviceMemoryRules {

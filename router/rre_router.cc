@@ -155,7 +155,7 @@ StatusOr<std::vector<uint16_t>> RreRouter::BuildDomainTables(
     const DomainInfo& domain, const std::vector<double>* frequencies) const {
   const uint32_t vocab = options_.vocab_size;
   ECSS_RETURN_IF_ERROR(CheckFrequencies(domain, frequencies, vocab, options_.builder));
-  std::vector<uint16_t> tables(static_cast<size_t>(vocab) * num_layers());
+  std::vector<uint16_t> tables(DomainTableBytes(vocab, num_layers()) / sizeof(uint16_t));
   for (uint32_t layer = 0; layer < num_layers(); ++layer) {
     const uint32_t group = domain.groups[layer].count;
     if (group > vocab) {

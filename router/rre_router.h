@@ -74,6 +74,16 @@ class RreRouter {
   // layer or token out of range; NotFound for an unknown domain.
   StatusOr<uint32_t> Route(uint32_t layer, uint32_t domain_id, uint32_t token) const;
 
+  // The memory one domain's tables take (every layer's), and every domain's now: resident
+  // host memory that grows with domains x layers x vocabulary (the session's memory plan
+  // lists it).
+  static uint64_t DomainTableBytes(uint32_t vocab, uint32_t layers) {
+    return uint64_t{vocab} * layers * sizeof(uint16_t);
+  }
+  uint64_t table_bytes() const {
+    return tables_.size() * DomainTableBytes(options_.vocab_size, num_layers());
+  }
+
   // Hot path for plan building: the local table (vocab entries, group-local expert index) of
   // the domain at `domain_index` (its position in domains().domains()).
   const uint16_t* LocalTable(uint32_t layer, size_t domain_index) const {

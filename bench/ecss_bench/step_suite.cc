@@ -46,6 +46,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
@@ -306,14 +307,24 @@ StatusOr<uint64_t> DeviceBudget(const StepConfig& c, Backend& backend, Strategy 
   return plan.DeviceBudgetFor(slots);
 }
 
-// The process's peak resident set (VmHWM of /proc/self/status); 0 where there is none.
-uint64_t PeakRssBytes() {
+// A size field of /proc/self/status ("VmHWM:", the peak resident set; "VmRSS:", the resident
+// set now); 0 where there is none.
+uint64_t StatusBytes(std::string_view field) {
   std::ifstream status("/proc/self/status");
   std::string line;
   while (std::getline(status, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::strtoull(line.c_str() + 6, nullptr, 10) << 10;
+    if (line.starts_with(field)) {
+      return std::strtoull(line.c_str() + field.size(), nullptr, 10) << 10;
+    }
   }
   return 0;
+}
+
+// The resident set before the suite made anything (the program and its libraries, CUDA's
+// among them): taken at the first call, which RunStepSuite makes first.
+uint64_t StartRssBytes() {
+  static const uint64_t at_start = StatusBytes("VmRSS:");
+  return at_start;
 }
 
 // What the measured steps of one or more runs of a strategy did, summed.
@@ -334,11 +345,15 @@ struct StrategyRun {
   std::vector<StepMetrics> metrics;
   std::vector<PathShare> critical_path;  // of the last step of the first run
   // The memory it took: the device memory the session holds (all of it allocated at
-  // creation) and its pinned and host allocators' peaks; the process's peak resident set
-  // (VmHWM) after it, which covers the runs before it too (the simulated device's memory is
-  // host memory).
-  uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0, peak_rss_bytes = 0;
-  uint64_t budgets_bytes() const { return device_bytes + pinned_peak_bytes + host_peak_bytes; }
+  // creation), its pinned and host allocators' peaks and what its plan keeps in the heap
+  // (the RRE tables); the process's peak resident set (VmHWM) after it, which covers the runs
+  // before it too (the simulated device's memory is host memory), and its resident set
+  // before any session (the program and its libraries: the fixed overhead).
+  uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0, heap_bytes = 0;
+  uint64_t peak_rss_bytes = 0, start_rss_bytes = 0;
+  uint64_t budgets_bytes() const {
+    return device_bytes + pinned_peak_bytes + host_peak_bytes + heap_bytes;
+  }
 
   double tokens_per_s() const { return static_cast<double>(tokens) / seconds; }
   void Add(const StrategyRun& other) {
@@ -358,7 +373,9 @@ struct StrategyRun {
     device_bytes = std::max(device_bytes, other.device_bytes);
     pinned_peak_bytes = std::max(pinned_peak_bytes, other.pinned_peak_bytes);
     host_peak_bytes = std::max(host_peak_bytes, other.host_peak_bytes);
+    heap_bytes = std::max(heap_bytes, other.heap_bytes);
     peak_rss_bytes = std::max(peak_rss_bytes, other.peak_rss_bytes);
+    start_rss_bytes = std::max(start_rss_bytes, other.start_rss_bytes);
     metrics.insert(metrics.end(), other.metrics.begin(), other.metrics.end());
   }
 };
@@ -428,7 +445,9 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   run.nvme_fresh_written_bytes = window.nvme.fresh_written;
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
-  run.peak_rss_bytes = PeakRssBytes();
+  run.heap_bytes = session->memory_plan().Total(MemoryTier::kHeap);
+  run.peak_rss_bytes = StatusBytes("VmHWM:");
+  run.start_rss_bytes = StartRssBytes();
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats.back().step));
   run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
@@ -558,7 +577,9 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
       .Field("device_bytes", run.device_bytes)
       .Field("pinned_bytes", run.pinned_peak_bytes)
       .Field("host_bytes", run.host_peak_bytes)
+      .Field("heap_bytes", run.heap_bytes)
       .Field("peak_rss_bytes", run.peak_rss_bytes)
+      .Field("start_rss_bytes", run.start_rss_bytes)
       .EndObject()
       .Key("critical_path")
       .BeginArray();
@@ -603,7 +624,8 @@ void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
         << ", nvme "
         << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.nvme_bytes) / steps))
         << "; memory " << HumanBytes(run.budgets_bytes()) << ", peak RSS "
-        << HumanBytes(run.peak_rss_bytes) << "\n";
+        << HumanBytes(run.peak_rss_bytes) << " (" << HumanBytes(run.start_rss_bytes)
+        << " at start)\n";
 }
 
 // States on NVMe: refuses a --dir without room for the largest run's store at its full size
@@ -637,6 +659,7 @@ StatusOr<size_t> CheckNvmeRoom(const StepConfig& c, Backend& backend,
 }  // namespace
 
 Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
+  StartRssBytes();  // before anything of the suite's
   ECSS_ASSIGN_OR_RETURN(StepConfig c, ParseConfig(args));
   ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(c.device));
   backend_options.sim.h2d_bandwidth_gbps = c.profile.h2d_bandwidth_gbps;

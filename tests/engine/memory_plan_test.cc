@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include "engine/plan_inputs.h"
 #include "engine/session.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/engine/reference_trainer.h"
@@ -89,6 +90,35 @@ TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
   EXPECT_NE(plan->Find("state streaming slots"), nullptr);
   o.model.dtype = DType::kF32;  // Validate's rules hold first
   EXPECT_EQ(PlanMemory(o, {}, 4096).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The RRE router keeps its tables in the heap, outside every allocator: the plan lists them
+// to the byte (the heap tier, in no budget), a learned gate has none, and they grow with the
+// domains, not with the experts' size.
+TEST(MemoryPlanTest, TheRreTablesArePlannedInTheHeap) {
+  SessionOptions o = BigExperts();
+  o.budgets.pinned_bytes = 0;
+  o.model.layers = 3;
+  o.model.vocab = 1000;
+  o.model.domains = {{"a", 2}, {"b", 3}, {"c", 1}};
+  StatusOr<MemoryPlan> plan = PlanMemory(o, {}, 4096);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  StatusOr<RreRouter> router = RouterOf(o.model);
+  ASSERT_TRUE(router.ok()) << router.status();
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap), router->table_bytes());
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap), 3u * 3 * 1000 * sizeof(uint16_t));
+  const MemoryItem* tables = plan->Find("RRE routing tables");
+  ASSERT_NE(tables, nullptr);
+  EXPECT_EQ(tables->count, 3u);
+  EXPECT_NE(plan->Summary().find("heap"), std::string::npos) << plan->Summary();
+  o.model.d_ff *= 2;  // bigger experts: the same tables
+  plan = PlanMemory(o, {}, 4096);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap), router->table_bytes());
+  o.routing = Routing::kLearnedGate;
+  plan = PlanMemory(o, {}, 4096);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap), 0u);
 }
 
 // Every configuration allocates exactly its plan: the device allocator's peak is the plan's

@@ -113,7 +113,8 @@ StatusOr<Fit> Assess(SessionOptions options, const ModelConfig& model,
   }
   const MemoryPlan& m = fit.memory ? *fit.memory : unbounded;
   fit.pinned = m.Total(MemoryTier::kPinned);
-  fit.host = m.Total(MemoryTier::kHost);
+  // The node's memory holds the host allocator's budget and what owners keep in the heap.
+  fit.host = m.Total(MemoryTier::kHost) + m.Total(MemoryTier::kHeap);
   fit.nvme =
       options.placement.states_on_nvme() ? NvmeBytes(options, m, workload.checkpoints_kept) : 0;
   const uint64_t pinned_node = fit.pinned * per_node,
@@ -616,7 +617,7 @@ StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& ha
        device_memory * per_node},
       {"pinned", fit.pinned, Bytes(hardware.pinned_limit_gib) / per_node, fit.pinned * per_node,
        Bytes(hardware.pinned_limit_gib)},
-      // Pinned memory is host memory too: the host row holds both.
+      // Pinned memory and the heap are host memory too: the host row holds all three.
       {"host", fit.pinned + fit.host, Bytes(hardware.host_memory_gib) / per_node,
        (fit.pinned + fit.host) * per_node, Bytes(hardware.host_memory_gib)},
       {"nvme", fit.nvme, Bytes(nvme_capacity) / per_node, fit.nvme * per_node,

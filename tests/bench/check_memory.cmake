@@ -1,0 +1,44 @@
+# Peak resident memory stays within the session's memory plus a fixed overhead, whatever the
+# model's size: runs `ecss-bench step --json` with states and weights on NVMe for a model of 8
+# domains and one of 800 (the RRE tables grow with domains x layers x vocabulary) and checks,
+# for each, that VmHWM <= device + pinned + host + heap (as planned) + the resident set before
+# the suite made anything (the program and its libraries) + 64 MiB (thread stacks, io_uring
+# rings, allocator metadata); and that the heap is the RRE tables, 2 bytes per token, layer and
+# domain. Run as: cmake -DBENCH=ecss-bench -DDIR=scratch-dir -P check_memory.cmake
+set(layers 2)
+set(vocab 50257)  # ecss-bench step's model
+set(overhead_mib 64)
+file(MAKE_DIRECTORY "${DIR}")
+foreach(domains 8 800)
+  execute_process(
+    COMMAND "${BENCH}" step --states nvme --weights nvme --initial-states unwritten --steps 3
+            --warmup 1 --dir "${DIR}" --d-model 128 --d-ff 256 --layers ${layers}
+            --domains ${domains} --json
+    OUTPUT_VARIABLE text RESULT_VARIABLE failed)
+  if(failed)
+    message(FATAL_ERROR "ecss-bench step (${domains} domains) failed: ${failed}")
+  endif()
+  string(JSON memory GET "${text}" memory)
+  set(session 0)
+  foreach(field device_bytes pinned_bytes host_bytes heap_bytes)
+    string(JSON bytes GET "${memory}" ${field})
+    math(EXPR session "${session} + ${bytes}")
+  endforeach()
+  string(JSON heap GET "${memory}" heap_bytes)
+  string(JSON peak GET "${memory}" peak_rss_bytes)
+  string(JSON start GET "${memory}" start_rss_bytes)
+  math(EXPR tables "${domains} * ${layers} * ${vocab} * 2")
+  if(NOT heap EQUAL tables)
+    message(FATAL_ERROR "${domains} domains: heap ${heap} bytes, the RRE tables take ${tables}")
+  endif()
+  if(start LESS_EQUAL 0 OR peak LESS_EQUAL start)
+    message(FATAL_ERROR "${domains} domains: no resident set read (start ${start}, peak ${peak})")
+  endif()
+  math(EXPR over "(${peak} - ${session} - ${start}) / 1048576")
+  message(STATUS "${domains} domains: session ${session} bytes, peak RSS ${peak}, at start "
+                 "${start}: ${over} MiB beyond both")
+  if(over GREATER overhead_mib)
+    message(FATAL_ERROR "${domains} domains: peak RSS ${peak} bytes is ${over} MiB beyond the "
+                        "session's ${session} and the ${start} at start (at most ${overhead_mib})")
+  endif()
+endforeach()
