@@ -1,8 +1,9 @@
-// MemoryPlan: every byte a session allocates, by tier (device, pinned host, pageable host)
-// and purpose, as a pure function of the session options, the device's allocation rules and
-// the kernels' workspace: no device, no allocation. The session allocates exactly what its
-// plan lists (tests hold the allocators' peaks to it), and the planner calls the same
-// function for a device this machine does not have.
+// MemoryPlan: every byte a session allocates, by tier (device, pinned host, pageable host;
+// and the heap, outside the allocators) and purpose, as a pure function of the session
+// options, the device's allocation rules and the kernels' workspace: no device, no
+// allocation. The session's allocators allocate exactly what its plan lists for their tiers
+// (tests hold their peaks to it), and the planner calls the same function for a device this
+// machine does not have.
 //
 // Device blocks are sized as the device reserves them: the sim's arena rounds to 256 B, the
 // CUDA caching allocator rounds blocks of 1 MiB or more up to 2 MiB (BackendCapabilities), so
@@ -28,8 +29,9 @@ namespace ecss {
 struct BackendCapabilities;
 
 // kHeap: host memory outside the session's allocators, in the process heap of the object that
-// owns it (the RRE router's tables), so no budget bounds it; it is planned all the same, to
-// the byte, because it is resident memory all the same.
+// owns it (the RRE router's tables), so no budget bounds it; it is planned all the same (the
+// bytes its owner asks for; malloc rounds large blocks to pages), because it is resident
+// memory all the same.
 enum class MemoryTier : uint8_t { kDevice, kPinned, kHost, kHeap };
 std::string_view MemoryTierName(MemoryTier tier);  // "device", "pinned", "host", "heap"
 
@@ -83,7 +85,7 @@ struct MemoryPlan {
   // max_active_experts_per_layer, at most every expert, for the same options otherwise):
   // this plan's device items other than the cache, plus the slots.
   uint64_t DeviceBudgetFor(uint32_t slots) const;
-  // "device 300.00 MiB: expert cache slots 40 x 7.50 MiB, ...; pinned ...; host ..."
+  // "device 300.00 MiB: expert cache slots 40 x 7.50 MiB, ...; pinned ...; host ...; heap ..."
   std::string Summary() const;
 };
 

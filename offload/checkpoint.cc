@@ -944,7 +944,8 @@ StatusOr<std::vector<CheckpointBlob>> ReadBlobs(const Manifest& m, const std::st
   StatusOr<std::string> data = ReadFileToString(path);
   if (!data.ok()) {
     return DataLossError(
-        StrCat("checkpoint blobs '", path, "' cannot be read: ", data.status().message()));
+               StrCat("checkpoint blobs '", path, "' cannot be read: ", data.status().message()))
+        .WithErrno(data.status().sys_errno());
   }
   for (const BlobRecord& b : m.blobs) {
     if (b.offset > data->size() || b.bytes > data->size() - b.offset ||
@@ -1045,7 +1046,8 @@ Status CheckpointReader::Read(uint32_t flat) {
     StatusOr<IoFileId> opened = s.engine->Open(path, OpenMode::kRead);
     if (!opened.ok()) {
       return DataLossError(StrCat("checkpoint data '", path, "' that ", expert,
-                                  " is in cannot be read: ", opened.status().message()));
+                                  " is in cannot be read: ", opened.status().message()))
+          .WithErrno(opened.status().sys_errno());
     }
     StatusOr<uint64_t> size = s.engine->FileSize(*opened);
     if (!size.ok()) {

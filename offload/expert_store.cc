@@ -236,10 +236,14 @@ std::string InitialId(const ExpertStoreOptions& options) {
 
 Status CheckDirectory(const std::string& dir) {
   std::error_code error;
-  if (!std::filesystem::is_directory(dir, error)) {
+  const std::filesystem::file_status status = std::filesystem::status(dir, error);
+  if (error && error != std::errc::no_such_file_or_directory) {  // EACCES on a parent, ELOOP
+    return ErrnoError(error.value(), StrCat("expert store directory '", dir, "'"));
+  }
+  if (!std::filesystem::is_directory(status)) {
     return NotFoundError(
         StrCat("expert store directory '", dir, "' ",
-               std::filesystem::exists(dir, error) ? "is not a directory" : "does not exist"));
+               std::filesystem::exists(status) ? "is not a directory" : "does not exist"));
   }
   if (::access(dir.c_str(), W_OK) != 0) {
     return PermissionDeniedError(StrCat("expert store directory '", dir, "' is not writable"));

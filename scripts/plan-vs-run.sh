@@ -84,7 +84,7 @@ for config in configs:
         for p in plans:
             assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
         runs.append((plans, run))
-    for tier in ("device", "pinned", "host"):
+    for tier in ("device", "pinned", "host", "heap"):
         worst = (0.0, 0, 0)
         for plans, run in runs:
             for p in plans:

@@ -320,8 +320,9 @@ uint64_t StatusBytes(std::string_view field) {
   return 0;
 }
 
-// The resident set before the suite made anything (the program and its libraries, CUDA's
-// among them): taken at the first call, which RunStepSuite makes first.
+// The resident set before the suite made anything (the program and the libraries it loaded;
+// not a device context, which comes with the backend): taken at the first call, which
+// RunStepSuite makes first.
 uint64_t StartRssBytes() {
   static const uint64_t at_start = StatusBytes("VmRSS:");
   return at_start;
@@ -348,10 +349,11 @@ struct StrategyRun {
   // creation), its pinned and host allocators' peaks and what its plan keeps in the heap
   // (the RRE tables); the process's peak resident set (VmHWM) after it, which covers the runs
   // before it too (the simulated device's memory is host memory), and its resident set
-  // before any session (the program and its libraries: the fixed overhead).
+  // before any session (the program and its libraries: the fixed overhead; a GPU's context
+  // comes later, on top of it).
   uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0, heap_bytes = 0;
   uint64_t peak_rss_bytes = 0, start_rss_bytes = 0;
-  uint64_t budgets_bytes() const {
+  uint64_t planned_bytes() const {
     return device_bytes + pinned_peak_bytes + host_peak_bytes + heap_bytes;
   }
 
@@ -623,7 +625,7 @@ void WriteRow(std::ostream& table, const StrategyRun& run, bool on_sim) {
         << ", d2h " << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.d2h_bytes) / steps))
         << ", nvme "
         << HumanBytes(static_cast<uint64_t>(static_cast<double>(run.nvme_bytes) / steps))
-        << "; memory " << HumanBytes(run.budgets_bytes()) << ", peak RSS "
+        << "; memory " << HumanBytes(run.planned_bytes()) << ", peak RSS "
         << HumanBytes(run.peak_rss_bytes) << " (" << HumanBytes(run.start_rss_bytes)
         << " at start)\n";
 }

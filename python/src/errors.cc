@@ -38,8 +38,10 @@ void RegisterErrors(py::module_& module) {
   PyObject* base = PyErr_NewExceptionWithDoc(
       "ecss.Error",
       "An ECSS call failed. `code` names the status code (e.g. 'INVALID_ARGUMENT'); the "
-      "subclass is the code's (ecss.InvalidArgument, ...).",
+      "subclass is the code's (ecss.InvalidArgument, ...); `errno` is a failed system call's "
+      "number (as OSError's), else None.",
       PyExc_RuntimeError, nullptr);
+  py::handle(base).attr("errno") = py::none();  // every instance has it, as OSError's do
   module.add_object("Error", py::handle(base));
   for (int code = 1; code < kCodes; ++code) {
     std::string name = ClassName(StatusCodeName(static_cast<StatusCode>(code)));

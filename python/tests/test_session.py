@@ -1,7 +1,6 @@
 """The ecss module over numpy arrays: options, errors (one class per status code, carrying the
 code), the step's calls out of order, NaN, statistics, RRE tables and checkpoints."""
 
-import errno
 import os
 import tempfile
 
@@ -57,6 +56,7 @@ def test_each_status_code_has_its_class_with_the_code():
     assert raised.value.code == "INVALID_ARGUMENT"
     assert "d_modl" in raised.value.message
     assert raised.value.errno is None  # not a failed system call
+    assert ecss.Error("made by hand").errno is None
     with pytest.raises(ecss.InvalidArgument, match="strategy"):
         ecss.SessionOptions(strategy="fastest")
 
@@ -207,7 +207,7 @@ def test_a_checkpoint_resumes_with_its_weights_and_loop_state():
         # A failed system call's number comes as OSError's does (no lock file can go in /proc).
         with pytest.raises(ecss.Error) as raised:
             s.save_checkpoint("/proc", "one")
-        assert raised.value.errno in (errno.ENOENT, errno.EACCES)
+        assert isinstance(raised.value.errno, int) and raised.value.errno > 0
         assert raised.value.message.endswith(os.strerror(raised.value.errno))
         s.save_checkpoint(tmp + "/ckpt", "one", {"loop": b"\x00state"})
         with pytest.raises(ecss.AlreadyExists):

@@ -69,7 +69,7 @@ StatusOr<void*> Allocator::AllocateRaw(size_t bytes, MemoryTag tag) {
   StatusOr<void*> data = DoAllocate(rounded);
   if (!data.ok()) {
     if (data.status().code() == StatusCode::kResourceExhausted) {
-      return refuse(data.status().message());
+      return refuse(data.status().message()).WithErrno(data.status().sys_errno());
     }
     return data.status().Annotate(name_);
   }

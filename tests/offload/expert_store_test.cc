@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -305,6 +306,12 @@ TEST_F(ExpertStoreTest, BadDirectoriesDisksModelsAndBudgetsLeaveExistingDataInta
   Status not_a_directory = Make(true, file).status();
   EXPECT_EQ(not_a_directory.code(), StatusCode::kNotFound);
   EXPECT_TRUE(Contains(not_a_directory, "/file' is not a directory")) << not_a_directory;
+  // A path through a file: the stat's own error, with its errno (ENOTDIR).
+  file.dirs = {root_ + "/file/below"};
+  Status through_a_file = Make(true, file).status();
+  EXPECT_EQ(through_a_file.sys_errno(), ENOTDIR) << through_a_file;
+  EXPECT_EQ(through_a_file.code(), StatusCode::kInvalidArgument) << through_a_file;
+  EXPECT_TRUE(Contains(through_a_file, "/file/below'")) << through_a_file;
   ExpertStoreOptions empty = options_;
   std::filesystem::create_directories(root_ + "/c");
   empty.dirs = {root_ + "/c"};

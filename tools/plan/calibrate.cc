@@ -132,8 +132,7 @@ struct NvmeRates {
 StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
   struct statfs fs {};
   if (statfs(o.dir.c_str(), &fs) != 0) {
-    return NotFoundError(
-        StrCat("calibrating NVMe: --dir '", o.dir, "' cannot be used (errno ", errno, ")"));
+    return ErrnoError(errno, StrCat("calibrating NVMe: --dir '", o.dir, "' cannot be used"));
   }
   if (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
     return InvalidArgumentError(

@@ -474,6 +474,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   p.device_bytes = fit.memory->Total(MemoryTier::kDevice);
   p.pinned_bytes = fit.memory->Total(MemoryTier::kPinned);
   p.host_bytes = fit.memory->Total(MemoryTier::kHost);
+  p.heap_bytes = fit.memory->Total(MemoryTier::kHeap);
   StepSampler sampler(options, shard.domains_per_step, workload.seq_len, workload.seed);
   ECSS_ASSIGN_OR_RETURN(std::vector<StepPlan> plans, BuildStepPlans(options, *fit.memory, sampler,
                                                                     kWarmupSteps + workload.steps));
@@ -766,6 +767,7 @@ void WritePrediction(JsonWriter& json, const StrategyPrediction& p,
       .Field("device_bytes", p.device_bytes)
       .Field("pinned_bytes", p.pinned_bytes)
       .Field("host_bytes", p.host_bytes)
+      .Field("heap_bytes", p.heap_bytes)
       .EndObject();
   if (ecss != nullptr && p.strategy != Strategy::kEcss) {
     json.Field("ecss_ratio", ecss->tokens_per_s / p.tokens_per_s);

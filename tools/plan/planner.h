@@ -124,7 +124,8 @@ struct StrategyPrediction {
   double device_tokens_per_s = 0;
   StepMetrics metrics;                                 // steady-state steps summed (step_metrics.h)
   std::array<double, kPlanResources> busy_per_step{};  // per plan resource
-  uint64_t device_bytes = 0, pinned_bytes = 0, host_bytes = 0;  // the session's memory plan
+  // The session's memory plan: its allocators' and, outside them, the heap's (MemoryTier).
+  uint64_t device_bytes = 0, pinned_bytes = 0, host_bytes = 0, heap_bytes = 0;
   double dense_compute_seconds = 0;  // per step, inside the compute figures
   double network_seconds = 0;        // per step: the all-to-all between nodes (modelled only)
   uint64_t h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated_params = 0;  // per step
