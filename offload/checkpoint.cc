@@ -350,10 +350,7 @@ Status CollectGarbage(const std::string& root, const Checkpoints& checkpoints) {
 
 // One writer per root: Save and Delete hold ROOT/checkpoints.lock.
 StatusOr<std::unique_ptr<FileLock>> LockRoot(const std::string& root) {
-  std::error_code error;
-  if (!std::filesystem::is_directory(root, error)) {
-    return NotFoundError(StrCat("checkpoint root '", root, "' is not a directory"));
-  }
+  ECSS_RETURN_IF_ERROR(CheckWritableDirectory(root, "checkpoint root"));
   return FileLock::Acquire(StrCat(root, "/checkpoints.lock"),
                            StrCat("checkpoint root '", root, "'"));
 }

@@ -1,7 +1,6 @@
 #include "offload/expert_store.h"
 
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -234,23 +233,6 @@ std::string InitialId(const ExpertStoreOptions& options) {
   return options.initial ? options.initial_id : "zeros";
 }
 
-Status CheckDirectory(const std::string& dir) {
-  std::error_code error;
-  const std::filesystem::file_status status = std::filesystem::status(dir, error);
-  if (error && error != std::errc::no_such_file_or_directory) {  // EACCES on a parent, ELOOP
-    return ErrnoError(error.value(), StrCat("expert store directory '", dir, "'"));
-  }
-  if (!std::filesystem::is_directory(status)) {
-    return NotFoundError(
-        StrCat("expert store directory '", dir, "' ",
-               std::filesystem::exists(status) ? "is not a directory" : "does not exist"));
-  }
-  if (::access(dir.c_str(), W_OK) != 0) {
-    return PermissionDeniedError(StrCat("expert store directory '", dir, "' is not writable"));
-  }
-  return Status::Ok();
-}
-
 }  // namespace
 
 std::string_view ExpertStateName(ExpertState state) {
@@ -369,7 +351,8 @@ Status ExpertStore::CheckOptions(Backend& backend, const ExpertStoreOptions& opt
     return InvalidArgumentError(
         "expert store needs a directory (nvme states, or durable memory states, have files)");
   }
-  for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(CheckDirectory(dir));
+  for (const std::string& dir : options.dirs)
+    ECSS_RETURN_IF_ERROR(CheckWritableDirectory(dir, "expert store directory"));
   if (options.device_budget_bytes > backend.device_memory().capacity_bytes()) {
     return InvalidArgumentError(StrCat(
         "expert store: device budget ", HumanBytes(options.device_budget_bytes),

@@ -320,14 +320,6 @@ uint64_t StatusBytes(std::string_view field) {
   return 0;
 }
 
-// The resident set before the suite made anything (the program and the libraries it loaded;
-// not a device context, which comes with the backend): taken at the first call, which
-// RunStepSuite makes first.
-uint64_t StartRssBytes() {
-  static const uint64_t at_start = StatusBytes("VmRSS:");
-  return at_start;
-}
-
 // What the measured steps of one or more runs of a strategy did, summed.
 struct StrategyRun {
   Strategy strategy = Strategy::kEcss;
@@ -449,7 +441,6 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   run.heap_bytes = session->memory_plan().Total(MemoryTier::kHeap);
   run.peak_rss_bytes = StatusBytes("VmHWM:");
-  run.start_rss_bytes = StartRssBytes();
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats.back().step));
   run.critical_path = CriticalPath(plan);
   if (!c.dump_plan.empty()) {
@@ -661,7 +652,9 @@ StatusOr<size_t> CheckNvmeRoom(const StepConfig& c, Backend& backend,
 }  // namespace
 
 Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
-  StartRssBytes();  // before anything of the suite's
+  // The resident set before the suite made anything: the program and the libraries it loaded
+  // (not a device context, which comes with the backend).
+  const uint64_t start_rss_bytes = StatusBytes("VmRSS:");
   ECSS_ASSIGN_OR_RETURN(StepConfig c, ParseConfig(args));
   ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(c.device));
   backend_options.sim.h2d_bandwidth_gbps = c.profile.h2d_bandwidth_gbps;
@@ -721,6 +714,7 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
     std::map<Strategy, double> tokens_per_s;
     for (Strategy strategy : c.strategies) {
       ECSS_ASSIGN_OR_RETURN(StrategyRun run, RunStrategy(c, *backend, strategy, budgets[strategy]));
+      run.start_rss_bytes = start_rss_bytes;
       ECSS_RETURN_IF_ERROR(measure_rates());
       tokens_per_s[strategy] = run.tokens_per_s();
       if (round == 0) {

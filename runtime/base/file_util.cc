@@ -121,6 +121,23 @@ Status SyncDirectory(const std::string& dir) {
   return Status::Ok();
 }
 
+Status CheckWritableDirectory(const std::string& dir, std::string_view what) {
+  std::error_code error;
+  const std::filesystem::file_status status = std::filesystem::status(dir, error);
+  if (error && error != std::errc::no_such_file_or_directory) {
+    return ErrnoError(error.value(), StrCat(what, " '", dir, "'"));
+  }
+  if (!std::filesystem::is_directory(status)) {
+    return NotFoundError(
+        StrCat(what, " '", dir, "' ",
+               std::filesystem::exists(status) ? "is not a directory" : "does not exist"));
+  }
+  if (::access(dir.c_str(), W_OK) != 0) {
+    return PermissionDeniedError(StrCat(what, " '", dir, "' is not writable"));
+  }
+  return Status::Ok();
+}
+
 StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& path,
                                                       std::string_view what) {
   while (true) {

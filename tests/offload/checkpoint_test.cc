@@ -1,5 +1,6 @@
 #include "offload/checkpoint.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -607,6 +608,16 @@ TEST_F(CheckpointTest, HostileNamesWritersDisksAndManifestsAreRefused) {
   EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), "a", blob).status().code(),
             StatusCode::kInvalidArgument);
   EXPECT_TRUE(ListCheckpoints(ckpt())->empty()) << "a refused save leaves nothing";
+  // Roots that are missing, a file, or under a file, each said as the store says it.
+  Status missing = SaveCheckpoint(*store_, root_ + "/nope", "a", {}).status();
+  EXPECT_EQ(missing.code(), StatusCode::kNotFound) << missing;
+  EXPECT_TRUE(Contains(missing, "checkpoint root '" + root_ + "/nope' does not exist")) << missing;
+  { std::ofstream(root_ + "/file") << "x"; }
+  Status file = DeleteCheckpoint(root_ + "/file", "a");
+  EXPECT_EQ(file.code(), StatusCode::kNotFound) << file;
+  EXPECT_TRUE(Contains(file, "/file' is not a directory")) << file;
+  Status through = SaveCheckpoint(*store_, root_ + "/file/below", "a", {}).status();
+  EXPECT_EQ(through.sys_errno(), ENOTDIR) << through;
   {  // another writer holds the root
     auto held = std::move(FileLock::Acquire(ckpt() + "/checkpoints.lock", "x")).value();
     Status busy = SaveCheckpoint(*store_, ckpt(), "a", {}).status();
