@@ -264,10 +264,7 @@ struct Checkpoints {
 };
 
 StatusOr<Checkpoints> ReadAll(const std::string& root) {
-  std::error_code error;
-  if (!std::filesystem::is_directory(root, error)) {
-    return NotFoundError(StrCat("checkpoint root '", root, "' is not a directory"));
-  }
+  ECSS_RETURN_IF_ERROR(CheckDirectory(root, "checkpoint root"));
   ECSS_ASSIGN_OR_RETURN(std::vector<std::filesystem::path> dirs, Subdirectories(root));
   Checkpoints all;
   for (const std::filesystem::path& dir : dirs) {

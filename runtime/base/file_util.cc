@@ -121,7 +121,7 @@ Status SyncDirectory(const std::string& dir) {
   return Status::Ok();
 }
 
-Status CheckWritableDirectory(const std::string& dir, std::string_view what) {
+Status CheckDirectory(const std::string& dir, std::string_view what) {
   std::error_code error;
   const std::filesystem::file_status status = std::filesystem::status(dir, error);
   if (error && error != std::errc::no_such_file_or_directory) {
@@ -132,8 +132,13 @@ Status CheckWritableDirectory(const std::string& dir, std::string_view what) {
         StrCat(what, " '", dir, "' ",
                std::filesystem::exists(status) ? "is not a directory" : "does not exist"));
   }
-  if (::access(dir.c_str(), W_OK) != 0) {
-    return PermissionDeniedError(StrCat(what, " '", dir, "' is not writable"));
+  return Status::Ok();
+}
+
+Status CheckWritableDirectory(const std::string& dir, std::string_view what) {
+  ECSS_RETURN_IF_ERROR(CheckDirectory(dir, what));
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    return ErrnoError(errno, StrCat(what, " '", dir, "' is not writable"));
   }
   return Status::Ok();
 }

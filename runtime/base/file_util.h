@@ -19,10 +19,12 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents);
 StatusOr<std::string> ReadFileToString(const std::string& path);
 // fsync of a directory: makes the creation, rename or removal of its entries durable.
 Status SyncDirectory(const std::string& dir);
-// That `dir` is a directory this process may write into, for an owner that is about to make
-// its files there. Errors name `what` and the path: NotFound "does not exist" or "is not a
-// directory" (a file there), PermissionDenied "is not writable", and a failed stat other than
-// ENOENT (EACCES on a parent, ENOTDIR for a path through a file, ELOOP) with its errno.
+// That `dir` is a directory, for an owner about to read it. Errors name `what` and the path:
+// NotFound "does not exist" or "is not a directory" (a file there), and a failed stat other
+// than ENOENT (EACCES on a parent, ENOTDIR for a path through a file, ELOOP) with its errno.
+Status CheckDirectory(const std::string& dir, std::string_view what);
+// The same, and that this process may make files in it (write and search permission), for an
+// owner about to write there: PermissionDenied with the errno (EACCES, EROFS) otherwise.
 Status CheckWritableDirectory(const std::string& dir, std::string_view what);
 
 // Removes what crashed writers left in `dir`: entries named PREFIX + digits (a writer names

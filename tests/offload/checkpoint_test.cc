@@ -1,5 +1,8 @@
 #include "offload/checkpoint.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -608,16 +611,35 @@ TEST_F(CheckpointTest, HostileNamesWritersDisksAndManifestsAreRefused) {
   EXPECT_EQ(SaveCheckpoint(*store_, ckpt(), "a", blob).status().code(),
             StatusCode::kInvalidArgument);
   EXPECT_TRUE(ListCheckpoints(ckpt())->empty()) << "a refused save leaves nothing";
-  // Roots that are missing, a file, or under a file, each said as the store says it.
+  // Roots that are missing, a file, under a file or read-only, each said as the store says
+  // it, for writers and readers alike.
   Status missing = SaveCheckpoint(*store_, root_ + "/nope", "a", {}).status();
   EXPECT_EQ(missing.code(), StatusCode::kNotFound) << missing;
   EXPECT_TRUE(Contains(missing, "checkpoint root '" + root_ + "/nope' does not exist")) << missing;
+  Status listed = ListCheckpoints(root_ + "/nope").status();
+  EXPECT_EQ(listed.code(), StatusCode::kNotFound) << listed;
+  EXPECT_TRUE(Contains(listed, "checkpoint root '" + root_ + "/nope' does not exist")) << listed;
   { std::ofstream(root_ + "/file") << "x"; }
   Status file = DeleteCheckpoint(root_ + "/file", "a");
   EXPECT_EQ(file.code(), StatusCode::kNotFound) << file;
   EXPECT_TRUE(Contains(file, "/file' is not a directory")) << file;
-  Status through = SaveCheckpoint(*store_, root_ + "/file/below", "a", {}).status();
-  EXPECT_EQ(through.sys_errno(), ENOTDIR) << through;
+  for (const Status& through : {SaveCheckpoint(*store_, root_ + "/file/below", "a", {}).status(),
+                                LatestCheckpoint(root_ + "/file/below").status()}) {
+    // The stat's own error (ENOTDIR), before any lock file is tried.
+    EXPECT_EQ(through.sys_errno(), ENOTDIR) << through;
+    EXPECT_EQ(through.code(), StatusCode::kInvalidArgument) << through;
+    EXPECT_TRUE(Contains(through, "checkpoint root '" + root_ + "/file/below': ")) << through;
+  }
+  if (::geteuid() != 0) {  // root writes anywhere
+    std::filesystem::create_directories(root_ + "/ro");
+    ::chmod((root_ + "/ro").c_str(), 0500);
+    Status read_only = SaveCheckpoint(*store_, root_ + "/ro", "a", {}).status();
+    EXPECT_EQ(read_only.code(), StatusCode::kPermissionDenied) << read_only;
+    EXPECT_EQ(read_only.sys_errno(), EACCES) << read_only;
+    EXPECT_TRUE(Contains(read_only, "/ro' is not writable")) << read_only;
+    EXPECT_TRUE(ListCheckpoints(root_ + "/ro").ok()) << "reading needs no write permission";
+    ::chmod((root_ + "/ro").c_str(), 0700);
+  }
   {  // another writer holds the root
     auto held = std::move(FileLock::Acquire(ckpt() + "/checkpoints.lock", "x")).value();
     Status busy = SaveCheckpoint(*store_, ckpt(), "a", {}).status();
