@@ -90,9 +90,8 @@ class PosixEngine final : public io_internal::FileBackedEngine {
         if (errno == EINTR || errno == EAGAIN) continue;
         return IoCompletion{
             r.user_data,
-            ErrnoError(errno,
-                       StrCat("posix: ", r.op == IoOp::kRead ? "read" : "write", " of ", r.bytes,
-                              " bytes at offset ", r.offset, " of '", job.path, "'")),
+            ErrnoError(errno, "posix: ", r.op == IoOp::kRead ? "read" : "write", " of ", r.bytes,
+                       " bytes at offset ", r.offset, " of '", job.path, "'"),
             done};
       }
       if (n == 0) {  // end of file (reads), or a device that takes nothing (writes)

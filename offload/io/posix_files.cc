@@ -35,7 +35,7 @@ StatusOr<IoFileId> PosixFiles::Open(const std::string& path, OpenMode mode) {
     ECSS_LOG(Warning) << "'" << path << "': the filesystem refuses O_DIRECT; using buffered I/O";
     fd = ::open(path.c_str(), flags, 0644);
   }
-  if (fd < 0) return ErrnoError(errno, StrCat("cannot open '", path, "'"));
+  if (fd < 0) return ErrnoError(errno, "cannot open '", path, "'");
   files_.push_back(File{path, fd});
   const auto id = static_cast<IoFileId>(files_.size() - 1);
   if (listener_) listener_(id, fd);
@@ -54,7 +54,7 @@ Status PosixFiles::Close(IoFileId file) {
   if (listener_) listener_(file, -1);
   const int result = ::close(files_[file].fd);
   files_[file].fd = -1;
-  if (result != 0) return ErrnoError(errno, StrCat("close of '", files_[file].path, "'"));
+  if (result != 0) return ErrnoError(errno, "close of '", files_[file].path, "'");
   return Status::Ok();
 }
 
@@ -62,7 +62,7 @@ StatusOr<uint64_t> PosixFiles::Size(IoFileId file) const {
   ECSS_RETURN_IF_ERROR(Check(file, "size"));
   struct stat st {};
   if (::fstat(files_[file].fd, &st) != 0)
-    return ErrnoError(errno, StrCat("fstat of '", files_[file].path, "'"));
+    return ErrnoError(errno, "fstat of '", files_[file].path, "'");
   return static_cast<uint64_t>(st.st_size);
 }
 
@@ -78,7 +78,7 @@ Status PosixFiles::Allocate(IoFileId file, uint64_t bytes) {
 Status PosixFiles::Resize(IoFileId file, uint64_t bytes) {
   ECSS_RETURN_IF_ERROR(Check(file, "resize"));
   if (::ftruncate(files_[file].fd, static_cast<off_t>(bytes)) != 0) {
-    return ErrnoError(errno, StrCat("cannot size '", files_[file].path, "' to ", bytes, " bytes"));
+    return ErrnoError(errno, "cannot size '", files_[file].path, "' to ", bytes, " bytes");
   }
   return Status::Ok();
 }
@@ -86,7 +86,7 @@ Status PosixFiles::Resize(IoFileId file, uint64_t bytes) {
 Status PosixFiles::Sync(IoFileId file) {
   ECSS_RETURN_IF_ERROR(Check(file, "sync"));
   if (::fdatasync(files_[file].fd) != 0)
-    return ErrnoError(errno, StrCat("fdatasync of '", files_[file].path, "'"));
+    return ErrnoError(errno, "fdatasync of '", files_[file].path, "'");
   return Status::Ok();
 }
 

@@ -41,25 +41,25 @@ class Fd {
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   const std::string temporary = StrCat(path, ".tmp.", ::getpid());
   Fd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
-  if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot create '", temporary, "'"));
+  if (fd.get() < 0) return ErrnoError(errno, "cannot create '", temporary, "'");
   size_t written = 0;
   while (written < contents.size()) {
     ssize_t n = ::write(fd.get(), contents.data() + written, contents.size() - written);
     if (n < 0) {
       if (errno == EINTR) continue;
-      Status error = ErrnoError(errno, StrCat("cannot write '", temporary, "'"));
+      Status error = ErrnoError(errno, "cannot write '", temporary, "'");
       ::unlink(temporary.c_str());
       return error;
     }
     written += static_cast<size_t>(n);
   }
   if (::fsync(fd.get()) != 0 || ::close(fd.release()) != 0) {
-    Status error = ErrnoError(errno, StrCat("cannot flush '", temporary, "'"));
+    Status error = ErrnoError(errno, "cannot flush '", temporary, "'");
     ::unlink(temporary.c_str());
     return error;
   }
   if (::rename(temporary.c_str(), path.c_str()) != 0) {
-    Status error = ErrnoError(errno, StrCat("cannot rename '", temporary, "' to '", path, "'"));
+    Status error = ErrnoError(errno, "cannot rename '", temporary, "' to '", path, "'");
     ::unlink(temporary.c_str());
     return error;
   }
@@ -112,11 +112,11 @@ bool IsWithin(const std::string& path, const std::string& dir) {
 
 Status SyncDirectory(const std::string& dir) {
   Fd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open directory '", dir, "'"));
+  if (fd.get() < 0) return ErrnoError(errno, "cannot open directory '", dir, "'");
   // EINVAL: a file system that cannot sync directories (its entries are as durable as it makes
   // them); not an error of the write that asked.
   if (::fsync(fd.get()) != 0 && errno != EINVAL) {
-    return ErrnoError(errno, StrCat("cannot sync directory '", dir, "'"));
+    return ErrnoError(errno, "cannot sync directory '", dir, "'");
   }
   return Status::Ok();
 }
@@ -138,7 +138,7 @@ Status CheckDirectory(const std::string& dir, std::string_view what) {
 Status CheckWritableDirectory(const std::string& dir, std::string_view what) {
   ECSS_RETURN_IF_ERROR(CheckDirectory(dir, what));
   if (::access(dir.c_str(), W_OK | X_OK) != 0) {
-    return ErrnoError(errno, StrCat(what, " '", dir, "' is not writable"));
+    return ErrnoError(errno, what, " '", dir, "' is not writable");
   }
   return Status::Ok();
 }
@@ -147,10 +147,10 @@ StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& path,
                                                       std::string_view what) {
   while (true) {
     Fd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
-    if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open lock file '", path, "'"));
+    if (fd.get() < 0) return ErrnoError(errno, "cannot open lock file '", path, "'");
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
       if (errno != EWOULDBLOCK) {
-        return ErrnoError(errno, StrCat("cannot lock '", path, "'"));
+        return ErrnoError(errno, "cannot lock '", path, "'");
       }
       // The holder writes its pid right after locking: empty means it has not yet.
       StatusOr<std::string> holder = ReadFileToString(path);
@@ -171,7 +171,7 @@ StatusOr<std::unique_ptr<FileLock>> FileLock::Acquire(const std::string& path,
     const std::string pid = StrCat(::getpid(), "\n");
     if (::ftruncate(fd.get(), 0) != 0 ||
         ::pwrite(fd.get(), pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
-      return ErrnoError(errno, StrCat("cannot write lock file '", path, "'"));
+      return ErrnoError(errno, "cannot write lock file '", path, "'");
     }
     return std::unique_ptr<FileLock>(new FileLock(path, fd.release()));
   }
@@ -198,8 +198,7 @@ StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_v
   RemoveLeftovers(parent, prefix);
   std::string made = StrCat(parent, "/", prefix, "new-XXXXXX");
   if (::mkdtemp(made.data()) == nullptr) {
-    const int error = errno;
-    return ErrnoError(error, StrCat("cannot make a scratch directory in '", parent, "'"));
+    return ErrnoError(errno, "cannot make a scratch directory in '", parent, "'");
   }
   auto removed = [&](Status error) {
     std::error_code ignored;
@@ -220,9 +219,9 @@ StatusOr<ScratchDir> ScratchDir::Create(const std::string& parent, std::string_v
     if (::rename(made.c_str(), path.c_str()) == 0) {
       return ScratchDir(std::move(path), std::move(*lock));
     }
-    const int error = errno;  // before StrCat's allocations can change it
+    const int error = errno;
     if (error != EEXIST && error != ENOTEMPTY) {
-      return removed(ErrnoError(error, StrCat("cannot rename '", made, "' to '", path, "'")));
+      return removed(ErrnoError(error, "cannot rename '", made, "' to '", path, "'"));
     }
   }
   return removed(AlreadyExistsError(StrCat("scratch directory in '", parent, "': 16 names under '",
@@ -237,14 +236,14 @@ ScratchDir::~ScratchDir() {
 
 StatusOr<std::string> ReadFileToString(const std::string& path) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) return ErrnoError(errno, StrCat("cannot open '", path, "'"));
+  if (fd.get() < 0) return ErrnoError(errno, "cannot open '", path, "'");
   std::string contents;
   char chunk[65536];
   while (true) {
     ssize_t n = ::read(fd.get(), chunk, sizeof(chunk));
     if (n < 0) {
       if (errno == EINTR) continue;
-      return ErrnoError(errno, StrCat("cannot read '", path, "'"));
+      return ErrnoError(errno, "cannot read '", path, "'");
     }
     if (n == 0) break;
     contents.append(chunk, static_cast<size_t>(n));

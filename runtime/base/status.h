@@ -14,6 +14,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "runtime/base/str_cat.h"
+
 namespace ecss {
 
 // Canonical codes (the gRPC/absl set, minus the ones this project has no use for).
@@ -113,6 +115,15 @@ Status DataLossError(std::string_view message);
 // EBUSY and ETIMEDOUT retryable, and writes "context: strerror"; the number is sys_errno(),
 // which ToString appends ("[errno N]").
 Status ErrnoError(int sys_errno, std::string_view context);
+// The same, with the context made of `parts` as StrCat makes it, inside the call: write
+// ErrnoError(errno, "cannot open '", path, "'"). In ErrnoError(errno, StrCat(...)) the order
+// in which the two arguments are evaluated is unspecified, and StrCat's allocations may change
+// errno before it is read. A part that allocates by itself (HumanBytes(n), path.string()) has
+// the same problem: copy errno into a variable first.
+template <typename... Parts, typename = std::enable_if_t<(sizeof...(Parts) > 1)>>
+Status ErrnoError(int sys_errno, const Parts&... parts) {
+  return ErrnoError(sys_errno, std::string_view(StrCat(parts...)));
+}
 
 namespace internal {
 [[noreturn]] void DieBecauseStatusOrHoldsNoValue(const Status& status);

@@ -37,7 +37,7 @@ Status StopRequest::Install(const std::vector<int>& signals) {
     // One-shot, so that a second signal has its default effect; restart interrupted calls.
     action.sa_flags = SA_RESETHAND | SA_RESTART;
     if (sigaction(signal, &action, nullptr) != 0) {
-      return ErrnoError(errno, StrCat("installing the stop handler for signal ", signal));
+      return ErrnoError(errno, "installing the stop handler for signal ", signal);
     }
   }
   return Status::Ok();

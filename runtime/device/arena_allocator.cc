@@ -46,7 +46,8 @@ StatusOr<void*> MapPages(uint64_t bytes, uint64_t page, const ArenaOptions& opti
   if (options.populate && !huge) flags |= MAP_POPULATE;
   void* raw = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, flags, -1, 0);
   if (raw == MAP_FAILED) {
-    return ErrnoError(errno, StrCat(options.name, ": cannot map ", HumanBytes(bytes)));
+    const int error = errno;  // before HumanBytes allocates (see ErrnoError)
+    return ErrnoError(error, options.name, ": cannot map ", HumanBytes(bytes));
   }
   if (!huge) return raw;
   const auto start = reinterpret_cast<uintptr_t>(raw);

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstring>
 #include <memory>
+#include <ostream>
 
 #include <gtest/gtest.h>
 
@@ -74,6 +75,22 @@ TEST(StatusTest, ErrnoMapping) {
   const std::string text = status.ToString();
   EXPECT_NE(text.find("[errno 2]"), std::string::npos) << text;
   EXPECT_EQ(text.find("errno"), text.rfind("errno")) << text;
+}
+
+// A part whose formatting changes errno, as an allocation may.
+struct ClobbersErrno {
+  friend std::ostream& operator<<(std::ostream& out, const ClobbersErrno&) {
+    errno = EBADF;
+    return out << "part";
+  }
+};
+
+TEST(StatusTest, ErrnoIsReadBeforeTheContextIsFormatted) {
+  errno = ENOSPC;
+  Status status = ErrnoError(errno, "cannot write '", ClobbersErrno{}, "' at ", 4096);
+  EXPECT_EQ(status.sys_errno(), ENOSPC) << status;
+  EXPECT_EQ(status.code(), StatusCode::kResourceExhausted) << status;
+  EXPECT_EQ(status.message(), StrCat("cannot write 'part' at 4096: ", std::strerror(ENOSPC)));
 }
 
 TEST(StatusTest, EveryCodeHasAName) {

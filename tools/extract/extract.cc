@@ -871,7 +871,7 @@ class DenseFfn {
   static StatusOr<std::unique_ptr<DenseFfn>> Open(const std::string& path, const ModelSpec& m) {
     ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
     auto ffn = std::unique_ptr<DenseFfn>(new DenseFfn(path, std::move(header)));
-    if (!ffn->in_) return ErrnoError(errno, StrCat("opening '", path, "'"));
+    if (!ffn->in_) return ErrnoError(errno, "opening '", path, "'");
     for (uint32_t l = 0; l < m.layers; ++l) {
       const std::pair<std::string, std::vector<uint64_t>> wanted[] = {
           {StrCat("layers.", l, ".w_in"), {m.d_model, m.d_in()}},
@@ -1097,7 +1097,7 @@ class ImportedFile {
   static StatusOr<std::unique_ptr<ImportedFile>> Open(const std::string& path) {
     ECSS_ASSIGN_OR_RETURN(SafetensorsHeader header, ReadSafetensorsHeader(path));
     auto file = std::unique_ptr<ImportedFile>(new ImportedFile(path, std::move(header)));
-    if (!file->in_) return ErrnoError(errno, StrCat("opening '", path, "'"));
+    if (!file->in_) return ErrnoError(errno, "opening '", path, "'");
     ECSS_RETURN_IF_ERROR(file->Check());
     return file;
   }

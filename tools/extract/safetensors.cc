@@ -27,7 +27,7 @@ namespace {
 constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 Status FileError(std::string_view what, const std::string& path) {
-  return ErrnoError(errno, StrCat(what, " '", path, "'"));
+  return ErrnoError(errno, what, " '", path, "'");
 }
 
 uint64_t ElementBytes(std::string_view dtype) {

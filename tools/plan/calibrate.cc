@@ -132,7 +132,7 @@ struct NvmeRates {
 StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
   struct statfs fs {};
   if (statfs(o.dir.c_str(), &fs) != 0) {
-    return ErrnoError(errno, StrCat("calibrating NVMe: --dir '", o.dir, "' cannot be used"));
+    return ErrnoError(errno, "calibrating NVMe: --dir '", o.dir, "' cannot be used");
   }
   if (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC) {
     return InvalidArgumentError(
