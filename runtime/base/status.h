@@ -122,7 +122,8 @@ Status ErrnoError(int sys_errno, std::string_view context);
 // the same problem: copy errno into a variable first.
 template <typename... Parts, typename = std::enable_if_t<(sizeof...(Parts) > 1)>>
 Status ErrnoError(int sys_errno, const Parts&... parts) {
-  return ErrnoError(sys_errno, std::string_view(StrCat(parts...)));
+  const std::string context = StrCat(parts...);
+  return ErrnoError(sys_errno, std::string_view{context});
 }
 
 namespace internal {
