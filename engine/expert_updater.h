@@ -115,7 +115,10 @@ struct NvmeUpdaterOptions {
   // step's updates start at FinishStep, after the global norm, instead of per layer at Flush.
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
-  int staging_buffers = 2;
+  // The pipeline's slots and its loads at once (StreamingOptions::buffers, loads_in_flight):
+  // two loads, each in a slot of its own beside the one being updated.
+  int staging_buffers = 3;
+  int loads_in_flight = 2;
   // Where every expert's master weights and moments live, on NVMe; when it keeps the compute
   // weights on NVMe too, each update's bf16 copy goes there (through the pipeline's slots)
   // instead of into a compute copy in memory. Ids are its index's. Not owned; outlives the

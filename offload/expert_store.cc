@@ -498,7 +498,7 @@ void ExpertStore::WarnIfSpaceShort() const {
   }
 }
 
-// Each state's writing handle (which creates the files) and reading handle.
+// Each state's writing handle (which creates the files) and reading handles.
 Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
     if (!HasFile(state)) continue;
@@ -509,11 +509,13 @@ Status ExpertStore::OpenFiles(bool create) {
     file.previous_generation = previous_generation_;
     auto opened = [&]() -> Status {
       ECSS_ASSIGN_OR_RETURN(files.write_io, CreateIoEngine(options_.io_engines));
-      ECSS_ASSIGN_OR_RETURN(files.read_io, CreateIoEngine(options_.io_engines));
       ECSS_ASSIGN_OR_RETURN(files.writer, create
                                               ? ExpertStateFile::Create(files.write_io.get(), file)
                                               : ExpertStateFile::Open(files.write_io.get(), file));
-      ECSS_ASSIGN_OR_RETURN(files.reader, ExpertStateFile::Open(files.read_io.get(), file));
+      for (Reader& reader : files.readers) {
+        ECSS_ASSIGN_OR_RETURN(reader.io, CreateIoEngine(options_.io_engines));
+        ECSS_ASSIGN_OR_RETURN(reader.file, ExpertStateFile::Open(reader.io.get(), file));
+      }
       return Status::Ok();
     }();
     if (!opened.ok())
@@ -616,7 +618,7 @@ StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(Backend& backend,
     return store->WriteManifest(/*closed=*/false);
   }();
   if (!made.ok()) {
-    for (Files& files : store->files_) files.reader.reset(), files.writer.reset();
+    for (Files& files : store->files_) CloseFiles(files);
     if (!options.dirs.empty()) RemoveFiles(options).IgnoreError();  // made's error is the one
     return made;
   }
@@ -710,7 +712,7 @@ Status ExpertStore::AdoptSharing(const std::vector<std::pair<uint32_t, uint32_t>
     if (!HasState(state) || placement(state) != Tier::kNvme) continue;
     Files& files = files_[Index(state)];
     for (const auto& [expert, source] : shared) {
-      ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(expert));
+      ECSS_ASSIGN_OR_RETURN(const bool written, files.readers[0].file->Written(expert));
       if (!written) files.unwritten_dependents[source].push_back(expert);
     }
   }
@@ -866,7 +868,8 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
     return files.writer->Store(flat, arrays, Elements(state), version, supersede);
   }
 
-  std::lock_guard<std::mutex> read(files.read_mutex);
+  const auto no_read = AllReaders(files);
+  ExpertStateFile& reader = *files.readers[0].file;
   const std::string what = Name(state, index_.Id(flat));
   std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
                                                    &std::free);
@@ -875,7 +878,8 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
   }
   const void* copied[1] = {copy.get()};
   uint64_t current = 0;
-  ECSS_RETURN_IF_ERROR(LoadLocked(state, shared ? source_[flat] : flat, copy.get(), &current));
+  ECSS_RETURN_IF_ERROR(
+      LoadLocked(state, reader, shared ? source_[flat] : flat, copy.get(), &current));
   if (source) {
     std::vector<uint32_t>& waiting = dependents->second;
     while (!waiting.empty()) {
@@ -900,20 +904,44 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                                  const uint64_t* want) {
-  std::lock_guard<std::mutex> lock(files_[Index(state)].read_mutex);
-  return LoadLocked(state, flat, block, version, want);
+  auto [reader, lock] = AnyReader(state);
+  return LoadLocked(state, *reader, flat, block, version, want);
 }
 
-Status ExpertStore::LoadLocked(ExpertState state, uint32_t flat, void* block, uint64_t* version,
-                               const uint64_t* want) {
+std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> ExpertStore::AnyReader(
+    ExpertState state) {
+  Files& files = files_[Index(state)];
+  for (Reader& reader : files.readers) {
+    std::unique_lock<std::mutex> lock(reader.mutex, std::try_to_lock);
+    if (lock.owns_lock()) return {reader.file.get(), std::move(lock)};
+  }
+  Reader& reader =
+      files.readers[files.next_reader.fetch_add(1, std::memory_order_relaxed) % kReaders];
+  return {reader.file.get(), std::unique_lock<std::mutex>(reader.mutex)};
+}
+
+std::array<std::unique_lock<std::mutex>, ExpertStore::kReaders> ExpertStore::AllReaders(
+    Files& files) {
+  std::array<std::unique_lock<std::mutex>, kReaders> locks;
+  for (size_t r = 0; r < kReaders; ++r)
+    locks[r] = std::unique_lock<std::mutex>(files.readers[r].mutex);
+  return locks;
+}
+
+void ExpertStore::CloseFiles(Files& files) {
+  for (Reader& reader : files.readers) reader.file.reset();
+  files.writer.reset();
+}
+
+Status ExpertStore::LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat,
+                               void* block, uint64_t* version, const uint64_t* want) {
   bool unwritten = false;
   void* arrays[1] = {block};
-  ECSS_RETURN_IF_ERROR(
-      files_[Index(state)].reader->Load(flat, arrays, Elements(state), version, want, &unwritten));
+  ECSS_RETURN_IF_ERROR(reader.Load(flat, arrays, Elements(state), version, want, &unwritten));
   if (!unwritten) return Status::Ok();
   // Unwritten: what its source holds (a shared expert), else its initial value, version 0
   // (the block's padding as a load leaves it: zeros).
-  if (source_[flat] != flat) return LoadLocked(state, source_[flat], block, version, want);
+  if (source_[flat] != flat) return LoadLocked(state, reader, source_[flat], block, version, want);
   if (want != nullptr && *want != 0) {
     return DataLossError(StrCat(Name(state, index_.Id(flat)), ": no copy of version ", *want,
                                 " (it was never written)"));
@@ -934,10 +962,9 @@ StatusOr<uint64_t> ExpertStore::Version(ExpertState state, ExpertId id, bool* wr
     if (written != nullptr) *written = region.written[flat] != 0 || region.versions[flat] != 0;
     return region.versions[flat];
   }
-  Files& files = files_[Index(state)];
-  std::lock_guard<std::mutex> lock(files.read_mutex);
+  auto [reader, lock] = AnyReader(state);
   while (true) {  // an unwritten shared expert reads its source's
-    StatusOr<std::optional<uint64_t>> count = files.reader->NewestCount(flat);
+    StatusOr<std::optional<uint64_t>> count = reader->NewestCount(flat);
     if (!count.ok()) return count.status().Annotate(StrCat("reading ", Name(state, id)));
     if (written != nullptr) *written = count->has_value();
     if (count->has_value()) return **count;
@@ -957,7 +984,7 @@ Status ExpertStore::LoadTier(ExpertState state) {
     // Written when its file, or (unwritten and shared) its source's, holds a copy: what it
     // was loaded from.
     for (uint32_t at = flat;; at = source_[at]) {
-      StatusOr<bool> stored = files_[Index(state)].reader->Written(at);
+      StatusOr<bool> stored = files_[Index(state)].readers[0].file->Written(at);
       if (!stored.ok()) return stored.status().Annotate(Name(state, index_.Id(at)));
       region.written[flat] = *stored ? 1 : 0;
       if (*stored || source_[at] == at) break;
@@ -1174,7 +1201,9 @@ ExpertStore::IoBytes ExpertStore::io_bytes() const {
   IoBytes bytes;
   for (const Files& files : files_) {
     bytes.fresh_written += files.fresh_written.load(std::memory_order_relaxed);
-    for (const IoEngine* engine : {files.read_io.get(), files.write_io.get()}) {
+    std::vector<const IoEngine*> engines = {files.write_io.get()};
+    for (const Reader& reader : files.readers) engines.push_back(reader.io.get());
+    for (const IoEngine* engine : engines) {
       if (engine == nullptr) continue;
       bytes.read += engine->bytes_read();
       bytes.written += engine->bytes_written();
@@ -1240,9 +1269,8 @@ Status ExpertStore::Share(const std::vector<std::pair<ExpertId, ExpertId>>& pair
     }
     for (ExpertState state : kStates) {
       if (!HasState(state) || placement(state) != Tier::kNvme) continue;
-      Files& files = files_[Index(state)];
-      std::lock_guard<std::mutex> read(files.read_mutex);
-      ECSS_ASSIGN_OR_RETURN(const bool written, files.reader->Written(flat));
+      auto [reader, reading] = AnyReader(state);
+      ECSS_ASSIGN_OR_RETURN(const bool written, reader->Written(flat));
       if (written) {
         return FailedPreconditionError(StrCat(what, " already wrote its ", ExpertStateName(state),
                                               ": it has its own storage"));
@@ -1349,10 +1377,7 @@ Status ExpertStore::Close() {
                                         /*closed=*/true));
   }
   closed_ = true;
-  for (Files& files : files_) {
-    files.reader.reset();
-    files.writer.reset();
-  }
+  for (Files& files : files_) CloseFiles(files);
   for (Region& region : regions_) region.memory.Reset();
   staging_.Reset();
   locks_.clear();  // another owner may open the directories now

@@ -289,11 +289,23 @@ class ExpertStore {
     // value (which Flush does not store). Bytes, not bits: writers of distinct experts.
     std::vector<uint8_t> written;
   };
-  // An nvme state's two handles of its files: reads and writes do not take turns.
+  // A handle that reads an nvme state's files, and the lock of its use.
+  struct Reader {
+    std::unique_ptr<IoEngine> io;
+    std::unique_ptr<ExpertStateFile> file;
+    std::mutex mutex;
+  };
+  // Reading handles per nvme state: two loads of one state (the optimizer pipeline's, or a
+  // stager's beside it) run at once, keeping the drive's queue deeper.
+  static constexpr size_t kReaders = 2;
+  // An nvme state's handles of its files: one writing, kReaders reading, so that reads and
+  // writes do not take turns, nor two reads.
   struct Files {
-    std::unique_ptr<IoEngine> read_io, write_io;
-    std::unique_ptr<ExpertStateFile> reader, writer;
-    std::mutex read_mutex, write_mutex;
+    std::unique_ptr<IoEngine> write_io;
+    std::unique_ptr<ExpertStateFile> writer;
+    std::array<Reader, kReaders> readers;
+    std::atomic<size_t> next_reader{0};  // whose turn it is when every reader is busy
+    std::mutex write_mutex;
     // Per source expert: the shared experts that still read its storage of this state (they
     // get their own copy before its next write). GUARDED_BY(write_mutex), or lifecycle_
     // held exclusively (Share, Open).
@@ -323,6 +335,11 @@ class ExpertStore {
   // Whether the state has a file: on nvme, or a durable memory state.
   static bool HasFile(const ExpertStoreOptions& options, ExpertState state);
   bool HasFile(ExpertState state) const { return HasFile(options_, state); }
+  // One of the state's reading handles, locked: a free one, else the next in turn.
+  std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> AnyReader(ExpertState state);
+  // Every reading handle of the state, locked in order: no read of it runs meanwhile.
+  static std::array<std::unique_lock<std::mutex>, kReaders> AllReaders(Files& files);
+  static void CloseFiles(Files& files);
   static uint64_t Stride(const ExpertStoreOptions& options, ExpertState state);
   Status Allocate();
   // Every expert of a memory state's region from `initial`.
@@ -352,9 +369,9 @@ class ExpertStore {
                      bool supersede);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                       const uint64_t* want = nullptr);
-  // REQUIRES: the state's read_mutex held.
-  Status LoadLocked(ExpertState state, uint32_t flat, void* block, uint64_t* version,
-                    const uint64_t* want = nullptr);
+  // REQUIRES: `reader` (one of the state's) held.
+  Status LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat, void* block,
+                    uint64_t* version, const uint64_t* want = nullptr);
   Status LoadTier(ExpertState state);
   Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version,
                  bool supersede = false);

@@ -27,8 +27,8 @@
 // silently go back one version.
 // Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
-// A file may have one writing and one reading handle (two objects), as the optimizer's
-// load and store stages do: loads never cache which shadow slot is newest.
+// A file may have one writing handle and several reading ones (an object each), as the
+// expert store keeps them: loads never cache which shadow slot is newest.
 #pragma once
 
 #include <cstdint>

@@ -7,7 +7,9 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <map>
 #include <thread>
+#include <unordered_set>
 
 #include "optimizer/parallel_update.h"
 #include "runtime/base/str_cat.h"
@@ -169,12 +171,12 @@ uint64_t SlotBytes(const StreamingOptions& options) {
 
 Status ValidateStreamingOptions(const StreamingOptions& options) {
   ECSS_RETURN_IF_ERROR(ValidateHyperParams(options.kind, options.params));
-  if (options.threads < 1 || options.buffers < 2 || options.chunk_elements < 1024 ||
-      options.max_expert_elements == 0) {
-    return InvalidArgumentError(StrCat("streaming options need threads >= 1 (", options.threads,
-                                       "), buffers >= 2 (", options.buffers,
-                                       "), chunk_elements >= 1024 (", options.chunk_elements,
-                                       ") and max_expert_elements > 0"));
+  if (options.threads < 1 || options.buffers < 2 || options.loads_in_flight < 1 ||
+      options.chunk_elements < 1024 || options.max_expert_elements == 0) {
+    return InvalidArgumentError(StrCat(
+        "streaming options need threads >= 1 (", options.threads, "), buffers >= 2 (",
+        options.buffers, "), loads_in_flight >= 1 (", options.loads_in_flight,
+        "), chunk_elements >= 1024 (", options.chunk_elements, ") and max_expert_elements > 0"));
   }
   const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
   if (!SimdIsaSupported(isa))
@@ -214,6 +216,16 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
 }
 
+namespace {
+
+Status RepeatedExpertError(uint32_t expert) {
+  return InvalidArgumentError(StrCat("expert ", expert,
+                                     " is in the run twice (its second load would read its state "
+                                     "before the first update's store)"));
+}
+
+}  // namespace
+
 StateStreamingUpdater::StateStreamingUpdater(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 StateStreamingUpdater::~StateStreamingUpdater() = default;
 
@@ -244,6 +256,10 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   for (const StreamedGradient& g : work) {
     ECSS_RETURN_IF_ERROR(CheckGradient(*impl.tier, impl.options, g));
   }
+  std::unordered_set<uint32_t> in_run;  // every expert of the run so far
+  for (const StreamedGradient& g : work) {
+    if (!in_run.insert(g.expert).second) return RepeatedExpertError(g.expert);
+  }
   StreamingReport report;
   const Clock::time_point start = Clock::now();
   Channel<int> free_slots;
@@ -252,33 +268,66 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   for (int s = 0; s < static_cast<int>(impl.slots.size()); ++s) free_slots.Push(s);
   Status first_error;  // written by the store stage only, which every token passes last
 
-  std::thread loader([&] {
-    std::vector<StreamedGradient> batch = work;
-    int64_t index = 0;
-    for (size_t i = 0;; ++i) {
-      if (i == batch.size()) {  // the end of the work so far: more, when the caller has it
-        std::vector<StreamedGradient> more;
-        if (!hooks.more || !hooks.more(&more) || more.empty()) break;
-        batch = std::move(more);
-        i = 0;
+  // The load stage: loads_in_flight threads, each taking a free slot and then the next
+  // gradient (both under next_mutex, so that slots go to the work in its order: the earliest
+  // expert not yet updated never waits for a slot that a later one holds), loading it and
+  // handing it on. The update stage takes the loads in the work's order.
+  std::mutex next_mutex;
+  std::vector<StreamedGradient> batch = work;  // GUARDED_BY(next_mutex), as the three below
+  size_t at = 0;
+  int64_t next_index = 0;
+  bool exhausted = false;
+  int loaders_left = impl.options.loads_in_flight;
+  // The next gradient and a slot for it; false at the end of the work (hooks.more has none).
+  // REQUIRES: next_mutex held.
+  auto next = [&](Token* token) {
+    if (exhausted) return false;
+    const int slot = free_slots.Pop();
+    if (at == batch.size()) {  // the end of the work so far: more, when the caller has it
+      std::vector<StreamedGradient> more;
+      if (!hooks.more || !hooks.more(&more) || more.empty()) {
+        exhausted = true;
+        free_slots.Push(slot);
+        return false;
       }
-      Token token;
-      token.index = index++;
-      token.grad = batch[i];
-      token.slot = free_slots.Pop();
-      const Clock::time_point t0 = Clock::now();
-      token.status = CheckGradient(*impl.tier, impl.options, token.grad);
-      if (token.status.ok()) {
-        StateSlot& slot = impl.slots[token.slot];
-        slot.size = *impl.tier->ExpertSize(token.grad.expert);
-        token.status = impl.tier->Load(token.grad.expert, slot, &token.update_count);
-      }
-      token.update = token.status.ok();
-      report.load_seconds += Since(t0);
-      loaded.Push(std::move(token));
+      batch = std::move(more);
+      at = 0;
     }
-    loaded.Push(Token{});
-  });
+    token->index = next_index++;
+    token->grad = batch[at++];
+    token->slot = slot;
+    if (token->index >= static_cast<int64_t>(work.size()) &&
+        !in_run.insert(token->grad.expert).second) {
+      token->status = RepeatedExpertError(token->grad.expert);
+    }
+    return true;
+  };
+  std::vector<double> load_seconds(impl.options.loads_in_flight, 0.0);
+  std::vector<std::thread> loaders;
+  loaders.reserve(impl.options.loads_in_flight);
+  for (int l = 0; l < impl.options.loads_in_flight; ++l) {
+    loaders.emplace_back([&, l] {
+      while (true) {
+        Token token;
+        {
+          std::lock_guard<std::mutex> lock(next_mutex);
+          if (!next(&token)) break;
+        }
+        const Clock::time_point t0 = Clock::now();
+        if (token.status.ok()) token.status = CheckGradient(*impl.tier, impl.options, token.grad);
+        if (token.status.ok()) {
+          StateSlot& slot = impl.slots[token.slot];
+          slot.size = *impl.tier->ExpertSize(token.grad.expert);
+          token.status = impl.tier->Load(token.grad.expert, slot, &token.update_count);
+        }
+        token.update = token.status.ok();
+        load_seconds[l] += Since(t0);
+        loaded.Push(std::move(token));
+      }
+      std::lock_guard<std::mutex> lock(next_mutex);
+      if (--loaders_left == 0) loaded.Push(Token{});  // after every loader's last token
+    });
+  }
   std::thread storer([&] {
     while (true) {
       Token token = updated.Pop();
@@ -296,10 +345,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
     }
   });
 
-  // The calling thread drives the update stage in the arena.
-  while (true) {
-    Token token = loaded.Pop();
-    if (token.index < 0) break;
+  // The calling thread drives the update stage in the arena, in the work's order.
+  auto update = [&](Token& token) {
     const StreamedGradient& g = token.grad;
     if (token.update) {
       const Clock::time_point t0 = Clock::now();
@@ -329,10 +376,23 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       token.status = token.status.Annotate(StrCat("loading expert ", g.expert));
     }
     updated.Push(std::move(token));
+  };
+  std::map<int64_t, Token> early;  // loads that arrived before an earlier one
+  int64_t expected = 0;
+  while (true) {
+    Token token = loaded.Pop();
+    if (token.index < 0) break;  // every load arrived, and went on in order
+    early.emplace(token.index, std::move(token));
+    while (!early.empty() && early.begin()->first == expected) {
+      update(early.begin()->second);
+      early.erase(early.begin());
+      ++expected;
+    }
   }
   updated.Push(Token{});
-  loader.join();
+  for (std::thread& loader : loaders) loader.join();
   storer.join();
+  for (double seconds : load_seconds) report.load_seconds += seconds;
   report.wall_seconds = Since(start);
   if (!first_error.ok()) return first_error;
   return report;

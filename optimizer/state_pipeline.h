@@ -1,8 +1,9 @@
 // State streaming: when master weights and optimizer states live off-memory (NVMe, through
 // offload/'s tier moves), updates run as a pipeline of three stages on their own threads,
 //   load (tier -> staging slot)  ->  update (the TBB arena)  ->  store (slot -> tier)
-// with `buffers` staging slots (2: double-buffered), so that one expert's I/O overlaps
-// another's update. StateTier is the interface offload/ implements; InMemoryStateTier is the
+// with `buffers` staging slots, so that one expert's I/O overlaps another's update, and
+// `loads_in_flight` loads at once (a thread and a slot each; the update stage still takes the
+// experts in order). StateTier is the interface offload/ implements; InMemoryStateTier is the
 // reference implementation the pipeline is tested against.
 // Data safety: an expert whose load fails, or whose gradient is not finite, is neither updated
 // nor stored (its tier copy stays as it was); a failed store leaves the tier's previous copy.
@@ -81,7 +82,11 @@ struct StreamingOptions {
   int threads = 1;                    // update arena threads (>= 1)
   size_t chunk_elements = 64 * 1024;  // per update task (>= 1024)
   int buffers = 2;                    // staging slots (>= 2)
-  size_t max_expert_elements = 0;     // slot capacity (> 0)
+  // Loads at once (>= 1), on a thread each. Each holds a slot, so more than buffers - 1 gain
+  // nothing: two, with three slots, keep a drive's queue deep enough that one expert's header
+  // round trip or a store's writes do not leave it idle.
+  int loads_in_flight = 1;
+  size_t max_expert_elements = 0;  // slot capacity (> 0)
   // Each slot also holds the new bf16 compute copy (StateSlot::compute) of an update whose
   // gradient gives no compute_copy: for tiers that store the compute weights themselves.
   bool stage_compute_copy = false;
@@ -113,7 +118,7 @@ struct StreamingHooks {
 struct StreamingReport {
   size_t updated = 0;
   size_t skipped_nonfinite = 0;
-  double load_seconds = 0;  // busy time of each stage
+  double load_seconds = 0;  // busy time of each stage (the load stage's threads summed)
   double update_seconds = 0;
   double store_seconds = 0;
   double wall_seconds = 0;
@@ -135,7 +140,9 @@ class StateStreamingUpdater {
 
   // Streams every gradient's expert through load -> update -> store, in order, with `params`
   // (default: the options'; a schedule passes each step's). Returns the report, or the first
-  // error (after the pipeline drained; other experts were processed).
+  // error (after the pipeline drained; other experts were processed). An expert is in a run
+  // once: InvalidArgument for a repeat in `work` (nothing runs), and one that hooks.more
+  // appends fails alone.
   StatusOr<StreamingReport> Run(const std::vector<StreamedGradient>& work, float grad_scale,
                                 float clip_coefficient, const HyperParams* params = nullptr,
                                 const StreamingHooks& hooks = {});

@@ -8,7 +8,8 @@
 #      and installs the Python module into a scratch root and imports it from there;
 #   4. builds the asan (address+undefined) preset and runs every test under it;
 #   5. builds the tsan preset and runs the device, conformance, router, offload and engine tests
-#      under it (the engine's with oneTBB's reports suppressed, tests/tsan-tbb.supp).
+#      under it (the engine's and the optimizer's streaming pipeline's with oneTBB's reports
+#      suppressed, tests/tsan-tbb.supp).
 # `scripts/test.sh --quick` stops after step 2 (for the edit-build-test loop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,3 +61,6 @@ ctest --preset tsan -L "device|conformance|router|offload" -E DeathTest
 # (tests/tsan-tbb.supp): its own threads (the NVMe updater's worker, the stager, the sim's
 # streams) against the session's are still checked.
 ctest --preset tsan-engine -L engine -E DeathTest
+# The optimizer's streaming pipeline (its loads at once, update and store threads), the same way;
+# the rest of the optimizer's tests are oneTBB's kernels and take minutes under it.
+ctest --preset tsan-engine -R '^StateStreamingTest\.'

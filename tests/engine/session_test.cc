@@ -1445,16 +1445,16 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
         return std::unique_ptr<IoEngine>(std::move(engine));
       };
       Driven d = Driven::Create(OptionsFor(c));
-      // The store's master and moments files, each a writing and a reading engine.
-      ASSERT_EQ(engines.size(), 4u);
-      FaultInjectionIoEngine* master_reads = engines[1];
+      // The store's master and moments files, each a writing and two reading engines.
+      ASSERT_EQ(engines.size(), 6u);
+      const std::vector<FaultInjectionIoEngine*> master_reads = {engines[1], engines[2]};
       const auto steps = MakeSteps(4, 1);
       ASSERT_TRUE(d.Step(steps[0]).ok());
       ASSERT_TRUE(d.session->Synchronize().ok());
       const std::vector<float> before = *d.session->MasterWeights(LayerIndex{0}, 0);
       FaultOptions fail_reads;
       fail_reads.fail_one_in = 1;
-      master_reads->set_options(fail_reads);
+      for (FaultInjectionIoEngine* reads : master_reads) reads->set_options(fail_reads);
       // Step 2's updates fail; the error comes from its EndStep or, at the latest, Synchronize
       // (with immediate updates each layer's batch fails on its own: each is reported once).
       const Status step2 = d.Step(steps[1]);
@@ -1470,7 +1470,7 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
       if (strategy != Strategy::kEcss) {
         EXPECT_FALSE(step2.ok()) << "EndStep waits for updates";
       }
-      master_reads->set_options(FaultOptions{});
+      for (FaultInjectionIoEngine* reads : master_reads) reads->set_options(FaultOptions{});
       // Reported once; nothing was half-applied; the session trains on.
       EXPECT_TRUE(d.session->Synchronize().ok());
       EXPECT_EQ(*d.session->MasterWeights(LayerIndex{0}, 0), before);

@@ -1,8 +1,12 @@
 #include "optimizer/state_pipeline.h"
 
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -40,6 +44,21 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> CreateUpdater(const StreamingOp
   return StateStreamingUpdater::Create(options, tier, (*out)->data, bytes);
 }
 
+// f32 gradients of experts 0 .. experts - 1 (seeds seed + e), and the work streaming them.
+struct Gradients {
+  std::vector<std::vector<float>> values;
+  std::vector<StreamedGradient> work;
+};
+Gradients MakeGradients(uint32_t experts, size_t size, uint64_t seed) {
+  Gradients g;
+  g.values.reserve(experts);
+  for (uint32_t e = 0; e < experts; ++e) {
+    g.values.push_back(Values(size, seed + e, 1.0f));
+    g.work.push_back({e, g.values.back().data(), DType::kF32, nullptr});
+  }
+  return g;
+}
+
 // A tier that fails chosen operations, to show failures lose nothing.
 class FailingTier : public StateTier {
  public:
@@ -61,7 +80,9 @@ class FailingTier : public StateTier {
 };
 
 TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
-  for (int buffers : {2, 3}) {
+  // {buffers, loads_in_flight}: one load, and several (with slots to hold them, and not).
+  for (auto [buffers, loads] :
+       std::vector<std::pair<int, int>>{{2, 1}, {3, 1}, {2, 2}, {3, 2}, {4, 3}}) {
     for (int threads : {1, 2}) {
       InMemoryStateTier tier(OptimizerKind::kAdamW);
       // The same experts held in memory by CpuOptimizer, as the reference.
@@ -84,6 +105,7 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
       std::unique_ptr<Workspace> staging;
       StreamingOptions options;
       options.buffers = buffers;
+      options.loads_in_flight = loads;
       options.threads = threads;
       options.max_expert_elements = 70000;
       auto updater = CreateUpdater(options, &tier, &staging);
@@ -126,7 +148,8 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
         }
       }
       for (uint32_t e = 0; e < kSizes.size(); ++e) {
-        EXPECT_EQ(tier.master(e), master[e]) << "expert " << e << " buffers " << buffers;
+        EXPECT_EQ(tier.master(e), master[e])
+            << "expert " << e << " buffers " << buffers << " loads " << loads;
         EXPECT_EQ(tier.state(e, 0), m[e]);
         EXPECT_EQ(tier.state(e, 1), v[e]);
         EXPECT_EQ(tier.update_count(e), reference->version(e));
@@ -147,12 +170,9 @@ TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
   StreamingOptions options;
   options.max_expert_elements = 1000;
   auto updater = *CreateUpdater(options, &failing, &staging);
-  std::vector<std::vector<float>> grads;
-  std::vector<StreamedGradient> work;
-  for (uint32_t e = 0; e < 4; ++e) {
-    grads.push_back(Values(1000, 50 + e, 1.0f));
-    work.push_back({e, grads.back().data(), DType::kF32, nullptr});
-  }
+  Gradients g = MakeGradients(4, 1000, 50);
+  std::vector<std::vector<float>>& grads = g.values;
+  const std::vector<StreamedGradient>& work = g.work;
   grads[3][10] = std::nanf("");
   std::vector<std::vector<float>> before;
   for (uint32_t e = 0; e < 4; ++e) before.push_back(tier.master(e));
@@ -174,6 +194,101 @@ TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
   EXPECT_EQ(again->updated, 4u);
 }
 
+// A tier whose load of expert 0 waits until expert 1's load has begun (or 10 s: then the loads
+// did not overlap), so that expert 1's load finishes first.
+class OverlapTier : public StateTier {
+ public:
+  explicit OverlapTier(InMemoryStateTier* inner) : inner_(inner) {}
+  StatusOr<size_t> ExpertSize(uint32_t e) const override { return inner_->ExpertSize(e); }
+  Status Load(uint32_t e, const StateSlot& s, uint64_t* c) override {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (e == 1) {
+      second_started_ = true;
+      cv_.notify_all();
+    } else if (e == 0) {
+      overlapped = cv_.wait_for(lock, std::chrono::seconds(10), [&] { return second_started_; });
+    }
+    lock.unlock();
+    return inner_->Load(e, s, c);
+  }
+  Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
+    return inner_->Store(e, s, c);
+  }
+  bool overlapped = false;  // GUARDED_BY(mutex_) until the run ends
+
+ private:
+  InMemoryStateTier* inner_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool second_started_ = false;
+};
+
+TEST(StateStreamingTest, LoadsInFlightOverlapAndGoOnInOrder) {
+  InMemoryStateTier tier(OptimizerKind::kAdamW);
+  for (uint32_t e = 0; e < 6; ++e) tier.AddExpert(Values(3000, e, 1.0f));
+  InMemoryStateTier reference(OptimizerKind::kAdamW);
+  for (uint32_t e = 0; e < 6; ++e) reference.AddExpert(Values(3000, e, 1.0f));
+  OverlapTier overlapping(&tier);
+  StreamingOptions options;
+  options.max_expert_elements = 3000;
+  options.buffers = 3;
+  options.loads_in_flight = 2;
+  std::unique_ptr<Workspace> staging, reference_staging;
+  auto updater = *CreateUpdater(options, &overlapping, &staging);
+  options.loads_in_flight = 1;
+  auto one_load = *CreateUpdater(options, &reference, &reference_staging);
+  const Gradients g = MakeGradients(6, 3000, 70);
+  const std::vector<StreamedGradient>& work = g.work;
+  std::vector<uint32_t> done;
+  StreamingHooks hooks;
+  hooks.done = [&](uint32_t expert) { done.push_back(expert); };
+  StatusOr<StreamingReport> report = updater->Run(work, 1.0f, 1.0f, nullptr, hooks);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_TRUE(overlapping.overlapped) << "expert 1's load began while expert 0's ran";
+  EXPECT_EQ(done, (std::vector<uint32_t>{0, 1, 2, 3, 4, 5})) << "updated and stored in order";
+  ASSERT_TRUE(one_load->Run(work, 1.0f, 1.0f).ok());
+  for (uint32_t e = 0; e < 6; ++e) {
+    EXPECT_EQ(tier.master(e), reference.master(e)) << "expert " << e;
+    EXPECT_EQ(tier.state(e, 1), reference.state(e, 1)) << "expert " << e;
+  }
+}
+
+TEST(StateStreamingTest, AnExpertIsInARunOnce) {
+  for (int loads : {1, 2}) {
+    InMemoryStateTier tier(OptimizerKind::kAdamW);
+    for (uint32_t e = 0; e < 3; ++e) tier.AddExpert(Values(2000, e, 1.0f));
+    StreamingOptions options;
+    options.max_expert_elements = 2000;
+    options.buffers = 3;
+    options.loads_in_flight = loads;
+    std::unique_ptr<Workspace> staging;
+    auto updater = *CreateUpdater(options, &tier, &staging);
+    std::vector<float> grad(2000, 0.25f);
+    const StreamedGradient g0{0, grad.data(), DType::kF32, nullptr};
+    const StreamedGradient g1{1, grad.data(), DType::kF32, nullptr};
+    const StreamedGradient g2{2, grad.data(), DType::kF32, nullptr};
+    Status twice = updater->Run({g0, g1, g0}, 1.0f, 1.0f).status();
+    EXPECT_EQ(twice.code(), StatusCode::kInvalidArgument) << twice;
+    EXPECT_NE(twice.message().find("expert 0 is in the run twice"), std::string_view::npos)
+        << twice;
+    EXPECT_EQ(tier.loads(), 0u) << "refused before any I/O";
+    // Appended by hooks.more: that one fails alone; the others are updated once.
+    std::vector<std::vector<StreamedGradient>> batches = {{g2, g1}};
+    StreamingHooks hooks;
+    hooks.more = [&](std::vector<StreamedGradient>* more) {
+      if (batches.empty()) return false;
+      *more = batches.back();
+      batches.pop_back();
+      return true;
+    };
+    Status appended = updater->Run({g0, g1}, 1.0f, 1.0f, nullptr, hooks).status();
+    EXPECT_EQ(appended.code(), StatusCode::kInvalidArgument) << appended;
+    EXPECT_NE(appended.message().find("expert 1 is in the run twice"), std::string_view::npos)
+        << appended;
+    for (uint32_t e = 0; e < 3; ++e) EXPECT_EQ(tier.update_count(e), 1u) << "expert " << e;
+  }
+}
+
 TEST(StateStreamingTest, BadInput) {
   InMemoryStateTier tier(OptimizerKind::kAdamW);
   tier.AddExpert(Values(5000, 1, 1.0f));
@@ -184,6 +299,10 @@ TEST(StateStreamingTest, BadInput) {
   EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
             StatusCode::kInvalidArgument);
   options.buffers = 2;
+  options.loads_in_flight = 0;
+  EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
+            StatusCode::kInvalidArgument);
+  options.loads_in_flight = 1;
   // 2 slots x (master, m, v) x 16 KiB.
   EXPECT_EQ(*StateStreamingUpdater::WorkspaceBytes(options), 2u * 3 * 16384);
   Workspace short_workspace(2 * 3 * 16384 - 4096);
