@@ -116,7 +116,8 @@ struct NvmeUpdaterOptions {
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
   // The pipeline's slots and its loads at once (StreamingOptions::buffers, loads_in_flight):
-  // two loads, each in a slot of its own beside the one being updated.
+  // two loads, each in a slot of its own beside the one being updated (a slot is free again
+  // once its expert is stored).
   int staging_buffers = 3;
   int loads_in_flight = 2;
   // Where every expert's master weights and moments live, on NVMe; when it keeps the compute

@@ -834,9 +834,9 @@ void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
 // One expert's state to its file. Shared experts (Share) first: before a source's write, the
 // experts that still read this state of it get their own copy of what they read; before a
 // shared expert's own first write, its source's version goes into its first slot, so that its
-// two slots hold what a crash between an update's writes must find. Both run under the
-// state's read lock too (no read of a dependent falls between its look at its own slot and
-// the source's write), and are made durable before the write they precede.
+// two slots hold what a crash between an update's writes must find. Both run with every
+// reading handle of the state locked too (no read of a dependent falls between its look at
+// its own slot and the source's write), and are made durable before the write they precede.
 Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
                                 uint64_t version, bool supersede) {
   Files& files = files_[Index(state)];

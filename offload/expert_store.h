@@ -62,10 +62,11 @@
 // still holds it.
 //
 // Errors of a read or write name the layer, the expert and the state. The store stays usable
-// after one. Thread-safe, and the locks are per state and direction: a read of one state
-// never waits for a write of another or for a read of another state (the weight stager reads
-// weights while the optimizer pipeline reads and writes masters and moments), because every
-// nvme state has a reading and a writing handle, each with its own IoEngine. What goes
+// after one. Thread-safe, and the locks are per state and handle: a read of one state never
+// waits for a write of another or for a read of another state (the weight stager reads
+// weights while the optimizer pipeline reads and writes masters and moments), nor two reads
+// of one state for each other (the pipeline's loads at once), because every nvme state has
+// a writing handle and two reading ones, each with its own IoEngine. What goes
 // through the one staging block (Read and Write of an nvme state, device states) takes turns.
 // A read of an expert's state that overlaps two writes of that state may see DataLoss: the
 // caller orders accesses to one expert (the engine's fences do). Flush and Close wait for
@@ -296,7 +297,9 @@ class ExpertStore {
     std::mutex mutex;
   };
   // Reading handles per nvme state: two loads of one state (the optimizer pipeline's, or a
-  // stager's beside it) run at once, keeping the drive's queue deeper.
+  // checkpoint's read beside them) run at once, keeping the drive's queue deeper. Every nvme
+  // state gets them, the weights too, which one stager reads at a time: an idle handle costs
+  // an io_uring ring and a file descriptor per file.
   static constexpr size_t kReaders = 2;
   // An nvme state's handles of its files: one writing, kReaders reading, so that reads and
   // writes do not take turns, nor two reads.
@@ -372,6 +375,7 @@ class ExpertStore {
   // REQUIRES: `reader` (one of the state's) held.
   Status LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat, void* block,
                     uint64_t* version, const uint64_t* want = nullptr);
+  // REQUIRES: the store not yet handed out (Open): it reads through readers[0] unlocked.
   Status LoadTier(ExpertState state);
   Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version,
                  bool supersede = false);

@@ -134,11 +134,93 @@ double Since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// What every update of a run shares.
+struct UpdateArgs {
+  const HyperParams& hyper;
+  float grad_scale;
+  float clip_coefficient;
+};
+
+Status RepeatedExpertError(uint32_t expert) {
+  return InvalidArgumentError(StrCat("expert ", expert,
+                                     " is in the run twice (its second load would read its state "
+                                     "before the first update's store)"));
+}
+
+// The load stage's work: a run's gradients in order, then what hooks.more appends, each
+// handed out with a slot. A loader takes the slot first and then the gradient, both under one
+// lock, so that slots go to the work in its order: the earliest expert not yet updated never
+// waits for a slot that a later one holds. Thread-safe.
+class LoadQueue {
+ public:
+  using More = std::function<bool(std::vector<StreamedGradient>*)>;
+  // InvalidArgument when `work` has an expert twice.
+  static StatusOr<std::unique_ptr<LoadQueue>> Create(const std::vector<StreamedGradient>& work,
+                                                     const More& more, int loaders) {
+    auto queue = std::unique_ptr<LoadQueue>(new LoadQueue(work, more, loaders));
+    for (const StreamedGradient& g : work) {
+      if (!queue->in_run_.insert(g.expert).second) return RepeatedExpertError(g.expert);
+    }
+    return queue;
+  }
+
+  // The next gradient (token's index and grad; its status when refused) and a free slot for
+  // it; false at the end of the work (hooks.more has none).
+  bool Next(Channel<int>& free_slots, Token* token) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (exhausted_) return false;
+    const int slot = free_slots.Pop();
+    if (at_ == batch_.size()) {  // the end of the work so far: more, when the caller has it
+      std::vector<StreamedGradient> more;
+      if (!more_ || !more_(&more) || more.empty()) {
+        exhausted_ = true;
+        free_slots.Push(slot);
+        return false;
+      }
+      batch_ = std::move(more);
+      at_ = 0;
+    }
+    token->index = next_index_++;
+    token->grad = batch_[at_++];
+    token->slot = slot;
+    if (token->index >= static_cast<int64_t>(work_size_) &&
+        !in_run_.insert(token->grad.expert).second) {
+      token->status = RepeatedExpertError(token->grad.expert);
+    }
+    return true;
+  }
+
+  // A loader leaves; true for the last one.
+  bool Leave() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return --loaders_left_ == 0;
+  }
+
+ private:
+  LoadQueue(const std::vector<StreamedGradient>& work, const More& more, int loaders)
+      : work_size_(work.size()), more_(more), batch_(work), loaders_left_(loaders) {}
+
+  const size_t work_size_;
+  const More& more_;
+  std::mutex mutex_;
+  std::vector<StreamedGradient> batch_;  // GUARDED_BY(mutex_), as every member below
+  size_t at_ = 0;
+  int64_t next_index_ = 0;
+  bool exhausted_ = false;
+  int loaders_left_;
+  std::unordered_set<uint32_t> in_run_;  // every expert handed out, and the work's
+};
+
 }  // namespace
 
 struct StateStreamingUpdater::Impl {
   Impl(const StreamingOptions& o, SimdIsa simd, StateTier* t)
       : options(o), isa(simd), tier(t), arena(o.threads, /*reserved_for_masters=*/0) {}
+
+  // Fills the token's slot from the tier (unless the token failed already); its seconds.
+  double Load(Token& token);
+  // The token's update in its slot, unless its load failed or its gradient is not finite.
+  void Update(const UpdateArgs& args, Token& token, StreamingReport* report);
 
   StreamingOptions options;
   SimdIsa isa;
@@ -172,10 +254,11 @@ uint64_t SlotBytes(const StreamingOptions& options) {
 Status ValidateStreamingOptions(const StreamingOptions& options) {
   ECSS_RETURN_IF_ERROR(ValidateHyperParams(options.kind, options.params));
   if (options.threads < 1 || options.buffers < 2 || options.loads_in_flight < 1 ||
-      options.chunk_elements < 1024 || options.max_expert_elements == 0) {
+      options.loads_in_flight > options.buffers || options.chunk_elements < 1024 ||
+      options.max_expert_elements == 0) {
     return InvalidArgumentError(StrCat(
         "streaming options need threads >= 1 (", options.threads, "), buffers >= 2 (",
-        options.buffers, "), loads_in_flight >= 1 (", options.loads_in_flight,
+        options.buffers, "), 1 <= loads_in_flight <= buffers (", options.loads_in_flight,
         "), chunk_elements >= 1024 (", options.chunk_elements, ") and max_expert_elements > 0"));
   }
   const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
@@ -216,16 +299,6 @@ StatusOr<std::unique_ptr<StateStreamingUpdater>> StateStreamingUpdater::Create(
   return std::unique_ptr<StateStreamingUpdater>(new StateStreamingUpdater(std::move(impl)));
 }
 
-namespace {
-
-Status RepeatedExpertError(uint32_t expert) {
-  return InvalidArgumentError(StrCat("expert ", expert,
-                                     " is in the run twice (its second load would read its state "
-                                     "before the first update's store)"));
-}
-
-}  // namespace
-
 StateStreamingUpdater::StateStreamingUpdater(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 StateStreamingUpdater::~StateStreamingUpdater() = default;
 
@@ -243,6 +316,47 @@ Status CheckGradient(StateTier& tier, const StreamingOptions& options, const Str
   return Status::Ok();
 }
 
+double StateStreamingUpdater::Impl::Load(Token& token) {
+  const Clock::time_point t0 = Clock::now();
+  if (token.status.ok()) token.status = CheckGradient(*tier, options, token.grad);
+  if (token.status.ok()) {
+    StateSlot& slot = slots[token.slot];
+    slot.size = *tier->ExpertSize(token.grad.expert);
+    token.status = tier->Load(token.grad.expert, slot, &token.update_count);
+  }
+  token.update = token.status.ok();
+  return Since(t0);
+}
+
+void StateStreamingUpdater::Impl::Update(const UpdateArgs& args, Token& token,
+                                         StreamingReport* report) {
+  const StreamedGradient& g = token.grad;
+  if (!token.update) {
+    token.status = token.status.Annotate(StrCat("loading expert ", g.expert));
+    return;
+  }
+  const Clock::time_point t0 = Clock::now();
+  const StateSlot& slot = slots[token.slot];
+  double sum = 0;
+  arena.execute(
+      [&] { sum = optimizer_internal::ParallelSumOfSquares(isa, g.grad, g.dtype, slot.size); });
+  if (!std::isfinite(sum)) {
+    token.update = false;
+    ++report->skipped_nonfinite;
+  } else {
+    token.update_count += 1;
+    const UpdateScalars scalars = MakeUpdateScalars(options.kind, args.hyper, token.update_count,
+                                                    args.grad_scale, args.clip_coefficient);
+    BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
+    const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
+                             slot.state1, compute, slot.size};
+    arena.execute(
+        [&] { optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements); });
+    ++report->updated;
+  }
+  report->update_seconds += Since(t0);
+}
+
 StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedGradient>& work,
                                                      float grad_scale, float clip_coefficient,
                                                      const HyperParams* params,
@@ -256,10 +370,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   for (const StreamedGradient& g : work) {
     ECSS_RETURN_IF_ERROR(CheckGradient(*impl.tier, impl.options, g));
   }
-  std::unordered_set<uint32_t> in_run;  // every expert of the run so far
-  for (const StreamedGradient& g : work) {
-    if (!in_run.insert(g.expert).second) return RepeatedExpertError(g.expert);
-  }
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<LoadQueue> queue,
+                        LoadQueue::Create(work, hooks.more, impl.options.loads_in_flight));
   StreamingReport report;
   const Clock::time_point start = Clock::now();
   Channel<int> free_slots;
@@ -268,64 +380,20 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   for (int s = 0; s < static_cast<int>(impl.slots.size()); ++s) free_slots.Push(s);
   Status first_error;  // written by the store stage only, which every token passes last
 
-  // The load stage: loads_in_flight threads, each taking a free slot and then the next
-  // gradient (both under next_mutex, so that slots go to the work in its order: the earliest
-  // expert not yet updated never waits for a slot that a later one holds), loading it and
-  // handing it on. The update stage takes the loads in the work's order.
-  std::mutex next_mutex;
-  std::vector<StreamedGradient> batch = work;  // GUARDED_BY(next_mutex), as the three below
-  size_t at = 0;
-  int64_t next_index = 0;
-  bool exhausted = false;
-  int loaders_left = impl.options.loads_in_flight;
-  // The next gradient and a slot for it; false at the end of the work (hooks.more has none).
-  // REQUIRES: next_mutex held.
-  auto next = [&](Token* token) {
-    if (exhausted) return false;
-    const int slot = free_slots.Pop();
-    if (at == batch.size()) {  // the end of the work so far: more, when the caller has it
-      std::vector<StreamedGradient> more;
-      if (!hooks.more || !hooks.more(&more) || more.empty()) {
-        exhausted = true;
-        free_slots.Push(slot);
-        return false;
-      }
-      batch = std::move(more);
-      at = 0;
-    }
-    token->index = next_index++;
-    token->grad = batch[at++];
-    token->slot = slot;
-    if (token->index >= static_cast<int64_t>(work.size()) &&
-        !in_run.insert(token->grad.expert).second) {
-      token->status = RepeatedExpertError(token->grad.expert);
-    }
-    return true;
-  };
+  // The load stage: loads_in_flight threads, each taking the next gradient with a slot,
+  // loading it and handing it on.
   std::vector<double> load_seconds(impl.options.loads_in_flight, 0.0);
   std::vector<std::thread> loaders;
   loaders.reserve(impl.options.loads_in_flight);
   for (int l = 0; l < impl.options.loads_in_flight; ++l) {
     loaders.emplace_back([&, l] {
-      while (true) {
-        Token token;
-        {
-          std::lock_guard<std::mutex> lock(next_mutex);
-          if (!next(&token)) break;
-        }
-        const Clock::time_point t0 = Clock::now();
-        if (token.status.ok()) token.status = CheckGradient(*impl.tier, impl.options, token.grad);
-        if (token.status.ok()) {
-          StateSlot& slot = impl.slots[token.slot];
-          slot.size = *impl.tier->ExpertSize(token.grad.expert);
-          token.status = impl.tier->Load(token.grad.expert, slot, &token.update_count);
-        }
-        token.update = token.status.ok();
-        load_seconds[l] += Since(t0);
+      Token token;
+      while (queue->Next(free_slots, &token)) {
+        load_seconds[l] += impl.Load(token);
         loaded.Push(std::move(token));
+        token = Token{};
       }
-      std::lock_guard<std::mutex> lock(next_mutex);
-      if (--loaders_left == 0) loaded.Push(Token{});  // after every loader's last token
+      if (queue->Leave()) loaded.Push(Token{});  // after every loader's last token
     });
   }
   std::thread storer([&] {
@@ -346,37 +414,7 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   });
 
   // The calling thread drives the update stage in the arena, in the work's order.
-  auto update = [&](Token& token) {
-    const StreamedGradient& g = token.grad;
-    if (token.update) {
-      const Clock::time_point t0 = Clock::now();
-      const StateSlot& slot = impl.slots[token.slot];
-      double sum = 0;
-      impl.arena.execute([&] {
-        sum = optimizer_internal::ParallelSumOfSquares(impl.isa, g.grad, g.dtype, slot.size);
-      });
-      if (!std::isfinite(sum)) {
-        token.update = false;
-        ++report.skipped_nonfinite;
-      } else {
-        token.update_count += 1;
-        const UpdateScalars scalars = MakeUpdateScalars(
-            impl.options.kind, hyper, token.update_count, grad_scale, clip_coefficient);
-        BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
-        const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
-                                 slot.state1, compute, slot.size};
-        impl.arena.execute([&] {
-          optimizer_internal::ParallelUpdate(impl.isa, scalars, arrays,
-                                             impl.options.chunk_elements);
-        });
-        ++report.updated;
-      }
-      report.update_seconds += Since(t0);
-    } else {
-      token.status = token.status.Annotate(StrCat("loading expert ", g.expert));
-    }
-    updated.Push(std::move(token));
-  };
+  const UpdateArgs args{hyper, grad_scale, clip_coefficient};
   std::map<int64_t, Token> early;  // loads that arrived before an earlier one
   int64_t expected = 0;
   while (true) {
@@ -384,7 +422,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
     if (token.index < 0) break;  // every load arrived, and went on in order
     early.emplace(token.index, std::move(token));
     while (!early.empty() && early.begin()->first == expected) {
-      update(early.begin()->second);
+      impl.Update(args, early.begin()->second, &report);
+      updated.Push(std::move(early.begin()->second));
       early.erase(early.begin());
       ++expected;
     }

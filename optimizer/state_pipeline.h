@@ -82,9 +82,9 @@ struct StreamingOptions {
   int threads = 1;                    // update arena threads (>= 1)
   size_t chunk_elements = 64 * 1024;  // per update task (>= 1024)
   int buffers = 2;                    // staging slots (>= 2)
-  // Loads at once (>= 1), on a thread each. Each holds a slot, so more than buffers - 1 gain
-  // nothing: two, with three slots, keep a drive's queue deep enough that one expert's header
-  // round trip or a store's writes do not leave it idle.
+  // Loads at once (1 .. buffers), on a thread each. Each holds a slot, so more than
+  // buffers - 1 gain little: two, with three slots, keep a drive's queue deep enough that one
+  // expert's header round trip or a store's writes do not leave it idle.
   int loads_in_flight = 1;
   size_t max_expert_elements = 0;  // slot capacity (> 0)
   // Each slot also holds the new bf16 compute copy (StateSlot::compute) of an update whose
@@ -108,7 +108,8 @@ struct StreamingHooks {
   // next, in the same run (same scale, clip coefficient and hyper-parameters), and returns
   // whether it did. So a caller whose work arrives in batches keeps one pipeline busy instead
   // of draining it between batches. Each appended gradient is checked as Run's are; a bad one
-  // fails alone (reported in Run's result).
+  // fails alone (reported in Run's result). Called from any of the load threads, never two
+  // at once, with a slot held for the next gradient.
   std::function<bool(std::vector<StreamedGradient>* more)> more;
   // The store stage, after each expert's store (or its skip or failure): the expert's update
   // is over.

@@ -644,6 +644,49 @@ TEST_F(ExpertStoreTest, ReadsAndWritesOfDifferentStatesRunAtOnce) {
   }
 }
 
+// Two reads of one nvme state run at once, each on a reading handle of its own: while one
+// read waits on its slow handle, another read of the state takes the other handle.
+TEST_F(ExpertStoreTest, TwoReadsOfOneStateRunAtOnce) {
+  std::vector<FaultInjectionIoEngine*> made;  // in the order the store makes them
+  options_.io_engines = [&]() -> StatusOr<std::unique_ptr<IoEngine>> {
+    IoEngineOptions io;
+    io.queue_depth = 8;
+    auto engine = std::make_unique<TrackedEngine>(CreatePosixIoEngine(io), &engines_);
+    made.push_back(engine.get());
+    return std::unique_ptr<IoEngine>(std::move(engine));
+  };
+  auto store = std::move(Make(true, options_)).value();
+  WriteAll(*store, 1);
+  // Every state has a file (the memory ones are durable), each a writing handle and two
+  // reading ones, in the states' order: the moments' are the third three.
+  ASSERT_EQ(made.size(), 12u);
+  FaultInjectionIoEngine* first = made[7];
+  FaultInjectionIoEngine* second = made[8];
+  FaultOptions slow;
+  slow.latency_us = 300 * 1000;
+  first->set_options(slow);
+  const ExpertState state = ExpertState::kMoments;
+  auto read = [&](ExpertId id) {
+    std::unique_ptr<uint8_t, decltype(&std::free)> block(
+        static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))), &std::free);
+    const Status done = store->ReadBlock(state, id, block.get());
+    EXPECT_TRUE(done.ok()) << done;
+    EXPECT_EQ(std::memcmp(block.get(), Pattern(*store, state, id.layer, id.expert, 1).data(),
+                          store->StateBytes(state)),
+              0)
+        << "layer " << id.layer << " expert " << id.expert;
+  };
+  // (bytes_read counts submitted reads, and other threads may look at it.)
+  const uint64_t first_before = first->bytes_read();
+  std::thread slow_read([&] { read({0, 0}); });
+  // Once the slow read has a request in flight on the first handle (it holds that handle):
+  while (first->bytes_read() == first_before) std::this_thread::yield();
+  const uint64_t second_before = second->bytes_read();
+  read({1, 2});
+  EXPECT_GT(second->bytes_read(), second_before) << "the second read took the other handle";
+  slow_read.join();
+}
+
 // Memory states that are not durable have no file: a store without nvme states needs no
 // directory and puts nothing on disk (the session's store with states in host memory).
 TEST_F(ExpertStoreTest, AMemoryOnlyStoreKeepsEveryStateInMemory) {

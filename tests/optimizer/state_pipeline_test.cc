@@ -299,9 +299,14 @@ TEST(StateStreamingTest, BadInput) {
   EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
             StatusCode::kInvalidArgument);
   options.buffers = 2;
-  options.loads_in_flight = 0;
-  EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
-            StatusCode::kInvalidArgument);
+  for (int loads : {0, 3}) {  // none, or more than the slots
+    options.loads_in_flight = loads;
+    const Status refused = StateStreamingUpdater::WorkspaceBytes(options).status();
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << loads;
+    EXPECT_NE(refused.message().find(StrCat("1 <= loads_in_flight <= buffers (", loads, ")")),
+              std::string_view::npos)
+        << refused;
+  }
   options.loads_in_flight = 1;
   // 2 slots x (master, m, v) x 16 KiB.
   EXPECT_EQ(*StateStreamingUpdater::WorkspaceBytes(options), 2u * 3 * 16384);
