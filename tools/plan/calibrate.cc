@@ -106,9 +106,12 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads) 
   return params / busy;
 }
 
-// The fraction of the drive's rates a session's NVMe state pipeline reaches: its bytes read
-// and written at `rates` over the measured steps' time, states in a store under o.dir (removed
-// after).
+// The fraction of the drive's rates a session's NVMe state pipeline reaches while it works:
+// the bytes its runs moved (StepStats::nvme_bytes: each update reads master and moments and
+// writes them back, half and half) at those rates over the runs' time (load to drain:
+// optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not over the
+// steps' time: the pipeline waits for gradients in part of it, and the step simulator models
+// that wait itself. States in a store under o.dir (removed after).
 StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gbps,
                                      double write_gbps) {
   ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
@@ -116,13 +119,18 @@ StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gb
   CalibrationRun run;
   run.store_dir = store.path();
   MeasuredWindow window;
-  ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, o.nvme_steps, window).status());
-  const double bound = static_cast<double>(window.nvme.read) / (read_gbps * 1e9) +
-                       static_cast<double>(window.nvme.written) / (write_gbps * 1e9);
-  if (!(window.seconds > 0 && bound > 0)) {
+  ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
+                        RunCalibrationSteps(o, run, o.nvme_steps, window));
+  double busy = 0, bytes = 0;
+  for (size_t s = window.warmup; s < stats.size(); ++s) {
+    busy += stats[s].optimizer_busy_seconds;
+    bytes += static_cast<double>(stats[s].nvme_bytes);
+  }
+  const double bound = bytes / 2 / (read_gbps * 1e9) + bytes / 2 / (write_gbps * 1e9);
+  if (!(busy > 0 && bound > 0)) {
     return InternalError("calibration: the NVMe state pipeline did not run");
   }
-  return std::min(1.0, bound / window.seconds);
+  return std::min(1.0, bound / busy);
 }
 
 struct NvmeRates {

@@ -12,8 +12,9 @@
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then the fraction of those rates a
 //    session's NVMe state pipeline reaches (ecss steps of the same model with states on NVMe:
-//    the bytes it moved at those rates over its time; session_fraction): a state's header
-//    round trip and the update between its read and its write cost it some of the drive's
+//    the bytes its runs moved at those rates over the runs' time, not the steps'; the step
+//    simulator models the waits for gradients between runs; session_fraction): a state's
+//    header round trip and reads and writes sharing the drive cost it some of the drive's
 //    time.
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
