@@ -1201,13 +1201,13 @@ ExpertStore::IoBytes ExpertStore::io_bytes() const {
   IoBytes bytes;
   for (const Files& files : files_) {
     bytes.fresh_written += files.fresh_written.load(std::memory_order_relaxed);
-    std::vector<const IoEngine*> engines = {files.write_io.get()};
-    for (const Reader& reader : files.readers) engines.push_back(reader.io.get());
-    for (const IoEngine* engine : engines) {
-      if (engine == nullptr) continue;
+    auto add = [&](const IoEngine* engine) {
+      if (engine == nullptr) return;
       bytes.read += engine->bytes_read();
       bytes.written += engine->bytes_written();
-    }
+    };
+    add(files.write_io.get());
+    for (const Reader& reader : files.readers) add(reader.io.get());
   }
   return bytes;
 }
