@@ -247,6 +247,7 @@ StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool sta
   streaming.chunk_elements = options.optimizer.chunk_elements;
   streaming.buffers = options.staging_buffers;
   streaming.loads_in_flight = options.loads_in_flight;
+  streaming.stores_in_flight = options.stores_in_flight;
   streaming.max_expert_elements = options.expert_elements;
   streaming.isa = options.optimizer.isa;
   streaming.stage_compute_copy = stage_compute_copy;

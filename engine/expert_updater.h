@@ -115,11 +115,13 @@ struct NvmeUpdaterOptions {
   // step's updates start at FinishStep, after the global norm, instead of per layer at Flush.
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
-  // The pipeline's slots and its loads at once (StreamingOptions::buffers, loads_in_flight):
-  // two loads, each in a slot of its own beside the one being updated (a slot is free again
-  // once its expert is stored).
+  // The pipeline's slots, its loads and its stores at once (StreamingOptions::buffers,
+  // loads_in_flight, stores_in_flight): two loads, each in a slot of its own beside the one
+  // being updated (a slot is free again once its expert is stored), and two stores. Stores of
+  // experts of the same parity take turns (ExpertStore's writers).
   int staging_buffers = 3;
   int loads_in_flight = 2;
+  int stores_in_flight = 2;
   // Where every expert's master weights and moments live, on NVMe; when it keeps the compute
   // weights on NVMe too, each update's bf16 copy goes there (through the pipeline's slots)
   // instead of into a compute copy in memory. Ids are its index's. Not owned; outlives the

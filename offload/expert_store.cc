@@ -508,14 +508,16 @@ Status ExpertStore::OpenFiles(bool create) {
     file.generation = generation_;
     file.previous_generation = previous_generation_;
     auto opened = [&]() -> Status {
-      ECSS_ASSIGN_OR_RETURN(files.write_io, CreateIoEngine(options_.io_engines));
-      ECSS_ASSIGN_OR_RETURN(files.writer, create
-                                              ? ExpertStateFile::Create(files.write_io.get(), file)
-                                              : ExpertStateFile::Open(files.write_io.get(), file));
-      for (Reader& reader : files.readers) {
-        ECSS_ASSIGN_OR_RETURN(reader.io, CreateIoEngine(options_.io_engines));
-        ECSS_ASSIGN_OR_RETURN(reader.file, ExpertStateFile::Open(reader.io.get(), file));
-      }
+      auto open = [&](Handle& handle, bool first) -> Status {
+        ECSS_ASSIGN_OR_RETURN(handle.io, CreateIoEngine(options_.io_engines));
+        ECSS_ASSIGN_OR_RETURN(handle.file, first && create
+                                               ? ExpertStateFile::Create(handle.io.get(), file)
+                                               : ExpertStateFile::Open(handle.io.get(), file));
+        return Status::Ok();
+      };
+      for (Handle& writer : files.writers)
+        ECSS_RETURN_IF_ERROR(open(writer, &writer == &files.writers[0]));
+      for (Handle& reader : files.readers) ECSS_RETURN_IF_ERROR(open(reader, false));
       return Status::Ok();
     }();
     if (!opened.ok())
@@ -533,7 +535,9 @@ Status ExpertStore::NextGeneration(const std::function<Status()>& accept_both, b
   ++generation_;
   ECSS_RETURN_IF_ERROR(accept_both());
   for (Files& files : files_) {
-    if (files.writer != nullptr) ECSS_RETURN_IF_ERROR(files.writer->SetGeneration(generation_));
+    if (files.writers[0].file != nullptr) {
+      ECSS_RETURN_IF_ERROR(files.writers[0].file->SetGeneration(generation_));
+    }
   }
   previous_generation_ = 0;
   return WriteManifest(closed);
@@ -831,44 +835,63 @@ void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
   return static_cast<char*>(region.memory.data()) + flat * region.stride;
 }
 
-// One expert's state to its file. Shared experts (Share) first: before a source's write, the
-// experts that still read this state of it get their own copy of what they read; before a
-// shared expert's own first write, its source's version goes into its first slot, so that its
-// two slots hold what a crash between an update's writes must find. Both run with every
-// reading handle of the state locked too (no read of a dependent falls between its look at
-// its own slot and the source's write), and are made durable before the write they precede.
+// One expert's state to its file, through its writer. Shared experts (Share) first: before a
+// source's write, the experts that still read this state of it get their own copy of what they
+// read; before a shared expert's own first write, its source's version goes into its first
+// slot, so that its two slots hold what a crash between an update's writes must find. Both run
+// with every writer and every reading handle of the state locked (no read of a dependent falls
+// between its look at its own slot and the source's write), and are made durable before the
+// write they precede.
 Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
                                 uint64_t version, bool supersede) {
   Files& files = files_[Index(state)];
-  std::lock_guard<std::mutex> lock(files.write_mutex);
-  const uint64_t fresh_before = files.writer->fresh_written_bytes();
-  Status stored = StoreLocked(state, flat, block, version, supersede);
-  files.fresh_written.fetch_add(files.writer->fresh_written_bytes() - fresh_before,
+  const void* arrays[1] = {block};
+  {
+    std::lock_guard<std::mutex> lock(files.writers[flat % kWriters].mutex);
+    if (!LendsStorage(files, flat) && !ReadsSource(files, flat)) {
+      return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
+    }
+  }
+  const auto no_write = AllOf(files.writers);
+  return StoreLocked(state, flat, block, version, supersede);
+}
+
+bool ExpertStore::LendsStorage(const Files& files, uint32_t flat) const {
+  return files.unwritten_dependents.contains(flat);
+}
+
+bool ExpertStore::ReadsSource(const Files& files, uint32_t flat) const {
+  if (source_[flat] == flat) return false;
+  auto it = files.unwritten_dependents.find(source_[flat]);
+  return it != files.unwritten_dependents.end() &&
+         std::find(it->second.begin(), it->second.end(), flat) != it->second.end();
+}
+
+Status ExpertStore::StoreThroughWriter(Files& files, uint32_t flat, const void* const* arrays,
+                                       uint64_t elements, uint64_t version, bool supersede) {
+  ExpertStateFile& writer = *files.writers[flat % kWriters].file;
+  const uint64_t fresh_before = writer.fresh_written_bytes();
+  Status stored = writer.Store(flat, arrays, elements, version, supersede);
+  files.fresh_written.fetch_add(writer.fresh_written_bytes() - fresh_before,
                                 std::memory_order_relaxed);
   return stored;
+}
+
+Status ExpertStore::SyncWriters(Files& files) {
+  for (Handle& writer : files.writers) ECSS_RETURN_IF_ERROR(writer.file->Sync());
+  return Status::Ok();
 }
 
 Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* block,
                                 uint64_t version, bool supersede) {
   Files& files = files_[Index(state)];
   const void* arrays[1] = {block};
-  auto dependents = files.unwritten_dependents.find(flat);
-  const bool source = dependents != files.unwritten_dependents.end();
-  auto of_source = files.unwritten_dependents.end();
-  if (source_[flat] != flat) {
-    of_source = files.unwritten_dependents.find(source_[flat]);
-    if (of_source != files.unwritten_dependents.end() &&
-        std::find(of_source->second.begin(), of_source->second.end(), flat) ==
-            of_source->second.end()) {
-      of_source = files.unwritten_dependents.end();  // it has its own copy already
-    }
-  }
-  const bool shared = of_source != files.unwritten_dependents.end();
-  if (!source && !shared) {
-    return files.writer->Store(flat, arrays, Elements(state), version, supersede);
-  }
+  const bool source = LendsStorage(files, flat);
+  const bool shared = ReadsSource(files, flat);
+  if (!source && !shared)
+    return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
 
-  const auto no_read = AllReaders(files);
+  const auto no_read = AllOf(files.readers);
   ExpertStateFile& reader = *files.readers[0].file;
   const std::string what = Name(state, index_.Id(flat));
   std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
@@ -881,25 +904,26 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
   ECSS_RETURN_IF_ERROR(
       LoadLocked(state, reader, shared ? source_[flat] : flat, copy.get(), &current));
   if (source) {
-    std::vector<uint32_t>& waiting = dependents->second;
+    std::vector<uint32_t>& waiting = files.unwritten_dependents.at(flat);
     while (!waiting.empty()) {
-      Status given = files.writer->Store(waiting.back(), copied, Elements(state), current);
+      Status given = StoreThroughWriter(files, waiting.back(), copied, Elements(state), current);
       if (!given.ok()) {
         return given.Annotate(StrCat("giving ", Name(state, index_.Id(waiting.back())),
                                      " its own copy before ", what, " is written"));
       }
       waiting.pop_back();
     }
-    files.unwritten_dependents.erase(dependents);
+    files.unwritten_dependents.erase(flat);
   }
   if (shared) {
-    ECSS_RETURN_IF_ERROR(files.writer->Store(flat, copied, Elements(state), current)
+    ECSS_RETURN_IF_ERROR(StoreThroughWriter(files, flat, copied, Elements(state), current)
                              .Annotate(StrCat("giving ", what, " its own copy")));
-    std::erase(of_source->second, flat);
-    if (of_source->second.empty()) files.unwritten_dependents.erase(of_source);
+    std::vector<uint32_t>& of_source = files.unwritten_dependents.at(source_[flat]);
+    std::erase(of_source, flat);
+    if (of_source.empty()) files.unwritten_dependents.erase(source_[flat]);
   }
-  ECSS_RETURN_IF_ERROR(files.writer->Sync());
-  return files.writer->Store(flat, arrays, Elements(state), version, supersede);
+  ECSS_RETURN_IF_ERROR(SyncWriters(files));
+  return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
 }
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
@@ -911,26 +935,25 @@ Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, 
 std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> ExpertStore::AnyReader(
     ExpertState state) {
   Files& files = files_[Index(state)];
-  for (Reader& reader : files.readers) {
+  for (Handle& reader : files.readers) {
     std::unique_lock<std::mutex> lock(reader.mutex, std::try_to_lock);
     if (lock.owns_lock()) return {reader.file.get(), std::move(lock)};
   }
-  Reader& reader =
+  Handle& reader =
       files.readers[files.next_reader.fetch_add(1, std::memory_order_relaxed) % kReaders];
   return {reader.file.get(), std::unique_lock<std::mutex>(reader.mutex)};
 }
 
-std::array<std::unique_lock<std::mutex>, ExpertStore::kReaders> ExpertStore::AllReaders(
-    Files& files) {
-  std::array<std::unique_lock<std::mutex>, kReaders> locks;
-  for (size_t r = 0; r < kReaders; ++r)
-    locks[r] = std::unique_lock<std::mutex>(files.readers[r].mutex);
+template <size_t N>
+std::array<std::unique_lock<std::mutex>, N> ExpertStore::AllOf(std::array<Handle, N>& handles) {
+  std::array<std::unique_lock<std::mutex>, N> locks;
+  for (size_t i = 0; i < N; ++i) locks[i] = std::unique_lock<std::mutex>(handles[i].mutex);
   return locks;
 }
 
 void ExpertStore::CloseFiles(Files& files) {
-  for (Reader& reader : files.readers) reader.file.reset();
-  files.writer.reset();
+  for (Handle& reader : files.readers) reader.file.reset();
+  for (Handle& writer : files.writers) writer.file.reset();
 }
 
 Status ExpertStore::LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat,
@@ -1190,7 +1213,7 @@ Status ExpertStore::ReadStatesAt(ExpertId id, const std::vector<ExpertState>& st
     if (loaded.code() == StatusCode::kDataLoss) {
       // The other slot's header read while it was being written may look torn: read again
       // with no write of this state under way (damage stays damage).
-      std::lock_guard<std::mutex> no_write(files_[Index(state)].write_mutex);
+      const auto no_write = AllOf(files_[Index(state)].writers);
       loaded = LoadFromFile(state, flat, blocks[i], &read, &version);
     }
     return loaded.Annotate(StrCat("reading ", Name(state, id), " at version ", version));
@@ -1206,8 +1229,8 @@ ExpertStore::IoBytes ExpertStore::io_bytes() const {
       bytes.read += engine->bytes_read();
       bytes.written += engine->bytes_written();
     };
-    add(files.write_io.get());
-    for (const Reader& reader : files.readers) add(reader.io.get());
+    for (const Handle& writer : files.writers) add(writer.io.get());
+    for (const Handle& reader : files.readers) add(reader.io.get());
   }
   return bytes;
 }
@@ -1316,12 +1339,9 @@ bool ExpertStore::ReadsSourceStorage(ExpertId id, ExpertState state) {
     return false;
   }
   const uint32_t flat = index_.Flat(id);
-  if (source_[flat] == flat) return false;
   Files& files = files_[Index(state)];
-  std::lock_guard<std::mutex> write(files.write_mutex);
-  auto it = files.unwritten_dependents.find(source_[flat]);
-  return it != files.unwritten_dependents.end() &&
-         std::find(it->second.begin(), it->second.end(), flat) != it->second.end();
+  std::lock_guard<std::mutex> write(files.writers[flat % kWriters].mutex);
+  return ReadsSource(files, flat);
 }
 
 ExpertId ExpertStore::SourceOf(ExpertId id) const {
@@ -1357,7 +1377,7 @@ Status ExpertStore::FlushLocked() {
       Status stored = StoreToFile(state, flat, block, region.versions[flat]);
       if (!stored.ok()) return stored.Annotate(StrCat("flushing ", Name(state, index_.Id(flat))));
     }
-    ECSS_RETURN_IF_ERROR(files_[Index(state)].writer->Sync());
+    ECSS_RETURN_IF_ERROR(SyncWriters(files_[Index(state)]));
   }
   return Status::Ok();
 }

@@ -65,8 +65,10 @@
 // after one. Thread-safe, and the locks are per state and handle: a read of one state never
 // waits for a write of another or for a read of another state (the weight stager reads
 // weights while the optimizer pipeline reads and writes masters and moments), nor two reads
-// of one state for each other (the pipeline's loads at once), because every nvme state has
-// a writing handle and two reading ones, each with its own IoEngine. What goes
+// of one state for each other (the pipeline's loads at once), nor two writes of experts of
+// different parity (its stores at once), because every nvme state has two writing handles
+// (expert e always through the (e % 2)th) and two reading ones, each with its own IoEngine.
+// A shared expert's first write, and its source's, take every handle of the state. What goes
 // through the one staging block (Read and Write of an nvme state, device states) takes turns.
 // A read of an expert's state that overlaps two writes of that state may see DataLoss: the
 // caller orders accesses to one expert (the engine's fences do). Flush and Close wait for
@@ -290,8 +292,8 @@ class ExpertStore {
     // value (which Flush does not store). Bytes, not bits: writers of distinct experts.
     std::vector<uint8_t> written;
   };
-  // A handle that reads an nvme state's files, and the lock of its use.
-  struct Reader {
+  // A handle of an nvme state's files (its own IoEngine), and the lock of its use.
+  struct Handle {
     std::unique_ptr<IoEngine> io;
     std::unique_ptr<ExpertStateFile> file;
     std::mutex mutex;
@@ -301,20 +303,22 @@ class ExpertStore {
   // state gets them, the weights too, which one stager reads at a time: an idle handle costs
   // an io_uring ring and a file descriptor per file.
   static constexpr size_t kReaders = 2;
-  // An nvme state's handles of its files: one writing, kReaders reading, so that reads and
-  // writes do not take turns, nor two reads.
+  // Writing handles per nvme state, so that two stores of one state (the pipeline's) run at
+  // once. Expert e is always written through writers[e % kWriters]: what a writing handle
+  // knows of its experts' slots (which copy is newest) stays true.
+  static constexpr size_t kWriters = 2;
+  // An nvme state's handles of its files: kWriters writing, kReaders reading, so that reads
+  // and writes do not take turns, nor two reads, nor two writes of different handles.
   struct Files {
-    std::unique_ptr<IoEngine> write_io;
-    std::unique_ptr<ExpertStateFile> writer;
-    std::array<Reader, kReaders> readers;
+    std::array<Handle, kWriters> writers;  // [0] creates the files and moves their generation
+    std::array<Handle, kReaders> readers;
     std::atomic<size_t> next_reader{0};  // whose turn it is when every reader is busy
-    std::mutex write_mutex;
     // Per source expert: the shared experts that still read its storage of this state (they
-    // get their own copy before its next write). GUARDED_BY(write_mutex), or lifecycle_
-    // held exclusively (Share, Open).
+    // get their own copy before its next write). Read under any writer's mutex, changed
+    // under every one's (AllOf(writers)), or with lifecycle_ held exclusively (Share, Open).
     std::unordered_map<uint32_t, std::vector<uint32_t>> unwritten_dependents;
-    // The writer's fresh_written_bytes, kept here (io_bytes reads it while Close replaces the
-    // writer).
+    // The writers' fresh_written_bytes, summed here as they store (io_bytes reads it while
+    // Close replaces the writers).
     std::atomic<uint64_t> fresh_written{0};
   };
   ExpertStore(Backend& backend, const ExpertStoreOptions& options)
@@ -340,8 +344,19 @@ class ExpertStore {
   bool HasFile(ExpertState state) const { return HasFile(options_, state); }
   // One of the state's reading handles, locked: a free one, else the next in turn.
   std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> AnyReader(ExpertState state);
-  // Every reading handle of the state, locked in order: no read of it runs meanwhile.
-  static std::array<std::unique_lock<std::mutex>, kReaders> AllReaders(Files& files);
+  // Every handle of `handles` locked, in order (writers before readers).
+  template <size_t N>
+  static std::array<std::unique_lock<std::mutex>, N> AllOf(std::array<Handle, N>& handles);
+  // Whether `flat`'s storage of the state is still read by experts that share it, or `flat`
+  // still reads its source's. REQUIRES: one of the state's writers held.
+  bool LendsStorage(const Files& files, uint32_t flat) const;
+  bool ReadsSource(const Files& files, uint32_t flat) const;
+  // A store through the expert's writer, its fresh bytes counted. REQUIRES: that writer held.
+  static Status StoreThroughWriter(Files& files, uint32_t flat, const void* const* arrays,
+                                   uint64_t elements, uint64_t version, bool supersede = false);
+  // Makes every writer's completed stores durable. REQUIRES: every writer held, or lifecycle_
+  // held exclusively.
+  static Status SyncWriters(Files& files);
   static void CloseFiles(Files& files);
   static uint64_t Stride(const ExpertStoreOptions& options, ExpertState state);
   Status Allocate();
@@ -367,7 +382,8 @@ class ExpertStore {
   // `supersede`: ExpertStateFile::Store's (WriteStates: an update's states).
   Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version,
                      bool supersede = false);
-  // REQUIRES: the state's write_mutex held.
+  // A store that first moves shared storage (see StoreToFile). REQUIRES: every writer of the
+  // state held.
   Status StoreLocked(ExpertState state, uint32_t flat, const void* block, uint64_t version,
                      bool supersede);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,

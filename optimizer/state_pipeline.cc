@@ -254,11 +254,13 @@ uint64_t SlotBytes(const StreamingOptions& options) {
 Status ValidateStreamingOptions(const StreamingOptions& options) {
   ECSS_RETURN_IF_ERROR(ValidateHyperParams(options.kind, options.params));
   if (options.threads < 1 || options.buffers < 2 || options.loads_in_flight < 1 ||
-      options.loads_in_flight > options.buffers || options.chunk_elements < 1024 ||
+      options.loads_in_flight > options.buffers || options.stores_in_flight < 1 ||
+      options.stores_in_flight > options.buffers || options.chunk_elements < 1024 ||
       options.max_expert_elements == 0) {
     return InvalidArgumentError(StrCat(
         "streaming options need threads >= 1 (", options.threads, "), buffers >= 2 (",
         options.buffers, "), 1 <= loads_in_flight <= buffers (", options.loads_in_flight,
+        "), 1 <= stores_in_flight <= buffers (", options.stores_in_flight,
         "), chunk_elements >= 1024 (", options.chunk_elements, ") and max_expert_elements > 0"));
   }
   const SimdIsa isa = options.isa.value_or(DetectSimdIsa());
@@ -378,7 +380,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   Channel<Token> loaded;
   Channel<Token> updated;
   for (int s = 0; s < static_cast<int>(impl.slots.size()); ++s) free_slots.Push(s);
-  Status first_error;  // written by the store stage only, which every token passes last
+  std::mutex error_mutex;
+  Status first_error;  // GUARDED_BY(error_mutex); every token passes the store stage last
 
   // The load stage: loads_in_flight threads, each taking the next gradient with a slot,
   // loading it and handing it on.
@@ -396,22 +399,29 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       if (queue->Leave()) loaded.Push(Token{});  // after every loader's last token
     });
   }
-  std::thread storer([&] {
-    while (true) {
-      Token token = updated.Pop();
-      if (token.index < 0) return;
-      if (token.update) {
-        const Clock::time_point t0 = Clock::now();
-        token.status =
-            impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
-                .Annotate(StrCat("storing expert ", token.grad.expert));
-        report.store_seconds += Since(t0);
+  // The store stage: stores_in_flight threads, each storing the next updated expert.
+  std::vector<double> store_seconds(impl.options.stores_in_flight, 0.0);
+  std::vector<std::thread> storers;
+  storers.reserve(impl.options.stores_in_flight);
+  for (int s = 0; s < impl.options.stores_in_flight; ++s) {
+    storers.emplace_back([&, s] {
+      while (true) {
+        Token token = updated.Pop();
+        if (token.index < 0) return;
+        if (token.update) {
+          const Clock::time_point t0 = Clock::now();
+          token.status =
+              impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
+                  .Annotate(StrCat("storing expert ", token.grad.expert));
+          store_seconds[s] += Since(t0);
+        }
+        free_slots.Push(token.slot);
+        if (hooks.done) hooks.done(token.grad.expert);
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!token.status.ok() && first_error.ok()) first_error = std::move(token.status);
       }
-      free_slots.Push(token.slot);
-      if (hooks.done) hooks.done(token.grad.expert);
-      if (!token.status.ok() && first_error.ok()) first_error = std::move(token.status);
-    }
-  });
+    });
+  }
 
   // The calling thread drives the update stage in the arena, in the work's order.
   const UpdateArgs args{hyper, grad_scale, clip_coefficient};
@@ -428,10 +438,11 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       ++expected;
     }
   }
-  updated.Push(Token{});
+  for (size_t s = 0; s < storers.size(); ++s) updated.Push(Token{});  // an end for each
   for (std::thread& loader : loaders) loader.join();
-  storer.join();
+  for (std::thread& storer : storers) storer.join();
   for (double seconds : load_seconds) report.load_seconds += seconds;
+  for (double seconds : store_seconds) report.store_seconds += seconds;
   report.wall_seconds = Since(start);
   if (!first_error.ok()) return first_error;
   return report;

@@ -1,13 +1,13 @@
 // State streaming: when master weights and optimizer states live off-memory (NVMe, through
 // offload/'s tier moves), updates run as a pipeline of three stages on their own threads,
 //   load (tier -> staging slot)  ->  update (the TBB arena)  ->  store (slot -> tier)
-// with `buffers` staging slots, so that one expert's I/O overlaps another's update, and
-// `loads_in_flight` loads at once (a thread and a slot each; the update stage still takes the
-// experts in order). StateTier is the interface offload/ implements; InMemoryStateTier is the
-// reference implementation the pipeline is tested against.
-// Data safety: an expert whose load fails, or whose gradient is not finite, is neither updated
-// nor stored (its tier copy stays as it was); a failed store leaves the tier's previous copy.
-// Every failure is reported with the expert; the other experts proceed.
+// with `buffers` staging slots, so that one expert's I/O overlaps another's update,
+// `loads_in_flight` loads at once and `stores_in_flight` stores at once (a thread and a slot
+// each; the update stage still takes the experts in order, and stores may finish out of it).
+// StateTier is the interface offload/ implements; InMemoryStateTier is the reference implementation
+// the pipeline is tested against. Data safety: an expert whose load fails, or whose gradient is not
+// finite, is neither updated nor stored (its tier copy stays as it was); a failed store leaves the
+// tier's previous copy. Every failure is reported with the expert; the other experts proceed.
 // Thread-safety: Run is called from one thread at a time and blocks until the pipeline drains.
 #pragma once
 
@@ -86,6 +86,10 @@ struct StreamingOptions {
   // buffers - 1 gain little: two, with three slots, keep a drive's queue deep enough that one
   // expert's header round trip or a store's writes do not leave it idle.
   int loads_in_flight = 1;
+  // Stores at once (1 .. buffers), on a thread each: a store's writes and then, a round trip
+  // later, its header leave the drive idle between them with one. Tiers take stores of
+  // distinct experts at once.
+  int stores_in_flight = 1;
   size_t max_expert_elements = 0;  // slot capacity (> 0)
   // Each slot also holds the new bf16 compute copy (StateSlot::compute) of an update whose
   // gradient gives no compute_copy: for tiers that store the compute weights themselves.
@@ -112,14 +116,16 @@ struct StreamingHooks {
   // at once, with a slot held for the next gradient.
   std::function<bool(std::vector<StreamedGradient>* more)> more;
   // The store stage, after each expert's store (or its skip or failure): the expert's update
-  // is over.
+  // is over. Called from the store threads: with stores_in_flight above 1, two at once and
+  // not necessarily in the work's order, so it must be thread-safe (one that blocks holds up
+  // only its own thread).
   std::function<void(uint32_t expert)> done;
 };
 
 struct StreamingReport {
   size_t updated = 0;
   size_t skipped_nonfinite = 0;
-  double load_seconds = 0;  // busy time of each stage (the load stage's threads summed)
+  double load_seconds = 0;  // busy time of each stage (the load and store stages' threads summed)
   double update_seconds = 0;
   double store_seconds = 0;
   double wall_seconds = 0;

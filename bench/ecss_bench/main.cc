@@ -54,7 +54,8 @@ const std::vector<Suite>& Suites() {
        "  --dir DIR     nvme: directory of the state file (default .)\n"
        "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
        "  --buffers N   nvme: staging slots of the pipeline (default: a session's, 3)\n"
-       "  --loads N     nvme: loads at once (default: a session's, 2)\n",
+       "  --loads N     nvme: loads at once (default: a session's, 2)\n"
+       "  --stores N    nvme: stores at once (default: a session's, 2)\n",
        RunOptimizerSuite},
       {"nvme", "read/write GB/s of 1 MiB blocks through the io_uring engine vs fio",
        "  --dir DIR            directory of the test files (default .)\n"

@@ -119,15 +119,16 @@ double TimeSplit(size_t n, unsigned threads, Fn&& fn) {
 constexpr std::string_view kStatesPrefix = "ecss-bench-states.";
 
 // --states nvme: master and moments on NVMe, streamed through pinned staging slots (load ->
-// update -> store), with a session's slots and loads at once unless told otherwise. The bound is
-// the NVMe bandwidth measured in the same run: each update reads 12 bytes and writes 12 (master, m,
-// v), so bound = 1 / (12 / read + 12 / write).
+// update -> store), with a session's slots, loads and stores at once unless told otherwise. The
+// bound is the NVMe bandwidth measured in the same run: each update reads 12 bytes and writes 12
+// (master, m, v), so bound = 1 / (12 / read + 12 / write).
 Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
   ECSS_ASSIGN_OR_RETURN(uint64_t expert_elements, args.Uint("expert-elements", uint64_t{1} << 20));
   const NvmeUpdaterOptions session;
   ECSS_ASSIGN_OR_RETURN(uint64_t buffers, args.Uint("buffers", session.staging_buffers));
   ECSS_ASSIGN_OR_RETURN(uint64_t loads, args.Uint("loads", session.loads_in_flight));
+  ECSS_ASSIGN_OR_RETURN(uint64_t stores, args.Uint("stores", session.stores_in_flight));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (expert_elements == 0 || params < expert_elements || buffers < 2) {
     return InvalidArgumentError("need --params >= --expert-elements > 0 and --buffers >= 2");
@@ -226,6 +227,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
   StreamingOptions options;
   options.buffers = static_cast<int>(buffers);
   options.loads_in_flight = static_cast<int>(loads);
+  options.stores_in_flight = static_cast<int>(stores);
   options.max_expert_elements = expert_elements;
   options.params.lr = 1e-4f;
   ECSS_ASSIGN_OR_RETURN(const uint64_t workspace_bytes,
@@ -246,6 +248,7 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
       .Field("experts", static_cast<uint64_t>(experts))
       .Field("buffers", buffers)
       .Field("loads_in_flight", loads)
+      .Field("stores_in_flight", stores)
       .Field("updates_per_s", updates_per_s)
       .Field("nvme_bound_updates_per_s", bound)
       .Field("fraction_of_nvme_bound", updates_per_s / bound)
@@ -262,14 +265,14 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, JsonWriter& json, std::os
              "engine; bound = 1 / (12 B / read + 12 B / write)");
   table << std::fixed << std::setprecision(2) << "optimizer suite, states on NVMe (" << dir
         << "): " << experts << " experts x " << expert_elements << " parameters, " << buffers
-        << " staging buffers, " << loads << " loads at once\n"
+        << " staging buffers, " << loads << " loads and " << stores << " stores at once\n"
         << "  updates/s       " << updates_per_s / 1e6 << " M\n"
         << "  NVMe bound      " << bound / 1e6 << " M (read " << read_gbps << " GB/s, write "
         << write_gbps << " GB/s, 24 B per update)\n"
         << "  fraction        " << updates_per_s / bound << "\n"
-        << "  stages busy     load " << report.load_seconds << " s (its threads summed), update "
-        << report.update_seconds << " s, store " << report.store_seconds << " s, wall "
-        << report.wall_seconds << " s\n";
+        << "  stages busy     load " << report.load_seconds << " s, update "
+        << report.update_seconds << " s, store " << report.store_seconds
+        << " s (threads summed), wall " << report.wall_seconds << " s\n";
   return Status::Ok();
 }
 

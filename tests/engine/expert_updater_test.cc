@@ -91,7 +91,7 @@ TEST_F(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {
             (*store)->Write(ExpertState::kMaster, (*store)->index().Id(id), master.data()).ok());
         ASSERT_TRUE((*updater)->Attach(id, copy.data()).ok());
       }
-      ASSERT_EQ(engines.size(), 6u);  // master and moments, each a writing and two reading ones
+      ASSERT_EQ(engines.size(), 8u);  // master and moments, each two writing and two reading ones
       FaultOptions faults;
       faults.fail_sync = fail_sync;
       for (FaultInjectionIoEngine* engine : engines) engine->set_options(faults);

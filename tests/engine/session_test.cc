@@ -1445,9 +1445,9 @@ TEST(SessionTest, AnUpdateFailureIsReportedOnceAndTheSessionStaysUsable) {
         return std::unique_ptr<IoEngine>(std::move(engine));
       };
       Driven d = Driven::Create(OptionsFor(c));
-      // The store's master and moments files, each a writing and two reading engines.
-      ASSERT_EQ(engines.size(), 6u);
-      const std::vector<FaultInjectionIoEngine*> master_reads = {engines[1], engines[2]};
+      // The store's master and moments files, each two writing and two reading engines.
+      ASSERT_EQ(engines.size(), 8u);
+      const std::vector<FaultInjectionIoEngine*> master_reads = {engines[2], engines[3]};
       const auto steps = MakeSteps(4, 1);
       ASSERT_TRUE(d.Step(steps[0]).ok());
       ASSERT_TRUE(d.session->Synchronize().ok());

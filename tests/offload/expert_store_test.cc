@@ -93,12 +93,14 @@ class ExpertStoreTest : public ::testing::Test {
     SimOptions sim;
     sim.device_memory_bytes = 1 << 20;
     sim_ = std::move(SimBackend::Create(sim)).value();
-    // Every engine a store makes (two per state file) injects the fixture's faults.
+    // Every engine a store makes (four per state file) injects the fixture's faults, and is
+    // in made_ in the order the store makes them.
     options_.io_engines = [this]() -> StatusOr<std::unique_ptr<IoEngine>> {
       IoEngineOptions io;
       io.queue_depth = 8;
-      return std::unique_ptr<IoEngine>(
-          std::make_unique<TrackedEngine>(CreatePosixIoEngine(io), &engines_));
+      auto engine = std::make_unique<TrackedEngine>(CreatePosixIoEngine(io), &engines_);
+      made_.push_back(engine.get());
+      return std::unique_ptr<IoEngine>(std::move(engine));
     };
     options_.layout = {{3, 3}, 1000, DType::kBF16, 2};
     options_.placement = {Tier::kDevice, Tier::kPinned, Tier::kNvme, Tier::kPinned};
@@ -111,6 +113,13 @@ class ExpertStoreTest : public ::testing::Test {
     return create ? ExpertStore::Create(*sim_, options) : ExpertStore::Open(*sim_, options);
   }
   void SetFaults(FaultOptions faults, uint64_t nth = 0) { engines_.SetFaults(faults, nth); }
+  // made_[i], each request of which now takes 300 ms.
+  FaultInjectionIoEngine* Slowed(size_t i) {
+    FaultOptions slow;
+    slow.latency_us = 300 * 1000;
+    made_[i]->set_options(slow);
+    return made_[i];
+  }
   uint64_t TornWrites() { return engines_.TornWrites(); }
 
   // The bytes a test writes for (state, layer, expert, version): every value distinct.
@@ -165,6 +174,9 @@ class ExpertStoreTest : public ::testing::Test {
   std::string root_;
   std::unique_ptr<SimBackend> sim_;
   EngineRegistry engines_;  // outlives every store a test makes (declared before them)
+  // Every engine made, in order (stores are made on the test's thread); a closed store's
+  // dangle.
+  std::vector<FaultInjectionIoEngine*> made_;
   ExpertStoreOptions options_;
 };
 
@@ -647,24 +659,13 @@ TEST_F(ExpertStoreTest, ReadsAndWritesOfDifferentStatesRunAtOnce) {
 // Two reads of one nvme state run at once, each on a reading handle of its own: while one
 // read waits on its slow handle, another read of the state takes the other handle.
 TEST_F(ExpertStoreTest, TwoReadsOfOneStateRunAtOnce) {
-  std::vector<FaultInjectionIoEngine*> made;  // in the order the store makes them
-  options_.io_engines = [&]() -> StatusOr<std::unique_ptr<IoEngine>> {
-    IoEngineOptions io;
-    io.queue_depth = 8;
-    auto engine = std::make_unique<TrackedEngine>(CreatePosixIoEngine(io), &engines_);
-    made.push_back(engine.get());
-    return std::unique_ptr<IoEngine>(std::move(engine));
-  };
   auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 1);
-  // Every state has a file (the memory ones are durable), each a writing handle and two
-  // reading ones, in the states' order: the moments' are the third three.
-  ASSERT_EQ(made.size(), 12u);
-  FaultInjectionIoEngine* first = made[7];
-  FaultInjectionIoEngine* second = made[8];
-  FaultOptions slow;
-  slow.latency_us = 300 * 1000;
-  first->set_options(slow);
+  // Every state has a file (the memory ones are durable), each two writing handles and two
+  // reading ones, in the states' order: the moments' are the third four.
+  ASSERT_EQ(made_.size(), 16u);
+  FaultInjectionIoEngine* first = Slowed(10);
+  FaultInjectionIoEngine* second = made_[11];
   const ExpertState state = ExpertState::kMoments;
   auto read = [&](ExpertId id) {
     std::unique_ptr<uint8_t, decltype(&std::free)> block(
@@ -685,6 +686,60 @@ TEST_F(ExpertStoreTest, TwoReadsOfOneStateRunAtOnce) {
   read({1, 2});
   EXPECT_GT(second->bytes_read(), second_before) << "the second read took the other handle";
   slow_read.join();
+}
+
+// Two writes of one state run at once when the experts' writers differ (flat id % 2): the
+// pipeline's stores at once. Each expert keeps its writer, so each reads back what it wrote.
+TEST_F(ExpertStoreTest, TwoWritesOfOneStateRunAtOnce) {
+  auto store = std::move(Make(true, options_)).value();
+  WriteAll(*store, 1);
+  ASSERT_EQ(made_.size(), 16u);
+  FaultInjectionIoEngine* even = Slowed(8);  // the moments' writers
+  FaultInjectionIoEngine* odd = made_[9];
+  const ExpertState state = ExpertState::kMoments;
+  auto write = [&](ExpertId id) {
+    std::unique_ptr<uint8_t, decltype(&std::free)> block(
+        static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))), &std::free);
+    std::memset(block.get(), 0, store->BlockBytes(state));
+    const std::vector<uint8_t> bytes = Pattern(*store, state, id.layer, id.expert, 2);
+    std::memcpy(block.get(), bytes.data(), bytes.size());
+    const Status done = store->WriteBlock(state, id, block.get(), 2);
+    EXPECT_TRUE(done.ok()) << done;
+  };
+  // Layer 0 expert 0 is flat 0 (the even writer), layer 0 expert 1 flat 1 (the odd one).
+  // (bytes_written counts submitted writes, and other threads may look at it.)
+  const uint64_t even_before = even->bytes_written();
+  std::atomic<bool> slow_done{false};
+  std::thread slow_write([&] {
+    write({0, 0});
+    slow_done = true;
+  });
+  while (even->bytes_written() == even_before) std::this_thread::yield();
+  const uint64_t odd_before = odd->bytes_written();
+  write({0, 1});
+  EXPECT_GT(odd->bytes_written(), odd_before) << "the second write took the other handle";
+  EXPECT_FALSE(slow_done) << "and did not wait for the first (300 ms a request)";
+  slow_write.join();
+  even->set_options({});
+  for (ExpertId id : {ExpertId{0, 0}, ExpertId{0, 1}, ExpertId{0, 2}}) {
+    std::vector<uint8_t> got(store->StateBytes(state));
+    ASSERT_TRUE(store->Read(state, id, got.data()).ok());
+    const bool rewritten = id.expert < 2;  // at version 2; WriteAll's are at 0
+    StatusOr<uint64_t> version = store->Version(state, id);
+    ASSERT_TRUE(version.ok()) << version.status();
+    EXPECT_EQ(*version, rewritten ? 2u : 0u) << "expert " << id.expert;
+    EXPECT_EQ(got, Pattern(*store, state, id.layer, id.expert, rewritten ? 2 : 1))
+        << "expert " << id.expert;
+  }
+  // A reopened store (both writers learn each slot from its headers) goes on from there.
+  ASSERT_TRUE(store->Close().ok());
+  store = std::move(Make(false, options_)).value();
+  WriteAll(*store, 3);
+  for (uint32_t e = 0; e < 3; ++e) {
+    std::vector<uint8_t> got(store->StateBytes(state));
+    ASSERT_TRUE(store->Read(state, {1, e}, got.data()).ok());
+    EXPECT_EQ(got, Pattern(*store, state, 1, e, 3));
+  }
 }
 
 // Memory states that are not durable have no file: a store without nvme states needs no

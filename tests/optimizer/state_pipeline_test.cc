@@ -1,5 +1,6 @@
 #include "optimizer/state_pipeline.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
@@ -80,9 +81,19 @@ class FailingTier : public StateTier {
 };
 
 TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
-  // {buffers, loads_in_flight}: one load, and several (with slots to hold them, and not).
-  for (auto [buffers, loads] :
-       std::vector<std::pair<int, int>>{{2, 1}, {3, 1}, {2, 2}, {3, 2}, {4, 3}}) {
+  // {buffers, loads_in_flight, stores_in_flight}: one of each, and several (with slots to hold
+  // them, and not).
+  struct Stages {
+    int buffers, loads, stores;
+  };
+  for (auto [buffers, loads, stores] : std::vector<Stages>{{2, 1, 1},
+                                                           {3, 1, 1},
+                                                           {2, 2, 1},
+                                                           {3, 2, 1},
+                                                           {4, 3, 1},
+                                                           {2, 1, 2},
+                                                           {3, 2, 2},
+                                                           {5, 2, 3}}) {
     for (int threads : {1, 2}) {
       InMemoryStateTier tier(OptimizerKind::kAdamW);
       // The same experts held in memory by CpuOptimizer, as the reference.
@@ -106,6 +117,7 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
       StreamingOptions options;
       options.buffers = buffers;
       options.loads_in_flight = loads;
+      options.stores_in_flight = stores;
       options.threads = threads;
       options.max_expert_elements = 70000;
       auto updater = CreateUpdater(options, &tier, &staging);
@@ -124,9 +136,11 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
         ASSERT_TRUE(reference->FinishStep().ok());
         ASSERT_TRUE(reference->Synchronize().ok());
         // From step 2 on, the work arrives in batches of one that join the run (the hooks'
-        // `more`), and each expert is reported done once stored, in order.
+        // `more`), and each expert is reported done once stored (in order with one store at
+        // a time).
         StreamingHooks hooks;
         std::vector<StreamedGradient> first = work, later;
+        std::mutex done_mutex;  // (two stores at once call done at once)
         std::vector<uint32_t> done;
         if (step > 1) {
           first.assign(work.begin(), work.begin() + 1);
@@ -137,19 +151,28 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
             later.erase(later.begin());
             return true;
           };
-          hooks.done = [&](uint32_t expert) { done.push_back(expert); };
+          hooks.done = [&](uint32_t expert) {
+            std::lock_guard<std::mutex> lock(done_mutex);
+            done.push_back(expert);
+          };
         }
         StatusOr<StreamingReport> report = (*updater)->Run(first, 2.0f, 1.0f, nullptr, hooks);
         ASSERT_TRUE(report.ok()) << report.status();
         EXPECT_EQ(report->updated, work.size());
         if (step > 1) {
           ASSERT_EQ(done.size(), work.size());
-          for (size_t i = 0; i < work.size(); ++i) EXPECT_EQ(done[i], work[i].expert);
+          std::vector<uint32_t> expected;
+          for (const StreamedGradient& g : work) expected.push_back(g.expert);
+          if (stores > 1) {
+            std::sort(done.begin(), done.end());
+            std::sort(expected.begin(), expected.end());
+          }
+          EXPECT_EQ(done, expected);
         }
       }
       for (uint32_t e = 0; e < kSizes.size(); ++e) {
-        EXPECT_EQ(tier.master(e), master[e])
-            << "expert " << e << " buffers " << buffers << " loads " << loads;
+        EXPECT_EQ(tier.master(e), master[e]) << "expert " << e << " buffers " << buffers
+                                             << " loads " << loads << " stores " << stores;
         EXPECT_EQ(tier.state(e, 0), m[e]);
         EXPECT_EQ(tier.state(e, 1), v[e]);
         EXPECT_EQ(tier.update_count(e), reference->version(e));
@@ -194,62 +217,87 @@ TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
   EXPECT_EQ(again->updated, 4u);
 }
 
-// A tier whose load of expert 0 waits until expert 1's load has begun (or 10 s: then the loads
-// did not overlap), so that expert 1's load finishes first.
+// A tier whose load (or store: `held`) of expert 0 waits until expert 1's has begun (or 10 s:
+// then they did not overlap), so that expert 1's finishes first.
 class OverlapTier : public StateTier {
  public:
-  explicit OverlapTier(InMemoryStateTier* inner) : inner_(inner) {}
+  enum class Held { kLoads, kStores };
+  OverlapTier(InMemoryStateTier* inner, Held held) : inner_(inner), held_(held) {}
   StatusOr<size_t> ExpertSize(uint32_t e) const override { return inner_->ExpertSize(e); }
   Status Load(uint32_t e, const StateSlot& s, uint64_t* c) override {
+    if (held_ == Held::kLoads) Meet(e);
+    return inner_->Load(e, s, c);
+  }
+  Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
+    if (held_ == Held::kStores) Meet(e);
+    return inner_->Store(e, s, c);
+  }
+  // Whether expert 1's began while expert 0's waited.
+  bool overlapped() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return overlapped_;
+  }
+
+ private:
+  void Meet(uint32_t e) {
     std::unique_lock<std::mutex> lock(mutex_);
     if (e == 1) {
       second_started_ = true;
       cv_.notify_all();
     } else if (e == 0) {
-      overlapped = cv_.wait_for(lock, std::chrono::seconds(10), [&] { return second_started_; });
+      overlapped_ = cv_.wait_for(lock, std::chrono::seconds(10), [&] { return second_started_; });
     }
-    lock.unlock();
-    return inner_->Load(e, s, c);
   }
-  Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
-    return inner_->Store(e, s, c);
-  }
-  bool overlapped = false;  // GUARDED_BY(mutex_) until the run ends
-
- private:
   InMemoryStateTier* inner_;
+  const Held held_;
   std::mutex mutex_;
   std::condition_variable cv_;
-  bool second_started_ = false;
+  bool second_started_ = false;  // GUARDED_BY(mutex_)
+  bool overlapped_ = false;      // GUARDED_BY(mutex_)
 };
 
-TEST(StateStreamingTest, LoadsInFlightOverlapAndGoOnInOrder) {
-  InMemoryStateTier tier(OptimizerKind::kAdamW);
-  for (uint32_t e = 0; e < 6; ++e) tier.AddExpert(Values(3000, e, 1.0f));
-  InMemoryStateTier reference(OptimizerKind::kAdamW);
-  for (uint32_t e = 0; e < 6; ++e) reference.AddExpert(Values(3000, e, 1.0f));
-  OverlapTier overlapping(&tier);
-  StreamingOptions options;
-  options.max_expert_elements = 3000;
-  options.buffers = 3;
-  options.loads_in_flight = 2;
-  std::unique_ptr<Workspace> staging, reference_staging;
-  auto updater = *CreateUpdater(options, &overlapping, &staging);
-  options.loads_in_flight = 1;
-  auto one_load = *CreateUpdater(options, &reference, &reference_staging);
-  const Gradients g = MakeGradients(6, 3000, 70);
-  const std::vector<StreamedGradient>& work = g.work;
-  std::vector<uint32_t> done;
-  StreamingHooks hooks;
-  hooks.done = [&](uint32_t expert) { done.push_back(expert); };
-  StatusOr<StreamingReport> report = updater->Run(work, 1.0f, 1.0f, nullptr, hooks);
-  ASSERT_TRUE(report.ok()) << report.status();
-  EXPECT_TRUE(overlapping.overlapped) << "expert 1's load began while expert 0's ran";
-  EXPECT_EQ(done, (std::vector<uint32_t>{0, 1, 2, 3, 4, 5})) << "updated and stored in order";
-  ASSERT_TRUE(one_load->Run(work, 1.0f, 1.0f).ok());
-  for (uint32_t e = 0; e < 6; ++e) {
-    EXPECT_EQ(tier.master(e), reference.master(e)) << "expert " << e;
-    EXPECT_EQ(tier.state(e, 1), reference.state(e, 1)) << "expert " << e;
+// Loads at once overlap and the update stage still takes them in order; stores at once overlap
+// and may end out of order. Either way the results are those of one at a time.
+TEST(StateStreamingTest, LoadsAndStoresInFlightOverlap) {
+  for (OverlapTier::Held held : {OverlapTier::Held::kLoads, OverlapTier::Held::kStores}) {
+    const bool loads = held == OverlapTier::Held::kLoads;
+    SCOPED_TRACE(loads ? "two loads at once" : "two stores at once");
+    InMemoryStateTier tier(OptimizerKind::kAdamW);
+    InMemoryStateTier reference(OptimizerKind::kAdamW);
+    for (uint32_t e = 0; e < 6; ++e) {
+      tier.AddExpert(Values(3000, e, 1.0f));
+      reference.AddExpert(Values(3000, e, 1.0f));
+    }
+    OverlapTier overlapping(&tier, held);
+    StreamingOptions options;
+    options.max_expert_elements = 3000;
+    options.buffers = 3;
+    (loads ? options.loads_in_flight : options.stores_in_flight) = 2;
+    std::unique_ptr<Workspace> staging, reference_staging;
+    auto updater = *CreateUpdater(options, &overlapping, &staging);
+    options.loads_in_flight = options.stores_in_flight = 1;
+    auto one_at_a_time = *CreateUpdater(options, &reference, &reference_staging);
+    const Gradients g = MakeGradients(6, 3000, 70);
+    std::mutex done_mutex;  // (two stores at once call done at once)
+    std::vector<uint32_t> done;
+    StreamingHooks hooks;
+    hooks.done = [&](uint32_t expert) {
+      std::lock_guard<std::mutex> lock(done_mutex);
+      done.push_back(expert);
+    };
+    StatusOr<StreamingReport> report = updater->Run(g.work, 1.0f, 1.0f, nullptr, hooks);
+    ASSERT_TRUE(report.ok()) << report.status();
+    EXPECT_EQ(report->updated, 6u);
+    // (One at a time takes expert 0 first, alone: its wait for expert 1's times out.)
+    EXPECT_TRUE(overlapping.overlapped()) << "expert 1's began before expert 0's ended";
+    if (!loads) std::sort(done.begin(), done.end());
+    EXPECT_EQ(done, (std::vector<uint32_t>{0, 1, 2, 3, 4, 5})) << "loads: updated in order";
+    ASSERT_TRUE(one_at_a_time->Run(g.work, 1.0f, 1.0f).ok());
+    for (uint32_t e = 0; e < 6; ++e) {
+      EXPECT_EQ(tier.master(e), reference.master(e)) << "expert " << e;
+      EXPECT_EQ(tier.state(e, 1), reference.state(e, 1)) << "expert " << e;
+      EXPECT_EQ(tier.update_count(e), 1u);
+    }
   }
 }
 
@@ -299,15 +347,18 @@ TEST(StateStreamingTest, BadInput) {
   EXPECT_EQ(StateStreamingUpdater::WorkspaceBytes(options).status().code(),
             StatusCode::kInvalidArgument);
   options.buffers = 2;
-  for (int loads : {0, 3}) {  // none, or more than the slots
-    options.loads_in_flight = loads;
-    const Status refused = StateStreamingUpdater::WorkspaceBytes(options).status();
-    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << loads;
-    EXPECT_NE(refused.message().find(StrCat("1 <= loads_in_flight <= buffers (", loads, ")")),
-              std::string_view::npos)
-        << refused;
+  for (auto [field, name] : {std::pair{&options.loads_in_flight, "loads_in_flight"},
+                             std::pair{&options.stores_in_flight, "stores_in_flight"}}) {
+    for (int n : {0, 3}) {  // none, or more than the slots
+      *field = n;
+      const Status refused = StateStreamingUpdater::WorkspaceBytes(options).status();
+      EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << name << " " << n;
+      EXPECT_NE(refused.message().find(StrCat("1 <= ", name, " <= buffers (", n, ")")),
+                std::string_view::npos)
+          << refused;
+    }
+    *field = 1;
   }
-  options.loads_in_flight = 1;
   // 2 slots x (master, m, v) x 16 KiB.
   EXPECT_EQ(*StateStreamingUpdater::WorkspaceBytes(options), 2u * 3 * 16384);
   Workspace short_workspace(2 * 3 * 16384 - 4096);
