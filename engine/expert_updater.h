@@ -116,9 +116,10 @@ struct NvmeUpdaterOptions {
   CpuOptimizerOptions optimizer;
   uint64_t expert_elements = 0;  // every expert's size
   // The pipeline's slots, its loads and its stores at once (StreamingOptions::buffers,
-  // loads_in_flight, stores_in_flight): two loads, each in a slot of its own beside the one
-  // being updated (a slot is free again once its expert is stored), and two stores. Stores of
-  // experts of the same parity take turns (ExpertStore's writers).
+  // loads_in_flight, stores_in_flight). Every load, update and store holds a slot until its
+  // expert is stored, so three slots run two loads beside an update, or an update beside two
+  // stores, as the stages' speeds have it. Stores of experts of the same parity take turns
+  // (ExpertStore's writers).
   int staging_buffers = 3;
   int loads_in_flight = 2;
   int stores_in_flight = 2;

@@ -4,8 +4,9 @@
 // writes them with the expert's new update count, and, when the store keeps the compute
 // weights on NVMe, the slot's new bf16 copy (ExpertStore::WriteStates). It lives in the engine
 // because it joins two folders that do not depend on each other. Expert ids are `experts`' dense
-// indices; errors name the expert as (layer, expert). Thread-safety: as the pipeline uses it (loads
-// on its load threads, stores on another); the store lets them run at once.
+// indices; errors name the expert as (layer, expert). Thread-safety: as the pipeline uses it
+// (loads on its load threads, stores on its store threads, of distinct experts); the store lets
+// them run at once.
 #pragma once
 
 #include <cstdint>

@@ -498,7 +498,7 @@ void ExpertStore::WarnIfSpaceShort() const {
   }
 }
 
-// Each state's writing handle (which creates the files) and reading handles.
+// Each state's writing handles (the first creates the files) and reading handles.
 Status ExpertStore::OpenFiles(bool create) {
   for (ExpertState state : kStates) {
     if (!HasFile(state)) continue;
@@ -508,16 +508,18 @@ Status ExpertStore::OpenFiles(bool create) {
     file.generation = generation_;
     file.previous_generation = previous_generation_;
     auto opened = [&]() -> Status {
-      auto open = [&](Handle& handle, bool first) -> Status {
+      auto open_handle = [&](Handle& handle, bool creates) -> Status {
         ECSS_ASSIGN_OR_RETURN(handle.io, CreateIoEngine(options_.io_engines));
-        ECSS_ASSIGN_OR_RETURN(handle.file, first && create
-                                               ? ExpertStateFile::Create(handle.io.get(), file)
-                                               : ExpertStateFile::Open(handle.io.get(), file));
+        ECSS_ASSIGN_OR_RETURN(handle.file, creates ? ExpertStateFile::Create(handle.io.get(), file)
+                                                   : ExpertStateFile::Open(handle.io.get(), file));
         return Status::Ok();
       };
-      for (Handle& writer : files.writers)
-        ECSS_RETURN_IF_ERROR(open(writer, &writer == &files.writers[0]));
-      for (Handle& reader : files.readers) ECSS_RETURN_IF_ERROR(open(reader, false));
+      for (Handle& writer : files.writers) {
+        const bool first = &writer == &files.writers[0];
+        ECSS_RETURN_IF_ERROR(open_handle(writer, first && create));
+        if (create && !first) writer.file->KnowFilesAreNew();
+      }
+      for (Handle& reader : files.readers) ECSS_RETURN_IF_ERROR(open_handle(reader, false));
       return Status::Ok();
     }();
     if (!opened.ok())
@@ -852,11 +854,11 @@ Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* bl
       return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
     }
   }
-  const auto no_write = AllOf(files.writers);
+  const auto no_write = LockAll(files.writers);
   return StoreLocked(state, flat, block, version, supersede);
 }
 
-bool ExpertStore::LendsStorage(const Files& files, uint32_t flat) const {
+bool ExpertStore::LendsStorage(const Files& files, uint32_t flat) {
   return files.unwritten_dependents.contains(flat);
 }
 
@@ -891,7 +893,7 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
   if (!source && !shared)
     return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
 
-  const auto no_read = AllOf(files.readers);
+  const auto no_read = LockAll(files.readers);
   ExpertStateFile& reader = *files.readers[0].file;
   const std::string what = Name(state, index_.Id(flat));
   std::unique_ptr<void, decltype(&std::free)> copy(std::aligned_alloc(4096, BlockBytes(state)),
@@ -945,7 +947,7 @@ std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> ExpertStore::AnyReader
 }
 
 template <size_t N>
-std::array<std::unique_lock<std::mutex>, N> ExpertStore::AllOf(std::array<Handle, N>& handles) {
+std::array<std::unique_lock<std::mutex>, N> ExpertStore::LockAll(std::array<Handle, N>& handles) {
   std::array<std::unique_lock<std::mutex>, N> locks;
   for (size_t i = 0; i < N; ++i) locks[i] = std::unique_lock<std::mutex>(handles[i].mutex);
   return locks;
@@ -1213,7 +1215,7 @@ Status ExpertStore::ReadStatesAt(ExpertId id, const std::vector<ExpertState>& st
     if (loaded.code() == StatusCode::kDataLoss) {
       // The other slot's header read while it was being written may look torn: read again
       // with no write of this state under way (damage stays damage).
-      const auto no_write = AllOf(files_[Index(state)].writers);
+      const auto no_write = LockAll(files_[Index(state)].writers);
       loaded = LoadFromFile(state, flat, blocks[i], &read, &version);
     }
     return loaded.Annotate(StrCat("reading ", Name(state, id), " at version ", version));

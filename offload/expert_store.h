@@ -315,7 +315,7 @@ class ExpertStore {
     std::atomic<size_t> next_reader{0};  // whose turn it is when every reader is busy
     // Per source expert: the shared experts that still read its storage of this state (they
     // get their own copy before its next write). Read under any writer's mutex, changed
-    // under every one's (AllOf(writers)), or with lifecycle_ held exclusively (Share, Open).
+    // under every one's (LockAll(writers)), or with lifecycle_ held exclusively (Share, Open).
     std::unordered_map<uint32_t, std::vector<uint32_t>> unwritten_dependents;
     // The writers' fresh_written_bytes, summed here as they store (io_bytes reads it while
     // Close replaces the writers).
@@ -346,10 +346,11 @@ class ExpertStore {
   std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> AnyReader(ExpertState state);
   // Every handle of `handles` locked, in order (writers before readers).
   template <size_t N>
-  static std::array<std::unique_lock<std::mutex>, N> AllOf(std::array<Handle, N>& handles);
+  static std::array<std::unique_lock<std::mutex>, N> LockAll(std::array<Handle, N>& handles);
   // Whether `flat`'s storage of the state is still read by experts that share it, or `flat`
-  // still reads its source's. REQUIRES: one of the state's writers held.
-  bool LendsStorage(const Files& files, uint32_t flat) const;
+  // still reads its source's. REQUIRES: one of the state's writers held, or lifecycle_ held
+  // exclusively.
+  static bool LendsStorage(const Files& files, uint32_t flat);
   bool ReadsSource(const Files& files, uint32_t flat) const;
   // A store through the expert's writer, its fresh bytes counted. REQUIRES: that writer held.
   static Status StoreThroughWriter(Files& files, uint32_t flat, const void* const* arrays,
@@ -400,7 +401,8 @@ class ExpertStore {
   Backend& backend_;
   ExpertStoreOptions options_;
   const ExpertIndex index_;
-  // Shared by every access, exclusive for Flush and Close.
+  // Shared by every access, exclusive for Flush and Close. Lock order: lifecycle_, then
+  // staging_mutex_, then a state's writers in index order, then its readers in index order.
   std::shared_mutex lifecycle_;
   // GUARDED_BY(lifecycle_). True until Create or Open succeeds: a store they give up on has
   // nothing to flush.

@@ -272,9 +272,8 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Create(
     for (const std::string& dir : options.dirs) ECSS_RETURN_IF_ERROR(SyncDirectory(dir));
     return Status::Ok();
   }();
-  if (made.ok()) {  // every slot of new files is unwritten: no header to read before a store
-    std::fill(file->newest_sequence_.begin(), file->newest_sequence_.end(), 0);
-    std::fill(file->slots_stored_.begin(), file->slots_stored_.end(), 0);
+  if (made.ok()) {
+    file->KnowFilesAreNew();
   } else {  // nothing of it stays behind: the files it opened (and so made) go
     const std::vector<std::string> made_paths(file->paths_.begin(),
                                               file->paths_.begin() + file->files_.size());
@@ -361,6 +360,12 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
     }
   }
   return file;
+}
+
+// Every slot of new files is unwritten: no header to read before a store.
+void ExpertStateFile::KnowFilesAreNew() {
+  std::fill(newest_sequence_.begin(), newest_sequence_.end(), 0);
+  std::fill(slots_stored_.begin(), slots_stored_.end(), 0);
 }
 
 Status ExpertStateFile::Sync() {

@@ -27,8 +27,10 @@
 // silently go back one version.
 // Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
-// A file may have one writing handle and several reading ones (an object each), as the
-// expert store keeps them: loads never cache which shadow slot is newest.
+// A file may have several writing handles and several reading ones (an object each), as the
+// expert store keeps them: loads never cache which shadow slot is newest, and a writing
+// handle knows it only for the experts stored through it, so each expert must always be
+// stored through the same writing handle (another one would overwrite the newest copy).
 #pragma once
 
 #include <cstdint>
@@ -115,6 +117,10 @@ class ExpertStateFile {
   // Load for a damaged header.
   StatusOr<std::optional<uint64_t>> NewestCount(uint32_t expert);
 
+  // This handle, opened on files that another one just made with Create, knows every slot
+  // unwritten, as the creating handle does: its first store of an expert reads no headers, and
+  // counts what it writes as fresh. REQUIRES: nothing stored since Create.
+  void KnowFilesAreNew();
   // Makes completed stores durable (fdatasync of every file).
   Status Sync();
   // Rewrites every file header with `generation` (the store id stays), then Sync.

@@ -380,8 +380,11 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
   Channel<Token> loaded;
   Channel<Token> updated;
   for (int s = 0; s < static_cast<int>(impl.slots.size()); ++s) free_slots.Push(s);
+  // The failure of the earliest expert in the work's order (stores may end out of it); every
+  // token passes the store stage last.
   std::mutex error_mutex;
-  Status first_error;  // GUARDED_BY(error_mutex); every token passes the store stage last
+  Status first_error;           // GUARDED_BY(error_mutex)
+  int64_t first_error_at = -1;  // GUARDED_BY(error_mutex): its token's index
 
   // The load stage: loads_in_flight threads, each taking the next gradient with a slot,
   // loading it and handing it on.
@@ -417,8 +420,12 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
         }
         free_slots.Push(token.slot);
         if (hooks.done) hooks.done(token.grad.expert);
+        if (token.status.ok()) continue;
         std::lock_guard<std::mutex> lock(error_mutex);
-        if (!token.status.ok() && first_error.ok()) first_error = std::move(token.status);
+        if (first_error_at < 0 || token.index < first_error_at) {
+          first_error = std::move(token.status);
+          first_error_at = token.index;
+        }
       }
     });
   }

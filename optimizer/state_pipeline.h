@@ -146,8 +146,9 @@ class StateStreamingUpdater {
   ~StateStreamingUpdater();
 
   // Streams every gradient's expert through load -> update -> store, in order, with `params`
-  // (default: the options'; a schedule passes each step's). Returns the report, or the first
-  // error (after the pipeline drained; other experts were processed). An expert is in a run
+  // (default: the options'; a schedule passes each step's). Returns the report, or the error
+  // of the earliest failed expert in the work's order (after the pipeline drained; other
+  // experts were processed). An expert is in a run
   // once: InvalidArgument for a repeat in `work` (nothing runs), and one that hooks.more
   // appends fails alone.
   StatusOr<StreamingReport> Run(const std::vector<StreamedGradient>& work, float grad_scale,

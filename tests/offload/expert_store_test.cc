@@ -6,11 +6,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -70,6 +74,34 @@ class EngineRegistry {
   FaultOptions faults_;                           // GUARDED_BY(mutex_)
 };
 
+// Holds every request submitted through the engines it is set on until it opens: a handle
+// stays busy (its holder inside a read or write) for as long as a test needs, with no timing.
+class Gate {
+ public:
+  void Pass() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++held_;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return open_; });
+  }
+  // Until a request is held, or `finished` (its thread gave up before submitting).
+  void WaitUntilHeld(const std::atomic<bool>& finished) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (held_ == 0 && !finished) cv_.wait_for(lock, std::chrono::milliseconds(10));
+  }
+  void Open() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    open_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int held_ = 0;       // GUARDED_BY(mutex_)
+  bool open_ = false;  // GUARDED_BY(mutex_)
+};
+
 class TrackedEngine final : public FaultInjectionIoEngine {
  public:
   TrackedEngine(std::unique_ptr<IoEngine> inner, EngineRegistry* registry)
@@ -77,10 +109,29 @@ class TrackedEngine final : public FaultInjectionIoEngine {
     registry_->Add(this);
   }
   ~TrackedEngine() override { registry_->Remove(this); }
+  void set_gate(Gate* gate) { gate_ = gate; }
+
+ protected:
+  Status DoSubmit(const IoRequest& request) override {
+    if (Gate* gate = gate_.load()) gate->Pass();
+    return FaultInjectionIoEngine::DoSubmit(request);
+  }
 
  private:
   EngineRegistry* registry_;
+  std::atomic<Gate*> gate_{nullptr};
 };
+
+// Runs `io` on a thread of its own while `gate` holds another handle's request: whether it
+// finished (within a minute, which only a wait for the held handle takes); the gate is open
+// afterwards either way.
+bool FinishesWhileHeld(Gate& gate, const std::function<void()>& io) {
+  std::future<void> done = std::async(std::launch::async, io);
+  const bool finished = done.wait_for(std::chrono::minutes(1)) == std::future_status::ready;
+  gate.Open();
+  done.wait();
+  return finished;
+}
 
 class ExpertStoreTest : public ::testing::Test {
  protected:
@@ -113,11 +164,9 @@ class ExpertStoreTest : public ::testing::Test {
     return create ? ExpertStore::Create(*sim_, options) : ExpertStore::Open(*sim_, options);
   }
   void SetFaults(FaultOptions faults, uint64_t nth = 0) { engines_.SetFaults(faults, nth); }
-  // made_[i], each request of which now takes 300 ms.
-  FaultInjectionIoEngine* Slowed(size_t i) {
-    FaultOptions slow;
-    slow.latency_us = 300 * 1000;
-    made_[i]->set_options(slow);
+  // made_[i], whose requests `gate` now holds.
+  TrackedEngine* Held(size_t i, Gate* gate) {
+    made_[i]->set_gate(gate);
     return made_[i];
   }
   uint64_t TornWrites() { return engines_.TornWrites(); }
@@ -176,7 +225,7 @@ class ExpertStoreTest : public ::testing::Test {
   EngineRegistry engines_;  // outlives every store a test makes (declared before them)
   // Every engine made, in order (stores are made on the test's thread); a closed store's
   // dangle.
-  std::vector<FaultInjectionIoEngine*> made_;
+  std::vector<TrackedEngine*> made_;
   ExpertStoreOptions options_;
 };
 
@@ -656,20 +705,31 @@ TEST_F(ExpertStoreTest, ReadsAndWritesOfDifferentStatesRunAtOnce) {
   }
 }
 
+// An aligned block of a state holding `pattern` (StateBytes of it, then zeros).
+std::unique_ptr<uint8_t, decltype(&std::free)> Block(const ExpertStore& store, ExpertState state,
+                                                     const std::vector<uint8_t>& pattern) {
+  std::unique_ptr<uint8_t, decltype(&std::free)> block(
+      static_cast<uint8_t*>(std::aligned_alloc(4096, store.BlockBytes(state))), &std::free);
+  std::memset(block.get(), 0, store.BlockBytes(state));
+  std::memcpy(block.get(), pattern.data(),
+              std::min<size_t>(pattern.size(), store.BlockBytes(state)));
+  return block;
+}
+
 // Two reads of one nvme state run at once, each on a reading handle of its own: while one
-// read waits on its slow handle, another read of the state takes the other handle.
+// read is held on its handle, another read of the state takes the other handle.
 TEST_F(ExpertStoreTest, TwoReadsOfOneStateRunAtOnce) {
   auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 1);
   // Every state has a file (the memory ones are durable), each two writing handles and two
   // reading ones, in the states' order: the moments' are the third four.
   ASSERT_EQ(made_.size(), 16u);
-  FaultInjectionIoEngine* first = Slowed(10);
+  Gate gate;
+  Held(10, &gate);
   FaultInjectionIoEngine* second = made_[11];
   const ExpertState state = ExpertState::kMoments;
   auto read = [&](ExpertId id) {
-    std::unique_ptr<uint8_t, decltype(&std::free)> block(
-        static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))), &std::free);
+    auto block = Block(*store, state, {});
     const Status done = store->ReadBlock(state, id, block.get());
     EXPECT_TRUE(done.ok()) << done;
     EXPECT_EQ(std::memcmp(block.get(), Pattern(*store, state, id.layer, id.expert, 1).data(),
@@ -677,15 +737,16 @@ TEST_F(ExpertStoreTest, TwoReadsOfOneStateRunAtOnce) {
               0)
         << "layer " << id.layer << " expert " << id.expert;
   };
-  // (bytes_read counts submitted reads, and other threads may look at it.)
-  const uint64_t first_before = first->bytes_read();
-  std::thread slow_read([&] { read({0, 0}); });
-  // Once the slow read has a request in flight on the first handle (it holds that handle):
-  while (first->bytes_read() == first_before) std::this_thread::yield();
+  std::atomic<bool> held_read_done{false};
+  std::thread held_read([&] {
+    read({0, 0});
+    held_read_done = true;
+  });
+  gate.WaitUntilHeld(held_read_done);  // the first handle is busy
   const uint64_t second_before = second->bytes_read();
-  read({1, 2});
+  EXPECT_TRUE(FinishesWhileHeld(gate, [&] { read({1, 2}); })) << "it waited for the held one";
   EXPECT_GT(second->bytes_read(), second_before) << "the second read took the other handle";
-  slow_read.join();
+  held_read.join();
 }
 
 // Two writes of one state run at once when the experts' writers differ (flat id % 2): the
@@ -694,33 +755,27 @@ TEST_F(ExpertStoreTest, TwoWritesOfOneStateRunAtOnce) {
   auto store = std::move(Make(true, options_)).value();
   WriteAll(*store, 1);
   ASSERT_EQ(made_.size(), 16u);
-  FaultInjectionIoEngine* even = Slowed(8);  // the moments' writers
+  Gate gate;
+  Held(8, &gate);  // the moments' writers: [8] writes even experts, [9] odd ones
   FaultInjectionIoEngine* odd = made_[9];
   const ExpertState state = ExpertState::kMoments;
   auto write = [&](ExpertId id) {
-    std::unique_ptr<uint8_t, decltype(&std::free)> block(
-        static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))), &std::free);
-    std::memset(block.get(), 0, store->BlockBytes(state));
-    const std::vector<uint8_t> bytes = Pattern(*store, state, id.layer, id.expert, 2);
-    std::memcpy(block.get(), bytes.data(), bytes.size());
+    auto block = Block(*store, state, Pattern(*store, state, id.layer, id.expert, 2));
     const Status done = store->WriteBlock(state, id, block.get(), 2);
     EXPECT_TRUE(done.ok()) << done;
   };
   // Layer 0 expert 0 is flat 0 (the even writer), layer 0 expert 1 flat 1 (the odd one).
-  // (bytes_written counts submitted writes, and other threads may look at it.)
-  const uint64_t even_before = even->bytes_written();
-  std::atomic<bool> slow_done{false};
-  std::thread slow_write([&] {
+  std::atomic<bool> held_write_done{false};
+  std::thread held_write([&] {
     write({0, 0});
-    slow_done = true;
+    held_write_done = true;
   });
-  while (even->bytes_written() == even_before) std::this_thread::yield();
+  gate.WaitUntilHeld(held_write_done);
   const uint64_t odd_before = odd->bytes_written();
-  write({0, 1});
+  EXPECT_TRUE(FinishesWhileHeld(gate, [&] { write({0, 1}); })) << "it waited for the held one";
   EXPECT_GT(odd->bytes_written(), odd_before) << "the second write took the other handle";
-  EXPECT_FALSE(slow_done) << "and did not wait for the first (300 ms a request)";
-  slow_write.join();
-  even->set_options({});
+  held_write.join();
+  made_[8]->set_gate(nullptr);
   for (ExpertId id : {ExpertId{0, 0}, ExpertId{0, 1}, ExpertId{0, 2}}) {
     std::vector<uint8_t> got(store->StateBytes(state));
     ASSERT_TRUE(store->Read(state, id, got.data()).ok());
@@ -739,6 +794,77 @@ TEST_F(ExpertStoreTest, TwoWritesOfOneStateRunAtOnce) {
     std::vector<uint8_t> got(store->StateBytes(state));
     ASSERT_TRUE(store->Read(state, {1, e}, got.data()).ok());
     EXPECT_EQ(got, Pattern(*store, state, 1, e, 3));
+  }
+}
+
+// A new store's writers both know its slots unwritten: first writes read no slot header, and
+// what they write counts as fresh (written into a sparse file's holes).
+TEST_F(ExpertStoreTest, FirstWritesOfANewStoreReadNothing) {
+  auto store = std::move(Make(true, options_)).value();
+  const ExpertStore::IoBytes start = store->io_bytes();
+  WriteAll(*store, 1);  // the moments (on nvme) of experts of both parities
+  const ExpertStore::IoBytes moved = store->io_bytes().Since(start);
+  EXPECT_GT(moved.written, 0u);
+  EXPECT_EQ(moved.read, 0u) << "a slot header read before a first write";
+  EXPECT_EQ(moved.fresh_written, moved.written);
+}
+
+// Writes of one state through both writers at once (the pipeline's stores: WriteStates of
+// distinct experts from threads of their own), among them shared experts whose source has the
+// other parity, so that first writes that move sharing (every handle of the state locked) run
+// beside plain ones: each thread reads back what it wrote, and each expert ends at its last
+// version, its own.
+TEST_F(ExpertStoreTest, WritesOfBothParitiesAndSharedExpertsRunAtOnce) {
+  options_.placement = {Tier::kPinned, Tier::kNvme, Tier::kNvme, Tier::kPinned};
+  auto store = std::move(Make(true, options_)).value();
+  const std::vector<ExpertState> states = {ExpertState::kMaster, ExpertState::kMoments};
+  // Writes `id`'s states at `version`, then reads them back: whether both went as they should.
+  auto write_and_read = [&](ExpertId id, uint32_t version) {
+    std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> written, got;
+    std::vector<void*> written_blocks, got_blocks;
+    for (ExpertState state : states) {
+      written.push_back(Block(*store, state, Pattern(*store, state, id.layer, id.expert, version)));
+      got.push_back(Block(*store, state, {}));
+      written_blocks.push_back(written.back().get());
+      got_blocks.push_back(got.back().get());
+    }
+    uint64_t read_version = 0;
+    if (!store->WriteStates(id, states, written_blocks.data(), version).ok() ||
+        !store->ReadStates(id, states, got_blocks.data(), &read_version).ok() ||
+        read_version != version) {
+      return false;
+    }
+    for (size_t s = 0; s < states.size(); ++s) {
+      if (std::memcmp(got[s].get(), written[s].get(), store->StateBytes(states[s])) != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  // Layer 0's experts 0 and 1 (flat 0 and 1) at version 1, shared by layer 1's experts 0 and
+  // 1 (flat 3 and 4): each source and its dependent on different writers.
+  ASSERT_TRUE(write_and_read({0, 0}, 1));
+  ASSERT_TRUE(write_and_read({0, 1}, 1));
+  const std::vector<std::pair<ExpertId, ExpertId>> shared = {{{1, 0}, {0, 0}}, {{1, 1}, {0, 1}}};
+  ASSERT_TRUE(store->Share(shared).ok());
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t e = 0; e < 3; ++e) {
+      threads.emplace_back([&, l, e] {
+        for (uint32_t version = 2; version <= 9; ++version) {
+          if (!write_and_read({l, e}, version)) ++failures;
+        }
+      });
+    }
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t e = 0; e < 3; ++e) {
+      EXPECT_TRUE(write_and_read({l, e}, 10)) << "layer " << l << " expert " << e;
+      EXPECT_FALSE(store->ReadsSourceStorage({l, e}, ExpertState::kMoments));
+    }
   }
 }
 

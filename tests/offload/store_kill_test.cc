@@ -115,9 +115,9 @@ std::vector<Ack> RunAndKill(const std::function<void(int)>& child, std::chrono::
   return acks;
 }
 
-// The writer: opens the store, then writes every expert's states at increasing versions,
-// acknowledging each, and closes and reopens it every few rounds (so kills land in Open's
-// generation change and Close too). Never returns.
+// The writer: opens the store, then writes every expert's states at increasing versions (two
+// at once), acknowledging each, and closes and reopens it every few rounds (so kills land in
+// Open's generation change and Close too). Never returns.
 [[noreturn]] void Write(const std::string& dir, int ack_fd) {
   auto sim = SimBackend::Create(SmallDevice());
   if (!sim.ok()) std::_Exit(2);
@@ -133,18 +133,27 @@ std::vector<Ack> RunAndKill(const std::function<void(int)>& child, std::chrono::
         version[e] = static_cast<uint32_t>(v);
       }
     }
-    for (int pass = 0; pass < 3; ++pass) {
-      for (uint32_t e = 0; e < kExperts; ++e) {
-        const uint32_t v = version[e] + 1;
-        for (size_t s = 0; s < kStates.size(); ++s) {
-          Fill(blocks.data[s], blocks.bytes[s], kStates[s], e, v);
+    // Even and odd experts from a thread each, so that kills land with both writing handles
+    // of a state mid-write (the store writes expert e through its (e % 2)th). An ack is one
+    // write of a pipe, smaller than PIPE_BUF: atomic.
+    auto write_parity = [&](uint32_t parity) {
+      Blocks own(**store);
+      for (int pass = 0; pass < 3; ++pass) {
+        for (uint32_t e = parity; e < kExperts; e += 2) {
+          const uint32_t v = version[e] + 1;
+          for (size_t s = 0; s < kStates.size(); ++s) {
+            Fill(own.data[s], own.bytes[s], kStates[s], e, v);
+          }
+          if (!(*store)->WriteStates(Id(e), kStates, own.data.data(), v).ok()) std::_Exit(5);
+          version[e] = v;
+          const Ack ack{e, v};
+          if (::write(ack_fd, &ack, sizeof(ack)) != sizeof(ack)) std::_Exit(6);
         }
-        if (!(*store)->WriteStates(Id(e), kStates, blocks.data.data(), v).ok()) std::_Exit(5);
-        version[e] = v;
-        const Ack ack{e, v};
-        if (::write(ack_fd, &ack, sizeof(ack)) != sizeof(ack)) std::_Exit(6);
       }
-    }
+    };
+    std::thread odd(write_parity, 1u);
+    write_parity(0);
+    odd.join();
     if (!(*store)->Close().ok()) std::_Exit(7);
   }
 }

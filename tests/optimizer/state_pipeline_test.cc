@@ -184,37 +184,43 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
 }
 
 TEST(StateStreamingTest, FailuresLoseNothingAndNameTheExpert) {
-  InMemoryStateTier tier(OptimizerKind::kAdamW);
-  for (uint32_t e = 0; e < 4; ++e) tier.AddExpert(Values(1000, e, 1.0f));
-  FailingTier failing(&tier);
-  failing.fail_load = 1;
-  failing.fail_store = 2;
-  std::unique_ptr<Workspace> staging;
-  StreamingOptions options;
-  options.max_expert_elements = 1000;
-  auto updater = *CreateUpdater(options, &failing, &staging);
-  Gradients g = MakeGradients(4, 1000, 50);
-  std::vector<std::vector<float>>& grads = g.values;
-  const std::vector<StreamedGradient>& work = g.work;
-  grads[3][10] = std::nanf("");
-  std::vector<std::vector<float>> before;
-  for (uint32_t e = 0; e < 4; ++e) before.push_back(tier.master(e));
-  StatusOr<StreamingReport> report = updater->Run(work, 1.0f, 1.0f);
-  ASSERT_FALSE(report.ok());
-  EXPECT_EQ(report.status().code(), StatusCode::kDataLoss) << "the first failure (expert 1's load)";
-  EXPECT_NE(report.status().message().find("loading expert 1"), std::string_view::npos)
-      << report.status();
-  EXPECT_NE(tier.master(0), before[0]) << "expert 0 was updated";
-  EXPECT_EQ(tier.master(1), before[1]) << "failed load: untouched";
-  EXPECT_EQ(tier.master(2), before[2]) << "failed store: the previous copy stays";
-  EXPECT_EQ(tier.master(3), before[3]) << "non-finite gradient: skipped";
-  EXPECT_EQ(tier.update_count(3), 0u);
-  // The updater stays usable.
-  failing.fail_load = failing.fail_store = UINT32_MAX;
-  grads[3][10] = 0;
-  StatusOr<StreamingReport> again = updater->Run(work, 1.0f, 1.0f);
-  ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ(again->updated, 4u);
+  for (int stores : {1, 2}) {
+    SCOPED_TRACE(StrCat(stores, " stores at once"));
+    InMemoryStateTier tier(OptimizerKind::kAdamW);
+    for (uint32_t e = 0; e < 4; ++e) tier.AddExpert(Values(1000, e, 1.0f));
+    FailingTier failing(&tier);
+    failing.fail_load = 1;
+    failing.fail_store = 2;
+    std::unique_ptr<Workspace> staging;
+    StreamingOptions options;
+    options.max_expert_elements = 1000;
+    options.buffers = 3;
+    options.stores_in_flight = stores;
+    auto updater = *CreateUpdater(options, &failing, &staging);
+    Gradients g = MakeGradients(4, 1000, 50);
+    std::vector<std::vector<float>>& grads = g.values;
+    const std::vector<StreamedGradient>& work = g.work;
+    grads[3][10] = std::nanf("");
+    std::vector<std::vector<float>> before;
+    for (uint32_t e = 0; e < 4; ++e) before.push_back(tier.master(e));
+    StatusOr<StreamingReport> report = updater->Run(work, 1.0f, 1.0f);
+    ASSERT_FALSE(report.ok());
+    EXPECT_EQ(report.status().code(), StatusCode::kDataLoss)
+        << "the earliest expert's failure (expert 1's load), whichever store ends first";
+    EXPECT_NE(report.status().message().find("loading expert 1"), std::string_view::npos)
+        << report.status();
+    EXPECT_NE(tier.master(0), before[0]) << "expert 0 was updated";
+    EXPECT_EQ(tier.master(1), before[1]) << "failed load: untouched";
+    EXPECT_EQ(tier.master(2), before[2]) << "failed store: the previous copy stays";
+    EXPECT_EQ(tier.master(3), before[3]) << "non-finite gradient: skipped";
+    EXPECT_EQ(tier.update_count(3), 0u);
+    // The updater stays usable.
+    failing.fail_load = failing.fail_store = UINT32_MAX;
+    grads[3][10] = 0;
+    StatusOr<StreamingReport> again = updater->Run(work, 1.0f, 1.0f);
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->updated, 4u);
+  }
 }
 
 // A tier whose load (or store: `held`) of expert 0 waits until expert 1's has begun (or 10 s:
