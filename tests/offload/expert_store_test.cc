@@ -711,8 +711,8 @@ std::unique_ptr<uint8_t, decltype(&std::free)> Block(const ExpertStore& store, E
   std::unique_ptr<uint8_t, decltype(&std::free)> block(
       static_cast<uint8_t*>(std::aligned_alloc(4096, store.BlockBytes(state))), &std::free);
   std::memset(block.get(), 0, store.BlockBytes(state));
-  std::memcpy(block.get(), pattern.data(),
-              std::min<size_t>(pattern.size(), store.BlockBytes(state)));
+  std::copy_n(pattern.begin(), std::min<size_t>(pattern.size(), store.BlockBytes(state)),
+              block.get());
   return block;
 }
 
