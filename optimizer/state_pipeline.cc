@@ -134,6 +134,29 @@ double Since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
+// A stage's threads: `count` of them run body(busy), each adding its busy seconds to a `busy`
+// of its own.
+class StageThreads {
+ public:
+  template <typename Body>
+  StageThreads(int count, const Body& body) : busy_(count, 0.0) {
+    threads_.reserve(count);
+    for (int i = 0; i < count; ++i) threads_.emplace_back([this, &body, i] { body(busy_[i]); });
+  }
+  size_t size() const { return threads_.size(); }
+  // Waits for every thread; their busy seconds summed.
+  double Join() {
+    for (std::thread& thread : threads_) thread.join();
+    double seconds = 0;
+    for (double busy : busy_) seconds += busy;
+    return seconds;
+  }
+
+ private:
+  std::vector<double> busy_;
+  std::vector<std::thread> threads_;
+};
+
 // What every update of a run shares.
 struct UpdateArgs {
   const HyperParams& hyper;
@@ -388,47 +411,39 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
 
   // The load stage: loads_in_flight threads, each taking the next gradient with a slot,
   // loading it and handing it on.
-  std::vector<double> load_seconds(impl.options.loads_in_flight, 0.0);
-  std::vector<std::thread> loaders;
-  loaders.reserve(impl.options.loads_in_flight);
-  for (int l = 0; l < impl.options.loads_in_flight; ++l) {
-    loaders.emplace_back([&, l] {
-      Token token;
-      while (queue->Next(free_slots, &token)) {
-        load_seconds[l] += impl.Load(token);
-        loaded.Push(std::move(token));
-        token = Token{};
-      }
-      if (queue->Leave()) loaded.Push(Token{});  // after every loader's last token
-    });
-  }
+  const auto load = [&](double& busy) {
+    Token token;
+    while (queue->Next(free_slots, &token)) {
+      busy += impl.Load(token);
+      loaded.Push(std::move(token));
+      token = Token{};
+    }
+    if (queue->Leave()) loaded.Push(Token{});  // after every loader's last token
+  };
+  StageThreads loaders(impl.options.loads_in_flight, load);
   // The store stage: stores_in_flight threads, each storing the next updated expert.
-  std::vector<double> store_seconds(impl.options.stores_in_flight, 0.0);
-  std::vector<std::thread> storers;
-  storers.reserve(impl.options.stores_in_flight);
-  for (int s = 0; s < impl.options.stores_in_flight; ++s) {
-    storers.emplace_back([&, s] {
-      while (true) {
-        Token token = updated.Pop();
-        if (token.index < 0) return;
-        if (token.update) {
-          const Clock::time_point t0 = Clock::now();
-          token.status =
-              impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
-                  .Annotate(StrCat("storing expert ", token.grad.expert));
-          store_seconds[s] += Since(t0);
-        }
-        free_slots.Push(token.slot);
-        if (hooks.done) hooks.done(token.grad.expert);
-        if (token.status.ok()) continue;
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (first_error_at < 0 || token.index < first_error_at) {
-          first_error = std::move(token.status);
-          first_error_at = token.index;
-        }
+  const auto store = [&](double& busy) {
+    while (true) {
+      Token token = updated.Pop();
+      if (token.index < 0) return;
+      if (token.update) {
+        const Clock::time_point t0 = Clock::now();
+        token.status =
+            impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
+                .Annotate(StrCat("storing expert ", token.grad.expert));
+        busy += Since(t0);
       }
-    });
-  }
+      free_slots.Push(token.slot);
+      if (hooks.done) hooks.done(token.grad.expert);
+      if (token.status.ok()) continue;
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (first_error_at < 0 || token.index < first_error_at) {
+        first_error = std::move(token.status);
+        first_error_at = token.index;
+      }
+    }
+  };
+  StageThreads storers(impl.options.stores_in_flight, store);
 
   // The calling thread drives the update stage in the arena, in the work's order.
   const UpdateArgs args{hyper, grad_scale, clip_coefficient};
@@ -446,10 +461,8 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
     }
   }
   for (size_t s = 0; s < storers.size(); ++s) updated.Push(Token{});  // an end for each
-  for (std::thread& loader : loaders) loader.join();
-  for (std::thread& storer : storers) storer.join();
-  for (double seconds : load_seconds) report.load_seconds += seconds;
-  for (double seconds : store_seconds) report.store_seconds += seconds;
+  report.load_seconds = loaders.Join();
+  report.store_seconds = storers.Join();
   report.wall_seconds = Since(start);
   if (!first_error.ok()) return first_error;
   return report;

@@ -4,10 +4,11 @@
 // with `buffers` staging slots, so that one expert's I/O overlaps another's update,
 // `loads_in_flight` loads at once and `stores_in_flight` stores at once (a thread and a slot
 // each; the update stage still takes the experts in order, and stores may finish out of it).
-// StateTier is the interface offload/ implements; InMemoryStateTier is the reference implementation
-// the pipeline is tested against. Data safety: an expert whose load fails, or whose gradient is not
-// finite, is neither updated nor stored (its tier copy stays as it was); a failed store leaves the
-// tier's previous copy. Every failure is reported with the expert; the other experts proceed.
+// StateTier is the interface offload/ implements; InMemoryStateTier is the reference
+// implementation the pipeline is tested against.
+// Data safety: an expert whose load fails, or whose gradient is not finite, is neither updated
+// nor stored (its tier copy stays as it was); a failed store leaves the tier's previous copy.
+// Every failure is reported with the expert; the other experts proceed.
 // Thread-safety: Run is called from one thread at a time and blocks until the pipeline drains.
 #pragma once
 
