@@ -508,18 +508,20 @@ Status ExpertStore::OpenFiles(bool create) {
     file.generation = generation_;
     file.previous_generation = previous_generation_;
     auto opened = [&]() -> Status {
-      auto open_handle = [&](Handle& handle, bool creates) -> Status {
+      Handle& first = files.writers[0];
+      ECSS_ASSIGN_OR_RETURN(first.io, CreateIoEngine(options_.io_engines));
+      ECSS_ASSIGN_OR_RETURN(first.file, create ? ExpertStateFile::Create(first.io.get(), file)
+                                               : ExpertStateFile::Open(first.io.get(), file));
+      auto another = [&](Handle& handle) -> Status {
         ECSS_ASSIGN_OR_RETURN(handle.io, CreateIoEngine(options_.io_engines));
-        ECSS_ASSIGN_OR_RETURN(handle.file, creates ? ExpertStateFile::Create(handle.io.get(), file)
-                                                   : ExpertStateFile::Open(handle.io.get(), file));
+        ECSS_ASSIGN_OR_RETURN(handle.file, first.file->AnotherHandle(handle.io.get()));
         return Status::Ok();
       };
-      for (Handle& writer : files.writers) {
-        const bool first = &writer == &files.writers[0];
-        ECSS_RETURN_IF_ERROR(open_handle(writer, first && create));
-        if (create && !first) writer.file->KnowFilesAreNew();
+      for (size_t i = 1; i < kWriters; ++i) {
+        ECSS_RETURN_IF_ERROR(another(files.writers[i]));
+        if (create) files.writers[i].file->KnowFilesAreNew();
       }
-      for (Handle& reader : files.readers) ECSS_RETURN_IF_ERROR(open_handle(reader, false));
+      for (Handle& reader : files.readers) ECSS_RETURN_IF_ERROR(another(reader));
       return Status::Ok();
     }();
     if (!opened.ok())

@@ -129,17 +129,20 @@ constexpr uint64_t kPieceBytes = uint64_t{4} << 20;
 // write checksums a piece, sends it, and checksums the next while it is written; a read
 // checksums each piece once it and every piece before it have arrived. So a store or a load
 // takes its transfer plus one piece's checksum, not its transfer plus the whole expert's.
-// A write only reads `arrays`; a read fills them (Load's, which are writable). Errors as
+// A write only reads `arrays`; a read fills them (Load's, which are writable). `alongside`
+// are sent first, in the same round trip, with no checksum (a load's headers). Errors as
 // RunAll's.
 Status TransferChecksummed(IoEngine& engine, IoOp op, IoFileId file, const uint64_t* offsets,
                            const void* const* arrays, uint32_t count, uint64_t block_bytes,
-                           uint64_t checksummed_bytes, uint32_t* crcs) {
+                           uint64_t checksummed_bytes, uint32_t* crcs,
+                           std::vector<IoRequest> alongside = {}) {
   struct Piece {
     uint32_t array;
     uint64_t start, bytes;
   };
+  const size_t first = alongside.size();  // requests[first + i] moves pieces[i]
   std::vector<Piece> pieces;
-  std::vector<IoRequest> requests;
+  std::vector<IoRequest> requests = std::move(alongside);
   for (uint32_t a = 0; a < count; ++a) {
     crcs[a] = 0;
     for (uint64_t start = 0; start < block_bytes; start += kPieceBytes) {
@@ -151,8 +154,9 @@ Status TransferChecksummed(IoEngine& engine, IoOp op, IoFileId file, const uint6
                           static_cast<size_t>(piece.bytes), 0});
     }
   }
-  auto checksum = [&](size_t i) {
-    const Piece& piece = pieces[i];
+  auto checksum = [&](size_t request) {
+    if (request < first) return;
+    const Piece& piece = pieces[request - first];
     if (piece.start >= checksummed_bytes) return;
     crcs[piece.array] =
         Crc32c(static_cast<const char*>(arrays[piece.array]) + piece.start,
@@ -197,7 +201,9 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
       newest_sequence_(options.experts, UINT64_MAX),
       newest_copy_(options.experts, 0),
       newest_count_(options.experts, 0),
+      newest_copy_guess_(std::make_shared<std::vector<std::atomic<uint8_t>>>(options.experts)),
       slots_stored_(options.experts, kSlotsUnknown) {
+  for (std::atomic<uint8_t>& guess : *newest_copy_guess_) guess.store(kCopyUnknown);
   for (const FileSpec& file : FileSpecs(options)) {
     paths_.push_back(file.path);
     file_bytes_.push_back(file.bytes);
@@ -362,6 +368,17 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
   return file;
 }
 
+StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::AnotherHandle(IoEngine* engine) const {
+  ECSS_RETURN_IF_ERROR(CheckOptions(engine, options_));
+  std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options_));
+  file->newest_copy_guess_ = newest_copy_guess_;
+  for (const std::string& path : paths_) {  // checked by this handle's Create or Open
+    ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(path, OpenMode::kReadWrite));
+    file->files_.push_back(id);
+  }
+  return file;
+}
+
 // Every slot of new files is unwritten: no header to read before a store.
 void ExpertStateFile::KnowFilesAreNew() {
   std::fill(newest_sequence_.begin(), newest_sequence_.end(), 0);
@@ -385,16 +402,26 @@ Status ExpertStateFile::CheckExpert(uint32_t expert, uint64_t elements) const {
   return Status::Ok();
 }
 
-Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, CopyState* state,
-                                    std::string* why) {
-  const IoFileId file = FileOf(expert);
-  std::vector<IoRequest> requests;  // every copy's header at once: one round trip
+std::vector<IoRequest> ExpertStateFile::HeaderRequests(uint32_t expert) const {
+  std::vector<IoRequest> requests;
   for (uint32_t c = 0; c < copies(); ++c) {
-    requests.push_back({IoOp::kRead, file, OffsetOf(expert, c),
+    requests.push_back({IoOp::kRead, FileOf(expert), OffsetOf(expert, c),
                         static_cast<char*>(header_) + c * kHeaderBytes, kHeaderBytes, 0});
   }
+  return requests;
+}
+
+Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, CopyState* state,
+                                    std::string* why) {
+  std::vector<IoRequest> requests = HeaderRequests(expert);  // every copy's: one round trip
   Status read = RunAll(*engine_, requests);
   if (!read.ok()) return read.Annotate(StrCat("reading expert ", expert, " header"));
+  ParseHeaders(expert, headers, state, why);
+  return Status::Ok();
+}
+
+void ExpertStateFile::ParseHeaders(uint32_t expert, Header* headers, CopyState* state,
+                                   std::string* why) const {
   for (uint32_t c = 0; c < copies(); ++c) {
     Header* header = &headers[c];
     const char* raw = static_cast<const char*>(header_) + c * kHeaderBytes;
@@ -418,7 +445,6 @@ Status ExpertStateFile::ReadHeaders(uint32_t expert, Header* headers, CopyState*
       state[c] = CopyState::kValid;
     }
   }
-  return Status::Ok();
 }
 
 Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64_t elements,
@@ -493,6 +519,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
     newest_copy_[expert] = static_cast<uint8_t>(copy);
     newest_count_[expert] = update_count;
   }
+  (*newest_copy_guess_)[expert].store(static_cast<uint8_t>(copy), std::memory_order_relaxed);
   if (slots_stored_[expert] != kSlotsUnknown) {
     if ((slots_stored_[expert] & (1u << copy)) == 0) {
       fresh_written_bytes_ += StateBlockBytes(bytes) * options_.arrays + kHeaderBytes;
@@ -540,6 +567,27 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   if (unwritten_out != nullptr) *unwritten_out = false;
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const IoFileId file = FileOf(expert);
+  const uint64_t bytes = elements * options_.element_bytes;
+  uint32_t crcs[kMaxArrays];
+  auto read_arrays = [&](uint32_t copy, std::vector<IoRequest> alongside) {
+    uint64_t offsets[kMaxArrays];
+    for (uint32_t a = 0; a < options_.arrays; ++a) {
+      offsets[a] = OffsetOf(expert, copy) + ArrayOffset(a);
+    }
+    return TransferChecksummed(*engine_, IoOp::kRead, file, offsets, arrays, options_.arrays,
+                               StateBlockBytes(bytes), bytes, crcs, std::move(alongside));
+  };
+  // The headers, and beside them the arrays of the copy guessed newest.
+  std::atomic<uint8_t>& guess = (*newest_copy_guess_)[expert];
+  const uint8_t guessed = guess.load(std::memory_order_relaxed);
+  std::vector<IoRequest> headers = HeaderRequests(expert);
+  Status read = guessed == kCopyUnknown ? RunAll(*engine_, headers)
+                                        : read_arrays(guessed, std::move(headers));
+  if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert));
+  Header seen[2];
+  CopyState state[2];
+  std::string reason[2];
+  ParseHeaders(expert, seen, state, reason);
   // The newest copy whose header is intact (a store writes its header last, so an intact
   // header means its arrays were written completely; their checksums still decide).
   Header header{};
@@ -547,10 +595,6 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
   bool unwritten = false;  // some copy was never stored
   std::string why;
   uint32_t copy = 0;
-  Header seen[2];
-  CopyState state[2];
-  std::string reason[2];
-  ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, reason));
   for (uint32_t c = 0; c < copies(); ++c) {
     if (state[c] == CopyState::kDamaged) {  // never a crash's doing (see the file comment)
       return DataLossError(StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ",
@@ -584,13 +628,13 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
     return DataLossError(
         StrCat(where, ": stored with ", header.elements, " elements, read as ", elements));
   }
-  const uint64_t bytes = elements * options_.element_bytes;
-  uint64_t offsets[kMaxArrays];
-  uint32_t crcs[kMaxArrays];
-  for (uint32_t a = 0; a < options_.arrays; ++a) offsets[a] = base + ArrayOffset(a);
-  Status read = TransferChecksummed(*engine_, IoOp::kRead, file, offsets, arrays, options_.arrays,
-                                    StateBlockBytes(bytes), bytes, crcs);
-  if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
+  if (copy != guessed) {  // a wrong guess, or none: the arrays of the copy found
+    // The copy found newest is the guess now, unless a store changed it since (newer).
+    uint8_t expected = guessed;
+    if (want == nullptr) guess.compare_exchange_strong(expected, static_cast<uint8_t>(copy));
+    read = read_arrays(copy, {});
+    if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
+  }
   for (uint32_t a = 0; a < options_.arrays; ++a) {
     if (crcs[a] != header.array_crc[a]) {
       const std::string name =

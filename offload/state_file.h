@@ -27,12 +27,18 @@
 // silently go back one version.
 // Array buffers must be 4 KiB aligned and hold the array's bytes rounded up to 4 KiB (the
 // staging slots are laid out that way). Blocking; one thread at a time (it drives the engine).
-// A file may have several writing handles and several reading ones (an object each), as the
-// expert store keeps them: loads never cache which shadow slot is newest, and a writing
-// handle knows it only for the experts stored through it, so each expert must always be
-// stored through the same writing handle (another one would overwrite the newest copy).
+// A file may have several writing handles and several reading ones (an object each, the
+// first from Create or Open, the others from its AnotherHandle), as the expert store keeps
+// them. A writing handle knows which shadow slot is newest only for the experts stored
+// through it, so each expert must always be stored through the same writing handle (another
+// one would overwrite the newest copy). Loads decide from the headers they read, never from
+// what a handle remembers; but the handles of one file share a guess of each expert's newest
+// copy (where the last store through any of them went), and a load reads that copy's arrays
+// in the same round trip as the headers: one round trip when the guess is right, a second
+// for the right copy when it is not.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -88,6 +94,10 @@ class ExpertStateFile {
   static StatusOr<std::unique_ptr<ExpertStateFile>> Open(IoEngine* engine,
                                                          const StateFileOptions& options);
   ~ExpertStateFile();
+  // Another handle on these files, driven by `engine` (a handle is used by one thread at a
+  // time): it opens the files again in that engine, and shares this handle's guesses of
+  // newest copies (see above). What this handle knows of its own stores is not passed on.
+  StatusOr<std::unique_ptr<ExpertStateFile>> AnotherHandle(IoEngine* engine) const;
 
   // Writes `elements` values of each array, then the header. arrays[i] is 4 KiB aligned.
   // With shadow, a store goes to the copy not holding the newest version (a failed store
@@ -165,8 +175,12 @@ class ExpertStateFile {
   const std::string& PathOf(uint32_t expert) const { return paths_[PlaceOf(expert).file]; }
   uint32_t copies() const { return options_.shadow ? 2 : 1; }
   uint64_t ArrayOffset(uint32_t a) const;
-  // Reads the header of every copy (one round trip) into headers[copy], with what it is
-  // (state[copy]) and why it is not valid (why[copy]).
+  // Requests reading the header of every copy of an expert into header_ (copy c at c * 4 KiB).
+  std::vector<IoRequest> HeaderRequests(uint32_t expert) const;
+  // What those headers say, once read: headers[copy], with what it is (state[copy]) and why it
+  // is not valid (why[copy]).
+  void ParseHeaders(uint32_t expert, Header* headers, CopyState* state, std::string* why) const;
+  // Both in one round trip.
   Status ReadHeaders(uint32_t expert, Header* headers, CopyState* state, std::string* why);
 
   IoEngine* engine_;
@@ -184,6 +198,11 @@ class ExpertStateFile {
   std::vector<uint64_t> newest_sequence_;
   std::vector<uint8_t> newest_copy_;
   std::vector<uint64_t> newest_count_;  // its update count
+  // Shared by every handle of these files (AnotherHandle): per expert, the copy its newest
+  // store through any of them went to, or that a load found newest (kCopyUnknown: none yet).
+  // Only ever a guess (see the file comment).
+  static constexpr uint8_t kCopyUnknown = 0xff;
+  std::shared_ptr<std::vector<std::atomic<uint8_t>>> newest_copy_guess_;
   // Per expert, bit c: copy c's slot was stored (its header ever written), as this handle
   // knows; kSlotsUnknown until it created the files or read the expert's headers.
   static constexpr uint8_t kSlotsUnknown = 0xff;

@@ -36,6 +36,23 @@ struct Arrays {
   void* raw[3];  // the same arrays, as the file takes them
 };
 
+// Counts round trips: a request submitted with none in flight starts one.
+class RoundTripEngine final : public FaultInjectionIoEngine {
+ public:
+  explicit RoundTripEngine(std::unique_ptr<IoEngine> inner)
+      : FaultInjectionIoEngine(std::move(inner), FaultOptions{}) {}
+  int round_trips() const { return round_trips_; }
+
+ protected:
+  Status DoSubmit(const IoRequest& request) override {
+    if (in_flight() == 0) ++round_trips_;
+    return FaultInjectionIoEngine::DoSubmit(request);
+  }
+
+ private:
+  int round_trips_ = 0;
+};
+
 class StateFileTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -298,6 +315,66 @@ TEST_F(StateFileTest, ShadowSlotsKeepThePreviousVersionThroughFailedStores) {
   ASSERT_TRUE(file->Load(3, got.raw, 4000, &count).ok());
   EXPECT_EQ(count, 4u);
   EXPECT_EQ(std::memcmp(got.data[2], v1.data[2], 8000), 0);
+}
+
+// The handles of one file share a guess of each expert's newest copy: a load reads the headers
+// and the guessed copy's arrays in one round trip. A wrong guess (a store through a handle
+// that does not share them) costs a second, for the right copy, and the load corrects it.
+TEST_F(StateFileTest, ALoadReadsTheHeadersAndTheGuessedCopyInOneRoundTrip) {
+  options_.shadow = true;
+  auto writer = *ExpertStateFile::Create(engine_.get(), options_);
+  IoEngineOptions io;
+  io.queue_depth = 16;  // a load's 5 requests at once
+  RoundTripEngine engine(CreatePosixIoEngine(io));
+  auto reader = *writer->AnotherHandle(&engine);
+  Arrays v1(5000, 1.0f), v2(5000, 2.0f), v3(5000, 3.0f), got(5000, 0.0f);
+  const uint64_t headers = 2 * 4096;
+  const uint64_t arrays = 3 * StateArrayBytes(5000);
+  struct Cost {
+    int round_trips;
+    uint64_t bytes;
+  };
+  // Loads expert 3 through `file`, expecting `expected` at update count `count`.
+  auto load = [&](ExpertStateFile& file, const Arrays& expected, uint64_t count,
+                  const uint64_t* want = nullptr) {
+    const int trips = engine.round_trips();
+    const uint64_t bytes = engine.bytes_read();
+    uint64_t read = 0;
+    const Status loaded = file.Load(3, got.raw, 5000, &read, want);
+    EXPECT_TRUE(loaded.ok()) << loaded;
+    EXPECT_EQ(read, count);
+    for (int a = 0; a < 3; ++a) EXPECT_EQ(std::memcmp(got.data[a], expected.data[a], 20000), 0);
+    return Cost{engine.round_trips() - trips, engine.bytes_read() - bytes};
+  };
+  // Never stored, no guess: the headers alone.
+  uint64_t count = 0;
+  bool unwritten = false;
+  ASSERT_TRUE(reader->Load(3, got.raw, 5000, &count, nullptr, &unwritten).ok());
+  EXPECT_TRUE(unwritten);
+  EXPECT_EQ(engine.round_trips(), 1);
+  EXPECT_EQ(engine.bytes_read(), headers);
+  // Each store's copy becomes the guess: one round trip, the headers and one copy's arrays.
+  ASSERT_TRUE(writer->Store(3, v1.raw, 5000, 1).ok());
+  Cost cost = load(*reader, v1, 1);
+  EXPECT_EQ(cost.round_trips, 1);
+  EXPECT_EQ(cost.bytes, headers + arrays);
+  ASSERT_TRUE(writer->Store(3, v2.raw, 5000, 2).ok());  // the other copy
+  EXPECT_EQ(load(*reader, v2, 2).round_trips, 1);
+  // A handle opened apart shares no guesses: its store makes the guess wrong once.
+  auto apart = *ExpertStateFile::Open(engine_.get(), options_);
+  ASSERT_TRUE(apart->Store(3, v3.raw, 5000, 3).ok());
+  cost = load(*reader, v3, 3);
+  EXPECT_EQ(cost.round_trips, 2);
+  EXPECT_EQ(cost.bytes, headers + 2 * arrays);
+  EXPECT_EQ(load(*reader, v3, 3).round_trips, 1);
+  // A load of the version before reads the other copy, and leaves the guess alone.
+  const uint64_t before = 2;
+  EXPECT_EQ(load(*reader, v2, 2, &before).round_trips, 2);
+  EXPECT_EQ(load(*reader, v3, 3).round_trips, 1);
+  // A file opened again starts with no guesses, and learns from its loads.
+  auto reopened = *ExpertStateFile::Open(&engine, options_);
+  EXPECT_EQ(load(*reopened, v3, 3).round_trips, 2);
+  EXPECT_EQ(load(*reopened, v3, 3).round_trips, 1);
 }
 
 // Create writes nothing but the files' sizes: any model takes constant time and no space up
