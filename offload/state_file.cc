@@ -192,7 +192,8 @@ struct ExpertStateFile::FileHeader {
   uint32_t header_crc;  // of every byte before it
 };
 
-ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& options)
+ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& options,
+                                 std::shared_ptr<std::vector<std::atomic<uint8_t>>> guesses)
     : engine_(engine),
       options_(options),
       slot_bytes_(SlotBytes(options)),
@@ -201,9 +202,12 @@ ExpertStateFile::ExpertStateFile(IoEngine* engine, const StateFileOptions& optio
       newest_sequence_(options.experts, UINT64_MAX),
       newest_copy_(options.experts, 0),
       newest_count_(options.experts, 0),
-      newest_copy_guess_(std::make_shared<std::vector<std::atomic<uint8_t>>>(options.experts)),
+      newest_copy_guess_(std::move(guesses)),
       slots_stored_(options.experts, kSlotsUnknown) {
-  for (std::atomic<uint8_t>& guess : *newest_copy_guess_) guess.store(kCopyUnknown);
+  if (newest_copy_guess_ == nullptr) {  // the first handle of its files
+    newest_copy_guess_ = std::make_shared<std::vector<std::atomic<uint8_t>>>(options.experts);
+    for (std::atomic<uint8_t>& guess : *newest_copy_guess_) guess.store(kCopyUnknown);
+  }
   for (const FileSpec& file : FileSpecs(options)) {
     paths_.push_back(file.path);
     file_bytes_.push_back(file.bytes);
@@ -370,8 +374,7 @@ StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::Open(IoEngine* engin
 
 StatusOr<std::unique_ptr<ExpertStateFile>> ExpertStateFile::AnotherHandle(IoEngine* engine) const {
   ECSS_RETURN_IF_ERROR(CheckOptions(engine, options_));
-  std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options_));
-  file->newest_copy_guess_ = newest_copy_guess_;
+  std::unique_ptr<ExpertStateFile> file(new ExpertStateFile(engine, options_, newest_copy_guess_));
   for (const std::string& path : paths_) {  // checked by this handle's Create or Open
     ECSS_ASSIGN_OR_RETURN(IoFileId id, engine->Open(path, OpenMode::kReadWrite));
     file->files_.push_back(id);
@@ -481,6 +484,9 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
       // store into its slot. Until the new header lands, reads find the copy before.
       copy = newest_copy_[expert];
       newest_sequence_[expert] = UINT64_MAX;  // learnt again should this store fail
+      // Loads guess the copy before it, newest until this store's header lands.
+      (*newest_copy_guess_)[expert].store(static_cast<uint8_t>(1 - copy),
+                                          std::memory_order_relaxed);
       std::memset(header_, 0, kHeaderBytes);
       Status retracted = WriteAt(*engine_, file, OffsetOf(expert, copy), header_, kHeaderBytes);
       if (!retracted.ok()) {
@@ -519,6 +525,7 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
     newest_copy_[expert] = static_cast<uint8_t>(copy);
     newest_count_[expert] = update_count;
   }
+  // Newest once its header landed (before, loads found the copy before it).
   (*newest_copy_guess_)[expert].store(static_cast<uint8_t>(copy), std::memory_order_relaxed);
   if (slots_stored_[expert] != kSlotsUnknown) {
     if ((slots_stored_[expert] & (1u << copy)) == 0) {
@@ -547,92 +554,97 @@ StatusOr<std::optional<uint64_t>> ExpertStateFile::NewestCount(uint32_t expert) 
   CopyState state[2];
   std::string why[2];
   ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, why));
-  std::optional<uint64_t> count;
-  uint64_t sequence = 0;
+  ECSS_ASSIGN_OR_RETURN(const Choice choice, Choose(expert, seen, state, why, nullptr));
+  if (!choice.found) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(seen[choice.copy].update_count);
+}
+
+StatusOr<ExpertStateFile::Choice> ExpertStateFile::Choose(uint32_t expert, const Header* seen,
+                                                          const CopyState* state,
+                                                          const std::string* reason,
+                                                          const uint64_t* want) const {
+  Choice choice;
   for (uint32_t c = 0; c < copies(); ++c) {
-    if (state[c] == CopyState::kDamaged) {
+    if (state[c] == CopyState::kDamaged) {  // never a crash's doing (see the file comment)
       return DataLossError(StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ",
-                                  OffsetOf(expert, c), ": ", why[c], " (damaged slot header)"));
+                                  OffsetOf(expert, c), ": ", reason[c], " (damaged slot header)"));
     }
-    if (state[c] == CopyState::kValid && (!count || seen[c].sequence > sequence)) {
-      count = seen[c].update_count;
-      sequence = seen[c].sequence;
+    choice.unwritten |= state[c] == CopyState::kUnwritten;
+    if (state[c] == CopyState::kUnwritten) {
+      if (choice.why.empty()) choice.why = reason[c];
+    } else if (want != nullptr && seen[c].update_count != *want) {
+      if (choice.why.empty())
+        choice.why = StrCat("update count ", seen[c].update_count, ", not ", *want);
+    } else if (!choice.found || seen[c].sequence > seen[choice.copy].sequence) {
+      choice.copy = c;
+      choice.found = true;
     }
   }
-  return count;
+  return choice;
 }
 
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
                              uint64_t* update_count, const uint64_t* want, bool* unwritten_out) {
   if (unwritten_out != nullptr) *unwritten_out = false;
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
-  const IoFileId file = FileOf(expert);
   const uint64_t bytes = elements * options_.element_bytes;
   uint32_t crcs[kMaxArrays];
+  // Copy `copy`'s arrays into `arrays` (crcs: their checksums), `alongside` sent with them.
   auto read_arrays = [&](uint32_t copy, std::vector<IoRequest> alongside) {
     uint64_t offsets[kMaxArrays];
     for (uint32_t a = 0; a < options_.arrays; ++a) {
       offsets[a] = OffsetOf(expert, copy) + ArrayOffset(a);
     }
-    return TransferChecksummed(*engine_, IoOp::kRead, file, offsets, arrays, options_.arrays,
-                               StateBlockBytes(bytes), bytes, crcs, std::move(alongside));
+    return TransferChecksummed(*engine_, IoOp::kRead, FileOf(expert), offsets, arrays,
+                               options_.arrays, StateBlockBytes(bytes), bytes, crcs,
+                               std::move(alongside));
   };
-  // The headers, and beside them the arrays of the copy guessed newest.
-  std::atomic<uint8_t>& guess = (*newest_copy_guess_)[expert];
-  const uint8_t guessed = guess.load(std::memory_order_relaxed);
-  std::vector<IoRequest> headers = HeaderRequests(expert);
-  Status read = guessed == kCopyUnknown ? RunAll(*engine_, headers)
-                                        : read_arrays(guessed, std::move(headers));
-  if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert));
   Header seen[2];
   CopyState state[2];
   std::string reason[2];
-  ParseHeaders(expert, seen, state, reason);
-  // The newest copy whose header is intact (a store writes its header last, so an intact
-  // header means its arrays were written completely; their checksums still decide).
-  Header header{};
-  bool found = false;
-  bool unwritten = false;  // some copy was never stored
-  std::string why;
-  uint32_t copy = 0;
-  for (uint32_t c = 0; c < copies(); ++c) {
-    if (state[c] == CopyState::kDamaged) {  // never a crash's doing (see the file comment)
-      return DataLossError(StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ",
-                                  OffsetOf(expert, c), ": ", reason[c], " (damaged slot header)"));
-    }
-    unwritten |= state[c] == CopyState::kUnwritten;
-    if (state[c] == CopyState::kUnwritten) {
-      if (why.empty()) why = reason[c];
-    } else if (want != nullptr && seen[c].update_count != *want) {
-      if (why.empty()) why = StrCat("update count ", seen[c].update_count, ", not ", *want);
-    } else if (!found || seen[c].sequence > header.sequence) {
-      header = seen[c];
-      copy = c;
-      found = true;
-    }
+  // The headers, and beside them the arrays of the copy guessed newest (not for an older
+  // version, which is mostly in the other copy). Those arrays may be older than the header
+  // read beside them (a store into that copy under way); the checksums tell.
+  std::atomic<uint8_t>& guess = (*newest_copy_guess_)[expert];
+  const uint8_t guessed = want == nullptr ? guess.load(std::memory_order_relaxed) : kCopyUnknown;
+  Status guessed_read = FailedPreconditionError("no guess");  // OK: copy `guessed` is in arrays
+  if (guessed != kCopyUnknown) {
+    guessed_read = read_arrays(guessed, HeaderRequests(expert));
+    if (guessed_read.ok()) ParseHeaders(expert, seen, state, reason);
   }
-  const uint64_t base = OffsetOf(expert, copy);
+  // No guess, or its round trip failed (perhaps in a copy this load does not need): the
+  // headers alone.
+  if (!guessed_read.ok()) ECSS_RETURN_IF_ERROR(ReadHeaders(expert, seen, state, reason));
+  ECSS_ASSIGN_OR_RETURN(const Choice choice, Choose(expert, seen, state, reason, want));
+  const uint64_t base = OffsetOf(expert, choice.copy);
   const std::string where =
       StrCat("expert ", expert, " in '", PathOf(expert), "' at offset ", base);
-  if (!found && unwritten && unwritten_out != nullptr) {
+  if (!choice.found && choice.unwritten && unwritten_out != nullptr) {
     *unwritten_out = true;
     return Status::Ok();
   }
-  if (!found && unwritten && (want == nullptr || *want == 0)) {
-    return NotFoundError(StrCat(where, ": unwritten (", why, ")"));
+  if (!choice.found && choice.unwritten && (want == nullptr || *want == 0)) {
+    return NotFoundError(StrCat(where, ": unwritten (", choice.why, ")"));
   }
-  if (!found) {  // every copy is intact and holds another update count
-    return DataLossError(StrCat(where, ": no intact copy of update count ", *want, " (", why, ")"));
+  if (!choice.found) {  // every copy is intact and holds another update count
+    return DataLossError(
+        StrCat(where, ": no intact copy of update count ", *want, " (", choice.why, ")"));
   }
+  const Header& header = seen[choice.copy];
   if (header.elements != elements) {
     return DataLossError(
         StrCat(where, ": stored with ", header.elements, " elements, read as ", elements));
   }
-  if (copy != guessed) {  // a wrong guess, or none: the arrays of the copy found
+  if (choice.copy == guessed && !guessed_read.ok()) {
+    return guessed_read.Annotate(StrCat("loading expert ", expert, " states"));
+  }
+  if (choice.copy != guessed) {  // a wrong guess, or none: the arrays of the copy found
     // The copy found newest is the guess now, unless a store changed it since (newer).
     uint8_t expected = guessed;
-    if (want == nullptr) guess.compare_exchange_strong(expected, static_cast<uint8_t>(copy));
-    read = read_arrays(copy, {});
+    if (want == nullptr) {
+      guess.compare_exchange_strong(expected, static_cast<uint8_t>(choice.copy));
+    }
+    Status read = read_arrays(choice.copy, {});
     if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
   }
   for (uint32_t a = 0; a < options_.arrays; ++a) {

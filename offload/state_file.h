@@ -95,8 +95,10 @@ class ExpertStateFile {
                                                          const StateFileOptions& options);
   ~ExpertStateFile();
   // Another handle on these files, driven by `engine` (a handle is used by one thread at a
-  // time): it opens the files again in that engine, and shares this handle's guesses of
-  // newest copies (see above). What this handle knows of its own stores is not passed on.
+  // time): it opens the files again in that engine, without checking them again (this
+  // handle's Create or Open did), and shares this handle's guesses of newest copies (see
+  // above). What this handle knows of its own stores is not passed on. It reads only what
+  // never changes of this handle, which may be in use meanwhile.
   StatusOr<std::unique_ptr<ExpertStateFile>> AnotherHandle(IoEngine* engine) const;
 
   // Writes `elements` values of each array, then the header. arrays[i] is 4 KiB aligned.
@@ -114,10 +116,10 @@ class ExpertStateFile {
   // *want instead (shadow: the previous one may still be there; DataLoss naming the count when
   // no intact copy holds it). The expert reads as unwritten when no copy qualifies and one was
   // never stored: none ever was, or (shadow) the only one stored is not *want. With
-  // `unwritten`, Load then
-  // sets it and returns OK (the arrays and count left alone: the caller knows what an
-  // unwritten expert holds, at `want` too); without, that is NotFound, or DataLoss when *want
-  // is not 0 (the initial version).
+  // `unwritten`, Load then sets it and returns OK (the count left alone: the caller knows what
+  // an unwritten expert holds, at `want` too); without, that is NotFound, or DataLoss when
+  // *want is not 0 (the initial version). The arrays hold the expert only when Load returns
+  // OK and the expert was written; otherwise what they hold is unspecified.
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
               const uint64_t* want = nullptr, bool* unwritten = nullptr);
   // Whether a copy of the expert was ever stored (its headers only): one is intact, or
@@ -152,7 +154,9 @@ class ExpertStateFile {
   const StateFileOptions& options() const { return options_; }
 
  private:
-  ExpertStateFile(IoEngine* engine, const StateFileOptions& options);
+  // `guesses`: those of the files' other handles (null: the first handle's, made here).
+  ExpertStateFile(IoEngine* engine, const StateFileOptions& options,
+                  std::shared_ptr<std::vector<std::atomic<uint8_t>>> guesses = nullptr);
   struct Header;
   struct FileHeader;
   // Writes file i's header with the options' store id and `generation` (not synced).
@@ -182,6 +186,17 @@ class ExpertStateFile {
   void ParseHeaders(uint32_t expert, Header* headers, CopyState* state, std::string* why) const;
   // Both in one round trip.
   Status ReadHeaders(uint32_t expert, Header* headers, CopyState* state, std::string* why);
+  // What an expert's headers (ParseHeaders') say a load should read: the newest intact copy
+  // (of update count *want, when given), if any; whether some copy was never stored, and why
+  // the first that does not qualify does not. DataLoss naming the expert for a damaged header.
+  struct Choice {
+    bool found = false;
+    uint32_t copy = 0;
+    bool unwritten = false;
+    std::string why;
+  };
+  StatusOr<Choice> Choose(uint32_t expert, const Header* seen, const CopyState* state,
+                          const std::string* reason, const uint64_t* want) const;
 
   IoEngine* engine_;
   StateFileOptions options_;

@@ -110,16 +110,20 @@ class TrackedEngine final : public FaultInjectionIoEngine {
   }
   ~TrackedEngine() override { registry_->Remove(this); }
   void set_gate(Gate* gate) { gate_ = gate; }
+  // Round trips: requests submitted with none in flight.
+  int round_trips() const { return round_trips_.load(); }
 
  protected:
   Status DoSubmit(const IoRequest& request) override {
     if (Gate* gate = gate_.load()) gate->Pass();
+    if (in_flight() == 0) ++round_trips_;
     return FaultInjectionIoEngine::DoSubmit(request);
   }
 
  private:
   EngineRegistry* registry_;
   std::atomic<Gate*> gate_{nullptr};
+  std::atomic<int> round_trips_{0};
 };
 
 // Runs `io` on a thread of its own while `gate` holds another handle's request: whether it
@@ -807,6 +811,32 @@ TEST_F(ExpertStoreTest, FirstWritesOfANewStoreReadNothing) {
   EXPECT_GT(moved.written, 0u);
   EXPECT_EQ(moved.read, 0u) << "a slot header read before a first write";
   EXPECT_EQ(moved.fresh_written, moved.written);
+}
+
+// Every handle of a state shares the guess of each expert's newest copy: a read after writes
+// through either writer (experts of both parities) reads the slot headers and the newest
+// copy's arrays in one round trip, and no other copy.
+TEST_F(ExpertStoreTest, AReadAfterWritesThroughEitherWriterTakesOneRoundTrip) {
+  auto store = std::move(Make(true, options_)).value();
+  WriteAll(*store, 1);
+  WriteAll(*store, 2);  // both copies of every expert's moments (on nvme) written
+  auto round_trips = [&] {
+    int trips = 0;
+    for (const TrackedEngine* engine : made_) trips += engine->round_trips();
+    return trips;
+  };
+  const uint64_t one_copy = 2 * 4096 + StateBlockBytes(store->StateBytes(ExpertState::kMoments));
+  for (uint32_t l = 0; l < 2; ++l) {
+    for (uint32_t e = 0; e < 3; ++e) {
+      const int trips = round_trips();
+      const ExpertStore::IoBytes start = store->io_bytes();
+      std::vector<uint8_t> got(store->StateBytes(ExpertState::kMoments));
+      ASSERT_TRUE(store->Read(ExpertState::kMoments, {l, e}, got.data()).ok());
+      EXPECT_EQ(got, Pattern(*store, ExpertState::kMoments, l, e, 2));
+      EXPECT_EQ(round_trips() - trips, 1) << "layer " << l << " expert " << e;
+      EXPECT_EQ(store->io_bytes().Since(start).read, one_copy);
+    }
+  }
 }
 
 // Writes of one state through both writers at once (the pipeline's stores: WriteStates of

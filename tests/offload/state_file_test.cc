@@ -73,6 +73,23 @@ class StateFileTest : public ::testing::Test {
     engine_.reset();
     std::filesystem::remove_all(root_);
   }
+  // Shadowed files: their first handle (on engine_) and another on an engine of its own.
+  struct ShadowFiles {
+    std::unique_ptr<ExpertStateFile> writer;
+    std::unique_ptr<RoundTripEngine> engine;
+    std::unique_ptr<ExpertStateFile> reader;  // destroyed first: it uses `engine`
+  };
+  ShadowFiles MakeShadowFiles() {
+    options_.shadow = true;
+    ShadowFiles files;
+    files.writer = *ExpertStateFile::Create(engine_.get(), options_);
+    IoEngineOptions io;
+    io.queue_depth = 16;  // the fault wrapper halves it: a load's 5 requests at once
+    files.engine = std::make_unique<RoundTripEngine>(CreatePosixIoEngine(io));
+    files.reader = *files.writer->AnotherHandle(files.engine.get());
+    return files;
+  }
+
   std::string root_;
   std::unique_ptr<FaultInjectionIoEngine> engine_;
   StateFileOptions options_;
@@ -321,12 +338,10 @@ TEST_F(StateFileTest, ShadowSlotsKeepThePreviousVersionThroughFailedStores) {
 // and the guessed copy's arrays in one round trip. A wrong guess (a store through a handle
 // that does not share them) costs a second, for the right copy, and the load corrects it.
 TEST_F(StateFileTest, ALoadReadsTheHeadersAndTheGuessedCopyInOneRoundTrip) {
-  options_.shadow = true;
-  auto writer = *ExpertStateFile::Create(engine_.get(), options_);
-  IoEngineOptions io;
-  io.queue_depth = 16;  // a load's 5 requests at once
-  RoundTripEngine engine(CreatePosixIoEngine(io));
-  auto reader = *writer->AnotherHandle(&engine);
+  ShadowFiles files = MakeShadowFiles();
+  ExpertStateFile* writer = files.writer.get();
+  ExpertStateFile* reader = files.reader.get();
+  RoundTripEngine& engine = *files.engine;
   Arrays v1(5000, 1.0f), v2(5000, 2.0f), v3(5000, 3.0f), got(5000, 0.0f);
   const uint64_t headers = 2 * 4096;
   const uint64_t arrays = 3 * StateArrayBytes(5000);
@@ -349,10 +364,12 @@ TEST_F(StateFileTest, ALoadReadsTheHeadersAndTheGuessedCopyInOneRoundTrip) {
   // Never stored, no guess: the headers alone.
   uint64_t count = 0;
   bool unwritten = false;
+  const int trips = engine.round_trips();
+  const uint64_t bytes = engine.bytes_read();
   ASSERT_TRUE(reader->Load(3, got.raw, 5000, &count, nullptr, &unwritten).ok());
   EXPECT_TRUE(unwritten);
-  EXPECT_EQ(engine.round_trips(), 1);
-  EXPECT_EQ(engine.bytes_read(), headers);
+  EXPECT_EQ(engine.round_trips() - trips, 1);
+  EXPECT_EQ(engine.bytes_read() - bytes, headers);
   // Each store's copy becomes the guess: one round trip, the headers and one copy's arrays.
   ASSERT_TRUE(writer->Store(3, v1.raw, 5000, 1).ok());
   Cost cost = load(*reader, v1, 1);
@@ -360,7 +377,8 @@ TEST_F(StateFileTest, ALoadReadsTheHeadersAndTheGuessedCopyInOneRoundTrip) {
   EXPECT_EQ(cost.bytes, headers + arrays);
   ASSERT_TRUE(writer->Store(3, v2.raw, 5000, 2).ok());  // the other copy
   EXPECT_EQ(load(*reader, v2, 2).round_trips, 1);
-  // A handle opened apart shares no guesses: its store makes the guess wrong once.
+  // A handle opened apart shares no guesses: its store (the writer stores no more, as an expert
+  // has one writing handle at a time) makes the guess wrong once.
   auto apart = *ExpertStateFile::Open(engine_.get(), options_);
   ASSERT_TRUE(apart->Store(3, v3.raw, 5000, 3).ok());
   cost = load(*reader, v3, 3);
@@ -375,6 +393,80 @@ TEST_F(StateFileTest, ALoadReadsTheHeadersAndTheGuessedCopyInOneRoundTrip) {
   auto reopened = *ExpertStateFile::Open(&engine, options_);
   EXPECT_EQ(load(*reopened, v3, 3).round_trips, 2);
   EXPECT_EQ(load(*reopened, v3, 3).round_trips, 1);
+}
+
+// A guess that is wrong, or whose copy cannot be read, costs round trips, never a load: an
+// update that fails after retracting its copy leaves the copy before it guessed; a load whose
+// guessed copy (not the one it needs) fails to read, or reads damaged, reads the right one;
+// an error or damage in the right copy is the load's, as without a guess.
+TEST_F(StateFileTest, AWrongOrUnreadableGuessCostsRoundTripsNeverALoad) {
+  ShadowFiles files = MakeShadowFiles();
+  ExpertStateFile* writer = files.writer.get();
+  ExpertStateFile* reader = files.reader.get();
+  RoundTripEngine& engine = *files.engine;
+  Arrays v1(5000, 1.0f), v2(5000, 2.0f), v3(5000, 3.0f), v4(5000, 4.0f), got(5000, 0.0f);
+  uint64_t count = 0;
+  int trips = 0;
+  // Loads expert 3 through `file`, with `fault` on the `nth` request of the load (0: none).
+  auto load = [&](ExpertStateFile& file, Fault fault = Fault::kEio, uint64_t nth = 0) {
+    FaultOptions faults;
+    faults.fault = fault;
+    faults.fail_nth = nth == 0 ? 0 : engine.counters().requests + nth;
+    engine.set_options(faults);
+    const int before = engine.round_trips();
+    const Status loaded = file.Load(3, got.raw, 5000, &count);
+    trips = engine.round_trips() - before;
+    engine.set_options(FaultOptions{});
+    return loaded;
+  };
+  auto holds = [&](const Arrays& expected) {
+    for (int a = 0; a < 3; ++a) {
+      if (std::memcmp(got.data[a], expected.data[a], 20000) != 0) return false;
+    }
+    return true;
+  };
+  ASSERT_TRUE(writer->Store(3, v1.raw, 5000, 1).ok());
+  ASSERT_TRUE(writer->Store(3, v2.raw, 5000, 2).ok());
+  // Update 2 written again (as after a crash that cut it short), failing once its copy was
+  // retracted: version 1 is the newest, and the guess.
+  FaultOptions faults;
+  faults.fail_nth = engine_->counters().requests + 2;  // the retraction, then master
+  engine_->set_options(faults);
+  EXPECT_FALSE(writer->Store(3, v3.raw, 5000, 2, /*supersede=*/true).ok());
+  engine_->set_options(FaultOptions{});
+  ASSERT_TRUE(load(*reader).ok());
+  EXPECT_EQ(count, 1u);
+  EXPECT_TRUE(holds(v1));
+  EXPECT_EQ(trips, 1);
+  ASSERT_TRUE(writer->Store(3, v2.raw, 5000, 2).ok());  // into the retracted copy
+  // A handle opened apart guesses from its own loads only: each store after one makes its
+  // guess the copy before. Its guessed arrays failing to read (the headers are read again)
+  // or reading damaged, the load reads the right copy.
+  auto apart = *ExpertStateFile::Open(&engine, options_);
+  ASSERT_TRUE(load(*apart).ok());
+  EXPECT_EQ(trips, 2);  // no guess yet
+  uint64_t version = 2;
+  for (Fault fault : {Fault::kEio, Fault::kBitFlip}) {
+    const Arrays& next = fault == Fault::kEio ? v3 : v4;
+    ASSERT_TRUE(writer->Store(3, next.raw, 5000, ++version).ok());
+    const Status loaded = load(*apart, fault, 3);  // two headers, then master
+    ASSERT_TRUE(loaded.ok()) << loaded;
+    EXPECT_EQ(count, version);
+    EXPECT_TRUE(holds(next));
+    EXPECT_EQ(trips, fault == Fault::kEio ? 3 : 2);
+  }
+  ASSERT_TRUE(load(*apart).ok());
+  EXPECT_EQ(trips, 1);  // the guess corrected
+  // The guess right: an error or damage in its arrays is the load's.
+  const Status failed = load(*apart, Fault::kEio, 3);
+  EXPECT_FALSE(failed.ok());
+  EXPECT_NE(failed.message().find("loading expert 3 states"), std::string_view::npos) << failed;
+  const Status flipped = load(*apart, Fault::kBitFlip, 3);
+  EXPECT_EQ(flipped.code(), StatusCode::kDataLoss) << flipped;
+  EXPECT_NE(flipped.message().find("master checksum mismatch"), std::string_view::npos) << flipped;
+  ASSERT_TRUE(load(*apart).ok());
+  EXPECT_EQ(count, 4u);
+  EXPECT_TRUE(holds(v4));
 }
 
 // Create writes nothing but the files' sizes: any model takes constant time and no space up
