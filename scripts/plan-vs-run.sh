@@ -8,9 +8,11 @@
 #   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N]
 # Without a hardware file it calibrates this machine (ecss-plan --calibrate) between the runs,
 # and predicts each run from the calibrations right before and right after it (the mean of the
-# two predictions), so that the prediction sees the machine the run saw: this VM's optimizer
-# speed drifts by up to half between minutes. The table shows how far the two predictions lie
-# apart (the drift column): a difference well inside it is the machine's, not the model's.
+# two predictions), so that the prediction sees the machine the run saw (on the development VM
+# the host optimizer's speed drifted by up to half between minutes while host states lived on
+# 4 KiB pages; on huge pages the calibrations agree within a few percent). The table shows how
+# far the two predictions lie apart (the drift column): a difference well inside it is the
+# machine's, not the model's.
 # Each round runs every configuration once (default 3 rounds); a configuration's step-time
 # difference is the median of its rounds' (each round's prediction against that round's run),
 # its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch

@@ -289,8 +289,10 @@ Status RunOptimizerSuite(BenchArgs& args, JsonWriter& json, std::ostream& table)
   if (params < 1024 || samples == 0)
     return InvalidArgumentError("need --params >= 1024 and --samples >= 1");
   const size_t n = params;
-  // Host memory through the project's own allocator (64-byte aligned blocks).
+  // Host memory through the project's own allocator, as a session's host states have it
+  // (64-byte aligned blocks, huge pages).
   HostAllocatorOptions host_options;
+  host_options.huge_pages = true;
   host_options.capacity_bytes = n * (4 * 5 + 2) + (uint64_t{1} << 20);
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<HostAllocator> host, HostAllocator::Create(host_options));
   ECSS_ASSIGN_OR_RETURN(Buffer p, host->Allocate(n * 4, MemoryTag::kMasterWeights));

@@ -27,9 +27,11 @@ Status CheckCapacityFitsMachine(uint64_t capacity_bytes, std::string_view what) 
   return Status::Ok();
 }
 
-namespace {
+void AdviseHugePages(void* base, uint64_t bytes) {
+  ::madvise(base, bytes, MADV_HUGEPAGE);  // advice only: refused, the pages stay 4 KiB
+}
 
-constexpr uint64_t kHugePageBytes = uint64_t{2} << 20;
+namespace {
 
 // Maps `bytes` of anonymous memory. With options.huge_pages and at least one huge page's worth,
 // the mapping starts on a 2 MiB boundary and is marked MADV_HUGEPAGE before any page is
@@ -58,7 +60,7 @@ StatusOr<void*> MapPages(uint64_t bytes, uint64_t page, const ArenaOptions& opti
   const uintptr_t tail = start + mapped - (aligned + bytes);
   if (tail > 0) ::munmap(reinterpret_cast<void*>(aligned + bytes), tail);
   void* base = reinterpret_cast<void*>(aligned);
-  ::madvise(base, bytes, MADV_HUGEPAGE);  // advice only: refused, the pages stay 4 KiB
+  AdviseHugePages(base, bytes);
   if (options.populate) {
     // Fresh anonymous memory reads as zeros, so writing a zero faults a page in unchanged.
     auto* bytes_of = static_cast<volatile char*>(base);

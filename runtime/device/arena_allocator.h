@@ -62,6 +62,15 @@ class ArenaAllocator : public Allocator {
   RangeAllocator ranges_;  // GUARDED_BY(Allocator's lock)
 };
 
+// x86-64's transparent huge page: the size the huge-page options below assume.
+inline constexpr uint64_t kHugePageBytes = uint64_t{2} << 20;
+
+// Asks the kernel to back [base, base + bytes) with transparent huge pages (madvise
+// MADV_HUGEPAGE), for memory not yet touched; `base` starts on a 2 MiB boundary. Advice only:
+// where the kernel declines (THP "never", none built in, no free huge page) the pages stay
+// 4 KiB and nothing else changes.
+void AdviseHugePages(void* base, uint64_t bytes);
+
 // Validates a capacity request against the machine: > 0 and at most its physical memory.
 // `what` names the thing in the message ("sim device memory").
 Status CheckCapacityFitsMachine(uint64_t capacity_bytes, std::string_view what);

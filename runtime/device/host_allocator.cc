@@ -1,5 +1,6 @@
 #include "runtime/device/host_allocator.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "runtime/base/str_cat.h"
@@ -30,6 +31,7 @@ StatusOr<std::unique_ptr<HostAllocator>> HostAllocator::Create(
 
 HostAllocator::HostAllocator(const HostAllocatorOptions& options, unsigned arena)
     : Allocator(options.name, Device::Host(), options.capacity_bytes, options.alignment),
+      huge_pages_(options.huge_pages),
       arena_(arena) {}
 
 HostAllocator::~HostAllocator() {
@@ -49,13 +51,17 @@ std::string HostAllocator::backing() const {
 }
 
 StatusOr<void*> HostAllocator::DoAllocate(size_t bytes) {
+  const bool huge = huge_pages_ && bytes >= kHugePageBytes;
+  const size_t align = huge ? std::max<size_t>(alignment(), kHugePageBytes) : alignment();
 #if ECSS_HAVE_JEMALLOC
-  void* data =
-      mallocx(bytes, MALLOCX_ARENA(arena_) | MALLOCX_ALIGN(alignment()) | MALLOCX_TCACHE_NONE);
+  void* data = mallocx(bytes, MALLOCX_ARENA(arena_) | MALLOCX_ALIGN(align) | MALLOCX_TCACHE_NONE);
 #else
-  void* data = std::aligned_alloc(alignment(), bytes);  // bytes is a multiple of alignment()
+  // aligned_alloc takes a multiple of the alignment: bytes is one of alignment(), and a huge
+  // block is rounded up to whole huge pages.
+  void* data = std::aligned_alloc(align, (bytes + align - 1) / align * align);
 #endif
   if (data == nullptr) return ResourceExhaustedError("the operating system refused the memory");
+  if (huge) AdviseHugePages(data, bytes);
   return data;
 }
 

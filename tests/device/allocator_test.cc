@@ -1,7 +1,11 @@
 // Allocators: RangeAllocator bookkeeping against a brute-force model, and the Allocator
 // contract (capacity, accounting, bad input) on every host-side implementation.
+#include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -221,6 +225,54 @@ TEST(HostAllocatorTest, BudgetAndAccounting) {
   EXPECT_FALSE((*host)->backing().empty());
   options.capacity_bytes = 0;
   EXPECT_EQ(HostAllocator::Create(options).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The VmFlags of the mapping that holds `address` in /proc/self/smaps ("" when none does).
+std::string MappingFlags(const void* address) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<uintptr_t>(address);
+  bool inside = false;
+  for (std::string line; std::getline(smaps, line);) {
+    uintptr_t begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &begin, &end) == 2 && line.find('-') < 17) {
+      inside = begin <= at && at < end;
+    } else if (inside && line.starts_with("VmFlags:")) {
+      return line;
+    }
+  }
+  return "";
+}
+
+TEST(HostAllocatorTest, LargeBlocksAskForHugePagesFromAHugePageBoundary) {
+  // With huge_pages a block of 2 MiB or more starts on a 2 MiB boundary and its mapping
+  // carries the advice (VmFlags "hg", whether or not the kernel found huge pages for it); a
+  // smaller block, or an allocator without the option, gets neither. The accounting counts
+  // the bytes asked for either way.
+  HostAllocatorOptions options;
+  options.capacity_bytes = 32 * kMiB;
+  options.huge_pages = true;
+  auto huge = HostAllocator::Create(options);
+  ASSERT_TRUE(huge.ok()) << huge.status();
+  options.huge_pages = false;
+  auto plain = HostAllocator::Create(options);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  const uint64_t large = 6 * kMiB + 4096;
+  StatusOr<Buffer> a = (*huge)->Allocate(large, MemoryTag::kMasterWeights);
+  StatusOr<Buffer> b = (*plain)->Allocate(large, MemoryTag::kMasterWeights);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(a->data()) % (2 * kMiB), 0u);
+  EXPECT_EQ((*huge)->accounting().Usage(MemoryTag::kMasterWeights).bytes, large);
+  std::memset(a->data(), 0x5a, large);
+  EXPECT_EQ(a->as<uint8_t>()[large - 1], 0x5a);
+  if (!std::filesystem::exists("/sys/kernel/mm/transparent_hugepage")) {
+    GTEST_SKIP() << "this kernel has no transparent huge pages to ask for";
+  }
+  const auto advised = [](const void* p) {
+    return MappingFlags(p).find(" hg") != std::string::npos;
+  };
+  EXPECT_TRUE(advised(a->data())) << MappingFlags(a->data());
+  EXPECT_TRUE(advised(a->as<uint8_t>() + large - 1)) << MappingFlags(a->as<uint8_t>() + large - 1);
+  EXPECT_FALSE(advised(b->data())) << MappingFlags(b->data());
 }
 
 TEST(PinnedPoolTest, ItsRegionStartsOnAHugePageAndHoldsItsWholeCapacity) {
