@@ -13,6 +13,7 @@
 #include <ctime>
 #include <map>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -236,6 +237,49 @@ TEST(SimBackendTest, TimedModeKeepsTheModelsTimeExactly) {
   EXPECT_GE(by_name.at("b.ffn/-1").ready, by_name.at(StrCat("h2d/", 4 * mib)).end);
   EXPECT_GE(by_name.at(StrCat("d2h/", 2 * mib)).ready, by_name.at("a.ffn/-1").end);
   EXPECT_GE(by_name.at(StrCat("d2h/", 2 * mib)).ready, by_name.at("b.ffn/-1").end);
+}
+
+TEST(SimBackendTest, TimedHostFunctionsHoldTheirStreamForTheirRunNotTheWakeUp) {
+  // A copy, a host function that works for 2 ms, another copy, on one stream. In timed mode
+  // the host function holds the stream for its run, counted from the first copy's modelled
+  // end: the second copy starts that long after the first ended, not after the host
+  // function returned. The worker that runs the function wakes after the first copy's end
+  // (its `woke`), and a start that counted from then (as a host function's end on the host's
+  // clock would) is at least that wake-up later. The executor's op stamps are such host
+  // functions, one per op: their wake-ups must not leak into the device's time.
+  // The first copy (8 ms) outlasts the enqueueing of the rest, so the host function is ready
+  // when the copy ends, not when it was enqueued.
+  SimOptions options;
+  options.device_memory_bytes = 16 * kMiB;
+  options.kernel_mode = KernelMode::kTimed;
+  options.h2d_bandwidth_gbps = 1;
+  auto sim = MakeSim(options);
+  StatusOr<OwnedStream> stream = CreateOwnedStream(*sim, "s");
+  StatusOr<Buffer> device = sim->device_memory().Allocate(8 * kMiB, MemoryTag::kOther);
+  ASSERT_TRUE(stream.ok() && device.ok());
+  std::vector<uint8_t> host(8 * kMiB, 1);
+  Clock::time_point ran_from, ran_to;
+  const Stream s = stream->get();
+  ASSERT_TRUE(
+      sim->CopyAsync(s, device->data(), host.data(), 8 * kMiB, CopyKind::kHostToDevice).ok());
+  auto work = [&] {
+    ran_from = Clock::now();
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    ran_to = Clock::now();
+    return Status::Ok();
+  };
+  ASSERT_TRUE(sim->LaunchHostFunction(s, "work", work).ok());
+  ASSERT_TRUE(
+      sim->CopyAsync(s, device->data(), host.data(), 2 * kMiB, CopyKind::kHostToDevice).ok());
+  ASSERT_TRUE(sim->SynchronizeAll().ok());
+  std::vector<SimEngineOp> ops = sim->EngineOps();
+  ASSERT_EQ(ops.size(), 2u);
+  const SimEngineOp& first = ops[0].bytes > ops[1].bytes ? ops[0] : ops[1];  // the 8 MiB
+  const SimEngineOp& second = ops[0].bytes > ops[1].bytes ? ops[1] : ops[0];
+  const Clock::duration held = second.start - first.end;
+  EXPECT_GE(held, ran_to - ran_from) << "the host function's run holds the stream";
+  EXPECT_LT(held, (ran_to - ran_from) + (first.woke - first.end))
+      << "the worker's wake-up after the first copy ended counted as device time";
 }
 
 // A timed op's engine thread sleeps until the op's modelled end: it takes no CPU from the

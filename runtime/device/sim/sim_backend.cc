@@ -413,10 +413,15 @@ Status SimBackend::DoMemset(const StreamPtr& stream, void* dst, uint8_t value, s
 
 Status SimBackend::DoLaunchHostFunction(const StreamPtr& stream, std::string name,
                                         std::function<Status()> fn) {
+  const bool timed = options_.kernel_mode == KernelMode::kTimed;
   return static_cast<SimStream&>(*stream).Enqueue(
-      {std::move(name), "host", [fn = std::move(fn)](Clock::time_point, Clock::time_point* end) {
+      {std::move(name), "host",
+       [timed, fn = std::move(fn)](Clock::time_point ready, Clock::time_point* end) {
+         const Clock::time_point began = Now();
          Status status = fn();
-         *end = Now();
+         // Timed: the stream is held for the function's run from when it was ready, not from
+         // when this worker woke to run it (see "Time" in the header).
+         *end = timed ? ready + (Now() - began) : Now();
          return status;
        }});
 }
