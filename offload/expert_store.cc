@@ -422,7 +422,7 @@ Status ExpertStore::Allocate() {
     host_options.name = "expert store host states";
     host_options.capacity_bytes = options_.host_budget_bytes;
     host_options.alignment = options_.durable_memory_states ? 4096 : 64;
-    host_options.huge_pages = true;  // each state's region is one block of every expert's
+    host_options.huge_pages = true;  // each state's region: one block, all experts' copies
     ECSS_ASSIGN_OR_RETURN(host_, HostAllocator::Create(host_options));
   }
   if (staging > 0) {

@@ -10,7 +10,7 @@
 # and predicts each run from the calibrations right before and right after it (the mean of the
 # two predictions), so that the prediction sees the machine the run saw (on the development VM
 # the host optimizer's speed drifted by up to half between minutes while host states lived on
-# 4 KiB pages; on huge pages the calibrations agree within a few percent). The table shows how
+# 4 KiB pages; on huge pages the calibrations of a quiet run agree within a few percent). The table shows how
 # far the two predictions lie apart (the drift column): a difference well inside it is the
 # machine's, not the model's.
 # Each round runs every configuration once (default 3 rounds); a configuration's step-time

@@ -62,13 +62,14 @@ class ArenaAllocator : public Allocator {
   RangeAllocator ranges_;  // GUARDED_BY(Allocator's lock)
 };
 
-// x86-64's transparent huge page: the size the huge-page options below assume.
+// x86-64's transparent huge page: the size that ArenaOptions::huge_pages and
+// HostAllocatorOptions::huge_pages assume.
 inline constexpr uint64_t kHugePageBytes = uint64_t{2} << 20;
 
 // Asks the kernel to back [base, base + bytes) with transparent huge pages (madvise
-// MADV_HUGEPAGE), for memory not yet touched; `base` starts on a 2 MiB boundary. Advice only:
-// where the kernel declines (THP "never", none built in, no free huge page) the pages stay
-// 4 KiB and nothing else changes.
+// MADV_HUGEPAGE), best before any of it is touched. REQUIRES: `base` on a 2 MiB boundary. Advice
+// only: where the kernel declines (THP "never", none built in, no free huge page) the pages stay 4
+// KiB and nothing else changes.
 void AdviseHugePages(void* base, uint64_t bytes);
 
 // Validates a capacity request against the machine: > 0 and at most its physical memory.

@@ -56,8 +56,8 @@ StatusOr<void*> HostAllocator::DoAllocate(size_t bytes) {
 #if ECSS_HAVE_JEMALLOC
   void* data = mallocx(bytes, MALLOCX_ARENA(arena_) | MALLOCX_ALIGN(align) | MALLOCX_TCACHE_NONE);
 #else
-  // aligned_alloc takes a multiple of the alignment: bytes is one of alignment(), and a huge
-  // block is rounded up to whole huge pages.
+  // aligned_alloc takes a multiple of the alignment: bytes is a multiple of alignment(), and
+  // a huge block is rounded up to whole huge pages.
   void* data = std::aligned_alloc(align, (bytes + align - 1) / align * align);
 #endif
   if (data == nullptr) return ResourceExhaustedError("the operating system refused the memory");

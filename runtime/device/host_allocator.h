@@ -2,7 +2,8 @@
 // and optimizer moments that live in DRAM, not pinned). Built with jemalloc it allocates from
 // a dedicated jemalloc arena, so that the large, long-lived expert states do not fragment the
 // process heap and their pages are returned on free; without jemalloc (sanitizer builds) it
-// uses aligned_alloc. Thread-safe (Allocator's lock).
+// uses aligned_alloc. Large blocks may be asked for transparent huge pages (huge_pages).
+// Thread-safe (Allocator's lock).
 #pragma once
 
 #include <memory>
@@ -19,9 +20,10 @@ struct HostAllocatorOptions {
   // Blocks of 2 MiB or more start on a 2 MiB boundary and are asked for transparent huge pages
   // before they are touched (AdviseHugePages): an update's pass over gigabytes of states then
   // walks a 512th of the page-table entries, and faulting them in costs a fraction of the
-  // time (on the 2-core development VM a session's updates of host states ran at 1.4-1.5 G
-  // parameters/s instead of 0.6-1.1, and its creation took half as long). The expert store's
-  // host states set it. Advice only; the accounting is unchanged.
+  // time (figures: bench/README.md, "Host states on huge pages"). The expert store's host
+  // states set it. Advice only: jemalloc may hand back an extent touched before, and the
+  // kernel may decline. The accounting counts the bytes asked for; the memory behind a huge
+  // block may exceed them by up to a huge page (alignment and size classes).
   bool huge_pages = false;
 };
 

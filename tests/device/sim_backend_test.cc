@@ -245,14 +245,16 @@ TEST(SimBackendTest, TimedHostFunctionsHoldTheirStreamForTheirRunNotTheWakeUp) {
   // end: the second copy starts that long after the first ended, not after the host
   // function returned. The worker that runs the function wakes after the first copy's end
   // (its `woke`), and a start that counted from then (as a host function's end on the host's
-  // clock would) is at least that wake-up later. The executor's op stamps are such host
-  // functions, one per op: their wake-ups must not leak into the device's time.
-  // The first copy (8 ms) outlasts the enqueueing of the rest, so the host function is ready
-  // when the copy ends, not when it was enqueued.
+  // clock would) is at least that wake-up later: at or after the function's return. The executor's
+  // op stamps are such host functions, one per op: their wake-ups must not leak into the device's
+  // time. The first copy (168 ms) outlasts the enqueueing of the rest, so the host function is
+  // ready when the copy ends, not when it was enqueued. The checks compare clock readings of one
+  // run with each other, not with a duration: the function's run and the worker's wake-up are
+  // whatever this machine takes.
   SimOptions options;
   options.device_memory_bytes = 16 * kMiB;
   options.kernel_mode = KernelMode::kTimed;
-  options.h2d_bandwidth_gbps = 1;
+  options.h2d_bandwidth_gbps = 0.05;
   auto sim = MakeSim(options);
   StatusOr<OwnedStream> stream = CreateOwnedStream(*sim, "s");
   StatusOr<Buffer> device = sim->device_memory().Allocate(8 * kMiB, MemoryTag::kOther);
@@ -278,7 +280,7 @@ TEST(SimBackendTest, TimedHostFunctionsHoldTheirStreamForTheirRunNotTheWakeUp) {
   const SimEngineOp& second = ops[0].bytes > ops[1].bytes ? ops[1] : ops[0];
   const Clock::duration held = second.start - first.end;
   EXPECT_GE(held, ran_to - ran_from) << "the host function's run holds the stream";
-  EXPECT_LT(held, (ran_to - ran_from) + (first.woke - first.end))
+  EXPECT_LT(held, ran_to - first.end)
       << "the worker's wake-up after the first copy ended counted as device time";
 }
 

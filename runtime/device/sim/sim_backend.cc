@@ -366,7 +366,8 @@ StatusOr<Backend::EventPtr> SimBackend::DoCreateEvent() {
 
 namespace {
 
-// Host work on a stream's worker: it ends when it returns.
+// The host's clock: when real work on a stream's worker ends (and when a timed host function
+// began and ended its run).
 SimBackend::Clock::time_point Now() { return std::chrono::steady_clock::now(); }
 
 }  // namespace
