@@ -22,9 +22,9 @@
 //    instantaneous and move nothing in timed mode. A host function holds its stream for as
 //    long as its function ran, counted in timed mode from when it was ready, not from when the
 //    stream's worker woke to run it: the host's wake-up (50-150 us on the 2-core development
-//    VM, on every op the executor stamps) stays out of the device's time. In real
-//    mode an op's work runs holding its engine, which stays busy for at least the modelled
-//    duration (throttled copies).
+//    VM, on every op the executor stamps) stays out of the device's time. In real mode an op's
+//    work runs holding its engine, which stays busy for at least the modelled duration
+//    (throttled copies).
 // Thread-safe, like every Backend. Calls that enqueue never block; synchronise calls do.
 #pragma once
 
