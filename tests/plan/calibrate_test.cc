@@ -52,11 +52,17 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_GT(measured->nvme[0].read_gbps, 0);
   EXPECT_GT(measured->nvme[0].session_fraction, 0);
   EXPECT_LE(measured->nvme[0].session_fraction, 1);
+  // The host's costs: the simulated device's wait (the base's device is simulated) and the
+  // step's begin, both through the runtime's code.
+  EXPECT_GT(measured->host_wait_latency_us, 0);
+  EXPECT_GT(measured->routing_ns_per_token_layer, 0);
   auto back = ParseHardware(HardwareJson(*measured));
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
   EXPECT_EQ(back->optimizer_params_per_s_per_thread, 0);
   EXPECT_EQ(back->nvme[0].session_fraction, measured->nvme[0].session_fraction);
+  EXPECT_EQ(back->host_wait_latency_us, measured->host_wait_latency_us);
+  EXPECT_EQ(back->routing_ns_per_token_layer, measured->routing_ns_per_token_layer);
   const bool empty = std::filesystem::is_empty(dir);
   std::filesystem::remove_all(dir);
   EXPECT_TRUE(empty);

@@ -139,6 +139,24 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
                        R"(, "nvme": {"capacity_gib": 10, "read_gbps": 1, "write_gbps": 1,
                              "session_fraction": 1.5})");
   EXPECT_EQ(error(bad_fraction), "hardware.nvme.session_fraction: must be at most 1 (got 1.5)");
+  // The host's costs (what --calibrate measures): optional, never negative.
+  std::string host_costs = hardware;
+  host_costs.replace(host_costs.find(R"("profile": "h100-sxm")"), 0,
+                     R"("host_wait_latency_us": 50.5, )");
+  host_costs.replace(host_costs.find(R"("optimizer_threads")"), 0,
+                     R"("routing_ns_per_token_layer": 14, )");
+  StatusOr<HardwareConfig> costs = ParseHardware(host_costs);
+  ASSERT_TRUE(costs.ok()) << costs.status();
+  EXPECT_EQ(costs->host_wait_latency_us, 50.5);
+  EXPECT_EQ(costs->routing_ns_per_token_layer, 14);
+  std::string negative_wait = host_costs;
+  negative_wait.replace(negative_wait.find("50.5"), 4, "-2");
+  EXPECT_EQ(error(negative_wait), "hardware.device.host_wait_latency_us: must be >= 0 (got -2)");
+  std::string text_routing = host_costs;
+  text_routing.replace(text_routing.find("14,"), 2, R"("fast")");
+  EXPECT_NE(error(text_routing).find("hardware.host.routing_ns_per_token_layer: "),
+            std::string::npos)
+      << error(text_routing);
 
   auto workload_error = [](const std::string& text) {
     StatusOr<WorkloadConfig> w = ParseWorkload(text);

@@ -159,18 +159,32 @@ INSTANTIATE_TEST_SUITE_P(Configs, PlannerTest, ::testing::ValuesIn(Configs()),
                            return param.param.name;
                          });
 
-// The strategies' shapes, in virtual time: no-overlap and naive run their resources in turn
-// (the step takes at least the sum of their busy times), ecss overlaps them and is faster
-// than no-overlap, which moves the same bytes, and than naive and zero-offload, which move
-// every expert.
-TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
+// The simulator's tests' configuration: 16 domains of 2 experts in 4 layers on kHardware, 1,024
+// tokens a step from 2 domains.
+struct Simulated {
+  ModelConfig model;
+  HardwareConfig hardware;
+  WorkloadConfig workload;
+};
+
+void ParseSimulated(Simulated* out) {
   auto model = ParseModel(R"({"sparse_layers": 4, "d_model": 256, "d_ff": 512,
       "routing": {"kind": "rre", "domains": 16, "experts_per_domain": 2}, "vocab": 5000})");
   auto hardware = ParseHardware(kHardware);
   auto workload = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "domains_per_step": 2,
       "device_budget_gib": 0.1})");
   ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok());
-  auto report = Plan(*model, *hardware, *workload);
+  *out = {*model, *hardware, *workload};
+}
+
+// The strategies' shapes, in virtual time: no-overlap and naive run their resources in turn
+// (the step takes at least the sum of their busy times), ecss overlaps them and is faster
+// than no-overlap, which moves the same bytes, and than naive and zero-offload, which move
+// every expert.
+TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  auto report = Plan(c.model, c.hardware, c.workload);
   ASSERT_TRUE(report.ok()) << report.status();
   EXPECT_TRUE(report->feasible);
   std::map<Strategy, const StrategyPrediction*> by;
@@ -221,7 +235,7 @@ TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
                    R"("optimizer_params_per_s_by_threads": [5e8, 8e8])");
   auto shared_bus = ParseHardware(measured);
   ASSERT_TRUE(shared_bus.ok()) << shared_bus.status();
-  auto slower = Plan(*model, *shared_bus, *workload);
+  auto slower = Plan(c.model, *shared_bus, c.workload);
   ASSERT_TRUE(slower.ok()) << slower.status();
   auto found =
       std::find_if(slower->predictions.begin(), slower->predictions.end(),
@@ -231,6 +245,71 @@ TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
   EXPECT_NEAR(found->busy_per_step[cpu], updated * 3 / 4 / one_thread + updated / 4 / 8e8, 1e-9);
   EXPECT_NEAR(found->step_seconds - chained.step_seconds,
               updated / 4 / 8e8 - updated / 4 / (2 * one_thread), 1e-9);
+}
+
+// The host's costs: an op the host waits for its dependencies to issue (no-overlap's chain)
+// starts no sooner than the host's wait latency after they ended, and every op of a step no
+// sooner than the host's work at its begin. ecss issues nothing after a host wait: the wait
+// latency alone changes none of its times.
+TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  auto shard = ShardFor(c.model, c.hardware, c.workload);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  constexpr double kWaitUs = 40, kBeginSeconds = 3e-4;
+  const ResourceRates free_host{.device = c.hardware.device, .optimizer_params_per_s = 5e8};
+  ResourceRates waits = free_host;
+  waits.host_wait_latency_us = kWaitUs;
+  ResourceRates both = waits;
+  both.begin_step_seconds = kBeginSeconds;
+  for (Strategy strategy : {Strategy::kNoOverlap, Strategy::kEcss}) {
+    SCOPED_TRACE(StrategyName(strategy));
+    auto options = SessionOptionsFor(*shard, c.model, c.hardware, c.workload, strategy);
+    ASSERT_TRUE(options.ok()) << options.status();
+    auto memory = PlanMemoryFor(*options, c.hardware);
+    ASSERT_TRUE(memory.ok()) << memory.status();
+    StepSampler sampler(*options, shard->domains_per_step, c.workload.seq_len, c.workload.seed);
+    auto plans = BuildStepPlans(*options, *memory, sampler, 3);
+    ASSERT_TRUE(plans.ok()) << plans.status();
+    auto plain = StepSimulator::Create(*options, free_host);
+    auto waiting = StepSimulator::Create(*options, waits);
+    auto costly = StepSimulator::Create(*options, both);
+    ASSERT_TRUE(plain.ok() && waiting.ok() && costly.ok());
+    for (const StepPlan& plan : *plans) {
+      StepPlan without = plan, waited = plan, with = plan;
+      ASSERT_TRUE(plain->Run(without).ok());
+      ASSERT_TRUE(waiting->Run(waited).ok());
+      ASSERT_TRUE(costly->Run(with).ok());
+      size_t host_waits = 0, computes = 0;
+      for (const PlanOp& op : with.ops()) {
+        if (op.step_offset != 0) continue;
+        EXPECT_GE(op.start_s, kBeginSeconds - 1e-12) << op.id;
+        if (op.resource == PlanResource::kCompute) ++computes;
+        if (!op.host_waits) continue;
+        ++host_waits;
+        for (uint32_t dep : op.deps) {
+          const PlanOp& d = with.ops()[dep];
+          if (d.step_offset == 0) {
+            EXPECT_GE(op.start_s, d.end_s + kWaitUs * 1e-6 - 1e-12) << op.id;
+          }
+        }
+      }
+      if (strategy == Strategy::kNoOverlap) {
+        // Every compute op waits on the host, each on the chain's critical path.
+        EXPECT_GT(host_waits, 0u);
+        EXPECT_GE(waited.seconds() - without.seconds(), computes * kWaitUs * 1e-6 - 1e-9);
+      } else {
+        EXPECT_EQ(host_waits, 0u);
+        EXPECT_EQ(waited.seconds(), without.seconds());
+      }
+    }
+  }
+  ResourceRates negative = free_host;
+  negative.host_wait_latency_us = -1;
+  auto options = SessionOptionsFor(*shard, c.model, c.hardware, c.workload, Strategy::kEcss);
+  ASSERT_TRUE(options.ok());
+  EXPECT_EQ(StepSimulator::Create(*options, negative).status().code(),
+            StatusCode::kInvalidArgument);
 }
 
 // An infeasible configuration names the short budget and the change that fits.

@@ -15,6 +15,7 @@
 #include "offload/io/io_engine.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
+#include "runtime/base/median.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tools/plan/planner.h"
@@ -34,10 +35,11 @@ struct CalibrationRun {
 
 // Steps of the calibration model (8 domains of 2 experts of `expert_params` parameters in 4
 // layers, AdamW) on the simulated device in timed mode: the steps' statistics and the window
-// after the first two.
+// after the first two; with `executed`, the last few measured steps' executed plans.
 StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
                                                      const CalibrationRun& run, uint32_t steps,
-                                                     MeasuredWindow& window) {
+                                                     MeasuredWindow& window,
+                                                     std::vector<StepPlan>* executed = nullptr) {
   ModelConfig model;
   model.name = "calibration";
   model.sparse_layers = 4;
@@ -68,6 +70,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
     options.placement.write_initial_states = true;
   }
   options.optimizer.threads = run.threads;
+  options.record_op_times = true;  // as ecss-bench step does: each op's stamp, the executed plans
   SimOptions sim;
   sim.device_memory_bytes = options.budgets.device_bytes + (uint64_t{16} << 20);
   sim.kernel_mode = KernelMode::kTimed;
@@ -77,18 +80,52 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<Session> session, Session::Create(*backend, options));
   StepSampler sampler(options, shard.domains_per_step, workload.seq_len, workload.seed);
   window.warmup = kCalibrationWarmup;
-  return RunSampledSteps(*session, *backend, options, sampler, kCalibrationWarmup + steps, &window);
+  ECSS_ASSIGN_OR_RETURN(
+      std::vector<StepStats> stats,
+      RunSampledSteps(*session, *backend, options, sampler, kCalibrationWarmup + steps, &window));
+  // The session keeps the last few steps' executed plans.
+  constexpr size_t kExecutedSteps = 4;
+  const size_t first =
+      std::max<size_t>(window.warmup, stats.size() - std::min(stats.size(), kExecutedSteps));
+  for (size_t s = first; executed != nullptr && s < stats.size(); ++s) {
+    ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats[s].step));
+    executed->push_back(std::move(plan));
+  }
+  return stats;
+}
+
+// The driving thread's work at BeginStep before it issued anything, per routed token and
+// layer: in each executed plan, when its first routing plan's upload was issued (the executor
+// routes every micro-batch and builds the step's plan first) over the rows of its forward
+// ops; the median of the steps, in nanoseconds.
+StatusOr<double> RoutingNanosPerTokenLayer(const std::vector<StepPlan>& executed) {
+  std::vector<double> each;
+  for (const StepPlan& plan : executed) {
+    double issued = -1, rows = 0;
+    for (const PlanOp& op : plan.ops()) {
+      if (op.kind == OpKind::kPlanUpload && op.issued_s >= 0) {
+        issued = issued < 0 ? op.issued_s : std::min(issued, op.issued_s);
+      }
+      if (op.kind == OpKind::kForward) {
+        for (uint32_t r : op.rows) rows += r;
+      }
+    }
+    if (issued >= 0 && rows > 0) each.push_back(issued * 1e9 / rows);
+  }
+  if (each.empty()) return InternalError("calibration: no executed plan recorded its routing");
+  return Median(std::move(each));
 }
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once:
 // updated parameters over the optimizer's busy seconds in the measured steps, states in host
-// memory. One thread: ecss steps with one optimizer thread (the driving thread goes on to the
-// next step). More: zero-offload steps (every expert updated, the step waiting for its
-// updates) with threads - 1 optimizer threads and the driving thread helping once the device
-// work is done (Note [The driving thread helps], tools/plan/step_simulator.cc); the updates
-// that start before then, one layer's during a few milliseconds of device work, are a few
-// percent of the step's.
-StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads) {
+// memory; with `executed`, the last few measured steps' executed plans. One thread: ecss steps with
+// one optimizer thread (the driving thread goes on to the next step). More: zero-offload steps
+// (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
+// the driving thread helping once the device work is done (Note [The driving thread helps],
+// tools/plan/step_simulator.cc); the updates that start before then, one layer's during a few
+// milliseconds of device work, are a few percent of the step's.
+StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
+                                      std::vector<StepPlan>* executed = nullptr) {
   CalibrationRun run;
   if (threads > 1) {
     run.strategy = Strategy::kZeroOffload;
@@ -96,7 +133,7 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads) 
   }
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
-                        RunCalibrationSteps(o, run, o.steps, window));
+                        RunCalibrationSteps(o, run, o.steps, window, executed));
   double params = 0, busy = 0;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
     params += static_cast<double>(stats[s].updated_params);
@@ -133,6 +170,42 @@ StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gb
   return std::min(1.0, bound / busy);
 }
 
+// The host's wait for a stream of the simulated device in timed mode, as a host-waiting op
+// of the executor pays it (StepExecutor::HostWait): a timed copy with a host function behind
+// it (the executor's op stamp), the host synchronising the stream, then the next copy. From
+// the copy's modelled end until the next was enqueued (its `ready`, EngineOps): the stream
+// worker's wake-up at the end and the host's at the synchronisation. The median of the
+// rounds, in microseconds. Each copy lasts 200 us, long enough for the host to be asleep
+// in the synchronisation when it ends, as it is in a step.
+StatusOr<double> MeasureHostWaitLatency() {
+  constexpr int kRounds = 200;
+  constexpr uint64_t kCopyBytes = 200'000;  // 200 us at 1 GB/s
+  SimOptions sim;
+  sim.device_memory_bytes = uint64_t{1} << 20;
+  sim.kernel_mode = KernelMode::kTimed;
+  sim.h2d_bandwidth_gbps = 1;
+  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create(sim));
+  ECSS_ASSIGN_OR_RETURN(OwnedStream stream, CreateOwnedStream(*backend, "calibration"));
+  ECSS_ASSIGN_OR_RETURN(Buffer device,
+                        backend->device_memory().Allocate(kCopyBytes, MemoryTag::kOther));
+  std::vector<uint8_t> host(kCopyBytes);
+  const Stream s = stream.get();
+  for (int round = 0; round < kRounds; ++round) {
+    ECSS_RETURN_IF_ERROR(
+        backend->CopyAsync(s, device.data(), host.data(), kCopyBytes, CopyKind::kHostToDevice));
+    ECSS_RETURN_IF_ERROR(backend->LaunchHostFunction(s, "stamp", [] { return Status::Ok(); }));
+    ECSS_RETURN_IF_ERROR(backend->SynchronizeStream(s));
+  }
+  const std::vector<SimEngineOp> ops = backend->EngineOps();
+  std::vector<double> waits;
+  for (size_t i = 1; i < ops.size(); ++i) {
+    waits.push_back(
+        std::chrono::duration<double, std::micro>(ops[i].ready - ops[i - 1].end).count());
+  }
+  if (waits.empty()) return InternalError("calibration: the host wait's copies did not run");
+  return std::max(0.0, Median(std::move(waits)));
+}
+
 struct NvmeRates {
   double read_gbps = 0, write_gbps = 0, capacity_gib = 0;
 };
@@ -167,10 +240,14 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
       std::clamp(std::thread::hardware_concurrency(), 1u, std::max(1u, options.max_threads)));
   base.optimizer_params_per_s_per_thread = 0;
   base.optimizer_params_per_s_by_threads.clear();
+  std::vector<StepPlan> executed;  // one thread's ecss steps
   for (int threads = 1; threads <= cores; ++threads) {
-    ECSS_ASSIGN_OR_RETURN(const double rate, MeasureOptimizerRate(options, threads));
+    ECSS_ASSIGN_OR_RETURN(
+        const double rate,
+        MeasureOptimizerRate(options, threads, threads == 1 ? &executed : nullptr));
     base.optimizer_params_per_s_by_threads.push_back(rate);
   }
+  ECSS_ASSIGN_OR_RETURN(base.routing_ns_per_token_layer, RoutingNanosPerTokenLayer(executed));
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
   // One drive measured: the base's drives (or this machine's one) get its speed.
   const size_t drives = std::max<size_t>(1, base.nvme.size());
@@ -178,6 +255,10 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   ECSS_ASSIGN_OR_RETURN(const double fraction,
                         SessionNvmeFraction(options, nvme.read_gbps, nvme.write_gbps));
   base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps, fraction});
+  // The simulated device's wait on this host; a real device's is the base file's.
+  if (base.device_kind == DeviceKind::kSim) {
+    ECSS_ASSIGN_OR_RETURN(base.host_wait_latency_us, MeasureHostWaitLatency());
+  }
   base.name += " (calibrated)";
   return base;
 }
@@ -201,6 +282,7 @@ std::string HardwareJson(const HardwareConfig& h) {
       .Field("h2d_gbps", d.h2d_bandwidth_gbps)
       .Field("d2h_gbps", d.d2h_bandwidth_gbps)
       .Field("copy_latency_us", h.copy_latency_us)
+      .Field("host_wait_latency_us", h.host_wait_latency_us)
       .EndObject()
       .Key("host")
       .BeginObject()
@@ -214,7 +296,7 @@ std::string HardwareJson(const HardwareConfig& h) {
     for (double rate : h.optimizer_params_per_s_by_threads) json.Double(rate);
     json.EndArray();
   }
-  json.EndObject();
+  json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer).EndObject();
   if (!h.nvme.empty()) {  // alike drives, as the file describes them
     json.Key("nvme")
         .BeginObject()

@@ -16,6 +16,12 @@
 //    simulator models the waits for gradients between runs; session_fraction): a state's
 //    header round trip and reads and writes sharing the drive cost it some of the drive's
 //    time.
+//  - The host's part of a step: its work at the step's begin, per routed token and layer
+//    (the one-thread optimizer run's executed plans: when each step's first routing plan was
+//    issued; routing_ns_per_token_layer), and, where the base's device is simulated, the host's
+//    wait for a stream of it (a copy's end to the next copy's enqueueing, around a stream
+//    synchronisation, as the chained strategies' host-waiting ops pay it;
+//    host_wait_latency_us).
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
 
@@ -36,7 +42,8 @@ struct CalibrationOptions {
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
-// `base` with host.optimizer_params_per_s_by_threads and nvme measured here.
+// `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer and nvme
+// measured here, and device.host_wait_latency_us with a simulated device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);

@@ -514,6 +514,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(d.Number("h2d_gbps", &p.h2d_bandwidth_gbps, need, kRate));
     ECSS_RETURN_IF_ERROR(d.Number("d2h_gbps", &p.d2h_bandwidth_gbps, need, kRate));
     ECSS_RETURN_IF_ERROR(d.Number("copy_latency_us", &h.copy_latency_us, false, kMicroseconds));
+    ECSS_RETURN_IF_ERROR(
+        d.Number("host_wait_latency_us", &h.host_wait_latency_us, false, kMicroseconds));
     ECSS_RETURN_IF_ERROR(d.Finish());
   }
   {
@@ -534,6 +536,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
                                   &h.optimizer_params_per_s_per_thread, false, kUpdates));
     ECSS_RETURN_IF_ERROR(o.Numbers("optimizer_params_per_s_by_threads",
                                    &h.optimizer_params_per_s_by_threads, kUpdates));
+    ECSS_RETURN_IF_ERROR(o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer,
+                                  false, kMicroseconds));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {

@@ -62,6 +62,10 @@ struct HardwareConfig {
   double device_memory_gib = 0;
   DeviceProfile device;  // TFLOPS, memory bandwidth, launch overhead, H2D / D2H GB/s
   double copy_latency_us = 0;
+  // From the end of a device op the host waits for (a stream's synchronisation, in the
+  // chained strategies' host-waiting ops) until the host has resumed and issued its next op:
+  // the wake-ups between. --calibrate measures the simulated device's; 0: not modelled.
+  double host_wait_latency_us = 0;
   double host_memory_gib = 0;      // per node
   double pinned_limit_gib = 0;     // per node; 0 = host_memory_gib
   uint32_t optimizer_threads = 1;  // per node
@@ -70,6 +74,11 @@ struct HardwareConfig {
   // threads' together, counting a driving thread that helps (Note [The driving thread helps]).
   double optimizer_params_per_s_per_thread = 0;
   std::vector<double> optimizer_params_per_s_by_threads;
+  // The driving thread's work when a step begins, before it issues anything, per token and
+  // sparse layer of the step: RRE routing each micro-batch's tokens through each layer's
+  // tables, and building the step's plan. --calibrate measures it through a session; 0: not
+  // modelled. (A learned gate routes at each layer's forward; not modelled.)
+  double routing_ns_per_token_layer = 0;
   std::vector<NvmeDrive> nvme;  // per node
   double network_gbps = 0;      // between nodes, per node and direction; 0 with one node
 

@@ -143,6 +143,7 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   ResourceRates rates;
   rates.device = hardware.device;
   rates.copy_latency_us = hardware.copy_latency_us;
+  rates.host_wait_latency_us = hardware.host_wait_latency_us;
   // The node's optimizer threads shared evenly by its devices (fractions too: 1 thread for 8
   // devices is an eighth of one each).
   const double threads =
@@ -160,6 +161,10 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   const double flops_per_s = tflops * 1e12 * hardware.device.gemm_efficiency;
   const double per_op = static_cast<double>(model.dense_params) / hardware.devices_per_node *
                         workload.tokens_per_micro_batch / layers / flops_per_s;
+  if (model.routing == Routing::kRre) {
+    rates.begin_step_seconds = hardware.routing_ns_per_token_layer * 1e-9 *
+                               workload.tokens_per_micro_batch * workload.micro_batches * layers;
+  }
   rates.dense_forward_seconds = 2 * per_op;
   rates.dense_backward_seconds = 4 * per_op;
   if (shard.remote_fraction > 0) {  // a compute op's rows out and back, at the device's share

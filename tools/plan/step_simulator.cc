@@ -56,6 +56,16 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
   if (!(rates.copy_latency_us >= 0)) {
     return InvalidArgumentError("step simulator: copy latency must be >= 0");
   }
+  if (!(rates.begin_step_seconds >= 0) || !std::isfinite(rates.begin_step_seconds)) {
+    return InvalidArgumentError(
+        StrCat("step simulator: the host's work at a step's begin must be "
+               ">= 0 seconds (got ",
+               rates.begin_step_seconds, ")"));
+  }
+  if (!(rates.host_wait_latency_us >= 0) || !std::isfinite(rates.host_wait_latency_us)) {
+    return InvalidArgumentError(StrCat("step simulator: host wait latency must be >= 0 (got ",
+                                       rates.host_wait_latency_us, " us)"));
+  }
   if (options.placement.states_on_nvme() &&
       !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
     return InvalidArgumentError(
@@ -218,9 +228,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     const auto index = static_cast<int64_t>(step) + offset;
     return index >= 0 && index < static_cast<int64_t>(updates_.size()) ? &updates_[index] : nullptr;
   };
-  // BeginStep waits for step t-2's updates before it issues anything, then re-orders step
-  // t-1's queued ones.
-  double floor = begin;
+  // BeginStep routes the step and builds its plan, waits for step t-2's updates before it
+  // issues anything, then re-orders step t-1's queued ones.
+  double floor = begin + rates_.begin_step_seconds;
   if (UpdateRecord* two = updates_of(-2); two != nullptr && !policy.evaluation) {
     floor = std::max(floor, two->all_end);
   }
@@ -269,6 +279,8 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     const double seconds =
         held ? static_cast<double>(held_experts_) * ExpertParams() / rates_.optimizer_params_per_s
              : Seconds(op);
+    // The host issues a host-waiting op once it woke after its dependencies ended.
+    const double wait = op.host_waits ? rates_.host_wait_latency_us * 1e-6 : 0;
     const size_t r = Queue(op.resource);
     if (UpdateLike(op.kind) && op.step_offset == 0 && !op.experts.empty()) {
       // One expert at a time; with states on NVMe, a pipeline of reads, updates and writes.
@@ -276,7 +288,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
       double first = -1, last = floor;
       for (uint32_t e : op.experts) {
         double ready = floor;
-        for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, e));
+        for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, e) + wait);
         const double start = std::max(ready, free_[r]);
         const double finish = start + each;
         free_[r] = finish;
@@ -301,7 +313,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
       continue;
     }
     double ready = floor;
-    for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1));
+    for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1) + wait);
     const bool exchanges = rates_.all_to_all_seconds > 0 && op.resource == PlanResource::kCompute;
     if (exchanges) ready = Exchange(ready);  // the tokens' dispatch to their experts' devices
     const double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);

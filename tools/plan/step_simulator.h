@@ -4,7 +4,9 @@
 // timed mode: compute ops the cost of the kernels the executor enqueues
 // (engine/plan_inputs.h ComputeOpSeconds), copies latency + bytes / bandwidth (one copy per
 // expert), the CPU optimizer params / (params/s of the session's threads), NVMe reads and
-// writes bytes / GB/s. An op starts once its dependencies ended and its resource is free;
+// writes bytes / GB/s. An op starts once its dependencies ended and its resource is free
+// (an op the host issues only after waiting for them, PlanOp::host_waits: the host's wait
+// latency after they ended);
 // each resource serves its ops in plan order (streams and queues are in order); NVMe reads
 // and writes share one queue, the drives'. Updates are
 // simulated per expert (a layer's update op is its experts' updates in turn, and with states
@@ -38,10 +40,16 @@ namespace ecss::plan {
 struct ResourceRates {
   DeviceProfile device;  // compute (the cost model) and the H2D / D2H bandwidth
   double copy_latency_us = 0;
+  // Added to the ready time of an op the host waits for its dependencies to issue
+  // (PlanOp::host_waits): from their end until the host has woken and issued it.
+  double host_wait_latency_us = 0;
   double optimizer_params_per_s = 0;  // the session's optimizer threads together, > 0
   // The same with the driving thread helping (Note [The driving thread helps]); 0: one thread
   // more at the same rate per thread.
   double optimizer_helped_params_per_s = 0;
+  // The driving thread's work at BeginStep before it issues anything (routing the step's
+  // tokens, building its plan): no op of the step starts before it is done.
+  double begin_step_seconds = 0;
   double nvme_read_gbps = 0;  // > 0 with states on NVMe
   double nvme_write_gbps = 0;
   // Device time added to each forward / backward compute op: the model's dense layers, which
