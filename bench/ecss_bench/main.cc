@@ -49,7 +49,9 @@ const std::vector<Suite>& Suites() {
        RunRouterImbalanceSuite},
       {"optimizer", "fused CPU AdamW updates/s vs the memory roofline and an unfused loop",
        "  --params N    fp32 parameters updated (default 67108864)\n"
-       "  --samples N   timed passes per variant; the median is reported (default 5)\n"
+       "  --samples N   timed passes per variant; the median is reported (default 5); nvme: "
+       "rounds\n"
+       "                of a read pass, a write pass and a pipeline pass, interleaved\n"
        "  --states S    where master and moments live: host or nvme (default host)\n"
        "  --dir DIR     nvme: directory of the state file (default .)\n"
        "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
