@@ -13,8 +13,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <iomanip>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "bench/ecss_bench/suite.h"
@@ -118,10 +120,80 @@ double TimeSplit(size_t n, unsigned threads, Fn&& fn) {
 // The directories the runs' states live in: kStatesPrefix + pid + digits under --dir (ScratchDir).
 constexpr std::string_view kStatesPrefix = "ecss-bench-states.";
 
+// One round of --states nvme: the drive's rates measured right before a pipeline pass, and
+// the pass. Each update reads 12 bytes and writes 12 (master, m, v), so the bound is
+// 1 / (12 / read + 12 / write).
+struct NvmeRound {
+  double read_gbps = 0, write_gbps = 0, updates_per_s = 0;
+  StreamingReport report;
+  double bound() const { return 1e9 / (12.0 / read_gbps + 12.0 / write_gbps); }
+  double fraction() const { return updates_per_s / bound(); }
+};
+
+// The rounds' figures: every scalar from the median round (by fraction; of an even count the
+// lower of the two middle ones), so that they agree with each other, and each round's
+// fraction, rate and bound beside them.
+void ReportNvmeRounds(const std::vector<NvmeRound>& rounds, const std::string& dir,
+                      uint32_t experts, uint64_t expert_elements, uint64_t buffers, uint64_t loads,
+                      uint64_t stores, JsonWriter& json, std::ostream& table) {
+  std::vector<size_t> order(rounds.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t x, size_t y) { return rounds[x].fraction() < rounds[y].fraction(); });
+  const NvmeRound& median = rounds[order[(order.size() - 1) / 2]];
+  const StreamingReport& report = median.report;
+  json.Field("optimizer", "adamw")
+      .Field("states", "nvme")
+      .Field("dir", dir)
+      .Field("params", static_cast<uint64_t>(experts) * expert_elements)
+      .Field("experts", static_cast<uint64_t>(experts))
+      .Field("buffers", buffers)
+      .Field("loads_in_flight", loads)
+      .Field("stores_in_flight", stores)
+      .Field("rounds", static_cast<uint64_t>(rounds.size()))
+      .Field("updates_per_s", median.updates_per_s)
+      .Field("nvme_bound_updates_per_s", median.bound())
+      .Field("fraction_of_nvme_bound", median.fraction())
+      .Field("nvme_read_gbps", median.read_gbps)
+      .Field("nvme_write_gbps", median.write_gbps)
+      .Field("nvme_bytes_per_update", 24)
+      .Field("load_busy_s", report.load_seconds)
+      .Field("update_busy_s", report.update_seconds)
+      .Field("store_busy_s", report.store_seconds)
+      .Field("wall_s", report.wall_seconds);
+  const std::pair<const char*, double (*)(const NvmeRound&)> series[] = {
+      {"round_fractions", [](const NvmeRound& r) { return r.fraction(); }},
+      {"round_updates_per_s", [](const NvmeRound& r) { return r.updates_per_s; }},
+      {"round_nvme_bound_updates_per_s", [](const NvmeRound& r) { return r.bound(); }}};
+  for (const auto& [key, value] : series) {
+    json.Key(key).BeginArray();
+    for (const NvmeRound& r : rounds) json.Double(value(r));
+    json.EndArray();
+  }
+  json.Field("reference",
+             "rounds of: NVMe read GB/s of the state files and write GB/s of a scratch file of "
+             "their size, through the same engine in the same directory, then the pipeline; "
+             "bound = 1 / (12 B / read + 12 B / write) of the round's rates; the figures are "
+             "the median round's (by fraction)");
+  table << std::fixed << std::setprecision(2) << "optimizer suite, states on NVMe (" << dir
+        << "): " << experts << " experts x " << expert_elements << " parameters, " << buffers
+        << " staging buffers, " << loads << " loads and " << stores << " stores at once, "
+        << rounds.size() << " rounds\n"
+        << "  updates/s       " << median.updates_per_s / 1e6 << " M (the median round)\n"
+        << "  NVMe bound      " << median.bound() / 1e6 << " M (read " << median.read_gbps
+        << " GB/s, write " << median.write_gbps << " GB/s; 24 B per update)\n"
+        << "  fraction        " << median.fraction() << " (rounds:";
+  for (const NvmeRound& r : rounds) table << " " << r.fraction();
+  table << ")\n"
+        << "  stages busy     load " << report.load_seconds << " s, update "
+        << report.update_seconds << " s, store " << report.store_seconds
+        << " s (threads summed), wall " << report.wall_seconds << " s\n";
+}
+
 // --states nvme: master and moments on NVMe, streamed through pinned staging slots (load ->
-// update -> store), with a session's slots, loads and stores at once unless told otherwise. The
-// bound is the NVMe bandwidth measured in the same run: each update reads 12 bytes and writes 12
-// (master, m, v), so bound = 1 / (12 / read + 12 / write).
+// update -> store), with a session's slots, loads and stores at once unless told otherwise,
+// in `rounds` rounds of (the drive's rates, a pipeline pass): this VM's disk moves by 2-3x
+// between minutes, so each pass is held to the rates measured right before it.
 Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWriter& json,
                      std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
@@ -131,10 +203,13 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
   ECSS_ASSIGN_OR_RETURN(uint64_t loads, args.Uint("loads", session.loads_in_flight));
   ECSS_ASSIGN_OR_RETURN(uint64_t stores, args.Uint("stores", session.stores_in_flight));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
-  if (expert_elements == 0 || params < expert_elements || buffers < 2 || rounds == 0) {
-    return InvalidArgumentError(
-        "need --params >= --expert-elements > 0, --buffers >= 2 and --samples >= 1");
+  if (expert_elements == 0) return InvalidArgumentError("--expert-elements: must be > 0");
+  if (params < expert_elements) {
+    return InvalidArgumentError(StrCat(
+        "--params ", params, ": must be at least --expert-elements (", expert_elements, ")"));
   }
+  if (buffers < 2) return InvalidArgumentError(StrCat("--buffers ", buffers, ": must be >= 2"));
+  if (rounds == 0) return InvalidArgumentError("--samples 0: must be >= 1");
   const auto experts = static_cast<uint32_t>(params / expert_elements);
   IoEngineOptions io;
   io.queue_depth = 8;
@@ -143,9 +218,27 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<IoEngine> store_engine,
                         CreateIoEngine(IoEngineKind::kUring, io));
   // The states live where a session keeps them: an expert store (its staging in the sim's
-  // pinned memory), in a directory of its own that the run removes again.
+  // pinned memory), in a directory of its own that the run removes again (and the next run,
+  // after a kill).
   ECSS_ASSIGN_OR_RETURN(ScratchDir scratch_dir, ScratchDir::Create(dir, kStatesPrefix));
   const std::string& store_dir = scratch_dir.path();
+  const size_t block = StateArrayBytes(expert_elements);
+  // Blocks of one array: the master's file holds one a shadow slot, the moments' two.
+  const uint64_t master_blocks = static_cast<uint64_t>(experts) * 2;
+  const uint64_t moment_blocks = master_blocks * 2;
+  const uint64_t blocks = master_blocks + moment_blocks;
+  {  // the state files, and the write measurement's scratch file of their size
+    const uint64_t need = 2 * blocks * (block + 4096);
+    std::error_code error;
+    const std::filesystem::space_info space = std::filesystem::space(store_dir, error);
+    if (error) return NotFoundError(StrCat("--dir ", dir, ": ", error.message()));
+    if (space.available < need) {
+      return ResourceExhaustedError(StrCat("--dir ", dir, " has ", HumanBytes(space.available),
+                                           " free; the run's state files and ",
+                                           "its write measurement's file take ", HumanBytes(need),
+                                           ": choose a smaller --params or another --dir"));
+    }
+  }
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create({}));
   ExpertStoreOptions store_options;
   store_options.layout.experts_per_layer = {experts};
@@ -160,7 +253,6 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
 
   PinnedPoolOptions pool_options;
   pool_options.name = "state staging";
-  const size_t block = StateArrayBytes(expert_elements);
   // Staging slots, the initial master, the gradient, and one buffer per request in flight for
   // the bandwidth measurement.
   pool_options.capacity_bytes =
@@ -181,13 +273,9 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
     }
     ECSS_RETURN_IF_ERROR(store->Flush());
   }
-  // The bound, measured in the same directory with blocks of one array, interleaved with the
-  // pipeline's passes (a round: read, write, pipeline; this VM's disk moves by 2-3x between
-  // minutes): reads of the state files themselves, the master's and the moments' (two shadow
-  // slots per expert: what the pipeline reads from, half of it), and writes of a scratch
-  // file of their size (rewriting the state files would break their checksums).
-  const uint64_t master_blocks = static_cast<uint64_t>(experts) * 2;  // one array a slot
-  const uint64_t moment_blocks = master_blocks * 2;                   // two
+  // The rates: reads of the state files themselves, the master's and the moments' (two
+  // shadow slots per expert: what the pipeline reads from, half of it), and writes of a
+  // scratch file of their size (rewriting the state files would break their checksums).
   ECSS_ASSIGN_OR_RETURN(Buffer io_buffers,
                         pool->Allocate(io.queue_depth * block, MemoryTag::kStaging));
   std::memset(io_buffers.data(), 0, io_buffers.size());
@@ -196,26 +284,14 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
   ECSS_ASSIGN_OR_RETURN(
       IoFileId moments_file,
       load_engine->Open(store_dir + "/ecss-store-moments-0.bin", OpenMode::kRead));
-  // In the run's own directory: removed with it, and by the next run after a kill.
-  const std::string scratch_path = store_dir + "/ecss-bench-write.dat";
-  const uint64_t blocks = master_blocks + moment_blocks;
-  ECSS_ASSIGN_OR_RETURN(IoFileId scratch, store_engine->Open(scratch_path, OpenMode::kCreate));
+  ECSS_ASSIGN_OR_RETURN(IoFileId scratch,
+                        store_engine->Open(store_dir + "/ecss-bench-write.dat", OpenMode::kCreate));
   ECSS_RETURN_IF_ERROR(store_engine->Allocate(scratch, blocks * block));
+  const Pattern read{"read", IoOp::kRead, false}, write{"write", IoOp::kWrite, false};
   // Laid out, untimed.
-  ECSS_RETURN_IF_ERROR(RunIoPattern(*store_engine, scratch, Pattern{"write", IoOp::kWrite, false},
-                                    blocks, block, io_buffers.as<uint8_t>())
-                           .status());
-  // Both state files once each: their bytes over the time they took.
-  const Pattern read{"read", IoOp::kRead, false};
-  auto read_gbps_of_states = [&]() -> StatusOr<double> {
-    ECSS_ASSIGN_OR_RETURN(const double master,
-                          RunIoPattern(*load_engine, master_file, read, master_blocks, block,
-                                       io_buffers.as<uint8_t>()));
-    ECSS_ASSIGN_OR_RETURN(const double moments,
-                          RunIoPattern(*load_engine, moments_file, read, moment_blocks, block,
-                                       io_buffers.as<uint8_t>()));
-    return static_cast<double>(blocks) / (master_blocks / master + moment_blocks / moments);
-  };
+  ECSS_RETURN_IF_ERROR(
+      RunIoPattern(*store_engine, scratch, write, blocks, block, io_buffers.as<uint8_t>())
+          .status());
   ECSS_ASSIGN_OR_RETURN(Buffer gradient,
                         pool->Allocate(expert_elements * 4, MemoryTag::kGradients));
   for (uint64_t i = 0; i < expert_elements; ++i)
@@ -236,80 +312,26 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
       StateStreamingUpdater::Create(options, &tier, workspace.data(), workspace_bytes));
   std::vector<StreamedGradient> work;
   for (uint32_t e = 0; e < experts; ++e) work.push_back({e, gradient.data(), DType::kF32, nullptr});
-  const double updated = static_cast<double>(experts) * expert_elements;
-  std::vector<double> reads, writes, rates, fractions;
-  std::vector<StreamingReport> reports;
-  for (uint64_t round = 0; round < rounds; ++round) {
-    ECSS_ASSIGN_OR_RETURN(const double read_gbps, read_gbps_of_states());
-    ECSS_ASSIGN_OR_RETURN(
-        const double write_gbps,
-        RunIoPattern(*store_engine, scratch, Pattern{"write", IoOp::kWrite, false}, blocks, block,
-                     io_buffers.as<uint8_t>()));
-    ECSS_ASSIGN_OR_RETURN(StreamingReport report, updater->Run(work, 1024.0f, 0.9f));
-    const double bound = 1e9 / (12.0 / read_gbps + 12.0 / write_gbps);
-    reads.push_back(read_gbps);
-    writes.push_back(write_gbps);
-    rates.push_back(updated / report.wall_seconds);
-    fractions.push_back(rates.back() / bound);
-    reports.push_back(report);
+  std::vector<NvmeRound> measured(rounds);
+  for (NvmeRound& round : measured) {
+    uint8_t* buffer = io_buffers.as<uint8_t>();
+    // Both state files once each: their bytes over the time they took.
+    ECSS_ASSIGN_OR_RETURN(const double master, RunIoPattern(*load_engine, master_file, read,
+                                                            master_blocks, block, buffer));
+    ECSS_ASSIGN_OR_RETURN(const double moments, RunIoPattern(*load_engine, moments_file, read,
+                                                             moment_blocks, block, buffer));
+    round.read_gbps =
+        static_cast<double>(blocks) / (master_blocks / master + moment_blocks / moments);
+    ECSS_ASSIGN_OR_RETURN(round.write_gbps,
+                          RunIoPattern(*store_engine, scratch, write, blocks, block, buffer));
+    ECSS_ASSIGN_OR_RETURN(round.report, updater->Run(work, 1024.0f, 0.9f));
+    round.updates_per_s =
+        static_cast<double>(experts) * expert_elements / round.report.wall_seconds;
   }
   load_engine->Close(master_file).IgnoreError();
   load_engine->Close(moments_file).IgnoreError();
   store_engine->Close(scratch).IgnoreError();
-  ::unlink(scratch_path.c_str());
-  // The stages' busy times of the round whose fraction is the median.
-  const double fraction = Median(fractions);
-  const size_t median_round =
-      static_cast<size_t>(std::min_element(fractions.begin(), fractions.end(),
-                                           [&](double x, double y) {
-                                             return std::abs(x - fraction) < std::abs(y - fraction);
-                                           }) -
-                          fractions.begin());
-  const StreamingReport& report = reports[median_round];
-  const double read_gbps = Median(reads), write_gbps = Median(writes);
-  const double updates_per_s = Median(rates);
-  const double bound = 1e9 / (12.0 / read_gbps + 12.0 / write_gbps);
-  json.Field("optimizer", "adamw")
-      .Field("states", "nvme")
-      .Field("dir", dir)
-      .Field("params", static_cast<uint64_t>(experts) * expert_elements)
-      .Field("experts", static_cast<uint64_t>(experts))
-      .Field("buffers", buffers)
-      .Field("loads_in_flight", loads)
-      .Field("stores_in_flight", stores)
-      .Field("rounds", rounds)
-      .Field("updates_per_s", updates_per_s)
-      .Field("nvme_bound_updates_per_s", bound)
-      .Field("fraction_of_nvme_bound", fraction)
-      .Field("nvme_read_gbps", read_gbps)
-      .Field("nvme_write_gbps", write_gbps)
-      .Field("nvme_bytes_per_update", 24)
-      .Field("load_busy_s", report.load_seconds)
-      .Field("update_busy_s", report.update_seconds)
-      .Field("store_busy_s", report.store_seconds)
-      .Field("wall_s", report.wall_seconds)
-      .Key("fractions")
-      .BeginArray();
-  for (double f : fractions) json.Double(f);
-  json.EndArray().Field(
-      "reference",
-      "NVMe read and write GB/s of the same directory measured through the same engine right "
-      "before each pipeline pass (rounds of read, write, pipeline); bound = 1 / (12 B / read + "
-      "12 B / write); each figure the median of the rounds, the fraction the median of the "
-      "rounds' fractions");
-  table << std::fixed << std::setprecision(2) << "optimizer suite, states on NVMe (" << dir
-        << "): " << experts << " experts x " << expert_elements << " parameters, " << buffers
-        << " staging buffers, " << loads << " loads and " << stores << " stores at once, " << rounds
-        << " rounds\n"
-        << "  updates/s       " << updates_per_s / 1e6 << " M (median)\n"
-        << "  NVMe bound      " << bound / 1e6 << " M (read " << read_gbps << " GB/s, write "
-        << write_gbps << " GB/s, medians; 24 B per update)\n"
-        << "  fraction        " << fraction << " (median of the rounds':";
-  for (double f : fractions) table << " " << f;
-  table << ")\n"
-        << "  stages busy     load " << report.load_seconds << " s, update "
-        << report.update_seconds << " s, store " << report.store_seconds
-        << " s (threads summed), wall " << report.wall_seconds << " s (the median round)\n";
+  ReportNvmeRounds(measured, dir, experts, expert_elements, buffers, loads, stores, json, table);
   return Status::Ok();
 }
 

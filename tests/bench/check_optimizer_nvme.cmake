@@ -1,6 +1,7 @@
-# Runs `ecss-bench optimizer --states nvme` with SAMPLES rounds in DIR and checks its JSON: one
-# fraction of the bound per round, the reported fraction the median of them, rates that are
-# positive, and nothing left in DIR. Run as:
+# Runs `ecss-bench optimizer --states nvme` with SAMPLES (odd) rounds in DIR and checks its
+# JSON: one fraction of the bound per round, the reported fraction the median of them, the
+# reported rate and bound that round's, rates that are positive, and nothing left in DIR. Run
+# as:
 #   cmake -DBENCH=FILE -DDIR=DIR -DSAMPLES=N -P check_optimizer_nvme.cmake
 file(REMOVE_RECURSE "${DIR}")
 file(MAKE_DIRECTORY "${DIR}")
@@ -13,7 +14,7 @@ if(NOT status EQUAL 0)
   message(FATAL_ERROR "ecss-bench optimizer --states nvme exited ${status}")
 endif()
 string(JSON rounds GET "${text}" rounds)
-string(JSON count LENGTH "${text}" fractions)
+string(JSON count LENGTH "${text}" round_fractions)
 if(NOT rounds EQUAL SAMPLES OR NOT count EQUAL SAMPLES)
   message(FATAL_ERROR "${SAMPLES} rounds asked for; the run reports ${rounds} and ${count} fractions")
 endif()
@@ -22,7 +23,7 @@ math(EXPR last "${count} - 1")
 set(below 0)
 set(above 0)
 foreach(i RANGE ${last})
-  string(JSON f GET "${text}" fractions ${i})
+  string(JSON f GET "${text}" round_fractions ${i})
   if(NOT f GREATER 0)
     message(FATAL_ERROR "round ${i}: fraction ${f}")
   endif()
@@ -36,6 +37,24 @@ endforeach()
 if(NOT below EQUAL above)
   message(FATAL_ERROR "fraction ${fraction} is not the median of the rounds' (${below} below, ${above} above)")
 endif()
+# The median round's figures: its rate and bound sit at its fraction's place in the rounds'.
+set(median_round -1)
+foreach(i RANGE ${last})
+  string(JSON f GET "${text}" round_fractions ${i})
+  if(f STREQUAL fraction)
+    set(median_round ${i})
+  endif()
+endforeach()
+if(median_round LESS 0)
+  message(FATAL_ERROR "fraction ${fraction} is none of the rounds'")
+endif()
+foreach(field updates_per_s nvme_bound_updates_per_s)
+  string(JSON value GET "${text}" ${field})
+  string(JSON of_round GET "${text}" round_${field} ${median_round})
+  if(NOT value STREQUAL of_round)
+    message(FATAL_ERROR "${field} ${value} is not the median round's (${of_round})")
+  endif()
+endforeach()
 foreach(field updates_per_s nvme_read_gbps nvme_write_gbps wall_s)
   string(JSON value GET "${text}" ${field})
   if(NOT value GREATER 0)

@@ -7,7 +7,9 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -304,12 +306,54 @@ TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
       }
     }
   }
-  ResourceRates negative = free_host;
-  negative.host_wait_latency_us = -1;
   auto options = SessionOptionsFor(*shard, c.model, c.hardware, c.workload, Strategy::kEcss);
   ASSERT_TRUE(options.ok());
+  ResourceRates negative = free_host;
+  negative.host_wait_latency_us = -1;
   EXPECT_EQ(StepSimulator::Create(*options, negative).status().code(),
             StatusCode::kInvalidArgument);
+  ResourceRates unknown_begin = free_host;
+  unknown_begin.begin_step_seconds = std::nan("");
+  const Status refused = StepSimulator::Create(*options, unknown_begin).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("begin_step_seconds"), std::string::npos) << refused;
+}
+
+// The hardware file's host costs reach the prediction: no-overlap's step, its ops one after
+// another, grows by at least the routing at its begin (per token and layer, every
+// micro-batch's) and a wait before each compute op; a learned gate routes at its forwards, so
+// the routing's cost leaves its steps as they were.
+TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  c.workload.micro_batches = 2;
+  HardwareConfig costly = c.hardware;
+  costly.host_wait_latency_us = 40;
+  costly.routing_ns_per_token_layer = 100;
+  auto step_seconds = [&](const ModelConfig& model, const HardwareConfig& hardware) {
+    std::map<Strategy, double> seconds;
+    StatusOr<PlanReport> report = Plan(model, hardware, c.workload);
+    EXPECT_TRUE(report.ok()) << report.status();
+    if (!report.ok()) return seconds;
+    for (const StrategyPrediction& p : report->predictions) seconds[p.strategy] = p.step_seconds;
+    return seconds;
+  };
+  const auto before = step_seconds(c.model, c.hardware);
+  const auto after = step_seconds(c.model, costly);
+  ASSERT_EQ(before.count(Strategy::kNoOverlap), 1u);
+  ASSERT_EQ(after.count(Strategy::kNoOverlap), 1u);
+  const double layers = c.model.sparse_layers, micro_batches = c.workload.micro_batches;
+  const double routing = 100e-9 * c.workload.tokens_per_micro_batch * micro_batches * layers;
+  const double waits = 2 * layers * micro_batches * 40e-6;  // forward and backward ops
+  EXPECT_GE(after.at(Strategy::kNoOverlap) - before.at(Strategy::kNoOverlap),
+            routing + waits - 1e-9);
+
+  auto gate = ParseModel(R"({"sparse_layers": 2, "d_model": 128, "d_ff": 256,
+      "routing": {"kind": "gate", "experts": 16, "k": 2}, "vocab": 5000})");
+  ASSERT_TRUE(gate.ok()) << gate.status();
+  HardwareConfig routing_only = c.hardware;
+  routing_only.routing_ns_per_token_layer = 100;
+  EXPECT_EQ(step_seconds(*gate, c.hardware), step_seconds(*gate, routing_only));
 }
 
 // An infeasible configuration names the short budget and the change that fits.

@@ -31,9 +31,10 @@ constexpr std::string_view kUsage =
     "input. --optimize: the placement and micro-batch split of the step's tokens that run\n"
     "fastest within the budgets, with the bottleneck before and after. Without --workload: 2,048 "
     "tokens a micro-batch, 4 domains a step, ecss, states in\n"
-    "host memory. --calibrate measures this machine's CPU optimizer and NVMe (in DIR, default\n"
-    ".) through the runtime's code and writes the base hardware (default this-machine) with\n"
-    "them. tools/plan/README.md describes the files' fields.\n";
+    "host memory. --calibrate measures this machine's CPU optimizer, NVMe (in DIR, default .),\n"
+    "the host's work at a step's begin and its wait for the simulated device through the\n"
+    "runtime's code and writes the base hardware (default this-machine) with them.\n"
+    "tools/plan/README.md describes the files' fields.\n";
 
 int BadInput(std::string_view message) {
   std::cerr << "ecss-plan: " << message << "\n";

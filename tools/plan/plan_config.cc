@@ -40,6 +40,7 @@ constexpr Range kGib{1e-3, 1 << 30};         // memory and capacity, GiB (up to 
 constexpr Range kRate{1e-3, 1e9};            // GB/s, TFLOPS
 constexpr Range kOptionalRate{0, 1e9};
 constexpr Range kMicroseconds{0, 1e6};
+constexpr Range kNanoseconds{0, 1e9};
 constexpr Range kFraction{1e-3, 1};
 
 // One JSON object being read: each field is read once, by name; Finish refuses the fields
@@ -536,8 +537,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
                                   &h.optimizer_params_per_s_per_thread, false, kUpdates));
     ECSS_RETURN_IF_ERROR(o.Numbers("optimizer_params_per_s_by_threads",
                                    &h.optimizer_params_per_s_by_threads, kUpdates));
-    ECSS_RETURN_IF_ERROR(o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer,
-                                  false, kMicroseconds));
+    ECSS_RETURN_IF_ERROR(
+        o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer, false, kNanoseconds));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {

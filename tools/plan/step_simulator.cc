@@ -58,8 +58,8 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
   }
   if (!(rates.begin_step_seconds >= 0) || !std::isfinite(rates.begin_step_seconds)) {
     return InvalidArgumentError(
-        StrCat("step simulator: the host's work at a step's begin must be "
-               ">= 0 seconds (got ",
+        StrCat("step simulator: begin_step_seconds (the host's work at a step's begin) must be "
+               ">= 0 (got ",
                rates.begin_step_seconds, ")"));
   }
   if (!(rates.host_wait_latency_us >= 0) || !std::isfinite(rates.host_wait_latency_us)) {
