@@ -2,6 +2,7 @@
 // Each suite measures one capability against a reference measured in the same run and prints
 // a human table, or with --json a single JSON object on stdout.
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -200,6 +201,16 @@ int Run(int argc, char** argv) {
 }
 
 }  // namespace
+
+Status CheckDirHasRoom(const std::string& flag_dir, const std::string& dir, uint64_t need,
+                       std::string_view what) {
+  std::error_code error;
+  const std::filesystem::space_info space = std::filesystem::space(dir, error);
+  if (error) return NotFoundError(StrCat("--dir ", flag_dir, ": ", error.message()));
+  if (space.available >= need) return Status::Ok();
+  return ResourceExhaustedError(
+      StrCat("--dir ", flag_dir, " has ", HumanBytes(space.available), " free; ", what));
+}
 
 MachineInfo DescribeMachine() {
   MachineInfo info;

@@ -13,7 +13,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <iomanip>
 #include <thread>
 #include <utility>
@@ -227,18 +226,12 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
   const uint64_t master_blocks = static_cast<uint64_t>(experts) * 2;
   const uint64_t moment_blocks = master_blocks * 2;
   const uint64_t blocks = master_blocks + moment_blocks;
-  {  // the state files, and the write measurement's scratch file of their size
-    const uint64_t need = 2 * blocks * (block + 4096);
-    std::error_code error;
-    const std::filesystem::space_info space = std::filesystem::space(store_dir, error);
-    if (error) return NotFoundError(StrCat("--dir ", dir, ": ", error.message()));
-    if (space.available < need) {
-      return ResourceExhaustedError(StrCat("--dir ", dir, " has ", HumanBytes(space.available),
-                                           " free; the run's state files and ",
-                                           "its write measurement's file take ", HumanBytes(need),
-                                           ": choose a smaller --params or another --dir"));
-    }
-  }
+  // The state files, and the write measurement's scratch file of their size.
+  const uint64_t need = 2 * blocks * (block + 4096);
+  ECSS_RETURN_IF_ERROR(
+      CheckDirHasRoom(dir, store_dir, need,
+                      StrCat("the run's state files and its write measurement's file take ",
+                             HumanBytes(need), ": choose a smaller --params or another --dir")));
   ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> sim, SimBackend::Create({}));
   ExpertStoreOptions store_options;
   store_options.layout.experts_per_layer = {experts};

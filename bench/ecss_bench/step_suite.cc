@@ -39,7 +39,6 @@
 // (engine/step_metrics.h), by op kind.
 #include <algorithm>
 #include <cstdlib>
-#include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <limits>
@@ -636,16 +635,11 @@ StatusOr<size_t> CheckNvmeRoom(const StepConfig& c, Backend& backend,
     block = StateArrayBytes(plan.params);
   }
   ScratchDir::RemoveLeftovers(c.dir, kStorePrefix);  // a killed run's store is no one's
-  std::error_code error;
-  const std::filesystem::space_info space = std::filesystem::space(c.dir, error);
-  if (error) return NotFoundError(StrCat("--dir ", c.dir, ": ", error.message()));
-  if (space.available < need + (uint64_t{1} << 30)) {
-    return ResourceExhaustedError(
-        StrCat("--dir ", c.dir, " has ", HumanBytes(space.available),
-               " free; a run's expert store takes ", HumanBytes(need),
-               " once every expert is written (shadow slots included), and the rate "
-               "measurement 1 GiB: choose a smaller model or another --dir"));
-  }
+  ECSS_RETURN_IF_ERROR(
+      CheckDirHasRoom(c.dir, c.dir, need + (uint64_t{1} << 30),
+                      StrCat("a run's expert store takes ", HumanBytes(need),
+                             " once every expert is written (shadow slots included), and the rate "
+                             "measurement 1 GiB: choose a smaller model or another --dir")));
   return block;
 }
 

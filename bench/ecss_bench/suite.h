@@ -6,6 +6,7 @@
 
 #include <ostream>
 #include <string>
+#include <string_view>
 
 #include "bench/ecss_bench/bench_args.h"
 #include "offload/io/io_engine.h"
@@ -28,6 +29,13 @@ struct MachineInfo {
   uint64_t memory_bytes = 0;
 };
 MachineInfo DescribeMachine();
+
+// Whether `dir` (the --dir given as `flag_dir`, checked at `dir`, which may be a directory made
+// under it) has `need` bytes free for a run's files: NotFound naming --dir when its space cannot
+// be read, ResourceExhausted "--dir D has F free; WHAT" when it is short (`what` says what
+// takes the bytes and what to change).
+Status CheckDirHasRoom(const std::string& flag_dir, const std::string& dir, uint64_t need,
+                       std::string_view what);
 
 // One storage access pattern (fio's --rw name).
 struct Pattern {
