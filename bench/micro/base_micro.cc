@@ -5,8 +5,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include "runtime/base/checksum_paths.h"
 #include "runtime/base/dtype.h"
 #include "runtime/base/status.h"
+#include "runtime/base/str_cat.h"
 #include "runtime/device/range_allocator.h"
 #include "runtime/device/sim/sim_backend.h"
 
@@ -103,6 +105,40 @@ void BM_SimH2DCopy(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes));
 }
 BENCHMARK(BM_SimH2DCopy)->Arg(64 << 10)->Arg(16 << 20)->UseRealTime();
+
+// CRC-32C of a 4 MiB block, the piece a state file's load or store checksums, by every path
+// this CPU runs, so the one Crc32c picks is timed beside the others in one run. "cold" walks
+// 256 MiB, so that each block comes from memory as one a read just brought in does.
+void BM_Crc32c(benchmark::State& state, checksum_internal::Crc32cPath path, bool cold) {
+  constexpr size_t kBlock = size_t{4} << 20;
+  static const std::vector<uint8_t> data = [] {  // built once for every path and run
+    std::vector<uint8_t> bytes(size_t{256} << 20);
+    for (size_t i = 0; i < bytes.size(); ++i) {
+      bytes[i] = static_cast<uint8_t>((i * 2654435761u) >> 13);
+    }
+    return bytes;
+  }();
+  const size_t span = cold ? data.size() : kBlock;
+  size_t at = 0;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(checksum_internal::Crc32cWith(path, data.data() + at, kBlock));
+    at = (at + kBlock) % span;
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kBlock));
+}
+const bool kCrc32cRegistered = [] {
+  using checksum_internal::Crc32cPath;
+  for (Crc32cPath path :
+       {Crc32cPath::kTable, Crc32cPath::kCrc32, Crc32cPath::kCrc32Lanes, Crc32cPath::kClmulFold}) {
+    if (!checksum_internal::Crc32cPathRuns(path)) continue;
+    for (bool cold : {false, true}) {
+      const std::string name =
+          StrCat("BM_Crc32c/", checksum_internal::Crc32cPathName(path), cold ? "/cold" : "/warm");
+      benchmark::RegisterBenchmark(name.c_str(), BM_Crc32c, path, cold);
+    }
+  }
+  return true;
+}();
 
 }  // namespace
 }  // namespace ecss

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <sstream>
 
+#include "runtime/base/checksum_paths.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -33,6 +35,7 @@ uint32_t Crc32cTable(const uint8_t* data, size_t bytes, uint32_t crc) {
 
 #if defined(__x86_64__)
 constexpr size_t kLanesFromBytes = 64 * 1024;  // buffers from here on run three lanes
+constexpr size_t kFoldFromBytes = 256;         // the fold below this: crc32 (see Crc32cFold)
 
 // a(x)·b(x) mod P(x), with polynomials in the reflected order CRC-32C registers use (the top
 // bit is x^0).
@@ -97,24 +100,175 @@ __attribute__((target("sse4.2"))) uint32_t Crc32cHardwareLanes(const uint8_t* da
   return Crc32cHardware(data + 3 * lane, bytes - 3 * lane, ~joined);
 }
 
+// Note [Folding with carry-less multiplication]
+// A register's CRC of message M is M(x)·x^32 mod P(x), M's first bit the highest power; a
+// 16-byte block B followed by F bits contributes B(x)·x^F, and only its residue mod P matters.
+// Loaded little-endian, B's first 8 bytes are a 64-bit integer L and its next 8 one H, bit i
+// of L the coefficient of x^(127-i) in B and bit i of H that of x^(63-i): B = L·x^64 + H. So B·x^F
+// ≡ L·(x^(F+64) mod P) + H·(x^F mod P), two products of 64 by 32 bits that fit in 128 (PCLMULQDQ;
+// VPCLMULQDQ does four blocks at once), and adding (xor) them into the block F bits later moves B
+// there without changing the CRC. In this bit order a carry-less product comes out one place
+// shifted (it is x times the product), so the constants are x^(F+63) and x^(F-1), each the 32-bit
+// residue in the top half of a 64-bit operand. The register's starting value is folded in as the
+// first 32 bits of the message (c·x^|M| is c at the front), and the last block left, the whole
+// message's stand-in, goes through two crc32 instructions from zero. Four 64-byte accumulators fold
+// 256 bytes a step (F = 2048), then into one (F = 512), whose four blocks join the last (F = 384,
+// 256, 128); what is left past whole blocks goes through crc32 as usual.
+#define ECSS_FOLD_TARGET __attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.2")))
+
+// x^bits mod P(x) as a carry-less operand: the register value in the top 32 bits.
+uint64_t PowerOperand(uint64_t bits) {
+  return uint64_t{MultiplyModP(ShiftOperator(bits / 8), 0x80000000u >> (bits % 8))} << 32;
+}
+
+// The operands that move each 16-byte block `distance` bits on: x^(F+63) for its first half,
+// x^(F-1) for its second (Note [Folding with carry-less multiplication]). Four per 512 bits:
+// one distance for all four blocks, or each its own.
+struct FoldConstants {
+  uint64_t by_2048[8], by_512[8], to_last[8], by_128[2];
+  FoldConstants() {
+    auto pair = [](uint64_t distance, uint64_t* out) {
+      out[0] = PowerOperand(distance + 63);
+      out[1] = PowerOperand(distance - 1);
+    };
+    for (int block = 0; block < 4; ++block) {
+      pair(2048, by_2048 + 2 * block);
+      pair(512, by_512 + 2 * block);
+    }
+    pair(384, to_last);  // blocks 0, 1, 2 of 64 bytes to block 3's place; block 3 stays
+    pair(256, to_last + 2);
+    pair(128, to_last + 4);
+    to_last[6] = to_last[7] = 0;
+    pair(128, by_128);
+  }
+};
+
+ECSS_FOLD_TARGET inline __m512i Fold(__m512i blocks, __m512i constants) {
+  return _mm512_xor_si512(_mm512_clmulepi64_epi128(blocks, constants, 0x00),
+                          _mm512_clmulepi64_epi128(blocks, constants, 0x11));
+}
+
+// REQUIRES: bytes >= kFoldFromBytes. The register in and out, as Crc32cHardware.
+ECSS_FOLD_TARGET uint32_t Crc32cFold(const uint8_t* data, size_t bytes, uint32_t crc) {
+  static const FoldConstants constants;
+  const __m512i by_2048 = _mm512_loadu_si512(constants.by_2048);
+  const __m512i by_512 = _mm512_loadu_si512(constants.by_512);
+  __m512i x0 = _mm512_loadu_si512(data);
+  __m512i x1 = _mm512_loadu_si512(data + 64);
+  __m512i x2 = _mm512_loadu_si512(data + 128);
+  __m512i x3 = _mm512_loadu_si512(data + 192);
+  x0 = _mm512_xor_si512(x0, _mm512_zextsi128_si512(_mm_cvtsi32_si128(static_cast<int>(crc))));
+  data += 256;
+  bytes -= 256;
+  for (; bytes >= 256; bytes -= 256, data += 256) {
+    x0 = _mm512_xor_si512(Fold(x0, by_2048), _mm512_loadu_si512(data));
+    x1 = _mm512_xor_si512(Fold(x1, by_2048), _mm512_loadu_si512(data + 64));
+    x2 = _mm512_xor_si512(Fold(x2, by_2048), _mm512_loadu_si512(data + 128));
+    x3 = _mm512_xor_si512(Fold(x3, by_2048), _mm512_loadu_si512(data + 192));
+  }
+  x1 = _mm512_xor_si512(x1, Fold(x0, by_512));
+  x2 = _mm512_xor_si512(x2, Fold(x1, by_512));
+  x3 = _mm512_xor_si512(x3, Fold(x2, by_512));
+  for (; bytes >= 64; bytes -= 64, data += 64) {
+    x3 = _mm512_xor_si512(Fold(x3, by_512), _mm512_loadu_si512(data));
+  }
+  // Blocks 0-2 moved to block 3's place (block 3's product is zero), and block 3 itself.
+  alignas(64) __m128i blocks[2][4];
+  _mm512_store_si512(blocks[0], Fold(x3, _mm512_loadu_si512(constants.to_last)));
+  _mm512_store_si512(blocks[1], x3);
+  __m128i last = _mm_xor_si128(_mm_xor_si128(blocks[0][0], blocks[0][1]),
+                               _mm_xor_si128(blocks[0][2], blocks[1][3]));
+  const __m128i by_128 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(constants.by_128));
+  for (; bytes >= 16; bytes -= 16, data += 16) {
+    const __m128i moved_on = _mm_xor_si128(_mm_clmulepi64_si128(last, by_128, 0x00),
+                                           _mm_clmulepi64_si128(last, by_128, 0x11));
+    last = _mm_xor_si128(moved_on, _mm_loadu_si128(reinterpret_cast<const __m128i*>(data)));
+  }
+  uint64_t register64 = _mm_crc32_u64(0, static_cast<uint64_t>(_mm_cvtsi128_si64(last)));
+  register64 = _mm_crc32_u64(register64, static_cast<uint64_t>(_mm_extract_epi64(last, 1)));
+  return Crc32cHardware(data, bytes, static_cast<uint32_t>(register64));
+}
+#undef ECSS_FOLD_TARGET
+
 bool HasSse42() {
   static const bool has = __builtin_cpu_supports("sse4.2");
+  return has;
+}
+
+bool HasClmulFold() {
+  static const bool has = HasSse42() && __builtin_cpu_supports("pclmul") &&
+                          __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("vpclmulqdq");
   return has;
 }
 #endif
 
 }  // namespace
 
-uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
+namespace checksum_internal {
+
+std::string_view Crc32cPathName(Crc32cPath path) {
+  switch (path) {
+    case Crc32cPath::kTable:
+      return "table";
+    case Crc32cPath::kCrc32:
+      return "crc32";
+    case Crc32cPath::kCrc32Lanes:
+      return "crc32-lanes";
+    case Crc32cPath::kClmulFold:
+      return "clmul-fold";
+  }
+  return "?";
+}
+
+bool Crc32cPathRuns(Crc32cPath path) {
+#if defined(__x86_64__)
+  switch (path) {
+    case Crc32cPath::kTable:
+      return true;
+    case Crc32cPath::kCrc32:
+    case Crc32cPath::kCrc32Lanes:
+      return HasSse42();
+    case Crc32cPath::kClmulFold:
+      return HasClmulFold();
+  }
+  return false;
+#else
+  return path == Crc32cPath::kTable;
+#endif
+}
+
+uint32_t Crc32cWith(Crc32cPath path, const void* data, size_t bytes, uint32_t crc) {
   const auto* bytes_in = static_cast<const uint8_t*>(data);
   crc = ~crc;
 #if defined(__x86_64__)
-  if (HasSse42()) {
-    return ~(bytes >= kLanesFromBytes ? Crc32cHardwareLanes(bytes_in, bytes, crc)
-                                      : Crc32cHardware(bytes_in, bytes, crc));
+  switch (path) {
+    case Crc32cPath::kTable:
+      break;
+    case Crc32cPath::kCrc32:
+      return ~Crc32cHardware(bytes_in, bytes, crc);
+    case Crc32cPath::kCrc32Lanes:
+      return ~Crc32cHardwareLanes(bytes_in, bytes, crc);
+    case Crc32cPath::kClmulFold:  // a buffer too short to fold takes one crc32 chain
+      return ~(bytes >= kFoldFromBytes ? Crc32cFold(bytes_in, bytes, crc)
+                                       : Crc32cHardware(bytes_in, bytes, crc));
   }
 #endif
   return ~Crc32cTable(bytes_in, bytes, crc);
+}
+
+}  // namespace checksum_internal
+
+uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
+  using checksum_internal::Crc32cPath;
+  Crc32cPath path = Crc32cPath::kTable;
+#if defined(__x86_64__)
+  if (HasClmulFold()) {
+    path = Crc32cPath::kClmulFold;
+  } else if (HasSse42()) {
+    path = bytes >= kLanesFromBytes ? Crc32cPath::kCrc32Lanes : Crc32cPath::kCrc32;
+  }
+#endif
+  return checksum_internal::Crc32cWith(path, data, bytes, crc);
 }
 
 std::string SealText(std::string text) {

@@ -1,6 +1,9 @@
 // CRC-32C (Castagnoli): the checksum of every persisted ECSS structure (routing tables, state
-// blocks, checkpoints). Uses the SSE4.2 crc32 instruction when the CPU has it (chosen once at
-// run time), else a table; both give the same value. Thread-safe; never blocks.
+// blocks, checkpoints). What the CPU offers decides how (once per process), and each call's
+// size (checksum_paths.h names the ways): with AVX-512 and VPCLMULQDQ enabled by the OS,
+// carry-less multiplication folds buffers from 256 bytes on; else SSE4.2's crc32 instruction,
+// in three interleaved lanes from 64 KiB on; else a table. All give the same value.
+// Thread-safe; never blocks.
 #pragma once
 
 #include <cstddef>

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <string>
@@ -6,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/base/checksum.h"
+#include "runtime/base/checksum_paths.h"
 #include "runtime/base/random.h"
 
 namespace ecss {
@@ -97,9 +99,9 @@ uint32_t BitwiseCrc32c(const uint8_t* data, size_t bytes, uint32_t crc) {
 }
 
 TEST(Crc32cTest, LargeBuffersEqualTheBitwiseDefinitionAtEverySizeAndStart) {
-  // Large buffers run as three interleaved lanes joined by polynomial arithmetic: sizes around
-  // where that starts, tails of several lengths after the lanes, a nonzero starting value, and
-  // unaligned starts.
+  // Crc32c as callers reach it (on this CPU's way; Crc32cPathTest checks each): sizes around
+  // where three interleaved lanes start without the fold, tails of several lengths, a nonzero
+  // starting value, and unaligned starts.
   std::vector<uint8_t> data((1u << 20) + 64);
   CounterRng rng(11, 3);
   for (uint8_t& byte : data) byte = static_cast<uint8_t>(rng.Uniform(256));
@@ -121,6 +123,95 @@ TEST(Crc32cTest, LargeBuffersEqualTheBitwiseDefinitionAtEverySizeAndStart) {
     data[at] ^= 0x10;
   }
 }
+
+// Every way Crc32c computes, against the definition: sizes below, at and around each path's
+// block sizes (8 bytes; 16, 64 and 256 for the fold) and where Crc32c starts using it,
+// unaligned starts and a nonzero starting value. A path this CPU does not run is skipped
+// (and reported as skipped).
+struct Crc32cCase {
+  size_t bytes, start;
+  uint32_t initial, expected;
+};
+
+class Crc32cPathTest : public ::testing::TestWithParam<checksum_internal::Crc32cPath> {
+ protected:
+  // The data, and each case's value by the definition (computed once for every path).
+  static const std::vector<uint8_t>& Data() {
+    static const std::vector<uint8_t> data = [] {
+      std::vector<uint8_t> bytes((1u << 17) + 64);
+      CounterRng rng(5, 9);
+      for (uint8_t& byte : bytes) byte = static_cast<uint8_t>(rng.Uniform(256));
+      return bytes;
+    }();
+    return data;
+  }
+  static const std::vector<Crc32cCase>& Cases() {
+    static const std::vector<Crc32cCase> cases = [] {
+      std::vector<size_t> sizes = {0,
+                                   1,
+                                   7,
+                                   8,
+                                   15,
+                                   16,
+                                   17,
+                                   63,
+                                   64,
+                                   65,
+                                   255,
+                                   256,
+                                   257,
+                                   271,
+                                   319,
+                                   320,
+                                   383,
+                                   384,
+                                   511,
+                                   512,
+                                   513,
+                                   575,
+                                   1000,
+                                   4096,
+                                   4099,
+                                   65535,
+                                   65536,
+                                   65537,
+                                   (1u << 17) + 23};
+      CounterRng rng(6, 1);
+      for (size_t i = 0; i < 40; ++i) sizes.push_back(rng.Uniform(1u << 17));
+      std::vector<Crc32cCase> all;
+      for (size_t bytes : sizes) {
+        for (size_t start : {size_t{0}, size_t{1}, size_t{13}}) {
+          for (uint32_t initial : {0u, 0xDEADBEEFu}) {
+            all.push_back(
+                {bytes, start, initial, BitwiseCrc32c(Data().data() + start, bytes, initial)});
+          }
+        }
+      }
+      return all;
+    }();
+    return cases;
+  }
+};
+
+TEST_P(Crc32cPathTest, EqualsTheBitwiseDefinition) {
+  const checksum_internal::Crc32cPath path = GetParam();
+  if (!checksum_internal::Crc32cPathRuns(path)) {
+    GTEST_SKIP() << "this CPU does not run " << checksum_internal::Crc32cPathName(path);
+  }
+  for (const Crc32cCase& c : Cases()) {
+    ASSERT_EQ(checksum_internal::Crc32cWith(path, Data().data() + c.start, c.bytes, c.initial),
+              c.expected)
+        << c.bytes << " bytes from " << c.start << ", starting at " << c.initial;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryPath, Crc32cPathTest,
+                         ::testing::ValuesIn(checksum_internal::kCrc32cPaths),
+                         [](const ::testing::TestParamInfo<checksum_internal::Crc32cPath>& param) {
+                           std::string name(checksum_internal::Crc32cPathName(param.param));
+                           std::replace(name.begin(), name.end(), '-', '_');
+                           return name;
+                         });
 
 }  // namespace
 }  // namespace ecss
