@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <filesystem>
 #include <memory>
 #include <thread>
@@ -170,40 +169,37 @@ StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gb
   return std::min(1.0, bound / busy);
 }
 
-// The host's wait for a stream of the simulated device in timed mode, as a host-waiting op
-// of the executor pays it (StepExecutor::HostWait): a timed copy with a host function behind
-// it (the executor's op stamp), the host synchronising the stream, then the next copy. From
-// the copy's modelled end until the next was enqueued (its `ready`, EngineOps): the stream
-// worker's wake-up at the end and the host's at the synchronisation. The median of the
-// rounds, in microseconds. Each copy lasts 200 us, long enough for the host to be asleep
-// in the synchronisation when it ends, as it is in a step.
-StatusOr<double> MeasureHostWaitLatency() {
-  constexpr int kRounds = 200;
-  constexpr uint64_t kCopyBytes = 200'000;  // 200 us at 1 GB/s
-  SimOptions sim;
-  sim.device_memory_bytes = uint64_t{1} << 20;
-  sim.kernel_mode = KernelMode::kTimed;
-  sim.h2d_bandwidth_gbps = 1;
-  ECSS_ASSIGN_OR_RETURN(std::unique_ptr<SimBackend> backend, SimBackend::Create(sim));
-  ECSS_ASSIGN_OR_RETURN(OwnedStream stream, CreateOwnedStream(*backend, "calibration"));
-  ECSS_ASSIGN_OR_RETURN(Buffer device,
-                        backend->device_memory().Allocate(kCopyBytes, MemoryTag::kOther));
-  std::vector<uint8_t> host(kCopyBytes);
-  const Stream s = stream.get();
-  for (int round = 0; round < kRounds; ++round) {
-    ECSS_RETURN_IF_ERROR(
-        backend->CopyAsync(s, device.data(), host.data(), kCopyBytes, CopyKind::kHostToDevice));
-    ECSS_RETURN_IF_ERROR(backend->LaunchHostFunction(s, "stamp", [] { return Status::Ok(); }));
-    ECSS_RETURN_IF_ERROR(backend->SynchronizeStream(s));
+// The host's wait before an op it issues only once the op's dependencies ended (a
+// host-waiting op, PlanOp::host_waits), as the simulator adds it: in the executed plans of
+// no-overlap steps on the simulated device in timed mode, from the last dependency's end to
+// when the host issued each compute op (an update: to its start, the optimizer's thread woken
+// by the driving thread), in microseconds. Fetches and routing-plan uploads are left out: the
+// host issues them in a batch, and a step's begin is routing_ns_per_token_layer's. The mean,
+// not the median: the simulator adds the latency to every such op, and a step pays their sum
+// (no-overlap's chain here: 0.04-0.27 ms an op, where a stream synchronisation alone took 50
+// us; the chain's handoffs to and from the optimizer's thread take longer).
+StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
+  constexpr uint32_t kSteps = 6;  // measured; the session keeps the last 4 executed plans
+  CalibrationRun run;
+  run.strategy = Strategy::kNoOverlap;
+  MeasuredWindow window;
+  std::vector<StepPlan> executed;
+  ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, kSteps, window, &executed).status());
+  double waited = 0;
+  size_t waits = 0;
+  for (const StepPlan& plan : executed) {
+    for (const PlanOp& op : plan.ops()) {
+      if (!op.host_waits || op.kind == OpKind::kFetch || op.kind == OpKind::kPlanUpload) continue;
+      double ready = -1;
+      for (uint32_t dep : op.deps) ready = std::max(ready, plan.ops()[dep].end_s);
+      const double issued = op.issued_s >= 0 ? op.issued_s : op.start_s;
+      if (ready < 0 || issued < 0) continue;
+      waited += std::max(0.0, issued - ready);
+      ++waits;
+    }
   }
-  const std::vector<SimEngineOp> ops = backend->EngineOps();
-  std::vector<double> waits;
-  for (size_t i = 1; i < ops.size(); ++i) {
-    waits.push_back(
-        std::chrono::duration<double, std::micro>(ops[i].ready - ops[i - 1].end).count());
-  }
-  if (waits.empty()) return InternalError("calibration: the host wait's copies did not run");
-  return std::max(0.0, Median(std::move(waits)));
+  if (waits == 0) return InternalError("calibration: no executed plan recorded a host wait");
+  return waited / static_cast<double>(waits) * 1e6;
 }
 
 struct NvmeRates {
@@ -257,7 +253,7 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps, fraction});
   // The simulated device's wait on this host; a real device's is the base file's.
   if (base.device_kind == DeviceKind::kSim) {
-    ECSS_ASSIGN_OR_RETURN(base.host_wait_latency_us, MeasureHostWaitLatency());
+    ECSS_ASSIGN_OR_RETURN(base.host_wait_latency_us, MeasureHostWaitLatency(options));
   }
   base.name += " (calibrated)";
   return base;

@@ -19,8 +19,8 @@
 //  - The host's part of a step: its work at the step's begin, per routed token and layer
 //    (the one-thread optimizer run's executed plans: when each step's first routing plan was
 //    issued; routing_ns_per_token_layer), and, where the base's device is simulated, the host's
-//    wait for a stream of it (a copy's end to the next copy's enqueueing, around a stream
-//    synchronisation, as the chained strategies' host-waiting ops pay it;
+//    wait before an op it issues once its dependencies ended (no-overlap steps' executed plans:
+//    each compute op's and update's dependencies' end to its issue, the mean;
 //    host_wait_latency_us).
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
