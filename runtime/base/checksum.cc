@@ -121,25 +121,24 @@ uint64_t PowerOperand(uint64_t bits) {
   return uint64_t{MultiplyModP(ShiftOperator(bits / 8), 0x80000000u >> (bits % 8))} << 32;
 }
 
-// The operands that move each 16-byte block `distance` bits on: x^(F+63) for its first half,
-// x^(F-1) for its second (Note [Folding with carry-less multiplication]). Four per 512 bits:
-// one distance for all four blocks, or each its own.
+// The operands that move a 16-byte block `distance` bits on: x^(F+63) for its first half,
+// x^(F-1) for its second (Note [Folding with carry-less multiplication]); to_last moves the
+// four 16-byte blocks of the last 64 bytes each its own distance to the last one's place
+// (which stays).
 struct FoldConstants {
-  uint64_t by_2048[8], by_512[8], to_last[8], by_128[2];
+  uint64_t by_2048[2], by_512[2], by_128[2], to_last[8];
   FoldConstants() {
     auto pair = [](uint64_t distance, uint64_t* out) {
       out[0] = PowerOperand(distance + 63);
       out[1] = PowerOperand(distance - 1);
     };
-    for (int block = 0; block < 4; ++block) {
-      pair(2048, by_2048 + 2 * block);
-      pair(512, by_512 + 2 * block);
-    }
-    pair(384, to_last);  // blocks 0, 1, 2 of 64 bytes to block 3's place; block 3 stays
+    pair(2048, by_2048);
+    pair(512, by_512);
+    pair(128, by_128);
+    pair(384, to_last);
     pair(256, to_last + 2);
     pair(128, to_last + 4);
     to_last[6] = to_last[7] = 0;
-    pair(128, by_128);
   }
 };
 
@@ -148,11 +147,17 @@ ECSS_FOLD_TARGET inline __m512i Fold(__m512i blocks, __m512i constants) {
                           _mm512_clmulepi64_epi128(blocks, constants, 0x11));
 }
 
+// A block's pair of operands, for each of a 512-bit register's four 16-byte blocks.
+ECSS_FOLD_TARGET inline __m512i EveryBlock(const uint64_t* pair) {
+  const auto first = static_cast<long long>(pair[0]), second = static_cast<long long>(pair[1]);
+  return _mm512_set4_epi64(second, first, second, first);
+}
+
 // REQUIRES: bytes >= kFoldFromBytes. The register in and out, as Crc32cHardware.
 ECSS_FOLD_TARGET uint32_t Crc32cFold(const uint8_t* data, size_t bytes, uint32_t crc) {
   static const FoldConstants constants;
-  const __m512i by_2048 = _mm512_loadu_si512(constants.by_2048);
-  const __m512i by_512 = _mm512_loadu_si512(constants.by_512);
+  const __m512i by_2048 = EveryBlock(constants.by_2048);
+  const __m512i by_512 = EveryBlock(constants.by_512);
   __m512i x0 = _mm512_loadu_si512(data);
   __m512i x1 = _mm512_loadu_si512(data + 64);
   __m512i x2 = _mm512_loadu_si512(data + 128);
