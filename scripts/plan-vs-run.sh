@@ -5,33 +5,57 @@
 # the runtime's accounting (the device memory the session holds, its pinned and host
 # allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
 # differs by more than 1% or a step time by more than 5%.
-#   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N]
+#   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N] [--steps N] [--keep]
 # Without a hardware file it calibrates this machine (ecss-plan --calibrate) between the runs,
-# and predicts each run from the calibrations right before and right after it (the mean of the
-# two predictions), so that the prediction sees the machine the run saw (on the development VM
-# the host optimizer's speed drifted by up to half between minutes while host states lived on
-# 4 KiB pages; on huge pages the calibrations of a quiet run agree within a few percent). The table shows how
-# far the two predictions lie apart (the drift column): a difference well inside it is the
-# machine's, not the model's.
+# and predicts each run from the calibrations nearest it, up to three before and three after
+# (fewer for the runs at either end): a hardware file whose every figure is their median
+# (each figure on its own: the NVMe rates and the session's fraction of them may come from
+# different calibrations), so that the prediction follows the machine's drift over minutes
+# without taking on one calibration's noise. On the development VM the host optimizer's speed
+# drifted by up to half between minutes while host states lived on 4 KiB pages; on huge pages
+# (2026-12-03, --dir /tmp) five calibrations back to back measured one optimizer thread at
+# 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs) and NVMe reads at
+# 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
+# alone, lie apart: wider than the error of their median, but a difference well inside it is
+# still more likely the machine's than the model's.
+# The bench runs the steps the planner simulates (4 to warm up, then the workload's `steps`,
+# with the same sampled routing), so that both describe the same steps; --steps sets them
+# (default 60: a second or more of each run, where 20-step runs of one configuration back to
+# back spread twice as wide).
 # Each round runs every configuration once (default 3 rounds); a configuration's step-time
 # difference is the median of its rounds' (each round's prediction against that round's run),
 # its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
-# directory under /tmp). Needs a release build (build/release) and python3.
+# directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
+# prediction's JSON) in place and prints its path. Needs a release build (build/release) and
+# python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=build/release
 hardware=""
 dir=""
 rounds=3
+steps=60
+keep=0
 while (($#)); do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
-    *) hardware="$1"; shift ;;
+    --steps) steps="$2"; shift 2 ;;
+    --keep) keep=1; shift ;;
+    -*) echo "plan-vs-run: unknown option $1" >&2; exit 2 ;;
+    *) hardware=$(realpath "$1"); shift ;;
   esac
 done
+if ! [[ "$steps" =~ ^[0-9]+$ ]] || ((steps < 1 || steps > 1000)); then
+  echo "plan-vs-run: --steps $steps: must be 1 to 1000 (the workload's steps)" >&2
+  exit 2
+fi
 work=$(mktemp -d /tmp/ecss-plan-vs-run.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+if [ "$keep" = 1 ]; then
+  echo "plan-vs-run: keeping $work" >&2
+else
+  trap 'rm -rf "$work"' EXIT
+fi
 dir=${dir:-$work}
 calibrate=0
 if [ -z "$hardware" ]; then calibrate=1; fi
@@ -43,34 +67,80 @@ configs=(
   "small ecss-nvme-states"
   "deep ecss-nvme-all-2mb"
 )
-# The hardware file the next prediction uses: a new calibration, or the one given.
+# The calibrations, numbered from 1 (none with a hardware file given).
 calibrations=0
-measure() {
+calibrate_now() {
   if [ "$calibrate" = 1 ]; then
     calibrations=$((calibrations + 1))
-    hardware="$work/this-machine.$calibrations.json"
-    "$bin/tools/plan/ecss-plan" --calibrate "$hardware" --dir "$dir" > /dev/null
+    "$bin/tools/plan/ecss-plan" --calibrate "$work/this-machine.$calibrations.json" \
+      --dir "$dir" > /dev/null
   fi
 }
-plan() {  # CONFIG-FILES... OUT
-  "$bin/tools/plan/ecss-plan" "${@:1:$#-1}" --hardware "$hardware" --json > "${@: -1}"
+# Each workload with the steps to measure.
+for config in "${configs[@]}"; do
+  read -r _ workload <<< "$config"
+  python3 -c 'import json, sys; w = json.load(open(sys.argv[1])); w["steps"] = int(sys.argv[2]);
+json.dump(w, open(sys.argv[3], "w"))' "tools/plan/configs/$workload.workload.json" "$steps" \
+    "$work/$workload.workload.json"
+done
+files_of() {  # MODEL WORKLOAD: the planner's and the bench's options for them, in `files`
+  files=(--model "tools/plan/configs/$1.model.json" --workload "$work/$2.workload.json")
 }
-measure
+calibrate_now
 for ((round = 0; round < rounds; ++round)); do
   for config in "${configs[@]}"; do
     read -r model workload <<< "$config"
-    files=(--model "tools/plan/configs/$model.model.json"
-           --workload "tools/plan/configs/$workload.workload.json")
     out="$work/$model.$workload.$round"
-    plan "${files[@]}" "$out.before.plan.json"
-    "$bin/bench/ecss-bench" step "${files[@]}" --hardware "$hardware" --steps 23 --warmup 3 \
-      --dir "$dir" --json > "$out.run.json"
-    measure
-    plan "${files[@]}" "$out.after.plan.json"
+    # The device's figures are every calibration's (the base file's): any one does for the bench.
+    files_of "$model" "$workload"
+    "$bin/bench/ecss-bench" step "${files[@]}" \
+      --hardware "${hardware:-$work/this-machine.$calibrations.json}" --dir "$dir" --json \
+      > "$out.run.json"
+    echo "$calibrations" > "$out.calibration"  # the last one before the run
+    calibrate_now
+  done
+done
+# The predictions, once every calibration is in.
+for ((round = 0; round < rounds; ++round)); do
+  for config in "${configs[@]}"; do
+    read -r model workload <<< "$config"
+    out="$work/$model.$workload.$round"
+    files_of "$model" "$workload"
+    if [ "$calibrate" = 1 ]; then
+      before=$(cat "$out.calibration")
+      nearest=()
+      for ((k = before - 2; k <= before + 3; ++k)); do
+        if ((k >= 1 && k <= calibrations)); then nearest+=("$k"); fi
+      done
+      python3 - "$out.hardware.json" "${nearest[@]/#/$work/this-machine.}" <<'PY'
+import json, statistics, sys
+def median_of(values):  # numbers: their median; lists: element-wise; the rest: the first's
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: median_of([v[k] for v in values]) for k in first}
+    if isinstance(first, list):
+        return [median_of([v[i] for v in values]) for i in range(len(first))]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return statistics.median(values)
+    return first
+files = [json.load(open(f + ".json")) for f in sys.argv[2:]]
+merged = median_of(files)
+merged["name"] = f"this-machine (median of {len(files)} calibrations)"
+json.dump(merged, open(sys.argv[1], "w"))
+PY
+      for k in "${nearest[@]}"; do
+        "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$work/this-machine.$k.json" \
+          --json > "$out.alone.$k.plan.json"
+      done
+    else
+      cp "$hardware" "$out.hardware.json"
+    fi
+    "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.hardware.json" --json \
+      > "$out.plan.json"
   done
 done
 python3 - "$work" "$rounds" "${configs[@]}" <<'PY'
-import json, statistics, sys
+import glob, json, statistics, sys
 work, rounds, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 worst_memory, worst_time = 0.0, 0.0
 print(f"{'config':34s} {'tier':7s} {'planned':>14s} {'measured':>14s} {'diff':>8s}")
@@ -80,16 +150,17 @@ for config in configs:
     runs = []
     for r in range(rounds):
         prefix = f"{work}/{model}.{workload}.{r}"
-        plans = [json.load(open(f"{prefix}.{when}.plan.json"))["strategies"][0]
-                 for when in ("before", "after")]
+        plan = json.load(open(f"{prefix}.plan.json"))["strategies"][0]
+        alone = [json.load(open(f))["strategies"][0]
+                 for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))]
         run = json.load(open(f"{prefix}.run.json"))
-        for p in plans:
+        for p in [plan] + alone:
             assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
-        runs.append((plans, run))
+        runs.append((plan, alone, run))
     for tier in ("device", "pinned", "host", "heap"):
         worst = (0.0, 0, 0)
-        for plans, run in runs:
-            for p in plans:
+        for plan, alone, run in runs:
+            for p in [plan] + alone:
                 a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
                 diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
                 worst = max(worst, (diff, a, b))
@@ -99,22 +170,21 @@ for config in configs:
 print()
 print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'drift':>7s}  "
       "rounds' diffs (drift); bottleneck (planned / measured)")
-def predicted(plans):  # the mean of the predictions from the calibrations around the run
-    return sum(p["step_seconds"] for p in plans) / len(plans)
 for config, runs in rows:
-    diffs = [(predicted(plans) - run["step_seconds"]) / run["step_seconds"] for plans, run in runs]
-    # How far apart the predictions from before and after the run lie, against the run.
-    drifts = [abs(plans[1]["step_seconds"] - plans[0]["step_seconds"]) / run["step_seconds"]
-              for plans, run in runs]
+    diffs = [(plan["step_seconds"] - run["step_seconds"]) / run["step_seconds"]
+             for plan, _, run in runs]
+    # How far apart the predictions of the nearest calibrations, each alone, lie, against the run.
+    drifts = [(max(p["step_seconds"] for p in alone) - min(p["step_seconds"] for p in alone)) /
+              run["step_seconds"] if alone else 0.0 for _, alone, run in runs]
     diff = statistics.median(diffs)
     worst_time = max(worst_time, abs(diff))
-    planned = statistics.median(predicted(plans) for plans, _ in runs)
-    measured = statistics.median(run["step_seconds"] for _, run in runs)
+    planned = statistics.median(plan["step_seconds"] for plan, _, _ in runs)
+    measured = statistics.median(run["step_seconds"] for _, _, run in runs)
     each = " ".join(f"{100 * d:+.1f}% ({100 * w:.0f}%)" for d, w in zip(diffs, drifts))
-    plans, run = runs[0]
+    plan, _, run = runs[0]
     print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% "
           f"{100 * statistics.median(drifts):6.1f}%  {each}; "
-          f"{plans[0]['bottleneck']} / {run['bottleneck']}")
+          f"{plan['bottleneck']} / {run['bottleneck']}")
 print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
       f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)

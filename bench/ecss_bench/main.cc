@@ -132,7 +132,8 @@ const std::vector<Suite>& Suites() {
        "                         ecss-plan's files or presets (tools/plan/README.md) instead of "
        "the shape, placement and budget options above: the busiest device's share of the "
        "model, its workload and budgets; with them only --strategy (default the workload's), "
-       "--rounds, --device, --steps, --warmup, --dir and --dump-plan are taken\n",
+       "--rounds, --device, --steps, --warmup, --dir and --dump-plan are taken (default steps: "
+       "the planner's, 4 to warm up and then the workload's steps)\n",
        RunStepSuite},
   };
   return suites;

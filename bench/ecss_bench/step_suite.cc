@@ -127,9 +127,9 @@ StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& mode
   ECSS_ASSIGN_OR_RETURN(std::string strategy,
                         args.String("strategy", std::string(StrategyName(p.workload.strategy))));
   ECSS_ASSIGN_OR_RETURN(c.device, args.String("device", "sim-timed"));
-  // As the planner simulates: 4 steps to warm up, then the workload's.
-  ECSS_ASSIGN_OR_RETURN(c.steps, args.Uint("steps", 4 + p.workload.steps));
-  ECSS_ASSIGN_OR_RETURN(c.warmup, args.Uint("warmup", 4));
+  // As the planner simulates: its warm-up steps, then the workload's.
+  ECSS_ASSIGN_OR_RETURN(c.steps, args.Uint("steps", plan::kWarmupSteps + p.workload.steps));
+  ECSS_ASSIGN_OR_RETURN(c.warmup, args.Uint("warmup", plan::kWarmupSteps));
   ECSS_ASSIGN_OR_RETURN(c.dir, args.String("dir", "."));
   ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
   c.all = strategy == "all";

@@ -36,9 +36,12 @@ namespace ecss::plan {
 struct CalibrationOptions {
   std::string dir = ".";                       // where the NVMe scratch file goes (removed after)
   uint64_t expert_params = uint64_t{1} << 20;  // d_model 512 x d_ff expert_params / 1024
-  uint32_t steps = 24;                         // measured, after two
+  // Measured, after two: about 2 s of updates with one thread on the development VM, whose
+  // speed swings by a tenth between seconds (24 steps, half a second, gave one thread
+  // 1.32-1.70 G/s in five calibrations back to back).
+  uint32_t steps = 96;
   uint64_t nvme_bytes = uint64_t{512} << 20;
-  uint32_t nvme_steps = 6;   // the session's NVMe pipeline: measured, after two
+  uint32_t nvme_steps = 16;  // the session's NVMe pipeline: measured, after two
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 

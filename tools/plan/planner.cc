@@ -22,9 +22,6 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Without a device budget in the workload, a device gives its session this fraction of its
 // memory, less the dense part: the rest is the runtime's context and the training loop's.
 constexpr double kDefaultDeviceShare = 0.9;
-// Simulated before the measured ones: the cache fills and the optimizer's backlog (at most the
-// previous step's updates) reaches its steady state.
-constexpr uint32_t kWarmupSteps = 4;
 
 uint64_t Bytes(double gib) { return static_cast<uint64_t>(gib * kGiB); }
 uint64_t CeilDiv(uint64_t a, uint64_t b) { return (a + b - 1) / b; }

@@ -87,6 +87,11 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
                                                const MemoryPlan& memory, StepSampler& sampler,
                                                uint32_t steps);
 
+// Steps simulated before the measured ones: the cache fills and the optimizer's backlog (at
+// most the previous step's updates) reaches its steady state. ecss-bench step with --model
+// warms up as many, so that it measures the steps the planner predicts.
+inline constexpr uint32_t kWarmupSteps = 4;
+
 // Runs `steps` steps of `session` on `backend` with the sampler's micro-batches (and gate
 // choices), as a training loop calls it: per micro-batch Forward of every layer, then
 // Backward of every layer, last first, on zero activations, and waits for the updates.
