@@ -26,30 +26,68 @@
 # difference is the median of its rounds' (each round's prediction against that round's run),
 # its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
 # directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
-# prediction's JSON) in place and prints its path. Needs a release build (build/release) and
-# python3.
+# prediction's JSON) in place and prints its path. Needs a release build (build/release, or the
+# build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a
+# hardware file that ecss-plan refuses are refused with exit 2 before anything runs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bin=build/release
+# One group, parsed before any of it runs: the file edited during a run (a run takes half an
+# hour) leaves the run as it started.
+{
+bin=$(realpath -m "${ECSS_BUILD_DIR:-$(dirname "$0")/../build/release}")
 hardware=""
 dir=""
 rounds=3
 steps=60
 keep=0
+refuse() {  # MESSAGE: bad arguments, before anything runs
+  echo "plan-vs-run: $1" >&2
+  exit 2
+}
 while (($#)); do
   case "$1" in
-    --dir) dir="$2"; shift 2 ;;
-    --rounds) rounds="$2"; shift 2 ;;
-    --steps) steps="$2"; shift 2 ;;
+    --dir | --rounds | --steps)
+      if (($# < 2)); then refuse "$1: needs a value"; fi
+      case "$1" in
+        --dir) dir="$2" ;;
+        --rounds) rounds="$2" ;;
+        --steps) steps="$2" ;;
+      esac
+      shift 2 ;;
     --keep) keep=1; shift ;;
-    -*) echo "plan-vs-run: unknown option $1" >&2; exit 2 ;;
-    *) hardware=$(realpath "$1"); shift ;;
+    -*) refuse "unknown option $1" ;;
+    *)
+      if [ -n "$hardware" ]; then refuse "$1: a second hardware file (one at most)"; fi
+      if ! [ -f "$1" ] || ! [ -r "$1" ]; then refuse "$1: no such readable hardware file"; fi
+      hardware=$(realpath "$1")
+      shift ;;
   esac
 done
-if ! [[ "$steps" =~ ^[0-9]+$ ]] || ((steps < 1 || steps > 1000)); then
-  echo "plan-vs-run: --steps $steps: must be 1 to 1000 (the workload's steps)" >&2
-  exit 2
+if ! [[ "$steps" =~ ^[0-9]+$ ]] || ((10#$steps < 1 || 10#$steps > 1000)); then
+  refuse "--steps $steps: must be 1 to 1000 (the workload's steps)"
 fi
+if ! [[ "$rounds" =~ ^[0-9]+$ ]] || ((10#$rounds < 1 || 10#$rounds > 100)); then
+  refuse "--rounds $rounds: must be 1 to 100"
+fi
+if [ -n "$dir" ]; then
+  if ! [ -d "$dir" ]; then refuse "--dir $dir: no such directory"; fi
+  dir=$(realpath "$dir")
+fi
+cd "$(dirname "$0")/.."  # paths given are the caller's: resolved above
+steps=$((10#$steps))
+rounds=$((10#$rounds))
+need() {  # TOOL: refused when this build has no TOOL
+  if ! [ -x "$bin/$1" ]; then
+    refuse "no $bin/$1: build the release preset first, or set ECSS_BUILD_DIR"
+  fi
+}
+need tools/plan/ecss-plan
+if [ -n "$hardware" ]; then  # read as the predictions will read it (exit 2: refused), first
+  checked=0
+  refused=$("$bin/tools/plan/ecss-plan" --model tools/plan/configs/small.model.json \
+    --hardware "$hardware" --json 2>&1 > /dev/null) || checked=$?
+  if [ "$checked" = 2 ]; then refuse "$refused"; fi
+fi
+need bench/ecss-bench
 work=$(mktemp -d /tmp/ecss-plan-vs-run.XXXXXX)
 if [ "$keep" = 1 ]; then
   echo "plan-vs-run: keeping $work" >&2
@@ -189,3 +227,5 @@ print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst me
       f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
 PY
+exit
+}
