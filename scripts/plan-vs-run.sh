@@ -62,19 +62,20 @@ while (($#)); do
       shift ;;
   esac
 done
-if ! [[ "$steps" =~ ^[0-9]+$ ]] || ((10#$steps < 1 || 10#$steps > 1000)); then
-  refuse "--steps $steps: must be 1 to 1000 (the workload's steps)"
-fi
-if ! [[ "$rounds" =~ ^[0-9]+$ ]] || ((10#$rounds < 1 || 10#$rounds > 100)); then
-  refuse "--rounds $rounds: must be 1 to 100"
-fi
+count() {  # NAME MAX [WHAT]: the variable NAME as a decimal count 1..MAX, else refused
+  local value=${!1}
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || ((10#$value < 1 || 10#$value > $2)); then
+    refuse "--$1 $value: must be 1 to $2${3:+ ($3)}"
+  fi
+  printf -v "$1" '%d' "$((10#$value))"
+}
+count steps 1000 "the workload's steps"
+count rounds 100
 if [ -n "$dir" ]; then
   if ! [ -d "$dir" ]; then refuse "--dir $dir: no such directory"; fi
   dir=$(realpath "$dir")
 fi
 cd "$(dirname "$0")/.."  # paths given are the caller's: resolved above
-steps=$((10#$steps))
-rounds=$((10#$rounds))
 need() {  # TOOL: refused when this build has no TOOL
   if ! [ -x "$bin/$1" ]; then
     refuse "no $bin/$1: build the release preset first, or set ECSS_BUILD_DIR"

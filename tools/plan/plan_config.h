@@ -99,10 +99,10 @@ struct WorkloadConfig {
   Tier states = Tier::kHost;             // master weights and moments: host or nvme
   double device_budget_gib = 0;          // 0: the device's memory less the dense part
   uint32_t prefetch_window_experts = 0;  // 0: every free cache slot
-  // Measured, after 4 simulated to warm up. With the optimizer the bottleneck its backlog
-  // swings from step to step (a step of 31 ms, then one of 45), so a mean over few steps
-  // depends on where the window cuts the swing: configs/deep with ecss-host-tight on this
-  // VM's calibration gave 39.7 ms over 6 steps, 38.1 over 20 and 38.0 over 60 (the timed
+  // Measured, after kWarmupSteps (planner.h) simulated to warm up. With the optimizer the
+  // bottleneck its backlog swings from step to step (a step of 31 ms, then one of 45), so a mean
+  // over few steps depends on where the window cuts the swing: configs/deep with ecss-host-tight on
+  // this VM's calibration gave 39.7 ms over 6 steps, 38.1 over 20 and 38.0 over 60 (the timed
   // run: 38.0).
   uint32_t steps = 20;
   uint64_t seed = 17;             // sampled routing
