@@ -98,6 +98,8 @@ fi
 dir=${dir:-$work}
 calibrate=0
 if [ -z "$hardware" ]; then calibrate=1; fi
+# Model and workload. Every model's experts have 1 Mi parameters but wide's, 16 Mi (the presets':
+# 21-210 M), with states on NVMe, where an expert's size sets the length of its transfers.
 configs=(
   "small ecss-host"
   "deep ecss-host-tight"
@@ -105,6 +107,7 @@ configs=(
   "uneven zero-offload-host"
   "small ecss-nvme-states"
   "deep ecss-nvme-all-2mb"
+  "wide ecss-nvme-states-1gib"
 )
 # The calibrations, numbered from 1 (none with a hardware file given).
 calibrations=0
