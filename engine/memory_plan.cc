@@ -111,7 +111,8 @@ class Planner {
     p.gradient_slots = static_cast<uint32_t>(std::min(experts, (overlap ? 2 : 1) * step_experts));
     Add("gradient accumulators", MemoryTier::kPinned, MemoryTag::kGradients, p.gradient_slots,
         host_gradient_bytes);
-    Add("gradient staging", MemoryTier::kPinned, MemoryTag::kGradients, 1,
+    p.gradient_staging_halves = o_.limits.max_micro_batches > 1 ? 2 : 0;
+    Add("gradient staging", MemoryTier::kPinned, MemoryTag::kGradients, p.gradient_staging_halves,
         p.max_groups * host_gradient_bytes);
     if (states_on_nvme) {
       const NvmeUpdaterOptions nvme = NvmeOptionsFor(o_, p.params);

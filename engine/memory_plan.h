@@ -76,6 +76,9 @@ struct MemoryPlan {
   // Pinned gradient accumulators: the experts that may have a gradient in a step (two steps
   // where one step's updates overlap the next), at most every expert.
   uint32_t gradient_slots = 0;
+  // Pinned staging of later micro-batches' gradients before they are added, each of
+  // max_groups experts: 2 with several micro-batches (they take turns), else none.
+  uint32_t gradient_staging_halves = 0;
   std::vector<MemoryItem> items;
 
   uint64_t Total(MemoryTier tier) const;

@@ -47,25 +47,28 @@ void PlanRecorder::Ended(uint64_t step, uint32_t op) {
   if (Record* record = Find(step)) record->ended[op] = now;
 }
 
+void PlanRecorder::Ran(uint64_t step, uint32_t op, Clock::time_point start, Clock::time_point end) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (Record* record = Find(step)) {
+    record->issued[op] = start;
+    record->ended[op] = end;
+  }
+}
+
 void PlanRecorder::MapUpdaterStep(uint64_t updater_step, uint64_t step, int32_t step_offset) {
   std::lock_guard<std::mutex> lock(mutex_);
-  updater_steps_[updater_step] = {step, step_offset};
-  while (updater_steps_.size() > 2 * kKeptSteps) updater_steps_.erase(updater_steps_.begin());
+  if (Record* record = Find(step)) record->updater_steps[step_offset] = updater_step;
 }
 
 void PlanRecorder::UpdateRan(uint64_t updater_step, uint32_t layer, Clock::time_point start,
                              Clock::time_point end) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto mapped = updater_steps_.find(updater_step);
-  if (mapped == updater_steps_.end()) return;
-  const auto [step, step_offset] = mapped->second;
-  Record* record = Find(step);
-  if (record == nullptr) return;
-  auto [window, added] = record->updates.try_emplace({step_offset, layer}, Window{start, end});
+  auto [window, added] = updates_[updater_step].try_emplace(layer, Window{start, end});
   if (!added) {
     window->second.start = std::min(window->second.start, start);
     window->second.end = std::max(window->second.end, end);
   }
+  while (updates_.size() > 2 * kKeptSteps + 2) updates_.erase(updates_.begin());
 }
 
 StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
@@ -83,13 +86,16 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
   std::map<PlanResource, double> stream_free;  // device ops run in order per resource
   for (PlanOp& op : plan.mutable_ops()) {
     if (op.kind == OpKind::kUpdate) {  // the union of its experts' update windows
+      static const std::map<uint32_t, Window> kNone;
+      auto mapped = record->updater_steps.find(op.step_offset);
+      auto updates =
+          mapped == record->updater_steps.end() ? updates_.end() : updates_.find(mapped->second);
+      const std::map<uint32_t, Window>& windows =
+          updates == updates_.end() ? kNone : updates->second;
       bool ran = false;
       Window whole{};
-      for (const auto& [key, window] : record->updates) {
-        if (key.first != op.step_offset ||
-            (op.layer >= 0 && key.second != static_cast<uint32_t>(op.layer))) {
-          continue;
-        }
+      for (const auto& [layer, window] : windows) {
+        if (op.layer >= 0 && layer != static_cast<uint32_t>(op.layer)) continue;
         whole = ran ? Window{std::min(whole.start, window.start), std::max(whole.end, window.end)}
                     : window;
         ran = true;
@@ -106,7 +112,13 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
     if (ended == record->ended.end()) continue;
     op.end_s = seconds(ended->second);
     double start = std::max(0.0, op.issued_s);
-    for (uint32_t dep : op.deps) start = std::max(start, std::max(0.0, plan.ops()[dep].end_s));
+    for (uint32_t dep : op.deps) {
+      // The host waits for updates before it issues what reads their experts (issued_s has
+      // it); an update op is the union of many experts', which may end after this op.
+      if (plan.ops()[dep].kind != OpKind::kUpdate) {
+        start = std::max(start, std::max(0.0, plan.ops()[dep].end_s));
+      }
+    }
     if (op.resource != PlanResource::kNone) start = std::max(start, stream_free[op.resource]);
     op.start_s = std::min(start, op.end_s);
     if (op.resource != PlanResource::kNone) {

@@ -173,12 +173,13 @@ class Session {
   StatusOr<std::vector<float>> MasterWeights(LayerIndex layer, uint32_t expert);
   // The plan step `step` (StepStats::step) ran, as it ran: every op with its resource, bytes
   // or FLOPs and edges, and (with SessionOptions::record_op_times) start_s / end_s (seconds
-  // since its BeginStep) of the ops it saw run; updates still running have none yet
-  // (Synchronize first for all). The
-  // last few steps are kept (NotFound for older ones). The plan's fetches are the cache's for
-  // calls in the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0) unless
-  // ecss fills the cache: its leases taken ahead pin slots, so the cache may evict (and fetch
-  // again) what the plan kept; other orders work too, and fetch again what they evicted.
+  // since its BeginStep) of the ops it saw run, the updates carried in from the steps before
+  // too; updates still running have none yet (Synchronize first for all); seconds() ends
+  // where its EndStep finished waiting (no-overlap, naive, zero-offload: for its updates). The last
+  // few steps are kept (NotFound for older ones). The plan's fetches are the cache's for calls in
+  // the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0) unless ecss fills the
+  // cache: its leases taken ahead pin slots, so the cache may evict (and fetch again) what the plan
+  // kept; other orders work too, and fetch again what they evicted.
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
   // Every byte the session allocates, by tier and purpose (engine/memory_plan.h).
   const MemoryPlan& memory_plan() const;

@@ -78,8 +78,10 @@ Status StepExecutor::CreateStreams() {
   ECSS_ASSIGN_OR_RETURN(compute_, CreateOwnedStream(backend_, "compute"));
   ECSS_ASSIGN_OR_RETURN(h2d_, CreateOwnedStream(backend_, "h2d experts"));
   ECSS_ASSIGN_OR_RETURN(d2h_, CreateOwnedStream(backend_, "d2h gradients"));
+  ECSS_ASSIGN_OR_RETURN(add_, CreateOwnedStream(backend_, "gradient additions"));
   ECSS_ASSIGN_OR_RETURN(dw_ready_, CreateOwnedEvent(backend_));
   ECSS_ASSIGN_OR_RETURN(dw_free_, CreateOwnedEvent(backend_));
+  ECSS_ASSIGN_OR_RETURN(copied_, CreateOwnedEvent(backend_));
   for (uint32_t l = 0; l < options_.model.layers; ++l) {
     ECSS_ASSIGN_OR_RETURN(OwnedEvent event, CreateOwnedEvent(backend_));
     layer_grads_done_.push_back(std::move(event));
@@ -108,7 +110,12 @@ Status StepExecutor::CreateDeviceBuffers() {
   }
   ECSS_ASSIGN_OR_RETURN(
       plans_, device.Allocate(uint64_t{m.plan_slots} * m.plan_slot_bytes, MemoryTag::kOther));
-  ECSS_ASSIGN_OR_RETURN(grad_tmp_, table_.pinned().Allocate(host_region, MemoryTag::kGradients));
+  for (uint32_t i = 0; i < m.gradient_staging_halves; ++i) {
+    StagingHalf half;
+    ECSS_ASSIGN_OR_RETURN(half.block, table_.pinned().Allocate(host_region, MemoryTag::kGradients));
+    ECSS_ASSIGN_OR_RETURN(half.free, CreateOwnedEvent(backend_));
+    staging_.push_back(std::move(half));
+  }
   return Status::Ok();
 }
 
@@ -128,6 +135,14 @@ Status StepExecutor::CreateCache() {
   hooks.on_copy = [this](uint64_t position) {
     auto fetch = fetch_at_.find(position);
     if (fetch != fetch_at_.end()) Record(fetch->second, h2d_.get()).IgnoreError();
+  };
+  // The weights of that fetch were read from NVMe then: the plan's stage before it ran.
+  hooks.on_staged = [this](uint64_t position, Clock::time_point start, Clock::time_point end) {
+    auto fetch = fetch_at_.find(position);
+    if (!options_.record_op_times || fetch == fetch_at_.end()) return;
+    for (uint32_t dep : plan_->ops()[fetch->second].deps) {
+      if (plan_->ops()[dep].kind == OpKind::kStage) recorder_.Ran(recording_, dep, start, end);
+    }
   };
   prefetcher_ = std::make_unique<Prefetcher>(*cache_, h2d_.get(), std::move(hooks),
                                              options_.prefetch_window_experts, table_.stager());
@@ -202,7 +217,13 @@ void StepExecutor::Expedite() {
 // at the previous Begin and starts the update of the previous step's gradients, which
 // overlaps this whole step. Otherwise the optimizer's step begins.
 Status StepExecutor::StartUpdates(float loss_scale) {
+  // The plan's update ops carried in name the optimizer's last steps (Map below).
+  const auto map = [&](uint64_t back, int32_t step_offset) {
+    if (updater_steps_ > back)
+      recorder_.MapUpdaterStep(updater_steps_ - back, recording_, step_offset);
+  };
   if (evaluating_) {
+    map(0, -1);  // the last updates, which its fetches wait for
     if (!delayed()) return Status::Ok();
     StallTimer timer(&stalls_.update_backlog_seconds);
     ECSS_RETURN_IF_ERROR(updater().WaitForStep(updater_steps_));
@@ -211,9 +232,12 @@ Status StepExecutor::StartUpdates(float loss_scale) {
   if (!delayed()) {
     ECSS_RETURN_IF_ERROR(updater().BeginStep(loss_scale));
     ++updater_steps_;
-    recorder_.MapUpdaterStep(updater_steps_, recording_, 0);
+    map(0, 0);
+    map(1, -1);
+    map(2, -2);
     return Status::Ok();
   }
+  map(0, -2);  // the update held at the last Begin, whose weights this step publishes
   {
     StallTimer timer(&stalls_.update_backlog_seconds);
     ECSS_RETURN_IF_ERROR(updater().WaitForStep(updater_steps_));
@@ -567,11 +591,16 @@ Status StepExecutor::Backward(uint32_t micro_batch, uint32_t layer, const void* 
   lw.backwarded = true;
 
   ECSS_RETURN_IF_ERROR(CopyGradients(micro_batch, layer, lw));
-  const Stream d = d2h_.get();
-  ECSS_RETURN_IF_ERROR(backend_.RecordEvent(dw_free_.get(), d));
-  // The last micro-batch's backward of a layer completes its experts' gradients.
+  // The last micro-batch's backward of a layer completes its experts' gradients: once its
+  // copies passed, and (several micro-batches) every addition before them.
   if (micro_batch + 1 == micro_.size()) {
-    ECSS_RETURN_IF_ERROR(backend_.RecordEvent(layer_grads_done_[layer].get(), d));
+    Stream done = d2h_.get();
+    if (micro_.size() > 1) {
+      ECSS_RETURN_IF_ERROR(backend_.RecordEvent(copied_.get(), done));
+      ECSS_RETURN_IF_ERROR(backend_.WaitEvent(add_.get(), copied_.get()));
+      done = add_.get();
+    }
+    ECSS_RETURN_IF_ERROR(backend_.RecordEvent(layer_grads_done_[layer].get(), done));
     pending_layers_.push_back(layer);
   }
   ECSS_RETURN_IF_ERROR(SubmitReady(false));
@@ -597,8 +626,10 @@ void AccumulateGradient(void* acc, const void* add, uint64_t count, DType dtype)
 }  // namespace
 
 // The layer's expert gradients (in the gradient region) to pinned memory: the first
-// micro-batch that touches an expert copies into its accumulator; later ones copy to staging
-// and are added on the host, in micro-batch order, which keeps the sum deterministic.
+// micro-batch that touches an expert copies into its accumulator; later ones copy to a
+// staging half and are added on the host on add_, in micro-batch order, which keeps the sum
+// deterministic. The region is free for the next backward once the copies passed, and the
+// half for the next copies into it once its additions ended.
 Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const LayerWork& lw) {
   const Stream d = d2h_.get();
   const Stream c = compute_.get();
@@ -617,6 +648,7 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
   ECSS_RETURN_IF_ERROR(backend_.RecordEvent(dw_ready_.get(), c));
   ECSS_RETURN_IF_ERROR(backend_.WaitEvent(d, dw_ready_.get()));
   std::vector<std::pair<void*, const void*>> adds;
+  const uint32_t half = staging_turn_;
   for (size_t i = 0; i < lw.experts.size(); ++i) {
     ExpertTable::Entry& expert = table_.at({layer, lw.experts[i]});
     const void* src = region + i * grad_bytes;
@@ -634,7 +666,8 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
       expert.touched = true;  // from here on a failed step releases it (ClearTouched)
       ECSS_RETURN_IF_ERROR(backend_.CopyAsync(d, grad, src, grad_bytes, CopyKind::kDeviceToHost));
     } else {
-      char* staging = static_cast<char*>(grad_tmp_.data()) + i * grad_bytes;
+      if (adds.empty()) ECSS_RETURN_IF_ERROR(backend_.WaitEvent(d, staging_[half].free.get()));
+      char* staging = static_cast<char*>(staging_[half].block.data()) + i * grad_bytes;
       ECSS_RETURN_IF_ERROR(
           backend_.CopyAsync(d, staging, src, grad_bytes, CopyKind::kDeviceToHost));
       adds.emplace_back(table_.GradientOf({layer, lw.experts[i]}), staging);
@@ -642,16 +675,21 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
     gradient_bytes_ += grad_bytes;
   }
   ECSS_RETURN_IF_ERROR(Record(copy_op.id, d));
-  if (!adds.empty()) {
-    ECSS_RETURN_IF_ERROR(
-        backend_.LaunchHostFunction(d, "accumulate gradients", [adds, params, dtype] {
-          for (const auto& [acc, add] : adds) AccumulateGradient(acc, add, params, dtype);
-          return Status::Ok();
-        }));
-    const std::vector<const PlanOp*> add_op =
-        plan_->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
-    if (!add_op.empty()) ECSS_RETURN_IF_ERROR(Record(add_op[0]->id, d));
-  }
+  ECSS_RETURN_IF_ERROR(backend_.RecordEvent(dw_free_.get(), d));
+  if (adds.empty()) return Status::Ok();
+  const Stream a = add_.get();
+  ECSS_RETURN_IF_ERROR(backend_.RecordEvent(copied_.get(), d));
+  ECSS_RETURN_IF_ERROR(backend_.WaitEvent(a, copied_.get()));
+  ECSS_RETURN_IF_ERROR(
+      backend_.LaunchHostFunction(a, "accumulate gradients", [adds, params, dtype] {
+        for (const auto& [acc, add] : adds) AccumulateGradient(acc, add, params, dtype);
+        return Status::Ok();
+      }));
+  staging_turn_ = 1 - half;
+  ECSS_RETURN_IF_ERROR(backend_.RecordEvent(staging_[half].free.get(), a));
+  const std::vector<const PlanOp*> add_op =
+      plan_->Find(OpKind::kAccumulate, mb, static_cast<int32_t>(layer));
+  if (!add_op.empty()) ECSS_RETURN_IF_ERROR(Record(add_op[0]->id, a));
   return Status::Ok();
 }
 
@@ -796,10 +834,12 @@ Status StepExecutor::FinishWork(StepReport* report) {
   Status first = SubmitReady(true);
   plan_->Finish();  // learned gates: the updates that wait for the whole step
   recorder_.SetPlan(recording_, *plan_);
-  recorder_.EndStep(recording_, Clock::now());
   if (!first.ok()) {
     // The gradients not submitted are dropped with the step, and what the optimizer holds
     // back is not applied with a norm of part of the step.
+    // No copy or addition may land in an accumulator once it is released.
+    backend_.SynchronizeStream(d2h_.get()).IgnoreError();
+    backend_.SynchronizeStream(add_.get()).IgnoreError();
     table_.ClearTouched(recording_);
     pending_layers_.clear();
     if (!delayed() && !evaluating_) updater().AbortStep().IgnoreError();
@@ -832,6 +872,7 @@ Status StepExecutor::FinishWork(StepReport* report) {
   } else if (first.ok()) {
     first = TakeUpdateError();
   }
+  recorder_.EndStep(recording_, Clock::now());  // the step's end for its executed plan
   return first;
 }
 

@@ -206,16 +206,26 @@ class StepExecutor {
   PlanRecorder& recorder_;
   std::unique_ptr<DeviceCache> cache_;
   std::unique_ptr<Prefetcher> prefetcher_;
-  OwnedStream compute_, h2d_, d2h_;
-  OwnedEvent dw_ready_, dw_free_;
+  // add_: the host's additions of later micro-batches' gradients, off d2h_ so that its
+  // copies (and the backwards that wait for the gradient region) go on meanwhile.
+  OwnedStream compute_, h2d_, d2h_, add_;
+  OwnedEvent dw_ready_, dw_free_, copied_;
   std::vector<OwnedEvent> layer_grads_done_;  // per layer
 
   // Device buffers sized at creation.
   std::vector<Buffer> saved_x_;  // [micro-batch * layers + layer]: the permuted forward input
   Buffer perm_a_, perm_b_, workspace_, dw_;
-  Buffer dw_cast_;   // bf16 gradients: the region's gradients cast for the copy out
-  Buffer plans_;     // the step's routing plans (MemoryPlan::plan_slots of plan_slot_bytes)
-  Buffer grad_tmp_;  // pinned: later micro-batches' gradients before they are added
+  Buffer dw_cast_;  // bf16 gradients: the region's gradients cast for the copy out
+  Buffer plans_;    // the step's routing plans (MemoryPlan::plan_slots of plan_slot_bytes)
+  // Pinned: later micro-batches' gradients before they are added, in halves that take turns
+  // (one is added while the next layer's copies fill the other; MemoryPlan::
+  // gradient_staging_halves). `free`: the half's last addition ended.
+  struct StagingHalf {
+    Buffer block;
+    OwnedEvent free;
+  };
+  std::vector<StagingHalf> staging_;
+  uint32_t staging_turn_ = 0;
 
   // The step.
   bool evaluating_ = false;

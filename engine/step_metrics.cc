@@ -103,6 +103,14 @@ std::vector<PathShare> CriticalPath(const StepPlan& executed) {
   auto observed = [&](const PlanOp& op, double by) {
     return op.end_s >= 0 && op.end_s >= op.start_s && op.end_s <= by;
   };
+  // When `op` ended as something an op that started at `by` waited for: its end, when it
+  // ended by then; `by` for an update still running then (the union of its experts' updates,
+  // step_metrics.h); -1 otherwise.
+  auto ended_by = [&](const PlanOp& op, double by) {
+    if (observed(op, by)) return op.end_s;
+    const bool running = op.start_s >= 0 && op.start_s <= by && op.end_s > by;
+    return op.kind == OpKind::kUpdate && running ? by : -1.0;
+  };
   std::map<std::string, double> on_path;
   auto count = [&](std::string_view kind, double time) {
     if (time > 0) on_path[std::string(kind)] += time;
@@ -112,27 +120,33 @@ std::vector<PathShare> CriticalPath(const StepPlan& executed) {
   for (const PlanOp& op : ops) {
     if (observed(op, seconds) && (current == nullptr || op.end_s > current->end_s)) current = &op;
   }
+  double end = current != nullptr ? current->end_s : 0;  // current's, as the path counts it
   double t = seconds;
   std::set<uint32_t> visited;  // ops of zero length at one time must not loop
   while (current != nullptr && visited.insert(current->id).second) {
-    count("host", t - current->end_s);
+    count("host", t - end);
     t = std::max(current->start_s, 0.0);
-    count(OpKindName(current->kind), current->end_s - t);
+    count(OpKindName(current->kind), end - t);
     const PlanOp* before = nullptr;
+    end = -1;
     for (uint32_t dep : current->deps) {
-      const PlanOp& op = ops[dep];
-      if (observed(op, t) && !visited.count(dep) &&
-          (before == nullptr || op.end_s > before->end_s)) {
-        before = &op;
+      const double ended = ended_by(ops[dep], t);
+      if (ended >= 0 && !visited.count(dep) && (before == nullptr || ended > end)) {
+        before = &ops[dep];
+        end = ended;
       }
     }
-    if (before == nullptr) {  // stream order: the same resource's op that ended last before
-      for (const PlanOp& op : ops) {
-        if (!visited.count(op.id) && op.resource == current->resource &&
-            op.resource != PlanResource::kNone && observed(op, t) &&
-            (before == nullptr || op.end_s > before->end_s)) {
-          before = &op;
-        }
+    // Stream order: the same resource's op that ended last before (an op waits for its deps
+    // and for its resource), or an update still running (see ended_by).
+    for (const PlanOp& op : ops) {
+      if (visited.count(op.id) || op.resource != current->resource ||
+          op.resource == PlanResource::kNone) {
+        continue;
+      }
+      const double ended = ended_by(op, t);
+      if (ended >= 0 && (before == nullptr || ended > end)) {
+        before = &op;
+        end = ended;
       }
     }
     current = before;

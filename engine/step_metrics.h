@@ -62,13 +62,21 @@ StepMetrics SumStepMetrics(const std::vector<StepMetrics>& steps);
 
 // The critical path of an executed step plan (StepPlan with start_s / end_s and seconds(),
 // from Session::ExecutedPlan; a plan without seconds() ends at its last op): from the op that
-// ended last within the step, back
-// through the dependency that ended last (or, without one, the op of the same resource that
-// ended last before it started: stream order), to the step's start (an update carried in
-// from the step before counts from there). Each op on the path counts
-// its run time; the gaps between them, and before the first and after the last, are "host"
-// (the driving thread issuing, or waiting). Shares of the step by op kind, largest first;
-// they add up to 1 when the ops were observed.
+// ended last within the step, back through what it waited for that ended last (its deps, and
+// the op of the same resource that ended last before it started: stream order), to the
+// step's start (an update carried in from the step before counts from there). Each op on the
+// path counts its run time; the gaps between them, and before the first and after the last,
+// are "host" (the driving thread issuing, or waiting). Shares of the step by op kind, largest
+// first; they add up to 1 when the ops were observed.
+//
+// An update op still running when an op that waits for it (a dep), or an update after it on
+// the optimizer, started counts as ended then: it is the union of its experts' updates, and
+// the host issues what reads an expert once that expert's update has ended, as an optimizer
+// thread takes the next update once it finished one, while the others run on. Per-expert
+// ends are not in the plan, so an op that waited for something else while those updates ran
+// (or, with several optimizer threads, an update that found a thread free) counts as waiting
+// for them. A wait the plan has no edge for shows in the waiting op's own time (a backward's
+// wait for the gradient region's last copy out is the backward's).
 struct PathShare {
   std::string kind;  // OpKindName, or "host"
   double seconds = 0;

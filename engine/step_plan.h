@@ -90,8 +90,9 @@ struct PlanOp {
   // The executor waits on the host for every dep to complete before issuing this op
   // (no-overlap and naive); otherwise deps are met by stream order and events.
   bool host_waits = false;
-  // Filled by the executor (-1: not run, or not observed): when the host issued the op, and
-  // when it started and ended.
+  // Filled by the executor (-1: not run, or not observed): when the host issued the op (a
+  // stage: when its NVMe read began, on the weight stager's thread), and when it started and
+  // ended.
   double issued_s = -1, start_s = -1, end_s = -1;
 };
 

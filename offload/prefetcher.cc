@@ -71,6 +71,11 @@ Status Prefetcher::AcquireStaged(ExpertId key, const void* block, uint64_t posit
     return lease.status();
   }
   *out = std::move(*lease);
+  if (hooks_.on_staged) {
+    if (std::optional<WeightStager::ReadTimes> read = stager_->read_times(key)) {
+      hooks_.on_staged(position, read->start, read->end);
+    }
+  }
   if (hooks_.on_copy) hooks_.on_copy(position);
   // The copy is queued on copy_stream_ now: the block is reused once the stream passed it.
   return stager_->Release(key, copy_stream_);

@@ -16,6 +16,7 @@
 // Not thread-safe: the step's driving thread calls everything (like DeviceCache).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <deque>
 #include <functional>
@@ -38,6 +39,11 @@ struct PrefetcherHooks {
   // Optional: a miss's copy for sequence position `position` was just enqueued on the copy
   // stream (the caller may enqueue work after it there, e.g. to see when it ended).
   std::function<void(uint64_t position)> on_copy;
+  // Optional, with a WeightStager: the weights that copy reads were read from NVMe in
+  // [start, end] (called before on_copy).
+  std::function<void(uint64_t position, std::chrono::steady_clock::time_point start,
+                     std::chrono::steady_clock::time_point end)>
+      on_staged;
 };
 
 class Prefetcher {

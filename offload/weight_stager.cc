@@ -55,8 +55,11 @@ void WeightStager::Work() {
     queue_.pop_front();
     const ExpertId key = slot.key;
     lock.unlock();
+    const auto start = std::chrono::steady_clock::now();
     Status read = store_.ReadBlock(ExpertState::kWeights, key, slot.block.data());
+    const auto end = std::chrono::steady_clock::now();
     lock.lock();
+    slot.read = {start, end};
     if (read.ok()) bytes_read_ += store_.StateBytes(ExpertState::kWeights);
     if (slot.dropped) {
       slot.dropped = false;
@@ -202,6 +205,13 @@ void WeightStager::Clear() {
 uint64_t WeightStager::bytes_read() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return bytes_read_;
+}
+
+std::optional<WeightStager::ReadTimes> WeightStager::read_times(ExpertId key) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto slot = where_.find(key);
+  if (slot == where_.end() || slots_[slot->second].state != SlotState::kReady) return std::nullopt;
+  return slots_[slot->second].read;
 }
 
 }  // namespace ecss

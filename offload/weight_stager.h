@@ -11,11 +11,13 @@
 // Thread-safe; normally one driving thread (the prefetcher's) calls it.
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -52,6 +54,13 @@ class WeightStager {
   uint32_t slots() const { return static_cast<uint32_t>(slots_.size()); }
   uint64_t bytes_read() const;
 
+  // When `key`'s read ran, on the stager's thread; nullopt unless it is ready (Wait returned
+  // its block and it was not released yet).
+  struct ReadTimes {
+    std::chrono::steady_clock::time_point start, end;
+  };
+  std::optional<ReadTimes> read_times(ExpertId key) const;
+
  private:
   enum class SlotState : uint8_t { kFree, kReading, kReady, kReleased };
   struct Slot {
@@ -62,6 +71,7 @@ class WeightStager {
     Status status;
     bool dropped = false;   // reading, but no longer wanted
     uint64_t released = 0;  // order of release, to wait for the oldest copy first
+    ReadTimes read;         // the last read's
   };
   explicit WeightStager(ExpertStore& store) : store_(store) {}
   void Work();

@@ -68,10 +68,17 @@ TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
   SessionOptions o = BigExperts();
   auto plan = PlanMemory(o, {}, 4096);
   ASSERT_TRUE(plan.ok()) << plan.status();
-  // Pinned: 8 experts' weights and gradients (fp32), the staging of 4 experts' gradients.
+  // Pinned: 8 experts' weights and gradients (fp32); no staging with one micro-batch, and
+  // two halves of 4 experts' gradients with more.
   EXPECT_EQ(plan->Find("expert compute weights")->total(), 8u * 1536 * 1024);
   EXPECT_EQ(plan->Find("gradient accumulators")->total(), 8u * 3 * kMiB);
-  EXPECT_EQ(plan->Find("gradient staging")->total(), 4u * 3 * kMiB);
+  EXPECT_EQ(plan->Find("gradient staging"), nullptr);
+  SessionOptions accumulating = o;
+  accumulating.limits.max_micro_batches = 2;
+  auto staged = PlanMemory(accumulating, {}, 4096);
+  ASSERT_TRUE(staged.ok()) << staged.status();
+  ASSERT_NE(staged->Find("gradient staging"), nullptr);
+  EXPECT_EQ(staged->Find("gradient staging")->total(), 2u * 4 * 3 * kMiB);
   // Host: bf16 weights keep an fp32 master, AdamW two moments.
   EXPECT_EQ(plan->Find("master weights")->total(), 8u * 3 * kMiB);
   EXPECT_EQ(plan->Find("optimizer moments")->total(), 8u * 6 * kMiB);

@@ -4,6 +4,7 @@
 // whose weights a session's must match bit for bit.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -158,7 +159,7 @@ inline SessionOptions OptionsFor(const RunConfig& c) {
   o.strategy = c.strategy;
   o.budgets.device_bytes = c.device_budget ? c.device_budget : 8 << 20;
   o.limits.max_tokens_per_micro_batch = kBatch * kSeq;
-  o.limits.max_micro_batches = 2;
+  o.limits.max_micro_batches = static_cast<uint32_t>(std::max(2, c.micro_batches));
   if (c.max_active_experts > 0) {
     o.limits.max_active_experts_per_layer = c.max_active_experts;
     o.limits.max_micro_batches = static_cast<uint32_t>(c.micro_batches);

@@ -72,11 +72,13 @@ void ExpectMatchesReference(const RunConfig& c, const Weights& trained) {
   ExpectBitIdentical(trained, TrainReference(reference, InitialWeights(reference)));
 }
 
+// With 4 micro-batches the later ones' gradients take turns in the two staging halves, each
+// reused in the step once its additions ended.
 TEST(SessionTest, EveryStrategyMatchesTheResidentReferenceBitForBit) {
   for (DType dtype : {DType::kF32, DType::kBF16}) {
     for (Strategy strategy :
          {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive, Strategy::kZeroOffload}) {
-      for (int micro_batches : {1, 2}) {
+      for (int micro_batches : {1, 2, 4}) {
         SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " " << StrategyName(strategy)
                                           << " micro-batches " << micro_batches);
         RunConfig c;
@@ -1530,7 +1532,9 @@ TEST(SessionTest, WeightsOnNvmeWithOneStagingBlockAndTheTightestCacheMatchTheRef
 // What the executed plan of every step must show: the plan's fetches are the cache's misses
 // and its bytes the step's (`exact`: not for ecss with a full cache, whose leases taken ahead
 // pin slots the plan does not model); every other device op ran;
-// each update ran after the gradients it waits for; and every op the host waits for was
+// each update ran after the gradients it waits for, the updates carried in from the step
+// before ran (after the first step), and the step ended after the updates it waits for; each
+// fetch of staged weights was issued after their stage; and every op the host waits for was
 // issued after what it waits for had ended.
 void ExpectPlanWasWhatRan(Session& s, const std::vector<StepStats>& stats, bool exact) {
   for (const StepStats& st : stats) {
@@ -1553,6 +1557,19 @@ void ExpectPlanWasWhatRan(Session& s, const std::vector<StepStats>& stats, bool 
       if (op.kind == OpKind::kUpdate && op.step_offset == 0) {
         for (uint32_t dep : op.deps) EXPECT_LE(ops[dep].end_s, op.start_s) << "update " << op.id;
       }
+      if (op.kind == OpKind::kUpdate && op.step_offset == -1 && &st != &stats.front()) {
+        EXPECT_GE(op.end_s, 0) << "step " << st.step << ": the updates carried in ran";
+      }
+      if (op.kind == OpKind::kUpdate && op.step_offset == 0 && plan->step_waits_for_updates()) {
+        EXPECT_LE(op.end_s, plan->seconds()) << "the step ends after the updates it waits for";
+      }
+      if (op.kind == OpKind::kFetch && op.end_s >= 0) {
+        for (uint32_t dep : op.deps) {
+          if (ops[dep].kind != OpKind::kStage) continue;
+          ASSERT_GE(ops[dep].end_s, 0) << "fetch " << op.id << " copied weights never staged";
+          EXPECT_LE(ops[dep].end_s, op.issued_s) << "fetch " << op.id << " before its stage";
+        }
+      }
       if (!op.host_waits || op.issued_s < 0) continue;
       std::vector<uint32_t> deps = op.deps;  // what ran on no stream stands for its deps
       while (!deps.empty()) {
@@ -1573,12 +1590,12 @@ void ExpectPlanWasWhatRan(Session& s, const std::vector<StepStats>& stats, bool 
 
 // The session runs the step's plan, and its executed plan says what ran: for every strategy,
 // with a roomy and the tightest cache, one and two micro-batches, the delayed update, states
-// and weights on NVMe, and learned gates.
+// and weights on NVMe, learned gates, and evaluations between the steps.
 TEST(SessionTest, TheExecutedPlanIsWhatRan) {
   char dir[] = "/tmp/ecss_session_XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
   for (Strategy strategy : {Strategy::kEcss, Strategy::kNoOverlap, Strategy::kNaive}) {
-    for (int variant = 0; variant < 6; ++variant) {
+    for (int variant = 0; variant < 7; ++variant) {
       for (bool tight : {false, true}) {
         SCOPED_TRACE(::testing::Message() << StrategyName(strategy) << " variant " << variant
                                           << (tight ? " tight" : " roomy"));
@@ -1588,6 +1605,7 @@ TEST(SessionTest, TheExecutedPlanIsWhatRan) {
         c.micro_batches = variant == 0 ? 1 : 2;
         c.delayed = variant == 2;
         c.gated = variant == 5;
+        c.evaluate = variant == 6;  // an evaluation before each step: steps with no updates
         if (variant == 3 || variant == 4) c.nvme_dir = dir;
         c.nvme_weights = variant == 4;
         c.staging_blocks = variant == 4 ? 2 : 0;

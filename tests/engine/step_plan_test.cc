@@ -186,6 +186,25 @@ TEST(StepPlanTest, TheCriticalPathOfAnExecutedPlan) {
   EXPECT_NEAR(share["fetch"], 0.2, 1e-12);
   EXPECT_EQ(path.back().kind, "fetch");  // largest first
 
+  // The fetch issued while the updates of the step before still ran (the union of their
+  // experts'; the fetch's expert's had ended): the path goes through them, up to the fetch.
+  StepPlan waited = plan;
+  const PlanOp& gate = waited.ops()[waited.ops()[fetch].deps.at(0)];
+  ASSERT_EQ(gate.kind, OpKind::kUpdate);
+  ASSERT_EQ(gate.step_offset, -1);
+  waited.mutable_ops()[gate.id].start_s = 0;  // it began before this step
+  waited.mutable_ops()[gate.id].end_s = 0.5;
+  waited.mutable_ops()[fetch].start_s = 0.3;
+  waited.mutable_ops()[fetch].end_s = 0.35;
+  waited.mutable_ops()[forward].start_s = 0.35;
+  std::map<std::string, double> waits;
+  for (const PathShare& each : CriticalPath(waited)) waits[each.kind] = each.share;
+  EXPECT_EQ(waits.size(), 4u);
+  EXPECT_NEAR(waits["update"], 0.3, 1e-12);
+  EXPECT_NEAR(waits["fetch"], 0.05, 1e-12);
+  EXPECT_NEAR(waits["forward"], 0.55, 1e-12);
+  EXPECT_NEAR(waits["host"], 0.1, 1e-12);
+
   // Every op observed, one after another with gaps: the shares add up to the step.
   StepPlan all = Build(Policy(Strategy::kNoOverlap));
   const auto n = static_cast<double>(all.ops().size());

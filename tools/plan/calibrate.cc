@@ -189,7 +189,10 @@ StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
   size_t waits = 0;
   for (const StepPlan& plan : executed) {
     for (const PlanOp& op : plan.ops()) {
-      if (!op.host_waits || op.kind == OpKind::kFetch || op.kind == OpKind::kPlanUpload) continue;
+      if (!op.host_waits || op.kind == OpKind::kFetch || op.kind == OpKind::kPlanUpload ||
+          op.kind == OpKind::kStage) {  // a stage's issue is the stager's, not the host's
+        continue;
+      }
       double ready = -1;
       for (uint32_t dep : op.deps) ready = std::max(ready, plan.ops()[dep].end_s);
       const double issued = op.issued_s >= 0 ? op.issued_s : op.start_s;

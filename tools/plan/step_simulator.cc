@@ -103,7 +103,7 @@ double StepSimulator::Seconds(const PlanOp& op) const {
       return static_cast<double>(op.experts.size()) * ExpertParams() /
              rates_.optimizer_params_per_s;
     case OpKind::kEvict:
-    case OpKind::kAccumulate:  // host adds, on the driving thread (not modelled)
+    case OpKind::kAccumulate:  // host adds, on a host stream of their own (not modelled)
     case OpKind::kPublish:
       return 0;
   }
