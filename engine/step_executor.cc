@@ -137,13 +137,15 @@ Status StepExecutor::CreateCache() {
     if (fetch != fetch_at_.end()) Record(fetch->second, h2d_.get()).IgnoreError();
   };
   // The weights of that fetch were read from NVMe then: the plan's stage before it ran.
-  hooks.on_staged = [this](uint64_t position, Clock::time_point start, Clock::time_point end) {
-    auto fetch = fetch_at_.find(position);
-    if (!options_.record_op_times || fetch == fetch_at_.end()) return;
-    for (uint32_t dep : plan_->ops()[fetch->second].deps) {
-      if (plan_->ops()[dep].kind == OpKind::kStage) recorder_.Ran(recording_, dep, start, end);
-    }
-  };
+  if (options_.record_op_times) {
+    hooks.on_staged = [this](uint64_t position, Clock::time_point start, Clock::time_point end) {
+      auto fetch = fetch_at_.find(position);
+      if (fetch == fetch_at_.end()) return;
+      for (uint32_t dep : plan_->ops()[fetch->second].deps) {
+        if (plan_->ops()[dep].kind == OpKind::kStage) recorder_.Ran(recording_, dep, start, end);
+      }
+    };
+  }
   prefetcher_ = std::make_unique<Prefetcher>(*cache_, h2d_.get(), std::move(hooks),
                                              options_.prefetch_window_experts, table_.stager());
   return Status::Ok();
@@ -219,8 +221,9 @@ void StepExecutor::Expedite() {
 Status StepExecutor::StartUpdates(float loss_scale) {
   // The plan's update ops carried in name the optimizer's last steps (Map below).
   const auto map = [&](uint64_t back, int32_t step_offset) {
-    if (updater_steps_ > back)
+    if (updater_steps_ > back) {
       recorder_.MapUpdaterStep(updater_steps_ - back, recording_, step_offset);
+    }
   };
   if (evaluating_) {
     map(0, -1);  // the last updates, which its fetches wait for
@@ -594,12 +597,7 @@ Status StepExecutor::Backward(uint32_t micro_batch, uint32_t layer, const void* 
   // The last micro-batch's backward of a layer completes its experts' gradients: once its
   // copies passed, and (several micro-batches) every addition before them.
   if (micro_batch + 1 == micro_.size()) {
-    Stream done = d2h_.get();
-    if (micro_.size() > 1) {
-      ECSS_RETURN_IF_ERROR(backend_.RecordEvent(copied_.get(), done));
-      ECSS_RETURN_IF_ERROR(backend_.WaitEvent(add_.get(), copied_.get()));
-      done = add_.get();
-    }
+    const Stream done = micro_.size() > 1 ? add_.get() : d2h_.get();  // add_ follows d2h_
     ECSS_RETURN_IF_ERROR(backend_.RecordEvent(layer_grads_done_[layer].get(), done));
     pending_layers_.push_back(layer);
   }
@@ -676,10 +674,12 @@ Status StepExecutor::CopyGradients(uint32_t micro_batch, uint32_t layer, const L
   }
   ECSS_RETURN_IF_ERROR(Record(copy_op.id, d));
   ECSS_RETURN_IF_ERROR(backend_.RecordEvent(dw_free_.get(), d));
-  if (adds.empty()) return Status::Ok();
+  if (micro_.size() == 1) return Status::Ok();
+  // With several micro-batches add_ follows the copies, whether or not this call adds.
   const Stream a = add_.get();
   ECSS_RETURN_IF_ERROR(backend_.RecordEvent(copied_.get(), d));
   ECSS_RETURN_IF_ERROR(backend_.WaitEvent(a, copied_.get()));
+  if (adds.empty()) return Status::Ok();
   ECSS_RETURN_IF_ERROR(
       backend_.LaunchHostFunction(a, "accumulate gradients", [adds, params, dtype] {
         for (const auto& [acc, add] : adds) AccumulateGradient(acc, add, params, dtype);
