@@ -84,6 +84,7 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
   };
   if (record->end) plan.set_seconds(seconds(*record->end));
   std::map<PlanResource, double> stream_free;  // device ops run in order per resource
+  double additions_free = 0;  // and the host's additions on their stream (no plan resource)
   for (PlanOp& op : plan.mutable_ops()) {
     if (op.kind == OpKind::kUpdate) {  // the union of its experts' update windows
       static const std::map<uint32_t, Window> kNone;
@@ -120,10 +121,12 @@ StatusOr<StepPlan> PlanRecorder::ExecutedPlan(uint64_t step) const {
       }
     }
     if (op.resource != PlanResource::kNone) start = std::max(start, stream_free[op.resource]);
+    if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free);
     op.start_s = std::min(start, op.end_s);
     if (op.resource != PlanResource::kNone) {
       stream_free[op.resource] = std::max(stream_free[op.resource], op.end_s);
     }
+    if (op.kind == OpKind::kAccumulate) additions_free = std::max(additions_free, op.end_s);
   }
   return plan;
 }

@@ -51,8 +51,10 @@ class PlanRecorder {
   void UpdateRan(uint64_t updater_step, uint32_t layer, Clock::time_point start,
                  Clock::time_point end);
   // The plan of `step` with every observed time, in seconds since it began (clipped at 0: an
-  // update carried in, which may have started before the step, counts from its start);
-  // NotFound when the step is older than the kept ones or did not run.
+  // update carried in, which may have started before the step, counts from its start). An
+  // op's start: when it was issued and its deps had ended, and the op before it on its stream
+  // (a device resource's, or the host's additions') too. NotFound when the step is older than
+  // the kept ones or did not run.
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
 
  private:

@@ -226,15 +226,17 @@ class StepPlan::Builder {
       copy.deps.push_back(static_cast<uint32_t>(c_.held_update));
     }
     uint32_t done = Add(copy, /*joins=*/true);
-    bool accumulates = false;
-    for (uint32_t e : groups.experts) accumulates |= !c_.touched[layer].insert(e).second;
-    if (accumulates) {  // a later micro-batch's gradients, added on the host in order
+    std::vector<uint32_t> added;  // experts with gradients of an earlier micro-batch
+    for (uint32_t e : groups.experts) {
+      if (!c_.touched[layer].insert(e).second) added.push_back(e);
+    }
+    if (!added.empty()) {  // a later micro-batch's gradients, added on the host in order
       PlanOp add;
       add.kind = OpKind::kAccumulate;
       add.micro_batch = copy.micro_batch;
       add.layer = copy.layer;
-      add.experts = groups.experts;
-      add.bytes = copy.bytes;
+      add.bytes = added.size() * model_.params * model_.gradient_bytes;
+      add.experts = std::move(added);
       add.deps = {done};
       done = Add(add);
     }

@@ -52,7 +52,7 @@ enum class OpKind : uint8_t {
   kForward,       // permute, grouped FFN, combine of one (micro-batch, layer)
   kBackward,      // the same backward (the forward recomputed), dX and dW
   kGradientCopy,  // the (micro-batch, layer)'s expert gradients device -> host
-  kAccumulate,    // a later micro-batch's gradients added to the accumulators
+  kAccumulate,    // a later micro-batch's gradients added to earlier ones' (those experts only)
   kStateRead,     // a layer's experts' master weights and moments NVMe -> staging
   kUpdate,        // the CPU optimizer over a layer's experts
   kStateWrite,    // their states (and weights on NVMe) back to NVMe

@@ -100,8 +100,11 @@ calibrate=0
 if [ -z "$hardware" ]; then calibrate=1; fi
 # Model and workload. Every model's experts have 1 Mi parameters but wide's, 16 Mi (the presets':
 # 21-210 M), with states on NVMe, where an expert's size sets the length of its transfers.
+# ecss-host-4x32k's steps are 4 micro-batches of 32,768 tokens: the host's gradient additions
+# and the routing of many tokens at a step's begin.
 configs=(
   "small ecss-host"
+  "small ecss-host-4x32k"
   "deep ecss-host-tight"
   "small no-overlap-host"
   "uneven zero-offload-host"

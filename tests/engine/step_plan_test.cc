@@ -325,7 +325,9 @@ TEST(StepPlanTest, StatesAndWeightsOnNvmeAddTheirReadsAndWrites) {
   }
 }
 
-// Two micro-batches: the second's gradients are added to the first's on the host, in order.
+// Two micro-batches: the second's gradients are added to the first's on the host, in order;
+// an addition covers the experts with gradients of an earlier micro-batch, not the ones the
+// later micro-batch touches first (their gradients are copied straight into place).
 TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
   const StepPlan plan = Build(Policy(Strategy::kEcss), {Batch(), Batch()});
   EXPECT_EQ(plan.Count(OpKind::kPlanUpload), 2u);
@@ -335,6 +337,16 @@ TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
   EXPECT_EQ(adds[0]->micro_batch, 1);
   EXPECT_EQ(plan.Count(OpKind::kUpdate), 2u);
   EXPECT_EQ(plan.Count(OpKind::kFetch), 3u) << "the second micro-batch hits";
+
+  MicroBatchRoute partly = Batch();
+  partly.layers[0] = {{0, 3}, {4, 4}};  // expert 0 again, expert 3 first
+  const StepPlan mixed = Build(Policy(Strategy::kEcss), {Batch(), partly});
+  const std::vector<const PlanOp*> layer0 = mixed.Find(OpKind::kAccumulate, 1, 0);
+  ASSERT_EQ(layer0.size(), 1u);
+  EXPECT_EQ(layer0[0]->experts, std::vector<uint32_t>({0}));
+  const PlanOp& copy = mixed.ops()[layer0[0]->deps.at(0)];
+  EXPECT_EQ(copy.experts, std::vector<uint32_t>({0, 3}));
+  EXPECT_EQ(layer0[0]->bytes * 2, copy.bytes);
 }
 
 // The delayed update: the step begins by publishing step t-2's update and starting step

@@ -42,6 +42,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   options.steps = 2;
   options.nvme_bytes = uint64_t{32} << 20;
   options.nvme_steps = 2;
+  options.nvme_domains = 8;
   options.max_threads = 2;
   auto measured = Calibrate(*base, options);
   ASSERT_TRUE(measured.ok()) << measured.status();
@@ -56,6 +57,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   // step's begin, both through the runtime's code.
   EXPECT_GT(measured->host_wait_latency_us, 0);
   EXPECT_GT(measured->routing_ns_per_token_layer, 0);
+  EXPECT_GT(measured->gradient_add_gbps, 0);  // two micro-batches' additions
   auto back = ParseHardware(HardwareJson(*measured));
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
@@ -63,6 +65,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_EQ(back->nvme[0].session_fraction, measured->nvme[0].session_fraction);
   EXPECT_EQ(back->host_wait_latency_us, measured->host_wait_latency_us);
   EXPECT_EQ(back->routing_ns_per_token_layer, measured->routing_ns_per_token_layer);
+  EXPECT_EQ(back->gradient_add_gbps, measured->gradient_add_gbps);
   const bool empty = std::filesystem::is_empty(dir);
   std::filesystem::remove_all(dir);
   EXPECT_TRUE(empty);

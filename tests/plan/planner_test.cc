@@ -179,6 +179,22 @@ void ParseSimulated(Simulated* out) {
   *out = {*model, *hardware, *workload};
 }
 
+// The session options of `strategy` for `c` and the plans of its first `steps` steps.
+void PlansOf(const Simulated& c, Strategy strategy, uint32_t steps, SessionOptions* options,
+             std::vector<StepPlan>* plans) {
+  auto shard = ShardFor(c.model, c.hardware, c.workload);
+  ASSERT_TRUE(shard.ok()) << shard.status();
+  auto made = SessionOptionsFor(*shard, c.model, c.hardware, c.workload, strategy);
+  ASSERT_TRUE(made.ok()) << made.status();
+  auto memory = PlanMemoryFor(*made, c.hardware);
+  ASSERT_TRUE(memory.ok()) << memory.status();
+  StepSampler sampler(*made, shard->domains_per_step, c.workload.seq_len, c.workload.seed);
+  auto built = BuildStepPlans(*made, *memory, sampler, steps);
+  ASSERT_TRUE(built.ok()) << built.status();
+  *options = *std::move(made);
+  *plans = *std::move(built);
+}
+
 // The strategies' shapes, in virtual time: no-overlap and naive run their resources in turn
 // (the step takes at least the sum of their busy times), ecss overlaps them and is faster
 // than no-overlap, which moves the same bytes, and than naive and zero-offload, which move
@@ -251,33 +267,30 @@ TEST(StepSimulatorTest, TheStrategiesShapesShowInVirtualTime) {
 
 // The host's costs: an op the host waits for its dependencies to issue (no-overlap's chain)
 // starts no sooner than the host's wait latency after they ended, and every op of a step no
-// sooner than the host's work at its begin. ecss issues nothing after a host wait: the wait
-// latency alone changes none of its times.
+// sooner than the host's work at its begin (a part per op of its plan). ecss issues nothing
+// after a host wait: the wait latency alone changes none of its times.
 TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
   Simulated c;
   ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
   auto shard = ShardFor(c.model, c.hardware, c.workload);
   ASSERT_TRUE(shard.ok()) << shard.status();
-  constexpr double kWaitUs = 40, kBeginSeconds = 3e-4;
+  constexpr double kWaitUs = 40, kBeginSeconds = 3e-4, kBeginPerOp = 2e-6;
   const ResourceRates free_host{.device = c.hardware.device, .optimizer_params_per_s = 5e8};
   ResourceRates waits = free_host;
   waits.host_wait_latency_us = kWaitUs;
   ResourceRates both = waits;
   both.begin_step_seconds = kBeginSeconds;
+  both.begin_step_seconds_per_op = kBeginPerOp;
   for (Strategy strategy : {Strategy::kNoOverlap, Strategy::kEcss}) {
     SCOPED_TRACE(StrategyName(strategy));
-    auto options = SessionOptionsFor(*shard, c.model, c.hardware, c.workload, strategy);
-    ASSERT_TRUE(options.ok()) << options.status();
-    auto memory = PlanMemoryFor(*options, c.hardware);
-    ASSERT_TRUE(memory.ok()) << memory.status();
-    StepSampler sampler(*options, shard->domains_per_step, c.workload.seq_len, c.workload.seed);
-    auto plans = BuildStepPlans(*options, *memory, sampler, 3);
-    ASSERT_TRUE(plans.ok()) << plans.status();
-    auto plain = StepSimulator::Create(*options, free_host);
-    auto waiting = StepSimulator::Create(*options, waits);
-    auto costly = StepSimulator::Create(*options, both);
+    SessionOptions options;
+    std::vector<StepPlan> plans;
+    ASSERT_NO_FATAL_FAILURE(PlansOf(c, strategy, 3, &options, &plans));
+    auto plain = StepSimulator::Create(options, free_host);
+    auto waiting = StepSimulator::Create(options, waits);
+    auto costly = StepSimulator::Create(options, both);
     ASSERT_TRUE(plain.ok() && waiting.ok() && costly.ok());
-    for (const StepPlan& plan : *plans) {
+    for (const StepPlan& plan : plans) {
       StepPlan without = plan, waited = plan, with = plan;
       ASSERT_TRUE(plain->Run(without).ok());
       ASSERT_TRUE(waiting->Run(waited).ok());
@@ -285,7 +298,8 @@ TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
       size_t host_waits = 0, computes = 0;
       for (const PlanOp& op : with.ops()) {
         if (op.step_offset != 0) continue;
-        EXPECT_GE(op.start_s, kBeginSeconds - 1e-12) << op.id;
+        const double ops = static_cast<double>(with.ops().size());
+        EXPECT_GE(op.start_s, kBeginSeconds + kBeginPerOp * ops - 1e-12) << op.id;
         if (op.resource == PlanResource::kCompute) ++computes;
         if (!op.host_waits) continue;
         ++host_waits;
@@ -317,6 +331,68 @@ TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
   const Status refused = StepSimulator::Create(*options, unknown_begin).status();
   EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("begin_step_seconds"), std::string::npos) << refused;
+  ResourceRates negative_per_op = free_host;
+  negative_per_op.begin_step_seconds_per_op = -1e-6;
+  EXPECT_EQ(StepSimulator::Create(*options, negative_per_op).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// Later micro-batches' gradient additions run one at a time on the host's add stream, each
+// bytes / GB/s once its copy ended; a copy into one of the two staging halves waits for that
+// half's last addition, and a layer's update for its additions. Free additions (0 GB/s, the
+// default) take no time, and the steps with them are never shorter.
+TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  c.workload.micro_batches = 4;
+  SessionOptions options;
+  std::vector<StepPlan> plans;
+  ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kEcss, 3, &options, &plans));
+  constexpr double kGbps = 0.5;
+  const ResourceRates free_adds{.device = c.hardware.device, .optimizer_params_per_s = 5e8};
+  ResourceRates adds = free_adds;
+  adds.gradient_add_gbps = kGbps;
+  auto plain = StepSimulator::Create(options, free_adds);
+  auto adding = StepSimulator::Create(options, adds);
+  ASSERT_TRUE(plain.ok() && adding.ok());
+  size_t additions = 0;
+  for (const StepPlan& plan : plans) {
+    StepPlan without = plan, with = plan;
+    ASSERT_TRUE(plain->Run(without).ok());
+    ASSERT_TRUE(adding->Run(with).ok());
+    EXPECT_GT(with.seconds(), without.seconds());
+    for (const PlanOp* add : without.Find(OpKind::kAccumulate)) {
+      EXPECT_EQ(add->end_s, add->start_s) << add->id;
+    }
+    const std::vector<const PlanOp*> added = with.Find(OpKind::kAccumulate);
+    ASSERT_GE(added.size(), 3u);
+    additions += added.size();
+    for (size_t k = 0; k < added.size(); ++k) {
+      const PlanOp& add = *added[k];
+      EXPECT_NEAR(add.end_s - add.start_s, static_cast<double>(add.bytes) / (kGbps * 1e9), 1e-12);
+      const PlanOp& copy = with.ops()[add.id - 1];
+      ASSERT_EQ(copy.kind, OpKind::kGradientCopy);
+      EXPECT_GE(add.start_s, copy.end_s - 1e-12) << add.id;
+      if (k >= 1) {
+        EXPECT_GE(add.start_s, added[k - 1]->end_s - 1e-12) << add.id;
+      }
+      if (k >= 2) {
+        EXPECT_GE(copy.start_s, added[k - 2]->end_s - 1e-12) << copy.id;
+      }
+    }
+    for (const PlanOp* update : with.Find(OpKind::kUpdate)) {
+      if (update->step_offset != 0) continue;
+      for (const PlanOp* add : with.Find(OpKind::kAccumulate, -1, update->layer)) {
+        EXPECT_GE(update->start_s, add->end_s - 1e-12) << update->id;
+      }
+    }
+  }
+  EXPECT_GT(additions, 0u);
+  ResourceRates negative = free_adds;
+  negative.gradient_add_gbps = -1;
+  const Status refused = StepSimulator::Create(options, negative).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("additions"), std::string::npos) << refused;
 }
 
 // The hardware file's host costs reach the prediction: no-overlap's step, its ops one after

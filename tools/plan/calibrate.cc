@@ -24,17 +24,23 @@ namespace {
 
 constexpr uint32_t kCalibrationWarmup = 2;  // steps before the measured ones
 
-// How a calibration session runs: its strategy and optimizer threads, its states in host
-// memory or in a store under `store_dir`.
+// How a calibration session runs: its strategy and optimizer threads, its domains and
+// micro-batches, its states in host memory or in a store under `store_dir`.
 struct CalibrationRun {
   Strategy strategy = Strategy::kEcss;
   int threads = 1;
+  uint32_t domains = 8;
+  uint32_t micro_batches = 1;
+  uint32_t tokens_per_micro_batch = 2048;
+  double device_budget_gib = 0.25;  // room for the micro-batch's activations
   std::string store_dir;
 };
 
-// Steps of the calibration model (8 domains of 2 experts of `expert_params` parameters in 4
-// layers, AdamW) on the simulated device in timed mode: the steps' statistics and the window
-// after the first two; with `executed`, the last few measured steps' executed plans.
+// Steps of the calibration model (`run.domains` domains of 2 experts of `expert_params`
+// parameters in 4 layers, AdamW; the run's micro-batches from 4 domains a step) on the
+// simulated device in timed mode: the
+// steps' statistics and the window after the first two; with `executed`, the last few measured
+// steps' executed plans.
 StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
                                                      const CalibrationRun& run, uint32_t steps,
                                                      MeasuredWindow& window,
@@ -45,19 +51,20 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   model.d_model = 512;
   model.d_ff = static_cast<uint32_t>(o.expert_params / (2 * 512));
   model.vocab = 50257;
-  for (uint32_t d = 0; d < 8; ++d) model.domains.push_back({StrCat("domain", d), 2});
+  for (uint32_t d = 0; d < run.domains; ++d) model.domains.push_back({StrCat("domain", d), 2});
   HardwareConfig hardware;
   hardware.device_kind = DeviceKind::kSim;
-  hardware.device_memory_gib = 1;
+  hardware.device_memory_gib = std::max(1.0, 2 * run.device_budget_gib);
   ECSS_ASSIGN_OR_RETURN(hardware.device, FindDeviceProfile("h100-sxm"));
   hardware.host_memory_gib = 8;
   hardware.pinned_limit_gib = 8;
   hardware.optimizer_threads = 1;
   hardware.optimizer_params_per_s_per_thread = 1;
   WorkloadConfig workload;
-  workload.tokens_per_micro_batch = 2048;
+  workload.tokens_per_micro_batch = run.tokens_per_micro_batch;
+  workload.micro_batches = run.micro_batches;
   workload.domains_per_step = 4;
-  workload.device_budget_gib = 0.25;
+  workload.device_budget_gib = run.device_budget_gib;
   if (!run.store_dir.empty()) workload.states = Tier::kNvme;
   ECSS_ASSIGN_OR_RETURN(const DeviceShard shard, ShardFor(model, hardware, workload));
   ECSS_ASSIGN_OR_RETURN(SessionOptions options,
@@ -83,7 +90,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
       std::vector<StepStats> stats,
       RunSampledSteps(*session, *backend, options, sampler, kCalibrationWarmup + steps, &window));
   // The session keeps the last few steps' executed plans.
-  constexpr size_t kExecutedSteps = 4;
+  constexpr size_t kExecutedSteps = 8;
   const size_t first =
       std::max<size_t>(window.warmup, stats.size() - std::min(stats.size(), kExecutedSteps));
   for (size_t s = first; executed != nullptr && s < stats.size(); ++s) {
@@ -93,12 +100,16 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   return stats;
 }
 
-// The driving thread's work at BeginStep before it issued anything, per routed token and
-// layer: in each executed plan, when its first routing plan's upload was issued (the executor
-// routes every micro-batch and builds the step's plan first) over the rows of its forward
-// ops; the median of the steps, in nanoseconds.
-StatusOr<double> RoutingNanosPerTokenLayer(const std::vector<StepPlan>& executed) {
-  std::vector<double> each;
+// The driving thread's work at BeginStep before it issued anything (it routes every
+// micro-batch and builds the step's plan first): in each executed plan, when its first
+// routing plan's upload was issued, with the step's routed token-layers (its forward ops'
+// rows) and its plan's ops; the medians of the steps.
+struct StepBeginSample {
+  double seconds = 0, token_layers = 0, ops = 0;
+};
+
+StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepPlan>& executed) {
+  std::vector<double> seconds, token_layers, ops;
   for (const StepPlan& plan : executed) {
     double issued = -1, rows = 0;
     for (const PlanOp& op : plan.ops()) {
@@ -109,10 +120,45 @@ StatusOr<double> RoutingNanosPerTokenLayer(const std::vector<StepPlan>& executed
         for (uint32_t r : op.rows) rows += r;
       }
     }
-    if (issued >= 0 && rows > 0) each.push_back(issued * 1e9 / rows);
+    if (issued < 0 || rows == 0) continue;
+    seconds.push_back(issued);
+    token_layers.push_back(rows);
+    ops.push_back(static_cast<double>(plan.ops().size()));
   }
-  if (each.empty()) return InternalError("calibration: no executed plan recorded its routing");
-  return Median(std::move(each));
+  if (seconds.empty()) return InternalError("calibration: no executed plan recorded its routing");
+  return StepBeginSample{Median(std::move(seconds)), Median(std::move(token_layers)),
+                         Median(std::move(ops))};
+}
+
+// A step's begin as routing per token-layer plus plan building per op, fitted to samples of
+// steps whose tokens differ (ecss steps of 2,048 tokens and of 32,768) by least squares of the
+// relative errors; where one figure would come out negative, the other alone. The plans' ops
+// differ too little between the samples to tell plan building from a fixed cost per step, and
+// zero-offload's plans of the calibration model, every expert fetched, have too few more ops
+// (83 against 51; their begins differed by no more than the noise): the per-op figure is the
+// begin's part that does not grow with the tokens, spread over the ops. Measured on this VM:
+// `uneven`'s zero-offload steps (1,060 ops) began after 2.4 ms where this predicts about 5;
+// ecss steps of 131,072 tokens of `small` after 4.4 ms.
+void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h) {
+  double tt = 0, to = 0, oo = 0, ty = 0, oy = 0;  // the normal equations' sums, rows / seconds
+  for (const StepBeginSample& s : samples) {
+    const double t = s.token_layers / s.seconds, o = s.ops / s.seconds;
+    tt += t * t;
+    to += t * o;
+    oo += o * o;
+    ty += t;
+    oy += o;
+  }
+  const double det = tt * oo - to * to;
+  double per_token_layer = det > 0 ? (ty * oo - oy * to) / det : -1;
+  double per_op = det > 0 ? (oy * tt - ty * to) / det : -1;
+  if (per_token_layer < 0 || per_op < 0) {
+    const bool routing_only = per_token_layer >= 0 || per_op < 0;
+    per_token_layer = routing_only && tt > 0 ? ty / tt : 0;
+    per_op = routing_only || !(oo > 0) ? 0 : oy / oo;
+  }
+  h.routing_ns_per_token_layer = per_token_layer * 1e9;
+  h.step_begin_ns_per_op = per_op * 1e9;
 }
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once:
@@ -147,12 +193,13 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
 // writes them back, half and half) at those rates over the runs' time (load to drain:
 // optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not over the
 // steps' time: the pipeline waits for gradients in part of it, and the step simulator models
-// that wait itself. States in a store under o.dir (removed after).
+// that wait itself. States in a store of o.nvme_domains domains under o.dir (removed after).
 StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gbps,
                                      double write_gbps) {
   ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
                         ScratchDir::Create(o.dir, "ecss-plan-calibration."));
   CalibrationRun run;
+  run.domains = o.nvme_domains;
   run.store_dir = store.path();
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
@@ -179,7 +226,7 @@ StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gb
 // (no-overlap's chain here: 0.04-0.27 ms an op, where a stream synchronisation alone took 50
 // us; the chain's handoffs to and from the optimizer's thread take longer).
 StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
-  constexpr uint32_t kSteps = 6;  // measured; the session keeps the last 4 executed plans
+  constexpr uint32_t kSteps = 8;  // measured; the session keeps the last 8 executed plans
   CalibrationRun run;
   run.strategy = Strategy::kNoOverlap;
   MeasuredWindow window;
@@ -203,6 +250,33 @@ StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
   }
   if (waits == 0) return InternalError("calibration: no executed plan recorded a host wait");
   return waited / static_cast<double>(waits) * 1e6;
+}
+
+// The host's gradient additions (a later micro-batch's gradients added into the step's
+// accumulators, one at a time on the add stream): in the executed plans of ecss steps of two
+// micro-batches, the additions' bytes over their time (each from when it could start, its copy
+// and the addition before it ended, to its end), GB/s. Measured beside the optimizer's thread
+// and the simulated device's, as the additions run in a session.
+// `executed`: the run's executed plans (steps of two micro-batches of 16,384 tokens).
+StatusOr<double> MeasureGradientAddRate(const CalibrationOptions& o,
+                                        std::vector<StepPlan>& executed) {
+  constexpr uint32_t kSteps = 8;  // measured; the session keeps the last 8 executed plans
+  CalibrationRun run;
+  run.micro_batches = 2;
+  run.tokens_per_micro_batch = 16384;
+  run.device_budget_gib = 2;
+  MeasuredWindow window;
+  ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, kSteps, window, &executed).status());
+  double bytes = 0, seconds = 0;
+  for (const StepPlan& plan : executed) {
+    for (const PlanOp* add : plan.Find(OpKind::kAccumulate)) {
+      if (add->start_s < 0 || !(add->end_s > add->start_s)) continue;
+      bytes += static_cast<double>(add->bytes);
+      seconds += add->end_s - add->start_s;
+    }
+  }
+  if (!(seconds > 0)) return InternalError("calibration: no executed plan recorded an addition");
+  return bytes / seconds / 1e9;
 }
 
 struct NvmeRates {
@@ -246,7 +320,11 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
         MeasureOptimizerRate(options, threads, threads == 1 ? &executed : nullptr));
     base.optimizer_params_per_s_by_threads.push_back(rate);
   }
-  ECSS_ASSIGN_OR_RETURN(base.routing_ns_per_token_layer, RoutingNanosPerTokenLayer(executed));
+  std::vector<StepPlan> many_tokens;  // two micro-batches of 16,384 tokens a step
+  ECSS_ASSIGN_OR_RETURN(base.gradient_add_gbps, MeasureGradientAddRate(options, many_tokens));
+  ECSS_ASSIGN_OR_RETURN(const StepBeginSample few, StepBeginOf(executed));
+  ECSS_ASSIGN_OR_RETURN(const StepBeginSample many, StepBeginOf(many_tokens));
+  FitStepBegin({few, many}, base);
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
   // One drive measured: the base's drives (or this machine's one) get its speed.
   const size_t drives = std::max<size_t>(1, base.nvme.size());
@@ -295,7 +373,10 @@ std::string HardwareJson(const HardwareConfig& h) {
     for (double rate : h.optimizer_params_per_s_by_threads) json.Double(rate);
     json.EndArray();
   }
-  json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer).EndObject();
+  json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer)
+      .Field("step_begin_ns_per_op", h.step_begin_ns_per_op)
+      .Field("gradient_add_gbps", h.gradient_add_gbps)
+      .EndObject();
   if (!h.nvme.empty()) {  // alike drives, as the file describes them
     json.Key("nvme")
         .BeginObject()

@@ -11,17 +11,22 @@
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then the fraction of those rates a
-//    session's NVMe state pipeline reaches (ecss steps of the same model with states on NVMe:
-//    the bytes its runs moved at those rates over the runs' time, not the steps'; the step
-//    simulator models the waits for gradients between runs; session_fraction): a state's
-//    header round trip and reads and writes sharing the drive cost it some of the drive's
-//    time.
-//  - The host's part of a step: its work at the step's begin, per routed token and layer
-//    (the one-thread optimizer run's executed plans: when each step's first routing plan was
-//    issued; routing_ns_per_token_layer), and, where the base's device is simulated, the host's
-//    wait before an op it issues once its dependencies ended (no-overlap steps' executed plans:
-//    each compute op's and update's dependencies' end to its issue, the mean;
-//    host_wait_latency_us).
+//    session's NVMe state pipeline reaches (ecss steps of the same model over nvme_domains
+//    domains with states on NVMe: the bytes its runs moved at those rates over the runs'
+//    time, not the steps'; the step simulator models the waits for gradients between runs;
+//    session_fraction): a state's header round trip and reads and writes sharing the drive
+//    cost it some of the drive's time.
+//  - The host's part of a step: its work at the step's begin, per routed token and layer and
+//    per op of the step's plan (when each step's first routing plan was issued, in the
+//    executed plans of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps
+//    of two micro-batches of 16,384: the two figures that give both; at 2,048 tokens alone
+//    the begin looked like 52 ns per token-layer here, which made a step of 131,072 tokens
+//    begin after 27 ms where it took 4.4; routing_ns_per_token_layer, step_begin_ns_per_op),
+//    and, where the base's device is simulated, the host's wait before an op it issues once
+//    its dependencies ended (no-overlap steps' executed plans: each compute op's and update's
+//    dependencies' end to its issue, the mean; host_wait_latency_us).
+//  - The host's gradient additions (the same steps of two micro-batches: each addition's bytes
+//    over its time on the add stream; gradient_add_gbps).
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
 
@@ -42,11 +47,19 @@ struct CalibrationOptions {
   uint32_t steps = 96;
   uint64_t nvme_bytes = uint64_t{512} << 20;
   uint32_t nvme_steps = 16;  // the session's NVMe pipeline: measured, after two
+  // The NVMe pipeline's model has this many domains (4 a step): a step's experts are then
+  // mostly ones the step before did not update, as in training over many domains. With 8
+  // (half of a step's experts updated in the step before) the pipeline reached a tenth less
+  // of the drive's rates, which the step simulator does not model (ecss-bench step, states on
+  // NVMe, 3 interleaved rounds: 0.76-0.84 of its bound with 8 domains, 0.82-0.91 with 32,
+  // 0.86-0.95 with small's 40), and plan-vs-run's NVMe configurations were predicted 9-19% slow.
+  uint32_t nvme_domains = 32;
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
-// `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer and nvme
-// measured here, and device.host_wait_latency_us with a simulated device.
+// `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer,
+// host.step_begin_ns_per_op, host.gradient_add_gbps and nvme measured here, and
+// device.host_wait_latency_us with a simulated device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);

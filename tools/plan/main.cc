@@ -22,16 +22,18 @@ constexpr int kFits = 0, kBadInput = 2, kDoesNotFit = 3;
 
 constexpr std::string_view kUsage =
     "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE]\n"
-    "                 [--optimize] [--json] [--no-bars]\n"
+    "                 [--optimize] [--json] [--no-bars] [--dump-plan FILE]\n"
     "       ecss-plan --list-presets\n"
     "       ecss-plan --calibrate OUT.json [--hardware FILE|PRESET] [--dir DIR]\n"
     "Plans one training step of an ECSS session per device: where every byte lives (device,\n"
     "pinned, host, NVMe) and whether it fits, then the engine's own step plan run in virtual\n"
     "time for ecss, zero-offload, no-overlap and naive. Exit 0: fits; 3: does not fit; 2: bad\n"
     "input. --optimize: the placement and micro-batch split of the step's tokens that run\n"
-    "fastest within the budgets, with the bottleneck before and after. Without --workload: 2,048 "
-    "tokens a micro-batch, 4 domains a step, ecss, states in\n"
-    "host memory. --calibrate measures this machine's CPU optimizer, NVMe (in DIR, default .),\n"
+    "fastest within the budgets, with the bottleneck before and after. --dump-plan: the last\n"
+    "simulated step's plan of the workload's strategy as JSON, each op's simulated times (the\n"
+    "format of ecss-bench step --dump-plan's executed plan). Without --workload: 2,048 tokens\n"
+    "a micro-batch, 4 domains a step, ecss, states in host memory. --calibrate measures this "
+    "machine's CPU optimizer, NVMe (in DIR, default .),\n"
     "the host's work at a step's begin and its wait for the simulated device through the\n"
     "runtime's code and writes the base hardware (default this-machine) with them.\n"
     "tools/plan/README.md describes the files' fields.\n";
@@ -44,7 +46,7 @@ int BadInput(std::string_view message) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dir_arg = ".";
+  std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dump_arg, dir_arg = ".";
   bool json = false, optimize = false, bars = isatty(STDOUT_FILENO) != 0;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
@@ -74,6 +76,8 @@ int main(int argc, char** argv) {
       ok = value(&calibrate_arg);
     } else if (arg == "--dir") {
       ok = value(&dir_arg);
+    } else if (arg == "--dump-plan") {
+      ok = value(&dump_arg);
     } else if (arg == "--optimize") {
       optimize = true;
     } else if (arg == "--json") {
@@ -116,6 +120,12 @@ int main(int argc, char** argv) {
   auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload)
                          : ecss::plan::Plan(*model, *hardware, *workload);
   if (!report.ok()) return BadInput(report.status().ToString());
+  if (!dump_arg.empty() && report->predictions.at(0).feasible) {
+    ecss::JsonWriter plan;
+    report->predictions[0].last_plan.WriteJson(plan);
+    const ecss::Status written = ecss::WriteFileAtomically(dump_arg, plan.str() + "\n");
+    if (!written.ok()) return BadInput(ecss::StrCat("--dump-plan: ", written.ToString()));
+  }
   if (json) {
     ecss::JsonWriter out;
     ecss::plan::WriteJson(*report, out);

@@ -539,6 +539,9 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
                                    &h.optimizer_params_per_s_by_threads, kUpdates));
     ECSS_RETURN_IF_ERROR(
         o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer, false, kNanoseconds));
+    ECSS_RETURN_IF_ERROR(
+        o.Number("step_begin_ns_per_op", &h.step_begin_ns_per_op, false, kNanoseconds));
+    ECSS_RETURN_IF_ERROR(o.Number("gradient_add_gbps", &h.gradient_add_gbps, false, kOptionalRate));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {

@@ -147,6 +147,8 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
       static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node;
   rates.optimizer_params_per_s = hardware.OptimizerParamsPerSecond(threads);
   rates.optimizer_helped_params_per_s = hardware.OptimizerParamsPerSecond(threads + 1);
+  // Each device's session adds on a host stream of its own, at one stream's rate.
+  rates.gradient_add_gbps = hardware.gradient_add_gbps;
   for (const NvmeDrive& d : hardware.nvme) {
     rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;
     rates.nvme_write_gbps += d.write_gbps * d.session_fraction / hardware.devices_per_node;
@@ -158,9 +160,10 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   const double flops_per_s = tflops * 1e12 * hardware.device.gemm_efficiency;
   const double per_op = static_cast<double>(model.dense_params) / hardware.devices_per_node *
                         workload.tokens_per_micro_batch / layers / flops_per_s;
-  if (model.routing == Routing::kRre) {
+  if (model.routing == Routing::kRre) {  // a learned gate routes, and plans, at each forward
     rates.begin_step_seconds = hardware.routing_ns_per_token_layer * 1e-9 *
                                workload.tokens_per_micro_batch * workload.micro_batches * layers;
+    rates.begin_step_seconds_per_op = hardware.step_begin_ns_per_op * 1e-9;
   }
   rates.dense_forward_seconds = 2 * per_op;
   rates.dense_backward_seconds = 4 * per_op;
@@ -515,6 +518,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
       if (update->step_offset == 0) p.updated_params += update->experts.size() * fit.memory->params;
     }
   }
+  p.last_plan = std::move(plans.back());
   const auto n = static_cast<double>(steady.size());
   p.metrics = SumStepMetrics(steady);
   p.step_seconds = seconds / n;

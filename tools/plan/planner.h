@@ -134,6 +134,9 @@ struct StrategyPrediction {
   double dense_compute_seconds = 0;  // per step, inside the compute figures
   double network_seconds = 0;        // per step: the all-to-all between nodes (modelled only)
   uint64_t h2d_bytes = 0, d2h_bytes = 0, nvme_bytes = 0, updated_params = 0;  // per step
+  // The last simulated step's plan, each op's start_s / end_s the simulator's (the format of
+  // the executed plans ecss-bench step --dump-plan writes).
+  StepPlan last_plan;
 };
 
 struct PlanReport {

@@ -62,9 +62,20 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
                ">= 0 (got ",
                rates.begin_step_seconds, ")"));
   }
+  if (!(rates.begin_step_seconds_per_op >= 0) || !std::isfinite(rates.begin_step_seconds_per_op)) {
+    return InvalidArgumentError(
+        StrCat("step simulator: begin_step_seconds_per_op (the host's work at a step's begin per "
+               "op of its plan) must be >= 0 (got ",
+               rates.begin_step_seconds_per_op, ")"));
+  }
   if (!(rates.host_wait_latency_us >= 0) || !std::isfinite(rates.host_wait_latency_us)) {
     return InvalidArgumentError(StrCat("step simulator: host wait latency must be >= 0 (got ",
                                        rates.host_wait_latency_us, " us)"));
+  }
+  if (!(rates.gradient_add_gbps >= 0) || !std::isfinite(rates.gradient_add_gbps)) {
+    return InvalidArgumentError(
+        StrCat("step simulator: gradient additions' GB/s must be >= 0 (got ",
+               rates.gradient_add_gbps, ")"));
   }
   if (options.placement.states_on_nvme() &&
       !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
@@ -102,8 +113,11 @@ double StepSimulator::Seconds(const PlanOp& op) const {
     case OpKind::kUpdate:
       return static_cast<double>(op.experts.size()) * ExpertParams() /
              rates_.optimizer_params_per_s;
+    case OpKind::kAccumulate:
+      return rates_.gradient_add_gbps > 0
+                 ? static_cast<double>(op.bytes) / (rates_.gradient_add_gbps * 1e9)
+                 : 0;
     case OpKind::kEvict:
-    case OpKind::kAccumulate:  // host adds, on a host stream of their own (not modelled)
     case OpKind::kPublish:
       return 0;
   }
@@ -230,7 +244,8 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   };
   // BeginStep routes the step and builds its plan, waits for step t-2's updates before it
   // issues anything, then re-orders step t-1's queued ones.
-  double floor = begin + rates_.begin_step_seconds;
+  double floor = begin + rates_.begin_step_seconds +
+                 rates_.begin_step_seconds_per_op * static_cast<double>(plan.ops().size());
   if (UpdateRecord* two = updates_of(-2); two != nullptr && !policy.evaluation) {
     floor = std::max(floor, two->all_end);
   }
@@ -248,6 +263,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
   int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
   double device_end = floor, update_end = floor;
+  // Later micro-batches' gradient additions, one at a time on the add stream; each half of the
+  // pinned staging takes the next copy once its last addition ended (two halves in turn).
+  std::vector<double> additions_end;
   const bool states_on_nvme = policy.states_on_nvme;
   for (PlanOp& op : ops) {
     const bool held = policy.delayed_update && op.kind == OpKind::kUpdate && op.step_offset == -1;
@@ -316,8 +334,19 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1) + wait);
     const bool exchanges = rates_.all_to_all_seconds > 0 && op.resource == PlanResource::kCompute;
     if (exchanges) ready = Exchange(ready);  // the tokens' dispatch to their experts' devices
-    const double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
+    const bool staged = op.kind == OpKind::kGradientCopy && op.id + 1 < ops.size() &&
+                        ops[op.id + 1].kind == OpKind::kAccumulate &&
+                        ops[op.id + 1].deps == std::vector<uint32_t>{op.id};
+    if (staged && additions_end.size() >= 2) {
+      ready = std::max(ready, additions_end[additions_end.size() - 2]);
+    }
+    double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
+    if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free_);
     const double finish = start + seconds;
+    if (op.kind == OpKind::kAccumulate) {
+      additions_free_ = finish;
+      additions_end.push_back(finish);
+    }
     if (op.resource != PlanResource::kNone) {
       free_[r] = finish;
       Occupy(op.resource, start, finish);

@@ -14,7 +14,9 @@
 // optimizer does at BeginStep, the previous step's updates not yet started run in the new
 // step's fetch order (Note [Updates in fetch order], host states only). A step that waits for
 // its updates (host states) has the driving thread's help once its device work is done
-// (Note [The driving thread helps]).
+// (Note [The driving thread helps]). Later micro-batches' gradient additions run one at a time
+// on the host's add stream, bytes / GB/s each, and a gradient copy into one of the two pinned
+// staging halves waits for that half's last addition.
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
 // work done, and its updates for the strategies whose step waits for them); its carried-in
@@ -50,6 +52,11 @@ struct ResourceRates {
   // The driving thread's work at BeginStep before it issues anything (routing the step's
   // tokens, building its plan): no op of the step starts before it is done.
   double begin_step_seconds = 0;
+  // ... and per op of the step's plan.
+  double begin_step_seconds_per_op = 0;
+  // A later micro-batch's gradients added into the accumulators (the host's additions, one
+  // at a time on a host stream of their own), GB/s of gradients; 0: the additions take no time.
+  double gradient_add_gbps = 0;
   double nvme_read_gbps = 0;  // > 0 with states on NVMe
   double nvme_write_gbps = 0;
   // Device time added to each forward / backward compute op: the model's dense layers, which
@@ -118,7 +125,8 @@ class StepSimulator {
   ResourceRates rates_;
   std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
-  double network_free_ = 0;  // the all-to-all's, modelled only
+  double network_free_ = 0;    // the all-to-all's, modelled only
+  double additions_free_ = 0;  // when the host's add stream is next free
   std::vector<std::pair<double, double>> network_;
   std::vector<UpdateRecord> updates_;  // per step
   std::vector<SimulatedStep> steps_;
