@@ -12,9 +12,9 @@
 namespace ecss {
 namespace {
 
-// The step plan of step_plan_test's ecss case: two sparse layers of four experts, one
-// micro-batch routed to experts 0 and 2 (layer 0) and 1 (layer 1).
-StepPlan Plan() {
+// The step plan of step_plan_test's ecss case: two sparse layers of four experts,
+// `micro_batches` micro-batches each routed to experts 0 and 2 (layer 0) and 1 (layer 1).
+StepPlan Plan(size_t micro_batches = 1) {
   StepPlanInputs in;
   in.model.d_model = 5;
   in.model.d_ff = 10;
@@ -29,7 +29,7 @@ StepPlan Plan() {
   b.tokens = 8;
   b.plan_bytes = 256;
   b.layers = {{{0, 2}, {5, 3}}, {{1}, {8}}};
-  in.micro_batches = {b};
+  in.micro_batches.assign(micro_batches, b);
   auto plan = BuildStepPlan(in);
   EXPECT_TRUE(plan.ok()) << plan.status();
   return std::move(plan).value();
@@ -85,6 +85,33 @@ TEST(PlanRecorderTest, ACarriedUpdateHasTheTimesOfTheUpdatesItStandsFor) {
   for (const PathShare& each : CriticalPath(*second)) share[each.kind] = each.share;
   EXPECT_NEAR(share["update"], 0.6, 1e-12);
   EXPECT_NEAR(share["host"], 0.4, 1e-12);
+}
+
+// Later micro-batches' additions run one at a time on the host's add stream: an addition
+// issued while the one before still ran starts when that one ended, not when its own copy did.
+TEST(PlanRecorderTest, AnAdditionStartsWhenTheOneBeforeItEnded) {
+  using std::chrono::milliseconds;
+  const StepPlan plan = Plan(2);
+  const std::vector<const PlanOp*> adds = plan.Find(OpKind::kAccumulate);
+  ASSERT_EQ(adds.size(), 2u);
+  const PlanOp& copy0 = plan.ops()[adds[0]->deps.at(0)];
+  const PlanOp& copy1 = plan.ops()[adds[1]->deps.at(0)];
+  PlanRecorder recorder;
+  const PlanRecorder::Clock::time_point t0{};
+  recorder.BeginStep(1, t0);
+  recorder.SetPlan(1, plan);
+  auto ended = [&](uint32_t id, int ms) {  // issued at the step's begin
+    recorder.Ran(1, id, t0, t0 + milliseconds(ms));
+  };
+  ended(copy0.id, 10);
+  ended(adds[0]->id, 50);
+  ended(copy1.id, 20);
+  ended(adds[1]->id, 90);
+  StatusOr<StepPlan> executed = recorder.ExecutedPlan(1);
+  ASSERT_TRUE(executed.ok()) << executed.status();
+  EXPECT_NEAR(executed->ops()[adds[0]->id].start_s, 0.010, 1e-12);
+  EXPECT_NEAR(executed->ops()[adds[1]->id].start_s, 0.050, 1e-12);  // not its copy's 0.020
+  EXPECT_NEAR(executed->ops()[adds[1]->id].end_s, 0.090, 1e-12);
 }
 
 }  // namespace

@@ -144,12 +144,17 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   host_costs.replace(host_costs.find(R"("profile": "h100-sxm")"), 0,
                      R"("host_wait_latency_us": 50.5, )");
   host_costs.replace(host_costs.find(R"("optimizer_threads")"), 0,
-                     R"("routing_ns_per_token_layer": 14, "gradient_add_gbps": 6.5, )");
+                     R"("routing_ns_per_token_layer": 14, "step_begin_ns_per_op": 900, )"
+                     R"("gradient_add_gbps": 6.5, )");
   StatusOr<HardwareConfig> costs = ParseHardware(host_costs);
   ASSERT_TRUE(costs.ok()) << costs.status();
   EXPECT_EQ(costs->host_wait_latency_us, 50.5);
   EXPECT_EQ(costs->routing_ns_per_token_layer, 14);
   EXPECT_EQ(costs->gradient_add_gbps, 6.5);
+  EXPECT_EQ(costs->step_begin_ns_per_op, 900);
+  std::string negative_per_op = host_costs;
+  negative_per_op.replace(negative_per_op.find("900"), 3, "-5");
+  EXPECT_EQ(error(negative_per_op), "hardware.host.step_begin_ns_per_op: must be >= 0 (got -5)");
   std::string negative_add = host_costs;
   negative_add.replace(negative_add.find("6.5"), 3, "-1");
   EXPECT_EQ(error(negative_add), "hardware.host.gradient_add_gbps: must be >= 0 (got -1)");

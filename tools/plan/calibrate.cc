@@ -6,15 +6,16 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <filesystem>
 #include <memory>
 #include <thread>
 #include <vector>
 
+#include "engine/plan_recorder.h"
 #include "offload/io/io_engine.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
-#include "runtime/base/median.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tools/plan/planner.h"
@@ -38,9 +39,8 @@ struct CalibrationRun {
 
 // Steps of the calibration model (`run.domains` domains of 2 experts of `expert_params`
 // parameters in 4 layers, AdamW; the run's micro-batches from 4 domains a step) on the
-// simulated device in timed mode: the
-// steps' statistics and the window after the first two; with `executed`, the last few measured
-// steps' executed plans.
+// simulated device in timed mode: the steps' statistics and the window after the first two;
+// with `executed`, the last few measured steps' executed plans.
 StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
                                                      const CalibrationRun& run, uint32_t steps,
                                                      MeasuredWindow& window,
@@ -90,7 +90,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
       std::vector<StepStats> stats,
       RunSampledSteps(*session, *backend, options, sampler, kCalibrationWarmup + steps, &window));
   // The session keeps the last few steps' executed plans.
-  constexpr size_t kExecutedSteps = 8;
+  constexpr size_t kExecutedSteps = PlanRecorder::kKeptSteps;
   const size_t first =
       std::max<size_t>(window.warmup, stats.size() - std::min(stats.size(), kExecutedSteps));
   for (size_t s = first; executed != nullptr && s < stats.size(); ++s) {
@@ -103,13 +103,14 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
 // The driving thread's work at BeginStep before it issued anything (it routes every
 // micro-batch and builds the step's plan first): in each executed plan, when its first
 // routing plan's upload was issued, with the step's routed token-layers (its forward ops'
-// rows) and its plan's ops; the medians of the steps.
+// rows) and its plan's ops; the step whose begin is the median (the lower of the middle two).
+// Steps that began at once (a begin clipped to 0) are left out.
 struct StepBeginSample {
   double seconds = 0, token_layers = 0, ops = 0;
 };
 
 StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepPlan>& executed) {
-  std::vector<double> seconds, token_layers, ops;
+  std::vector<StepBeginSample> steps;
   for (const StepPlan& plan : executed) {
     double issued = -1, rows = 0;
     for (const PlanOp& op : plan.ops()) {
@@ -120,19 +121,21 @@ StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepPlan>& executed) {
         for (uint32_t r : op.rows) rows += r;
       }
     }
-    if (issued < 0 || rows == 0) continue;
-    seconds.push_back(issued);
-    token_layers.push_back(rows);
-    ops.push_back(static_cast<double>(plan.ops().size()));
+    if (!(issued > 0) || rows == 0) continue;
+    steps.push_back({issued, rows, static_cast<double>(plan.ops().size())});
   }
-  if (seconds.empty()) return InternalError("calibration: no executed plan recorded its routing");
-  return StepBeginSample{Median(std::move(seconds)), Median(std::move(token_layers)),
-                         Median(std::move(ops))};
+  if (steps.empty()) return InternalError("calibration: no executed plan recorded its routing");
+  const auto middle = steps.begin() + static_cast<std::ptrdiff_t>((steps.size() - 1) / 2);
+  std::nth_element(
+      steps.begin(), middle, steps.end(),
+      [](const StepBeginSample& a, const StepBeginSample& b) { return a.seconds < b.seconds; });
+  return *middle;
 }
 
 // A step's begin as routing per token-layer plus plan building per op, fitted to samples of
 // steps whose tokens differ (ecss steps of 2,048 tokens and of 32,768) by least squares of the
-// relative errors; where one figure would come out negative, the other alone. The plans' ops
+// relative errors (with two samples, their exact solution); where one figure would come out
+// negative, the other alone. Samples must have begun after a time > 0 (StepBeginOf). The plans' ops
 // differ too little between the samples to tell plan building from a fixed cost per step, and
 // zero-offload's plans of the calibration model, every expert fetched, have too few more ops
 // (83 against 51; their begins differed by no more than the noise): the per-op figure is the
@@ -142,6 +145,7 @@ StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepPlan>& executed) {
 void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h) {
   double tt = 0, to = 0, oo = 0, ty = 0, oy = 0;  // the normal equations' sums, rows / seconds
   for (const StepBeginSample& s : samples) {
+    if (!(s.seconds > 0)) continue;
     const double t = s.token_layers / s.seconds, o = s.ops / s.seconds;
     tt += t * t;
     to += t * o;
@@ -226,7 +230,7 @@ StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gb
 // (no-overlap's chain here: 0.04-0.27 ms an op, where a stream synchronisation alone took 50
 // us; the chain's handoffs to and from the optimizer's thread take longer).
 StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
-  constexpr uint32_t kSteps = 8;  // measured; the session keeps the last 8 executed plans
+  constexpr uint32_t kSteps = PlanRecorder::kKeptSteps;  // measured: every one's plan kept
   CalibrationRun run;
   run.strategy = Strategy::kNoOverlap;
   MeasuredWindow window;
@@ -260,7 +264,7 @@ StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
 // `executed`: the run's executed plans (steps of two micro-batches of 16,384 tokens).
 StatusOr<double> MeasureGradientAddRate(const CalibrationOptions& o,
                                         std::vector<StepPlan>& executed) {
-  constexpr uint32_t kSteps = 8;  // measured; the session keeps the last 8 executed plans
+  constexpr uint32_t kSteps = PlanRecorder::kKeptSteps;  // measured: every one's plan kept
   CalibrationRun run;
   run.micro_batches = 2;
   run.tokens_per_micro_batch = 16384;

@@ -32,10 +32,10 @@ constexpr std::string_view kUsage =
     "fastest within the budgets, with the bottleneck before and after. --dump-plan: the last\n"
     "simulated step's plan of the workload's strategy as JSON, each op's simulated times (the\n"
     "format of ecss-bench step --dump-plan's executed plan). Without --workload: 2,048 tokens\n"
-    "a micro-batch, 4 domains a step, ecss, states in host memory. --calibrate measures this "
-    "machine's CPU optimizer, NVMe (in DIR, default .),\n"
-    "the host's work at a step's begin and its wait for the simulated device through the\n"
-    "runtime's code and writes the base hardware (default this-machine) with them.\n"
+    "a micro-batch, 4 domains a step, ecss, states in host memory. --calibrate measures this\n"
+    "machine's CPU optimizer, NVMe (in DIR, default .), the host's work at a step's begin, its\n"
+    "gradient additions and its wait for the simulated device through the runtime's code and\n"
+    "writes the base hardware (default this-machine) with them.\n"
     "tools/plan/README.md describes the files' fields.\n";
 
 int BadInput(std::string_view message) {
@@ -120,11 +120,18 @@ int main(int argc, char** argv) {
   auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload)
                          : ecss::plan::Plan(*model, *hardware, *workload);
   if (!report.ok()) return BadInput(report.status().ToString());
-  if (!dump_arg.empty() && report->predictions.at(0).feasible) {
-    ecss::JsonWriter plan;
-    report->predictions[0].last_plan.WriteJson(plan);
-    const ecss::Status written = ecss::WriteFileAtomically(dump_arg, plan.str() + "\n");
-    if (!written.ok()) return BadInput(ecss::StrCat("--dump-plan: ", written.ToString()));
+  if (!dump_arg.empty()) {
+    const ecss::plan::StrategyPrediction& given = report->predictions.at(0);
+    if (given.feasible) {
+      ecss::JsonWriter plan;
+      given.last_plan.WriteJson(plan);
+      const ecss::Status written = ecss::WriteFileAtomically(dump_arg, plan.str() + "\n");
+      if (!written.ok()) return BadInput(ecss::StrCat("--dump-plan: ", written.ToString()));
+    } else {
+      std::cerr << "ecss-plan: --dump-plan: nothing written, the workload's strategy does not "
+                   "run: "
+                << given.why_not << "\n";
+    }
   }
   if (json) {
     ecss::JsonWriter out;

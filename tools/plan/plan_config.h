@@ -75,13 +75,11 @@ struct HardwareConfig {
   double optimizer_params_per_s_per_thread = 0;
   std::vector<double> optimizer_params_per_s_by_threads;
   // The driving thread's work when a step begins, before it issues anything, per token and
-  // sparse layer of the step: RRE routing each micro-batch's tokens through each layer's
-  // tables, and building the step's plan. --calibrate measures it through a session; 0: not
-  // modelled. (A learned gate routes at each layer's forward; not modelled.)
+  // sparse layer of the step (RRE routing each micro-batch's tokens through each layer's
+  // tables) and per op of the step's plan (building it). --calibrate fits both to a session's
+  // steps of 2,048 and 32,768 tokens; 0: not modelled. (A learned gate routes, and plans, at
+  // each layer's forward; not modelled.)
   double routing_ns_per_token_layer = 0;
-  // ... and per op of the step's plan (building it, its fetches and evictions among them: a
-  // zero-offload plan, every expert fetched, took 5x an ecss plan's time to begin here).
-  // --calibrate fits both to sessions' steps of 2,048 and 32,768 tokens; 0: not modelled.
   double step_begin_ns_per_op = 0;
   // A later micro-batch's gradients added into the step's accumulators on the host (a host
   // stream of their own, one addition at a time), GB/s of gradients added. --calibrate

@@ -16,7 +16,8 @@
 // its updates (host states) has the driving thread's help once its device work is done
 // (Note [The driving thread helps]). Later micro-batches' gradient additions run one at a time
 // on the host's add stream, bytes / GB/s each, and a gradient copy into one of the two pinned
-// staging halves waits for that half's last addition.
+// staging halves waits for that half's last addition (the whole copy op: the executor's
+// copies of the op's experts without gradients yet go ahead of the wait).
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
 // work done, and its updates for the strategies whose step waits for them); its carried-in
