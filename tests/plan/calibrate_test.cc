@@ -43,7 +43,11 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   options.nvme_bytes = uint64_t{32} << 20;
   options.nvme_steps = 2;
   options.nvme_domains = 8;
+  options.nvme_large_expert_params = uint64_t{1} << 20;
   options.max_threads = 2;
+  CalibrationOptions one_size = options;
+  one_size.nvme_large_expert_params = options.expert_params;
+  EXPECT_EQ(Calibrate(*base, one_size).status().code(), StatusCode::kInvalidArgument);
   auto measured = Calibrate(*base, options);
   ASSERT_TRUE(measured.ok()) << measured.status();
   ASSERT_EQ(measured->optimizer_params_per_s_by_threads.size(),
@@ -53,6 +57,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_GT(measured->nvme[0].read_gbps, 0);
   EXPECT_GT(measured->nvme[0].session_fraction, 0);
   EXPECT_LE(measured->nvme[0].session_fraction, 1);
+  EXPECT_GE(measured->nvme[0].update_overhead_us, 0);
   // The host's costs: the simulated device's wait (the base's device is simulated) and the
   // step's begin, both through the runtime's code.
   EXPECT_GT(measured->host_wait_latency_us, 0);
@@ -67,6 +72,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
   EXPECT_EQ(back->optimizer_params_per_s_per_thread, 0);
   EXPECT_EQ(back->nvme[0].session_fraction, measured->nvme[0].session_fraction);
+  EXPECT_EQ(back->nvme[0].update_overhead_us, measured->nvme[0].update_overhead_us);
   EXPECT_EQ(back->host_wait_latency_us, measured->host_wait_latency_us);
   EXPECT_EQ(back->routing_ns_per_token_layer, measured->routing_ns_per_token_layer);
   EXPECT_EQ(back->step_begin_ns_per_op, measured->step_begin_ns_per_op);

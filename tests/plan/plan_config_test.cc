@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tools/plan/calibrate.h"
+
 namespace ecss::plan {
 namespace {
 
@@ -139,6 +141,15 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
                        R"(, "nvme": {"capacity_gib": 10, "read_gbps": 1, "write_gbps": 1,
                              "session_fraction": 1.5})");
   EXPECT_EQ(error(bad_fraction), "hardware.nvme.session_fraction: must be at most 1 (got 1.5)");
+  std::string overhead = bad_fraction;
+  overhead.replace(overhead.find("1.5"), 3, R"(0.9, "update_overhead_us": 1500)");
+  StatusOr<HardwareConfig> with_overhead = ParseHardware(overhead);
+  ASSERT_TRUE(with_overhead.ok()) << with_overhead.status();
+  EXPECT_EQ(with_overhead->nvme.at(0).update_overhead_us, 1500);
+  EXPECT_EQ(ParseHardware(HardwareJson(*with_overhead))->nvme.at(0).update_overhead_us, 1500);
+  std::string negative_overhead = overhead;
+  negative_overhead.replace(negative_overhead.find("1500"), 4, "-3");
+  EXPECT_EQ(error(negative_overhead), "hardware.nvme.update_overhead_us: must be >= 0 (got -3)");
   // The host's costs (what --calibrate measures): optional, never negative.
   std::string host_costs = hardware;
   host_costs.replace(host_costs.find(R"("profile": "h100-sxm")"), 0,

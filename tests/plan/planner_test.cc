@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <memory>
 #include <string>
@@ -393,6 +394,49 @@ TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
   const Status refused = StepSimulator::Create(options, negative).status();
   EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("additions"), std::string::npos) << refused;
+}
+
+// With states on NVMe, each expert's update takes the drives' overhead beside its bytes, half
+// on its read and half on its write: no-overlap's steps, their updates inside them, keep the
+// drives busy that much longer per updated expert. A negative or unknown overhead is refused.
+TEST(StepSimulatorTest, EachNvmeUpdatePaysItsOverheadOnTheDrives) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  c.workload.states = Tier::kNvme;
+  SessionOptions options;
+  std::vector<StepPlan> plans;
+  ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kNoOverlap, 3, &options, &plans));
+  constexpr double kOverhead = 2e-3;
+  const ResourceRates plain{.device = c.hardware.device,
+                            .optimizer_params_per_s = 5e8,
+                            .nvme_read_gbps = 1.5,
+                            .nvme_write_gbps = 1.0};
+  ResourceRates costly = plain;
+  costly.nvme_update_overhead_seconds = kOverhead;
+  auto without = StepSimulator::Create(options, plain);
+  auto with = StepSimulator::Create(options, costly);
+  ASSERT_TRUE(without.ok() && with.ok()) << without.status() << with.status();
+  const size_t read = static_cast<size_t>(PlanResource::kNvmeRead);
+  const size_t write = static_cast<size_t>(PlanResource::kNvmeWrite);
+  for (const StepPlan& plan : plans) {
+    ASSERT_TRUE(plan.step_waits_for_updates());
+    StepPlan a = plan, b = plan;
+    auto fast = without->Run(a);
+    auto slow = with->Run(b);
+    ASSERT_TRUE(fast.ok() && slow.ok());
+    const double updated = static_cast<double>(TouchedExperts(plan).size());
+    ASSERT_GT(updated, 0);
+    EXPECT_NEAR(slow->busy[read] - fast->busy[read], updated * kOverhead / 2, 1e-9);
+    EXPECT_NEAR(slow->busy[write] - fast->busy[write], updated * kOverhead / 2, 1e-9);
+    EXPECT_GE(slow->seconds - fast->seconds, updated * kOverhead - 1e-9);
+  }
+  for (double bad : {-1e-3, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    ResourceRates refused_rates = plain;
+    refused_rates.nvme_update_overhead_seconds = bad;
+    const Status refused = StepSimulator::Create(options, refused_rates).status();
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(refused.message().find("nvme_update_overhead_seconds"), std::string::npos) << refused;
+  }
 }
 
 // The hardware file's host costs reach the prediction: no-overlap's step, its ops one after

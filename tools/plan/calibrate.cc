@@ -31,14 +31,15 @@ struct CalibrationRun {
   Strategy strategy = Strategy::kEcss;
   int threads = 1;
   uint32_t domains = 8;
+  uint32_t layers = 4;
   uint32_t micro_batches = 1;
   uint32_t tokens_per_micro_batch = 2048;
   double device_budget_gib = 0.25;  // room for the micro-batch's activations
   std::string store_dir;
 };
 
-// Steps of the calibration model (`run.domains` domains of 2 experts of `expert_params`
-// parameters in 4 layers, AdamW; the run's micro-batches from 4 domains a step) on the
+// Steps of the calibration model (`run.domains` domains of 2 experts of `o.expert_params`
+// parameters in `run.layers` layers, AdamW; the run's micro-batches from 4 domains a step) on the
 // simulated device in timed mode: the steps' statistics and the window after the first two;
 // with `executed`, the last few measured steps' executed plans.
 StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
@@ -47,7 +48,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
                                                      std::vector<StepPlan>* executed = nullptr) {
   ModelConfig model;
   model.name = "calibration";
-  model.sparse_layers = 4;
+  model.sparse_layers = run.layers;
   model.d_model = 512;
   model.d_ff = static_cast<uint32_t>(o.expert_params / (2 * 512));
   model.vocab = 50257;
@@ -192,32 +193,34 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
   return params / busy;
 }
 
-// The fraction of the drive's rates a session's NVMe state pipeline reaches while it works:
-// the bytes its runs moved (StepStats::nvme_bytes: each update reads master and moments and
-// writes them back, half and half) at those rates over the runs' time (load to drain:
-// optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not over the
+// A session's NVMe state pipeline while it works, per updated expert: the time its bytes
+// take at the drive's rates (StepStats::nvme_bytes: each update reads master and moments and
+// writes them back, half and half) and the runs' time (load to drain:
+// optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not the
 // steps' time: the pipeline waits for gradients in part of it, and the step simulator models
-// that wait itself. States in a store of o.nvme_domains domains under o.dir (removed after).
-StatusOr<double> SessionNvmeFraction(const CalibrationOptions& o, double read_gbps,
-                                     double write_gbps) {
+// that wait itself. `run`'s layers and device budget, states of experts of o.expert_params in a
+// store of o.nvme_domains domains under o.dir (removed after).
+StatusOr<StatePipelineSample> MeasureStatePipeline(const CalibrationOptions& o, CalibrationRun run,
+                                                   double read_gbps, double write_gbps) {
   ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
                         ScratchDir::Create(o.dir, "ecss-plan-calibration."));
-  CalibrationRun run;
   run.domains = o.nvme_domains;
   run.store_dir = store.path();
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
                         RunCalibrationSteps(o, run, o.nvme_steps, window));
-  double busy = 0, bytes = 0;
+  double busy = 0, bytes = 0, params = 0;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
     busy += stats[s].optimizer_busy_seconds;
     bytes += static_cast<double>(stats[s].nvme_bytes);
+    params += static_cast<double>(stats[s].updated_params);
   }
+  const double experts = params / static_cast<double>(o.expert_params);
   const double bound = bytes / 2 / (read_gbps * 1e9) + bytes / 2 / (write_gbps * 1e9);
-  if (!(busy > 0 && bound > 0)) {
+  if (!(busy > 0 && bound > 0 && experts > 0)) {
     return InternalError("calibration: the NVMe state pipeline did not run");
   }
-  return std::min(1.0, bound / busy);
+  return StatePipelineSample{bound / experts, busy / experts};
 }
 
 // The host's wait before an op it issues only once the op's dependencies ended (a
@@ -311,7 +314,32 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 
 }  // namespace
 
+void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
+                      NvmeDrive& drive) {
+  // busy = bound / fraction + overhead through both samples, 1 / fraction their slope.
+  double slowdown = large.bound_s > small.bound_s
+                        ? (large.busy_s - small.busy_s) / (large.bound_s - small.bound_s)
+                        : 0;
+  double overhead = small.busy_s - small.bound_s * slowdown;
+  if (slowdown < 1) {  // faster than the drive: all of the rates, the rest overhead
+    slowdown = 1;
+    overhead = (small.busy_s - small.bound_s + large.busy_s - large.bound_s) / 2;
+  }
+  if (overhead < 0) {  // the fraction alone, through both samples' sums
+    overhead = 0;
+    slowdown = std::max(1.0, (small.busy_s + large.busy_s) / (small.bound_s + large.bound_s));
+  }
+  drive.session_fraction = 1 / slowdown;
+  drive.update_overhead_us = overhead * 1e6;
+}
+
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options) {
+  if (options.nvme_large_expert_params <= options.expert_params) {
+    return InvalidArgumentError(
+        StrCat("calibration: nvme_large_expert_params (", options.nvme_large_expert_params,
+               ") must be above expert_params (", options.expert_params,
+               "): the NVMe pipeline's overhead is fitted at two expert sizes"));
+  }
   // 1 .. this machine's cores (at most max_threads) threads updating at once.
   const int cores = static_cast<int>(
       std::clamp(std::thread::hardware_concurrency(), 1u, std::max(1u, options.max_threads)));
@@ -333,9 +361,28 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   // One drive measured: the base's drives (or this machine's one) get its speed.
   const size_t drives = std::max<size_t>(1, base.nvme.size());
   const double capacity = base.nvme.empty() ? nvme.capacity_gib : base.nvme[0].capacity_gib;
-  ECSS_ASSIGN_OR_RETURN(const double fraction,
-                        SessionNvmeFraction(options, nvme.read_gbps, nvme.write_gbps));
-  base.nvme.assign(drives, {capacity, nvme.read_gbps, nvme.write_gbps, fraction});
+  // The pipeline at two expert sizes: the fraction of the rates and each update's overhead.
+  ECSS_ASSIGN_OR_RETURN(const StatePipelineSample small,
+                        MeasureStatePipeline(options, {}, nvme.read_gbps, nvme.write_gbps));
+  CalibrationOptions large_experts = options;
+  large_experts.expert_params = options.nvme_large_expert_params;
+  // One layer, for a store of the same order of bytes, and steps that move as many bytes in
+  // all (a step's 8 experts of 8 Mi against 32 of 1 Mi: half the steps); the activations
+  // grow with d_ff.
+  large_experts.nvme_steps = std::max<uint32_t>(
+      1, static_cast<uint32_t>(static_cast<double>(options.nvme_steps) *
+                               static_cast<double>(options.expert_params) * 4 /
+                               static_cast<double>(large_experts.expert_params)));
+  CalibrationRun large_run;
+  large_run.layers = 1;
+  large_run.device_budget_gib *=
+      static_cast<double>(large_experts.expert_params) / static_cast<double>(options.expert_params);
+  ECSS_ASSIGN_OR_RETURN(
+      const StatePipelineSample large,
+      MeasureStatePipeline(large_experts, large_run, nvme.read_gbps, nvme.write_gbps));
+  NvmeDrive drive{capacity, nvme.read_gbps, nvme.write_gbps};
+  FitStatePipeline(small, large, drive);
+  base.nvme.assign(drives, drive);
   // The simulated device's wait on this host; a real device's is the base file's.
   if (base.device_kind == DeviceKind::kSim) {
     ECSS_ASSIGN_OR_RETURN(base.host_wait_latency_us, MeasureHostWaitLatency(options));
@@ -389,6 +436,7 @@ std::string HardwareJson(const HardwareConfig& h) {
         .Field("read_gbps", h.nvme[0].read_gbps)
         .Field("write_gbps", h.nvme[0].write_gbps)
         .Field("session_fraction", h.nvme[0].session_fraction)
+        .Field("update_overhead_us", h.nvme[0].update_overhead_us)
         .EndObject();
   }
   json.Field("network_gbps", h.network_gbps).EndObject();

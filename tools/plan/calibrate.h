@@ -10,12 +10,13 @@
 //    one, not 2x.
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
-//    the capacity is the directory's file system's. Then the fraction of those rates a
-//    session's NVMe state pipeline reaches (ecss steps of the same model over nvme_domains
-//    domains with states on NVMe: the bytes its runs moved at those rates over the runs'
-//    time, not the steps'; the step simulator models the waits for gradients between runs;
-//    session_fraction): a state's header round trip and reads and writes sharing the drive
-//    cost it some of the drive's time.
+//    the capacity is the directory's file system's. Then what a session's NVMe state pipeline
+//    reaches of those rates (ecss steps over nvme_domains domains with states on NVMe, at two
+//    expert sizes: the bytes its runs moved at those rates against the runs' time, not the
+//    steps'; the step simulator models the waits for gradients between runs): the fraction of
+//    the rates it gets and the drive time each expert's update takes beside its bytes
+//    (session_fraction, update_overhead_us: FitStatePipeline). Reads and writes sharing the
+//    drive cost the first, each state's header and version the second.
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
 //    per op of the step's plan (when each step's first routing plan was issued, in the
 //    executed plans of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps
@@ -54,6 +55,12 @@ struct CalibrationOptions {
   // NVMe, 3 interleaved rounds: 0.76-0.84 of its bound with 8 domains, 0.82-0.91 with 32,
   // 0.86-0.95 with small's 40), and plan-vs-run's NVMe configurations were predicted 9-19% slow.
   uint32_t nvme_domains = 32;
+  // The pipeline is measured again with experts of this many parameters in one layer, for the
+  // overhead of each update beside its bytes (nvme.update_overhead_us): on the development VM
+  // experts of 16 Mi parameters reached 0.90-0.97 of the drive's rates in plan-vs-run's `wide`
+  // where experts of 1 Mi reached 0.78-0.83, and one fraction for both predicted wide's steps
+  // 11-17% slow.
+  uint64_t nvme_large_expert_params = uint64_t{8} << 20;
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
@@ -61,6 +68,17 @@ struct CalibrationOptions {
 // host.step_begin_ns_per_op, host.gradient_add_gbps and nvme measured here, and
 // device.host_wait_latency_us with a simulated device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
+// A session's NVMe state pipeline at one expert size, per updated expert: its bytes' time at
+// the drive's measured rates and the time it took.
+struct StatePipelineSample {
+  double bound_s = 0, busy_s = 0;
+};
+// The drive's session_fraction and update_overhead_us from samples at a small and a large
+// expert size: busy = bound / session_fraction + overhead through both, the fraction at most 1
+// and the overhead at least 0 (where the line through them would leave either out, the other
+// fitted alone to both).
+void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
+                      NvmeDrive& drive);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);
 

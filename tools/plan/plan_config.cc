@@ -560,6 +560,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(n.Number("read_gbps", &drive.read_gbps, true, kRate));
     ECSS_RETURN_IF_ERROR(n.Number("write_gbps", &drive.write_gbps, true, kRate));
     ECSS_RETURN_IF_ERROR(n.Number("session_fraction", &drive.session_fraction, false, kFraction));
+    ECSS_RETURN_IF_ERROR(
+        n.Number("update_overhead_us", &drive.update_overhead_us, false, kMicroseconds));
     ECSS_RETURN_IF_ERROR(n.Finish());
     h.nvme.assign(drives, drive);
   }

@@ -52,6 +52,10 @@ struct NvmeDrive {
   // The fraction of those rates a session's NVMe state pipeline reaches (--calibrate
   // measures it; 1: all of them).
   double session_fraction = 1;
+  // And the drive time each update of an expert's NVMe states takes beside its bytes at that
+  // fraction of the rates (its states' reads and writes, headers and versions: --calibrate
+  // measures it at two expert sizes; 0: none).
+  double update_overhead_us = 0;
 };
 
 struct HardwareConfig {

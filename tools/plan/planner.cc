@@ -153,6 +153,16 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
     rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;
     rates.nvme_write_gbps += d.write_gbps * d.session_fraction / hardware.devices_per_node;
   }
+  // An update's overhead is one drive's time; the device's share of the drives takes its
+  // updates in parallel.
+  if (!hardware.nvme.empty()) {
+    double overhead_us = 0;
+    for (const NvmeDrive& d : hardware.nvme) overhead_us += d.update_overhead_us;
+    const double drives_per_device =
+        static_cast<double>(hardware.nvme.size()) / hardware.devices_per_node;
+    rates.nvme_update_overhead_seconds =
+        overhead_us / static_cast<double>(hardware.nvme.size()) * 1e-6 / drives_per_device;
+  }
   // The dense part: 2 FLOPs per parameter and token forward, 4 backward, spread over the
   // sparse layers' compute ops at the GEMM rate of the model's dtype.
   const double tflops = model.dtype == DType::kBF16 ? hardware.device.peak_tflops_bf16

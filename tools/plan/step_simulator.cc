@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <set>
+#include <utility>
 
 #include "engine/plan_inputs.h"
 #include "runtime/base/str_cat.h"
@@ -47,35 +48,22 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
     return InvalidArgumentError(StrCat("step simulator: optimizer parameters/s must be > 0 (got ",
                                        rates.optimizer_params_per_s, ")"));
   }
-  if (!(rates.optimizer_helped_params_per_s >= 0) ||
-      !std::isfinite(rates.optimizer_helped_params_per_s)) {
-    return InvalidArgumentError(
-        StrCat("step simulator: optimizer parameters/s with the driving thread must be >= 0 (got ",
-               rates.optimizer_helped_params_per_s, ")"));
-  }
-  if (!(rates.copy_latency_us >= 0)) {
-    return InvalidArgumentError("step simulator: copy latency must be >= 0");
-  }
-  if (!(rates.begin_step_seconds >= 0) || !std::isfinite(rates.begin_step_seconds)) {
-    return InvalidArgumentError(
-        StrCat("step simulator: begin_step_seconds (the host's work at a step's begin) must be "
-               ">= 0 (got ",
-               rates.begin_step_seconds, ")"));
-  }
-  if (!(rates.begin_step_seconds_per_op >= 0) || !std::isfinite(rates.begin_step_seconds_per_op)) {
-    return InvalidArgumentError(
-        StrCat("step simulator: begin_step_seconds_per_op (the host's work at a step's begin per "
-               "op of its plan) must be >= 0 (got ",
-               rates.begin_step_seconds_per_op, ")"));
-  }
-  if (!(rates.host_wait_latency_us >= 0) || !std::isfinite(rates.host_wait_latency_us)) {
-    return InvalidArgumentError(StrCat("step simulator: host wait latency must be >= 0 (got ",
-                                       rates.host_wait_latency_us, " us)"));
-  }
-  if (!(rates.gradient_add_gbps >= 0) || !std::isfinite(rates.gradient_add_gbps)) {
-    return InvalidArgumentError(
-        StrCat("step simulator: gradient additions' GB/s must be >= 0 (got ",
-               rates.gradient_add_gbps, ")"));
+  const std::pair<const char*, double> at_least_zero[] = {
+      {"optimizer parameters/s with the driving thread", rates.optimizer_helped_params_per_s},
+      {"copy latency (us)", rates.copy_latency_us},
+      {"begin_step_seconds (the host's work at a step's begin)", rates.begin_step_seconds},
+      {"begin_step_seconds_per_op (the host's work at a step's begin per op of its plan)",
+       rates.begin_step_seconds_per_op},
+      {"host wait latency (us)", rates.host_wait_latency_us},
+      {"gradient additions' GB/s", rates.gradient_add_gbps},
+      {"nvme_update_overhead_seconds (an NVMe state update's drive time beside its bytes)",
+       rates.nvme_update_overhead_seconds},
+  };
+  for (const auto& [what, value] : at_least_zero) {
+    if (!(value >= 0) || !std::isfinite(value)) {
+      return InvalidArgumentError(
+          StrCat("step simulator: ", what, " must be >= 0 (got ", value, ")"));
+    }
   }
   if (options.placement.states_on_nvme() &&
       !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
@@ -106,10 +94,13 @@ double StepSimulator::Seconds(const PlanOp& op) const {
     case OpKind::kBackward:
       return ComputeOpSeconds(options_, op, rates_.device) + rates_.dense_backward_seconds;
     case OpKind::kStage:
-    case OpKind::kStateRead:
       return static_cast<double>(op.bytes) / (rates_.nvme_read_gbps * 1e9);
+    case OpKind::kStateRead:  // and half of each update's overhead
+      return static_cast<double>(op.bytes) / (rates_.nvme_read_gbps * 1e9) +
+             static_cast<double>(op.experts.size()) * rates_.nvme_update_overhead_seconds / 2;
     case OpKind::kStateWrite:
-      return static_cast<double>(op.bytes) / (rates_.nvme_write_gbps * 1e9);
+      return static_cast<double>(op.bytes) / (rates_.nvme_write_gbps * 1e9) +
+             static_cast<double>(op.experts.size()) * rates_.nvme_update_overhead_seconds / 2;
     case OpKind::kUpdate:
       return static_cast<double>(op.experts.size()) * ExpertParams() /
              rates_.optimizer_params_per_s;

@@ -60,6 +60,9 @@ struct ResourceRates {
   double gradient_add_gbps = 0;
   double nvme_read_gbps = 0;  // > 0 with states on NVMe
   double nvme_write_gbps = 0;
+  // The drives' time each expert's NVMe state update takes beside its bytes, half on its read
+  // and half on its write (NvmeDrive::update_overhead_us).
+  double nvme_update_overhead_seconds = 0;
   // Device time added to each forward / backward compute op: the model's dense layers, which
   // the engine does not run (the planner's simple model of them; 0 for the engine's own step).
   double dense_forward_seconds = 0;
