@@ -225,11 +225,16 @@ class StepPlan::Builder {
       // The delayed update: the held update of step t-1 reads these gradient buffers.
       copy.deps.push_back(static_cast<uint32_t>(c_.held_update));
     }
-    uint32_t done = Add(copy, /*joins=*/true);
     std::vector<uint32_t> added;  // experts with gradients of an earlier micro-batch
     for (uint32_t e : groups.experts) {
       if (!c_.touched[layer].insert(e).second) added.push_back(e);
     }
+    if (!added.empty() && c_.additions.size() >= 2) {
+      // Its gradients go to the pinned staging half the addition two before it read (two
+      // halves in turn): once that addition ended.
+      copy.deps.push_back(c_.additions[c_.additions.size() - 2]);
+    }
+    uint32_t done = Add(copy, /*joins=*/true);
     if (!added.empty()) {  // a later micro-batch's gradients, added on the host in order
       PlanOp add;
       add.kind = OpKind::kAccumulate;
@@ -239,6 +244,7 @@ class StepPlan::Builder {
       add.experts = std::move(added);
       add.deps = {done};
       done = Add(add);
+      c_.additions.push_back(done);
     }
     c_.gradient[layer] = done;
     if (micro_batch + 1 == plan_.micro_batches_ && !policy_.delayed_update &&

@@ -52,11 +52,14 @@ enum class OpKind : uint8_t {
   kForward,       // permute, grouped FFN, combine of one (micro-batch, layer)
   kBackward,      // the same backward (the forward recomputed), dX and dW
   kGradientCopy,  // the (micro-batch, layer)'s expert gradients device -> host
-  kAccumulate,    // a later micro-batch's gradients added to earlier ones' (those experts only)
-  kStateRead,     // a layer's experts' master weights and moments NVMe -> staging
-  kUpdate,        // the CPU optimizer over a layer's experts
-  kStateWrite,    // their states (and weights on NVMe) back to NVMe
-  kPublish,       // delayed update: updated weights become what fetches read
+  // A later micro-batch's gradients added to earlier ones' (those experts only), one at a time
+  // on the host; their copy went to one of two pinned staging halves, in turn, so a copy that
+  // stages gradients depends on the addition two before it too.
+  kAccumulate,
+  kStateRead,   // a layer's experts' master weights and moments NVMe -> staging
+  kUpdate,      // the CPU optimizer over a layer's experts
+  kStateWrite,  // their states (and weights on NVMe) back to NVMe
+  kPublish,     // delayed update: updated weights become what fetches read
 };
 std::string_view OpKindName(OpKind kind);  // "plan_upload", "fetch", ...
 
@@ -221,6 +224,7 @@ class StepPlan {
     std::map<uint32_t, uint32_t> upload;             // micro-batch -> its plan upload
     std::map<uint32_t, uint32_t> gradient;           // layer -> its last gradient op so far
     std::map<uint32_t, std::set<uint32_t>> touched;  // layer -> experts with a gradient
+    std::vector<uint32_t> additions;  // the step's gradient additions so far, in order
     std::map<std::pair<uint32_t, uint32_t>, LayerRoute>
         groups;  // (micro-batch, layer) -> its groups
     std::map<ExpertId, uint32_t> last_fetch, last_use;

@@ -347,6 +347,22 @@ TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
   const PlanOp& copy = mixed.ops()[layer0[0]->deps.at(0)];
   EXPECT_EQ(copy.experts, std::vector<uint32_t>({0, 3}));
   EXPECT_EQ(layer0[0]->bytes * 2, copy.bytes);
+
+  // Copies stage later micro-batches' gradients in two pinned halves in turn: each after the
+  // addition two before it, which read that half; the first two wait for no addition.
+  const StepPlan three = Build(Policy(Strategy::kEcss), {Batch(), Batch(), Batch()});
+  const std::vector<const PlanOp*> additions = three.Find(OpKind::kAccumulate);
+  ASSERT_EQ(additions.size(), 4u);
+  for (size_t k = 0; k < additions.size(); ++k) {
+    const PlanOp& staged = three.ops()[additions[k]->deps.at(0)];
+    ASSERT_EQ(staged.kind, OpKind::kGradientCopy);
+    std::vector<uint32_t> waits_for;
+    for (uint32_t dep : staged.deps) {
+      if (three.ops()[dep].kind == OpKind::kAccumulate) waits_for.push_back(dep);
+    }
+    EXPECT_EQ(waits_for, k < 2 ? std::vector<uint32_t>{} : std::vector{additions[k - 2]->id})
+        << "addition " << k;
+  }
 }
 
 // The delayed update: the step begins by publishing step t-2's update and starting step

@@ -476,6 +476,40 @@ TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
   EXPECT_EQ(step_seconds(*gate, c.hardware), step_seconds(*gate, routing_only));
 }
 
+// The drives' update overhead reaches the prediction at the device's share of them: with two
+// drives to one device, half of it per update on the device's NVMe queue (no-overlap's steps,
+// their updates inside them).
+TEST(PlannerTest, TheDrivesUpdateOverheadReachesThePredictionAtTheDevicesShare) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  c.workload.states = Tier::kNvme;
+  ASSERT_EQ(c.hardware.devices_per_node, 1u);
+  c.hardware.nvme.assign(2, c.hardware.nvme.at(0));
+  HardwareConfig costly = c.hardware;
+  for (NvmeDrive& drive : costly.nvme) drive.update_overhead_us = 2000;
+  auto no_overlap = [&](const HardwareConfig& hardware) {
+    StatusOr<PlanReport> report = Plan(c.model, hardware, c.workload);
+    EXPECT_TRUE(report.ok()) << report.status();
+    StrategyPrediction found;
+    for (const StrategyPrediction& p : report->predictions) {
+      if (p.strategy == Strategy::kNoOverlap) found = p;
+    }
+    EXPECT_TRUE(found.feasible) << found.why_not;
+    return found;
+  };
+  const StrategyPrediction before = no_overlap(c.hardware);
+  const StrategyPrediction after = no_overlap(costly);
+  const double updates =
+      static_cast<double>(before.updated_params) / static_cast<double>(c.model.expert_params());
+  ASSERT_GT(updates, 0);
+  auto drives_busy = [](const StrategyPrediction& p) {
+    return p.busy_per_step[static_cast<size_t>(PlanResource::kNvmeRead)] +
+           p.busy_per_step[static_cast<size_t>(PlanResource::kNvmeWrite)];
+  };
+  EXPECT_NEAR(drives_busy(after) - drives_busy(before), updates * 1e-3, 1e-9 * updates);
+  EXPECT_GE(after.step_seconds - before.step_seconds, updates * 1e-3 - 1e-9);
+}
+
 // An infeasible configuration names the short budget and the change that fits.
 TEST(PlannerTest, AModelTooLargeForHostMemorySaysWhatWouldFit) {
   auto model = ParseModel(R"({"sparse_layers": 8, "d_model": 1024, "d_ff": 4096,

@@ -209,13 +209,12 @@ StatusOr<StatePipelineSample> MeasureStatePipeline(const CalibrationOptions& o, 
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
                         RunCalibrationSteps(o, run, o.nvme_steps, window));
-  double busy = 0, bytes = 0, params = 0;
+  double busy = 0, bytes = 0, experts = 0;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
     busy += stats[s].optimizer_busy_seconds;
     bytes += static_cast<double>(stats[s].nvme_bytes);
-    params += static_cast<double>(stats[s].updated_params);
+    experts += stats[s].updated_experts;
   }
-  const double experts = params / static_cast<double>(o.expert_params);
   const double bound = bytes / 2 / (read_gbps * 1e9) + bytes / 2 / (write_gbps * 1e9);
   if (!(busy > 0 && bound > 0 && experts > 0)) {
     return InternalError("calibration: the NVMe state pipeline did not run");
@@ -321,13 +320,16 @@ void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSampl
                         ? (large.busy_s - small.busy_s) / (large.bound_s - small.bound_s)
                         : 0;
   double overhead = small.busy_s - small.bound_s * slowdown;
-  if (slowdown < 1) {  // faster than the drive: all of the rates, the rest overhead
+  // Where the line leaves the ranges, the small sample's time is kept (the experts most
+  // training uses; at the large size alone the line's noise is least felt): all of the rates
+  // and its excess as the overhead, or no overhead and its fraction.
+  if (slowdown < 1) {
     slowdown = 1;
-    overhead = (small.busy_s - small.bound_s + large.busy_s - large.bound_s) / 2;
+    overhead = small.busy_s - small.bound_s;
   }
-  if (overhead < 0) {  // the fraction alone, through both samples' sums
+  if (overhead < 0) {
     overhead = 0;
-    slowdown = std::max(1.0, (small.busy_s + large.busy_s) / (small.bound_s + large.bound_s));
+    slowdown = std::max(1.0, small.busy_s / small.bound_s);
   }
   drive.session_fraction = 1 / slowdown;
   drive.update_overhead_us = overhead * 1e6;
@@ -366,15 +368,16 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
                         MeasureStatePipeline(options, {}, nvme.read_gbps, nvme.write_gbps));
   CalibrationOptions large_experts = options;
   large_experts.expert_params = options.nvme_large_expert_params;
-  // One layer, for a store of the same order of bytes, and steps that move as many bytes in
-  // all (a step's 8 experts of 8 Mi against 32 of 1 Mi: half the steps); the activations
-  // grow with d_ff.
-  large_experts.nvme_steps = std::max<uint32_t>(
-      1, static_cast<uint32_t>(static_cast<double>(options.nvme_steps) *
-                               static_cast<double>(options.expert_params) * 4 /
-                               static_cast<double>(large_experts.expert_params)));
+  // One layer (by default a store of 6 GiB against the small run's 3, both shadow slots
+  // written first), and steps that move as many bytes in all (a step's 8 experts of 8 Mi
+  // against 32 of 1 Mi: half the steps); the device budget grows with d_ff, as the
+  // activations do.
   CalibrationRun large_run;
   large_run.layers = 1;
+  const double steps_ratio = static_cast<double>(options.expert_params) * CalibrationRun{}.layers /
+                             (static_cast<double>(large_experts.expert_params) * large_run.layers);
+  large_experts.nvme_steps = std::max<uint32_t>(
+      1, static_cast<uint32_t>(static_cast<double>(options.nvme_steps) * steps_ratio));
   large_run.device_budget_gib *=
       static_cast<double>(large_experts.expert_params) / static_cast<double>(options.expert_params);
   ECSS_ASSIGN_OR_RETURN(

@@ -153,8 +153,9 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
     rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;
     rates.nvme_write_gbps += d.write_gbps * d.session_fraction / hardware.devices_per_node;
   }
-  // An update's overhead is one drive's time; the device's share of the drives takes its
-  // updates in parallel.
+  // An update's overhead is taken as one drive's busy time (calibrated as a session's elapsed
+  // time per update, so what of it is latency is counted as busy): the device's share of the
+  // drives takes its updates in parallel, and a device that shares a drive pays its share.
   if (!hardware.nvme.empty()) {
     double overhead_us = 0;
     for (const NvmeDrive& d : hardware.nvme) overhead_us += d.update_overhead_us;

@@ -45,17 +45,18 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
   ECSS_RETURN_IF_ERROR(options.Validate());
   ECSS_RETURN_IF_ERROR(ValidateDeviceProfile(rates.device));
   if (!(rates.optimizer_params_per_s > 0) || !std::isfinite(rates.optimizer_params_per_s)) {
-    return InvalidArgumentError(StrCat("step simulator: optimizer parameters/s must be > 0 (got ",
+    return InvalidArgumentError(StrCat("step simulator: optimizer_params_per_s must be > 0 (got ",
                                        rates.optimizer_params_per_s, ")"));
   }
   const std::pair<const char*, double> at_least_zero[] = {
-      {"optimizer parameters/s with the driving thread", rates.optimizer_helped_params_per_s},
-      {"copy latency (us)", rates.copy_latency_us},
+      {"optimizer_helped_params_per_s (the optimizer with the driving thread's help)",
+       rates.optimizer_helped_params_per_s},
+      {"copy_latency_us", rates.copy_latency_us},
       {"begin_step_seconds (the host's work at a step's begin)", rates.begin_step_seconds},
       {"begin_step_seconds_per_op (the host's work at a step's begin per op of its plan)",
        rates.begin_step_seconds_per_op},
-      {"host wait latency (us)", rates.host_wait_latency_us},
-      {"gradient additions' GB/s", rates.gradient_add_gbps},
+      {"host_wait_latency_us", rates.host_wait_latency_us},
+      {"gradient_add_gbps (the host's gradient additions)", rates.gradient_add_gbps},
       {"nvme_update_overhead_seconds (an NVMe state update's drive time beside its bytes)",
        rates.nvme_update_overhead_seconds},
   };
@@ -223,158 +224,169 @@ double StepSimulator::DrivingThreadHelps(UpdateRecord& record, double from) {
   return free;
 }
 
+// When the updates of the step `offset` steps back from this pass's ended (with the delayed
+// update, of that step's gradients, which the step after it ran); null before the first.
+StepSimulator::UpdateRecord* StepSimulator::UpdatesOf(const Pass& pass, int32_t offset) {
+  const auto index = static_cast<int64_t>(pass.step) + offset;
+  return index >= 0 && index < static_cast<int64_t>(updates_.size()) ? &updates_[index] : nullptr;
+}
+
+// When `dep` lets `op` (or its expert `e`'s part, e >= 0) start. A fetch or stage waits for
+// its expert's update of step t-1, not all of them (the carried-in op that stands for them).
+double StepSimulator::DepEnd(const Pass& pass, const PlanOp& op, uint32_t dep, int64_t e) {
+  if (static_cast<int64_t>(dep) == pass.fetch_gate && !op.experts.empty() &&
+      (op.kind == OpKind::kFetch || op.kind == OpKind::kStage)) {
+    const UpdateRecord* last = UpdatesOf(pass, -1);
+    if (last == nullptr) return pass.floor;
+    auto it = last->expert_end.find({static_cast<uint32_t>(op.layer), op.experts[0]});
+    return it == last->expert_end.end() ? pass.floor : std::max(pass.floor, it->second);
+  }
+  auto per_expert = pass.expert_end.find(dep);
+  if (e >= 0 && per_expert != pass.expert_end.end()) {
+    auto it = per_expert->second.find(static_cast<uint32_t>(e));
+    if (it != per_expert->second.end()) return it->second;
+  }
+  return pass.end[dep];
+}
+
+// An update-like op of this step, one expert at a time; with states on NVMe, a pipeline of
+// reads, updates and writes. Its last part (the update, or the state write) ends the expert's
+// update in this step's record.
+void StepSimulator::RunExperts(Pass& pass, PlanOp& op, double seconds, double wait) {
+  const bool states_on_nvme = pass.policy.states_on_nvme;
+  const size_t r = Queue(op.resource);
+  const double each = seconds / static_cast<double>(op.experts.size());
+  UpdateRecord& mine = updates_[pass.mine];
+  double first = -1, last = pass.floor;
+  for (uint32_t e : op.experts) {
+    double ready = pass.floor;
+    for (uint32_t dep : op.deps) ready = std::max(ready, DepEnd(pass, op, dep, e) + wait);
+    const double start = std::max(ready, free_[r]);
+    const double finish = start + each;
+    free_[r] = finish;
+    Occupy(op.resource, start, finish);
+    pass.expert_end[op.id][e] = finish;
+    if (first < 0) first = start;
+    last = std::max(last, finish);
+    const bool final_part =
+        states_on_nvme ? op.kind == OpKind::kStateWrite : op.kind == OpKind::kUpdate;
+    if (final_part) {
+      const ExpertId key{static_cast<uint32_t>(op.layer), e};
+      mine.expert_end[key] = finish;
+      if (!states_on_nvme) mine.queue.push_back({key, {ready, start, finish, each, op.id}});
+    }
+  }
+  pass.end[op.id] = last;
+  pass.update_end = std::max(pass.update_end, last);
+  op.start_s = first - pass.begin;
+  op.end_s = last - pass.begin;
+}
+
+// Any other op of this step, whole, on its resource (compute ops between the halves of their
+// all-to-all where one is modelled); `held`: the delayed update's update of step t-1's
+// gradients.
+void StepSimulator::RunWhole(Pass& pass, PlanOp& op, double seconds, double wait, bool held) {
+  double ready = pass.floor;
+  for (uint32_t dep : op.deps) ready = std::max(ready, DepEnd(pass, op, dep, -1) + wait);
+  const bool exchanges = rates_.all_to_all_seconds > 0 && op.resource == PlanResource::kCompute;
+  if (exchanges) ready = Exchange(ready);  // the tokens' dispatch to their experts' devices
+  const size_t r = Queue(op.resource);
+  double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
+  // Later micro-batches' gradient additions run one at a time on the host's add stream (a
+  // copy into a staging half depends on the addition two before it: the plan's edge).
+  if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free_);
+  const double finish = start + seconds;
+  if (op.kind == OpKind::kAccumulate) additions_free_ = finish;
+  if (op.resource != PlanResource::kNone) {
+    free_[r] = finish;
+    Occupy(op.resource, start, finish);
+  }
+  pass.end[op.id] = exchanges ? Exchange(finish) : finish;  // and the outputs' combine
+  op.start_s = start - pass.begin;
+  op.end_s = finish - pass.begin;
+  if (held) {
+    if (UpdateRecord* last = UpdatesOf(pass, -1); last != nullptr) last->all_end = finish;
+    pass.update_end = std::max(pass.update_end, finish);
+  } else if (op.kind != OpKind::kPublish) {
+    pass.device_end = std::max(pass.device_end, finish);
+  }
+}
+
 StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
-  const size_t step = steps_.size();
-  const double begin = clock_;
   const PlanPolicy& policy = plan.policy();
-  // When the updates of the step `offset` steps back ended (with the delayed update, of that
-  // step's gradients, which the step after it ran).
-  auto updates_of = [&](int32_t offset) -> UpdateRecord* {
-    const auto index = static_cast<int64_t>(step) + offset;
-    return index >= 0 && index < static_cast<int64_t>(updates_.size()) ? &updates_[index] : nullptr;
-  };
+  Pass pass(policy, steps_.size(), clock_);
   // BeginStep routes the step and builds its plan, waits for step t-2's updates before it
   // issues anything, then re-orders step t-1's queued ones.
-  double floor = begin + rates_.begin_step_seconds +
-                 rates_.begin_step_seconds_per_op * static_cast<double>(plan.ops().size());
-  if (UpdateRecord* two = updates_of(-2); two != nullptr && !policy.evaluation) {
-    floor = std::max(floor, two->all_end);
+  pass.floor = pass.begin + rates_.begin_step_seconds +
+               rates_.begin_step_seconds_per_op * static_cast<double>(plan.ops().size());
+  if (UpdateRecord* two = UpdatesOf(pass, -2); two != nullptr && !policy.evaluation) {
+    pass.floor = std::max(pass.floor, two->all_end);
   }
-  Expedite(plan, floor);
+  Expedite(plan, pass.floor);
   // Only what can still reach into this step is kept.
-  auto ended = [&](const std::pair<double, double>& interval) { return interval.second <= begin; };
+  auto ended = [&](const std::pair<double, double>& interval) {
+    return interval.second <= pass.begin;
+  };
   for (auto& list : intervals_)
     list.erase(std::remove_if(list.begin(), list.end(), ended), list.end());
   network_.erase(std::remove_if(network_.begin(), network_.end(), ended), network_.end());
   updates_.emplace_back();
-  const size_t mine = updates_.size() - 1;
+  pass.mine = updates_.size() - 1;
+  pass.end.assign(plan.ops().size(), pass.floor);
+  pass.device_end = pass.update_end = pass.floor;
 
-  std::vector<PlanOp>& ops = plan.mutable_ops();
-  std::vector<double> end(ops.size(), floor);
-  std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
-  int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
-  double device_end = floor, update_end = floor;
-  // Later micro-batches' gradient additions, one at a time on the add stream; each half of the
-  // pinned staging takes the next copy once its last addition ended (two halves in turn).
-  std::vector<double> additions_end;
-  const bool states_on_nvme = policy.states_on_nvme;
-  for (PlanOp& op : ops) {
+  for (PlanOp& op : plan.mutable_ops()) {
     const bool held = policy.delayed_update && op.kind == OpKind::kUpdate && op.step_offset == -1;
     if (op.step_offset < 0 && !held) {  // carried in: the updates of an earlier step
-      const UpdateRecord* earlier = updates_of(op.step_offset);
-      end[op.id] = std::max(floor, earlier != nullptr ? earlier->all_end : floor);
+      const UpdateRecord* earlier = UpdatesOf(pass, op.step_offset);
+      pass.end[op.id] = std::max(pass.floor, earlier != nullptr ? earlier->all_end : pass.floor);
       if (op.step_offset == -1 && !policy.delayed_update && !policy.evaluation) {
-        fetch_gate = op.id;
+        pass.fetch_gate = op.id;
       }
-      op.start_s = op.end_s = end[op.id] - begin;
+      op.start_s = op.end_s = pass.end[op.id] - pass.begin;
       continue;
     }
-    // When a dependency lets this op (or its expert `e`'s part) start.
-    auto dep_end = [&](uint32_t dep, int64_t e) {
-      if (static_cast<int64_t>(dep) == fetch_gate && !op.experts.empty() &&
-          (op.kind == OpKind::kFetch || op.kind == OpKind::kStage)) {
-        const UpdateRecord* last = updates_of(-1);
-        if (last == nullptr) return floor;
-        auto it = last->expert_end.find({static_cast<uint32_t>(op.layer), op.experts[0]});
-        return it == last->expert_end.end() ? floor : std::max(floor, it->second);
-      }
-      auto per_expert = expert_end.find(dep);
-      if (e >= 0 && per_expert != expert_end.end()) {
-        auto it = per_expert->second.find(static_cast<uint32_t>(e));
-        if (it != per_expert->second.end()) return it->second;
-      }
-      return end[dep];
-    };
     const double seconds =
         held ? static_cast<double>(held_experts_) * ExpertParams() / rates_.optimizer_params_per_s
              : Seconds(op);
     // The host issues a host-waiting op once it woke after its dependencies ended.
     const double wait = op.host_waits ? rates_.host_wait_latency_us * 1e-6 : 0;
-    const size_t r = Queue(op.resource);
     if (UpdateLike(op.kind) && op.step_offset == 0 && !op.experts.empty()) {
-      // One expert at a time; with states on NVMe, a pipeline of reads, updates and writes.
-      const double each = seconds / static_cast<double>(op.experts.size());
-      double first = -1, last = floor;
-      for (uint32_t e : op.experts) {
-        double ready = floor;
-        for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, e) + wait);
-        const double start = std::max(ready, free_[r]);
-        const double finish = start + each;
-        free_[r] = finish;
-        Occupy(op.resource, start, finish);
-        expert_end[op.id][e] = finish;
-        if (first < 0) first = start;
-        last = std::max(last, finish);
-        const bool final_part =
-            states_on_nvme ? op.kind == OpKind::kStateWrite : op.kind == OpKind::kUpdate;
-        if (final_part) {
-          const ExpertId key{static_cast<uint32_t>(op.layer), e};
-          updates_[mine].expert_end[key] = finish;
-          if (!states_on_nvme) {
-            updates_[mine].queue.push_back({key, {ready, start, finish, each, op.id}});
-          }
-        }
-      }
-      end[op.id] = last;
-      update_end = std::max(update_end, last);
-      op.start_s = first - begin;
-      op.end_s = last - begin;
-      continue;
-    }
-    double ready = floor;
-    for (uint32_t dep : op.deps) ready = std::max(ready, dep_end(dep, -1) + wait);
-    const bool exchanges = rates_.all_to_all_seconds > 0 && op.resource == PlanResource::kCompute;
-    if (exchanges) ready = Exchange(ready);  // the tokens' dispatch to their experts' devices
-    const bool staged = op.kind == OpKind::kGradientCopy && op.id + 1 < ops.size() &&
-                        ops[op.id + 1].kind == OpKind::kAccumulate &&
-                        ops[op.id + 1].deps == std::vector<uint32_t>{op.id};
-    if (staged && additions_end.size() >= 2) {
-      ready = std::max(ready, additions_end[additions_end.size() - 2]);
-    }
-    double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
-    if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free_);
-    const double finish = start + seconds;
-    if (op.kind == OpKind::kAccumulate) {
-      additions_free_ = finish;
-      additions_end.push_back(finish);
-    }
-    if (op.resource != PlanResource::kNone) {
-      free_[r] = finish;
-      Occupy(op.resource, start, finish);
-    }
-    end[op.id] = exchanges ? Exchange(finish) : finish;  // and the outputs' combine
-    op.start_s = start - begin;
-    op.end_s = finish - begin;
-    if (held) {  // the update of step t-1's gradients
-      if (UpdateRecord* last = updates_of(-1); last != nullptr) last->all_end = finish;
-      update_end = std::max(update_end, finish);
-    } else if (op.kind != OpKind::kPublish) {
-      device_end = std::max(device_end, finish);
+      RunExperts(pass, op, seconds, wait);
+    } else {
+      RunWhole(pass, op, seconds, wait, held);
     }
   }
-  if (plan.step_waits_for_updates() && !states_on_nvme && !policy.delayed_update) {
+  return Finish(pass, plan);
+}
+
+// The step's end: its device work's, and its updates' where it waits for them (host states:
+// re-timed with the driving thread's help); the simulator's clock moves to it.
+SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
+  const PlanPolicy& policy = pass.policy;
+  UpdateRecord& mine = updates_[pass.mine];
+  if (plan.step_waits_for_updates() && !policy.states_on_nvme && !policy.delayed_update) {
     // Re-timed: the updates that ran on after the device work now end sooner, and so do
     // their ops.
-    update_end = DrivingThreadHelps(updates_[mine], device_end);
+    pass.update_end = DrivingThreadHelps(mine, pass.device_end);
     std::map<uint32_t, std::pair<double, double>> spans;  // update op -> its experts' first, last
-    for (const auto& [expert, task] : updates_[mine].queue) {
+    for (const auto& [expert, task] : mine.queue) {
       auto it = spans.try_emplace(task.op, task.start, task.end).first;
       it->second.first = std::min(it->second.first, task.start);
       it->second.second = std::max(it->second.second, task.end);
     }
     for (const auto& [id, span] : spans) {
-      ops[id].start_s = span.first - begin;
-      ops[id].end_s = span.second - begin;
+      plan.mutable_ops()[id].start_s = span.first - pass.begin;
+      plan.mutable_ops()[id].end_s = span.second - pass.begin;
     }
   }
-  updates_[mine].all_end = policy.delayed_update ? floor : update_end;
+  mine.all_end = policy.delayed_update ? pass.floor : pass.update_end;
   if (policy.delayed_update) held_experts_ = TouchedExperts(plan).size();  // the next updates
-  double finish = device_end;
-  if (plan.step_waits_for_updates()) finish = std::max(finish, update_end);
-  plan.set_seconds(finish - begin);
+  double finish = pass.device_end;
+  if (plan.step_waits_for_updates()) finish = std::max(finish, pass.update_end);
+  plan.set_seconds(finish - pass.begin);
   clock_ = finish;
-
-  SimulatedStep out = Measure(begin, finish);
+  SimulatedStep out = Measure(pass.begin, finish);
   steps_.push_back(out);
   return out;
 }

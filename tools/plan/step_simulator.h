@@ -113,6 +113,25 @@ class StepSimulator {
     std::vector<std::pair<ExpertId, Task>> queue;
   };
 
+  // One Run's state: the step's clock and when each of its ops (and expert parts) ended.
+  struct Pass {
+    Pass(const PlanPolicy& p, size_t s, double b) : policy(p), step(s), begin(b) {}
+    const PlanPolicy& policy;
+    size_t step = 0;   // the step's index
+    double begin = 0;  // its begin on the simulator's clock
+    double floor = 0;  // before which none of its ops starts (its BeginStep's work)
+    size_t mine = 0;   // its record in updates_
+    std::vector<double> end;
+    std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
+    int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
+    double device_end = 0, update_end = 0;
+  };
+
+  UpdateRecord* UpdatesOf(const Pass& pass, int32_t offset);
+  double DepEnd(const Pass& pass, const PlanOp& op, uint32_t dep, int64_t e);
+  void RunExperts(Pass& pass, PlanOp& op, double seconds, double wait);
+  void RunWhole(Pass& pass, PlanOp& op, double seconds, double wait, bool held);
+  SimulatedStep Finish(Pass& pass, StepPlan& plan);
   double ExpertParams() const;
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
