@@ -256,7 +256,7 @@ void StepSimulator::RunExperts(Pass& pass, PlanOp& op, double seconds, double wa
   const bool states_on_nvme = pass.policy.states_on_nvme;
   const size_t r = Queue(op.resource);
   const double each = seconds / static_cast<double>(op.experts.size());
-  UpdateRecord& mine = updates_[pass.mine];
+  UpdateRecord& mine = updates_[pass.step];
   double first = -1, last = pass.floor;
   for (uint32_t e : op.experts) {
     double ready = pass.floor;
@@ -331,7 +331,6 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
     list.erase(std::remove_if(list.begin(), list.end(), ended), list.end());
   network_.erase(std::remove_if(network_.begin(), network_.end(), ended), network_.end());
   updates_.emplace_back();
-  pass.mine = updates_.size() - 1;
   pass.end.assign(plan.ops().size(), pass.floor);
   pass.device_end = pass.update_end = pass.floor;
 
@@ -364,7 +363,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
 // re-timed with the driving thread's help); the simulator's clock moves to it.
 SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
   const PlanPolicy& policy = pass.policy;
-  UpdateRecord& mine = updates_[pass.mine];
+  UpdateRecord& mine = updates_[pass.step];
   if (plan.step_waits_for_updates() && !policy.states_on_nvme && !policy.delayed_update) {
     // Re-timed: the updates that ran on after the device work now end sooner, and so do
     // their ops.

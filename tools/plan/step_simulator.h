@@ -117,10 +117,9 @@ class StepSimulator {
   struct Pass {
     Pass(const PlanPolicy& p, size_t s, double b) : policy(p), step(s), begin(b) {}
     const PlanPolicy& policy;
-    size_t step = 0;   // the step's index
+    size_t step = 0;   // the step's index, and its record's in updates_
     double begin = 0;  // its begin on the simulator's clock
     double floor = 0;  // before which none of its ops starts (its BeginStep's work)
-    size_t mine = 0;   // its record in updates_
     std::vector<double> end;
     std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
     int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
