@@ -117,10 +117,9 @@ struct NvmeUpdaterOptions {
   uint64_t expert_elements = 0;  // every expert's size
   // The pipeline's slots, its loads and its stores at once (StreamingOptions::buffers,
   // loads_in_flight, stores_in_flight). Every load, update and store holds a slot until its
-  // expert is stored, so three slots run two loads beside an update, or an update beside two
-  // stores, as the stages' speeds have it. Stores of experts of the same parity take turns
-  // (ExpertStore's writers).
-  int staging_buffers = 3;
+  // expert is stored. NvmeOptionsFor gives StagingBuffersFor's; 0 here means the same.
+  // Stores of experts of the same parity take turns (ExpertStore's writers).
+  int staging_buffers = 0;
   int loads_in_flight = 2;
   int stores_in_flight = 2;
   // Where every expert's master weights and moments live, on NVMe; when it keeps the compute
@@ -129,6 +128,18 @@ struct NvmeUpdaterOptions {
   // updater. PipelineBytes and ScratchBytes do not need it.
   ExpertStore* store = nullptr;
 };
+
+// The pipeline's slots for `options`' experts and loads and stores at once: loads + stores + 1
+// (every stage busy at once) while an expert's master and moments take at most 32 MiB; else
+// 3 (two loads beside an update, or an update beside two stores, as the stages' speeds have
+// it). Small experts need the extra slots because each load or store of theirs is a few
+// requests and a header round trip, too short to keep the drive's queue full alone: at 1 Mi
+// parameters (12 MiB of AdamW states) five slots made `ecss-bench optimizer --states nvme`
+// 0.87 of the NVMe bound where three made 0.83 (medians of 20 interleaved rounds), and
+// `ecss-bench step` on `small` with states on NVMe 13% faster (3 interleaved rounds); at 4 Mi
+// and 16 Mi, where three slots reach 0.89-0.96, five gained nothing measurable and would cost
+// 96 or 384 MiB more pinned memory.
+int StagingBuffersFor(const NvmeUpdaterOptions& options);
 
 // The NVMe updater of a session with these options and `params` parameters per expert (its
 // optimizer and sizes; not its store).

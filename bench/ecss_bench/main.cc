@@ -56,7 +56,8 @@ const std::vector<Suite>& Suites() {
        "  --states S    where master and moments live: host or nvme (default host)\n"
        "  --dir DIR     nvme: directory of the state file (default .)\n"
        "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
-       "  --buffers N   nvme: staging slots of the pipeline (default: a session's, 3)\n"
+       "  --buffers N   nvme: staging slots of the pipeline (default: a session's: loads +\n"
+       "                stores + 1 for experts of up to 32 MiB of states, else 3)\n"
        "  --loads N     nvme: loads at once (default: a session's, 2)\n"
        "  --stores N    nvme: stores at once (default: a session's, 2)\n",
        RunOptimizerSuite},

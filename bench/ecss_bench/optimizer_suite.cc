@@ -197,10 +197,13 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
                      std::ostream& table) {
   ECSS_ASSIGN_OR_RETURN(std::string dir, args.String("dir", "."));
   ECSS_ASSIGN_OR_RETURN(uint64_t expert_elements, args.Uint("expert-elements", uint64_t{1} << 20));
-  const NvmeUpdaterOptions session;
-  ECSS_ASSIGN_OR_RETURN(uint64_t buffers, args.Uint("buffers", session.staging_buffers));
+  NvmeUpdaterOptions session;
   ECSS_ASSIGN_OR_RETURN(uint64_t loads, args.Uint("loads", session.loads_in_flight));
   ECSS_ASSIGN_OR_RETURN(uint64_t stores, args.Uint("stores", session.stores_in_flight));
+  session.expert_elements = expert_elements;
+  session.loads_in_flight = static_cast<int>(std::min<uint64_t>(loads, 1 << 20));
+  session.stores_in_flight = static_cast<int>(std::min<uint64_t>(stores, 1 << 20));
+  ECSS_ASSIGN_OR_RETURN(uint64_t buffers, args.Uint("buffers", StagingBuffersFor(session)));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   if (expert_elements == 0) return InvalidArgumentError("--expert-elements: must be > 0");
   if (params < expert_elements) {

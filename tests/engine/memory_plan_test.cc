@@ -94,7 +94,11 @@ TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
   plan = PlanMemory(o, {}, 4096);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->Total(MemoryTier::kHost), 0u) << "the states live on NVMe";
-  EXPECT_NE(plan->Find("state streaming slots"), nullptr);
+  // Experts of 0.75 Mi parameters (9 MiB of master and moments): a slot for each of the two
+  // loads and two stores at once, and for the update.
+  ASSERT_NE(plan->Find("state streaming slots"), nullptr);
+  EXPECT_EQ(plan->Find("state streaming slots")->count, 5u);
+  EXPECT_EQ(plan->Find("state streaming slots")->total(), 5u * 9 * kMiB);
   o.model.dtype = DType::kF32;  // Validate's rules hold first
   EXPECT_EQ(PlanMemory(o, {}, 4096).status().code(), StatusCode::kInvalidArgument);
 }

@@ -42,7 +42,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   options.steps = 2;
   options.nvme_bytes = uint64_t{32} << 20;
   options.nvme_steps = 2;
-  options.nvme_domains = 8;
+  options.domains = 8;
   options.nvme_large_expert_params = uint64_t{1} << 20;
   options.max_threads = 2;
   CalibrationOptions one_size = options;

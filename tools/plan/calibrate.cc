@@ -169,7 +169,8 @@ void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h
 // The CPU optimizer as a session drives it with `threads` threads updating at once:
 // updated parameters over the optimizer's busy seconds in the measured steps, states in host
 // memory; with `executed`, the last few measured steps' executed plans. One thread: ecss steps with
-// one optimizer thread (the driving thread goes on to the next step). More: zero-offload steps
+// one optimizer thread (the driving thread goes on to the next step) over o.domains domains
+// (CalibrationOptions::domains says why). More: zero-offload steps
 // (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
 // the driving thread helping once the device work is done (Note [The driving thread helps],
 // tools/plan/step_simulator.cc); the updates that start before then, one layer's during a few
@@ -177,9 +178,11 @@ void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h
 StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
                                       std::vector<StepPlan>* executed = nullptr) {
   CalibrationRun run;
-  if (threads > 1) {
+  if (threads > 1) {  // every expert updated each step: the default model's 8 domains
     run.strategy = Strategy::kZeroOffload;
     run.threads = threads - 1;
+  } else {
+    run.domains = o.domains;
   }
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
@@ -199,12 +202,12 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
 // optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not the
 // steps' time: the pipeline waits for gradients in part of it, and the step simulator models
 // that wait itself. `run`'s layers and device budget, states of experts of o.expert_params in a
-// store of o.nvme_domains domains under o.dir (removed after).
+// store of o.domains domains under o.dir (removed after).
 StatusOr<StatePipelineSample> MeasureStatePipeline(const CalibrationOptions& o, CalibrationRun run,
                                                    double read_gbps, double write_gbps) {
   ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
                         ScratchDir::Create(o.dir, "ecss-plan-calibration."));
-  run.domains = o.nvme_domains;
+  run.domains = o.domains;
   run.store_dir = store.path();
   MeasuredWindow window;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,

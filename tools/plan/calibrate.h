@@ -11,7 +11,7 @@
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then what a session's NVMe state pipeline
-//    reaches of those rates (ecss steps over nvme_domains domains with states on NVMe, at two
+//    reaches of those rates (ecss steps over `domains` domains with states on NVMe, at two
 //    expert sizes: the bytes its runs moved at those rates against the runs' time, not the
 //    steps'; the step simulator models the waits for gradients between runs): the fraction of
 //    the rates it gets and the drive time each expert's update takes beside its bytes
@@ -48,13 +48,18 @@ struct CalibrationOptions {
   uint32_t steps = 96;
   uint64_t nvme_bytes = uint64_t{512} << 20;
   uint32_t nvme_steps = 16;  // the session's NVMe pipeline: measured, after two
-  // The NVMe pipeline's model has this many domains (4 a step): a step's experts are then
-  // mostly ones the step before did not update, as in training over many domains. With 8
-  // (half of a step's experts updated in the step before) the pipeline reached a tenth less
-  // of the drive's rates, which the step simulator does not model (ecss-bench step, states on
-  // NVMe, 3 interleaved rounds: 0.76-0.84 of its bound with 8 domains, 0.82-0.91 with 32,
-  // 0.86-0.95 with small's 40), and plan-vs-run's NVMe configurations were predicted 9-19% slow.
-  uint32_t nvme_domains = 32;
+  // The model of the one-thread optimizer's and the NVMe pipeline's steps has this many
+  // domains (4 a step): a step's experts are then mostly ones the step before did not update,
+  // as in training over many domains. With 8 (half of a step's experts updated in the step
+  // before) both ran slower, which the step simulator does not model: the NVMe pipeline
+  // reached a tenth less of the drive's rates (ecss-bench step, states on NVMe, 3 interleaved
+  // rounds: 0.76-0.84 of its bound with 8 domains, 0.82-0.91 with 32, 0.86-0.95 with small's
+  // 40), and plan-vs-run's NVMe configurations were predicted 9-19% slow; one optimizer thread
+  // updated 1-18% slower, median 6%, in 5 interleaved pairs of ecss-bench step runs of the
+  // calibration model with 8 and 32 domains, and plan-vs-run's `deep` (20 domains) ran 15-26%
+  // faster than predicted in one 5-round run. Zero-offload's threads update every expert each
+  // step whatever the domains: their model keeps 8, a quarter of the updates.
+  uint32_t domains = 32;
   // The pipeline is measured again with experts of this many parameters in one layer, for the
   // overhead of each update beside its bytes (nvme.update_overhead_us): on the development VM
   // experts of 16 Mi parameters reached 0.90-0.97 of the drive's rates in plan-vs-run's `wide`
