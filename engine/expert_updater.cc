@@ -245,8 +245,7 @@ StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool sta
   streaming.params = options.optimizer.groups.empty() ? HyperParams{} : options.optimizer.groups[0];
   streaming.threads = options.optimizer.threads;
   streaming.chunk_elements = options.optimizer.chunk_elements;
-  streaming.buffers =
-      options.staging_buffers > 0 ? options.staging_buffers : StagingBuffersFor(options);
+  streaming.buffers = StagingSlots(options);
   streaming.loads_in_flight = options.loads_in_flight;
   streaming.stores_in_flight = options.stores_in_flight;
   streaming.max_expert_elements = options.expert_elements;
@@ -257,20 +256,20 @@ StreamingOptions StreamingOptionsFor(const NvmeUpdaterOptions& options, bool sta
 
 }  // namespace
 
-int StagingBuffersFor(const NvmeUpdaterOptions& options) {
+int StagingSlots(const NvmeUpdaterOptions& options) {
+  if (options.staging_buffers > 0) return options.staging_buffers;
   constexpr uint64_t kSmallExpertBytes = uint64_t{32} << 20;
   const uint64_t state_bytes =
       StateArrayBytes(options.expert_elements) * FileArrays(options.optimizer.kind);
   return state_bytes <= kSmallExpertBytes
              ? options.loads_in_flight + options.stores_in_flight + 1
-             : std::max(3, std::max(options.loads_in_flight, options.stores_in_flight));
+             : std::max({3, options.loads_in_flight, options.stores_in_flight});
 }
 
 NvmeUpdaterOptions NvmeOptionsFor(const SessionOptions& options, uint64_t params) {
   NvmeUpdaterOptions nvme;
   nvme.optimizer = options.optimizer;
   nvme.expert_elements = params;
-  nvme.staging_buffers = StagingBuffersFor(nvme);
   return nvme;
 }
 

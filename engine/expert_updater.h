@@ -117,8 +117,8 @@ struct NvmeUpdaterOptions {
   uint64_t expert_elements = 0;  // every expert's size
   // The pipeline's slots, its loads and its stores at once (StreamingOptions::buffers,
   // loads_in_flight, stores_in_flight). Every load, update and store holds a slot until its
-  // expert is stored. NvmeOptionsFor gives StagingBuffersFor's; 0 here means the same.
-  // Stores of experts of the same parity take turns (ExpertStore's writers).
+  // expert is stored. 0 slots: StagingSlots' rule. Stores of experts of the same parity take
+  // turns (ExpertStore's writers).
   int staging_buffers = 0;
   int loads_in_flight = 2;
   int stores_in_flight = 2;
@@ -129,17 +129,12 @@ struct NvmeUpdaterOptions {
   ExpertStore* store = nullptr;
 };
 
-// The pipeline's slots for `options`' experts and loads and stores at once: loads + stores + 1
-// (every stage busy at once) while an expert's master and moments take at most 32 MiB; else
-// 3 (two loads beside an update, or an update beside two stores, as the stages' speeds have
-// it). Small experts need the extra slots because each load or store of theirs is a few
-// requests and a header round trip, too short to keep the drive's queue full alone: at 1 Mi
-// parameters (12 MiB of AdamW states) five slots made `ecss-bench optimizer --states nvme`
-// 0.87 of the NVMe bound where three made 0.83 (medians of 20 interleaved rounds), and
-// `ecss-bench step` on `small` with states on NVMe 13% faster (3 interleaved rounds); at 4 Mi
-// and 16 Mi, where three slots reach 0.89-0.96, five gained nothing measurable and would cost
-// 96 or 384 MiB more pinned memory.
-int StagingBuffersFor(const NvmeUpdaterOptions& options);
+// The pipeline's slots: `options.staging_buffers` when set; else loads + stores + 1, every stage
+// busy at once, while an expert's master and moments take at most 32 MiB (each of its loads
+// and stores is then a few requests and a header round trip, too short to keep the drive's
+// queue full alone), and otherwise the most of 3, loads and stores (each transfer keeps the
+// drive busy; more slots would cost pinned memory for nothing). Measured in bench/README.md.
+int StagingSlots(const NvmeUpdaterOptions& options);
 
 // The NVMe updater of a session with these options and `params` parameters per expert (its
 // optimizer and sizes; not its store).

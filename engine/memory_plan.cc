@@ -118,7 +118,7 @@ class Planner {
       const NvmeUpdaterOptions nvme = NvmeOptionsFor(o_, p.params);
       ECSS_ASSIGN_OR_RETURN(const uint64_t pipeline,
                             NvmeUpdater::PipelineBytes(nvme, weights_on_nvme));
-      const int slots = StagingBuffersFor(nvme);
+      const int slots = StagingSlots(nvme);
       Add("state streaming slots", MemoryTier::kPinned, MemoryTag::kStaging, slots,
           pipeline / slots);
       Add("state scratch", MemoryTier::kPinned, MemoryTag::kStaging, 1,

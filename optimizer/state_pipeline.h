@@ -83,9 +83,9 @@ struct StreamingOptions {
   int threads = 1;                    // update arena threads (>= 1)
   size_t chunk_elements = 64 * 1024;  // per update task (>= 1024)
   int buffers = 2;                    // staging slots (>= 2)
-  // Loads at once (1 .. buffers), on a thread each. Each holds a slot, so more than
-  // buffers - 1 gain little: two, with three slots, keep a drive's queue deep enough that one
-  // expert's header round trip or a store's writes do not leave it idle.
+  // Loads at once (1 .. buffers), on a thread each. Each load, update and store holds a slot
+  // until its expert is stored, so every stage can be busy at once only with loads + stores +
+  // 1 slots (a session's rule: engine/expert_updater.h, StagingSlots).
   int loads_in_flight = 1;
   // Stores at once (1 .. buffers), on a thread each: a store's writes and then, a round trip
   // later, its header leave the drive idle between them with one. Tiers take stores of

@@ -14,8 +14,8 @@
 # without taking on one calibration's noise. On the development VM the host optimizer's speed
 # drifted by up to half between minutes while host states lived on 4 KiB pages; on huge pages
 # (2026-12-03, --dir /tmp) five calibrations back to back measured one optimizer thread at
-# 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs) and NVMe reads at
-# 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
+# 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs; 8 domains then)
+# and NVMe reads at 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
 # alone, lie apart: wider than the error of their median, but a difference well inside it is
 # still more likely the machine's than the model's.
 # The bench runs the steps the planner simulates (4 to warm up, then the workload's `steps`,

@@ -56,10 +56,12 @@ const std::vector<Suite>& Suites() {
        "  --states S    where master and moments live: host or nvme (default host)\n"
        "  --dir DIR     nvme: directory of the state file (default .)\n"
        "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
-       "  --buffers N   nvme: staging slots of the pipeline (default: a session's: loads +\n"
-       "                stores + 1 for experts of up to 32 MiB of states, else 3)\n"
-       "  --loads N     nvme: loads at once (default: a session's, 2)\n"
-       "  --stores N    nvme: stores at once (default: a session's, 2)\n",
+       "  --buffers N   nvme: staging slots of the pipeline, up to 256 (default: a session's: "
+       "loads +\n"
+       "                stores + 1 for experts of up to 32 MiB of states, else the most of\n"
+       "                3, loads and stores)\n"
+       "  --loads N     nvme: loads at once, 1 to 64 (default: a session's, 2)\n"
+       "  --stores N    nvme: stores at once, 1 to 64 (default: a session's, 2)\n",
        RunOptimizerSuite},
       {"nvme", "read/write GB/s of 1 MiB blocks through the io_uring engine vs fio",
        "  --dir DIR            directory of the test files (default .)\n"

@@ -1,7 +1,8 @@
 # Runs `ecss-bench optimizer --states nvme` with SAMPLES (odd) rounds in DIR and checks its
 # JSON: one fraction of the bound per round, the reported fraction the median of them, the
-# reported rate and bound that round's, rates that are positive, and nothing left in DIR. Run
-# as:
+# reported rate and bound that round's, rates that are positive, a session's staging slots
+# (1 Mi experts: one for each of the 2 loads and 2 stores at once and one for the update), and
+# nothing left in DIR. Run as:
 #   cmake -DBENCH=FILE -DDIR=DIR -DSAMPLES=N -P check_optimizer_nvme.cmake
 file(REMOVE_RECURSE "${DIR}")
 file(MAKE_DIRECTORY "${DIR}")
@@ -61,6 +62,10 @@ foreach(field updates_per_s nvme_read_gbps nvme_write_gbps wall_s)
     message(FATAL_ERROR "${field}: ${value}")
   endif()
 endforeach()
+string(JSON buffers GET "${text}" buffers)
+if(NOT buffers EQUAL 5)
+  message(FATAL_ERROR "a session's staging slots for 1 Mi experts are 5; the run had ${buffers}")
+endif()
 file(GLOB left "${DIR}/*")
 if(left)
   message(FATAL_ERROR "left behind in ${DIR}: ${left}")

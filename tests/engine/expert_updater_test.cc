@@ -40,23 +40,25 @@ TEST(ExpertIndexTest, LayersMayHaveDifferentExpertCounts) {
 // Small experts' loads and stores are each a few requests and a header round trip: the pipeline
 // gets a slot for each at once and one for the update; large experts' three slots (at least
 // one for each load or store at once) keep the drive busy.
-TEST(StagingBuffersTest, SmallExpertsGetASlotForEveryStageAtOnce) {
+TEST(StagingSlotsTest, SmallExpertsGetASlotForEveryStageAtOnce) {
   NvmeUpdaterOptions o;
   o.expert_elements = uint64_t{1} << 20;  // AdamW: 12 MiB of master and moments
-  EXPECT_EQ(StagingBuffersFor(o), 5);
+  EXPECT_EQ(StagingSlots(o), 5);
   o.loads_in_flight = 3;
   o.stores_in_flight = 1;
-  EXPECT_EQ(StagingBuffersFor(o), 5);
+  EXPECT_EQ(StagingSlots(o), 5);
   o.expert_elements = uint64_t{4} << 20;  // 48 MiB
-  EXPECT_EQ(StagingBuffersFor(o), 3);
+  EXPECT_EQ(StagingSlots(o), 3);
   o.loads_in_flight = 4;
-  EXPECT_EQ(StagingBuffersFor(o), 4);
+  EXPECT_EQ(StagingSlots(o), 4);
   o.loads_in_flight = 2;
   o.stores_in_flight = 2;
   o.optimizer.kind = OptimizerKind::kAdagrad;  // one state array: 32 MiB, the largest small
-  EXPECT_EQ(StagingBuffersFor(o), 5);
+  EXPECT_EQ(StagingSlots(o), 5);
   o.expert_elements += 1024;
-  EXPECT_EQ(StagingBuffersFor(o), 3);
+  EXPECT_EQ(StagingSlots(o), 3);
+  o.staging_buffers = 7;  // set: taken as it is
+  EXPECT_EQ(StagingSlots(o), 7);
 }
 
 // A directory of its own, a sim and a pinned pool for the updater's staging.

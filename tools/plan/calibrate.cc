@@ -271,6 +271,7 @@ StatusOr<double> MeasureGradientAddRate(const CalibrationOptions& o,
                                         std::vector<StepPlan>& executed) {
   constexpr uint32_t kSteps = PlanRecorder::kKeptSteps;  // measured: every one's plan kept
   CalibrationRun run;
+  run.domains = o.domains;  // as the one-thread run's: the step-begin fit compares their tokens
   run.micro_batches = 2;
   run.tokens_per_micro_batch = 16384;
   run.device_budget_gib = 2;

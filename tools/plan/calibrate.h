@@ -3,8 +3,11 @@
 //  - The CPU optimizer: a session's AdamW updates (steps of a small model with states in host
 //    memory on the simulated device in timed mode), in parameters per second of the
 //    optimizer's busy time, with 1 .. cores (at most max_threads) threads updating at once: one
-//    optimizer thread in ecss steps, or n - 1 and the driving thread's help in zero-offload
-//    steps, which wait for their updates (optimizer_params_per_s_by_threads). Measured inside
+//    optimizer thread in ecss steps (over `domains` domains), or n - 1 and the driving
+//    thread's help in zero-offload steps, which wait for their updates
+//    (optimizer_params_per_s_by_threads). A zero-offload step's updates before its device work
+//    ends run at the one-thread figure, measured where experts were mostly not updated in the
+//    step before, though zero-offload updates every expert every step. Measured inside
 //    a session, not alone: on this machine the same updates ran 1.5x faster in isolation than
 //    beside the session's threads, and two threads in a session updated 1.4-1.55x as fast as
 //    one, not 2x.
@@ -48,17 +51,11 @@ struct CalibrationOptions {
   uint32_t steps = 96;
   uint64_t nvme_bytes = uint64_t{512} << 20;
   uint32_t nvme_steps = 16;  // the session's NVMe pipeline: measured, after two
-  // The model of the one-thread optimizer's and the NVMe pipeline's steps has this many
-  // domains (4 a step): a step's experts are then mostly ones the step before did not update,
-  // as in training over many domains. With 8 (half of a step's experts updated in the step
-  // before) both ran slower, which the step simulator does not model: the NVMe pipeline
-  // reached a tenth less of the drive's rates (ecss-bench step, states on NVMe, 3 interleaved
-  // rounds: 0.76-0.84 of its bound with 8 domains, 0.82-0.91 with 32, 0.86-0.95 with small's
-  // 40), and plan-vs-run's NVMe configurations were predicted 9-19% slow; one optimizer thread
-  // updated 1-18% slower, median 6%, in 5 interleaved pairs of ecss-bench step runs of the
-  // calibration model with 8 and 32 domains, and plan-vs-run's `deep` (20 domains) ran 15-26%
-  // faster than predicted in one 5-round run. Zero-offload's threads update every expert each
-  // step whatever the domains: their model keeps 8, a quarter of the updates.
+  // The model of the ecss calibration steps (one optimizer thread, the NVMe pipeline, the
+  // gradient additions; with them a step's begin) has this many domains, 4 a step: a step's
+  // experts are then mostly ones the step before did not update, as in training over many
+  // domains; with 8 both the optimizer and the pipeline ran slower (tools/plan/README.md).
+  // Zero-offload's threads update every expert each step whatever the domains: measured on 8.
   uint32_t domains = 32;
   // The pipeline is measured again with experts of this many parameters in one layer, for the
   // overhead of each update beside its bytes (nvme.update_overhead_us): on the development VM
