@@ -55,11 +55,10 @@ const std::vector<Suite>& Suites() {
        "                of a read pass, a write pass and a pipeline pass, interleaved\n"
        "  --states S    where master and moments live: host or nvme (default host)\n"
        "  --dir DIR     nvme: directory of the state file (default .)\n"
-       "  --expert-elements N  nvme: parameters per expert (default 1048576)\n"
-       "  --buffers N   nvme: staging slots of the pipeline, up to 256 (default: a session's: "
-       "loads +\n"
-       "                stores + 1 for experts of up to 32 MiB of states, else the most of\n"
-       "                3, loads and stores)\n"
+       "  --expert-elements N  nvme: parameters per expert, at most 2^32 (default 1048576)\n"
+       "  --buffers N   nvme: staging slots of the pipeline, at least 2, --loads and --stores,\n"
+       "                at most 256 (default: a session's: loads + stores + 1 for experts of\n"
+       "                up to 32 MiB of states, else the most of 3, loads and stores)\n"
        "  --loads N     nvme: loads at once, 1 to 64 (default: a session's, 2)\n"
        "  --stores N    nvme: stores at once, 1 to 64 (default: a session's, 2)\n",
        RunOptimizerSuite},

@@ -199,27 +199,32 @@ Status RunNvmeStates(BenchArgs& args, uint64_t params, uint64_t rounds, JsonWrit
   ECSS_ASSIGN_OR_RETURN(uint64_t expert_elements, args.Uint("expert-elements", uint64_t{1} << 20));
   // Each load, store and slot is a thread or a pinned slot of an expert: a few dozen at most.
   constexpr uint64_t kMaxInFlight = 64, kMaxSlots = 256;
+  constexpr uint64_t kMaxExpertElements = uint64_t{1} << 32;  // 16 GiB an array
   NvmeUpdaterOptions session;
   ECSS_ASSIGN_OR_RETURN(uint64_t loads, args.Uint("loads", session.loads_in_flight));
   ECSS_ASSIGN_OR_RETURN(uint64_t stores, args.Uint("stores", session.stores_in_flight));
+  session.expert_elements = expert_elements;
+  session.loads_in_flight = static_cast<int>(std::min(loads, kMaxInFlight));
+  session.stores_in_flight = static_cast<int>(std::min(stores, kMaxInFlight));
+  ECSS_ASSIGN_OR_RETURN(uint64_t buffers, args.Uint("buffers", StagingSlots(session)));
+  ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
+  if (expert_elements == 0 || expert_elements > kMaxExpertElements) {
+    return InvalidArgumentError(
+        StrCat("--expert-elements ", expert_elements, ": must be 1 to ", kMaxExpertElements));
+  }
+  if (params < expert_elements || params / expert_elements > UINT32_MAX) {
+    return InvalidArgumentError(StrCat("--params ", params,
+                                       ": must be at least --expert-elements (", expert_elements,
+                                       ") and at most ", UINT32_MAX, " experts of them"));
+  }
   for (const auto& [flag, value] : {std::pair{"--loads", loads}, std::pair{"--stores", stores}}) {
     if (value < 1 || value > kMaxInFlight) {
       return InvalidArgumentError(StrCat(flag, " ", value, ": must be 1 to ", kMaxInFlight));
     }
   }
-  session.expert_elements = expert_elements;
-  session.loads_in_flight = static_cast<int>(loads);
-  session.stores_in_flight = static_cast<int>(stores);
-  ECSS_ASSIGN_OR_RETURN(uint64_t buffers, args.Uint("buffers", StagingSlots(session)));
-  ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
-  if (expert_elements == 0) return InvalidArgumentError("--expert-elements: must be > 0");
-  if (params < expert_elements) {
-    return InvalidArgumentError(StrCat(
-        "--params ", params, ": must be at least --expert-elements (", expert_elements, ")"));
-  }
   if (buffers < std::max<uint64_t>({2, loads, stores}) || buffers > kMaxSlots) {
-    return InvalidArgumentError(StrCat("--buffers ", buffers,
-                                       ": must be at least 2, --loads and --stores, and at most ",
+    return InvalidArgumentError(StrCat("--buffers ", buffers, ": must be at least 2, --loads (",
+                                       loads, ") and --stores (", stores, "), and at most ",
                                        kMaxSlots));
   }
   if (rounds == 0) return InvalidArgumentError("--samples 0: must be >= 1");

@@ -5,9 +5,10 @@
 //    optimizer's busy time, with 1 .. cores (at most max_threads) threads updating at once: one
 //    optimizer thread in ecss steps (over `domains` domains), or n - 1 and the driving
 //    thread's help in zero-offload steps, which wait for their updates
-//    (optimizer_params_per_s_by_threads). A zero-offload step's updates before its device work
-//    ends run at the one-thread figure, measured where experts were mostly not updated in the
-//    step before, though zero-offload updates every expert every step. Measured inside
+//    (optimizer_params_per_s_by_threads). With one optimizer thread a device, a zero-offload
+//    step's updates before its device work ends run at the one-thread figure, measured where
+//    experts were mostly not updated in the step before, though zero-offload updates every
+//    expert every step. Measured inside
 //    a session, not alone: on this machine the same updates ran 1.5x faster in isolation than
 //    beside the session's threads, and two threads in a session updated 1.4-1.55x as fast as
 //    one, not 2x.
