@@ -8,10 +8,9 @@
 //    (optimizer_params_per_s_by_threads). With one optimizer thread a device, a zero-offload
 //    step's updates before its device work ends run at the one-thread figure, measured where
 //    experts were mostly not updated in the step before, though zero-offload updates every
-//    expert every step. Measured inside
-//    a session, not alone: on this machine the same updates ran 1.5x faster in isolation than
-//    beside the session's threads, and two threads in a session updated 1.4-1.55x as fast as
-//    one, not 2x.
+//    expert every step. Measured inside a session, not alone: on this machine the same
+//    updates ran 1.5x faster in isolation than beside the session's threads, and two threads
+//    in a session updated 1.4-1.55x as fast as one, not 2x (both with 8 domains).
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then what a session's NVMe state pipeline
