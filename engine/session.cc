@@ -473,6 +473,7 @@ StepStats Session::Impl::StatsOf(const StepExecutor::StepRecord& record) {
   const Clock::time_point now = Clock::now();
   const Clock::time_point begin = last_end;
   stats.seconds = std::chrono::duration<double>(now - begin).count();
+  stats.begin_seconds = record.begin_seconds;
   last_end = now;
   stats.tokens_per_s = stats.seconds > 0 ? static_cast<double>(record.tokens) / stats.seconds : 0;
   const CopyStats copies = backend.copy_stats();

@@ -170,8 +170,10 @@ Status StepExecutor::Begin(const std::vector<MicroBatch>& batches, float loss_sc
   *opened = false;
   evaluating_ = evaluation;
   recording_ = step;
-  recorder_.BeginStep(recording_, Clock::now());
+  const Clock::time_point begun = Clock::now();
+  recorder_.BeginStep(recording_, begun);
   ECSS_RETURN_IF_ERROR(BuildStep(batches));
+  begin_seconds_ = std::chrono::duration<double>(Clock::now() - begun).count();
   recorder_.SetPlan(recording_, *plan_);
   stalls_ = {};
   gradient_bytes_ = 0;
@@ -821,6 +823,7 @@ Status StepExecutor::Finish(StepRecord* record) {
   evaluating_ = false;
   record->gradient_bytes = gradient_bytes_;
   record->updated_experts = submitted_;
+  record->begin_seconds = begin_seconds_;
   record->stalls = stalls_;
   record->stall_records = prefetcher_->stalls();
   record->report = report;

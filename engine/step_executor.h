@@ -88,6 +88,7 @@ class StepExecutor {
     uint64_t tokens = 0;
     uint64_t gradient_bytes = 0;
     uint32_t updated_experts = 0;
+    double begin_seconds = 0;  // BuildStep's: routing and planning, before anything was issued
     StallStats stalls;
     std::vector<StallRecord> stall_records;
     StepReport report;  // the optimizer's (delayed: of the update Begin started)
@@ -252,6 +253,7 @@ class StepExecutor {
   float held_loss_scale_ = 1;
   StepReport started_report_;
   double gradient_fence_seconds_ = 0;
+  double begin_seconds_ = 0;
   uint64_t updater_steps_ = 0;  // the optimizer's steps begun
 };
 

@@ -32,6 +32,9 @@ struct StepStats {
   uint64_t step = 0;
   uint64_t tokens = 0;
   double seconds = 0;  // since the previous EndStep returned (the first: since BeginStep)
+  // Of them, BeginStep's own work before the step issued anything: routing its micro-batches
+  // and building its plan, on the driving thread (what ecss-plan models as a step's begin).
+  double begin_seconds = 0;
   double tokens_per_s = 0;
   uint64_t h2d_bytes = 0;  // every host-to-device byte of the backend in this step
   uint64_t d2h_bytes = 0;

@@ -214,7 +214,7 @@ for config in configs:
     rows.append((config, runs))
 print()
 print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'drift':>7s}  "
-      "rounds' diffs (drift); bottleneck (planned / measured)")
+      "rounds' diffs (drift); bottleneck, step's begin in ms (planned / measured)")
 for config, runs in rows:
     diffs = [(plan["step_seconds"] - run["step_seconds"]) / run["step_seconds"]
              for plan, _, run in runs]
@@ -227,9 +227,11 @@ for config, runs in rows:
     measured = statistics.median(run["step_seconds"] for _, _, run in runs)
     each = " ".join(f"{100 * d:+.1f}% ({100 * w:.0f}%)" for d, w in zip(diffs, drifts))
     plan, _, run = runs[0]
+    begins = [1e3 * statistics.median(x["begin_seconds_per_step"] for x in side)
+              for side in ([p for p, _, _ in runs], [r for _, _, r in runs])]
     print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% "
           f"{100 * statistics.median(drifts):6.1f}%  {each}; "
-          f"{plan['bottleneck']} / {run['bottleneck']}")
+          f"{plan['bottleneck']} / {run['bottleneck']}, {begins[0]:.2f} / {begins[1]:.2f}")
 print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
       f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)

@@ -334,6 +334,7 @@ struct StrategyRun {
   uint64_t state_bytes_per_param = 0, weight_bytes_per_param = 0, fetch_bytes = 0;
   uint64_t hits = 0, misses = 0;
   double seconds = 0, stalls = 0;
+  double begin_seconds = 0;  // the steps' BeginStep work (StepStats::begin_seconds)
   std::vector<StepMetrics> metrics;
   std::vector<PathShare> critical_path;  // of the last step of the first run
   // The memory it took: the device memory the session holds (all of it allocated at
@@ -363,6 +364,7 @@ struct StrategyRun {
     misses += other.misses;
     seconds += other.seconds;
     stalls += other.stalls;
+    begin_seconds += other.begin_seconds;
     device_bytes = std::max(device_bytes, other.device_bytes);
     pinned_peak_bytes = std::max(pinned_peak_bytes, other.pinned_peak_bytes);
     host_peak_bytes = std::max(host_peak_bytes, other.host_peak_bytes);
@@ -424,6 +426,7 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     ++run.steps;
     run.metrics.push_back(s.metrics);
     run.stalls += s.stalls.total();
+    run.begin_seconds += s.begin_seconds;
     run.tokens += s.tokens;
     run.h2d_bytes += s.h2d_bytes;
     run.d2h_bytes += s.d2h_bytes;
@@ -533,6 +536,7 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
   json.Field("strategy", StrategyName(run.strategy))
       .Field("tokens_per_s", run.tokens_per_s())
       .Field("step_seconds", run.seconds / steps)
+      .Field("begin_seconds_per_step", run.begin_seconds / steps)
       .Field("bound_ratio", on_sim ? metrics.bound_ratio : unknown)
       .Field("overlap_fraction",
              on_sim && metrics.overlap_fraction ? *metrics.overlap_fraction : unknown)

@@ -226,7 +226,8 @@ py::dict StatsDict(const PyStepStats& p) {
       s.metrics.overlap_fraction ? py::cast(*s.metrics.overlap_fraction) : py::object(py::none());
   return py::dict(
       "step"_a = s.step, "tokens"_a = s.tokens, "seconds"_a = s.seconds,
-      "tokens_per_s"_a = s.tokens_per_s, "h2d_bytes"_a = s.h2d_bytes, "d2h_bytes"_a = s.d2h_bytes,
+      "begin_seconds"_a = s.begin_seconds, "tokens_per_s"_a = s.tokens_per_s,
+      "h2d_bytes"_a = s.h2d_bytes, "d2h_bytes"_a = s.d2h_bytes,
       "expert_fetch_bytes"_a = s.expert_fetch_bytes, "gradient_bytes"_a = s.gradient_bytes,
       "tensor_h2d_bytes"_a = p.tensor_h2d_bytes, "tensor_d2h_bytes"_a = p.tensor_d2h_bytes,
       "call_seconds"_a = p.call_seconds, "nvme_bytes"_a = s.nvme_bytes,

@@ -163,6 +163,7 @@ def test_stats_count_the_tensors_copied():
     assert d["h2d_bytes"] >= d["tensor_h2d_bytes"] + d["expert_fetch_bytes"]
     assert d["tokens"] == 2 * SEQ and stats.tokens == 2 * SEQ
     assert d["updated_experts"] > 0
+    assert 0 < d["begin_seconds"] <= d["seconds"]
     with pytest.raises(AttributeError):
         stats.no_such_field
 

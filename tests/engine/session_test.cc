@@ -1042,6 +1042,9 @@ TEST(SessionTest, StatisticsAddUp) {
     EXPECT_GE(s.h2d_bytes, s.expert_fetch_bytes);
     EXPECT_GE(s.d2h_bytes, s.gradient_bytes);
     EXPECT_EQ(s.updated_params, uint64_t{s.updated_experts} * (16 * 24 * 2));
+    // BeginStep's routing and planning took time, within the step's.
+    EXPECT_GT(s.begin_seconds, 0);
+    EXPECT_LE(s.begin_seconds, s.seconds);
     // The sim keeps its engines' intervals: every resource is listed, each busy no longer
     // than the step and exposed no longer than busy, and the bottleneck bounds the step.
     ASSERT_EQ(s.metrics.resources.size(), 4u);

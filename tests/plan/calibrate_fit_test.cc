@@ -1,5 +1,6 @@
 // FitStatePipeline (tools/plan/calibrate.h): a drive's session_fraction and update_overhead_us
-// from the NVMe state pipeline at two expert sizes, without measuring anything.
+// from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
+// rates while the optimizer is idle and beside it. Without measuring anything.
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
@@ -44,6 +45,36 @@ TEST(FitStatePipelineTest, ANegativeOverheadIsNoneWithTheSmallSamplesFraction) {
   const NvmeDrive fast = Fit(kSmallBound / 2, kLargeBound / 2);
   EXPECT_EQ(fast.session_fraction, 1);
   EXPECT_EQ(fast.update_overhead_us, 0);
+}
+
+// Additions alone at 20 GB/s and beside the optimizer at 8, some partly beside it: both rates
+// come back.
+TEST(FitGradientAdditionsTest, SamplesOfBothKindsGiveBothRates) {
+  constexpr double kIdle = 20e9, kBeside = 8e9, kBytes = 16e6;
+  std::vector<AdditionSample> samples;
+  for (double beside : {0.0, 0.0, 1.0, 1.0, 0.5, 0.25}) {
+    samples.push_back({kBytes, kBytes * (beside / kBeside + (1 - beside) / kIdle), beside});
+  }
+  HardwareConfig h;
+  FitGradientAdditions(samples, h);
+  EXPECT_NEAR(h.gradient_add_gbps, 20, 1e-9);
+  EXPECT_NEAR(h.gradient_add_beside_optimizer_gbps, 8, 1e-9);
+}
+
+// Samples of one kind cannot tell the rates apart, and a fit with the additions faster beside
+// the optimizer is noise: one rate, the samples' bytes over their time, and none beside.
+TEST(FitGradientAdditionsTest, OneKindOrAFasterBesideRateGivesOneRate) {
+  HardwareConfig alone;
+  FitGradientAdditions({{10e6, 1e-3, 0}, {30e6, 2e-3, 0}}, alone);
+  EXPECT_NEAR(alone.gradient_add_gbps, 40e6 / 3e-3 / 1e9, 1e-9);
+  EXPECT_EQ(alone.gradient_add_beside_optimizer_gbps, 0);
+  HardwareConfig faster_beside;
+  FitGradientAdditions({{10e6, 1e-3, 0}, {10e6, 0.5e-3, 1}}, faster_beside);
+  EXPECT_NEAR(faster_beside.gradient_add_gbps, 20e6 / 1.5e-3 / 1e9, 1e-9);
+  EXPECT_EQ(faster_beside.gradient_add_beside_optimizer_gbps, 0);
+  HardwareConfig none;
+  FitGradientAdditions({}, none);
+  EXPECT_EQ(none.gradient_add_gbps, 0);
 }
 
 }  // namespace

@@ -67,6 +67,11 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_GE(measured->step_begin_ns_per_op, 0);
   EXPECT_GT(measured->routing_ns_per_token_layer + measured->step_begin_ns_per_op, 0);
   EXPECT_GT(measured->gradient_add_gbps, 0);  // two micro-batches' additions
+  // Beside the optimizer: 0 (one rate) or a rate no faster than alone.
+  EXPECT_GE(measured->gradient_add_beside_optimizer_gbps, 0);
+  EXPECT_LE(measured->gradient_add_beside_optimizer_gbps, measured->gradient_add_gbps);
+  EXPECT_GE(measured->optimizer_rate_beside_additions, 0.1);
+  EXPECT_LE(measured->optimizer_rate_beside_additions, 1);
   auto back = ParseHardware(HardwareJson(*measured));
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
@@ -77,6 +82,8 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_EQ(back->routing_ns_per_token_layer, measured->routing_ns_per_token_layer);
   EXPECT_EQ(back->step_begin_ns_per_op, measured->step_begin_ns_per_op);
   EXPECT_EQ(back->gradient_add_gbps, measured->gradient_add_gbps);
+  EXPECT_EQ(back->gradient_add_beside_optimizer_gbps, measured->gradient_add_beside_optimizer_gbps);
+  EXPECT_EQ(back->optimizer_rate_beside_additions, measured->optimizer_rate_beside_additions);
   const bool empty = std::filesystem::is_empty(dir);
   std::filesystem::remove_all(dir);
   EXPECT_TRUE(empty);

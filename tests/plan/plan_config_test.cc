@@ -156,12 +156,20 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
                      R"("host_wait_latency_us": 50.5, )");
   host_costs.replace(host_costs.find(R"("optimizer_threads")"), 0,
                      R"("routing_ns_per_token_layer": 14, "step_begin_ns_per_op": 900, )"
-                     R"("gradient_add_gbps": 6.5, )");
+                     R"("gradient_add_gbps": 6.5, "gradient_add_beside_optimizer_gbps": 4.5, )"
+                     R"("optimizer_rate_beside_additions": 0.75, )");
   StatusOr<HardwareConfig> costs = ParseHardware(host_costs);
   ASSERT_TRUE(costs.ok()) << costs.status();
   EXPECT_EQ(costs->host_wait_latency_us, 50.5);
   EXPECT_EQ(costs->routing_ns_per_token_layer, 14);
   EXPECT_EQ(costs->gradient_add_gbps, 6.5);
+  EXPECT_EQ(costs->gradient_add_beside_optimizer_gbps, 4.5);
+  EXPECT_EQ(costs->optimizer_rate_beside_additions, 0.75);
+  std::string share_above_one = host_costs;
+  share_above_one.replace(share_above_one.find("0.75"), 4, "1.25");
+  EXPECT_NE(error(share_above_one).find("hardware.host.optimizer_rate_beside_additions: "),
+            std::string::npos)
+      << error(share_above_one);
   EXPECT_EQ(costs->step_begin_ns_per_op, 900);
   std::string negative_per_op = host_costs;
   negative_per_op.replace(negative_per_op.find("900"), 3, "-5");
@@ -169,6 +177,10 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   std::string negative_add = host_costs;
   negative_add.replace(negative_add.find("6.5"), 3, "-1");
   EXPECT_EQ(error(negative_add), "hardware.host.gradient_add_gbps: must be >= 0 (got -1)");
+  std::string negative_beside = host_costs;
+  negative_beside.replace(negative_beside.find("4.5"), 3, "-2");
+  EXPECT_EQ(error(negative_beside),
+            "hardware.host.gradient_add_beside_optimizer_gbps: must be >= 0 (got -2)");
   std::string negative_wait = host_costs;
   negative_wait.replace(negative_wait.find("50.5"), 4, "-2");
   EXPECT_EQ(error(negative_wait), "hardware.device.host_wait_latency_us: must be >= 0 (got -2)");

@@ -295,7 +295,11 @@ TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
       StepPlan without = plan, waited = plan, with = plan;
       ASSERT_TRUE(plain->Run(without).ok());
       ASSERT_TRUE(waiting->Run(waited).ok());
-      ASSERT_TRUE(costly->Run(with).ok());
+      auto step = costly->Run(with);
+      ASSERT_TRUE(step.ok()) << step.status();
+      // The step's begin work, as the planner reports it (begin_seconds_per_step).
+      EXPECT_DOUBLE_EQ(step->begin_work_s,
+                       kBeginSeconds + kBeginPerOp * static_cast<double>(with.ops().size()));
       size_t host_waits = 0, computes = 0;
       for (const PlanOp& op : with.ops()) {
         if (op.step_offset != 0) continue;
@@ -338,17 +342,24 @@ TEST(StepSimulatorTest, HostWaitsAndTheStepsBeginCostTheHostsTime) {
             StatusCode::kInvalidArgument);
 }
 
+// `steps` ecss steps of the simulated configuration in 4 micro-batches (the later ones'
+// gradients added on the host).
+void MicroBatchedPlans(uint32_t steps, Simulated* c, SessionOptions* options,
+                       std::vector<StepPlan>* plans) {
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(c));
+  c->workload.micro_batches = 4;
+  ASSERT_NO_FATAL_FAILURE(PlansOf(*c, Strategy::kEcss, steps, options, plans));
+}
+
 // Later micro-batches' gradient additions run one at a time on the host's add stream, each
 // bytes / GB/s once its copy ended; a copy into one of the two staging halves waits for that
 // half's last addition, and a layer's update for its additions. Free additions (0 GB/s, the
 // default) take no time, and the steps with them are never shorter.
 TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
   Simulated c;
-  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
-  c.workload.micro_batches = 4;
   SessionOptions options;
   std::vector<StepPlan> plans;
-  ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kEcss, 3, &options, &plans));
+  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(3, &c, &options, &plans));
   constexpr double kGbps = 0.5;
   const ResourceRates free_adds{.device = c.hardware.device, .optimizer_params_per_s = 5e8};
   ResourceRates adds = free_adds;
@@ -394,6 +405,88 @@ TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
   const Status refused = StepSimulator::Create(options, negative).status();
   EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(refused.message().find("additions"), std::string::npos) << refused;
+  ResourceRates negative_beside = free_adds;
+  negative_beside.gradient_add_beside_optimizer_gbps = -1;
+  EXPECT_EQ(StepSimulator::Create(options, negative_beside).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+// Note [Additions beside the optimizer]: an addition runs at gradient_add_gbps while the
+// optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps while it is busy, so
+// each takes between its bytes at the one rate and at the other, some (here, where the
+// previous step's updates run into the next step's additions) longer than alone, and no step
+// is shorter; a beside rate of 0 is the idle one.
+TEST(StepSimulatorTest, AdditionsBesideTheOptimizerRunAtTheirOwnRate) {
+  Simulated c;
+  SessionOptions options;
+  std::vector<StepPlan> plans;
+  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(4, &c, &options, &plans));
+  constexpr double kIdleGbps = 0.5, kBesideGbps = 0.2;
+  ResourceRates idle{.device = c.hardware.device, .optimizer_params_per_s = 5e7};
+  idle.gradient_add_gbps = kIdleGbps;
+  ResourceRates unset = idle, beside = idle;
+  beside.gradient_add_beside_optimizer_gbps = kBesideGbps;
+  auto one_rate = StepSimulator::Create(options, idle);
+  auto zero = StepSimulator::Create(options, unset);
+  auto two_rates = StepSimulator::Create(options, beside);
+  ASSERT_TRUE(one_rate.ok() && zero.ok() && two_rates.ok());
+  size_t slowed = 0;
+  for (const StepPlan& plan : plans) {
+    StepPlan alone = plan, same = plan, with = plan;
+    ASSERT_TRUE(one_rate->Run(alone).ok());
+    ASSERT_TRUE(zero->Run(same).ok());
+    ASSERT_TRUE(two_rates->Run(with).ok());
+    EXPECT_EQ(same.seconds(), alone.seconds());
+    EXPECT_GE(with.seconds(), alone.seconds() - 1e-12);
+    for (const PlanOp* add : with.Find(OpKind::kAccumulate)) {
+      const double took = add->end_s - add->start_s;
+      const auto bytes = static_cast<double>(add->bytes);
+      EXPECT_GE(took, bytes / (kIdleGbps * 1e9) - 1e-12) << add->id;
+      EXPECT_LE(took, bytes / (kBesideGbps * 1e9) + 1e-12) << add->id;
+      if (took > bytes / (kIdleGbps * 1e9) + 1e-9) ++slowed;
+    }
+  }
+  EXPECT_GT(slowed, 0u);
+}
+
+// Note [The optimizer beside the additions]: with optimizer_rate_beside_additions < 1 a step's
+// updates that run beside its additions take longer (the step's updates end later in some step,
+// never sooner), and the share must lie in (0, 1].
+TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
+  Simulated c;
+  SessionOptions options;
+  std::vector<StepPlan> plans;
+  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(4, &c, &options, &plans));
+  ResourceRates full{.device = c.hardware.device, .optimizer_params_per_s = 5e7};
+  full.gradient_add_gbps = 0.5;
+  ResourceRates half = full;
+  half.optimizer_rate_beside_additions = 0.5;
+  auto unaffected = StepSimulator::Create(options, full);
+  auto slowed = StepSimulator::Create(options, half);
+  ASSERT_TRUE(unaffected.ok() && slowed.ok());
+  auto updates_end = [](const StepPlan& plan) {
+    double end = 0;
+    for (const PlanOp* update : plan.Find(OpKind::kUpdate)) {
+      if (update->step_offset == 0) end = std::max(end, update->end_s);
+    }
+    return end;
+  };
+  size_t later = 0;
+  for (const StepPlan& plan : plans) {
+    StepPlan alone = plan, beside = plan;
+    ASSERT_TRUE(unaffected->Run(alone).ok());
+    ASSERT_TRUE(slowed->Run(beside).ok());
+    EXPECT_GE(updates_end(beside), updates_end(alone) - 1e-12);
+    if (updates_end(beside) > updates_end(alone) + 1e-9) ++later;
+  }
+  EXPECT_GT(later, 0u);
+  for (double share : {0.0, -0.5, 1.5, std::nan("")}) {
+    ResourceRates bad = full;
+    bad.optimizer_rate_beside_additions = share;
+    const Status refused = StepSimulator::Create(options, bad).status();
+    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << share;
+    EXPECT_NE(refused.message().find("optimizer_rate_beside_additions"), std::string::npos);
+  }
 }
 
 // With states on NVMe, each expert's update takes the drives' overhead beside its bytes, half

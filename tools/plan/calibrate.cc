@@ -16,6 +16,7 @@
 #include "offload/io/io_engine.h"
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
+#include "runtime/base/median.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tools/plan/planner.h"
@@ -101,36 +102,29 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   return stats;
 }
 
-// The driving thread's work at BeginStep before it issued anything (it routes every
-// micro-batch and builds the step's plan first): in each executed plan, when its first
-// routing plan's upload was issued, with the step's routed token-layers (its forward ops'
-// rows) and its plan's ops; the step whose begin is the median (the lower of the middle two).
-// Steps that began at once (a begin clipped to 0) are left out.
+// The driving thread's work at BeginStep before it issued anything (routing every micro-batch
+// and building the step's plan: StepStats::begin_seconds) in a run's measured steps: their
+// median, with their routed token-layers and the median of the executed plans' ops. Every
+// measured step, not only the few whose plans the session keeps: single begins on the
+// development VM spread 3x within a run (1.1 to 4.6 ms for the same 131,072 token-layers), and
+// a median of 8 of them read 6.8 to 12 ns per token-layer in calibrations minutes apart.
 struct StepBeginSample {
   double seconds = 0, token_layers = 0, ops = 0;
 };
 
-StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepPlan>& executed) {
-  std::vector<StepBeginSample> steps;
-  for (const StepPlan& plan : executed) {
-    double issued = -1, rows = 0;
-    for (const PlanOp& op : plan.ops()) {
-      if (op.kind == OpKind::kPlanUpload && op.issued_s >= 0) {
-        issued = issued < 0 ? op.issued_s : std::min(issued, op.issued_s);
-      }
-      if (op.kind == OpKind::kForward) {
-        for (uint32_t r : op.rows) rows += r;
-      }
-    }
-    if (!(issued > 0) || rows == 0) continue;
-    steps.push_back({issued, rows, static_cast<double>(plan.ops().size())});
+StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepStats>& stats, size_t warmup,
+                                      uint32_t layers, const std::vector<StepPlan>& executed) {
+  std::vector<double> begins, token_layers, ops;
+  for (size_t s = warmup; s < stats.size(); ++s) {
+    if (!(stats[s].begin_seconds > 0) || stats[s].tokens == 0) continue;
+    begins.push_back(stats[s].begin_seconds);
+    token_layers.push_back(static_cast<double>(stats[s].tokens) * layers);
   }
-  if (steps.empty()) return InternalError("calibration: no executed plan recorded its routing");
-  const auto middle = steps.begin() + static_cast<std::ptrdiff_t>((steps.size() - 1) / 2);
-  std::nth_element(
-      steps.begin(), middle, steps.end(),
-      [](const StepBeginSample& a, const StepBeginSample& b) { return a.seconds < b.seconds; });
-  return *middle;
+  for (const StepPlan& plan : executed) ops.push_back(static_cast<double>(plan.ops().size()));
+  if (begins.empty() || ops.empty()) {
+    return InternalError("calibration: no measured step recorded its begin");
+  }
+  return StepBeginSample{Median(begins), Median(token_layers), Median(ops)};
 }
 
 // A step's begin as routing per token-layer plus plan building per op, fitted to samples of
@@ -168,7 +162,7 @@ void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once:
 // updated parameters over the optimizer's busy seconds in the measured steps, states in host
-// memory; with `executed`, the last few measured steps' executed plans. One thread: ecss steps with
+// memory; with `begin`, the measured steps' begin (StepBeginOf). One thread: ecss steps with
 // one optimizer thread (the driving thread goes on to the next step) over o.domains domains
 // (CalibrationOptions::domains says why). More: zero-offload steps
 // (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
@@ -176,7 +170,7 @@ void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h
 // tools/plan/step_simulator.cc); the updates that start before then, one layer's during a few
 // milliseconds of device work, are a few percent of the step's.
 StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
-                                      std::vector<StepPlan>* executed = nullptr) {
+                                      StepBeginSample* begin = nullptr) {
   CalibrationRun run;
   if (threads > 1) {  // every expert updated each step: the default model's 8 domains
     run.strategy = Strategy::kZeroOffload;
@@ -185,8 +179,12 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
     run.domains = o.domains;
   }
   MeasuredWindow window;
+  std::vector<StepPlan> executed;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
-                        RunCalibrationSteps(o, run, o.steps, window, executed));
+                        RunCalibrationSteps(o, run, o.steps, window, &executed));
+  if (begin != nullptr) {
+    ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers, executed));
+  }
   double params = 0, busy = 0;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
     params += static_cast<double>(stats[s].updated_params);
@@ -261,32 +259,86 @@ StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
   return waited / static_cast<double>(waits) * 1e6;
 }
 
-// The host's gradient additions (a later micro-batch's gradients added into the step's
-// accumulators, one at a time on the add stream): in the executed plans of ecss steps of two
-// micro-batches, the additions' bytes over their time (each from when it could start, its copy
-// and the addition before it ended, to its end), GB/s. Measured beside the optimizer's thread
-// and the simulated device's, as the additions run in a session.
-// `executed`: the run's executed plans (steps of two micro-batches of 16,384 tokens).
-StatusOr<double> MeasureGradientAddRate(const CalibrationOptions& o,
-                                        std::vector<StepPlan>& executed) {
-  constexpr uint32_t kSteps = PlanRecorder::kKeptSteps;  // measured: every one's plan kept
-  CalibrationRun run;
-  run.domains = o.domains;  // as the one-thread run's: the step-begin fit compares their tokens
-  run.micro_batches = 2;
-  run.tokens_per_micro_batch = 16384;
-  run.device_budget_gib = 2;
-  MeasuredWindow window;
-  ECSS_RETURN_IF_ERROR(RunCalibrationSteps(o, run, kSteps, window, &executed).status());
-  double bytes = 0, seconds = 0;
+void AddAdditionSamples(const std::vector<StepPlan>& executed,
+                        std::vector<AdditionSample>& samples) {
   for (const StepPlan& plan : executed) {
+    std::vector<std::pair<double, double>> updating;
+    for (const PlanOp* update : plan.Find(OpKind::kUpdate)) {
+      if (update->start_s >= 0 && update->end_s > update->start_s) {
+        updating.emplace_back(update->start_s, update->end_s);
+      }
+    }
     for (const PlanOp* add : plan.Find(OpKind::kAccumulate)) {
       if (add->start_s < 0 || !(add->end_s > add->start_s)) continue;
-      bytes += static_cast<double>(add->bytes);
-      seconds += add->end_s - add->start_s;
+      // The updates' union within the addition: a clipped sweep over their sorted spans.
+      std::vector<std::pair<double, double>> within;
+      for (const auto& [from, to] : updating) {
+        const double a = std::max(from, add->start_s), b = std::min(to, add->end_s);
+        if (b > a) within.emplace_back(a, b);
+      }
+      std::sort(within.begin(), within.end());
+      double overlap = 0, reached = add->start_s;
+      for (const auto& [from, to] : within) {
+        if (to > reached) overlap += to - std::max(from, reached);
+        reached = std::max(reached, to);
+      }
+      const double seconds = add->end_s - add->start_s;
+      samples.push_back({static_cast<double>(add->bytes), seconds, overlap / seconds});
     }
   }
-  if (!(seconds > 0)) return InternalError("calibration: no executed plan recorded an addition");
-  return bytes / seconds / 1e9;
+}
+
+// The host's gradient additions (a later micro-batch's gradients added into the step's
+// accumulators, one at a time on the add stream), in the executed plans of steps of two
+// micro-batches: ecss steps of 16,384 tokens each, whose additions mostly run while the
+// optimizer's thread updates the step before's experts, and no-overlap steps of 2,048, whose
+// updates wait for the step's device work, so that their additions run alone
+// (FitGradientAdditions). And the optimizer beside them, in the measured ecss steps: its busy
+// time against its updates' time at `one_thread_rate` (parameters/s), the excess taken as lost
+// in the time it ran beside an addition (the kept plans' per step; 0.50-0.96 in four
+// calibrations here, where `small ecss-host-4x32k`'s runs showed 0.69-0.77):
+// optimizer_rate_beside_additions, at least 0.1. `begin`: the ecss steps' begin (StepBeginOf).
+Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_rate,
+                                StepBeginSample& begin, HardwareConfig& h) {
+  std::vector<AdditionSample> samples;
+  {
+    // Measured: the additions in the last few, whose plans the session keeps; the begin in
+    // all (about a second here).
+    constexpr uint32_t kSteps = 4 * PlanRecorder::kKeptSteps;
+    CalibrationRun run;
+    run.domains = o.domains;  // as the one-thread run's: the step-begin fit compares their tokens
+    run.micro_batches = 2;
+    run.tokens_per_micro_batch = 16384;
+    run.device_budget_gib = 2;
+    MeasuredWindow window;
+    std::vector<StepPlan> executed;
+    ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
+                          RunCalibrationSteps(o, run, kSteps, window, &executed));
+    ECSS_ASSIGN_OR_RETURN(begin, StepBeginOf(stats, window.warmup, run.layers, executed));
+    AddAdditionSamples(executed, samples);
+    double work = 0, busy = 0, beside = 0;
+    for (size_t s = window.warmup; s < stats.size(); ++s) {
+      work += static_cast<double>(stats[s].updated_params) / one_thread_rate;
+      busy += stats[s].optimizer_busy_seconds;
+    }
+    for (const AdditionSample& add : samples) beside += add.beside * add.seconds;
+    // The kept plans' time beside an addition, per step, over every measured step.
+    beside *= static_cast<double>(stats.size() - window.warmup) /
+              static_cast<double>(std::max<size_t>(1, executed.size()));
+    h.optimizer_rate_beside_additions =
+        beside > 0 ? std::clamp(1 - (busy - work) / beside, 0.1, 1.0) : 1.0;
+  }
+  CalibrationRun alone;
+  alone.strategy = Strategy::kNoOverlap;
+  alone.micro_batches = 2;
+  MeasuredWindow window;
+  std::vector<StepPlan> executed;
+  ECSS_RETURN_IF_ERROR(
+      RunCalibrationSteps(o, alone, PlanRecorder::kKeptSteps, window, &executed).status());
+  AddAdditionSamples(executed, samples);
+  if (samples.empty()) return InternalError("calibration: no executed plan recorded an addition");
+  FitGradientAdditions(samples, h);
+  return Status::Ok();
 }
 
 struct NvmeRates {
@@ -316,6 +368,30 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 }
 
 }  // namespace
+
+void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& h) {
+  double aa = 0, ab = 0, bb = 0, ay = 0, by = 0, bytes = 0, seconds = 0;
+  for (const AdditionSample& s : samples) {  // per sample: 1 = a x + b y, x and y seconds/byte
+    const double a = s.bytes * s.beside / s.seconds, b = s.bytes * (1 - s.beside) / s.seconds;
+    aa += a * a;
+    ab += a * b;
+    bb += b * b;
+    ay += a;
+    by += b;
+    bytes += s.bytes;
+    seconds += s.seconds;
+  }
+  const double det = aa * bb - ab * ab;
+  const double beside = det > 1e-9 * aa * bb ? (ay * bb - by * ab) / det : -1;
+  const double idle = det > 1e-9 * aa * bb ? (by * aa - ay * ab) / det : -1;
+  if (beside > 0 && idle > 0 && beside >= idle) {
+    h.gradient_add_gbps = 1 / idle / 1e9;
+    h.gradient_add_beside_optimizer_gbps = 1 / beside / 1e9;
+  } else {
+    h.gradient_add_gbps = seconds > 0 ? bytes / seconds / 1e9 : 0;
+    h.gradient_add_beside_optimizer_gbps = 0;
+  }
+}
 
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
                       NvmeDrive& drive) {
@@ -351,17 +427,15 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
       std::clamp(std::thread::hardware_concurrency(), 1u, std::max(1u, options.max_threads)));
   base.optimizer_params_per_s_per_thread = 0;
   base.optimizer_params_per_s_by_threads.clear();
-  std::vector<StepPlan> executed;  // one thread's ecss steps
+  StepBeginSample few;  // one thread's ecss steps of 2,048 tokens
   for (int threads = 1; threads <= cores; ++threads) {
-    ECSS_ASSIGN_OR_RETURN(
-        const double rate,
-        MeasureOptimizerRate(options, threads, threads == 1 ? &executed : nullptr));
+    ECSS_ASSIGN_OR_RETURN(const double rate,
+                          MeasureOptimizerRate(options, threads, threads == 1 ? &few : nullptr));
     base.optimizer_params_per_s_by_threads.push_back(rate);
   }
-  std::vector<StepPlan> many_tokens;  // two micro-batches of 16,384 tokens a step
-  ECSS_ASSIGN_OR_RETURN(base.gradient_add_gbps, MeasureGradientAddRate(options, many_tokens));
-  ECSS_ASSIGN_OR_RETURN(const StepBeginSample few, StepBeginOf(executed));
-  ECSS_ASSIGN_OR_RETURN(const StepBeginSample many, StepBeginOf(many_tokens));
+  StepBeginSample many;  // two micro-batches of 16,384 tokens a step
+  ECSS_RETURN_IF_ERROR(
+      MeasureGradientAdditions(options, base.optimizer_params_per_s_by_threads.at(0), many, base));
   FitStepBegin({few, many}, base);
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
   // One drive measured: the base's drives (or this machine's one) get its speed.
@@ -434,6 +508,8 @@ std::string HardwareJson(const HardwareConfig& h) {
   json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer)
       .Field("step_begin_ns_per_op", h.step_begin_ns_per_op)
       .Field("gradient_add_gbps", h.gradient_add_gbps)
+      .Field("gradient_add_beside_optimizer_gbps", h.gradient_add_beside_optimizer_gbps)
+      .Field("optimizer_rate_beside_additions", h.optimizer_rate_beside_additions)
       .EndObject();
   if (!h.nvme.empty()) {  // alike drives, as the file describes them
     json.Key("nvme")

@@ -21,21 +21,27 @@
 //    (session_fraction, update_overhead_us: FitStatePipeline). Reads and writes sharing the
 //    drive cost the first, each state's header and version the second.
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
-//    per op of the step's plan (when each step's first routing plan was issued, in the
-//    executed plans of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps
-//    of two micro-batches of 16,384: the two figures that give both; at 2,048 tokens alone
+//    per op of the step's plan (StepStats::begin_seconds, the median over every measured step
+//    of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of two
+//    micro-batches of 16,384: the two figures that give both; at 2,048 tokens alone
 //    the begin looked like 52 ns per token-layer here, which made a step of 131,072 tokens
 //    begin after 27 ms where it took 4.4; routing_ns_per_token_layer, step_begin_ns_per_op),
 //    and, where the base's device is simulated, the host's wait before an op it issues once
 //    its dependencies ended (no-overlap steps' executed plans: each compute op's and update's
 //    dependencies' end to its issue, the mean; host_wait_latency_us).
-//  - The host's gradient additions (the same steps of two micro-batches: each addition's bytes
-//    over its time on the add stream; gradient_add_gbps).
+//  - The host's gradient additions while the optimizer is idle and while it updates beside
+//    them (the same ecss steps of two micro-batches, whose additions mostly run beside the
+//    optimizer, and no-overlap steps of two, whose additions run alone: each addition's time
+//    against its bytes and the share of it in which an update ran; gradient_add_gbps,
+//    gradient_add_beside_optimizer_gbps), and the optimizer's share of its rate beside them
+//    (the ecss steps' busy time against their updates at the one-thread rate, the excess lost
+//    while an addition ran; optimizer_rate_beside_additions).
 // The device's figures are the base file's (a device this machine may not have).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "runtime/base/status.h"
 #include "tools/plan/plan_config.h"
@@ -67,8 +73,9 @@ struct CalibrationOptions {
 };
 
 // `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer,
-// host.step_begin_ns_per_op, host.gradient_add_gbps and nvme measured here, and
-// device.host_wait_latency_us with a simulated device.
+// host.step_begin_ns_per_op, host.gradient_add_gbps, host.gradient_add_beside_optimizer_gbps,
+// host.optimizer_rate_beside_additions and nvme measured here, and device.host_wait_latency_us
+// with a simulated device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A session's NVMe state pipeline at one expert size, per updated expert: its bytes' time at
 // the drive's measured rates and the time it took.
@@ -84,6 +91,19 @@ struct StatePipelineSample {
 // fast in plan-vs-run.
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
                       NvmeDrive& drive);
+// One gradient addition of an executed plan: its bytes, its time (from its start, once its copy
+// and the addition before it ended, to its end), and the share of that time in which an update
+// ran (the plan's update ops, carried-in ones too, as their spans in that step's time).
+struct AdditionSample {
+  double bytes = 0, seconds = 0, beside = 0;
+};
+// The additions' rate while the optimizer is idle and while it updates beside them
+// (gradient_add_gbps, gradient_add_beside_optimizer_gbps), from samples of both: seconds =
+// bytes x (beside / beside rate + (1 - beside) / idle rate), by least squares of the relative
+// errors. Where the samples cannot tell the two apart, or the fit makes either rate not
+// positive or the additions faster beside the optimizer, one rate for both (their bytes over
+// their seconds; gradient_add_beside_optimizer_gbps 0).
+void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& hardware);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);
 

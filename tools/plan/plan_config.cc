@@ -542,6 +542,10 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(
         o.Number("step_begin_ns_per_op", &h.step_begin_ns_per_op, false, kNanoseconds));
     ECSS_RETURN_IF_ERROR(o.Number("gradient_add_gbps", &h.gradient_add_gbps, false, kOptionalRate));
+    ECSS_RETURN_IF_ERROR(o.Number("gradient_add_beside_optimizer_gbps",
+                                  &h.gradient_add_beside_optimizer_gbps, false, kOptionalRate));
+    ECSS_RETURN_IF_ERROR(o.Number("optimizer_rate_beside_additions",
+                                  &h.optimizer_rate_beside_additions, false, kFraction));
     ECSS_RETURN_IF_ERROR(o.Finish());
     if (h.pinned_limit_gib == 0) h.pinned_limit_gib = h.host_memory_gib;
     if (h.pinned_limit_gib > h.host_memory_gib) {

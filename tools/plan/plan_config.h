@@ -86,9 +86,16 @@ struct HardwareConfig {
   double routing_ns_per_token_layer = 0;
   double step_begin_ns_per_op = 0;
   // A later micro-batch's gradients added into the step's accumulators on the host (a host
-  // stream of their own, one addition at a time), GB/s of gradients added. --calibrate
-  // measures it through a session; 0: not modelled (the additions take no time).
+  // stream of their own, one addition at a time), GB/s of gradients added while no optimizer
+  // thread updates. --calibrate measures it through a session; 0: not modelled (the additions
+  // take no time).
   double gradient_add_gbps = 0;
+  // The same while an optimizer thread updates beside them (both stream memory); 0: as
+  // gradient_add_gbps.
+  double gradient_add_beside_optimizer_gbps = 0;
+  // The share of its rate the optimizer keeps while the host adds gradients beside it, in
+  // (0, 1]; 1: unaffected.
+  double optimizer_rate_beside_additions = 1;
   std::vector<NvmeDrive> nvme;  // per node
   double network_gbps = 0;      // between nodes, per node and direction; 0 with one node
 

@@ -149,6 +149,8 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   rates.optimizer_helped_params_per_s = hardware.OptimizerParamsPerSecond(threads + 1);
   // Each device's session adds on a host stream of its own, at one stream's rate.
   rates.gradient_add_gbps = hardware.gradient_add_gbps;
+  rates.gradient_add_beside_optimizer_gbps = hardware.gradient_add_beside_optimizer_gbps;
+  rates.optimizer_rate_beside_additions = hardware.optimizer_rate_beside_additions;
   for (const NvmeDrive& d : hardware.nvme) {
     rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;
     rates.nvme_write_gbps += d.write_gbps * d.session_fraction / hardware.devices_per_node;
@@ -518,6 +520,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
     if (s < kWarmupSteps) continue;
     steady.push_back(step.metrics);
     seconds += step.seconds;
+    p.begin_seconds += step.begin_work_s;
     for (size_t r = 0; r < kPlanResources; ++r) p.busy_per_step[r] += step.busy[r];
     p.network_seconds += step.network_busy;
     const StepPlan& plan = plans[s];
@@ -533,6 +536,7 @@ StatusOr<StrategyPrediction> Predict(const DeviceShard& shard, const ModelConfig
   const auto n = static_cast<double>(steady.size());
   p.metrics = SumStepMetrics(steady);
   p.step_seconds = seconds / n;
+  p.begin_seconds /= n;
   for (double& busy : p.busy_per_step) busy /= n;
   p.network_seconds /= n;
   p.h2d_bytes = static_cast<uint64_t>(static_cast<double>(p.h2d_bytes) / n);
@@ -765,6 +769,7 @@ void WritePrediction(JsonWriter& json, const StrategyPrediction& p,
   json.Field("tokens_per_s", p.tokens_per_s)
       .Field("device_tokens_per_s", p.device_tokens_per_s)
       .Field("step_seconds", p.step_seconds)
+      .Field("begin_seconds_per_step", p.begin_seconds)
       .Field("bound_ratio", p.metrics.bound_ratio)
       .Key("overlap_fraction");
   if (p.metrics.overlap_fraction) {

@@ -124,8 +124,9 @@ struct StrategyPrediction {
   bool feasible = false;
   std::string why_not;  // when not feasible
   uint32_t cache_slots = 0;
-  double step_seconds = 0;  // steady state, per device
-  double tokens_per_s = 0;  // every device together
+  double step_seconds = 0;   // steady state, per device
+  double begin_seconds = 0;  // of it, BeginStep's routing and planning (StepStats::begin_seconds)
+  double tokens_per_s = 0;   // every device together
   double device_tokens_per_s = 0;
   StepMetrics metrics;                                 // steady-state steps summed (step_metrics.h)
   std::array<double, kPlanResources> busy_per_step{};  // per plan resource

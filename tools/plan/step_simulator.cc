@@ -24,6 +24,25 @@ size_t Queue(PlanResource resource) {
   return Index(resource == PlanResource::kNvmeWrite ? PlanResource::kNvmeRead : resource);
 }
 
+// When work of `seconds` at the full rate, from `start`, ends where it runs at `share` of that
+// rate within `intervals` (sorted by start; they may overlap) and at the full rate outside them.
+double EndBeside(double start, double seconds,
+                 const std::vector<std::pair<double, double>>& intervals, double share) {
+  double t = start, left = seconds;
+  for (const auto& [from, to] : intervals) {
+    if (to <= t) continue;
+    if (from > t) {  // the full rate until `from`
+      if (from - t >= left) break;
+      left -= from - t;
+      t = from;
+    }
+    if ((to - t) * share >= left) return t + left / share;
+    left -= (to - t) * share;
+    t = to;
+  }
+  return t + left;
+}
+
 std::chrono::steady_clock::time_point At(double seconds) {
   return std::chrono::steady_clock::time_point() +
          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -57,6 +76,8 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
        rates.begin_step_seconds_per_op},
       {"host_wait_latency_us", rates.host_wait_latency_us},
       {"gradient_add_gbps (the host's gradient additions)", rates.gradient_add_gbps},
+      {"gradient_add_beside_optimizer_gbps (the host's gradient additions beside the optimizer)",
+       rates.gradient_add_beside_optimizer_gbps},
       {"nvme_update_overhead_seconds (an NVMe state update's drive time beside its bytes)",
        rates.nvme_update_overhead_seconds},
   };
@@ -65,6 +86,12 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
       return InvalidArgumentError(
           StrCat("step simulator: ", what, " must be >= 0 (got ", value, ")"));
     }
+  }
+  if (!(rates.optimizer_rate_beside_additions > 0 && rates.optimizer_rate_beside_additions <= 1)) {
+    return InvalidArgumentError(
+        StrCat("step simulator: optimizer_rate_beside_additions (the optimizer's share of its "
+               "rate beside the host's additions) must be in (0, 1] (got ",
+               rates.optimizer_rate_beside_additions, ")"));
   }
   if (options.placement.states_on_nvme() &&
       !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
@@ -114,6 +141,54 @@ double StepSimulator::Seconds(const PlanOp& op) const {
       return 0;
   }
   return 0;
+}
+
+// Note [Additions beside the optimizer]: the host's gradient additions and the optimizer's
+// updates both stream memory, and on the development VM (2 cores) an addition that ran while an
+// update did took 1.9 ms where the ones before it took 1.0-1.3 (`small ecss-host-4x32k`,
+// 2026-12-04). An addition of `bytes` from `start` runs at gradient_add_gbps where the
+// optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps where it is busy, as
+// far as the timeline is known: updates that come later in plan order are not seen, and the
+// optimizer's own slowdown beside the additions is not modelled.
+double StepSimulator::AdditionEnd(double start, uint64_t bytes) const {
+  const double alone = rates_.gradient_add_gbps * 1e9;
+  if (!(alone > 0)) return start;
+  const double beside = rates_.gradient_add_beside_optimizer_gbps > 0
+                            ? rates_.gradient_add_beside_optimizer_gbps * 1e9
+                            : alone;
+  std::vector<std::pair<double, double>> busy;
+  if (beside != alone) {
+    for (const auto& interval : intervals_[Index(PlanResource::kCpuOptimizer)]) {
+      if (interval.second > start) busy.push_back(interval);
+    }
+    std::sort(busy.begin(), busy.end());
+  }
+  return EndBeside(start, static_cast<double>(bytes) / alone, busy, beside / alone);
+}
+
+// Note [The optimizer beside the additions]: the other side of Note [Additions beside the
+// optimizer]: one optimizer thread beside the additions of `small ecss-host-4x32k` updated at
+// 0.69-0.77 of its calibrated rate (2026-12-04). Once a step's additions are all known (its
+// Finish), its updates with host states are re-timed in the order they ran, each at
+// optimizer_rate_beside_additions of its rate while an addition runs. The additions keep the
+// times they were given (beside the updates as first timed), and the updates of the step
+// before keep theirs: this step's fetches waited for them as they were.
+void StepSimulator::SlowBesideAdditions(UpdateRecord& record) {
+  const double share = rates_.optimizer_rate_beside_additions;
+  if (!(share < 1) || record.queue.empty() || additions_.empty()) return;
+  double free = record.queue.front().second.start;  // the queue is in the order they ran
+  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
+  cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
+                           [&](const auto& interval) { return interval.first >= free; }),
+            cpu.end());
+  for (auto& [expert, task] : record.queue) {
+    task.start = std::max(task.ready, free);
+    task.end = EndBeside(task.start, task.seconds, additions_, share);
+    free = task.end;
+    record.expert_end[expert] = task.end;
+    cpu.emplace_back(task.start, task.end);
+  }
+  free_[Index(PlanResource::kCpuOptimizer)] = free;
 }
 
 double StepSimulator::Exchange(double ready) {
@@ -295,8 +370,12 @@ void StepSimulator::RunWhole(Pass& pass, PlanOp& op, double seconds, double wait
   // Later micro-batches' gradient additions run one at a time on the host's add stream (a
   // copy into a staging half depends on the addition two before it: the plan's edge).
   if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free_);
-  const double finish = start + seconds;
-  if (op.kind == OpKind::kAccumulate) additions_free_ = finish;
+  const double finish =
+      op.kind == OpKind::kAccumulate ? AdditionEnd(start, op.bytes) : start + seconds;
+  if (op.kind == OpKind::kAccumulate) {
+    additions_free_ = finish;
+    additions_.emplace_back(start, finish);
+  }
   if (op.resource != PlanResource::kNone) {
     free_[r] = finish;
     Occupy(op.resource, start, finish);
@@ -317,8 +396,9 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   Pass pass(policy, steps_.size(), clock_);
   // BeginStep routes the step and builds its plan, waits for step t-2's updates before it
   // issues anything, then re-orders step t-1's queued ones.
-  pass.floor = pass.begin + rates_.begin_step_seconds +
-               rates_.begin_step_seconds_per_op * static_cast<double>(plan.ops().size());
+  pass.begin_work = rates_.begin_step_seconds +
+                    rates_.begin_step_seconds_per_op * static_cast<double>(plan.ops().size());
+  pass.floor = pass.begin + pass.begin_work;
   if (UpdateRecord* two = UpdatesOf(pass, -2); two != nullptr && !policy.evaluation) {
     pass.floor = std::max(pass.floor, two->all_end);
   }
@@ -330,6 +410,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   for (auto& list : intervals_)
     list.erase(std::remove_if(list.begin(), list.end(), ended), list.end());
   network_.erase(std::remove_if(network_.begin(), network_.end(), ended), network_.end());
+  additions_.erase(std::remove_if(additions_.begin(), additions_.end(), ended), additions_.end());
   updates_.emplace_back();
   pass.end.assign(plan.ops().size(), pass.floor);
   pass.device_end = pass.update_end = pass.floor;
@@ -364,10 +445,21 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
 SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
   const PlanPolicy& policy = pass.policy;
   UpdateRecord& mine = updates_[pass.step];
-  if (plan.step_waits_for_updates() && !policy.states_on_nvme && !policy.delayed_update) {
-    // Re-timed: the updates that ran on after the device work now end sooner, and so do
-    // their ops.
+  const bool slowed = !mine.queue.empty() && !policy.delayed_update &&
+                      rates_.optimizer_rate_beside_additions < 1 && !additions_.empty();
+  if (slowed) {
+    SlowBesideAdditions(mine);
+    for (const auto& [expert, task] : mine.queue) {
+      pass.update_end = std::max(pass.update_end, task.end);
+    }
+  }
+  const bool helped =
+      plan.step_waits_for_updates() && !policy.states_on_nvme && !policy.delayed_update;
+  if (helped) {
+    // Re-timed: the updates that ran on after the device work now end sooner.
     pass.update_end = DrivingThreadHelps(mine, pass.device_end);
+  }
+  if (slowed || helped) {                                 // and so do their ops
     std::map<uint32_t, std::pair<double, double>> spans;  // update op -> its experts' first, last
     for (const auto& [expert, task] : mine.queue) {
       auto it = spans.try_emplace(task.op, task.start, task.end).first;
@@ -386,6 +478,7 @@ SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
   plan.set_seconds(finish - pass.begin);
   clock_ = finish;
   SimulatedStep out = Measure(pass.begin, finish);
+  out.begin_work_s = pass.begin_work;
   steps_.push_back(out);
   return out;
 }

@@ -15,8 +15,9 @@
 // step's fetch order (Note [Updates in fetch order], host states only). A step that waits for
 // its updates (host states) has the driving thread's help once its device work is done
 // (Note [The driving thread helps]). Later micro-batches' gradient additions run one at a time
-// on the host's add stream, bytes / GB/s each, and a gradient copy into one of the two pinned
-// staging halves waits for that half's last addition (the whole copy op: the executor's
+// on the host's add stream, bytes / GB/s each, at a lower rate where the optimizer updates
+// beside them (Note [Additions beside the optimizer]), and a gradient copy into one of the two
+// pinned staging halves waits for that half's last addition (the whole copy op: the executor's
 // copies of the op's experts without gradients yet go ahead of the wait).
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
@@ -56,8 +57,13 @@ struct ResourceRates {
   // ... and per op of the step's plan.
   double begin_step_seconds_per_op = 0;
   // A later micro-batch's gradients added into the accumulators (the host's additions, one
-  // at a time on a host stream of their own), GB/s of gradients; 0: the additions take no time.
+  // at a time on a host stream of their own), GB/s of gradients while the optimizer is idle;
+  // 0: the additions take no time.
   double gradient_add_gbps = 0;
+  // ... and while it updates (Note [Additions beside the optimizer]); 0: gradient_add_gbps.
+  double gradient_add_beside_optimizer_gbps = 0;
+  // The share of its rate the optimizer keeps while an addition runs beside it, (0, 1].
+  double optimizer_rate_beside_additions = 1;
   double nvme_read_gbps = 0;  // > 0 with states on NVMe
   double nvme_write_gbps = 0;
   // The drives' time each expert's NVMe state update takes beside its bytes, half on its read
@@ -74,9 +80,10 @@ struct ResourceRates {
 };
 
 struct SimulatedStep {
-  double begin_s = 0;   // on the simulator's clock
-  double seconds = 0;   // from its begin to its EndStep
-  StepMetrics metrics;  // per resource busy / exposed, bound ratio, overlap (step_metrics.h)
+  double begin_s = 0;       // on the simulator's clock
+  double seconds = 0;       // from its begin to its EndStep
+  double begin_work_s = 0;  // of them, its BeginStep's work before it issued anything
+  StepMetrics metrics;      // per resource busy / exposed, bound ratio, overlap (step_metrics.h)
   // Busy seconds per plan resource (h2d, d2h, compute, cpu_optimizer, nvme_read, nvme_write)
   // within the step.
   std::array<double, kPlanResources> busy{};
@@ -117,9 +124,10 @@ class StepSimulator {
   struct Pass {
     Pass(const PlanPolicy& p, size_t s, double b) : policy(p), step(s), begin(b) {}
     const PlanPolicy& policy;
-    size_t step = 0;   // the step's index, and its record's in updates_
-    double begin = 0;  // its begin on the simulator's clock
-    double floor = 0;  // before which none of its ops starts (its BeginStep's work)
+    size_t step = 0;        // the step's index, and its record's in updates_
+    double begin = 0;       // its begin on the simulator's clock
+    double begin_work = 0;  // its BeginStep's work: routing and planning
+    double floor = 0;       // before which none of its ops starts (that work, the wait for t-2)
     std::vector<double> end;
     std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
     int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
@@ -134,6 +142,8 @@ class StepSimulator {
   double ExpertParams() const;
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
+  double AdditionEnd(double start, uint64_t bytes) const;
+  void SlowBesideAdditions(UpdateRecord& record);
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
   double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
@@ -150,7 +160,8 @@ class StepSimulator {
   double network_free_ = 0;    // the all-to-all's, modelled only
   double additions_free_ = 0;  // when the host's add stream is next free
   std::vector<std::pair<double, double>> network_;
-  std::vector<UpdateRecord> updates_;  // per step
+  std::vector<std::pair<double, double>> additions_;  // the add stream's, in time order
+  std::vector<UpdateRecord> updates_;                 // per step
   std::vector<SimulatedStep> steps_;
   double clock_ = 0;           // when the next step begins
   uint64_t held_experts_ = 0;  // delayed update: experts with gradients of the last step
