@@ -174,6 +174,7 @@ Status StepExecutor::Begin(const std::vector<MicroBatch>& batches, float loss_sc
   recorder_.BeginStep(recording_, begun);
   ECSS_RETURN_IF_ERROR(BuildStep(batches));
   begin_seconds_ = std::chrono::duration<double>(Clock::now() - begun).count();
+  ECSS_RETURN_IF_ERROR(IssuePlanUploads());
   recorder_.SetPlan(recording_, *plan_);
   stalls_ = {};
   gradient_bytes_ = 0;
@@ -384,8 +385,14 @@ Status StepExecutor::BuildStep(const std::vector<MicroBatch>& batches) {
     for (uint32_t e : op.experts) sequence_.push_back(ExpertId{static_cast<uint32_t>(op.layer), e});
   }
   IndexFetches();
-  // Every micro-batch routed: only now is anything enqueued, so a refused step leaves no
-  // copy in flight out of (or into) the buffers it frees.
+  return Status::Ok();
+}
+
+// Every micro-batch routed (BuildStep): only now is anything enqueued, so a refused step
+// leaves no copy in flight out of (or into) the buffers it frees. (A learned gate routes, and
+// uploads its plans, at each forward.)
+Status StepExecutor::IssuePlanUploads() {
+  if (gated()) return Status::Ok();
   for (const PlanOp* upload : plan_->Find(OpKind::kPlanUpload)) {
     ECSS_RETURN_IF_ERROR(HostWait(*upload));
     MicroBatchWork& w = micro_[static_cast<uint32_t>(upload->micro_batch)];

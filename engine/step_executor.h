@@ -162,6 +162,7 @@ class StepExecutor {
 
   // Begin's parts: the routing and plan; the optimizer's side.
   Status BuildStep(const std::vector<MicroBatch>& batches);
+  Status IssuePlanUploads();
   void Expedite();  // Note [Updates in fetch order]
   Status StartUpdates(float loss_scale);
   StatusOr<StepPlan> BuildPlan() const;

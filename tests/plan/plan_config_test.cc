@@ -165,6 +165,13 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   EXPECT_EQ(costs->gradient_add_gbps, 6.5);
   EXPECT_EQ(costs->gradient_add_beside_optimizer_gbps, 4.5);
   EXPECT_EQ(costs->optimizer_rate_beside_additions, 0.75);
+  std::string beside_faster = host_costs;
+  beside_faster.replace(beside_faster.find("4.5"), 3, "7.5");
+  EXPECT_NE(error(beside_faster)
+                .find("hardware.host.gradient_add_beside_optimizer_gbps: 7.5 is "
+                      "more than gradient_add_gbps (6.5)"),
+            std::string::npos)
+      << error(beside_faster);
   std::string share_above_one = host_costs;
   share_above_one.replace(share_above_one.find("0.75"), 4, "1.25");
   EXPECT_NE(error(share_above_one).find("hardware.host.optimizer_rate_beside_additions: "),

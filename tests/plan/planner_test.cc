@@ -411,6 +411,18 @@ TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
             StatusCode::kInvalidArgument);
 }
 
+// EndBeside: work runs at `share` of its rate inside the intervals and at its full rate outside,
+// whether it starts before, inside or after them, and through intervals that overlap.
+TEST(StepSimulatorTest, EndBesideRunsAtTheShareOnlyInsideTheIntervals) {
+  EXPECT_DOUBLE_EQ(EndBeside(1, 2, {}, 0.5), 3);
+  EXPECT_DOUBLE_EQ(EndBeside(0, 2, {{1, 3}}, 0.5), 3);           // 1 s alone, 2 s at half the rate
+  EXPECT_DOUBLE_EQ(EndBeside(0, 0.5, {{1, 3}}, 0.5), 0.5);       // done before the interval
+  EXPECT_DOUBLE_EQ(EndBeside(2, 1, {{1, 3}}, 0.5), 3.5);         // inside: 0.5 of work by 3
+  EXPECT_DOUBLE_EQ(EndBeside(0, 1, {{0, 2}, {1, 4}}, 0.25), 4);  // overlapping intervals
+  EXPECT_DOUBLE_EQ(EndBeside(2, 1, {{0, 1}}, 0.5), 3);           // an interval that ended before
+  EXPECT_DOUBLE_EQ(EndBeside(0, 3, {{1, 2}, {3, 4}}, 0.5), 4);   // 1 + 0.5 + 1 + 0.5
+}
+
 // Note [Additions beside the optimizer]: an addition runs at gradient_add_gbps while the
 // optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps while it is busy, so
 // each takes between its bytes at the one rate and at the other, some (here, where the
@@ -457,7 +469,7 @@ TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
   SessionOptions options;
   std::vector<StepPlan> plans;
   ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(4, &c, &options, &plans));
-  ResourceRates full{.device = c.hardware.device, .optimizer_params_per_s = 5e7};
+  ResourceRates full{.device = c.hardware.device, .optimizer_params_per_s = 2.5e7};
   full.gradient_add_gbps = 0.5;
   ResourceRates half = full;
   half.optimizer_rate_beside_additions = 0.5;
@@ -472,12 +484,23 @@ TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
     return end;
   };
   size_t later = 0;
-  for (const StepPlan& plan : plans) {
-    StepPlan alone = plan, beside = plan;
+  for (size_t s = 0; s < plans.size(); ++s) {
+    StepPlan alone = plans[s], beside = plans[s];
     ASSERT_TRUE(unaffected->Run(alone).ok());
     ASSERT_TRUE(slowed->Run(beside).ok());
     EXPECT_GE(updates_end(beside), updates_end(alone) - 1e-12);
     if (updates_end(beside) > updates_end(alone) + 1e-9) ++later;
+    if (s == 0) {  // from one state: slowed at most for the time its additions ran
+      double adding = 0;
+      for (const PlanOp* add : beside.Find(OpKind::kAccumulate))
+        adding += add->end_s - add->start_s;
+      double updating = 0;
+      for (const PlanOp* update : alone.Find(OpKind::kUpdate)) {
+        if (update->step_offset == 0) updating += update->end_s - update->start_s;
+      }
+      EXPECT_LE(updates_end(beside) - updates_end(alone), adding * (1 / 0.5 - 1) + 1e-9);
+      EXPECT_GT(updating, adding);  // so that slowing every update would exceed it
+    }
   }
   EXPECT_GT(later, 0u);
   for (double share : {0.0, -0.5, 1.5, std::nan("")}) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstddef>
 #include <filesystem>
 #include <memory>
@@ -25,6 +26,27 @@ namespace ecss::plan {
 namespace {
 
 constexpr uint32_t kCalibrationWarmup = 2;  // steps before the measured ones
+
+// Least squares of the relative errors for a time that is x times one quantity plus y times
+// another: each sample adds its two quantities over its time (a, b), its row 1 = a x + b y.
+struct TwoTermFit {
+  double aa = 0, ab = 0, bb = 0, ay = 0, by = 0;  // the normal equations' sums
+  void Add(double a, double b) {
+    aa += a * a;
+    ab += a * b;
+    bb += b * b;
+    ay += a;
+    by += b;
+  }
+  // False where the samples cannot tell the two terms apart.
+  bool Solve(double* x, double* y) const {
+    const double det = aa * bb - ab * ab;
+    if (!(det > 1e-9 * aa * bb)) return false;
+    *x = (ay * bb - by * ab) / det;
+    *y = (by * aa - ay * ab) / det;
+    return true;
+  }
+};
 
 // How a calibration session runs: its strategy and optimizer threads, its domains and
 // micro-batches, its states in host memory or in a store under `store_dir`.
@@ -138,23 +160,15 @@ StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepStats>& stats, size_
 // `uneven`'s zero-offload steps (1,060 ops) began after 2.4 ms where this predicts about 5;
 // ecss steps of 131,072 tokens of `small` after 4.4 ms.
 void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h) {
-  double tt = 0, to = 0, oo = 0, ty = 0, oy = 0;  // the normal equations' sums, rows / seconds
+  TwoTermFit fit;
   for (const StepBeginSample& s : samples) {
-    if (!(s.seconds > 0)) continue;
-    const double t = s.token_layers / s.seconds, o = s.ops / s.seconds;
-    tt += t * t;
-    to += t * o;
-    oo += o * o;
-    ty += t;
-    oy += o;
+    if (s.seconds > 0) fit.Add(s.token_layers / s.seconds, s.ops / s.seconds);
   }
-  const double det = tt * oo - to * to;
-  double per_token_layer = det > 0 ? (ty * oo - oy * to) / det : -1;
-  double per_op = det > 0 ? (oy * tt - ty * to) / det : -1;
-  if (per_token_layer < 0 || per_op < 0) {
+  double per_token_layer = -1, per_op = -1;
+  if (!fit.Solve(&per_token_layer, &per_op) || per_token_layer < 0 || per_op < 0) {
     const bool routing_only = per_token_layer >= 0 || per_op < 0;
-    per_token_layer = routing_only && tt > 0 ? ty / tt : 0;
-    per_op = routing_only || !(oo > 0) ? 0 : oy / oo;
+    per_token_layer = routing_only && fit.aa > 0 ? fit.ay / fit.aa : 0;
+    per_op = routing_only || !(fit.bb > 0) ? 0 : fit.by / fit.bb;
   }
   h.routing_ns_per_token_layer = per_token_layer * 1e9;
   h.step_begin_ns_per_op = per_op * 1e9;
@@ -180,8 +194,9 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
   }
   MeasuredWindow window;
   std::vector<StepPlan> executed;
-  ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
-                        RunCalibrationSteps(o, run, o.steps, window, &executed));
+  ECSS_ASSIGN_OR_RETURN(
+      const std::vector<StepStats> stats,
+      RunCalibrationSteps(o, run, o.steps, window, begin != nullptr ? &executed : nullptr));
   if (begin != nullptr) {
     ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers, executed));
   }
@@ -259,6 +274,7 @@ StatusOr<double> MeasureHostWaitLatency(const CalibrationOptions& o) {
   return waited / static_cast<double>(waits) * 1e6;
 }
 
+// Each gradient addition of the executed plans as an AdditionSample (calibrate.h).
 void AddAdditionSamples(const std::vector<StepPlan>& executed,
                         std::vector<AdditionSample>& samples) {
   for (const StepPlan& plan : executed) {
@@ -297,7 +313,10 @@ void AddAdditionSamples(const std::vector<StepPlan>& executed,
 // time against its updates' time at `one_thread_rate` (parameters/s), the excess taken as lost
 // in the time it ran beside an addition (the kept plans' per step; 0.50-0.96 in four
 // calibrations here, where `small ecss-host-4x32k`'s runs showed 0.69-0.77):
-// optimizer_rate_beside_additions, at least 0.1. `begin`: the ecss steps' begin (StepBeginOf).
+// optimizer_rate_beside_additions, at least 0.1. Whatever else slows these steps' optimizer
+// against the one-thread run's (their larger routing beside it, the simulated device's
+// threads) is counted as the additions', so the share errs low. `begin`: the ecss steps' begin
+// (StepBeginOf).
 Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_rate,
                                 StepBeginSample& begin, HardwareConfig& h) {
   std::vector<AdditionSample> samples;
@@ -316,6 +335,10 @@ Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_r
                           RunCalibrationSteps(o, run, kSteps, window, &executed));
     ECSS_ASSIGN_OR_RETURN(begin, StepBeginOf(stats, window.warmup, run.layers, executed));
     AddAdditionSamples(executed, samples);
+    if (!(one_thread_rate > 0) || !std::isfinite(one_thread_rate)) {
+      return InternalError(StrCat("calibration: the one-thread optimizer rate is not positive (",
+                                  one_thread_rate, ")"));
+    }
     double work = 0, busy = 0, beside = 0;
     for (size_t s = window.warmup; s < stats.size(); ++s) {
       work += static_cast<double>(stats[s].updated_params) / one_thread_rate;
@@ -325,8 +348,9 @@ Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_r
     // The kept plans' time beside an addition, per step, over every measured step.
     beside *= static_cast<double>(stats.size() - window.warmup) /
               static_cast<double>(std::max<size_t>(1, executed.size()));
+    const double share = 1 - (busy - work) / beside;
     h.optimizer_rate_beside_additions =
-        beside > 0 ? std::clamp(1 - (busy - work) / beside, 0.1, 1.0) : 1.0;
+        beside > 0 && std::isfinite(share) ? std::clamp(share, 0.1, 1.0) : 1.0;
   }
   CalibrationRun alone;
   alone.strategy = Strategy::kNoOverlap;
@@ -370,26 +394,21 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 }  // namespace
 
 void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& h) {
-  double aa = 0, ab = 0, bb = 0, ay = 0, by = 0, bytes = 0, seconds = 0;
-  for (const AdditionSample& s : samples) {  // per sample: 1 = a x + b y, x and y seconds/byte
-    const double a = s.bytes * s.beside / s.seconds, b = s.bytes * (1 - s.beside) / s.seconds;
-    aa += a * a;
-    ab += a * b;
-    bb += b * b;
-    ay += a;
-    by += b;
+  TwoTermFit fit;  // x and y: seconds per byte beside the optimizer and alone
+  double bytes = 0, seconds = 0;
+  for (const AdditionSample& s : samples) {
+    if (!(s.seconds > 0)) continue;
+    fit.Add(s.bytes * s.beside / s.seconds, s.bytes * (1 - s.beside) / s.seconds);
     bytes += s.bytes;
     seconds += s.seconds;
   }
-  const double det = aa * bb - ab * ab;
-  const double beside = det > 1e-9 * aa * bb ? (ay * bb - by * ab) / det : -1;
-  const double idle = det > 1e-9 * aa * bb ? (by * aa - ay * ab) / det : -1;
-  if (beside > 0 && idle > 0 && beside >= idle) {
+  double beside = -1, idle = -1;
+  if (fit.Solve(&beside, &idle) && beside > 0 && idle > 0 && beside >= idle) {
     h.gradient_add_gbps = 1 / idle / 1e9;
     h.gradient_add_beside_optimizer_gbps = 1 / beside / 1e9;
-  } else {
+  } else {  // one rate, written as both (a median over calibrations then stays a rate)
     h.gradient_add_gbps = seconds > 0 ? bytes / seconds / 1e9 : 0;
-    h.gradient_add_beside_optimizer_gbps = 0;
+    h.gradient_add_beside_optimizer_gbps = h.gradient_add_gbps;
   }
 }
 

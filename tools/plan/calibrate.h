@@ -102,7 +102,7 @@ struct AdditionSample {
 // bytes x (beside / beside rate + (1 - beside) / idle rate), by least squares of the relative
 // errors. Where the samples cannot tell the two apart, or the fit makes either rate not
 // positive or the additions faster beside the optimizer, one rate for both (their bytes over
-// their seconds; gradient_add_beside_optimizer_gbps 0).
+// their seconds, written as both figures).
 void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& hardware);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);

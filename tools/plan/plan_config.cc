@@ -544,6 +544,12 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(o.Number("gradient_add_gbps", &h.gradient_add_gbps, false, kOptionalRate));
     ECSS_RETURN_IF_ERROR(o.Number("gradient_add_beside_optimizer_gbps",
                                   &h.gradient_add_beside_optimizer_gbps, false, kOptionalRate));
+    if (h.gradient_add_beside_optimizer_gbps > h.gradient_add_gbps) {
+      return InvalidArgumentError(StrCat(
+          o.Path("gradient_add_beside_optimizer_gbps"), ": ", h.gradient_add_beside_optimizer_gbps,
+          " is more than gradient_add_gbps (", h.gradient_add_gbps,
+          "): the additions beside the optimizer are no faster than alone"));
+    }
     ECSS_RETURN_IF_ERROR(o.Number("optimizer_rate_beside_additions",
                                   &h.optimizer_rate_beside_additions, false, kFraction));
     ECSS_RETURN_IF_ERROR(o.Finish());

@@ -94,7 +94,8 @@ struct HardwareConfig {
   // gradient_add_gbps.
   double gradient_add_beside_optimizer_gbps = 0;
   // The share of its rate the optimizer keeps while the host adds gradients beside it, in
-  // (0, 1]; 1: unaffected.
+  // (0, 1]; 1: unaffected. --calibrate measures it with one optimizer thread; the planner
+  // applies it to a step's own updates of host states, at any thread count.
   double optimizer_rate_beside_additions = 1;
   std::vector<NvmeDrive> nvme;  // per node
   double network_gbps = 0;      // between nodes, per node and direction; 0 with one node

@@ -24,8 +24,14 @@ size_t Queue(PlanResource resource) {
   return Index(resource == PlanResource::kNvmeWrite ? PlanResource::kNvmeRead : resource);
 }
 
-// When work of `seconds` at the full rate, from `start`, ends where it runs at `share` of that
-// rate within `intervals` (sorted by start; they may overlap) and at the full rate outside them.
+std::chrono::steady_clock::time_point At(double seconds) {
+  return std::chrono::steady_clock::time_point() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+             std::chrono::duration<double>(seconds));
+}
+
+}  // namespace
+
 double EndBeside(double start, double seconds,
                  const std::vector<std::pair<double, double>>& intervals, double share) {
   double t = start, left = seconds;
@@ -42,14 +48,6 @@ double EndBeside(double start, double seconds,
   }
   return t + left;
 }
-
-std::chrono::steady_clock::time_point At(double seconds) {
-  return std::chrono::steady_clock::time_point() +
-         std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-             std::chrono::duration<double>(seconds));
-}
-
-}  // namespace
 
 std::set<ExpertId> TouchedExperts(const StepPlan& plan) {
   std::set<ExpertId> touched;
@@ -148,8 +146,9 @@ double StepSimulator::Seconds(const PlanOp& op) const {
 // update did took 1.9 ms where the ones before it took 1.0-1.3 (`small ecss-host-4x32k`,
 // 2026-12-04). An addition of `bytes` from `start` runs at gradient_add_gbps where the
 // optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps where it is busy, as
-// far as the timeline is known: updates that come later in plan order are not seen, and the
-// optimizer's own slowdown beside the additions is not modelled.
+// far as the timeline is known: updates that come later in plan order are not seen, and
+// neither is the optimizer's slowdown beside the additions, which comes after them (Note [The
+// optimizer beside the additions]).
 double StepSimulator::AdditionEnd(double start, uint64_t bytes) const {
   const double alone = rates_.gradient_add_gbps * 1e9;
   if (!(alone > 0)) return start;
@@ -173,9 +172,9 @@ double StepSimulator::AdditionEnd(double start, uint64_t bytes) const {
 // optimizer_rate_beside_additions of its rate while an addition runs. The additions keep the
 // times they were given (beside the updates as first timed), and the updates of the step
 // before keep theirs: this step's fetches waited for them as they were.
-void StepSimulator::SlowBesideAdditions(UpdateRecord& record) {
+bool StepSimulator::SlowBesideAdditions(UpdateRecord& record) {
   const double share = rates_.optimizer_rate_beside_additions;
-  if (!(share < 1) || record.queue.empty() || additions_.empty()) return;
+  if (!(share < 1) || record.queue.empty() || additions_.empty()) return false;
   double free = record.queue.front().second.start;  // the queue is in the order they ran
   auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
   cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
@@ -189,6 +188,7 @@ void StepSimulator::SlowBesideAdditions(UpdateRecord& record) {
     cpu.emplace_back(task.start, task.end);
   }
   free_[Index(PlanResource::kCpuOptimizer)] = free;
+  return true;
 }
 
 double StepSimulator::Exchange(double ready) {
@@ -445,10 +445,8 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
 SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
   const PlanPolicy& policy = pass.policy;
   UpdateRecord& mine = updates_[pass.step];
-  const bool slowed = !mine.queue.empty() && !policy.delayed_update &&
-                      rates_.optimizer_rate_beside_additions < 1 && !additions_.empty();
+  const bool slowed = SlowBesideAdditions(mine);  // host states only: their queue
   if (slowed) {
-    SlowBesideAdditions(mine);
     for (const auto& [expert, task] : mine.queue) {
       pass.update_end = std::max(pass.update_end, task.end);
     }

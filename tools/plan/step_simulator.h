@@ -16,9 +16,11 @@
 // its updates (host states) has the driving thread's help once its device work is done
 // (Note [The driving thread helps]). Later micro-batches' gradient additions run one at a time
 // on the host's add stream, bytes / GB/s each, at a lower rate where the optimizer updates
-// beside them (Note [Additions beside the optimizer]), and a gradient copy into one of the two
-// pinned staging halves waits for that half's last addition (the whole copy op: the executor's
-// copies of the op's experts without gradients yet go ahead of the wait).
+// beside them (Note [Additions beside the optimizer]); once a step's additions are known its
+// updates are re-timed at a share of the optimizer's rate where they ran beside one (Note [The
+// optimizer beside the additions]); and a gradient copy into one of the two pinned staging halves
+// waits for that half's last addition (the whole copy op: the executor's copies of the op's experts
+// without gradients yet go ahead of the wait).
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
 // work done, and its updates for the strategies whose step waits for them); its carried-in
@@ -31,6 +33,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/session_options.h"
@@ -90,6 +93,11 @@ struct SimulatedStep {
   double network_busy = 0;  // the all-to-all's (modelled only)
 };
 
+// When work of `seconds` at the full rate, from `start`, ends where it runs at `share` (> 0) of
+// that rate within `intervals` (sorted by start; they may overlap) and at the full rate outside.
+double EndBeside(double start, double seconds,
+                 const std::vector<std::pair<double, double>>& intervals, double share);
+
 // The experts a step's plan gives gradients (its gradient copies'): the ones it updates.
 std::set<ExpertId> TouchedExperts(const StepPlan& plan);
 
@@ -143,7 +151,8 @@ class StepSimulator {
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
   double AdditionEnd(double start, uint64_t bytes) const;
-  void SlowBesideAdditions(UpdateRecord& record);
+  // Re-times `record`'s updates beside the additions; false where nothing changed.
+  bool SlowBesideAdditions(UpdateRecord& record);
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
   double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
