@@ -148,21 +148,16 @@ double StepSimulator::Seconds(const PlanOp& op) const {
 // optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps where it is busy, as
 // far as the timeline is known: updates that come later in plan order are not seen, and
 // neither is the optimizer's slowdown beside the additions, which comes after them (Note [The
-// optimizer beside the additions]).
-double StepSimulator::AdditionEnd(double start, uint64_t bytes) const {
-  const double alone = rates_.gradient_add_gbps * 1e9;
-  if (!(alone > 0)) return start;
-  const double beside = rates_.gradient_add_beside_optimizer_gbps > 0
-                            ? rates_.gradient_add_beside_optimizer_gbps * 1e9
-                            : alone;
+// optimizer beside the additions]). `seconds`: the addition's time alone (Seconds()).
+double StepSimulator::AdditionEnd(double start, double seconds) const {
+  const double alone = rates_.gradient_add_gbps, beside = rates_.gradient_add_beside_optimizer_gbps;
+  if (!(alone > 0 && beside > 0) || beside == alone) return start + seconds;
   std::vector<std::pair<double, double>> busy;
-  if (beside != alone) {
-    for (const auto& interval : intervals_[Index(PlanResource::kCpuOptimizer)]) {
-      if (interval.second > start) busy.push_back(interval);
-    }
-    std::sort(busy.begin(), busy.end());
+  for (const auto& interval : intervals_[Index(PlanResource::kCpuOptimizer)]) {
+    if (interval.second > start) busy.push_back(interval);
   }
-  return EndBeside(start, static_cast<double>(bytes) / alone, busy, beside / alone);
+  std::sort(busy.begin(), busy.end());
+  return EndBeside(start, seconds, busy, beside / alone);
 }
 
 // Note [The optimizer beside the additions]: the other side of Note [Additions beside the
@@ -369,11 +364,10 @@ void StepSimulator::RunWhole(Pass& pass, PlanOp& op, double seconds, double wait
   double start = op.resource == PlanResource::kNone ? ready : std::max(ready, free_[r]);
   // Later micro-batches' gradient additions run one at a time on the host's add stream (a
   // copy into a staging half depends on the addition two before it: the plan's edge).
-  if (op.kind == OpKind::kAccumulate) start = std::max(start, additions_free_);
-  const double finish =
-      op.kind == OpKind::kAccumulate ? AdditionEnd(start, op.bytes) : start + seconds;
+  double finish = start + seconds;
   if (op.kind == OpKind::kAccumulate) {
-    additions_free_ = finish;
+    if (!additions_.empty()) start = std::max(start, additions_.back().second);
+    finish = AdditionEnd(start, seconds);
     additions_.emplace_back(start, finish);
   }
   if (op.resource != PlanResource::kNone) {

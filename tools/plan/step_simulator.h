@@ -150,7 +150,7 @@ class StepSimulator {
   double ExpertParams() const;
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
-  double AdditionEnd(double start, uint64_t bytes) const;
+  double AdditionEnd(double start, double seconds) const;
   // Re-times `record`'s updates beside the additions; false where nothing changed.
   bool SlowBesideAdditions(UpdateRecord& record);
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
@@ -166,11 +166,12 @@ class StepSimulator {
   ResourceRates rates_;
   std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
-  double network_free_ = 0;    // the all-to-all's, modelled only
-  double additions_free_ = 0;  // when the host's add stream is next free
+  double network_free_ = 0;  // the all-to-all's, modelled only
   std::vector<std::pair<double, double>> network_;
-  std::vector<std::pair<double, double>> additions_;  // the add stream's, in time order
-  std::vector<UpdateRecord> updates_;                 // per step
+  // The add stream's intervals, in time order (the last: when it is next free), as far back
+  // as they can reach into the current step.
+  std::vector<std::pair<double, double>> additions_;
+  std::vector<UpdateRecord> updates_;  // per step
   std::vector<SimulatedStep> steps_;
   double clock_ = 0;           // when the next step begins
   uint64_t held_experts_ = 0;  // delayed update: experts with gradients of the last step
