@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "runtime/base/checksum.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -21,17 +22,37 @@ Status StoreStateTier::Load(uint32_t expert, const StateSlot& slot, uint64_t* up
 }
 
 Status StoreStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) {
+  const ExpertStoreLayout& layout = store_->layout();
+  const uint64_t n = slot.size;
+  const bool weights = store_->placement(ExpertState::kWeights) == Tier::kNvme;
+  // Each state is one block of the store: the slot's arrays must be it, byte for byte.
+  if (n != layout.params_per_expert || (layout.moments == 2 && slot.state1 != slot.state0 + n) ||
+      (weights && layout.weights_dtype != DType::kBF16)) {
+    return FailedPreconditionError(
+        StrCat("state tier: expert ", expert, "'s staging slot (", n,
+               " elements) is not laid out as the store's blocks (", layout.params_per_expert,
+               " elements, the second moment right after the first, bf16 weights)"));
+  }
+  const ParamChecksums* crcs = slot.checksums;
   std::vector<ExpertState> states = {ExpertState::kMaster};
   std::vector<const void*> blocks = {slot.master};
+  std::vector<uint32_t> checksums;
+  if (crcs != nullptr) checksums.push_back(crcs->master);
   if (has_moments()) {
     states.push_back(ExpertState::kMoments);
     blocks.push_back(slot.state0);
+    if (crcs != nullptr) {  // m, then v right after it: one block
+      checksums.push_back(layout.moments == 1 ? crcs->state0
+                                              : Crc32cCombine(crcs->state0, crcs->state1, n * 4));
+    }
   }
-  if (store_->placement(ExpertState::kWeights) == Tier::kNvme) {
+  if (weights) {
     states.push_back(ExpertState::kWeights);
     blocks.push_back(slot.compute);
+    if (crcs != nullptr) checksums.push_back(crcs->compute_copy);
   }
-  return store_->WriteStates(store_->index().Id(expert), states, blocks.data(), update_count);
+  return store_->WriteStates(store_->index().Id(expert), states, blocks.data(), update_count,
+                             crcs != nullptr ? checksums.data() : nullptr);
 }
 
 }  // namespace ecss

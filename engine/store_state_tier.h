@@ -2,7 +2,8 @@
 // pinned staging slots of the optimizer's streaming pipeline (optimizer/state_pipeline.h). A
 // load reads the master and the moments as of one version (ExpertStore::ReadStates); a store
 // writes them with the expert's new update count, and, when the store keeps the compute
-// weights on NVMe, the slot's new bf16 copy (ExpertStore::WriteStates). It lives in the engine
+// weights on NVMe, the slot's new bf16 copy (ExpertStore::WriteStates), with the checksums
+// the update took as it wrote them. It lives in the engine
 // because it joins two folders that do not depend on each other. Expert ids are `experts`' dense
 // indices; errors name the expert as (layer, expert). Thread-safety: as the pipeline uses it
 // (loads on its load threads, stores on its store threads, of distinct experts); the store lets
@@ -25,7 +26,11 @@ class StoreStateTier final : public StateTier {
 
   StatusOr<size_t> ExpertSize(uint32_t expert) const override;
   Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
+  // The slot's arrays must be laid out as the store's blocks (the expert's full size; the
+  // second moment right after the first; bf16 weights): FailedPrecondition naming the expert
+  // otherwise. Writes the update's checksums (StateSlot::checksums) into the headers.
   Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override;
+  bool TakesChecksums() const override { return true; }
 
  private:
   bool has_moments() const { return store_->layout().moments > 0; }

@@ -848,17 +848,17 @@ void* ExpertStore::MemoryOf(ExpertState state, uint32_t flat) const {
 // between its look at its own slot and the source's write), and are made durable before the
 // write they precede.
 Status ExpertStore::StoreToFile(ExpertState state, uint32_t flat, const void* block,
-                                uint64_t version, bool supersede) {
+                                uint64_t version, bool supersede, const uint32_t* checksum) {
   Files& files = files_[Index(state)];
   const void* arrays[1] = {block};
   {
     std::lock_guard<std::mutex> lock(files.writers[flat % kWriters].mutex);
     if (!LendsStorage(files, flat) && !ReadsSource(files, flat)) {
-      return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
+      return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede, checksum);
     }
   }
   const auto no_write = LockAll(files.writers);
-  return StoreLocked(state, flat, block, version, supersede);
+  return StoreLocked(state, flat, block, version, supersede, checksum);
 }
 
 bool ExpertStore::LendsStorage(const Files& files, uint32_t flat) {
@@ -873,10 +873,11 @@ bool ExpertStore::ReadsSource(const Files& files, uint32_t flat) const {
 }
 
 Status ExpertStore::StoreThroughWriter(Files& files, uint32_t flat, const void* const* arrays,
-                                       uint64_t elements, uint64_t version, bool supersede) {
+                                       uint64_t elements, uint64_t version, bool supersede,
+                                       const uint32_t* checksum) {
   ExpertStateFile& writer = *files.writers[flat % kWriters].file;
   const uint64_t fresh_before = writer.fresh_written_bytes();
-  Status stored = writer.Store(flat, arrays, elements, version, supersede);
+  Status stored = writer.Store(flat, arrays, elements, version, supersede, checksum);
   files.fresh_written.fetch_add(writer.fresh_written_bytes() - fresh_before,
                                 std::memory_order_relaxed);
   return stored;
@@ -888,13 +889,13 @@ Status ExpertStore::SyncWriters(Files& files) {
 }
 
 Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* block,
-                                uint64_t version, bool supersede) {
+                                uint64_t version, bool supersede, const uint32_t* checksum) {
   Files& files = files_[Index(state)];
   const void* arrays[1] = {block};
   const bool source = LendsStorage(files, flat);
   const bool shared = ReadsSource(files, flat);
   if (!source && !shared)
-    return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
+    return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede, checksum);
 
   const auto no_read = LockAll(files.readers);
   ExpertStateFile& reader = *files.readers[0].file;
@@ -928,7 +929,7 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
     if (of_source.empty()) files.unwritten_dependents.erase(source_[flat]);
   }
   ECSS_RETURN_IF_ERROR(SyncWriters(files));
-  return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede);
+  return StoreThroughWriter(files, flat, arrays, Elements(state), version, supersede, checksum);
 }
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
@@ -1122,7 +1123,7 @@ Status ExpertStore::WriteBlock(ExpertState state, ExpertId id, const void* block
 // An nvme state straight between the caller's aligned block and the file; others as Read and
 // Write. `version`: written (write), or read (when not null).
 Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* block,
-                            uint64_t* version, bool supersede) {
+                            uint64_t* version, bool supersede, const uint32_t* checksum) {
   if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
     return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
   }
@@ -1137,7 +1138,7 @@ Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* bl
   ECSS_RETURN_IF_ERROR(Check(state, id));
   const uint32_t flat = index_.Flat(id);
   uint64_t read_version = 0;
-  Status done = write ? StoreToFile(state, flat, block, *version, supersede)
+  Status done = write ? StoreToFile(state, flat, block, *version, supersede, checksum)
                       : LoadFromFile(state, flat, block, version ? version : &read_version);
   return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, id)));
 }
@@ -1159,11 +1160,12 @@ Status RunConcurrently(size_t n, const std::function<Status(size_t)>& io) {
 }  // namespace
 
 Status ExpertStore::WriteStates(ExpertId id, const std::vector<ExpertState>& states,
-                                const void* const* blocks, uint64_t version) {
+                                const void* const* blocks, uint64_t version,
+                                const uint32_t* checksums) {
   return RunConcurrently(states.size(), [&](size_t i) {
     uint64_t v = version;
     return BlockIo(/*write=*/true, states[i], id, const_cast<void*>(blocks[i]), &v,
-                   /*supersede=*/true);
+                   /*supersede=*/true, checksums != nullptr ? &checksums[i] : nullptr);
   });
 }
 

@@ -210,9 +210,12 @@ class ExpertStore {
   // the version all hold, and the next WriteStates of that version replaces what was written
   // ahead, not the version before it (ExpertStateFile::Store's supersede), so a second crash
   // finds it too. (Write and WriteBlock keep the newest copy instead: a failed rewrite of the
-  // same version leaves it readable.)
+  // same version leaves it readable.) With `checksums`, checksums[i] is the CRC-32C of
+  // blocks[i]'s StateBytes as the caller computed them (an update, as it wrote the block): an
+  // nvme state's store writes it into its header instead of reading the block again. A wrong
+  // one makes the state read back as damaged (DataLoss), never as other data.
   Status WriteStates(ExpertId id, const std::vector<ExpertState>& states, const void* const* blocks,
-                     uint64_t version);
+                     uint64_t version, const uint32_t* checksums = nullptr);
   // Expert `id` holds what `source` holds now, without a copy on NVMe (see above). The
   // source's states must be at one version (share after its last update finished: a
   // session's Synchronize); the versions continue from the source's.
@@ -353,8 +356,10 @@ class ExpertStore {
   static bool LendsStorage(const Files& files, uint32_t flat);
   bool ReadsSource(const Files& files, uint32_t flat) const;
   // A store through the expert's writer, its fresh bytes counted. REQUIRES: that writer held.
+  // `checksum`: the block's CRC-32C as its caller computed it (WriteStates'), or null.
   static Status StoreThroughWriter(Files& files, uint32_t flat, const void* const* arrays,
-                                   uint64_t elements, uint64_t version, bool supersede = false);
+                                   uint64_t elements, uint64_t version, bool supersede = false,
+                                   const uint32_t* checksum = nullptr);
   // Makes every writer's completed stores durable. REQUIRES: every writer held, or lifecycle_
   // held exclusively.
   static Status SyncWriters(Files& files);
@@ -382,11 +387,11 @@ class ExpertStore {
   // One expert's state between its file and a block (`want`: that version).
   // `supersede`: ExpertStateFile::Store's (WriteStates: an update's states).
   Status StoreToFile(ExpertState state, uint32_t flat, const void* block, uint64_t version,
-                     bool supersede = false);
+                     bool supersede = false, const uint32_t* checksum = nullptr);
   // A store that first moves shared storage (see StoreToFile). REQUIRES: every writer of the
   // state held.
   Status StoreLocked(ExpertState state, uint32_t flat, const void* block, uint64_t version,
-                     bool supersede);
+                     bool supersede, const uint32_t* checksum);
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
                       const uint64_t* want = nullptr);
   // REQUIRES: `reader` (one of the state's) held.
@@ -394,8 +399,9 @@ class ExpertStore {
                     uint64_t* version, const uint64_t* want = nullptr);
   // REQUIRES: the store not yet handed out (Open): it reads through readers[0] unlocked.
   Status LoadTier(ExpertState state);
+  // `checksum` (a write's): as StoreThroughWriter's.
   Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version,
-                 bool supersede = false);
+                 bool supersede = false, const uint32_t* checksum = nullptr);
   Status FlushLocked();
 
   Backend& backend_;

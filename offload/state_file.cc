@@ -451,7 +451,7 @@ void ExpertStateFile::ParseHeaders(uint32_t expert, Header* headers, CopyState* 
 }
 
 Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64_t elements,
-                              uint64_t update_count, bool supersede) {
+                              uint64_t update_count, bool supersede, const uint32_t* checksums) {
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const IoFileId file = FileOf(expert);
   uint64_t sequence = 1;
@@ -511,9 +511,11 @@ Status ExpertStateFile::Store(uint32_t expert, const void* const* arrays, uint64
   header.element_bytes = options_.element_bytes;
   uint64_t offsets[kMaxArrays];
   for (uint32_t a = 0; a < options_.arrays; ++a) offsets[a] = base + ArrayOffset(a);
-  Status written =
-      TransferChecksummed(*engine_, IoOp::kWrite, file, offsets, arrays, options_.arrays,
-                          StateBlockBytes(bytes), bytes, header.array_crc);
+  // Given checksums: no byte is checksummed while written.
+  Status written = TransferChecksummed(*engine_, IoOp::kWrite, file, offsets, arrays,
+                                       options_.arrays, StateBlockBytes(bytes),
+                                       checksums == nullptr ? bytes : 0, header.array_crc);
+  if (checksums != nullptr) std::copy_n(checksums, options_.arrays, header.array_crc);
   if (!written.ok()) return written.Annotate(StrCat("storing expert ", expert, " states"));
   header.header_crc = Crc32c(&header, offsetof(Header, header_crc));
   std::memset(header_, 0, kHeaderBytes);

@@ -108,8 +108,10 @@ class ExpertStateFile {
   // written ahead of the other states by an update cut short: it is retracted (its header
   // zeroed) and replaced instead, so the copy before it, which the other states match, is
   // kept, and a crash while it is replaced leaves the expert readable as of that version.
+  // With `checksums`, checksums[i] is the CRC-32C of arrays[i]'s `elements` values as the
+  // caller computed them: the header takes them, and the arrays are not read to checksum them.
   Status Store(uint32_t expert, const void* const* arrays, uint64_t elements, uint64_t update_count,
-               bool supersede = false);
+               bool supersede = false, const uint32_t* checksums = nullptr);
   // Reads and verifies (with shadow: the newest version). A damaged slot header, of either
   // copy, is DataLoss naming the file, the expert and the offset. elements must be what was
   // stored (DataLoss naming both otherwise). With `want`, the version whose update count is

@@ -1,31 +1,58 @@
 #include "optimizer/parallel_update.h"
 
-#include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
-#include <tbb/partitioner.h>
 #include <tbb/task_arena.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "runtime/base/checksum.h"
+
 namespace ecss::optimizer_internal {
 
 namespace {
 constexpr size_t kNormBlock = 64 * 1024;
+
+// The CRCs of elements [begin, end) of each array `arrays` has (0 for the others).
+ParamChecksums RangeChecksums(const ParamArrays& arrays, size_t begin, size_t end) {
+  const size_t n = end - begin;
+  auto crc = [&](const void* array, size_t element_bytes) {
+    if (array == nullptr) return uint32_t{0};
+    return Crc32c(static_cast<const char*>(array) + begin * element_bytes, n * element_bytes);
+  };
+  return {crc(arrays.master, 4), crc(arrays.state0, 4), crc(arrays.state1, 4),
+          crc(arrays.compute_copy, sizeof(BFloat16))};
+}
 }  // namespace
 
 // Isolated: a thread waiting for its chunks takes no other task of the arena meanwhile (a
-// queued update: its own would then finish only after that one).
+// queued update: its own would then finish only after that one). Fixed chunks, so that each
+// one's CRCs join at a known length.
 void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays,
-                    size_t chunk_elements) {
+                    size_t chunk_elements, ParamChecksums* checksums) {
+  const size_t chunks = (arrays.size + chunk_elements - 1) / chunk_elements;
+  std::vector<ParamChecksums> parts(checksums != nullptr ? chunks : 0);
   tbb::this_task_arena::isolate([&] {
-    tbb::parallel_for(
-        tbb::blocked_range<size_t>(0, arrays.size, chunk_elements),
-        [&](const tbb::blocked_range<size_t>& range) {
-          UpdateRange(isa, scalars, arrays, range.begin(), range.end());
-        },
-        tbb::simple_partitioner());
+    tbb::parallel_for(size_t{0}, chunks, [&](size_t c) {
+      const size_t begin = c * chunk_elements;
+      const size_t end = std::min(arrays.size, begin + chunk_elements);
+      UpdateRange(isa, scalars, arrays, begin, end);
+      if (checksums != nullptr) parts[c] = RangeChecksums(arrays, begin, end);
+    });
   });
+  if (checksums == nullptr) return;
+  *checksums = ParamChecksums{};
+  auto join = [](uint32_t* whole, const void* array, uint32_t part, uint64_t bytes) {
+    if (array != nullptr) *whole = Crc32cCombine(*whole, part, bytes);
+  };
+  for (size_t c = 0; c < chunks; ++c) {
+    const size_t n = std::min(arrays.size, (c + 1) * chunk_elements) - c * chunk_elements;
+    join(&checksums->master, arrays.master, parts[c].master, n * 4);
+    join(&checksums->state0, arrays.state0, parts[c].state0, n * 4);
+    join(&checksums->state1, arrays.state1, parts[c].state1, n * 4);
+    join(&checksums->compute_copy, arrays.compute_copy, parts[c].compute_copy,
+         n * sizeof(BFloat16));
+  }
 }
 
 double ParallelSumOfSquares(SimdIsa isa, const void* grad, DType dtype, size_t n) {

@@ -9,8 +9,13 @@
 
 namespace ecss::optimizer_internal {
 
+// With `checksums`, each chunk's output arrays are checksummed right after the chunk's update,
+// while they are in cache, and the chunks' CRCs joined in order: the arrays are not read again
+// to checksum them (for a caller that stores them with their checksums). Chunks of 256 Ki
+// elements or more are written with non-temporal stores (update_kernels.h), so their
+// checksums read memory: still right, not cheaper.
 void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays,
-                    size_t chunk_elements);
+                    size_t chunk_elements, ParamChecksums* checksums = nullptr);
 // Sum of squares over fixed 64 Ki-element blocks added in order: independent of threads.
 double ParallelSumOfSquares(SimdIsa isa, const void* grad, DType dtype, size_t n);
 

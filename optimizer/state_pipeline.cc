@@ -12,6 +12,7 @@
 #include <unordered_set>
 
 #include "optimizer/parallel_update.h"
+#include "runtime/base/checksum.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -126,7 +127,8 @@ struct Token {
   StreamedGradient grad;
   int slot = -1;
   uint64_t update_count = 0;
-  bool update = false;  // false: loaded nothing usable, or skipped: do not store
+  bool update = false;       // false: loaded nothing usable, or skipped: do not store
+  ParamChecksums checksums;  // of what the update wrote (StateSlot::checksums)
   Status status;
 };
 
@@ -373,10 +375,18 @@ void StateStreamingUpdater::Impl::Update(const UpdateArgs& args, Token& token,
     const UpdateScalars scalars = MakeUpdateScalars(options.kind, args.hyper, token.update_count,
                                                     args.grad_scale, args.clip_coefficient);
     BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
+    const bool checksums = tier->TakesChecksums();
     const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
                              slot.state1, compute, slot.size};
-    arena.execute(
-        [&] { optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements); });
+    arena.execute([&] {
+      optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements,
+                                         checksums ? &token.checksums : nullptr);
+    });
+    if (checksums &&
+        compute != slot.compute) {  // the copy went to the caller: the slot's is what it was
+      token.checksums.compute_copy =
+          slot.compute == nullptr ? 0 : Crc32c(slot.compute, slot.size * sizeof(BFloat16));
+    }
     ++report->updated;
   }
   report->update_seconds += Since(t0);
@@ -428,9 +438,10 @@ StatusOr<StreamingReport> StateStreamingUpdater::Run(const std::vector<StreamedG
       if (token.index < 0) return;
       if (token.update) {
         const Clock::time_point t0 = Clock::now();
-        token.status =
-            impl.tier->Store(token.grad.expert, impl.slots[token.slot], token.update_count)
-                .Annotate(StrCat("storing expert ", token.grad.expert));
+        StateSlot slot = impl.slots[token.slot];
+        if (impl.tier->TakesChecksums()) slot.checksums = &token.checksums;
+        token.status = impl.tier->Store(token.grad.expert, slot, token.update_count)
+                           .Annotate(StrCat("storing expert ", token.grad.expert));
         busy += Since(t0);
       }
       free_slots.Push(token.slot);

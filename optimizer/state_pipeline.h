@@ -34,6 +34,11 @@ struct StateSlot {
   float* state1 = nullptr;      // null for one-state optimizers
   BFloat16* compute = nullptr;  // null unless stage_compute_copy
   size_t size = 0;              // elements of the expert currently in the slot
+  // In Store, for a tier that TakesChecksums: the CRC-32C of each array's first `size`
+  // elements, taken by the update as it wrote them, so that the tier need not read the arrays
+  // again (compute_copy: always the slot's compute array, read again when the update's copy
+  // went to the caller; 0 for a null array). Null elsewhere.
+  const ParamChecksums* checksums = nullptr;
 };
 
 class StateTier {
@@ -45,6 +50,9 @@ class StateTier {
   // for distinct experts.
   virtual Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) = 0;
   virtual Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) = 0;
+  // Whether Store uses StateSlot::checksums (the update then takes them: a CRC-32C of each
+  // array it writes, while in cache).
+  virtual bool TakesChecksums() const { return false; }
 };
 
 // States kept in host vectors: the reference tier.

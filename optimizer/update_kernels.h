@@ -35,6 +35,15 @@ struct ParamArrays {
   size_t size = 0;
 };
 
+// CRC-32C (runtime/base/checksum.h) of each array an update writes, over its `size` elements
+// (0 for an array that is null).
+struct ParamChecksums {
+  uint32_t master = 0;
+  uint32_t state0 = 0;
+  uint32_t state1 = 0;
+  uint32_t compute_copy = 0;
+};
+
 // Updates elements [begin, end) of `arrays` with the given path.
 // REQUIRES: SimdIsaSupported(isa); end <= arrays.size; arrays valid for the kind.
 void UpdateRange(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays, size_t begin,

@@ -33,10 +33,6 @@ uint32_t Crc32cTable(const uint8_t* data, size_t bytes, uint32_t crc) {
   return crc;
 }
 
-#if defined(__x86_64__)
-constexpr size_t kLanesFromBytes = 64 * 1024;  // buffers from here on run three lanes
-constexpr size_t kFoldFromBytes = 256;         // the fold below this: crc32 (see Crc32cFold)
-
 // a(x)·b(x) mod P(x), with polynomials in the reflected order CRC-32C registers use (the top
 // bit is x^0).
 uint32_t MultiplyModP(uint32_t a, uint32_t b) {
@@ -58,6 +54,10 @@ uint32_t ShiftOperator(uint64_t bytes) {
   }
   return result;
 }
+
+#if defined(__x86_64__)
+constexpr size_t kLanesFromBytes = 64 * 1024;  // buffers from here on run three lanes
+constexpr size_t kFoldFromBytes = 256;         // the fold below this: crc32 (see Crc32cFold)
 
 __attribute__((target("sse4.2"))) uint32_t Crc32cHardware(const uint8_t* data, size_t bytes,
                                                           uint32_t crc) {
@@ -274,6 +274,13 @@ uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc) {
   }
 #endif
   return checksum_internal::Crc32cWith(path, data, bytes, crc);
+}
+
+// Appending B to A continues A's register through B's bytes; the CRC is linear in the
+// register, and the inversions before and after cancel, so B's CRC from a zero start differs
+// from the joined one by A's CRC shifted over B's length.
+uint32_t Crc32cCombine(uint32_t first, uint32_t second, uint64_t second_bytes) {
+  return MultiplyModP(ShiftOperator(second_bytes), first) ^ second;
 }
 
 std::string SealText(std::string text) {

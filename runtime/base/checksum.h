@@ -16,6 +16,9 @@ namespace ecss {
 
 // Extends `crc` (the value returned for the data before, or 0 to start) over `data`.
 uint32_t Crc32c(const void* data, size_t bytes, uint32_t crc = 0);
+// The CRC of A followed by B, from A's CRC (`first`), B's (`second`, started from 0) and B's
+// length: so parts checksummed apart, on several threads, give their whole's.
+uint32_t Crc32cCombine(uint32_t first, uint32_t second, uint64_t second_bytes);
 
 // Text sealed with its checksum (the expert store's and checkpoints' manifests): `text` (ending
 // in a newline), then a last line "crc <8 hex digits>" of every byte before it.

@@ -88,6 +88,33 @@ TEST(Crc32cTest, KnownValuesAndIncremental) {
   EXPECT_NE(Crc32c(data.data(), data.size()), whole);
 }
 
+TEST(Crc32cTest, CombinedPartsEqualTheWhole) {
+  std::vector<uint8_t> data(3 << 20);
+  CounterRng rng(11, 0);
+  rng.FillBytes(data.data(), data.size());
+  const uint32_t whole = Crc32c(data.data(), data.size());
+  // Two parts at any split, the empty ones included.
+  for (size_t split : {size_t{0}, size_t{1}, size_t{7}, size_t{4096}, size_t{65537},
+                       size_t{1} << 20, data.size() - 3, data.size()}) {
+    const uint32_t first = Crc32c(data.data(), split);
+    const uint32_t second = Crc32c(data.data() + split, data.size() - split);
+    EXPECT_EQ(Crc32cCombine(first, second, data.size() - split), whole) << split;
+  }
+  // Many parts of uneven sizes, joined left to right.
+  uint32_t joined = 0;
+  for (size_t at = 0, size = 1; at < data.size(); at += size, size = size * 3 + 5) {
+    const size_t part = std::min(size, data.size() - at);
+    joined = Crc32cCombine(joined, Crc32c(data.data() + at, part), part);
+  }
+  EXPECT_EQ(joined, whole);
+  // A flipped bit in the second part changes the combination.
+  const uint32_t first = Crc32c(data.data(), 1000);
+  data[2000] ^= 4;
+  EXPECT_NE(
+      Crc32cCombine(first, Crc32c(data.data() + 1000, data.size() - 1000), data.size() - 1000),
+      whole);
+}
+
 // CRC-32C one bit at a time, straight from the polynomial: the reference for the fast paths.
 uint32_t BitwiseCrc32c(const uint8_t* data, size_t bytes, uint32_t crc) {
   crc = ~crc;

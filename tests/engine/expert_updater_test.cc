@@ -13,8 +13,10 @@
 
 #include <gtest/gtest.h>
 
+#include "engine/store_state_tier.h"
 #include "offload/expert_index.h"
 #include "offload/io/io_engines.h"
+#include "runtime/base/checksum.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -77,6 +79,45 @@ class NvmeUpdaterTest : public ::testing::Test {
   std::unique_ptr<SimBackend> sim_;
   std::unique_ptr<PinnedHostPool> pool_;
 };
+
+// The state tier stores a slot's arrays as the store's blocks, with the update's checksums:
+// a slot laid out otherwise is refused naming the expert, and nothing is written.
+TEST_F(NvmeUpdaterTest, TheStateTierRefusesASlotThatIsNotTheStoresBlocks) {
+  ExpertStoreOptions store_options;
+  store_options.layout = {{4}, 1024, DType::kBF16, 2};
+  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  store_options.dirs = {dir_};
+  auto store = ExpertStore::Create(*sim_, store_options);
+  ASSERT_TRUE(store.ok()) << store.status();
+  StoreStateTier tier(store->get());
+  EXPECT_TRUE(tier.TakesChecksums());
+  auto block = [](size_t floats) {
+    return std::unique_ptr<float, decltype(&std::free)>(
+        static_cast<float*>(std::aligned_alloc(4096, floats * 4)), &std::free);
+  };
+  auto master = block(1024), moments = block(4096);
+  std::fill_n(master.get(), 1024, 0.5f);
+  std::fill_n(moments.get(), 4096, 0.25f);
+  StateSlot slot{master.get(), moments.get(), moments.get() + 1024, nullptr, 1024, nullptr};
+  for (StateSlot bad : {StateSlot{slot.master, slot.state0, slot.state0 + 2048, nullptr, 1024},
+                        StateSlot{slot.master, slot.state0, slot.state0 + 1000, nullptr, 1000}}) {
+    Status refused = tier.Store(1, bad, 1);
+    EXPECT_EQ(refused.code(), StatusCode::kFailedPrecondition) << refused;
+    EXPECT_NE(refused.ToString().find("expert 1"), std::string::npos) << refused;
+  }
+  uint64_t version = 0;
+  EXPECT_EQ((*store)->Version(ExpertState::kMaster, (*store)->index().Id(1)).value(), 0u);
+  // Laid out as the blocks, with the update's checksums: stored, and read back.
+  ParamChecksums crcs{Crc32c(master.get(), 4096), Crc32c(moments.get(), 4096),
+                      Crc32c(moments.get() + 1024, 4096), 0};
+  slot.checksums = &crcs;
+  ASSERT_TRUE(tier.Store(1, slot, 1).ok());
+  std::fill_n(master.get(), 1024, 0.0f);
+  StateSlot load{master.get(), moments.get(), moments.get() + 1024, nullptr, 1024, nullptr};
+  ASSERT_TRUE(tier.Load(1, load, &version).ok());
+  EXPECT_EQ(version, 1u);
+  EXPECT_EQ(master.get()[1023], 0.5f);
+}
 
 // ~NvmeUpdater makes the store's files durable, and a failed fdatasync is not silent.
 TEST_F(NvmeUpdaterTest, DestructionSyncsTheStoreAndLogsAFailure) {

@@ -586,6 +586,58 @@ TEST_F(ExpertStoreTest, ReadStatesReadsAnUpdateCutShortAsThePreviousVersion) {
   EXPECT_TRUE(Contains(lost, "layer 1 expert 2 master at version 2 (it holds 4)")) << lost;
 }
 
+// WriteStates with the caller's checksums (an update's): right ones read back as written, a
+// wrong one reads as damaged, never as other data, and the version before stays readable.
+TEST_F(ExpertStoreTest, WriteStatesTakesTheCallersChecksums) {
+  options_.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+  auto store = std::move(Make(true, options_)).value();
+  const ExpertId id{0, 1};
+  const std::vector<ExpertState> states = {ExpertState::kMaster, ExpertState::kMoments};
+  std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> blocks;
+  for (ExpertState state : states) {
+    blocks.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))),
+                        &std::free);
+  }
+  auto write = [&](uint32_t version, bool wrong) {
+    uint32_t checksums[2];
+    for (size_t i = 0; i < states.size(); ++i) {
+      std::vector<uint8_t> bytes = Pattern(*store, states[i], 0, 1, version);
+      std::memcpy(blocks[i].get(), bytes.data(), bytes.size());
+      checksums[i] = Crc32c(bytes.data(), bytes.size()) ^ (wrong && i == 1 ? 1u : 0u);
+    }
+    const void* raw[2] = {blocks[0].get(), blocks[1].get()};
+    return store->WriteStates(id, states, raw, version, checksums);
+  };
+  auto read = [&](uint64_t* version) {
+    void* raw[2] = {blocks[0].get(), blocks[1].get()};
+    return store->ReadStates(id, states, raw, version);
+  };
+  ASSERT_TRUE(write(1, false).ok());
+  uint64_t version = 0;
+  ASSERT_TRUE(read(&version).ok());
+  EXPECT_EQ(version, 1u);
+  for (size_t i = 0; i < states.size(); ++i) {
+    EXPECT_EQ(std::memcmp(blocks[i].get(), Pattern(*store, states[i], 0, 1, 1).data(),
+                          store->StateBytes(states[i])),
+              0);
+  }
+  ASSERT_TRUE(write(2, /*wrong=*/true).ok());
+  Status damaged = read(&version);
+  EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << damaged;
+  EXPECT_TRUE(Contains(damaged, "checksum mismatch")) << damaged;
+  EXPECT_TRUE(Contains(damaged, "moments")) << damaged;
+  // The version before is still in the other shadow slot: read as of it.
+  void* raw[2] = {blocks[0].get(), blocks[1].get()};
+  ASSERT_TRUE(store->ReadStatesAt(id, {ExpertState::kMaster}, raw, 1).ok());
+  EXPECT_EQ(std::memcmp(blocks[0].get(), Pattern(*store, ExpertState::kMaster, 0, 1, 1).data(),
+                        store->StateBytes(ExpertState::kMaster)),
+            0);
+  // Rewritten with its right checksums, version 2 reads again.
+  ASSERT_TRUE(write(2, false).ok());
+  ASSERT_TRUE(read(&version).ok());
+  EXPECT_EQ(version, 2u);
+}
+
 TEST_F(ExpertStoreTest, LayersMayHaveDifferentExpertCounts) {
   options_.layout.experts_per_layer = {2, 0, 3};
   options_.placement = {Tier::kNvme, Tier::kPinned, Tier::kNone, Tier::kNone};

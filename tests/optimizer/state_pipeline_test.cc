@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "optimizer/cpu_optimizer.h"
+#include "runtime/base/checksum.h"
 #include "runtime/base/random.h"
 #include "runtime/base/str_cat.h"
 
@@ -180,6 +181,71 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
       for (size_t i = 0; i < kSizes[2]; ++i)
         ASSERT_EQ(copy[i].bits, FloatToBf16(master[2][i]).bits);
     }
+  }
+}
+
+// A tier that checks, at every store, the checksums the update handed over against the
+// slot's arrays read again.
+class ChecksumCheckingTier : public StateTier {
+ public:
+  explicit ChecksumCheckingTier(InMemoryStateTier* inner) : inner_(inner) {}
+  StatusOr<size_t> ExpertSize(uint32_t e) const override { return inner_->ExpertSize(e); }
+  Status Load(uint32_t e, const StateSlot& s, uint64_t* c) override {
+    return inner_->Load(e, s, c);
+  }
+  Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
+    EXPECT_NE(s.checksums, nullptr) << "expert " << e;
+    if (s.checksums == nullptr) return inner_->Store(e, s, c);
+    const size_t n = s.size;
+    auto crc = [n](const void* array, size_t element_bytes) {
+      return array == nullptr ? 0u : Crc32c(array, n * element_bytes);
+    };
+    EXPECT_EQ(s.checksums->master, crc(s.master, 4)) << "expert " << e;
+    EXPECT_EQ(s.checksums->state0, crc(s.state0, 4)) << "expert " << e;
+    EXPECT_EQ(s.checksums->state1, crc(s.state1, 4)) << "expert " << e;
+    EXPECT_EQ(s.checksums->compute_copy, crc(s.compute, sizeof(BFloat16))) << "expert " << e;
+    ++checked;
+    return inner_->Store(e, s, c);
+  }
+  bool TakesChecksums() const override { return true; }
+  int checked = 0;
+
+ private:
+  InMemoryStateTier* inner_;
+};
+
+TEST(StateStreamingTest, TheStoreGetsTheChecksumsOfWhatTheUpdateWrote) {
+  for (auto [kind, threads] :
+       {std::pair{OptimizerKind::kAdamW, 1}, std::pair{OptimizerKind::kAdamW, 2},
+        std::pair{OptimizerKind::kAdagrad, 2}}) {
+    InMemoryStateTier inner(kind);
+    for (uint32_t e = 0; e < kSizes.size(); ++e) inner.AddExpert(Values(kSizes[e], e, 1.0f));
+    ChecksumCheckingTier tier(&inner);
+    StreamingOptions options;
+    options.kind = kind;
+    options.threads = threads;
+    options.buffers = 3;
+    options.chunk_elements = 1024;  // many chunks joined, the last ones short
+    options.max_expert_elements = 70000;
+    options.stage_compute_copy = true;
+    std::unique_ptr<Workspace> staging;
+    auto updater = CreateUpdater(options, &tier, &staging);
+    ASSERT_TRUE(updater.ok()) << updater.status();
+    // Expert 2's copy goes to the caller: the slot's compute array keeps what it held, and
+    // its checksum says so.
+    std::vector<BFloat16> copy(70000);
+    for (uint64_t step = 1; step <= 2; ++step) {
+      std::vector<std::vector<float>> grads;
+      std::vector<StreamedGradient> work;
+      grads.reserve(kSizes.size());
+      for (uint32_t e = 0; e < kSizes.size(); ++e) {
+        grads.push_back(Values(kSizes[e], 10 * step + e, 1.0f));
+        work.push_back({e, grads.back().data(), DType::kF32, e == 2 ? copy.data() : nullptr});
+      }
+      StatusOr<StreamingReport> report = (*updater)->Run(work, 1.0f, 1.0f);
+      ASSERT_TRUE(report.ok()) << report.status();
+    }
+    EXPECT_EQ(tier.checked, static_cast<int>(2 * kSizes.size()));
   }
 }
 
