@@ -398,6 +398,9 @@ StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id, Buffer& scratch,
   StateSlot slot;
   slot.master = scratch.as<float>();
   slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
+  if (StateArrays(s.options.optimizer.kind) == 2) {
+    slot.state1 = slot.state0 + s.options.expert_elements;  // one block: m, then v
+  }
   slot.size = s.options.expert_elements;
   uint64_t updates = 0;
   ECSS_RETURN_IF_ERROR(s.tier->Load(id, slot, &updates));

@@ -933,9 +933,9 @@ Status ExpertStore::StoreLocked(ExpertState state, uint32_t flat, const void* bl
 }
 
 Status ExpertStore::LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
-                                 const uint64_t* want) {
+                                 const uint64_t* want, uint32_t* checksum) {
   auto [reader, lock] = AnyReader(state);
-  return LoadLocked(state, *reader, flat, block, version, want);
+  return LoadLocked(state, *reader, flat, block, version, want, checksum);
 }
 
 std::pair<ExpertStateFile*, std::unique_lock<std::mutex>> ExpertStore::AnyReader(
@@ -963,14 +963,18 @@ void ExpertStore::CloseFiles(Files& files) {
 }
 
 Status ExpertStore::LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat,
-                               void* block, uint64_t* version, const uint64_t* want) {
+                               void* block, uint64_t* version, const uint64_t* want,
+                               uint32_t* checksum) {
   bool unwritten = false;
   void* arrays[1] = {block};
-  ECSS_RETURN_IF_ERROR(reader.Load(flat, arrays, Elements(state), version, want, &unwritten));
+  ECSS_RETURN_IF_ERROR(
+      reader.Load(flat, arrays, Elements(state), version, want, &unwritten, checksum));
   if (!unwritten) return Status::Ok();
   // Unwritten: what its source holds (a shared expert), else its initial value, version 0
   // (the block's padding as a load leaves it: zeros).
-  if (source_[flat] != flat) return LoadLocked(state, reader, source_[flat], block, version, want);
+  if (source_[flat] != flat) {
+    return LoadLocked(state, reader, source_[flat], block, version, want, checksum);
+  }
   if (want != nullptr && *want != 0) {
     return DataLossError(StrCat(Name(state, index_.Id(flat)), ": no copy of version ", *want,
                                 " (it was never written)"));
@@ -978,6 +982,7 @@ Status ExpertStore::LoadLocked(ExpertState state, ExpertStateFile& reader, uint3
   Initial(state, index_.Id(flat), block);
   std::memset(static_cast<char*>(block) + StateBytes(state), 0,
               BlockBytes(state) - StateBytes(state));
+  if (checksum != nullptr) *checksum = Crc32c(block, StateBytes(state));
   *version = 0;
   return Status::Ok();
 }
@@ -1123,13 +1128,14 @@ Status ExpertStore::WriteBlock(ExpertState state, ExpertId id, const void* block
 // An nvme state straight between the caller's aligned block and the file; others as Read and
 // Write. `version`: written (write), or read (when not null).
 Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* block,
-                            uint64_t* version, bool supersede, const uint32_t* checksum) {
+                            uint64_t* version, bool supersede, uint32_t* checksum) {
   if (reinterpret_cast<uintptr_t>(block) % 4096 != 0) {
     return InvalidArgumentError("ExpertStore: block reads and writes need 4 KiB-aligned blocks");
   }
   if (placement(state) != Tier::kNvme) {
     if (write) return Write(state, id, block, *version);
     ECSS_RETURN_IF_ERROR(Read(state, id, block));
+    if (checksum != nullptr) *checksum = Crc32c(block, StateBytes(state));
     std::shared_lock<std::shared_mutex> open(lifecycle_);
     if (version != nullptr) *version = regions_[Index(state)].versions[index_.Flat(id)];
     return Status::Ok();
@@ -1139,7 +1145,8 @@ Status ExpertStore::BlockIo(bool write, ExpertState state, ExpertId id, void* bl
   const uint32_t flat = index_.Flat(id);
   uint64_t read_version = 0;
   Status done = write ? StoreToFile(state, flat, block, *version, supersede, checksum)
-                      : LoadFromFile(state, flat, block, version ? version : &read_version);
+                      : LoadFromFile(state, flat, block, version ? version : &read_version, nullptr,
+                                     checksum);
   return done.Annotate(StrCat(write ? "writing " : "reading ", Name(state, id)));
 }
 
@@ -1164,16 +1171,19 @@ Status ExpertStore::WriteStates(ExpertId id, const std::vector<ExpertState>& sta
                                 const uint32_t* checksums) {
   return RunConcurrently(states.size(), [&](size_t i) {
     uint64_t v = version;
+    uint32_t checksum = checksums != nullptr ? checksums[i] : 0;
     return BlockIo(/*write=*/true, states[i], id, const_cast<void*>(blocks[i]), &v,
-                   /*supersede=*/true, checksums != nullptr ? &checksums[i] : nullptr);
+                   /*supersede=*/true, checksums != nullptr ? &checksum : nullptr);
   });
 }
 
 Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& states,
-                               void* const* blocks, uint64_t* version) {
+                               void* const* blocks, uint64_t* version, uint32_t* checksums) {
   std::vector<uint64_t> versions(states.size());
-  ECSS_RETURN_IF_ERROR(RunConcurrently(
-      states.size(), [&](size_t i) { return ReadBlock(states[i], id, blocks[i], &versions[i]); }));
+  ECSS_RETURN_IF_ERROR(RunConcurrently(states.size(), [&](size_t i) {
+    return BlockIo(/*write=*/false, states[i], id, blocks[i], &versions[i], false,
+                   checksums != nullptr ? &checksums[i] : nullptr);
+  }));
   const uint64_t oldest = states.empty() ? 0 : *std::min_element(versions.begin(), versions.end());
   for (size_t i = 0; i < states.size(); ++i) {
     if (versions[i] == oldest) continue;
@@ -1186,7 +1196,8 @@ Status ExpertStore::ReadStates(ExpertId id, const std::vector<ExpertState>& stat
       std::shared_lock<std::shared_mutex> open(lifecycle_);
       ECSS_RETURN_IF_ERROR(Check(states[i], id));
       uint64_t read = 0;
-      older = LoadFromFile(states[i], index_.Flat(id), blocks[i], &read, &oldest);
+      older = LoadFromFile(states[i], index_.Flat(id), blocks[i], &read, &oldest,
+                           checksums != nullptr ? &checksums[i] : nullptr);
     }
     if (!older.ok()) {
       return older.Annotate(StrCat("reading ", Name(states[i], id), " at version ", oldest,

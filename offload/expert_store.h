@@ -187,9 +187,13 @@ class ExpertStore {
   // Reads `states` of expert `id` into `blocks` (one each, as ReadBlock) as of one version,
   // the newest that all of them hold: an nvme state written ahead of the others by an update
   // cut short is read from the shadow slot that keeps the older version. DataLoss naming the
-  // versions when there is none.
+  // versions when there is none. With `checksums`, the blocks are not checked here:
+  // checksums[i] is the CRC-32C blocks[i]'s StateBytes must have (an nvme state's as its header
+  // records it; a memory state's, or an unwritten one's initial value, computed), and the
+  // caller checks the block against it before using it (the optimizer's update does, in the
+  // pass that brings the block into cache for it).
   Status ReadStates(ExpertId id, const std::vector<ExpertState>& states, void* const* blocks,
-                    uint64_t* version);
+                    uint64_t* version, uint32_t* checksums = nullptr);
   // Reads `states` of expert `id` into `blocks` as of `version` (at least 1): an nvme state
   // from the shadow slot that holds it, while the other may be being written (what a
   // checkpoint taken during training reads); a memory state only at the version the store
@@ -392,16 +396,19 @@ class ExpertStore {
   // state held.
   Status StoreLocked(ExpertState state, uint32_t flat, const void* block, uint64_t version,
                      bool supersede, const uint32_t* checksum);
+  // `checksum`: set to the CRC-32C the block must have, the block not checked (ReadStates').
   Status LoadFromFile(ExpertState state, uint32_t flat, void* block, uint64_t* version,
-                      const uint64_t* want = nullptr);
+                      const uint64_t* want = nullptr, uint32_t* checksum = nullptr);
   // REQUIRES: `reader` (one of the state's) held.
   Status LoadLocked(ExpertState state, ExpertStateFile& reader, uint32_t flat, void* block,
-                    uint64_t* version, const uint64_t* want = nullptr);
+                    uint64_t* version, const uint64_t* want = nullptr,
+                    uint32_t* checksum = nullptr);
   // REQUIRES: the store not yet handed out (Open): it reads through readers[0] unlocked.
   Status LoadTier(ExpertState state);
-  // `checksum` (a write's): as StoreThroughWriter's.
+  // `checksum`: a write's, as StoreThroughWriter's; a read's, as LoadFromFile's (a memory
+  // state's is computed).
   Status BlockIo(bool write, ExpertState state, ExpertId id, void* block, uint64_t* version,
-                 bool supersede = false, const uint32_t* checksum = nullptr);
+                 bool supersede = false, uint32_t* checksum = nullptr);
   Status FlushLocked();
 
   Backend& backend_;

@@ -586,7 +586,8 @@ StatusOr<ExpertStateFile::Choice> ExpertStateFile::Choose(uint32_t expert, const
 }
 
 Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elements,
-                             uint64_t* update_count, const uint64_t* want, bool* unwritten_out) {
+                             uint64_t* update_count, const uint64_t* want, bool* unwritten_out,
+                             uint32_t* checksums) {
   if (unwritten_out != nullptr) *unwritten_out = false;
   ECSS_RETURN_IF_ERROR(CheckExpert(expert, elements));
   const uint64_t bytes = elements * options_.element_bytes;
@@ -598,8 +599,8 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
       offsets[a] = OffsetOf(expert, copy) + ArrayOffset(a);
     }
     return TransferChecksummed(*engine_, IoOp::kRead, FileOf(expert), offsets, arrays,
-                               options_.arrays, StateBlockBytes(bytes), bytes, crcs,
-                               std::move(alongside));
+                               options_.arrays, StateBlockBytes(bytes),
+                               checksums == nullptr ? bytes : 0, crcs, std::move(alongside));
   };
   Header seen[2];
   CopyState state[2];
@@ -649,7 +650,8 @@ Status ExpertStateFile::Load(uint32_t expert, void* const* arrays, uint64_t elem
     Status read = read_arrays(choice.copy, {});
     if (!read.ok()) return read.Annotate(StrCat("loading expert ", expert, " states"));
   }
-  for (uint32_t a = 0; a < options_.arrays; ++a) {
+  if (checksums != nullptr) std::copy_n(header.array_crc, options_.arrays, checksums);
+  for (uint32_t a = 0; a < options_.arrays && checksums == nullptr; ++a) {
     if (crcs[a] != header.array_crc[a]) {
       const std::string name =
           a < options_.array_names.size() ? options_.array_names[a] : StrCat("array ", a);

@@ -121,9 +121,13 @@ class ExpertStateFile {
   // `unwritten`, Load then sets it and returns OK (the count left alone: the caller knows what
   // an unwritten expert holds, at `want` too); without, that is NotFound, or DataLoss when
   // *want is not 0 (the initial version). The arrays hold the expert only when Load returns
-  // OK and the expert was written; otherwise what they hold is unspecified.
+  // OK and the expert was written; otherwise what they hold is unspecified. With `checksums`,
+  // the arrays are not checked here: checksums[a] is the CRC-32C the header records for array
+  // a, and the caller must check the array against it before using it (the optimizer's update
+  // does, in the pass that brings the expert into cache for it).
   Status Load(uint32_t expert, void* const* arrays, uint64_t elements, uint64_t* update_count,
-              const uint64_t* want = nullptr, bool* unwritten = nullptr);
+              const uint64_t* want = nullptr, bool* unwritten = nullptr,
+              uint32_t* checksums = nullptr);
   // Whether a copy of the expert was ever stored (its headers only): one is intact, or
   // damaged (Load then reports the damage).
   StatusOr<bool> Written(uint32_t expert);

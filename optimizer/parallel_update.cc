@@ -23,6 +23,24 @@ ParamChecksums RangeChecksums(const ParamArrays& arrays, size_t begin, size_t en
   return {crc(arrays.master, 4), crc(arrays.state0, 4), crc(arrays.state1, 4),
           crc(arrays.compute_copy, sizeof(BFloat16))};
 }
+
+// The chunks' CRCs of each array joined in order (chunk c: elements from c * chunk_elements).
+ParamChecksums Joined(const std::vector<ParamChecksums>& parts, const ParamArrays& arrays,
+                      size_t chunk_elements) {
+  ParamChecksums whole;
+  auto join = [](uint32_t* into, const void* array, uint32_t part, uint64_t bytes) {
+    if (array != nullptr) *into = Crc32cCombine(*into, part, bytes);
+  };
+  for (size_t c = 0; c < parts.size(); ++c) {
+    const size_t n = std::min(arrays.size, (c + 1) * chunk_elements) - c * chunk_elements;
+    join(&whole.master, arrays.master, parts[c].master, n * 4);
+    join(&whole.state0, arrays.state0, parts[c].state0, n * 4);
+    join(&whole.state1, arrays.state1, parts[c].state1, n * 4);
+    join(&whole.compute_copy, arrays.compute_copy, parts[c].compute_copy, n * sizeof(BFloat16));
+  }
+  return whole;
+}
+
 }  // namespace
 
 // Isolated: a thread waiting for its chunks takes no other task of the arena meanwhile (a
@@ -40,19 +58,19 @@ void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays
       if (checksums != nullptr) parts[c] = RangeChecksums(arrays, begin, end);
     });
   });
-  if (checksums == nullptr) return;
-  *checksums = ParamChecksums{};
-  auto join = [](uint32_t* whole, const void* array, uint32_t part, uint64_t bytes) {
-    if (array != nullptr) *whole = Crc32cCombine(*whole, part, bytes);
-  };
-  for (size_t c = 0; c < chunks; ++c) {
-    const size_t n = std::min(arrays.size, (c + 1) * chunk_elements) - c * chunk_elements;
-    join(&checksums->master, arrays.master, parts[c].master, n * 4);
-    join(&checksums->state0, arrays.state0, parts[c].state0, n * 4);
-    join(&checksums->state1, arrays.state1, parts[c].state1, n * 4);
-    join(&checksums->compute_copy, arrays.compute_copy, parts[c].compute_copy,
-         n * sizeof(BFloat16));
-  }
+  if (checksums != nullptr) *checksums = Joined(parts, arrays, chunk_elements);
+}
+
+ParamChecksums ParallelChecksums(const ParamArrays& arrays, size_t chunk_elements) {
+  const size_t chunks = (arrays.size + chunk_elements - 1) / chunk_elements;
+  std::vector<ParamChecksums> parts(chunks);
+  tbb::this_task_arena::isolate([&] {  // as ParallelUpdate
+    tbb::parallel_for(size_t{0}, chunks, [&](size_t c) {
+      const size_t begin = c * chunk_elements;
+      parts[c] = RangeChecksums(arrays, begin, std::min(arrays.size, begin + chunk_elements));
+    });
+  });
+  return Joined(parts, arrays, chunk_elements);
 }
 
 double ParallelSumOfSquares(SimdIsa isa, const void* grad, DType dtype, size_t n) {

@@ -16,6 +16,9 @@ namespace ecss::optimizer_internal {
 // checksums read memory: still right, not cheaper.
 void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays,
                     size_t chunk_elements, ParamChecksums* checksums = nullptr);
+// The CRC-32C of each array of `arrays` (grad aside), in chunks over the calling arena, as
+// ParallelUpdate's `checksums`.
+ParamChecksums ParallelChecksums(const ParamArrays& arrays, size_t chunk_elements);
 // Sum of squares over fixed 64 Ki-element blocks added in order: independent of threads.
 double ParallelSumOfSquares(SimdIsa isa, const void* grad, DType dtype, size_t n);
 

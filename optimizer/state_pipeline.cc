@@ -127,8 +127,8 @@ struct Token {
   StreamedGradient grad;
   int slot = -1;
   uint64_t update_count = 0;
-  bool update = false;       // false: loaded nothing usable, or skipped: do not store
-  ParamChecksums checksums;  // of what the update wrote (StateSlot::checksums)
+  bool update = false;      // false: loaded nothing usable, or skipped: do not store
+  SlotChecksums checksums;  // for a tier that TakesChecksums (StateSlot::checksums)
   Status status;
 };
 
@@ -235,6 +235,18 @@ class LoadQueue {
   int loaders_left_;
   std::unordered_set<uint32_t> in_run_;  // every expert handed out, and the work's
 };
+
+// Whether a slot holds what its tier's Load recorded (SlotChecksums), checked chunk by chunk
+// over the calling arena (a null array's checksum is 0 on both sides).
+bool HoldsWhatWasLoaded(const StateSlot& slot, size_t chunk_elements,
+                        const SlotChecksums& expected) {
+  const ParamChecksums read = optimizer_internal::ParallelChecksums(
+      {slot.master, nullptr, DType::kF32, slot.state0, slot.state1, nullptr, slot.size},
+      chunk_elements);
+  const uint32_t states =
+      slot.state1 == nullptr ? read.state0 : Crc32cCombine(read.state0, read.state1, slot.size * 4);
+  return read.master == expected.loaded_master && states == expected.loaded_states;
+}
 
 }  // namespace
 
@@ -349,7 +361,9 @@ double StateStreamingUpdater::Impl::Load(Token& token) {
   if (token.status.ok()) {
     StateSlot& slot = slots[token.slot];
     slot.size = *tier->ExpertSize(token.grad.expert);
-    token.status = tier->Load(token.grad.expert, slot, &token.update_count);
+    StateSlot with = slot;
+    if (tier->TakesChecksums()) with.checksums = &token.checksums;
+    token.status = tier->Load(token.grad.expert, with, &token.update_count);
   }
   token.update = token.status.ok();
   return Since(t0);
@@ -364,6 +378,24 @@ void StateStreamingUpdater::Impl::Update(const UpdateArgs& args, Token& token,
   }
   const Clock::time_point t0 = Clock::now();
   const StateSlot& slot = slots[token.slot];
+  const bool checksums = tier->TakesChecksums();
+  bool intact = true;  // what was read, checked before anything uses it
+  if (checksums) {
+    arena.execute(
+        [&] { intact = HoldsWhatWasLoaded(slot, options.chunk_elements, token.checksums); });
+  }
+  if (!intact) {
+    // Read again, checked by the tier: its error names where the damage is; or, when the bytes
+    // on storage are right (the first read went wrong on its way), the expert goes on.
+    StateSlot again = slot;
+    token.status = tier->Load(g.expert, again, &token.update_count);
+    if (!token.status.ok()) {
+      token.update = false;
+      token.status = token.status.Annotate(StrCat("loading expert ", g.expert));
+      report->update_seconds += Since(t0);
+      return;
+    }
+  }
   double sum = 0;
   arena.execute(
       [&] { sum = optimizer_internal::ParallelSumOfSquares(isa, g.grad, g.dtype, slot.size); });
@@ -375,16 +407,14 @@ void StateStreamingUpdater::Impl::Update(const UpdateArgs& args, Token& token,
     const UpdateScalars scalars = MakeUpdateScalars(options.kind, args.hyper, token.update_count,
                                                     args.grad_scale, args.clip_coefficient);
     BFloat16* compute = g.compute_copy != nullptr ? g.compute_copy : slot.compute;
-    const bool checksums = tier->TakesChecksums();
     const ParamArrays arrays{slot.master, g.grad,  g.dtype,  slot.state0,
                              slot.state1, compute, slot.size};
     arena.execute([&] {
       optimizer_internal::ParallelUpdate(isa, scalars, arrays, options.chunk_elements,
-                                         checksums ? &token.checksums : nullptr);
+                                         checksums ? &token.checksums.written : nullptr);
     });
-    if (checksums &&
-        compute != slot.compute) {  // the copy went to the caller: the slot's is what it was
-      token.checksums.compute_copy =
+    if (checksums && compute != slot.compute) {  // the copy went to the caller
+      token.checksums.written.compute_copy =
           slot.compute == nullptr ? 0 : Crc32c(slot.compute, slot.size * sizeof(BFloat16));
     }
     ++report->updated;

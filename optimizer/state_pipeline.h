@@ -6,9 +6,11 @@
 // each; the update stage still takes the experts in order, and stores may finish out of it).
 // StateTier is the interface offload/ implements; InMemoryStateTier is the reference
 // implementation the pipeline is tested against.
-// Data safety: an expert whose load fails, or whose gradient is not finite, is neither updated
-// nor stored (its tier copy stays as it was); a failed store leaves the tier's previous copy.
-// Every failure is reported with the expert; the other experts proceed.
+// Data safety: an expert whose load fails, whose loaded arrays do not match the checksums its
+// tier recorded (SlotChecksums; read again, they still do not), or whose gradient is not
+// finite, is neither updated nor stored (its tier copy stays as it was); a failed store leaves
+// the tier's previous copy. Every failure is reported with the expert; the other experts
+// proceed.
 // Thread-safety: Run is called from one thread at a time and blocks until the pipeline drains.
 #pragma once
 
@@ -17,12 +19,30 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "optimizer/optimizer_config.h"
 #include "optimizer/update_kernels.h"
 
 namespace ecss {
+
+// The checksums a tier that TakesChecksums exchanges with the pipeline, per expert
+// (StateSlot::checksums), so that neither reads an expert's arrays only to checksum them.
+struct SlotChecksums {
+  // Set by the tier's Load: the CRC-32C the slot's master (its `size` elements) and state
+  // arrays (state0's `size` elements, then state1's when the kind has one, as one run of
+  // bytes; 0 without) must have, as their storage recorded them. The update checks the slot
+  // against them before anything uses it (one pass over the expert, which leaves it in cache
+  // for the update when it fits); on a mismatch it loads the expert again through the tier
+  // without checksums, so that the tier checks it and its error names where the damage is.
+  uint32_t loaded_master = 0;
+  uint32_t loaded_states = 0;
+  // Set by the update for the tier's Store: the CRC-32C of each array it wrote, taken chunk by
+  // chunk as it wrote them (compute_copy: always the slot's compute array, read again when
+  // the update's copy went to the caller; 0 for a null array).
+  ParamChecksums written;
+};
 
 // A staging slot: room for one expert's master and state arrays, and (with
 // StreamingOptions::stage_compute_copy) the new bf16 compute copy, which the tier stores.
@@ -34,11 +54,9 @@ struct StateSlot {
   float* state1 = nullptr;      // null for one-state optimizers
   BFloat16* compute = nullptr;  // null unless stage_compute_copy
   size_t size = 0;              // elements of the expert currently in the slot
-  // In Store, for a tier that TakesChecksums: the CRC-32C of each array's first `size`
-  // elements, taken by the update as it wrote them, so that the tier need not read the arrays
-  // again (compute_copy: always the slot's compute array, read again when the update's copy
-  // went to the caller; 0 for a null array). Null elsewhere.
-  const ParamChecksums* checksums = nullptr;
+  // In Load and Store of a tier that TakesChecksums, the expert's (see SlotChecksums); null
+  // otherwise.
+  SlotChecksums* checksums = nullptr;
 };
 
 class StateTier {
@@ -50,8 +68,8 @@ class StateTier {
   // for distinct experts.
   virtual Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) = 0;
   virtual Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) = 0;
-  // Whether Store uses StateSlot::checksums (the update then takes them: a CRC-32C of each
-  // array it writes, while in cache).
+  // Whether Load and Store use StateSlot::checksums: Load then leaves checking what it read to
+  // the update, and Store writes the checksums the update took.
   virtual bool TakesChecksums() const { return false; }
 };
 

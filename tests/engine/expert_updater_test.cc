@@ -16,10 +16,12 @@
 #include "engine/store_state_tier.h"
 #include "offload/expert_index.h"
 #include "offload/io/io_engines.h"
+#include "optimizer/state_pipeline.h"
 #include "runtime/base/checksum.h"
 #include "runtime/base/logging.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
+#include "tests/offload/flip_byte.h"
 
 namespace ecss {
 namespace {
@@ -74,6 +76,14 @@ class NvmeUpdaterTest : public ::testing::Test {
     pool_ = std::move(sim_->CreatePinnedPool(pool_options)).value();
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
+  // Four experts of 1024 parameters, master and moments on NVMe in dir_.
+  StatusOr<std::unique_ptr<ExpertStore>> FourExpertStore() {
+    ExpertStoreOptions options;
+    options.layout = {{4}, 1024, DType::kBF16, 2};
+    options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
+    options.dirs = {dir_};
+    return ExpertStore::Create(*sim_, options);
+  }
 
   char dir_[32] = "/tmp/ecss_updater_XXXXXX";
   std::unique_ptr<SimBackend> sim_;
@@ -83,11 +93,7 @@ class NvmeUpdaterTest : public ::testing::Test {
 // The state tier stores a slot's arrays as the store's blocks, with the update's checksums:
 // a slot laid out otherwise is refused naming the expert, and nothing is written.
 TEST_F(NvmeUpdaterTest, TheStateTierRefusesASlotThatIsNotTheStoresBlocks) {
-  ExpertStoreOptions store_options;
-  store_options.layout = {{4}, 1024, DType::kBF16, 2};
-  store_options.placement = {Tier::kNone, Tier::kNvme, Tier::kNvme, Tier::kNone};
-  store_options.dirs = {dir_};
-  auto store = ExpertStore::Create(*sim_, store_options);
+  auto store = FourExpertStore();
   ASSERT_TRUE(store.ok()) << store.status();
   StoreStateTier tier(store->get());
   EXPECT_TRUE(tier.TakesChecksums());
@@ -107,16 +113,78 @@ TEST_F(NvmeUpdaterTest, TheStateTierRefusesASlotThatIsNotTheStoresBlocks) {
   }
   uint64_t version = 0;
   EXPECT_EQ((*store)->Version(ExpertState::kMaster, (*store)->index().Id(1)).value(), 0u);
-  // Laid out as the blocks, with the update's checksums: stored, and read back.
-  ParamChecksums crcs{Crc32c(master.get(), 4096), Crc32c(moments.get(), 4096),
-                      Crc32c(moments.get() + 1024, 4096), 0};
+  EXPECT_EQ(
+      tier.Load(1, StateSlot{slot.master, slot.state0, slot.state0 + 2048, nullptr, 1024}, &version)
+          .code(),
+      StatusCode::kFailedPrecondition);
+  // Laid out as the blocks, with the update's checksums: stored; a load hands back the ones
+  // the headers record, the arrays unchecked.
+  SlotChecksums crcs;
+  crcs.written = {Crc32c(master.get(), 4096), Crc32c(moments.get(), 4096),
+                  Crc32c(moments.get() + 1024, 4096), 0};
   slot.checksums = &crcs;
   ASSERT_TRUE(tier.Store(1, slot, 1).ok());
   std::fill_n(master.get(), 1024, 0.0f);
-  StateSlot load{master.get(), moments.get(), moments.get() + 1024, nullptr, 1024, nullptr};
+  SlotChecksums loaded;
+  StateSlot load{master.get(), moments.get(), moments.get() + 1024, nullptr, 1024, &loaded};
   ASSERT_TRUE(tier.Load(1, load, &version).ok());
   EXPECT_EQ(version, 1u);
   EXPECT_EQ(master.get()[1023], 0.5f);
+  EXPECT_EQ(loaded.loaded_master, crcs.written.master);
+  EXPECT_EQ(loaded.loaded_states, Crc32c(moments.get(), 8192));
+}
+
+// Bit rot in an expert's master on NVMe, read by the optimizer pipeline: the load leaves the
+// check to the update, which fails that expert naming it before anything of it is updated or
+// stored; the others are updated, and the damage is still there to be reported.
+TEST_F(NvmeUpdaterTest, DamagedStatesFailTheirExpertAloneInThePipeline) {
+  auto store = FourExpertStore();
+  ASSERT_TRUE(store.ok()) << store.status();
+  std::vector<float> master(1024, 0.5f), moments(2048, 0.0f);
+  for (uint32_t e = 0; e < 4; ++e) {
+    ASSERT_TRUE((*store)->Write(ExpertState::kMaster, {0, e}, master.data(), 1).ok());
+    ASSERT_TRUE((*store)->Write(ExpertState::kMoments, {0, e}, moments.data(), 1).ok());
+  }
+  // Expert 1's master array and expert 3's moments, in both of their slots (file header,
+  // then per expert two slots of a 4 KiB header and the 4 or 8 KiB block).
+  for (uint64_t copy : {0, 1}) {
+    ASSERT_TRUE(FlipByte(StrCat(dir_, "/ecss-store-master-0.bin"),
+                         4096 + (2 * 1 + copy) * 8192 + 4096 + 100, 0x10));
+    ASSERT_TRUE(FlipByte(StrCat(dir_, "/ecss-store-moments-0.bin"),
+                         4096 + (2 * 3 + copy) * 12288 + 4096 + 5000, 0x10));
+  }
+  StoreStateTier tier(store->get());
+  StreamingOptions options;
+  options.buffers = 3;
+  options.max_expert_elements = 1024;
+  auto bytes = StateStreamingUpdater::WorkspaceBytes(options);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto workspace = pool_->Allocate(*bytes, MemoryTag::kStaging);
+  ASSERT_TRUE(workspace.ok()) << workspace.status();
+  auto updater = StateStreamingUpdater::Create(options, &tier, workspace->data(), *bytes);
+  ASSERT_TRUE(updater.ok()) << updater.status();
+  std::vector<float> gradient(1024, 0.01f);
+  std::vector<StreamedGradient> work;
+  for (uint32_t e = 0; e < 4; ++e) work.push_back({e, gradient.data(), DType::kF32, nullptr});
+  StatusOr<StreamingReport> report = (*updater)->Run(work, 1.0f, 1.0f);
+  // The store's own error: the expert, the state and the file.
+  ASSERT_EQ(report.status().code(), StatusCode::kDataLoss) << report.status();
+  for (const char* part : {"loading expert 1", "layer 0 expert 1 master", "ecss-store-master-0.bin",
+                           "checksum mismatch"}) {
+    EXPECT_NE(report.status().ToString().find(part), std::string::npos) << report.status();
+  }
+  for (uint32_t e = 0; e < 4; ++e) {
+    const uint64_t updated = e == 1 || e == 3 ? 1 : 2;
+    EXPECT_EQ((*store)->Version(ExpertState::kMaster, {0, e}).value(), updated) << e;
+    EXPECT_EQ((*store)->Version(ExpertState::kMoments, {0, e}).value(), updated) << e;
+  }
+  std::vector<float> got(2048);
+  Status damaged = (*store)->Read(ExpertState::kMaster, {0, 1}, got.data());
+  EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << damaged;
+  damaged = (*store)->Read(ExpertState::kMoments, {0, 3}, got.data());
+  EXPECT_EQ(damaged.code(), StatusCode::kDataLoss) << damaged;
+  ASSERT_TRUE((*store)->Read(ExpertState::kMaster, {0, 2}, got.data()).ok());
+  EXPECT_NE(got[0], 0.5f) << "updated";
 }
 
 // ~NvmeUpdater makes the store's files durable, and a failed fdatasync is not silent.

@@ -638,6 +638,46 @@ TEST_F(ExpertStoreTest, WriteStatesTakesTheCallersChecksums) {
   EXPECT_EQ(version, 2u);
 }
 
+// ReadStates with `checksums` hands out the checksum each block must have, unchecked: what
+// the header records for an nvme state (of the version read, an update cut short included),
+// the initial value's for an unwritten expert, a memory state's computed.
+TEST_F(ExpertStoreTest, ReadStatesHandsOutTheChecksumsBlocksMustHave) {
+  options_.placement = {Tier::kNone, Tier::kNvme, Tier::kPinned, Tier::kNone};
+  auto store = std::move(Make(true, options_)).value();
+  const ExpertId id{1, 0};
+  const std::vector<ExpertState> states = {ExpertState::kMaster, ExpertState::kMoments};
+  std::vector<std::unique_ptr<uint8_t, decltype(&std::free)>> blocks;
+  for (ExpertState state : states) {
+    blocks.emplace_back(static_cast<uint8_t*>(std::aligned_alloc(4096, store->BlockBytes(state))),
+                        &std::free);
+  }
+  void* raw[2] = {blocks[0].get(), blocks[1].get()};
+  auto expect_read = [&](uint64_t want_version, uint32_t want_pattern) {
+    uint32_t checksums[2] = {1, 1};
+    uint64_t version = 99;
+    ASSERT_TRUE(store->ReadStates(id, states, raw, &version, checksums).ok());
+    EXPECT_EQ(version, want_version);
+    for (size_t i = 0; i < states.size(); ++i) {
+      EXPECT_EQ(checksums[i], Crc32c(blocks[i].get(), store->StateBytes(states[i]))) << i;
+      if (want_pattern == 0) continue;
+      EXPECT_EQ(std::memcmp(blocks[i].get(), Pattern(*store, states[i], 1, 0, want_pattern).data(),
+                            store->StateBytes(states[i])),
+                0)
+          << i;
+    }
+  };
+  expect_read(0, 0);  // never written: initial values
+  auto write = [&](ExpertState state, uint32_t version) {
+    std::vector<uint8_t> bytes = Pattern(*store, state, 1, 0, version);
+    return store->Write(state, id, bytes.data(), version);
+  };
+  ASSERT_TRUE(write(ExpertState::kMaster, 1).ok());
+  ASSERT_TRUE(write(ExpertState::kMoments, 1).ok());
+  expect_read(1, 1);
+  ASSERT_TRUE(write(ExpertState::kMaster, 2).ok());  // an update cut short: the master ahead
+  expect_read(1, 1);
+}
+
 TEST_F(ExpertStoreTest, LayersMayHaveDifferentExpertCounts) {
   options_.layout.experts_per_layer = {2, 0, 3};
   options_.placement = {Tier::kNvme, Tier::kPinned, Tier::kNone, Tier::kNone};

@@ -184,31 +184,59 @@ TEST(StateStreamingTest, MatchesTheInMemoryOptimizerBitForBit) {
   }
 }
 
-// A tier that checks, at every store, the checksums the update handed over against the
-// slot's arrays read again.
+// A tier that takes checksums: at every load it records the loaded arrays' checksums as
+// storage would (or, for the experts named below, as storage would after bit rot), and at every
+// store it checks the checksums the update handed over against the slot's arrays read again.
 class ChecksumCheckingTier : public StateTier {
  public:
   explicit ChecksumCheckingTier(InMemoryStateTier* inner) : inner_(inner) {}
   StatusOr<size_t> ExpertSize(uint32_t e) const override { return inner_->ExpertSize(e); }
   Status Load(uint32_t e, const StateSlot& s, uint64_t* c) override {
-    return inner_->Load(e, s, c);
+    if (s.checksums == nullptr) {  // the update's second read, which the tier checks itself
+      ++reread;
+      if (e == damaged_master || e == damaged_states) {
+        return DataLossError(StrCat("expert ", e, " in 'rotten.bin' at offset 4096: ",
+                                    e == damaged_master ? "master" : "moments",
+                                    " checksum mismatch"));
+      }
+      return inner_->Load(e, s, c);
+    }
+    ECSS_RETURN_IF_ERROR(inner_->Load(e, s, c));
+    const bool master_wrong = e == damaged_master || e == damaged_once;
+    damaged_once = e == damaged_once ? UINT32_MAX : damaged_once;
+    s.checksums->loaded_master = Crc32c(s.master, s.size * 4) ^ (master_wrong ? 1u : 0u);
+    s.checksums->loaded_states = Crc32c(s.state0, s.size * 4);
+    if (s.state1 != nullptr) {
+      s.checksums->loaded_states =
+          Crc32cCombine(s.checksums->loaded_states, Crc32c(s.state1, s.size * 4), s.size * 4);
+    }
+    s.checksums->loaded_states ^= e == damaged_states ? 1u : 0u;
+    return Status::Ok();
   }
   Status Store(uint32_t e, const StateSlot& s, uint64_t c) override {
     EXPECT_NE(s.checksums, nullptr) << "expert " << e;
+    EXPECT_TRUE(e != damaged_master && e != damaged_states) << "a damaged expert is not stored";
     if (s.checksums == nullptr) return inner_->Store(e, s, c);
     const size_t n = s.size;
     auto crc = [n](const void* array, size_t element_bytes) {
       return array == nullptr ? 0u : Crc32c(array, n * element_bytes);
     };
-    EXPECT_EQ(s.checksums->master, crc(s.master, 4)) << "expert " << e;
-    EXPECT_EQ(s.checksums->state0, crc(s.state0, 4)) << "expert " << e;
-    EXPECT_EQ(s.checksums->state1, crc(s.state1, 4)) << "expert " << e;
-    EXPECT_EQ(s.checksums->compute_copy, crc(s.compute, sizeof(BFloat16))) << "expert " << e;
+    const ParamChecksums& written = s.checksums->written;
+    EXPECT_EQ(written.master, crc(s.master, 4)) << "expert " << e;
+    EXPECT_EQ(written.state0, crc(s.state0, 4)) << "expert " << e;
+    EXPECT_EQ(written.state1, crc(s.state1, 4)) << "expert " << e;
+    EXPECT_EQ(written.compute_copy, crc(s.compute, sizeof(BFloat16))) << "expert " << e;
     ++checked;
     return inner_->Store(e, s, c);
   }
   bool TakesChecksums() const override { return true; }
   int checked = 0;
+  int reread = 0;
+  // Rotten on storage: every read of it is wrong.
+  uint32_t damaged_master = UINT32_MAX;
+  uint32_t damaged_states = UINT32_MAX;
+  // Its first read went wrong on the way; storage is right.
+  uint32_t damaged_once = UINT32_MAX;
 
  private:
   InMemoryStateTier* inner_;
@@ -246,6 +274,48 @@ TEST(StateStreamingTest, TheStoreGetsTheChecksumsOfWhatTheUpdateWrote) {
       ASSERT_TRUE(report.ok()) << report.status();
     }
     EXPECT_EQ(tier.checked, static_cast<int>(2 * kSizes.size()));
+  }
+}
+
+// A tier that leaves checking what it loaded to the update: an expert whose bytes do not
+// match what its storage recorded, master or states, fails alone with the error of the tier's
+// own checked read, before anything of it is updated or stored (the caller's compute copy
+// too); its copy in the tier stays as it was, and the other experts go on. One whose first
+// read went wrong on the way, and whose second is right, is updated.
+TEST(StateStreamingTest, TheUpdateChecksWhatATierLoadedBeforeUsingIt) {
+  for (OptimizerKind kind : {OptimizerKind::kAdamW, OptimizerKind::kAdagrad}) {
+    InMemoryStateTier inner(kind);
+    for (uint32_t e = 0; e < kSizes.size(); ++e) inner.AddExpert(Values(kSizes[e], e, 1.0f));
+    ChecksumCheckingTier tier(&inner);
+    tier.damaged_master = 2;
+    tier.damaged_states = 3;
+    tier.damaged_once = 4;
+    StreamingOptions options;
+    options.kind = kind;
+    options.buffers = 3;
+    options.chunk_elements = 1024;
+    options.max_expert_elements = 70000;
+    std::unique_ptr<Workspace> staging;
+    auto updater = CreateUpdater(options, &tier, &staging);
+    ASSERT_TRUE(updater.ok()) << updater.status();
+    const std::vector<float> before2 = inner.master(2), before3 = inner.state(3, 0);
+    std::vector<BFloat16> copy(kSizes[2], BFloat16{0x1234});
+    Gradients g = MakeGradients(static_cast<uint32_t>(kSizes.size()), 70000, 7);
+    g.work[2].compute_copy = copy.data();  // (gradients of 70000 elements cover every size)
+    StatusOr<StreamingReport> report = (*updater)->Run(g.work, 1.0f, 1.0f);
+    ASSERT_EQ(report.status().code(), StatusCode::kDataLoss) << report.status();
+    EXPECT_NE(report.status().ToString().find(
+                  "loading expert 2: expert 2 in 'rotten.bin' at offset 4096: master checksum"),
+              std::string::npos)
+        << report.status();
+    EXPECT_EQ(inner.master(2), before2);
+    EXPECT_EQ(inner.state(3, 0), before3);
+    for (BFloat16 b : copy) ASSERT_EQ(b.bits, 0x1234) << "the caller's copy is left alone";
+    EXPECT_EQ(tier.reread, 3);
+    EXPECT_EQ(tier.checked, static_cast<int>(kSizes.size()) - 2);
+    for (uint32_t e = 0; e < kSizes.size(); ++e) {
+      EXPECT_EQ(inner.update_count(e), e == 2 || e == 3 ? 0u : 1u) << e;
+    }
   }
 }
 
