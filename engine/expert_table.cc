@@ -61,7 +61,7 @@ Status ExpertTable::CreateAll(const MemoryPlan& memory) {
                           NvmeUpdater::Create(nvme, pinned_.get()));
     ECSS_RETURN_IF_ERROR(InitExperts(nullptr, streaming.get(), memory.gradient_slots));
     if (options_.placement.write_initial_states && !resuming()) {
-      ECSS_RETURN_IF_ERROR(WriteInitialStates());
+      ECSS_RETURN_IF_ERROR(streaming->WriteInitialStates());
     }
     updater_ = std::move(streaming);
     return Status::Ok();
@@ -223,25 +223,6 @@ Status ExpertTable::InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t g
 // expert was updated twice: a new file's holes cost the file system allocation as they are
 // first written (ext4 on the development machine's disk: 1.06-1.52 GB/s against 1.62-1.92
 // overwriting, bench/README.md).
-Status ExpertTable::WriteInitialStates() {
-  std::vector<ExpertState> states;
-  for (ExpertState state : {ExpertState::kWeights, ExpertState::kMaster, ExpertState::kMoments}) {
-    if (store_->placement(state) == Tier::kNvme) states.push_back(state);
-  }
-  uint64_t largest = 0;
-  for (ExpertState state : states) largest = std::max(largest, store_->StateBytes(state));
-  std::vector<char> block(largest);
-  for (uint32_t flat = 0; flat < index_.size(); ++flat) {
-    for (ExpertState state : states) {
-      ECSS_RETURN_IF_ERROR(store_->Read(state, index_.Id(flat), block.data()));
-      for (int copy = 0; copy < 2; ++copy) {
-        ECSS_RETURN_IF_ERROR(store_->Write(state, index_.Id(flat), block.data(), 0));
-      }
-    }
-  }
-  return Status::Ok();
-}
-
 std::vector<ExpertState> ExpertTable::CheckpointStates() const {
   return {options_.model.dtype == DType::kF32 ? ExpertState::kWeights : ExpertState::kMaster,
           ExpertState::kMoments};

@@ -115,7 +115,6 @@ class ExpertTable {
   // Exactly one of `host` (states in host memory) and `nvme` (states on NVMe) is given.
   Status InitExperts(HostUpdater* host, NvmeUpdater* nvme, uint32_t gradient_slots);
   void Initial(ExpertState state, ExpertId id, void* dst, uint64_t bytes) const;
-  Status WriteInitialStates();
   // Whether the experts continue from stored states (placement.resume or resume_from).
   bool resuming() const {
     return options_.placement.resume || !options_.placement.resume_from.empty();

@@ -357,6 +357,28 @@ Status NvmeUpdater::Attach(uint32_t id, BFloat16* compute_copy) {
   return Status::Ok();
 }
 
+Status NvmeUpdater::WriteInitialStates() {
+  Impl& s = *impl_;
+  ExpertStore& store = *s.options.store;
+  std::lock_guard<std::mutex> hold(s.scratch_mutex);
+  for (ExpertState state : {ExpertState::kWeights, ExpertState::kMaster, ExpertState::kMoments}) {
+    if (store.placement(state) != Tier::kNvme) continue;
+    if (store.BlockBytes(state) > s.scratch.size()) {
+      return InternalError(StrCat("the updater's block (", s.scratch.size(),
+                                  " bytes) is smaller than a ", ExpertStateName(state), " block (",
+                                  store.BlockBytes(state), ")"));
+    }
+    for (uint32_t flat = 0; flat < store.index().size(); ++flat) {
+      const ExpertId id = store.index().Id(flat);
+      ECSS_RETURN_IF_ERROR(store.ReadBlock(state, id, s.scratch.data()));
+      for (int copy = 0; copy < 2; ++copy) {
+        ECSS_RETURN_IF_ERROR(store.WriteBlock(state, id, s.scratch.data(), 0));
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   Impl& s = *impl_;
   s.compute_copies[id] = compute_copy;

@@ -161,6 +161,11 @@ class NvmeUpdater final : public ExpertUpdater {
   // before its first update); before any step. `compute_copy` (which holds the initial bf16
   // weights) receives the bf16 copy of each update (null: the store has it).
   Status Attach(uint32_t id, BFloat16* compute_copy);
+  // A new store: every expert's states on NVMe written at their initial values into both of
+  // their slots, as after two updates (placement.write_initial_states: a benchmark's store,
+  // whose every measured store then overwrites), through the block Resume uses, so that the
+  // process's memory stays the session's; before any step.
+  Status WriteInitialStates();
   // An opened store: reads expert `id`'s master weights and, unless the weights are already
   // as of the master's version, writes their bf16 copy into `compute_copy` or the store
   // (which receive every later update too).
