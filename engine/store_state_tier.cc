@@ -2,7 +2,6 @@
 
 #include <vector>
 
-#include "runtime/base/checksum.h"
 #include "runtime/base/str_cat.h"
 
 namespace ecss {
@@ -49,8 +48,6 @@ Status StoreStateTier::Load(uint32_t expert, const StateSlot& slot, uint64_t* up
 
 Status StoreStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) {
   ECSS_RETURN_IF_ERROR(CheckSlot(expert, slot, /*store=*/true));
-  const ExpertStoreLayout& layout = store_->layout();
-  const uint64_t n = slot.size;
   const bool weights = store_->placement(ExpertState::kWeights) == Tier::kNvme;
   const ParamChecksums* crcs = slot.checksums != nullptr ? &slot.checksums->written : nullptr;
   std::vector<ExpertState> states = {ExpertState::kMaster};
@@ -60,10 +57,7 @@ Status StoreStateTier::Store(uint32_t expert, const StateSlot& slot, uint64_t up
   if (has_moments()) {
     states.push_back(ExpertState::kMoments);
     blocks.push_back(slot.state0);
-    if (crcs != nullptr) {  // m, then v right after it: one block
-      checksums.push_back(layout.moments == 1 ? crcs->state0
-                                              : Crc32cCombine(crcs->state0, crcs->state1, n * 4));
-    }
+    if (crcs != nullptr) checksums.push_back(StatesChecksum(slot, *crcs));  // one block
   }
   if (weights) {
     states.push_back(ExpertState::kWeights);

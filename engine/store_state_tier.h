@@ -28,9 +28,8 @@ class StoreStateTier final : public StateTier {
   // Both need the slot's arrays laid out as the store's blocks (the expert's full size; as
   // many moment arrays as the store keeps, the second right after the first; for a store
   // with weights on NVMe, a bf16 compute array): FailedPrecondition naming the expert
-  // otherwise. With
-  // StateSlot::checksums, Load leaves checking what it read to the update (the checksums the
-  // store's headers record), and Store writes the update's into the headers.
+  // otherwise. With StateSlot::checksums, Load leaves checking what it read to the update (the
+  // checksums the store's headers record), and Store writes the update's into the headers.
   Status Load(uint32_t expert, const StateSlot& slot, uint64_t* update_count) override;
   Status Store(uint32_t expert, const StateSlot& slot, uint64_t update_count) override;
   bool TakesChecksums() const override { return true; }

@@ -41,46 +41,46 @@ ParamChecksums Joined(const std::vector<ParamChecksums>& parts, const ParamArray
   return whole;
 }
 
-}  // namespace
+size_t Chunks(size_t n, size_t chunk_elements) { return (n + chunk_elements - 1) / chunk_elements; }
 
-// Isolated: a thread waiting for its chunks takes no other task of the arena meanwhile (a
-// queued update: its own would then finish only after that one). Fixed chunks, so that each
-// one's CRCs join at a known length.
-void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays,
-                    size_t chunk_elements, ParamChecksums* checksums) {
-  const size_t chunks = (arrays.size + chunk_elements - 1) / chunk_elements;
-  std::vector<ParamChecksums> parts(checksums != nullptr ? chunks : 0);
+// body(c, begin, end) for each fixed chunk c of [0, n) (so that chunks' CRCs join at known
+// lengths), over the calling arena. Isolated: a thread waiting for its chunks takes no other
+// task of the arena meanwhile (a queued update: its own would then finish only after that one).
+template <class Body>
+void ForEachChunk(size_t n, size_t chunk_elements, const Body& body) {
+  const size_t chunks = Chunks(n, chunk_elements);
   tbb::this_task_arena::isolate([&] {
     tbb::parallel_for(size_t{0}, chunks, [&](size_t c) {
       const size_t begin = c * chunk_elements;
-      const size_t end = std::min(arrays.size, begin + chunk_elements);
-      UpdateRange(isa, scalars, arrays, begin, end);
-      if (checksums != nullptr) parts[c] = RangeChecksums(arrays, begin, end);
+      body(c, begin, std::min(n, begin + chunk_elements));
     });
+  });
+}
+
+}  // namespace
+
+void ParallelUpdate(SimdIsa isa, const UpdateScalars& scalars, const ParamArrays& arrays,
+                    size_t chunk_elements, ParamChecksums* checksums) {
+  std::vector<ParamChecksums> parts(checksums != nullptr ? Chunks(arrays.size, chunk_elements) : 0);
+  ForEachChunk(arrays.size, chunk_elements, [&](size_t c, size_t begin, size_t end) {
+    UpdateRange(isa, scalars, arrays, begin, end);
+    if (checksums != nullptr) parts[c] = RangeChecksums(arrays, begin, end);
   });
   if (checksums != nullptr) *checksums = Joined(parts, arrays, chunk_elements);
 }
 
 ParamChecksums ParallelChecksums(const ParamArrays& arrays, size_t chunk_elements) {
-  const size_t chunks = (arrays.size + chunk_elements - 1) / chunk_elements;
-  std::vector<ParamChecksums> parts(chunks);
-  tbb::this_task_arena::isolate([&] {  // as ParallelUpdate
-    tbb::parallel_for(size_t{0}, chunks, [&](size_t c) {
-      const size_t begin = c * chunk_elements;
-      parts[c] = RangeChecksums(arrays, begin, std::min(arrays.size, begin + chunk_elements));
-    });
+  std::vector<ParamChecksums> parts(Chunks(arrays.size, chunk_elements));
+  ForEachChunk(arrays.size, chunk_elements, [&](size_t c, size_t begin, size_t end) {
+    parts[c] = RangeChecksums(arrays, begin, end);
   });
   return Joined(parts, arrays, chunk_elements);
 }
 
 double ParallelSumOfSquares(SimdIsa isa, const void* grad, DType dtype, size_t n) {
-  const size_t blocks = (n + kNormBlock - 1) / kNormBlock;
-  std::vector<double> partial(blocks);
-  tbb::this_task_arena::isolate([&] {  // as ParallelUpdate
-    tbb::parallel_for(size_t{0}, blocks, [&](size_t b) {
-      partial[b] =
-          GradSumOfSquares(isa, grad, dtype, b * kNormBlock, std::min(n, (b + 1) * kNormBlock));
-    });
+  std::vector<double> partial(Chunks(n, kNormBlock));
+  ForEachChunk(n, kNormBlock, [&](size_t b, size_t begin, size_t end) {
+    partial[b] = GradSumOfSquares(isa, grad, dtype, begin, end);
   });
   double total = 0;
   for (double p : partial) total += p;

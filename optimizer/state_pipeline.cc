@@ -243,9 +243,8 @@ bool HoldsWhatWasLoaded(const StateSlot& slot, size_t chunk_elements,
   const ParamChecksums read = optimizer_internal::ParallelChecksums(
       {slot.master, nullptr, DType::kF32, slot.state0, slot.state1, nullptr, slot.size},
       chunk_elements);
-  const uint32_t states =
-      slot.state1 == nullptr ? read.state0 : Crc32cCombine(read.state0, read.state1, slot.size * 4);
-  return read.master == expected.loaded_master && states == expected.loaded_states;
+  return read.master == expected.loaded_master &&
+         StatesChecksum(slot, read) == expected.loaded_states;
 }
 
 }  // namespace
@@ -355,6 +354,11 @@ Status CheckGradient(StateTier& tier, const StreamingOptions& options, const Str
   return Status::Ok();
 }
 
+uint32_t StatesChecksum(const StateSlot& slot, const ParamChecksums& checksums) {
+  if (slot.state1 == nullptr) return checksums.state0;
+  return Crc32cCombine(checksums.state0, checksums.state1, slot.size * 4);
+}
+
 double StateStreamingUpdater::Impl::Load(Token& token) {
   const Clock::time_point t0 = Clock::now();
   if (token.status.ok()) token.status = CheckGradient(*tier, options, token.grad);
@@ -387,8 +391,7 @@ void StateStreamingUpdater::Impl::Update(const UpdateArgs& args, Token& token,
   if (!intact) {
     // Read again, checked by the tier: its error names where the damage is; or, when the bytes
     // on storage are right (the first read went wrong on its way), the expert goes on.
-    StateSlot again = slot;
-    token.status = tier->Load(g.expert, again, &token.update_count);
+    token.status = tier->Load(g.expert, slot, &token.update_count);  // slot.checksums: null
     if (!token.status.ok()) {
       token.update = false;
       token.status = token.status.Annotate(StrCat("loading expert ", g.expert));

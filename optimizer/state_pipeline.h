@@ -59,6 +59,11 @@ struct StateSlot {
   SlotChecksums* checksums = nullptr;
 };
 
+// The CRC-32C of a slot's state arrays as one run of bytes (state0's `size` elements, then
+// state1's when it has one), from each array's in `checksums`: what
+// SlotChecksums::loaded_states holds, and a tier storing the two as one block writes.
+uint32_t StatesChecksum(const StateSlot& slot, const ParamChecksums& checksums);
+
 class StateTier {
  public:
   virtual ~StateTier() = default;

@@ -8,6 +8,19 @@
 # written before the run (32 MiB of moments an expert: a block of one outside the session's
 # memory would not fit the overhead). Run as:
 #   cmake -DBENCH=ecss-bench -DDIR=scratch-dir -P check_memory.cmake
+# Runs `ecss-bench step --json` with states and weights on NVMe and the remaining arguments,
+# and sets `out` to its "memory" object.
+function(step_memory out label)
+  execute_process(
+    COMMAND "${BENCH}" step --states nvme --weights nvme --dir "${DIR}" ${ARGN} --json
+    OUTPUT_VARIABLE text RESULT_VARIABLE failed)
+  if(failed)
+    message(FATAL_ERROR "ecss-bench step (${label}) failed: ${failed}")
+  endif()
+  string(JSON memory GET "${text}" memory)
+  set(${out} "${memory}" PARENT_SCOPE)
+endfunction()
+
 # Fails unless `memory` (the JSON object) has VmHWM within the session's memory, the resident
 # set at start and overhead_mib.
 function(check_peak label memory)
@@ -35,15 +48,8 @@ set(overhead_mib 64)
 set(heap_per_domain "")
 file(MAKE_DIRECTORY "${DIR}")
 foreach(domains 8 800)
-  execute_process(
-    COMMAND "${BENCH}" step --states nvme --weights nvme --initial-states unwritten --steps 3
-            --warmup 1 --dir "${DIR}" --d-model 128 --d-ff 256 --layers ${layers}
-            --domains ${domains} --json
-    OUTPUT_VARIABLE text RESULT_VARIABLE failed)
-  if(failed)
-    message(FATAL_ERROR "ecss-bench step (${domains} domains) failed: ${failed}")
-  endif()
-  string(JSON memory GET "${text}" memory)
+  step_memory(memory "${domains} domains" --initial-states unwritten --steps 3 --warmup 1
+              --d-model 128 --d-ff 256 --layers ${layers} --domains ${domains})
   check_peak("${domains} domains" "${memory}")
   string(JSON heap GET "${memory}" heap_bytes)
   # Each domain's tables: 2 bytes per token and layer, the same for every domain.
@@ -60,12 +66,6 @@ foreach(domains 8 800)
   set(heap_per_domain ${per_domain})
 endforeach()
 
-execute_process(
-  COMMAND "${BENCH}" step --states nvme --weights nvme --steps 2 --warmup 1 --dir "${DIR}"
-          --d-model 1024 --d-ff 2048 --layers 1 --domains 4 --experts-per-domain 1 --json
-  OUTPUT_VARIABLE text RESULT_VARIABLE failed)
-if(failed)
-  message(FATAL_ERROR "ecss-bench step (4 Mi-parameter experts) failed: ${failed}")
-endif()
-string(JSON memory GET "${text}" memory)
+step_memory(memory "4 Mi-parameter experts" --steps 2 --warmup 1 --d-model 1024 --d-ff 2048
+            --layers 1 --domains 4 --experts-per-domain 1)
 check_peak("4 Mi-parameter experts, initial states written" "${memory}")
