@@ -1,6 +1,7 @@
 // FitStatePipeline (tools/plan/calibrate.h): a drive's session_fraction and update_overhead_us
 // from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
-// rates while the optimizer is idle and beside it. Without measuring anything.
+// rates while the optimizer is idle and beside it; HelpedRate: the optimizer's rate with the
+// driving thread's help. Without measuring anything.
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
@@ -75,6 +76,73 @@ TEST(FitGradientAdditionsTest, OneKindOrAFasterBesideRateGivesOneRate) {
   HardwareConfig none;
   FitGradientAdditions({}, none);
   EXPECT_EQ(none.gradient_add_gbps, 0);
+}
+
+PlanOp Ran(OpKind kind, PlanResource resource, double start, double end, int32_t step_offset = 0) {
+  PlanOp op;
+  op.kind = kind;
+  op.resource = resource;
+  op.step_offset = step_offset;
+  op.start_s = start;
+  op.end_s = end;
+  return op;
+}
+PlanOp Update(double start, double end, int32_t step_offset = 0) {
+  return Ran(OpKind::kUpdate, PlanResource::kCpuOptimizer, start, end, step_offset);
+}
+PlanOp GradientCopy(double start, double end) {
+  return Ran(OpKind::kGradientCopy, PlanResource::kD2h, start, end);
+}
+
+// The union of the step's own updates up to the end of its last op that is neither an update
+// nor a publish (the step simulator's device_end): a carried-in update, a publish and an op that
+// did not run count for neither.
+TEST(BusyBeforeDeviceEndTest, TheStepsUpdatesUpToItsLastDeviceOp) {
+  StepPlan plan;
+  plan.mutable_ops() = {
+      Update(0, 0.4, -1),  // carried in from the step before
+      Ran(OpKind::kFetch, PlanResource::kH2d, 0, 1),
+      Ran(OpKind::kBackward, PlanResource::kCompute, 1, 2),
+      GradientCopy(2, 3),
+      Update(2.5, 6),
+      Update(5, 8),
+      Ran(OpKind::kPublish, PlanResource::kNone, 0, 9),
+      Ran(OpKind::kForward, PlanResource::kCompute, -1, -1)  // not run
+  };
+  EXPECT_DOUBLE_EQ(BusyBeforeDeviceEnd(plan), 0.5);
+  // An op on no resource (an addition on the host) ends the device work too, as in the
+  // simulator.
+  plan.mutable_ops().push_back(Ran(OpKind::kAccumulate, PlanResource::kNone, 3, 4));
+  EXPECT_DOUBLE_EQ(BusyBeforeDeviceEnd(plan), 1.5);
+  // Idle between updates before the end: only the updates' time counts.
+  plan.mutable_ops() = {Update(1, 1.2), Update(1.8, 2), Update(1.9, 2.1), GradientCopy(0, 3)};
+  EXPECT_DOUBLE_EQ(BusyBeforeDeviceEnd(plan), 0.5);
+  // Updates that began after it: none; no updates: none.
+  plan.mutable_ops() = {GradientCopy(0, 3), Update(3.5, 4)};
+  EXPECT_EQ(BusyBeforeDeviceEnd(plan), 0);
+  plan.mutable_ops() = {GradientCopy(0, 3)};
+  EXPECT_EQ(BusyBeforeDeviceEnd(plan), 0);
+}
+
+// A fifth of the busy time on one thread at 1 G/s and the rest on two at 1.6 G/s: the kept
+// steps' share of their busy time applied to the whole window gives back 1.6 G/s, where the
+// plain ratio reads 1.48.
+TEST(HelpedRateTest, TakesOutThePartBeforeTheDeviceWorkEnded) {
+  constexpr double kOne = 1e9, kTwo = 1.6e9;
+  const HelpedSample sample{
+      .params = 0.2 * kOne + 0.8 * kTwo, .busy_s = 1, .kept_busy_s = 0.5, .kept_before_s = 0.1};
+  EXPECT_NEAR(HelpedRate(sample, kOne), kTwo, 1e-3);
+}
+
+// Without kept steps, or with the device work spanning 80% of the busy time or more, the two
+// rates cannot be told apart: the plain ratio.
+TEST(HelpedRateTest, WithoutASeparablePartThePlainRatio) {
+  EXPECT_DOUBLE_EQ(HelpedRate({.params = 3e9, .busy_s = 2}, 1e9), 1.5e9);
+  EXPECT_DOUBLE_EQ(
+      HelpedRate({.params = 3e9, .busy_s = 2, .kept_busy_s = 1, .kept_before_s = 0.8}, 1e9), 1.5e9);
+  // A part before the end that updated more than all of it (noise in the rates): the plain.
+  EXPECT_DOUBLE_EQ(
+      HelpedRate({.params = 1e9, .busy_s = 2, .kept_busy_s = 1, .kept_before_s = 0.7}, 2e9), 0.5e9);
 }
 
 }  // namespace

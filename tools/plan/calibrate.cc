@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -47,6 +48,23 @@ struct TwoTermFit {
     return true;
   }
 };
+
+// The length of the union of `spans` (start, end) within [from, to]: a clipped sweep over
+// their sorted spans.
+double UnionWithin(const std::vector<std::pair<double, double>>& spans, double from, double to) {
+  std::vector<std::pair<double, double>> within;
+  for (const auto& [start, end] : spans) {
+    const double a = std::max(start, from), b = std::min(end, to);
+    if (b > a) within.emplace_back(a, b);
+  }
+  std::sort(within.begin(), within.end());
+  double length = 0, reached = from;
+  for (const auto& [start, end] : within) {
+    if (end > reached) length += end - std::max(start, reached);
+    reached = std::max(reached, end);
+  }
+  return length;
+}
 
 // How a calibration session runs: its strategy and optimizer threads, its domains and
 // micro-batches, its states in host memory or in a store under `store_dir`.
@@ -174,17 +192,17 @@ void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h
   h.step_begin_ns_per_op = per_op * 1e9;
 }
 
-// The CPU optimizer as a session drives it with `threads` threads updating at once:
-// updated parameters over the optimizer's busy seconds in the measured steps, states in host
-// memory; with `begin`, the measured steps' begin (StepBeginOf). One thread: ecss steps with
-// one optimizer thread (the driving thread goes on to the next step) over o.domains domains
+// The CPU optimizer as a session drives it with `threads` threads updating at once, states in
+// host memory, from the measured steps' updated parameters and the optimizer's busy seconds; with
+// `begin`, the measured steps' begin (StepBeginOf). One thread: ecss steps with one optimizer
+// thread (the driving thread goes on to the next step) over o.domains domains
 // (CalibrationOptions::domains says why). More: zero-offload steps
 // (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
 // the driving thread helping once the device work is done (Note [The driving thread helps],
-// tools/plan/step_simulator.cc); the updates that start before then, one layer's during a few
-// milliseconds of device work, are a few percent of the step's.
+// tools/plan/step_simulator.cc); until then the step's updates run on threads - 1 threads, at
+// `fewer_threads_rate` (measured before), which HelpedRate takes out.
 StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
-                                      StepBeginSample* begin = nullptr) {
+                                      double fewer_threads_rate, StepBeginSample* begin = nullptr) {
   CalibrationRun run;
   if (threads > 1) {  // every expert updated each step: the default model's 8 domains
     run.strategy = Strategy::kZeroOffload;
@@ -194,9 +212,10 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
   }
   MeasuredWindow window;
   std::vector<StepPlan> executed;
+  const bool keep_plans = begin != nullptr || threads > 1;
   ECSS_ASSIGN_OR_RETURN(
       const std::vector<StepStats> stats,
-      RunCalibrationSteps(o, run, o.steps, window, begin != nullptr ? &executed : nullptr));
+      RunCalibrationSteps(o, run, o.steps, window, keep_plans ? &executed : nullptr));
   if (begin != nullptr) {
     ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers, executed));
   }
@@ -206,7 +225,13 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
     busy += stats[s].optimizer_busy_seconds;
   }
   if (!(busy > 0)) return InternalError("calibration: the optimizer did not run");
-  return params / busy;
+  if (threads == 1) return params / busy;
+  HelpedSample sample{params, busy};  // the executed plans are the last steps' (kKeptSteps)
+  for (size_t i = 0; i < executed.size(); ++i) {
+    sample.kept_before_s += BusyBeforeDeviceEnd(executed[i]);
+    sample.kept_busy_s += stats[stats.size() - executed.size() + i].optimizer_busy_seconds;
+  }
+  return HelpedRate(sample, fewer_threads_rate);
 }
 
 // A session's NVMe state pipeline while it works, per updated expert: the time its bytes
@@ -286,18 +311,7 @@ void AddAdditionSamples(const std::vector<StepPlan>& executed,
     }
     for (const PlanOp* add : plan.Find(OpKind::kAccumulate)) {
       if (add->start_s < 0 || !(add->end_s > add->start_s)) continue;
-      // The updates' union within the addition: a clipped sweep over their sorted spans.
-      std::vector<std::pair<double, double>> within;
-      for (const auto& [from, to] : updating) {
-        const double a = std::max(from, add->start_s), b = std::min(to, add->end_s);
-        if (b > a) within.emplace_back(a, b);
-      }
-      std::sort(within.begin(), within.end());
-      double overlap = 0, reached = add->start_s;
-      for (const auto& [from, to] : within) {
-        if (to > reached) overlap += to - std::max(from, reached);
-        reached = std::max(reached, to);
-      }
+      const double overlap = UnionWithin(updating, add->start_s, add->end_s);
       const double seconds = add->end_s - add->start_s;
       samples.push_back({static_cast<double>(add->bytes), seconds, overlap / seconds});
     }
@@ -434,6 +448,33 @@ void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSampl
   drive.update_overhead_us = overhead * 1e6;
 }
 
+double BusyBeforeDeviceEnd(const StepPlan& executed) {
+  double device_end = 0;
+  std::vector<std::pair<double, double>> updating;  // this step's own updates
+  for (const PlanOp& op : executed.ops()) {
+    if (op.start_s < 0 || !(op.end_s >= op.start_s)) continue;  // not run
+    const bool update = op.kind == OpKind::kStateRead || op.kind == OpKind::kUpdate ||
+                        op.kind == OpKind::kStateWrite;
+    if (!update && op.kind != OpKind::kPublish) {
+      device_end = std::max(device_end, op.end_s);
+    } else if (op.resource == PlanResource::kCpuOptimizer && op.step_offset == 0) {
+      updating.emplace_back(op.start_s, op.end_s);
+    }
+  }
+  return UnionWithin(updating, -std::numeric_limits<double>::infinity(), device_end);
+}
+
+double HelpedRate(const HelpedSample& sample, double fewer_threads_rate) {
+  const double plain = sample.params / sample.busy_s;
+  if (!(sample.kept_busy_s > 0)) return plain;
+  const double fewer = sample.busy_s * std::min(1.0, sample.kept_before_s / sample.kept_busy_s);
+  const double rate = (sample.params - fewer_threads_rate * fewer) / (sample.busy_s - fewer);
+  if (!(fewer < kMostBusyBeforeDeviceEnd * sample.busy_s) || !std::isfinite(rate) || !(rate > 0)) {
+    return plain;
+  }
+  return rate;
+}
+
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options) {
   if (options.nvme_large_expert_params <= options.expert_params) {
     return InvalidArgumentError(
@@ -448,8 +489,9 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   base.optimizer_params_per_s_by_threads.clear();
   StepBeginSample few;  // one thread's ecss steps of 2,048 tokens
   for (int threads = 1; threads <= cores; ++threads) {
-    ECSS_ASSIGN_OR_RETURN(const double rate,
-                          MeasureOptimizerRate(options, threads, threads == 1 ? &few : nullptr));
+    const double fewer = threads > 1 ? base.optimizer_params_per_s_by_threads.back() : 0;
+    ECSS_ASSIGN_OR_RETURN(const double rate, MeasureOptimizerRate(options, threads, fewer,
+                                                                  threads == 1 ? &few : nullptr));
     base.optimizer_params_per_s_by_threads.push_back(rate);
   }
   StepBeginSample many;  // two micro-batches of 16,384 tokens a step

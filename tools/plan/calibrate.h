@@ -4,13 +4,17 @@
 //    memory on the simulated device in timed mode), in parameters per second of the
 //    optimizer's busy time, with 1 .. cores (at most max_threads) threads updating at once: one
 //    optimizer thread in ecss steps (over `domains` domains), or n - 1 and the driving
-//    thread's help in zero-offload steps, which wait for their updates
-//    (optimizer_params_per_s_by_threads). With one optimizer thread a device, a zero-offload
+//    thread's help in zero-offload steps, which wait for their updates, the part of their
+//    busy time before the device work ended (on n - 1 threads) taken out at the table's
+//    figure for n - 1 (HelpedRate) (optimizer_params_per_s_by_threads). With one optimizer
+//    thread a device, a zero-offload
 //    step's updates before its device work ends run at the one-thread figure, measured where
 //    experts were mostly not updated in the step before, though zero-offload updates every
 //    expert every step. Measured inside a session, not alone: on this machine the same
 //    updates ran 1.5x faster in isolation than beside the session's threads, and two threads
-//    in a session updated 1.4-1.55x as fast as one, not 2x (both with 8 domains).
+//    in a session updated 1.4-1.55x as fast as one, not 2x (both with 8 domains; before
+//    HelpedRate, so counted at the plain rate; with it, 1.0-1.81x, median 1.14, in 41 2026-12-05
+//    calibrations, as this VM's memory bandwidth moved).
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then what a session's NVMe state pipeline
@@ -43,6 +47,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/step_plan.h"
 #include "runtime/base/status.h"
 #include "tools/plan/plan_config.h"
 
@@ -104,6 +109,34 @@ struct AdditionSample {
 // positive or the additions faster beside the optimizer, one rate for both (their bytes over
 // their seconds, written as both figures).
 void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& hardware);
+// Zero-offload steps' optimizer with the driving thread helping once the device work is done
+// (Note [The driving thread helps], tools/plan/step_simulator.cc): what the measured steps
+// updated and their busy seconds; of the last steps, whose executed plans are kept, their busy
+// seconds and the part of them before the device work ended (BusyBeforeDeviceEnd).
+struct HelpedSample {
+  double params = 0, busy_s = 0;
+  double kept_busy_s = 0, kept_before_s = 0;
+};
+// Of an executed step's optimizer busy time, the part before its device work ended: the union
+// of its own updates' spans (not carried-in ones') up to the end of its last op that is
+// neither an update nor a publish, as the step simulator counts a pass's device_end. (The
+// session's driving thread starts helping once the compute stream is done, before the last
+// gradient copy ends; like the simulator, this counts from the copy's end, and the rate
+// measured takes the difference in.) 0 without updates.
+double BusyBeforeDeviceEnd(const StepPlan& executed);
+// Beyond this share of the busy time before the device work ended, the rest is too small a
+// remainder to divide by: the noise of the fewer threads' rate, measured in another run,
+// would dominate the rate.
+inline constexpr double kMostBusyBeforeDeviceEnd = 0.8;
+// The rate with the driving thread's help: until the device work ended the updates ran on one
+// thread fewer, at `fewer_threads_rate`; that share of the busy time (the kept steps' share of
+// theirs) and what it updated at that rate are taken out. Where that share reaches
+// kMostBusyBeforeDeviceEnd, or the result is not a positive number: the plain rate, params /
+// busy, which counts the part before the end at the full rate. On the development VM
+// (2026-12-05, the calibration model's zero-offload steps) the part before the end was 12-18%
+// of the busy time (its updates began at 4.5 ms, its last gradient copy ended at 9.0, of 27
+// ms busy), and the plain rate was 2-9% below this one in five runs.
+double HelpedRate(const HelpedSample& sample, double fewer_threads_rate);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);
 
