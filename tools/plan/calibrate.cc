@@ -22,6 +22,7 @@
 #include "runtime/base/str_cat.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tools/plan/planner.h"
+#include "tools/plan/step_simulator.h"
 
 namespace ecss::plan {
 namespace {
@@ -453,9 +454,7 @@ double BusyBeforeDeviceEnd(const StepPlan& executed) {
   std::vector<std::pair<double, double>> updating;  // this step's own updates
   for (const PlanOp& op : executed.ops()) {
     if (op.start_s < 0 || !(op.end_s >= op.start_s)) continue;  // not run
-    const bool update = op.kind == OpKind::kStateRead || op.kind == OpKind::kUpdate ||
-                        op.kind == OpKind::kStateWrite;
-    if (!update && op.kind != OpKind::kPublish) {
+    if (!UpdateLike(op.kind) && op.kind != OpKind::kPublish) {
       device_end = std::max(device_end, op.end_s);
     } else if (op.resource == PlanResource::kCpuOptimizer && op.step_offset == 0) {
       updating.emplace_back(op.start_s, op.end_s);

@@ -10,11 +10,12 @@
 #include "runtime/base/str_cat.h"
 
 namespace ecss::plan {
-namespace {
 
 bool UpdateLike(OpKind kind) {
   return kind == OpKind::kStateRead || kind == OpKind::kUpdate || kind == OpKind::kStateWrite;
 }
+
+namespace {
 
 size_t Index(PlanResource resource) { return static_cast<size_t>(resource); }
 

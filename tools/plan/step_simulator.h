@@ -43,6 +43,10 @@
 
 namespace ecss::plan {
 
+// An expert's update or one of its NVMe state transfers: ops the simulator runs expert by
+// expert and counts apart from the device work (a pass's device_end).
+bool UpdateLike(OpKind kind);
+
 // How fast each resource of one device's session works.
 struct ResourceRates {
   DeviceProfile device;  // compute (the cost model) and the H2D / D2H bandwidth
