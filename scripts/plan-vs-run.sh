@@ -17,7 +17,14 @@
 # 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs; 8 domains then)
 # and NVMe reads at 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
 # alone, lie apart: wider than the error of their median, but a difference well inside it is
-# still more likely the machine's than the model's.
+# still more likely the machine's than the model's. The next two columns tell the optimizer's
+# speed from the rest of the model: "opt busy" is the optimizer's planned busy time against the
+# run's (on this VM a round's step-time difference follows it: the CPU optimizer's speed moved
+# by up to a quarter between minutes), and "at run" the step time planned from the same hardware
+# file with the rates of the optimizer's work (its CPU rates and the drives') scaled by that
+# ratio (once, not iterated), against the run's: what the prediction would be had the
+# calibrations measured the optimizer's work at the run's speed. Both are
+# medians of the rounds; the exit code is the "diff" column's.
 # The bench runs the steps the planner simulates (4 to warm up, then the workload's `steps`,
 # with the same sampled routing), so that both describe the same steps; --steps sets them
 # (default 60: a second or more of each run, where 20-step runs of one configuration back to
@@ -182,6 +189,29 @@ PY
     fi
     "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.hardware.json" --json \
       > "$out.plan.json"
+    # The same prediction at the run's optimizer speed: the rates of the optimizer's work (its
+    # CPU rates, and the drives' for the states on NVMe) scaled by the planned busy time over
+    # the run's (once, not iterated).
+    python3 - "$out.hardware.json" "$out.plan.json" "$out.run.json" "$out.at-run-speed.json" <<'PY'
+import json, sys
+hardware, plan, run = (json.load(open(f)) for f in sys.argv[1:4])
+planned = plan["strategies"][0]["resources"]["optimizer"]["busy_seconds_per_step"]
+measured = run["resources"]["optimizer"]["busy_seconds_per_step"]
+host = hardware["host"]
+scale = planned / measured if planned > 0 and measured > 0 else 1.0
+for key in ("optimizer_params_per_s_by_threads", "optimizer_params_per_s_per_thread"):
+    if isinstance(host.get(key), list):
+        host[key] = [rate * scale for rate in host[key]]
+    elif key in host:
+        host[key] *= scale
+for key in ("read_gbps", "write_gbps"):
+    if key in hardware.get("nvme", {}):
+        hardware["nvme"][key] *= scale
+hardware["name"] += " at the run's optimizer speed"
+json.dump(hardware, open(sys.argv[4], "w"))
+PY
+    "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.at-run-speed.json" --json \
+      > "$out.at-run-speed.plan.json"
   done
 done
 python3 - "$work" "$rounds" "${configs[@]}" <<'PY'
@@ -199,12 +229,13 @@ for config in configs:
         alone = [json.load(open(f))["strategies"][0]
                  for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))]
         run = json.load(open(f"{prefix}.run.json"))
-        for p in [plan] + alone:
+        at_run_speed = json.load(open(f"{prefix}.at-run-speed.plan.json"))["strategies"][0]
+        for p in [plan, at_run_speed] + alone:
             assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
-        runs.append((plan, alone, run))
+        runs.append((plan, alone, run, at_run_speed))
     for tier in ("device", "pinned", "host", "heap"):
         worst = (0.0, 0, 0)
-        for plan, alone, run in runs:
+        for plan, alone, run, _ in runs:
             for p in [plan] + alone:
                 a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
                 diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
@@ -213,25 +244,34 @@ for config in configs:
         print(f"{model + ' ' + workload:34s} {tier:7s} {worst[1]:14d} {worst[2]:14d} {100 * worst[0]:7.2f}%")
     rows.append((config, runs))
 print()
-print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'drift':>7s}  "
+print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'drift':>7s} "
+      f"{'opt busy':>9s} {'at run':>8s}  "
       "rounds' diffs (drift); bottleneck, step's begin in ms (planned / measured)")
+def diff_of(planned, measured):
+    return (planned - measured) / measured
 for config, runs in rows:
-    diffs = [(plan["step_seconds"] - run["step_seconds"]) / run["step_seconds"]
-             for plan, _, run in runs]
+    diffs = [diff_of(plan["step_seconds"], run["step_seconds"]) for plan, _, run, _ in runs]
     # How far apart the predictions of the nearest calibrations, each alone, lie, against the run.
     drifts = [(max(p["step_seconds"] for p in alone) - min(p["step_seconds"] for p in alone)) /
-              run["step_seconds"] if alone else 0.0 for _, alone, run in runs]
+              run["step_seconds"] if alone else 0.0 for _, alone, run, _ in runs]
+    # The optimizer's planned busy time against the run's, and the step time planned at the
+    # run's optimizer speed against the run's.
+    busy = statistics.median(
+        diff_of(*(x["resources"]["optimizer"]["busy_seconds_per_step"] for x in (plan, run)))
+        for plan, _, run, _ in runs)
+    at_run = statistics.median(diff_of(fast["step_seconds"], run["step_seconds"])
+                               for _, _, run, fast in runs)
     diff = statistics.median(diffs)
     worst_time = max(worst_time, abs(diff))
-    planned = statistics.median(plan["step_seconds"] for plan, _, _ in runs)
-    measured = statistics.median(run["step_seconds"] for _, _, run in runs)
+    planned = statistics.median(plan["step_seconds"] for plan, _, _, _ in runs)
+    measured = statistics.median(run["step_seconds"] for _, _, run, _ in runs)
     each = " ".join(f"{100 * d:+.1f}% ({100 * w:.0f}%)" for d, w in zip(diffs, drifts))
-    plan, _, run = runs[0]
+    plan, _, run, _ = runs[0]
     begins = [1e3 * statistics.median(x["begin_seconds_per_step"] for x in side)
-              for side in ([p for p, _, _ in runs], [r for _, _, r in runs])]
+              for side in ([p for p, _, _, _ in runs], [r for _, _, r, _ in runs])]
     print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% "
-          f"{100 * statistics.median(drifts):6.1f}%  {each}; "
-          f"{plan['bottleneck']} / {run['bottleneck']}, {begins[0]:.2f} / {begins[1]:.2f}")
+          f"{100 * statistics.median(drifts):6.1f}% {100 * busy:+8.1f}% {100 * at_run:+7.1f}%  "
+          f"{each}; {plan['bottleneck']} / {run['bottleneck']}, {begins[0]:.2f} / {begins[1]:.2f}")
 print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
       f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
