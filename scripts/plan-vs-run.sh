@@ -6,18 +6,29 @@
 # allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
 # differs by more than 1% or a step time by more than 5%.
 #   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N] [--steps N] [--keep]
-# Without a hardware file it calibrates this machine (ecss-plan --calibrate) between the runs,
-# and predicts each run from the calibrations nearest it, up to three before and three after
-# (fewer for the runs at either end): a hardware file whose every figure is their median
-# (each figure on its own: the NVMe rates and the session's fraction of them may come from
-# different calibrations), so that the prediction follows the machine's drift over minutes
-# without taking on one calibration's noise. On the development VM the host optimizer's speed
+# Without a hardware file it calibrates this machine (ecss-plan --calibrate) before the first
+# round and after each, and predicts each round's runs from the calibrations nearest it, up to
+# three before and three after (fewer for the rounds at either end): a hardware file whose
+# every figure is their median (each figure on its own: the NVMe rates and the session's
+# fraction of them may come from different calibrations), so that the prediction follows the
+# machine's drift over minutes without taking on one calibration's noise. Once a round, not
+# once a run: on 2026-12-05 this VM's optimizer speed moved in phases of seconds (one run's
+# 40-step chunks at 0.89-1.28 G/s, another's at 1.33-1.39), and a one-thread reference run
+# just before and just after each of 12 runs of small ecss-host predicted its rate no better
+# than nothing (the run's rate over the pair's mean strayed from its median by 10.9%, the rate
+# alone by 10.7%): a calibration's nearness buys nothing there, and rounds buy a median. On
+# the development VM the host optimizer's speed
 # drifted by up to half between minutes while host states lived on 4 KiB pages; on huge pages
 # (2026-12-03, --dir /tmp) five calibrations back to back measured one optimizer thread at
 # 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs; 8 domains then)
 # and NVMe reads at 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
 # alone, lie apart: wider than the error of their median, but a difference well inside it is
-# still more likely the machine's than the model's. The next two columns split a difference
+# still more likely the machine's than the model's. "median in": the rounds' differences that
+# bound their median with 90% confidence or more (order statistics k and n + 1 - k, k the
+# largest with 2 P(Binomial(n, 1/2) < k) <= 0.1), assuming only that the rounds are
+# independent draws; fewer than 5 rounds cannot give 90%, and then it is every round's range
+# and its confidence (75% for 3 rounds). A limit inside it is not yet told apart from the
+# machine's noise. The next two columns split a difference
 # in two. "opt busy": the optimizer's planned busy time per step against the run's (planned: the
 # union of its CPU updates and the drives' reads and writes, weights staged from NVMe
 # included; measured: its updates' spans). "at run": the step time planned from the same
@@ -34,7 +45,7 @@
 # with the same sampled routing), so that both describe the same steps; --steps sets them
 # (default 60: a second or more of each run, where 20-step runs of one configuration back to
 # back spread twice as wide).
-# Each round runs every configuration once (default 3 rounds); a configuration's step-time
+# Each round runs every configuration once (default 8 rounds, about 40 minutes calibrated); a configuration's step-time
 # difference is the median of its rounds' (each round's prediction against that round's run),
 # its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
 # directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
@@ -48,7 +59,7 @@ set -euo pipefail
 bin=$(realpath -m "${ECSS_BUILD_DIR:-$(dirname "$0")/../build/release}")
 hardware=""
 dir=""
-rounds=3
+rounds=8
 steps=60
 keep=0
 refuse() {  # MESSAGE: bad arguments, before anything runs
@@ -154,8 +165,8 @@ for ((round = 0; round < rounds; ++round)); do
       --hardware "${hardware:-$work/this-machine.$calibrations.json}" --dir "$dir" --json \
       > "$out.run.json"
     echo "$calibrations" > "$out.calibration"  # the last one before the run
-    calibrate_now
   done
+  calibrate_now
 done
 # The predictions, once every calibration is in.
 for ((round = 0; round < rounds; ++round)); do
@@ -218,8 +229,11 @@ PY
   done
 done
 python3 - "$work" "$rounds" "${configs[@]}" <<'PY'
-import glob, json, statistics, sys
+import collections, glob, json, math, statistics, sys
 work, rounds, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+# One round of a configuration: its prediction, the nearest calibrations' each alone, the run,
+# and the prediction at the run's optimizer busy time (each strategy's figures).
+Round = collections.namedtuple("Round", "plan alone run at_run")
 worst_memory, worst_time = 0.0, 0.0
 print(f"{'config':34s} {'tier':7s} {'planned':>14s} {'measured':>14s} {'diff':>8s}")
 rows = []
@@ -228,62 +242,75 @@ for config in configs:
     runs = []
     for r in range(rounds):
         prefix = f"{work}/{model}.{workload}.{r}"
-        plan = json.load(open(f"{prefix}.plan.json"))["strategies"][0]
-        alone = [json.load(open(f))["strategies"][0]
-                 for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))]
-        run = json.load(open(f"{prefix}.run.json"))
-        at_run_speed = json.load(open(f"{prefix}.at-run-speed.plan.json"))["strategies"][0]
-        for p in [plan, at_run_speed] + alone:
-            assert p["strategy"] == run["strategy"], (p["strategy"], run["strategy"])
-        runs.append((plan, alone, run, at_run_speed))
+        one = Round(
+            plan=json.load(open(f"{prefix}.plan.json"))["strategies"][0],
+            alone=[json.load(open(f))["strategies"][0]
+                   for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))],
+            run=json.load(open(f"{prefix}.run.json")),
+            at_run=json.load(open(f"{prefix}.at-run-speed.plan.json"))["strategies"][0])
+        for p in [one.plan, one.at_run] + one.alone:
+            assert p["strategy"] == one.run["strategy"], (p["strategy"], one.run["strategy"])
+        runs.append(one)
     for tier in ("device", "pinned", "host", "heap"):
         worst = (0.0, 0, 0)
-        for plan, alone, run, _ in runs:
-            for p in [plan] + alone:
-                a, b = p["memory"][f"{tier}_bytes"], run["memory"][f"{tier}_bytes"]
+        for one in runs:
+            for p in [one.plan] + one.alone:
+                a, b = p["memory"][f"{tier}_bytes"], one.run["memory"][f"{tier}_bytes"]
                 diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
                 worst = max(worst, (diff, a, b))
         worst_memory = max(worst_memory, worst[0])
         print(f"{model + ' ' + workload:34s} {tier:7s} {worst[1]:14d} {worst[2]:14d} {100 * worst[0]:7.2f}%")
     rows.append((config, runs))
-print()
-print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'drift':>7s} "
-      f"{'opt busy':>9s} {'at run':>8s}  "
-      "rounds' diffs (drift); bottleneck, step's begin in ms (planned / measured)")
+def median_in(values):  # (low, high, confidence): the order statistics that bound the median
+    n, ranked = len(values), sorted(values)
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Binomial(n, 1/2) < k)
+    k = max([k for k in range(1, n // 2 + 1) if 2 * below(k) <= 0.1], default=1)
+    return ranked[k - 1], ranked[n - k], 1 - 2 * below(k)
 def diff_of(planned, measured):  # nan where the run measured none (no optimizer busy time)
     return (planned - measured) / measured if measured > 0 else float("nan")
-any_circular = False
+def busy_of(x):  # a plan's or a run's optimizer busy time per step
+    return x["resources"]["optimizer"]["busy_seconds_per_step"]
+print()
+print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'median in':>16s} "
+      f"{'drift':>7s} {'opt busy':>9s} {'at run':>8s}  "
+      "rounds' diffs (drift); bottleneck, step's begin in ms (planned / measured)")
+any_circular, confidences = False, set()
 for config, runs in rows:
-    diffs = [(plan["step_seconds"] - run["step_seconds"]) / run["step_seconds"]
-             for plan, _, run, _ in runs]
+    # Divided directly: a run of no step time fails loudly rather than becoming nan.
+    diffs = [(one.plan["step_seconds"] - one.run["step_seconds"]) / one.run["step_seconds"]
+             for one in runs]
     # How far apart the predictions of the nearest calibrations, each alone, lie, against the run.
-    drifts = [(max(p["step_seconds"] for p in alone) - min(p["step_seconds"] for p in alone)) /
-              run["step_seconds"] if alone else 0.0 for _, alone, run, _ in runs]
+    drifts = [(max(p["step_seconds"] for p in one.alone) - min(p["step_seconds"] for p in one.alone)) /
+              one.run["step_seconds"] if one.alone else 0.0 for one in runs]
     # The optimizer's planned busy time against the run's, and the step time planned at the
     # run's optimizer speed against the run's.
-    busy = statistics.median(
-        diff_of(*(x["resources"]["optimizer"]["busy_seconds_per_step"] for x in (plan, run)))
-        for plan, _, run, _ in runs)
-    at_run = statistics.median(diff_of(fast["step_seconds"], run["step_seconds"])
-                               for _, _, run, fast in runs)
+    busy = statistics.median(diff_of(busy_of(one.plan), busy_of(one.run)) for one in runs)
+    at_run = statistics.median(diff_of(one.at_run["step_seconds"], one.run["step_seconds"])
+                               for one in runs)
     # Circular where every round's plan at the run's busy time is that busy time (to 1%).
-    circular = all(p["step_seconds"] <= 1.01 * p["resources"]["optimizer"]["busy_seconds_per_step"]
-                   for _, _, _, p in runs)
+    circular = all(one.at_run["step_seconds"] <= 1.01 * busy_of(one.at_run) for one in runs)
     any_circular |= circular
     diff = statistics.median(diffs)
+    low, high, confidence = median_in(diffs)
+    confidences.add(round(100 * confidence))
     worst_time = max(worst_time, abs(diff))
-    planned = statistics.median(plan["step_seconds"] for plan, _, _, _ in runs)
-    measured = statistics.median(run["step_seconds"] for _, _, run, _ in runs)
+    planned = statistics.median(one.plan["step_seconds"] for one in runs)
+    measured = statistics.median(one.run["step_seconds"] for one in runs)
     each = " ".join(f"{100 * d:+.1f}% ({100 * w:.0f}%)" for d, w in zip(diffs, drifts))
-    plan, _, run, _ = runs[0]
-    begins = [1e3 * statistics.median(x["begin_seconds_per_step"] for x in side)
-              for side in ([p for p, _, _, _ in runs], [r for _, _, r, _ in runs])]
-    print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% "
+    first = runs[0]
+    begins = [1e3 * statistics.median(side) for side in (
+        [one.plan["begin_seconds_per_step"] for one in runs],
+        [one.run["begin_seconds_per_step"] for one in runs])]
+    interval = f"{100 * low:+.1f}..{100 * high:+.1f}%"
+    print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% {interval:>16s} "
           f"{100 * statistics.median(drifts):6.1f}% {100 * busy:+8.1f}% {100 * at_run:+6.1f}%"
           f"{'*' if circular else ' '}  "
-          f"{each}; {plan['bottleneck']} / {run['bottleneck']}, {begins[0]:.2f} / {begins[1]:.2f}")
+          f"{each}; {first.plan['bottleneck']} / {first.run['bottleneck']}, "
+          f"{begins[0]:.2f} / {begins[1]:.2f}")
 if any_circular:
     print("* at run is circular: the plan's step is its optimizer's busy time (see the header)")
+print(f"median in: the rounds' differences that bound the median with "
+      f"{', '.join(f'{c}%' for c in sorted(confidences))} confidence (see the header)")
 print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
       f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
 sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
