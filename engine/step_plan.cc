@@ -235,6 +235,7 @@ class StepPlan::Builder {
       copy.deps.push_back(c_.additions[c_.additions.size() - 2]);
     }
     uint32_t done = Add(copy, /*joins=*/true);
+    c_.last_gradient_copy = done;
     if (!added.empty()) {  // a later micro-batch's gradients, added on the host in order
       PlanOp add;
       add.kind = OpKind::kAccumulate;
@@ -349,6 +350,13 @@ class StepPlan::Builder {
     auto upload = c_.upload.find(micro_batch);
     if (upload != c_.upload.end()) deps.push_back(upload->second);
     if (c_.last_compute >= 0) deps.push_back(static_cast<uint32_t>(c_.last_compute));
+    // A backward writes its experts' gradients into the device region the last backward's
+    // went to, once their copies to the host ended (the executor's dw_free_ event); those
+    // copies may wait in turn for a staging half's addition (AddBackward), so several
+    // micro-batches' backwards keep pace with the host's additions.
+    if (kind == OpKind::kBackward && c_.last_gradient_copy >= 0) {
+      deps.push_back(static_cast<uint32_t>(c_.last_gradient_copy));
+    }
     PlanOp op;
     op.kind = kind;
     op.resource = PlanResource::kCompute;

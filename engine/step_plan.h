@@ -217,9 +217,11 @@ class StepPlan {
     bool stage_open = false;
     std::vector<uint32_t> stage_ops;
     int64_t last_compute = -1;  // the compute stream's order
-    int64_t held_update = -1;   // the delayed update's update of step t-1's gradients
-    uint32_t step_gate = 0;     // what the step's first ops wait for
-    uint32_t fetch_gate = 0;    // what every fetch waits for
+    // The last backward's gradient copy: the next backward writes the same device region.
+    int64_t last_gradient_copy = -1;
+    int64_t held_update = -1;  // the delayed update's update of step t-1's gradients
+    uint32_t step_gate = 0;    // what the step's first ops wait for
+    uint32_t fetch_gate = 0;   // what every fetch waits for
     bool finished = false;
     std::map<uint32_t, uint32_t> upload;             // micro-batch -> its plan upload
     std::map<uint32_t, uint32_t> gradient;           // layer -> its last gradient op so far

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include "engine/session_options.h"
 #include "engine/step_metrics.h"
 #include "runtime/base/json_writer.h"
 
@@ -362,6 +363,29 @@ TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
     }
     EXPECT_EQ(waits_for, k < 2 ? std::vector<uint32_t>{} : std::vector{additions[k - 2]->id})
         << "addition " << k;
+  }
+}
+
+// The device's gradient region is one: each backward but the first waits for the copies out of
+// it of the backward before it (which may wait for a staging half's addition in turn), in
+// every strategy, across layers and micro-batches.
+TEST(StepPlanTest, EachBackwardWaitsForTheGradientCopyBeforeIt) {
+  for (Strategy strategy : {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap}) {
+    const StepPlan plan = Build(Policy(strategy), {Batch(), Batch(), Batch()});
+    const PlanOp* copy_before = nullptr;
+    int backwards = 0;
+    for (const PlanOp& op : plan.ops()) {
+      if (op.kind == OpKind::kBackward) {
+        ++backwards;
+        const bool waits = copy_before != nullptr &&
+                           std::count(op.deps.begin(), op.deps.end(), copy_before->id) == 1;
+        EXPECT_EQ(waits, copy_before != nullptr)
+            << StrategyName(strategy) << ": backward " << op.id << " of micro-batch "
+            << op.micro_batch << " layer " << op.layer;
+      }
+      if (op.kind == OpKind::kGradientCopy) copy_before = &op;
+    }
+    EXPECT_EQ(backwards, 6) << StrategyName(strategy);
   }
 }
 
