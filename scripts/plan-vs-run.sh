@@ -1,60 +1,56 @@
 #!/usr/bin/env bash
-# The planner against the runtime: each configuration of tools/plan/configs goes through
-# ecss-plan --json and ecss-bench step --json (the same model, hardware and workload files, the
-# simulated device in timed mode), and the table compares the predicted memory per tier with
-# the runtime's accounting (the device memory the session holds, its pinned and host
-# allocators' peaks) and the predicted step time with the measured one. Exits 1 when a tier
-# differs by more than 1% or a step time by more than 5%.
+# The planner against the runtime: each configuration of tools/plan/configs goes through ecss-plan
+# --json and ecss-bench step --json (the same model, hardware and workload files, the simulated
+# device in timed mode), and the table compares the predicted memory per tier with the runtime's
+# accounting (the device memory the session holds, its pinned and host allocators' peaks) and the
+# predicted step time with the measured one. Exits 1 when a tier differs by more than 1% or a step
+# time by more than 5%.
 #   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N] [--steps N] [--keep]
-# Without a hardware file it calibrates this machine (ecss-plan --calibrate) before the first
-# round and after each, and predicts each round's runs from the calibrations nearest it, up to
-# three before and three after (fewer for the rounds at either end): a hardware file whose
-# every figure is their median (each figure on its own: the NVMe rates and the session's
-# fraction of them may come from different calibrations), so that the prediction follows the
-# machine's drift over minutes without taking on one calibration's noise. Once a round, not
-# once a run: on 2026-12-05 this VM's optimizer speed moved in phases of seconds (one run's
-# 40-step chunks at 0.89-1.28 G/s, another's at 1.33-1.39), and a one-thread reference run
-# just before and just after each of 12 runs of small ecss-host predicted its rate no better
-# than nothing (the run's rate over the pair's mean strayed from its median by 10.9%, the rate
-# alone by 10.7%): a calibration's nearness buys nothing there, and rounds buy a median. On
-# the development VM the host optimizer's speed
-# drifted by up to half between minutes while host states lived on 4 KiB pages; on huge pages
-# (2026-12-03, --dir /tmp) five calibrations back to back measured one optimizer thread at
-# 1.32-1.70 G/s over 24 steps (1.59-1.73 over the 96 --calibrate now runs; 8 domains then)
-# and NVMe reads at 6.4-12.7 GB/s. The drift column is how far the predictions of those calibrations, each
-# alone, lie apart: wider than the error of their median, but a difference well inside it is
-# still more likely the machine's than the model's. "median in": the rounds' differences that
-# bound their median with 90% confidence or more (order statistics k and n + 1 - k, k the
-# largest with 2 P(Binomial(n, 1/2) < k) <= 0.1), assuming only that the rounds are
-# independent draws; fewer than 5 rounds cannot give 90%, and then it is every round's range
-# and its confidence (75% for 3 rounds). A limit inside it is not yet told apart from the
-# machine's noise. The next two columns split a difference
-# in two. "opt busy": the optimizer's planned busy time per step against the run's (planned: the
-# union of its CPU updates and the drives' reads and writes, weights staged from NVMe
-# included; measured: its updates' spans). "at run": the step time planned from the same
-# hardware file with the optimizer's CPU rates and the drives' read and write rates scaled by
-# each round's planned over measured busy time (once, not iterated; the other figures as they
-# are), against the run's: the difference the rest of the model adds once the optimizer's
-# busy time is the run's. It is circular where the plan's step is its optimizer's busy time
-# (marked *: then it is the run's own step against its optimizer's busy time, and says only
-# whether the run too was bound by the optimizer), and it cannot show an error in the
-# optimizer's own model, which goes into the scale. On 2026-12-05 the per-round busy ratios
-# were -21% to +20% with host states and -28% to +42% with NVMe ones. Both columns are medians
-# of the rounds; the exit code reads only the memory table and the "diff" column.
-# The bench runs the steps the planner simulates (4 to warm up, then the workload's `steps`,
-# with the same sampled routing), so that both describe the same steps; --steps sets them
-# (default 60: a second or more of each run, where 20-step runs of one configuration back to
-# back spread twice as wide).
-# Each round runs every configuration once (default 8 rounds, about 40 minutes calibrated); a configuration's step-time
-# difference is the median of its rounds' (each round's prediction against that round's run),
-# its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
+# Without a hardware file it calibrates this machine (ecss-plan --calibrate) before the first round
+# and after each, and predicts each round's runs from the calibrations nearest it, up to three
+# before and three after (fewer for the rounds at either end): a hardware file whose every figure is
+# their median (each figure on its own: the NVMe rates and the session's fraction of them may come
+# from different calibrations), so that the prediction follows the machine's drift over half an hour
+# without taking on one calibration's noise. Once a round, not once a run: on 2026-12-05 this VM's
+# optimizer speed moved in phases of seconds (one run's 40-step chunks at 0.89-1.28 G/s, another's
+# at 1.33-1.39), and a one-thread reference run just before and just after each of 12 runs of small
+# ecss-host predicted its rate no better than nothing (the run's rate over the pair's mean strayed
+# from its median by 10.9%, the rate alone by 10.7%): a calibration's nearness buys nothing there,
+# and rounds buy a median. On the development VM the host optimizer's speed drifted by up to half
+# between minutes while host states lived on 4 KiB pages; on huge pages (2026-12-03, --dir /tmp)
+# five calibrations back to back measured one optimizer thread at 1.32-1.70 G/s over 24 steps
+# (1.59-1.73 over the 96 --calibrate now runs; 8 domains then) and NVMe reads at 6.4-12.7 GB/s. The
+# drift column is how far the predictions of those calibrations, each alone, lie apart: wider than
+# the error of their median, but a difference well inside it is still more likely the machine's than
+# the model's. "median in": the rounds' differences that bound their median with 90% confidence or
+# more (order statistics k and n + 1 - k, k the largest with 2 P(Binomial(n, 1/2) < k) <= 0.1),
+# assuming only that the rounds are independent draws; fewer than 5 rounds cannot give 90%, and then
+# it is every round's range and its confidence (75% for 3 rounds). A limit inside it is not yet told
+# apart from the machine's noise. The next two columns split a difference in two. "opt busy": the
+# optimizer's planned busy time per step against the run's (planned: the union of its CPU updates
+# and the drives' reads and writes, weights staged from NVMe included; measured: its updates'
+# spans). "at run": the step time planned from the same hardware file with the optimizer's CPU rates
+# and the drives' read and write rates scaled by each round's planned over measured busy time (once,
+# not iterated; the other figures as they are), against the run's: the difference the rest of the
+# model adds once the optimizer's busy time is the run's. It is circular where the plan's step is
+# its optimizer's busy time (marked *: then it is the run's own step against its optimizer's busy
+# time, and says only whether the run too was bound by the optimizer), and it cannot show an error
+# in the optimizer's own model, which goes into the scale. On 2026-12-05 the per-round busy ratios
+# were -21% to +20% with host states and -28% to +42% with NVMe ones. Both columns are medians of
+# the rounds; the exit code reads only the memory table and the "diff" column. The bench runs the
+# steps the planner simulates (4 to warm up, then the workload's `steps`, with the same sampled
+# routing), so that both describe the same steps; --steps sets them (default 60: a second or more of
+# each run, where 20-step runs of one configuration back to back spread twice as wide). Each round
+# runs every configuration once (default 8 rounds, about 40 minutes calibrated); a configuration's
+# step-time difference is the median of its rounds' (each round's prediction against that round's
+# run), its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
 # directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
 # prediction's JSON) in place and prints its path. Needs a release build (build/release, or the
-# build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a
-# hardware file that ecss-plan refuses are refused with exit 2 before anything runs.
+# build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a hardware
+# file that ecss-plan refuses are refused with exit 2 before anything runs.
 set -euo pipefail
-# One group, parsed before any of it runs: the file edited during a run (a run takes half an
-# hour) leaves the run as it started.
+# One group, parsed before any of it runs: the file edited during a run (a run takes 40
+# minutes) leaves the run as it started.
 {
 bin=$(realpath -m "${ECSS_BUILD_DIR:-$(dirname "$0")/../build/release}")
 hardware=""
@@ -263,7 +259,7 @@ for config in configs:
     rows.append((config, runs))
 def median_in(values):  # (low, high, confidence): the order statistics that bound the median
     n, ranked = len(values), sorted(values)
-    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Binomial(n, 1/2) < k)
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Bin(n, 1/2) < k)
     k = max([k for k in range(1, n // 2 + 1) if 2 * below(k) <= 0.1], default=1)
     return ranked[k - 1], ranked[n - k], 1 - 2 * below(k)
 def diff_of(planned, measured):  # nan where the run measured none (no optimizer busy time)
@@ -280,8 +276,9 @@ for config, runs in rows:
     diffs = [(one.plan["step_seconds"] - one.run["step_seconds"]) / one.run["step_seconds"]
              for one in runs]
     # How far apart the predictions of the nearest calibrations, each alone, lie, against the run.
-    drifts = [(max(p["step_seconds"] for p in one.alone) - min(p["step_seconds"] for p in one.alone)) /
-              one.run["step_seconds"] if one.alone else 0.0 for one in runs]
+    drifts = [(max(p["step_seconds"] for p in one.alone) -
+               min(p["step_seconds"] for p in one.alone)) / one.run["step_seconds"]
+              if one.alone else 0.0 for one in runs]
     # The optimizer's planned busy time against the run's, and the step time planned at the
     # run's optimizer speed against the run's.
     busy = statistics.median(diff_of(busy_of(one.plan), busy_of(one.run)) for one in runs)

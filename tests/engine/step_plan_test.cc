@@ -370,7 +370,8 @@ TEST(StepPlanTest, LaterMicroBatchesAccumulate) {
 // it of the backward before it (which may wait for a staging half's addition in turn), in
 // every strategy, across layers and micro-batches.
 TEST(StepPlanTest, EachBackwardWaitsForTheGradientCopyBeforeIt) {
-  for (Strategy strategy : {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap}) {
+  for (Strategy strategy :
+       {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap, Strategy::kNaive}) {
     const StepPlan plan = Build(Policy(strategy), {Batch(), Batch(), Batch()});
     const PlanOp* copy_before = nullptr;
     int backwards = 0;
