@@ -209,7 +209,15 @@ class StepPlan::Builder {
                                          " layer ", layer, " before its forward"));
     }
     const LayerRoute groups = found->second;
-    ECSS_RETURN_IF_ERROR(AddCompute(OpKind::kBackward, micro_batch, layer, groups));
+    // It writes its experts' gradients into the device region the last backward's went to,
+    // once their copies to the host ended (the executor's dw_free_ event); those copies may
+    // wait in turn for a staging half's addition (below), so several micro-batches' backwards
+    // keep pace with the host's additions.
+    std::vector<uint32_t> region_free;
+    if (c_.last_gradient_copy >= 0) {
+      region_free.push_back(static_cast<uint32_t>(c_.last_gradient_copy));
+    }
+    ECSS_RETURN_IF_ERROR(AddCompute(OpKind::kBackward, micro_batch, layer, groups, region_free));
     PlanOp copy;
     copy.kind = OpKind::kGradientCopy;
     copy.resource = PlanResource::kD2h;
@@ -342,21 +350,15 @@ class StepPlan::Builder {
     }
   }
 
-  Status AddCompute(OpKind kind, uint32_t micro_batch, uint32_t layer, const LayerRoute& groups) {
-    std::vector<uint32_t> deps;
+  // `deps`: what it waits for beyond its weights, its micro-batch's upload and stream order.
+  Status AddCompute(OpKind kind, uint32_t micro_batch, uint32_t layer, const LayerRoute& groups,
+                    std::vector<uint32_t> deps = {}) {
     OpenStage();
     for (uint32_t e : groups.experts) deps.push_back(Access(layer, e, groups.experts));
     CloseStage();
     auto upload = c_.upload.find(micro_batch);
     if (upload != c_.upload.end()) deps.push_back(upload->second);
     if (c_.last_compute >= 0) deps.push_back(static_cast<uint32_t>(c_.last_compute));
-    // A backward writes its experts' gradients into the device region the last backward's
-    // went to, once their copies to the host ended (the executor's dw_free_ event); those
-    // copies may wait in turn for a staging half's addition (AddBackward), so several
-    // micro-batches' backwards keep pace with the host's additions.
-    if (kind == OpKind::kBackward && c_.last_gradient_copy >= 0) {
-      deps.push_back(static_cast<uint32_t>(c_.last_gradient_copy));
-    }
     PlanOp op;
     op.kind = kind;
     op.resource = PlanResource::kCompute;
