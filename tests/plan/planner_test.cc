@@ -84,6 +84,26 @@ void ExpectSamePlan(const StepPlan& planned, const StepPlan& executed, uint64_t 
   }
 }
 
+// The calls came in the step's order (RunSampledSteps), so every op of the step that ran ended
+// no earlier than the ops it waits for on its own stream (whose end stamps are in the stream's
+// order; across streams they are the stamping threads' and may swap by microseconds): a loop
+// that ran every micro-batch's forwards before the first backward ended later micro-batches'
+// forwards before the backwards their edges name.
+void ExpectEdgesHonoured(const StepPlan& executed, uint64_t step) {
+  const std::vector<PlanOp>& ops = executed.ops();
+  for (const PlanOp& op : ops) {
+    if (op.step_offset != 0 || op.end_s < 0 || op.resource == PlanResource::kNone) continue;
+    for (uint32_t dep : op.deps) {
+      if (ops[dep].resource != op.resource || ops[dep].end_s < 0) continue;
+      EXPECT_GE(op.end_s, ops[dep].end_s)
+          << "step " << step << ": op " << op.id << " (" << OpKindName(op.kind) << ", micro-batch "
+          << op.micro_batch << ", layer " << op.layer << ") ended before its dep " << dep << " ("
+          << OpKindName(ops[dep].kind) << ", micro-batch " << ops[dep].micro_batch << ", layer "
+          << ops[dep].layer << ")";
+    }
+  }
+}
+
 TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
   const Config& config = GetParam();
   auto model = ParseModel(config.model);
@@ -98,6 +118,7 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
   char dir[] = "/tmp/ecss_plan_XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
   if (options->placement.states_on_nvme()) options->placement.nvme_dirs = {dir};
+  options->record_op_times = true;  // ExpectEdgesHonoured
   auto memory = PlanMemoryFor(*options, *hardware);
   ASSERT_TRUE(memory.ok()) << memory.status();
   constexpr uint32_t kSteps = 4;
@@ -133,6 +154,7 @@ TEST_P(PlannerTest, PlansAndMemoryAreTheSessions) {
       auto executed = s.ExecutedPlan((*stats)[step].step);
       ASSERT_TRUE(executed.ok()) << executed.status();
       ExpectSamePlan((*plans)[step], *executed, step);
+      ExpectEdgesHonoured(*executed, step);
       StepPlan priced = *executed;
       ASSERT_TRUE(simulator->Run(priced).ok());
       for (const PlanOp& op : priced.ops()) {

@@ -397,8 +397,6 @@ StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
               RoutingPlan::FromAssignments(l, experts, tokens, gate.k, gate.experts, gate.weights));
           ECSS_RETURN_IF_ERROR(plan.AppendForward(m, l, RouteOf(routed.layer(0)), routed.bytes()));
         }
-      }
-      for (uint32_t m = 0; m < batches.size(); ++m) {
         for (uint32_t l = layers; l-- > 0;) ECSS_RETURN_IF_ERROR(plan.AppendBackward(m, l));
       }
       plan.Finish();
@@ -443,15 +441,13 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
     const std::vector<MicroBatch>& batches = sampler.NextStep();
     last_begin = std::chrono::steady_clock::now();
     ECSS_RETURN_IF_ERROR(session.BeginStep(batches));
-    for (uint32_t mb = 0; mb < batches.size(); ++mb) {
+    for (uint32_t mb = 0; mb < batches.size(); ++mb) {  // the step's order (the plan's)
       for (uint32_t l = 0; l < m.layers; ++l) {
         ECSS_RETURN_IF_ERROR(
             gated ? session.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x.data(), y.data(),
                                     sampler.NextGate())
                   : session.Forward(MicroBatchIndex{mb}, LayerIndex{l}, x.data(), y.data()));
       }
-    }
-    for (uint32_t mb = 0; mb < batches.size(); ++mb) {
       for (uint32_t l = m.layers; l-- > 0;) {
         ECSS_RETURN_IF_ERROR(
             session.Backward(MicroBatchIndex{mb}, LayerIndex{l}, y.data(), x.data()));

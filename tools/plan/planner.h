@@ -81,8 +81,8 @@ class StepSampler {
 };
 
 // The plans of consecutive steps of a session with `options` and `memory` (its memory plan),
-// as its executor would build them from the sampler's micro-batches (and gate choices, forward
-// of every micro-batch's layers, then their backward, last layer first).
+// as its executor would build them from the sampler's micro-batches (and gate choices) called
+// in the step's order: per micro-batch, forward of every layer, then backward, last layer first.
 StatusOr<std::vector<StepPlan>> BuildStepPlans(const SessionOptions& options,
                                                const MemoryPlan& memory, StepSampler& sampler,
                                                uint32_t steps);
