@@ -179,7 +179,11 @@ class Session {
   // few steps are kept (NotFound for older ones). The plan's fetches are the cache's for calls in
   // the step's order (per micro-batch: Forward 0..L-1, then Backward L-1..0) unless ecss fills the
   // cache: its leases taken ahead pin slots, so the cache may evict (and fetch again) what the plan
-  // kept; other orders work too, and fetch again what they evicted.
+  // kept; other orders work too, and fetch again what they evicted, but with RRE (whose plan is
+  // built at BeginStep; a learned gate's follows the calls) the device runs their compute in the
+  // calls' order: a later micro-batch's forward called before an earlier one's backwards ends
+  // before the backward its edge names, and its start_s, taken from its edges, is clipped to its
+  // end_s.
   StatusOr<StepPlan> ExecutedPlan(uint64_t step) const;
   // Every byte the session allocates, by tier and purpose (engine/memory_plan.h).
   const MemoryPlan& memory_plan() const;

@@ -45,9 +45,11 @@
 # step-time difference is the median of its rounds' (each round's prediction against that round's
 # run), its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
 # directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
-# prediction's JSON) in place and prints its path. Needs a release build (build/release, or the
-# build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a hardware
-# file that ecss-plan refuses are refused with exit 2 before anything runs.
+# prediction's JSON) in place and prints its path. The table is scripts/plan_vs_run_table.py's
+# (tested on rounds written by tests/plan/plan_vs_run_table_test.py). Needs a release build
+# (build/release, or the build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing
+# directory and a hardware file that ecss-plan refuses are refused with exit 2 before anything
+# runs.
 set -euo pipefail
 # One group, parsed before any of it runs: the file edited during a run (a run takes 40
 # minutes) leaves the run as it started.
@@ -115,6 +117,8 @@ else
   trap 'rm -rf "$work"' EXIT
 fi
 dir=${dir:-$work}
+# The table's code as it is now, like the rest of this file (parsed before the run).
+cp scripts/plan_vs_run_table.py "$work/"
 calibrate=0
 if [ -z "$hardware" ]; then calibrate=1; fi
 # Model and workload. Every model's experts have 1 Mi parameters but wide's, 16 Mi (the presets':
@@ -224,93 +228,6 @@ PY
       > "$out.at-run-speed.plan.json"
   done
 done
-python3 - "$work" "$rounds" "${configs[@]}" <<'PY'
-import collections, glob, json, math, statistics, sys
-work, rounds, configs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-# One round of a configuration: its prediction, the nearest calibrations' each alone, the run,
-# and the prediction at the run's optimizer busy time (each strategy's figures).
-Round = collections.namedtuple("Round", "plan alone run at_run")
-worst_memory, worst_time = 0.0, 0.0
-print(f"{'config':34s} {'tier':7s} {'planned':>14s} {'measured':>14s} {'diff':>8s}")
-rows = []
-for config in configs:
-    model, workload = config.split()
-    runs = []
-    for r in range(rounds):
-        prefix = f"{work}/{model}.{workload}.{r}"
-        one = Round(
-            plan=json.load(open(f"{prefix}.plan.json"))["strategies"][0],
-            alone=[json.load(open(f))["strategies"][0]
-                   for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))],
-            run=json.load(open(f"{prefix}.run.json")),
-            at_run=json.load(open(f"{prefix}.at-run-speed.plan.json"))["strategies"][0])
-        for p in [one.plan, one.at_run] + one.alone:
-            assert p["strategy"] == one.run["strategy"], (p["strategy"], one.run["strategy"])
-        runs.append(one)
-    for tier in ("device", "pinned", "host", "heap"):
-        worst = (0.0, 0, 0)
-        for one in runs:
-            for p in [one.plan] + one.alone:
-                a, b = p["memory"][f"{tier}_bytes"], one.run["memory"][f"{tier}_bytes"]
-                diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
-                worst = max(worst, (diff, a, b))
-        worst_memory = max(worst_memory, worst[0])
-        print(f"{model + ' ' + workload:34s} {tier:7s} {worst[1]:14d} {worst[2]:14d} {100 * worst[0]:7.2f}%")
-    rows.append((config, runs))
-def median_in(values):  # (low, high, confidence): the order statistics that bound the median
-    n, ranked = len(values), sorted(values)
-    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(Bin(n, 1/2) < k)
-    k = max([k for k in range(1, n // 2 + 1) if 2 * below(k) <= 0.1], default=1)
-    return ranked[k - 1], ranked[n - k], 1 - 2 * below(k)
-def diff_of(planned, measured):  # nan where the run measured none (no optimizer busy time)
-    return (planned - measured) / measured if measured > 0 else float("nan")
-def busy_of(x):  # a plan's or a run's optimizer busy time per step
-    return x["resources"]["optimizer"]["busy_seconds_per_step"]
-print()
-print(f"{'config':34s} {'planned s':>10s} {'measured s':>11s} {'diff':>8s} {'median in':>16s} "
-      f"{'drift':>7s} {'opt busy':>9s} {'at run':>8s}  "
-      "rounds' diffs (drift); bottleneck, step's begin in ms (planned / measured)")
-any_circular, confidences = False, set()
-for config, runs in rows:
-    # Divided directly: a run of no step time fails loudly rather than becoming nan.
-    diffs = [(one.plan["step_seconds"] - one.run["step_seconds"]) / one.run["step_seconds"]
-             for one in runs]
-    # How far apart the predictions of the nearest calibrations, each alone, lie, against the run.
-    drifts = [(max(p["step_seconds"] for p in one.alone) -
-               min(p["step_seconds"] for p in one.alone)) / one.run["step_seconds"]
-              if one.alone else 0.0 for one in runs]
-    # The optimizer's planned busy time against the run's, and the step time planned at the
-    # run's optimizer speed against the run's.
-    busy = statistics.median(diff_of(busy_of(one.plan), busy_of(one.run)) for one in runs)
-    at_run = statistics.median(diff_of(one.at_run["step_seconds"], one.run["step_seconds"])
-                               for one in runs)
-    # Circular where every round's plan at the run's busy time is that busy time (to 1%).
-    circular = all(one.at_run["step_seconds"] <= 1.01 * busy_of(one.at_run) for one in runs)
-    any_circular |= circular
-    diff = statistics.median(diffs)
-    low, high, confidence = median_in(diffs)
-    confidences.add(round(100 * confidence))
-    worst_time = max(worst_time, abs(diff))
-    planned = statistics.median(one.plan["step_seconds"] for one in runs)
-    measured = statistics.median(one.run["step_seconds"] for one in runs)
-    each = " ".join(f"{100 * d:+.1f}% ({100 * w:.0f}%)" for d, w in zip(diffs, drifts))
-    first = runs[0]
-    begins = [1e3 * statistics.median(side) for side in (
-        [one.plan["begin_seconds_per_step"] for one in runs],
-        [one.run["begin_seconds_per_step"] for one in runs])]
-    interval = f"{100 * low:+.1f}..{100 * high:+.1f}%"
-    print(f"{config:34s} {planned:10.4f} {measured:11.4f} {100 * diff:+7.1f}% {interval:>16s} "
-          f"{100 * statistics.median(drifts):6.1f}% {100 * busy:+8.1f}% {100 * at_run:+6.1f}%"
-          f"{'*' if circular else ' '}  "
-          f"{each}; {first.plan['bottleneck']} / {first.run['bottleneck']}, "
-          f"{begins[0]:.2f} / {begins[1]:.2f}")
-if any_circular:
-    print("* at run is circular: the plan's step is its optimizer's busy time (see the header)")
-print(f"median in: the rounds' differences that bound the median with "
-      f"{', '.join(f'{c}%' for c in sorted(confidences))} confidence (see the header)")
-print(f"\nworst memory difference {100 * worst_memory:.2f}% (limit 1%), worst median step-time "
-      f"difference {100 * worst_time:.1f}% (limit 5%) over {rounds} round(s)")
-sys.exit(1 if worst_memory > 0.01 or worst_time > 0.05 else 0)
-PY
+python3 "$work/plan_vs_run_table.py" "$work" "$rounds" "${configs[@]}"
 exit
 }

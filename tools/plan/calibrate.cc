@@ -327,7 +327,8 @@ void AddAdditionSamples(const std::vector<StepPlan>& executed,
 // (FitGradientAdditions). And the optimizer beside them, in the measured ecss steps: its busy
 // time against its updates' time at `one_thread_rate` (parameters/s), the excess taken as lost
 // in the time it ran beside an addition (the kept plans' per step; 0.50-0.96 in four
-// calibrations here, where `small ecss-host-4x32k`'s runs showed 0.69-0.77):
+// calibrations here, where `small ecss-host-4x32k`'s runs, every forward first, showed
+// 0.69-0.77):
 // optimizer_rate_beside_additions, at least 0.1. Whatever else slows these steps' optimizer
 // against the one-thread run's (their larger routing beside it, the simulated device's
 // threads) is counted as the additions', so the share errs low. `begin`: the ecss steps' begin

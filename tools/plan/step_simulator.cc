@@ -145,7 +145,8 @@ double StepSimulator::Seconds(const PlanOp& op) const {
 // Note [Additions beside the optimizer]: the host's gradient additions and the optimizer's
 // updates both stream memory, and on the development VM (2 cores) an addition that ran while an
 // update did took 1.9 ms where the ones before it took 1.0-1.3 (`small ecss-host-4x32k`,
-// 2026-12-04). An addition of `bytes` from `start` runs at gradient_add_gbps where the
+// 2026-12-04, its steps then called with every micro-batch's forwards first: RunSampledSteps
+// ran them so). An addition of `bytes` from `start` runs at gradient_add_gbps where the
 // optimizer's timeline is idle and at gradient_add_beside_optimizer_gbps where it is busy, as
 // far as the timeline is known: updates that come later in plan order are not seen, and
 // neither is the optimizer's slowdown beside the additions, which comes after them (Note [The
@@ -163,11 +164,11 @@ double StepSimulator::AdditionEnd(double start, double seconds) const {
 
 // Note [The optimizer beside the additions]: the other side of Note [Additions beside the
 // optimizer]: one optimizer thread beside the additions of `small ecss-host-4x32k` updated at
-// 0.69-0.77 of its calibrated rate (2026-12-04). Once a step's additions are all known (its
-// Finish), its updates with host states are re-timed in the order they ran, each at
-// optimizer_rate_beside_additions of its rate while an addition runs. The additions keep the
-// times they were given (beside the updates as first timed), and the updates of the step
-// before keep theirs: this step's fetches waited for them as they were.
+// 0.69-0.77 of its calibrated rate (2026-12-04, every forward first, as above). Once a step's
+// additions are all known (its Finish), its updates with host states are re-timed in the order
+// they ran, each at optimizer_rate_beside_additions of its rate while an addition runs. The
+// additions keep the times they were given (beside the updates as first timed), and the updates
+// of the step before keep theirs: this step's fetches waited for them as they were.
 bool StepSimulator::SlowBesideAdditions(UpdateRecord& record) {
   const double share = rates_.optimizer_rate_beside_additions;
   if (!(share < 1) || record.queue.empty() || additions_.empty()) return false;
