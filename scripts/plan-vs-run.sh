@@ -8,10 +8,15 @@
 #   scripts/plan-vs-run.sh [HARDWARE.json] [--dir DIR] [--rounds N] [--steps N] [--keep]
 # Without a hardware file it calibrates this machine (ecss-plan --calibrate) before the first round
 # and after each, and predicts each round's runs from the calibrations nearest it, up to three
-# before and three after (fewer for the rounds at either end): a hardware file whose every figure is
-# their median (each figure on its own: the NVMe rates and the session's fraction of them may come
-# from different calibrations), so that the prediction follows the machine's drift over half an hour
-# without taking on one calibration's noise. Once a round, not once a run: on 2026-12-05 this VM's
+# before and three after (fewer for the rounds at either end): the median of their predictions, each
+# from one calibration's file whole, so that the prediction follows the machine's drift over half an
+# hour without taking on one calibration's noise. Not a file of each figure's median: calibration
+# fits some figures together (the NVMe pipeline's session fraction and per-update overhead, the
+# step's begin per op and per token, the gradient additions alone and beside the optimizer), one
+# trading against another, and a file that takes each from another calibration describes a drive or
+# a host that none measured (on 2026-12-05 such files planned the NVMe configurations 6.5-11.4%
+# short in two 8-round runs, where the median of the calibrations' own predictions of the same
+# rounds was -5.2% to +1.9%). Once a round, not once a run: on 2026-12-05 this VM's
 # optimizer speed moved in phases of seconds (one run's 40-step chunks at 0.89-1.28 G/s, another's
 # at 1.33-1.39), and a one-thread reference run just before and just after each of 12 runs of small
 # ecss-host predicted its rate no better than nothing (the run's rate over the pair's mean strayed
@@ -28,10 +33,11 @@
 # it is every round's range and its confidence (75% for 3 rounds). A limit inside it is not yet told
 # apart from the machine's noise. The next two columns split a difference in two. "opt busy": the
 # optimizer's planned busy time per step against the run's (planned: the union of its CPU updates
-# and the drives' reads and writes, weights staged from NVMe included; measured: its updates'
-# spans). "at run": the step time planned from the same hardware file with the optimizer's CPU rates
-# and the drives' read and write rates scaled by each round's planned over measured busy time (once,
-# not iterated; the other figures as they are), against the run's: the difference the rest of the
+# and the drives' reads and writes, weights staged from NVMe included, the median of the nearest
+# calibrations'; measured: its updates' spans). "at run": the step time planned from each of those
+# files with the optimizer's CPU rates and the drives' read and write rates scaled by its planned
+# over the run's measured busy time (once, not iterated; the other figures as they are), their
+# median against the run's: the difference the rest of the
 # model adds once the optimizer's busy time is the run's. It is circular where the plan's step is
 # its optimizer's busy time (marked *: then it is the run's own step against its optimizer's busy
 # time, and says only whether the run too was bound by the optimizer), and it cannot show an error
@@ -168,7 +174,8 @@ for ((round = 0; round < rounds; ++round)); do
   done
   calibrate_now
 done
-# The predictions, once every calibration is in.
+# The predictions, once every calibration is in: each hardware file whole, and the same file at
+# the run's optimizer busy time (the "at run" column, above).
 for ((round = 0; round < rounds; ++round)); do
   for config in "${configs[@]}"; do
     read -r model workload <<< "$config"
@@ -180,33 +187,15 @@ for ((round = 0; round < rounds; ++round)); do
       for ((k = before - 2; k <= before + 3; ++k)); do
         if ((k >= 1 && k <= calibrations)); then nearest+=("$k"); fi
       done
-      python3 - "$out.hardware.json" "${nearest[@]/#/$work/this-machine.}" <<'PY'
-import json, statistics, sys
-def median_of(values):  # numbers: their median; lists: element-wise; the rest: the first's
-    first = values[0]
-    if isinstance(first, dict):
-        return {k: median_of([v[k] for v in values]) for k in first}
-    if isinstance(first, list):
-        return [median_of([v[i] for v in values]) for i in range(len(first))]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
-        return statistics.median(values)
-    return first
-files = [json.load(open(f + ".json")) for f in sys.argv[2:]]
-merged = median_of(files)
-merged["name"] = f"this-machine (median of {len(files)} calibrations)"
-json.dump(merged, open(sys.argv[1], "w"))
-PY
-      for k in "${nearest[@]}"; do
-        "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$work/this-machine.$k.json" \
-          --json > "$out.alone.$k.plan.json"
-      done
     else
-      cp "$hardware" "$out.hardware.json"
+      nearest=(0)
+      cp "$hardware" "$work/this-machine.0.json"
     fi
-    "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.hardware.json" --json \
-      > "$out.plan.json"
-    # The same prediction at the run's optimizer busy time (the "at run" column, above).
-    python3 - "$out.hardware.json" "$out.plan.json" "$out.run.json" "$out.at-run-speed.json" <<'PY'
+    for k in "${nearest[@]}"; do
+      "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$work/this-machine.$k.json" \
+        --json > "$out.alone.$k.plan.json"
+      python3 - "$work/this-machine.$k.json" "$out.alone.$k.plan.json" "$out.run.json" \
+        "$out.alone.$k.at-run-speed.json" <<'PY'
 import json, sys
 hardware, plan, run = (json.load(open(f)) for f in sys.argv[1:4])
 planned = plan["strategies"][0]["resources"]["optimizer"]["busy_seconds_per_step"]
@@ -224,8 +213,9 @@ for key in ("read_gbps", "write_gbps"):
 hardware["name"] = hardware.get("name", "hardware") + " at the run's optimizer busy time"
 json.dump(hardware, open(sys.argv[4], "w"))
 PY
-    "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.at-run-speed.json" --json \
-      > "$out.at-run-speed.plan.json"
+      "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.alone.$k.at-run-speed.json" \
+        --json > "$out.alone.$k.at-run-speed.plan.json"
+    done
   done
 done
 python3 "$work/plan_vs_run_table.py" "$work" "$rounds" "${configs[@]}"

@@ -4,8 +4,10 @@
 #   scripts/plan_vs_run_table.py WORK ROUNDS "MODEL WORKLOAD"...
 # Prints the memory table and the step-time table; exits 1 when a tier differs by more than 1%
 # or a configuration's median step-time difference is above 5%, else 0.
-# WORK/MODEL.WORKLOAD.R.{plan,run,at-run-speed.plan}.json and .alone.K.plan.json for each round
-# R: ecss-plan --json's (their first strategy) and ecss-bench step --json's.
+# WORK/MODEL.WORKLOAD.R.run.json and .alone.K.{plan,at-run-speed.plan}.json for each round R and
+# each hardware file K that predicted it: ecss-bench step --json's and ecss-plan --json's (their
+# first strategy). A round's prediction is the median of its files' (the mean of the middle two
+# for an even count), each figure's own.
 import collections
 import glob
 import json
@@ -17,9 +19,9 @@ MEMORY_LIMIT = 0.01
 TIME_LIMIT = 0.05
 TIERS = ("device", "pinned", "host", "heap")
 
-# One round of a configuration: its prediction, the nearest calibrations' each alone, the run,
-# and the prediction at the run's optimizer busy time (each strategy's figures).
-Round = collections.namedtuple("Round", "plan alone run at_run")
+# One round of a configuration: its prediction (the median of the hardware files'), each file's
+# alone, the run, and the same at the run's optimizer busy time (each strategy's figures).
+Round = collections.namedtuple("Round", "plan alone run at_run at_runs")
 
 
 def read_json(path):
@@ -27,17 +29,36 @@ def read_json(path):
         return json.load(f)
 
 
+def busy_of(x):  # a plan's or a run's optimizer busy time per step
+    return x["resources"]["optimizer"]["busy_seconds_per_step"]
+
+
+def median_of(plans):
+    """The round's prediction from its hardware files' each alone: the median step, begin and
+    optimizer busy time, each on its own, and the bottleneck of the plan whose step is nearest
+    the median step."""
+    step = statistics.median(p["step_seconds"] for p in plans)
+    return {"strategy": plans[0]["strategy"], "step_seconds": step,
+            "begin_seconds_per_step": statistics.median(p["begin_seconds_per_step"] for p in plans),
+            "resources": {"optimizer": {"busy_seconds_per_step":
+                                        statistics.median(busy_of(p) for p in plans)}},
+            "bottleneck": min(plans, key=lambda p: abs(p["step_seconds"] - step))["bottleneck"]}
+
+
 def load_rounds(work, model, workload, rounds):
     runs = []
     for r in range(rounds):
         prefix = f"{work}/{model}.{workload}.{r}"
-        one = Round(
-            plan=read_json(f"{prefix}.plan.json")["strategies"][0],
-            alone=[read_json(f)["strategies"][0]
-                   for f in sorted(glob.glob(f"{prefix}.alone.*.plan.json"))],
-            run=read_json(f"{prefix}.run.json"),
-            at_run=read_json(f"{prefix}.at-run-speed.plan.json")["strategies"][0])
-        for p in [one.plan, one.at_run] + one.alone:
+        files = sorted(glob.glob(f"{prefix}.alone.*.plan.json"))
+        files = [f for f in files if not f.endswith(".at-run-speed.plan.json")]
+        if not files:
+            raise ValueError(f"{prefix}: no prediction ({prefix}.alone.K.plan.json)")
+        alone = [read_json(f)["strategies"][0] for f in files]
+        at_runs = [read_json(f[:-len(".plan.json")] + ".at-run-speed.plan.json")["strategies"][0]
+                   for f in files]
+        one = Round(plan=median_of(alone), alone=alone, run=read_json(f"{prefix}.run.json"),
+                    at_run=median_of(at_runs), at_runs=at_runs)
+        for p in alone + at_runs:
             if p["strategy"] != one.run["strategy"]:
                 raise ValueError(f"{prefix}: a plan of {p['strategy']} against a run of "
                                  f"{one.run['strategy']}")
@@ -58,10 +79,6 @@ def diff_of(planned, measured):  # nan where the run measured none (no optimizer
     return (planned - measured) / measured if measured > 0 else float("nan")
 
 
-def busy_of(x):  # a plan's or a run's optimizer busy time per step
-    return x["resources"]["optimizer"]["busy_seconds_per_step"]
-
-
 def memory_table(rows, out):
     """Each configuration's worst round per tier; returns the worst difference."""
     worst_memory = 0.0
@@ -70,7 +87,7 @@ def memory_table(rows, out):
         for tier in TIERS:
             worst = (0.0, 0, 0)
             for one in runs:
-                for p in [one.plan] + one.alone:
+                for p in one.alone:
                     a, b = p["memory"][f"{tier}_bytes"], one.run["memory"][f"{tier}_bytes"]
                     diff = abs(a - b) / b if b else (0.0 if a == 0 else 1.0)
                     worst = max(worst, (diff, a, b))
@@ -95,14 +112,14 @@ def time_table(rows, out):
         # the run.
         drifts = [(max(p["step_seconds"] for p in one.alone) -
                    min(p["step_seconds"] for p in one.alone)) / one.run["step_seconds"]
-                  if one.alone else 0.0 for one in runs]
+                  for one in runs]
         # The optimizer's planned busy time against the run's, and the step time planned at
         # the run's optimizer speed against the run's.
         busy = statistics.median(diff_of(busy_of(one.plan), busy_of(one.run)) for one in runs)
         at_run = statistics.median(diff_of(one.at_run["step_seconds"], one.run["step_seconds"])
                                    for one in runs)
-        # Circular where every round's plan at the run's busy time is that busy time (to 1%).
-        circular = all(one.at_run["step_seconds"] <= 1.01 * busy_of(one.at_run) for one in runs)
+        # Circular where every round's plans at the run's busy time are that busy time (to 1%).
+        circular = all(p["step_seconds"] <= 1.01 * busy_of(p) for one in runs for p in one.at_runs)
         any_circular |= circular
         diff = statistics.median(diffs)
         low, high, confidence = median_in(diffs)

@@ -14,29 +14,31 @@ import plan_vs_run_table as table  # noqa: E402
 MEMORY = {"device_bytes": 1000, "pinned_bytes": 2000, "host_bytes": 3000, "heap_bytes": 0}
 
 
-def figures(step, busy, memory=None, strategy="ecss"):
+def figures(step, busy, memory=None, strategy="ecss", bottleneck="optimizer"):
     return {"strategy": strategy, "step_seconds": step, "begin_seconds_per_step": 0.001,
-            "bottleneck": "optimizer", "resources": {"optimizer": {"busy_seconds_per_step": busy}},
+            "bottleneck": bottleneck, "resources": {"optimizer": {"busy_seconds_per_step": busy}},
             "memory": dict(memory or MEMORY)}
 
 
-def write_round(work, config, r, planned, measured, *, plan_memory=None, alone=(),
-                alone_memory=None, at_run=None, run_strategy="ecss"):
+def write_round(work, config, r, planned, measured, *, plan_memory=None, at_run=None,
+                run_strategy="ecss", bottlenecks=None):
+    """A round as plan-vs-run writes it: `planned` one hardware file's predicted step, or a tuple
+    of them (one file each, their optimizer busy half the step); `plan_memory` the last file's
+    memory (the others' MEMORY); `at_run` each file's step at the run's busy time (default the
+    run's; below 0: its optimizer busy the whole step, circular)."""
     prefix = os.path.join(work, "{}.{}.{}".format(*config.split(), r))
-    plan = figures(planned, planned / 2, plan_memory)
-    with open(prefix + ".plan.json", "w") as f:
-        json.dump({"strategies": [plan]}, f)
     with open(prefix + ".run.json", "w") as f:
         json.dump(figures(measured, measured / 2, strategy=run_strategy), f)
-    with open(prefix + ".at-run-speed.plan.json", "w") as f:
-        step = at_run if at_run is not None else measured
-        # Its optimizer busy the whole step where asked (circular), else half of it.
-        busy = step if at_run is not None and at_run < 0 else step / 2
-        step = abs(step)
-        json.dump({"strategies": [figures(step, abs(busy))]}, f)
-    for k, step in enumerate(alone, start=1):
+    steps = planned if isinstance(planned, tuple) else (planned,)
+    for k, step in enumerate(steps, start=1):
+        memory = plan_memory if k == len(steps) else None
+        bottleneck = bottlenecks[k - 1] if bottlenecks else "optimizer"
         with open(f"{prefix}.alone.{k}.plan.json", "w") as f:
-            json.dump({"strategies": [figures(step, step / 2, alone_memory)]}, f)
+            json.dump({"strategies": [figures(step, step / 2, memory, bottleneck=bottleneck)]}, f)
+        with open(f"{prefix}.alone.{k}.at-run-speed.plan.json", "w") as f:
+            at = at_run if at_run is not None else measured
+            busy = abs(at) if at < 0 else at / 2
+            json.dump({"strategies": [figures(abs(at), busy)]}, f)
 
 
 class PlanVsRunTableTest(unittest.TestCase):
@@ -85,8 +87,8 @@ class PlanVsRunTableTest(unittest.TestCase):
         self.assertIn("worst memory difference 1.05% (limit 1%)", text)
 
     def test_memory_beyond_1_percent_fails_even_in_one_calibrations_plan(self):
-        write_round(self.work, "m a", 0, 0.1, 0.1, alone=(0.1, 0.1),
-                    alone_memory=dict(MEMORY, device_bytes=989))
+        write_round(self.work, "m a", 0, (0.1, 0.1, 0.1), 0.1,
+                    plan_memory=dict(MEMORY, device_bytes=989))
         code, text = self.run_table(1, ["m a"])
         self.assertEqual(code, 1, text)
         self.assertRegex(text, r"m a\s+device\s+989\s+1000\s+1\.10%")
@@ -119,7 +121,7 @@ class PlanVsRunTableTest(unittest.TestCase):
         # Calibrations alone predicting 0.09-0.12 against a run of 0.1: drift 30%; the plan at
         # the run's busy time 2% slow, and not circular (its step is not its busy time).
         for r in range(3):
-            write_round(self.work, "m a", r, 0.1, 0.1, alone=(0.09, 0.12, 0.1), at_run=0.102)
+            write_round(self.work, "m a", r, (0.09, 0.12, 0.1), 0.1, at_run=0.102)
         code, text = self.run_table(3, ["m a"])
         self.assertEqual(code, 0, text)
         row = next(l for l in text.splitlines() if l.startswith("m a") and "median" not in l
@@ -127,6 +129,21 @@ class PlanVsRunTableTest(unittest.TestCase):
         self.assertIn(" 30.0% ", row)
         self.assertIn("+2.0% ", row)
         self.assertNotIn("circular", text)
+
+    def test_a_rounds_prediction_is_the_median_of_its_files_predictions(self):
+        # Three files: the middle one's step (0.1, not their mean); four: the mean of the
+        # middle two (0.104). The bottleneck is the file's nearest the median.
+        write_round(self.work, "m a", 0, (0.2, 0.09, 0.1), 0.1,
+                    bottlenecks=("h2d", "compute", "nvme"))
+        write_round(self.work, "m b", 0, (0.2, 0.09, 0.108, 0.1), 0.1)
+        code, text = self.run_table(1, ["m a", "m b"])
+        self.assertEqual(code, 0, text)
+        row_a = next(l for l in text.splitlines() if l.startswith("m a") and "nvme /" in l)
+        self.assertRegex(row_a, r"m a\s+0\.1000\s+0\.1000\s+\+0\.0%")
+        row_b = next(l for l in text.splitlines() if l.startswith("m b") and "optimizer /" in l)
+        self.assertRegex(row_b, r"m b\s+0\.1040\s+0\.1000\s+\+4\.0%")
+        # The optimizer's busy time is a median of its own: half of each step here.
+        self.assertRegex(row_b, r"\+4\.0%\s+\S+\s+\S+\s+\+4\.0%")
 
     def test_at_run_is_marked_circular_where_the_plans_step_is_its_busy_time(self):
         for r in range(3):  # at_run < 0: that plan's optimizer is busy its whole step
@@ -147,8 +164,14 @@ class PlanVsRunTableTest(unittest.TestCase):
 
     def test_a_missing_round_is_refused(self):
         write_round(self.work, "m a", 0, 0.1, 0.1)
-        with self.assertRaises(FileNotFoundError):
+        with self.assertRaisesRegex(ValueError, r"m\.a\.1: no prediction"):
             self.run_table(2, ["m a"])
+
+    def test_a_prediction_without_its_at_run_plan_is_refused(self):
+        write_round(self.work, "m a", 0, (0.1, 0.1), 0.1)
+        os.remove(os.path.join(self.work, "m.a.0.alone.2.at-run-speed.plan.json"))
+        with self.assertRaises(FileNotFoundError):
+            self.run_table(1, ["m a"])
 
 
 if __name__ == "__main__":
