@@ -88,6 +88,10 @@ struct NvmeUpdater::Impl {
   // session's pinned peak is its memory plan, and neither call can fail for want of room.
   std::mutex scratch_mutex;
   Buffer scratch;  // GUARDED_BY(scratch_mutex)
+  // The scratch block behind the master: its moments, or the weights (ScratchBytes).
+  void* BehindMaster() {
+    return static_cast<char*>(scratch.data()) + StateArrayBytes(options.expert_elements);
+  }
   std::unique_ptr<StateStreamingUpdater> updater;
   Allocator* staging = nullptr;
   std::vector<BFloat16*> compute_copies;
@@ -297,9 +301,12 @@ StatusOr<uint64_t> NvmeUpdater::PipelineBytes(const NvmeUpdaterOptions& options,
   return StateStreamingUpdater::WorkspaceBytes(StreamingOptionsFor(options, weights_on_nvme));
 }
 
+// The master at the block's head; behind it its moments (a load), and after the load the bf16
+// weights Resume reads and writes there (no heap: the block is in the memory plan).
 uint64_t NvmeUpdater::ScratchBytes(const NvmeUpdaterOptions& options) {
-  return StateArrayBytes(options.expert_elements) +
-         StateBlockBytes(options.expert_elements * 4 * StateArrays(options.optimizer.kind));
+  const uint64_t n = options.expert_elements;
+  return StateArrayBytes(n) + std::max(StateBlockBytes(n * 4 * StateArrays(options.optimizer.kind)),
+                                       StateBlockBytes(n * sizeof(BFloat16)));
 }
 
 StatusOr<std::unique_ptr<NvmeUpdater>> NvmeUpdater::Create(const NvmeUpdaterOptions& options,
@@ -383,9 +390,7 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   Impl& s = *impl_;
   s.compute_copies[id] = compute_copy;
   std::lock_guard<std::mutex> hold(s.scratch_mutex);
-  Buffer& scratch = s.scratch;
-  std::vector<float> master;
-  ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id, scratch, &master));
+  ECSS_ASSIGN_OR_RETURN(const uint64_t updates, LoadMaster(id));
   // The weights follow from the master. In memory they start at the initial ones, which an
   // unwritten master's are; on NVMe a crash between an update's stores may leave them at
   // another version than the master's. Weights as of the master's version cost no write:
@@ -400,7 +405,7 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
   if (s.weights_in_store() && (updates != 0 || !master_written)) {
     uint64_t weights_version = 0;
     bool weights_written = false;
-    Status read = s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), scratch.data(),
+    Status read = s.options.store->ReadBlock(ExpertState::kWeights, s.Id(id), s.BehindMaster(),
                                              &weights_version);
     if (read.ok()) {
       read = s.options.store->Version(ExpertState::kWeights, s.Id(id), &weights_written).status();
@@ -409,16 +414,15 @@ Status NvmeUpdater::Resume(uint32_t id, BFloat16* compute_copy) {
     current = read.ok() && weights_version == updates && weights_written == master_written;
   }
   if (current) return Status::Ok();
-  return WriteWeights(id, master.data(), updates);
+  return WriteWeights(id, s.scratch.as<float>(), updates);
 }
 
 // Nothing may update `id` meanwhile (Master synchronises first; Resume runs before any step).
-StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id, Buffer& scratch,
-                                           std::vector<float>* master) {
+StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id) {
   Impl& s = *impl_;
   // Loaded as the pipeline loads it: the master as of the version the moments have too.
   StateSlot slot;
-  slot.master = scratch.as<float>();
+  slot.master = s.scratch.as<float>();
   slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
   if (StateArrays(s.options.optimizer.kind) == 2) {
     slot.state1 = slot.state0 + s.options.expert_elements;  // one block: m, then v
@@ -426,7 +430,6 @@ StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id, Buffer& scratch,
   slot.size = s.options.expert_elements;
   uint64_t updates = 0;
   ECSS_RETURN_IF_ERROR(s.tier->Load(id, slot, &updates));
-  master->assign(slot.master, slot.master + slot.size);
   return updates;
 }
 
@@ -436,9 +439,9 @@ Status NvmeUpdater::WriteWeights(uint32_t id, const float* master, uint64_t vers
     ConvertF32ToBf16(master, s.compute_copies[id], s.options.expert_elements);
     return Status::Ok();
   }
-  std::vector<BFloat16> weights(s.options.expert_elements);
-  ConvertF32ToBf16(master, weights.data(), weights.size());
-  return s.options.store->Write(ExpertState::kWeights, s.Id(id), weights.data(), version);
+  auto* weights = static_cast<BFloat16*>(s.BehindMaster());
+  ConvertF32ToBf16(master, weights, s.options.expert_elements);
+  return s.options.store->Write(ExpertState::kWeights, s.Id(id), weights, version);
 }
 
 Status NvmeUpdater::BeginStep(float loss_scale) {
@@ -589,9 +592,9 @@ uint64_t NvmeUpdater::nvme_bytes() const {
 StatusOr<std::vector<float>> NvmeUpdater::Master(uint32_t id) {
   ECSS_RETURN_IF_ERROR(Synchronize());
   std::lock_guard<std::mutex> hold(impl_->scratch_mutex);
-  std::vector<float> master;
-  ECSS_RETURN_IF_ERROR(LoadMaster(id, impl_->scratch, &master).status());
-  return master;
+  ECSS_RETURN_IF_ERROR(LoadMaster(id).status());
+  const float* master = impl_->scratch.as<float>();
+  return std::vector<float>(master, master + impl_->options.expert_elements);
 }
 
 }  // namespace ecss

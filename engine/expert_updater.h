@@ -204,11 +204,11 @@ class NvmeUpdater final : public ExpertUpdater {
   explicit NvmeUpdater(std::unique_ptr<Impl> impl);
   Status Start(float clip_coefficient);  // queues the batch collected so far
   // Expert `id`'s bf16 weights from its master (as of `version`): into its compute copy, or
-  // the weight store.
+  // the weight store through the scratch block behind the master. scratch_mutex held.
   Status WriteWeights(uint32_t id, const float* master, uint64_t version);
-  // Expert `id`'s master (as of the version its moments hold too) via `scratch`
-  // (ScratchBytes); returns that version (its update count).
-  StatusOr<uint64_t> LoadMaster(uint32_t id, Buffer& scratch, std::vector<float>* master);
+  // Expert `id`'s master (as of the version its moments hold too) into the scratch block's
+  // head, its moments behind it; returns that version (its update count). scratch_mutex held.
+  StatusOr<uint64_t> LoadMaster(uint32_t id);
   std::unique_ptr<Impl> impl_;
 };
 
