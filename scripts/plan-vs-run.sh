@@ -47,17 +47,17 @@
 # steps the planner simulates (4 to warm up, then the workload's `steps`, with the same sampled
 # routing), so that both describe the same steps; --steps sets them (default 60: a second or more of
 # each run, where 20-step runs of one configuration back to back spread twice as wide). Each round
-# runs every configuration once (default 8 rounds, about 40 minutes calibrated); a configuration's
-# step-time difference is the median of its rounds' (each round's prediction against that round's
-# run), its memory the worst round's. DIR holds the NVMe configurations' stores (default: a scratch
-# directory under /tmp). --keep leaves the scratch directory (every run's, calibration's and
-# prediction's JSON) in place and prints its path. The table is scripts/plan_vs_run_table.py's
-# (tested on rounds written by tests/plan/plan_vs_run_table_test.py). Needs a release build
-# (build/release, or the build directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing
-# directory and a hardware file that ecss-plan refuses are refused with exit 2 before anything
-# runs.
+# runs every configuration once (default 8 rounds, about 36 minutes calibrated, then 8-15 of
+# predictions); a configuration's step-time difference is the median of its rounds' (each round's
+# prediction against that round's run), its memory the worst round's. DIR holds the NVMe
+# configurations' stores (default: a scratch directory under /tmp). --keep leaves the scratch
+# directory (every run's, calibration's and prediction's JSON) in place and prints its path. The
+# table is scripts/plan_vs_run_table.py's (tested on rounds written by
+# tests/plan/plan_vs_run_table_test.py). Needs a release build (build/release, or the build
+# directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a hardware file
+# that ecss-plan refuses are refused with exit 2 before anything runs.
 set -euo pipefail
-# One group, parsed before any of it runs: the file edited during a run (a run takes 40
+# One group, parsed before any of it runs: the file edited during a run (a run takes 45-50
 # minutes) leaves the run as it started.
 {
 bin=$(realpath -m "${ECSS_BUILD_DIR:-$(dirname "$0")/../build/release}")

@@ -28,23 +28,36 @@
 #include "tests/offload/flip_byte.h"
 
 // Heap bytes asked of operator new by this thread while `counting` (Resume's test below): the
-// replacement counts nothing otherwise, and allocates as the default one does.
+// replacement counts nothing otherwise, and allocates as the default one does. Every form but
+// the aligned ones is replaced, so that a sanitizer's never frees what this one allocated.
 namespace {
 thread_local bool counting = false;
 thread_local size_t counted = 0;
+
+void* CountedNew(size_t bytes) noexcept {
+  if (counting) counted += bytes;
+  return std::malloc(bytes == 0 ? 1 : bytes);
+}
+void* CountedNewOrThrow(size_t bytes) {
+  void* p = CountedNew(bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
 }  // namespace
 
 // GCC takes the replacement's free for one of memory from new (-Wmismatched-new-delete).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-void* operator new(size_t bytes) {
-  if (counting) counted += bytes;
-  void* p = std::malloc(bytes == 0 ? 1 : bytes);
-  if (p == nullptr) throw std::bad_alloc();
-  return p;
-}
+void* operator new(size_t bytes) { return CountedNewOrThrow(bytes); }
+void* operator new[](size_t bytes) { return CountedNewOrThrow(bytes); }
+void* operator new(size_t bytes, const std::nothrow_t&) noexcept { return CountedNew(bytes); }
+void* operator new[](size_t bytes, const std::nothrow_t&) noexcept { return CountedNew(bytes); }
 void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
 void operator delete(void* p, size_t) noexcept { std::free(p); }
+void operator delete[](void* p, size_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
 #pragma GCC diagnostic pop
 
 namespace ecss {
