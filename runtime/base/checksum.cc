@@ -35,7 +35,7 @@ uint32_t Crc32cTable(const uint8_t* data, size_t bytes, uint32_t crc) {
 
 // a(x)·b(x) mod P(x), with polynomials in the reflected order CRC-32C registers use (the top
 // bit is x^0).
-uint32_t MultiplyModP(uint32_t a, uint32_t b) {
+constexpr uint32_t MultiplyModP(uint32_t a, uint32_t b) {
   uint32_t product = 0;
   for (uint32_t bit = 0x80000000u; bit != 0; bit >>= 1) {
     if ((a & bit) != 0) product ^= b;
@@ -44,13 +44,21 @@ uint32_t MultiplyModP(uint32_t a, uint32_t b) {
   return product;
 }
 
-// x^(8·bytes) mod P(x): what appending `bytes` zero bytes multiplies a register by.
+// x^(8·2^k) mod P(x) for k = 0..63, at compile time: x^8, squared again and again.
+constexpr std::array<uint32_t, 64> kZeroBytePowers = [] {
+  std::array<uint32_t, 64> powers{};
+  powers[0] = 0x00800000u;  // x^8
+  for (size_t k = 1; k < powers.size(); ++k) powers[k] = MultiplyModP(powers[k - 1], powers[k - 1]);
+  return powers;
+}();
+
+// x^(8·bytes) mod P(x): what appending `bytes` zero bytes multiplies a register by. One
+// product per set bit of `bytes` (the squarings are the table's): a chunk of a power of two
+// bytes, as the optimizer's checksums join, costs one.
 uint32_t ShiftOperator(uint64_t bytes) {
   uint32_t result = 0x80000000u;  // 1
-  uint32_t power = 0x00800000u;   // x^8, then squared: x^(8·2^k)
-  for (; bytes != 0; bytes >>= 1) {
-    if ((bytes & 1u) != 0) result = MultiplyModP(power, result);
-    power = MultiplyModP(power, power);
+  for (size_t k = 0; bytes != 0; ++k, bytes >>= 1) {
+    if ((bytes & 1u) != 0) result = MultiplyModP(kZeroBytePowers[k], result);
   }
   return result;
 }
