@@ -423,7 +423,7 @@ StatusOr<uint64_t> NvmeUpdater::LoadMaster(uint32_t id) {
   // Loaded as the pipeline loads it: the master as of the version the moments have too.
   StateSlot slot;
   slot.master = s.scratch.as<float>();
-  slot.state0 = slot.master + StateArrayBytes(s.options.expert_elements) / 4;
+  slot.state0 = static_cast<float*>(s.BehindMaster());
   if (StateArrays(s.options.optimizer.kind) == 2) {
     slot.state1 = slot.state0 + s.options.expert_elements;  // one block: m, then v
   }

@@ -175,7 +175,8 @@ for ((round = 0; round < rounds; ++round)); do
   calibrate_now
 done
 # The predictions, once every calibration is in: each hardware file whole, and the same file at
-# the run's optimizer busy time (the "at run" column, above).
+# the run's optimizer busy time (the "at run" column, above). A hardware file given is file 0.
+if [ "$calibrate" = 0 ]; then cp "$hardware" "$work/this-machine.0.json"; fi
 for ((round = 0; round < rounds; ++round)); do
   for config in "${configs[@]}"; do
     read -r model workload <<< "$config"
@@ -188,8 +189,7 @@ for ((round = 0; round < rounds; ++round)); do
         if ((k >= 1 && k <= calibrations)); then nearest+=("$k"); fi
       done
     else
-      nearest=(0)
-      cp "$hardware" "$work/this-machine.0.json"
+      nearest=(0)  # the hardware file given
     fi
     for k in "${nearest[@]}"; do
       "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$work/this-machine.$k.json" \
