@@ -35,7 +35,7 @@ uint64_t Reserved(MemoryTier tier, const DeviceMemoryRules& device, uint64_t byt
 
 // Words of a routing plan of `layers` layers, at most `rows` rows and `experts` active
 // experts each (router/routing_plan.cc: a 2-word preamble, an 8-word directory entry per
-// layer, then per layer its active experts, their offsets and three words per row).
+// layer, three words per row, and per layer its active experts and their offsets).
 uint64_t PlanWords(uint64_t layers, uint64_t rows, uint64_t experts) {
   return 2 + layers * (8 + experts + (experts + 1) + 3 * rows);
 }
@@ -147,10 +147,16 @@ class Planner {
     Add("routing plans", MemoryTier::kDevice, MemoryTag::kOther, 1,
         uint64_t{p.plan_slots} * p.plan_slot_bytes);
     // RRE routes by tables: one per domain, an expert index per token and sparse layer. They
-    // grow with domains x layers x vocabulary, not with the experts' size or number.
+    // grow with domains x layers x vocabulary, not with the experts' size or number. Each
+    // micro-batch's token ids and plan, copied to the heap, stay from one step to the next,
+    // whose are written in them (RoutingPlan::BuildRre's `recycled`): at most a whole slot.
     if (!gated) {
       Add("RRE routing tables", MemoryTier::kHeap, MemoryTag::kOther, m.domains.size(),
           RreRouter::DomainTableBytes(m.vocab, m.layers));
+      Add("RRE routing plans' host copies", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
+          PlanWords(plan_layers, p.max_rows, std::min(widest, p.max_rows)) * 4);
+      Add("micro-batches' token ids", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
+          uint64_t{o_.limits.max_tokens_per_micro_batch} * sizeof(uint32_t));
     }
     ECSS_RETURN_IF_ERROR(PlanCache(experts));
     ECSS_RETURN_IF_ERROR(

@@ -162,6 +162,7 @@ class StepExecutor {
 
   // Begin's parts: the routing and plan; the optimizer's side.
   Status BuildStep(const std::vector<MicroBatch>& batches);
+  void ClearMicroBatches();
   Status IssuePlanUploads();
   void Expedite();  // Note [Updates in fetch order]
   Status StartUpdates(float loss_scale);
@@ -232,6 +233,10 @@ class StepExecutor {
   // The step.
   bool evaluating_ = false;
   std::vector<MicroBatchWork> micro_;
+  struct SpareBuffers {  // the last steps' micro-batches' (ClearMicroBatches)
+    std::vector<RoutingPlan> plans;
+    std::vector<std::vector<uint32_t>> token_ids;
+  } spare_;
   std::vector<ExpertId> sequence_;
   // The step's plan (learned gates: growing as layers are routed), what of it was issued on
   // which stream (for its host-wait edges), and when its ops ran.

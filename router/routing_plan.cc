@@ -9,87 +9,158 @@
 namespace ecss {
 
 // Note [Plan buffer layout]
-// uint32 words: [num_layers, num_tokens], then per layer a directory entry of kDirectoryWords
-// words {layer, k, num_active, active, offsets, permutation, inverse, weights} where the last
-// five are word offsets from the start of the buffer, then the arrays themselves.
+// uint32 words: [num_layers, num_tokens]; per layer a directory entry of kDirectoryWords words
+// {layer, k, num_active, active, offsets, permutation, inverse, weights}, the last five word
+// offsets from the start of the buffer; then every layer's permutation, inverse and weights
+// (rows words each); then every layer's active experts and offsets. The arrays the rows size
+// come first, so each layer is written in place in one pass before its number of active
+// experts is known: the buffer is sized for min(rows, experts) of them and trimmed after.
 namespace {
 
 constexpr uint32_t kPreambleWords = 2;
 constexpr uint32_t kDirectoryWords = 8;
 
-struct LayerBuild {
-  uint32_t layer;
-  uint32_t k;
-  std::vector<uint32_t> active;
-  std::vector<uint32_t> offsets;
-  std::vector<uint32_t> permutation;
-  std::vector<uint32_t> inverse;
-  std::vector<float> weights;  // per row
-};
+// Note [Counting sort in lanes]: a counting sort's count (++counts[e]) and scatter
+// (counts[e]++) are each a chain through memory wherever consecutive slots go to one expert,
+// and under RRE they mostly do (a sample's tokens all go to its domain's few experts): one
+// store-to-load round trip per slot. So the slots are cut into kLanes consecutive runs, each
+// with its own counts and its own next row per expert, and one loop steps through every run at
+// once: kLanes chains, independent. Run j's rows of an expert follow run j-1's, so the sort
+// stays stable. `ecss-bench router` (4 layers x 32,768 tokens, 2 experts a domain): 288 -> 469
+// M routings/s.
+constexpr uint32_t kLanes = 4;
 
-// Counting sort of slots by expert: stable, O(rows + experts).
-void SortSlots(const uint32_t* expert_of_slot, uint32_t rows, uint32_t num_experts,
-               const float* weight_of_slot, std::vector<uint32_t>& counts, LayerBuild& out) {
-  counts.assign(num_experts, 0);
-  for (uint32_t slot = 0; slot < rows; ++slot) ++counts[expert_of_slot[slot]];
-  out.active.clear();
-  out.offsets.clear();
-  uint32_t row = 0;
-  for (uint32_t expert = 0; expert < num_experts; ++expert) {
-    const uint32_t count = counts[expert];
-    if (count == 0) continue;
-    out.active.push_back(expert);
-    out.offsets.push_back(row);
-    counts[expert] = row;  // now the next free row of the expert
-    row += count;
+// Calls visit(lane, slot) for every slot of `rows`, the kLanes runs stepped through together.
+template <typename Visit>
+void ForEachSlotInLanes(uint32_t rows, Visit&& visit) {
+  const uint32_t run = (rows + kLanes - 1) / kLanes;
+  uint32_t first[kLanes], length[kLanes];
+  for (uint32_t j = 0; j < kLanes; ++j) {
+    first[j] = std::min(rows, j * run);
+    length[j] = std::min(rows, (j + 1) * run) - first[j];
   }
-  out.offsets.push_back(row);
-  out.permutation.resize(rows);
-  out.inverse.resize(rows);
-  out.weights.resize(rows);
-  for (uint32_t slot = 0; slot < rows; ++slot) {
-    const uint32_t target = counts[expert_of_slot[slot]]++;
-    out.permutation[target] = slot;
-    out.inverse[slot] = target;
-    out.weights[target] = weight_of_slot ? weight_of_slot[slot] : 1.0f;
+  const uint32_t together = length[kLanes - 1];  // the last run is the shortest
+  for (uint32_t i = 0; i < together; ++i) {
+    for (uint32_t j = 0; j < kLanes; ++j) visit(j, first[j] + i);
+  }
+  for (uint32_t j = 0; j < kLanes; ++j) {
+    for (uint32_t i = together; i < length[j]; ++i) visit(j, first[j] + i);
   }
 }
 
-std::vector<uint32_t> Pack(uint32_t num_tokens, const std::vector<LayerBuild>& layers) {
+// One layer's slots before they are sorted by expert.
+struct LayerSlots {
+  uint32_t layer = 0;
+  uint32_t k = 1;
+  uint32_t rows = 0;
+  uint32_t num_experts = 0;
+  const uint32_t* expert_of_slot = nullptr;  // [rows], each < num_experts; null: Write routes
+  const float* weight_of_slot = nullptr;     // [rows], or null: every row weighs 1
+};
+
+// The buffer's words at most (Note [Plan buffer layout]); InvalidArgument where its word
+// offsets would not fit 32 bits.
+StatusOr<size_t> MostWords(const std::vector<LayerSlots>& layers) {
   size_t words = kPreambleWords + kDirectoryWords * layers.size();
-  for (const LayerBuild& l : layers) {
-    words += l.active.size() + l.offsets.size() + 3 * l.permutation.size();
+  for (const LayerSlots& l : layers) {
+    words += size_t{3} * l.rows + size_t{2} * std::min(l.rows, l.num_experts) + 1;
   }
-  std::vector<uint32_t> storage;
-  storage.reserve(words);
-  storage.push_back(static_cast<uint32_t>(layers.size()));
-  storage.push_back(num_tokens);
-  storage.resize(kPreambleWords + kDirectoryWords * layers.size());
-  auto append = [&storage](const void* data, size_t count) {
-    const auto at = static_cast<uint32_t>(storage.size());
-    storage.resize(storage.size() + count);
-    std::memcpy(storage.data() + at, data, count * sizeof(uint32_t));
-    return at;
-  };
+  if (words > UINT32_MAX) {
+    return InvalidArgumentError(StrCat("a plan of ", layers.size(), " layer(s) of ",
+                                       layers.empty() ? 0 : layers[0].rows,
+                                       " rows is too large for 32-bit offsets"));
+  }
+  return words;
+}
+
+// The plan of `layers` (MostWords checked), written into `storage` (whatever it held: its
+// capacity is reused). A layer without expert_of_slot (and so without weight_of_slot) has
+// route(index, experts) write its slots' experts, into the words its weights take after them.
+template <typename Route>
+std::vector<uint32_t> Write(std::vector<uint32_t> storage, size_t most_words, uint32_t num_tokens,
+                            const std::vector<LayerSlots>& layers, Route&& route) {
+  storage.reserve(most_words);  // exactly: the memory plan counts a recycled buffer this large
+  storage.resize(most_words);
+  storage[0] = static_cast<uint32_t>(layers.size());
+  storage[1] = num_tokens;
+  size_t large_at = kPreambleWords + kDirectoryWords * layers.size(), small_at = large_at;
+  for (const LayerSlots& l : layers) small_at += size_t{3} * l.rows;
+  std::vector<uint32_t> next;  // [kLanes][experts]: rows of each run, then its next free row
   for (size_t i = 0; i < layers.size(); ++i) {
-    const LayerBuild& l = layers[i];
+    const LayerSlots& l = layers[i];
+    const size_t permutation = large_at, inverse = permutation + l.rows, weights = inverse + l.rows;
+    large_at = weights + l.rows;
+    const uint32_t* expert_of = l.expert_of_slot;
+    if (expert_of == nullptr) {
+      ECSS_CHECK(l.weight_of_slot == nullptr) << "routed slots weigh 1";
+      route(i, storage.data() + weights);
+      expert_of = storage.data() + weights;
+    }
+    const uint32_t experts = l.num_experts;
+    next.assign(size_t{kLanes} * experts, 0);
+    ForEachSlotInLanes(l.rows, [&](uint32_t lane, uint32_t slot) {
+      ++next[size_t{lane} * experts + expert_of[slot]];
+    });
+    uint32_t num_active = 0;
+    for (uint32_t e = 0; e < experts; ++e) {
+      uint32_t rows = 0;
+      for (uint32_t j = 0; j < kLanes; ++j) rows += next[size_t{j} * experts + e];
+      num_active += rows > 0 ? 1 : 0;
+    }
+    const size_t active = small_at, offsets = active + num_active;
+    small_at = offsets + num_active + 1;
+    uint32_t row = 0, a = 0;
+    for (uint32_t e = 0; e < experts; ++e) {
+      const uint32_t expert_first = row;
+      for (uint32_t j = 0; j < kLanes; ++j) {
+        const uint32_t count = next[size_t{j} * experts + e];
+        next[size_t{j} * experts + e] = row;
+        row += count;
+      }
+      if (row == expert_first) continue;
+      storage[active + a] = e;
+      storage[offsets + a] = expert_first;
+      ++a;
+    }
+    storage[offsets + a] = row;
     const uint32_t entry[kDirectoryWords] = {l.layer,
                                              l.k,
-                                             static_cast<uint32_t>(l.active.size()),
-                                             append(l.active.data(), l.active.size()),
-                                             append(l.offsets.data(), l.offsets.size()),
-                                             append(l.permutation.data(), l.permutation.size()),
-                                             append(l.inverse.data(), l.inverse.size()),
-                                             append(l.weights.data(), l.weights.size())};
+                                             num_active,
+                                             static_cast<uint32_t>(active),
+                                             static_cast<uint32_t>(offsets),
+                                             static_cast<uint32_t>(permutation),
+                                             static_cast<uint32_t>(inverse),
+                                             static_cast<uint32_t>(weights)};
     std::memcpy(storage.data() + kPreambleWords + kDirectoryWords * i, entry, sizeof(entry));
+    uint32_t* const to_slot = storage.data() + permutation;
+    uint32_t* const to_row = storage.data() + inverse;
+    float* const weight = reinterpret_cast<float*>(storage.data() + weights);
+    if (l.weight_of_slot == nullptr) {
+      ForEachSlotInLanes(l.rows, [&](uint32_t lane, uint32_t slot) {
+        const uint32_t target = next[size_t{lane} * experts + expert_of[slot]]++;
+        to_slot[target] = slot;
+        to_row[slot] = target;
+      });
+      std::fill(weight, weight + l.rows, 1.0f);  // over the routed experts, now read
+    } else {
+      const float* const weight_of = l.weight_of_slot;
+      ForEachSlotInLanes(l.rows, [&](uint32_t lane, uint32_t slot) {
+        const uint32_t target = next[size_t{lane} * experts + expert_of[slot]]++;
+        to_slot[target] = slot;
+        to_row[slot] = target;
+        weight[target] = weight_of[slot];
+      });
+    }
   }
-  ECSS_CHECK(storage.size() == words);
+  ECSS_CHECK(small_at <= most_words);
+  storage.resize(small_at);
   return storage;
 }
 
 }  // namespace
 
-StatusOr<RoutingPlan> RoutingPlan::BuildRre(const RreRouter& router, const MicroBatch& batch) {
+StatusOr<RoutingPlan> RoutingPlan::BuildRre(const RreRouter& router, const MicroBatch& batch,
+                                            RoutingPlan* recycled) {
   const uint64_t num_tokens = uint64_t{batch.batch_size} * batch.seq_len;
   if (num_tokens == 0) return InvalidArgumentError("micro-batch has no tokens");
   if (num_tokens > UINT32_MAX / 2) {
@@ -117,27 +188,28 @@ StatusOr<RoutingPlan> RoutingPlan::BuildRre(const RreRouter& router, const Micro
       }
     }
   }
-
   const auto tokens = static_cast<uint32_t>(num_tokens);
-  std::vector<uint32_t> expert_of(tokens);
-  std::vector<uint32_t> scratch;
-  std::vector<LayerBuild> layers(router.num_layers());
-  for (uint32_t layer = 0; layer < router.num_layers(); ++layer) {
+  std::vector<LayerSlots> layers(router.num_layers());
+  for (uint32_t layer = 0; layer < layers.size(); ++layer) {
+    layers[layer].layer = layer;
+    layers[layer].rows = tokens;
+    layers[layer].num_experts = domains.experts_in_layer(layer);
+  }
+  ECSS_ASSIGN_OR_RETURN(const size_t most_words, MostWords(layers));
+  const auto route = [&](size_t layer, uint32_t* experts) {
     for (uint32_t sample = 0; sample < batch.batch_size; ++sample) {
       const uint32_t d = domain_index[sample];
-      const uint16_t* table = router.LocalTable(layer, d);
+      const uint16_t* table = router.LocalTable(static_cast<uint32_t>(layer), d);
       const uint32_t first = domains.domains()[d].groups[layer].first;
       const size_t base = static_cast<size_t>(sample) * batch.seq_len;
       for (uint32_t position = 0; position < batch.seq_len; ++position) {
-        expert_of[base + position] = first + table[batch.token_ids[base + position]];
+        experts[base + position] = first + table[batch.token_ids[base + position]];
       }
     }
-    layers[layer].layer = layer;
-    layers[layer].k = 1;
-    SortSlots(expert_of.data(), tokens, domains.experts_in_layer(layer), nullptr, scratch,
-              layers[layer]);
-  }
-  return RoutingPlan(Pack(tokens, layers));
+  };
+  std::vector<uint32_t> storage;
+  if (recycled != nullptr) storage = std::move(recycled->storage_);
+  return RoutingPlan(Write(std::move(storage), most_words, tokens, layers, route));
 }
 
 StatusOr<RoutingPlan> RoutingPlan::FromAssignments(uint32_t layer, uint32_t num_experts,
@@ -167,12 +239,15 @@ StatusOr<RoutingPlan> RoutingPlan::FromAssignments(uint32_t layer, uint32_t num_
       }
     }
   }
-  std::vector<LayerBuild> layers(1);
+  std::vector<LayerSlots> layers(1);
   layers[0].layer = layer;
   layers[0].k = k;
-  std::vector<uint32_t> scratch;
-  SortSlots(experts, static_cast<uint32_t>(rows), num_experts, weights, scratch, layers[0]);
-  return RoutingPlan(Pack(num_tokens, layers));
+  layers[0].rows = static_cast<uint32_t>(rows);
+  layers[0].num_experts = num_experts;
+  layers[0].expert_of_slot = experts;
+  layers[0].weight_of_slot = weights;
+  ECSS_ASSIGN_OR_RETURN(const size_t most_words, MostWords(layers));
+  return RoutingPlan(Write({}, most_words, num_tokens, layers, [](size_t, uint32_t*) {}));
 }
 
 uint32_t RoutingPlan::num_layers() const { return storage_[0]; }

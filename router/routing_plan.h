@@ -57,7 +57,11 @@ class RoutingPlan {
  public:
   // Plans for every layer of `router` at once. InvalidArgument names the sample and position
   // of a token id out of the vocabulary; NotFound names a sample's unknown domain.
-  static StatusOr<RoutingPlan> BuildRre(const RreRouter& router, const MicroBatch& batch);
+  // `recycled`: a plan no longer needed, whose buffer this one is built in (no allocation, and
+  // no page faults, where it is large enough: a session's plan of a micro-batch is a few MiB
+  // each step). Once the new plan is built it is as if moved from; on an error, untouched.
+  static StatusOr<RoutingPlan> BuildRre(const RreRouter& router, const MicroBatch& batch,
+                                        RoutingPlan* recycled = nullptr);
 
   // A one-layer plan from explicit choices (a learned gate's top-k): experts and weights are
   // [num_tokens, k]. InvalidArgument for an expert >= num_experts or a token choosing the same

@@ -11,6 +11,7 @@
 
 #include "engine/plan_inputs.h"
 #include "engine/session.h"
+#include "router/routing_plan.h"
 #include "runtime/device/sim/sim_backend.h"
 #include "tests/engine/reference_trainer.h"
 
@@ -103,9 +104,9 @@ TEST(MemoryPlanTest, ListsEveryTierAndRefusesShortBudgets) {
   EXPECT_EQ(PlanMemory(o, {}, 4096).status().code(), StatusCode::kInvalidArgument);
 }
 
-// The RRE router keeps its tables in the heap, outside every allocator: the plan lists them
-// to the byte (the heap tier, in no budget), a learned gate has none, and they grow with the
-// domains, not with the experts' size.
+// The RRE router keeps its tables in the heap, outside every allocator, and the session its
+// routing plans' host copies: the plan lists them to the byte (the heap tier, in no budget), a
+// learned gate has none, and they grow with the domains and tokens, not with the experts' size.
 TEST(MemoryPlanTest, TheRreTablesArePlannedInTheHeap) {
   SessionOptions o = BigExperts();
   o.budgets.pinned_bytes = 0;
@@ -116,16 +117,37 @@ TEST(MemoryPlanTest, TheRreTablesArePlannedInTheHeap) {
   ASSERT_TRUE(plan.ok()) << plan.status();
   StatusOr<RreRouter> router = RouterOf(o.model);
   ASSERT_TRUE(router.ok()) << router.status();
-  EXPECT_EQ(plan->Total(MemoryTier::kHeap), router->table_bytes());
-  EXPECT_EQ(plan->Total(MemoryTier::kHeap), 3u * 3 * 1000 * sizeof(uint16_t));
   const MemoryItem* tables = plan->Find("RRE routing tables");
   ASSERT_NE(tables, nullptr);
   EXPECT_EQ(tables->count, 3u);
+  EXPECT_EQ(tables->total(), router->table_bytes());
+  EXPECT_EQ(tables->total(), 3u * 3 * 1000 * sizeof(uint16_t));
+  // The routing plans' host copies (and token ids), kept for the next step's: one per
+  // micro-batch, each plan as large as the largest plan (every token of the most a micro-batch
+  // holds, every expert active) asks for.
+  const MemoryItem* plans = plan->Find("RRE routing plans' host copies");
+  ASSERT_NE(plans, nullptr);
+  EXPECT_EQ(plans->count, o.limits.max_micro_batches);
+  std::vector<uint32_t> tokens(o.limits.max_tokens_per_micro_batch), domains;
+  for (uint32_t t = 0; t < tokens.size(); ++t) tokens[t] = t * 7 % o.model.vocab;
+  for (uint32_t s = 0; s < tokens.size(); ++s) domains.push_back(s % 3);  // a sample a token
+  StatusOr<RoutingPlan> largest = RoutingPlan::BuildRre(
+      *router, {tokens.data(), static_cast<uint32_t>(tokens.size()), 1, domains.data()});
+  ASSERT_TRUE(largest.ok()) << largest.status();
+  for (uint32_t l = 0; l < o.model.layers; ++l) ASSERT_EQ(largest->layer(l).num_active, 6u);
+  EXPECT_EQ(plans->bytes, largest->bytes());
+  const MemoryItem* tokens_copies = plan->Find("micro-batches' token ids");
+  ASSERT_NE(tokens_copies, nullptr);
+  EXPECT_EQ(tokens_copies->count, o.limits.max_micro_batches);
+  EXPECT_EQ(tokens_copies->bytes, tokens.size() * sizeof(uint32_t));
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap),
+            tables->total() + plans->total() + tokens_copies->total());
   EXPECT_NE(plan->Summary().find("heap"), std::string::npos) << plan->Summary();
-  o.model.d_ff *= 2;  // bigger experts: the same tables
+  const uint64_t heap = plan->Total(MemoryTier::kHeap);
+  o.model.d_ff *= 2;  // bigger experts: the same tables and plans
   plan = PlanMemory(o, {}, 4096);
   ASSERT_TRUE(plan.ok()) << plan.status();
-  EXPECT_EQ(plan->Total(MemoryTier::kHeap), router->table_bytes());
+  EXPECT_EQ(plan->Total(MemoryTier::kHeap), heap);
   o.routing = Routing::kLearnedGate;
   plan = PlanMemory(o, {}, 4096);
   ASSERT_TRUE(plan.ok()) << plan.status();

@@ -106,6 +106,60 @@ TEST(RoutingPlanTest, PlanIsOneRelocatableBuffer) {
   }
 }
 
+// The expert of every slot of `batch` in `layer`, as the router routes it one at a time.
+std::vector<uint32_t> RoutedOneByOne(const RreRouter& router, const Batch& batch, uint32_t layer) {
+  std::vector<uint32_t> experts(batch.tokens.size());
+  for (size_t t = 0; t < experts.size(); ++t) {
+    experts[t] = *router.Route(layer, batch.domains[t / batch.view.seq_len], batch.tokens[t]);
+  }
+  return experts;
+}
+
+// Micro-batches shorter than the sort's lanes, and of lengths that leave its last lane short.
+TEST(RoutingPlanTest, EveryLengthSortsStably) {
+  const RreRouter router = MakeRouter();
+  for (uint32_t seq_len : {1u, 2u, 3u, 4u, 5u, 7u, 9u, 13u}) {
+    for (uint32_t samples : {1u, 2u, 3u}) {
+      Batch batch = RandomBatch(samples, seq_len, 1000, {0, 1, 2}, seq_len * 10 + samples);
+      StatusOr<RoutingPlan> plan = RoutingPlan::BuildRre(router, batch.view);
+      ASSERT_TRUE(plan.ok()) << plan.status();
+      for (uint32_t layer = 0; layer < 4; ++layer) {
+        SCOPED_TRACE(testing::Message() << samples << " x " << seq_len << ", layer " << layer);
+        CheckLayerInvariants(plan->layer(layer), RoutedOneByOne(router, batch, layer));
+      }
+    }
+  }
+}
+
+// A plan built in a recycled buffer, larger or smaller than it needs, is byte for byte the plan
+// built in a new one; a build that fails leaves the recycled plan as it was.
+TEST(RoutingPlanTest, RecycledBuffersBuildTheSamePlans) {
+  const RreRouter router = MakeRouter();
+  const Batch large = RandomBatch(6, 77, 1000, {0, 1, 2}, 21);
+  const Batch small = RandomBatch(2, 50, 1000, {1}, 22);
+  const auto same = [](const RoutingPlan& a, const RoutingPlan& b) {
+    return a.bytes() == b.bytes() && std::memcmp(a.data(), b.data(), a.bytes()) == 0;
+  };
+  StatusOr<RoutingPlan> fresh_large = RoutingPlan::BuildRre(router, large.view);
+  StatusOr<RoutingPlan> fresh_small = RoutingPlan::BuildRre(router, small.view);
+  ASSERT_TRUE(fresh_large.ok() && fresh_small.ok());
+  StatusOr<RoutingPlan> spare = RoutingPlan::BuildRre(router, large.view);
+  ASSERT_TRUE(spare.ok());
+  StatusOr<RoutingPlan> shrunk = RoutingPlan::BuildRre(router, small.view, &*spare);
+  ASSERT_TRUE(shrunk.ok()) << shrunk.status();
+  EXPECT_TRUE(same(*shrunk, *fresh_small));
+  StatusOr<RoutingPlan> grown = RoutingPlan::BuildRre(router, large.view, &*shrunk);
+  ASSERT_TRUE(grown.ok()) << grown.status();
+  EXPECT_TRUE(same(*grown, *fresh_large));
+
+  Batch bad = small;
+  bad.view.token_ids = bad.tokens.data();
+  bad.tokens[3] = 1000;  // out of the vocabulary
+  EXPECT_EQ(RoutingPlan::BuildRre(router, bad.view, &*grown).status().code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_TRUE(same(*grown, *fresh_large)) << "a failed build took the recycled buffer";
+}
+
 TEST(RoutingPlanTest, BadTokensAndDomainsAreNamed) {
   const RreRouter router = MakeRouter();
   Batch batch = RandomBatch(3, 10, 1000, {0}, 1);
