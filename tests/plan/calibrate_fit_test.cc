@@ -1,10 +1,12 @@
 // FitStatePipeline (tools/plan/calibrate.h): a drive's session_fraction and update_overhead_us
 // from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
 // rates while the optimizer is idle and beside it; HelpedRate: the optimizer's rate with the
-// driving thread's help. Without measuring anything.
+// driving thread's help; FitStepBegin and RoutingTableLines: the step's begin per token-layer
+// and per routing table line read. Without measuring anything.
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
+#include "tools/plan/planner.h"
 
 namespace ecss::plan {
 namespace {
@@ -122,6 +124,61 @@ TEST(BusyBeforeDeviceEndTest, TheStepsUpdatesUpToItsLastDeviceOp) {
   EXPECT_EQ(BusyBeforeDeviceEnd(plan), 0);
   plan.mutable_ops() = {GradientCopy(0, 3)};
   EXPECT_EQ(BusyBeforeDeviceEnd(plan), 0);
+}
+
+// Begins that are 4 ns a token-layer plus 25 ns a table line give back both figures, and no
+// per-op figure (the samples cannot tell it).
+TEST(FitStepBeginTest, SamplesOnAPlaneGiveBothFigures) {
+  const auto begin = [](double token_layers, double lines) {
+    return StepBeginSample{token_layers * 4e-9 + lines * 25e-9, token_layers, lines};
+  };
+  HardwareConfig h;
+  h.step_begin_ns_per_op = 900;
+  FitStepBegin({begin(8192, 7000), begin(131072, 25000), begin(524288, 25100)}, h);
+  EXPECT_NEAR(h.routing_ns_per_token_layer, 4, 1e-6);
+  EXPECT_NEAR(h.routing_ns_per_table_line, 25, 1e-6);
+  EXPECT_EQ(h.step_begin_ns_per_op, 0);
+}
+
+// The calibration's three samples as the development VM measured them (Note [The begin's
+// samples], tools/plan/calibrate.cc): the lines read take up what per token-layer alone
+// cannot, and each sample is then within 5%.
+TEST(FitStepBeginTest, TheTablesLinesTakeUpTheSmallStepsExcess) {
+  const auto lines = [](double tokens) { return RoutingTableLines(tokens, 4, 4, 50257); };
+  const std::vector<StepBeginSample> samples = {{0.215e-3, 8192, lines(2048)},
+                                                {1.24e-3, 131072, lines(32768)},
+                                                {2.86e-3, 524288, lines(131072)}};
+  HardwareConfig h;
+  FitStepBegin(samples, h);
+  EXPECT_GT(h.routing_ns_per_token_layer, 0);
+  EXPECT_GT(h.routing_ns_per_table_line, 0);
+  for (const StepBeginSample& s : samples) {
+    const double planned = s.token_layers * h.routing_ns_per_token_layer * 1e-9 +
+                           s.table_lines * h.routing_ns_per_table_line * 1e-9;
+    EXPECT_NEAR(planned / s.seconds, 1, 0.05) << s.token_layers << " token-layers";
+  }
+}
+
+// Where the plane would need a negative figure per line, the token-layers alone, through the
+// origin; samples of no time are left out.
+TEST(FitStepBeginTest, ANegativeFigureLeavesTheOtherAlone) {
+  HardwareConfig h;
+  // More lines and half the token-layers, in less than half the time: per line < 0.
+  FitStepBegin({{1e-3, 250000, 5000}, {0.45e-3, 125000, 20000}, {0, 1e6, 10}}, h);
+  EXPECT_EQ(h.routing_ns_per_table_line, 0);
+  const double a = 250000 / 1e-3, b = 125000 / 0.45e-3;  // each sample's row, over its time
+  EXPECT_NEAR(h.routing_ns_per_token_layer, (a + b) / (a * a + b * b) * 1e9, 1e-9);
+}
+
+// A few token ids read about as many lines; many read every line of every table, once.
+TEST(RoutingTableLinesTest, ALineIsReadOnceHoweverOftenItsTokensAre) {
+  const double table = 1571;  // 50,257 ids x 2 bytes / 64
+  EXPECT_NEAR(RoutingTableLines(8, 1, 1, 50257), 8, 0.05);
+  EXPECT_NEAR(RoutingTableLines(1e7, 4, 3, 50257), 4 * 3 * table, 1e-6);
+  EXPECT_LT(RoutingTableLines(2048, 4, 4, 50257), RoutingTableLines(4096, 4, 4, 50257));
+  // The same tokens over more domains read more tables, each less.
+  EXPECT_LT(RoutingTableLines(65536, 2, 4, 50257), RoutingTableLines(65536, 4, 4, 50257));
+  EXPECT_EQ(RoutingTableLines(2048, 0, 4, 50257), 0);
 }
 
 // A fifth of the busy time on one thread at 1 G/s and the rest on two at 1.6 G/s: the kept

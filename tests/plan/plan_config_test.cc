@@ -155,13 +155,19 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   host_costs.replace(host_costs.find(R"("profile": "h100-sxm")"), 0,
                      R"("host_wait_latency_us": 50.5, )");
   host_costs.replace(host_costs.find(R"("optimizer_threads")"), 0,
-                     R"("routing_ns_per_token_layer": 14, "step_begin_ns_per_op": 900, )"
+                     R"("routing_ns_per_token_layer": 14, "routing_ns_per_table_line": 31, )"
+                     R"("step_begin_ns_per_op": 900, )"
                      R"("gradient_add_gbps": 6.5, "gradient_add_beside_optimizer_gbps": 4.5, )"
                      R"("optimizer_rate_beside_additions": 0.75, )");
   StatusOr<HardwareConfig> costs = ParseHardware(host_costs);
   ASSERT_TRUE(costs.ok()) << costs.status();
   EXPECT_EQ(costs->host_wait_latency_us, 50.5);
   EXPECT_EQ(costs->routing_ns_per_token_layer, 14);
+  EXPECT_EQ(costs->routing_ns_per_table_line, 31);
+  std::string negative_per_line = host_costs;
+  negative_per_line.replace(negative_per_line.find("31"), 2, "-4");
+  EXPECT_EQ(error(negative_per_line),
+            "hardware.host.routing_ns_per_table_line: must be >= 0 (got -4)");
   EXPECT_EQ(costs->gradient_add_gbps, 6.5);
   EXPECT_EQ(costs->gradient_add_beside_optimizer_gbps, 4.5);
   EXPECT_EQ(costs->optimizer_rate_beside_additions, 0.75);

@@ -582,8 +582,8 @@ TEST(StepSimulatorTest, EachNvmeUpdatePaysItsOverheadOnTheDrives) {
 
 // The hardware file's host costs reach the prediction: no-overlap's step, its ops one after
 // another, grows by at least the routing at its begin (per token and layer, every
-// micro-batch's) and a wait before each compute op; a learned gate routes at its forwards, so
-// the routing's cost leaves its steps as they were.
+// micro-batch's, and per line of the tables it reads) and a wait before each compute op; a
+// learned gate routes at its forwards, so the routing's cost leaves its steps as they were.
 TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
   Simulated c;
   ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
@@ -591,6 +591,7 @@ TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
   HardwareConfig costly = c.hardware;
   costly.host_wait_latency_us = 40;
   costly.routing_ns_per_token_layer = 100;
+  costly.routing_ns_per_table_line = 300;
   auto step_seconds = [&](const ModelConfig& model, const HardwareConfig& hardware) {
     std::map<Strategy, double> seconds;
     StatusOr<PlanReport> report = Plan(model, hardware, c.workload);
@@ -604,7 +605,11 @@ TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
   ASSERT_EQ(before.count(Strategy::kNoOverlap), 1u);
   ASSERT_EQ(after.count(Strategy::kNoOverlap), 1u);
   const double layers = c.model.sparse_layers, micro_batches = c.workload.micro_batches;
-  const double routing = 100e-9 * c.workload.tokens_per_micro_batch * micro_batches * layers;
+  const double tokens = c.workload.tokens_per_micro_batch * micro_batches;
+  const double routing =
+      100e-9 * tokens * layers +
+      300e-9 * RoutingTableLines(tokens, c.workload.domains_per_step, layers, c.model.vocab);
+  ASSERT_GT(RoutingTableLines(tokens, c.workload.domains_per_step, layers, c.model.vocab), 0);
   const double waits = 2 * layers * micro_batches * 40e-6;  // forward and backward ops
   EXPECT_GE(after.at(Strategy::kNoOverlap) - before.at(Strategy::kNoOverlap),
             routing + waits - 1e-9);
@@ -614,6 +619,7 @@ TEST(PlannerTest, TheHardwareFilesHostCostsReachThePrediction) {
   ASSERT_TRUE(gate.ok()) << gate.status();
   HardwareConfig routing_only = c.hardware;
   routing_only.routing_ns_per_token_layer = 100;
+  routing_only.routing_ns_per_table_line = 300;
   EXPECT_EQ(step_seconds(*gate, c.hardware), step_seconds(*gate, routing_only));
 }
 

@@ -27,7 +27,9 @@
 namespace ecss::plan {
 namespace {
 
-constexpr uint32_t kCalibrationWarmup = 2;  // steps before the measured ones
+constexpr uint32_t kCalibrationWarmup = 2;          // steps before the measured ones
+constexpr uint32_t kCalibrationVocab = 50257;       // the calibration model's (GPT-2's)
+constexpr uint32_t kCalibrationDomainsPerStep = 4;  // its steps' samples come from
 
 // Least squares of the relative errors for a time that is x times one quantity plus y times
 // another: each sample adds its two quantities over its time (a, b), its row 1 = a x + b y.
@@ -93,7 +95,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   model.sparse_layers = run.layers;
   model.d_model = 512;
   model.d_ff = static_cast<uint32_t>(o.expert_params / (2 * 512));
-  model.vocab = 50257;
+  model.vocab = kCalibrationVocab;
   for (uint32_t d = 0; d < run.domains; ++d) model.domains.push_back({StrCat("domain", d), 2});
   HardwareConfig hardware;
   hardware.device_kind = DeviceKind::kSim;
@@ -106,7 +108,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   WorkloadConfig workload;
   workload.tokens_per_micro_batch = run.tokens_per_micro_batch;
   workload.micro_batches = run.micro_batches;
-  workload.domains_per_step = 4;
+  workload.domains_per_step = kCalibrationDomainsPerStep;
   workload.device_budget_gib = run.device_budget_gib;
   if (!run.store_dir.empty()) workload.states = Tier::kNvme;
   ECSS_ASSIGN_OR_RETURN(const DeviceShard shard, ShardFor(model, hardware, workload));
@@ -145,52 +147,55 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
 
 // The driving thread's work at BeginStep before it issued anything (routing every micro-batch
 // and building the step's plan: StepStats::begin_seconds) in a run's measured steps: their
-// median, with their routed token-layers and the median of the executed plans' ops. Every
+// median, with their routed token-layers and the routing tables' lines they read. Every
 // measured step, not only the few whose plans the session keeps: single begins on the
 // development VM spread 3x within a run (1.1 to 4.6 ms for the same 131,072 token-layers), and
 // a median of 8 of them read 6.8 to 12 ns per token-layer in calibrations minutes apart.
-struct StepBeginSample {
-  double seconds = 0, token_layers = 0, ops = 0;
-};
 
 StatusOr<StepBeginSample> StepBeginOf(const std::vector<StepStats>& stats, size_t warmup,
-                                      uint32_t layers, const std::vector<StepPlan>& executed) {
-  std::vector<double> begins, token_layers, ops;
+                                      uint32_t layers) {
+  std::vector<double> begins, tokens;
   for (size_t s = warmup; s < stats.size(); ++s) {
     if (!(stats[s].begin_seconds > 0) || stats[s].tokens == 0) continue;
     begins.push_back(stats[s].begin_seconds);
-    token_layers.push_back(static_cast<double>(stats[s].tokens) * layers);
+    tokens.push_back(static_cast<double>(stats[s].tokens));
   }
-  for (const StepPlan& plan : executed) ops.push_back(static_cast<double>(plan.ops().size()));
-  if (begins.empty() || ops.empty()) {
-    return InternalError("calibration: no measured step recorded its begin");
-  }
-  return StepBeginSample{Median(begins), Median(token_layers), Median(ops)};
+  if (begins.empty()) return InternalError("calibration: no measured step recorded its begin");
+  const double step_tokens = Median(tokens);
+  return StepBeginSample{
+      Median(begins), step_tokens * layers,
+      RoutingTableLines(step_tokens, kCalibrationDomainsPerStep, layers, kCalibrationVocab)};
 }
 
-// A step's begin as routing per token-layer plus plan building per op, fitted to samples of
-// steps whose tokens differ (ecss steps of 2,048 tokens and of 32,768) by least squares of the
-// relative errors (with two samples, their exact solution); where one figure would come out
-// negative, the other alone. Samples must have begun after a time > 0 (StepBeginOf). The plans' ops
-// differ too little between the samples to tell plan building from a fixed cost per step, and
-// zero-offload's plans of the calibration model, every expert fetched, have too few more ops
-// (83 against 51; their begins differed by no more than the noise): the per-op figure is the
-// begin's part that does not grow with the tokens, spread over the ops. Measured on this VM:
-// `uneven`'s zero-offload steps (1,060 ops) began after 2.4 ms where this predicts about 5;
-// ecss steps of 131,072 tokens of `small` after 4.4 ms.
-void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h) {
-  TwoTermFit fit;
-  for (const StepBeginSample& s : samples) {
-    if (s.seconds > 0) fit.Add(s.token_layers / s.seconds, s.ops / s.seconds);
-  }
-  double per_token_layer = -1, per_op = -1;
-  if (!fit.Solve(&per_token_layer, &per_op) || per_token_layer < 0 || per_op < 0) {
-    const bool routing_only = per_token_layer >= 0 || per_op < 0;
-    per_token_layer = routing_only && fit.aa > 0 ? fit.ay / fit.aa : 0;
-    per_op = routing_only || !(fit.bb > 0) ? 0 : fit.by / fit.bb;
-  }
-  h.routing_ns_per_token_layer = per_token_layer * 1e9;
-  h.step_begin_ns_per_op = per_op * 1e9;
+// Note [The begin's samples]: the begin is mostly RRE routing, which looks every token up in
+// its domain's table (2 bytes a token id: 1,571 cache lines for GPT-2's vocabulary, one table
+// a domain and layer) and sorts the slots by expert. In a step the optimizer streams its
+// states through the shared cache between begins, so the tables' lines a begin reads miss the
+// cache once each, and the begin does not grow in proportion to the tokens. On the
+// development VM (2026-12-05, ecss steps of `small`, medians of 24-50 steps, 4 domains a step)
+// steps of 8,192 token-layers began after 0.21 ms, of 131,072 after 1.2-1.3, of 524,288 after
+// 2.7-3.1: 8 ns a token-layer more between the first two, 4 between the last two, where the
+// tables are read whole. Per token-layer and per op, fitted to the first two, a step of 524,288
+// token-layers over 2 domains (`small ecss-host-4x32k`) was planned to begin after 4.2-5.3 ms
+// where it began after 2.0-2.3. Per token-layer and per line read (RoutingTableLines), fitted
+// to the three (4.3 ns and 26 ns), 24 configurations of 2,048-65,536 tokens, 1-4
+// micro-batches and 2 or 4 domains began within 15% of the model but for two of 2 domains and
+// 131,072 tokens (+54%, +58%), and `deep ecss-host-tight`'s 8 layers within 4%. Not modelled:
+// per op, zero-offload's plans of every expert (1,060 ops of `uneven` began after 1.7-2.3 ms,
+// the model's 0.22: the step's 1%).
+//
+// The begin of ecss steps of two micro-batches of 65,536 tokens (Note [The begin's samples]).
+StatusOr<StepBeginSample> MeasureLargeStepBegin(const CalibrationOptions& o) {
+  constexpr uint32_t kSteps = 16;  // about a second here
+  CalibrationRun run;
+  run.domains = o.domains;  // as the other samples'
+  run.micro_batches = 2;
+  run.tokens_per_micro_batch = 65536;
+  run.device_budget_gib = 4;  // room for the micro-batches' activations
+  MeasuredWindow window;
+  ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
+                        RunCalibrationSteps(o, run, kSteps, window));
+  return StepBeginOf(stats, window.warmup, run.layers);
 }
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once, states in
@@ -213,12 +218,11 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
   }
   MeasuredWindow window;
   std::vector<StepPlan> executed;
-  const bool keep_plans = begin != nullptr || threads > 1;
   ECSS_ASSIGN_OR_RETURN(
       const std::vector<StepStats> stats,
-      RunCalibrationSteps(o, run, o.steps, window, keep_plans ? &executed : nullptr));
+      RunCalibrationSteps(o, run, o.steps, window, threads > 1 ? &executed : nullptr));
   if (begin != nullptr) {
-    ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers, executed));
+    ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers));
   }
   double params = 0, busy = 0;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
@@ -349,7 +353,7 @@ Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_r
     std::vector<StepPlan> executed;
     ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
                           RunCalibrationSteps(o, run, kSteps, window, &executed));
-    ECSS_ASSIGN_OR_RETURN(begin, StepBeginOf(stats, window.warmup, run.layers, executed));
+    ECSS_ASSIGN_OR_RETURN(begin, StepBeginOf(stats, window.warmup, run.layers));
     AddAdditionSamples(executed, samples);
     if (!(one_thread_rate > 0) || !std::isfinite(one_thread_rate)) {
       return InternalError(StrCat("calibration: the one-thread optimizer rate is not positive (",
@@ -408,6 +412,22 @@ StatusOr<NvmeRates> MeasureNvme(const CalibrationOptions& o) {
 }
 
 }  // namespace
+
+void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& h) {
+  TwoTermFit fit;
+  for (const StepBeginSample& s : samples) {
+    if (s.seconds > 0) fit.Add(s.token_layers / s.seconds, s.table_lines / s.seconds);
+  }
+  double per_token_layer = -1, per_line = -1;
+  if (!fit.Solve(&per_token_layer, &per_line) || per_token_layer < 0 || per_line < 0) {
+    const bool tokens_only = per_token_layer >= 0 || per_line < 0;
+    per_token_layer = tokens_only && fit.aa > 0 ? fit.ay / fit.aa : 0;
+    per_line = tokens_only || !(fit.bb > 0) ? 0 : fit.by / fit.bb;
+  }
+  h.routing_ns_per_token_layer = per_token_layer * 1e9;
+  h.routing_ns_per_table_line = per_line * 1e9;
+  h.step_begin_ns_per_op = 0;
+}
 
 void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& h) {
   TwoTermFit fit;  // x and y: seconds per byte beside the optimizer and alone
@@ -497,7 +517,8 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   StepBeginSample many;  // two micro-batches of 16,384 tokens a step
   ECSS_RETURN_IF_ERROR(
       MeasureGradientAdditions(options, base.optimizer_params_per_s_by_threads.at(0), many, base));
-  FitStepBegin({few, many}, base);
+  ECSS_ASSIGN_OR_RETURN(const StepBeginSample large_steps, MeasureLargeStepBegin(options));
+  FitStepBegin({few, many, large_steps}, base);
   ECSS_ASSIGN_OR_RETURN(const NvmeRates nvme, MeasureNvme(options));
   // One drive measured: the base's drives (or this machine's one) get its speed.
   const size_t drives = std::max<size_t>(1, base.nvme.size());
@@ -567,6 +588,7 @@ std::string HardwareJson(const HardwareConfig& h) {
     json.EndArray();
   }
   json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer)
+      .Field("routing_ns_per_table_line", h.routing_ns_per_table_line)
       .Field("step_begin_ns_per_op", h.step_begin_ns_per_op)
       .Field("gradient_add_gbps", h.gradient_add_gbps)
       .Field("gradient_add_beside_optimizer_gbps", h.gradient_add_beside_optimizer_gbps)

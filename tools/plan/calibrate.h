@@ -27,9 +27,9 @@
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
 //    per op of the step's plan (StepStats::begin_seconds, the median over every measured step
 //    of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of two
-//    micro-batches of 16,384: the two figures that give both; at 2,048 tokens alone
-//    the begin looked like 52 ns per token-layer here, which made a step of 131,072 tokens
-//    begin after 27 ms where it took 4.4; routing_ns_per_token_layer, step_begin_ns_per_op),
+//    micro-batches of 16,384 and of 65,536: FitStepBegin; at 2,048 tokens alone the begin
+//    looked like 52 ns per token-layer here, which made a step of 131,072 tokens begin after
+//    27 ms where it took 4.4; routing_ns_per_token_layer, step_begin_ns_per_op),
 //    and, where the base's device is simulated, the host's wait before an op it issues once
 //    its dependencies ended (no-overlap steps' executed plans: each compute op's and update's
 //    dependencies' end to its issue, the mean; host_wait_latency_us).
@@ -96,6 +96,19 @@ struct StatePipelineSample {
 // fast in plan-vs-run.
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
                       NvmeDrive& drive);
+// A step's begin (StepStats::begin_seconds: routing every micro-batch and building the step's
+// plan), the median over a run's measured steps, with the steps' token-layers and the cache
+// lines of the routing tables they read (RoutingTableLines).
+struct StepBeginSample {
+  double seconds = 0, token_layers = 0, table_lines = 0;
+};
+// routing_ns_per_token_layer and routing_ns_per_table_line from samples whose tokens differ
+// (the calibration's: ecss steps of 2,048 tokens, of 2 x 16,384 and of 2 x 65,536, over 4
+// domains): seconds = token_layers x the one + table_lines x the other, by least squares of the
+// relative errors; where either would come out negative, the other alone (samples of no time
+// are left out). step_begin_ns_per_op becomes 0: the samples' plans have 51-68 ops, too few
+// apart to tell plan building from the rest (Note [The begin's samples]).
+void FitStepBegin(const std::vector<StepBeginSample>& samples, HardwareConfig& hardware);
 // One gradient addition of an executed plan: its bytes, its time (from its start, once its copy
 // and the addition before it ended, to its end), and the share of that time in which an update
 // ran (the plan's update ops, carried-in ones too, as their spans in that step's time).

@@ -540,6 +540,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(
         o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer, false, kNanoseconds));
     ECSS_RETURN_IF_ERROR(
+        o.Number("routing_ns_per_table_line", &h.routing_ns_per_table_line, false, kNanoseconds));
+    ECSS_RETURN_IF_ERROR(
         o.Number("step_begin_ns_per_op", &h.step_begin_ns_per_op, false, kNanoseconds));
     ECSS_RETURN_IF_ERROR(o.Number("gradient_add_gbps", &h.gradient_add_gbps, false, kOptionalRate));
     ECSS_RETURN_IF_ERROR(o.Number("gradient_add_beside_optimizer_gbps",

@@ -80,10 +80,13 @@ struct HardwareConfig {
   std::vector<double> optimizer_params_per_s_by_threads;
   // The driving thread's work when a step begins, before it issues anything, per token and
   // sparse layer of the step (RRE routing each micro-batch's tokens through each layer's
-  // tables) and per op of the step's plan (building it). --calibrate fits both to a session's
-  // steps of 2,048 and 32,768 tokens; 0: not modelled. (A learned gate routes, and plans, at
-  // each layer's forward; not modelled.)
+  // tables), per cache line of the step's tables it reads (RoutingTableLines: the first read
+  // of each misses the cache where the optimizer streams its states between begins) and per
+  // op of the step's plan (building it). --calibrate fits the first two to a session's steps
+  // of 2,048 to 131,072 tokens (FitStepBegin) and leaves the third 0; 0: not modelled. (A
+  // learned gate routes, and plans, at each layer's forward; not modelled.)
   double routing_ns_per_token_layer = 0;
+  double routing_ns_per_table_line = 0;
   double step_begin_ns_per_op = 0;
   // A later micro-batch's gradients added into the step's accumulators on the host (a host
   // stream of their own, one addition at a time), GB/s of gradients added while no optimizer

@@ -174,8 +174,12 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   const double per_op = static_cast<double>(model.dense_params) / hardware.devices_per_node *
                         workload.tokens_per_micro_batch / layers / flops_per_s;
   if (model.routing == Routing::kRre) {  // a learned gate routes, and plans, at each forward
-    rates.begin_step_seconds = hardware.routing_ns_per_token_layer * 1e-9 *
-                               workload.tokens_per_micro_batch * workload.micro_batches * layers;
+    const double tokens =
+        static_cast<double>(workload.tokens_per_micro_batch) * workload.micro_batches;
+    rates.begin_step_seconds =
+        hardware.routing_ns_per_token_layer * 1e-9 * tokens * layers +
+        hardware.routing_ns_per_table_line * 1e-9 *
+            RoutingTableLines(tokens, shard.domains_per_step, layers, model.vocab);
     rates.begin_step_seconds_per_op = hardware.step_begin_ns_per_op * 1e-9;
   }
   rates.dense_forward_seconds = 2 * per_op;
@@ -193,6 +197,13 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
 }  // namespace
 
 // ---- Shards and options -----------------------------------------------------------------------
+
+double RoutingTableLines(double tokens, uint32_t domains, uint32_t layers, uint32_t vocab) {
+  if (domains == 0 || vocab == 0) return 0;
+  const double lines = std::ceil(vocab * sizeof(uint16_t) / 64.0);  // one table's
+  const double reads = tokens / domains;                            // of each table
+  return static_cast<double>(domains) * layers * lines * -std::expm1(-reads / lines);
+}
 
 StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& hardware,
                                const WorkloadConfig& workload) {

@@ -44,6 +44,11 @@ struct DeviceShard {
 };
 StatusOr<DeviceShard> ShardFor(const ModelConfig& model, const HardwareConfig& hardware,
                                const WorkloadConfig& workload);
+// The cache lines (64 bytes) of the RRE routing tables a step reads, the expected number:
+// `domains` tables a sparse layer (2 bytes a token id of `vocab`), each read at `tokens` /
+// `domains` token ids drawn uniformly (StepSampler's), each line once however often it is read
+// (HardwareConfig::routing_ns_per_table_line).
+double RoutingTableLines(double tokens, uint32_t domains, uint32_t layers, uint32_t vocab);
 
 // The session options of the device's shard for `strategy` (budgets: the device's share of
 // the hardware; states on NVMe get a placeholder directory: nothing is created).
