@@ -5,6 +5,7 @@
 #include "engine/expert_updater.h"
 #include "engine/step_plan.h"
 #include "offload/state_file.h"
+#include "router/routing_plan.h"
 #include "router/rre_router.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/device/backend.h"
@@ -31,13 +32,6 @@ uint64_t Reserved(MemoryTier tier, const DeviceMemoryRules& device, uint64_t byt
       return bytes;  // as the owner's std::vector asks for it
   }
   return bytes;
-}
-
-// Words of a routing plan of `layers` layers, at most `rows` rows and `experts` active
-// experts each (router/routing_plan.cc: a 2-word preamble, an 8-word directory entry per
-// layer, three words per row, and per layer its active experts and their offsets).
-uint64_t PlanWords(uint64_t layers, uint64_t rows, uint64_t experts) {
-  return 2 + layers * (8 + experts + (experts + 1) + 3 * rows);
 }
 
 class Planner {
@@ -142,7 +136,7 @@ class Planner {
     const uint64_t plan_layers = gated ? 1 : m.layers;
     p.plan_slots = o_.limits.max_micro_batches * (gated ? m.layers : 1);
     p.plan_slot_bytes =
-        AlignUp(PlanWords(plan_layers, p.max_rows, std::min(widest, p.max_rows)) * 4,
+        AlignUp(RoutingPlan::MostBytes(plan_layers, p.max_rows, std::min(widest, p.max_rows)),
                 device_.alignment_bytes);
     Add("routing plans", MemoryTier::kDevice, MemoryTag::kOther, 1,
         uint64_t{p.plan_slots} * p.plan_slot_bytes);
@@ -154,7 +148,7 @@ class Planner {
       Add("RRE routing tables", MemoryTier::kHeap, MemoryTag::kOther, m.domains.size(),
           RreRouter::DomainTableBytes(m.vocab, m.layers));
       Add("RRE routing plans' host copies", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
-          PlanWords(plan_layers, p.max_rows, std::min(widest, p.max_rows)) * 4);
+          RoutingPlan::MostBytes(plan_layers, p.max_rows, std::min(widest, p.max_rows)));
       Add("micro-batches' token ids", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
           uint64_t{o_.limits.max_tokens_per_micro_batch} * sizeof(uint32_t));
     }

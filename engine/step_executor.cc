@@ -273,14 +273,20 @@ void StepExecutor::Discard(bool opened) {
 }
 
 // The step's micro-batches are done with. Their routing plans' buffers (RoutingPlan::BuildRre's
-// `recycled`) and token copies are kept for the next step's: a step's plans are a few MiB, and
-// new buffers each step cost their page faults where the allocator had given the pages back
-// (385 faults, 9 ms more of a step's 2 ms routing here, `small ecss-host-4x32k`). The memory
-// plan lists both in the heap.
+// `recycled`) and token copies are kept for the next step's, as many as a step has
+// micro-batches at most: a step's plans are a few MiB, and new buffers each step cost their
+// page faults where the allocator had given the pages back (385 faults, 9 ms more of a step's
+// 2 ms routing here, `small ecss-host-4x32k`). The memory plan lists both in the heap. (A
+// learned gate's micro-batches have neither; one whose routing failed has no plan.)
 void StepExecutor::ClearMicroBatches() {
+  const size_t most = options_.limits.max_micro_batches;
   for (MicroBatchWork& w : micro_) {
-    if (w.plan.has_value()) spare_.plans.push_back(std::move(*w.plan));
-    spare_.token_ids.push_back(std::move(w.token_ids));
+    if (w.plan.has_value() && spare_.plans.size() < most) {
+      spare_.plans.push_back(std::move(*w.plan));
+    }
+    if (w.token_ids.capacity() > 0 && spare_.token_ids.size() < most) {
+      spare_.token_ids.push_back(std::move(w.token_ids));
+    }
   }
   micro_.clear();
 }

@@ -159,10 +159,11 @@ class StepExecutor {
   bool delayed() const { return options_.delayed_update; }
   ExpertUpdater& updater() { return table_.updater(); }
   uint64_t elem() const { return DTypeSize(options_.model.dtype); }
+  // A step's micro-batches done with (a new step's build, Discard, Finish): their buffers kept.
+  void ClearMicroBatches();
 
   // Begin's parts: the routing and plan; the optimizer's side.
   Status BuildStep(const std::vector<MicroBatch>& batches);
-  void ClearMicroBatches();
   Status IssuePlanUploads();
   void Expedite();  // Note [Updates in fetch order]
   Status StartUpdates(float loss_scale);

@@ -6,7 +6,8 @@
 // and views it with DeviceLayer(layer, device_copy).
 // Also: the step's expert access sequence (forward layers 0..L-1, backward L-1..0, per
 // micro-batch) that the prefetcher and the device cache plan with.
-// Thread-compatible; building allocates, views never do. C++17 (nvcc sees it).
+// Thread-compatible; building allocates (but in a recycled plan's buffer where it is large
+// enough), views never do. C++17 (nvcc sees it).
 #pragma once
 
 #include <cstddef>
@@ -73,6 +74,10 @@ class RoutingPlan {
   uint32_t num_layers() const;
   uint32_t num_tokens() const;
   LayerPlan layer(uint32_t index) const { return LayerAt(data(), index); }
+
+  // The bytes of the largest plan of `layers` layers of at most `rows` rows and `active` active
+  // experts each (the most a buffer a plan was built in holds).
+  static uint64_t MostBytes(uint64_t layers, uint64_t rows, uint64_t active);
 
   // The whole plan as bytes, for one transfer.
   const void* data() const { return storage_.data(); }

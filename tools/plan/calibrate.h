@@ -25,11 +25,12 @@
 //    (session_fraction, update_overhead_us: FitStatePipeline). Reads and writes sharing the
 //    drive cost the first, each state's header and version the second.
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
-//    per op of the step's plan (StepStats::begin_seconds, the median over every measured step
-//    of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of two
-//    micro-batches of 16,384 and of 65,536: FitStepBegin; at 2,048 tokens alone the begin
+//    per line of the routing tables it reads (StepStats::begin_seconds, the median over every
+//    measured step of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of
+//    two micro-batches of 16,384 and of 65,536: FitStepBegin; at 2,048 tokens alone the begin
 //    looked like 52 ns per token-layer here, which made a step of 131,072 tokens begin after
-//    27 ms where it took 4.4; routing_ns_per_token_layer, step_begin_ns_per_op),
+//    27 ms where it took 4.4; routing_ns_per_token_layer, routing_ns_per_table_line, and
+//    step_begin_ns_per_op 0: not told apart),
 //    and, where the base's device is simulated, the host's wait before an op it issues once
 //    its dependencies ended (no-overlap steps' executed plans: each compute op's and update's
 //    dependencies' end to its issue, the mean; host_wait_latency_us).
@@ -78,9 +79,10 @@ struct CalibrationOptions {
 };
 
 // `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer,
-// host.step_begin_ns_per_op, host.gradient_add_gbps, host.gradient_add_beside_optimizer_gbps,
-// host.optimizer_rate_beside_additions and nvme measured here, and device.host_wait_latency_us
-// with a simulated device.
+// host.routing_ns_per_table_line, host.gradient_add_gbps, host.gradient_add_beside_optimizer_gbps,
+// host.optimizer_rate_beside_additions and nvme measured here, host.step_begin_ns_per_op 0 (the
+// fit's terms hold the samples' per-op share), and device.host_wait_latency_us with a simulated
+// device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A session's NVMe state pipeline at one expert size, per updated expert: its bytes' time at
 // the drive's measured rates and the time it took.

@@ -176,10 +176,13 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   if (model.routing == Routing::kRre) {  // a learned gate routes, and plans, at each forward
     const double tokens =
         static_cast<double>(workload.tokens_per_micro_batch) * workload.micro_batches;
-    rates.begin_step_seconds =
-        hardware.routing_ns_per_token_layer * 1e-9 * tokens * layers +
-        hardware.routing_ns_per_table_line * 1e-9 *
-            RoutingTableLines(tokens, shard.domains_per_step, layers, model.vocab);
+    // The step's samples go to its domains in turn (StepSampler): fewer samples, fewer tables.
+    const uint64_t samples =
+        uint64_t{workload.tokens_per_micro_batch} / workload.seq_len * workload.micro_batches;
+    const auto domains = static_cast<uint32_t>(std::min<uint64_t>(shard.domains_per_step, samples));
+    rates.begin_step_seconds = hardware.routing_ns_per_token_layer * 1e-9 * tokens * layers +
+                               hardware.routing_ns_per_table_line * 1e-9 *
+                                   RoutingTableLines(tokens, domains, layers, model.vocab);
     rates.begin_step_seconds_per_op = hardware.step_begin_ns_per_op * 1e-9;
   }
   rates.dense_forward_seconds = 2 * per_op;
