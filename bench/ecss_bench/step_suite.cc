@@ -339,11 +339,13 @@ struct StrategyRun {
   std::vector<PathShare> critical_path;  // of the last step of the first run
   // The memory it took: the device memory the session holds (all of it allocated at
   // creation), its pinned and host allocators' peaks and what its plan keeps in the heap
-  // (the RRE tables); the process's peak resident set (VmHWM) after it, which covers the runs
+  // (the RRE tables, and the micro-batches' plans and token ids), of it the tables; the
+  // process's peak resident set (VmHWM) after it, which covers the runs
   // before it too (the simulated device's memory is host memory), and its resident set
   // before any session (the program and its libraries: the fixed overhead; a GPU's context
   // comes later, on top of it).
   uint64_t device_bytes = 0, pinned_peak_bytes = 0, host_peak_bytes = 0, heap_bytes = 0;
+  uint64_t routing_tables_bytes = 0;
   uint64_t peak_rss_bytes = 0, start_rss_bytes = 0;
   uint64_t planned_bytes() const {
     return device_bytes + pinned_peak_bytes + host_peak_bytes + heap_bytes;
@@ -369,6 +371,7 @@ struct StrategyRun {
     pinned_peak_bytes = std::max(pinned_peak_bytes, other.pinned_peak_bytes);
     host_peak_bytes = std::max(host_peak_bytes, other.host_peak_bytes);
     heap_bytes = std::max(heap_bytes, other.heap_bytes);
+    routing_tables_bytes = std::max(routing_tables_bytes, other.routing_tables_bytes);
     peak_rss_bytes = std::max(peak_rss_bytes, other.peak_rss_bytes);
     start_rss_bytes = std::max(start_rss_bytes, other.start_rss_bytes);
     metrics.insert(metrics.end(), other.metrics.begin(), other.metrics.end());
@@ -442,6 +445,8 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
   run.pinned_peak_bytes = session->host_memory_peaks().pinned_bytes;
   run.host_peak_bytes = session->host_memory_peaks().host_bytes;
   run.heap_bytes = session->memory_plan().Total(MemoryTier::kHeap);
+  const MemoryItem* tables = session->memory_plan().Find("RRE routing tables");
+  run.routing_tables_bytes = tables != nullptr ? tables->total() : 0;
   run.peak_rss_bytes = StatusBytes("VmHWM:");
   ECSS_ASSIGN_OR_RETURN(StepPlan plan, session->ExecutedPlan(stats.back().step));
   run.critical_path = CriticalPath(plan);
@@ -574,6 +579,7 @@ void WriteFigures(JsonWriter& json, const StrategyRun& run, bool on_sim,
       .Field("pinned_bytes", run.pinned_peak_bytes)
       .Field("host_bytes", run.host_peak_bytes)
       .Field("heap_bytes", run.heap_bytes)
+      .Field("routing_tables_bytes", run.routing_tables_bytes)
       .Field("peak_rss_bytes", run.peak_rss_bytes)
       .Field("start_rss_bytes", run.start_rss_bytes)
       .EndObject()

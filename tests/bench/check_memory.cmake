@@ -3,8 +3,8 @@
 # domains and one of 800 (the RRE tables grow with domains x layers x vocabulary) and checks,
 # for each, that VmHWM <= device + pinned + host + heap (as planned) + the resident set before
 # the suite made anything (the program and its libraries) + 64 MiB (thread stacks, io_uring
-# rings, allocator metadata); and that the heap (the RRE tables) grows exactly with the
-# domains. Then the same bound for 4 experts of 4 Mi parameters whose initial states are
+# rings, allocator metadata); and that the heap's RRE tables (routing_tables_bytes) grow exactly
+# with the domains. Then the same bound for 4 experts of 4 Mi parameters whose initial states are
 # written before the run (32 MiB of moments an expert: a block of one outside the session's
 # memory would not fit the overhead). Run as:
 #   cmake -DBENCH=ecss-bench -DDIR=scratch-dir -P check_memory.cmake
@@ -51,7 +51,7 @@ foreach(domains 8 800)
   step_memory(memory "${domains} domains" --initial-states unwritten --steps 3 --warmup 1
               --d-model 128 --d-ff 256 --layers ${layers} --domains ${domains})
   check_peak("${domains} domains" "${memory}")
-  string(JSON heap GET "${memory}" heap_bytes)
+  string(JSON heap GET "${memory}" routing_tables_bytes)
   # Each domain's tables: 2 bytes per token and layer, the same for every domain.
   math(EXPR per_domain "${heap} / ${domains}")
   math(EXPR rest "${heap} % (${domains} * ${layers} * 2)")
