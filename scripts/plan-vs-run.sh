@@ -175,7 +175,8 @@ for ((round = 0; round < rounds; ++round)); do
   calibrate_now
 done
 # The predictions, once every calibration is in: each hardware file whole, and the same file at
-# the run's optimizer busy time (the "at run" column, above). A hardware file given is file 0.
+# the run's optimizer busy time (the "at run" column, above), of the workload's strategy alone
+# (the table reads no other). A hardware file given is file 0.
 if [ "$calibrate" = 0 ]; then cp "$hardware" "$work/this-machine.0.json"; fi
 for ((round = 0; round < rounds; ++round)); do
   for config in "${configs[@]}"; do
@@ -193,7 +194,7 @@ for ((round = 0; round < rounds; ++round)); do
     fi
     for k in "${nearest[@]}"; do
       "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$work/this-machine.$k.json" \
-        --json > "$out.alone.$k.plan.json"
+        --only-workload-strategy --json > "$out.alone.$k.plan.json"
       python3 - "$work/this-machine.$k.json" "$out.alone.$k.plan.json" "$out.run.json" \
         "$out.alone.$k.at-run-speed.json" <<'PY'
 import json, sys
@@ -214,7 +215,7 @@ hardware["name"] = hardware.get("name", "hardware") + " at the run's optimizer b
 json.dump(hardware, open(sys.argv[4], "w"))
 PY
       "$bin/tools/plan/ecss-plan" "${files[@]}" --hardware "$out.alone.$k.at-run-speed.json" \
-        --json > "$out.alone.$k.at-run-speed.plan.json"
+        --only-workload-strategy --json > "$out.alone.$k.at-run-speed.plan.json"
     done
   done
 done

@@ -712,6 +712,36 @@ TEST(PlannerTest, ImpossibleBudgetsAndPlacementsAreReported) {
   EXPECT_NE(report->predictions.front().why_not.find("no NVMe drives"), std::string::npos);
 }
 
+// --only-workload-strategy: the workload's prediction alone, the very one the comparison
+// starts with (each strategy's simulation is its own).
+TEST(PlannerTest, TheWorkloadsStrategyAloneIsTheComparisonsFirst) {
+  auto model = LoadModel("bench-default");
+  auto hardware = ParseHardware(kHardware);
+  auto workload = ParseWorkload(R"({"tokens_per_micro_batch": 1024, "micro_batches": 2,
+      "strategy": "zero-offload"})");
+  ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok());
+  auto every = Plan(*model, *hardware, *workload);
+  auto alone = Plan(*model, *hardware, *workload, Strategies::kWorkloads);
+  ASSERT_TRUE(every.ok() && alone.ok()) << every.status() << alone.status();
+  ASSERT_EQ(every->predictions.size(), 4u);
+  ASSERT_EQ(alone->predictions.size(), 1u);
+  const StrategyPrediction& a = alone->predictions[0];
+  const StrategyPrediction& e = every->predictions[0];
+  EXPECT_EQ(a.strategy, Strategy::kZeroOffload);
+  ASSERT_TRUE(a.feasible && e.feasible) << a.why_not << e.why_not;
+  EXPECT_EQ(a.step_seconds, e.step_seconds);
+  EXPECT_EQ(a.tokens_per_s, e.tokens_per_s);
+  EXPECT_EQ(a.metrics.bottleneck, e.metrics.bottleneck);
+  EXPECT_EQ(a.last_plan.ops().size(), e.last_plan.ops().size());
+  EXPECT_EQ(alone->memory.items.size(), every->memory.items.size());
+  EXPECT_EQ(alone->feasible, every->feasible);
+  // --optimize takes it too: the chosen workload's strategy alone.
+  auto best = Optimize(*model, *hardware, *workload, Strategies::kWorkloads);
+  ASSERT_TRUE(best.ok()) << best.status();
+  EXPECT_EQ(best->predictions.size(), 1u);
+  EXPECT_FALSE(best->optimized.empty());
+}
+
 // --optimize: a model whose states do not fit host memory gets them on NVMe, and says so.
 TEST(PlannerTest, OptimizeMovesTheStatesThatDoNotFitToNvme) {
   auto model = LoadModel("bench-default");  // 320 experts of 1 Mi parameters: 3.75 GiB of states

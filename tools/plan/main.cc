@@ -22,7 +22,8 @@ constexpr int kFits = 0, kBadInput = 2, kDoesNotFit = 3;
 
 constexpr std::string_view kUsage =
     "usage: ecss-plan --model FILE|PRESET --hardware FILE|PRESET [--workload FILE]\n"
-    "                 [--optimize] [--json] [--no-bars] [--dump-plan FILE]\n"
+    "                 [--optimize] [--only-workload-strategy] [--json] [--no-bars]\n"
+    "                 [--dump-plan FILE]\n"
     "       ecss-plan --list-presets\n"
     "       ecss-plan --calibrate OUT.json [--hardware FILE|PRESET] [--dir DIR]\n"
     "Plans one training step of an ECSS session per device: where every byte lives (device,\n"
@@ -31,11 +32,13 @@ constexpr std::string_view kUsage =
     "input. --optimize: the placement and micro-batch split of the step's tokens that run\n"
     "fastest within the budgets, with the bottleneck before and after. --dump-plan: the last\n"
     "simulated step's plan of the workload's strategy as JSON, each op's simulated times (the\n"
-    "format of ecss-bench step --dump-plan's executed plan). Without --workload: 2,048 tokens\n"
-    "a micro-batch, 4 domains a step, ecss, states in host memory. --calibrate measures this\n"
-    "machine's CPU optimizer, NVMe (in DIR, default .), the host's work at a step's begin, its\n"
-    "gradient additions and its wait for the simulated device through the runtime's code and\n"
-    "writes the base hardware (default this-machine) with them.\n"
+    "format of ecss-bench step --dump-plan's executed plan). --only-workload-strategy: the\n"
+    "workload's strategy alone, not the others (the same prediction, no comparison, sooner).\n"
+    "Without --workload: 2,048 tokens a micro-batch, 4 domains a step, ecss, states in host\n"
+    "memory. --calibrate measures this machine's CPU optimizer, NVMe (in DIR, default .), the\n"
+    "host's work at a step's begin, its gradient additions and its wait for the simulated\n"
+    "device through the runtime's code and writes the base hardware (default this-machine)\n"
+    "with them.\n"
     "tools/plan/README.md describes the files' fields.\n";
 
 int BadInput(std::string_view message) {
@@ -48,6 +51,7 @@ int BadInput(std::string_view message) {
 int main(int argc, char** argv) {
   std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dump_arg, dir_arg = ".";
   bool json = false, optimize = false, bars = isatty(STDOUT_FILENO) != 0;
+  ecss::plan::Strategies strategies = ecss::plan::Strategies::kEvery;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -80,6 +84,8 @@ int main(int argc, char** argv) {
       ok = value(&dump_arg);
     } else if (arg == "--optimize") {
       optimize = true;
+    } else if (arg == "--only-workload-strategy") {
+      strategies = ecss::plan::Strategies::kWorkloads;
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--no-bars") {
@@ -117,8 +123,8 @@ int main(int argc, char** argv) {
   ecss::StatusOr<ecss::plan::WorkloadConfig> workload = ecss::plan::DefaultWorkloadFor(*model);
   if (!workload_arg.empty()) workload = ecss::plan::LoadWorkload(workload_arg);
   if (!workload.ok()) return BadInput(workload.status().ToString());
-  auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload)
-                         : ecss::plan::Plan(*model, *hardware, *workload);
+  auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload, strategies)
+                         : ecss::plan::Plan(*model, *hardware, *workload, strategies);
   if (!report.ok()) return BadInput(report.status().ToString());
   if (!dump_arg.empty()) {
     const ecss::plan::StrategyPrediction& given = report->predictions.at(0);

@@ -629,12 +629,8 @@ StatusOr<std::vector<std::string>> Suggest(const DeviceShard& shard, const Model
 
 }  // namespace
 
-namespace {
-
-// The report, with predictions for the workload's strategy and, unless `only_workloads`, the
-// other strategies.
-StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& hardware,
-                              const WorkloadConfig& workload, bool only_workloads) {
+StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
+                          const WorkloadConfig& workload, Strategies strategies) {
   const auto began = std::chrono::steady_clock::now();
   PlanReport r;
   r.model = model;
@@ -675,24 +671,17 @@ StatusOr<PlanReport> PlanWith(const ModelConfig& model, const HardwareConfig& ha
   if (!r.feasible) {
     ECSS_ASSIGN_OR_RETURN(r.suggestions, Suggest(r.shard, model, hardware, workload, fit));
   }
-  std::vector<Strategy> strategies = {workload.strategy};
+  std::vector<Strategy> predicted = {workload.strategy};
   for (Strategy s :
        {Strategy::kEcss, Strategy::kZeroOffload, Strategy::kNoOverlap, Strategy::kNaive}) {
-    if (s != workload.strategy && !only_workloads) strategies.push_back(s);
+    if (s != workload.strategy && strategies == Strategies::kEvery) predicted.push_back(s);
   }
-  for (Strategy s : strategies) {
+  for (Strategy s : predicted) {
     ECSS_ASSIGN_OR_RETURN(StrategyPrediction p, Predict(r.shard, model, hardware, workload, s));
     r.predictions.push_back(std::move(p));
   }
   r.plan_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - began).count();
   return r;
-}
-
-}  // namespace
-
-StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
-                          const WorkloadConfig& workload) {
-  return PlanWith(model, hardware, workload, false);
 }
 
 namespace {
@@ -714,9 +703,9 @@ std::string Outcome(const PlanReport& r) {
 }  // namespace
 
 StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& hardware,
-                              const WorkloadConfig& workload) {
+                              const WorkloadConfig& workload, Strategies strategies) {
   const auto began = std::chrono::steady_clock::now();
-  ECSS_ASSIGN_OR_RETURN(PlanReport given, PlanWith(model, hardware, workload, true));
+  ECSS_ASSIGN_OR_RETURN(PlanReport given, Plan(model, hardware, workload, Strategies::kWorkloads));
   const uint64_t step_tokens = uint64_t{workload.tokens_per_micro_batch} * workload.micro_batches;
   std::optional<PlanReport> best;  // a change must beat the given workload by 1% to be chosen
   if (given.feasible && given.predictions.front().feasible) best = given;
@@ -732,7 +721,7 @@ StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& ha
       w.states = states;
       w.micro_batches = split;
       w.tokens_per_micro_batch = static_cast<uint32_t>(step_tokens / split);
-      ECSS_ASSIGN_OR_RETURN(PlanReport r, PlanWith(model, hardware, w, true));
+      ECSS_ASSIGN_OR_RETURN(PlanReport r, Plan(model, hardware, w, Strategies::kWorkloads));
       tried.push_back(StrCat(Describe(w), ": ", Outcome(r)));
       const StrategyPrediction& p = r.predictions.front();
       if (!r.feasible || !p.feasible) continue;
@@ -741,8 +730,9 @@ StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& ha
       }
     }
   }
-  // The chosen workload's whole report (every strategy).
-  ECSS_ASSIGN_OR_RETURN(PlanReport out, Plan(model, hardware, best ? best->workload : workload));
+  // The chosen workload's whole report.
+  ECSS_ASSIGN_OR_RETURN(PlanReport out,
+                        Plan(model, hardware, best ? best->workload : workload, strategies));
   out.optimized.push_back(StrCat("given:  ", Describe(workload), ": ", Outcome(given)));
   out.optimized.push_back(best ? StrCat("chosen: ", Describe(out.workload), ": ", Outcome(out))
                                : "chosen: nothing tried fits");

@@ -164,17 +164,25 @@ struct PlanReport {
   std::vector<std::string> optimized;
 };
 
+// Which strategies a report predicts: the workload's and the three others (the comparison,
+// ecss's ratio to each), or the workload's alone (about a quarter of the simulation; what
+// plan-vs-run reads).
+enum class Strategies { kEvery, kWorkloads };
+
 StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
-                          const WorkloadConfig& workload);
+                          const WorkloadConfig& workload,
+                          Strategies strategies = Strategies::kEvery);
 
 // --optimize: the workload's strategy with each placement (weights pinned or on NVMe, master
 // and moments in host memory or on NVMe) and micro-batch split (the step's tokens in 1, 2, 4
 // or 8 micro-batches, of whole samples) that fits, simulated; the report of the fastest, with
 // `optimized` saying what it changed and the bottleneck before and after. The prefetch window
 // is left at every free cache slot: in the model a smaller window never helps (it saves no
-// memory, the slots are the budget's).
+// memory, the slots are the budget's). The candidates are simulated with the workload's strategy
+// alone; `strategies` are the chosen one's.
 StatusOr<PlanReport> Optimize(const ModelConfig& model, const HardwareConfig& hardware,
-                              const WorkloadConfig& workload);
+                              const WorkloadConfig& workload,
+                              Strategies strategies = Strategies::kEvery);
 
 // The report as JSON (the step bench's field names where they mean the same) and as a table.
 void WriteJson(const PlanReport& report, JsonWriter& json);
