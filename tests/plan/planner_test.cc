@@ -486,6 +486,15 @@ TEST(StepSimulatorTest, AdditionsBesideTheOptimizerRunAtTheirOwnRate) {
   EXPECT_GT(slowed, 0u);
 }
 
+// A slow optimizer (2.5e7 parameters/s) beside additions of 0.5 GB/s at its full rate, and
+// at half of it (optimizer_rate_beside_additions 0.5).
+ResourceRates BesideAdditionsRates(const Simulated& c, double share) {
+  ResourceRates rates{.device = c.hardware.device, .optimizer_params_per_s = 2.5e7};
+  rates.gradient_add_gbps = 0.5;
+  rates.optimizer_rate_beside_additions = share;
+  return rates;
+}
+
 // Note [The optimizer beside the additions]: with optimizer_rate_beside_additions < 1 a step's
 // updates that run beside its additions take longer (the step's updates end later in some step,
 // never sooner), and the share must lie in (0, 1].
@@ -494,12 +503,9 @@ TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
   SessionOptions options;
   std::vector<StepPlan> plans;
   ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(4, &c, &options, &plans));
-  ResourceRates full{.device = c.hardware.device, .optimizer_params_per_s = 2.5e7};
-  full.gradient_add_gbps = 0.5;
-  ResourceRates half = full;
-  half.optimizer_rate_beside_additions = 0.5;
+  const ResourceRates full = BesideAdditionsRates(c, 1);
   auto unaffected = StepSimulator::Create(options, full);
-  auto slowed = StepSimulator::Create(options, half);
+  auto slowed = StepSimulator::Create(options, BesideAdditionsRates(c, 0.5));
   ASSERT_TRUE(unaffected.ok() && slowed.ok());
   auto updates_end = [](const StepPlan& plan) {
     double end = 0;
@@ -534,6 +540,51 @@ TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
     const Status refused = StepSimulator::Create(options, bad).status();
     EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << share;
     EXPECT_NE(refused.message().find("optimizer_rate_beside_additions"), std::string::npos);
+  }
+}
+
+// Note [The optimizer beside the additions]: the step before's updates that run on beside a
+// step's additions are slowed too (ecss: they overlap the step after's device work), from its
+// first addition on. A step of one micro-batch (no additions: its updates run at the full
+// rate) then one of four: the first step's updates end later beside the second's additions,
+// by at most what those additions' time lost at the share.
+TEST(StepSimulatorTest, TheStepBeforesUpdatesBesideTheAdditionsAreSlowedToo) {
+  Simulated c;
+  SessionOptions options, one_options;
+  std::vector<StepPlan> four, one;
+  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(2, &c, &options, &four));
+  c.workload.micro_batches = 1;
+  ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kEcss, 1, &one_options, &one));
+  const ResourceRates full = BesideAdditionsRates(c, 1);
+  auto unaffected = StepSimulator::Create(options, full);
+  auto slowed = StepSimulator::Create(options, BesideAdditionsRates(c, 0.5));
+  ASSERT_TRUE(unaffected.ok() && slowed.ok());
+  StepPlan first_alone = one[0], first_beside = one[0];
+  ASSERT_TRUE(unaffected->Run(first_alone).ok());
+  ASSERT_TRUE(slowed->Run(first_beside).ok());
+  ASSERT_TRUE(first_alone.Find(OpKind::kAccumulate).empty());
+  StepPlan alone = four[1], beside = four[1];
+  ASSERT_TRUE(unaffected->Run(alone).ok());
+  ASSERT_TRUE(slowed->Run(beside).ok());
+  auto carried_end = [](const StepPlan& plan) {
+    for (const PlanOp& op : plan.ops()) {
+      if (op.kind == OpKind::kUpdate && op.step_offset == -1) return op.end_s;
+    }
+    return -1.0;
+  };
+  const std::vector<const PlanOp*> additions = beside.Find(OpKind::kAccumulate);
+  ASSERT_FALSE(additions.empty());
+  // The first step's updates ran on past the second's first addition.
+  ASSERT_GT(carried_end(alone), additions.front()->start_s);
+  EXPECT_GT(carried_end(beside), carried_end(alone) + 1e-9);
+  double adding = 0;
+  for (const PlanOp* add : additions) adding += add->end_s - add->start_s;
+  EXPECT_LE(carried_end(beside) - carried_end(alone), adding * (1 / 0.5 - 1) + 1e-9);
+  // One optimizer: the step's own updates start once the step before's ended.
+  for (const PlanOp* update : beside.Find(OpKind::kUpdate)) {
+    if (update->step_offset == 0) {
+      EXPECT_GE(update->start_s, carried_end(beside) - 1e-12);
+    }
   }
 }
 

@@ -17,10 +17,11 @@
 // (Note [The driving thread helps]). Later micro-batches' gradient additions run one at a time
 // on the host's add stream, bytes / GB/s each, at a lower rate where the optimizer updates
 // beside them (Note [Additions beside the optimizer]); once a step's additions are known its
-// updates are re-timed at a share of the optimizer's rate where they ran beside one (Note [The
-// optimizer beside the additions]); and a gradient copy into one of the two pinned staging halves
-// waits for that half's last addition (the whole copy op: the executor's copies of the op's experts
-// without gradients yet go ahead of the wait).
+// updates, and the step before's that ran on beside them, are re-timed at a share of the
+// optimizer's rate where they ran beside one (Note [The optimizer beside the additions]); and a
+// gradient copy into one of the two pinned staging halves waits for that half's last addition (the
+// whole copy op: the executor's copies of the op's experts without gradients yet go ahead of the
+// wait).
 //
 // Steps follow each other: a step begins when the previous one's EndStep returned (its device
 // work done, and its updates for the strategies whose step waits for them); its carried-in
@@ -144,6 +145,7 @@ class StepSimulator {
     std::map<uint32_t, std::map<uint32_t, double>> expert_end;  // update-like op -> expert -> end
     int64_t fetch_gate = -1;  // the carried-in op that stands for step t-1's updates, per expert
     double device_end = 0, update_end = 0;
+    double first_addition = -1;  // when its first gradient addition started (none: -1)
   };
 
   UpdateRecord* UpdatesOf(const Pass& pass, int32_t offset);
@@ -155,8 +157,9 @@ class StepSimulator {
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
   double AdditionEnd(double start, double seconds) const;
-  // Re-times `record`'s updates beside the additions; false where nothing changed.
-  bool SlowBesideAdditions(UpdateRecord& record);
+  // Re-times the pass's updates beside the additions, and the step before's that ran on beside
+  // the pass's; false where nothing changed.
+  bool SlowBesideAdditions(const Pass& pass, UpdateRecord& record);
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
   double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
