@@ -546,13 +546,15 @@ TEST(StepSimulatorTest, TheOptimizerBesideTheAdditionsKeepsItsShareOfItsRate) {
 // Note [The optimizer beside the additions]: the step before's updates that run on beside a
 // step's additions are slowed too (ecss: they overlap the step after's device work), from its
 // first addition on. A step of one micro-batch (no additions: its updates run at the full
-// rate) then one of four: the first step's updates end later beside the second's additions,
-// by at most what those additions' time lost at the share.
+// rate; its plan from a session of one micro-batch, which the simulator times as given) then
+// one of four: the first step's updates end later beside the second's additions, by at most
+// what those additions' time lost at the share, and the carried-in op that stands for them
+// (a point) says so; the third step's work begins no sooner.
 TEST(StepSimulatorTest, TheStepBeforesUpdatesBesideTheAdditionsAreSlowedToo) {
   Simulated c;
   SessionOptions options, one_options;
   std::vector<StepPlan> four, one;
-  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(2, &c, &options, &four));
+  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(3, &c, &options, &four));
   c.workload.micro_batches = 1;
   ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kEcss, 1, &one_options, &one));
   const ResourceRates full = BesideAdditionsRates(c, 1);
@@ -585,7 +587,15 @@ TEST(StepSimulatorTest, TheStepBeforesUpdatesBesideTheAdditionsAreSlowedToo) {
     if (update->step_offset == 0) {
       EXPECT_GE(update->start_s, carried_end(beside) - 1e-12);
     }
+    if (update->step_offset == -1) {
+      EXPECT_EQ(update->start_s, update->end_s);
+    }
   }
+  StepPlan third_alone = four[2], third_beside = four[2];
+  auto a = unaffected->Run(third_alone);
+  auto b = slowed->Run(third_beside);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_GE(b->begin_s, a->begin_s);
 }
 
 // With states on NVMe, each expert's update takes the drives' overhead beside its bytes, half
@@ -772,7 +782,7 @@ TEST(PlannerTest, TheWorkloadsStrategyAloneIsTheComparisonsFirst) {
       "strategy": "zero-offload"})");
   ASSERT_TRUE(model.ok() && hardware.ok() && workload.ok());
   auto every = Plan(*model, *hardware, *workload);
-  auto alone = Plan(*model, *hardware, *workload, Strategies::kWorkloads);
+  auto alone = Plan(*model, *hardware, *workload, Strategies::kWorkloadOnly);
   ASSERT_TRUE(every.ok() && alone.ok()) << every.status() << alone.status();
   ASSERT_EQ(every->predictions.size(), 4u);
   ASSERT_EQ(alone->predictions.size(), 1u);
@@ -787,7 +797,7 @@ TEST(PlannerTest, TheWorkloadsStrategyAloneIsTheComparisonsFirst) {
   EXPECT_EQ(alone->memory.items.size(), every->memory.items.size());
   EXPECT_EQ(alone->feasible, every->feasible);
   // --optimize takes it too: the chosen workload's strategy alone.
-  auto best = Optimize(*model, *hardware, *workload, Strategies::kWorkloads);
+  auto best = Optimize(*model, *hardware, *workload, Strategies::kWorkloadOnly);
   ASSERT_TRUE(best.ok()) << best.status();
   EXPECT_EQ(best->predictions.size(), 1u);
   EXPECT_FALSE(best->optimized.empty());

@@ -85,7 +85,7 @@ int main(int argc, char** argv) {
     } else if (arg == "--optimize") {
       optimize = true;
     } else if (arg == "--only-workload-strategy") {
-      strategies = ecss::plan::Strategies::kWorkloads;
+      strategies = ecss::plan::Strategies::kWorkloadOnly;
     } else if (arg == "--json") {
       json = true;
     } else if (arg == "--no-bars") {

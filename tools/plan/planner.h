@@ -167,7 +167,7 @@ struct PlanReport {
 // Which strategies a report predicts: the workload's and the three others (the comparison,
 // ecss's ratio to each), or the workload's alone (about a quarter of the simulation; what
 // plan-vs-run reads).
-enum class Strategies { kEvery, kWorkloads };
+enum class Strategies { kEvery, kWorkloadOnly };
 
 StatusOr<PlanReport> Plan(const ModelConfig& model, const HardwareConfig& hardware,
                           const WorkloadConfig& workload,

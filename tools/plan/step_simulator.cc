@@ -177,7 +177,8 @@ double StepSimulator::AdditionEnd(double start, double seconds) const {
 // 8.4% to 6.6% short of the runs' (its step, bound by the add stream, did not move). The
 // additions keep the times they were given (beside the updates as first timed), and this
 // step's fetches the times they waited for the step before's updates as first timed.
-bool StepSimulator::SlowBesideAdditions(const Pass& pass, UpdateRecord& record) {
+bool StepSimulator::SlowBesideAdditions(const Pass& pass) {
+  UpdateRecord& record = updates_[pass.step];
   const double share = rates_.optimizer_rate_beside_additions;
   if (!(share < 1) || additions_.empty()) return false;
   auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
@@ -493,7 +494,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
 SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
   const PlanPolicy& policy = pass.policy;
   UpdateRecord& mine = updates_[pass.step];
-  const bool slowed = SlowBesideAdditions(pass, mine);  // host states only: their queues
+  const bool slowed = SlowBesideAdditions(pass);  // host states only: their queues
   if (slowed) {
     for (const auto& [expert, task] : mine.queue) {
       pass.update_end = std::max(pass.update_end, task.end);
@@ -509,7 +510,7 @@ SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
     const UpdateRecord* before = UpdatesOf(pass, -1);
     for (PlanOp& op : plan.mutable_ops()) {
       if (before != nullptr && op.kind == OpKind::kUpdate && op.step_offset == -1) {
-        op.end_s = std::max(op.end_s, before->all_end - pass.begin);
+        op.start_s = op.end_s = std::max(op.end_s, before->all_end - pass.begin);  // a point
       }
     }
   }

@@ -159,7 +159,7 @@ class StepSimulator {
   double AdditionEnd(double start, double seconds) const;
   // Re-times the pass's updates beside the additions, and the step before's that ran on beside
   // the pass's; false where nothing changed.
-  bool SlowBesideAdditions(const Pass& pass, UpdateRecord& record);
+  bool SlowBesideAdditions(const Pass& pass);
   double CopySeconds(uint64_t bytes, uint32_t copies, double gbps) const;
   void Expedite(const StepPlan& plan, double begin);
   double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
