@@ -732,7 +732,7 @@ void BindSession(py::module_& m) {
 
 // ecss-plan's entry point (tools/plan): the report as ecss-plan --json writes it, as a dict.
 py::dict PlanReportOf(const std::string& model, const std::string& hardware,
-                      const std::string& workload, bool optimize) {
+                      const std::string& workload, bool optimize, bool only_workload_strategy) {
   std::string json;
   {
     py::gil_scoped_release release;
@@ -740,8 +740,10 @@ py::dict PlanReportOf(const std::string& model, const std::string& hardware,
     const plan::HardwareConfig h = ValueOrThrow(plan::LoadHardware(hardware));
     const plan::WorkloadConfig w =
         workload.empty() ? plan::DefaultWorkloadFor(m) : ValueOrThrow(plan::LoadWorkload(workload));
-    const plan::PlanReport report =
-        ValueOrThrow(optimize ? plan::Optimize(m, h, w) : plan::Plan(m, h, w));
+    const plan::Strategies strategies =
+        only_workload_strategy ? plan::Strategies::kWorkloadOnly : plan::Strategies::kEvery;
+    const plan::PlanReport report = ValueOrThrow(optimize ? plan::Optimize(m, h, w, strategies)
+                                                          : plan::Plan(m, h, w, strategies));
     JsonWriter out;
     plan::WriteJson(report, out);
     json = out.str();
@@ -760,9 +762,11 @@ void BindPlanner(py::module_& m) {
       "The ModelSpec checkpoint ROOT/NAME was saved from (a sub-model ecss-extract wrote, too): "
       "what a session resuming it is created with.");
   m.def("plan", &PlanReportOf, "model"_a, "hardware"_a, "workload"_a = "", "optimize"_a = false,
+        "only_workload_strategy"_a = false,
         "ecss-plan (tools/plan): where every byte of MODEL lives on HARDWARE, whether it fits, "
-        "and each strategy's predicted step; each argument a preset name or a JSON file "
-        "(workload '' = the default for the model). Returns ecss-plan --json's report.");
+        "and each strategy's predicted step (only_workload_strategy: the workload's alone); "
+        "each argument a preset name or a JSON file (workload '' = the default for the model). "
+        "Returns ecss-plan --json's report.");
   m.def("plan_presets", [] {
     py::list presets;
     for (const plan::Preset& p : plan::Presets()) {

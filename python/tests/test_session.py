@@ -286,6 +286,9 @@ def test_the_planner_reports_as_ecss_plan_json_does():
     strategies = [s["strategy"] for s in report["strategies"]]
     assert strategies[0] == "ecss" and "zero-offload" in strategies
     assert all(s["tokens_per_s"] > 0 for s in report["strategies"])
+    alone = ecss.plan("pangu-sigma", "910x512", only_workload_strategy=True)
+    assert [s["strategy"] for s in alone["strategies"]] == ["ecss"]
+    assert alone["strategies"][0]["step_seconds"] == report["strategies"][0]["step_seconds"]
     with pytest.raises(ecss.NotFound, match="nope"):
         ecss.plan("nope", "910x512")
 

@@ -916,9 +916,10 @@ std::string Table(const PlanReport& r, bool bars) {
   }
   for (const std::string& s : r.short_of) out << "  short: " << s << "\n";
   for (const std::string& s : r.suggestions) out << "  would fit: " << s << "\n";
-  out << "\npredicted step (steady state, per device; the whole model's tokens/s)\n"
-      << "  strategy       tokens/s   step s   bound  overlap  bottleneck   vs ecss\n";
   const StrategyPrediction* ecss = Find(r, Strategy::kEcss);
+  out << "\npredicted step (steady state, per device; the whole model's tokens/s)\n"
+      << "  strategy       tokens/s   step s   bound  overlap  bottleneck"
+      << (ecss != nullptr && r.predictions.size() > 1 ? "   vs ecss" : "") << "\n";
   for (const StrategyPrediction& p : r.predictions) {
     out << "  " << std::left << std::setw(13) << StrategyName(p.strategy) << std::right;
     if (!p.feasible) {
