@@ -181,28 +181,29 @@ bool StepSimulator::SlowBesideAdditions(const Pass& pass) {
   UpdateRecord& record = updates_[pass.step];
   const double share = rates_.optimizer_rate_beside_additions;
   if (!(share < 1) || additions_.empty()) return false;
-  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
   UpdateRecord* before = pass.policy.delayed_update ? nullptr : UpdatesOf(pass, -1);
   const double from = pass.first_addition;
-  bool slowed = false;
-  double free = 0;
-  if (before != nullptr && !before->queue.empty() && from >= 0 && before->all_end > from) {
-    // The optimizer's timeline from the first addition on is rewritten.
-    for (auto& interval : cpu) {
-      interval.second = std::min(interval.second, std::max(interval.first, from));
-    }
-    cpu.erase(
-        std::remove_if(cpu.begin(), cpu.end(),
-                       [&](const auto& interval) { return interval.first >= interval.second; }),
-        cpu.end());
-    std::vector<Task*> ran;  // the step before's that ran on past `from`, in the order they ran
+  const bool before_ran_on =
+      before != nullptr && !before->queue.empty() && from >= 0 && before->all_end > from;
+  if (!before_ran_on && record.queue.empty()) return false;
+  // The optimizer's timeline is rewritten from the first update re-timed on: the step
+  // before's first addition, else the step's first update (the queue is in the order they ran).
+  double free = before_ran_on ? from : record.queue.front().second.start;
+  auto& cpu = intervals_[Index(PlanResource::kCpuOptimizer)];
+  for (auto& interval : cpu)
+    interval.second = std::min(interval.second, std::max(interval.first, free));
+  cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
+                           [](const auto& interval) { return interval.first >= interval.second; }),
+            cpu.end());
+  if (before_ran_on) {
+    std::vector<std::pair<ExpertId, Task*>> ran;  // those that ran on past `from`, in run order
     for (auto& [expert, task] : before->queue) {
-      if (task.end > from) ran.push_back(&task);
+      if (task.end > from) ran.emplace_back(expert, &task);
     }
-    std::stable_sort(ran.begin(), ran.end(),
-                     [](const Task* a, const Task* b) { return a->start < b->start; });
-    free = from;
-    for (Task* task : ran) {
+    std::stable_sort(ran.begin(), ran.end(), [](const auto& a, const auto& b) {
+      return a.second->start < b.second->start;
+    });
+    for (auto& [expert, task] : ran) {
       if (task->start < from) {  // under way: the rest of it ran at the full rate
         task->end = EndBeside(from, task->end - from, additions_, share);
       } else {
@@ -211,23 +212,9 @@ bool StepSimulator::SlowBesideAdditions(const Pass& pass) {
       }
       cpu.emplace_back(std::max(task->start, from), task->end);
       free = task->end;
+      before->expert_end[expert] = task->end;
+      before->all_end = std::max(before->all_end, task->end);
     }
-    for (auto& [expert, task] : before->queue) {
-      before->expert_end[expert] = task.end;
-      before->all_end = std::max(before->all_end, task.end);
-    }
-    slowed = true;
-  }
-  double& optimizer_free = free_[Index(PlanResource::kCpuOptimizer)];
-  if (record.queue.empty()) {
-    if (slowed) optimizer_free = std::max(optimizer_free, free);
-    return slowed;
-  }
-  if (!slowed) {
-    free = record.queue.front().second.start;  // the queue is in the order they ran
-    cpu.erase(std::remove_if(cpu.begin(), cpu.end(),
-                             [&](const auto& interval) { return interval.first >= free; }),
-              cpu.end());
   }
   for (auto& [expert, task] : record.queue) {
     task.start = std::max(task.ready, free);
@@ -236,7 +223,9 @@ bool StepSimulator::SlowBesideAdditions(const Pass& pass) {
     record.expert_end[expert] = task.end;
     cpu.emplace_back(task.start, task.end);
   }
-  optimizer_free = free;
+  // Slowed, never sooner: the optimizer is next free no earlier than first timed.
+  double& optimizer_free = free_[Index(PlanResource::kCpuOptimizer)];
+  optimizer_free = std::max(optimizer_free, free);
   return true;
 }
 
