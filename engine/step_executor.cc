@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <unordered_set>
 
 #include "runtime/base/dtype.h"
 #include "runtime/base/str_cat.h"
@@ -335,19 +336,16 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   }
   // What the cache holds as the step begins, least recently used first (the last plan knows
   // the order), less what publishing the delayed update is about to drop.
-  std::vector<ExpertId> resident = cache_->ResidentKeys();
-  auto held_now = [&](ExpertId key) {
-    if (std::find(resident.begin(), resident.end(), key) == resident.end()) return false;
-    return !delayed() || std::find(started_.begin(), started_.end(), key) == started_.end();
-  };
-  for (const auto& key : last_resident_) {
-    if (held_now(key)) in.resident.push_back(key);
+  const std::vector<ExpertId> cached = cache_->ResidentKeys();
+  std::unordered_set<ExpertId> held(cached.begin(), cached.end());
+  if (delayed()) {
+    for (ExpertId key : started_) held.erase(key);
   }
-  for (ExpertId key : resident) {
-    if (held_now(key) &&
-        std::find(in.resident.begin(), in.resident.end(), key) == in.resident.end()) {
-      in.resident.push_back(key);
-    }
+  for (ExpertId key : last_resident_) {
+    if (held.erase(key) != 0) in.resident.push_back(key);
+  }
+  for (ExpertId key : cached) {
+    if (held.erase(key) != 0) in.resident.push_back(key);
   }
   in.held_experts = held_.size();
   return BuildStepPlan(in);

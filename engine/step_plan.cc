@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <optional>
 
 #include "offload/device_cache.h"
+#include "runtime/base/check.h"
 #include "runtime/base/json_writer.h"
 #include "runtime/base/str_cat.h"
 
@@ -311,6 +313,13 @@ class StepPlan::Builder {
     return Status::Ok();
   }
 
+  // `key`, resident, used at `position`: now the most recently used.
+  void Use(ExpertId key, uint64_t position) {
+    const uint64_t stamp = c_.stamps++;
+    c_.recency[key] = stamp;
+    if (c_.eviction != nullptr) c_.eviction->OnAccess(key, policy_.learned_gate ? stamp : position);
+  }
+
  private:
   uint64_t UpdateBytesPerParam() const {
     // Reads the gradient, the master and the moments; writes the master and the moments,
@@ -385,17 +394,14 @@ class StepPlan::Builder {
   uint32_t Access(uint32_t layer, uint32_t expert, const std::vector<uint32_t>& group) {
     const uint64_t position = c_.positions++;
     const ExpertId key{layer, expert};
-    auto it = std::find(c_.resident.begin(), c_.resident.end(), key);
-    if (it != c_.resident.end()) {  // a hit: now the most recently used
-      c_.resident.erase(it);
-      c_.resident.push_back(key);
+    if (c_.recency.count(key) != 0) {  // a hit: now the most recently used
+      Use(key, position);
       auto fetched = c_.last_fetch.find(key);
       return fetched != c_.last_fetch.end() ? fetched->second : c_.fetch_gate;
     }
     std::vector<uint32_t> deps = {c_.fetch_gate};
-    if (c_.resident.size() >= policy_.cache_slots) {
-      const size_t victim = Victim(layer, group, position);
-      const ExpertId gone = c_.resident[victim];
+    if (c_.recency.size() >= policy_.cache_slots) {
+      const ExpertId gone = Victim(layer, group, position);
       PlanOp evict;
       evict.kind = OpKind::kEvict;
       evict.layer = static_cast<int32_t>(gone.layer);
@@ -405,7 +411,8 @@ class StepPlan::Builder {
       if (used != c_.last_use.end()) evict.deps = {used->second};
       deps.push_back(Add(evict));  // the slot is written once its last reader is done
       c_.last_fetch.erase(gone);
-      c_.resident.erase(c_.resident.begin() + static_cast<std::ptrdiff_t>(victim));
+      c_.recency.erase(gone);
+      c_.eviction->OnEvict(gone);
     }
     // An expert's compute weights moving for this access: NVMe -> pinned, host -> device.
     auto weights_move = [&](OpKind kind, PlanResource resource) {
@@ -428,26 +435,21 @@ class StepPlan::Builder {
     fetch.deps = std::move(deps);
     const uint32_t id = Add(fetch);
     c_.last_fetch[key] = id;
-    c_.resident.push_back(key);
+    Use(key, position);
     return id;
   }
 
   // The resident expert to evict for an access at `position`, among those outside the
   // accessing group (whose leases are held), as the device cache decides: its Belady policy
-  // with the step's sequence known (RRE), else the least recently used.
-  size_t Victim(uint32_t layer, const std::vector<uint32_t>& group, uint64_t position) const {
-    std::vector<ExpertId> candidates;
-    for (const ExpertId& r : c_.resident) {
-      if (r.layer == layer && std::binary_search(group.begin(), group.end(), r.expert)) continue;
-      if (c_.belady == nullptr) {  // LRU: `resident` is least recently used first
-        return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), r) -
-                                   c_.resident.begin());
-      }
-      candidates.push_back(r);
-    }
-    const ExpertId victim = c_.belady->ChooseVictim(candidates, position);
-    return static_cast<size_t>(std::find(c_.resident.begin(), c_.resident.end(), victim) -
-                               c_.resident.begin());
+  // with the step's sequence known (RRE), else the least recently used. A layer's group never
+  // exceeds the slots (AddForward), so one is always outside it.
+  ExpertId Victim(uint32_t layer, const std::vector<uint32_t>& group, uint64_t position) {
+    auto evictable = [&](ExpertId r) {
+      return r.layer != layer || !std::binary_search(group.begin(), group.end(), r.expert);
+    };
+    const std::optional<ExpertId> victim = c_.eviction->ChooseVictim(position, evictable);
+    ECSS_CHECK(victim.has_value()) << "step plan: every resident expert is in the access's group";
+    return *victim;
   }
 
   StepPlan& plan_;
@@ -482,6 +484,16 @@ std::vector<ExpertId> StepPlan::AccessSequence() const {
     for (uint32_t e : op.experts) sequence.push_back({static_cast<uint32_t>(op.layer), e});
   }
   return sequence;
+}
+
+std::vector<ExpertId> StepPlan::ResidentAfter() const {
+  std::vector<std::pair<uint64_t, ExpertId>> by_use;
+  for (const auto& [key, stamp] : cursor_.recency) by_use.emplace_back(stamp, key);
+  std::sort(by_use.begin(), by_use.end());
+  std::vector<ExpertId> resident;
+  resident.reserve(by_use.size());
+  for (const auto& [stamp, key] : by_use) resident.push_back(key);
+  return resident;
 }
 
 uint32_t StepPlan::Width(uint32_t layer, const LayerRoute& route) const {
@@ -554,8 +566,9 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
   plan.model_ = m;
   plan.policy_ = in.policy;
   plan.micro_batches_ = static_cast<uint32_t>(in.micro_batches.size());
-  plan.cursor_.resident = in.resident;
+  if (in.policy.learned_gate) plan.cursor_.eviction = MakeLruPolicy();
   StepPlan::Builder builder(plan);
+  for (const ExpertId& key : in.resident) builder.Use(key, 0);
   builder.AddCarried(in.held_experts);
   if (in.policy.learned_gate) return plan;  // routed layer by layer: AppendForward
   for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
@@ -582,7 +595,8 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
       }
     }
   }
-  plan.cursor_.belady = MakeBeladyPolicy(sequence);
+  plan.cursor_.eviction = MakeBeladyPolicy(sequence);
+  for (const auto& [key, stamp] : plan.cursor_.recency) plan.cursor_.eviction->OnResident(key);
   for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
     builder.AddUpload(b, -1, in.micro_batches[b].plan_bytes);
   }

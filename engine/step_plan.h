@@ -30,6 +30,7 @@
 #include <set>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -171,7 +172,7 @@ class StepPlan {
   uint32_t Width(uint32_t layer, const LayerRoute& route) const;
   // The device cache's contents after the plan's accesses, least recently used first (the
   // next step's StepPlanInputs::resident, less what was invalidated meanwhile).
-  const std::vector<ExpertId>& ResidentAfter() const { return cursor_.resident; }
+  std::vector<ExpertId> ResidentAfter() const;
   // Bytes over ops of `kind` (this step's: step_offset 0).
   uint64_t Bytes(OpKind kind) const;
   size_t Count(OpKind kind) const;
@@ -230,10 +231,14 @@ class StepPlan {
     std::map<std::pair<uint32_t, uint32_t>, LayerRoute>
         groups;  // (micro-batch, layer) -> its groups
     std::map<ExpertId, uint32_t> last_fetch, last_use;
-    std::vector<ExpertId> resident;  // the cache, least recently used first
-    // RRE: the device cache's own Belady policy over the step's sequence (stateless, so
-    // copies of the plan share it); null with learned gates (LRU: `resident`'s order).
-    std::shared_ptr<EvictionPolicy> belady;
+    // The cache: each resident and when it was last used (a stamp that grows with each use).
+    std::unordered_map<ExpertId, uint64_t> recency;
+    uint64_t stamps = 0;
+    // Which resident leaves, as the device cache decides: its Belady policy over the step's
+    // sequence (RRE; set once the sequence is known), or its LRU policy over the stamps
+    // (learned gates). Told of the residents as the cache tells its own. Copies of the plan
+    // share it: an RRE plan is built whole, and a learned-gate plan is appended by one owner.
+    std::shared_ptr<EvictionPolicy> eviction;
     uint64_t positions = 0;
   };
   PlanModel model_;

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <map>
 
 #include "runtime/base/check.h"
 #include "runtime/base/str_cat.h"
@@ -13,49 +12,165 @@ namespace {
 
 class BeladyPolicy final : public EvictionPolicy {
  public:
-  BeladyPolicy(const std::vector<ExpertId>& sequence, uint64_t lookahead) : lookahead_(lookahead) {
+  BeladyPolicy(const std::vector<ExpertId>& sequence, uint64_t lookahead)
+      : lookahead_(lookahead), sequence_(sequence) {
     for (uint64_t position = 0; position < sequence.size(); ++position)
       uses_[sequence[position]].push_back(position);
   }
-  void OnAccess(ExpertId, uint64_t) override {}
-  ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t position) override {
-    ExpertId victim = candidates.front();
-    uint64_t farthest = 0;
-    for (ExpertId key : candidates) {
-      const uint64_t next = NextUse(key, position);
-      if (next > farthest || (next == farthest && key < victim)) {
-        farthest = next;
+  void OnResident(ExpertId key) override {
+    if (expected_ != 0) stale_ = true;  // its record says "unused since the step began"
+    Place(key, UseFrom(key, 0));
+  }
+  void OnAccess(ExpertId key, uint64_t position) override {
+    if (position != expected_ || position >= sequence_.size() || sequence_[position] != key)
+      stale_ = true;
+    expected_ = position + 1;
+    Place(key, UseFrom(key, position + 1));
+  }
+  void OnEvict(ExpertId key) override {
+    auto it = next_.find(key);
+    if (it == next_.end()) return;
+    if (it->second == kNever) never_.erase(key);
+    next_.erase(it);
+  }
+  std::optional<ExpertId> ChooseVictim(uint64_t position,
+                                       const std::function<bool(ExpertId)>& evictable) override {
+    Refresh(position);
+    // Those never used again tie, lowest key first; so do those used past the lookahead.
+    // Otherwise the farthest next use.
+    std::optional<ExpertId> victim;
+    for (ExpertId key : never_) {
+      if (evictable(key)) {
         victim = key;
+        break;
       }
     }
+    std::vector<Entry> passed;
+    while (!heap_.empty()) {
+      const Entry top = heap_.front();
+      auto live = next_.find(top.key);
+      if (live == next_.end() || live->second != top.next) {  // evicted or used since
+        Pop();
+        continue;
+      }
+      const bool far = top.next - position > lookahead_;
+      if (!far && victim) break;
+      if (evictable(top.key) && (!victim || top.key < *victim)) {
+        victim = top.key;
+        if (!far) break;
+      }
+      passed.push_back(top);
+      Pop();
+    }
+    for (const Entry& entry : passed) Push(entry);
     return victim;
   }
 
  private:
-  uint64_t NextUse(ExpertId key, uint64_t position) const {
-    auto it = uses_.find(key);
-    if (it == uses_.end()) return std::numeric_limits<uint64_t>::max();
-    auto next = std::upper_bound(it->second.begin(), it->second.end(), position);
-    if (next == it->second.end() || *next - position > lookahead_)
-      return std::numeric_limits<uint64_t>::max();
-    return *next;
+  static constexpr uint64_t kNever = std::numeric_limits<uint64_t>::max();
+  struct Entry {
+    uint64_t next;
+    ExpertId key;
+  };
+  // The heap's order: the farthest next use on top.
+  static bool Nearer(const Entry& a, const Entry& b) {
+    return a.next != b.next ? a.next < b.next : b.key < a.key;
   }
+  void Push(const Entry& entry) {
+    heap_.push_back(entry);
+    std::push_heap(heap_.begin(), heap_.end(), Nearer);
+  }
+  void Pop() {
+    std::pop_heap(heap_.begin(), heap_.end(), Nearer);
+    heap_.pop_back();
+  }
+  // The first use of `key` at or after `from`.
+  uint64_t UseFrom(ExpertId key, uint64_t from) const {
+    auto it = uses_.find(key);
+    if (it == uses_.end()) return kNever;
+    auto next = std::lower_bound(it->second.begin(), it->second.end(), from);
+    return next == it->second.end() ? kNever : *next;
+  }
+  // Records `key`'s next use. The heap keeps an old entry, skipped once it no longer matches;
+  // it is rebuilt from the records when stale entries outnumber live ones.
+  void Place(ExpertId key, uint64_t next) {
+    auto [it, added] = next_.try_emplace(key, next);
+    if (!added) {
+      if (it->second == kNever && next != kNever) never_.erase(key);
+      it->second = next;
+    }
+    if (next == kNever) {
+      never_.insert(key);
+      return;
+    }
+    Push({next, key});
+    if (heap_.size() > 2 * next_.size() + 64) Rebuild();
+  }
+  void Rebuild() {
+    heap_.clear();
+    never_.clear();
+    for (const auto& [key, next] : next_) {
+      if (next == kNever) {
+        never_.insert(key);
+      } else {
+        heap_.push_back({next, key});
+      }
+    }
+    std::make_heap(heap_.begin(), heap_.end(), Nearer);
+  }
+  // Makes every resident's record its first use after `position`. While the accesses came
+  // one position after another, each as the sequence has it, a record (the first use after
+  // the resident's last access) is that already, but for the expert the sequence has at
+  // `position` when the caller acquires another there; otherwise (positions skipped or gone
+  // back: a prefetcher yielding work ahead) every record is redone.
+  void Refresh(uint64_t position) {
+    if (stale_ || position != expected_) {
+      for (auto& [key, next] : next_) next = UseFrom(key, position + 1);
+      Rebuild();
+      stale_ = false;
+      expected_ = position;
+    } else if (position < sequence_.size()) {
+      const ExpertId due = sequence_[position];
+      if (next_.count(due) != 0) Place(due, UseFrom(due, position + 1));
+    }
+  }
+
   uint64_t lookahead_;
+  std::vector<ExpertId> sequence_;
   std::unordered_map<ExpertId, std::vector<uint64_t>> uses_;
+  std::unordered_map<ExpertId, uint64_t> next_;  // resident -> its next use
+  std::set<ExpertId> never_;                     // residents not used again
+  std::vector<Entry> heap_;                      // (next use, resident) of the others, some stale
+  uint64_t expected_ = 0;                        // the position the next access should have
+  bool stale_ = false;                           // a record may be late
 };
 
 class LruPolicy final : public EvictionPolicy {
  public:
-  void OnAccess(ExpertId key, uint64_t position) override { last_[key] = position; }
-  ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t) override {
-    return *std::min_element(candidates.begin(), candidates.end(), [&](ExpertId a, ExpertId b) {
-      const uint64_t la = last_[a], lb = last_[b];
-      return la != lb ? la < lb : a < b;
-    });
+  void OnResident(ExpertId key) override { Place(key, 0); }
+  void OnAccess(ExpertId key, uint64_t position) override { Place(key, position); }
+  void OnEvict(ExpertId key) override {
+    auto it = last_.find(key);
+    if (it == last_.end()) return;
+    order_.erase({it->second, key});
+    last_.erase(it);
+  }
+  std::optional<ExpertId> ChooseVictim(uint64_t,
+                                       const std::function<bool(ExpertId)>& evictable) override {
+    for (const auto& [last, key] : order_) {
+      if (evictable(key)) return key;
+    }
+    return std::nullopt;
   }
 
  private:
-  std::unordered_map<ExpertId, uint64_t> last_;
+  void Place(ExpertId key, uint64_t last) {
+    OnEvict(key);
+    last_[key] = last;
+    order_.insert({last, key});
+  }
+  std::unordered_map<ExpertId, uint64_t> last_;    // resident -> its last use
+  std::set<std::pair<uint64_t, ExpertId>> order_;  // least recently used first
 };
 
 }  // namespace
@@ -80,11 +195,13 @@ StatusOr<std::unique_ptr<DeviceCache>> DeviceCache::Create(Backend& backend, con
   }
   std::unique_ptr<DeviceCache> cache(new DeviceCache(backend, options, std::move(policy)));
   cache->slots_.resize(options.slots);
-  for (Slot& slot : cache->slots_) {
+  for (uint32_t s = 0; s < options.slots; ++s) {
+    Slot& slot = cache->slots_[s];
     ECSS_ASSIGN_OR_RETURN(slot.memory, backend.device_memory().Allocate(options.expert_bytes,
                                                                         MemoryTag::kExpertWeights));
     ECSS_ASSIGN_OR_RETURN(slot.ready, CreateOwnedEvent(backend));
     ECSS_ASSIGN_OR_RETURN(slot.last_use, CreateOwnedEvent(backend));
+    cache->free_.insert(cache->free_.end(), s);
   }
   return cache;
 }
@@ -105,7 +222,6 @@ std::vector<ExpertId> DeviceCache::ResidentKeys() const {
 
 StatusOr<Lease> DeviceCache::Acquire(ExpertId key, const void* host_weights, Stream copy_stream,
                                      uint64_t position) {
-  policy_->OnAccess(key, position);
   uint32_t index;
   auto found = where_.find(key);
   if (found != where_.end()) {
@@ -115,39 +231,34 @@ StatusOr<Lease> DeviceCache::Acquire(ExpertId key, const void* host_weights, Str
     if (host_weights == nullptr)
       return InvalidArgumentError("device cache: a miss needs the host weights");
     // A free slot, or the policy's victim among those not leased.
-    std::vector<ExpertId> candidates;
-    int free_slot = -1;
-    for (uint32_t s = 0; s < slots_.size(); ++s) {
-      if (!slots_[s].occupied) {
-        free_slot = static_cast<int>(s);
-        break;
-      }
-      if (slots_[s].leases == 0) candidates.push_back(slots_[s].key);
-    }
-    if (free_slot < 0) {
-      if (candidates.empty()) {
+    if (free_.empty()) {
+      const std::optional<ExpertId> victim = policy_->ChooseVictim(position, [&](ExpertId k) {
+        auto at = where_.find(k);
+        return at != where_.end() && slots_[at->second].leases == 0;
+      });
+      if (!victim) {
         return ResourceExhaustedError(
             StrCat("device cache: all ", slots_.size(),
                    " slots are leased; release a lease before acquiring more"));
       }
-      const ExpertId victim = policy_->ChooseVictim(candidates, position);
-      free_slot = static_cast<int>(where_.at(victim));
-      where_.erase(victim);
+      Evict(*victim);
       ++stats_.evictions;
     }
-    index = static_cast<uint32_t>(free_slot);
+    index = *free_.begin();
     Slot& slot = slots_[index];
     // The new copy must not overwrite weights a kernel may still be reading.
     if (slot.used) ECSS_RETURN_IF_ERROR(backend_.WaitEvent(copy_stream, slot.last_use.get()));
     ECSS_RETURN_IF_ERROR(backend_.CopyAsync(copy_stream, slot.memory.data(), host_weights,
                                             options_.expert_bytes, CopyKind::kHostToDevice));
     ECSS_RETURN_IF_ERROR(backend_.RecordEvent(slot.ready.get(), copy_stream));
+    free_.erase(index);
     slot.key = key;
     slot.occupied = true;
     where_[key] = index;
     ++stats_.misses;
     stats_.bytes_moved += options_.expert_bytes;
   }
+  policy_->OnAccess(key, position);
   Slot& slot = slots_[index];
   ++slot.leases;
   Lease lease;
@@ -169,7 +280,21 @@ Status DeviceCache::ReleaseSlot(uint32_t index, const Stream* used_on) {
   return Status::Ok();
 }
 
-void DeviceCache::SetPolicy(std::unique_ptr<EvictionPolicy> policy) { policy_ = std::move(policy); }
+void DeviceCache::SetPolicy(std::unique_ptr<EvictionPolicy> policy) {
+  policy_ = std::move(policy);
+  for (const Slot& slot : slots_) {
+    if (slot.occupied) policy_->OnResident(slot.key);
+  }
+}
+
+void DeviceCache::Evict(ExpertId key) {
+  auto found = where_.find(key);
+  // The slot keeps its last_use event, so the next copy into it still waits for that kernel.
+  slots_[found->second].occupied = false;
+  free_.insert(found->second);
+  where_.erase(found);
+  policy_->OnEvict(key);
+}
 
 Status DeviceCache::Invalidate(ExpertId key) {
   auto found = where_.find(key);
@@ -179,9 +304,7 @@ Status DeviceCache::Invalidate(ExpertId key) {
     return FailedPreconditionError(StrCat("device cache: expert (", key.layer, ", ", key.expert,
                                           ") is leased; cannot invalidate"));
   }
-  // The slot keeps its last_use event, so the next copy into it still waits for that kernel.
-  slot.occupied = false;
-  where_.erase(found);
+  Evict(key);
   return Status::Ok();
 }
 

@@ -9,7 +9,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
+#include <set>
 #include <unordered_map>
 #include <vector>
 
@@ -18,21 +21,32 @@
 
 namespace ecss {
 
+// Which resident expert leaves. The policy keeps its own order of the residents it is told of
+// (OnResident, OnAccess, OnEvict: the cache's, or a plan builder's, slots), so that a victim
+// costs a logarithm of the slots, not a pass over them.
 class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
-  // `key` is used at access `position` (positions increase along the step).
+  // `key` was already resident when the policy took over, unused since.
+  virtual void OnResident(ExpertId key) = 0;
+  // `key`, resident, is used at access `position` (positions increase along the step).
   virtual void OnAccess(ExpertId key, uint64_t position) = 0;
-  // One of `candidates` (resident, not leased; never empty) to evict before `position`.
-  virtual ExpertId ChooseVictim(const std::vector<ExpertId>& candidates, uint64_t position) = 0;
+  // `key` left (evicted, invalidated).
+  virtual void OnEvict(ExpertId key) = 0;
+  // The resident to evict before `position`: the first in the policy's order that `evictable`
+  // accepts (a leased one it does not); nullopt when it accepts none.
+  virtual std::optional<ExpertId> ChooseVictim(uint64_t position,
+                                               const std::function<bool(ExpertId)>& evictable) = 0;
 };
 
-// Evicts the candidate whose next use is farthest (or never): optimal for a known sequence.
-// Uses further than `lookahead` positions ahead count as never (what the runtime knows: RRE
-// gives the current step's sequence, not the whole run's).
+// Evicts the resident whose next use is farthest (or never; of several, the lowest key):
+// optimal for a known sequence. Uses further than `lookahead` positions ahead count as never
+// (what the runtime knows: RRE gives the current step's sequence, not the whole run's).
+// Positions may go back (a prefetcher that yields work ahead): the order is then rebuilt from
+// that position, so a victim is always the one a pass over the residents would choose.
 std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertId>& sequence,
                                                  uint64_t lookahead = UINT64_MAX);
-// Evicts the least recently used candidate.
+// Evicts the least recently used resident (of several never used, the lowest key).
 std::unique_ptr<EvictionPolicy> MakeLruPolicy();
 
 enum class Residency : uint8_t { kAbsent, kLoading, kResident, kLeased, kEvicting };
@@ -93,7 +107,8 @@ class DeviceCache {
   // Drops `key`'s device copy (its host weights changed: an update). No-op when absent;
   // FailedPrecondition while leased. A later Acquire copies it again.
   Status Invalidate(ExpertId key);
-  // Replaces the policy (the engine gives Belady each step's sequence; positions restart).
+  // Replaces the policy (the engine gives Belady each step's sequence; positions restart),
+  // telling it the residents.
   void SetPolicy(std::unique_ptr<EvictionPolicy> policy);
   Residency residency(ExpertId key);
   // The experts whose weights are on the device, in slot order.
@@ -115,12 +130,15 @@ class DeviceCache {
   DeviceCache(Backend& backend, const Options& options, std::unique_ptr<EvictionPolicy> policy)
       : backend_(backend), options_(options), policy_(std::move(policy)) {}
   Status ReleaseSlot(uint32_t slot, const Stream* used_on);
+  // Frees `key`'s slot (resident) and tells the policy.
+  void Evict(ExpertId key);
 
   Backend& backend_;
   Options options_;
   std::unique_ptr<EvictionPolicy> policy_;
   std::vector<Slot> slots_;
   std::unordered_map<ExpertId, uint32_t> where_;  // resident key -> slot
+  std::set<uint32_t> free_;                       // unoccupied slots; the lowest is filled first
   CacheStats stats_;
 };
 

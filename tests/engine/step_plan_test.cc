@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <map>
+#include <numeric>
+#include <optional>
+#include <random>
 
 #include <gtest/gtest.h>
 
@@ -488,6 +491,118 @@ TEST(StepPlanTest, AnEvaluationIsForwardOnly) {
   EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
   const std::vector<ExpertId> sequence = {{0, 0}, {0, 2}, {1, 1}};
   EXPECT_EQ(plan.AccessSequence(), sequence);
+}
+
+// The cache the plan keeps, by its definition: per compute op in plan order, each of its
+// experts a hit or a fetch that evicts, outside the op's own experts, the resident used
+// farthest ahead in the step's access sequence (RRE; never used again, or of equal uses, the
+// lowest key) or the least recently used (learned gates). Returns the victims in order; leaves
+// the residents after the step in `resident`, least recently used first.
+std::vector<ExpertId> VictimsByDefinition(const StepPlan& plan, uint32_t slots, bool learned,
+                                          std::vector<ExpertId>& resident) {
+  const std::vector<ExpertId> sequence = plan.AccessSequence();
+  std::vector<ExpertId> victims;
+  uint64_t position = 0;
+  for (const PlanOp& op : plan.ops()) {
+    if (op.kind != OpKind::kForward && op.kind != OpKind::kBackward) continue;
+    const auto layer = static_cast<uint32_t>(op.layer);
+    auto in_op = [&](ExpertId k) {
+      return k.layer == layer &&
+             std::find(op.experts.begin(), op.experts.end(), k.expert) != op.experts.end();
+    };
+    for (uint32_t e : op.experts) {
+      const ExpertId key{layer, e};
+      auto hit = std::find(resident.begin(), resident.end(), key);
+      if (hit != resident.end()) {
+        resident.erase(hit);
+      } else if (resident.size() >= slots) {
+        std::optional<ExpertId> victim;
+        uint64_t farthest = 0;
+        for (ExpertId r : resident) {  // least recently used first
+          if (in_op(r)) continue;
+          if (learned) {
+            victim = r;
+            break;
+          }
+          auto next = std::find(sequence.begin() + static_cast<std::ptrdiff_t>(position) + 1,
+                                sequence.end(), r);
+          const uint64_t at =
+              next == sequence.end() ? UINT64_MAX : static_cast<uint64_t>(next - sequence.begin());
+          if (!victim || at > farthest || (at == farthest && r < *victim)) {
+            victim = r;
+            farthest = at;
+          }
+        }
+        EXPECT_TRUE(victim.has_value());
+        if (!victim) return victims;
+        victims.push_back(*victim);
+        resident.erase(std::find(resident.begin(), resident.end(), *victim));
+      }
+      resident.push_back(key);
+      ++position;
+    }
+  }
+  return victims;
+}
+
+// Steps of random routing over 6 layers of 16 experts with room for 12, the cache carried from
+// step to step: every eviction the plan lists is the one its definition names, and so are the
+// residents it hands to the next step, for RRE (built whole) and for learned gates (appended).
+TEST(StepPlanTest, EvictionsAreTheirPolicysDefinitionOverManySteps) {
+  constexpr uint32_t kLayers = 6, kExperts = 16, kSlots = 12;
+  for (const bool learned : {false, true}) {
+    std::mt19937 rng(learned ? 11 : 5);
+    PlanModel model = Model();
+    model.experts_per_layer.assign(kLayers, kExperts);
+    PlanPolicy policy = Policy(Strategy::kEcss, kSlots);
+    policy.learned_gate = learned;
+    std::vector<ExpertId> resident;
+    size_t evictions = 0;
+    for (int step = 0; step < 6; ++step) {
+      std::vector<MicroBatchRoute> batches(3);
+      for (MicroBatchRoute& batch : batches) {
+        batch.tokens = 64;
+        batch.plan_bytes = learned ? 0 : 256;
+        for (uint32_t l = 0; l < kLayers; ++l) {
+          std::vector<uint32_t> all(kExperts);
+          std::iota(all.begin(), all.end(), 0u);
+          std::shuffle(all.begin(), all.end(), rng);
+          all.resize(1 + rng() % 6);
+          std::sort(all.begin(), all.end());
+          batch.layers.push_back({all, std::vector<uint32_t>(all.size(), 4)});
+        }
+      }
+      StepPlanInputs in;
+      in.model = model;
+      in.policy = policy;
+      in.resident = resident;
+      in.micro_batches = batches;
+      if (learned) {
+        for (MicroBatchRoute& batch : in.micro_batches) batch.layers.clear();
+      }
+      StatusOr<StepPlan> built = BuildStepPlan(in);
+      ASSERT_TRUE(built.ok()) << built.status();
+      if (learned) {
+        for (uint32_t b = 0; b < batches.size(); ++b) {
+          for (uint32_t l = 0; l < kLayers; ++l) {
+            ASSERT_TRUE(built->AppendForward(b, l, batches[b].layers[l], 64).ok());
+          }
+          for (uint32_t l = kLayers; l-- > 0;) ASSERT_TRUE(built->AppendBackward(b, l).ok());
+        }
+        built->Finish();
+      }
+      std::vector<ExpertId> listed;
+      for (const PlanOp* evict : built->Find(OpKind::kEvict)) {
+        listed.push_back({static_cast<uint32_t>(evict->layer), evict->experts.at(0)});
+      }
+      EXPECT_EQ(listed, VictimsByDefinition(*built, kSlots, learned, resident))
+          << (learned ? "learned gates" : "RRE") << ", step " << step;
+      EXPECT_EQ(built->ResidentAfter(), resident);
+      evictions += listed.size();
+      resident = built->ResidentAfter();
+    }
+    EXPECT_GT(evictions, 200u) << "the cache must be under pressure for this to say anything";
+  }
 }
 
 }  // namespace

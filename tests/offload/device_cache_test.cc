@@ -1,8 +1,13 @@
 #include "offload/device_cache.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <functional>
+#include <optional>
+#include <random>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -108,6 +113,130 @@ TEST_F(DeviceCacheTest, BudgetsAndLeasesAreEnforced) {
   EXPECT_EQ(cache->Acquire({0, 3}, nullptr, copy_.get(), 5).status().code(),
             StatusCode::kInvalidArgument);
   EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
+TEST_F(DeviceCacheTest, FreedSlotsFillLowestFirstAndANewPolicyIsToldTheResidents) {
+  auto cache = *DeviceCache::Create(*sim_, {kExpertBytes, 3}, MakeLruPolicy());
+  for (uint32_t e = 0; e < 3; ++e) {
+    ASSERT_TRUE(cache->Acquire({0, e}, host_[e].data(), copy_.get(), e).ok());
+  }
+  ASSERT_TRUE(cache->Invalidate({0, 1}).ok());
+  ASSERT_TRUE(cache->Acquire({0, 5}, host_[5].data(), copy_.get(), 3).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 0}, {0, 5}, {0, 2}}));
+  EXPECT_EQ(cache->stats().evictions, 0u);
+  // A step's Belady policy over three residents: (0, 2) is used next, (0, 0) after it, and
+  // (0, 5) never, so (0, 5) leaves for (0, 6).
+  cache->SetPolicy(MakeBeladyPolicy({{0, 6}, {0, 2}, {0, 0}}));
+  ASSERT_TRUE(cache->Acquire({0, 6}, host_[6].data(), copy_.get(), 0).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 0}, {0, 6}, {0, 2}}));
+  EXPECT_EQ(cache->stats().evictions, 1u);
+  EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
+TEST(EvictionPolicyTest, LruEvictsTheLeastRecentlyUsedItMay) {
+  auto lru = MakeLruPolicy();
+  const auto any = [](ExpertId) { return true; };
+  lru->OnResident({1, 4});  // resident before the policy: older than any use, lowest key first
+  lru->OnResident({0, 9});
+  lru->OnAccess({0, 1}, 0);
+  lru->OnAccess({0, 2}, 1);
+  lru->OnAccess({0, 1}, 2);
+  EXPECT_EQ(lru->ChooseVictim(3, any), (ExpertId{0, 9}));
+  lru->OnEvict({0, 9});
+  EXPECT_EQ(lru->ChooseVictim(3, any), (ExpertId{1, 4}));
+  EXPECT_EQ(lru->ChooseVictim(3, [](ExpertId k) { return k != ExpertId{1, 4}; }), (ExpertId{0, 2}));
+  lru->OnEvict({1, 4});
+  lru->OnEvict({0, 2});
+  EXPECT_EQ(lru->ChooseVictim(3, any), (ExpertId{0, 1}));
+  EXPECT_EQ(lru->ChooseVictim(3, [](ExpertId) { return false; }), std::nullopt);
+}
+
+// Belady's victim by its definition, a pass over the residents: the farthest next use after
+// `position`; none, or one past the lookahead, counts as never; of equal ones the lowest key.
+std::optional<ExpertId> BeladyByDefinition(const std::vector<ExpertId>& sequence,
+                                           uint64_t lookahead, const std::set<ExpertId>& residents,
+                                           uint64_t position,
+                                           const std::function<bool(ExpertId)>& evictable) {
+  std::optional<ExpertId> victim;
+  uint64_t farthest = 0;
+  for (ExpertId key : residents) {  // lowest key first
+    if (!evictable(key)) continue;
+    uint64_t next = UINT64_MAX;
+    for (uint64_t p = position + 1; p < sequence.size(); ++p) {
+      if (sequence[p] == key) {
+        if (p - position <= lookahead) next = p;
+        break;
+      }
+    }
+    if (!victim || next > farthest) {
+      victim = key;
+      farthest = next;
+    }
+  }
+  return victim;
+}
+
+// The policy keeps an order instead of passing over the residents; its victims must be the
+// pass's. A cache of 4 slots follows random sequences as a prefetcher may: mostly in order,
+// sometimes skipping ahead, going back, acquiring another expert than the sequence's there,
+// or invalidating a resident, with random residents leased at each choice.
+TEST(EvictionPolicyTest, BeladyChoosesAsAPassOverTheResidentsWould) {
+  std::mt19937 rng(7);
+  auto random_key = [&] {
+    return ExpertId{static_cast<uint32_t>(rng() % 2), static_cast<uint32_t>(rng() % 5)};
+  };
+  uint64_t choices = 0, went_back = 0, skipped = 0, others = 0;
+  for (uint64_t lookahead : {uint64_t{UINT64_MAX}, uint64_t{12}}) {
+    for (int trial = 0; trial < 40; ++trial) {
+      std::vector<ExpertId> sequence(200);
+      for (ExpertId& key : sequence) key = random_key();
+      auto policy = MakeBeladyPolicy(sequence, lookahead);
+      std::set<ExpertId> residents = {random_key(), random_key()};
+      for (ExpertId key : residents) policy->OnResident(key);
+      uint64_t position = 0;
+      while (position < sequence.size()) {
+        const uint32_t draw = rng() % 20;
+        if (draw == 0) {
+          position = std::min<uint64_t>(sequence.size() - 1, position + 1 + rng() % 5);
+          ++skipped;
+        } else if (draw == 1 && position > 0) {
+          position -= 1 + rng() % std::min<uint64_t>(position, 5);
+          ++went_back;
+        } else if (draw == 2 && !residents.empty()) {
+          const ExpertId gone = *std::next(residents.begin(), rng() % residents.size());
+          residents.erase(gone);
+          policy->OnEvict(gone);
+        }
+        const ExpertId key = draw == 3 ? random_key() : sequence[position];
+        others += draw == 3 ? 1 : 0;
+        if (residents.count(key) == 0 && residents.size() == 4) {
+          std::set<ExpertId> leased;
+          for (ExpertId r : residents) {
+            if (rng() % 4 == 0) leased.insert(r);
+          }
+          const auto evictable = [&](ExpertId k) { return leased.count(k) == 0; };
+          const std::optional<ExpertId> expected =
+              BeladyByDefinition(sequence, lookahead, residents, position, evictable);
+          ASSERT_EQ(policy->ChooseVictim(position, evictable), expected)
+              << "trial " << trial << ", position " << position << ", lookahead " << lookahead;
+          ++choices;
+          if (!expected) {  // every resident leased
+            ++position;
+            continue;
+          }
+          residents.erase(*expected);
+          policy->OnEvict(*expected);
+        }
+        residents.insert(key);
+        policy->OnAccess(key, position);
+        ++position;
+      }
+    }
+  }
+  EXPECT_GT(choices, 4000u);
+  EXPECT_GT(went_back, 100u);
+  EXPECT_GT(skipped, 100u);
+  EXPECT_GT(others, 100u);
 }
 
 }  // namespace
