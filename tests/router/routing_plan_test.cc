@@ -177,6 +177,20 @@ TEST(RoutingPlanTest, BadTokensAndDomainsAreNamed) {
             StatusCode::kInvalidArgument);
 }
 
+// A plan addresses its buffer with 32-bit word offsets: one of 342 layers of 4 Mi tokens would
+// need about 4.3 G words (3 per row and layer), and is refused before anything is allocated.
+TEST(RoutingPlanTest, APlanPast32BitOffsetsIsRefused) {
+  DomainMap map = *DomainMap::Create(342);
+  ASSERT_TRUE(map.AddDomainUniform("one", 0, 1).ok());
+  const RreRouter router = *RreRouter::Create(map, {2, 1, TableBuilder::kRreUniform});
+  Batch batch = RandomBatch(1, 4u << 20, 2, {0}, 1);
+  const Status refused = RoutingPlan::BuildRre(router, batch.view).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("342 layer(s) of 4194304 rows is too large for 32-bit offsets"),
+            std::string_view::npos)
+      << refused;
+}
+
 TEST(RoutingPlanTest, AssignmentPlansRouteEveryTokenKTimes) {
   GateOptions options;
   options.d_model = 16;

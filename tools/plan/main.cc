@@ -8,6 +8,7 @@
 #include <iostream>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "runtime/base/file_util.h"
 #include "runtime/base/json_writer.h"
@@ -38,7 +39,7 @@ constexpr std::string_view kUsage =
     "memory. --calibrate measures this machine's CPU optimizer, NVMe (in DIR, default .), the\n"
     "host's work at a step's begin, its gradient additions and its wait for the simulated\n"
     "device through the runtime's code and writes the base hardware (default this-machine)\n"
-    "with them.\n"
+    "with them; it takes no other option, and --dir is its alone.\n"
     "tools/plan/README.md describes the files' fields.\n";
 
 int BadInput(std::string_view message) {
@@ -52,6 +53,9 @@ int main(int argc, char** argv) {
   std::string model_arg, hardware_arg, workload_arg, calibrate_arg, dump_arg, dir_arg = ".";
   bool json = false, optimize = false, bars = isatty(STDOUT_FILENO) != 0;
   ecss::plan::Strategies strategies = ecss::plan::Strategies::kEvery;
+  // Given options that only a plan (or only a calibration) reads: refused by the other.
+  std::vector<std::string_view> plan_only;
+  bool dir_given = false;
   for (int i = 1; i < argc; ++i) {
     const std::string_view arg = argv[i];
     auto value = [&](std::string* out) {
@@ -70,6 +74,11 @@ int main(int argc, char** argv) {
       return kFits;
     }
     bool ok = true;
+    if (arg == "--model" || arg == "--workload" || arg == "--dump-plan" || arg == "--optimize" ||
+        arg == "--only-workload-strategy" || arg == "--json" || arg == "--no-bars") {
+      plan_only.push_back(arg);
+    }
+    dir_given = dir_given || arg == "--dir";
     if (arg == "--model") {
       ok = value(&model_arg);
     } else if (arg == "--hardware") {
@@ -94,6 +103,15 @@ int main(int argc, char** argv) {
       return BadInput(ecss::StrCat("unknown argument '", arg, "'\n", kUsage));
     }
     if (!ok) return BadInput(ecss::StrCat(arg, " needs a value\n", kUsage));
+  }
+  if (!calibrate_arg.empty() && !plan_only.empty()) {
+    return BadInput(
+        ecss::StrCat(plan_only.front(),
+                     ": not an option of --calibrate, which takes --hardware and --dir\n", kUsage));
+  }
+  if (calibrate_arg.empty() && dir_given) {
+    return BadInput(
+        ecss::StrCat("--dir: where --calibrate measures NVMe; only with --calibrate\n", kUsage));
   }
   if (!calibrate_arg.empty()) {
     auto base = ecss::plan::LoadHardware(hardware_arg.empty() ? "this-machine" : hardware_arg);
