@@ -337,15 +337,15 @@ StatusOr<StepPlan> StepExecutor::BuildPlan() const {
   // What the cache holds as the step begins, least recently used first (the last plan knows
   // the order), less what publishing the delayed update is about to drop.
   const std::vector<ExpertId> cached = cache_->ResidentKeys();
-  std::unordered_set<ExpertId> held(cached.begin(), cached.end());
+  std::unordered_set<ExpertId> kept(cached.begin(), cached.end());
   if (delayed()) {
-    for (ExpertId key : started_) held.erase(key);
+    for (ExpertId key : started_) kept.erase(key);
   }
   for (ExpertId key : last_resident_) {
-    if (held.erase(key) != 0) in.resident.push_back(key);
+    if (kept.erase(key) != 0) in.resident.push_back(key);
   }
   for (ExpertId key : cached) {
-    if (held.erase(key) != 0) in.resident.push_back(key);
+    if (kept.erase(key) != 0) in.resident.push_back(key);
   }
   in.held_experts = held_.size();
   return BuildStepPlan(in);

@@ -317,7 +317,8 @@ class StepPlan::Builder {
   void Use(ExpertId key, uint64_t position) {
     const uint64_t stamp = c_.stamps++;
     c_.recency[key] = stamp;
-    if (c_.eviction != nullptr) c_.eviction->OnAccess(key, policy_.learned_gate ? stamp : position);
+    if (c_.eviction.policy != nullptr)
+      c_.eviction.policy->OnAccess(key, policy_.learned_gate ? stamp : position);
   }
 
  private:
@@ -412,7 +413,7 @@ class StepPlan::Builder {
       deps.push_back(Add(evict));  // the slot is written once its last reader is done
       c_.last_fetch.erase(gone);
       c_.recency.erase(gone);
-      c_.eviction->OnEvict(gone);
+      c_.eviction.policy->OnEvict(gone);
     }
     // An expert's compute weights moving for this access: NVMe -> pinned, host -> device.
     auto weights_move = [&](OpKind kind, PlanResource resource) {
@@ -447,7 +448,7 @@ class StepPlan::Builder {
     auto evictable = [&](ExpertId r) {
       return r.layer != layer || !std::binary_search(group.begin(), group.end(), r.expert);
     };
-    const std::optional<ExpertId> victim = c_.eviction->ChooseVictim(position, evictable);
+    const std::optional<ExpertId> victim = c_.eviction.policy->ChooseVictim(position, evictable);
     ECSS_CHECK(victim.has_value()) << "step plan: every resident expert is in the access's group";
     return *victim;
   }
@@ -514,12 +515,28 @@ size_t StepPlan::Count(OpKind kind) const {
   return count;
 }
 
+StepPlan::Cursor::Eviction::Eviction(const Eviction& other)
+    : policy(other.policy != nullptr ? other.policy->Clone() : nullptr) {}
+
+StepPlan::Cursor::Eviction& StepPlan::Cursor::Eviction::operator=(const Eviction& other) {
+  if (this != &other) policy = other.policy != nullptr ? other.policy->Clone() : nullptr;
+  return *this;
+}
+
+Status StepPlan::Appendable() const {
+  if (policy_.learned_gate) return Status::Ok();
+  return FailedPreconditionError(
+      "step plan: an RRE plan is built whole; only learned gates append layers");
+}
+
 Status StepPlan::AppendForward(uint32_t micro_batch, uint32_t layer, const LayerRoute& route,
                                uint64_t plan_bytes) {
+  ECSS_RETURN_IF_ERROR(Appendable());
   return Builder(*this).AddForward(micro_batch, layer, route, plan_bytes);
 }
 
 Status StepPlan::AppendBackward(uint32_t micro_batch, uint32_t layer) {
+  ECSS_RETURN_IF_ERROR(Appendable());
   return Builder(*this).AddBackward(micro_batch, layer);
 }
 
@@ -566,7 +583,7 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
   plan.model_ = m;
   plan.policy_ = in.policy;
   plan.micro_batches_ = static_cast<uint32_t>(in.micro_batches.size());
-  if (in.policy.learned_gate) plan.cursor_.eviction = MakeLruPolicy();
+  if (in.policy.learned_gate) plan.cursor_.eviction.policy = MakeLruPolicy();
   StepPlan::Builder builder(plan);
   for (const ExpertId& key : in.resident) builder.Use(key, 0);
   builder.AddCarried(in.held_experts);
@@ -595,8 +612,9 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
       }
     }
   }
-  plan.cursor_.eviction = MakeBeladyPolicy(sequence);
-  for (const auto& [key, stamp] : plan.cursor_.recency) plan.cursor_.eviction->OnResident(key);
+  std::shared_ptr<EvictionPolicy>& belady = plan.cursor_.eviction.policy;
+  belady = MakeBeladyPolicy(sequence);
+  for (const auto& [key, stamp] : plan.cursor_.recency) belady->OnResident(key);
   for (uint32_t b = 0; b < in.micro_batches.size(); ++b) {
     builder.AddUpload(b, -1, in.micro_batches[b].plan_bytes);
   }
@@ -609,6 +627,7 @@ StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& in) {
     for (uint32_t l = m.layers(); l-- > 0;) ECSS_RETURN_IF_ERROR(builder.AddBackward(b, l));
   }
   builder.Finish();
+  plan.cursor_.eviction.policy.reset();  // whole: nothing is accessed again
   return plan;
 }
 

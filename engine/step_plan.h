@@ -197,7 +197,8 @@ class StepPlan {
   // plan's upload, its fetches, its compute), its backward (fetches again, compute, gradient
   // copies, and the layer's update once its last micro-batch is done), and, at EndStep, the
   // updates that wait for the whole step. InvalidArgument naming a layer out of range, a
-  // forward given twice or a backward before its forward.
+  // forward given twice or a backward before its forward; FailedPrecondition on an RRE plan
+  // (built whole).
   Status AppendForward(uint32_t micro_batch, uint32_t layer, const LayerRoute& route,
                        uint64_t plan_bytes);
   Status AppendBackward(uint32_t micro_batch, uint32_t layer);
@@ -210,6 +211,8 @@ class StepPlan {
  private:
   friend StatusOr<StepPlan> BuildStepPlan(const StepPlanInputs& inputs);
   class Builder;
+  // FailedPrecondition unless the plan is appended layer by layer (learned gates).
+  Status Appendable() const;
   // Where the builder stands, so that the Append calls continue it.
   struct Cursor {
     // No-overlap's chain: the ops the next device-side op waits for (the last stage), and,
@@ -231,14 +234,23 @@ class StepPlan {
     std::map<std::pair<uint32_t, uint32_t>, LayerRoute>
         groups;  // (micro-batch, layer) -> its groups
     std::map<ExpertId, uint32_t> last_fetch, last_use;
-    // The cache: each resident and when it was last used (a stamp that grows with each use).
+    // The cache as the plan leaves it: each resident and when it was last used (a stamp that
+    // grows with each use; ResidentAfter's order).
     std::unordered_map<ExpertId, uint64_t> recency;
     uint64_t stamps = 0;
-    // Which resident leaves, as the device cache decides: its Belady policy over the step's
-    // sequence (RRE; set once the sequence is known), or its LRU policy over the stamps
-    // (learned gates). Told of the residents as the cache tells its own. Copies of the plan
-    // share it: an RRE plan is built whole, and a learned-gate plan is appended by one owner.
-    std::shared_ptr<EvictionPolicy> eviction;
+    // Which resident leaves, as the device cache decides, told of the residents and their
+    // uses as the cache tells its own: its Belady policy over the step's sequence while an
+    // RRE plan is built (dropped once it is whole), or its LRU policy over the stamps while
+    // a learned-gate plan is appended (each copy of the plan goes on with a copy of it).
+    struct Eviction {
+      std::shared_ptr<EvictionPolicy> policy;
+      Eviction() = default;
+      Eviction(const Eviction& other);
+      Eviction& operator=(const Eviction& other);
+      Eviction(Eviction&&) noexcept = default;
+      Eviction& operator=(Eviction&&) noexcept = default;
+      ~Eviction() = default;
+    } eviction;
     uint64_t positions = 0;
   };
   PlanModel model_;

@@ -33,6 +33,9 @@ class BeladyPolicy final : public EvictionPolicy {
     if (it->second == kNever) never_.erase(key);
     next_.erase(it);
   }
+  std::unique_ptr<EvictionPolicy> Clone() const override {
+    return std::make_unique<BeladyPolicy>(*this);
+  }
   std::optional<ExpertId> ChooseVictim(uint64_t position,
                                        const std::function<bool(ExpertId)>& evictable) override {
     Refresh(position);
@@ -118,11 +121,13 @@ class BeladyPolicy final : public EvictionPolicy {
     }
     std::make_heap(heap_.begin(), heap_.end(), Nearer);
   }
-  // Makes every resident's record its first use after `position`. While the accesses came
-  // one position after another, each as the sequence has it, a record (the first use after
-  // the resident's last access) is that already, but for the expert the sequence has at
-  // `position` when the caller acquires another there; otherwise (positions skipped or gone
-  // back: a prefetcher yielding work ahead) every record is redone.
+  // Makes every resident's record its first use after `position`. While each access came at
+  // the position after the one before, with the expert the sequence has there, every record
+  // (the first use after the resident's last access, or from the step's start) is that
+  // already, with one exception: when the expert the sequence has at `position` is resident,
+  // the caller is acquiring another there, and that expert's record is `position` itself.
+  // Once an access came elsewhere (a prefetcher that skipped ahead or went back), any record
+  // may be late, and all are redone.
   void Refresh(uint64_t position) {
     if (stale_ || position != expected_) {
       for (auto& [key, next] : next_) next = UseFrom(key, position + 1);
@@ -154,6 +159,9 @@ class LruPolicy final : public EvictionPolicy {
     if (it == last_.end()) return;
     order_.erase({it->second, key});
     last_.erase(it);
+  }
+  std::unique_ptr<EvictionPolicy> Clone() const override {
+    return std::make_unique<LruPolicy>(*this);
   }
   std::optional<ExpertId> ChooseVictim(uint64_t,
                                        const std::function<bool(ExpertId)>& evictable) override {

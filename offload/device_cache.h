@@ -22,14 +22,15 @@
 namespace ecss {
 
 // Which resident expert leaves. The policy keeps its own order of the residents it is told of
-// (OnResident, OnAccess, OnEvict: the cache's, or a plan builder's, slots), so that a victim
+// (OnResident, OnAccess, OnEvict: the cache's slots, or a plan builder's), so that a victim
 // costs a logarithm of the slots, not a pass over them.
 class EvictionPolicy {
  public:
   virtual ~EvictionPolicy() = default;
   // `key` was already resident when the policy took over, unused since.
   virtual void OnResident(ExpertId key) = 0;
-  // `key`, resident, is used at access `position` (positions increase along the step).
+  // `key`, resident, is used at access `position` (positions increase along the step; a
+  // caller that goes back or skips ahead costs Belady a rebuild of its order).
   virtual void OnAccess(ExpertId key, uint64_t position) = 0;
   // `key` left (evicted, invalidated).
   virtual void OnEvict(ExpertId key) = 0;
@@ -37,16 +38,19 @@ class EvictionPolicy {
   // accepts (a leased one it does not); nullopt when it accepts none.
   virtual std::optional<ExpertId> ChooseVictim(uint64_t position,
                                                const std::function<bool(ExpertId)>& evictable) = 0;
+  // The policy as it stands, to go on separately (a copied plan's).
+  virtual std::unique_ptr<EvictionPolicy> Clone() const = 0;
 };
 
 // Evicts the resident whose next use is farthest (or never; of several, the lowest key):
 // optimal for a known sequence. Uses further than `lookahead` positions ahead count as never
-// (what the runtime knows: RRE gives the current step's sequence, not the whole run's).
-// Positions may go back (a prefetcher that yields work ahead): the order is then rebuilt from
-// that position, so a victim is always the one a pass over the residents would choose.
+// (what the runtime knows: RRE gives the current step's sequence, not the whole run's); with
+// a finite lookahead, each choice passes over every resident used past it. A victim is always
+// the one a pass over the residents would choose, whatever order the accesses come in.
 std::unique_ptr<EvictionPolicy> MakeBeladyPolicy(const std::vector<ExpertId>& sequence,
                                                  uint64_t lookahead = UINT64_MAX);
-// Evicts the least recently used resident (of several never used, the lowest key).
+// Evicts the least recently used resident. Those resident before the policy took over
+// (OnResident) count as used at position 0, ties going to the lowest key.
 std::unique_ptr<EvictionPolicy> MakeLruPolicy();
 
 enum class Residency : uint8_t { kAbsent, kLoading, kResident, kLeased, kEvicting };

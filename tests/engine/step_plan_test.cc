@@ -488,9 +488,19 @@ TEST(StepPlanTest, AnEvaluationIsForwardOnly) {
   EXPECT_EQ(plan.Count(OpKind::kUpdate), 0u);
   EXPECT_EQ(plan.Count(OpKind::kFetch), 3u);
   EXPECT_FALSE(plan.step_waits_for_updates());
-  EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(plan.AppendBackward(0, 0).code(), StatusCode::kFailedPrecondition) << "built whole";
   const std::vector<ExpertId> sequence = {{0, 0}, {0, 2}, {1, 1}};
   EXPECT_EQ(plan.AccessSequence(), sequence);
+  // Appended layer by layer (learned gates), an evaluation's backward is refused too.
+  policy.learned_gate = true;
+  StepPlanInputs in;
+  in.model = Model();
+  in.policy = policy;
+  in.micro_batches = {MicroBatchRoute{8, 0, {}}};
+  StatusOr<StepPlan> gated = BuildStepPlan(in);
+  ASSERT_TRUE(gated.ok()) << gated.status();
+  ASSERT_TRUE(gated->AppendForward(0, 0, {{0, 2}, {5, 3}}, 64).ok());
+  EXPECT_EQ(gated->AppendBackward(0, 0).code(), StatusCode::kInvalidArgument);
 }
 
 // The cache the plan keeps, by its definition: per compute op in plan order, each of its
@@ -603,6 +613,47 @@ TEST(StepPlanTest, EvictionsAreTheirPolicysDefinitionOverManySteps) {
     }
     EXPECT_GT(evictions, 200u) << "the cache must be under pressure for this to say anything";
   }
+}
+
+// An RRE plan is built whole: appending to it is refused. A learned-gate plan copied midway
+// goes on separately: each copy evicts by its own accesses, as its definition says.
+TEST(StepPlanTest, CopiesOfAnAppendedPlanEvictByTheirOwnAccesses) {
+  StepPlan rre = Build(Policy(Strategy::kEcss));
+  EXPECT_EQ(rre.AppendForward(0, 0, {{1}, {8}}, 64).code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(rre.AppendBackward(0, 0).code(), StatusCode::kFailedPrecondition);
+
+  PlanPolicy policy = Policy(Strategy::kEcss, 2);
+  policy.learned_gate = true;
+  StepPlanInputs in;
+  in.model = Model();
+  in.policy = policy;
+  in.micro_batches = {MicroBatchRoute{8, 0, {}}};
+  in.resident = {{1, 3}, {1, 2}};
+  StatusOr<StepPlan> first = BuildStepPlan(in);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(first->AppendForward(0, 0, {{0, 1}, {4, 4}}, 64).ok());
+  StepPlan second = *first;
+  // Layer 1's forward routes the first to (1, 2), the second to (1, 3): each evicts (0, 0),
+  // and layer 0's backward then evicts the layer-1 expert each copy fetched. (With one policy
+  // between them, the second would have evicted (0, 1), which the first's policy used last.)
+  ASSERT_TRUE(first->AppendForward(0, 1, {{2}, {8}}, 64).ok());
+  ASSERT_TRUE(second.AppendForward(0, 1, {{3}, {8}}, 64).ok());
+  std::vector<std::vector<ExpertId>> evicted;
+  for (StepPlan* plan : {&*first, &second}) {
+    ASSERT_TRUE(plan->AppendBackward(0, 1).ok());
+    ASSERT_TRUE(plan->AppendBackward(0, 0).ok());
+    plan->Finish();
+    std::vector<ExpertId> resident = in.resident;
+    std::vector<ExpertId> listed;
+    for (const PlanOp* evict : plan->Find(OpKind::kEvict)) {
+      listed.push_back({static_cast<uint32_t>(evict->layer), evict->experts.at(0)});
+    }
+    EXPECT_EQ(listed, VictimsByDefinition(*plan, 2, true, resident));
+    EXPECT_EQ(plan->ResidentAfter(), resident);
+    evicted.push_back(listed);
+  }
+  EXPECT_EQ(evicted[0], (std::vector<ExpertId>{{1, 3}, {1, 2}, {0, 0}, {1, 2}}));
+  EXPECT_EQ(evicted[1], (std::vector<ExpertId>{{1, 3}, {1, 2}, {0, 0}, {1, 3}}));
 }
 
 }  // namespace

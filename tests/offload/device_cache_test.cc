@@ -120,27 +120,47 @@ TEST_F(DeviceCacheTest, FreedSlotsFillLowestFirstAndANewPolicyIsToldTheResidents
   for (uint32_t e = 0; e < 3; ++e) {
     ASSERT_TRUE(cache->Acquire({0, e}, host_[e].data(), copy_.get(), e).ok());
   }
-  ASSERT_TRUE(cache->Invalidate({0, 1}).ok());
+  ASSERT_TRUE(cache->Invalidate({0, 2}).ok());  // slot 2, then slot 0
+  ASSERT_TRUE(cache->Invalidate({0, 0}).ok());
   ASSERT_TRUE(cache->Acquire({0, 5}, host_[5].data(), copy_.get(), 3).ok());
-  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 0}, {0, 5}, {0, 2}}));
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 5}, {0, 1}}));
+  ASSERT_TRUE(cache->Acquire({0, 6}, host_[6].data(), copy_.get(), 4).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 5}, {0, 1}, {0, 6}}));
   EXPECT_EQ(cache->stats().evictions, 0u);
-  // A step's Belady policy over three residents: (0, 2) is used next, (0, 0) after it, and
-  // (0, 5) never, so (0, 5) leaves for (0, 6).
-  cache->SetPolicy(MakeBeladyPolicy({{0, 6}, {0, 2}, {0, 0}}));
-  ASSERT_TRUE(cache->Acquire({0, 6}, host_[6].data(), copy_.get(), 0).ok());
-  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 0}, {0, 6}, {0, 2}}));
+  // A step's Belady policy over the three residents: (0, 1) is used next, (0, 5) after it, and
+  // (0, 6) never, so (0, 6) leaves for (0, 7).
+  cache->SetPolicy(MakeBeladyPolicy({{0, 7}, {0, 1}, {0, 5}}));
+  ASSERT_TRUE(cache->Acquire({0, 7}, host_[7].data(), copy_.get(), 0).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 5}, {0, 1}, {0, 7}}));
   EXPECT_EQ(cache->stats().evictions, 1u);
+  EXPECT_TRUE(sim_->SynchronizeAll().ok());
+}
+
+// A miss whose copy cannot be queued (here: a stream the backend never made) fails; its victim
+// is gone and its slot is free for the next miss, and the cache names no expert it does not
+// hold.
+TEST_F(DeviceCacheTest, AFailedCopyLeavesTheVictimsSlotFree) {
+  auto cache = *DeviceCache::Create(*sim_, {kExpertBytes, 2}, MakeLruPolicy());
+  ASSERT_TRUE(cache->Acquire({0, 0}, host_[0].data(), copy_.get(), 0).ok());
+  ASSERT_TRUE(cache->Acquire({0, 1}, host_[1].data(), copy_.get(), 1).ok());
+  EXPECT_FALSE(cache->Acquire({0, 2}, host_[2].data(), Stream{}, 2).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 1}}));
+  EXPECT_EQ(cache->residency({0, 0}), Residency::kAbsent);
+  EXPECT_EQ(cache->residency({0, 2}), Residency::kAbsent);
+  ASSERT_TRUE(cache->Acquire({0, 2}, host_[2].data(), copy_.get(), 3).ok());
+  EXPECT_EQ(cache->ResidentKeys(), (std::vector<ExpertId>{{0, 2}, {0, 1}}));
+  EXPECT_EQ(cache->stats().evictions, 1u) << "the retry took the free slot";
   EXPECT_TRUE(sim_->SynchronizeAll().ok());
 }
 
 TEST(EvictionPolicyTest, LruEvictsTheLeastRecentlyUsedItMay) {
   auto lru = MakeLruPolicy();
   const auto any = [](ExpertId) { return true; };
-  lru->OnResident({1, 4});  // resident before the policy: older than any use, lowest key first
+  lru->OnResident({1, 4});  // resident before the policy: used at 0, lowest key first
   lru->OnResident({0, 9});
-  lru->OnAccess({0, 1}, 0);
-  lru->OnAccess({0, 2}, 1);
-  lru->OnAccess({0, 1}, 2);
+  lru->OnAccess({0, 1}, 1);
+  lru->OnAccess({0, 2}, 2);
+  lru->OnAccess({0, 1}, 3);
   EXPECT_EQ(lru->ChooseVictim(3, any), (ExpertId{0, 9}));
   lru->OnEvict({0, 9});
   EXPECT_EQ(lru->ChooseVictim(3, any), (ExpertId{1, 4}));
@@ -179,13 +199,14 @@ std::optional<ExpertId> BeladyByDefinition(const std::vector<ExpertId>& sequence
 // The policy keeps an order instead of passing over the residents; its victims must be the
 // pass's. A cache of 4 slots follows random sequences as a prefetcher may: mostly in order,
 // sometimes skipping ahead, going back, acquiring another expert than the sequence's there,
-// or invalidating a resident, with random residents leased at each choice.
+// invalidating a resident, or finding one resident unannounced (OnResident), with random
+// residents leased at each choice, each choice asked twice with other leases.
 TEST(EvictionPolicyTest, BeladyChoosesAsAPassOverTheResidentsWould) {
   std::mt19937 rng(7);
   auto random_key = [&] {
     return ExpertId{static_cast<uint32_t>(rng() % 2), static_cast<uint32_t>(rng() % 5)};
   };
-  uint64_t choices = 0, went_back = 0, skipped = 0, others = 0;
+  uint64_t choices = 0, went_back = 0, skipped = 0, others = 0, unannounced = 0;
   for (uint64_t lookahead : {uint64_t{UINT64_MAX}, uint64_t{12}}) {
     for (int trial = 0; trial < 40; ++trial) {
       std::vector<ExpertId> sequence(200);
@@ -206,20 +227,36 @@ TEST(EvictionPolicyTest, BeladyChoosesAsAPassOverTheResidentsWould) {
           const ExpertId gone = *std::next(residents.begin(), rng() % residents.size());
           residents.erase(gone);
           policy->OnEvict(gone);
+        } else if (draw == 4) {  // one leaves unannounced, another is found resident
+          const ExpertId found = random_key();
+          if (residents.count(found) == 0) {
+            if (residents.size() == 4) {
+              const ExpertId gone = *std::next(residents.begin(), rng() % residents.size());
+              residents.erase(gone);
+              policy->OnEvict(gone);
+            }
+            residents.insert(found);
+            policy->OnResident(found);
+            ++unannounced;
+          }
         }
         const ExpertId key = draw == 3 ? random_key() : sequence[position];
         others += draw == 3 ? 1 : 0;
         if (residents.count(key) == 0 && residents.size() == 4) {
           std::set<ExpertId> leased;
-          for (ExpertId r : residents) {
-            if (rng() % 4 == 0) leased.insert(r);
-          }
           const auto evictable = [&](ExpertId k) { return leased.count(k) == 0; };
-          const std::optional<ExpertId> expected =
-              BeladyByDefinition(sequence, lookahead, residents, position, evictable);
-          ASSERT_EQ(policy->ChooseVictim(position, evictable), expected)
-              << "trial " << trial << ", position " << position << ", lookahead " << lookahead;
-          ++choices;
+          std::optional<ExpertId> expected;
+          for (int ask = 0; ask < 2; ++ask) {
+            leased.clear();
+            for (ExpertId r : residents) {
+              if (rng() % 4 == 0) leased.insert(r);
+            }
+            expected = BeladyByDefinition(sequence, lookahead, residents, position, evictable);
+            ASSERT_EQ(policy->ChooseVictim(position, evictable), expected)
+                << "trial " << trial << ", position " << position << ", lookahead " << lookahead
+                << ", ask " << ask;
+            ++choices;
+          }
           if (!expected) {  // every resident leased
             ++position;
             continue;
@@ -237,6 +274,7 @@ TEST(EvictionPolicyTest, BeladyChoosesAsAPassOverTheResidentsWould) {
   EXPECT_GT(went_back, 100u);
   EXPECT_GT(skipped, 100u);
   EXPECT_GT(others, 100u);
+  EXPECT_GT(unannounced, 100u);
 }
 
 }  // namespace
