@@ -324,29 +324,34 @@ void AddAdditionSamples(const std::vector<StepPlan>& executed,
 }
 
 // The host's gradient additions (a later micro-batch's gradients added into the step's
-// accumulators, one at a time on the add stream), in the executed plans of steps of two
-// micro-batches: ecss steps of 16,384 tokens each, whose additions mostly run while the
-// optimizer's thread updates the step before's experts, and no-overlap steps of 2,048, whose
-// updates wait for the step's device work, so that their additions run alone
-// (FitGradientAdditions). And the optimizer beside them, in the measured ecss steps: its busy
-// time against its updates' time at `one_thread_rate` (parameters/s), the excess taken as lost
-// in the time it ran beside an addition (the kept plans' per step; 0.50-0.96 in four
-// calibrations here, where `small ecss-host-4x32k`'s runs, every forward first, showed
-// 0.69-0.77):
-// optimizer_rate_beside_additions, at least 0.1. Whatever else slows these steps' optimizer
-// against the one-thread run's (their larger routing beside it, the simulated device's
-// threads) is counted as the additions', so the share errs low. `begin`: the ecss steps' begin
-// (StepBeginOf).
+// accumulators, one at a time on the add stream), in the executed plans of ecss steps of four
+// micro-batches of 16,384 tokens, whose additions mostly run while the optimizer's thread
+// updates the step before's experts, and of no-overlap steps of two of 2,048, whose updates
+// wait for the step's device work, so that their additions run alone (FitGradientAdditions).
+// And the optimizer beside them, in the measured ecss steps: its busy time against its updates'
+// time at `one_thread_rate` (parameters/s), the excess taken as lost in the time it ran beside
+// an addition (the kept plans' per step): optimizer_rate_beside_additions, at least 0.1.
+// Four micro-batches, not two: three additions a layer, so that the optimizer runs beside one
+// for most of its busy time and the excess stands out of the one-thread rate's own drift
+// between the two runs. With two, nine calibrations in one hour of 2026-12-06 put the share at
+// 0.14-1.0, five of them at the clamp of 1 (the optimizer no slower beside the additions than
+// in the one-thread run), where three with four, in the next half hour, put it at 0.73, 0.83
+// and 0.89, and `small ecss-host-4x32k`'s runs implied 0.69-0.8 (with 0.83 in every file, the
+// 8 rounds of that hour's plan-vs-run planned its optimizer's busy time 2.4% short, not 10.3%,
+// and their calibrations' predictions drifted 15.6% apart, not 27.4%). Whatever else slows
+// these steps' optimizer against the one-thread run's (their larger routing beside it, the
+// simulated device's threads) is counted as the additions', so the share errs low. `begin`:
+// the ecss steps' begin (StepBeginOf).
 Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_rate,
                                 StepBeginSample& begin, HardwareConfig& h) {
   std::vector<AdditionSample> samples;
   {
     // Measured: the additions in the last few, whose plans the session keeps; the begin in
-    // all (about a second here).
+    // all (about two seconds here).
     constexpr uint32_t kSteps = 4 * PlanRecorder::kKeptSteps;
     CalibrationRun run;
     run.domains = o.domains;  // as the one-thread run's: the step-begin fit compares their tokens
-    run.micro_batches = 2;
+    run.micro_batches = 4;
     run.tokens_per_micro_batch = 16384;
     run.device_budget_gib = 2;
     MeasuredWindow window;
@@ -514,7 +519,7 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
                                                                   threads == 1 ? &few : nullptr));
     base.optimizer_params_per_s_by_threads.push_back(rate);
   }
-  StepBeginSample many;  // two micro-batches of 16,384 tokens a step
+  StepBeginSample many;  // four micro-batches of 16,384 tokens a step
   ECSS_RETURN_IF_ERROR(
       MeasureGradientAdditions(options, base.optimizer_params_per_s_by_threads.at(0), many, base));
   ECSS_ASSIGN_OR_RETURN(const StepBeginSample large_steps, MeasureLargeStepBegin(options));

@@ -27,15 +27,15 @@
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
 //    per line of the routing tables it reads (StepStats::begin_seconds, the median over every
 //    measured step of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of
-//    two micro-batches of 16,384 and of 65,536: FitStepBegin; at 2,048 tokens alone the begin
-//    looked like 52 ns per token-layer here, which made a step of 131,072 tokens begin after
-//    27 ms where it took 4.4; routing_ns_per_token_layer, routing_ns_per_table_line, and
+//    four micro-batches of 16,384 and of two of 65,536: FitStepBegin; at 2,048 tokens alone the
+//    begin looked like 52 ns per token-layer here, which made a step of 131,072 tokens begin
+//    after 27 ms where it took 4.4; routing_ns_per_token_layer, routing_ns_per_table_line, and
 //    step_begin_ns_per_op 0: not told apart),
 //    and, where the base's device is simulated, the host's wait before an op it issues once
 //    its dependencies ended (no-overlap steps' executed plans: each compute op's and update's
 //    dependencies' end to its issue, the mean; host_wait_latency_us).
 //  - The host's gradient additions while the optimizer is idle and while it updates beside
-//    them (the same ecss steps of two micro-batches, whose additions mostly run beside the
+//    them (the same ecss steps of four micro-batches, whose additions mostly run beside the
 //    optimizer, and no-overlap steps of two, whose additions run alone: each addition's time
 //    against its bytes and the share of it in which an update ran; gradient_add_gbps,
 //    gradient_add_beside_optimizer_gbps), and the optimizer's share of its rate beside them
@@ -105,7 +105,7 @@ struct StepBeginSample {
   double seconds = 0, token_layers = 0, table_lines = 0;
 };
 // routing_ns_per_token_layer and routing_ns_per_table_line from samples whose tokens differ
-// (the calibration's: ecss steps of 2,048 tokens, of 2 x 16,384 and of 2 x 65,536, over 4
+// (the calibration's: ecss steps of 2,048 tokens, of 4 x 16,384 and of 2 x 65,536, over 4
 // domains): seconds = token_layers x the one + table_lines x the other, by least squares of the
 // relative errors; where either would come out negative, the other alone (samples of no time
 // are left out). step_begin_ns_per_op becomes 0: the samples' plans have 51-68 ops, too few
