@@ -142,15 +142,16 @@ class Planner {
         uint64_t{p.plan_slots} * p.plan_slot_bytes);
     // RRE routes by tables: one per domain, an expert index per token and sparse layer. They
     // grow with domains x layers x vocabulary, not with the experts' size or number. Each
-    // micro-batch's token ids and plan, copied to the heap, stay from one step to the next,
-    // whose are written in them (RoutingPlan::BuildRre's `recycled`): at most a whole slot.
+    // micro-batch's token and domain ids and plan, copied to the heap, stay from one step to the
+    // next, whose are written in them (RoutingPlan::BuildRre's `recycled`): at most a whole slot
+    // (a domain id a sample: at most one a token).
     if (!gated) {
       Add("RRE routing tables", MemoryTier::kHeap, MemoryTag::kOther, m.domains.size(),
           RreRouter::DomainTableBytes(m.vocab, m.layers));
       Add("RRE routing plans' host copies", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
           RoutingPlan::MostBytes(plan_layers, p.max_rows, std::min(widest, p.max_rows)));
-      Add("micro-batches' token ids", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
-          uint64_t{o_.limits.max_tokens_per_micro_batch} * sizeof(uint32_t));
+      Add("micro-batches' token and domain ids", MemoryTier::kHeap, MemoryTag::kOther, p.plan_slots,
+          2 * uint64_t{o_.limits.max_tokens_per_micro_batch} * sizeof(uint32_t));
     }
     ECSS_RETURN_IF_ERROR(PlanCache(experts));
     ECSS_RETURN_IF_ERROR(

@@ -139,8 +139,12 @@ class StepExecutor {
     std::optional<RoutingPlan> plan;
     void* device_plan = nullptr;
   };
+  // A micro-batch's token and domain ids, copied at BeginStep: the caller's arrays may go.
+  struct MicroBatchIds {
+    std::vector<uint32_t> tokens, domains;
+  };
   struct MicroBatchWork {
-    std::vector<uint32_t> token_ids, domain_ids;
+    MicroBatchIds ids;
     uint32_t num_tokens = 0;
     MicroBatch batch;
     std::optional<RoutingPlan> plan;
@@ -236,7 +240,7 @@ class StepExecutor {
   std::vector<MicroBatchWork> micro_;
   struct SpareBuffers {  // the last steps' micro-batches' (ClearMicroBatches)
     std::vector<RoutingPlan> plans;
-    std::vector<std::vector<uint32_t>> token_ids;
+    std::vector<MicroBatchIds> ids;
   } spare_;
   std::vector<ExpertId> sequence_;
   // The step's plan (learned gates: growing as layers are routed), what of it was issued on

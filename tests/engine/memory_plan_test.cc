@@ -122,7 +122,7 @@ TEST(MemoryPlanTest, TheRreTablesArePlannedInTheHeap) {
   EXPECT_EQ(tables->count, 3u);
   EXPECT_EQ(tables->total(), router->table_bytes());
   EXPECT_EQ(tables->total(), 3u * 3 * 1000 * sizeof(uint16_t));
-  // The routing plans' host copies (and token ids), kept for the next step's: one per
+  // The routing plans' host copies (and token and domain ids), kept for the next step's: one per
   // micro-batch, each plan as large as the largest plan (every token of the most a micro-batch
   // holds, every expert active) asks for.
   const MemoryItem* plans = plan->Find("RRE routing plans' host copies");
@@ -136,10 +136,11 @@ TEST(MemoryPlanTest, TheRreTablesArePlannedInTheHeap) {
   ASSERT_TRUE(largest.ok()) << largest.status();
   for (uint32_t l = 0; l < o.model.layers; ++l) ASSERT_EQ(largest->layer(l).num_active, 6u);
   EXPECT_EQ(plans->bytes, largest->bytes());
-  const MemoryItem* tokens_copies = plan->Find("micro-batches' token ids");
+  // Their token and domain ids: as many of each as the most tokens (a sample a token).
+  const MemoryItem* tokens_copies = plan->Find("micro-batches' token and domain ids");
   ASSERT_NE(tokens_copies, nullptr);
   EXPECT_EQ(tokens_copies->count, o.limits.max_micro_batches);
-  EXPECT_EQ(tokens_copies->bytes, tokens.size() * sizeof(uint32_t));
+  EXPECT_EQ(tokens_copies->bytes, (tokens.size() + domains.size()) * sizeof(uint32_t));
   EXPECT_EQ(plan->Total(MemoryTier::kHeap),
             tables->total() + plans->total() + tokens_copies->total());
   EXPECT_NE(plan->Summary().find("heap"), std::string::npos) << plan->Summary();

@@ -29,12 +29,23 @@ TEST(FitStatePipelineTest, SamplesOnALineGiveItsFractionAndOverhead) {
   EXPECT_EQ(drive.write_gbps, 3);
 }
 
-// A line flatter than the drive's rates allow (the large experts' bytes faster than at the
-// rates: noise) leaves all of the rates and the small sample's excess as the overhead: its time
-// is kept.
-TEST(FitStatePipelineTest, AFractionAboveOneIsOneWithTheSmallSamplesExcessAsOverhead) {
-  const NvmeDrive drive = Fit(kSmallBound + 2e-3, kLargeBound + 1e-3);
-  EXPECT_EQ(drive.session_fraction, 1);
+// Faster than the rates one after the other (a drive that reads and writes at once): a
+// fraction above 1, up to kMostSessionFraction, with or without an overhead.
+TEST(FitStatePipelineTest, AnOverlappingDrivesFractionPassesOne) {
+  const NvmeDrive drive = Fit(kSmallBound / 1.25 + 1e-3, kLargeBound / 1.25 + 1e-3);
+  EXPECT_NEAR(drive.session_fraction, 1.25, 1e-12);
+  EXPECT_NEAR(drive.update_overhead_us, 1000, 1e-6);
+  const NvmeDrive fast = Fit(kSmallBound / 1.5, kLargeBound / 1.5);
+  EXPECT_NEAR(fast.session_fraction, 1.5, 1e-12);
+  EXPECT_NEAR(fast.update_overhead_us, 0, 1e-6);
+}
+
+// A line flatter than overlap allows (the large experts' bytes faster than at twice the
+// rates: noise) leaves the most of the rates and the small sample's excess as the overhead: its
+// time is kept.
+TEST(FitStatePipelineTest, AFractionPastTheMostIsTheMostWithTheSmallSamplesExcessAsOverhead) {
+  const NvmeDrive drive = Fit(kSmallBound / 2 + 2e-3, kLargeBound / 2 + 1e-3);
+  EXPECT_EQ(drive.session_fraction, kMostSessionFraction);
   EXPECT_NEAR(drive.update_overhead_us, 2000, 1e-6);
 }
 
@@ -44,10 +55,24 @@ TEST(FitStatePipelineTest, ANegativeOverheadIsNoneWithTheSmallSamplesFraction) {
   const NvmeDrive drive = Fit(8.5e-3, 80e-3);
   EXPECT_EQ(drive.update_overhead_us, 0);
   EXPECT_NEAR(drive.session_fraction, kSmallBound / 8.5e-3, 1e-12);
-  // Faster than the rates at both sizes: all of them, nothing more.
-  const NvmeDrive fast = Fit(kSmallBound / 2, kLargeBound / 2);
-  EXPECT_EQ(fast.session_fraction, 1);
+  // Faster than the rates at the small size, the large slower per byte: the small sample's
+  // fraction, above 1.
+  const NvmeDrive overlapped = Fit(kSmallBound / 1.2, kLargeBound / 1.1);
+  EXPECT_EQ(overlapped.update_overhead_us, 0);
+  EXPECT_NEAR(overlapped.session_fraction, 1.2, 1e-12);
+  // Faster than twice the rates at both sizes: the most, nothing more.
+  const NvmeDrive fast = Fit(kSmallBound / 3, kLargeBound / 3);
+  EXPECT_EQ(fast.session_fraction, kMostSessionFraction);
   EXPECT_EQ(fast.update_overhead_us, 0);
+}
+
+// A large sample whose bound is no larger cannot give a line: the small sample alone, its
+// fraction and no overhead.
+TEST(FitStatePipelineTest, SamplesOfOneSizeAreTheSmallSampleAlone) {
+  NvmeDrive drive{.capacity_gib = 10, .read_gbps = 2, .write_gbps = 3};
+  FitStatePipeline({kSmallBound, kSmallBound / 0.8}, {kSmallBound, kSmallBound}, drive);
+  EXPECT_NEAR(drive.session_fraction, 0.8, 1e-12);
+  EXPECT_EQ(drive.update_overhead_us, 0);
 }
 
 // Additions alone at 20 GB/s and beside the optimizer at 8, some partly beside it: both rates

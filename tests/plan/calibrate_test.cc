@@ -56,7 +56,7 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   ASSERT_EQ(measured->nvme.size(), 1u);
   EXPECT_GT(measured->nvme[0].read_gbps, 0);
   EXPECT_GT(measured->nvme[0].session_fraction, 0);
-  EXPECT_LE(measured->nvme[0].session_fraction, 1);
+  EXPECT_LE(measured->nvme[0].session_fraction, kMostSessionFraction);
   EXPECT_GE(measured->nvme[0].update_overhead_us, 0);
   // The host's costs: the simulated device's wait (the base's device is simulated) and the
   // step's begin, both through the runtime's code.

@@ -139,10 +139,17 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   std::string bad_fraction = hardware;
   bad_fraction.replace(bad_fraction.size() - 1, 0,
                        R"(, "nvme": {"capacity_gib": 10, "read_gbps": 1, "write_gbps": 1,
-                             "session_fraction": 1.5})");
-  EXPECT_EQ(error(bad_fraction), "hardware.nvme.session_fraction: must be at most 1 (got 1.5)");
+                             "session_fraction": 2.5})");
+  EXPECT_EQ(error(bad_fraction), "hardware.nvme.session_fraction: must be at most 2 (got 2.5)");
+  // Above 1 (a drive that reads and writes at once) is read back as given.
+  std::string overlapped = bad_fraction;
+  overlapped.replace(overlapped.find("2.5"), 3, "1.25");
+  StatusOr<HardwareConfig> with_overlap = ParseHardware(overlapped);
+  ASSERT_TRUE(with_overlap.ok()) << with_overlap.status();
+  EXPECT_EQ(with_overlap->nvme.at(0).session_fraction, 1.25);
+  EXPECT_EQ(ParseHardware(HardwareJson(*with_overlap))->nvme.at(0).session_fraction, 1.25);
   std::string overhead = bad_fraction;
-  overhead.replace(overhead.find("1.5"), 3, R"(0.9, "update_overhead_us": 1500)");
+  overhead.replace(overhead.find("2.5"), 3, R"(0.9, "update_overhead_us": 1500)");
   StatusOr<HardwareConfig> with_overhead = ParseHardware(overhead);
   ASSERT_TRUE(with_overhead.ok()) << with_overhead.status();
   EXPECT_EQ(with_overhead->nvme.at(0).update_overhead_us, 1500);

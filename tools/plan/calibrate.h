@@ -23,7 +23,8 @@
 //    steps'; the step simulator models the waits for gradients between runs): the fraction of
 //    the rates it gets and the drive time each expert's update takes beside its bytes
 //    (session_fraction, update_overhead_us: FitStatePipeline). Reads and writes sharing the
-//    drive cost the first, each state's header and version the second.
+//    drive cost the first (above 1 where the pipeline beats the sequential rates one after
+//    the other), each state's header and version the second.
 //  - The host's part of a step: its work at the step's begin, per routed token and layer and
 //    per line of the routing tables it reads (StepStats::begin_seconds, the median over every
 //    measured step of the one-thread optimizer run's steps of 2,048 tokens and of ecss steps of
@@ -90,10 +91,12 @@ struct StatePipelineSample {
   double bound_s = 0, busy_s = 0;
 };
 // The drive's session_fraction and update_overhead_us from samples at a small and a large
-// expert size: busy = bound / session_fraction + overhead through both, the fraction at most 1
-// and the overhead at least 0; where the line through them leaves either range, the small
-// sample alone with that figure at its limit (its time kept). On the development VM the two
-// samples, minutes apart, put the line anywhere from (0.90, 0.4 ms) to (1, 2.7 ms); a fit that
+// expert size: busy = bound / session_fraction + overhead through both, the fraction at most
+// kMostSessionFraction (Note [A session beside the sequential rates], calibrate.cc) and the
+// overhead at least 0; where the line through them leaves either range, or the large sample's
+// bound is not larger, the small sample alone with that figure at its limit (its time kept).
+// On the development VM the two samples, minutes apart, put the line anywhere from (0.90, 0.4
+// ms) to (1, 2.7 ms) with the fraction then clamped at 1; a fit that
 // split a clamped line's excess between both samples predicted 1 Mi experts' NVMe steps 7-9%
 // fast in plan-vs-run.
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,

@@ -42,6 +42,7 @@ constexpr Range kOptionalRate{0, 1e9};
 constexpr Range kMicroseconds{0, 1e6};
 constexpr Range kNanoseconds{0, 1e9};
 constexpr Range kFraction{1e-3, 1};
+constexpr Range kSessionFraction{1e-3, kMostSessionFraction};  // NvmeDrive::session_fraction
 
 // One JSON object being read: each field is read once, by name; Finish refuses the fields
 // nobody read (a misspelt or unknown one), naming its path.
@@ -571,7 +572,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(n.Number("capacity_gib", &drive.capacity_gib, true, kGib));
     ECSS_RETURN_IF_ERROR(n.Number("read_gbps", &drive.read_gbps, true, kRate));
     ECSS_RETURN_IF_ERROR(n.Number("write_gbps", &drive.write_gbps, true, kRate));
-    ECSS_RETURN_IF_ERROR(n.Number("session_fraction", &drive.session_fraction, false, kFraction));
+    ECSS_RETURN_IF_ERROR(
+        n.Number("session_fraction", &drive.session_fraction, false, kSessionFraction));
     ECSS_RETURN_IF_ERROR(
         n.Number("update_overhead_us", &drive.update_overhead_us, false, kMicroseconds));
     ECSS_RETURN_IF_ERROR(n.Finish());

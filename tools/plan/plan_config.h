@@ -45,12 +45,17 @@ struct ModelConfig {
   uint64_t total_params() const;   // every expert's and the dense ones
 };
 
+// The most of NvmeDrive::session_fraction: a reader and a writer at once on a drive, each at
+// its full rate, move their bytes in half the time of the two one after the other at most.
+inline constexpr double kMostSessionFraction = 2;
+
 struct NvmeDrive {
   double capacity_gib = 0;
   double read_gbps = 0;
   double write_gbps = 0;
-  // The fraction of those rates a session's NVMe state pipeline reaches (--calibrate
-  // measures it; 1: all of them).
+  // The share of those rates a session's NVMe state pipeline reaches, reads and writes taken
+  // one after the other on the drive (--calibrate measures it; 1: all of them). Above 1 where
+  // the pipeline gets more than that: a drive that serves reads and writes at once.
   double session_fraction = 1;
   // And the drive time each update of an expert's NVMe states takes beside its bytes at that
   // fraction of the rates (its states' reads and writes, headers and versions: --calibrate
