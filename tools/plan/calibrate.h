@@ -96,9 +96,8 @@ struct StatePipelineSample {
 // overhead at least 0; where the line through them leaves either range, or the large sample's
 // bound is not larger, the small sample alone with that figure at its limit (its time kept).
 // On the development VM the two samples, minutes apart, put the line anywhere from (0.90, 0.4
-// ms) to (1, 2.7 ms) with the fraction then clamped at 1; a fit that
-// split a clamped line's excess between both samples predicted 1 Mi experts' NVMe steps 7-9%
-// fast in plan-vs-run.
+// ms) to (1, 2.7 ms) with the fraction then clamped at 1; a fit that split a clamped line's
+// excess between both samples predicted 1 Mi experts' NVMe steps 7-9% fast in plan-vs-run.
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
                       NvmeDrive& drive);
 // A step's begin (StepStats::begin_seconds: routing every micro-batch and building the step's
