@@ -1,12 +1,8 @@
 // FitStatePipeline (tools/plan/calibrate.h): a drive's session_fraction and update_overhead_us
 // from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
-// rates while the optimizer is idle and beside it; FitAdditionSizes: their time by size;
-// HelpedRate: the optimizer's rate with the
+// rates while the optimizer is idle and beside it; HelpedRate: the optimizer's rate with the
 // driving thread's help; FitStepBegin and RoutingTableLines: the step's begin per token-layer
 // and per routing table line read. Without measuring anything.
-#include <tuple>
-#include <vector>
-
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
@@ -107,58 +103,6 @@ TEST(FitGradientAdditionsTest, OneKindOrAFasterBesideRateGivesOneRate) {
   HardwareConfig none;
   FitGradientAdditions({}, none);
   EXPECT_EQ(none.gradient_add_gbps, 0);
-}
-
-// Additions of 16 MB that took 0.8 of their time at the rates (20 GB/s alone, 8 beside the
-// optimizer, as much of each beside it as it ran) against rates fitted at 32 MB: the small
-// size, the large one and the share of the rates' time.
-TEST(FitAdditionSizesTest, TheSmallSamplesTimeOverTheRatesAtBothSizes) {
-  constexpr double kIdle = 20e9, kBeside = 8e9, kSmall = 16 << 20, kLarge = 32 << 20;
-  HardwareConfig h;
-  h.gradient_add_gbps = kIdle / 1e9;
-  h.gradient_add_beside_optimizer_gbps = kBeside / 1e9;
-  std::vector<AdditionSample> small, large;
-  for (double beside : {0.0, 1.0, 0.5}) {
-    small.push_back({kSmall, 0.8 * kSmall * (beside / kBeside + (1 - beside) / kIdle), beside});
-    large.push_back({kLarge, kLarge * (beside / kBeside + (1 - beside) / kIdle), beside});
-  }
-  large.push_back({kSmall, 1e-3, 0});  // a smaller one among them: the median is the size
-  FitAdditionSizes(small, large, h);
-  EXPECT_EQ(h.gradient_add_small_mib, 16);
-  EXPECT_EQ(h.gradient_add_large_mib, 32);
-  EXPECT_NEAR(h.gradient_add_small_time_share, 0.8, 1e-12);
-  // A fit far out of its range is clamped; a beside rate of 0 is the idle one.
-  HardwareConfig slow;
-  slow.gradient_add_gbps = kIdle / 1e9;
-  FitAdditionSizes({{kSmall, 100 * kSmall / kIdle, 1}}, large, slow);
-  EXPECT_EQ(slow.gradient_add_small_time_share, kMostAdditionTimeShare);
-  FitAdditionSizes({{kSmall, 0.5 * kSmall / kIdle, 1}}, large, slow);
-  EXPECT_NEAR(slow.gradient_add_small_time_share, 0.5, 1e-12);
-}
-
-// Nothing to fit: no samples of either size, no rates, a small size not below the large one,
-// or small samples of no time. The figures are then none's, whatever they were before.
-TEST(FitAdditionSizesTest, NothingToFitIsNone) {
-  const std::vector<AdditionSample> small{{16e6, 1e-3, 0}}, large{{32e6, 4e-3, 0}};
-  auto fit = [](const std::vector<AdditionSample>& s, const std::vector<AdditionSample>& l,
-                double gbps) {
-    HardwareConfig h;
-    h.gradient_add_gbps = gbps;
-    h.gradient_add_small_mib = 1;
-    h.gradient_add_large_mib = 2;
-    h.gradient_add_small_time_share = 0.5;
-    FitAdditionSizes(s, l, h);
-    return std::tuple(h.gradient_add_small_mib, h.gradient_add_large_mib,
-                      h.gradient_add_small_time_share);
-  };
-  const auto none = std::tuple(0.0, 0.0, 1.0);
-  EXPECT_NE(fit(small, large, 8), none);
-  EXPECT_EQ(fit({}, large, 8), none);
-  EXPECT_EQ(fit(small, {}, 8), none);
-  EXPECT_EQ(fit(small, large, 0), none);
-  EXPECT_EQ(fit(large, small, 8), none);
-  EXPECT_EQ(fit(small, small, 8), none);
-  EXPECT_EQ(fit({{16e6, 0, 0}}, large, 8), none);
 }
 
 PlanOp Ran(OpKind kind, PlanResource resource, double start, double end, int32_t step_offset = 0) {

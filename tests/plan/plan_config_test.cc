@@ -185,56 +185,6 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
                       "more than gradient_add_gbps (6.5)"),
             std::string::npos)
       << error(beside_faster);
-  // The additions by size: the three figures or none, the large size above the small one, the
-  // share in [0.1, 10]; read back as written.
-  EXPECT_EQ(costs->gradient_add_small_mib, 0);
-  EXPECT_EQ(costs->gradient_add_small_time_share, 1);
-  const std::string sizes = R"("gradient_add_small_mib": 16, "gradient_add_large_mib": 32, )"
-                            R"("gradient_add_small_time_share": 0.85, )";
-  std::string by_size = host_costs;
-  by_size.replace(by_size.find(R"("optimizer_rate_beside_additions")"), 0, sizes);
-  StatusOr<HardwareConfig> sized = ParseHardware(by_size);
-  ASSERT_TRUE(sized.ok()) << sized.status();
-  EXPECT_EQ(sized->gradient_add_small_mib, 16);
-  EXPECT_EQ(sized->gradient_add_large_mib, 32);
-  EXPECT_EQ(sized->gradient_add_small_time_share, 0.85);
-  StatusOr<HardwareConfig> sized_back = ParseHardware(HardwareJson(*sized));
-  ASSERT_TRUE(sized_back.ok()) << sized_back.status();
-  EXPECT_EQ(sized_back->gradient_add_small_mib, 16);
-  EXPECT_EQ(sized_back->gradient_add_large_mib, 32);
-  EXPECT_EQ(sized_back->gradient_add_small_time_share, 0.85);
-  EXPECT_EQ(ParseHardware(HardwareJson(*costs))->gradient_add_small_mib, 0);  // none: none
-  std::string no_large = by_size;
-  no_large.erase(no_large.find(R"("gradient_add_large_mib": 32, )"), 30);
-  EXPECT_EQ(error(no_large).rfind("hardware.host.gradient_add_large_mib: required with "
-                                  "gradient_add_small_mib",
-                                  0),
-            0u)
-      << error(no_large);
-  std::string share_alone = host_costs;
-  share_alone.replace(share_alone.find(R"("optimizer_rate_beside_additions")"), 0,
-                      R"("gradient_add_small_time_share": 0.85, )");
-  EXPECT_EQ(error(share_alone)
-                .rfind("hardware.host.gradient_add_small_mib: required with "
-                       "gradient_add_small_time_share",
-                       0),
-            0u)
-      << error(share_alone);
-  std::string large_not_above = by_size;
-  large_not_above.replace(large_not_above.find("32"), 2, "16");
-  EXPECT_EQ(error(large_not_above)
-                .rfind("hardware.host.gradient_add_large_mib: must be more "
-                       "than gradient_add_small_mib (16; got 16)",
-                       0),
-            0u)
-      << error(large_not_above);
-  std::string zero_small = by_size;
-  zero_small.replace(zero_small.find(R"(small_mib": 16)") + 12, 2, "0");
-  EXPECT_EQ(error(zero_small), "hardware.host.gradient_add_small_mib: must be > 0 (got 0)");
-  std::string share_too_large = by_size;
-  share_too_large.replace(share_too_large.find("0.85"), 4, "11");
-  EXPECT_EQ(error(share_too_large),
-            "hardware.host.gradient_add_small_time_share: must be at most 10 (got 11)");
   std::string share_above_one = host_costs;
   share_above_one.replace(share_above_one.find("0.75"), 4, "1.25");
   EXPECT_NE(error(share_above_one).find("hardware.host.optimizer_rate_beside_additions: "),

@@ -13,7 +13,6 @@
 #include <map>
 #include <memory>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -435,63 +434,6 @@ TEST(StepSimulatorTest, AdditionsRunOneAtATimeOnTheHostsAddStream) {
   negative_beside.gradient_add_beside_optimizer_gbps = -1;
   EXPECT_EQ(StepSimulator::Create(options, negative_beside).status().code(),
             StatusCode::kInvalidArgument);
-}
-
-// Note [Additions by size]: an addition of at most the small size takes the small share of its
-// time at the rates, one of the large size or more its whole time, and one between a share in
-// proportion to its bytes; without a small size, every addition its whole time. In a simulated
-// step each addition takes its bytes at the rate times that share, and the simulator refuses
-// sizes out of order and a share that is not positive.
-TEST(StepSimulatorTest, AdditionsTakeTheirSizesShareOfTheRatesTime) {
-  ResourceRates by_size;
-  EXPECT_EQ(AdditionTimeShare(by_size, 1), 1);
-  by_size.gradient_add_small_bytes = 100;
-  by_size.gradient_add_large_bytes = 200;
-  by_size.gradient_add_small_time_share = 0.8;
-  EXPECT_DOUBLE_EQ(AdditionTimeShare(by_size, 10), 0.8);
-  EXPECT_DOUBLE_EQ(AdditionTimeShare(by_size, 100), 0.8);
-  EXPECT_DOUBLE_EQ(AdditionTimeShare(by_size, 150), 0.9);
-  EXPECT_DOUBLE_EQ(AdditionTimeShare(by_size, 200), 1);
-  EXPECT_DOUBLE_EQ(AdditionTimeShare(by_size, 1e12), 1);
-
-  Simulated c;
-  SessionOptions options;
-  std::vector<StepPlan> plans;
-  ASSERT_NO_FATAL_FAILURE(MicroBatchedPlans(3, &c, &options, &plans));
-  constexpr double kGbps = 0.5;
-  ResourceRates rates{.device = c.hardware.device, .optimizer_params_per_s = 5e8};
-  rates.gradient_add_gbps = kGbps;
-  const PlanOp* first = plans.at(0).Find(OpKind::kAccumulate).at(0);
-  // The plans' additions (one size) at a quarter of the way from the small size to the large.
-  rates.gradient_add_small_bytes = static_cast<double>(first->bytes) / 2;
-  rates.gradient_add_large_bytes = static_cast<double>(first->bytes) * 5 / 2;
-  rates.gradient_add_small_time_share = 0.6;
-  auto sized = StepSimulator::Create(options, rates);
-  ASSERT_TRUE(sized.ok()) << sized.status();
-  size_t additions = 0;
-  for (const StepPlan& plan : plans) {
-    StepPlan with = plan;
-    ASSERT_TRUE(sized->Run(with).ok());
-    for (const PlanOp* add : with.Find(OpKind::kAccumulate)) {
-      ASSERT_EQ(add->bytes, first->bytes);
-      EXPECT_NEAR(add->end_s - add->start_s, 0.7 * static_cast<double>(add->bytes) / (kGbps * 1e9),
-                  1e-12);
-      ++additions;
-    }
-  }
-  EXPECT_GT(additions, 0u);
-  for (auto [small, large, share] :
-       {std::tuple(-1.0, 2.0, 0.5), std::tuple(2.0, 2.0, 0.5), std::tuple(2.0, 1.0, 0.5),
-        std::tuple(1.0, 2.0, 0.0), std::tuple(1.0, 2.0, std::nan(""))}) {
-    ResourceRates bad = rates;
-    bad.gradient_add_small_bytes = small;
-    bad.gradient_add_large_bytes = large;
-    bad.gradient_add_small_time_share = share;
-    const Status refused = StepSimulator::Create(options, bad).status();
-    EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument)
-        << small << " " << large << " " << share;
-    EXPECT_NE(refused.message().find("Note [Additions by size]"), std::string::npos) << refused;
-  }
 }
 
 // EndBeside: work runs at `share` of its rate inside the intervals and at its full rate outside,

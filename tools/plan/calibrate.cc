@@ -76,7 +76,6 @@ struct CalibrationRun {
   int threads = 1;
   uint32_t domains = 8;
   uint32_t layers = 4;
-  uint32_t domains_per_step = kCalibrationDomainsPerStep;  // its steps' samples come from
   uint32_t micro_batches = 1;
   uint32_t tokens_per_micro_batch = 2048;
   double device_budget_gib = 0.25;  // room for the micro-batch's activations
@@ -84,8 +83,7 @@ struct CalibrationRun {
 };
 
 // Steps of the calibration model (`run.domains` domains of 2 experts of `o.expert_params`
-// parameters in `run.layers` layers, AdamW; the run's micro-batches from `run.domains_per_step`
-// domains a step) on the
+// parameters in `run.layers` layers, AdamW; the run's micro-batches from 4 domains a step) on the
 // simulated device in timed mode: the steps' statistics and the window after the first two;
 // with `executed`, the last few measured steps' executed plans.
 StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o,
@@ -110,7 +108,7 @@ StatusOr<std::vector<StepStats>> RunCalibrationSteps(const CalibrationOptions& o
   WorkloadConfig workload;
   workload.tokens_per_micro_batch = run.tokens_per_micro_batch;
   workload.micro_batches = run.micro_batches;
-  workload.domains_per_step = run.domains_per_step;
+  workload.domains_per_step = kCalibrationDomainsPerStep;
   workload.device_budget_gib = run.device_budget_gib;
   if (!run.store_dir.empty()) workload.states = Tier::kNvme;
   ECSS_ASSIGN_OR_RETURN(const DeviceShard shard, ShardFor(model, hardware, workload));
@@ -338,31 +336,6 @@ void AddAdditionSamples(const std::vector<StepPlan>& executed,
   }
 }
 
-// MeasureGradientAdditions's ecss steps: four micro-batches of 16,384 tokens over o.domains
-// domains (as the one-thread run's: the step-begin fit compares their tokens).
-CalibrationRun AdditionsRun(const CalibrationOptions& o) {
-  CalibrationRun run;
-  run.domains = o.domains;
-  run.micro_batches = 4;
-  run.tokens_per_micro_batch = 16384;
-  run.device_budget_gib = 2;
-  return run;
-}
-
-// Those steps with half their domains a step, so half the experts a layer: their additions
-// half the bytes (Note [Additions by size], tools/plan/step_simulator.cc), each one an
-// AdditionSample added to `samples`.
-Status AddHalfSizeAdditions(const CalibrationOptions& o, std::vector<AdditionSample>& samples) {
-  CalibrationRun half = AdditionsRun(o);
-  half.domains_per_step = kCalibrationDomainsPerStep / 2;
-  MeasuredWindow window;
-  std::vector<StepPlan> executed;
-  ECSS_RETURN_IF_ERROR(
-      RunCalibrationSteps(o, half, PlanRecorder::kKeptSteps, window, &executed).status());
-  AddAdditionSamples(executed, samples);
-  return Status::Ok();
-}
-
 // The host's gradient additions (a later micro-batch's gradients added into the step's
 // accumulators, one at a time on the add stream), in the executed plans of ecss steps of four
 // micro-batches of 16,384 tokens, whose additions mostly run while the optimizer's thread
@@ -380,21 +353,20 @@ Status AddHalfSizeAdditions(const CalibrationOptions& o, std::vector<AdditionSam
 // 8 rounds of that hour's plan-vs-run planned its optimizer's busy time 2.4% short, not 10.3%,
 // and their calibrations' predictions drifted 15.6% apart, not 27.4%). Whatever else slows
 // these steps' optimizer against the one-thread run's (their larger routing beside it, the
-// simulated device's threads) is counted as the additions', so the share errs low. Then the
-// additions' time at half the size (FitAdditionSizes): AddHalfSizeAdditions's. `begin`: the
-// ecss steps' begin (StepBeginOf).
+// simulated device's threads) is counted as the additions', so the share errs low. `begin`:
+// the ecss steps' begin (StepBeginOf).
 Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_rate,
                                 StepBeginSample& begin, HardwareConfig& h) {
-  // The half-size additions before the rates' runs and after them, so that the machine's drift
-  // over the half minute between is mostly the same in both sizes' samples (one run after
-  // them gave a share of 0.84 in one calibration and 0.96 in the next).
-  std::vector<AdditionSample> samples, smaller;
-  ECSS_RETURN_IF_ERROR(AddHalfSizeAdditions(o, smaller));
+  std::vector<AdditionSample> samples;
   {
     // Measured: the additions in the last few, whose plans the session keeps; the begin in
     // all (about two seconds here).
     constexpr uint32_t kSteps = 4 * PlanRecorder::kKeptSteps;
-    const CalibrationRun run = AdditionsRun(o);
+    CalibrationRun run;
+    run.domains = o.domains;  // as the one-thread run's: the step-begin fit compares their tokens
+    run.micro_batches = 4;
+    run.tokens_per_micro_batch = 16384;
+    run.device_budget_gib = 2;
     MeasuredWindow window;
     std::vector<StepPlan> executed;
     ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
@@ -421,17 +393,13 @@ Status MeasureGradientAdditions(const CalibrationOptions& o, double one_thread_r
   CalibrationRun alone;
   alone.strategy = Strategy::kNoOverlap;
   alone.micro_batches = 2;
-  {
-    MeasuredWindow window;
-    std::vector<StepPlan> executed;
-    ECSS_RETURN_IF_ERROR(
-        RunCalibrationSteps(o, alone, PlanRecorder::kKeptSteps, window, &executed).status());
-    AddAdditionSamples(executed, samples);
-  }
+  MeasuredWindow window;
+  std::vector<StepPlan> executed;
+  ECSS_RETURN_IF_ERROR(
+      RunCalibrationSteps(o, alone, PlanRecorder::kKeptSteps, window, &executed).status());
+  AddAdditionSamples(executed, samples);
   if (samples.empty()) return InternalError("calibration: no executed plan recorded an addition");
   FitGradientAdditions(samples, h);
-  ECSS_RETURN_IF_ERROR(AddHalfSizeAdditions(o, smaller));
-  FitAdditionSizes(smaller, samples, h);
   return Status::Ok();
 }
 
@@ -496,35 +464,6 @@ void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareCo
     h.gradient_add_gbps = seconds > 0 ? bytes / seconds / 1e9 : 0;
     h.gradient_add_beside_optimizer_gbps = h.gradient_add_gbps;
   }
-}
-
-void FitAdditionSizes(const std::vector<AdditionSample>& small,
-                      const std::vector<AdditionSample>& large, HardwareConfig& h) {
-  h.gradient_add_small_mib = h.gradient_add_large_mib = 0;
-  h.gradient_add_small_time_share = 1;
-  std::vector<double> small_bytes, large_bytes;
-  for (const AdditionSample& s : small) small_bytes.push_back(s.bytes);
-  for (const AdditionSample& s : large) large_bytes.push_back(s.bytes);
-  const double alone = h.gradient_add_gbps * 1e9;
-  const double beside =
-      (h.gradient_add_beside_optimizer_gbps > 0 ? h.gradient_add_beside_optimizer_gbps
-                                                : h.gradient_add_gbps) *
-      1e9;
-  if (small.empty() || large.empty() || !(alone > 0)) return;
-  const double small_size = Median(small_bytes), large_size = Median(large_bytes);
-  if (!(small_size > 0 && small_size < large_size)) return;
-  double took = 0, at_rates = 0;
-  for (const AdditionSample& s : small) {
-    if (!(s.seconds > 0)) continue;
-    took += s.seconds;
-    at_rates += s.bytes * (s.beside / beside + (1 - s.beside) / alone);
-  }
-  if (!(took > 0 && at_rates > 0)) return;
-  constexpr double kMib = 1 << 20;
-  h.gradient_add_small_mib = small_size / kMib;
-  h.gradient_add_large_mib = large_size / kMib;
-  h.gradient_add_small_time_share =
-      std::clamp(took / at_rates, kLeastAdditionTimeShare, kMostAdditionTimeShare);
 }
 
 void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSample& large,
@@ -674,13 +613,9 @@ std::string HardwareJson(const HardwareConfig& h) {
       .Field("routing_ns_per_table_line", h.routing_ns_per_table_line)
       .Field("step_begin_ns_per_op", h.step_begin_ns_per_op)
       .Field("gradient_add_gbps", h.gradient_add_gbps)
-      .Field("gradient_add_beside_optimizer_gbps", h.gradient_add_beside_optimizer_gbps);
-  if (h.gradient_add_small_mib > 0) {  // the three or none (the parser's rule)
-    json.Field("gradient_add_small_mib", h.gradient_add_small_mib)
-        .Field("gradient_add_large_mib", h.gradient_add_large_mib)
-        .Field("gradient_add_small_time_share", h.gradient_add_small_time_share);
-  }
-  json.Field("optimizer_rate_beside_additions", h.optimizer_rate_beside_additions).EndObject();
+      .Field("gradient_add_beside_optimizer_gbps", h.gradient_add_beside_optimizer_gbps)
+      .Field("optimizer_rate_beside_additions", h.optimizer_rate_beside_additions)
+      .EndObject();
   if (!h.nvme.empty()) {  // alike drives, as the file describes them
     json.Key("nvme")
         .BeginObject()

@@ -39,9 +39,7 @@
 //    them (the same ecss steps of four micro-batches, whose additions mostly run beside the
 //    optimizer, and no-overlap steps of two, whose additions run alone: each addition's time
 //    against its bytes and the share of it in which an update ran; gradient_add_gbps,
-//    gradient_add_beside_optimizer_gbps), their time at half those additions' size (the ecss
-//    steps with 2 domains a step, before those runs and after them: FitAdditionSizes), and
-//    the optimizer's share of its rate beside them
+//    gradient_add_beside_optimizer_gbps), and the optimizer's share of its rate beside them
 //    (the ecss steps' busy time against their updates at the one-thread rate, the excess lost
 //    while an addition ran; optimizer_rate_beside_additions).
 // The device's figures are the base file's (a device this machine may not have).
@@ -83,9 +81,7 @@ struct CalibrationOptions {
 
 // `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer,
 // host.routing_ns_per_table_line, host.gradient_add_gbps, host.gradient_add_beside_optimizer_gbps,
-// the additions by size (host.gradient_add_small_mib, host.gradient_add_large_mib,
-// host.gradient_add_small_time_share), host.optimizer_rate_beside_additions and nvme measured
-// here, host.step_begin_ns_per_op 0 (the
+// host.optimizer_rate_beside_additions and nvme measured here, host.step_begin_ns_per_op 0 (the
 // fit's terms hold the samples' per-op share), and device.host_wait_latency_us with a simulated
 // device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
@@ -130,15 +126,6 @@ struct AdditionSample {
 // positive or the additions faster beside the optimizer, one rate for both (their bytes over
 // their seconds, written as both figures).
 void FitGradientAdditions(const std::vector<AdditionSample>& samples, HardwareConfig& hardware);
-// The additions' time by their size (gradient_add_small_mib, gradient_add_large_mib,
-// gradient_add_small_time_share; Note [Additions by size], tools/plan/step_simulator.cc):
-// `small`'s seconds over their time at `hardware`'s two rates (as much of it beside the
-// optimizer as each ran), clamped to [kLeastAdditionTimeShare, kMostAdditionTimeShare], at the
-// median of `small`'s bytes against the median of `large`'s (those the rates were fitted to).
-// None (small_mib 0, the share 1) where either has no samples, the rates are 0, the small
-// size is not below the large one, or the small samples took no time.
-void FitAdditionSizes(const std::vector<AdditionSample>& small,
-                      const std::vector<AdditionSample>& large, HardwareConfig& hardware);
 // Zero-offload steps' optimizer with the driving thread helping once the device work is done
 // (Note [The driving thread helps], tools/plan/step_simulator.cc): what the measured steps
 // updated and their busy seconds; of the last steps, whose executed plans are kept, their busy

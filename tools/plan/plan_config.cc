@@ -43,8 +43,6 @@ constexpr Range kMicroseconds{0, 1e6};
 constexpr Range kNanoseconds{0, 1e9};
 constexpr Range kFraction{1e-3, 1};
 constexpr Range kSessionFraction{1e-3, kMostSessionFraction};  // NvmeDrive::session_fraction
-constexpr Range kAdditionTimeShare{kLeastAdditionTimeShare, kMostAdditionTimeShare};
-constexpr Range kMib{1e-3, 1 << 30};  // sizes of host work, MiB
 
 // One JSON object being read: each field is read once, by name; Finish refuses the fields
 // nobody read (a misspelt or unknown one), naming its path.
@@ -554,29 +552,6 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
           o.Path("gradient_add_beside_optimizer_gbps"), ": ", h.gradient_add_beside_optimizer_gbps,
           " is more than gradient_add_gbps (", h.gradient_add_gbps,
           "): the additions beside the optimizer are no faster than alone"));
-    }
-    // The additions by size: the three figures or none.
-    const bool by_size = o.Has("gradient_add_small_mib");
-    for (const char* key : {"gradient_add_large_mib", "gradient_add_small_time_share"}) {
-      if (o.Has(key) != by_size) {
-        return InvalidArgumentError(
-            StrCat(o.Path(by_size ? key : "gradient_add_small_mib"), ": required with ",
-                   by_size ? "gradient_add_small_mib" : key,
-                   " (the additions by size: gradient_add_small_mib, gradient_add_large_mib and "
-                   "gradient_add_small_time_share, the three or none)"));
-      }
-    }
-    ECSS_RETURN_IF_ERROR(
-        o.Number("gradient_add_small_mib", &h.gradient_add_small_mib, false, kMib));
-    ECSS_RETURN_IF_ERROR(
-        o.Number("gradient_add_large_mib", &h.gradient_add_large_mib, false, kMib));
-    ECSS_RETURN_IF_ERROR(o.Number("gradient_add_small_time_share", &h.gradient_add_small_time_share,
-                                  false, kAdditionTimeShare));
-    if (by_size && !(h.gradient_add_large_mib > h.gradient_add_small_mib)) {
-      return InvalidArgumentError(
-          StrCat(o.Path("gradient_add_large_mib"), ": must be more than gradient_add_small_mib (",
-                 h.gradient_add_small_mib, "; got ", h.gradient_add_large_mib,
-                 "): the additions' rates are measured at a larger size than the small one"));
     }
     ECSS_RETURN_IF_ERROR(o.Number("optimizer_rate_beside_additions",
                                   &h.optimizer_rate_beside_additions, false, kFraction));

@@ -49,11 +49,6 @@ struct ModelConfig {
 // its full rate, move their bytes in half the time of the two one after the other at most.
 inline constexpr double kMostSessionFraction = 2;
 
-// The range of HardwareConfig::gradient_add_small_time_share: a tenth to ten times the rates'
-// time, a bound on a fit's noise.
-inline constexpr double kLeastAdditionTimeShare = 0.1;
-inline constexpr double kMostAdditionTimeShare = 10;
-
 struct NvmeDrive {
   double capacity_gib = 0;
   double read_gbps = 0;
@@ -106,16 +101,6 @@ struct HardwareConfig {
   // The same while an optimizer thread updates beside them (both stream memory); 0: as
   // gradient_add_gbps.
   double gradient_add_beside_optimizer_gbps = 0;
-  // The additions' time by their size (a step's gradients of one layer and micro-batch; Note
-  // [Additions by size], tools/plan/step_simulator.cc): the two rates hold from
-  // gradient_add_large_mib up, an addition of at most gradient_add_small_mib takes
-  // gradient_add_small_time_share of their time, in [kLeastAdditionTimeShare,
-  // kMostAdditionTimeShare], and one between, a share in proportion to its bytes.
-  // --calibrate measures them at 32 and 16 MiB; gradient_add_small_mib 0: every size at the
-  // rates.
-  double gradient_add_small_mib = 0;
-  double gradient_add_large_mib = 0;
-  double gradient_add_small_time_share = 1;
   // The share of its rate the optimizer keeps while the host adds gradients beside it, in
   // (0, 1]; 1: unaffected. --calibrate measures it with one optimizer thread; the planner
   // applies it to a step's own updates of host states, at any thread count.

@@ -150,11 +150,6 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
   // Each device's session adds on a host stream of its own, at one stream's rate.
   rates.gradient_add_gbps = hardware.gradient_add_gbps;
   rates.gradient_add_beside_optimizer_gbps = hardware.gradient_add_beside_optimizer_gbps;
-  if (hardware.gradient_add_small_mib > 0) {
-    rates.gradient_add_small_bytes = hardware.gradient_add_small_mib * (1 << 20);
-    rates.gradient_add_large_bytes = hardware.gradient_add_large_mib * (1 << 20);
-    rates.gradient_add_small_time_share = hardware.gradient_add_small_time_share;
-  }
   rates.optimizer_rate_beside_additions = hardware.optimizer_rate_beside_additions;
   for (const NvmeDrive& d : hardware.nvme) {
     rates.nvme_read_gbps += d.read_gbps * d.session_fraction / hardware.devices_per_node;

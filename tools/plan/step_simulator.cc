@@ -50,28 +50,6 @@ double EndBeside(double start, double seconds,
   return t + left;
 }
 
-// Note [Additions by size]: an addition reads the gradients its copy has just written into the
-// staging half, and adds them into the accumulators; while the staging half's bytes fit the
-// host's cache, the first read comes from there. On this VM (2 cores of a host with 260 MiB of
-// L3) a session's additions of 16 MiB ran at 7.35-7.93 GB/s where ones of 32 MiB ran at
-// 6.25-6.44 in the same minutes (2026-12-06: ecss steps of four micro-batches of 16,384 tokens
-// over 32 domains, 2 or 4 of them a step; one of six 16 MiB runs at 5.3), and `small
-// ecss-host-4x32k`'s additions of 16 MiB ran 12% faster than the calibrated rate measured at
-// 32 MiB: its step, its additions back to back, was planned 6-8% long. Alone, a loop that
-// copies a buffer into a staging one and adds that into another added 8 MiB at 9.5-11.9
-// GB/s, 16 MiB at 8.3-11.5 and 32 MiB or more at 7.7-8.7, whatever the accumulators' number.
-// --calibrate measures the rates at 32 MiB and the time at half that (FitAdditionSizes); an
-// addition's time per byte is the small size's share up to it, the rates' from the large size
-// on, and in proportion to its bytes between. Beyond the two sizes nothing is measured: a
-// smaller addition may run faster still, and one far past the cache no slower.
-double AdditionTimeShare(const ResourceRates& rates, double bytes) {
-  const double small = rates.gradient_add_small_bytes, large = rates.gradient_add_large_bytes;
-  const double share = rates.gradient_add_small_time_share;
-  if (!(small > 0) || bytes >= large) return 1;
-  if (bytes <= small) return share;
-  return share + (1 - share) * (bytes - small) / (large - small);
-}
-
 std::set<ExpertId> TouchedExperts(const StepPlan& plan) {
   std::set<ExpertId> touched;
   for (const PlanOp* copy : plan.Find(OpKind::kGradientCopy)) {
@@ -114,18 +92,6 @@ StatusOr<StepSimulator> StepSimulator::Create(const SessionOptions& options,
                "rate beside the host's additions) must be in (0, 1] (got ",
                rates.optimizer_rate_beside_additions, ")"));
   }
-  if (rates.gradient_add_small_bytes != 0 &&
-      !(rates.gradient_add_small_bytes > 0 &&
-        rates.gradient_add_large_bytes > rates.gradient_add_small_bytes &&
-        std::isfinite(rates.gradient_add_large_bytes) && rates.gradient_add_small_time_share > 0 &&
-        std::isfinite(rates.gradient_add_small_time_share))) {
-    return InvalidArgumentError(StrCat(
-        "step simulator: the additions by size (Note [Additions by size]) need 0 < "
-        "gradient_add_small_bytes < gradient_add_large_bytes and gradient_add_small_time_share > 0 "
-        "(got ",
-        rates.gradient_add_small_bytes, ", ", rates.gradient_add_large_bytes, ", ",
-        rates.gradient_add_small_time_share, ")"));
-  }
   if (options.placement.states_on_nvme() &&
       !(rates.nvme_read_gbps > 0 && rates.nvme_write_gbps > 0)) {
     return InvalidArgumentError(
@@ -165,12 +131,10 @@ double StepSimulator::Seconds(const PlanOp& op) const {
     case OpKind::kUpdate:
       return static_cast<double>(op.experts.size()) * ExpertParams() /
              rates_.optimizer_params_per_s;
-    case OpKind::kAccumulate: {
-      const auto bytes = static_cast<double>(op.bytes);
+    case OpKind::kAccumulate:
       return rates_.gradient_add_gbps > 0
-                 ? bytes / (rates_.gradient_add_gbps * 1e9) * AdditionTimeShare(rates_, bytes)
+                 ? static_cast<double>(op.bytes) / (rates_.gradient_add_gbps * 1e9)
                  : 0;
-    }
     case OpKind::kEvict:
     case OpKind::kPublish:
       return 0;

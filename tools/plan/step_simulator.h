@@ -70,13 +70,6 @@ struct ResourceRates {
   double gradient_add_gbps = 0;
   // ... and while it updates (Note [Additions beside the optimizer]); 0: gradient_add_gbps.
   double gradient_add_beside_optimizer_gbps = 0;
-  // An addition's time by its size (Note [Additions by size]): the two rates hold for one of
-  // gradient_add_large_bytes or more; one of at most gradient_add_small_bytes takes
-  // gradient_add_small_time_share of their time, and one between, a share in proportion to
-  // its bytes between the two. gradient_add_small_bytes 0: every size at the rates.
-  double gradient_add_small_bytes = 0;
-  double gradient_add_large_bytes = 0;
-  double gradient_add_small_time_share = 1;
   // The share of its rate the optimizer keeps while an addition runs beside it, (0, 1].
   double optimizer_rate_beside_additions = 1;
   double nvme_read_gbps = 0;  // > 0 with states on NVMe
@@ -109,10 +102,6 @@ struct SimulatedStep {
 // that rate within `intervals` (sorted by start; they may overlap) and at the full rate outside.
 double EndBeside(double start, double seconds,
                  const std::vector<std::pair<double, double>>& intervals, double share);
-
-// The share of the additions' rates' time an addition of `bytes` takes (ResourceRates::
-// gradient_add_small_bytes).
-double AdditionTimeShare(const ResourceRates& rates, double bytes);
 
 // The experts a step's plan gives gradients (its gradient copies'): the ones it updates.
 std::set<ExpertId> TouchedExperts(const StepPlan& plan);
