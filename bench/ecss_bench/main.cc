@@ -130,11 +130,14 @@ const std::vector<Suite>& Suites() {
        "(default f32)\n"
        "  --dump-plan FILE       write the executed plan of the last step as JSON "
        "(one strategy)\n"
+       "  --dump-plans FILE      write the executed plans of the measured steps the session "
+       "keeps (its last 8) as JSON: {\"steps\": [{\"step\", \"plan\"}, ...]} (one strategy)\n"
        "  --model M --hardware H [--workload W]\n"
        "                         ecss-plan's files or presets (tools/plan/README.md) instead of "
        "the shape, placement and budget options above: the busiest device's share of the "
        "model, its workload and budgets; with them only --strategy (default the workload's), "
-       "--rounds, --device, --steps, --warmup, --dir and --dump-plan are taken (default steps: "
+       "--rounds, --device, --steps, --warmup, --dir, --dump-plan and --dump-plans are taken "
+       "(default steps: "
        "the planner's, 4 to warm up and then the workload's steps)\n",
        RunStepSuite},
   };

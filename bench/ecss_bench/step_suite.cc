@@ -35,7 +35,9 @@
 // beside its budgets.
 // --dump-plan FILE writes the plan the session executed for the last step (the session keeps the
 // last few), with when each op ran (session.h, ExecutedPlan; written after the run's last
-// Synchronize, so its updates have ended; one strategy only). critical_path is that step's
+// Synchronize, so its updates have ended; one strategy only); --dump-plans FILE, those of
+// every measured step the session keeps (the last 8: {"steps": [{"step", "plan"}, ...]}, in
+// step order), to compare steps that differ. critical_path is the last step's
 // (engine/step_metrics.h), by op kind.
 #include <algorithm>
 #include <cstdlib>
@@ -50,6 +52,7 @@
 
 #include "bench/ecss_bench/suite.h"
 #include "engine/memory_plan.h"
+#include "engine/plan_recorder.h"
 #include "engine/session.h"
 #include "offload/state_file.h"
 #include "optimizer/optimizer_config.h"
@@ -74,7 +77,7 @@ struct StepConfig {
   uint64_t rounds = 0;
   uint64_t device_mib = 0;  // 0: the budget whose cache holds cache_fraction of the experts
   double cache_fraction = 0;
-  std::string states, dir, weights, dump_plan;
+  std::string states, dir, weights, dump_plan, dump_plans;
   bool initial_states_written = true;  // --initial-states written (steady state) | unwritten
   bool gated = false;
   uint64_t gate_k = 0;
@@ -110,6 +113,17 @@ StatusOr<std::vector<Strategy>> StrategiesOf(const std::string& name) {
 
 // The run's settings beside the planner's files: the strategy (default: the workload's; "all"),
 // the device and how long to run. Every other setting comes from the files.
+// --dump-plan and --dump-plans (one strategy's run: `c.all` set before).
+Status ReadPlanDumps(BenchArgs& args, StepConfig& c) {
+  ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
+  ECSS_ASSIGN_OR_RETURN(c.dump_plans, args.String("dump-plans", ""));
+  if (c.all && !(c.dump_plan.empty() && c.dump_plans.empty())) {
+    return InvalidArgumentError(StrCat(c.dump_plan.empty() ? "--dump-plans" : "--dump-plan",
+                                       " needs one strategy, not --strategy all"));
+  }
+  return Status::Ok();
+}
+
 StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& model,
                                         const std::string& hardware, const std::string& workload) {
   if (model.empty() || hardware.empty()) {
@@ -131,17 +145,14 @@ StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& mode
   ECSS_ASSIGN_OR_RETURN(c.steps, args.Uint("steps", plan::kWarmupSteps + p.workload.steps));
   ECSS_ASSIGN_OR_RETURN(c.warmup, args.Uint("warmup", plan::kWarmupSteps));
   ECSS_ASSIGN_OR_RETURN(c.dir, args.String("dir", "."));
-  ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
   c.all = strategy == "all";
+  ECSS_RETURN_IF_ERROR(ReadPlanDumps(args, c));
   ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   // Anything else (--layers, --profile, ...) is the files' to say: refused as unknown.
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed().Annotate("with --model, the files give the shapes"));
   ECSS_ASSIGN_OR_RETURN(c.strategies, StrategiesOf(strategy));
   if (c.steps <= c.warmup || c.rounds == 0) {
     return InvalidArgumentError("need steps > warmup and rounds > 0");
-  }
-  if (c.all && !c.dump_plan.empty()) {
-    return InvalidArgumentError("--dump-plan needs one strategy, not --strategy all");
   }
   const plan::WorkloadConfig& w = p.workload;
   c.profile = p.hardware.device;
@@ -196,10 +207,10 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   ECSS_ASSIGN_OR_RETURN(c.gate_k, args.Uint("gate-k", 2));
   ECSS_ASSIGN_OR_RETURN(uint64_t delayed, args.Uint("delayed-update", 0));
   ECSS_ASSIGN_OR_RETURN(c.weights, args.String("weights", "pinned"));
-  ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
   ECSS_ASSIGN_OR_RETURN(std::string gradients, args.String("gradient-dtype", "f32"));
   ECSS_ASSIGN_OR_RETURN(std::string initial_states, args.String("initial-states", "written"));
   c.all = strategy == "all";
+  ECSS_RETURN_IF_ERROR(ReadPlanDumps(args, c));
   ECSS_ASSIGN_OR_RETURN(c.rounds, args.Uint("rounds", c.all ? 3 : 1));
   ECSS_RETURN_IF_ERROR(args.CheckAllUsed());
   ECSS_ASSIGN_OR_RETURN(c.strategies, StrategiesOf(strategy));
@@ -238,9 +249,6 @@ StatusOr<StepConfig> ParseConfig(BenchArgs& args) {
   }
   if (!(c.cache_fraction > 0 && c.cache_fraction <= 1)) {
     return InvalidArgumentError(StrCat("--cache-fraction ", c.cache_fraction, ": in (0, 1]"));
-  }
-  if (c.all && !c.dump_plan.empty()) {
-    return InvalidArgumentError("--dump-plan needs one strategy, not --strategy all");
   }
   return c;
 }
@@ -455,6 +463,20 @@ StatusOr<StrategyRun> RunStrategy(const StepConfig& c, Backend& backend, Strateg
     plan.WriteJson(plan_json);
     ECSS_RETURN_IF_ERROR(WriteFileAtomically(c.dump_plan, plan_json.str() + "\n")
                              .Annotate(StrCat("--dump-plan ", c.dump_plan)));
+  }
+  if (!c.dump_plans.empty()) {  // every measured step whose plan the session keeps
+    JsonWriter plans_json;
+    plans_json.BeginObject().Key("steps").BeginArray();
+    const size_t kept = std::min<size_t>(stats.size() - c.warmup, PlanRecorder::kKeptSteps);
+    for (size_t s = stats.size() - kept; s < stats.size(); ++s) {
+      ECSS_ASSIGN_OR_RETURN(const StepPlan executed, session->ExecutedPlan(stats[s].step));
+      plans_json.BeginObject().Field("step", uint64_t{stats[s].step}).Key("plan");
+      executed.WriteJson(plans_json);
+      plans_json.EndObject();
+    }
+    plans_json.EndArray().EndObject();
+    ECSS_RETURN_IF_ERROR(WriteFileAtomically(c.dump_plans, plans_json.str() + "\n")
+                             .Annotate(StrCat("--dump-plans ", c.dump_plans)));
   }
   return run;
 }
