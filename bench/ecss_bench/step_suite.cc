@@ -111,8 +111,6 @@ StatusOr<std::vector<Strategy>> StrategiesOf(const std::string& name) {
   return std::vector<Strategy>{one};
 }
 
-// The run's settings beside the planner's files: the strategy (default: the workload's; "all"),
-// the device and how long to run. Every other setting comes from the files.
 // --dump-plan and --dump-plans (one strategy's run: `c.all` set before).
 Status ReadPlanDumps(BenchArgs& args, StepConfig& c) {
   ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
@@ -124,6 +122,8 @@ Status ReadPlanDumps(BenchArgs& args, StepConfig& c) {
   return Status::Ok();
 }
 
+// The run's settings beside the planner's files: the strategy (default: the workload's; "all"),
+// the device and how long to run. Every other setting comes from the files.
 StatusOr<StepConfig> ParsePlannedConfig(BenchArgs& args, const std::string& model,
                                         const std::string& hardware, const std::string& workload) {
   if (model.empty() || hardware.empty()) {
