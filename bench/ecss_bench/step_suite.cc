@@ -111,13 +111,19 @@ StatusOr<std::vector<Strategy>> StrategiesOf(const std::string& name) {
   return std::vector<Strategy>{one};
 }
 
-// --dump-plan and --dump-plans (one strategy's run: `c.all` set before).
+// --dump-plan and --dump-plans (one strategy's run: `c.all` set before), their paths checked.
 Status ReadPlanDumps(BenchArgs& args, StepConfig& c) {
   ECSS_ASSIGN_OR_RETURN(c.dump_plan, args.String("dump-plan", ""));
   ECSS_ASSIGN_OR_RETURN(c.dump_plans, args.String("dump-plans", ""));
   if (c.all && !(c.dump_plan.empty() && c.dump_plans.empty())) {
     return InvalidArgumentError(StrCat(c.dump_plan.empty() ? "--dump-plans" : "--dump-plan",
                                        " needs one strategy, not --strategy all"));
+  }
+  // Written when the run ends: a path that cannot take the file is refused before the run.
+  for (const auto& [flag, path] :
+       {std::pair{"--dump-plan", &c.dump_plan}, std::pair{"--dump-plans", &c.dump_plans}}) {
+    if (!path->empty())
+      ECSS_RETURN_IF_ERROR(CheckFileWritable(*path).Annotate(StrCat(flag, " ", *path)));
   }
   return Status::Ok();
 }

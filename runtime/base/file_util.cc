@@ -36,11 +36,17 @@ class Fd {
   int fd_;
 };
 
+// WriteFileAtomically's temporary file for `path`, `temporary`, created (or truncated).
+Fd CreateTemporary(const std::string& temporary) {
+  return Fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+}
+std::string TemporaryOf(const std::string& path) { return StrCat(path, ".tmp.", ::getpid()); }
+
 }  // namespace
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
-  const std::string temporary = StrCat(path, ".tmp.", ::getpid());
-  Fd fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+  const std::string temporary = TemporaryOf(path);
+  Fd fd = CreateTemporary(temporary);
   if (fd.get() < 0) return ErrnoError(errno, "cannot create '", temporary, "'");
   size_t written = 0;
   while (written < contents.size()) {
@@ -65,6 +71,19 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   }
   const std::string dir = std::filesystem::path(path).parent_path().string();
   return SyncDirectory(dir.empty() ? "." : dir);
+}
+
+Status CheckFileWritable(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+    return InvalidArgumentError(StrCat("'", path, "' is a directory"));
+  }
+  const std::string temporary = TemporaryOf(path);
+  if (CreateTemporary(temporary).get() < 0) {
+    return ErrnoError(errno, "cannot create '", temporary, "'");
+  }
+  ::unlink(temporary.c_str());
+  return Status::Ok();
 }
 
 namespace {

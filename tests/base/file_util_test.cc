@@ -83,6 +83,25 @@ TEST_F(FileUtilTest, AtomicWritesReplaceWholeFiles) {
   EXPECT_EQ(SyncDirectory(dir_ + "/missing").code(), StatusCode::kNotFound);
 }
 
+// CheckFileWritable answers what WriteFileAtomically would, and leaves nothing behind: an
+// existing file stays as it was.
+TEST_F(FileUtilTest, AWritableCheckWritesNothing) {
+  const std::string path = dir_ + "/f";
+  EXPECT_TRUE(CheckFileWritable(path).ok());
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir_), {}), 0);
+  ASSERT_TRUE(WriteFileAtomically(path, "kept").ok());
+  EXPECT_TRUE(CheckFileWritable(path).ok());
+  EXPECT_EQ(*ReadFileToString(path), "kept");
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir_), {}), 1);
+  const Status missing = CheckFileWritable(dir_ + "/missing/f");
+  EXPECT_EQ(missing.code(), StatusCode::kNotFound);
+  EXPECT_NE(missing.message().find(dir_ + "/missing/f"), std::string::npos) << missing.ToString();
+  const Status directory = CheckFileWritable(dir_);
+  EXPECT_EQ(directory.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(directory.message().find("is a directory"), std::string::npos) << directory.ToString();
+  EXPECT_FALSE(WriteFileAtomically(dir_, "x").ok()) << "as it would fail";
+}
+
 // One owner at a time, in this process (each Acquire is an owner) and across processes; the
 // file goes with its owner, and a killed owner's lock is released by the kernel.
 TEST_F(FileUtilTest, ALockHasOneOwnerAndDiesWithItsProcess) {

@@ -116,11 +116,9 @@ int main(int argc, char** argv) {
   if (!calibrate_arg.empty()) {
     auto base = ecss::plan::LoadHardware(hardware_arg.empty() ? "this-machine" : hardware_arg);
     if (!base.ok()) return BadInput(base.status().ToString());
-    // The output's directory must take a file before seconds of measuring.
-    const std::string probe = calibrate_arg + ".ecss-plan-probe";
-    const ecss::Status writable = ecss::WriteFileAtomically(probe, "");
+    // The output must be writable before seconds of measuring.
+    const ecss::Status writable = ecss::CheckFileWritable(calibrate_arg);
     if (!writable.ok()) return BadInput(ecss::StrCat("--calibrate: ", writable.ToString()));
-    std::remove(probe.c_str());
     ecss::plan::CalibrationOptions options;
     options.dir = dir_arg;
     auto measured = ecss::plan::Calibrate(*base, options);
