@@ -99,7 +99,9 @@ inline constexpr uint32_t kWarmupSteps = 4;
 
 // Runs `steps` steps of `session` on `backend` with the sampler's micro-batches (and gate
 // choices), as a training loop calls it: per micro-batch Forward of every layer, then
-// Backward of every layer, last first, on zero activations, and waits for the updates.
+// Backward of every layer, last first, on zero activations, and waits for the updates. The
+// steps' inputs are drawn before the first step (Note [Inputs drawn ahead], planner.cc):
+// InvalidArgument where they would take more than 1 GiB.
 // Returns each step's stats. With `window`: after the first `warmup` steps it also waits for
 // their updates, and *window is the time from then until the last step's updates finished:
 // the measured steps' whole work, updates that run on past a step included (what an ecss
