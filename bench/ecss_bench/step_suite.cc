@@ -688,6 +688,11 @@ Status RunStepSuite(BenchArgs& args, JsonWriter& json, std::ostream& table) {
   // (not a device context, which comes with the backend).
   const uint64_t start_rss_bytes = StatusBytes("VmRSS:");
   ECSS_ASSIGN_OR_RETURN(StepConfig c, ParseConfig(args));
+  {  // the steps' inputs, drawn before the first step: refused before anything is built
+    ECSS_ASSIGN_OR_RETURN(const SessionOptions options, OptionsFor(c, c.strategies.front()));
+    ECSS_RETURN_IF_ERROR(plan::CheckDrawnInputs(options, static_cast<uint32_t>(c.seq), c.steps)
+                             .Annotate(StrCat("--steps ", c.steps)));
+  }
   ECSS_ASSIGN_OR_RETURN(BackendOptions backend_options, ParseDeviceSetting(c.device));
   backend_options.sim.h2d_bandwidth_gbps = c.profile.h2d_bandwidth_gbps;
   backend_options.sim.d2h_bandwidth_gbps = c.profile.d2h_bandwidth_gbps;

@@ -75,13 +75,12 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
 
 Status CheckFileWritable(const std::string& path) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+  if (::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
     return InvalidArgumentError(StrCat("'", path, "' is a directory"));
   }
   const std::string temporary = TemporaryOf(path);
-  if (CreateTemporary(temporary).get() < 0) {
-    return ErrnoError(errno, "cannot create '", temporary, "'");
-  }
+  const Fd fd = CreateTemporary(temporary);
+  if (fd.get() < 0) return ErrnoError(errno, "cannot create a file beside '", path, "'");
   ::unlink(temporary.c_str());
   return Status::Ok();
 }

@@ -18,8 +18,8 @@ namespace ecss {
 Status WriteFileAtomically(const std::string& path, std::string_view contents);
 // That WriteFileAtomically(path, ...) could make its file now: `path` is not a directory and
 // its temporary file can be created (and is removed again). For a caller about to spend
-// minutes before it writes (a benchmark's or a calibration's output): the error, the one
-// WriteFileAtomically would return, comes before the work.
+// minutes before it writes (a benchmark's or a calibration's output): the error, with the
+// status code WriteFileAtomically would return, comes before the work.
 Status CheckFileWritable(const std::string& path);
 StatusOr<std::string> ReadFileToString(const std::string& path);
 // fsync of a directory: makes the creation, rename or removal of its entries durable.

@@ -95,11 +95,14 @@ TEST_F(FileUtilTest, AWritableCheckWritesNothing) {
   EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir_), {}), 1);
   const Status missing = CheckFileWritable(dir_ + "/missing/f");
   EXPECT_EQ(missing.code(), StatusCode::kNotFound);
-  EXPECT_NE(missing.message().find(dir_ + "/missing/f"), std::string::npos) << missing.ToString();
+  EXPECT_NE(missing.message().find("'" + dir_ + "/missing/f'"), std::string::npos)
+      << missing.ToString();
   const Status directory = CheckFileWritable(dir_);
   EXPECT_EQ(directory.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(directory.message().find("is a directory"), std::string::npos) << directory.ToString();
-  EXPECT_FALSE(WriteFileAtomically(dir_, "x").ok()) << "as it would fail";
+  // As WriteFileAtomically would fail, with the same codes.
+  EXPECT_EQ(WriteFileAtomically(dir_ + "/missing/f", "x").code(), missing.code());
+  EXPECT_EQ(WriteFileAtomically(dir_, "x").code(), directory.code());
 }
 
 // One owner at a time, in this process (each Acquire is an owner) and across processes; the

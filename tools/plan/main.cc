@@ -4,7 +4,6 @@
 // fit), 2 bad input (the message names the field's JSON path).
 #include <unistd.h>
 
-#include <cstdio>
 #include <iostream>
 #include <string>
 #include <string_view>

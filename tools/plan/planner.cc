@@ -439,35 +439,43 @@ namespace {
 // 0.6 ms a step on the driving thread between one step's end and the next one's begin on the
 // 2-core development VM (2026-12-06), 3% of its step, which the planner's steps, one
 // beginning where the last ended, do not have; a training loop's data comes from its loader.
-// At most kMostDrawnBytes ahead.
+// At most kMostDrawnBytes ahead (CheckDrawnInputs).
 constexpr uint64_t kMostDrawnBytes = uint64_t{1} << 30;
 
-// One step's draws, copied out of the sampler (which keeps only the current step's).
+// One step's draws, copied out of the sampler (which keeps only the current step's). Its
+// batches and gates point into its own vectors, taken once they are complete: movable (a
+// vector's buffer moves with it), not copyable.
 struct DrawnStep {
+  DrawnStep() = default;
+  DrawnStep(DrawnStep&&) = default;
+  DrawnStep& operator=(DrawnStep&&) = default;
+  DrawnStep(const DrawnStep&) = delete;
+  DrawnStep& operator=(const DrawnStep&) = delete;
   std::vector<uint32_t> ids, domains, gate_experts;  // per micro-batch (and layer), in turn
   std::vector<MicroBatch> batches;                   // into ids and domains
   std::vector<GateChoices> gates;                    // per micro-batch and layer, in turn
 };
 
-StatusOr<std::vector<DrawnStep>> DrawSteps(const SessionOptions& options, StepSampler& sampler,
-                                           uint32_t steps) {
-  const bool gated = options.routing == Routing::kLearnedGate;
-  const uint64_t tokens =
-      uint64_t{options.limits.max_tokens_per_micro_batch} * options.limits.max_micro_batches;
-  const uint64_t per_step =
-      4 * tokens * (2 + (gated ? uint64_t{options.model.layers} * options.gate_k : 0));
-  if (per_step * steps > kMostDrawnBytes) {
-    return InvalidArgumentError(StrCat(
-        "the inputs of ", steps, " steps (", tokens, " tokens each", gated ? ", gated" : "",
-        ") take ", per_step * steps, " bytes drawn ahead, above ", kMostDrawnBytes,
-        ": fewer steps (they are drawn before the first, so that the measured steps hold the "
-        "session's work alone)"));
+// What one DrawnStep holds for these options (the sampler's micro-batches: every one of
+// max_tokens_per_micro_batch tokens in samples of seq_len).
+uint64_t DrawnBytesPerStep(const SessionOptions& options, uint32_t seq_len) {
+  const uint64_t tokens = options.limits.max_tokens_per_micro_batch;
+  uint64_t per_batch = 4 * (tokens + tokens / seq_len) + sizeof(MicroBatch);
+  if (options.routing == Routing::kLearnedGate) {
+    per_batch += options.model.layers * (4 * tokens * options.gate_k + sizeof(GateChoices));
   }
+  return sizeof(DrawnStep) + options.limits.max_micro_batches * per_batch;
+}
+
+StatusOr<std::vector<DrawnStep>> DrawSteps(const SessionOptions& options, StepSampler& sampler,
+                                           uint32_t seq_len, uint32_t steps) {
+  ECSS_RETURN_IF_ERROR(CheckDrawnInputs(options, seq_len, steps));
+  const bool gated = options.routing == Routing::kLearnedGate;
   std::vector<DrawnStep> drawn(steps);
   for (DrawnStep& step : drawn) {
     const std::vector<MicroBatch>& batches = sampler.NextStep();
     for (const MicroBatch& b : batches) {
-      const uint32_t n = b.batch_size * b.seq_len;
+      const uint64_t n = uint64_t{b.batch_size} * b.seq_len;
       step.ids.insert(step.ids.end(), b.token_ids, b.token_ids + n);
       step.domains.insert(step.domains.end(), b.domain_ids, b.domain_ids + b.batch_size);
     }
@@ -498,11 +506,22 @@ StatusOr<std::vector<DrawnStep>> DrawSteps(const SessionOptions& options, StepSa
 
 }  // namespace
 
+Status CheckDrawnInputs(const SessionOptions& options, uint32_t seq_len, uint64_t steps) {
+  const uint64_t per_step = DrawnBytesPerStep(options, seq_len);
+  if (steps <= kMostDrawnBytes / per_step) return Status::Ok();
+  return InvalidArgumentError(StrCat(
+      "the inputs of ", steps, " steps take ", HumanBytes(per_step * steps),
+      ", drawn before the first step so that the measured steps hold the session's "
+      "work alone; at most ",
+      HumanBytes(kMostDrawnBytes), ": at most ", kMostDrawnBytes / per_step, " steps of these"));
+}
+
 StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& backend,
                                                  const SessionOptions& options,
                                                  StepSampler& sampler, uint32_t steps,
                                                  MeasuredWindow* window) {
-  ECSS_ASSIGN_OR_RETURN(const std::vector<DrawnStep> drawn, DrawSteps(options, sampler, steps));
+  ECSS_ASSIGN_OR_RETURN(const std::vector<DrawnStep> drawn,
+                        DrawSteps(options, sampler, sampler.seq_len(), steps));
   const ModelSpec& m = options.model;
   const uint64_t bytes =
       uint64_t{options.limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);

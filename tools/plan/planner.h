@@ -73,6 +73,7 @@ class StepSampler {
   const std::vector<MicroBatch>& NextStep();
   // A learned gate's choices for the current step's (micro-batch, layer), drawn at the call.
   GateChoices NextGate();
+  uint32_t seq_len() const { return seq_len_; }
 
  private:
   SessionOptions options_;
@@ -101,7 +102,7 @@ inline constexpr uint32_t kWarmupSteps = 4;
 // choices), as a training loop calls it: per micro-batch Forward of every layer, then
 // Backward of every layer, last first, on zero activations, and waits for the updates. The
 // steps' inputs are drawn before the first step (Note [Inputs drawn ahead], planner.cc):
-// InvalidArgument where they would take more than 1 GiB.
+// CheckDrawnInputs' error where they would take more than 1 GiB.
 // Returns each step's stats. With `window`: after the first `warmup` steps it also waits for
 // their updates, and *window is the time from then until the last step's updates finished:
 // the measured steps' whole work, updates that run on past a step included (what an ecss
@@ -117,6 +118,10 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
                                                  const SessionOptions& options,
                                                  StepSampler& sampler, uint32_t steps,
                                                  MeasuredWindow* window = nullptr);
+// That RunSampledSteps may draw `steps` steps' inputs for these options and samples of
+// `seq_len` tokens: InvalidArgument naming their bytes and the most steps that fit, for a
+// caller to refuse before it builds anything.
+Status CheckDrawnInputs(const SessionOptions& options, uint32_t seq_len, uint64_t steps);
 
 struct TierUse {
   std::string tier;     // "device", "pinned", "host", "nvme"
