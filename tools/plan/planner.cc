@@ -468,37 +468,34 @@ uint64_t DrawnBytesPerStep(const SessionOptions& options, uint32_t seq_len) {
 }
 
 StatusOr<std::vector<DrawnStep>> DrawSteps(const SessionOptions& options, StepSampler& sampler,
-                                           uint32_t seq_len, uint32_t steps) {
-  ECSS_RETURN_IF_ERROR(CheckDrawnInputs(options, seq_len, steps));
+                                           uint32_t steps) {
+  ECSS_RETURN_IF_ERROR(CheckDrawnInputs(options, sampler.seq_len(), steps));
   const bool gated = options.routing == Routing::kLearnedGate;
+  const uint64_t tokens = options.limits.max_tokens_per_micro_batch;
+  const uint64_t batches = options.limits.max_micro_batches;
   std::vector<DrawnStep> drawn(steps);
   for (DrawnStep& step : drawn) {
-    const std::vector<MicroBatch>& batches = sampler.NextStep();
-    for (const MicroBatch& b : batches) {
+    // Reserved whole, so that the views taken while they fill stay valid.
+    step.ids.reserve(batches * tokens);
+    step.domains.reserve(batches * (tokens / sampler.seq_len()));
+    if (gated) step.gate_experts.reserve(batches * options.model.layers * tokens * options.gate_k);
+    for (const MicroBatch& b : sampler.NextStep()) {
       const uint64_t n = uint64_t{b.batch_size} * b.seq_len;
+      const uint32_t* ids = step.ids.data() + step.ids.size();
+      const uint32_t* domains = step.domains.data() + step.domains.size();
       step.ids.insert(step.ids.end(), b.token_ids, b.token_ids + n);
       step.domains.insert(step.domains.end(), b.domain_ids, b.domain_ids + b.batch_size);
+      step.batches.push_back({ids, b.batch_size, b.seq_len, domains});
     }
-    size_t at = 0, at_domain = 0;
-    for (const MicroBatch& b : batches) {
-      step.batches.push_back(
-          {step.ids.data() + at, b.batch_size, b.seq_len, step.domains.data() + at_domain});
-      at += uint64_t{b.batch_size} * b.seq_len;
-      at_domain += b.batch_size;
-    }
-    if (!gated) continue;
-    std::vector<size_t> starts;
-    for (const MicroBatch& b : batches) {
+    for (size_t mb = 0; gated && mb < step.batches.size(); ++mb) {
+      const uint64_t n = uint64_t{step.batches[mb].batch_size} * step.batches[mb].seq_len;
       for (uint32_t l = 0; l < options.model.layers; ++l) {
-        const GateChoices gate = sampler.NextGate();
-        starts.push_back(step.gate_experts.size());
-        step.gate_experts.insert(step.gate_experts.end(), gate.experts,
-                                 gate.experts + uint64_t{b.batch_size} * b.seq_len * gate.k);
-        step.gates.push_back(gate);  // its weights: the sampler's, the same for every call
+        GateChoices gate = sampler.NextGate();  // its weights: the sampler's, alike in every call
+        const uint32_t* experts = step.gate_experts.data() + step.gate_experts.size();
+        step.gate_experts.insert(step.gate_experts.end(), gate.experts, gate.experts + n * gate.k);
+        gate.experts = experts;
+        step.gates.push_back(gate);
       }
-    }
-    for (size_t i = 0; i < starts.size(); ++i) {
-      step.gates[i].experts = step.gate_experts.data() + starts[i];
     }
   }
   return drawn;
@@ -520,8 +517,7 @@ StatusOr<std::vector<StepStats>> RunSampledSteps(Session& session, Backend& back
                                                  const SessionOptions& options,
                                                  StepSampler& sampler, uint32_t steps,
                                                  MeasuredWindow* window) {
-  ECSS_ASSIGN_OR_RETURN(const std::vector<DrawnStep> drawn,
-                        DrawSteps(options, sampler, sampler.seq_len(), steps));
+  ECSS_ASSIGN_OR_RETURN(const std::vector<DrawnStep> drawn, DrawSteps(options, sampler, steps));
   const ModelSpec& m = options.model;
   const uint64_t bytes =
       uint64_t{options.limits.max_tokens_per_micro_batch} * m.d_model * DTypeSize(m.dtype);
