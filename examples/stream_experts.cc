@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "runtime/base/check.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/str_cat.h"
 #include "runtime/base/trace.h"
 #include "runtime/device/sim/sim_backend.h"
@@ -79,6 +80,8 @@ StatusOr<DemoOptions> ParseOptions(int argc, char** argv) {
   }
   options.expert_bytes = options.expert_bytes / sizeof(float) * sizeof(float);
   if (options.expert_bytes == 0) return InvalidArgumentError("--expert-mib is too small");
+  // The trace is written when the run ends: a path that cannot take it is refused now.
+  ECSS_RETURN_IF_ERROR(CheckFileWritable(options.trace_path).Annotate("--trace"));
   return options;
 }
 

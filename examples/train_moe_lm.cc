@@ -39,6 +39,7 @@
 
 #include "engine/session.h"
 #include "router/gates.h"
+#include "runtime/base/file_util.h"
 #include "runtime/base/random.h"
 #include "runtime/base/stop_request.h"
 #include "runtime/base/str_cat.h"
@@ -66,7 +67,8 @@ constexpr const char* kUsage =
     "  --dtype T         f32 or bf16 (default bf16)\n"
     "  --strategy S      ecss, zero-offload, no-overlap or naive (default ecss)\n"
     "  --routing R       rre, or gate: learned top-2 gates (default rre)\n"
-    "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json)\n"
+    "  --trace FILE      Chrome trace written at the end (default train_moe_lm.trace.json;\n"
+    "                    a path that cannot be written is refused before the run)\n"
     "  --print-every N   steps between progress lines (default 20)\n"
     "  --checkpoint-dir DIR  checkpoints DIR/step-N (with the gates' state: --routing gate)\n"
     "  --checkpoint-every N  steps between checkpoints (default: only at the end)\n"
@@ -173,6 +175,8 @@ StatusOr<Options> Parse(int argc, char** argv) {
   if ((o.resume || o.checkpoint_every > 0) && o.checkpoint_dir.empty()) {
     return InvalidArgumentError("--resume and --checkpoint-every need --checkpoint-dir");
   }
+  // The trace is written when the run ends: a path that cannot take it is refused now.
+  ECSS_RETURN_IF_ERROR(CheckFileWritable(o.trace_path).Annotate("--trace"));
   return o;
 }
 

@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
     if (!measured.ok()) return BadInput(measured.status().ToString());
     const ecss::Status written =
         ecss::WriteFileAtomically(calibrate_arg, ecss::plan::HardwareJson(*measured));
-    if (!written.ok()) return BadInput(written.ToString());
+    if (!written.ok()) return BadInput(ecss::StrCat("--calibrate: ", written.ToString()));
     std::cout << ecss::plan::HardwareJson(*measured);
     return kFits;
   }
@@ -138,6 +138,10 @@ int main(int argc, char** argv) {
   ecss::StatusOr<ecss::plan::WorkloadConfig> workload = ecss::plan::DefaultWorkloadFor(*model);
   if (!workload_arg.empty()) workload = ecss::plan::LoadWorkload(workload_arg);
   if (!workload.ok()) return BadInput(workload.status().ToString());
+  if (!dump_arg.empty()) {  // before the search's seconds
+    const ecss::Status writable = ecss::CheckFileWritable(dump_arg);
+    if (!writable.ok()) return BadInput(ecss::StrCat("--dump-plan: ", writable.ToString()));
+  }
   auto report = optimize ? ecss::plan::Optimize(*model, *hardware, *workload, strategies)
                          : ecss::plan::Plan(*model, *hardware, *workload, strategies);
   if (!report.ok()) return BadInput(report.status().ToString());
