@@ -20,6 +20,7 @@ namespace {
 class Fd {
  public:
   explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& other) noexcept : fd_(other.release()) {}
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   ~Fd() {
@@ -36,17 +37,42 @@ class Fd {
   int fd_;
 };
 
-// WriteFileAtomically's temporary file for `path`, `temporary`, created (or truncated).
-Fd CreateTemporary(const std::string& temporary) {
-  return Fd(::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+// WriteFileAtomically's temporary files for `path`: PATH.tmp.PID, beside it.
+std::string TemporaryPrefixOf(const std::string& path) {
+  return StrCat(std::filesystem::path(path).filename().string(), ".tmp.");
 }
 std::string TemporaryOf(const std::string& path) { return StrCat(path, ".tmp.", ::getpid()); }
+
+// This process's temporary file for `path`, `temporary`, created and locked for as long as the
+// Fd lives (a -1 Fd and errno on failure), after the ones that killed writers of `path` left are
+// removed (RemoveUnlockedLeftovers: a live writer's is locked, a killed one's lock died with it).
+// A new file, never one through a link left at its name: made under a name the removal passes
+// over (PATH.tmp.new-PID) and renamed to `temporary` once locked, so that another writer of the
+// same path never takes it for a killed one's. A process killed between the two leaves that
+// empty file, which the next writer with its pid replaces.
+Fd CreateTemporary(const std::string& path, const std::string& temporary) {
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  RemoveUnlockedLeftovers(dir.empty() ? "." : dir, TemporaryPrefixOf(path), "");
+  const std::string fresh = StrCat(path, ".tmp.new-", ::getpid());
+  ::unlink(fresh.c_str());
+  Fd fd(::open(fresh.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
+  if (fd.get() < 0) return fd;
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0 ||
+      ::rename(fresh.c_str(), temporary.c_str()) != 0) {
+    const int error = errno;
+    ::close(fd.release());
+    ::unlink(fresh.c_str());
+    errno = error;
+    return Fd(-1);
+  }
+  return fd;
+}
 
 }  // namespace
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   const std::string temporary = TemporaryOf(path);
-  Fd fd = CreateTemporary(temporary);
+  Fd fd = CreateTemporary(path, temporary);
   if (fd.get() < 0) return ErrnoError(errno, "cannot create '", temporary, "'");
   size_t written = 0;
   while (written < contents.size()) {
@@ -59,7 +85,9 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
     }
     written += static_cast<size_t>(n);
   }
-  if (::fsync(fd.get()) != 0 || ::close(fd.release()) != 0) {
+  // Renamed while still open, so still locked: no other writer's cleanup takes it. Closed
+  // after (by the Fd): once fsync returned, close loses nothing on a local file system.
+  if (::fsync(fd.get()) != 0) {
     Status error = ErrnoError(errno, "cannot flush '", temporary, "'");
     ::unlink(temporary.c_str());
     return error;
@@ -79,7 +107,7 @@ Status CheckFileWritable(const std::string& path) {
     return InvalidArgumentError(StrCat("'", path, "' is a directory"));
   }
   const std::string temporary = TemporaryOf(path);
-  const Fd fd = CreateTemporary(temporary);
+  const Fd fd = CreateTemporary(path, temporary);
   if (fd.get() < 0) return ErrnoError(errno, "cannot create a file beside '", path, "'");
   ::unlink(temporary.c_str());
   return Status::Ok();
@@ -91,6 +119,19 @@ namespace {
 bool Unlocked(const std::string& path) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
   return fd.get() >= 0 && ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0;
+}
+
+// Removes the file at `path` if nobody holds it: under its lock, and only while the path still
+// names the file locked (a writer may have renamed its own over it since it was opened).
+void RemoveIfUnlocked(const std::string& path) {
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+  struct stat held {
+  }, named{};
+  if (fd.get() >= 0 && ::flock(fd.get(), LOCK_EX | LOCK_NB) == 0 && ::fstat(fd.get(), &held) == 0 &&
+      ::lstat(path.c_str(), &named) == 0 && held.st_dev == named.st_dev &&
+      held.st_ino == named.st_ino) {
+    ::unlink(path.c_str());
+  }
 }
 
 }  // namespace
@@ -109,8 +150,8 @@ void RemoveUnlockedLeftovers(const std::string& dir, std::string_view prefix,
     const std::filesystem::file_status status = it->symlink_status(ignored);
     bool stale = false;
     if (std::filesystem::is_regular_file(status)) {
-      stale = Unlocked(it->path().string());
-    } else if (std::filesystem::is_directory(status)) {
+      RemoveIfUnlocked(it->path().string());
+    } else if (!lock_name.empty() && std::filesystem::is_directory(status)) {
       const std::filesystem::path lock = it->path() / std::string(lock_name);
       stale = !std::filesystem::exists(lock, ignored) || Unlocked(lock.string());
     }

@@ -1,9 +1,11 @@
 // Small file helpers shared by everything that writes results (traces, bench reports) and by
 // the stores that own a directory.
 // WriteFileAtomically never leaves a half-written file under `path`: it writes a temporary file
-// beside it, fsyncs it, renames it over `path` and fsyncs the directory, so that once it
-// returns the new contents survive a crash or power loss. Blocking; thread-safe for distinct
-// paths.
+// beside it (PATH.tmp.PID, locked while it is written), fsyncs it, renames it over `path` and
+// fsyncs the directory, so that once it returns the new contents survive a crash or power loss.
+// A writer killed mid-way leaves its temporary file; the next WriteFileAtomically or
+// CheckFileWritable of the same path removes it (RemoveUnlockedLeftovers). Blocking; thread-safe
+// for distinct paths.
 #pragma once
 
 #include <memory>
@@ -36,7 +38,8 @@ Status CheckWritableDirectory(const std::string& dir, std::string_view what);
 // its temporary file or directory so, PREFIX + getpid()) that no live writer holds. A writer
 // holds a file by an exclusive flock on it, a directory by one on its `lock_name` file
 // (FileLock); an entry whose lock can be taken now (the kernel drops a dead process's locks),
-// or a directory without that file, is removed. Liveness by lock, not by pid, so it holds
+// or a directory without that file, is removed. With `lock_name` empty, files only: a
+// directory of that name is never a writer's. Liveness by lock, not by pid, so it holds
 // across pid namespaces and for a pid reused. Best effort: what cannot be removed stays.
 void RemoveUnlockedLeftovers(const std::string& dir, std::string_view prefix,
                              std::string_view lock_name);

@@ -1,6 +1,8 @@
 #include "runtime/base/file_util.h"
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -10,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -103,6 +106,76 @@ TEST_F(FileUtilTest, AWritableCheckWritesNothing) {
   // As WriteFileAtomically would fail, with the same codes.
   EXPECT_EQ(WriteFileAtomically(dir_ + "/missing/f", "x").code(), missing.code());
   EXPECT_EQ(WriteFileAtomically(dir_, "x").code(), directory.code());
+}
+
+// What a writer killed mid-way leaves, PATH.tmp.PID (locked while it lived), goes with the
+// next write or check of PATH; a live writer's stays, and so do other paths' and names that are
+// not a writer's. A link left at this process's own temporary name is never written through.
+TEST_F(FileUtilTest, AKilledWritersTemporaryFileGoesWithTheNextWriteOfItsPath) {
+  const std::string path = dir_ + "/f";
+  auto writing = [&]() -> std::string {  // a writer's state mid-way, as WriteFileAtomically has it
+    const std::string temporary = StrCat(path, ".tmp.", ::getpid());
+    const int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd < 0 || ::flock(fd, LOCK_EX | LOCK_NB) != 0 || ::write(fd, "half", 4) != 4) return "";
+    return temporary;  // the fd stays open (locked) until the child dies
+  };
+  HeldByChild killed(writing), alive(writing);
+  ASSERT_FALSE(killed.taken().empty());
+  ASSERT_FALSE(alive.taken().empty());
+  killed.Kill();
+  ASSERT_TRUE(std::filesystem::exists(killed.taken())) << "a killed writer leaves it";
+  const std::vector<std::string> kept = {alive.taken(), path + ".tmp.1x", dir_ + "/g.tmp.1",
+                                         path + ".tmp.2/inside"};
+  for (const std::string& name : kept) {
+    std::filesystem::create_directories(std::filesystem::path(name).parent_path());
+    std::ofstream(name) << "someone's";
+  }
+  EXPECT_TRUE(CheckFileWritable(path).ok());
+  EXPECT_FALSE(std::filesystem::exists(killed.taken()));
+  std::ofstream(killed.taken()) << "half";  // killed again, unlocked
+  ASSERT_TRUE(WriteFileAtomically(path, "whole").ok());
+  EXPECT_FALSE(std::filesystem::exists(killed.taken()));
+  EXPECT_EQ(*ReadFileToString(path), "whole");
+  for (const std::string& name : kept) {
+    EXPECT_TRUE(std::filesystem::exists(name)) << name << ": not a dead writer's";
+  }
+  alive.Kill();
+  ASSERT_TRUE(WriteFileAtomically(path, "again").ok());
+  EXPECT_FALSE(std::filesystem::exists(alive.taken()));
+  const std::string target = dir_ + "/target";
+  ASSERT_TRUE(WriteFileAtomically(target, "keep").ok());
+  std::filesystem::create_symlink(target, StrCat(path, ".tmp.", ::getpid()));
+  ASSERT_TRUE(WriteFileAtomically(path, "new").ok());
+  EXPECT_EQ(*ReadFileToString(target), "keep");
+  EXPECT_EQ(*ReadFileToString(path), "new");
+  EXPECT_FALSE(std::filesystem::is_symlink(path));
+}
+
+// Two processes writing the same path at once each take the other's temporary file for a live
+// writer's, never for a killed one's: every write succeeds, the file is one of them whole, and
+// nothing is left beside it.
+TEST_F(FileUtilTest, WritersOfOnePathAtOnceAllSucceed) {
+  const std::string path = dir_ + "/f";
+  constexpr int kWrites = 100;
+  std::vector<pid_t> writers;
+  for (const char* contents : {"first writer", "second writer"}) {
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      for (int i = 0; i < kWrites; ++i) {
+        if (!WriteFileAtomically(path, contents).ok()) ::_exit(1);
+      }
+      ::_exit(0);
+    }
+    writers.push_back(pid);
+  }
+  for (pid_t pid : writers) {
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "a write failed";
+  }
+  const std::string written = *ReadFileToString(path);
+  EXPECT_TRUE(written == "first writer" || written == "second writer") << written;
+  EXPECT_EQ(std::distance(std::filesystem::directory_iterator(dir_), {}), 1) << "no temporaries";
 }
 
 // One owner at a time, in this process (each Acquire is an owner) and across processes; the

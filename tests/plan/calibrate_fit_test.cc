@@ -2,7 +2,8 @@
 // from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
 // rates while the optimizer is idle and beside it; HelpedRate: the optimizer's rate with the
 // driving thread's help; FitStepBegin and RoutingTableLines: the step's begin per token-layer
-// and per routing table line read. Without measuring anything.
+// and per routing table line read; UpdateGapOf: the optimizer's time between updates. Without
+// measuring anything.
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
@@ -225,6 +226,19 @@ TEST(HelpedRateTest, WithoutASeparablePartThePlainRatio) {
   // A part before the end that updated more than all of it (noise in the rates): the plain.
   EXPECT_DOUBLE_EQ(
       HelpedRate({.params = 1e9, .busy_s = 2, .kept_busy_s = 1, .kept_before_s = 0.7}, 2e9), 0.5e9);
+}
+
+// Steps the one thread bounds: the time it was not updating, per update, in microseconds. Steps
+// it did not bound (below kLeastBoundShare), no updates, or more busy time than the steps' (the
+// clocks' edges): 0.
+TEST(UpdateGapOfTest, TheBoundStepsTimeNotUpdatingPerUpdate) {
+  EXPECT_NEAR(UpdateGapOf({.seconds = 2, .busy_s = 1.97, .updates = 3000}), 10, 1e-9);
+  EXPECT_NEAR(UpdateGapOf({.seconds = 1, .busy_s = kLeastBoundShare, .updates = 1e4}),
+              (1 - kLeastBoundShare) * 100, 1e-9);
+  EXPECT_EQ(UpdateGapOf({.seconds = 1, .busy_s = kLeastBoundShare - 0.01, .updates = 3000}), 0);
+  EXPECT_EQ(UpdateGapOf({.seconds = 1, .busy_s = 0.99, .updates = 0}), 0);
+  EXPECT_EQ(UpdateGapOf({.seconds = 1, .busy_s = 1.01, .updates = 3000}), 0);
+  EXPECT_EQ(UpdateGapOf({}), 0);
 }
 
 }  // namespace

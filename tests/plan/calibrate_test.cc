@@ -72,10 +72,12 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   EXPECT_LE(measured->gradient_add_beside_optimizer_gbps, measured->gradient_add_gbps);
   EXPECT_GE(measured->optimizer_rate_beside_additions, 0.1);
   EXPECT_LE(measured->optimizer_rate_beside_additions, 1);
+  EXPECT_GE(measured->optimizer_update_gap_us, 0);  // 0 where one thread did not bound the steps
   auto back = ParseHardware(HardwareJson(*measured));
   ASSERT_TRUE(back.ok()) << back.status();
   EXPECT_EQ(back->optimizer_params_per_s_by_threads, measured->optimizer_params_per_s_by_threads);
   EXPECT_EQ(back->optimizer_params_per_s_per_thread, 0);
+  EXPECT_EQ(back->optimizer_update_gap_us, measured->optimizer_update_gap_us);
   EXPECT_EQ(back->nvme[0].session_fraction, measured->nvme[0].session_fraction);
   EXPECT_EQ(back->nvme[0].update_overhead_us, measured->nvme[0].update_overhead_us);
   EXPECT_EQ(back->host_wait_latency_us, measured->host_wait_latency_us);

@@ -161,11 +161,12 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
   std::string host_costs = hardware;
   host_costs.replace(host_costs.find(R"("profile": "h100-sxm")"), 0,
                      R"("host_wait_latency_us": 50.5, )");
-  host_costs.replace(host_costs.find(R"("optimizer_threads")"), 0,
-                     R"("routing_ns_per_token_layer": 14, "routing_ns_per_table_line": 31, )"
-                     R"("step_begin_ns_per_op": 900, )"
-                     R"("gradient_add_gbps": 6.5, "gradient_add_beside_optimizer_gbps": 4.5, )"
-                     R"("optimizer_rate_beside_additions": 0.75, )");
+  host_costs.replace(
+      host_costs.find(R"("optimizer_threads")"), 0,
+      R"("routing_ns_per_token_layer": 14, "routing_ns_per_table_line": 31, )"
+      R"("step_begin_ns_per_op": 900, )"
+      R"("gradient_add_gbps": 6.5, "gradient_add_beside_optimizer_gbps": 4.5, )"
+      R"("optimizer_rate_beside_additions": 0.75, "optimizer_update_gap_us": 9.5, )");
   StatusOr<HardwareConfig> costs = ParseHardware(host_costs);
   ASSERT_TRUE(costs.ok()) << costs.status();
   EXPECT_EQ(costs->host_wait_latency_us, 50.5);
@@ -191,6 +192,11 @@ TEST(PlanConfigTest, BadHardwareAndWorkloadsAreRefusedNamingTheField) {
             std::string::npos)
       << error(share_above_one);
   EXPECT_EQ(costs->step_begin_ns_per_op, 900);
+  EXPECT_EQ(costs->optimizer_update_gap_us, 9.5);
+  EXPECT_EQ(ParseHardware(HardwareJson(*costs))->optimizer_update_gap_us, 9.5);
+  std::string negative_gap = host_costs;
+  negative_gap.replace(negative_gap.find("9.5"), 3, "-2");
+  EXPECT_EQ(error(negative_gap), "hardware.host.optimizer_update_gap_us: must be >= 0 (got -2)");
   std::string negative_per_op = host_costs;
   negative_per_op.replace(negative_per_op.find("900"), 3, "-5");
   EXPECT_EQ(error(negative_per_op), "hardware.host.step_begin_ns_per_op: must be >= 0 (got -5)");

@@ -718,6 +718,70 @@ TEST(PlannerTest, TheDrivesUpdateOverheadReachesThePredictionAtTheDevicesShare) 
   EXPECT_GE(after.step_seconds - before.step_seconds, updates * 1e-3 - 1e-9);
 }
 
+// Note [The optimizer's gap between updates]: an update of host states that was ready while the
+// optimizer was busy starts the gap after it was free, outside its busy time. No-overlap's
+// updates run inside its steps, a layer's once its gradients are copied (the first of them onto
+// an idle optimizer, the others, their copies done, one after another): three layers' on one
+// thread, a gap each but the first, and the last layer's, the first under way when the device
+// work ends, with the driving thread's help at half of it (two threads' rate, twice one's); its
+// busy time is as it was. With two optimizer threads a device, the threads' gaps overlap: half
+// as long on their timeline, a third with the driving thread. ecss, bound by its optimizer,
+// grows by about a gap an update; with states on NVMe nothing changes (their pipeline's time is
+// calibrated whole). A negative gap is refused.
+TEST(PlannerTest, EachUpdateOfHostStatesStartsAfterTheOptimizersGap) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  constexpr double kGap = 50e-6;
+  auto predictions = [&](const HardwareConfig& hardware, const WorkloadConfig& workload) {
+    std::map<Strategy, StrategyPrediction> by;
+    StatusOr<PlanReport> report = Plan(c.model, hardware, workload);
+    EXPECT_TRUE(report.ok()) << report.status();
+    if (report.ok()) {
+      for (const StrategyPrediction& p : report->predictions) by[p.strategy] = p;
+    }
+    return by;
+  };
+  HardwareConfig gapped = c.hardware;
+  gapped.optimizer_update_gap_us = kGap * 1e6;
+  const auto cpu = static_cast<size_t>(PlanResource::kCpuOptimizer);
+  for (uint32_t threads : {1u, 2u}) {
+    HardwareConfig plain = c.hardware;
+    plain.optimizer_threads = gapped.optimizer_threads = threads;
+    auto before = predictions(plain, c.workload);
+    auto after = predictions(gapped, c.workload);
+    ASSERT_EQ(before.count(Strategy::kNoOverlap), 1u);
+    ASSERT_EQ(after.count(Strategy::kEcss), 1u);
+    const StrategyPrediction& chained = before[Strategy::kNoOverlap];
+    const double updates =
+        static_cast<double>(chained.updated_params) / static_cast<double>(c.model.expert_params());
+    ASSERT_GT(updates, 0);
+    const double helped = (threads + 1.0) / threads;  // linear rates per thread
+    const double layers = c.model.sparse_layers, gapped_per_layer = updates / layers - 1;
+    EXPECT_NEAR(after[Strategy::kNoOverlap].step_seconds - chained.step_seconds,
+                gapped_per_layer * (layers - 1 + 1 / helped) * kGap / threads, 1e-9)
+        << threads << " threads";
+    EXPECT_NEAR(after[Strategy::kNoOverlap].busy_per_step[cpu], chained.busy_per_step[cpu], 1e-12);
+    const double ecss_updates = static_cast<double>(before[Strategy::kEcss].updated_params) /
+                                static_cast<double>(c.model.expert_params());
+    const double grown = after[Strategy::kEcss].step_seconds - before[Strategy::kEcss].step_seconds;
+    EXPECT_GT(grown, 0.9 * ecss_updates * kGap / threads) << threads << " threads";
+    EXPECT_LT(grown, 1.1 * ecss_updates * kGap / threads) << threads << " threads";
+  }
+  WorkloadConfig on_nvme = c.workload;
+  on_nvme.states = Tier::kNvme;
+  gapped.optimizer_threads = c.hardware.optimizer_threads;
+  auto before = predictions(c.hardware, on_nvme);
+  auto after = predictions(gapped, on_nvme);
+  ASSERT_EQ(before.count(Strategy::kEcss), 1u);
+  for (const auto& [strategy, p] : before) {
+    EXPECT_EQ(after[strategy].step_seconds, p.step_seconds) << StrategyName(strategy);
+  }
+  gapped.optimizer_update_gap_us = -1;
+  const Status refused = Plan(c.model, gapped, c.workload).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument) << refused;
+  EXPECT_NE(refused.message().find("optimizer_update_gap"), std::string::npos) << refused;
+}
+
 // An infeasible configuration names the short budget and the change that fits.
 TEST(PlannerTest, AModelTooLargeForHostMemorySaysWhatWouldFit) {
   auto model = ParseModel(R"({"sparse_layers": 8, "d_model": 1024, "d_ff": 4096,

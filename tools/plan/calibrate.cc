@@ -199,16 +199,23 @@ StatusOr<StepBeginSample> MeasureLargeStepBegin(const CalibrationOptions& o) {
 }
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once, states in
-// host memory, from the measured steps' updated parameters and the optimizer's busy seconds; with
-// `begin`, the measured steps' begin (StepBeginOf). One thread: ecss steps with one optimizer
+// host memory, from the measured steps' updated parameters and the optimizer's busy seconds. One
+// thread: ecss steps with one optimizer
 // thread (the driving thread goes on to the next step) over o.domains domains
 // (CalibrationOptions::domains says why). More: zero-offload steps
 // (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
 // the driving thread helping once the device work is done (Note [The driving thread helps],
 // tools/plan/step_simulator.cc); until then the step's updates run on threads - 1 threads, at
-// `fewer_threads_rate` (measured before), which HelpedRate takes out.
-StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
-                                      double fewer_threads_rate, StepBeginSample* begin = nullptr) {
+// `fewer_threads_rate` (measured before), which HelpedRate takes out. With one thread, also
+// the measured steps' begin (StepBeginOf) and the time they were not updating, per update
+// (UpdateGapOf).
+struct OptimizerRun {
+  double rate = 0;           // parameters / s
+  StepBeginSample begin;     // one thread's
+  double update_gap_us = 0;  // one thread's
+};
+StatusOr<OptimizerRun> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
+                                            double fewer_threads_rate) {
   CalibrationRun run;
   if (threads > 1) {  // every expert updated each step: the default model's 8 domains
     run.strategy = Strategy::kZeroOffload;
@@ -221,22 +228,30 @@ StatusOr<double> MeasureOptimizerRate(const CalibrationOptions& o, int threads,
   ECSS_ASSIGN_OR_RETURN(
       const std::vector<StepStats> stats,
       RunCalibrationSteps(o, run, o.steps, window, threads > 1 ? &executed : nullptr));
-  if (begin != nullptr) {
-    ECSS_ASSIGN_OR_RETURN(*begin, StepBeginOf(stats, window.warmup, run.layers));
-  }
+  OptimizerRun measured;
   double params = 0, busy = 0;
+  UpdateGapSample gaps;
   for (size_t s = window.warmup; s < stats.size(); ++s) {
     params += static_cast<double>(stats[s].updated_params);
     busy += stats[s].optimizer_busy_seconds;
+    gaps.seconds += stats[s].seconds;
+    gaps.updates += stats[s].updated_experts;
   }
   if (!(busy > 0)) return InternalError("calibration: the optimizer did not run");
-  if (threads == 1) return params / busy;
+  if (threads == 1) {
+    ECSS_ASSIGN_OR_RETURN(measured.begin, StepBeginOf(stats, window.warmup, run.layers));
+    gaps.busy_s = busy;
+    measured.update_gap_us = UpdateGapOf(gaps);
+    measured.rate = params / busy;
+    return measured;
+  }
   HelpedSample sample{params, busy};  // the executed plans are the last steps' (kKeptSteps)
   for (size_t i = 0; i < executed.size(); ++i) {
     sample.kept_before_s += BusyBeforeDeviceEnd(executed[i]);
     sample.kept_busy_s += stats[stats.size() - executed.size() + i].optimizer_busy_seconds;
   }
-  return HelpedRate(sample, fewer_threads_rate);
+  measured.rate = HelpedRate(sample, fewer_threads_rate);
+  return measured;
 }
 
 // Note [A session beside the sequential rates]: a session's NVMe state pipeline is fitted as
@@ -517,6 +532,11 @@ double HelpedRate(const HelpedSample& sample, double fewer_threads_rate) {
   return rate;
 }
 
+double UpdateGapOf(const UpdateGapSample& sample) {
+  if (!(sample.updates > 0 && sample.busy_s >= kLeastBoundShare * sample.seconds)) return 0;
+  return std::max(0.0, sample.seconds - sample.busy_s) / sample.updates * 1e6;
+}
+
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options) {
   if (options.nvme_large_expert_params <= options.expert_params) {
     return InvalidArgumentError(
@@ -532,9 +552,13 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
   StepBeginSample few;  // one thread's ecss steps of 2,048 tokens
   for (int threads = 1; threads <= cores; ++threads) {
     const double fewer = threads > 1 ? base.optimizer_params_per_s_by_threads.back() : 0;
-    ECSS_ASSIGN_OR_RETURN(const double rate, MeasureOptimizerRate(options, threads, fewer,
-                                                                  threads == 1 ? &few : nullptr));
-    base.optimizer_params_per_s_by_threads.push_back(rate);
+    ECSS_ASSIGN_OR_RETURN(const OptimizerRun measured,
+                          MeasureOptimizerRate(options, threads, fewer));
+    base.optimizer_params_per_s_by_threads.push_back(measured.rate);
+    if (threads == 1) {
+      few = measured.begin;
+      base.optimizer_update_gap_us = measured.update_gap_us;
+    }
   }
   StepBeginSample many;  // four micro-batches of 16,384 tokens a step
   ECSS_RETURN_IF_ERROR(
@@ -609,7 +633,8 @@ std::string HardwareJson(const HardwareConfig& h) {
     for (double rate : h.optimizer_params_per_s_by_threads) json.Double(rate);
     json.EndArray();
   }
-  json.Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer)
+  json.Field("optimizer_update_gap_us", h.optimizer_update_gap_us)
+      .Field("routing_ns_per_token_layer", h.routing_ns_per_token_layer)
       .Field("routing_ns_per_table_line", h.routing_ns_per_table_line)
       .Field("step_begin_ns_per_op", h.step_begin_ns_per_op)
       .Field("gradient_add_gbps", h.gradient_add_gbps)

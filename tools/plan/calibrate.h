@@ -14,7 +14,9 @@
 //    updates ran 1.5x faster in isolation than beside the session's threads, and two threads
 //    in a session updated 1.4-1.55x as fast as one, not 2x (both with 8 domains; before
 //    HelpedRate, so counted at the plain rate; with it, 1.0-1.81x, median 1.14, in 41 2026-12-05
-//    calibrations, as this VM's memory bandwidth moved).
+//    calibrations, as this VM's memory bandwidth moved). With one thread, also the time its
+//    steps, which it bounds, were not updating, per update (UpdateGapOf;
+//    optimizer_update_gap_us).
 //  - NVMe: sequential 1 MiB O_DIRECT writes and reads of a scratch file through the I/O
 //    engine at queue depth 32 (offload/io TransferGbps), GB/s, the median of three passes;
 //    the capacity is the directory's file system's. Then what a session's NVMe state pipeline
@@ -79,11 +81,11 @@ struct CalibrationOptions {
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
-// `base` with host.optimizer_params_per_s_by_threads, host.routing_ns_per_token_layer,
-// host.routing_ns_per_table_line, host.gradient_add_gbps, host.gradient_add_beside_optimizer_gbps,
-// host.optimizer_rate_beside_additions and nvme measured here, host.step_begin_ns_per_op 0 (the
-// fit's terms hold the samples' per-op share), and device.host_wait_latency_us with a simulated
-// device.
+// `base` with host.optimizer_params_per_s_by_threads, host.optimizer_update_gap_us,
+// host.routing_ns_per_token_layer, host.routing_ns_per_table_line, host.gradient_add_gbps,
+// host.gradient_add_beside_optimizer_gbps, host.optimizer_rate_beside_additions and nvme
+// measured here, host.step_begin_ns_per_op 0 (the fit's terms hold the samples' per-op share),
+// and device.host_wait_latency_us with a simulated device.
 StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions& options);
 // A session's NVMe state pipeline at one expert size, per updated expert: its bytes' time at
 // the drive's measured rates and the time it took.
@@ -154,6 +156,20 @@ inline constexpr double kMostBusyBeforeDeviceEnd = 0.8;
 // of the busy time (its updates began at 4.5 ms, its last gradient copy ended at 9.0, of 27
 // ms busy), and the plain rate was 2-9% below this one in five runs.
 double HelpedRate(const HelpedSample& sample, double fewer_threads_rate);
+// One optimizer thread's ecss steps (the calibration's, which it bounds): their time, its busy
+// time in them and the updates it ran.
+struct UpdateGapSample {
+  double seconds = 0, busy_s = 0, updates = 0;
+};
+// Below this share of the steps' time updating, the thread did not bound them: the rest is
+// then the device's work or waits the step simulator models, not the updates' gaps (at this
+// share, 2% of the calibration's 22-24 ms steps over their 32 updates is 14 us an update, four
+// times the gaps measured).
+inline constexpr double kLeastBoundShare = 0.98;
+// optimizer_update_gap_us: the steps' time the thread was not updating, per update (Note [The
+// optimizer's gap between updates], step_simulator.cc); 0 where it updated less than
+// kLeastBoundShare of the time or ran no update.
+double UpdateGapOf(const UpdateGapSample& sample);
 // A hardware file ParseHardware reads back as `hardware`.
 std::string HardwareJson(const HardwareConfig& hardware);
 

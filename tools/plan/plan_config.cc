@@ -539,6 +539,8 @@ StatusOr<HardwareConfig> ParseHardware(std::string_view json, std::string_view r
     ECSS_RETURN_IF_ERROR(o.Numbers("optimizer_params_per_s_by_threads",
                                    &h.optimizer_params_per_s_by_threads, kUpdates));
     ECSS_RETURN_IF_ERROR(
+        o.Number("optimizer_update_gap_us", &h.optimizer_update_gap_us, false, kMicroseconds));
+    ECSS_RETURN_IF_ERROR(
         o.Number("routing_ns_per_token_layer", &h.routing_ns_per_token_layer, false, kNanoseconds));
     ECSS_RETURN_IF_ERROR(
         o.Number("routing_ns_per_table_line", &h.routing_ns_per_table_line, false, kNanoseconds));

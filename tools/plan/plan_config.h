@@ -83,6 +83,11 @@ struct HardwareConfig {
   // threads' together, counting a driving thread that helps (Note [The driving thread helps]).
   double optimizer_params_per_s_per_thread = 0;
   std::vector<double> optimizer_params_per_s_by_threads;
+  // An optimizer thread's time between two updates of host states that it runs one after the
+  // other, beyond their busy time (handing an update over and taking the next; Note [The
+  // optimizer's gap between updates], step_simulator.cc), microseconds per update. --calibrate
+  // measures it where one thread bounds the steps; 0: not modelled.
+  double optimizer_update_gap_us = 0;
   // The driving thread's work when a step begins, before it issues anything, per token and
   // sparse layer of the step (RRE routing each micro-batch's tokens through each layer's
   // tables), per cache line of the step's tables it reads (RoutingTableLines: the first read

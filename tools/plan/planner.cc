@@ -147,6 +147,9 @@ ResourceRates RatesFor(const HardwareConfig& hardware, const ModelConfig& model,
       static_cast<double>(hardware.optimizer_threads) / hardware.devices_per_node;
   rates.optimizer_params_per_s = hardware.OptimizerParamsPerSecond(threads);
   rates.optimizer_helped_params_per_s = hardware.OptimizerParamsPerSecond(threads + 1);
+  // Each thread's gaps, on the device's timeline of its threads together (a thread shared by
+  // 8 devices: 8 times as long, as its updates are).
+  rates.optimizer_update_gap_seconds = hardware.optimizer_update_gap_us * 1e-6 / threads;
   // Each device's session adds on a host stream of its own, at one stream's rate.
   rates.gradient_add_gbps = hardware.gradient_add_gbps;
   rates.gradient_add_beside_optimizer_gbps = hardware.gradient_add_beside_optimizer_gbps;

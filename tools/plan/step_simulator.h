@@ -59,6 +59,9 @@ struct ResourceRates {
   // The same with the driving thread helping (Note [The driving thread helps]); 0: one thread
   // more at the same rate per thread.
   double optimizer_helped_params_per_s = 0;
+  // The optimizer's time before each update of host states beyond its busy time, on the
+  // timeline of its threads together (Note [The optimizer's gap between updates]).
+  double optimizer_update_gap_seconds = 0;
   // The driving thread's work at BeginStep before it issues anything (routing the step's
   // tokens, building its plan): no op of the step starts before it is done.
   double begin_step_seconds = 0;
@@ -124,7 +127,14 @@ class StepSimulator {
   struct Task {  // one expert's part of an update op (its id in the step's plan)
     double ready = 0, start = 0, end = 0, seconds = 0;
     uint32_t op = 0;
+    // Its gap (UpdateGap) and the part of it before `start` as last timed (StartTask): it began
+    // to run at start - lead.
+    double gap = 0, lead = 0;
   };
+  // Times `task` to start once it is ready and the optimizer is `free`, after its gap (at
+  // `speedup`) where the optimizer was still busy when it became ready (Note [The optimizer's
+  // gap between updates]).
+  static void StartTask(Task& task, double free, double speedup);
   // Per step: when each expert's update (with its state write) ended, and when all did.
   struct UpdateRecord {
     std::map<ExpertId, double> expert_end;
@@ -156,6 +166,9 @@ class StepSimulator {
   double ExpertParams() const;
   SimulatedStep Measure(double begin, double finish) const;
   double Seconds(const PlanOp& op) const;
+  // The optimizer's time before each of `op`'s updates beyond their busy time (0 but for
+  // updates of host states).
+  double UpdateGap(const PlanOp& op) const;
   double AdditionEnd(double start, double seconds) const;
   // Re-times the pass's updates beside the additions, and the step before's that ran on beside
   // the pass's; false where nothing changed.
