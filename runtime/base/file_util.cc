@@ -42,6 +42,11 @@ std::string TemporaryPrefixOf(const std::string& path) {
   return StrCat(std::filesystem::path(path).filename().string(), ".tmp.");
 }
 std::string TemporaryOf(const std::string& path) { return StrCat(path, ".tmp.", ::getpid()); }
+// The directory `path` is in ("." for a bare name).
+std::string DirectoryOf(const std::string& path) {
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  return dir.empty() ? "." : dir;
+}
 
 // This process's temporary file for `path`, `temporary`, created and locked for as long as the
 // Fd lives (a -1 Fd and errno on failure), after the ones that killed writers of `path` left are
@@ -51,8 +56,7 @@ std::string TemporaryOf(const std::string& path) { return StrCat(path, ".tmp.", 
 // same path never takes it for a killed one's. A process killed between the two leaves that
 // empty file, which the next writer with its pid replaces.
 Fd CreateTemporary(const std::string& path, const std::string& temporary) {
-  const std::string dir = std::filesystem::path(path).parent_path().string();
-  RemoveUnlockedLeftovers(dir.empty() ? "." : dir, TemporaryPrefixOf(path), "");
+  RemoveUnlockedLeftovers(DirectoryOf(path), TemporaryPrefixOf(path), "");
   const std::string fresh = StrCat(path, ".tmp.new-", ::getpid());
   ::unlink(fresh.c_str());
   Fd fd(::open(fresh.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
@@ -97,8 +101,7 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents) {
     ::unlink(temporary.c_str());
     return error;
   }
-  const std::string dir = std::filesystem::path(path).parent_path().string();
-  return SyncDirectory(dir.empty() ? "." : dir);
+  return SyncDirectory(DirectoryOf(path));
 }
 
 Status CheckFileWritable(const std::string& path) {

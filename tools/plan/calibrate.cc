@@ -200,10 +200,9 @@ StatusOr<StepBeginSample> MeasureLargeStepBegin(const CalibrationOptions& o) {
 
 // The CPU optimizer as a session drives it with `threads` threads updating at once, states in
 // host memory, from the measured steps' updated parameters and the optimizer's busy seconds. One
-// thread: ecss steps with one optimizer
-// thread (the driving thread goes on to the next step) over o.domains domains
-// (CalibrationOptions::domains says why). More: zero-offload steps
-// (every expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
+// thread: ecss steps with one optimizer thread (the driving thread goes on to the next step) over
+// o.domains domains (CalibrationOptions::domains says why). More: zero-offload steps (every
+// expert updated, the step waiting for its updates) with threads - 1 optimizer threads and
 // the driving thread helping once the device work is done (Note [The driving thread helps],
 // tools/plan/step_simulator.cc); until then the step's updates run on threads - 1 threads, at
 // `fewer_threads_rate` (measured before), which HelpedRate takes out. With one thread, also
