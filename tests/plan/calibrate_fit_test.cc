@@ -2,8 +2,8 @@
 // from the NVMe state pipeline at two expert sizes; FitGradientAdditions: the host's additions'
 // rates while the optimizer is idle and beside it; HelpedRate: the optimizer's rate with the
 // driving thread's help; FitStepBegin and RoutingTableLines: the step's begin per token-layer
-// and per routing table line read; UpdateGapOf: the optimizer's time between updates. Without
-// measuring anything.
+// and per routing table line read; UpdateGapOf: the optimizer's time between updates;
+// StatePipelineSampleOf: the NVMe pipeline's time per update. Without measuring anything.
 #include <gtest/gtest.h>
 
 #include "tools/plan/calibrate.h"
@@ -74,6 +74,49 @@ TEST(FitStatePipelineTest, SamplesOfOneSizeAreTheSmallSampleAlone) {
   FitStatePipeline({kSmallBound, kSmallBound / 0.8}, {kSmallBound, kSmallBound}, drive);
   EXPECT_NEAR(drive.session_fraction, 0.8, 1e-12);
   EXPECT_EQ(drive.update_overhead_us, 0);
+}
+
+// The pipeline's updates are counted by their bytes: 15 updates' bytes and busy time in the
+// measured steps, whatever the steps issued, give each update a fifteenth of the busy time; the
+// bound is a planned update's reads and writes at their rates.
+TEST(StatePipelineSampleOfTest, CountsTheUpdatesByTheirBytes) {
+  StatePipelineRun run;
+  run.planned_updates = 4;               // a step's 4 updates of 1 Mi parameters:
+  run.planned_read_bytes = 4 * 12e6;     // master and two moments read,
+  run.planned_written_bytes = 4 * 12e6;  // and written
+  run.bytes = 15 * 24e6;                 // what 15 updates moved
+  run.busy_s = 0.075;
+  auto sample = StatePipelineSampleOf(run, /*read_gbps=*/6, /*write_gbps=*/4);
+  ASSERT_TRUE(sample.ok()) << sample.status();
+  EXPECT_NEAR(sample->busy_s, 0.075 / 15, 1e-15);
+  EXPECT_NEAR(sample->bound_s, 12e6 / 6e9 + 12e6 / 4e9, 1e-15);
+  // Weights on NVMe too: a write of more bytes than the read, each at its own rate.
+  run.planned_written_bytes = 4 * 14e6;
+  run.bytes = 15 * 26e6;
+  sample = StatePipelineSampleOf(run, 6, 4);
+  ASSERT_TRUE(sample.ok()) << sample.status();
+  EXPECT_NEAR(sample->busy_s, 0.075 / 15, 1e-15);
+  EXPECT_NEAR(sample->bound_s, 12e6 / 6e9 + 14e6 / 4e9, 1e-15);
+}
+
+// A run with no busy time, no bytes or no planned update did not measure the pipeline.
+TEST(StatePipelineSampleOfTest, ARunThatMovedNothingIsRefused) {
+  const StatePipelineRun ran{.busy_s = 1,
+                             .bytes = 24e6,
+                             .planned_updates = 1,
+                             .planned_read_bytes = 12e6,
+                             .planned_written_bytes = 12e6};
+  StatePipelineRun idle = ran;
+  idle.busy_s = 0;
+  StatePipelineRun nothing_moved = ran;
+  nothing_moved.bytes = 0;
+  StatePipelineRun unplanned = ran;
+  unplanned.planned_updates = 0;
+  unplanned.planned_read_bytes = unplanned.planned_written_bytes = 0;
+  for (const StatePipelineRun& run : {idle, nothing_moved, unplanned}) {
+    EXPECT_EQ(StatePipelineSampleOf(run, 6, 4).status().code(), StatusCode::kInternal);
+  }
+  EXPECT_TRUE(StatePipelineSampleOf(ran, 6, 4).ok());
 }
 
 // Additions alone at 20 GB/s and beside the optimizer at 8, some partly beside it: both rates

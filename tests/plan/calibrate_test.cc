@@ -48,6 +48,12 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   CalibrationOptions one_size = options;
   one_size.nvme_large_expert_params = options.expert_params;
   EXPECT_EQ(Calibrate(*base, one_size).status().code(), StatusCode::kInvalidArgument);
+  CalibrationOptions few_domains = options;  // fewer than a calibration step's 4
+  few_domains.nvme_large_domains = 3;
+  EXPECT_EQ(Calibrate(*base, few_domains).status().code(), StatusCode::kInvalidArgument);
+  few_domains = options;
+  few_domains.domains = 0;
+  EXPECT_EQ(Calibrate(*base, few_domains).status().code(), StatusCode::kInvalidArgument);
   auto measured = Calibrate(*base, options);
   ASSERT_TRUE(measured.ok()) << measured.status();
   ASSERT_EQ(measured->optimizer_params_per_s_by_threads.size(),

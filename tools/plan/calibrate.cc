@@ -267,12 +267,11 @@ StatusOr<OptimizerRun> MeasureOptimizerRate(const CalibrationOptions& o, int thr
 // stage of weights, a read that may have no write beside it, at the same share.
 
 // A session's NVMe state pipeline while it works, per updated expert: the time its bytes
-// take at the drive's rates (StepStats::nvme_bytes: each update reads master and moments and
-// writes them back, half and half) and the runs' time (load to drain:
-// optimizer_busy_seconds), both counted as each run ends, in the measured steps. Not the
-// steps' time: the pipeline waits for gradients in part of it, and the step simulator models
-// that wait itself. `run`'s layers and device budget, states of experts of o.expert_params in a
-// store of o.domains domains under o.dir (removed after).
+// take at the drive's rates and the runs' time (load to drain), in the measured steps
+// (StatePipelineSampleOf). Not the steps' time: the pipeline waits for gradients in part of
+// it, and the step simulator models that wait itself. `run`'s layers and device budget,
+// states of experts of o.expert_params in a store of o.domains domains under o.dir (removed
+// after).
 StatusOr<StatePipelineSample> MeasureStatePipeline(const CalibrationOptions& o, CalibrationRun run,
                                                    double read_gbps, double write_gbps) {
   ECSS_ASSIGN_OR_RETURN(const ScratchDir store,
@@ -280,19 +279,27 @@ StatusOr<StatePipelineSample> MeasureStatePipeline(const CalibrationOptions& o, 
   run.domains = o.domains;
   run.store_dir = store.path();
   MeasuredWindow window;
+  std::vector<StepPlan> executed;
   ECSS_ASSIGN_OR_RETURN(const std::vector<StepStats> stats,
-                        RunCalibrationSteps(o, run, o.nvme_steps, window));
-  double busy = 0, bytes = 0, experts = 0;
-  for (size_t s = window.warmup; s < stats.size(); ++s) {
-    busy += stats[s].optimizer_busy_seconds;
-    bytes += static_cast<double>(stats[s].nvme_bytes);
-    experts += stats[s].updated_experts;
+                        RunCalibrationSteps(o, run, o.nvme_steps + 1, window, &executed));
+  // Not the first measured step: it holds the warm-up's last runs, which ended in the wait
+  // before it (RunSampledSteps synchronizes there), the first of the store's updates among
+  // them (on 2026-12-06 one such step took 3.6 s of busy time for 16 updates of 8 Mi
+  // parameters, where the steps after took 0.27-0.5 s for 8).
+  StatePipelineRun measured;
+  for (size_t s = window.warmup + 1; s < stats.size(); ++s) {
+    measured.busy_s += stats[s].optimizer_busy_seconds;
+    measured.bytes += static_cast<double>(stats[s].nvme_bytes);
   }
-  const double bound = bytes / 2 / (read_gbps * 1e9) + bytes / 2 / (write_gbps * 1e9);
-  if (!(busy > 0 && bound > 0 && experts > 0)) {
-    return InternalError("calibration: the NVMe state pipeline did not run");
+  if (!executed.empty()) {  // the last measured step's own updates, as the engine planned them
+    const StepPlan& plan = executed.back();
+    for (const PlanOp* read : plan.Find(OpKind::kStateRead)) {
+      if (read->step_offset == 0) measured.planned_updates += read->experts.size();
+    }
+    measured.planned_read_bytes = static_cast<double>(plan.Bytes(OpKind::kStateRead));
+    measured.planned_written_bytes = static_cast<double>(plan.Bytes(OpKind::kStateWrite));
   }
-  return StatePipelineSample{bound / experts, busy / experts};
+  return StatePipelineSampleOf(measured, read_gbps, write_gbps);
 }
 
 // The host's wait before an op it issues only once the op's dependencies ended (a
@@ -506,6 +513,22 @@ void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSampl
   drive.update_overhead_us = overhead * 1e6;
 }
 
+StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run, double read_gbps,
+                                                    double write_gbps) {
+  const double update_bytes = (run.planned_read_bytes + run.planned_written_bytes) /
+                              static_cast<double>(std::max<uint64_t>(run.planned_updates, 1));
+  if (!(run.busy_s > 0 && run.bytes > 0 && update_bytes > 0 && read_gbps > 0 && write_gbps > 0)) {
+    return InternalError(StrCat("calibration: the NVMe state pipeline did not run (busy ",
+                                run.busy_s, " s, ", run.bytes, " bytes, ", run.planned_updates,
+                                " updates planned)"));
+  }
+  const double updates = run.bytes / update_bytes;
+  const double bound = (run.planned_read_bytes / (read_gbps * 1e9) +
+                        run.planned_written_bytes / (write_gbps * 1e9)) /
+                       static_cast<double>(run.planned_updates);
+  return StatePipelineSample{bound, run.busy_s / updates};
+}
+
 double BusyBeforeDeviceEnd(const StepPlan& executed) {
   double device_end = 0;
   std::vector<std::pair<double, double>> updating;  // this step's own updates
@@ -543,6 +566,13 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
                ") must be above expert_params (", options.expert_params,
                "): the NVMe pipeline's overhead is fitted at two expert sizes"));
   }
+  if (options.domains < kCalibrationDomainsPerStep ||
+      options.nvme_large_domains < kCalibrationDomainsPerStep) {
+    return InvalidArgumentError(StrCat("calibration: domains (", options.domains,
+                                       ") and nvme_large_domains (", options.nvme_large_domains,
+                                       ") must be at least ", kCalibrationDomainsPerStep,
+                                       ", the calibration steps' domains"));
+  }
   // 1 .. this machine's cores (at most max_threads) threads updating at once.
   const int cores = static_cast<int>(
       std::clamp(std::thread::hardware_concurrency(), 1u, std::max(1u, options.max_threads)));
@@ -573,10 +603,11 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
                         MeasureStatePipeline(options, {}, nvme.read_gbps, nvme.write_gbps));
   CalibrationOptions large_experts = options;
   large_experts.expert_params = options.nvme_large_expert_params;
-  // One layer (by default a store of 6 GiB against the small run's 3, both shadow slots
-  // written first), and steps that move as many bytes in all (a step's 8 experts of 8 Mi
-  // against 32 of 1 Mi: half the steps); the device budget grows with d_ff, as the
-  // activations do.
+  large_experts.domains = options.nvme_large_domains;
+  // One layer (by default a store of 3 GiB, as the small run's, both shadow slots written
+  // first), and steps that move as many bytes in all (a step's 8 experts of 16 Mi against 32
+  // of 1 Mi: a quarter of the steps); the device budget grows with d_ff, as the activations
+  // do.
   CalibrationRun large_run;
   large_run.layers = 1;
   const double steps_ratio = static_cast<double>(options.expert_params) * CalibrationRun{}.layers /

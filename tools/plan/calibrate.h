@@ -65,19 +65,31 @@ struct CalibrationOptions {
   // 1.32-1.70 G/s in five calibrations back to back).
   uint32_t steps = 96;
   uint64_t nvme_bytes = uint64_t{512} << 20;
-  uint32_t nvme_steps = 16;  // the session's NVMe pipeline: measured, after two
+  // The session's NVMe pipeline: measured, after two and the step that holds their last
+  // updates (MeasureStatePipeline, calibrate.cc), with experts of expert_params (about 8 s on
+  // the development VM; a quarter as many steps of the large experts'). On 2026-12-06 runs of
+  // 16 steps measured one update of 1 Mi experts at 4.7-6.1 ms in seven runs within half an
+  // hour (one slow step of 10 ms an update weighs a sixteenth), runs of 48 at 4.8-5.2 ms in
+  // four, and plan-vs-run's 60-step runs of small ecss-nvme-states at 5.0-5.3 ms in six.
+  uint32_t nvme_steps = 48;
   // The model of the ecss calibration steps (one optimizer thread, the NVMe pipeline, the
   // gradient additions; with them a step's begin) has this many domains, 4 a step: a step's
   // experts are then mostly ones the step before did not update, as in training over many
   // domains; with 8 both the optimizer and the pipeline ran slower (tools/plan/README.md).
   // Zero-offload's threads update every expert each step whatever the domains: measured on 8.
   uint32_t domains = 32;
-  // The pipeline is measured again with experts of this many parameters in one layer, for the
-  // overhead of each update beside its bytes (nvme.update_overhead_us): on the development VM
-  // experts of 16 Mi parameters reached 0.90-0.97 of the drive's rates in plan-vs-run's `wide`
-  // where experts of 1 Mi reached 0.78-0.83, and one fraction for both predicted wide's steps
-  // 11-17% slow.
-  uint64_t nvme_large_expert_params = uint64_t{8} << 20;
+  // The pipeline is measured again with experts of this many parameters in one layer of
+  // nvme_large_domains domains, for the overhead of each update beside its bytes
+  // (nvme.update_overhead_us): on the development VM experts of 16 Mi parameters reached
+  // 0.90-0.97 of the drive's rates in plan-vs-run's `wide` where experts of 1 Mi reached
+  // 0.78-0.83, and one fraction for both predicted wide's steps 11-17% slow. 16 Mi, not 8: on
+  // 2026-12-06 runs of 8 Mi experts over 32 domains (a 6 GiB store) took 34-39 ms an update,
+  // and 54-56 ms in 2 of 5 with slow steps in them, a line through 1 Mi's that left no
+  // overhead and planned wide's 16 Mi updates 10-20% long, where two runs of 16 Mi experts
+  // over 8 domains (3 GiB, as the 1 Mi run's store) took 65 and 74 ms, as wide's runs did
+  // (61-72). The presets' experts are larger still (21-210 M parameters).
+  uint64_t nvme_large_expert_params = uint64_t{16} << 20;
+  uint32_t nvme_large_domains = 8;  // at least 4, the steps' domains
   uint32_t max_threads = 8;  // optimizer rates for 1 .. min(this, the machine's cores) threads
 };
 
@@ -92,6 +104,24 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
 struct StatePipelineSample {
   double bound_s = 0, busy_s = 0;
 };
+// A run of the pipeline's measured steps: its busy time (load to drain) and the bytes its
+// updates moved (StepStats::optimizer_busy_seconds and nvme_bytes, both counted in the step
+// in which a run of updates ended), and one step's updates as the engine planned them (their
+// count and bytes read and written: a step's kStateRead and kStateWrite ops).
+struct StatePipelineRun {
+  double busy_s = 0, bytes = 0;
+  uint64_t planned_updates = 0;
+  double planned_read_bytes = 0, planned_written_bytes = 0;
+};
+// The run's sample, its updates counted by their bytes (run.bytes over a planned update's), not
+// by the measured steps' updated_experts: a run of updates counts in the step in which it
+// ended, which may be a later one than the step that issued it (the NVMe updater takes the
+// updates of several steps in one run), and a warm-up step's run may end in the first
+// measured step (both seen on 2026-12-06: the busy time of 16 measured steps of 1 Mi experts
+// held 15 steps' updates in 5 of 11 runs, a count by steps 6% short of each update's time).
+// Internal where nothing ran.
+StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run, double read_gbps,
+                                                    double write_gbps);
 // The drive's session_fraction and update_overhead_us from samples at a small and a large
 // expert size: busy = bound / session_fraction + overhead through both, the fraction at most
 // kMostSessionFraction (Note [A session beside the sequential rates], calibrate.cc) and the
