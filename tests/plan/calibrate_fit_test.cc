@@ -81,7 +81,7 @@ TEST(FitStatePipelineTest, SamplesOfOneSizeAreTheSmallSampleAlone) {
 // bound is a planned update's reads and writes at their rates.
 TEST(StatePipelineSampleOfTest, CountsTheUpdatesByTheirBytes) {
   StatePipelineRun run;
-  run.planned_updates = 4;               // a step's 4 updates of 1 Mi parameters:
+  run.planned_updates = 4;               // a step's 4 updates of about 1 Mi parameters:
   run.planned_read_bytes = 4 * 12e6;     // master and two moments read,
   run.planned_written_bytes = 4 * 12e6;  // and written
   run.bytes = 15 * 24e6;                 // what 15 updates moved
@@ -90,16 +90,10 @@ TEST(StatePipelineSampleOfTest, CountsTheUpdatesByTheirBytes) {
   ASSERT_TRUE(sample.ok()) << sample.status();
   EXPECT_NEAR(sample->busy_s, 0.075 / 15, 1e-15);
   EXPECT_NEAR(sample->bound_s, 12e6 / 6e9 + 12e6 / 4e9, 1e-15);
-  // Weights on NVMe too: a write of more bytes than the read, each at its own rate.
-  run.planned_written_bytes = 4 * 14e6;
-  run.bytes = 15 * 26e6;
-  sample = StatePipelineSampleOf(run, 6, 4);
-  ASSERT_TRUE(sample.ok()) << sample.status();
-  EXPECT_NEAR(sample->busy_s, 0.075 / 15, 1e-15);
-  EXPECT_NEAR(sample->bound_s, 12e6 / 6e9 + 14e6 / 4e9, 1e-15);
 }
 
-// A run with no busy time, no bytes or no planned update did not measure the pipeline.
+// A run with no busy time, no bytes or no planned update did not measure the pipeline, and
+// rates that are not > 0 give no bound.
 TEST(StatePipelineSampleOfTest, ARunThatMovedNothingIsRefused) {
   const StatePipelineRun ran{.busy_s = 1,
                              .bytes = 24e6,
@@ -110,12 +104,15 @@ TEST(StatePipelineSampleOfTest, ARunThatMovedNothingIsRefused) {
   idle.busy_s = 0;
   StatePipelineRun nothing_moved = ran;
   nothing_moved.bytes = 0;
-  StatePipelineRun unplanned = ran;
+  StatePipelineRun unplanned = ran;  // bytes planned, but no update
   unplanned.planned_updates = 0;
-  unplanned.planned_read_bytes = unplanned.planned_written_bytes = 0;
-  for (const StatePipelineRun& run : {idle, nothing_moved, unplanned}) {
+  StatePipelineRun no_planned_bytes = ran;
+  no_planned_bytes.planned_read_bytes = no_planned_bytes.planned_written_bytes = 0;
+  for (const StatePipelineRun& run : {idle, nothing_moved, unplanned, no_planned_bytes}) {
     EXPECT_EQ(StatePipelineSampleOf(run, 6, 4).status().code(), StatusCode::kInternal);
   }
+  EXPECT_EQ(StatePipelineSampleOf(ran, 0, 4).status().code(), StatusCode::kInternal);
+  EXPECT_EQ(StatePipelineSampleOf(ran, 6, -1).status().code(), StatusCode::kInternal);
   EXPECT_TRUE(StatePipelineSampleOf(ran, 6, 4).ok());
 }
 

@@ -48,12 +48,16 @@ TEST(CalibrateTest, WritesAHardwareFileThatReadsBackAsMeasured) {
   CalibrationOptions one_size = options;
   one_size.nvme_large_expert_params = options.expert_params;
   EXPECT_EQ(Calibrate(*base, one_size).status().code(), StatusCode::kInvalidArgument);
-  CalibrationOptions few_domains = options;  // fewer than a calibration step's 4
+  CalibrationOptions few_domains = options;  // fewer than a calibration step's 4: refused first
   few_domains.nvme_large_domains = 3;
-  EXPECT_EQ(Calibrate(*base, few_domains).status().code(), StatusCode::kInvalidArgument);
+  Status refused = Calibrate(*base, few_domains).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("nvme_large_domains (3)"), std::string::npos) << refused;
   few_domains = options;
   few_domains.domains = 0;
-  EXPECT_EQ(Calibrate(*base, few_domains).status().code(), StatusCode::kInvalidArgument);
+  refused = Calibrate(*base, few_domains).status();
+  EXPECT_EQ(refused.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.message().find("calibration: domains (0)"), std::string::npos) << refused;
   auto measured = Calibrate(*base, options);
   ASSERT_TRUE(measured.ok()) << measured.status();
   ASSERT_EQ(measured->optimizer_params_per_s_by_threads.size(),

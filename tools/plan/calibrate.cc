@@ -515,17 +515,23 @@ void FitStatePipeline(const StatePipelineSample& small, const StatePipelineSampl
 
 StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run, double read_gbps,
                                                     double write_gbps) {
-  const double update_bytes = (run.planned_read_bytes + run.planned_written_bytes) /
-                              static_cast<double>(std::max<uint64_t>(run.planned_updates, 1));
-  if (!(run.busy_s > 0 && run.bytes > 0 && update_bytes > 0 && read_gbps > 0 && write_gbps > 0)) {
+  if (!(read_gbps > 0 && write_gbps > 0)) {
+    return InternalError(StrCat("calibration: the drive's rates (read ", read_gbps, " GB/s, write ",
+                                write_gbps, " GB/s) must be > 0"));
+  }
+  if (!(run.busy_s > 0 && run.bytes > 0 && run.planned_updates > 0 &&
+        run.planned_read_bytes + run.planned_written_bytes > 0)) {
     return InternalError(StrCat("calibration: the NVMe state pipeline did not run (busy ",
                                 run.busy_s, " s, ", run.bytes, " bytes, ", run.planned_updates,
-                                " updates planned)"));
+                                " updates planned of ",
+                                run.planned_read_bytes + run.planned_written_bytes, " bytes)"));
   }
-  const double updates = run.bytes / update_bytes;
+  const double planned = static_cast<double>(run.planned_updates);
+  const double updates =
+      run.bytes / ((run.planned_read_bytes + run.planned_written_bytes) / planned);
   const double bound = (run.planned_read_bytes / (read_gbps * 1e9) +
                         run.planned_written_bytes / (write_gbps * 1e9)) /
-                       static_cast<double>(run.planned_updates);
+                       planned;
   return StatePipelineSample{bound, run.busy_s / updates};
 }
 
@@ -566,12 +572,13 @@ StatusOr<HardwareConfig> Calibrate(HardwareConfig base, const CalibrationOptions
                ") must be above expert_params (", options.expert_params,
                "): the NVMe pipeline's overhead is fitted at two expert sizes"));
   }
-  if (options.domains < kCalibrationDomainsPerStep ||
-      options.nvme_large_domains < kCalibrationDomainsPerStep) {
-    return InvalidArgumentError(StrCat("calibration: domains (", options.domains,
-                                       ") and nvme_large_domains (", options.nvme_large_domains,
-                                       ") must be at least ", kCalibrationDomainsPerStep,
-                                       ", the calibration steps' domains"));
+  for (const auto& [name, domains] : {std::pair<const char*, uint32_t>{"domains", options.domains},
+                                      {"nvme_large_domains", options.nvme_large_domains}}) {
+    if (domains < kCalibrationDomainsPerStep) {
+      return InvalidArgumentError(StrCat("calibration: ", name, " (", domains,
+                                         ") must be at least ", kCalibrationDomainsPerStep,
+                                         ", the calibration steps' domains"));
+    }
   }
   // 1 .. this machine's cores (at most max_threads) threads updating at once.
   const int cores = static_cast<int>(

@@ -106,8 +106,10 @@ struct StatePipelineSample {
 };
 // A run of the pipeline's measured steps: its busy time (load to drain) and the bytes its
 // updates moved (StepStats::optimizer_busy_seconds and nvme_bytes, both counted in the step
-// in which a run of updates ended), and one step's updates as the engine planned them (their
-// count and bytes read and written: a step's kStateRead and kStateWrite ops).
+// in which a run of updates ended; nvme_bytes also counts stages of weights from NVMe, which
+// the calibration's runs, weights in pinned memory, have none of), and one step's updates as
+// the engine planned them (their count and bytes read and written: a step's kStateRead and
+// kStateWrite ops).
 struct StatePipelineRun {
   double busy_s = 0, bytes = 0;
   uint64_t planned_updates = 0;
@@ -119,7 +121,7 @@ struct StatePipelineRun {
 // updates of several steps in one run), and a warm-up step's run may end in the first
 // measured step (both seen on 2026-12-06: the busy time of 16 measured steps of 1 Mi experts
 // held 15 steps' updates in 5 of 11 runs, a count by steps 6% short of each update's time).
-// Internal where nothing ran.
+// Internal where nothing ran, or a rate is not > 0.
 StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run, double read_gbps,
                                                     double write_gbps);
 // The drive's session_fraction and update_overhead_us from samples at a small and a large
