@@ -120,7 +120,7 @@ struct StatePipelineRun {
 // ended, which may be a later one than the step that issued it (the NVMe updater takes the
 // updates of several steps in one run), and a warm-up step's run may end in the first
 // measured step (both seen on 2026-12-06: the busy time of 16 measured steps of 1 Mi experts
-// held 15 steps' updates in 5 of 11 runs, a count by steps 6% short of each update's time).
+// held 15 steps' updates in 4 of 7 runs, a count by steps 6% short of each update's time).
 // Internal where nothing ran, or a rate is not > 0.
 StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run, double read_gbps,
                                                     double write_gbps);
