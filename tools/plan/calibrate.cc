@@ -519,16 +519,14 @@ StatusOr<StatePipelineSample> StatePipelineSampleOf(const StatePipelineRun& run,
     return InternalError(StrCat("calibration: the drive's rates (read ", read_gbps, " GB/s, write ",
                                 write_gbps, " GB/s) must be > 0"));
   }
-  if (!(run.busy_s > 0 && run.bytes > 0 && run.planned_updates > 0 &&
-        run.planned_read_bytes + run.planned_written_bytes > 0)) {
+  const double planned_bytes = run.planned_read_bytes + run.planned_written_bytes;
+  if (!(run.busy_s > 0 && run.bytes > 0 && run.planned_updates > 0 && planned_bytes > 0)) {
     return InternalError(StrCat("calibration: the NVMe state pipeline did not run (busy ",
                                 run.busy_s, " s, ", run.bytes, " bytes, ", run.planned_updates,
-                                " updates planned of ",
-                                run.planned_read_bytes + run.planned_written_bytes, " bytes)"));
+                                " updates planned of ", planned_bytes, " bytes)"));
   }
   const double planned = static_cast<double>(run.planned_updates);
-  const double updates =
-      run.bytes / ((run.planned_read_bytes + run.planned_written_bytes) / planned);
+  const double updates = run.bytes / (planned_bytes / planned);
   const double bound = (run.planned_read_bytes / (read_gbps * 1e9) +
                         run.planned_written_bytes / (write_gbps * 1e9)) /
                        planned;
