@@ -33,8 +33,8 @@
 # it is every round's range and its confidence (75% for 3 rounds). A limit inside it is not yet told
 # apart from the machine's noise. The next two columns split a difference in two. "opt busy": the
 # optimizer's planned busy time per step against the run's (planned: the union of its CPU updates
-# and the drives' reads and writes, weights staged from NVMe included, the median of the nearest
-# calibrations'; measured: its updates' spans). "at run": the step time planned from each of those
+# and its states' reads and writes on the drives, not the weights' stages, which the stager reads
+# beside them, the median of the nearest calibrations'; measured: its updates' spans). "at run": the step time planned from each of those
 # files with the optimizer's CPU rates and the drives' read and write rates scaled by its planned
 # over the run's measured busy time (once, not iterated; the other figures as they are), their
 # median against the run's: the difference the rest of the

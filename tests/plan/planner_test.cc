@@ -641,6 +641,55 @@ TEST(StepSimulatorTest, EachNvmeUpdatePaysItsOverheadOnTheDrives) {
   }
 }
 
+// A weight's stage from NVMe keeps the drives busy, but it is the stager's read, not the
+// optimizer's work (a session's optimizer metric is its updates' spans): no-overlap's steps with
+// weights and states on NVMe, their stages and their updates one after the other, keep the same
+// optimizer busy time with their stages priced at nothing, and the drives' read time differs by
+// exactly the stages'.
+TEST(StepSimulatorTest, WeightStagesKeepTheDrivesBusyButAreNotTheOptimizersWork) {
+  Simulated c;
+  ASSERT_NO_FATAL_FAILURE(ParseSimulated(&c));
+  c.workload.states = Tier::kNvme;
+  c.workload.weights = Tier::kNvme;
+  SessionOptions options;
+  std::vector<StepPlan> plans;
+  ASSERT_NO_FATAL_FAILURE(PlansOf(c, Strategy::kNoOverlap, 3, &options, &plans));
+  constexpr double kReadGbps = 1.5;
+  const ResourceRates rates{.device = c.hardware.device,
+                            .optimizer_params_per_s = 5e8,
+                            .nvme_read_gbps = kReadGbps,
+                            .nvme_write_gbps = 1.0};
+  auto staged = StepSimulator::Create(options, rates);
+  auto unstaged = StepSimulator::Create(options, rates);
+  ASSERT_TRUE(staged.ok() && unstaged.ok()) << staged.status() << unstaged.status();
+  auto optimizer_busy = [](const StepMetrics& metrics) {
+    for (const ResourceUse& use : metrics.resources) {
+      if (use.name == "optimizer") return use.busy_seconds;
+    }
+    ADD_FAILURE() << "no optimizer in the step's metrics";
+    return 0.0;
+  };
+  const size_t read = static_cast<size_t>(PlanResource::kNvmeRead);
+  for (const StepPlan& plan : plans) {
+    ASSERT_TRUE(plan.step_waits_for_updates());
+    StepPlan a = plan, b = plan;
+    double stages_seconds = 0;
+    for (PlanOp& op : b.mutable_ops()) {
+      if (op.kind != OpKind::kStage) continue;
+      stages_seconds += static_cast<double>(op.bytes) / (kReadGbps * 1e9);
+      op.bytes = 0;
+    }
+    ASSERT_GT(stages_seconds, 0);
+    auto with = staged->Run(a);
+    auto without = unstaged->Run(b);
+    ASSERT_TRUE(with.ok() && without.ok()) << with.status() << without.status();
+    EXPECT_NEAR(with->busy[read] - without->busy[read], stages_seconds, 1e-9);
+    const double busy = optimizer_busy(with->metrics);
+    EXPECT_GT(busy, 0);
+    EXPECT_NEAR(busy, optimizer_busy(without->metrics), 1e-9);
+  }
+}
+
 // The hardware file's host costs reach the prediction: no-overlap's step, its ops one after
 // another, grows by at least the routing at its begin (per token and layer, every
 // micro-batch's, and per line of the tables it reads) and a wait before each compute op; a

@@ -241,9 +241,9 @@ double StepSimulator::Exchange(double ready) {
   return network_free_;
 }
 
-void StepSimulator::Occupy(PlanResource resource, double start, double end) {
-  if (resource == PlanResource::kNone || end <= start) return;
-  intervals_[Index(resource)].emplace_back(start, end);
+void StepSimulator::Occupy(const PlanOp& op, double start, double end) {
+  if (op.resource == PlanResource::kNone || end <= start) return;
+  (op.kind == OpKind::kStage ? stages_ : intervals_[Index(op.resource)]).emplace_back(start, end);
 }
 
 // Note [Updates in fetch order] (engine/step_executor.cc): at BeginStep, once step t-2's
@@ -422,7 +422,7 @@ void StepSimulator::RunExperts(Pass& pass, PlanOp& op, double seconds, double wa
     const double start = task.start;
     const double finish = task.end = start + each;
     free_[r] = finish;
-    Occupy(op.resource, start, finish);
+    Occupy(op, start, finish);
     pass.expert_end[op.id][e] = finish;
     if (first < 0) first = start;
     last = std::max(last, finish);
@@ -461,7 +461,7 @@ void StepSimulator::RunWhole(Pass& pass, PlanOp& op, double seconds, double wait
   }
   if (op.resource != PlanResource::kNone) {
     free_[r] = finish;
-    Occupy(op.resource, start, finish);
+    Occupy(op, start, finish);
   }
   pass.end[op.id] = exchanges ? Exchange(finish) : finish;  // and the outputs' combine
   op.start_s = start - pass.begin;
@@ -492,6 +492,7 @@ StatusOr<SimulatedStep> StepSimulator::Run(StepPlan& plan) {
   };
   for (auto& list : intervals_)
     list.erase(std::remove_if(list.begin(), list.end(), ended), list.end());
+  stages_.erase(std::remove_if(stages_.begin(), stages_.end(), ended), stages_.end());
   network_.erase(std::remove_if(network_.begin(), network_.end(), ended), network_.end());
   additions_.erase(std::remove_if(additions_.begin(), additions_.end(), ended), additions_.end());
   updates_.emplace_back();
@@ -574,20 +575,21 @@ SimulatedStep StepSimulator::Finish(Pass& pass, StepPlan& plan) {
 
 // The step [begin, finish]: each resource's busy time within it, and the metrics of the
 // bench's four resources (step_metrics.h; the optimizer's work includes its states' NVMe
-// reads and writes, as the updaters report an update from its read to its write), with the
-// network when it is modelled.
+// reads and writes, as the updaters report an update from its read to its write, and not the
+// weights' stages, which the drives serve beside it for the stager: a session's optimizer is
+// its updates, Session::Impl::MetricsOf), with the network when it is modelled.
 SimulatedStep StepSimulator::Measure(double begin, double finish) const {
   SimulatedStep out;
   out.begin_s = begin;
   out.seconds = finish - begin;
+  auto within = [&](const std::pair<double, double>& interval) {
+    return std::max(0.0, std::min(interval.second, finish) - std::max(interval.first, begin));
+  };
   for (size_t i = 0; i < kPlanResources; ++i) {
-    for (const auto& [start, stop] : intervals_[i]) {
-      out.busy[i] += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
-    }
+    for (const auto& interval : intervals_[i]) out.busy[i] += within(interval);
   }
-  for (const auto& [start, stop] : network_) {
-    out.network_busy += std::max(0.0, std::min(stop, finish) - std::max(start, begin));
-  }
+  for (const auto& interval : stages_) out.busy[Index(PlanResource::kNvmeRead)] += within(interval);
+  for (const auto& interval : network_) out.network_busy += within(interval);
   std::vector<ResourceBusy> resources = {
       {"compute", {}}, {"h2d", {}}, {"d2h", {}}, {"optimizer", {}}};
   auto add = [&](size_t to, PlanResource from) {

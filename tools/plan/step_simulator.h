@@ -178,7 +178,8 @@ class StepSimulator {
   double Requeue(UpdateRecord& record, const std::vector<size_t>& positions, double free,
                  double speedup);
   double DrivingThreadHelps(UpdateRecord& record, double from);
-  void Occupy(PlanResource resource, double start, double end);
+  // Records `op`'s busy [start, end) on its resource (a stage: in stages_).
+  void Occupy(const PlanOp& op, double start, double end);
   // Half of an all-to-all on the network from `ready`; returns when it ends.
   double Exchange(double ready);
 
@@ -186,6 +187,8 @@ class StepSimulator {
   ResourceRates rates_;
   std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
+  // The weights' stages on the drives: their read time, which is not the optimizer's work.
+  std::vector<std::pair<double, double>> stages_;
   double network_free_ = 0;  // the all-to-all's, modelled only
   std::vector<std::pair<double, double>> network_;
   // The add stream's intervals, in time order (the last: when it is next free), as far back
