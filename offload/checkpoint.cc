@@ -302,8 +302,8 @@ bool HoldsOnlyCheckpointFiles(const std::filesystem::path& dir) {
   for (auto it = std::filesystem::directory_iterator(dir, error);
        !error && it != std::filesystem::directory_iterator(); it.increment(error)) {
     const std::string f = it->path().filename().string();
-    if (f != kExpertsName && f != kBlobsName && f.rfind(StrCat(kBlobsName, ".tmp."), 0) != 0 &&
-        f.rfind(StrCat(kManifestName, ".tmp."), 0) != 0) {
+    if (f != kExpertsName && f != kBlobsName && f.rfind(TemporaryPrefixOf(kBlobsName), 0) != 0 &&
+        f.rfind(TemporaryPrefixOf(kManifestName), 0) != 0) {
       return false;
     }
     any = true;

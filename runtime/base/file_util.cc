@@ -16,6 +16,15 @@
 namespace ecss {
 
 namespace {
+// What follows a path in the names of WriteFileAtomically's temporary files for it.
+constexpr const char* kTemporaryMark = ".tmp.";
+}  // namespace
+
+std::string TemporaryPrefixOf(const std::string& path) {
+  return StrCat(std::filesystem::path(path).filename().string(), kTemporaryMark);
+}
+
+namespace {
 
 class Fd {
  public:
@@ -37,11 +46,10 @@ class Fd {
   int fd_;
 };
 
-// WriteFileAtomically's temporary files for `path`: PATH.tmp.PID, beside it.
-std::string TemporaryPrefixOf(const std::string& path) {
-  return StrCat(std::filesystem::path(path).filename().string(), ".tmp.");
+// WriteFileAtomically's temporary file for `path`: PATH.tmp.PID, beside it.
+std::string TemporaryOf(const std::string& path) {
+  return StrCat(path, kTemporaryMark, ::getpid());
 }
-std::string TemporaryOf(const std::string& path) { return StrCat(path, ".tmp.", ::getpid()); }
 // The directory `path` is in ("." for a bare name).
 std::string DirectoryOf(const std::string& path) {
   const std::string dir = std::filesystem::path(path).parent_path().string();
@@ -57,7 +65,7 @@ std::string DirectoryOf(const std::string& path) {
 // empty file, which the next writer with its pid replaces.
 Fd CreateTemporary(const std::string& path, const std::string& temporary) {
   RemoveUnlockedLeftovers(DirectoryOf(path), TemporaryPrefixOf(path), "");
-  const std::string fresh = StrCat(path, ".tmp.new-", ::getpid());
+  const std::string fresh = StrCat(path, kTemporaryMark, "new-", ::getpid());
   ::unlink(fresh.c_str());
   Fd fd(::open(fresh.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644));
   if (fd.get() < 0) return fd;

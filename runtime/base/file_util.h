@@ -23,6 +23,9 @@ Status WriteFileAtomically(const std::string& path, std::string_view contents);
 // minutes before it writes (a benchmark's or a calibration's output): the error, with the
 // status code WriteFileAtomically would return, comes before the work.
 Status CheckFileWritable(const std::string& path);
+// The start of the names of WriteFileAtomically's temporary files for `path`, beside it (its
+// file name and ".tmp."): how a directory's owner tells them from files that are not its own.
+std::string TemporaryPrefixOf(const std::string& path);
 StatusOr<std::string> ReadFileToString(const std::string& path);
 // fsync of a directory: makes the creation, rename or removal of its entries durable.
 Status SyncDirectory(const std::string& dir);
