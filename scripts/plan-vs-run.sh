@@ -33,26 +33,26 @@
 # it is every round's range and its confidence (75% for 3 rounds). A limit inside it is not yet told
 # apart from the machine's noise. The next two columns split a difference in two. "opt busy": the
 # optimizer's planned busy time per step against the run's (planned: the union of its CPU updates
-# and its states' reads and writes on the drives, not the weights' stages, which the stager reads
-# beside them, the median of the nearest calibrations'; measured: its updates' spans). "at run": the step time planned from each of those
-# files with the optimizer's CPU rates and the drives' read and write rates scaled by its planned
-# over the run's measured busy time (once, not iterated; the other figures as they are), their
-# median against the run's: the difference the rest of the
-# model adds once the optimizer's busy time is the run's. It is circular where the plan's step is
-# its optimizer's busy time (marked *: then it is the run's own step against its optimizer's busy
-# time, and says only whether the run too was bound by the optimizer), and it cannot show an error
-# in the optimizer's own model, which goes into the scale. On 2026-12-05 the per-round busy ratios
-# were -21% to +20% with host states and -28% to +42% with NVMe ones. Both columns are medians of
-# the rounds; the exit code reads only the memory table and the "diff" column. The bench runs the
-# steps the planner simulates (4 to warm up, then the workload's `steps`, with the same sampled
-# routing), so that both describe the same steps; --steps sets them (default 60: a second or more of
-# each run, where 20-step runs of one configuration back to back spread twice as wide). Each round
-# runs every configuration once (default 8 rounds, about 36 minutes calibrated, then 8-15 of
-# predictions); a configuration's step-time difference is the median of its rounds' (each round's
-# prediction against that round's run), its memory the worst round's. DIR holds the NVMe
-# configurations' stores (default: a scratch directory under /tmp). --keep leaves the scratch
-# directory (every run's, calibration's and prediction's JSON) in place and prints its path. The
-# table is scripts/plan_vs_run_table.py's (tested on rounds written by
+# and its states' reads and writes on the drives, the median of the nearest calibrations', not the
+# weights' stages, which the stager reads beside them; measured: its updates' spans). "at run": the
+# step time planned from each of those files with the optimizer's CPU rates and the drives' read
+# and write rates scaled by its planned over the run's measured busy time (once, not iterated; the
+# other figures as they are; the stages' reads too, at the drives' scaled rate), their median
+# against the run's: the difference the rest of the model adds once the optimizer's busy time is
+# the run's. It is circular where the plan's step is its optimizer's busy time (marked *: then it is
+# the run's own step against its optimizer's busy time, and says only whether the run too was bound
+# by the optimizer), and it cannot show an error in the optimizer's own model, which goes into the
+# scale. On 2026-12-05 the per-round busy ratios were -21% to +20% with host states and -28% to +42%
+# with NVMe ones. Both columns are medians of the rounds; the exit code reads only the memory table
+# and the "diff" column. The bench runs the steps the planner simulates (4 to warm up, then the
+# workload's `steps`, with the same sampled routing), so that both describe the same steps; --steps
+# sets them (default 60: a second or more of each run, where 20-step runs of one configuration back
+# to back spread twice as wide). Each round runs every configuration once (default 8 rounds, about
+# 36 minutes calibrated, then 8-15 of predictions); a configuration's step-time difference is the
+# median of its rounds' (each round's prediction against that round's run), its memory the worst
+# round's. DIR holds the NVMe configurations' stores (default: a scratch directory under /tmp).
+# --keep leaves the scratch directory (every run's, calibration's and prediction's JSON) in place
+# and prints its path. The table is scripts/plan_vs_run_table.py's (tested on rounds written by
 # tests/plan/plan_vs_run_table_test.py). Needs a release build (build/release, or the build
 # directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a hardware file
 # that ecss-plan refuses are refused with exit 2 before anything runs.

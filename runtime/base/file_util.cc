@@ -16,15 +16,9 @@
 namespace ecss {
 
 namespace {
+
 // What follows a path in the names of WriteFileAtomically's temporary files for it.
-constexpr const char* kTemporaryMark = ".tmp.";
-}  // namespace
-
-std::string TemporaryPrefixOf(const std::string& path) {
-  return StrCat(std::filesystem::path(path).filename().string(), kTemporaryMark);
-}
-
-namespace {
+constexpr char kTemporaryMark[] = ".tmp.";
 
 class Fd {
  public:
@@ -81,6 +75,10 @@ Fd CreateTemporary(const std::string& path, const std::string& temporary) {
 }
 
 }  // namespace
+
+std::string TemporaryPrefixOf(const std::string& path) {
+  return StrCat(std::filesystem::path(path).filename().string(), kTemporaryMark);
+}
 
 Status WriteFileAtomically(const std::string& path, std::string_view contents) {
   const std::string temporary = TemporaryOf(path);

@@ -108,6 +108,14 @@ TEST_F(FileUtilTest, AWritableCheckWritesNothing) {
   EXPECT_EQ(WriteFileAtomically(dir_, "x").code(), directory.code());
 }
 
+// The start of a writer's temporary files' names for a path is its file name's, whatever the
+// directory: what a directory's owner matches its entries against.
+TEST_F(FileUtilTest, TemporaryPrefixOfIsTheFileNameAndTheMark) {
+  EXPECT_EQ(TemporaryPrefixOf(dir_ + "/state.json"), "state.json.tmp.");
+  EXPECT_EQ(TemporaryPrefixOf("state.json"), "state.json.tmp.");
+  EXPECT_EQ(TemporaryPrefixOf("a/b/blobs"), "blobs.tmp.");
+}
+
 // What a writer killed mid-way leaves, PATH.tmp.PID (locked while it lived), goes with the
 // next write or check of PATH; a live writer's stays, and so do other paths' and names that are
 // not a writer's. A link left at this process's own temporary name is never written through.

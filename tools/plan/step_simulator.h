@@ -186,8 +186,9 @@ class StepSimulator {
   SessionOptions options_;
   ResourceRates rates_;
   std::array<double, kPlanResources> free_{};  // when each queue is next free (Queue())
+  // Each resource's busy intervals (kNvmeRead: the states' reads only) ...
   std::array<std::vector<std::pair<double, double>>, kPlanResources> intervals_;
-  // The weights' stages on the drives: their read time, which is not the optimizer's work.
+  // ... and the weights' stages, the drives' other reads: not the optimizer's work (Measure).
   std::vector<std::pair<double, double>> stages_;
   double network_free_ = 0;  // the all-to-all's, modelled only
   std::vector<std::pair<double, double>> network_;
