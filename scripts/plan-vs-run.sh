@@ -47,8 +47,10 @@
 # and the "diff" column. The bench runs the steps the planner simulates (4 to warm up, then the
 # workload's `steps`, with the same sampled routing), so that both describe the same steps; --steps
 # sets them (default 60: a second or more of each run, where 20-step runs of one configuration back
-# to back spread twice as wide). Each round runs every configuration once (default 8 rounds, about
-# 36 minutes calibrated, then 8-15 of predictions); a configuration's step-time difference is the
+# to back spread twice as wide). Each round runs every configuration once (default 16 rounds, about
+# 71 minutes calibrated, then 15-20 of predictions: on the development VM the 90% intervals of the
+# last 8-round run's medians spanned 7-24 points, every run of 3-12 rounds since 2026-12-04 exited
+# 1, and the first of 16 exited 0, on 2026-12-07); a configuration's step-time difference is the
 # median of its rounds' (each round's prediction against that round's run), its memory the worst
 # round's. DIR holds the NVMe configurations' stores (default: a scratch directory under /tmp).
 # --keep leaves the scratch directory (every run's, calibration's and prediction's JSON) in place
@@ -57,13 +59,13 @@
 # directory in ECSS_BUILD_DIR) and python3. Bad arguments, a missing directory and a hardware file
 # that ecss-plan refuses are refused with exit 2 before anything runs.
 set -euo pipefail
-# One group, parsed before any of it runs: the file edited during a run (a run takes 45-50
+# One group, parsed before any of it runs: the file edited during a run (a run takes about 90
 # minutes) leaves the run as it started.
 {
 bin=$(realpath -m "${ECSS_BUILD_DIR:-$(dirname "$0")/../build/release}")
 hardware=""
 dir=""
-rounds=8
+rounds=16
 steps=60
 keep=0
 refuse() {  # MESSAGE: bad arguments, before anything runs
